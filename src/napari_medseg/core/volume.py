@@ -1,0 +1,169 @@
+"""The core data model: a scalar 3D volume with its geometry.
+
+Axes are (plane, row, column) = (z, y, x), as in scikit-image. Spacing and origin are in
+millimetres in the same order, so they map one-to-one onto a napari layer's ``scale`` and
+``translate``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import MedsegInputError
+
+#: Metadata keys a Volume may carry. Everything else (names, IDs, birth dates, UIDs,
+#: institution, free-text comments) is dropped on the way in, so nothing downstream can
+#: print or log a patient identifier by accident.
+SAFE_METADATA_KEYS = frozenset(
+    {
+        "source_format",  # "dicom", "nifti", "npy", "phantom"
+        "source_name",  # file or folder name, never a full path into a patient's study
+        "n_files",
+        "series_description",
+        "body_part",
+        "manufacturer",
+        "slice_thickness_mm",
+        "kvp",
+        "rescale_type",
+        "photometric",
+        "orientation",  # e.g. "LPS" axis codes of (x, y, z)
+        "slice_spacings_mm",
+        "warnings",
+        "phantom_seed",
+    }
+)
+
+# Soft-tissue window (W 400, L 40): what a radiologist expects an abdominal CT to open in.
+CT_WINDOW = (-160.0, 240.0)
+
+
+def _as_triplet(values: Any, name: str) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in values)
+    except TypeError as exc:
+        raise MedsegInputError(f"{name} must be three numbers (z, y, x), got {values!r}") from exc
+    if len(out) != 3:
+        raise MedsegInputError(f"{name} must be three numbers (z, y, x), got {len(out)}")
+    if not all(math.isfinite(v) for v in out):
+        raise MedsegInputError(f"{name} must be finite, got {out}")
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A (z, y, x) float32 image with spacing/origin in mm and a per-slice missing mask.
+
+    ``missing[z]`` is True where slice ``z`` was not acquired (a gap in a DICOM series,
+    filled here with NaN) so models and widgets can leave it alone.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    modality: str = "OT"
+    missing: np.ndarray | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        array = np.asarray(self.array)
+        if array.ndim != 3:
+            raise MedsegInputError(
+                f"expected a 3D (z, y, x) volume, got {array.ndim}D with shape {array.shape}"
+            )
+        if array.size == 0:
+            raise MedsegInputError(f"the volume is empty (shape {array.shape})")
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise MedsegInputError(f"expected numbers, got dtype {array.dtype}")
+        if np.iscomplexobj(array):
+            raise MedsegInputError("complex-valued images are not supported")
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        spacing = _as_triplet(self.spacing, "spacing")
+        if min(spacing) <= 0:
+            raise MedsegInputError(f"spacing must be positive, got {spacing}")
+        origin = _as_triplet(self.origin, "origin")
+        if self.missing is None:
+            missing = np.zeros(array.shape[0], dtype=bool)
+        else:
+            missing = np.asarray(self.missing, dtype=bool).copy()
+            if missing.shape != (array.shape[0],):
+                raise MedsegInputError(
+                    f"missing-slice mask has shape {missing.shape}, expected ({array.shape[0]},)"
+                )
+        metadata = {k: v for k, v in dict(self.metadata).items() if k in SAFE_METADATA_KEYS}
+        # frozen dataclass: normalise fields in place once, then the object is immutable
+        object.__setattr__(self, "array", array)
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "modality", str(self.modality or "OT").upper())
+        object.__setattr__(self, "missing", missing)
+        object.__setattr__(self, "metadata", metadata)
+
+    @classmethod
+    def from_array(cls, array: Any, spacing: Any = None, **kwargs: Any) -> "Volume":
+        """Build a Volume from a 2D (y, x) or 3D (z, y, x) array; 2D becomes one slice."""
+        array = np.asarray(array)
+        if array.ndim == 2:
+            array = array[np.newaxis]
+            if spacing is not None and len(tuple(spacing)) == 2:
+                spacing = (1.0, *tuple(spacing))
+        elif array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
+            raise MedsegInputError(
+                f"this looks like an RGB(A) image (shape {array.shape}); "
+                "convert it to grayscale first"
+            )
+        return cls(array=array, spacing=(1.0, 1.0, 1.0) if spacing is None else spacing, **kwargs)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def has_gaps(self) -> bool:
+        return bool(self.missing.any())
+
+    def replace(self, **changes: Any) -> "Volume":
+        return replace(self, **changes)
+
+    def value_range(self) -> tuple[float, float]:
+        """(min, max) over acquired, finite voxels; raises if there are none."""
+        finite = self.array[~self.missing]
+        finite = finite[np.isfinite(finite)]
+        if finite.size == 0:
+            raise MedsegInputError("the volume has no finite voxels (all NaN or missing)")
+        return float(finite.min()), float(finite.max())
+
+    def display_window(self) -> tuple[float, float]:
+        """A sensible contrast window: soft tissue for CT, 1st–99th percentile otherwise."""
+        if self.modality == "CT":
+            return CT_WINDOW
+        acquired = self.array[~self.missing]
+        finite = acquired[np.isfinite(acquired)]
+        if finite.size == 0:
+            return (0.0, 1.0)
+        lo, hi = np.percentile(finite, [1.0, 99.0])
+        if hi <= lo:
+            lo, hi = float(finite.min()), float(finite.max()) + 1e-6
+        return float(lo), float(hi)
+
+    def missing_slices(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.missing)]
+
+    def summary(self) -> dict[str, Any]:
+        """What ``napari-medseg info`` prints: geometry and ranges, never identifiers."""
+        try:
+            vmin, vmax = self.value_range()
+        except MedsegInputError:
+            vmin = vmax = float("nan")
+        return {
+            "shape_zyx": list(self.shape),
+            "spacing_mm_zyx": [round(s, 4) for s in self.spacing],
+            "origin_mm_zyx": [round(o, 3) for o in self.origin],
+            "modality": self.modality,
+            "value_range": [vmin, vmax],
+            "missing_slices": self.missing_slices(),
+            "warnings": list(self.metadata.get("warnings", [])),
+        }

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from napari_medseg.core import MedsegInputError, Volume
+from napari_medseg.core.volume import CT_WINDOW
+
+
+def test_volume_normalises_dtype_and_geometry():
+    vol = Volume(np.ones((2, 3, 4), dtype=np.int16), spacing=[2, 0.5, 0.5], origin=(1, 2, 3))
+    assert vol.array.dtype == np.float32
+    assert vol.spacing == (2.0, 0.5, 0.5)
+    assert vol.origin == (1.0, 2.0, 3.0)
+    assert vol.missing.shape == (2,) and not vol.has_gaps
+    assert vol.shape == (2, 3, 4)
+
+
+def test_metadata_drops_identifiers():
+    vol = Volume(
+        np.zeros((1, 2, 2)),
+        metadata={"PatientName": "Doe^John", "patient_id": "123", "manufacturer": "ACME"},
+    )
+    assert dict(vol.metadata) == {"manufacturer": "ACME"}
+    assert "Doe" not in repr(vol.summary())
+
+
+@pytest.mark.parametrize(
+    "array, spacing, match",
+    [
+        (np.zeros((4, 4)), (1, 1, 1), "3D"),
+        (np.zeros((2, 3, 4, 5)), (1, 1, 1), "3D"),
+        (np.zeros((0, 4, 4)), (1, 1, 1), "empty"),
+        (np.zeros((2, 4, 4)), (1, 0, 1), "positive"),
+        (np.zeros((2, 4, 4)), (1, 1), "three numbers"),
+        (np.zeros((2, 4, 4)), (1, float("nan"), 1), "finite"),
+        (np.array([[["a"]]]), (1, 1, 1), "numbers"),
+    ],
+)
+def test_bad_volumes_raise_clear_errors(array, spacing, match):
+    with pytest.raises(MedsegInputError, match=match):
+        Volume(array, spacing=spacing)
+
+
+def test_missing_mask_shape_is_checked():
+    with pytest.raises(MedsegInputError, match="missing-slice mask"):
+        Volume(np.zeros((3, 2, 2)), missing=[True, False])
+
+
+def test_from_array_2d_is_one_slice_and_rgb_is_refused():
+    vol = Volume.from_array(np.zeros((8, 9)), spacing=(0.7, 0.7))
+    assert vol.shape == (1, 8, 9) and vol.spacing == (1.0, 0.7, 0.7)
+    with pytest.raises(MedsegInputError, match="RGB"):
+        Volume.from_array(np.zeros((32, 32, 3)))
+
+
+def test_value_range_ignores_missing_and_nan():
+    array = np.arange(3 * 2 * 2, dtype=float).reshape(3, 2, 2)
+    array[1] = np.nan
+    vol = Volume(array, missing=[False, True, False])
+    assert vol.value_range() == (0.0, 11.0)
+    assert vol.missing_slices() == [1]
+    with pytest.raises(MedsegInputError, match="no finite voxels"):
+        Volume(np.full((2, 2, 2), np.nan)).value_range()
+
+
+def test_display_window_ct_and_other():
+    assert Volume(np.zeros((1, 4, 4)), modality="ct").display_window() == CT_WINDOW
+    rng = np.random.default_rng(0)
+    lo, hi = Volume(rng.normal(100, 10, (2, 50, 50)), modality="MR").display_window()
+    assert 60 < lo < 90 and 110 < hi < 140
