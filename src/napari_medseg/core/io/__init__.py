@@ -1,0 +1,81 @@
+"""Medical image readers and writer: DICOM, NIfTI and .npy → :class:`Volume`.
+
+All readers share one geometry convention (axes (z, y, x), spacing and origin in mm,
+origin in DICOM's LPS patient frame; see ``_common``) and raise
+:class:`~napari_medseg.core.errors.MedsegInputError` with a one-line reason for bad input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MedsegInputError
+from ..volume import Volume
+from ._common import guess_modality
+from .dicom import read_dicom
+from .nifti import read_nifti, write_nifti
+from .npy import read_npy
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "guess_modality",
+    "is_supported_path",
+    "read_dicom",
+    "read_nifti",
+    "read_npy",
+    "read_volume",
+    "write_nifti",
+]
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SUPPORTED_SUFFIXES = DICOM_SUFFIXES + NIFTI_SUFFIXES + (".npy",)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _maybe_dicom(path: Path) -> bool:
+    """DICOM files are often named without a suffix, or by UID ("1.2.840.….37"): sniff them."""
+    suffix = _suffix(path)
+    if suffix in ("",) or suffix[1:].isdigit():
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_supported_path(path: str | Path) -> bool:
+    """True for a folder (a DICOM series), a supported suffix, or a file that looks like DICOM."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return True
+    if _suffix(path) in SUPPORTED_SUFFIXES:
+        return True
+    return path.is_file() and _maybe_dicom(path)
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read a DICOM file/folder, NIfTI file or .npy array, chosen by folder-ness and suffix."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MedsegInputError("no such file or folder", path)
+    suffix = _suffix(path)
+    if path.is_dir() or suffix in DICOM_SUFFIXES:
+        return read_dicom(path)
+    if suffix in NIFTI_SUFFIXES:
+        return read_nifti(path)
+    if suffix == ".npy":
+        return read_npy(path)
+    if _maybe_dicom(path):
+        return read_dicom(path)
+    raise MedsegInputError(
+        f"unsupported file type {suffix!r}; supported: a DICOM folder or "
+        + ", ".join(SUPPORTED_SUFFIXES),
+        path,
+    )

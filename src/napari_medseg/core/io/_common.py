@@ -1,0 +1,85 @@
+"""Helpers shared by the readers: modality guess and patient-frame geometry.
+
+Geometry convention (all readers): world coordinates are DICOM patient coordinates, LPS
+(x towards the patient's Left, y Posterior, z Superior), in mm. A volume's axes (z, y, x)
+run along three unit vectors (slice normal, column direction, row direction); its
+``origin`` is the position of voxel (0, 0, 0) measured along those same vectors. For the
+usual axial orientation the vectors are +S, +P, +L, and the origin is simply the LPS
+coordinate (z, y, x) of the first voxel.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MedsegInputError
+
+# Below this 0.5th percentile a scalar volume holds air in Hounsfield units: only CT does.
+_CT_AIR_THRESHOLD = -500.0
+# Subsample large volumes: a percentile over a million voxels is as good as over all.
+_MAX_SAMPLES = 1_000_000
+
+
+def guess_modality(array: np.ndarray) -> str:
+    """Guess the modality of an image that carries none (NIfTI, .npy).
+
+    Returns "CT" if the 0.5th percentile of the finite voxels is at most -500 (air in
+    Hounsfield units, which no MR or PET intensity reaches), else "OT" (other). MR is not
+    guessed: its intensities have no fixed scale to recognise.
+    """
+    flat = np.asarray(array).reshape(-1)
+    if flat.size == 0 or not np.issubdtype(flat.dtype, np.number) or np.iscomplexobj(flat):
+        return "OT"  # booleans (masks), complex and non-numeric arrays carry no HU
+    if flat.size > _MAX_SAMPLES:
+        flat = flat[:: flat.size // _MAX_SAMPLES + 1]
+    flat = flat[np.isfinite(flat)] if np.issubdtype(flat.dtype, np.floating) else flat
+    if flat.size == 0:
+        return "OT"
+    return "CT" if float(np.percentile(flat, 0.5)) <= _CT_AIR_THRESHOLD else "OT"
+
+
+def axis_code(vector: np.ndarray) -> str:
+    """The LPS letter of the patient axis closest to ``vector`` (in LPS), e.g. "L" or "R"."""
+    v = np.asarray(vector, dtype=float)
+    i = int(np.argmax(np.abs(v)))
+    return ("L", "P", "S")[i] if v[i] >= 0 else ("R", "A", "I")[i]
+
+
+def obliquity_deg(axes: np.ndarray) -> float:
+    """Largest angle (degrees) between a unit row of ``axes`` and its nearest patient axis."""
+    cosines = np.max(np.abs(np.asarray(axes, dtype=float)), axis=1).clip(-1.0, 1.0)
+    return float(np.degrees(np.arccos(cosines.min())))
+
+
+def origin_along(position: np.ndarray, axes_zyx: np.ndarray) -> tuple[float, float, float]:
+    """Position (LPS, mm) of voxel (0,0,0) measured along the volume's (z, y, x) unit axes."""
+    p = np.asarray(position, dtype=float)
+    z, y, x = (float(np.dot(p, a)) for a in np.asarray(axes_zyx, dtype=float))
+    return z, y, x
+
+
+def triplet(values, name: str, *, positive: bool) -> tuple[float, float, float]:
+    """Three finite floats (z, y, x), optionally all > 0; MedsegInputError otherwise."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError(f"{name} must be three numbers (z, y, x), got {values!r}") from exc
+    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+        raise MedsegInputError(f"{name} must be three finite numbers (z, y, x), got {out}")
+    if positive and min(out) <= 0:
+        raise MedsegInputError(f"{name} must be positive, got {out}")
+    return out  # type: ignore[return-value]
+
+
+def short_reason(exc: BaseException, limit: int = 120) -> str:
+    """First line of an exception message, truncated: error messages must stay one line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def source_name(path: Path) -> str:
+    """Just the file or folder name: a full path can reveal a patient's study folder."""
+    return Path(path).name

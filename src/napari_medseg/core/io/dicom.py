@@ -1,0 +1,585 @@
+"""DICOM reader: one file, a multi-frame file, or a folder of series → :class:`Volume`.
+
+Geometry (see ``_common``): slices are sorted by their position along the slice normal
+``n = row_dir × col_dir`` (from ImageOrientationPatient), so z runs in the direction of
+``n`` (inferior → superior for axial images); rows run along ``col_dir`` and columns along
+``row_dir``: the pixel grid is kept as stored (for the usual axial orientation, anterior
+at the top and the patient's right on the left). ``origin`` is the first voxel's ImagePositionPatient measured
+along (n, col_dir, row_dir), which is its LPS (z, y, x) for the usual axial orientation.
+
+Pixel values go through the modality LUT (Rescale Slope/Intercept, or a LUT sequence), so
+CT comes out in Hounsfield units, as float32. Gaps in a series become NaN slices flagged in
+``Volume.missing``. Anything the reader had to guess or drop is listed, without patient
+data, in ``metadata["warnings"]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+try:  # pydicom >= 3
+    from pydicom.pixels import apply_modality_lut
+except ImportError:  # pragma: no cover - pydicom 2.x
+    from pydicom.pixel_data_handlers.util import apply_modality_lut
+
+from ..errors import MedsegInputError
+from ..volume import Volume
+from ._common import axis_code, obliquity_deg, origin_along, short_reason, source_name
+
+__all__ = ["read_dicom"]
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# A step this many times the median step means slices were not acquired (or were lost).
+_GAP_FACTOR = 1.5
+# Steps that deviate more than this from the median (relative) make the volume inexact.
+_UNEVEN_TOLERANCE = 0.01
+# Positions closer than this (mm) are the same slice: DS values carry ~6 digits.
+_SAME_POSITION_MM = 1e-2
+# Direction cosines differing by more than this are different orientations.
+_SAME_ORIENTATION = 1e-3
+# Beyond this many inserted NaN slices, a "gap" is really a second stack in the series.
+_MAX_GAP_FACTOR = 2
+
+
+@dataclass
+class _Frame:
+    """One 2D image: a single-frame file or one frame of a multi-frame file."""
+
+    source: "_Source"
+    index: int  # frame number inside the source file
+    order: float  # InstanceNumber or frame number: the sort key when positions are absent
+    rows: int
+    cols: int
+    position: np.ndarray | None  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray | None  # ImageOrientationPatient: row_dir, col_dir
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns) mm
+    thickness: float | None
+    between: float | None  # SpacingBetweenSlices
+
+
+class _Source:
+    """One DICOM file. A folder is scanned header-only; pixels are read when stacked."""
+
+    def __init__(self, path: Path, dataset: Dataset, has_pixels: bool):
+        self.path = path
+        self.header = dataset
+        self._full = dataset if has_pixels else None
+        # Enhanced multi-frame: per-frame (slope, intercept); None → the file's modality LUT
+        self.frame_rescale: list[tuple[float, float]] | None = None
+
+    def values(self) -> np.ndarray:
+        """All frames as real-world values (HU for CT), shape (frames, rows, cols)."""
+        ds = self._full
+        if ds is None:
+            ds = _dcmread(self.path)
+        _check_pixels(ds, self.path)
+        try:
+            raw = np.asarray(ds.pixel_array)
+        except Exception as exc:
+            raise MedsegInputError(
+                f"pixel data could not be decoded ({short_reason(exc)})", self.path
+            ) from exc
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        if raw.size % (rows * cols):
+            raise MedsegInputError(
+                f"pixel data does not match its size tags ({rows}×{cols})", self.path
+            )
+        raw = raw.reshape(-1, rows, cols)
+        if self.frame_rescale is not None:
+            slope = np.array([s for s, _ in self.frame_rescale], dtype=np.float64)[:, None, None]
+            icpt = np.array([i for _, i in self.frame_rescale], dtype=np.float64)[:, None, None]
+            values = raw * slope[: len(raw)] + icpt[: len(raw)]
+        else:
+            values = apply_modality_lut(raw, ds)
+        # RT dose grids store integers; DoseGridScaling turns them into Gy.
+        scaling = _float(ds, "DoseGridScaling")
+        if scaling is not None and str(ds.get("Modality", "")) == "RTDOSE":
+            values = values * scaling
+        return np.asarray(values, dtype=np.float32)
+
+
+def read_dicom(path: str | Path) -> Volume:
+    """Read a DICOM file, multi-frame file or folder (searched recursively) as a Volume.
+
+    A folder with several series opens the one with the most slices and says so in
+    ``metadata["warnings"]``. Raises :class:`MedsegInputError` (one line, naming the file
+    or folder) for anything it cannot turn into a grayscale volume.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MedsegInputError("no such file or folder", path)
+    try:
+        # pydicom warns about every odd value it meets; our own warnings list what matters.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _read_folder(path) if path.is_dir() else _read_file(path)
+    except MedsegInputError as exc:
+        if exc.path is None:  # e.g. raised by Volume: attach the file the user opened
+            raise MedsegInputError(exc.reason, path) from exc
+        raise
+    except MemoryError as exc:
+        raise MedsegInputError("not enough memory to load this image", path) from exc
+    except Exception as exc:  # never let a raw pydicom/numpy traceback reach the user
+        raise MedsegInputError(
+            f"could not read DICOM ({type(exc).__name__}: {short_reason(exc)})", path
+        ) from exc
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _dcmread(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise MedsegInputError("not a DICOM file (no 'DICM' file header)", path) from exc
+    except Exception as exc:
+        raise MedsegInputError(f"malformed DICOM file ({short_reason(exc)})", path) from exc
+
+
+def _read_file(path: Path) -> Volume:
+    if path.stat().st_size == 0:
+        raise MedsegInputError("the file is empty", path)
+    ds = _dcmread(path)
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise MedsegInputError(f"holds no image ({_kind(ds)})", path)
+    if "Rows" not in ds or "Columns" not in ds:
+        raise MedsegInputError("malformed DICOM image (no Rows/Columns tags)", path)
+    _check_image_header(ds, path)
+    source = _Source(path, ds, has_pixels=True)
+    return _assemble(_frames_of(source), path, warns=[], n_files=1)
+
+
+def _read_folder(folder: Path) -> Volume:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise MedsegInputError("folder holds no files", folder)
+    images: list[tuple[Path, Dataset]] = []
+    skipped = 0
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # not DICOM, or too broken to read a header from
+            skipped += 1
+            continue
+        if "Rows" in ds and "Columns" in ds:
+            images.append((f, ds))
+        # else: DICOMDIR, structured report, RT plan ... DICOM but no image
+    if not images:
+        n = len(files)
+        raise MedsegInputError(f"no DICOM images among {n} file{'s' if n > 1 else ''}", folder)
+
+    groups: dict[tuple, list[tuple[Path, Dataset]]] = {}
+    for f, ds in images:
+        groups.setdefault(_series_key(ds), []).append((f, ds))
+    sizes = {key: sum(_n_frames(ds, f) for f, ds in members) for key, members in groups.items()}
+    chosen = max(groups, key=lambda k: sizes[k])  # ties: the first series in file order
+
+    warns: list[str] = []
+    if len(groups) > 1:
+        desc = _text(groups[chosen][0][1], "SeriesDescription")
+        label = f"{sizes[chosen]} slices" + (f", {desc!r}" if desc else "")
+        warns.append(f"folder holds {len(groups)} series; opened the largest ({label})")
+    if skipped:
+        warns.append(f"skipped {skipped} non-DICOM file{'s' if skipped > 1 else ''}")
+
+    frames: list[_Frame] = []
+    for f, ds in groups[chosen]:
+        _check_image_header(ds, f)
+        frames.extend(_frames_of(_Source(f, ds, has_pixels=False)))
+    return _assemble(frames, folder, warns=warns, n_files=len(groups[chosen]))
+
+
+def _series_key(ds: Dataset) -> tuple:
+    uid = ds.get("SeriesInstanceUID")
+    if uid:
+        return ("uid", str(uid))
+    iop = ds.get("ImageOrientationPatient")
+    iop_key = tuple(round(float(v), 3) for v in iop) if iop else None
+    return ("geometry", int(ds.Rows), int(ds.Columns), iop_key)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _kind(ds: Dataset) -> str:
+    """What the file is, for messages: its SOP class name, else its modality."""
+    sop = ds.get("SOPClassUID")
+    name = getattr(sop, "name", "") if sop else ""
+    return name or str(ds.get("Modality", "") or "unknown type")
+
+
+def _check_image_header(ds: Dataset, path: Path) -> None:
+    """Refuse colour images and pixel data we cannot decode, before decoding anything."""
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples > 1 or photometric.startswith("PALETTE"):
+        label = photometric or f"{samples} samples per pixel"
+        raise MedsegInputError(
+            f"colour ({label}) DICOM is not supported; expected grayscale CT/MR", path
+        )
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
+        raise MedsegInputError(
+            f"pixel data is compressed ({syntax.name}) and no decoder is installed; "
+            f"{_install_hint(syntax.name)}",
+            path,
+        )
+
+
+def _check_pixels(ds: Dataset, path: Path) -> None:
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise MedsegInputError(f"holds no image ({_kind(ds)})", path)
+    _check_image_header(ds, path)
+
+
+def _decoder_available(syntax: Any) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pragma: no cover - pydicom 2.x
+        handlers = pydicom.config.pixel_data_handlers
+        return any(h.supports_transfer_syntax(syntax) and h.is_available() for h in handlers)
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:  # no decoder exists for this syntax at all
+        return False
+
+
+def _install_hint(syntax_name: str) -> str:
+    if "2000" in syntax_name or "High-Throughput" in syntax_name:
+        return "pip install pylibjpeg pylibjpeg-openjpeg"
+    if "RLE" in syntax_name:
+        return "pip install pylibjpeg pylibjpeg-rle"
+    if "JPEG" in syntax_name:
+        return "pip install pylibjpeg pylibjpeg-libjpeg"
+    return "no pydicom plugin is known for it"
+
+
+# --------------------------------------------------------------------------- tag access
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    return _as_float(ds.get(keyword))
+
+
+def _vector(value: Any, n: int) -> np.ndarray | None:
+    try:
+        out = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+
+
+def _n_frames(ds: Dataset, path: Path) -> int:
+    try:
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError("invalid NumberOfFrames tag", path) from exc
+    if n < 1:
+        raise MedsegInputError(f"invalid NumberOfFrames ({n})", path)
+    return n
+
+
+def _group_value(ds: Dataset, frame: int, sequence: str, keyword: str) -> Any:
+    """An enhanced file's functional-group attribute: per-frame, else shared, else top level."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for item in (per[frame] if per and frame < len(per) else None, shared[0] if shared else None):
+        if item is None:
+            continue
+        inner = item.get(sequence)
+        if inner and keyword in inner[0] and inner[0].get(keyword) not in (None, ""):
+            return inner[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _spacing_pair(value: Any) -> tuple[float, float] | None:
+    pair = _vector(value, 2) if value is not None else None
+    return (float(pair[0]), float(pair[1])) if pair is not None and np.all(pair > 0) else None
+
+
+def _frames_of(source: _Source) -> list[_Frame]:
+    """The 2D frames a file holds, with their geometry (pixels are not read here)."""
+    ds, path = source.header, source.path
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = _n_frames(ds, path)
+    common = dict(source=source, rows=rows, cols=cols)
+
+    if "PerFrameFunctionalGroupsSequence" in ds:  # enhanced multi-frame
+        frames, rescale = [], []
+        for i in range(n):
+            g = lambda seq, kw, i=i: _group_value(ds, i, seq, kw)  # noqa: E731
+            slope = _as_float(g("PixelValueTransformationSequence", "RescaleSlope"))
+            icpt = _as_float(g("PixelValueTransformationSequence", "RescaleIntercept"))
+            rescale.append((1.0 if slope is None else slope, 0.0 if icpt is None else icpt))
+            frames.append(
+                _Frame(
+                    **common,
+                    index=i,
+                    order=float(i),
+                    position=_vector(g("PlanePositionSequence", "ImagePositionPatient"), 3),
+                    orientation=_vector(
+                        g("PlaneOrientationSequence", "ImageOrientationPatient"), 6
+                    ),
+                    pixel_spacing=_spacing_pair(g("PixelMeasuresSequence", "PixelSpacing")),
+                    thickness=_as_float(g("PixelMeasuresSequence", "SliceThickness")),
+                    between=_as_float(g("PixelMeasuresSequence", "SpacingBetweenSlices")),
+                )
+            )
+        source.frame_rescale = rescale
+        return frames
+
+    position = _vector(ds.get("ImagePositionPatient"), 3)
+    orientation = _vector(ds.get("ImageOrientationPatient"), 6)
+    shared = dict(
+        **common,
+        orientation=orientation,
+        pixel_spacing=_spacing_pair(ds.get("PixelSpacing")),
+        thickness=_float(ds, "SliceThickness"),
+        between=_float(ds, "SpacingBetweenSlices"),
+    )
+    if n == 1:
+        instance = _as_float(ds.get("InstanceNumber"))
+        order = np.inf if instance is None else instance
+        return [_Frame(**shared, index=0, order=order, position=position)]
+
+    # Classic multi-frame (RT dose, NM): one position plus, at best, offsets along the normal.
+    positions: list[np.ndarray | None] = [None] * n
+    offsets = _vector(ds.get("GridFrameOffsetVector"), n) if "GridFrameOffsetVector" in ds else None
+    if position is not None and orientation is not None and offsets is not None:
+        normal = _normal(orientation)
+        # Offsets are relative to the first frame whether the vector starts at 0 or not.
+        positions = [position + (o - offsets[0]) * normal for o in offsets]
+    return [_Frame(**shared, index=i, order=float(i), position=positions[i]) for i in range(n)]
+
+
+def _normal(orientation: np.ndarray) -> np.ndarray:
+    row, col = _unit(orientation[:3]), _unit(orientation[3:])
+    return _unit(np.cross(row, col))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    if norm < 1e-6:
+        raise MedsegInputError("ImageOrientationPatient holds a zero vector")
+    return v / norm
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def _ranges(indices: list[int]) -> str:
+    """[3, 4, 5, 9] → "3–5, 9"."""
+    parts, start = [], None
+    for i, v in enumerate(indices):
+        if start is None:
+            start = v
+        if i + 1 == len(indices) or indices[i + 1] != v + 1:
+            parts.append(f"{start}" if start == v else f"{start}–{v}")
+            start = None
+    return ", ".join(parts)
+
+
+def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) -> Volume:
+    """Sort, de-duplicate and stack frames; work out spacing, gaps and origin."""
+    _check_stackable(frames, path)
+    frames, keys, axes = _sort(frames, path, warns)
+    first = frames[0]
+    steps = np.diff(keys) if keys is not None else np.array([])
+    if steps.size:
+        out_z, z_spacing = _layout(steps, path, warns)
+        _warn_if_sheared(frames, axes, warns)
+    else:
+        out_z = np.arange(len(frames))
+        single = len(frames) == 1
+        # one slice: its thickness is what it covers; a stack: the step between slices
+        candidates = (
+            (first.thickness, first.between) if single else (first.between, first.thickness)
+        )
+        z_spacing = next((v for v in candidates if v is not None and v > 0), None)
+        if z_spacing is None:
+            z_spacing = 1.0
+            if not single:
+                warns.append("slice spacing unknown; using 1.0 mm")
+
+    if first.pixel_spacing is None:
+        warns.append("pixel spacing unknown; using 1.0 mm")
+    dy, dx = first.pixel_spacing or (1.0, 1.0)
+
+    nz = int(out_z[-1]) + 1
+    missing = np.ones(nz, dtype=bool)
+    missing[out_z] = False
+    if missing.any():
+        gaps = [int(i) for i in np.flatnonzero(missing)]
+        warns.append(
+            f"{len(gaps)} missing slice{'s' if len(gaps) > 1 else ''} (gaps at z={_ranges(gaps)})"
+        )
+    if axes is not None and obliquity_deg(axes) > 1.0:
+        warns.append(
+            f"oblique slices ({obliquity_deg(axes):.1f}° off the patient axes); "
+            "coordinates are measured along the slice axes"
+        )
+
+    array = _load_pixels(frames, out_z, nz)
+    header = first.source.header
+    modality = _text(header, "Modality") or "OT"
+    rescale_type = _text(header, "RescaleType") or _text_in_groups(header, "RescaleType")
+    if rescale_type is None and modality == "CT":
+        rescale_type = "HU"  # the CT modality LUT outputs Hounsfield units by definition
+    metadata = {
+        "source_format": "dicom",
+        "source_name": source_name(path),
+        "n_files": n_files,
+        "series_description": _text(header, "SeriesDescription"),
+        "body_part": _text(header, "BodyPartExamined"),
+        "manufacturer": _text(header, "Manufacturer"),
+        "slice_thickness_mm": first.thickness,
+        "kvp": _float(header, "KVP"),
+        "rescale_type": rescale_type,
+        "photometric": _text(header, "PhotometricInterpretation"),
+        "slice_spacings_mm": [round(float(s), 4) for s in steps],
+        "warnings": warns,
+    }
+    if axes is not None:
+        metadata["orientation"] = axis_code(axes[2]) + axis_code(axes[1]) + axis_code(axes[0])
+    origin = origin_along(first.position, axes) if axes is not None else (0.0, 0.0, 0.0)
+    return Volume(
+        array=array,
+        spacing=(z_spacing, dy, dx),
+        origin=origin,
+        modality=modality,
+        missing=missing,
+        metadata=metadata,
+    )
+
+
+def _check_stackable(frames: list[_Frame], path: Path) -> None:
+    """Slices of one volume must share size and pixel spacing."""
+    shapes = sorted({(f.rows, f.cols) for f in frames})
+    if len(shapes) > 1:
+        listed = " and ".join(f"{r}×{c}" for r, c in shapes[:2])
+        raise MedsegInputError(f"slices in one series differ in size ({listed})", path)
+    spacings = {f.pixel_spacing for f in frames if f.pixel_spacing is not None}
+    if len(spacings) > 1 and np.ptp(np.array(sorted(spacings)), axis=0).max() > 1e-4:
+        raise MedsegInputError("slices in one series have different pixel spacings", path)
+
+
+def _sort(
+    frames: list[_Frame], path: Path, warns: list[str]
+) -> tuple[list[_Frame], np.ndarray | None, np.ndarray | None]:
+    """Frames in z order, one per position; their positions along the normal; (z, y, x) axes.
+
+    With every position and orientation known, frames are sorted along the normal (ties by
+    InstanceNumber, keeping the first); otherwise by InstanceNumber / frame number, and
+    positions and axes are None.
+    """
+    orders = np.array([f.order for f in frames])
+    if not all(f.position is not None and f.orientation is not None for f in frames):
+        if len(frames) > 1:
+            one_file = len({id(f.source) for f in frames}) == 1
+            by = "frames kept in file order" if one_file else "sorted by InstanceNumber"
+            warns.append(f"slice positions missing; {by}")
+        ordering = np.lexsort((np.arange(len(frames)), orders))
+        return [frames[i] for i in ordering], None, None
+
+    iops = np.array([f.orientation for f in frames])
+    if np.abs(iops - iops[0]).max() > _SAME_ORIENTATION:
+        raise MedsegInputError(
+            "slices in one series have different orientations; cannot stack them", path
+        )
+    row_dir, col_dir = _unit(iops[0][:3]), _unit(iops[0][3:])
+    normal = _unit(np.cross(row_dir, col_dir))
+    keys = np.array([float(np.dot(f.position, normal)) for f in frames])
+    ordering = np.lexsort((orders, keys))
+    frames, keys = [frames[i] for i in ordering], keys[ordering]
+    keep = np.concatenate([[True], np.diff(keys) > _SAME_POSITION_MM])
+    if not keep.all():
+        dropped = int((~keep).sum())
+        warns.append(
+            f"{dropped} slice{'s' if dropped > 1 else ''} repeat an earlier position "
+            "(several echoes or phases?); kept one slice per position"
+        )
+        frames, keys = [f for f, k in zip(frames, keep) if k], keys[keep]
+    return frames, keys, np.array([normal, col_dir, row_dir])
+
+
+def _layout(steps: np.ndarray, path: Path, warns: list[str]) -> tuple[np.ndarray, float]:
+    """Output z index of each acquired slice (leaving room for gaps), and the z spacing."""
+    step = float(np.median(steps))
+    ratio = steps / step
+    n_missing = np.where(ratio > _GAP_FACTOR, np.rint(ratio) - 1, 0).astype(int)
+    if int(n_missing.sum()) > _MAX_GAP_FACTOR * (len(steps) + 1) + 10:
+        raise MedsegInputError(
+            f"slice positions jump by up to {steps.max():.1f} mm with a usual step of "
+            f"{step:.3g} mm; the series looks like several separate stacks",
+            path,
+        )
+    effective = steps / (1 + n_missing)  # a gap of 3 steps is still even spacing
+    if np.abs(effective - step).max() / step > _UNEVEN_TOLERANCE:
+        warns.append(
+            f"uneven slice spacing ({effective.min():.4g}–{effective.max():.4g} mm); "
+            f"the volume uses the median, {step:.4g} mm"
+        )
+    return np.concatenate([[0], np.cumsum(1 + n_missing)]), step
+
+
+def _warn_if_sheared(frames: list[_Frame], axes: np.ndarray | None, warns: list[str]) -> None:
+    """Positions that drift within the slice plane mean a tilted gantry: say so."""
+    if axes is None:
+        return
+    drift = frames[-1].position - frames[0].position
+    along = float(np.dot(drift, axes[0]))
+    sideways = float(np.linalg.norm(drift - along * axes[0]))
+    if sideways > 0.1 and sideways > 0.01 * abs(along):
+        warns.append(
+            f"slice positions shift sideways by {sideways:.1f} mm across the stack "
+            "(gantry tilt?); the volume is not corrected for this shear"
+        )
+
+
+def _text_in_groups(ds: Dataset, keyword: str) -> str | None:
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        return None
+    value = _group_value(ds, 0, "PixelValueTransformationSequence", keyword)
+    return (str(value).strip() or None) if value is not None else None
+
+
+def _load_pixels(frames: list[_Frame], out_z: np.ndarray, nz: int) -> np.ndarray:
+    """Decode each file once and copy its frames into place; absent slices stay NaN."""
+    rows, cols = frames[0].rows, frames[0].cols
+    array = np.full((nz, rows, cols), np.nan, dtype=np.float32)
+    by_source: dict[int, list[tuple[_Frame, int]]] = {}
+    for frame, z in zip(frames, out_z):
+        by_source.setdefault(id(frame.source), []).append((frame, int(z)))
+    for members in by_source.values():
+        source = members[0][0].source
+        values = source.values()
+        for frame, z in members:
+            if frame.index >= len(values):
+                raise MedsegInputError(
+                    f"holds {len(values)} frames but its header declares more", source.path
+                )
+            array[z] = values[frame.index]
+    return array

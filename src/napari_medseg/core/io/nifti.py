@@ -1,0 +1,206 @@
+"""NIfTI (.nii, .nii.gz) reader and writer, by way of nibabel.
+
+Convention, shared with the DICOM reader: the image is reoriented (flips and axis
+permutations only, no resampling) so that its voxel axes (i, j, k) point to the patient's
+Left, Posterior and Superior, then transposed to (k, j, i) = (z, y, x). An axial slice thus
+shows anterior at the top and the patient's right on the left (radiological display), and
+z runs inferior → superior, exactly as a DICOM series sorted by position.
+
+``spacing`` comes from the reoriented affine's column norms. ``origin`` is the position of
+voxel (0, 0, 0) in LPS mm (NIfTI's RAS with x and y negated), measured along the volume's
+axes: for an axis-aligned image that is simply its LPS (z, y, x) coordinate.
+:func:`write_nifti` applies the inverse, so ``read_nifti(write_nifti(p, a, s, o))`` gives
+back ``a``, ``s`` and ``o``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
+
+from ..errors import MedsegInputError
+from ..volume import Volume
+from ._common import (
+    guess_modality,
+    obliquity_deg,
+    origin_along,
+    short_reason,
+    source_name,
+    triplet,
+)
+
+__all__ = ["guess_modality", "read_nifti", "write_nifti"]
+
+_LPS = axcodes2ornt(("L", "P", "S"))
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+# dtypes written as given: label maps keep their integers, float32 images stay float32
+_KEPT_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "int32", "uint32")}
+
+
+def read_nifti(path: str | Path) -> Volume:
+    """Read a 3D NIfTI file as a (z, y, x) Volume in the LPS convention described above."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MedsegInputError("no such file or folder", path)
+    try:
+        img = nib.load(path)
+    except Exception as exc:
+        raise MedsegInputError(f"not a readable NIfTI file ({short_reason(exc)})", path) from exc
+    affine = getattr(img, "affine", None)
+    if affine is None:
+        raise MedsegInputError("the image has no spatial affine", path)
+    if img.get_data_dtype().names is not None:
+        raise MedsegInputError("RGB NIfTI is not supported; expected a grayscale volume", path)
+
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1): one volume written as 4D
+        shape = shape[:-1]
+    if len(shape) == 4:
+        raise MedsegInputError(
+            f"4D NIfTI ({shape[3]} time points) is not supported; pick one volume", path
+        )
+    if len(shape) > 4:
+        raise MedsegInputError(
+            f"{len(shape)}D NIfTI (shape {shape}) is not supported; pick one volume", path
+        )
+    if len(shape) < 2:
+        raise MedsegInputError(f"expected a 3D image, got shape {shape}", path)
+    try:
+        data = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter when set
+    except Exception as exc:
+        raise MedsegInputError(
+            f"could not read the image data ({short_reason(exc)})", path
+        ) from exc
+    data = np.asarray(data).reshape(shape if len(shape) == 3 else shape + (1,))
+
+    warns: list[str] = []
+    ornt = io_orientation(affine)
+    if np.isnan(ornt).any():  # degenerate affine: no direction to reorient by
+        warns.append("the header's orientation is invalid; axes taken as stored")
+        ornt = _LPS
+    transform = ornt_transform(ornt, _LPS)
+    data = apply_orientation(data, transform)
+    affine = affine @ inv_ornt_aff(transform, shape if len(shape) == 3 else shape + (1,))
+
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # (i, j, k)
+    if not np.all(np.isfinite(zooms) & (zooms > 0)):
+        warns.append("the header's voxel size is invalid; using 1.0 mm")
+        zooms = np.ones(3)
+        axes_ijk = np.eye(3)
+    else:
+        axes_ijk = (_RAS_TO_LPS @ (affine[:3, :3] / zooms)).T  # rows: i, j, k unit axes in LPS
+    axes_zyx = axes_ijk[::-1]
+    if obliquity_deg(axes_zyx) > 1.0:
+        warns.append(
+            f"oblique image ({obliquity_deg(axes_zyx):.1f}° off the patient axes); "
+            "shown unrotated, coordinates are measured along the image axes"
+        )
+    origin = origin_along(_RAS_TO_LPS @ affine[:3, 3], axes_zyx)
+
+    array = data.transpose(2, 1, 0)
+    # The affine is stored as float32: round off its noise (0.8 → 0.800000011920929) so
+    # written spacings come back as written. 1e-6 / 1e-4 mm is far below any voxel size.
+    spacing = tuple(round(float(zooms[i]), 6) for i in (2, 1, 0))
+    origin = tuple(round(o, 4) for o in origin)
+    try:
+        return Volume(
+            array=array,
+            spacing=spacing,
+            origin=origin,
+            modality=guess_modality(array),
+            metadata={
+                "source_format": "nifti",
+                "source_name": source_name(path),
+                "n_files": 1,
+                "orientation": "LPS",
+                "warnings": warns,
+            },
+        )
+    except MedsegInputError as exc:
+        raise MedsegInputError(exc.reason, path) from exc
+
+
+def _storage_dtype(array: np.ndarray, path: Path) -> np.ndarray:
+    """Integers stay integers (label maps), everything else becomes float32."""
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if array.dtype in _KEPT_DTYPES or array.dtype == np.float32:
+        return array
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(np.int32)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise MedsegInputError(f"{array.dtype} values do not fit NIfTI's int32", path)
+        return array.astype(np.int32)
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32)
+    raise MedsegInputError(f"cannot write dtype {array.dtype} to NIfTI", path)
+
+
+def write_nifti(
+    path: str | Path,
+    array: Any,
+    spacing: Any,
+    origin: Any = (0.0, 0.0, 0.0),
+) -> Path:
+    """Write a (z, y, x) array to ``path`` (.nii or .nii.gz) atomically; return the path.
+
+    ``spacing`` and ``origin`` are (z, y, x) mm in the convention of :func:`read_nifti`.
+    Integer arrays keep their dtype (bool → uint8, int64 → int32); others become float32.
+    The file is written beside the target and renamed over it, so a failure never leaves a
+    half-written file or damages an existing one.
+    """
+    path = Path(path).expanduser()
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise MedsegInputError("NIfTI file names must end in .nii or .nii.gz", path)
+    if not path.parent.is_dir():
+        raise MedsegInputError("the folder to write into does not exist", path)
+    data = np.asarray(array)
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    if data.ndim != 3 or data.size == 0:
+        raise MedsegInputError(
+            f"expected a non-empty (z, y, x) array, got shape {data.shape}", path
+        )
+    data = _storage_dtype(data, path)
+    try:
+        (dz, dy, dx) = triplet(spacing, "spacing", positive=True)
+        (oz, oy, ox) = triplet(origin, "origin", positive=False)
+    except MedsegInputError as exc:
+        raise MedsegInputError(exc.reason, path) from exc
+
+    # (i, j, k) = (x, y, z) run towards L, P, S: in NIfTI's RAS that is -x, -y, +z.
+    affine = np.array(
+        [[-dx, 0, 0, -ox], [0, -dy, 0, -oy], [0, 0, dz, oz], [0, 0, 0, 1]], dtype=np.float64
+    )
+    img = nib.Nifti1Image(data.transpose(2, 1, 0), affine)  # a view: no copy
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_xyzt_units("mm")
+    # Code 1 (scanner) in both: ITK-based tools read the qform, nibabel prefers the sform.
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            reason = exc.strerror or short_reason(exc)
+            raise MedsegInputError(f"could not write the file ({reason})", path) from exc
+        raise
+    return path

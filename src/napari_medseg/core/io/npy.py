@@ -1,0 +1,83 @@
+"""NumPy ``.npy`` reader: a bare array with no geometry, read without unpickling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MedsegInputError
+from ..volume import Volume
+from ._common import guess_modality, short_reason, source_name
+
+__all__ = ["read_npy"]
+
+_PICKLED = (
+    "holds pickled Python objects, which are not loaded for safety; save a plain numeric array"
+)
+
+
+def read_npy(path: str | Path) -> Volume:
+    """Read a 2D (y, x) or 3D (z, y, x) numeric array; 2D becomes one slice.
+
+    The file carries no geometry, so spacing is 1 mm and origin 0, and a warning says so.
+    Pickled (object) arrays are refused rather than executed.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MedsegInputError("no such file or folder", path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise MedsegInputError(f"cannot open the file ({exc.strerror})", path) from exc
+    # np.load would take any other bytes for a pickle; say what the file really is instead.
+    if magic.startswith(b"PK"):
+        raise MedsegInputError("is a .npz archive, not a single .npy array", path)
+    if magic.startswith(b"\x80"):
+        raise MedsegInputError(_PICKLED, path)
+    if magic != b"\x93NUMPY":
+        raise MedsegInputError("not a .npy file (no NumPy header)", path)
+    try:
+        # allow_pickle=False: unpickling a file runs arbitrary code from whoever wrote it
+        data = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():  # an object array inside a real .npy
+            raise MedsegInputError(_PICKLED, path) from exc
+        raise MedsegInputError(f"not a readable .npy file ({short_reason(exc)})", path) from exc
+    except Exception as exc:
+        raise MedsegInputError(f"not a readable .npy file ({short_reason(exc)})", path) from exc
+
+    if data.dtype.names is not None or not (
+        np.issubdtype(data.dtype, np.number) or data.dtype == bool
+    ):
+        raise MedsegInputError(f"expected a numeric array, got dtype {data.dtype}", path)
+    looks_rgb = data.shape[-1:] in ((3,), (4,))
+    if (data.ndim == 3 and looks_rgb and min(data.shape[:2]) > 4) or (
+        data.ndim == 4 and looks_rgb
+    ):
+        raise MedsegInputError(
+            f"this looks like an RGB(A) image (shape {data.shape}); "
+            "convert it to grayscale first",
+            path,
+        )
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    if data.ndim != 3:
+        raise MedsegInputError(
+            f"expected a 2D (y, x) or 3D (z, y, x) array, got shape {data.shape}", path
+        )
+    try:
+        return Volume(
+            array=data,
+            spacing=(1.0, 1.0, 1.0),
+            modality=guess_modality(data),
+            metadata={
+                "source_format": "npy",
+                "source_name": source_name(path),
+                "n_files": 1,
+                "warnings": [".npy files carry no geometry; spacing set to 1 mm"],
+            },
+        )
+    except MedsegInputError as exc:
+        raise MedsegInputError(exc.reason, path) from exc

@@ -1,0 +1,574 @@
+"""DICOM reader: pydicom's bundled files plus synthetic CT series written in tmp_path."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.io import read_dicom, read_volume
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+PHI = ("Doe^Jane", "Doe", "PID-SECRET-123")
+
+
+def bundled(name: str) -> Path:
+    """A pydicom test file, found on disk (get_testdata_file would try to download)."""
+    path = TEST_FILES / name
+    if not path.exists():
+        pytest.skip(f"pydicom does not bundle {name}")
+    return path
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    try:
+        ds.save_as(path, enforce_file_format=True)  # pydicom >= 3
+    except TypeError:  # pragma: no cover - pydicom 2.x
+        ds.save_as(path, write_like_original=False)
+
+
+def _base(sop_class: str, series_uid: str) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = PHI[0]
+    ds.PatientID = PHI[2]
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "CT"
+    ds.Manufacturer = "Phantom Inc"
+    ds.BodyPartExamined = "ABDOMEN"
+    ds.KVP = 120
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    return ds
+
+
+def expected_hu(z: float, shape=(6, 5)) -> np.ndarray:
+    """A ramp plus 20 × the slice's z (even integers: exact with slope 2), so order shows."""
+    return 2.0 * np.arange(shape[0] * shape[1], dtype=np.float32).reshape(shape) + 20.0 * z
+
+
+def write_ct_slice(
+    path: Path,
+    z: float,
+    *,
+    series_uid: str,
+    instance: int,
+    shape=(6, 5),
+    iop=AXIAL,
+    ipp=None,
+    positions=True,
+    pixel_spacing=(0.5, 0.75),
+    slope=2.0,
+    intercept=-1024.0,
+    thickness=2.0,
+    between=None,
+    description="ABDOMEN",
+) -> None:
+    """One CT slice at z (mm along the normal); HU = expected_hu(z), stored as (HU-b)/m."""
+    ds = _base(CTImageStorage, series_uid)
+    ds.SeriesDescription = description
+    ds.InstanceNumber = instance
+    if positions:
+        ds.ImageOrientationPatient = list(iop)
+        ds.ImagePositionPatient = list(ipp) if ipp is not None else [-100.0, -120.0, z]
+    ds.PixelSpacing = list(pixel_spacing)
+    ds.SliceThickness = thickness
+    if between is not None:
+        ds.SpacingBetweenSlices = between
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    ds.Rows, ds.Columns = shape
+    raw = (expected_hu(z, shape) - intercept) / slope
+    ds.PixelData = raw.round().astype("<u2").tobytes()
+    _save(ds, path)
+
+
+def write_series(folder: Path, zs, *, shuffle=True, name="s", **kwargs) -> str:
+    """Write slices at positions zs with file names in random order; return the series UID."""
+    uid = kwargs.pop("series_uid", None) or generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = list(range(len(zs)))
+    if shuffle:
+        random.Random(0).shuffle(numbers)
+    for k, z in enumerate(zs):
+        write_ct_slice(
+            folder / f"{name}{numbers[k]:03d}.dcm", z, series_uid=uid, instance=k + 1, **kwargs
+        )
+    return uid
+
+
+def assert_clean_error(exc: MedsegInputError, path: Path) -> None:
+    message = str(exc)
+    assert "\n" not in message
+    assert message.startswith(f"{path.name}: ")
+    assert exc.path is not None and exc.path.name == path.name
+    assert "Traceback" not in message
+
+
+# --------------------------------------------------------------------------- bundled files
+
+
+def test_ct_small_in_hounsfield_units():
+    path = bundled("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+    vol = read_dicom(path)
+
+    assert vol.shape == (1, ds.Rows, ds.Columns)
+    assert vol.array.dtype == np.float32
+    np.testing.assert_array_equal(vol.array[0], hu.astype(np.float32))
+    assert vol.spacing == pytest.approx(
+        (float(ds.SliceThickness), float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+    )
+    ipp = [float(v) for v in ds.ImagePositionPatient]
+    assert vol.origin == pytest.approx((ipp[2], ipp[1], ipp[0]))  # axial: LPS (z, y, x)
+    assert vol.modality == "CT"
+    assert vol.metadata["source_format"] == "dicom"
+    assert vol.metadata["source_name"] == "CT_small.dcm"
+    assert vol.metadata["rescale_type"] == "HU"
+    assert vol.metadata["orientation"] == "LPS"
+    assert not vol.has_gaps
+
+
+def test_mr_small_raw_values_and_geometry():
+    path = bundled("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+
+    vol = read_dicom(path)
+
+    assert vol.modality == "MR"
+    np.testing.assert_array_equal(vol.array[0], ds.pixel_array.astype(np.float32))
+    assert vol.spacing == pytest.approx((0.8, 0.3125, 0.3125))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_padded.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+    ],
+)
+def test_encodings_of_mr_small_read_the_same(name):
+    ds = pydicom.dcmread(bundled(name))
+    try:
+        from pydicom.pixels import get_decoder
+
+        syntax = ds.file_meta.TransferSyntaxUID
+        if syntax.is_compressed and not get_decoder(syntax).is_available:
+            pytest.skip(f"no decoder for {syntax.name}")
+    except ImportError:  # pragma: no cover - pydicom 2.x
+        pass
+
+    reference = read_dicom(bundled("MR_small.dcm"))
+    vol = read_dicom(bundled(name))
+
+    np.testing.assert_array_equal(vol.array, reference.array)
+    assert vol.spacing == reference.spacing
+
+
+def test_classic_multiframe_rt_dose_frames_become_z():
+    path = bundled("rtdose.dcm")
+    ds = pydicom.dcmread(path)
+
+    vol = read_dicom(path)
+
+    assert vol.shape[0] == int(ds.NumberOfFrames) == 15
+    # GridFrameOffsetVector steps 5 mm; dose grids hold integers scaled to Gy
+    assert vol.spacing == pytest.approx((5.0, 10.0, 10.0))
+    np.testing.assert_allclose(
+        vol.array, ds.pixel_array * float(ds.DoseGridScaling), rtol=1e-6
+    )
+    assert vol.origin[0] == pytest.approx(float(ds.ImagePositionPatient[2]))
+
+
+def test_enhanced_file_geometry_from_functional_groups():
+    vol = read_dicom(bundled("liver_1frame.dcm"))  # enhanced SEG: no top-level geometry
+
+    assert vol.shape == (1, 512, 512)
+    assert vol.spacing == pytest.approx((1.0, 0.810547, 0.810547))
+    assert vol.origin == pytest.approx((-128.69, -226.8, -235.2))
+
+
+def _decoder_missing(path: Path) -> bool:
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    try:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pragma: no cover - pydicom 2.x
+        return False
+    try:
+        return not get_decoder(syntax).is_available
+    except NotImplementedError:
+        return True
+
+
+def test_compressed_without_decoder_names_syntax_and_fix():
+    candidates = [
+        TEST_FILES / n
+        for n in (
+            "MR_small_jpeg_ls_lossless.dcm",
+            "JPEGLSNearLossless_16.dcm",
+            "MR_small_jp2klossless.dcm",
+            "693_J2KI.dcm",
+        )
+    ]
+    missing = [p for p in candidates if p.exists() and _decoder_missing(p)]
+    if not missing:
+        pytest.skip("every compressed test file has a decoder here")
+    path = missing[0]
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+
+    with pytest.raises(MedsegInputError) as info:
+        read_dicom(path)
+
+    assert_clean_error(info.value, path)
+    assert f"compressed ({syntax.name}) and no decoder is installed" in str(info.value)
+    assert "pip install pylibjpeg" in str(info.value)
+
+
+def _random_bytes(tmp_path: Path) -> Path:
+    path = tmp_path / "noise.dcm"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return path
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.dcm"
+    path.write_bytes(b"")
+    return path
+
+
+def _text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.dcm"
+    path.write_text("not an image\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        ("no_meta.dcm", "not a DICOM file"),
+        ("rtplan.dcm", "holds no image (RT Plan Storage)"),
+        ("rtplan_truncated.dcm", "holds no image"),
+        ("waveform_ecg.dcm", "holds no image"),
+        ("MR_truncated.dcm", "pixel data could not be decoded"),
+        ("badVR.dcm", "invalid NumberOfFrames"),
+        ("meta_missing_tsyntax.dcm", "malformed DICOM image"),
+        ("SC_rgb_small_odd.dcm", "colour (RGB) DICOM is not supported; expected grayscale CT/MR"),
+        ("examples_ybr_color.dcm", "colour (YBR_FULL_422) DICOM is not supported"),
+        ("examples_palette.dcm", "colour (PALETTE COLOR) DICOM is not supported"),
+        (_random_bytes, "not a DICOM file"),
+        (_text_file, "not a DICOM file"),
+        (_empty, "the file is empty"),
+    ],
+)
+def test_bad_files_raise_one_clear_line(tmp_path, make, reason):
+    path = make(tmp_path) if callable(make) else bundled(make)
+
+    with pytest.raises(MedsegInputError) as info:
+        read_volume(path)
+
+    assert_clean_error(info.value, path)
+    assert reason in str(info.value)
+
+
+# --------------------------------------------------------------------------- synthetic series
+
+
+def test_series_sorted_by_position_not_file_or_instance_order(tmp_path):
+    zs = [30.0, 27.5, 25.0, 22.5, 20.0]  # InstanceNumber runs head → feet
+    write_series(tmp_path / "ct", zs, between=2.5)
+
+    vol = read_dicom(tmp_path / "ct")
+
+    expected = np.stack([expected_hu(z) for z in sorted(zs)])
+    np.testing.assert_array_equal(vol.array, expected)
+    assert vol.spacing == pytest.approx((2.5, 0.5, 0.75))
+    assert vol.origin == pytest.approx((20.0, -120.0, -100.0))
+    assert vol.metadata["slice_spacings_mm"] == pytest.approx([2.5] * 4)
+    assert vol.metadata["n_files"] == 5
+    assert vol.metadata["source_name"] == "ct"
+    assert vol.metadata["series_description"] == "ABDOMEN"
+    assert vol.metadata["body_part"] == "ABDOMEN"
+    assert vol.metadata["manufacturer"] == "Phantom Inc"
+    assert vol.metadata["kvp"] == 120.0
+    assert vol.metadata["slice_thickness_mm"] == 2.0
+    assert vol.metadata["warnings"] == []
+    assert not vol.has_gaps
+
+
+def test_folder_is_searched_recursively_and_junk_is_skipped(tmp_path):
+    uid = generate_uid()
+    write_series(tmp_path / "a" / "b", [0.0, 2.0], series_uid=uid, name="x")
+    write_series(tmp_path / "c", [4.0, 6.0], series_uid=uid, name="y")
+    (tmp_path / "README.txt").write_text("hello")
+    (tmp_path / "DICOMDIR_like.dcm").write_bytes(b"\0" * 200)
+
+    vol = read_volume(tmp_path)
+
+    assert vol.shape == (4, 6, 5)
+    np.testing.assert_array_equal(vol.array[:, 0, 0], [0.0, 40.0, 80.0, 120.0])
+    assert "skipped 2 non-DICOM files" in vol.metadata["warnings"]
+
+
+def test_gap_becomes_nan_slices_marked_missing(tmp_path):
+    zs = [0.0, 2.0, 4.0, 10.0, 12.0]  # 6 and 8 mm were never acquired
+    write_series(tmp_path, zs)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == 7
+    assert vol.spacing[0] == pytest.approx(2.0)
+    assert vol.missing_slices() == [3, 4]
+    assert np.isnan(vol.array[3:5]).all()
+    for z_index, z in zip([0, 1, 2, 5, 6], zs):
+        np.testing.assert_array_equal(vol.array[z_index], expected_hu(z))
+    assert "2 missing slices (gaps at z=3–4)" in vol.metadata["warnings"]
+
+
+def test_largest_series_is_opened_with_a_warning(tmp_path):
+    write_series(tmp_path, [0.0, 2.0, 4.0, 6.0], name="big", description="ABDOMEN")
+    write_series(tmp_path, [0.0, 5.0], name="small", description="SCOUT")
+    write_series(tmp_path, [1.0], name="tiny", description="DOSE REPORT")
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == 4
+    assert vol.metadata["n_files"] == 4
+    assert "folder holds 3 series; opened the largest (4 slices, 'ABDOMEN')" in (
+        vol.metadata["warnings"]
+    )
+
+
+def test_series_without_uid_grouped_by_geometry(tmp_path):
+    write_series(tmp_path, [0.0, 2.0, 4.0], name="a", series_uid="1.2.3")
+    write_series(tmp_path, [0.0, 2.0], name="b", shape=(4, 4), series_uid="1.2.3")
+    for f in tmp_path.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.SeriesInstanceUID
+        _save(ds, f)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape == (3, 6, 5)
+    assert any("folder holds 2 series" in w for w in vol.metadata["warnings"])
+
+
+def test_uneven_spacing_warns_and_uses_median(tmp_path):
+    write_series(tmp_path, [0.0, 2.0, 4.2, 6.0, 8.0])
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == 5 and not vol.has_gaps
+    assert vol.spacing[0] == pytest.approx(2.0)
+    assert any(w.startswith("uneven slice spacing") for w in vol.metadata["warnings"])
+    assert vol.metadata["slice_spacings_mm"] == pytest.approx([2.0, 2.2, 1.8, 2.0])
+
+
+def test_duplicate_positions_keep_one_slice(tmp_path):
+    uid = write_series(tmp_path, [0.0, 2.0, 4.0], name="a")
+    write_series(tmp_path, [2.0], name="dup", series_uid=uid)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == 3
+    assert any("repeat an earlier position" in w for w in vol.metadata["warnings"])
+
+
+def test_positions_absent_sorted_by_instance_number(tmp_path):
+    write_series(tmp_path, [0.0, 1.0, 2.0, 3.0], positions=False, between=3.0)
+
+    vol = read_dicom(tmp_path)
+
+    # instance k+1 holds the k-th z; the file names are shuffled
+    np.testing.assert_array_equal(vol.array[:, 0, 0], [0.0, 20.0, 40.0, 60.0])
+    assert vol.spacing[0] == 3.0  # SpacingBetweenSlices wins over SliceThickness (2.0)
+    assert vol.origin == (0.0, 0.0, 0.0)
+    assert "slice positions missing; sorted by InstanceNumber" in vol.metadata["warnings"]
+
+
+def test_sagittal_series_sorted_along_the_normal(tmp_path):
+    # row_dir +P, col_dir -S (head at the top); normal = row × col = (-1, 0, 0), towards R
+    iop = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+    xs = [10.0, 20.0, 30.0]
+    uid = generate_uid()
+    for k, x in enumerate(xs):
+        write_ct_slice(
+            tmp_path / f"{k}.dcm", x, series_uid=uid, instance=k + 1, iop=iop, ipp=(x, -50.0, 80.0)
+        )
+
+    vol = read_dicom(tmp_path)
+
+    # ascending position along the normal = descending LPS x
+    np.testing.assert_array_equal(vol.array[:, 0, 0], [600.0, 400.0, 200.0])
+    assert vol.spacing[0] == pytest.approx(10.0)
+    # origin along (normal, col_dir, row_dir) = (-x, -z, y) of the first slice
+    assert vol.origin == pytest.approx((-30.0, -80.0, -50.0))
+    assert vol.metadata["orientation"] == "PIR"
+
+
+_C, _S = np.cos(np.radians(10.0)), np.sin(np.radians(10.0))
+
+
+@pytest.mark.parametrize(
+    ("iop", "orientation", "oblique"),
+    [
+        (AXIAL, "LPS", False),
+        ((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0), "RAS", False),  # image rotated 180° in plane
+        ((_C, _S, 0.0, -_S, _C, 0.0), "LPS", True),  # rotated 10° about the z axis
+    ],
+)
+def test_origin_is_first_position_along_the_image_axes(tmp_path, iop, orientation, oblique):
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    first = np.array([-100.0, -120.0, 40.0])
+    uid = generate_uid()
+    for k in range(3):
+        ipp = first + 2.0 * k * normal
+        write_ct_slice(tmp_path / f"{k}.dcm", k, series_uid=uid, instance=k + 1, iop=iop, ipp=ipp)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.origin == pytest.approx((first @ normal, first @ col, first @ row))
+    assert vol.spacing[0] == pytest.approx(2.0)
+    assert vol.metadata["orientation"] == orientation
+    assert any(w.startswith("oblique slices") for w in vol.metadata["warnings"]) is oblique
+
+
+@pytest.mark.parametrize(
+    ("second", "reason"),
+    [
+        (dict(shape=(4, 4)), "slices in one series differ in size (4×4 and 6×5)"),
+        (dict(pixel_spacing=(0.9, 0.9)), "different pixel spacings"),
+        (dict(iop=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0)), "different orientations"),
+    ],
+)
+def test_inconsistent_series_is_refused(tmp_path, second, reason):
+    uid = write_series(tmp_path, [0.0, 2.0], name="a")
+    write_series(tmp_path, [4.0], name="b", series_uid=uid, **second)
+
+    with pytest.raises(MedsegInputError) as info:
+        read_dicom(tmp_path)
+
+    assert_clean_error(info.value, tmp_path)
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("populate", "reason"),
+    [
+        (lambda d: None, "folder holds no files"),
+        (
+            lambda d: [(d / n).write_text("x") for n in ("a.txt", "b.dcm")],
+            "no DICOM images among 2 files",
+        ),
+        (
+            lambda d: (d / "plan.dcm").write_bytes(bundled("rtplan.dcm").read_bytes()),
+            "no DICOM images among 1 file",
+        ),
+    ],
+)
+def test_folders_without_images(tmp_path, populate, reason):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    populate(folder)
+
+    with pytest.raises(MedsegInputError) as info:
+        read_volume(folder)
+
+    assert_clean_error(info.value, folder)
+    assert reason in str(info.value)
+
+
+def test_gantry_tilt_shear_is_reported(tmp_path):
+    uid = generate_uid()
+    for k in range(3):
+        z = 5.0 * k
+        ipp = (-100.0, -120.0 + 2.0 * k, z)  # y drifts 2 mm per slice: tilted gantry
+        write_ct_slice(tmp_path / f"{k}.dcm", z, series_uid=uid, instance=k + 1, ipp=ipp)
+
+    vol = read_dicom(tmp_path)
+
+    assert any("gantry tilt" in w for w in vol.metadata["warnings"])
+
+
+def _enhanced_ct(path: Path, zs, slopes) -> None:
+    ds = _base(EnhancedCTImageStorage, generate_uid())
+    ds.NumberOfFrames = len(zs)
+    ds.Rows, ds.Columns = 6, 5
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [0.6, 0.7]
+    measures.SliceThickness = 1.5
+    shared.PixelMeasuresSequence = Sequence([measures])
+    orient = Dataset()
+    orient.ImageOrientationPatient = list(AXIAL)
+    shared.PlaneOrientationSequence = Sequence([orient])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames, raw = [], []
+    for z, slope in zip(zs, slopes):
+        item = Dataset()
+        pos = Dataset()
+        pos.ImagePositionPatient = [-10.0, -20.0, z]
+        item.PlanePositionSequence = Sequence([pos])
+        lut = Dataset()
+        lut.RescaleSlope = slope
+        lut.RescaleIntercept = -1024
+        lut.RescaleType = "HU"
+        item.PixelValueTransformationSequence = Sequence([lut])
+        frames.append(item)
+        raw.append(((expected_hu(z) + 1024) / slope).round())
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.stack(raw).astype("<u2").tobytes()
+    _save(ds, path)
+
+
+def test_enhanced_multiframe_sorted_with_per_frame_rescale(tmp_path):
+    path = tmp_path / "enhanced.dcm"
+    _enhanced_ct(path, zs=[6.0, 0.0, 4.0, 2.0], slopes=[1.0, 2.0, 1.0, 2.0])
+
+    vol = read_dicom(path)
+
+    assert vol.shape == (4, 6, 5)
+    np.testing.assert_array_equal(
+        vol.array, np.stack([expected_hu(z) for z in (0.0, 2.0, 4.0, 6.0)])
+    )
+    assert vol.spacing == pytest.approx((2.0, 0.6, 0.7))
+    assert vol.origin == pytest.approx((0.0, -20.0, -10.0))
+    assert vol.metadata["rescale_type"] == "HU"
+    assert vol.metadata["slice_thickness_mm"] == 1.5
+
+
+def test_no_patient_data_in_metadata_warnings_or_summary(tmp_path):
+    uid = write_series(tmp_path, [0.0, 2.0, 8.0], series_uid="1.2.826.0.99")
+    write_series(tmp_path, [0.0], name="other")
+
+    vol = read_dicom(tmp_path)
+
+    text = repr(vol.metadata) + repr(vol.summary())
+    for secret in (*PHI, uid, "1.2.3.4", str(tmp_path.parent)):
+        assert secret not in text

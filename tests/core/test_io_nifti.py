@@ -1,0 +1,247 @@
+"""NIfTI reader/writer: LPS reorientation, round trips, dtypes, 4D refusal, atomic writes."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.io import guess_modality, read_nifti, read_volume, write_nifti
+from napari_medseg.core.io import nifti as nifti_module
+
+SPACING = (2.5, 0.8, 0.6)  # (z, y, x) mm, deliberately anisotropic
+ORIGIN = (-310.5, 12.25, -180.0)
+
+
+def ramp(shape, dtype=np.float32) -> np.ndarray:
+    return np.arange(np.prod(shape)).reshape(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize(
+    ("dtype", "values"),
+    [
+        ("float32", lambda s: ramp(s) * 1.5 - 1000.0),
+        ("uint8", lambda s: (ramp(s, np.int64) % 4).astype(np.uint8)),
+        ("uint16", lambda s: ramp(s, np.uint16) * 7),
+        ("int16", lambda s: ramp(s, np.int16) - 1024),
+        ("int32", lambda s: ramp(s, np.int32) * 100_000),
+    ],
+)
+def test_round_trip_keeps_array_spacing_origin_and_dtype(tmp_path, suffix, dtype, values):
+    array = values((4, 5, 6))
+    assert array.dtype == np.dtype(dtype)
+    path = tmp_path / f"vol{suffix}"
+
+    written = write_nifti(path, array, SPACING, ORIGIN)
+    vol = read_nifti(written)
+
+    assert written == path
+    assert nib.load(path).get_data_dtype() == np.dtype(dtype)  # labels stay integers on disk
+    np.testing.assert_array_equal(vol.array, array.astype(np.float32))
+    assert vol.spacing == pytest.approx(SPACING)
+    assert vol.origin == pytest.approx(ORIGIN)
+    assert vol.metadata["source_format"] == "nifti"
+    assert vol.metadata["orientation"] == "LPS"
+    assert vol.metadata["warnings"] == []
+
+
+def test_gzip_file_is_really_compressed(tmp_path):
+    path = write_nifti(tmp_path / "zeros.nii.gz", np.zeros((8, 16, 16), np.uint8), (1, 1, 1))
+    with gzip.open(path) as f:
+        assert len(f.read()) > path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [("bool", "uint8"), ("float64", "float32"), ("float16", "float32"), ("int64", "int32")],
+)
+def test_other_dtypes_are_converted(tmp_path, given, stored):
+    array = (ramp((2, 3, 4)) % 2).astype(given)
+    path = write_nifti(tmp_path / "x.nii", array, (1, 1, 1))
+
+    assert nib.load(path).get_data_dtype() == np.dtype(stored)
+    np.testing.assert_array_equal(read_nifti(path).array, array.astype(np.float32))
+
+
+def test_ras_file_is_flipped_to_lps_and_transposed(tmp_path):
+    data = ramp((4, 3, 2))  # (i, j, k)
+    # RAS+ affine: i runs towards the patient's Right, j Anterior, k Superior
+    affine = np.array([[2.0, 0, 0, 10.0], [0, 3.0, 0, 20.0], [0, 0, 4.0, 30.0], [0, 0, 0, 1]])
+    path = tmp_path / "ras.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+    vol = read_nifti(path)
+
+    # LPS wants i towards Left and j Posterior: both flip; then (i, j, k) → (z, y, x)
+    np.testing.assert_array_equal(vol.array, data[::-1, ::-1, :].transpose(2, 1, 0))
+    assert vol.spacing == pytest.approx((4.0, 3.0, 2.0))
+    # new voxel 0 is old voxel (3, 2, 0): RAS (16, 26, 30) = LPS (-16, -26, 30)
+    assert vol.origin == pytest.approx((30.0, -26.0, -16.0))
+
+
+AFFINES = {
+    "RAS": np.diag([1.5, 2.0, 3.0, 1.0]),
+    "LPS": np.diag([-1.5, -2.0, 3.0, 1.0]),
+    "LAS (radiological)": np.diag([-1.5, 2.0, 3.0, 1.0]),
+    "sagittal (i=S, j=A, k=R)": np.array(
+        [[0, 0, 3.0, -40], [0, 2.0, 0, 5], [1.5, 0, 0, 60], [0, 0, 0, 1]]
+    ),
+    "coronal (i=L, j=I, k=P)": np.array(
+        [[-1.5, 0, 0, 7], [0, 0, -3.0, -9], [0, -2.0, 0, 11], [0, 0, 0, 1]]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(AFFINES))
+def test_every_voxel_lands_at_its_world_position(tmp_path, name):
+    """Independent check: each output voxel's LPS position maps back to the stored voxel."""
+    affine = AFFINES[name]
+    data = ramp((5, 4, 3))
+    path = tmp_path / "x.nii"
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+    vol = read_nifti(path)
+
+    z, y, x = np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij")
+    lps = np.stack(
+        [
+            vol.origin[2] + x * vol.spacing[2],
+            vol.origin[1] + y * vol.spacing[1],
+            vol.origin[0] + z * vol.spacing[0],
+        ]
+    )
+    ras = lps * np.array([-1.0, -1.0, 1.0])[:, None, None, None]
+    ijk = np.einsum("ab,b...->a...", np.linalg.inv(affine)[:3, :3], ras) + np.linalg.inv(
+        affine
+    )[:3, 3, None, None, None]
+    ijk = np.rint(ijk).astype(int)
+    np.testing.assert_array_equal(vol.array, data[ijk[0], ijk[1], ijk[2]])
+
+
+def test_trailing_singleton_4d_is_squeezed(tmp_path):
+    data = ramp((4, 3, 2, 1))
+    path = tmp_path / "one_volume.nii"
+    nib.save(nib.Nifti1Image(data, np.diag([-1.0, -1.0, 1.0, 1.0])), path)
+
+    assert read_nifti(path).shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [
+        ((4, 3, 2, 5), "4D NIfTI (5 time points) is not supported; pick one volume"),
+        ((4, 3, 2, 1, 3), "5D NIfTI (shape (4, 3, 2, 1, 3)) is not supported; pick one volume"),
+    ],
+)
+def test_multi_volume_files_are_refused(tmp_path, shape, reason):
+    path = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(ramp(shape), np.eye(4)), path)
+
+    with pytest.raises(MedsegInputError) as info:
+        read_nifti(path)
+
+    assert str(info.value) == f"series.nii.gz: {reason}"
+
+
+def test_rgb_nifti_is_refused(tmp_path):
+    rgb = np.zeros((4, 4, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = tmp_path / "colour.nii"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+
+    with pytest.raises(MedsegInputError, match="RGB NIfTI is not supported"):
+        read_nifti(path)
+
+
+def _corrupt(tmp_path, kind):
+    if kind == "noise":
+        path = tmp_path / "noise.nii"
+        path.write_bytes(np.random.default_rng(1).integers(0, 256, 800, np.uint8).tobytes())
+    elif kind == "not gzip":
+        path = tmp_path / "plain.nii.gz"
+        path.write_text("hello")
+    else:  # truncated: a valid header but half the voxels
+        path = tmp_path / "cut.nii"
+        nib.save(nib.Nifti1Image(ramp((8, 8, 8)), np.eye(4)), path)
+        path.write_bytes(path.read_bytes()[:-1000])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["noise", "not gzip", "truncated"])
+def test_broken_files_raise_one_clear_line(tmp_path, kind):
+    path = _corrupt(tmp_path, kind)
+
+    with pytest.raises(MedsegInputError) as info:
+        read_volume(path)
+
+    assert str(info.value).startswith(f"{path.name}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_failed_write_leaves_existing_file_and_no_temp(tmp_path, monkeypatch):
+    path = write_nifti(tmp_path / "labels.nii.gz", np.ones((2, 3, 4), np.uint8), (1, 1, 1))
+    before = path.read_bytes()
+
+    def disk_full(img, filename):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nifti_module.nib, "save", disk_full)
+    with pytest.raises(MedsegInputError, match="could not write the file"):
+        write_nifti(path, np.zeros((2, 3, 4), np.uint8), (1, 1, 1))
+
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    ("name", "array", "spacing", "reason"),
+    [
+        ("x.nrrd", np.zeros((2, 2, 2)), (1, 1, 1), "must end in .nii or .nii.gz"),
+        ("missing/x.nii", np.zeros((2, 2, 2)), (1, 1, 1), "folder to write into does not exist"),
+        ("x.nii", np.zeros((2, 2, 2, 2)), (1, 1, 1), "expected a non-empty (z, y, x) array"),
+        ("x.nii", np.zeros((2, 2, 2)), (1, 0, 1), "spacing must be positive"),
+        ("x.nii", np.zeros((2, 2, 2), np.complex64), (1, 1, 1), "cannot write dtype complex64"),
+        ("x.nii", np.full((2, 2, 2), 2**40), (1, 1, 1), "do not fit NIfTI's int32"),
+    ],
+)
+def test_write_rejects_bad_requests(tmp_path, name, array, spacing, reason):
+    with pytest.raises(MedsegInputError) as info:
+        write_nifti(tmp_path / name, array, spacing)
+
+    assert reason in str(info.value)
+    assert not list(tmp_path.rglob("*.nii*"))
+
+
+def test_2d_array_is_written_as_one_slice(tmp_path):
+    path = write_nifti(tmp_path / "slice.nii", ramp((3, 4)), (1.0, 0.5, 0.5))
+
+    assert read_nifti(path).shape == (1, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.r_[np.full(100, -1000.0), np.linspace(-100, 1500, 900)], "CT"),  # air + tissue
+        (np.linspace(0, 4000, 1000), "OT"),  # MR-like: no negative values
+        (np.r_[np.full(2, -1000.0), np.linspace(0, 100, 998)], "OT"),  # <0.5 % dark: noise
+        (np.full(10, np.nan), "OT"),
+        (np.r_[np.full(50, np.nan), np.full(50, -1024.0), np.zeros(50)], "CT"),  # NaN gaps
+        (np.zeros(10, dtype=bool), "OT"),
+        (np.array([], dtype=np.float32), "OT"),
+    ],
+)
+def test_guess_modality(array, expected):
+    assert guess_modality(array) == expected
+
+
+def test_ct_like_nifti_is_guessed_ct(tmp_path):
+    array = np.full((3, 8, 8), -1000.0, np.float32)
+    array[:, 2:6, 2:6] = 40.0
+    path = write_nifti(tmp_path / "ct.nii.gz", array, (3, 1, 1))
+
+    assert read_nifti(path).modality == "CT"

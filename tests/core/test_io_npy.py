@@ -1,0 +1,171 @@
+""".npy reader, and the read_volume / is_supported_path dispatch shared by all formats."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.io import (
+    SUPPORTED_SUFFIXES,
+    is_supported_path,
+    read_npy,
+    read_volume,
+    write_nifti,
+)
+
+CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+
+
+@pytest.mark.parametrize(
+    ("array", "shape"),
+    [
+        (np.zeros((7, 9), np.float64), (1, 7, 9)),
+        (np.zeros((3, 7, 9), np.int16), (3, 7, 9)),
+        (np.zeros((4, 7, 3), np.uint8), (4, 7, 3)),  # x = 3 but z too small for RGB
+        (np.zeros((2, 5, 5), bool), (2, 5, 5)),
+    ],
+)
+def test_shapes(tmp_path, array, shape):
+    path = tmp_path / "a.npy"
+    np.save(path, array)
+
+    vol = read_npy(path)
+
+    assert vol.shape == shape
+    assert vol.array.dtype == np.float32
+    assert vol.spacing == (1.0, 1.0, 1.0)
+    assert vol.origin == (0.0, 0.0, 0.0)
+    assert vol.metadata["source_format"] == "npy"
+    assert vol.metadata["source_name"] == "a.npy"
+    assert any("no geometry" in w for w in vol.metadata["warnings"])
+
+
+def test_values_and_modality_guess(tmp_path):
+    ct = np.full((2, 8, 8), -1000, np.int16)
+    ct[:, 2:6, 2:6] = 50
+    np.save(tmp_path / "ct.npy", ct)
+    np.save(tmp_path / "mr.npy", np.linspace(0, 900, 128).reshape(2, 8, 8))
+
+    vol = read_npy(tmp_path / "ct.npy")
+
+    np.testing.assert_array_equal(vol.array, ct.astype(np.float32))
+    assert vol.modality == "CT"
+    assert read_npy(tmp_path / "mr.npy").modality == "OT"
+
+
+def _pickled(path: Path) -> None:
+    np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+
+
+def _raw_pickle(path: Path) -> None:
+    path.write_bytes(pickle.dumps([1, 2, 3]))
+
+
+@pytest.mark.parametrize(
+    ("write", "reason"),
+    [
+        (_pickled, "holds pickled Python objects"),
+        (_raw_pickle, "holds pickled Python objects"),
+        (lambda p: p.write_text("hello"), "not a .npy file (no NumPy header)"),
+        (lambda p: p.write_bytes(b"\x93NUMPY\x01\x00garbage"), "not a readable .npy file"),
+        (lambda p: np.save(p, np.zeros((32, 32, 3), np.uint8)), "looks like an RGB(A) image"),
+        (lambda p: np.save(p, np.zeros((5, 32, 32, 4))), "looks like an RGB(A) image"),
+        (lambda p: np.save(p, np.zeros((2, 5, 6, 7))), "expected a 2D (y, x) or 3D (z, y, x)"),
+        (lambda p: np.save(p, np.zeros(5)), "expected a 2D (y, x) or 3D (z, y, x)"),
+        (lambda p: np.save(p, np.zeros((0, 4))), "the volume is empty"),
+        (lambda p: np.save(p, np.array([["a", "b"]])), "expected a numeric array"),
+        (lambda p: np.save(p, np.zeros((2, 2), np.complex64)), "complex-valued"),
+    ],
+)
+def test_bad_arrays_raise_one_clear_line(tmp_path, write, reason):
+    path = tmp_path / "bad.npy"
+    write(path)
+
+    with pytest.raises(MedsegInputError) as info:
+        read_volume(path)
+
+    assert reason in str(info.value)
+    assert str(info.value).startswith("bad.npy: ")
+    assert "\n" not in str(info.value)
+
+
+def test_npz_renamed_to_npy_is_refused(tmp_path):
+    np.savez(tmp_path / "arch.npz", a=np.zeros((2, 2)))
+    path = (tmp_path / "arch.npz").rename(tmp_path / "arch.npy")
+
+    with pytest.raises(MedsegInputError, match=r"\.npz archive"):
+        read_npy(path)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@pytest.fixture
+def files(tmp_path):
+    """One file per format, plus DICOM copies named the ways PACS exports name them."""
+    np.save(tmp_path / "arr.npy", np.zeros((2, 4, 4), np.float32))
+    write_nifti(tmp_path / "img.nii", np.zeros((2, 4, 4), np.float32), (1, 1, 1))
+    write_nifti(tmp_path / "img.NII.GZ", np.zeros((2, 4, 4), np.float32), (1, 1, 1))
+    for name in ("ct.dcm", "CT.DICOM", "ct.ima", "IM0001", "1.2.840.113619.2.55.37"):
+        shutil.copy(CT_SMALL, tmp_path / name)
+    shutil.copy(CT_SMALL, tmp_path / "scan.bin")  # wrong suffix, but the DICM header shows
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "series").mkdir()
+    shutil.copy(CT_SMALL, tmp_path / "series" / "a.dcm")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("name", "source_format", "shape"),
+    [
+        ("arr.npy", "npy", (2, 4, 4)),
+        ("img.nii", "nifti", (2, 4, 4)),
+        ("img.NII.GZ", "nifti", (2, 4, 4)),
+        ("ct.dcm", "dicom", (1, 128, 128)),
+        ("CT.DICOM", "dicom", (1, 128, 128)),
+        ("ct.ima", "dicom", (1, 128, 128)),
+        ("IM0001", "dicom", (1, 128, 128)),
+        ("1.2.840.113619.2.55.37", "dicom", (1, 128, 128)),
+        ("scan.bin", "dicom", (1, 128, 128)),
+        ("series", "dicom", (1, 128, 128)),
+    ],
+)
+def test_read_volume_dispatches(files, name, source_format, shape):
+    assert is_supported_path(files / name)
+
+    vol = read_volume(files / name)
+
+    assert vol.metadata["source_format"] == source_format
+    assert vol.shape == shape
+
+
+def test_unsupported_suffix_names_the_supported_ones(files):
+    assert not is_supported_path(files / "notes.txt")
+
+    with pytest.raises(MedsegInputError) as info:
+        read_volume(files / "notes.txt")
+
+    message = str(info.value)
+    assert message.startswith("notes.txt: unsupported file type '.txt'")
+    assert all(suffix in message for suffix in SUPPORTED_SUFFIXES)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(MedsegInputError) as info:
+        read_volume(tmp_path / "gone.nii.gz")
+
+    assert str(info.value) == "gone.nii.gz: no such file or folder"
+
+
+@pytest.mark.parametrize(
+    ("name", "supported"),
+    [("a.nii.gz", True), ("a.NPY", True), ("a.dcm", True), ("a.png", False), ("a.gz", False)],
+)
+def test_is_supported_path_by_suffix_without_touching_disk(tmp_path, name, supported):
+    assert is_supported_path(tmp_path / name) is supported
