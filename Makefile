@@ -1,0 +1,62 @@
+# napari-medseg: two commands for a new user.
+#   make demo   install into .venv and open napari with the synthetic CT and the widgets
+#   make test   install what the tests need (Xvfb too) and run the whole suite
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: this machine carries a CPU build of 2.13.0 on disk, while an
+# unpinned torch (or one pulled in by a dependency) downloads a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# What napari's Qt needs under a virtual X server (Debian names).
+XVFB_DEBS := xvfb xauth libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-randr0 \
+	libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 libxcb-shape0 libxcb-xfixes0 \
+	libxcb-cursor0 libgl1 libegl1 libfontconfig1 libdbus-1-3
+
+.PHONY: help demo test install install-test xvfb-deps benchmark clean
+
+help:
+	@echo "make demo   open napari with the synthetic CT sample and the napari-medseg widgets"
+	@echo "make test   install test dependencies (Xvfb, .venv) and run pytest under Xvfb"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+# Stamps re-run the install when pyproject.toml changes.
+$(VENV)/.installed-gui: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(TORCH_PIN)
+	$(BIN)/pip install -e ".[gui]"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(TORCH_PIN)
+	$(BIN)/pip install -e ".[testing]"
+	touch $@ $(VENV)/.installed-gui
+
+install: $(VENV)/.installed-gui
+install-test: $(VENV)/.installed-test
+
+xvfb-deps:
+	@if command -v Xvfb >/dev/null && ldconfig -p | grep -q libxcb-cursor.so.0 \
+	    && ldconfig -p | grep -q libxkbcommon-x11; then \
+	  echo "Xvfb and Qt's X libraries are present"; \
+	else \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(XVFB_DEBS); \
+	fi
+
+demo: install
+	$(BIN)/napari-medseg demo
+
+test: xvfb-deps install-test
+	$(BIN)/python -m pytest
+
+benchmark: install
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache

@@ -1,0 +1,93 @@
+"""Run core jobs in a napari thread worker: progress, cancel and errors in one place.
+
+Widgets call :func:`start_job` with a core generator (yielding ``Progress``) or a plain
+function; the GUI thread never waits on numpy/torch. Input arrays must be copied by the
+caller *before* calling this, so a user who keeps painting cannot race the job.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable
+
+from napari.qt.threading import GeneratorWorker, FunctionWorker, create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+
+from .core.errors import MedsegInputError
+from .core.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def error_message(exc: BaseException) -> str:
+    """A one-line message for the user; bad input reads as itself, bugs name their type."""
+    if isinstance(exc, MedsegInputError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def start_job(
+    job: Callable[..., Any],
+    *args: Any,
+    description: str,
+    on_result: Callable[[Any], None],
+    on_finished: Callable[[], None] | None = None,
+    **kwargs: Any,
+) -> GeneratorWorker | FunctionWorker:
+    """Start ``job(*args, **kwargs)`` in a worker with a napari progress bar.
+
+    ``on_result`` runs in the GUI thread with the job's return value, and never after a
+    cancel. Errors become a notification. ``on_finished`` always runs (success, error or
+    cancel), so widgets can re-enable their buttons.
+    """
+    is_generator = inspect.isgeneratorfunction(job)
+    # errors are ours to report (below); otherwise napari re-raises them in the GUI thread
+    worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+    bar = progress(total=0, desc=description)  # indeterminate until the first report
+    state = {"cancelled": False}
+
+    def _on_yield(report: Any) -> None:
+        if isinstance(report, Progress):
+            if bar.total != report.total:
+                bar.total = report.total
+            bar.n = report.step
+            bar.set_description(f"{description}: {report.message}" if report.message else description)
+            bar.refresh()
+
+    def _on_returned(value: Any) -> None:
+        if not state["cancelled"]:
+            on_result(value)
+
+    def _on_error(exc: BaseException) -> None:
+        if state["cancelled"]:  # the user no longer waits for this result
+            return
+        log.exception("napari-medseg job %r failed", description, exc_info=exc)
+        show_error(f"{description} failed: {error_message(exc)}")
+
+    def _on_aborted() -> None:
+        state["cancelled"] = True
+        show_info(f"{description} cancelled")
+
+    def _on_finished() -> None:
+        bar.close()
+        if on_finished is not None:
+            on_finished()
+
+    if is_generator:
+        worker.yielded.connect(_on_yield)
+        worker.aborted.connect(_on_aborted)
+    worker.returned.connect(_on_returned)
+    worker.errored.connect(_on_error)
+    worker.finished.connect(_on_finished)
+    worker.cancel = lambda: _cancel(worker, state)  # type: ignore[attr-defined]
+    worker.start()
+    return worker
+
+
+def _cancel(worker: Any, state: dict) -> None:
+    # A generator job stops at its next yield; a plain function runs to its end, and
+    # its result is then dropped.
+    state["cancelled"] = True
+    worker.quit()

@@ -1,0 +1,48 @@
+"""npe2 reader: DICOM (file, multi-frame, folder), NIfTI and .npy into an Image layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .core.errors import MedsegInputError
+from .core.io import is_supported_path, read_volume
+from ._layers import volume_layer_data
+
+# napari's "opened, but nothing to add" sentinel: it stops napari trying other readers
+# and adding a half-made layer after we have already told the user why.
+_NOTHING_OPENED = [(None,)]
+
+
+def get_reader(path: str | list[str]) -> Callable | None:
+    if isinstance(path, list):
+        if len(path) != 1:
+            # several files picked at once: hand them over only if they are one DICOM folder's
+            return None
+        path = path[0]
+    return read_layers if is_supported_path(path) else None
+
+
+def read_layers(path: str | list[str]) -> list:
+    if isinstance(path, list):
+        path = path[0]
+    try:
+        volume = read_volume(path)
+    except MedsegInputError as exc:
+        from napari.utils.notifications import show_error
+
+        show_error(f"napari-medseg could not open {exc}")
+        return _NOTHING_OPENED
+    for warning in volume.metadata.get("warnings", []):
+        from napari.utils.notifications import show_warning
+
+        show_warning(f"{Path(path).name}: {warning}")
+    return [volume_layer_data(volume, name=_layer_name(path))]
+
+
+def _layer_name(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".npy", ".dcm", ".dicom", ".ima"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name

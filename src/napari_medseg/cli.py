@@ -1,0 +1,170 @@
+"""``napari-medseg``: the core, headless, for batch work.
+
+Bad input prints one line ``napari-medseg: error: <file>: <reason>`` to stderr and exits
+with status 2; no partial output is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from .core.errors import MedsegInputError
+
+EXIT_BAD_INPUT = 2
+
+
+def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+PHANTOM_OUTPUTS = ("image.nii.gz", "labels.nii.gz", "lesions.csv", "slice_classes.csv")
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .core.io import write_nifti
+    from .core.phantom import SLICE_CLASSES, generate_phantom
+
+    out = Path(args.out_dir)
+    existing = [name for name in PHANTOM_OUTPUTS if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise MedsegInputError(
+            f"already holds {', '.join(existing)}; pass --overwrite to replace them", out
+        )
+    phantom = generate_phantom(
+        tuple(args.shape), tuple(args.spacing), args.seed, n_lesions=args.lesions
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    volume = phantom.volume
+    write_nifti(out / "image.nii.gz", volume.array, volume.spacing, volume.origin)
+    write_nifti(out / "labels.nii.gz", phantom.labels, volume.spacing, volume.origin)
+    _write_csv_atomic(
+        out / "lesions.csv",
+        ("z", "y", "x", "radius_mm"),
+        [
+            (*(round(float(c), 2) for c in lesion.center_zyx), round(lesion.radius_mm, 2))
+            for lesion in phantom.lesions
+        ],
+    )
+    _write_csv_atomic(
+        out / "slice_classes.csv",
+        ("slice", "class_id", "class_name"),
+        [(z, int(c), SLICE_CLASSES[int(c)]) for z, c in enumerate(phantom.slice_classes)],
+    )
+    print(
+        f"wrote {', '.join(PHANTOM_OUTPUTS)} to {out} "
+        f"(shape {volume.shape}, spacing {volume.spacing} mm, {len(phantom.lesions)} lesions)"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .core.io import read_volume
+
+    volume = read_volume(args.input)
+    summary = volume.summary()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    vmin, vmax = summary["value_range"]
+    missing = summary["missing_slices"]
+    print(f"input:    {Path(args.input).name}")
+    print(f"shape:    {summary['shape_zyx']} (z, y, x)")
+    print(f"spacing:  {summary['spacing_mm_zyx']} mm (z, y, x)")
+    print(f"modality: {summary['modality']}")
+    print(f"values:   {vmin:g} .. {vmax:g}" + (" HU" if summary["modality"] == "CT" else ""))
+    print(f"gaps:     {len(missing)} missing slices {missing}" if missing else "gaps:     none")
+    for warning in summary["warnings"]:
+        print(f"warning:  {warning}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import napari
+
+    viewer = napari.Viewer(title="napari-medseg demo")
+    viewer.window.resize(1500, 950)
+    viewer.scale_bar.visible = True
+    viewer.open_sample("napari-medseg", "synthetic_ct")
+    for widget in ("Synthetic phantom", "Volume info"):
+        viewer.window.add_plugin_dock_widget("napari-medseg", widget)
+    # open on the largest lesion, so the first thing a user sees is a finding
+    points = viewer.layers[-1]
+    if len(points.data):
+        largest = int(points.features["diameter_mm"].argmax())
+        world_z = points.data_to_world(points.data[largest])[0]
+        viewer.dims.set_point(0, world_z)
+        viewer.layers.selection.active = viewer.layers[0]
+    if args.screenshot:
+        # headless docs/CI use: render once, save what the user would see, quit
+        from qtpy.QtCore import QTimer
+
+        def _shoot() -> None:
+            viewer.screenshot(args.screenshot, canvas_only=False)
+            viewer.close()
+
+        QTimer.singleShot(1500, _shoot)
+    napari.run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-medseg", description="Deep learning for medical images (research use only)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic abdominal CT with ground truth")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
+    p.add_argument(
+        "--spacing", type=float, nargs=3, default=(2.5, 0.8, 0.8), metavar=("Z", "Y", "X"),
+        help="voxel size in mm",
+    )
+    p.add_argument("--lesions", type=int, default=None, help="number of lesions (default: random)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("info", help="print shape, spacing, modality, value range and gaps")
+    p.add_argument("input", help="DICOM file or folder, NIfTI (.nii/.nii.gz) or .npy")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="open napari with the synthetic CT and the widgets")
+    p.add_argument("--screenshot", help="save a screenshot of the window to this PNG and quit")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MedsegInputError as exc:
+        print(f"napari-medseg: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # unwritable output folder, disk full, ...
+        where = f"{Path(exc.filename).name}: " if exc.filename else ""
+        print(f"napari-medseg: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The plugin inside a real napari viewer (pytest-qt + make_napari_viewer, under Xvfb)."""
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from napari.layers import Image, Labels, Points
+from napari.utils.notifications import notification_manager
+
+from napari_medseg.core.io import read_nifti, write_nifti
+from napari_medseg.core.volume import CT_WINDOW
+
+
+def _errors_since(start: int) -> list[str]:
+    return [
+        str(n.message)
+        for n in notification_manager.records[start:]
+        if getattr(n.severity, "value", str(n.severity)) == "error"
+    ]
+
+
+def _assert_aligned(*layers):
+    first = layers[0]
+    for layer in layers[1:]:
+        np.testing.assert_allclose(layer.scale, first.scale)
+        np.testing.assert_allclose(layer.translate, first.translate)
+
+
+def test_sample_data_opens_aligned_image_labels_points(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "synthetic_ct")
+    image, labels, points = viewer.layers
+    assert isinstance(image, Image) and isinstance(labels, Labels) and isinstance(points, Points)
+    assert labels.data.shape == image.data.shape
+    _assert_aligned(image, labels, points)
+    np.testing.assert_allclose(image.scale, (2.5, 1.0, 1.0))
+    assert tuple(image.contrast_limits) == CT_WINDOW
+    assert len(points.data) > 0
+    z, y, x = np.round(points.data).astype(int).T
+    assert (labels.data[z, y, x] == 8).all(), "every lesion point sits on a lesion voxel"
+    assert "liver" in list(labels.features["name"])
+    assert "not for diagnostic use" in image.metadata["medseg"]["disclaimer"]
+
+
+def test_reader_opens_real_ct_in_hu_with_spacing(make_napari_viewer):
+    import pydicom
+
+    path = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    viewer = make_napari_viewer()
+    viewer.open(path, plugin="napari-medseg")
+    (layer,) = viewer.layers
+    expected_hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(layer.data[0], expected_hu)
+    np.testing.assert_allclose(layer.scale[1:], [float(v) for v in ds.PixelSpacing])
+    assert layer.metadata["medseg"]["modality"] == "CT"
+    assert tuple(layer.contrast_limits) == CT_WINDOW
+
+
+def test_reader_nifti_keeps_spacing(make_napari_viewer, tmp_path):
+    path = write_nifti(tmp_path / "vol.nii.gz", np.random.default_rng(0).normal(size=(5, 20, 30)).astype(np.float32), (3.0, 0.7, 0.8))
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-medseg")
+    np.testing.assert_allclose(viewer.layers[0].scale, (3.0, 0.7, 0.8), rtol=1e-5)
+    assert viewer.layers[0].name == "vol"
+
+
+@pytest.mark.parametrize("name, content", [("broken.dcm", b"DICM" * 40), ("empty.dcm", b"")])
+def test_reader_bad_file_notifies_and_opens_nothing(make_napari_viewer, tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 4)), name="user layer")
+    start = len(notification_manager.records)
+    viewer.open(str(path), plugin="napari-medseg")
+    assert [layer.name for layer in viewer.layers] == ["user layer"]
+    errors = _errors_since(start)
+    assert len(errors) == 1 and name in errors[0] and "\n" not in errors[0]
+
+
+def test_writer_saves_labels_with_image_spacing(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    labels = np.zeros((4, 16, 12), dtype=np.int32)
+    labels[1:3, 4:8, 2:6] = 3
+    layer = viewer.add_labels(labels, scale=(2.0, 0.6, 0.6), translate=(10.0, -5.0, 4.0))
+    out = tmp_path / "seg.nii.gz"
+    written = viewer.layers.save(str(out), selected=False, plugin="napari-medseg")
+    assert written == [str(out)]
+    back = read_nifti(out)
+    np.testing.assert_array_equal(back.array, labels)
+    np.testing.assert_allclose(back.spacing, layer.scale, rtol=1e-5)
+    np.testing.assert_allclose(back.origin, layer.translate, atol=1e-4)
+
+
+def test_phantom_widget_generates_layers(make_napari_viewer, qtbot):
+    from napari_medseg._widgets.phantom import PhantomWidget
+
+    viewer = make_napari_viewer()
+    widget = PhantomWidget(viewer)
+    widget._z.value, widget._y.value, widget._x.value = 6, 64, 64
+    widget._n_lesions.value = 2
+    widget._run.clicked.emit()
+    assert not widget._run.enabled and widget._cancel.enabled
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert [type(layer) for layer in viewer.layers] == [Image, Labels, Points]
+    assert viewer.layers[0].data.shape == (6, 64, 64)
+    assert len(viewer.layers[2].data) == 2
+    assert widget._run.enabled and not widget._cancel.enabled
+
+
+def test_phantom_widget_cancel_adds_nothing(make_napari_viewer, qtbot):
+    from napari_medseg._widgets.phantom import PhantomWidget
+
+    viewer = make_napari_viewer()
+    widget = PhantomWidget(viewer)
+    widget._z.value, widget._y.value, widget._x.value = 4, 96, 96
+    widget._n_lesions.value = 0
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    widget._cancel.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == 0
+    assert widget._status.value == "Cancelled" and widget._run.enabled
+    assert not _errors_since(start)
+
+
+def test_phantom_widget_bad_request_notifies(make_napari_viewer, qtbot):
+    from napari_medseg._widgets.phantom import PhantomWidget
+
+    viewer = make_napari_viewer()
+    widget = PhantomWidget(viewer)
+    widget._z.value, widget._y.value, widget._x.value = 4, 48, 48
+    widget._rmin.value, widget._rmax.value = 20.0, 5.0  # min above max
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == 0
+    errors = _errors_since(start)
+    assert len(errors) == 1 and "radius" in errors[0]
+
+
+def test_info_widget_and_dock(make_napari_viewer):
+    from napari_medseg._widgets.info import VolumeInfoWidget
+
+    viewer = make_napari_viewer()
+    info = VolumeInfoWidget(viewer)
+    assert "No image layer" in info._text.value
+    viewer.open_sample("napari-medseg", "synthetic_ct")
+    assert "Spacing (mm): (2.5, 1.0, 1.0)" in info._text.value
+    assert "Missing slices: none" in info._text.value
+    for name in ("Synthetic phantom", "Volume info"):
+        dock, _ = viewer.window.add_plugin_dock_widget("napari-medseg", name)
+        assert dock is not None

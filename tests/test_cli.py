@@ -1,0 +1,78 @@
+"""The CLI end to end: outputs written, bad input reported on stderr with exit 2."""
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from napari_medseg.cli import main
+from napari_medseg.core.io import read_nifti
+
+
+def test_phantom_then_info(tmp_path, capsys):
+    out = tmp_path / "ph"
+    rc = main(["phantom", str(out), "--seed", "3", "--shape", "12", "64", "48",
+               "--spacing", "3", "0.9", "1.1", "--lesions", "2"])
+    assert rc == 0
+    image = read_nifti(out / "image.nii.gz")
+    labels = read_nifti(out / "labels.nii.gz")
+    assert image.shape == labels.shape == (12, 64, 48)
+    np.testing.assert_allclose(image.spacing, (3, 0.9, 1.1), rtol=1e-5)
+    assert image.modality == "CT"
+    with open(out / "lesions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and set(rows[0]) == {"z", "y", "x", "radius_mm"}
+    for row in rows:  # every lesion centre sits on a lesion voxel of the written labels
+        z, y, x = (int(round(float(row[k]))) for k in "zyx")
+        assert labels.array[z, y, x] == 8
+    with open(out / "slice_classes.csv") as handle:
+        classes = list(csv.DictReader(handle))
+    assert len(classes) == 12 and {c["class_name"] for c in classes} <= {"no_body", "normal", "lesion"}
+
+    capsys.readouterr()
+    assert main(["info", str(out / "image.nii.gz")]) == 0
+    text = capsys.readouterr().out
+    assert "(z, y, x)" in text and "CT" in text and "gaps:     none" in text
+
+
+def test_phantom_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "ph"
+    assert main(["phantom", str(out), "--shape", "2", "32", "32"]) == 0
+    before = (out / "image.nii.gz").read_bytes()
+    assert main(["phantom", str(out), "--shape", "2", "32", "32", "--seed", "9"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "image.nii.gz").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "content, name, match",
+    [
+        (b"", "empty.dcm", "empty.dcm"),
+        (b"not a dicom file at all" * 10, "junk.dcm", "junk.dcm"),
+        (None, "missing.nii.gz", "missing.nii.gz"),
+        (b"hello", "notes.txt", "notes.txt"),
+    ],
+)
+def test_info_bad_input_is_one_line_on_stderr(tmp_path, capsys, content, name, match):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("napari-medseg: error:") and match in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_info_4d_npy_is_refused(tmp_path, capsys):
+    np.save(tmp_path / "t.npy", np.zeros((2, 3, 4, 5)))
+    assert main(["info", str(tmp_path / "t.npy")]) == 2
+    assert "t.npy" in capsys.readouterr().err
+
+
+def test_console_script_runs(tmp_path):
+    """The installed entry point, as a user types it."""
+    exe = [sys.executable, "-m", "napari_medseg.cli"]
+    result = subprocess.run([*exe, "info", str(tmp_path / "nope.npy")], capture_output=True, text=True)
+    assert result.returncode == 2 and "nope.npy" in result.stderr and not result.stdout
