@@ -1,0 +1,66 @@
+"""Model architectures and the weights registry (DESIGN.md §4). Imports neither napari nor Qt.
+
+- :class:`SliceClassifier`: per-slice classes (no_body / normal / lesion), Grad-CAM ready.
+- :class:`RecurrentSegmenter`: organ labels per voxel; 2D encoder, bidirectional ConvGRU
+  over z, 2D decoder; streams a volume in chunks of slices
+  (:meth:`~RecurrentSegmenter.iter_chunks`).
+- :class:`LesionDetector`: 2.5D CenterNet-style centre heatmap + size map, with
+  :func:`gaussian_heatmap_targets` and :func:`extract_peaks`.
+- :mod:`.registry`: ``<name>.safetensors`` + ``<name>.json`` model cards, sha256-verified.
+"""
+
+from .classifier import (
+    ACTIVATIONS,
+    KERNEL_SIZES,
+    ConvBNAct,
+    SliceClassifier,
+    fold_batchnorm,
+    make_activation,
+)
+from .detector import (
+    DetectorOutput,
+    LesionDetector,
+    Peak,
+    extract_peaks,
+    gaussian_heatmap_targets,
+    stack_neighbours,
+)
+from .registry import (
+    ARCHITECTURES,
+    BUNDLED_DIR,
+    apply_normalisation,
+    build_model,
+    list_models,
+    load_model,
+    read_card,
+    save_model,
+    user_models_dir,
+)
+from .segmenter import ConvGRUCell, RecurrentSegmenter, SliceChunk
+
+__all__ = [
+    "ACTIVATIONS",
+    "ARCHITECTURES",
+    "BUNDLED_DIR",
+    "KERNEL_SIZES",
+    "ConvBNAct",
+    "ConvGRUCell",
+    "DetectorOutput",
+    "LesionDetector",
+    "Peak",
+    "RecurrentSegmenter",
+    "SliceChunk",
+    "SliceClassifier",
+    "apply_normalisation",
+    "build_model",
+    "extract_peaks",
+    "fold_batchnorm",
+    "gaussian_heatmap_targets",
+    "list_models",
+    "load_model",
+    "make_activation",
+    "read_card",
+    "save_model",
+    "stack_neighbours",
+    "user_models_dir",
+]

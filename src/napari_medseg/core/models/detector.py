@@ -1,0 +1,245 @@
+"""Lesion detector, CenterNet-style: a centre heatmap and a size map per pixel, 2.5D input.
+
+The network sees ``in_slices`` adjacent slices as channels (default 3: z−1, z, z+1) and
+predicts, for the middle slice, a lesion-centre heatmap (1 channel, logits; sigmoid gives
+the probability that a pixel is a lesion centre) and a size map (log of the lesion
+diameter in mm). Run it over every slice, stack the outputs into (z, y, x) maps and call
+:func:`extract_peaks` for the 3D detections.
+
+Layout (default ``widths=(16, 32, 64)``): the same space-to-depth U-Net as the segmenter
+without the recurrence: pixel_unshuffle(2) → enc /2 → enc /4 → enc /8 (dilated) → dec /4
+→ dec /2 → a 2×2 stride-2 transposed conv (= 1×1 conv + pixel_shuffle) to H × W with two
+channels: heatmap logits and log-diameter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from torch import nn
+
+from ..errors import MedsegInputError
+from .classifier import ConvBNAct, check_input, check_positive_ints
+
+TOTAL_STRIDE = 8
+#: heatmap bias at init: sigmoid(−2.19) ≈ 0.1, the CenterNet prior (stable focal loss)
+HEATMAP_PRIOR_BIAS = -2.19
+#: size bias at init: exp(2.3) ≈ 10 mm
+SIZE_PRIOR_BIAS = math.log(10.0)
+
+
+class DetectorOutput(NamedTuple):
+    heatmap: torch.Tensor  # (N, 1, H, W) logits of "a lesion centre is here"
+    log_diameter: torch.Tensor  # (N, 1, H, W) log of the diameter in mm
+
+
+class Peak(NamedTuple):
+    z: int
+    y: int
+    x: int
+    score: float
+    diameter_mm: float
+
+
+class LesionDetector(nn.Module):
+    """2.5D lesion-centre detector: (N, in_slices, H, W) → :class:`DetectorOutput`.
+
+    Any H, W ≥ 1 (edge-padded to a multiple of 8, cropped back).
+    """
+
+    def __init__(
+        self,
+        in_slices: int = 3,
+        widths: Sequence[int] = (16, 32, 64),
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        (in_slices,) = check_positive_ints([in_slices], "in_slices")
+        if in_slices % 2 == 0:
+            raise MedsegInputError(f"in_slices must be odd (a middle slice), got {in_slices}")
+        w1, w2, w3 = check_positive_ints(widths, "widths", length=3)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise MedsegInputError(f"dropout must be in [0, 1), got {dropout}")
+        self.arch_params: dict[str, Any] = {
+            "in_slices": in_slices,
+            "widths": [w1, w2, w3],
+            "dropout": float(dropout),
+        }
+        self.in_slices = in_slices
+        self.enc1 = nn.Sequential(ConvBNAct(4 * in_slices, w1), ConvBNAct(w1, w1))
+        self.enc2 = nn.Sequential(ConvBNAct(w1, w2, stride=2), ConvBNAct(w2, w2))
+        self.enc3 = nn.Sequential(ConvBNAct(w2, w3, stride=2), ConvBNAct(w3, w3, dilation=2))
+        self.up2 = nn.ConvTranspose2d(w3, w2, 2, stride=2)
+        self.dec2 = nn.Sequential(ConvBNAct(2 * w2, w2), nn.Dropout(dropout))
+        self.up1 = nn.ConvTranspose2d(w2, w1, 2, stride=2)
+        self.dec1 = nn.Sequential(ConvBNAct(2 * w1, w1), nn.Dropout(dropout))
+        # both heads in one 2×2 stride-2 transposed conv: channel 0 heatmap, 1 log-diameter
+        self.head = nn.ConvTranspose2d(w1, 2, 2, stride=2)
+        with torch.no_grad():
+            self.head.bias.copy_(torch.tensor([HEATMAP_PRIOR_BIAS, SIZE_PRIOR_BIAS]))
+
+    def forward(self, x: torch.Tensor) -> DetectorOutput:
+        check_input(x, self.in_slices, type(self).__name__)
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % TOTAL_STRIDE, (-w) % TOTAL_STRIDE
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        s1 = self.enc1(F.pixel_unshuffle(x, 2))
+        s2 = self.enc2(s1)
+        e3 = self.enc3(s2)
+        d = self.dec2(torch.cat([self.up2(e3), s2], dim=1))
+        d = self.dec1(torch.cat([self.up1(d), s1], dim=1))
+        out = self.head(d)[..., :h, :w]
+        return DetectorOutput(out[:, 0:1], out[:, 1:2])
+
+
+def stack_neighbours(array_zyx: np.ndarray, start: int, stop: int, context: int = 1) -> np.ndarray:
+    """2.5D inputs for slices ``start:stop``: (stop − start, 2·context + 1, y, x) float32.
+
+    Channel k of item i is slice ``i + k − context``, clamped to the volume (the first and
+    last slices repeat at the edges).
+    """
+    array_zyx = np.asarray(array_zyx)
+    if array_zyx.ndim != 3:
+        raise MedsegInputError(f"expected a (z, y, x) array, got shape {array_zyx.shape}")
+    n = array_zyx.shape[0]
+    if not 0 <= start < stop <= n:
+        raise MedsegInputError(f"slice range {start}:{stop} is outside 0:{n}")
+    z = np.arange(start, stop)[:, None] + np.arange(-context, context + 1)[None, :]
+    return np.ascontiguousarray(array_zyx[np.clip(z, 0, n - 1)], dtype=np.float32)
+
+
+def _per_point(values: Any, n: int, what: str) -> np.ndarray:
+    """(n, 3) from one number, one number per point, or a (z, y, x) triplet per point."""
+    try:
+        if isinstance(values, (int, float, np.number)) or (
+            isinstance(values, np.ndarray) and values.ndim == 0
+        ):
+            arr = np.full((n, 3), float(values))
+        else:
+            items = list(values)
+            if n != 3 and len(items) == 3 and all(np.ndim(v) == 0 for v in items):
+                items = [items] * n  # one (z, y, x) triplet for every lesion
+            if len(items) != n:
+                raise MedsegInputError(f"{what} needs one entry per lesion ({n}), got {len(items)}")
+            arr = np.array(
+                [np.broadcast_to(np.asarray(v, dtype=np.float64), (3,)) for v in items]
+            ).reshape(n, 3)
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError(
+            f"{what} must be one value or (z, y, x) per lesion, got {values!r}"
+        ) from exc
+    if not np.all(np.isfinite(arr)):
+        raise MedsegInputError(f"{what} must be finite")
+    return arr
+
+
+def gaussian_heatmap_targets(
+    shape_zyx: Sequence[int],
+    centers_zyx: Any,
+    radii_vox_zyx: Any,
+    sigma_fraction: float = 0.5,
+) -> np.ndarray:
+    """Training target for the heatmap: one 3D Gaussian per lesion, max-combined.
+
+    ``centers_zyx``: (n, 3) voxel coordinates; ``radii_vox_zyx``: the lesion radius in
+    voxels, one number per lesion or (z, y, x) per lesion (anisotropic spacing). Each
+    Gaussian has σ = ``sigma_fraction`` · radius per axis (at least 0.5 voxel) and is
+    exactly 1.0 at the rounded centre voxel, so the target's positives are single voxels.
+    Returns float32 in [0, 1] of ``shape_zyx``.
+    """
+    shape = tuple(int(s) for s in shape_zyx)
+    if len(shape) != 3 or min(shape) < 1:
+        raise MedsegInputError(f"shape_zyx must be three positive sizes, got {shape_zyx!r}")
+    out = np.zeros(shape, dtype=np.float32)
+    centers = np.zeros((0, 3))
+    if np.size(centers_zyx):
+        centers = np.asarray(centers_zyx, dtype=np.float64).reshape(-1, 3)
+    if not np.all(np.isfinite(centers)):
+        raise MedsegInputError("lesion centres must be finite")
+    radii = _per_point(radii_vox_zyx, len(centers), "radii_vox_zyx")
+    if np.any(radii <= 0):
+        raise MedsegInputError("lesion radii must be positive")
+    sigmas = np.maximum(radii * float(sigma_fraction), 0.5)
+    for center, sigma in zip(centers, sigmas):
+        c = np.round(center).astype(int)
+        half = np.ceil(3 * sigma).astype(int)
+        lo = np.maximum(c - half, 0)
+        hi = np.minimum(c + half + 1, shape)
+        if np.any(lo >= hi):
+            continue
+        axes = [
+            np.exp(-0.5 * ((np.arange(lo[a], hi[a]) - c[a]) / sigma[a]) ** 2).astype(np.float32)
+            for a in range(3)
+        ]
+        blob = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+        box = out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        np.maximum(box, blob, out=box)
+    return out
+
+
+def extract_peaks(
+    heatmap_zyx: Any,
+    size_zyx: Any | None,
+    spacing: Sequence[float],
+    threshold: float = 0.3,
+    min_distance_mm: float = 6.0,
+    max_peaks: int | None = None,
+) -> list[Peak]:
+    """Lesion detections from a (z, y, x) centre-probability map, strongest first.
+
+    A peak is a voxel ≥ ``threshold`` that is the maximum of its 3×3×3 neighbourhood;
+    a plateau of equal maxima counts once (at its voxel nearest the plateau's centroid).
+    Then 3D non-maximum suppression in millimetres: going down the scores, a peak closer
+    than ``min_distance_mm`` (Euclidean, with ``spacing`` (z, y, x) mm) to a stronger kept
+    peak is dropped. ``size_zyx``: the diameter in mm per voxel (e.g.
+    ``exp(log_diameter)``), read at each peak; None gives NaN diameters.
+    Returns ``Peak(z, y, x, score, diameter_mm)`` tuples (voxel indices).
+    """
+    heat = np.asarray(heatmap_zyx, dtype=np.float32)
+    if heat.ndim != 3:
+        raise MedsegInputError(f"heatmap must be (z, y, x), got shape {heat.shape}")
+    if size_zyx is not None and np.shape(size_zyx) != heat.shape:
+        raise MedsegInputError(
+            f"size map shape {np.shape(size_zyx)} differs from heatmap shape {heat.shape}"
+        )
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    if spacing_arr.shape != (3,) or np.any(~np.isfinite(spacing_arr)) or np.any(spacing_arr <= 0):
+        raise MedsegInputError(f"spacing must be three positive numbers (z, y, x), got {spacing!r}")
+    heat = np.where(np.isfinite(heat), heat, -np.inf).astype(np.float32)
+    local_max = ndimage.maximum_filter(heat, size=3, mode="constant", cval=-np.inf)
+    candidates = (heat == local_max) & (heat >= threshold)
+    if not candidates.any():
+        return []
+    labels, _ = ndimage.label(candidates, structure=np.ones((3, 3, 3), dtype=bool))
+    points = []
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        coords = np.argwhere(labels[region] == index) + [s.start for s in region]
+        if len(coords) > 1:  # plateau: the member voxel nearest the centroid
+            coords = coords[[np.argmin(((coords - coords.mean(axis=0)) ** 2).sum(axis=1))]]
+        points.append(coords[0])
+    points_arr = np.asarray(points)
+    scores = heat[tuple(points_arr.T)]
+    order = np.lexsort((points_arr[:, 2], points_arr[:, 1], points_arr[:, 0], -scores))
+    points_arr, scores = points_arr[order], scores[order]
+    tree = cKDTree(points_arr * spacing_arr)
+    suppressed = np.zeros(len(points_arr), dtype=bool)
+    kept: list[Peak] = []
+    for i, (point, score) in enumerate(zip(points_arr, scores)):
+        if suppressed[i]:
+            continue
+        z, y, x = (int(v) for v in point)
+        diameter = float(size_zyx[z, y, x]) if size_zyx is not None else float("nan")
+        kept.append(Peak(z, y, x, float(score), diameter))
+        if max_peaks is not None and len(kept) >= max_peaks:
+            break
+        if min_distance_mm > 0:
+            for j in tree.query_ball_point(point * spacing_arr, r=float(min_distance_mm) - 1e-9):
+                suppressed[j] = True
+    return kept

@@ -1,0 +1,381 @@
+"""Model weights are data, not code: ``<name>.safetensors`` + ``<name>.json`` model card.
+
+The card (JSON) says how to rebuild and feed the model::
+
+    {"format": "napari-medseg-model/1", "name": "classifier", "architecture": "SliceClassifier",
+     "arch_params": {...constructor kwargs...}, "classes": ["no_body", "normal", "lesion"],
+     "input_spacing_mm": [5.0, 1.5, 1.5], "normalisation": {"type": "window", "low": -200,
+     "high": 300}, "version": "1.0", "weights_file": "classifier.safetensors",
+     "sha256": "...", "n_parameters": 123, ...anything else: training command, seed, metrics}
+
+Loading reads the card, checks the weights file's sha256 against it (a changed, truncated
+or missing file is refused with a one-line :class:`MedsegInputError`), parses the bytes
+with safetensors (never pickle), rebuilds the architecture from :data:`ARCHITECTURES` and
+loads the state dict strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import safetensors.torch
+from torch import nn
+
+from ..errors import MedsegInputError
+from .classifier import SliceClassifier
+from .detector import LesionDetector
+from .segmenter import RecurrentSegmenter
+
+log = logging.getLogger(__name__)
+
+CARD_FORMAT = "napari-medseg-model/1"
+#: weights shipped with the package; every file here is reproduced by
+#: ``napari-medseg train MODEL --seed S`` (see weights/README.md)
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"
+#: architecture name (the card's "architecture") → class; other modules may add entries
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "SliceClassifier": SliceClassifier,
+    "RecurrentSegmenter": RecurrentSegmenter,
+    "LesionDetector": LesionDetector,
+}
+REQUIRED_CARD_KEYS = ("classes", "input_spacing_mm", "normalisation")
+NORMALISATIONS = ("window", "zscore")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def user_models_dir(create: bool = False) -> Path:
+    """Folder for the user's own (fine-tuned) models: ``$NAPARI_MEDSEG_HOME/models``,
+    default ``~/.napari-medseg/models``."""
+    home = os.environ.get("NAPARI_MEDSEG_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".napari-medseg"
+    path = base / "models"
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_search_dirs() -> list[Path]:
+    """Where :func:`load_model` looks for a bare name: the user folder, then the bundled one."""
+    return [user_models_dir(), BUNDLED_DIR]
+
+
+# -- normalisation --------------------------------------------------------------------
+def check_normalisation(spec: Any) -> dict[str, Any]:
+    """Validate a card's "normalisation" entry; returns it as a plain dict."""
+    if not isinstance(spec, Mapping) or spec.get("type") not in NORMALISATIONS:
+        raise MedsegInputError(
+            f"normalisation must be a dict with type one of {', '.join(NORMALISATIONS)},"
+            f" got {spec!r}"
+        )
+    spec = dict(spec)
+    keys = ("low", "high") if spec["type"] == "window" else ("mean", "std")
+    try:
+        a, b = (float(spec[k]) for k in keys)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MedsegInputError(
+            f"normalisation {spec['type']!r} needs numbers {keys}, got {spec!r}"
+        ) from exc
+    if not (math.isfinite(a) and math.isfinite(b)) or b <= (a if spec["type"] == "window" else 0):
+        raise MedsegInputError(
+            f"normalisation {spec!r}: need low < high (window) or std > 0 (zscore)"
+        )
+    return spec
+
+
+def apply_normalisation(array: Any, spec: Mapping[str, Any]) -> np.ndarray:
+    """Model input from raw intensities (HU for CT), as the card says; float32.
+
+    ``window``: clip to [low, high], scale to [0, 1]. ``zscore``: (x − mean) / std.
+    NaN (missing slices) becomes 0 (the window's low end / the mean).
+    """
+    spec = check_normalisation(spec)
+    x = np.asarray(array, dtype=np.float32)
+    if spec["type"] == "window":
+        low, high = float(spec["low"]), float(spec["high"])
+        out = (np.clip(x, low, high) - low) / (high - low)
+    else:
+        out = (x - float(spec["mean"])) / float(spec["std"])
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
+
+
+# -- writing ----------------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, os.replace onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping[str, Any]) -> Path:
+    """Write ``<name>.safetensors`` then ``<name>.json`` into ``directory``; returns the card path.
+
+    ``card`` must give "classes", "input_spacing_mm" and "normalisation"; anything else in
+    it (training command, seed, metrics, …) is kept. The registry fills in "format",
+    "name", "architecture", "arch_params" (from ``model.arch_params``), "version" (default
+    "1.0"), "weights_file", "sha256" and "n_parameters". Each file is written atomically,
+    weights first, so a crash never leaves a card pointing at a partial file.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise MedsegInputError(
+            f"model name must be letters, digits, '_', '-' or '.', got {name!r}"
+        )
+    arch = type(model).__name__
+    if ARCHITECTURES.get(arch) is not type(model):
+        raise MedsegInputError(
+            f"cannot save a {arch}: known architectures are {', '.join(ARCHITECTURES)}"
+        )
+    arch_params = getattr(model, "arch_params", None)
+    if not isinstance(arch_params, Mapping):
+        raise MedsegInputError(f"{arch} has no arch_params to rebuild it from")
+    card = dict(card)
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise MedsegInputError(f"model card for {name!r} lacks {', '.join(missing)}")
+    if "arch_params" in card and _jsonable(card["arch_params"]) != _jsonable(arch_params):
+        raise MedsegInputError(
+            f"card arch_params {card['arch_params']!r} differ from the model's"
+            f" {dict(arch_params)!r}"
+        )
+    if "architecture" in card and card["architecture"] != arch:
+        raise MedsegInputError(
+            f"card architecture {card['architecture']!r} differs from the model's {arch!r}"
+        )
+    classes = list(card["classes"])
+    n_out = arch_params.get("n_classes")
+    if n_out is not None and len(classes) != n_out:
+        raise MedsegInputError(f"card lists {len(classes)} classes, the model has {n_out} outputs")
+    spacing = [float(s) for s in card["input_spacing_mm"]]
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise MedsegInputError(
+            "input_spacing_mm must be three positive numbers (z, y, x),"
+            f" got {card['input_spacing_mm']!r}"
+        )
+    normalisation = check_normalisation(card["normalisation"])
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_path = directory / f"{name}.safetensors"
+    card_path = directory / f"{name}.json"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": CARD_FORMAT, "name": name, "architecture": arch}
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    ours = {
+        "format": CARD_FORMAT,
+        "name": name,
+        "architecture": arch,
+        "arch_params": _jsonable(arch_params),
+        "classes": [str(c) for c in classes],
+        "input_spacing_mm": spacing,
+        "normalisation": _jsonable(normalisation),
+        "version": str(card.get("version", "1.0")),
+        "weights_file": weights_path.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+    extra = {k: v for k, v in card.items() if k not in ours and k != "card_path"}
+    try:  # serialise before writing anything: a bad card must not replace the weights
+        text = json.dumps(_jsonable({**ours, **extra}), indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError(f"model card for {name!r} is not plain JSON ({exc})") from exc
+    _atomic_write(weights_path, data)
+    _atomic_write(card_path, text.encode("utf-8"))
+    return card_path
+
+
+# -- reading ----------------------------------------------------------------------------
+def read_card(card_path: str | Path) -> dict[str, Any]:
+    """Parse and check a model card (no weights are read)."""
+    card_path = Path(card_path)
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise MedsegInputError("model card not found", card_path) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = f"not a readable model card ({type(exc).__name__}: {exc})".splitlines()[0]
+        raise MedsegInputError(reason, card_path) from exc
+    if not isinstance(card, dict):
+        raise MedsegInputError("not a model card (expected a JSON object)", card_path)
+    needed = ("name", "architecture", "arch_params", "sha256", *REQUIRED_CARD_KEYS)
+    missing = [k for k in needed if k not in card]
+    if missing:
+        raise MedsegInputError(f"model card lacks {', '.join(missing)}", card_path)
+    if card["architecture"] not in ARCHITECTURES:
+        raise MedsegInputError(
+            f"unknown architecture {card['architecture']!r}; known: {', '.join(ARCHITECTURES)}",
+            card_path,
+        )
+    if not isinstance(card["arch_params"], dict):
+        raise MedsegInputError("arch_params must be a JSON object", card_path)
+    return card
+
+
+def resolve_card(
+    card_path_or_name: str | Path, search_dirs: Iterable[str | Path] | None = None
+) -> Path:
+    """A card path from a path (``.json`` or the ``.safetensors`` beside it) or a bare name."""
+    text = str(card_path_or_name)
+    path = Path(text).expanduser()
+    looks_like_path = os.sep in text or bool(os.altsep and os.altsep in text)
+    if path.suffix in (".json", ".safetensors") or looks_like_path:
+        if path.suffix == ".safetensors":
+            path = path.with_suffix(".json")
+        if not path.is_file():
+            raise MedsegInputError("model card not found", path)
+        return path
+    dirs = [Path(d) for d in (default_search_dirs() if search_dirs is None else search_dirs)]
+    for d in dirs:
+        candidate = d / f"{text}.json"
+        if candidate.is_file():
+            return candidate
+    available = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.json")})
+    raise MedsegInputError(
+        f"no model named {text!r} in {', '.join(map(str, dirs)) or 'no folders'}"
+        f" (available: {', '.join(available) or 'none'})"
+    )
+
+
+def build_model(card: Mapping[str, Any]) -> nn.Module:
+    """An untrained model of the card's architecture and arch_params."""
+    cls = ARCHITECTURES.get(card.get("architecture"))  # type: ignore[arg-type]
+    if cls is None:
+        raise MedsegInputError(
+            f"unknown architecture {card.get('architecture')!r};"
+            f" known: {', '.join(ARCHITECTURES)}"
+        )
+    try:
+        return cls(**card["arch_params"])
+    except MedsegInputError as exc:
+        raise MedsegInputError(f"bad arch_params for {cls.__name__}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError(f"bad arch_params for {cls.__name__}: {exc}") from exc
+
+
+def _state_dict_mismatch(model: nn.Module, tensors: Mapping[str, Any]) -> str | None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if not (missing or unexpected or wrong):
+        return None
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} with wrong shape (e.g. {k}: file {got[k]} vs model {expected[k]})"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    return "; ".join(parts)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(
+    card_path_or_name: str | Path, search_dirs: Iterable[str | Path] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model from its card (path) or name; returns ``(model in eval mode, card)``.
+
+    A bare name is looked up as ``<name>.json`` in ``search_dirs`` (default: the user
+    folder, then the bundled weights). The weights file's sha256 must match the card's.
+    """
+    card_path = resolve_card(card_path_or_name, search_dirs)
+    card = read_card(card_path)
+    weights_path = card_path.parent / str(card.get("weights_file", f"{card_path.stem}.safetensors"))
+    if weights_path.parent.resolve() != card_path.parent.resolve():
+        raise MedsegInputError("weights_file must be a file beside the card", card_path)
+    try:
+        data = weights_path.read_bytes()  # hash and parse the same bytes
+    except FileNotFoundError as exc:
+        raise MedsegInputError(
+            f"weights file missing (card {card_path.name} needs it)", weights_path
+        ) from exc
+    except OSError as exc:
+        raise MedsegInputError(
+            f"cannot read weights ({exc.strerror or exc})", weights_path
+        ) from exc
+    digest = hashlib.sha256(data).hexdigest()
+    expected = str(card["sha256"]).lower()
+    if digest != expected:
+        raise MedsegInputError(
+            f"checksum mismatch (file changed or truncated); expected {expected}, got {digest}",
+            weights_path,
+        )
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        reason = f"not a valid safetensors file ({exc})".splitlines()[0]
+        raise MedsegInputError(reason, weights_path) from exc
+    model = build_model(card)
+    problem = _state_dict_mismatch(model, tensors)
+    if problem:
+        raise MedsegInputError(
+            f"weights do not fit {card['architecture']}"
+            f"({json.dumps(card['arch_params'], sort_keys=True)}): {problem}",
+            weights_path,
+        )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        reason = f"weights do not fit {card['architecture']}: {exc}".splitlines()[0]
+        raise MedsegInputError(reason, weights_path) from exc
+    model.eval()
+    card["card_path"] = str(card_path)
+    return model, card
+
+
+def list_models(dirs: Iterable[str | Path] | None = None) -> list[dict[str, Any]]:
+    """The valid cards in ``dirs`` (default: user folder, then bundled), each with its
+    "card_path"; unreadable cards are skipped with a logged warning. Weights are not
+    read or verified here (:func:`load_model` does that)."""
+    cards: list[dict[str, Any]] = []
+    for d in [Path(p) for p in (default_search_dirs() if dirs is None else dirs)]:
+        if not d.is_dir():
+            continue
+        for path in sorted(d.glob("*.json")):
+            try:
+                card = read_card(path)
+            except MedsegInputError as exc:
+                log.warning("skipping %s", exc)
+                continue
+            card["card_path"] = str(path)
+            cards.append(card)
+    return cards

@@ -1,0 +1,619 @@
+"""Model architectures and the weights registry: shapes, streaming, gradients, file I/O.
+
+Random weights only, small widths and images: the whole file runs in seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.models import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    BUNDLED_DIR,
+    KERNEL_SIZES,
+    LesionDetector,
+    RecurrentSegmenter,
+    SliceClassifier,
+    apply_normalisation,
+    extract_peaks,
+    fold_batchnorm,
+    gaussian_heatmap_targets,
+    list_models,
+    load_model,
+    make_activation,
+    save_model,
+    stack_neighbours,
+    user_models_dir,
+)
+from napari_medseg.core.models import registry
+from napari_medseg.core.models.segmenter import ConvGRUCell
+
+SMALL_SEG = dict(widths=(4, 8, 8), hidden=4, n_classes=3)
+SMALL_DET = dict(widths=(4, 8, 8))
+SMALL_CLS = dict(filters=(4, 8, 8), hidden=8, n_classes=3)
+
+
+def _seeded(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights AND random BatchNorm statistics, so eval mode is not the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model.eval()
+
+
+# -- shapes (table-driven) -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 7, 9), (2, 1, 64, 64), (1, 1, 100, 37), (3, 1, 224, 224), (1, 1, 1, 1), (2, 1, 8, 3)],
+)
+def test_classifier_output_shape(shape):
+    model = SliceClassifier(n_classes=3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(shape))
+    assert out.shape == (shape[0], 3)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "z, hw", [(1, (8, 8)), (3, (13, 20)), (17, (33, 7)), (2, (1, 1)), (4, (16, 9)), (1, (5, 40))]
+)
+def test_segmenter_output_shape(z, hw):
+    model = RecurrentSegmenter(**SMALL_SEG).eval()
+    with torch.no_grad():
+        out = model(torch.randn(z, 1, *hw))
+    assert out.shape == (z, 3, *hw)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 8, 8), (2, 3, 13, 20), (1, 3, 1, 1), (4, 3, 33, 7), (1, 3, 64, 48)]
+)
+def test_detector_output_shape(shape):
+    model = LesionDetector(**SMALL_DET).eval()
+    with torch.no_grad():
+        heat, size = model(torch.randn(shape))
+    assert heat.shape == size.shape == (shape[0], 1, *shape[2:])
+
+
+def test_default_sizes_build_and_run():
+    with torch.no_grad():
+        assert RecurrentSegmenter().eval()(torch.randn(2, 1, 24, 24)).shape == (2, 9, 24, 24)
+        assert LesionDetector().eval()(torch.randn(1, 3, 24, 24)).heatmap.shape == (1, 1, 24, 24)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("kernel_size", KERNEL_SIZES)
+def test_every_activation_and_kernel_builds_and_runs(activation, kernel_size):
+    model = SliceClassifier(kernel_size=kernel_size, activation=activation, **SMALL_CLS).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 16, 12)).shape == (2, 3)
+    assert model.last_conv.conv.kernel_size == (kernel_size, kernel_size)
+
+
+def test_classifier_without_batchnorm():
+    model = SliceClassifier(batch_norm=False, **SMALL_CLS).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model(torch.randn(1, 1, 10, 10)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(activation="swish"), ["swish", "relu", "leaky_relu", "silu"]),
+        (dict(kernel_size=4), ["kernel_size", "3, 5, 7"]),
+        (dict(filters=(4, 0, 8)), ["filters"]),
+        (dict(dropout=1.0), ["dropout"]),
+    ],
+)
+def test_classifier_rejects_bad_arguments(kwargs, words):
+    with pytest.raises(MedsegInputError) as err:
+        SliceClassifier(**kwargs)
+    assert "\n" not in str(err.value)
+    assert all(w in str(err.value) for w in words)
+
+
+def test_make_activation_names():
+    assert isinstance(make_activation("LeakY-ReLU"), torch.nn.LeakyReLU)
+    with pytest.raises(MedsegInputError, match="choose one of relu, tanh"):
+        make_activation("mish")
+
+
+def test_models_reject_wrong_input_channels():
+    with pytest.raises(MedsegInputError, match=r"\(N, 1, H, W\)"):
+        SliceClassifier()(torch.randn(1, 3, 8, 8))
+    with pytest.raises(MedsegInputError, match=r"\(N, 3, H, W\)"):
+        LesionDetector(**SMALL_DET)(torch.randn(1, 1, 8, 8))
+    with pytest.raises(MedsegInputError):
+        RecurrentSegmenter(**SMALL_SEG)(torch.randn(4, 8, 8))
+
+
+def test_classifier_last_conv_is_the_grad_cam_hook_point():
+    model = SliceClassifier(**SMALL_CLS).eval()
+    seen = {}
+    model.last_conv.register_forward_hook(lambda m, i, o: seen.setdefault("act", o))
+    x = torch.randn(2, 1, 32, 24)
+    logits = model(x)
+    assert seen["act"].shape == (2, 8, 8, 6)  # two poolings before the last block
+    assert torch.equal(model.features(x), seen["act"])
+    assert torch.allclose(model.classify_features(seen["act"]), logits)
+    keys = list(model.state_dict())
+    assert not any(k.startswith("last_conv") for k in keys) and len(keys) == len(set(keys))
+
+
+# -- segmenter: recurrence and streaming ------------------------------------------------
+def test_conv_gru_cell_matches_the_equations():
+    torch.manual_seed(0)
+    cell = ConvGRUCell(3, 2, kernel_size=3)
+    x, h = torch.randn(1, 3, 5, 6), torch.randn(1, 2, 5, 6)
+    wz, wr, wn = cell.w(x).split(2, dim=1)
+    uz, ur = cell.u_zr(h).split(2, dim=1)
+    z, r = torch.sigmoid(wz + uz), torch.sigmoid(wr + ur)
+    n = torch.tanh(wn + cell.u_n(r * h))
+    expected = (1 - z) * h + z * n
+    assert torch.allclose(cell(x, h), expected, atol=1e-6)
+    # zero state shortcut equals an explicit zero state
+    assert torch.allclose(cell(x, None), cell(x, torch.zeros_like(h)), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def seg_and_volume():
+    model = _seeded(RecurrentSegmenter(**SMALL_SEG), seed=1)
+    volume = torch.randn(11, 1, 12, 19, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(volume)
+    return model, volume, full
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 11, 16])
+def test_segmenter_chunked_equals_full(seg_and_volume, chunk):
+    model, volume, full = seg_and_volume
+    with torch.inference_mode():
+        chunked = model.forward_chunked(volume, chunk=chunk)
+    assert chunked.shape == full.shape
+    torch.testing.assert_close(chunked, full, atol=1e-4, rtol=0)
+
+
+def test_segmenter_iter_chunks_reports_both_passes(seg_and_volume):
+    model, volume, full = seg_and_volume
+    with torch.inference_mode():
+        items = list(model.iter_chunks(volume, chunk=4))
+    assert len(items) == RecurrentSegmenter.n_steps(11, 4) == 6
+    assert [i.step for i in items] == list(range(1, 7)) and {i.total for i in items} == {6}
+    backward, forward = items[:3], items[3:]
+    assert all(i.logits is None for i in backward)
+    assert [(i.start, i.stop) for i in backward] == [(8, 11), (4, 8), (0, 4)]
+    assert [(i.start, i.stop) for i in forward] == [(0, 4), (4, 8), (8, 11)]
+    for item in forward:
+        torch.testing.assert_close(item.logits, full[item.start : item.stop], atol=1e-4, rtol=0)
+
+
+def test_segmenter_streams_a_numpy_zyx_array(seg_and_volume):
+    model, volume, full = seg_and_volume
+    array = volume[:, 0].numpy().astype(np.float64)  # (z, y, x), not float32
+    with torch.inference_mode():
+        out = model.forward_chunked(array, chunk=6)
+    torch.testing.assert_close(out, full, atol=1e-4, rtol=0)
+
+
+def test_hidden_state_crosses_chunk_boundaries(seg_and_volume):
+    model, volume, _ = seg_and_volume
+    volume = volume[:9]
+    first_changed, last_changed = volume.clone(), volume.clone()
+    first_changed[0] += 5.0
+    last_changed[-1] += 5.0
+
+    def effects(m):
+        with torch.inference_mode():
+            base = m.forward_chunked(volume, chunk=4)
+            out_first = m.forward_chunked(first_changed, chunk=4)
+            out_last = m.forward_chunked(last_changed, chunk=4)
+        # slice 0 (chunk 0) → slice 8 (chunk 2) forward; slice 8 → slice 0 backward
+        return (out_first[-1] - base[-1]).abs().max(), (out_last[0] - base[0]).abs().max()
+
+    # Same input and chunk shapes give bit-identical results on CPU, so any difference
+    # is information carried by the GRU states across two chunk boundaries.
+    forward_effect, backward_effect = effects(model)
+    assert forward_effect > 0 and backward_effect > 0
+    # control: cut the GRU states out of the decoder and the effect vanishes exactly
+    cut = _seeded(RecurrentSegmenter(**SMALL_SEG), seed=1)
+    with torch.no_grad():
+        cut.up2.weight[SMALL_SEG["widths"][2] :] = 0
+    assert effects(cut) == (0, 0)
+
+
+def test_segmenter_rejects_bad_chunk(seg_and_volume):
+    model, volume, _ = seg_and_volume
+    with pytest.raises(MedsegInputError, match="chunk"):
+        next(model.iter_chunks(volume, chunk=0))
+    with pytest.raises(MedsegInputError, match="no slices"):
+        next(model.iter_chunks(volume[:0], chunk=4))
+
+
+def test_channels_last_and_folded_batchnorm_give_the_same_logits(seg_and_volume):
+    model, volume, full = seg_and_volume
+    fast = _seeded(RecurrentSegmenter(**SMALL_SEG), seed=1)
+    fast = fold_batchnorm(fast).to(memory_format=torch.channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(volume), full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.forward_chunked(volume, 4), full, atol=1e-4, rtol=1e-4)
+
+
+def test_segmenter_dropout_is_there_for_mc_dropout(seg_and_volume):
+    model = _seeded(RecurrentSegmenter(**{**SMALL_SEG, "dropout": 0.5}), seed=3)
+    volume = seg_and_volume[1][:3]
+    for m in model.modules():  # MC dropout: dropout on, BatchNorm frozen
+        if isinstance(m, torch.nn.Dropout):
+            m.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a, b = model(volume), model(volume)
+    assert not torch.allclose(a, b)
+
+
+# -- gradients -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: SliceClassifier(**SMALL_CLS), torch.randn(4, 1, 20, 18)),
+        (lambda: RecurrentSegmenter(**SMALL_SEG), torch.randn(3, 1, 16, 10)),
+        (lambda: LesionDetector(**SMALL_DET), torch.randn(2, 3, 16, 10)),
+    ],
+    ids=["classifier", "segmenter", "detector"],
+)
+def test_one_backward_pass_changes_every_parameter(make, x):
+    torch.manual_seed(0)
+    model = make().train()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    out = model(x)
+    loss = sum((o.float() ** 2).mean() for o in (out if isinstance(out, tuple) else [out]))
+    loss.backward()
+    no_grad = [
+        k for k, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
+    assert not no_grad, no_grad
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    unchanged = [k for k, p in model.named_parameters() if torch.equal(p, before[k])]
+    assert not unchanged, unchanged
+
+
+# -- detector: targets and peaks ----------------------------------------------------------
+def test_gaussian_targets_peak_at_centres():
+    centers = [(4, 10, 12), (10.4, 25.6, 30)]
+    target = gaussian_heatmap_targets((16, 40, 48), centers, [(1, 3, 3), 2.0])
+    assert target.dtype == np.float32 and target.shape == (16, 40, 48)
+    assert 0.0 <= target.min() and target.max() == 1.0
+    assert target[4, 10, 12] == 1.0 and target[10, 26, 30] == 1.0
+    assert np.count_nonzero(target == 1.0) == 2
+    # anisotropic: narrower along z (radius 1) than along y (radius 3)
+    assert target[5, 10, 12] < target[4, 11, 12]
+    assert target[0, 0, 47] == 0.0
+
+
+def test_gaussian_targets_edge_cases():
+    assert not gaussian_heatmap_targets((4, 5, 6), [], []).any()
+    edge = gaussian_heatmap_targets((4, 8, 8), [(0, 0, 0)], [2.0])
+    assert edge[0, 0, 0] == 1.0
+    outside = gaussian_heatmap_targets((4, 8, 8), [(1, -2, 3)], [2.0])  # tail only
+    assert 0 < outside.max() < 1
+    far = gaussian_heatmap_targets((4, 8, 8), [(100, 100, 100)], [1.0])
+    assert not far.any()
+    with pytest.raises(MedsegInputError):
+        gaussian_heatmap_targets((4, 8, 8), [(1, 2, 3)], [0.0])
+    with pytest.raises(MedsegInputError):
+        gaussian_heatmap_targets((4, 8, 8), [(1, 2, 3), (1, 1, 1)], [[1, 2], [3, 4]])
+
+
+def test_extract_peaks_finds_two_blobs_with_their_sizes():
+    heat = 0.9 * gaussian_heatmap_targets((12, 40, 40), [(3, 8, 9), (8, 30, 28)], [2.0, 2.0])
+    heat[8, 30, 28] = 0.95
+    size = np.full(heat.shape, 4.0, dtype=np.float32)
+    size[8, 30, 28] = 12.5
+    peaks = extract_peaks(heat, size, spacing=(2.0, 1.0, 1.0), threshold=0.3, min_distance_mm=5)
+    assert [(p.z, p.y, p.x) for p in peaks] == [(8, 30, 28), (3, 8, 9)]  # by score
+    assert peaks[0].score == pytest.approx(0.95) and peaks[0].diameter_mm == 12.5
+    assert peaks[1].diameter_mm == 4.0
+    assert all(isinstance(p.z, int) for p in peaks)
+
+
+def test_extract_peaks_plateau_is_one_peak():
+    heat = np.zeros((5, 20, 20), dtype=np.float32)
+    heat[1:4, 5:10, 6:13] = 0.8  # flat top
+    peaks = extract_peaks(heat, None, spacing=(1, 1, 1), min_distance_mm=1.0)
+    assert len(peaks) == 1
+    p = peaks[0]
+    assert (p.z, p.y, p.x) == (2, 7, 9) and np.isnan(p.diameter_mm)
+
+
+def test_extract_peaks_threshold_nms_and_limits():
+    heat = np.zeros((3, 30, 30), dtype=np.float32)
+    heat[1, 5, 5] = 0.9
+    heat[1, 5, 9] = 0.6  # 4 mm from the strongest peak
+    heat[1, 20, 20] = 0.29  # below threshold
+    heat[1, 25, 5] = np.nan
+    spacing = (1.0, 1.0, 1.0)
+    strongest = extract_peaks(heat, None, spacing, 0.3, min_distance_mm=6)
+    assert [(p.y, p.x) for p in strongest] == [(5, 5)]
+    both = extract_peaks(heat, None, spacing, 0.3, min_distance_mm=3)
+    assert [(p.y, p.x) for p in both] == [(5, 5), (5, 9)]
+    # anisotropic spacing: 4 voxels along x are 8 mm
+    assert len(extract_peaks(heat, None, (1.0, 1.0, 2.0), 0.3, min_distance_mm=6)) == 2
+    assert len(extract_peaks(heat, None, spacing, 0.25, min_distance_mm=3)) == 3
+    assert len(extract_peaks(heat, None, spacing, 0.25, min_distance_mm=3, max_peaks=1)) == 1
+    assert extract_peaks(heat, None, spacing, threshold=0.95) == []
+    with pytest.raises(MedsegInputError, match="size map"):
+        extract_peaks(heat, np.zeros((3, 30, 29)), spacing)
+    with pytest.raises(MedsegInputError, match="spacing"):
+        extract_peaks(heat, None, (1.0, 0.0, 1.0))
+
+
+def test_stack_neighbours_clamps_at_the_ends():
+    vol = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 2, 3), dtype=np.float32)
+    stack = stack_neighbours(vol, 0, 4)
+    assert stack.shape == (4, 3, 2, 3) and stack.dtype == np.float32
+    assert stack[:, :, 0, 0].tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]
+    with pytest.raises(MedsegInputError):
+        stack_neighbours(vol, 3, 6)
+
+
+def test_detector_starts_at_the_centernet_prior():
+    model = LesionDetector(**SMALL_DET)
+    torch.nn.init.zeros_(model.head.weight)
+    heat, size = model.eval()(torch.randn(1, 3, 8, 8))
+    assert torch.allclose(torch.sigmoid(heat), torch.full_like(heat, 0.1), atol=2e-3)
+    assert torch.allclose(size.exp(), torch.full_like(size, 10.0), atol=1e-3)
+
+
+# -- registry ---------------------------------------------------------------------------------
+CARD = {
+    "classes": ["no_body", "normal", "lesion"],
+    "input_spacing_mm": [5.0, 1.5, 1.5],
+    "normalisation": {"type": "window", "low": -200, "high": 300},
+    "training_command": "napari-medseg train classifier --seed 0",
+    "seed": 0,
+    "metrics": {"accuracy": 0.9},
+}
+
+MODELS = {
+    "classifier": (lambda: SliceClassifier(**SMALL_CLS), (2, 1, 20, 18), CARD["classes"]),
+    "segmenter": (
+        lambda: RecurrentSegmenter(**SMALL_SEG), (3, 1, 12, 10), ["bg", "liver", "spleen"]
+    ),
+    "detector": (lambda: LesionDetector(**SMALL_DET), (2, 3, 12, 10), ["lesion"]),
+}
+
+
+def _save(tmp_path, kind="classifier", seed=0):
+    make, shape, classes = MODELS[kind]
+    model = _seeded(make(), seed)
+    path = save_model(model, tmp_path, kind, {**CARD, "classes": classes})
+    return model, path, torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_registry_round_trip(tmp_path, kind):
+    model, card_path, x = _save(tmp_path, kind)
+    weights = tmp_path / f"{kind}.safetensors"
+    assert card_path == tmp_path / f"{kind}.json" and weights.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{kind}.json", f"{kind}.safetensors"]
+    card = json.loads(card_path.read_text())
+    for key in ("name", "architecture", "arch_params", "classes", "input_spacing_mm",
+                "normalisation", "version", "sha256", "training_command", "seed", "metrics"):
+        assert key in card, key
+    assert card["architecture"] == type(model).__name__
+    assert card["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    loaded, loaded_card = load_model(card_path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert loaded_card["metrics"] == {"accuracy": 0.9}
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    for ta, tb in zip(a if isinstance(a, tuple) else [a], b if isinstance(b, tuple) else [b]):
+        assert torch.equal(ta, tb)
+    # by name, through search_dirs
+    again, _ = load_model(kind, search_dirs=[tmp_path / "nope", tmp_path])
+    pairs = zip(loaded.state_dict().values(), again.state_dict().values())
+    assert all(torch.equal(p, q) for p, q in pairs)
+
+
+def test_registry_saves_channels_last_and_reloads(tmp_path):
+    model = _seeded(SliceClassifier(**SMALL_CLS)).to(memory_format=torch.channels_last)
+    path = save_model(model, tmp_path, "cl", CARD)
+    loaded, _ = load_model(path)
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-6)
+
+
+def test_registry_refuses_a_changed_byte(tmp_path):
+    _save(tmp_path)
+    weights = tmp_path / "classifier.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(MedsegInputError) as err:
+        load_model(tmp_path / "classifier.json")
+    msg = str(err.value)
+    assert msg.startswith("classifier.safetensors: checksum mismatch (file changed or truncated)")
+    assert "expected " in msg and "got " in msg and "\n" not in msg
+
+
+def test_registry_refuses_a_truncated_file(tmp_path):
+    _save(tmp_path)
+    weights = tmp_path / "classifier.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(MedsegInputError, match=r"^classifier\.safetensors: checksum mismatch"):
+        load_model(tmp_path / "classifier.json")
+
+
+def test_registry_refuses_missing_weights(tmp_path):
+    _save(tmp_path)
+    (tmp_path / "classifier.safetensors").unlink()
+    with pytest.raises(MedsegInputError, match=r"^classifier\.safetensors: weights file missing"):
+        load_model(tmp_path / "classifier.json")
+
+
+def test_registry_refuses_weights_that_do_not_fit(tmp_path):
+    _, card_path, _ = _save(tmp_path)
+    card = json.loads(card_path.read_text())
+    card["arch_params"]["n_classes"] = 4  # checksum still fine, shapes are not
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(MedsegInputError) as err:
+        load_model(card_path)
+    msg = str(err.value)
+    assert msg.startswith("classifier.safetensors: weights do not fit SliceClassifier")
+    assert "2 with wrong shape" in msg and "head.4." in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c.update(architecture="ResNet"), "unknown architecture 'ResNet'"),
+        (lambda c: c["arch_params"].update(activation="swish"), "bad arch_params.*swish"),
+        (lambda c: c["arch_params"].update(bogus=1), "bad arch_params.*bogus"),
+        (lambda c: c.pop("sha256"), "lacks sha256"),
+        (lambda c: c.update(weights_file="../elsewhere.safetensors"), "beside the card"),
+    ],
+)
+def test_registry_refuses_bad_cards(tmp_path, edit, match):
+    _, card_path, _ = _save(tmp_path)
+    card = json.loads(card_path.read_text())
+    edit(card)
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(MedsegInputError, match=match):
+        load_model(card_path)
+
+
+def test_registry_refuses_unreadable_card_and_unknown_name(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(MedsegInputError, match=r"^broken\.json: not a readable model card"):
+        load_model(tmp_path / "broken.json")
+    _save(tmp_path)
+    with pytest.raises(MedsegInputError, match=r"'segmenter' in .*available: broken, classifier"):
+        load_model("segmenter", search_dirs=[tmp_path])
+    with pytest.raises(MedsegInputError, match=r"^missing\.json: model card not found"):
+        load_model(tmp_path / "missing.json")
+
+
+def test_registry_loads_without_pickle(tmp_path, monkeypatch):
+    _save(tmp_path)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
+    load_model(tmp_path / "classifier.json")
+
+
+@pytest.mark.parametrize(
+    "card, match",
+    [
+        ({k: v for k, v in CARD.items() if k != "classes"}, "lacks classes"),
+        ({**CARD, "classes": ["a", "b"]}, "2 classes, the model has 3"),
+        ({**CARD, "normalisation": {"type": "window", "low": 300, "high": -200}}, "low < high"),
+        ({**CARD, "normalisation": {"type": "minmax"}}, "window, zscore"),
+        ({**CARD, "input_spacing_mm": [1.0, 1.0]}, "input_spacing_mm"),
+        ({**CARD, "arch_params": {"n_classes": 5}}, "differ from the model"),
+        ({**CARD, "metrics": {"dice": float("nan")}}, "not plain JSON"),
+        ({**CARD, "seed": object()}, "not plain JSON"),
+    ],
+)
+def test_save_validates_the_card(tmp_path, card, match):
+    with pytest.raises(MedsegInputError, match=match):
+        save_model(SliceClassifier(**SMALL_CLS), tmp_path, "clf", card)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_rejects_bad_names(tmp_path):
+    for name in ("", "../up", "a/b", ".hidden"):
+        with pytest.raises(MedsegInputError, match="model name"):
+            save_model(SliceClassifier(**SMALL_CLS), tmp_path, name, CARD)
+
+
+def test_crash_while_writing_the_card_leaves_the_old_model_intact(tmp_path, monkeypatch):
+    model, card_path, x = _save(tmp_path)
+    old_card = card_path.read_text()
+    real_write = registry._atomic_write
+
+    def crash_on_card(path, data):
+        if path.suffix == ".json":
+            real_write(path.with_suffix(".partial"), data[:10])  # simulate: never completes
+            (path.with_suffix(".partial")).unlink()
+            raise OSError("disk full")
+        real_write(path, data)
+
+    monkeypatch.setattr(registry, "_atomic_write", crash_on_card)
+    with pytest.raises(OSError):
+        save_model(_seeded(SliceClassifier(**SMALL_CLS), seed=5), tmp_path, "classifier", CARD)
+    # the card was not replaced; it now points at changed weights, and loading refuses them
+    assert card_path.read_text() == old_card
+    with pytest.raises(MedsegInputError, match="checksum mismatch"):
+        load_model(card_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_atomic_write_cleans_up_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "x.safetensors"
+    target.write_bytes(b"old")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError):
+        registry._atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_list_models_skips_bad_cards(tmp_path):
+    _save(tmp_path, "classifier")
+    _save(tmp_path, "detector")
+    (tmp_path / "junk.json").write_text("[]")
+    cards = list_models([tmp_path, tmp_path / "absent"])
+    assert [c["name"] for c in cards] == ["classifier", "detector"]
+    assert all(c["card_path"].endswith(".json") for c in cards)
+
+
+def test_user_models_dir_honours_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    assert user_models_dir() == tmp_path / "home" / "models"
+    assert not (tmp_path / "home").exists()
+    assert user_models_dir(create=True).is_dir()
+    monkeypatch.delenv("NAPARI_MEDSEG_HOME")
+    assert user_models_dir().parts[-2:] == (".napari-medseg", "models")
+
+
+def test_bundled_folder_and_every_bundled_card_loads():
+    assert BUNDLED_DIR.is_dir() and (BUNDLED_DIR / "README.md").is_file()
+    assert set(ARCHITECTURES) >= {"SliceClassifier", "RecurrentSegmenter", "LesionDetector"}
+    for card in list_models([BUNDLED_DIR]):  # empty until models are trained
+        model, loaded = load_model(card["card_path"])
+        assert loaded["sha256"] == card["sha256"]
+
+
+def test_apply_normalisation():
+    hu = np.array([-1000.0, -200.0, 50.0, 300.0, 2000.0, np.nan], dtype=np.float32)
+    out = apply_normalisation(hu, {"type": "window", "low": -200, "high": 300})
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [0, 0, 0.5, 1, 1, 0])
+    z = apply_normalisation(hu[:3], {"type": "zscore", "mean": 50.0, "std": 250.0})
+    np.testing.assert_allclose(z, [-4.2, -1.0, 0.0], rtol=1e-6)
+
+
+def test_a_loaded_card_can_be_saved_again_as_a_new_model(tmp_path):
+    _, card_path, x = _save(tmp_path)
+    model, card = load_model(card_path)
+    card["metrics"] = {"accuracy": 0.95}
+    new_path = save_model(model, tmp_path / "user", "classifier-finetuned", card)
+    saved = json.loads(new_path.read_text())
+    assert saved["name"] == "classifier-finetuned" and "card_path" not in saved
+    assert saved["weights_file"] == "classifier-finetuned.safetensors"
+    reloaded, reloaded_card = load_model("classifier-finetuned", search_dirs=[tmp_path / "user"])
+    assert reloaded_card["metrics"] == {"accuracy": 0.95}
+    with torch.no_grad():
+        assert torch.equal(model(x), reloaded(x))
