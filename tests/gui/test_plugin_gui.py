@@ -151,3 +151,17 @@ def test_info_widget_and_dock(make_napari_viewer):
     for name in ("Synthetic phantom", "Volume info"):
         dock, _ = viewer.window.add_plugin_dock_widget("napari-medseg", name)
         assert dock is not None
+
+
+def test_reader_warnings_reach_the_user(make_napari_viewer, tmp_path):
+    """A reader warning (here: .npy has no geometry) becomes a notification, and the layer opens."""
+    path = tmp_path / "scan.npy"
+    np.save(path, np.zeros((3, 8, 8), dtype=np.int16))
+    viewer = make_napari_viewer()
+    start = len(notification_manager.records)
+    viewer.open(str(path), plugin="napari-medseg")
+    assert [layer.name for layer in viewer.layers] == ["scan"]
+    warnings = [
+        str(n.message) for n in notification_manager.records[start:] if n.severity == "warning"
+    ]
+    assert warnings and all(w.startswith("scan.npy: ") for w in warnings)
