@@ -55,8 +55,10 @@ demo: install
 test: xvfb-deps install-test
 	$(BIN)/python -m pytest
 
+# Figures for the README: one JSON object per script (see benchmarks/README.md).
 benchmark: install
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+	$(BIN)/pip install -e ".[benchmark]"
+	@for b in segment classify detect; do echo "== $$b"; $(BIN)/python benchmarks/bench_$$b.py; done
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

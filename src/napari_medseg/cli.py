@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from . import cli_infer, cli_train
 from .core.errors import MedsegInputError
 
 EXIT_BAD_INPUT = 2
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="open napari with the synthetic CT and the widgets")
     p.add_argument("--screenshot", help="save a screenshot of the window to this PNG and quit")
     p.set_defaults(func=cmd_demo)
+
+    cli_infer.register(sub)
+    cli_train.register(sub)
     return parser
 
 

@@ -187,7 +187,11 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
     weights_path = directory / f"{name}.safetensors"
     card_path = directory / f"{name}.json"
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": CARD_FORMAT, "name": name, "architecture": arch}
+    # ONE metadata key: safetensors writes the metadata map in hash order, which changes
+    # from process to process, so several keys would make the same weights hash
+    # differently on every save (and `train --seed S` could not reproduce a file's sha256)
+    metadata = {"napari_medseg": json.dumps(
+        {"format": CARD_FORMAT, "name": name, "architecture": arch}, sort_keys=True)}
     data = safetensors.torch.save(tensors, metadata=metadata)
     ours = {
         "format": CARD_FORMAT,

@@ -1,0 +1,192 @@
+"""Shared pieces of the benchmarks: same-run GEMM reference, models, FLOP counting, memory.
+
+Every figure is reported next to a reference measured in the same run (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from napari_medseg.core.inference import cpu_supports_bf16, default_threads
+from napari_medseg.core.models import build_model
+from napari_medseg.core.models.registry import BUNDLED_DIR, load_model
+
+#: card values used when no bundled weights exist yet (the training defaults)
+FALLBACK = {
+    "segmenter": {"architecture": "RecurrentSegmenter", "arch_params": {"n_classes": 9},
+                  "classes": [f"class_{i}" for i in range(9)], "input_spacing_mm": [2.5, 1.5, 1.5],
+                  "normalisation": {"type": "window", "low": -200.0, "high": 300.0}},
+    "classifier": {"architecture": "SliceClassifier", "arch_params": {"n_classes": 3},
+                   "classes": ["no_body", "normal", "lesion"], "input_spacing_mm": [5.0, 1.5, 1.5],
+                   "normalisation": {"type": "window", "low": -150.0, "high": 250.0}},
+    "detector": {"architecture": "LesionDetector", "arch_params": {"in_slices": 3},
+                 "classes": ["lesion"], "input_spacing_mm": [2.5, 1.0, 1.0],
+                 "normalisation": {"type": "window", "low": -150.0, "high": 250.0},
+                 "peak_threshold": 0.3, "min_distance_mm": 6.0, "context_slices": 1},
+}
+
+
+def free_cores(sample_s: float = 0.5) -> tuple[int, float]:
+    """(threads to use, cores other processes kept busy) measured over ``sample_s``.
+
+    The benchmarks pin this many threads for every measurement of a run (ours, naive,
+    MONAI, GEMM), so all figures share one setting; on a machine that another job keeps
+    busy, 2 threads on 2 cores run small-op networks ~100× slower than 1 (OpenMP barriers).
+    """
+    from napari_medseg.core.inference import _cpu_jiffies
+
+    a, t0 = _cpu_jiffies(), time.perf_counter()
+    time.sleep(sample_s)
+    b, t1 = _cpu_jiffies(), time.perf_counter()
+    if a is None or b is None:
+        return default_threads(), 0.0
+    others = max(0.0, (b[0] - a[0]) / (t1 - t0))
+    return max(1, min(default_threads(), int(default_threads() - others + 0.3))), others
+
+
+class LoadMonitor:
+    """Average number of cores OTHER processes kept busy between start and stop.
+
+    Timings on a shared machine are only comparable when this is small: every JSON
+    reports it (``other_processes_busy_cores_during_run``)."""
+
+    def __init__(self) -> None:
+        from napari_medseg.core.inference import _cpu_jiffies
+
+        self._jiffies = _cpu_jiffies
+        self.start = (time.perf_counter(), self._ours(), _cpu_jiffies())
+
+    @staticmethod
+    def _ours() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def others(self) -> float | None:
+        wall0, ours0, jiff0 = self.start
+        jiff = self._jiffies()
+        if jiff0 is None or jiff is None:
+            return None
+        wall = time.perf_counter() - wall0
+        return max(0.0, (jiff[0] - jiff0[0]) - (self._ours() - ours0)) / wall
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 torch.mm rate on n×n (the machine's reference rate now)."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def get_model(name: str) -> tuple[torch.nn.Module, dict, str]:
+    """(model, card, "bundled" | "random-init"): bundled weights if present, else a random
+    model with the same architecture parameters (speed does not depend on weights)."""
+    if (BUNDLED_DIR / f"{name}.json").is_file():
+        model, card = load_model(BUNDLED_DIR / f"{name}.json")
+        return model, card, f"bundled ({name}.json, sha256 {card['sha256'][:12]})"
+    card = dict(copy.deepcopy(FALLBACK[name]), name=name)
+    torch.manual_seed(0)
+    model = build_model(card).eval()
+    for m in model.modules():  # realistic BN statistics, so folding is not a no-op
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model, card, "random-init (no bundled weights yet; default architecture)"
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def naive_seconds_per_slice(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """The naive baseline: eager fp32, BatchNorm not folded, contiguous (not channels_last),
+    one slice at a time through ``model.forward`` on the model grid; best of 2 passes."""
+    model = copy.deepcopy(model).eval()
+    best = float("inf")
+    with torch.no_grad():
+        model(x[:1])  # warm-up
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for i in range(len(x)):
+                model(x[i : i + 1])
+            best = min(best, (time.perf_counter() - t0) / len(x))
+    return best
+
+
+def setup_threads(requested: int | None) -> dict[str, Any]:
+    """Pin torch's threads for the whole run; returns what was chosen and why."""
+    if requested:
+        threads, others = requested, None
+    else:
+        threads, others = free_cores()
+    torch.set_num_threads(threads)
+    return {"threads": threads, "chosen": "--threads" if requested else "free cores at start",
+            "other_processes_busy_cores_at_start": others}
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpus_usable": default_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "native_bf16": cpu_supports_bf16(),
+        "torch": torch.__version__,
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def peak_rss_reset() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def emit(result: dict[str, Any]) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (float, np.floating)):
+            return round(float(v), 4)
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    print(json.dumps(clean(result)))
+    sys.stdout.flush()

@@ -1,0 +1,269 @@
+"""Segment a 512×512×200 phantom CT end to end; print ONE JSON object.
+
+    .venv/bin/python benchmarks/bench_segment.py [--slices 200] [--size 512]
+
+End to end = normalise + resample in-plane to the model grid, the chunked recurrent
+segmenter (both passes), labels back on the input grid. Reported next to same-run
+references: fp32 GEMM rate (torch.mm 2048²), the same network run naively (eager fp32, no
+BN folding, no channels_last, one slice at a time through ``forward`` on the model grid;
+timed on a subset of slices and scaled), MONAI's 2D BasicUNet through SliceInferer at the
+native resolution (subset, scaled), and peak memory growth for 100 vs 400 slices (each in
+a fresh subprocess: kernel peak-RSS counter reset right before the job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    LoadMonitor,
+    setup_threads,
+    count_flops,
+    emit,
+    gemm_gflops,
+    get_model,
+    machine,
+    naive_seconds_per_slice,
+    peak_rss_reset,
+    rss_mb,
+    timed,
+)
+
+from napari_medseg.core.inference import (  # noqa: E402
+    BOUNDARY_FRACTION_MAX,
+    DEFAULT_CHUNK,
+    labels_from_logits,
+    _ModelGridSlices,
+    cpu_supports_bf16,
+    model_grid,
+    prepare_model,
+    segment_volume,
+)
+from napari_medseg.core.phantom import generate_phantom  # noqa: E402
+from napari_medseg.core.progress import run_to_completion  # noqa: E402
+from napari_medseg.core.resample import resample_yx  # noqa: E402
+from napari_medseg.core.volume import Volume  # noqa: E402
+
+GOALS = {"seconds_max": 10.0, "gemm_fraction_min": 0.40, "naive_speedup_min": 5.0}
+
+
+def _boundary_fraction(logits: torch.Tensor) -> float:
+    """Fraction of model-grid pixels whose right or lower neighbour has another argmax."""
+    arg = logits.argmax(1)
+    edge = torch.zeros_like(arg, dtype=torch.bool)
+    edge[:, :-1] |= arg[:, :-1] != arg[:, 1:]
+    edge[:, :, :-1] |= arg[:, :, :-1] != arg[:, :, 1:]
+    return float(edge.float().mean())
+
+
+def monai_seconds_per_slice(volume: Volume, n_slices: int, n_classes: int) -> dict:
+    """MONAI BasicUNet (2D, default features) through SliceInferer at native resolution."""
+    try:
+        import monai
+        from monai.inferers import SliceInferer
+        from monai.networks.nets import BasicUNet
+    except ImportError as exc:
+        return {"skipped": f"monai not installed ({exc})"}
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=n_classes).eval()
+    _, ny, nx = volume.shape
+    inferer = SliceInferer(roi_size=(ny, nx), sw_batch_size=4, spatial_dim=0, progress=False)
+    x = np.clip(volume.array[:n_slices], -200, 300) / 500.0
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    with torch.inference_mode():
+        net(x[0, :, 0:1])  # warm-up
+        seconds, out = timed(lambda: inferer(x, net).argmax(1))
+    flops = count_flops(lambda: net(x[0, :, 0:1]))
+    return {"monai_version": monai.__version__, "network": "BasicUNet(spatial_dims=2, default"
+            " features (32, 32, 64, 128, 256, 32))", "inferer": "SliceInferer(roi_size=slice,"
+            " sw_batch_size=4)", "slices_timed": n_slices, "seconds_per_slice": seconds / n_slices,
+            "gflop_per_slice": flops / 1e9}
+
+
+def memory_child(n_slices: int, size: int, spacing: list[float]) -> None:
+    """Run in a fresh process: peak RSS growth of one segmentation of n_slices."""
+    model, card, _ = get_model("segmenter")
+    base = generate_phantom((8, size, size), spacing, seed=0).volume.array
+    array = np.ascontiguousarray(np.resize(base, (n_slices, size, size)))  # tiled, cheap
+    volume = Volume(array, spacing)
+    warm = Volume(array[:DEFAULT_CHUNK * 2], spacing)
+    run_to_completion(segment_volume(warm, model, card, threads=0))  # prepared model, thread pools
+    del warm
+    exact = peak_rss_reset()
+    before = rss_mb()
+    seconds, result = timed(
+        lambda: run_to_completion(segment_volume(volume, model, card, threads=0)))
+    peak = rss_mb("VmHWM")
+    print(json.dumps({
+        "slices": n_slices, "seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak,
+        "growth_mb": peak - before, "input_mb": array.nbytes / 2**20,
+        "output_mb": result.labels.nbytes / 2**20, "peak_counter_reset": exact,
+    }))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7))
+    ap.add_argument("--naive-slices", type=int, default=12)
+    ap.add_argument("--monai-slices", type=int, default=4)
+    ap.add_argument("--memory-slices", type=int, nargs=2, default=(100, 400))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for every measurement (default: free cores at start)")
+    ap.add_argument("--skip", nargs="*", default=(), choices=("bf16", "monai", "memory"))
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        memory_child(args.memory_child, args.size, list(args.spacing))
+        return
+
+    monitor = LoadMonitor()
+    threads = setup_threads(args.threads)
+    info = machine()
+    gemm = gemm_gflops()
+    model, card, weights = get_model("segmenter")
+    phantom = generate_phantom((args.slices, args.size, args.size), args.spacing, seed=0)
+    volume = phantom.volume
+    grid = model_grid(volume, card)
+
+    # end to end, default settings (fp32), cold (includes prepare_model)
+    seconds, result = timed(
+        lambda: run_to_completion(segment_volume(volume, model, card, threads=0)))
+    gemm_after = gemm_gflops()
+
+    # FLOPs executed per slice by the chunked two-pass stream, and by one plain forward
+    sample = _ModelGridSlices(volume, card)[0 : 2 * DEFAULT_CHUNK]
+    fast = prepare_model(model)
+    executed = count_flops(lambda: list(fast.iter_chunks(sample, DEFAULT_CHUNK)))
+    executed_per_slice = executed / len(sample)
+    forward_per_slice = count_flops(lambda: model(sample)) / len(sample)
+    gflops = executed_per_slice * args.slices / seconds / 1e9
+    gemm_ref = max(gemm, gemm_after)
+
+    # where the time goes (first n slices, chunk by chunk as the engine does, scaled)
+    n_part = min(args.slices, 6 * DEFAULT_CHUNK)
+    part = _ModelGridSlices(volume, card)
+    t_prep, chunks = 0.0, []
+    for a in range(0, n_part, DEFAULT_CHUNK):
+        dt, x = timed(lambda: part[a : min(a + DEFAULT_CHUNK, n_part)])
+        t_prep += dt
+        chunks.append(x)
+    prepped = torch.cat(chunks).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        t_net, logits = timed(lambda: [c.logits for c in fast.iter_chunks(prepped, DEFAULT_CHUNK)
+                                       if c.logits is not None])
+        t_back = sum(timed(lambda: labels_from_logits(lg, volume.shape[1:]))[0] for lg in logits)
+    boundary = float(np.mean([_boundary_fraction(lg) for lg in logits]))
+    # what a trained model's labels-back would cost: "ideal logits" from the phantom's
+    # ground truth on the model grid (few boundary pixels, the fast exact path)
+    t_ideal = 0.0
+    n_cls = len(card["classes"])
+    for a in range(0, n_part, DEFAULT_CHUNK):
+        truth = phantom.labels[a : min(a + DEFAULT_CHUNK, n_part)]
+        onehot = (truth[:, None] == np.arange(n_cls)[None, :, None, None]).astype(np.float32)
+        ideal = torch.from_numpy(8 * resample_yx(onehot, volume.spacing[1:],
+                                                 card["input_spacing_mm"][1:], order=1))
+        t_ideal += timed(lambda: labels_from_logits(ideal, volume.shape[1:]))[0]
+    scale = args.slices / n_part
+    breakdown = {"slices_timed": n_part, "scaled_to": args.slices,
+                 "input_prep_s_both_passes": 2 * t_prep * scale,
+                 "network_s": t_net * scale,
+                 "labels_back_s": t_back * scale,
+                 "labels_back_s_ideal_logits": t_ideal * scale,
+                 "boundary_pixel_fraction": boundary,
+                 "labels_back_path": "all class maps interpolated (boundary fraction > "
+                 f"{BOUNDARY_FRACTION_MAX})" if boundary > BOUNDARY_FRACTION_MAX
+                 else "boundary pixels only"}
+    del logits, prepped, chunks
+
+    naive_slice = naive_seconds_per_slice(model, sample[: args.naive_slices].contiguous())
+    naive_total = naive_slice * args.slices
+
+    out = {
+        "benchmark": "segment",
+        "volume_zyx": [args.slices, args.size, args.size],
+        "spacing_mm": list(args.spacing),
+        "model_grid_yx": list(grid),
+        "model_spacing_mm": card["input_spacing_mm"],
+        "weights": weights,
+        "precision": result.precision,
+        "chunk": DEFAULT_CHUNK,
+        "seconds": seconds,
+        "seconds_per_slice": seconds / args.slices,
+        "gflop_per_slice_executed": executed_per_slice / 1e9,
+        "gflop_per_slice_one_forward": forward_per_slice / 1e9,
+        "gflops_achieved": gflops,
+        "gemm_gflops_same_run": gemm_ref,
+        "gemm_gflops_before_after": [gemm, gemm_after],
+        "ratio": gflops / gemm_ref,
+        "naive": {"seconds_scaled": naive_total, "slices_timed": args.naive_slices,
+                  "seconds_per_slice": naive_slice, "scaled_to": args.slices,
+                  "note": "model only (no resampling), on the model grid"},
+        "speedup_vs_naive": naive_total / seconds,
+        "breakdown": breakdown,
+    }
+    if "bf16" not in args.skip and cpu_supports_bf16():
+        s16, r16 = timed(lambda: run_to_completion(
+            segment_volume(volume, model, card, precision="bf16", threads=0)))
+        sauto, rauto = timed(lambda: run_to_completion(
+            segment_volume(volume, model, card, precision="auto", threads=0)))
+        out["bf16"] = {"seconds": s16, "speedup_vs_fp32": seconds / s16,
+                       "label_agreement_vs_fp32": float((r16.labels == result.labels).mean()),
+                       "speedup_vs_naive": naive_total / s16,
+                       "auto_chose": rauto.precision, "auto_seconds": sauto}
+    if "monai" not in args.skip:
+        mon = monai_seconds_per_slice(volume, args.monai_slices, len(card["classes"]))
+        if "seconds_per_slice" in mon:
+            mon["seconds_scaled"] = mon["seconds_per_slice"] * args.slices
+            out["speedup_vs_monai"] = mon["seconds_scaled"] / seconds
+        out["monai"] = mon
+    if "memory" not in args.skip:
+        mem = {}
+        for n in args.memory_slices:
+            cmd = [sys.executable, __file__, "--memory-child", str(n), "--size", str(args.size),
+                   "--threads", str(threads["threads"]),
+                   "--spacing", *map(str, args.spacing)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if proc.returncode:
+                mem[str(n)] = {"error": proc.stderr.strip().splitlines()[-1:]}
+                continue
+            mem[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out["memory"] = mem
+        ok = [m for m in mem.values() if "growth_mb" in m]
+        if len(ok) == 2:
+            out["memory_growth_minus_output_mb"] = [m["growth_mb"] - m["output_mb"] for m in ok]
+    out["goals"] = {
+        "seconds_le_10": seconds <= GOALS["seconds_max"],
+        "ratio_ge_0.40": out["ratio"] >= GOALS["gemm_fraction_min"],
+        "speedup_vs_naive_ge_5": out["speedup_vs_naive"] >= GOALS["naive_speedup_min"],
+    }
+    if "memory_growth_minus_output_mb" in out:
+        # bounded: going from the small to the large volume, peak growth rises by no more
+        # than the larger output array plus 10 % of the extra input (the working set is
+        # per chunk, not per volume)
+        small, large = ok
+        allowed = (large["output_mb"] - small["output_mb"]
+                   + 0.1 * (large["input_mb"] - small["input_mb"]))
+        out["goals"]["memory_bounded_by_output_plus_chunk"] = (
+            large["growth_mb"] - small["growth_mb"] <= allowed)
+    out["threads"] = threads
+    out["other_processes_busy_cores_during_run"] = monitor.others()
+    out["machine"] = info
+    out["wall_time_total_s"] = time.perf_counter() - T0
+    emit(out)
+
+
+T0 = time.perf_counter()
+if __name__ == "__main__":
+    main()

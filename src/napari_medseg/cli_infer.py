@@ -1,0 +1,174 @@
+"""``napari-medseg segment | detect | classify``: the inference engine, headless.
+
+Each command reads any input the readers take (DICOM file or folder, NIfTI, .npy), loads a
+model by name (bundled or user folder) or by card path (``--model path/to/name.json``),
+runs :mod:`napari_medseg.core.inference` with progress on stderr, and writes its output
+atomically (temp file + rename): bad input or a crash leaves no partial output. Bad input
+raises :class:`MedsegInputError`, which ``cli.main`` prints as one line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .core.errors import MedsegInputError
+
+DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier"}
+
+
+def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
+    out = Path(path).expanduser()
+    if not out.name.lower().endswith(suffixes):
+        raise MedsegInputError(f"output must end in {' or '.join(suffixes)}", out)
+    if not out.parent.is_dir():
+        raise MedsegInputError("the folder to write into does not exist", out)
+    if out.is_dir():
+        raise MedsegInputError("output is a folder, expected a file name", out)
+    return out
+
+
+def _load(args: argparse.Namespace, command: str) -> tuple[Any, Any, dict]:
+    """Output checked, volume read, model loaded: everything that can fail on bad input
+    happens here, before any computing or writing."""
+    from .core.io import read_volume
+    from .core.models import load_model
+
+    volume = read_volume(args.input)
+    model, card = load_model(args.model or DEFAULT_MODELS[command])
+    return volume, model, card
+
+
+def _progress_printer(command: str, quiet: bool):
+    last = {"pct": -1}
+    start = time.perf_counter()
+
+    def report(p) -> None:
+        if quiet or not p.total:
+            return
+        pct = int(100 * p.step / p.total)
+        if pct == last["pct"]:
+            return
+        last["pct"] = pct
+        print(f"{command}: {pct:3d}% {p.message} ({time.perf_counter() - start:.1f} s)",
+              file=sys.stderr, flush=True)
+
+    return report
+
+
+def _run(job, command: str, quiet: bool):
+    from .core.progress import run_to_completion
+
+    return run_to_completion(job, _progress_printer(command, quiet))
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return {"precision": args.precision, "threads": args.threads}
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .core.inference import segment_volume
+    from .core.io import write_nifti
+
+    out = _check_output(args.output, (".nii.gz", ".nii"))
+    volume, model, card = _load(args, "segment")
+    result = _run(segment_volume(volume, model, card, chunk=args.chunk, **_engine_kwargs(args)),
+                  "segment", args.quiet)
+    write_nifti(out, result.labels, volume.spacing, volume.origin)
+    found = [f"{name} {ml:.1f} ml" for name, ml in result.volume_ml().items()
+             if ml > 0 and name != result.class_names[0]]
+    print(f"wrote {out.name}: labels {list(result.labels.shape)} ({result.precision});"
+          f" {', '.join(found) or 'no structures found'}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .cli import _write_csv_atomic
+    from .core.inference import classify_volume
+
+    out = _check_output(args.output, (".csv",))
+    volume, model, card = _load(args, "classify")
+    result = _run(classify_volume(volume, model, card, batch=args.batch, **_engine_kwargs(args)),
+                  "classify", args.quiet)
+    header = ("slice", "class_name", *(f"p_{name}" for name in result.class_names))
+    rows = []
+    for z, (cls, probs) in enumerate(zip(result.predicted, result.probabilities)):
+        name = "missing" if cls < 0 else result.class_names[cls]
+        rows.append((z, name, *("" if p != p else f"{p:.5f}" for p in probs)))
+    _write_csv_atomic(out, header, rows)
+    print(f"wrote {out.name}: {len(rows)} slices ({result.precision})")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .cli import _write_csv_atomic
+    from .core.inference import detect_lesions
+
+    out = _check_output(args.output, (".csv",))
+    volume, model, card = _load(args, "detect")
+    result = _run(
+        detect_lesions(volume, model, card, threshold=args.threshold,
+                       min_distance_mm=args.min_distance_mm, batch=args.batch,
+                       **_engine_kwargs(args)),
+        "detect", args.quiet)
+    rows = [(f"{d.z:.2f}", f"{d.y:.2f}", f"{d.x:.2f}", f"{d.score:.4f}", f"{d.diameter_mm:.2f}")
+            for d in result.detections]
+    _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)
+    print(f"wrote {out.name}: {len(rows)} detections (threshold {result.threshold:g},"
+          f" {result.precision})")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("input", help="DICOM file or folder, NIfTI (.nii/.nii.gz) or .npy")
+    p.add_argument(
+        "--model", default=None,
+        help=f"model name or card path (.json); default: the bundled {DEFAULT_MODELS[command]!r}",
+    )
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+        help="fp32 (default); bf16 only on CPUs with native bfloat16; auto: bf16 where it is"
+             " measured faster with the same predictions",
+    )
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all CPUs this process may use)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def register(subparsers: Any) -> None:
+    """Add the segment, detect and classify commands to ``napari-medseg``."""
+    p = subparsers.add_parser("segment", help="label organs; writes a NIfTI label map")
+    _common(p, "segment")
+    p.add_argument("output", metavar="OUT.nii.gz", help="label map on the input grid")
+    p.add_argument("--chunk", type=_positive_int, default=None,
+                   help="slices per chunk (memory vs speed; default 4)")
+    p.set_defaults(func=cmd_segment)
+
+    p = subparsers.add_parser("detect", help="find lesions; writes z, y, x, score, diameter_mm")
+    _common(p, "detect")
+    p.add_argument("output", metavar="OUT.csv", help="one row per lesion, input voxel coordinates")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="minimum centre probability (default: the model card's)")
+    p.add_argument("--min-distance-mm", type=float, default=None,
+                   help="merge detections closer than this (default: the model card's)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="slices per batch")
+    p.set_defaults(func=cmd_detect)
+
+    p = subparsers.add_parser("classify", help="classify every slice; writes a CSV")
+    _common(p, "classify")
+    p.add_argument("output", metavar="OUT.csv", help="slice, class_name, p_<class> per class")
+    p.add_argument("--batch", type=_positive_int, default=None, help="slices per batch")
+    p.set_defaults(func=cmd_classify)

@@ -1,0 +1,206 @@
+"""``napari-medseg train`` and ``napari-medseg evaluate`` (registered by cli.build_parser).
+
+``train MODEL --seed S --out DIR`` trains from scratch on phantoms, tunes the detector's
+peak threshold on validation seeds, evaluates on held-out seeds, optionally runs the
+class-imbalance ablation, and writes ``DIR/MODEL.safetensors`` + ``DIR/MODEL.json``.
+``evaluate MODEL`` (a name or a card path) prints held-out metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from .core.errors import MedsegInputError
+
+#: the run without the imbalance fix, per model (the ablation's "without" arm)
+NO_IMBALANCE_FIX = {
+    "classifier": {"loss": "ce", "sampling": "uniform"},
+    "segmenter": {"loss": "ce", "sampling": "uniform"},
+    "detector": {"loss": "bce", "sampling": "uniform"},
+}
+
+
+def _progress_printer(quiet: bool):
+    last = [0.0]
+
+    def show(p) -> None:
+        now = time.perf_counter()
+        if quiet or now - last[0] < 5.0:
+            return
+        last[0] = now
+        print(f"[{p.step}/{p.total}] {p.message}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        if n < 1:
+            raise MedsegInputError(f"--threads must be at least 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def _eval_progress(quiet: bool):
+    def show(i: int, n: int, msg: str) -> None:
+        if not quiet:
+            print(f"[eval {i}/{n}] {msg}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _headline(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = {
+        "classifier": ("balanced_accuracy", "recall"),
+        "segmenter": ("min_dice_foreground", "dice"),
+        "detector": ("sensitivity_ge_5mm_at_1fp", "fp_per_volume_at_that_threshold",
+                     "at_card_threshold"),
+    }[name]
+    return {k: metrics.get(k) for k in keys}
+
+
+def _train_once(name: str, seed: int, steps, seconds, quiet: bool, **kw):
+    from .core.progress import run_to_completion
+    from .core.training import train
+
+    return run_to_completion(train(name, seed, steps, seconds, **kw), _progress_printer(quiet))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .core.evaluation import evaluate, tune_detector
+    from .core.models.registry import save_model
+    from .core.training import MODEL_NAMES
+
+    name = args.model
+    if name not in MODEL_NAMES:
+        raise MedsegInputError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    _set_threads(args.threads)
+    kw = {}
+    if args.loss:
+        kw["loss"] = args.loss
+    if args.sampling:
+        kw["sampling"] = args.sampling
+    if args.pool_size is not None:
+        if args.pool_size < 1:
+            raise MedsegInputError(f"--pool-size must be at least 1, got {args.pool_size}")
+        kw["pool_size"] = args.pool_size
+    t0 = time.perf_counter()
+    model, card = _train_once(name, args.seed, args.steps, args.seconds, args.quiet, **kw)
+    # the exact command that reproduces this file
+    training = card["training"]
+    training["command"] += f" --out {args.out}"
+    if args.eval_seeds != 12:
+        training["command"] += f" --eval-seeds {args.eval_seeds}"
+    if args.pool_size is not None:
+        training["command"] += f" --pool-size {args.pool_size}"
+    if args.ablation_steps:
+        training["command"] += (f" --ablation-steps {args.ablation_steps}"
+                                f" --ablation-eval-seeds {args.ablation_eval_seeds}")
+    if name == "detector":
+        tuned = tune_detector(model, card, args.validation_seeds,
+                              on_progress=_eval_progress(args.quiet))
+        card["peak_threshold"] = tuned["peak_threshold"]
+        card["min_distance_mm"] = tuned["min_distance_mm"]
+        card["threshold_tuning"] = tuned["validation"]
+    if args.eval_seeds:
+        t1 = time.perf_counter()
+        card["metrics"] = evaluate(model, card, args.eval_seeds, _eval_progress(args.quiet))
+        card["metrics"]["eval_seconds"] = round(time.perf_counter() - t1, 1)
+    if args.ablation_steps:
+        card["ablation"] = _ablation(name, args, card)
+    card["training"]["wall_seconds_total"] = round(time.perf_counter() - t0, 1)
+    path = save_model(model, args.out, name, card)
+    print(f"wrote {path} and {path.with_suffix('.safetensors').name}"
+          f" ({training['steps']} steps, {training['seconds']} s training)")
+    if "metrics" in card:
+        print(json.dumps(_headline(name, card["metrics"])))
+    return 0
+
+
+def _ablation(name: str, args: argparse.Namespace, card: dict[str, Any]) -> dict[str, Any]:
+    """Same seed and short budget, with and without the imbalance fix, held-out metrics."""
+    from .core.evaluation import evaluate, tune_detector
+    from .core.training import DEFAULTS
+
+    arms = {
+        "with_fix": {"loss": args.loss or DEFAULTS[name]["loss"],
+                     "sampling": args.sampling or DEFAULTS[name]["sampling"]},
+        "without_fix": NO_IMBALANCE_FIX[name],
+    }
+    out: dict[str, Any] = {"steps": args.ablation_steps, "eval_volumes": args.ablation_eval_seeds}
+    for arm, opts in arms.items():
+        model, arm_card = _train_once(name, args.seed, args.ablation_steps, None, args.quiet, **opts)
+        if name == "detector":
+            tuned = tune_detector(model, arm_card, max(4, args.validation_seeds // 2))
+            arm_card.update(peak_threshold=tuned["peak_threshold"],
+                            min_distance_mm=tuned["min_distance_mm"])
+        metrics = evaluate(model, arm_card, args.ablation_eval_seeds, _eval_progress(args.quiet))
+        out[arm] = {**opts, "seconds": arm_card["training"]["seconds"],
+                    **_headline(name, metrics)}
+        if name == "segmenter":
+            out[arm]["dice_lesion"] = metrics["dice"].get("lesion")
+        if name == "classifier":
+            out[arm]["recall_lesion"] = metrics["recall"].get("lesion")
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .core.evaluation import evaluate
+    from .core.models.registry import load_model
+
+    _set_threads(args.threads)
+    if args.seeds is not None and args.seeds < 1:
+        raise MedsegInputError(f"--seeds must be at least 1, got {args.seeds}")
+    model, card = load_model(args.model)
+    t0 = time.perf_counter()
+    metrics = evaluate(model, card, args.seeds, None if args.json else _eval_progress(False))
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    metrics["card"] = card.get("card_path")
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"model:   {card.get('name')} ({card.get('architecture')}) from {card.get('card_path')}")
+    print(f"held-out phantoms: {metrics['n_volumes']} (seeds {metrics['eval_seeds']})")
+    for key, value in metrics.items():
+        if key in ("model", "card", "eval_seeds", "n_volumes", "distribution", "path"):
+            continue
+        print(f"{key}: {json.dumps(value)}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``train`` and ``evaluate`` to the napari-medseg subparsers."""
+    p = sub.add_parser("train", help="train a model from scratch on synthetic phantoms")
+    p.add_argument("model", help="classifier, segmenter or detector")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for MODEL.safetensors + MODEL.json")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="optimiser steps (reproducible; default per model)")
+    budget.add_argument("--seconds", type=float, help="wall-clock budget instead of steps")
+    p.add_argument("--loss", help="classifier: ce|weighted_ce|focal; segmenter: "
+                   "ce|dice_ce|focal|weighted_ce; detector: focal|bce")
+    p.add_argument("--sampling", choices=("balanced", "uniform"))
+    p.add_argument("--eval-seeds", type=int, default=12,
+                   help="held-out phantoms to evaluate on after training (0: skip)")
+    p.add_argument("--validation-seeds", type=int, default=10,
+                   help="validation phantoms for the detector's threshold")
+    p.add_argument("--ablation-steps", type=int, default=0,
+                   help="also train with and without the imbalance fix for this many steps")
+    p.add_argument("--ablation-eval-seeds", type=int, default=6)
+    p.add_argument("--pool-size", type=int, default=None,
+                   help="phantoms held in memory while training (default per model)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="held-out metrics of a model on unseen phantoms")
+    p.add_argument("model", help="a model name (classifier, segmenter, detector) or a card path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--seeds", type=int, default=None, help="number of held-out phantoms (default 12)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.set_defaults(func=cmd_evaluate)

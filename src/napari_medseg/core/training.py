@@ -1,0 +1,846 @@
+"""Train the three models from scratch on phantoms; losses for class imbalance.
+
+Every trainer is a generator (DESIGN.md §3): it yields :class:`~.progress.Progress`
+(step, total, message with the running loss) and returns ``(model, card)``, where
+``card`` holds everything :func:`~.models.registry.save_model` needs plus how the model
+was made (command, seed, steps, seconds, loss, training seeds).
+
+Data: phantoms generated on the fly from TRAINING seeds derived from the given seed
+(:func:`training_seeds`), with varied shape, spacing (z 1–5 mm, in-plane 0.6–1.2 mm),
+noise and contrast, resampled in-plane to the model's spacing with
+:func:`~.resample.resample_yx` — the same function inference uses. A pool of volumes is
+built first and refreshed one volume at a time while training. Training, validation
+(:data:`VALIDATION_SEEDS`, for tuning thresholds) and evaluation (:data:`EVAL_SEEDS`)
+seed ranges are disjoint.
+
+Determinism: with ``steps`` (not ``seconds``) the same seed gives bit-identical weights
+on the same machine and torch build (torch and numpy seeded, deterministic algorithms).
+
+Losses (:data:`LOSSES`): cross-entropy, Dice + CE, focal, class-weighted CE, and for the
+detector the CenterNet focal loss or plain BCE; sampling ``"balanced"`` (rare classes /
+lesion slices drawn as often as the rest) or ``"uniform"``. All voxel losses honour
+``ignore_index`` (255), so issue #6 can fine-tune on partial annotations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MedsegInputError
+from .models.classifier import SliceClassifier
+from .models.detector import LesionDetector, gaussian_heatmap_targets
+from .models.registry import apply_normalisation
+from .models.segmenter import RecurrentSegmenter
+from .phantom import LABEL_NAMES, LESION_LABEL, SLICE_CLASSES, generate_phantom
+from .progress import Job, Progress
+from .resample import map_index, resample_yx
+
+MODEL_NAMES = ("classifier", "segmenter", "detector")
+IGNORE_INDEX = 255
+#: seeds [lo, hi): validation (threshold tuning) and held-out evaluation; training seeds
+#: are >= 1_000_000 (see :func:`training_seeds`), so the three never overlap
+VALIDATION_SEEDS = (800_000, 900_000)
+EVAL_SEEDS = (900_000, 1_000_000)
+TRAIN_SEED_BASE = 1_000_000
+TRAIN_SEEDS_PER_RUN = 100_000
+
+#: per-model defaults: in-plane spacing, normalisation, loss, sampling
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "classifier": {
+        "spacing_yx": 1.5,
+        "normalisation": {"type": "window", "low": -150.0, "high": 250.0},
+        "loss": "ce",
+        "sampling": "balanced",
+        "steps": 600,
+        "lr": 2e-3,
+    },
+    "segmenter": {
+        "spacing_yx": 1.5,
+        "normalisation": {"type": "window", "low": -200.0, "high": 300.0},
+        "loss": "dice_ce",
+        "sampling": "balanced",
+        "steps": 2400,
+        "lr": 2e-3,
+    },
+    "detector": {
+        "spacing_yx": 1.0,
+        "normalisation": {"type": "window", "low": -150.0, "high": 250.0},
+        "loss": "focal",
+        "sampling": "balanced",
+        "steps": 2400,
+        "lr": 2e-3,
+    },
+}
+LOSSES: dict[str, tuple[str, ...]] = {
+    "classifier": ("ce", "weighted_ce", "focal"),
+    "segmenter": ("ce", "dice_ce", "focal", "weighted_ce"),
+    "detector": ("focal", "bce"),
+}
+SAMPLINGS = ("balanced", "uniform")
+
+
+# ======================================================================================
+# Losses
+# ======================================================================================
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Mean CE over non-ignored items; 0 (with a graph) if every item is ignored."""
+    valid = target != ignore_index
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target.long(), weight=weight, ignore_index=ignore_index)
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 2.0,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Multi-class focal loss, mean over non-ignored items: −w_t (1 − p_t)^γ log p_t.
+
+    With γ = 0 and no weights it equals :func:`cross_entropy`; for γ > 0 it is ≤ CE.
+    """
+    target = target.long()
+    valid = target != ignore_index
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    logp = F.log_softmax(logits, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    loss = -((1.0 - logp.exp()).clamp_min(0.0) ** gamma) * logp
+    if weight is not None:
+        loss = loss * weight[safe]
+    return loss[valid].mean()
+
+
+def soft_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    include_background: bool = False,
+    eps: float = 1.0,
+) -> torch.Tensor:
+    """1 − mean soft Dice over classes, on (N, C, …) logits and (N, …) integer targets.
+
+    Ignored voxels are masked out of both prediction and target. Classes absent from the
+    target and predicted nowhere score Dice ≈ 1 (the ``eps`` smoothing), so a perfect
+    prediction gives ≈ 0.
+    """
+    n_classes = logits.shape[1]
+    target = target.long()
+    valid = (target != ignore_index).unsqueeze(1).to(logits.dtype)
+    safe = torch.where(target == ignore_index, torch.zeros_like(target), target)
+    probs = logits.softmax(dim=1) * valid
+    onehot = F.one_hot(safe, n_classes).movedim(-1, 1).to(logits.dtype) * valid
+    dims = (0, *range(2, logits.ndim))
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)
+    if not include_background:
+        dice = dice[1:]
+    return 1.0 - dice.mean()
+
+
+def dice_ce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Soft Dice (foreground classes) + cross-entropy, both ignoring ``ignore_index``."""
+    return soft_dice_loss(logits, target, ignore_index) + cross_entropy(
+        logits, target, weight, ignore_index
+    )
+
+
+def class_weights(counts: Sequence[float], power: float = 0.5, cap: float = 20.0) -> torch.Tensor:
+    """Inverse-frequency class weights ``(1/freq)^power``, mean 1, capped at ``cap``."""
+    c = np.asarray(counts, dtype=np.float64)
+    freq = np.maximum(c, 1.0) / max(c.sum(), 1.0)
+    w = freq ** (-float(power))
+    w = np.minimum(w / w.mean(), cap)
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def centernet_focal_loss(
+    heat_logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0
+) -> torch.Tensor:
+    """CenterNet's penalty-reduced pixel focal loss, normalised by the number of centres.
+
+    ``target``: Gaussian heatmap in [0, 1] with exactly 1.0 at centres. Pixels marked
+    ``ignore`` (negative target) do not contribute.
+    """
+    valid = target >= 0
+    t = target.clamp(0, 1)
+    logp = F.logsigmoid(heat_logits)
+    log1mp = F.logsigmoid(-heat_logits)
+    p = logp.exp()
+    pos = (t >= 1.0 - 1e-4) & valid
+    pos_loss = -((1 - p) ** alpha) * logp * pos
+    neg_loss = -((1 - t) ** beta) * (p**alpha) * log1mp * (valid & ~pos)
+    n_pos = pos.sum().clamp_min(1).to(heat_logits.dtype)
+    return (pos_loss.sum() + neg_loss.sum()) / n_pos
+
+
+def heatmap_bce_loss(heat_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Plain per-pixel BCE against the Gaussian heatmap (the no-imbalance-fix baseline)."""
+    valid = (target >= 0).to(heat_logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(heat_logits, target.clamp(0, 1), reduction="none")
+    return (loss * valid).sum() / valid.sum().clamp_min(1)
+
+
+# ======================================================================================
+# Seeds, phantom sampling, pools
+# ======================================================================================
+
+
+def training_seeds(seed: int, n: int = TRAIN_SEEDS_PER_RUN) -> range:
+    """Phantom seeds a training run with ``seed`` may use (disjoint from eval/validation)."""
+    seed = _check_seed(seed)
+    start = TRAIN_SEED_BASE + seed * TRAIN_SEEDS_PER_RUN
+    return range(start, start + min(int(n), TRAIN_SEEDS_PER_RUN))
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
+        raise MedsegInputError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+@dataclass(frozen=True)
+class PhantomSettings:
+    """How one phantom is drawn (shape, spacing, noise, contrast)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    contrast_scale: float
+    noise_hu: float | None
+    lesion_radius_mm: tuple[float, float] = (2.0, 15.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "contrast_scale": self.contrast_scale,
+            "noise_hu": self.noise_hu,
+        }
+
+
+def training_settings(phantom_seed: int, max_slices: int = 48) -> PhantomSettings:
+    """Training distribution: z 1–5 mm, in-plane 0.6–1.2 mm, FOV 185–245 mm, contrast
+    0.8–1.2, noise drawn by the phantom (8–25 HU)."""
+    rng = np.random.default_rng([int(phantom_seed), 7])
+    sz = float(rng.uniform(1.0, 5.0))
+    sxy = float(rng.uniform(0.6, 1.2))
+    fov = float(rng.uniform(185.0, 245.0))
+    nxy = int(round(fov / sxy))
+    z_extent = float(rng.uniform(60.0, 240.0))
+    nz = int(np.clip(round(z_extent / sz), 12, max_slices))
+    cs = float(rng.uniform(0.8, 1.2))
+    return PhantomSettings((nz, nxy, nxy), (sz, sxy, sxy), cs, None)
+
+
+def eval_settings(phantom_seed: int, max_slices: int = 64) -> PhantomSettings:
+    """Held-out distribution: other shapes and spacings than training (z 1.25–6 mm,
+    in-plane 0.55–1.3 mm, FOV 170–260 mm, non-square), contrast 0.75–1.25, noise 5–35 HU."""
+    rng = np.random.default_rng([int(phantom_seed), 11])
+    sz = float(rng.choice([1.25, 2.0, 2.5, 3.0, 5.0, 6.0]))
+    sxy = float(rng.uniform(0.55, 1.3))
+    fov_y = float(rng.uniform(170.0, 260.0))
+    fov_x = float(rng.uniform(170.0, 260.0))
+    z_extent = float(rng.uniform(80.0, 260.0))
+    nz = int(np.clip(round(z_extent / sz), 16, max_slices))
+    cs = float(rng.uniform(0.75, 1.25))
+    noise = float(rng.uniform(5.0, 35.0))
+    return PhantomSettings(
+        (nz, int(round(fov_y / sxy)), int(round(fov_x / sxy))), (sz, sxy, sxy), cs, noise
+    )
+
+
+@dataclass
+class GridSample:
+    """One phantom on a model grid (z native, y/x at the model spacing)."""
+
+    image: np.ndarray  # (z, y, x) float32: normalised (card window) THEN resampled
+    labels: np.ndarray  # (z, y, x) uint8 (LABEL_NAMES), nearest-resampled
+    slice_classes: np.ndarray  # (z,) int64 from the native grid
+    spacing: tuple[float, float, float]  # model grid spacing (z native)
+    lesions: list[dict[str, Any]]  # centre (model-grid voxels), radius_mm, diameter_mm
+    seed: int
+    native_shape: tuple[int, int, int]
+    native_spacing: tuple[float, float, float]
+
+
+def to_model_grid(phantom: Any, spacing_yx: float, normalisation: dict) -> GridSample:
+    """A phantom as model input, made exactly as inference makes it: normalise with the
+    card's window, then resample in-plane to ``spacing_yx`` mm (bilinear, antialiased);
+    labels nearest-resampled."""
+    vol = phantom.volume
+    sz, sy, sx = vol.spacing
+    image = resample_yx(apply_normalisation(vol.array, normalisation), (sy, sx),
+                        (spacing_yx, spacing_yx), order=1)
+    labels = resample_yx(phantom.labels, (sy, sx), (spacing_yx, spacing_yx), order=0)
+    n_from, n_to = vol.shape[1:], image.shape[1:]
+    lesions = []
+    for les in phantom.lesions:
+        z, y, x = les.center_zyx
+        yx = map_index([y, x], n_from, n_to)
+        lesions.append({
+            "center": (float(z), float(yx[0]), float(yx[1])),
+            "radius_mm": float(les.radius_mm),
+            "diameter_mm": 2.0 * float(les.radius_mm),
+        })
+    return GridSample(
+        image=image, labels=labels, slice_classes=np.asarray(phantom.slice_classes),
+        spacing=(sz, float(spacing_yx), float(spacing_yx)), lesions=lesions,
+        seed=int(phantom.seed), native_shape=vol.shape, native_spacing=vol.spacing,
+    )
+
+
+def make_phantom(phantom_seed: int, settings: PhantomSettings) -> Any:
+    return generate_phantom(
+        settings.shape, settings.spacing, int(phantom_seed),
+        noise_hu=settings.noise_hu, contrast_scale=settings.contrast_scale,
+        lesion_radius_mm=settings.lesion_radius_mm,
+    )
+
+
+class PhantomPool:
+    """A fixed-size pool of training volumes on the model grid, refreshed in seed order."""
+
+    def __init__(self, seeds: range, size: int, spacing_yx: float, max_slices: int,
+                 normalisation: dict, prepare: Any = None):
+        self.seeds, self.size, self.spacing_yx = seeds, int(size), float(spacing_yx)
+        self.normalisation = dict(normalisation)
+        self.max_slices = max_slices
+        self.prepare = prepare  # optional per-sample hook (e.g. detector targets)
+        self.items: list[Any] = []
+        self.next_index = 0
+
+    def _make(self) -> Any:
+        if self.next_index >= len(self.seeds):
+            self.next_index = 0  # cycle (only with absurd step counts)
+        s = self.seeds[self.next_index]
+        self.next_index += 1
+        sample = to_model_grid(make_phantom(s, training_settings(s, self.max_slices)),
+                               self.spacing_yx, self.normalisation)
+        if self.prepare is not None:
+            self.prepare(sample)
+        return sample
+
+    def fill(self) -> Iterator[Progress]:
+        while len(self.items) < self.size:
+            self.items.append(self._make())
+            yield Progress(len(self.items), self.size, f"phantom pool {len(self.items)}/{self.size}")
+
+    def refresh_one(self) -> None:
+        """Replace the oldest volume with a new one (round robin)."""
+        slot = (self.next_index - self.size) % self.size
+        self.items[slot] = self._make()
+
+
+# ======================================================================================
+# Shared training loop
+# ======================================================================================
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seed torch; switch on deterministic algorithms for the block (restored after)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(int(seed))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _budget(steps: int | None, seconds: float | None, default_steps: int) -> tuple[int | None, float | None]:
+    if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
+        raise MedsegInputError(f"steps must be a positive integer, got {steps!r}")
+    if seconds is not None and not (float(seconds) > 0 and math.isfinite(float(seconds))):
+        raise MedsegInputError(f"seconds must be a positive number, got {seconds!r}")
+    if steps is None and seconds is None:
+        steps = default_steps
+    return (None if steps is None else int(steps)), (None if seconds is None else float(seconds))
+
+
+def _lr_factor(progress: float, warmup: float = 0.03) -> float:
+    """Linear warm-up then cosine decay to 5 % of the base rate; ``progress`` in [0, 1]."""
+    if progress < warmup:
+        return 0.1 + 0.9 * progress / warmup
+    p = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _train_loop(model, batch_fn, loss_fn, steps, seconds, lr, name, refresh=None,
+                refresh_every=0, weight_decay=1e-4) -> Job[dict[str, Any]]:
+    """Run AdamW until ``steps`` or ``seconds``; yields Progress, returns stats."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    start = time.perf_counter()
+    total = steps if steps is not None else 1000
+    step, running, first_losses, last_losses = 0, None, [], []
+    model.train()
+    while True:
+        elapsed = time.perf_counter() - start
+        if steps is not None and step >= steps:
+            break
+        if steps is None and elapsed >= seconds:
+            break
+        frac = step / steps if steps is not None else elapsed / seconds
+        if steps is not None and seconds is not None:
+            frac = max(frac, elapsed / seconds)
+            if elapsed >= seconds:
+                break
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(frac)
+        inputs, targets = batch_fn(step)
+        loss = loss_fn(model(inputs), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise MedsegInputError(f"{name} training diverged (loss {value}) at step {step}")
+        running = value if running is None else 0.95 * running + 0.05 * value
+        if len(first_losses) < 20:
+            first_losses.append(value)
+        last_losses = (last_losses + [value])[-20:]
+        step += 1
+        if refresh is not None and refresh_every and step % refresh_every == 0:
+            refresh()
+        if steps is None:
+            total = max(step + 1, int(step * seconds / max(time.perf_counter() - start, 1e-6)))
+        if step % 10 == 0 or step == steps:
+            yield Progress(step, total, f"{name}: step {step} loss {running:.4f}")
+    model.eval()
+    return {
+        "steps": step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "loss_first20": round(float(np.mean(first_losses)), 5) if first_losses else None,
+        "loss_last20": round(float(np.mean(last_losses)), 5) if last_losses else None,
+    }
+
+
+def _jitter(rng: np.random.Generator, x: np.ndarray, normalisation: dict) -> np.ndarray:
+    """Cheap intensity augmentation on a window-normalised image: global gain 0.93–1.07
+    about 40 HU and an offset of ±15 HU (in window units), clipped back to [0, 1]."""
+    low, high = float(normalisation["low"]), float(normalisation["high"])
+    c = (40.0 - low) / (high - low)
+    gain = rng.uniform(0.93, 1.07)
+    offset = rng.uniform(-15.0, 15.0) / (high - low)
+    return np.clip((x - c) * gain + c + offset, 0.0, 1.0).astype(np.float32)
+
+
+def _crop_window(rng: np.random.Generator, n: int, size: int) -> tuple[int, int, int]:
+    """(src_start, dst_start, length) to cut ``size`` from ``n`` (random) or pad into it."""
+    if n >= size:
+        s = int(rng.integers(0, n - size + 1))
+        return s, 0, size
+    d = int(rng.integers(0, size - n + 1))
+    return 0, d, n
+
+
+def _crop_yx(rng, arrays: Sequence[np.ndarray], size: int, fills: Sequence[float],
+             center: tuple[float, float] | None = None) -> list[np.ndarray]:
+    """Cut/pad the last two axes of every array to size×size at one random offset.
+
+    ``center``: keep this (y, x) point inside the crop (balanced detector sampling).
+    """
+    ny, nx = arrays[0].shape[-2:]
+    out_windows = []
+    for n, axis in ((ny, 0), (nx, 1)):
+        if center is not None and n > size:
+            c = int(round(center[axis]))
+            lo = max(0, min(n - size, c - size + 16))
+            hi = max(lo, min(n - size, c - 16))
+            s = int(rng.integers(lo, hi + 1))
+            out_windows.append((s, 0, size))
+        else:
+            out_windows.append(_crop_window(rng, n, size))
+    (sy, dy, ly), (sx, dx, lx) = out_windows
+    outs = []
+    for arr, fill in zip(arrays, fills):
+        out = np.full((*arr.shape[:-2], size, size), fill, dtype=arr.dtype)
+        out[..., dy:dy + ly, dx:dx + lx] = arr[..., sy:sy + ly, sx:sx + lx]
+        outs.append(out)
+    return outs
+
+
+def _command(name: str, seed: int, steps: int | None, seconds: float | None, loss: str,
+             sampling: str) -> str:
+    budget = f"--steps {steps}" if steps is not None else f"--seconds {seconds:g}"
+    return (f"napari-medseg train {name} --seed {seed} {budget} --loss {loss}"
+            f" --sampling {sampling}")
+
+
+def _check_options(name: str, loss: str | None, sampling: str | None) -> tuple[str, str]:
+    loss = DEFAULTS[name]["loss"] if loss is None else str(loss)
+    sampling = DEFAULTS[name]["sampling"] if sampling is None else str(sampling)
+    if loss not in LOSSES[name]:
+        raise MedsegInputError(f"{name} loss must be one of {', '.join(LOSSES[name])}, got {loss!r}")
+    if sampling not in SAMPLINGS:
+        raise MedsegInputError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    return loss, sampling
+
+
+def _base_card(name: str, classes: Sequence[str], spacing_yx: float, normalisation: dict,
+               seed: int, steps, seconds, loss, sampling, stats, seeds: range, pool: int,
+               extra: dict | None = None) -> dict[str, Any]:
+    card = {
+        "classes": list(classes),
+        "input_spacing_mm": [1.0, float(spacing_yx), float(spacing_yx)],
+        "resample_axes": "yx",
+        "normalisation": dict(normalisation),
+        "training": {
+            "command": _command(name, seed, steps, seconds, loss, sampling),
+            "seed": seed,
+            "steps": stats["steps"],
+            "seconds": stats["seconds"],
+            "loss": loss,
+            "sampling": sampling,
+            "train_seeds": [seeds.start, seeds.start + seeds_used(stats, pool)],
+            "loss_first20": stats["loss_first20"],
+            "loss_last20": stats["loss_last20"],
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "note": "input_spacing_mm[0] is nominal: z is kept native (resample_axes 'yx').",
+    }
+    card.update(extra or {})
+    return card
+
+
+def seeds_used(stats: dict[str, Any], pool: int) -> int:
+    return int(stats.get("phantoms", pool))
+
+
+# ======================================================================================
+# Classifier
+# ======================================================================================
+
+
+def train_classifier(
+    seed: int = 0,
+    steps: int | None = None,
+    seconds: float | None = None,
+    *,
+    loss: str | None = None,
+    sampling: str | None = None,
+    kernel_size: int = 3,
+    activation: str = "relu",
+    filters: Sequence[int] = (16, 32, 64),
+    spacing_yx: float | None = None,
+    batch_size: int = 32,
+    crop: int = 144,
+    pool_size: int = 40,
+    refresh_every: int = 40,
+    max_slices: int = 40,
+    lr: float | None = None,
+    pool: PhantomPool | None = None,
+) -> Job[tuple[SliceClassifier, dict[str, Any]]]:
+    """Train the slice classifier (no_body / normal / lesion) on single slices.
+
+    ``pool``: an already filled :class:`PhantomPool` to share between runs (benchmarks);
+    it must be at ``spacing_yx``.
+    """
+    name = "classifier"
+    seed = _check_seed(seed)
+    d = DEFAULTS[name]
+    loss, sampling = _check_options(name, loss, sampling)
+    steps, seconds = _budget(steps, seconds, d["steps"])
+    spacing_yx = float(spacing_yx or d["spacing_yx"])
+    norm = d["normalisation"]
+    lr = float(lr or d["lr"])
+    seeds = training_seeds(seed)
+    rng = np.random.default_rng([seed, 1])
+    with deterministic(seed):
+        model = SliceClassifier(1, len(SLICE_CLASSES), kernel_size, activation, filters)
+        if pool is None:
+            pool = PhantomPool(seeds, pool_size, spacing_yx, max_slices, norm)
+        elif abs(pool.spacing_yx - spacing_yx) > 1e-9:
+            raise MedsegInputError(f"the pool is at {pool.spacing_yx} mm, the model at {spacing_yx} mm")
+        pool_size = pool.size
+        yield from pool.fill()
+        counts = np.zeros(3)
+        for item in pool.items:
+            counts += np.bincount(item.slice_classes, minlength=3)
+        weight = class_weights(counts) if loss == "weighted_ce" else None
+
+        def batch(step: int):
+            xs, ys = [], []
+            if sampling == "balanced":
+                wanted = rng.integers(0, 3, size=batch_size)
+            for b in range(batch_size):
+                item = pool.items[int(rng.integers(len(pool.items)))]
+                z = int(rng.integers(item.image.shape[0]))
+                for _ in range(20):
+                    item = pool.items[int(rng.integers(len(pool.items)))]
+                    if sampling == "balanced":
+                        zs = np.flatnonzero(item.slice_classes == wanted[b])
+                        if len(zs) == 0:
+                            continue
+                        z = int(rng.choice(zs))
+                    else:
+                        z = int(rng.integers(item.image.shape[0]))
+                    break
+                img = _jitter(rng, item.image[z], norm)
+                (img,) = _crop_yx(rng, [img], crop, [0.0])
+                if rng.uniform() < 0.5:
+                    img = img[:, ::-1]  # left-right flip: organ sides matter little here
+                xs.append(img)
+                ys.append(int(item.slice_classes[z]))
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)[:, None]))
+            return x, torch.tensor(ys, dtype=torch.long)
+
+        def loss_fn(logits, y):
+            if loss == "focal":
+                return focal_loss(logits, y)
+            return cross_entropy(logits, y, weight)
+
+        stats = yield from _train_loop(model, batch, loss_fn, steps, seconds, lr, name,
+                                       refresh=pool.refresh_one, refresh_every=refresh_every)
+    stats["phantoms"] = pool.next_index
+    card = _base_card(name, SLICE_CLASSES, spacing_yx, norm, seed, steps, seconds, loss,
+                      sampling, stats, seeds, pool_size,
+                      {"context_slices": 0, "class_counts_first_pool": counts.tolist()})
+    return model, card
+
+
+# ======================================================================================
+# Segmenter
+# ======================================================================================
+
+
+def train_segmenter(
+    seed: int = 0,
+    steps: int | None = None,
+    seconds: float | None = None,
+    *,
+    loss: str | None = None,
+    sampling: str | None = None,
+    widths: Sequence[int] = (16, 32, 64),
+    spacing_yx: float | None = None,
+    seq_len: int = 12,
+    crop: int = 128,
+    pool_size: int = 40,
+    refresh_every: int = 25,
+    max_slices: int = 48,
+    lr: float | None = None,
+) -> Job[tuple[RecurrentSegmenter, dict[str, Any]]]:
+    """Train the recurrent organ segmenter on runs of ``seq_len`` consecutive slices.
+
+    ``sampling="balanced"``: half the sequences are centred on a lesion (the rare class).
+    """
+    name = "segmenter"
+    seed = _check_seed(seed)
+    d = DEFAULTS[name]
+    loss, sampling = _check_options(name, loss, sampling)
+    steps, seconds = _budget(steps, seconds, d["steps"])
+    spacing_yx = float(spacing_yx or d["spacing_yx"])
+    norm = d["normalisation"]
+    lr = float(lr or d["lr"])
+    seeds = training_seeds(seed)
+    rng = np.random.default_rng([seed, 2])
+    n_classes = len(LABEL_NAMES)
+    with deterministic(seed):
+        model = RecurrentSegmenter(1, n_classes, widths)
+        pool = PhantomPool(seeds, pool_size, spacing_yx, max_slices, norm)
+        yield from pool.fill()
+        counts = np.zeros(n_classes)
+        for item in pool.items:
+            counts += np.bincount(item.labels.ravel(), minlength=n_classes)[:n_classes]
+        weight = class_weights(counts) if loss == "weighted_ce" else None
+
+        def batch(step: int):
+            item = pool.items[int(rng.integers(len(pool.items)))]
+            nz = item.image.shape[0]
+            stride = 2 if (rng.uniform() < 0.25 and item.spacing[0] < 2.5 and nz >= 2 * seq_len) else 1
+            span = min(nz, seq_len * stride)
+            center = None
+            if sampling == "balanced" and item.lesions and rng.uniform() < 0.5:
+                les = item.lesions[int(rng.integers(len(item.lesions)))]
+                cz = int(round(les["center"][0]))
+                z0 = int(np.clip(cz - span // 2 + rng.integers(-span // 4, span // 4 + 1), 0, nz - span))
+                center = les["center"][1:]
+            else:
+                z0 = int(rng.integers(0, nz - span + 1))
+            zs = np.arange(z0, z0 + span, stride)
+            if rng.uniform() < 0.5:
+                zs = zs[::-1].copy()  # reversed z: the bidirectional GRU sees both orders
+            img, lab = _crop_yx(rng, [_jitter(rng, item.image[zs], norm), item.labels[zs]], crop,
+                                [0.0, 0], center=center)
+            x = torch.from_numpy(np.ascontiguousarray(img[:, None]))
+            return x, torch.from_numpy(lab.astype(np.int64))
+
+        def loss_fn(logits, y):
+            if loss == "dice_ce":
+                return dice_ce_loss(logits, y)
+            if loss == "focal":
+                return focal_loss(logits, y)
+            return cross_entropy(logits, y, weight)
+
+        stats = yield from _train_loop(model, batch, loss_fn, steps, seconds, lr, name,
+                                       refresh=pool.refresh_one, refresh_every=refresh_every)
+    stats["phantoms"] = pool.next_index
+    card = _base_card(name, [LABEL_NAMES[i] for i in range(n_classes)], spacing_yx, norm,
+                      seed, steps, seconds, loss, sampling, stats, seeds, pool_size,
+                      {"sequence_length": seq_len})
+    return model, card
+
+
+# ======================================================================================
+# Detector
+# ======================================================================================
+
+
+def detector_targets(sample: GridSample, sigma_fraction: float = 0.5) -> None:
+    """Attach heatmap (float16) and log-diameter targets to a model-grid sample."""
+    shape = sample.image.shape
+    centers = [les["center"] for les in sample.lesions]
+    radii = [
+        (les["radius_mm"] / sample.spacing[0], les["radius_mm"] / sample.spacing[1],
+         les["radius_mm"] / sample.spacing[2])
+        for les in sample.lesions
+    ]
+    heat = gaussian_heatmap_targets(shape, centers, radii if radii else 1.0, sigma_fraction)
+    size = np.zeros(shape, dtype=np.float16)
+    owner = np.full(shape, -1.0, dtype=np.float16)
+    # size target: log-diameter in each lesion's core (Gaussian > 0.3), largest wins
+    for les, r in sorted(zip(sample.lesions, radii), key=lambda t: t[0]["radius_mm"]):
+        c = np.round(les["center"]).astype(int)
+        half = np.ceil(np.asarray(r)).astype(int)
+        lo = np.maximum(c - half, 0)
+        hi = np.minimum(c + half + 1, shape)
+        if np.any(lo >= hi):
+            continue
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        size[sl] = math.log(les["diameter_mm"])
+        owner[sl] = 1.0
+    sample.heat = heat.astype(np.float16)  # type: ignore[attr-defined]
+    sample.size = size  # type: ignore[attr-defined]
+    sample.size_mask = owner > 0  # type: ignore[attr-defined]
+    body = sample.labels > 0
+    sample.body_slices = np.flatnonzero(body.reshape(shape[0], -1).any(axis=1))  # type: ignore[attr-defined]
+
+
+def detector_loss(out, target, kind: str = "focal", size_weight: float = 0.1) -> torch.Tensor:
+    heat_t, size_t, size_m = target
+    heat_loss = centernet_focal_loss(out.heatmap, heat_t) if kind == "focal" else \
+        heatmap_bce_loss(out.heatmap, heat_t) * 50.0
+    if bool(size_m.any()):
+        size_loss = F.smooth_l1_loss(out.log_diameter[size_m], size_t[size_m])
+    else:
+        size_loss = out.log_diameter.sum() * 0.0
+    return heat_loss + size_weight * size_loss
+
+
+def train_detector(
+    seed: int = 0,
+    steps: int | None = None,
+    seconds: float | None = None,
+    *,
+    loss: str | None = None,
+    sampling: str | None = None,
+    widths: Sequence[int] = (16, 32, 64),
+    spacing_yx: float | None = None,
+    batch_size: int = 16,
+    crop: int = 128,
+    pool_size: int = 40,
+    refresh_every: int = 25,
+    max_slices: int = 48,
+    lr: float | None = None,
+) -> Job[tuple[LesionDetector, dict[str, Any]]]:
+    """Train the 2.5D centre-heatmap lesion detector (3 slices in, middle slice out).
+
+    ``sampling="balanced"``: half the samples are slices near a lesion centre, cropped
+    so the lesion is in view; ``"uniform"``: any body slice, random crop.
+    """
+    name = "detector"
+    seed = _check_seed(seed)
+    d = DEFAULTS[name]
+    loss, sampling = _check_options(name, loss, sampling)
+    steps, seconds = _budget(steps, seconds, d["steps"])
+    spacing_yx = float(spacing_yx or d["spacing_yx"])
+    norm = d["normalisation"]
+    lr = float(lr or d["lr"])
+    seeds = training_seeds(seed)
+    rng = np.random.default_rng([seed, 3])
+    context = 1
+    with deterministic(seed):
+        model = LesionDetector(2 * context + 1, widths)
+        pool = PhantomPool(seeds, pool_size, spacing_yx, max_slices, norm,
+                           prepare=detector_targets)
+        yield from pool.fill()
+
+        def batch(step: int):
+            xs, hs, ss, ms = [], [], [], []
+            for _ in range(batch_size):
+                item = pool.items[int(rng.integers(len(pool.items)))]
+                nz = item.image.shape[0]
+                center = None
+                if sampling == "balanced" and item.lesions and rng.uniform() < 0.5:
+                    les = item.lesions[int(rng.integers(len(item.lesions)))]
+                    rz = max(1, int(les["radius_mm"] / item.spacing[0]))
+                    z = int(np.clip(round(les["center"][0]) + rng.integers(-rz, rz + 1), 0, nz - 1))
+                    center = les["center"][1:]
+                else:
+                    body = item.body_slices
+                    z = int(rng.choice(body)) if len(body) else int(rng.integers(nz))
+                zs = np.clip(np.arange(z - context, z + context + 1), 0, nz - 1)
+                img = _jitter(rng, item.image[zs], norm)
+                img, heat, size, mask = _crop_yx(
+                    rng, [img, item.heat[z], item.size[z], item.size_mask[z]], crop,
+                    [0.0, 0.0, 0.0, False], center=center)
+                if rng.uniform() < 0.5:
+                    img, heat, size, mask = (a[..., ::-1] for a in (img, heat, size, mask))
+                xs.append(img)
+                hs.append(heat)
+                ss.append(size)
+                ms.append(mask)
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
+            t = (torch.from_numpy(np.ascontiguousarray(np.stack(hs)[:, None], dtype=np.float32)),
+                 torch.from_numpy(np.ascontiguousarray(np.stack(ss)[:, None], dtype=np.float32)),
+                 torch.from_numpy(np.ascontiguousarray(np.stack(ms)[:, None])))
+            return x, t
+
+        stats = yield from _train_loop(model, batch, lambda o, t: detector_loss(o, t, loss),
+                                       steps, seconds, lr, name, refresh=pool.refresh_one,
+                                       refresh_every=refresh_every)
+    stats["phantoms"] = pool.next_index
+    card = _base_card(name, ["lesion"], spacing_yx, norm, seed, steps, seconds, loss, sampling,
+                      stats, seeds, pool_size,
+                      {"context_slices": context, "peak_threshold": 0.3, "min_distance_mm": 8.0})
+    return model, card
+
+
+TRAINERS = {
+    "classifier": train_classifier,
+    "segmenter": train_segmenter,
+    "detector": train_detector,
+}
+
+
+def train(name: str, seed: int = 0, steps: int | None = None, seconds: float | None = None,
+          **kwargs: Any) -> Job[tuple[Any, dict[str, Any]]]:
+    """Dispatch to the trainer of model ``name`` (one of :data:`MODEL_NAMES`)."""
+    if name not in TRAINERS:
+        raise MedsegInputError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return TRAINERS[name](seed, steps, seconds, **kwargs)

@@ -1,0 +1,351 @@
+"""The inference engine: outputs on the input grid, resampling, gaps, progress/cancel.
+
+Models are random-init (geometry, not accuracy, is under test); no timings here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_medseg.core import inference
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.inference import (
+    ClassificationResult,
+    DetectionResult,
+    SegmentationResult,
+    classify_volume,
+    cpu_supports_bf16,
+    detect_lesions,
+    labels_from_logits,
+    model_grid,
+    prepare_model,
+    segment_volume,
+)
+from napari_medseg.core.models import LesionDetector, RecurrentSegmenter, SliceClassifier
+from napari_medseg.core.models.detector import DetectorOutput
+from napari_medseg.core.phantom import generate_phantom
+from napari_medseg.core.progress import Progress, run_to_completion
+from napari_medseg.core.resample import resample_yx
+from napari_medseg.core.volume import Volume
+
+WINDOW = {"type": "window", "low": -200.0, "high": 300.0}
+SEG_CLASSES = ["background", "body", "liver", "spleen"]
+
+
+def _init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights and non-trivial BatchNorm statistics (so folding is exercised)."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def seg():
+    model = _init(RecurrentSegmenter(n_classes=len(SEG_CLASSES), widths=(8, 16, 16), hidden=8))
+    card = {"name": "seg", "classes": SEG_CLASSES, "input_spacing_mm": [2.5, 1.5, 1.5],
+            "normalisation": WINDOW, "resample_axes": "yx"}
+    return model, card
+
+
+@pytest.fixture(scope="module")
+def cls():
+    model = _init(SliceClassifier(n_classes=3, filters=(8, 16, 16), hidden=16))
+    card = {"name": "cls", "classes": ["no_body", "normal", "lesion"],
+            "input_spacing_mm": [5.0, 2.0, 2.0], "normalisation": WINDOW}
+    return model, card
+
+
+@pytest.fixture(scope="module")
+def det():
+    model = _init(LesionDetector(in_slices=3, widths=(8, 16, 16)))
+    card = {"name": "det", "classes": ["lesion"], "input_spacing_mm": [2.5, 1.5, 1.5],
+            "normalisation": WINDOW, "peak_threshold": 0.0, "min_distance_mm": 4.0,
+            "context_slices": 1}
+    return model, card
+
+
+def _volume(shape, spacing, seed=0, **kw) -> Volume:
+    rng = np.random.default_rng(seed)
+    array = rng.normal(40.0, 120.0, size=shape).astype(np.float32)
+    if len(shape) == 2:
+        return Volume.from_array(array, spacing, **kw)
+    return Volume(array, spacing, **kw)
+
+
+# (input shape, spacing): 2D image, odd sizes, anisotropic, one slice, at/above the
+# model's resolution, non-integer ratios
+CASES = [
+    ((40, 33), (0.9, 1.1)),
+    ((5, 37, 29), (3.0, 0.7, 1.3)),
+    ((1, 48, 48), (2.5, 1.5, 1.5)),
+    ((3, 20, 24), (1.0, 2.2, 2.0)),
+    ((7, 17, 64), (2.0, 0.45, 0.8)),
+    ((2, 9, 8), (5.0, 3.0, 3.0)),
+]
+
+
+@pytest.mark.parametrize("shape,spacing", CASES)
+def test_outputs_come_back_on_the_input_grid(seg, cls, det, shape, spacing):
+    volume = _volume(shape, spacing)
+    zyx = volume.shape
+    s = run_to_completion(segment_volume(volume, *seg, chunk=2))
+    assert isinstance(s, SegmentationResult)
+    assert s.labels.shape == zyx and s.labels.dtype == np.uint8
+    assert s.labels.max() < len(SEG_CLASSES) and s.class_names == tuple(SEG_CLASSES)
+    assert s.voxels_per_class.shape == (zyx[0], len(SEG_CLASSES))
+    assert (s.voxels_per_class.sum(axis=1) == zyx[1] * zyx[2]).all()
+    assert s.spacing == volume.spacing and s.labelled.all()
+
+    c = run_to_completion(classify_volume(volume, *cls, batch=2))
+    assert isinstance(c, ClassificationResult)
+    assert c.probabilities.shape == (zyx[0], 3) and c.probabilities.dtype == np.float32
+    np.testing.assert_allclose(c.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert c.predicted.shape == (zyx[0],) and ((c.predicted >= 0) & (c.predicted < 3)).all()
+
+    d = run_to_completion(detect_lesions(volume, *det, batch=3))
+    assert isinstance(d, DetectionResult)
+    assert d.heatmap.shape == (zyx[0], *model_grid(volume, det[1]))
+    assert d.heatmap_on_input_grid().shape == zyx
+    for hit in d.detections:
+        assert 0 <= hit.z < zyx[0] and -0.5 <= hit.y <= zyx[1] - 0.5
+        assert -0.5 <= hit.x <= zyx[2] - 0.5 and np.isfinite(hit.diameter_mm)
+
+
+def test_model_grid_follows_the_card_spacing(seg):
+    volume = _volume((2, 100, 50), (2.5, 0.75, 1.5))
+    assert model_grid(volume, seg[1]) == (50, 50)
+
+
+def test_resize_uses_the_shared_resample_grid():
+    """The engine's tensor resize and core.resample.resample_yx are the same grid."""
+    x = np.random.default_rng(1).normal(size=(3, 37, 29)).astype(np.float32)
+    ours = inference._resize(torch.from_numpy(x)[:, None], (20, 51), antialias=True)[:, 0].numpy()
+    theirs = resample_yx(x, (1.0, 1.0), (37 / 20, 29 / 51), order=1, out_shape_yx=(20, 51))
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    volume = Volume(x * 100.0, (2.0, 0.9, 1.3))
+    card = {"input_spacing_mm": [2.0, 1.5, 1.5], "normalisation": WINDOW}
+    batch = inference._ModelGridSlices(volume, card)[0:3][:, 0].numpy()
+    want = resample_yx(inference.apply_normalisation(volume.array, WINDOW), (0.9, 1.3),
+                       (1.5, 1.5), order=1)
+    np.testing.assert_allclose(batch, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (75, 53), (33, 96), (32, 32)])
+def test_boundary_only_labels_equal_full_bilinear_argmax(size):
+    torch.manual_seed(0)
+    logits = F.avg_pool2d(torch.randn(3, 5, 32, 32), 3, 1, 1)
+    fast = labels_from_logits(logits, size)
+    full = inference._resize(logits, size).argmax(1).to(torch.uint8)
+    assert fast.dtype == torch.uint8 and fast.shape == (3, *size)
+    assert (fast == full).float().mean() >= 0.9999
+
+
+def test_labels_round_trip_through_a_coarser_grid_is_accurate():
+    """Ideal probabilities at 1.4 mm, back to 0.7 mm: linear-then-argmax (the engine's
+    choice) recovers the labels better than nearest-neighbour on the argmax."""
+    ph = generate_phantom((3, 160, 160), (2.5, 0.7, 0.7), seed=3, n_lesions=2,
+                          body_z_fraction=1.0)
+    onehot = (ph.labels[:, None] == np.arange(9)[None, :, None, None]).astype(np.float32)
+    coarse = torch.from_numpy(resample_yx(onehot, (0.7, 0.7), (1.4, 1.4), order=1))
+    linear = labels_from_logits(coarse, (160, 160)).numpy()
+    nearest = resample_yx(coarse.argmax(1).numpy().astype(np.uint8), (1.4, 1.4), (0.7, 0.7),
+                          order=0, out_shape_yx=(160, 160))
+    acc_linear, acc_nearest = (linear == ph.labels).mean(), (nearest == ph.labels).mean()
+    assert acc_linear > 0.995 and acc_linear > acc_nearest + 0.001
+
+
+def test_missing_slices_are_left_alone(seg, cls, det):
+    missing = np.array([False, True, False, False, True, True, False])
+    volume = _volume((7, 30, 30), (2.5, 1.5, 1.5), missing=missing)
+    volume.array[missing] = np.nan
+    s = run_to_completion(segment_volume(volume, *seg, chunk=3))
+    assert (s.labels[missing] == 0).all() and (s.voxels_per_class[missing] == 0).all()
+    assert (s.labelled == ~missing).all()
+    c = run_to_completion(classify_volume(volume, *cls))
+    assert np.isnan(c.probabilities[missing]).all() and (c.predicted[missing] == -1).all()
+    assert np.isfinite(c.probabilities[~missing]).all()
+    assert c.predicted_names()[1] is None
+    d = run_to_completion(detect_lesions(volume, *det, threshold=0.0, min_distance_mm=0.0))
+    assert d.detections, "threshold 0 must give peaks on acquired slices"
+    assert not any(missing[int(hit.z)] for hit in d.detections)
+    assert (d.heatmap[missing] == 0).all()
+
+
+def test_missing_slices_borrow_their_nearest_neighbour_as_context():
+    idx = inference._fill_index(np.array([True, False, True, True, True, False, True]))
+    assert idx.tolist() == [1, 1, 1, 1, 5, 5, 5]
+
+
+def test_all_missing_volume_runs_no_model(seg):
+    volume = _volume((3, 16, 16), (2.5, 1.5, 1.5), missing=np.ones(3, bool))
+    s = run_to_completion(segment_volume(volume, *seg))
+    assert (s.labels == 0).all() and not s.labelled.any()
+
+
+def test_nan_voxels_in_acquired_slices(seg, cls):
+    volume = _volume((4, 24, 24), (2.5, 1.5, 1.5))
+    volume.array[1, 3:9, 5:20] = np.nan
+    volume.array[2] = np.nan  # an all-NaN slice that is not flagged missing
+    s = run_to_completion(segment_volume(volume, *seg))
+    assert s.labels.shape == (4, 24, 24) and s.labels.max() < len(SEG_CLASSES)
+    c = run_to_completion(classify_volume(volume, *cls))
+    assert np.isfinite(c.probabilities).all()
+
+
+def test_progress_is_reported_and_a_job_can_be_cancelled(seg, det):
+    volume = _volume((9, 32, 32), (2.5, 1.5, 1.5))
+    reports: list[Progress] = []
+    run_to_completion(segment_volume(volume, *seg, chunk=2), reports.append)
+    assert all(isinstance(r, Progress) for r in reports)
+    assert reports[-1].step == reports[-1].total == 10  # 2 passes × 5 chunks
+    assert [r.step for r in reports] == sorted(r.step for r in reports)
+
+    threads = torch.get_num_threads()
+    job = segment_volume(volume, *seg, chunk=2, threads=1)
+    next(job)
+    next(job)
+    # between two reports the caller is in its own grad mode and thread setting
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    assert torch.get_num_threads() == 1
+    job.close()  # cancel: no error, settings restored
+    assert torch.get_num_threads() == threads
+    job = detect_lesions(volume, *det)
+    next(job)
+    job.close()
+
+
+def test_results_are_deterministic(seg, cls, det):
+    volume = _volume((5, 40, 36), (2.0, 1.1, 0.9))
+    a = run_to_completion(segment_volume(volume, *seg, chunk=2))
+    b = run_to_completion(segment_volume(volume, *seg, chunk=2))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    p = run_to_completion(classify_volume(volume, *cls))
+    q = run_to_completion(classify_volume(volume, *cls))
+    np.testing.assert_array_equal(p.probabilities, q.probabilities)
+    d = run_to_completion(detect_lesions(volume, *det))
+    e = run_to_completion(detect_lesions(volume, *det))
+    assert d.detections == e.detections
+
+
+def test_chunk_size_does_not_change_the_labels(seg):
+    volume = _volume((7, 30, 30), (2.5, 1.5, 1.5))
+    a = run_to_completion(segment_volume(volume, *seg, chunk=1)).labels
+    b = run_to_completion(segment_volume(volume, *seg, chunk=7)).labels
+    assert (a == b).mean() > 0.999
+
+
+def test_engine_matches_the_plain_model(seg):
+    """At the model's own spacing the engine equals eval-mode forward + argmax."""
+    model, card = seg
+    volume = _volume((6, 32, 40), (2.5, 1.5, 1.5))
+    got = run_to_completion(segment_volume(volume, model, card, chunk=4)).labels
+    x = torch.from_numpy(inference.apply_normalisation(volume.array, WINDOW))[:, None]
+    with torch.no_grad():
+        want = model(x).argmax(1).numpy()
+    assert (got == want).mean() > 0.999
+
+
+def test_prepare_model_folds_a_cached_copy_and_refreshes_after_training(seg):
+    model, _ = seg
+    keys = set(model.state_dict())
+    fast = prepare_model(model)
+    assert fast is not model and prepare_model(model) is fast
+    assert set(model.state_dict()) == keys  # the caller's model is untouched
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.rand(3, 1, 24, 24)
+    with torch.no_grad():
+        np.testing.assert_allclose(fast(x).numpy(), model(x).numpy(), atol=1e-4)
+        model.head.bias.add_(1.0)  # "fine-tuning" changes the weights in place
+    assert prepare_model(model) is not fast
+    with torch.no_grad():
+        model.head.bias.sub_(1.0)
+
+
+def test_detections_map_back_to_input_voxels():
+    """A detector that fires on bright voxels finds a blob at its input coordinates,
+    through anisotropic, non-integer resampling."""
+
+    class BrightSpot(LesionDetector):
+        def forward(self, x):
+            middle = x[:, self.in_slices // 2 : self.in_slices // 2 + 1]
+            return DetectorOutput(40.0 * (middle - 0.5), torch.full_like(middle, np.log(7.0)))
+
+    model = BrightSpot(widths=(4, 4, 4)).eval()
+    card = {"name": "spot", "classes": ["lesion"], "input_spacing_mm": [2.5, 1.5, 1.5],
+            "normalisation": WINDOW, "peak_threshold": 0.5, "min_distance_mm": 5.0}
+    spacing = (2.0, 0.7, 1.1)
+    z, y, x = np.mgrid[0:6, 0:90, 0:60]
+    centre = (3, 41, 22)
+    dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip((z, y, x), centre, spacing)))
+    array = np.where(dist <= 4.0, 400.0, -300.0).astype(np.float32)
+    result = run_to_completion(detect_lesions(Volume(array, spacing), model, card))
+    assert len(result.detections) == 1
+    hit = result.detections[0]
+    assert hit.z == 3 and abs(hit.y - 41) <= 1.5 and abs(hit.x - 22) <= 1.0
+    assert hit.diameter_mm == pytest.approx(7.0, rel=1e-4) and hit.score > 0.5
+
+
+def test_bad_arguments_are_refused(seg, cls):
+    volume = _volume((2, 16, 16), (2.5, 1.5, 1.5))
+    with pytest.raises(MedsegInputError, match="RecurrentSegmenter"):
+        next(segment_volume(volume, cls[0], seg[1]))
+    with pytest.raises(MedsegInputError, match="classes"):
+        next(segment_volume(volume, seg[0], dict(seg[1], classes=["a", "b"])))
+    with pytest.raises(MedsegInputError, match="chunk"):
+        next(segment_volume(volume, *seg, chunk=0))
+    with pytest.raises(MedsegInputError, match="precision"):
+        next(segment_volume(volume, *seg, precision="fp16"))
+    with pytest.raises(MedsegInputError, match="Volume"):
+        next(classify_volume(volume.array, *cls))
+
+
+def test_bf16_is_refused_without_native_support(seg, monkeypatch):
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: False)
+    volume = _volume((2, 16, 16), (2.5, 1.5, 1.5))
+    with pytest.raises(MedsegInputError, match="bf16"):
+        next(segment_volume(volume, *seg, precision="bf16"))
+    result = run_to_completion(segment_volume(volume, *seg, precision="auto"))
+    assert result.precision == "fp32"
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+def test_bf16_agrees_with_fp32(seg, cls):
+    volume = Volume(generate_phantom((6, 64, 64), (2.5, 1.2, 1.2), seed=2).volume.array,
+                    (2.5, 1.2, 1.2))
+    a = run_to_completion(segment_volume(volume, *seg))
+    b = run_to_completion(segment_volume(volume, *seg, precision="bf16"))
+    assert b.precision == "bf16" and (a.labels == b.labels).mean() > 0.98
+    p = run_to_completion(classify_volume(volume, *cls))
+    q = run_to_completion(classify_volume(volume, *cls, precision="bf16"))
+    assert np.abs(p.probabilities - q.probabilities).max() < 0.05
+
+
+@pytest.mark.parametrize("spec", [WINDOW, {"type": "zscore", "mean": 40.0, "std": 250.0}])
+def test_in_place_normalisation_equals_the_registry_function(spec):
+    x = np.random.default_rng(3).normal(0, 400, size=(3, 17, 13)).astype(np.float32)
+    x[0, 0, :3] = (np.nan, np.inf, -np.inf)
+    want = inference.apply_normalisation(x, spec)
+    np.testing.assert_array_equal(inference._normalise(x, spec).numpy(), want)
+
+
+def test_thread_governor_stays_within_the_cpus_and_restores(monkeypatch):
+    before = torch.get_num_threads()
+    with inference._ThreadGovernor(None) as gov:
+        assert 1 <= torch.get_num_threads() <= inference.default_threads()
+        monkeypatch.setattr(gov, "MIN_INTERVAL_S", 0.0)
+        sum(i * i for i in range(200_000))  # some CPU time of our own
+        gov.update()
+        assert 1 <= torch.get_num_threads() <= inference.default_threads()
+    assert torch.get_num_threads() == before
+    with inference._ThreadGovernor(0):
+        assert torch.get_num_threads() == before
+    with pytest.raises(MedsegInputError, match="threads"):
+        inference._ThreadGovernor(-1)

@@ -1,0 +1,225 @@
+"""Training, losses, evaluation metrics, resampling and the train/evaluate CLI (fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.cli import main
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.evaluation import (
+    balanced_accuracy,
+    confusion_matrix,
+    dice,
+    froc_point,
+    match_detections,
+)
+from napari_medseg.core.models.registry import BUNDLED_DIR, load_model, sha256_file
+from napari_medseg.core.progress import run_to_completion
+from napari_medseg.core.resample import map_index, resample_yx, resampled_shape_yx
+from napari_medseg.core.training import (
+    EVAL_SEEDS,
+    VALIDATION_SEEDS,
+    cross_entropy,
+    dice_ce_loss,
+    focal_loss,
+    soft_dice_loss,
+    train_classifier,
+    train_detector,
+    train_segmenter,
+    training_seeds,
+)
+
+TINY_SEG = dict(pool_size=1, max_slices=12, seq_len=4, crop=48, refresh_every=0)
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- losses -----------------------------------------------------------------------------
+def test_dice_loss_of_perfect_prediction_is_about_zero():
+    target = torch.randint(0, 4, (2, 16, 16))
+    logits = torch.nn.functional.one_hot(target, 4).movedim(-1, 1).float() * 50.0
+    assert soft_dice_loss(logits, target).item() < 1e-3
+    assert dice_ce_loss(logits, target).item() < 1e-3
+    assert soft_dice_loss(-logits, target).item() > 0.9
+
+
+def test_focal_is_at_most_ce_and_equals_it_at_gamma_zero():
+    torch.manual_seed(0)
+    logits, target = torch.randn(64, 3), torch.randint(0, 3, (64,))
+    ce = cross_entropy(logits, target)
+    assert focal_loss(logits, target, gamma=2.0) <= ce
+    assert torch.allclose(focal_loss(logits, target, gamma=0.0), ce, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", [cross_entropy, focal_loss, soft_dice_loss, dice_ce_loss])
+def test_ignored_voxels_get_no_gradient(loss):
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 8, 8, requires_grad=True)
+    target = torch.randint(0, 3, (1, 8, 8))
+    target[:, :, :4] = 255
+    loss(logits, target).backward()
+    assert torch.all(logits.grad[..., :4] == 0)
+    assert torch.any(logits.grad[..., 4:] != 0)
+    # the ignored voxels' logits do not change the loss either
+    other = logits.detach().clone()
+    other[..., :4] = torch.randn(1, 3, 8, 4) * 10
+    assert torch.allclose(loss(logits.detach(), target), loss(other, target), atol=1e-6)
+
+
+def test_all_ignored_gives_zero_loss_with_a_graph():
+    logits = torch.randn(2, 3, requires_grad=True)
+    value = cross_entropy(logits, torch.full((2,), 255))
+    value.backward()
+    assert value.item() == 0.0
+
+
+# -- seeds ------------------------------------------------------------------------------
+def test_training_validation_and_eval_seeds_are_disjoint():
+    for s in (0, 1, 7, 8, 123):
+        r = training_seeds(s)
+        assert r.start >= EVAL_SEEDS[1] and r.start >= VALIDATION_SEEDS[1]
+    assert training_seeds(0).stop <= training_seeds(1).start
+    with pytest.raises(MedsegInputError):
+        training_seeds(-1)
+
+
+# -- training ---------------------------------------------------------------------------
+def test_a_few_steps_lower_the_loss():
+    _, card = run_to_completion(train_segmenter(0, steps=40, lr=5e-3, **TINY_SEG))
+    stats = card["training"]  # mean loss of the first 20 steps vs the last 20
+    assert stats["steps"] == 40
+    assert stats["loss_last20"] < stats["loss_first20"]
+
+
+def test_same_seed_gives_identical_weights():
+    a, _ = run_to_completion(train_segmenter(3, steps=4, **TINY_SEG))
+    b, _ = run_to_completion(train_segmenter(3, steps=4, **TINY_SEG))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_trainers_yield_progress_and_cards():
+    job = train_detector(0, steps=2, pool_size=1, max_slices=12, crop=48, batch_size=2)
+    reports = []
+    model, card = run_to_completion(job, reports.append)
+    assert reports and all(r.total >= r.step for r in reports)
+    assert card["classes"] == ["lesion"] and card["context_slices"] == 1
+    assert card["resample_axes"] == "yx"
+    assert "--seed 0" in card["training"]["command"]
+
+
+def test_bad_options_are_input_errors():
+    with pytest.raises(MedsegInputError, match="loss"):
+        run_to_completion(train_classifier(0, steps=1, loss="dice_ce"))
+    with pytest.raises(MedsegInputError, match="steps"):
+        run_to_completion(train_classifier(0, steps=0))
+
+
+# -- metrics ----------------------------------------------------------------------------
+def test_dice_of_known_overlaps():
+    truth = np.zeros((10, 10), dtype=np.uint8)
+    pred = np.zeros_like(truth)
+    truth[:, :4] = 1  # 40 voxels
+    pred[:, 2:6] = 1  # 40 voxels, 20 shared
+    d = dice(pred, truth, 3)
+    assert d[1] == pytest.approx(0.5)
+    assert np.isnan(d[2])  # absent in both
+
+
+def test_balanced_accuracy_and_confusion():
+    truth = [0, 0, 1, 1, 1, 1, 2, 2]
+    pred = [0, 1, 1, 1, 1, 1, 2, 0]
+    c = confusion_matrix(truth, pred, 3)
+    assert c.tolist() == [[1, 1, 0], [0, 4, 0], [1, 0, 1]]
+    assert balanced_accuracy(c) == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+
+
+def test_detection_matching_and_froc():
+    lesions = [{"center": (10, 10, 10), "radius_mm": 4.0}, {"center": (30, 30, 30), "radius_mm": 1.5}]
+    dets = [
+        {"z": 10, "y": 13, "x": 10, "score": 0.9},  # 3 mm away: hit lesion 0
+        {"z": 10, "y": 11, "x": 10, "score": 0.8},  # second on lesion 0: false positive
+        {"z": 30, "y": 30, "x": 31, "score": 0.7},  # hits the small lesion
+        {"z": 50, "y": 50, "x": 50, "score": 0.6},  # nowhere: false positive
+    ]
+    matched = match_detections(dets, lesions, (1.0, 1.0, 1.0), tolerance_mm=0.5)
+    assert matched == [0, -1, 1, -1]
+    vol = {"scores": [0.9, 0.8, 0.7, 0.6], "matched": matched, "diameters": [8.0, 3.0]}
+    point = froc_point([vol], max_fp_per_volume=1.0)
+    # only lesion 0 is >= 5 mm; the small lesion's hit is neither TP nor FP
+    assert point["sensitivity"] == 1.0 and point["fp_per_volume"] == 1.0
+    assert froc_point([vol], max_fp_per_volume=0.0)["threshold"] == 0.9
+
+
+# -- resampling -------------------------------------------------------------------------
+def test_resample_round_trip_and_labels():
+    img = np.random.default_rng(0).random((2, 50, 40)).astype(np.float32)
+    small = resample_yx(img, (0.8, 0.8), (1.6, 1.6))
+    assert small.shape == (2, 25, 20) == (2, *resampled_shape_yx((50, 40), (0.8, 0.8), (1.6, 1.6)))
+    back = resample_yx(small, (1.6, 1.6), (0.8, 0.8), out_shape_yx=(50, 40))
+    assert back.shape == img.shape and back.dtype == np.float32
+    labels = np.zeros((1, 40, 40), dtype=np.uint8)
+    labels[0, 10:30, 10:30] = 7
+    lab = resample_yx(labels, (1.0, 1.0), (2.0, 2.0), order=0)
+    assert lab.dtype == np.uint8 and set(np.unique(lab)) == {0, 7}
+    assert (lab == 7).sum() == 100
+    assert np.allclose(map_index(map_index([[3.0, 5.0]], (40, 40), (20, 20)), (20, 20), (40, 40)), [[3.0, 5.0]])
+    with pytest.raises(MedsegInputError):
+        resample_yx(np.zeros(5), (1, 1), (2, 2))
+
+
+# -- bundled weights --------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["classifier", "segmenter", "detector"])
+def test_bundled_cards_load_and_verify(name):
+    card_path = BUNDLED_DIR / f"{name}.json"
+    if not card_path.exists():
+        pytest.skip(f"{name} weights not bundled yet")
+    card = json.loads(card_path.read_text())
+    assert sha256_file(BUNDLED_DIR / card["weights_file"]) == card["sha256"]
+    model, card = load_model(card_path)
+    for key in ("classes", "input_spacing_mm", "normalisation", "training", "metrics"):
+        assert key in card
+    assert card["resample_axes"] == "yx"
+    assert "napari-medseg train" in card["training"]["command"]
+
+
+# -- CLI --------------------------------------------------------------------------------
+def test_train_cli_writes_a_loadable_model(tmp_path, capsys):
+    rc = main(["train", "classifier", "--seed", "1", "--out", str(tmp_path), "--steps", "2",
+               "--eval-seeds", "0", "--pool-size", "1", "--quiet"])
+    assert rc == 0
+    model, card = load_model(tmp_path / "classifier.json")
+    assert card["training"]["seed"] == 1 and card["training"]["steps"] == 2
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_evaluate_cli_rejects_an_unknown_model(capsys):
+    assert main(["evaluate", "no_such_model"]) == 2
+    assert "no_such_model" in capsys.readouterr().err
+
+
+def test_train_cli_rejects_an_unknown_model(tmp_path, capsys):
+    assert main(["train", "unet", "--out", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_saving_the_same_weights_twice_gives_the_same_sha256(tmp_path):
+    from napari_medseg.core.models import SliceClassifier, save_model
+
+    torch.manual_seed(0)
+    model = SliceClassifier(filters=(4, 4, 4), hidden=4)
+    card = {"classes": ["a", "b", "c"], "input_spacing_mm": [1, 1, 1],
+            "normalisation": {"type": "window", "low": 0, "high": 1}}
+    a = json.loads(save_model(model, tmp_path / "a", "m", card).read_text())["sha256"]
+    b = json.loads(save_model(model, tmp_path / "b", "m", card).read_text())["sha256"]
+    assert a == b

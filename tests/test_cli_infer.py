@@ -1,0 +1,133 @@
+"""segment / detect / classify on the command line: outputs written, bad input → exit 2."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.cli import main
+from napari_medseg.core.io import read_nifti, write_nifti
+from napari_medseg.core.models import (
+    LesionDetector,
+    RecurrentSegmenter,
+    SliceClassifier,
+    save_model,
+)
+from napari_medseg.core.phantom import LABEL_NAMES, SLICE_CLASSES, generate_phantom
+
+WINDOW = {"type": "window", "low": -200.0, "high": 300.0}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Random-init models saved like bundled ones (card + safetensors)."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, model, card in [
+        ("segmenter", RecurrentSegmenter(n_classes=len(LABEL_NAMES), widths=(8, 16, 16), hidden=8),
+         {"classes": list(LABEL_NAMES.values()), "input_spacing_mm": [2.5, 1.5, 1.5]}),
+        ("detector", LesionDetector(widths=(8, 16, 16)),
+         {"classes": ["lesion"], "input_spacing_mm": [2.5, 1.5, 1.5], "peak_threshold": 0.05,
+          "min_distance_mm": 6.0, "context_slices": 1}),
+        ("classifier", SliceClassifier(filters=(8, 16, 16), hidden=16),
+         {"classes": list(SLICE_CLASSES), "input_spacing_mm": [5.0, 2.0, 2.0]}),
+    ]:
+        paths[name] = save_model(model, d, name, {**card, "normalisation": WINDOW,
+                                                  "resample_axes": "yx"})
+    return paths
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    ph = generate_phantom((6, 48, 40), (2.5, 1.0, 1.2), seed=1, n_lesions=1)
+    path = tmp_path_factory.mktemp("data") / "image.nii.gz"
+    write_nifti(path, ph.volume.array, ph.volume.spacing, ph.volume.origin)
+    return path
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_segment_writes_labels_on_the_input_grid(tmp_path, models, image, capsys):
+    out = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(image), str(out), "--model", str(models["segmenter"]),
+                 "--chunk", "4"]) == 0
+    labels = read_nifti(out)
+    assert labels.shape == (6, 48, 40)
+    np.testing.assert_allclose(labels.spacing, (2.5, 1.0, 1.2), rtol=1e-5)
+    assert labels.array.min() >= 0 and labels.array.max() < len(LABEL_NAMES)
+    captured = capsys.readouterr()
+    assert "wrote labels.nii.gz" in captured.out and "100%" in captured.err
+
+
+def test_detect_writes_a_csv(tmp_path, models, image):
+    out = tmp_path / "lesions.csv"
+    assert main(["detect", str(image), str(out), "--model", str(models["detector"]), "-q"]) == 0
+    with open(out) as handle:
+        assert handle.readline().strip() == "z,y,x,score,diameter_mm"
+    for row in _rows(out):
+        assert 0 <= float(row["z"]) < 6 and 0 <= float(row["score"]) <= 1
+        assert float(row["diameter_mm"]) > 0
+
+
+def test_classify_writes_one_row_per_slice(tmp_path, models, image):
+    out = tmp_path / "classes.csv"
+    assert main(["classify", str(image), str(out), "--model", str(models["classifier"])]) == 0
+    rows = _rows(out)
+    assert len(rows) == 6 and [int(r["slice"]) for r in rows] == list(range(6))
+    for row in rows:
+        probs = [float(row[f"p_{name}"]) for name in SLICE_CLASSES]
+        assert row["class_name"] in SLICE_CLASSES and sum(probs) == pytest.approx(1, abs=1e-3)
+        assert row["class_name"] == SLICE_CLASSES[int(np.argmax(probs))]
+
+
+def test_npy_input(tmp_path, models):
+    src = tmp_path / "slice.npy"
+    np.save(src, np.random.default_rng(0).normal(0, 100, size=(30, 26)).astype(np.float32))
+    out = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(src), str(out), "--model", str(models["segmenter"]), "-q"]) == 0
+    assert read_nifti(out).shape == (1, 30, 26)
+
+
+def _corrupt_weights(tmp_path, models):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    card = models["segmenter"]
+    (bad / card.name).write_text(card.read_text())
+    weights = card.with_suffix(".safetensors").read_bytes()
+    (bad / card.with_suffix(".safetensors").name).write_bytes(weights[: len(weights) // 2])
+    return bad / card.name
+
+
+@pytest.mark.parametrize("command,suffix", [("segment", ".nii.gz"), ("detect", ".csv"),
+                                            ("classify", ".csv")])
+@pytest.mark.parametrize("problem", ["missing", "4d", "weights", "wrong_model", "bad_output"])
+def test_bad_input_exits_2_with_one_line_and_no_output(
+    tmp_path, models, image, capsys, command, suffix, problem
+):
+    src, model = str(image), str(models[{"segment": "segmenter", "detect": "detector",
+                                         "classify": "classifier"}[command]])
+    out = tmp_path / f"out{suffix}"
+    if problem == "missing":
+        src = str(tmp_path / "nope.nii.gz")
+    elif problem == "4d":
+        src = str(tmp_path / "four.npy")
+        np.save(src, np.zeros((2, 3, 8, 8), np.float32))
+    elif problem == "weights":
+        model = str(_corrupt_weights(tmp_path, models))
+    elif problem == "wrong_model":
+        model = str(models["classifier" if command != "classify" else "segmenter"])
+    elif problem == "bad_output":
+        out = tmp_path / "no_such_folder" / f"out{suffix}"
+    capsys.readouterr()
+    assert main([command, src, str(out), "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("napari-medseg: error: ") and err.count("\n") == 1
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".out")]  # no temp files
