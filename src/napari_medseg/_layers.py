@@ -65,26 +65,49 @@ def volume_layer_data(volume: Volume, name: str) -> tuple:
     return (volume.array, kwargs, "image")
 
 
+def _labels_kwargs(name: str, label_names: dict[int, str]) -> dict[str, Any]:
+    colormap: dict[Any, Any] = {0: "transparent", None: (1.0, 0.0, 1.0, 1.0)}
+    for value, label_name in label_names.items():
+        if value and label_name in STRUCTURE_COLORS:
+            colormap[value] = STRUCTURE_COLORS[label_name]
+    values = sorted(label_names)
+    return {
+        "name": name,
+        "opacity": 0.5,
+        "colormap": colormap,
+        "features": {"index": values, "name": [label_names[v] for v in values]},
+    }
+
+
 def labels_layer_data(
     labels: np.ndarray, volume: Volume, name: str, label_names: dict[int, str], **extra: Any
 ) -> tuple:
     """A Labels layer aligned with ``volume``, its structures named and coloured."""
     if labels.shape != volume.shape:
         raise ValueError(f"labels shape {labels.shape} does not match image {volume.shape}")
-    colormap: dict[Any, Any] = {0: "transparent", None: (1.0, 0.0, 1.0, 1.0)}
-    for value, label_name in label_names.items():
-        if value and label_name in STRUCTURE_COLORS:
-            colormap[value] = STRUCTURE_COLORS[label_name]
-    values = sorted(label_names)
     kwargs = {
-        "name": name,
+        **_labels_kwargs(name, label_names),
         **_geometry(volume),
-        "opacity": 0.5,
-        "colormap": colormap,
-        "features": {"index": values, "name": [label_names[v] for v in values]},
         "metadata": _medseg_metadata(volume, label_names=dict(label_names), **extra),
     }
     return (labels, kwargs, "labels")
+
+
+def _points_kwargs(
+    name: str, diameters_mm: np.ndarray, in_plane_mm: float, features: dict[str, Any], label: str
+) -> dict[str, Any]:
+    kwargs = {
+        "name": name,
+        # marker size is in data pixels; the in-plane spacing turns mm into pixels
+        "size": np.maximum(diameters_mm / in_plane_mm, 3.0) if len(diameters_mm) else 6.0,
+        "border_color": "lime",
+        "face_color": "transparent",
+        "border_width": 0.12,
+        "features": {"diameter_mm": diameters_mm, **features},
+    }
+    if len(diameters_mm):
+        kwargs["text"] = {"string": label, "color": "yellow", "size": 10, "anchor": "upper_left"}
+    return kwargs
 
 
 def points_layer_data(
@@ -98,21 +121,114 @@ def points_layer_data(
     """A Points layer of lesions in voxel coordinates, sized by diameter, on the image grid."""
     centers = np.asarray(centers_zyx, dtype=float).reshape(-1, 3)
     diameters = np.asarray(diameters_mm, dtype=float).reshape(-1)
-    in_plane_mm = float(np.mean(volume.spacing[1:]))
-    feats = {"diameter_mm": diameters, **(features or {})}
     kwargs = {
-        "name": name,
+        **_points_kwargs(name, diameters, float(np.mean(volume.spacing[1:])), features or {},
+                         "{diameter_mm:.0f} mm"),
         **_geometry(volume),
-        # marker size is in data pixels; the in-plane spacing turns mm into pixels
-        "size": np.maximum(diameters / in_plane_mm, 3.0) if len(diameters) else 6.0,
-        "border_color": "lime",
-        "face_color": "transparent",
-        "border_width": 0.12,
-        "features": feats,
-        "text": {"string": "{diameter_mm:.0f} mm", "color": "lime", "size": 9,
-                 "translation": (0, -4, 0)} if len(diameters) else None,
         "metadata": _medseg_metadata(volume, **extra),
     }
-    if kwargs["text"] is None:
-        del kwargs["text"]
     return (centers, kwargs, "points")
+
+
+# -- model results on a user's image layer ------------------------------------------------
+def _like_layer(layer: Any) -> dict[str, Any]:
+    """Geometry kwargs that put a result exactly on ``layer`` (scale, translate, affine)."""
+    return {
+        "scale": tuple(layer.scale),
+        "translate": tuple(layer.translate),
+        "affine": layer.affine.affine_matrix,
+        "axis_labels": tuple(layer.axis_labels),
+        "units": tuple(str(u) for u in layer.units),
+    }
+
+
+def _result_metadata(provenance: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"medseg": {**provenance, **extra, "disclaimer": DISCLAIMER}}
+
+
+def segmentation_layer_data(result: Any, image_layer: Any, provenance: dict[str, Any]) -> tuple:
+    """A new Labels layer for a SegmentationResult, on the image layer's grid."""
+    labels = result.labels if image_layer.ndim == 3 else result.labels[0]
+    names = dict(enumerate(result.class_names))
+    kwargs = {
+        **_labels_kwargs(f"{image_layer.name} segmentation ({provenance['model']})", names),
+        **_like_layer(image_layer),
+        "metadata": _result_metadata(
+            provenance, label_names=names,
+            unlabelled_slices=[int(z) for z in np.flatnonzero(~result.labelled)],
+        ),
+    }
+    return (labels, kwargs, "labels")
+
+
+def detection_layer_data(
+    result: Any, image_layer: Any, provenance: dict[str, Any], threshold: float
+) -> tuple:
+    """A new Points layer for a DetectionResult: score and diameter as features, points
+    below ``threshold`` hidden (not deleted) so a slider can bring them back."""
+    rows = np.asarray(result.as_rows(), dtype=float).reshape(-1, 5)
+    centers, scores, diameters = rows[:, :3], rows[:, 3], rows[:, 4]
+    if image_layer.ndim == 2:
+        centers = centers[:, 1:]
+    in_plane_mm = float(np.mean(result.spacing[1:]))
+    kwargs = {
+        **_points_kwargs(
+            f"{image_layer.name} lesions ({provenance['model']})", diameters, in_plane_mm,
+            {"score": scores}, "{score:.2f} · {diameter_mm:.0f} mm",
+        ),
+        **_like_layer(image_layer),
+        "shown": scores >= threshold,
+        "metadata": _result_metadata(provenance, threshold=threshold),
+    }
+    return (centers, kwargs, "points")
+
+
+def volume_from_layer(layer: Any) -> Volume:
+    """A private copy of an Image layer as a Volume, or MedsegInputError saying why not.
+
+    The copy is taken here, in the GUI thread, so a user who keeps painting or a layer
+    removed mid-run cannot race the model.
+    """
+    from napari.layers import Image
+
+    from .core.errors import MedsegInputError
+
+    if layer is None:
+        raise MedsegInputError("no image layer selected; open or pick a grayscale image first")
+    if not isinstance(layer, Image):
+        raise MedsegInputError(
+            f"'{layer.name}' is a {type(layer).__name__} layer; pick an Image layer"
+        )
+    if layer.rgb:
+        raise MedsegInputError(f"'{layer.name}' is an RGB image; convert it to grayscale first")
+    if layer.multiscale:
+        raise MedsegInputError(f"'{layer.name}' is multiscale; open it as a single-scale image")
+    data = np.array(layer.data, copy=True)
+    if data.ndim not in (2, 3):
+        raise MedsegInputError(
+            f"'{layer.name}' has {data.ndim} dimensions {data.shape}; expected a 2D slice or a "
+            "3D (z, y, x) volume"
+        )
+    if data.size == 0:
+        raise MedsegInputError(f"'{layer.name}' is empty")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise MedsegInputError(f"'{layer.name}' holds {data.dtype} values, not real numbers")
+    if not np.isfinite(data).any():
+        raise MedsegInputError(f"'{layer.name}' has no finite values (all NaN)")
+    medseg = layer.metadata.get("medseg", {})
+    scale = tuple(float(s) for s in layer.scale)
+    translate = tuple(float(t) for t in layer.translate)
+    if data.ndim == 2:
+        scale, translate = (1.0, *scale), (0.0, *translate)
+    missing = medseg.get("missing_slices", [])
+    mask = np.zeros(1 if data.ndim == 2 else data.shape[0], dtype=bool)
+    if data.ndim == 3 and missing and max(missing) < data.shape[0]:
+        mask[list(missing)] = True
+    modality = medseg.get("modality")
+    if modality is None:
+        from .core.io import guess_modality
+
+        modality = guess_modality(data)
+    return Volume.from_array(
+        data, spacing=scale, origin=translate, modality=modality, missing=mask
+    )

@@ -95,6 +95,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_WIDGETS = ("Segment organs", "Detect lesions", "Classify slices", "Synthetic phantom",
+                "Volume info")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import napari
 
@@ -102,8 +106,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     viewer.window.resize(1500, 950)
     viewer.scale_bar.visible = True
     viewer.open_sample("napari-medseg", "synthetic_ct")
-    for widget in ("Synthetic phantom", "Volume info"):
-        viewer.window.add_plugin_dock_widget("napari-medseg", widget)
+    # model widgets tabbed together on the right, tools below them
+    for index, widget in enumerate(DEMO_WIDGETS):
+        viewer.window.add_plugin_dock_widget("napari-medseg", widget, tabify=index in (1, 2, 4))
+    first_dock = viewer.window._dock_widgets.get("Segment organs (napari-medseg)")
+    if first_dock is not None:
+        first_dock.raise_()
     # open on the largest lesion, so the first thing a user sees is a finding
     points = viewer.layers[-1]
     if len(points.data):

@@ -110,6 +110,8 @@ class Volume:
             array = array[np.newaxis]
             if spacing is not None and len(tuple(spacing)) == 2:
                 spacing = (1.0, *tuple(spacing))
+            if len(tuple(kwargs.get("origin", ()))) == 2:
+                kwargs["origin"] = (0.0, *tuple(kwargs["origin"]))
         elif array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
             raise MedsegInputError(
                 f"this looks like an RGB(A) image (shape {array.shape}); "

@@ -1,0 +1,109 @@
+"""How long does napari's event loop stall while a model runs in the background?
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py
+
+Opens a 64×256×256 phantom CT in a real viewer (under Xvfb), docks the Segment widget with
+the bundled segmenter, and while it runs a 10 ms QTimer records event-loop ticks and the
+"user" scrolls one slice every 50 ms. The same 10 ms timer + scrolling is measured first
+with no job running: that idle figure is the same-run reference (Xvfb's software renderer
+alone causes some stall). Prints one JSON object; goal: longest stall ≤ 100 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import napari
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QApplication
+
+from napari_medseg.core.phantom import generate_phantom
+
+
+def measure(viewer, seconds: float | None, widget=None) -> dict:
+    app = QApplication.instance()
+    ticks: list[float] = []
+    inserted: list[float] = []
+    viewer.layers.events.inserted.connect(lambda _e: inserted.append(time.perf_counter()))
+    tick = QTimer()
+    tick.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    nz = int(viewer.dims.nsteps[0])
+    scroll = QTimer()
+    scroll.timeout.connect(
+        lambda: viewer.dims.set_current_step(0, (viewer.dims.current_step[0] + 1) % nz)
+    )
+    tick.start(10)
+    scroll.start(50)
+    start = time.perf_counter()
+    done_at = None
+    if widget is not None:
+        widget._run.clicked.emit()
+    while True:
+        app.processEvents()
+        time.sleep(0.001)
+        elapsed = time.perf_counter() - start
+        if widget is not None and widget._worker is None:
+            done_at = done_at or time.perf_counter()
+            if time.perf_counter() - done_at > 1.0:  # keep measuring while the result draws
+                break
+        if seconds is not None and elapsed >= seconds:
+            break
+    tick.stop()
+    scroll.stop()
+    stamps = np.asarray(ticks)
+    gaps_ms = np.diff(stamps) * 1000.0
+    # the gap in which the result layer was added: napari building and first drawing it
+    adding = np.zeros(len(gaps_ms), dtype=bool)
+    for t in inserted:
+        adding |= (stamps[:-1] <= t) & (t <= stamps[1:])
+    computing = gaps_ms[~adding]
+    extra = {}
+    if adding.any():
+        extra = {
+            "stall_adding_result_layer_ms": round(float(gaps_ms[adding].max()), 1),
+            "max_gap_while_model_runs_ms": round(float(computing.max()), 1),
+            "p99_gap_while_model_runs_ms": round(float(np.percentile(computing, 99)), 1),
+        }
+    return {
+        "seconds": round((done_at or time.perf_counter()) - start, 2),
+        "ticks": len(ticks),
+        "max_gap_ms": round(float(gaps_ms.max()), 1),
+        "p99_gap_ms": round(float(np.percentile(gaps_ms, 99)), 1),
+        "median_gap_ms": round(float(np.median(gaps_ms)), 1),
+        "gaps_over_100ms": int((gaps_ms > 100).sum()),
+        **extra,
+    }
+
+
+def main() -> None:
+    phantom = generate_phantom((64, 256, 256), (2.5, 0.8, 0.8), seed=21, n_lesions=2)
+    viewer = napari.Viewer(title="responsiveness benchmark")
+    viewer.window.resize(1400, 900)
+    image = viewer.add_image(phantom.volume.array, scale=phantom.volume.spacing,
+                             contrast_limits=(-160, 240), name="ct")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment organs")
+    widget._image.value = image
+    for _ in range(50):
+        QApplication.instance().processEvents()
+    idle = measure(viewer, seconds=5.0)
+    running = measure(viewer, seconds=None, widget=widget)
+    ok = isinstance(viewer.layers[-1], napari.layers.Labels)
+    result = {
+        "benchmark": "gui_responsiveness",
+        "volume_zyx": [64, 256, 256],
+        "model": widget._model.value,
+        "segmentation_added": ok,
+        "idle_reference": idle,
+        "while_segmenting": running,
+        "stall_ratio_vs_idle": round(running["max_gap_ms"] / max(idle["max_gap_ms"], 1e-3), 2),
+        "goal_max_gap_le_100ms": running["max_gap_ms"] <= 100.0,
+        "goal_met_while_model_runs": running.get("max_gap_while_model_runs_ms", 1e9) <= 100.0,
+    }
+    viewer.close()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Regenerate the user guide's widget screenshots (run under Xvfb).
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/scripts/screenshots.py [NAMES]
+
+Opens the sample CT, docks each model widget, runs it with its bundled model, waits for
+the worker, and saves docs/images/<name>.png (the whole window, as a user sees it).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import napari
+from qtpy.QtWidgets import QApplication
+
+IMAGES = Path(__file__).resolve().parents[1] / "images"
+WIDGETS = {"segment": "Segment organs", "detect": "Detect lesions", "classify": "Classify slices"}
+
+
+def wait_for(widget, timeout=600.0) -> None:
+    app = QApplication.instance()
+    start = time.perf_counter()
+    while widget._worker is not None:
+        app.processEvents()
+        time.sleep(0.02)
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(f"{widget.task} did not finish in {timeout} s")
+    for _ in range(20):  # let the new layers draw
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def shoot(name: str) -> Path:
+    viewer = napari.Viewer(title="napari-medseg")
+    viewer.window.resize(1500, 950)
+    viewer.scale_bar.visible = True
+    viewer.open_sample("napari-medseg", "synthetic_ct")
+    truth = [layer for layer in viewer.layers if layer.name.endswith("ground truth")]
+    for layer in truth:
+        layer.visible = False  # show the model's output, not the answer
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", WIDGETS[name])
+    widget._image.value = viewer.layers[0]
+    widget._run.clicked.emit()
+    wait_for(widget)
+    points = viewer.layers[-2] if name != "detect" else viewer.layers[-1]
+    lesions = [layer for layer in viewer.layers if layer.name.endswith(" lesions")]
+    if name == "detect" and widget._goto.choices:
+        widget._go_to_lesion(widget._goto.value)  # as if the user picked the first entry
+        for layer in lesions:
+            layer.visible = False
+    elif lesions and len(lesions[0].data):
+        largest = int(lesions[0].features["diameter_mm"].argmax())
+        viewer.dims.set_point(0, lesions[0].data_to_world(lesions[0].data[largest])[0])
+    viewer.layers.selection.active = viewer.layers[-1]
+    QApplication.instance().processEvents()
+    path = IMAGES / f"{name}.png"
+    viewer.screenshot(str(path), canvas_only=False)
+    viewer.close()
+    return path
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(WIDGETS):
+        print(shoot(name))

@@ -1,0 +1,148 @@
+"""Shared shape of the model dock widgets: pick an image and a model, run, cancel.
+
+Subclasses say which architecture they run (``architecture``), which core job runs it
+(``core_job``) and how its result becomes layers (``show_result``). Everything else —
+layer and model pickers, copying the input, the worker, progress, cancel, errors, a
+removed input layer — lives here once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import napari
+from magicgui.widgets import ComboBox, Container, Label, PushButton
+from napari.utils.notifications import show_warning
+
+from .. import _jobs
+from .._layers import volume_from_layer
+from ..core.errors import MedsegInputError
+from ..core.models.registry import BUNDLED_DIR, list_models, load_model
+
+
+def model_choices(architecture: str) -> list[tuple[str, str]]:
+    """(display name, card path) for every bundled and user model of ``architecture``."""
+    choices = []
+    for card in list_models():
+        if card.get("architecture") != architecture:
+            continue
+        where = "bundled" if Path(card["card_path"]).parent == BUNDLED_DIR else "user"
+        version = card.get("version", "?")
+        choices.append((f"{card['name']} v{version} ({where})", card["card_path"]))
+    return choices
+
+
+def provenance(card: dict, image_name: str) -> dict[str, Any]:
+    """What every output layer records about how it was made."""
+    return {
+        "model": card.get("name"),
+        "model_version": card.get("version"),
+        "model_sha256": card.get("sha256"),
+        "input_layer": image_name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class ModelRunWidget(Container):
+    architecture: str = ""
+    task: str = ""  # "Segment", "Detect", ...
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        self._viewer = viewer
+        self._worker = None
+        self._image = ComboBox(label="Image", choices=self._image_choices, nullable=False)
+        self._model = ComboBox(label="Model", choices=lambda _w=None: model_choices(self.architecture))
+        self._run = PushButton(text=self.task or "Run")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._status = Label(value="")
+        self._status.native.setWordWrap(True)  # long results must not widen the dock
+        self._run.changed.connect(self._on_run)
+        self._cancel.changed.connect(self._on_cancel)
+        super().__init__(
+            widgets=[
+                self._image,
+                self._model,
+                *self.extra_widgets(),
+                Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
+                self._status,
+                *self.result_widgets(),
+            ]
+        )
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
+                      viewer.layers.events.moved):
+            event.connect(self._refresh_layers)
+
+    # -- for subclasses ------------------------------------------------------------------
+    def extra_widgets(self) -> list:
+        return []
+
+    def result_widgets(self) -> list:
+        return []
+
+    def core_job(self, volume, model, card):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def show_result(self, result, card: dict, image_layer, volume) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _image_choices(self, _widget=None):
+        from napari.layers import Image
+
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _refresh_layers(self, _event=None) -> None:
+        self._image.reset_choices()
+
+    def _on_run(self) -> None:
+        layer = self._image.value
+        try:
+            volume = volume_from_layer(layer)  # copies the data now, in the GUI thread
+            card_path = self._model.value
+            if card_path is None:
+                raise MedsegInputError(
+                    f"no {self.architecture} model found; train one with "
+                    f"'napari-medseg train' or reinstall the bundled weights"
+                )
+        except MedsegInputError as exc:
+            from napari.utils.notifications import show_error
+
+            show_error(f"{self.task}: {exc}")
+            return
+        self._set_running(True)
+        self._status.value = f"{self.task}: running on '{layer.name}'…"
+        self._worker = _jobs.start_job(
+            self._job,
+            volume,
+            card_path,
+            description=f"{self.task} '{layer.name}'",
+            on_result=lambda out: self._on_result(out, layer, volume),
+            on_finished=lambda: self._set_running(False),
+        )
+
+    def _job(self, volume, card_path):
+        model, card = load_model(card_path)
+        result = yield from self.core_job(volume, model, card)
+        return result, card
+
+    def _on_result(self, out, layer, volume) -> None:
+        result, card = out
+        if layer not in self._viewer.layers:
+            show_warning(f"{self.task}: '{layer.name}' was removed while the model ran; "
+                         "the result was discarded")
+            self._status.value = "Input layer removed; result discarded"
+            return
+        self.show_result(result, card, layer, volume)
+
+    def _on_cancel(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._status.value = "Cancelled"
+
+    def _set_running(self, running: bool) -> None:
+        self._run.enabled = not running
+        self._cancel.enabled = running
+        if not running:
+            self._worker = None

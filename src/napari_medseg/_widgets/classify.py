@@ -1,0 +1,90 @@
+"""Dock widget: per-slice classes and probabilities, following the slice slider."""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui.widgets import ComboBox, Label
+
+from ..core.inference import classify_volume
+from ._model_widget import ModelRunWidget, provenance
+from ._strip import ProbabilityStrip
+
+FLAG_CLASS = "lesion"
+
+
+class ClassifyWidget(ModelRunWidget):
+    architecture = "SliceClassifier"
+    task = "Classify"
+
+    def result_widgets(self) -> list:
+        self._result = None
+        self._layer = None
+        self._current = Label(value="")
+        self._current.native.setWordWrap(True)
+        self._strip = ProbabilityStrip()
+        self._strip.slice_clicked.connect(self._go_to_slice)
+        self._goto = ComboBox(label="Lesion slices", choices=[], enabled=False)
+        self._goto.changed.connect(lambda z: z is not None and self._go_to_slice(z))
+        self._goto.native.activated.connect(
+            lambda _i: self._goto.value is not None and self._go_to_slice(self._goto.value)
+        )
+        self._viewer.dims.events.current_step.connect(self._follow_slice)
+        # the strip is plain Qt; wrap it so it sits in the magicgui layout
+        from magicgui.widgets import Container
+
+        holder = Container(labels=False)
+        holder.native.layout().addWidget(self._strip)
+        return [self._current, holder, self._goto]
+
+    def core_job(self, volume, model, card):
+        return classify_volume(volume, model, card)
+
+    def show_result(self, result, card, image_layer, volume) -> None:
+        self._result, self._layer = result, image_layer
+        self._provenance = provenance(card, image_layer.name)
+        names = list(result.class_names)
+        flag = names.index(FLAG_CLASS) if FLAG_CLASS in names else len(names) - 1
+        flagged = result.predicted == flag
+        self._strip.set_values(result.probabilities[:, flag], flagged)
+        with self._goto.changed.blocked():
+            self._goto.choices = [
+                (f"slice {z} · p={result.probabilities[z, flag]:.2f}", int(z))
+                for z in np.flatnonzero(flagged)
+            ]
+        self._goto.enabled = bool(flagged.any())
+        missing = int(result.missing.sum())
+        self._status.value = (
+            f"{int(flagged.sum())} of {len(flagged)} slices flagged '{names[flag]}'"
+            + (f"; {missing} missing slices not classified" if missing else "")
+        )
+        self._follow_slice()
+
+    def _slice_index(self) -> int:
+        """Current slice of the classified layer (0 for a 2D image)."""
+        layer = self._layer
+        if layer is None or layer.ndim == 2:
+            return 0
+        world = self._viewer.dims.point[-3]
+        return int(round(layer.world_to_data([world, 0, 0])[0]))
+
+    def _follow_slice(self, _event=None) -> None:
+        result = self._result
+        if result is None:
+            return
+        z = self._slice_index()
+        self._strip.set_current(z)
+        if not 0 <= z < len(result.predicted):
+            self._current.value = "Current slice: outside the classified image"
+            return
+        if result.predicted[z] < 0:
+            self._current.value = f"Slice {z}: missing (not classified)"
+            return
+        probs = ", ".join(f"{n} {p:.2f}" for n, p in zip(result.class_names, result.probabilities[z]))
+        self._current.value = f"Slice {z}: {result.class_names[result.predicted[z]]}\n{probs}"
+
+    def _go_to_slice(self, z: int) -> None:
+        layer = self._layer
+        if layer is None or layer not in self._viewer.layers or layer.ndim == 2:
+            return
+        world = layer.data_to_world([z, 0, 0])[0]
+        self._viewer.dims.set_point(0, world)

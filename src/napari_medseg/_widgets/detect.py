@@ -1,0 +1,73 @@
+"""Dock widget: detect lesions on an image layer into a new Points layer."""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui.widgets import ComboBox, FloatSlider
+
+from .._layers import detection_layer_data
+from ..core.inference import detect_lesions
+from ._model_widget import ModelRunWidget, provenance
+
+# Detections are kept down to this score so the threshold slider can reveal weaker ones
+# without running the model again.
+KEEP_SCORE = 0.05
+MAX_LISTED = 200  # the "go to" list; the layer itself keeps every detection
+
+
+class DetectWidget(ModelRunWidget):
+    architecture = "LesionDetector"
+    task = "Detect"
+
+    def result_widgets(self) -> list:
+        self._points = None
+        self._threshold = FloatSlider(label="Score threshold", value=0.5, min=KEEP_SCORE, max=1.0,
+                                      step=0.01, enabled=False)
+        self._threshold.changed.connect(self._apply_threshold)
+        self._goto = ComboBox(label="Go to lesion", choices=[], enabled=False)
+        self._goto.changed.connect(self._go_to_lesion)
+        # picking the entry that is already current changes nothing, but the user still
+        # expects to be taken there
+        self._goto.native.activated.connect(lambda _i: self._go_to_lesion(self._goto.value))
+        return [self._threshold, self._goto]
+
+    def core_job(self, volume, model, card):
+        self._card_threshold = float(card.get("peak_threshold", 0.5))
+        return detect_lesions(volume, model, card, threshold=min(KEEP_SCORE, self._card_threshold))
+
+    def show_result(self, result, card, image_layer, volume) -> None:
+        threshold = float(card.get("peak_threshold", 0.5))
+        data, kwargs, _ = detection_layer_data(result, image_layer,
+                                               provenance(card, image_layer.name), threshold)
+        self._points = self._viewer.add_points(data, **kwargs)
+        with self._threshold.changed.blocked():
+            self._threshold.value = threshold
+        self._threshold.enabled = True
+        self._apply_threshold()
+
+    def _apply_threshold(self, _value=None) -> None:
+        points = self._points
+        if points is None or points not in self._viewer.layers:
+            return
+        scores = np.asarray(points.features["score"], dtype=float)
+        shown = scores >= self._threshold.value
+        points.shown = shown
+        # numbered, so that equal-looking lesions stay separate entries
+        choices = [
+            (f"#{rank + 1} z={int(round(points.data[i][0])) if points.ndim == 3 else 0} · score "
+             f"{scores[i]:.2f} · {points.features['diameter_mm'][i]:.0f} mm", int(i))
+            for rank, i in enumerate(i for i in np.argsort(-scores, kind="stable") if shown[i])
+        ][:MAX_LISTED]
+        with self._goto.changed.blocked():
+            self._goto.choices = choices
+        self._goto.enabled = bool(choices)
+        self._status.value = f"{int(shown.sum())} of {len(scores)} detections at score ≥ {self._threshold.value:.2f}"
+
+    def _go_to_lesion(self, index) -> None:
+        points = self._points
+        if index is None or points is None or points not in self._viewer.layers:
+            return
+        world = points.data_to_world(points.data[index])
+        if points.ndim == 3:
+            self._viewer.dims.set_point(0, world[0])
+        self._viewer.camera.center = tuple(world[-2:])

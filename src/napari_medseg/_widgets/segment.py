@@ -1,0 +1,25 @@
+"""Dock widget: segment organs on an image layer into a new Labels layer."""
+
+from __future__ import annotations
+
+from .._layers import segmentation_layer_data
+from ..core.inference import segment_volume
+from ._model_widget import ModelRunWidget, provenance
+
+
+class SegmentWidget(ModelRunWidget):
+    architecture = "RecurrentSegmenter"
+    task = "Segment"
+
+    def core_job(self, volume, model, card):
+        return segment_volume(volume, model, card)
+
+    def show_result(self, result, card, image_layer, volume) -> None:
+        data, kwargs, _ = segmentation_layer_data(result, image_layer, provenance(card, image_layer.name))
+        self._viewer.add_labels(data, **kwargs)
+        ml = result.volume_ml()
+        found = [f"{name} {ml[name]:.0f} ml" for name in result.class_names[1:] if ml[name] > 0]
+        skipped = int((~result.labelled).sum())
+        self._status.value = " · ".join(found) or "No structure found"
+        if skipped:
+            self._status.value += f"\n{skipped} missing slices left unlabelled"

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.models import (
+    LesionDetector,
+    RecurrentSegmenter,
+    SliceClassifier,
+    save_model,
+    user_models_dir,
+)
+from napari_medseg.core.phantom import LABEL_NAMES, SLICE_CLASSES
+
+WINDOW = {"type": "window", "low": -200.0, "high": 300.0}
+
+
+@pytest.fixture
+def random_models(tmp_path, monkeypatch):
+    """Small random-init models in a private user folder: {architecture: card path}.
+
+    Widget tests check plumbing (layers, alignment, progress, cancel), not accuracy —
+    held-out accuracy of the trained weights is `napari-medseg evaluate`'s job.
+    """
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    folder = user_models_dir(create=True)
+    torch.manual_seed(0)
+    common = {"input_spacing_mm": [2.5, 1.5, 1.5], "resample_axes": "yx", "normalisation": WINDOW}
+    paths = {
+        "RecurrentSegmenter": save_model(
+            RecurrentSegmenter(n_classes=len(LABEL_NAMES), widths=(8, 16, 16)).eval(),
+            folder, "test-segmenter",
+            {**common, "classes": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]},
+        ),
+        "SliceClassifier": save_model(
+            SliceClassifier(n_classes=len(SLICE_CLASSES), filters=(8, 8, 8), hidden=16).eval(),
+            folder, "test-classifier", {**common, "classes": list(SLICE_CLASSES)},
+        ),
+        "LesionDetector": save_model(
+            LesionDetector(widths=(8, 16, 16)).eval(), folder, "test-detector",
+            {**common, "classes": ["lesion"], "peak_threshold": 0.5, "min_distance_mm": 8.0,
+             "context_slices": 1},
+        ),
+    }
+    return {arch: str(path) for arch, path in paths.items()}
+
+
+@pytest.fixture
+def small_phantom():
+    from napari_medseg.core.phantom import generate_phantom
+
+    return generate_phantom((8, 96, 96), (2.5, 2.0, 2.0), seed=5, n_lesions=1)
+

@@ -1,0 +1,221 @@
+"""Segment / Detect / Classify dock widgets in a real viewer, with small random models."""
+
+import time
+
+import numpy as np
+import pytest
+from napari.layers import Labels, Points
+from napari.utils.notifications import notification_manager
+from pydicom.data import get_testdata_file
+
+from napari_medseg._sample_data import phantom_layer_data
+from napari_medseg._widgets.classify import ClassifyWidget
+from napari_medseg._widgets.detect import DetectWidget
+from napari_medseg._widgets.segment import SegmentWidget
+
+
+WIDGETS = [SegmentWidget, DetectWidget, ClassifyWidget]
+
+
+def layer_snapshot(viewer):
+    return [(l.name, type(l).__name__, np.array(l.data, copy=True)) for l in viewer.layers]
+
+
+def _open_phantom(viewer, phantom):
+    for data, kwargs, layer_type in phantom_layer_data(phantom):
+        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+    return viewer.layers[0]
+
+
+def _select(widget, layer, card_path):
+    widget._image.value = layer
+    widget._model.value = card_path
+
+
+def _run_and_wait(widget, qtbot, timeout=120_000):
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
+
+
+def _messages_since(start, severity):
+    return [str(n.message) for n in notification_manager.records[start:] if n.severity == severity]
+
+
+def _assert_on_image(result_layer, image):
+    np.testing.assert_allclose(result_layer.scale, image.scale)
+    np.testing.assert_allclose(result_layer.translate, image.translate)
+    np.testing.assert_allclose(result_layer.affine.affine_matrix, image.affine.affine_matrix)
+
+
+def test_segment_adds_aligned_labels_and_leaves_layers_alone(
+    make_napari_viewer, qtbot, random_models, small_phantom
+):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    before = layer_snapshot(viewer)
+    widget = SegmentWidget(viewer)
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    _run_and_wait(widget, qtbot)
+    _run_and_wait(widget, qtbot)  # running again adds a second layer, never overwrites
+    new = viewer.layers[len(before):]
+    assert len(new) == 2 and all(isinstance(layer, Labels) for layer in new)
+    assert new[0].data.shape == image.data.shape and new[0].data.dtype == np.uint8
+    _assert_on_image(new[0], image)
+    meta = new[0].metadata["medseg"]
+    assert meta["model"] == "test-segmenter" and meta["input_layer"] == image.name
+    assert len(meta["model_sha256"]) == 64 and "not for diagnostic use" in meta["disclaimer"]
+    assert "liver" in list(new[0].features["name"])
+    for (name, kind, data), layer in zip(before, viewer.layers):
+        assert layer.name == name and type(layer).__name__ == kind
+        np.testing.assert_array_equal(layer.data, data)
+
+
+@pytest.mark.parametrize("widget_cls", WIDGETS)
+def test_widgets_run_on_real_ct_opened_by_reader(make_napari_viewer, qtbot, random_models, widget_cls):
+    """pydicom's CT_small.dcm: one 128×128 slice, opened as a (1, y, x) volume in HU."""
+    viewer = make_napari_viewer()
+    viewer.open(get_testdata_file("CT_small.dcm"), plugin="napari-medseg")
+    image = viewer.layers[0]
+    widget = widget_cls(viewer)
+    _select(widget, image, random_models[widget_cls.architecture])
+    start = len(notification_manager.records)
+    _run_and_wait(widget, qtbot)
+    assert not _messages_since(start, "error")
+    if widget_cls is ClassifyWidget:
+        assert widget._result.probabilities.shape == (1, 3)
+        assert widget._current.value.startswith("Slice 0:")
+        return
+    result = viewer.layers[-1]
+    assert result is not image and len(viewer.layers) == 2
+    assert isinstance(result, Labels if widget_cls is SegmentWidget else Points)
+    _assert_on_image(result, image)
+    if isinstance(result, Labels):
+        assert result.data.shape == image.data.shape
+
+
+def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = DetectWidget(viewer)
+    _select(widget, image, random_models["LesionDetector"])
+    _run_and_wait(widget, qtbot)
+    points = viewer.layers[-1]
+    assert isinstance(points, Points) and points is not viewer.layers[2]
+    _assert_on_image(points, image)
+    assert {"score", "diameter_mm"} <= set(points.features.columns)
+    scores = points.features["score"].to_numpy()
+    n_layers = len(viewer.layers)
+    widget._threshold.value = widget._threshold.min
+    assert points.shown.sum() == (scores >= widget._threshold.min).sum()
+    widget._threshold.value = 1.0
+    assert points.shown.sum() == (scores >= 1.0).sum()
+    assert len(viewer.layers) == n_layers, "filtering must not re-run or add layers"
+    if len(scores):
+        widget._threshold.value = widget._threshold.min
+        index = int(np.argmax(scores))
+        widget._goto.value = index
+        expected = points.data_to_world(points.data[index])[0]
+        assert viewer.dims.point[0] == pytest.approx(expected, abs=image.scale[0])
+
+
+def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    n_layers = len(viewer.layers)
+    widget = ClassifyWidget(viewer)
+    _select(widget, image, random_models["SliceClassifier"])
+    _run_and_wait(widget, qtbot)
+    assert len(viewer.layers) == n_layers  # classification adds no layer
+    probs = widget._result.probabilities
+    assert probs.shape == (image.data.shape[0], 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    for z in (0, 5):
+        widget._go_to_slice(z)
+        assert widget._current.value.startswith(f"Slice {z}:")
+        assert widget._strip._current == z
+
+
+@pytest.mark.parametrize("widget_cls", WIDGETS)
+@pytest.mark.parametrize(
+    "make_layer, reason",
+    [
+        (lambda v: v.add_image(np.zeros((16, 16, 3), np.uint8), rgb=True, name="photo"), "RGB"),
+        (lambda v: v.add_image(np.zeros((2, 3, 16, 16)), name="4d"), "dimensions"),
+        (lambda v: v.add_image(np.full((3, 16, 16), np.nan), name="nan"), "NaN"),
+        (lambda v: None, "no image layer"),
+    ],
+)
+def test_bad_input_notifies_and_changes_nothing(
+    make_napari_viewer, random_models, widget_cls, make_layer, reason
+):
+    viewer = make_napari_viewer()
+    layer = make_layer(viewer)
+    widget = widget_cls(viewer)
+    if layer is not None:
+        widget._image.value = layer
+    before = layer_snapshot(viewer)
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    errors = _messages_since(start, "error")
+    assert len(errors) == 1 and reason in errors[0] and "\n" not in errors[0]
+    assert [(n, k) for n, k, _ in layer_snapshot(viewer)] == [(n, k) for n, k, _ in before]
+    assert widget._worker is None and widget._run.enabled
+
+
+def test_labels_layer_is_refused_as_image(make_napari_viewer):
+    from napari_medseg._layers import volume_from_layer
+    from napari_medseg.core.errors import MedsegInputError
+
+    viewer = make_napari_viewer()
+    labels = viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="seg")
+    with pytest.raises(MedsegInputError, match="Labels layer"):
+        volume_from_layer(labels)
+
+
+def test_cancel_and_removed_layer_leave_no_result(
+    make_napari_viewer, qtbot, random_models, small_phantom
+):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    n_layers = len(viewer.layers)
+    widget = SegmentWidget(viewer)
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    widget._run.clicked.emit()
+    widget._cancel.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == n_layers and widget._run.enabled
+
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    viewer.layers.remove(image)  # the user deletes the input while the model runs
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == n_layers - 1
+    assert any("removed" in m for m in _messages_since(start, "warning"))
+    assert not _messages_since(start, "error")
+
+
+def test_gui_stays_responsive_while_segmenting(make_napari_viewer, qtbot, random_models):
+    """Longest gap between event-loop ticks while a 64×256×256 segmentation runs.
+
+    The bound is generous (shared 2-core machine, software rendering); the benchmark
+    reports the real figure.
+    """
+    from qtpy.QtCore import QTimer
+
+    from napari_medseg.core.phantom import generate_phantom
+
+    viewer = make_napari_viewer()
+    phantom = generate_phantom((64, 256, 256), (2.5, 0.8, 0.8), seed=11, n_lesions=0)
+    image = viewer.add_image(phantom.volume.array, scale=phantom.volume.spacing)
+    widget = SegmentWidget(viewer)
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=300_000)
+    timer.stop()
+    gaps = np.diff(ticks)
+    assert len(ticks) > 10 and isinstance(viewer.layers[-1], Labels)
+    assert gaps.max() < 1.0, f"event loop stalled for {gaps.max() * 1000:.0f} ms"
