@@ -11,7 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
-    "widgets": {"Synthetic phantom", "Volume info"},
+    "widgets": {"Segment organs", "Detect lesions", "Classify slices", "Synthetic phantom",
+                "Volume info"},
     "readers": {"napari-medseg.get_reader"},
     "writers": {"napari-medseg.write_labels_nifti"},
     "sample_data": {"synthetic_ct"},

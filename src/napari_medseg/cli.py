@@ -95,7 +95,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_WIDGETS = ("Segment organs", "Detect lesions", "Classify slices", "Synthetic phantom",
+# the last widget tabified into a group is the one shown: Segment, then Volume info
+DEMO_WIDGETS = ("Detect lesions", "Classify slices", "Segment organs", "Synthetic phantom",
                 "Volume info")
 
 
@@ -109,9 +110,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # model widgets tabbed together on the right, tools below them
     for index, widget in enumerate(DEMO_WIDGETS):
         viewer.window.add_plugin_dock_widget("napari-medseg", widget, tabify=index in (1, 2, 4))
-    first_dock = viewer.window._dock_widgets.get("Segment organs (napari-medseg)")
-    if first_dock is not None:
-        first_dock.raise_()
     # open on the largest lesion, so the first thing a user sees is a finding
     points = viewer.layers[-1]
     if len(points.data):
