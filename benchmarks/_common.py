@@ -5,12 +5,14 @@ Every figure is reported next to a reference measured in the same run (DESIGN.md
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from napari_medseg.core.inference import cpu_supports_bf16, default_threads
+from napari_medseg.core.inference import cpu_supports_bf16, default_threads, model_grid
 from napari_medseg.core.models import build_model
 from napari_medseg.core.models.registry import BUNDLED_DIR, load_model
 
@@ -190,3 +192,77 @@ def emit(result: dict[str, Any]) -> None:
 
     print(json.dumps(clean(result)))
     sys.stdout.flush()
+
+
+def bench_parser(doc: str, naive_slices: int) -> argparse.ArgumentParser:
+    """Parser with the options every benchmark shares: volume size, spacing, naive subset."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7))
+    ap.add_argument("--naive-slices", type=int, default=naive_slices)
+    return ap
+
+
+@dataclass
+class BenchRun:
+    """What every benchmark measures before its job: load, threads, machine, GEMM, model."""
+
+    monitor: LoadMonitor
+    threads: dict[str, Any]
+    info: dict[str, Any]
+    gemm: float
+    model: torch.nn.Module
+    card: dict
+    weights: str
+
+
+def start_run(name: str, threads: int | None) -> BenchRun:
+    """Start the load monitor, pin threads, note the machine, measure GEMM, get ``name``."""
+    monitor = LoadMonitor()
+    chosen = setup_threads(threads)
+    info = machine()
+    gemm = gemm_gflops()
+    model, card, weights = get_model(name)
+    return BenchRun(monitor, chosen, info, gemm, model, card, weights)
+
+
+def result_head(name: str, args: Any, volume: Any, card: dict, weights: str,
+                precision: str) -> dict[str, Any]:
+    """The first keys of every benchmark's JSON: what was run, on what, with which model."""
+    return {
+        "benchmark": name,
+        "volume_zyx": [args.slices, args.size, args.size],
+        "spacing_mm": list(args.spacing),
+        "model_grid_yx": list(model_grid(volume, card)),
+        "model_spacing_mm": card["input_spacing_mm"],
+        "weights": weights,
+        "precision": precision,
+    }
+
+
+def versus_references(run: BenchRun, gemm_after: float, gflops: float, seconds: float,
+                      sample: torch.Tensor, args: Any, note: str) -> dict[str, Any]:
+    """Same-run GEMM and naive comparison keys (times the naive run on ``sample``)."""
+    gemm_ref = max(run.gemm, gemm_after)
+    naive_slice = naive_seconds_per_slice(run.model, sample[: args.naive_slices].contiguous())
+    naive_total = naive_slice * args.slices
+    return {
+        "gflops_achieved": gflops,
+        "gemm_gflops_same_run": gemm_ref,
+        "gemm_gflops_before_after": [run.gemm, gemm_after],
+        "ratio": gflops / gemm_ref,
+        "naive": {"seconds_scaled": naive_total, "slices_timed": args.naive_slices,
+                  "seconds_per_slice": naive_slice, "scaled_to": args.slices,
+                  "note": note},
+        "speedup_vs_naive": naive_total / seconds,
+    }
+
+
+def finish(out: dict[str, Any], run: BenchRun, t0: float) -> None:
+    """Add threads, load during the run, machine and total wall time; print the JSON."""
+    out["threads"] = run.threads
+    out["other_processes_busy_cores_during_run"] = run.monitor.others()
+    out["machine"] = run.info
+    out["wall_time_total_s"] = time.perf_counter() - t0
+    emit(out)

@@ -9,22 +9,20 @@ folding, no channels_last, one slice at a time through ``forward`` on the model 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    LoadMonitor,
+    bench_parser,
     count_flops,
-    emit,
+    finish,
     gemm_gflops,
-    get_model,
-    machine,
-    naive_seconds_per_slice,
-    setup_threads,
+    result_head,
+    start_run,
     timed,
+    versus_references,
 )
 
 from napari_medseg.core.inference import (  # noqa: E402
@@ -32,7 +30,6 @@ from napari_medseg.core.inference import (  # noqa: E402
     _ModelGridSlices,
     classify_volume,
     cpu_supports_bf16,
-    model_grid,
     prepare_model,
 )
 from napari_medseg.core.phantom import generate_phantom  # noqa: E402
@@ -42,52 +39,30 @@ T0 = time.perf_counter()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slices", type=int, default=200)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7))
-    ap.add_argument("--naive-slices", type=int, default=16)
+    ap = bench_parser(__doc__, naive_slices=16)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    monitor = LoadMonitor()
-    threads = setup_threads(args.threads)
-    info = machine()
-    gemm = gemm_gflops()
-    model, card, weights = get_model("classifier")
+    run = start_run("classifier", args.threads)
+    model, card = run.model, run.card
     volume = generate_phantom((args.slices, args.size, args.size), args.spacing, seed=0).volume
     seconds, result = timed(lambda: run_to_completion(
         classify_volume(volume, model, card, threads=0)))
     gemm_after = gemm_gflops()
-    gemm_ref = max(gemm, gemm_after)
 
     context = (model.in_channels - 1) // 2
     sample = _ModelGridSlices(volume, card, context)[0:DEFAULT_BATCH]
     fast = prepare_model(model)
     per_slice = count_flops(lambda: fast(sample)) / len(sample)
     gflops = per_slice * args.slices / seconds / 1e9
-    naive_slice = naive_seconds_per_slice(model, sample[: args.naive_slices].contiguous())
-    naive_total = naive_slice * args.slices
     out = {
-        "benchmark": "classify",
-        "volume_zyx": [args.slices, args.size, args.size],
-        "spacing_mm": list(args.spacing),
-        "model_grid_yx": list(model_grid(volume, card)),
-        "model_spacing_mm": card["input_spacing_mm"],
-        "weights": weights,
-        "precision": result.precision,
+        **result_head("classify", args, volume, card, run.weights, result.precision),
         "batch": DEFAULT_BATCH,
         "seconds": seconds,
         "seconds_per_slice": seconds / args.slices,
         "gflop_per_slice": per_slice / 1e9,
-        "gflops_achieved": gflops,
-        "gemm_gflops_same_run": gemm_ref,
-        "gemm_gflops_before_after": [gemm, gemm_after],
-        "ratio": gflops / gemm_ref,
-        "naive": {"seconds_scaled": naive_total, "slices_timed": args.naive_slices,
-                  "seconds_per_slice": naive_slice, "scaled_to": args.slices,
-                  "note": "model only (no resampling), on the model grid"},
-        "speedup_vs_naive": naive_total / seconds,
+        **versus_references(run, gemm_after, gflops, seconds, sample, args,
+                            "model only (no resampling), on the model grid"),
     }
     if cpu_supports_bf16():
         s16, r16 = timed(lambda: run_to_completion(
@@ -98,11 +73,7 @@ def main() -> None:
                 abs(r16.probabilities - result.probabilities).max()),
             "class_agreement": float((r16.predicted == result.predicted).mean()),
         }
-    out["threads"] = threads
-    out["other_processes_busy_cores_during_run"] = monitor.others()
-    out["machine"] = info
-    out["wall_time_total_s"] = time.perf_counter() - T0
-    emit(out)
+    finish(out, run, T0)
 
 
 if __name__ == "__main__":

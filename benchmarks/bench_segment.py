@@ -25,17 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    LoadMonitor,
-    setup_threads,
+    bench_parser,
     count_flops,
-    emit,
+    finish,
     gemm_gflops,
     get_model,
-    machine,
-    naive_seconds_per_slice,
     peak_rss_reset,
+    result_head,
     rss_mb,
+    start_run,
     timed,
+    versus_references,
 )
 
 from napari_medseg.core.inference import (  # noqa: E402
@@ -44,7 +44,6 @@ from napari_medseg.core.inference import (  # noqa: E402
     labels_from_logits,
     _ModelGridSlices,
     cpu_supports_bf16,
-    model_grid,
     prepare_model,
     segment_volume,
 )
@@ -111,11 +110,7 @@ def memory_child(n_slices: int, size: int, spacing: list[float]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slices", type=int, default=200)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7))
-    ap.add_argument("--naive-slices", type=int, default=12)
+    ap = bench_parser(__doc__, naive_slices=12)
     ap.add_argument("--monai-slices", type=int, default=4)
     ap.add_argument("--memory-slices", type=int, nargs=2, default=(100, 400))
     ap.add_argument("--threads", type=int, default=None,
@@ -128,14 +123,10 @@ def main() -> None:
         memory_child(args.memory_child, args.size, list(args.spacing))
         return
 
-    monitor = LoadMonitor()
-    threads = setup_threads(args.threads)
-    info = machine()
-    gemm = gemm_gflops()
-    model, card, weights = get_model("segmenter")
+    run = start_run("segmenter", args.threads)
+    model, card, threads = run.model, run.card, run.threads
     phantom = generate_phantom((args.slices, args.size, args.size), args.spacing, seed=0)
     volume = phantom.volume
-    grid = model_grid(volume, card)
 
     # end to end, default settings (fp32), cold (includes prepare_model)
     seconds, result = timed(
@@ -149,7 +140,6 @@ def main() -> None:
     executed_per_slice = executed / len(sample)
     forward_per_slice = count_flops(lambda: model(sample)) / len(sample)
     gflops = executed_per_slice * args.slices / seconds / 1e9
-    gemm_ref = max(gemm, gemm_after)
 
     # where the time goes (first n slices, chunk by chunk as the engine does, scaled)
     n_part = min(args.slices, 6 * DEFAULT_CHUNK)
@@ -187,32 +177,18 @@ def main() -> None:
                  else "boundary pixels only"}
     del logits, prepped, chunks
 
-    naive_slice = naive_seconds_per_slice(model, sample[: args.naive_slices].contiguous())
-    naive_total = naive_slice * args.slices
-
     out = {
-        "benchmark": "segment",
-        "volume_zyx": [args.slices, args.size, args.size],
-        "spacing_mm": list(args.spacing),
-        "model_grid_yx": list(grid),
-        "model_spacing_mm": card["input_spacing_mm"],
-        "weights": weights,
-        "precision": result.precision,
+        **result_head("segment", args, volume, card, run.weights, result.precision),
         "chunk": DEFAULT_CHUNK,
         "seconds": seconds,
         "seconds_per_slice": seconds / args.slices,
         "gflop_per_slice_executed": executed_per_slice / 1e9,
         "gflop_per_slice_one_forward": forward_per_slice / 1e9,
-        "gflops_achieved": gflops,
-        "gemm_gflops_same_run": gemm_ref,
-        "gemm_gflops_before_after": [gemm, gemm_after],
-        "ratio": gflops / gemm_ref,
-        "naive": {"seconds_scaled": naive_total, "slices_timed": args.naive_slices,
-                  "seconds_per_slice": naive_slice, "scaled_to": args.slices,
-                  "note": "model only (no resampling), on the model grid"},
-        "speedup_vs_naive": naive_total / seconds,
+        **versus_references(run, gemm_after, gflops, seconds, sample, args,
+                            "model only (no resampling), on the model grid"),
         "breakdown": breakdown,
     }
+    naive_total = out["naive"]["seconds_scaled"]
     if "bf16" not in args.skip and cpu_supports_bf16():
         s16, r16 = timed(lambda: run_to_completion(
             segment_volume(volume, model, card, precision="bf16", threads=0)))
@@ -257,11 +233,7 @@ def main() -> None:
                    + 0.1 * (large["input_mb"] - small["input_mb"]))
         out["goals"]["memory_bounded_by_output_plus_chunk"] = (
             large["growth_mb"] - small["growth_mb"] <= allowed)
-    out["threads"] = threads
-    out["other_processes_busy_cores_during_run"] = monitor.others()
-    out["machine"] = info
-    out["wall_time_total_s"] = time.perf_counter() - T0
-    emit(out)
+    finish(out, run, T0)
 
 
 T0 = time.perf_counter()

@@ -598,6 +598,20 @@ def _use_bf16(entry: _Prepared, precision: str, sample: torch.Tensor) -> bool:
     return entry.bf16_ok[key]
 
 
+def _slice_batches(entry: _Prepared, precision: str, slices: _ModelGridSlices,
+                   todo: np.ndarray, batch: int) -> tuple[list[tuple[int, int]], bool]:
+    """Cut the contiguous runs of acquired slices ``todo`` into ``[a, b)`` batches of at
+    most ``batch``; say whether bf16 is used (tried on the first batch's first 4 slices)."""
+    runs = np.split(todo, np.flatnonzero(np.diff(todo) > 1) + 1)
+    batches = [(r[i], r[min(i + batch, len(r)) - 1] + 1)
+               for r in runs for i in range(0, len(r), batch)]
+    use_bf16 = False
+    if precision != "fp32":
+        a, b = batches[0]
+        use_bf16 = _use_bf16(entry, precision, slices[a : min(b, a + 4)])
+    return batches, use_bf16
+
+
 # ======================================================================================
 # Argument checks shared by the three jobs
 # ======================================================================================
@@ -732,13 +746,7 @@ def classify_volume(
     if len(todo):
         with _ThreadGovernor(threads) as governor:
             entry = _prepared(model)
-            # contiguous runs of acquired slices, cut into batches
-            runs = np.split(todo, np.flatnonzero(np.diff(todo) > 1) + 1)
-            batches = [(r[i], r[min(i + batch, len(r)) - 1] + 1)
-                       for r in runs for i in range(0, len(r), batch)]
-            if precision != "fp32":
-                a, b = batches[0]
-                use_bf16 = _use_bf16(entry, precision, slices[a : min(b, a + 4)])
+            batches, use_bf16 = _slice_batches(entry, precision, slices, todo, batch)
             yield Progress(0, len(batches), "classifying")
             for step, (a, b) in enumerate(batches, start=1):
                 with torch.inference_mode(), _autocast(use_bf16):
@@ -805,12 +813,7 @@ def detect_lesions(
     if len(todo):
         with _ThreadGovernor(threads) as governor:
             entry = _prepared(model)
-            runs = np.split(todo, np.flatnonzero(np.diff(todo) > 1) + 1)
-            batches = [(r[i], r[min(i + batch, len(r)) - 1] + 1)
-                       for r in runs for i in range(0, len(r), batch)]
-            if precision != "fp32":
-                a, b = batches[0]
-                use_bf16 = _use_bf16(entry, precision, slices[a : min(b, a + 4)])
+            batches, use_bf16 = _slice_batches(entry, precision, slices, todo, batch)
             total = len(batches) + 1
             yield Progress(0, total, "detecting")
             for step, (a, b) in enumerate(batches, start=1):

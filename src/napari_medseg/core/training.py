@@ -532,6 +532,47 @@ def seeds_used(stats: dict[str, Any], pool: int) -> int:
     return int(stats.get("phantoms", pool))
 
 
+@dataclass(frozen=True)
+class _Run:
+    """The checked options of one training run, with the model's defaults filled in."""
+
+    name: str
+    seed: int
+    loss: str
+    sampling: str
+    steps: int | None
+    seconds: float | None
+    spacing_yx: float
+    norm: dict
+    lr: float
+    seeds: range
+    rng: np.random.Generator
+
+
+def _start_run(name: str, seed: Any, steps: int | None, seconds: float | None,
+               loss: str | None, sampling: str | None, spacing_yx: float | None,
+               lr: float | None, stream: int) -> _Run:
+    """Check the options every trainer shares; ``stream`` picks ``default_rng([seed, stream])``."""
+    seed = _check_seed(seed)
+    d = DEFAULTS[name]
+    loss, sampling = _check_options(name, loss, sampling)
+    steps, seconds = _budget(steps, seconds, d["steps"])
+    return _Run(name, seed, loss, sampling, steps, seconds, float(spacing_yx or d["spacing_yx"]),
+                d["normalisation"], float(lr or d["lr"]), training_seeds(seed),
+                np.random.default_rng([seed, stream]))
+
+
+def _fit(run: _Run, model, pool: PhantomPool, batch_fn, loss_fn, refresh_every: int,
+         classes: Sequence[str], pool_size: int, extra: dict) -> Job[dict[str, Any]]:
+    """Train ``model`` with :func:`_train_loop`, refreshing ``pool``; return its card."""
+    stats = yield from _train_loop(model, batch_fn, loss_fn, run.steps, run.seconds, run.lr,
+                                   run.name, refresh=pool.refresh_one,
+                                   refresh_every=refresh_every)
+    stats["phantoms"] = pool.next_index
+    return _base_card(run.name, classes, run.spacing_yx, run.norm, run.seed, run.steps,
+                      run.seconds, run.loss, run.sampling, stats, run.seeds, pool_size, extra)
+
+
 # ======================================================================================
 # Classifier
 # ======================================================================================
@@ -561,22 +602,14 @@ def train_classifier(
     ``pool``: an already filled :class:`PhantomPool` to share between runs (benchmarks);
     it must be at ``spacing_yx``.
     """
-    name = "classifier"
-    seed = _check_seed(seed)
-    d = DEFAULTS[name]
-    loss, sampling = _check_options(name, loss, sampling)
-    steps, seconds = _budget(steps, seconds, d["steps"])
-    spacing_yx = float(spacing_yx or d["spacing_yx"])
-    norm = d["normalisation"]
-    lr = float(lr or d["lr"])
-    seeds = training_seeds(seed)
-    rng = np.random.default_rng([seed, 1])
-    with deterministic(seed):
+    run = _start_run("classifier", seed, steps, seconds, loss, sampling, spacing_yx, lr, 1)
+    loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
+    with deterministic(run.seed):
         model = SliceClassifier(1, len(SLICE_CLASSES), kernel_size, activation, filters)
         if pool is None:
-            pool = PhantomPool(seeds, pool_size, spacing_yx, max_slices, norm)
-        elif abs(pool.spacing_yx - spacing_yx) > 1e-9:
-            raise MedsegInputError(f"the pool is at {pool.spacing_yx} mm, the model at {spacing_yx} mm")
+            pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm)
+        elif abs(pool.spacing_yx - run.spacing_yx) > 1e-9:
+            raise MedsegInputError(f"the pool is at {pool.spacing_yx} mm, the model at {run.spacing_yx} mm")
         pool_size = pool.size
         yield from pool.fill()
         counts = np.zeros(3)
@@ -615,12 +648,9 @@ def train_classifier(
                 return focal_loss(logits, y)
             return cross_entropy(logits, y, weight)
 
-        stats = yield from _train_loop(model, batch, loss_fn, steps, seconds, lr, name,
-                                       refresh=pool.refresh_one, refresh_every=refresh_every)
-    stats["phantoms"] = pool.next_index
-    card = _base_card(name, SLICE_CLASSES, spacing_yx, norm, seed, steps, seconds, loss,
-                      sampling, stats, seeds, pool_size,
-                      {"context_slices": 0, "class_counts_first_pool": counts.tolist()})
+        card = yield from _fit(run, model, pool, batch, loss_fn, refresh_every, SLICE_CLASSES,
+                               pool_size,
+                               {"context_slices": 0, "class_counts_first_pool": counts.tolist()})
     return model, card
 
 
@@ -649,20 +679,12 @@ def train_segmenter(
 
     ``sampling="balanced"``: half the sequences are centred on a lesion (the rare class).
     """
-    name = "segmenter"
-    seed = _check_seed(seed)
-    d = DEFAULTS[name]
-    loss, sampling = _check_options(name, loss, sampling)
-    steps, seconds = _budget(steps, seconds, d["steps"])
-    spacing_yx = float(spacing_yx or d["spacing_yx"])
-    norm = d["normalisation"]
-    lr = float(lr or d["lr"])
-    seeds = training_seeds(seed)
-    rng = np.random.default_rng([seed, 2])
+    run = _start_run("segmenter", seed, steps, seconds, loss, sampling, spacing_yx, lr, 2)
+    loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
     n_classes = len(LABEL_NAMES)
-    with deterministic(seed):
+    with deterministic(run.seed):
         model = RecurrentSegmenter(1, n_classes, widths)
-        pool = PhantomPool(seeds, pool_size, spacing_yx, max_slices, norm)
+        pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm)
         yield from pool.fill()
         counts = np.zeros(n_classes)
         for item in pool.items:
@@ -697,12 +719,9 @@ def train_segmenter(
                 return focal_loss(logits, y)
             return cross_entropy(logits, y, weight)
 
-        stats = yield from _train_loop(model, batch, loss_fn, steps, seconds, lr, name,
-                                       refresh=pool.refresh_one, refresh_every=refresh_every)
-    stats["phantoms"] = pool.next_index
-    card = _base_card(name, [LABEL_NAMES[i] for i in range(n_classes)], spacing_yx, norm,
-                      seed, steps, seconds, loss, sampling, stats, seeds, pool_size,
-                      {"sequence_length": seq_len})
+        card = yield from _fit(run, model, pool, batch, loss_fn, refresh_every,
+                               [LABEL_NAMES[i] for i in range(n_classes)], pool_size,
+                               {"sequence_length": seq_len})
     return model, card
 
 
@@ -773,20 +792,12 @@ def train_detector(
     ``sampling="balanced"``: half the samples are slices near a lesion centre, cropped
     so the lesion is in view; ``"uniform"``: any body slice, random crop.
     """
-    name = "detector"
-    seed = _check_seed(seed)
-    d = DEFAULTS[name]
-    loss, sampling = _check_options(name, loss, sampling)
-    steps, seconds = _budget(steps, seconds, d["steps"])
-    spacing_yx = float(spacing_yx or d["spacing_yx"])
-    norm = d["normalisation"]
-    lr = float(lr or d["lr"])
-    seeds = training_seeds(seed)
-    rng = np.random.default_rng([seed, 3])
+    run = _start_run("detector", seed, steps, seconds, loss, sampling, spacing_yx, lr, 3)
+    loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
     context = 1
-    with deterministic(seed):
+    with deterministic(run.seed):
         model = LesionDetector(2 * context + 1, widths)
-        pool = PhantomPool(seeds, pool_size, spacing_yx, max_slices, norm,
+        pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
                            prepare=detector_targets)
         yield from pool.fill()
 
@@ -821,13 +832,10 @@ def train_detector(
                  torch.from_numpy(np.ascontiguousarray(np.stack(ms)[:, None])))
             return x, t
 
-        stats = yield from _train_loop(model, batch, lambda o, t: detector_loss(o, t, loss),
-                                       steps, seconds, lr, name, refresh=pool.refresh_one,
-                                       refresh_every=refresh_every)
-    stats["phantoms"] = pool.next_index
-    card = _base_card(name, ["lesion"], spacing_yx, norm, seed, steps, seconds, loss, sampling,
-                      stats, seeds, pool_size,
-                      {"context_slices": context, "peak_threshold": 0.3, "min_distance_mm": 8.0})
+        card = yield from _fit(run, model, pool, batch, lambda o, t: detector_loss(o, t, loss),
+                               refresh_every, ["lesion"], pool_size,
+                               {"context_slices": context, "peak_threshold": 0.3,
+                                "min_distance_mm": 8.0})
     return model, card
 
 
