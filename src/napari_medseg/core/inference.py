@@ -70,7 +70,7 @@ from torch import nn
 from .errors import MedsegInputError
 from .models.classifier import SliceClassifier, fold_batchnorm
 from .models.detector import LesionDetector, extract_peaks
-from .models.registry import apply_normalisation, check_normalisation
+from .models.registry import check_normalisation
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
 from .resample import map_index, resampled_shape_yx
@@ -504,7 +504,7 @@ def _fill_index(missing: np.ndarray) -> np.ndarray:
 
 
 def _normalise(array: np.ndarray, spec: Mapping[str, Any]) -> torch.Tensor:
-    """:func:`apply_normalisation` (same float32 operations, same values) in place on a
+    """:func:`~napari_medseg.core.models.registry.apply_normalisation` (same float32 operations, same values) in place on a
     fresh copy: one pass per operation instead of a temporary array per step."""
     x = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
     if spec["type"] == "window":

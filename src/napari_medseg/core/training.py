@@ -39,7 +39,7 @@ from .models.classifier import SliceClassifier
 from .models.detector import LesionDetector, gaussian_heatmap_targets
 from .models.registry import apply_normalisation
 from .models.segmenter import RecurrentSegmenter
-from .phantom import LABEL_NAMES, LESION_LABEL, SLICE_CLASSES, generate_phantom
+from .phantom import LABEL_NAMES, SLICE_CLASSES, generate_phantom
 from .progress import Job, Progress
 from .resample import map_index, resample_yx
 
