@@ -70,7 +70,8 @@ from torch import nn
 from .errors import MedsegInputError
 from .models.classifier import SliceClassifier, fold_batchnorm
 from .models.detector import LesionDetector, extract_peaks
-from .models.registry import check_normalisation
+# apply_normalisation is re-exported: the engine's in-place variant is tested against it
+from .models.registry import apply_normalisation, check_normalisation  # noqa: F401
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
 from .resample import map_index, resampled_shape_yx
