@@ -76,6 +76,9 @@ def test_wheel_install_lists_contributions(tmp_path):
         names = zf.namelist()
         assert "napari_medseg/napari.yaml" in names
         assert b"napari-medseg.get_reader" in zf.read("napari_medseg/napari.yaml")
+        for model in ("classifier", "segmenter", "detector"):  # the bundled weights ship too
+            assert f"napari_medseg/core/weights/{model}.safetensors" in names
+            assert f"napari_medseg/core/weights/{model}.json" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
