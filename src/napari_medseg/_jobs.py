@@ -34,13 +34,15 @@ def start_job(
     description: str,
     on_result: Callable[[Any], None],
     on_finished: Callable[[], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
     **kwargs: Any,
 ) -> GeneratorWorker | FunctionWorker:
     """Start ``job(*args, **kwargs)`` in a worker with a napari progress bar.
 
     ``on_result`` runs in the GUI thread with the job's return value, and never after a
     cancel. Errors become a notification. ``on_finished`` always runs (success, error or
-    cancel), so widgets can re-enable their buttons.
+    cancel), so widgets can re-enable their buttons. ``on_progress`` gets every
+    ``Progress`` in the GUI thread (e.g. to plot a live loss curve).
     """
     is_generator = inspect.isgeneratorfunction(job)
     # errors are ours to report (below); otherwise napari re-raises them in the GUI thread
@@ -55,6 +57,8 @@ def start_job(
             bar.n = report.step
             bar.set_description(f"{description}: {report.message}" if report.message else description)
             bar.refresh()
+            if on_progress is not None:
+                on_progress(report)
 
     def _on_returned(value: Any) -> None:
         if not state["cancelled"]:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from . import cli_infer, cli_train
+from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
 
 EXIT_BAD_INPUT = 2
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_infer.register(sub)
     cli_train.register(sub)
+    cli_finetune.register(sub)
     return parser
 
 

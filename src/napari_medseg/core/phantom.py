@@ -122,6 +122,10 @@ class Phantom:
     blur_sigma_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     hu_means: Mapping[str, float] = field(default_factory=dict)
     seed: int = 0
+    #: exact masks of structures that ``labels`` folds into "body", on request
+    #: (``generate_phantom(extra_structures=...)``): ground truth for teaching a model a
+    #: structure it does not know
+    structure_masks: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def lesion_table(self) -> list[dict[str, Any]]:
         """One row per lesion: z, y, x (voxel indices), radius_mm, organ, contrast_hu."""
@@ -224,6 +228,11 @@ _TISSUE_LABEL[[T_KR_CORTEX, T_KR_MEDULLA]] = 5
 _TISSUE_LABEL[[T_CANCELLOUS, T_CORTICAL, T_POSTERIOR]] = 6
 _TISSUE_LABEL[T_AORTA] = 7
 _TISSUE_LABEL[T_LESION] = LESION_LABEL
+#: structures labelled "body" whose own masks a phantom can return (``extra_structures``)
+EXTRA_STRUCTURES: dict[str, tuple[int, ...]] = {
+    "gallbladder": (T_GALLBLADDER,),
+    "stomach": (T_STOMACH_WALL, T_STOMACH_FLUID, T_STOMACH_GAS),
+}
 
 _HOST_TISSUES = {
     "liver": (T_LIVER,),
@@ -1284,6 +1293,7 @@ def generate_phantom(
     contrast_scale: float = 1.0,
     body_z_fraction: float | None = None,
     nonuniformity_hu: float | None = None,
+    extra_structures: Sequence[str] = (),
 ) -> Phantom:
     """Generate a synthetic abdominal CT phantom with exact labels.
 
@@ -1316,7 +1326,15 @@ def generate_phantom(
     nonuniformity_hu
         Amplitude of a smooth additive intensity nonuniformity inside the body (cupping
         plus low-frequency drift). None: drawn in [0, 10]. 0: none.
+    extra_structures
+        Names from :data:`EXTRA_STRUCTURES` ("gallbladder", "stomach") whose exact masks
+        to return in ``Phantom.structure_masks``; ``labels`` is unchanged (they stay
+        "body"). The image does not depend on this argument.
     """
+    unknown = sorted(set(extra_structures) - set(EXTRA_STRUCTURES))
+    if isinstance(extra_structures, str) or unknown:
+        raise MedsegInputError(
+            f"extra_structures must be a list of {', '.join(EXTRA_STRUCTURES)}; got {extra_structures!r}")
     (shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_sigma_mm, contrast_scale,
      body_z_fraction, nonuniformity_hu) = _validate(
         shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_sigma_mm,
@@ -1350,6 +1368,7 @@ def generate_phantom(
     # ---- render block by block
     hu = np.empty(shape, dtype=np.float32)
     labels = np.empty(shape, dtype=np.uint8)
+    masks = {name: np.zeros(shape, dtype=bool) for name in dict.fromkeys(extra_structures)}
     cache: dict = {}
     tex_field = _ValueNoise(anat.tex_key, 5.0, zc, yc, xc)
     bowel_field = _ValueNoise(anat.bowel_key, anat.bowel_cell, zc, yc, xc)
@@ -1416,6 +1435,8 @@ def generate_phantom(
                 h[body] += np.float32(nonu) * field_[body]
         hu[k0:k1] = h
         labels[k0:k1] = _TISSUE_LABEL[t]
+        for name, mask in masks.items():
+            mask[k0:k1] = np.isin(t, EXTRA_STRUCTURES[name])
 
     # ---- imaging effects
     sig_vox = [b / s for b, s in zip(blur, spacing)]
@@ -1489,4 +1510,5 @@ def generate_phantom(
         blur_sigma_mm=tuple(float(b) for b in blur),
         hu_means={k: float(v) for k, v in hu_means.items()},
         seed=seed,
+        structure_masks=masks,
     )

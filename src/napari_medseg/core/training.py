@@ -390,13 +390,25 @@ def _lr_factor(progress: float, warmup: float = 0.03) -> float:
 
 
 def _train_loop(model, batch_fn, loss_fn, steps, seconds, lr, name, refresh=None,
-                refresh_every=0, weight_decay=1e-4) -> Job[dict[str, Any]]:
-    """Run AdamW until ``steps`` or ``seconds``; yields Progress, returns stats."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+                refresh_every=0, weight_decay=1e-4, report_every=10,
+                freeze_batchnorm=False) -> Job[dict[str, Any]]:
+    """Run AdamW until ``steps`` or ``seconds``; yields Progress (``partial`` = the
+    step's loss) every ``report_every`` steps, returns stats.
+
+    ``freeze_batchnorm``: BatchNorm layers keep their running statistics (eval mode),
+    as fine-tuning on a few slices of one volume must (its batch statistics are not the
+    population's).
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay)
     start = time.perf_counter()
     total = steps if steps is not None else 1000
-    step, running, first_losses, last_losses = 0, None, [], []
+    step, running, first_losses, last_losses, curve = 0, None, [], [], []
     model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     while True:
         elapsed = time.perf_counter() - start
         if steps is not None and step >= steps:
@@ -426,16 +438,19 @@ def _train_loop(model, batch_fn, loss_fn, steps, seconds, lr, name, refresh=None
         step += 1
         if refresh is not None and refresh_every and step % refresh_every == 0:
             refresh()
+        curve.append(value)
         if steps is None:
             total = max(step + 1, int(step * seconds / max(time.perf_counter() - start, 1e-6)))
-        if step % 10 == 0 or step == steps:
-            yield Progress(step, total, f"{name}: step {step} loss {running:.4f}")
+        if step % report_every == 0 or step == steps:
+            yield Progress(step, total, f"{name}: step {step} loss {running:.4f}",
+                           partial={"step": step, "loss": value})
     model.eval()
     return {
         "steps": step,
         "seconds": round(time.perf_counter() - start, 1),
         "loss_first20": round(float(np.mean(first_losses)), 5) if first_losses else None,
         "loss_last20": round(float(np.mean(last_losses)), 5) if last_losses else None,
+        "loss_curve": curve,
     }
 
 

@@ -136,8 +136,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping[str, Any]) -> Path:
+def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping[str, Any],
+               unique_weights: bool = False) -> Path:
     """Write ``<name>.safetensors`` then ``<name>.json`` into ``directory``; returns the card path.
+
+    ``unique_weights``: name the weights ``<name>.<sha256[:12]>.safetensors`` instead, and
+    delete the weights the previous ``<name>.json`` pointed to only after the new card is
+    in place. Replacing a model is then crash-safe at every instant: the card on disk
+    always names a complete file with its checksum (with a fixed file name, a crash
+    between the two writes would leave the old card beside new weights).
 
     ``card`` must give "classes", "input_spacing_mm" and "normalisation"; anything else in
     it (training command, seed, metrics, …) is kept. The registry fills in "format",
@@ -184,7 +191,6 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights_path = directory / f"{name}.safetensors"
     card_path = directory / f"{name}.json"
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # ONE metadata key: safetensors writes the metadata map in hash order, which changes
@@ -193,6 +199,9 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
     metadata = {"napari_medseg": json.dumps(
         {"format": CARD_FORMAT, "name": name, "architecture": arch}, sort_keys=True)}
     data = safetensors.torch.save(tensors, metadata=metadata)
+    digest = hashlib.sha256(data).hexdigest()
+    weights_path = directory / (f"{name}.{digest[:12]}.safetensors" if unique_weights
+                                else f"{name}.safetensors")
     ours = {
         "format": CARD_FORMAT,
         "name": name,
@@ -203,7 +212,7 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
         "normalisation": _jsonable(normalisation),
         "version": str(card.get("version", "1.0")),
         "weights_file": weights_path.name,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": digest,
         "n_parameters": int(sum(p.numel() for p in model.parameters())),
     }
     extra = {k: v for k, v in card.items() if k not in ours and k != "card_path"}
@@ -211,8 +220,21 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
         text = json.dumps(_jsonable({**ours, **extra}), indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as exc:
         raise MedsegInputError(f"model card for {name!r} is not plain JSON ({exc})") from exc
+    previous = None
+    if unique_weights and card_path.is_file():
+        try:
+            previous = directory / str(json.loads(card_path.read_text("utf-8"))["weights_file"])
+        except (OSError, ValueError, KeyError, TypeError):
+            previous = None
     _atomic_write(weights_path, data)
-    _atomic_write(card_path, text.encode("utf-8"))
+    try:
+        _atomic_write(card_path, text.encode("utf-8"))
+    except BaseException:
+        if unique_weights and weights_path != previous:
+            weights_path.unlink(missing_ok=True)  # nothing points at it
+        raise
+    if previous is not None and previous != weights_path and previous.parent == directory:
+        previous.unlink(missing_ok=True)
     return card_path
 
 

@@ -164,6 +164,29 @@ class RecurrentSegmenter(nn.Module):
         self.dec1 = nn.Sequential(ConvBNAct(2 * w1, w1), nn.Dropout(dropout))
         self.head = nn.ConvTranspose2d(w1, n_classes, 2, stride=2)  # = 1×1 conv + pixel_shuffle(2)
 
+    def with_classes(self, n_classes: int) -> "RecurrentSegmenter":
+        """A copy with ``n_classes`` ≥ the current outputs: the old classes keep their
+        weights exactly; each new output starts with small weights and a bias below every
+        old one, so the copy predicts what this model predicts until it is trained."""
+        n_classes = int(n_classes)
+        if n_classes < self.n_classes or n_classes > 255:
+            raise MedsegInputError(
+                f"can grow from {self.n_classes} classes to at most 255, not to {n_classes}")
+        grown = type(self)(**{**self.arch_params, "n_classes": n_classes})
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+        grown.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            old_w, old_b = self.head.weight, self.head.bias  # (in, out, 2, 2), (out,)
+            grown.head.weight[:, : self.n_classes] = old_w
+            grown.head.bias[: self.n_classes] = old_b
+            extra = n_classes - self.n_classes
+            if extra:
+                gen = torch.Generator().manual_seed(n_classes)
+                grown.head.weight[:, self.n_classes:] = 0.01 * torch.randn(
+                    old_w.shape[0], extra, *old_w.shape[2:], generator=gen)
+                grown.head.bias[self.n_classes:] = old_b.min() - 4.0
+        return grown.train(self.training)
+
     # -- the three stages -------------------------------------------------------------
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = x.shape[-2:]

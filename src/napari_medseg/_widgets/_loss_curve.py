@@ -1,0 +1,49 @@
+"""A small live plot of the training loss (one point per step), newest round in colour."""
+
+from __future__ import annotations
+
+import math
+
+from qtpy.QtCore import QPointF
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QSizePolicy, QWidget
+
+
+class LossCurve(QWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._losses: list[float] = []
+        self.setMinimumHeight(60)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setToolTip("Training loss per step of the current retrain (log scale)")
+
+    def clear(self) -> None:
+        self._losses = []
+        self.update()
+
+    def add(self, loss: float) -> None:
+        if math.isfinite(loss) and loss > 0:
+            self._losses.append(float(loss))
+            self.update()
+
+    @property
+    def losses(self) -> list[float]:
+        return list(self._losses)
+
+    def paintEvent(self, _event) -> None:  # noqa: N802 (Qt API)
+        painter = QPainter(self)
+        painter.fillRect(self.rect(), QColor(38, 41, 48))
+        values = [math.log10(v) for v in self._losses]
+        if len(values) >= 2:
+            lo, hi = min(values), max(values)
+            span = max(hi - lo, 1e-6)
+            w, h = self.width() - 4, self.height() - 14
+            points = [QPointF(2 + w * i / (len(values) - 1), 12 + h * (hi - v) / span)
+                      for i, v in enumerate(values)]
+            painter.setPen(QPen(QColor(240, 180, 60), 1.5))
+            painter.drawPolyline(QPolygonF(points))
+        painter.setPen(QColor(200, 200, 200))
+        text = (f"loss {self._losses[0]:.3f} → {self._losses[-1]:.3f} · {len(self._losses)} steps"
+                if self._losses else "loss: no retrain yet")
+        painter.drawText(4, 11, text)
+        painter.end()

@@ -1,0 +1,490 @@
+"""Fine-tune the segmenter on a user's corrections: partial annotation, seconds, CPU.
+
+The user corrects some slices of a volume (the *annotated* slices). On those slices every
+voxel is a target — the corrections and what the user left as it was; every other voxel
+is ignored by the loss (``IGNORE_INDEX``). :func:`finetune_segmenter` trains a COPY of
+the model (the caller's model is never touched, so a cancel leaves it exactly as it was)
+and returns it with a new card. :class:`VersionHistory` keeps v0 (the starting model),
+v1, v2 … in memory for revert and save; :func:`unannotated_updates` says which voxels a
+re-prediction may change (never one on an annotated or missing slice).
+
+Why the loss looks the way it does (class imbalance):
+
+- cross-entropy weighted per class by inverse frequency over the annotated voxels
+  (:func:`~.training.class_weights`), plus soft Dice, so a small structure counts as
+  much as the background around it;
+- voxels where the annotation disagrees with the model's own prediction at the start
+  (the corrections) weigh ``1 + correction_weight`` times more, and half the training
+  crops are centred on one, so a few painted voxels still move the model.
+
+Not forgetting: on the unannotated slices of each training crop, a KL term
+(``keep_weight``) keeps the prediction close to the starting model's ("learning without
+forgetting"); without it a round on lesion-free slices taught the model that lesions do
+not exist (lesion Dice on the untouched slices 0.32 → 0.0 in one measured round).
+
+BatchNorm statistics stay frozen (a few slices of one volume are not a population).
+Held-out check: with two or more annotated slices one of them (rotating with the version
+number, so successive rounds leave each slice out in turn) is left out for the first 75 %
+of the budget; its Dice is measured before training and at that point, then it joins the
+training for the rest. The Dice is on the input grid, mean over the structures present
+in the slice or the prediction.
+
+This module lives beside :mod:`.training` (train from scratch on phantoms) and uses its
+losses and training loop; it is separate because its data is the user's volume, not a
+phantom stream.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MedsegInputError
+from .inference import (
+    _card_spacing_yx,
+    _check_args,
+    _ModelGridSlices,
+    _ThreadGovernor,
+    labels_from_logits,
+)
+from .models.registry import build_model, save_model, user_models_dir
+from .models.segmenter import RecurrentSegmenter
+from .progress import Job, Progress
+from .resample import resample_yx
+from .training import (
+    IGNORE_INDEX,
+    _crop_yx,
+    _lr_factor,  # noqa: F401  (documented schedule, shared with from-scratch training)
+    _train_loop,
+    class_weights,
+    deterministic,
+    soft_dice_loss,
+)
+
+#: label values a user may paint and a model may learn (255 is the loss's "ignore")
+MAX_LABEL = 254
+#: default time budget of one retrain round, seconds
+DEFAULT_SECONDS = 15.0
+#: share of the budget trained without the held-out slice
+HOLDOUT_PHASE = 0.75
+
+
+@dataclass(frozen=True)
+class FinetuneReport:
+    """What one retrain round did and measured."""
+
+    slices: tuple[int, ...]
+    steps: int
+    seconds: float
+    loss_curve: tuple[float, ...]
+    holdout_slice: int | None
+    holdout_dice_before: float | None
+    holdout_dice_after: float | None
+    new_classes: tuple[str, ...]
+    correction_voxels: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slices": list(self.slices),
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "holdout_slice": self.holdout_slice,
+            "holdout_dice_before": _round(self.holdout_dice_before),
+            "holdout_dice_after": _round(self.holdout_dice_after),
+            "new_classes": list(self.new_classes),
+            "correction_voxels_model_grid": self.correction_voxels,
+            "loss_first": _round(self.loss_curve[0] if self.loss_curve else None),
+            "loss_last": _round(self.loss_curve[-1] if self.loss_curve else None),
+        }
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    model: nn.Module
+    card: dict[str, Any]
+    report: FinetuneReport
+
+
+def _round(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), nd)
+
+
+# ======================================================================================
+# Checks
+# ======================================================================================
+def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """``labels`` as a (z, y, x) integer array matching ``volume``, and the annotated
+    slices (sorted, unique, acquired); MedsegInputError says what is wrong."""
+    arr = np.asarray(labels)
+    shape = tuple(volume.shape)
+    if arr.ndim == 2 and shape[0] == 1:
+        arr = arr[None]
+    if arr.shape != shape:
+        raise MedsegInputError(
+            f"the labels have shape {arr.shape}, the image {shape}; pick the Labels layer "
+            "drawn on this image")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise MedsegInputError(f"labels must hold integers, got {arr.dtype}")
+    try:
+        zs = sorted({int(z) for z in slices})
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError(f"slices must be integers, got {slices!r}") from exc
+    if not zs:
+        raise MedsegInputError(
+            "no annotated slices: correct or mark at least one slice before retraining")
+    bad = [z for z in zs if not 0 <= z < shape[0]]
+    if bad:
+        raise MedsegInputError(f"slices {bad} are outside the volume (0–{shape[0] - 1})")
+    missing = [z for z in zs if volume.missing[z]]
+    if missing:
+        raise MedsegInputError(f"slices {missing} were not acquired (missing); they cannot be training data")
+    values = arr[zs]
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi > MAX_LABEL:
+        raise MedsegInputError(f"label values must be 0–{MAX_LABEL}, found {lo}–{hi}")
+    if hi == 0:
+        raise MedsegInputError(
+            "the annotated slices hold only background (0); paint at least one structure")
+    return arr, zs
+
+
+def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Dice over the foreground values present in ``truth`` or ``pred`` (NaN if none)."""
+    values = np.union1d(np.unique(pred), np.unique(truth))
+    scores = []
+    for v in values[values > 0]:
+        p, t = pred == v, truth == v
+        denom = p.sum() + t.sum()
+        scores.append(2.0 * np.logical_and(p, t).sum() / denom)
+    return float(np.mean(scores)) if scores else math.nan
+
+
+# ======================================================================================
+# Fine-tuning
+# ======================================================================================
+def _window_logits(model: RecurrentSegmenter, x: torch.Tensor, zs: Sequence[int],
+                   context: int) -> dict[int, torch.Tensor]:
+    """Logits (C, h, w) of slices ``zs``, each predicted from the slices within
+    ``context`` of it (runs of nearby slices share one forward pass)."""
+    out: dict[int, torch.Tensor] = {}
+    n = x.shape[0]
+    runs: list[list[int]] = []
+    for z in sorted(zs):
+        if runs and z - runs[-1][-1] <= 2 * context:
+            runs[-1].append(z)
+        else:
+            runs.append([z])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for run in runs:
+                a, b = max(0, run[0] - context), min(n, run[-1] + context + 1)
+                logits = model(x[a:b])
+                for z in run:
+                    out[z] = logits[z - a].clone()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _class_names(old: Sequence[str], n_classes: int, present: set[int],
+                 names: Mapping[int, str] | None) -> list[str]:
+    out = list(old)
+    for v in range(len(old), n_classes):
+        given = (names or {}).get(v)
+        out.append(str(given) if given else (f"structure_{v}" if v in present else f"unused_{v}"))
+    return out
+
+
+def finetune_segmenter(
+    volume: Any,
+    model: RecurrentSegmenter,
+    card: Mapping[str, Any],
+    labels: Any,
+    slices: Sequence[int],
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    class_names: Mapping[int, str] | None = None,
+    lr: float = 1e-3,
+    correction_weight: float = 4.0,
+    keep_weight: float = 1.0,
+    class_balance: bool = True,
+    holdout: bool = True,
+    version: int = 1,
+    seq_len: int = 6,
+    crop: int = 128,
+    seed: int = 0,
+    threads: int | None = None,
+) -> Job[FinetuneResult]:
+    """Fine-tune a copy of ``model`` on ``labels`` at ``slices`` (a generator).
+
+    ``labels`` (z, y, x) integer label values on the volume's grid (a 2D array for a
+    one-slice volume); values above the model's last class are new structures: the copy
+    grows its output head (:meth:`RecurrentSegmenter.with_classes`), named from
+    ``class_names`` (value → name) or ``structure_<value>``. Budget: ``steps`` and/or
+    ``seconds`` (default :data:`DEFAULT_SECONDS`). Yields Progress every step with the
+    step's loss in ``partial``; returns a :class:`FinetuneResult`. ``version`` picks the
+    held-out slice (rotating) and goes into the card.
+    """
+    classes = _check_args(volume, model, card, RecurrentSegmenter, "fine-tuning")
+    arr, zs = check_annotations(volume, labels, slices)
+    if steps is None and seconds is None:
+        seconds = DEFAULT_SECONDS
+    if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
+        raise MedsegInputError(f"steps must be a positive integer, got {steps!r}")
+    if seconds is not None and not (float(seconds) > 0 and math.isfinite(float(seconds))):
+        raise MedsegInputError(f"seconds must be a positive number, got {seconds!r}")
+    if not (correction_weight >= 0 and math.isfinite(correction_weight)):
+        raise MedsegInputError(f"correction_weight must be ≥ 0, got {correction_weight!r}")
+
+    nz, ny, nx = volume.shape
+    present = {int(v) for v in np.unique(arr[zs])}
+    n_classes = max(model.n_classes, max(present) + 1)
+    names = _class_names(classes, n_classes, present, class_names)
+    new_names = tuple(names[len(classes):])
+    sy, sx = volume.spacing[1:]
+    rng = np.random.default_rng([int(seed), int(version), 6])
+
+    with _ThreadGovernor(threads), deterministic(seed):
+        yield Progress(0, 1, "preparing the annotated slices")
+        grid_slices = _ModelGridSlices(volume, card)
+        h, w = grid_slices.grid
+        x_all = grid_slices[0:nz]  # (z, 1, h, w): exactly what inference feeds the model
+        target = np.full((nz, h, w), IGNORE_INDEX, dtype=np.uint8)
+        target[zs] = resample_yx(arr[zs].astype(np.uint8), (sy, sx), _card_spacing_yx(card),
+                                 order=0, out_shape_yx=(h, w))
+        work = copy.deepcopy(model)
+        if n_classes > model.n_classes:
+            work = work.with_classes(n_classes)
+        work.eval()
+        teacher = copy.deepcopy(work).eval() if keep_weight > 0 else None
+        context = max(1, seq_len // 2)
+
+        # the model's own view of the annotated slices: corrections = disagreements
+        before = _window_logits(work, x_all, zs, context)
+        corrected = np.zeros((nz, h, w), dtype=bool)
+        for z in zs:
+            corrected[z] = before[z].argmax(0).numpy() != target[z]
+        counts = np.bincount(target[zs].ravel(), minlength=n_classes)[:n_classes]
+        cw = class_weights(counts) if class_balance else torch.ones(n_classes)
+        cw_np = cw.numpy().astype(np.float32)
+        weight = np.zeros((nz, h, w), dtype=np.float32)
+        weight[zs] = cw_np[target[zs].astype(np.int64)] * (1.0 + correction_weight * corrected[zs])
+
+        held = zs[(int(version) - 1) % len(zs)] if holdout and len(zs) >= 2 else None
+        dice_before = dice_after = None
+        if held is not None:
+            pred = labels_from_logits(before[held][None], (ny, nx))[0].numpy()
+            dice_before = slice_dice(pred, arr[held])
+
+        x_np = x_all[:, 0].contiguous().numpy()
+        size = min(int(crop), max(h, w))
+        L = min(int(seq_len), nz)
+
+        def make_batch(train_zs: list[int]):
+            def batch(step: int):
+                zc = int(rng.choice(train_zs))
+                z0 = int(np.clip(zc - rng.integers(0, L), 0, nz - L))
+                seq = np.arange(z0, z0 + L)
+                center = None
+                if rng.uniform() < 0.5 and corrected[zc].any():
+                    ys, xs = np.nonzero(corrected[zc])
+                    k = int(rng.integers(len(ys)))
+                    center = (float(ys[k]), float(xs[k]))
+                tgt = target[seq].copy()
+                wts = weight[seq].copy()
+                off = [z for z in range(z0, z0 + L) if z not in train_zs]
+                if off:  # annotated but held out / not in this phase: ignore
+                    tgt[np.asarray(off) - z0] = IGNORE_INDEX
+                    wts[np.asarray(off) - z0] = 0.0
+                img, tgt, wts = _crop_yx(rng, [x_np[seq], tgt, wts], size,
+                                         [0.0, IGNORE_INDEX, 0.0], center=center)
+                if rng.uniform() < 0.5:
+                    img, tgt, wts = img[::-1], tgt[::-1], wts[::-1]
+                x = torch.from_numpy(np.ascontiguousarray(img[:, None]))
+                tgt = torch.from_numpy(tgt.astype(np.int64))
+                keep = None
+                if keep_weight > 0:
+                    with torch.inference_mode():
+                        keep = teacher(x).log_softmax(1)
+                return x, (tgt, torch.from_numpy(wts.copy()), keep)
+            return batch
+
+        def loss_fn(logits, t):
+            tgt, wts, keep = t
+            ce = F.cross_entropy(logits, tgt, ignore_index=IGNORE_INDEX, reduction="none")
+            loss = (ce * wts).sum() / wts.sum().clamp_min(1e-6) + soft_dice_loss(logits, tgt)
+            if keep is not None:  # unannotated voxels: stay close to the starting model
+                free = (tgt == IGNORE_INDEX).unsqueeze(1)
+                if bool(free.any()):
+                    logp = logits.log_softmax(1)
+                    kl = (keep.exp() * (keep - logp)).sum(1, keepdim=True)
+                    loss = loss + keep_weight * kl[free].mean()
+            return loss
+
+        def budget(share: float) -> tuple[int | None, float | None]:
+            s = None if steps is None else max(1, int(round(int(steps) * share)))
+            t = None if seconds is None else float(seconds) * share
+            return s, t
+
+        phases = [(zs, 1.0, lr)]
+        if held is not None:
+            phases = [([z for z in zs if z != held], HOLDOUT_PHASE, lr), (zs, 1 - HOLDOUT_PHASE, lr * 0.5)]
+        curve: list[float] = []
+        total_steps, t0 = 0, time.perf_counter()
+        for i, (train_zs, share, phase_lr) in enumerate(phases):
+            s, t = budget(share)
+            stats = yield from _train_loop(
+                work, make_batch(train_zs), loss_fn, s, t, phase_lr, "retrain",
+                report_every=1, freeze_batchnorm=True)
+            curve += stats["loss_curve"]
+            total_steps += stats["steps"]
+            if i == 0 and held is not None:
+                after = _window_logits(work, x_all, [held], context)[held]
+                pred = labels_from_logits(after[None], (ny, nx))[0].numpy()
+                dice_after = slice_dice(pred, arr[held])
+                yield Progress(total_steps, total_steps,
+                               f"held-out slice {held}: Dice {dice_before:.2f} → {dice_after:.2f}")
+        work.eval()
+        elapsed = time.perf_counter() - t0
+
+    report = FinetuneReport(
+        slices=tuple(zs), steps=total_steps, seconds=elapsed, loss_curve=tuple(curve),
+        holdout_slice=held, holdout_dice_before=dice_before, holdout_dice_after=dice_after,
+        new_classes=new_names, correction_voxels=int(corrected.sum()),
+    )
+    return FinetuneResult(work, finetuned_card(card, work, names, report, version), report)
+
+
+#: base-card keys that describe the base model's weights, not the fine-tuned copy's
+_NOT_INHERITED = ("sha256", "card_path", "weights_file", "n_parameters", "metrics",
+                  "ablation", "arch_params", "architecture", "training", "threshold_tuning")
+
+
+def finetuned_card(card: Mapping[str, Any], model: nn.Module, classes: Sequence[str],
+                   report: FinetuneReport, version: int) -> dict[str, Any]:
+    """The card of a fine-tuned copy: the base card's input contract, the new classes,
+    where it came from and what the retrain measured (the base's held-out metrics do not
+    describe it, so they are dropped)."""
+    out = {k: v for k, v in card.items() if k not in _NOT_INHERITED}
+    base_name = str(card.get("name", "model"))
+    history = list(card.get("finetune_history", []))
+    history.append({**report.as_dict(), "version": int(version),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    out.update({
+        "name": base_name,
+        "architecture": type(model).__name__,
+        "arch_params": dict(model.arch_params),
+        "classes": list(classes),
+        "version": f"{str(card.get('version', '1.0')).split('+')[0]}+ft{int(version)}",
+        "finetuned_from": {"name": base_name, "version": card.get("version"),
+                           "sha256": card.get("sha256")} if "finetuned_from" not in card
+        else card["finetuned_from"],
+        "finetune_history": history,
+    })
+    return out
+
+
+# ======================================================================================
+# Writing predictions back and keeping versions
+# ======================================================================================
+def unannotated_updates(current: np.ndarray, predicted: np.ndarray, protected: np.ndarray
+                        ) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """(indices, values) of the voxels where ``predicted`` differs from ``current``,
+    leaving out every slice where ``protected`` (z,) is True (annotated or missing)."""
+    current = np.asarray(current)
+    predicted = np.asarray(predicted)
+    if current.shape != predicted.shape:
+        raise MedsegInputError(f"prediction {predicted.shape} and labels {current.shape} differ in shape")
+    protected = np.asarray(protected, dtype=bool)
+    if protected.shape != current.shape[:1]:
+        raise MedsegInputError("need one protected flag per slice")
+    changed = predicted != current
+    changed[protected] = False
+    idx = np.nonzero(changed)
+    return idx, predicted[idx]
+
+
+@dataclass
+class ModelVersion:
+    number: int
+    state: dict[str, torch.Tensor]
+    card: dict[str, Any]
+    created: str
+    report: FinetuneReport | None = None
+
+    def describe(self) -> str:
+        if self.report is None:
+            return f"v{self.number} · {self.card.get('name', 'model')} {self.card.get('version', '')} (start)"
+        r = self.report
+        held = "" if r.holdout_dice_after is None else (
+            f" · held-out slice {r.holdout_slice}: Dice {r.holdout_dice_before:.2f}→{r.holdout_dice_after:.2f}")
+        return (f"v{self.number} · {self.created[11:16]} · {len(r.slices)} slices"
+                f" · {r.steps} steps{held}")
+
+
+@dataclass
+class VersionHistory:
+    """v0 (the starting model), v1, v2 …: weights copied to memory, a current index.
+
+    Retraining starts from the current version; reverting only moves the index, so no
+    version is ever lost until the history is discarded.
+    """
+
+    versions: list[ModelVersion] = field(default_factory=list)
+    current: int = 0
+
+    @classmethod
+    def start(cls, model: nn.Module, card: Mapping[str, Any]) -> "VersionHistory":
+        history = cls()
+        history._append(model, dict(card), None)
+        return history
+
+    def _append(self, model: nn.Module, card: dict, report: FinetuneReport | None) -> ModelVersion:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        card = {**card, "architecture": type(model).__name__, "arch_params": dict(model.arch_params)}
+        v = ModelVersion(len(self.versions), state, card,
+                         time.strftime("%Y-%m-%dT%H:%M:%S%z"), report)
+        self.versions.append(v)
+        self.current = v.number
+        return v
+
+    def add(self, result: FinetuneResult) -> ModelVersion:
+        return self._append(result.model, result.card, result.report)
+
+    @property
+    def next_number(self) -> int:
+        return len(self.versions)
+
+    def revert(self, number: int) -> ModelVersion:
+        if not 0 <= int(number) < len(self.versions):
+            raise MedsegInputError(f"no version v{number} (have v0–v{len(self.versions) - 1})")
+        self.current = int(number)
+        return self.versions[self.current]
+
+    def model(self, number: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+        """A fresh model (eval mode) and card of version ``number`` (default: current)."""
+        v = self.versions[self.current if number is None else int(number)]
+        model = build_model(v.card)
+        model.load_state_dict(v.state, strict=True)
+        return model.eval(), dict(v.card)
+
+    def save(self, number: int, name: str, directory: Any = None) -> Any:
+        """Write version ``number`` as ``name`` (safetensors + card) into ``directory``
+        (default: the user models folder), crash-safe; returns the card path."""
+        model, card = self.model(number)
+        card.pop("card_path", None)
+        folder = user_models_dir(create=True) if directory is None else directory
+        return save_model(model, folder, name, {**card, "name": name}, unique_weights=True)

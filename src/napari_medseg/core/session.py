@@ -1,0 +1,132 @@
+"""Autosave of an annotation session: the labels and the annotated slices, crash-safe.
+
+A session folder holds ``labels.npy`` (the whole label volume) and ``session.json`` (which
+slices were edited, which marked correct, which are excluded, the image's name and shape,
+the time). Both are written to temporary files and renamed into place, labels first, so
+a crash at any moment leaves the previous complete autosave (a half-written file is never
+visible under its final name); ``session.json`` names the labels file's sha256 so a
+restore can tell that both halves belong together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import MedsegInputError
+from .models.registry import user_models_dir
+
+FORMAT = "napari-medseg-session/1"
+
+
+def sessions_dir() -> Path:
+    """``$NAPARI_MEDSEG_HOME/sessions`` (default ``~/.napari-medseg/sessions``)."""
+    return user_models_dir().parent / "sessions"
+
+
+def session_key(image_name: str, shape: Sequence[int]) -> str:
+    """A folder name for an image: its layer name (made file-safe) and its shape."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(image_name)).strip("._")[:80] or "image"
+    return f"{safe}-{'x'.join(str(int(s)) for s in shape)}"
+
+
+@dataclass
+class AnnotationSession:
+    image_name: str
+    shape: tuple[int, ...]
+    labels: np.ndarray
+    edited: list[int] = field(default_factory=list)
+    checked: list[int] = field(default_factory=list)
+    excluded: list[int] = field(default_factory=list)
+    saved_at: str = ""
+
+    @property
+    def annotated(self) -> list[int]:
+        return sorted(set(self.edited) | set(self.checked))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_session(folder: str | Path, session: AnnotationSession) -> Path:
+    """Write ``session`` into ``folder`` (created); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.ascontiguousarray(session.labels)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, labels, allow_pickle=False)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    _write_atomic(folder / "labels.npy", data)
+    meta = {
+        "format": FORMAT,
+        "image_name": session.image_name,
+        "shape": [int(s) for s in session.shape],
+        "edited": sorted(int(z) for z in session.edited),
+        "checked": sorted(int(z) for z in session.checked),
+        "excluded": sorted(int(z) for z in session.excluded),
+        "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "labels_sha256": digest,
+    }
+    _write_atomic(folder / "session.json", (json.dumps(meta, indent=1) + "\n").encode())
+    return folder
+
+
+def load_session(folder: str | Path) -> AnnotationSession:
+    """Read an autosave; MedsegInputError if it is missing, damaged or inconsistent."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "session.json").read_text("utf-8"))
+        data = (folder / "labels.npy").read_bytes()
+    except FileNotFoundError as exc:
+        raise MedsegInputError("no autosave here", folder) from exc
+    except (OSError, ValueError) as exc:
+        raise MedsegInputError(f"autosave unreadable ({exc})", folder) from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MedsegInputError("not a napari-medseg autosave", folder)
+    if hashlib.sha256(data).hexdigest() != meta.get("labels_sha256"):
+        raise MedsegInputError("autosave labels do not match their record (interrupted save?)", folder)
+    import io
+
+    labels = np.load(io.BytesIO(data), allow_pickle=False)
+    shape = tuple(int(s) for s in meta["shape"])
+    if labels.shape != shape:
+        raise MedsegInputError(f"autosave labels have shape {labels.shape}, expected {shape}", folder)
+    return AnnotationSession(
+        image_name=str(meta.get("image_name", "")), shape=shape, labels=labels,
+        edited=[int(z) for z in meta.get("edited", [])],
+        checked=[int(z) for z in meta.get("checked", [])],
+        excluded=[int(z) for z in meta.get("excluded", [])],
+        saved_at=str(meta.get("saved_at", "")),
+    )
+
+
+def discard_session(folder: str | Path) -> None:
+    folder = Path(folder)
+    for name in ("session.json", "labels.npy"):
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

@@ -1,0 +1,193 @@
+"""Fine-tuning on partial annotations (core, no Qt): what is learned from, what is kept."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.finetune import (
+    VersionHistory,
+    check_annotations,
+    finetune_segmenter,
+    slice_dice,
+    unannotated_updates,
+)
+from napari_medseg.core.inference import segment_volume
+from napari_medseg.core.models import RecurrentSegmenter, load_model, save_model
+from napari_medseg.core.models import registry
+from napari_medseg.core.phantom import LABEL_NAMES, generate_phantom
+from napari_medseg.core.progress import run_to_completion
+from napari_medseg.core.session import AnnotationSession, load_session, save_session
+
+CARD = {
+    "name": "tiny", "classes": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)],
+    "input_spacing_mm": [2.5, 2.0, 2.0], "resample_axes": "yx",
+    "normalisation": {"type": "window", "low": -200.0, "high": 300.0},
+}
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return RecurrentSegmenter(n_classes=len(LABEL_NAMES), widths=(8, 16, 16)).eval()
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return generate_phantom((10, 64, 64), (2.5, 2.0, 2.0), seed=11, n_lesions=1)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _finetune(model, phantom, labels, slices, **kw):
+    kw = {"steps": 3, "holdout": False, "threads": 1, **kw}
+    return run_to_completion(finetune_segmenter(phantom.volume, model, CARD, labels, slices, **kw))
+
+
+def test_only_annotated_slices_are_learned_from_and_the_input_model_is_untouched(tiny, phantom):
+    original = _weights(tiny)
+    labels = phantom.labels.copy()
+    a = _finetune(tiny, phantom, labels, [3, 6])
+    scrambled = labels.copy()
+    scrambled[[0, 1, 2, 4, 5, 7, 8, 9]] = np.random.default_rng(0).integers(0, 9, (8, 64, 64))
+    b = _finetune(tiny, phantom, scrambled, [3, 6])
+    for k, v in a.model.state_dict().items():  # other slices' labels do not matter at all
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert any(not torch.equal(v, original[k]) for k, v in a.model.state_dict().items())
+    for k, v in tiny.state_dict().items():  # the caller's model is never modified
+        assert torch.equal(v, original[k]), k
+    changed = labels.copy()
+    changed[3, 20:30, 20:30] = 4  # ... but the annotated slices' labels do
+    c = _finetune(tiny, phantom, changed, [3, 6])
+    assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
+def test_training_moves_the_prediction_towards_the_annotation():
+    """The bundled segmenter on a domain-shifted phantom (flat contrast, heavy noise):
+    30 steps on three corrected slices raise its Dice on those slices."""
+    model, card = load_model("segmenter")
+    shifted = generate_phantom((16, 128, 128), (4.0, 1.6, 1.6), seed=77, contrast_scale=0.6,
+                               noise_hu=45.0)
+    before = run_to_completion(segment_volume(shifted.volume, model, card)).labels
+    zs = [4, 8, 12]
+    res = run_to_completion(finetune_segmenter(shifted.volume, model, card, shifted.labels, zs,
+                                               steps=30, threads=1))
+    after = run_to_completion(segment_volume(shifted.volume, res.model, res.card)).labels
+    gain = [slice_dice(after[z], shifted.labels[z]) - slice_dice(before[z], shifted.labels[z])
+            for z in zs]
+    assert np.mean(gain) > 0.02, gain
+    r = res.report
+    assert r.holdout_slice == 4 and r.holdout_dice_before is not None
+    assert len(r.loss_curve) == r.steps == 30
+    assert res.card["finetune_history"][-1]["slices"] == zs
+    assert "metrics" not in res.card  # the base model's held-out metrics do not describe it
+
+
+def test_new_label_value_grows_the_head_and_keeps_old_predictions(tiny, phantom):
+    grown = tiny.with_classes(12)
+    x = torch.from_numpy(np.random.default_rng(1).random((4, 1, 40, 40), dtype=np.float32))
+    with torch.no_grad():
+        old, new = tiny(x), grown(x)
+    assert new.shape[1] == 12
+    torch.testing.assert_close(new[:, :9], old)
+    assert torch.equal(new.argmax(1), old.argmax(1))
+    labels = phantom.labels.copy()
+    labels[5][phantom.labels[5] == 6] = 10  # the spine painted as a new value 10
+    res = _finetune(tiny, phantom, labels, [5], class_names={10: "vertebra"})
+    assert res.model.n_classes == 11
+    assert res.card["classes"][9:] == ["unused_9", "vertebra"]
+    assert res.report.new_classes == ("unused_9", "vertebra")
+    out = run_to_completion(segment_volume(phantom.volume, res.model, res.card))
+    assert out.labels.shape == phantom.labels.shape
+
+
+@pytest.mark.parametrize("labels_shape, slices, message", [
+    ((10, 64, 63), [1], "shape"),
+    ((10, 64, 64), [], "no annotated slices"),
+    ((10, 64, 64), [10], "outside the volume"),
+    ((10, 64, 64), [2], "only background"),
+])
+def test_bad_annotations_are_refused(tiny, phantom, labels_shape, slices, message):
+    labels = np.zeros(labels_shape, np.uint8)
+    with pytest.raises(MedsegInputError, match=message):
+        check_annotations(phantom.volume, labels, slices)
+    with pytest.raises(MedsegInputError, match=message):
+        _finetune(tiny, phantom, labels, slices)
+
+
+def test_missing_slices_and_float_labels_are_refused(phantom):
+    vol = phantom.volume
+    gappy = type(vol)(vol.array, vol.spacing, vol.origin, vol.modality,
+                      missing=np.arange(10) == 4)
+    with pytest.raises(MedsegInputError, match="not acquired"):
+        check_annotations(gappy, phantom.labels, [4])
+    with pytest.raises(MedsegInputError, match="integers"):
+        check_annotations(vol, phantom.labels.astype(float), [3])
+
+
+def test_unannotated_updates_never_touch_protected_slices():
+    rng = np.random.default_rng(0)
+    current = rng.integers(0, 3, (5, 8, 8)).astype(np.uint8)
+    predicted = rng.integers(0, 3, (5, 8, 8)).astype(np.uint8)
+    protected = np.array([False, True, False, True, False])
+    idx, values = unannotated_updates(current, predicted, protected)
+    out = current.copy()
+    out[idx] = values
+    np.testing.assert_array_equal(out[protected], current[protected])
+    np.testing.assert_array_equal(out[~protected], predicted[~protected])
+
+
+def test_versions_revert_and_save_crash_safely(tiny, phantom, tmp_path, monkeypatch):
+    history = VersionHistory.start(tiny, CARD)
+    res = _finetune(tiny, phantom, phantom.labels, [3])
+    history.add(res)
+    assert history.current == 1 and "v1" in history.versions[1].describe()
+    history.revert(0)
+    m0, _ = history.model()
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(m0.state_dict()[k], v)
+    with pytest.raises(MedsegInputError):
+        history.revert(5)
+    path = history.save(1, "mine", tmp_path)
+    loaded, card = load_model(path)
+    assert card["version"].endswith("+ft1")
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    # a crash while replacing "mine" with v0: the card on disk still loads the old model
+    real = registry._atomic_write
+
+    def crash_on_card(target, data):
+        if target.suffix == ".json":
+            raise OSError("disk full")
+        real(target, data)
+
+    monkeypatch.setattr(registry, "_atomic_write", crash_on_card)
+    with pytest.raises(OSError):
+        history.save(0, "mine", tmp_path)
+    monkeypatch.setattr(registry, "_atomic_write", real)
+    again, _ = load_model(path)
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v)
+    assert len(list(tmp_path.glob("mine.*.safetensors"))) == 1  # the orphan was removed
+    history.save(0, "mine", tmp_path)  # a completed replace drops the old weights file
+    assert len(list(tmp_path.glob("mine.*.safetensors"))) == 1
+    assert torch.equal(load_model(path)[0].head.bias, tiny.head.bias)
+
+
+def test_session_autosave_round_trip_and_damage(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 9, (4, 16, 16)).astype(np.uint8)
+    save_session(tmp_path / "s", AnnotationSession("ct", labels.shape, labels, [1, 2], [3], [2]))
+    back = load_session(tmp_path / "s")
+    np.testing.assert_array_equal(back.labels, labels)
+    assert back.annotated == [1, 2, 3] and back.excluded == [2]
+    meta = json.loads((tmp_path / "s" / "session.json").read_text())
+    meta["labels_sha256"] = "0" * 64
+    (tmp_path / "s" / "session.json").write_text(json.dumps(meta))
+    with pytest.raises(MedsegInputError, match="do not match"):
+        load_session(tmp_path / "s")
+    with pytest.raises(MedsegInputError, match="no autosave"):
+        load_session(tmp_path / "none")

@@ -1,0 +1,214 @@
+"""Retrain-on-annotations widget in a real viewer: paint, retrain, undo, versions, autosave."""
+
+import numpy as np
+import pytest
+from napari.layers import Labels
+from napari.utils.notifications import notification_manager
+
+from napari_medseg._sample_data import phantom_layer_data
+from napari_medseg._widgets.retrain import RetrainWidget, painted_slices
+from napari_medseg.core.models import load_model, user_models_dir
+
+SECONDS = 2.0  # a short budget: these tests check plumbing, the benchmark checks learning
+
+
+def _open(viewer, phantom):
+    for data, kwargs, layer_type in phantom_layer_data(phantom):
+        if layer_type != "points":
+            getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+    return viewer.layers[0]
+
+
+def _prediction_layer(viewer, image, seed_labels):
+    """A 'model output' Labels layer to correct (the phantom's truth, degraded)."""
+    data = np.array(seed_labels, copy=True)
+    data[data == 2] = 1  # the "model" missed the liver everywhere
+    return viewer.add_labels(data, name="prediction", scale=image.scale, translate=image.translate)
+
+
+def _paint_slice(layer, z, truth):
+    """Paint the truth of slice z with napari's own brush, one stroke per structure."""
+    for value in np.unique(truth[z]):
+        ys, xs = np.nonzero(truth[z] == value)
+        layer.selected_label = int(value)
+        # data_setitem is how napari records edits; it emits the same paint event
+        layer.data_setitem((np.full(len(ys), z), ys, xs), int(value))
+
+
+def _widget(viewer, image, labels, card_path):
+    widget = RetrainWidget(viewer)
+    widget._image.value = image
+    widget._labels_pick.value = labels
+    widget._model.value = card_path
+    widget._seconds.value = SECONDS
+    return widget
+
+
+def _wait(widget, qtbot, timeout=120_000):
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
+
+
+def _errors_since(start):
+    return [str(n.message) for n in notification_manager.records[start:] if n.severity == "error"]
+
+
+@pytest.fixture
+def scene(make_napari_viewer, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    return viewer, image, labels, widget, small_phantom
+
+
+def test_painted_slices_reads_both_history_atom_kinds():
+    from napari.layers.labels.labels import _MaskedPaintAtom
+
+    mask = np.zeros((3, 4, 4), bool)
+    mask[2, 1, 1] = True
+    atom = _MaskedPaintAtom((slice(5, 8), slice(0, 4), slice(0, 4)), mask, np.zeros(1), 3)
+    fancy = ((np.array([1, 1, 9]), np.array([0, 1, 2]), np.array([0, 0, 0])), None, 2)
+    assert painted_slices([atom, fancy]) == {7, 1, 9}
+
+
+def test_paint_retrain_repredict_undo_versions(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    truth = phantom.labels
+    _paint_slice(labels, 2, truth)
+    _paint_slice(labels, 5, truth)
+    assert widget.annotated_slices() == [2, 5]
+    before = np.array(labels.data, copy=True)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    after = np.array(labels.data, copy=True)
+    # annotated voxels untouched, other slices re-predicted
+    np.testing.assert_array_equal(after[[2, 5]], before[[2, 5]])
+    assert not np.array_equal(np.delete(after, [2, 5], 0), np.delete(before, [2, 5], 0))
+    assert len(widget._history.versions) == 2 and widget._history.current == 1
+    assert len(widget._curve.losses) > 0
+    # one undo step restores every re-predicted voxel
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, before)
+    labels.redo()
+    np.testing.assert_array_equal(labels.data, after)
+    # revert to v0 and re-predict: the starting model's output, still sparing slices 2 and 5
+    widget._versions.value = 0
+    widget._revert.clicked.emit()
+    assert widget._history.current == 0
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    from napari_medseg._layers import volume_from_layer
+    from napari_medseg.core.inference import segment_volume
+    from napari_medseg.core.progress import run_to_completion
+
+    model0, card0 = widget._history.model(0)
+    expected = run_to_completion(segment_volume(volume_from_layer(image), model0, card0)).labels
+    others = np.setdiff1d(np.arange(truth.shape[0]), [2, 5])
+    np.testing.assert_array_equal(labels.data[others], expected[others])
+    np.testing.assert_array_equal(labels.data[[2, 5]], before[[2, 5]])
+
+
+def test_cancel_leaves_versions_and_layer_unchanged(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 3, phantom.labels)
+    widget._seconds.value = 60.0
+    before = np.array(labels.data, copy=True)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: len(widget._curve.losses) >= 2, timeout=60_000)
+    widget._cancel.clicked.emit()
+    _wait(widget, qtbot)
+    np.testing.assert_array_equal(labels.data, before)
+    assert len(widget._history.versions) == 1  # only v0
+    model, card = widget._history.model()
+    reference, _ = load_model(widget._model.value)
+    for k, v in reference.state_dict().items():
+        assert np.array_equal(model.state_dict()[k].numpy(), v.numpy()), k
+
+
+def test_save_version_then_load_it_anywhere(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 4, phantom.labels)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    widget._save_name.value = "my-liver-fix"
+    widget._save.clicked.emit()
+    path = user_models_dir() / "my-liver-fix.json"
+    model, card = load_model(path)
+    v1_model, _ = widget._history.model(1)
+    for k, v in v1_model.state_dict().items():
+        assert np.array_equal(model.state_dict()[k].numpy(), v.numpy()), k
+    assert card["finetune_history"][-1]["slices"] == [4]
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    assert str(path) in SegmentWidget(viewer)._model.choices
+
+
+def test_new_structure_grows_the_model(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    truth = phantom.labels
+    n_old = len(load_model(widget._model.value)[1]["classes"])
+    for z in (2, 4):
+        _paint_slice(labels, z, truth)
+        ys, xs = np.nonzero(truth[z] == 6)  # the spine, painted as a new value
+        labels.data_setitem((np.full(len(ys), z), ys, xs), n_old)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    model, card = widget._history.model()
+    assert model.n_classes == n_old + 1 and card["classes"][-1] == f"structure_{n_old}"
+    np.testing.assert_array_equal(labels.data[2][truth[2] == 6], n_old)
+
+
+@pytest.mark.parametrize("problem", ["no annotations", "shape mismatch", "only background"])
+def test_bad_input_message_and_nothing_changes(make_napari_viewer, qtbot, random_models,
+                                               small_phantom, problem):
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    if problem == "shape mismatch":
+        labels = viewer.add_labels(np.zeros((4, 30, 30), np.uint8), name="other grid")
+    else:
+        labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    if problem == "only background":
+        labels.data_setitem(tuple(a.ravel() for a in np.indices((1, 96, 96))), 0)
+    elif problem == "shape mismatch":
+        widget._checked.add(1)
+    before = [np.array(layer.data, copy=True) for layer in viewer.layers]
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    assert widget._worker is None
+    errors = _errors_since(start)
+    assert len(errors) == 1
+    expected = {"no annotations": "no annotated slices", "shape mismatch": "has shape",
+                "only background": "only background"}[problem]
+    assert expected in errors[0]
+    for layer, data in zip(viewer.layers, before):
+        np.testing.assert_array_equal(layer.data, data)
+    assert widget._history is None or len(widget._history.versions) == 1
+
+
+def test_autosave_restores_after_a_restart(make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    _paint_slice(labels, 2, small_phantom.labels)
+    _paint_slice(labels, 5, small_phantom.labels)
+    widget._mark_current()  # slice 0 or wherever the viewer is: checked as correct
+    checked = set(widget._checked)
+    widget.autosave_now(wait=True)
+    painted = np.array(labels.data, copy=True)
+
+    # "crash": a new viewer and widget; the same image is opened again
+    viewer2 = make_napari_viewer()
+    image2 = _open(viewer2, small_phantom)
+    widget2 = RetrainWidget(viewer2)
+    widget2._image.value = image2
+    assert widget2._pending_restore is not None and not widget2._restore_box.native.isHidden()
+    assert "3 slices" in widget2._restore_label.value or "2 slices" in widget2._restore_label.value
+    widget2._restore.clicked.emit()
+    restored = widget2._labels_pick.value
+    assert isinstance(restored, Labels) and restored.name.startswith(image2.name)
+    np.testing.assert_array_equal(restored.data, painted)
+    np.testing.assert_allclose(restored.scale, image2.scale)
+    assert set(widget2._edited) == {2, 5} and set(widget2._checked) == checked
+    assert widget2._pending_restore is None and widget2._restore_box.native.isHidden()

@@ -1,0 +1,74 @@
+"""`napari-medseg finetune`: fine-tune on chosen slices of a label volume, write a loadable model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_medseg.cli import main
+from napari_medseg.cli_finetune import parse_slices
+from napari_medseg.core.io import write_nifti
+from napari_medseg.core.models import load_model
+from napari_medseg.core.phantom import generate_phantom
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ft")
+    p = generate_phantom((12, 80, 80), (4.0, 2.0, 2.0), seed=3, n_lesions=1)
+    write_nifti(d / "image.nii.gz", p.volume.array, p.volume.spacing, p.volume.origin)
+    write_nifti(d / "labels.nii.gz", p.labels, p.volume.spacing, p.volume.origin)
+    return d, p
+
+
+def test_parse_slices():
+    assert parse_slices("10, 20,22-24") == [10, 20, 22, 23, 24]
+    for bad in ("", "a", "5-3", "1,,x"):
+        with pytest.raises(Exception, match="slices"):
+            parse_slices(bad)
+
+
+def test_finetune_writes_a_model_every_command_loads(case, tmp_path, capsys):
+    d, p = case
+    out = tmp_path / "models"
+    rc = main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
+               str(d / "labels.nii.gz"), "--slices", "3,6,9", "--out", str(out), "--epochs", "2",
+               "--name", "mine", "--quiet", "--threads", "1"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["slices"] == [3, 6, 9] and report["steps"] == 6
+    model, card = load_model(out / "mine.json")
+    assert card["finetuned_from"]["name"] == "segmenter"
+    assert "--slices 3,6,9" in card["finetune_history"][-1]["command"]
+    seg = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(d / "image.nii.gz"), str(seg), "--model", str(out / "mine.json"),
+                 "--quiet"]) == 0
+    assert seg.is_file()
+    # the same name again without --overwrite is refused, and nothing changes
+    before = sorted(x.name for x in out.iterdir())
+    assert main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
+                 str(d / "labels.nii.gz"), "--slices", "3", "--out", str(out), "--name", "mine",
+                 "--epochs", "1"]) == 2
+    assert sorted(x.name for x in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("labels_from, slices, message", [
+    ("image", "3", "whole numbers"),
+    ("small", "3", "shape"),
+    ("zeros", "3", "only background"),
+    ("labels", "40", "outside the volume"),
+    ("labels", "x", "--slices"),
+])
+def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, labels_from, slices, message):
+    d, p = case
+    labels = {"image": d / "image.nii.gz", "labels": d / "labels.nii.gz"}.get(labels_from)
+    if labels is None:
+        labels = tmp_path / "l.nii.gz"
+        data = np.zeros((12, 40, 40) if labels_from == "small" else p.labels.shape, np.uint8)
+        write_nifti(labels, data, p.volume.spacing, p.volume.origin)
+    out = tmp_path / "out"
+    rc = main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels", str(labels),
+               "--slices", slices, "--out", str(out), "--epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists() or not any(out.iterdir())
