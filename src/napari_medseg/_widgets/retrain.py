@@ -89,6 +89,7 @@ class RetrainWidget(Container):
         self._save_lock = threading.Lock()
         self._save_thread: threading.Thread | None = None
         self._pending_restore: Path | None = None
+        self._result_shown = False
 
         self._image = ComboBox(label="Image", choices=self._layers_of("Image"), nullable=True)
         self._labels_pick = ComboBox(label="Labels", choices=self._layers_of("Labels"), nullable=True)
@@ -199,7 +200,7 @@ class RetrainWidget(Container):
 
     def _current_class_names(self) -> dict[int, str]:
         if self._history is not None:
-            _, card = self._history.model()
+            card = self._history.versions[self._history.current].card
             return dict(enumerate(card["classes"]))
         path = self._model.value
         if path is None:
@@ -290,17 +291,6 @@ class RetrainWidget(Container):
         self._history_model = None
         self._versions.choices = []
 
-    def _ensure_history(self) -> VersionHistory:
-        path = self._model.value
-        if path is None:
-            raise MedsegInputError("no segmenter model found; reinstall the bundled weights")
-        if self._history is None or self._history_model != path:
-            model, card = load_model(path)
-            self._history = VersionHistory.start(model, card)
-            self._history_model = path
-            self._refresh_versions()
-        return self._history
-
     def _refresh_versions(self) -> None:
         history = self._history
         with self._versions.changed.blocked():
@@ -341,8 +331,9 @@ class RetrainWidget(Container):
 
     # -- running -----------------------------------------------------------------------
     def _inputs(self, need_annotations: bool):
-        """Copies of the image and labels, the slices, the model: checked in the GUI
-        thread so bad input gets its message before any worker starts."""
+        """Copies of the image and labels and the training slices, checked in the GUI
+        thread so bad input gets its message before any worker starts; the model is
+        loaded in the worker (reading and hashing weights would stall the GUI)."""
         image, labels_layer = self._image.value, self._labels_pick.value
         volume = volume_from_layer(image)
         if labels_layer is None:
@@ -355,35 +346,38 @@ class RetrainWidget(Container):
         slices = self.training_slices()
         if need_annotations:
             check_annotations(volume, labels, slices)
-        history = self._ensure_history()
-        return image, labels_layer, volume, labels, slices, history
+        path = self._model.value
+        if path is None:
+            raise MedsegInputError("no segmenter model found; reinstall the bundled weights")
+        if self._history_model != path:
+            self._reset_history()
+        source = (self._history, self._history.current) if self._history is not None else path
+        return image, labels_layer, volume, labels, slices, source
 
     def _on_retrain(self) -> None:
         try:
-            image, labels_layer, volume, labels, slices, history = self._inputs(True)
-            model, card = history.model()
+            image, labels_layer, volume, labels, slices, source = self._inputs(True)
         except MedsegInputError as exc:
             show_error(f"Retrain: {exc}")
             return
         names = self._layer_class_names(labels_layer)
-        version = history.next_number
+        version = 1 if self._history is None else self._history.next_number
         self._curve.clear()
         self._start(
-            self._retrain_job, volume, labels, slices, model, card, float(self._seconds.value),
+            self._retrain_job, volume, labels, slices, source, float(self._seconds.value),
             version, names, description=f"Retrain v{version} on {len(slices)} slices",
-            on_result=lambda out: self._on_retrained(out, image, labels_layer, volume),
+            on_result=lambda out: self._on_retrained(out, image, labels_layer, volume, source),
         )
 
     def _on_predict(self) -> None:
         try:
-            image, labels_layer, volume, _labels, _slices, history = self._inputs(False)
-            model, card = history.model()
+            image, labels_layer, volume, _labels, _slices, source = self._inputs(False)
         except MedsegInputError as exc:
             show_error(f"Retrain: {exc}")
             return
-        self._start(self._predict_job, volume, model, card,
-                    description=f"Re-predict with v{history.current}",
-                    on_result=lambda seg: self._apply(seg, image, labels_layer, volume, history.current))
+        number = 0 if self._history is None else self._history.current
+        self._start(self._predict_job, volume, source, description=f"Re-predict with v{number}",
+                    on_result=lambda out: self._on_predicted(out, image, labels_layer, volume, source))
 
     @staticmethod
     def _layer_class_names(layer) -> dict[int, str]:
@@ -394,17 +388,39 @@ class RetrainWidget(Container):
             return {}
 
     @staticmethod
-    def _retrain_job(volume, labels, slices, model, card, seconds, version, names):
+    def _model_from(source):
+        """(model, card) of a history version, or loaded from a card path (first round)."""
+        if isinstance(source, tuple):
+            history, number = source
+            return history.model(number)
+        return load_model(source)
+
+    @classmethod
+    def _retrain_job(cls, volume, labels, slices, source, seconds, version, names):
+        model, card = cls._model_from(source)
         result = yield from finetune_segmenter(volume, model, card, labels, slices, seconds=seconds,
                                                version=version, class_names=names)
         seg = yield from segment_volume(volume, result.model, result.card)
-        return result, seg
+        return result, seg, (model, card)
 
-    @staticmethod
-    def _predict_job(volume, model, card):
-        return (yield from segment_volume(volume, model, card))
+    @classmethod
+    def _predict_job(cls, volume, source):
+        model, card = cls._model_from(source)
+        seg = yield from segment_volume(volume, model, card)
+        return seg, (model, card)
+
+    def _adopt(self, source, base) -> bool:
+        """Start the history from the model a first round loaded; False if stale."""
+        if isinstance(source, tuple):
+            return self._history is source[0]
+        if self._model.value != source or self._history is not None:
+            return False
+        self._history = VersionHistory.start(*base)
+        self._history_model = source
+        return True
 
     def _start(self, job, *args, description: str, on_result) -> None:
+        self._result_shown = False
         self._set_running(True)
         self._status.value = f"{description}…"
         self._worker = _jobs.start_job(
@@ -415,12 +431,12 @@ class RetrainWidget(Container):
         partial = report.partial
         if isinstance(partial, dict) and "loss" in partial:
             self._curve.add(float(partial["loss"]))
-        if report.message:
-            self._status.value = report.message
+        if report.message and self._worker is not None and not self._result_shown:
+            self._status.value = report.message  # a late report must not hide the result
 
-    def _on_retrained(self, out, image, labels_layer, volume) -> None:
-        result, seg = out
-        if self._history is None:  # model switched meanwhile: this round is stale
+    def _on_retrained(self, out, image, labels_layer, volume, source) -> None:
+        result, seg, base = out
+        if not self._adopt(source, base):  # the model was switched meanwhile
             show_warning("Retrain: the model was changed during the round; result discarded")
             return
         v = self._history.add(result)
@@ -433,6 +449,13 @@ class RetrainWidget(Container):
         if r.new_classes:
             msg += f"; learned new: {', '.join(r.new_classes)}"
         self._apply(seg, image, labels_layer, volume, v.number, msg)
+
+    def _on_predicted(self, out, image, labels_layer, volume, source) -> None:
+        seg, base = out
+        if not self._adopt(source, base):
+            show_warning("Retrain: the model was changed meanwhile; prediction discarded")
+            return
+        self._apply(seg, image, labels_layer, volume, self._history.current)
 
     def _apply(self, seg, image, labels_layer, volume, number: int, prefix: str = "") -> None:
         """Write the prediction into the unannotated, acquired slices: one undo step."""
@@ -456,6 +479,7 @@ class RetrainWidget(Container):
         finally:
             self._writing = False
         changed = len(values)
+        self._result_shown = True
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number} re-predicted {int((~protected).sum())} slices ({changed} voxels changed; "
             "Ctrl+Z on the layer undoes it)")
