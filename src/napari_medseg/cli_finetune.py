@@ -59,7 +59,7 @@ def read_label_volume(path: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .cli_infer import _progress_printer, _run
+    from .cli_infer import _run
     from .core.finetune import finetune_segmenter
     from .core.io import read_volume
     from .core.models import load_model, save_model

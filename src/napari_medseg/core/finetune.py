@@ -62,7 +62,6 @@ from .resample import resample_yx
 from .training import (
     IGNORE_INDEX,
     _crop_yx,
-    _lr_factor,  # noqa: F401  (documented schedule, shared with from-scratch training)
     _train_loop,
     class_weights,
     deterministic,

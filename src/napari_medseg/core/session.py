@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .errors import MedsegInputError
+from .models.registry import _atomic_write as _write_atomic  # temp file + fsync + rename
 from .models.registry import user_models_dir
 
 FORMAT = "napari-medseg-session/1"
@@ -52,19 +51,6 @@ class AnnotationSession:
     @property
     def annotated(self) -> list[int]:
         return sorted(set(self.edited) | set(self.checked))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_session(folder: str | Path, session: AnnotationSession) -> Path:
