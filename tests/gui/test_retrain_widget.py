@@ -215,3 +215,22 @@ def test_autosave_restores_after_a_restart(make_napari_viewer, qtbot, random_mod
     np.testing.assert_allclose(restored.scale, image2.scale)
     assert set(widget2._edited) == {2, 5} and set(widget2._checked) == checked
     assert widget2._pending_restore is None and widget2._restore_box.native.isHidden()
+
+
+def test_unticked_slice_is_not_trained_on_but_still_protected(scene, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    _paint_slice(labels, 5, phantom.labels)
+    item = widget._slice_list.item(1)  # slice 5
+    item.setCheckState(Qt.CheckState.Unchecked)
+    assert widget.training_slices() == [2] and widget.annotated_slices() == [2, 5]
+    before = np.array(labels.data, copy=True)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    assert widget._history.versions[1].report.slices == (2,)
+    np.testing.assert_array_equal(labels.data[[2, 5]], before[[2, 5]])
+    widget._slice_list.item(1).setSelected(True)
+    widget._remove.clicked.emit()
+    assert widget.annotated_slices() == [2]
