@@ -72,3 +72,27 @@ def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, labels_from
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_finetune_detector_from_a_points_csv(case, tmp_path, capsys):
+    d, p = case
+    les = p.lesions[0]
+    csv_path = tmp_path / "lesions.csv"
+    csv_path.write_text("z,y,x,score,diameter_mm\n"
+                        f"{les.center_zyx[0]},{les.center_zyx[1]},{les.center_zyx[2]},1.0,{2 * les.radius_mm}\n")
+    z = int(round(les.center_zyx[0]))
+    out = tmp_path / "m"
+    assert main(["finetune", "detector", "--image", str(d / "image.nii.gz"), "--points", str(csv_path),
+                 "--slices", f"{z},{z + 1}", "--out", str(out), "--epochs", "1", "--quiet",
+                 "--threads", "1"]) == 0
+    model, card = load_model(out / "detector-finetuned.json")
+    assert card["architecture"] == "LesionDetector" and "--points" in card["finetune_history"][-1]["command"]
+    assert main(["detect", str(d / "image.nii.gz"), str(tmp_path / "det.csv"), "--model",
+                 str(out / "detector-finetuned.json"), "--quiet"]) == 0
+    capsys.readouterr()
+    # labels for a detector, or both / neither of --labels and --points: refused
+    for extra in (["--labels", str(d / "labels.nii.gz")], [],
+                  ["--labels", str(d / "labels.nii.gz"), "--points", str(csv_path)]):
+        assert main(["finetune", "detector", "--image", str(d / "image.nii.gz"), "--slices", "3",
+                     "--out", str(tmp_path / "x"), *extra]) == 2
+    assert not (tmp_path / "x").exists()

@@ -1,10 +1,12 @@
-"""``napari-medseg finetune``: fine-tune the segmenter on annotated slices, headless.
+"""``napari-medseg finetune``: fine-tune the segmenter or the detector on slices, headless.
 
 ``finetune MODEL --image INPUT --labels LABELS.nii.gz --slices 10,20,30 --out DIR``
 reads the image and a label volume on the same grid, fine-tunes a copy of MODEL (a name
 or a card path) on those slices only (every other voxel is ignored by the loss), and
 writes ``DIR/NAME.<sha>.safetensors`` + ``DIR/NAME.json`` (crash-safe), loadable by
-every widget and command. Everything that can fail on bad input is checked before any
+every widget and command. ``--points LESIONS.csv`` (z, y, x[, diameter_mm], e.g. what
+``detect`` writes, then corrected) fine-tunes a detector instead: the points are all the
+lesions on the given slices. Everything that can fail on bad input is checked before any
 training, and nothing is written unless training finished.
 """
 
@@ -58,11 +60,32 @@ def read_label_volume(path: str, shape: tuple[int, ...]) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Points (z, y, x voxel indices) and diameters from a CSV with a header naming at
+    least z, y, x (and optionally diameter_mm), e.g. the output of ``detect``."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError as exc:
+        raise MedsegInputError("no such file", path) from exc
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MedsegInputError(f"not a readable CSV ({exc})", path) from exc
+    try:
+        pts = np.array([[float(r["z"]), float(r["y"]), float(r["x"])] for r in rows]).reshape(-1, 3)
+        diam = np.array([float(r.get("diameter_mm") or "nan") for r in rows])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MedsegInputError("the CSV needs numeric columns z, y, x (and optionally diameter_mm)",
+                               path) from exc
+    return pts, diam
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .cli_infer import _run
-    from .core.finetune import finetune_segmenter
+    from .core.finetune import finetune_detector, finetune_segmenter
     from .core.io import read_volume
-    from .core.models import load_model, save_model
+    from .core.models import LesionDetector, RecurrentSegmenter, load_model, save_model
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -72,21 +95,33 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise MedsegInputError(f"{name}.json exists; pass --overwrite or another --name", out)
     if args.epochs is not None and args.epochs < 1:
         raise MedsegInputError(f"--epochs must be at least 1, got {args.epochs}")
+    if (args.labels is None) == (args.points is None):
+        raise MedsegInputError("give --labels (segmenter) or --points (detector), one of them")
     slices = parse_slices(args.slices)
-    volume = read_volume(args.image)
-    labels = read_label_volume(args.labels, volume.shape)
     model, card = load_model(args.model)
+    volume = read_volume(args.image)
     # an epoch: each annotated slice is the centre of one training sequence, on average
     steps = None if args.epochs is None else args.epochs * len(slices)
-    seconds = args.seconds
-    job = finetune_segmenter(volume, model, card, labels, slices, steps=steps, seconds=seconds,
-                             seed=args.seed, threads=args.threads)
+    if args.labels is not None:
+        if not isinstance(model, RecurrentSegmenter):
+            raise MedsegInputError(f"--labels fine-tunes a segmenter; {args.model} is a {type(model).__name__}")
+        labels = read_label_volume(args.labels, volume.shape)
+        job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,
+                                 seconds=args.seconds, seed=args.seed, threads=args.threads)
+        source = f"--labels {args.labels}"
+    else:
+        if not isinstance(model, LesionDetector):
+            raise MedsegInputError(f"--points fine-tunes a detector; {args.model} is a {type(model).__name__}")
+        points, diam = read_points_csv(args.points)
+        job = finetune_detector(volume, model, card, points, diam, slices, steps=steps,
+                                seconds=args.seconds, seed=args.seed, threads=args.threads)
+        source = f"--points {args.points}"
     result = _run(job, "finetune", args.quiet)
     card_out = dict(result.card)
     budget = (f" --epochs {args.epochs}" if args.epochs is not None else "") + (
         f" --seconds {args.seconds:g}" if args.seconds is not None else "")
     card_out["finetune_history"][-1]["command"] = (
-        f"napari-medseg finetune {args.model} --image {args.image} --labels {args.labels}"
+        f"napari-medseg finetune {args.model} --image {args.image} {source}"
         f" --slices {args.slices} --out {args.out} --name {name}{budget} --seed {args.seed}")
     path = save_model(result.model, out, name, {**card_out, "name": name}, unique_weights=True)
     print(f"wrote {path} ({result.report.steps} steps, {result.report.seconds:.1f} s)")
@@ -95,11 +130,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("finetune", help="fine-tune the segmenter on annotated slices of one volume")
+    p = sub.add_parser("finetune", help="fine-tune the segmenter (--labels) or the detector "
+                       "(--points) on annotated slices of one volume")
     p.add_argument("model", help="model name (e.g. segmenter) or card path")
     p.add_argument("--image", required=True, help="DICOM file/folder, NIfTI or .npy")
-    p.add_argument("--labels", required=True, help="label volume on the image's grid (NIfTI/.npy)")
-    p.add_argument("--slices", required=True, help="annotated slices, e.g. 10,20,30 or 10-14")
+    p.add_argument("--labels", help="segmenter: label volume on the image's grid (NIfTI/.npy)")
+    p.add_argument("--points", help="detector: CSV with z, y, x[, diameter_mm] (voxel indices): "
+                   "all the lesions on the given slices")
+    p.add_argument("--slices", required=True, help="annotated (reviewed) slices, e.g. 10,20,30 or 10-14")
     p.add_argument("--out", required=True, help="folder for the fine-tuned model")
     p.add_argument("--name", help="model name (default MODEL-finetuned)")
     p.add_argument("--epochs", type=int, help="training passes over the annotated slices")

@@ -185,9 +185,38 @@ def test_session_autosave_round_trip_and_damage(tmp_path):
     np.testing.assert_array_equal(back.labels, labels)
     assert back.annotated == [1, 2, 3] and back.excluded == [2]
     meta = json.loads((tmp_path / "s" / "session.json").read_text())
-    meta["labels_sha256"] = "0" * 64
+    meta["annotations_sha256"] = "0" * 64
     (tmp_path / "s" / "session.json").write_text(json.dumps(meta))
     with pytest.raises(MedsegInputError, match="do not match"):
         load_session(tmp_path / "s")
     with pytest.raises(MedsegInputError, match="no autosave"):
         load_session(tmp_path / "none")
+
+
+def test_detector_learns_only_from_reviewed_slices_and_from_deleted_points():
+    from napari_medseg.core.finetune import finetune_detector
+    from napari_medseg.core.models import LesionDetector
+
+    torch.manual_seed(0)
+    model = LesionDetector(widths=(8, 16, 16)).eval()
+    card = {**CARD, "classes": ["lesion"], "context_slices": 1, "peak_threshold": 0.5,
+            "min_distance_mm": 8.0}
+    p = generate_phantom((12, 64, 64), (4.0, 2.0, 2.0), seed=11, n_lesions=1)
+    original = _weights(model)
+
+    def run(points, slices):
+        return run_to_completion(finetune_detector(p.volume, model, card, points, [10.0] * len(points),
+                                                   slices, steps=3, threads=1))
+    a = run([[3.0, 30.0, 30.0]], [3, 4])
+    b = run([[3.0, 30.0, 30.0], [10.0, 20.0, 40.0]], [3, 4])  # far from the reviewed slices
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    empty = run([], [3, 4])  # all points deleted: "no lesion here" is still a lesson
+    assert any(not torch.equal(v, empty.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    assert a.card["finetune_history"][-1]["slices"] == [3, 4] and a.card["peak_threshold"] == 0.5
+    with pytest.raises(MedsegInputError, match="no reviewed slices"):
+        run([[3.0, 30.0, 30.0]], [])
+    with pytest.raises(MedsegInputError, match="outside the image"):
+        run([[3.0, 300.0, 30.0]], [3])

@@ -1,24 +1,31 @@
-"""Dock widget: correct slices, retrain the segmenter on them in seconds, re-predict the rest.
+"""Dock widgets: correct the models' output, retrain on the corrections in seconds.
 
-Workflow: pick the image, the Labels layer being corrected and the starting model. Every
-paint / erase / fill stroke on the Labels layer adds its slices to the list of annotated
-slices ("edited"); "Mark current slice correct" adds a slice as it is ("checked"). A
-ticked slice is training data; an unticked one is left out of training but, like every
-listed slice, is never overwritten. **Retrain** fine-tunes a copy of the current model
-version on the ticked slices only (``core.finetune``), in a worker with a live loss
-curve, progress and Cancel (the model versions are only touched when a round finishes,
+*Retrain on my annotations* (segmenter): pick the image, the Labels layer being corrected
+and the starting model. Every paint / erase / fill stroke adds its slices to the list of
+annotated slices ("edited"); "Mark current slice correct" adds a slice as it is
+("checked"). A ticked slice is training data; an unticked one is left out of training
+but, like every listed slice, is never overwritten. **Retrain** fine-tunes a copy of the
+current model version on the ticked slices only (``core.finetune``), in a worker with a
+live loss curve, progress and Cancel (versions are only touched when a round finishes,
 so a cancel changes nothing); the new version then re-predicts every slice that is not
 listed and not missing, written into the same Labels layer as ONE undo step.
 
-Versions v0 (the starting model), v1, v2 … can be reverted to, re-predicted with, and
-saved to the user models folder (listed by every widget and the CLI). The labels and the
-slice lists are autosaved (in a background thread, crash-safe) to
-``$NAPARI_MEDSEG_HOME/sessions/<image>-<shape>/<session>/``; opening the same image
-later offers to restore the newest autosave of an earlier session.
+*Retrain detector on my points*: the same with a Points layer of lesions. Adding, moving
+or deleting a point lists its slice (old and new slice for a move) as "edited"; the
+points are taken as the complete set of lesions on the listed slices, so deleting a false
+positive teaches "no lesion here". The new version's detections go into a NEW Points
+layer (napari has no undo for points data, and the user's edited layer stays as it is).
+
+Both: versions v0 (the starting model), v1, v2 … can be reverted to, re-predicted with
+and saved to the user models folder (listed by every widget and the CLI). The
+annotations and the slice lists are autosaved (background thread, crash-safe) to
+``$NAPARI_MEDSEG_HOME/sessions/<image>-<shape>/<session>/``; picking the same image
+later offers to restore the newest autosave of an earlier session of the same kind.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -33,28 +40,32 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem
 
 from .. import _jobs
-from .._layers import _labels_kwargs, _like_layer, volume_from_layer
+from .._layers import _labels_kwargs, _like_layer, detection_layer_data, volume_from_layer
 from ..core.errors import MedsegInputError
 from ..core.finetune import (
     DEFAULT_SECONDS,
     VersionHistory,
     check_annotations,
+    check_points,
+    finetune_detector,
     finetune_segmenter,
     unannotated_updates,
 )
-from ..core.inference import segment_volume
-from ..core.models.registry import load_model
+from ..core.inference import detect_lesions, segment_volume
+from ..core.models.registry import load_model, read_card, user_models_dir
 from ..core.session import (
     AnnotationSession,
     discard_session,
     load_session,
+    read_meta,
     save_session,
     session_key,
     sessions_dir,
 )
 from ._loss_curve import LossCurve
-from ._model_widget import model_choices
+from ._model_widget import model_choices, provenance
 
+log = logging.getLogger(__name__)
 AUTOSAVE_DELAY_MS = 1500
 
 
@@ -73,13 +84,23 @@ def painted_slices(history_item: Any) -> set[int]:
     return out
 
 
-class RetrainWidget(Container):
+class _RetrainBase(Container):
+    """Everything the two retrain widgets share; subclasses say what the annotation
+    layer is, how edits are tracked, and how a model learns from and writes to it."""
+
+    architecture = ""
+    layer_kind = ""  # "Labels" or "Points"
+    task = ""
+    edited_word = "edited"
+    checked_word = "checked correct"
+    mark_text = "Mark current slice correct"
+
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
         self._worker = None
         self._history: VersionHistory | None = None
         self._history_model: str | None = None
-        self._tracked = None  # the Labels layer whose paint events we follow
+        self._tracked = None  # the annotation layer whose edit events we follow
         self._writing = False  # our own writes are not user annotations
         self._edited: set[int] = set()
         self._checked: set[int] = set()
@@ -92,10 +113,12 @@ class RetrainWidget(Container):
         self._result_shown = False
 
         self._image = ComboBox(label="Image", choices=self._layers_of("Image"), nullable=True)
-        self._labels_pick = ComboBox(label="Labels", choices=self._layers_of("Labels"), nullable=True)
-        self._new_labels = PushButton(text="New empty annotation layer on the image")
-        self._model = ComboBox(label="Model", choices=lambda _w=None: model_choices("RecurrentSegmenter"))
+        self._layer_pick = ComboBox(label=self.layer_kind, choices=self._layers_of(self.layer_kind),
+                                    nullable=True)
+        self._new_layer = PushButton(text=f"New empty {self.layer_kind.lower()} layer on the image")
+        self._model = ComboBox(label="Model", choices=lambda _w=None: model_choices(self.architecture))
         self._restore_label = Label(value="")
+        self._restore_label.native.setWordWrap(True)
         self._restore = PushButton(text="Restore")
         self._discard = PushButton(text="Discard")
         self._restore_box = Container(widgets=[self._restore_label, Container(
@@ -104,26 +127,26 @@ class RetrainWidget(Container):
         self._slice_list = QListWidget()
         self._slice_list.setMinimumHeight(110)
         self._slice_list.setToolTip("Annotated slices: ticked = used for training; listed slices are "
-                              "never overwritten. Double-click to go to a slice.")
+                                    "never overwritten. Double-click to go to a slice.")
         list_box = Container(labels=False)
         list_box.native.layout().addWidget(self._slice_list)
-        self._mark = PushButton(text="Mark current slice correct")
+        self._mark = PushButton(text=self.mark_text)
         self._remove = PushButton(text="Remove selected slice")
         self._seconds = FloatSpinBox(label="Seconds", value=DEFAULT_SECONDS, min=2.0, max=600.0, step=5.0)
-        self._run = PushButton(text="Retrain and re-predict")
+        self._run = PushButton(text=f"Retrain and {self.task}")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._curve = LossCurve()
         curve_box = Container(labels=False)
         curve_box.native.layout().addWidget(self._curve)
-        self._status = Label(value="Paint corrections on the Labels layer, then Retrain.")
+        self._status = Label(value=f"Correct the {self.layer_kind} layer, then Retrain.")
         self._status.native.setWordWrap(True)
         self._versions = ComboBox(label="Version", choices=[])
         self._revert = PushButton(text="Use this version")
-        self._predict = PushButton(text="Re-predict with it")
+        self._predict = PushButton(text=f"{self.task.capitalize()} with it")
         self._save_name = LineEdit(label="Save as", value="")
         self._save = PushButton(text="Save version")
         super().__init__(widgets=[
-            self._image, self._labels_pick, self._new_labels, self._model, self._restore_box,
+            self._image, self._layer_pick, self._new_layer, self._model, self._restore_box,
             Label(value="Annotated slices"), list_box,
             Container(widgets=[self._mark, self._remove], layout="horizontal", labels=False),
             self._seconds,
@@ -137,15 +160,16 @@ class RetrainWidget(Container):
         self._autosave_timer.timeout.connect(self.autosave_now)
 
         self._image.changed.connect(self._on_image_changed)
-        self._labels_pick.changed.connect(self._track_labels)
+        self._layer_pick.changed.connect(self._track)
         self._model.changed.connect(lambda _v: self._reset_history())
-        self._new_labels.changed.connect(self._add_empty_labels)
+        self._new_layer.changed.connect(self._add_empty_layer)
         self._restore.changed.connect(self._on_restore)
         self._discard.changed.connect(self._on_discard)
         self._mark.changed.connect(self._mark_current)
         self._remove.changed.connect(self._remove_selected)
         self._slice_list.itemChanged.connect(self._on_item_changed)
-        self._slice_list.itemDoubleClicked.connect(lambda item: self._go_to(item.data(Qt.ItemDataRole.UserRole)))
+        self._slice_list.itemDoubleClicked.connect(
+            lambda item: self._go_to(item.data(Qt.ItemDataRole.UserRole)))
         self._run.changed.connect(self._on_retrain)
         self._cancel.changed.connect(self._on_cancel)
         self._revert.changed.connect(self._on_revert)
@@ -155,7 +179,39 @@ class RetrainWidget(Container):
             event.connect(self._refresh_layers)
         self._refresh_layers()
         self._on_image_changed()
-        self._track_labels()
+        self._track()
+
+    # -- for subclasses ------------------------------------------------------------------
+    def _connect(self, layer) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _disconnect(self, layer) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _empty_layer(self, image):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _snapshot(self, layer, image, volume, need_annotations: bool) -> Any:  # pragma: no cover
+        """A copy of the annotations on the image's voxel grid, checked."""
+        raise NotImplementedError
+
+    def _session(self, layer, image) -> AnnotationSession | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _restored_layer(self, session: AnnotationSession, image):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _finetune(volume, model, card, annotation, slices, seconds, version, names):  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _predict_volume(volume, model, card):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply(self, prediction, image, layer, volume, number: int, card: dict,
+               prefix: str = "") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     # -- layers --------------------------------------------------------------------------
     def _layers_of(self, kind: str):
@@ -165,7 +221,7 @@ class RetrainWidget(Container):
         return choices
 
     def _refresh_layers(self, _event=None) -> None:
-        for combo in (self._image, self._labels_pick):
+        for combo in (self._image, self._layer_pick):
             combo.reset_choices()
             if combo.value is None and combo.choices:
                 combo.value = combo.choices[-1]
@@ -173,48 +229,37 @@ class RetrainWidget(Container):
     def _on_image_changed(self, _value=None) -> None:
         self._check_for_autosave()
 
-    def _track_labels(self, _value=None) -> None:
-        layer = self._labels_pick.value
+    def _track(self, _value=None) -> None:
+        layer = self._layer_pick.value
         if layer is self._tracked:
             return
         if self._tracked is not None:
-            self._tracked.events.paint.disconnect(self._on_paint)
+            self._disconnect(self._tracked)
         self._tracked = layer
         self._edited.clear()
         self._checked.clear()
         self._excluded.clear()
         self._rebuild_list()
         if layer is not None:
-            layer.events.paint.connect(self._on_paint)
+            self._connect(layer)
 
-    def _add_empty_labels(self) -> None:
+    def _add_empty_layer(self) -> None:
         image = self._image.value
         if image is None:
-            show_error("Retrain: pick an image first")
+            show_error(f"{self.task.capitalize()}: pick an image first")
             return
-        shape = tuple(image.data.shape)
-        names = {int(v): n for v, n in self._current_class_names().items()}
-        kwargs = {**_labels_kwargs(f"{image.name} annotations", names), **_like_layer(image)}
-        layer = self._viewer.add_labels(np.zeros(shape, dtype=np.uint8), **kwargs)
-        self._labels_pick.value = layer
+        self._layer_pick.value = self._empty_layer(image)
 
     def _current_class_names(self) -> dict[int, str]:
         if self._history is not None:
-            card = self._history.versions[self._history.current].card
-            return dict(enumerate(card["classes"]))
+            return dict(enumerate(self._history.versions[self._history.current].card["classes"]))
         path = self._model.value
-        if path is None:
-            return {0: "background"}
-        from ..core.models.registry import read_card
-
-        return dict(enumerate(read_card(path)["classes"]))
+        return {0: "background"} if path is None else dict(enumerate(read_card(path)["classes"]))
 
     # -- annotated slices --------------------------------------------------------------
-    def _on_paint(self, event) -> None:
+    def _add_edited(self, zs: set[int]) -> None:
         if self._writing:
             return
-        layer = self._tracked
-        zs = {0} if layer is not None and layer.ndim == 2 else painted_slices(event.value)
         if zs - self._edited:
             self._edited |= zs
             self._rebuild_list()
@@ -231,8 +276,8 @@ class RetrainWidget(Container):
         self._slice_list.blockSignals(True)
         self._slice_list.clear()
         for z in self.annotated_slices():
-            kind = " + ".join(k for k, s in (("edited", self._edited), ("checked correct", self._checked))
-                              if z in s)
+            kind = " + ".join(k for k, s in ((self.edited_word, self._edited),
+                                             (self.checked_word, self._checked)) if z in s)
             item = QListWidgetItem(f"slice {z} · {kind}")
             item.setData(Qt.ItemDataRole.UserRole, z)
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
@@ -248,19 +293,19 @@ class RetrainWidget(Container):
             self._excluded.add(z)
         self._schedule_autosave()
 
-    def _current_slice(self) -> int | None:
-        layer = self._labels_pick.value or self._image.value
-        if layer is None:
+    def _image_slice(self, world_z: float) -> int | None:
+        image = self._image.value
+        if image is None:
             return None
-        if layer.ndim == 2:
+        if image.ndim == 2:
             return 0
-        z = int(round(layer.world_to_data(self._viewer.dims.point[-layer.ndim:])[0]))
-        return z if 0 <= z < layer.data.shape[0] else None
+        z = int(round(image.world_to_data([world_z, 0, 0])[0]))
+        return z if 0 <= z < image.data.shape[0] else None
 
     def _mark_current(self) -> None:
-        z = self._current_slice()
+        z = self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3 else 0.0)
         if z is None:
-            show_error("Retrain: the current slice is outside the labels layer")
+            show_error(f"{self.task.capitalize()}: the current slice is outside the image")
             return
         self._checked.add(z)
         self._rebuild_list()
@@ -276,11 +321,10 @@ class RetrainWidget(Container):
         self._schedule_autosave()
 
     def _go_to(self, z: int) -> None:
-        layer = self._labels_pick.value or self._image.value
-        if layer is None or layer.ndim == 2:
+        image = self._image.value
+        if image is None or image.ndim == 2:
             return
-        world = layer.data_to_world([int(z), *([0] * (layer.ndim - 1))])
-        self._viewer.dims.set_point(self._viewer.dims.ndim - layer.ndim, world[0])
+        self._viewer.dims.set_point(self._viewer.dims.ndim - 3, image.data_to_world([int(z), 0, 0])[0])
 
     # -- model versions ----------------------------------------------------------------
     def _reset_history(self) -> None:
@@ -305,7 +349,7 @@ class RetrainWidget(Container):
             return
         v = self._history.revert(self._versions.value)
         self._refresh_versions()
-        self._status.value = f"Using v{v.number}; Re-predict to apply it to the unannotated slices."
+        self._status.value = f"Using v{v.number}; '{self._predict.text}' applies it."
 
     def _on_save(self) -> None:
         if self._history is None or self._versions.value is None:
@@ -314,10 +358,8 @@ class RetrainWidget(Container):
         name = self._save_name.value.strip()
         number = int(self._versions.value)
         if not name:
-            base = str(self._history.versions[0].card.get("name", "segmenter"))
+            base = str(self._history.versions[0].card.get("name", "model"))
             name = f"{base}-ft-{time.strftime('%Y%m%d-%H%M%S')}-v{number}"
-        from ..core.models.registry import user_models_dir
-
         if (user_models_dir() / f"{name}.json").exists():
             show_error(f"Retrain: a model named '{name}' exists; choose another name")
             return
@@ -331,53 +373,47 @@ class RetrainWidget(Container):
 
     # -- running -----------------------------------------------------------------------
     def _inputs(self, need_annotations: bool):
-        """Copies of the image and labels and the training slices, checked in the GUI
-        thread so bad input gets its message before any worker starts; the model is
+        """Copies of the image and annotations and the training slices, checked in the
+        GUI thread so bad input gets its message before any worker starts; the model is
         loaded in the worker (reading and hashing weights would stall the GUI)."""
-        image, labels_layer = self._image.value, self._labels_pick.value
+        image, layer = self._image.value, self._layer_pick.value
         volume = volume_from_layer(image)
-        if labels_layer is None:
-            raise MedsegInputError("no Labels layer picked; segment first or add an empty annotation layer")
-        labels = np.array(labels_layer.data, copy=True)
-        if labels.shape != tuple(image.data.shape):
-            raise MedsegInputError(
-                f"'{labels_layer.name}' has shape {labels.shape}, '{image.name}' {tuple(image.data.shape)}; "
-                "pick the Labels layer drawn on this image")
-        slices = self.training_slices()
-        if need_annotations:
-            check_annotations(volume, labels, slices)
+        if layer is None:
+            raise MedsegInputError(f"no {self.layer_kind} layer picked")
+        annotation = self._snapshot(layer, image, volume, need_annotations)
         path = self._model.value
         if path is None:
-            raise MedsegInputError("no segmenter model found; reinstall the bundled weights")
+            raise MedsegInputError(f"no {self.architecture} model found; reinstall the bundled weights")
         if self._history_model != path:
             self._reset_history()
         source = (self._history, self._history.current) if self._history is not None else path
-        return image, labels_layer, volume, labels, slices, source
+        return image, layer, volume, annotation, source
 
     def _on_retrain(self) -> None:
         try:
-            image, labels_layer, volume, labels, slices, source = self._inputs(True)
+            image, layer, volume, annotation, source = self._inputs(True)
         except MedsegInputError as exc:
             show_error(f"Retrain: {exc}")
             return
-        names = self._layer_class_names(labels_layer)
+        slices = self.training_slices()
+        names = self._layer_class_names(layer)
         version = 1 if self._history is None else self._history.next_number
         self._curve.clear()
         self._start(
-            self._retrain_job, volume, labels, slices, source, float(self._seconds.value),
+            self._retrain_job, volume, annotation, slices, source, float(self._seconds.value),
             version, names, description=f"Retrain v{version} on {len(slices)} slices",
-            on_result=lambda out: self._on_retrained(out, image, labels_layer, volume, source),
+            on_result=lambda out: self._on_retrained(out, image, layer, volume, source),
         )
 
     def _on_predict(self) -> None:
         try:
-            image, labels_layer, volume, _labels, _slices, source = self._inputs(False)
+            image, layer, volume, _annotation, source = self._inputs(False)
         except MedsegInputError as exc:
             show_error(f"Retrain: {exc}")
             return
         number = 0 if self._history is None else self._history.current
-        self._start(self._predict_job, volume, source, description=f"Re-predict with v{number}",
-                    on_result=lambda out: self._on_predicted(out, image, labels_layer, volume, source))
+        self._start(self._predict_job, volume, source, description=f"{self.task.capitalize()} with v{number}",
+                    on_result=lambda out: self._on_predicted(out, image, layer, volume, source))
 
     @staticmethod
     def _layer_class_names(layer) -> dict[int, str]:
@@ -395,19 +431,17 @@ class RetrainWidget(Container):
             return history.model(number)
         return load_model(source)
 
-    @classmethod
-    def _retrain_job(cls, volume, labels, slices, source, seconds, version, names):
-        model, card = cls._model_from(source)
-        result = yield from finetune_segmenter(volume, model, card, labels, slices, seconds=seconds,
-                                               version=version, class_names=names)
-        seg = yield from segment_volume(volume, result.model, result.card)
-        return result, seg, (model, card)
+    def _retrain_job(self, volume, annotation, slices, source, seconds, version, names):
+        model, card = self._model_from(source)
+        result = yield from self._finetune(volume, model, card, annotation, slices, seconds,
+                                           version, names)
+        prediction = yield from self._predict_volume(volume, result.model, result.card)
+        return result, prediction, (model, card)
 
-    @classmethod
-    def _predict_job(cls, volume, source):
-        model, card = cls._model_from(source)
-        seg = yield from segment_volume(volume, model, card)
-        return seg, (model, card)
+    def _predict_job(self, volume, source):
+        model, card = self._model_from(source)
+        prediction = yield from self._predict_volume(volume, model, card)
+        return prediction, (model, card)
 
     def _adopt(self, source, base) -> bool:
         """Start the history from the model a first round loaded; False if stale."""
@@ -434,8 +468,8 @@ class RetrainWidget(Container):
         if report.message and self._worker is not None and not self._result_shown:
             self._status.value = report.message  # a late report must not hide the result
 
-    def _on_retrained(self, out, image, labels_layer, volume, source) -> None:
-        result, seg, base = out
+    def _on_retrained(self, out, image, layer, volume, source) -> None:
+        result, prediction, base = out
         if not self._adopt(source, base):  # the model was switched meanwhile
             show_warning("Retrain: the model was changed during the round; result discarded")
             return
@@ -448,41 +482,23 @@ class RetrainWidget(Container):
                     f"{r.holdout_dice_after:.2f}")
         if r.new_classes:
             msg += f"; learned new: {', '.join(r.new_classes)}"
-        self._apply(seg, image, labels_layer, volume, v.number, msg)
+        self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg)
 
-    def _on_predicted(self, out, image, labels_layer, volume, source) -> None:
-        seg, base = out
+    def _on_predicted(self, out, image, layer, volume, source) -> None:
+        prediction, base = out
         if not self._adopt(source, base):
             show_warning("Retrain: the model was changed meanwhile; prediction discarded")
             return
-        self._apply(seg, image, labels_layer, volume, self._history.current)
+        number = self._history.current
+        self._apply_checked(prediction, image, layer, volume, number,
+                            self._history.versions[number].card)
 
-    def _apply(self, seg, image, labels_layer, volume, number: int, prefix: str = "") -> None:
-        """Write the prediction into the unannotated, acquired slices: one undo step."""
-        if labels_layer not in self._viewer.layers or image not in self._viewer.layers:
+    def _apply_checked(self, prediction, image, layer, volume, number, card, prefix="") -> None:
+        if layer not in self._viewer.layers or image not in self._viewer.layers:
             show_warning("Retrain: a layer was removed meanwhile; the prediction was not written")
             return
-        protected = np.zeros(volume.shape[0], dtype=bool)
-        protected[self.annotated_slices()] = True  # including slices painted during the run
-        protected |= volume.missing
-        data = labels_layer.data if labels_layer.ndim == 3 else labels_layer.data[None]
-        predicted = seg.labels.astype(data.dtype, copy=False)
-        if int(seg.labels.max(initial=0)) > np.iinfo(data.dtype).max:
-            show_error(f"Retrain: '{labels_layer.name}' ({data.dtype}) cannot hold the new label values")
-            return
-        idx, values = unannotated_updates(data, predicted, protected)
-        if labels_layer.ndim == 2:
-            idx = idx[1:]
-        self._writing = True
-        try:
-            labels_layer.data_setitem(idx, values)
-        finally:
-            self._writing = False
-        changed = len(values)
+        self._apply(prediction, image, layer, volume, number, card, prefix)
         self._result_shown = True
-        self._status.value = (f"{prefix}\n" if prefix else "") + (
-            f"v{number} re-predicted {int((~protected).sum())} slices ({changed} voxels changed; "
-            "Ctrl+Z on the layer undoes it)")
         self._schedule_autosave()
 
     def _on_cancel(self) -> None:
@@ -508,24 +524,23 @@ class RetrainWidget(Container):
         self._autosave_timer.start(AUTOSAVE_DELAY_MS)
 
     def autosave_now(self, wait: bool = False) -> None:
-        """Copy the labels and lists now (GUI thread) and write them in the background."""
-        folder, layer, image = self._key_folder(), self._labels_pick.value, self._image.value
-        if folder is None or layer is None or tuple(layer.data.shape) != tuple(image.data.shape):
+        """Copy the annotations and lists now (GUI thread), write them in the background."""
+        folder, layer, image = self._key_folder(), self._layer_pick.value, self._image.value
+        if folder is None or layer is None:
             return
-        session = AnnotationSession(
-            image_name=image.name, shape=tuple(layer.data.shape),
-            labels=np.array(layer.data, copy=True), edited=sorted(self._edited),
-            checked=sorted(self._checked), excluded=sorted(self._excluded))
+        session = self._session(layer, image)
+        if session is None:
+            return
+        session.edited, session.checked = sorted(self._edited), sorted(self._checked)
+        session.excluded = sorted(self._excluded)
         target = folder / self._session_id
 
         def write() -> None:
             with self._save_lock:
                 try:
                     save_session(target, session)
-                except OSError as exc:  # a full disk must not take the GUI down
-                    import logging
-
-                    logging.getLogger(__name__).warning("autosave failed: %s", exc)
+                except (OSError, MedsegInputError) as exc:  # a full disk must not take the GUI down
+                    log.warning("autosave failed: %s", exc)
 
         self._save_thread = threading.Thread(target=write, name="medseg-autosave", daemon=True)
         self._save_thread.start()
@@ -537,23 +552,23 @@ class RetrainWidget(Container):
         folder = self._key_folder()
         candidates = []
         if folder is not None and folder.is_dir():
-            candidates = sorted((p for p in folder.iterdir()
-                                 if p.name != self._session_id and (p / "session.json").is_file()),
-                                key=lambda p: p.name)
+            for p in sorted(folder.iterdir(), key=lambda p: p.name):
+                if p.name == self._session_id:
+                    continue
+                try:
+                    meta = read_meta(p)
+                except MedsegInputError:
+                    continue
+                if meta.get("kind") == self.layer_kind.lower():
+                    candidates.append((p, meta))
         if not candidates:
             self._restore_box.visible = False
             return
-        newest = candidates[-1]
-        try:
-            import json
-
-            meta = json.loads((newest / "session.json").read_text("utf-8"))
-            n = len(set(meta.get("edited", [])) | set(meta.get("checked", [])))
-            when = meta.get("saved_at", newest.name)
-        except (OSError, ValueError):
-            n, when = "?", newest.name
+        newest, meta = candidates[-1]
+        n = len(set(meta.get("edited", [])) | set(meta.get("checked", [])))
         self._pending_restore = newest
-        self._restore_label.value = f"Autosaved annotations from {when} ({n} slices). Restore them?"
+        self._restore_label.value = (f"Autosaved {self.layer_kind.lower()} from "
+                                     f"{meta.get('saved_at', newest.name)} ({n} slices). Restore them?")
         self._restore_box.visible = True
 
     def _on_restore(self) -> None:
@@ -568,13 +583,9 @@ class RetrainWidget(Container):
         if tuple(session.shape) != tuple(image.data.shape):
             show_error(f"Retrain: the autosave is {session.shape}, the image {tuple(image.data.shape)}")
             return
-        names = self._current_class_names()
-        kwargs = {**_labels_kwargs(f"{image.name} annotations (restored {session.saved_at})", names),
-                  **_like_layer(image)}
-        layer = self._viewer.add_labels(session.labels, **kwargs)
-        self._labels_pick.value = layer  # resets the lists, then fill them from the autosave
+        self._layer_pick.value = self._restored_layer(session, image)  # resets the lists …
         self._edited, self._checked = set(session.edited), set(session.checked)
-        self._excluded = set(session.excluded)
+        self._excluded = set(session.excluded)  # … which the autosave fills again
         self._rebuild_list()
         self._restore_box.visible = False
         self._pending_restore = None
@@ -585,3 +596,179 @@ class RetrainWidget(Container):
         if self._pending_restore is not None:
             discard_session(self._pending_restore)
         self._check_for_autosave()
+
+
+class RetrainWidget(_RetrainBase):
+    """Retrain the segmenter on corrected slices of a Labels layer."""
+
+    architecture = "RecurrentSegmenter"
+    layer_kind = "Labels"
+    task = "re-predict"
+
+    @property
+    def _labels_pick(self):  # the Labels picker (name kept for scripts and tests)
+        return self._layer_pick
+
+    def _connect(self, layer) -> None:
+        layer.events.paint.connect(self._on_paint)
+
+    def _disconnect(self, layer) -> None:
+        layer.events.paint.disconnect(self._on_paint)
+
+    def _on_paint(self, event) -> None:
+        layer = self._tracked
+        self._add_edited({0} if layer is not None and layer.ndim == 2 else painted_slices(event.value))
+
+    def _empty_layer(self, image):
+        kwargs = {**_labels_kwargs(f"{image.name} annotations", self._current_class_names()),
+                  **_like_layer(image)}
+        return self._viewer.add_labels(np.zeros(image.data.shape, dtype=np.uint8), **kwargs)
+
+    def _snapshot(self, layer, image, volume, need_annotations: bool) -> np.ndarray:
+        labels = np.array(layer.data, copy=True)
+        if labels.shape != tuple(image.data.shape):
+            raise MedsegInputError(
+                f"'{layer.name}' has shape {labels.shape}, '{image.name}' {tuple(image.data.shape)}; "
+                "pick the Labels layer drawn on this image")
+        if need_annotations:
+            check_annotations(volume, labels, self.training_slices())
+        return labels
+
+    def _session(self, layer, image) -> AnnotationSession | None:
+        if tuple(layer.data.shape) != tuple(image.data.shape):
+            return None
+        return AnnotationSession(image_name=image.name, shape=tuple(layer.data.shape),
+                                 labels=np.array(layer.data, copy=True))
+
+    def _restored_layer(self, session, image):
+        kwargs = {**_labels_kwargs(f"{image.name} annotations (restored {session.saved_at})",
+                                   self._current_class_names()), **_like_layer(image)}
+        return self._viewer.add_labels(session.labels, **kwargs)
+
+    @staticmethod
+    def _finetune(volume, model, card, labels, slices, seconds, version, names):
+        return finetune_segmenter(volume, model, card, labels, slices, seconds=seconds,
+                                  version=version, class_names=names)
+
+    @staticmethod
+    def _predict_volume(volume, model, card):
+        return segment_volume(volume, model, card)
+
+    def _apply(self, seg, image, labels_layer, volume, number, card, prefix="") -> None:
+        """Write the prediction into the unannotated, acquired slices: one undo step."""
+        protected = np.zeros(volume.shape[0], dtype=bool)
+        protected[self.annotated_slices()] = True  # including slices painted during the run
+        protected |= volume.missing
+        data = labels_layer.data if labels_layer.ndim == 3 else labels_layer.data[None]
+        if int(seg.labels.max(initial=0)) > np.iinfo(data.dtype).max:
+            show_error(f"Retrain: '{labels_layer.name}' ({data.dtype}) cannot hold the new label values")
+            return
+        idx, values = unannotated_updates(data, seg.labels.astype(data.dtype, copy=False), protected)
+        if labels_layer.ndim == 2:
+            idx = idx[1:]
+        self._writing = True
+        try:
+            labels_layer.data_setitem(idx, values)
+        finally:
+            self._writing = False
+        self._status.value = (f"{prefix}\n" if prefix else "") + (
+            f"v{number} re-predicted {int((~protected).sum())} slices ({len(values)} voxels changed; "
+            "Ctrl+Z on the layer undoes it)")
+
+
+class RetrainDetectorWidget(_RetrainBase):
+    """Retrain the lesion detector on added, moved and deleted points."""
+
+    architecture = "LesionDetector"
+    layer_kind = "Points"
+    task = "re-detect"
+    edited_word = "points edited"
+    checked_word = "reviewed"
+    mark_text = "Mark current slice reviewed"
+
+    def _connect(self, layer) -> None:
+        layer.events.data.connect(self._on_points)
+
+    def _disconnect(self, layer) -> None:
+        layer.events.data.disconnect(self._on_points)
+
+    def _on_points(self, event) -> None:
+        """Slices of added, changed (before and after a move) and removed points."""
+        action = str(getattr(event, "action", ""))
+        if action not in ("added", "changed", "changing", "removing"):
+            return
+        layer, value = self._tracked, np.asarray(event.value)
+        indices = [i for i in getattr(event, "data_indices", ()) if -len(value) <= i < len(value)]
+        if layer is None or not len(value) or not indices:
+            return
+        zs = set()
+        for i in indices:
+            z = self._image_slice(layer.data_to_world(value[i])[-3] if layer.ndim == 3 else 0.0)
+            if z is not None:
+                zs.add(z)
+        self._add_edited(zs)
+
+    def _empty_layer(self, image):
+        return self._viewer.add_points(
+            np.zeros((0, image.ndim)), name=f"{image.name} lesion points", border_color="lime",
+            face_color="transparent", size=8, features={"diameter_mm": np.zeros(0)},
+            **_like_layer(image))
+
+    def _points_on_image(self, layer, image) -> tuple[np.ndarray, np.ndarray]:
+        """Point centres in the image's voxel coordinates and their diameters (mm)."""
+        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)
+        world = np.array([layer.data_to_world(p) for p in data]).reshape(-1, layer.ndim)
+        voxels = np.array([image.world_to_data(p) for p in world]).reshape(-1, image.ndim)
+        if image.ndim == 2:
+            voxels = np.column_stack([np.zeros(len(voxels)), voxels])
+        try:
+            diam = np.asarray(layer.features["diameter_mm"], dtype=float)
+        except (KeyError, TypeError, ValueError):
+            diam = np.full(len(voxels), np.nan)
+        if len(diam) != len(voxels):
+            diam = np.full(len(voxels), np.nan)
+        return voxels, diam
+
+    def _snapshot(self, layer, image, volume, need_annotations: bool):
+        if layer.ndim != image.ndim:
+            raise MedsegInputError(f"'{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D")
+        points, diam = self._points_on_image(layer, image)
+        if need_annotations:
+            points, diam, _ = check_points(volume, points, diam, self.training_slices())
+        return points, diam
+
+    def _session(self, layer, image) -> AnnotationSession | None:
+        if layer.ndim != image.ndim:
+            return None
+        points, diam = self._points_on_image(layer, image)
+        return AnnotationSession(image_name=image.name, shape=tuple(image.data.shape),
+                                 points=points, diameters=diam)
+
+    def _restored_layer(self, session, image):
+        points = session.points if image.ndim == 3 else session.points[:, 1:]
+        diam = np.nan_to_num(session.diameters, nan=0.0)
+        in_plane = float(np.mean(np.abs(image.scale[-2:])))
+        return self._viewer.add_points(
+            points, name=f"{image.name} lesion points (restored {session.saved_at})",
+            border_color="lime", face_color="transparent",
+            size=np.maximum(diam / in_plane, 3.0) if len(points) else 8,
+            features={"diameter_mm": diam}, **_like_layer(image))
+
+    @staticmethod
+    def _finetune(volume, model, card, annotation, slices, seconds, version, names):
+        points, diam = annotation
+        return finetune_detector(volume, model, card, points, diam, slices, seconds=seconds,
+                                 version=version)
+
+    @staticmethod
+    def _predict_volume(volume, model, card):
+        return detect_lesions(volume, model, card)
+
+    def _apply(self, result, image, layer, volume, number, card, prefix="") -> None:
+        """A NEW Points layer with the version's detections (the edited layer stays)."""
+        prov = {**provenance(card, image.name), "model": f"{card.get('name')} v{number}"}
+        data, kwargs, _ = detection_layer_data(result, image, prov, float(card.get("peak_threshold", 0.5)))
+        self._viewer.add_points(data, **kwargs)
+        shown = int(np.sum(kwargs["shown"])) if len(data) else 0
+        self._status.value = (f"{prefix}\n" if prefix else "") + (
+            f"v{number}: {shown} detections in a new layer; your points layer is unchanged")

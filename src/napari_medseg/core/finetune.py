@@ -59,11 +59,15 @@ from .models.registry import build_model, save_model, user_models_dir
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
 from .resample import resample_yx
+from .models.detector import LesionDetector
+from .resample import map_index
 from .training import (
     IGNORE_INDEX,
     _crop_yx,
     _train_loop,
     class_weights,
+    detector_loss,
+    detector_targets,
     deterministic,
     soft_dice_loss,
 )
@@ -365,6 +369,158 @@ def finetune_segmenter(
         new_classes=new_names, correction_voxels=int(corrected.sum()),
     )
     return FinetuneResult(work, finetuned_card(card, work, names, report, version), report)
+
+
+# ======================================================================================
+# Detector: learn from added, moved and deleted points
+# ======================================================================================
+#: diameter assumed for a point that does not carry one
+DEFAULT_DIAMETER_MM = 10.0
+
+
+def check_points(volume: Any, points: Any, diameters: Any, slices: Sequence[int]
+                 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Points (n, 3) in voxel (z, y, x) inside ``volume``, diameters (n,) in mm (NaN →
+    :data:`DEFAULT_DIAMETER_MM`), reviewed slices sorted, unique and acquired."""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.size == 0:
+        pts = np.zeros((0, 3))
+    if pts.ndim == 2 and pts.shape[1] == 2 and volume.shape[0] == 1:
+        pts = np.column_stack([np.zeros(len(pts)), pts])
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise MedsegInputError(f"points must be (n, 3) z, y, x coordinates, got shape {pts.shape}")
+    if not np.all(np.isfinite(pts)):
+        raise MedsegInputError("point coordinates must be finite")
+    upper = np.asarray(volume.shape) - 0.5
+    outside = np.any((pts < -0.5) | (pts > upper), axis=1)
+    if outside.any():
+        raise MedsegInputError(f"{int(outside.sum())} points lie outside the image {tuple(volume.shape)}")
+    d = np.full(len(pts), DEFAULT_DIAMETER_MM) if diameters is None else np.asarray(
+        diameters, dtype=np.float64).reshape(-1)
+    if len(d) != len(pts):
+        raise MedsegInputError(f"{len(pts)} points but {len(d)} diameters")
+    d = np.where(np.isfinite(d) & (d > 0), d, DEFAULT_DIAMETER_MM)
+    try:
+        zs = sorted({int(z) for z in slices})
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError(f"slices must be integers, got {slices!r}") from exc
+    if not zs:
+        raise MedsegInputError(
+            "no reviewed slices: add, move or delete a point, or mark a slice reviewed, first")
+    bad = [z for z in zs if not 0 <= z < volume.shape[0]]
+    if bad:
+        raise MedsegInputError(f"slices {bad} are outside the volume (0–{volume.shape[0] - 1})")
+    missing = [z for z in zs if volume.missing[z]]
+    if missing:
+        raise MedsegInputError(f"slices {missing} were not acquired (missing); they cannot be training data")
+    return pts, d, zs
+
+
+def finetune_detector(
+    volume: Any,
+    model: LesionDetector,
+    card: Mapping[str, Any],
+    points: Any,
+    diameters_mm: Any,
+    slices: Sequence[int],
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    lr: float = 1e-3,
+    version: int = 1,
+    batch_size: int = 8,
+    crop: int = 128,
+    seed: int = 0,
+    threads: int | None = None,
+) -> Job[FinetuneResult]:
+    """Fine-tune a copy of the lesion detector on the user's points (a generator).
+
+    ``points`` (n, 3) voxel (z, y, x) on the volume's grid: the COMPLETE set of lesions
+    on the reviewed ``slices`` (a slice with no point near it teaches "no lesion here",
+    which is how deleted false positives are learned). The heatmap target is built from
+    every point exactly as in training (:func:`~.training.detector_targets`); only the
+    reviewed slices enter the loss (the CenterNet focal loss ignores the others).
+    """
+    _check_args(volume, model, card, LesionDetector, "fine-tuning")
+    pts, diam, zs = check_points(volume, points, diameters_mm, slices)
+    if steps is None and seconds is None:
+        seconds = DEFAULT_SECONDS
+    if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
+        raise MedsegInputError(f"steps must be a positive integer, got {steps!r}")
+    if seconds is not None and not (float(seconds) > 0 and math.isfinite(float(seconds))):
+        raise MedsegInputError(f"seconds must be a positive number, got {seconds!r}")
+    nz, ny, nx = volume.shape
+    rng = np.random.default_rng([int(seed), int(version), 7])
+    context = model.in_slices // 2
+    with _ThreadGovernor(threads), deterministic(seed):
+        yield Progress(0, 1, "preparing the reviewed slices")
+        grid_slices = _ModelGridSlices(volume, card, context)
+        h, w = grid_slices.grid
+        x_all = grid_slices[0:nz].contiguous().numpy()  # (z, 2·context + 1, h, w)
+        sz = volume.spacing[0]
+        sy, sx = (volume.spacing[1] * ny / h, volume.spacing[2] * nx / w)
+        lesions = []
+        for (z, y, x), d in zip(pts, diam):
+            gy, gx = map_index([y, x], (ny, nx), (h, w))
+            lesions.append({"center": (float(z), float(gy), float(gx)),
+                            "radius_mm": float(d) / 2, "diameter_mm": float(d)})
+        target = _DetectorTarget(image=np.zeros((nz, h, w), np.float32), spacing=(sz, sy, sx),
+                                 lesions=lesions, labels=np.zeros((nz, 1, 1), np.uint8))
+        detector_targets(target)
+        reviewed = np.zeros(nz, dtype=bool)
+        reviewed[zs] = True
+        heat = target.heat.astype(np.float32)
+        heat[~reviewed] = -1.0  # ignored by the focal loss
+        size_mask = target.size_mask & reviewed[:, None, None]
+        size = target.size.astype(np.float32)
+        work = copy.deepcopy(model).eval()
+        size_crop = min(int(crop), max(h, w))
+
+        def batch(step: int):
+            xs, hs, ss, ms = [], [], [], []
+            for _ in range(batch_size):
+                z = int(rng.choice(zs))
+                center = None
+                near = [les["center"][1:] for les in lesions if abs(les["center"][0] - z) <= 2]
+                if near and rng.uniform() < 0.7:
+                    center = near[int(rng.integers(len(near)))]
+                img, ht, sz_, mk = _crop_yx(rng, [x_all[z], heat[z], size[z], size_mask[z]],
+                                            size_crop, [0.0, -1.0, 0.0, False], center=center)
+                if rng.uniform() < 0.5:
+                    img, ht, sz_, mk = (a[..., ::-1] for a in (img, ht, sz_, mk))
+                xs.append(img)
+                hs.append(ht)
+                ss.append(sz_)
+                ms.append(mk)
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
+            t = (torch.from_numpy(np.ascontiguousarray(np.stack(hs)[:, None])),
+                 torch.from_numpy(np.ascontiguousarray(np.stack(ss)[:, None])),
+                 torch.from_numpy(np.ascontiguousarray(np.stack(ms)[:, None])))
+            return x, t
+
+        t0 = time.perf_counter()
+        stats = yield from _train_loop(work, batch, lambda o, t: detector_loss(o, t, "focal"),
+                                       steps, seconds, lr, "retrain detector", report_every=1,
+                                       freeze_batchnorm=True)
+        work.eval()
+        elapsed = time.perf_counter() - t0
+    report = FinetuneReport(
+        slices=tuple(zs), steps=stats["steps"], seconds=elapsed,
+        loss_curve=tuple(stats["loss_curve"]), holdout_slice=None, holdout_dice_before=None,
+        holdout_dice_after=None, new_classes=(), correction_voxels=len(pts),
+    )
+    return FinetuneResult(work, finetuned_card(card, work, list(card["classes"]), report, version),
+                          report)
+
+
+@dataclass
+class _DetectorTarget:
+    """The fields :func:`~.training.detector_targets` reads (a GridSample without the phantom)."""
+
+    image: np.ndarray
+    spacing: tuple[float, float, float]
+    lesions: list[dict[str, Any]]
+    labels: np.ndarray
 
 
 #: base-card keys that describe the base model's weights, not the fine-tuned copy's

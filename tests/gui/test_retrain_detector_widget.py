@@ -1,0 +1,101 @@
+"""Retrain-detector widget: edited points list their slices, retrain adds a new layer."""
+
+import numpy as np
+import pytest
+import torch
+from napari.layers import Points
+from napari.utils.notifications import notification_manager
+
+from napari_medseg._widgets.retrain import RetrainDetectorWidget
+
+
+def _open(viewer, phantom):
+    vol = phantom.volume
+    return viewer.add_image(vol.array, scale=vol.spacing, name="ct")
+
+
+@pytest.fixture
+def scene(make_napari_viewer, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    points = viewer.add_points(np.array([[2.0, 40.0, 40.0], [6.0, 20.0, 60.0]]), scale=image.scale,
+                               name="detections", features={"diameter_mm": [12.0, 8.0]})
+    widget = RetrainDetectorWidget(viewer)
+    widget._image.value = image
+    widget._layer_pick.value = points
+    widget._model.value = random_models["LesionDetector"]
+    widget._seconds.value = 2.0
+    return viewer, image, points, widget
+
+
+def _wait(widget, qtbot):
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+
+
+def test_add_move_delete_points_list_their_slices(scene):
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    assert widget.annotated_slices() == [4]
+    points.selected_data = {0}
+    points.remove_selected()  # the point on slice 2 was a false positive
+    assert widget.annotated_slices() == [2, 4]
+    points.selected_data = {0}  # now the point on slice 6, dragged in-plane as the mouse does
+    points._move(points.selected_data, [6.0, 25.0, 55.0])
+    assert widget.annotated_slices() == [2, 4, 6]
+    moved = np.array(points.data, copy=True)
+    moved[0, 0] = 7.0  # a script moving it to another slice lists both slices
+    points.data = moved
+    assert widget.annotated_slices() == [2, 4, 6, 7]
+
+
+def test_retrain_adds_a_new_points_layer_and_keeps_the_users(scene, qtbot):
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    widget._mark_current()
+    user = np.array(points.data, copy=True)
+    n_layers = len(viewer.layers)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    assert len(viewer.layers) == n_layers + 1 and isinstance(viewer.layers[-1], Points)
+    new = viewer.layers[-1]
+    np.testing.assert_allclose(new.scale, image.scale)
+    assert "v1" in new.metadata["medseg"]["model"]
+    np.testing.assert_array_equal(points.data, user)
+    assert len(widget._history.versions) == 2 and len(widget._curve.losses) > 0
+    # cancel a long second round: versions and layers unchanged
+    v1 = {k: v.clone() for k, v in widget._history.versions[1].state.items()}
+    widget._seconds.value = 60.0
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: len(widget._curve.losses) >= 2, timeout=60_000)
+    widget._cancel.clicked.emit()
+    _wait(widget, qtbot)
+    assert len(viewer.layers) == n_layers + 1 and len(widget._history.versions) == 2
+    model, _ = widget._history.model()
+    for k, v in v1.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_no_reviewed_slice_is_refused(scene):
+    viewer, image, points, widget = scene
+    start = len(notification_manager.records)
+    n_layers = len(viewer.layers)
+    widget._run.clicked.emit()
+    errors = [str(n.message) for n in notification_manager.records[start:] if n.severity == "error"]
+    assert widget._worker is None and len(errors) == 1 and "no reviewed slices" in errors[0]
+    assert len(viewer.layers) == n_layers
+
+
+def test_points_autosave_restores(make_napari_viewer, scene, qtbot):
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    widget.autosave_now(wait=True)
+    viewer2 = make_napari_viewer()
+    image2 = viewer2.add_image(image.data, scale=image.scale, name="ct")
+    widget2 = RetrainDetectorWidget(viewer2)
+    widget2._image.value = image2
+    assert widget2._pending_restore is not None
+    widget2._restore.clicked.emit()
+    restored = widget2._layer_pick.value
+    np.testing.assert_allclose(restored.data, points.data)
+    np.testing.assert_allclose(restored.features["diameter_mm"][:2], [12.0, 8.0])
+    assert widget2.annotated_slices() == [4]
