@@ -226,7 +226,7 @@ def volume_from_layer(layer: Any) -> Volume:
         mask[list(missing)] = True
     modality = medseg.get("modality")
     if modality is None:
-        from .core.io import guess_modality
+        from .core.volume import guess_modality
 
         modality = guess_modality(data)
     return Volume.from_array(

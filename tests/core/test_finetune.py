@@ -220,3 +220,21 @@ def test_detector_learns_only_from_reviewed_slices_and_from_deleted_points():
         run([[3.0, 30.0, 30.0]], [])
     with pytest.raises(MedsegInputError, match="outside the image"):
         run([[3.0, 300.0, 30.0]], [3])
+
+
+def test_plain_adamw_matches_torch_adamw():
+    from napari_medseg.core.training import PlainAdamW
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    b.load_state_dict(a.state_dict())
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=1e-4)
+    ob = PlainAdamW(b.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(20):
+        x = torch.randn(4, 8)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            (m(x) ** 2).sum().backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

@@ -36,6 +36,7 @@ phantom stream.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -68,7 +69,6 @@ from .training import (
     class_weights,
     detector_loss,
     detector_targets,
-    deterministic,
     soft_dice_loss,
 )
 
@@ -118,6 +118,17 @@ class FinetuneResult:
 
 def _round(x: float | None, nd: int = 4) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), nd)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's global generator for the block and restore it after. Not
+    ``training.deterministic``: ``torch.use_deterministic_algorithms`` imports
+    torch._dynamo (1.4 s of Python holding the GIL: the GUI froze for 2 s at the start of
+    every first round). CPU convolutions with a fixed thread count are deterministic."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 # ======================================================================================
@@ -260,7 +271,7 @@ def finetune_segmenter(
     sy, sx = volume.spacing[1:]
     rng = np.random.default_rng([int(seed), int(version), 6])
 
-    with _ThreadGovernor(threads), deterministic(seed):
+    with _ThreadGovernor(threads), _seeded(seed):
         yield Progress(0, 1, "preparing the annotated slices")
         grid_slices = _ModelGridSlices(volume, card)
         h, w = grid_slices.grid
@@ -276,7 +287,9 @@ def finetune_segmenter(
         context = max(1, seq_len // 2)
 
         # the model's own view of the annotated slices: corrections = disagreements
+        yield Progress(0, 1, "the model's prediction on the annotated slices")
         before = _window_logits(work, x_all, zs, context)
+        yield Progress(0, 1, "weighting the corrections")
         corrected = np.zeros((nz, h, w), dtype=bool)
         for z in zs:
             corrected[z] = before[z].argmax(0).numpy() != target[z]
@@ -351,7 +364,7 @@ def finetune_segmenter(
             s, t = budget(share)
             stats = yield from _train_loop(
                 work, make_batch(train_zs), loss_fn, s, t, phase_lr, "retrain",
-                report_every=1, freeze_batchnorm=True)
+                report_every=1, freeze_batchnorm=True, plain_optimizer=True)
             curve += stats["loss_curve"]
             total_steps += stats["steps"]
             if i == 0 and held is not None:
@@ -452,7 +465,7 @@ def finetune_detector(
     nz, ny, nx = volume.shape
     rng = np.random.default_rng([int(seed), int(version), 7])
     context = model.in_slices // 2
-    with _ThreadGovernor(threads), deterministic(seed):
+    with _ThreadGovernor(threads), _seeded(seed):
         yield Progress(0, 1, "preparing the reviewed slices")
         grid_slices = _ModelGridSlices(volume, card, context)
         h, w = grid_slices.grid
@@ -501,7 +514,7 @@ def finetune_detector(
         t0 = time.perf_counter()
         stats = yield from _train_loop(work, batch, lambda o, t: detector_loss(o, t, "focal"),
                                        steps, seconds, lr, "retrain detector", report_every=1,
-                                       freeze_batchnorm=True)
+                                       freeze_batchnorm=True, plain_optimizer=True)
         work.eval()
         elapsed = time.perf_counter() - t0
     report = FinetuneReport(

@@ -389,18 +389,57 @@ def _lr_factor(progress: float, warmup: float = 0.03) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
+class PlainAdamW:
+    """AdamW (decoupled weight decay, bias-corrected moments) without ``torch.optim``.
+
+    For fine-tuning inside napari: constructing any ``torch.optim`` optimizer imports
+    torch._dynamo on first use, 1.2 s of Python that holds the GIL, and the GUI froze
+    for that long at the start of a retrain. Training from scratch keeps
+    ``torch.optim.AdamW`` (its float operations reproduce the bundled weights).
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        self.params = [p for p in params if p.requires_grad]
+        self.param_groups = [{"lr": float(lr)}]
+        self.betas, self.eps, self.weight_decay = betas, float(eps), float(weight_decay)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        lr = self.param_groups[0]["lr"]
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            g = p.grad
+            p.mul_(1 - lr * self.weight_decay)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+
+
 def _train_loop(model, batch_fn, loss_fn, steps, seconds, lr, name, refresh=None,
                 refresh_every=0, weight_decay=1e-4, report_every=10,
-                freeze_batchnorm=False) -> Job[dict[str, Any]]:
+                freeze_batchnorm=False, plain_optimizer=False) -> Job[dict[str, Any]]:
     """Run AdamW until ``steps`` or ``seconds``; yields Progress (``partial`` = the
     step's loss) every ``report_every`` steps, returns stats.
 
     ``freeze_batchnorm``: BatchNorm layers keep their running statistics (eval mode),
     as fine-tuning on a few slices of one volume must (its batch statistics are not the
-    population's).
+    population's). ``plain_optimizer``: :class:`PlainAdamW` instead of torch.optim's.
     """
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (PlainAdamW(params, lr=lr, weight_decay=weight_decay) if plain_optimizer
+           else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     start = time.perf_counter()
     total = steps if steps is not None else 1000
     step, running, first_losses, last_losses, curve = 0, None, [], [], []

@@ -16,29 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedsegInputError
-
-# Below this 0.5th percentile a scalar volume holds air in Hounsfield units: only CT does.
-_CT_AIR_THRESHOLD = -500.0
-# Subsample large volumes: a percentile over a million voxels is as good as over all.
-_MAX_SAMPLES = 1_000_000
-
-
-def guess_modality(array: np.ndarray) -> str:
-    """Guess the modality of an image that carries none (NIfTI, .npy).
-
-    Returns "CT" if the 0.5th percentile of the finite voxels is at most -500 (air in
-    Hounsfield units, which no MR or PET intensity reaches), else "OT" (other). MR is not
-    guessed: its intensities have no fixed scale to recognise.
-    """
-    flat = np.asarray(array).reshape(-1)
-    if flat.size == 0 or not np.issubdtype(flat.dtype, np.number) or np.iscomplexobj(flat):
-        return "OT"  # booleans (masks), complex and non-numeric arrays carry no HU
-    if flat.size > _MAX_SAMPLES:
-        flat = flat[:: flat.size // _MAX_SAMPLES + 1]
-    flat = flat[np.isfinite(flat)] if np.issubdtype(flat.dtype, np.floating) else flat
-    if flat.size == 0:
-        return "OT"
-    return "CT" if float(np.percentile(flat, 0.5)) <= _CT_AIR_THRESHOLD else "OT"
+# the guess lives with Volume: the widgets need it without importing the readers (pydicom)
+from ..volume import guess_modality  # noqa: F401
 
 
 def axis_code(vector: np.ndarray) -> str:
