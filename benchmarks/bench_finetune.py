@@ -8,7 +8,8 @@ noise 8–25 HU, in-plane 0.6–1.2 mm) are segmented with the bundled segmenter
 user then corrects 3 or 5 slices spread over the body (those slices are set to the ground
 truth) and one retrain round of ``--seconds`` runs. Reported per volume and on average:
 Dice per structure on the UNTOUCHED slices before and after, seconds of the round and of
-the re-prediction.
+the re-prediction, and (the imbalance ablation) the same round with a plain
+cross-entropy + Dice loss (no class or correction weighting).
 
 Two more experiments:
 
@@ -92,10 +93,13 @@ def corrections(args, model, card) -> dict:
             annotation[zs] = p.labels[zs]
             untouched = np.setdiff1d(np.arange(len(p.labels)), zs)
             res, after, t_round, t_pred = round_on(p.volume, model, card, annotation, zs, args.seconds)
+            _, plain, _, _ = round_on(p.volume, model, card, annotation, zs, args.seconds,
+                                      correction_weight=0.0, class_balance=False)
             entry[f"{k}_slices"] = {
                 "slices": zs,
                 "before": summary(before, p.labels, untouched, 9),
                 "after": summary(after, p.labels, untouched, 9),
+                "after_plain_loss": summary(plain, p.labels, untouched, 9),
                 "retrain_seconds": round(t_round, 2),
                 "repredict_seconds": round(t_pred, 2),
                 "steps": res.report.steps,
@@ -112,6 +116,7 @@ def corrections(args, model, card) -> dict:
         avg[f"{k}_slices"] = {
             "mean_before": round(float(np.mean([r["before"]["mean"] for r in rows])), 4),
             "mean_after": round(float(np.mean([r["after"]["mean"] for r in rows])), 4),
+            "mean_after_plain_loss": round(float(np.mean([r["after_plain_loss"]["mean"] for r in rows])), 4),
             "organs_before": round(float(np.mean([r["before"]["organs"] for r in rows])), 4),
             "organs_after": round(float(np.mean([r["after"]["organs"] for r in rows])), 4),
             "retrain_seconds": round(float(np.mean([r["retrain_seconds"] for r in rows])), 2),

@@ -105,6 +105,61 @@ def shoot_retrain() -> Path:
     return path
 
 
+def shoot_retrain_detector() -> Path:
+    """Detect, then "review": add the ground-truth lesions as points, retrain for 10 s."""
+    import numpy as np
+
+    viewer = napari.Viewer(title="napari-medseg")
+    viewer.window.resize(1500, 1000)
+    viewer.scale_bar.visible = True
+    viewer.open_sample("napari-medseg", "synthetic_ct")
+    image = viewer.layers[0]
+    truth = next(layer for layer in viewer.layers if type(layer).__name__ == "Points")
+    for layer in viewer.layers[1:]:
+        layer.visible = False
+    _, det = viewer.window.add_plugin_dock_widget("napari-medseg", WIDGETS["detect"])
+    det._image.value = image
+    det._run.clicked.emit()
+    wait_for(det)
+    found = viewer.layers[-1]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Retrain detector on my points")
+    widget._image.value = image
+    widget._layer_pick.value = found
+    widget._seconds.value = 10.0
+    shown = found.data[np.asarray(found.shown, bool)]
+    missed = []
+    for centre, diam in zip(truth.data, truth.features["diameter_mm"]):
+        if not len(shown) or np.min(np.linalg.norm(shown - centre, axis=1)) > 4:
+            missed.append((centre, diam))
+    for centre, diam in missed:  # ... and adds the lesions it missed
+        found.add(centre)
+        found.features.loc[len(found.data) - 1, "diameter_mm"] = diam
+    widget._run.clicked.emit()
+    start = time.perf_counter()
+    while widget._worker is not None and time.perf_counter() - start < 300:
+        QApplication.instance().processEvents()
+        time.sleep(0.02)
+    for _ in range(20):
+        QApplication.instance().processEvents()
+        time.sleep(0.02)
+    if missed:
+        viewer.dims.set_point(0, image.data_to_world(missed[0][0])[0])
+    viewer.layers.selection.active = viewer.layers[-1]
+    QApplication.instance().processEvents()
+    path = IMAGES / "retrain_detector.png"
+    viewer.screenshot(str(path), canvas_only=False)
+    viewer.close()
+    return path
+
+
+SPECIAL = {"retrain": shoot_retrain, "retrain_detector": shoot_retrain_detector}
+
+
 if __name__ == "__main__":
-    for name in sys.argv[1:] or [*WIDGETS, "retrain"]:
-        print(shoot_retrain() if name == "retrain" else shoot(name))
+    import os
+    import tempfile
+
+    # a clean home: no user models, no autosave banner from an earlier run
+    os.environ["NAPARI_MEDSEG_HOME"] = tempfile.mkdtemp(prefix="medseg-shots-")
+    for name in sys.argv[1:] or [*WIDGETS, *SPECIAL]:
+        print(SPECIAL[name]() if name in SPECIAL else shoot(name))

@@ -219,3 +219,19 @@ def test_gui_stays_responsive_while_segmenting(make_napari_viewer, qtbot, random
     gaps = np.diff(ticks)
     assert len(ticks) > 10 and isinstance(viewer.layers[-1], Labels)
     assert gaps.max() < 1.0, f"event loop stalled for {gaps.max() * 1000:.0f} ms"
+
+
+def test_go_to_lists_survive_a_new_layer_when_docked(make_napari_viewer, qtbot, random_models,
+                                                    small_phantom):
+    """napari calls reset_choices on docked widgets whenever a layer is added; lists
+    filled after a run must come back from it unchanged."""
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = DetectWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    _select(widget, image, random_models["LesionDetector"])
+    _run_and_wait(widget, qtbot)
+    widget._threshold.value = 0.05
+    before = widget._goto.choices
+    viewer.add_image(np.zeros((4, 4)), name="another layer")
+    assert widget._goto.choices == before

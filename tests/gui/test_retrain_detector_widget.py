@@ -21,6 +21,8 @@ def scene(make_napari_viewer, random_models, small_phantom):
     points = viewer.add_points(np.array([[2.0, 40.0, 40.0], [6.0, 20.0, 60.0]]), scale=image.scale,
                                name="detections", features={"diameter_mm": [12.0, 8.0]})
     widget = RetrainDetectorWidget(viewer)
+    # docked, as napari does it: adding a layer then re-evaluates every picker
+    viewer.window.add_dock_widget(widget)
     widget._image.value = image
     widget._layer_pick.value = points
     widget._model.value = random_models["LesionDetector"]
@@ -62,6 +64,7 @@ def test_retrain_adds_a_new_points_layer_and_keeps_the_users(scene, qtbot):
     assert "v1" in new.metadata["medseg"]["model"]
     np.testing.assert_array_equal(points.data, user)
     assert len(widget._history.versions) == 2 and len(widget._curve.losses) > 0
+    assert widget._versions.choices == (0, 1) and widget._versions.value == 1
     # cancel a long second round: versions and layers unchanged
     v1 = {k: v.clone() for k, v in widget._history.versions[1].state.items()}
     widget._seconds.value = 60.0
@@ -99,3 +102,11 @@ def test_points_autosave_restores(make_napari_viewer, scene, qtbot):
     np.testing.assert_allclose(restored.data, points.data)
     np.testing.assert_allclose(restored.features["diameter_mm"][:2], [12.0, 8.0])
     assert widget2.annotated_slices() == [4]
+
+
+def test_hidden_points_are_not_lesions(scene):
+    viewer, image, points, widget = scene
+    points.shown = np.array([True, False])
+    pts, diam = widget._points_on_image(points, image)
+    np.testing.assert_allclose(pts, [[2.0, 40.0, 40.0]])
+    np.testing.assert_allclose(diam, [12.0])

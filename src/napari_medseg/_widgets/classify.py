@@ -23,7 +23,10 @@ class ClassifyWidget(ModelRunWidget):
         self._current.native.setWordWrap(True)
         self._strip = ProbabilityStrip()
         self._strip.slice_clicked.connect(self._go_to_slice)
-        self._goto = ComboBox(label="Lesion slices", choices=[], enabled=False)
+        # callable choices: napari's reset_choices (on every layer added) re-reads them
+        self._goto_items: list = []
+        self._goto = ComboBox(label="Lesion slices", choices=lambda _w=None: self._goto_items,
+                              enabled=False)
         self._goto.changed.connect(lambda z: z is not None and self._go_to_slice(z))
         self._goto.native.activated.connect(
             lambda _i: self._goto.value is not None and self._go_to_slice(self._goto.value)
@@ -47,10 +50,11 @@ class ClassifyWidget(ModelRunWidget):
         flagged = result.predicted == flag
         self._strip.set_values(result.probabilities[:, flag], flagged)
         with self._goto.changed.blocked():
-            self._goto.choices = [
+            self._goto_items = [
                 (f"slice {z} · p={result.probabilities[z, flag]:.2f}", int(z))
                 for z in np.flatnonzero(flagged)
             ]
+            self._goto.reset_choices()
         self._goto.enabled = bool(flagged.any())
         missing = int(result.missing.sum())
         self._status.value = (

@@ -24,7 +24,10 @@ class DetectWidget(ModelRunWidget):
         self._threshold = FloatSlider(label="Score threshold", value=0.5, min=KEEP_SCORE, max=1.0,
                                       step=0.01, enabled=False)
         self._threshold.changed.connect(self._apply_threshold)
-        self._goto = ComboBox(label="Go to lesion", choices=[], enabled=False)
+        # callable choices: napari's reset_choices (on every layer added) re-reads them
+        self._goto_items: list = []
+        self._goto = ComboBox(label="Go to lesion", choices=lambda _w=None: self._goto_items,
+                              enabled=False)
         self._goto.changed.connect(self._go_to_lesion)
         # picking the entry that is already current changes nothing, but the user still
         # expects to be taken there
@@ -59,7 +62,8 @@ class DetectWidget(ModelRunWidget):
             for rank, i in enumerate(i for i in np.argsort(-scores, kind="stable") if shown[i])
         ][:MAX_LISTED]
         with self._goto.changed.blocked():
-            self._goto.choices = choices
+            self._goto_items = choices
+            self._goto.reset_choices()
         self._goto.enabled = bool(choices)
         self._status.value = f"{int(shown.sum())} of {len(scores)} detections at score ≥ {self._threshold.value:.2f}"
 

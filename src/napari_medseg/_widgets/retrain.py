@@ -64,6 +64,7 @@ from ..core.session import (
 )
 from ._loss_curve import LossCurve
 from ._model_widget import model_choices, provenance
+from .detect import KEEP_SCORE
 
 log = logging.getLogger(__name__)
 AUTOSAVE_DELAY_MS = 1500
@@ -140,7 +141,8 @@ class _RetrainBase(Container):
         curve_box.native.layout().addWidget(self._curve)
         self._status = Label(value=f"Correct the {self.layer_kind} layer, then Retrain.")
         self._status.native.setWordWrap(True)
-        self._versions = ComboBox(label="Version", choices=[])
+        # callable choices: napari's reset_choices (on every layer added) re-reads them
+        self._versions = ComboBox(label="Version", choices=self._version_choices)
         self._revert = PushButton(text="Use this version")
         self._predict = PushButton(text=f"{self.task.capitalize()} with it")
         self._save_name = LineEdit(label="Save as", value="")
@@ -155,13 +157,15 @@ class _RetrainBase(Container):
             Container(widgets=[self._revert, self._predict], layout="horizontal", labels=False),
             self._save_name, self._save,
         ])
-        self._autosave_timer = QTimer()
+        self._autosave_timer = QTimer(self.native)  # dies with the widget, never fires after
         self._autosave_timer.setSingleShot(True)
         self._autosave_timer.timeout.connect(self.autosave_now)
 
         self._image.changed.connect(self._on_image_changed)
         self._layer_pick.changed.connect(self._track)
-        self._model.changed.connect(lambda _v: self._reset_history())
+        # napari re-evaluates every picker when a layer is added (reset_choices): only a
+        # different model may drop the versions
+        self._model.changed.connect(lambda v: v != self._history_model and self._reset_history())
         self._new_layer.changed.connect(self._add_empty_layer)
         self._restore.changed.connect(self._on_restore)
         self._discard.changed.connect(self._on_discard)
@@ -333,15 +337,17 @@ class _RetrainBase(Container):
                       "(save a version first to keep it)")
         self._history = None
         self._history_model = None
-        self._versions.choices = []
+        self._versions.reset_choices()
+
+    def _version_choices(self, _widget=None) -> list:
+        history = self._history
+        return [] if history is None else [(v.describe(), v.number) for v in history.versions]
 
     def _refresh_versions(self) -> None:
-        history = self._history
         with self._versions.changed.blocked():
-            self._versions.choices = [] if history is None else [
-                (v.describe(), v.number) for v in history.versions]
-            if history is not None:
-                self._versions.value = history.current
+            self._versions.reset_choices()
+            if self._history is not None:
+                self._versions.value = self._history.current
 
     def _on_revert(self) -> None:
         if self._history is None or self._versions.value is None:
@@ -715,15 +721,18 @@ class RetrainDetectorWidget(_RetrainBase):
             **_like_layer(image))
 
     def _points_on_image(self, layer, image) -> tuple[np.ndarray, np.ndarray]:
-        """Point centres in the image's voxel coordinates and their diameters (mm)."""
-        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)
+        """The SHOWN points' centres in the image's voxel coordinates and their diameters
+        (mm). Hidden points are not lesions: the Detect widget keeps weak detections in
+        its layer, hidden below the score threshold."""
+        shown = np.asarray(layer.shown, dtype=bool).reshape(-1)
+        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)[shown]
         world = np.array([layer.data_to_world(p) for p in data]).reshape(-1, layer.ndim)
         voxels = np.array([image.world_to_data(p) for p in world]).reshape(-1, image.ndim)
         if image.ndim == 2:
             voxels = np.column_stack([np.zeros(len(voxels)), voxels])
         try:
-            diam = np.asarray(layer.features["diameter_mm"], dtype=float)
-        except (KeyError, TypeError, ValueError):
+            diam = np.asarray(layer.features["diameter_mm"], dtype=float)[shown]
+        except (KeyError, TypeError, ValueError, IndexError):
             diam = np.full(len(voxels), np.nan)
         if len(diam) != len(voxels):
             diam = np.full(len(voxels), np.nan)
@@ -762,7 +771,9 @@ class RetrainDetectorWidget(_RetrainBase):
 
     @staticmethod
     def _predict_volume(volume, model, card):
-        return detect_lesions(volume, model, card)
+        # keep weak peaks too (hidden below the card's threshold), as the Detect widget does
+        return detect_lesions(volume, model, card,
+                              threshold=min(KEEP_SCORE, float(card.get("peak_threshold", 0.5))))
 
     def _apply(self, result, image, layer, volume, number, card, prefix="") -> None:
         """A NEW Points layer with the version's detections (the edited layer stays)."""
@@ -771,4 +782,5 @@ class RetrainDetectorWidget(_RetrainBase):
         self._viewer.add_points(data, **kwargs)
         shown = int(np.sum(kwargs["shown"])) if len(data) else 0
         self._status.value = (f"{prefix}\n" if prefix else "") + (
-            f"v{number}: {shown} detections in a new layer; your points layer is unchanged")
+            f"v{number}: {shown} detections at score ≥ {kwargs['metadata']['medseg']['threshold']:.2f}"
+            f" ({len(data)} kept down to {KEEP_SCORE}) in a new layer; your points layer is unchanged")

@@ -440,6 +440,7 @@ def finetune_detector(
     steps: int | None = None,
     seconds: float | None = None,
     lr: float = 1e-3,
+    keep_weight: float = 1.0,
     version: int = 1,
     batch_size: int = 8,
     crop: int = 128,
@@ -452,7 +453,10 @@ def finetune_detector(
     on the reviewed ``slices`` (a slice with no point near it teaches "no lesion here",
     which is how deleted false positives are learned). The heatmap target is built from
     every point exactly as in training (:func:`~.training.detector_targets`); only the
-    reviewed slices enter the loss (the CenterNet focal loss ignores the others).
+    reviewed slices enter that loss (the CenterNet focal loss ignores the others). Half
+    of each batch are unreviewed slices whose heatmap is held to the starting model's
+    (``keep_weight``): without it, a round on three slices with added lesions taught the
+    detector to fire everywhere else (180 detections above threshold on the sample CT).
     """
     _check_args(volume, model, card, LesionDetector, "fine-tuning")
     pts, diam, zs = check_points(volume, points, diameters_mm, slices)
@@ -487,15 +491,19 @@ def finetune_detector(
         size_mask = target.size_mask & reviewed[:, None, None]
         size = target.size.astype(np.float32)
         work = copy.deepcopy(model).eval()
+        teacher = copy.deepcopy(model).eval() if keep_weight > 0 else None
+        others = np.flatnonzero(~reviewed & ~volume.missing)
         size_crop = min(int(crop), max(h, w))
+        n_keep = batch_size // 2 if (teacher is not None and len(others)) else 0
 
         def batch(step: int):
             xs, hs, ss, ms = [], [], [], []
-            for _ in range(batch_size):
-                z = int(rng.choice(zs))
+            for i in range(batch_size):
+                keep = i < n_keep  # an unreviewed slice: stay close to the starting model
+                z = int(rng.choice(others if keep else zs))
                 center = None
                 near = [les["center"][1:] for les in lesions if abs(les["center"][0] - z) <= 2]
-                if near and rng.uniform() < 0.7:
+                if near and not keep and rng.uniform() < 0.7:
                     center = near[int(rng.integers(len(near)))]
                 img, ht, sz_, mk = _crop_yx(rng, [x_all[z], heat[z], size[z], size_mask[z]],
                                             size_crop, [0.0, -1.0, 0.0, False], center=center)
@@ -506,13 +514,27 @@ def finetune_detector(
                 ss.append(sz_)
                 ms.append(mk)
             x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
-            t = (torch.from_numpy(np.ascontiguousarray(np.stack(hs)[:, None])),
-                 torch.from_numpy(np.ascontiguousarray(np.stack(ss)[:, None])),
-                 torch.from_numpy(np.ascontiguousarray(np.stack(ms)[:, None])))
-            return x, t
+            t = (torch.from_numpy(np.ascontiguousarray(np.stack(hs)[n_keep:, None])),
+                 torch.from_numpy(np.ascontiguousarray(np.stack(ss)[n_keep:, None])),
+                 torch.from_numpy(np.ascontiguousarray(np.stack(ms)[n_keep:, None])))
+            soft = None
+            if n_keep:
+                with torch.no_grad():  # not inference_mode: the target joins autograd
+                    soft = torch.sigmoid(teacher(x[:n_keep]).heatmap)
+            return x, (t, soft)
+
+        def loss_fn(out, target):
+            t, soft = target
+            learned = type(out)(*(o[n_keep:] for o in out))
+            loss = detector_loss(learned, t, "focal")
+            if soft is not None:
+                # per-pixel mean × 50: the scale training's plain-BCE detector loss uses
+                loss = loss + keep_weight * 50.0 * F.binary_cross_entropy_with_logits(
+                    out.heatmap[:n_keep], soft)
+            return loss
 
         t0 = time.perf_counter()
-        stats = yield from _train_loop(work, batch, lambda o, t: detector_loss(o, t, "focal"),
+        stats = yield from _train_loop(work, batch, loss_fn,
                                        steps, seconds, lr, "retrain detector", report_every=1,
                                        freeze_batchnorm=True, plain_optimizer=True)
         work.eval()
