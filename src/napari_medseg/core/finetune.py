@@ -19,8 +19,8 @@ Why the loss looks the way it does (class imbalance):
 
 Not forgetting: on the unannotated slices of each training crop, a KL term
 (``keep_weight``) keeps the prediction close to the starting model's ("learning without
-forgetting"); without it a round on lesion-free slices taught the model that lesions do
-not exist (lesion Dice on the untouched slices 0.32 → 0.0 in one measured round).
+forgetting"); without it, in an exploratory run, a round on lesion-free slices erased
+the lesions the model had found elsewhere.
 
 BatchNorm statistics stay frozen (a few slices of one volume are not a population).
 Held-out check: with two or more annotated slices one of them (rotating with the version
@@ -455,8 +455,8 @@ def finetune_detector(
     every point exactly as in training (:func:`~.training.detector_targets`); only the
     reviewed slices enter that loss (the CenterNet focal loss ignores the others). Half
     of each batch are unreviewed slices whose heatmap is held to the starting model's
-    (``keep_weight``): without it, a round on three slices with added lesions taught the
-    detector to fire everywhere else (180 detections above threshold on the sample CT).
+    (``keep_weight``), so a round on a few slices with added lesions does not teach the
+    detector to fire everywhere else.
     """
     _check_args(volume, model, card, LesionDetector, "fine-tuning")
     pts, diam, zs = check_points(volume, points, diameters_mm, slices)
