@@ -61,26 +61,45 @@ def shoot(name: str) -> Path:
     return path
 
 
-def shoot_retrain() -> Path:
-    """Segment, "correct" three slices from the ground truth, retrain for 10 s."""
-    import numpy as np
-
+def _sample_viewer():
+    """A viewer with the sample CT open, only the image visible."""
     viewer = napari.Viewer(title="napari-medseg")
     viewer.window.resize(1500, 1000)
     viewer.scale_bar.visible = True
     viewer.open_sample("napari-medseg", "synthetic_ct")
+    for layer in viewer.layers[1:]:
+        layer.visible = False
+    return viewer
+
+
+def _run_docked(viewer, title: str, image):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", title)
+    widget._image.value = image
+    return widget
+
+
+def _save(viewer, active, name: str) -> Path:
+    viewer.layers.selection.active = active
+    QApplication.instance().processEvents()
+    path = IMAGES / f"{name}.png"
+    viewer.screenshot(str(path), canvas_only=False)
+    viewer.close()
+    return path
+
+
+def shoot_retrain() -> Path:
+    """Segment, "correct" three slices from the ground truth, retrain for 10 s."""
+    import numpy as np
+
+    viewer = _sample_viewer()
     image = viewer.layers[0]
     truth = next(layer for layer in viewer.layers if layer.name.endswith("ground truth")
                  and type(layer).__name__ == "Labels")
-    for layer in viewer.layers[1:]:
-        layer.visible = False
-    _, seg = viewer.window.add_plugin_dock_widget("napari-medseg", WIDGETS["segment"])
-    seg._image.value = image
+    seg = _run_docked(viewer, WIDGETS["segment"], image)
     seg._run.clicked.emit()
     wait_for(seg)
     labels = viewer.layers[-1]
-    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Retrain on my annotations")
-    widget._image.value = image
+    widget = _run_docked(viewer, "Retrain on my annotations", image)
     widget._labels_pick.value = labels
     widget._seconds.value = 10.0
     nz = labels.data.shape[0]
@@ -89,41 +108,23 @@ def shoot_retrain() -> Path:
         labels.data_setitem((np.full(len(wrong[0]), z), *wrong), truth.data[z][wrong])
     widget._mark_current()
     widget._run.clicked.emit()
-    start = time.perf_counter()
-    while widget._worker is not None and time.perf_counter() - start < 300:
-        QApplication.instance().processEvents()
-        time.sleep(0.02)
-    for _ in range(20):
-        QApplication.instance().processEvents()
-        time.sleep(0.02)
+    wait_for(widget)
     viewer.dims.set_point(0, labels.data_to_world([nz // 2 + 3, 0, 0])[0])
-    viewer.layers.selection.active = labels
-    QApplication.instance().processEvents()
-    path = IMAGES / "retrain.png"
-    viewer.screenshot(str(path), canvas_only=False)
-    viewer.close()
-    return path
+    return _save(viewer, labels, "retrain")
 
 
 def shoot_retrain_detector() -> Path:
-    """Detect, then "review": add the ground-truth lesions as points, retrain for 10 s."""
+    """Detect, then "review": add the lesions it missed as points, retrain for 10 s."""
     import numpy as np
 
-    viewer = napari.Viewer(title="napari-medseg")
-    viewer.window.resize(1500, 1000)
-    viewer.scale_bar.visible = True
-    viewer.open_sample("napari-medseg", "synthetic_ct")
+    viewer = _sample_viewer()
     image = viewer.layers[0]
     truth = next(layer for layer in viewer.layers if type(layer).__name__ == "Points")
-    for layer in viewer.layers[1:]:
-        layer.visible = False
-    _, det = viewer.window.add_plugin_dock_widget("napari-medseg", WIDGETS["detect"])
-    det._image.value = image
+    det = _run_docked(viewer, WIDGETS["detect"], image)
     det._run.clicked.emit()
     wait_for(det)
     found = viewer.layers[-1]
-    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Retrain detector on my points")
-    widget._image.value = image
+    widget = _run_docked(viewer, "Retrain detector on my points", image)
     widget._layer_pick.value = found
     widget._seconds.value = 10.0
     shown = found.data[np.asarray(found.shown, bool)]
@@ -131,25 +132,14 @@ def shoot_retrain_detector() -> Path:
     for centre, diam in zip(truth.data, truth.features["diameter_mm"]):
         if not len(shown) or np.min(np.linalg.norm(shown - centre, axis=1)) > 4:
             missed.append((centre, diam))
-    for centre, diam in missed:  # ... and adds the lesions it missed
+    for centre, diam in missed:  # the "user" adds the lesions it missed
         found.add(centre)
         found.features.loc[len(found.data) - 1, "diameter_mm"] = diam
     widget._run.clicked.emit()
-    start = time.perf_counter()
-    while widget._worker is not None and time.perf_counter() - start < 300:
-        QApplication.instance().processEvents()
-        time.sleep(0.02)
-    for _ in range(20):
-        QApplication.instance().processEvents()
-        time.sleep(0.02)
+    wait_for(widget)
     if missed:
         viewer.dims.set_point(0, image.data_to_world(missed[0][0])[0])
-    viewer.layers.selection.active = viewer.layers[-1]
-    QApplication.instance().processEvents()
-    path = IMAGES / "retrain_detector.png"
-    viewer.screenshot(str(path), canvas_only=False)
-    viewer.close()
-    return path
+    return _save(viewer, viewer.layers[-1], "retrain_detector")
 
 
 SPECIAL = {"retrain": shoot_retrain, "retrain_detector": shoot_retrain_detector}

@@ -64,6 +64,7 @@ from .models.detector import LesionDetector
 from .resample import map_index
 from .training import (
     IGNORE_INDEX,
+    _budget as _train_budget,
     _crop_yx,
     _train_loop,
     class_weights,
@@ -149,19 +150,8 @@ def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[
         arr = arr.astype(np.uint8)
     if not np.issubdtype(arr.dtype, np.integer):
         raise MedsegInputError(f"labels must hold integers, got {arr.dtype}")
-    try:
-        zs = sorted({int(z) for z in slices})
-    except (TypeError, ValueError) as exc:
-        raise MedsegInputError(f"slices must be integers, got {slices!r}") from exc
-    if not zs:
-        raise MedsegInputError(
-            "no annotated slices: correct or mark at least one slice before retraining")
-    bad = [z for z in zs if not 0 <= z < shape[0]]
-    if bad:
-        raise MedsegInputError(f"slices {bad} are outside the volume (0–{shape[0] - 1})")
-    missing = [z for z in zs if volume.missing[z]]
-    if missing:
-        raise MedsegInputError(f"slices {missing} were not acquired (missing); they cannot be training data")
+    zs = _check_slices(volume, slices,
+                       "no annotated slices: correct or mark at least one slice before retraining")
     values = arr[zs]
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi > MAX_LABEL:
@@ -170,6 +160,29 @@ def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[
         raise MedsegInputError(
             "the annotated slices hold only background (0); paint at least one structure")
     return arr, zs
+
+
+def _check_slices(volume: Any, slices: Sequence[int], empty_message: str) -> list[int]:
+    """Sorted unique slice indices, inside the volume and acquired."""
+    try:
+        zs = sorted({int(z) for z in slices})
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError(f"slices must be integers, got {slices!r}") from exc
+    if not zs:
+        raise MedsegInputError(empty_message)
+    bad = [z for z in zs if not 0 <= z < volume.shape[0]]
+    if bad:
+        raise MedsegInputError(f"slices {bad} are outside the volume (0–{volume.shape[0] - 1})")
+    missing = [z for z in zs if volume.missing[z]]
+    if missing:
+        raise MedsegInputError(f"slices {missing} were not acquired (missing); they cannot be training data")
+    return zs
+
+
+def _budget(steps: int | None, seconds: float | None, default_seconds: float
+            ) -> tuple[int | None, float | None]:
+    """Checked (steps, seconds); a time budget of ``default_seconds`` when neither is given."""
+    return _train_budget(steps, default_seconds if steps is None and seconds is None else seconds, 1)
 
 
 def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -254,12 +267,7 @@ def finetune_segmenter(
     """
     classes = _check_args(volume, model, card, RecurrentSegmenter, "fine-tuning")
     arr, zs = check_annotations(volume, labels, slices)
-    if steps is None and seconds is None:
-        seconds = DEFAULT_SECONDS
-    if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
-        raise MedsegInputError(f"steps must be a positive integer, got {steps!r}")
-    if seconds is not None and not (float(seconds) > 0 and math.isfinite(float(seconds))):
-        raise MedsegInputError(f"seconds must be a positive number, got {seconds!r}")
+    steps, seconds = _budget(steps, seconds, DEFAULT_SECONDS)
     if not (correction_weight >= 0 and math.isfinite(correction_weight)):
         raise MedsegInputError(f"correction_weight must be ≥ 0, got {correction_weight!r}")
 
@@ -413,19 +421,8 @@ def check_points(volume: Any, points: Any, diameters: Any, slices: Sequence[int]
     if len(d) != len(pts):
         raise MedsegInputError(f"{len(pts)} points but {len(d)} diameters")
     d = np.where(np.isfinite(d) & (d > 0), d, DEFAULT_DIAMETER_MM)
-    try:
-        zs = sorted({int(z) for z in slices})
-    except (TypeError, ValueError) as exc:
-        raise MedsegInputError(f"slices must be integers, got {slices!r}") from exc
-    if not zs:
-        raise MedsegInputError(
-            "no reviewed slices: add, move or delete a point, or mark a slice reviewed, first")
-    bad = [z for z in zs if not 0 <= z < volume.shape[0]]
-    if bad:
-        raise MedsegInputError(f"slices {bad} are outside the volume (0–{volume.shape[0] - 1})")
-    missing = [z for z in zs if volume.missing[z]]
-    if missing:
-        raise MedsegInputError(f"slices {missing} were not acquired (missing); they cannot be training data")
+    zs = _check_slices(volume, slices,
+                       "no reviewed slices: add, move or delete a point, or mark a slice reviewed, first")
     return pts, d, zs
 
 
@@ -460,12 +457,7 @@ def finetune_detector(
     """
     _check_args(volume, model, card, LesionDetector, "fine-tuning")
     pts, diam, zs = check_points(volume, points, diameters_mm, slices)
-    if steps is None and seconds is None:
-        seconds = DEFAULT_SECONDS
-    if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
-        raise MedsegInputError(f"steps must be a positive integer, got {steps!r}")
-    if seconds is not None and not (float(seconds) > 0 and math.isfinite(float(seconds))):
-        raise MedsegInputError(f"seconds must be a positive number, got {seconds!r}")
+    steps, seconds = _budget(steps, seconds, DEFAULT_SECONDS)
     nz, ny, nx = volume.shape
     rng = np.random.default_rng([int(seed), int(version), 7])
     context = model.in_slices // 2
