@@ -131,3 +131,23 @@ def test_bad_input_exits_2_with_one_line_and_no_output(
     assert err.startswith("napari-medseg: error: ") and err.count("\n") == 1
     assert not out.exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".out")]  # no temp files
+
+
+def test_explain_commands_write_maps_on_the_input_grid(tmp_path, capsys):
+    from napari_medseg.core.io import read_volume
+
+    p = generate_phantom((6, 64, 64), (4.0, 2.0, 2.0), seed=8, n_lesions=1)
+    src = tmp_path / "ct.nii.gz"
+    write_nifti(src, p.volume.array, p.volume.spacing, p.volume.origin)
+    assert main(["gradcam", str(src), str(tmp_path / "cam.nii.gz"), "--class", "lesion", "-q"]) == 0
+    cam = read_volume(tmp_path / "cam.nii.gz").array
+    assert cam.shape == p.volume.shape and 0 <= cam.min() and cam.max() <= 1
+    assert main(["uncertainty", str(src), str(tmp_path / "u.nii.gz"), "--samples", "2",
+                 "--slices-csv", str(tmp_path / "u.csv"), "-q"]) == 0
+    assert read_volume(tmp_path / "u.nii.gz").array.shape == p.volume.shape
+    assert len((tmp_path / "u.csv").read_text().splitlines()) == 7
+    capsys.readouterr()
+    assert main(["gradcam", str(src), str(tmp_path / "x.nii.gz"), "--class", "tumour"]) == 2
+    assert "unknown class" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
+    assert main(["uncertainty", str(src), str(tmp_path / "y.nii.gz"), "--samples", "1"]) == 2
+    assert not (tmp_path / "y.nii.gz").exists()

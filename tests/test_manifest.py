@@ -12,7 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "widgets": {"Segment organs", "Detect lesions", "Classify slices", "Synthetic phantom",
-                "Volume info", "Retrain on my annotations", "Retrain detector on my points"},
+                "Volume info", "Retrain on my annotations", "Retrain detector on my points",
+                "Explain slice classes (Grad-CAM)", "Segmentation uncertainty"},
     "readers": {"napari-medseg.get_reader"},
     "writers": {"napari-medseg.write_labels_nifti"},
     "sample_data": {"synthetic_ct"},

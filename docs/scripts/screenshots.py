@@ -142,7 +142,35 @@ def shoot_retrain_detector() -> Path:
     return _save(viewer, viewer.layers[-1], "retrain_detector")
 
 
-SPECIAL = {"retrain": shoot_retrain, "retrain_detector": shoot_retrain_detector}
+def shoot_gradcam() -> Path:
+    """Grad-CAM of the lesion class, shown on the slice through the largest lesion."""
+    viewer = _sample_viewer()
+    image = viewer.layers[0]
+    truth = next(layer for layer in viewer.layers if type(layer).__name__ == "Points")
+    widget = _run_docked(viewer, "Explain slice classes (Grad-CAM)", image)
+    widget._target.value = "lesion"
+    widget._run.clicked.emit()
+    wait_for(widget)
+    largest = int(truth.features["diameter_mm"].argmax())
+    truth.visible = True  # the true lesions, circled, to compare with the map
+    viewer.dims.set_point(0, truth.data_to_world(truth.data[largest])[0])
+    return _save(viewer, viewer.layers[-1], "gradcam")
+
+
+def shoot_uncertainty() -> Path:
+    """MC-dropout uncertainty, at the most uncertain slice."""
+    viewer = _sample_viewer()
+    image = viewer.layers[0]
+    widget = _run_docked(viewer, "Segmentation uncertainty", image)
+    widget._run.clicked.emit()
+    wait_for(widget)
+    if widget._goto.choices:
+        widget._go_to(widget._goto.choices[0])
+    return _save(viewer, viewer.layers[-1], "uncertainty")
+
+
+SPECIAL = {"retrain": shoot_retrain, "retrain_detector": shoot_retrain_detector,
+           "gradcam": shoot_gradcam, "uncertainty": shoot_uncertainty}
 
 
 if __name__ == "__main__":

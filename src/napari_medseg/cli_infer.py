@@ -1,4 +1,4 @@
-"""``napari-medseg segment | detect | classify``: the inference engine, headless.
+"""``napari-medseg segment | detect | classify | gradcam | uncertainty``: the engine, headless.
 
 Each command reads any input the readers take (DICOM file or folder, NIfTI, .npy), loads a
 model by name (bundled or user folder) or by card path (``--model path/to/name.json``),
@@ -17,7 +17,8 @@ from typing import Any
 
 from .core.errors import MedsegInputError
 
-DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier"}
+DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier",
+                  "gradcam": "classifier", "uncertainty": "segmenter"}
 
 
 def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
@@ -148,6 +149,38 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
 
+def cmd_gradcam(args: argparse.Namespace) -> int:
+    from .core.explain import gradcam_volume
+    from .core.io import write_nifti
+
+    out = _check_output(args.output, (".nii.gz", ".nii"))
+    volume, model, card = _load(args, "gradcam")
+    result = _run(gradcam_volume(volume, model, card, target=args.target, threads=args.threads),
+                  "gradcam", args.quiet)
+    write_nifti(out, result.maps, volume.spacing, volume.origin)
+    print(f"wrote {out.name}: Grad-CAM of {args.target or 'the predicted class'} per slice, 0–1")
+    return 0
+
+
+def cmd_uncertainty(args: argparse.Namespace) -> int:
+    from .cli import _write_csv_atomic
+    from .core.explain import segmentation_uncertainty
+    from .core.io import write_nifti
+
+    out = _check_output(args.output, (".nii.gz", ".nii"))
+    csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",))
+    volume, model, card = _load(args, "uncertainty")
+    result = _run(segmentation_uncertainty(volume, model, card, samples=args.samples,
+                                           threads=args.threads), "uncertainty", args.quiet)
+    write_nifti(out, result.entropy, volume.spacing, volume.origin)
+    if csv_out is not None:
+        _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
+            (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])
+    print(f"wrote {out.name}: MC-dropout entropy ({result.samples} samples); most uncertain"
+          f" slices: {', '.join(map(str, result.most_uncertain(5))) or 'none'}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add the segment, detect and classify commands to ``napari-medseg``."""
     p = subparsers.add_parser("segment", help="label organs; writes a NIfTI label map")
@@ -172,3 +205,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("output", metavar="OUT.csv", help="slice, class_name, p_<class> per class")
     p.add_argument("--batch", type=_positive_int, default=None, help="slices per batch")
     p.set_defaults(func=cmd_classify)
+
+    p = subparsers.add_parser("gradcam", help="explain the slice classifier: Grad-CAM maps (NIfTI)")
+    _common(p, "gradcam")
+    p.add_argument("output", metavar="OUT.nii.gz", help="one 0–1 map per slice on the input grid")
+    p.add_argument("--class", dest="target", default=None,
+                   help="class to explain (default: each slice's predicted class)")
+    p.set_defaults(func=cmd_gradcam)
+
+    p = subparsers.add_parser("uncertainty", help="segmenter uncertainty (MC dropout), NIfTI + CSV")
+    _common(p, "uncertainty")
+    p.add_argument("output", metavar="OUT.nii.gz", help="entropy / log(classes) per voxel, 0–1")
+    p.add_argument("--samples", type=_positive_int, default=8, help="dropout samples (≥ 2)")
+    p.add_argument("--slices-csv", default=None, help="also write the per-slice mean entropy")
+    p.set_defaults(func=cmd_uncertainty)

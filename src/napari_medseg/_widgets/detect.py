@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from magicgui.widgets import ComboBox, FloatSlider
+from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 
 from .._layers import detection_layer_data
 from ..core.inference import detect_lesions
@@ -18,6 +18,11 @@ MAX_LISTED = 200  # the "go to" list; the layer itself keeps every detection
 class DetectWidget(ModelRunWidget):
     architecture = "LesionDetector"
     task = "Detect"
+
+    def extra_widgets(self) -> list:
+        self._with_heatmap = CheckBox(text="Also add the heatmap (why each point is there)",
+                                      value=False)
+        return [self._with_heatmap]
 
     def result_widgets(self) -> list:
         self._points = None
@@ -42,6 +47,13 @@ class DetectWidget(ModelRunWidget):
         threshold = float(card.get("peak_threshold", 0.5))
         data, kwargs, _ = detection_layer_data(result, image_layer,
                                                provenance(card, image_layer.name), threshold)
+        if self._with_heatmap.value:  # under the points, so they stay clickable
+            from .explain import _map_layer_kwargs
+
+            heat = result.heatmap_on_input_grid()
+            self._viewer.add_image(heat if image_layer.ndim == 3 else heat[0], **_map_layer_kwargs(
+                image_layer, f"{image_layer.name} lesion heatmap ({card.get('name')})", "viridis",
+                provenance(card, image_layer.name), method="detector centre heatmap (sigmoid)"))
         self._points = self._viewer.add_points(data, **kwargs)
         with self._threshold.changed.blocked():
             self._threshold.value = threshold

@@ -1,0 +1,105 @@
+"""Dock widgets: Grad-CAM of the slice classifier, MC-dropout uncertainty of the segmenter.
+
+Both add a NEW Image layer on the image's grid (same scale, translate, affine), drawn
+with a colormap and additive blending over the CT, with provenance metadata.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui.widgets import ComboBox, SpinBox
+
+from .._layers import _like_layer, _result_metadata
+from ..core.explain import gradcam_volume, segmentation_uncertainty
+from ..core.models.registry import read_card
+from ._model_widget import ModelRunWidget, provenance
+
+PREDICTED = "predicted class"
+
+
+def _map_layer_kwargs(image_layer, name: str, colormap: str, prov: dict, **extra) -> dict:
+    return {
+        "name": name,
+        "colormap": colormap,
+        "blending": "additive",
+        "opacity": 0.7,
+        "contrast_limits": (0.0, 1.0),
+        **_like_layer(image_layer),
+        "metadata": _result_metadata(prov, **extra),
+    }
+
+
+class GradCamWidget(ModelRunWidget):
+    architecture = "SliceClassifier"
+    task = "Grad-CAM"
+
+    def extra_widgets(self) -> list:
+        self._target = ComboBox(label="Explain", choices=self._target_choices)
+        self._model.changed.connect(lambda _v: self._target.reset_choices())
+        return [self._target]
+
+    def _target_choices(self, _widget=None) -> list:
+        path = getattr(self, "_model", None) and self._model.value
+        try:
+            classes = read_card(path)["classes"] if path else []
+        except Exception:  # an unreadable card is reported when the model loads
+            classes = []
+        return [PREDICTED, *classes]
+
+    def core_job(self, volume, model, card):
+        target = None if self._target.value in (None, PREDICTED) else self._target.value
+        return gradcam_volume(volume, model, card, target=target)
+
+    def show_result(self, result, card, image_layer, volume) -> None:
+        what = self._target.value or PREDICTED
+        prov = provenance(card, image_layer.name)
+        maps = result.maps if image_layer.ndim == 3 else result.maps[0]
+        self._viewer.add_image(maps, **_map_layer_kwargs(
+            image_layer, f"{image_layer.name} Grad-CAM {what} ({card.get('name')})", "inferno",
+            prov, explains=what, method="Grad-CAM, last conv block, per-slice max = 1"))
+        explained = result.target[result.target >= 0]
+        counts = np.bincount(explained, minlength=len(result.class_names))
+        self._status.value = "Explained: " + ", ".join(
+            f"{n} on {c} slices" for n, c in zip(result.class_names, counts) if c)
+
+
+class UncertaintyWidget(ModelRunWidget):
+    architecture = "RecurrentSegmenter"
+    task = "Uncertainty"
+
+    def extra_widgets(self) -> list:
+        self._samples = SpinBox(label="Samples", value=8, min=2, max=64)
+        return [self._samples]
+
+    def result_widgets(self) -> list:
+        self._layer = None
+        self._goto_items: list = []
+        self._goto = ComboBox(label="Correct first", choices=lambda _w=None: self._goto_items,
+                              enabled=False)
+        self._goto.changed.connect(lambda z: z is not None and self._go_to(z))
+        return [self._goto]
+
+    def core_job(self, volume, model, card):
+        return segmentation_uncertainty(volume, model, card, samples=int(self._samples.value))
+
+    def show_result(self, result, card, image_layer, volume) -> None:
+        prov = provenance(card, image_layer.name)
+        ranked = result.most_uncertain(10)
+        ent = result.entropy if image_layer.ndim == 3 else result.entropy[0]
+        self._viewer.add_image(ent, **_map_layer_kwargs(
+            image_layer, f"{image_layer.name} uncertainty ({card.get('name')})", "magma", prov,
+            method=f"MC dropout, {result.samples} samples, entropy / log(classes)",
+            most_uncertain_slices=ranked))
+        self._layer = image_layer
+        with self._goto.changed.blocked():
+            self._goto_items = [(f"slice {z} · {result.per_slice[z]:.3f}", z) for z in ranked]
+            self._goto.reset_choices()
+        self._goto.enabled = bool(ranked)
+        self._status.value = ("Most uncertain slices (correct these first): "
+                              + ", ".join(map(str, ranked[:5])) if ranked else "No structure found")
+
+    def _go_to(self, z: int) -> None:
+        layer = self._layer
+        if layer is None or layer not in self._viewer.layers or layer.ndim == 2:
+            return
+        self._viewer.dims.set_point(self._viewer.dims.ndim - 3, layer.data_to_world([int(z), 0, 0])[0])

@@ -1,0 +1,181 @@
+"""Why did the model say that? Grad-CAM for the classifier, uncertainty for the segmenter.
+
+Both are generators (DESIGN.md §3) returning maps on the INPUT grid (same shape as the
+volume), so they sit on the image as layers:
+
+- :func:`gradcam_volume`: Grad-CAM (Selvaraju et al. 2017) of the slice classifier, per
+  slice, for the predicted class or a chosen one: ReLU(Σ_c w_c A_c), where A is the last
+  conv block's activation map and w_c the spatial mean of ∂score/∂A_c. Each slice's map
+  is scaled to [0, 1] by its own maximum (a map says *where*, not *how much*).
+- :func:`segmentation_uncertainty`: Monte-Carlo dropout (the segmenter's decoder dropout
+  kept on, ``samples`` passes) → per-voxel predictive entropy / log(C) in [0, 1], and a
+  per-slice summary (mean entropy over the voxels predicted as a structure) ranking the
+  slices to correct first.
+
+The detector's explanation is its own centre heatmap (``DetectionResult.heatmap``) and
+the score of each point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MedsegInputError
+from .inference import (
+    _check_args,
+    _ModelGridSlices,
+    _positive,
+    _resize,
+    _ThreadGovernor,
+    labels_from_logits,
+)
+from .models.classifier import SliceClassifier
+from .models.segmenter import RecurrentSegmenter
+from .progress import Job, Progress
+
+
+@dataclass(frozen=True)
+class GradCamResult:
+    maps: np.ndarray  # (z, y, x) float32 in [0, 1]; 0 on missing slices
+    target: np.ndarray  # (z,) class index explained per slice (−1: missing)
+    class_names: tuple[str, ...]
+    probabilities: np.ndarray  # (z, n_classes)
+
+
+@dataclass(frozen=True)
+class UncertaintyResult:
+    entropy: np.ndarray  # (z, y, x) float32 in [0, 1] (÷ log C); 0 on missing slices
+    per_slice: np.ndarray  # (z,) mean entropy over voxels predicted as a structure; NaN if none
+    labels: np.ndarray  # (z, y, x) uint8 argmax of the mean probabilities
+    samples: int
+
+    def most_uncertain(self, k: int = 5, exclude: Any = ()) -> list[int]:
+        """The ``k`` slices with the highest per-slice uncertainty, most uncertain first."""
+        order = [int(z) for z in np.argsort(-np.nan_to_num(self.per_slice, nan=-1.0))
+                 if np.isfinite(self.per_slice[z]) and int(z) not in set(exclude)]
+        return order[: int(k)]
+
+
+def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any], *,
+                   target: int | str | None = None, batch: int = 4,
+                   threads: int | None = None) -> Job[GradCamResult]:
+    """Grad-CAM maps for every acquired slice (a generator).
+
+    ``target``: None → each slice's predicted class; a class index or name → that class
+    on every slice.
+    """
+    classes = _check_args(volume, model, card, SliceClassifier, "Grad-CAM")
+    if target is not None:
+        if isinstance(target, str):
+            if target not in classes:
+                raise MedsegInputError(f"unknown class {target!r}; the model has {', '.join(classes)}")
+            target = classes.index(target)
+        elif not 0 <= int(target) < len(classes):
+            raise MedsegInputError(f"class index {target} outside 0–{len(classes) - 1}")
+    batch = _positive(batch, "batch")
+    context = (model.in_channels - 1) // 2
+    slices = _ModelGridSlices(volume, card, context)
+    nz, ny, nx = volume.shape
+    maps = np.zeros(volume.shape, dtype=np.float32)
+    targets = np.full(nz, -1, dtype=np.int64)
+    probs = np.full((nz, len(classes)), np.nan, dtype=np.float32)
+    acquired = ~volume.missing
+    runs = [(a, min(a + batch, nz)) for a in range(0, nz, batch)]
+    was_training = model.training
+    model.eval()
+    try:
+        with _ThreadGovernor(threads) as governor:
+            yield Progress(0, len(runs), "Grad-CAM")
+            for step, (a, b) in enumerate(runs, start=1):
+                zs = [z for z in range(a, b) if acquired[z]]
+                if zs:
+                    x = slices[zs[0]: zs[-1] + 1][[z - zs[0] for z in zs]]
+                    with torch.enable_grad():
+                        feats = model.features(x).detach().requires_grad_(True)
+                        logits = model.classify_features(feats)
+                        chosen = logits.argmax(1) if target is None else torch.full(
+                            (len(zs),), int(target), dtype=torch.long)
+                        score = logits.gather(1, chosen[:, None]).sum()
+                        (grad,) = torch.autograd.grad(score, feats)
+                    weights = grad.mean(dim=(2, 3), keepdim=True)
+                    cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
+                    cam = _resize(cam, (ny, nx))[:, 0]  # bilinear onto the input grid
+                    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+                    maps[zs] = (cam / peak).numpy()
+                    targets[zs] = chosen.numpy()
+                    probs[zs] = torch.softmax(logits.detach(), 1).numpy()
+                governor.update()
+                yield Progress(step, len(runs), f"Grad-CAM: slices {a}–{b - 1}")
+    finally:
+        model.train(was_training)
+    return GradCamResult(maps, targets, tuple(classes), probs)
+
+
+def _dropout_on(model: torch.nn.Module) -> list[torch.nn.Module]:
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for m in drops:
+        m.train()
+    return drops
+
+
+def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mapping[str, Any], *,
+                             samples: int = 8, chunk: int = 8, seed: int = 0,
+                             threads: int | None = None) -> Job[UncertaintyResult]:
+    """MC-dropout predictive entropy per voxel and per slice (a generator).
+
+    Needs a model with dropout (the bundled segmenter has 0.1 in its decoder); each of
+    ``samples`` passes streams the volume in chunks like inference.
+    """
+    classes = _check_args(volume, model, card, RecurrentSegmenter, "uncertainty")
+    samples = _positive(samples, "samples")
+    if samples < 2:
+        raise MedsegInputError("uncertainty needs at least 2 samples")
+    if not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        raise MedsegInputError("this segmenter has no dropout, so MC-dropout cannot sample it")
+    n_classes = len(classes)
+    nz, ny, nx = volume.shape
+    slices = _ModelGridSlices(volume, card)
+    h, w = slices.grid
+    mean = torch.zeros((nz, n_classes, h, w))
+    was_training = model.training
+    model.eval()
+    drops = _dropout_on(model)
+    total = samples * RecurrentSegmenter.n_steps(nz, chunk)
+    step = 0
+    try:
+        with _ThreadGovernor(threads) as governor, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            yield Progress(0, total, "uncertainty")
+            for s in range(samples):
+                chunks = model.iter_chunks(slices, chunk)
+                while True:
+                    with torch.no_grad():
+                        item = next(chunks, None)
+                        if item is None:
+                            break
+                        if item.logits is not None:
+                            mean[item.start:item.stop] += torch.softmax(item.logits, 1) / samples
+                    step += 1
+                    governor.update()
+                    yield Progress(step, total, f"sample {s + 1}/{samples}")
+    finally:
+        for m in drops:
+            m.train(was_training)
+        model.train(was_training)
+    ent = -(mean * mean.clamp_min(1e-12).log()).sum(1, keepdim=True) / math.log(n_classes)
+    entropy = _resize(ent, (ny, nx))[:, 0].clamp(0, 1).numpy().astype(np.float32)
+    labels = labels_from_logits(mean.clamp_min(1e-12).log(), (ny, nx)).numpy()
+    entropy[volume.missing] = 0.0
+    labels[volume.missing] = 0
+    per_slice = np.full(nz, np.nan, dtype=np.float32)
+    for z in np.flatnonzero(~volume.missing):
+        fg = labels[z] > 0
+        if fg.any():
+            per_slice[z] = float(entropy[z][fg].mean())
+    return UncertaintyResult(entropy, per_slice, labels, samples)

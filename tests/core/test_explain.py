@@ -1,0 +1,79 @@
+"""Explanations: sanity checks on the bundled models and on held-out phantoms."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.explain import gradcam_volume, segmentation_uncertainty
+from napari_medseg.core.models import load_model
+from napari_medseg.core.phantom import generate_phantom
+from napari_medseg.core.progress import run_to_completion
+
+
+@pytest.fixture(scope="module")
+def lesion_phantom():
+    # held-out seed range (evaluation.py: 900000+), a lesion big enough to look at
+    return generate_phantom((40, 220, 220), (3.0, 1.05, 1.05), seed=906001, n_lesions=1,
+                            lesion_radius_mm=(9.0, 12.0))
+
+
+def _randomised(model):
+    rnd = copy.deepcopy(model)
+    torch.manual_seed(1)
+    for module in rnd.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return rnd
+
+
+def test_gradcam_of_lesion_slices_concentrates_on_the_lesion(lesion_phantom):
+    model, card = load_model("classifier")
+    res = run_to_completion(gradcam_volume(lesion_phantom.volume, model, card, target="lesion"))
+    lesion = lesion_phantom.labels == 8
+    zs = np.flatnonzero(lesion.any(axis=(1, 2)))
+    ratio = [res.maps[z][lesion[z]].mean() / res.maps[z].mean() for z in zs]
+    # the map inside the lesion is on average well above the slice's average
+    assert np.median(ratio) > 2.0, ratio
+    assert res.maps.shape == lesion.shape and 0 <= res.maps.min() and res.maps.max() <= 1
+    assert set(res.target[zs]) == {card["classes"].index("lesion")}
+    # model-randomisation check: a randomised network's map no longer picks out the lesion
+    rnd = run_to_completion(gradcam_volume(lesion_phantom.volume, _randomised(model), card,
+                                           target="lesion"))
+    rnd_ratio = [rnd.maps[z][lesion[z]].mean() / max(rnd.maps[z].mean(), 1e-9) for z in zs]
+    print("lesion / slice mean CAM: trained", np.median(ratio), "randomised", np.median(rnd_ratio))
+    assert np.median(ratio) > 2 * np.median(rnd_ratio), (ratio, rnd_ratio)
+    assert not np.allclose(res.maps[zs], rnd.maps[zs], atol=0.1)
+
+
+def test_uncertainty_is_high_where_the_segmenter_errs(lesion_phantom):
+    model, card = load_model("segmenter")
+    res = run_to_completion(segmentation_uncertainty(lesion_phantom.volume, model, card, samples=6))
+    truth = lesion_phantom.labels
+    body = truth > 0
+    wrong = (res.labels != truth) & body
+    assert res.entropy[wrong].mean() > 2 * res.entropy[body & ~wrong].mean()
+    lesion = ndimage.binary_dilation(truth == 8, iterations=2)
+    assert res.entropy[lesion].mean() > 2 * res.entropy[body & ~lesion].mean()
+    assert len(res.most_uncertain(5)) == 5
+    rnd = run_to_completion(segmentation_uncertainty(lesion_phantom.volume, _randomised(model),
+                                                     card, samples=3))
+    assert np.corrcoef(res.entropy[body], rnd.entropy[body])[0, 1] < 0.5
+
+
+def test_bad_requests_are_refused(lesion_phantom):
+    model, card = load_model("classifier")
+    with pytest.raises(MedsegInputError, match="unknown class"):
+        run_to_completion(gradcam_volume(lesion_phantom.volume, model, card, target="tumour"))
+    seg, seg_card = load_model("segmenter")
+    with pytest.raises(MedsegInputError, match="at least 2"):
+        run_to_completion(segmentation_uncertainty(lesion_phantom.volume, seg, seg_card, samples=1))
+    no_dropout = copy.deepcopy(seg)
+    for m in no_dropout.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with pytest.raises(MedsegInputError, match="no dropout"):
+        run_to_completion(segmentation_uncertainty(lesion_phantom.volume, no_dropout, seg_card))

@@ -1,0 +1,67 @@
+"""Grad-CAM and uncertainty widgets: a new, aligned, additive Image layer; nothing else changes."""
+
+import numpy as np
+import pytest
+from napari.layers import Image
+
+from napari_medseg._sample_data import phantom_layer_data
+from napari_medseg._widgets.explain import GradCamWidget, UncertaintyWidget
+
+
+def _open(viewer, phantom):
+    for data, kwargs, layer_type in phantom_layer_data(phantom):
+        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+    return viewer.layers[0]
+
+
+@pytest.mark.parametrize("widget_cls, arch", [(GradCamWidget, "SliceClassifier"),
+                                               (UncertaintyWidget, "RecurrentSegmenter")])
+def test_explanation_layer_sits_on_the_image(make_napari_viewer, qtbot, random_models,
+                                             small_phantom, widget_cls, arch):
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    before = [(layer.name, np.array(layer.data, copy=True)) for layer in viewer.layers]
+    widget = widget_cls(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._image.value = image
+    widget._model.value = random_models[arch]
+    if widget_cls is GradCamWidget:
+        assert "lesion" in widget._target.choices
+        widget._target.value = "lesion"
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    new = viewer.layers[-1]
+    assert isinstance(new, Image) and len(viewer.layers) == len(before) + 1
+    assert new.blending == "additive" and new.data.shape == image.data.shape
+    np.testing.assert_allclose(new.scale, image.scale)
+    np.testing.assert_allclose(new.translate, image.translate)
+    assert 0.0 <= float(new.data.min()) and float(new.data.max()) <= 1.0
+    assert "not for diagnostic use" in new.metadata["medseg"]["disclaimer"]
+    for (name, data), layer in zip(before, viewer.layers):
+        assert layer.name == name
+        np.testing.assert_array_equal(layer.data, data)
+    if widget_cls is UncertaintyWidget:
+        assert widget._goto.choices  # slices to correct first
+        viewer.add_image(np.zeros((4, 4)), name="another")  # napari resets pickers …
+        assert widget._goto.choices  # … and the list survives
+
+
+def test_detect_can_add_its_heatmap_under_the_points(make_napari_viewer, qtbot, random_models,
+                                                     small_phantom):
+    from napari.layers import Points
+
+    from napari_medseg._widgets.detect import DetectWidget
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    n = len(viewer.layers)
+    widget = DetectWidget(viewer)
+    widget._image.value = image
+    widget._model.value = random_models["LesionDetector"]
+    widget._with_heatmap.value = True
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    heat, points = viewer.layers[n], viewer.layers[n + 1]
+    assert isinstance(heat, Image) and isinstance(points, Points)
+    assert heat.data.shape == image.data.shape and heat.blending == "additive"
+    np.testing.assert_allclose(heat.scale, image.scale)
