@@ -77,3 +77,28 @@ def test_bad_requests_are_refused(lesion_phantom):
             m.p = 0.0
     with pytest.raises(MedsegInputError, match="no dropout"):
         run_to_completion(segmentation_uncertainty(lesion_phantom.volume, no_dropout, seg_card))
+
+
+@pytest.mark.parametrize("case", ["gaps and a NaN block", "single slice"])
+def test_explanations_run_on_incomplete_volumes_and_leave_gaps_empty(case):
+    from napari_medseg.core.volume import Volume
+
+    p = generate_phantom((8, 64, 64), (3.0, 2.0, 2.0), seed=906010, n_lesions=0)
+    array = p.volume.array.copy()
+    missing = np.zeros(8, dtype=bool)
+    if case == "single slice":
+        array, missing = array[4:5], np.zeros(1, dtype=bool)
+    else:
+        missing[[2, 5]] = True
+        array[missing] = np.nan
+        array[6, 10:30, 10:30] = np.nan  # masked voxels inside an acquired slice
+    volume = Volume.from_array(array, spacing=p.volume.spacing, modality="CT", missing=missing)
+    cls, cls_card = load_model("classifier")
+    cam = run_to_completion(gradcam_volume(volume, cls, cls_card))
+    seg, seg_card = load_model("segmenter")
+    unc = run_to_completion(segmentation_uncertainty(volume, seg, seg_card, samples=2))
+    for maps in (cam.maps, unc.entropy):
+        assert maps.shape == volume.shape and np.isfinite(maps).all()
+        assert (maps[missing] == 0).all()
+    assert (cam.target[missing] == -1).all() and np.isnan(unc.per_slice[missing]).all()
+    assert all(not missing[z] for z in unc.most_uncertain(8))

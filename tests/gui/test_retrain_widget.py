@@ -234,3 +234,14 @@ def test_unticked_slice_is_not_trained_on_but_still_protected(scene, qtbot):
     widget._slice_list.item(1).setSelected(True)
     widget._remove.clicked.emit()
     assert widget.annotated_slices() == [2]
+
+
+def test_suggests_the_most_uncertain_unannotated_slices(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    widget._suggest.clicked.emit()
+    _wait(widget, qtbot)
+    suggested = list(widget._suggestions.choices)
+    assert suggested and 2 not in suggested and len(suggested) <= 8
+    assert widget._history is not None and len(widget._history.versions) == 1
+    np.testing.assert_array_equal(labels.data[2], phantom.labels[2])

@@ -151,6 +151,7 @@ class _RetrainBase(Container):
             self._image, self._layer_pick, self._new_layer, self._model, self._restore_box,
             Label(value="Annotated slices"), list_box,
             Container(widgets=[self._mark, self._remove], layout="horizontal", labels=False),
+            *self.extra_widgets(),
             self._seconds,
             Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
             curve_box, self._status, self._versions,
@@ -186,6 +187,9 @@ class _RetrainBase(Container):
         self._track()
 
     # -- for subclasses ------------------------------------------------------------------
+    def extra_widgets(self) -> list:
+        return []
+
     def _connect(self, layer) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -513,7 +517,8 @@ class _RetrainBase(Container):
             self._status.value = "Cancelled: the model versions are unchanged"
 
     def _set_running(self, running: bool) -> None:
-        for button in (self._run, self._predict, self._revert, self._save):
+        for button in (self._run, self._predict, self._revert, self._save,
+                       *([self._suggest] if hasattr(self, "_suggest") else [])):
             button.enabled = not running
         self._cancel.enabled = running
         if not running:
@@ -614,6 +619,46 @@ class RetrainWidget(_RetrainBase):
     @property
     def _labels_pick(self):  # the Labels picker (name kept for scripts and tests)
         return self._layer_pick
+
+    def extra_widgets(self) -> list:
+        self._suggest = PushButton(text="Suggest slices to correct (most uncertain)")
+        self._suggest.changed.connect(self._on_suggest)
+        self._suggest_items: list = []
+        self._suggestions = ComboBox(label="Correct next", enabled=False,
+                                     choices=lambda _w=None: self._suggest_items)
+        self._suggestions.changed.connect(lambda z: z is not None and self._go_to(z))
+        return [self._suggest, self._suggestions]
+
+    def _on_suggest(self) -> None:
+        """MC-dropout uncertainty of the current version; unlisted slices, most uncertain first."""
+        try:
+            image, layer, volume, _annotation, source = self._inputs(False)
+        except MedsegInputError as exc:
+            show_error(f"Retrain: {exc}")
+            return
+        self._start(self._suggest_job, volume, source, description="Uncertainty for suggestions",
+                    on_result=lambda out: self._on_suggested(out, source))
+
+    def _suggest_job(self, volume, source):
+        from ..core.explain import segmentation_uncertainty
+
+        model, card = self._model_from(source)
+        result = yield from segmentation_uncertainty(volume, model, card, samples=6)
+        return result, (model, card)
+
+    def _on_suggested(self, out, source) -> None:
+        result, base = out
+        if not self._adopt(source, base):
+            return
+        ranked = result.most_uncertain(8, exclude=self.annotated_slices())
+        with self._suggestions.changed.blocked():
+            self._suggest_items = [(f"slice {z} · uncertainty {result.per_slice[z]:.3f}", z)
+                                   for z in ranked]
+            self._suggestions.reset_choices()
+        self._suggestions.enabled = bool(ranked)
+        self._result_shown = True
+        self._status.value = ("Most uncertain unannotated slices: " + ", ".join(map(str, ranked))
+                              if ranked else "No unannotated slice with a structure to suggest")
 
     def _connect(self, layer) -> None:
         layer.events.paint.connect(self._on_paint)
