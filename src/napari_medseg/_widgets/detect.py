@@ -52,7 +52,7 @@ class DetectWidget(ModelRunWidget):
 
             heat = result.heatmap_on_input_grid()
             self._viewer.add_image(heat if image_layer.ndim == 3 else heat[0], **_map_layer_kwargs(
-                image_layer, f"{image_layer.name} lesion heatmap ({card.get('name')})", "viridis",
+                image_layer, f"{image_layer.name} lesion heatmap ({card.get('name')})", "cyan",
                 provenance(card, image_layer.name), method="detector centre heatmap (sigmoid)"))
         self._points = self._viewer.add_points(data, **kwargs)
         with self._threshold.changed.blocked():

@@ -18,6 +18,8 @@ PREDICTED = "predicted class"
 
 
 def _map_layer_kwargs(image_layer, name: str, colormap: str, prov: dict, **extra) -> dict:
+    """An explanation map over the CT. Additive blending adds the colormap's colour at 0
+    too, so ``colormap`` must start at black (inferno, magma, cyan; not viridis)."""
     return {
         "name": name,
         "colormap": colormap,

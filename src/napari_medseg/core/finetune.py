@@ -93,7 +93,8 @@ class FinetuneReport:
     holdout_dice_before: float | None
     holdout_dice_after: float | None
     new_classes: tuple[str, ...]
-    correction_voxels: int
+    #: segmenter: voxels (model grid) where the annotation corrected the model; detector: points given
+    corrections: int
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,7 +105,7 @@ class FinetuneReport:
             "holdout_dice_before": _round(self.holdout_dice_before),
             "holdout_dice_after": _round(self.holdout_dice_after),
             "new_classes": list(self.new_classes),
-            "correction_voxels_model_grid": self.correction_voxels,
+            "corrections": self.corrections,
             "loss_first": _round(self.loss_curve[0] if self.loss_curve else None),
             "loss_last": _round(self.loss_curve[-1] if self.loss_curve else None),
         }
@@ -387,7 +388,7 @@ def finetune_segmenter(
     report = FinetuneReport(
         slices=tuple(zs), steps=total_steps, seconds=elapsed, loss_curve=tuple(curve),
         holdout_slice=held, holdout_dice_before=dice_before, holdout_dice_after=dice_after,
-        new_classes=new_names, correction_voxels=int(corrected.sum()),
+        new_classes=new_names, corrections=int(corrected.sum()),
     )
     return FinetuneResult(work, finetuned_card(card, work, names, report, version), report)
 
@@ -534,7 +535,7 @@ def finetune_detector(
     report = FinetuneReport(
         slices=tuple(zs), steps=stats["steps"], seconds=elapsed,
         loss_curve=tuple(stats["loss_curve"]), holdout_slice=None, holdout_dice_before=None,
-        holdout_dice_after=None, new_classes=(), correction_voxels=len(pts),
+        holdout_dice_after=None, new_classes=(), corrections=len(pts),
     )
     return FinetuneResult(work, finetuned_card(card, work, list(card["classes"]), report, version),
                           report)
