@@ -58,7 +58,7 @@ test: xvfb-deps install-test
 # Figures for the README: one JSON object per script (see benchmarks/README.md).
 benchmark: install
 	$(BIN)/pip install -e ".[benchmark]"
-	@for b in segment classify detect; do echo "== $$b"; $(BIN)/python benchmarks/bench_$$b.py; done
+	@for b in segment classify detect generate; do echo "== $$b"; $(BIN)/python benchmarks/bench_$$b.py; done
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

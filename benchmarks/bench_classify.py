@@ -27,7 +27,7 @@ from _common import (  # noqa: E402
 
 from napari_medseg.core.inference import (  # noqa: E402
     DEFAULT_BATCH,
-    _ModelGridSlices,
+    ModelGridSlices,
     classify_volume,
     cpu_supports_bf16,
     prepare_model,
@@ -51,7 +51,7 @@ def main() -> None:
     gemm_after = gemm_gflops()
 
     context = (model.in_channels - 1) // 2
-    sample = _ModelGridSlices(volume, card, context)[0:DEFAULT_BATCH]
+    sample = ModelGridSlices(volume, card, context)[0:DEFAULT_BATCH]
     fast = prepare_model(model)
     per_slice = count_flops(lambda: fast(sample)) / len(sample)
     gflops = per_slice * args.slices / seconds / 1e9

@@ -28,7 +28,7 @@ from _common import (  # noqa: E402
 
 from napari_medseg.core.inference import (  # noqa: E402
     DEFAULT_BATCH,
-    _ModelGridSlices,
+    ModelGridSlices,
     cpu_supports_bf16,
     detect_lesions,
     prepare_model,
@@ -52,7 +52,7 @@ def main() -> None:
         detect_lesions(volume, model, card, threads=0)))
     gemm_after = gemm_gflops()
 
-    sample = _ModelGridSlices(volume, card, model.in_slices // 2)[0:DEFAULT_BATCH]
+    sample = ModelGridSlices(volume, card, model.in_slices // 2)[0:DEFAULT_BATCH]
     fast = prepare_model(model)
     per_slice = count_flops(lambda: fast(sample)) / len(sample)
     gflops = per_slice * args.slices / seconds / 1e9

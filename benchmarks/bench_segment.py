@@ -42,7 +42,7 @@ from napari_medseg.core.inference import (  # noqa: E402
     BOUNDARY_FRACTION_MAX,
     DEFAULT_CHUNK,
     labels_from_logits,
-    _ModelGridSlices,
+    ModelGridSlices,
     cpu_supports_bf16,
     prepare_model,
     segment_volume,
@@ -134,7 +134,7 @@ def main() -> None:
     gemm_after = gemm_gflops()
 
     # FLOPs executed per slice by the chunked two-pass stream, and by one plain forward
-    sample = _ModelGridSlices(volume, card)[0 : 2 * DEFAULT_CHUNK]
+    sample = ModelGridSlices(volume, card)[0 : 2 * DEFAULT_CHUNK]
     fast = prepare_model(model)
     executed = count_flops(lambda: list(fast.iter_chunks(sample, DEFAULT_CHUNK)))
     executed_per_slice = executed / len(sample)
@@ -143,7 +143,7 @@ def main() -> None:
 
     # where the time goes (first n slices, chunk by chunk as the engine does, scaled)
     n_part = min(args.slices, 6 * DEFAULT_CHUNK)
-    part = _ModelGridSlices(volume, card)
+    part = ModelGridSlices(volume, card)
     t_prep, chunks = 0.0, []
     for a in range(0, n_part, DEFAULT_CHUNK):
         dt, x = timed(lambda: part[a : min(a + DEFAULT_CHUNK, n_part)])

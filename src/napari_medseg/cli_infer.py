@@ -1,4 +1,5 @@
-"""``napari-medseg segment | detect | classify | gradcam | uncertainty``: the engine, headless.
+"""``napari-medseg segment | detect | classify | gradcam | uncertainty | generate``: the
+engine, headless.
 
 Each command reads any input the readers take (DICOM file or folder, NIfTI, .npy), loads a
 model by name (bundled or user folder) or by card path (``--model path/to/name.json``),
@@ -15,10 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .core.errors import MedsegInputError
 
 DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier",
-                  "gradcam": "classifier", "uncertainty": "segmenter"}
+                  "gradcam": "classifier", "uncertainty": "segmenter",
+                  "generate": "generator"}
 
 
 def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
@@ -181,6 +185,33 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .cli import _write_csv_atomic
+    from .core.generation import generate_slices, interpolate_slices
+    from .core.io import read_volume, write_nifti
+    from .core.models import load_model
+
+    out = _check_output(args.output, (".nii.gz", ".nii"))
+    csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",))
+    volume = read_volume(args.input)
+    fill = not args.keep_missing
+    if args.method == "model":
+        model, card = load_model(args.model or DEFAULT_MODELS["generate"])
+        result = _run(generate_slices(volume, model, card, factor=args.factor, fill_missing=fill,
+                                      threads=args.threads), "generate", args.quiet)
+    else:
+        result = interpolate_slices(volume, args.factor, fill, args.method)
+    v = result.volume
+    write_nifti(out, v.array, v.spacing, v.origin)
+    if csv_out is not None:
+        status = np.where(result.generated, "generated",
+                          np.where(v.missing, "missing", "acquired"))
+        _write_csv_atomic(csv_out, ("slice", "status"), list(enumerate(status.tolist())))
+    print(f"wrote {out.name}: {v.shape[0]} slices at {v.spacing[0]:g} mm ({args.method});"
+          f" {result.summary()}. Generated slices are synthetic, not acquired.")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add the segment, detect and classify commands to ``napari-medseg``."""
     p = subparsers.add_parser("segment", help="label organs; writes a NIfTI label map")
@@ -219,3 +250,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--samples", type=_positive_int, default=8, help="dropout samples (≥ 2)")
     p.add_argument("--slices-csv", default=None, help="also write the per-slice mean entropy")
     p.set_defaults(func=cmd_uncertainty)
+
+    p = subparsers.add_parser(
+        "generate", help="upsample thick slices (x2, x3) and fill missing ones; writes NIfTI")
+    p.add_argument("input", help="DICOM file or folder, NIfTI (.nii/.nii.gz) or .npy")
+    p.add_argument("output", metavar="OUT.nii.gz",
+                   help="the volume on the finer grid; acquired slices unchanged")
+    p.add_argument("--factor", type=_positive_int, default=1,
+                   help="slices per acquired slice interval (1: only fill gaps; 2 or 3: upsample)")
+    p.add_argument("--keep-missing", action="store_true",
+                   help="leave slices missing from the series missing (NaN) instead of filling them")
+    p.add_argument("--method", choices=("linear", "cubic", "model"), default="linear",
+                   help="linear (default: measured as good as the generator on held-out"
+                        " phantoms, better on real MR), cubic, or the recurrent generator")
+    p.add_argument("--model", default=None,
+                   help="generator name or card path (.json); default: the bundled 'generator'")
+    p.add_argument("--slices-csv", default=None,
+                   help="also write each output slice's status: acquired, generated or missing")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_generate)

@@ -60,6 +60,7 @@ def _headline(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
         "segmenter": ("min_dice_foreground", "dice"),
         "detector": ("sensitivity_ge_5mm_at_1fp", "fp_per_volume_at_that_threshold",
                      "at_card_threshold"),
+        "generator": ("min_psnr_gain_db", "factors"),
     }[name]
     return {k: metrics.get(k) for k in keys}
 
@@ -79,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = args.model
     if name not in MODEL_NAMES:
         raise MedsegInputError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if args.ablation_steps and name not in NO_IMBALANCE_FIX:
+        raise MedsegInputError(f"--ablation-steps compares class-imbalance fixes; {name} has none")
     _set_threads(args.threads)
     kw = {}
     if args.loss:
@@ -107,6 +110,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         card["peak_threshold"] = tuned["peak_threshold"]
         card["min_distance_mm"] = tuned["min_distance_mm"]
         card["threshold_tuning"] = tuned["validation"]
+    if name == "generator":
+        from .core.generation import calibrate_generator
+
+        tuned = calibrate_generator(model, card, max(1, args.validation_seeds // 2),
+                                    on_progress=_eval_progress(args.quiet))
+        card["residual_scale"] = tuned["residual_scale"]
+        card["calibration"] = tuned
     if args.eval_seeds:
         t1 = time.perf_counter()
         card["metrics"] = evaluate(model, card, args.eval_seeds, _eval_progress(args.quiet))
@@ -176,19 +186,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add ``train`` and ``evaluate`` to the napari-medseg subparsers."""
     p = sub.add_parser("train", help="train a model from scratch on synthetic phantoms")
-    p.add_argument("model", help="classifier, segmenter or detector")
+    p.add_argument("model", help="classifier, segmenter, detector or generator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for MODEL.safetensors + MODEL.json")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="optimiser steps (reproducible; default per model)")
     budget.add_argument("--seconds", type=float, help="wall-clock budget instead of steps")
     p.add_argument("--loss", help="classifier: ce|weighted_ce|focal; segmenter: "
-                   "ce|dice_ce|focal|weighted_ce; detector: focal|bce")
+                   "ce|dice_ce|focal|weighted_ce; detector: focal|bce; generator: mse|l1")
     p.add_argument("--sampling", choices=("balanced", "uniform"))
     p.add_argument("--eval-seeds", type=int, default=12,
                    help="held-out phantoms to evaluate on after training (0: skip)")
     p.add_argument("--validation-seeds", type=int, default=10,
-                   help="validation phantoms for the detector's threshold")
+                   help="validation phantoms for the detector's threshold (the generator"
+                        " uses half as many for its residual scale)")
     p.add_argument("--ablation-steps", type=int, default=0,
                    help="also train with and without the imbalance fix for this many steps")
     p.add_argument("--ablation-eval-seeds", type=int, default=6)

@@ -127,12 +127,12 @@ def test_model_grid_follows_the_card_spacing(seg):
 def test_resize_uses_the_shared_resample_grid():
     """The engine's tensor resize and core.resample.resample_yx are the same grid."""
     x = np.random.default_rng(1).normal(size=(3, 37, 29)).astype(np.float32)
-    ours = inference._resize(torch.from_numpy(x)[:, None], (20, 51), antialias=True)[:, 0].numpy()
+    ours = inference.resize_yx(torch.from_numpy(x)[:, None], (20, 51), antialias=True)[:, 0].numpy()
     theirs = resample_yx(x, (1.0, 1.0), (37 / 20, 29 / 51), order=1, out_shape_yx=(20, 51))
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
     volume = Volume(x * 100.0, (2.0, 0.9, 1.3))
     card = {"input_spacing_mm": [2.0, 1.5, 1.5], "normalisation": WINDOW}
-    batch = inference._ModelGridSlices(volume, card)[0:3][:, 0].numpy()
+    batch = inference.ModelGridSlices(volume, card)[0:3][:, 0].numpy()
     want = resample_yx(inference.apply_normalisation(volume.array, WINDOW), (0.9, 1.3),
                        (1.5, 1.5), order=1)
     np.testing.assert_allclose(batch, want, atol=1e-6)
@@ -143,7 +143,7 @@ def test_boundary_only_labels_equal_full_bilinear_argmax(size):
     torch.manual_seed(0)
     logits = F.avg_pool2d(torch.randn(3, 5, 32, 32), 3, 1, 1)
     fast = labels_from_logits(logits, size)
-    full = inference._resize(logits, size).argmax(1).to(torch.uint8)
+    full = inference.resize_yx(logits, size).argmax(1).to(torch.uint8)
     assert fast.dtype == torch.uint8 and fast.shape == (3, *size)
     assert (fast == full).float().mean() >= 0.9999
 
@@ -338,14 +338,14 @@ def test_in_place_normalisation_equals_the_registry_function(spec):
 
 def test_thread_governor_stays_within_the_cpus_and_restores(monkeypatch):
     before = torch.get_num_threads()
-    with inference._ThreadGovernor(None) as gov:
+    with inference.ThreadGovernor(None) as gov:
         assert 1 <= torch.get_num_threads() <= inference.default_threads()
         monkeypatch.setattr(gov, "MIN_INTERVAL_S", 0.0)
         sum(i * i for i in range(200_000))  # some CPU time of our own
         gov.update()
         assert 1 <= torch.get_num_threads() <= inference.default_threads()
     assert torch.get_num_threads() == before
-    with inference._ThreadGovernor(0):
+    with inference.ThreadGovernor(0):
         assert torch.get_num_threads() == before
     with pytest.raises(MedsegInputError, match="threads"):
-        inference._ThreadGovernor(-1)
+        inference.ThreadGovernor(-1)

@@ -404,17 +404,24 @@ def evaluate_detector(model, card, seeds: int | Iterable[int] | None = None,
     }
 
 
+def evaluate_generator(model, card, seeds=None, on_progress=None) -> dict[str, Any]:
+    from .generation import evaluate_generator as run  # generation builds on training
+
+    return run(model, card, seeds, on_progress)
+
+
 EVALUATORS = {
     "classifier": evaluate_classifier,
     "segmenter": evaluate_segmenter,
     "detector": evaluate_detector,
+    "generator": evaluate_generator,
 }
 
 
 def evaluate(model, card, seeds=None, on_progress=None) -> dict[str, Any]:
     """Dispatch on the card's architecture."""
     kind = {"SliceClassifier": "classifier", "RecurrentSegmenter": "segmenter",
-            "LesionDetector": "detector"}.get(card.get("architecture", type(model).__name__))
+            "LesionDetector": "detector", "SliceGenerator": "generator"}.get(card.get("architecture", type(model).__name__))
     if kind is None:
         kind = card.get("name")
     if kind not in EVALUATORS:

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 
 from .errors import MedsegInputError
 from .inference import (
-    _check_args,
-    _ModelGridSlices,
-    _positive,
-    _resize,
-    _ThreadGovernor,
+    ModelGridSlices,
+    ThreadGovernor,
+    check_model_args,
     labels_from_logits,
+    positive_int,
+    resize_yx,
 )
 from .models.classifier import SliceClassifier
 from .models.segmenter import RecurrentSegmenter
@@ -70,7 +70,7 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
     ``target``: None → each slice's predicted class; a class index or name → that class
     on every slice.
     """
-    classes = _check_args(volume, model, card, SliceClassifier, "Grad-CAM")
+    classes = check_model_args(volume, model, card, SliceClassifier, "Grad-CAM")
     if target is not None:
         if isinstance(target, str):
             if target not in classes:
@@ -78,9 +78,9 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
             target = classes.index(target)
         elif not 0 <= int(target) < len(classes):
             raise MedsegInputError(f"class index {target} outside 0–{len(classes) - 1}")
-    batch = _positive(batch, "batch")
+    batch = positive_int(batch, "batch")
     context = (model.in_channels - 1) // 2
-    slices = _ModelGridSlices(volume, card, context)
+    slices = ModelGridSlices(volume, card, context)
     nz, ny, nx = volume.shape
     maps = np.zeros(volume.shape, dtype=np.float32)
     targets = np.full(nz, -1, dtype=np.int64)
@@ -90,7 +90,7 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
     was_training = model.training
     model.eval()
     try:
-        with _ThreadGovernor(threads) as governor:
+        with ThreadGovernor(threads) as governor:
             yield Progress(0, len(runs), "Grad-CAM")
             for step, (a, b) in enumerate(runs, start=1):
                 zs = [z for z in range(a, b) if acquired[z]]
@@ -105,7 +105,7 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                         (grad,) = torch.autograd.grad(score, feats)
                     weights = grad.mean(dim=(2, 3), keepdim=True)
                     cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
-                    cam = _resize(cam, (ny, nx))[:, 0]  # bilinear onto the input grid
+                    cam = resize_yx(cam, (ny, nx))[:, 0]  # bilinear onto the input grid
                     peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
                     maps[zs] = (cam / peak).numpy()
                     targets[zs] = chosen.numpy()
@@ -132,15 +132,15 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
     Needs a model with dropout (the bundled segmenter has 0.1 in its decoder); each of
     ``samples`` passes streams the volume in chunks like inference.
     """
-    classes = _check_args(volume, model, card, RecurrentSegmenter, "uncertainty")
-    samples = _positive(samples, "samples")
+    classes = check_model_args(volume, model, card, RecurrentSegmenter, "uncertainty")
+    samples = positive_int(samples, "samples")
     if samples < 2:
         raise MedsegInputError("uncertainty needs at least 2 samples")
     if not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         raise MedsegInputError("this segmenter has no dropout, so MC-dropout cannot sample it")
     n_classes = len(classes)
     nz, ny, nx = volume.shape
-    slices = _ModelGridSlices(volume, card)
+    slices = ModelGridSlices(volume, card)
     h, w = slices.grid
     mean = torch.zeros((nz, n_classes, h, w))
     was_training = model.training
@@ -149,7 +149,7 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
     total = samples * RecurrentSegmenter.n_steps(nz, chunk)
     step = 0
     try:
-        with _ThreadGovernor(threads) as governor, torch.random.fork_rng(devices=[]):
+        with ThreadGovernor(threads) as governor, torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             yield Progress(0, total, "uncertainty")
             for s in range(samples):
@@ -169,7 +169,7 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
             m.train(was_training)
         model.train(was_training)
     ent = -(mean * mean.clamp_min(1e-12).log()).sum(1, keepdim=True) / math.log(n_classes)
-    entropy = _resize(ent, (ny, nx))[:, 0].clamp(0, 1).numpy().astype(np.float32)
+    entropy = resize_yx(ent, (ny, nx))[:, 0].clamp(0, 1).numpy().astype(np.float32)
     labels = labels_from_logits(mean.clamp_min(1e-12).log(), (ny, nx)).numpy()
     entropy[volume.missing] = 0.0
     labels[volume.missing] = 0

@@ -50,10 +50,10 @@ from torch import nn
 
 from .errors import MedsegInputError
 from .inference import (
-    _card_spacing_yx,
-    _check_args,
-    _ModelGridSlices,
-    _ThreadGovernor,
+    ModelGridSlices,
+    ThreadGovernor,
+    card_spacing_yx,
+    check_model_args,
     labels_from_logits,
 )
 from .models.registry import build_model, save_model, user_models_dir
@@ -266,7 +266,7 @@ def finetune_segmenter(
     step's loss in ``partial``; returns a :class:`FinetuneResult`. ``version`` picks the
     held-out slice (rotating) and goes into the card.
     """
-    classes = _check_args(volume, model, card, RecurrentSegmenter, "fine-tuning")
+    classes = check_model_args(volume, model, card, RecurrentSegmenter, "fine-tuning")
     arr, zs = check_annotations(volume, labels, slices)
     steps, seconds = _budget(steps, seconds, DEFAULT_SECONDS)
     if not (correction_weight >= 0 and math.isfinite(correction_weight)):
@@ -280,13 +280,13 @@ def finetune_segmenter(
     sy, sx = volume.spacing[1:]
     rng = np.random.default_rng([int(seed), int(version), 6])
 
-    with _ThreadGovernor(threads), _seeded(seed):
+    with ThreadGovernor(threads), _seeded(seed):
         yield Progress(0, 1, "preparing the annotated slices")
-        grid_slices = _ModelGridSlices(volume, card)
+        grid_slices = ModelGridSlices(volume, card)
         h, w = grid_slices.grid
         x_all = grid_slices[0:nz]  # (z, 1, h, w): exactly what inference feeds the model
         target = np.full((nz, h, w), IGNORE_INDEX, dtype=np.uint8)
-        target[zs] = resample_yx(arr[zs].astype(np.uint8), (sy, sx), _card_spacing_yx(card),
+        target[zs] = resample_yx(arr[zs].astype(np.uint8), (sy, sx), card_spacing_yx(card),
                                  order=0, out_shape_yx=(h, w))
         work = copy.deepcopy(model)
         if n_classes > model.n_classes:
@@ -456,15 +456,15 @@ def finetune_detector(
     (``keep_weight``), so a round on a few slices with added lesions does not teach the
     detector to fire everywhere else.
     """
-    _check_args(volume, model, card, LesionDetector, "fine-tuning")
+    check_model_args(volume, model, card, LesionDetector, "fine-tuning")
     pts, diam, zs = check_points(volume, points, diameters_mm, slices)
     steps, seconds = _budget(steps, seconds, DEFAULT_SECONDS)
     nz, ny, nx = volume.shape
     rng = np.random.default_rng([int(seed), int(version), 7])
     context = model.in_slices // 2
-    with _ThreadGovernor(threads), _seeded(seed):
+    with ThreadGovernor(threads), _seeded(seed):
         yield Progress(0, 1, "preparing the reviewed slices")
-        grid_slices = _ModelGridSlices(volume, card, context)
+        grid_slices = ModelGridSlices(volume, card, context)
         h, w = grid_slices.grid
         x_all = grid_slices[0:nz].contiguous().numpy()  # (z, 2·context + 1, h, w)
         sz = volume.spacing[0]

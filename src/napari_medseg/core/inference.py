@@ -30,7 +30,7 @@ Speed (measured on 2 cores; see benchmarks/ and the module notes below):
 - ``torch.inference_mode`` around every model call (never across a ``yield``: the
   caller's code between two progress reports runs in its own grad mode).
 - Threads: by default every CPU this process may use (``os.sched_getaffinity``) that
-  other processes leave free, re-measured between chunks (:class:`_ThreadGovernor`: on
+  other processes leave free, re-measured between chunks (:class:`ThreadGovernor`: on
   2 cores shared with a training job, 2 threads ran the segmenter ~100× slower than 1);
   ``threads=n`` pins n, ``threads=0`` leaves torch's setting alone; the previous value
   is restored when the job ends or is closed.
@@ -70,6 +70,7 @@ from torch import nn
 from .errors import MedsegInputError
 from .models.classifier import SliceClassifier, fold_batchnorm
 from .models.detector import LesionDetector, extract_peaks
+from .models.generator import SliceGenerator
 # apply_normalisation is re-exported: the engine's in-place variant is tested against it
 from .models.registry import apply_normalisation, check_normalisation  # noqa: F401
 from .models.segmenter import RecurrentSegmenter
@@ -210,7 +211,7 @@ class DetectionResult:
         out = np.empty(self.input_shape, dtype=np.float32)
         for z0 in range(0, self.input_shape[0], DEFAULT_BATCH):
             part = torch.from_numpy(self.heatmap[z0 : z0 + DEFAULT_BATCH])[:, None]
-            out[z0 : z0 + DEFAULT_BATCH] = _resize(part, self.input_shape[1:])[:, 0].numpy()
+            out[z0 : z0 + DEFAULT_BATCH] = resize_yx(part, self.input_shape[1:])[:, 0].numpy()
         return out
 
     def as_rows(self) -> list[tuple[float, float, float, float, float]]:
@@ -267,7 +268,7 @@ def _runnable_others() -> int:
     return max(0, running - 1)
 
 
-class _ThreadGovernor:
+class ThreadGovernor:
     """How many threads torch uses during a job, re-decided between chunks.
 
     ``threads=None`` (the default) starts from all CPUs this process may use
@@ -308,7 +309,7 @@ class _ThreadGovernor:
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
 
-    def __enter__(self) -> "_ThreadGovernor":
+    def __enter__(self) -> "ThreadGovernor":
         if self.leave:
             return self
         if self.auto:
@@ -401,7 +402,7 @@ def prepare_model(model: nn.Module) -> nn.Module:
 # ======================================================================================
 # Geometry: the model grid and back
 # ======================================================================================
-def _card_spacing_yx(card: Mapping[str, Any]) -> tuple[float, float]:
+def card_spacing_yx(card: Mapping[str, Any]) -> tuple[float, float]:
     try:
         spacing = [float(s) for s in card["input_spacing_mm"]]
     except (KeyError, TypeError, ValueError) as exc:
@@ -417,10 +418,10 @@ def _card_spacing_yx(card: Mapping[str, Any]) -> tuple[float, float]:
 
 def model_grid(volume: Volume, card: Mapping[str, Any]) -> tuple[int, int]:
     """In-plane size (h, w) of the model grid for ``volume`` (same field of view)."""
-    return resampled_shape_yx(volume.shape[1:], volume.spacing[1:], _card_spacing_yx(card))
+    return resampled_shape_yx(volume.shape[1:], volume.spacing[1:], card_spacing_yx(card))
 
 
-def _resize(x: torch.Tensor, size: Sequence[int], antialias: bool = False) -> torch.Tensor:
+def resize_yx(x: torch.Tensor, size: Sequence[int], antialias: bool = False) -> torch.Tensor:
     """Bilinear (N, C, h, w) → (N, C, *size) on the grid of core.resample.
 
     ``antialias=True`` is exactly :func:`~napari_medseg.core.resample.resample_yx`
@@ -445,7 +446,7 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, to
 def labels_from_logits(logits: torch.Tensor, size_yx: Sequence[int]) -> torch.Tensor:
     """argmax over classes of the bilinearly resampled logits, computed at boundaries only.
 
-    ``logits`` (N, C, h, w) → (N, H, W) uint8 = ``argmax(_resize(logits, size), dim=1)``
+    ``logits`` (N, C, h, w) → (N, H, W) uint8 = ``argmax(resize_yx(logits, size), dim=1)``
     (up to float rounding at exact ties). Where the four model pixels around an output
     pixel have the same argmax, the interpolated argmax is that class (a convex
     combination of vectors that share their maximum keeps it), so only the other output
@@ -472,7 +473,7 @@ def labels_from_logits(logits: torch.Tensor, size_yx: Sequence[int]) -> torch.Te
         # boundaries everywhere (an untrained or very uncertain model): interpolating
         # every class map is cheaper than gathering most pixels one by one
         # (two slices at a time: the full-size class maps are the largest temporaries)
-        return torch.cat([_resize(part.float(), size).argmax(dim=1).to(torch.uint8)
+        return torch.cat([resize_yx(part.float(), size).argmax(dim=1).to(torch.uint8)
                           for part in logits.split(2)])
     out = c00
     if len(idx):
@@ -516,7 +517,7 @@ def _normalise(array: np.ndarray, spec: Mapping[str, Any]) -> torch.Tensor:
     return torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-class _ModelGridSlices:
+class ModelGridSlices:
     """The volume as model input, computed lazily per batch of slices.
 
     ``self[a:b]`` → (b − a, 2·context + 1, h, w) float32 channels_last tensor: normalised
@@ -541,7 +542,7 @@ class _ModelGridSlices:
         z = self.source[np.clip(z, 0, n - 1)]
         needed, inverse = np.unique(z, return_inverse=True)
         x = _normalise(self.array[needed], self.norm)[:, None]
-        x = _resize(x, self.grid, antialias=True)[:, 0]  # (k, h, w), as resample_yx
+        x = resize_yx(x, self.grid, antialias=True)[:, 0]  # (k, h, w), as resample_yx
         x = x[torch.from_numpy(inverse.reshape(z.shape))]  # (b, channels, h, w)
         return x.contiguous(memory_format=torch.channels_last)
 
@@ -599,7 +600,7 @@ def _use_bf16(entry: _Prepared, precision: str, sample: torch.Tensor) -> bool:
     return entry.bf16_ok[key]
 
 
-def _slice_batches(entry: _Prepared, precision: str, slices: _ModelGridSlices,
+def _slice_batches(entry: _Prepared, precision: str, slices: ModelGridSlices,
                    todo: np.ndarray, batch: int) -> tuple[list[tuple[int, int]], bool]:
     """Cut the contiguous runs of acquired slices ``todo`` into ``[a, b)`` batches of at
     most ``batch``; say whether bf16 is used (tried on the first batch's first 4 slices)."""
@@ -616,21 +617,23 @@ def _slice_batches(entry: _Prepared, precision: str, slices: _ModelGridSlices,
 # ======================================================================================
 # Argument checks shared by the three jobs
 # ======================================================================================
-def _check_args(volume: Any, model: Any, card: Any, expected: type, what: str) -> list[str]:
+def check_model_args(volume: Any, model: Any, card: Any, expected: type, what: str) -> list[str]:
     if not isinstance(volume, Volume):
         raise MedsegInputError(f"expected a Volume, got {type(volume).__name__}")
-    if not isinstance(model, expected):
+    # a SliceGenerator IS-A RecurrentSegmenter by code reuse only: it segments nothing
+    if not isinstance(model, expected) or (isinstance(model, SliceGenerator)
+                                           and not issubclass(expected, SliceGenerator)):
         raise MedsegInputError(
             f"{what} needs a {expected.__name__}, got {type(model).__name__}"
         )
     if not isinstance(card, Mapping) or "classes" not in card or "normalisation" not in card:
         raise MedsegInputError("model card lacks classes / normalisation")
-    _card_spacing_yx(card)
+    card_spacing_yx(card)
     check_normalisation(card["normalisation"])
     return [str(c) for c in card["classes"]]
 
 
-def _positive(value: Any, what: str) -> int:
+def positive_int(value: Any, what: str) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError) as exc:
@@ -663,19 +666,19 @@ def segment_volume(
     whatever the number of slices. Yields ``Progress`` once per chunk and pass (twice per
     chunk), so a cancel takes effect within one chunk.
     """
-    classes = _check_args(volume, model, card, RecurrentSegmenter, "segmentation")
+    classes = check_model_args(volume, model, card, RecurrentSegmenter, "segmentation")
     if len(classes) != model.n_classes:
         raise MedsegInputError(
             f"card lists {len(classes)} classes, the model has {model.n_classes}")
-    chunk = DEFAULT_CHUNK if chunk is None else _positive(chunk, "chunk")
+    chunk = DEFAULT_CHUNK if chunk is None else positive_int(chunk, "chunk")
     precision = _check_precision(precision)
-    slices = _ModelGridSlices(volume, card)
+    slices = ModelGridSlices(volume, card)
     nz, ny, nx = volume.shape
     labels = np.zeros(volume.shape, dtype=np.uint8)
     labelled = ~volume.missing
     use_bf16 = False
     if labelled.any():
-        with _ThreadGovernor(threads) as governor:
+        with ThreadGovernor(threads) as governor:
             entry = _prepared(model)
             if precision != "fp32":
                 use_bf16 = _use_bf16(entry, precision, slices[0 : min(nz, 4)])
@@ -729,23 +732,23 @@ def classify_volume(
     A model with ``in_channels`` = 2k + 1 > 1 gets k neighbours on each side as channels.
     Missing slices are skipped: probabilities NaN, predicted class −1.
     """
-    classes = _check_args(volume, model, card, SliceClassifier, "classification")
+    classes = check_model_args(volume, model, card, SliceClassifier, "classification")
     if len(classes) != model.n_classes:
         raise MedsegInputError(
             f"card lists {len(classes)} classes, the model has {model.n_classes}")
-    batch = DEFAULT_BATCH if batch is None else _positive(batch, "batch")
+    batch = DEFAULT_BATCH if batch is None else positive_int(batch, "batch")
     precision = _check_precision(precision)
     context = (model.in_channels - 1) // 2
     if model.in_channels != 2 * context + 1:
         raise MedsegInputError(
             f"in_channels must be odd (slice ± neighbours), got {model.in_channels}")
-    slices = _ModelGridSlices(volume, card, context)
+    slices = ModelGridSlices(volume, card, context)
     nz = volume.shape[0]
     probs = np.full((nz, len(classes)), np.nan, dtype=np.float32)
     todo = np.flatnonzero(~volume.missing)
     use_bf16 = False
     if len(todo):
-        with _ThreadGovernor(threads) as governor:
+        with ThreadGovernor(threads) as governor:
             entry = _prepared(model)
             batches, use_bf16 = _slice_batches(entry, precision, slices, todo, batch)
             yield Progress(0, len(batches), "classifying")
@@ -789,7 +792,7 @@ def detect_lesions(
     mm on that grid, and mapped back exactly to the input grid. Missing slices get a zero
     heatmap and so no detections.
     """
-    _check_args(volume, model, card, LesionDetector, "detection")
+    check_model_args(volume, model, card, LesionDetector, "detection")
     context = model.in_slices // 2
     if "context_slices" in card and int(card["context_slices"]) != context:
         raise MedsegInputError(
@@ -801,9 +804,9 @@ def detect_lesions(
     if not (math.isfinite(thr) and 0 <= thr <= 1) or not (math.isfinite(mind) and mind >= 0):
         raise MedsegInputError(
             f"need 0 ≤ threshold ≤ 1 and min_distance_mm ≥ 0, got {thr}, {mind}")
-    batch = DEFAULT_BATCH if batch is None else _positive(batch, "batch")
+    batch = DEFAULT_BATCH if batch is None else positive_int(batch, "batch")
     precision = _check_precision(precision)
-    slices = _ModelGridSlices(volume, card, context)
+    slices = ModelGridSlices(volume, card, context)
     nz = volume.shape[0]
     h, w = slices.grid
     heat = np.zeros((nz, h, w), dtype=np.float32)
@@ -812,7 +815,7 @@ def detect_lesions(
     use_bf16 = False
     detections: list[Detection] = []
     if len(todo):
-        with _ThreadGovernor(threads) as governor:
+        with ThreadGovernor(threads) as governor:
             entry = _prepared(model)
             batches, use_bf16 = _slice_batches(entry, precision, slices, todo, batch)
             total = len(batches) + 1

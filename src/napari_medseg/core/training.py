@@ -43,7 +43,7 @@ from .phantom import LABEL_NAMES, SLICE_CLASSES, generate_phantom
 from .progress import Job, Progress
 from .resample import map_index, resample_yx
 
-MODEL_NAMES = ("classifier", "segmenter", "detector")
+MODEL_NAMES = ("classifier", "segmenter", "detector", "generator")
 IGNORE_INDEX = 255
 #: seeds [lo, hi): validation (threshold tuning) and held-out evaluation; training seeds
 #: are >= 1_000_000 (see :func:`training_seeds`), so the three never overlap
@@ -78,11 +78,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 2400,
         "lr": 2e-3,
     },
+    "generator": {  # core/generation.py; runs on the volume's own grid
+        "spacing_yx": 1.0,
+        "normalisation": {"type": "percentile", "low_percentile": 0.5, "high_percentile": 99.5},
+        "loss": "mse",
+        "sampling": "uniform",
+        "steps": 4000,
+        "lr": 2e-3,
+    },
 }
 LOSSES: dict[str, tuple[str, ...]] = {
     "classifier": ("ce", "weighted_ce", "focal"),
     "segmenter": ("ce", "dice_ce", "focal", "weighted_ce"),
     "detector": ("focal", "bce"),
+    "generator": ("mse", "l1"),
 }
 SAMPLINGS = ("balanced", "uniform")
 
@@ -893,10 +902,17 @@ def train_detector(
     return model, card
 
 
+def _train_generator(*args: Any, **kwargs: Any):
+    from .generation import train_generator  # generation builds on this module
+
+    return train_generator(*args, **kwargs)
+
+
 TRAINERS = {
     "classifier": train_classifier,
     "segmenter": train_segmenter,
     "detector": train_detector,
+    "generator": _train_generator,
 }
 
 

@@ -6,6 +6,8 @@
   (:meth:`~RecurrentSegmenter.iter_chunks`).
 - :class:`LesionDetector`: 2.5D CenterNet-style centre heatmap + size map, with
   :func:`gaussian_heatmap_targets` and :func:`extract_peaks`.
+- :class:`SliceGenerator`: the segmenter's network regressing missing slices (residual
+  over linear interpolation), for :mod:`..generation`.
 - :mod:`.registry`: ``<name>.safetensors`` + ``<name>.json`` model cards, sha256-verified.
 """
 
@@ -25,6 +27,7 @@ from .detector import (
     gaussian_heatmap_targets,
     stack_neighbours,
 )
+from .generator import GENERATOR_INPUTS, SliceGenerator
 from .registry import (
     ARCHITECTURES,
     BUNDLED_DIR,
@@ -51,6 +54,8 @@ __all__ = [
     "RecurrentSegmenter",
     "SliceChunk",
     "SliceClassifier",
+    "SliceGenerator",
+    "GENERATOR_INPUTS",
     "apply_normalisation",
     "build_model",
     "extract_peaks",

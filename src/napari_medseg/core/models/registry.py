@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import MedsegInputError
 from .classifier import SliceClassifier
 from .detector import LesionDetector
+from .generator import SliceGenerator
 from .segmenter import RecurrentSegmenter
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "SliceClassifier": SliceClassifier,
     "RecurrentSegmenter": RecurrentSegmenter,
     "LesionDetector": LesionDetector,
+    "SliceGenerator": SliceGenerator,
 }
 REQUIRED_CARD_KEYS = ("classes", "input_spacing_mm", "normalisation")
-NORMALISATIONS = ("window", "zscore")
+NORMALISATIONS = ("window", "zscore", "percentile")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -77,16 +79,21 @@ def check_normalisation(spec: Any) -> dict[str, Any]:
             f" got {spec!r}"
         )
     spec = dict(spec)
-    keys = ("low", "high") if spec["type"] == "window" else ("mean", "std")
+    keys = {"window": ("low", "high"), "zscore": ("mean", "std"),
+            "percentile": ("low_percentile", "high_percentile")}[spec["type"]]
     try:
         a, b = (float(spec[k]) for k in keys)
     except (KeyError, TypeError, ValueError) as exc:
         raise MedsegInputError(
             f"normalisation {spec['type']!r} needs numbers {keys}, got {spec!r}"
         ) from exc
-    if not (math.isfinite(a) and math.isfinite(b)) or b <= (a if spec["type"] == "window" else 0):
+    ok = math.isfinite(a) and math.isfinite(b) and b > (0 if spec["type"] == "zscore" else a)
+    if spec["type"] == "percentile":
+        ok = ok and 0 <= a < b <= 100
+    if not ok:
         raise MedsegInputError(
-            f"normalisation {spec!r}: need low < high (window) or std > 0 (zscore)"
+            f"normalisation {spec!r}: need low < high (window, percentile in 0..100)"
+            " or std > 0 (zscore)"
         )
     return spec
 
@@ -95,16 +102,35 @@ def apply_normalisation(array: Any, spec: Mapping[str, Any]) -> np.ndarray:
     """Model input from raw intensities (HU for CT), as the card says; float32.
 
     ``window``: clip to [low, high], scale to [0, 1]. ``zscore``: (x − mean) / std.
-    NaN (missing slices) becomes 0 (the window's low end / the mean).
+    ``percentile``: the array's own low/high percentiles (finite voxels) map to 0 and 1,
+    not clipped (:func:`percentile_range`; for any modality, e.g. the slice generator).
+    NaN (missing slices) becomes 0 (the window's low end / the mean / the low percentile).
     """
     spec = check_normalisation(spec)
     x = np.asarray(array, dtype=np.float32)
-    if spec["type"] == "window":
+    if spec["type"] == "percentile":
+        low, high = percentile_range(x, spec)
+        out = (x - low) / (high - low)
+    elif spec["type"] == "window":
         low, high = float(spec["low"]), float(spec["high"])
         out = (np.clip(x, low, high) - low) / (high - low)
     else:
         out = (x - float(spec["mean"])) / float(spec["std"])
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
+
+
+def percentile_range(array: Any, spec: Mapping[str, Any], max_samples: int = 2_000_000
+                     ) -> tuple[float, float]:
+    """(low, high) intensities at the spec's percentiles of the finite voxels of
+    ``array`` (a regular subsample of at most ``max_samples``); high > low always."""
+    x = np.asarray(array, dtype=np.float32).ravel()
+    x = x[:: max(1, x.size // max_samples)]
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        raise MedsegInputError("the volume has no finite voxels (all NaN or missing)")
+    low, high = (float(v) for v in np.percentile(
+        x, [float(spec["low_percentile"]), float(spec["high_percentile"])]))
+    return low, max(high, low + 1e-3 * max(1.0, abs(low)))
 
 
 # -- writing ----------------------------------------------------------------------------

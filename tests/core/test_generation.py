@@ -1,0 +1,147 @@
+"""Slice generation: baselines exact, acquired slices untouched, missing data, bad input."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.errors import MedsegInputError
+from napari_medseg.core.generation import (
+    compare_on,
+    cubic_fill,
+    generate_slices,
+    interpolate_slices,
+    linear_fill,
+    neighbours,
+    plan_generation,
+    removal_pattern,
+)
+from napari_medseg.core.models import SliceGenerator, load_model
+from napari_medseg.core.progress import run_to_completion
+from napari_medseg.core.volume import Volume
+
+CARD = {"name": "test-generator", "classes": ["intensity"], "input_spacing_mm": [1, 1, 1],
+        "normalisation": {"type": "percentile", "low_percentile": 0.5, "high_percentile": 99.5}}
+
+
+def _ramp(nz=7, ny=9, nx=11, power=1):
+    z = np.arange(nz, dtype=np.float32)[:, None, None] ** power
+    rng = np.random.default_rng(0)
+    return (z * 10.0 + rng.normal(size=(1, ny, nx)) * 50).astype(np.float32)
+
+
+def _zero_generator():
+    torch.manual_seed(0)
+    return SliceGenerator(widths=(8, 16, 16)).zero_residual_().eval()  # exactly linear
+
+
+def test_neighbours_and_linear_fill_are_exact_on_a_ramp():
+    known = np.array([1, 0, 0, 1, 0, 1, 1], dtype=bool)
+    below, above, t = neighbours(known)
+    assert below.tolist() == [0, 0, 0, 3, 3, 5, 6]
+    assert above.tolist() == [0, 3, 3, 3, 5, 5, 6]
+    np.testing.assert_allclose(t, [0, 1 / 3, 2 / 3, 0, 0.5, 0, 0], atol=1e-6)
+    ramp = _ramp()
+    filled = linear_fill(np.where(known[:, None, None], ramp, np.nan), known)
+    np.testing.assert_allclose(filled, ramp, atol=1e-3)
+
+
+def test_cubic_fill_reproduces_a_cubic_along_z():
+    known = removal_pattern(10, 3)
+    cubic = _ramp(nz=10, power=3)
+    filled = cubic_fill(np.where(known[:, None, None], cubic, 0), known, block_rows=4)
+    np.testing.assert_allclose(filled, cubic, rtol=1e-4, atol=1e-2)
+    assert not np.allclose(linear_fill(cubic, known), cubic, atol=1.0)  # the test can fail
+
+
+def test_plan_upsamples_between_acquired_slices_and_fills_gaps_on_request():
+    vol = Volume(_ramp(nz=5), (4.0, 1.0, 1.0), (0, 0, 0), "CT",
+                 missing=np.array([0, 0, 1, 0, 0], dtype=bool))
+    acquired, known, targets = plan_generation(vol, 2, fill_missing=True)
+    assert acquired.tolist() == [1, 0, 1, 0, 1, 0, 1, 0, 1]
+    assert known.tolist() == [1, 0, 1, 0, 0, 0, 1, 0, 1]
+    assert targets.tolist() == [0, 1, 0, 1, 1, 1, 0, 1, 0]
+    _, _, keep = plan_generation(vol, 2, fill_missing=False)
+    assert keep.tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0]  # the gap slice itself stays missing
+
+
+def test_generator_keeps_acquired_slices_and_starts_as_linear_interpolation():
+    vol = Volume(_ramp(nz=6), (5.0, 0.8, 0.8), (10.0, -3.0, 2.0), "CT")
+    result = run_to_completion(generate_slices(vol, _zero_generator(), CARD, factor=3, chunk=4))
+    out = result.volume
+    assert out.shape == (16, 9, 11) and out.spacing == pytest.approx((5 / 3, 0.8, 0.8))
+    assert out.origin == vol.origin
+    np.testing.assert_array_equal(out.array[::3], vol.array)  # bit-identical
+    assert result.generated.tolist() == [(z % 3) != 0 for z in range(16)]
+    np.testing.assert_allclose(out.array, linear_fill(out.array, result.acquired), atol=1e-3)
+    baseline = interpolate_slices(vol, 3, True, "linear")
+    np.testing.assert_allclose(out.array, baseline.volume.array, atol=1e-3)
+
+
+def test_chunk_size_does_not_change_the_result():
+    model, card = load_model("generator")
+    rng = np.random.default_rng(1)
+    vol = Volume(rng.normal(size=(9, 24, 20)).astype(np.float32) * 100, (3.0, 1.0, 1.0),
+                 (0, 0, 0), "CT")
+    a = run_to_completion(generate_slices(vol, model, card, factor=2, chunk=3)).volume.array
+    b = run_to_completion(generate_slices(vol, model, card, factor=2, chunk=17)).volume.array
+    np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_missing_slices_and_nan_blocks():
+    arr = _ramp(nz=8)
+    arr[3, 2:5, 2:5] = np.nan  # a NaN block inside an acquired slice
+    missing = np.zeros(8, dtype=bool)
+    missing[5] = True
+    vol = Volume(np.where(missing[:, None, None], np.nan, arr), (2.0, 1.0, 1.0), (0, 0, 0),
+                 "CT", missing=missing)
+    result = run_to_completion(generate_slices(vol, _zero_generator(), CARD))  # fill gaps only
+    out = result.volume
+    assert result.generated.tolist() == [z == 5 for z in range(8)]
+    assert not out.missing.any()
+    np.testing.assert_allclose(out.array[5], arr[5], atol=1e-3)  # a ramp: linear is exact
+    assert np.isnan(out.array[3, 2:5, 2:5]).all()  # acquired NaN kept, not invented
+    assert np.isfinite(out.array[5]).all()
+    # ×2 next to the NaN block: no data there, so no generated value either
+    up = run_to_completion(generate_slices(vol, _zero_generator(), CARD, factor=2)).volume
+    assert np.isnan(up.array[7, 2:5, 2:5]).all() and np.isfinite(up.array[7, 0]).all()
+
+
+@pytest.mark.parametrize("volume, factor, message", [
+    (Volume(np.zeros((1, 8, 8), np.float32), (1, 1, 1), (0, 0, 0), "CT"), 2, "at least two"),
+    (Volume(np.zeros((4, 8, 8), np.float32), (1, 1, 1), (0, 0, 0), "CT"), 1, "nothing to generate"),
+    (Volume(np.zeros((4, 8, 8), np.float32), (1, 1, 1), (0, 0, 0), "CT"), 5, "factor"),
+    (Volume(np.zeros((4, 8, 8), np.float32), (1, 1, 1), (0, 0, 0), "CT"), True, "factor"),
+])
+def test_bad_requests_get_one_clear_message(volume, factor, message):
+    with pytest.raises(MedsegInputError, match=message):
+        run_to_completion(generate_slices(volume, _zero_generator(), CARD, factor=factor))
+
+
+def test_refuses_other_models():
+    from napari_medseg.core.models import RecurrentSegmenter
+
+    vol = Volume(_ramp(), (1, 1, 1), (0, 0, 0), "CT")
+    with pytest.raises(MedsegInputError, match="SliceGenerator"):
+        run_to_completion(generate_slices(vol, RecurrentSegmenter(), CARD, factor=2))
+
+
+def test_bundled_generator_on_a_held_out_phantom():
+    """Held-out seed and settings (never trained on). What the bundled model reaches
+    (docs/generation-and-explainability.md): about linear interpolation, better than
+    cubic. A broken or untrained residual (e.g. random weights) fails these bounds."""
+    from napari_medseg.core.phantom import generate_phantom
+
+    model, card = load_model("generator")
+    ph = generate_phantom((25, 160, 160), (2.5, 1.1, 1.1), seed=900_123, noise_hu=20.0)
+    scores = compare_on(ph.volume.array, removal_pattern(25, 2), model, card, ph.volume.spacing)
+    assert scores["model"]["psnr"] > scores["linear"]["psnr"] - 0.3, scores
+    assert scores["model"]["psnr"] > scores["cubic"]["psnr"], scores
+    assert scores["model"]["ssim"] > scores["linear"]["ssim"] - 0.01, scores
+    broken = copy.deepcopy(model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        broken.head.weight.normal_(0.0, 0.05)
+    worse = compare_on(ph.volume.array, removal_pattern(25, 2), broken, card, ph.volume.spacing)
+    assert worse["model"]["psnr"] < scores["linear"]["psnr"] - 0.3, worse

@@ -1,0 +1,74 @@
+"""napari-medseg generate: a finer volume with acquired slices unchanged; bad input → exit 2."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.cli import main
+from napari_medseg.core.io import read_nifti, write_nifti
+from napari_medseg.core.models import SliceGenerator, save_model
+from napari_medseg.core.phantom import generate_phantom
+
+PERCENTILE = {"type": "percentile", "low_percentile": 0.5, "high_percentile": 99.5}
+
+
+@pytest.fixture(scope="module")
+def zero_model(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_model(SliceGenerator(widths=(8, 16, 16)).zero_residual_(), tmp_path_factory.mktemp("m"),
+                      "gen", {"classes": ["intensity"], "input_spacing_mm": [1, 1, 1],
+                              "normalisation": PERCENTILE})
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    ph = generate_phantom((5, 40, 36), (4.0, 1.0, 1.2), seed=2, n_lesions=0)
+    path = tmp_path_factory.mktemp("data") / "thick.nii.gz"
+    write_nifti(path, ph.volume.array, ph.volume.spacing, ph.volume.origin)
+    return path
+
+
+@pytest.mark.parametrize("method", ["model", "linear", "cubic"])
+def test_generate_writes_the_finer_grid(tmp_path, zero_model, image, method, capsys):
+    out, status = tmp_path / "fine.nii.gz", tmp_path / "slices.csv"
+    args = ["generate", str(image), str(out), "--factor", "2", "--method", method,
+            "--slices-csv", str(status), "--quiet"]
+    if method == "model":
+        args += ["--model", str(zero_model)]
+    assert main(args) == 0
+    src, fine = read_nifti(image), read_nifti(out)
+    assert fine.shape == (9, 40, 36)
+    assert fine.spacing == pytest.approx((2.0, 1.0, 1.2))
+    assert fine.origin == pytest.approx(src.origin)
+    np.testing.assert_array_equal(fine.array[::2], src.array)
+    with open(status, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["acquired", "generated"] * 4 + ["acquired"]
+    assert "synthetic" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--factor", "4"], "factor"),
+    (["--factor", "1"], "nothing to generate"),
+])
+def test_bad_requests_exit_2_and_write_nothing(tmp_path, zero_model, image, extra, message,
+                                               capsys):
+    out = tmp_path / "fine.nii.gz"
+    assert main(["generate", str(image), str(out), "--model", str(zero_model), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_single_slice_cannot_be_upsampled(tmp_path, zero_model, capsys):
+    one = tmp_path / "one.npy"
+    np.save(one, np.zeros((1, 16, 16), np.float32))
+    out = tmp_path / "fine.nii.gz"
+    assert main(["generate", str(one), str(out), "--model", str(zero_model),
+                 "--factor", "2"]) == 2
+    assert "two acquired slices" in capsys.readouterr().err
+    assert not out.exists()
