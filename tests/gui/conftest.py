@@ -6,6 +6,7 @@ from napari_medseg.core.models import (
     LesionDetector,
     RecurrentSegmenter,
     SliceClassifier,
+    SliceGenerator,
     save_model,
     user_models_dir,
 )
@@ -39,6 +40,13 @@ def random_models(tmp_path, monkeypatch):
             LesionDetector(widths=(8, 16, 16)).eval(), folder, "test-detector",
             {**common, "classes": ["lesion"], "peak_threshold": 0.5, "min_distance_mm": 8.0,
              "context_slices": 1},
+        ),
+        # zero-initialised head: generates exactly linear interpolation
+        "SliceGenerator": save_model(
+            SliceGenerator(widths=(8, 16, 16)).zero_residual_().eval(), folder, "test-generator",
+            {"classes": ["intensity"], "input_spacing_mm": [1.0, 1.0, 1.0],
+             "normalisation": {"type": "percentile", "low_percentile": 0.5,
+                               "high_percentile": 99.5}},
         ),
     }
     return {arch: str(path) for arch, path in paths.items()}

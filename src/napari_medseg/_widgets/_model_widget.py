@@ -34,6 +34,17 @@ def model_choices(architecture: str) -> list[tuple[str, str]]:
     return choices
 
 
+def slice_ranges(indices) -> str:
+    """[3, 4, 5, 9] → "3–5, 9": slice lists as a radiologist reads them."""
+    runs: list[list[int]] = []
+    for z in sorted(int(i) for i in indices):
+        if runs and z == runs[-1][1] + 1:
+            runs[-1][1] = z
+        else:
+            runs.append([z, z])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in runs)
+
+
 def provenance(card: dict, image_name: str) -> dict[str, Any]:
     """What every output layer records about how it was made."""
     return {
@@ -87,6 +98,13 @@ class ModelRunWidget(Container):
     def show_result(self, result, card: dict, image_layer, volume) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def missing_note(self, volume, result) -> str:
+        """A line naming the slices missing from the input (shown under the result)."""
+        if not volume.missing.any():
+            return ""
+        return (f"Missing slices {slice_ranges(volume.missing_slices())} (not acquired):"
+                " left without a result")
+
     # -- plumbing ---------------------------------------------------------------------
     def _image_choices(self, _widget=None):
         from napari.layers import Image
@@ -135,6 +153,9 @@ class ModelRunWidget(Container):
             self._status.value = "Input layer removed; result discarded"
             return
         self.show_result(result, card, layer, volume)
+        note = self.missing_note(volume, result)
+        if note:
+            self._status.value = f"{self._status.value}\n{note}"
 
     def _on_cancel(self) -> None:
         if self._worker is not None:

@@ -56,11 +56,7 @@ class ClassifyWidget(ModelRunWidget):
             ]
             self._goto.reset_choices()
         self._goto.enabled = bool(flagged.any())
-        missing = int(result.missing.sum())
-        self._status.value = (
-            f"{int(flagged.sum())} of {len(flagged)} slices flagged '{names[flag]}'"
-            + (f"; {missing} missing slices not classified" if missing else "")
-        )
+        self._status.value = f"{int(flagged.sum())} of {len(flagged)} slices flagged '{names[flag]}'"
         self._follow_slice()
 
     def _slice_index(self) -> int:

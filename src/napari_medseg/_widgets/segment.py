@@ -19,7 +19,4 @@ class SegmentWidget(ModelRunWidget):
         self._viewer.add_labels(data, **kwargs)
         ml = result.volume_ml()
         found = [f"{name} {ml[name]:.0f} ml" for name in result.class_names[1:] if ml[name] > 0]
-        skipped = int((~result.labelled).sum())
         self._status.value = " · ".join(found) or "No structure found"
-        if skipped:
-            self._status.value += f"\n{skipped} missing slices left unlabelled"

@@ -1,0 +1,115 @@
+"""Generate widget: a new synthetic Image layer on the same world grid; nothing else changes."""
+
+import numpy as np
+import pytest
+from napari.layers import Image
+
+from napari_medseg._sample_data import phantom_layer_data
+from napari_medseg._widgets.generate import GenerateWidget
+from napari_medseg.core.generation import linear_fill
+
+
+def _open(viewer, phantom):
+    for data, kwargs, layer_type in phantom_layer_data(phantom):
+        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+    return viewer.layers[0]
+
+
+def _snapshot(viewer):
+    return [(layer.name, np.array(layer.data, copy=True)) for layer in viewer.layers]
+
+
+def _unchanged(viewer, before):
+    assert len(viewer.layers) >= len(before)
+    for (name, data), layer in zip(before, viewer.layers):
+        assert layer.name == name
+        np.testing.assert_array_equal(layer.data, data)
+
+
+@pytest.mark.parametrize("method", ["model", "cubic"])
+def test_upsampled_layer_is_new_aligned_and_marked_synthetic(make_napari_viewer, qtbot,
+                                                             random_models, small_phantom,
+                                                             method):
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    before = _snapshot(viewer)
+    widget = GenerateWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._image.value = image
+    widget._model.value = random_models["SliceGenerator"]
+    widget._factor.value = 2
+    widget._method.value = method
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert len(viewer.layers) == len(before) + 1
+    new = viewer.layers[-1]
+    nz = image.data.shape[0]
+    assert isinstance(new, Image) and new.data.shape == (2 * nz - 1, *image.data.shape[1:])
+    assert "synthetic" in new.name
+    np.testing.assert_allclose(new.scale, [image.scale[0] / 2, *image.scale[1:]])
+    np.testing.assert_allclose(new.translate, image.translate)
+    # acquired slices sit at the same world z as in the input, bit-identical
+    np.testing.assert_array_equal(new.data[::2], image.data)
+    meta = new.metadata["medseg"]
+    assert meta["synthetic"] is True and meta["method"] == method
+    assert meta["generated_slices"] == list(range(1, 2 * nz - 1, 2))
+    assert meta["acquired_slices"] == list(range(0, 2 * nz - 1, 2))
+    assert np.isclose(new.data_to_world([2, 0, 0])[0], image.data_to_world([1, 0, 0])[0])
+    if method == "model":  # the test model is exactly linear (zero head)
+        known = np.zeros(2 * nz - 1, dtype=bool)
+        known[::2] = True
+        np.testing.assert_allclose(new.data, linear_fill(new.data, known), atol=0.05)
+    _unchanged(viewer, before)
+
+
+def test_bad_input_gets_one_message_and_changes_nothing(make_napari_viewer, qtbot,
+                                                        random_models):
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32),
+                     name="one slice")
+    before = _snapshot(viewer)
+    widget = GenerateWidget(viewer)
+    widget._image.value = viewer.layers[0]
+    widget._model.value = random_models["SliceGenerator"]
+    widget._factor.value = 2
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    errors = [str(n.message) for n in notification_manager.records[start:]
+              if n.severity == "error"]
+    assert len(errors) == 1 and "two acquired slices" in errors[0] and "\n" not in errors[0]
+    assert len(viewer.layers) == len(before)
+    _unchanged(viewer, before)
+    assert widget._run.enabled
+
+
+def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, small_phantom):
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    image.data[[2, 3]] = np.nan  # a gap the reader found: NaN slices + metadata
+    image.metadata.setdefault("medseg", {})["missing_slices"] = [2, 3]
+    before = _snapshot(viewer)
+    widget = GenerateWidget(viewer)
+    widget._image.value = image
+    widget._model.value = random_models["SliceGenerator"]
+    widget._factor.value = 1
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    new = viewer.layers[-1]
+    assert new.data.shape == image.data.shape and np.isfinite(new.data).all()
+    assert new.metadata["medseg"]["generated_slices"] == [2, 3]
+    assert new.metadata["medseg"]["missing_slices"] == []
+    assert "Missing input slices 2–3: filled (synthetic)" in widget._status.value
+    _unchanged(viewer, before)
+    # the other model widgets name the missing slices they leave without a result
+    seg = SegmentWidget(viewer)
+    seg._image.value = image
+    seg._model.value = random_models["RecurrentSegmenter"]
+    seg._run.clicked.emit()
+    qtbot.waitUntil(lambda: seg._worker is None, timeout=120_000)
+    assert "Missing slices 2–3 (not acquired): left without a result" in seg._status.value
+    assert not viewer.layers[-1].data[[2, 3]].any()
