@@ -126,7 +126,10 @@ def main() -> None:
         ("while_retraining" if retrain else "while_segmenting"): running,
         "stall_ratio_vs_idle": round(running["max_gap_ms"] / max(idle["max_gap_ms"], 1e-3), 2),
         "goal_max_gap_le_100ms": running["max_gap_ms"] <= 100.0,
-        "goal_met_while_model_runs": running.get("max_gap_while_model_runs_ms", 1e9) <= 100.0,
+        # without a result layer added (retrain writes into the user's layer) every gap
+        # is a gap while the model runs
+        "goal_met_while_model_runs": running.get("max_gap_while_model_runs_ms",
+                                                 running["max_gap_ms"]) <= 100.0,
     }
     viewer.close()
     print(json.dumps(result))

@@ -169,8 +169,38 @@ def shoot_uncertainty() -> Path:
     return _save(viewer, viewer.layers[-1], "uncertainty")
 
 
+def shoot_generate() -> Path:
+    """A 3× thicker copy of the sample CT (every 3rd slice kept), upsampled ×3 by the
+    generator; input and result side by side in a coronal view, where slices show."""
+    viewer = _sample_viewer()
+    ct = viewer.layers[0]
+    scale = list(ct.scale)
+    thick = viewer.add_image(
+        ct.data[::3], name="thick input (every 3rd slice)", colormap="gray",
+        contrast_limits=ct.contrast_limits, scale=[scale[0] * 3, *scale[1:]],
+        translate=ct.translate, units=ct.units, axis_labels=ct.axis_labels,
+        metadata={"medseg": {"modality": "CT"}})
+    ct.visible = False
+    widget = _run_docked(viewer, "Generate slices (upsample, fill gaps)", thick)
+    widget._factor.value = 3
+    widget._method.value = "model"  # the generator (linear is the default)
+    widget._run.clicked.emit()
+    wait_for(widget)
+    viewer.dims.order = (1, 0, 2)  # coronal: z runs up the screen
+    viewer.dims.set_point(1, thick.data_to_world([0, thick.data.shape[1] * 0.55, 0])[1])
+    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
+    grid.enabled = True
+    grid.shape = (1, 2)
+    for layer in viewer.layers:
+        layer.visible = layer in (thick, viewer.layers[-1])
+    viewer.reset_view()
+    viewer.camera.zoom *= 1.2
+    return _save(viewer, viewer.layers[-1], "generate")
+
+
 SPECIAL = {"retrain": shoot_retrain, "retrain_detector": shoot_retrain_detector,
-           "gradcam": shoot_gradcam, "uncertainty": shoot_uncertainty}
+           "gradcam": shoot_gradcam, "uncertainty": shoot_uncertainty,
+           "generate": shoot_generate}
 
 
 if __name__ == "__main__":
