@@ -67,8 +67,12 @@ def test_segment_writes_labels_on_the_input_grid(tmp_path, models, image, capsys
 
 
 def test_detect_writes_a_csv(tmp_path, models, image):
-    out = tmp_path / "lesions.csv"
-    assert main(["detect", str(image), str(out), "--model", str(models["detector"]), "-q"]) == 0
+    out, heat = tmp_path / "lesions.csv", tmp_path / "heat.nii.gz"
+    assert main(["detect", str(image), str(out), "--model", str(models["detector"]), "-q",
+                 "--heatmap", str(heat)]) == 0
+    heatmap, src = read_nifti(heat), read_nifti(image)
+    assert heatmap.shape == src.shape and heatmap.spacing == pytest.approx(src.spacing)
+    assert 0.0 <= heatmap.array.min() and heatmap.array.max() <= 1.0
     with open(out) as handle:
         assert handle.readline().strip() == "z,y,x,score,diameter_mm"
     for row in _rows(out):

@@ -113,6 +113,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .core.inference import detect_lesions
 
     out = _check_output(args.output, (".csv",))
+    heat_out = None if args.heatmap is None else _check_output(args.heatmap, (".nii.gz", ".nii"))
     volume, model, card = _load(args, "detect")
     result = _run(
         detect_lesions(volume, model, card, threshold=args.threshold,
@@ -121,6 +122,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
         "detect", args.quiet)
     rows = [(f"{d.z:.2f}", f"{d.y:.2f}", f"{d.x:.2f}", f"{d.score:.4f}", f"{d.diameter_mm:.2f}")
             for d in result.detections]
+    if heat_out is not None:  # the explanation behind each detection, on the input grid
+        from .core.io import write_nifti
+
+        write_nifti(heat_out, result.heatmap_on_input_grid(), volume.spacing, volume.origin)
     _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)
     print(f"wrote {out.name}: {len(rows)} detections (threshold {result.threshold:g},"
           f" {result.precision})")
@@ -229,6 +234,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--min-distance-mm", type=float, default=None,
                    help="merge detections closer than this (default: the model card's)")
     p.add_argument("--batch", type=_positive_int, default=None, help="slices per batch")
+    p.add_argument("--heatmap", default=None, metavar="HEAT.nii.gz",
+                   help="also write the detector's centre heatmap (0-1) on the input grid")
     p.set_defaults(func=cmd_detect)
 
     p = subparsers.add_parser("classify", help="classify every slice; writes a CSV")
