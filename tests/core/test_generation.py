@@ -63,7 +63,13 @@ def test_plan_upsamples_between_acquired_slices_and_fills_gaps_on_request():
     assert known.tolist() == [1, 0, 1, 0, 0, 0, 1, 0, 1]
     assert targets.tolist() == [0, 1, 0, 1, 1, 1, 0, 1, 0]
     _, _, keep = plan_generation(vol, 2, fill_missing=False)
-    assert keep.tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0]  # the gap slice itself stays missing
+    assert keep.tolist() == [0, 1, 0, 0, 0, 0, 0, 1, 0]  # nothing made across the gap
+    with pytest.raises(MedsegInputError, match="filling missing slices is off"):
+        plan_generation(vol, 1, fill_missing=False)
+    filled = interpolate_slices(vol, 2, True, "linear")
+    assert filled.acquired.tolist() == [1, 0, 1, 0, 0, 0, 1, 0, 1]  # a filled gap is not acquired
+    assert filled.generated.tolist() == targets.tolist()
+    assert "5 slices generated, 4 acquired" in filled.summary()
 
 
 def test_generator_keeps_acquired_slices_and_starts_as_linear_interpolation():
@@ -106,6 +112,10 @@ def test_missing_slices_and_nan_blocks():
     # ×2 next to the NaN block: no data there, so no generated value either
     up = run_to_completion(generate_slices(vol, _zero_generator(), CARD, factor=2)).volume
     assert np.isnan(up.array[7, 2:5, 2:5]).all() and np.isfinite(up.array[7, 0]).all()
+    for method in ("linear", "cubic"):  # the baselines treat NaN voxels the same way
+        base = interpolate_slices(vol, 2, True, method).volume
+        assert np.isnan(base.array[7, 2:5, 2:5]).all() and np.isfinite(base.array[7, 0]).all()
+        np.testing.assert_array_equal(base.array[::2][~missing], arr[~missing])
 
 
 @pytest.mark.parametrize("volume, factor, message", [

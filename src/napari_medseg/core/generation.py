@@ -87,15 +87,19 @@ def cubic_fill(array: np.ndarray, known: np.ndarray, block_rows: int = 64) -> np
 
     known = np.asarray(known, dtype=bool)
     ki = np.flatnonzero(known)
-    out = linear_fill(array, known)
+    out = linear_fill(array, known)  # NaN where a neighbour is NaN: no data, no value
     if ki.size < 3:  # a spline through 2 points is the line
         return out
     todo = np.flatnonzero(~known)
     todo = todo[(todo > ki[0]) & (todo < ki[-1])]
+    no_data = np.isnan(out[todo])
     for r0 in range(0, array.shape[1], block_rows):
-        block = np.asarray(array[ki, r0:r0 + block_rows], dtype=np.float64)
+        block = np.nan_to_num(np.asarray(array[ki, r0:r0 + block_rows], dtype=np.float64))
         spline = CubicSpline(ki, block, axis=0)
         out[todo, r0:r0 + block_rows] = spline(todo).astype(np.float32)
+    part = out[todo]
+    part[no_data] = np.nan
+    out[todo] = part
     return out
 
 
@@ -145,8 +149,9 @@ class GeneratorInputs:
 @dataclass(frozen=True)
 class GenerationResult:
     """``volume``: the output grid (acquired slices unchanged, generated ones filled, the
-    rest NaN and marked missing). ``generated[z]``: slice z was made by the model;
-    ``acquired[z]``: slice z is an acquired slice of the input."""
+    rest NaN and marked missing). ``generated[z]``: slice z was made (model or
+    interpolation); ``acquired[z]``: slice z is an acquired input slice, copied unchanged
+    (slices missing from the input are never "acquired", filled or not)."""
 
     volume: Volume
     generated: np.ndarray
@@ -184,9 +189,11 @@ def plan_generation(volume: Volume, factor: int = 1, fill_missing: bool = True
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(acquired, known, targets) on the output grid of ``(n − 1)·factor + 1`` slices.
 
-    ``acquired``: input slices (gaps included); ``known``: acquired and not missing;
-    ``targets``: the slices to generate — every new slice between two known slices, and
-    the input's missing slices when ``fill_missing``. Nothing beyond the first or last
+    ``acquired``: where the input slices land (gaps included); ``known``: acquired and
+    not missing; ``targets``: the slices to generate — every new slice between two known
+    slices, and the input's missing slices when ``fill_missing``. Without
+    ``fill_missing`` nothing is made across a gap either (a slice whose two known
+    neighbours enclose a missing one stays missing). Nothing beyond the first or last
     known slice is made (that would be extrapolation).
     """
     factor = _check_factor(factor)
@@ -204,9 +211,16 @@ def plan_generation(volume: Volume, factor: int = 1, fill_missing: bool = True
     inside = np.zeros(n_out, dtype=bool)
     inside[ki[0]:ki[-1] + 1] = True
     targets = inside & ~known
-    if not fill_missing:
-        targets &= ~(acquired & ~known)
+    gaps = acquired & ~known
+    if not fill_missing and gaps.any():
+        below, above, _ = neighbours(known)
+        crossed = np.concatenate([[0], np.cumsum(gaps)])  # gap slices before index i
+        targets &= (crossed[above] - crossed[below + 1]) == 0
     if not targets.any():
+        if gaps.any() and not fill_missing:
+            raise MedsegInputError(
+                "nothing to generate: filling missing slices is off and the upsampling"
+                " factor is 1")
         raise MedsegInputError(
             "nothing to generate: the volume has no missing slices between acquired ones"
             " (choose an upsampling factor of 2 or more)")
@@ -284,7 +298,7 @@ def generate_slices(
     out[missing] = np.nan
     result_volume = Volume(out, (sz / factor, sy, sx), volume.origin, volume.modality,
                            missing=missing, metadata=dict(volume.metadata))
-    return GenerationResult(result_volume, targets.copy(), acquired.copy(), factor,
+    return GenerationResult(result_volume, targets.copy(), known.copy(), factor,
                             str(card.get("name", "")))
 
 
@@ -308,7 +322,7 @@ def interpolate_slices(volume: Volume, factor: int = 1, fill_missing: bool = Tru
     sz, sy, sx = volume.spacing
     out = Volume(filled, (sz / factor, sy, sx), volume.origin, volume.modality,
                  missing=missing, metadata=dict(volume.metadata))
-    return GenerationResult(out, targets.copy(), acquired.copy(), int(factor), method)
+    return GenerationResult(out, targets.copy(), known.copy(), int(factor), method)
 
 
 # ======================================================================================
@@ -326,8 +340,9 @@ def psnr_ssim(truth: np.ndarray, estimate: np.ndarray, data_range: float) -> tup
 
 
 def removal_pattern(n: int, factor: int) -> np.ndarray:
-    """Keep every ``factor``-th slice of ``n`` (and the last one): the known mask of a
-    thin volume made ``factor``× thicker, as the evaluation removes slices."""
+    """Keep every ``factor``-th slice of ``n``, from the first: the known mask of a thin
+    volume made ``factor``× thicker, as the evaluation removes slices (slices after the
+    last kept one are not scored: that would be extrapolation)."""
     known = np.zeros(n, dtype=bool)
     known[::factor] = True
     return known
