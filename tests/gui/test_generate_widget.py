@@ -29,7 +29,12 @@ def _unchanged(viewer, before):
 @pytest.mark.parametrize("method", ["model", "cubic"])
 def test_upsampled_layer_is_new_aligned_and_marked_synthetic(make_napari_viewer, qtbot,
                                                              random_models, small_phantom,
-                                                             method):
+                                                             method, monkeypatch):
+    if method != "model":  # interpolation needs no model: loading one would be a bug
+        import napari_medseg._widgets._model_widget as mw
+
+        monkeypatch.setattr(mw, "load_model", lambda *_: (_ for _ in ()).throw(
+            AssertionError("interpolation loaded a model")))
     viewer = make_napari_viewer()
     image = _open(viewer, small_phantom)
     before = _snapshot(viewer)
@@ -40,6 +45,7 @@ def test_upsampled_layer_is_new_aligned_and_marked_synthetic(make_napari_viewer,
     widget._factor.value = 2
     widget._method.value = method
     widget._run.clicked.emit()
+    widget._factor.value = 3  # changed while it runs: the run keeps what was clicked
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
     assert len(viewer.layers) == len(before) + 1
     new = viewer.layers[-1]

@@ -92,13 +92,22 @@ class ModelRunWidget(Container):
     def result_widgets(self) -> list:
         return []
 
-    def core_job(self, volume, model, card):  # pragma: no cover - abstract
+    def options(self) -> dict:
+        """The run's settings, read from the widgets in the GUI thread when Run is
+        clicked (the worker must not read Qt widgets; the user may change them meanwhile)."""
+        return {}
+
+    def needs_model(self, options: dict) -> bool:
+        return True
+
+    def core_job(self, volume, model, card, options: dict):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def show_result(self, result, card: dict, image_layer, volume) -> None:  # pragma: no cover
+    def show_result(self, result, card: dict, image_layer, volume,
+                    options: dict) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def missing_note(self, volume, result) -> str:
+    def missing_note(self, volume, result, options: dict) -> str:
         """A line naming the slices missing from the input (shown under the result)."""
         if not volume.missing.any():
             return ""
@@ -119,7 +128,8 @@ class ModelRunWidget(Container):
         try:
             volume = volume_from_layer(layer)  # copies the data now, in the GUI thread
             card_path = self._model.value
-            if card_path is None:
+            options = self.options()
+            if card_path is None and self.needs_model(options):
                 raise MedsegInputError(
                     f"no {self.architecture} model found; train one with "
                     f"'napari-medseg train' or reinstall the bundled weights"
@@ -135,25 +145,26 @@ class ModelRunWidget(Container):
             self._job,
             volume,
             card_path,
+            options,
             description=f"{self.task} '{layer.name}'",
             on_result=lambda out: self._on_result(out, layer, volume),
             on_finished=lambda: self._set_running(False),
         )
 
-    def _job(self, volume, card_path):
-        model, card = load_model(card_path)
-        result = yield from self.core_job(volume, model, card)
-        return result, card
+    def _job(self, volume, card_path, options):
+        model, card = load_model(card_path) if self.needs_model(options) else (None, {})
+        result = yield from self.core_job(volume, model, card, options)
+        return result, card, options
 
     def _on_result(self, out, layer, volume) -> None:
-        result, card = out
+        result, card, options = out
         if layer not in self._viewer.layers:
             show_warning(f"{self.task}: '{layer.name}' was removed while the model ran; "
                          "the result was discarded")
             self._status.value = "Input layer removed; result discarded"
             return
-        self.show_result(result, card, layer, volume)
-        note = self.missing_note(volume, result)
+        self.show_result(result, card, layer, volume, options)
+        note = self.missing_note(volume, result, options)
         if note:
             self._status.value = f"{self._status.value}\n{note}"
 

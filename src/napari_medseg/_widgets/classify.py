@@ -39,10 +39,10 @@ class ClassifyWidget(ModelRunWidget):
         holder.native.layout().addWidget(self._strip)
         return [self._current, holder, self._goto]
 
-    def core_job(self, volume, model, card):
+    def core_job(self, volume, model, card, options):
         return classify_volume(volume, model, card)
 
-    def show_result(self, result, card, image_layer, volume) -> None:
+    def show_result(self, result, card, image_layer, volume, options) -> None:
         self._result, self._layer = result, image_layer
         self._provenance = provenance(card, image_layer.name)
         names = list(result.class_names)

@@ -39,11 +39,11 @@ class DetectWidget(ModelRunWidget):
         self._goto.native.activated.connect(lambda _i: self._go_to_lesion(self._goto.value))
         return [self._threshold, self._goto]
 
-    def core_job(self, volume, model, card):
+    def core_job(self, volume, model, card, options):
         self._card_threshold = float(card.get("peak_threshold", 0.5))
         return detect_lesions(volume, model, card, threshold=min(KEEP_SCORE, self._card_threshold))
 
-    def show_result(self, result, card, image_layer, volume) -> None:
+    def show_result(self, result, card, image_layer, volume, options) -> None:
         threshold = float(card.get("peak_threshold", 0.5))
         data, kwargs, _ = detection_layer_data(result, image_layer,
                                                provenance(card, image_layer.name), threshold)

@@ -48,12 +48,15 @@ class GradCamWidget(ModelRunWidget):
             classes = []
         return [PREDICTED, *classes]
 
-    def core_job(self, volume, model, card):
-        target = None if self._target.value in (None, PREDICTED) else self._target.value
+    def options(self) -> dict:
+        return {"target": self._target.value or PREDICTED}
+
+    def core_job(self, volume, model, card, options):
+        target = None if options["target"] == PREDICTED else options["target"]
         return gradcam_volume(volume, model, card, target=target)
 
-    def show_result(self, result, card, image_layer, volume) -> None:
-        what = self._target.value or PREDICTED
+    def show_result(self, result, card, image_layer, volume, options) -> None:
+        what = options["target"]
         prov = provenance(card, image_layer.name)
         maps = result.maps if image_layer.ndim == 3 else result.maps[0]
         self._viewer.add_image(maps, **_map_layer_kwargs(
@@ -81,10 +84,13 @@ class UncertaintyWidget(ModelRunWidget):
         self._goto.changed.connect(lambda z: z is not None and self._go_to(z))
         return [self._goto]
 
-    def core_job(self, volume, model, card):
-        return segmentation_uncertainty(volume, model, card, samples=int(self._samples.value))
+    def options(self) -> dict:
+        return {"samples": int(self._samples.value)}
 
-    def show_result(self, result, card, image_layer, volume) -> None:
+    def core_job(self, volume, model, card, options):
+        return segmentation_uncertainty(volume, model, card, samples=options["samples"])
+
+    def show_result(self, result, card, image_layer, volume, options) -> None:
         prov = provenance(card, image_layer.name)
         ranked = result.most_uncertain(10)
         ent = result.entropy if image_layer.ndim == 3 else result.entropy[0]

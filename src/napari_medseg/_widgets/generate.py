@@ -39,15 +39,22 @@ class GenerateWidget(ModelRunWidget):
         self._method = ComboBox(label="Method", choices=METHODS, value="linear")
         return [self._factor, self._fill, self._method]
 
-    def core_job(self, volume, model, card):
-        factor, fill, method = int(self._factor.value), bool(self._fill.value), self._method.value
+    def options(self) -> dict:
+        return {"factor": int(self._factor.value), "fill": bool(self._fill.value),
+                "method": self._method.value}
+
+    def needs_model(self, options: dict) -> bool:
+        return options["method"] == "model"
+
+    def core_job(self, volume, model, card, options):
+        factor, fill, method = options["factor"], options["fill"], options["method"]
         if method != "model":
             return _baseline_job(volume, factor, fill, method)
         return generate_slices(volume, model, card, factor=factor, fill_missing=fill)
 
-    def show_result(self, result, card, image_layer, volume) -> None:
+    def show_result(self, result, card, image_layer, volume, options) -> None:
         out = result.volume
-        method = self._method.value
+        method = options["method"]
         made_by = card.get("name") if method == "model" else f"{method} interpolation"
         prov = provenance(card, image_layer.name) if method == "model" else {
             "model": None, "input_layer": image_layer.name,
@@ -80,7 +87,7 @@ class GenerateWidget(ModelRunWidget):
         self._status.value = (f"{result.summary()}; new layer '{name}'. Generated slices are"
                               " synthetic (see the layer's metadata).")
 
-    def missing_note(self, volume, result) -> str:
+    def missing_note(self, volume, result, options: dict) -> str:
         if not volume.missing.any():
             return ""
         gaps = np.flatnonzero(volume.missing)

@@ -11,10 +11,10 @@ class SegmentWidget(ModelRunWidget):
     architecture = "RecurrentSegmenter"
     task = "Segment"
 
-    def core_job(self, volume, model, card):
+    def core_job(self, volume, model, card, options):
         return segment_volume(volume, model, card)
 
-    def show_result(self, result, card, image_layer, volume) -> None:
+    def show_result(self, result, card, image_layer, volume, options) -> None:
         data, kwargs, _ = segmentation_layer_data(result, image_layer, provenance(card, image_layer.name))
         self._viewer.add_labels(data, **kwargs)
         ml = result.volume_ml()
