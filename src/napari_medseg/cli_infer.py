@@ -192,7 +192,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .cli import _write_csv_atomic
-    from .core.generation import generate_slices, interpolate_slices
+    from .core.generation import generate_slices, interpolation_job
     from .core.io import read_volume, write_nifti
     from .core.models import load_model
 
@@ -205,7 +205,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = _run(generate_slices(volume, model, card, factor=args.factor, fill_missing=fill,
                                       threads=args.threads), "generate", args.quiet)
     else:
-        result = interpolate_slices(volume, args.factor, fill, args.method)
+        result = _run(interpolation_job(volume, args.factor, fill, args.method), "generate",
+                      args.quiet)
     v = result.volume
     write_nifti(out, v.array, v.spacing, v.origin)
     if csv_out is not None:

@@ -155,3 +155,22 @@ def test_bundled_generator_on_a_held_out_phantom():
         broken.head.weight.normal_(0.0, 0.05)
     worse = compare_on(ph.volume.array, removal_pattern(25, 2), broken, card, ph.volume.spacing)
     assert worse["model"]["psnr"] < scores["linear"]["psnr"] - 0.3, worse
+
+
+def test_interpolation_reports_progress_and_can_be_cancelled():
+    from napari_medseg.core.generation import interpolation_job
+
+    vol = Volume(np.random.default_rng(2).normal(size=(6, 200, 8)).astype(np.float32),
+                 (2.0, 1.0, 1.0), (0, 0, 0), "CT")
+    job = interpolation_job(vol, 2, True, "cubic")
+    steps = []
+    try:
+        while True:
+            steps.append(next(job))
+    except StopIteration as done:
+        result = done.value
+    assert len(steps) >= 5 and steps[-1].step == steps[-1].total  # a cancel point per block
+    np.testing.assert_array_equal(result.volume.array[::2], vol.array)
+    job = interpolation_job(vol, 2, True, "cubic")
+    next(job)
+    job.close()  # what Cancel does: no error, nothing returned

@@ -13,7 +13,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox
 
 from .._layers import _like_layer, _result_metadata
-from ..core.generation import generate_slices, interpolate_slices
+from ..core.generation import generate_slices, interpolation_job
 from ._model_widget import ModelRunWidget, provenance, slice_ranges
 
 FACTORS = [("fill missing slices only (×1)", 1), ("×2 along z", 2), ("×3 along z", 3)]
@@ -21,12 +21,6 @@ FACTORS = [("fill missing slices only (×1)", 1), ("×2 along z", 2), ("×3 alon
 # real MR far worse (docs/generation-and-explainability.md), so it is the sensible default
 METHODS = [("linear interpolation", "linear"), ("cubic interpolation", "cubic"),
            ("recurrent generator (model)", "model")]
-
-
-def _baseline_job(volume, factor: int, fill: bool, method: str):
-    # a generator, so the widget's worker plumbing runs it like the model's job
-    yield from ()
-    return interpolate_slices(volume, factor, fill, method)
 
 
 class GenerateWidget(ModelRunWidget):
@@ -49,7 +43,7 @@ class GenerateWidget(ModelRunWidget):
     def core_job(self, volume, model, card, options):
         factor, fill, method = options["factor"], options["fill"], options["method"]
         if method != "model":
-            return _baseline_job(volume, factor, fill, method)
+            return interpolation_job(volume, factor, fill, method)
         return generate_slices(volume, model, card, factor=factor, fill_missing=fill)
 
     def show_result(self, result, card, image_layer, volume, options) -> None:

@@ -83,6 +83,14 @@ def cubic_fill(array: np.ndarray, known: np.ndarray, block_rows: int = 64) -> np
     ``CubicSpline``, not-a-knot ends), evaluated in blocks of rows to bound memory;
     beyond the first/last known slice the nearest one is copied, as in :func:`linear_fill`.
     """
+    from .progress import run_to_completion
+
+    return run_to_completion(cubic_fill_job(array, known, block_rows))
+
+
+def cubic_fill_job(array: np.ndarray, known: np.ndarray, block_rows: int = 64
+                   ) -> Job[np.ndarray]:
+    """:func:`cubic_fill` as a generator: one Progress per block of rows (cancel point)."""
     from scipy.interpolate import CubicSpline
 
     known = np.asarray(known, dtype=bool)
@@ -93,10 +101,12 @@ def cubic_fill(array: np.ndarray, known: np.ndarray, block_rows: int = 64) -> np
     todo = np.flatnonzero(~known)
     todo = todo[(todo > ki[0]) & (todo < ki[-1])]
     no_data = np.isnan(out[todo])
-    for r0 in range(0, array.shape[1], block_rows):
+    n_rows = array.shape[1]
+    for r0 in range(0, n_rows, block_rows):
         block = np.nan_to_num(np.asarray(array[ki, r0:r0 + block_rows], dtype=np.float64))
         spline = CubicSpline(ki, block, axis=0)
         out[todo, r0:r0 + block_rows] = spline(todo).astype(np.float32)
+        yield Progress(min(r0 + block_rows, n_rows), n_rows, "cubic interpolation")
     part = out[todo]
     part[no_data] = np.nan
     out[todo] = part
@@ -309,6 +319,14 @@ def interpolate_slices(volume: Volume, factor: int = 1, fill_missing: bool = Tru
                        method: str = "linear") -> GenerationResult:
     """The same output grid and slice choice as :func:`generate_slices`, filled by linear
     or cubic interpolation along z instead of the model (the baselines, for comparison)."""
+    from .progress import run_to_completion
+
+    return run_to_completion(interpolation_job(volume, factor, fill_missing, method))
+
+
+def interpolation_job(volume: Volume, factor: int = 1, fill_missing: bool = True,
+                      method: str = "linear") -> Job[GenerationResult]:
+    """:func:`interpolate_slices` as a generator (progress and cancel points)."""
     if method not in ("linear", "cubic"):
         raise MedsegInputError(f"interpolation method must be linear or cubic, got {method!r}")
     if not isinstance(volume, Volume):
@@ -316,7 +334,11 @@ def interpolate_slices(volume: Volume, factor: int = 1, fill_missing: bool = Tru
     acquired, known, targets = plan_generation(volume, factor, fill_missing)
     grid = np.zeros((acquired.size, *volume.shape[1:]), dtype=np.float32)
     grid[acquired] = volume.array
-    filled = (linear_fill if method == "linear" else cubic_fill)(grid, known)
+    yield Progress(0, 1, f"{method} interpolation")
+    if method == "linear":
+        filled = linear_fill(grid, known)
+    else:
+        filled = yield from cubic_fill_job(grid, known)
     missing = ~(known | targets)
     filled[missing] = np.nan
     sz, sy, sx = volume.spacing
@@ -516,6 +538,19 @@ def training_pattern(rng: np.random.Generator, n: int) -> np.ndarray:
     return known
 
 
+def _other_modalities(rng: np.random.Generator, seq: np.ndarray) -> np.ndarray:
+    """Make a normalised CT sequence look less like CT: half the time a gamma of
+    0.5–2 (other tissue contrasts), a third of the time a background of exactly zero
+    (MR and masked images; the phantom's air is noisy, and an exactly flat background
+    was where the network drew a grid pattern on nibabel's EPI volume)."""
+    out = seq
+    if rng.uniform() < 0.5:
+        out = np.clip(out, 0.0, None) ** np.float32(np.exp(rng.uniform(-0.7, 0.7)))
+    if rng.uniform() < 0.33:
+        out = np.where(out < 0.05, np.float32(0.0), out)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def train_generator(
     seed: int = 0,
     steps: int | None = None,
@@ -531,6 +566,7 @@ def train_generator(
     max_slices: int = 48,
     lr: float | None = None,
     zero_init: bool = False,
+    augment: bool = False,
 ) -> Job[tuple[SliceGenerator, dict[str, Any]]]:
     """Train the slice generator on phantoms: sequences of ``seq_len`` consecutive
     slices with slices removed (:func:`training_pattern`), inputs built exactly as
@@ -557,6 +593,8 @@ def train_generator(
             if rng.uniform() < 0.5:
                 seq = seq[:, ::-1]
             seq = np.ascontiguousarray(seq)
+            if augment:
+                seq = _other_modalities(rng, seq)
             known = training_pattern(rng, n)
             inputs = GeneratorInputs(seq, known, item.spacing)
             x = torch.from_numpy(inputs[:])
