@@ -566,11 +566,13 @@ def train_generator(
     max_slices: int = 48,
     lr: float | None = None,
     zero_init: bool = False,
-    augment: bool = False,
+    augment: bool = True,
 ) -> Job[tuple[SliceGenerator, dict[str, Any]]]:
     """Train the slice generator on phantoms: sequences of ``seq_len`` consecutive
     slices with slices removed (:func:`training_pattern`), inputs built exactly as
-    :func:`generate_slices` builds them, loss on the removed slices only (MSE, or L1)."""
+    :func:`generate_slices` builds them, loss on the removed slices only (MSE, or L1).
+    ``augment``: :func:`_other_modalities` on each sequence (on by default: without it
+    the model failed on real MR)."""
     run = _start_run("generator", seed, steps, seconds, loss, sampling, None, lr, 5)
     rng, norm = run.rng, run.norm
     with deterministic(run.seed):
