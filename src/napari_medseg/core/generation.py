@@ -302,8 +302,9 @@ def generate_slices(
                         made[no_data] = np.nan
                         out[zt] = made
             governor.update()
+            done = "reading (backward pass)" if item.logits is None else "generating"
             yield Progress(item.step, item.total,
-                           f"generating: slices {item.start}–{item.stop - 1} of {n_out}")
+                           f"{done}: slices {item.start}–{item.stop - 1} of {n_out}")
     missing = ~(known | targets)
     out[missing] = np.nan
     result_volume = Volume(out, (sz / factor, sy, sx), volume.origin, volume.modality,
