@@ -29,7 +29,13 @@ import numpy as np
 
 from _common import emit, machine
 from napari_medseg.core.evaluation import seed_list
-from napari_medseg.core.generation import compare_on, generate_slices, removal_pattern
+from napari_medseg.core.generation import (
+    compare_on,
+    generate_slices,
+    interpolate_slices,
+    removal_pattern,
+    summarise_scores,
+)
 from napari_medseg.core.models.registry import load_model
 from napari_medseg.core.progress import run_to_completion
 from napari_medseg.core.training import eval_settings, make_phantom
@@ -68,16 +74,6 @@ def nibabel_volumes() -> dict[str, tuple[np.ndarray, tuple[float, float, float]]
     return out
 
 
-def summarise(rows: list[dict]) -> dict:
-    out = {m: {k: float(np.mean([r[m][k] for r in rows])) for k in ("psnr", "ssim")}
-           for m in ("model", "linear", "cubic")}
-    gains = [r["model"]["psnr"] - max(r["linear"]["psnr"], r["cubic"]["psnr"]) for r in rows]
-    out["psnr_gain_over_best_baseline_db"] = float(np.mean(gains))
-    out["volumes_better_by_1db"] = int(sum(g >= 1.0 for g in gains))
-    out["n_volumes"] = len(rows)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--volumes", type=int, default=12, help="held-out phantoms")
@@ -112,15 +108,13 @@ def main() -> None:
     result = run_to_completion(generate_slices(vol, model, card, factor=2))
     model_s = time.perf_counter() - t1
     t2 = time.perf_counter()
-    from napari_medseg.core.generation import interpolate_slices
-
     interpolate_slices(vol, 2, True, "linear")
     linear_s = time.perf_counter() - t2
     n_gen = int(result.generated.sum())
     emit({
         "benchmark": "generate",
         "model": card.get("name"), "model_sha256": card.get("sha256"),
-        "phantoms": {k: summarise(v) for k, v in phantom_rows.items()},
+        "phantoms": {k: summarise_scores(v) for k, v in phantom_rows.items()},
         "real_mr_nibabel_testdata": real,
         "speed_512": {"shape": list(big.shape), "generated_slices": n_gen,
                       "seconds": model_s, "seconds_per_generated_slice": model_s / n_gen,

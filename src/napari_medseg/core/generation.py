@@ -371,24 +371,38 @@ def removal_pattern(n: int, factor: int) -> np.ndarray:
     return known
 
 
+def scored_slices(known: np.ndarray) -> np.ndarray:
+    """The removed slices that are scored: between the first and last known slice (the
+    generator never extrapolates)."""
+    known = np.asarray(known, dtype=bool)
+    removed = ~known
+    ki = np.flatnonzero(known)
+    removed[: ki[0]] = removed[ki[-1] + 1:] = False
+    return removed
+
+
+def regenerate(array: np.ndarray, known: np.ndarray, model: SliceGenerator,
+               card: Mapping[str, Any], spacing: tuple[float, float, float],
+               threads: int | None = None) -> np.ndarray:
+    """``array`` with the slices not in ``known`` removed and made again by the model."""
+    from .progress import run_to_completion
+
+    known = np.asarray(known, dtype=bool)
+    holes = np.where(known[:, None, None], array, np.nan).astype(np.float32)
+    vol = Volume(holes, spacing, (0.0, 0.0, 0.0), "CT", missing=~known)
+    return run_to_completion(generate_slices(vol, model, card, threads=threads)).volume.array
+
+
 def compare_on(array: np.ndarray, known: np.ndarray, model: SliceGenerator,
                card: Mapping[str, Any], spacing: tuple[float, float, float],
                threads: int | None = None) -> dict[str, dict[str, float]]:
     """Remove the slices not in ``known`` from ``array``, regenerate them with the model,
     linear and cubic interpolation, and score each against the removed slices."""
-    from .progress import run_to_completion
-
-    known = np.asarray(known, dtype=bool)
-    removed = ~known
-    ki = np.flatnonzero(known)
-    removed[: ki[0]] = removed[ki[-1] + 1:] = False  # never extrapolated
-    holes = np.where(known[:, None, None], array, np.nan).astype(np.float32)
-    vol = Volume(holes, spacing, (0.0, 0.0, 0.0), "CT", missing=~known)
-    result = run_to_completion(generate_slices(vol, model, card, threads=threads))
+    removed = scored_slices(known)
     truth = array[removed]
     data_range = float(np.nanmax(array) - np.nanmin(array))
     estimates = {
-        "model": result.volume.array[removed],
+        "model": regenerate(array, known, model, card, spacing, threads)[removed],
         "linear": linear_fill(array, known)[removed],
         "cubic": cubic_fill(array, known)[removed],
     }
@@ -396,6 +410,18 @@ def compare_on(array: np.ndarray, known: np.ndarray, model: SliceGenerator,
     for name, est in estimates.items():
         p, s = psnr_ssim(truth, est, data_range)
         out[name] = {"psnr": p, "ssim": s}
+    return out
+
+
+def summarise_scores(items: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Means over volumes of :func:`compare_on` results, and the model's PSNR gain over
+    the better baseline (mean, and on how many volumes it is ≥ 1 dB)."""
+    out: dict[str, Any] = {m: {k: round(float(np.mean([it[m][k] for it in items])), 4)
+                               for k in ("psnr", "ssim")} for m in ("model", "linear", "cubic")}
+    gains = [it["model"]["psnr"] - max(it["linear"]["psnr"], it["cubic"]["psnr"]) for it in items]
+    out["psnr_gain_over_best_baseline_db"] = round(float(np.mean(gains)), 4)
+    out["volumes_better_by_1db"] = int(sum(g >= 1.0 for g in gains))
+    out["n_volumes"] = len(items)
     return out
 
 
@@ -408,7 +434,6 @@ def calibrate_generator(model: SliceGenerator, card: Mapping[str, Any],
     α = Σ r·(truth − linear) / Σ r², clipped to [0, 1], where r is the model's residual.
     α = 0 would mean the residual carries nothing that generalises; the card records α."""
     from .evaluation import seed_list
-    from .progress import run_to_completion
     from .training import VALIDATION_SEEDS
 
     seeds = seed_list(seeds, VALIDATION_SEEDS, 6)
@@ -419,12 +444,9 @@ def calibrate_generator(model: SliceGenerator, card: Mapping[str, Any],
         array = ph.volume.array
         for f in factors:
             known = removal_pattern(array.shape[0], f)
-            vol = Volume(np.where(known[:, None, None], array, np.nan).astype(np.float32),
-                         ph.volume.spacing, (0.0, 0.0, 0.0), "CT", missing=~known)
-            made = run_to_completion(generate_slices(vol, model, unscaled)).volume.array
+            made = regenerate(array, known, model, unscaled, ph.volume.spacing)
             lin = linear_fill(array, known)
-            removed = ~known
-            removed[np.flatnonzero(known)[-1] + 1:] = False
+            removed = scored_slices(known)
             r = (made[removed] - lin[removed]).astype(np.float64)
             num += float((r * (array[removed] - lin[removed])).sum())
             den += float((r * r).sum())
@@ -458,15 +480,7 @@ def evaluate_generator(model: SliceGenerator, card: Mapping[str, Any],
             rows[f].append(compare_on(ph.volume.array, known, model, card, ph.volume.spacing))
         if on_progress is not None:
             on_progress(i + 1, len(seeds), f"generator: phantom {i + 1}/{len(seeds)}")
-    per_factor: dict[str, Any] = {}
-    for f, items in rows.items():
-        mean = {m: {k: round(float(np.mean([it[m][k] for it in items])), 4)
-                    for k in ("psnr", "ssim")} for m in ("model", "linear", "cubic")}
-        gains = [it["model"]["psnr"] - max(it["linear"]["psnr"], it["cubic"]["psnr"])
-                 for it in items]
-        mean["psnr_gain_over_best_baseline_db"] = round(float(np.mean(gains)), 3)
-        mean["volumes_better_by_1db"] = int(sum(g >= 1.0 for g in gains))
-        per_factor[f"x{f}"] = mean
+    per_factor = {f"x{f}": summarise_scores(items) for f, items in rows.items()}
     worst = min(v["psnr_gain_over_best_baseline_db"] for v in per_factor.values())
     summary = _settings_summary(seeds)
     summary["path"] = "core.generation.generate_slices (fp32) on slices removed from each volume"
@@ -511,10 +525,7 @@ class _NativePool(PhantomPool):
     normalised with their own percentile range, as :func:`generate_slices` does."""
 
     def _make(self) -> _TrainingVolume:
-        if self.next_index >= len(self.seeds):
-            self.next_index = 0
-        s = self.seeds[self.next_index]
-        self.next_index += 1
+        s = self._next_seed()
         vol = make_phantom(s, generator_training_settings(s, self.max_slices)).volume
         low, high = percentile_range(vol.array, self.normalisation)
         return _TrainingVolume(((vol.array - low) / (high - low)).astype(np.float32),

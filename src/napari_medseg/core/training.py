@@ -341,11 +341,15 @@ class PhantomPool:
         self.items: list[Any] = []
         self.next_index = 0
 
-    def _make(self) -> Any:
+    def _next_seed(self) -> int:
         if self.next_index >= len(self.seeds):
             self.next_index = 0  # cycle (only with absurd step counts)
         s = self.seeds[self.next_index]
         self.next_index += 1
+        return s
+
+    def _make(self) -> Any:
+        s = self._next_seed()
         sample = to_model_grid(make_phantom(s, training_settings(s, self.max_slices)),
                                self.spacing_yx, self.normalisation)
         if self.prepare is not None:
