@@ -1,9 +1,11 @@
 """How long does napari's event loop stall while a model runs in the background?
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py [--retrain]
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py [--retrain] [--threads N]
 
 ``--retrain``: the same measurement while the Retrain widget fine-tunes the segmenter
-(10 s budget) on three corrected slices and re-predicts the rest into the Labels layer.
+(10 s budget) on three corrected slices and re-predicts the rest into the Labels layer;
+the JSON gives the training steps done in the round. ``--threads N`` pins the jobs'
+torch threads instead of the engine's choice.
 
 Opens a 64×256×256 phantom CT in a real viewer (under Xvfb), docks the Segment widget with
 the bundled segmenter, and while it runs a 10 ms QTimer records event-loop ticks and the
@@ -99,6 +101,13 @@ def main() -> None:
     import sys
 
     retrain = "--retrain" in sys.argv[1:]
+    if "--threads" in sys.argv[1:]:
+        # pin the jobs' torch threads (the engine otherwise takes every core other
+        # processes leave free): e.g. 1 on 2 cores leaves one to the event loop
+        import napari_medseg.core.inference as inference
+
+        pinned = int(sys.argv[sys.argv.index("--threads") + 1])
+        inference.default_threads = lambda: pinned
     phantom = generate_phantom((64, 256, 256), (2.5, 0.8, 0.8), seed=21, n_lesions=2)
     viewer = napari.Viewer(title="responsiveness benchmark")
     viewer.window.resize(1400, 900)
@@ -114,14 +123,20 @@ def main() -> None:
     idle = measure(viewer, seconds=5.0)
     running = measure(viewer, seconds=None, widget=widget)
     ok = isinstance(viewer.layers[-1], napari.layers.Labels)
+    steps = None
     if retrain:
         ok = widget._history is not None and len(widget._history.versions) == 2
+        if ok:
+            steps = widget._history.versions[-1].report.steps
     result = {
         "benchmark": "gui_responsiveness" + ("_retrain" if retrain else ""),
         "job": "retrain 10 s + re-predict" if retrain else "segment",
         "volume_zyx": [64, 256, 256],
         "model": widget._model.value,
         ("retrain_version_added" if retrain else "segmentation_added"): ok,
+        "retrain_steps": steps,
+        "threads": "auto" if "--threads" not in sys.argv[1:] else int(
+            sys.argv[sys.argv.index("--threads") + 1]),
         "idle_reference": idle,
         ("while_retraining" if retrain else "while_segmenting"): running,
         "stall_ratio_vs_idle": round(running["max_gap_ms"] / max(idle["max_gap_ms"], 1e-3), 2),
