@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_finetune.py [--seconds 15] [--volumes 3] [--out FILE]
 
 Domain-shifted phantoms (held-out seeds; flatter contrast 0.6, noise 45 HU, in-plane
-1.3 mm, slices 5 mm, nonuniformity 20 HU: outside the training ranges of contrast 0.8–1.2,
-noise 8–25 HU, in-plane 0.6–1.2 mm) are segmented with the bundled segmenter; a simulated
+1.3 mm, slices 5 mm, nonuniformity 20 HU: outside the training phantoms' contrast 0.8–1.2,
+noise 8–25 HU, in-plane 0.6–1.2 mm; the segmenter's added-noise augmentation, 0–20 HU on
+its 1.5 mm grid, covers part of that noise) are segmented with the bundled segmenter; a simulated
 user then corrects 3 or 5 slices spread over the body (those slices are set to the ground
 truth) and one retrain round of ``--seconds`` runs. Reported per volume and on average:
 Dice per structure on the UNTOUCHED slices before and after, seconds of the round and of

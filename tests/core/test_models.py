@@ -109,6 +109,25 @@ def test_classifier_without_batchnorm():
     assert model(torch.randn(1, 1, 10, 10)).shape == (1, 3)
 
 
+def test_classifier_max_pooling_keeps_a_small_blob_at_any_slice_size():
+    """With "max" the pooled evidence of one bright spot does not shrink as the slice
+    grows around it; with "avg" it is divided by the bin area."""
+    avg = SliceClassifier(pool="avg", **SMALL_CLS).eval()
+    mx = SliceClassifier(pool="max", **SMALL_CLS).eval()
+    mx.load_state_dict(avg.state_dict())
+    assert "pool" not in avg.arch_params and mx.arch_params["pool"] == "max"
+    peaks = {}
+    for size in (64, 160):
+        x = torch.zeros(1, 1, size, size)
+        x[..., 20:24, 20:24] = 5.0
+        for name, model in (("avg", avg), ("max", mx)):
+            with torch.no_grad():
+                feats = model.pool(model.features(x))
+                peaks[name, size] = float(model.gap(feats).amax())
+    assert peaks["max", 160] == pytest.approx(peaks["max", 64], rel=1e-5)
+    assert peaks["avg", 160] < 0.5 * peaks["avg", 64]
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -116,6 +135,7 @@ def test_classifier_without_batchnorm():
         (dict(kernel_size=4), ["kernel_size", "3, 5, 7"]),
         (dict(filters=(4, 0, 8)), ["filters"]),
         (dict(dropout=1.0), ["dropout"]),
+        (dict(pool="median"), ["pool", "avg, max"]),
     ],
 )
 def test_classifier_rejects_bad_arguments(kwargs, words):

@@ -118,6 +118,21 @@ def test_trainers_yield_progress_and_cards():
     assert "--seed 0" in card["training"]["command"]
 
 
+def test_noise_augmentation_level_and_off_switch():
+    from napari_medseg.core.training import _add_noise
+
+    norm = {"low": -150.0, "high": 250.0}
+    x = np.full((64, 64), 0.5, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert _add_noise(rng, x, norm, 0.0) is x
+    assert rng.bit_generator.state == state  # off draws nothing: old runs reproduce
+    stds = [float(_add_noise(rng, x, norm, 20.0).std()) * 400.0 for _ in range(400)]
+    noisy = [s for s in stds if s > 0]
+    assert 120 < len(noisy) < 280  # about half the samples
+    assert max(noisy) <= 20.0 * 1.2 and np.mean(noisy) == pytest.approx(10.0, abs=2.0)
+
+
 def test_bad_options_are_input_errors():
     with pytest.raises(MedsegInputError, match="loss"):
         run_to_completion(train_classifier(0, steps=1, loss="dice_ce"))
@@ -194,12 +209,14 @@ def test_bundled_cards_load_and_verify(name):
 
 
 # -- CLI --------------------------------------------------------------------------------
-def test_train_cli_writes_a_loadable_model(tmp_path, capsys):
+def test_train_cli_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the suite's threads
     rc = main(["train", "classifier", "--seed", "1", "--out", str(tmp_path), "--steps", "2",
-               "--eval-seeds", "0", "--pool-size", "1", "--quiet"])
+               "--eval-seeds", "0", "--pool-size", "1", "--threads", "1", "--quiet"])
     assert rc == 0
     model, card = load_model(tmp_path / "classifier.json")
     assert card["training"]["seed"] == 1 and card["training"]["steps"] == 2
+    assert "--threads 1" in card["training"]["command"]  # float sums depend on it
     assert "wrote" in capsys.readouterr().out
 
 

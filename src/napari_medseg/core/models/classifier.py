@@ -29,6 +29,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 KERNEL_SIZES = (3, 5, 7)
+#: adaptive pooling before the fully connected layers. "max" keeps a small lesion's
+#: evidence at full strength on any slice size; "avg" dilutes it by the area of each bin.
+POOLS = ("avg", "max")
 
 
 def make_activation(name: str) -> nn.Module:
@@ -123,8 +126,8 @@ class SliceClassifier(nn.Module):
     """Per-slice classifier: (N, C, H, W) → logits (N, n_classes), any H, W ≥ 1.
 
     Three blocks conv(k, same) → BN → activation → MaxPool2d(2) with ``filters`` channels,
-    AdaptiveAvgPool2d(4), then FC(16·filters[-1] → hidden) → activation → dropout →
-    FC(hidden → n_classes). Inputs smaller than 8 pixels on a side are edge-padded to 8
+    adaptive pooling to 4×4 (``pool``: "avg" or "max"), then FC(16·filters[-1] → hidden)
+    → activation → dropout → FC(hidden → n_classes). Inputs smaller than 8 pixels on a side are edge-padded to 8
     so the three poolings never reach zero size.
 
     Grad-CAM: :attr:`last_conv` is the last conv block (conv → BN → activation, before
@@ -144,9 +147,11 @@ class SliceClassifier(nn.Module):
         hidden: int = 128,
         dropout: float = 0.5,
         pool_size: int = 4,
+        pool: str = "avg",
     ):
         super().__init__()
         check_choice(kernel_size, KERNEL_SIZES, "kernel_size")
+        check_choice(pool, POOLS, "pool")
         make_activation(activation)  # validate early, with the list of options
         filters = check_positive_ints(filters, "filters")
         (in_channels, n_classes, hidden, pool_size) = check_positive_ints(
@@ -166,6 +171,8 @@ class SliceClassifier(nn.Module):
             "dropout": float(dropout),
             "pool_size": pool_size,
         }
+        if pool != "avg":  # cards written before this option keep loading unchanged
+            self.arch_params["pool"] = pool
         self.in_channels = in_channels
         self.n_classes = n_classes
         channels = (in_channels, *filters)
@@ -176,7 +183,7 @@ class SliceClassifier(nn.Module):
         )
         self.pool = nn.MaxPool2d(2)
         self.min_size = 2 ** len(filters)
-        self.gap = nn.AdaptiveAvgPool2d(pool_size)
+        self.gap = (nn.AdaptiveMaxPool2d if pool == "max" else nn.AdaptiveAvgPool2d)(pool_size)
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(filters[-1] * pool_size * pool_size, hidden),

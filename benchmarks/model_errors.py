@@ -1,0 +1,83 @@
+"""Where the bundled classifier and detector go wrong, on 12 validation phantoms.
+
+    .venv/bin/python benchmarks/model_errors.py [--seeds 12]     # ~1 min, one JSON object
+
+- classifier: the share of NORMAL slices called "lesion", by their distance (in slices)
+  to the nearest lesion slice. If the model saw lesions, the share would not depend on
+  that distance; if it learnt "slices at the level of the liver often hold a lesion",
+  it falls with it.
+- detector: for every lesion ≥ 5 mm, its matched score (0 when missed) next to a
+  matched-filter signal-to-noise ratio |contrast| · √(lesion voxels) / noise: a lesion
+  with a high ratio is plainly visible, so a low score there is the model's fault, not
+  the image's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+
+from napari_medseg.core import evaluation as ev
+from napari_medseg.core.models.registry import load_model
+from napari_medseg.core.training import VALIDATION_SEEDS, eval_settings, make_phantom
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=12, help="validation phantoms")
+    args = ap.parse_args()
+    seeds = list(range(VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + args.seeds))
+    det, dcard = load_model("detector")
+    cls, ccard = load_model("classifier")
+    called_lesion = np.zeros(7)
+    normal_slices = np.zeros(7)
+    lesions = []
+    for s in seeds:
+        settings = eval_settings(s)
+        ph = make_phantom(s, settings)
+        spacing = ph.volume.spacing
+        pred, _ = ev.predict_classifier(cls, ccard, ph.volume)
+        lesion_z = np.flatnonzero(ph.slice_classes == 2)
+        for z in np.flatnonzero(ph.slice_classes == 1):
+            gap = int(np.abs(lesion_z - z).min()) if len(lesion_z) else 99
+            b = min(gap, 6)
+            normal_slices[b] += 1
+            called_lesion[b] += pred[z] == 2
+        dets = sorted(next(iter(ev.predict_detector(det, dcard, ph.volume, threshold=0.05).values())),
+                      key=lambda d: -d["score"])
+        truth = [{"center": les.center_zyx, "radius_mm": les.radius_mm} for les in ph.lesions]
+        matched = ev.match_detections(dets, truth, spacing)
+        best = {j: d["score"] for d, j in zip(dets, matched) if j >= 0}  # one per lesion
+        voxel_mm3 = float(np.prod(spacing))
+        for j, les in enumerate(ph.lesions):
+            if 2 * les.radius_mm < ev.MIN_DIAMETER_MM:
+                continue
+            n_vox = 4 / 3 * math.pi * les.radius_mm ** 3 / voxel_mm3
+            lesions.append({"seed": s, "diameter_mm": round(2 * les.radius_mm, 1),
+                            "contrast_hu": round(les.contrast_hu, 1), "noise_hu": round(settings.noise_hu, 1),
+                            "snr": round(abs(les.contrast_hu) * math.sqrt(n_vox) / settings.noise_hu, 1),
+                            "score": round(best.get(j, 0.0), 3)})
+    bins = ["1", "2", "3", "4", "5", ">=6"]
+    by_snr = {}
+    for lo, hi in ((0, 10), (10, 30), (30, 100), (100, math.inf)):
+        sel = [r for r in lesions if lo <= r["snr"] < hi]
+        by_snr[f"{lo}-{hi}"] = {"lesions": len(sel),
+                                "found_at_card_threshold": sum(r["score"] >= dcard["peak_threshold"] for r in sel),
+                                "median_score": round(float(np.median([r["score"] for r in sel])), 3) if sel else None}
+    print(json.dumps({
+        "seeds": [seeds[0], seeds[-1]],
+        "classifier_normal_called_lesion_by_slices_to_nearest_lesion": {
+            b: {"normal_slices": int(normal_slices[i + 1]),
+                "called_lesion": round(float(called_lesion[i + 1] / max(normal_slices[i + 1], 1)), 3)}
+            for i, b in enumerate(bins)},
+        "detector_by_snr": by_snr,
+        "detector_card_threshold": dcard["peak_threshold"],
+        "detector_lesions_ge_5mm": lesions,
+    }))
+
+
+if __name__ == "__main__":
+    main()

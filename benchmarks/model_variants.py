@@ -1,0 +1,93 @@
+"""Training variants of the bundled models, scored on VALIDATION phantoms only.
+
+Each variant trains one model from scratch (seed 0, ``core.training.train`` with the
+keyword arguments below) and is scored on 12 validation phantoms (seeds 800000–800011,
+``eval_settings``), never on the evaluation seeds the model cards report: choosing a
+variant on the evaluation set would make its card's figure optimistic. The bundled
+models are scored the same way for reference.
+
+    .venv/bin/python benchmarks/model_variants.py VARIANT [VARIANT ...] [--threads 1]
+    .venv/bin/python benchmarks/model_variants.py --list
+
+Runs are deterministic for a given thread count. Costs on 2 shared cores: a classifier
+variant 6–30 min, a detector variant ~9 min, a segmenter variant ~30 min.
+Prints one JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from napari_medseg.core import evaluation as ev
+from napari_medseg.core.models.registry import load_model
+from napari_medseg.core.progress import run_to_completion
+from napari_medseg.core.training import VALIDATION_SEEDS, train
+
+#: name → (model, training keyword arguments); "bundled-*" load the shipped weights
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "bundled-classifier": ("classifier", {}),
+    "classifier-2400": ("classifier", {"steps": 2400}),
+    "classifier-2400-maxpool-noise": ("classifier", {"steps": 2400, "pooling": "max", "noise_hu": 20}),
+    "classifier-1200-hardneg": ("classifier", {"steps": 1200, "hard_negatives": 0.5}),
+    "classifier-1200-hardneg-context": ("classifier", {"steps": 1200, "hard_negatives": 0.5,
+                                                       "context_slices": 1}),
+    "bundled-detector": ("detector", {}),
+    "detector-2400-zsigma1": ("detector", {"steps": 2400, "z_sigma_fraction": 1.0}),
+    # the segmenter bundled before 6000 steps + noise augmentation: run "bundled-segmenter"
+    # at commit 8450325 (its command: train segmenter --steps 2400, no added noise)
+    "bundled-segmenter": ("segmenter", {}),
+}
+
+SEEDS = list(range(VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + 12))
+
+
+def score(name: str, model, card) -> dict:
+    if name == "classifier":
+        res = ev.evaluate_classifier(model, card, SEEDS)
+        return {k: res[k] for k in ("balanced_accuracy", "recall")}
+    if name == "detector":
+        records = ev.detector_records(model, card, SEEDS, 6.0)
+        flat = ev._flatten(records, 6.0)
+        return {"sensitivity_ge_5mm_at_fp_per_volume":
+                {f"{f:g}": round(ev.froc_point(flat, f)["sensitivity"], 4) for f in (0.5, 1, 2)},
+                "nms_mm": 6.0}
+    return {"dice": ev.evaluate_segmenter(model, card, SEEDS)["dice"]}
+
+
+def run(variant: str) -> dict:
+    name, kwargs = VARIANTS[variant]
+    t0 = time.perf_counter()
+    if variant.startswith("bundled-"):
+        model, card = load_model(name)
+    else:
+        model, card = run_to_completion(train(name, 0, **kwargs))
+        card.setdefault("context_slices", 0)
+    seconds = time.perf_counter() - t0
+    return {"variant": variant, "model": name, "train_kwargs": kwargs,
+            "train_seconds": round(seconds), "threads": torch.get_num_threads(),
+            "validation_seeds": [SEEDS[0], SEEDS[-1]], "validation": score(name, model, card)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variants", nargs="*", help="names from --list")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list or not args.variants:
+        print("\n".join(f"{k}: {v[0]} {v[1]}" for k, v in VARIANTS.items()))
+        return
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; see --list")
+    torch.set_num_threads(args.threads)
+    for v in args.variants:
+        print(json.dumps(run(v)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
