@@ -37,6 +37,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                        "context_slices": 1}),
     "bundled-detector": ("detector", {}),
     "detector-2400-zsigma1": ("detector", {"steps": 2400, "z_sigma_fraction": 1.0}),
+    "detector-2400-wide": ("detector", {"steps": 2400, "widths": (32, 64, 128)}),
     # the segmenter bundled before 6000 steps + noise augmentation: run "bundled-segmenter"
     # at commit 8450325 (its command: train segmenter --steps 2400, no added noise)
     "bundled-segmenter": ("segmenter", {}),
