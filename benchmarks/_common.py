@@ -242,11 +242,18 @@ def result_head(name: str, args: Any, volume: Any, card: dict, weights: str,
 
 
 def versus_references(run: BenchRun, gemm_after: float, gflops: float, seconds: float,
-                      sample: torch.Tensor, args: Any, note: str) -> dict[str, Any]:
-    """Same-run GEMM and naive comparison keys (times the naive run on ``sample``)."""
+                      sample: torch.Tensor, args: Any, note: str,
+                      gflop_per_slice_forward: float) -> dict[str, Any]:
+    """Same-run GEMM and naive comparison keys (times the naive run on ``sample``).
+
+    ``speedup_ceiling_at_gemm_rate``: the most any implementation of the same network
+    could gain over the naive run while doing its FLOPs at the same-run GEMM rate, i.e.
+    GEMM GFLOP/s over the naive run's GFLOP/s (one forward per slice).
+    """
     gemm_ref = max(run.gemm, gemm_after)
     naive_slice = naive_seconds_per_slice(run.model, sample[: args.naive_slices].contiguous())
     naive_total = naive_slice * args.slices
+    naive_gflops = gflop_per_slice_forward / naive_slice
     return {
         "gflops_achieved": gflops,
         "gemm_gflops_same_run": gemm_ref,
@@ -254,8 +261,10 @@ def versus_references(run: BenchRun, gemm_after: float, gflops: float, seconds: 
         "ratio": gflops / gemm_ref,
         "naive": {"seconds_scaled": naive_total, "slices_timed": args.naive_slices,
                   "seconds_per_slice": naive_slice, "scaled_to": args.slices,
+                  "gflops_achieved": naive_gflops, "ratio_to_gemm": naive_gflops / gemm_ref,
                   "note": note},
         "speedup_vs_naive": naive_total / seconds,
+        "speedup_ceiling_at_gemm_rate": gemm_ref / naive_gflops,
     }
 
 

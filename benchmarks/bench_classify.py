@@ -62,7 +62,7 @@ def main() -> None:
         "seconds_per_slice": seconds / args.slices,
         "gflop_per_slice": per_slice / 1e9,
         **versus_references(run, gemm_after, gflops, seconds, sample, args,
-                            "model only (no resampling), on the model grid"),
+                            "model only (no resampling), on the model grid", per_slice / 1e9),
     }
     if cpu_supports_bf16():
         s16, r16 = timed(lambda: run_to_completion(
