@@ -659,9 +659,10 @@ def _fit(run: _Run, model, pool: PhantomPool, batch_fn, loss_fn, refresh_every: 
 
 def near_lesion_normal_slices(item: GridSample, lo_mm: float = 3.0, hi_mm: float = 25.0) -> np.ndarray:
     """Normal slices 3–25 mm (and ≥ 2 slices) from the nearest lesion slice: the same
-    anatomy as the lesion slices without the lesion. Sampled as "normal" they stop the
-    classifier from calling every liver-level slice a lesion slice (measured: 60–74 %
-    of the normal slices next to a lesion were, with plain balanced sampling)."""
+    anatomy as the lesion slices without the lesion. Hard negatives for the classifier,
+    which calls 83 % of the normal slices next to a lesion, and 44 % four slices away,
+    "lesion" (benchmarks/model_errors.py, validation phantoms); the measured gain from
+    sampling them is small (docs/models.md, "Variants tried")."""
     classes = item.slice_classes
     lesion_z = np.flatnonzero(classes == 2)
     normal_z = np.flatnonzero(classes == 1)
@@ -696,6 +697,11 @@ def train_classifier(
     context_slices: int = 0,
 ) -> Job[tuple[SliceClassifier, dict[str, Any]]]:
     """Train the slice classifier (no_body / normal / lesion) on single slices.
+
+    Variants (off by default; docs/models.md "Variants tried"): ``pooling`` "max" for the
+    adaptive pooling, ``noise_hu`` extra white noise (:func:`_add_noise`),
+    ``hard_negatives`` the share of normal samples drawn by
+    :func:`near_lesion_normal_slices`, ``context_slices`` z ± n slices as channels.
 
     ``pool``: an already filled :class:`PhantomPool` to share between runs (benchmarks);
     it must be at ``spacing_yx``.
@@ -781,6 +787,9 @@ def train_segmenter(
     noise_hu: float = 20.0,
 ) -> Job[tuple[RecurrentSegmenter, dict[str, Any]]]:
     """Train the recurrent organ segmenter on runs of ``seq_len`` consecutive slices.
+
+    ``noise_hu``: extra white noise of up to that many HU in half the sequences
+    (:func:`_add_noise`); 20 for the bundled model, 0 reproduces the models before it.
 
     ``sampling="balanced"``: half the sequences are centred on a lesion (the rare class).
     """
@@ -905,6 +914,9 @@ def train_detector(
     z_sigma_fraction: float = 0.5,
 ) -> Job[tuple[LesionDetector, dict[str, Any]]]:
     """Train the 2.5D centre-heatmap lesion detector (3 slices in, middle slice out).
+
+    Variants (off by default): ``noise_hu`` extra white noise (:func:`_add_noise`),
+    ``z_sigma_fraction`` the heatmap's σ along z (:func:`detector_targets`).
 
     ``sampling="balanced"``: half the samples are slices near a lesion centre, cropped
     so the lesion is in view; ``"uniform"``: any body slice, random crop.

@@ -127,8 +127,8 @@ class SliceClassifier(nn.Module):
 
     Three blocks conv(k, same) → BN → activation → MaxPool2d(2) with ``filters`` channels,
     adaptive pooling to 4×4 (``pool``: "avg" or "max"), then FC(16·filters[-1] → hidden)
-    → activation → dropout → FC(hidden → n_classes). Inputs smaller than 8 pixels on a side are edge-padded to 8
-    so the three poolings never reach zero size.
+    → activation → dropout → FC(hidden → n_classes). Inputs smaller than 8 pixels on a
+    side are edge-padded to 8 so the three poolings never reach zero size.
 
     Grad-CAM: :attr:`last_conv` is the last conv block (conv → BN → activation, before
     its pooling); hook its output, or call :meth:`features` for the activation map.
