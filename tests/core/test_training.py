@@ -133,6 +133,33 @@ def test_noise_augmentation_level_and_off_switch():
     assert max(noisy) <= 20.0 * 1.2 and np.mean(noisy) == pytest.approx(10.0, abs=2.0)
 
 
+def test_near_lesion_normal_slices_are_the_hard_negatives():
+    from types import SimpleNamespace
+
+    from napari_medseg.core.training import near_lesion_normal_slices
+
+    classes = np.array([0, 1, 1, 1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    item = SimpleNamespace(slice_classes=classes, spacing=(2.5, 1.5, 1.5))
+    # ≥ 2 slices and 3–25 mm away from slices 6–7: not the neighbours 5 and 8, not no_body
+    assert near_lesion_normal_slices(item).tolist() == [1, 2, 3, 4, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+    no_lesion = SimpleNamespace(slice_classes=np.ones(8, dtype=int), spacing=(2.0, 1.0, 1.0))
+    assert near_lesion_normal_slices(no_lesion).size == 0
+
+
+def test_classifier_with_context_slices_trains_and_runs_through_the_engine():
+    from napari_medseg.core.inference import classify_volume
+    from napari_medseg.core.phantom import generate_phantom
+
+    job = train_classifier(0, steps=2, pool_size=1, max_slices=12, crop=48, batch_size=4,
+                           context_slices=1, hard_negatives=0.5, pooling="max", noise_hu=10)
+    model, card = run_to_completion(job)
+    assert model.in_channels == 3 and card["context_slices"] == 1
+    assert model.arch_params["pool"] == "max"
+    volume = generate_phantom((6, 40, 40), (3.0, 4.0, 4.0), 1).volume
+    res = run_to_completion(classify_volume(volume, model, card, threads=1))
+    assert res.probabilities.shape == (6, 3) and np.isfinite(res.probabilities).all()
+
+
 def test_bad_options_are_input_errors():
     with pytest.raises(MedsegInputError, match="loss"):
         run_to_completion(train_classifier(0, steps=1, loss="dice_ce"))
