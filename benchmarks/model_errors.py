@@ -5,7 +5,10 @@
 - classifier: the share of NORMAL slices called "lesion", by their distance (in slices)
   to the nearest lesion slice. If the model saw lesions, the share would not depend on
   that distance; if it learnt "slices at the level of the liver often hold a lesion",
-  it falls with it.
+  it falls with it. For the same normal slices, the largest share of a lesion that the
+  phantom's z blur carries onto them (the lesion mask blurred like the image): near 0
+  means the lesion does not show there at all, so calling them "lesion" is the model's
+  error, not a label that disagrees with the image.
 - detector: for every lesion ≥ 5 mm, its matched score (0 when missed) next to a
   matched-filter signal-to-noise ratio |contrast| · √(lesion voxels) / noise: a lesion
   with a high ratio is plainly visible, so a low score there is the model's fault, not
@@ -19,6 +22,7 @@ import json
 import math
 
 import numpy as np
+from scipy import ndimage
 
 from napari_medseg.core import evaluation as ev
 from napari_medseg.core.models.registry import load_model
@@ -34,6 +38,7 @@ def main() -> None:
     cls, ccard = load_model("classifier")
     called_lesion = np.zeros(7)
     normal_slices = np.zeros(7)
+    blurred_share = []  # per normal slice 1–2 slices from a lesion
     lesions = []
     for s in seeds:
         settings = eval_settings(s)
@@ -41,8 +46,13 @@ def main() -> None:
         spacing = ph.volume.spacing
         pred, _ = ev.predict_classifier(cls, ccard, ph.volume)
         lesion_z = np.flatnonzero(ph.slice_classes == 2)
+        sigma = [b / sp if b / sp > 0.05 else 0.0 for b, sp in zip(ph.blur_sigma_mm, spacing)]
+        shown = ndimage.gaussian_filter((ph.labels == 8).astype(np.float32), sigma,
+                                        mode="nearest", truncate=3.0)  # as the phantom blurs
         for z in np.flatnonzero(ph.slice_classes == 1):
             gap = int(np.abs(lesion_z - z).min()) if len(lesion_z) else 99
+            if gap <= 2:
+                blurred_share.append(float(shown[z].max()))
             b = min(gap, 6)
             normal_slices[b] += 1
             called_lesion[b] += pred[z] == 2
@@ -73,6 +83,9 @@ def main() -> None:
             b: {"normal_slices": int(normal_slices[i + 1]),
                 "called_lesion": round(float(called_lesion[i + 1] / max(normal_slices[i + 1], 1)), 3)}
             for i, b in enumerate(bins)},
+        "normal_slices_1_to_2_from_a_lesion_blurred_lesion_share": {
+            "slices": len(blurred_share), "max": round(max(blurred_share, default=0.0), 4),
+            "over_0.1": sum(v > 0.1 for v in blurred_share)},
         "detector_by_snr": by_snr,
         "detector_card_threshold": dcard["peak_threshold"],
         "detector_lesions_ge_5mm": lesions,

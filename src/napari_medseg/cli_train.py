@@ -195,7 +195,7 @@ def register(sub: Any) -> None:
     budget.add_argument("--steps", type=int, help="optimiser steps (reproducible; default per model)")
     budget.add_argument("--seconds", type=float, help="wall-clock budget instead of steps")
     p.add_argument("--loss", help="classifier: ce|weighted_ce|focal; segmenter: "
-                   "ce|dice_ce|focal|weighted_ce; detector: focal|bce; generator: mse|l1")
+                   "ce|dice_ce|focal|weighted_ce; detector: soft_focal|focal|bce; generator: mse|l1")
     p.add_argument("--sampling", choices=("balanced", "uniform"))
     p.add_argument("--eval-seeds", type=int, default=12,
                    help="held-out phantoms to evaluate on after training (0: skip)")

@@ -222,6 +222,29 @@ def test_detector_learns_only_from_reviewed_slices_and_from_deleted_points():
         run([[3.0, 300.0, 30.0]], [3])
 
 
+def test_detector_fine_tuning_keeps_the_heatmap_it_was_trained_with(monkeypatch):
+    from napari_medseg.core import finetune
+    from napari_medseg.core.models import LesionDetector
+
+    torch.manual_seed(0)
+    model = LesionDetector(widths=(8, 16, 16)).eval()
+    base = {**CARD, "classes": ["lesion"], "context_slices": 1}
+    assert finetune.detector_heatmap(base) == {"loss": "focal", "z_sigma_fraction": 0.5}
+    card = {**base, "heatmap": {"loss": "soft_focal", "z_sigma_fraction": 1.0}}
+    seen = []
+    real_targets, real_loss = finetune.detector_targets, finetune.detector_loss
+    monkeypatch.setattr(finetune, "detector_targets", lambda t, **kw: (seen.append(kw), real_targets(t, **kw)))
+    monkeypatch.setattr(finetune, "detector_loss", lambda o, t, kind: (seen.append(kind), real_loss(o, t, kind))[1])
+    p = generate_phantom((8, 48, 48), (4.0, 2.0, 2.0), seed=11, n_lesions=1)
+    v1 = run_to_completion(finetune.finetune_detector(p.volume, model, card, [[3.0, 24.0, 24.0]],
+                                                      [10.0], [3], steps=2, threads=1))
+    assert seen[0] == {"z_sigma_fraction": 1.0} and set(seen[1:]) == {"soft_focal"}
+    assert v1.card["heatmap"] == card["heatmap"]  # a v2 from v1 is trained the same way
+    for bad in ({"loss": "mse"}, {"z_sigma_fraction": 0}):
+        with pytest.raises(MedsegInputError, match="card's"):
+            finetune.detector_heatmap({**base, "heatmap": bad})
+
+
 def test_plain_adamw_matches_torch_adamw():
     from napari_medseg.core.training import PlainAdamW
 

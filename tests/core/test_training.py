@@ -114,6 +114,7 @@ def test_trainers_yield_progress_and_cards():
     model, card = run_to_completion(job, reports.append)
     assert reports and all(r.total >= r.step for r in reports)
     assert card["classes"] == ["lesion"] and card["context_slices"] == 1
+    assert card["heatmap"] == {"loss": "soft_focal", "z_sigma_fraction": 1.0}  # fine-tuning reads it
     assert card["resample_axes"] == "yx"
     assert "--seed 0" in card["training"]["command"]
 
@@ -158,6 +159,44 @@ def test_classifier_with_context_slices_trains_and_runs_through_the_engine():
     volume = generate_phantom((6, 40, 40), (3.0, 4.0, 4.0), 1).volume
     res = run_to_completion(classify_volume(volume, model, card, threads=1))
     assert res.probabilities.shape == (6, 3) and np.isfinite(res.probabilities).all()
+
+
+def test_classifier_lesion_head_learns_the_mask_and_survives_a_save(tmp_path):
+    from napari_medseg.core.models.registry import load_model, save_model
+    from napari_medseg.core.training import lesion_map_loss
+
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[0, 4:6, 8:10] = True
+    right = torch.full((2, 1, 4, 4), -8.0)
+    right[0, 0, 1, 2] = 8.0  # the 4×4 cell that holds the lesion pixels
+    wrong = -right
+    assert lesion_map_loss(right, mask) < 0.05 < 1.0 < lesion_map_loss(wrong, mask)
+
+    job = train_classifier(0, steps=2, pool_size=1, max_slices=12, crop=48, batch_size=4,
+                           lesion_map_weight=1.0)
+    model, card = run_to_completion(job)
+    assert model.arch_params["lesion_head"] is True
+    feats = model.features(torch.rand(1, 1, 48, 48))
+    assert model.lesion_logits(feats).shape == (1, 1, 12, 12)
+    save_model(model, tmp_path, "cls_map", card)
+    loaded, _ = load_model(tmp_path / "cls_map.json")
+    assert loaded.lesion_head is not None
+    plain, _ = load_model("classifier")  # cards without the option load as before
+    assert plain.lesion_head is None
+    with pytest.raises(MedsegInputError, match="lesion head"):
+        plain.lesion_logits(feats)
+
+
+def test_soft_focal_loss_is_lowest_at_the_soft_target():
+    from napari_medseg.core.training import soft_focal_loss
+
+    target = torch.tensor([[[[0.0, 0.3, 1.0, 0.6]]]])
+    exact = torch.logit(target.clamp(1e-4, 1 - 1e-4))
+    assert soft_focal_loss(exact, target) < 1e-3
+    for other in (torch.zeros_like(target), exact + 1.0, exact - 1.0):
+        assert soft_focal_loss(other, target) > soft_focal_loss(exact, target) + 0.01
+    ignored = torch.tensor([[[[-1.0, 1.0]]]])  # negative targets are ignored
+    assert soft_focal_loss(torch.tensor([[[[50.0, 9.0]]]]), ignored) < 1e-3
 
 
 def test_bad_options_are_input_errors():

@@ -64,6 +64,7 @@ from .models.detector import LesionDetector
 from .resample import map_index
 from .training import (
     IGNORE_INDEX,
+    LOSSES,
     _budget as _train_budget,
     _crop_yx,
     _train_loop,
@@ -450,13 +451,15 @@ def finetune_detector(
     ``points`` (n, 3) voxel (z, y, x) on the volume's grid: the COMPLETE set of lesions
     on the reviewed ``slices`` (a slice with no point near it teaches "no lesion here",
     which is how deleted false positives are learned). The heatmap target is built from
-    every point exactly as in training (:func:`~.training.detector_targets`); only the
-    reviewed slices enter that loss (the CenterNet focal loss ignores the others). Half
+    every point exactly as in training (:func:`~.training.detector_targets`) and scored
+    with the heatmap loss the detector was trained with (:func:`detector_heatmap`);
+    only the reviewed slices enter that loss (it ignores the others). Half
     of each batch are unreviewed slices whose heatmap is held to the starting model's
     (``keep_weight``), so a round on a few slices with added lesions does not teach the
     detector to fire everywhere else.
     """
     check_model_args(volume, model, card, LesionDetector, "fine-tuning")
+    heatmap = detector_heatmap(card)
     pts, diam, zs = check_points(volume, points, diameters_mm, slices)
     steps, seconds = _budget(steps, seconds, DEFAULT_SECONDS)
     nz, ny, nx = volume.shape
@@ -476,11 +479,11 @@ def finetune_detector(
                             "radius_mm": float(d) / 2, "diameter_mm": float(d)})
         target = _DetectorTarget(image=np.zeros((nz, h, w), np.float32), spacing=(sz, sy, sx),
                                  lesions=lesions, labels=np.zeros((nz, 1, 1), np.uint8))
-        detector_targets(target)
+        detector_targets(target, z_sigma_fraction=heatmap["z_sigma_fraction"])
         reviewed = np.zeros(nz, dtype=bool)
         reviewed[zs] = True
         heat = target.heat.astype(np.float32)
-        heat[~reviewed] = -1.0  # ignored by the focal loss
+        heat[~reviewed] = -1.0  # ignored by the heatmap loss
         size_mask = target.size_mask & reviewed[:, None, None]
         size = target.size.astype(np.float32)
         work = copy.deepcopy(model).eval()
@@ -519,7 +522,7 @@ def finetune_detector(
         def loss_fn(out, target):
             t, soft = target
             learned = type(out)(*(o[n_keep:] for o in out))
-            loss = detector_loss(learned, t, "focal")
+            loss = detector_loss(learned, t, heatmap["loss"])
             if soft is not None:
                 # per-pixel mean × 50: the scale training's plain-BCE detector loss uses
                 loss = loss + keep_weight * 50.0 * F.binary_cross_entropy_with_logits(
@@ -539,6 +542,21 @@ def finetune_detector(
     )
     return FinetuneResult(work, finetuned_card(card, work, list(card["classes"]), report, version),
                           report)
+
+
+def detector_heatmap(card: Mapping[str, Any]) -> dict[str, Any]:
+    """How a detector card's heatmap was trained: {"loss", "z_sigma_fraction"}.
+
+    Fine-tuning builds its targets and loss the same way. Cards from before the choice
+    have no "heatmap" entry: CenterNet focal loss, σ_z = radius / 2."""
+    heatmap = {"loss": "focal", "z_sigma_fraction": 0.5, **dict(card.get("heatmap") or {})}
+    if heatmap["loss"] not in LOSSES["detector"]:
+        raise MedsegInputError(f"the card's detector loss {heatmap['loss']!r} is not one of"
+                               f" {', '.join(LOSSES['detector'])}")
+    z = heatmap["z_sigma_fraction"]
+    if not isinstance(z, (int, float)) or not 0 < z <= 10:
+        raise MedsegInputError(f"the card's heatmap z_sigma_fraction must be in (0, 10], got {z!r}")
+    return heatmap
 
 
 @dataclass

@@ -17,7 +17,8 @@ Determinism: with ``steps`` (not ``seconds``) the same seed gives bit-identical 
 on the same machine and torch build (torch and numpy seeded, deterministic algorithms).
 
 Losses (:data:`LOSSES`): cross-entropy, Dice + CE, focal, class-weighted CE, and for the
-detector the CenterNet focal loss or plain BCE; sampling ``"balanced"`` (rare classes /
+detector a focal BCE against the soft heatmap (default), the CenterNet focal loss or
+plain BCE; sampling ``"balanced"`` (rare classes /
 lesion slices drawn as often as the rest) or ``"uniform"``. All voxel losses honour
 ``ignore_index`` (255), so issue #6 can fine-tune on partial annotations.
 """
@@ -40,7 +41,7 @@ from .models.classifier import SliceClassifier
 from .models.detector import LesionDetector, gaussian_heatmap_targets
 from .models.registry import apply_normalisation
 from .models.segmenter import RecurrentSegmenter
-from .phantom import LABEL_NAMES, SLICE_CLASSES, generate_phantom
+from .phantom import LABEL_NAMES, LESION_LABEL, SLICE_CLASSES, generate_phantom
 from .progress import Job, Progress
 from .resample import map_index, resample_yx
 
@@ -74,7 +75,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "detector": {
         "spacing_yx": 1.0,
         "normalisation": {"type": "window", "low": -150.0, "high": 250.0},
-        "loss": "focal",
+        "loss": "soft_focal",
         "sampling": "balanced",
         "steps": 2400,
         "lr": 2e-3,
@@ -91,7 +92,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 LOSSES: dict[str, tuple[str, ...]] = {
     "classifier": ("ce", "weighted_ce", "focal"),
     "segmenter": ("ce", "dice_ce", "focal", "weighted_ce"),
-    "detector": ("focal", "bce"),
+    "detector": ("focal", "bce", "soft_focal"),
     "generator": ("mse", "l1"),
 }
 SAMPLINGS = ("balanced", "uniform")
@@ -205,6 +206,20 @@ def centernet_focal_loss(
     neg_loss = -((1 - t) ** beta) * (p**alpha) * log1mp * (valid & ~pos)
     n_pos = pos.sum().clamp_min(1).to(heat_logits.dtype)
     return (pos_loss.sum() + neg_loss.sum()) / n_pos
+
+
+def soft_focal_loss(heat_logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal BCE against the soft Gaussian heatmap (a "quality focal loss"):
+    −|t − p|^γ · [t log p + (1 − t) log(1 − p)], summed and normalised by the heatmap's
+    mass (Σ t). Every voxel near a centre pulls p towards its target, where CenterNet's
+    loss treats all but the centre voxel as down-weighted negatives: on a 2.5D detector
+    only the lesion's middle slice then carries a positive."""
+    valid = target >= 0
+    t = target.clamp(0, 1)
+    p = torch.sigmoid(heat_logits)
+    bce = F.binary_cross_entropy_with_logits(heat_logits, t, reduction="none")
+    loss = (t - p).abs().pow(gamma) * bce * valid
+    return loss.sum() / (t * valid).sum().clamp_min(1.0)
 
 
 def heatmap_bce_loss(heat_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -673,6 +688,30 @@ def near_lesion_normal_slices(item: GridSample, lo_mm: float = 3.0, hi_mm: float
     return normal_z[(gap >= 2) & (gap_mm >= lo_mm) & (gap_mm <= hi_mm)]
 
 
+def lesion_map_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice of a coarse lesion map (N, 1, h, w) against a full-resolution mask
+    (N, H, W), max-pooled to (h, w) (a cell holds a lesion if any pixel in it does).
+
+    The Dice is over the whole batch, so a batch without lesions still has a loss."""
+    target = F.adaptive_max_pool2d(mask[:, None].float(), logits.shape[-2:])
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    return bce + dice
+
+
+class _WithLesionMap(torch.nn.Module):
+    """Training view of a classifier with a lesion head: x → (class logits, lesion map)."""
+
+    def __init__(self, model: SliceClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.features(x)
+        return self.model.classify_features(feats), self.model.lesion_logits(feats)
+
+
 def train_classifier(
     seed: int = 0,
     steps: int | None = None,
@@ -695,13 +734,17 @@ def train_classifier(
     noise_hu: float = 0.0,
     hard_negatives: float = 0.0,
     context_slices: int = 0,
+    lesion_map_weight: float = 0.0,
 ) -> Job[tuple[SliceClassifier, dict[str, Any]]]:
     """Train the slice classifier (no_body / normal / lesion) on single slices.
 
     Variants (off by default; docs/models.md "Variants tried"): ``pooling`` "max" for the
     adaptive pooling, ``noise_hu`` extra white noise (:func:`_add_noise`),
     ``hard_negatives`` the share of normal samples drawn by
-    :func:`near_lesion_normal_slices`, ``context_slices`` z ± n slices as channels.
+    :func:`near_lesion_normal_slices`, ``context_slices`` z ± n slices as channels,
+    ``lesion_map_weight`` > 0 adds the classifier's lesion head, trained with that weight
+    on the lesion mask (:func:`lesion_map_loss`); a lesion slice whose lesion the random
+    crop cut away is then labelled as the normal slice the model sees.
 
     ``pool``: an already filled :class:`PhantomPool` to share between runs (benchmarks);
     it must be at ``spacing_yx``.
@@ -710,8 +753,9 @@ def train_classifier(
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
     with deterministic(run.seed):
         context = int(context_slices)
+        with_map = lesion_map_weight > 0
         model = SliceClassifier(2 * context + 1, len(SLICE_CLASSES), kernel_size, activation,
-                                filters, pool=pooling)
+                                filters, pool=pooling, lesion_head=with_map)
         if pool is None:
             pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm)
         elif abs(pool.spacing_yx - run.spacing_yx) > 1e-9:
@@ -724,7 +768,7 @@ def train_classifier(
         weight = class_weights(counts) if loss == "weighted_ce" else None
 
         def batch(step: int):
-            xs, ys = [], []
+            xs, ys, masks = [], [], []
             if sampling == "balanced":
                 wanted = rng.integers(0, 3, size=batch_size)
             for b in range(batch_size):
@@ -744,20 +788,40 @@ def train_classifier(
                     break
                 zs = np.clip(np.arange(z - context, z + context + 1), 0, item.image.shape[0] - 1)
                 img = _add_noise(rng, _jitter(rng, item.image[zs], norm), norm, noise_hu)
-                (img,) = _crop_yx(rng, [img], crop, [0.0])
+                label = int(item.slice_classes[z])
+                if with_map:
+                    img, mask = _crop_yx(rng, [img, item.labels[z] == LESION_LABEL], crop,
+                                         [0.0, False])
+                    if label == 2 and not mask.any():
+                        label = 1
+                else:
+                    (img,) = _crop_yx(rng, [img], crop, [0.0])
+                    mask = None
                 if rng.uniform() < 0.5:
                     img = img[..., ::-1]  # left-right flip: organ sides matter little here
+                    mask = None if mask is None else mask[..., ::-1]
                 xs.append(img)
-                ys.append(int(item.slice_classes[z]))
+                ys.append(label)
+                masks.append(mask)
             x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
-            return x, torch.tensor(ys, dtype=torch.long)
+            y = torch.tensor(ys, dtype=torch.long)
+            if not with_map:
+                return x, y
+            return x, (y, torch.from_numpy(np.ascontiguousarray(np.stack(masks))))
 
-        def loss_fn(logits, y):
+        def class_loss(logits, y):
             if loss == "focal":
                 return focal_loss(logits, y)
             return cross_entropy(logits, y, weight)
 
-        card = yield from _fit(run, model, pool, batch, loss_fn, refresh_every, SLICE_CLASSES,
+        def loss_fn(out, target):
+            if not with_map:
+                return class_loss(out, target)
+            (logits, lesion_logits), (y, mask) = out, target
+            return class_loss(logits, y) + lesion_map_weight * lesion_map_loss(lesion_logits, mask)
+
+        card = yield from _fit(run, _WithLesionMap(model) if with_map else model, pool, batch,
+                               loss_fn, refresh_every, SLICE_CLASSES,
                                pool_size,
                                {"context_slices": context,
                                 "class_counts_first_pool": counts.tolist()})
@@ -886,8 +950,12 @@ def detector_targets(sample: GridSample, sigma_fraction: float = 0.5,
 
 def detector_loss(out, target, kind: str = "focal", size_weight: float = 0.1) -> torch.Tensor:
     heat_t, size_t, size_m = target
-    heat_loss = centernet_focal_loss(out.heatmap, heat_t) if kind == "focal" else \
-        heatmap_bce_loss(out.heatmap, heat_t) * 50.0
+    if kind == "focal":
+        heat_loss = centernet_focal_loss(out.heatmap, heat_t)
+    elif kind == "soft_focal":
+        heat_loss = soft_focal_loss(out.heatmap, heat_t)
+    else:
+        heat_loss = heatmap_bce_loss(out.heatmap, heat_t) * 50.0
     if bool(size_m.any()):
         size_loss = F.smooth_l1_loss(out.log_diameter[size_m], size_t[size_m])
     else:
@@ -911,7 +979,7 @@ def train_detector(
     max_slices: int = 48,
     lr: float | None = None,
     noise_hu: float = 0.0,
-    z_sigma_fraction: float = 0.5,
+    z_sigma_fraction: float = 1.0,
 ) -> Job[tuple[LesionDetector, dict[str, Any]]]:
     """Train the 2.5D centre-heatmap lesion detector (3 slices in, middle slice out).
 
@@ -965,7 +1033,10 @@ def train_detector(
         card = yield from _fit(run, model, pool, batch, lambda o, t: detector_loss(o, t, loss),
                                refresh_every, ["lesion"], pool_size,
                                {"context_slices": context, "peak_threshold": 0.3,
-                                "min_distance_mm": 8.0})
+                                "min_distance_mm": 8.0,
+                                # fine-tuning makes its targets and loss the same way
+                                "heatmap": {"loss": loss,
+                                            "z_sigma_fraction": float(z_sigma_fraction)}})
     return model, card
 
 

@@ -132,6 +132,11 @@ class SliceClassifier(nn.Module):
 
     Grad-CAM: :attr:`last_conv` is the last conv block (conv → BN → activation, before
     its pooling); hook its output, or call :meth:`features` for the activation map.
+
+    ``lesion_head``: a 1×1 conv on :meth:`features` that maps where the lesion is
+    (:meth:`lesion_logits`). Training supervises it with the lesion mask, so the features
+    the fully connected layers read must locate the lesion instead of recognising the
+    anatomy level where lesions sit; the forward pass does not use it.
     """
 
     MIN_SIZE = 8  # 2 ** number of poolings
@@ -148,6 +153,7 @@ class SliceClassifier(nn.Module):
         dropout: float = 0.5,
         pool_size: int = 4,
         pool: str = "avg",
+        lesion_head: bool = False,
     ):
         super().__init__()
         check_choice(kernel_size, KERNEL_SIZES, "kernel_size")
@@ -173,6 +179,8 @@ class SliceClassifier(nn.Module):
         }
         if pool != "avg":  # cards written before this option keep loading unchanged
             self.arch_params["pool"] = pool
+        if lesion_head:
+            self.arch_params["lesion_head"] = True
         self.in_channels = in_channels
         self.n_classes = n_classes
         channels = (in_channels, *filters)
@@ -191,6 +199,7 @@ class SliceClassifier(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, n_classes),
         )
+        self.lesion_head = nn.Conv2d(filters[-1], 1, 1) if lesion_head else None
 
     @property
     def last_conv(self) -> ConvBNAct:
@@ -217,6 +226,12 @@ class SliceClassifier(nn.Module):
     def classify_features(self, feats: torch.Tensor) -> torch.Tensor:
         """Logits from :meth:`features` output (the rest of the forward pass)."""
         return self.head(self.gap(self.pool(feats)))
+
+    def lesion_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, 1, h, w) logits of "lesion here" from :meth:`features` output."""
+        if self.lesion_head is None:
+            raise MedsegInputError("this classifier was built without a lesion head")
+        return self.lesion_head(feats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify_features(self.features(x))
