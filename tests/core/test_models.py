@@ -358,6 +358,40 @@ def test_extract_peaks_plateau_is_one_peak():
     assert (p.z, p.y, p.x) == (2, 7, 9) and np.isnan(p.diameter_mm)
 
 
+def _reference_maxima(heat, threshold):
+    """The plain definition: a 3×3×3 maximum filter over the whole heatmap."""
+    from scipy import ndimage
+
+    clean = np.where(np.isfinite(heat), heat, -np.inf)
+    local_max = ndimage.maximum_filter(clean, size=3, mode="constant", cval=-np.inf)
+    return np.argwhere((clean >= threshold) & (clean == local_max))
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.5, 0.0])  # sparse, then the dense path
+def test_local_maxima_and_plateau_groups_match_the_maximum_filter(threshold):
+    from scipy import ndimage
+
+    from napari_medseg.core.models.detector import _local_maxima, _touching_groups
+
+    rng = np.random.default_rng(3)
+    heat = np.round(rng.random((7, 23, 19)), 1).astype(np.float32)  # many equal values
+    heat[0, 0, 0] = heat[-1, -1, -1] = 1.0  # maxima on the corners
+    heat[3, 4:7, 5:8] = 1.0  # a plateau
+    heat[5, 10, 10], heat[5, 10, 11], heat[1, 1, 1] = np.nan, np.inf, -np.inf  # count as −inf
+    expected = _reference_maxima(heat, threshold)
+    found = _local_maxima(heat, threshold)
+    assert np.array_equal(found, expected)
+    mask = np.zeros(heat.shape, dtype=bool)
+    mask[tuple(expected.T)] = True
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    groups = _touching_groups(found)
+    assert len(groups) == n
+    for group in groups:  # each group is one labelled region, in argwhere order
+        region = labels[tuple(found[group].T)]
+        assert len(set(region)) == 1 and np.all(np.diff(group) > 0)
+        assert len(group) == np.count_nonzero(labels == region[0])
+
+
 def test_extract_peaks_threshold_nms_and_limits():
     heat = np.zeros((3, 30, 30), dtype=np.float32)
     heat[1, 5, 5] = 0.9

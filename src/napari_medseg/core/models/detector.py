@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from torch import nn
 
@@ -184,6 +186,53 @@ def gaussian_heatmap_targets(
     return out
 
 
+#: the 26 neighbours of a voxel
+_NEIGHBOURS = np.array([(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                        if (dz, dy, dx) != (0, 0, 0)])
+#: above this share of voxels at or over the threshold, one 3D maximum filter is cheaper
+_DENSE_SHARE = 0.02
+
+
+def _local_maxima(heat: np.ndarray, threshold: float) -> np.ndarray:
+    """(k, 3) voxels ≥ ``threshold`` that equal the maximum of their 3×3×3 neighbourhood,
+    in lexicographic order. Non-finite voxels, and the outside of the array, count as
+    −inf: they are never maxima and never hide one.
+
+    At a detection threshold few voxels qualify, so only those are compared with their
+    neighbours: a maximum filter (and a cleaned copy) of a 200×358×358 heatmap took
+    1.2 s of a 3 s detect."""
+    above = heat >= threshold
+    above &= np.isfinite(heat)
+    count = int(np.count_nonzero(above))
+    if count == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    if count > _DENSE_SHARE * heat.size:
+        clean = np.where(np.isfinite(heat), heat, -np.inf).astype(np.float32)
+        local_max = ndimage.maximum_filter(clean, size=3, mode="constant", cval=-np.inf)
+        return np.argwhere(above & (clean == local_max))
+    coords = np.argwhere(above)
+    own = heat[tuple(coords.T)]
+    is_max = np.ones(len(coords), dtype=bool)
+    upper = np.asarray(heat.shape) - 1
+    for offset in _NEIGHBOURS:
+        # clipping lands on the voxel itself or on another true neighbour: same maximum
+        values = heat[tuple(np.clip(coords + offset, 0, upper).T)]
+        is_max &= (own >= values) | ~np.isfinite(values)
+    return coords[is_max]
+
+
+def _touching_groups(coords: np.ndarray) -> list[np.ndarray]:
+    """Indices of ``coords`` grouped by 26-connectivity (touching voxels, a plateau)."""
+    pairs = cKDTree(coords).query_pairs(r=1.0, p=np.inf, output_type="ndarray")
+    n = len(coords)
+    if not len(pairs):
+        return [np.array([i]) for i in range(n)]
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    order = np.argsort(component, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(component[order])) + 1)
+
+
 def extract_peaks(
     heatmap_zyx: Any,
     size_zyx: Any | None,
@@ -212,15 +261,12 @@ def extract_peaks(
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     if spacing_arr.shape != (3,) or np.any(~np.isfinite(spacing_arr)) or np.any(spacing_arr <= 0):
         raise MedsegInputError(f"spacing must be three positive numbers (z, y, x), got {spacing!r}")
-    heat = np.where(np.isfinite(heat), heat, -np.inf).astype(np.float32)
-    local_max = ndimage.maximum_filter(heat, size=3, mode="constant", cval=-np.inf)
-    candidates = (heat == local_max) & (heat >= threshold)
-    if not candidates.any():
+    maxima = _local_maxima(heat, float(threshold))
+    if not len(maxima):
         return []
-    labels, _ = ndimage.label(candidates, structure=np.ones((3, 3, 3), dtype=bool))
     points = []
-    for index, region in enumerate(ndimage.find_objects(labels), start=1):
-        coords = np.argwhere(labels[region] == index) + [s.start for s in region]
+    for group in _touching_groups(maxima):
+        coords = maxima[group]  # lexicographic order, as np.argwhere gives
         if len(coords) > 1:  # plateau: the member voxel nearest the centroid
             coords = coords[[np.argmin(((coords - coords.mean(axis=0)) ** 2).sum(axis=1))]]
         points.append(coords[0])
