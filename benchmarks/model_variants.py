@@ -49,8 +49,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                      "z_sigma_fraction": 1.0}),
     "detector-2400-softfocal-zsigma2": ("detector", {"steps": 2400, "loss": "soft_focal",
                                                      "z_sigma_fraction": 2.0}),
-    "detector-6000-softfocal-zsigma1": ("detector", {"steps": 6000, "loss": "soft_focal",
-                                                     "z_sigma_fraction": 1.0}),
+    "detector-2400-softfocal-sigma075": ("detector", {"steps": 2400, "loss": "soft_focal",
+                                                      "z_sigma_fraction": 1.0,
+                                                      "sigma_fraction": 0.75}),
     # the segmenter bundled before 6000 steps + noise augmentation: run "bundled-segmenter"
     # at commit 8450325 (its command: train segmenter --steps 2400, no added noise)
     "bundled-segmenter": ("segmenter", {}),

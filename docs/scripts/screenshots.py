@@ -157,6 +157,22 @@ def shoot_gradcam() -> Path:
     return _save(viewer, viewer.layers[-1], "gradcam")
 
 
+def shoot_detect_heatmap() -> Path:
+    """Detect with the heatmap under the points, at the strongest detection; the true
+    lesions shown too, to compare."""
+    viewer = _sample_viewer()
+    image = viewer.layers[0]
+    truth = next(layer for layer in viewer.layers if type(layer).__name__ == "Points")
+    widget = _run_docked(viewer, WIDGETS["detect"], image)
+    widget._with_heatmap.value = True
+    widget._run.clicked.emit()
+    wait_for(widget)
+    truth.visible = True
+    if widget._goto.choices:
+        widget._go_to_lesion(widget._goto.value)
+    return _save(viewer, viewer.layers[-1], "detect_heatmap")
+
+
 def shoot_uncertainty() -> Path:
     """MC-dropout uncertainty, at the most uncertain slice."""
     viewer = _sample_viewer()
@@ -199,7 +215,8 @@ def shoot_generate() -> Path:
 
 
 SPECIAL = {"retrain": shoot_retrain, "retrain_detector": shoot_retrain_detector,
-           "gradcam": shoot_gradcam, "uncertainty": shoot_uncertainty,
+           "gradcam": shoot_gradcam, "detect_heatmap": shoot_detect_heatmap,
+           "uncertainty": shoot_uncertainty,
            "generate": shoot_generate}
 
 

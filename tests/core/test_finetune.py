@@ -229,8 +229,9 @@ def test_detector_fine_tuning_keeps_the_heatmap_it_was_trained_with(monkeypatch)
     torch.manual_seed(0)
     model = LesionDetector(widths=(8, 16, 16)).eval()
     base = {**CARD, "classes": ["lesion"], "context_slices": 1}
-    assert finetune.detector_heatmap(base) == {"loss": "focal", "z_sigma_fraction": 0.5}
-    card = {**base, "heatmap": {"loss": "soft_focal", "z_sigma_fraction": 1.0}}
+    assert finetune.detector_heatmap(base) == {"loss": "focal", "sigma_fraction": 0.5,
+                                               "z_sigma_fraction": 0.5}
+    card = {**base, "heatmap": {"loss": "soft_focal", "sigma_fraction": 0.75, "z_sigma_fraction": 1.0}}
     seen = []
     real_targets, real_loss = finetune.detector_targets, finetune.detector_loss
     monkeypatch.setattr(finetune, "detector_targets", lambda t, **kw: (seen.append(kw), real_targets(t, **kw)))
@@ -238,9 +239,10 @@ def test_detector_fine_tuning_keeps_the_heatmap_it_was_trained_with(monkeypatch)
     p = generate_phantom((8, 48, 48), (4.0, 2.0, 2.0), seed=11, n_lesions=1)
     v1 = run_to_completion(finetune.finetune_detector(p.volume, model, card, [[3.0, 24.0, 24.0]],
                                                       [10.0], [3], steps=2, threads=1))
-    assert seen[0] == {"z_sigma_fraction": 1.0} and set(seen[1:]) == {"soft_focal"}
+    assert seen[0] == {"sigma_fraction": 0.75, "z_sigma_fraction": 1.0}
+    assert set(seen[1:]) == {"soft_focal"}
     assert v1.card["heatmap"] == card["heatmap"]  # a v2 from v1 is trained the same way
-    for bad in ({"loss": "mse"}, {"z_sigma_fraction": 0}):
+    for bad in ({"loss": "mse"}, {"z_sigma_fraction": 0}, {"sigma_fraction": "wide"}):
         with pytest.raises(MedsegInputError, match="card's"):
             finetune.detector_heatmap({**base, "heatmap": bad})
 

@@ -114,7 +114,8 @@ def test_trainers_yield_progress_and_cards():
     model, card = run_to_completion(job, reports.append)
     assert reports and all(r.total >= r.step for r in reports)
     assert card["classes"] == ["lesion"] and card["context_slices"] == 1
-    assert card["heatmap"] == {"loss": "soft_focal", "z_sigma_fraction": 1.0}  # fine-tuning reads it
+    # fine-tuning reads it
+    assert card["heatmap"] == {"loss": "soft_focal", "sigma_fraction": 0.5, "z_sigma_fraction": 1.0}
     assert card["resample_axes"] == "yx"
     assert "--seed 0" in card["training"]["command"]
 

@@ -479,7 +479,8 @@ def finetune_detector(
                             "radius_mm": float(d) / 2, "diameter_mm": float(d)})
         target = _DetectorTarget(image=np.zeros((nz, h, w), np.float32), spacing=(sz, sy, sx),
                                  lesions=lesions, labels=np.zeros((nz, 1, 1), np.uint8))
-        detector_targets(target, z_sigma_fraction=heatmap["z_sigma_fraction"])
+        detector_targets(target, sigma_fraction=heatmap["sigma_fraction"],
+                         z_sigma_fraction=heatmap["z_sigma_fraction"])
         reviewed = np.zeros(nz, dtype=bool)
         reviewed[zs] = True
         heat = target.heat.astype(np.float32)
@@ -545,17 +546,20 @@ def finetune_detector(
 
 
 def detector_heatmap(card: Mapping[str, Any]) -> dict[str, Any]:
-    """How a detector card's heatmap was trained: {"loss", "z_sigma_fraction"}.
+    """How a detector card's heatmap was trained: {"loss", "sigma_fraction",
+    "z_sigma_fraction"} (the Gaussian's σ in-plane and along z, fractions of the radius).
 
     Fine-tuning builds its targets and loss the same way. Cards from before the choice
-    have no "heatmap" entry: CenterNet focal loss, σ_z = radius / 2."""
-    heatmap = {"loss": "focal", "z_sigma_fraction": 0.5, **dict(card.get("heatmap") or {})}
+    have no "heatmap" entry: CenterNet focal loss, σ = radius / 2 on every axis."""
+    heatmap = {"loss": "focal", "sigma_fraction": 0.5, "z_sigma_fraction": 0.5,
+               **dict(card.get("heatmap") or {})}
     if heatmap["loss"] not in LOSSES["detector"]:
         raise MedsegInputError(f"the card's detector loss {heatmap['loss']!r} is not one of"
                                f" {', '.join(LOSSES['detector'])}")
-    z = heatmap["z_sigma_fraction"]
-    if not isinstance(z, (int, float)) or not 0 < z <= 10:
-        raise MedsegInputError(f"the card's heatmap z_sigma_fraction must be in (0, 10], got {z!r}")
+    for key in ("sigma_fraction", "z_sigma_fraction"):
+        value = heatmap[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 10:
+            raise MedsegInputError(f"the card's heatmap {key} must be in (0, 10], got {value!r}")
     return heatmap
 
 

@@ -980,11 +980,13 @@ def train_detector(
     lr: float | None = None,
     noise_hu: float = 0.0,
     z_sigma_fraction: float = 1.0,
+    sigma_fraction: float = 0.5,
 ) -> Job[tuple[LesionDetector, dict[str, Any]]]:
     """Train the 2.5D centre-heatmap lesion detector (3 slices in, middle slice out).
 
     Variants (off by default): ``noise_hu`` extra white noise (:func:`_add_noise`),
-    ``z_sigma_fraction`` the heatmap's σ along z (:func:`detector_targets`).
+    ``z_sigma_fraction`` / ``sigma_fraction`` the heatmap's σ along z / in-plane as a
+    fraction of the radius (:func:`detector_targets`).
 
     ``sampling="balanced"``: half the samples are slices near a lesion centre, cropped
     so the lesion is in view; ``"uniform"``: any body slice, random crop.
@@ -996,6 +998,7 @@ def train_detector(
         model = LesionDetector(2 * context + 1, widths)
         pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
                            prepare=functools.partial(detector_targets,
+                                                     sigma_fraction=sigma_fraction,
                                                      z_sigma_fraction=z_sigma_fraction))
         yield from pool.fill()
 
@@ -1036,6 +1039,7 @@ def train_detector(
                                 "min_distance_mm": 8.0,
                                 # fine-tuning makes its targets and loss the same way
                                 "heatmap": {"loss": loss,
+                                            "sigma_fraction": float(sigma_fraction),
                                             "z_sigma_fraction": float(z_sigma_fraction)}})
     return model, card
 
