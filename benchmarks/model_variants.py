@@ -52,6 +52,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "detector-2400-softfocal-sigma075": ("detector", {"steps": 2400, "loss": "soft_focal",
                                                       "z_sigma_fraction": 1.0,
                                                       "sigma_fraction": 0.75}),
+    "detector-2400-softfocal-sigma1": ("detector", {"steps": 2400, "loss": "soft_focal",
+                                                    "z_sigma_fraction": 1.0,
+                                                    "sigma_fraction": 1.0}),
     # the segmenter bundled before 6000 steps + noise augmentation: run "bundled-segmenter"
     # at commit 8450325 (its command: train segmenter --steps 2400, no added noise)
     "bundled-segmenter": ("segmenter", {}),
