@@ -55,6 +55,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "detector-2400-softfocal-sigma1": ("detector", {"steps": 2400, "loss": "soft_focal",
                                                     "z_sigma_fraction": 1.0,
                                                     "sigma_fraction": 1.0}),
+    "detector-2400-softfocal-context2": ("detector", {"steps": 2400, "loss": "soft_focal",
+                                                      "z_sigma_fraction": 1.0,
+                                                      "context_slices": 2}),
+    "detector-2400-softfocal-context3": ("detector", {"steps": 2400, "loss": "soft_focal",
+                                                      "z_sigma_fraction": 1.0,
+                                                      "context_slices": 3}),
     # the segmenter bundled before 6000 steps + noise augmentation: run "bundled-segmenter"
     # at commit 8450325 (its command: train segmenter --steps 2400, no added noise)
     "bundled-segmenter": ("segmenter", {}),

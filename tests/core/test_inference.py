@@ -138,6 +138,22 @@ def test_resize_uses_the_shared_resample_grid():
     np.testing.assert_allclose(batch, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("context", [1, 2])
+def test_grid_slices_reused_between_batches_equal_fresh_ones(context):
+    """Consecutive, overlapping, repeated and backward batches (and a gap filled from a
+    neighbour) give exactly what a fresh ModelGridSlices computes for that batch alone."""
+    rng = np.random.default_rng(2)
+    array = rng.normal(0, 200, size=(11, 23, 19)).astype(np.float32)
+    missing = np.zeros(11, dtype=bool)
+    missing[5] = True
+    volume = Volume(array, (2.0, 0.9, 1.3), missing=missing)
+    card = {"input_spacing_mm": [2.0, 1.5, 1.5], "normalisation": WINDOW}
+    reused = inference.ModelGridSlices(volume, card, context)
+    for a, b in [(0, 4), (4, 8), (8, 11), (8, 11), (2, 6), (0, 3), (6, 11)]:
+        fresh = inference.ModelGridSlices(volume, card, context)[a:b]
+        assert torch.equal(reused[a:b], fresh), (a, b)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (75, 53), (33, 96), (32, 32)])
 def test_boundary_only_labels_equal_full_bilinear_argmax(size):
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MedsegInputError
-from .models.classifier import SliceClassifier
+from .models.classifier import SliceClassifier, check_positive_ints
 from .models.detector import LesionDetector, gaussian_heatmap_targets
 from .models.registry import apply_normalisation
 from .models.segmenter import RecurrentSegmenter
@@ -981,19 +981,21 @@ def train_detector(
     noise_hu: float = 0.0,
     z_sigma_fraction: float = 1.0,
     sigma_fraction: float = 0.5,
+    context_slices: int = 1,
 ) -> Job[tuple[LesionDetector, dict[str, Any]]]:
     """Train the 2.5D centre-heatmap lesion detector (3 slices in, middle slice out).
 
     Variants (off by default): ``noise_hu`` extra white noise (:func:`_add_noise`),
     ``z_sigma_fraction`` / ``sigma_fraction`` the heatmap's σ along z / in-plane as a
-    fraction of the radius (:func:`detector_targets`).
+    fraction of the radius (:func:`detector_targets`), ``context_slices`` the slices the
+    network sees on each side of the one it detects on.
 
     ``sampling="balanced"``: half the samples are slices near a lesion centre, cropped
     so the lesion is in view; ``"uniform"``: any body slice, random crop.
     """
     run = _start_run("detector", seed, steps, seconds, loss, sampling, spacing_yx, lr, 3)
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
-    context = 1
+    (context,) = check_positive_ints([context_slices], "context_slices")
     with deterministic(run.seed):
         model = LesionDetector(2 * context + 1, widths)
         pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
