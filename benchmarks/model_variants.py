@@ -28,7 +28,7 @@ from napari_medseg.core.progress import run_to_completion
 from napari_medseg.core.training import VALIDATION_SEEDS, train
 
 #: the detector's training before soft_focal and σ_z = radius became the defaults
-_FOCAL = {"loss": "focal", "z_sigma_fraction": 0.5}
+_FOCAL = {"loss": "focal", "z_sigma_fraction": 0.5, "context_slices": 1}
 
 #: name → (model, training keyword arguments); "bundled-*" load the shipped weights
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -40,19 +40,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                        "context_slices": 1}),
     "classifier-1200-lesionmap": ("classifier", {"steps": 1200, "lesion_map_weight": 1.0}),
     "bundled-detector": ("detector", {}),
-    "detector-2400-zsigma1": ("detector", {"steps": 2400, "loss": "focal", "z_sigma_fraction": 1.0}),
+    "detector-2400-zsigma1": ("detector", {**_FOCAL, "steps": 2400, "z_sigma_fraction": 1.0}),
     "detector-2400-wide": ("detector", {"steps": 2400, "widths": (32, 64, 128), **_FOCAL}),
     "detector-2400-noise20": ("detector", {"steps": 2400, "noise_hu": 20, **_FOCAL}),
-    "detector-2400-softfocal": ("detector", {"steps": 2400, "loss": "soft_focal", "z_sigma_fraction": 0.5}),
-    "detector-6000-softfocal": ("detector", {"steps": 6000, "loss": "soft_focal", "z_sigma_fraction": 0.5}),
-    "detector-2400-softfocal-zsigma1": ("detector", {"steps": 2400, "loss": "soft_focal",
+    "detector-2400-softfocal": ("detector", {"steps": 2400, "loss": "soft_focal", "z_sigma_fraction": 0.5, "context_slices": 1}),
+    "detector-6000-softfocal": ("detector", {"steps": 6000, "loss": "soft_focal", "z_sigma_fraction": 0.5, "context_slices": 1}),
+    "detector-2400-softfocal-zsigma1": ("detector", {"steps": 2400, "loss": "soft_focal", "context_slices": 1,
                                                      "z_sigma_fraction": 1.0}),
-    "detector-2400-softfocal-zsigma2": ("detector", {"steps": 2400, "loss": "soft_focal",
+    "detector-2400-softfocal-zsigma2": ("detector", {"steps": 2400, "loss": "soft_focal", "context_slices": 1,
                                                      "z_sigma_fraction": 2.0}),
-    "detector-2400-softfocal-sigma075": ("detector", {"steps": 2400, "loss": "soft_focal",
+    "detector-2400-softfocal-sigma075": ("detector", {"steps": 2400, "loss": "soft_focal", "context_slices": 1,
                                                       "z_sigma_fraction": 1.0,
                                                       "sigma_fraction": 0.75}),
-    "detector-2400-softfocal-sigma1": ("detector", {"steps": 2400, "loss": "soft_focal",
+    "detector-2400-softfocal-sigma1": ("detector", {"steps": 2400, "loss": "soft_focal", "context_slices": 1,
                                                     "z_sigma_fraction": 1.0,
                                                     "sigma_fraction": 1.0}),
     "detector-2400-softfocal-context2": ("detector", {"steps": 2400, "loss": "soft_focal",

@@ -118,6 +118,9 @@ def test_trainers_yield_progress_and_cards():
     assert card["heatmap"] == {"loss": "soft_focal", "sigma_fraction": 0.5, "z_sigma_fraction": 1.0}
     assert card["resample_axes"] == "yx"
     assert "--seed 0" in card["training"]["command"]
+    wider, wide_card = run_to_completion(train_detector(0, steps=1, pool_size=1, max_slices=12, crop=48,
+                                                        batch_size=2, context_slices=2))
+    assert wider.in_slices == 5 and wide_card["context_slices"] == 2
 
 
 def test_noise_augmentation_level_and_off_switch():
