@@ -983,12 +983,13 @@ def train_detector(
     sigma_fraction: float = 0.5,
     context_slices: int = 1,
 ) -> Job[tuple[LesionDetector, dict[str, Any]]]:
-    """Train the 2.5D centre-heatmap lesion detector (3 slices in, middle slice out).
+    """Train the 2.5D centre-heatmap lesion detector (2·``context_slices`` + 1 slices in,
+    heatmap and size of the middle slice out).
 
-    Variants (off by default): ``noise_hu`` extra white noise (:func:`_add_noise`),
-    ``z_sigma_fraction`` / ``sigma_fraction`` the heatmap's σ along z / in-plane as a
-    fraction of the radius (:func:`detector_targets`), ``context_slices`` the slices the
-    network sees on each side of the one it detects on.
+    The defaults are the bundled recipe (docs/models.md, chosen on validation phantoms):
+    ``loss`` "soft_focal", heatmap σ = 0.5 · radius in-plane (``sigma_fraction``) and
+    1.0 · radius along z (``z_sigma_fraction``, :func:`detector_targets`), z ± 1 slice
+    (``context_slices``). ``noise_hu`` adds white noise (:func:`_add_noise`; off).
 
     ``sampling="balanced"``: half the samples are slices near a lesion centre, cropped
     so the lesion is in view; ``"uniform"``: any body slice, random crop.
