@@ -231,7 +231,7 @@ def register(subparsers: Any) -> None:
     _common(p, "detect")
     p.add_argument("output", metavar="OUT.csv", help="one row per lesion, input voxel coordinates")
     p.add_argument("--threshold", type=float, default=None,
-                   help="minimum centre probability (default: the model card's)")
+                   help="minimum centre score, 0-1 (default: the model card's)")
     p.add_argument("--min-distance-mm", type=float, default=None,
                    help="merge detections closer than this (default: the model card's)")
     p.add_argument("--batch", type=_positive_int, default=None, help="slices per batch")

@@ -160,7 +160,7 @@ class ClassificationResult:
 @dataclass(frozen=True)
 class Detection:
     """One lesion: centre in INPUT voxel coordinates (z, y, x; float, sub-voxel in y, x
-    when the model grid differs), score (centre probability) and diameter in mm."""
+    when the model grid differs), score (the detector's centre score, 0–1) and diameter in mm."""
 
     z: float
     y: float
@@ -171,7 +171,7 @@ class Detection:
 
 @dataclass(frozen=True)
 class DetectionResult:
-    """Detections (strongest first) and the centre-probability heatmap.
+    """Detections (strongest first) and the centre-score heatmap.
 
     ``heatmap`` (z, h, w) float32 in [0, 1] lives on the MODEL grid (``heatmap_shape_yx``,
     same z as the input; 0 on missing slices) for explainability overlays; use

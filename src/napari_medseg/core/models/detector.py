@@ -1,9 +1,10 @@
 """Lesion detector, CenterNet-style: a centre heatmap and a size map per pixel, 2.5D input.
 
 The network sees ``in_slices`` adjacent slices as channels (default 3: z−1, z, z+1) and
-predicts, for the middle slice, a lesion-centre heatmap (1 channel, logits; sigmoid gives
-the probability that a pixel is a lesion centre) and a size map (log of the lesion
-diameter in mm). Run it over every slice, stack the outputs into (z, y, x) maps and call
+predicts, for the middle slice, a lesion-centre heatmap (1 channel, logits; the sigmoid
+is a centre score in [0, 1] trained towards a Gaussian around each lesion centre, 1 at the
+centre: a score to rank and threshold, not a calibrated probability) and a size map (log
+of the lesion diameter in mm). Run it over every slice, stack the outputs into (z, y, x) maps and call
 :func:`extract_peaks` for the 3D detections.
 
 Layout (default ``widths=(16, 32, 64)``): the same space-to-depth U-Net as the segmenter
@@ -241,7 +242,7 @@ def extract_peaks(
     min_distance_mm: float = 6.0,
     max_peaks: int | None = None,
 ) -> list[Peak]:
-    """Lesion detections from a (z, y, x) centre-probability map, strongest first.
+    """Lesion detections from a (z, y, x) centre-score map, strongest first.
 
     A peak is a voxel ≥ ``threshold`` that is the maximum of its 3×3×3 neighbourhood;
     a plateau of equal maxima counts once (at its voxel nearest the plateau's centroid).
