@@ -358,38 +358,49 @@ def test_extract_peaks_plateau_is_one_peak():
     assert (p.z, p.y, p.x) == (2, 7, 9) and np.isnan(p.diameter_mm)
 
 
-def _reference_maxima(heat, threshold):
-    """The plain definition: a 3×3×3 maximum filter over the whole heatmap."""
+def _reference_peak_voxels(heat, threshold):
+    """The plain definition: a 3×3×3 maximum filter and a label pass over the whole
+    heatmap, each plateau's member nearest its centroid (first on a tie)."""
     from scipy import ndimage
 
     clean = np.where(np.isfinite(heat), heat, -np.inf)
     local_max = ndimage.maximum_filter(clean, size=3, mode="constant", cval=-np.inf)
-    return np.argwhere((clean >= threshold) & (clean == local_max))
+    labels, n = ndimage.label((clean >= threshold) & (clean == local_max), np.ones((3, 3, 3)))
+    points = []
+    for index in range(1, n + 1):
+        coords = np.argwhere(labels == index)
+        points.append(coords[np.argmin(((coords - coords.mean(axis=0)) ** 2).sum(axis=1))])
+    return np.asarray(points).reshape(-1, 3)
 
 
-@pytest.mark.parametrize("threshold", [0.9, 0.5, 0.0])  # sparse, then the dense path
-def test_local_maxima_and_plateau_groups_match_the_maximum_filter(threshold):
-    from scipy import ndimage
-
-    from napari_medseg.core.models.detector import _local_maxima, _touching_groups
+@pytest.mark.parametrize("sparse", [True, False])
+def test_peak_voxels_match_the_maximum_filter_on_both_paths(sparse):
+    from napari_medseg.core.models import detector
 
     rng = np.random.default_rng(3)
-    heat = np.round(rng.random((7, 23, 19)), 1).astype(np.float32)  # many equal values
-    heat[0, 0, 0] = heat[-1, -1, -1] = 1.0  # maxima on the corners
+    heat = np.round(rng.random((7, 23, 19)) * 0.9, 1).astype(np.float32)  # many equal values
+    if sparse:  # few voxels over the threshold: the neighbour comparison, k-d tree groups
+        heat *= 0.5
+        heat[rng.random(heat.shape) < 0.005] = 0.9
+    threshold = 0.6
+    heat[0, 0, 0] = heat[-1, -1, -1] = heat[0, -1, 0] = 1.0  # maxima on the corners
     heat[3, 4:7, 5:8] = 1.0  # a plateau
+    heat[6, 0:2, 10:12] = 0.95  # a plateau on the border
     heat[5, 10, 10], heat[5, 10, 11], heat[1, 1, 1] = np.nan, np.inf, -np.inf  # count as −inf
-    expected = _reference_maxima(heat, threshold)
-    found = _local_maxima(heat, threshold)
-    assert np.array_equal(found, expected)
-    mask = np.zeros(heat.shape, dtype=bool)
-    mask[tuple(expected.T)] = True
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    groups = _touching_groups(found)
-    assert len(groups) == n
-    for group in groups:  # each group is one labelled region, in argwhere order
-        region = labels[tuple(found[group].T)]
-        assert len(set(region)) == 1 and np.all(np.diff(group) > 0)
-        assert len(group) == np.count_nonzero(labels == region[0])
+    heat[4, 15, 15], heat[4, 15, 16] = 0.97, np.nan  # a maximum next to NaN
+    share = np.count_nonzero(heat >= threshold) / heat.size
+    assert (share <= detector._DENSE_SHARE) == sparse  # the path this case is about
+    expected = _reference_peak_voxels(heat, threshold)
+    found = detector._peak_voxels(heat, threshold)
+    assert sorted(map(tuple, found)) == sorted(map(tuple, expected))
+    assert (4, 15, 15) in map(tuple, found) and (3, 5, 6) in map(tuple, found)  # plateau centre
+    assert (5, 10, 11) not in map(tuple, found)
+
+
+def test_a_flat_heatmap_is_one_peak_without_pairing_every_voxel():
+    heat = np.full((20, 60, 60), 0.5, dtype=np.float32)  # e.g. a low threshold on a plateau
+    peaks = extract_peaks(heat, None, (1.0, 1.0, 1.0), threshold=0.3)
+    assert [(p.z, p.y, p.x) for p in peaks] == [(9, 29, 29)]  # nearest the centroid, first
 
 
 def test_extract_peaks_threshold_nms_and_limits():

@@ -206,6 +206,11 @@ def test_soft_focal_loss_is_lowest_at_the_soft_target():
 def test_bad_options_are_input_errors():
     with pytest.raises(MedsegInputError, match="loss"):
         run_to_completion(train_classifier(0, steps=1, loss="dice_ce"))
+    with pytest.raises(MedsegInputError, match="lesion_map_weight"):
+        run_to_completion(train_classifier(0, steps=1, lesion_map_weight=float("nan")))
+    for bad in ({"context_slices": 0}, {"sigma_fraction": 0.0}, {"z_sigma_fraction": 11.0}):
+        with pytest.raises(MedsegInputError, match=next(iter(bad))):
+            run_to_completion(train_detector(0, steps=1, **bad))
     with pytest.raises(MedsegInputError, match="steps"):
         run_to_completion(train_classifier(0, steps=0))
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MedsegInputError
-from .models.classifier import SliceClassifier, check_positive_ints
+from .models.classifier import SliceClassifier
 from .models.detector import LesionDetector, gaussian_heatmap_targets
 from .models.registry import apply_normalisation
 from .models.segmenter import RecurrentSegmenter
@@ -753,6 +753,8 @@ def train_classifier(
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
     with deterministic(run.seed):
         context = int(context_slices)
+        if not (isinstance(lesion_map_weight, (int, float)) and 0 <= lesion_map_weight < math.inf):
+            raise MedsegInputError(f"lesion_map_weight must be ≥ 0, got {lesion_map_weight!r}")
         with_map = lesion_map_weight > 0
         model = SliceClassifier(2 * context + 1, len(SLICE_CLASSES), kernel_size, activation,
                                 filters, pool=pooling, lesion_head=with_map)
@@ -996,7 +998,13 @@ def train_detector(
     """
     run = _start_run("detector", seed, steps, seconds, loss, sampling, spacing_yx, lr, 3)
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
-    (context,) = check_positive_ints([context_slices], "context_slices")
+    if isinstance(context_slices, bool) or not isinstance(context_slices, (int, np.integer)) \
+            or context_slices < 1:
+        raise MedsegInputError(f"context_slices must be a positive integer, got {context_slices!r}")
+    context = int(context_slices)
+    for name, value in (("sigma_fraction", sigma_fraction), ("z_sigma_fraction", z_sigma_fraction)):
+        if not (isinstance(value, (int, float)) and 0 < value <= 10):  # as fine-tuning checks
+            raise MedsegInputError(f"{name} must be in (0, 10], got {value!r}")
     with deterministic(run.seed):
         model = LesionDetector(2 * context + 1, widths)
         pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
