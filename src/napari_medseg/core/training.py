@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MedsegInputError
+from .inference import positive_int
 from .models.classifier import SliceClassifier
 from .models.detector import LesionDetector, gaussian_heatmap_targets
 from .models.registry import apply_normalisation
@@ -998,10 +999,7 @@ def train_detector(
     """
     run = _start_run("detector", seed, steps, seconds, loss, sampling, spacing_yx, lr, 3)
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
-    if isinstance(context_slices, bool) or not isinstance(context_slices, (int, np.integer)) \
-            or context_slices < 1:
-        raise MedsegInputError(f"context_slices must be a positive integer, got {context_slices!r}")
-    context = int(context_slices)
+    context = positive_int(context_slices, "context_slices")
     for name, value in (("sigma_fraction", sigma_fraction), ("z_sigma_fraction", z_sigma_fraction)):
         if not (isinstance(value, (int, float)) and 0 < value <= 10):  # as fine-tuning checks
             raise MedsegInputError(f"{name} must be in (0, 10], got {value!r}")
