@@ -164,6 +164,23 @@ def test_boundary_only_labels_equal_full_bilinear_argmax(size):
     assert (fast == full).float().mean() >= 0.9999
 
 
+@pytest.mark.parametrize("boundary_max", [1.0, 0.0], ids=["boundary-pixels", "all-pixels"])
+@pytest.mark.parametrize("grid", [(60, 60), (37, 23), (1, 9), (9, 1)])
+@pytest.mark.parametrize("size", [(128, 128), (101, 75), (20, 60), (1, 1)])
+def test_both_label_paths_equal_full_bilinear_argmax(grid, size, boundary_max, monkeypatch):
+    """Each path forced by the boundary-fraction switch: output grids finer and coarser
+    than the model's, and one-row / one-column inputs where the bilinear corners clamp."""
+    monkeypatch.setattr(inference, "BOUNDARY_FRACTION_MAX", boundary_max)
+    torch.manual_seed(1)
+    logits = F.interpolate(torch.randn(2, 6, 4, 4), size=grid, mode="bicubic",
+                           align_corners=True) * 5
+    fast = labels_from_logits(logits, size)
+    full = inference.resize_yx(logits, size).argmax(1).to(torch.uint8)
+    assert fast.dtype == torch.uint8 and fast.shape == (2, *size)
+    # exact ties may round either way; nothing else differs
+    assert (fast != full).sum() <= max(1, fast.numel() // 100_000)
+
+
 def test_labels_round_trip_through_a_coarser_grid_is_accurate():
     """Ideal probabilities at 1.4 mm, back to 0.7 mm: linear-then-argmax (the engine's
     choice) recovers the labels better than nearest-neighbour on the argmax."""
