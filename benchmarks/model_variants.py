@@ -8,6 +8,10 @@ models are scored the same way for reference.
 
     .venv/bin/python benchmarks/model_variants.py VARIANT [VARIANT ...] [--threads 1]
     .venv/bin/python benchmarks/model_variants.py --list
+    .venv/bin/python benchmarks/model_variants.py --card DIR/segmenter.json
+
+``--card`` scores a model already trained (``napari-medseg train MODEL --out DIR``), so
+a candidate for the bundled weights is chosen on validation without training it twice.
 
 Runs are deterministic for a given thread count. Costs on 2 shared cores: a classifier
 variant 6–30 min, a detector variant ~9 min, a segmenter variant ~30 min.
@@ -101,14 +105,26 @@ def main() -> None:
     ap.add_argument("variants", nargs="*", help="names from --list")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--card", action="append", default=[],
+                    help="score a trained model from its card (repeatable)")
     args = ap.parse_args()
-    if args.list or not args.variants:
-        print("\n".join(f"{k}: {v[0]} {v[1]}" for k, v in VARIANTS.items()))
-        return
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; see --list")
     torch.set_num_threads(args.threads)
+    for path in args.card:
+        t0 = time.perf_counter()
+        model, card = load_model(path)
+        print(json.dumps({"card": path, "model": card["name"],
+                          "training_command": card.get("training", {}).get("command"),
+                          "validation_seeds": [SEEDS[0], SEEDS[-1]],
+                          "validation": score(card["name"], model, card),
+                          "seconds": round(time.perf_counter() - t0)}), flush=True)
+    if args.card and not args.variants:
+        return
+    if args.list or not args.variants:
+        print("\n".join(f"{k}: {v[0]} {v[1]}" for k, v in VARIANTS.items()))
+        return
     for v in args.variants:
         print(json.dumps(run(v)), flush=True)
 
