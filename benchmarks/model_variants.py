@@ -43,6 +43,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "classifier-1200-hardneg-context": ("classifier", {"steps": 1200, "hard_negatives": 0.5,
                                                        "context_slices": 1}),
     "classifier-1200-lesionmap": ("classifier", {"steps": 1200, "lesion_map_weight": 1.0}),
+    # the kernel-size table ranked 7×7 and 5×5 ReLU above 3×3 after 150 steps
+    "classifier-600-k5": ("classifier", {"steps": 600, "kernel_size": 5}),
+    "classifier-600-k7": ("classifier", {"steps": 600, "kernel_size": 7}),
     "bundled-detector": ("detector", {}),
     "detector-2400-zsigma1": ("detector", {**_FOCAL, "steps": 2400, "z_sigma_fraction": 1.0}),
     "detector-2400-wide": ("detector", {"steps": 2400, "widths": (32, 64, 128), **_FOCAL}),
@@ -65,6 +68,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "detector-2400-softfocal-context3": ("detector", {"steps": 2400, "loss": "soft_focal",
                                                       "z_sigma_fraction": 1.0,
                                                       "context_slices": 3}),
+    "detector-2400-softfocal-wide": ("detector", {"steps": 2400, "loss": "soft_focal", "context_slices": 1,
+                                                  "z_sigma_fraction": 1.0, "widths": (32, 64, 128)}),
     # the segmenter bundled before 6000 steps + noise augmentation: run "bundled-segmenter"
     # at commit 8450325 (its command: train segmenter --steps 2400, no added noise)
     "bundled-segmenter": ("segmenter", {}),
