@@ -76,6 +76,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 SEEDS = list(range(VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + 12))
+#: --card: which scoring a card gets, by its architecture (a fine-tuned card has its own name)
+KIND = {"SliceClassifier": "classifier", "LesionDetector": "detector",
+        "RecurrentSegmenter": "segmenter"}
 
 
 def score(name: str, model, card) -> dict:
@@ -120,10 +123,13 @@ def main() -> None:
     for path in args.card:
         t0 = time.perf_counter()
         model, card = load_model(path)
+        kind = KIND.get(card["architecture"])
+        if kind is None:
+            ap.error(f"{path}: no validation score for a {card['architecture']}")
         print(json.dumps({"card": path, "model": card["name"],
                           "training_command": card.get("training", {}).get("command"),
                           "validation_seeds": [SEEDS[0], SEEDS[-1]],
-                          "validation": score(card["name"], model, card),
+                          "validation": score(kind, model, card),
                           "seconds": round(time.perf_counter() - t0)}), flush=True)
     if args.card and not args.variants:
         return
