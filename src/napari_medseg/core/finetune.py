@@ -68,6 +68,7 @@ from .training import (
     _budget as _train_budget,
     _crop_yx,
     _train_loop,
+    check_sigma_fraction,
     class_weights,
     detector_loss,
     detector_targets,
@@ -557,9 +558,7 @@ def detector_heatmap(card: Mapping[str, Any]) -> dict[str, Any]:
         raise MedsegInputError(f"the card's detector loss {heatmap['loss']!r} is not one of"
                                f" {', '.join(LOSSES['detector'])}")
     for key in ("sigma_fraction", "z_sigma_fraction"):
-        value = heatmap[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 10:
-            raise MedsegInputError(f"the card's heatmap {key} must be in (0, 10], got {value!r}")
+        check_sigma_fraction(heatmap[key], f"the card's heatmap {key}")
     return heatmap
 
 

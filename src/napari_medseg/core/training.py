@@ -912,6 +912,14 @@ def train_segmenter(
 # ======================================================================================
 
 
+def check_sigma_fraction(value: Any, name: str) -> float:
+    """A heatmap Gaussian's σ as a fraction of the lesion radius: a number in (0, 10]
+    (training's arguments and a card's "heatmap" entry alike)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 10:
+        raise MedsegInputError(f"{name} must be in (0, 10], got {value!r}")
+    return float(value)
+
+
 def detector_targets(sample: GridSample, sigma_fraction: float = 0.5,
                      z_sigma_fraction: float | None = None) -> None:
     """Attach heatmap (float16) and log-diameter targets to a model-grid sample.
@@ -1000,9 +1008,8 @@ def train_detector(
     run = _start_run("detector", seed, steps, seconds, loss, sampling, spacing_yx, lr, 3)
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
     context = positive_int(context_slices, "context_slices")
-    for name, value in (("sigma_fraction", sigma_fraction), ("z_sigma_fraction", z_sigma_fraction)):
-        if not (isinstance(value, (int, float)) and 0 < value <= 10):  # as fine-tuning checks
-            raise MedsegInputError(f"{name} must be in (0, 10], got {value!r}")
+    check_sigma_fraction(sigma_fraction, "sigma_fraction")
+    check_sigma_fraction(z_sigma_fraction, "z_sigma_fraction")
     with deterministic(run.seed):
         model = LesionDetector(2 * context + 1, widths)
         pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
