@@ -233,7 +233,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="minimum centre score, 0-1 (default: the model card's)")
     p.add_argument("--min-distance-mm", type=float, default=None,
-                   help="merge detections closer than this (default: the model card's)")
+                   help="merge detections closer than this (default: the model card's; a card's"
+                        " nms_radius_fraction also merges peaks inside a detection's radius)")
     p.add_argument("--batch", type=_positive_int, default=None, help="slices per batch")
     p.add_argument("--heatmap", default=None, metavar="HEAT.nii.gz",
                    help="also write the detector's centre heatmap (0-1) on the input grid")

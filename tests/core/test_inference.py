@@ -326,6 +326,29 @@ def test_detections_map_back_to_input_voxels():
     assert hit.diameter_mm == pytest.approx(7.0, rel=1e-4) and hit.score > 0.5
 
 
+def test_the_cards_nms_radius_fraction_merges_peaks_inside_a_large_lesion():
+    class TwoSpots(LesionDetector):  # bright voxels score high; every voxel says 30 mm
+        def forward(self, x):
+            middle = x[:, self.in_slices // 2 : self.in_slices // 2 + 1]
+            return DetectorOutput(40.0 * (middle - 0.5), torch.full_like(middle, np.log(30.0)))
+
+    model = TwoSpots(widths=(4, 4, 4)).eval()
+    card = {"name": "spots", "classes": ["lesion"], "input_spacing_mm": [2.0, 1.0, 1.0],
+            "normalisation": WINDOW, "peak_threshold": 0.5, "min_distance_mm": 5.0}
+    array = np.full((3, 40, 40), -300.0, dtype=np.float32)
+    array[1, 10, 10] = array[1, 10, 20] = 400.0  # 10 mm apart, inside one "30 mm lesion"
+    volume = Volume(array, (2.0, 1.0, 1.0))
+    apart = run_to_completion(detect_lesions(volume, model, card))
+    assert len(apart.detections) == 2 and apart.nms_radius_fraction == 0.0
+    merged = run_to_completion(detect_lesions(volume, model, dict(card, nms_radius_fraction=1.0)))
+    assert len(merged.detections) == 1
+    assert merged.diameter_map.shape == merged.heatmap.shape
+    assert np.allclose(merged.diameter_map, 30.0, rtol=1e-4)
+    for bad in (-1, "wide", float("nan")):
+        with pytest.raises(MedsegInputError, match="nms_radius_fraction"):
+            next(detect_lesions(volume, model, dict(card, nms_radius_fraction=bad)))
+
+
 def test_bad_arguments_are_refused(seg, cls):
     volume = _volume((2, 16, 16), (2.5, 1.5, 1.5))
     with pytest.raises(MedsegInputError, match="RecurrentSegmenter"):

@@ -425,6 +425,26 @@ def test_extract_peaks_threshold_nms_and_limits():
         extract_peaks(heat, None, (1.0, 0.0, 1.0))
 
 
+def test_radius_nms_drops_a_second_peak_inside_a_large_lesion_only():
+    heat = np.zeros((3, 40, 40), dtype=np.float32)
+    size = np.full(heat.shape, 4.0, dtype=np.float32)
+    heat[1, 10, 10], size[1, 10, 10] = 0.9, 20.0  # a 20 mm lesion ...
+    heat[1, 10, 17] = 0.6  # ... with a weaker peak 7 mm from its centre
+    heat[1, 30, 30], size[1, 30, 30] = 0.8, 4.0  # a small lesion
+    heat[1, 30, 36] = 0.7  # and another small one 6 mm from it
+    spacing = (1.0, 1.0, 1.0)
+    fixed = extract_peaks(heat, size, spacing, 0.3, min_distance_mm=5)
+    assert len(fixed) == 4
+    by_radius = extract_peaks(heat, size, spacing, 0.3, min_distance_mm=5, radius_fraction=1.0)
+    assert [(p.y, p.x) for p in by_radius] == [(10, 10), (30, 30), (30, 36)]
+    # half the radius (5 mm) is below the 7 mm: the second peak stays
+    assert len(extract_peaks(heat, size, spacing, 0.3, min_distance_mm=5, radius_fraction=0.5)) == 4
+    # without a size map the fraction has nothing to act on
+    assert len(extract_peaks(heat, None, spacing, 0.3, min_distance_mm=5, radius_fraction=1.0)) == 4
+    with pytest.raises(MedsegInputError, match="radius_fraction"):
+        extract_peaks(heat, size, spacing, radius_fraction=-1)
+
+
 def test_stack_neighbours_clamps_at_the_ends():
     vol = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 2, 3), dtype=np.float32)
     stack = stack_neighbours(vol, 0, 4)

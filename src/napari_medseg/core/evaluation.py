@@ -94,12 +94,13 @@ def predict_detector(model, card, volume, threshold: float | None = None,
     for md in min_distances or ():
         if float(md) in out:
             continue
-        peaks = extract_peaks(res.heatmap, None, grid_spacing, threshold=thr, min_distance_mm=md)
+        peaks = extract_peaks(res.heatmap, res.diameter_map, grid_spacing, threshold=thr, min_distance_mm=md,
+                              radius_fraction=res.nms_radius_fraction)
         dets = []
         for p in peaks:
             y, x = map_index([p.y, p.x], (h, w), (ny, nx))
             dets.append({"z": float(p.z), "y": float(y), "x": float(x), "score": p.score,
-                         "diameter_mm": float("nan")})
+                         "diameter_mm": p.diameter_mm})
         out[float(md)] = dets
     return out
 

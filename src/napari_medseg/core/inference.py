@@ -177,6 +177,8 @@ class DetectionResult:
     same z as the input; 0 on missing slices) for explainability overlays; use
     :meth:`heatmap_on_input_grid` for the input grid, or :attr:`heatmap_scale` /
     :attr:`heatmap_translate` (mm, relative to the input origin) to show it as is.
+    ``diameter_map`` (same grid; NaN on missing slices) is the predicted lesion diameter
+    in mm at every voxel, from which each detection's diameter is read.
     """
 
     detections: tuple[Detection, ...]
@@ -188,6 +190,8 @@ class DetectionResult:
     min_distance_mm: float
     model_name: str = ""
     precision: str = "fp32"
+    diameter_map: np.ndarray | None = None
+    nms_radius_fraction: float = 0.0
 
     @property
     def heatmap_shape_yx(self) -> tuple[int, int]:
@@ -798,6 +802,19 @@ def classify_volume(
 # ======================================================================================
 # Detection
 # ======================================================================================
+def nms_radius_fraction(card: Mapping[str, Any]) -> float:
+    """The card's "nms_radius_fraction" (0 when absent), checked."""
+    value = card.get("nms_radius_fraction", 0.0)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= 4):
+        raise MedsegInputError(
+            f"the card's nms_radius_fraction must be a number in [0, 4], got {card.get('nms_radius_fraction')!r}")
+    return value
+
+
 def detect_lesions(
     volume: Volume,
     model: LesionDetector,
@@ -813,8 +830,10 @@ def detect_lesions(
 
     The 2.5D detector sees each slice with ``in_slices // 2`` neighbours on each side
     (the card's "context_slices" must agree). Peaks are found on the model grid with the
-    card's "peak_threshold" (default 0.3) and "min_distance_mm" (default 6), measured in
-    mm on that grid, and mapped back exactly to the input grid. Missing slices get a zero
+    card's "peak_threshold" (default 0.3), "min_distance_mm" (default 6, measured in mm
+    on that grid) and "nms_radius_fraction" (default 0: suppression also within that
+    fraction of a kept peak's predicted radius; see ``extract_peaks``), and mapped back
+    exactly to the input grid. Missing slices get a zero
     heatmap and so no detections.
     """
     check_model_args(volume, model, card, LesionDetector, "detection")
@@ -826,6 +845,7 @@ def detect_lesions(
         )
     thr = float(card.get("peak_threshold", 0.3) if threshold is None else threshold)
     mind = float(card.get("min_distance_mm", 6.0) if min_distance_mm is None else min_distance_mm)
+    radius_fraction = nms_radius_fraction(card)
     if not (math.isfinite(thr) and 0 <= thr <= 1) or not (math.isfinite(mind) and mind >= 0):
         raise MedsegInputError(
             f"need 0 ≤ threshold ≤ 1 and min_distance_mm ≥ 0, got {thr}, {mind}")
@@ -855,7 +875,8 @@ def detect_lesions(
         sz, sy, sx = volume.spacing
         ny, nx = volume.shape[1:]
         grid_spacing = (sz, sy * ny / h, sx * nx / w)
-        peaks = extract_peaks(heat, size, grid_spacing, threshold=thr, min_distance_mm=mind)
+        peaks = extract_peaks(heat, size, grid_spacing, threshold=thr, min_distance_mm=mind,
+                              radius_fraction=radius_fraction)
         for p in peaks:
             y, x = map_index([p.y, p.x], (h, w), (ny, nx))
             detections.append(Detection(float(p.z), float(y), float(x), p.score, p.diameter_mm))
@@ -870,4 +891,6 @@ def detect_lesions(
         min_distance_mm=mind,
         model_name=_model_name(card),
         precision="bf16" if use_bf16 else "fp32",
+        diameter_map=size,
+        nms_radius_fraction=radius_fraction,
     )

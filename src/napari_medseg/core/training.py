@@ -1053,6 +1053,8 @@ def train_detector(
                                refresh_every, ["lesion"], pool_size,
                                {"context_slices": context, "peak_threshold": 0.3,
                                 "min_distance_mm": 8.0,
+                                # a second peak inside a large lesion is not another one
+                                "nms_radius_fraction": 1.0,
                                 # fine-tuning makes its targets and loss the same way
                                 "heatmap": {"loss": loss,
                                             "sigma_fraction": float(sigma_fraction),

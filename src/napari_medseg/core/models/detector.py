@@ -262,6 +262,7 @@ def extract_peaks(
     threshold: float = 0.3,
     min_distance_mm: float = 6.0,
     max_peaks: int | None = None,
+    radius_fraction: float = 0.0,
 ) -> list[Peak]:
     """Lesion detections from a (z, y, x) centre-score map, strongest first.
 
@@ -271,6 +272,10 @@ def extract_peaks(
     than ``min_distance_mm`` (Euclidean, with ``spacing`` (z, y, x) mm) to a stronger kept
     peak is dropped. ``size_zyx``: the diameter in mm per voxel (e.g.
     ``exp(log_diameter)``), read at each peak; None gives NaN diameters.
+    ``radius_fraction`` > 0 widens the suppression around a kept peak to that fraction
+    of its predicted radius when that is larger than ``min_distance_mm``: a large lesion
+    often has a second, weaker peak inside it, which a fixed distance keeps as a false
+    positive (the card's "nms_radius_fraction"; needs ``size_zyx``).
     Returns ``Peak(z, y, x, score, diameter_mm)`` tuples (voxel indices).
     """
     heat = np.asarray(heatmap_zyx, dtype=np.float32)
@@ -280,6 +285,9 @@ def extract_peaks(
         raise MedsegInputError(
             f"size map shape {np.shape(size_zyx)} differs from heatmap shape {heat.shape}"
         )
+    radius_fraction = float(radius_fraction)
+    if not (math.isfinite(radius_fraction) and radius_fraction >= 0):
+        raise MedsegInputError(f"radius_fraction must be a number >= 0, got {radius_fraction!r}")
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     if spacing_arr.shape != (3,) or np.any(~np.isfinite(spacing_arr)) or np.any(spacing_arr <= 0):
         raise MedsegInputError(f"spacing must be three positive numbers (z, y, x), got {spacing!r}")
@@ -300,7 +308,10 @@ def extract_peaks(
         kept.append(Peak(z, y, x, float(score), diameter))
         if max_peaks is not None and len(kept) >= max_peaks:
             break
-        if min_distance_mm > 0:
-            for j in tree.query_ball_point(point * spacing_arr, r=float(min_distance_mm) - 1e-9):
+        radius = float(min_distance_mm)
+        if radius_fraction > 0 and math.isfinite(diameter):
+            radius = max(radius, radius_fraction * diameter / 2)
+        if radius > 0:
+            for j in tree.query_ball_point(point * spacing_arr, r=radius - 1e-9):
                 suppressed[j] = True
     return kept
