@@ -284,6 +284,41 @@ def test_segmenter_dropout_is_there_for_mc_dropout(seg_and_volume):
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 9, 7), (1, 4, 2, 2), (2, 5, 3, 6)])
+def test_max_pool_2x2_is_max_pool2d(shape):
+    from napari_medseg.core.models.classifier import max_pool_2x2
+
+    x = torch.randn(shape)
+    x[0, 0, 0, 0] = float("nan")
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        got, want = max_pool_2x2(t), torch.nn.functional.max_pool2d(t, 2)
+        assert got.shape == want.shape
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert torch.isnan(got).sum() == torch.isnan(want).sum() >= 1
+        if got.shape[-2] * got.shape[-1] > 1:  # a 1×1 map is contiguous in both formats
+            assert got.is_contiguous(memory_format=torch.channels_last) == t.is_contiguous(
+                memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "gelu", "tanh"])
+def test_the_inference_copy_pools_first_with_the_same_result(activation):
+    """The prepared copy pools before ReLU / LeakyReLU (exact: they are monotone) and
+    never before GELU (not monotone) or tanh; the module itself keeps the plain forward."""
+    from napari_medseg.core.inference import prepare_model
+
+    model = _seeded(SliceClassifier(activation=activation, **SMALL_CLS), seed=3).eval()
+    gen = torch.Generator().manual_seed(1)
+    # negative inputs too, where GELU is not monotone; channels_last as the engine runs it
+    x = (torch.randn(3, 1, 27, 22, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
+    fast = prepare_model(model)
+    assert fast._pool_first() == (activation in ("relu", "leaky_relu"))
+    assert not model._pool_first()
+    with torch.inference_mode():
+        plain = fast.classify_features(fast.features(x))  # the plain path on the same folded copy
+        assert torch.equal(fast(x), plain)
+        torch.testing.assert_close(model(x), plain, rtol=1e-4, atol=1e-5)  # BN folding
+
+
 # -- gradients -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "make, x",

@@ -389,6 +389,8 @@ def _prepared(model: nn.Module) -> _Prepared:
             fast = copy.deepcopy(model)
             fold_batchnorm(fast)  # also sets eval mode
             fast.eval().to(memory_format=torch.channels_last)
+            if hasattr(fast, "enable_fast_inference"):  # e.g. pool before ReLU
+                fast.enable_fast_inference()
             for p in fast.parameters():
                 p.requires_grad_(False)
             entry = _Prepared(key, fast)
@@ -398,7 +400,7 @@ def _prepared(model: nn.Module) -> _Prepared:
 
 def prepare_model(model: nn.Module) -> nn.Module:
     """An inference copy of ``model``: BatchNorm folded into the convs, eval mode,
-    channels_last, no grad. Cached per model (and refreshed when its weights change);
+    channels_last, no grad, the model's own exact shortcuts on (``enable_fast_inference``). Cached per model (and refreshed when its weights change);
     the caller's module is left as it was (still trainable, same state_dict)."""
     return _prepared(model).model
 

@@ -122,6 +122,16 @@ def check_input(x: torch.Tensor, channels: int, model: str) -> None:
         raise MedsegInputError(f"{model} got an empty input of shape {tuple(x.shape)}")
 
 
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` (floor mode) as the maximum of four strided views: the same
+    values (NaN included), about twice as fast on channels_last CPU tensors, whose
+    ``max_pool2d`` also computes indices; keeps the memory format."""
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    x = x[..., :h, :w]
+    top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+    return torch.maximum(top, torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]), out=top)
+
+
 class SliceClassifier(nn.Module):
     """Per-slice classifier: (N, C, H, W) → logits (N, n_classes), any H, W ≥ 1.
 
@@ -233,5 +243,26 @@ class SliceClassifier(nn.Module):
             raise MedsegInputError("this classifier was built without a lesion head")
         return self.lesion_head(feats)
 
+    def enable_fast_inference(self) -> None:
+        """Called on the inference copy (``inference.prepare_model``): its eval-mode
+        forward may then pool before the activation (see :meth:`_pool_first`). Off on the
+        module users train and call directly, so a plain forward stays the plain network."""
+        self.fast_inference = True
+
+    def _pool_first(self) -> bool:
+        """Whether the forward may pool before the activation: max-pooling commutes with a
+        non-decreasing activation applied after it (relu(max) == max(relu)), so the
+        activation then runs on a quarter of the voxels. Only ReLU / LeakyReLU, whose
+        float results are exactly monotone; not GELU (not monotone) nor tanh / sigmoid."""
+        return getattr(self, "fast_inference", False) and not self.training and all(
+            isinstance(b.act, (nn.ReLU, nn.LeakyReLU)) for b in self.blocks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify_features(self.features(x))
+        if not self._pool_first():
+            return self.classify_features(self.features(x))
+        # the same function, faster: conv (+ BN) → 2×2 max-pool → activation per block
+        check_input(x, self.in_channels, type(self).__name__)
+        x = self._pad(x)
+        for block in self.blocks:
+            x = block.act(max_pool_2x2(block.bn(block.conv(x))))
+        return self.head(self.gap(x))
