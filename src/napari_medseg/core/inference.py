@@ -400,8 +400,9 @@ def _prepared(model: nn.Module) -> _Prepared:
 
 def prepare_model(model: nn.Module) -> nn.Module:
     """An inference copy of ``model``: BatchNorm folded into the convs, eval mode,
-    channels_last, no grad, the model's own exact shortcuts on (``enable_fast_inference``). Cached per model (and refreshed when its weights change);
-    the caller's module is left as it was (still trainable, same state_dict)."""
+    channels_last, no grad, the model's own exact shortcuts on (``enable_fast_inference``).
+    Cached per model (and refreshed when its weights change); the caller's module is left
+    as it was (still trainable, same state_dict)."""
     return _prepared(model).model
 
 
@@ -835,8 +836,7 @@ def detect_lesions(
     card's "peak_threshold" (default 0.3), "min_distance_mm" (default 6, measured in mm
     on that grid) and "nms_radius_fraction" (default 0: suppression also within that
     fraction of a kept peak's predicted radius; see ``extract_peaks``), and mapped back
-    exactly to the input grid. Missing slices get a zero
-    heatmap and so no detections.
+    exactly to the input grid. Missing slices get a zero heatmap and so no detections.
     """
     check_model_args(volume, model, card, LesionDetector, "detection")
     context = model.in_slices // 2
