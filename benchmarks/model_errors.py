@@ -13,6 +13,8 @@
   matched-filter signal-to-noise ratio |contrast| · √(lesion voxels) / noise: a lesion
   with a high ratio is plainly visible, so a low score there is the model's fault, not
   the image's.
+- segmenter: each lesion's own Dice (the prediction within 3 voxels of it against its
+  voxels), averaged by lesion diameter: how much of the lesion Dice small lesions cost.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main() -> None:
     seeds = list(range(VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + args.seeds))
     det, dcard = load_model("detector")
     cls, ccard = load_model("classifier")
+    seg, scard = load_model("segmenter")
+    per_lesion_dice = []  # (diameter mm, Dice)
     called_lesion = np.zeros(7)
     normal_slices = np.zeros(7)
     blurred_share = []  # per normal slice 1–2 slices from a lesion
@@ -45,6 +49,15 @@ def main() -> None:
         ph = make_phantom(s, settings)
         spacing = ph.volume.spacing
         pred, _ = ev.predict_classifier(cls, ccard, ph.volume)
+        seg_lesion = ev.predict_segmenter(seg, scard, ph.volume) == 8
+        comp, _ = ndimage.label(ph.labels == 8)
+        for les in ph.lesions:
+            k = comp[tuple(int(round(v)) for v in les.center_zyx)]
+            if k:
+                mask = comp == k
+                near = seg_lesion & ndimage.binary_dilation(mask, iterations=3)
+                per_lesion_dice.append((2 * les.radius_mm,
+                                        2 * float((near & mask).sum()) / float(near.sum() + mask.sum())))
         lesion_z = np.flatnonzero(ph.slice_classes == 2)
         sigma = [b / sp if b / sp > 0.05 else 0.0 for b, sp in zip(ph.blur_sigma_mm, spacing)]
         shown = ndimage.gaussian_filter((ph.labels == 8).astype(np.float32), sigma,
@@ -77,8 +90,14 @@ def main() -> None:
         by_snr[f"{lo}-{hi}"] = {"lesions": len(sel),
                                 "found_at_card_threshold": sum(r["score"] >= dcard["peak_threshold"] for r in sel),
                                 "median_score": round(float(np.median([r["score"] for r in sel])), 3) if sel else None}
+    by_size = {}
+    for lo, hi in ((0, 5), (5, 10), (10, 20), (20, 60)):
+        sel = [d for diam, d in per_lesion_dice if lo <= diam < hi]
+        by_size[f"{lo}-{hi} mm"] = {"lesions": len(sel),
+                                    "mean_dice": round(float(np.mean(sel)), 3) if sel else None}
     print(json.dumps({
         "seeds": [seeds[0], seeds[-1]],
+        "segmenter_lesion_dice_by_diameter": by_size,
         "classifier_normal_called_lesion_by_slices_to_nearest_lesion": {
             b: {"normal_slices": int(normal_slices[i + 1]),
                 "called_lesion": round(float(called_lesion[i + 1] / max(normal_slices[i + 1], 1)), 3)}
