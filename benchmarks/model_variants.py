@@ -77,6 +77,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # the same 128-pixel crops at 1.0 mm (a smaller field of view), to compare with the
     # 6000-step model of commit a65f948
     "segmenter-6000-1mm": ("segmenter", {"steps": 6000, "spacing_yx": 1.0}),
+    "segmenter-15000-1mm": ("segmenter", {"steps": 15000, "spacing_yx": 1.0}),
 }
 
 SEEDS = list(range(VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + 12))
