@@ -43,6 +43,7 @@ from napari_medseg.core.training import EVAL_SEEDS, VALIDATION_SEEDS, eval_setti
 SHELL_MM = 3.0
 NULL_PLACEMENTS = 400
 LABEL_OF = {name: value for value, name in LABEL_NAMES.items()}
+HOST_IDS = [LABEL_OF[h] for h in LESION_HOSTS]
 
 
 def ellipsoid_footprint(spacing, radius_mm: float) -> np.ndarray:
@@ -62,6 +63,15 @@ def lesion_masks(labels: np.ndarray, lesions) -> list[tuple[tuple[slice, ...], n
         k = comp[c]
         out.append(None if k == 0 else (boxes[k - 1], comp[boxes[k - 1]] == k))
     return out
+
+
+def placement(box, mask, footprint):
+    """(shape, shell, corner): the lesion's mask padded by the shell's reach, its shell
+    (the footprint's dilation minus the shape) and the padded box's origin in the volume."""
+    pad = [f // 2 for f in footprint.shape]
+    shape_mask = np.pad(mask, [(p, p) for p in pad])
+    shell_mask = ndimage.binary_dilation(shape_mask, footprint) & ~shape_mask
+    return shape_mask, shell_mask, [b.start - p for b, p in zip(box, pad)]
 
 
 def statistic(image, host, shape_mask, shell_mask, corner, min_inside: float = 0.9,
@@ -102,15 +112,14 @@ def oracle_d(image, host, shape_mask, shell_mask, corner0, lesion_mask_box, sign
     return float((sign * t0 - null.mean()) / null.std()), len(null)
 
 
-def slice_rows(image, labels, spacing, lesions, found, rng, host_ids) -> list[dict]:
+def slice_rows(image, labels, spacing, lesions, found, rng) -> list[dict]:
     """Per lesion SLICE (the classifier's "lesion" class: any lesion voxel): the oracle's
     d for each lesion cross-section on it (2D shape, 2D shell, null on the host organ),
     and N = host-organ voxels on that slice / cross-section voxels."""
     footprint = ellipsoid_footprint((1e9, spacing[1], spacing[2]), SHELL_MM)  # in-plane only
-    pad = [0] + [f // 2 for f in footprint.shape[1:]]
     out = []
     for z in np.flatnonzero((labels == LESION_LABEL).any(axis=(1, 2))):
-        host_on_slice = int(np.isin(labels[z], host_ids).sum())
+        host_on_slice = int(np.isin(labels[z], HOST_IDS).sum())
         parts = []
         for les, item in zip(lesions, found):
             if item is None:
@@ -125,9 +134,7 @@ def slice_rows(image, labels, spacing, lesions, found, rng, host_ids) -> list[di
             crop = m2[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1][None]
             box2 = (slice(z, z + 1), slice(box[1].start + ys[0], box[1].start + ys[-1] + 1),
                     slice(box[2].start + xs[0], box[2].start + xs[-1] + 1))
-            shape_mask = np.pad(crop, [(p, p) for p in pad])
-            shell_mask = ndimage.binary_dilation(shape_mask, footprint) & ~shape_mask
-            corner0 = [b.start - p for b, p in zip(box2, pad)]
+            shape_mask, shell_mask, corner0 = placement(box2, crop, footprint)
             host = labels == LABEL_OF[les.organ]
             d, _ = oracle_d(image, host, shape_mask, shell_mask, corner0, (box2, crop),
                             1.0 if les.contrast_hu > 0 else -1.0, rng)
@@ -178,7 +185,8 @@ def main() -> None:
         image = ph.volume.array.astype(np.float32)
         labels = ph.labels
         spacing = ph.volume.spacing
-        host_voxels = int(np.isin(labels, [LABEL_OF[h] for h in LESION_HOSTS]).sum())
+        host_voxels = int(np.isin(labels, HOST_IDS).sum())
+        found_all = lesion_masks(labels, ph.lesions)
         footprint = ellipsoid_footprint(spacing, SHELL_MM)
         det_score = {}
         if args.detector:
@@ -186,8 +194,7 @@ def main() -> None:
                           key=lambda d: -d["score"])
             truth = [{"center": les.center_zyx, "radius_mm": les.radius_mm} for les in ph.lesions]
             det_score = {j: d["score"] for d, j in zip(dets, ev.match_detections(dets, truth, spacing)) if j >= 0}
-        pad = [f // 2 for f in footprint.shape]
-        for j, (les, found) in enumerate(zip(ph.lesions, lesion_masks(labels, ph.lesions))):
+        for j, (les, found) in enumerate(zip(ph.lesions, found_all)):
             row = {"seed": s, "diameter_mm": round(2 * les.radius_mm, 1), "organ": les.organ,
                    "contrast_hu": round(les.contrast_hu, 1), "noise_hu": round(ph.noise_hu, 1),
                    "slice_mm": spacing[0]}
@@ -197,9 +204,7 @@ def main() -> None:
                 rows.append({**row, "voxels": 0, "d": 0.0, "z_1fp": None, "p_detect": 0.0})
                 continue
             box, mask = found
-            shape_mask = np.pad(mask, [(p, p) for p in pad])
-            shell_mask = ndimage.binary_dilation(shape_mask, footprint) & ~shape_mask
-            corner0 = [b.start - p for b, p in zip(box, pad)]
+            shape_mask, shell_mask, corner0 = placement(box, mask, footprint)
             d, n_null = oracle_d(image, labels == LABEL_OF[les.organ], shape_mask, shell_mask, corner0,
                                  found, 1.0 if les.contrast_hu > 0 else -1.0, rng)
             n_vox = int(mask.sum())
@@ -211,8 +216,7 @@ def main() -> None:
             z = float(norm.ppf(1 - 1 / n_places))
             rows.append({**row, "voxels": n_vox, "d": round(d, 2), "z_1fp": round(z, 2),
                          "p_detect": round(float(norm.cdf(d - z)), 3), "null_placements": n_null})
-        slices += slice_rows(image, labels, spacing, ph.lesions, lesion_masks(labels, ph.lesions), rng,
-                             [LABEL_OF[h] for h in LESION_HOSTS])
+        slices += slice_rows(image, labels, spacing, ph.lesions, found_all, rng)
     big = [r for r in rows if r["diameter_mm"] >= MIN_DIAMETER_MM and r["p_detect"] is not None]
     skipped = sum(r["diameter_mm"] >= MIN_DIAMETER_MM and r["p_detect"] is None for r in rows)
     by_d = {}

@@ -34,12 +34,9 @@ def _sphere_d(oracle, contrast: float, seed: int) -> tuple[float, float]:
     image[sphere] += contrast
     labels[sphere] = oracle.LESION_LABEL
     footprint = oracle.ellipsoid_footprint(spacing, oracle.SHELL_MM)
-    pad = [f // 2 for f in footprint.shape]
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(sphere))
     mask = sphere[box]
-    shape_mask = np.pad(mask, [(p, p) for p in pad])
-    shell = oracle.ndimage.binary_dilation(shape_mask, footprint) & ~shape_mask
-    corner = [b.start - p for b, p in zip(box, pad)]
+    shape_mask, shell, corner = oracle.placement(box, mask, footprint)
     d, n_null = oracle.oracle_d(image, labels == oracle.LABEL_OF["liver"], shape_mask, shell, corner,
                                 (box, mask), -1.0 if contrast < 0 else 1.0, rng)
     assert n_null == oracle.NULL_PLACEMENTS
