@@ -190,10 +190,9 @@ def main() -> None:
         footprint = ellipsoid_footprint(spacing, SHELL_MM)
         det_score = {}
         if args.detector:
-            dets = sorted(ev.predict_detector(det, dcard, ph.volume, threshold=0.05)[float(dcard["min_distance_mm"])],
-                          key=lambda d: -d["score"])
-            truth = [{"center": les.center_zyx, "radius_mm": les.radius_mm} for les in ph.lesions]
-            det_score = {j: d["score"] for d, j in zip(dets, ev.match_detections(dets, truth, spacing)) if j >= 0}
+            dets, matched = ev.match_phantom_lesions(
+                ev.predict_detector(det, dcard, ph.volume, threshold=0.05)[float(dcard["min_distance_mm"])], ph)
+            det_score = {j: d["score"] for d, j in zip(dets, matched) if j >= 0}
         for j, (les, found) in enumerate(zip(ph.lesions, found_all)):
             row = {"seed": s, "diameter_mm": round(2 * les.radius_mm, 1), "organ": les.organ,
                    "contrast_hu": round(les.contrast_hu, 1), "noise_hu": round(ph.noise_hu, 1),

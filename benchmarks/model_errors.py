@@ -78,10 +78,8 @@ def main() -> None:
             b = min(gap, 6)
             normal_slices[b] += 1
             called_lesion[b] += pred[z] == 2
-        dets = sorted(next(iter(ev.predict_detector(det, dcard, ph.volume, threshold=0.05).values())),
-                      key=lambda d: -d["score"])
-        truth = [{"center": les.center_zyx, "radius_mm": les.radius_mm} for les in ph.lesions]
-        matched = ev.match_detections(dets, truth, spacing)
+        dets, matched = ev.match_phantom_lesions(
+            next(iter(ev.predict_detector(det, dcard, ph.volume, threshold=0.05).values())), ph)
         best = {j: d["score"] for d, j in zip(dets, matched) if j >= 0}  # one per lesion
         for d, j in zip(dets, matched):
             if j < 0 and d["score"] >= 0.5:

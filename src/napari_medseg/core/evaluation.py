@@ -181,6 +181,15 @@ def match_detections(detections: Sequence[Mapping[str, float]], lesions: Sequenc
     return result
 
 
+def match_phantom_lesions(detections: Sequence[Mapping[str, float]], phantom: Any
+                          ) -> tuple[list[Mapping[str, float]], list[int]]:
+    """``detections`` strongest first, and the index of the ``phantom``'s lesion each
+    hits or −1 (:func:`match_detections` against its ground-truth lesions)."""
+    dets = sorted(detections, key=lambda d: -d["score"])
+    lesions = [{"center": les.center_zyx, "radius_mm": les.radius_mm} for les in phantom.lesions]
+    return dets, match_detections(dets, lesions, phantom.volume.spacing)
+
+
 def froc_point(per_volume: Sequence[Mapping[str, Any]], max_fp_per_volume: float = 1.0,
                min_diameter_mm: float = MIN_DIAMETER_MM) -> dict[str, Any]:
     """Best sensitivity (lesions ≥ ``min_diameter_mm``) with mean FP/volume ≤ the limit.
@@ -337,11 +346,9 @@ def detector_records(model, card, seeds: list[int], min_distance_mm: float | Seq
         ph = make_phantom(s, settings_fn(s))
         by_md = predict_detector(model, card, ph.volume, threshold=low_threshold, min_distances=mds)
         rec = {"seed": s, "diameters": [2 * les.radius_mm for les in ph.lesions], "by_md": {}}
-        lesions = [{"center": les.center_zyx, "radius_mm": les.radius_mm} for les in ph.lesions]
         for md in mds:
-            dets = sorted(by_md[md], key=lambda d: -d["score"])
-            rec["by_md"][md] = {"scores": [d["score"] for d in dets],
-                                "matched": match_detections(dets, lesions, ph.volume.spacing)}
+            dets, matched = match_phantom_lesions(by_md[md], ph)
+            rec["by_md"][md] = {"scores": [d["score"] for d in dets], "matched": matched}
         records.append(rec)
         if on_progress is not None:
             on_progress(i + 1, len(seeds), f"detector: phantom {i + 1}/{len(seeds)}")
