@@ -53,6 +53,24 @@ def test_dice_loss_of_perfect_prediction_is_about_zero():
     assert soft_dice_loss(-logits, target).item() > 0.9
 
 
+def test_dice_present_only_has_no_term_for_an_absent_class():
+    # classes 0 and 1 in the target; class 2 absent but predicted on a few voxels
+    target = torch.zeros(1, 16, 16, dtype=torch.long)
+    target[:, 4:12, 4:12] = 1
+    logits = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float() * 10.0
+    logits[:, 2, :2, :2] = 30.0
+    logits.requires_grad_(True)
+    plain = soft_dice_loss(logits, target)
+    present = soft_dice_loss(logits, target, present_only=True)
+    assert plain.item() > 0.3  # the absent class's smoothed Dice ~ 1 / (4 + 1)
+    assert present.item() < 1e-3  # only class 1 counts, and it is perfect
+    present.backward()
+    assert float(logits.grad[:, 2].abs().max()) < 1e-6
+    # nothing present but background: a zero loss that still backpropagates
+    empty = soft_dice_loss(logits, torch.zeros_like(target), present_only=True)
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
 def test_focal_is_at_most_ce_and_equals_it_at_gamma_zero():
     torch.manual_seed(0)
     logits, target = torch.randn(64, 3), torch.randint(0, 3, (64,))

@@ -249,9 +249,10 @@ def finetune_segmenter(
     class_names: Mapping[int, str] | None = None,
     lr: float = 1e-3,
     correction_weight: float = 4.0,
-    keep_weight: float = 1.0,
+    keep_weight: float = 3.0,
     class_balance: bool = True,
     holdout: bool = True,
+    dice_present_only: bool = True,
     version: int = 1,
     seq_len: int = 6,
     crop: int = 128,
@@ -267,6 +268,12 @@ def finetune_segmenter(
     ``seconds`` (default :data:`DEFAULT_SECONDS`). Yields Progress every step with the
     step's loss in ``partial``; returns a :class:`FinetuneResult`. ``version`` picks the
     held-out slice (rotating) and goes into the card.
+
+    Loss: class-weighted cross-entropy with the corrected voxels weighted
+    ``1 + correction_weight``, soft Dice (over the classes a crop's annotated voxels hold
+    when ``dice_present_only``), and ``keep_weight`` × KL to the starting model on the
+    unannotated voxels. The defaults were chosen on validation phantoms
+    (``benchmarks/finetune_variants.py``).
     """
     classes = check_model_args(volume, model, card, RecurrentSegmenter, "fine-tuning")
     arr, zs = check_annotations(volume, labels, slices)
@@ -352,7 +359,8 @@ def finetune_segmenter(
         def loss_fn(logits, t):
             tgt, wts, keep = t
             ce = F.cross_entropy(logits, tgt, ignore_index=IGNORE_INDEX, reduction="none")
-            loss = (ce * wts).sum() / wts.sum().clamp_min(1e-6) + soft_dice_loss(logits, tgt)
+            loss = (ce * wts).sum() / wts.sum().clamp_min(1e-6) + soft_dice_loss(
+                logits, tgt, present_only=dice_present_only)
             if keep is not None:  # unannotated voxels: stay close to the starting model
                 free = (tgt == IGNORE_INDEX).unsqueeze(1)
                 if bool(free.any()):

@@ -146,12 +146,15 @@ def soft_dice_loss(
     ignore_index: int = IGNORE_INDEX,
     include_background: bool = False,
     eps: float = 1.0,
+    present_only: bool = False,
 ) -> torch.Tensor:
     """1 − mean soft Dice over classes, on (N, C, …) logits and (N, …) integer targets.
 
     Ignored voxels are masked out of both prediction and target. Classes absent from the
     target and predicted nowhere score Dice ≈ 1 (the ``eps`` smoothing), so a perfect
-    prediction gives ≈ 0.
+    prediction gives ≈ 0. ``present_only``: average over the classes the target holds
+    (no term at all for an absent class, whose smoothed Dice otherwise pulls its
+    probability to zero everywhere with a large gradient).
     """
     n_classes = logits.shape[1]
     target = target.long()
@@ -163,8 +166,13 @@ def soft_dice_loss(
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + eps) / (denom + eps)
+    present = onehot.sum(dims) > 0
     if not include_background:
-        dice = dice[1:]
+        dice, present = dice[1:], present[1:]
+    if present_only:
+        if not bool(present.any()):
+            return logits.sum() * 0.0
+        dice = dice[present]
     return 1.0 - dice.mean()
 
 

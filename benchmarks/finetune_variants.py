@@ -1,0 +1,96 @@
+"""Fine-tuning loss settings compared on VALIDATION phantoms (how the defaults were chosen).
+
+    .venv/bin/python benchmarks/finetune_variants.py [NAME,NAME…] [--seconds 15] [--out FILE]
+
+The domain shift and the simulated user of ``bench_finetune.py`` (3 or 5 slices spread
+over the body set to the ground truth, one round of ``--seconds``), on four phantoms
+from the validation seed range (850001–850004), so the benchmark's held-out volumes
+(905001–905003) are never used to choose. Each variant passes its keyword arguments to
+``finetune_segmenter``; printed and in the JSON: mean and organ Dice on the untouched
+slices before and after, averaged over the volumes, and the steps per round. About
+2.5 min per variant on 2 cores; a round is a time budget, so run nothing else meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from _common import emit, machine
+from bench_finetune import SHIFT, round_on, segment, spread, summary
+from napari_medseg.core.models import load_model
+from napari_medseg.core.phantom import generate_phantom
+
+SEEDS = (850_001, 850_002, 850_003, 850_004)
+#: the defaults before this comparison, and what it tried against them
+VARIANTS = {
+    "default": {},
+    "before": {"keep_weight": 1.0, "dice_present_only": False},
+    "lr3e-3": {"keep_weight": 1.0, "dice_present_only": False, "lr": 3e-3},
+    "lr3e-4": {"keep_weight": 1.0, "dice_present_only": False, "lr": 3e-4},
+    "keep0": {"keep_weight": 0.0, "dice_present_only": False},
+    "keep3": {"keep_weight": 3.0, "dice_present_only": False},
+    "keep10": {"keep_weight": 10.0, "dice_present_only": False},
+    "corr0": {"keep_weight": 1.0, "dice_present_only": False, "correction_weight": 0.0},
+    "seq4-crop96": {"keep_weight": 1.0, "dice_present_only": False, "seq_len": 4, "crop": 96},
+    "crop192": {"keep_weight": 1.0, "dice_present_only": False, "crop": 192},
+    "present": {"keep_weight": 1.0, "dice_present_only": True},
+    "keep10-present": {"keep_weight": 10.0, "dice_present_only": True},
+    "keep3-present-lr2e-3": {"lr": 2e-3},
+    "keep3-present-corr1": {"correction_weight": 1.0},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="?", default="default,before",
+                    help=f"comma-separated, or 'all' ({', '.join(VARIANTS)})")
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--out", help="also write the JSON here")
+    args = ap.parse_args()
+    names = list(VARIANTS) if args.names == "all" else args.names.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    model, card = load_model("segmenter")
+    volumes = []
+    for seed in SEEDS:
+        p = generate_phantom(seed=seed, **SHIFT)
+        before, _ = segment(p.volume, model, card)
+        body = np.flatnonzero(p.labels.reshape(len(p.labels), -1).any(axis=1))
+        volumes.append((p, before, body))
+    results = {}
+    for name in names:
+        rows = {3: [], 5: []}
+        for p, before, body in volumes:
+            for k in (3, 5):
+                zs = spread(body, k)
+                annotation = before.copy()
+                annotation[zs] = p.labels[zs]
+                untouched = np.setdiff1d(np.arange(len(p.labels)), zs)
+                res, after, _, _ = round_on(p.volume, model, card, annotation, zs, args.seconds,
+                                            **VARIANTS[name])
+                b, a = summary(before, p.labels, untouched, 9), summary(after, p.labels, untouched, 9)
+                rows[k].append([b["mean"], a["mean"], b["organs"], a["organs"], res.report.steps])
+        results[name] = {"kwargs": VARIANTS[name]}
+        for k, r in rows.items():
+            m = np.mean(r, axis=0)
+            m = [float(x) for x in m]
+            results[name][f"{k}_slices"] = {"mean_before": round(m[0], 4), "mean_after": round(m[1], 4),
+                                            "organs_before": round(m[2], 4), "organs_after": round(m[3], 4),
+                                            "steps": round(m[4], 1)}
+        print(name, {k: (v["mean_after"], v["organs_after"]) for k, v in results[name].items()
+                     if k != "kwargs"}, flush=True)
+    result = {"benchmark": "finetune_variants", "seeds": list(SEEDS), "round_budget_seconds": args.seconds,
+              "domain_shift": {k: list(v) if isinstance(v, tuple) else v for k, v in SHIFT.items()},
+              "variants": results, "machine": machine()}
+    emit(result)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1, default=float)
+
+
+if __name__ == "__main__":
+    main()
