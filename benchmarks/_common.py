@@ -178,7 +178,9 @@ def rss_mb(field: str = "VmRSS") -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def emit(result: dict[str, Any]) -> None:
+def emit(result: dict[str, Any], out: str | None = None) -> None:
+    """Print ``result`` as one JSON line (floats to 4 decimals); with ``out``, also
+    write it there in full, indented."""
     def clean(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
@@ -192,6 +194,9 @@ def emit(result: dict[str, Any]) -> None:
 
     print(json.dumps(clean(result)))
     sys.stdout.flush()
+    if out:
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=1, default=float)
 
 
 def bench_parser(doc: str, naive_slices: int) -> argparse.ArgumentParser:

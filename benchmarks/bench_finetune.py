@@ -291,12 +291,7 @@ def main() -> None:
         "mean_dice_ge_0.85_after_one_round": {k: a["mean_after"] >= 0.85 for k, a in avg.items()},
     }
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
-    emit(result)
-    if args.out:
-        import json
-
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1, default=float)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

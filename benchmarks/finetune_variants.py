@@ -14,7 +14,6 @@ slices before and after, averaged over the volumes, and the steps per round. Abo
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
@@ -86,10 +85,7 @@ def main() -> None:
     result = {"benchmark": "finetune_variants", "seeds": list(SEEDS), "round_budget_seconds": args.seconds,
               "domain_shift": {k: list(v) if isinstance(v, tuple) else v for k, v in SHIFT.items()},
               "variants": results, "machine": machine()}
-    emit(result)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1, default=float)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
