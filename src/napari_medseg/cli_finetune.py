@@ -141,7 +141,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="folder for the fine-tuned model")
     p.add_argument("--name", help="model name (default MODEL-finetuned)")
     p.add_argument("--epochs", type=int, help="training passes over the annotated slices")
-    p.add_argument("--seconds", type=float, help="time budget (default 15 s without --epochs)")
+    p.add_argument("--seconds", type=float, help="time budget (default without --epochs: 15 s, or 30 s"
+                   " when the labels hold a new structure)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: free cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")

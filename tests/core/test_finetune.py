@@ -105,6 +105,19 @@ def test_new_label_value_grows_the_head_and_keeps_old_predictions(tiny, phantom)
     assert out.labels.shape == phantom.labels.shape
 
 
+def test_default_round_is_longer_for_a_new_structure(tiny, phantom, monkeypatch):
+    import napari_medseg.core.finetune as ft
+
+    asked = []
+    real = ft._budget
+    monkeypatch.setattr(ft, "_budget", lambda st, se, default: (asked.append(default), real(3, None, default))[1])
+    labels = phantom.labels.copy()
+    run_to_completion(finetune_segmenter(phantom.volume, tiny, CARD, labels, [5], threads=1, holdout=False))
+    labels[5][phantom.labels[5] == 6] = 9  # a new value
+    run_to_completion(finetune_segmenter(phantom.volume, tiny, CARD, labels, [5], threads=1, holdout=False))
+    assert asked == [ft.DEFAULT_SECONDS, ft.NEW_STRUCTURE_SECONDS]
+
+
 @pytest.mark.parametrize("labels_shape, slices, message", [
     ((10, 64, 63), [1], "shape"),
     ((10, 64, 64), [], "no annotated slices"),

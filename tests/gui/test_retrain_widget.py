@@ -159,6 +159,9 @@ def test_new_structure_grows_the_model(scene, qtbot):
     model, card = widget._history.model()
     assert model.n_classes == n_old + 1 and card["classes"][-1] == f"structure_{n_old}"
     np.testing.assert_array_equal(labels.data[2][truth[2] == 6], n_old)
+    # a short round says that a new structure wants a longer one
+    assert f"learned new: structure_{n_old}" in widget._status.value
+    assert "Seconds ≥ 30" in widget._status.value
 
 
 @pytest.mark.parametrize("problem", ["no annotations", "shape mismatch", "only background"])

@@ -44,6 +44,7 @@ from .._layers import _labels_kwargs, _like_layer, detection_layer_data, volume_
 from ..core.errors import MedsegInputError
 from ..core.finetune import (
     DEFAULT_SECONDS,
+    NEW_STRUCTURE_SECONDS,
     VersionHistory,
     check_annotations,
     check_points,
@@ -492,6 +493,9 @@ class _RetrainBase(Container):
                     f"{r.holdout_dice_after:.2f}")
         if r.new_classes:
             msg += f"; learned new: {', '.join(r.new_classes)}"
+            if r.seconds < 0.9 * NEW_STRUCTURE_SECONDS:
+                msg += (f" (a new structure is learnt from scratch: if it is missing on other"
+                        f" slices, retrain with Seconds ≥ {NEW_STRUCTURE_SECONDS:g})")
         self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg)
 
     def _on_predicted(self, out, image, layer, volume, source) -> None:
