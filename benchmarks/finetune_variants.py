@@ -39,6 +39,7 @@ VARIANTS = {
     "keep10-present": {"keep_weight": 10.0, "dice_present_only": True},
     "keep3-present-lr2e-3": {"lr": 2e-3},
     "keep3-present-corr1": {"correction_weight": 1.0},
+    "no-holdout": {"holdout": False},  # what the held-out slice's Dice costs the round
 }
 
 
