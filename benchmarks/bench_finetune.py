@@ -186,22 +186,35 @@ def lesion_only(args, model, card) -> dict:
     return {"per_volume": out, "average": mean}
 
 
+def stomach_case(seed: int, model, card):
+    """The new-structure case: a phantom whose stomach (labelled "body") is painted as a
+    new value 9 on 5 slices over the model's prediction; None when it spans < 8 slices.
+    Returns (phantom, truth with the stomach as 9, annotation, painted slices, untouched
+    slices, the model's prediction)."""
+    p = generate_phantom((48, 220, 220), (3.0, 1.0, 1.0), seed=seed, noise_hu=20.0,
+                         extra_structures=["stomach"])
+    stomach = p.structure_masks["stomach"]
+    zs_all = np.flatnonzero(stomach.reshape(len(stomach), -1).any(axis=1))
+    if len(zs_all) < 8:
+        return None
+    before, _ = segment(p.volume, model, card)
+    zs = spread(zs_all, 5)
+    truth = p.labels.copy()
+    truth[stomach] = 9
+    annotation = before.copy()
+    annotation[zs] = truth[zs]
+    untouched = np.setdiff1d(np.arange(len(truth)), zs)
+    return p, truth, annotation, zs, untouched, before
+
+
 def new_structure(args, model, card) -> dict:
     out = []
     for seed in SEEDS[: args.volumes]:
-        p = generate_phantom((48, 220, 220), (3.0, 1.0, 1.0), seed=seed, noise_hu=20.0,
-                             extra_structures=["stomach"])
-        stomach = p.structure_masks["stomach"]
-        before, _ = segment(p.volume, model, card)
-        zs_all = np.flatnonzero(stomach.reshape(len(stomach), -1).any(axis=1))
-        if len(zs_all) < 8:
+        case = stomach_case(seed, model, card)
+        if case is None:
             continue
-        zs = spread(zs_all, 5)
-        annotation = before.copy()
-        truth = p.labels.copy()
-        truth[stomach] = 9
-        annotation[zs] = truth[zs]
-        untouched = np.setdiff1d(np.arange(len(truth)), zs)
+        p, truth, annotation, zs, untouched, before = case
+        zs_all = np.flatnonzero((truth == 9).reshape(len(truth), -1).any(axis=1))
         res, after, t_round, _ = round_on(p.volume, model, card, annotation, zs, args.seconds,
                                           class_names={9: "stomach"})
         d = dice(after[untouched], truth[untouched], 10)
