@@ -47,7 +47,12 @@ VARIANTS = {
     "keep10-present": {"keep_weight": 10.0, "dice_present_only": True},
     "keep3-present-lr2e-3": {"lr": 2e-3},
     "keep3-present-corr1": {"correction_weight": 1.0},
-    "no-holdout": {"holdout": False},  # what the held-out slice's Dice costs the round
+    "no-holdout": {"holdout": False},
+    "keep-balance": {"keep_balance": True},
+    "keep-balance10": {"keep_balance": True, "keep_weight": 10.0},
+    "train-encoder": {"trainable": "encoder"},
+    "train-early": {"trainable": "early"},
+    "train-decoder": {"trainable": "decoder"},  # what the held-out slice's Dice costs the round
 }
 
 
@@ -86,15 +91,18 @@ def main() -> None:
                 res, after, _, _ = round_on(p.volume, model, card, annotation, zs,
                                             **budget, **VARIANTS[name])
                 b, a = summary(before, p.labels, untouched, 9), summary(after, p.labels, untouched, 9)
-                rows[k].append([b["mean"], a["mean"], b["organs"], a["organs"], res.report.steps])
+                rows[k].append([b["mean"], a["mean"], b["organs"], a["organs"], res.report.steps,
+                                b["dice"]["lesion"], a["dice"]["lesion"]])
         results[name] = {"kwargs": VARIANTS[name]}
         for k, r in rows.items():
-            m = np.mean(r, axis=0)
+            m = np.mean([x[:5] for x in r], axis=0)
             m = [float(x) for x in m]
             results[name][f"{k}_slices"] = {"mean_before": round(m[0], 4), "mean_after": round(m[1], 4),
                                             "organs_before": round(m[2], 4), "organs_after": round(m[3], 4),
-                                            "steps": round(m[4], 1)}
-        print(name, {k: (v["mean_after"], v["organs_after"]) for k, v in results[name].items()
+                                            "steps": round(m[4], 1),
+                                            "lesion_before": [x[5] for x in r],
+                                            "lesion_after": [x[6] for x in r]}
+        print(name, {k: (v["mean_after"], v["organs_after"], v["lesion_after"]) for k, v in results[name].items()
                      if k != "kwargs"}, flush=True)
     result = {"benchmark": "finetune_variants", "seeds": list(SEEDS), "budget": budget,
               "domain_shift": {k: list(v) if isinstance(v, tuple) else v for k, v in SHIFT.items()},

@@ -8,6 +8,7 @@ import torch
 
 from napari_medseg.core.errors import MedsegInputError
 from napari_medseg.core.finetune import (
+    keep_loss,
     VersionHistory,
     check_annotations,
     finetune_segmenter,
@@ -64,6 +65,17 @@ def test_only_annotated_slices_are_learned_from_and_the_input_model_is_untouched
     changed[3, 20:30, 20:30] = 4  # ... but the annotated slices' labels do
     c = _finetune(tiny, phantom, changed, [3, 6])
     assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
+def test_trainable_part_is_the_only_one_updated(tiny, phantom):
+    original = _weights(tiny)
+    res = _finetune(tiny, phantom, phantom.labels.copy(), [3, 6], trainable="decoder")
+    after = res.model.state_dict()
+    moved = {k.split(".")[0] for k, v in after.items() if not torch.equal(v, original[k])}
+    assert moved and moved <= {"up2", "dec2", "up1", "dec1", "head"}, moved
+    assert all(p.requires_grad for p in res.model.parameters())  # a next round trains it all
+    with pytest.raises(MedsegInputError, match="trainable"):
+        _finetune(tiny, phantom, phantom.labels.copy(), [3, 6], trainable="gru")
 
 
 def test_training_moves_the_prediction_towards_the_annotation():
@@ -140,6 +152,22 @@ def test_missing_slices_and_float_labels_are_refused(phantom):
         check_annotations(gappy, phantom.labels, [4])
     with pytest.raises(MedsegInputError, match="integers"):
         check_annotations(vol, phantom.labels.astype(float), [3])
+
+
+def test_keep_loss_balanced_weighs_a_rare_class_up():
+    # the teacher calls one voxel of 100 class 2 (a lesion), the rest background; the model
+    # differs from it only there: the balanced average must weigh that voxel far more
+    teacher = torch.full((1, 3, 10, 10), -8.0)
+    teacher[0, 0] = 0.0
+    teacher[0, :, 4, 4] = torch.tensor([-8.0, -8.0, 0.0])
+    teacher = teacher.log_softmax(1)
+    model = teacher.clone()
+    model[0, :, 4, 4] = torch.tensor([0.0, -8.0, -8.0])
+    free = torch.ones((1, 10, 10), dtype=torch.bool)
+    plain, balanced = keep_loss(model, teacher, free), keep_loss(model, teacher, free, True)
+    assert plain > 0 and balanced > 5 * plain
+    assert float(keep_loss(model, teacher, torch.zeros_like(free))) == 0.0
+    assert float(keep_loss(teacher, teacher, free, True)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_unannotated_updates_never_touch_protected_slices():

@@ -60,6 +60,7 @@ from .models.registry import build_model, save_model, user_models_dir
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
 from .resample import resample_yx
+from .models.classifier import check_choice
 from .models.detector import LesionDetector
 from .resample import map_index
 from .training import (
@@ -231,6 +232,44 @@ def _window_logits(model: RecurrentSegmenter, x: torch.Tensor, zs: Sequence[int]
     return out
 
 
+#: ``finetune_segmenter(trainable=...)``: which parts of the segmenter a round updates
+TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "encoder": ("enc1", "enc2", "enc3"),
+    "early": ("enc1", "enc2"),
+    "decoder": ("up2", "dec2", "up1", "dec1", "head"),
+}
+
+
+def _freeze_except(model: nn.Module, trainable: str, grows: bool) -> None:
+    """requires_grad off outside the ``trainable`` part (a grown head always trains);
+    ``"all"`` turns it on everywhere."""
+    parts = TRAINABLE_PARTS[trainable]
+    parts = parts + (("head",) if grows else ())
+    for name, child in model.named_children():
+        for p in child.parameters():
+            p.requires_grad_(not parts or name in parts)
+
+
+def keep_loss(logits: torch.Tensor, teacher_logp: torch.Tensor, free: torch.Tensor,
+              balance: bool = False) -> torch.Tensor:
+    """KL(teacher ‖ model) averaged over the ``free`` (unannotated) voxels; 0 when none.
+
+    ``logits``, ``teacher_logp``: (N, C, H, W); ``free``: (N, H, W) bool. ``balance``
+    weights each voxel by :func:`class_weights` of the teacher's class, so the few voxels
+    of a rare structure the model found (a lesion) count as much as the background.
+    """
+    free = free.unsqueeze(1)
+    if not bool(free.any()):
+        return logits.sum() * 0.0
+    kl = (teacher_logp.exp() * (teacher_logp - logits.log_softmax(1))).sum(1, keepdim=True)[free]
+    if not balance:
+        return kl.mean()
+    cls = teacher_logp.argmax(1, keepdim=True)[free]
+    w = class_weights(torch.bincount(cls, minlength=logits.shape[1]).tolist())[cls]
+    return (kl * w).sum() / w.sum()
+
+
 def _class_names(old: Sequence[str], n_classes: int, present: set[int],
                  names: Mapping[int, str] | None) -> list[str]:
     out = list(old)
@@ -253,6 +292,8 @@ def finetune_segmenter(
     lr: float = 1e-3,
     correction_weight: float = 4.0,
     keep_weight: float = 3.0,
+    keep_balance: bool = False,
+    trainable: str = "all",
     class_balance: bool = True,
     holdout: bool = True,
     dice_present_only: bool = True,
@@ -276,13 +317,16 @@ def finetune_segmenter(
     Loss: class-weighted cross-entropy with the corrected voxels weighted
     ``1 + correction_weight``, soft Dice (over the classes a crop's annotated voxels hold
     when ``dice_present_only``), and ``keep_weight`` × KL to the starting model on the
-    unannotated voxels. The defaults were chosen on validation phantoms
+    unannotated voxels (class-balanced over the starting model's classes when
+    ``keep_balance``; tried, not the default). ``trainable`` (:data:`TRAINABLE_PARTS`)
+    limits the update to part of the network. The defaults were chosen on validation phantoms
     (``benchmarks/finetune_variants.py``).
     """
     classes = check_model_args(volume, model, card, RecurrentSegmenter, "fine-tuning")
     arr, zs = check_annotations(volume, labels, slices)
     if not (correction_weight >= 0 and math.isfinite(correction_weight)):
         raise MedsegInputError(f"correction_weight must be ≥ 0, got {correction_weight!r}")
+    check_choice(trainable, tuple(TRAINABLE_PARTS), "trainable")
 
     nz, ny, nx = volume.shape
     present = {int(v) for v in np.unique(arr[zs])}
@@ -307,6 +351,7 @@ def finetune_segmenter(
             work = work.with_classes(n_classes)
         work.eval()
         teacher = copy.deepcopy(work).eval() if keep_weight > 0 else None
+        _freeze_except(work, trainable, grows=n_classes > model.n_classes)
         context = max(1, seq_len // 2)
 
         # the model's own view of the annotated slices: corrections = disagreements
@@ -367,11 +412,7 @@ def finetune_segmenter(
             loss = (ce * wts).sum() / wts.sum().clamp_min(1e-6) + soft_dice_loss(
                 logits, tgt, present_only=dice_present_only)
             if keep is not None:  # unannotated voxels: stay close to the starting model
-                free = (tgt == IGNORE_INDEX).unsqueeze(1)
-                if bool(free.any()):
-                    logp = logits.log_softmax(1)
-                    kl = (keep.exp() * (keep - logp)).sum(1, keepdim=True)
-                    loss = loss + keep_weight * kl[free].mean()
+                loss = loss + keep_weight * keep_loss(logits, keep, tgt == IGNORE_INDEX, keep_balance)
             return loss
 
         def budget(share: float) -> tuple[int | None, float | None]:
@@ -398,6 +439,7 @@ def finetune_segmenter(
                 yield Progress(total_steps, total_steps,
                                f"held-out slice {held}: Dice {dice_before:.2f} → {dice_after:.2f}")
         work.eval()
+        _freeze_except(work, "all", grows=False)  # the result trains fully in a next round
         elapsed = time.perf_counter() - t0
 
     report = FinetuneReport(
