@@ -88,6 +88,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         kw["loss"] = args.loss
     if args.sampling:
         kw["sampling"] = args.sampling
+    if args.init is not None:
+        if name != "segmenter":
+            raise MedsegInputError(f"--init continues a segmenter run; not available for {name}")
+        kw["init"] = args.init
     if args.pool_size is not None:
         if args.pool_size < 1:
             raise MedsegInputError(f"--pool-size must be at least 1, got {args.pool_size}")
@@ -207,6 +211,9 @@ def register(sub: Any) -> None:
     p.add_argument("--ablation-eval-seeds", type=int, default=6)
     p.add_argument("--pool-size", type=int, default=None,
                    help="phantoms held in memory while training (default per model)")
+    p.add_argument("--init", default=None,
+                   help="segmenter: start from this model (bundled name or card path) "
+                        "instead of random weights")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -17,7 +17,7 @@ from napari_medseg.core.evaluation import (
     froc_point,
     match_detections,
 )
-from napari_medseg.core.models.registry import BUNDLED_DIR, load_model, sha256_file
+from napari_medseg.core.models.registry import BUNDLED_DIR, load_model, save_model, sha256_file
 from napari_medseg.core.progress import run_to_completion
 from napari_medseg.core.resample import map_index, resample_yx, resampled_shape_yx
 from napari_medseg.core.training import (
@@ -117,6 +117,22 @@ def test_a_few_steps_lower_the_loss():
     stats = card["training"]  # mean loss of the first 20 steps vs the last 20
     assert stats["steps"] == 40
     assert stats["loss_last20"] < stats["loss_first20"]
+
+
+def test_init_continues_from_a_saved_segmenter_and_the_card_says_so(tmp_path):
+    first, card0 = run_to_completion(train_segmenter(3, steps=4, **TINY_SEG))
+    save_model(first, tmp_path, "first", card0)
+    init = str(tmp_path / "first.json")
+    cont, card = run_to_completion(train_segmenter(4, steps=2, lr=1e-4, init=init, **TINY_SEG))
+    fresh, _ = run_to_completion(train_segmenter(4, steps=2, lr=1e-4, **TINY_SEG))
+    def distance(m):
+        return sum(float((a - b).abs().sum()) for a, b in
+                   zip(m.state_dict().values(), first.state_dict().values()) if a.is_floating_point())
+    assert distance(cont) < 0.1 * distance(fresh)  # two small steps away from the start
+    assert card["training"]["command"].endswith(f"--init {init}")
+    assert card["training"]["init_from"]["sha256"] == load_model(init)[1]["sha256"]
+    with pytest.raises(MedsegInputError, match="widths"):
+        run_to_completion(train_segmenter(4, steps=1, init=init, widths=(8, 16, 16), **TINY_SEG))
 
 
 def test_same_seed_gives_identical_weights():
@@ -321,6 +337,12 @@ def test_evaluate_cli_rejects_an_unknown_model(capsys):
 def test_train_cli_rejects_an_unknown_model(tmp_path, capsys):
     assert main(["train", "unet", "--out", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_train_cli_init_is_for_the_segmenter_only(tmp_path, capsys):
+    assert main(["train", "detector", "--init", "segmenter", "--out", str(tmp_path)]) == 2
+    assert "--init continues a segmenter run" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_saving_the_same_weights_twice_gives_the_same_sha256(tmp_path):

@@ -40,7 +40,7 @@ from .errors import MedsegInputError
 from .inference import positive_int
 from .models.classifier import SliceClassifier
 from .models.detector import LesionDetector, gaussian_heatmap_targets
-from .models.registry import apply_normalisation
+from .models.registry import apply_normalisation, load_model
 from .models.segmenter import RecurrentSegmenter
 from .phantom import LABEL_NAMES, LESION_LABEL, SLICE_CLASSES, generate_phantom
 from .progress import Job, Progress
@@ -860,6 +860,7 @@ def train_segmenter(
     max_slices: int = 48,
     lr: float | None = None,
     noise_hu: float = 20.0,
+    init: str | None = None,
 ) -> Job[tuple[RecurrentSegmenter, dict[str, Any]]]:
     """Train the recurrent organ segmenter on runs of ``seq_len`` consecutive slices.
 
@@ -867,12 +868,20 @@ def train_segmenter(
     (:func:`_add_noise`); 20 for the bundled model, 0 reproduces the models before it.
 
     ``sampling="balanced"``: half the sequences are centred on a lesion (the rare class).
+
+    ``init``: a segmenter (bundled name or card path) to start from instead of random
+    weights, with the same architecture and grid: a further run of ``steps`` with a
+    fresh learning-rate schedule. The card records it (``init_from``, and ``--init`` in
+    the command), so the chain reproduces from the first run's command.
     """
     run = _start_run("segmenter", seed, steps, seconds, loss, sampling, spacing_yx, lr, 2)
+    start = _init_weights(init, RecurrentSegmenter, widths, run.spacing_yx) if init else None
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
     n_classes = len(LABEL_NAMES)
     with deterministic(run.seed):
         model = RecurrentSegmenter(1, n_classes, widths)
+        if start is not None:
+            model.load_state_dict(start[0].state_dict())
         pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm)
         yield from pool.fill()
         counts = np.zeros(n_classes)
@@ -912,7 +921,28 @@ def train_segmenter(
         card = yield from _fit(run, model, pool, batch, loss_fn, refresh_every,
                                [LABEL_NAMES[i] for i in range(n_classes)], pool_size,
                                {"sequence_length": seq_len})
+    if start is not None:
+        card["training"]["command"] += f" --init {init}"
+        card["training"]["init_from"] = start[1]
     return model, card
+
+
+def _init_weights(init: str, cls: type, widths: Sequence[int], spacing_yx: float
+                  ) -> tuple[Any, dict[str, Any]]:
+    """(model, {"card", "sha256", "steps"}) to start a run from; refuses another
+    architecture, class list or grid."""
+    model, card = load_model(init)
+    arch = card.get("arch_params", {})
+    if not isinstance(model, cls) or tuple(arch.get("widths", ())) != tuple(widths):
+        raise MedsegInputError(f"--init {init}: not a {cls.__name__} with widths {tuple(widths)}")
+    if list(card["classes"]) != [LABEL_NAMES[i] for i in range(len(LABEL_NAMES))]:
+        raise MedsegInputError(
+            f"--init {init}: its classes {card['classes']} are not the phantom's {list(LABEL_NAMES.values())}")
+    if float(card["input_spacing_mm"][1]) != float(spacing_yx):
+        raise MedsegInputError(
+            f"--init {init}: its grid is {card['input_spacing_mm'][1]} mm, this run's {spacing_yx} mm")
+    return model, {"card": str(init), "sha256": card.get("sha256"),
+                   "steps": card.get("training", {}).get("steps")}
 
 
 # ======================================================================================
