@@ -29,6 +29,40 @@ from napari_medseg.core.training import VALIDATION_SEEDS, eval_settings, make_ph
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
+def matched_peaks(heat: np.ndarray, size: np.ndarray, ph, card: dict) -> dict:
+    """Peaks of a model-grid heatmap (threshold 0.05, the card's NMS), in input voxels,
+    matched to the phantom's lesions: one volume's record for ``froc_point``."""
+    vol = ph.volume
+    (nz, ny, nx), (sz, sy, sx), (h, w) = vol.shape, vol.spacing, heat.shape[1:]
+    peaks = extract_peaks(heat, size, (sz, sy * ny / h, sx * nx / w), threshold=0.05,
+                          min_distance_mm=card["min_distance_mm"],
+                          radius_fraction=card["nms_radius_fraction"])
+    dets = []
+    for p in peaks:
+        y, x = map_index([p.y, p.x], (h, w), (ny, nx))
+        dets.append({"z": float(p.z), "y": float(y), "x": float(x), "score": p.score})
+    dets, matched = match_phantom_lesions(dets, ph)
+    return {"scores": [d["score"] for d in dets], "matched": matched,
+            "diameters": [2 * les.radius_mm for les in ph.lesions]}
+
+
+def sensitivity_table(records: dict[str, list], n_seeds: int) -> dict:
+    """Sensitivity ≥ 5 mm at :data:`FP_RATES` for each way's records."""
+    first = next(iter(records.values()))
+    return {"seeds": [VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + n_seeds],
+            "n_lesions_ge_5mm": froc_point(first, 1.0)["n_lesions"],
+            "fp_per_volume": list(FP_RATES),
+            "sensitivity_ge_5mm": {w: [round(froc_point(r, f)["sensitivity"], 3) for f in FP_RATES]
+                                   for w, r in records.items()}}
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print each way's sensitivities, then the JSON (and write it to ``out``)."""
+    for way, row in result["sensitivity_ge_5mm"].items():
+        print(way, row, flush=True)
+    emit(result, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=2.0, help="the coarse grid, mm")
@@ -57,28 +91,11 @@ def main() -> None:
         size_max = np.where(hc > heats[0], sc_, sizes[0])
         maps = {"single": (heats[0], sizes[0]), "coarse": (hc, sc_),
                 "max": (np.maximum(heats[0], hc), size_max), "mean": ((heats[0] + hc) / 2, size_max)}
-        (nz, ny, nx), (sz, sy, sx) = vol.shape, vol.spacing
         for way, (heat, size) in maps.items():
-            peaks = extract_peaks(heat, size, (sz, sy * ny / h, sx * nx / w), threshold=0.05,
-                                  min_distance_mm=card["min_distance_mm"],
-                                  radius_fraction=card["nms_radius_fraction"])
-            dets = []
-            for p in peaks:
-                y, x = map_index([p.y, p.x], (h, w), (ny, nx))
-                dets.append({"z": float(p.z), "y": float(y), "x": float(x), "score": p.score})
-            dets, matched = match_phantom_lesions(dets, ph)
-            records[way].append({"scores": [d["score"] for d in dets], "matched": matched,
-                                 "diameters": [2 * les.radius_mm for les in ph.lesions]})
+            records[way].append(matched_peaks(heat, size, ph, card))
     result = {"benchmark": "detector_multiscale", "scale_mm": args.scale,
-              "seeds": [VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + args.seeds],
-              "n_lesions_ge_5mm": froc_point(records["single"], 1.0)["n_lesions"],
-              "fp_per_volume": list(FP_RATES),
-              "sensitivity_ge_5mm": {w: [round(froc_point(records[w], f)["sensitivity"], 3) for f in FP_RATES]
-                                     for w in ways},
-              "machine": machine()}
-    for w in ways:
-        print(w, result["sensitivity_ge_5mm"][w], flush=True)
-    emit(result, args.out)
+              **sensitivity_table(records, args.seeds), "machine": machine()}
+    report(result, args.out)
 
 
 if __name__ == "__main__":

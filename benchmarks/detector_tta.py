@@ -17,15 +17,12 @@ import argparse
 import numpy as np
 import torch
 
-from _common import emit, machine
-from napari_medseg.core.evaluation import froc_point, match_phantom_lesions
+from _common import machine
+from detector_multiscale import matched_peaks, report, sensitivity_table
 from napari_medseg.core.inference import ModelGridSlices, prepare_model
 from napari_medseg.core.models import load_model
-from napari_medseg.core.models.detector import extract_peaks
-from napari_medseg.core.resample import map_index
 from napari_medseg.core.training import VALIDATION_SEEDS, eval_settings, make_phantom
 
-FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
 FLIPS = {"none": [()], "x": [(), (-1,)], "xy": [(), (-1,), (-2,), (-2, -1)]}
 
 
@@ -59,30 +56,11 @@ def main() -> None:
         ph = make_phantom(seed, eval_settings(seed))
         vol = ph.volume
         slices = ModelGridSlices(vol, card, model.in_slices // 2)
-        (nz, ny, nx), (sz, sy, sx) = vol.shape, vol.spacing
-        h, w = slices.grid
         for way, flips in FLIPS.items():
-            heat, size = maps(fast, slices, nz, flips)
-            peaks = extract_peaks(heat, size, (sz, sy * ny / h, sx * nx / w), threshold=0.05,
-                                  min_distance_mm=card["min_distance_mm"],
-                                  radius_fraction=card["nms_radius_fraction"])
-            dets = []
-            for p in peaks:
-                y, x = map_index([p.y, p.x], (h, w), (ny, nx))
-                dets.append({"z": float(p.z), "y": float(y), "x": float(x), "score": p.score})
-            dets, matched = match_phantom_lesions(dets, ph)
-            records[way].append({"scores": [d["score"] for d in dets], "matched": matched,
-                                 "diameters": [2 * les.radius_mm for les in ph.lesions]})
-    result = {"benchmark": "detector_tta", "card": args.card,
-              "seeds": [VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + args.seeds],
-              "n_lesions_ge_5mm": froc_point(records["none"], 1.0)["n_lesions"],
-              "fp_per_volume": list(FP_RATES),
-              "sensitivity_ge_5mm": {w: [round(froc_point(records[w], f)["sensitivity"], 3) for f in FP_RATES]
-                                     for w in FLIPS},
-              "machine": machine()}
-    for w in FLIPS:
-        print(w, result["sensitivity_ge_5mm"][w], flush=True)
-    emit(result, args.out)
+            heat, size = maps(fast, slices, vol.shape[0], flips)
+            records[way].append(matched_peaks(heat, size, ph, card))
+    report({"benchmark": "detector_tta", "card": args.card,
+            **sensitivity_table(records, args.seeds), "machine": machine()}, args.out)
 
 
 if __name__ == "__main__":
