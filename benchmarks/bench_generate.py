@@ -1,6 +1,12 @@
 """Slice generation: PSNR/SSIM of regenerated slices, model vs linear vs cubic, same run.
 
     .venv/bin/python benchmarks/bench_generate.py [--volumes 12] [--model generator] > out.json
+    .venv/bin/python benchmarks/bench_generate.py --validation --model DIR/generator.json
+        [--residual-scale 1]   # the network's residual as it is, without the calibration
+
+``--validation`` scores on validation phantoms instead (seeds 800006 on: the first six
+are the ones the residual scale is fitted on), to choose between training variants
+without looking at the evaluation seeds the card and the docs report.
 
 Slices are removed from a volume and regenerated; each method is scored against the
 removed (acquired) slices with scikit-image's PSNR (over all removed slices of a volume;
@@ -38,7 +44,7 @@ from napari_medseg.core.generation import (
 )
 from napari_medseg.core.models.registry import load_model
 from napari_medseg.core.progress import run_to_completion
-from napari_medseg.core.training import eval_settings, make_phantom
+from napari_medseg.core.training import VALIDATION_SEEDS, eval_settings, make_phantom
 from napari_medseg.core.volume import Volume
 
 
@@ -77,19 +83,34 @@ def nibabel_volumes() -> dict[str, tuple[np.ndarray, tuple[float, float, float]]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--volumes", type=int, default=12, help="held-out phantoms")
-    ap.add_argument("--model", default="generator")
+    ap.add_argument("--model", default="generator", help="bundled name or card path")
+    ap.add_argument("--residual-scale", type=float, default=None, metavar="A",
+                    help="override the card's residual_scale (1: the raw network)")
+    ap.add_argument("--validation", action="store_true",
+                    help="validation phantoms (for choosing a variant), not evaluation")
     args = ap.parse_args()
+    # calibrate_generator fits the residual scale on the first 6 validation seeds
+    first = VALIDATION_SEEDS[0] + 6
+    seeds = (list(range(first, first + args.volumes)) if args.validation
+             else seed_list(args.volumes))
     model, card = load_model(args.model)
+    if args.residual_scale is not None:
+        card = {**card, "residual_scale": args.residual_scale}
     t0 = time.perf_counter()
     patterns = {"x2": lambda n, s: removal_pattern(n, 2), "x3": lambda n, s: removal_pattern(n, 3),
                 "gaps": gaps_pattern}
     phantom_rows: dict[str, list] = {k: [] for k in patterns}
-    for s in seed_list(args.volumes):
+    per_volume = []
+    for s in seeds:
         ph = make_phantom(s, eval_settings(s))
+        row = {"seed": s, "z_mm": ph.volume.spacing[0], "noise_hu": eval_settings(s).noise_hu}
         for key, pattern in patterns.items():
             known = pattern(ph.volume.shape[0], s)
-            phantom_rows[key].append(compare_on(ph.volume.array, known, model, card,
-                                                ph.volume.spacing))
+            scores = compare_on(ph.volume.array, known, model, card, ph.volume.spacing)
+            phantom_rows[key].append(scores)
+            row[f"{key}_model_minus_linear_db"] = round(
+                scores["model"]["psnr"] - scores["linear"]["psnr"], 3)
+        per_volume.append(row)
     real = {}
     for name, (array, spacing) in nibabel_volumes().items():
         real[name] = {"shape": list(array.shape), "spacing_mm": list(spacing)}
@@ -114,7 +135,11 @@ def main() -> None:
     emit({
         "benchmark": "generate",
         "model": card.get("name"), "model_sha256": card.get("sha256"),
+        "residual_scale": card.get("residual_scale"),
+        "phantom_set": "validation" if args.validation else "evaluation",
+        "phantom_seeds": [seeds[0], seeds[-1]],
         "phantoms": {k: summarise_scores(v) for k, v in phantom_rows.items()},
+        "phantoms_per_volume": per_volume,
         "real_mr_nibabel_testdata": real,
         "speed_512": {"shape": list(big.shape), "generated_slices": n_gen,
                       "seconds": model_s, "seconds_per_generated_slice": model_s / n_gen,

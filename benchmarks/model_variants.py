@@ -9,6 +9,10 @@ models are scored the same way for reference.
     .venv/bin/python benchmarks/model_variants.py VARIANT [VARIANT ...] [--threads 1]
     .venv/bin/python benchmarks/model_variants.py --list
     .venv/bin/python benchmarks/model_variants.py --card DIR/segmenter.json
+    .venv/bin/python benchmarks/model_variants.py VARIANT --save DIR   # keep the weights
+
+``--save`` writes each trained variant as DIR/VARIANT.safetensors + card, so a long run
+can be scored again (``--card``) or bundled without training it twice.
 
 ``--card`` scores a model already trained (``napari-medseg train MODEL --out DIR``), so
 a candidate for the bundled weights is chosen on validation without training it twice.
@@ -27,7 +31,7 @@ import time
 import torch
 
 from napari_medseg.core import evaluation as ev
-from napari_medseg.core.models.registry import load_model
+from napari_medseg.core.models.registry import load_model, save_model
 from napari_medseg.core.progress import run_to_completion
 from napari_medseg.core.training import VALIDATION_SEEDS, train
 
@@ -78,6 +82,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # 6000-step model of commit a65f948
     "segmenter-6000-1mm": ("segmenter", {"steps": 6000, "spacing_yx": 1.0}),
     "segmenter-15000-1mm": ("segmenter", {"steps": 15000, "spacing_yx": 1.0}),
+    "segmenter-30000-1mm": ("segmenter", {"steps": 30000, "spacing_yx": 1.0}),
 }
 
 SEEDS = list(range(VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + 12))
@@ -99,7 +104,7 @@ def score(name: str, model, card) -> dict:
     return {"dice": ev.evaluate_segmenter(model, card, SEEDS)["dice"]}
 
 
-def run(variant: str) -> dict:
+def run(variant: str, save: str | None = None) -> dict:
     name, kwargs = VARIANTS[variant]
     t0 = time.perf_counter()
     if variant.startswith("bundled-"):
@@ -107,6 +112,8 @@ def run(variant: str) -> dict:
     else:
         model, card = run_to_completion(train(name, 0, **kwargs))
         card.setdefault("context_slices", 0)
+        if save:
+            save_model(model, save, variant, card)
     seconds = time.perf_counter() - t0
     return {"variant": variant, "model": name, "train_kwargs": kwargs,
             "train_seconds": round(seconds), "threads": torch.get_num_threads(),
@@ -118,6 +125,7 @@ def main() -> None:
     ap.add_argument("variants", nargs="*", help="names from --list")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--save", metavar="DIR", help="also write each trained variant to DIR")
     ap.add_argument("--card", action="append", default=[],
                     help="score a trained model from its card (repeatable)")
     args = ap.parse_args()
@@ -142,7 +150,7 @@ def main() -> None:
         print("\n".join(f"{k}: {v[0]} {v[1]}" for k, v in VARIANTS.items()))
         return
     for v in args.variants:
-        print(json.dumps(run(v)), flush=True)
+        print(json.dumps(run(v, args.save)), flush=True)
 
 
 if __name__ == "__main__":
