@@ -385,11 +385,34 @@ def test_bf16_agrees_with_fp32(seg, cls):
 
 
 @pytest.mark.parametrize("spec", [WINDOW, {"type": "zscore", "mean": 40.0, "std": 250.0}])
-def test_in_place_normalisation_equals_the_registry_function(spec):
+def test_model_input_equals_the_registry_normalisation_then_resample(spec):
+    """Normalising after the resampling (fewer full-size passes) gives what training's
+    apply_normalisation → resample_yx gives: exactly on the same grid, to float
+    rounding on another; NaN and ±inf included; the caller's array untouched."""
     x = np.random.default_rng(3).normal(0, 400, size=(3, 17, 13)).astype(np.float32)
     x[0, 0, :3] = (np.nan, np.inf, -np.inf)
-    want = inference.apply_normalisation(x, spec)
-    np.testing.assert_array_equal(inference._normalise(x, spec).numpy(), want)
+    before = x.copy()
+    z = np.array([0, 2])
+    want = inference.apply_normalisation(x[z], spec)
+    same = inference._normalised_on_grid(x, z, spec, (17, 13)).numpy()
+    np.testing.assert_array_equal(same, want)
+    other = inference._normalised_on_grid(x, z, spec, (9, 20)).numpy()
+    want = resample_yx(want, (1.0, 1.0), (17 / 9, 13 / 20), order=1, out_shape_yx=(9, 20))
+    np.testing.assert_allclose(other, want, atol=2e-6)
+    np.testing.assert_array_equal(x, before)
+    # a contiguous run (read through a view), a read-only, a reversed and an int16 array
+    run = inference._normalised_on_grid(x, np.arange(3), spec, (9, 20)).numpy()
+    np.testing.assert_array_equal(run[[0, 2]], other)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(inference._normalised_on_grid(frozen, np.arange(3), spec,
+                                                                (9, 20)).numpy(), run)
+    np.testing.assert_array_equal(inference._normalised_on_grid(
+        x[::-1], np.arange(1, 3), spec, (9, 20)).numpy(), run[1::-1])
+    ints = np.nan_to_num(x, posinf=0, neginf=0).astype(np.int16)
+    np.testing.assert_allclose(inference._normalised_on_grid(ints, np.arange(3), spec, (17, 13)),
+                               inference.apply_normalisation(ints, spec), atol=1e-6)
+    np.testing.assert_array_equal(x, before)
 
 
 def test_thread_governor_stays_within_the_cpus_and_restores(monkeypatch):

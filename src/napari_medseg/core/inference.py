@@ -521,16 +521,38 @@ def _fill_index(missing: np.ndarray) -> np.ndarray:
     return np.where(np.abs(z - lo) <= np.abs(hi - z), lo, hi)
 
 
-def _normalise(array: np.ndarray, spec: Mapping[str, Any]) -> torch.Tensor:
-    """:func:`~napari_medseg.core.models.registry.apply_normalisation` (same float32 operations, same values) in place on a
-    fresh copy: one pass per operation instead of a temporary array per step."""
-    x = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+def _normalised_on_grid(array: np.ndarray, z: np.ndarray, spec: Mapping[str, Any],
+                        grid: Sequence[int]) -> torch.Tensor:
+    """(len(z), *grid) float32: slices ``z`` of ``array`` normalised as the card says
+    (:func:`~napari_medseg.core.models.registry.apply_normalisation`), then resampled
+    in-plane to ``grid`` as training's ``resample_yx`` does (antialiased bilinear).
+
+    The same values up to float rounding, in two full-size passes instead of six: the
+    affine part of the normalisation commutes with the resampling (a weighted mean,
+    weights summing to 1), so it runs after it, on the model grid; only what does not
+    commute runs at full size: the window's clip (out of place on a view of a contiguous
+    run of slices, so it is also the copy, on every thread) and NaN / inf replaced by
+    the value that normalises to 0 (or to 1 for +inf under a window). ``array`` is
+    never written."""
+    z = np.asarray(z)
+    if len(z) and z[-1] - z[0] + 1 == len(z) and (np.diff(z) == 1).all():
+        src, owned = array[z[0]:z[-1] + 1], False  # a view: the first op below copies
+    else:
+        src, owned = array[z], True  # fancy indexing copies
+    if src.dtype != np.float32 or not (src.flags.writeable and src.flags.c_contiguous):
+        src, owned = np.array(src, dtype=np.float32), True  # torch wants both for a view
+    t = torch.from_numpy(src)
     if spec["type"] == "window":
         low, high = float(spec["low"]), float(spec["high"])
-        x.clamp_(low, high).sub_(low).div_(high - low)
+        t = t.clamp_(low, high) if owned else t.clamp(low, high)  # ±inf → the window's ends
+        torch.nan_to_num_(t, nan=low)
+        shift, scale = low, high - low
     else:
-        x.sub_(float(spec["mean"])).div_(float(spec["std"]))
-    return torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
+        shift, scale = float(spec["mean"]), float(spec["std"])
+        fix = torch.nan_to_num_ if owned else torch.nan_to_num
+        t = fix(t, nan=shift, posinf=shift, neginf=shift)
+    out = resize_yx(t[:, None], grid, antialias=True)[:, 0]  # as resample_yx
+    return out.sub_(shift).div_(scale)
 
 
 class ModelGridSlices:
@@ -564,9 +586,8 @@ class ModelGridSlices:
             x[torch.from_numpy(np.flatnonzero(reuse))] = kept[
                 torch.from_numpy(np.searchsorted(kept_z, needed[reuse]))]
         if not reuse.all():
-            fresh = _normalise(self.array[needed[~reuse]], self.norm)[:, None]
-            x[torch.from_numpy(np.flatnonzero(~reuse))] = resize_yx(
-                fresh, self.grid, antialias=True)[:, 0]  # as resample_yx
+            x[torch.from_numpy(np.flatnonzero(~reuse))] = _normalised_on_grid(
+                self.array, needed[~reuse], self.norm, self.grid)
         self._kept = (needed, x)
         return x
 
@@ -575,6 +596,9 @@ class ModelGridSlices:
         z = np.arange(start, stop)[:, None] + np.arange(-self.context, self.context + 1)[None]
         z = self.source[np.clip(z, 0, n - 1)]
         needed, inverse = np.unique(z, return_inverse=True)
+        if self.context == 0 and len(needed) == len(z):  # each slice once, in order
+            x = _normalised_on_grid(self.array, needed, self.norm, self.grid)[:, None]
+            return x.contiguous(memory_format=torch.channels_last)  # C = 1: no copy
         x = self._resampled(needed)[torch.from_numpy(inverse.reshape(z.shape))]  # (b, channels, h, w)
         return x.contiguous(memory_format=torch.channels_last)
 
