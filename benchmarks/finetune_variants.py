@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/finetune_variants.py [NAME,NAME…] [--seconds 15 | --steps N]
                                                      [--new-structure] [--out FILE]
+                                                     [--model CARD]
 
 The domain shift and the simulated user of ``bench_finetune.py`` (3 or 5 slices spread
 over the body set to the ground truth, one round of ``--seconds``), on four phantoms
@@ -10,6 +11,9 @@ from the validation seed range (850001–850004), so the benchmark's held-out vo
 ``finetune_segmenter``; printed and in the JSON: mean and organ Dice on the untouched
 slices before and after, averaged over the volumes, and the steps per round. About
 2.5 min per variant on 2 cores; a round is a time budget, so run nothing else meanwhile.
+
+``--model``: start from another segmenter (a card path, e.g. a training variant kept
+with ``model_variants.py --save``) instead of the bundled one.
 
 ``--new-structure``: instead, ``bench_finetune.py``'s new-structure case (the stomach
 painted as a new value on 5 slices) on validation seeds 850001–850003: the stomach's Dice
@@ -64,12 +68,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="a fixed number of steps instead of --seconds")
     ap.add_argument("--new-structure", action="store_true", help="the stomach case instead")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--model", default="segmenter", help="bundled name or card path")
     args = ap.parse_args()
     names = list(VARIANTS) if args.names == "all" else args.names.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    model, card = load_model("segmenter")
+    model, card = load_model(args.model)
     budget = ({"seconds": None, "steps": args.steps} if args.steps else {"seconds": args.seconds})
     if args.new_structure:
         return new_structures(names, model, card, budget, args.out)
@@ -104,7 +109,8 @@ def main() -> None:
                                             "lesion_after": [x[6] for x in r]}
         print(name, {k: (v["mean_after"], v["organs_after"], v["lesion_after"]) for k, v in results[name].items()
                      if k != "kwargs"}, flush=True)
-    result = {"benchmark": "finetune_variants", "seeds": list(SEEDS), "budget": budget,
+    result = {"benchmark": "finetune_variants", "model": card.get("name"),
+              "model_sha256": card.get("sha256"), "seeds": list(SEEDS), "budget": budget,
               "domain_shift": {k: list(v) if isinstance(v, tuple) else v for k, v in SHIFT.items()},
               "variants": results, "machine": machine()}
     emit(result, args.out)
