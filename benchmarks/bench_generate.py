@@ -102,8 +102,9 @@ def main() -> None:
     phantom_rows: dict[str, list] = {k: [] for k in patterns}
     per_volume = []
     for s in seeds:
-        ph = make_phantom(s, eval_settings(s))
-        row = {"seed": s, "z_mm": ph.volume.spacing[0], "noise_hu": eval_settings(s).noise_hu}
+        settings = eval_settings(s)
+        ph = make_phantom(s, settings)
+        row = {"seed": s, "z_mm": ph.volume.spacing[0], "noise_hu": settings.noise_hu}
         for key, pattern in patterns.items():
             known = pattern(ph.volume.shape[0], s)
             scores = compare_on(ph.volume.array, known, model, card, ph.volume.spacing)

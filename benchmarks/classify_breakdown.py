@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import count_flops, emit, gemm_gflops, machine  # noqa: E402
+from _common import _timed, count_flops, emit, gemm_gflops, machine  # noqa: E402
 
 from napari_medseg.core import inference  # noqa: E402
 from napari_medseg.core.models.registry import load_model  # noqa: E402
@@ -45,12 +45,7 @@ def full_size_input(array, z, spec, grid) -> torch.Tensor:
 
 
 def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(_timed(fn) for _ in range(repeats))
 
 
 def main() -> None:
