@@ -17,7 +17,10 @@
   "lesion" false positive is a second peak on a lesion already found).
   ``--nms-radius-fraction F`` overrides the card's (0: the 6 mm NMS alone).
 - segmenter: each lesion's own Dice (the prediction within 3 voxels of it against its
-  voxels), averaged by lesion diameter: how much of the lesion Dice small lesions cost.
+  voxels), averaged by lesion diameter and by its contrast-to-noise ratio |contrast| /
+  noise (one voxel's), with the label the model gave the lesion voxels it missed and the
+  lesion-voxel totals: how much of the pooled lesion Dice small, and faint, lesions cost.
+  ``--segmenter CARD`` scores another segmenter.
 """
 
 from __future__ import annotations
@@ -40,15 +43,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=12, help="validation phantoms")
     ap.add_argument("--nms-radius-fraction", type=float, default=None,
                     help="override the detector card's nms_radius_fraction")
+    ap.add_argument("--segmenter", default="segmenter", help="segmenter name or card path")
     args = ap.parse_args()
     seeds = list(range(VALIDATION_SEEDS[0], VALIDATION_SEEDS[0] + args.seeds))
     det, dcard = load_model("detector")
     cls, ccard = load_model("classifier")
-    seg, scard = load_model("segmenter")
+    seg, scard = load_model(args.segmenter)
     if args.nms_radius_fraction is not None:
         dcard = {**dcard, "nms_radius_fraction": args.nms_radius_fraction}
     fp_on = {}  # label name under a false positive scoring >= 0.5 → count
-    per_lesion_dice = []  # (diameter mm, Dice)
+    per_lesion_dice = []  # (diameter mm, Dice, contrast-to-noise, voxels)
+    missed_as: dict[str, int] = {}  # label given to lesion voxels the segmenter missed
+    lesion_voxels = np.zeros(3)  # predicted ∩ true, predicted, true
     called_lesion = np.zeros(7)
     normal_slices = np.zeros(7)
     blurred_share = []  # per normal slice 1–2 slices from a lesion
@@ -58,15 +64,21 @@ def main() -> None:
         ph = make_phantom(s, settings)
         spacing = ph.volume.spacing
         pred, _ = ev.predict_classifier(cls, ccard, ph.volume)
-        seg_lesion = ev.predict_segmenter(seg, scard, ph.volume) == 8
-        comp, _ = ndimage.label(ph.labels == 8)
+        seg_labels = ev.predict_segmenter(seg, scard, ph.volume)
+        seg_lesion = seg_labels == 8
+        true_lesion = ph.labels == 8
+        lesion_voxels += [(seg_lesion & true_lesion).sum(), seg_lesion.sum(), true_lesion.sum()]
+        for v, n in zip(*np.unique(seg_labels[true_lesion & ~seg_lesion], return_counts=True)):
+            missed_as[LABEL_NAMES[int(v)]] = missed_as.get(LABEL_NAMES[int(v)], 0) + int(n)
+        comp, _ = ndimage.label(true_lesion)
         for les in ph.lesions:
             k = comp[tuple(int(round(v)) for v in les.center_zyx)]
             if k:
                 mask = comp == k
                 near = seg_lesion & ndimage.binary_dilation(mask, iterations=3)
                 per_lesion_dice.append((2 * les.radius_mm,
-                                        2 * float((near & mask).sum()) / float(near.sum() + mask.sum())))
+                                        2 * float((near & mask).sum()) / float(near.sum() + mask.sum()),
+                                        abs(les.contrast_hu) / settings.noise_hu, int(mask.sum())))
         lesion_z = np.flatnonzero(ph.slice_classes == 2)
         sigma = [b / sp if b / sp > 0.05 else 0.0 for b, sp in zip(ph.blur_sigma_mm, spacing)]
         shown = ndimage.gaussian_filter((ph.labels == 8).astype(np.float32), sigma,
@@ -101,14 +113,32 @@ def main() -> None:
         by_snr[f"{lo}-{hi}"] = {"lesions": len(sel),
                                 "found_at_card_threshold": sum(r["score"] >= dcard["peak_threshold"] for r in sel),
                                 "median_score": round(float(np.median([r["score"] for r in sel])), 3) if sel else None}
-    by_size = {}
-    for lo, hi in ((0, 5), (5, 10), (10, 20), (20, 60)):
-        sel = [d for diam, d in per_lesion_dice if lo <= diam < hi]
-        by_size[f"{lo}-{hi} mm"] = {"lesions": len(sel),
-                                    "mean_dice": round(float(np.mean(sel)), 3) if sel else None}
+    def dice_bins(key: int, edges, unit: str) -> dict:
+        out = {}
+        for lo, hi in edges:
+            sel = [r for r in per_lesion_dice if lo <= r[key] < hi]
+            out[f"{lo}-{hi}{unit}"] = {
+                "lesions": len(sel),
+                "mean_dice": round(float(np.mean([r[1] for r in sel])), 3) if sel else None,
+                "share_of_lesion_voxels": round(sum(r[3] for r in sel) / max(lesion_voxels[2], 1), 3)}
+        return out
+
+    by_size = dice_bins(0, ((0, 5), (5, 10), (10, 20), (20, 60)), " mm")
+    by_cnr = dice_bins(2, ((0, 0.5), (0.5, 1), (1, 2), (2, math.inf)), "")
+    # of the lesions >= 10 mm: Dice by contrast-to-noise alone, size held out of the way
+    large = [r for r in per_lesion_dice if r[0] >= 10]
+    large_by_cnr = {f"{lo}-{hi}": round(float(np.mean([r[1] for r in large if lo <= r[2] < hi])), 3)
+                    if any(lo <= r[2] < hi for r in large) else None
+                    for lo, hi in ((0, 0.5), (0.5, 1), (1, 2), (2, math.inf))}
     print(json.dumps({
         "seeds": [seeds[0], seeds[-1]],
+        "segmenter": args.segmenter,
+        "segmenter_lesion_dice_pooled": round(2 * lesion_voxels[0] / max(lesion_voxels[1] + lesion_voxels[2], 1), 3),
+        "segmenter_lesion_voxels_predicted_vs_true": [int(lesion_voxels[1]), int(lesion_voxels[2])],
+        "segmenter_missed_lesion_voxels_labelled": missed_as,
         "segmenter_lesion_dice_by_diameter": by_size,
+        "segmenter_lesion_dice_by_contrast_to_noise": by_cnr,
+        "segmenter_lesions_ge_10mm_dice_by_contrast_to_noise": large_by_cnr,
         "classifier_normal_called_lesion_by_slices_to_nearest_lesion": {
             b: {"normal_slices": int(normal_slices[i + 1]),
                 "called_lesion": round(float(called_lesion[i + 1] / max(normal_slices[i + 1], 1)), 3)}
