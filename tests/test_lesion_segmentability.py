@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def oracle():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("lesion_segmentability")
-    finally:
-        sys.path.remove(str(BENCH))
+def oracle(benchmark_module):
+    return benchmark_module("lesion_segmentability")
 
 
 def _sphere(oracle, contrast: float, noise: float, seed: int = 0):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,16 +11,10 @@ from napari_medseg.core.models.registry import load_model
 from napari_medseg.core.phantom import generate_phantom
 from napari_medseg.core.progress import run_to_completion
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def variants():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("segmenter_inference_variants")
-    finally:
-        sys.path.remove(str(BENCH))
+def variants(benchmark_module):
+    return benchmark_module("segmenter_inference_variants")
 
 
 def test_plain_arm_equals_segment_volume_and_the_ensemble_of_one_model_too(variants):
