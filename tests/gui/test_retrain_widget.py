@@ -144,6 +144,13 @@ def test_save_version_then_load_it_anywhere(scene, qtbot):
     from napari_medseg._widgets.segment import SegmentWidget
 
     assert str(path) in SegmentWidget(viewer)._model.choices
+    # another model picked, then this one again: its versions were kept, not dropped
+    first = widget._model.value
+    widget._model.reset_choices()
+    widget._model.value = str(path)
+    assert widget._history is None and widget._versions.choices == ()
+    widget._model.value = first
+    assert len(widget._history.versions) == 2 and widget._versions.value == 1
 
 
 def test_new_structure_grows_the_model(scene, qtbot):

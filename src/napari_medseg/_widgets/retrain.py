@@ -102,6 +102,8 @@ class _RetrainBase(Container):
         self._worker = None
         self._history: VersionHistory | None = None
         self._history_model: str | None = None
+        #: the versions of models picked earlier (model card path → history)
+        self._kept_histories: dict[str | None, VersionHistory] = {}
         self._tracked = None  # the annotation layer whose edit events we follow
         self._writing = False  # our own writes are not user annotations
         self._edited: set[int] = set()
@@ -167,7 +169,7 @@ class _RetrainBase(Container):
         self._layer_pick.changed.connect(self._track)
         # napari re-evaluates every picker when a layer is added (reset_choices): only a
         # different model may drop the versions
-        self._model.changed.connect(lambda v: v != self._history_model and self._reset_history())
+        self._model.changed.connect(lambda v: v != self._history_model and self._switch_history(v))
         self._new_layer.changed.connect(self._add_empty_layer)
         self._restore.changed.connect(self._on_restore)
         self._discard.changed.connect(self._on_discard)
@@ -336,13 +338,16 @@ class _RetrainBase(Container):
         self._viewer.dims.set_point(self._viewer.dims.ndim - 3, image.data_to_world([int(z), 0, 0])[0])
 
     # -- model versions ----------------------------------------------------------------
-    def _reset_history(self) -> None:
+    def _switch_history(self, path: str | None) -> None:
+        """Another model picked: its own versions (kept from an earlier visit) or none yet.
+        The versions trained so far are kept, never dropped, for when it is picked again."""
         if self._history is not None and len(self._history.versions) > 1:
-            show_info("Retrain: model changed; the previous versions were dropped "
-                      "(save a version first to keep it)")
-        self._history = None
-        self._history_model = None
-        self._versions.reset_choices()
+            self._kept_histories[self._history_model] = self._history
+            show_info(f"Retrain: model changed; versions v1–v{len(self._history.versions) - 1} of "
+                      "the previous model are kept: pick it again to see them")
+        self._history = self._kept_histories.pop(path, None)
+        self._history_model = None if self._history is None else path
+        self._refresh_versions()
 
     def _version_choices(self, _widget=None) -> list:
         history = self._history
@@ -396,7 +401,7 @@ class _RetrainBase(Container):
         if path is None:
             raise MedsegInputError(f"no {self.architecture} model found; reinstall the bundled weights")
         if self._history_model != path:
-            self._reset_history()
+            self._switch_history(path)
         source = (self._history, self._history.current) if self._history is not None else path
         return image, layer, volume, annotation, source
 
