@@ -80,6 +80,26 @@ def test_detect_writes_a_csv(tmp_path, models, image):
         assert float(row["diameter_mm"]) > 0
 
 
+def test_detect_leaves_no_heatmap_when_the_csv_cannot_be_written(tmp_path, models, image,
+                                                                 monkeypatch, capsys):
+    import napari_medseg.cli as cli
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_write_csv_atomic", disk_full)
+    out, heat = tmp_path / "lesions.csv", tmp_path / "heat.nii.gz"
+    old = tmp_path / "old.nii.gz"
+    old.write_bytes(b"the user's file")
+    assert main(["detect", str(image), str(out), "--model", str(models["detector"]), "-q",
+                 "--heatmap", str(heat)]) != 0
+    assert not heat.exists() and not out.exists()
+    assert main(["detect", str(image), str(out), "--model", str(models["detector"]), "-q",
+                 "--heatmap", str(old)]) != 0
+    assert old.exists()  # a file that was there before is not deleted
+    capsys.readouterr()
+
+
 def test_classify_writes_one_row_per_slice(tmp_path, models, image):
     out = tmp_path / "classes.csv"
     assert main(["classify", str(image), str(out), "--model", str(models["classifier"])]) == 0

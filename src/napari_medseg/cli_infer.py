@@ -36,6 +36,25 @@ def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
     return out
 
 
+def _write_all(*writes: tuple[Path | None, Any]) -> None:
+    """Run each ``(path, write)`` in turn (``path`` None: skipped). Each write is atomic;
+    if a later one fails, the outputs this call created are removed again, so a command
+    with two outputs leaves both or neither (a file that was there before stays)."""
+    created: list[Path] = []
+    try:
+        for path, write in writes:
+            if path is None:
+                continue
+            existed = path.exists()
+            write()
+            if not existed:
+                created.append(path)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+
+
 def _load(args: argparse.Namespace, command: str) -> tuple[Any, Any, dict]:
     """Output checked, volume read, model loaded: everything that can fail on bad input
     happens here, before any computing or writing."""
@@ -122,11 +141,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
         "detect", args.quiet)
     rows = [(f"{d.z:.2f}", f"{d.y:.2f}", f"{d.x:.2f}", f"{d.score:.4f}", f"{d.diameter_mm:.2f}")
             for d in result.detections]
-    if heat_out is not None:  # the explanation behind each detection, on the input grid
-        from .core.io import write_nifti
+    from .core.io import write_nifti
 
-        write_nifti(heat_out, result.heatmap_on_input_grid(), volume.spacing, volume.origin)
-    _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)
+    _write_all(  # the heatmap: the explanation behind each detection, on the input grid
+        (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(), volume.spacing,
+                                       volume.origin)),
+        (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)))
     print(f"wrote {out.name}: {len(rows)} detections (threshold {result.threshold:g},"
           f" {result.precision})")
     return 0
@@ -181,10 +201,10 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     volume, model, card = _load(args, "uncertainty")
     result = _run(segmentation_uncertainty(volume, model, card, samples=args.samples,
                                            threads=args.threads), "uncertainty", args.quiet)
-    write_nifti(out, result.entropy, volume.spacing, volume.origin)
-    if csv_out is not None:
-        _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
-            (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])
+    _write_all(
+        (out, lambda: write_nifti(out, result.entropy, volume.spacing, volume.origin)),
+        (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
+            (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])))
     print(f"wrote {out.name}: MC-dropout entropy ({result.samples} samples); most uncertain"
           f" slices: {', '.join(map(str, result.most_uncertain(5))) or 'none'}")
     return 0
@@ -208,11 +228,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = _run(interpolation_job(volume, args.factor, fill, args.method), "generate",
                       args.quiet)
     v = result.volume
-    write_nifti(out, v.array, v.spacing, v.origin)
-    if csv_out is not None:
-        status = np.where(result.generated, "generated",
-                          np.where(v.missing, "missing", "acquired"))
-        _write_csv_atomic(csv_out, ("slice", "status"), list(enumerate(status.tolist())))
+    status = np.where(result.generated, "generated", np.where(v.missing, "missing", "acquired"))
+    _write_all(
+        (out, lambda: write_nifti(out, v.array, v.spacing, v.origin)),
+        (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
+                                            list(enumerate(status.tolist())))))
     print(f"wrote {out.name}: {v.shape[0]} slices at {v.spacing[0]:g} mm ({args.method});"
           f" {result.summary()}. Generated slices are synthetic, not acquired.")
     return 0
