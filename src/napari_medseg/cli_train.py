@@ -92,6 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if name != "segmenter":
             raise MedsegInputError(f"--init continues a segmenter run; not available for {name}")
         kw["init"] = args.init
+    if args.members != 1:
+        if name != "detector":
+            raise MedsegInputError(f"--members makes a detector ensemble; not available for {name}")
+        kw["members"] = args.members
     if args.pool_size is not None:
         if args.pool_size < 1:
             raise MedsegInputError(f"--pool-size must be at least 1, got {args.pool_size}")
@@ -214,6 +218,9 @@ def register(sub: Any) -> None:
     p.add_argument("--init", default=None,
                    help="segmenter: start from this model (bundled name or card path) "
                         "instead of random weights")
+    p.add_argument("--members", type=int, default=1,
+                   help="detector: train this many networks (seeds SEED, SEED+1, ...) and "
+                        "average them (the ablation trains one)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -234,12 +234,13 @@ def test_session_autosave_round_trip_and_damage(tmp_path):
         load_session(tmp_path / "none")
 
 
-def test_detector_learns_only_from_reviewed_slices_and_from_deleted_points():
+@pytest.mark.parametrize("members", [1, 2])
+def test_detector_learns_only_from_reviewed_slices_and_from_deleted_points(members):
     from napari_medseg.core.finetune import finetune_detector
     from napari_medseg.core.models import LesionDetector
 
     torch.manual_seed(0)
-    model = LesionDetector(widths=(8, 16, 16)).eval()
+    model = LesionDetector(widths=(8, 16, 16), members=members).eval()
     card = {**CARD, "classes": ["lesion"], "context_slices": 1, "peak_threshold": 0.5,
             "min_distance_mm": 8.0}
     p = generate_phantom((12, 64, 64), (4.0, 2.0, 2.0), seed=11, n_lesions=1)
@@ -256,6 +257,11 @@ def test_detector_learns_only_from_reviewed_slices_and_from_deleted_points():
     assert any(not torch.equal(v, empty.model.state_dict()[k]) for k, v in a.model.state_dict().items())
     for k, v in model.state_dict().items():
         assert torch.equal(v, original[k]), k
+    # an ensemble learns through its averaged output: every network moves
+    tuned = a.model.state_dict()
+    assert a.model.members == members
+    for prefix in ["enc1."] + [f"others.{i}.enc1." for i in range(members - 1)]:
+        assert any(not torch.equal(v, tuned[k]) for k, v in original.items() if k.startswith(prefix)), prefix
     assert a.card["finetune_history"][-1]["slices"] == [3, 4] and a.card["peak_threshold"] == 0.5
     with pytest.raises(MedsegInputError, match="no reviewed slices"):
         run([[3.0, 30.0, 30.0]], [])

@@ -497,6 +497,33 @@ def test_detector_starts_at_the_centernet_prior():
     assert torch.allclose(size.exp(), torch.full_like(size, 10.0), atol=1e-3)
 
 
+def test_detector_ensemble_averages_its_members_scores_and_diameters():
+    nets = [_seeded(LesionDetector(**SMALL_DET), seed).eval() for seed in range(3)]
+    ens = LesionDetector.ensemble(nets)
+    assert ens.members == 3 and ens.arch_params["members"] == 3 and not ens.training
+    assert "members" not in nets[0].arch_params  # single detectors' cards stay as they were
+    x = torch.randn(2, 3, 13, 11)
+    with torch.no_grad():
+        outs = [n(x) for n in nets]
+        heat, log_d = ens(x)
+    mean_score = torch.stack([torch.sigmoid(o.heatmap) for o in outs]).mean(0)
+    mean_d = torch.stack([o.log_diameter.exp() for o in outs]).mean(0)
+    assert torch.allclose(torch.sigmoid(heat), mean_score, atol=1e-6)
+    assert torch.allclose(log_d.exp(), mean_d, rtol=1e-5)
+    assert not torch.allclose(torch.sigmoid(outs[0].heatmap), mean_score, atol=1e-3)
+    with torch.no_grad():  # an ensemble of one is that network
+        assert torch.equal(LesionDetector.ensemble(nets[:1])(x).heatmap, outs[0].heatmap)
+
+
+def test_detector_ensemble_refuses_mixed_layouts():
+    with pytest.raises(MedsegInputError, match="differ in layout"):
+        LesionDetector.ensemble([LesionDetector(**SMALL_DET), LesionDetector(widths=(4, 8, 16))])
+    with pytest.raises(MedsegInputError, match="single-network"):
+        LesionDetector.ensemble([LesionDetector(**SMALL_DET, members=2)])
+    with pytest.raises(MedsegInputError, match="members"):
+        LesionDetector(members=0)
+
+
 # -- registry ---------------------------------------------------------------------------------
 CARD = {
     "classes": ["no_body", "normal", "lesion"],
@@ -513,6 +540,7 @@ MODELS = {
         lambda: RecurrentSegmenter(**SMALL_SEG), (3, 1, 12, 10), ["bg", "liver", "spleen"]
     ),
     "detector": (lambda: LesionDetector(**SMALL_DET), (2, 3, 12, 10), ["lesion"]),
+    "detector_ensemble": (lambda: LesionDetector(**SMALL_DET, members=3), (2, 3, 12, 10), ["lesion"]),
 }
 
 

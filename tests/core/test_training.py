@@ -17,6 +17,7 @@ from napari_medseg.core.evaluation import (
     froc_point,
     match_detections,
 )
+from napari_medseg.core.models.detector import LesionDetector
 from napari_medseg.core.models.registry import BUNDLED_DIR, load_model, save_model, sha256_file
 from napari_medseg.core.progress import run_to_completion
 from napari_medseg.core.resample import map_index, resample_yx, resampled_shape_yx
@@ -155,6 +156,21 @@ def test_trainers_yield_progress_and_cards():
     wider, wide_card = run_to_completion(train_detector(0, steps=1, pool_size=1, max_slices=12, crop=48,
                                                         batch_size=2, context_slices=2))
     assert wider.in_slices == 5 and wide_card["context_slices"] == 2
+
+
+def test_detector_members_are_the_single_runs_of_their_seeds():
+    tiny = dict(steps=2, pool_size=1, max_slices=12, crop=48, batch_size=2)
+    reports = []
+    ens, card = run_to_completion(train_detector(4, members=2, **tiny), reports.append)
+    singles = [run_to_completion(train_detector(seed, **tiny))[0] for seed in (4, 5)]
+    assert ens.members == 2 and card["training"]["command"].endswith("--members 2")
+    assert [m["seed"] for m in card["training"]["members"]] == [4, 5]
+    assert any(r.message.startswith("network 2/2: ") for r in reports)
+    expected = LesionDetector.ensemble(singles).state_dict()
+    for key, value in ens.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    with pytest.raises(MedsegInputError, match="members"):
+        run_to_completion(train_detector(0, members=0, **tiny))
 
 
 def test_noise_augmentation_level_and_off_switch():
@@ -342,6 +358,12 @@ def test_train_cli_rejects_an_unknown_model(tmp_path, capsys):
 def test_train_cli_init_is_for_the_segmenter_only(tmp_path, capsys):
     assert main(["train", "detector", "--init", "segmenter", "--out", str(tmp_path)]) == 2
     assert "--init continues a segmenter run" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_cli_members_is_for_the_detector_only(tmp_path, capsys):
+    assert main(["train", "classifier", "--members", "3", "--out", str(tmp_path)]) == 2
+    assert "--members makes a detector ensemble" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

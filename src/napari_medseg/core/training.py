@@ -1017,6 +1017,50 @@ def train_detector(
     steps: int | None = None,
     seconds: float | None = None,
     *,
+    members: int = 1,
+    **options: Any,
+) -> Job[tuple[LesionDetector, dict[str, Any]]]:
+    """Train the lesion detector (:func:`train_detector_network`, ``options`` its keywords).
+
+    ``members`` > 1 trains that many networks with seeds ``seed``, ``seed`` + 1, … (each
+    the very run ``members=1`` with that seed makes; the budget is per network) and
+    returns their ensemble (:meth:`LesionDetector.ensemble`), whose card lists them.
+    """
+    members = positive_int(members, "members")
+    nets, cards = [], []
+    for k in range(members):
+        job = train_detector_network(seed + k if members > 1 else seed, steps, seconds, **options)
+        if members > 1:
+            job = _labelled(job, f"network {k + 1}/{members}: ")
+        net, card = yield from job
+        nets.append(net)
+        cards.append(card)
+    if members == 1:
+        return nets[0], cards[0]
+    card, training = cards[0], cards[0]["training"]
+    training["members"] = [{key: c["training"][key] for key in
+                            ("seed", "seconds", "train_seeds", "loss_first20", "loss_last20")}
+                           for c in cards]
+    training["seconds"] = round(sum(c["training"]["seconds"] for c in cards), 1)
+    training["command"] += f" --members {members}"
+    return LesionDetector.ensemble(nets), card
+
+
+def _labelled(job: Job[Any], prefix: str) -> Job[Any]:
+    """``job`` with ``prefix`` before every progress message."""
+    while True:
+        try:
+            p = next(job)
+        except StopIteration as stop:
+            return stop.value
+        yield Progress(p.step, p.total, prefix + p.message, p.partial)
+
+
+def train_detector_network(
+    seed: int = 0,
+    steps: int | None = None,
+    seconds: float | None = None,
+    *,
     loss: str | None = None,
     sampling: str | None = None,
     widths: Sequence[int] = (16, 32, 64),

@@ -11,6 +11,13 @@ Layout (default ``widths=(16, 32, 64)``): the same space-to-depth U-Net as the s
 without the recurrence: pixel_unshuffle(2) → enc /2 → enc /4 → enc /8 (dilated) → dec /4
 → dec /2 → a 2×2 stride-2 transposed conv (= 1×1 conv + pixel_shuffle) to H × W with two
 channels: heatmap logits and log-diameter.
+
+``members`` > 1 makes one detector of several independently trained networks of that
+layout (:meth:`LesionDetector.ensemble`): the forward pass averages their centre scores
+(after the sigmoid) and their diameters, and returns them in the same
+:class:`DetectorOutput` form, so inference, explanation, fine-tuning and the model card
+treat it as any detector. Averaging seeds was the one lever measured to find more lesions
+(docs/models.md, "Seeds and an ensemble").
 """
 
 from __future__ import annotations
@@ -61,9 +68,11 @@ class LesionDetector(nn.Module):
         in_slices: int = 3,
         widths: Sequence[int] = (16, 32, 64),
         dropout: float = 0.0,
+        members: int = 1,
     ):
         super().__init__()
         (in_slices,) = check_positive_ints([in_slices], "in_slices")
+        (members,) = check_positive_ints([members], "members")
         if in_slices % 2 == 0:
             raise MedsegInputError(f"in_slices must be odd (a middle slice), got {in_slices}")
         w1, w2, w3 = check_positive_ints(widths, "widths", length=3)
@@ -74,7 +83,8 @@ class LesionDetector(nn.Module):
             "widths": [w1, w2, w3],
             "dropout": float(dropout),
         }
-        self.in_slices = in_slices
+        if members > 1:  # absent for one network, so the cards of single detectors stay as they were
+            self.arch_params["members"] = members
         self.enc1 = nn.Sequential(ConvBNAct(4 * in_slices, w1), ConvBNAct(w1, w1))
         self.enc2 = nn.Sequential(ConvBNAct(w1, w2, stride=2), ConvBNAct(w2, w2))
         self.enc3 = nn.Sequential(ConvBNAct(w2, w3, stride=2), ConvBNAct(w3, w3, dilation=2))
@@ -86,9 +96,47 @@ class LesionDetector(nn.Module):
         self.head = nn.ConvTranspose2d(w1, 2, 2, stride=2)
         with torch.no_grad():
             self.head.bias.copy_(torch.tensor([HEATMAP_PRIOR_BIAS, SIZE_PRIOR_BIAS]))
+        # the layers above are the first member; the others are whole networks of their own
+        self.others = nn.ModuleList(LesionDetector(in_slices, (w1, w2, w3), dropout)
+                                    for _ in range(members - 1))
+
+    @property
+    def in_slices(self) -> int:
+        return int(self.arch_params["in_slices"])
+
+    @property
+    def members(self) -> int:
+        return 1 + len(self.others)
+
+    @classmethod
+    def ensemble(cls, nets: Sequence["LesionDetector"]) -> "LesionDetector":
+        """One detector averaging ``nets`` (single networks of one layout), weights copied."""
+        nets = list(nets)
+        if not nets or any(not isinstance(n, cls) or n.members != 1 for n in nets):
+            raise MedsegInputError("an ensemble needs one or more single-network LesionDetectors")
+        params = [n.arch_params for n in nets]
+        if any(p != params[0] for p in params):
+            raise MedsegInputError(f"ensemble members differ in layout: {params}")
+        out = cls(**params[0], members=len(nets))
+        state = dict(nets[0].state_dict())
+        for i, net in enumerate(nets[1:]):
+            state.update({f"others.{i}.{k}": v for k, v in net.state_dict().items()})
+        out.load_state_dict(state)
+        return out.train(nets[0].training)
 
     def forward(self, x: torch.Tensor) -> DetectorOutput:
         check_input(x, self.in_slices, type(self).__name__)
+        out = self._network(x)
+        if not len(self.others):
+            return out
+        outs = [out, *(m._network(x) for m in self.others)]
+        score = torch.stack([torch.sigmoid(o.heatmap) for o in outs]).mean(0)
+        diameter = torch.stack([o.log_diameter.exp() for o in outs]).mean(0)
+        # logits again, so every caller's sigmoid gives the mean score (eps: finite logits)
+        return DetectorOutput(torch.logit(score, eps=1e-6), diameter.log())
+
+    def _network(self, x: torch.Tensor) -> DetectorOutput:
+        """The first member's forward pass (the whole model when ``members`` is 1)."""
         h, w = x.shape[-2:]
         ph, pw = (-h) % TOTAL_STRIDE, (-w) % TOTAL_STRIDE
         if ph or pw:
