@@ -223,7 +223,7 @@ def test_all_missing_volume_runs_no_model(seg):
     assert (s.labels == 0).all() and not s.labelled.any()
 
 
-def test_nan_voxels_in_acquired_slices(seg, cls):
+def test_nan_voxels_in_acquired_slices(seg, cls, det):
     volume = _volume((4, 24, 24), (2.5, 1.5, 1.5))
     volume.array[1, 3:9, 5:20] = np.nan
     volume.array[2] = np.nan  # an all-NaN slice that is not flagged missing
@@ -231,6 +231,9 @@ def test_nan_voxels_in_acquired_slices(seg, cls):
     assert s.labels.shape == (4, 24, 24) and s.labels.max() < len(SEG_CLASSES)
     c = run_to_completion(classify_volume(volume, *cls))
     assert np.isfinite(c.probabilities).all()
+    d = run_to_completion(detect_lesions(volume, *det))
+    assert np.isfinite(d.heatmap).all() and np.isfinite(d.diameter_map).all()
+    assert all(np.isfinite([p.z, p.y, p.x, p.score, p.diameter_mm]).all() for p in d.detections)
 
 
 def test_progress_is_reported_and_a_job_can_be_cancelled(seg, det):
@@ -300,6 +303,20 @@ def test_prepare_model_folds_a_cached_copy_and_refreshes_after_training(seg):
     assert prepare_model(model) is not fast
     with torch.no_grad():
         model.head.bias.sub_(1.0)
+
+
+def test_an_ensemble_of_one_network_twice_detects_what_it_does(det):
+    """The ensemble's averaged score goes through the engine (folding, channels_last,
+    sigmoid) like one network's: two copies of a network give its heatmap and detections."""
+    model, card = det
+    twice = LesionDetector.ensemble([model, model]).eval()
+    vol = _volume((6, 40, 36), (2.5, 1.5, 1.5), seed=3)
+    one = run_to_completion(detect_lesions(vol, model, card))
+    two = run_to_completion(detect_lesions(vol, twice, card))
+    np.testing.assert_allclose(two.heatmap, one.heatmap, atol=2e-6)
+    np.testing.assert_allclose(two.diameter_map, one.diameter_map, rtol=1e-5)
+    assert one.detections and [(d.z, d.y, d.x) for d in two.detections] == [
+        (d.z, d.y, d.x) for d in one.detections]
 
 
 def test_detections_map_back_to_input_voxels():
