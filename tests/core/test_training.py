@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from napari_medseg.cli import main
 from napari_medseg.core.errors import MedsegInputError
@@ -241,6 +242,33 @@ def test_classifier_lesion_head_learns_the_mask_and_survives_a_save(tmp_path):
         plain.lesion_logits(feats)
 
 
+def test_lesion_twin_is_the_same_slice_without_its_lesion():
+    from napari_medseg.core.training import (DEFAULTS, PhantomPool, attach_lesion_twin,
+                                             training_seeds)
+    import functools
+
+    norm = DEFAULTS["classifier"]["normalisation"]
+    seeds = list(training_seeds(0))[:6]
+    pool = PhantomPool(range(seeds[0], seeds[-1] + 1), 6, 3.0, 16, norm,
+                       prepare=functools.partial(attach_lesion_twin, max_slices=16,
+                                                 spacing_yx=3.0, normalisation=norm))
+    run_to_completion(pool.fill())
+    with_lesions = [it for it in pool.items if (it.slice_classes == 2).any()]
+    assert with_lesions and all(it.twin is None for it in pool.items
+                                if not (it.slice_classes == 2).any())
+    for it in with_lesions:
+        assert it.twin.shape == it.image.shape
+        near = ndimage.binary_dilation(it.labels == 8, iterations=3)
+        assert np.abs(it.twin - it.image)[~near].max() < 1e-3  # same anatomy and noise
+        assert np.abs(it.twin - it.image)[it.labels == 8].mean() > 0.01  # the lesion is gone
+    # a training run with twins, and the options it refuses
+    model, _ = run_to_completion(train_classifier(0, steps=2, pool_size=1, max_slices=12, crop=48,
+                                                  batch_size=8, lesion_twins=0.5))
+    assert model.arch_params["n_classes"] == 3
+    with pytest.raises(MedsegInputError, match="lesion_twins"):
+        run_to_completion(train_classifier(0, steps=1, lesion_twins=1.5))
+
+
 def test_soft_focal_loss_is_lowest_at_the_soft_target():
     from napari_medseg.core.training import soft_focal_loss
 
@@ -343,6 +371,14 @@ def test_train_cli_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
     assert card["training"]["seed"] == 1 and card["training"]["steps"] == 2
     assert "--threads 1" in card["training"]["command"]  # float sums depend on it
     assert "wrote" in capsys.readouterr().out
+
+
+def test_evaluate_cli_json_reports_held_out_metrics(capsys):
+    assert main(["evaluate", "classifier", "--json", "--seeds", "1", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["eval_seeds"][0] >= 900_000 and out["n_volumes"] == 1  # never a training seed
+    assert 0.0 <= out["balanced_accuracy"] <= 1.0 and out["card"].endswith("classifier.json")
+    assert set(out["recall"]) == {"no_body", "normal", "lesion"}
 
 
 def test_evaluate_cli_rejects_an_unknown_model(capsys):

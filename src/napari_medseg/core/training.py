@@ -346,11 +346,13 @@ def to_model_grid(phantom: Any, spacing_yx: float, normalisation: dict) -> GridS
     )
 
 
-def make_phantom(phantom_seed: int, settings: PhantomSettings) -> Any:
+def make_phantom(phantom_seed: int, settings: PhantomSettings, **overrides: Any) -> Any:
+    """The phantom of ``phantom_seed`` with ``settings``; ``overrides`` go to
+    :func:`generate_phantom` (``n_lesions=0``: the same anatomy and noise without lesions)."""
     return generate_phantom(
         settings.shape, settings.spacing, int(phantom_seed),
         noise_hu=settings.noise_hu, contrast_scale=settings.contrast_scale,
-        lesion_radius_mm=settings.lesion_radius_mm,
+        lesion_radius_mm=settings.lesion_radius_mm, **overrides,
     )
 
 
@@ -681,6 +683,18 @@ def _fit(run: _Run, model, pool: PhantomPool, batch_fn, loss_fn, refresh_every: 
 # ======================================================================================
 
 
+def attach_lesion_twin(sample: GridSample, max_slices: int, spacing_yx: float,
+                       normalisation: dict) -> None:
+    """``sample.twin``: the same training phantom drawn without its lesions (identical
+    anatomy and noise; they differ only where a lesion was), on the same grid; None when
+    it has no lesion slice. A counterfactual negative for the classifier: the one
+    difference between a lesion slice and its twin is the lesion."""
+    sample.twin = None
+    if (sample.slice_classes == 2).any():
+        twin = make_phantom(sample.seed, training_settings(sample.seed, max_slices), n_lesions=0)
+        sample.twin = to_model_grid(twin, spacing_yx, normalisation).image
+
+
 def near_lesion_normal_slices(item: GridSample, lo_mm: float = 3.0, hi_mm: float = 25.0) -> np.ndarray:
     """Normal slices 3–25 mm (and ≥ 2 slices) from the nearest lesion slice: the same
     anatomy as the lesion slices without the lesion. Hard negatives for the classifier,
@@ -744,6 +758,7 @@ def train_classifier(
     hard_negatives: float = 0.0,
     context_slices: int = 0,
     lesion_map_weight: float = 0.0,
+    lesion_twins: float = 0.0,
 ) -> Job[tuple[SliceClassifier, dict[str, Any]]]:
     """Train the slice classifier (no_body / normal / lesion) on single slices.
 
@@ -754,6 +769,12 @@ def train_classifier(
     ``lesion_map_weight`` > 0 adds the classifier's lesion head, trained with that weight
     on the lesion mask (:func:`lesion_map_loss`); a lesion slice whose lesion the random
     crop cut away is then labelled as the normal slice the model sees.
+    ``lesion_twins``: the share of "normal" samples (balanced sampling) that are a lesion
+    slice of the lesion-free twin of its phantom (:func:`attach_lesion_twin`): the same
+    slice, anatomy and noise with the lesion taken out, so the slice's level in the body
+    cannot tell the classes apart (the classifier trained without them called the twins
+    of lesion slices "lesion" as often as the lesion slices). Lesion crops that cut the
+    lesion away are then labelled normal too.
 
     ``pool``: an already filled :class:`PhantomPool` to share between runs (benchmarks);
     it must be at ``spacing_yx``.
@@ -765,12 +786,22 @@ def train_classifier(
         if not (isinstance(lesion_map_weight, (int, float)) and 0 <= lesion_map_weight < math.inf):
             raise MedsegInputError(f"lesion_map_weight must be ≥ 0, got {lesion_map_weight!r}")
         with_map = lesion_map_weight > 0
+        if not (isinstance(lesion_twins, (int, float)) and 0 <= lesion_twins <= 1):
+            raise MedsegInputError(f"lesion_twins must be a share in [0, 1], got {lesion_twins!r}")
+        # the crop's lesion mask decides the label (a crop without the lesion is normal)
+        relabel = with_map or lesion_twins > 0
         model = SliceClassifier(2 * context + 1, len(SLICE_CLASSES), kernel_size, activation,
                                 filters, pool=pooling, lesion_head=with_map)
         if pool is None:
-            pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm)
+            pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
+                               prepare=functools.partial(
+                                   attach_lesion_twin, max_slices=max_slices,
+                                   spacing_yx=run.spacing_yx, normalisation=norm)
+                               if lesion_twins > 0 else None)
         elif abs(pool.spacing_yx - run.spacing_yx) > 1e-9:
             raise MedsegInputError(f"the pool is at {pool.spacing_yx} mm, the model at {run.spacing_yx} mm")
+        elif lesion_twins > 0 and pool.prepare is None:
+            raise MedsegInputError("lesion_twins needs a pool made with attach_lesion_twin")
         pool_size = pool.size
         yield from pool.fill()
         counts = np.zeros(3)
@@ -787,10 +818,13 @@ def train_classifier(
                 z = int(rng.integers(item.image.shape[0]))
                 for _ in range(20):
                     item = pool.items[int(rng.integers(len(pool.items)))]
+                    twin = False
                     if sampling == "balanced":
                         zs = np.flatnonzero(item.slice_classes == wanted[b])
                         if wanted[b] == 1 and hard_negatives > 0 and rng.uniform() < hard_negatives:
                             zs = near_lesion_normal_slices(item)
+                        if wanted[b] == 1 and lesion_twins > 0 and rng.uniform() < lesion_twins:
+                            twin, zs = True, np.flatnonzero(item.slice_classes == 2)
                         if len(zs) == 0:
                             continue
                         z = int(rng.choice(zs))
@@ -798,13 +832,18 @@ def train_classifier(
                         z = int(rng.integers(item.image.shape[0]))
                     break
                 zs = np.clip(np.arange(z - context, z + context + 1), 0, item.image.shape[0] - 1)
-                img = _add_noise(rng, _jitter(rng, item.image[zs], norm), norm, noise_hu)
-                label = int(item.slice_classes[z])
-                if with_map:
+                source = item.twin if twin else item.image
+                img = _add_noise(rng, _jitter(rng, source[zs], norm), norm, noise_hu)
+                label = 1 if twin else int(item.slice_classes[z])
+                if relabel:
                     img, mask = _crop_yx(rng, [img, item.labels[z] == LESION_LABEL], crop,
                                          [0.0, False])
                     if label == 2 and not mask.any():
                         label = 1
+                    if twin:
+                        mask = np.zeros_like(mask)  # the twin has no lesion
+                    if not with_map:
+                        mask = None
                 else:
                     (img,) = _crop_yx(rng, [img], crop, [0.0])
                     mask = None
