@@ -64,6 +64,30 @@ def test_uncertainty_is_high_where_the_segmenter_errs(lesion_phantom):
     assert np.corrcoef(res.entropy[body], rnd.entropy[body])[0, 1] < 0.5
 
 
+def test_hirescam_is_gradient_times_activation_per_position():
+    from napari_medseg.core.inference import resize_yx
+    from napari_medseg.core.models import SliceClassifier
+    from napari_medseg.core.volume import Volume
+
+    torch.manual_seed(0)
+    model = SliceClassifier(filters=(4, 8, 8), hidden=8).eval()
+    card = {"classes": ["no_body", "normal", "lesion"], "input_spacing_mm": [5.0, 2.0, 2.0],
+            "normalisation": {"type": "window", "low": -200.0, "high": 300.0}}
+    volume = Volume(np.random.default_rng(0).normal(0, 150, (2, 40, 40)).astype(np.float32),
+                    (5.0, 2.0, 2.0))
+    grad_cam = run_to_completion(gradcam_volume(volume, model, card, target=2))
+    hires = run_to_completion(gradcam_volume(volume, model, card, target=2, method="hirescam"))
+    assert not np.allclose(grad_cam.maps, hires.maps, atol=1e-3)
+    # by hand on slice 0: ReLU(Σ_c ∂score/∂A_c · A_c) per position, scaled to its maximum
+    x = torch.from_numpy(np.clip((volume.array[:1] + 200) / 500, 0, 1))[:, None]
+    feats = model.features(x).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model.classify_features(feats)[0, 2], feats)
+    cam = resize_yx(torch.relu((grad * feats.detach()).sum(1, keepdim=True)), (40, 40))[0, 0]
+    np.testing.assert_allclose(hires.maps[0], (cam / cam.max()).numpy(), atol=1e-5)
+    with pytest.raises(MedsegInputError, match="method"):
+        run_to_completion(gradcam_volume(volume, model, card, method="lime"))
+
+
 def test_bad_requests_are_refused(lesion_phantom):
     model, card = load_model("classifier")
     with pytest.raises(MedsegInputError, match="unknown class"):

@@ -40,6 +40,10 @@ from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
 
 
+#: class-activation map methods of :func:`gradcam_volume`
+CAM_METHODS = ("gradcam", "hirescam")
+
+
 @dataclass(frozen=True)
 class GradCamResult:
     maps: np.ndarray  # (z, y, x) float32 in [0, 1]; 0 on missing slices
@@ -63,14 +67,18 @@ class UncertaintyResult:
 
 
 def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any], *,
-                   target: int | str | None = None, batch: int = 4,
+                   target: int | str | None = None, method: str = "gradcam", batch: int = 4,
                    threads: int | None = None) -> Job[GradCamResult]:
     """Grad-CAM maps for every acquired slice (a generator).
 
     ``target``: None → each slice's predicted class; a class index or name → that class
-    on every slice.
+    on every slice. ``method``: "gradcam" (channel weights = the spatial mean of the
+    gradient) or "hirescam" (gradient × activation at each position, Draelos & Carin
+    2020: what the score's first-order change is made of, position by position).
     """
     classes = check_model_args(volume, model, card, SliceClassifier, "Grad-CAM")
+    if method not in CAM_METHODS:
+        raise MedsegInputError(f"method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
     if target is not None:
         if isinstance(target, str):
             if target not in classes:
@@ -103,7 +111,7 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                             (len(zs),), int(target), dtype=torch.long)
                         score = logits.gather(1, chosen[:, None]).sum()
                         (grad,) = torch.autograd.grad(score, feats)
-                    weights = grad.mean(dim=(2, 3), keepdim=True)
+                    weights = grad.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grad
                     cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
                     cam = resize_yx(cam, (ny, nx))[:, 0]  # bilinear onto the input grid
                     peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
