@@ -30,13 +30,49 @@ def _randomised(model):
     return rnd
 
 
-def test_gradcam_of_lesion_slices_concentrates_on_the_lesion(lesion_phantom):
+@pytest.fixture(scope="module")
+def lesion_free_twin():
+    # the same seed without lesions: identical anatomy and noise, no lesion
+    return generate_phantom((40, 220, 220), (3.0, 1.05, 1.05), seed=906001, n_lesions=0,
+                            lesion_radius_mm=(9.0, 12.0))
+
+
+@pytest.mark.xfail(strict=True, reason="the bundled classifier goes by the slice's level in the "
+                   "body, not the lesion (docs/models.md, 'What the classifier looks at')")
+def test_the_classifier_gives_a_lesion_free_twin_a_lower_lesion_probability(lesion_phantom,
+                                                                             lesion_free_twin):
+    from napari_medseg.core.inference import classify_volume
+
+    model, card = load_model("classifier")
+    zs = (lesion_phantom.labels == 8).sum(axis=(1, 2)) >= 20
+    lesion = card["classes"].index("lesion")
+    p = [run_to_completion(classify_volume(ph.volume, model, card)).probabilities[zs, lesion]
+         for ph in (lesion_phantom, lesion_free_twin)]
+    assert np.abs(lesion_free_twin.volume.array - lesion_phantom.volume.array)[
+        ~ndimage.binary_dilation(lesion_phantom.labels == 8, iterations=4)].max() < 1e-3
+    assert p[0].mean() - p[1].mean() > 0.2, p
+
+
+@pytest.mark.xfail(strict=True, reason="Grad-CAM shows where the classifier looks: the liver, "
+                   "not the lesion (docs/generation-and-explainability.md)")
+def test_gradcam_of_lesion_slices_peaks_at_the_lesion(lesion_phantom):
+    model, card = load_model("classifier")
+    res = run_to_completion(gradcam_volume(lesion_phantom.volume, model, card, target="lesion"))
+    lesion = lesion_phantom.labels == 8
+    zs = np.flatnonzero(lesion.sum(axis=(1, 2)) >= 20)
+    near = ndimage.binary_dilation(lesion, iterations=5)
+    hits = [near[z].flat[int(np.argmax(res.maps[z]))] for z in zs]
+    assert np.mean(hits) > 0.5, hits
+
+
+def test_gradcam_of_lesion_slices_is_higher_in_the_lesion_than_in_the_slice(lesion_phantom):
     model, card = load_model("classifier")
     res = run_to_completion(gradcam_volume(lesion_phantom.volume, model, card, target="lesion"))
     lesion = lesion_phantom.labels == 8
     zs = np.flatnonzero(lesion.any(axis=(1, 2)))
     ratio = [res.maps[z][lesion[z]].mean() / res.maps[z].mean() for z in zs]
-    # the map inside the lesion is on average well above the slice's average
+    # the map inside the lesion is on average above the slice's average (it covers the
+    # liver, which holds the lesion: the pointing test above shows it does not single it out)
     assert np.median(ratio) > 2.0, ratio
     assert res.maps.shape == lesion.shape and 0 <= res.maps.min() and res.maps.max() <= 1
     assert set(res.target[zs]) == {card["classes"].index("lesion")}
