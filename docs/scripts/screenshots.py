@@ -214,7 +214,24 @@ def shoot_generate() -> Path:
     return _save(viewer, viewer.layers[-1], "generate")
 
 
-SPECIAL = {"retrain": shoot_retrain, "retrain_detector": shoot_retrain_detector,
+def shoot_phantom() -> Path:
+    """The Synthetic phantom widget after Generate: image, ground-truth labels, lesion points."""
+    viewer = napari.Viewer(title="napari-medseg")
+    viewer.window.resize(1500, 1000)
+    viewer.scale_bar.visible = True
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Synthetic phantom")
+    widget._seed.value = 3
+    widget._run.clicked.emit()
+    wait_for(widget)
+    lesions = [layer for layer in viewer.layers if layer.name.endswith(" lesions")]
+    if lesions and len(lesions[0].data):
+        largest = int(lesions[0].features["diameter_mm"].argmax())
+        viewer.dims.set_point(0, lesions[0].data_to_world(lesions[0].data[largest])[0])
+    viewer.layers.selection.active = viewer.layers[0]
+    return _save(viewer, viewer.layers[0], "phantom")
+
+
+SPECIAL = {"retrain": shoot_retrain, "phantom": shoot_phantom, "retrain_detector": shoot_retrain_detector,
            "gradcam": shoot_gradcam, "detect_heatmap": shoot_detect_heatmap,
            "uncertainty": shoot_uncertainty,
            "generate": shoot_generate}
