@@ -112,10 +112,22 @@ def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, sma
     assert "Missing input slices 2–3: filled (synthetic)" in widget._status.value
     _unchanged(viewer, before)
     # the other model widgets name the missing slices they leave without a result
-    seg = SegmentWidget(viewer)
-    seg._image.value = image
-    seg._model.value = random_models["RecurrentSegmenter"]
-    seg._run.clicked.emit()
-    qtbot.waitUntil(lambda: seg._worker is None, timeout=120_000)
-    assert "Missing slices 2–3 (not acquired): left without a result" in seg._status.value
-    assert not viewer.layers[-1].data[[2, 3]].any()
+    from napari_medseg._widgets.classify import ClassifyWidget
+    from napari_medseg._widgets.detect import DetectWidget
+    from napari_medseg._widgets.explain import GradCamWidget, UncertaintyWidget
+
+    for kind in (SegmentWidget, ClassifyWidget, DetectWidget, GradCamWidget, UncertaintyWidget):
+        other = kind(viewer)
+        other._image.value = image
+        other._model.value = random_models[other.architecture]
+        n_layers = len(viewer.layers)
+        other._run.clicked.emit()
+        qtbot.waitUntil(lambda: other._worker is None, timeout=120_000)
+        assert "Missing slices 2–3 (not acquired): left without a result" in other._status.value, kind
+        if kind is not ClassifyWidget:  # classify adds no layer: its strip marks the slices
+            assert len(viewer.layers) > n_layers, kind
+            result = viewer.layers[-1]
+            if kind is not DetectWidget:
+                assert not np.asarray(result.data)[[2, 3]].any(), kind
+            else:
+                assert not any(2 <= z < 4 for z in np.asarray(result.data)[:, 0]), kind
