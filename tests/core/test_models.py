@@ -432,6 +432,16 @@ def test_peak_voxels_match_the_maximum_filter_on_both_paths(sparse):
     assert (5, 10, 11) not in map(tuple, found)
 
 
+def test_voxels_above_the_threshold_slab_by_slab_are_the_whole_mask():
+    from napari_medseg.core.models import detector
+
+    heat = np.random.default_rng(4).random((37, 9, 8)).astype(np.float32)
+    heat[20, 3, 3], heat[33, 1, 1] = np.nan, np.inf
+    found = detector._voxels_above(heat, 0.8, slab=5)
+    np.testing.assert_array_equal(found, np.argwhere((heat >= 0.8) & np.isfinite(heat)))
+    assert detector._voxels_above(heat[:0], 0.8).shape == (0, 3)
+
+
 def test_a_flat_heatmap_is_one_peak_without_pairing_every_voxel():
     heat = np.full((20, 60, 60), 0.5, dtype=np.float32)  # e.g. a low threshold on a plateau
     peaks = extract_peaks(heat, None, (1.0, 1.0, 1.0), threshold=0.3)
