@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -271,6 +272,76 @@ def versus_references(run: BenchRun, gemm_after: float, gflops: float, seconds: 
         "speedup_vs_naive": naive_total / seconds,
         "speedup_ceiling_at_gemm_rate": gemm_ref / naive_gflops,
     }
+
+
+#: task → (bundled model, the engine job, the bytes of its output arrays)
+def _memory_tasks() -> dict[str, tuple[str, Callable, Callable]]:
+    from napari_medseg.core import inference as inf
+
+    return {
+        "segment": ("segmenter", inf.segment_volume, lambda r: r.labels.nbytes),
+        "classify": ("classifier", inf.classify_volume,
+                     lambda r: r.probabilities.nbytes + r.predicted.nbytes),
+        # the heatmap and diameter map on the model grid are part of the result
+        "detect": ("detector", inf.detect_lesions,
+                   lambda r: r.heatmap.nbytes + r.diameter_map.nbytes),
+    }
+
+
+def memory_child(task: str, n_slices: int, size: int, spacing: list[float]) -> None:
+    """Run in a fresh process: peak RSS growth of one ``task`` run on n_slices (printed)."""
+    from napari_medseg.core.phantom import generate_phantom
+    from napari_medseg.core.progress import run_to_completion
+    from napari_medseg.core.volume import Volume
+
+    name, job, output_bytes = _memory_tasks()[task]
+    model, card, _ = get_model(name)
+    base = generate_phantom((8, size, size), spacing, seed=0).volume.array
+    array = np.ascontiguousarray(np.resize(base, (n_slices, size, size)))  # tiled, cheap
+    volume = Volume(array, spacing)
+    warm = Volume(array[:8], spacing)
+    run_to_completion(job(warm, model, card, threads=0))  # prepared model, thread pools
+    del warm
+    exact = peak_rss_reset()
+    before = rss_mb()
+    seconds, result = timed(lambda: run_to_completion(job(volume, model, card, threads=0)))
+    peak = rss_mb("VmHWM")
+    print(json.dumps({
+        "slices": n_slices, "seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak,
+        "growth_mb": peak - before, "input_mb": array.nbytes / 2**20,
+        "output_mb": output_bytes(result) / 2**20, "peak_counter_reset": exact,
+    }))
+
+
+def add_memory_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--memory-slices", type=int, nargs=2, default=(100, 400))
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def memory_section(script: str, task: str, args: Any, threads: int) -> dict[str, Any]:
+    """Peak memory growth for ``args.memory_slices`` (each in a fresh ``script``
+    subprocess: kernel peak-RSS counter reset right before the job), and the goal:
+    bounded when, from the small to the large volume, peak growth rises by no more than
+    the larger output arrays plus 10 % of the extra input (the working set is per chunk
+    or batch, not per volume)."""
+    mem: dict[str, Any] = {}
+    for n in args.memory_slices:
+        cmd = [sys.executable, script, "--memory-child", str(n), "--size", str(args.size),
+               "--threads", str(threads), "--spacing", *map(str, args.spacing)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            mem[str(n)] = {"error": proc.stderr.strip().splitlines()[-1:]}
+            continue
+        mem[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = {"memory": mem}
+    ok = [m for m in mem.values() if "growth_mb" in m]
+    if len(ok) == 2:
+        small, large = ok
+        out["memory_growth_minus_output_mb"] = [m["growth_mb"] - m["output_mb"] for m in ok]
+        allowed = (large["output_mb"] - small["output_mb"]
+                   + 0.1 * (large["input_mb"] - small["input_mb"]))
+        out["memory_bounded_by_output_plus_chunk"] = large["growth_mb"] - small["growth_mb"] <= allowed
+    return out
 
 
 def finish(out: dict[str, Any], run: BenchRun, t0: float) -> None:

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_classify.py [--slices 200] [--size 512]
 
 End to end = normalise + resample in-plane to the model grid, batched slice classifier,
-softmax. Same-run references: fp32 GEMM rate and the naive run (eager fp32, no BN
-folding, no channels_last, one slice at a time through ``forward`` on the model grid).
+softmax. Peak memory growth for 100 vs 400 slices as in bench_segment.py. Same-run
+references: fp32 GEMM rate and the naive run (eager fp32, no BN folding, no
+channels_last, one slice at a time through ``forward`` on the model grid).
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    add_memory_options,
     bench_parser,
     count_flops,
     finish,
     gemm_gflops,
+    memory_child,
+    memory_section,
     result_head,
     start_run,
     timed,
@@ -41,7 +47,13 @@ T0 = time.perf_counter()
 def main() -> None:
     ap = bench_parser(__doc__, naive_slices=16)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip", nargs="*", default=(), choices=("memory",))
+    add_memory_options(ap)
     args = ap.parse_args()
+    if args.memory_child:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        memory_child("classify", args.memory_child, args.size, list(args.spacing))
+        return
 
     run = start_run("classifier", args.threads)
     model, card = run.model, run.card
@@ -73,6 +85,12 @@ def main() -> None:
                 abs(r16.probabilities - result.probabilities).max()),
             "class_agreement": float((r16.predicted == result.predicted).mean()),
         }
+    if "memory" not in args.skip:
+        memory = memory_section(__file__, "classify", args, run.threads["threads"])
+        bounded = memory.pop("memory_bounded_by_output_plus_chunk", None)
+        out.update(memory)
+        if bounded is not None:
+            out["goals"] = {"memory_bounded_by_output_plus_chunk": bounded}
     finish(out, run, T0)
 
 

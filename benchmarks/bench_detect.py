@@ -4,8 +4,9 @@
 
 End to end = normalise + resample in-plane to the model grid, 2.5D detector over batches
 of slices, heatmap, 3D peak extraction with NMS, coordinates back on the input grid.
-Same-run references: fp32 GEMM rate and the naive run (eager fp32, no BN folding, no
-channels_last, one slice at a time through ``forward`` on the model grid).
+Peak memory growth for 100 vs 400 slices as in bench_segment.py. Same-run references:
+fp32 GEMM rate and the naive run (eager fp32, no BN folding, no channels_last, one slice
+at a time through ``forward`` on the model grid).
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    add_memory_options,
     bench_parser,
     count_flops,
     finish,
     gemm_gflops,
+    memory_child,
+    memory_section,
     result_head,
     start_run,
     timed,
@@ -42,7 +48,13 @@ T0 = time.perf_counter()
 def main() -> None:
     ap = bench_parser(__doc__, naive_slices=12)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip", nargs="*", default=(), choices=("memory",))
+    add_memory_options(ap)
     args = ap.parse_args()
+    if args.memory_child:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        memory_child("detect", args.memory_child, args.size, list(args.spacing))
+        return
 
     run = start_run("detector", args.threads)
     model, card = run.model, run.card
@@ -76,6 +88,12 @@ def main() -> None:
             "max_heatmap_difference": float(abs(r16.heatmap - result.heatmap).max()),
             "detections": len(r16.detections),
         }
+    if "memory" not in args.skip:
+        memory = memory_section(__file__, "detect", args, run.threads["threads"])
+        bounded = memory.pop("memory_bounded_by_output_plus_chunk", None)
+        out.update(memory)
+        if bounded is not None:
+            out["goals"] = {"memory_bounded_by_output_plus_chunk": bounded}
     finish(out, run, T0)
 
 

@@ -13,9 +13,6 @@ a fresh subprocess: kernel peak-RSS counter reset right before the job).
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,10 +26,10 @@ from _common import (  # noqa: E402
     count_flops,
     finish,
     gemm_gflops,
-    get_model,
-    peak_rss_reset,
+    add_memory_options,
+    memory_child,
+    memory_section,
     result_head,
-    rss_mb,
     start_run,
     timed,
     versus_references,
@@ -88,39 +85,17 @@ def monai_seconds_per_slice(volume: Volume, n_slices: int, n_classes: int) -> di
             "gflop_per_slice": flops / 1e9}
 
 
-def memory_child(n_slices: int, size: int, spacing: list[float]) -> None:
-    """Run in a fresh process: peak RSS growth of one segmentation of n_slices."""
-    model, card, _ = get_model("segmenter")
-    base = generate_phantom((8, size, size), spacing, seed=0).volume.array
-    array = np.ascontiguousarray(np.resize(base, (n_slices, size, size)))  # tiled, cheap
-    volume = Volume(array, spacing)
-    warm = Volume(array[:DEFAULT_CHUNK * 2], spacing)
-    run_to_completion(segment_volume(warm, model, card, threads=0))  # prepared model, thread pools
-    del warm
-    exact = peak_rss_reset()
-    before = rss_mb()
-    seconds, result = timed(
-        lambda: run_to_completion(segment_volume(volume, model, card, threads=0)))
-    peak = rss_mb("VmHWM")
-    print(json.dumps({
-        "slices": n_slices, "seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak,
-        "growth_mb": peak - before, "input_mb": array.nbytes / 2**20,
-        "output_mb": result.labels.nbytes / 2**20, "peak_counter_reset": exact,
-    }))
-
-
 def main() -> None:
     ap = bench_parser(__doc__, naive_slices=12)
     ap.add_argument("--monai-slices", type=int, default=4)
-    ap.add_argument("--memory-slices", type=int, nargs=2, default=(100, 400))
+    add_memory_options(ap)
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every measurement (default: free cores at start)")
     ap.add_argument("--skip", nargs="*", default=(), choices=("bf16", "monai", "memory"))
-    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        memory_child(args.memory_child, args.size, list(args.spacing))
+        memory_child("segment", args.memory_child, args.size, list(args.spacing))
         return
 
     run = start_run("segmenter", args.threads)
@@ -206,34 +181,16 @@ def main() -> None:
             out["speedup_vs_monai"] = mon["seconds_scaled"] / seconds
         out["monai"] = mon
     if "memory" not in args.skip:
-        mem = {}
-        for n in args.memory_slices:
-            cmd = [sys.executable, __file__, "--memory-child", str(n), "--size", str(args.size),
-                   "--threads", str(threads["threads"]),
-                   "--spacing", *map(str, args.spacing)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            if proc.returncode:
-                mem[str(n)] = {"error": proc.stderr.strip().splitlines()[-1:]}
-                continue
-            mem[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
-        out["memory"] = mem
-        ok = [m for m in mem.values() if "growth_mb" in m]
-        if len(ok) == 2:
-            out["memory_growth_minus_output_mb"] = [m["growth_mb"] - m["output_mb"] for m in ok]
+        memory = memory_section(__file__, "segment", args, threads["threads"])
+        bounded = memory.pop("memory_bounded_by_output_plus_chunk", None)
+        out.update(memory)
     out["goals"] = {
         "seconds_le_10": seconds <= GOALS["seconds_max"],
         "ratio_ge_0.40": out["ratio"] >= GOALS["gemm_fraction_min"],
         "speedup_vs_naive_ge_5": out["speedup_vs_naive"] >= GOALS["naive_speedup_min"],
     }
-    if "memory_growth_minus_output_mb" in out:
-        # bounded: going from the small to the large volume, peak growth rises by no more
-        # than the larger output array plus 10 % of the extra input (the working set is
-        # per chunk, not per volume)
-        small, large = ok
-        allowed = (large["output_mb"] - small["output_mb"]
-                   + 0.1 * (large["input_mb"] - small["input_mb"]))
-        out["goals"]["memory_bounded_by_output_plus_chunk"] = (
-            large["growth_mb"] - small["growth_mb"] <= allowed)
+    if "memory" not in args.skip and bounded is not None:
+        out["goals"]["memory_bounded_by_output_plus_chunk"] = bounded
     finish(out, run, T0)
 
 
