@@ -318,12 +318,13 @@ def add_memory_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def memory_section(script: str, task: str, args: Any, threads: int) -> dict[str, Any]:
-    """Peak memory growth for ``args.memory_slices`` (each in a fresh ``script``
-    subprocess: kernel peak-RSS counter reset right before the job), and the goal:
-    bounded when, from the small to the large volume, peak growth rises by no more than
-    the larger output arrays plus 10 % of the extra input (the working set is per chunk
-    or batch, not per volume)."""
+def add_memory_section(out: dict[str, Any], script: str, task: str, args: Any,
+                       threads: int) -> None:
+    """Put peak memory growth for ``args.memory_slices`` into ``out`` (each size in a
+    fresh ``script`` subprocess: kernel peak-RSS counter reset right before the job) and
+    its goal into ``out["goals"]``: bounded when, from the small to the large volume, peak
+    growth rises by no more than the larger output arrays plus 10 % of the extra input
+    (the working set is per chunk or batch, not per volume)."""
     mem: dict[str, Any] = {}
     for n in args.memory_slices:
         cmd = [sys.executable, script, "--memory-child", str(n), "--size", str(args.size),
@@ -333,15 +334,15 @@ def memory_section(script: str, task: str, args: Any, threads: int) -> dict[str,
             mem[str(n)] = {"error": proc.stderr.strip().splitlines()[-1:]}
             continue
         mem[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
-    out: dict[str, Any] = {"memory": mem}
+    out["memory"] = mem
     ok = [m for m in mem.values() if "growth_mb" in m]
     if len(ok) == 2:
         small, large = ok
         out["memory_growth_minus_output_mb"] = [m["growth_mb"] - m["output_mb"] for m in ok]
         allowed = (large["output_mb"] - small["output_mb"]
                    + 0.1 * (large["input_mb"] - small["input_mb"]))
-        out["memory_bounded_by_output_plus_chunk"] = large["growth_mb"] - small["growth_mb"] <= allowed
-    return out
+        out.setdefault("goals", {})["memory_bounded_by_output_plus_chunk"] = (
+            large["growth_mb"] - small["growth_mb"] <= allowed)
 
 
 def finish(out: dict[str, Any], run: BenchRun, t0: float) -> None:

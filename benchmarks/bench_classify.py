@@ -19,12 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_memory_options,
+    add_memory_section,
     bench_parser,
     count_flops,
     finish,
     gemm_gflops,
     memory_child,
-    memory_section,
     result_head,
     start_run,
     timed,
@@ -86,11 +86,7 @@ def main() -> None:
             "class_agreement": float((r16.predicted == result.predicted).mean()),
         }
     if "memory" not in args.skip:
-        memory = memory_section(__file__, "classify", args, run.threads["threads"])
-        bounded = memory.pop("memory_bounded_by_output_plus_chunk", None)
-        out.update(memory)
-        if bounded is not None:
-            out["goals"] = {"memory_bounded_by_output_plus_chunk": bounded}
+        add_memory_section(out, __file__, "classify", args, run.threads["threads"])
     finish(out, run, T0)
 
 

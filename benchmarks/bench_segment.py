@@ -27,8 +27,8 @@ from _common import (  # noqa: E402
     finish,
     gemm_gflops,
     add_memory_options,
+    add_memory_section,
     memory_child,
-    memory_section,
     result_head,
     start_run,
     timed,
@@ -180,17 +180,13 @@ def main() -> None:
             mon["seconds_scaled"] = mon["seconds_per_slice"] * args.slices
             out["speedup_vs_monai"] = mon["seconds_scaled"] / seconds
         out["monai"] = mon
-    if "memory" not in args.skip:
-        memory = memory_section(__file__, "segment", args, threads["threads"])
-        bounded = memory.pop("memory_bounded_by_output_plus_chunk", None)
-        out.update(memory)
     out["goals"] = {
         "seconds_le_10": seconds <= GOALS["seconds_max"],
         "ratio_ge_0.40": out["ratio"] >= GOALS["gemm_fraction_min"],
         "speedup_vs_naive_ge_5": out["speedup_vs_naive"] >= GOALS["naive_speedup_min"],
     }
-    if "memory" not in args.skip and bounded is not None:
-        out["goals"]["memory_bounded_by_output_plus_chunk"] = bounded
+    if "memory" not in args.skip:
+        add_memory_section(out, __file__, "segment", args, threads["threads"])
     finish(out, run, T0)
 
 

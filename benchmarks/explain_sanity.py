@@ -21,14 +21,12 @@ the pointing-game hit rate and the median inside/body ratio.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from _common import emit, machine
-from napari_medseg.core.explain import gradcam_volume, segmentation_uncertainty
+from napari_medseg.core.explain import gradcam_volume, randomised_copy, segmentation_uncertainty
 from napari_medseg.core.inference import detect_lesions
 from napari_medseg.core.models import load_model
 from napari_medseg.core.phantom import LESION_LABEL
@@ -37,16 +35,6 @@ from napari_medseg.core.training import EVAL_SEEDS, VALIDATION_SEEDS, eval_setti
 
 TOLERANCE_MM = 5.0
 MIN_LESION_VOXELS = 20
-
-
-def randomised(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy with every layer re-initialised (seeded)."""
-    rnd = copy.deepcopy(model)
-    torch.manual_seed(1)
-    for module in rnd.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return rnd
 
 
 def slice_scores(maps: np.ndarray, labels: np.ndarray, spacing_yx) -> list[tuple[bool, float]]:
@@ -86,7 +74,7 @@ def main() -> None:
     det, det_card = load_model("detector")
     seg, seg_card = load_model("segmenter")
     methods = [m.strip() for m in args.cam_method.split(",") if m.strip()]
-    models = {"trained": (cls, det, seg), "randomised": tuple(map(randomised, (cls, det, seg)))}
+    models = {"trained": (cls, det, seg), "randomised": tuple(map(randomised_copy, (cls, det, seg)))}
     rows: dict[str, list] = {}
     for seed in seeds:
         ph = make_phantom(seed, eval_settings(seed))

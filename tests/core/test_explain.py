@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from napari_medseg.core.errors import MedsegInputError
-from napari_medseg.core.explain import gradcam_volume, segmentation_uncertainty
+from napari_medseg.core.explain import gradcam_volume, randomised_copy, segmentation_uncertainty
 from napari_medseg.core.models import load_model
 from napari_medseg.core.phantom import generate_phantom
 from napari_medseg.core.progress import run_to_completion
@@ -19,15 +19,6 @@ def lesion_phantom():
     # held-out seed range (evaluation.py: 900000+), a lesion big enough to look at
     return generate_phantom((40, 220, 220), (3.0, 1.05, 1.05), seed=906001, n_lesions=1,
                             lesion_radius_mm=(9.0, 12.0))
-
-
-def _randomised(model):
-    rnd = copy.deepcopy(model)
-    torch.manual_seed(1)
-    for module in rnd.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return rnd
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +68,7 @@ def test_gradcam_of_lesion_slices_is_higher_in_the_lesion_than_in_the_slice(lesi
     assert res.maps.shape == lesion.shape and 0 <= res.maps.min() and res.maps.max() <= 1
     assert set(res.target[zs]) == {card["classes"].index("lesion")}
     # model-randomisation check: a randomised network's map no longer picks out the lesion
-    rnd = run_to_completion(gradcam_volume(lesion_phantom.volume, _randomised(model), card,
+    rnd = run_to_completion(gradcam_volume(lesion_phantom.volume, randomised_copy(model), card,
                                            target="lesion"))
     rnd_ratio = [rnd.maps[z][lesion[z]].mean() / max(rnd.maps[z].mean(), 1e-9) for z in zs]
     print("lesion / slice mean CAM: trained", np.median(ratio), "randomised", np.median(rnd_ratio))
@@ -95,7 +86,7 @@ def test_uncertainty_is_high_where_the_segmenter_errs(lesion_phantom):
     lesion = ndimage.binary_dilation(truth == 8, iterations=2)
     assert res.entropy[lesion].mean() > 2 * res.entropy[body & ~lesion].mean()
     assert len(res.most_uncertain(5)) == 5
-    rnd = run_to_completion(segmentation_uncertainty(lesion_phantom.volume, _randomised(model),
+    rnd = run_to_completion(segmentation_uncertainty(lesion_phantom.volume, randomised_copy(model),
                                                      card, samples=3))
     assert np.corrcoef(res.entropy[body], rnd.entropy[body])[0, 1] < 0.5
 
@@ -180,7 +171,7 @@ def test_detector_heatmap_peaks_on_the_lesion(lesion_phantom):
         return heat[lesion].mean() / max(heat[body].mean(), 1e-9), res
 
     ratio, res = lesion_to_body(model)
-    rnd_ratio, _ = lesion_to_body(_randomised(model))
+    rnd_ratio, _ = lesion_to_body(randomised_copy(model))
     print("lesion / body heatmap: trained", ratio, "randomised", rnd_ratio)
     assert ratio > 5.0 and ratio > 3 * rnd_ratio, (ratio, rnd_ratio)
     assert all(0.0 <= d.score <= 1.0 for d in res.detections)

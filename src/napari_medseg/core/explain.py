@@ -18,6 +18,7 @@ the score of each point.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -123,6 +124,19 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
     finally:
         model.train(was_training)
     return GradCamResult(maps, targets, tuple(classes), probs)
+
+
+def randomised_copy(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A copy of ``model`` with every layer re-initialised (seeded): the
+    model-randomisation check (Adebayo et al. 2018) compares an explanation with the same
+    explanation of this copy; one that does not change explains the image, not the model."""
+    rnd = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for module in rnd.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return rnd
 
 
 def _dropout_on(model: torch.nn.Module) -> list[torch.nn.Module]:
