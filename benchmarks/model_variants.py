@@ -68,13 +68,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                     "pooling": "max"}),
     "classifier-600-f32-twins-maxpool": ("classifier", {"steps": 600, "filters": (32, 64, 128),
                                                         "lesion_twins": 0.5, "pooling": "max"}),
-    # the imbalance fixes compared at 32/64/128 (the bundled default: ce + balanced sampling)
-    "classifier-600-f32-uniform": ("classifier", {"steps": 600, "filters": (32, 64, 128),
-                                                  "sampling": "uniform"}),
-    "classifier-600-f32-weighted": ("classifier", {"steps": 600, "filters": (32, 64, 128),
-                                                   "sampling": "uniform", "loss": "weighted_ce"}),
-    "classifier-600-f32-focal": ("classifier", {"steps": 600, "filters": (32, 64, 128),
-                                                "sampling": "uniform", "loss": "focal"}),
+    # twins + max pool still gave a slice and its twin the same P(lesion) after 600 steps:
+    # does the dense lesion map teach the features where lesions are? (it did not)
+    "classifier-1200-twins-maxpool-lesionmap": ("classifier", {
+        "steps": 1200, "lesion_twins": 0.5, "pooling": "max", "lesion_map_weight": 1.0}),
     "bundled-detector": ("detector", {}),
     "detector-2400-zsigma1": ("detector", {**_FOCAL, "steps": 2400, "z_sigma_fraction": 1.0}),
     "detector-2400-wide": ("detector", {"steps": 2400, "widths": (32, 64, 128), **_FOCAL}),
