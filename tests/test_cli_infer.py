@@ -96,7 +96,9 @@ def test_detect_leaves_no_heatmap_when_the_csv_cannot_be_written(tmp_path, model
     assert not heat.exists() and not out.exists()
     assert main(["detect", str(image), str(out), "--model", str(models["detector"]), "-q",
                  "--heatmap", str(old)]) != 0
-    assert old.exists()  # a file that was there before is not deleted
+    # a file that was there before is back as it was, and nothing else is left
+    assert old.read_bytes() == b"the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.nii.gz"]
     capsys.readouterr()
 
 

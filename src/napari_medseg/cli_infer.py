@@ -11,6 +11,8 @@ raises :class:`MedsegInputError`, which ``cli.main`` prints as one line (exit st
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,22 +39,35 @@ def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
 
 
 def _write_all(*writes: tuple[Path | None, Any]) -> None:
-    """Run each ``(path, write)`` in turn (``path`` None: skipped). Each write is atomic;
-    if a later one fails, the outputs this call created are removed again, so a command
-    with two outputs leaves both or neither (a file that was there before stays)."""
-    created: list[Path] = []
+    """Run each ``(path, write)`` in turn (``path`` None: skipped); each write replaces its
+    file atomically. All or nothing: if a later write fails, every file an earlier one
+    wrote is put back as it was (removed, or its previous content restored from a hard
+    link kept until the end), so a command with two outputs never leaves a new one next
+    to an old one."""
+    done: list[tuple[Path, Path | None]] = []
     try:
         for path, write in writes:
             if path is None:
                 continue
-            existed = path.exists()
+            keep = None
+            if path.exists():
+                keep = path.with_name(f".{path.name}.{os.getpid()}.previous")
+                try:
+                    os.link(path, keep)  # the old content survives the atomic replace
+                except OSError:
+                    shutil.copy2(path, keep)
+            done.append((path, keep))
             write()
-            if not existed:
-                created.append(path)
     except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
+        for path, keep in reversed(done):
+            if keep is not None:
+                os.replace(keep, path)
+            else:
+                path.unlink(missing_ok=True)
         raise
+    for _, keep in done:
+        if keep is not None:
+            keep.unlink(missing_ok=True)
 
 
 def _load(args: argparse.Namespace, command: str) -> tuple[Any, Any, dict]:

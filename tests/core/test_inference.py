@@ -305,18 +305,23 @@ def test_prepare_model_folds_a_cached_copy_and_refreshes_after_training(seg):
         model.head.bias.sub_(1.0)
 
 
-def test_an_ensemble_of_one_network_twice_detects_what_it_does(det):
+def test_an_ensemble_of_one_network_twice_detects_what_it_does():
     """The ensemble's averaged score goes through the engine (folding, channels_last,
     sigmoid) like one network's: two copies of a network give its heatmap and detections."""
-    model, card = det
+    from napari_medseg.core.models import load_model
+    from napari_medseg.core.phantom import generate_phantom
+
+    model, card = load_model("detector")
     twice = LesionDetector.ensemble([model, model]).eval()
-    vol = _volume((6, 40, 36), (2.5, 1.5, 1.5), seed=3)
-    one = run_to_completion(detect_lesions(vol, model, card))
-    two = run_to_completion(detect_lesions(vol, twice, card))
+    vol = generate_phantom((12, 120, 120), (2.5, 1.6, 1.6), seed=906003, n_lesions=2,
+                           lesion_radius_mm=(8.0, 12.0)).volume
+    one = run_to_completion(detect_lesions(vol, model, card, threshold=0.05))
+    two = run_to_completion(detect_lesions(vol, twice, card, threshold=0.05))
     np.testing.assert_allclose(two.heatmap, one.heatmap, atol=2e-6)
     np.testing.assert_allclose(two.diameter_map, one.diameter_map, rtol=1e-5)
-    assert one.detections and [(d.z, d.y, d.x) for d in two.detections] == [
-        (d.z, d.y, d.x) for d in one.detections]
+    # weak peaks of a near-flat heatmap may swap at 1e-7; the lesions' peaks may not
+    strong = [(d.z, d.y, d.x) for d in one.detections if d.score > 0.3]
+    assert strong and strong == [(d.z, d.y, d.x) for d in two.detections if d.score > 0.3]
 
 
 def test_detections_map_back_to_input_voxels():

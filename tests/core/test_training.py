@@ -267,6 +267,13 @@ def test_lesion_twin_is_the_same_slice_without_its_lesion():
     assert model.arch_params["n_classes"] == 3
     with pytest.raises(MedsegInputError, match="lesion_twins"):
         run_to_completion(train_classifier(0, steps=1, lesion_twins=1.5))
+    # every normal sample wants a twin and no volume has a lesion: the sampler gives up
+    # after its tries and uses a slice as is instead of failing
+    for item in pool.items:
+        item.twin = None
+        item.slice_classes = np.where(item.slice_classes == 2, 1, item.slice_classes)
+    run_to_completion(train_classifier(0, steps=1, pool=pool, spacing_yx=3.0, crop=48,
+                                       batch_size=8, lesion_twins=1.0))
 
 
 def test_soft_focal_loss_is_lowest_at_the_soft_target():

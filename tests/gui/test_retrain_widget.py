@@ -128,6 +128,22 @@ def test_cancel_leaves_versions_and_layer_unchanged(scene, qtbot):
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_a_round_finishing_after_a_model_switch_keeps_its_version(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 3, phantom.labels)
+    first = widget._model.value
+    widget._seconds.value = 3.0
+    before = np.array(labels.data, copy=True)
+    widget._run.clicked.emit()  # the first round: no history yet
+    qtbot.waitUntil(lambda: len(widget._curve.losses) >= 1, timeout=60_000)
+    widget._model.value = next(c for c in widget._model.choices if c != first)
+    _wait(widget, qtbot)
+    np.testing.assert_array_equal(labels.data, before)  # not written into the layer
+    assert widget._history is None
+    widget._model.value = first  # the round's version is there
+    assert len(widget._history.versions) == 2 and widget._versions.choices
+
+
 def test_save_version_then_load_it_anywhere(scene, qtbot):
     viewer, image, labels, widget, phantom = scene
     _paint_slice(labels, 4, phantom.labels)

@@ -487,7 +487,11 @@ class _RetrainBase(Container):
     def _on_retrained(self, out, image, layer, volume, source) -> None:
         result, prediction, base = out
         if not self._adopt(source, base):  # the model was switched meanwhile
-            show_warning("Retrain: the model was changed during the round; result discarded")
+            kept = self._keep_for_its_model(source, base, result)
+            show_warning("Retrain: the model was changed during the round; "
+                         + (f"v{kept.number} was kept with the model it started from (pick that"
+                            " model again to use it); the layer was not changed"
+                            if kept is not None else "result discarded"))
             return
         v = self._history.add(result)
         self._refresh_versions()
@@ -502,6 +506,17 @@ class _RetrainBase(Container):
                 msg += (f" (a new structure is learnt from scratch: if it is missing on other"
                         f" slices, retrain with Seconds ≥ {NEW_STRUCTURE_SECONDS:g})")
         self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg)
+
+    def _keep_for_its_model(self, source, base, result):
+        """A round that finished after another model was picked: its version joins the
+        kept versions of the model it started from (a new history on a first round)."""
+        if isinstance(source, tuple):
+            history = source[0]
+            if not any(h is history for h in self._kept_histories.values()):
+                return None
+        else:
+            history = self._kept_histories.setdefault(source, VersionHistory.start(*base))
+        return history.add(result)
 
     def _on_predicted(self, out, image, layer, volume, source) -> None:
         prediction, base = out

@@ -831,6 +831,8 @@ def train_classifier(
                     else:
                         z = int(rng.integers(item.image.shape[0]))
                     break
+                else:  # no volume had the wanted class: a slice of the last one drawn, as is
+                    twin, z = False, min(z, item.image.shape[0] - 1)
                 zs = np.clip(np.arange(z - context, z + context + 1), 0, item.image.shape[0] - 1)
                 source = item.twin if twin else item.image
                 img = _add_noise(rng, _jitter(rng, source[zs], norm), norm, noise_hu)

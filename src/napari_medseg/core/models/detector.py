@@ -130,10 +130,13 @@ class LesionDetector(nn.Module):
         if not len(self.others):
             return out
         outs = [out, *(m._network(x) for m in self.others)]
-        score = torch.stack([torch.sigmoid(o.heatmap) for o in outs]).mean(0)
-        diameter = torch.stack([o.log_diameter.exp() for o in outs]).mean(0)
-        # logits again, so every caller's sigmoid gives the mean score (eps: finite logits)
-        return DetectorOutput(torch.logit(score, eps=1e-6), diameter.log())
+        heat = torch.stack([o.heatmap for o in outs])
+        # the logit of the mean score, exactly and without clamping: log(mean σ(h)) −
+        # log(mean σ(−h)) (the 1/N of both means cancels), so every caller's sigmoid
+        # gives the members' mean score and fine-tuning keeps its gradient everywhere
+        logit = (torch.logsumexp(F.logsigmoid(heat), 0) - torch.logsumexp(F.logsigmoid(-heat), 0))
+        log_diameter = torch.logsumexp(torch.stack([o.log_diameter for o in outs]), 0) - math.log(len(outs))
+        return DetectorOutput(logit, log_diameter)
 
     def _network(self, x: torch.Tensor) -> DetectorOutput:
         """The first member's forward pass (the whole model when ``members`` is 1)."""
