@@ -335,8 +335,8 @@ def add_memory_section(out: dict[str, Any], script: str, task: str, args: Any,
             continue
         mem[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
     out["memory"] = mem
-    ok = [m for m in mem.values() if "growth_mb" in m]
-    if len(ok) == 2:
+    ok = sorted((m for m in mem.values() if "growth_mb" in m), key=lambda m: m["slices"])
+    if len(ok) == 2 and ok[0]["slices"] < ok[1]["slices"]:
         small, large = ok
         out["memory_growth_minus_output_mb"] = [m["growth_mb"] - m["output_mb"] for m in ok]
         allowed = (large["output_mb"] - small["output_mb"]
