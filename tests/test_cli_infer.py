@@ -113,6 +113,24 @@ def test_classify_writes_one_row_per_slice(tmp_path, models, image):
         assert row["class_name"] == SLICE_CLASSES[int(np.argmax(probs))]
 
 
+@pytest.mark.parametrize("command,suffix", [("segment", ".nii.gz"), ("detect", ".csv"),
+                                            ("classify", ".csv")])
+def test_a_real_dicom_file_as_input(tmp_path, models, command, suffix):
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file("CT_small.dcm")  # one 128 × 128 CT slice, 0.66 mm, in HU
+    model = models[{"segment": "segmenter", "detect": "detector", "classify": "classifier"}[command]]
+    out = tmp_path / f"out{suffix}"
+    assert main([command, src, str(out), "--model", str(model), "-q"]) == 0
+    if command == "segment":
+        labels = read_nifti(out)
+        assert labels.shape == (1, 128, 128) and labels.spacing[1] == pytest.approx(0.661, abs=1e-3)
+    elif command == "classify":
+        assert [int(r["slice"]) for r in _rows(out)] == [0]
+    else:
+        assert all(float(r["z"]) == 0 for r in _rows(out))
+
+
 def test_npy_input(tmp_path, models):
     src = tmp_path / "slice.npy"
     np.save(src, np.random.default_rng(0).normal(0, 100, size=(30, 26)).astype(np.float32))
