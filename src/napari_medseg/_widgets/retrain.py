@@ -343,8 +343,9 @@ class _RetrainBase(Container):
         The versions trained so far are kept, never dropped, for when it is picked again."""
         if self._history is not None and len(self._history.versions) > 1:
             self._kept_histories[self._history_model] = self._history
-            show_info(f"Retrain: model changed; versions v1–v{len(self._history.versions) - 1} of "
-                      "the previous model are kept: pick it again to see them")
+            last = len(self._history.versions) - 1
+            show_info(f"Retrain: model changed; versions v1–v{last} of the previous model"
+                      " are kept: pick it again to see them")
         self._history = self._kept_histories.pop(path, None)
         self._history_model = None if self._history is None else path
         self._refresh_versions()

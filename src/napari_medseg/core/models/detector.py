@@ -83,7 +83,7 @@ class LesionDetector(nn.Module):
             "widths": [w1, w2, w3],
             "dropout": float(dropout),
         }
-        if members > 1:  # absent for one network, so the cards of single detectors stay as they were
+        if members > 1:  # absent for one network: single detectors' cards stay as they were
             self.arch_params["members"] = members
         self.enc1 = nn.Sequential(ConvBNAct(4 * in_slices, w1), ConvBNAct(w1, w1))
         self.enc2 = nn.Sequential(ConvBNAct(w1, w2, stride=2), ConvBNAct(w2, w2))
@@ -135,7 +135,8 @@ class LesionDetector(nn.Module):
         # log(mean σ(−h)) (the 1/N of both means cancels), so every caller's sigmoid
         # gives the members' mean score and fine-tuning keeps its gradient everywhere
         logit = (torch.logsumexp(F.logsigmoid(heat), 0) - torch.logsumexp(F.logsigmoid(-heat), 0))
-        log_diameter = torch.logsumexp(torch.stack([o.log_diameter for o in outs]), 0) - math.log(len(outs))
+        log_d = torch.stack([o.log_diameter for o in outs])
+        log_diameter = torch.logsumexp(log_d, 0) - math.log(len(outs))  # log of the mean
         return DetectorOutput(logit, log_diameter)
 
     def _network(self, x: torch.Tensor) -> DetectorOutput:
