@@ -33,7 +33,8 @@ from napari_medseg.core.training import EVAL_SEEDS, VALIDATION_SEEDS, eval_setti
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cards", nargs="*", default=["classifier"], help="classifier names or card paths")
+    ap.add_argument("cards", nargs="*", default=["classifier"],
+                    help="classifier names or card paths")
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--validation", action="store_true")
     ap.add_argument("--cam-method", default="gradcam")
@@ -68,7 +69,8 @@ def main() -> None:
             "sha256": card["sha256"][:12], "arch_params": card["arch_params"],
             "balanced_accuracy": round(balanced_accuracy(conf), 4),
             "lesion_slices": int(a.size),
-            "p_lesion_mean": {"slice": round(float(a.mean()), 3), "twin": round(float(b.mean()), 3)},
+            "p_lesion_mean": {"slice": round(float(a.mean()), 3),
+                              "twin": round(float(b.mean()), 3)},
             "called_lesion": {"slice": round(float((a > 0.5).mean()), 3),
                               "twin": round(float((b > 0.5).mean()), 3)},
             "twin_lower_share": round(float((b < a).mean()), 3),
