@@ -80,7 +80,8 @@ def main() -> None:
         print(f"{path}: BA {r['balanced_accuracy']}, P(lesion) slice {r['p_lesion_mean']['slice']}"
               f" twin {r['p_lesion_mean']['twin']}, called lesion {r['called_lesion']}, "
               f"pointing {r[f'{args.cam_method}_pointing_game']}", flush=True)
-    emit({"benchmark": "classifier_lesion_use", "set": "validation" if args.validation else "evaluation",
+    emit({"benchmark": "classifier_lesion_use",
+          "set": "validation" if args.validation else "evaluation",
           "seeds": [seeds[0], seeds[-1]], "models": rows, "machine": machine()}, args.out)
 
 

@@ -58,7 +58,8 @@ def components(lesion_prob: np.ndarray, ph) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=12, help="validation phantoms")
-    ap.add_argument("--sigma-mm", type=float, default=2.0, help="in-plane smoothing of the lesion map")
+    ap.add_argument("--sigma-mm", type=float, default=2.0,
+                    help="in-plane smoothing of the lesion map")
     ap.add_argument("--segmenter", default="segmenter", help="segmenter name or card path")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
@@ -75,7 +76,8 @@ def main() -> None:
         logits = model_grid_logits(vol, seg, seg_card)
         on_det = lesion_probability(logits, heat.shape[1:])
         step_mm = vol.spacing[1] * vol.shape[1] / heat.shape[1]
-        smooth = ndimage.gaussian_filter(on_det, (0, args.sigma_mm / step_mm, args.sigma_mm / step_mm))
+        sigma = args.sigma_mm / step_mm
+        smooth = ndimage.gaussian_filter(on_det, (0, sigma, sigma))
         records["detector"].append(matched_peaks(heat, size, ph, det_card))
         records["segmenter"].append(matched_peaks(smooth, size, ph, det_card))
         records["components"].append(components(lesion_probability(logits, vol.shape[1:]), ph))

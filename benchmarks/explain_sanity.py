@@ -56,13 +56,15 @@ def slice_scores(maps: np.ndarray, labels: np.ndarray, spacing_yx) -> list[tuple
 def summarise(rows: list[tuple[bool, float]]) -> dict:
     return {"slices": len(rows),
             "pointing_game": round(float(np.mean([h for h, _ in rows])), 3) if rows else None,
-            "inside_over_body_median": round(float(np.median([r for _, r in rows])), 2) if rows else None}
+            "inside_over_body_median":
+                round(float(np.median([r for _, r in rows])), 2) if rows else None}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=8, help="phantoms")
-    ap.add_argument("--validation", action="store_true", help="validation seeds (choose methods here)")
+    ap.add_argument("--validation", action="store_true",
+                    help="validation seeds (choose methods here)")
     ap.add_argument("--cam-method", default="gradcam,hirescam", help="comma-separated CAM methods")
     ap.add_argument("--classifier", default="classifier", help="classifier name or card path")
     ap.add_argument("--skip-uncertainty", action="store_true", help="the slowest arm (8 passes)")
@@ -74,7 +76,8 @@ def main() -> None:
     det, det_card = load_model("detector")
     seg, seg_card = load_model("segmenter")
     methods = [m.strip() for m in args.cam_method.split(",") if m.strip()]
-    models = {"trained": (cls, det, seg), "randomised": tuple(map(randomised_copy, (cls, det, seg)))}
+    models = {"trained": (cls, det, seg),
+              "randomised": tuple(map(randomised_copy, (cls, det, seg)))}
     rows: dict[str, list] = {}
     for seed in seeds:
         ph = make_phantom(seed, eval_settings(seed))
@@ -83,7 +86,8 @@ def main() -> None:
             continue
         for which, (c, d, s) in models.items():
             for method in methods:
-                cam = run_to_completion(gradcam_volume(vol, c, cls_card, target="lesion", method=method))
+                cam = run_to_completion(gradcam_volume(vol, c, cls_card, target="lesion",
+                                                       method=method))
                 rows.setdefault(f"classifier {method} {which}", []).extend(
                     slice_scores(cam.maps, labels, vol.spacing[1:]))
             heat = run_to_completion(detect_lesions(vol, d, det_card)).heatmap_on_input_grid()
@@ -95,7 +99,8 @@ def main() -> None:
                     slice_scores(unc.entropy, labels, vol.spacing[1:]))
         print(f"seed {seed}: {int((labels == LESION_LABEL).any(axis=(1, 2)).sum())} lesion slices",
               flush=True)
-    result = {"benchmark": "explain_sanity", "set": "validation" if args.validation else "evaluation",
+    result = {"benchmark": "explain_sanity",
+              "set": "validation" if args.validation else "evaluation",
               "seeds": [seeds[0], seeds[-1]], "classifier": args.classifier,
               "tolerance_mm": TOLERANCE_MM, "min_lesion_voxels": MIN_LESION_VOXELS,
               "maps": {k: summarise(v) for k, v in rows.items()}, "machine": machine()}

@@ -119,7 +119,8 @@ def test_a_real_dicom_file_as_input(tmp_path, models, command, suffix):
     from pydicom.data import get_testdata_file
 
     src = get_testdata_file("CT_small.dcm")  # one 128 × 128 CT slice, 0.66 mm, in HU
-    model = models[{"segment": "segmenter", "detect": "detector", "classify": "classifier"}[command]]
+    kind = {"segment": "segmenter", "detect": "detector", "classify": "classifier"}[command]
+    model = models[kind]
     out = tmp_path / f"out{suffix}"
     assert main([command, src, str(out), "--model", str(model), "-q"]) == 0
     if command == "segment":
