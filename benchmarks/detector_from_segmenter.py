@@ -26,9 +26,8 @@ import torch
 from scipy import ndimage
 
 from _common import machine
-from detector_multiscale import matched_peaks, report, sensitivity_table
+from detector_multiscale import matched_peaks, report, sensitivity_table, volume_record
 from detector_tta import FLIPS, maps
-from napari_medseg.core.evaluation import match_phantom_lesions
 from napari_medseg.core.inference import ModelGridSlices, prepare_model, resize_yx
 from napari_medseg.core.models import load_model
 from napari_medseg.core.training import VALIDATION_SEEDS, eval_settings, make_phantom
@@ -50,9 +49,7 @@ def components(lesion_prob: np.ndarray, ph) -> dict:
         c = ndimage.center_of_mass(p)
         dets.append({"z": sl[0].start + c[0], "y": sl[1].start + c[1], "x": sl[2].start + c[2],
                      "score": float(p.max())})
-    dets, matched = match_phantom_lesions(dets, ph)
-    return {"scores": [d["score"] for d in dets], "matched": matched,
-            "diameters": [2 * les.radius_mm for les in ph.lesions]}
+    return volume_record(dets, ph)
 
 
 def main() -> None:

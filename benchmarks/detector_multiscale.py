@@ -41,6 +41,12 @@ def matched_peaks(heat: np.ndarray, size: np.ndarray, ph, card: dict) -> dict:
     for p in peaks:
         y, x = map_index([p.y, p.x], (h, w), (ny, nx))
         dets.append({"z": float(p.z), "y": float(y), "x": float(x), "score": p.score})
+    return volume_record(dets, ph)
+
+
+def volume_record(dets: list[dict], ph) -> dict:
+    """``froc_point``'s record of one volume: detections (z, y, x, score in input voxels)
+    matched to the phantom's lesions."""
     dets, matched = match_phantom_lesions(dets, ph)
     return {"scores": [d["score"] for d in dets], "matched": matched,
             "diameters": [2 * les.radius_mm for les in ph.lesions]}
