@@ -271,3 +271,39 @@ def test_suggests_the_most_uncertain_unannotated_slices(scene, qtbot):
     assert suggested and 2 not in suggested and len(suggested) <= 8
     assert widget._history is not None and len(widget._history.versions) == 1
     np.testing.assert_array_equal(labels.data[2], phantom.labels[2])
+
+
+def test_undo_and_redo_are_autosaved_and_keep_the_list_true(scene, qtbot):
+    """napari's undo / redo emit no paint event: the widget must still save and relist."""
+    from napari_medseg.core.session import load_session
+
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)  # one step: the liver (the rest is unchanged)
+    widget._edited.add(7)  # listed before any stroke here (as after a restore)
+    labels.brush_size = 3
+    labels.paint((2, 30, 30), 4)  # a second step on slice 2
+    labels.paint((7, 10, 10), 3)  # napari's brush: one mask-based step
+    labels.paint((5, 10, 10), 3)
+    assert widget.annotated_slices() == [2, 5, 7]
+    widget._autosave_timer.stop()
+
+    labels.undo()  # the stroke on slice 5: nothing else touched it
+    assert widget.annotated_slices() == [2, 7]
+    assert widget._autosave_timer.isActive()
+    widget.autosave_now(wait=True)
+    saved = load_session(widget._key_folder() / widget._session_id)
+    np.testing.assert_array_equal(saved.labels, labels.data)
+    assert saved.edited == [2, 7]
+
+    labels.undo()  # the stroke on 7: slice 7 was listed before it, so it stays
+    labels.undo()  # the second step on slice 2: the first still touches it
+    assert widget.annotated_slices() == [2, 7]
+    labels.undo()  # slice 2's first step: no step touches it any more
+    assert widget.annotated_slices() == [7]
+    for _ in range(4):
+        labels.redo()  # … up to the stroke on 5
+    assert widget.annotated_slices() == [2, 5, 7]
+
+    widget._autosave_timer.stop()
+    viewer.dims.set_current_step(0, 3)  # scrolling also emits set_data: no save, no change
+    assert not widget._autosave_timer.isActive() and widget.annotated_slices() == [2, 5, 7]

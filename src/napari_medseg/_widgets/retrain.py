@@ -2,13 +2,14 @@
 
 *Retrain on my annotations* (segmenter): pick the image, the Labels layer being corrected
 and the starting model. Every paint / erase / fill stroke adds its slices to the list of
-annotated slices ("edited"); "Mark current slice correct" adds a slice as it is
-("checked"). A ticked slice is training data; an unticked one is left out of training
-but, like every listed slice, is never overwritten. **Retrain** fine-tunes a copy of the
-current model version on the ticked slices only (``core.finetune``), in a worker with a
-live loss curve, progress and Cancel (versions are only touched when a round finishes,
-so a cancel changes nothing); the new version then re-predicts every slice that is not
-listed and not missing, written into the same Labels layer as ONE undo step.
+annotated slices ("edited"), and undoing the last stroke on a slice takes it off again;
+"Mark current slice correct" adds a slice as it is ("checked"). A ticked slice is
+training data; an unticked one is left out of training but, like every listed slice,
+is never overwritten. **Retrain** fine-tunes a copy of the current model version on the
+ticked slices only (``core.finetune``), in a worker with a live loss curve, progress and
+Cancel (versions are only touched when a round finishes, so a cancel changes nothing);
+the new version then re-predicts every slice that is not listed and not missing, written
+into the same Labels layer as ONE undo step.
 
 *Retrain detector on my points*: the same with a Points layer of lesions. Adding, moving
 or deleting a point lists its slice (old and new slice for a move) as "edited"; the
@@ -69,6 +70,16 @@ from .detect import KEEP_SCORE
 
 log = logging.getLogger(__name__)
 AUTOSAVE_DELAY_MS = 1500
+
+
+def history_depths(layer) -> tuple[int, int] | None:
+    """Lengths of a Labels layer's undo and redo histories (private in napari 0.9; None
+    where they are gone): an undo or redo is the only data change that moves them without
+    a paint event."""
+    undo, redo = getattr(layer, "_undo_history", None), getattr(layer, "_redo_history", None)
+    if undo is None or redo is None:
+        return None
+    return len(undo), len(redo)
 
 
 def painted_slices(history_item: Any) -> set[int]:
@@ -686,14 +697,68 @@ class RetrainWidget(_RetrainBase):
                               if ranked else "No unannotated slice with a structure to suggest")
 
     def _connect(self, layer) -> None:
+        self._stroke_slices: set[int] = set()  # listed because of a stroke seen here
+        self._slices_of_item: dict[int, frozenset[int]] = {}  # id(history item) → its slices
+        self._depths = history_depths(layer)
         layer.events.paint.connect(self._on_paint)
+        # napari's undo and redo emit no paint event, only set_data (as scrolling does)
+        layer.events.set_data.connect(self._on_set_data)
 
     def _disconnect(self, layer) -> None:
         layer.events.paint.disconnect(self._on_paint)
+        layer.events.set_data.disconnect(self._on_set_data)
 
     def _on_paint(self, event) -> None:
         layer = self._tracked
-        self._add_edited({0} if layer is not None and layer.ndim == 2 else painted_slices(event.value))
+        self._depths = history_depths(layer)
+        if self._writing:
+            return
+        zs = {0} if layer is not None and layer.ndim == 2 else painted_slices(event.value)
+        self._stroke_slices |= zs - self._edited
+        self._add_edited(zs)
+
+    def _item_slices(self, layer, item) -> frozenset[int]:
+        slices = self._slices_of_item.get(id(item))
+        if slices is None:
+            slices = frozenset({0} if layer.ndim == 2 else painted_slices(item))
+            self._slices_of_item[id(item)] = slices
+        return slices
+
+    def _on_set_data(self, _event=None) -> None:
+        """An undo or redo on the tracked layer: autosave it and keep the list true.
+
+        Redo lists the slices of the redone stroke again; undo drops a slice that only a
+        stroke seen here had listed once no remaining step touches it (a slice restored
+        from an autosave or marked correct stays)."""
+        layer = self._tracked
+        if layer is None:
+            return
+        depths = history_depths(layer)
+        if depths is None:  # a napari without these histories: save on every change to be safe
+            self._schedule_autosave()
+            return
+        before, self._depths = self._depths, depths
+        if depths == before or self._writing:
+            return  # scrolling or a style change; or our own write
+        undo, redo = layer._undo_history, layer._redo_history
+        live = {id(item) for item in (*undo, *redo)}
+        self._slices_of_item = {k: v for k, v in self._slices_of_item.items() if k in live}
+        if before is not None and depths[0] < before[0] and redo:  # an undo
+            undone = self._item_slices(layer, redo[-1]) & self._stroke_slices
+            dropped = set(undone)
+            for item in undo if dropped else ():
+                dropped -= self._item_slices(layer, item)
+            if dropped:
+                self._edited -= dropped
+                self._stroke_slices -= dropped
+                self._excluded -= dropped - self._checked
+                self._rebuild_list()
+        elif before is not None and depths[0] > before[0] and undo:  # a redo
+            zs = set(self._item_slices(layer, undo[-1]))
+            self._stroke_slices |= zs - self._edited
+            self._add_edited(zs)
+            return
+        self._schedule_autosave()
 
     def _empty_layer(self, image):
         kwargs = {**_labels_kwargs(f"{image.name} annotations", self._current_class_names()),
