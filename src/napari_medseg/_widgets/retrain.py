@@ -93,7 +93,8 @@ def painted_slices(history_item: Any) -> set[int]:
                 zs = zs[atom.mask.reshape(atom.mask.shape[0], -1).any(axis=1)]
             out.update(int(z) for z in zs)
         else:  # (indices, old, new) from data_setitem
-            out.update(int(z) for z in np.unique(np.asarray(atom[0][0])))
+            zs = np.asarray(atom[0][0]).ravel()  # a re-prediction's step holds millions: no sort
+            out.update(int(z) for z in np.flatnonzero(np.bincount(zs, minlength=1)))
     return out
 
 
