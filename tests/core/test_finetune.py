@@ -269,6 +269,37 @@ def test_detector_learns_only_from_reviewed_slices_and_from_deleted_points(membe
         run([[3.0, 300.0, 30.0]], [3])
 
 
+def test_detector_rounds_rehearse_training_phantoms(monkeypatch):
+    """A quarter of each batch from training phantoms (half when every slice is reviewed),
+    made once per recipe; rehearsal=0 draws none."""
+    from napari_medseg.core import finetune
+    from napari_medseg.core.models import LesionDetector
+
+    torch.manual_seed(0)
+    model = LesionDetector(widths=(8, 16, 16)).eval()
+    card = {**CARD, "classes": ["lesion"], "context_slices": 1}
+    drawn = []
+    real_sample = finetune.detector_sample
+    monkeypatch.setattr(finetune, "detector_sample", lambda *a, **k: (drawn.append(a[1]), real_sample(*a, **k))[1])
+    monkeypatch.setattr(finetune, "_REHEARSAL_POOLS", {})
+    p = generate_phantom((8, 48, 48), (4.0, 2.0, 2.0), seed=11, n_lesions=1)
+
+    def run(slices, **kw):
+        drawn.clear()
+        return run_to_completion(finetune.finetune_detector(p.volume, model, card, [[3.0, 24.0, 24.0]],
+                                                            [10.0], slices, steps=2, threads=1, **kw))
+    a = run([3])
+    assert len(drawn) == 2 * 2  # 2 steps × a quarter of 8
+    pool = next(iter(finetune._REHEARSAL_POOLS.values()))
+    assert len(pool.items) == finetune.REHEARSAL_PHANTOMS
+    assert all(any(d is item for item in pool.items) for d in drawn)
+    run(range(8))
+    assert len(drawn) == 2 * 4 and len(finetune._REHEARSAL_POOLS) == 1  # the pool is reused
+    b = run([3], rehearsal=0)
+    assert not drawn
+    assert any(not torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
 def test_detector_fine_tuning_keeps_the_heatmap_it_was_trained_with(monkeypatch):
     from napari_medseg.core import finetune
     from napari_medseg.core.models import LesionDetector
@@ -279,15 +310,17 @@ def test_detector_fine_tuning_keeps_the_heatmap_it_was_trained_with(monkeypatch)
     assert finetune.detector_heatmap(base) == {"loss": "focal", "sigma_fraction": 0.5,
                                                "z_sigma_fraction": 0.5}
     card = {**base, "heatmap": {"loss": "soft_focal", "sigma_fraction": 0.75, "z_sigma_fraction": 1.0}}
-    seen = []
+    targets, losses = [], []
     real_targets, real_loss = finetune.detector_targets, finetune.detector_loss
-    monkeypatch.setattr(finetune, "detector_targets", lambda t, **kw: (seen.append(kw), real_targets(t, **kw)))
-    monkeypatch.setattr(finetune, "detector_loss", lambda o, t, kind: (seen.append(kind), real_loss(o, t, kind))[1])
+    monkeypatch.setattr(finetune, "detector_targets", lambda t, **kw: (targets.append(kw), real_targets(t, **kw)))
+    monkeypatch.setattr(finetune, "detector_loss", lambda o, t, kind: (losses.append(kind), real_loss(o, t, kind))[1])
+    monkeypatch.setattr(finetune, "_REHEARSAL_POOLS", {})  # the training phantoms' targets too
     p = generate_phantom((8, 48, 48), (4.0, 2.0, 2.0), seed=11, n_lesions=1)
     v1 = run_to_completion(finetune.finetune_detector(p.volume, model, card, [[3.0, 24.0, 24.0]],
                                                       [10.0], [3], steps=2, threads=1))
-    assert seen[0] == {"sigma_fraction": 0.75, "z_sigma_fraction": 1.0}
-    assert set(seen[1:]) == {"soft_focal"}
+    assert len(targets) == 1 + finetune.REHEARSAL_PHANTOMS
+    assert all(kw == {"sigma_fraction": 0.75, "z_sigma_fraction": 1.0} for kw in targets)
+    assert set(losses) == {"soft_focal"} and len(losses) == 2
     assert v1.card["heatmap"] == card["heatmap"]  # a v2 from v1 is trained the same way
     for bad in ({"loss": "mse"}, {"z_sigma_fraction": 0}, {"sigma_fraction": "wide"}):
         with pytest.raises(MedsegInputError, match="card's"):

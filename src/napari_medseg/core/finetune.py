@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -68,11 +69,14 @@ from .training import (
     LOSSES,
     _budget as _train_budget,
     _crop_yx,
+    PhantomPool,
     _train_loop,
     check_sigma_fraction,
     class_weights,
     detector_loss,
+    detector_sample,
     detector_targets,
+    training_seeds,
     soft_dice_loss,
 )
 
@@ -80,6 +84,9 @@ from .training import (
 MAX_LABEL = 254
 #: default time budget of one retrain round, seconds
 DEFAULT_SECONDS = 15.0
+#: training phantoms mixed into each detector fine-tuning batch (see finetune_detector)
+REHEARSAL_PHANTOMS = 3
+REHEARSAL_MAX_SLICES = 48
 #: default round when the annotation holds a new structure: its output is learnt from
 #: scratch (benchmarks/bench_finetune.py: stomach Dice 0.22 after 15 s, 0.76 after 30 s)
 NEW_STRUCTURE_SECONDS = 30.0
@@ -494,8 +501,9 @@ def finetune_detector(
     *,
     steps: int | None = None,
     seconds: float | None = None,
-    lr: float = 1e-3,
+    lr: float = 3e-4,
     keep_weight: float = 1.0,
+    rehearsal: int = REHEARSAL_PHANTOMS,
     version: int = 1,
     batch_size: int = 8,
     crop: int = 128,
@@ -509,10 +517,17 @@ def finetune_detector(
     which is how deleted false positives are learned). The heatmap target is built from
     every point exactly as in training (:func:`~.training.detector_targets`) and scored
     with the heatmap loss the detector was trained with (:func:`detector_heatmap`);
-    only the reviewed slices enter that loss (it ignores the others). Half
-    of each batch are unreviewed slices whose heatmap is held to the starting model's
-    (``keep_weight``), so a round on a few slices with added lesions does not teach the
-    detector to fire everywhere else.
+    only the reviewed slices enter that loss (it ignores the others). A quarter
+    of each batch (half without rehearsal) are unreviewed slices whose heatmap is held to
+    the starting model's (``keep_weight``), so a round on a few slices with added lesions
+    does not teach the detector to fire everywhere else.
+
+    ``rehearsal`` training phantoms (0: none) with their exact lesions take another
+    quarter of each batch (half when every slice is reviewed and there is nothing to hold
+    to the starting model): a few points of one volume alone pull the detector away from
+    what it had learnt, round after round. With the learning rate of 3e-4 they keep the
+    detector's sensitivity on other volumes over four rounds, where plain rounds at 1e-3
+    lowered it from 9 to 2–7 of 24 lesions (``benchmarks/detector_finetune_rounds.py``).
     """
     check_model_args(volume, model, card, LesionDetector, "fine-tuning")
     heatmap = detector_heatmap(card)
@@ -548,10 +563,22 @@ def finetune_detector(
         others = np.flatnonzero(~reviewed & ~volume.missing)
         size_crop = min(int(crop), max(h, w))
         n_keep = batch_size // 2 if (teacher is not None and len(others)) else 0
+        pool = (yield from rehearsal_pool(card, rehearsal)) if rehearsal else None
+        n_rehearse = 0  # the training phantoms' samples come after the n_keep ones
+        if pool is not None:
+            n_rehearse = batch_size // 4 if n_keep else batch_size // 2
+            n_keep = max(n_keep - n_rehearse, 0)
 
         def batch(step: int):
             xs, hs, ss, ms = [], [], [], []
             for i in range(batch_size):
+                if n_keep <= i < n_keep + n_rehearse:
+                    item = pool.items[int(rng.integers(len(pool.items)))]
+                    sample = detector_sample(rng, item, context, size_crop, pool.normalisation)
+                    for out, a, dtype in zip((xs, hs, ss, ms), sample,
+                                             (np.float32, np.float32, np.float32, bool)):
+                        out.append(a.astype(dtype, copy=False))
+                    continue
                 keep = i < n_keep  # an unreviewed slice: stay close to the starting model
                 z = int(rng.choice(others if keep else zs))
                 center = None
@@ -615,6 +642,30 @@ def detector_heatmap(card: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("sigma_fraction", "z_sigma_fraction"):
         check_sigma_fraction(heatmap[key], f"the card's heatmap {key}")
     return heatmap
+
+
+_REHEARSAL_POOLS: dict[tuple, PhantomPool] = {}
+
+
+def rehearsal_pool(card: Mapping[str, Any], n: int) -> Job[PhantomPool]:
+    """``n`` training phantoms on a detector card's grid with its heatmap targets (a
+    generator). Made once per process and recipe (about half a second each), so later
+    rounds start at once."""
+    heatmap = detector_heatmap(card)
+    spacing_yx = card_spacing_yx(card)[0]
+    norm = dict(card["normalisation"])
+    key = (spacing_yx, tuple(sorted(norm.items())), heatmap["sigma_fraction"],
+           heatmap["z_sigma_fraction"], int(n))
+    pool = _REHEARSAL_POOLS.get(key)
+    if pool is None:
+        pool = PhantomPool(training_seeds(0), int(n), spacing_yx, REHEARSAL_MAX_SLICES, norm,
+                           prepare=functools.partial(
+                               detector_targets, sigma_fraction=heatmap["sigma_fraction"],
+                               z_sigma_fraction=heatmap["z_sigma_fraction"]))
+        for progress in pool.fill():
+            yield Progress(progress.step, progress.total, f"rehearsal {progress.message}")
+        _REHEARSAL_POOLS[key] = pool
+    return pool
 
 
 @dataclass

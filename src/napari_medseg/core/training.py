@@ -1097,6 +1097,31 @@ def _labelled(job: Job[Any], prefix: str) -> Job[Any]:
         yield Progress(p.step, p.total, prefix + p.message, p.partial)
 
 
+def detector_sample(rng: np.random.Generator, item: Any, context: int, crop: int,
+                    norm: dict, balanced: bool = True, noise_hu: float = 0.0) -> list[np.ndarray]:
+    """One training crop of a pool volume (:func:`detector_targets` done): the slice and
+    its ``context`` neighbours on each side, heatmap, size and size mask of the slice, with
+    intensity jitter and a random flip. ``balanced``: half the time a slice near a lesion
+    centre, cropped so the lesion is in view; otherwise any body slice."""
+    nz = item.image.shape[0]
+    center = None
+    if balanced and item.lesions and rng.uniform() < 0.5:
+        les = item.lesions[int(rng.integers(len(item.lesions)))]
+        rz = max(1, int(les["radius_mm"] / item.spacing[0]))
+        z = int(np.clip(round(les["center"][0]) + rng.integers(-rz, rz + 1), 0, nz - 1))
+        center = les["center"][1:]
+    else:
+        body = item.body_slices
+        z = int(rng.choice(body)) if len(body) else int(rng.integers(nz))
+    zs = np.clip(np.arange(z - context, z + context + 1), 0, nz - 1)
+    img = _add_noise(rng, _jitter(rng, item.image[zs], norm), norm, noise_hu)
+    out = _crop_yx(rng, [img, item.heat[z], item.size[z], item.size_mask[z]], crop,
+                   [0.0, 0.0, 0.0, False], center=center)
+    if rng.uniform() < 0.5:
+        out = [a[..., ::-1] for a in out]
+    return out
+
+
 def train_detector_network(
     seed: int = 0,
     steps: int | None = None,
@@ -1145,23 +1170,8 @@ def train_detector_network(
             xs, hs, ss, ms = [], [], [], []
             for _ in range(batch_size):
                 item = pool.items[int(rng.integers(len(pool.items)))]
-                nz = item.image.shape[0]
-                center = None
-                if sampling == "balanced" and item.lesions and rng.uniform() < 0.5:
-                    les = item.lesions[int(rng.integers(len(item.lesions)))]
-                    rz = max(1, int(les["radius_mm"] / item.spacing[0]))
-                    z = int(np.clip(round(les["center"][0]) + rng.integers(-rz, rz + 1), 0, nz - 1))
-                    center = les["center"][1:]
-                else:
-                    body = item.body_slices
-                    z = int(rng.choice(body)) if len(body) else int(rng.integers(nz))
-                zs = np.clip(np.arange(z - context, z + context + 1), 0, nz - 1)
-                img = _add_noise(rng, _jitter(rng, item.image[zs], norm), norm, noise_hu)
-                img, heat, size, mask = _crop_yx(
-                    rng, [img, item.heat[z], item.size[z], item.size_mask[z]], crop,
-                    [0.0, 0.0, 0.0, False], center=center)
-                if rng.uniform() < 0.5:
-                    img, heat, size, mask = (a[..., ::-1] for a in (img, heat, size, mask))
+                img, heat, size, mask = detector_sample(rng, item, context, crop, norm,
+                                                        sampling == "balanced", noise_hu)
                 xs.append(img)
                 hs.append(heat)
                 ss.append(size)
