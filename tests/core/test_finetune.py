@@ -109,8 +109,16 @@ def test_new_label_value_grows_the_head_and_keeps_old_predictions(tiny, phantom)
     assert torch.equal(new.argmax(1), old.argmax(1))
     labels = phantom.labels.copy()
     labels[5][phantom.labels[5] == 6] = 10  # the spine painted as a new value 10
+    original = _weights(tiny)
     res = _finetune(tiny, phantom, labels, [5], class_names={10: "vertebra"})
     assert res.model.n_classes == 11
+    # the whole network learns the new structure, not only the grown head
+    after = res.model.state_dict()
+    moved = {k.split(".")[0] for k, v in original.items()
+             if k.split(".")[0] != "head" and not torch.equal(v, after[k])}
+    assert moved >= {"enc1", "dec1"}, moved
+    grown_tuned = _finetune(tiny, phantom, labels, [5], trainable="decoder").model.state_dict()
+    assert all(torch.equal(v, grown_tuned[k]) for k, v in original.items() if k.startswith("enc1."))
     assert res.card["classes"][9:] == ["unused_9", "vertebra"]
     assert res.report.new_classes == ("unused_9", "vertebra")
     out = run_to_completion(segment_volume(phantom.volume, res.model, res.card))

@@ -252,7 +252,8 @@ def _freeze_except(model: nn.Module, trainable: str, grows: bool) -> None:
     """requires_grad off outside the ``trainable`` part (a grown head always trains);
     ``"all"`` turns it on everywhere."""
     parts = TRAINABLE_PARTS[trainable]
-    parts = parts + (("head",) if grows else ())
+    if parts and grows:  # () is "all": adding the head to it would freeze everything else
+        parts = parts + ("head",)
     for name, child in model.named_children():
         for p in child.parameters():
             p.requires_grad_(not parts or name in parts)
@@ -649,8 +650,8 @@ _REHEARSAL_POOLS: dict[tuple, PhantomPool] = {}
 
 def rehearsal_pool(card: Mapping[str, Any], n: int) -> Job[PhantomPool]:
     """``n`` training phantoms on a detector card's grid with its heatmap targets (a
-    generator). Made once per process and recipe (about half a second each), so later
-    rounds start at once."""
+    generator). Kept for the last recipe asked for (about half a second and 15 MB each),
+    so later rounds start at once."""
     heatmap = detector_heatmap(card)
     spacing_yx = card_spacing_yx(card)[0]
     norm = dict(card["normalisation"])
@@ -664,6 +665,7 @@ def rehearsal_pool(card: Mapping[str, Any], n: int) -> Job[PhantomPool]:
                                z_sigma_fraction=heatmap["z_sigma_fraction"]))
         for progress in pool.fill():
             yield Progress(progress.step, progress.total, f"rehearsal {progress.message}")
+        _REHEARSAL_POOLS.clear()  # one recipe at a time: a pool per card would only grow
         _REHEARSAL_POOLS[key] = pool
     return pool
 
