@@ -35,8 +35,10 @@ def test_finetune_writes_a_model_every_command_loads(case, tmp_path, capsys):
                str(d / "labels.nii.gz"), "--slices", "3,6,9", "--out", str(out), "--epochs", "2",
                "--name", "mine", "--quiet", "--threads", "1"])
     assert rc == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
     assert report["slices"] == [3, 6, 9] and report["steps"] == 6
+    assert "note:" not in captured.err  # no new structure: no advice
     model, card = load_model(out / "mine.json")
     assert card["finetuned_from"]["name"] == "segmenter"
     assert "--slices 3,6,9" in card["finetune_history"][-1]["command"]
@@ -96,3 +98,19 @@ def test_finetune_detector_from_a_points_csv(case, tmp_path, capsys):
         assert main(["finetune", "detector", "--image", str(d / "image.nii.gz"), "--slices", "3",
                      "--out", str(tmp_path / "x"), *extra]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_a_short_round_on_a_new_structure_advises_a_longer_one(case, tmp_path, capsys):
+    d, p = case
+    labels = p.labels.copy()
+    labels[6][p.labels[6] == 6] = 12  # the spine painted as a new value on slice 6
+    path = tmp_path / "new.nii.gz"
+    write_nifti(path, labels, p.volume.spacing, p.volume.origin)
+    assert main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels", str(path),
+                 "--slices", "6", "--out", str(tmp_path / "m"), "--epochs", "2", "--quiet",
+                 "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert report["new_classes"] and report["steps"] == 2
+    assert "note: a new structure is learnt from scratch" in captured.err
+    assert "round made 2: " in captured.err and "--seconds ≥ " in captured.err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .cli_infer import _run
-    from .core.finetune import finetune_detector, finetune_segmenter
+    from .core.finetune import finetune_detector, finetune_segmenter, new_structure_advice
     from .core.io import read_volume
     from .core.models import LesionDetector, RecurrentSegmenter, load_model, save_model
 
@@ -126,6 +127,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     path = save_model(result.model, out, name, {**card_out, "name": name}, unique_weights=True)
     print(f"wrote {path} ({result.report.steps} steps, {result.report.seconds:.1f} s)")
     print(json.dumps(result.report.as_dict()))
+    advice = new_structure_advice(result.report)
+    if advice:
+        print(f"note: {advice.replace('Seconds', '--seconds')}", file=sys.stderr)
     return 0
 
 

@@ -125,6 +125,21 @@ def test_new_label_value_grows_the_head_and_keeps_old_predictions(tiny, phantom)
     assert out.labels.shape == phantom.labels.shape
 
 
+def test_new_structure_advice_scales_the_round_to_the_steps_it_needs():
+    from napari_medseg.core.finetune import NEW_STRUCTURE_STEPS, FinetuneReport, new_structure_advice
+
+    def report(steps, new=("stomach",)):
+        return FinetuneReport(slices=(1,), steps=steps, seconds=15.0, loss_curve=(), holdout_slice=None,
+                              holdout_dice_before=None, holdout_dice_after=None, new_classes=new,
+                              corrections=0)
+    assert NEW_STRUCTURE_STEPS == 300
+    assert "round made 75: " in new_structure_advice(report(75))
+    assert new_structure_advice(report(75)).endswith("Seconds ≥ 60")  # 15 s × 300 / 75
+    assert new_structure_advice(report(140)).endswith("Seconds ≥ 35")  # 32.1 rounded up to 5 s
+    assert new_structure_advice(report(290)) is None
+    assert new_structure_advice(report(75, new=())) is None
+
+
 def test_default_round_is_longer_for_a_new_structure(tiny, phantom, monkeypatch):
     import napari_medseg.core.finetune as ft
 

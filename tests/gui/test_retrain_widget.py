@@ -184,7 +184,10 @@ def test_new_structure_grows_the_model(scene, qtbot):
     np.testing.assert_array_equal(labels.data[2][truth[2] == 6], n_old)
     # a short round says that a new structure wants a longer one
     assert f"learned new: structure_{n_old}" in widget._status.value
-    assert "Seconds ≥ 30" in widget._status.value
+    report = widget._history.versions[-1].report  # the advice scales this round's pace
+    need = 5 * int(np.ceil(report.seconds * 300 / report.steps / 5))
+    assert f"round made {report.steps}: " in widget._status.value
+    assert f"Seconds ≥ {need}" in widget._status.value
 
 
 @pytest.mark.parametrize("problem", ["no annotations", "shape mismatch", "only background"])

@@ -45,12 +45,12 @@ from .._layers import _labels_kwargs, _like_layer, detection_layer_data, volume_
 from ..core.errors import MedsegInputError
 from ..core.finetune import (
     DEFAULT_SECONDS,
-    NEW_STRUCTURE_SECONDS,
     VersionHistory,
     check_annotations,
     check_points,
     finetune_detector,
     finetune_segmenter,
+    new_structure_advice,
     unannotated_updates,
 )
 from ..core.inference import detect_lesions, segment_volume
@@ -515,9 +515,9 @@ class _RetrainBase(Container):
                     f"{r.holdout_dice_after:.2f}")
         if r.new_classes:
             msg += f"; learned new: {', '.join(r.new_classes)}"
-            if r.seconds < 0.9 * NEW_STRUCTURE_SECONDS:
-                msg += (f" (a new structure is learnt from scratch: if it is missing on other"
-                        f" slices, retrain with Seconds ≥ {NEW_STRUCTURE_SECONDS:g})")
+            advice = new_structure_advice(r)
+            if advice:
+                msg += f" ({advice})"
         self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg)
 
     def _keep_for_its_model(self, source, base, result):

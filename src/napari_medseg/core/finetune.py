@@ -90,6 +90,10 @@ REHEARSAL_MAX_SLICES = 48
 #: default round when the annotation holds a new structure: its output is learnt from
 #: scratch (benchmarks/bench_finetune.py: stomach Dice 0.22 after 15 s, 0.76 after 30 s)
 NEW_STRUCTURE_SECONDS = 30.0
+#: steps a new structure needs (validation phantoms, ``finetune_variants.py --new-structure
+#: --steps N``: stomach Dice 0.58 / 0.01 / 0.40 after 150 steps, 0.77 / 0.75 / 0.71 after
+#: 300); a 15 s round makes 55–150 of them, depending on the CPU
+NEW_STRUCTURE_STEPS = 300
 #: share of the budget trained without the held-out slice
 HOLDOUT_PHASE = 0.75
 
@@ -197,6 +201,16 @@ def _budget(steps: int | None, seconds: float | None, default_seconds: float
             ) -> tuple[int | None, float | None]:
     """Checked (steps, seconds); a time budget of ``default_seconds`` when neither is given."""
     return _train_budget(steps, default_seconds if steps is None and seconds is None else seconds, 1)
+
+
+def new_structure_advice(report: FinetuneReport) -> str | None:
+    """For a round that gained a class in fewer than :data:`NEW_STRUCTURE_STEPS` steps:
+    the Seconds that would reach them at this round's pace, as advice; otherwise None."""
+    if not report.new_classes or not report.steps or report.steps >= 0.9 * NEW_STRUCTURE_STEPS:
+        return None
+    need = 5 * math.ceil(report.seconds * NEW_STRUCTURE_STEPS / report.steps / 5)
+    return (f"a new structure is learnt from scratch in about {NEW_STRUCTURE_STEPS} steps and this"
+            f" round made {report.steps}: if it is missing on other slices, retrain with Seconds ≥ {need}")
 
 
 def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
