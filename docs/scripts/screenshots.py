@@ -114,7 +114,7 @@ def shoot_retrain() -> Path:
 
 
 def shoot_retrain_detector() -> Path:
-    """Detect, then "review": add the lesions it missed as points, retrain for 10 s."""
+    """Detect, then "review": add the lesions it missed as points, retrain for 30 s."""
     import numpy as np
 
     viewer = _sample_viewer()
@@ -126,7 +126,7 @@ def shoot_retrain_detector() -> Path:
     found = viewer.layers[-1]
     widget = _run_docked(viewer, "Retrain detector on my points", image)
     widget._layer_pick.value = found
-    widget._seconds.value = 10.0
+    widget._seconds.value = 30.0
     shown = found.data[np.asarray(found.shown, bool)]
     missed = []
     for centre, diam in zip(truth.data, truth.features["diameter_mm"]):

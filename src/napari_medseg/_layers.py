@@ -171,11 +171,15 @@ def detection_layer_data(
     if image_layer.ndim == 2:
         centers = centers[:, 1:]
     in_plane_mm = float(np.mean(result.spacing[1:]))
+    labels = [f"{s:.2f} · {d:.0f} mm" for s, d in zip(scores, diameters)]
     kwargs = {
         **_points_kwargs(
             f"{image_layer.name} lesions ({provenance['model']})", diameters, in_plane_mm,
-            {"score": scores}, "{score:.2f} · {diameter_mm:.0f} mm",
+            {"score": scores, "label": labels}, "{label}",
         ),
+        # a point the user adds has no score (not a detection's, as napari would copy) and
+        # no diameter (retraining takes 10 mm)
+        "feature_defaults": {"diameter_mm": np.nan, "score": np.nan, "label": "added"},
         **_like_layer(image_layer),
         "shown": scores >= threshold,
         "metadata": _result_metadata(provenance, threshold=threshold),

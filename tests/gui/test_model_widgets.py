@@ -116,6 +116,15 @@ def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_mode
         widget._goto.value = index
         expected = points.data_to_world(points.data[index])[0]
         assert viewer.dims.point[0] == pytest.approx(expected, abs=image.scale[0])
+    # a lesion the user adds is theirs: no detection's score, no diameter, never filtered out
+    points.add([2.0, 10.0, 10.0])
+    added = points.features.iloc[-1]
+    assert np.isnan(added["score"]) and np.isnan(added["diameter_mm"]) and added["label"] == "added"
+    assert points.text.values[-1] == "added"
+    widget._threshold.value = 1.0
+    assert points.shown[-1] and points.shown.sum() == (scores >= 1.0).sum() + 1
+    assert "1 added by you" in widget._status.value
+    assert all(i != len(scores) for _, i in widget._goto_items)
 
 
 def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_models, small_phantom):

@@ -65,19 +65,24 @@ class DetectWidget(ModelRunWidget):
         if points is None or points not in self._viewer.layers:
             return
         scores = np.asarray(points.features["score"], dtype=float)
-        shown = scores >= self._threshold.value
+        added = np.isnan(scores)  # points the user added have no score: always shown
+        shown = added | (scores >= self._threshold.value)
         points.shown = shown
         # numbered, so that equal-looking lesions stay separate entries
         choices = [
             (f"#{rank + 1} z={int(round(points.data[i][0])) if points.ndim == 3 else 0} · score "
              f"{scores[i]:.2f} · {points.features['diameter_mm'][i]:.0f} mm", int(i))
-            for rank, i in enumerate(i for i in np.argsort(-scores, kind="stable") if shown[i])
+            for rank, i in enumerate(i for i in np.argsort(-scores, kind="stable")
+                                     if shown[i] and not added[i])
         ][:MAX_LISTED]
         with self._goto.changed.blocked():
             self._goto_items = choices
             self._goto.reset_choices()
         self._goto.enabled = bool(choices)
-        self._status.value = f"{int(shown.sum())} of {len(scores)} detections at score ≥ {self._threshold.value:.2f}"
+        found = shown & ~added
+        self._status.value = (f"{int(found.sum())} of {int((~added).sum())} detections at score ≥ "
+                              f"{self._threshold.value:.2f}" + (f"; {int(added.sum())} added by you"
+                                                                 if added.any() else ""))
 
     def _go_to_lesion(self, index) -> None:
         points = self._points
