@@ -32,12 +32,9 @@ import time
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 from _common import emit, machine
-from lesion_detectability import (
-    HOST_IDS, LABEL_OF, SHELL_MM, ellipsoid_footprint, lesion_masks, oracle_d, placement,
-)
+from lesion_detectability import HOST_IDS, SHELL_MM, ellipsoid_footprint, lesion_masks, lesion_oracle
 from napari_medseg.core.evaluation import MIN_DIAMETER_MM, match_detections
 from napari_medseg.core.finetune import finetune_detector
 from napari_medseg.core.inference import detect_lesions
@@ -94,14 +91,9 @@ def oracle_expected(phantoms, rng) -> float:
         host_voxels = int(np.isin(labels, HOST_IDS).sum())
         footprint = ellipsoid_footprint(ph.volume.spacing, SHELL_MM)
         for les, found in zip(ph.lesions, lesion_masks(labels, ph.lesions)):
-            if 2 * les.radius_mm < MIN_DIAMETER_MM or found is None:
-                continue
-            shape_mask, shell_mask, corner0 = placement(*found, footprint)
-            d, _ = oracle_d(image, labels == LABEL_OF[les.organ], shape_mask, shell_mask, corner0,
-                            found, 1.0 if les.contrast_hu > 0 else -1.0, rng)
-            if d is not None:
-                z = float(norm.ppf(1 - 1 / max(host_voxels / int(found[1].sum()), 2.0)))
-                total += float(norm.cdf(d - z))
+            if 2 * les.radius_mm >= MIN_DIAMETER_MM and found is not None:
+                p = lesion_oracle(image, labels, host_voxels, footprint, les, found, rng)["p_detect"]
+                total += p or 0.0
     return round(total, 2)
 
 

@@ -112,6 +112,22 @@ def oracle_d(image, host, shape_mask, shell_mask, corner0, lesion_mask_box, sign
     return float((sign * t0 - null.mean()) / null.std()), len(null)
 
 
+def lesion_oracle(image, labels, host_voxels, footprint, les, found, rng) -> dict:
+    """One lesion against the oracle: its voxels, d, the 1-FP threshold z and p_detect
+    (None where too few null placements fit); ``found`` is its (box, mask)."""
+    box, mask = found
+    shape_mask, shell_mask, corner0 = placement(box, mask, footprint)
+    d, n_null = oracle_d(image, labels == LABEL_OF[les.organ], shape_mask, shell_mask, corner0,
+                         found, 1.0 if les.contrast_hu > 0 else -1.0, rng)
+    n_vox = int(mask.sum())
+    if d is None:
+        return {"voxels": n_vox, "d": None, "z_1fp": None, "p_detect": None, "null_placements": n_null}
+    n_places = max(host_voxels / n_vox, 2.0)
+    z = float(norm.ppf(1 - 1 / n_places))
+    return {"voxels": n_vox, "d": round(d, 2), "z_1fp": round(z, 2),
+            "p_detect": round(float(norm.cdf(d - z)), 3), "null_placements": n_null}
+
+
 def slice_rows(image, labels, spacing, lesions, found, rng) -> list[dict]:
     """Per lesion SLICE (the classifier's "lesion" class: any lesion voxel): the oracle's
     d for each lesion cross-section on it (2D shape, 2D shell, null on the host organ),
@@ -202,19 +218,7 @@ def main() -> None:
             if found is None:  # the grid missed it entirely (thin slices of a tiny lesion)
                 rows.append({**row, "voxels": 0, "d": 0.0, "z_1fp": None, "p_detect": 0.0})
                 continue
-            box, mask = found
-            shape_mask, shell_mask, corner0 = placement(box, mask, footprint)
-            d, n_null = oracle_d(image, labels == LABEL_OF[les.organ], shape_mask, shell_mask, corner0,
-                                 found, 1.0 if les.contrast_hu > 0 else -1.0, rng)
-            n_vox = int(mask.sum())
-            if d is None:
-                rows.append({**row, "voxels": n_vox, "d": None, "z_1fp": None, "p_detect": None,
-                             "null_placements": n_null})
-                continue
-            n_places = max(host_voxels / n_vox, 2.0)
-            z = float(norm.ppf(1 - 1 / n_places))
-            rows.append({**row, "voxels": n_vox, "d": round(d, 2), "z_1fp": round(z, 2),
-                         "p_detect": round(float(norm.cdf(d - z)), 3), "null_placements": n_null})
+            rows.append({**row, **lesion_oracle(image, labels, host_voxels, footprint, les, found, rng)})
         slices += slice_rows(image, labels, spacing, ph.lesions, found_all, rng)
     big = [r for r in rows if r["diameter_mm"] >= MIN_DIAMETER_MM and r["p_detect"] is not None]
     skipped = sum(r["diameter_mm"] >= MIN_DIAMETER_MM and r["p_detect"] is None for r in rows)
