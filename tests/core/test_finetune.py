@@ -320,6 +320,8 @@ def test_detector_rounds_rehearse_training_phantoms(monkeypatch):
     assert len(drawn) == 2 * 4 and len(finetune._REHEARSAL_POOLS) == 1  # the pool is reused
     b = run([3], rehearsal=0)
     assert not drawn
+    with pytest.raises(MedsegInputError, match="rehearsal"):
+        run([3], rehearsal=-1)
     assert any(not torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 

@@ -56,6 +56,7 @@ from .inference import (
     card_spacing_yx,
     check_model_args,
     labels_from_logits,
+    positive_int,
 )
 from .models.registry import build_model, save_model, user_models_dir
 from .models.segmenter import RecurrentSegmenter
@@ -545,6 +546,7 @@ def finetune_detector(
     lowered it from 9 to 2–7 of 24 lesions (``benchmarks/detector_finetune_rounds.py``).
     """
     check_model_args(volume, model, card, LesionDetector, "fine-tuning")
+    rehearsal = positive_int(rehearsal, "rehearsal") if rehearsal else 0  # 0 (or False): none
     heatmap = detector_heatmap(card)
     pts, diam, zs = check_points(volume, points, diameters_mm, slices)
     steps, seconds = _budget(steps, seconds, DEFAULT_SECONDS)
