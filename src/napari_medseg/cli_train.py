@@ -24,6 +24,21 @@ NO_IMBALANCE_FIX = {
 }
 
 
+#: classifier recipe options (train_classifier keywords) the CLI passes through, with the
+#: flag's type; the bundled classifier's card names the ones its command used
+CLASSIFIER_RECIPE = {"convs_per_block": int, "pooling": str, "crop": int,
+                     "lesion_twins": float, "lesion_map_weight": float}
+
+
+def _recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The classifier recipe options given on the command line (refused for other models)."""
+    given = {k: getattr(args, k) for k in CLASSIFIER_RECIPE if getattr(args, k, None) is not None}
+    if given and name != "classifier":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise MedsegInputError(f"{flags}: classifier options; not available for {name}")
+    return given
+
+
 def _progress_printer(quiet: bool):
     last = [0.0]
 
@@ -100,10 +115,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.pool_size < 1:
             raise MedsegInputError(f"--pool-size must be at least 1, got {args.pool_size}")
         kw["pool_size"] = args.pool_size
+    recipe = _recipe(name, args)
+    kw.update(recipe)
     t0 = time.perf_counter()
     model, card = _train_once(name, args.seed, args.steps, args.seconds, args.quiet, **kw)
     # the exact command that reproduces this file
     training = card["training"]
+    training["command"] += "".join(f" --{k.replace('_', '-')} {v}" for k, v in recipe.items())
     training["command"] += f" --out {args.out}"
     if args.eval_seeds != 12:
         training["command"] += f" --eval-seeds {args.eval_seeds}"
@@ -153,8 +171,10 @@ def _ablation(name: str, args: argparse.Namespace, card: dict[str, Any]) -> dict
         "without_fix": NO_IMBALANCE_FIX[name],
     }
     out: dict[str, Any] = {"steps": args.ablation_steps, "eval_volumes": args.ablation_eval_seeds}
+    recipe = _recipe(name, args)  # both arms train the same recipe; only the fix differs
     for arm, opts in arms.items():
-        model, arm_card = _train_once(name, args.seed, args.ablation_steps, None, args.quiet, **opts)
+        model, arm_card = _train_once(name, args.seed, args.ablation_steps, None, args.quiet,
+                                      **opts, **recipe)
         if name == "detector":
             tuned = tune_detector(model, arm_card, max(4, args.validation_seeds // 2))
             arm_card.update(peak_threshold=tuned["peak_threshold"],
@@ -223,6 +243,14 @@ def register(sub: Any) -> None:
                         "average them (the ablation trains one)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--quiet", action="store_true")
+    recipe = p.add_argument_group("classifier recipe (docs/models.md)")
+    recipe.add_argument("--convs-per-block", type=int, help="conv layers before each pooling (1)")
+    recipe.add_argument("--pooling", choices=("avg", "max"), help="adaptive pooling before the FC layers (avg)")
+    recipe.add_argument("--crop", type=int, help="training crop in pixels (144)")
+    recipe.add_argument("--lesion-twins", type=float,
+                        help="share of normal samples that are lesion slices with the lesion taken out (0)")
+    recipe.add_argument("--lesion-map-weight", type=float,
+                        help="weight of the lesion-map head trained on the lesion mask (0: no head)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="held-out metrics of a model on unseen phantoms")

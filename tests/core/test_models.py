@@ -160,6 +160,20 @@ def test_models_reject_wrong_input_channels():
         RecurrentSegmenter(**SMALL_SEG)(torch.randn(4, 8, 8))
 
 
+def test_two_convs_per_block_add_layers_and_leave_one_conv_models_as_they_were():
+    one = SliceClassifier(**SMALL_CLS)
+    two = SliceClassifier(**SMALL_CLS, convs_per_block=2)
+    # cards written before the option load into the same keys and arch_params
+    assert "convs_per_block" not in one.arch_params and two.arch_params["convs_per_block"] == 2
+    assert not any(k.startswith("pre_convs") for k in one.state_dict())
+    # per block: its extra conv (channels in → out), then its last conv (out → out)
+    assert [(p[0].conv.in_channels, p[0].conv.out_channels, b.conv.in_channels, b.conv.out_channels)
+            for p, b in zip(two.pre_convs, two.blocks)] == [(1, 4, 4, 4), (4, 8, 8, 8), (8, 8, 8, 8)]
+    assert set(one.state_dict()) < set(two.state_dict())
+    assert two.last_conv is two.blocks[-1]  # Grad-CAM still hooks the last conv before pooling
+    assert two(torch.randn(2, 1, 9, 13)).shape == (2, 3)
+
+
 def test_classifier_last_conv_is_the_grad_cam_hook_point():
     model = SliceClassifier(**SMALL_CLS).eval()
     seen = {}
@@ -300,13 +314,15 @@ def test_max_pool_2x2_is_max_pool2d(shape):
                 memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("convs_per_block", [1, 2])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "gelu", "tanh"])
-def test_the_inference_copy_pools_first_with_the_same_result(activation):
+def test_the_inference_copy_pools_first_with_the_same_result(activation, convs_per_block):
     """The prepared copy pools before ReLU / LeakyReLU (exact: they are monotone) and
     never before GELU (not monotone) or tanh; the module itself keeps the plain forward."""
     from napari_medseg.core.inference import prepare_model
 
-    model = _seeded(SliceClassifier(activation=activation, **SMALL_CLS), seed=3).eval()
+    model = _seeded(SliceClassifier(activation=activation, convs_per_block=convs_per_block,
+                                    **SMALL_CLS), seed=3).eval()
     gen = torch.Generator().manual_seed(1)
     # negative inputs too, where GELU is not monotone; channels_last as the engine runs it
     x = (torch.randn(3, 1, 27, 22, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
@@ -550,6 +566,8 @@ MODELS = {
         lambda: RecurrentSegmenter(**SMALL_SEG), (3, 1, 12, 10), ["bg", "liver", "spleen"]
     ),
     "detector": (lambda: LesionDetector(**SMALL_DET), (2, 3, 12, 10), ["lesion"]),
+    "classifier_two_convs": (lambda: SliceClassifier(**SMALL_CLS, convs_per_block=2),
+                             (2, 1, 20, 18), CARD["classes"]),
     "detector_ensemble": (lambda: LesionDetector(**SMALL_DET, members=3), (2, 3, 12, 10), ["lesion"]),
 }
 

@@ -380,6 +380,26 @@ def test_train_cli_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_train_cli_passes_the_classifier_recipe_and_writes_it_into_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    rc = main(["train", "classifier", "--out", str(tmp_path), "--steps", "2", "--eval-seeds", "0",
+               "--pool-size", "1", "--quiet", "--convs-per-block", "2", "--pooling", "max",
+               "--crop", "64", "--lesion-twins", "0.5", "--lesion-map-weight", "1"])
+    assert rc == 0
+    model, card = load_model(tmp_path / "classifier.json")
+    assert card["arch_params"]["convs_per_block"] == 2 and card["arch_params"]["pool"] == "max"
+    assert card["arch_params"]["lesion_head"] is True
+    # the command reproduces the recipe (its flags parse back to the same options)
+    assert ("--convs-per-block 2 --pooling max --crop 64 --lesion-twins 0.5"
+            " --lesion-map-weight 1.0") in card["training"]["command"]
+
+
+def test_train_cli_classifier_recipe_is_for_the_classifier_only(tmp_path, capsys):
+    assert main(["train", "detector", "--lesion-twins", "0.5", "--out", str(tmp_path)]) == 2
+    assert "--lesion-twins: classifier options" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_evaluate_cli_json_reports_held_out_metrics(capsys):
     assert main(["evaluate", "classifier", "--json", "--seeds", "1", "--threads", "1"]) == 0
     out = json.loads(capsys.readouterr().out)

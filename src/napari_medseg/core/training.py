@@ -759,6 +759,7 @@ def train_classifier(
     context_slices: int = 0,
     lesion_map_weight: float = 0.0,
     lesion_twins: float = 0.0,
+    convs_per_block: int = 1,
 ) -> Job[tuple[SliceClassifier, dict[str, Any]]]:
     """Train the slice classifier (no_body / normal / lesion) on single slices.
 
@@ -791,7 +792,8 @@ def train_classifier(
         # the crop's lesion mask decides the label (a crop without the lesion is normal)
         relabel = with_map or lesion_twins > 0
         model = SliceClassifier(2 * context + 1, len(SLICE_CLASSES), kernel_size, activation,
-                                filters, pool=pooling, lesion_head=with_map)
+                                filters, pool=pooling, lesion_head=with_map,
+                                convs_per_block=convs_per_block)
         if pool is None:
             pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
                                prepare=functools.partial(

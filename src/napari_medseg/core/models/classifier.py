@@ -135,7 +135,8 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 class SliceClassifier(nn.Module):
     """Per-slice classifier: (N, C, H, W) → logits (N, n_classes), any H, W ≥ 1.
 
-    Three blocks conv(k, same) → BN → activation → MaxPool2d(2) with ``filters`` channels,
+    Three blocks conv(k, same) → BN → activation → MaxPool2d(2) with ``filters`` channels
+    (``convs_per_block`` > 1: that many conv → BN → activation before each pooling),
     adaptive pooling to 4×4 (``pool``: "avg" or "max"), then FC(16·filters[-1] → hidden)
     → activation → dropout → FC(hidden → n_classes). Inputs smaller than 8 pixels on a
     side are edge-padded to 8 so the three poolings never reach zero size.
@@ -164,14 +165,16 @@ class SliceClassifier(nn.Module):
         pool_size: int = 4,
         pool: str = "avg",
         lesion_head: bool = False,
+        convs_per_block: int = 1,
     ):
         super().__init__()
         check_choice(kernel_size, KERNEL_SIZES, "kernel_size")
         check_choice(pool, POOLS, "pool")
         make_activation(activation)  # validate early, with the list of options
         filters = check_positive_ints(filters, "filters")
-        (in_channels, n_classes, hidden, pool_size) = check_positive_ints(
-            (in_channels, n_classes, hidden, pool_size), "in_channels/n_classes/hidden/pool_size"
+        (in_channels, n_classes, hidden, pool_size, convs_per_block) = check_positive_ints(
+            (in_channels, n_classes, hidden, pool_size, convs_per_block),
+            "in_channels/n_classes/hidden/pool_size/convs_per_block",
         )
         if not 0.0 <= float(dropout) < 1.0:
             raise MedsegInputError(f"dropout must be in [0, 1), got {dropout}")
@@ -191,12 +194,23 @@ class SliceClassifier(nn.Module):
             self.arch_params["pool"] = pool
         if lesion_head:
             self.arch_params["lesion_head"] = True
+        if convs_per_block != 1:
+            self.arch_params["convs_per_block"] = convs_per_block
         self.in_channels = in_channels
         self.n_classes = n_classes
         channels = (in_channels, *filters)
+        # a block's extra convs run before its last one (VGG-style); they live apart from
+        # ``blocks`` so a one-conv model's state_dict keeps the keys of the cards before it
+        self.pre_convs = nn.ModuleList(
+            nn.Sequential(*(
+                ConvBNAct(channels[i] if j == 0 else channels[i + 1], channels[i + 1],
+                          kernel_size, batch_norm=batch_norm, activation=activation)
+                for j in range(convs_per_block - 1)))
+            for i in range(len(filters))
+        ) if convs_per_block > 1 else None
         self.blocks = nn.ModuleList(
-            ConvBNAct(channels[i], channels[i + 1], kernel_size, batch_norm=batch_norm,
-                      activation=activation)
+            ConvBNAct(channels[i] if convs_per_block == 1 else channels[i + 1], channels[i + 1],
+                      kernel_size, batch_norm=batch_norm, activation=activation)
             for i in range(len(filters))
         )
         self.pool = nn.MaxPool2d(2)
@@ -230,6 +244,8 @@ class SliceClassifier(nn.Module):
         for i, block in enumerate(self.blocks):
             if i:
                 x = self.pool(x)
+            if self.pre_convs is not None:
+                x = self.pre_convs[i](x)
             x = block(x)
         return x
 
@@ -263,6 +279,8 @@ class SliceClassifier(nn.Module):
         # the same function, faster: conv (+ BN) → 2×2 max-pool → activation per block
         check_input(x, self.in_channels, type(self).__name__)
         x = self._pad(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if self.pre_convs is not None:
+                x = self.pre_convs[i](x)
             x = block.act(max_pool_2x2(block.bn(block.conv(x))))
         return self.head(self.gap(x))
