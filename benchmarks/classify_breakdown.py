@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/classify_breakdown.py [--slices 200] [--size 512] [--repeats 5]
 
-The classify benchmark misses its ≥ 40 %-of-GEMM goal; this splits the same job
+The classify benchmark missed its ≥ 40 %-of-GEMM goal with the classifier before the
+current one (a third of its FLOPs per slice); this splits the same job
 (512×512×200 phantom, bundled classifier, batches of DEFAULT_BATCH) into
 
 - **model input**: normalise + antialiased resample to the model grid, as the engine does

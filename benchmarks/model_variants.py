@@ -72,6 +72,21 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # does the dense lesion map teach the features where lesions are? (it did not)
     "classifier-1200-twins-maxpool-lesionmap": ("classifier", {
         "steps": 1200, "lesion_twins": 0.5, "pooling": "max", "lesion_map_weight": 1.0}),
+    # a three-conv network (receptive field 27 mm) may be too shallow to tell a faint
+    # lesion from its liver: two convs per block, with the lesion map and twins
+    # (96² crops: a smaller view holds less of the anatomy level, and costs 0.44×)
+    "classifier-2400-deep-twins-lesionmap-crop96": ("classifier", {
+        "steps": 2400, "convs_per_block": 2, "lesion_twins": 0.5, "pooling": "max",
+        "lesion_map_weight": 1.0, "crop": 96}),
+    "classifier-2400-deep-twins-lesionmap-crop96-1mm": ("classifier", {
+        "steps": 2400, "convs_per_block": 2, "lesion_twins": 0.5, "pooling": "max",
+        "lesion_map_weight": 1.0, "crop": 96, "spacing_yx": 1.0}),
+    "classifier-2400-deep-twins025-lesionmap-crop96": ("classifier", {
+        "steps": 2400, "convs_per_block": 2, "lesion_twins": 0.25, "pooling": "max",
+        "lesion_map_weight": 1.0, "crop": 96}),
+    "classifier-2400-twins-lesionmap-crop96": ("classifier", {
+        "steps": 2400, "lesion_twins": 0.5, "pooling": "max", "lesion_map_weight": 1.0,
+        "crop": 96}),
     "bundled-detector": ("detector", {}),
     "detector-2400-zsigma1": ("detector", {**_FOCAL, "steps": 2400, "z_sigma_fraction": 1.0}),
     "detector-2400-wide": ("detector", {"steps": 2400, "widths": (32, 64, 128), **_FOCAL}),

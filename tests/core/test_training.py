@@ -18,6 +18,7 @@ from napari_medseg.core.evaluation import (
     froc_point,
     match_detections,
 )
+from napari_medseg.core.models.classifier import SliceClassifier
 from napari_medseg.core.models.detector import LesionDetector
 from napari_medseg.core.models.registry import BUNDLED_DIR, load_model, save_model, sha256_file
 from napari_medseg.core.progress import run_to_completion
@@ -236,8 +237,8 @@ def test_classifier_lesion_head_learns_the_mask_and_survives_a_save(tmp_path):
     save_model(model, tmp_path, "cls_map", card)
     loaded, _ = load_model(tmp_path / "cls_map.json")
     assert loaded.lesion_head is not None
-    plain, _ = load_model("classifier")  # cards without the option load as before
-    assert plain.lesion_head is None
+    plain = SliceClassifier(filters=(4, 8, 8))  # built without the option: no head
+    assert plain.lesion_head is None and "lesion_head" not in plain.arch_params
     with pytest.raises(MedsegInputError, match="lesion head"):
         plain.lesion_logits(feats)
 
