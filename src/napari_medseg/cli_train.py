@@ -24,10 +24,9 @@ NO_IMBALANCE_FIX = {
 }
 
 
-#: classifier recipe options (train_classifier keywords) the CLI passes through, with the
-#: flag's type; the bundled classifier's card names the ones its command used
-CLASSIFIER_RECIPE = {"convs_per_block": int, "pooling": str, "crop": int,
-                     "lesion_twins": float, "lesion_map_weight": float}
+#: classifier recipe options (train_classifier keywords) the CLI passes through; the
+#: bundled classifier's card names the ones its command used
+CLASSIFIER_RECIPE = ("convs_per_block", "pooling", "crop", "lesion_twins", "lesion_map_weight")
 
 
 def _recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
