@@ -399,6 +399,9 @@ def test_train_cli_classifier_recipe_is_for_the_classifier_only(tmp_path, capsys
     assert main(["train", "detector", "--lesion-twins", "0.5", "--out", str(tmp_path)]) == 2
     assert "--lesion-twins: classifier options" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+    assert main(["train", "classifier", "--crop", "0", "--out", str(tmp_path)]) == 2
+    assert "crop must be at least 8 pixels, got 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_evaluate_cli_json_reports_held_out_metrics(capsys):

@@ -784,6 +784,8 @@ def train_classifier(
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
     with deterministic(run.seed):
         context = int(context_slices)
+        if not (isinstance(crop, int) and crop >= SliceClassifier.MIN_SIZE):
+            raise MedsegInputError(f"crop must be at least {SliceClassifier.MIN_SIZE} pixels, got {crop!r}")
         if not (isinstance(lesion_map_weight, (int, float)) and 0 <= lesion_map_weight < math.inf):
             raise MedsegInputError(f"lesion_map_weight must be ≥ 0, got {lesion_map_weight!r}")
         with_map = lesion_map_weight > 0
