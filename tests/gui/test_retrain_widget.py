@@ -92,6 +92,9 @@ def test_paint_retrain_repredict_undo_versions(scene, qtbot):
     np.testing.assert_array_equal(labels.data, before)
     labels.redo()
     np.testing.assert_array_equal(labels.data, after)
+    # redoing the model's write does not make its output the user's annotation (it did:
+    # every re-predicted slice was listed, so the re-predict below changed nothing)
+    assert widget.annotated_slices() == [2, 5]
     # revert to v0 and re-predict: the starting model's output, still sparing slices 2 and 5
     widget._versions.value = 0
     widget._revert.clicked.emit()
@@ -105,6 +108,7 @@ def test_paint_retrain_repredict_undo_versions(scene, qtbot):
     model0, card0 = widget._history.model(0)
     expected = run_to_completion(segment_volume(volume_from_layer(image), model0, card0)).labels
     others = np.setdiff1d(np.arange(truth.shape[0]), [2, 5])
+    assert f"re-predicted {truth.shape[0] - 2} slices" in widget._status.value
     np.testing.assert_array_equal(labels.data[others], expected[others])
     np.testing.assert_array_equal(labels.data[[2, 5]], before[[2, 5]])
 

@@ -700,6 +700,9 @@ class RetrainWidget(_RetrainBase):
     def _connect(self, layer) -> None:
         self._stroke_slices: set[int] = set()  # listed because of a stroke seen here
         self._slices_of_item: dict[int, frozenset[int]] = {}  # id(history item) → its slices
+        # id() of the history atoms of the widget's own re-predictions: napari moves an
+        # item's atoms into a new list on every undo and redo, so atoms keep their identity
+        self._own_atoms: set[int] = set()
         self._depths = history_depths(layer)
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
@@ -744,6 +747,7 @@ class RetrainWidget(_RetrainBase):
         undo, redo = layer._undo_history, layer._redo_history
         live = {id(item) for item in (*undo, *redo)}
         self._slices_of_item = {k: v for k, v in self._slices_of_item.items() if k in live}
+        self._own_atoms &= {id(atom) for item in (*undo, *redo) for atom in item}
         if before is not None and depths[0] < before[0] and redo:  # an undo
             undone = self._item_slices(layer, redo[-1]) & self._stroke_slices
             dropped = set(undone)
@@ -754,7 +758,8 @@ class RetrainWidget(_RetrainBase):
                 self._stroke_slices -= dropped
                 self._excluded -= dropped - self._checked
                 self._rebuild_list()
-        elif before is not None and depths[0] > before[0] and undo:  # a redo
+        elif (before is not None and depths[0] > before[0] and undo
+              and not any(id(atom) in self._own_atoms for atom in undo[-1])):  # a user's redo
             zs = set(self._item_slices(layer, undo[-1]))
             self._stroke_slices |= zs - self._edited
             self._add_edited(zs)
@@ -813,6 +818,10 @@ class RetrainWidget(_RetrainBase):
             labels_layer.data_setitem(idx, values)
         finally:
             self._writing = False
+        # a redo of this write is the model's output again, not the user's annotation
+        undo = getattr(labels_layer, "_undo_history", None)
+        if undo and labels_layer is self._tracked:
+            self._own_atoms.update(id(atom) for atom in undo[-1])
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number} re-predicted {int((~protected).sum())} slices ({len(values)} voxels changed; "
             "Ctrl+Z on the layer undoes it)")
