@@ -174,6 +174,22 @@ def test_two_convs_per_block_add_layers_and_leave_one_conv_models_as_they_were()
     assert two(torch.randn(2, 1, 9, 13)).shape == (2, 3)
 
 
+def test_detector_convs_per_stage_appends_convs_and_leaves_default_detectors_as_they_were():
+    base = LesionDetector(**SMALL_DET)
+    deep = LesionDetector(**SMALL_DET, convs_per_stage=4)
+    # cards written before the option load into the same keys and arch_params
+    assert "convs_per_stage" not in base.arch_params and deep.arch_params["convs_per_stage"] == 4
+    assert [len(s) for s in (base.enc1, base.enc2, base.enc3)] == [2, 2, 2]
+    assert [len(s) for s in (deep.enc1, deep.enc2, deep.enc3)] == [4, 4, 4]
+    assert set(base.state_dict()) < set(deep.state_dict())
+    out = deep(torch.randn(2, 3, 13, 9))
+    assert out.heatmap.shape == out.log_diameter.shape == (2, 1, 13, 9)
+    ens = LesionDetector(**SMALL_DET, convs_per_stage=3, members=2)
+    assert len(ens.others[0].enc3) == 3  # every member has the layout
+    with pytest.raises(MedsegInputError, match="convs_per_stage"):
+        LesionDetector(**SMALL_DET, convs_per_stage=1)
+
+
 def test_classifier_last_conv_is_the_grad_cam_hook_point():
     model = SliceClassifier(**SMALL_CLS).eval()
     seen = {}
@@ -568,6 +584,8 @@ MODELS = {
     "detector": (lambda: LesionDetector(**SMALL_DET), (2, 3, 12, 10), ["lesion"]),
     "classifier_two_convs": (lambda: SliceClassifier(**SMALL_CLS, convs_per_block=2),
                              (2, 1, 20, 18), CARD["classes"]),
+    "detector_deep": (lambda: LesionDetector(**SMALL_DET, convs_per_stage=3), (2, 3, 12, 10),
+                      ["lesion"]),
     "detector_ensemble": (lambda: LesionDetector(**SMALL_DET, members=3), (2, 3, 12, 10), ["lesion"]),
 }
 

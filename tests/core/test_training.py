@@ -289,6 +289,40 @@ def test_soft_focal_loss_is_lowest_at_the_soft_target():
     assert soft_focal_loss(torch.tensor([[[[50.0, 9.0]]]]), ignored) < 1e-3
 
 
+def test_size_balance_weights_small_lesions_up_and_leaves_the_rest_at_one():
+    from types import SimpleNamespace
+
+    from napari_medseg.core.training import detector_targets, soft_focal_loss
+
+    lesions = [{"center": (5.0, 10.0, 10.0), "radius_mm": 4.0, "diameter_mm": 8.0},
+               {"center": (5.0, 40.0, 40.0), "radius_mm": 12.0, "diameter_mm": 24.0}]
+    sample = SimpleNamespace(image=np.zeros((10, 64, 64), np.float32), lesions=lesions,
+                             spacing=(2.0, 1.0, 1.0), labels=np.ones((10, 64, 64), np.uint8))
+    detector_targets(sample, 0.5, 1.0)
+    assert not hasattr(sample, "heat_weight")  # off by default: the bundled recipe
+    detector_targets(sample, 0.5, 1.0, size_balance_mm=10.0)
+    w = sample.heat_weight
+    assert w[5, 10, 10] == pytest.approx((10 / 4) ** 2, rel=1e-3)  # an 8 mm lesion: 6.25
+    assert w[5, 40, 40] == 1.0 and w[5, 62, 2] == 1.0 and w[5, 10, 20] == 1.0
+    # the loss near a weighted lesion grows by its weight; the normaliser does not change
+    heat = torch.from_numpy(sample.heat[5, 4:17, 4:17].astype(np.float32))[None, None]
+    logits = torch.zeros_like(heat)
+    plain = soft_focal_loss(logits, heat)
+    weighted = soft_focal_loss(logits, heat, weight=torch.full_like(heat, float(w[5, 10, 10])))
+    assert float(weighted) == pytest.approx(6.25 * float(plain), rel=1e-3)
+
+
+def test_training_slice_range_is_an_option_and_its_default_draws_as_before():
+    from napari_medseg.core.training import training_settings
+
+    for seed in range(20):
+        default, wide = training_settings(seed), training_settings(seed, z_range_mm=(1.0, 7.0))
+        assert 1.0 <= default.spacing[0] <= 5.0 and 1.0 <= wide.spacing[0] <= 7.0
+        # the same draw, scaled: the rest of the phantom's settings are unchanged
+        assert (wide.spacing[0] - 1.0) == pytest.approx(1.5 * (default.spacing[0] - 1.0))
+        assert wide.spacing[1:] == default.spacing[1:]
+
+
 def test_bad_options_are_input_errors():
     with pytest.raises(MedsegInputError, match="loss"):
         run_to_completion(train_classifier(0, steps=1, loss="dice_ce"))
@@ -299,6 +333,10 @@ def test_bad_options_are_input_errors():
             run_to_completion(train_detector(0, steps=1, **bad))
     with pytest.raises(MedsegInputError, match="steps"):
         run_to_completion(train_classifier(0, steps=0))
+    for bad in ({"size_balance_mm": -1.0}, {"size_balance_mm": 10.0, "loss": "focal"},
+                {"convs_per_stage": 1}, {"z_range_mm": (5.0, 1.0)}, {"z_range_mm": (0.0, 5.0)}):
+        with pytest.raises(MedsegInputError, match="size_balance_mm|convs_per_stage|z_range_mm"):
+            run_to_completion(train_detector(0, steps=1, **bad))
 
 
 # -- metrics ----------------------------------------------------------------------------

@@ -217,7 +217,8 @@ def centernet_focal_loss(
     return (pos_loss.sum() + neg_loss.sum()) / n_pos
 
 
-def soft_focal_loss(heat_logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+def soft_focal_loss(heat_logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """Focal BCE against the soft Gaussian heatmap (a "quality focal loss"):
     −|t − p|^γ · [t log p + (1 − t) log(1 − p)], summed and normalised by the heatmap's
     mass (Σ t). Every voxel near a centre pulls p towards its target, where CenterNet's
@@ -228,6 +229,8 @@ def soft_focal_loss(heat_logits: torch.Tensor, target: torch.Tensor, gamma: floa
     p = torch.sigmoid(heat_logits)
     bce = F.binary_cross_entropy_with_logits(heat_logits, t, reduction="none")
     loss = (t - p).abs().pow(gamma) * bce * valid
+    if weight is not None:  # per-voxel weights; the normaliser stays the plain mass
+        loss = loss * weight
     return loss.sum() / (t * valid).sum().clamp_min(1.0)
 
 
@@ -275,11 +278,12 @@ class PhantomSettings:
         }
 
 
-def training_settings(phantom_seed: int, max_slices: int = 48) -> PhantomSettings:
-    """Training distribution: z 1–5 mm, in-plane 0.6–1.2 mm, FOV 185–245 mm, contrast
-    0.8–1.2, noise drawn by the phantom (8–25 HU)."""
+def training_settings(phantom_seed: int, max_slices: int = 48,
+                      z_range_mm: tuple[float, float] = (1.0, 5.0)) -> PhantomSettings:
+    """Training distribution: z 1–5 mm (``z_range_mm``), in-plane 0.6–1.2 mm, FOV
+    185–245 mm, contrast 0.8–1.2, noise drawn by the phantom (8–25 HU)."""
     rng = np.random.default_rng([int(phantom_seed), 7])
-    sz = float(rng.uniform(1.0, 5.0))
+    sz = float(rng.uniform(*z_range_mm))
     sxy = float(rng.uniform(0.6, 1.2))
     fov = float(rng.uniform(185.0, 245.0))
     nxy = int(round(fov / sxy))
@@ -360,8 +364,10 @@ class PhantomPool:
     """A fixed-size pool of training volumes on the model grid, refreshed in seed order."""
 
     def __init__(self, seeds: range, size: int, spacing_yx: float, max_slices: int,
-                 normalisation: dict, prepare: Any = None):
+                 normalisation: dict, prepare: Any = None,
+                 z_range_mm: tuple[float, float] = (1.0, 5.0)):
         self.seeds, self.size, self.spacing_yx = seeds, int(size), float(spacing_yx)
+        self.z_range_mm = (float(z_range_mm[0]), float(z_range_mm[1]))
         self.normalisation = dict(normalisation)
         self.max_slices = max_slices
         self.prepare = prepare  # optional per-sample hook (e.g. detector targets)
@@ -377,7 +383,8 @@ class PhantomPool:
 
     def _make(self) -> Any:
         s = self._next_seed()
-        sample = to_model_grid(make_phantom(s, training_settings(s, self.max_slices)),
+        sample = to_model_grid(make_phantom(s, training_settings(s, self.max_slices,
+                                                                 self.z_range_mm)),
                                self.spacing_yx, self.normalisation)
         if self.prepare is not None:
             self.prepare(sample)
@@ -1004,13 +1011,19 @@ def check_sigma_fraction(value: Any, name: str) -> float:
 
 
 def detector_targets(sample: GridSample, sigma_fraction: float = 0.5,
-                     z_sigma_fraction: float | None = None) -> None:
+                     z_sigma_fraction: float | None = None,
+                     size_balance_mm: float = 0.0) -> None:
     """Attach heatmap (float16) and log-diameter targets to a model-grid sample.
 
     ``z_sigma_fraction``: the heatmap's σ along z as a fraction of the radius (default:
     ``sigma_fraction``). A 2.5D network sees z ± 1 slice, so on thin slices it cannot
     tell a large lesion's middle slice from the next; a sharp z target then teaches it
     to hedge with low peaks on exactly the most visible lesions.
+
+    ``size_balance_mm`` > 0 also attaches ``heat_weight``: inside each lesion's 3σ box
+    the loss weight (``size_balance_mm`` / radius)², between 1 and 10, so a small
+    lesion's few target voxels count about as much as a large one's many (the soft
+    focal loss sums over voxels, so a lesion's pull grows with its area). 0: no weight.
     """
     shape = sample.image.shape
     centers = [les["center"] for les in sample.lesions]
@@ -1036,6 +1049,18 @@ def detector_targets(sample: GridSample, sigma_fraction: float = 0.5,
         size[sl] = math.log(les["diameter_mm"])
         owner[sl] = 1.0
     sample.heat = heat.astype(np.float16)  # type: ignore[attr-defined]
+    if size_balance_mm > 0:
+        weight = np.ones(shape, dtype=np.float16)
+        for les, (rz, ry, rx) in zip(sample.lesions, heat_radii):
+            c = np.round(les["center"]).astype(int)
+            half = np.ceil(3 * np.maximum(np.array([rz, ry, rx]) * sigma_fraction, 0.5)).astype(int)
+            lo, hi = np.maximum(c - half, 0), np.minimum(c + half + 1, shape)
+            if np.any(lo >= hi):
+                continue
+            box = weight[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            w = float(np.clip((size_balance_mm / les["radius_mm"]) ** 2, 1.0, 10.0))
+            np.maximum(box, np.float16(w), out=box)
+        sample.heat_weight = weight  # type: ignore[attr-defined]
     sample.size = size  # type: ignore[attr-defined]
     sample.size_mask = owner > 0  # type: ignore[attr-defined]
     body = sample.labels > 0
@@ -1043,11 +1068,15 @@ def detector_targets(sample: GridSample, sigma_fraction: float = 0.5,
 
 
 def detector_loss(out, target, kind: str = "focal", size_weight: float = 0.1) -> torch.Tensor:
-    heat_t, size_t, size_m = target
+    """``target``: (heatmap, log-diameter, size mask[, heatmap weight (soft_focal only)])."""
+    heat_t, size_t, size_m = target[:3]
+    heat_w = target[3] if len(target) > 3 else None
+    if heat_w is not None and kind != "soft_focal":
+        raise MedsegInputError(f"a heatmap weight needs the soft_focal loss, not {kind!r}")
     if kind == "focal":
         heat_loss = centernet_focal_loss(out.heatmap, heat_t)
     elif kind == "soft_focal":
-        heat_loss = soft_focal_loss(out.heatmap, heat_t)
+        heat_loss = soft_focal_loss(out.heatmap, heat_t, weight=heat_w)
     else:
         heat_loss = heatmap_bce_loss(out.heatmap, heat_t) * 50.0
     if bool(size_m.any()):
@@ -1119,8 +1148,11 @@ def detector_sample(rng: np.random.Generator, item: Any, context: int, crop: int
         z = int(rng.choice(body)) if len(body) else int(rng.integers(nz))
     zs = np.clip(np.arange(z - context, z + context + 1), 0, nz - 1)
     img = _add_noise(rng, _jitter(rng, item.image[zs], norm), norm, noise_hu)
-    out = _crop_yx(rng, [img, item.heat[z], item.size[z], item.size_mask[z]], crop,
-                   [0.0, 0.0, 0.0, False], center=center)
+    arrays, fills = [img, item.heat[z], item.size[z], item.size_mask[z]], [0.0, 0.0, 0.0, False]
+    if getattr(item, "heat_weight", None) is not None:
+        arrays.append(item.heat_weight[z])
+        fills.append(1.0)
+    out = _crop_yx(rng, arrays, crop, fills, center=center)
     if rng.uniform() < 0.5:
         out = [a[..., ::-1] for a in out]
     return out
@@ -1145,6 +1177,9 @@ def train_detector_network(
     z_sigma_fraction: float = 1.0,
     sigma_fraction: float = 0.5,
     context_slices: int = 1,
+    convs_per_stage: int = 2,
+    size_balance_mm: float = 0.0,
+    z_range_mm: Sequence[float] = (1.0, 5.0),
 ) -> Job[tuple[LesionDetector, dict[str, Any]]]:
     """Train the 2.5D centre-heatmap lesion detector (2·``context_slices`` + 1 slices in,
     heatmap and size of the middle slice out).
@@ -1153,6 +1188,10 @@ def train_detector_network(
     ``loss`` "soft_focal", heatmap σ = 0.5 · radius in-plane (``sigma_fraction``) and
     1.0 · radius along z (``z_sigma_fraction``, :func:`detector_targets`), z ± 1 slice
     (``context_slices``). ``noise_hu`` adds white noise (:func:`_add_noise`; off).
+    ``convs_per_stage``: conv layers per encoder stage (2). ``size_balance_mm`` > 0
+    weights each lesion's heatmap loss by (that / radius)², so small lesions count
+    about as much as large ones (:func:`detector_targets`; soft_focal only; off).
+    ``z_range_mm``: the training phantoms' slice spacing range (1–5 mm).
 
     ``sampling="balanced"``: half the samples are slices near a lesion centre, cropped
     so the lesion is in view; ``"uniform"``: any body slice, random crop.
@@ -1162,28 +1201,46 @@ def train_detector_network(
     context = positive_int(context_slices, "context_slices")
     check_sigma_fraction(sigma_fraction, "sigma_fraction")
     check_sigma_fraction(z_sigma_fraction, "z_sigma_fraction")
+    size_balance_mm = float(size_balance_mm)
+    if not (math.isfinite(size_balance_mm) and size_balance_mm >= 0):
+        raise MedsegInputError(f"size_balance_mm must be a number >= 0, got {size_balance_mm!r}")
+    if size_balance_mm > 0 and loss != "soft_focal":
+        raise MedsegInputError(f"size_balance_mm weights the soft_focal loss, not {loss!r}")
+    heatmap_card = {"loss": loss, "sigma_fraction": float(sigma_fraction),
+                    "z_sigma_fraction": float(z_sigma_fraction)}
+    if size_balance_mm > 0:  # absent when off: earlier cards stay as they were
+        heatmap_card["size_balance_mm"] = size_balance_mm
+    z_range = tuple(float(v) for v in z_range_mm)
+    if len(z_range) != 2 or not all(math.isfinite(v) for v in z_range) or not 0 < z_range[0] <= z_range[1]:
+        raise MedsegInputError(f"z_range_mm must be (low, high) mm with 0 < low <= high, got {z_range_mm!r}")
+    extra_card = {"training_z_range_mm": list(z_range)} if z_range != (1.0, 5.0) else {}
     with deterministic(run.seed):
-        model = LesionDetector(2 * context + 1, widths)
+        model = LesionDetector(2 * context + 1, widths, convs_per_stage=convs_per_stage)
         pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
                            prepare=functools.partial(detector_targets,
                                                      sigma_fraction=sigma_fraction,
-                                                     z_sigma_fraction=z_sigma_fraction))
+                                                     z_sigma_fraction=z_sigma_fraction,
+                                                     size_balance_mm=size_balance_mm),
+                           z_range_mm=z_range)
         yield from pool.fill()
 
         def batch(step: int):
-            xs, hs, ss, ms = [], [], [], []
+            xs, hs, ss, ms, ws = [], [], [], [], []
             for _ in range(batch_size):
                 item = pool.items[int(rng.integers(len(pool.items)))]
-                img, heat, size, mask = detector_sample(rng, item, context, crop, norm,
-                                                        sampling == "balanced", noise_hu)
+                img, heat, size, mask, *weight = detector_sample(
+                    rng, item, context, crop, norm, sampling == "balanced", noise_hu)
                 xs.append(img)
                 hs.append(heat)
                 ss.append(size)
                 ms.append(mask)
+                ws.extend(weight)
             x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
             t = (torch.from_numpy(np.ascontiguousarray(np.stack(hs)[:, None], dtype=np.float32)),
                  torch.from_numpy(np.ascontiguousarray(np.stack(ss)[:, None], dtype=np.float32)),
                  torch.from_numpy(np.ascontiguousarray(np.stack(ms)[:, None])))
+            if ws:
+                t += (torch.from_numpy(np.ascontiguousarray(np.stack(ws)[:, None], dtype=np.float32)),)
             return x, t
 
         card = yield from _fit(run, model, pool, batch, lambda o, t: detector_loss(o, t, loss),
@@ -1193,9 +1250,7 @@ def train_detector_network(
                                 # a second peak inside a large lesion is not another one
                                 "nms_radius_fraction": 1.0,
                                 # fine-tuning makes its targets and loss the same way
-                                "heatmap": {"loss": loss,
-                                            "sigma_fraction": float(sigma_fraction),
-                                            "z_sigma_fraction": float(z_sigma_fraction)}})
+                                "heatmap": heatmap_card, **extra_card})
     return model, card
 
 

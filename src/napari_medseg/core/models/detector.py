@@ -8,7 +8,8 @@ of the lesion diameter in mm). Run it over every slice, stack the outputs into (
 :func:`extract_peaks` for the 3D detections.
 
 Layout (default ``widths=(16, 32, 64)``): the same space-to-depth U-Net as the segmenter
-without the recurrence: pixel_unshuffle(2) → enc /2 → enc /4 → enc /8 (dilated) → dec /4
+without the recurrence: pixel_unshuffle(2) → enc /2 → enc /4 → enc /8 (dilated; each
+encoder stage ``convs_per_stage`` conv → BN → activation, default 2) → dec /4
 → dec /2 → a 2×2 stride-2 transposed conv (= 1×1 conv + pixel_shuffle) to H × W with two
 channels: heatmap logits and log-diameter.
 
@@ -69,9 +70,13 @@ class LesionDetector(nn.Module):
         widths: Sequence[int] = (16, 32, 64),
         dropout: float = 0.0,
         members: int = 1,
+        convs_per_stage: int = 2,
     ):
         super().__init__()
         (in_slices,) = check_positive_ints([in_slices], "in_slices")
+        (convs_per_stage,) = check_positive_ints([convs_per_stage], "convs_per_stage")
+        if convs_per_stage < 2:
+            raise MedsegInputError(f"convs_per_stage must be at least 2, got {convs_per_stage}")
         (members,) = check_positive_ints([members], "members")
         if in_slices % 2 == 0:
             raise MedsegInputError(f"in_slices must be odd (a middle slice), got {in_slices}")
@@ -85,9 +90,17 @@ class LesionDetector(nn.Module):
         }
         if members > 1:  # absent for one network: single detectors' cards stay as they were
             self.arch_params["members"] = members
-        self.enc1 = nn.Sequential(ConvBNAct(4 * in_slices, w1), ConvBNAct(w1, w1))
-        self.enc2 = nn.Sequential(ConvBNAct(w1, w2, stride=2), ConvBNAct(w2, w2))
-        self.enc3 = nn.Sequential(ConvBNAct(w2, w3, stride=2), ConvBNAct(w3, w3, dilation=2))
+        if convs_per_stage != 2:  # absent at the default, so earlier cards stay as they were
+            self.arch_params["convs_per_stage"] = convs_per_stage
+        # convs past the second of a stage are appended (undilated), so a default detector's
+        # state_dict keys are unchanged
+        extra = convs_per_stage - 2
+        self.enc1 = nn.Sequential(ConvBNAct(4 * in_slices, w1), ConvBNAct(w1, w1),
+                                  *(ConvBNAct(w1, w1) for _ in range(extra)))
+        self.enc2 = nn.Sequential(ConvBNAct(w1, w2, stride=2), ConvBNAct(w2, w2),
+                                  *(ConvBNAct(w2, w2) for _ in range(extra)))
+        self.enc3 = nn.Sequential(ConvBNAct(w2, w3, stride=2), ConvBNAct(w3, w3, dilation=2),
+                                  *(ConvBNAct(w3, w3) for _ in range(extra)))
         self.up2 = nn.ConvTranspose2d(w3, w2, 2, stride=2)
         self.dec2 = nn.Sequential(ConvBNAct(2 * w2, w2), nn.Dropout(dropout))
         self.up1 = nn.ConvTranspose2d(w2, w1, 2, stride=2)
@@ -97,8 +110,9 @@ class LesionDetector(nn.Module):
         with torch.no_grad():
             self.head.bias.copy_(torch.tensor([HEATMAP_PRIOR_BIAS, SIZE_PRIOR_BIAS]))
         # the layers above are the first member; the others are whole networks of their own
-        self.others = nn.ModuleList(LesionDetector(in_slices, (w1, w2, w3), dropout)
-                                    for _ in range(members - 1))
+        self.others = nn.ModuleList(
+            LesionDetector(in_slices, (w1, w2, w3), dropout, convs_per_stage=convs_per_stage)
+            for _ in range(members - 1))
 
     @property
     def in_slices(self) -> int:
