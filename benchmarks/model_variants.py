@@ -10,6 +10,7 @@ models are scored the same way for reference.
     .venv/bin/python benchmarks/model_variants.py --list
     .venv/bin/python benchmarks/model_variants.py --card DIR/segmenter.json
     .venv/bin/python benchmarks/model_variants.py VARIANT --save DIR   # keep the weights
+    .venv/bin/python benchmarks/model_variants.py VARIANT --seed 1     # another training seed
 
 ``--save`` writes each trained variant as DIR/VARIANT.safetensors + card, so a long run
 can be scored again (``--card``) or bundled without training it twice.
@@ -155,18 +156,18 @@ def score(name: str, model, card) -> dict:
     return {"dice": ev.evaluate_segmenter(model, card, SEEDS)["dice"]}
 
 
-def run(variant: str, save: str | None = None) -> dict:
+def run(variant: str, save: str | None = None, seed: int = 0) -> dict:
     name, kwargs = VARIANTS[variant]
     t0 = time.perf_counter()
     if variant.startswith("bundled-"):
         model, card = load_model(name)
     else:
-        model, card = run_to_completion(train(name, 0, **kwargs))
+        model, card = run_to_completion(train(name, seed, **kwargs))
         card.setdefault("context_slices", 0)
         if save:
-            save_model(model, save, variant, card)
+            save_model(model, save, variant if seed == 0 else f"{variant}-seed{seed}", card)
     seconds = time.perf_counter() - t0
-    return {"variant": variant, "model": name, "train_kwargs": kwargs,
+    return {"variant": variant, "seed": seed, "model": name, "train_kwargs": kwargs,
             "train_seconds": round(seconds), "threads": torch.get_num_threads(),
             "validation_seeds": [SEEDS[0], SEEDS[-1]], "validation": score(name, model, card)}
 
@@ -175,6 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="*", help="names from --list")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (0: the variants' own)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--save", metavar="DIR", help="also write each trained variant to DIR")
     ap.add_argument("--card", action="append", default=[],
@@ -201,7 +203,7 @@ def main() -> None:
         print("\n".join(f"{k}: {v[0]} {v[1]}" for k, v in VARIANTS.items()))
         return
     for v in args.variants:
-        print(json.dumps(run(v, args.save)), flush=True)
+        print(json.dumps(run(v, args.save, args.seed)), flush=True)
 
 
 if __name__ == "__main__":
