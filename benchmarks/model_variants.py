@@ -90,6 +90,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "steps": 2400, "lesion_twins": 0.5, "pooling": "max", "lesion_map_weight": 1.0,
         "crop": 96}),
     "bundled-detector": ("detector", {}),
+    # the bundled detector's recipe trained again (with --seed: its seed-to-seed spread)
+    "detector-2400": ("detector", {"steps": 2400}),
     "detector-2400-zsigma1": ("detector", {**_FOCAL, "steps": 2400, "z_sigma_fraction": 1.0}),
     "detector-2400-wide": ("detector", {"steps": 2400, "widths": (32, 64, 128), **_FOCAL}),
     "detector-2400-noise20": ("detector", {"steps": 2400, "noise_hu": 20, **_FOCAL}),

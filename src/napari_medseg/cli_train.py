@@ -24,18 +24,34 @@ NO_IMBALANCE_FIX = {
 }
 
 
-#: classifier recipe options (train_classifier keywords) the CLI passes through; the
-#: bundled classifier's card names the ones its command used
-CLASSIFIER_RECIPE = ("convs_per_block", "pooling", "crop", "lesion_twins", "lesion_map_weight")
+#: per-model recipe options (train_MODEL keywords) the CLI passes through; a bundled
+#: model's card command names the ones it used
+RECIPES = {
+    "classifier": ("convs_per_block", "pooling", "crop", "lesion_twins", "lesion_map_weight"),
+    "detector": ("z_range_mm",),
+}
 
 
 def _recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The classifier recipe options given on the command line (refused for other models)."""
-    given = {k: getattr(args, k) for k in CLASSIFIER_RECIPE if getattr(args, k, None) is not None}
-    if given and name != "classifier":
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise MedsegInputError(f"{flags}: classifier options; not available for {name}")
-    return given
+    """The recipe options given on the command line (refused for a model they are not for)."""
+    for owner, keys in RECIPES.items():
+        if owner == name:
+            continue
+        foreign = [k for k in keys if getattr(args, k, None) is not None]
+        if foreign:
+            flags = ", ".join(_flag(k) for k in foreign)
+            raise MedsegInputError(f"{flags}: {owner} options; not available for {name}")
+    return {k: getattr(args, k) for k in RECIPES.get(name, ())
+            if getattr(args, k, None) is not None}
+
+
+def _flag(key: str, value: Any = None) -> str:
+    """``--key-name`` or ``--key-name VALUE`` (a list as space-separated values)."""
+    flag = "--" + key.replace("_", "-")
+    if value is None:
+        return flag
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return " ".join([flag, *(str(v) for v in values)])
 
 
 def _progress_printer(quiet: bool):
@@ -120,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model, card = _train_once(name, args.seed, args.steps, args.seconds, args.quiet, **kw)
     # the exact command that reproduces this file
     training = card["training"]
-    training["command"] += "".join(f" --{k.replace('_', '-')} {v}" for k, v in recipe.items())
+    training["command"] += "".join(" " + _flag(k, v) for k, v in recipe.items())
     training["command"] += f" --out {args.out}"
     if args.eval_seeds != 12:
         training["command"] += f" --eval-seeds {args.eval_seeds}"
@@ -250,6 +266,9 @@ def register(sub: Any) -> None:
                         help="share of normal samples that are lesion slices with the lesion taken out (0)")
     recipe.add_argument("--lesion-map-weight", type=float,
                         help="weight of the lesion-map head trained on the lesion mask (0: no head)")
+    recipe = p.add_argument_group("detector recipe (docs/models.md)")
+    recipe.add_argument("--z-range-mm", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="slice spacing range of the training phantoms in mm (1 5)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="held-out metrics of a model on unseen phantoms")

@@ -442,6 +442,25 @@ def test_train_cli_classifier_recipe_is_for_the_classifier_only(tmp_path, capsys
     assert not any(tmp_path.iterdir())
 
 
+def test_train_cli_passes_the_detector_z_range_and_writes_it_into_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    rc = main(["train", "detector", "--out", str(tmp_path), "--steps", "1", "--eval-seeds", "0",
+               "--validation-seeds", "1", "--pool-size", "1", "--quiet", "--z-range-mm", "1", "7"])
+    assert rc == 0
+    model, card = load_model(tmp_path / "detector.json")
+    assert card["training_z_range_mm"] == [1.0, 7.0]
+    assert "--z-range-mm 1.0 7.0 --out" in card["training"]["command"]
+
+
+def test_train_cli_detector_recipe_is_for_the_detector_only(tmp_path, capsys):
+    assert main(["train", "classifier", "--z-range-mm", "1", "7", "--out", str(tmp_path)]) == 2
+    assert "--z-range-mm: detector options; not available for classifier" in capsys.readouterr().err
+    assert main(["train", "detector", "--z-range-mm", "7", "1", "--out", str(tmp_path),
+                 "--steps", "1", "--eval-seeds", "0"]) == 2
+    assert "z_range_mm must be (low, high)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_evaluate_cli_json_reports_held_out_metrics(capsys):
     assert main(["evaluate", "classifier", "--json", "--seeds", "1", "--threads", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
