@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .errors import MedsegInputError
 from .inference import positive_int
 from .models.classifier import SliceClassifier
-from .models.detector import LesionDetector, gaussian_heatmap_targets
+from .models.detector import LesionDetector, clipped_box, gaussian_heatmap_targets, gaussian_sigmas
 from .models.registry import apply_normalisation, load_model
 from .models.segmenter import RecurrentSegmenter
 from .phantom import LABEL_NAMES, LESION_LABEL, SLICE_CLASSES, generate_phantom
@@ -1039,27 +1039,22 @@ def detector_targets(sample: GridSample, sigma_fraction: float = 0.5,
     owner = np.full(shape, -1.0, dtype=np.float16)
     # size target: log-diameter in each lesion's core (Gaussian > 0.3), largest wins
     for les, r in sorted(zip(sample.lesions, radii), key=lambda t: t[0]["radius_mm"]):
-        c = np.round(les["center"]).astype(int)
-        half = np.ceil(np.asarray(r)).astype(int)
-        lo = np.maximum(c - half, 0)
-        hi = np.minimum(c + half + 1, shape)
-        if np.any(lo >= hi):
+        sl = clipped_box(np.round(les["center"]).astype(int), np.ceil(np.asarray(r)).astype(int), shape)
+        if sl is None:
             continue
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         size[sl] = math.log(les["diameter_mm"])
         owner[sl] = 1.0
     sample.heat = heat.astype(np.float16)  # type: ignore[attr-defined]
     if size_balance_mm > 0:
         weight = np.ones(shape, dtype=np.float16)
-        for les, (rz, ry, rx) in zip(sample.lesions, heat_radii):
-            c = np.round(les["center"]).astype(int)
-            half = np.ceil(3 * np.maximum(np.array([rz, ry, rx]) * sigma_fraction, 0.5)).astype(int)
-            lo, hi = np.maximum(c - half, 0), np.minimum(c + half + 1, shape)
-            if np.any(lo >= hi):
+        # the same 3σ box as each lesion's Gaussian in gaussian_heatmap_targets
+        for les, heat_r in zip(sample.lesions, heat_radii):
+            half = np.ceil(3 * gaussian_sigmas(heat_r, sigma_fraction)).astype(int)
+            box = clipped_box(np.round(les["center"]).astype(int), half, shape)
+            if box is None:
                 continue
-            box = weight[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             w = float(np.clip((size_balance_mm / les["radius_mm"]) ** 2, 1.0, 10.0))
-            np.maximum(box, np.float16(w), out=box)
+            np.maximum(weight[box], np.float16(w), out=weight[box])
         sample.heat_weight = weight  # type: ignore[attr-defined]
     sample.size = size  # type: ignore[attr-defined]
     sample.size_mask = owner > 0  # type: ignore[attr-defined]

@@ -235,22 +235,32 @@ def gaussian_heatmap_targets(
     radii = _per_point(radii_vox_zyx, len(centers), "radii_vox_zyx")
     if np.any(radii <= 0):
         raise MedsegInputError("lesion radii must be positive")
-    sigmas = np.maximum(radii * float(sigma_fraction), 0.5)
-    for center, sigma in zip(centers, sigmas):
+    for center, sigma in zip(centers, gaussian_sigmas(radii, sigma_fraction)):
         c = np.round(center).astype(int)
-        half = np.ceil(3 * sigma).astype(int)
-        lo = np.maximum(c - half, 0)
-        hi = np.minimum(c + half + 1, shape)
-        if np.any(lo >= hi):
+        box = clipped_box(c, np.ceil(3 * sigma).astype(int), shape)
+        if box is None:
             continue
         axes = [
-            np.exp(-0.5 * ((np.arange(lo[a], hi[a]) - c[a]) / sigma[a]) ** 2).astype(np.float32)
-            for a in range(3)
+            np.exp(-0.5 * ((np.arange(sl.start, sl.stop) - c[a]) / sigma[a]) ** 2).astype(np.float32)
+            for a, sl in enumerate(box)
         ]
         blob = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-        box = out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        np.maximum(box, blob, out=box)
+        np.maximum(out[box], blob, out=out[box])
     return out
+
+
+def gaussian_sigmas(radii_vox_zyx: np.ndarray, sigma_fraction: float) -> np.ndarray:
+    """The heatmap Gaussians' σ per axis: ``sigma_fraction`` · radius, at least 0.5 voxel."""
+    return np.maximum(np.asarray(radii_vox_zyx, dtype=np.float64) * float(sigma_fraction), 0.5)
+
+
+def clipped_box(center: np.ndarray, half: np.ndarray, shape: Sequence[int]) -> tuple[slice, ...] | None:
+    """Slices of the box ``center`` ± ``half`` (integer voxels) inside ``shape``; None if empty."""
+    lo = np.maximum(center - half, 0)
+    hi = np.minimum(center + half + 1, shape)
+    if np.any(lo >= hi):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 #: the 26 neighbours of a voxel
