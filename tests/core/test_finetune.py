@@ -325,6 +325,20 @@ def test_detector_rounds_rehearse_training_phantoms(monkeypatch):
     assert any(not torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 
+def test_detector_rehearsal_phantoms_have_the_slice_spacings_it_was_trained_on(monkeypatch):
+    from napari_medseg.core import finetune
+
+    monkeypatch.setattr(finetune, "REHEARSAL_MAX_SLICES", 16)
+    monkeypatch.setattr(finetune, "_REHEARSAL_POOLS", {})
+    card = {**CARD, "classes": ["lesion"], "context_slices": 1}
+    default = run_to_completion(finetune.rehearsal_pool(card, 2))
+    assert all(1.0 <= item.native_spacing[0] <= 5.0 for item in default.items)
+    thick = run_to_completion(finetune.rehearsal_pool({**card, "training_z_range_mm": [6.0, 7.0]}, 2))
+    assert thick is not default and all(6.0 <= item.native_spacing[0] <= 7.0 for item in thick.items)
+    with pytest.raises(MedsegInputError, match="the card's training_z_range_mm"):
+        run_to_completion(finetune.rehearsal_pool({**card, "training_z_range_mm": [7.0]}, 2))
+
+
 def test_detector_fine_tuning_keeps_the_heatmap_it_was_trained_with(monkeypatch):
     from napari_medseg.core import finetune
     from napari_medseg.core.models import LesionDetector

@@ -73,6 +73,7 @@ from .training import (
     PhantomPool,
     _train_loop,
     check_sigma_fraction,
+    check_z_range,
     class_weights,
     detector_loss,
     detector_sample,
@@ -671,14 +672,18 @@ def rehearsal_pool(card: Mapping[str, Any], n: int) -> Job[PhantomPool]:
     heatmap = detector_heatmap(card)
     spacing_yx = card_spacing_yx(card)[0]
     norm = dict(card["normalisation"])
+    # the slice spacings the detector was trained on (cards without the key: 1–5 mm)
+    z_range = check_z_range(card.get("training_z_range_mm", (1.0, 5.0)),
+                            "the card's training_z_range_mm")
     key = (spacing_yx, tuple(sorted(norm.items())), heatmap["sigma_fraction"],
-           heatmap["z_sigma_fraction"], int(n))
+           heatmap["z_sigma_fraction"], z_range, int(n))
     pool = _REHEARSAL_POOLS.get(key)
     if pool is None:
         pool = PhantomPool(training_seeds(0), int(n), spacing_yx, REHEARSAL_MAX_SLICES, norm,
                            prepare=functools.partial(
                                detector_targets, sigma_fraction=heatmap["sigma_fraction"],
-                               z_sigma_fraction=heatmap["z_sigma_fraction"]))
+                               z_sigma_fraction=heatmap["z_sigma_fraction"]),
+                           z_range_mm=z_range)
         for progress in pool.fill():
             yield Progress(progress.step, progress.total, f"rehearsal {progress.message}")
         _REHEARSAL_POOLS.clear()  # one recipe at a time: a pool per card would only grow

@@ -360,6 +360,17 @@ def make_phantom(phantom_seed: int, settings: PhantomSettings, **overrides: Any)
     )
 
 
+def check_z_range(z_range_mm: Any, what: str = "z_range_mm") -> tuple[float, float]:
+    """A (low, high) slice-spacing range in mm, 0 < low <= high, as floats."""
+    try:
+        z_range = tuple(float(v) for v in z_range_mm)
+    except (TypeError, ValueError):
+        z_range = ()
+    if len(z_range) != 2 or not all(math.isfinite(v) for v in z_range) or not 0 < z_range[0] <= z_range[1]:
+        raise MedsegInputError(f"{what} must be (low, high) mm with 0 < low <= high, got {z_range_mm!r}")
+    return z_range  # type: ignore[return-value]
+
+
 class PhantomPool:
     """A fixed-size pool of training volumes on the model grid, refreshed in seed order."""
 
@@ -1205,9 +1216,7 @@ def train_detector_network(
                     "z_sigma_fraction": float(z_sigma_fraction)}
     if size_balance_mm > 0:  # absent when off: earlier cards stay as they were
         heatmap_card["size_balance_mm"] = size_balance_mm
-    z_range = tuple(float(v) for v in z_range_mm)
-    if len(z_range) != 2 or not all(math.isfinite(v) for v in z_range) or not 0 < z_range[0] <= z_range[1]:
-        raise MedsegInputError(f"z_range_mm must be (low, high) mm with 0 < low <= high, got {z_range_mm!r}")
+    z_range = check_z_range(z_range_mm)
     extra_card = {"training_z_range_mm": list(z_range)} if z_range != (1.0, 5.0) else {}
     with deterministic(run.seed):
         model = LesionDetector(2 * context + 1, widths, convs_per_stage=convs_per_stage)
