@@ -334,9 +334,38 @@ def test_bad_options_are_input_errors():
     with pytest.raises(MedsegInputError, match="steps"):
         run_to_completion(train_classifier(0, steps=0))
     for bad in ({"size_balance_mm": -1.0}, {"size_balance_mm": 10.0, "loss": "focal"},
-                {"convs_per_stage": 1}, {"z_range_mm": (5.0, 1.0)}, {"z_range_mm": (0.0, 5.0)}):
-        with pytest.raises(MedsegInputError, match="size_balance_mm|convs_per_stage|z_range_mm"):
+                {"convs_per_stage": 1}, {"z_range_mm": (5.0, 1.0)}, {"z_range_mm": (0.0, 5.0)},
+                {"faint_weight": 0.0}, {"faint_weight": 3.0, "sampling": "uniform"}):
+        with pytest.raises(MedsegInputError, match="size_balance_mm|convs_per_stage|z_range_mm|faint_weight"):
             run_to_completion(train_detector(0, steps=1, **bad))
+
+
+def test_faint_weight_picks_faint_lesions_more_often_and_off_draws_as_before():
+    from types import SimpleNamespace
+
+    from napari_medseg.core.training import detector_sample
+
+    nz = 30
+    heat = np.broadcast_to(np.arange(nz, dtype=np.float32)[:, None, None], (nz, 16, 16)).copy()
+    item = SimpleNamespace(  # heat[z] holds z, so a sample tells which slice it came from
+        image=np.zeros((nz, 16, 16), np.float32), heat=heat, size=np.zeros_like(heat),
+        size_mask=np.zeros(heat.shape, bool), spacing=(10.0, 1.0, 1.0), body_slices=np.arange(nz),
+        lesions=[{"center": (5.0, 8.0, 8.0), "radius_mm": 4.0, "contrast_hu": -10.0},   # faint
+                 {"center": (25.0, 8.0, 8.0), "radius_mm": 4.0, "contrast_hu": -40.0}])
+    norm = {"type": "window", "low": -150.0, "high": 250.0}
+
+    def near_faint(**kw):
+        rng = np.random.default_rng(0)
+        zs = [float(detector_sample(rng, item, 1, 16, norm, True, 0.0, **kw)[1].max()) for _ in range(400)]
+        zs = np.array(zs)
+        return int(np.sum(np.abs(zs - 5) <= 1)), int(np.sum(np.abs(zs - 25) <= 1)), zs
+
+    faint, strong, off = near_faint(faint_weight=9.0)
+    # half the samples are lesion draws (9 : 1), half any body slice (about 20 near each)
+    assert faint > 3.5 * strong
+    f1, s1, default = near_faint()
+    assert 0.5 < f1 / s1 < 2.0
+    assert np.array_equal(default, near_faint(faint_weight=1.0)[2])  # 1: the draws of before
 
 
 # -- metrics ----------------------------------------------------------------------------

@@ -342,6 +342,7 @@ def to_model_grid(phantom: Any, spacing_yx: float, normalisation: dict) -> GridS
             "center": (float(z), float(yx[0]), float(yx[1])),
             "radius_mm": float(les.radius_mm),
             "diameter_mm": 2.0 * float(les.radius_mm),
+            "contrast_hu": float(les.contrast_hu),
         })
     return GridSample(
         image=image, labels=labels, slice_classes=np.asarray(phantom.slice_classes),
@@ -1136,16 +1137,29 @@ def _labelled(job: Job[Any], prefix: str) -> Job[Any]:
         yield Progress(p.step, p.total, prefix + p.message, p.partial)
 
 
+#: lesions fainter than this (|lesion − host organ| in HU) count as faint for ``faint_weight``
+FAINT_LESION_HU = 20.0
+
+
 def detector_sample(rng: np.random.Generator, item: Any, context: int, crop: int,
-                    norm: dict, balanced: bool = True, noise_hu: float = 0.0) -> list[np.ndarray]:
+                    norm: dict, balanced: bool = True, noise_hu: float = 0.0,
+                    faint_weight: float = 1.0) -> list[np.ndarray]:
     """One training crop of a pool volume (:func:`detector_targets` done): the slice and
     its ``context`` neighbours on each side, heatmap, size and size mask of the slice, with
     intensity jitter and a random flip. ``balanced``: half the time a slice near a lesion
-    centre, cropped so the lesion is in view; otherwise any body slice."""
+    centre, cropped so the lesion is in view; otherwise any body slice. ``faint_weight``:
+    how much more often a faint lesion (|contrast| < :data:`FAINT_LESION_HU`) is the one
+    picked than another (1: all alike, the same draws as before the option)."""
     nz = item.image.shape[0]
     center = None
     if balanced and item.lesions and rng.uniform() < 0.5:
-        les = item.lesions[int(rng.integers(len(item.lesions)))]
+        if faint_weight == 1.0:
+            pick = int(rng.integers(len(item.lesions)))
+        else:
+            w = np.array([faint_weight if abs(les.get("contrast_hu", np.inf)) < FAINT_LESION_HU else 1.0
+                          for les in item.lesions])
+            pick = int(rng.choice(len(w), p=w / w.sum()))
+        les = item.lesions[pick]
         rz = max(1, int(les["radius_mm"] / item.spacing[0]))
         z = int(np.clip(round(les["center"][0]) + rng.integers(-rz, rz + 1), 0, nz - 1))
         center = les["center"][1:]
@@ -1186,6 +1200,7 @@ def train_detector_network(
     convs_per_stage: int = 2,
     size_balance_mm: float = 0.0,
     z_range_mm: Sequence[float] = (1.0, 5.0),
+    faint_weight: float = 1.0,
 ) -> Job[tuple[LesionDetector, dict[str, Any]]]:
     """Train the 2.5D centre-heatmap lesion detector (2·``context_slices`` + 1 slices in,
     heatmap and size of the middle slice out).
@@ -1198,6 +1213,8 @@ def train_detector_network(
     weights each lesion's heatmap loss by (that / radius)², so small lesions count
     about as much as large ones (:func:`detector_targets`; soft_focal only; off).
     ``z_range_mm``: the training phantoms' slice spacing range (1–5 mm).
+    ``faint_weight``: balanced sampling picks a faint lesion (|contrast| < 20 HU) that
+    many times as often as another (1: off).
 
     ``sampling="balanced"``: half the samples are slices near a lesion centre, cropped
     so the lesion is in view; ``"uniform"``: any body slice, random crop.
@@ -1218,6 +1235,14 @@ def train_detector_network(
         heatmap_card["size_balance_mm"] = size_balance_mm
     z_range = check_z_range(z_range_mm)
     extra_card = {"training_z_range_mm": list(z_range)} if z_range != (1.0, 5.0) else {}
+    faint_weight = float(faint_weight)
+    if not (math.isfinite(faint_weight) and faint_weight > 0):
+        raise MedsegInputError(f"faint_weight must be a number > 0, got {faint_weight!r}")
+    if faint_weight != 1.0:
+        if sampling != "balanced":
+            raise MedsegInputError("faint_weight weights the lesions balanced sampling picks; "
+                                   f"sampling is {sampling!r}")
+        extra_card["training_faint_weight"] = faint_weight
     with deterministic(run.seed):
         model = LesionDetector(2 * context + 1, widths, convs_per_stage=convs_per_stage)
         pool = PhantomPool(run.seeds, pool_size, run.spacing_yx, max_slices, norm,
@@ -1233,7 +1258,7 @@ def train_detector_network(
             for _ in range(batch_size):
                 item = pool.items[int(rng.integers(len(pool.items)))]
                 img, heat, size, mask, *weight = detector_sample(
-                    rng, item, context, crop, norm, sampling == "balanced", noise_hu)
+                    rng, item, context, crop, norm, sampling == "balanced", noise_hu, faint_weight)
                 xs.append(img)
                 hs.append(heat)
                 ss.append(size)
