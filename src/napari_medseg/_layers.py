@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .core.volume import Volume
 
@@ -171,7 +172,9 @@ def detection_layer_data(
     if image_layer.ndim == 2:
         centers = centers[:, 1:]
     in_plane_mm = float(np.mean(result.spacing[1:]))
-    labels = [f"{s:.2f} · {d:.0f} mm" for s, d in zip(scores, diameters)]
+    # object dtype: with no detections an empty list would make a float column, which
+    # then cannot take the "added" default below
+    labels = np.asarray([f"{s:.2f} · {d:.0f} mm" for s, d in zip(scores, diameters)], dtype=object)
     kwargs = {
         **_points_kwargs(
             f"{image_layer.name} lesions ({provenance['model']})", diameters, in_plane_mm,
@@ -179,12 +182,42 @@ def detection_layer_data(
         ),
         # a point the user adds has no score (not a detection's, as napari would copy) and
         # no diameter (retraining takes 10 mm)
-        "feature_defaults": {"diameter_mm": np.nan, "score": np.nan, "label": "added"},
+        "feature_defaults": {"diameter_mm": np.nan, "score": np.nan, "label": ADDED_LABEL},
         **_like_layer(image_layer),
         "shown": scores >= threshold,
         "metadata": _result_metadata(provenance, threshold=threshold),
     }
     return (centers, kwargs, "points")
+
+
+ADDED_LABEL = "added"
+
+
+def mark_added_points(layer: Any, event: Any) -> bool:
+    """After napari adds points to a detection layer: give them no score, no diameter and
+    the "added" label. napari fills new rows from ``feature_defaults``, which it sets to
+    the features of the last point selected, so without this a point the user adds would
+    pose as that detection (and hide below the score threshold). Returns whether any
+    point was marked."""
+    if str(getattr(event, "action", "")) != "added" or "score" not in layer.features:
+        return False
+    n = len(layer.data)
+    rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
+    if not rows:
+        return False
+    features = layer.features
+    features.loc[rows, "score"] = np.nan
+    if "diameter_mm" in features:
+        features.loc[rows, "diameter_mm"] = np.nan
+    if "label" in features:
+        if isinstance(features["label"].dtype, pd.CategoricalDtype):
+            features["label"] = features["label"].astype(object)
+        features.loc[rows, "label"] = ADDED_LABEL
+    layer.features = features
+    shown = np.asarray(layer.shown, dtype=bool).copy()
+    shown[rows] = True
+    layer.shown = shown
+    return True
 
 
 def volume_from_layer(layer: Any) -> Volume:

@@ -244,3 +244,50 @@ def test_go_to_lists_survive_a_new_layer_when_docked(make_napari_viewer, qtbot, 
     before = widget._goto.choices
     viewer.add_image(np.zeros((4, 4)), name="another layer")
     assert widget._goto.choices == before
+
+
+def test_detect_with_no_detection_adds_an_empty_points_layer(make_napari_viewer, qtbot, random_models,
+                                                           small_phantom, monkeypatch):
+    from napari_medseg._widgets import detect as detect_module
+
+    real = detect_module.detect_lesions
+    # a detector that finds nothing at all: every peak below any threshold
+    monkeypatch.setattr(detect_module, "detect_lesions",
+                        lambda volume, model, card, threshold: real(volume, model, card, threshold=1.0))
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = DetectWidget(viewer)
+    _select(widget, image, random_models["LesionDetector"])
+    n_layers = len(viewer.layers)
+    _run_and_wait(widget, qtbot)
+    points = viewer.layers[-1]
+    assert len(viewer.layers) == n_layers + 1 and isinstance(points, Points) and len(points.data) == 0
+    assert widget._status.value.startswith("0 of 0 detections")
+    points.add([2.0, 10.0, 10.0])  # the user's own lesion on an empty result
+    assert points.features["label"].iloc[-1] == "added" and points.shown[-1]
+
+
+def test_detect_list_follows_deletions_and_added_points_are_never_a_detection(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = DetectWidget(viewer)
+    _select(widget, image, random_models["LesionDetector"])
+    _run_and_wait(widget, qtbot)
+    points = viewer.layers[-1]
+    widget._threshold.value = widget._threshold.min
+    n = len(points.data)
+    assert n >= 3, "the random detector keeps weak peaks"
+    # delete all but two: the go-to list and the count follow (they hold row numbers)
+    points.selected_data = set(range(2, n))
+    points.remove_selected()
+    assert len(widget._goto_items) == 2 and all(i < 2 for _, i in widget._goto_items)
+    assert widget._status.value.startswith("2 of 2 detections")
+    # selecting a detection makes napari copy its features into the defaults for new points
+    points.selected_data = {0}
+    points.mode = "add"
+    points.add([2.0, 10.0, 10.0])
+    added = points.features.iloc[-1]
+    assert np.isnan(added["score"]) and np.isnan(added["diameter_mm"]) and added["label"] == "added"
+    widget._threshold.value = 1.0
+    assert points.shown[-1] and "1 added by you" in widget._status.value

@@ -110,3 +110,27 @@ def test_hidden_points_are_not_lesions(scene):
     pts, diam = widget._points_on_image(points, image)
     np.testing.assert_allclose(pts, [[2.0, 40.0, 40.0]])
     np.testing.assert_allclose(diam, [12.0])
+
+
+def test_slice_lists_stay_with_their_image_and_points_layer(scene):
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    widget._mark_current()
+    listed = widget.annotated_slices()
+    assert 4 in listed
+    # another points layer: its own (empty) lists; back: the first layer's lists again
+    other = viewer.add_points(np.zeros((0, 3)), scale=image.scale, name="other")
+    widget._layer_pick.value = other
+    assert widget.annotated_slices() == []
+    widget._layer_pick.value = points
+    assert widget.annotated_slices() == listed
+    # another image (twice the slices, half the spacing): slice numbers would mean other
+    # slices there, so its list starts empty; back on the first image the list returns
+    fine = viewer.add_image(np.repeat(np.asarray(image.data), 2, axis=0),
+                            scale=(image.scale[0] / 2, *image.scale[1:]), name="ct fine")
+    widget._image.value = fine
+    assert widget.annotated_slices() == []
+    points.add([5.0, 30.0, 30.0])  # world z 5 · 2.5 mm: slice 10 of the fine image
+    assert widget.annotated_slices() == [10]
+    widget._image.value = image
+    assert widget.annotated_slices() == listed

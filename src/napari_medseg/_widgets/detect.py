@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 
-from .._layers import detection_layer_data
+from .._layers import detection_layer_data, mark_added_points
 from ..core.inference import detect_lesions
 from ._model_widget import ModelRunWidget, provenance
 
@@ -54,11 +54,21 @@ class DetectWidget(ModelRunWidget):
             self._viewer.add_image(heat if image_layer.ndim == 3 else heat[0], **_map_layer_kwargs(
                 image_layer, f"{image_layer.name} lesion heatmap ({card.get('name')})", "cyan",
                 provenance(card, image_layer.name), method="detector centre heatmap (sigmoid)"))
+        if self._points is not None:
+            self._points.events.data.disconnect(self._on_points_data)
         self._points = self._viewer.add_points(data, **kwargs)
+        self._points.events.data.connect(self._on_points_data)
         with self._threshold.changed.blocked():
             self._threshold.value = threshold
         self._threshold.enabled = True
         self._apply_threshold()
+
+    def _on_points_data(self, event) -> None:
+        """Points added, moved or deleted by the user: mark added ones as the user's, and
+        rebuild the list and the count (the list holds row numbers, which a deletion shifts)."""
+        if str(getattr(event, "action", "")) in ("added", "removed", "changed"):
+            mark_added_points(self._points, event)
+            self._apply_threshold()
 
     def _apply_threshold(self, _value=None) -> None:
         points = self._points
@@ -86,7 +96,7 @@ class DetectWidget(ModelRunWidget):
 
     def _go_to_lesion(self, index) -> None:
         points = self._points
-        if index is None or points is None or points not in self._viewer.layers:
+        if index is None or points is None or points not in self._viewer.layers or index >= len(points.data):
             return
         world = points.data_to_world(points.data[index])
         if points.ndim == 3:

@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,13 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem
 
 from .. import _jobs
-from .._layers import _labels_kwargs, _like_layer, detection_layer_data, volume_from_layer
+from .._layers import (
+    _labels_kwargs,
+    _like_layer,
+    detection_layer_data,
+    mark_added_points,
+    volume_from_layer,
+)
 from ..core.errors import MedsegInputError
 from ..core.finetune import (
     DEFAULT_SECONDS,
@@ -121,6 +128,11 @@ class _RetrainBase(Container):
         self._edited: set[int] = set()
         self._checked: set[int] = set()
         self._excluded: set[int] = set()
+        # the (image, annotation layer) the three lists above belong to (slice numbers are
+        # the image's), and the lists of pairs picked earlier, so switching away and back
+        # loses nothing: (id(image), id(layer)) -> (weakrefs to both, edited, checked, excluded)
+        self._pair: tuple[Any, Any] = (None, None)
+        self._kept_lists: dict[tuple[int, int], tuple] = {}
         # sortable by time, unique across widgets and processes
         self._session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._save_lock = threading.Lock()
@@ -250,21 +262,42 @@ class _RetrainBase(Container):
                 combo.value = combo.choices[-1]
 
     def _on_image_changed(self, _value=None) -> None:
+        self._switch_pair()
         self._check_for_autosave()
 
     def _track(self, _value=None) -> None:
         layer = self._layer_pick.value
-        if layer is self._tracked:
+        if layer is not self._tracked:
+            if self._tracked is not None:
+                self._disconnect(self._tracked)
+            self._tracked = layer
+            if layer is not None:
+                self._connect(layer)
+        self._switch_pair()
+
+    def _switch_pair(self) -> None:
+        """Keep the slice lists with the (image, layer) pair they were made on: a slice
+        number means a slice of that image, and a list must not follow the user to another
+        image or layer, nor be lost when they come back."""
+        old_image, old_layer = self._pair
+        image, layer = self._image.value, self._layer_pick.value
+        if image is old_image and layer is old_layer:
             return
-        if self._tracked is not None:
-            self._disconnect(self._tracked)
-        self._tracked = layer
-        self._edited.clear()
-        self._checked.clear()
-        self._excluded.clear()
+        if old_image is not None and old_layer is not None:
+            if self._autosave_timer.isActive():  # its edits belong to the old pair's session
+                self._autosave_timer.stop()
+                self.autosave_now(image=old_image, layer=old_layer)
+            if self._edited or self._checked or self._excluded:
+                self._kept_lists[(id(old_image), id(old_layer))] = (
+                    weakref.ref(old_image), weakref.ref(old_layer),
+                    set(self._edited), set(self._checked), set(self._excluded))
+        kept = self._kept_lists.pop((id(image), id(layer)), None)
+        if kept is not None and kept[0]() is image and kept[1]() is layer:
+            self._edited, self._checked, self._excluded = kept[2], kept[3], kept[4]
+        else:
+            self._edited, self._checked, self._excluded = set(), set(), set()
+        self._pair = (image, layer)
         self._rebuild_list()
-        if layer is not None:
-            self._connect(layer)
 
     def _add_empty_layer(self) -> None:
         image = self._image.value
@@ -562,8 +595,8 @@ class _RetrainBase(Container):
             self._worker = None
 
     # -- autosave ----------------------------------------------------------------------
-    def _key_folder(self) -> Path | None:
-        image = self._image.value
+    def _key_folder(self, image: Any = None) -> Path | None:
+        image = self._image.value if image is None else image
         if image is None:
             return None
         return sessions_dir() / session_key(image.name, image.data.shape)
@@ -571,9 +604,13 @@ class _RetrainBase(Container):
     def _schedule_autosave(self) -> None:
         self._autosave_timer.start(AUTOSAVE_DELAY_MS)
 
-    def autosave_now(self, wait: bool = False) -> None:
-        """Copy the annotations and lists now (GUI thread), write them in the background."""
-        folder, layer, image = self._key_folder(), self._layer_pick.value, self._image.value
+    def autosave_now(self, wait: bool = False, image: Any = None, layer: Any = None) -> None:
+        """Copy the annotations and lists now (GUI thread), write them in the background.
+        ``image`` and ``layer``: the pair the current lists belong to (default: the picked
+        ones; :meth:`_switch_pair` passes the pair being left)."""
+        image = self._image.value if image is None else image
+        layer = self._layer_pick.value if layer is None else layer
+        folder = self._key_folder(image)
         if folder is None or layer is None:
             return
         session = self._session(layer, image)
@@ -924,7 +961,8 @@ class RetrainDetectorWidget(_RetrainBase):
         """A NEW Points layer with the version's detections (the edited layer stays)."""
         prov = {**provenance(card, image.name), "model": f"{card.get('name')} v{number}"}
         data, kwargs, _ = detection_layer_data(result, image, prov, float(card.get("peak_threshold", 0.5)))
-        self._viewer.add_points(data, **kwargs)
+        found = self._viewer.add_points(data, **kwargs)
+        found.events.data.connect(lambda event, layer=found: mark_added_points(layer, event))
         shown = int(np.sum(kwargs["shown"])) if len(data) else 0
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number}: {shown} detections at score ≥ {kwargs['metadata']['medseg']['threshold']:.2f}"
