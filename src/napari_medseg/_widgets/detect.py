@@ -6,7 +6,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 
 from .._layers import detection_layer_data, mark_added_points
-from ..core.inference import detect_lesions
+from ..core.inference import card_peak_threshold, detect_lesions
 from ._model_widget import ModelRunWidget, provenance
 
 # Detections are kept down to this score so the threshold slider can reveal weaker ones
@@ -40,11 +40,11 @@ class DetectWidget(ModelRunWidget):
         return [self._threshold, self._goto]
 
     def core_job(self, volume, model, card, options):
-        self._card_threshold = float(card.get("peak_threshold", 0.5))
+        self._card_threshold = card_peak_threshold(card)
         return detect_lesions(volume, model, card, threshold=min(KEEP_SCORE, self._card_threshold))
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
-        threshold = float(card.get("peak_threshold", 0.5))
+        threshold = card_peak_threshold(card)
         data, kwargs, _ = detection_layer_data(result, image_layer,
                                                provenance(card, image_layer.name), threshold)
         if self._with_heatmap.value:  # under the points, so they stay clickable

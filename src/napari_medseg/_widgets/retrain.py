@@ -60,7 +60,7 @@ from ..core.finetune import (
     new_structure_advice,
     unannotated_updates,
 )
-from ..core.inference import detect_lesions, segment_volume
+from ..core.inference import card_peak_threshold, detect_lesions, segment_volume
 from ..core.models.registry import load_model, read_card, user_models_dir
 from ..core.session import (
     AnnotationSession,
@@ -955,12 +955,12 @@ class RetrainDetectorWidget(_RetrainBase):
     def _predict_volume(volume, model, card):
         # keep weak peaks too (hidden below the card's threshold), as the Detect widget does
         return detect_lesions(volume, model, card,
-                              threshold=min(KEEP_SCORE, float(card.get("peak_threshold", 0.5))))
+                              threshold=min(KEEP_SCORE, card_peak_threshold(card)))
 
     def _apply(self, result, image, layer, volume, number, card, prefix="") -> None:
         """A NEW Points layer with the version's detections (the edited layer stays)."""
         prov = {**provenance(card, image.name), "model": f"{card.get('name')} v{number}"}
-        data, kwargs, _ = detection_layer_data(result, image, prov, float(card.get("peak_threshold", 0.5)))
+        data, kwargs, _ = detection_layer_data(result, image, prov, card_peak_threshold(card))
         found = self._viewer.add_points(data, **kwargs)
         found.events.data.connect(lambda event, layer=found: mark_added_points(layer, event))
         shown = int(np.sum(kwargs["shown"])) if len(data) else 0

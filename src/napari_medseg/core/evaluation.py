@@ -395,7 +395,9 @@ def evaluate_detector(model, card, seeds: int | Iterable[int] | None = None,
     records = detector_records(model, card, seeds, md, on_progress=on_progress)
     flat = _flatten(records, md)
     point = froc_point(flat, 1.0)
-    at_card = _at_threshold(flat, float(card.get("peak_threshold", 0.3)), MIN_DIAMETER_MM)
+    from .inference import card_peak_threshold
+
+    at_card = _at_threshold(flat, card_peak_threshold(card), MIN_DIAMETER_MM)
     sweep = {f"{f:g}": round(froc_point(flat, f)["sensitivity"], 4) for f in (0.25, 0.5, 1, 2, 4)}
     sens = point["sensitivity"]
     return {

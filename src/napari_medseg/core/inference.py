@@ -842,6 +842,16 @@ def nms_radius_fraction(card: Mapping[str, Any]) -> float:
     return value
 
 
+#: a detector card without a tuned "peak_threshold" shows detections from this score
+DEFAULT_PEAK_THRESHOLD = 0.3
+
+
+def card_peak_threshold(card: dict) -> float:
+    """The score from which a detector card's detections are shown (its validation-tuned
+    ``peak_threshold``; :data:`DEFAULT_PEAK_THRESHOLD` for a card without one)."""
+    return float(card.get("peak_threshold", DEFAULT_PEAK_THRESHOLD))
+
+
 def detect_lesions(
     volume: Volume,
     model: LesionDetector,
@@ -869,7 +879,7 @@ def detect_lesions(
             f"card says context_slices={card['context_slices']}, the model sees {model.in_slices}"
             " slices (context {context})"
         )
-    thr = float(card.get("peak_threshold", 0.3) if threshold is None else threshold)
+    thr = card_peak_threshold(card) if threshold is None else float(threshold)
     mind = float(card.get("min_distance_mm", 6.0) if min_distance_mm is None else min_distance_mm)
     radius_fraction = nms_radius_fraction(card)
     if not (math.isfinite(thr) and 0 <= thr <= 1) or not (math.isfinite(mind) and mind >= 0):
