@@ -37,6 +37,20 @@ def test_phantom_then_info(tmp_path, capsys):
     assert "(z, y, x)" in text and "CT" in text and "gaps:     none" in text
 
 
+def test_phantom_overwrite_is_all_or_nothing(tmp_path, capsys):
+    out = tmp_path / "ph"
+    assert main(["phantom", str(out), "--shape", "2", "32", "32"]) == 0
+    before = {name: (out / name).read_bytes() for name in ("image.nii.gz", "labels.nii.gz")}
+    (out / "lesions.csv").unlink()
+    (out / "lesions.csv").mkdir()  # the third file cannot be written
+    capsys.readouterr()
+    assert main(["phantom", str(out), "--shape", "2", "32", "32", "--seed", "9", "--overwrite"]) == 2
+    assert "lesions.csv" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before  # the old pair stays
+    assert sorted(p.name for p in out.iterdir()) == sorted(["image.nii.gz", "labels.nii.gz",
+                                                            "lesions.csv", "slice_classes.csv"])
+
+
 def test_phantom_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "ph"
     assert main(["phantom", str(out), "--shape", "2", "32", "32"]) == 0

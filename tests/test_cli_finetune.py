@@ -23,7 +23,7 @@ def case(tmp_path_factory):
 
 def test_parse_slices():
     assert parse_slices("10, 20,22-24") == [10, 20, 22, 23, 24]
-    for bad in ("", "a", "5-3", "1,,x"):
+    for bad in ("", "a", "5-3", "1,,x", "0-99999999999"):  # the last: refused, not built
         with pytest.raises(Exception, match="slices"):
             parse_slices(bad)
 
@@ -97,6 +97,14 @@ def test_finetune_detector_from_a_points_csv(case, tmp_path, capsys):
                   ["--labels", str(d / "labels.nii.gz"), "--points", str(csv_path)]):
         assert main(["finetune", "detector", "--image", str(d / "image.nii.gz"), "--slices", "3",
                      "--out", str(tmp_path / "x"), *extra]) == 2
+    assert not (tmp_path / "x").exists()
+    # a CSV that names no z, y, x columns is not "no lesions": refused (a header alone is)
+    for text in ("", "a,b\n1,2\n"):
+        (tmp_path / "bad.csv").write_text(text)
+        capsys.readouterr()
+        assert main(["finetune", "detector", "--image", str(d / "image.nii.gz"), "--points",
+                     str(tmp_path / "bad.csv"), "--slices", "3", "--out", str(tmp_path / "x")]) == 2
+        assert "header naming columns z, y, x" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -140,6 +140,25 @@ def test_npy_input(tmp_path, models):
     assert read_nifti(out).shape == (1, 30, 26)
 
 
+def test_reader_warnings_reach_stderr(tmp_path, models, capsys, monkeypatch):
+    """What `info` warns about (two series in a folder, gaps …) is said by every command."""
+    from napari_medseg.core import Volume, io
+
+    src = tmp_path / "ct.npy"
+    np.save(src, np.zeros((6, 32, 32), np.float32))
+    real = io.read_volume
+
+    def read_with_warning(path):  # as the DICOM reader does for a folder of two series
+        v = real(path)
+        return Volume(v.array, spacing=v.spacing,
+                      metadata={**v.metadata, "warnings": ["folder holds 2 series; opened the largest"]})
+
+    monkeypatch.setattr(io, "read_volume", read_with_warning)
+    assert main(["classify", str(src), str(tmp_path / "c.csv"), "--model",
+                 str(models["classifier"]), "--quiet"]) == 0
+    assert "classify: warning: folder holds 2 series" in capsys.readouterr().err
+
+
 def _corrupt_weights(tmp_path, models):
     bad = tmp_path / "bad"
     bad.mkdir()

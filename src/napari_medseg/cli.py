@@ -52,20 +52,19 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     )
     out.mkdir(parents=True, exist_ok=True)
     volume = phantom.volume
-    write_nifti(out / "image.nii.gz", volume.array, volume.spacing, volume.origin)
-    write_nifti(out / "labels.nii.gz", phantom.labels, volume.spacing, volume.origin)
-    _write_csv_atomic(
-        out / "lesions.csv",
-        ("z", "y", "x", "radius_mm"),
-        [
-            (*(round(float(c), 2) for c in lesion.center_zyx), round(lesion.radius_mm, 2))
-            for lesion in phantom.lesions
-        ],
-    )
-    _write_csv_atomic(
-        out / "slice_classes.csv",
-        ("slice", "class_id", "class_name"),
-        [(z, int(c), SLICE_CLASSES[int(c)]) for z, c in enumerate(phantom.slice_classes)],
+    lesion_rows = [(*(round(float(c), 2) for c in lesion.center_zyx), round(lesion.radius_mm, 2))
+                   for lesion in phantom.lesions]
+    class_rows = [(z, int(c), SLICE_CLASSES[int(c)]) for z, c in enumerate(phantom.slice_classes)]
+    # all four or none: a new image must never sit next to an old ground truth
+    cli_infer._write_all(
+        (out / "image.nii.gz", lambda: write_nifti(out / "image.nii.gz", volume.array,
+                                                   volume.spacing, volume.origin)),
+        (out / "labels.nii.gz", lambda: write_nifti(out / "labels.nii.gz", phantom.labels,
+                                                    volume.spacing, volume.origin)),
+        (out / "lesions.csv", lambda: _write_csv_atomic(out / "lesions.csv",
+                                                        ("z", "y", "x", "radius_mm"), lesion_rows)),
+        (out / "slice_classes.csv", lambda: _write_csv_atomic(
+            out / "slice_classes.csv", ("slice", "class_id", "class_name"), class_rows)),
     )
     print(
         f"wrote {', '.join(PHANTOM_OUTPUTS)} to {out} "

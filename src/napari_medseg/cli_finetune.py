@@ -23,6 +23,10 @@ import numpy as np
 from .core.errors import MedsegInputError
 
 
+#: more slices than any volume holds (a range longer than this is a typo)
+MAX_SLICES = 100_000
+
+
 def parse_slices(text: str) -> list[int]:
     """"10,20,30" or "10-14,30" → sorted unique slice indices."""
     out: set[int] = set()
@@ -36,9 +40,13 @@ def parse_slices(text: str) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError(part)
+                if hi - lo >= MAX_SLICES:  # no volume is that deep; do not build the range
+                    raise MedsegInputError(f"--slices range {part} is longer than any volume")
                 out.update(range(lo, hi + 1))
             else:
                 out.add(int(part))
+    except MedsegInputError:
+        raise
     except ValueError as exc:
         raise MedsegInputError(
             f"--slices must be comma-separated slice numbers or ranges like 10,20-22, got {text!r}"
@@ -68,11 +76,16 @@ def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
     except FileNotFoundError as exc:
         raise MedsegInputError("no such file", path) from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise MedsegInputError(f"not a readable CSV ({exc})", path) from exc
+    if not {"z", "y", "x"} <= columns:  # a header of z,y,x alone is a list of no lesions
+        raise MedsegInputError("the CSV needs a header naming columns z, y, x (and optionally"
+                               " diameter_mm)", path)
     try:
         pts = np.array([[float(r["z"]), float(r["y"]), float(r["x"])] for r in rows]).reshape(-1, 3)
         diam = np.array([float(r.get("diameter_mm") or "nan") for r in rows])

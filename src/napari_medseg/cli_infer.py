@@ -77,6 +77,8 @@ def _load(args: argparse.Namespace, command: str) -> tuple[Any, Any, dict]:
     from .core.models import load_model
 
     volume = read_volume(args.input)
+    for warning in volume.metadata.get("warnings", ()):  # what `info` would say: mixed series, gaps …
+        print(f"{command}: warning: {warning}", file=sys.stderr)
     model, card = load_model(args.model or DEFAULT_MODELS[command])
     return volume, model, card
 

@@ -572,3 +572,12 @@ def test_no_patient_data_in_metadata_warnings_or_summary(tmp_path):
     text = repr(vol.metadata) + repr(vol.summary())
     for secret in (*PHI, uid, "1.2.3.4", str(tmp_path.parent)):
         assert secret not in text
+
+
+def test_short_reason_keeps_a_decoders_later_lines_on_one_line():
+    from napari_medseg.core.io._common import short_reason
+
+    exc = RuntimeError("Unable to decode as exceptions were raised by all plugins:\n"
+                       "  pillow: Pillow does not support 'JPEG Extended'\n")
+    text = short_reason(exc, limit=200)
+    assert "\n" not in text and "Pillow does not support" in text

@@ -811,3 +811,12 @@ def test_a_loaded_card_can_be_saved_again_as_a_new_model(tmp_path):
     assert reloaded_card["metrics"] == {"accuracy": 0.95}
     with torch.no_grad():
         assert torch.equal(model(x), reloaded(x))
+
+
+def test_a_card_whose_layers_cannot_be_allocated_is_an_input_error():
+    from napari_medseg.core.models.registry import build_model
+
+    card = {"architecture": "SliceClassifier",
+            "arch_params": {"n_classes": 3, "filters": (8, 8, 8), "hidden": 10**13}}
+    with pytest.raises(MedsegInputError, match="cannot be built"):
+        build_model(card)

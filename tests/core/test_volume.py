@@ -33,6 +33,9 @@ def test_metadata_drops_identifiers():
         (np.zeros((2, 4, 4)), (1, 1), "three numbers"),
         (np.zeros((2, 4, 4)), (1, float("nan"), 1), "finite"),
         (np.array([[["a"]]]), (1, 1, 1), "numbers"),
+        (np.full((2, 4, 4), np.nan), (1, 1, 1), "no finite voxel"),
+        (np.where(np.eye(4)[None] > 0, np.inf, 0.0), (1, 1, 1), "4 voxels are infinite"),
+        (np.full((1, 2, 2), 1e300), (1, 1, 1), "exceed the float32 range"),
     ],
 )
 def test_bad_volumes_raise_clear_errors(array, spacing, match):
@@ -58,8 +61,8 @@ def test_value_range_ignores_missing_and_nan():
     vol = Volume(array, missing=[False, True, False])
     assert vol.value_range() == (0.0, 11.0)
     assert vol.missing_slices() == [1]
-    with pytest.raises(MedsegInputError, match="no finite voxels"):
-        Volume(np.full((2, 2, 2), np.nan)).value_range()
+    with pytest.raises(MedsegInputError, match="no finite voxel"):  # refused when made
+        Volume(np.full((2, 2, 2), np.nan))
 
 
 def test_display_window_ct_and_other():

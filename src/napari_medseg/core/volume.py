@@ -80,7 +80,17 @@ class Volume:
             raise MedsegInputError(f"expected numbers, got dtype {array.dtype}")
         if np.iscomplexobj(array):
             raise MedsegInputError("complex-valued images are not supported")
+        if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+            with np.errstate(invalid="ignore"):
+                too_large = np.abs(array[np.isfinite(array)]) > np.finfo(np.float32).max
+            if too_large.any():
+                raise MedsegInputError(
+                    f"{int(too_large.sum())} voxels exceed the float32 range (about ±3.4e38)")
         array = np.ascontiguousarray(array, dtype=np.float32)
+        # NaN marks missing voxels; infinity is not a measurement, and a volume with no
+        # finite voxel at all would only yield invented output
+        if np.isinf(array).any():
+            raise MedsegInputError(f"{int(np.isinf(array).sum())} voxels are infinite")
         spacing = _as_triplet(self.spacing, "spacing")
         if min(spacing) <= 0:
             raise MedsegInputError(f"spacing must be positive, got {spacing}")
@@ -93,6 +103,9 @@ class Volume:
                 raise MedsegInputError(
                     f"missing-slice mask has shape {missing.shape}, expected ({array.shape[0]},)"
                 )
+        # (every slice missing is allowed: nothing runs on it, and it says so)
+        if not missing.all() and not np.isfinite(array[~missing]).any():
+            raise MedsegInputError("the volume holds no finite voxel (all NaN)")
         metadata = {k: v for k, v in dict(self.metadata).items() if k in SAFE_METADATA_KEYS}
         # frozen dataclass: normalise fields in place once, then the object is immutable
         object.__setattr__(self, "array", array)

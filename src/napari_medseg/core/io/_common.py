@@ -54,8 +54,10 @@ def triplet(values, name: str, *, positive: bool) -> tuple[float, float, float]:
 
 
 def short_reason(exc: BaseException, limit: int = 120) -> str:
-    """First line of an exception message, truncated: error messages must stay one line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """An exception message on one line (its lines joined by "; "), truncated: error
+    messages must stay one line, and a decoder's reason is often on a later line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = "; ".join(lines) if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

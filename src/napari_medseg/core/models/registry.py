@@ -330,6 +330,9 @@ def build_model(card: Mapping[str, Any]) -> nn.Module:
         raise MedsegInputError(f"bad arch_params for {cls.__name__}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise MedsegInputError(f"bad arch_params for {cls.__name__}: {exc}") from exc
+    except (RuntimeError, MemoryError) as exc:  # e.g. absurd layer sizes in an edited card
+        raise MedsegInputError(f"arch_params for {cls.__name__} cannot be built"
+                               f" ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:80]})") from exc
 
 
 def _state_dict_mismatch(model: nn.Module, tensors: Mapping[str, Any]) -> str | None:
