@@ -581,3 +581,15 @@ def test_short_reason_keeps_a_decoders_later_lines_on_one_line():
                        "  pillow: Pillow does not support 'JPEG Extended'\n")
     text = short_reason(exc, limit=200)
     assert "\n" not in text and "Pillow does not support" in text
+
+
+def test_a_truncated_image_file_is_named_alone_and_counted_in_a_folder(tmp_path):
+    uid = write_series(tmp_path / "series", [0.0, 2.0, 4.0])
+    cut = _base(CTImageStorage, uid)  # an image file cut off before its image header
+    _save(cut, tmp_path / "series" / "zz_cut.dcm")
+    vol = read_volume(tmp_path / "series")
+    assert vol.shape[0] == 3
+    assert "skipped 1 truncated or malformed image file" in vol.metadata["warnings"]
+    with pytest.raises(MedsegInputError, match="truncated or malformed image") as err:
+        read_volume(tmp_path / "series" / "zz_cut.dcm")
+    assert_clean_error(err.value, tmp_path / "series" / "zz_cut.dcm")

@@ -150,6 +150,8 @@ def _read_file(path: Path) -> Volume:
         raise MedsegInputError("the file is empty", path)
     ds = _dcmread(path)
     if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if _is_image_storage(ds):  # an image whose file was cut short
+            raise MedsegInputError(f"truncated or malformed image: no pixel data ({_kind(ds)})", path)
         raise MedsegInputError(f"holds no image ({_kind(ds)})", path)
     if "Rows" not in ds or "Columns" not in ds:
         raise MedsegInputError("malformed DICOM image (no Rows/Columns tags)", path)
@@ -163,7 +165,7 @@ def _read_folder(folder: Path) -> Volume:
     if not files:
         raise MedsegInputError("folder holds no files", folder)
     images: list[tuple[Path, Dataset]] = []
-    skipped = 0
+    skipped = broken = 0
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -172,6 +174,8 @@ def _read_folder(folder: Path) -> Volume:
             continue
         if "Rows" in ds and "Columns" in ds:
             images.append((f, ds))
+        elif _is_image_storage(ds):  # an image file cut short before its image header
+            broken += 1
         # else: DICOMDIR, structured report, RT plan ... DICOM but no image
     if not images:
         n = len(files)
@@ -190,6 +194,8 @@ def _read_folder(folder: Path) -> Volume:
         warns.append(f"folder holds {len(groups)} series; opened the largest ({label})")
     if skipped:
         warns.append(f"skipped {skipped} non-DICOM file{'s' if skipped > 1 else ''}")
+    if broken:
+        warns.append(f"skipped {broken} truncated or malformed image file{'s' if broken > 1 else ''}")
 
     frames: list[_Frame] = []
     for f, ds in groups[chosen]:
@@ -215,6 +221,11 @@ def _kind(ds: Dataset) -> str:
     sop = ds.get("SOPClassUID")
     name = getattr(sop, "name", "") if sop else ""
     return name or str(ds.get("Modality", "") or "unknown type")
+
+
+def _is_image_storage(ds: Dataset) -> bool:
+    """Whether the file's SOP class is one that stores an image (CT, MR … Image Storage)."""
+    return "Image Storage" in _kind(ds)
 
 
 def _check_image_header(ds: Dataset, path: Path) -> None:
