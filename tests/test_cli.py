@@ -90,3 +90,15 @@ def test_console_script_runs(tmp_path):
     exe = [sys.executable, "-m", "napari_medseg.cli"]
     result = subprocess.run([*exe, "info", str(tmp_path / "nope.npy")], capture_output=True, text=True)
     assert result.returncode == 2 and "nope.npy" in result.stderr and not result.stdout
+
+
+def test_outputs_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        assert main(["phantom", str(tmp_path / "ph"), "--shape", "2", "32", "32"]) == 0
+    finally:
+        os.umask(mask)
+    for name in ("image.nii.gz", "lesions.csv", "slice_classes.csv"):
+        assert (tmp_path / "ph" / name).stat().st_mode & 0o777 == 0o644, name

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
+from .core.io._common import regular_file_mode
 
 EXIT_BAD_INPUT = 2
 
@@ -28,6 +29,7 @@ def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence
             writer = csv.writer(handle)
             writer.writerow(header)
             writer.writerows(rows)
+        os.chmod(tmp, regular_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

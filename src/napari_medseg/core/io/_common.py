@@ -11,6 +11,7 @@ coordinate (z, y, x) of the first voxel.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,11 @@ def short_reason(exc: BaseException, limit: int = 120) -> str:
 def source_name(path: Path) -> str:
     """Just the file or folder name: a full path can reveal a patient's study folder."""
     return Path(path).name
+
+
+def regular_file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give (0o666 less the umask):
+    ``tempfile.mkstemp``, used for atomic writes, makes 0o600 files instead."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

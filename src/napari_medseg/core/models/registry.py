@@ -31,6 +31,7 @@ import safetensors.torch
 from torch import nn
 
 from ..errors import MedsegInputError
+from ..io._common import regular_file_mode
 from .classifier import SliceClassifier
 from .detector import LesionDetector
 from .generator import SliceGenerator
@@ -142,6 +143,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, regular_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
