@@ -14,6 +14,7 @@ from typing import Any, Callable
 from napari.qt.threading import GeneratorWorker, FunctionWorker, create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
 
 from .core.errors import MedsegInputError
 from .core.progress import Progress
@@ -82,12 +83,27 @@ def start_job(
     if is_generator:
         worker.yielded.connect(_on_yield)
         worker.aborted.connect(_on_aborted)
+        # in the worker thread, as it stops: the job's `with` blocks (thread governor,
+        # forked RNG, inference mode) end now and in the thread that entered them, not
+        # whenever the garbage collector finds the generator, in another thread, maybe
+        # during the next job
+        worker.aborted.connect(lambda: _close_generator(worker), Qt.ConnectionType.DirectConnection)
     worker.returned.connect(_on_returned)
     worker.errored.connect(_on_error)
     worker.finished.connect(_on_finished)
     worker.cancel = lambda: _cancel(worker, state)  # type: ignore[attr-defined]
     worker.start()
     return worker
+
+
+def _close_generator(worker: Any) -> None:
+    gen = getattr(worker, "_gen", None)
+    if gen is None:
+        return
+    try:
+        gen.close()
+    except Exception:  # a job's cleanup failing must not take the GUI down
+        log.exception("closing a cancelled napari-medseg job failed")
 
 
 def _cancel(worker: Any, state: dict) -> None:
