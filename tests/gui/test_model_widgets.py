@@ -93,13 +93,18 @@ def test_widgets_run_on_real_ct_opened_by_reader(make_napari_viewer, qtbot, rand
         assert result.data.shape == image.data.shape
 
 
-def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_models, small_phantom):
+def _detect(make_napari_viewer, qtbot, random_models, phantom):
+    """The Detect widget run on a phantom: (viewer, image, widget, its Points layer)."""
     viewer = make_napari_viewer()
-    image = _open_phantom(viewer, small_phantom)
+    image = _open_phantom(viewer, phantom)
     widget = DetectWidget(viewer)
     _select(widget, image, random_models["LesionDetector"])
     _run_and_wait(widget, qtbot)
-    points = viewer.layers[-1]
+    return viewer, image, widget, viewer.layers[-1]
+
+
+def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer, image, widget, points = _detect(make_napari_viewer, qtbot, random_models, small_phantom)
     assert isinstance(points, Points) and points is not viewer.layers[2]
     _assert_on_image(points, image)
     assert {"score", "diameter_mm"} <= set(points.features.columns)
@@ -269,12 +274,7 @@ def test_detect_with_no_detection_adds_an_empty_points_layer(make_napari_viewer,
 
 def test_detect_list_follows_deletions_and_added_points_are_never_a_detection(
         make_napari_viewer, qtbot, random_models, small_phantom):
-    viewer = make_napari_viewer()
-    image = _open_phantom(viewer, small_phantom)
-    widget = DetectWidget(viewer)
-    _select(widget, image, random_models["LesionDetector"])
-    _run_and_wait(widget, qtbot)
-    points = viewer.layers[-1]
+    viewer, image, widget, points = _detect(make_napari_viewer, qtbot, random_models, small_phantom)
     widget._threshold.value = widget._threshold.min
     n = len(points.data)
     assert n >= 3, "the random detector keeps weak peaks"
