@@ -134,3 +134,16 @@ def test_slice_lists_stay_with_their_image_and_points_layer(scene):
     assert widget.annotated_slices() == [10]
     widget._image.value = image
     assert widget.annotated_slices() == listed
+
+
+def test_a_round_still_shows_its_detections_when_the_users_points_layer_is_deleted(scene, qtbot):
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    widget._mark_current()
+    widget._seconds.value = 3.0
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: len(widget._curve.losses) >= 1, timeout=60_000)
+    viewer.layers.remove(points)  # the round trained on a copy; its output is a new layer
+    _wait(widget, qtbot)
+    assert len(widget._history.versions) == 2
+    assert isinstance(viewer.layers[-1], Points) and "v1" in viewer.layers[-1].metadata["medseg"]["model"]

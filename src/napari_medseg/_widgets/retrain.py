@@ -115,6 +115,9 @@ class _RetrainBase(Container):
     edited_word = "edited"
     checked_word = "checked correct"
     mark_text = "Mark current slice correct"
+    #: whether a prediction is written into the annotation layer (else into a new layer,
+    #: which needs only the image to be there still)
+    writes_into_layer = True
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
@@ -574,7 +577,9 @@ class _RetrainBase(Container):
                             self._history.versions[number].card)
 
     def _apply_checked(self, prediction, image, layer, volume, number, card, prefix="") -> None:
-        if layer not in self._viewer.layers or image not in self._viewer.layers:
+        gone = image not in self._viewer.layers or (self.writes_into_layer
+                                                    and layer not in self._viewer.layers)
+        if gone:
             show_warning("Retrain: a layer was removed meanwhile; the prediction was not written")
             return
         self._apply(prediction, image, layer, volume, number, card, prefix)
@@ -873,6 +878,7 @@ class RetrainDetectorWidget(_RetrainBase):
     edited_word = "points edited"
     checked_word = "reviewed"
     mark_text = "Mark current slice reviewed"
+    writes_into_layer = False
 
     def _connect(self, layer) -> None:
         layer.events.data.connect(self._on_points)
