@@ -36,6 +36,7 @@ def start_job(
     on_result: Callable[[Any], None],
     on_finished: Callable[[], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    on_error: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> GeneratorWorker | FunctionWorker:
     """Start ``job(*args, **kwargs)`` in a worker with a napari progress bar.
@@ -43,7 +44,8 @@ def start_job(
     ``on_result`` runs in the GUI thread with the job's return value, and never after a
     cancel. Errors become a notification. ``on_finished`` always runs (success, error or
     cancel), so widgets can re-enable their buttons. ``on_progress`` gets every
-    ``Progress`` in the GUI thread (e.g. to plot a live loss curve).
+    ``Progress`` in the GUI thread (e.g. to plot a live loss curve). ``on_error`` gets
+    the one-line message of a failure (e.g. for the widget's status line).
     """
     is_generator = inspect.isgeneratorfunction(job)
     # errors are ours to report (below); otherwise napari re-raises them in the GUI thread
@@ -70,6 +72,8 @@ def start_job(
             return
         log.exception("napari-medseg job %r failed", description, exc_info=exc)
         show_error(f"{description} failed: {error_message(exc)}")
+        if on_error is not None:
+            on_error(error_message(exc))
 
     def _on_aborted() -> None:
         state["cancelled"] = True

@@ -44,6 +44,12 @@ def test_explanation_layer_sits_on_the_image(make_napari_viewer, qtbot, random_m
         assert widget._goto.choices  # slices to correct first
         viewer.add_image(np.zeros((4, 4)), name="another")  # napari resets pickers …
         assert widget._goto.choices  # … and the list survives
+        # the first-ranked slice is already the shown entry: activating it still goes there
+        viewer.dims.set_point(0, image.data_to_world([0, 0, 0])[0])
+        first = widget._goto.value
+        widget._goto.native.activated.emit(0)
+        expected = image.data_to_world([first, 0, 0])[0]
+        assert viewer.dims.point[0] == pytest.approx(expected, abs=image.scale[0] / 2)
 
 
 def test_detect_can_add_its_heatmap_under_the_points(make_napari_viewer, qtbot, random_models,

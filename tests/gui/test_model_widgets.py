@@ -291,3 +291,33 @@ def test_detect_list_follows_deletions_and_added_points_are_never_a_detection(
     assert np.isnan(added["score"]) and np.isnan(added["diameter_mm"]) and added["label"] == "added"
     widget._threshold.value = 1.0
     assert points.shown[-1] and "1 added by you" in widget._status.value
+
+
+def test_a_failed_job_says_so_in_the_status_line(make_napari_viewer, qtbot, random_models,
+                                                 small_phantom, monkeypatch):
+    from napari_medseg.core.errors import MedsegInputError
+
+    def failing_job(self, volume, model, card, options):
+        raise MedsegInputError("the model refused this volume")
+        yield  # a generator job, as every core job is
+
+    monkeypatch.setattr(SegmentWidget, "core_job", failing_job)
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = SegmentWidget(viewer)
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    _run_and_wait(widget, qtbot)
+    assert widget._status.value == "Segment failed: the model refused this volume"
+    assert widget._run.enabled
+
+
+def test_slices_without_a_finite_voxel_are_missing_slices(make_napari_viewer):
+    from napari_medseg._layers import volume_from_layer
+
+    viewer = make_napari_viewer()
+    data = np.zeros((5, 8, 8), np.float32)
+    data[3] = np.nan  # a NaN block the metadata does not mark as missing
+    data[1, 2:4, 2:4] = np.nan  # NaN voxels in an acquired slice: still acquired
+    volume = volume_from_layer(viewer.add_image(data, name="ct"))
+    assert volume.missing_slices() == [3]
+

@@ -149,6 +149,7 @@ class ModelRunWidget(Container):
             description=f"{self.task} '{layer.name}'",
             on_result=lambda out: self._on_result(out, layer, volume),
             on_finished=lambda: self._set_running(False),
+            on_error=lambda message: setattr(self._status, "value", f"{self.task} failed: {message}"),
         )
 
     def _job(self, volume, card_path, options):

@@ -82,6 +82,10 @@ class UncertaintyWidget(ModelRunWidget):
         self._goto = ComboBox(label="Correct first", choices=lambda _w=None: self._goto_items,
                               enabled=False)
         self._goto.changed.connect(lambda z: z is not None and self._go_to(z))
+        # picking the entry already shown (the most uncertain slice, after a run) changes
+        # nothing, but the user still expects to be taken there
+        self._goto.native.activated.connect(
+            lambda _i: self._goto.value is not None and self._go_to(self._goto.value))
         return [self._goto]
 
     def options(self) -> dict:

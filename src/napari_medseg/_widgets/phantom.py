@@ -94,6 +94,7 @@ class PhantomWidget(Container):
             description="Synthetic phantom",
             on_result=self._add_layers,
             on_finished=lambda: self._set_running(False),
+            on_error=lambda message: setattr(self._status, "value", f"Failed: {message}"),
         )
 
     def _on_cancel(self) -> None:

@@ -524,7 +524,8 @@ class _RetrainBase(Container):
         self._status.value = f"{description}…"
         self._worker = _jobs.start_job(
             job, *args, description=description, on_result=on_result,
-            on_finished=lambda: self._set_running(False), on_progress=self._on_progress)
+            on_finished=lambda: self._set_running(False), on_progress=self._on_progress,
+            on_error=lambda message: setattr(self._status, "value", f"{description} failed: {message}"))
 
     def _on_progress(self, report) -> None:
         partial = report.partial
