@@ -67,6 +67,14 @@ def test_only_annotated_slices_are_learned_from_and_the_input_model_is_untouched
     assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 
+def test_a_one_slice_volume_can_be_fine_tuned(tiny):
+    """A 2D image is a one-slice volume; a flipped one-slice crop must still reach torch."""
+    one = generate_phantom((1, 64, 64), (2.5, 2.0, 2.0), seed=3)
+    for seed in range(3):  # each draws its flips differently
+        result = _finetune(tiny, one, one.labels, [0], seed=seed, steps=6)
+        assert result.report.steps == 6
+
+
 def test_trainable_part_is_the_only_one_updated(tiny, phantom):
     original = _weights(tiny)
     res = _finetune(tiny, phantom, phantom.labels.copy(), [3, 6], trainable="decoder")

@@ -314,3 +314,97 @@ def test_undo_and_redo_are_autosaved_and_keep_the_list_true(scene, qtbot):
     widget._autosave_timer.stop()
     viewer.dims.set_current_step(0, 3)  # scrolling also emits set_data: no save, no change
     assert not widget._autosave_timer.isActive() and widget.annotated_slices() == [2, 5, 7]
+
+
+class _Prediction:  # what segment_volume returns, as far as _apply reads it
+    def __init__(self, labels):
+        self.labels = labels
+
+
+def test_the_pickers_are_locked_during_a_round_and_its_write_protects_its_own_pair(scene, qtbot):
+    from napari_medseg._layers import volume_from_layer
+
+    viewer, image, labels, widget, phantom = scene
+    truth = phantom.labels
+    _paint_slice(labels, 2, truth)
+    widget._seconds.value = 30.0
+    widget._run.clicked.emit()
+    assert not widget._image.enabled and not widget._labels_pick.enabled
+    widget._cancel.clicked.emit()
+    _wait(widget, qtbot)
+    assert widget._image.enabled and widget._labels_pick.enabled
+    # a script may still switch: a late write keeps the slices of the pair it ran on
+    other = viewer.add_labels(np.zeros_like(labels.data), name="other", scale=image.scale)
+    widget._labels_pick.value = other
+    before = np.array(labels.data[2], copy=True)
+    widget._apply(_Prediction(np.full(labels.data.shape, 3, np.uint8)), image, labels,
+                  volume_from_layer(image), 1, {})
+    np.testing.assert_array_equal(labels.data[2], before)
+    assert (labels.data[6] == 3).all()
+
+
+def test_a_round_ending_mid_stroke_writes_after_the_stroke(scene, qtbot):
+    from napari_medseg._layers import volume_from_layer
+
+    viewer, image, labels, widget, phantom = scene
+    truth = phantom.labels
+    _paint_slice(labels, 2, truth)
+    labels.brush_size = 5
+    with labels.block_history():  # napari's drag: one undo step from press to release
+        labels.paint((3, 30, 30), 7)
+        widget._apply_checked(_Prediction(np.full(labels.data.shape, 3, np.uint8)), image,
+                              labels, volume_from_layer(image), 1, {})
+        qtbot.wait(100)
+        assert not (labels.data[6] == 3).all(), "no write inside the user's stroke"
+        labels.paint((3, 30, 40), 7)
+    qtbot.waitUntil(lambda: bool((labels.data[6] == 3).all()), timeout=5000)
+    assert widget.annotated_slices() == [2, 3] and labels.data[3, 30, 30] == 7
+
+
+def test_undo_and_redo_after_switching_layers_keep_the_list_true(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    truth = phantom.labels
+    _paint_slice(labels, 2, truth)
+    widget._predict.clicked.emit()  # the widget's own write: one undo step
+    _wait(widget, qtbot)
+    labels.selected_label = 5
+    labels.data_setitem((np.array([4]), np.array([10]), np.array([10])), 5)  # a stroke on 4
+    assert widget.annotated_slices() == [2, 4]
+    labels.undo()  # the only stroke on 4 (the re-prediction before it does not count)
+    assert widget.annotated_slices() == [2]
+    labels.undo()  # the re-prediction
+    other = viewer.add_labels(np.zeros_like(labels.data), name="other", scale=image.scale)
+    widget._labels_pick.value = other
+    widget._labels_pick.value = labels
+    labels.redo()  # still known as the widget's write, not a stroke on every slice
+    assert widget.annotated_slices() == [2]
+
+
+def test_a_labels_layer_off_the_image_grid_is_refused(scene):
+    viewer, image, labels, widget, phantom = scene
+    truth = phantom.labels
+    shifted = viewer.add_labels(np.array(labels.data), name="shifted", scale=image.scale,
+                                translate=(image.translate[0] + image.scale[0], 0, 0))
+    widget._labels_pick.value = shifted
+    _paint_slice(shifted, 3, truth)
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    assert widget._worker is None
+    assert any("does not lie on" in m for m in _errors_since(start))
+
+
+def test_two_labels_layers_autosave_to_two_folders(scene):
+    from napari_medseg.core.session import load_session
+
+    viewer, image, labels, widget, phantom = scene
+    truth = phantom.labels
+    _paint_slice(labels, 2, truth)
+    widget.autosave_now(wait=True)
+    other = viewer.add_labels(np.zeros_like(labels.data), name="other", scale=image.scale)
+    widget._labels_pick.value = other
+    _paint_slice(other, 5, truth)
+    widget.autosave_now(wait=True)
+    folders = sorted(p for p in widget._key_folder().iterdir())
+    assert len(folders) == 2
+    edited = sorted(tuple(load_session(p).edited) for p in folders)
+    assert edited == [(2,), (5,)]

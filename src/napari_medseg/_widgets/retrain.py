@@ -127,6 +127,9 @@ class _RetrainBase(Container):
         #: the versions of models picked earlier (model card path → history)
         self._kept_histories: dict[str | None, VersionHistory] = {}
         self._tracked = None  # the annotation layer whose edit events we follow
+        self._layer_state: dict[int, tuple] = {}  # per tracked layer (see _connect)
+        self._session_folders: dict[int, tuple] = {}  # id(layer) -> (weakref, folder name)
+        self._session_folder_count = 0
         self._writing = False  # our own writes are not user annotations
         self._edited: set[int] = set()
         self._checked: set[int] = set()
@@ -327,6 +330,15 @@ class _RetrainBase(Container):
     def annotated_slices(self) -> list[int]:
         """Every listed slice (edited or checked): never overwritten by a re-prediction."""
         return sorted(self._edited | self._checked)
+
+    def annotated_slices_of(self, image: Any, layer: Any) -> list[int]:
+        """The listed slices of that (image, layer) pair, picked now or earlier."""
+        if image is self._pair[0] and layer is self._pair[1]:
+            return self.annotated_slices()
+        kept = self._kept_lists.get((id(image), id(layer)))
+        if kept is None or kept[0]() is not image or kept[1]() is not layer:
+            return []
+        return sorted(kept[2] | kept[3])
 
     def training_slices(self) -> list[int]:
         return [z for z in self.annotated_slices() if z not in self._excluded]
@@ -583,6 +595,12 @@ class _RetrainBase(Container):
         if gone:
             show_warning("Retrain: a layer was removed meanwhile; the prediction was not written")
             return
+        if self.writes_into_layer and getattr(layer, "_block_history", False):
+            # the user is mid-stroke (napari stages a drag as one undo step): writing now
+            # would land inside their stroke; write once they let go
+            QTimer.singleShot(50, lambda: self._apply_checked(prediction, image, layer, volume,
+                                                             number, card, prefix))
+            return
         self._apply(prediction, image, layer, volume, number, card, prefix)
         self._result_shown = True
         self._schedule_autosave()
@@ -593,7 +611,10 @@ class _RetrainBase(Container):
             self._status.value = "Cancelled: the model versions are unchanged"
 
     def _set_running(self, running: bool) -> None:
-        for button in (self._run, self._predict, self._revert, self._save,
+        # the pickers too: the listed (protected) slices belong to the picked pair, and a
+        # round's re-prediction must be checked against the pair it was started on
+        for button in (self._run, self._predict, self._revert, self._save, self._image,
+                       self._layer_pick, self._new_layer,
                        *([self._suggest] if hasattr(self, "_suggest") else [])):
             button.enabled = not running
         self._cancel.enabled = running
@@ -624,7 +645,7 @@ class _RetrainBase(Container):
             return
         session.edited, session.checked = sorted(self._edited), sorted(self._checked)
         session.excluded = sorted(self._excluded)
-        target = folder / self._session_id
+        target = folder / self._session_folder_name(layer)
 
         def write() -> None:
             with self._save_lock:
@@ -638,13 +659,25 @@ class _RetrainBase(Container):
         if wait:
             self._save_thread.join()
 
+    def _session_folder_name(self, layer: Any) -> str:
+        """One autosave folder per annotation layer: two layers on one image must not
+        overwrite each other's autosave (the first keeps the plain session id)."""
+        names = self._session_folders
+        entry = names.get(id(layer))
+        if entry is None or entry[0]() is not layer:
+            self._session_folder_count += 1
+            n = self._session_folder_count
+            name = self._session_id if n == 1 else f"{self._session_id}-{n}"
+            entry = names[id(layer)] = (weakref.ref(layer), name)
+        return entry[1]
+
     def _check_for_autosave(self) -> None:
         self._pending_restore = None
         folder = self._key_folder()
         candidates = []
         if folder is not None and folder.is_dir():
             for p in sorted(folder.iterdir(), key=lambda p: p.name):
-                if p.name == self._session_id:
+                if p.name.startswith(self._session_id):  # this widget's own autosaves
                     continue
                 try:
                     meta = read_meta(p)
@@ -741,11 +774,16 @@ class RetrainWidget(_RetrainBase):
                               if ranked else "No unannotated slice with a structure to suggest")
 
     def _connect(self, layer) -> None:
-        self._stroke_slices: set[int] = set()  # listed because of a stroke seen here
-        self._slices_of_item: dict[int, frozenset[int]] = {}  # id(history item) → its slices
-        # id() of the history atoms of the widget's own re-predictions: napari moves an
-        # item's atoms into a new list on every undo and redo, so atoms keep their identity
-        self._own_atoms: set[int] = set()
+        # per layer, kept while another layer is picked (a redo of our write after
+        # switching back must still be known as ours)
+        state = self._layer_state.setdefault(id(layer), (weakref.ref(layer), set(), {}, set()))
+        if state[0]() is not layer:  # an id reused by a new layer
+            state = self._layer_state[id(layer)] = (weakref.ref(layer), set(), {}, set())
+        _, self._stroke_slices, self._slices_of_item, self._own_atoms = state
+        # _stroke_slices: listed because of a stroke seen here; _slices_of_item:
+        # id(history item) → its slices; _own_atoms: id() of the history atoms of the
+        # widget's own re-predictions (napari moves an item's atoms into a new list on
+        # every undo and redo, so atoms keep their identity)
         self._depths = history_depths(layer)
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
@@ -789,13 +827,15 @@ class RetrainWidget(_RetrainBase):
             return  # scrolling or a style change; or our own write
         undo, redo = layer._undo_history, layer._redo_history
         live = {id(item) for item in (*undo, *redo)}
-        self._slices_of_item = {k: v for k, v in self._slices_of_item.items() if k in live}
+        for key in [k for k in self._slices_of_item if k not in live]:
+            del self._slices_of_item[key]
         self._own_atoms &= {id(atom) for item in (*undo, *redo) for atom in item}
         if before is not None and depths[0] < before[0] and redo:  # an undo
             undone = self._item_slices(layer, redo[-1]) & self._stroke_slices
             dropped = set(undone)
-            for item in undo if dropped else ():
-                dropped -= self._item_slices(layer, item)
+            for item in undo if dropped else ():  # the user's remaining strokes, not our writes
+                if not any(id(atom) in self._own_atoms for atom in item):
+                    dropped -= self._item_slices(layer, item)
             if dropped:
                 self._edited -= dropped
                 self._stroke_slices -= dropped
@@ -820,6 +860,12 @@ class RetrainWidget(_RetrainBase):
             raise MedsegInputError(
                 f"'{layer.name}' has shape {labels.shape}, '{image.name}' {tuple(image.data.shape)}; "
                 "pick the Labels layer drawn on this image")
+        if not (np.allclose(layer.scale, image.scale) and np.allclose(layer.translate, image.translate)
+                and np.allclose(layer.affine.affine_matrix, image.affine.affine_matrix)):
+            raise MedsegInputError(
+                f"'{layer.name}' does not lie on '{image.name}' (another scale, translate or "
+                "affine): its slice numbers would not be the image's; pick the Labels layer drawn "
+                "on this image")
         if need_annotations:
             check_annotations(volume, labels, self.training_slices())
         return labels
@@ -847,7 +893,8 @@ class RetrainWidget(_RetrainBase):
     def _apply(self, seg, image, labels_layer, volume, number, card, prefix="") -> None:
         """Write the prediction into the unannotated, acquired slices: one undo step."""
         protected = np.zeros(volume.shape[0], dtype=bool)
-        protected[self.annotated_slices()] = True  # including slices painted during the run
+        # including slices painted during the run; the lists of the pair the round ran on
+        protected[self.annotated_slices_of(image, labels_layer)] = True
         protected |= volume.missing
         data = labels_layer.data if labels_layer.ndim == 3 else labels_layer.data[None]
         if int(seg.labels.max(initial=0)) > np.iinfo(data.dtype).max:

@@ -421,7 +421,9 @@ def finetune_segmenter(
                                          [0.0, IGNORE_INDEX, 0.0], center=center)
                 if rng.uniform() < 0.5:
                     img, tgt, wts = img[::-1], tgt[::-1], wts[::-1]
-                x = torch.from_numpy(np.ascontiguousarray(img[:, None]))
+                # a copy, not ascontiguousarray: a reversed one-slice array keeps its
+                # negative stride there (it counts as contiguous), which torch refuses
+                x = torch.from_numpy(np.array(img[:, None], copy=True))
                 tgt = torch.from_numpy(tgt.astype(np.int64))
                 keep = None
                 if keep_weight > 0:
