@@ -127,8 +127,9 @@ class _RetrainBase(Container):
         #: the versions of models picked earlier (model card path → history)
         self._kept_histories: dict[str | None, VersionHistory] = {}
         self._tracked = None  # the annotation layer whose edit events we follow
-        self._layer_state: dict[int, tuple] = {}  # per tracked layer (see _connect)
-        self._session_folders: dict[int, tuple] = {}  # id(layer) -> (weakref, folder name)
+        # keyed by the layers themselves (they hash by identity), dropped with them
+        self._layer_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _connect
+        self._session_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> name
         self._session_folder_count = 0
         self._writing = False  # our own writes are not user annotations
         self._edited: set[int] = set()
@@ -136,9 +137,9 @@ class _RetrainBase(Container):
         self._excluded: set[int] = set()
         # the (image, annotation layer) the three lists above belong to (slice numbers are
         # the image's), and the lists of pairs picked earlier, so switching away and back
-        # loses nothing: (id(image), id(layer)) -> (weakrefs to both, edited, checked, excluded)
+        # loses nothing: image -> {layer -> (edited, checked, excluded)}
         self._pair: tuple[Any, Any] = (None, None)
-        self._kept_lists: dict[tuple[int, int], tuple] = {}
+        self._kept_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # sortable by time, unique across widgets and processes
         self._session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._save_lock = threading.Lock()
@@ -294,14 +295,11 @@ class _RetrainBase(Container):
                 self._autosave_timer.stop()
                 self.autosave_now(image=old_image, layer=old_layer)
             if self._edited or self._checked or self._excluded:
-                self._kept_lists[(id(old_image), id(old_layer))] = (
-                    weakref.ref(old_image), weakref.ref(old_layer),
-                    set(self._edited), set(self._checked), set(self._excluded))
-        kept = self._kept_lists.pop((id(image), id(layer)), None)
-        if kept is not None and kept[0]() is image and kept[1]() is layer:
-            self._edited, self._checked, self._excluded = kept[2], kept[3], kept[4]
-        else:
-            self._edited, self._checked, self._excluded = set(), set(), set()
+                self._kept_lists.setdefault(old_image, weakref.WeakKeyDictionary())[old_layer] = (
+                    self._edited, self._checked, self._excluded)
+        kept = (self._kept_lists.get(image, {}).pop(layer, None)
+                if image is not None and layer is not None else None)
+        self._edited, self._checked, self._excluded = kept or (set(), set(), set())
         self._pair = (image, layer)
         self._rebuild_list()
 
@@ -335,10 +333,9 @@ class _RetrainBase(Container):
         """The listed slices of that (image, layer) pair, picked now or earlier."""
         if image is self._pair[0] and layer is self._pair[1]:
             return self.annotated_slices()
-        kept = self._kept_lists.get((id(image), id(layer)))
-        if kept is None or kept[0]() is not image or kept[1]() is not layer:
-            return []
-        return sorted(kept[2] | kept[3])
+        kept = (self._kept_lists.get(image, {}).get(layer)
+                if image is not None and layer is not None else None)
+        return sorted(kept[0] | kept[1]) if kept else []
 
     def training_slices(self) -> list[int]:
         return [z for z in self.annotated_slices() if z not in self._excluded]
@@ -662,14 +659,13 @@ class _RetrainBase(Container):
     def _session_folder_name(self, layer: Any) -> str:
         """One autosave folder per annotation layer: two layers on one image must not
         overwrite each other's autosave (the first keeps the plain session id)."""
-        names = self._session_folders
-        entry = names.get(id(layer))
-        if entry is None or entry[0]() is not layer:
+        name = self._session_folders.get(layer)
+        if name is None:
             self._session_folder_count += 1
             n = self._session_folder_count
-            name = self._session_id if n == 1 else f"{self._session_id}-{n}"
-            entry = names[id(layer)] = (weakref.ref(layer), name)
-        return entry[1]
+            name = self._session_folders[layer] = (self._session_id if n == 1
+                                                   else f"{self._session_id}-{n}")
+        return name
 
     def _check_for_autosave(self) -> None:
         self._pending_restore = None
@@ -776,10 +772,8 @@ class RetrainWidget(_RetrainBase):
     def _connect(self, layer) -> None:
         # per layer, kept while another layer is picked (a redo of our write after
         # switching back must still be known as ours)
-        state = self._layer_state.setdefault(id(layer), (weakref.ref(layer), set(), {}, set()))
-        if state[0]() is not layer:  # an id reused by a new layer
-            state = self._layer_state[id(layer)] = (weakref.ref(layer), set(), {}, set())
-        _, self._stroke_slices, self._slices_of_item, self._own_atoms = state
+        state = self._layer_state.setdefault(layer, (set(), {}, set()))
+        self._stroke_slices, self._slices_of_item, self._own_atoms = state
         # _stroke_slices: listed because of a stroke seen here; _slices_of_item:
         # id(history item) → its slices; _own_atoms: id() of the history atoms of the
         # widget's own re-predictions (napari moves an item's atoms into a new list on

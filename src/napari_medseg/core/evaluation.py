@@ -390,13 +390,13 @@ def tune_detector(model, card, seeds: int | Iterable[int] | None = 10,
 
 def evaluate_detector(model, card, seeds: int | Iterable[int] | None = None,
                       on_progress: Callable | None = None) -> dict[str, Any]:
+    from .inference import card_peak_threshold
+
     seeds = seed_list(seeds)
     md = float(card.get("min_distance_mm", 6.0))
     records = detector_records(model, card, seeds, md, on_progress=on_progress)
     flat = _flatten(records, md)
     point = froc_point(flat, 1.0)
-    from .inference import card_peak_threshold
-
     at_card = _at_threshold(flat, card_peak_threshold(card), MIN_DIAMETER_MM)
     sweep = {f"{f:g}": round(froc_point(flat, f)["sensitivity"], 4) for f in (0.25, 0.5, 1, 2, 4)}
     sens = point["sensitivity"]
