@@ -261,8 +261,6 @@ def volume_from_layer(layer: Any) -> Volume:
     mask = np.zeros(1 if data.ndim == 2 else data.shape[0], dtype=bool)
     if data.ndim == 3 and missing and max(missing) < data.shape[0]:
         mask[list(missing)] = True
-    if data.ndim == 3:  # a slice with no finite voxel holds nothing: missing, like a gap
-        mask |= ~np.isfinite(data).reshape(data.shape[0], -1).any(axis=1)
     modality = medseg.get("modality")
     if modality is None:
         from .core.volume import guess_modality

@@ -226,14 +226,18 @@ def test_all_missing_volume_runs_no_model(seg):
 def test_nan_voxels_in_acquired_slices(seg, cls, det):
     volume = _volume((4, 24, 24), (2.5, 1.5, 1.5))
     volume.array[1, 3:9, 5:20] = np.nan
-    volume.array[2] = np.nan  # an all-NaN slice that is not flagged missing
+    volume = Volume(np.where(np.arange(4)[:, None, None] == 2, np.nan, volume.array),
+                    volume.spacing)  # an all-NaN slice not flagged missing: the Volume flags it
+    assert volume.missing_slices() == [2]
     s = run_to_completion(segment_volume(volume, *seg))
     assert s.labels.shape == (4, 24, 24) and s.labels.max() < len(SEG_CLASSES)
+    assert s.labelled.tolist() == [True, True, False, True]
     c = run_to_completion(classify_volume(volume, *cls))
-    assert np.isfinite(c.probabilities).all()
+    assert np.isfinite(c.probabilities[[0, 1, 3]]).all() and c.predicted[2] == -1
     d = run_to_completion(detect_lesions(volume, *det))
-    assert np.isfinite(d.heatmap).all() and np.isfinite(d.diameter_map).all()
+    assert np.isfinite(d.heatmap).all() and np.isfinite(d.diameter_map[[0, 1, 3]]).all()
     assert all(np.isfinite([p.z, p.y, p.x, p.score, p.diameter_mm]).all() for p in d.detections)
+    assert all(round(p.z) != 2 for p in d.detections)
 
 
 def test_progress_is_reported_and_a_job_can_be_cancelled(seg, det):
@@ -450,3 +454,54 @@ def test_thread_governor_stays_within_the_cpus_and_restores(monkeypatch):
         assert torch.get_num_threads() == before
     with pytest.raises(MedsegInputError, match="threads"):
         inference.ThreadGovernor(-1)
+
+
+def test_all_nan_slices_are_missing_whichever_reader_made_the_volume(seg, cls, det):
+    """A .npy or NIfTI volume with NaN gap slices gives the same results as the same
+    volume with those slices flagged missing (they were read as air and labelled)."""
+    array = _volume((6, 32, 32), (2.5, 1.5, 1.5)).array
+    array[[0, 5]] = np.nan
+    plain = Volume(array, (2.5, 1.5, 1.5))
+    flagged = Volume(array, (2.5, 1.5, 1.5), missing=[True, False, False, False, False, True])
+    np.testing.assert_array_equal(plain.missing, flagged.missing)
+    c = run_to_completion(classify_volume(plain, *cls))
+    assert c.predicted[[0, 5]].tolist() == [-1, -1]
+    np.testing.assert_array_equal(run_to_completion(segment_volume(plain, *seg)).labels,
+                                  run_to_completion(segment_volume(flagged, *seg)).labels)
+
+
+def test_threshold_zero_puts_no_detection_on_missing_slices(det):
+    missing = np.zeros(12, bool)
+    missing[[0, 1, 11]] = True
+    volume = _volume((12, 30, 30), (2.5, 1.5, 1.5), missing=missing)
+    volume.array[missing] = np.nan
+    d = run_to_completion(detect_lesions(volume, *det, threshold=0.0, min_distance_mm=0.0))
+    assert d.detections and not any(missing[int(round(p.z))] for p in d.detections)
+
+
+def test_overlapping_jobs_restore_the_thread_count_of_before_the_first(monkeypatch):
+    monkeypatch.setattr(inference, "default_threads", lambda: 4)  # any machine: 2 ≠ 3
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = inference.ThreadGovernor(2).__enter__()
+        second = inference.ThreadGovernor(3).__enter__()  # starts while the first runs
+        assert torch.get_num_threads() == 3
+        first.__exit__(None, None, None)  # the first job ends while the second runs
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_percentile_card_runs_on_the_volumes_own_range(seg):
+    """A card may normalise by the volume's own percentiles (the registry allows it):
+    the engine runs it as that fixed affine map (it raised a bare KeyError)."""
+    model, card = seg
+    volume = _volume((4, 24, 24), (2.5, 1.5, 1.5))
+    spec = {"type": "percentile", "low_percentile": 1.0, "high_percentile": 99.0}
+    got = run_to_completion(segment_volume(volume, model, {**card, "normalisation": spec}))
+    low, high = np.percentile(volume.array, [1.0, 99.0])
+    same = {"type": "zscore", "mean": float(low), "std": float(high - low)}
+    want = run_to_completion(segment_volume(volume, model, {**card, "normalisation": same}))
+    np.testing.assert_array_equal(got.labels, want.labels)

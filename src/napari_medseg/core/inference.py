@@ -72,7 +72,7 @@ from .models.classifier import SliceClassifier, fold_batchnorm
 from .models.detector import LesionDetector, extract_peaks
 from .models.generator import SliceGenerator
 # apply_normalisation is re-exported: the engine's in-place variant is tested against it
-from .models.registry import apply_normalisation, check_normalisation  # noqa: F401
+from .models.registry import apply_normalisation, check_normalisation, percentile_range  # noqa: F401
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
 from .resample import map_index, resampled_shape_yx
@@ -287,6 +287,11 @@ class ThreadGovernor:
     """
 
     MIN_INTERVAL_S = 0.2
+    # torch's thread count is process-wide: jobs may overlap (two widgets at once), so the
+    # setting before the FIRST of them is restored when the LAST one ends
+    _lock = threading.Lock()
+    _active = 0
+    _original = 1
 
     def __init__(self, threads: int | None):
         self.auto = threads is None
@@ -297,7 +302,6 @@ class ThreadGovernor:
                 raise MedsegInputError(
                     f"threads must be ≥ 1 (or 0 to leave torch's setting), got {threads}")
             self.fixed = int(threads)
-        self.old = torch.get_num_threads()
         self._last: tuple[float, float, float] | None = None
 
     def _mark(self) -> None:
@@ -316,6 +320,10 @@ class ThreadGovernor:
     def __enter__(self) -> "ThreadGovernor":
         if self.leave:
             return self
+        with ThreadGovernor._lock:
+            if ThreadGovernor._active == 0:
+                ThreadGovernor._original = torch.get_num_threads()
+            ThreadGovernor._active += 1
         if self.auto:
             self._set(self.cpus - _runnable_others())
             self._mark()
@@ -340,8 +348,12 @@ class ThreadGovernor:
         self._mark()
 
     def __exit__(self, *exc: Any) -> None:
-        if not self.leave and torch.get_num_threads() != self.old:
-            torch.set_num_threads(self.old)
+        if self.leave:
+            return
+        with ThreadGovernor._lock:
+            ThreadGovernor._active -= 1
+            if ThreadGovernor._active == 0 and torch.get_num_threads() != ThreadGovernor._original:
+                torch.set_num_threads(ThreadGovernor._original)
 
 
 def _check_precision(precision: str) -> str:
@@ -567,6 +579,12 @@ class ModelGridSlices:
     def __init__(self, volume: Volume, card: Mapping[str, Any], context: int = 0):
         self.array = volume.array
         self.norm = check_normalisation(card["normalisation"])
+        if self.norm["type"] == "percentile":
+            # the volume's own range, fixed once for all batches (acquired slices only):
+            # then it is an affine map without a clip, which is how zscore runs
+            acquired = volume.array[~volume.missing] if (~volume.missing).any() else volume.array
+            low, high = percentile_range(acquired, self.norm)
+            self.norm = {"type": "zscore", "mean": low, "std": high - low}
         self.grid = model_grid(volume, card)
         self.context = int(context)
         self.source = _fill_index(volume.missing)
@@ -911,7 +929,11 @@ def detect_lesions(
         sz, sy, sx = volume.spacing
         ny, nx = volume.shape[1:]
         grid_spacing = (sz, sy * ny / h, sx * nx / w)
-        peaks = extract_peaks(heat, size, grid_spacing, threshold=thr, min_distance_mm=mind,
+        peak_heat = heat
+        if thr <= 0 and volume.missing.any():  # a missing slice's 0 is no score, even at 0
+            peak_heat = heat.copy()
+            peak_heat[volume.missing] = np.nan
+        peaks = extract_peaks(peak_heat, size, grid_spacing, threshold=thr, min_distance_mm=mind,
                               radius_fraction=radius_fraction)
         for p in peaks:
             y, x = map_index([p.y, p.x], (h, w), (ny, nx))

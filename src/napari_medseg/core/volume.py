@@ -58,7 +58,8 @@ class Volume:
     """A (z, y, x) float32 image with spacing/origin in mm and a per-slice missing mask.
 
     ``missing[z]`` is True where slice ``z`` was not acquired (a gap in a DICOM series,
-    filled here with NaN) so models and widgets can leave it alone.
+    filled here with NaN) or holds no finite voxel at all, so models and widgets can leave
+    it alone.
     """
 
     array: np.ndarray
@@ -103,9 +104,13 @@ class Volume:
                 raise MedsegInputError(
                     f"missing-slice mask has shape {missing.shape}, expected ({array.shape[0]},)"
                 )
+        # a slice with no finite voxel holds nothing: missing, like a gap, whichever reader
+        # made the volume (models must neither label it nor read it as air for context)
+        no_finite = ~np.isfinite(array).reshape(array.shape[0], -1).any(axis=1)
         # (every slice missing is allowed: nothing runs on it, and it says so)
-        if not missing.all() and not np.isfinite(array[~missing]).any():
+        if not missing.all() and no_finite[~missing].all():
             raise MedsegInputError("the volume holds no finite voxel (all NaN)")
+        missing |= no_finite
         metadata = {k: v for k, v in dict(self.metadata).items() if k in SAFE_METADATA_KEYS}
         # frozen dataclass: normalise fields in place once, then the object is immutable
         object.__setattr__(self, "array", array)
