@@ -23,7 +23,8 @@ EXIT_BAD_INPUT = 2
 
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the name cut short: a long one must still leave room for the temp suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             writer = csv.writer(handle)

@@ -20,7 +20,15 @@ from napari_medseg.core.models import RecurrentSegmenter, load_model, save_model
 from napari_medseg.core.models import registry
 from napari_medseg.core.phantom import LABEL_NAMES, generate_phantom
 from napari_medseg.core.progress import run_to_completion
-from napari_medseg.core.session import AnnotationSession, load_session, save_session
+from napari_medseg.core import session as session_mod
+from napari_medseg.core.session import (
+    AnnotationSession,
+    discard_session,
+    image_fingerprint,
+    load_session,
+    save_session,
+    session_key,
+)
 
 CARD = {
     "name": "tiny", "classes": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)],
@@ -263,6 +271,48 @@ def test_session_autosave_round_trip_and_damage(tmp_path):
         load_session(tmp_path / "s")
     with pytest.raises(MedsegInputError, match="no autosave"):
         load_session(tmp_path / "none")
+
+
+def test_a_save_killed_between_its_two_files_keeps_the_previous_autosave(tmp_path, monkeypatch):
+    """The new data file lands, then the process dies before the record naming it is
+    written (a quit kills the daemon autosave thread): the previous autosave must still
+    restore (it used to be rejected as mismatched, losing both)."""
+    first = np.zeros((3, 8, 8), np.uint8)
+    first[1] = 2
+    save_session(tmp_path, AnnotationSession("ct", first.shape, first, [1]))
+    real = session_mod._write_atomic
+
+    def dies_at_the_record(path, data):
+        if path.name == "session.json":
+            raise KeyboardInterrupt  # the process stops here
+        real(path, data)
+
+    monkeypatch.setattr(session_mod, "_write_atomic", dies_at_the_record)
+    second = np.full((3, 8, 8), 3, np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        save_session(tmp_path, AnnotationSession("ct", second.shape, second, [0, 1, 2]))
+    monkeypatch.setattr(session_mod, "_write_atomic", real)
+    back = load_session(tmp_path)
+    np.testing.assert_array_equal(back.labels, first)
+    assert back.edited == [1]
+    save_session(tmp_path, AnnotationSession("ct", second.shape, second, [0, 1, 2]))
+    np.testing.assert_array_equal(load_session(tmp_path).labels, second)
+    assert len(list(tmp_path.glob("annotations*.npz"))) == 1  # the superseded data went
+    (tmp_path / ".annotations.npz.abc123.tmp").write_bytes(b"half")  # a killed write's leftover
+    discard_session(tmp_path)
+    assert not tmp_path.exists()
+
+
+def test_session_keys_and_fingerprints_tell_images_apart():
+    assert session_key("Müller", (2, 3, 4)) != session_key("Mäller", (2, 3, 4))
+    assert session_key("肝脏 CT", (2, 3, 4)) != session_key("肺部 CT", (2, 3, 4))
+    assert session_key("ct", (2, 3, 4)) == session_key("ct", (2, 3, 4))
+    assert session_key("a/b\\c" + "x" * 300, (1, 2, 3)).endswith("-1x2x3")
+    rng = np.random.default_rng(0)
+    one, two = rng.normal(size=(20, 32, 32)), rng.normal(size=(20, 32, 32))
+    assert image_fingerprint(one) == image_fingerprint(one.copy())
+    assert image_fingerprint(one) != image_fingerprint(two)
+    assert image_fingerprint(one[0]) != image_fingerprint(two[0])  # 2D images too
 
 
 @pytest.mark.parametrize("members", [1, 2])

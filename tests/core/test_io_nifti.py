@@ -245,3 +245,28 @@ def test_ct_like_nifti_is_guessed_ct(tmp_path):
     path = write_nifti(tmp_path / "ct.nii.gz", array, (3, 1, 1))
 
     assert read_nifti(path).modality == "CT"
+
+
+def test_a_long_legal_file_name_is_written(tmp_path):
+    """The temp file's name used to add 21 characters to the output's: a legal
+    240-character name failed with a raw 'File name too long' about the temp file."""
+    path = tmp_path / ("n" * 233 + ".nii.gz")
+    write_nifti(path, np.zeros((2, 3, 4), np.float32), (1, 1, 1))
+    assert read_nifti(path).shape == (2, 3, 4)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_file_mode_is_read_without_touching_the_umask(monkeypatch):
+    """Setting the umask to 0 and back, from the autosave thread, briefly made other
+    threads' new files world-writable; where /proc tells the umask it is only read."""
+    import os
+    import sys
+
+    from napari_medseg.core.io import _common
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/self/status is Linux's")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    monkeypatch.setattr(os, "umask", lambda *a: (_ for _ in ()).throw(AssertionError("umask set")))
+    assert _common.regular_file_mode() == 0o666 & ~mask

@@ -408,3 +408,54 @@ def test_two_labels_layers_autosave_to_two_folders(scene):
     assert len(folders) == 2
     edited = sorted(tuple(load_session(p).edited) for p in folders)
     assert edited == [(2,), (5,)]
+
+
+def test_restore_is_not_offered_for_another_image_of_the_same_name_and_shape(
+        make_napari_viewer, random_models, small_phantom):
+    """Two patients' files are both named "ct" and have the same shape: one's autosave
+    must not be offered (and put) onto the other."""
+    from napari_medseg.core.phantom import generate_phantom
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    _paint_slice(labels, 2, small_phantom.labels)
+    widget.autosave_now(wait=True)
+
+    other = generate_phantom(small_phantom.volume.shape, small_phantom.volume.spacing, seed=6,
+                             n_lesions=1)
+    viewer2 = make_napari_viewer()
+    image2 = _open(viewer2, other)
+    image2.name = image.name  # two files both called "ct"
+    assert image2.name == image.name and image2.data.shape == image.data.shape
+    widget2 = RetrainWidget(viewer2)
+    widget2._image.value = image2
+    assert widget2._pending_restore is None and widget2._restore_box.native.isHidden()
+    # the same scan opened again is still offered its autosave
+    viewer3 = make_napari_viewer()
+    widget3 = RetrainWidget(viewer3)
+    widget3._image.value = _open(viewer3, small_phantom)
+    assert widget3._pending_restore is not None
+
+
+def test_a_failing_autosave_is_said_until_one_succeeds(scene, qtbot, monkeypatch, tmp_path):
+    viewer, image, labels, widget, phantom = scene
+    start = len(notification_manager.records)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(blocker))  # sessions cannot be created there
+    _paint_slice(labels, 2, phantom.labels)
+    widget.autosave_now(wait=True)
+    qtbot.waitUntil(lambda: widget._autosave_error is not None, timeout=5000)
+    warnings = [str(n.message) for n in notification_manager.records[start:]
+                if "autosave FAILED" in str(n.message)]
+    assert len(warnings) == 1 and "Autosave failed" in widget._status.value
+    widget.autosave_now(wait=True)  # the same failure again: said once
+    qtbot.wait(50)
+    assert len([n for n in notification_manager.records[start:]
+                if "autosave FAILED" in str(n.message)]) == 1
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home-ok"))
+    widget.autosave_now(wait=True)
+    qtbot.waitUntil(lambda: widget._autosave_error is None, timeout=5000)
+    assert widget._status.value == "Autosave works again"

@@ -20,8 +20,10 @@ layer (napari has no undo for points data, and the user's edited layer stays as 
 Both: versions v0 (the starting model), v1, v2 … can be reverted to, re-predicted with
 and saved to the user models folder (listed by every widget and the CLI). The
 annotations and the slice lists are autosaved (background thread, crash-safe) to
-``$NAPARI_MEDSEG_HOME/sessions/<image>-<shape>/<session>/``; picking the same image
-later offers to restore the newest autosave of an earlier session of the same kind.
+``$NAPARI_MEDSEG_HOME/sessions/<image>-<name hash>-<shape>/<session>/``; picking the
+same image later (the same voxels: core.session.image_fingerprint) offers to restore the
+most recently written autosave of an earlier session of the same kind. A failed autosave
+is said in a warning and the status line.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit,
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem
+from superqt.utils import ensure_main_thread
 
 from .. import _jobs
 from .._layers import (
@@ -62,12 +65,15 @@ from ..core.finetune import (
 )
 from ..core.inference import card_peak_threshold, detect_lesions, segment_volume
 from ..core.models.registry import load_model, read_card, user_models_dir
+from ..core.io._common import short_reason
 from ..core.session import (
     AnnotationSession,
     discard_session,
+    image_fingerprint,
     load_session,
     read_meta,
     save_session,
+    saved_epoch,
     session_key,
     sessions_dir,
 )
@@ -144,6 +150,8 @@ class _RetrainBase(Container):
         self._session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._save_lock = threading.Lock()
         self._save_thread: threading.Thread | None = None
+        self._autosave_error: str | None = None
+        self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image -> (data, fp)
         self._pending_restore: Path | None = None
         self._result_shown = False
 
@@ -650,11 +658,46 @@ class _RetrainBase(Container):
                     save_session(target, session)
                 except (OSError, MedsegInputError) as exc:  # a full disk must not take the GUI down
                     log.warning("autosave failed: %s", exc)
+                    self._autosave_failed(short_reason(exc))
+                else:
+                    self._autosave_ok()
 
         self._save_thread = threading.Thread(target=write, name="medseg-autosave", daemon=True)
         self._save_thread.start()
         if wait:
             self._save_thread.join()
+
+    def _fingerprint(self, image: Any) -> str:
+        """The image's fingerprint (core.session.image_fingerprint), computed once per
+        data array: every autosave carries it."""
+        kept = self._fingerprints.get(image)
+        if kept is None or kept[0] is not image.data:
+            kept = self._fingerprints[image] = (image.data, image_fingerprint(image.data))
+        return kept[1]
+
+    @ensure_main_thread
+    def _autosave_failed(self, reason: str) -> None:
+        """A failed autosave is said, on the GUI thread, once per new reason, and the
+        status line keeps saying it until a save succeeds: the user must not believe
+        their work is kept when it is not."""
+        try:
+            if reason != self._autosave_error:
+                show_warning(f"Retrain: autosave FAILED ({reason}); your "
+                             "annotations are not being saved")
+            self._autosave_error = reason
+            self._status.value = f"Autosave failed: {reason}"
+        except RuntimeError:  # the widget was closed meanwhile
+            pass
+
+    @ensure_main_thread
+    def _autosave_ok(self) -> None:
+        try:
+            if self._autosave_error is not None:
+                self._autosave_error = None
+                self._status.value = "Autosave works again"
+                show_info("Retrain: autosave works again")
+        except RuntimeError:
+            pass
 
     def _session_folder_name(self, layer: Any) -> str:
         """One autosave folder per annotation layer: two layers on one image must not
@@ -672,23 +715,31 @@ class _RetrainBase(Container):
         folder = self._key_folder()
         candidates = []
         if folder is not None and folder.is_dir():
-            for p in sorted(folder.iterdir(), key=lambda p: p.name):
+            fingerprint = self._fingerprint(self._image.value)
+            for p in folder.iterdir():
                 if p.name.startswith(self._session_id):  # this widget's own autosaves
                     continue
                 try:
                     meta = read_meta(p)
                 except MedsegInputError:
                     continue
-                if meta.get("kind") == self.layer_kind.lower():
-                    candidates.append((p, meta))
+                # another scan of the same name and shape (another patient's "ct") is not this one
+                if meta.get("kind") == self.layer_kind.lower() and \
+                        meta.get("image_fingerprint", fingerprint) == fingerprint:
+                    candidates.append((saved_epoch(p, meta), p, meta))
         if not candidates:
             self._restore_box.visible = False
             return
-        newest, meta = candidates[-1]
+        candidates.sort(key=lambda c: c[0])  # the last written, not the last started
+        _, newest, meta = candidates[-1]
         n = len(set(meta.get("edited", [])) | set(meta.get("checked", [])))
         self._pending_restore = newest
-        self._restore_label.value = (f"Autosaved {self.layer_kind.lower()} from "
-                                     f"{meta.get('saved_at', newest.name)} ({n} slices). Restore them?")
+        others = len(candidates) - 1
+        self._restore_label.value = (
+            f"Autosaved {self.layer_kind.lower()} from {meta.get('saved_at', newest.name)} "
+            f"({n} slices). Restore them?"
+            + (f" ({others} older autosave{'s' if others > 1 else ''} of this image kept in "
+               f"{folder})" if others else ""))
         self._restore_box.visible = True
 
     def _on_restore(self) -> None:
@@ -702,6 +753,9 @@ class _RetrainBase(Container):
             return
         if tuple(session.shape) != tuple(image.data.shape):
             show_error(f"Retrain: the autosave is {session.shape}, the image {tuple(image.data.shape)}")
+            return
+        if session.image_fingerprint and session.image_fingerprint != self._fingerprint(image):
+            show_error(f"Retrain: that autosave was made on another image named '{image.name}'")
             return
         self._layer_pick.value = self._restored_layer(session, image)  # resets the lists …
         self._edited, self._checked = set(session.edited), set(session.checked)
@@ -868,7 +922,8 @@ class RetrainWidget(_RetrainBase):
         if tuple(layer.data.shape) != tuple(image.data.shape):
             return None
         return AnnotationSession(image_name=image.name, shape=tuple(layer.data.shape),
-                                 labels=np.array(layer.data, copy=True))
+                                 labels=np.array(layer.data, copy=True),
+                                 image_fingerprint=self._fingerprint(image))
 
     def _restored_layer(self, session, image):
         kwargs = {**_labels_kwargs(f"{image.name} annotations (restored {session.saved_at})",
@@ -981,7 +1036,8 @@ class RetrainDetectorWidget(_RetrainBase):
             return None
         points, diam = self._points_on_image(layer, image)
         return AnnotationSession(image_name=image.name, shape=tuple(image.data.shape),
-                                 points=points, diameters=diam)
+                                 points=points, diameters=diam,
+                                 image_fingerprint=self._fingerprint(image))
 
     def _restored_layer(self, session, image):
         points = session.points if image.ndim == 3 else session.points[:, 1:]

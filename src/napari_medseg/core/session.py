@@ -1,12 +1,13 @@
 """Autosave of an annotation session: the labels and the annotated slices, crash-safe.
 
-A session folder holds ``annotations.npz`` (the whole label volume, or the points and
-their diameters) and ``session.json`` (which slices were edited, which marked correct,
-which are excluded, the kind, the image's name and shape, the time). Both are written to
-temporary files and renamed into place, data first, so a crash at any moment leaves the
-previous complete autosave (a half-written file is never visible under its final name);
-``session.json`` names the data file's sha256 so a restore can tell that both halves
-belong together.
+A session folder holds ``annotations-<sha>.npz`` (the whole label volume, or the points
+and their diameters) and ``session.json`` (which slices were edited, which marked correct,
+which are excluded, the kind, the image's name, shape and fingerprint, the time, and which
+data file is its). Both are written to temporary files and renamed into place, data
+first under a new name, then the record that names it, then the old data file goes: a
+crash (or a quit that kills the writing thread) at any moment leaves a record whose data
+file is complete and present (the previous autosave or the new one); ``session.json``
+also holds the data's sha256, so a restore can tell that both halves belong together.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,9 +36,27 @@ def sessions_dir() -> Path:
 
 
 def session_key(image_name: str, shape: Sequence[int]) -> str:
-    """A folder name for an image: its layer name (made file-safe) and its shape."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(image_name)).strip("._")[:80] or "image"
-    return f"{safe}-{'x'.join(str(int(s)) for s in shape)}"
+    """A folder name for an image: its layer name (made file-safe, any script kept), a
+    short hash of the whole name (so names that differ only in what was replaced or cut
+    do not share a folder) and its shape."""
+    name = str(image_name)
+    safe = re.sub(r"[^\w.-]+", "_", name).strip("._")[:80] or "image"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe}-{digest}-{'x'.join(str(int(s)) for s in shape)}"
+
+
+def image_fingerprint(data: Any) -> str:
+    """A short hash of a regular sample of an image's voxels (≤ 16 slices, every 8th
+    row and column): two scans of the same shape and name (two patients' "ct") differ
+    here, so one's autosave is never offered for the other. Cheap enough for every save."""
+    arr = data
+    nz = arr.shape[0] if arr.ndim >= 3 else 1
+    step_z = max(1, nz // 16)
+    sample = arr[::step_z, ::8, ::8] if arr.ndim >= 3 else arr[::8, ::8]
+    sample = np.ascontiguousarray(np.asarray(sample), dtype=np.float32)
+    h = hashlib.sha256(str(tuple(arr.shape)).encode())
+    h.update(sample.tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -54,6 +73,8 @@ class AnnotationSession:
     saved_at: str = ""
     points: np.ndarray | None = None
     diameters: np.ndarray | None = None
+    image_fingerprint: str = ""
+    saved_epoch: float = 0.0
 
     @property
     def annotated(self) -> list[int]:
@@ -78,7 +99,9 @@ def save_session(folder: str | Path, session: AnnotationSession) -> Path:
     buf = io.BytesIO()
     np.savez(buf, **session.arrays())
     data = buf.getvalue()
-    _write_atomic(folder / "annotations.npz", data)
+    sha = hashlib.sha256(data).hexdigest()
+    data_name = f"annotations-{sha[:16]}.npz"
+    _write_atomic(folder / data_name, data)
     meta = {
         "format": FORMAT,
         "kind": session.kind,
@@ -87,11 +110,28 @@ def save_session(folder: str | Path, session: AnnotationSession) -> Path:
         "edited": sorted(int(z) for z in session.edited),
         "checked": sorted(int(z) for z in session.checked),
         "excluded": sorted(int(z) for z in session.excluded),
+        "image_fingerprint": session.image_fingerprint,
         "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "annotations_sha256": hashlib.sha256(data).hexdigest(),
+        "saved_epoch": time.time(),
+        "annotations_file": data_name,
+        "annotations_sha256": sha,
     }
     _write_atomic(folder / "session.json", (json.dumps(meta, indent=1) + "\n").encode())
+    for stale in folder.glob("annotations*.npz"):  # the record names the new file now
+        if stale.name != data_name:
+            stale.unlink(missing_ok=True)
     return folder
+
+
+def saved_epoch(folder: Path, meta: dict) -> float:
+    """When an autosave was last written (its record's time, else the file's mtime)."""
+    try:
+        return float(meta["saved_epoch"])
+    except (KeyError, TypeError, ValueError):
+        try:
+            return (Path(folder) / "session.json").stat().st_mtime
+        except OSError:
+            return 0.0
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -112,8 +152,11 @@ def load_session(folder: str | Path) -> AnnotationSession:
     """Read an autosave; MedsegInputError if it is missing, damaged or inconsistent."""
     folder = Path(folder)
     meta = read_meta(folder)
+    data_name = str(meta.get("annotations_file", "annotations.npz"))
+    if Path(data_name).name != data_name:  # a record names a file in its own folder only
+        raise MedsegInputError("autosave record names a file elsewhere", folder)
     try:
-        data = (folder / "annotations.npz").read_bytes()
+        data = (folder / data_name).read_bytes()
     except OSError as exc:
         raise MedsegInputError(f"autosave unreadable ({exc})", folder) from exc
     if hashlib.sha256(data).hexdigest() != meta.get("annotations_sha256"):
@@ -131,13 +174,16 @@ def load_session(folder: str | Path) -> AnnotationSession:
         excluded=[int(z) for z in meta.get("excluded", [])],
         saved_at=str(meta.get("saved_at", "")),
         points=arrays.get("points"), diameters=arrays.get("diameters"),
+        image_fingerprint=str(meta.get("image_fingerprint", "")),
+        saved_epoch=saved_epoch(folder, meta),
     )
 
 
 def discard_session(folder: str | Path) -> None:
+    """Delete an autosave: its record, its data and any temp file a killed save left."""
     folder = Path(folder)
-    for name in ("session.json", "annotations.npz"):
-        (folder / name).unlink(missing_ok=True)
+    for path in [folder / "session.json", *folder.glob("annotations*.npz"), *folder.glob(".*.tmp")]:
+        path.unlink(missing_ok=True)
     try:
         folder.rmdir()
     except OSError:

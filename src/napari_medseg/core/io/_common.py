@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,27 @@ def source_name(path: Path) -> str:
     return Path(path).name
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def regular_file_mode() -> int:
     """The permissions a plain ``open(path, "w")`` would give (0o666 less the umask):
     ``tempfile.mkstemp``, used for atomic writes, makes 0o600 files instead."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows: setting it
+    to 0 and back (the only portable way) would, for that instant, make files another
+    thread creates world-writable (autosaves write from a background thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)  # the brief window errs on the private side
+        os.umask(mask)
+    return mask

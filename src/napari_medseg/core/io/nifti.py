@@ -193,12 +193,16 @@ def write_nifti(
     img.set_sform(affine, code=1)
 
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    # short: a name near the file system's 255-byte limit must still get its temp file
+    tmp = path.with_name(f".{path.name[:40]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the original error is the one to report
+            pass
         if isinstance(exc, OSError):
             reason = exc.strerror or short_reason(exc)
             raise MedsegInputError(f"could not write the file ({reason})", path) from exc

@@ -137,7 +137,8 @@ def percentile_range(array: Any, spec: Mapping[str, Any], max_samples: int = 2_0
 # -- writing ----------------------------------------------------------------------------
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, os.replace onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the name cut short: a long one must still leave room for the temp suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
