@@ -215,3 +215,25 @@ def test_explain_commands_write_maps_on_the_input_grid(tmp_path, capsys):
     assert "unknown class" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
     assert main(["uncertainty", str(src), str(tmp_path / "y.nii.gz"), "--samples", "1"]) == 2
     assert not (tmp_path / "y.nii.gz").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["segment", "{in}", "{in}", "--model", "{segmenter}"],
+    ["segment", "{in}", "{link}", "--model", "{segmenter}"],  # another name for the input
+    ["detect", "{in}", "{tmp}/o.csv", "--heatmap", "{in}", "--model", "{detector}"],
+    ["generate", "{in}", "{in}", "--factor", "2"],
+])
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, models, image,
+                                                                   capsys, argv):
+    src = tmp_path / "scan.nii.gz"
+    src.write_bytes(image.read_bytes())
+    (tmp_path / "link.nii.gz").symlink_to(src)
+    before = src.read_bytes()
+    fill = {"in": str(src), "link": str(tmp_path / "link.nii.gz"), "tmp": str(tmp_path),
+            **{k: str(v) for k, v in models.items()}}
+    capsys.readouterr()
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "overwrite the input" in err and err.count("\n") == 1
+    assert src.read_bytes() == before
+    assert not (tmp_path / "o.csv").exists()

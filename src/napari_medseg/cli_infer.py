@@ -27,8 +27,10 @@ DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "cla
                   "generate": "generator"}
 
 
-def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
+def _check_output(path: str, suffixes: tuple[str, ...], source: str | None = None) -> Path:
     out = Path(path).expanduser()
+    if source is not None and _same_file(out, Path(source).expanduser()):
+        raise MedsegInputError("the output would overwrite the input; choose another name", out)
     if not out.name.lower().endswith(suffixes):
         raise MedsegInputError(f"output must end in {' or '.join(suffixes)}", out)
     if not out.parent.is_dir():
@@ -36,6 +38,21 @@ def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
     if out.is_dir():
         raise MedsegInputError("output is a folder, expected a file name", out)
     return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # links and other spellings of one file too
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _grid(volume) -> tuple:
+    """(spacing, origin, axes) for write_nifti: a result lands where its input lies in the
+    patient, whatever the input's orientation (coronal, flipped, oblique)."""
+    return volume.spacing, volume.origin, volume.metadata.get("axes_lps")
 
 
 def _write_all(*writes: tuple[Path | None, Any]) -> None:
@@ -114,11 +131,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .core.inference import segment_volume
     from .core.io import write_nifti
 
-    out = _check_output(args.output, (".nii.gz", ".nii"))
+    out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
     volume, model, card = _load(args, "segment")
     result = _run(segment_volume(volume, model, card, chunk=args.chunk, **_engine_kwargs(args)),
                   "segment", args.quiet)
-    write_nifti(out, result.labels, volume.spacing, volume.origin)
+    write_nifti(out, result.labels, *_grid(volume))
     found = [f"{name} {ml:.1f} ml" for name, ml in result.volume_ml().items()
              if ml > 0 and name != result.class_names[0]]
     print(f"wrote {out.name}: labels {list(result.labels.shape)} ({result.precision});"
@@ -130,7 +147,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .cli import _write_csv_atomic
     from .core.inference import classify_volume
 
-    out = _check_output(args.output, (".csv",))
+    out = _check_output(args.output, (".csv",), args.input)
     volume, model, card = _load(args, "classify")
     result = _run(classify_volume(volume, model, card, batch=args.batch, **_engine_kwargs(args)),
                   "classify", args.quiet)
@@ -148,8 +165,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .cli import _write_csv_atomic
     from .core.inference import detect_lesions
 
-    out = _check_output(args.output, (".csv",))
-    heat_out = None if args.heatmap is None else _check_output(args.heatmap, (".nii.gz", ".nii"))
+    out = _check_output(args.output, (".csv",), args.input)
+    heat_out = None if args.heatmap is None else _check_output(args.heatmap, (".nii.gz", ".nii"), args.input)
     volume, model, card = _load(args, "detect")
     result = _run(
         detect_lesions(volume, model, card, threshold=args.threshold,
@@ -161,8 +178,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .core.io import write_nifti
 
     _write_all(  # the heatmap: the explanation behind each detection, on the input grid
-        (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(), volume.spacing,
-                                       volume.origin)),
+        (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(),
+                                       *_grid(volume))),
         (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)))
     print(f"wrote {out.name}: {len(rows)} detections (threshold {result.threshold:g},"
           f" {result.precision})")
@@ -199,11 +216,11 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
     from .core.explain import gradcam_volume
     from .core.io import write_nifti
 
-    out = _check_output(args.output, (".nii.gz", ".nii"))
+    out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
     volume, model, card = _load(args, "gradcam")
     result = _run(gradcam_volume(volume, model, card, target=args.target, threads=args.threads),
                   "gradcam", args.quiet)
-    write_nifti(out, result.maps, volume.spacing, volume.origin)
+    write_nifti(out, result.maps, *_grid(volume))
     print(f"wrote {out.name}: Grad-CAM of {args.target or 'the predicted class'} per slice, 0–1")
     return 0
 
@@ -213,13 +230,13 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     from .core.explain import segmentation_uncertainty
     from .core.io import write_nifti
 
-    out = _check_output(args.output, (".nii.gz", ".nii"))
-    csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",))
+    out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
+    csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",), args.input)
     volume, model, card = _load(args, "uncertainty")
     result = _run(segmentation_uncertainty(volume, model, card, samples=args.samples,
                                            threads=args.threads), "uncertainty", args.quiet)
     _write_all(
-        (out, lambda: write_nifti(out, result.entropy, volume.spacing, volume.origin)),
+        (out, lambda: write_nifti(out, result.entropy, *_grid(volume))),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
             (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])))
     print(f"wrote {out.name}: MC-dropout entropy ({result.samples} samples); most uncertain"
@@ -233,8 +250,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .core.io import read_volume, write_nifti
     from .core.models import load_model
 
-    out = _check_output(args.output, (".nii.gz", ".nii"))
-    csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",))
+    out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
+    csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",), args.input)
     volume = read_volume(args.input)
     fill = not args.keep_missing
     if args.method == "model":
@@ -247,7 +264,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     v = result.volume
     status = np.where(result.generated, "generated", np.where(v.missing, "missing", "acquired"))
     _write_all(
-        (out, lambda: write_nifti(out, v.array, v.spacing, v.origin)),
+        (out, lambda: write_nifti(out, v.array, v.spacing, v.origin, _grid(volume)[2])),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
                                             list(enumerate(status.tolist())))))
     print(f"wrote {out.name}: {v.shape[0]} slices at {v.spacing[0]:g} mm ({args.method});"

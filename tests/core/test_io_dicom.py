@@ -593,3 +593,40 @@ def test_a_truncated_image_file_is_named_alone_and_counted_in_a_folder(tmp_path)
     with pytest.raises(MedsegInputError, match="truncated or malformed image") as err:
         read_volume(tmp_path / "series" / "zz_cut.dcm")
     assert_clean_error(err.value, tmp_path / "series" / "zz_cut.dcm")
+
+
+@pytest.mark.parametrize(
+    "iop",
+    [
+        AXIAL,
+        (1.0, 0.0, 0.0, 0.0, 0.0, -1.0),  # coronal
+        (0.0, 1.0, 0.0, 0.0, 0.0, -1.0),  # sagittal
+        (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # rows flipped
+        (_C, _S, 0.0, -_S, _C, 0.0),  # oblique, 10° about z
+    ],
+)
+def test_a_result_written_as_nifti_lies_where_its_dicom_voxels_lie(tmp_path, iop):
+    """Every voxel of a NIfTI written from a DICOM series (what segment, detect --heatmap,
+    gradcam, uncertainty and generate write) maps to the patient position of the same
+    DICOM voxel: coronal, sagittal, flipped and oblique outputs landed elsewhere."""
+    import nibabel as nib
+
+    from napari_medseg.core.io import write_nifti
+
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    first = np.array([-100.0, -120.0, 40.0])
+    uid = generate_uid()
+    ipps = [first + 2.0 * k * normal for k in range(3)]
+    for k, ipp in enumerate(ipps):
+        write_ct_slice(tmp_path / f"{k}.dcm", k, series_uid=uid, instance=k + 1, iop=iop, ipp=ipp)
+    vol = read_dicom(tmp_path)
+    out = write_nifti(tmp_path / "out.nii.gz", vol.array, vol.spacing, vol.origin,
+                      vol.metadata["axes_lps"])
+    affine = nib.load(out).affine
+    lps = np.diag([-1.0, -1.0, 1.0])
+    dy, dx = 0.5, 0.75  # PixelSpacing: between rows, between columns
+    for k, j, i in [(0, 0, 0), (2, 0, 0), (0, 5, 0), (0, 0, 4), (2, 5, 4)]:
+        want = ipps[k] + j * dy * col + i * dx * row  # the DICOM voxel's LPS position
+        got = lps @ (affine @ np.array([i, j, k, 1.0]))[:3]
+        np.testing.assert_allclose(got, want, atol=1e-3, err_msg=f"voxel (z, y, x) = {(k, j, i)}")

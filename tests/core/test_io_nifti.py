@@ -270,3 +270,35 @@ def test_file_mode_is_read_without_touching_the_umask(monkeypatch):
     os.umask(mask)
     monkeypatch.setattr(os, "umask", lambda *a: (_ for _ in ()).throw(AssertionError("umask set")))
     assert _common.regular_file_mode() == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("turn", [0.0, 20.0])
+@pytest.mark.parametrize("codes", [("R", "A", "S"), ("L", "I", "P"), ("A", "S", "R")])
+def test_a_result_written_from_a_nifti_lies_where_the_input_does(tmp_path, codes, turn):
+    """Whatever the input's orientation (permuted, flipped, oblique), each voxel of what
+    is written from it sits at the world position of the same input voxel."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    c, s = np.cos(np.radians(turn)), np.sin(np.radians(turn))
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    base = np.diag([0.8, 1.1, 2.5, 1.0])
+    base[:3, 3] = (10.0, -20.0, 30.0)
+    base[:3, :3] = rot @ base[:3, :3]
+    # the same world grid stored with its axes in the order and signs ``codes``
+    ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(codes))
+    affine = base @ inv_ornt_aff(ornt, data.shape)
+    stored = apply_orientation(data, ornt)
+    nib.save(nib.Nifti1Image(stored, affine), tmp_path / "in.nii.gz")
+    vol = read_volume(tmp_path / "in.nii.gz")
+    out = write_nifti(tmp_path / "out.nii.gz", vol.array, vol.spacing, vol.origin,
+                      vol.metadata.get("axes_lps"))
+    written = nib.load(out)
+    w_data, w_aff = np.asarray(written.dataobj), written.affine
+    for idx in [(0, 0, 0), (4, 0, 0), (0, 5, 0), (0, 0, 6), (4, 5, 6), (2, 3, 1)]:
+        world = base @ np.array([*idx, 1.0])  # where the input voxel ``idx`` of ``data`` is
+        back = np.linalg.solve(w_aff, world)[:3]
+        k = np.round(back).astype(int)
+        np.testing.assert_allclose(back, k, atol=1e-3, err_msg=str(idx))
+        assert w_data[tuple(k)] == pytest.approx(data[idx])

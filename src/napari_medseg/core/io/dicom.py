@@ -475,6 +475,7 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     }
     if axes is not None:
         metadata["orientation"] = axis_code(axes[2]) + axis_code(axes[1]) + axis_code(axes[0])
+        metadata["axes_lps"] = np.round(np.asarray(axes, dtype=float), 6).tolist()
     origin = origin_along(first.position, axes) if axes is not None else (0.0, 0.0, 0.0)
     return Volume(
         array=array,

@@ -125,6 +125,8 @@ def read_nifti(path: str | Path) -> Volume:
                 "source_name": source_name(path),
                 "n_files": 1,
                 "orientation": "LPS",
+                **({"axes_lps": np.round(axes_zyx, 6).tolist()}
+                   if abs(np.linalg.det(axes_zyx)) > 1e-3 else {}),
                 "warnings": warns,
             },
         )
@@ -148,15 +150,33 @@ def _storage_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     raise MedsegInputError(f"cannot write dtype {array.dtype} to NIfTI", path)
 
 
+def _unit_axes(axes: Any, path: Path) -> np.ndarray:
+    """(3, 3) rows z, y, x: unit vectors in LPS; the identity-like (S, P, L) for None."""
+    if axes is None:
+        return np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    try:
+        a = np.asarray(axes, dtype=np.float64).reshape(3, 3)
+    except (TypeError, ValueError) as exc:
+        raise MedsegInputError(f"axes must be 3 × 3 numbers, got {axes!r}", path) from exc
+    norms = np.linalg.norm(a, axis=1)
+    if not (np.isfinite(a).all() and (norms > 1e-6).all()) or abs(np.linalg.det(a / norms[:, None])) < 1e-3:
+        raise MedsegInputError(f"axes must be three independent directions, got {a.tolist()}", path)
+    return a / norms[:, None]
+
+
 def write_nifti(
     path: str | Path,
     array: Any,
     spacing: Any,
     origin: Any = (0.0, 0.0, 0.0),
+    axes: Any = None,
 ) -> Path:
     """Write a (z, y, x) array to ``path`` (.nii or .nii.gz) atomically; return the path.
 
     ``spacing`` and ``origin`` are (z, y, x) mm in the convention of :func:`read_nifti`.
+    ``axes``: the (z, y, x) voxel axes as unit vectors in LPS (rows), as the readers
+    record them in a Volume's ``metadata["axes_lps"]``; None means (S, P, L). Without
+    them a coronal, flipped or oblique input's result would land elsewhere in the patient.
     Integer arrays keep their dtype (bool → uint8, int64 → int32); others become float32.
     The file is written beside the target and renamed over it, so a failure never leaves a
     half-written file or damages an existing one.
@@ -181,10 +201,15 @@ def write_nifti(
     except MedsegInputError as exc:
         raise MedsegInputError(exc.reason, path) from exc
 
-    # (i, j, k) = (x, y, z) run towards L, P, S: in NIfTI's RAS that is -x, -y, +z.
-    affine = np.array(
-        [[-dx, 0, 0, -ox], [0, -dy, 0, -oy], [0, 0, dz, oz], [0, 0, 0, 1]], dtype=np.float64
-    )
+    axes_zyx = _unit_axes(axes, path)
+    # voxel (k, j, i) = (z, y, x) sits at P0 + k·dz·a_z + j·dy·a_y + i·dx·a_x in LPS, and
+    # the origin is P0 measured along those axes; NIfTI's RAS negates L and P
+    p0 = axes_zyx.T @ np.array([oz, oy, ox])  # exact for orthonormal axes
+    affine = np.eye(4)
+    affine[:3, 0] = _RAS_TO_LPS @ (dx * axes_zyx[2])
+    affine[:3, 1] = _RAS_TO_LPS @ (dy * axes_zyx[1])
+    affine[:3, 2] = _RAS_TO_LPS @ (dz * axes_zyx[0])
+    affine[:3, 3] = _RAS_TO_LPS @ p0
     img = nib.Nifti1Image(data.transpose(2, 1, 0), affine)  # a view: no copy
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm")
