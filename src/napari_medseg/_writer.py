@@ -1,4 +1,4 @@
-"""npe2 writer: a Labels layer to NIfTI with the spacing (scale) and origin of its image."""
+"""npe2 writer: a Labels layer to NIfTI with the spacing (scale), origin and axes of its image."""
 
 from __future__ import annotations
 
@@ -24,5 +24,9 @@ def write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
     if len(scale) < 3:
         scale = (1.0,) * (3 - len(scale)) + tuple(scale)
         translate = (0.0,) * (3 - len(translate)) + tuple(translate)
-    written = write_nifti(path, labels, spacing=scale, origin=translate)
+    # a layer made from a scan by this plugin carries the scan's axes: a coronal or oblique
+    # series' labels then land where the scan lies (a plain napari layer is taken as axial)
+    source = ((meta.get("metadata") or {}).get("medseg") or {}).get("source") or {}
+    written = write_nifti(path, labels, spacing=scale, origin=translate,
+                          axes=source.get("axes_lps"))
     return [str(written)]

@@ -302,3 +302,22 @@ def test_a_result_written_from_a_nifti_lies_where_the_input_does(tmp_path, codes
         k = np.round(back).astype(int)
         np.testing.assert_allclose(back, k, atol=1e-3, err_msg=str(idx))
         assert w_data[tuple(k)] == pytest.approx(data[idx])
+
+
+def test_the_labels_writer_keeps_a_scans_axes(tmp_path):
+    """A Labels layer made from a coronal scan carries the scan's axes in its metadata;
+    napari's save writes them into the file (it wrote every layer as axial)."""
+    from napari_medseg._writer import write_labels_nifti
+
+    coronal = [[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]  # z anterior, y down, x left
+    meta = {"scale": (2.0, 1.0, 1.0), "translate": (5.0, 6.0, 7.0),
+            "metadata": {"medseg": {"source": {"axes_lps": coronal}}}}
+    (path,) = write_labels_nifti(str(tmp_path / "l.nii.gz"), np.zeros((2, 3, 4), np.uint8), meta)
+    affine = nib.load(path).affine
+    lps = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(lps @ affine[:3, 2], 2.0 * np.array(coronal[0]))  # k: z
+    np.testing.assert_allclose(lps @ affine[:3, 3], 5.0 * np.array(coronal[0])
+                               + 6.0 * np.array(coronal[1]) + 7.0 * np.array(coronal[2]))
+    (plain,) = write_labels_nifti(str(tmp_path / "p.nii.gz"), np.zeros((2, 3, 4), np.uint8),
+                                  {"scale": (2.0, 1.0, 1.0)})
+    np.testing.assert_allclose(nib.load(plain).affine[:3, :3], np.diag([-1.0, -1.0, 2.0]))
