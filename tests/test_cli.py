@@ -102,3 +102,23 @@ def test_outputs_get_the_permissions_of_a_plain_write(tmp_path):
         os.umask(mask)
     for name in ("image.nii.gz", "lesions.csv", "slice_classes.csv"):
         assert (tmp_path / "ph" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--out", "{file}"], "a file of that name exists"),
+    (["--out", "{dir}", "--eval-seeds", "-1"], "--eval-seeds must be ≥ 0"),
+])
+def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch, extra, match):
+    """These failed only after minutes of training and evaluation."""
+    from napari_medseg import cli_train
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking its arguments")
+
+    monkeypatch.setattr(cli_train, "_train_once", no_training)
+    (tmp_path / "afile").write_text("")
+    fill = {"file": str(tmp_path / "afile"), "dir": str(tmp_path / "out")}
+    argv = ["train", "classifier", "--steps", "1"] + [a.format(**fill) for a in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1

@@ -237,3 +237,47 @@ def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, mod
     assert "overwrite the input" in err and err.count("\n") == 1
     assert src.read_bytes() == before
     assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.parametrize("key,value,command", [
+    ("peak_threshold", "x", "detect"),
+    ("min_distance_mm", None, "detect"),
+    ("context_slices", "abc", "detect"),
+    ("classes", 5, "classify"),
+    ("normalisation", {"type": "window", "low": 1}, "segment"),
+])
+def test_a_damaged_card_value_is_one_line_not_a_traceback(tmp_path, models, image, capsys,
+                                                          key, value, command):
+    import json
+    import shutil
+
+    name = {"detect": "detector", "classify": "classifier", "segment": "segmenter"}[command]
+    card_path = models[name]
+    for f in card_path.parent.glob(f"{card_path.stem}*"):
+        shutil.copy(f, tmp_path / f.name)
+    card = json.loads((tmp_path / card_path.name).read_text())
+    card[key] = value
+    (tmp_path / card_path.name).write_text(json.dumps(card))
+    out = tmp_path / ("o.nii.gz" if command == "segment" else "o.csv")
+    capsys.readouterr()
+    assert main([command, str(image), str(out), "--model", str(tmp_path / card_path.name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("napari-medseg: error: ") and key in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_an_unforeseen_error_is_one_line(monkeypatch, capsys, image, tmp_path):
+    from napari_medseg import cli_infer
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli_infer, "_load", broken)
+    monkeypatch.delenv("NAPARI_MEDSEG_DEBUG", raising=False)
+    assert main(["segment", str(image), str(tmp_path / "o.nii.gz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("napari-medseg: internal error: ZeroDivisionError: a bug")
+    assert err.count("\n") == 1
+    monkeypatch.setenv("NAPARI_MEDSEG_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["segment", str(image), str(tmp_path / "o.nii.gz")])

@@ -17,9 +17,10 @@ from typing import Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
-from .core.io._common import regular_file_mode
+from .core.io._common import regular_file_mode, short_reason
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
 
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
@@ -32,8 +33,10 @@ def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence
             writer.writerows(rows)
         os.chmod(tmp, regular_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # name the output, not the temp file
+            raise MedsegInputError(f"could not write the file ({exc.strerror or exc})", path) from exc
         raise
 
 
@@ -177,6 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{Path(exc.filename).name}: " if exc.filename else ""
         print(f"napari-medseg: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug or an input no check foresaw: one line, not a traceback
+        if os.environ.get("NAPARI_MEDSEG_DEBUG"):
+            raise
+        print(f"napari-medseg: internal error: {type(exc).__name__}: {short_reason(exc)}"
+              " (set NAPARI_MEDSEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -208,7 +208,8 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
              " measured faster with the same predictions",
     )
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: all CPUs this process may use)")
+                   help="torch threads (default: the CPUs other processes leave free, re-checked"
+                        " as it runs; 0: leave torch's own setting)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
 
@@ -307,7 +308,8 @@ def register(subparsers: Any) -> None:
                    help="class to explain (default: each slice's predicted class)")
     p.set_defaults(func=cmd_gradcam)
 
-    p = subparsers.add_parser("uncertainty", help="segmenter uncertainty (MC dropout), NIfTI + CSV")
+    p = subparsers.add_parser("uncertainty", help="segmenter uncertainty (MC dropout) as NIfTI; --slices-csv adds"
+                                   " each slice's mean")
     _common(p, "uncertainty")
     p.add_argument("output", metavar="OUT.nii.gz", help="entropy / log(classes) per voxel, 0–1")
     p.add_argument("--samples", type=_positive_int, default=8, help="dropout samples (≥ 2)")

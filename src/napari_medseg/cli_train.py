@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .core.errors import MedsegInputError
@@ -102,6 +104,20 @@ def _train_once(name: str, seed: int, steps, seconds, quiet: bool, **kw):
     return run_to_completion(train(name, seed, steps, seconds, **kw), _progress_printer(quiet))
 
 
+def _check_before_training(args: argparse.Namespace) -> None:
+    """What would only fail at the end: minutes of training must not end in "File exists"."""
+    for flag in ("eval_seeds", "ablation_steps", "ablation_eval_seeds", "validation_seeds"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise MedsegInputError(f"--{flag.replace('_', '-')} must be ≥ 0, got {value}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise MedsegInputError("--out must be a folder; a file of that name exists", out)
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise MedsegInputError("--out cannot be created or written here", out)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .core.evaluation import evaluate, tune_detector
     from .core.models.registry import save_model
@@ -112,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise MedsegInputError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if args.ablation_steps and name not in NO_IMBALANCE_FIX:
         raise MedsegInputError(f"--ablation-steps compares class-imbalance fixes; {name} has none")
+    _check_before_training(args)
     _set_threads(args.threads)
     kw = {}
     if args.loss:
@@ -272,7 +289,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="held-out metrics of a model on unseen phantoms")
-    p.add_argument("model", help="a model name (classifier, segmenter, detector) or a card path")
+    p.add_argument("model", help="a model name (classifier, segmenter, detector, generator) or a card path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--seeds", type=int, default=None, help="number of held-out phantoms (default 12)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")

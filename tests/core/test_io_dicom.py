@@ -630,3 +630,15 @@ def test_a_result_written_as_nifti_lies_where_its_dicom_voxels_lie(tmp_path, iop
         want = ipps[k] + j * dy * col + i * dx * row  # the DICOM voxel's LPS position
         got = lps @ (affine @ np.array([i, j, k, 1.0]))[:3]
         np.testing.assert_allclose(got, want, atol=1e-3, err_msg=f"voxel (z, y, x) = {(k, j, i)}")
+
+
+def test_a_file_cut_to_its_first_bytes_is_counted_as_truncated(tmp_path):
+    """A slice file cut to 300 bytes keeps only its file meta header: it was dropped
+    silently and showed only as a gap; the meta header's SOP class names it an image."""
+    write_series(tmp_path / "series", [0.0, 2.0, 4.0, 6.0], shuffle=False)
+    victim = tmp_path / "series" / "s002.dcm"
+    victim.write_bytes(victim.read_bytes()[:300])
+    vol = read_volume(tmp_path / "series")
+    assert "skipped 1 truncated or malformed image file" in vol.metadata["warnings"]
+    with pytest.raises(MedsegInputError, match="truncated or malformed image"):
+        read_volume(victim)

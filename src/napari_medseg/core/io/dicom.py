@@ -219,6 +219,8 @@ def _series_key(ds: Dataset) -> tuple:
 def _kind(ds: Dataset) -> str:
     """What the file is, for messages: its SOP class name, else its modality."""
     sop = ds.get("SOPClassUID")
+    if not sop:  # a file cut short may keep only its file meta header: that names it too
+        sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     name = getattr(sop, "name", "") if sop else ""
     return name or str(ds.get("Modality", "") or "unknown type")
 

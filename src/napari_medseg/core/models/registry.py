@@ -291,7 +291,41 @@ def read_card(card_path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(card["arch_params"], dict):
         raise MedsegInputError("arch_params must be a JSON object", card_path)
+    _check_card_values(card, card_path)
     return card
+
+
+# optional numeric card entries the engine reads: (low, high, integer?)
+_CARD_NUMBERS = {
+    "peak_threshold": (0.0, 1.0, False),
+    "min_distance_mm": (0.0, 1000.0, False),
+    "nms_radius_fraction": (0.0, 4.0, False),
+    "context_slices": (0, 16, True),
+}
+
+
+def _check_card_values(card: Mapping[str, Any], card_path: Path) -> None:
+    """Types and ranges of the entries inference reads, so a hand-edited or damaged card
+    gets one clear line here instead of a traceback deep in a run."""
+    classes = card["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise MedsegInputError(f"the card's classes must be a list of names, got {classes!r}",
+                               card_path)
+    try:
+        check_normalisation(card["normalisation"])
+    except MedsegInputError as exc:
+        raise MedsegInputError(exc.reason, card_path) from exc
+    for key, (low, high, integer) in _CARD_NUMBERS.items():
+        if key not in card:
+            continue
+        value = card[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and low <= value <= high
+        ok = ok and (not integer or float(value).is_integer())
+        if not ok:
+            kind = "a whole number" if integer else "a number"
+            raise MedsegInputError(f"the card's {key} must be {kind} in [{low}, {high}], "
+                                   f"got {value!r}", card_path)
 
 
 def resolve_card(
