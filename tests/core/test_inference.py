@@ -505,3 +505,11 @@ def test_a_percentile_card_runs_on_the_volumes_own_range(seg):
     same = {"type": "zscore", "mean": float(low), "std": float(high - low)}
     want = run_to_completion(segment_volume(volume, model, {**card, "normalisation": same}))
     np.testing.assert_array_equal(got.labels, want.labels)
+
+
+def test_a_field_of_view_no_body_has_is_refused_before_any_allocation(seg):
+    """Pixel spacing in cm read as mm (here 40 mm pixels) asked for a model grid of
+    thousands of pixels per side: gigabytes per chunk. One clear line instead."""
+    volume = _volume((2, 512, 512), (5.0, 40.0, 40.0))
+    with pytest.raises(MedsegInputError, match="check the pixel spacing"):
+        run_to_completion(segment_volume(volume, *seg))

@@ -450,7 +450,7 @@ def test_a_failing_autosave_is_said_until_one_succeeds(scene, qtbot, monkeypatch
     qtbot.waitUntil(lambda: widget._autosave_error is not None, timeout=5000)
     warnings = [str(n.message) for n in notification_manager.records[start:]
                 if "autosave FAILED" in str(n.message)]
-    assert len(warnings) == 1 and "Autosave failed" in widget._status.value
+    assert len(warnings) == 1 and "Autosave failed (Not a directory)" in widget._status.value
     widget.autosave_now(wait=True)  # the same failure again: said once
     qtbot.wait(50)
     assert len([n for n in notification_manager.records[start:]

@@ -658,7 +658,9 @@ class _RetrainBase(Container):
                     save_session(target, session)
                 except (OSError, MedsegInputError) as exc:  # a full disk must not take the GUI down
                     log.warning("autosave failed: %s", exc)
-                    self._autosave_failed(short_reason(exc))
+                    reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                              else short_reason(exc))
+                    self._autosave_failed(reason, str(folder))
                 else:
                     self._autosave_ok()
 
@@ -676,16 +678,16 @@ class _RetrainBase(Container):
         return kept[1]
 
     @ensure_main_thread
-    def _autosave_failed(self, reason: str) -> None:
+    def _autosave_failed(self, reason: str, folder: str) -> None:
         """A failed autosave is said, on the GUI thread, once per new reason, and the
         status line keeps saying it until a save succeeds: the user must not believe
         their work is kept when it is not."""
         try:
             if reason != self._autosave_error:
-                show_warning(f"Retrain: autosave FAILED ({reason}); your "
+                show_warning(f"Retrain: autosave FAILED ({reason}) in {folder}; your "
                              "annotations are not being saved")
             self._autosave_error = reason
-            self._status.value = f"Autosave failed: {reason}"
+            self._status.value = f"Autosave failed ({reason}): annotations not saved"
         except RuntimeError:  # the widget was closed meanwhile
             pass
 

@@ -435,9 +435,20 @@ def card_spacing_yx(card: Mapping[str, Any]) -> tuple[float, float]:
     return spacing[1], spacing[2]
 
 
+#: the largest model-grid side: 4096 pixels at 1 mm is a 4 m field of view
+MAX_GRID_SIDE = 4096
+
+
 def model_grid(volume: Volume, card: Mapping[str, Any]) -> tuple[int, int]:
     """In-plane size (h, w) of the model grid for ``volume`` (same field of view)."""
-    return resampled_shape_yx(volume.shape[1:], volume.spacing[1:], card_spacing_yx(card))
+    h, w = resampled_shape_yx(volume.shape[1:], volume.spacing[1:], card_spacing_yx(card))
+    if max(h, w) > MAX_GRID_SIDE:  # a spacing in cm read as mm would ask for gigabytes
+        fov = [round(n * s) for n, s in zip(volume.shape[1:], volume.spacing[1:])]
+        raise MedsegInputError(
+            f"the image covers {fov[0]} × {fov[1]} mm in-plane (pixel size "
+            f"{volume.spacing[1]:g} × {volume.spacing[2]:g} mm), more than any body; "
+            "check the pixel spacing")
+    return h, w
 
 
 def resize_yx(x: torch.Tensor, size: Sequence[int], antialias: bool = False) -> torch.Tensor:
