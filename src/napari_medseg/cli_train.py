@@ -289,7 +289,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="held-out metrics of a model on unseen phantoms")
-    p.add_argument("model", help="a model name (classifier, segmenter, detector, generator) or a card path")
+    p.add_argument("model", help="a model name (classifier, segmenter, detector, generator)"
+                                 " or a card path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--seeds", type=int, default=None, help="number of held-out phantoms (default 12)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")

@@ -674,7 +674,11 @@ class _RetrainBase(Container):
         data array: every autosave carries it."""
         kept = self._fingerprints.get(image)
         if kept is None or kept[0] is not image.data:
-            kept = self._fingerprints[image] = (image.data, image_fingerprint(image.data))
+            try:
+                fingerprint = image_fingerprint(image.data)
+            except (TypeError, ValueError, IndexError, AttributeError):
+                fingerprint = ""  # data this widget cannot use anyway (multiscale, RGB …)
+            kept = self._fingerprints[image] = (image.data, fingerprint)
         return kept[1]
 
     @ensure_main_thread

@@ -159,7 +159,8 @@ def _unit_axes(axes: Any, path: Path) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise MedsegInputError(f"axes must be 3 × 3 numbers, got {axes!r}", path) from exc
     norms = np.linalg.norm(a, axis=1)
-    if not (np.isfinite(a).all() and (norms > 1e-6).all()) or abs(np.linalg.det(a / norms[:, None])) < 1e-3:
+    if not (np.isfinite(a).all() and (norms > 1e-6).all()) \
+            or abs(np.linalg.det(a / norms[:, None])) < 1e-3:
         raise MedsegInputError(f"axes must be three independent directions, got {a.tolist()}", path)
     return a / norms[:, None]
 
