@@ -321,3 +321,62 @@ def test_slices_without_a_finite_voxel_are_missing_slices(make_napari_viewer):
     volume = volume_from_layer(viewer.add_image(data, name="ct"))
     assert volume.missing_slices() == [3]
 
+
+
+def test_an_image_changed_while_the_model_ran_gets_no_stale_result(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    n_layers = len(viewer.layers)
+    widget = SegmentWidget(viewer)
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    widget._run.clicked.emit()  # a second (scripted) click while it runs starts nothing
+    image.data = np.array(image.data[:, ::2, ::2])  # the user crops the image meanwhile
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == n_layers
+    assert any("changed while the model ran" in m for m in _messages_since(start, "warning"))
+    assert not _messages_since(start, "error")
+    _run_and_wait(widget, qtbot)  # run again on what it is now: a result, on the new grid
+    assert len(viewer.layers) == n_layers + 1 and viewer.layers[-1].data.shape == image.data.shape
+
+
+def test_go_to_moves_z_with_a_4d_layer_open_and_a_deleted_layer_raises_nothing(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = ClassifyWidget(viewer)
+    _select(widget, image, random_models["SliceClassifier"])
+    _run_and_wait(widget, qtbot)
+    viewer.add_image(np.zeros((3,) + image.data.shape, np.float32), name="time series")
+    widget._go_to_slice(5)
+    assert viewer.dims.current_step[0] == 0  # t left alone
+    assert round(image.world_to_data(viewer.dims.point[-3:])[0]) == 5
+    assert widget._current.value.startswith("Slice 5:")
+    for layer in list(viewer.layers):  # the user deletes everything: no IndexError
+        viewer.layers.remove(layer)
+    viewer.add_image(np.zeros((16, 16)), name="a photo")
+    assert "removed" in widget._current.value
+
+
+def test_the_image_picker_follows_a_rename(make_napari_viewer, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = SegmentWidget(viewer)
+    image.name = "patient A"
+    assert "patient A" in [widget._image.native.itemText(i)
+                           for i in range(widget._image.native.count())]
+
+
+def test_detect_adds_the_heatmap_only_if_asked_when_run_was_clicked(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = DetectWidget(viewer)
+    _select(widget, image, random_models["LesionDetector"])
+    n_layers = len(viewer.layers)
+    widget._run.clicked.emit()
+    widget._with_heatmap.value = True  # ticked while it runs: for the next run
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == n_layers + 1 and not any("heatmap" in l.name for l in viewer.layers)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import napari
+import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, PushButton
 from napari.utils.notifications import show_warning
 
@@ -56,6 +57,18 @@ def provenance(card: dict, image_name: str) -> dict[str, Any]:
     }
 
 
+def _geometry(layer) -> tuple:
+    """What a result computed from ``layer`` depends on: its data object, shape and
+    placement in the world (a result made from other data must not land on it)."""
+    return (layer.data, tuple(layer.data.shape), np.array(layer.scale, float),
+            np.array(layer.translate, float), np.array(layer.affine.affine_matrix, float))
+
+
+def _same_geometry(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] == b[1] and all(x.shape == y.shape and np.allclose(x, y)
+                                  for x, y in zip(a[2:], b[2:]))
+
+
 class ModelRunWidget(Container):
     architecture: str = ""
     task: str = ""  # "Segment", "Detect", ...
@@ -84,6 +97,11 @@ class ModelRunWidget(Container):
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
                       viewer.layers.events.moved):
             event.connect(self._refresh_layers)
+        # a rename fires nothing on the list: follow each layer's own name
+        viewer.layers.events.inserted.connect(lambda e: e.value.events.name.connect(
+            self._refresh_layers))
+        for layer in viewer.layers:
+            layer.events.name.connect(self._refresh_layers)
 
     # -- for subclasses ------------------------------------------------------------------
     def extra_widgets(self) -> list:
@@ -124,6 +142,8 @@ class ModelRunWidget(Container):
         self._image.reset_choices()
 
     def _on_run(self) -> None:
+        if self._worker is not None:  # one run at a time (a scripted double click)
+            return
         layer = self._image.value
         try:
             volume = volume_from_layer(layer)  # copies the data now, in the GUI thread
@@ -147,7 +167,7 @@ class ModelRunWidget(Container):
             card_path,
             options,
             description=f"{self.task} '{layer.name}'",
-            on_result=lambda out: self._on_result(out, layer, volume),
+            on_result=lambda out, seen=_geometry(layer): self._on_result(out, layer, volume, seen),
             on_finished=lambda: self._set_running(False),
             on_error=lambda message: setattr(self._status, "value", f"{self.task} failed: {message}"),
         )
@@ -157,12 +177,17 @@ class ModelRunWidget(Container):
         result = yield from self.core_job(volume, model, card, options)
         return result, card, options
 
-    def _on_result(self, out, layer, volume) -> None:
+    def _on_result(self, out, layer, volume, seen=None) -> None:
         result, card, options = out
         if layer not in self._viewer.layers:
             show_warning(f"{self.task}: '{layer.name}' was removed while the model ran; "
                          "the result was discarded")
             self._status.value = "Input layer removed; result discarded"
+            return
+        if seen is not None and not _same_geometry(seen, _geometry(layer)):
+            show_warning(f"{self.task}: '{layer.name}' changed while the model ran (new data, "
+                         "shape or position); the result was discarded: run it again")
+            self._status.value = "Input layer changed; result discarded"
             return
         self.show_result(result, card, layer, volume, options)
         note = self.missing_note(volume, result, options)

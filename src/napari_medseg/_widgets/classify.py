@@ -62,7 +62,8 @@ class ClassifyWidget(ModelRunWidget):
     def _slice_index(self) -> int:
         """Current slice of the classified layer (0 for a 2D image)."""
         layer = self._layer
-        if layer is None or layer.ndim == 2:
+        if layer is None or layer.ndim == 2 or layer not in self._viewer.layers \
+                or self._viewer.dims.ndim < 3:  # deleted, and the viewer went 2D
             return 0
         world = self._viewer.dims.point[-3]
         return int(round(layer.world_to_data([world, 0, 0])[0]))
@@ -70,6 +71,9 @@ class ClassifyWidget(ModelRunWidget):
     def _follow_slice(self, _event=None) -> None:
         result = self._result
         if result is None:
+            return
+        if self._layer is not None and self._layer not in self._viewer.layers:
+            self._current.value = "The classified layer was removed"
             return
         z = self._slice_index()
         self._strip.set_current(z)
@@ -87,4 +91,4 @@ class ClassifyWidget(ModelRunWidget):
         if layer is None or layer not in self._viewer.layers or layer.ndim == 2:
             return
         world = layer.data_to_world([z, 0, 0])[0]
-        self._viewer.dims.set_point(0, world)
+        self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world)  # z, even with a 4D layer open

@@ -39,15 +39,18 @@ class DetectWidget(ModelRunWidget):
         self._goto.native.activated.connect(lambda _i: self._go_to_lesion(self._goto.value))
         return [self._threshold, self._goto]
 
+    def options(self) -> dict:
+        return {"heatmap": bool(self._with_heatmap.value)}  # as it was when Run was clicked
+
     def core_job(self, volume, model, card, options):
-        self._card_threshold = card_peak_threshold(card)
-        return detect_lesions(volume, model, card, threshold=min(KEEP_SCORE, self._card_threshold))
+        return detect_lesions(volume, model, card,
+                              threshold=min(KEEP_SCORE, card_peak_threshold(card)))
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
         threshold = card_peak_threshold(card)
         data, kwargs, _ = detection_layer_data(result, image_layer,
                                                provenance(card, image_layer.name), threshold)
-        if self._with_heatmap.value:  # under the points, so they stay clickable
+        if options.get("heatmap"):  # under the points, so they stay clickable
             from .explain import _map_layer_kwargs
 
             heat = result.heatmap_on_input_grid()
@@ -99,6 +102,6 @@ class DetectWidget(ModelRunWidget):
         if index is None or points is None or points not in self._viewer.layers or index >= len(points.data):
             return
         world = points.data_to_world(points.data[index])
-        if points.ndim == 3:
-            self._viewer.dims.set_point(0, world[0])
+        if points.ndim == 3:  # z is the third axis from the end (a 4D layer may be open)
+            self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world[0])
         self._viewer.camera.center = tuple(world[-2:])

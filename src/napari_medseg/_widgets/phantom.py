@@ -85,6 +85,8 @@ class PhantomWidget(Container):
         )
 
     def _on_run(self) -> None:
+        if self._worker is not None:  # one run at a time (a scripted double click)
+            return
         request = self.request()
         self._set_running(True)
         self._status.value = "Generating…"
