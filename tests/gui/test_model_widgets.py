@@ -380,3 +380,15 @@ def test_detect_adds_the_heatmap_only_if_asked_when_run_was_clicked(
     widget._with_heatmap.value = True  # ticked while it runs: for the next run
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert len(viewer.layers) == n_layers + 1 and not any("heatmap" in l.name for l in viewer.layers)
+
+
+def test_info_and_retrain_pickers_follow_a_rename(make_napari_viewer, small_phantom):
+    from napari_medseg._widgets.info import VolumeInfoWidget
+    from napari_medseg._widgets.retrain import RetrainWidget
+
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widgets = [VolumeInfoWidget(viewer), RetrainWidget(viewer)]
+    image.name = "patient B"
+    for combo in (widgets[0]._layer, widgets[1]._image):
+        assert "patient B" in [combo.native.itemText(i) for i in range(combo.native.count())]

@@ -57,6 +57,14 @@ def provenance(card: dict, image_name: str) -> dict[str, Any]:
     }
 
 
+def follow_layer_names(viewer, callback) -> None:
+    """Call ``callback`` when any layer, present or added later, is renamed: a rename
+    fires nothing on the layer list, and pickers would keep showing the old name."""
+    viewer.layers.events.inserted.connect(lambda e: e.value.events.name.connect(callback))
+    for layer in viewer.layers:
+        layer.events.name.connect(callback)
+
+
 def _geometry(layer) -> tuple:
     """What a result computed from ``layer`` depends on: its data object, shape and
     placement in the world (a result made from other data must not land on it)."""
@@ -97,11 +105,7 @@ class ModelRunWidget(Container):
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
                       viewer.layers.events.moved):
             event.connect(self._refresh_layers)
-        # a rename fires nothing on the list: follow each layer's own name
-        viewer.layers.events.inserted.connect(lambda e: e.value.events.name.connect(
-            self._refresh_layers))
-        for layer in viewer.layers:
-            layer.events.name.connect(self._refresh_layers)
+        follow_layer_names(viewer, self._refresh_layers)
 
     # -- for subclasses ------------------------------------------------------------------
     def extra_widgets(self) -> list:

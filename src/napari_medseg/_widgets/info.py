@@ -6,6 +6,7 @@ import napari
 from magicgui.widgets import ComboBox, Container, TextEdit
 
 from ..core.volume import SAFE_METADATA_KEYS
+from ._model_widget import follow_layer_names
 
 
 def describe_layer(layer) -> str:
@@ -46,6 +47,7 @@ class VolumeInfoWidget(Container):
         self._layer.changed.connect(self._refresh)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
+        follow_layer_names(viewer, self._on_layers_changed)
         self._refresh()
 
     def _image_layers(self, _widget=None):

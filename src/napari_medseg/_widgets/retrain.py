@@ -78,7 +78,7 @@ from ..core.session import (
     sessions_dir,
 )
 from ._loss_curve import LossCurve
-from ._model_widget import model_choices, provenance
+from ._model_widget import follow_layer_names, model_choices, provenance
 from .detect import KEEP_SCORE
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ class _RetrainBase(Container):
         self._save.changed.connect(self._on_save)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._refresh_layers)
+        follow_layer_names(viewer, self._refresh_layers)
         self._refresh_layers()
         self._on_image_changed()
         self._track()
