@@ -440,3 +440,70 @@ def test_plain_adamw_matches_torch_adamw():
             o.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_the_held_out_slice_does_not_shape_the_phase_it_is_held_out_of(tiny, phantom):
+    """A one-step round is the held-out phase alone (slice 3 held out of [3, 6]): its
+    result must not depend on slice 3's labels (their class counts weighted the loss)."""
+    labels = phantom.labels.copy()
+    other = labels.copy()
+    other[3] = np.where(other[3] > 0, 8, 0)  # the held-out slice says "lesion" everywhere
+    a = _finetune(tiny, phantom, labels, [3, 6], steps=1, holdout=True)
+    b = _finetune(tiny, phantom, other, [3, 6], steps=1, holdout=True)
+    assert a.report.holdout_slice == 3 and a.report.steps == 1
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+def test_a_step_budget_is_the_number_of_steps_run(tiny, phantom, steps):
+    r = _finetune(tiny, phantom, phantom.labels, [3, 6], steps=steps, holdout=True)
+    assert r.report.steps == steps
+
+
+def test_a_slot_made_as_a_gap_becomes_a_new_structure_when_painted(tiny, phantom):
+    """Painting 11 on a 9-class model makes slots 9 and 10 ('unused_9', 'unused_10');
+    painting 9 later is a new structure: named, listed and given the longer round."""
+    labels = phantom.labels.copy()
+    labels[3, 10:20, 10:20] = 11
+    first = _finetune(tiny, phantom, labels, [3], class_names={11: "gallbladder"})
+    assert first.card["classes"][9:] == ["unused_9", "unused_10", "gallbladder"]
+    labels[6, 10:20, 10:20] = 9
+    second = run_to_completion(finetune_segmenter(
+        phantom.volume, first.model, first.card, labels, [3, 6], steps=3, holdout=False,
+        threads=1, class_names={9: "pancreas"}))
+    assert second.card["classes"][9] == "pancreas" and second.report.new_classes == ("pancreas",)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"slices": [2.7]}, "whole numbers"),
+    ({"slices": [True]}, "whole numbers"),
+    ({"seq_len": 0}, "seq_len"),
+    ({"lr": -1.0}, "lr"),
+    ({"keep_weight": float("nan")}, "keep_weight"),
+])
+def test_bad_fine_tuning_arguments_are_refused(tiny, phantom, kw, match):
+    slices = kw.pop("slices", [3])
+    with pytest.raises(MedsegInputError, match=match):
+        _finetune(tiny, phantom, phantom.labels, slices, **kw)
+
+
+def test_an_unreviewed_point_teaches_nothing_on_a_reviewed_slice():
+    """Reviewed slices 3 and 4; a 10 mm point on unreviewed slice 6 (8 mm away) used to
+    put a lesion target of about 0.28 on slice 4. Now those voxels are left out (−1),
+    and a reviewed point's target is as before."""
+    from napari_medseg.core.finetune import reviewed_targets
+
+    reviewed = np.zeros(10, bool)
+    reviewed[[3, 4]] = True
+    heatmap = {"sigma_fraction": 0.5, "z_sigma_fraction": 1.0}
+    args = ((64, 64), (64, 64), (4.0, 1.0, 1.0), heatmap)
+    pts, diam = np.array([[3.0, 20.0, 20.0], [6.0, 40.0, 40.0]]), np.array([10.0, 10.0])
+    lesions, heat, size, mask = reviewed_targets(pts, diam, reviewed, *args)
+    assert len(lesions) == 1 and heat[3, 20, 20] == pytest.approx(1.0)
+    assert heat[4, 40, 40] == -1.0 and not mask[4, 38:43, 38:43].any()
+    assert (heat[4] >= 0).sum() > 0.9 * heat[4].size  # the rest of slice 4 still teaches
+    _, alone, _, _ = reviewed_targets(pts[:1], diam[:1], reviewed, *args)
+    kept = heat[3] != -1.0  # outside the unreviewed point's reach, slice 3 is as without it
+    np.testing.assert_array_equal(alone[3][kept], heat[3][kept])
+    assert kept[10:31, 10:31].all()

@@ -40,6 +40,7 @@ import contextlib
 import copy
 import functools
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -182,12 +183,23 @@ def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[
     return arr, zs
 
 
+def _whole(z: Any) -> int:
+    """A slice index: an integer, or a float with no fraction; not a bool."""
+    if isinstance(z, (bool, np.bool_)):
+        raise TypeError(z)
+    if isinstance(z, (float, np.floating)):
+        if not float(z).is_integer():
+            raise ValueError(z)
+        return int(z)
+    return operator.index(z)
+
+
 def _check_slices(volume: Any, slices: Sequence[int], empty_message: str) -> list[int]:
     """Sorted unique slice indices, inside the volume and acquired."""
     try:
-        zs = sorted({int(z) for z in slices})
-    except (TypeError, ValueError) as exc:
-        raise MedsegInputError(f"slices must be integers, got {slices!r}") from exc
+        zs = sorted({_whole(z) for z in slices})
+    except (TypeError, ValueError) as exc:  # 2.7 used to train on slice 2
+        raise MedsegInputError(f"slices must be whole numbers, got {slices!r}") from exc
     if not zs:
         raise MedsegInputError(empty_message)
     bad = [z for z in zs if not 0 <= z < volume.shape[0]]
@@ -197,6 +209,18 @@ def _check_slices(volume: Any, slices: Sequence[int], empty_message: str) -> lis
     if missing:
         raise MedsegInputError(f"slices {missing} were not acquired (missing); they cannot be training data")
     return zs
+
+
+def _check_number(value: Any, what: str, positive: bool = False) -> None:
+    """A finite number ≥ 0 (> 0 with ``positive``): NaN would switch a loss term off
+    silently, a negative learning rate would train away from the annotations."""
+    try:
+        ok = math.isfinite(float(value)) and (float(value) > 0 if positive else float(value) >= 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise MedsegInputError(f"{what} must be a finite number {'>' if positive else '≥'} 0, "
+                               f"got {value!r}")
 
 
 def _budget(steps: int | None, seconds: float | None, default_seconds: float
@@ -294,9 +318,18 @@ def keep_loss(logits: torch.Tensor, teacher_logp: torch.Tensor, free: torch.Tens
     return (kl * w).sum() / w.sum()
 
 
+def _revived(old: Sequence[str], present: set[int]) -> set[int]:
+    """Values the model has a slot for but never learnt (``unused_<v>``, made as a gap
+    when a higher value was painted before) that the user paints now: new structures."""
+    return {v for v in present if v < len(old) and old[v] == f"unused_{v}"}
+
+
 def _class_names(old: Sequence[str], n_classes: int, present: set[int],
                  names: Mapping[int, str] | None) -> list[str]:
     out = list(old)
+    for v in sorted(_revived(old, present)):
+        given = (names or {}).get(v)
+        out[v] = str(given) if given else f"structure_{v}"
     for v in range(len(old), n_classes):
         given = (names or {}).get(v)
         out.append(str(given) if given else (f"structure_{v}" if v in present else f"unused_{v}"))
@@ -348,17 +381,21 @@ def finetune_segmenter(
     """
     classes = check_model_args(volume, model, card, RecurrentSegmenter, "fine-tuning")
     arr, zs = check_annotations(volume, labels, slices)
-    if not (correction_weight >= 0 and math.isfinite(correction_weight)):
-        raise MedsegInputError(f"correction_weight must be ≥ 0, got {correction_weight!r}")
+    _check_number(correction_weight, "correction_weight")
+    _check_number(keep_weight, "keep_weight")
+    _check_number(lr, "lr", positive=True)
+    seq_len, crop = positive_int(seq_len, "seq_len"), positive_int(crop, "crop")
     check_choice(trainable, tuple(TRAINABLE_PARTS), "trainable")
 
     nz, ny, nx = volume.shape
     present = {int(v) for v in np.unique(arr[zs])}
     n_classes = max(model.n_classes, max(present) + 1)
-    steps, seconds = _budget(steps, seconds, NEW_STRUCTURE_SECONDS if n_classes > model.n_classes
+    revived = _revived(classes, present)
+    new_structure = n_classes > model.n_classes or bool(revived)
+    steps, seconds = _budget(steps, seconds, NEW_STRUCTURE_SECONDS if new_structure
                              else DEFAULT_SECONDS)
     names = _class_names(classes, n_classes, present, class_names)
-    new_names = tuple(names[len(classes):])
+    new_names = tuple(names[v] for v in sorted(revived)) + tuple(names[len(classes):])
     sy, sx = volume.spacing[1:]
     rng = np.random.default_rng([int(seed), int(version), 6])
 
@@ -385,11 +422,17 @@ def finetune_segmenter(
         corrected = np.zeros((nz, h, w), dtype=bool)
         for z in zs:
             corrected[z] = before[z].argmax(0).numpy() != target[z]
-        counts = np.bincount(target[zs].ravel(), minlength=n_classes)[:n_classes]
-        cw = class_weights(counts) if class_balance else torch.ones(n_classes)
-        cw_np = cw.numpy().astype(np.float32)
-        weight = np.zeros((nz, h, w), dtype=np.float32)
-        weight[zs] = cw_np[target[zs].astype(np.int64)] * (1.0 + correction_weight * corrected[zs])
+
+        def weights_for(train_zs: list[int]) -> np.ndarray:
+            """Voxel weights from the class counts of ``train_zs`` only: the held-out
+            slice's labels must not shape the phase it is held out of."""
+            counts = np.bincount(target[train_zs].ravel(), minlength=n_classes)[:n_classes]
+            cw = class_weights(counts) if class_balance else torch.ones(n_classes)
+            cw_np = cw.numpy().astype(np.float32)
+            weight = np.zeros((nz, h, w), dtype=np.float32)
+            weight[train_zs] = cw_np[target[train_zs].astype(np.int64)] * (
+                1.0 + correction_weight * corrected[train_zs])
+            return weight
 
         held = zs[(int(version) - 1) % len(zs)] if holdout and len(zs) >= 2 else None
         dice_before = dice_after = None
@@ -402,6 +445,8 @@ def finetune_segmenter(
         L = min(int(seq_len), nz)
 
         def make_batch(train_zs: list[int]):
+            weight = weights_for(train_zs)
+
             def batch(step: int):
                 zc = int(rng.choice(train_zs))
                 z0 = int(np.clip(zc - rng.integers(0, L), 0, nz - L))
@@ -441,8 +486,15 @@ def finetune_segmenter(
                 loss = loss + keep_weight * keep_loss(logits, keep, tgt == IGNORE_INDEX, keep_balance)
             return loss
 
-        def budget(share: float) -> tuple[int | None, float | None]:
-            s = None if steps is None else max(1, int(round(int(steps) * share)))
+        def budget(share: float, first: bool) -> tuple[int | None, float | None]:
+            """The phase's share; the steps of the two phases add up to ``steps``."""
+            if steps is None:
+                s = None
+            elif len(phases) == 1:
+                s = int(steps)
+            else:
+                first_steps = max(1, int(int(steps) * HOLDOUT_PHASE))
+                s = first_steps if first else int(steps) - first_steps
             t = None if seconds is None else float(seconds) * share
             return s, t
 
@@ -452,7 +504,9 @@ def finetune_segmenter(
         curve: list[float] = []
         total_steps, t0 = 0, time.perf_counter()
         for i, (train_zs, share, phase_lr) in enumerate(phases):
-            s, t = budget(share)
+            s, t = budget(share, i == 0)
+            if s == 0:  # a one-step budget: the held-out phase takes it
+                continue
             stats = yield from _train_loop(
                 work, make_batch(train_zs), loss_fn, s, t, phase_lr, "retrain",
                 report_every=1, freeze_batchnorm=True, plain_optimizer=True)
@@ -504,10 +558,49 @@ def check_points(volume: Any, points: Any, diameters: Any, slices: Sequence[int]
         diameters, dtype=np.float64).reshape(-1)
     if len(d) != len(pts):
         raise MedsegInputError(f"{len(pts)} points but {len(d)} diameters")
+    if np.any(np.isinf(d) | (d < 0)):
+        raise MedsegInputError("lesion diameters must be positive millimetres (or unknown: NaN)")
     d = np.where(np.isfinite(d) & (d > 0), d, DEFAULT_DIAMETER_MM)
     zs = _check_slices(volume, slices,
                        "no reviewed slices: add, move or delete a point, or mark a slice reviewed, first")
     return pts, d, zs
+
+
+def reviewed_targets(pts: np.ndarray, diam: np.ndarray, reviewed: np.ndarray,
+                     native_yx: tuple[int, int], grid_yx: tuple[int, int],
+                     spacing: tuple[float, float, float], heatmap: Mapping[str, Any]):
+    """(lesions, heat, size, size_mask) on the model grid for a detector round.
+
+    The user vouches for the points on the slices they reviewed: those make the target,
+    as in training. A point on another slice (a detection nobody checked) teaches
+    nothing, and where its heatmap reaches a reviewed slice those voxels are left out of
+    the loss (−1) rather than called lesion or background. Unreviewed slices: −1."""
+    nz = len(reviewed)
+    (ny, nx), (h, w) = native_yx, grid_yx
+    lesions, unreviewed = [], []
+    for (z, y, x), d in zip(pts, diam):
+        gy, gx = map_index([y, x], (ny, nx), (h, w))
+        les = {"center": (float(z), float(gy), float(gx)),
+               "radius_mm": float(d) / 2, "diameter_mm": float(d)}
+        (lesions if reviewed[int(np.clip(round(z), 0, nz - 1))] else unreviewed).append(les)
+
+    def targets_of(group: list[dict[str, Any]]) -> _DetectorTarget:
+        t = _DetectorTarget(image=np.zeros((nz, h, w), np.float32), spacing=spacing,
+                            lesions=group, labels=np.zeros((nz, 1, 1), np.uint8))
+        detector_targets(t, sigma_fraction=heatmap["sigma_fraction"],
+                         z_sigma_fraction=heatmap["z_sigma_fraction"])
+        return t
+
+    target = targets_of(lesions)
+    heat = target.heat.astype(np.float32)
+    size_mask = target.size_mask & reviewed[:, None, None]
+    size = target.size.astype(np.float32)
+    if unreviewed:
+        shadow = targets_of(unreviewed)
+        heat[(shadow.heat > 0.01) & (heat < 0.01)] = -1.0
+        size_mask &= ~shadow.size_mask
+    heat[~reviewed] = -1.0  # ignored by the heatmap loss
+    return lesions, heat, size, size_mask
 
 
 def finetune_detector(
@@ -534,7 +627,9 @@ def finetune_detector(
     ``points`` (n, 3) voxel (z, y, x) on the volume's grid: the COMPLETE set of lesions
     on the reviewed ``slices`` (a slice with no point near it teaches "no lesion here",
     which is how deleted false positives are learned). The heatmap target is built from
-    every point exactly as in training (:func:`~.training.detector_targets`) and scored
+    the points on reviewed slices exactly as in training (:func:`~.training.detector_targets`);
+    a point on an unreviewed slice teaches nothing, and the reviewed voxels its heatmap
+    would reach are left out of the loss. The target is scored
     with the heatmap loss the detector was trained with (:func:`detector_heatmap`);
     only the reviewed slices enter that loss (it ignores the others). A quarter
     of each batch (half without rehearsal) are unreviewed slices whose heatmap is held to
@@ -550,6 +645,8 @@ def finetune_detector(
     """
     check_model_args(volume, model, card, LesionDetector, "fine-tuning")
     rehearsal = positive_int(rehearsal, "rehearsal") if rehearsal else 0  # 0 (or False): none
+    _check_number(keep_weight, "keep_weight")
+    _check_number(lr, "lr", positive=True)
     heatmap = detector_heatmap(card)
     pts, diam, zs = check_points(volume, points, diameters_mm, slices)
     steps, seconds = _budget(steps, seconds, DEFAULT_SECONDS)
@@ -563,21 +660,10 @@ def finetune_detector(
         x_all = grid_slices[0:nz].contiguous().numpy()  # (z, 2·context + 1, h, w)
         sz = volume.spacing[0]
         sy, sx = (volume.spacing[1] * ny / h, volume.spacing[2] * nx / w)
-        lesions = []
-        for (z, y, x), d in zip(pts, diam):
-            gy, gx = map_index([y, x], (ny, nx), (h, w))
-            lesions.append({"center": (float(z), float(gy), float(gx)),
-                            "radius_mm": float(d) / 2, "diameter_mm": float(d)})
-        target = _DetectorTarget(image=np.zeros((nz, h, w), np.float32), spacing=(sz, sy, sx),
-                                 lesions=lesions, labels=np.zeros((nz, 1, 1), np.uint8))
-        detector_targets(target, sigma_fraction=heatmap["sigma_fraction"],
-                         z_sigma_fraction=heatmap["z_sigma_fraction"])
         reviewed = np.zeros(nz, dtype=bool)
         reviewed[zs] = True
-        heat = target.heat.astype(np.float32)
-        heat[~reviewed] = -1.0  # ignored by the heatmap loss
-        size_mask = target.size_mask & reviewed[:, None, None]
-        size = target.size.astype(np.float32)
+        lesions, heat, size, size_mask = reviewed_targets(
+            pts, diam, reviewed, (ny, nx), (h, w), (sz, sy, sx), heatmap)
         work = copy.deepcopy(model).eval()
         teacher = copy.deepcopy(model).eval() if keep_weight > 0 else None
         others = np.flatnonzero(~reviewed & ~volume.missing)
