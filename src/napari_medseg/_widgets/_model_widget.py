@@ -73,8 +73,8 @@ def _geometry(layer) -> tuple:
 
 
 def _same_geometry(a: tuple, b: tuple) -> bool:
-    return a[0] is b[0] and a[1] == b[1] and all(x.shape == y.shape and np.allclose(x, y)
-                                  for x, y in zip(a[2:], b[2:]))
+    same_data = a[0] is b[0] and a[1] == b[1]
+    return same_data and all(x.shape == y.shape and np.allclose(x, y) for x, y in zip(a[2:], b[2:]))
 
 
 class ModelRunWidget(Container):
