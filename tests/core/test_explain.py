@@ -170,3 +170,82 @@ def test_detector_heatmap_peaks_on_the_lesion(lesion_phantom):
     print("lesion / body heatmap: trained", ratio, "randomised", rnd_ratio)
     assert ratio > 5.0 and ratio > 3 * rnd_ratio, (ratio, rnd_ratio)
     assert all(0.0 <= d.score <= 1.0 for d in res.detections)
+
+
+def _pooling_classifier():
+    """A classifier whose features are its input, max-pooled twice (stride 4), and
+    whose score is their sum: its Grad-CAM is the pooled image, so it shows where each
+    feature cell is placed on the image."""
+    from napari_medseg.core.models import SliceClassifier
+
+    m = SliceClassifier(n_classes=2, filters=(1, 1, 1), hidden=2, batch_norm=False, dropout=0.0)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.conv.weight.zero_()
+            b.conv.weight[0, 0, 1, 1] = 1
+            b.conv.bias.zero_()
+        l1, l2 = m.head[1], m.head[4]
+        l1.weight.fill_(1 / 16)
+        l1.bias.zero_()
+        l2.weight.fill_(1.0)
+        l2.bias.zero_()
+    return m.eval()
+
+
+@pytest.mark.parametrize("n", [64, 63, 61])
+def test_gradcam_lies_on_the_image_whatever_the_grid_size(n):
+    """At a grid side that is not a multiple of the pooling stride, the map was
+    stretched over the whole grid: a square near the far edge came out 3 px off."""
+    from napari_medseg.core.volume import Volume
+
+    card = {"name": "c", "classes": ["a", "b"], "input_spacing_mm": [1, 1, 1],
+            "normalisation": {"type": "percentile", "low_percentile": 0.0, "high_percentile": 100.0}}
+    a = np.zeros((1, n, n), np.float32)
+    a[:, 52:56, 52:56] = 1.0  # near the far corner, on one 4 × 4 pooling cell
+    a[:, 4:8, 4:8] = 1.0
+    maps = run_to_completion(gradcam_volume(Volume(a, (1, 1, 1)), _pooling_classifier(), card,
+                                            target=0)).maps[0]
+    for lo in (4, 52):
+        box = maps[lo - 4:lo + 8, lo - 4:lo + 8]
+        rows = np.arange(lo - 4, lo + 8)
+        centre = (box.sum(1) * rows).sum() / box.sum()
+        assert abs(centre - (lo + 1.5)) < 0.6, (lo, centre)
+
+
+def test_explanations_restore_each_modules_mode():
+    """A model with its BatchNorm frozen (eval) inside a training model, or its dropout
+    switched on, comes back exactly so (only the top module's mode was restored)."""
+    clf, clf_card = load_model("classifier")
+    seg, seg_card = load_model("segmenter")
+    vol = generate_phantom((3, 48, 48), (5.0, 2.0, 2.0), seed=1).volume
+    clf.train()
+    for m in clf.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    before = {name: m.training for name, m in clf.named_modules()}
+    run_to_completion(gradcam_volume(vol, clf, clf_card))
+    assert {name: m.training for name, m in clf.named_modules()} == before
+    seg.eval()
+    for m in seg.modules():
+        if isinstance(m, torch.nn.Dropout2d | torch.nn.Dropout):
+            m.train()
+    before = {name: m.training for name, m in seg.named_modules()}
+    run_to_completion(segmentation_uncertainty(vol, seg, seg_card, samples=2))
+    assert {name: m.training for name, m in seg.named_modules()} == before
+
+
+def test_more_bad_requests_are_refused():
+    clf, clf_card = load_model("classifier")
+    seg, seg_card = load_model("segmenter")
+    vol = generate_phantom((2, 32, 32), (5.0, 2.0, 2.0), seed=1).volume
+    for target in (True, 1.7):
+        with pytest.raises(MedsegInputError, match="class name or index"):
+            run_to_completion(gradcam_volume(vol, clf, clf_card, target=target))
+    with pytest.raises(MedsegInputError, match="outputs but its card names"):
+        run_to_completion(gradcam_volume(vol, clf, {**clf_card, "classes": ["a", "b"]}))
+    with pytest.raises(MedsegInputError, match="outputs but its card names"):
+        run_to_completion(segmentation_uncertainty(vol, seg, {**seg_card, "classes": ["a"] * 5}))
+    result = run_to_completion(segmentation_uncertainty(vol, seg, seg_card, samples=2))
+    with pytest.raises(MedsegInputError, match="k must be"):
+        result.most_uncertain(-1)
+    assert result.most_uncertain(0) == []

@@ -174,3 +174,25 @@ def test_interpolation_reports_progress_and_can_be_cancelled():
     job = interpolation_job(vol, 2, True, "cubic")
     next(job)
     job.close()  # what Cancel does: no error, nothing returned
+
+
+def test_a_nan_voxel_bends_no_cubic_spline_far_from_it():
+    """One NaN voxel in an acquired slice: cubic interpolation read it as 0 and bent the
+    whole z-column (1033 and 967 in a constant 1000 volume, slices away from it)."""
+    array = np.full((6, 4, 4), 1000.0, np.float32)
+    array[4, 0, 0] = np.nan
+    out = interpolate_slices(Volume(array, (2.0, 1.0, 1.0)), factor=2, method="cubic")
+    column = out.volume.array[:, 0, 0]
+    assert np.all((column == 1000.0) | np.isnan(column)), column
+    assert np.isnan(column[[7, 8, 9]]).all() and (column[:7] == 1000.0).all()
+    np.testing.assert_array_equal(out.volume.array[:, 1, 1], 1000.0)
+
+
+def test_a_slice_made_of_nan_only_is_missing_not_generated():
+    """Its two neighbours have NaN in complementary halves: nothing was made there."""
+    array = np.ones((2, 4, 4), np.float32)
+    array[0, :2] = np.nan
+    array[1, 2:] = np.nan
+    out = interpolate_slices(Volume(array, (2.0, 1.0, 1.0)), factor=2)
+    assert out.volume.missing.tolist() == [False, True, False]
+    assert not out.generated.any() and "0 slices generated" in out.summary()

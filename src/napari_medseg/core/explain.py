@@ -62,6 +62,8 @@ class UncertaintyResult:
 
     def most_uncertain(self, k: int = 5, exclude: Any = ()) -> list[int]:
         """The ``k`` slices with the highest per-slice uncertainty, most uncertain first."""
+        if isinstance(k, bool) or int(k) != k or k < 0:
+            raise MedsegInputError(f"k must be a whole number ≥ 0, got {k!r}")
         order = [int(z) for z in np.argsort(-np.nan_to_num(self.per_slice, nan=-1.0))
                  if np.isfinite(self.per_slice[z]) and int(z) not in set(exclude)]
         return order[: int(k)]
@@ -80,11 +82,14 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
     classes = check_model_args(volume, model, card, SliceClassifier, "Grad-CAM")
     if method not in CAM_METHODS:
         raise MedsegInputError(f"method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+    _check_class_count(model, classes)
     if target is not None:
         if isinstance(target, str):
             if target not in classes:
                 raise MedsegInputError(f"unknown class {target!r}; the model has {', '.join(classes)}")
             target = classes.index(target)
+        elif isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)):
+            raise MedsegInputError(f"target must be a class name or index, got {target!r}")
         elif not 0 <= int(target) < len(classes):
             raise MedsegInputError(f"class index {target} outside 0–{len(classes) - 1}")
     batch = positive_int(batch, "batch")
@@ -96,7 +101,7 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
     probs = np.full((nz, len(classes)), np.nan, dtype=np.float32)
     acquired = ~volume.missing
     runs = [(a, min(a + batch, nz)) for a in range(0, nz, batch)]
-    was_training = model.training
+    modes = _modes(model)
     model.eval()
     try:
         with ThreadGovernor(threads) as governor:
@@ -114,7 +119,7 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                         (grad,) = torch.autograd.grad(score, feats)
                     weights = grad.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grad
                     cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
-                    cam = resize_yx(cam, (ny, nx))[:, 0]  # bilinear onto the input grid
+                    cam = resize_yx(_on_model_grid(cam, slices.grid), (ny, nx))[:, 0]
                     peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
                     maps[zs] = (cam / peak).numpy()
                     targets[zs] = chosen.numpy()
@@ -122,8 +127,36 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                 governor.update()
                 yield Progress(step, len(runs), f"Grad-CAM: slices {a}–{b - 1}")
     finally:
-        model.train(was_training)
+        _restore_modes(modes)
     return GradCamResult(maps, targets, tuple(classes), probs)
+
+
+def _on_model_grid(cam: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, hf, wf) feature-grid maps → (N, 1, h, w) on the model grid, each feature
+    cell over the pixels it pooled: floor pooling drops the last rows and columns when a
+    side is not a multiple of the stride, and stretching the map over the whole grid
+    would shift it by up to a few pixels at the far edge."""
+    (h, w), (hf, wf) = grid, cam.shape[-2:]
+    sy, sx = (max(1, 2 ** round(math.log2(n / nf))) for n, nf in ((h, hf), (w, wf)))
+    cam = resize_yx(cam, (hf * sy, wf * sx))[..., :h, :w]
+    return F.pad(cam, (0, w - cam.shape[-1], 0, h - cam.shape[-2]), mode="replicate")
+
+
+def _check_class_count(model: torch.nn.Module, classes: list[str]) -> None:
+    n = getattr(model, "n_classes", len(classes))
+    if n != len(classes):
+        raise MedsegInputError(f"the model has {n} outputs but its card names {len(classes)} classes")
+
+
+def _modes(model: torch.nn.Module) -> dict[torch.nn.Module, bool]:
+    """Each module's train/eval state: a user may have frozen some (BatchNorm in eval)
+    or switched others on (dropout); restoring only the top module's would undo that."""
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_modes(modes: dict[torch.nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
 
 
 def randomised_copy(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -160,14 +193,17 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
         raise MedsegInputError("uncertainty needs at least 2 samples")
     if not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         raise MedsegInputError("this segmenter has no dropout, so MC-dropout cannot sample it")
+    _check_class_count(model, classes)
     n_classes = len(classes)
+    if n_classes < 2:
+        raise MedsegInputError("uncertainty needs a segmenter with at least 2 classes")
     nz, ny, nx = volume.shape
     slices = ModelGridSlices(volume, card)
     h, w = slices.grid
     mean = torch.zeros((nz, n_classes, h, w))
-    was_training = model.training
+    modes = _modes(model)
     model.eval()
-    drops = _dropout_on(model)
+    _dropout_on(model)
     total = samples * RecurrentSegmenter.n_steps(nz, chunk)
     step = 0
     try:
@@ -187,9 +223,7 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
                     governor.update()
                     yield Progress(step, total, f"sample {s + 1}/{samples}")
     finally:
-        for m in drops:
-            m.train(was_training)
-        model.train(was_training)
+        _restore_modes(modes)
     ent = -(mean * mean.clamp_min(1e-12).log()).sum(1, keepdim=True) / math.log(n_classes)
     entropy = resize_yx(ent, (ny, nx))[:, 0].clamp(0, 1).numpy().astype(np.float32)
     labels = labels_from_logits(mean.clamp_min(1e-12).log(), (ny, nx)).numpy()

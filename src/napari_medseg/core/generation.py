@@ -103,9 +103,14 @@ def cubic_fill_job(array: np.ndarray, known: np.ndarray, block_rows: int = 64
     no_data = np.isnan(out[todo])
     n_rows = array.shape[1]
     for r0 in range(0, n_rows, block_rows):
-        block = np.nan_to_num(np.asarray(array[ki, r0:r0 + block_rows], dtype=np.float64))
-        spline = CubicSpline(ki, block, axis=0)
-        out[todo, r0:r0 + block_rows] = spline(todo).astype(np.float32)
+        knots = np.asarray(array[ki, r0:r0 + block_rows], dtype=np.float64)
+        # a spline through a NaN knot (read as 0) would bend that whole z-column, far from
+        # the hole: such columns keep the linear result (NaN only next to the hole)
+        holes = np.isnan(knots).any(axis=0)
+        values = CubicSpline(ki, np.nan_to_num(knots), axis=0)(todo).astype(np.float32)
+        if holes.any():
+            values[:, holes] = out[todo, r0:r0 + block_rows][:, holes]
+        out[todo, r0:r0 + block_rows] = values
         yield Progress(min(r0 + block_rows, n_rows), n_rows, "cubic interpolation")
     part = out[todo]
     part[no_data] = np.nan
@@ -229,8 +234,8 @@ def plan_generation(volume: Volume, factor: int = 1, fill_missing: bool = True
     if not targets.any():
         if gaps.any() and not fill_missing:
             raise MedsegInputError(
-                "nothing to generate: filling missing slices is off and the upsampling"
-                " factor is 1")
+                "nothing to generate: filling missing slices is off and every slice to make"
+                " lies across a gap in the series")
         raise MedsegInputError(
             "nothing to generate: the volume has no missing slices between acquired ones"
             " (choose an upsampling factor of 2 or more)")
@@ -309,7 +314,8 @@ def generate_slices(
     out[missing] = np.nan
     result_volume = Volume(out, (sz / factor, sy, sx), volume.origin, volume.modality,
                            missing=missing, metadata=dict(volume.metadata))
-    return GenerationResult(result_volume, targets.copy(), known.copy(), factor,
+    # a slice made of NaN only (its neighbours' holes cover it) was not made: missing
+    return GenerationResult(result_volume, targets & ~result_volume.missing, known.copy(), factor,
                             str(card.get("name", "")))
 
 
@@ -345,7 +351,7 @@ def interpolation_job(volume: Volume, factor: int = 1, fill_missing: bool = True
     sz, sy, sx = volume.spacing
     out = Volume(filled, (sz / factor, sy, sx), volume.origin, volume.modality,
                  missing=missing, metadata=dict(volume.metadata))
-    return GenerationResult(out, targets.copy(), known.copy(), int(factor), method)
+    return GenerationResult(out, targets & ~out.missing, known.copy(), int(factor), method)
 
 
 # ======================================================================================
