@@ -356,6 +356,11 @@ def test_variety_across_seeds():
         dict(contrast_scale=-0.1),
         dict(body_z_fraction=0.0),
         dict(body_z_fraction=1.5),
+        dict(spacing="123"),  # was read as (1, 2, 3)
+        dict(lesion_radius_mm="25"),  # was read as (2, 5)
+        dict(extra_structures=None),  # these three were TypeErrors
+        dict(extra_structures=5),
+        dict(extra_structures=[["x"]]),
     ],
 )
 def test_bad_arguments_raise(kwargs):

@@ -1237,6 +1237,8 @@ def _validate(shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_
     if math.prod(shp) > MAX_VOXELS:
         raise MedsegInputError(f"shape {shp} is too large: at most {MAX_VOXELS} voxels in all")
     try:
+        if isinstance(spacing, (str, bytes)):  # "123" is not (1, 2, 3)
+            raise TypeError(spacing)
         spc = tuple(float(s) for s in spacing)
     except (TypeError, ValueError) as exc:
         raise MedsegInputError(f"spacing must be three positive numbers in mm, got {spacing!r}") from exc
@@ -1249,6 +1251,8 @@ def _validate(shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_
     if n_lesions is not None and (not _is_int(n_lesions) or not 0 <= n_lesions <= MAX_LESIONS):
         raise MedsegInputError(f"n_lesions must be None or an integer in [0, {MAX_LESIONS}], got {n_lesions!r}")
     try:
+        if isinstance(lesion_radius_mm, (str, bytes)):  # "25" is not (2, 5)
+            raise TypeError(lesion_radius_mm)
         lr = tuple(float(v) for v in lesion_radius_mm)
     except (TypeError, ValueError) as exc:
         raise MedsegInputError(f"lesion_radius_mm must be (min, max) in mm, got {lesion_radius_mm!r}") from exc
@@ -1331,7 +1335,10 @@ def generate_phantom(
         to return in ``Phantom.structure_masks``; ``labels`` is unchanged (they stay
         "body"). The image does not depend on this argument.
     """
-    unknown = sorted(set(extra_structures) - set(EXTRA_STRUCTURES))
+    try:
+        unknown = sorted(set(extra_structures) - set(EXTRA_STRUCTURES))
+    except TypeError:  # None, a number, a list of lists
+        unknown = [extra_structures]
     if isinstance(extra_structures, str) or unknown:
         raise MedsegInputError(
             f"extra_structures must be a list of {', '.join(EXTRA_STRUCTURES)}; got {extra_structures!r}")
