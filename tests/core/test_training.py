@@ -530,3 +530,23 @@ def test_saving_the_same_weights_twice_gives_the_same_sha256(tmp_path):
     a = json.loads(save_model(model, tmp_path / "a", "m", card).read_text())["sha256"]
     b = json.loads(save_model(model, tmp_path / "b", "m", card).read_text())["sha256"]
     assert a == b
+
+
+def test_the_detector_target_is_met_only_at_the_validation_threshold(monkeypatch):
+    """The FROC point picks its threshold on the held-out volumes themselves; a user gets
+    the card's (validation) threshold. Here the FROC point reaches 1.0 at 1 FP/volume but
+    the card's threshold lets 2 FP/volume through: the target is not met."""
+    from napari_medseg.core import evaluation
+
+    def records(model, card, seeds, md, **kw):  # one lesion of 10 mm per volume, found at 0.9
+        return [{"by_md": {6.0: {"scores": [0.9, 0.5, 0.4], "matched": [0, -1, -1]}},
+                 "diameters": [10.0]} for _ in seeds]
+
+    monkeypatch.setattr(evaluation, "detector_records", records)
+    monkeypatch.setattr(evaluation, "_settings_summary", lambda seeds: {})
+    card = {"min_distance_mm": 6.0, "peak_threshold": 0.3}
+    out = evaluation.evaluate_detector(None, card, 3)
+    assert out["sensitivity_ge_5mm_at_1fp"] == 1.0 and out["at_card_threshold"]["fp_per_volume"] == 2.0
+    assert out["meets_target"] is False
+    out = evaluation.evaluate_detector(None, {**card, "peak_threshold": 0.6}, 3)
+    assert out["meets_target"] is True

@@ -409,7 +409,9 @@ def evaluate_detector(model, card, seeds: int | Iterable[int] | None = None,
         "froc_sensitivity_ge_5mm": sweep,
         "match_rule": "centre within lesion radius + (2 mm + half the slice spacing); greedy by score",
         "target": "sensitivity >= 0.90 at <= 1 FP/volume for lesions >= 5 mm",
-        "meets_target": bool(sens >= 0.90),
+        # met only at the threshold chosen on validation (the card's): the FROC point above
+        # picks its threshold on these held-out volumes, which a user cannot do
+        "meets_target": bool(at_card["sensitivity_ge_5mm"] >= 0.90 and at_card["fp_per_volume"] <= 1.0),
         **_settings_summary(seeds),
     }
 
