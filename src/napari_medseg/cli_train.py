@@ -159,8 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         training["command"] += f" --eval-seeds {args.eval_seeds}"
     if args.pool_size is not None:
         training["command"] += f" --pool-size {args.pool_size}"
-    if args.threads is not None:  # float sums depend on the thread count
-        training["command"] += f" --threads {args.threads}"
+    # float sums depend on the thread count: the command names the one used, given or not
+    training["command"] += f" --threads {args.threads or training.get('threads', 1)}"
     if args.ablation_steps:
         training["command"] += (f" --ablation-steps {args.ablation_steps}"
                                 f" --ablation-eval-seeds {args.ablation_eval_seeds}")

@@ -446,6 +446,12 @@ def test_train_cli_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
     assert card["training"]["seed"] == 1 and card["training"]["steps"] == 2
     assert "--threads 1" in card["training"]["command"]  # float sums depend on it
     assert "wrote" in capsys.readouterr().out
+    assert isinstance(card["training"]["cpu"], str)  # where the file was made
+    rc = main(["train", "classifier", "--seed", "1", "--out", str(tmp_path / "b"), "--steps", "2",
+               "--eval-seeds", "0", "--pool-size", "1", "--quiet"])
+    card = load_model(tmp_path / "b" / "classifier.json")[1]
+    # the thread count used is in the command even when not given: it changes the floats
+    assert f"--threads {card['training']['threads']}" in card["training"]["command"]
 
 
 def test_train_cli_passes_the_classifier_recipe_and_writes_it_into_the_command(tmp_path, monkeypatch):

@@ -608,6 +608,22 @@ def _crop_yx(rng, arrays: Sequence[np.ndarray], size: int, fills: Sequence[float
     return outs
 
 
+def _cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512, from /proc/cpuinfo ("" elsewhere)."""
+    from .inference import cpu_flags
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh
+                         if line.startswith("model name")), "")
+    except OSError:
+        pass
+    flags = cpu_flags()
+    vector = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
+    return ", ".join(part for part in (name, vector) if part)
+
+
 def _command(name: str, seed: int, steps: int | None, seconds: float | None, loss: str,
              sampling: str) -> str:
     budget = f"--steps {steps}" if steps is not None else f"--seconds {seconds:g}"
@@ -645,6 +661,9 @@ def _base_card(name: str, classes: Sequence[str], spacing_yx: float, normalisati
             "loss_last20": stats["loss_last20"],
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            # float sums differ between CPUs (AVX-512 vs AVX2): a rerun elsewhere can
+            # differ in the last digits, and this says where the file was made
+            "cpu": _cpu_name(),
         },
         "note": "input_spacing_mm[0] is nominal: z is kept native (resample_axes 'yx').",
     }
