@@ -556,3 +556,17 @@ def test_the_detector_target_is_met_only_at_the_validation_threshold(monkeypatch
     assert out["meets_target"] is False
     out = evaluation.evaluate_detector(None, {**card, "peak_threshold": 0.6}, 3)
     assert out["meets_target"] is True
+
+
+def test_explicit_seeds_are_never_training_seeds_and_tuning_never_uses_held_out_ones():
+    from napari_medseg.core.evaluation import seed_list
+    from napari_medseg.core.training import EVAL_SEEDS, VALIDATION_SEEDS, training_seeds
+
+    with pytest.raises(MedsegInputError, match="training seeds"):
+        seed_list([training_seeds(0)[5]])
+    with pytest.raises(MedsegInputError, match="training seeds"):
+        seed_list([-1])
+    with pytest.raises(MedsegInputError, match="held-out evaluation seeds"):
+        seed_list([EVAL_SEEDS[0]], VALIDATION_SEEDS)
+    assert seed_list([VALIDATION_SEEDS[0] + 3]) == [VALIDATION_SEEDS[0] + 3]  # scoring on validation
+    assert seed_list([EVAL_SEEDS[0] + 1]) == [EVAL_SEEDS[0] + 1]

@@ -32,7 +32,7 @@ import torch
 from .errors import MedsegInputError
 from .models.detector import extract_peaks
 from .resample import map_index
-from .training import EVAL_SEEDS, VALIDATION_SEEDS, eval_settings, make_phantom
+from .training import EVAL_SEEDS, TRAIN_SEED_BASE, VALIDATION_SEEDS, eval_settings, make_phantom
 
 MIN_DIAMETER_MM = 5.0
 
@@ -50,6 +50,17 @@ def seed_list(seeds: int | Iterable[int] | None, seed_range: tuple[int, int] = E
     out = [int(s) for s in seeds]
     if not out:
         raise MedsegInputError("no evaluation seeds given")
+    # a metric on a phantom the model trained on, or a threshold tuned on held-out ones,
+    # is not honest: explicit seeds are checked against the ranges
+    trained = [s for s in out if s < 0 or s >= TRAIN_SEED_BASE]
+    if trained:
+        raise MedsegInputError(f"seeds {trained[:3]} are training seeds (or negative); "
+                               f"use validation {VALIDATION_SEEDS} or evaluation {EVAL_SEEDS} seeds")
+    if tuple(seed_range) == tuple(VALIDATION_SEEDS):
+        held = [s for s in out if EVAL_SEEDS[0] <= s < EVAL_SEEDS[1]]
+        if held:
+            raise MedsegInputError(f"seeds {held[:3]} are held-out evaluation seeds; tune on "
+                                   f"validation seeds {VALIDATION_SEEDS}")
     return out
 
 
