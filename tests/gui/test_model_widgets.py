@@ -32,6 +32,19 @@ def _select(widget, layer, card_path):
     widget._model.value = card_path
 
 
+def _ready(make_napari_viewer, phantom, widget_cls, card_path):
+    """(viewer, image, widget): a phantom opened and a widget with image and model picked."""
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, phantom)
+    widget = widget_cls(viewer)
+    _select(widget, image, card_path)
+    return viewer, image, widget
+
+
+def _picker_names(combo):
+    return [combo.native.itemText(i) for i in range(combo.native.count())]
+
+
 def _run_and_wait(widget, qtbot, timeout=120_000):
     widget._run.clicked.emit()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
@@ -325,11 +338,9 @@ def test_slices_without_a_finite_voxel_are_missing_slices(make_napari_viewer):
 
 def test_an_image_changed_while_the_model_ran_gets_no_stale_result(
         make_napari_viewer, qtbot, random_models, small_phantom):
-    viewer = make_napari_viewer()
-    image = _open_phantom(viewer, small_phantom)
+    viewer, image, widget = _ready(make_napari_viewer, small_phantom, SegmentWidget,
+                                   random_models["RecurrentSegmenter"])
     n_layers = len(viewer.layers)
-    widget = SegmentWidget(viewer)
-    _select(widget, image, random_models["RecurrentSegmenter"])
     start = len(notification_manager.records)
     widget._run.clicked.emit()
     widget._run.clicked.emit()  # a second (scripted) click while it runs starts nothing
@@ -344,10 +355,8 @@ def test_an_image_changed_while_the_model_ran_gets_no_stale_result(
 
 def test_go_to_moves_z_with_a_4d_layer_open_and_a_deleted_layer_raises_nothing(
         make_napari_viewer, qtbot, random_models, small_phantom):
-    viewer = make_napari_viewer()
-    image = _open_phantom(viewer, small_phantom)
-    widget = ClassifyWidget(viewer)
-    _select(widget, image, random_models["SliceClassifier"])
+    viewer, image, widget = _ready(make_napari_viewer, small_phantom, ClassifyWidget,
+                                   random_models["SliceClassifier"])
     _run_and_wait(widget, qtbot)
     viewer.add_image(np.zeros((3,) + image.data.shape, np.float32), name="time series")
     widget._go_to_slice(5)
@@ -365,16 +374,13 @@ def test_the_image_picker_follows_a_rename(make_napari_viewer, small_phantom):
     image = _open_phantom(viewer, small_phantom)
     widget = SegmentWidget(viewer)
     image.name = "patient A"
-    assert "patient A" in [widget._image.native.itemText(i)
-                           for i in range(widget._image.native.count())]
+    assert "patient A" in _picker_names(widget._image)
 
 
 def test_detect_adds_the_heatmap_only_if_asked_when_run_was_clicked(
         make_napari_viewer, qtbot, random_models, small_phantom):
-    viewer = make_napari_viewer()
-    image = _open_phantom(viewer, small_phantom)
-    widget = DetectWidget(viewer)
-    _select(widget, image, random_models["LesionDetector"])
+    viewer, image, widget = _ready(make_napari_viewer, small_phantom, DetectWidget,
+                                   random_models["LesionDetector"])
     n_layers = len(viewer.layers)
     widget._run.clicked.emit()
     widget._with_heatmap.value = True  # ticked while it runs: for the next run
@@ -391,4 +397,4 @@ def test_info_and_retrain_pickers_follow_a_rename(make_napari_viewer, small_phan
     widgets = [VolumeInfoWidget(viewer), RetrainWidget(viewer)]
     image.name = "patient B"
     for combo in (widgets[0]._layer, widgets[1]._image):
-        assert "patient B" in [combo.native.itemText(i) for i in range(combo.native.count())]
+        assert "patient B" in _picker_names(combo)
