@@ -133,10 +133,13 @@ def points_layer_data(
 
 # -- model results on a user's image layer ------------------------------------------------
 def _like_layer(layer: Any) -> dict[str, Any]:
-    """Geometry kwargs that put a result exactly on ``layer`` (scale, translate, affine)."""
+    """Geometry kwargs that put a result exactly on ``layer``: all of napari's
+    data-to-world parts (scale, translate, rotate, shear and affine are separate)."""
     return {
         "scale": tuple(layer.scale),
         "translate": tuple(layer.translate),
+        "rotate": np.array(layer.rotate, dtype=float),
+        "shear": np.array(layer.shear, dtype=float),
         "affine": layer.affine.affine_matrix,
         "axis_labels": tuple(layer.axis_labels),
         "units": tuple(str(u) for u in layer.units),
@@ -220,12 +223,20 @@ def mark_added_points(layer: Any, event: Any) -> bool:
     return True
 
 
-def volume_from_layer(layer: Any) -> Volume:
-    """A private copy of an Image layer as a Volume, or MedsegInputError saying why not.
+def world_matrix(layer: Any) -> np.ndarray:
+    """``layer``'s whole data-to-world transform as one (ndim + 1)² matrix: napari keeps
+    scale, translate, rotate, shear and affine apart, and a check on only some of them
+    misses a layer moved by the others."""
+    from napari.utils.transforms import Affine
 
-    The copy is taken here, in the GUI thread, so a user who keeps painting or a layer
-    removed mid-run cannot race the model.
-    """
+    parts = Affine(scale=layer.scale, translate=layer.translate, rotate=layer.rotate,
+                   shear=layer.shear)
+    return np.asarray(layer.affine.compose(parts).affine_matrix, dtype=float)
+
+
+def check_image_layer(layer: Any) -> None:
+    """MedsegInputError unless ``layer`` is a single-scale grayscale 2D or 3D Image layer
+    (checks only what is known without reading the data)."""
     from napari.layers import Image
 
     from .core.errors import MedsegInputError
@@ -240,23 +251,49 @@ def volume_from_layer(layer: Any) -> Volume:
         raise MedsegInputError(f"'{layer.name}' is an RGB image; convert it to grayscale first")
     if layer.multiscale:
         raise MedsegInputError(f"'{layer.name}' is multiscale; open it as a single-scale image")
-    data = np.array(layer.data, copy=True)
-    if data.ndim not in (2, 3):
+    shape, dtype = tuple(layer.data.shape), np.dtype(layer.data.dtype)
+    if len(shape) not in (2, 3):
         raise MedsegInputError(
-            f"'{layer.name}' has {data.ndim} dimensions {data.shape}; expected a 2D slice or a "
+            f"'{layer.name}' has {len(shape)} dimensions {shape}; expected a 2D slice or a "
             "3D (z, y, x) volume"
         )
-    if data.size == 0:
+    if 0 in shape:
         raise MedsegInputError(f"'{layer.name}' is empty")
-    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-        raise MedsegInputError(f"'{layer.name}' holds {data.dtype} values, not real numbers")
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise MedsegInputError(f"'{layer.name}' holds {dtype} values, not real numbers")
+
+
+def volume_from_layer(layer: Any, defer_lazy: bool = False) -> Any:
+    """A private copy of an Image layer as a Volume, or MedsegInputError saying why not.
+
+    The copy is taken here, in the GUI thread, so a user who keeps painting or a layer
+    removed mid-run cannot race the model. A lazy array (dask, zarr: anything but a numpy
+    array) would be read from its store here, freezing the GUI for as long as that takes;
+    with ``defer_lazy`` such a layer is checked now and a function returned that reads it
+    (call it in the worker). The voxel spacing is the length of each data axis's step in
+    the world, from the layer's whole transform (a reader may put it in ``affine`` rather
+    than ``scale``).
+    """
+    check_image_layer(layer)
+    world = world_matrix(layer)
+    ndim = world.shape[0] - 1
+    spacing = tuple(float(v) for v in np.linalg.norm(world[:ndim, :ndim], axis=0))
+    origin = tuple(float(v) for v in world[:ndim, ndim])
+    if ndim == 2:
+        spacing, origin = (1.0, *spacing), (0.0, *origin)
+    medseg = dict(layer.metadata.get("medseg", {}))
+    name, data = layer.name, layer.data
+    if defer_lazy and not isinstance(data, np.ndarray):
+        return lambda: _volume_from_data(np.array(data, copy=True), name, spacing, origin, medseg)
+    return _volume_from_data(np.array(data, copy=True), name, spacing, origin, medseg)
+
+
+def _volume_from_data(data: np.ndarray, name: str, scale: tuple, translate: tuple,
+                      medseg: dict) -> Volume:
+    from .core.errors import MedsegInputError
+
     if not np.isfinite(data).any():
-        raise MedsegInputError(f"'{layer.name}' has no finite values (all NaN)")
-    medseg = layer.metadata.get("medseg", {})
-    scale = tuple(float(s) for s in layer.scale)
-    translate = tuple(float(t) for t in layer.translate)
-    if data.ndim == 2:
-        scale, translate = (1.0, *scale), (0.0, *translate)
+        raise MedsegInputError(f"'{name}' has no finite values (all NaN)")
     missing = medseg.get("missing_slices", [])
     mask = np.zeros(1 if data.ndim == 2 else data.shape[0], dtype=bool)
     if data.ndim == 3 and missing and max(missing) < data.shape[0]:

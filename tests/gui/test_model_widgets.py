@@ -55,9 +55,11 @@ def _messages_since(start, severity):
 
 
 def _assert_on_image(result_layer, image):
+    from napari_medseg._layers import world_matrix
+
     np.testing.assert_allclose(result_layer.scale, image.scale)
     np.testing.assert_allclose(result_layer.translate, image.translate)
-    np.testing.assert_allclose(result_layer.affine.affine_matrix, image.affine.affine_matrix)
+    np.testing.assert_allclose(world_matrix(result_layer), world_matrix(image))
 
 
 def test_segment_adds_aligned_labels_and_leaves_layers_alone(
@@ -398,3 +400,68 @@ def test_info_and_retrain_pickers_follow_a_rename(make_napari_viewer, small_phan
     image.name = "patient B"
     for combo in (widgets[0]._layer, widgets[1]._image):
         assert "patient B" in _picker_names(combo)
+
+
+def test_results_keep_a_rotated_and_sheared_image_s_place_in_the_world(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, name="ct", scale=(2.5, 2.0, 2.0),
+                             translate=(5.0, -3.0, 7.0), rotate=30, shear=[0.2, 0.0, 0.0])
+    for widget_cls, arch in ((SegmentWidget, "RecurrentSegmenter"), (DetectWidget, "LesionDetector")):
+        widget = widget_cls(viewer)
+        _select(widget, image, random_models[arch])
+        _run_and_wait(widget, qtbot)
+        result = viewer.layers[-1]
+        assert result.name.startswith("ct ")
+        # napari keeps rotate and shear apart from affine: both must come along
+        _assert_on_image(result, image)
+        np.testing.assert_allclose(result.data_to_world((4, 50, 50)), image.data_to_world((4, 50, 50)))
+
+
+def test_the_voxel_spacing_comes_from_the_whole_layer_transform(make_napari_viewer):
+    from napari_medseg._layers import volume_from_layer
+
+    viewer = make_napari_viewer()
+    data = np.zeros((4, 8, 8), np.float32)
+    by_scale = volume_from_layer(viewer.add_image(data, scale=(2.5, 2.0, 2.0)))
+    by_affine = volume_from_layer(viewer.add_image(data, affine=np.diag([2.5, 2.0, 2.0, 1.0])))
+    rotated = volume_from_layer(viewer.add_image(data, scale=(2.5, 2.0, 2.0), rotate=45))
+    flipped = volume_from_layer(viewer.add_image(data, scale=(2.5, -2.0, 2.0)))
+    for volume in (by_scale, by_affine, rotated, flipped):
+        np.testing.assert_allclose(volume.spacing, (2.5, 2.0, 2.0))
+
+
+def test_a_lazy_image_is_read_in_the_worker_not_the_gui_thread(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    import threading
+
+    import dask.array as da
+
+    readers = []
+
+    def read(block):
+        readers.append(threading.current_thread() is threading.main_thread())
+        return block
+
+    lazy = da.from_array(small_phantom.volume.array, chunks=(2, -1, -1)).map_blocks(read)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(lazy, name="lazy", scale=small_phantom.volume.spacing)
+    readers.clear()  # napari may read a slice to draw it
+    widget = SegmentWidget(viewer)
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    _run_and_wait(widget, qtbot)
+    assert readers and not any(readers)  # every chunk was read by the worker
+    assert isinstance(viewer.layers[-1], Labels) and viewer.layers[-1].data.shape == lazy.shape
+
+
+def test_closing_the_viewer_mid_run_raises_nothing(make_napari_viewer, qtbot, random_models,
+                                                   small_phantom):
+    viewer, image, widget = _ready(make_napari_viewer, small_phantom, SegmentWidget,
+                                   random_models["RecurrentSegmenter"])
+    viewer.window.add_dock_widget(widget)
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    viewer.close()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.wait(50)
+    assert not _messages_since(start, "error")

@@ -385,12 +385,37 @@ def test_a_labels_layer_off_the_image_grid_is_refused(scene):
     truth = phantom.labels
     shifted = viewer.add_labels(np.array(labels.data), name="shifted", scale=image.scale,
                                 translate=(image.translate[0] + image.scale[0], 0, 0))
-    widget._labels_pick.value = shifted
-    _paint_slice(shifted, 3, truth)
+    rotated = viewer.add_labels(np.array(labels.data), name="rotated", scale=image.scale,
+                                translate=image.translate, rotate=45)
+    for layer in (shifted, rotated):  # rotate is apart from affine in napari: checked too
+        widget._labels_pick.value = layer
+        _paint_slice(layer, 3, truth)
+        start = len(notification_manager.records)
+        widget._run.clicked.emit()
+        assert widget._worker is None
+        assert any("does not lie on" in m for m in _errors_since(start))
+
+
+def test_labels_replaced_during_a_prediction_are_not_written_into(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
     start = len(notification_manager.records)
-    widget._run.clicked.emit()
-    assert widget._worker is None
-    assert any("does not lie on" in m for m in _errors_since(start))
+    widget._predict.clicked.emit()
+    labels.data = np.zeros((8, 48, 48), np.uint8)  # the user swaps the layer's array meanwhile
+    _wait(widget, qtbot)
+    assert not labels.data.any()
+    assert not _errors_since(start)
+    assert any("changed meanwhile" in str(n.message) for n in notification_manager.records[start:])
+
+
+def test_a_new_empty_layer_on_an_rgb_image_is_refused_with_a_message(scene):
+    viewer, image, labels, widget, phantom = scene
+    photo = viewer.add_image(np.zeros((16, 16, 3), np.uint8), name="photo", rgb=True)
+    widget._image.value = photo
+    n_layers = len(viewer.layers)
+    start = len(notification_manager.records)
+    widget._new_layer.clicked.emit()
+    assert len(viewer.layers) == n_layers
+    assert any("RGB" in m for m in _errors_since(start))
 
 
 def test_two_labels_layers_autosave_to_two_folders(scene):

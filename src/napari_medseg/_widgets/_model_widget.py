@@ -18,8 +18,9 @@ from magicgui.widgets import ComboBox, Container, Label, PushButton
 from napari.utils.notifications import show_warning
 
 from .. import _jobs
-from .._layers import volume_from_layer
+from .._layers import volume_from_layer, world_matrix
 from ..core.errors import MedsegInputError
+from ..core.progress import Progress
 from ..core.models.registry import BUNDLED_DIR, list_models, load_model
 
 
@@ -68,8 +69,7 @@ def follow_layer_names(viewer, callback) -> None:
 def _geometry(layer) -> tuple:
     """What a result computed from ``layer`` depends on: its data object, shape and
     placement in the world (a result made from other data must not land on it)."""
-    return (layer.data, tuple(layer.data.shape), np.array(layer.scale, float),
-            np.array(layer.translate, float), np.array(layer.affine.affine_matrix, float))
+    return (layer.data, tuple(layer.data.shape), world_matrix(layer))
 
 
 def _same_geometry(a: tuple, b: tuple) -> bool:
@@ -150,7 +150,9 @@ class ModelRunWidget(Container):
             return
         layer = self._image.value
         try:
-            volume = volume_from_layer(layer)  # copies the data now, in the GUI thread
+            # copies the data now, in the GUI thread; a lazy (dask, zarr) array is read
+            # in the worker instead, so its store's latency does not freeze the GUI
+            volume = volume_from_layer(layer, defer_lazy=True)
             card_path = self._model.value
             options = self.options()
             if card_path is None and self.needs_model(options):
@@ -171,18 +173,37 @@ class ModelRunWidget(Container):
             card_path,
             options,
             description=f"{self.task} '{layer.name}'",
-            on_result=lambda out, seen=_geometry(layer): self._on_result(out, layer, volume, seen),
+            on_result=lambda out, seen=_geometry(layer): self._on_result(out, layer, seen),
             on_finished=lambda: self._set_running(False),
-            on_error=lambda message: setattr(self._status, "value", f"{self.task} failed: {message}"),
+            on_error=lambda message: self._show_status(f"{self.task} failed: {message}"),
         )
 
     def _job(self, volume, card_path, options):
+        if callable(volume):  # a lazy layer's data, read here rather than in the GUI
+            yield Progress(0, 0, "reading the image")
+            volume = volume()
         model, card = load_model(card_path) if self.needs_model(options) else (None, {})
         result = yield from self.core_job(volume, model, card, options)
-        return result, card, options
+        return result, card, options, volume
 
-    def _on_result(self, out, layer, volume, seen=None) -> None:
-        result, card, options = out
+    def _show_status(self, text: str) -> None:
+        try:
+            self._status.value = text
+        except RuntimeError:  # the viewer (and so this widget) was closed meanwhile
+            pass
+
+    def _closed(self) -> bool:
+        """Whether the viewer holding this widget was closed (its Qt objects deleted)."""
+        try:
+            self._status.native.objectName()
+        except RuntimeError:
+            return True
+        return False
+
+    def _on_result(self, out, layer, seen=None) -> None:
+        if self._closed():  # nowhere to show it
+            return
+        result, card, options, volume = out
         if layer not in self._viewer.layers:
             show_warning(f"{self.task}: '{layer.name}' was removed while the model ran; "
                          "the result was discarded")
@@ -204,7 +225,10 @@ class ModelRunWidget(Container):
             self._status.value = "Cancelled"
 
     def _set_running(self, running: bool) -> None:
-        self._run.enabled = not running
-        self._cancel.enabled = running
         if not running:
             self._worker = None
+        try:
+            self._run.enabled = not running
+            self._cancel.enabled = running
+        except RuntimeError:  # the viewer was closed mid-run: its Qt widgets are gone
+            pass

@@ -96,7 +96,7 @@ class PhantomWidget(Container):
             description="Synthetic phantom",
             on_result=self._add_layers,
             on_finished=lambda: self._set_running(False),
-            on_error=lambda message: setattr(self._status, "value", f"Failed: {message}"),
+            on_error=self._on_failed,
         )
 
     def _on_cancel(self) -> None:
@@ -112,8 +112,17 @@ class PhantomWidget(Container):
             f"{len(phantom.lesions)} lesions, {int((phantom.slice_classes == 2).sum())} lesion slices"
         )
 
+    def _on_failed(self, message: str) -> None:
+        try:
+            self._status.value = f"Failed: {message}"
+        except RuntimeError:  # the viewer (and so this widget) was closed meanwhile
+            pass
+
     def _set_running(self, running: bool) -> None:
-        self._run.enabled = not running
-        self._cancel.enabled = running
         if not running:
             self._worker = None
+        try:
+            self._run.enabled = not running
+            self._cancel.enabled = running
+        except RuntimeError:  # the viewer was closed mid-run: its Qt widgets are gone
+            pass

@@ -48,9 +48,11 @@ from .. import _jobs
 from .._layers import (
     _labels_kwargs,
     _like_layer,
+    check_image_layer,
     detection_layer_data,
     mark_added_points,
     volume_from_layer,
+    world_matrix,
 )
 from ..core.errors import MedsegInputError
 from ..core.finetune import (
@@ -109,6 +111,12 @@ def painted_slices(history_item: Any) -> set[int]:
             zs = np.asarray(atom[0][0]).ravel()  # a re-prediction's step holds millions: no sort
             out.update(int(z) for z in np.flatnonzero(np.bincount(zs, minlength=1)))
     return out
+
+
+def _same_placement(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        x[0] is y[0] and x[1] == y[1] and x[2].shape == y[2].shape and np.allclose(x[2], y[2])
+        for x, y in zip(a, b))
 
 
 class _RetrainBase(Container):
@@ -314,8 +322,10 @@ class _RetrainBase(Container):
 
     def _add_empty_layer(self) -> None:
         image = self._image.value
-        if image is None:
-            show_error(f"{self.task.capitalize()}: pick an image first")
+        try:
+            check_image_layer(image)
+        except MedsegInputError as exc:
+            show_error(f"{self.task.capitalize()}: {exc}")
             return
         self._layer_pick.value = self._empty_layer(image)
 
@@ -485,7 +495,8 @@ class _RetrainBase(Container):
         self._start(
             self._retrain_job, volume, annotation, slices, source, float(self._seconds.value),
             version, names, description=f"Retrain v{version} on {len(slices)} slices",
-            on_result=lambda out: self._on_retrained(out, image, layer, volume, source),
+            on_result=lambda out, seen=self._placement(image, layer): self._on_retrained(
+                out, image, layer, volume, source, seen),
         )
 
     def _on_predict(self) -> None:
@@ -496,7 +507,8 @@ class _RetrainBase(Container):
             return
         number = 0 if self._history is None else self._history.current
         self._start(self._predict_job, volume, source, description=f"{self.task.capitalize()} with v{number}",
-                    on_result=lambda out: self._on_predicted(out, image, layer, volume, source))
+                    on_result=lambda out, seen=self._placement(image, layer): self._on_predicted(
+                        out, image, layer, volume, source, seen))
 
     @staticmethod
     def _layer_class_names(layer) -> dict[int, str]:
@@ -543,7 +555,7 @@ class _RetrainBase(Container):
         self._worker = _jobs.start_job(
             job, *args, description=description, on_result=on_result,
             on_finished=lambda: self._set_running(False), on_progress=self._on_progress,
-            on_error=lambda message: setattr(self._status, "value", f"{description} failed: {message}"))
+            on_error=lambda message: self._show_status(f"{description} failed: {message}"))
 
     def _on_progress(self, report) -> None:
         partial = report.partial
@@ -552,7 +564,7 @@ class _RetrainBase(Container):
         if report.message and self._worker is not None and not self._result_shown:
             self._status.value = report.message  # a late report must not hide the result
 
-    def _on_retrained(self, out, image, layer, volume, source) -> None:
+    def _on_retrained(self, out, image, layer, volume, source, seen=None) -> None:
         result, prediction, base = out
         if not self._adopt(source, base):  # the model was switched meanwhile
             kept = self._keep_for_its_model(source, base, result)
@@ -573,7 +585,7 @@ class _RetrainBase(Container):
             advice = new_structure_advice(r)
             if advice:
                 msg += f" ({advice})"
-        self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg)
+        self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg, seen)
 
     def _keep_for_its_model(self, source, base, result):
         """A round that finished after another model was picked: its version joins the
@@ -586,26 +598,39 @@ class _RetrainBase(Container):
             history = self._kept_histories.setdefault(source, VersionHistory.start(*base))
         return history.add(result)
 
-    def _on_predicted(self, out, image, layer, volume, source) -> None:
+    def _on_predicted(self, out, image, layer, volume, source, seen=None) -> None:
         prediction, base = out
         if not self._adopt(source, base):
             show_warning("Retrain: the model was changed meanwhile; prediction discarded")
             return
         number = self._history.current
         self._apply_checked(prediction, image, layer, volume, number,
-                            self._history.versions[number].card)
+                            self._history.versions[number].card, seen=seen)
 
-    def _apply_checked(self, prediction, image, layer, volume, number, card, prefix="") -> None:
+    def _placement(self, image, layer) -> tuple:
+        """What a prediction's place depends on: the image's data object, shape and world
+        transform, and the same for the layer it is written into (painting changes a
+        Labels layer's data in place, which is allowed; a replaced array is not)."""
+        parts = [image] + ([layer] if self.writes_into_layer else [])
+        return tuple((x.data, tuple(x.data.shape), world_matrix(x)) for x in parts)
+
+    def _apply_checked(self, prediction, image, layer, volume, number, card, prefix="",
+                       seen=None) -> None:
         gone = image not in self._viewer.layers or (self.writes_into_layer
                                                     and layer not in self._viewer.layers)
         if gone:
             show_warning("Retrain: a layer was removed meanwhile; the prediction was not written")
             return
+        if seen is not None and not _same_placement(seen, self._placement(image, layer)):
+            show_warning("Retrain: the image or labels layer changed meanwhile (new data, shape "
+                         "or position); the prediction was not written: re-predict")
+            self._show_status("A layer changed meanwhile; prediction not written")
+            return
         if self.writes_into_layer and getattr(layer, "_block_history", False):
             # the user is mid-stroke (napari stages a drag as one undo step): writing now
             # would land inside their stroke; write once they let go
             QTimer.singleShot(50, lambda: self._apply_checked(prediction, image, layer, volume,
-                                                             number, card, prefix))
+                                                             number, card, prefix, seen))
             return
         self._apply(prediction, image, layer, volume, number, card, prefix)
         self._result_shown = True
@@ -622,10 +647,20 @@ class _RetrainBase(Container):
         for button in (self._run, self._predict, self._revert, self._save, self._image,
                        self._layer_pick, self._new_layer,
                        *([self._suggest] if hasattr(self, "_suggest") else [])):
-            button.enabled = not running
-        self._cancel.enabled = running
+            try:
+                button.enabled = not running
+            except RuntimeError:  # the viewer was closed mid-run: its Qt widgets are gone
+                break
+        else:
+            self._cancel.enabled = running
         if not running:
             self._worker = None
+
+    def _show_status(self, text: str) -> None:
+        try:
+            self._status.value = text
+        except RuntimeError:  # the viewer (and so this widget) was closed meanwhile
+            pass
 
     # -- autosave ----------------------------------------------------------------------
     def _key_folder(self, image: Any = None) -> Path | None:
@@ -915,12 +950,11 @@ class RetrainWidget(_RetrainBase):
             raise MedsegInputError(
                 f"'{layer.name}' has shape {labels.shape}, '{image.name}' {tuple(image.data.shape)}; "
                 "pick the Labels layer drawn on this image")
-        if not (np.allclose(layer.scale, image.scale) and np.allclose(layer.translate, image.translate)
-                and np.allclose(layer.affine.affine_matrix, image.affine.affine_matrix)):
+        if not np.allclose(world_matrix(layer), world_matrix(image)):
             raise MedsegInputError(
-                f"'{layer.name}' does not lie on '{image.name}' (another scale, translate or "
-                "affine): its slice numbers would not be the image's; pick the Labels layer drawn "
-                "on this image")
+                f"'{layer.name}' does not lie on '{image.name}' (another scale, translate, "
+                "rotation, shear or affine): its slice numbers would not be the image's; pick the "
+                "Labels layer drawn on this image")
         if need_annotations:
             check_annotations(volume, labels, self.training_slices())
         return labels
