@@ -19,8 +19,8 @@ def write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
         labels = labels.astype(np.uint8)
     elif labels.min(initial=0) >= 0 and labels.max(initial=0) <= np.iinfo(np.uint16).max:
         labels = labels.astype(np.uint16)
-    else:
-        labels = labels.astype(np.int32)
+    # otherwise as they are: write_nifti keeps or narrows integers to int32 and refuses
+    # values int32 cannot hold (a cast here wrapped them into other labels)
     if len(scale) < 3:
         scale = (1.0,) * (3 - len(scale)) + tuple(scale)
         translate = (0.0,) * (3 - len(translate)) + tuple(translate)

@@ -321,3 +321,50 @@ def test_the_labels_writer_keeps_a_scans_axes(tmp_path):
     (plain,) = write_labels_nifti(str(tmp_path / "p.nii.gz"), np.zeros((2, 3, 4), np.uint8),
                                   {"scale": (2.0, 1.0, 1.0)})
     np.testing.assert_allclose(nib.load(plain).affine[:3, :3], np.diag([-1.0, -1.0, 2.0]))
+
+
+@pytest.mark.parametrize("where", ["srow", "pixdim"])
+def test_a_header_with_nan_geometry_is_read_with_a_warning(tmp_path, where):
+    path = tmp_path / "nan.nii"
+    img = nib.Nifti1Image(ramp((4, 3, 2)).astype(np.int16), np.diag([2.0, 3.0, 4.0, 1.0]))
+    img.header.set_sform(np.diag([2.0, 3.0, 4.0, 1.0]), code=1)
+    img.header.set_qform(None, code=0)
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())
+    hdr = np.frombuffer(bytes(raw[:348]), dtype=img.header.structarr.dtype).copy()
+    if where == "srow":
+        hdr["srow_x"][0][0] = np.nan
+    else:
+        hdr["sform_code"], hdr["pixdim"][0][1] = 0, np.nan
+    raw[:348] = hdr.tobytes()
+    path.write_bytes(bytes(raw))
+
+    volume = read_volume(path)  # it raised numpy's LinAlgError
+
+    assert volume.shape == (2, 3, 4)
+    assert any("NaN or infinite" in w for w in volume.metadata["warnings"])
+    assert np.all(np.isfinite(volume.spacing))
+
+
+def test_nifti_errors_name_the_file_not_its_folders(tmp_path):
+    folder = tmp_path / "Patient_JohnDoe_1970"
+    folder.mkdir()
+    for path in (folder / "garbage.nii", _corrupt(folder, "truncated")):
+        if path.name == "garbage.nii":
+            path.write_bytes(b"x" * 10)
+        with pytest.raises(MedsegInputError) as info:
+            read_volume(path)
+        assert "JohnDoe" not in str(info.value) and path.name in str(info.value)
+
+
+def test_the_labels_writer_refuses_values_nifti_cannot_hold(tmp_path):
+    from napari_medseg._writer import write_labels_nifti
+
+    labels = np.zeros((2, 3, 4), np.int64)
+    labels[0, 0, 0] = 2**32 + 1  # was cast to int32: label 1
+    with pytest.raises(MedsegInputError, match="int32"):
+        write_labels_nifti(str(tmp_path / "l.nii.gz"), labels, {"scale": (1.0, 1.0, 1.0)})
+    assert not list(tmp_path.iterdir())
+    labels[0, 0, 0] = 70000  # fits int32: kept
+    (path,) = write_labels_nifti(str(tmp_path / "l.nii.gz"), labels, {"scale": (1.0, 1.0, 1.0)})
+    assert np.asarray(nib.load(path).dataobj).max() == 70000

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -55,12 +56,23 @@ def triplet(values, name: str, *, positive: bool) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
-def short_reason(exc: BaseException, limit: int = 120) -> str:
+def short_reason(exc: BaseException, limit: int = 120, path: Path | str | None = None) -> str:
     """An exception message on one line (its lines joined by "; "), truncated: error
     messages must stay one line, and a decoder's reason is often on a later line."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = "; ".join(lines) if lines else type(exc).__name__
+    # a library's message often quotes the full path: keep only the file name
+    if path is not None:
+        for folder in {str(Path(path).parent), str(Path(path).expanduser().resolve().parent)}:
+            if folder not in ("", "."):
+                text = text.replace(folder + os.sep, "")
+    text = _FOLDERS_IN_PATH.sub(r"\1", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# "/a/b/name", "C:\\a\\name", "~/a/name": one or more folders, then a name
+_FOLDERS_IN_PATH = re.compile(
+    r"(?<![^\s\"'(=])(?:[A-Za-z]:|~)?[\\/](?:[^\s\"'\\/]+[\\/])*([^\s\"'\\/]+)")
 
 
 def source_name(path: Path) -> str:

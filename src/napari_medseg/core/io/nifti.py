@@ -57,7 +57,8 @@ def read_nifti(path: str | Path) -> Volume:
     try:
         img = nib.load(path)
     except Exception as exc:
-        raise MedsegInputError(f"not a readable NIfTI file ({short_reason(exc)})", path) from exc
+        raise MedsegInputError(f"not a readable NIfTI file ({short_reason(exc, path=path)})",
+                               path) from exc
     affine = getattr(img, "affine", None)
     if affine is None:
         raise MedsegInputError("the image has no spatial affine", path)
@@ -81,12 +82,25 @@ def read_nifti(path: str | Path) -> Volume:
         data = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter when set
     except Exception as exc:
         raise MedsegInputError(
-            f"could not read the image data ({short_reason(exc)})", path
+            f"could not read the image data ({short_reason(exc, path=path)})", path
         ) from exc
     data = np.asarray(data).reshape(shape if len(shape) == 3 else shape + (1,))
 
     warns: list[str] = []
-    ornt = io_orientation(affine)
+    affine = np.asarray(affine, dtype=float)
+    if not np.isfinite(affine[:3, :4]).all():  # NaN/inf in the header: no geometry to trust
+        zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+        zooms = np.pad(zooms, (0, 3 - len(zooms)), constant_values=1.0)
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # stored axes as L, P, S (in RAS terms)
+        usable = bool(np.all(np.isfinite(zooms) & (zooms > 0)))
+        if usable:
+            affine[:3, :3] *= zooms
+        warns.append("the header's affine holds NaN or infinite values; axes taken as stored"
+                     + ("" if usable else ", voxel size 1.0 mm"))
+    try:
+        ornt = io_orientation(affine)
+    except (np.linalg.LinAlgError, ValueError):
+        ornt = np.full((3, 2), np.nan)
     if np.isnan(ornt).any():  # degenerate affine: no direction to reorient by
         warns.append("the header's orientation is invalid; axes taken as stored")
         ornt = _LPS
