@@ -642,3 +642,51 @@ def test_a_file_cut_to_its_first_bytes_is_counted_as_truncated(tmp_path):
     assert "skipped 1 truncated or malformed image file" in vol.metadata["warnings"]
     with pytest.raises(MedsegInputError, match="truncated or malformed image"):
         read_volume(victim)
+
+
+def test_a_short_series_with_a_gap_keeps_its_spacing_and_marks_the_gap(tmp_path):
+    write_series(tmp_path, [0.0, 2.0, 3.0])  # the slice at 1 mm was lost; the median is 1.5
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.spacing[0] == pytest.approx(1.0)
+    assert vol.missing_slices() == [1]
+    np.testing.assert_array_equal(vol.array[[0, 2, 3], 0, 0], [0.0, 40.0, 60.0])
+
+
+def test_one_slice_without_a_position_is_left_out_not_every_position(tmp_path):
+    write_series(tmp_path, [0.0, 1.0, 2.0, 3.0], thickness=5.0)
+    victim = sorted(tmp_path.iterdir())[0]
+    ds = pydicom.dcmread(victim)
+    lost_z = float(ds.ImagePositionPatient[2])
+    del ds.ImagePositionPatient
+    _save(ds, victim)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.spacing[0] == pytest.approx(1.0)  # not SliceThickness's 5
+    assert vol.origin != (0.0, 0.0, 0.0) or lost_z != 0.0
+    assert any("without a position" in w and "left out" in w for w in vol.metadata["warnings"])
+    assert vol.shape[0] == (4 if 0.0 < lost_z < 3.0 else 3)
+
+
+def test_spacing_from_slice_thickness_is_said(tmp_path):
+    write_series(tmp_path, [0.0, 1.0, 2.0], positions=False, thickness=5.0)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.spacing[0] == 5.0
+    assert any("from SliceThickness" in w for w in vol.metadata["warnings"])
+
+
+def test_a_stray_file_with_a_bad_frame_count_is_skipped_not_fatal(tmp_path):
+    write_series(tmp_path, [0.0, 2.0, 4.0, 6.0])
+    ds = pydicom.dcmread(sorted(tmp_path.iterdir())[0])
+    ds.SeriesInstanceUID = generate_uid()
+    ds.NumberOfFrames = -1
+    ds.save_as(tmp_path / "zz.dcm", enforce_file_format=True)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == 4
+    assert any("skipped 1 truncated or malformed" in w for w in vol.metadata["warnings"])

@@ -169,3 +169,23 @@ def test_missing_path(tmp_path):
 )
 def test_is_supported_path_by_suffix_without_touching_disk(tmp_path, name, supported):
     assert is_supported_path(tmp_path / name) is supported
+
+
+def test_only_folders_and_suffixless_files_holding_dicom_are_claimed(files, tmp_path):
+    """napari hands a path to the first reader that claims it: a zarr store, a folder of
+    PNGs or a text file named without a suffix must go to other readers."""
+    zarr = tmp_path / "x.zarr"
+    (zarr / "0").mkdir(parents=True)
+    (zarr / ".zgroup").write_text('{"zarr_format": 2}')
+    (zarr / "0" / ".zarray").write_text("{}")
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    (pngs / "a.png").write_bytes(b"\x89PNG" + bytes(300))
+    (tmp_path / "README").write_text("notes" * 100)
+    for path in (zarr, pngs, tmp_path / "README"):
+        assert not is_supported_path(path), path.name
+    assert is_supported_path(files / "series") and is_supported_path(files / "IM0001")
+    nested = tmp_path / "study"
+    (nested / "sub").mkdir(parents=True)
+    (nested / "sub" / "IM1").write_bytes((files / "IM0001").read_bytes())
+    assert is_supported_path(nested)

@@ -7,6 +7,7 @@ origin in DICOM's LPS patient frame; see ``_common``) and raise
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import MedsegInputError
@@ -38,10 +39,8 @@ def _suffix(path: Path) -> str:
 
 
 def _maybe_dicom(path: Path) -> bool:
-    """DICOM files are often named without a suffix, or by UID ("1.2.840.….37"): sniff them."""
-    suffix = _suffix(path)
-    if suffix in ("",) or suffix[1:].isdigit():
-        return True
+    """DICOM files are often named without a suffix, or by UID ("1.2.840.….37"): sniff
+    the "DICM" marker after the 128-byte preamble (a file without it is not read anyway)."""
     try:
         with open(path, "rb") as f:
             f.seek(128)
@@ -50,11 +49,34 @@ def _maybe_dicom(path: Path) -> bool:
         return False
 
 
+# how many files of a folder to sniff before saying it holds no DICOM (a zarr store or a
+# folder of PNGs must go to other readers; a DICOM folder shows one in its first files)
+FOLDER_SNIFF_LIMIT = 200
+
+
+def folder_has_dicom(folder: Path, limit: int = FOLDER_SNIFF_LIMIT) -> bool:
+    """Whether one of the first ``limit`` files under ``folder`` is a DICOM file."""
+    seen = 0
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            if _suffix(Path(name)) in NIFTI_SUFFIXES + (".npy",):
+                continue
+            if _maybe_dicom(Path(root) / name):
+                return True
+            seen += 1
+            if seen >= limit:
+                return False
+    return False
+
+
 def is_supported_path(path: str | Path) -> bool:
-    """True for a folder (a DICOM series), a supported suffix, or a file that looks like DICOM."""
+    """True for a folder holding DICOM files, a supported suffix, or a file that looks like
+    DICOM. napari gives a path to the first reader that claims it, so a folder or file we
+    cannot read must not be claimed."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return True
+        return folder_has_dicom(path)
     if _suffix(path) in SUPPORTED_SUFFIXES:
         return True
     return path.is_file() and _maybe_dicom(path)

@@ -173,6 +173,11 @@ def _read_folder(folder: Path) -> Volume:
             skipped += 1
             continue
         if "Rows" in ds and "Columns" in ds:
+            try:
+                _n_frames(ds, f)  # a stray file's bad tag must not fail the whole folder
+            except MedsegInputError:
+                broken += 1
+                continue
             images.append((f, ds))
         elif _is_image_storage(ds):  # an image file cut short before its image header
             broken += 1
@@ -436,6 +441,9 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
             z_spacing = 1.0
             if not single:
                 warns.append("slice spacing unknown; using 1.0 mm")
+        elif not single and z_spacing != first.between:  # slices may overlap or have gaps
+            warns.append(f"slice spacing taken from SliceThickness ({z_spacing:.4g} mm): the "
+                         "files give no positions or SpacingBetweenSlices")
 
     if first.pixel_spacing is None:
         warns.append("pixel spacing unknown; using 1.0 mm")
@@ -509,6 +517,14 @@ def _sort(
     InstanceNumber, keeping the first); otherwise by InstanceNumber / frame number, and
     positions and axes are None.
     """
+    placed = [f.position is not None and f.orientation is not None for f in frames]
+    if 2 <= sum(placed) < len(frames):
+        # a few slices without a position: sort the others by theirs (a dropped slice then
+        # shows as a gap) rather than give up every slice's position
+        dropped = len(frames) - sum(placed)
+        warns.append(f"{dropped} slice{'s' if dropped > 1 else ''} without a position "
+                     f"(ImagePositionPatient) left out")
+        frames = [f for f, ok in zip(frames, placed) if ok]
     orders = np.array([f.order for f in frames])
     if not all(f.position is not None and f.orientation is not None for f in frames):
         if len(frames) > 1:
@@ -542,6 +558,15 @@ def _sort(
 def _layout(steps: np.ndarray, path: Path, warns: list[str]) -> tuple[np.ndarray, float]:
     """Output z index of each acquired slice (leaving room for gaps), and the z spacing."""
     step = float(np.median(steps))
+    smallest = float(steps.min())
+    if smallest > 0 and step / smallest >= 1.25:
+        # in a short series or one with many gaps the median is itself a gap (steps
+        # 2, 1 mm: one slice missing, not 1.5 mm spacing): if every step is a whole
+        # number of the smallest, that is the spacing
+        multiple = steps / smallest
+        whole = np.rint(multiple)
+        if np.all(np.abs(multiple - whole) <= _UNEVEN_TOLERANCE * whole):
+            step = float(np.mean(steps[whole == 1]))
     ratio = steps / step
     n_missing = np.where(ratio > _GAP_FACTOR, np.rint(ratio) - 1, 0).astype(int)
     if int(n_missing.sum()) > _MAX_GAP_FACTOR * (len(steps) + 1) + 10:
