@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -104,12 +105,29 @@ def _train_once(name: str, seed: int, steps, seconds, quiet: bool, **kw):
     return run_to_completion(train(name, seed, steps, seconds, **kw), _progress_printer(quiet))
 
 
+# seed_list's limit: each seed range holds 100 000 phantoms
+MAX_PHANTOMS = 100_000
+
+
 def _check_before_training(args: argparse.Namespace) -> None:
     """What would only fail at the end: minutes of training must not end in "File exists"."""
     for flag in ("eval_seeds", "ablation_steps", "ablation_eval_seeds", "validation_seeds"):
         value = getattr(args, flag, None)
         if value is not None and value < 0:
             raise MedsegInputError(f"--{flag.replace('_', '-')} must be ≥ 0, got {value}")
+    from .core.training import training_seeds
+
+    training_seeds(args.seed)  # refuses a seed out of range (it failed deep in torch)
+    # phantom counts that seed_list would refuse only after the training
+    counts = [("eval_seeds", args.eval_seeds, args.eval_seeds != 0)]
+    if args.model in ("detector", "generator"):
+        counts.append(("validation_seeds", args.validation_seeds, True))
+    if args.ablation_steps:
+        counts.append(("ablation_eval_seeds", args.ablation_eval_seeds, True))
+    for flag, value, used in counts:
+        if used and not 1 <= value <= MAX_PHANTOMS:
+            raise MedsegInputError(
+                f"--{flag.replace('_', '-')} must be 1..{MAX_PHANTOMS}, got {value}")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise MedsegInputError("--out must be a folder; a file of that name exists", out)
@@ -154,9 +172,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the exact command that reproduces this file
     training = card["training"]
     training["command"] += "".join(" " + _flag(k, v) for k, v in recipe.items())
-    training["command"] += f" --out {args.out}"
+    training["command"] += f" --out {shlex.quote(str(args.out))}"
     if args.eval_seeds != 12:
         training["command"] += f" --eval-seeds {args.eval_seeds}"
+    if args.validation_seeds != 10 and name in ("detector", "generator"):
+        # the detector's threshold and the generator's residual scale are fitted on them
+        training["command"] += f" --validation-seeds {args.validation_seeds}"
     if args.pool_size is not None:
         training["command"] += f" --pool-size {args.pool_size}"
     # float sums depend on the thread count: the command names the one used, given or not

@@ -820,3 +820,38 @@ def test_a_card_whose_layers_cannot_be_allocated_is_an_input_error():
             "arch_params": {"n_classes": 3, "filters": (8, 8, 8), "hidden": 10**13}}
     with pytest.raises(MedsegInputError, match="cannot be built"):
         build_model(card)
+
+
+def test_a_card_naming_another_architecture_than_its_file_is_refused(tmp_path):
+    """The card is not under the checksum; the file's own header says what it holds."""
+    _, card_path, _ = _save(tmp_path, "segmenter")
+    card = json.loads(card_path.read_text())
+    card["architecture"] = "SliceGenerator"  # builds, and would load the same tensors
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(MedsegInputError, match="saved from a 'RecurrentSegmenter'"):
+        load_model(card_path)
+
+
+@pytest.mark.parametrize("spoil", ["nan", "int"])
+def test_weights_that_are_not_finite_floats_are_refused(tmp_path, spoil):
+    import safetensors.torch
+
+    model, card_path, _ = _save(tmp_path)
+    with torch.no_grad():
+        first = next(iter(model.parameters()))
+        first[0] = float("nan")
+    with pytest.raises(MedsegInputError, match="NaN or infinite"):  # a diverged run
+        save_model(model, tmp_path / "other", "bad", {**CARD, "classes": MODELS["classifier"][2]})
+    weights = tmp_path / "classifier.safetensors"
+    tensors = safetensors.torch.load(weights.read_bytes())
+    key = next(k for k in tensors if k.endswith("weight"))
+    tensors[key] = (tensors[key].fill_(float("nan")) if spoil == "nan"
+                    else tensors[key].to(torch.int64))
+    data = safetensors.torch.save(tensors, metadata={"napari_medseg": json.dumps(
+        {"architecture": "SliceClassifier"})})
+    weights.write_bytes(data)
+    card = json.loads(card_path.read_text())
+    card["sha256"] = hashlib.sha256(data).hexdigest()  # someone re-signed the file
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(MedsegInputError, match="NaN or infinite" if spoil == "nan" else "not floating"):
+        load_model(card_path)

@@ -473,8 +473,11 @@ def test_train_cli_classifier_recipe_is_for_the_classifier_only(tmp_path, capsys
     assert "--lesion-twins: classifier options" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
     assert main(["train", "classifier", "--crop", "0", "--out", str(tmp_path)]) == 2
-    assert "crop must be at least 8 pixels, got 0" in capsys.readouterr().err
+    assert "crop must be 8..1024 pixels, got 0" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+    # a 100 000-pixel crop asked for 37 GiB after the phantom pool was filled
+    assert main(["train", "classifier", "--crop", "100000", "--out", str(tmp_path)]) == 2
+    assert "crop must be 8..1024 pixels, got 100000" in capsys.readouterr().err
 
 
 def test_train_cli_passes_the_detector_z_range_and_writes_it_into_the_command(tmp_path, monkeypatch):
@@ -570,3 +573,75 @@ def test_explicit_seeds_are_never_training_seeds_and_tuning_never_uses_held_out_
         seed_list([EVAL_SEEDS[0]], VALIDATION_SEEDS)
     assert seed_list([VALIDATION_SEEDS[0] + 3]) == [VALIDATION_SEEDS[0] + 3]  # scoring on validation
     assert seed_list([EVAL_SEEDS[0] + 1]) == [EVAL_SEEDS[0] + 1]
+
+
+def test_detections_are_collected_down_to_a_card_threshold_below_the_sweep_floor(monkeypatch):
+    """A card threshold of 0.01 counted only the detections above 0.05 as false positives."""
+    from napari_medseg.core import evaluation
+
+    asked = []
+
+    def records(model, card, seeds, md, low_threshold=0.05, **kw):
+        asked.append(low_threshold)
+        scores = [s for s in (0.9, 0.03, 0.02) if s >= low_threshold]
+        return [{"by_md": {6.0: {"scores": scores, "matched": [0] + [-1] * (len(scores) - 1)}},
+                 "diameters": [10.0]} for _ in seeds]
+
+    monkeypatch.setattr(evaluation, "detector_records", records)
+    monkeypatch.setattr(evaluation, "_settings_summary", lambda seeds: {})
+    out = evaluation.evaluate_detector(None, {"min_distance_mm": 6.0, "peak_threshold": 0.01}, 2)
+    assert asked == [0.01] and out["at_card_threshold"]["fp_per_volume"] == 2.0
+    assert out["meets_target"] is False
+
+
+def test_every_bundled_command_names_its_thread_count():
+    for card_path in sorted(BUNDLED_DIR.glob("*.json")):
+        command = json.loads(card_path.read_text())["training"]["command"]
+        assert " --threads " in command, card_path.name  # float sums depend on it
+
+
+def test_the_recorded_command_parses_back_to_the_run_s_arguments(tmp_path, monkeypatch):
+    import shlex
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "my models"  # a space: the command must quote it
+    rc = main(["train", "generator", "--seed", "2", "--out", str(out), "--steps", "2",
+               "--eval-seeds", "0", "--validation-seeds", "2", "--pool-size", "1",
+               "--threads", "1", "--quiet"])
+    assert rc == 0
+    card = load_model(out / "generator.json")[1]
+    argv = shlex.split(card["training"]["command"])
+    assert argv[argv.index("--out") + 1] == str(out)
+    # the residual scale is fitted on them: without the flag a re-run fits on others
+    assert argv[argv.index("--validation-seeds") + 1] == "2"
+    assert card["calibration"]["validation_seeds"] == [800000, 800001]
+
+
+@pytest.mark.parametrize("model,extra,match", [
+    ("detector", ["--validation-seeds", "0"], "--validation-seeds must be 1..100000"),
+    ("classifier", ["--eval-seeds", "100001"], "--eval-seeds must be 1..100000"),
+    ("classifier", ["--seed", str(2**63)], "seed must be an integer 0.."),
+])
+def test_train_refuses_phantom_counts_and_seeds_out_of_range_before_training(
+        tmp_path, capsys, monkeypatch, model, extra, match):
+    from napari_medseg import cli_train
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking its arguments")
+
+    monkeypatch.setattr(cli_train, "_train_once", no_training)
+    assert main(["train", model, "--steps", "1", "--out", str(tmp_path / "o"), *extra]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_init_by_name_records_the_card_it_resolved_to(tmp_path, monkeypatch):
+    """A user model named like the bundled one shadows it here, not on another machine."""
+    from napari_medseg.core.models import user_models_dir
+
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    first, card0 = run_to_completion(train_segmenter(3, steps=2, **TINY_SEG))
+    path = save_model(first, user_models_dir(create=True), "segmenter", card0)
+    _, card = run_to_completion(train_segmenter(4, steps=1, init="segmenter", **TINY_SEG))
+    assert card["training"]["command"].endswith(f"--init {path}")
+    assert card["training"]["init_from"]["card"] == str(path)

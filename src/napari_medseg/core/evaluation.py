@@ -45,7 +45,8 @@ def seed_list(seeds: int | Iterable[int] | None, seed_range: tuple[int, int] = E
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
         n = int(seeds)
         if n < 1 or n > seed_range[1] - seed_range[0]:
-            raise MedsegInputError(f"number of evaluation phantoms must be 1..10000, got {n}")
+            raise MedsegInputError(
+                f"number of phantoms must be 1..{seed_range[1] - seed_range[0]}, got {n}")
         return list(range(seed_range[0], seed_range[0] + n))
     out = [int(s) for s in seeds]
     if not out:
@@ -405,7 +406,10 @@ def evaluate_detector(model, card, seeds: int | Iterable[int] | None = None,
 
     seeds = seed_list(seeds)
     md = float(card.get("min_distance_mm", 6.0))
-    records = detector_records(model, card, seeds, md, on_progress=on_progress)
+    # detections are collected down to the card's threshold when it is below the sweep's
+    # floor, or its false positives would be undercounted
+    low = min(0.05, card_peak_threshold(card))
+    records = detector_records(model, card, seeds, md, low_threshold=low, on_progress=on_progress)
     flat = _flatten(records, md)
     point = froc_point(flat, 1.0)
     at_card = _at_threshold(flat, card_peak_threshold(card), MIN_DIAMETER_MM)

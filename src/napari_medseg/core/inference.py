@@ -906,7 +906,7 @@ def detect_lesions(
     if "context_slices" in card and int(card["context_slices"]) != context:
         raise MedsegInputError(
             f"card says context_slices={card['context_slices']}, the model sees {model.in_slices}"
-            " slices (context {context})"
+            f" slices (context {context})"
         )
     thr = card_peak_threshold(card) if threshold is None else float(threshold)
     mind = float(card.get("min_distance_mm", 6.0) if min_distance_mm is None else min_distance_mm)

@@ -28,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import shlex
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -40,7 +42,7 @@ from .errors import MedsegInputError
 from .inference import positive_int
 from .models.classifier import SliceClassifier
 from .models.detector import LesionDetector, clipped_box, gaussian_heatmap_targets, gaussian_sigmas
-from .models.registry import apply_normalisation, load_model
+from .models.registry import BUNDLED_DIR, apply_normalisation, load_model
 from .models.segmenter import RecurrentSegmenter
 from .phantom import LABEL_NAMES, LESION_LABEL, SLICE_CLASSES, generate_phantom
 from .progress import Job, Progress
@@ -253,9 +255,14 @@ def training_seeds(seed: int, n: int = TRAIN_SEEDS_PER_RUN) -> range:
     return range(start, start + min(int(n), TRAIN_SEEDS_PER_RUN))
 
 
+MAX_CROP = 1024  # pixels: a 32-slice batch of 1024² crops is already 134 MB
+MAX_SEED = 2**31 - 1  # torch and numpy take it; far beyond any run anyone makes
+
+
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
-        raise MedsegInputError(f"seed must be a non-negative integer, got {seed!r}")
+    if (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+            or not 0 <= int(seed) <= MAX_SEED):
+        raise MedsegInputError(f"seed must be an integer 0..{MAX_SEED}, got {seed!r}")
     return int(seed)
 
 
@@ -822,8 +829,9 @@ def train_classifier(
     loss, sampling, norm, rng = run.loss, run.sampling, run.norm, run.rng
     with deterministic(run.seed):
         context = int(context_slices)
-        if not (isinstance(crop, int) and crop >= SliceClassifier.MIN_SIZE):
-            raise MedsegInputError(f"crop must be at least {SliceClassifier.MIN_SIZE} pixels, got {crop!r}")
+        if not (isinstance(crop, int) and SliceClassifier.MIN_SIZE <= crop <= MAX_CROP):
+            raise MedsegInputError(
+                f"crop must be {SliceClassifier.MIN_SIZE}..{MAX_CROP} pixels, got {crop!r}")
         if not (isinstance(lesion_map_weight, (int, float)) and 0 <= lesion_map_weight < math.inf):
             raise MedsegInputError(f"lesion_map_weight must be ≥ 0, got {lesion_map_weight!r}")
         with_map = lesion_map_weight > 0
@@ -1005,7 +1013,9 @@ def train_segmenter(
                                [LABEL_NAMES[i] for i in range(n_classes)], pool_size,
                                {"sequence_length": seq_len})
     if start is not None:
-        card["training"]["command"] += f" --init {init}"
+        # the card a name resolved to here: a user model of that name would shadow the
+        # bundled one on this machine and not on another
+        card["training"]["command"] += f" --init {shlex.quote(start[1]['card'])}"
         card["training"]["init_from"] = start[1]
     return model, card
 
@@ -1024,7 +1034,10 @@ def _init_weights(init: str, cls: type, widths: Sequence[int], spacing_yx: float
     if float(card["input_spacing_mm"][1]) != float(spacing_yx):
         raise MedsegInputError(
             f"--init {init}: its grid is {card['input_spacing_mm'][1]} mm, this run's {spacing_yx} mm")
-    return model, {"card": str(init), "sha256": card.get("sha256"),
+    path = Path(card["card_path"])
+    bundled = path.resolve() == (BUNDLED_DIR / path.name).resolve()
+    return model, {"card": path.stem if bundled and str(init) == path.stem else str(path),
+                   "sha256": card.get("sha256"),
                    "steps": card.get("training", {}).get("steps")}
 
 

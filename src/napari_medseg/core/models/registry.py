@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import safetensors.torch
+import torch
 from torch import nn
 
 from ..errors import MedsegInputError
@@ -222,6 +223,9 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
     directory.mkdir(parents=True, exist_ok=True)
     card_path = directory / f"{name}.json"
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    problem = _weights_problem(tensors)
+    if problem:  # a diverged run must not become a model that loads and predicts nonsense
+        raise MedsegInputError(f"cannot save {name!r}: {problem}")
     # ONE metadata key: safetensors writes the metadata map in hash order, which changes
     # from process to process, so several keys would make the same weights hash
     # differently on every save (and `train --seed S` could not reproduce a file's sha256)
@@ -393,6 +397,28 @@ def _state_dict_mismatch(model: nn.Module, tensors: Mapping[str, Any]) -> str | 
     return "; ".join(parts)
 
 
+def _stored_metadata(data: bytes) -> dict[str, Any]:
+    """The napari_medseg entry save_model writes into a safetensors header ({} if none)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = (header.get("__metadata__") or {}).get("napari_medseg")
+    value = json.loads(text) if text else {}
+    return value if isinstance(value, dict) else {}
+
+
+def _weights_problem(tensors: Mapping[str, Any]) -> str | None:
+    """Why these weights cannot be a model's (None if they can): a model's tensors are
+    floating point and finite; BatchNorm's counter is the one integer tensor."""
+    for key, value in tensors.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if not value.is_floating_point():
+            return f"tensor {key} holds {value.dtype} values, not floating point weights"
+        if not bool(torch.isfinite(value).all()):
+            return f"tensor {key} holds NaN or infinite values (a diverged run?)"
+    return None
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -433,9 +459,18 @@ def load_model(
         )
     try:
         tensors = safetensors.torch.load(data)
+        stored = _stored_metadata(data)
     except Exception as exc:  # safetensors raises its own SafetensorError
         reason = f"not a valid safetensors file ({exc})".splitlines()[0]
         raise MedsegInputError(reason, weights_path) from exc
+    # the card is not under the checksum: it must at least name the file's architecture
+    if stored.get("architecture") not in (None, card.get("architecture")):
+        raise MedsegInputError(
+            f"the card says {card.get('architecture')!r}, the weights file was saved from a "
+            f"{stored['architecture']!r}", card_path)
+    problem = _weights_problem(tensors)
+    if problem:
+        raise MedsegInputError(problem, weights_path)
     model = build_model(card)
     problem = _state_dict_mismatch(model, tensors)
     if problem:
