@@ -690,3 +690,19 @@ def test_a_stray_file_with_a_bad_frame_count_is_skipped_not_fatal(tmp_path):
 
     assert vol.shape[0] == 4
     assert any("skipped 1 truncated or malformed" in w for w in vol.metadata["warnings"])
+
+
+def test_a_slice_whose_pixels_are_cut_short_becomes_missing_not_fatal(tmp_path):
+    write_series(tmp_path, [0.0, 2.0, 4.0, 6.0], shuffle=False)
+    victim = tmp_path / "s001.dcm"  # the slice at 2 mm
+    victim.write_bytes(victim.read_bytes()[:-20])  # header intact, pixel data short
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == 4 and vol.missing_slices() == [1]
+    assert np.isnan(vol.array[1]).all()
+    np.testing.assert_array_equal(vol.array[[0, 2, 3]], [expected_hu(z) for z in (0.0, 4.0, 6.0)])
+    assert any("could not be decoded left missing (z=1)" in w for w in vol.metadata["warnings"])
+    with pytest.raises(MedsegInputError) as err:  # on its own, the file is refused
+        read_dicom(victim)
+    assert_clean_error(err.value, victim)

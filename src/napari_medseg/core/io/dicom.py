@@ -463,7 +463,9 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
             "coordinates are measured along the slice axes"
         )
 
-    array = _load_pixels(frames, out_z, nz)
+    array = _load_pixels(frames, out_z, nz, warns)
+    undecoded = ~np.isfinite(array).reshape(nz, -1).any(axis=1) & ~missing
+    missing |= undecoded  # slices of a file that could not be decoded
     header = first.source.header
     modality = _text(header, "Modality") or "OT"
     rescale_type = _text(header, "RescaleType") or _text_in_groups(header, "RescaleType")
@@ -605,20 +607,39 @@ def _text_in_groups(ds: Dataset, keyword: str) -> str | None:
     return (str(value).strip() or None) if value is not None else None
 
 
-def _load_pixels(frames: list[_Frame], out_z: np.ndarray, nz: int) -> np.ndarray:
-    """Decode each file once and copy its frames into place; absent slices stay NaN."""
+def _load_pixels(frames: list[_Frame], out_z: np.ndarray, nz: int,
+                 warns: list[str]) -> np.ndarray:
+    """Decode each file once and copy its frames into place; absent slices, and those of
+    a file (one of several) whose pixels cannot be decoded, stay NaN."""
     rows, cols = frames[0].rows, frames[0].cols
     array = np.full((nz, rows, cols), np.nan, dtype=np.float32)
     by_source: dict[int, list[tuple[_Frame, int]]] = {}
     for frame, z in zip(frames, out_z):
         by_source.setdefault(id(frame.source), []).append((frame, int(z)))
+    failed: list[int] = []
+    first_error: MedsegInputError | None = None
     for members in by_source.values():
         source = members[0][0].source
-        values = source.values()
+        try:
+            values = source.values()
+        except MedsegInputError as exc:
+            if len(by_source) == 1:
+                raise
+            # one file of a series whose pixels cannot be decoded (cut short, damaged):
+            # its slices become missing, as a gap would, rather than the series failing
+            first_error = first_error or exc
+            failed.extend(z for _, z in members)
+            continue
         for frame, z in members:
             if frame.index >= len(values):
                 raise MedsegInputError(
                     f"holds {len(values)} frames but its header declares more", source.path
                 )
             array[z] = values[frame.index]
+    if failed and len(failed) == len(frames):
+        raise first_error
+    if failed:
+        n = len(failed)
+        warns.append(f"{n} slice{'s' if n > 1 else ''} whose pixel data could not be decoded "
+                     f"left missing (z={_ranges(sorted(failed))})")
     return array
