@@ -153,6 +153,18 @@ def test_info_widget_and_dock(make_napari_viewer):
         assert dock is not None
 
 
+def test_info_says_the_spacing_the_models_use_and_names_other_axes(make_napari_viewer):
+    from napari_medseg._widgets.info import describe_layer
+
+    viewer = make_napari_viewer()
+    in_affine = viewer.add_image(np.zeros((4, 8, 8)), affine=np.diag([2.5, 0.7, 0.7, 1.0]))
+    assert "Spacing (mm): (2.5, 0.7, 0.7)" in describe_layer(in_affine)  # it said (1, 1, 1)
+    series = viewer.add_image(np.zeros((3, 4, 8, 8)), name="time series")
+    assert "Shape (4 axes; the models take 2D or 3D): (3, 4, 8, 8)" in describe_layer(series)
+    photo = viewer.add_image(np.zeros((8, 8, 3), np.uint8), rgb=True)
+    assert "Shape (y, x, colour): (8, 8, 3)" in describe_layer(photo)
+
+
 def test_reader_warnings_reach_the_user(make_napari_viewer, tmp_path):
     """A reader warning (here: .npy has no geometry) becomes a notification, and the layer opens."""
     path = tmp_path / "scan.npy"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import napari
+import numpy as np
 from magicgui.widgets import ComboBox, Container, TextEdit
 
+from .._layers import world_matrix
 from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import follow_layer_names
 
@@ -14,11 +16,18 @@ def describe_layer(layer) -> str:
     if layer is None:
         return "No image layer open."
     medseg = layer.metadata.get("medseg", {})
+    ndim = len(layer.data.shape) - (1 if layer.rgb else 0)
+    axes = {2: "y, x", 3: "z, y, x"}.get(ndim, f"{ndim} axes; the models take 2D or 3D")
+    if layer.rgb:
+        axes += ", colour"
+    world = world_matrix(layer)
+    # what the models use: each data axis's step in the world, from the whole transform
+    spacing = np.linalg.norm(world[:ndim, :ndim], axis=0)
     lines = [
         f"Layer: {layer.name}",
-        f"Shape (z, y, x): {tuple(layer.data.shape)}",
-        f"Spacing (mm): {tuple(round(float(s), 4) for s in layer.scale)}",
-        f"Origin (mm): {tuple(round(float(t), 2) for t in layer.translate)}",
+        f"Shape ({axes}): {tuple(layer.data.shape)}",
+        f"Spacing (mm): {tuple(round(float(s), 4) for s in spacing)}",
+        f"Origin (mm): {tuple(round(float(t), 2) for t in world[:ndim, ndim])}",
         f"Modality: {medseg.get('modality', 'unknown (not opened by napari-medseg)')}",
         f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}",
     ]
