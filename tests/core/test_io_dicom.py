@@ -706,3 +706,30 @@ def test_a_slice_whose_pixels_are_cut_short_becomes_missing_not_fatal(tmp_path):
     with pytest.raises(MedsegInputError) as err:  # on its own, the file is refused
         read_dicom(victim)
     assert_clean_error(err.value, victim)
+
+
+@pytest.mark.parametrize("zs, shape, dz", [
+    ([5.0 * k for k in range(40)] + [197.5], 41, 5.0),  # a range ending off the grid
+    ([2.5 * k for k in range(40)] + [50.05], 41, 2.5),  # one near-duplicate slice
+])
+def test_one_odd_step_does_not_turn_a_series_into_gaps(tmp_path, zs, shape, dz):
+    write_series(tmp_path, zs)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == shape and vol.spacing[0] == pytest.approx(dz)
+    assert not vol.has_gaps
+    assert any(w.startswith("uneven slice spacing") for w in vol.metadata["warnings"])
+
+
+def test_many_slices_without_a_position_are_sorted_by_instance_number(tmp_path):
+    write_series(tmp_path, [float(z) for z in range(20)], shuffle=False)
+    for path in sorted(tmp_path.iterdir())[2:]:  # only two keep their position
+        ds = pydicom.dcmread(path)
+        del ds.ImagePositionPatient
+        _save(ds, path)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == 20
+    assert "slice positions missing; sorted by InstanceNumber" in vol.metadata["warnings"]

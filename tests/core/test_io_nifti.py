@@ -368,3 +368,13 @@ def test_the_labels_writer_refuses_values_nifti_cannot_hold(tmp_path):
     labels[0, 0, 0] = 70000  # fits int32: kept
     (path,) = write_labels_nifti(str(tmp_path / "l.nii.gz"), labels, {"scale": (1.0, 1.0, 1.0)})
     assert np.asarray(nib.load(path).dataobj).max() == 70000
+
+
+def test_quoted_and_windows_paths_in_messages_keep_only_the_file_name():
+    from napari_medseg.core.io._common import short_reason
+
+    posix = short_reason(FileNotFoundError(2, "No such file", "/data/John Doe 1970/IM1"))
+    windows = short_reason(OSError(2, "No such file", "C:\\Users\\JaneRoe\\Patients\\IM1"))
+    for text in (posix, windows):
+        assert text.endswith("'IM1'") and "Doe" not in text and "Roe" not in text
+    assert short_reason(ValueError("ratio 1/2 and 'a/b' stay")) == "ratio 1/2 and 'a/b' stay"

@@ -189,3 +189,12 @@ def test_only_folders_and_suffixless_files_holding_dicom_are_claimed(files, tmp_
     (nested / "sub").mkdir(parents=True)
     (nested / "sub" / "IM1").write_bytes((files / "IM0001").read_bytes())
     assert is_supported_path(nested)
+
+
+def test_a_dicom_subfolder_beside_many_other_files_is_found(files, tmp_path):
+    study = tmp_path / "study"
+    (study / "DICOM").mkdir(parents=True)
+    for i in range(250):
+        (study / f"preview{i:03d}.jpg").write_bytes(b"\xff\xd8" + bytes(200))
+    (study / "DICOM" / "IM1").write_bytes((files / "IM0001").read_bytes())
+    assert is_supported_path(study)

@@ -484,3 +484,17 @@ def test_a_failing_autosave_is_said_until_one_succeeds(scene, qtbot, monkeypatch
     widget.autosave_now(wait=True)
     qtbot.waitUntil(lambda: widget._autosave_error is None, timeout=5000)
     assert widget._status.value == "Autosave works again"
+
+
+def test_closing_the_viewer_during_a_round_raises_nothing(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    _paint_slice(labels, 5, phantom.labels)
+    viewer.window.add_dock_widget(widget)  # docked: closing the viewer deletes its Qt objects
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.wait(300)  # progress reports are flowing
+    viewer.close()  # the loss curve and status line are deleted while the round runs
+    _wait(widget, qtbot)
+    qtbot.wait(50)
+    assert not _errors_since(start)

@@ -553,9 +553,21 @@ class _RetrainBase(Container):
         self._set_running(True)
         self._status.value = f"{description}…"
         self._worker = _jobs.start_job(
-            job, *args, description=description, on_result=on_result,
-            on_finished=lambda: self._set_running(False), on_progress=self._on_progress,
+            job, *args, description=description, on_result=self._unless_closed(on_result),
+            on_finished=lambda: self._set_running(False),
+            on_progress=self._unless_closed(self._on_progress),
             on_error=lambda message: self._show_status(f"{description} failed: {message}"))
+
+    def _unless_closed(self, callback):
+        """``callback``, skipped once the viewer holding this widget is closed (its Qt
+        objects are deleted; a round finishing then has nowhere to go)."""
+        def guarded(*args):
+            try:
+                self._status.native.objectName()
+            except RuntimeError:
+                return None
+            return callback(*args)
+        return guarded
 
     def _on_progress(self, report) -> None:
         partial = report.partial

@@ -49,19 +49,23 @@ def _maybe_dicom(path: Path) -> bool:
         return False
 
 
-# how many files of a folder to sniff before saying it holds no DICOM (a zarr store or a
-# folder of PNGs must go to other readers; a DICOM folder shows one in its first files)
-FOLDER_SNIFF_LIMIT = 200
+# how many files to sniff before saying a folder holds no DICOM (a zarr store or a folder
+# of PNGs must go to other readers): a few per subfolder, so that 250 previews beside a
+# DICOM/ subfolder do not hide it, and a cap over the whole tree
+FOLDER_SNIFF_PER_DIR = 200
+FOLDER_SNIFF_LIMIT = 2000
 
 
-def folder_has_dicom(folder: Path, limit: int = FOLDER_SNIFF_LIMIT) -> bool:
-    """Whether one of the first ``limit`` files under ``folder`` is a DICOM file."""
+def folder_has_dicom(folder: Path, per_dir: int = FOLDER_SNIFF_PER_DIR,
+                     limit: int = FOLDER_SNIFF_LIMIT) -> bool:
+    """Whether a DICOM file is among the first ``per_dir`` files of ``folder`` or of any
+    folder under it (at most ``limit`` files sniffed in all)."""
     seen = 0
     for root, dirs, names in os.walk(folder):
         dirs.sort()
-        for name in sorted(names):
-            if _suffix(Path(name)) in NIFTI_SUFFIXES + (".npy",):
-                continue
+        candidates = [n for n in sorted(names)
+                      if _suffix(Path(n)) not in NIFTI_SUFFIXES + (".npy",)]
+        for name in candidates[:per_dir]:
             if _maybe_dicom(Path(root) / name):
                 return True
             seen += 1

@@ -66,9 +66,13 @@ def short_reason(exc: BaseException, limit: int = 120, path: Path | str | None =
         for folder in {str(Path(path).parent), str(Path(path).expanduser().resolve().parent)}:
             if folder not in ("", "."):
                 text = text.replace(folder + os.sep, "")
+    text = _QUOTED_PATH.sub(r"\1\2\1", text)  # a quoted path may hold spaces
     text = _FOLDERS_IN_PATH.sub(r"\1", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+# 'C:\\a b\\name' or "/a b/name" in quotes (an OSError's repr doubles backslashes)
+_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:|~)?(?:\\\\|[\\/])[^'"]*(?:\\\\|[\\/])([^'"\\/]+)\1""")
 
 # "/a/b/name", "C:\\a\\name", "~/a/name": one or more folders, then a name
 _FOLDERS_IN_PATH = re.compile(

@@ -85,7 +85,7 @@ class _Source:
             raw = np.asarray(ds.pixel_array)
         except Exception as exc:
             raise MedsegInputError(
-                f"pixel data could not be decoded ({short_reason(exc)})", self.path
+                f"pixel data could not be decoded ({short_reason(exc, path=self.path)})", self.path
             ) from exc
         rows, cols = int(ds.Rows), int(ds.Columns)
         if raw.size % (rows * cols):
@@ -129,7 +129,7 @@ def read_dicom(path: str | Path) -> Volume:
         raise MedsegInputError("not enough memory to load this image", path) from exc
     except Exception as exc:  # never let a raw pydicom/numpy traceback reach the user
         raise MedsegInputError(
-            f"could not read DICOM ({type(exc).__name__}: {short_reason(exc)})", path
+            f"could not read DICOM ({type(exc).__name__}: {short_reason(exc, path=path)})", path
         ) from exc
 
 
@@ -142,7 +142,7 @@ def _dcmread(path: Path) -> Dataset:
     except InvalidDicomError as exc:
         raise MedsegInputError("not a DICOM file (no 'DICM' file header)", path) from exc
     except Exception as exc:
-        raise MedsegInputError(f"malformed DICOM file ({short_reason(exc)})", path) from exc
+        raise MedsegInputError(f"malformed DICOM file ({short_reason(exc, path=path)})", path) from exc
 
 
 def _read_file(path: Path) -> Volume:
@@ -520,10 +520,11 @@ def _sort(
     positions and axes are None.
     """
     placed = [f.position is not None and f.orientation is not None for f in frames]
-    if 2 <= sum(placed) < len(frames):
+    unplaced = len(frames) - sum(placed)
+    if sum(placed) >= 2 and 0 < unplaced <= max(2, len(frames) // 5):
         # a few slices without a position: sort the others by theirs (a dropped slice then
         # shows as a gap) rather than give up every slice's position
-        dropped = len(frames) - sum(placed)
+        dropped = unplaced
         warns.append(f"{dropped} slice{'s' if dropped > 1 else ''} without a position "
                      f"(ImagePositionPatient) left out")
         frames = [f for f, ok in zip(frames, placed) if ok]
@@ -563,11 +564,13 @@ def _layout(steps: np.ndarray, path: Path, warns: list[str]) -> tuple[np.ndarray
     smallest = float(steps.min())
     if smallest > 0 and step / smallest >= 1.25:
         # in a short series or one with many gaps the median is itself a gap (steps
-        # 2, 1 mm: one slice missing, not 1.5 mm spacing): if every step is a whole
-        # number of the smallest, that is the spacing
+        # 2, 1 mm: one slice missing, not 1.5 mm spacing): if every step is a small whole
+        # number of the smallest, and steps of that size are not a stray one or two
+        # (a range ending off the grid, a near-duplicate slice), that is the spacing
         multiple = steps / smallest
         whole = np.rint(multiple)
-        if np.all(np.abs(multiple - whole) <= _UNEVEN_TOLERANCE * whole):
+        common = np.sum(whole == 1) >= len(steps) / 3 or len(steps) <= 4
+        if common and whole.max() <= 10 and np.all(np.abs(multiple - whole) <= 0.05):
             step = float(np.mean(steps[whole == 1]))
     ratio = steps / step
     n_missing = np.where(ratio > _GAP_FACTOR, np.rint(ratio) - 1, 0).astype(int)

@@ -44,9 +44,9 @@ def read_npy(path: str | Path) -> Volume:
     except ValueError as exc:
         if "pickle" in str(exc).lower():  # an object array inside a real .npy
             raise MedsegInputError(_PICKLED, path) from exc
-        raise MedsegInputError(f"not a readable .npy file ({short_reason(exc)})", path) from exc
+        raise MedsegInputError(f"not a readable .npy file ({short_reason(exc, path=path)})", path) from exc
     except Exception as exc:
-        raise MedsegInputError(f"not a readable .npy file ({short_reason(exc)})", path) from exc
+        raise MedsegInputError(f"not a readable .npy file ({short_reason(exc, path=path)})", path) from exc
 
     if data.dtype.names is not None or not (
         np.issubdtype(data.dtype, np.number) or data.dtype == bool
