@@ -45,6 +45,8 @@ VARIANTS = {
     "keep3": {"keep_weight": 3.0, "dice_present_only": False},
     "keep10": {"keep_weight": 10.0, "dice_present_only": False},
     "corr0": {"keep_weight": 1.0, "dice_present_only": False, "correction_weight": 0.0},
+    # the imbalance ablation: the default without class or correction weighting
+    "plain": {"correction_weight": 0.0, "class_balance": False},
     "seq4-crop96": {"keep_weight": 1.0, "dice_present_only": False, "seq_len": 4, "crop": 96},
     "crop192": {"keep_weight": 1.0, "dice_present_only": False, "crop": 192},
     "present": {"keep_weight": 1.0, "dice_present_only": True},
