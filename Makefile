@@ -58,7 +58,10 @@ test: xvfb-deps install-test
 # Figures for the README: one JSON object per script (see benchmarks/README.md).
 benchmark: install
 	$(BIN)/pip install -e ".[benchmark]"
-	@for b in segment classify detect generate; do echo "== $$b"; $(BIN)/python benchmarks/bench_$$b.py; done
+	@set -e; for b in segment classify detect generate; do echo "== $$b"; \
+	  $(BIN)/python benchmarks/bench_$$b.py > benchmarks/results/$$b.json.tmp; \
+	  mv benchmarks/results/$$b.json.tmp benchmarks/results/$$b.json; \
+	  tail -c 400 benchmarks/results/$$b.json; echo; done
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

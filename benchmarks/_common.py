@@ -318,6 +318,19 @@ def add_memory_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
 
 
+# The issue's speed goals for a 512×512×200 volume, checked the same way by every task
+SPEED_GOALS = {"seconds_max": 10.0, "gemm_fraction_min": 0.40, "naive_speedup_min": 5.0}
+
+
+def speed_goals(out: dict) -> dict:
+    """The goals met or not, from this run's measured seconds, GEMM ratio and naive speed-up."""
+    return {
+        "seconds_le_10": out["seconds"] <= SPEED_GOALS["seconds_max"],
+        "ratio_ge_0.40": out["ratio"] >= SPEED_GOALS["gemm_fraction_min"],
+        "speedup_vs_naive_ge_5": out["speedup_vs_naive"] >= SPEED_GOALS["naive_speedup_min"],
+    }
+
+
 def add_memory_section(out: dict[str, Any], script: str, task: str, args: Any,
                        threads: int) -> None:
     """Put peak memory growth for ``args.memory_slices`` into ``out`` (each size in a

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_memory_options,
     add_memory_section,
+    speed_goals,
     bench_parser,
     count_flops,
     finish,
@@ -85,6 +86,7 @@ def main() -> None:
                 abs(r16.probabilities - result.probabilities).max()),
             "class_agreement": float((r16.predicted == result.predicted).mean()),
         }
+    out["goals"] = speed_goals(out)
     if "memory" not in args.skip:
         add_memory_section(out, __file__, "classify", args, run.threads["threads"])
     finish(out, run, T0)

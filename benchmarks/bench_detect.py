@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_memory_options,
     add_memory_section,
+    speed_goals,
     bench_parser,
     count_flops,
     finish,
@@ -88,6 +89,7 @@ def main() -> None:
             "max_heatmap_difference": float(abs(r16.heatmap - result.heatmap).max()),
             "detections": len(r16.detections),
         }
+    out["goals"] = speed_goals(out)
     if "memory" not in args.skip:
         add_memory_section(out, __file__, "detect", args, run.threads["threads"])
     finish(out, run, T0)

@@ -28,6 +28,7 @@ from _common import (  # noqa: E402
     gemm_gflops,
     add_memory_options,
     add_memory_section,
+    speed_goals,
     memory_child,
     result_head,
     start_run,
@@ -49,7 +50,6 @@ from napari_medseg.core.progress import run_to_completion  # noqa: E402
 from napari_medseg.core.resample import resample_yx  # noqa: E402
 from napari_medseg.core.volume import Volume  # noqa: E402
 
-GOALS = {"seconds_max": 10.0, "gemm_fraction_min": 0.40, "naive_speedup_min": 5.0}
 
 
 def _boundary_fraction(logits: torch.Tensor) -> float:
@@ -180,11 +180,7 @@ def main() -> None:
             mon["seconds_scaled"] = mon["seconds_per_slice"] * args.slices
             out["speedup_vs_monai"] = mon["seconds_scaled"] / seconds
         out["monai"] = mon
-    out["goals"] = {
-        "seconds_le_10": seconds <= GOALS["seconds_max"],
-        "ratio_ge_0.40": out["ratio"] >= GOALS["gemm_fraction_min"],
-        "speedup_vs_naive_ge_5": out["speedup_vs_naive"] >= GOALS["naive_speedup_min"],
-    }
+    out["goals"] = speed_goals(out)
     if "memory" not in args.skip:
         add_memory_section(out, __file__, "segment", args, threads["threads"])
     finish(out, run, T0)
