@@ -733,3 +733,19 @@ def test_many_slices_without_a_position_are_sorted_by_instance_number(tmp_path):
 
     assert vol.shape[0] == 20
     assert "slice positions missing; sorted by InstanceNumber" in vol.metadata["warnings"]
+
+
+def test_when_the_largest_series_cannot_be_stacked_the_next_opens_with_a_warning(tmp_path):
+    uid = write_series(tmp_path, [0.0, 2.0, 4.0], name="main", description="ABDOMEN")
+    write_series(tmp_path, [3.0], name="loc", series_uid=uid,  # a localizer sharing the UID
+                 iop=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+    write_series(tmp_path, [10.0, 12.0], name="other", description="DELAYED")
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape[0] == 2
+    warnings = vol.metadata["warnings"]
+    assert any("opened the largest that could be opened (2 slices, 'DELAYED')" in w
+               for w in warnings)
+    assert any(w.startswith("a series of 4 slices could not be opened (slices in one series "
+                            "have different orientations") for w in warnings)

@@ -190,23 +190,44 @@ def _read_folder(folder: Path) -> Volume:
     for f, ds in images:
         groups.setdefault(_series_key(ds), []).append((f, ds))
     sizes = {key: sum(_n_frames(ds, f) for f, ds in members) for key, members in groups.items()}
-    chosen = max(groups, key=lambda k: sizes[k])  # ties: the first series in file order
-
-    warns: list[str] = []
-    if len(groups) > 1:
-        desc = _text(groups[chosen][0][1], "SeriesDescription")
-        label = f"{sizes[chosen]} slices" + (f", {desc!r}" if desc else "")
-        warns.append(f"folder holds {len(groups)} series; opened the largest ({label})")
+    # largest first (ties: the first series in file order); if it cannot be opened (mixed
+    # sizes or orientations, a localizer sharing its UID, colour), try the next, and say so
+    order = sorted(groups, key=lambda k: -sizes[k])
+    notes: list[str] = []
     if skipped:
-        warns.append(f"skipped {skipped} non-DICOM file{'s' if skipped > 1 else ''}")
+        notes.append(f"skipped {skipped} non-DICOM file{'s' if skipped > 1 else ''}")
     if broken:
-        warns.append(f"skipped {broken} truncated or malformed image file{'s' if broken > 1 else ''}")
+        notes.append(f"skipped {broken} truncated or malformed image file{'s' if broken > 1 else ''}")
+    failures: list[str] = []
+    for rank, chosen in enumerate(order):
+        warns: list[str] = []
+        if len(groups) > 1:
+            desc = _text(groups[chosen][0][1], "SeriesDescription")
+            label = f"{sizes[chosen]} slices" + (f", {desc!r}" if desc else "")
+            which = "the largest" if rank == 0 else "the largest that could be opened"
+            warns.append(f"folder holds {len(groups)} series; opened {which} ({label})")
+        warns.extend(failures)
+        warns.extend(notes)
+        try:
+            frames: list[_Frame] = []
+            for f, ds in groups[chosen]:
+                _check_image_header(ds, f)
+                frames.extend(_frames_of(_Source(f, ds, has_pixels=False)))
+            return _assemble(frames, folder, warns=warns, n_files=len(groups[chosen]))
+        except MedsegInputError as exc:
+            if rank == len(order) - 1 or rank >= 4:
+                raise _series_error(exc, failures) from exc
+            failures.append(
+                f"a series of {sizes[chosen]} slices could not be opened ({exc.reason})")
+    raise AssertionError("unreachable")  # pragma: no cover
 
-    frames: list[_Frame] = []
-    for f, ds in groups[chosen]:
-        _check_image_header(ds, f)
-        frames.extend(_frames_of(_Source(f, ds, has_pixels=False)))
-    return _assemble(frames, folder, warns=warns, n_files=len(groups[chosen]))
+
+def _series_error(exc: MedsegInputError, failures: list[str]) -> MedsegInputError:
+    """The last series' error; with the earlier ones counted when several failed."""
+    if not failures:
+        return exc
+    return MedsegInputError(f"{exc.reason} (and {len(failures)} larger series could not be "
+                            "opened either)", exc.path)
 
 
 def _series_key(ds: Dataset) -> tuple:
