@@ -498,3 +498,15 @@ def test_closing_the_viewer_during_a_round_raises_nothing(scene, qtbot):
     _wait(widget, qtbot)
     qtbot.wait(50)
     assert not _errors_since(start)
+
+
+def test_a_multiscale_labels_layer_is_refused_as_such(scene):
+    viewer, image, labels, widget, phantom = scene
+    pyramid = viewer.add_labels([np.array(labels.data), np.array(labels.data[:, ::2, ::2])],
+                                name="pyramid", scale=image.scale, translate=image.translate)
+    widget._labels_pick.value = pyramid
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    assert widget._worker is None
+    errors = _errors_since(start)
+    assert any("'pyramid' is multiscale" in m for m in errors), errors

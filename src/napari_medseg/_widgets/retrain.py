@@ -957,6 +957,9 @@ class RetrainWidget(_RetrainBase):
         return self._viewer.add_labels(np.zeros(image.data.shape, dtype=np.uint8), **kwargs)
 
     def _snapshot(self, layer, image, volume, need_annotations: bool) -> np.ndarray:
+        if getattr(layer, "multiscale", False):
+            raise MedsegInputError(f"'{layer.name}' is multiscale; pick a single-scale "
+                                   f"{self.layer_kind} layer drawn on '{image.name}'")
         labels = np.array(layer.data, copy=True)
         if labels.shape != tuple(image.data.shape):
             raise MedsegInputError(
