@@ -513,3 +513,37 @@ def test_a_field_of_view_no_body_has_is_refused_before_any_allocation(seg):
     volume = _volume((2, 512, 512), (5.0, 40.0, 40.0))
     with pytest.raises(MedsegInputError, match="check the pixel spacing"):
         run_to_completion(segment_volume(volume, *seg))
+
+
+def test_jobs_overlapping_on_two_threads_each_leave_their_thread_as_it_was(monkeypatch):
+    """With OpenMP the count is per thread: a job ending while another ran on another
+    thread left its own thread pinned (the restore waited for the last job, elsewhere)."""
+    import threading
+
+    monkeypatch.setattr(inference, "default_threads", lambda: 4)
+    before = torch.get_num_threads()
+    started, finish_a, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def job_a():
+        seen["a_before"] = torch.get_num_threads()
+        with inference.ThreadGovernor(1):
+            started.set()
+            finish_a.wait(10)
+        seen["a_after"] = torch.get_num_threads()
+        a_done.set()
+
+    def job_b():
+        started.wait(10)
+        with inference.ThreadGovernor(1):
+            finish_a.set()
+            a_done.wait(10)  # A ends while B still runs
+        seen["b_after"] = torch.get_num_threads()
+
+    threads = [threading.Thread(target=job_a), threading.Thread(target=job_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen["a_after"] == seen["a_before"] == before
+    assert seen["b_after"] == before and torch.get_num_threads() == before

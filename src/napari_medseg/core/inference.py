@@ -287,11 +287,16 @@ class ThreadGovernor:
     """
 
     MIN_INTERVAL_S = 0.2
-    # torch's thread count is process-wide: jobs may overlap (two widgets at once), so the
-    # setting before the FIRST of them is restored when the LAST one ends
+    # With OpenMP (this torch build) torch.set_num_threads sets the CALLING thread's count
+    # and the default that new threads start with. Jobs may overlap (two widgets at once,
+    # each in its own worker thread), so each job's thread is set back, when the last job
+    # on that thread ends, to the setting from before the first of all overlapping jobs
+    # (a worker thread created mid-job would otherwise keep, and later restore, the
+    # count that job had pinned)
     _lock = threading.Lock()
     _active = 0
     _original = 1
+    _on_this_thread = threading.local()
 
     def __init__(self, threads: int | None):
         self.auto = threads is None
@@ -324,6 +329,8 @@ class ThreadGovernor:
             if ThreadGovernor._active == 0:
                 ThreadGovernor._original = torch.get_num_threads()
             ThreadGovernor._active += 1
+        local = ThreadGovernor._on_this_thread
+        local.depth = getattr(local, "depth", 0) + 1
         if self.auto:
             self._set(self.cpus - _runnable_others())
             self._mark()
@@ -352,8 +359,11 @@ class ThreadGovernor:
             return
         with ThreadGovernor._lock:
             ThreadGovernor._active -= 1
-            if ThreadGovernor._active == 0 and torch.get_num_threads() != ThreadGovernor._original:
-                torch.set_num_threads(ThreadGovernor._original)
+            original = ThreadGovernor._original
+        local = ThreadGovernor._on_this_thread
+        local.depth = getattr(local, "depth", 1) - 1
+        if local.depth == 0 and torch.get_num_threads() != original:
+            torch.set_num_threads(original)
 
 
 def _check_precision(precision: str) -> str:
