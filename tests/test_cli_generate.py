@@ -72,3 +72,11 @@ def test_a_single_slice_cannot_be_upsampled(tmp_path, zero_model, capsys):
                  "--factor", "2"]) == 2
     assert "two acquired slices" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_generate_prints_the_readers_warnings(tmp_path, capsys):
+    """An .npy has no geometry: the output's spacing is then made up, and says so."""
+    np.save(tmp_path / "v.npy", np.arange(4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8))
+    assert main(["generate", str(tmp_path / "v.npy"), str(tmp_path / "f.nii.gz"),
+                 "--method", "linear", "--factor", "2", "-q"]) == 0
+    assert "generate: warning: .npy files carry no geometry" in capsys.readouterr().err

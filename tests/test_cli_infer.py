@@ -211,6 +211,10 @@ def test_explain_commands_write_maps_on_the_input_grid(tmp_path, capsys):
     assert read_volume(tmp_path / "u.nii.gz").array.shape == p.volume.shape
     assert len((tmp_path / "u.csv").read_text().splitlines()) == 7
     capsys.readouterr()
+    # a class index works as in the core (it was looked up as a name and refused)
+    assert main(["gradcam", str(src), str(tmp_path / "cam2.nii.gz"), "--class", "2", "-q"]) == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "cam2.nii.gz").array, cam)
+    capsys.readouterr()
     assert main(["gradcam", str(src), str(tmp_path / "x.nii.gz"), "--class", "tumour"]) == 2
     assert "unknown class" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
     assert main(["uncertainty", str(src), str(tmp_path / "y.nii.gz"), "--samples", "1"]) == 2

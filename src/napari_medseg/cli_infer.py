@@ -90,14 +90,20 @@ def _write_all(*writes: tuple[Path | None, Any]) -> None:
 def _load(args: argparse.Namespace, command: str) -> tuple[Any, Any, dict]:
     """Output checked, volume read, model loaded: everything that can fail on bad input
     happens here, before any computing or writing."""
-    from .core.io import read_volume
     from .core.models import load_model
 
-    volume = read_volume(args.input)
-    for warning in volume.metadata.get("warnings", ()):  # what `info` would say: mixed series, gaps …
-        print(f"{command}: warning: {warning}", file=sys.stderr)
+    volume = _read_and_warn(args.input, command)
     model, card = load_model(args.model or DEFAULT_MODELS[command])
     return volume, model, card
+
+
+def _read_and_warn(path: str, command: str) -> Any:
+    from .core.io import read_volume
+
+    volume = read_volume(path)
+    for warning in volume.metadata.get("warnings", ()):  # what `info` would say: mixed series, gaps …
+        print(f"{command}: warning: {warning}", file=sys.stderr)
+    return volume
 
 
 def _progress_printer(command: str, quiet: bool):
@@ -219,7 +225,10 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
 
     out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
     volume, model, card = _load(args, "gradcam")
-    result = _run(gradcam_volume(volume, model, card, target=args.target, threads=args.threads),
+    target = args.target
+    if target is not None and target not in card["classes"] and target.isdigit():
+        target = int(target)  # a class index, as the core takes it
+    result = _run(gradcam_volume(volume, model, card, target=target, threads=args.threads),
                   "gradcam", args.quiet)
     write_nifti(out, result.maps, *_grid(volume))
     print(f"wrote {out.name}: Grad-CAM of {args.target or 'the predicted class'} per slice, 0–1")
@@ -248,12 +257,12 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .cli import _write_csv_atomic
     from .core.generation import generate_slices, interpolation_job
-    from .core.io import read_volume, write_nifti
+    from .core.io import write_nifti
     from .core.models import load_model
 
     out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
     csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",), args.input)
-    volume = read_volume(args.input)
+    volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
     fill = not args.keep_missing
     if args.method == "model":
         model, card = load_model(args.model or DEFAULT_MODELS["generate"])
@@ -284,7 +293,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("detect", help="find lesions; writes z, y, x, score, diameter_mm")
     _common(p, "detect")
-    p.add_argument("output", metavar="OUT.csv", help="one row per lesion, input voxel coordinates")
+    p.add_argument("output", metavar="OUT.csv", help="one row per lesion: z, y, x voxel indices on the grid napari-medseg reads the"
+                        " input as (NIfTI turned to LPS axes, see docs/data.md), score, diameter_mm")
     p.add_argument("--threshold", type=float, default=None,
                    help="minimum centre score, 0-1 (default: the model card's)")
     p.add_argument("--min-distance-mm", type=float, default=None,
@@ -305,7 +315,7 @@ def register(subparsers: Any) -> None:
     _common(p, "gradcam")
     p.add_argument("output", metavar="OUT.nii.gz", help="one 0–1 map per slice on the input grid")
     p.add_argument("--class", dest="target", default=None,
-                   help="class to explain (default: each slice's predicted class)")
+                   help="class to explain, by name or index (default: each slice's predicted class)")
     p.set_defaults(func=cmd_gradcam)
 
     p = subparsers.add_parser("uncertainty", help="segmenter uncertainty (MC dropout) as NIfTI; --slices-csv adds"

@@ -249,3 +249,32 @@ def test_more_bad_requests_are_refused():
     with pytest.raises(MedsegInputError, match="k must be"):
         result.most_uncertain(-1)
     assert result.most_uncertain(0) == []
+
+
+def test_uncertainty_never_leaves_the_callers_model_sampling_nor_rewinds_others_random_draws():
+    seg, seg_card = load_model("segmenter")
+    vol = generate_phantom((4, 40, 40), (5.0, 2.0, 2.0), seed=2).volume
+
+    def dropout_on():
+        return [n for n, m in seg.named_modules() if isinstance(m, torch.nn.Dropout2d | torch.nn.Dropout)
+                and m.training]
+
+    for bad in (0, None):  # it switched dropout on, then failed before restoring it
+        with pytest.raises(MedsegInputError, match="chunk"):
+            run_to_completion(segmentation_uncertainty(vol, seg, seg_card, samples=2, chunk=bad))
+        assert dropout_on() == []
+    alone = run_to_completion(segmentation_uncertainty(vol, seg, seg_card, samples=2, seed=1))
+    first = segmentation_uncertainty(vol, seg, seg_card, samples=2, seed=1)
+    second = segmentation_uncertainty(vol, seg, seg_card, samples=2, seed=1)
+    next(first), next(second), next(first)  # two jobs interleaved, as two widgets would
+    assert dropout_on() == []  # the caller's model is never the one sampling
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    next(first)  # paused mid-job: the user's own draws are their own
+    assert torch.rand(1) == expected
+    a, b = run_to_completion(first), run_to_completion(second)
+    np.testing.assert_array_equal(a.entropy, alone.entropy)  # same seed, same result
+    np.testing.assert_array_equal(b.entropy, alone.entropy)
+    assert a.most_uncertain(5, exclude=iter([0, 1])) == [z for z in alone.most_uncertain(5)
+                                                          if z not in (0, 1)]

@@ -547,3 +547,22 @@ def test_jobs_overlapping_on_two_threads_each_leave_their_thread_as_it_was(monke
         t.join(20)
     assert seen["a_after"] == seen["a_before"] == before
     assert seen["b_after"] == before and torch.get_num_threads() == before
+
+
+def test_an_all_missing_volume_gets_empty_results_whatever_the_normalisation(seg):
+    model, card = seg
+    volume = Volume(np.full((3, 16, 16), np.nan, np.float32), (2.5, 1.5, 1.5),
+                    missing=np.ones(3, bool))
+    spec = {"type": "percentile", "low_percentile": 1.0, "high_percentile": 99.0}
+    for c in (card, {**card, "normalisation": spec}):  # the percentile card raised
+        labels = run_to_completion(segment_volume(volume, model, c)).labels
+        assert not labels.any()
+
+
+def test_more_than_255_classes_are_refused_before_any_work():
+    model = RecurrentSegmenter(n_classes=300, widths=(8, 16, 16), hidden=8).eval()
+    card = {"name": "big", "classes": [f"c{i}" for i in range(300)],
+            "input_spacing_mm": [2.5, 1.5, 1.5], "normalisation": WINDOW, "resample_axes": "yx"}
+    job = segment_volume(_volume((4, 16, 16), (2.5, 1.5, 1.5)), model, card)
+    with pytest.raises(MedsegInputError, match="at most 255"):
+        next(job)  # it ran the whole backward pass first

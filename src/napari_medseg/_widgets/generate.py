@@ -55,6 +55,14 @@ class GenerateWidget(ModelRunWidget):
             "created": provenance(card, image_layer.name)["created"]}
         geometry = _like_layer(image_layer)
         data = out.array
+        given = np.dtype(image_layer.data.dtype)
+        if image_layer.ndim == 3 and not np.can_cast(given, np.float32, casting="safe"):
+            # float64 or wide integers lose digits in the float32 volume: the acquired
+            # slices are copied from the layer itself, so they stay exactly as acquired
+            data = data.astype(np.float64)
+            acquired = np.flatnonzero(result.acquired)
+            data[acquired] = np.asarray(image_layer.data[acquired // result.factor],
+                                        dtype=np.float64)
         if image_layer.ndim == 3:
             scale = list(geometry["scale"])
             scale[0] = scale[0] / result.factor

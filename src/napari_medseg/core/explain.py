@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -39,6 +40,9 @@ from .inference import (
 from .models.classifier import SliceClassifier
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
+
+# guards torch's global random generator while a job's own state is swapped into it
+_RNG_LOCK = threading.Lock()
 
 
 #: class-activation map methods of :func:`gradcam_volume`
@@ -64,8 +68,9 @@ class UncertaintyResult:
         """The ``k`` slices with the highest per-slice uncertainty, most uncertain first."""
         if isinstance(k, bool) or int(k) != k or k < 0:
             raise MedsegInputError(f"k must be a whole number ≥ 0, got {k!r}")
+        excluded = {int(z) for z in exclude}  # once: an iterator is used up by one pass
         order = [int(z) for z in np.argsort(-np.nan_to_num(self.per_slice, nan=-1.0))
-                 if np.isfinite(self.per_slice[z]) and int(z) not in set(exclude)]
+                 if np.isfinite(self.per_slice[z]) and int(z) not in excluded]
         return order[: int(k)]
 
 
@@ -185,7 +190,9 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
     """MC-dropout predictive entropy per voxel and per slice (a generator).
 
     Needs a model with dropout (the bundled segmenter has 0.1 in its decoder); each of
-    ``samples`` passes streams the volume in chunks like inference.
+    ``samples`` passes streams the volume in chunks like inference. The same ``seed`` and
+    ``chunk`` give the same result (dropout masks are drawn per chunk, so another chunk
+    size draws other masks).
     """
     classes = check_model_args(volume, model, card, RecurrentSegmenter, "uncertainty")
     samples = positive_int(samples, "samples")
@@ -197,33 +204,45 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
     n_classes = len(classes)
     if n_classes < 2:
         raise MedsegInputError("uncertainty needs a segmenter with at least 2 classes")
+    chunk = positive_int(chunk, "chunk")
     nz, ny, nx = volume.shape
     slices = ModelGridSlices(volume, card)
     h, w = slices.grid
     mean = torch.zeros((nz, n_classes, h, w))
-    modes = _modes(model)
-    model.eval()
-    _dropout_on(model)
+    # a private copy with dropout on: the caller's model (maybe in use by another job)
+    # is never switched to sampling, even if this job fails or is abandoned
+    sampler = copy.deepcopy(model).eval()
+    _dropout_on(sampler)
+    # dropout draws from torch's global generator: this job's seeded state is swapped in
+    # around each chunk only, never held across a yield, where other code (another job,
+    # the user's own torch calls) would draw from it or have its draws rewound
+    with _RNG_LOCK:
+        saved = torch.get_rng_state()
+        torch.manual_seed(int(seed))
+        state = torch.get_rng_state()
+        torch.set_rng_state(saved)
     total = samples * RecurrentSegmenter.n_steps(nz, chunk)
     step = 0
-    try:
-        with ThreadGovernor(threads) as governor, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            yield Progress(0, total, "uncertainty")
-            for s in range(samples):
-                chunks = model.iter_chunks(slices, chunk)
-                while True:
-                    with torch.no_grad():
+    with ThreadGovernor(threads) as governor:
+        yield Progress(0, total, "uncertainty")
+        for s in range(samples):
+            chunks = sampler.iter_chunks(slices, chunk)
+            while True:
+                with torch.no_grad(), _RNG_LOCK:
+                    saved = torch.get_rng_state()
+                    torch.set_rng_state(state)
+                    try:
                         item = next(chunks, None)
-                        if item is None:
-                            break
-                        if item.logits is not None:
-                            mean[item.start:item.stop] += torch.softmax(item.logits, 1) / samples
-                    step += 1
-                    governor.update()
-                    yield Progress(step, total, f"sample {s + 1}/{samples}")
-    finally:
-        _restore_modes(modes)
+                        state = torch.get_rng_state()
+                    finally:
+                        torch.set_rng_state(saved)
+                if item is None:
+                    break
+                if item.logits is not None:
+                    mean[item.start:item.stop] += torch.softmax(item.logits, 1) / samples
+                step += 1
+                governor.update()
+                yield Progress(step, total, f"sample {s + 1}/{samples}")
     ent = -(mean * mean.clamp_min(1e-12).log()).sum(1, keepdim=True) / math.log(n_classes)
     entropy = resize_yx(ent, (ny, nx))[:, 0].clamp(0, 1).numpy().astype(np.float32)
     labels = labels_from_logits(mean.clamp_min(1e-12).log(), (ny, nx)).numpy()

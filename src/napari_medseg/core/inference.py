@@ -602,9 +602,12 @@ class ModelGridSlices:
         self.norm = check_normalisation(card["normalisation"])
         if self.norm["type"] == "percentile":
             # the volume's own range, fixed once for all batches (acquired slices only):
-            # then it is an affine map without a clip, which is how zscore runs
-            acquired = volume.array[~volume.missing] if (~volume.missing).any() else volume.array
-            low, high = percentile_range(acquired, self.norm)
+            # then it is an affine map without a clip, which is how zscore runs; with
+            # nothing acquired nothing runs, as with any other card (a unit map stands in)
+            if volume.missing.all():
+                low, high = 0.0, 1.0
+            else:
+                low, high = percentile_range(volume.array[~volume.missing], self.norm)
             self.norm = {"type": "zscore", "mean": low, "std": high - low}
         self.grid = model_grid(volume, card)
         self.context = int(context)
@@ -765,6 +768,8 @@ def segment_volume(
     if len(classes) != model.n_classes:
         raise MedsegInputError(
             f"card lists {len(classes)} classes, the model has {model.n_classes}")
+    if len(classes) > 255:  # uint8 labels; said now, not after the backward pass
+        raise MedsegInputError(f"labels hold at most 255 classes, the model has {len(classes)}")
     chunk = DEFAULT_CHUNK if chunk is None else positive_int(chunk, "chunk")
     precision = _check_precision(precision)
     slices = ModelGridSlices(volume, card)
