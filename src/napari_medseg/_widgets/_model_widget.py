@@ -77,6 +77,16 @@ def _same_geometry(a: tuple, b: tuple) -> bool:
     return same_data and all(x.shape == y.shape and np.allclose(x, y) for x, y in zip(a[2:], b[2:]))
 
 
+def widget_closed(widget) -> bool:
+    """Whether the viewer holding ``widget`` (a magicgui widget) was closed: its Qt object
+    is deleted, and a late result or progress report has nowhere to go."""
+    try:
+        widget.native.objectName()
+    except RuntimeError:
+        return True
+    return False
+
+
 class ModelRunWidget(Container):
     architecture: str = ""
     task: str = ""  # "Segment", "Detect", ...
@@ -192,16 +202,8 @@ class ModelRunWidget(Container):
         except RuntimeError:  # the viewer (and so this widget) was closed meanwhile
             pass
 
-    def _closed(self) -> bool:
-        """Whether the viewer holding this widget was closed (its Qt objects deleted)."""
-        try:
-            self._status.native.objectName()
-        except RuntimeError:
-            return True
-        return False
-
     def _on_result(self, out, layer, seen=None) -> None:
-        if self._closed():  # nowhere to show it
+        if widget_closed(self._status):  # nowhere to show it
             return
         result, card, options, volume = out
         if layer not in self._viewer.layers:

@@ -80,7 +80,14 @@ from ..core.session import (
     sessions_dir,
 )
 from ._loss_curve import LossCurve
-from ._model_widget import follow_layer_names, model_choices, provenance
+from ._model_widget import (
+    _geometry,
+    _same_geometry,
+    follow_layer_names,
+    model_choices,
+    provenance,
+    widget_closed,
+)
 from .detect import KEEP_SCORE
 
 log = logging.getLogger(__name__)
@@ -111,12 +118,6 @@ def painted_slices(history_item: Any) -> set[int]:
             zs = np.asarray(atom[0][0]).ravel()  # a re-prediction's step holds millions: no sort
             out.update(int(z) for z in np.flatnonzero(np.bincount(zs, minlength=1)))
     return out
-
-
-def _same_placement(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(
-        x[0] is y[0] and x[1] == y[1] and x[2].shape == y[2].shape and np.allclose(x[2], y[2])
-        for x, y in zip(a, b))
 
 
 class _RetrainBase(Container):
@@ -562,11 +563,7 @@ class _RetrainBase(Container):
         """``callback``, skipped once the viewer holding this widget is closed (its Qt
         objects are deleted; a round finishing then has nowhere to go)."""
         def guarded(*args):
-            try:
-                self._status.native.objectName()
-            except RuntimeError:
-                return None
-            return callback(*args)
+            return None if widget_closed(self._status) else callback(*args)
         return guarded
 
     def _on_progress(self, report) -> None:
@@ -623,8 +620,7 @@ class _RetrainBase(Container):
         """What a prediction's place depends on: the image's data object, shape and world
         transform, and the same for the layer it is written into (painting changes a
         Labels layer's data in place, which is allowed; a replaced array is not)."""
-        parts = [image] + ([layer] if self.writes_into_layer else [])
-        return tuple((x.data, tuple(x.data.shape), world_matrix(x)) for x in parts)
+        return tuple(_geometry(x) for x in [image] + ([layer] if self.writes_into_layer else []))
 
     def _apply_checked(self, prediction, image, layer, volume, number, card, prefix="",
                        seen=None) -> None:
@@ -633,7 +629,8 @@ class _RetrainBase(Container):
         if gone:
             show_warning("Retrain: a layer was removed meanwhile; the prediction was not written")
             return
-        if seen is not None and not _same_placement(seen, self._placement(image, layer)):
+        now = self._placement(image, layer)
+        if seen is not None and not all(_same_geometry(a, b) for a, b in zip(seen, now)):
             show_warning("Retrain: the image or labels layer changed meanwhile (new data, shape "
                          "or position); the prediction was not written: re-predict")
             self._show_status("A layer changed meanwhile; prediction not written")
