@@ -59,7 +59,11 @@ def test_finetune_writes_a_model_every_command_loads(case, tmp_path, capsys):
     ("small", "3", "shape"),
     ("zeros", "3", "only background"),
     ("labels", "40", "outside the volume"),
+    ("labels", "0-99999", "outside the volume (0–11)"),  # one short line, not 99 988 numbers
     ("labels", "x", "--slices"),
+    ("spacing", "3", "not drawn on this image"),  # same shape, another grid
+    ("shifted", "3", "not drawn on this image"),
+    ("flipped", "3", "not drawn on this image"),  # read as LPS: it starts elsewhere
 ])
 def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, labels_from, slices, message):
     d, p = case
@@ -67,7 +71,16 @@ def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, labels_from
     if labels is None:
         labels = tmp_path / "l.nii.gz"
         data = np.zeros((12, 40, 40) if labels_from == "small" else p.labels.shape, np.uint8)
-        write_nifti(labels, data, p.volume.spacing, p.volume.origin)
+        spacing, origin, axes = p.volume.spacing, p.volume.origin, None
+        if labels_from in ("spacing", "shifted", "flipped"):
+            data = p.labels
+        if labels_from == "spacing":
+            spacing = (1.0, 0.5, 0.5)
+        if labels_from == "shifted":
+            origin = (origin[0] + 100.0, origin[1], origin[2])
+        if labels_from == "flipped":  # x runs the other way: a mirrored label map
+            axes = [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]
+        write_nifti(labels, data, spacing, origin, axes=axes)
     out = tmp_path / "out"
     rc = main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels", str(labels),
                "--slices", slices, "--out", str(out), "--epochs", "1"])
@@ -122,3 +135,37 @@ def test_a_short_round_on_a_new_structure_advises_a_longer_one(case, tmp_path, c
     assert report["new_classes"] and report["steps"] == 2
     assert "note: a new structure is learnt from scratch" in captured.err
     assert "round made 2: " in captured.err and "--seconds ≥ " in captured.err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--name", "bad?name"], "model name must be"),
+    (["--out", "{image}/sub"], "--out cannot be created"),
+    (["--seed", "-1"], "--seed must be"),
+])
+def test_names_folders_and_seeds_are_checked_before_training(case, tmp_path, capsys, monkeypatch,
+                                                            extra, message):
+    from napari_medseg.core import finetune
+
+    monkeypatch.setattr(finetune, "finetune_segmenter", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("trained before checking its arguments")))
+    d, p = case
+    argv = ["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
+            str(d / "labels.nii.gz"), "--slices", "3", "--out", str(tmp_path / "o"), "--epochs", "1"]
+    argv += [a.format(image=d / "image.nii.gz") for a in extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_points_csv_headers_as_spreadsheets_write_them(tmp_path):
+    from napari_medseg.cli_finetune import read_points_csv
+    from napari_medseg.core.errors import MedsegInputError
+
+    for text in ("\ufeffz,y,x,diameter_mm\n5,36,27,8\n",  # Excel "CSV UTF-8": a BOM
+                 "Z, Y, X\n5,36,27\n"):
+        (tmp_path / "p.csv").write_text(text, encoding="utf-8")
+        pts, diam = read_points_csv(str(tmp_path / "p.csv"))
+        assert pts.tolist() == [[5.0, 36.0, 27.0]]
+    (tmp_path / "p.csv").write_text("z,y,x,z\n5,36,27,9\n")  # it took z = 9 silently
+    with pytest.raises(MedsegInputError, match="names column z twice"):
+        read_points_csv(str(tmp_path / "p.csv"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,29 @@ def parse_slices(text: str) -> list[int]:
     return sorted(out)
 
 
-def read_label_volume(path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A label volume as integers, on the image's grid (same shape after reorientation)."""
+def read_label_volume(path: str, image: Any) -> np.ndarray:
+    """A label volume as integers, on ``image``'s grid: the same shape after reorientation
+    and, when the file has geometry (not an .npy), the same spacing, origin and axes."""
     from .core.io import read_volume
 
-    labels = read_volume(path).array
-    if labels.shape != tuple(shape):
-        raise MedsegInputError(f"labels have shape {labels.shape}, the image {tuple(shape)}", path)
+    volume = read_volume(path)
+    labels = volume.array
+    if labels.shape != tuple(image.shape):
+        raise MedsegInputError(f"labels have shape {labels.shape}, the image {tuple(image.shape)}", path)
+    if "npy" not in (volume.metadata.get("source_format"), image.metadata.get("source_format")):
+        # the same shape on another grid would teach the model shifted or mirrored labels
+        spacing, origin = np.array(image.spacing), np.array(image.origin)
+        if not np.allclose(volume.spacing, spacing, rtol=1e-3, atol=1e-4):
+            raise MedsegInputError(f"labels have spacing {tuple(volume.spacing)} mm, the image "
+                                   f"{tuple(image.spacing)}: not drawn on this image", path)
+        if np.abs(np.array(volume.origin) - origin).max() > 0.05 * spacing.min():
+            raise MedsegInputError(f"labels start at {tuple(round(o, 2) for o in volume.origin)} "
+                                   f"mm, the image at {tuple(round(o, 2) for o in image.origin)}:"
+                                   " not drawn on this image", path)
+        axes = [v.metadata.get("axes_lps") for v in (volume, image)]
+        if None not in axes and not np.allclose(axes[0], axes[1], atol=1e-3):
+            raise MedsegInputError("labels lie along other axes than the image (flipped or "
+                                   "turned): not drawn on this image", path)
     finite = np.isfinite(labels)
     if not finite.all() or not np.array_equal(labels, np.round(labels)):
         raise MedsegInputError("labels must be whole numbers (a label map, not an image)", path)
@@ -75,10 +92,12 @@ def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     import csv
 
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = set(reader.fieldnames or ())
+        # utf-8-sig: spreadsheet programs write a byte-order mark before the header
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip().lower() for h in next(reader, [])]
+            rows = [dict(zip(header, row)) for row in reader if any(c.strip() for c in row)]
+            columns = set(header)
     except FileNotFoundError as exc:
         raise MedsegInputError("no such file", path) from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -86,6 +105,9 @@ def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not {"z", "y", "x"} <= columns:  # a header of z,y,x alone is a list of no lesions
         raise MedsegInputError("the CSV needs a header naming columns z, y, x (and optionally"
                                " diameter_mm)", path)
+    twice = sorted(c for c in ("z", "y", "x", "diameter_mm") if header.count(c) > 1)
+    if twice:
+        raise MedsegInputError(f"the CSV names column {', '.join(twice)} twice", path)
     try:
         pts = np.array([[float(r["z"]), float(r["y"]), float(r["x"])] for r in rows]).reshape(-1, 3)
         diam = np.array([float(r.get("diameter_mm") or "nan") for r in rows])
@@ -100,13 +122,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .core.finetune import finetune_detector, finetune_segmenter, new_structure_advice
     from .core.io import read_volume
     from .core.models import LesionDetector, RecurrentSegmenter, load_model, save_model
+    from .core.models.registry import _NAME_RE
+    from .core.training import MAX_SEED
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise MedsegInputError("--out must be a folder", out)
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MedsegInputError("--out cannot be created or written here", out)
     name = args.name or f"{Path(str(args.model)).stem}-finetuned"
+    if not _NAME_RE.match(name):  # said now, not after the training
+        raise MedsegInputError(f"model name must be letters, digits, '_', '-' or '.', got "
+                               f"{name!r}; pass --name")
     if (out / f"{name}.json").exists() and not args.overwrite:
         raise MedsegInputError(f"{name}.json exists; pass --overwrite or another --name", out)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise MedsegInputError(f"--seed must be 0..{MAX_SEED}, got {args.seed}")
     if args.epochs is not None and args.epochs < 1:
         raise MedsegInputError(f"--epochs must be at least 1, got {args.epochs}")
     if (args.labels is None) == (args.points is None):
@@ -119,7 +151,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.labels is not None:
         if not isinstance(model, RecurrentSegmenter):
             raise MedsegInputError(f"--labels fine-tunes a segmenter; {args.model} is a {type(model).__name__}")
-        labels = read_label_volume(args.labels, volume.shape)
+        labels = read_label_volume(args.labels, volume)
         job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,
                                  seconds=args.seconds, seed=args.seed, threads=args.threads)
         source = f"--labels {args.labels}"

@@ -232,6 +232,11 @@ def test_versions_revert_and_save_crash_safely(tiny, phantom, tmp_path, monkeypa
         assert torch.equal(m0.state_dict()[k], v)
     with pytest.raises(MedsegInputError):
         history.revert(5)
+    for bad in (-1, 2):  # -1 was the last version, as a Python index
+        with pytest.raises(MedsegInputError, match="no version"):
+            history.model(bad)
+        with pytest.raises(MedsegInputError, match="no version"):
+            history.save(bad, "other", tmp_path)
     path = history.save(1, "mine", tmp_path)
     loaded, card = load_model(path)
     assert card["version"].endswith("+ft1")
@@ -507,3 +512,34 @@ def test_an_unreviewed_point_teaches_nothing_on_a_reviewed_slice():
     kept = heat[3] != -1.0  # outside the unreviewed point's reach, slice 3 is as without it
     np.testing.assert_array_equal(alone[3][kept], heat[3][kept])
     assert kept[10:31, 10:31].all()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("shape"),
+    lambda m: m.update(edited=["a"]),
+    lambda m: m.update(edited=5),
+    lambda m: m.update(checked=[99]),
+    lambda m: m.update(excluded=[1.5]),
+])
+def test_a_damaged_session_record_is_an_input_error(tmp_path, edit):
+    """The checksum covers the data, not the record: a hand-edited or damaged record
+    raised KeyError / TypeError / ValueError, which the widget did not catch."""
+    labels = np.zeros((4, 8, 8), np.uint8)
+    save_session(tmp_path, AnnotationSession("ct", labels.shape, labels, [1]))
+    meta = json.loads((tmp_path / "session.json").read_text())
+    edit(meta)
+    (tmp_path / "session.json").write_text(json.dumps(meta))
+    with pytest.raises(MedsegInputError):
+        load_session(tmp_path)
+
+
+def test_a_session_whose_points_and_diameters_disagree_is_refused(tmp_path):
+    save_session(tmp_path, AnnotationSession("ct", (4, 8, 8), points=np.zeros((2, 3)),
+                                             diameters=np.full(2, 8.0)))
+    assert len(load_session(tmp_path).points) == 2
+    data = np.load(next(tmp_path.glob("annotations*.npz")))
+    bad = tmp_path / "bad"
+    save_session(bad, AnnotationSession("ct", (4, 8, 8), points=data["points"][:, :2],
+                                        diameters=data["diameters"]))
+    with pytest.raises(MedsegInputError, match="do not fit"):
+        load_session(bad)

@@ -68,6 +68,7 @@ from .models.detector import LesionDetector
 from .resample import map_index
 from .training import (
     IGNORE_INDEX,
+    _check_seed,
     LOSSES,
     _budget as _train_budget,
     _crop_yx,
@@ -194,6 +195,18 @@ def _whole(z: Any) -> int:
     return operator.index(z)
 
 
+def _ranges(zs: Sequence[int], most: int = 6) -> str:
+    """Sorted indices as "3–5, 9", at most ``most`` runs (a typo'd range is thousands)."""
+    runs: list[list[int]] = []
+    for z in zs:
+        if runs and z == runs[-1][1] + 1:
+            runs[-1][1] = z
+        else:
+            runs.append([z, z])
+    text = ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in runs[:most])
+    return text + (f" … ({len(runs) - most} more runs)" if len(runs) > most else "")
+
+
 def _check_slices(volume: Any, slices: Sequence[int], empty_message: str) -> list[int]:
     """Sorted unique slice indices, inside the volume and acquired."""
     try:
@@ -204,10 +217,12 @@ def _check_slices(volume: Any, slices: Sequence[int], empty_message: str) -> lis
         raise MedsegInputError(empty_message)
     bad = [z for z in zs if not 0 <= z < volume.shape[0]]
     if bad:
-        raise MedsegInputError(f"slices {bad} are outside the volume (0–{volume.shape[0] - 1})")
+        raise MedsegInputError(
+            f"slices {_ranges(bad)} are outside the volume (0–{volume.shape[0] - 1})")
     missing = [z for z in zs if volume.missing[z]]
     if missing:
-        raise MedsegInputError(f"slices {missing} were not acquired (missing); they cannot be training data")
+        raise MedsegInputError(f"slices {_ranges(missing)} were not acquired (missing); they "
+                               "cannot be training data")
     return zs
 
 
@@ -384,6 +399,7 @@ def finetune_segmenter(
     _check_number(correction_weight, "correction_weight")
     _check_number(keep_weight, "keep_weight")
     _check_number(lr, "lr", positive=True)
+    seed = _check_seed(seed)
     seq_len, crop = positive_int(seq_len, "seq_len"), positive_int(crop, "crop")
     check_choice(trainable, tuple(TRAINABLE_PARTS), "trainable")
 
@@ -649,6 +665,7 @@ def finetune_detector(
     rehearsal = positive_int(rehearsal, "rehearsal") if rehearsal else 0  # 0 (or False): none
     _check_number(keep_weight, "keep_weight")
     _check_number(lr, "lr", positive=True)
+    seed = _check_seed(seed)
     heatmap = detector_heatmap(card)
     pts, diam, zs = check_points(volume, points, diameters_mm, slices)
     steps, seconds = _budget(steps, seconds, DEFAULT_SECONDS)
@@ -899,7 +916,10 @@ class VersionHistory:
 
     def model(self, number: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
         """A fresh model (eval mode) and card of version ``number`` (default: current)."""
-        v = self.versions[self.current if number is None else int(number)]
+        number = self.current if number is None else int(number)
+        if not 0 <= number < len(self.versions):  # -1 would be the last version
+            raise MedsegInputError(f"no version v{number} (have v0–v{len(self.versions) - 1})")
+        v = self.versions[number]
         model = build_model(v.card)
         model.load_state_dict(v.state, strict=True)
         return model.eval(), dict(v.card)

@@ -161,22 +161,41 @@ def load_session(folder: str | Path) -> AnnotationSession:
         raise MedsegInputError(f"autosave unreadable ({exc})", folder) from exc
     if hashlib.sha256(data).hexdigest() != meta.get("annotations_sha256"):
         raise MedsegInputError("autosave data do not match their record (interrupted save?)", folder)
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    shape = tuple(int(s) for s in meta["shape"])
+    # a record with the right checksum may still be damaged or hand-edited: every way it
+    # can be wrong is an input error (the widget then says "cannot restore"), not a crash
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        shape = tuple(int(s) for s in meta["shape"])
+        lists = {key: [_slice_index(z) for z in meta.get(key, [])]
+                 for key in ("edited", "checked", "excluded")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MedsegInputError(f"autosave record is damaged ({type(exc).__name__}: {exc})",
+                               folder) from exc
     labels = arrays.get("labels")
     if labels is not None and labels.shape != shape:
         raise MedsegInputError(f"autosave labels have shape {labels.shape}, expected {shape}", folder)
+    if shape and any(not 0 <= z < shape[0] for zs in lists.values() for z in zs):
+        raise MedsegInputError(f"autosave lists slices outside the volume's {shape[0]}", folder)
+    points, diameters = arrays.get("points"), arrays.get("diameters")
+    if points is not None and (points.ndim != 2 or points.shape[1] != 3 or diameters is None
+                               or diameters.shape != (len(points),)):
+        raise MedsegInputError("autosave points and diameters do not fit together", folder)
     return AnnotationSession(
         image_name=str(meta.get("image_name", "")), shape=shape, labels=labels,
-        edited=[int(z) for z in meta.get("edited", [])],
-        checked=[int(z) for z in meta.get("checked", [])],
-        excluded=[int(z) for z in meta.get("excluded", [])],
+        edited=lists["edited"], checked=lists["checked"], excluded=lists["excluded"],
         saved_at=str(meta.get("saved_at", "")),
-        points=arrays.get("points"), diameters=arrays.get("diameters"),
+        points=points, diameters=diameters,
         image_fingerprint=str(meta.get("image_fingerprint", "")),
         saved_epoch=saved_epoch(folder, meta),
     )
+
+
+def _slice_index(z: Any) -> int:
+    """A slice number from the record: an integer, not a bool, text or fraction."""
+    if isinstance(z, bool) or not isinstance(z, int):
+        raise ValueError(f"slice {z!r} is not a whole number")
+    return z
 
 
 def discard_session(folder: str | Path) -> None:
