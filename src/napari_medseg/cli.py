@@ -141,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("phantom", help="write a synthetic abdominal CT with ground truth")
+    p = sub.add_parser("phantom", help="write a synthetic abdominal CT with ground truth",
+                       description="Writes image.nii.gz, labels.nii.gz, lesions.csv (z, y, x"
+                       " voxel indices, radius_mm in mm) and slice_classes.csv. The phantom's"
+                       " slices run head to feet; see docs/data.md.")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))

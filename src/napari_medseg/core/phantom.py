@@ -1246,6 +1246,8 @@ def _validate(shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_
         raise MedsegInputError(f"spacing must be three positive numbers in mm, got {spacing!r}")
     if max(spc) > 100.0:
         raise MedsegInputError(f"spacing {spc} is absurd: at most 100 mm per axis")
+    if min(spc) < 0.01:  # the blur kernels grow as 1 / spacing: 1e-9 mm took 24 GB
+        raise MedsegInputError(f"spacing {spc} is too fine: at least 0.01 mm per axis")
     if not _is_int(seed) or seed < 0:
         raise MedsegInputError(f"seed must be a non-negative integer, got {seed!r}")
     if n_lesions is not None and (not _is_int(n_lesions) or not 0 <= n_lesions <= MAX_LESIONS):
