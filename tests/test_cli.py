@@ -122,3 +122,13 @@ def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypat
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+
+
+def test_phantom_errors_speak_of_the_commands_options(tmp_path, capsys):
+    assert main(["phantom", str(tmp_path / "p"), "--lesions", "-3"]) == 2
+    assert "--lesions must be an integer in [0, " in capsys.readouterr().err
+    assert main(["phantom", str(tmp_path / "p"), "--shape", "1", "64", "64", "--spacing", "2.5",
+                 "1", "1", "--lesions", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer --lesions" in err and "lesion_radius_mm" not in err
+    assert not (tmp_path / "p").exists()

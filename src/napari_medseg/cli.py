@@ -53,9 +53,15 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         raise MedsegInputError(
             f"already holds {', '.join(existing)}; pass --overwrite to replace them", out
         )
-    phantom = generate_phantom(
-        tuple(args.shape), tuple(args.spacing), args.seed, n_lesions=args.lesions
-    )
+    try:
+        phantom = generate_phantom(
+            tuple(args.shape), tuple(args.spacing), args.seed, n_lesions=args.lesions
+        )
+    except MedsegInputError as exc:  # say it in this command's options, not the API's
+        reason = (exc.reason.replace("smaller lesion_radius_mm or fewer lesions", "fewer --lesions")
+                  .replace("n_lesions must be None or an integer", "--lesions must be an integer")
+                  .replace("n_lesions", "--lesions"))
+        raise MedsegInputError(reason, exc.path) from exc
     out.mkdir(parents=True, exist_ok=True)
     volume = phantom.volume
     lesion_rows = [(*(round(float(c), 2) for c in lesion.center_zyx), round(lesion.radius_mm, 2))
