@@ -194,15 +194,19 @@ def detection_layer_data(
 
 
 ADDED_LABEL = "added"
+MOVED_LABEL = "moved"
 
 
 def mark_added_points(layer: Any, event: Any) -> bool:
-    """After napari adds points to a detection layer: give them no score, no diameter and
-    the "added" label. napari fills new rows from ``feature_defaults``, which it sets to
-    the features of the last point selected, so without this a point the user adds would
-    pose as that detection (and hide below the score threshold). Returns whether any
+    """After napari adds or moves points of a detection layer: they are the user's now.
+    An added point gets no score, no diameter and the "added" label: napari fills new rows
+    from ``feature_defaults``, which it sets to the features of the last point selected,
+    so without this it would pose as that detection (and hide below the score threshold).
+    A moved detection keeps its diameter and loses its score ("moved"): the user placed
+    it, so no threshold may hide it from the view or from retraining. Returns whether any
     point was marked."""
-    if str(getattr(event, "action", "")) != "added" or "score" not in layer.features:
+    action = str(getattr(event, "action", ""))
+    if action not in ("added", "changed") or "score" not in layer.features:
         return False
     n = len(layer.data)
     rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
@@ -210,12 +214,12 @@ def mark_added_points(layer: Any, event: Any) -> bool:
         return False
     features = layer.features
     features.loc[rows, "score"] = np.nan
-    if "diameter_mm" in features:
+    if "diameter_mm" in features and action == "added":
         features.loc[rows, "diameter_mm"] = np.nan
     if "label" in features:
         if isinstance(features["label"].dtype, pd.CategoricalDtype):
             features["label"] = features["label"].astype(object)
-        features.loc[rows, "label"] = ADDED_LABEL
+        features.loc[rows, "label"] = ADDED_LABEL if action == "added" else MOVED_LABEL
     layer.features = features
     shown = np.asarray(layer.shown, dtype=bool).copy()
     shown[rows] = True

@@ -143,7 +143,7 @@ def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_mode
     assert points.text.values[-1] == "added"
     widget._threshold.value = 1.0
     assert points.shown[-1] and points.shown.sum() == (scores >= 1.0).sum() + 1
-    assert "1 added by you" in widget._status.value
+    assert "1 added or moved by you" in widget._status.value
     assert all(i != len(scores) for _, i in widget._goto_items)
 
 
@@ -305,7 +305,7 @@ def test_detect_list_follows_deletions_and_added_points_are_never_a_detection(
     added = points.features.iloc[-1]
     assert np.isnan(added["score"]) and np.isnan(added["diameter_mm"]) and added["label"] == "added"
     widget._threshold.value = 1.0
-    assert points.shown[-1] and "1 added by you" in widget._status.value
+    assert points.shown[-1] and "1 added or moved by you" in widget._status.value
 
 
 def test_a_failed_job_says_so_in_the_status_line(make_napari_viewer, qtbot, random_models,
@@ -465,3 +465,33 @@ def test_closing_the_viewer_mid_run_raises_nothing(make_napari_viewer, qtbot, ra
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     qtbot.wait(50)
     assert not _messages_since(start, "error")
+
+
+def test_moved_detections_and_points_on_an_earlier_layer_are_the_users(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    viewer, image, widget, first = _detect(make_napari_viewer, qtbot, random_models, small_phantom)
+    _run_and_wait(widget, qtbot)  # a second run: the first layer is no longer the widget's
+    second = viewer.layers[-1]
+    assert second is not first and len(first.data) >= 1
+    first.selected_data = {0}
+    first.mode = "add"
+    first.add([2.0, 10.0, 10.0])  # it copied detection 0's score and size
+    assert np.isnan(first.features["score"].iloc[-1]) and first.features["label"].iloc[-1] == "added"
+    size = float(second.features["diameter_mm"].iloc[0])
+    second.selected_data = {0}
+    second._move([0], np.asarray(second.data[0]) + [0.0, 3.0, 3.0])  # the user drags it
+    moved = second.features.iloc[0]
+    assert np.isnan(moved["score"]) and moved["label"] == "moved"
+    assert moved["diameter_mm"] == size  # its size still fits
+    widget._threshold.value = 1.0
+    assert second.shown[0]  # no threshold hides what the user placed
+
+
+def test_go_to_lesion_centres_a_3d_view_on_it(make_napari_viewer, qtbot, random_models,
+                                              small_phantom):
+    viewer, image, widget, points = _detect(make_napari_viewer, qtbot, random_models, small_phantom)
+    widget._threshold.value = widget._threshold.min
+    viewer.dims.ndisplay = 3
+    index = widget._goto_items[0][1]
+    widget._go_to_lesion(index)
+    np.testing.assert_allclose(viewer.camera.center, points.data_to_world(points.data[index]))

@@ -60,6 +60,10 @@ class DetectWidget(ModelRunWidget):
         if self._points is not None:
             self._points.events.data.disconnect(self._on_points_data)
         self._points = self._viewer.add_points(data, **kwargs)
+        # for good, not only while it is the latest run's layer: a point added to or moved
+        # on an earlier layer is the user's too
+        self._points.events.data.connect(lambda event, layer=self._points:
+                                         mark_added_points(layer, event))
         self._points.events.data.connect(self._on_points_data)
         with self._threshold.changed.blocked():
             self._threshold.value = threshold
@@ -93,9 +97,9 @@ class DetectWidget(ModelRunWidget):
             self._goto.reset_choices()
         self._goto.enabled = bool(choices)
         found = shown & ~added
+        mine = f"; {int(added.sum())} added or moved by you" if added.any() else ""
         self._status.value = (f"{int(found.sum())} of {int((~added).sum())} detections at score ≥ "
-                              f"{self._threshold.value:.2f}" + (f"; {int(added.sum())} added by you"
-                                                                 if added.any() else ""))
+                              f"{self._threshold.value:.2f}{mine}")
 
     def _go_to_lesion(self, index) -> None:
         points = self._points
@@ -104,4 +108,6 @@ class DetectWidget(ModelRunWidget):
         world = points.data_to_world(points.data[index])
         if points.ndim == 3:  # z is the third axis from the end (a 4D layer may be open)
             self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world[0])
-        self._viewer.camera.center = tuple(world[-2:])
+        # a 3D view needs z too: napari puts 0 before a two-value centre
+        shown = 3 if self._viewer.dims.ndisplay == 3 and points.ndim == 3 else 2
+        self._viewer.camera.center = tuple(world[-shown:])
