@@ -749,3 +749,22 @@ def test_when_the_largest_series_cannot_be_stacked_the_next_opens_with_a_warning
                for w in warnings)
     assert any(w.startswith("a series of 4 slices could not be opened (slices in one series "
                             "have different orientations") for w in warnings)
+
+
+def test_a_12_bit_jpeg_pillow_cannot_read_names_the_decoder_to_install():
+    path = TEST_FILES / "JPGExtended.dcm"
+    try:
+        read_dicom(path)
+    except MedsegInputError as exc:
+        assert_clean_error(exc, path)
+        # it said "could not be decoded (Unable to decode … Pillow does not support 'JPEG Ex…"
+        assert "compressed (JPEG Extended" in str(exc) and "pip install" in str(exc)
+    else:
+        pytest.skip("a decoder for 12-bit JPEG is installed here")
+
+
+def test_a_siemens_mosaic_is_said_to_be_one():
+    import nibabel.testing
+
+    vol = read_dicom(Path(nibabel.testing.data_path) / "0.dcm")
+    assert any(w.startswith("Siemens mosaic") for w in vol.metadata["warnings"])

@@ -84,6 +84,13 @@ class _Source:
         try:
             raw = np.asarray(ds.pixel_array)
         except Exception as exc:
+            meta = getattr(ds, "file_meta", None)
+            syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+            if syntax is not None and syntax.is_compressed and "does not support" in str(exc):
+                # a decoder is installed (Pillow) but not for this flavour (12-bit JPEG)
+                raise MedsegInputError(
+                    f"pixel data is compressed ({syntax.name}) and no installed decoder reads "
+                    f"this kind; {_install_hint(syntax.name)}", self.path) from exc
             raise MedsegInputError(
                 f"pixel data could not be decoded ({short_reason(exc, path=self.path)})", self.path
             ) from exc
@@ -484,6 +491,10 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
             "coordinates are measured along the slice axes"
         )
 
+    image_type = [str(v).upper() for v in (first.source.header.get("ImageType") or [])]
+    if "MOSAIC" in image_type:
+        warns.append("Siemens mosaic: its slices are tiled in one image and are not unpacked;"
+                     " the geometry is not that of the tiles")
     array = _load_pixels(frames, out_z, nz, warns)
     undecoded = ~np.isfinite(array).reshape(nz, -1).any(axis=1) & ~missing
     missing |= undecoded  # slices of a file that could not be decoded
