@@ -494,4 +494,6 @@ def test_go_to_lesion_centres_a_3d_view_on_it(make_napari_viewer, qtbot, random_
     viewer.dims.ndisplay = 3
     index = widget._goto_items[0][1]
     widget._go_to_lesion(index)
-    np.testing.assert_allclose(viewer.camera.center, points.data_to_world(points.data[index]))
+    from napari_medseg._widgets.detect import _camera
+
+    np.testing.assert_allclose(_camera(viewer).center, points.data_to_world(points.data[index]))

@@ -110,4 +110,12 @@ class DetectWidget(ModelRunWidget):
             self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world[0])
         # a 3D view needs z too: napari puts 0 before a two-value centre
         shown = 3 if self._viewer.dims.ndisplay == 3 and points.ndim == 3 else 2
-        self._viewer.camera.center = tuple(world[-shown:])
+        camera = _camera(self._viewer)
+        camera.center = tuple(world[-shown:])
+
+
+def _camera(viewer):
+    """The viewer's camera: ``viewer.scene.camera`` since napari 0.9 (``viewer.camera``,
+    deprecated there, before it)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
