@@ -8,6 +8,7 @@ result sits exactly on the image it came from.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -238,6 +239,14 @@ def world_matrix(layer: Any) -> np.ndarray:
     return np.asarray(layer.affine.compose(parts).affine_matrix, dtype=float)
 
 
+def voxel_spacing(layer: Any) -> tuple[float, ...]:
+    """Each data axis's step in the world (mm), from the layer's whole transform: what the
+    models take as the voxel size (a reader may put the spacing into ``affine``)."""
+    world = world_matrix(layer)
+    ndim = world.shape[0] - 1
+    return tuple(float(v) for v in np.linalg.norm(world[:ndim, :ndim], axis=0))
+
+
 def check_image_layer(layer: Any) -> None:
     """MedsegInputError unless ``layer`` is a single-scale grayscale 2D or 3D Image layer
     (checks only what is known without reading the data)."""
@@ -281,21 +290,20 @@ def volume_from_layer(layer: Any, defer_lazy: bool = False) -> Any:
     check_image_layer(layer)
     world = world_matrix(layer)
     ndim = world.shape[0] - 1
-    spacing = tuple(float(v) for v in np.linalg.norm(world[:ndim, :ndim], axis=0))
+    spacing = voxel_spacing(layer)
     origin = tuple(float(v) for v in world[:ndim, ndim])
     if ndim == 2:
         spacing, origin = (1.0, *spacing), (0.0, *origin)
-    medseg = dict(layer.metadata.get("medseg", {}))
-    name, data = layer.name, layer.data
-    if defer_lazy and not isinstance(data, np.ndarray):
-        return lambda: _volume_from_data(np.array(data, copy=True), name, spacing, origin, medseg)
-    return _volume_from_data(np.array(data, copy=True), name, spacing, origin, medseg)
+    read = functools.partial(_volume_from_data, layer.data, layer.name, spacing, origin,
+                             dict(layer.metadata.get("medseg", {})))
+    return read if defer_lazy and not isinstance(layer.data, np.ndarray) else read()
 
 
-def _volume_from_data(data: np.ndarray, name: str, scale: tuple, translate: tuple,
+def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
                       medseg: dict) -> Volume:
     from .core.errors import MedsegInputError
 
+    data = np.array(source, copy=True)  # a private copy (a lazy array is read here)
     if not np.isfinite(data).any():
         raise MedsegInputError(f"'{name}' has no finite values (all NaN)")
     missing = medseg.get("missing_slices", [])

@@ -77,6 +77,12 @@ def _same_geometry(a: tuple, b: tuple) -> bool:
     return same_data and all(x.shape == y.shape and np.allclose(x, y) for x, y in zip(a[2:], b[2:]))
 
 
+def set_status(label, text: str) -> None:
+    """``label.value = text`` unless the viewer holding it was closed meanwhile."""
+    if not widget_closed(label):
+        label.value = text
+
+
 def widget_closed(widget) -> bool:
     """Whether the viewer holding ``widget`` (a magicgui widget) was closed: its Qt object
     is deleted, and a late result or progress report has nowhere to go."""
@@ -185,7 +191,7 @@ class ModelRunWidget(Container):
             description=f"{self.task} '{layer.name}'",
             on_result=lambda out, seen=_geometry(layer): self._on_result(out, layer, seen),
             on_finished=lambda: self._set_running(False),
-            on_error=lambda message: self._show_status(f"{self.task} failed: {message}"),
+            on_error=lambda message: set_status(self._status, f"{self.task} failed: {message}"),
         )
 
     def _job(self, volume, card_path, options):
@@ -195,12 +201,6 @@ class ModelRunWidget(Container):
         model, card = load_model(card_path) if self.needs_model(options) else (None, {})
         result = yield from self.core_job(volume, model, card, options)
         return result, card, options, volume
-
-    def _show_status(self, text: str) -> None:
-        try:
-            self._status.value = text
-        except RuntimeError:  # the viewer (and so this widget) was closed meanwhile
-            pass
 
     def _on_result(self, out, layer, seen=None) -> None:
         if widget_closed(self._status):  # nowhere to show it

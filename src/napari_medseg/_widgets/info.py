@@ -6,7 +6,7 @@ import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, TextEdit
 
-from .._layers import world_matrix
+from .._layers import voxel_spacing, world_matrix
 from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import follow_layer_names
 
@@ -21,8 +21,7 @@ def describe_layer(layer) -> str:
     if layer.rgb:
         axes += ", colour"
     world = world_matrix(layer)
-    # what the models use: each data axis's step in the world, from the whole transform
-    spacing = np.linalg.norm(world[:ndim, :ndim], axis=0)
+    spacing = voxel_spacing(layer)  # what the models use
     lines = [
         f"Layer: {layer.name}",
         f"Shape ({axes}): {tuple(layer.data.shape)}",

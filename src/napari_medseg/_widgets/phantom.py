@@ -17,6 +17,7 @@ from magicgui.widgets import (
 from .. import _jobs
 from .._sample_data import phantom_layer_data
 from ..core.phantom import generate_phantom
+from ._model_widget import set_status
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,7 @@ class PhantomWidget(Container):
         )
 
     def _on_failed(self, message: str) -> None:
-        try:
-            self._status.value = f"Failed: {message}"
-        except RuntimeError:  # the viewer (and so this widget) was closed meanwhile
-            pass
+        set_status(self._status, f"Failed: {message}")
 
     def _set_running(self, running: bool) -> None:
         if not running:

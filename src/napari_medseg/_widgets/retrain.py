@@ -86,6 +86,7 @@ from ._model_widget import (
     follow_layer_names,
     model_choices,
     provenance,
+    set_status,
     widget_closed,
 )
 from .detect import KEEP_SCORE
@@ -557,7 +558,7 @@ class _RetrainBase(Container):
             job, *args, description=description, on_result=self._unless_closed(on_result),
             on_finished=lambda: self._set_running(False),
             on_progress=self._unless_closed(self._on_progress),
-            on_error=lambda message: self._show_status(f"{description} failed: {message}"))
+            on_error=lambda message: set_status(self._status, f"{description} failed: {message}"))
 
     def _unless_closed(self, callback):
         """``callback``, skipped once the viewer holding this widget is closed (its Qt
@@ -633,7 +634,7 @@ class _RetrainBase(Container):
         if seen is not None and not all(_same_geometry(a, b) for a, b in zip(seen, now)):
             show_warning("Retrain: the image or labels layer changed meanwhile (new data, shape "
                          "or position); the prediction was not written: re-predict")
-            self._show_status("A layer changed meanwhile; prediction not written")
+            set_status(self._status, "A layer changed meanwhile; prediction not written")
             return
         if self.writes_into_layer and getattr(layer, "_block_history", False):
             # the user is mid-stroke (napari stages a drag as one undo step): writing now
@@ -664,12 +665,6 @@ class _RetrainBase(Container):
             self._cancel.enabled = running
         if not running:
             self._worker = None
-
-    def _show_status(self, text: str) -> None:
-        try:
-            self._status.value = text
-        except RuntimeError:  # the viewer (and so this widget) was closed meanwhile
-            pass
 
     # -- autosave ----------------------------------------------------------------------
     def _key_folder(self, image: Any = None) -> Path | None:
