@@ -299,6 +299,32 @@ def volume_from_layer(layer: Any, defer_lazy: bool = False) -> Any:
     return read if defer_lazy and not isinstance(layer.data, np.ndarray) else read()
 
 
+def read_deferred(volume: Any):
+    """Generator returning the Volume; a deferred one (``volume_from_layer(...,
+    defer_lazy=True)`` on a lazy layer) is read here, in the worker that runs it."""
+    if callable(volume):
+        from .core.progress import Progress
+
+        yield Progress(0, 0, "reading the image")
+        volume = volume()
+    return volume
+
+
+def volume_outline(layer: Any) -> Any:
+    """What the slice checks need of a lazy image before it is read: its (z, y, x) shape
+    and the missing slices its reader recorded (slices with no finite voxel are found
+    when the data is read, and the core checks again then)."""
+    from types import SimpleNamespace
+
+    shape = tuple(layer.data.shape)
+    shape = (1, *shape) if len(shape) == 2 else shape
+    missing = np.zeros(shape[0], dtype=bool)
+    recorded = [z for z in layer.metadata.get("medseg", {}).get("missing_slices", [])
+                if 0 <= z < shape[0]]
+    missing[recorded] = True
+    return SimpleNamespace(shape=shape, missing=missing)
+
+
 def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
                       medseg: dict) -> Volume:
     from .core.errors import MedsegInputError

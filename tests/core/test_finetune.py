@@ -543,3 +543,28 @@ def test_a_session_whose_points_and_diameters_disagree_is_refused(tmp_path):
                                         diameters=data["diameters"]))
     with pytest.raises(MedsegInputError, match="do not fit"):
         load_session(bad)
+
+
+def test_a_round_draws_from_its_own_seeded_state_whatever_runs_between_its_steps(phantom):
+    """Dropout draws from torch's global generator. A round held its seed there across
+    every yield: another job's draws between its steps changed what it learnt, and the
+    user's own draws were rewound when it ended."""
+    torch.manual_seed(0)
+    model = RecurrentSegmenter(n_classes=len(LABEL_NAMES), widths=(8, 16, 16), dropout=0.5).eval()
+    truth = phantom.labels
+    torch.manual_seed(1)
+    alone = _finetune(model, phantom, truth, [2, 5], steps=4).model.state_dict()
+    torch.manual_seed(2)  # another global state: the round must not depend on it
+    job = finetune_segmenter(phantom.volume, model, CARD, truth, [2, 5], steps=4,
+                             holdout=False, threads=1)
+    draws = []
+    try:
+        while True:
+            next(job)
+            draws.append(torch.rand(1).item())  # another job's (or the user's) draws
+    except StopIteration as stop:
+        busy = stop.value.model.state_dict()
+    for key in alone:
+        torch.testing.assert_close(busy[key], alone[key], rtol=0, atol=0, msg=key)
+    torch.manual_seed(2)
+    assert draws == [torch.rand(1).item() for _ in draws]  # theirs, not the round's

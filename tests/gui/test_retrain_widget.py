@@ -510,3 +510,41 @@ def test_a_multiscale_labels_layer_is_refused_as_such(scene):
     assert widget._worker is None
     errors = _errors_since(start)
     assert any("'pyramid' is multiscale" in m for m in errors), errors
+
+
+def test_a_lazy_image_is_read_in_the_worker_and_checked_before_it(make_napari_viewer, qtbot,
+                                                                  random_models, small_phantom):
+    import threading
+
+    import dask.array as da
+
+    readers = []
+
+    def read(block):
+        readers.append(threading.current_thread() is threading.main_thread())
+        return block
+
+    lazy = da.from_array(small_phantom.volume.array, chunks=(2, -1, -1)).map_blocks(read)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(lazy, name="lazy", scale=small_phantom.volume.spacing)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    widget._fingerprint(image)  # the autosave's sample of the image, read once per array
+    # checked before any read: a slice painted with background only is refused at once
+    readers.clear()
+    start = len(notification_manager.records)
+    labels.data[0] = 0
+    widget._edited = {0}
+    widget._run.clicked.emit()
+    assert widget._worker is None and not readers
+    assert any("only background" in m for m in _errors_since(start)), _errors_since(start)
+    _paint_slice(labels, 2, small_phantom.labels)
+    _paint_slice(labels, 5, small_phantom.labels)
+    before = np.array(labels.data, copy=True)
+    readers.clear()
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    assert readers and not any(readers)  # every chunk was read by the worker
+    assert len(widget._history.versions) == 2
+    np.testing.assert_array_equal(labels.data[[2, 5]], before[[2, 5]])
+    assert not np.array_equal(np.delete(labels.data, [2, 5], 0), np.delete(before, [2, 5], 0))

@@ -18,7 +18,7 @@ from magicgui.widgets import ComboBox, Container, Label, PushButton
 from napari.utils.notifications import show_warning
 
 from .. import _jobs
-from .._layers import volume_from_layer, world_matrix
+from .._layers import read_deferred, volume_from_layer, world_matrix
 from ..core.errors import MedsegInputError
 from ..core.progress import Progress
 from ..core.models.registry import BUNDLED_DIR, list_models, load_model
@@ -195,9 +195,7 @@ class ModelRunWidget(Container):
         )
 
     def _job(self, volume, card_path, options):
-        if callable(volume):  # a lazy layer's data, read here rather than in the GUI
-            yield Progress(0, 0, "reading the image")
-            volume = volume()
+        volume = yield from read_deferred(volume)  # a lazy layer is read here
         model, card = load_model(card_path) if self.needs_model(options) else (None, {})
         result = yield from self.core_job(volume, model, card, options)
         return result, card, options, volume

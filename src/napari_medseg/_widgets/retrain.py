@@ -51,7 +51,9 @@ from .._layers import (
     check_image_layer,
     detection_layer_data,
     mark_added_points,
+    read_deferred,
     volume_from_layer,
+    volume_outline,
     world_matrix,
 )
 from ..core.errors import MedsegInputError
@@ -472,10 +474,13 @@ class _RetrainBase(Container):
         GUI thread so bad input gets its message before any worker starts; the model is
         loaded in the worker (reading and hashing weights would stall the GUI)."""
         image, layer = self._image.value, self._layer_pick.value
-        volume = volume_from_layer(image)
+        # a lazy (dask, zarr) image is read in the worker (its store's latency would freeze
+        # the GUI); the checks here then see its outline, and the core checks again on the data
+        volume = volume_from_layer(image, defer_lazy=True)
         if layer is None:
             raise MedsegInputError(f"no {self.layer_kind} layer picked")
-        annotation = self._snapshot(layer, image, volume, need_annotations)
+        annotation = self._snapshot(layer, image, volume_outline(image) if callable(volume)
+                                    else volume, need_annotations)
         path = self._model.value
         if path is None:
             raise MedsegInputError(f"no {self.architecture} model found; reinstall the bundled weights")
@@ -498,7 +503,7 @@ class _RetrainBase(Container):
             self._retrain_job, volume, annotation, slices, source, float(self._seconds.value),
             version, names, description=f"Retrain v{version} on {len(slices)} slices",
             on_result=lambda out, seen=self._placement(image, layer): self._on_retrained(
-                out, image, layer, volume, source, seen),
+                out, image, layer, source, seen),
         )
 
     def _on_predict(self) -> None:
@@ -510,7 +515,7 @@ class _RetrainBase(Container):
         number = 0 if self._history is None else self._history.current
         self._start(self._predict_job, volume, source, description=f"{self.task.capitalize()} with v{number}",
                     on_result=lambda out, seen=self._placement(image, layer): self._on_predicted(
-                        out, image, layer, volume, source, seen))
+                        out, image, layer, source, seen))
 
     @staticmethod
     def _layer_class_names(layer) -> dict[int, str]:
@@ -529,16 +534,18 @@ class _RetrainBase(Container):
         return load_model(source)
 
     def _retrain_job(self, volume, annotation, slices, source, seconds, version, names):
+        volume = yield from read_deferred(volume)
         model, card = self._model_from(source)
         result = yield from self._finetune(volume, model, card, annotation, slices, seconds,
                                            version, names)
         prediction = yield from self._predict_volume(volume, result.model, result.card)
-        return result, prediction, (model, card)
+        return result, prediction, (model, card), volume
 
     def _predict_job(self, volume, source):
+        volume = yield from read_deferred(volume)
         model, card = self._model_from(source)
         prediction = yield from self._predict_volume(volume, model, card)
-        return prediction, (model, card)
+        return prediction, (model, card), volume
 
     def _adopt(self, source, base) -> bool:
         """Start the history from the model a first round loaded; False if stale."""
@@ -574,8 +581,8 @@ class _RetrainBase(Container):
         if report.message and self._worker is not None and not self._result_shown:
             self._status.value = report.message  # a late report must not hide the result
 
-    def _on_retrained(self, out, image, layer, volume, source, seen=None) -> None:
-        result, prediction, base = out
+    def _on_retrained(self, out, image, layer, source, seen=None) -> None:
+        result, prediction, base, volume = out
         if not self._adopt(source, base):  # the model was switched meanwhile
             kept = self._keep_for_its_model(source, base, result)
             show_warning("Retrain: the model was changed during the round; "
@@ -608,8 +615,8 @@ class _RetrainBase(Container):
             history = self._kept_histories.setdefault(source, VersionHistory.start(*base))
         return history.add(result)
 
-    def _on_predicted(self, out, image, layer, volume, source, seen=None) -> None:
-        prediction, base = out
+    def _on_predicted(self, out, image, layer, source, seen=None) -> None:
+        prediction, base, volume = out
         if not self._adopt(source, base):
             show_warning("Retrain: the model was changed meanwhile; prediction discarded")
             return
@@ -851,6 +858,7 @@ class RetrainWidget(_RetrainBase):
     def _suggest_job(self, volume, source):
         from ..core.explain import segmentation_uncertainty
 
+        volume = yield from read_deferred(volume)
         model, card = self._model_from(source)
         result = yield from segmentation_uncertainty(volume, model, card, samples=6)
         return result, (model, card)

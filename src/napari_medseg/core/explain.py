@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -40,10 +39,7 @@ from .inference import (
 from .models.classifier import SliceClassifier
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
-
-# guards torch's global random generator while a job's own state is swapped into it
-_RNG_LOCK = threading.Lock()
-
+from .rng import PrivateRNG
 
 #: class-activation map methods of :func:`gradcam_volume`
 CAM_METHODS = ("gradcam", "hirescam")
@@ -169,8 +165,7 @@ def randomised_copy(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     model-randomisation check (Adebayo et al. 2018) compares an explanation with the same
     explanation of this copy; one that does not change explains the image, not the model."""
     rnd = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with PrivateRNG(seed).active():
         for module in rnd.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -214,28 +209,17 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
     sampler = copy.deepcopy(model).eval()
     _dropout_on(sampler)
     # dropout draws from torch's global generator: this job's seeded state is swapped in
-    # around each chunk only, never held across a yield, where other code (another job,
-    # the user's own torch calls) would draw from it or have its draws rewound
-    with _RNG_LOCK:
-        saved = torch.get_rng_state()
-        torch.manual_seed(int(seed))
-        state = torch.get_rng_state()
-        torch.set_rng_state(saved)
+    # around each chunk only (core.rng)
+    torch_rng = PrivateRNG(seed)
     total = samples * RecurrentSegmenter.n_steps(nz, chunk)
     step = 0
     with ThreadGovernor(threads) as governor:
         yield Progress(0, total, "uncertainty")
         for s in range(samples):
-            chunks = sampler.iter_chunks(slices, chunk)
+            chunks = torch_rng.run(sampler.iter_chunks(slices, chunk))
             while True:
-                with torch.no_grad(), _RNG_LOCK:
-                    saved = torch.get_rng_state()
-                    torch.set_rng_state(state)
-                    try:
-                        item = next(chunks, None)
-                        state = torch.get_rng_state()
-                    finally:
-                        torch.set_rng_state(saved)
+                with torch.no_grad():
+                    item = next(chunks, None)
                 if item is None:
                     break
                 if item.logits is not None:

@@ -36,7 +36,6 @@ phantom stream.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -61,6 +60,7 @@ from .inference import (
 )
 from .models.registry import build_model, save_model, user_models_dir
 from .models.segmenter import RecurrentSegmenter
+from .rng import PrivateRNG
 from .progress import Job, Progress
 from .resample import resample_yx
 from .models.classifier import check_choice
@@ -141,17 +141,6 @@ class FinetuneResult:
 
 def _round(x: float | None, nd: int = 4) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), nd)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Seed torch's global generator for the block and restore it after. Not
-    ``training.deterministic``: ``torch.use_deterministic_algorithms`` imports
-    torch._dynamo (1.4 s of Python holding the GIL: the GUI froze for 2 s at the start of
-    every first round). CPU convolutions with a fixed thread count are deterministic."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        yield
 
 
 # ======================================================================================
@@ -415,7 +404,12 @@ def finetune_segmenter(
     sy, sx = volume.spacing[1:]
     rng = np.random.default_rng([int(seed), int(version), 6])
 
-    with ThreadGovernor(threads), _seeded(seed):
+    # seeded draws (dropout, a grown head's init) come from the job's own state, which
+    # is swapped in only while its code runs (core.rng); not training.deterministic:
+    # torch.use_deterministic_algorithms imports torch._dynamo (1.4 s holding the GIL:
+    # the GUI froze for 2 s at the start of every first round)
+    torch_rng = PrivateRNG(seed)
+    with ThreadGovernor(threads):
         yield Progress(0, 1, "preparing the annotated slices")
         grid_slices = ModelGridSlices(volume, card)
         h, w = grid_slices.grid
@@ -425,7 +419,8 @@ def finetune_segmenter(
                                  order=0, out_shape_yx=(h, w))
         work = copy.deepcopy(model)
         if n_classes > model.n_classes:
-            work = work.with_classes(n_classes)
+            with torch_rng.active():
+                work = work.with_classes(n_classes)
         work.eval()
         teacher = copy.deepcopy(work).eval() if keep_weight > 0 else None
         _freeze_except(work, trainable, grows=n_classes > model.n_classes)
@@ -523,9 +518,9 @@ def finetune_segmenter(
             s, t = budget(share, i == 0)
             if s == 0:  # a one-step budget: the held-out phase takes it
                 continue
-            stats = yield from _train_loop(
+            stats = yield from torch_rng.run(_train_loop(
                 work, make_batch(train_zs), loss_fn, s, t, phase_lr, "retrain",
-                report_every=1, freeze_batchnorm=True, plain_optimizer=True)
+                report_every=1, freeze_batchnorm=True, plain_optimizer=True))
             curve += stats["loss_curve"]
             total_steps += stats["steps"]
             if i == 0 and held is not None:
@@ -672,7 +667,8 @@ def finetune_detector(
     nz, ny, nx = volume.shape
     rng = np.random.default_rng([int(seed), int(version), 7])
     context = model.in_slices // 2
-    with ThreadGovernor(threads), _seeded(seed):
+    torch_rng = PrivateRNG(seed)  # as in finetune_segmenter
+    with ThreadGovernor(threads):
         yield Progress(0, 1, "preparing the reviewed slices")
         grid_slices = ModelGridSlices(volume, card, context)
         h, w = grid_slices.grid
@@ -739,9 +735,9 @@ def finetune_detector(
             return loss
 
         t0 = time.perf_counter()
-        stats = yield from _train_loop(work, batch, loss_fn,
-                                       steps, seconds, lr, "retrain detector", report_every=1,
-                                       freeze_batchnorm=True, plain_optimizer=True)
+        stats = yield from torch_rng.run(_train_loop(
+            work, batch, loss_fn, steps, seconds, lr, "retrain detector", report_every=1,
+            freeze_batchnorm=True, plain_optimizer=True))
         work.eval()
         elapsed = time.perf_counter() - t0
     report = FinetuneReport(
