@@ -548,3 +548,53 @@ def test_a_lazy_image_is_read_in_the_worker_and_checked_before_it(make_napari_vi
     assert len(widget._history.versions) == 2
     np.testing.assert_array_equal(labels.data[[2, 5]], before[[2, 5]])
     assert not np.array_equal(np.delete(labels.data, [2, 5], 0), np.delete(before, [2, 5], 0))
+
+
+def test_a_stroke_pushed_out_of_the_undo_history_stays_listed_whatever_is_undone(scene, qtbot):
+    """napari keeps 100 undo steps. An undo unlisted a slice whose first stroke had been
+    pushed out of them though its paint stayed, and a re-predict then overwrote it."""
+    viewer, image, labels, widget, phantom = scene
+    labels.brush_size = 3
+    labels.paint((3, 40, 40), 7)  # the user's correction on slice 3
+    kept = labels.data[3] == 7
+    for i in range(110):  # more strokes elsewhere than napari keeps undo steps for
+        labels.paint((5 + i % 2, 10 + i % 50, 10 + 30 * (i // 50)), 4 + i % 2)
+    assert len(labels._undo_history) == labels._undo_history.maxlen
+    labels.paint((3, 70, 70), 6)
+    labels.undo()  # only the second stroke on slice 3
+    assert 3 in widget.annotated_slices()
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert (labels.data[3][kept] == 7).all()
+
+
+def test_strokes_made_while_another_layer_is_picked_are_listed_when_it_is_picked_back(
+        scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    other = viewer.add_labels(np.zeros_like(labels.data), name="other", scale=image.scale,
+                              translate=image.translate)
+    widget._labels_pick.value = other
+    labels.brush_size = 4
+    labels.paint((5, 40, 40), 7)  # napari's selected layer is not the widget's pick
+    widget._labels_pick.value = labels
+    assert widget.annotated_slices() == [2, 5]
+    painted = labels.data[5] == 7
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert (labels.data[5][painted] == 7).all()
+    # the widget's own write, undone and redone, is still not the user's
+    labels.undo()
+    labels.redo()
+    assert widget.annotated_slices() == [2, 5]
+
+
+def test_a_round_whose_layer_was_removed_still_says_what_it_made(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    widget._run.clicked.emit()
+    qtbot.wait(300)
+    viewer.layers.remove(labels)
+    _wait(widget, qtbot)
+    assert widget._status.value.startswith("v1: ")
+    assert "prediction not written" in widget._status.value

@@ -147,6 +147,8 @@ class _RetrainBase(Container):
         self._tracked = None  # the annotation layer whose edit events we follow
         # keyed by the layers themselves (they hash by identity), dropped with them
         self._layer_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _connect
+        self._left_atoms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # _disconnect
+        self._away_slices: set[int] = set()
         self._session_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> name
         self._session_folder_count = 0
         self._writing = False  # our own writes are not user annotations
@@ -302,6 +304,10 @@ class _RetrainBase(Container):
             if layer is not None:
                 self._connect(layer)
         self._switch_pair()
+        if self._away_slices:  # painted while another layer was picked: the pair's now
+            zs, self._away_slices = self._away_slices, set()
+            self._stroke_slices |= zs - self._edited
+            self._add_edited(zs)
 
     def _switch_pair(self) -> None:
         """Keep the slice lists with the (image, layer) pair they were made on: a slice
@@ -636,12 +642,17 @@ class _RetrainBase(Container):
                                                     and layer not in self._viewer.layers)
         if gone:
             show_warning("Retrain: a layer was removed meanwhile; the prediction was not written")
+            set_status(self._status, (f"{prefix}\n" if prefix else "")
+                       + "A layer was removed meanwhile; prediction not written")
+            self._result_shown = True
             return
         now = self._placement(image, layer)
         if seen is not None and not all(_same_geometry(a, b) for a, b in zip(seen, now)):
             show_warning("Retrain: the image or labels layer changed meanwhile (new data, shape "
                          "or position); the prediction was not written: re-predict")
-            set_status(self._status, "A layer changed meanwhile; prediction not written")
+            set_status(self._status, (f"{prefix}\n" if prefix else "")
+                       + "A layer changed meanwhile; prediction not written")
+            self._result_shown = True
             return
         if self.writes_into_layer and getattr(layer, "_block_history", False):
             # the user is mid-stroke (napari stages a drag as one undo step): writing now
@@ -880,13 +891,19 @@ class RetrainWidget(_RetrainBase):
     def _connect(self, layer) -> None:
         # per layer, kept while another layer is picked (a redo of our write after
         # switching back must still be known as ours)
-        state = self._layer_state.setdefault(layer, (set(), {}, set()))
-        self._stroke_slices, self._slices_of_item, self._own_atoms = state
+        state = self._layer_state.setdefault(layer, (set(), {}, set(), set()))
+        self._stroke_slices, self._slices_of_item, self._own_atoms, self._settled = state
         # _stroke_slices: listed because of a stroke seen here; _slices_of_item:
         # id(history item) → its slices; _own_atoms: id() of the history atoms of the
         # widget's own re-predictions (napari moves an item's atoms into a new list on
-        # every undo and redo, so atoms keep their identity)
+        # every undo and redo, so atoms keep their identity); _settled: slices of the
+        # user's strokes that fell off napari's bounded undo history (their paint stays
+        # for good: no undo can take it away)
         self._depths = history_depths(layer)
+        self._oldest = self._oldest_item(layer)
+        away = self._left_atoms.pop(layer, None)
+        if away is not None:  # strokes made on it while another layer was picked
+            self._away_slices = self._strokes_since(layer, {id(atom) for atom in away})
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
         layer.events.set_data.connect(self._on_set_data)
@@ -894,9 +911,52 @@ class RetrainWidget(_RetrainBase):
     def _disconnect(self, layer) -> None:
         layer.events.paint.disconnect(self._on_paint)
         layer.events.set_data.disconnect(self._on_set_data)
+        # the atoms it holds now (references: their ids must not be reused meanwhile)
+        undo = getattr(layer, "_undo_history", None)
+        if undo is not None:
+            self._left_atoms[layer] = [atom for item in undo for atom in item]
+
+    def _strokes_since(self, layer, seen: set[int]) -> set[int]:
+        """Slices of the undo steps on ``layer`` holding an atom not in ``seen``: the
+        user's strokes (or redos) made while the widget was not tracking it."""
+        undo = getattr(layer, "_undo_history", None) or ()
+        return {z for item in undo if any(id(atom) not in seen for atom in item)
+                for z in self._item_slices(layer, item)}
+
+    @staticmethod
+    def _oldest_item(layer) -> list | None:
+        """The atoms of the oldest undo step (napari moves an item's atoms into a new list
+        on every undo and redo: atoms keep their identity, items do not)."""
+        undo = getattr(layer, "_undo_history", None)
+        return list(undo[0]) if undo else None
+
+    def _note_fallen(self, layer) -> None:
+        """napari keeps the last 100 undo steps: a stroke pushed out of them keeps its
+        paint with no undo left to remove it, so its slices stay listed whatever is
+        undone later (they were unlisted, then overwritten by a re-predict)."""
+        oldest, self._oldest = self._oldest, self._oldest_item(layer)
+        if not oldest or (self._oldest and self._oldest[0] is oldest[0]):
+            return
+        undo, redo = layer._undo_history, layer._redo_history
+        live = {id(atom) for item in (*undo, *redo) for atom in item}
+        if any(id(atom) in live for atom in oldest):
+            return  # still undoable
+        if not any(id(atom) in self._own_atoms for atom in oldest):
+            self._settled |= self._item_slices(layer, oldest)
+        self._prune(layer)  # its ids may be reused by new atoms from now on
+
+    def _prune(self, layer) -> None:
+        """Forget the history items and atoms napari no longer holds."""
+        undo, redo = layer._undo_history, layer._redo_history
+        live = {id(item) for item in (*undo, *redo)}
+        for key in [k for k in self._slices_of_item if k not in live]:
+            del self._slices_of_item[key]
+        self._own_atoms &= {id(atom) for item in (*undo, *redo) for atom in item}
 
     def _on_paint(self, event) -> None:
         layer = self._tracked
+        if layer is not None and history_depths(layer) is not None:
+            self._note_fallen(layer)
         self._depths = history_depths(layer)
         if self._writing:
             return
@@ -928,13 +988,11 @@ class RetrainWidget(_RetrainBase):
         if depths == before or self._writing:
             return  # scrolling or a style change; or our own write
         undo, redo = layer._undo_history, layer._redo_history
-        live = {id(item) for item in (*undo, *redo)}
-        for key in [k for k in self._slices_of_item if k not in live]:
-            del self._slices_of_item[key]
-        self._own_atoms &= {id(atom) for item in (*undo, *redo) for atom in item}
+        self._note_fallen(layer)
+        self._prune(layer)
         if before is not None and depths[0] < before[0] and redo:  # an undo
             undone = self._item_slices(layer, redo[-1]) & self._stroke_slices
-            dropped = set(undone)
+            dropped = undone - self._settled
             for item in undo if dropped else ():  # the user's remaining strokes, not our writes
                 if not any(id(atom) in self._own_atoms for atom in item):
                     dropped -= self._item_slices(layer, item)
@@ -1015,8 +1073,12 @@ class RetrainWidget(_RetrainBase):
             self._writing = False
         # a redo of this write is the model's output again, not the user's annotation
         undo = getattr(labels_layer, "_undo_history", None)
-        if undo and labels_layer is self._tracked:
-            self._own_atoms.update(id(atom) for atom in undo[-1])
+        if undo:  # (written after the pickers unlocked, the layer may not be tracked now)
+            state = self._layer_state.get(labels_layer)
+            if state is not None:
+                state[2].update(id(atom) for atom in undo[-1])
+            if labels_layer in self._left_atoms:
+                self._left_atoms[labels_layer].extend(undo[-1])
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number} re-predicted {int((~protected).sum())} slices ({len(values)} voxels changed; "
             "Ctrl+Z on the layer undoes it)")
