@@ -107,6 +107,8 @@ def test_outputs_get_the_permissions_of_a_plain_write(tmp_path):
 @pytest.mark.parametrize("extra,match", [
     (["--out", "{file}"], "a file of that name exists"),
     (["--out", "{dir}", "--eval-seeds", "-1"], "--eval-seeds must be ≥ 0"),
+    # a model there (maybe the --init one) was replaced silently
+    (["--out", "{models}"], "classifier.json and classifier.safetensors exist in --out; pass --overwrite"),
 ])
 def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch, extra, match):
     """These failed only after minutes of training and evaluation."""
@@ -117,7 +119,11 @@ def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(cli_train, "_train_once", no_training)
     (tmp_path / "afile").write_text("")
-    fill = {"file": str(tmp_path / "afile"), "dir": str(tmp_path / "out")}
+    (tmp_path / "models").mkdir()
+    for ext in (".json", ".safetensors"):
+        (tmp_path / "models" / f"classifier{ext}").write_text("mine")
+    fill = {"file": str(tmp_path / "afile"), "dir": str(tmp_path / "out"),
+            "models": str(tmp_path / "models")}
     argv = ["train", "classifier", "--steps", "1"] + [a.format(**fill) for a in extra]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -132,3 +138,93 @@ def test_phantom_errors_speak_of_the_commands_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fewer --lesions" in err and "lesion_radius_mm" not in err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_failed_write_leaves_no_empty_folder_and_names_its_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from napari_medseg.core.models import registry
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from napari_medseg.core import io
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "write_nifti", lambda *a, **k: disk_full(None))
+        assert main(["phantom", str(tmp_path / "new" / "ph"), "--shape", "2", "32", "32"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "new" / "ph").exists()
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError) as raised:
+        registry._atomic_write(tmp_path / "m.safetensors", b"x")
+    assert raised.value.filename.endswith("m.safetensors")  # so the CLI names the file
+    assert list(tmp_path.glob(".m.*")) == []
+    # a model save (train, finetune) that fails leaves no empty folder either
+    from napari_medseg.core.models import SliceClassifier
+
+    model = SliceClassifier(n_classes=2)
+    card = {"classes": ["a", "b"], "input_spacing_mm": [1, 1, 1],
+            "normalisation": {"type": "window", "low": 0.0, "high": 1.0}}
+    with pytest.raises(OSError):
+        registry.save_model(model, tmp_path / "models" / "new", "m", card)
+    assert not (tmp_path / "models" / "new").exists()
+
+
+def test_rolling_back_an_output_leaves_no_hidden_copy_and_long_names_work(tmp_path):
+    import os
+
+    from napari_medseg.cli_infer import _write_all
+
+    def fail():
+        raise OSError("disk full")
+
+    def replacing(path, text):  # as every writer does: a new file renamed over the old
+        def write():
+            (tmp_path / "new").write_text(text)
+            os.replace(tmp_path / "new", path)
+        return write
+
+    old = tmp_path / "d.csv"
+    old.write_text("old")
+    with pytest.raises(OSError, match="disk full"):  # failed before replacing its file
+        _write_all((old, fail))
+    with pytest.raises(OSError, match="disk full"):  # replaced it, then the next one failed
+        _write_all((old, replacing(old, "new")), (tmp_path / "b.csv", fail))
+    assert old.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv"]  # no hidden .previous
+    long = tmp_path / ("a" * 240 + ".csv")  # its backup's name overflowed
+    long.write_text("old")
+    _write_all((long, replacing(long, "new")))
+    assert long.read_text() == "new"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    from napari_medseg import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_phantom", interrupted)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), interrupted))
+    assert main(["phantom", str(tmp_path / "p")]) == 130
+    assert capsys.readouterr().err == "napari-medseg: interrupted\n"
+
+
+def _with_func(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser
+
+
+def test_an_unknown_model_name_does_not_print_install_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    np.save(tmp_path / "v.npy", np.zeros((2, 16, 16), np.float32))
+    assert main(["classify", str(tmp_path / "v.npy"), str(tmp_path / "c.csv"), "--model", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "no model named 'nosuch' in" in err and "the bundled models" in err
+    assert "site-packages" not in err and "/src/" not in err and str(tmp_path) not in err

@@ -7,6 +7,7 @@ with status 2; no partial output is left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -21,6 +22,7 @@ from .core.io._common import regular_file_mode, short_reason
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
@@ -44,8 +46,7 @@ PHANTOM_OUTPUTS = ("image.nii.gz", "labels.nii.gz", "lesions.csv", "slice_classe
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from .core.io import write_nifti
-    from .core.phantom import SLICE_CLASSES, generate_phantom
+    from .core.phantom import generate_phantom
 
     out = Path(args.out_dir)
     existing = [name for name in PHANTOM_OUTPUTS if (out / name).exists()]
@@ -62,12 +63,32 @@ def cmd_phantom(args: argparse.Namespace) -> int:
                   .replace("n_lesions must be None or an integer", "--lesions must be an integer")
                   .replace("n_lesions", "--lesions"))
         raise MedsegInputError(reason, exc.path) from exc
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_phantom(out, phantom)
+    except BaseException:
+        if created:  # nor an empty folder
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    volume = phantom.volume
+    print(
+        f"wrote {', '.join(PHANTOM_OUTPUTS)} to {out} "
+        f"(shape {volume.shape}, spacing {volume.spacing} mm, {len(phantom.lesions)} lesions)"
+    )
+    return 0
+
+
+def _write_phantom(out: Path, phantom) -> None:
+    """All four files or none: a new image must never sit next to an old ground truth."""
+    from .core.io import write_nifti
+    from .core.phantom import SLICE_CLASSES
+
     volume = phantom.volume
     lesion_rows = [(*(round(float(c), 2) for c in lesion.center_zyx), round(lesion.radius_mm, 2))
                    for lesion in phantom.lesions]
     class_rows = [(z, int(c), SLICE_CLASSES[int(c)]) for z, c in enumerate(phantom.slice_classes)]
-    # all four or none: a new image must never sit next to an old ground truth
     cli_infer._write_all(
         (out / "image.nii.gz", lambda: write_nifti(out / "image.nii.gz", volume.array,
                                                    volume.spacing, volume.origin)),
@@ -78,11 +99,6 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         (out / "slice_classes.csv", lambda: _write_csv_atomic(
             out / "slice_classes.csv", ("slice", "class_id", "class_name"), class_rows)),
     )
-    print(
-        f"wrote {', '.join(PHANTOM_OUTPUTS)} to {out} "
-        f"(shape {volume.shape}, spacing {volume.spacing} mm, {len(phantom.lesions)} lesions)"
-    )
-    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -189,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{Path(exc.filename).name}: " if exc.filename else ""
         print(f"napari-medseg: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C: the outputs were put back as they were
+        print("napari-medseg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug or an input no check foresaw: one line, not a traceback
         if os.environ.get("NAPARI_MEDSEG_DEBUG"):
             raise

@@ -68,7 +68,8 @@ def _write_all(*writes: tuple[Path | None, Any]) -> None:
                 continue
             keep = None
             if path.exists():
-                keep = path.with_name(f".{path.name}.{os.getpid()}.previous")
+                # (the name cut as the atomic writers cut theirs: a long one overflows)
+                keep = path.with_name(f".{path.name[:40]}.{os.getpid()}.previous")
                 try:
                     os.link(path, keep)  # the old content survives the atomic replace
                 except OSError:
@@ -79,6 +80,9 @@ def _write_all(*writes: tuple[Path | None, Any]) -> None:
         for path, keep in reversed(done):
             if keep is not None:
                 os.replace(keep, path)
+                # a write that failed before its replace left ``path`` and ``keep`` one
+                # file: renaming a link onto itself keeps both names (POSIX)
+                keep.unlink(missing_ok=True)
             else:
                 path.unlink(missing_ok=True)
         raise

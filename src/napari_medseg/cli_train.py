@@ -134,6 +134,11 @@ def _check_before_training(args: argparse.Namespace) -> None:
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is None or not os.access(parent, os.W_OK | os.X_OK):
         raise MedsegInputError("--out cannot be created or written here", out)
+    existing = [f"{args.model}{ext}" for ext in (".json", ".safetensors")
+                if (out / f"{args.model}{ext}").exists()]
+    if existing and not args.overwrite:  # a model (maybe the --init one) silently replaced
+        raise MedsegInputError(f"{' and '.join(existing)} exist in --out; pass --overwrite "
+                               "to replace them, or another --out", out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -272,6 +277,8 @@ def register(sub: Any) -> None:
     p.add_argument("model", help="classifier, segmenter, detector or generator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for MODEL.safetensors + MODEL.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace MODEL.json and MODEL.safetensors if --out holds them")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="optimiser steps (reproducible; default per model)")
     budget.add_argument("--seconds", type=float, help="wall-clock budget instead of steps")

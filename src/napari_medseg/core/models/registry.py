@@ -16,6 +16,7 @@ loads the state dict strictly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -147,8 +148,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, regular_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # "No space left on device" then says on which file
         raise
 
 
@@ -220,7 +223,20 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
     normalisation = check_normalisation(card["normalisation"])
 
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return _save(model, directory, name, arch, arch_params, classes, spacing,
+                     normalisation, card, unique_weights)
+    except BaseException:
+        if created:  # a failed save leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _save(model, directory: Path, name: str, arch: str, arch_params, classes, spacing,
+          normalisation, card, unique_weights: bool) -> Path:
     card_path = directory / f"{name}.json"
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     problem = _weights_problem(tensors)
@@ -352,9 +368,19 @@ def resolve_card(
             return candidate
     available = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.json")})
     raise MedsegInputError(
-        f"no model named {text!r} in {', '.join(map(str, dirs)) or 'no folders'}"
+        f"no model named {text!r} in {', '.join(map(_folder_name, dirs)) or 'no folders'}"
         f" (available: {', '.join(available) or 'none'})"
     )
+
+
+def _folder_name(folder: Path) -> str:
+    """A model folder as a message names it: no install path, the home folder as ~."""
+    if folder == BUNDLED_DIR:
+        return "the bundled models"
+    try:
+        return f"~/{folder.relative_to(Path.home())}"
+    except ValueError:
+        return folder.name
 
 
 def build_model(card: Mapping[str, Any]) -> nn.Module:
