@@ -70,7 +70,10 @@ def start_job(
     def _on_error(exc: BaseException) -> None:
         if state["cancelled"]:  # the user no longer waits for this result
             return
-        log.exception("napari-medseg job %r failed", description, exc_info=exc)
+        if isinstance(exc, MedsegInputError):  # bad input, said in the notification below
+            log.info("napari-medseg job %r refused its input: %s", description, exc)
+        else:  # a bug: the traceback goes to the log
+            log.exception("napari-medseg job %r failed", description, exc_info=exc)
         show_error(f"{description} failed: {error_message(exc)}")
         if on_error is not None:
             on_error(error_message(exc))

@@ -118,6 +118,9 @@ def test_phantom_widget_cancel_adds_nothing(make_napari_viewer, qtbot):
     start = len(notification_manager.records)
     widget._run.clicked.emit()
     widget._cancel.clicked.emit()
+    # drawing cannot stop midway: until it ends, the widget says it is cancelling (it
+    # said "Cancelled" while Run stayed disabled for seconds)
+    assert widget._status.value.startswith("Cancelling") and not widget._cancel.enabled
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert len(viewer.layers) == 0
     assert widget._status.value == "Cancelled" and widget._run.enabled
@@ -163,6 +166,42 @@ def test_info_says_the_spacing_the_models_use_and_names_other_axes(make_napari_v
     assert "Shape (4 axes; the models take 2D or 3D): (3, 4, 8, 8)" in describe_layer(series)
     photo = viewer.add_image(np.zeros((8, 8, 3), np.uint8), rgb=True)
     assert "Shape (y, x, colour): (8, 8, 3)" in describe_layer(photo)
+
+
+def test_info_lists_the_slices_the_models_call_missing_and_follows_the_layer(make_napari_viewer):
+    from napari_medseg._widgets.info import VolumeInfoWidget
+
+    viewer = make_napari_viewer()
+    data = np.zeros((6, 16, 16), np.float32)
+    data[2] = np.nan  # the models treat it as missing; the widget said "none"
+    image = viewer.add_image(data, name="ct", metadata={"medseg": {"missing_slices": [4]}})
+    info = VolumeInfoWidget(viewer)
+    assert "Missing slices: 2, 4" in info._text.value
+    image.scale = (5.0, 0.7, 0.7)  # it kept saying (1.0, 1.0, 1.0)
+    assert "Spacing (mm): (5.0, 0.7, 0.7)" in info._text.value
+    other = viewer.add_image(np.zeros((3, 8, 8), np.int16), name="other")
+    info._layer.value = other
+    image.scale = (2.0, 1.0, 1.0)  # no longer followed
+    other.translate = (0.0, 10.0, 0.0)
+    assert "Origin (mm): (0.0, 10.0, 0.0)" in info._text.value and "'ct'" not in info._text.value
+
+
+def test_a_refused_input_is_a_notification_not_a_logged_traceback(make_napari_viewer, qtbot, caplog):
+    import logging
+
+    from napari_medseg import _jobs
+    from napari_medseg.core.errors import MedsegInputError
+
+    def refuse():
+        raise MedsegInputError("needs at least two acquired slices")
+
+    start = len(notification_manager.records)
+    with caplog.at_level(logging.INFO, logger=_jobs.log.name):
+        worker = _jobs.start_job(refuse, description="Generate", on_result=lambda _: None)
+        qtbot.waitUntil(lambda: any("needs at least two" in str(n.message)
+                                    for n in notification_manager.records[start:]), timeout=10_000)
+        qtbot.waitUntil(lambda: not worker.is_running, timeout=10_000)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
 
 
 def test_reader_warnings_reach_the_user(make_napari_viewer, tmp_path):

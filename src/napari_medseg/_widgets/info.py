@@ -30,8 +30,10 @@ def describe_layer(layer) -> str:
         f"Modality: {medseg.get('modality', 'unknown (not opened by napari-medseg)')}",
         f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}",
     ]
-    missing = medseg.get("missing_slices", [])
+    missing = sorted({int(z) for z in medseg.get("missing_slices", [])} | _empty_slices(layer))
     lines.append(f"Missing slices: {', '.join(map(str, missing)) if missing else 'none'}")
+    if not isinstance(layer.data, np.ndarray):
+        lines.append("(a lazy image: slices with no finite voxel show up when a model reads it)")
     source = medseg.get("source", {})
     for warning in source.get("warnings", []):
         lines.append(f"Warning: {warning}")
@@ -40,6 +42,21 @@ def describe_layer(layer) -> str:
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
     return "\n".join(lines)
+
+
+def _empty_slices(layer) -> set[int]:
+    """Slices with no finite voxel, which the models treat as missing (in-memory 3D
+    grayscale data only: reading a lazy store here would freeze the GUI)."""
+    data = layer.data
+    if layer.rgb or not isinstance(data, np.ndarray) or data.ndim != 3:
+        return set()
+    if not np.issubdtype(data.dtype, np.floating):
+        return set()  # integers are always finite
+    return {int(z) for z in np.flatnonzero(~np.isfinite(data).reshape(len(data), -1).any(1))}
+
+
+#: the picked layer's events that change what this widget shows
+WATCHED_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "contrast_limits")
 
 
 class VolumeInfoWidget(Container):
@@ -52,6 +69,7 @@ class VolumeInfoWidget(Container):
         self._text.native.setReadOnly(True)
         self._text.min_height = 260  # room for geometry, gaps and warnings without scrolling
         super().__init__(widgets=[self._layer, self._text])
+        self._watched = None  # the layer whose events refresh the text
         self._layer.changed.connect(self._refresh)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
@@ -68,4 +86,21 @@ class VolumeInfoWidget(Container):
         self._refresh()
 
     def _refresh(self, _value=None) -> None:
-        self._text.value = describe_layer(self._layer.value)
+        layer = self._layer.value
+        if layer is not self._watched:
+            self._follow(self._watched, False)
+            self._follow(layer, True)
+            self._watched = layer
+        self._text.value = describe_layer(layer)
+
+    def _follow(self, layer, connect: bool) -> None:
+        for name in WATCHED_EVENTS if layer is not None else ():
+            emitter = getattr(layer.events, name, None)
+            if emitter is not None:
+                (emitter.connect if connect else emitter.disconnect)(self._on_layer_event)
+
+    def _on_layer_event(self, _event=None) -> None:
+        try:
+            self._text.value = describe_layer(self._watched)
+        except RuntimeError:  # the viewer was closed: its Qt widgets are gone
+            pass

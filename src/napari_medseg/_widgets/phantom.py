@@ -96,14 +96,21 @@ class PhantomWidget(Container):
             request,
             description="Synthetic phantom",
             on_result=self._add_layers,
-            on_finished=lambda: self._set_running(False),
+            on_finished=self._on_finished,
             on_error=self._on_failed,
         )
 
     def _on_cancel(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            self._status.value = "Cancelled"
+            # drawing a phantom is one call that cannot stop midway: say so until it ends
+            self._cancel.enabled = False
+            self._status.value = "Cancelling: the phantom is discarded once drawn…"
+
+    def _on_finished(self) -> None:
+        self._set_running(False)
+        if self._status.value.startswith("Cancelling"):
+            set_status(self._status, "Cancelled")
 
     def _add_layers(self, phantom) -> None:
         for data, kwargs, layer_type in phantom_layer_data(phantom):
