@@ -198,6 +198,15 @@ def test_rolling_back_an_output_leaves_no_hidden_copy_and_long_names_work(tmp_pa
     long.write_text("old")
     _write_all((long, replacing(long, "new")))
     assert long.read_text() == "new"
+    # two outputs of one long stem (uncertainty X.nii.gz --slices-csv X.csv) keep
+    # separate backups, so both are put back
+    stem = "patient_000123_abdomen_ct_portal_venous_phase_uncertainty"
+    first, second = tmp_path / f"{stem}.nii.gz", tmp_path / f"{stem}.csv"
+    first.write_text("old a")
+    second.write_text("old b")
+    with pytest.raises(OSError, match="disk full"):
+        _write_all((first, replacing(first, "new a")), (second, fail))
+    assert (first.read_text(), second.read_text()) == ("old a", "old b")
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):

@@ -63,13 +63,14 @@ def _write_all(*writes: tuple[Path | None, Any]) -> None:
     to an old one."""
     done: list[tuple[Path, Path | None]] = []
     try:
-        for path, write in writes:
+        for index, (path, write) in enumerate(writes):
             if path is None:
                 continue
             keep = None
             if path.exists():
-                # (the name cut as the atomic writers cut theirs: a long one overflows)
-                keep = path.with_name(f".{path.name[:40]}.{os.getpid()}.previous")
+                # (the name cut as the atomic writers cut theirs: a long one overflows; the
+                # index keeps two outputs of one long stem apart)
+                keep = path.with_name(f".{path.name[:40]}.{os.getpid()}.{index}.previous")
                 try:
                     os.link(path, keep)  # the old content survives the atomic replace
                 except OSError:

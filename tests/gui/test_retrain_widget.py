@@ -598,3 +598,22 @@ def test_a_round_whose_layer_was_removed_still_says_what_it_made(scene, qtbot):
     _wait(widget, qtbot)
     assert widget._status.value.startswith("v1: ")
     assert "prediction not written" in widget._status.value
+
+
+def test_a_stroke_pushed_out_while_another_layer_was_picked_stays_listed(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    labels.brush_size = 3
+    labels.paint((3, 40, 40), 7)
+    kept = labels.data[3] == 7
+    other = viewer.add_labels(np.zeros_like(labels.data), name="other", scale=image.scale,
+                              translate=image.translate)
+    widget._labels_pick.value = other
+    for i in range(110):  # while away: the first stroke falls out of napari's history
+        labels.paint((5 + i % 2, 10 + i % 50, 10 + 30 * (i // 50)), 4 + i % 2)
+    widget._labels_pick.value = labels
+    labels.paint((3, 70, 70), 6)
+    labels.undo()
+    assert 3 in widget.annotated_slices()
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert (labels.data[3][kept] == 7).all()

@@ -903,7 +903,9 @@ class RetrainWidget(_RetrainBase):
         self._oldest = self._oldest_item(layer)
         away = self._left_atoms.pop(layer, None)
         if away is not None:  # strokes made on it while another layer was picked
-            self._away_slices = self._strokes_since(layer, {id(atom) for atom in away})
+            self._away_slices = self._strokes_since(
+                layer, {id(atom) for step in away for atom in step})
+            self._settle_gone(layer, away)  # … pushed steps out of its undo history
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
         layer.events.set_data.connect(self._on_set_data)
@@ -911,10 +913,10 @@ class RetrainWidget(_RetrainBase):
     def _disconnect(self, layer) -> None:
         layer.events.paint.disconnect(self._on_paint)
         layer.events.set_data.disconnect(self._on_set_data)
-        # the atoms it holds now (references: their ids must not be reused meanwhile)
+        # its steps now, as lists of their atoms (references: ids must not be reused)
         undo = getattr(layer, "_undo_history", None)
         if undo is not None:
-            self._left_atoms[layer] = [atom for item in undo for atom in item]
+            self._left_atoms[layer] = [list(item) for item in undo]
 
     def _strokes_since(self, layer, seen: set[int]) -> set[int]:
         """Slices of the undo steps on ``layer`` holding an atom not in ``seen``: the
@@ -935,15 +937,19 @@ class RetrainWidget(_RetrainBase):
         paint with no undo left to remove it, so its slices stay listed whatever is
         undone later (they were unlisted, then overwritten by a re-predict)."""
         oldest, self._oldest = self._oldest, self._oldest_item(layer)
-        if not oldest or (self._oldest and self._oldest[0] is oldest[0]):
-            return
+        if oldest and not (self._oldest and self._oldest[0] is oldest[0]):
+            self._settle_gone(layer, [oldest])
+
+    def _settle_gone(self, layer, steps: list[list]) -> None:
+        """The user's ``steps`` that napari no longer holds: their paint stays for good."""
         undo, redo = layer._undo_history, layer._redo_history
         live = {id(atom) for item in (*undo, *redo) for atom in item}
-        if any(id(atom) in live for atom in oldest):
-            return  # still undoable
-        if not any(id(atom) in self._own_atoms for atom in oldest):
-            self._settled |= self._item_slices(layer, oldest)
-        self._prune(layer)  # its ids may be reused by new atoms from now on
+        gone = [step for step in steps if step and not any(id(atom) in live for atom in step)]
+        for step in gone:
+            if not any(id(atom) in self._own_atoms for atom in step):
+                self._settled |= self._item_slices(layer, step)
+        if gone:
+            self._prune(layer)  # their ids may be reused by new atoms from now on
 
     def _prune(self, layer) -> None:
         """Forget the history items and atoms napari no longer holds."""
@@ -1078,7 +1084,7 @@ class RetrainWidget(_RetrainBase):
             if state is not None:
                 state[2].update(id(atom) for atom in undo[-1])
             if labels_layer in self._left_atoms:
-                self._left_atoms[labels_layer].extend(undo[-1])
+                self._left_atoms[labels_layer].append(list(undo[-1]))
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number} re-predicted {int((~protected).sum())} slices ({len(values)} voxels changed; "
             "Ctrl+Z on the layer undoes it)")
