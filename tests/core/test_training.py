@@ -404,6 +404,59 @@ def test_detection_matching_and_froc():
     assert froc_point([vol], max_fp_per_volume=0.0)["threshold"] == 0.9
 
 
+def test_froc_point_says_what_its_sensitivity_needs_and_tuning_compares_by_that(monkeypatch):
+    from napari_medseg.core import evaluation as ev
+
+    hit_hit_fp = {"scores": [0.9, 0.9, 0.3], "matched": [0, 1, -1], "diameters": [8.0, 8.0]}
+    point = froc_point([hit_hit_fp, {"scores": [], "matched": [], "diameters": []}], 1.0)
+    # the lowest threshold within the budget (it spends it) …
+    assert point["threshold"] == pytest.approx(0.3) and point["fp_per_volume"] == 0.5
+    # … and what the same sensitivity costs at its highest threshold
+    assert point["fp_per_volume_needed"] == 0.0
+    # tuning: two NMS distances with the same sensitivity; the one needing no false
+    # positive wins (it lost before: its lower threshold spent more of the budget)
+    records = [{"seed": 800000, "diameters": [8.0, 8.0], "by_md": {
+        6.0: {"scores": [0.9, 0.9, 0.3], "matched": [0, 1, -1]},
+        10.0: {"scores": [0.9, 0.6, 0.5], "matched": [0, -1, 1]}}}]
+    monkeypatch.setattr(ev, "detector_records", lambda *a, **k: records)
+    tuned = ev.tune_detector(None, {}, seeds=[800000], min_distances=(10.0, 6.0),
+                             max_fp_per_volume=1.0)
+    assert tuned["min_distance_mm"] == 6.0
+    # the card's threshold keeps the weakest lesion found on validation (it was rounded
+    # up past it: 0.56537 → 0.5654 dropped that lesion)
+    weak = float(np.float32(0.56537))
+    records[0]["by_md"] = {6.0: {"scores": [0.9, weak], "matched": [0, 1]}}
+    tuned = ev.tune_detector(None, {}, seeds=[800000], min_distances=(6.0,), max_fp_per_volume=1.0)
+    assert tuned["peak_threshold"] <= weak
+    at = ev._at_threshold(ev._flatten(records, 6.0), tuned["peak_threshold"], 5.0)
+    assert at["sensitivity_ge_5mm"] == 1.0
+
+
+def test_segmenter_scores_per_volume_only_where_the_structure_is_and_never_calls_nan_met(
+        monkeypatch):
+    from types import SimpleNamespace
+
+    from napari_medseg.core import evaluation as ev
+
+    kidney = np.zeros((1, 4, 4), np.int64)
+    kidney[0, :2] = 1
+    stray = np.zeros((1, 4, 4), np.int64)
+    stray[0, 0, 0] = 1  # one voxel predicted where the truth has none
+    volumes = [SimpleNamespace(volume=None, labels=kidney, pred=kidney),
+               SimpleNamespace(volume=None, labels=np.zeros_like(kidney), pred=stray)]
+    monkeypatch.setattr(ev, "_phantoms", lambda seeds, *a: ((s, None, v) for s, v in zip(seeds, volumes)))
+    preds = iter(v.pred for v in volumes)
+    monkeypatch.setattr(ev, "predict_segmenter", lambda *a: next(preds))
+    out = ev.evaluate_segmenter(None, {"classes": ["background", "kidney", "spleen"]},
+                                seeds=[900000, 900001])
+    assert out["dice_mean_per_volume"]["kidney"] == 1.0  # volume 2 has no kidney to score
+    assert out["dice"]["kidney"] == pytest.approx(2 * 8 / 17, abs=1e-4)  # pooled: its stray voxel counts
+    # the spleen is in no volume and predicted nowhere: no Dice, and the target not met
+    assert out["dice"]["spleen"] is None and out["meets_target"] is False
+    import json
+    json.loads(json.dumps(out), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+
 # -- resampling -------------------------------------------------------------------------
 def test_resample_round_trip_and_labels():
     img = np.random.default_rng(0).random((2, 50, 40)).astype(np.float32)
