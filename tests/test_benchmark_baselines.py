@@ -1,0 +1,43 @@
+"""The benchmarks' naive baselines compute the bundled networks' own output, and count
+the FLOPs they run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+
+@pytest.fixture(scope="module")
+def common(benchmark_module):
+    return benchmark_module("_common")
+
+
+def test_the_naive_segmenter_is_the_same_network_one_slice_at_a_time(common):
+    """It ran each slice as a one-slice sequence: no state passed between slices, output
+    up to 32 logits off, and fewer FLOPs than the network it was compared with."""
+    from napari_medseg.core.models import load_model
+
+    model, _card = load_model("segmenter")
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 36, 44)
+    with torch.no_grad():
+        whole = model(x)
+        naive = torch.cat(common.per_slice_recurrent(model, x))
+        torch.testing.assert_close(naive, whole, rtol=1e-4, atol=1e-4)
+        assert common.count_flops(lambda: common.per_slice_recurrent(model, x)) == \
+            common.count_flops(lambda: model(x))
+        one_slice_sequences = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        assert (one_slice_sequences - whole).abs().max() > 0.1
+
+
+def test_the_naive_run_times_the_slices_it_says(common):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(gemm=100.0, model=torch.nn.Conv2d(1, 1, 3))
+    args = SimpleNamespace(slices=200)
+    out = common.versus_references(run, 100.0, 2e9, 1.0, torch.zeros(12, 1, 8, 8), args, "note")
+    assert out["naive"]["slices_timed"] == 12
+    assert out["gflops_achieved"] == pytest.approx(2.0) and out["ratio"] == pytest.approx(0.02)
+    assert np.isfinite(out["naive"]["seconds_per_slice"])
