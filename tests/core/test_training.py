@@ -23,6 +23,7 @@ from napari_medseg.core.models.detector import LesionDetector
 from napari_medseg.core.models.registry import BUNDLED_DIR, load_model, save_model, sha256_file
 from napari_medseg.core.progress import run_to_completion
 from napari_medseg.core.resample import map_index, resample_yx, resampled_shape_yx
+from napari_medseg.core import training
 from napari_medseg.core.training import (
     EVAL_SEEDS,
     VALIDATION_SEEDS,
@@ -106,10 +107,14 @@ def test_all_ignored_gives_zero_loss_with_a_graph():
 
 # -- seeds ------------------------------------------------------------------------------
 def test_training_validation_and_eval_seeds_are_disjoint():
-    for s in (0, 1, 7, 8, 123):
-        r = training_seeds(s)
-        assert r.start >= EVAL_SEEDS[1] and r.start >= VALIDATION_SEEDS[1]
-    assert training_seeds(0).stop <= training_seeds(1).start
+    # validation (thresholds, choices) never touches the held-out evaluation range
+    assert VALIDATION_SEEDS[1] <= EVAL_SEEDS[0] or EVAL_SEEDS[1] <= VALIDATION_SEEDS[0]
+    for s in (0, 1, 7, 8, 123, training.MAX_SEED):
+        r = training_seeds(s, n=10**9)  # every seed a run may use, not only its first
+        for lo, hi in (EVAL_SEEDS, VALIDATION_SEEDS):
+            assert r.stop <= lo or r.start >= hi, (s, lo, hi)
+        if s < training.MAX_SEED:
+            assert r.stop <= training_seeds(s + 1).start  # runs of other seeds never share
     with pytest.raises(MedsegInputError):
         training_seeds(-1)
 
@@ -555,7 +560,9 @@ def test_train_cli_detector_recipe_is_for_the_detector_only(tmp_path, capsys):
 def test_evaluate_cli_json_reports_held_out_metrics(capsys):
     assert main(["evaluate", "classifier", "--json", "--seeds", "1", "--threads", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["eval_seeds"][0] >= 900_000 and out["n_volumes"] == 1  # never a training seed
+    # held-out seeds only (a lower bound let training seeds, 1 000 000 on, through)
+    lo, hi = out["eval_seeds"]
+    assert EVAL_SEEDS[0] <= lo < hi <= EVAL_SEEDS[1] and out["n_volumes"] == 1 == hi - lo
     assert 0.0 <= out["balanced_accuracy"] <= 1.0 and out["card"].endswith("classifier.json")
     assert set(out["recall"]) == {"no_body", "normal", "lesion"}
 
