@@ -278,3 +278,33 @@ def test_uncertainty_never_leaves_the_callers_model_sampling_nor_rewinds_others_
     np.testing.assert_array_equal(b.entropy, alone.entropy)
     assert a.most_uncertain(5, exclude=iter([0, 1])) == [z for z in alone.most_uncertain(5)
                                                           if z not in (0, 1)]
+
+
+def test_a_model_loaded_in_another_thread_does_not_draw_from_a_seeded_job():
+    """load_model builds the network (random init) before loading its weights; built
+    while an uncertainty job's seeded state was swapped in, it took that job's draws
+    and the same seed gave another result."""
+    import threading
+
+    seg, seg_card = load_model("segmenter")
+    vol = generate_phantom((8, 64, 64), (2.5, 2.0, 2.0), seed=3).volume
+
+    def entropy():
+        return run_to_completion(segmentation_uncertainty(vol, seg, seg_card, samples=3, chunk=2,
+                                                          seed=0)).entropy
+
+    alone = entropy()
+    stop = threading.Event()
+
+    def loading():  # another widget's job starting meanwhile
+        while not stop.is_set():
+            load_model("detector")
+
+    other = threading.Thread(target=loading)
+    other.start()
+    try:
+        busy = entropy()
+    finally:
+        stop.set()
+        other.join(60)
+    np.testing.assert_array_equal(busy, alone)

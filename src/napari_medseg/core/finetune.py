@@ -58,7 +58,7 @@ from .inference import (
     labels_from_logits,
     positive_int,
 )
-from .models.registry import build_model, save_model, user_models_dir
+from .models.registry import build_for_weights, build_model, save_model, user_models_dir
 from .models.segmenter import RecurrentSegmenter
 from .rng import PrivateRNG
 from .progress import Job, Progress
@@ -916,7 +916,7 @@ class VersionHistory:
         if not 0 <= number < len(self.versions):  # -1 would be the last version
             raise MedsegInputError(f"no version v{number} (have v0–v{len(self.versions) - 1})")
         v = self.versions[number]
-        model = build_model(v.card)
+        model = build_for_weights(v.card)
         model.load_state_dict(v.state, strict=True)
         return model.eval(), dict(v.card)
 

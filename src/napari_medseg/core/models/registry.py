@@ -383,6 +383,15 @@ def _folder_name(folder: Path) -> str:
         return folder.name
 
 
+def build_for_weights(card: Mapping[str, Any]) -> nn.Module:
+    """:func:`build_model` for weights about to be loaded: its random initialisation
+    draws from a throwaway state (``core.rng.isolated``), never from a seeded job's."""
+    from ..rng import isolated
+
+    with isolated():
+        return build_model(card)
+
+
 def build_model(card: Mapping[str, Any]) -> nn.Module:
     """An untrained model of the card's architecture and arch_params."""
     cls = ARCHITECTURES.get(card.get("architecture"))  # type: ignore[arg-type]
@@ -497,7 +506,7 @@ def load_model(
     problem = _weights_problem(tensors)
     if problem:
         raise MedsegInputError(problem, weights_path)
-    model = build_model(card)
+    model = build_for_weights(card)
     problem = _state_dict_mismatch(model, tensors)
     if problem:
         raise MedsegInputError(
