@@ -543,6 +543,15 @@ def test_a_session_whose_points_and_diameters_disagree_is_refused(tmp_path):
                                         diameters=data["diameters"]))
     with pytest.raises(MedsegInputError, match="do not fit"):
         load_session(bad)
+    assert load_session(tmp_path).shown is None  # an autosave from before: all shown
+    flags = tmp_path / "flags"
+    save_session(flags, AnnotationSession("ct", (4, 8, 8), points=np.zeros((2, 3)),
+                                          diameters=np.full(2, 8.0), shown=np.array([True, False])))
+    assert load_session(flags).shown.tolist() == [True, False]
+    save_session(bad, AnnotationSession("ct", (4, 8, 8), points=np.zeros((2, 3)),
+                                        diameters=np.full(2, 8.0), shown=np.ones(3, bool)))
+    with pytest.raises(MedsegInputError, match="shown flags do not fit"):
+        load_session(bad)
 
 
 def test_a_round_draws_from_its_own_seeded_state_whatever_runs_between_its_steps(phantom):

@@ -147,3 +147,46 @@ def test_a_round_still_shows_its_detections_when_the_users_points_layer_is_delet
     _wait(widget, qtbot)
     assert len(widget._history.versions) == 2
     assert isinstance(viewer.layers[-1], Points) and "v1" in viewer.layers[-1].metadata["medseg"]["model"]
+
+
+def test_autosave_keeps_hidden_points_and_a_restored_layer_adds_unknown_sizes(
+        make_napari_viewer, scene, qtbot):
+    """Hidden (weak) detections were dropped from the autosave, so a restore lost them;
+    a point added to the restored layer took the selected lesion's diameter."""
+    viewer, image, points, widget = scene
+    points.shown = np.array([True, False])
+    points.add([4.0, 30.0, 30.0])
+    widget.autosave_now(wait=True)
+    viewer2 = make_napari_viewer()
+    image2 = viewer2.add_image(image.data, scale=image.scale, name="ct")
+    widget2 = RetrainDetectorWidget(viewer2)
+    widget2._image.value = image2
+    widget2._restore.clicked.emit()
+    restored = widget2._layer_pick.value
+    np.testing.assert_allclose(restored.data, points.data)
+    assert list(restored.shown) == list(points.shown)
+    restored.selected_data = {0}  # the 12 mm lesion
+    restored.add([5.0, 50.0, 50.0])
+    assert np.isnan(restored.features["diameter_mm"].iloc[-1])
+    assert widget2.annotated_slices() == [4, 5]
+
+
+def test_edits_made_while_another_points_layer_is_picked_are_listed_when_picked_back(scene):
+    viewer, image, points, widget = scene
+    other = viewer.add_points(np.zeros((0, 3)), scale=image.scale, name="other")
+    widget._layer_pick.value = other
+    points.add([5.0, 30.0, 30.0])
+    points.selected_data = {0}
+    points.remove_selected()  # the false positive on slice 2
+    widget._layer_pick.value = points
+    assert widget.annotated_slices() == [2, 5]
+
+
+def test_a_points_layer_of_another_ndim_is_said_when_picked(scene):
+    viewer, image, points, widget = scene
+    start = len(notification_manager.records)
+    four = viewer.add_points(np.zeros((0, 4)), scale=(1, *image.scale), name="p4")
+    widget._layer_pick.value = four
+    assert any("'p4' is 4D" in str(n.message) for n in notification_manager.records[start:])
+    four.add([0.0, 5.0, 30.0, 30.0])
+    assert widget.annotated_slices() == [5]  # its slice, not slice 0

@@ -148,7 +148,9 @@ class _RetrainBase(Container):
         # keyed by the layers themselves (they hash by identity), dropped with them
         self._layer_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _connect
         self._left_atoms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # _disconnect
+        self._left_points: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (detector)
         self._away_slices: set[int] = set()
+        self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         self._session_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> name
         self._session_folder_count = 0
         self._writing = False  # our own writes are not user annotations
@@ -496,6 +498,8 @@ class _RetrainBase(Container):
         return image, layer, volume, annotation, source
 
     def _on_retrain(self) -> None:
+        if self._worker is not None:  # one run at a time (a scripted double click)
+            return
         try:
             image, layer, volume, annotation, source = self._inputs(True)
         except MedsegInputError as exc:
@@ -513,6 +517,8 @@ class _RetrainBase(Container):
         )
 
     def _on_predict(self) -> None:
+        if self._worker is not None:  # one run at a time (a scripted double click)
+            return
         try:
             image, layer, volume, _annotation, source = self._inputs(False)
         except MedsegInputError as exc:
@@ -858,6 +864,8 @@ class RetrainWidget(_RetrainBase):
 
     def _on_suggest(self) -> None:
         """MC-dropout uncertainty of the current version; unlisted slices, most uncertain first."""
+        if self._worker is not None:  # one run at a time (a scripted double click)
+            return
         try:
             image, layer, volume, _annotation, source = self._inputs(False)
         except MedsegInputError as exc:
@@ -1103,9 +1111,30 @@ class RetrainDetectorWidget(_RetrainBase):
 
     def _connect(self, layer) -> None:
         layer.events.data.connect(self._on_points)
+        image = self._image.value
+        if image is not None and layer.ndim != image.ndim:
+            show_warning(f"Retrain: '{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D: "
+                         "its points can be neither trained on nor autosaved; pick or make a "
+                         "points layer on this image")
+        left = self._left_points.pop(layer, None)
+        if left is not None:  # edits made on it while another layer was picked
+            now = self._point_rows(layer)
+            self._away_slices = {z for row in now.symmetric_difference(left)
+                                 if (z := self._point_slice(layer, row[:-1])) is not None}
 
     def _disconnect(self, layer) -> None:
         layer.events.data.disconnect(self._on_points)
+        self._left_points[layer] = self._point_rows(layer)
+
+    @staticmethod
+    def _point_rows(layer) -> set[tuple]:
+        """Each point's coordinates and shown flag, to tell what changed meanwhile."""
+        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)
+        shown = np.asarray(layer.shown, dtype=bool).reshape(-1)
+        return {(*map(float, p), bool(v)) for p, v in zip(data, shown)}
+
+    def _point_slice(self, layer, point) -> int | None:
+        return self._image_slice(layer.data_to_world(point)[-3] if layer.ndim >= 3 else 0.0)
 
     def _on_points(self, event) -> None:
         """Slices of added, changed (before and after a move) and removed points."""
@@ -1116,12 +1145,22 @@ class RetrainDetectorWidget(_RetrainBase):
         indices = [i for i in getattr(event, "data_indices", ()) if -len(value) <= i < len(value)]
         if layer is None or not len(value) or not indices:
             return
-        zs = set()
-        for i in indices:
-            z = self._image_slice(layer.data_to_world(value[i])[-3] if layer.ndim == 3 else 0.0)
-            if z is not None:
-                zs.add(z)
+        if action == "added" and "score" not in layer.features:
+            self._unknown_diameter(layer, indices)  # (a detection layer marks its own)
+        zs = {z for i in indices if (z := self._point_slice(layer, value[i])) is not None}
         self._add_edited(zs)
+
+    @staticmethod
+    def _unknown_diameter(layer, indices) -> None:
+        """napari fills an added point's features from the last point selected: it would
+        take that lesion's diameter as its own training target. Unknown (NaN) instead."""
+        features = layer.features
+        if "diameter_mm" not in features or not len(features):
+            return
+        n = len(features)
+        rows = sorted({int(i) % n for i in indices})
+        features.loc[rows, "diameter_mm"] = np.nan
+        layer.features = features
 
     def _empty_layer(self, image):
         return self._viewer.add_points(
@@ -1129,11 +1168,13 @@ class RetrainDetectorWidget(_RetrainBase):
             face_color="transparent", size=8, features={"diameter_mm": np.zeros(0)},
             **_like_layer(image))
 
-    def _points_on_image(self, layer, image) -> tuple[np.ndarray, np.ndarray]:
+    def _points_on_image(self, layer, image, every: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The SHOWN points' centres in the image's voxel coordinates and their diameters
         (mm). Hidden points are not lesions: the Detect widget keeps weak detections in
-        its layer, hidden below the score threshold."""
+        its layer, hidden below the score threshold (``every``: hidden ones too)."""
         shown = np.asarray(layer.shown, dtype=bool).reshape(-1)
+        if every:
+            shown = np.ones_like(shown)
         data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)[shown]
         world = np.array([layer.data_to_world(p) for p in data]).reshape(-1, layer.ndim)
         voxels = np.array([image.world_to_data(p) for p in world]).reshape(-1, image.ndim)
@@ -1158,20 +1199,25 @@ class RetrainDetectorWidget(_RetrainBase):
     def _session(self, layer, image) -> AnnotationSession | None:
         if layer.ndim != image.ndim:
             return None
-        points, diam = self._points_on_image(layer, image)
+        # every point, hidden ones too (a weak detection hidden by the threshold now may
+        # be shown later): the autosave must give back the layer as it was
+        points, diam = self._points_on_image(layer, image, every=True)
         return AnnotationSession(image_name=image.name, shape=tuple(image.data.shape),
                                  points=points, diameters=diam,
+                                 shown=np.asarray(layer.shown, dtype=bool).reshape(-1).copy(),
                                  image_fingerprint=self._fingerprint(image))
 
     def _restored_layer(self, session, image):
         points = session.points if image.ndim == 3 else session.points[:, 1:]
-        diam = np.nan_to_num(session.diameters, nan=0.0)
+        diam = np.asarray(session.diameters, dtype=float)  # NaN: unknown, stays unknown
         in_plane = float(np.mean(np.abs(image.scale[-2:])))
+        shown = (np.ones(len(points), dtype=bool) if session.shown is None
+                 else np.asarray(session.shown, dtype=bool))
         return self._viewer.add_points(
             points, name=f"{image.name} lesion points (restored {session.saved_at})",
             border_color="lime", face_color="transparent",
-            size=np.maximum(diam / in_plane, 3.0) if len(points) else 8,
-            features={"diameter_mm": diam}, **_like_layer(image))
+            size=np.maximum(np.nan_to_num(diam, nan=0.0) / in_plane, 3.0) if len(points) else 8,
+            shown=shown, features={"diameter_mm": diam}, **_like_layer(image))
 
     @staticmethod
     def _finetune(volume, model, card, annotation, slices, seconds, version, names):

@@ -75,6 +75,7 @@ class AnnotationSession:
     diameters: np.ndarray | None = None
     image_fingerprint: str = ""
     saved_epoch: float = 0.0
+    shown: np.ndarray | None = None  # points: False for a detection hidden below the threshold
 
     @property
     def annotated(self) -> list[int]:
@@ -85,7 +86,7 @@ class AnnotationSession:
         return "labels" if self.labels is not None else "points"
 
     def arrays(self) -> dict[str, np.ndarray]:
-        names = ("labels",) if self.labels is not None else ("points", "diameters")
+        names = ("labels",) if self.labels is not None else ("points", "diameters", "shown")
         out = {n: np.ascontiguousarray(getattr(self, n)) for n in names if getattr(self, n) is not None}
         if not out:
             raise MedsegInputError("nothing to save: no labels and no points")
@@ -181,11 +182,15 @@ def load_session(folder: str | Path) -> AnnotationSession:
     if points is not None and (points.ndim != 2 or points.shape[1] != 3 or diameters is None
                                or diameters.shape != (len(points),)):
         raise MedsegInputError("autosave points and diameters do not fit together", folder)
+    shown = arrays.get("shown")  # absent from autosaves before 2026-12-03: all shown
+    if shown is not None and (points is None or shown.shape != (len(points),)
+                              or shown.dtype != np.bool_):
+        raise MedsegInputError("autosave points and their shown flags do not fit together", folder)
     return AnnotationSession(
         image_name=str(meta.get("image_name", "")), shape=shape, labels=labels,
         edited=lists["edited"], checked=lists["checked"], excluded=lists["excluded"],
         saved_at=str(meta.get("saved_at", "")),
-        points=points, diameters=diameters,
+        points=points, diameters=diameters, shown=shown,
         image_fingerprint=str(meta.get("image_fingerprint", "")),
         saved_epoch=saved_epoch(folder, meta),
     )
