@@ -566,3 +566,67 @@ def test_more_than_255_classes_are_refused_before_any_work():
     job = segment_volume(_volume((4, 16, 16), (2.5, 1.5, 1.5)), model, card)
     with pytest.raises(MedsegInputError, match="at most 255"):
         next(job)  # it ran the whole backward pass first
+
+
+def test_a_worker_thread_first_used_during_a_pinned_job_is_set_back_to_the_process_count(
+        monkeypatch):
+    """OpenMP starts a new thread at the count the last set_num_threads call left: a
+    pool thread first used while another job had pinned 1 started at 1, and its own job
+    then restored 1 for good (and handed 1 to every thread made after)."""
+    import threading
+
+    monkeypatch.setattr(inference, "default_threads", lambda: 4)
+    before = torch.get_num_threads()
+    a_in, b_started, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def job_a():
+        with inference.ThreadGovernor(1):
+            a_in.set()
+            b_started.wait(10)
+        a_out.set()
+
+    def job_b():
+        a_in.wait(10)
+        seen["b_first"] = torch.get_num_threads()  # first torch use while A pins 1
+        b_started.set()
+        a_out.wait(10)
+        with inference.ThreadGovernor(None):
+            pass
+        seen["b_after"] = torch.get_num_threads()
+
+    threads = [threading.Thread(target=job_a), threading.Thread(target=job_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join(10)
+    assert seen["b_after"] == before and later == [before], (seen, later, before)
+
+
+def test_the_gui_thread_keeps_its_thread_count_after_a_job_pinned_one(tmp_path):
+    """The GUI thread's first torch work during a pinned job (OpenMP) left it at the
+    job's count for good; the plugin's widgets package asks for the count at import."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "gui_thread.py"
+    script.write_text(
+        "import threading, torch\n"
+        "import napari_medseg._widgets  # what napari imports in the GUI thread\n"
+        "seen = []  # the count, asked in another thread: asking here would fix this one's\n"
+        "probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))\n"
+        "probe.start(); probe.join(); before = seen[0]\n"
+        "pinned, done = threading.Event(), threading.Event()\n"
+        "def job():\n"
+        "    torch.set_num_threads(1); pinned.set(); done.wait(10); torch.set_num_threads(before)\n"
+        "t = threading.Thread(target=job); t.start(); pinned.wait(10)\n"
+        "torch.nn.functional.interpolate(torch.rand(1, 4, 64, 64), size=(256, 256))\n"
+        "during = torch.get_num_threads(); done.set(); t.join()\n"
+        "print(before, during, torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    before, during, after = map(int, out.stdout.split())
+    assert during == after == before, out.stdout

@@ -272,6 +272,16 @@ def _runnable_others() -> int:
     return max(0, running - 1)
 
 
+def _new_thread_count() -> int:
+    """torch's thread count in a thread started now (OpenMP: the last count set)."""
+    seen: list[int] = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()),
+                             name="medseg-thread-count")
+    probe.start()
+    probe.join()
+    return seen[0] if seen else torch.get_num_threads()
+
+
 class ThreadGovernor:
     """How many threads torch uses during a job, re-decided between chunks.
 
@@ -327,7 +337,13 @@ class ThreadGovernor:
             return self
         with ThreadGovernor._lock:
             if ThreadGovernor._active == 0:
-                ThreadGovernor._original = torch.get_num_threads()
+                # a worker thread that first ran torch while a job had pinned the count
+                # started at that pin (OpenMP's default for new threads) and would hand
+                # it on: workers go back to what a new thread gets now, with no job
+                # pinning (the main thread's own count is the user's, and is kept)
+                ThreadGovernor._original = (
+                    torch.get_num_threads() if threading.current_thread() is threading.main_thread()
+                    else _new_thread_count())
             ThreadGovernor._active += 1
         local = ThreadGovernor._on_this_thread
         local.depth = getattr(local, "depth", 0) + 1
