@@ -540,11 +540,7 @@ def test_jobs_overlapping_on_two_threads_each_leave_their_thread_as_it_was(monke
             a_done.wait(10)  # A ends while B still runs
         seen["b_after"] = torch.get_num_threads()
 
-    threads = [threading.Thread(target=job_a), threading.Thread(target=job_b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    _on_threads(job_a, job_b)
     assert seen["a_after"] == seen["a_before"] == before
     assert seen["b_after"] == before and torch.get_num_threads() == before
 
@@ -595,15 +591,9 @@ def test_a_worker_thread_first_used_during_a_pinned_job_is_set_back_to_the_proce
             pass
         seen["b_after"] = torch.get_num_threads()
 
-    threads = [threading.Thread(target=job_a), threading.Thread(target=job_b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    _on_threads(job_a, job_b)
     later = []
-    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-    t.start()
-    t.join(10)
+    _on_threads(lambda: later.append(torch.get_num_threads()))  # a thread made afterwards
     assert seen["b_after"] == before and later == [before], (seen, later, before)
 
 
@@ -630,3 +620,14 @@ def test_the_gui_thread_keeps_its_thread_count_after_a_job_pinned_one(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     before, during, after = map(int, out.stdout.split())
     assert during == after == before, out.stdout
+
+
+def _on_threads(*jobs) -> None:
+    """Run each job on its own thread, all at once, and wait for them."""
+    import threading
+
+    threads = [threading.Thread(target=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)

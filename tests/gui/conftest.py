@@ -58,3 +58,24 @@ def small_phantom():
 
     return generate_phantom((8, 96, 96), (2.5, 2.0, 2.0), seed=5, n_lesions=1)
 
+
+
+@pytest.fixture
+def lazy_image():
+    """``make(viewer, phantom) -> (image layer, reads)``: the phantom as a dask image
+    whose every chunk read appends whether the GUI (main) thread did it."""
+    import threading
+
+    import dask.array as da
+
+    def make(viewer, phantom):
+        reads: list[bool] = []
+
+        def read(block):
+            reads.append(threading.current_thread() is threading.main_thread())
+            return block
+
+        lazy = da.from_array(phantom.volume.array, chunks=(2, -1, -1)).map_blocks(read)
+        return viewer.add_image(lazy, name="lazy", scale=phantom.volume.spacing), reads
+
+    return make

@@ -432,26 +432,15 @@ def test_the_voxel_spacing_comes_from_the_whole_layer_transform(make_napari_view
 
 
 def test_a_lazy_image_is_read_in_the_worker_not_the_gui_thread(
-        make_napari_viewer, qtbot, random_models, small_phantom):
-    import threading
-
-    import dask.array as da
-
-    readers = []
-
-    def read(block):
-        readers.append(threading.current_thread() is threading.main_thread())
-        return block
-
-    lazy = da.from_array(small_phantom.volume.array, chunks=(2, -1, -1)).map_blocks(read)
+        make_napari_viewer, qtbot, random_models, small_phantom, lazy_image):
     viewer = make_napari_viewer()
-    image = viewer.add_image(lazy, name="lazy", scale=small_phantom.volume.spacing)
+    image, readers = lazy_image(viewer, small_phantom)
     readers.clear()  # napari may read a slice to draw it
     widget = SegmentWidget(viewer)
     _select(widget, image, random_models["RecurrentSegmenter"])
     _run_and_wait(widget, qtbot)
     assert readers and not any(readers)  # every chunk was read by the worker
-    assert isinstance(viewer.layers[-1], Labels) and viewer.layers[-1].data.shape == lazy.shape
+    assert isinstance(viewer.layers[-1], Labels) and viewer.layers[-1].data.shape == image.data.shape
 
 
 def test_closing_the_viewer_mid_run_raises_nothing(make_napari_viewer, qtbot, random_models,

@@ -30,6 +30,17 @@ def scene(make_napari_viewer, random_models, small_phantom):
     return viewer, image, points, widget
 
 
+def _restored_elsewhere(make_napari_viewer, image, widget):
+    """Autosave ``widget`` now, open the same image in a new viewer and restore there."""
+    widget.autosave_now(wait=True)
+    viewer = make_napari_viewer()
+    other = RetrainDetectorWidget(viewer)
+    other._image.value = viewer.add_image(image.data, scale=image.scale, name="ct")
+    assert other._pending_restore is not None
+    other._restore.clicked.emit()
+    return other
+
+
 def _wait(widget, qtbot):
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
 
@@ -91,13 +102,7 @@ def test_no_reviewed_slice_is_refused(scene):
 def test_points_autosave_restores(make_napari_viewer, scene, qtbot):
     viewer, image, points, widget = scene
     points.add([4.0, 30.0, 30.0])
-    widget.autosave_now(wait=True)
-    viewer2 = make_napari_viewer()
-    image2 = viewer2.add_image(image.data, scale=image.scale, name="ct")
-    widget2 = RetrainDetectorWidget(viewer2)
-    widget2._image.value = image2
-    assert widget2._pending_restore is not None
-    widget2._restore.clicked.emit()
+    widget2 = _restored_elsewhere(make_napari_viewer, image, widget)
     restored = widget2._layer_pick.value
     np.testing.assert_allclose(restored.data, points.data)
     np.testing.assert_allclose(restored.features["diameter_mm"][:2], [12.0, 8.0])
@@ -156,12 +161,7 @@ def test_autosave_keeps_hidden_points_and_a_restored_layer_adds_unknown_sizes(
     viewer, image, points, widget = scene
     points.shown = np.array([True, False])
     points.add([4.0, 30.0, 30.0])
-    widget.autosave_now(wait=True)
-    viewer2 = make_napari_viewer()
-    image2 = viewer2.add_image(image.data, scale=image.scale, name="ct")
-    widget2 = RetrainDetectorWidget(viewer2)
-    widget2._image.value = image2
-    widget2._restore.clicked.emit()
+    widget2 = _restored_elsewhere(make_napari_viewer, image, widget)
     restored = widget2._layer_pick.value
     np.testing.assert_allclose(restored.data, points.data)
     assert list(restored.shown) == list(points.shown)

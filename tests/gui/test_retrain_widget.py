@@ -512,21 +512,10 @@ def test_a_multiscale_labels_layer_is_refused_as_such(scene):
     assert any("'pyramid' is multiscale" in m for m in errors), errors
 
 
-def test_a_lazy_image_is_read_in_the_worker_and_checked_before_it(make_napari_viewer, qtbot,
-                                                                  random_models, small_phantom):
-    import threading
-
-    import dask.array as da
-
-    readers = []
-
-    def read(block):
-        readers.append(threading.current_thread() is threading.main_thread())
-        return block
-
-    lazy = da.from_array(small_phantom.volume.array, chunks=(2, -1, -1)).map_blocks(read)
+def test_a_lazy_image_is_read_in_the_worker_and_checked_before_it(
+        make_napari_viewer, qtbot, random_models, small_phantom, lazy_image):
     viewer = make_napari_viewer()
-    image = viewer.add_image(lazy, name="lazy", scale=small_phantom.volume.spacing)
+    image, readers = lazy_image(viewer, small_phantom)
     labels = _prediction_layer(viewer, image, small_phantom.labels)
     widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
     widget._fingerprint(image)  # the autosave's sample of the image, read once per array
