@@ -151,6 +151,15 @@ def _result_metadata(provenance: dict[str, Any], **extra: Any) -> dict[str, Any]
     return {"medseg": {**provenance, **extra, "disclaimer": DISCLAIMER}}
 
 
+def scan_axes(layer: Any) -> dict[str, Any]:
+    """The scan's axes a reader recorded on ``layer`` (``{"axes_lps": …}``, or empty): a
+    labels layer made on it carries them, so that saving it writes where the scan lies
+    (a coronal or oblique scan's labels were saved as axial)."""
+    source = (getattr(layer, "metadata", None) or {}).get("medseg", {}).get("source", {})
+    axes = source.get("axes_lps") if isinstance(source, dict) else None
+    return {} if axes is None else {"axes_lps": axes}
+
+
 def segmentation_layer_data(result: Any, image_layer: Any, provenance: dict[str, Any]) -> tuple:
     """A new Labels layer for a SegmentationResult, on the image layer's grid."""
     labels = result.labels if image_layer.ndim == 3 else result.labels[0]
@@ -161,6 +170,7 @@ def segmentation_layer_data(result: Any, image_layer: Any, provenance: dict[str,
         "metadata": _result_metadata(
             provenance, label_names=names,
             unlabelled_slices=[int(z) for z in np.flatnonzero(~result.labelled)],
+            source=scan_axes(image_layer),
         ),
     }
     return (labels, kwargs, "labels")
@@ -232,11 +242,21 @@ def world_matrix(layer: Any) -> np.ndarray:
     """``layer``'s whole data-to-world transform as one (ndim + 1)² matrix: napari keeps
     scale, translate, rotate, shear and affine apart, and a check on only some of them
     misses a layer moved by the others."""
+    return world_matrix_of(layer.scale, layer.translate, layer.rotate, layer.shear,
+                           layer.affine.affine_matrix)
+
+
+def world_matrix_of(scale: Any, translate: Any, rotate: Any = None, shear: Any = None,
+                    affine: Any = None) -> np.ndarray:
+    """:func:`world_matrix` from the parts themselves (as a writer gets them)."""
     from napari.utils.transforms import Affine
 
-    parts = Affine(scale=layer.scale, translate=layer.translate, rotate=layer.rotate,
-                   shear=layer.shear)
-    return np.asarray(layer.affine.compose(parts).affine_matrix, dtype=float)
+    ndim = len(scale)
+    parts = Affine(scale=scale, translate=translate,
+                   rotate=np.eye(ndim) if rotate is None else rotate,
+                   shear=np.zeros(ndim * (ndim - 1) // 2) if shear is None else shear)
+    outer = Affine(affine_matrix=np.eye(ndim + 1) if affine is None else np.asarray(affine))
+    return np.asarray(outer.compose(parts).affine_matrix, dtype=float)
 
 
 def voxel_spacing(layer: Any) -> tuple[float, ...]:

@@ -1,32 +1,86 @@
-"""npe2 writer: a Labels layer to NIfTI with the spacing (scale), origin and axes of its image."""
+"""npe2 writer: a Labels layer to NIfTI where its scan lies (spacing, origin, axes)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
+from .core.errors import MedsegInputError
 from .core.io import write_nifti
 
 
 def write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
     labels = np.asarray(data)
-    if labels.ndim == 2:
-        labels = labels[np.newaxis]
-    scale = tuple(meta.get("scale", (1.0,) * labels.ndim))[-3:]
-    translate = tuple(meta.get("translate", (0.0,) * labels.ndim))[-3:]
     if labels.max(initial=0) <= np.iinfo(np.uint8).max and labels.min(initial=0) >= 0:
         labels = labels.astype(np.uint8)
     elif labels.min(initial=0) >= 0 and labels.max(initial=0) <= np.iinfo(np.uint16).max:
         labels = labels.astype(np.uint16)
     # otherwise as they are: write_nifti keeps or narrows integers to int32 and refuses
     # values int32 cannot hold (a cast here wrapped them into other labels)
-    if len(scale) < 3:
-        scale = (1.0,) * (3 - len(scale)) + tuple(scale)
-        translate = (0.0,) * (3 - len(translate)) + tuple(translate)
-    # a layer made from a scan by this plugin carries the scan's axes: a coronal or oblique
-    # series' labels then land where the scan lies (a plain napari layer is taken as axial)
-    source = ((meta.get("metadata") or {}).get("medseg") or {}).get("source") or {}
-    written = write_nifti(path, labels, spacing=scale, origin=translate,
-                          axes=source.get("axes_lps"))
+    matrix = _voxel_to_world(meta, labels.ndim)
+    if labels.ndim == 2:
+        labels = labels[np.newaxis]
+    _refuse_an_open_layers_file(path)
+    written = write_nifti(path, labels, spacing=None, matrix=matrix,
+                          axes=_scan_axes(meta, labels.shape, matrix))
     return [str(written)]
+
+
+def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
+    """The layer's whole data-to-world transform (scale, translate, rotate, shear and
+    affine: the last three were dropped, so a rotated layer was saved unrotated), as a
+    (z, y, x) 4 × 4; a 2D layer is one slice of 1 mm."""
+    from ._layers import world_matrix_of
+
+    world = world_matrix_of(meta.get("scale", (1.0,) * ndim), meta.get("translate", (0.0,) * ndim),
+                            meta.get("rotate"), meta.get("shear"), meta.get("affine"))
+    if ndim == 3:
+        return world
+    if ndim != 2:
+        raise MedsegInputError(f"labels must be 2D or 3D, got {ndim}D")
+    matrix = np.eye(4)
+    matrix[1:3, 1:3], matrix[1:3, 3] = world[:2, :2], world[:2, 2]
+    return matrix
+
+
+def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
+    """The scan's axes: from the layer's own metadata (results of this plugin), else from
+    an image this plugin opened that the layer lies on (a layer from napari's New Labels
+    button carries none); None: axial."""
+    from ._layers import scan_axes, world_matrix
+
+    source = ((meta.get("metadata") or {}).get("medseg") or {}).get("source") or {}
+    if source.get("axes_lps") is not None:
+        return source["axes_lps"]
+    for layer in _open_layers():
+        axes = scan_axes(layer).get("axes_lps")
+        if (axes is not None and getattr(layer, "ndim", 0) == 3 and layer.data.shape[-3:] == shape
+                and np.allclose(world_matrix(layer), matrix)):
+            return axes
+    return None
+
+
+def _refuse_an_open_layers_file(path: str) -> None:
+    """Never write over the file a layer was opened from (the scan being annotated)."""
+    for layer in _open_layers():
+        source = getattr(getattr(layer, "source", None), "path", None)
+        try:
+            same = source is not None and os.path.exists(path) and os.path.samefile(source, path)
+        except OSError:
+            same = False
+        if same:
+            # not a ValueError: napari reads those from a writer as "not a valid writer"
+            raise PermissionError(f"{os.path.basename(path)}: '{layer.name}' was opened from "
+                                  "this file; save the labels under another name")
+
+
+def _open_layers() -> list:
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt application: a script saving without a viewer
+        return []
+    return list(viewer.layers) if viewer is not None else []

@@ -378,3 +378,20 @@ def test_quoted_and_windows_paths_in_messages_keep_only_the_file_name():
     for text in (posix, windows):
         assert text.endswith("'IM1'") and "Doe" not in text and "Roe" not in text
     assert short_reason(ValueError("ratio 1/2 and 'a/b' stay")) == "ratio 1/2 and 'a/b' stay"
+
+
+def test_write_nifti_takes_a_whole_voxel_to_world_matrix(tmp_path):
+    """A rotated or sheared layer's transform, not only spacing and origin."""
+    angle = np.deg2rad(30)
+    matrix = np.eye(4)
+    matrix[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    matrix[:3, :3] = matrix[:3, :3] @ np.diag([2.0, 0.5, 0.7])
+    matrix[:3, 3] = (1.0, -2.0, 3.0)
+    path = write_nifti(tmp_path / "m.nii.gz", np.zeros((2, 3, 4), np.uint8), None, matrix=matrix)
+    affine = nib.load(path).affine
+    for zyx in [(0, 0, 0), (1, 2, 3), (1, 0, 2)]:
+        ras = affine @ [zyx[2], zyx[1], zyx[0], 1.0]
+        world = matrix @ [*zyx, 1.0]  # axial: z = S, y = P, x = L
+        np.testing.assert_allclose([ras[2], -ras[1], -ras[0]], world[:3], atol=1e-5)
+    with pytest.raises(MedsegInputError, match="invertible"):
+        write_nifti(tmp_path / "s.nii.gz", np.zeros((2, 3, 4), np.uint8), None, matrix=np.zeros((4, 4)))

@@ -216,3 +216,54 @@ def test_reader_warnings_reach_the_user(make_napari_viewer, tmp_path):
         str(n.message) for n in notification_manager.records[start:] if n.severity == "warning"
     ]
     assert warnings and all(w.startswith("scan.npy: ") for w in warnings)
+
+
+def test_labels_saved_from_an_oblique_scan_lie_on_it_and_never_replace_it(make_napari_viewer,
+                                                                          tmp_path):
+    """napari's own new labels layer on an oblique scan was saved as axial (16 mm off);
+    a rotated layer was saved unrotated; saving onto the scan's file replaced the scan."""
+    import nibabel as nib
+
+    angle = np.deg2rad(20)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = (-20.0, 15.0, 30.0)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(5 * 7 * 6, dtype=np.int16).reshape(5, 7, 6), affine), scan)
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(scan), plugin="napari-medseg")
+    drawn = viewer.add_labels(np.zeros(image.data.shape, np.uint8), scale=image.scale,
+                              translate=image.translate)  # as napari's New Labels makes it
+    drawn.data[2, 3, 4] = 1
+    viewer.layers.selection = {drawn}
+    out = tmp_path / "drawn.nii.gz"
+    assert viewer.layers.save(str(out), selected=True, plugin="napari-medseg") == [str(out)]
+    saved = nib.load(out)
+    (ijk,) = np.argwhere(np.asarray(saved.dataobj) == 1)
+    value = image.data[2, 3, 4]  # the scan voxel the user painted on
+    (src,) = np.argwhere(np.asarray(nib.load(scan).dataobj) == value)
+    np.testing.assert_allclose(saved.affine @ [*ijk, 1], affine @ [*src, 1], atol=1e-3)
+
+    turned = viewer.add_labels(np.zeros((2, 4, 4), np.uint8), scale=(2.0, 1.0, 1.0), rotate=30)
+    turned.data[1, 2, 3] = 1
+    viewer.layers.selection = {turned}
+    out = tmp_path / "turned.nii.gz"
+    viewer.layers.save(str(out), selected=True, plugin="napari-medseg")
+    saved = nib.load(out)
+    (ijk,) = np.argwhere(np.asarray(saved.dataobj) == 1)
+    ras = saved.affine @ [*ijk, 1]
+    world_zyx = np.array([ras[2], -ras[1], -ras[0]])  # axial: z = S, y = P, x = L
+    np.testing.assert_allclose(world_zyx, turned.data_to_world((1, 2, 3)), atol=1e-4)
+
+    before = scan.read_bytes()
+    viewer.layers.selection = {drawn}
+    start = len(notification_manager.records)
+    try:
+        written = viewer.layers.save(str(scan), selected=True, plugin="napari-medseg")
+    except Exception as exc:  # napari may pass the writer's refusal on
+        written, message = [], str(exc)
+    else:
+        message = " ".join(str(n.message) for n in notification_manager.records[start:])
+    assert written == [] and scan.read_bytes() == before
+    assert "opened from this file" in message, message

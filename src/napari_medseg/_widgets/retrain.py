@@ -52,6 +52,7 @@ from .._layers import (
     detection_layer_data,
     mark_added_points,
     read_deferred,
+    scan_axes,
     volume_from_layer,
     volume_outline,
     world_matrix,
@@ -121,6 +122,11 @@ def painted_slices(history_item: Any) -> set[int]:
             zs = np.asarray(atom[0][0]).ravel()  # a re-prediction's step holds millions: no sort
             out.update(int(z) for z in np.flatnonzero(np.bincount(zs, minlength=1)))
     return out
+
+
+def _on_scan(image) -> dict:
+    """A new labels layer's metadata: the scan's axes, so saving it writes where the scan lies."""
+    return {"medseg": {"source": scan_axes(image)}}
 
 
 class _RetrainBase(Container):
@@ -1025,7 +1031,7 @@ class RetrainWidget(_RetrainBase):
 
     def _empty_layer(self, image):
         kwargs = {**_labels_kwargs(f"{image.name} annotations", self._current_class_names()),
-                  **_like_layer(image)}
+                  **_like_layer(image), "metadata": _on_scan(image)}
         return self._viewer.add_labels(np.zeros(image.data.shape, dtype=np.uint8), **kwargs)
 
     def _snapshot(self, layer, image, volume, need_annotations: bool) -> np.ndarray:
@@ -1055,7 +1061,8 @@ class RetrainWidget(_RetrainBase):
 
     def _restored_layer(self, session, image):
         kwargs = {**_labels_kwargs(f"{image.name} annotations (restored {session.saved_at})",
-                                   self._current_class_names()), **_like_layer(image)}
+                                   self._current_class_names()), **_like_layer(image),
+                  "metadata": _on_scan(image)}
         return self._viewer.add_labels(session.labels, **kwargs)
 
     @staticmethod

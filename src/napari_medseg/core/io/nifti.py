@@ -185,6 +185,7 @@ def write_nifti(
     spacing: Any,
     origin: Any = (0.0, 0.0, 0.0),
     axes: Any = None,
+    matrix: Any = None,
 ) -> Path:
     """Write a (z, y, x) array to ``path`` (.nii or .nii.gz) atomically; return the path.
 
@@ -192,6 +193,9 @@ def write_nifti(
     ``axes``: the (z, y, x) voxel axes as unit vectors in LPS (rows), as the readers
     record them in a Volume's ``metadata["axes_lps"]``; None means (S, P, L). Without
     them a coronal, flipped or oblique input's result would land elsewhere in the patient.
+    ``matrix``: instead of ``spacing`` and ``origin``, the whole (4, 4) map from (z, y, x)
+    voxel indices to mm along those axes (a napari layer rotated, sheared or given an
+    affine on top of its scale and translate).
     Integer arrays keep their dtype (bool → uint8, int64 → int32); others become float32.
     The file is written beside the target and renamed over it, so a failure never leaves a
     half-written file or damages an existing one.
@@ -210,21 +214,28 @@ def write_nifti(
             f"expected a non-empty (z, y, x) array, got shape {data.shape}", path
         )
     data = _storage_dtype(data, path)
-    try:
-        (dz, dy, dx) = triplet(spacing, "spacing", positive=True)
-        (oz, oy, ox) = triplet(origin, "origin", positive=False)
-    except MedsegInputError as exc:
-        raise MedsegInputError(exc.reason, path) from exc
+    if matrix is None:
+        try:
+            (dz, dy, dx) = triplet(spacing, "spacing", positive=True)
+            (oz, oy, ox) = triplet(origin, "origin", positive=False)
+        except MedsegInputError as exc:
+            raise MedsegInputError(exc.reason, path) from exc
+        matrix = np.diag([dz, dy, dx, 1.0])
+        matrix[:3, 3] = (oz, oy, ox)
+    matrix = np.asarray(matrix, dtype=float)
+    if (matrix.shape != (4, 4) or not np.all(np.isfinite(matrix))
+            or abs(np.linalg.det(matrix[:3, :3])) < 1e-9):
+        raise MedsegInputError("the voxel-to-world matrix must be a finite, invertible 4 × 4", path)
 
     axes_zyx = _unit_axes(axes, path)
-    # voxel (k, j, i) = (z, y, x) sits at P0 + k·dz·a_z + j·dy·a_y + i·dx·a_x in LPS, and
-    # the origin is P0 measured along those axes; NIfTI's RAS negates L and P
-    p0 = axes_zyx.T @ np.array([oz, oy, ox])  # exact for orthonormal axes
+    # voxel (k, j, i) = (z, y, x) sits at matrix · (k, j, i, 1), measured along the scan's
+    # axes a_z, a_y, a_x: in LPS that is axesᵀ · it; NIfTI's RAS negates L and P
+    steps = axes_zyx.T @ matrix[:3, :3]  # column c: the LPS step of data axis c
     affine = np.eye(4)
-    affine[:3, 0] = _RAS_TO_LPS @ (dx * axes_zyx[2])
-    affine[:3, 1] = _RAS_TO_LPS @ (dy * axes_zyx[1])
-    affine[:3, 2] = _RAS_TO_LPS @ (dz * axes_zyx[0])
-    affine[:3, 3] = _RAS_TO_LPS @ p0
+    affine[:3, 0] = _RAS_TO_LPS @ steps[:, 2]
+    affine[:3, 1] = _RAS_TO_LPS @ steps[:, 1]
+    affine[:3, 2] = _RAS_TO_LPS @ steps[:, 0]
+    affine[:3, 3] = _RAS_TO_LPS @ (axes_zyx.T @ matrix[:3, 3])
     img = nib.Nifti1Image(data.transpose(2, 1, 0), affine)  # a view: no copy
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm")
