@@ -212,6 +212,27 @@ def test_gradcam_lies_on_the_image_whatever_the_grid_size(n):
         assert abs(centre - (lo + 1.5)) < 0.6, (lo, centre)
 
 
+@pytest.mark.parametrize("n", [6, 5, 3])
+def test_gradcam_lies_on_a_grid_smaller_than_the_classifier_pads_to(n):
+    """Below 8 pixels a side the classifier pads evenly on both ends; the map kept that
+    padding's offset and guessed a stride of 2 instead of 4 (0.4 px off)."""
+    from napari_medseg.core.volume import Volume
+
+    card = {"name": "c", "classes": ["a", "b"], "input_spacing_mm": [1, 1, 1],
+            "normalisation": {"type": "percentile", "low_percentile": 0.0, "high_percentile": 100.0}}
+    model = _pooling_classifier()
+    img = np.zeros((n, n), np.float32)
+    img[0, 0] = 1.0
+    pad = model.min_size - n
+    big = np.pad(img, ((pad // 2, pad - pad // 2),) * 2, mode="edge")  # as the classifier pads
+    small = run_to_completion(gradcam_volume(Volume.from_array(img, spacing=(1, 1)), model, card,
+                                             target=0)).maps[0]
+    padded = run_to_completion(gradcam_volume(Volume.from_array(big, spacing=(1, 1)), model, card,
+                                              target=0)).maps[0]
+    want = padded[pad // 2:pad // 2 + n, pad // 2:pad // 2 + n]
+    np.testing.assert_allclose(small, want / want.max(), atol=1e-5)
+
+
 def test_explanations_restore_each_modules_mode():
     """A model with its BatchNorm frozen (eval) inside a training model, or its dropout
     switched on, comes back exactly so (only the top module's mode was restored)."""

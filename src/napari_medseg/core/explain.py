@@ -120,7 +120,8 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                         (grad,) = torch.autograd.grad(score, feats)
                     weights = grad.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grad
                     cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
-                    cam = resize_yx(_on_model_grid(cam, slices.grid), (ny, nx))[:, 0]
+                    cam = resize_yx(_on_model_grid(cam, slices.grid, getattr(model, "min_size", None)),
+                                    (ny, nx))[:, 0]
                     peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
                     maps[zs] = (cam / peak).numpy()
                     targets[zs] = chosen.numpy()
@@ -132,14 +133,23 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
     return GradCamResult(maps, targets, tuple(classes), probs)
 
 
-def _on_model_grid(cam: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def _on_model_grid(cam: torch.Tensor, grid: tuple[int, int],
+                   min_size: int | None = None) -> torch.Tensor:
     """(N, 1, hf, wf) feature-grid maps → (N, 1, h, w) on the model grid, each feature
     cell over the pixels it pooled: floor pooling drops the last rows and columns when a
     side is not a multiple of the stride, and stretching the map over the whole grid
-    would shift it by up to a few pixels at the far edge."""
+    would shift it by up to a few pixels at the far edge. ``min_size``: the classifier's
+    (its features' stride is half of it, and it pads a side below it evenly on both
+    ends: that padding is cut off again; the stride guessed from the sizes was 2, not 4,
+    on a 5-pixel side)."""
     (h, w), (hf, wf) = grid, cam.shape[-2:]
-    sy, sx = (max(1, 2 ** round(math.log2(n / nf))) for n, nf in ((h, hf), (w, wf)))
-    cam = resize_yx(cam, (hf * sy, wf * sx))[..., :h, :w]
+    if min_size:
+        sy = sx = max(1, int(min_size) // 2)
+        oy, ox = max(0, min_size - h) // 2, max(0, min_size - w) // 2
+    else:
+        sy, sx = (max(1, 2 ** round(math.log2(n / nf))) for n, nf in ((h, hf), (w, wf)))
+        oy = ox = 0
+    cam = resize_yx(cam, (hf * sy, wf * sx))[..., oy:oy + h, ox:ox + w]
     return F.pad(cam, (0, w - cam.shape[-1], 0, h - cam.shape[-2]), mode="replicate")
 
 
