@@ -56,7 +56,8 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
         return source["axes_lps"]
     for layer in _open_layers():
         axes = scan_axes(layer).get("axes_lps")
-        if (axes is not None and getattr(layer, "ndim", 0) == 3 and layer.data.shape[-3:] == shape
+        if (axes is not None and getattr(layer, "ndim", 0) == 3
+                and tuple(getattr(layer.data, "shape", ()))[-3:] == tuple(shape)
                 and np.allclose(world_matrix(layer), matrix)):
             return axes
     return None
