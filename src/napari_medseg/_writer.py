@@ -51,9 +51,11 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
     button carries none); None: axial."""
     from ._layers import scan_axes, world_matrix
 
-    source = ((meta.get("metadata") or {}).get("medseg") or {}).get("source") or {}
-    if source.get("axes_lps") is not None:
-        return source["axes_lps"]
+    from types import SimpleNamespace
+
+    own = scan_axes(SimpleNamespace(metadata=meta.get("metadata"))).get("axes_lps")
+    if own is not None:
+        return own
     for layer in _open_layers():
         axes = scan_axes(layer).get("axes_lps")
         if (axes is not None and getattr(layer, "ndim", 0) == 3
