@@ -62,6 +62,10 @@ def test_segment_writes_labels_on_the_input_grid(tmp_path, models, image, capsys
     assert labels.shape == (6, 48, 40)
     np.testing.assert_allclose(labels.spacing, (2.5, 1.0, 1.2), rtol=1e-5)
     assert labels.array.min() >= 0 and labels.array.max() < len(LABEL_NAMES)
+    from napari_medseg.core.io import read_label_map
+
+    label_map = read_label_map(out)  # opens in napari as Labels, structures named
+    assert label_map.names == dict(enumerate(LABEL_NAMES))
     captured = capsys.readouterr()
     assert "wrote labels.nii.gz" in captured.out and "100%" in captured.err
 

@@ -1,4 +1,5 @@
-"""npe2 reader: DICOM (file, multi-frame, folder), NIfTI and .npy into an Image layer."""
+"""npe2 reader: DICOM (file, multi-frame, folder), NIfTI and .npy into an Image layer; a
+NIfTI label map (label intent, as this plugin's writer saves one) into a Labels layer."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 from .core.errors import MedsegInputError
-from .core.io import is_supported_path, read_volume
-from ._layers import volume_layer_data
+from .core.io import LabelMap, is_supported_path, read_scan_or_labels
+from ._layers import labels_layer_data, volume_layer_data
 
 # napari's "opened, but nothing to add" sentinel: it stops napari trying other readers
 # and adding a half-made layer after we have already told the user why.
@@ -27,16 +28,19 @@ def read_layers(path: str | list[str]) -> list:
     if isinstance(path, list):
         path = path[0]
     try:
-        volume = read_volume(path)
+        opened = read_scan_or_labels(path)
     except MedsegInputError as exc:
         from napari.utils.notifications import show_error
 
         show_error(f"napari-medseg could not open {exc}")
         return _NOTHING_OPENED
+    volume = opened.volume if isinstance(opened, LabelMap) else opened
     for warning in volume.metadata.get("warnings", []):
         from napari.utils.notifications import show_warning
 
         show_warning(f"{Path(path).name}: {warning}")
+    if isinstance(opened, LabelMap):
+        return [labels_layer_data(opened.labels, volume, _layer_name(path), opened.names)]
     return [volume_layer_data(volume, name=_layer_name(path))]
 
 

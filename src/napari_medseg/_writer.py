@@ -24,8 +24,19 @@ def write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
         labels = labels[np.newaxis]
     _refuse_an_open_layers_file(path)
     written = write_nifti(path, labels, spacing=None, matrix=matrix,
-                          axes=_scan_axes(meta, labels.shape, matrix))
+                          axes=_scan_axes(meta, labels.shape, matrix),
+                          labels=True, label_names=_label_names(meta))
     return [str(written)]
+
+
+def _label_names(meta: dict) -> dict[int, str]:
+    """The structure names the layer shows (its features' index/name columns, as this
+    plugin's layers carry them), so the file opens again with them; {} if it has none."""
+    features = meta.get("features")
+    try:
+        return {int(i): str(n) for i, n in zip(features["index"], features["name"])}
+    except (KeyError, TypeError, ValueError, IndexError):
+        return {}
 
 
 def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:

@@ -146,7 +146,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     volume, model, card = _load(args, "segment")
     result = _run(segment_volume(volume, model, card, chunk=args.chunk, **_engine_kwargs(args)),
                   "segment", args.quiet)
-    write_nifti(out, result.labels, *_grid(volume))
+    write_nifti(out, result.labels, *_grid(volume), labels=True,
+                label_names=dict(enumerate(result.class_names)))
     found = [f"{name} {ml:.1f} ml" for name, ml in result.volume_ml().items()
              if ml > 0 and name != result.class_names[0]]
     print(f"wrote {out.name}: labels {list(result.labels.shape)} ({result.precision});"

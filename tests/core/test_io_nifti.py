@@ -395,3 +395,38 @@ def test_write_nifti_takes_a_whole_voxel_to_world_matrix(tmp_path):
         np.testing.assert_allclose([ras[2], -ras[1], -ras[0]], world[:3], atol=1e-5)
     with pytest.raises(MedsegInputError, match="invertible"):
         write_nifti(tmp_path / "s.nii.gz", np.zeros((2, 3, 4), np.uint8), None, matrix=np.zeros((4, 4)))
+
+
+def test_a_label_map_comes_back_exact_with_its_names(tmp_path):
+    """Written with labels=True: read back as integers (no float32 rounding above 2**24)
+    with the structure names; a plain integer image stays an image."""
+    from napari_medseg.core.io import LabelMap, read_label_map, read_scan_or_labels
+
+    labels = np.zeros((3, 4, 5), np.int32)
+    labels[0, 0, 0], labels[1, 2, 3] = 2, 2**24 + 1  # float32 would make it 2**24
+    names = {0: "background", 2: "liver", 2**24 + 1: "a name"}
+    path = write_nifti(tmp_path / "l.nii.gz", labels, (2.0, 0.5, 0.7), (1.0, 2.0, 3.0),
+                       labels=True, label_names=names)
+    back = read_label_map(path)
+    assert back.labels.dtype == np.int32 and np.array_equal(back.labels, labels)
+    assert back.names == names
+    assert back.volume.spacing == (2.0, 0.5, 0.7) and back.volume.origin == (1.0, 2.0, 3.0)
+    assert isinstance(read_scan_or_labels(path), LabelMap)
+    image = write_nifti(tmp_path / "ct.nii.gz", np.full((2, 3, 4), -1000, np.int16), (1, 1, 1))
+    assert read_label_map(image) is None
+    assert not isinstance(read_scan_or_labels(image), LabelMap)
+    with pytest.raises(MedsegInputError, match="integers"):
+        write_nifti(tmp_path / "f.nii.gz", np.zeros((2, 3, 4), np.float32), (1, 1, 1), labels=True)
+
+
+def test_a_malformed_names_extension_still_opens_the_label_map(tmp_path):
+    path = write_nifti(tmp_path / "l.nii", np.ones((2, 3, 4), np.uint8), (1, 1, 1), labels=True)
+    img = nib.load(path)
+    img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b'{"napari-medseg": 3}'))
+    path = tmp_path / "named.nii"
+    nib.save(img, path)
+    from napari_medseg.core.io import read_label_map
+
+    back = read_label_map(path)
+    assert back.names == {} and back.labels.sum() == 24

@@ -92,6 +92,28 @@ def test_writer_saves_labels_with_image_spacing(make_napari_viewer, tmp_path):
     np.testing.assert_allclose(back.origin, layer.translate, atol=1e-4)
 
 
+def test_saved_labels_open_again_as_the_same_labels_layer(make_napari_viewer, tmp_path):
+    """Save a segmentation, open the file: a Labels layer with the same values (above
+    float32's 2**24 too), placement and structure names, usable as an annotation layer."""
+    viewer = make_napari_viewer()
+    labels = np.zeros((4, 16, 12), dtype=np.int32)
+    labels[1:3, 4:8, 2:6] = 2
+    labels[0, 0, 0] = 2**24 + 1
+    viewer.add_labels(labels, scale=(2.0, 0.6, 0.6), translate=(10.0, -5.0, 4.0), name="seg",
+                      features={"index": [0, 2], "name": ["background", "liver"]})
+    out = tmp_path / "seg.nii.gz"
+    viewer.layers.save(str(out), selected=False, plugin="napari-medseg")
+    viewer.layers.clear()
+    viewer.open(str(out), plugin="napari-medseg")
+    (layer,) = viewer.layers
+    assert isinstance(layer, Labels) and layer.name == "seg"
+    np.testing.assert_array_equal(layer.data, labels)
+    np.testing.assert_allclose(layer.scale, (2.0, 0.6, 0.6), rtol=1e-5)
+    np.testing.assert_allclose(layer.translate, (10.0, -5.0, 4.0), atol=1e-4)
+    assert dict(zip(layer.features["index"], layer.features["name"])) == {0: "background",
+                                                                          2: "liver"}
+
+
 def test_phantom_widget_generates_layers(make_napari_viewer, qtbot):
     from napari_medseg._widgets.phantom import PhantomWidget
 

@@ -14,16 +14,19 @@ from ..errors import MedsegInputError
 from ..volume import Volume
 from ._common import guess_modality
 from .dicom import read_dicom
-from .nifti import read_nifti, write_nifti
+from .nifti import LabelMap, read_label_map, read_nifti, write_nifti
+from .nifti import _read as _read_nifti
 from .npy import read_npy
 
 __all__ = [
+    "LabelMap",
     "SUPPORTED_SUFFIXES",
     "guess_modality",
     "is_supported_path",
     "read_dicom",
     "read_nifti",
     "read_npy",
+    "read_scan_or_labels",
     "read_volume",
     "write_nifti",
 ]
@@ -105,3 +108,13 @@ def read_volume(path: str | Path) -> Volume:
         + ", ".join(SUPPORTED_SUFFIXES),
         path,
     )
+
+
+def read_scan_or_labels(path: str | Path) -> Volume | LabelMap:
+    """What napari should open: a :class:`LabelMap` for a NIfTI label map (one this
+    plugin saved, or any tool's file marked with the label intent), else the Volume."""
+    path = Path(path).expanduser()
+    if path.is_file() and _suffix(path) in NIFTI_SUFFIXES:
+        volume, labels, names = _read_nifti(path)
+        return volume if labels is None else LabelMap(labels, volume, names)
+    return read_volume(path)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -41,16 +42,60 @@ from ._common import (
     triplet,
 )
 
-__all__ = ["guess_modality", "read_nifti", "write_nifti"]
+__all__ = ["LabelMap", "guess_modality", "read_label_map", "read_nifti", "write_nifti"]
 
 _LPS = axcodes2ornt(("L", "P", "S"))
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # dtypes written as given: label maps keep their integers, float32 images stay float32
 _KEPT_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "int32", "uint32")}
+# A label map is marked with NIfTI's label intent (ITK-SNAP and 3D Slicer write the same)
+# and its structure names ride in a JSON comment extension under this key, so a file this
+# plugin wrote opens again as a Labels layer with its names, not as a float32 image.
+_NAMES_KEY = "napari-medseg"
+_COMMENT_CODE = 6
+_MAX_NAME_CHARS = 64
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """A label map read from NIfTI: integer ``labels`` (z, y, x) exactly as stored (no
+    float32 rounding), the ``volume`` giving its geometry, and the structure ``names``
+    the file carries (empty when it carries none)."""
+
+    labels: np.ndarray
+    volume: Volume
+    names: dict[int, str]
 
 
 def read_nifti(path: str | Path) -> Volume:
     """Read a 3D NIfTI file as a (z, y, x) Volume in the LPS convention described above."""
+    return _read(path)[0]
+
+
+def read_label_map(path: str | Path) -> LabelMap | None:
+    """The file as a :class:`LabelMap` when it is one (NIfTI's label intent on integer
+    data, as :func:`write_nifti` writes with ``labels=True``), else None."""
+    volume, labels, names = _read(path)
+    return None if labels is None else LabelMap(labels, volume, names)
+
+
+def _label_names(header: Any) -> dict[int, str]:
+    """Structure names from this plugin's JSON comment extension; {} when absent or
+    malformed (a name is display text only: a bad one must not stop the file opening)."""
+    import json
+
+    for ext in getattr(header, "extensions", ()):
+        try:
+            if ext.get_code() != _COMMENT_CODE:
+                continue
+            names = json.loads(ext.get_content().decode("utf-8"))[_NAMES_KEY]["label_names"]
+            return {int(k): str(v)[:_MAX_NAME_CHARS] for k, v in names.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            continue
+    return {}
+
+
+def _read(path: str | Path) -> tuple[Volume, np.ndarray | None, dict[int, str]]:
     path = Path(path).expanduser()
     if not path.exists():
         raise MedsegInputError("no such file or folder", path)
@@ -124,12 +169,14 @@ def read_nifti(path: str | Path) -> Volume:
     origin = origin_along(_RAS_TO_LPS @ affine[:3, 3], axes_zyx)
 
     array = data.transpose(2, 1, 0)
+    is_label_map = (img.header.get_intent()[0] == "label"
+                    and np.issubdtype(array.dtype, np.integer))
     # The affine is stored as float32: round off its noise (0.8 → 0.800000011920929) so
     # written spacings come back as written. 1e-6 / 1e-4 mm is far below any voxel size.
     spacing = tuple(round(float(zooms[i]), 6) for i in (2, 1, 0))
     origin = tuple(round(o, 4) for o in origin)
     try:
-        return Volume(
+        volume = Volume(
             array=array,
             spacing=spacing,
             origin=origin,
@@ -146,6 +193,9 @@ def read_nifti(path: str | Path) -> Volume:
         )
     except MedsegInputError as exc:
         raise MedsegInputError(exc.reason, path) from exc
+    if not is_label_map:
+        return volume, None, {}
+    return volume, np.ascontiguousarray(array), _label_names(img.header)
 
 
 def _storage_dtype(array: np.ndarray, path: Path) -> np.ndarray:
@@ -186,6 +236,8 @@ def write_nifti(
     origin: Any = (0.0, 0.0, 0.0),
     axes: Any = None,
     matrix: Any = None,
+    labels: bool = False,
+    label_names: Mapping[int, str] | None = None,
 ) -> Path:
     """Write a (z, y, x) array to ``path`` (.nii or .nii.gz) atomically; return the path.
 
@@ -197,6 +249,9 @@ def write_nifti(
     voxel indices to mm along those axes (a napari layer rotated, sheared or given an
     affine on top of its scale and translate).
     Integer arrays keep their dtype (bool → uint8, int64 → int32); others become float32.
+    ``labels``: mark the file as a label map (NIfTI's label intent; integers only), with
+    ``label_names`` (value → structure name) stored beside it, so that
+    :func:`read_label_map` gives back the exact values and their names.
     The file is written beside the target and renamed over it, so a failure never leaves a
     half-written file or damages an existing one.
     """
@@ -214,6 +269,8 @@ def write_nifti(
             f"expected a non-empty (z, y, x) array, got shape {data.shape}", path
         )
     data = _storage_dtype(data, path)
+    if labels and not np.issubdtype(data.dtype, np.integer):
+        raise MedsegInputError(f"a label map must hold integers, got {data.dtype}", path)
     if matrix is None:
         try:
             (dz, dy, dx) = triplet(spacing, "spacing", positive=True)
@@ -242,6 +299,15 @@ def write_nifti(
     # Code 1 (scanner) in both: ITK-based tools read the qform, nibabel prefers the sform.
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    if labels:
+        img.header.set_intent("label")
+        if label_names:
+            import json
+
+            text = json.dumps({_NAMES_KEY: {"label_names": {
+                str(int(k)): str(v) for k, v in sorted(label_names.items())}}})
+            img.header.extensions.append(
+                nib.nifti1.Nifti1Extension(_COMMENT_CODE, text.encode("utf-8")))
 
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
     # short: a name near the file system's 255-byte limit must still get its temp file
