@@ -22,7 +22,7 @@ def write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
     matrix = _voxel_to_world(meta, labels.ndim)
     if labels.ndim == 2:
         labels = labels[np.newaxis]
-    _refuse_an_open_layers_file(path)
+    _refuse_an_open_layers_file(path, meta.get("name"))
     written = write_nifti(path, labels, spacing=None, matrix=matrix,
                           axes=_scan_axes(meta, labels.shape, matrix),
                           labels=True, label_names=_label_names(meta))
@@ -76,9 +76,12 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
     return None
 
 
-def _refuse_an_open_layers_file(path: str) -> None:
-    """Never write over the file a layer was opened from (the scan being annotated)."""
+def _refuse_an_open_layers_file(path: str, saving: str | None) -> None:
+    """Never write over the file another layer was opened from (the scan being
+    annotated). A Labels layer opened from a label map saves back onto its own file."""
     for layer in _open_layers():
+        if layer.name == saving and type(layer).__name__ == "Labels":
+            continue
         source = getattr(getattr(layer, "source", None), "path", None)
         try:
             same = source is not None and os.path.exists(path) and os.path.samefile(source, path)

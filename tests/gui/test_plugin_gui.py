@@ -112,6 +112,11 @@ def test_saved_labels_open_again_as_the_same_labels_layer(make_napari_viewer, tm
     np.testing.assert_allclose(layer.translate, (10.0, -5.0, 4.0), atol=1e-4)
     assert dict(zip(layer.features["index"], layer.features["name"])) == {0: "background",
                                                                           2: "liver"}
+    layer.data[3, 1, 1] = 2  # corrected, saved back onto its own file (the scan's is refused)
+    assert viewer.layers.save(str(out), selected=False, plugin="napari-medseg") == [str(out)]
+    from napari_medseg.core.io import read_label_map
+
+    assert read_label_map(out).labels[3, 1, 1] == 2
 
 
 def test_phantom_widget_generates_layers(make_napari_viewer, qtbot):
