@@ -95,13 +95,23 @@ def labels_layer_data(
     return (labels, kwargs, "labels")
 
 
+def marker_sizes(diameters_mm: Any, layer_scale: Any) -> np.ndarray:
+    """Points ``size`` that draws each lesion at its diameter in mm (at least 3).
+
+    napari draws a point ``size × |scale[-1]|`` wide in world units, whatever the other
+    axes' scale or an affine say, so that is the one factor to divide by (a mean of the
+    y and x spacing, or the spacing held in an affine, drew non-square or affine-placed
+    images' lesions too large). Unknown (NaN) diameters get the minimum."""
+    step = abs(float(np.asarray(layer_scale, dtype=float)[-1])) or 1.0
+    return np.maximum(np.nan_to_num(np.asarray(diameters_mm, dtype=float), nan=0.0) / step, 3.0)
+
+
 def _points_kwargs(
-    name: str, diameters_mm: np.ndarray, in_plane_mm: float, features: dict[str, Any], label: str
+    name: str, diameters_mm: np.ndarray, layer_scale: Any, features: dict[str, Any], label: str
 ) -> dict[str, Any]:
     kwargs = {
         "name": name,
-        # marker size is in data pixels; the in-plane spacing turns mm into pixels
-        "size": np.maximum(diameters_mm / in_plane_mm, 3.0) if len(diameters_mm) else 6.0,
+        "size": marker_sizes(diameters_mm, layer_scale) if len(diameters_mm) else 6.0,
         "border_color": "lime",
         "face_color": "transparent",
         "border_width": 0.12,
@@ -124,8 +134,7 @@ def points_layer_data(
     centers = np.asarray(centers_zyx, dtype=float).reshape(-1, 3)
     diameters = np.asarray(diameters_mm, dtype=float).reshape(-1)
     kwargs = {
-        **_points_kwargs(name, diameters, float(np.mean(volume.spacing[1:])), features or {},
-                         "{diameter_mm:.0f} mm"),
+        **_points_kwargs(name, diameters, volume.spacing, features or {}, "{diameter_mm:.0f} mm"),
         **_geometry(volume),
         "metadata": _medseg_metadata(volume, **extra),
     }
@@ -185,13 +194,12 @@ def detection_layer_data(
     centers, scores, diameters = rows[:, :3], rows[:, 3], rows[:, 4]
     if image_layer.ndim == 2:
         centers = centers[:, 1:]
-    in_plane_mm = float(np.mean(result.spacing[1:]))
     # object dtype: with no detections an empty list would make a float column, which
     # then cannot take the "added" default below
     labels = np.asarray([f"{s:.2f} · {d:.0f} mm" for s, d in zip(scores, diameters)], dtype=object)
     kwargs = {
         **_points_kwargs(
-            f"{image_layer.name} lesions ({provenance['model']})", diameters, in_plane_mm,
+            f"{image_layer.name} lesions ({provenance['model']})", diameters, image_layer.scale,
             {"score": scores, "label": labels}, "{label}",
         ),
         # a point the user adds has no score (not a detection's, as napari would copy) and

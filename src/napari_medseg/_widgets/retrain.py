@@ -51,6 +51,7 @@ from .._layers import (
     check_image_layer,
     detection_layer_data,
     mark_added_points,
+    marker_sizes,
     read_deferred,
     scan_axes,
     volume_from_layer,
@@ -1217,13 +1218,12 @@ class RetrainDetectorWidget(_RetrainBase):
     def _restored_layer(self, session, image):
         points = session.points if image.ndim == 3 else session.points[:, 1:]
         diam = np.asarray(session.diameters, dtype=float)  # NaN: unknown, stays unknown
-        in_plane = float(np.mean(np.abs(image.scale[-2:])))
         shown = (np.ones(len(points), dtype=bool) if session.shown is None
                  else np.asarray(session.shown, dtype=bool))
         return self._viewer.add_points(
             points, name=f"{image.name} lesion points (restored {session.saved_at})",
             border_color="lime", face_color="transparent",
-            size=np.maximum(np.nan_to_num(diam, nan=0.0) / in_plane, 3.0) if len(points) else 8,
+            size=marker_sizes(diam, image.scale) if len(points) else 8,
             shown=shown, features={"diameter_mm": diam}, **_like_layer(image))
 
     @staticmethod
