@@ -504,17 +504,12 @@ def test_lesion_markers_are_drawn_at_their_diameter(placement):
     from napari_medseg.core.volume import Volume
 
     image = Image(np.zeros((4, 40, 40), np.float32), name="scan", **placement)
-    world_x_mm = abs(float(image.affine.affine_matrix[2, 2] * image.scale[-1]))
     result = SimpleNamespace(as_rows=lambda: [(1.0, 20.0, 20.0, 0.9, 20.0)])
     data, kwargs, _ = detection_layer_data(result, image, {"model": "m"}, threshold=0.5)
     points = Points(data, **kwargs)
-    drawn_mm = float(points.size[0]) * abs(float(points.scale[-1]))
-    # the affine scales positions, not marker sizes: in world mm the marker spans
-    # drawn_mm only where scale carries the spacing; with an affine, world = data × affine
-    if "affine" in placement:
-        drawn_mm = float(points.size[0]) * abs(float(points.scale[-1]))  # napari ignores it
-        assert world_x_mm == 0.5
-    assert drawn_mm == pytest.approx(20.0)
+    # napari/_vispy/layers/points.py: the drawn width is size × |scale[-1]| world units
+    # (the affine moves the centres, not the marker size)
+    assert float(points.size[0]) * abs(float(points.scale[-1])) == pytest.approx(20.0)
     data, kwargs, _ = points_layer_data(np.array([[1.0, 2.0, 3.0]]), np.array([20.0]),
                                         Volume(np.zeros((4, 5, 6)), (2.5, 0.5, 1.0)), "p")
     points = Points(data, **kwargs)
