@@ -145,3 +145,44 @@ def test_float64_acquired_slices_stay_bit_identical(make_napari_viewer, qtbot, s
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
     new = viewer.layers[-1]
     np.testing.assert_array_equal(new.data[::3], image.data)  # they were float32-rounded
+
+
+def test_labels_drawn_on_a_synthetic_layer_are_saved_where_the_scan_lies(make_napari_viewer,
+                                                                         qtbot, tmp_path):
+    """The synthetic layer of an oblique scan carried no scan axes: labels drawn on it
+    were saved as axial, 16 mm from the same voxel's labels drawn on the scan."""
+    import nibabel as nib
+
+    from napari_medseg._layers import _like_layer, scan_axes
+    from napari_medseg._writer import write_labels_nifti
+
+    angle = np.deg2rad(20)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0],
+                               [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) @ np.diag([0.8, 0.9, 3.0])
+    affine[:3, 3] = (-20.0, 15.0, 30.0)
+    scan = tmp_path / "oblique.nii.gz"
+    data = np.random.default_rng(0).normal(size=(12, 10, 6)).astype(np.float32)  # (i, j, k)
+    nib.save(nib.Nifti1Image(data, affine), scan)
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(scan), plugin="napari-medseg")
+    widget = GenerateWidget(viewer)
+    widget._image.value = image
+    widget._factor.value = 2
+    widget._method.value = "linear"
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    synthetic = viewer.layers[-1]
+    assert scan_axes(synthetic) == scan_axes(image) != {}
+
+    def saved_at(layer, z, name):
+        labels = np.zeros(layer.data.shape, np.uint8)
+        labels[z, 2, 3] = 1
+        drawn = viewer.add_labels(labels, name=name, **_like_layer(layer))
+        (path,) = write_labels_nifti(str(tmp_path / f"{name}.nii.gz"), labels, drawn._get_state())
+        img = nib.load(path)
+        return nib.affines.apply_affine(img.affine, np.argwhere(np.asarray(img.dataobj) == 1)[0])
+
+    # input slice 3 is synthetic slice 6: the same voxel of the patient
+    np.testing.assert_allclose(saved_at(synthetic, 6, "on_synthetic"), saved_at(image, 3, "on_scan"),
+                               atol=1e-3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox
 
-from .._layers import _like_layer, _result_metadata
+from .._layers import _like_layer, _result_metadata, scan_axes
 from ..core.generation import generate_slices, interpolation_job
 from ._model_widget import ModelRunWidget, provenance, slice_ranges
 
@@ -84,6 +84,9 @@ class GenerateWidget(ModelRunWidget):
                 acquired_slices=[int(z) for z in np.flatnonzero(result.acquired)],
                 missing_slices=[int(z) for z in np.flatnonzero(out.missing)],
                 modality=out.modality,
+                # the scan's axes: labels drawn on this layer, or segmented from it, are
+                # saved where the scan lies (an oblique scan's were saved as axial)
+                source=scan_axes(image_layer),
                 note="generated slices are synthetic: not acquired, not for diagnosis"),
         )
         self._status.value = (f"{result.summary()}; new layer '{name}'. Generated slices are"
