@@ -49,10 +49,22 @@ def test_generate_writes_the_finer_grid(tmp_path, zero_model, image, method, cap
         rows = list(csv.DictReader(handle))
     assert [r["status"] for r in rows] == ["acquired", "generated"] * 4 + ["acquired"]
     assert "synthetic" in capsys.readouterr().out
+    # the file itself says so, in other viewers (descrip) and slice by slice (extension)
+    import json
+
+    import nibabel as nib
+
+    header = nib.load(out).header
+    assert b"SYNTHETIC" in header["descrip"].tobytes()
+    (ext,) = header.extensions
+    info = json.loads(ext.get_content())["napari-medseg"]
+    assert info["synthetic"] is True and info["generated_slices"] == [1, 3, 5, 7]
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--factor", "4"], "factor"),
+    (["--factor", "0"], "factor"),  # argparse's own refusal printed its usage block
+    (["--factor", "-2"], "factor"),
     (["--factor", "1"], "nothing to generate"),
 ])
 def test_bad_requests_exit_2_and_write_nothing(tmp_path, zero_model, image, extra, message,

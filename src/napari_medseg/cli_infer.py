@@ -280,7 +280,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     v = result.volume
     status = np.where(result.generated, "generated", np.where(v.missing, "missing", "acquired"))
     _write_all(
-        (out, lambda: write_nifti(out, v.array, v.spacing, v.origin, _grid(volume)[2])),
+        (out, lambda: write_nifti(
+            out, v.array, v.spacing, v.origin, _grid(volume)[2],
+            # other viewers show descrip; the extension says which slices are synthetic
+            description=f"napari-medseg: SYNTHETIC slices ({args.method}), not for diagnosis",
+            info={"synthetic": True, "method": args.method, "factor": result.factor,
+                  "generated_slices": np.flatnonzero(result.generated).tolist(),
+                  "acquired_slices": np.flatnonzero(result.acquired).tolist()})),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
                                             list(enumerate(status.tolist())))))
     print(f"wrote {out.name}: {v.shape[0]} slices at {v.spacing[0]:g} mm ({args.method});"
@@ -337,7 +343,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("input", help="DICOM file or folder, NIfTI (.nii/.nii.gz) or .npy")
     p.add_argument("output", metavar="OUT.nii.gz",
                    help="the volume on the finer grid; acquired slices unchanged")
-    p.add_argument("--factor", type=_positive_int, default=1,
+    # a plain int: the core's check says what is allowed in one line (argparse's own
+    # refusal printed its whole usage block)
+    p.add_argument("--factor", type=int, default=1,
                    help="slices per acquired slice interval (1: only fill gaps; 2 or 3: upsample)")
     p.add_argument("--keep-missing", action="store_true",
                    help="leave slices missing from the series missing (NaN) instead of filling them")

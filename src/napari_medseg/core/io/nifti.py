@@ -238,6 +238,8 @@ def write_nifti(
     matrix: Any = None,
     labels: bool = False,
     label_names: Mapping[int, str] | None = None,
+    description: str = "",
+    info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a (z, y, x) array to ``path`` (.nii or .nii.gz) atomically; return the path.
 
@@ -252,6 +254,8 @@ def write_nifti(
     ``labels``: mark the file as a label map (NIfTI's label intent; integers only), with
     ``label_names`` (value → structure name) stored beside it, so that
     :func:`read_label_map` gives back the exact values and their names.
+    ``description`` goes into the header's 80-character ``descrip`` (what other viewers
+    show); ``info`` (JSON-able) into the same extension, e.g. which slices are synthetic.
     The file is written beside the target and renamed over it, so a failure never leaves a
     half-written file or damages an existing one.
     """
@@ -299,15 +303,19 @@ def write_nifti(
     # Code 1 (scanner) in both: ITK-based tools read the qform, nibabel prefers the sform.
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    ours: dict[str, Any] = dict(info or {})
     if labels:
         img.header.set_intent("label")
         if label_names:
-            import json
+            ours["label_names"] = {str(int(k)): str(v) for k, v in sorted(label_names.items())}
+    if ours:
+        import json
 
-            text = json.dumps({_NAMES_KEY: {"label_names": {
-                str(int(k)): str(v) for k, v in sorted(label_names.items())}}})
-            img.header.extensions.append(
-                nib.nifti1.Nifti1Extension(_COMMENT_CODE, text.encode("utf-8")))
+        text = json.dumps({_NAMES_KEY: ours})
+        img.header.extensions.append(
+            nib.nifti1.Nifti1Extension(_COMMENT_CODE, text.encode("utf-8")))
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
 
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
     # short: a name near the file system's 255-byte limit must still get its temp file
