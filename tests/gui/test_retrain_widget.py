@@ -606,3 +606,21 @@ def test_a_stroke_pushed_out_while_another_layer_was_picked_stays_listed(scene, 
     widget._predict.clicked.emit()
     _wait(widget, qtbot)
     assert (labels.data[3][kept] == 7).all()
+
+
+def test_steady_painting_is_autosaved_while_it_goes_on(scene, qtbot, monkeypatch):
+    """Each change restarted the autosave timer: a stroke every second under a 1.5 s
+    delay saved nothing until the user paused (a crash meanwhile lost every stroke)."""
+    import time
+
+    import napari_medseg._widgets.retrain as retrain_module
+
+    monkeypatch.setattr(retrain_module, "AUTOSAVE_DELAY_MS", 300)
+    viewer, image, labels, widget, phantom = scene
+    saves = []
+    widget._autosave_timer.timeout.connect(lambda: saves.append(time.monotonic()))
+    start = time.monotonic()
+    for z in range(8):  # a stroke every 0.2 s, for 1.6 s: never a 0.3 s pause
+        _paint_slice(labels, z, phantom.labels)
+        qtbot.wait(200)
+    assert saves and saves[0] - start < 0.9, "saved while the painting went on"

@@ -705,7 +705,10 @@ class _RetrainBase(Container):
         return sessions_dir() / session_key(image.name, image.data.shape)
 
     def _schedule_autosave(self) -> None:
-        self._autosave_timer.start(AUTOSAVE_DELAY_MS)
+        # a pending save is not pushed back: restarting the timer on every change saved
+        # nothing for as long as the user kept painting (a crash then lost it all)
+        if not self._autosave_timer.isActive():
+            self._autosave_timer.start(AUTOSAVE_DELAY_MS)
 
     def autosave_now(self, wait: bool = False, image: Any = None, layer: Any = None) -> None:
         """Copy the annotations and lists now (GUI thread), write them in the background.
