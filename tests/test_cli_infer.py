@@ -289,3 +289,25 @@ def test_an_unforeseen_error_is_one_line(monkeypatch, capsys, image, tmp_path):
     monkeypatch.setenv("NAPARI_MEDSEG_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["segment", str(image), str(tmp_path / "o.nii.gz")])
+
+
+def test_no_model_means_the_bundled_one_even_if_a_user_model_shares_its_name(
+        tmp_path, models, image, monkeypatch):
+    """A user model saved as "segmenter" is found first by that name; the default of
+    `segment` without --model must still be the bundled model, as its help says."""
+    import shutil
+
+    import napari_medseg.core.models as core_models
+    from napari_medseg.core.models import BUNDLED_DIR
+
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    user = core_models.user_models_dir()
+    user.mkdir(parents=True)
+    card = models["segmenter"]
+    for f in card.parent.glob(card.stem + "*"):
+        shutil.copy(f, user / f.name.replace(card.stem, "segmenter", 1))
+    asked = []
+    real = core_models.load_model
+    monkeypatch.setattr(core_models, "load_model", lambda p, *a, **k: asked.append(p) or real(p, *a, **k))
+    assert main(["segment", str(image), str(tmp_path / "l.nii.gz"), "-q"]) == 0
+    assert asked == [str(BUNDLED_DIR / "segmenter.json")]

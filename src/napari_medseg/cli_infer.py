@@ -27,6 +27,14 @@ DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "cla
                   "generate": "generator"}
 
 
+def _bundled(command: str) -> str:
+    """The bundled model's card, as the help promises for no --model: a user model saved
+    under the same bare name (found first by name) must not replace the default."""
+    from .core.models import BUNDLED_DIR
+
+    return str(BUNDLED_DIR / f"{DEFAULT_MODELS[command]}.json")
+
+
 def _check_output(path: str, suffixes: tuple[str, ...], source: str | None = None) -> Path:
     out = Path(path).expanduser()
     if source is not None and _same_file(out, Path(source).expanduser()):
@@ -98,7 +106,7 @@ def _load(args: argparse.Namespace, command: str) -> tuple[Any, Any, dict]:
     from .core.models import load_model
 
     volume = _read_and_warn(args.input, command)
-    model, card = load_model(args.model or DEFAULT_MODELS[command])
+    model, card = load_model(args.model or _bundled(command))
     return volume, model, card
 
 
@@ -271,7 +279,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
     fill = not args.keep_missing
     if args.method == "model":
-        model, card = load_model(args.model or DEFAULT_MODELS["generate"])
+        model, card = load_model(args.model or _bundled("generate"))
         result = _run(generate_slices(volume, model, card, factor=args.factor, fill_missing=fill,
                                       threads=args.threads), "generate", args.quiet)
     else:

@@ -153,6 +153,11 @@ def test_save_version_then_load_it_anywhere(scene, qtbot):
     _paint_slice(labels, 4, phantom.labels)
     widget._run.clicked.emit()
     _wait(widget, qtbot)
+    start = len(notification_manager.records)
+    widget._save_name.value = "segmenter"  # a bundled model's name: found first by name,
+    widget._save.clicked.emit()  # it would have stood in for the bundled default
+    assert not (user_models_dir() / "segmenter.json").exists()
+    assert "exists" in " ".join(_errors_since(start))
     widget._save_name.value = "my-liver-fix"
     widget._save.clicked.emit()
     path = user_models_dir() / "my-liver-fix.json"

@@ -70,7 +70,7 @@ from ..core.finetune import (
     unannotated_updates,
 )
 from ..core.inference import card_peak_threshold, detect_lesions, segment_volume
-from ..core.models.registry import load_model, read_card, user_models_dir
+from ..core.models.registry import BUNDLED_DIR, load_model, read_card, user_models_dir
 from ..core.io._common import short_reason
 from ..core.session import (
     AnnotationSession,
@@ -472,7 +472,9 @@ class _RetrainBase(Container):
         if not name:
             base = str(self._history.versions[0].card.get("name", "model"))
             name = f"{base}-ft-{time.strftime('%Y%m%d-%H%M%S')}-v{number}"
-        if (user_models_dir() / f"{name}.json").exists():
+        if (user_models_dir() / f"{name}.json").exists() or (BUNDLED_DIR / f"{name}.json").exists():
+            # a bundled name too: found first by name, it would stand in for the bundled
+            # model in every script and list that names it
             show_error(f"Retrain: a model named '{name}' exists; choose another name")
             return
         try:
