@@ -278,6 +278,22 @@ def test_session_autosave_round_trip_and_damage(tmp_path):
         load_session(tmp_path / "none")
 
 
+def test_an_autosave_keeps_structure_names_is_compressed_and_sweeps_killed_saves(tmp_path):
+    """A structure the user named (not in the model) came back unnamed; every autosave
+    held the whole volume uncompressed; a killed save's temp file stayed until Discard."""
+    labels = np.zeros((40, 128, 128), np.int32)
+    labels[5, 10:20, 10:20] = 9
+    (tmp_path / ".annotations-x.npz.abc.tmp").write_bytes(b"half")  # a killed save's
+    save_session(tmp_path, AnnotationSession("ct", labels.shape, labels, [5],
+                                             label_names={0: "background", 9: "stomach"}))
+    back = load_session(tmp_path)
+    assert back.label_names == {0: "background", 9: "stomach"}
+    np.testing.assert_array_equal(back.labels, labels)
+    (data,) = tmp_path.glob("annotations*.npz")
+    assert data.stat().st_size < labels.nbytes / 100
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_a_save_killed_between_its_two_files_keeps_the_previous_autosave(tmp_path, monkeypatch):
     """The new data file lands, then the process dies before the record naming it is
     written (a quit kills the daemon autosave thread): the previous autosave must still
@@ -520,6 +536,8 @@ def test_an_unreviewed_point_teaches_nothing_on_a_reviewed_slice():
     lambda m: m.update(edited=5),
     lambda m: m.update(checked=[99]),
     lambda m: m.update(excluded=[1.5]),
+    lambda m: m.update(label_names=["liver"]),
+    lambda m: m.update(label_names={"one": "liver"}),
 ])
 def test_a_damaged_session_record_is_an_input_error(tmp_path, edit):
     """The checksum covers the data, not the record: a hand-edited or damaged record

@@ -629,3 +629,28 @@ def test_steady_painting_is_autosaved_while_it_goes_on(scene, qtbot, monkeypatch
         _paint_slice(labels, z, phantom.labels)
         qtbot.wait(200)
     assert saves and saves[0] - start < 0.9, "saved while the painting went on"
+
+
+def test_a_restored_layer_keeps_the_name_of_a_new_structure(make_napari_viewer, random_models,
+                                                            small_phantom):
+    """The user named value 9 "stomach" in the layer's features; the restored layer took
+    its names from the model card only, so the next round called it structure_9."""
+    import pandas as pd
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    labels.features = pd.concat([labels.features, pd.DataFrame({"index": [9], "name": ["stomach"]})],
+                                ignore_index=True)
+    labels.data_setitem((np.array([3, 3]), np.array([5, 6]), np.array([5, 5])), 9)
+    widget.autosave_now(wait=True)
+
+    viewer2 = make_napari_viewer()
+    image2 = _open(viewer2, small_phantom)
+    widget2 = RetrainWidget(viewer2)
+    widget2._image.value = image2
+    widget2._model.value = random_models["RecurrentSegmenter"]
+    widget2._restore.clicked.emit()
+    restored = widget2._labels_pick.value
+    assert widget2._layer_class_names(restored)[9] == "stomach"

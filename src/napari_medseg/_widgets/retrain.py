@@ -1063,11 +1063,13 @@ class RetrainWidget(_RetrainBase):
             return None
         return AnnotationSession(image_name=image.name, shape=tuple(layer.data.shape),
                                  labels=np.array(layer.data, copy=True),
-                                 image_fingerprint=self._fingerprint(image))
+                                 image_fingerprint=self._fingerprint(image),
+                                 label_names=self._layer_class_names(layer))
 
     def _restored_layer(self, session, image):
+        names = {**self._current_class_names(), **(session.label_names or {})}
         kwargs = {**_labels_kwargs(f"{image.name} annotations (restored {session.saved_at})",
-                                   self._current_class_names()), **_like_layer(image),
+                                   names), **_like_layer(image),
                   "metadata": _on_scan(image)}
         return self._viewer.add_labels(session.labels, **kwargs)
 
