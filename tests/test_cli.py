@@ -19,6 +19,11 @@ def test_phantom_then_info(tmp_path, capsys):
     image = read_nifti(out / "image.nii.gz")
     labels = read_nifti(out / "labels.nii.gz")
     assert image.shape == labels.shape == (12, 64, 48)
+    from napari_medseg.core.io import read_label_map
+    from napari_medseg.core.phantom import LABEL_NAMES
+
+    truth = read_label_map(out / "labels.nii.gz")  # opens in napari as named Labels
+    assert truth is not None and truth.names == dict(enumerate(LABEL_NAMES))
     np.testing.assert_allclose(image.spacing, (3, 0.9, 1.1), rtol=1e-5)
     assert image.modality == "CT"
     with open(out / "lesions.csv") as handle:

@@ -83,7 +83,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def _write_phantom(out: Path, phantom) -> None:
     """All four files or none: a new image must never sit next to an old ground truth."""
     from .core.io import write_nifti
-    from .core.phantom import SLICE_CLASSES
+    from .core.phantom import LABEL_NAMES, SLICE_CLASSES
 
     volume = phantom.volume
     lesion_rows = [(*(round(float(c), 2) for c in lesion.center_zyx), round(lesion.radius_mm, 2))
@@ -92,8 +92,9 @@ def _write_phantom(out: Path, phantom) -> None:
     cli_infer._write_all(
         (out / "image.nii.gz", lambda: write_nifti(out / "image.nii.gz", volume.array,
                                                    volume.spacing, volume.origin)),
-        (out / "labels.nii.gz", lambda: write_nifti(out / "labels.nii.gz", phantom.labels,
-                                                    volume.spacing, volume.origin)),
+        (out / "labels.nii.gz", lambda: write_nifti(
+            out / "labels.nii.gz", phantom.labels, volume.spacing, volume.origin, labels=True,
+            label_names=dict(enumerate(LABEL_NAMES)))),
         (out / "lesions.csv", lambda: _write_csv_atomic(out / "lesions.csv",
                                                         ("z", "y", "x", "radius_mm"), lesion_rows)),
         (out / "slice_classes.csv", lambda: _write_csv_atomic(

@@ -1306,8 +1306,10 @@ def generate_phantom(
     Parameters
     ----------
     shape, spacing
-        Grid (z, y, x) in voxels and mm. The anatomy is defined in mm, so the same seed at
-        another spacing over the same field of view is the same patient.
+        Grid (z, y, x) in voxels and mm. The organs are defined in mm, so the same seed at
+        another spacing over the same field of view gives the same organs; the lesions are
+        placed on the voxel grid and usually differ (another grid or slice count draws
+        other candidate centres from the same stream).
     seed
         Non-negative integer; the same arguments and seed give bit-identical output.
     n_lesions
