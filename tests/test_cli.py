@@ -23,7 +23,7 @@ def test_phantom_then_info(tmp_path, capsys):
     from napari_medseg.core.phantom import LABEL_NAMES
 
     truth = read_label_map(out / "labels.nii.gz")  # opens in napari as named Labels
-    assert truth is not None and truth.names == dict(enumerate(LABEL_NAMES))
+    assert truth is not None and truth.names == LABEL_NAMES
     np.testing.assert_allclose(image.spacing, (3, 0.9, 1.1), rtol=1e-5)
     assert image.modality == "CT"
     with open(out / "lesions.csv") as handle:

@@ -65,7 +65,7 @@ def test_segment_writes_labels_on_the_input_grid(tmp_path, models, image, capsys
     from napari_medseg.core.io import read_label_map
 
     label_map = read_label_map(out)  # opens in napari as Labels, structures named
-    assert label_map.names == dict(enumerate(LABEL_NAMES))
+    assert label_map.names == LABEL_NAMES
     captured = capsys.readouterr()
     assert "wrote labels.nii.gz" in captured.out and "100%" in captured.err
 

@@ -94,7 +94,7 @@ def _write_phantom(out: Path, phantom) -> None:
                                                    volume.spacing, volume.origin)),
         (out / "labels.nii.gz", lambda: write_nifti(
             out / "labels.nii.gz", phantom.labels, volume.spacing, volume.origin, labels=True,
-            label_names=dict(enumerate(LABEL_NAMES)))),
+            label_names=dict(LABEL_NAMES))),
         (out / "lesions.csv", lambda: _write_csv_atomic(out / "lesions.csv",
                                                         ("z", "y", "x", "radius_mm"), lesion_rows)),
         (out / "slice_classes.csv", lambda: _write_csv_atomic(
