@@ -286,18 +286,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = _run(interpolation_job(volume, args.factor, fill, args.method), "generate",
                       args.quiet)
     v = result.volume
-    status = np.where(result.generated, "generated", np.where(v.missing, "missing", "acquired"))
+    # along the slice axis (z, or y / x for a coronal / sagittal scan)
+    status = np.where(result.generated, "generated",
+                      np.where(result.acquired, "acquired", "missing"))
     _write_all(
         (out, lambda: write_nifti(
             out, v.array, v.spacing, v.origin, _grid(volume)[2],
             # other viewers show descrip; the extension says which slices are synthetic
             description=f"napari-medseg: SYNTHETIC slices ({args.method}), not for diagnosis",
             info={"synthetic": True, "method": args.method, "factor": result.factor,
+                  "slice_axis": result.axis_name,
                   "generated_slices": np.flatnonzero(result.generated).tolist(),
                   "acquired_slices": np.flatnonzero(result.acquired).tolist()})),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
                                             list(enumerate(status.tolist())))))
-    print(f"wrote {out.name}: {v.shape[0]} slices at {v.spacing[0]:g} mm ({args.method});"
+    print(f"wrote {out.name}: {v.shape[result.axis]} slices at {v.spacing[result.axis]:g} mm"
+          f"{'' if result.axis == 0 else ' along ' + result.axis_name} ({args.method});"
           f" {result.summary()}. Generated slices are synthetic, not acquired.")
     return 0
 

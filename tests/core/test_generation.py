@@ -196,3 +196,28 @@ def test_a_slice_made_of_nan_only_is_missing_not_generated():
     out = interpolate_slices(Volume(array, (2.0, 1.0, 1.0)), factor=2)
     assert out.volume.missing.tolist() == [False, True, False]
     assert not out.generated.any() and "0 slices generated" in out.summary()
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_a_coronal_or_sagittal_scans_slices_are_upsampled_along_their_own_axis(axis):
+    """The NIfTI reader turns every scan to (S, P, L): a sagittal scan's 4 mm slices lie
+    along x. ×2 doubled z (0.5 mm) and left the 4 mm gaps as they were."""
+    from napari_medseg.core.generation import interpolate_slices, slice_axis
+
+    rng = np.random.default_rng(0)
+    shape = [16, 16, 16]
+    shape[axis] = 6
+    spacing = [0.5, 0.5, 0.5]
+    spacing[axis] = 4.0
+    array = rng.normal(size=shape).astype(np.float32)
+    volume = Volume(array, tuple(spacing), (1.0, 2.0, 3.0))
+    assert slice_axis(volume) == axis
+    result = interpolate_slices(volume, 2)
+    assert result.axis == axis and result.volume.spacing[axis] == 2.0
+    assert result.volume.shape[axis] == 11 and result.volume.origin == (1.0, 2.0, 3.0)
+    np.testing.assert_array_equal(np.take(result.volume.array, range(0, 11, 2), axis=axis), array)
+    middle = (np.take(array, 0, axis=axis) + np.take(array, 1, axis=axis)) / 2
+    np.testing.assert_allclose(np.take(result.volume.array, 1, axis=axis), middle, atol=1e-6)
+    assert result.generated.sum() == 5 and "along " + "zyx"[axis] in result.summary()
+    # nearly isotropic voxels stay along z
+    assert slice_axis(Volume(array, (1.25, 1.3, 1.3))) == 0

@@ -186,3 +186,27 @@ def test_labels_drawn_on_a_synthetic_layer_are_saved_where_the_scan_lies(make_na
     # input slice 3 is synthetic slice 6: the same voxel of the patient
     np.testing.assert_allclose(saved_at(synthetic, 6, "on_synthetic"), saved_at(image, 3, "on_scan"),
                                atol=1e-3)
+
+
+def test_a_sagittal_scan_gets_slices_between_its_own(make_napari_viewer, qtbot, tmp_path):
+    """Opened from NIfTI a sagittal scan lies (S, P, L): its 4 mm slices run along x.
+    ×2 made the 0.5 mm z finer and left the 4 mm gaps, without a word."""
+    import nibabel as nib
+
+    data = np.random.default_rng(2).normal(size=(8, 20, 16)).astype(np.float32)  # (x, y, z)
+    path = tmp_path / "sag.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([4.0, 0.5, 0.5, 1.0])), path)
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(path), plugin="napari-medseg")
+    widget = GenerateWidget(viewer)
+    widget._image.value = image
+    widget._factor.value = 2
+    widget._method.value = "linear"
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    new = viewer.layers[-1]
+    nz, ny, nx = image.data.shape
+    assert new.data.shape == (nz, ny, 2 * nx - 1)
+    np.testing.assert_allclose(new.scale, [*image.scale[:2], image.scale[2] / 2])
+    np.testing.assert_array_equal(new.data[:, :, ::2], image.data)
+    assert new.metadata["medseg"]["slice_axis"] == "x" and "along x" in widget._status.value

@@ -1,6 +1,7 @@
 """Dock widget: upsample thick slices and fill missing ones (interpolation or the generator).
 
-The result is a NEW Image layer on the same world grid (z scale divided by the factor),
+The result is a NEW Image layer on the same world grid (the slice axis' scale divided by
+the factor: z, or y / x for a coronal / sagittal scan),
 named "… synthetic" and marked in its metadata (``medseg.synthetic``, the generated and
 acquired slice indices); the input layer is never changed. Linear and cubic
 interpolation are offered next to the model (and linear is the default, as measured) so
@@ -16,7 +17,9 @@ from .._layers import _like_layer, _result_metadata, scan_axes
 from ..core.generation import generate_slices, interpolation_job
 from ._model_widget import ModelRunWidget, provenance, slice_ranges
 
-FACTORS = [("fill missing slices only (×1)", 1), ("×2 along z", 2), ("×3 along z", 3)]
+# along the slice axis: z, or y / x for a coronal / sagittal scan (core.generation.slice_axis)
+FACTORS = [("fill missing slices only (×1)", 1), ("×2 between slices", 2),
+           ("×3 between slices", 3)]
 # linear first: on held-out phantoms the generator measured equal to it (−0.02 dB) and on
 # real MR far worse (docs/generation-and-explainability.md), so it is the sensible default
 METHODS = [("linear interpolation", "linear"), ("cubic interpolation", "cubic"),
@@ -61,11 +64,13 @@ class GenerateWidget(ModelRunWidget):
             # slices are copied from the layer itself, so they stay exactly as acquired
             data = data.astype(np.float64)
             acquired = np.flatnonzero(result.acquired)
-            data[acquired] = np.asarray(image_layer.data[acquired // result.factor],
-                                        dtype=np.float64)
+            at = [slice(None)] * 3
+            at[result.axis] = acquired
+            data[tuple(at)] = np.take(np.asarray(image_layer.data, dtype=np.float64),
+                                      acquired // result.factor, axis=result.axis)
         if image_layer.ndim == 3:
             scale = list(geometry["scale"])
-            scale[0] = scale[0] / result.factor
+            scale[result.axis] = scale[result.axis] / result.factor
             geometry["scale"] = tuple(scale)
         else:  # a 2D image has nothing between slices; the core refused it already
             data = data[0]
@@ -80,6 +85,7 @@ class GenerateWidget(ModelRunWidget):
             **geometry,
             metadata=_result_metadata(
                 prov, synthetic=True, method=method, factor=result.factor,
+                slice_axis=result.axis_name,
                 generated_slices=generated,
                 acquired_slices=[int(z) for z in np.flatnonzero(result.acquired)],
                 missing_slices=[int(z) for z in np.flatnonzero(out.missing)],
@@ -96,6 +102,9 @@ class GenerateWidget(ModelRunWidget):
         if not volume.missing.any():
             return ""
         gaps = np.flatnonzero(volume.missing)
+        if result.axis:  # slices made along y or x do not fill gaps between z planes
+            return (f"Missing input slices {slice_ranges(gaps)}: left missing (this scan's"
+                    f" slices lie along {result.axis_name})")
         filled = result.generated[gaps * result.factor]
         parts = [f"{slice_ranges(gaps[filled])}: filled (synthetic)" if filled.any() else "",
                  f"{slice_ranges(gaps[~filled])}: left missing" if (~filled).any() else ""]

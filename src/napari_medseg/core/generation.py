@@ -18,7 +18,7 @@ other models (:mod:`.training`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -173,12 +173,68 @@ class GenerationResult:
     acquired: np.ndarray
     factor: int
     model_name: str
+    #: the volume axis the slices lie along (0: z; 1 or 2 for a sagittal or coronal scan
+    #: that a reader turned to (z, y, x) = (S, P, L)); ``generated`` and ``acquired``
+    #: index that axis
+    axis: int = 0
+
+    @property
+    def axis_name(self) -> str:
+        return "zyx"[self.axis]
 
     def summary(self) -> str:
         n_gen, n_acq = int(self.generated.sum()), int(self.acquired.sum())
-        left = int(self.volume.missing.sum())
+        left = len(self.generated) - n_gen - n_acq
         text = f"{n_gen} slices generated, {n_acq} acquired kept unchanged"
+        text += f" (slices along {self.axis_name})" if self.axis else ""
         return text + (f", {left} left missing" if left else "")
+
+
+#: an in-plane axis counts as the slice axis when its spacing is this much above z's
+THICK_AXIS_RATIO = 1.5
+
+
+def slice_axis(volume: Volume) -> int:
+    """The axis the slices were acquired along: z, unless y or x is the coarsest by more
+    than :data:`THICK_AXIS_RATIO` × z's spacing. The NIfTI reader turns every scan to
+    (S, P, L), so a sagittal scan's thick slices lie along x and a coronal one's along y;
+    upsampling z there would halve an already fine spacing and leave the gaps."""
+    spacing = np.asarray(volume.spacing, dtype=float)
+    axis = int(np.argmax(spacing))
+    return axis if axis and spacing[axis] > THICK_AXIS_RATIO * spacing[0] else 0
+
+
+def _slices_first(volume: Volume, axis: int) -> Volume:
+    order = [axis] + [a for a in range(3) if a != axis]
+    return Volume(np.ascontiguousarray(volume.array.transpose(order)),
+                  tuple(volume.spacing[a] for a in order), tuple(volume.origin[a] for a in order),
+                  volume.modality, metadata=dict(volume.metadata))
+
+
+def _axis_put_back(result: "GenerationResult", axis: int) -> "GenerationResult":
+    order = [axis] + [a for a in range(3) if a != axis]
+    back = list(np.argsort(order))
+    v = result.volume
+    volume = Volume(np.ascontiguousarray(v.array.transpose(back)),
+                    tuple(v.spacing[a] for a in back), tuple(v.origin[a] for a in back),
+                    v.modality, metadata=dict(v.metadata))
+    return replace(result, volume=volume, axis=axis)
+
+
+def _along_slice_axis(job_fn):
+    """Run a generation job on the volume turned so that its slice axis comes first, and
+    turn the result back (``axis`` records it); a plain z-axis volume runs as it is."""
+    import functools
+
+    @functools.wraps(job_fn)
+    def wrapper(volume, *args, **kwargs):
+        axis = slice_axis(volume) if isinstance(volume, Volume) else 0
+        if axis == 0:
+            return (yield from job_fn(volume, *args, **kwargs))
+        result = yield from job_fn(_slices_first(volume, axis), *args, **kwargs)
+        return _axis_put_back(result, axis)
+
+    return wrapper
 
 
 def residual_scale(card: Mapping[str, Any]) -> float:
@@ -242,6 +298,7 @@ def plan_generation(volume: Volume, factor: int = 1, fill_missing: bool = True
     return acquired, known, targets
 
 
+@_along_slice_axis
 def generate_slices(
     volume: Volume,
     model: SliceGenerator,
@@ -252,10 +309,12 @@ def generate_slices(
     chunk: int = DEFAULT_CHUNK,
     threads: int | None = None,
 ) -> Job[GenerationResult]:
-    """Upsample ``volume`` ``factor``× along z and/or fill its missing slices (a generator
-    yielding Progress; returns a :class:`GenerationResult`; closing it cancels).
+    """Upsample ``volume`` ``factor``× along its slice axis and/or fill its missing slices
+    (a generator yielding Progress; returns a :class:`GenerationResult`; closing it
+    cancels).
 
-    Spacing along z becomes ``dz / factor``; origin and in-plane grid are unchanged.
+    The slice axis is z, or y / x for a coronal / sagittal scan (:func:`slice_axis`); its
+    spacing becomes ``spacing / factor``; origin and the other two axes are unchanged.
     """
     if not isinstance(volume, Volume):
         raise MedsegInputError(f"expected a Volume, got {type(volume).__name__}")
@@ -331,6 +390,7 @@ def interpolate_slices(volume: Volume, factor: int = 1, fill_missing: bool = Tru
     return run_to_completion(interpolation_job(volume, factor, fill_missing, method))
 
 
+@_along_slice_axis
 def interpolation_job(volume: Volume, factor: int = 1, fill_missing: bool = True,
                       method: str = "linear") -> Job[GenerationResult]:
     """:func:`interpolate_slices` as a generator (progress and cancel points)."""
