@@ -147,6 +147,18 @@ def test_float64_acquired_slices_stay_bit_identical(make_napari_viewer, qtbot, s
     np.testing.assert_array_equal(new.data[::3], image.data)  # they were float32-rounded
 
 
+def _linear_x2_of_file(viewer, qtbot, path):
+    """Open ``path`` with the plugin's reader, run ×2 linear on it; (image, widget)."""
+    (image,) = viewer.open(str(path), plugin="napari-medseg")
+    widget = GenerateWidget(viewer)
+    widget._image.value = image
+    widget._factor.value = 2
+    widget._method.value = "linear"
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    return image, widget
+
+
 def test_labels_drawn_on_a_synthetic_layer_are_saved_where_the_scan_lies(make_napari_viewer,
                                                                          qtbot, tmp_path):
     """The synthetic layer of an oblique scan carried no scan axes: labels drawn on it
@@ -165,13 +177,7 @@ def test_labels_drawn_on_a_synthetic_layer_are_saved_where_the_scan_lies(make_na
     data = np.random.default_rng(0).normal(size=(12, 10, 6)).astype(np.float32)  # (i, j, k)
     nib.save(nib.Nifti1Image(data, affine), scan)
     viewer = make_napari_viewer()
-    (image,) = viewer.open(str(scan), plugin="napari-medseg")
-    widget = GenerateWidget(viewer)
-    widget._image.value = image
-    widget._factor.value = 2
-    widget._method.value = "linear"
-    widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    image, widget = _linear_x2_of_file(viewer, qtbot, scan)
     synthetic = viewer.layers[-1]
     assert scan_axes(synthetic) == scan_axes(image) != {}
 
@@ -197,13 +203,7 @@ def test_a_sagittal_scan_gets_slices_between_its_own(make_napari_viewer, qtbot, 
     path = tmp_path / "sag.nii.gz"
     nib.save(nib.Nifti1Image(data, np.diag([4.0, 0.5, 0.5, 1.0])), path)
     viewer = make_napari_viewer()
-    (image,) = viewer.open(str(path), plugin="napari-medseg")
-    widget = GenerateWidget(viewer)
-    widget._image.value = image
-    widget._factor.value = 2
-    widget._method.value = "linear"
-    widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    image, widget = _linear_x2_of_file(viewer, qtbot, path)
     new = viewer.layers[-1]
     nz, ny, nx = image.data.shape
     assert new.data.shape == (nz, ny, 2 * nx - 1)
