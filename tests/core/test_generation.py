@@ -221,3 +221,31 @@ def test_a_coronal_or_sagittal_scans_slices_are_upsampled_along_their_own_axis(a
     assert result.generated.sum() == 5 and "along " + "zyx"[axis] in result.summary()
     # nearly isotropic voxels stay along z
     assert slice_axis(Volume(array, (1.25, 1.3, 1.3))) == 0
+
+
+@pytest.mark.parametrize("case", ["thin axial CT", "single slice", "z gaps"])
+def test_scans_whose_slices_lie_along_z_stay_along_z(case):
+    """A review found: 0.625 mm slices of 0.98 mm pixels were upsampled along y (square
+    pixels coarser than the slices), a 2 mm-pixel 2D image was 'upsampled' in-plane, and
+    a series with gaps lost them when turned."""
+    from napari_medseg.core.generation import interpolate_slices, slice_axis
+
+    rng = np.random.default_rng(0)
+    if case == "single slice":
+        volume = Volume(rng.normal(size=(1, 16, 16)).astype(np.float32), (1.0, 2.0, 2.0))
+        assert slice_axis(volume) == 0
+        with pytest.raises(MedsegInputError, match="two acquired slices"):
+            interpolate_slices(volume, 2)
+        return
+    array = rng.normal(size=(12, 16, 16)).astype(np.float32)
+    missing = np.zeros(12, bool)
+    if case == "z gaps":
+        missing[5] = True
+        array[5] = np.nan
+    volume = Volume(array, (0.625, 0.977, 0.977) if case == "thin axial CT" else (1.0, 2.0, 2.0),
+                    missing=missing)
+    assert slice_axis(volume) == 0
+    result = interpolate_slices(volume, 1 if case == "z gaps" else 2)
+    assert result.axis == 0
+    if case == "z gaps":
+        assert result.generated[5] and np.isfinite(result.volume.array[5]).all()

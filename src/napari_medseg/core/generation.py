@@ -195,13 +195,22 @@ THICK_AXIS_RATIO = 1.5
 
 
 def slice_axis(volume: Volume) -> int:
-    """The axis the slices were acquired along: z, unless y or x is the coarsest by more
-    than :data:`THICK_AXIS_RATIO` × z's spacing. The NIfTI reader turns every scan to
+    """The axis the slices were acquired along: z, unless y or x is coarser than
+    :data:`THICK_AXIS_RATIO` × each of the other two. The NIfTI reader turns every scan to
     (S, P, L), so a sagittal scan's thick slices lie along x and a coronal one's along y;
-    upsampling z there would halve an already fine spacing and leave the gaps."""
+    upsampling z there would halve an already fine spacing and leave the gaps.
+
+    Always z for a single slice (a 2D image: nothing lies between slices), for a volume
+    with missing z slices (a series' gaps are along z) and for square pixels coarser than
+    thin slices (0.625 mm slices of 0.98 mm pixels are an axial CT, not a coronal one)."""
     spacing = np.asarray(volume.spacing, dtype=float)
-    axis = int(np.argmax(spacing))
-    return axis if axis and spacing[axis] > THICK_AXIS_RATIO * spacing[0] else 0
+    if volume.shape[0] == 1 or volume.missing.any():
+        return 0
+    for axis in (1, 2):
+        others = np.delete(spacing, axis)
+        if (spacing[axis] > THICK_AXIS_RATIO * others).all():
+            return axis
+    return 0
 
 
 def _slices_first(volume: Volume, axis: int) -> Volume:

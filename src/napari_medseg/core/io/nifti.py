@@ -48,7 +48,7 @@ _LPS = axcodes2ornt(("L", "P", "S"))
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # dtypes written as given: label maps keep their integers, float32 images stay float32
 _KEPT_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "int32", "uint32")}
-# A label map is marked with NIfTI's label intent (ITK-SNAP and 3D Slicer write the same)
+# A label map is marked with NIfTI's standard label intent (NIFTI_INTENT_LABEL, 1002)
 # and its structure names ride in a JSON comment extension under this key, so a file this
 # plugin wrote opens again as a Labels layer with its names, not as a float32 image.
 _NAMES_KEY = "napari-medseg"
