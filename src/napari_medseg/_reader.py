@@ -45,7 +45,9 @@ def read_layers(path: str | list[str]) -> list:
 
 
 def _layer_name(path: str) -> str:
-    name = Path(path).name
+    from .core.io import named_path
+
+    name = named_path(path).name
     for suffix in (".nii.gz", ".nii", ".npy", ".dcm", ".dicom", ".ima"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)] or name

@@ -768,3 +768,91 @@ def test_a_siemens_mosaic_is_said_to_be_one():
 
     vol = read_dicom(Path(nibabel.testing.data_path) / "0.dcm")
     assert any(w.startswith("Siemens mosaic") for w in vol.metadata["warnings"])
+
+
+# --------------------------------------------------------------------------- from a review
+
+
+def test_positions_without_orientation_are_sorted_by_position_as_axial(tmp_path):
+    """Without ImageOrientationPatient every slice fell back to InstanceNumber order: the
+    positions (and so the gap) were thrown away, and a warning called them missing."""
+    folder = tmp_path / "noiop"
+    folder.mkdir()
+    zs = [0.0, 4.0, 2.0, 10.0, 8.0]
+    for k, z in enumerate(zs):
+        path = folder / f"s{k}.dcm"
+        write_ct_slice(path, z, series_uid="1.2.9", instance=5 - k)
+        ds = pydicom.dcmread(path)
+        del ds.ImageOrientationPatient
+        _save(ds, path)
+    volume = read_dicom(folder)
+    assert volume.spacing[0] == pytest.approx(2.0) and volume.shape[0] == 6
+    assert volume.missing.tolist() == [False, False, False, True, False, False]  # z = 6 mm
+    for z_index, z in [(0, 0.0), (1, 2.0), (5, 10.0)]:
+        np.testing.assert_allclose(volume.array[z_index], expected_hu(z))
+    assert any("ImageOrientationPatient missing" in w for w in volume.metadata["warnings"])
+
+
+@pytest.mark.parametrize("tags, expect", [
+    ({"RescaleSlope": None}, "invalid RescaleSlope"),  # empty: named, not a TypeError
+    ({"RescaleIntercept": "DELETE"}, "slope alone"),  # a slope without intercept applies
+])
+def test_rescale_tags_odd_or_alone(tmp_path, tags, expect):
+    path = tmp_path / "one.dcm"
+    write_ct_slice(path, 3.0, series_uid="1.2.8", instance=1)
+    ds = pydicom.dcmread(path)
+    for tag, value in tags.items():
+        if value == "DELETE":
+            delattr(ds, tag)
+        else:
+            setattr(ds, tag, value)
+    _save(ds, path)
+    if expect == "slope alone":  # stored (HU + 1024) / 2: with the slope and no intercept
+        np.testing.assert_allclose(read_dicom(path).array[0], expected_hu(3.0) + 1024.0)
+        return
+    with pytest.raises(MedsegInputError, match=expect) as info:
+        read_dicom(path)
+    assert_clean_error(info.value, path)
+
+
+def test_a_named_pipe_in_a_folder_does_not_hang_the_reader(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "with_fifo"
+    write_series(folder, [0.0, 2.0])
+    os.mkfifo(folder / "a_pipe")
+    code = ("from napari_medseg.core.io import is_supported_path, read_volume;"
+            f"print(is_supported_path({str(folder)!r}), read_volume({str(folder)!r}).shape)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith("True (2,"), run.stderr
+
+
+def test_unreadable_files_are_named_not_called_non_dicom(tmp_path, monkeypatch):
+    folder = tmp_path / "p"
+    write_series(folder, [0.0, 2.0, 4.0], shuffle=False)
+    real = pydicom.dcmread
+
+    def no_permission(path, *args, **kwargs):
+        if Path(path).name == "s001.dcm":
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", no_permission)
+    volume = read_dicom(folder)
+    warning = " ".join(volume.metadata["warnings"])
+    assert "could not read 1 file" in warning and "s001.dcm" in warning
+    assert "non-DICOM" not in warning
+    with pytest.raises(MedsegInputError, match="could not read the file") as info:
+        read_dicom(folder / "s001.dcm")
+    assert_clean_error(info.value, folder / "s001.dcm")
+
+
+def test_a_folder_opened_as_dot_has_a_name(tmp_path, monkeypatch):
+    folder = tmp_path / "e6"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    with pytest.raises(MedsegInputError) as info:
+        read_volume(".")
+    assert str(info.value).startswith("e6: ")

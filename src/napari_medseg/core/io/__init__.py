@@ -45,6 +45,8 @@ def _maybe_dicom(path: Path) -> bool:
     """DICOM files are often named without a suffix, or by UID ("1.2.840.….37"): sniff
     the "DICM" marker after the 128-byte preamble (a file without it is not read anyway)."""
     try:
+        if not path.is_file():  # a named pipe would block open() forever
+            return False
         with open(path, "rb") as f:
             f.seek(128)
             return f.read(4) == b"DICM"
@@ -89,9 +91,15 @@ def is_supported_path(path: str | Path) -> bool:
     return path.is_file() and _maybe_dicom(path)
 
 
+def named_path(path: str | Path) -> Path:
+    """``path`` with a name to show: "." or ".." (a folder opened from inside it) have none."""
+    path = Path(path).expanduser()
+    return path.resolve() if path.name in ("", ".", "..") else path
+
+
 def read_volume(path: str | Path) -> Volume:
     """Read a DICOM file/folder, NIfTI file or .npy array, chosen by folder-ness and suffix."""
-    path = Path(path).expanduser()
+    path = named_path(path)
     if not path.exists():
         raise MedsegInputError("no such file or folder", path)
     suffix = _suffix(path)
@@ -113,7 +121,7 @@ def read_volume(path: str | Path) -> Volume:
 def read_scan_or_labels(path: str | Path) -> Volume | LabelMap:
     """What napari should open: a :class:`LabelMap` for a NIfTI label map (one this
     plugin saved, or any tool's file marked with the label intent), else the Volume."""
-    path = Path(path).expanduser()
+    path = named_path(path)
     if path.is_file() and _suffix(path) in NIFTI_SUFFIXES:
         volume, labels, names = _read_nifti(path)
         return volume if labels is None else LabelMap(labels, volume, names)

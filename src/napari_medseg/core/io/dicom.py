@@ -16,7 +16,7 @@ data, in ``metadata["warnings"]``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,18 @@ class _Source:
             slope = np.array([s for s, _ in self.frame_rescale], dtype=np.float64)[:, None, None]
             icpt = np.array([i for _, i in self.frame_rescale], dtype=np.float64)[:, None, None]
             values = raw * slope[: len(raw)] + icpt[: len(raw)]
+        elif "ModalityLUTSequence" not in ds and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
+            # read here, not by apply_modality_lut: it applies neither when one of the two
+            # is absent (a slope alone was silently dropped) and fails on an empty one
+            slope, icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+            try:
+                slope = 1.0 if slope is None and "RescaleSlope" not in ds else float(slope)
+                icpt = 0.0 if icpt is None and "RescaleIntercept" not in ds else float(icpt)
+            except (TypeError, ValueError) as exc:
+                raise MedsegInputError(
+                    f"invalid RescaleSlope / RescaleIntercept ({ds.get('RescaleSlope')!r}, "
+                    f"{ds.get('RescaleIntercept')!r})", self.path) from exc
+            values = raw * np.float64(slope) + np.float64(icpt)
         else:
             values = apply_modality_lut(raw, ds)
         # RT dose grids store integers; DoseGridScaling turns them into Gy.
@@ -146,6 +158,9 @@ def read_dicom(path: str | Path) -> Volume:
 def _dcmread(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path)
+    except OSError as exc:  # no permission, a disk error: not a malformed file
+        raise MedsegInputError(f"could not read the file ({exc.strerror or short_reason(exc)})",
+                               path) from exc
     except InvalidDicomError as exc:
         raise MedsegInputError("not a DICOM file (no 'DICM' file header)", path) from exc
     except Exception as exc:
@@ -173,9 +188,13 @@ def _read_folder(folder: Path) -> Volume:
         raise MedsegInputError("folder holds no files", folder)
     images: list[tuple[Path, Dataset]] = []
     skipped = broken = 0
+    unreadable: list[str] = []
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except OSError:  # no permission, a disk error: say which, it may be a slice
+            unreadable.append(f.name)
+            continue
         except Exception:  # not DICOM, or too broken to read a header from
             skipped += 1
             continue
@@ -191,7 +210,9 @@ def _read_folder(folder: Path) -> Volume:
         # else: DICOMDIR, structured report, RT plan ... DICOM but no image
     if not images:
         n = len(files)
-        raise MedsegInputError(f"no DICOM images among {n} file{'s' if n > 1 else ''}", folder)
+        why = f" ({len(unreadable)} could not be read, e.g. {unreadable[0]})" if unreadable else ""
+        raise MedsegInputError(f"no DICOM images among {n} file{'s' if n > 1 else ''}{why}",
+                               folder)
 
     groups: dict[tuple, list[tuple[Path, Dataset]]] = {}
     for f, ds in images:
@@ -205,6 +226,10 @@ def _read_folder(folder: Path) -> Volume:
         notes.append(f"skipped {skipped} non-DICOM file{'s' if skipped > 1 else ''}")
     if broken:
         notes.append(f"skipped {broken} truncated or malformed image file{'s' if broken > 1 else ''}")
+    if unreadable:
+        notes.append(f"could not read {len(unreadable)} file{'s' if len(unreadable) > 1 else ''}"
+                     f" (no permission or a disk error): {', '.join(unreadable[:3])}"
+                     + (" …" if len(unreadable) > 3 else ""))
     failures: list[str] = []
     for rank, chosen in enumerate(order):
         warns: list[str] = []
@@ -551,6 +576,13 @@ def _sort(
     InstanceNumber, keeping the first); otherwise by InstanceNumber / frame number, and
     positions and axes are None.
     """
+    if (all(f.position is not None and f.orientation is None for f in frames)
+            and len(frames) > 1):
+        # positions without ImageOrientationPatient: sorting by InstanceNumber threw the
+        # positions away (wrong order, no gaps); axial is the one orientation to assume
+        warns.append("ImageOrientationPatient missing; slices taken as axial and sorted by "
+                     "their positions")
+        frames = [replace(f, orientation=np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])) for f in frames]
     placed = [f.position is not None and f.orientation is not None for f in frames]
     unplaced = len(frames) - sum(placed)
     if sum(placed) >= 2 and 0 < unplaced <= max(2, len(frames) // 5):
