@@ -6,7 +6,7 @@ import torch
 from napari.layers import Points
 from napari.utils.notifications import notification_manager
 
-from napari_medseg._widgets.retrain import RetrainDetectorWidget
+from napari_medseg._widgets.retrain_detector import RetrainDetectorWidget
 
 
 def _open(viewer, phantom):

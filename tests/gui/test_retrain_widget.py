@@ -618,7 +618,7 @@ def test_steady_painting_is_autosaved_while_it_goes_on(scene, qtbot, monkeypatch
     delay saved nothing until the user paused (a crash meanwhile lost every stroke)."""
     import time
 
-    import napari_medseg._widgets.retrain as retrain_module
+    import napari_medseg._widgets._retrain_base as retrain_module
 
     monkeypatch.setattr(retrain_module, "AUTOSAVE_DELAY_MS", 300)
     viewer, image, labels, widget, phantom = scene

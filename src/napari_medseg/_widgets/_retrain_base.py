@@ -1,0 +1,822 @@
+"""What the two retrain dock widgets share (``retrain.py``: segmenter on a Labels layer;
+``retrain_detector.py``: detector on a Points layer): the image / layer / model pickers,
+the list of annotated slices, versions (revert, save), running a round or a prediction in
+a worker, and the crash-safe autosave with its restore offer.
+
+Both: versions v0 (the starting model), v1, v2 … can be reverted to, re-predicted with
+and saved to the user models folder (listed by every widget and the CLI). The
+annotations and the slice lists are autosaved (background thread, crash-safe) to
+``$NAPARI_MEDSEG_HOME/sessions/<image>-<name hash>-<shape>/<session>/``; picking the
+same image later (the same voxels: core.session.image_fingerprint) offers to restore the
+most recently written autosave of an earlier session of the same kind. A failed autosave
+is said in a warning and the status line.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import napari
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QListWidget, QListWidgetItem
+from superqt.utils import ensure_main_thread
+
+from .. import _jobs
+from .._layers import (
+    check_image_layer,
+    read_deferred,
+    scan_axes,
+    volume_from_layer,
+    volume_outline,
+)
+from ..core.errors import MedsegInputError
+from ..core.finetune import DEFAULT_SECONDS, VersionHistory, new_structure_advice
+from ..core.models.registry import BUNDLED_DIR, load_model, read_card, user_models_dir
+from ..core.io._common import short_reason
+from ..core.session import (
+    AnnotationSession,
+    discard_session,
+    image_fingerprint,
+    load_session,
+    read_meta,
+    save_session,
+    saved_epoch,
+    session_key,
+    sessions_dir,
+)
+from ._loss_curve import LossCurve
+from ._model_widget import (
+    _geometry,
+    _same_geometry,
+    follow_layer_names,
+    model_choices,
+    set_status,
+    widget_closed,
+)
+
+log = logging.getLogger(__name__)
+AUTOSAVE_DELAY_MS = 1500
+
+
+def history_depths(layer) -> tuple[int, int] | None:
+    """Lengths of a Labels layer's undo and redo histories (private in napari 0.9; None
+    where they are gone): an undo or redo is the only data change that moves them without
+    a paint event."""
+    undo, redo = getattr(layer, "_undo_history", None), getattr(layer, "_redo_history", None)
+    if undo is None or redo is None:
+        return None
+    return len(undo), len(redo)
+
+
+def painted_slices(history_item: Any) -> set[int]:
+    """The z indices a Labels paint event's history item touched (3D data)."""
+    out: set[int] = set()
+    for atom in history_item or []:
+        if hasattr(atom, "slice_key"):  # mask-based paint / fill / polygon
+            zsl = atom.slice_key[0]
+            zs = np.arange(zsl.start or 0, zsl.stop)
+            if atom.mask is not None and atom.mask.ndim >= 3:
+                zs = zs[atom.mask.reshape(atom.mask.shape[0], -1).any(axis=1)]
+            out.update(int(z) for z in zs)
+        else:  # (indices, old, new) from data_setitem
+            zs = np.asarray(atom[0][0]).ravel()  # a re-prediction's step holds millions: no sort
+            out.update(int(z) for z in np.flatnonzero(np.bincount(zs, minlength=1)))
+    return out
+
+
+def _on_scan(image) -> dict:
+    """A new labels layer's metadata: the scan's axes, so saving it writes where the scan lies."""
+    return {"medseg": {"source": scan_axes(image)}}
+
+
+class _RetrainBase(Container):
+    """Everything the two retrain widgets share; subclasses say what the annotation
+    layer is, how edits are tracked, and how a model learns from and writes to it."""
+
+    architecture = ""
+    layer_kind = ""  # "Labels" or "Points"
+    task = ""
+    edited_word = "edited"
+    checked_word = "checked correct"
+    mark_text = "Mark current slice correct"
+    #: whether a prediction is written into the annotation layer (else into a new layer,
+    #: which needs only the image to be there still)
+    writes_into_layer = True
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        self._viewer = viewer
+        self._worker = None
+        self._history: VersionHistory | None = None
+        self._history_model: str | None = None
+        #: the versions of models picked earlier (model card path → history)
+        self._kept_histories: dict[str | None, VersionHistory] = {}
+        self._tracked = None  # the annotation layer whose edit events we follow
+        # keyed by the layers themselves (they hash by identity), dropped with them
+        self._layer_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _connect
+        self._left_atoms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # _disconnect
+        self._left_points: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (detector)
+        self._away_slices: set[int] = set()
+        self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
+        self._session_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> name
+        self._session_folder_count = 0
+        self._writing = False  # our own writes are not user annotations
+        self._edited: set[int] = set()
+        self._checked: set[int] = set()
+        self._excluded: set[int] = set()
+        # the (image, annotation layer) the three lists above belong to (slice numbers are
+        # the image's), and the lists of pairs picked earlier, so switching away and back
+        # loses nothing: image -> {layer -> (edited, checked, excluded)}
+        self._pair: tuple[Any, Any] = (None, None)
+        self._kept_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # sortable by time, unique across widgets and processes
+        self._session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self._save_lock = threading.Lock()
+        self._save_thread: threading.Thread | None = None
+        self._autosave_error: str | None = None
+        self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image -> (data, fp)
+        self._pending_restore: Path | None = None
+        self._result_shown = False
+
+        self._image = ComboBox(label="Image", choices=self._layers_of("Image"), nullable=True)
+        self._layer_pick = ComboBox(label=self.layer_kind, choices=self._layers_of(self.layer_kind),
+                                    nullable=True)
+        self._new_layer = PushButton(text=f"New empty {self.layer_kind.lower()} layer on the image")
+        self._model = ComboBox(label="Model", choices=lambda _w=None: model_choices(self.architecture))
+        self._restore_label = Label(value="")
+        self._restore_label.native.setWordWrap(True)
+        self._restore = PushButton(text="Restore")
+        self._discard = PushButton(text="Discard")
+        self._restore_box = Container(widgets=[self._restore_label, Container(
+            widgets=[self._restore, self._discard], layout="horizontal", labels=False)],
+            labels=False, visible=False)
+        self._slice_list = QListWidget()
+        self._slice_list.setMinimumHeight(110)
+        self._slice_list.setToolTip("Annotated slices: ticked = used for training; listed slices are "
+                                    "never overwritten. Double-click to go to a slice.")
+        list_box = Container(labels=False)
+        list_box.native.layout().addWidget(self._slice_list)
+        self._mark = PushButton(text=self.mark_text)
+        self._remove = PushButton(text="Remove selected slice")
+        self._seconds = FloatSpinBox(label="Seconds", value=DEFAULT_SECONDS, min=2.0, max=600.0, step=5.0)
+        self._run = PushButton(text=f"Retrain and {self.task}")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._curve = LossCurve()
+        curve_box = Container(labels=False)
+        curve_box.native.layout().addWidget(self._curve)
+        self._status = Label(value=f"Correct the {self.layer_kind} layer, then Retrain.")
+        self._status.native.setWordWrap(True)
+        # callable choices: napari's reset_choices (on every layer added) re-reads them
+        self._versions = ComboBox(label="Version", choices=self._version_choices)
+        self._revert = PushButton(text="Use this version")
+        self._predict = PushButton(text=f"{self.task.capitalize()} with it")
+        self._save_name = LineEdit(label="Save as", value="")
+        self._save = PushButton(text="Save version")
+        super().__init__(widgets=[
+            self._image, self._layer_pick, self._new_layer, self._model, self._restore_box,
+            Label(value="Annotated slices"), list_box,
+            Container(widgets=[self._mark, self._remove], layout="horizontal", labels=False),
+            *self.extra_widgets(),
+            self._seconds,
+            Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
+            curve_box, self._status, self._versions,
+            Container(widgets=[self._revert, self._predict], layout="horizontal", labels=False),
+            self._save_name, self._save,
+        ])
+        self._autosave_timer = QTimer(self.native)  # dies with the widget, never fires after
+        self._autosave_timer.setSingleShot(True)
+        self._autosave_timer.timeout.connect(self.autosave_now)
+
+        self._image.changed.connect(self._on_image_changed)
+        self._layer_pick.changed.connect(self._track)
+        # napari re-evaluates every picker when a layer is added (reset_choices): only a
+        # different model may drop the versions
+        self._model.changed.connect(lambda v: v != self._history_model and self._switch_history(v))
+        self._new_layer.changed.connect(self._add_empty_layer)
+        self._restore.changed.connect(self._on_restore)
+        self._discard.changed.connect(self._on_discard)
+        self._mark.changed.connect(self._mark_current)
+        self._remove.changed.connect(self._remove_selected)
+        self._slice_list.itemChanged.connect(self._on_item_changed)
+        self._slice_list.itemDoubleClicked.connect(
+            lambda item: self._go_to(item.data(Qt.ItemDataRole.UserRole)))
+        self._run.changed.connect(self._on_retrain)
+        self._cancel.changed.connect(self._on_cancel)
+        self._revert.changed.connect(self._on_revert)
+        self._predict.changed.connect(self._on_predict)
+        self._save.changed.connect(self._on_save)
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        follow_layer_names(viewer, self._refresh_layers)
+        self._refresh_layers()
+        self._on_image_changed()
+        self._track()
+
+    # -- for subclasses ------------------------------------------------------------------
+    def extra_widgets(self) -> list:
+        return []
+
+    def _connect(self, layer) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _disconnect(self, layer) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _empty_layer(self, image):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _snapshot(self, layer, image, volume, need_annotations: bool) -> Any:  # pragma: no cover
+        """A copy of the annotations on the image's voxel grid, checked."""
+        raise NotImplementedError
+
+    def _session(self, layer, image) -> AnnotationSession | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _restored_layer(self, session: AnnotationSession, image):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _finetune(volume, model, card, annotation, slices, seconds, version, names):  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _predict_volume(volume, model, card):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply(self, prediction, image, layer, volume, number: int, card: dict,
+               prefix: str = "") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- layers --------------------------------------------------------------------------
+    def _layers_of(self, kind: str):
+        def choices(_widget=None):
+            return [(layer.name, layer) for layer in self._viewer.layers
+                    if type(layer).__name__ == kind]
+        return choices
+
+    def _refresh_layers(self, _event=None) -> None:
+        for combo in (self._image, self._layer_pick):
+            combo.reset_choices()
+            if combo.value is None and combo.choices:
+                combo.value = combo.choices[-1]
+
+    def _on_image_changed(self, _value=None) -> None:
+        self._switch_pair()
+        self._check_for_autosave()
+
+    def _track(self, _value=None) -> None:
+        layer = self._layer_pick.value
+        if layer is not self._tracked:
+            if self._tracked is not None:
+                self._disconnect(self._tracked)
+            self._tracked = layer
+            if layer is not None:
+                self._connect(layer)
+        self._switch_pair()
+        if self._away_slices:  # painted while another layer was picked: the pair's now
+            zs, self._away_slices = self._away_slices, set()
+            self._stroke_slices |= zs - self._edited
+            self._add_edited(zs)
+
+    def _switch_pair(self) -> None:
+        """Keep the slice lists with the (image, layer) pair they were made on: a slice
+        number means a slice of that image, and a list must not follow the user to another
+        image or layer, nor be lost when they come back."""
+        old_image, old_layer = self._pair
+        image, layer = self._image.value, self._layer_pick.value
+        if image is old_image and layer is old_layer:
+            return
+        if old_image is not None and old_layer is not None:
+            if self._autosave_timer.isActive():  # its edits belong to the old pair's session
+                self._autosave_timer.stop()
+                self.autosave_now(image=old_image, layer=old_layer)
+            if self._edited or self._checked or self._excluded:
+                self._kept_lists.setdefault(old_image, weakref.WeakKeyDictionary())[old_layer] = (
+                    self._edited, self._checked, self._excluded)
+        kept = (self._kept_lists.get(image, {}).pop(layer, None)
+                if image is not None and layer is not None else None)
+        self._edited, self._checked, self._excluded = kept or (set(), set(), set())
+        self._pair = (image, layer)
+        self._rebuild_list()
+
+    def _add_empty_layer(self) -> None:
+        image = self._image.value
+        try:
+            check_image_layer(image)
+        except MedsegInputError as exc:
+            show_error(f"{self.task.capitalize()}: {exc}")
+            return
+        self._layer_pick.value = self._empty_layer(image)
+
+    def _current_class_names(self) -> dict[int, str]:
+        if self._history is not None:
+            return dict(enumerate(self._history.versions[self._history.current].card["classes"]))
+        path = self._model.value
+        return {0: "background"} if path is None else dict(enumerate(read_card(path)["classes"]))
+
+    # -- annotated slices --------------------------------------------------------------
+    def _add_edited(self, zs: set[int]) -> None:
+        if self._writing:
+            return
+        if zs - self._edited:
+            self._edited |= zs
+            self._rebuild_list()
+        self._schedule_autosave()
+
+    def annotated_slices(self) -> list[int]:
+        """Every listed slice (edited or checked): never overwritten by a re-prediction."""
+        return sorted(self._edited | self._checked)
+
+    def annotated_slices_of(self, image: Any, layer: Any) -> list[int]:
+        """The listed slices of that (image, layer) pair, picked now or earlier."""
+        if image is self._pair[0] and layer is self._pair[1]:
+            return self.annotated_slices()
+        kept = (self._kept_lists.get(image, {}).get(layer)
+                if image is not None and layer is not None else None)
+        return sorted(kept[0] | kept[1]) if kept else []
+
+    def training_slices(self) -> list[int]:
+        return [z for z in self.annotated_slices() if z not in self._excluded]
+
+    def _rebuild_list(self) -> None:
+        self._slice_list.blockSignals(True)
+        self._slice_list.clear()
+        for z in self.annotated_slices():
+            kind = " + ".join(k for k, s in ((self.edited_word, self._edited),
+                                             (self.checked_word, self._checked)) if z in s)
+            item = QListWidgetItem(f"slice {z} · {kind}")
+            item.setData(Qt.ItemDataRole.UserRole, z)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Unchecked if z in self._excluded else Qt.CheckState.Checked)
+            self._slice_list.addItem(item)
+        self._slice_list.blockSignals(False)
+
+    def _on_item_changed(self, item: QListWidgetItem) -> None:
+        z = int(item.data(Qt.ItemDataRole.UserRole))
+        if item.checkState() == Qt.CheckState.Checked:
+            self._excluded.discard(z)
+        else:
+            self._excluded.add(z)
+        self._schedule_autosave()
+
+    def _image_slice(self, world_z: float) -> int | None:
+        image = self._image.value
+        if image is None:
+            return None
+        if image.ndim == 2:
+            return 0
+        z = int(round(image.world_to_data([world_z, 0, 0])[0]))
+        return z if 0 <= z < image.data.shape[0] else None
+
+    def _mark_current(self) -> None:
+        z = self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3 else 0.0)
+        if z is None:
+            show_error(f"{self.task.capitalize()}: the current slice is outside the image")
+            return
+        self._checked.add(z)
+        self._rebuild_list()
+        self._schedule_autosave()
+
+    def _remove_selected(self) -> None:
+        for item in self._slice_list.selectedItems():
+            z = int(item.data(Qt.ItemDataRole.UserRole))
+            self._edited.discard(z)
+            self._checked.discard(z)
+            self._excluded.discard(z)
+        self._rebuild_list()
+        self._schedule_autosave()
+
+    def _go_to(self, z: int) -> None:
+        image = self._image.value
+        if image is None or image.ndim == 2:
+            return
+        self._viewer.dims.set_point(self._viewer.dims.ndim - 3, image.data_to_world([int(z), 0, 0])[0])
+
+    # -- model versions ----------------------------------------------------------------
+    def _switch_history(self, path: str | None) -> None:
+        """Another model picked: its own versions (kept from an earlier visit) or none yet.
+        The versions trained so far are kept, never dropped, for when it is picked again."""
+        if self._history is not None and len(self._history.versions) > 1:
+            self._kept_histories[self._history_model] = self._history
+            last = len(self._history.versions) - 1
+            show_info(f"Retrain: model changed; versions v1–v{last} of the previous model"
+                      " are kept: pick it again to see them")
+        self._history = self._kept_histories.pop(path, None)
+        self._history_model = None if self._history is None else path
+        self._refresh_versions()
+
+    def _version_choices(self, _widget=None) -> list:
+        history = self._history
+        return [] if history is None else [(v.describe(), v.number) for v in history.versions]
+
+    def _refresh_versions(self) -> None:
+        with self._versions.changed.blocked():
+            self._versions.reset_choices()
+            if self._history is not None:
+                self._versions.value = self._history.current
+
+    def _on_revert(self) -> None:
+        if self._history is None or self._versions.value is None:
+            show_error("Retrain: no versions yet")
+            return
+        v = self._history.revert(self._versions.value)
+        self._refresh_versions()
+        self._status.value = f"Using v{v.number}; '{self._predict.text}' applies it."
+
+    def _on_save(self) -> None:
+        if self._history is None or self._versions.value is None:
+            show_error("Retrain: no versions yet")
+            return
+        name = self._save_name.value.strip()
+        number = int(self._versions.value)
+        if not name:
+            base = str(self._history.versions[0].card.get("name", "model"))
+            name = f"{base}-ft-{time.strftime('%Y%m%d-%H%M%S')}-v{number}"
+        if (user_models_dir() / f"{name}.json").exists() or (BUNDLED_DIR / f"{name}.json").exists():
+            # a bundled name too: found first by name, it would stand in for the bundled
+            # model in every script and list that names it
+            show_error(f"Retrain: a model named '{name}' exists; choose another name")
+            return
+        try:
+            path = self._history.save(number, name)
+        except (MedsegInputError, OSError) as exc:
+            show_error(f"Retrain: saving failed: {exc}")
+            return
+        self._status.value = f"Saved v{number} as '{name}' ({path})"
+        show_info(f"Saved model '{name}'; it is listed in every model widget")
+
+    # -- running -----------------------------------------------------------------------
+    def _inputs(self, need_annotations: bool):
+        """Copies of the image and annotations and the training slices, checked in the
+        GUI thread so bad input gets its message before any worker starts; the model is
+        loaded in the worker (reading and hashing weights would stall the GUI)."""
+        image, layer = self._image.value, self._layer_pick.value
+        # a lazy (dask, zarr) image is read in the worker (its store's latency would freeze
+        # the GUI); the checks here then see its outline, and the core checks again on the data
+        volume = volume_from_layer(image, defer_lazy=True)
+        if layer is None:
+            raise MedsegInputError(f"no {self.layer_kind} layer picked")
+        annotation = self._snapshot(layer, image, volume_outline(image) if callable(volume)
+                                    else volume, need_annotations)
+        path = self._model.value
+        if path is None:
+            raise MedsegInputError(f"no {self.architecture} model found; reinstall the bundled weights")
+        if self._history_model != path:
+            self._switch_history(path)
+        source = (self._history, self._history.current) if self._history is not None else path
+        return image, layer, volume, annotation, source
+
+    def _on_retrain(self) -> None:
+        if self._worker is not None:  # one run at a time (a scripted double click)
+            return
+        try:
+            image, layer, volume, annotation, source = self._inputs(True)
+        except MedsegInputError as exc:
+            show_error(f"Retrain: {exc}")
+            return
+        slices = self.training_slices()
+        names = self._layer_class_names(layer)
+        version = 1 if self._history is None else self._history.next_number
+        self._curve.clear()
+        self._start(
+            self._retrain_job, volume, annotation, slices, source, float(self._seconds.value),
+            version, names, description=f"Retrain v{version} on {len(slices)} slices",
+            on_result=lambda out, seen=self._placement(image, layer): self._on_retrained(
+                out, image, layer, source, seen),
+        )
+
+    def _on_predict(self) -> None:
+        if self._worker is not None:  # one run at a time (a scripted double click)
+            return
+        try:
+            image, layer, volume, _annotation, source = self._inputs(False)
+        except MedsegInputError as exc:
+            show_error(f"Retrain: {exc}")
+            return
+        number = 0 if self._history is None else self._history.current
+        self._start(self._predict_job, volume, source, description=f"{self.task.capitalize()} with v{number}",
+                    on_result=lambda out, seen=self._placement(image, layer): self._on_predicted(
+                        out, image, layer, source, seen))
+
+    @staticmethod
+    def _layer_class_names(layer) -> dict[int, str]:
+        try:
+            features = layer.features
+            return {int(i): str(n) for i, n in zip(features["index"], features["name"])}
+        except (KeyError, TypeError, ValueError):
+            return {}
+
+    @staticmethod
+    def _model_from(source):
+        """(model, card) of a history version, or loaded from a card path (first round)."""
+        if isinstance(source, tuple):
+            history, number = source
+            return history.model(number)
+        return load_model(source)
+
+    def _retrain_job(self, volume, annotation, slices, source, seconds, version, names):
+        volume = yield from read_deferred(volume)
+        model, card = self._model_from(source)
+        result = yield from self._finetune(volume, model, card, annotation, slices, seconds,
+                                           version, names)
+        prediction = yield from self._predict_volume(volume, result.model, result.card)
+        return result, prediction, (model, card), volume
+
+    def _predict_job(self, volume, source):
+        volume = yield from read_deferred(volume)
+        model, card = self._model_from(source)
+        prediction = yield from self._predict_volume(volume, model, card)
+        return prediction, (model, card), volume
+
+    def _adopt(self, source, base) -> bool:
+        """Start the history from the model a first round loaded; False if stale."""
+        if isinstance(source, tuple):
+            return self._history is source[0]
+        if self._model.value != source or self._history is not None:
+            return False
+        self._history = VersionHistory.start(*base)
+        self._history_model = source
+        return True
+
+    def _start(self, job, *args, description: str, on_result) -> None:
+        self._result_shown = False
+        self._set_running(True)
+        self._status.value = f"{description}…"
+        self._worker = _jobs.start_job(
+            job, *args, description=description, on_result=self._unless_closed(on_result),
+            on_finished=lambda: self._set_running(False),
+            on_progress=self._unless_closed(self._on_progress),
+            on_error=lambda message: set_status(self._status, f"{description} failed: {message}"))
+
+    def _unless_closed(self, callback):
+        """``callback``, skipped once the viewer holding this widget is closed (its Qt
+        objects are deleted; a round finishing then has nowhere to go)."""
+        def guarded(*args):
+            return None if widget_closed(self._status) else callback(*args)
+        return guarded
+
+    def _on_progress(self, report) -> None:
+        partial = report.partial
+        if isinstance(partial, dict) and "loss" in partial:
+            self._curve.add(float(partial["loss"]))
+        if report.message and self._worker is not None and not self._result_shown:
+            self._status.value = report.message  # a late report must not hide the result
+
+    def _on_retrained(self, out, image, layer, source, seen=None) -> None:
+        result, prediction, base, volume = out
+        if not self._adopt(source, base):  # the model was switched meanwhile
+            kept = self._keep_for_its_model(source, base, result)
+            show_warning("Retrain: the model was changed during the round; "
+                         + (f"v{kept.number} was kept with the model it started from (pick that"
+                            " model again to use it); the layer was not changed"
+                            if kept is not None else "result discarded"))
+            return
+        v = self._history.add(result)
+        self._refresh_versions()
+        r = result.report
+        msg = f"v{v.number}: {r.steps} steps in {r.seconds:.1f} s on slices {list(r.slices)}"
+        if r.holdout_dice_after is not None:
+            msg += (f"; held-out slice {r.holdout_slice}: Dice {r.holdout_dice_before:.2f} → "
+                    f"{r.holdout_dice_after:.2f}")
+        if r.new_classes:
+            msg += f"; learned new: {', '.join(r.new_classes)}"
+            advice = new_structure_advice(r)
+            if advice:
+                msg += f" ({advice})"
+        self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg, seen)
+
+    def _keep_for_its_model(self, source, base, result):
+        """A round that finished after another model was picked: its version joins the
+        kept versions of the model it started from (a new history on a first round)."""
+        if isinstance(source, tuple):
+            history = source[0]
+            if not any(h is history for h in self._kept_histories.values()):
+                return None
+        else:
+            history = self._kept_histories.setdefault(source, VersionHistory.start(*base))
+        return history.add(result)
+
+    def _on_predicted(self, out, image, layer, source, seen=None) -> None:
+        prediction, base, volume = out
+        if not self._adopt(source, base):
+            show_warning("Retrain: the model was changed meanwhile; prediction discarded")
+            return
+        number = self._history.current
+        self._apply_checked(prediction, image, layer, volume, number,
+                            self._history.versions[number].card, seen=seen)
+
+    def _placement(self, image, layer) -> tuple:
+        """What a prediction's place depends on: the image's data object, shape and world
+        transform, and the same for the layer it is written into (painting changes a
+        Labels layer's data in place, which is allowed; a replaced array is not)."""
+        return tuple(_geometry(x) for x in [image] + ([layer] if self.writes_into_layer else []))
+
+    def _apply_checked(self, prediction, image, layer, volume, number, card, prefix="",
+                       seen=None) -> None:
+        gone = image not in self._viewer.layers or (self.writes_into_layer
+                                                    and layer not in self._viewer.layers)
+        if gone:
+            show_warning("Retrain: a layer was removed meanwhile; the prediction was not written")
+            set_status(self._status, (f"{prefix}\n" if prefix else "")
+                       + "A layer was removed meanwhile; prediction not written")
+            self._result_shown = True
+            return
+        now = self._placement(image, layer)
+        if seen is not None and not all(_same_geometry(a, b) for a, b in zip(seen, now)):
+            show_warning("Retrain: the image or labels layer changed meanwhile (new data, shape "
+                         "or position); the prediction was not written: re-predict")
+            set_status(self._status, (f"{prefix}\n" if prefix else "")
+                       + "A layer changed meanwhile; prediction not written")
+            self._result_shown = True
+            return
+        if self.writes_into_layer and getattr(layer, "_block_history", False):
+            # the user is mid-stroke (napari stages a drag as one undo step): writing now
+            # would land inside their stroke; write once they let go
+            QTimer.singleShot(50, lambda: self._apply_checked(prediction, image, layer, volume,
+                                                             number, card, prefix, seen))
+            return
+        self._apply(prediction, image, layer, volume, number, card, prefix)
+        self._result_shown = True
+        self._schedule_autosave()
+
+    def _on_cancel(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._status.value = "Cancelled: the model versions are unchanged"
+
+    def _set_running(self, running: bool) -> None:
+        # the pickers too: the listed (protected) slices belong to the picked pair, and a
+        # round's re-prediction must be checked against the pair it was started on
+        for button in (self._run, self._predict, self._revert, self._save, self._image,
+                       self._layer_pick, self._new_layer,
+                       *([self._suggest] if hasattr(self, "_suggest") else [])):
+            try:
+                button.enabled = not running
+            except RuntimeError:  # the viewer was closed mid-run: its Qt widgets are gone
+                break
+        else:
+            self._cancel.enabled = running
+        if not running:
+            self._worker = None
+
+    # -- autosave ----------------------------------------------------------------------
+    def _key_folder(self, image: Any = None) -> Path | None:
+        image = self._image.value if image is None else image
+        if image is None:
+            return None
+        return sessions_dir() / session_key(image.name, image.data.shape)
+
+    def _schedule_autosave(self) -> None:
+        # a pending save is not pushed back: restarting the timer on every change saved
+        # nothing for as long as the user kept painting (a crash then lost it all)
+        if not self._autosave_timer.isActive():
+            self._autosave_timer.start(AUTOSAVE_DELAY_MS)
+
+    def autosave_now(self, wait: bool = False, image: Any = None, layer: Any = None) -> None:
+        """Copy the annotations and lists now (GUI thread), write them in the background.
+        ``image`` and ``layer``: the pair the current lists belong to (default: the picked
+        ones; :meth:`_switch_pair` passes the pair being left)."""
+        image = self._image.value if image is None else image
+        layer = self._layer_pick.value if layer is None else layer
+        folder = self._key_folder(image)
+        if folder is None or layer is None:
+            return
+        session = self._session(layer, image)
+        if session is None:
+            return
+        session.edited, session.checked = sorted(self._edited), sorted(self._checked)
+        session.excluded = sorted(self._excluded)
+        target = folder / self._session_folder_name(layer)
+
+        def write() -> None:
+            with self._save_lock:
+                try:
+                    save_session(target, session)
+                except (OSError, MedsegInputError) as exc:  # a full disk must not take the GUI down
+                    log.warning("autosave failed: %s", exc)
+                    reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                              else short_reason(exc))
+                    self._autosave_failed(reason, str(folder))
+                else:
+                    self._autosave_ok()
+
+        self._save_thread = threading.Thread(target=write, name="medseg-autosave", daemon=True)
+        self._save_thread.start()
+        if wait:
+            self._save_thread.join()
+
+    def _fingerprint(self, image: Any) -> str:
+        """The image's fingerprint (core.session.image_fingerprint), computed once per
+        data array: every autosave carries it."""
+        kept = self._fingerprints.get(image)
+        if kept is None or kept[0] is not image.data:
+            try:
+                fingerprint = image_fingerprint(image.data)
+            except (TypeError, ValueError, IndexError, AttributeError):
+                fingerprint = ""  # data this widget cannot use anyway (multiscale, RGB …)
+            kept = self._fingerprints[image] = (image.data, fingerprint)
+        return kept[1]
+
+    @ensure_main_thread
+    def _autosave_failed(self, reason: str, folder: str) -> None:
+        """A failed autosave is said, on the GUI thread, once per new reason, and the
+        status line keeps saying it until a save succeeds: the user must not believe
+        their work is kept when it is not."""
+        try:
+            if reason != self._autosave_error:
+                show_warning(f"Retrain: autosave FAILED ({reason}) in {folder}; your "
+                             "annotations are not being saved")
+            self._autosave_error = reason
+            self._status.value = f"Autosave failed ({reason}): annotations not saved"
+        except RuntimeError:  # the widget was closed meanwhile
+            pass
+
+    @ensure_main_thread
+    def _autosave_ok(self) -> None:
+        try:
+            if self._autosave_error is not None:
+                self._autosave_error = None
+                self._status.value = "Autosave works again"
+                show_info("Retrain: autosave works again")
+        except RuntimeError:
+            pass
+
+    def _session_folder_name(self, layer: Any) -> str:
+        """One autosave folder per annotation layer: two layers on one image must not
+        overwrite each other's autosave (the first keeps the plain session id)."""
+        name = self._session_folders.get(layer)
+        if name is None:
+            self._session_folder_count += 1
+            n = self._session_folder_count
+            name = self._session_folders[layer] = (self._session_id if n == 1
+                                                   else f"{self._session_id}-{n}")
+        return name
+
+    def _check_for_autosave(self) -> None:
+        self._pending_restore = None
+        folder = self._key_folder()
+        candidates = []
+        if folder is not None and folder.is_dir():
+            fingerprint = self._fingerprint(self._image.value)
+            for p in folder.iterdir():
+                if p.name.startswith(self._session_id):  # this widget's own autosaves
+                    continue
+                try:
+                    meta = read_meta(p)
+                except MedsegInputError:
+                    continue
+                # another scan of the same name and shape (another patient's "ct") is not this one
+                if meta.get("kind") == self.layer_kind.lower() and \
+                        meta.get("image_fingerprint", fingerprint) == fingerprint:
+                    candidates.append((saved_epoch(p, meta), p, meta))
+        if not candidates:
+            self._restore_box.visible = False
+            return
+        candidates.sort(key=lambda c: c[0])  # the last written, not the last started
+        _, newest, meta = candidates[-1]
+        n = len(set(meta.get("edited", [])) | set(meta.get("checked", [])))
+        self._pending_restore = newest
+        others = len(candidates) - 1
+        self._restore_label.value = (
+            f"Autosaved {self.layer_kind.lower()} from {meta.get('saved_at', newest.name)} "
+            f"({n} slices). Restore them?"
+            + (f" ({others} older autosave{'s' if others > 1 else ''} of this image kept in "
+               f"{folder})" if others else ""))
+        self._restore_box.visible = True
+
+    def _on_restore(self) -> None:
+        folder, image = self._pending_restore, self._image.value
+        if folder is None or image is None:
+            return
+        try:
+            session = load_session(folder)
+        except MedsegInputError as exc:
+            show_error(f"Retrain: cannot restore: {exc}")
+            return
+        if tuple(session.shape) != tuple(image.data.shape):
+            show_error(f"Retrain: the autosave is {session.shape}, the image {tuple(image.data.shape)}")
+            return
+        if session.image_fingerprint and session.image_fingerprint != self._fingerprint(image):
+            show_error(f"Retrain: that autosave was made on another image named '{image.name}'")
+            return
+        self._layer_pick.value = self._restored_layer(session, image)  # resets the lists …
+        self._edited, self._checked = set(session.edited), set(session.checked)
+        self._excluded = set(session.excluded)  # … which the autosave fills again
+        self._rebuild_list()
+        self._restore_box.visible = False
+        self._pending_restore = None
+        self._status.value = f"Restored {len(session.annotated)} annotated slices from {session.saved_at}"
+        self.autosave_now()
+
+    def _on_discard(self) -> None:
+        if self._pending_restore is not None:
+            discard_session(self._pending_restore)
+        self._check_for_autosave()

@@ -1,0 +1,166 @@
+"""Dock widget *Retrain detector on my points*: like *Retrain on my annotations*, with a
+Points layer of lesions. Adding, moving or deleting a point lists its slice (old and new slice for a move) as "edited"; the
+points are taken as the complete set of lesions on the listed slices, so deleting a false
+positive teaches "no lesion here". The new version's detections go into a NEW Points
+layer (napari has no undo for points data, and the user's edited layer stays as it is).
+
+Shared with the segmenter's widget (versions, autosave, restore): ``_retrain_base.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.utils.notifications import show_warning
+
+from .._layers import _like_layer, detection_layer_data, mark_added_points, marker_sizes
+from ..core.errors import MedsegInputError
+from ..core.finetune import check_points, finetune_detector
+from ..core.inference import card_peak_threshold, detect_lesions
+from ..core.session import AnnotationSession
+from ._model_widget import provenance
+from ._retrain_base import _RetrainBase
+from .detect import KEEP_SCORE
+
+
+class RetrainDetectorWidget(_RetrainBase):
+    """Retrain the lesion detector on added, moved and deleted points."""
+
+    architecture = "LesionDetector"
+    layer_kind = "Points"
+    task = "re-detect"
+    edited_word = "points edited"
+    checked_word = "reviewed"
+    mark_text = "Mark current slice reviewed"
+    writes_into_layer = False
+
+    def _connect(self, layer) -> None:
+        layer.events.data.connect(self._on_points)
+        image = self._image.value
+        if image is not None and layer.ndim != image.ndim:
+            show_warning(f"Retrain: '{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D: "
+                         "its points can be neither trained on nor autosaved; pick or make a "
+                         "points layer on this image")
+        left = self._left_points.pop(layer, None)
+        if left is not None:  # edits made on it while another layer was picked
+            now = self._point_rows(layer)
+            self._away_slices = {z for row in now.symmetric_difference(left)
+                                 if (z := self._point_slice(layer, row[:-1])) is not None}
+
+    def _disconnect(self, layer) -> None:
+        layer.events.data.disconnect(self._on_points)
+        self._left_points[layer] = self._point_rows(layer)
+
+    @staticmethod
+    def _point_rows(layer) -> set[tuple]:
+        """Each point's coordinates and shown flag, to tell what changed meanwhile."""
+        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)
+        shown = np.asarray(layer.shown, dtype=bool).reshape(-1)
+        return {(*map(float, p), bool(v)) for p, v in zip(data, shown)}
+
+    def _point_slice(self, layer, point) -> int | None:
+        return self._image_slice(layer.data_to_world(point)[-3] if layer.ndim >= 3 else 0.0)
+
+    def _on_points(self, event) -> None:
+        """Slices of added, changed (before and after a move) and removed points."""
+        action = str(getattr(event, "action", ""))
+        if action not in ("added", "changed", "changing", "removing"):
+            return
+        layer, value = self._tracked, np.asarray(event.value)
+        indices = [i for i in getattr(event, "data_indices", ()) if -len(value) <= i < len(value)]
+        if layer is None or not len(value) or not indices:
+            return
+        if action == "added" and "score" not in layer.features:
+            self._unknown_diameter(layer, indices)  # (a detection layer marks its own)
+        zs = {z for i in indices if (z := self._point_slice(layer, value[i])) is not None}
+        self._add_edited(zs)
+
+    @staticmethod
+    def _unknown_diameter(layer, indices) -> None:
+        """napari fills an added point's features from the last point selected: it would
+        take that lesion's diameter as its own training target. Unknown (NaN) instead."""
+        features = layer.features
+        if "diameter_mm" not in features or not len(features):
+            return
+        n = len(features)
+        rows = sorted({int(i) % n for i in indices})
+        features.loc[rows, "diameter_mm"] = np.nan
+        layer.features = features
+
+    def _empty_layer(self, image):
+        return self._viewer.add_points(
+            np.zeros((0, image.ndim)), name=f"{image.name} lesion points", border_color="lime",
+            face_color="transparent", size=8, features={"diameter_mm": np.zeros(0)},
+            **_like_layer(image))
+
+    def _points_on_image(self, layer, image, every: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The SHOWN points' centres in the image's voxel coordinates and their diameters
+        (mm). Hidden points are not lesions: the Detect widget keeps weak detections in
+        its layer, hidden below the score threshold (``every``: hidden ones too)."""
+        shown = np.asarray(layer.shown, dtype=bool).reshape(-1)
+        if every:
+            shown = np.ones_like(shown)
+        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)[shown]
+        world = np.array([layer.data_to_world(p) for p in data]).reshape(-1, layer.ndim)
+        voxels = np.array([image.world_to_data(p) for p in world]).reshape(-1, image.ndim)
+        if image.ndim == 2:
+            voxels = np.column_stack([np.zeros(len(voxels)), voxels])
+        try:
+            diam = np.asarray(layer.features["diameter_mm"], dtype=float)[shown]
+        except (KeyError, TypeError, ValueError, IndexError):
+            diam = np.full(len(voxels), np.nan)
+        if len(diam) != len(voxels):
+            diam = np.full(len(voxels), np.nan)
+        return voxels, diam
+
+    def _snapshot(self, layer, image, volume, need_annotations: bool):
+        if layer.ndim != image.ndim:
+            raise MedsegInputError(f"'{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D")
+        points, diam = self._points_on_image(layer, image)
+        if need_annotations:
+            points, diam, _ = check_points(volume, points, diam, self.training_slices())
+        return points, diam
+
+    def _session(self, layer, image) -> AnnotationSession | None:
+        if layer.ndim != image.ndim:
+            return None
+        # every point, hidden ones too (a weak detection hidden by the threshold now may
+        # be shown later): the autosave must give back the layer as it was
+        points, diam = self._points_on_image(layer, image, every=True)
+        return AnnotationSession(image_name=image.name, shape=tuple(image.data.shape),
+                                 points=points, diameters=diam,
+                                 shown=np.asarray(layer.shown, dtype=bool).reshape(-1).copy(),
+                                 image_fingerprint=self._fingerprint(image))
+
+    def _restored_layer(self, session, image):
+        points = session.points if image.ndim == 3 else session.points[:, 1:]
+        diam = np.asarray(session.diameters, dtype=float)  # NaN: unknown, stays unknown
+        shown = (np.ones(len(points), dtype=bool) if session.shown is None
+                 else np.asarray(session.shown, dtype=bool))
+        return self._viewer.add_points(
+            points, name=f"{image.name} lesion points (restored {session.saved_at})",
+            border_color="lime", face_color="transparent",
+            size=marker_sizes(diam, image.scale) if len(points) else 8,
+            shown=shown, features={"diameter_mm": diam}, **_like_layer(image))
+
+    @staticmethod
+    def _finetune(volume, model, card, annotation, slices, seconds, version, names):
+        points, diam = annotation
+        return finetune_detector(volume, model, card, points, diam, slices, seconds=seconds,
+                                 version=version)
+
+    @staticmethod
+    def _predict_volume(volume, model, card):
+        # keep weak peaks too (hidden below the card's threshold), as the Detect widget does
+        return detect_lesions(volume, model, card,
+                              threshold=min(KEEP_SCORE, card_peak_threshold(card)))
+
+    def _apply(self, result, image, layer, volume, number, card, prefix="") -> None:
+        """A NEW Points layer with the version's detections (the edited layer stays)."""
+        prov = {**provenance(card, image.name), "model": f"{card.get('name')} v{number}"}
+        data, kwargs, _ = detection_layer_data(result, image, prov, card_peak_threshold(card))
+        found = self._viewer.add_points(data, **kwargs)
+        found.events.data.connect(lambda event, layer=found: mark_added_points(layer, event))
+        shown = int(np.sum(kwargs["shown"])) if len(data) else 0
+        self._status.value = (f"{prefix}\n" if prefix else "") + (
+            f"v{number}: {shown} detections at score ≥ {kwargs['metadata']['medseg']['threshold']:.2f}"
+            f" ({len(data)} kept down to {KEEP_SCORE}) in a new layer; your points layer is unchanged")
