@@ -242,3 +242,20 @@ def test_an_unknown_model_name_does_not_print_install_folders(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "no model named 'nosuch' in" in err and "the bundled models" in err
     assert "site-packages" not in err and "/src/" not in err and str(tmp_path) not in err
+
+
+def test_demo_without_napari_says_which_extra_to_install(monkeypatch, capsys):
+    """A plain install (no [gui]) got "internal error: ModuleNotFoundError"."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_napari(name, *args, **kwargs):
+        if name == "napari" or name.startswith("napari."):
+            raise ModuleNotFoundError("No module named 'napari'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_napari)
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert 'napari-medseg[gui]' in err and "internal error" not in err

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "widgets": {"Segment organs", "Detect lesions", "Classify slices", "Synthetic phantom",
                 "Volume info", "Retrain on my annotations", "Retrain detector on my points",
-                "Explain slice classes (Grad-CAM)", "Segmentation uncertainty"},
+                "Explain slice classes (Grad-CAM)", "Segmentation uncertainty",
+                "Generate slices (upsample, fill gaps)"},
     "readers": {"napari-medseg.get_reader"},
     "writers": {"napari-medseg.write_labels_nifti"},
     "sample_data": {"synthetic_ct"},
@@ -77,7 +78,8 @@ def test_wheel_install_lists_contributions(tmp_path):
         names = zf.namelist()
         assert "napari_medseg/napari.yaml" in names
         assert b"napari-medseg.get_reader" in zf.read("napari_medseg/napari.yaml")
-        for model in ("classifier", "segmenter", "detector"):  # the bundled weights ship too
+        assert any(n.endswith("licenses/LICENSE") for n in names)  # BSD-3 travels with it
+        for model in ("classifier", "segmenter", "detector", "generator"):  # weights ship too
             assert f"napari_medseg/core/weights/{model}.safetensors" in names
             assert f"napari_medseg/core/weights/{model}.json" in names
 

@@ -129,7 +129,11 @@ DEMO_WIDGETS = ("Detect lesions", "Classify slices", "Segment organs", "Syntheti
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import napari
+    try:
+        import napari
+    except ImportError as exc:  # the core and CLI install without the GUI
+        raise MedsegInputError(f"the demo needs napari ({exc}); "
+                               'pip install "napari-medseg[gui]"') from exc
 
     viewer = napari.Viewer(title="napari-medseg demo")
     viewer.window.resize(1500, 950)
