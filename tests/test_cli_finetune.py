@@ -54,6 +54,29 @@ def test_finetune_writes_a_model_every_command_loads(case, tmp_path, capsys):
     assert sorted(x.name for x in out.iterdir()) == before
 
 
+def test_a_card_records_the_threads_and_each_rounds_starting_model(case, tmp_path, capsys):
+    """Cards named neither the thread count (a fixed number of steps gives other weights
+    on another count) nor, in a chain, the model a round started from."""
+    d, _ = case
+    out = tmp_path / "models"
+    common = ["--image", str(d / "image.nii.gz"), "--labels", str(d / "labels.nii.gz"),
+              "--slices", "3,6", "--out", str(out), "--epochs", "1", "--quiet"]
+    assert main(["finetune", "segmenter", *common, "--name", "first"]) == 0
+    first = load_model(out / "first.json")[1]
+    command = first["finetune_history"][-1]["command"]
+    assert " --threads " in command
+    assert main(["finetune", str(out / "first.json"), *common, "--name", "second"]) == 0
+    second = load_model(out / "second.json")[1]
+    assert second["finetune_history"][-1]["from"]["sha256"] == first["sha256"]
+    assert second["finetuned_from"]["name"] == "segmenter"
+    # the recorded command gives the same weights again
+    again = command.split()[1:]  # drop "napari-medseg"
+    again[again.index("--name") + 1] = "again"
+    assert main(again) == 0
+    a, b = load_model(out / "again.json")[0].state_dict(), load_model(out / "first.json")[0].state_dict()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
 @pytest.mark.parametrize("labels_from, slices, message", [
     ("image", "3", "whole numbers"),
     ("small", "3", "shape"),

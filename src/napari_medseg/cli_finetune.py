@@ -148,19 +148,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     volume = read_volume(args.image)
     # an epoch: each annotated slice is the centre of one training sequence, on average
     steps = None if args.epochs is None else args.epochs * len(slices)
+    threads = args.threads
+    if threads is None and steps is not None:
+        # a fixed number of steps gives the same weights only on the same thread count
+        # (float sums): pin the count the engine would start with, and record it below
+        from .core.inference import _runnable_others, default_threads
+
+        threads = max(1, default_threads() - _runnable_others())
     if args.labels is not None:
         if not isinstance(model, RecurrentSegmenter):
             raise MedsegInputError(f"--labels fine-tunes a segmenter; {args.model} is a {type(model).__name__}")
         labels = read_label_volume(args.labels, volume)
         job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,
-                                 seconds=args.seconds, seed=args.seed, threads=args.threads)
+                                 seconds=args.seconds, seed=args.seed, threads=threads)
         source = f"--labels {args.labels}"
     else:
         if not isinstance(model, LesionDetector):
             raise MedsegInputError(f"--points fine-tunes a detector; {args.model} is a {type(model).__name__}")
         points, diam = read_points_csv(args.points)
         job = finetune_detector(volume, model, card, points, diam, slices, steps=steps,
-                                seconds=args.seconds, seed=args.seed, threads=args.threads)
+                                seconds=args.seconds, seed=args.seed, threads=threads)
         source = f"--points {args.points}"
     result = _run(job, "finetune", args.quiet)
     card_out = dict(result.card)
@@ -168,7 +175,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f" --seconds {args.seconds:g}" if args.seconds is not None else "")
     card_out["finetune_history"][-1]["command"] = (
         f"napari-medseg finetune {args.model} --image {args.image} {source}"
-        f" --slices {args.slices} --out {args.out} --name {name}{budget} --seed {args.seed}")
+        f" --slices {args.slices} --out {args.out} --name {name}{budget} --seed {args.seed}"
+        + (f" --threads {threads}" if threads is not None else ""))
     path = save_model(result.model, out, name, {**card_out, "name": name}, unique_weights=True)
     print(f"wrote {path} ({result.report.steps} steps, {result.report.seconds:.1f} s)")
     print(json.dumps(result.report.as_dict()))

@@ -595,3 +595,22 @@ def test_a_round_draws_from_its_own_seeded_state_whatever_runs_between_its_steps
         torch.testing.assert_close(busy[key], alone[key], rtol=0, atol=0, msg=key)
     torch.manual_seed(2)
     assert draws == [torch.rand(1).item() for _ in draws]  # theirs, not the round's
+
+
+@pytest.mark.parametrize("pixel_mm", [1.6, 0.9])
+def test_a_slice_left_as_the_model_labelled_it_holds_no_corrections(pixel_mm):
+    """Corrections were found on the model grid, against the user's labels resampled to
+    it: every structure edge counted (310 at 1.6 mm pixels, with nothing painted), and
+    those voxels got the correction weight. They are found where the user saw them."""
+    model, card = load_model("segmenter")
+    p = generate_phantom((12, 96, 96), (2.5, pixel_mm, pixel_mm), seed=5, n_lesions=1)
+    shown = run_to_completion(segment_volume(p.volume, model, card, threads=1)).labels
+    result = run_to_completion(finetune_segmenter(p.volume, model, card, shown, [3, 6, 9],
+                                                  steps=1, holdout=False, threads=1))
+    assert result.report.corrections <= 5  # the round sees a 6-slice window, not the volume
+    painted = shown.copy()
+    painted[6, 40:46, 40:46] = 8  # a 6 × 6 px lesion the user adds
+    result = run_to_completion(finetune_segmenter(p.volume, model, card, painted, [3, 6, 9],
+                                                  steps=1, holdout=False, threads=1))
+    model_px = 36 * (pixel_mm / 1.5) ** 2
+    assert 0.5 * model_px <= result.report.corrections <= 2 * model_px + 5

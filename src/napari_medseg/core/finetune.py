@@ -432,7 +432,14 @@ def finetune_segmenter(
         yield Progress(0, 1, "weighting the corrections")
         corrected = np.zeros((nz, h, w), dtype=bool)
         for z in zs:
-            corrected[z] = before[z].argmax(0).numpy() != target[z]
+            # compared where the user saw the prediction, on the input grid, then brought
+            # to the model grid: comparing on the model grid with the resampled labels
+            # called every structure edge a correction (310 "corrections" on a slice left
+            # as the model labelled it, at 1.6 mm pixels)
+            shown = labels_from_logits(before[z][None], (ny, nx))[0].numpy()
+            changed = (shown != arr[z]).astype(np.uint8)[None]
+            corrected[z] = resample_yx(changed, (sy, sx), card_spacing_yx(card), order=0,
+                                       out_shape_yx=(h, w))[0].astype(bool)
 
         def weights_for(train_zs: list[int]) -> np.ndarray:
             """Voxel weights from the class counts of ``train_zs`` only: the held-out
@@ -818,7 +825,11 @@ def finetuned_card(card: Mapping[str, Any], model: nn.Module, classes: Sequence[
     base_name = str(card.get("name", "model"))
     history = list(card.get("finetune_history", []))
     history.append({**report.as_dict(), "version": int(version),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    # the model this round started from (a chain's parent, not only its
+                    # root in "finetuned_from"); sha256 None: an unsaved version
+                    "from": {"name": base_name, "version": card.get("version"),
+                             "sha256": card.get("sha256")}})
     out.update({
         "name": base_name,
         "architecture": type(model).__name__,
