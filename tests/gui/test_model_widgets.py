@@ -162,6 +162,36 @@ def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_mode
         widget._go_to_slice(z)
         assert widget._current.value.startswith(f"Slice {z}:")
         assert widget._strip._current == z
+    # the classified layer removed: its strip and lesion list no longer look live
+    viewer.layers.remove(image)
+    widget._follow_slice()
+    assert len(widget._strip._values) == 0 and not widget._goto.enabled
+
+
+def _strip_image(qtbot, values):
+    from napari_medseg._widgets._strip import ProbabilityStrip
+
+    strip = ProbabilityStrip()
+    qtbot.addWidget(strip)
+    strip.resize(100, 70)
+    strip.set_values(values)
+    return strip.grab().toImage()
+
+
+def _rgb(image, x, y):
+    color = image.pixelColor(x, y)
+    return color.red(), color.green(), color.blue()
+
+
+def test_the_strip_shows_missing_slices_and_a_single_slice(qtbot):
+    """NaN became probability 0 (a confident "no lesion"); one slice drew no curve."""
+    background = (38, 41, 48)
+    gapped = _strip_image(qtbot, [0.9, np.nan, np.nan, 0.9])
+    grey = _rgb(gapped, 37, 5)  # top of slice 1's column: a grey band, not background
+    assert grey != background and abs(grey[0] - grey[2]) < 12
+    single = _strip_image(qtbot, [0.6])
+    red, green, blue = _rgb(single, 50, 60)  # inside the bar, near its foot
+    assert green > red + 20 and green > blue + 10
 
 
 @pytest.mark.parametrize("widget_cls", WIDGETS)

@@ -119,6 +119,20 @@ def test_saved_labels_open_again_as_the_same_labels_layer(make_napari_viewer, tm
     assert read_label_map(out).labels[3, 1, 1] == 2
 
 
+def test_phantom_widget_says_min_above_max_in_its_own_words(make_napari_viewer):
+    from napari_medseg._widgets.phantom import PhantomWidget
+
+    viewer = make_napari_viewer()
+    widget = PhantomWidget(viewer)
+    widget._rmin.value, widget._rmax.value = 20.0, 3.0
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    assert widget._worker is None and len(viewer.layers) == 0
+    (error,) = _errors_since(start)
+    assert "Lesion radius min" in error and "lesion_radius_mm" not in error
+    assert widget._status.native.wordWrap()  # a long message wraps, it does not widen the dock
+
+
 def test_phantom_widget_generates_layers(make_napari_viewer, qtbot):
     from napari_medseg._widgets.phantom import PhantomWidget
 

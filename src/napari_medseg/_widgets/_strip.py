@@ -26,10 +26,19 @@ class ProbabilityStrip(QWidget):
         self.setToolTip("Lesion probability per slice (click to go to a slice)")
 
     def set_values(self, values, flags=None) -> None:
-        self._values = np.nan_to_num(np.asarray(values, dtype=float), nan=0.0)
+        # NaN (a missing slice) is kept: drawn as a grey band, not as probability 0
+        self._values = np.asarray(values, dtype=float).reshape(-1)
         n = len(self._values)
         self._flags = np.zeros(n, bool) if flags is None else np.asarray(flags, bool)
         self.update()
+
+    @staticmethod
+    def _finite_runs(missing: np.ndarray) -> list[np.ndarray]:
+        """Index runs of consecutive non-missing slices (the curve breaks at a gap)."""
+        index = np.arange(len(missing))[~missing]
+        if not len(index):
+            return []
+        return np.split(index, np.flatnonzero(np.diff(index) > 1) + 1)
 
     def set_current(self, index: int) -> None:
         self._current = int(index)
@@ -54,12 +63,23 @@ class ProbabilityStrip(QWidget):
             for i in np.flatnonzero(self._flags):  # flagged slices: a red band
                 painter.fillRect(int(i * width), 0, max(int(width), 1), self.height(),
                                  QColor(200, 60, 60, 90))
-            points = [QPointF(self._x(0), h + 2)]
-            points += [QPointF(self._x(i), 2 + h * (1 - v)) for i, v in enumerate(self._values)]
-            points.append(QPointF(self._x(n - 1), h + 2))
+            missing = ~np.isfinite(self._values)
+            for i in np.flatnonzero(missing):  # missing slices: grey, no curve
+                painter.fillRect(int(i * width), 0, max(int(width), 1), self.height(),
+                                 QColor(110, 110, 110, 110))
             painter.setPen(QPen(QColor(120, 220, 140), 1.5))
             painter.setBrush(QColor(120, 220, 140, 70))
-            painter.drawPolygon(QPolygonF(points))
+            for run in self._finite_runs(missing):
+                if len(run) == 1:  # one slice alone (a 2D image): a bar of its width
+                    v = self._values[run[0]]
+                    top = 2 + h * (1 - v)
+                    painter.drawRect(int(run[0] * width) + 1, int(top),
+                                     max(int(width) - 2, 1), max(int(h + 2 - top), 1))
+                    continue
+                points = [QPointF(self._x(run[0]), h + 2)]
+                points += [QPointF(self._x(i), 2 + h * (1 - self._values[i])) for i in run]
+                points.append(QPointF(self._x(run[-1]), h + 2))
+                painter.drawPolygon(QPolygonF(points))
             if 0 <= self._current < n:
                 painter.setPen(QPen(QColor(255, 255, 255), 1.0, Qt.PenStyle.DashLine))
                 x = int(self._x(self._current))

@@ -74,6 +74,9 @@ class ClassifyWidget(ModelRunWidget):
             return
         if self._layer is not None and self._layer not in self._viewer.layers:
             self._current.value = "The classified layer was removed"
+            # its strip and lesion list would look live but go nowhere
+            self._strip.set_values([])
+            self._goto.enabled = False
             return
         z = self._slice_index()
         self._strip.set_current(z)

@@ -61,6 +61,8 @@ class PhantomWidget(Container):
         self._run = PushButton(text="Generate")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")
+        # wrapped: an unwrapped error line widened the dock until the canvas was a sliver
+        self._status.native.setWordWrap(True)
         self._random_lesions.changed.connect(
             lambda on: setattr(self._n_lesions, "enabled", not on)
         )
@@ -89,6 +91,15 @@ class PhantomWidget(Container):
         if self._worker is not None:  # one run at a time (a scripted double click)
             return
         request = self.request()
+        low, high = request.lesion_radius_mm
+        if low > high:  # said in the widget's own words, not the core's parameter name
+            from napari.utils.notifications import show_error
+
+            message = (f"Lesion radius min ({low:g} mm) is above max ({high:g} mm); "
+                       "make min ≤ max")
+            show_error(f"Synthetic phantom: {message}")
+            self._status.value = message
+            return
         self._set_running(True)
         self._status.value = "Generating…"
         self._worker = _jobs.start_job(
