@@ -474,14 +474,22 @@ class _RetrainBase(Container):
         source = (self._history, self._history.current) if self._history is not None else path
         return image, layer, volume, annotation, source
 
-    def _on_retrain(self) -> None:
-        if self._worker is not None:  # one run at a time (a scripted double click)
-            return
+    def _inputs_for_a_button(self, need_annotations: bool):
+        """:meth:`_inputs` for a button's job: None when a job runs already (a scripted
+        double click) or the input is refused (said in a notification)."""
+        if self._worker is not None:
+            return None
         try:
-            image, layer, volume, annotation, source = self._inputs(True)
+            return self._inputs(need_annotations)
         except MedsegInputError as exc:
             show_error(f"Retrain: {exc}")
+            return None
+
+    def _on_retrain(self) -> None:
+        inputs = self._inputs_for_a_button(True)
+        if inputs is None:
             return
+        image, layer, volume, annotation, source = inputs
         slices = self.training_slices()
         names = self._layer_class_names(layer)
         version = 1 if self._history is None else self._history.next_number
@@ -494,13 +502,10 @@ class _RetrainBase(Container):
         )
 
     def _on_predict(self) -> None:
-        if self._worker is not None:  # one run at a time (a scripted double click)
+        inputs = self._inputs_for_a_button(False)
+        if inputs is None:
             return
-        try:
-            image, layer, volume, _annotation, source = self._inputs(False)
-        except MedsegInputError as exc:
-            show_error(f"Retrain: {exc}")
-            return
+        image, layer, volume, _annotation, source = inputs
         number = 0 if self._history is None else self._history.current
         self._start(self._predict_job, volume, source, description=f"{self.task.capitalize()} with v{number}",
                     on_result=lambda out, seen=self._placement(image, layer): self._on_predicted(

@@ -51,13 +51,10 @@ class RetrainWidget(_RetrainBase):
 
     def _on_suggest(self) -> None:
         """MC-dropout uncertainty of the current version; unlisted slices, most uncertain first."""
-        if self._worker is not None:  # one run at a time (a scripted double click)
+        inputs = self._inputs_for_a_button(False)
+        if inputs is None:
             return
-        try:
-            image, layer, volume, _annotation, source = self._inputs(False)
-        except MedsegInputError as exc:
-            show_error(f"Retrain: {exc}")
-            return
+        volume, source = inputs[2], inputs[4]
         self._start(self._suggest_job, volume, source, description="Uncertainty for suggestions",
                     on_result=lambda out: self._on_suggested(out, source))
 
