@@ -307,6 +307,10 @@ def test_prepare_model_folds_a_cached_copy_and_refreshes_after_training(seg):
     assert prepare_model(model) is not fast
     with torch.no_grad():
         model.head.bias.sub_(1.0)
+    fresh = prepare_model(model)
+    model.head.bias.data[0] += 5.0  # through .data: its own version counter, same pointer
+    assert prepare_model(model) is not fresh
+    model.head.bias.data[0] -= 5.0
 
 
 def test_an_ensemble_of_one_network_twice_detects_what_it_does():
