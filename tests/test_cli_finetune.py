@@ -192,3 +192,16 @@ def test_points_csv_headers_as_spreadsheets_write_them(tmp_path):
     (tmp_path / "p.csv").write_text("z,y,x,z\n5,36,27,9\n")  # it took z = 9 silently
     with pytest.raises(MedsegInputError, match="names column z twice"):
         read_points_csv(str(tmp_path / "p.csv"))
+
+
+def test_phantom_lesion_csv_gives_its_sizes(tmp_path):
+    """phantom's lesions.csv says radius_mm: its sizes were dropped (every lesion 10 mm)."""
+    from napari_medseg.cli_finetune import read_points_csv
+    from napari_medseg.core.errors import MedsegInputError
+
+    (tmp_path / "lesions.csv").write_text("z,y,x,radius_mm\n5,36,27,4.5\n")
+    _, diam = read_points_csv(str(tmp_path / "lesions.csv"))
+    assert diam.tolist() == [9.0]
+    (tmp_path / "both.csv").write_text("z,y,x,radius_mm,diameter_mm\n5,36,27,4.5,9\n")
+    with pytest.raises(MedsegInputError, match="both"):
+        read_points_csv(str(tmp_path / "both.csv"))

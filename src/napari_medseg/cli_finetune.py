@@ -88,7 +88,8 @@ def read_label_volume(path: str, image: Any) -> np.ndarray:
 
 def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Points (z, y, x voxel indices) and diameters from a CSV with a header naming at
-    least z, y, x (and optionally diameter_mm), e.g. the output of ``detect``."""
+    least z, y, x (and optionally diameter_mm, or radius_mm as ``phantom`` writes it),
+    e.g. the output of ``detect``."""
     import csv
 
     try:
@@ -105,15 +106,19 @@ def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not {"z", "y", "x"} <= columns:  # a header of z,y,x alone is a list of no lesions
         raise MedsegInputError("the CSV needs a header naming columns z, y, x (and optionally"
                                " diameter_mm)", path)
-    twice = sorted(c for c in ("z", "y", "x", "diameter_mm") if header.count(c) > 1)
+    twice = sorted(c for c in ("z", "y", "x", "diameter_mm", "radius_mm") if header.count(c) > 1)
     if twice:
         raise MedsegInputError(f"the CSV names column {', '.join(twice)} twice", path)
+    if {"diameter_mm", "radius_mm"} <= columns:
+        raise MedsegInputError("the CSV gives both diameter_mm and radius_mm; keep one", path)
+    # phantom's lesions.csv gives radius_mm: its sizes were silently dropped (10 mm each)
+    size, factor = ("radius_mm", 2.0) if "radius_mm" in columns else ("diameter_mm", 1.0)
     try:
         pts = np.array([[float(r["z"]), float(r["y"]), float(r["x"])] for r in rows]).reshape(-1, 3)
-        diam = np.array([float(r.get("diameter_mm") or "nan") for r in rows])
+        diam = np.array([factor * float(r.get(size) or "nan") for r in rows])
     except (KeyError, TypeError, ValueError) as exc:
-        raise MedsegInputError("the CSV needs numeric columns z, y, x (and optionally diameter_mm)",
-                               path) from exc
+        raise MedsegInputError("the CSV needs numeric columns z, y, x (and optionally diameter_mm"
+                               " or radius_mm)", path) from exc
     return pts, diam
 
 
