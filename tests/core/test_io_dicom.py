@@ -856,3 +856,34 @@ def test_a_folder_opened_as_dot_has_a_name(tmp_path, monkeypatch):
     with pytest.raises(MedsegInputError) as info:
         read_volume(".")
     assert str(info.value).startswith("e6: ")
+
+
+@pytest.mark.parametrize("steps", ["along x", "none"])
+def test_without_orientation_a_stack_not_along_z_keeps_every_slice(tmp_path, steps):
+    """Taken as axial, a sagittal stack (positions stepping along x) or a cine series
+    (one position) collapsed onto one slice; they keep the InstanceNumber order."""
+    folder = tmp_path / steps.replace(" ", "_")
+    folder.mkdir()
+    for k in range(4):
+        path = folder / f"s{k}.dcm"
+        ipp = [-100.0 + (2.0 * k if steps == "along x" else 0.0), -120.0, 7.0]
+        write_ct_slice(path, 7.0, series_uid="1.2.7", instance=k + 1, ipp=ipp)
+        ds = pydicom.dcmread(path)
+        del ds.ImageOrientationPatient
+        _save(ds, path)
+    volume = read_dicom(folder)
+    assert volume.shape[0] == 4
+    assert not any("taken as axial" in w for w in volume.metadata["warnings"])
+
+
+def test_a_dot_inside_a_linked_folder_is_named_as_the_user_sees_it(tmp_path, monkeypatch):
+    from napari_medseg.core.io import named_path
+
+    store = tmp_path / "store" / "ab12cd"
+    store.mkdir(parents=True)
+    link = tmp_path / "patient_042"
+    link.symlink_to(store)
+    monkeypatch.chdir(link)
+    monkeypatch.setenv("PWD", str(link))
+    assert named_path(".").name == "patient_042"
+    assert named_path("..") == tmp_path

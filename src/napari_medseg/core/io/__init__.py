@@ -92,9 +92,19 @@ def is_supported_path(path: str | Path) -> bool:
 
 
 def named_path(path: str | Path) -> Path:
-    """``path`` with a name to show: "." or ".." (a folder opened from inside it) have none."""
+    """``path`` with a name to show: "." or ".." (a folder opened from inside it) have none.
+    They are taken from the shell's working folder ($PWD) when that is where we are, so a
+    folder reached through a link keeps the name the user sees, not its target's."""
     path = Path(path).expanduser()
-    return path.resolve() if path.name in ("", ".", "..") else path
+    if path.name not in ("", ".", ".."):
+        return path
+    logical = os.environ.get("PWD")
+    try:
+        if logical and os.path.samefile(logical, os.getcwd()) and not path.is_absolute():
+            return Path(os.path.normpath(os.path.join(logical, path)))
+    except OSError:
+        pass
+    return path.resolve()
 
 
 def read_volume(path: str | Path) -> Volume:

@@ -567,6 +567,14 @@ def _check_stackable(frames: list[_Frame], path: Path) -> None:
         raise MedsegInputError("slices in one series have different pixel spacings", path)
 
 
+def _spread_along_z(frames: list[_Frame]) -> bool:
+    """Whether the slice positions step mainly along the patient's z (S): the one case
+    where a series without ImageOrientationPatient can be taken as axial. A sagittal
+    stack (steps along x) or a cine series (one position) would collapse onto one slice."""
+    spread = np.ptp(np.array([f.position for f in frames], dtype=float), axis=0)
+    return bool(spread[2] > 0 and spread[2] >= 2 * max(spread[0], spread[1]))
+
+
 def _sort(
     frames: list[_Frame], path: Path, warns: list[str]
 ) -> tuple[list[_Frame], np.ndarray | None, np.ndarray | None]:
@@ -577,7 +585,7 @@ def _sort(
     positions and axes are None.
     """
     if (all(f.position is not None and f.orientation is None for f in frames)
-            and len(frames) > 1):
+            and len(frames) > 1 and _spread_along_z(frames)):
         # positions without ImageOrientationPatient: sorting by InstanceNumber threw the
         # positions away (wrong order, no gaps); axial is the one orientation to assume
         warns.append("ImageOrientationPatient missing; slices taken as axial and sorted by "
