@@ -135,6 +135,64 @@ def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypat
     assert match in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv,match", [
+    # the last member's seed (seed + 1) was refused after the first network had trained
+    (["detector", "--seed", "2147483647", "--members", "2"], "seed"),
+    # the generator calibrates on n // 2 phantoms: refused only after its training
+    (["generator", "--validation-seeds", "250000"], "--validation-seeds"),
+    # the generator draws no lesions to balance: "balanced" was ignored, yet in its card
+    (["generator", "--sampling", "balanced"], "sampling"),
+    (["classifier", "--out", "{file}/sub"], "cannot be created"),  # below a (755) file
+])
+def test_train_refuses_more_bad_arguments_before_training(tmp_path, capsys, monkeypatch, argv,
+                                                          match):
+    import os
+
+    from napari_medseg import cli_train
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking its arguments")
+
+    monkeypatch.setattr(cli_train, "_train_once", no_training)
+    monkeypatch.setattr(cli_train, "_train_members", no_training, raising=False)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    os.chmod(afile, 0o755)
+    argv = [a.format(file=afile) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main(["train", *argv, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+def test_an_interrupted_overwrite_keeps_the_old_model_loadable(tmp_path, monkeypatch):
+    """The weights were replaced before the card: Ctrl-C between the two left the old card
+    naming the new weights (a checksum mismatch on every load)."""
+    from napari_medseg.core.models import SliceClassifier, load_model, registry, save_model
+
+    card = {"classes": ["a", "b", "c"], "input_spacing_mm": [1.0, 2.0, 2.0],
+            "normalisation": {"type": "window", "low": -200.0, "high": 300.0}}
+    torch_model = SliceClassifier(filters=(4, 8, 8), hidden=8)
+    save_model(torch_model, tmp_path, "m", card)
+    real = registry._atomic_write
+
+    def ctrl_c_at_the_card(path, data):
+        if path.suffix == ".json":
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(registry, "_atomic_write", ctrl_c_at_the_card)
+    other = SliceClassifier(filters=(4, 8, 8), hidden=8)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(other, tmp_path, "m", card)
+    monkeypatch.setattr(registry, "_atomic_write", real)
+    model, _ = load_model(tmp_path / "m.json")  # the old one, whole
+    for k, v in torch_model.state_dict().items():
+        assert (model.state_dict()[k] == v).all()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
+
 def test_phantom_errors_speak_of_the_commands_options(tmp_path, capsys):
     assert main(["phantom", str(tmp_path / "p"), "--lesions", "-3"]) == 2
     assert "--lesions must be an integer in [0, " in capsys.readouterr().err

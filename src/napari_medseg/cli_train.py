@@ -115,13 +115,24 @@ def _check_before_training(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 0:
             raise MedsegInputError(f"--{flag.replace('_', '-')} must be ≥ 0, got {value}")
-    from .core.training import training_seeds
+    from .core.training import MODEL_NAMES, _check_options, training_seeds
 
+    if args.model in MODEL_NAMES:  # an unknown loss or sampling, said before any training
+        _check_options(args.model, args.loss, args.sampling)
     training_seeds(args.seed)  # refuses a seed out of range (it failed deep in torch)
+    members = getattr(args, "members", None) or 1
+    if members > 1:  # member k trains with seed + k: the last one failed after the first
+        training_seeds(args.seed + members - 1)
     # phantom counts that seed_list would refuse only after the training
     counts = [("eval_seeds", args.eval_seeds, args.eval_seeds != 0)]
-    if args.model == "detector":  # the generator calibrates on max(1, n // 2): 0 is fine
+    if args.model == "detector":
         counts.append(("validation_seeds", args.validation_seeds, True))
+    elif args.model == "generator" and args.validation_seeds:
+        # it calibrates on max(1, n // 2) phantoms: 0 is fine, too many failed after training
+        half = max(1, args.validation_seeds // 2)
+        if half > MAX_PHANTOMS:
+            raise MedsegInputError(f"--validation-seeds must be at most {2 * MAX_PHANTOMS + 1}"
+                                   f" for the generator, got {args.validation_seeds}")
     if args.ablation_steps:
         counts.append(("ablation_eval_seeds", args.ablation_eval_seeds, True))
     for flag, value, used in counts:
@@ -132,7 +143,7 @@ def _check_before_training(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise MedsegInputError("--out must be a folder; a file of that name exists", out)
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise MedsegInputError("--out cannot be created or written here", out)
     existing = [f"{args.model}{ext}" for ext in (".json", ".safetensors")
                 if (out / f"{args.model}{ext}").exists()]

@@ -99,6 +99,9 @@ LOSSES: dict[str, tuple[str, ...]] = {
     "generator": ("mse", "l1"),
 }
 SAMPLINGS = ("balanced", "uniform")
+# the generator draws sequences anywhere (no lesion to balance on): "balanced" was taken,
+# ignored, and written into its card
+SAMPLINGS_OF = {"generator": ("uniform",)}
 
 
 # ======================================================================================
@@ -643,8 +646,9 @@ def _check_options(name: str, loss: str | None, sampling: str | None) -> tuple[s
     sampling = DEFAULTS[name]["sampling"] if sampling is None else str(sampling)
     if loss not in LOSSES[name]:
         raise MedsegInputError(f"{name} loss must be one of {', '.join(LOSSES[name])}, got {loss!r}")
-    if sampling not in SAMPLINGS:
-        raise MedsegInputError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    allowed = SAMPLINGS_OF.get(name, SAMPLINGS)
+    if sampling not in allowed:
+        raise MedsegInputError(f"{name} sampling must be one of {', '.join(allowed)}, got {sampling!r}")
     return loss, sampling
 
 

@@ -275,13 +275,29 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
             previous = directory / str(json.loads(card_path.read_text("utf-8"))["weights_file"])
         except (OSError, ValueError, KeyError, TypeError):
             previous = None
-    _atomic_write(weights_path, data)
+    backup = None
+    if not unique_weights and weights_path.is_file() and card_path.is_file():
+        # the weights are replaced first: a failure (or Ctrl-C) before the card follows
+        # would leave the old card naming new weights; the old ones are put back then
+        backup = weights_path.with_name(f".{weights_path.name[:40]}.{os.getpid()}.previous")
+        backup.unlink(missing_ok=True)
+        try:
+            os.link(weights_path, backup)
+        except OSError:
+            backup = None  # no hard links here: the old behaviour
     try:
+        _atomic_write(weights_path, data)
         _atomic_write(card_path, text.encode("utf-8"))
     except BaseException:
         if unique_weights and weights_path != previous:
             weights_path.unlink(missing_ok=True)  # nothing points at it
+        elif backup is not None:
+            os.replace(backup, weights_path)
+            backup = None
         raise
+    finally:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
     if previous is not None and previous != weights_path and previous.parent == directory:
         previous.unlink(missing_ok=True)
     return card_path
