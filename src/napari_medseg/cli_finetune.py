@@ -157,9 +157,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if threads is None and steps is not None:
         # a fixed number of steps gives the same weights only on the same thread count
         # (float sums): pin the count the engine would start with, and record it below
-        from .core.inference import _runnable_others, default_threads
+        from .core.inference import free_threads
 
-        threads = max(1, default_threads() - _runnable_others())
+        threads = free_threads()
     if args.labels is not None:
         if not isinstance(model, RecurrentSegmenter):
             raise MedsegInputError(f"--labels fine-tunes a segmenter; {args.model} is a {type(model).__name__}")

@@ -115,10 +115,10 @@ def _check_before_training(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 0:
             raise MedsegInputError(f"--{flag.replace('_', '-')} must be ≥ 0, got {value}")
-    from .core.training import MODEL_NAMES, _check_options, training_seeds
+    from .core.training import MODEL_NAMES, check_options, training_seeds
 
     if args.model in MODEL_NAMES:  # an unknown loss or sampling, said before any training
-        _check_options(args.model, args.loss, args.sampling)
+        check_options(args.model, args.loss, args.sampling)
     training_seeds(args.seed)  # refuses a seed out of range (it failed deep in torch)
     members = getattr(args, "members", None) or 1
     if members > 1:  # member k trains with seed + k: the last one failed after the first

@@ -272,6 +272,12 @@ def _runnable_others() -> int:
     return max(0, running - 1)
 
 
+def free_threads() -> int:
+    """The threads a job starts with when not pinned: the usable CPUs minus the tasks
+    already running elsewhere (at least 1)."""
+    return max(1, default_threads() - _runnable_others())
+
+
 def _new_thread_count() -> int:
     """torch's thread count in a thread started now (OpenMP: the last count set)."""
     seen: list[int] = []
@@ -348,7 +354,7 @@ class ThreadGovernor:
         local = ThreadGovernor._on_this_thread
         local.depth = getattr(local, "depth", 0) + 1
         if self.auto:
-            self._set(self.cpus - _runnable_others())
+            self._set(free_threads())
             self._mark()
         else:
             self._set(self.fixed)

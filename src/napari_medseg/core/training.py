@@ -641,7 +641,9 @@ def _command(name: str, seed: int, steps: int | None, seconds: float | None, los
             f" --sampling {sampling}")
 
 
-def _check_options(name: str, loss: str | None, sampling: str | None) -> tuple[str, str]:
+def check_options(name: str, loss: str | None, sampling: str | None) -> tuple[str, str]:
+    """(loss, sampling) for ``name``, defaults filled in; MedsegInputError naming what
+    ``name`` allows otherwise (the CLI calls it before any training)."""
     loss = DEFAULTS[name]["loss"] if loss is None else str(loss)
     sampling = DEFAULTS[name]["sampling"] if sampling is None else str(sampling)
     if loss not in LOSSES[name]:
@@ -709,7 +711,7 @@ def _start_run(name: str, seed: Any, steps: int | None, seconds: float | None,
     """Check the options every trainer shares; ``stream`` picks ``default_rng([seed, stream])``."""
     seed = _check_seed(seed)
     d = DEFAULTS[name]
-    loss, sampling = _check_options(name, loss, sampling)
+    loss, sampling = check_options(name, loss, sampling)
     steps, seconds = _budget(steps, seconds, d["steps"])
     return _Run(name, seed, loss, sampling, steps, seconds, float(spacing_yx or d["spacing_yx"]),
                 d["normalisation"], float(lr or d["lr"]), training_seeds(seed),
