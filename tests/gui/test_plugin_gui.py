@@ -133,6 +133,24 @@ def test_phantom_widget_says_min_above_max_in_its_own_words(make_napari_viewer):
     assert widget._status.native.wordWrap()  # a long message wraps, it does not widen the dock
 
 
+def test_phantom_widget_errors_name_its_own_controls(make_napari_viewer, qtbot):
+    """The core's "smaller lesion_radius_mm" reached the user, whose control says
+    "Lesion radius max (mm)"."""
+    from napari_medseg._widgets.phantom import PhantomWidget
+
+    viewer = make_napari_viewer()
+    widget = PhantomWidget(viewer)
+    widget._z.value, widget._y.value, widget._x.value = 8, 64, 64
+    widget._n_lesions.value = 30
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    (error,) = _errors_since(start)
+    assert "could not fit 30 lesions" in error and "Lesion radius max" in error
+    assert "lesion_radius_mm" not in error and "lesion_radius_mm" not in widget._status.value
+    assert len(viewer.layers) == 0
+
+
 def test_phantom_widget_generates_layers(make_napari_viewer, qtbot):
     from napari_medseg._widgets.phantom import PhantomWidget
 

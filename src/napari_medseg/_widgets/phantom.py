@@ -16,6 +16,7 @@ from magicgui.widgets import (
 
 from .. import _jobs
 from .._sample_data import phantom_layer_data
+from ..core.errors import MedsegInputError
 from ..core.phantom import generate_phantom
 from ._model_widget import set_status
 
@@ -31,14 +32,21 @@ class PhantomRequest:
 
 
 def _make_phantom(request: PhantomRequest):
-    return generate_phantom(
-        request.shape,
-        request.spacing,
-        request.seed,
-        n_lesions=request.n_lesions,
-        lesion_radius_mm=request.lesion_radius_mm,
-        noise_hu=request.noise_hu,
-    )
+    try:
+        return generate_phantom(
+            request.shape,
+            request.spacing,
+            request.seed,
+            n_lesions=request.n_lesions,
+            lesion_radius_mm=request.lesion_radius_mm,
+            noise_hu=request.noise_hu,
+        )
+    except MedsegInputError as exc:  # said in the widget's words, not the core's names
+        raise MedsegInputError(
+            exc.reason.replace("field of view (shape x spacing)",
+                               "field of view (more rows / columns, or a larger spacing)")
+            .replace("lesion_radius_mm", "Lesion radius max").replace("n_lesions", "Lesions"),
+            exc.path) from exc
 
 
 class PhantomWidget(Container):
