@@ -133,15 +133,21 @@ def test_phantom_widget_says_min_above_max_in_its_own_words(make_napari_viewer):
     assert widget._status.native.wordWrap()  # a long message wraps, it does not widen the dock
 
 
-def test_phantom_widget_errors_name_its_own_controls(make_napari_viewer, qtbot):
-    """The core's "smaller lesion_radius_mm" reached the user, whose control says
-    "Lesion radius max (mm)"."""
+def _phantom_widget(make_napari_viewer, shape, lesions):
+    """A viewer with the Synthetic phantom widget set to ``shape`` (z, y, x) and ``lesions``."""
     from napari_medseg._widgets.phantom import PhantomWidget
 
     viewer = make_napari_viewer()
     widget = PhantomWidget(viewer)
-    widget._z.value, widget._y.value, widget._x.value = 8, 64, 64
-    widget._n_lesions.value = 30
+    widget._z.value, widget._y.value, widget._x.value = shape
+    widget._n_lesions.value = lesions
+    return viewer, widget
+
+
+def test_phantom_widget_errors_name_its_own_controls(make_napari_viewer, qtbot):
+    """The core's "smaller lesion_radius_mm" reached the user, whose control says
+    "Lesion radius max (mm)"."""
+    viewer, widget = _phantom_widget(make_napari_viewer, (8, 64, 64), lesions=30)
     start = len(notification_manager.records)
     widget._run.clicked.emit()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
@@ -152,12 +158,7 @@ def test_phantom_widget_errors_name_its_own_controls(make_napari_viewer, qtbot):
 
 
 def test_phantom_widget_generates_layers(make_napari_viewer, qtbot):
-    from napari_medseg._widgets.phantom import PhantomWidget
-
-    viewer = make_napari_viewer()
-    widget = PhantomWidget(viewer)
-    widget._z.value, widget._y.value, widget._x.value = 6, 64, 64
-    widget._n_lesions.value = 2
+    viewer, widget = _phantom_widget(make_napari_viewer, (6, 64, 64), lesions=2)
     widget._run.clicked.emit()
     assert not widget._run.enabled and widget._cancel.enabled
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
@@ -168,12 +169,7 @@ def test_phantom_widget_generates_layers(make_napari_viewer, qtbot):
 
 
 def test_phantom_widget_cancel_adds_nothing(make_napari_viewer, qtbot):
-    from napari_medseg._widgets.phantom import PhantomWidget
-
-    viewer = make_napari_viewer()
-    widget = PhantomWidget(viewer)
-    widget._z.value, widget._y.value, widget._x.value = 4, 96, 96
-    widget._n_lesions.value = 0
+    viewer, widget = _phantom_widget(make_napari_viewer, (4, 96, 96), lesions=0)
     start = len(notification_manager.records)
     widget._run.clicked.emit()
     widget._cancel.clicked.emit()
