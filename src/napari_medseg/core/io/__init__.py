@@ -14,8 +14,7 @@ from ..errors import MedsegInputError
 from ..volume import Volume
 from ._common import guess_modality
 from .dicom import read_dicom
-from .nifti import LabelMap, read_label_map, read_nifti, write_nifti
-from .nifti import _read as _read_nifti
+from .nifti import LabelMap, read_label_map, read_nifti, read_nifti_or_label_map, write_nifti
 from .npy import read_npy
 
 __all__ = [
@@ -24,6 +23,7 @@ __all__ = [
     "guess_modality",
     "is_supported_path",
     "read_dicom",
+    "read_label_map",
     "read_nifti",
     "read_npy",
     "read_scan_or_labels",
@@ -133,6 +133,5 @@ def read_scan_or_labels(path: str | Path) -> Volume | LabelMap:
     plugin saved, or any tool's file marked with the label intent), else the Volume."""
     path = named_path(path)
     if path.is_file() and _suffix(path) in NIFTI_SUFFIXES:
-        volume, labels, names = _read_nifti(path)
-        return volume if labels is None else LabelMap(labels, volume, names)
+        return read_nifti_or_label_map(path)
     return read_volume(path)

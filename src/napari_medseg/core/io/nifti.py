@@ -42,7 +42,8 @@ from ._common import (
     triplet,
 )
 
-__all__ = ["LabelMap", "guess_modality", "read_label_map", "read_nifti", "write_nifti"]
+__all__ = ["LabelMap", "guess_modality", "read_label_map", "read_nifti",
+           "read_nifti_or_label_map", "write_nifti"]
 
 _LPS = axcodes2ornt(("L", "P", "S"))
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -72,11 +73,17 @@ def read_nifti(path: str | Path) -> Volume:
     return _read(path)[0]
 
 
-def read_label_map(path: str | Path) -> LabelMap | None:
+def read_nifti_or_label_map(path: str | Path) -> Volume | LabelMap:
     """The file as a :class:`LabelMap` when it is one (NIfTI's label intent on integer
-    data, as :func:`write_nifti` writes with ``labels=True``), else None."""
+    data, as :func:`write_nifti` writes with ``labels=True``), else as a Volume; read once."""
     volume, labels, names = _read(path)
-    return None if labels is None else LabelMap(labels, volume, names)
+    return volume if labels is None else LabelMap(labels, volume, names)
+
+
+def read_label_map(path: str | Path) -> LabelMap | None:
+    """The file as a :class:`LabelMap`, or None when it is not a label map."""
+    opened = read_nifti_or_label_map(path)
+    return opened if isinstance(opened, LabelMap) else None
 
 
 def _label_names(header: Any) -> dict[int, str]:
