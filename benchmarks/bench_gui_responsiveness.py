@@ -10,26 +10,39 @@ torch threads instead of the engine's choice.
 Opens a 64×256×256 phantom CT in a real viewer (under Xvfb), docks the Segment widget with
 the bundled segmenter, and while it runs a 10 ms QTimer records event-loop ticks and the
 "user" scrolls one slice every 50 ms. The same 10 ms timer + scrolling is measured first
-with no job running: that idle figure is the same-run reference (Xvfb's software renderer
-alone causes some stall). Prints one JSON object; goal: longest stall ≤ 100 ms.
+(15 s) with no job running: that idle figure is the same-run reference (Xvfb's software
+renderer alone causes some stall). Python's full garbage collections (gen 2) are recorded
+too: each holds every thread for the whole napari heap, job or no job, so the gaps they
+fall in are reported apart (``full_gc_pauses_ms``, ``max_gap_outside_full_gc_ms``).
+Prints one JSON object; goal: longest stall ≤ 100 ms.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 
 import numpy as np
 import napari
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QEventLoop, QTimer
 from qtpy.QtWidgets import QApplication
 
 from napari_medseg.core.phantom import generate_phantom
 
 
 def measure(viewer, seconds: float | None, widget=None) -> dict:
-    app = QApplication.instance()
     ticks: list[float] = []
+    full_gcs: list[tuple[float, float]] = []  # (start, end) of each full (gen 2) collection
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                full_gcs.append((time.perf_counter(), float("inf")))
+            elif full_gcs:
+                full_gcs[-1] = (full_gcs[-1][0], time.perf_counter())
+
+    gc.callbacks.append(on_gc)
     inserted: list[float] = []
     viewer.layers.events.inserted.connect(lambda _e: inserted.append(time.perf_counter()))
     tick = QTimer()
@@ -43,20 +56,32 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
     scroll.start(50)
     start = time.perf_counter()
     done_at = None
-    if widget is not None:
-        widget._run.clicked.emit()
-    while True:
-        app.processEvents()
-        time.sleep(0.001)
-        elapsed = time.perf_counter() - start
+    # Qt's own event loop, as in napari: between events the GUI thread sleeps in C++ with
+    # the GIL released (a Python loop polling processEvents would hold it ~all the time
+    # and starve the job's thread)
+    loop = QEventLoop()
+
+    def check() -> None:
+        nonlocal done_at
         if widget is not None and widget._worker is None:
             done_at = done_at or time.perf_counter()
             if time.perf_counter() - done_at > 1.0:  # keep measuring while the result draws
-                break
-        if seconds is not None and elapsed >= seconds:
-            break
+                loop.quit()
+        if seconds is not None and time.perf_counter() - start >= seconds:
+            loop.quit()
+
+    if widget is not None:
+        widget._run.clicked.emit()
+    # started after the click: starting a job runs nested event loops (napari's progress
+    # bar), where the check would find no worker yet
+    checker = QTimer()
+    checker.timeout.connect(check)
+    checker.start(20)
+    loop.exec_()
+    checker.stop()
     tick.stop()
     scroll.stop()
+    gc.callbacks.remove(on_gc)
     stamps = np.asarray(ticks)
     gaps_ms = np.diff(stamps) * 1000.0
     # the gap in which the result layer was added: napari building and first drawing it
@@ -64,11 +89,22 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
     for t in inserted:
         adding |= (stamps[:-1] <= t) & (t <= stamps[1:])
     computing = gaps_ms[~adding]
-    extra = {}
+    # a full collection of Python's garbage holds every thread; napari's own heap (~400k
+    # objects) takes 200-300 ms, and scrolling alone triggers one every ~15 s: those
+    # gaps are reported apart, next to the same count in the idle reference
+    in_gc = np.zeros(len(gaps_ms), dtype=bool)
+    for g0, g1 in full_gcs:
+        in_gc |= (stamps[:-1] <= g1) & (g0 <= stamps[1:])
+    extra = {
+        "full_gc_pauses_ms": [round((g1 - g0) * 1000.0, 1) for g0, g1 in full_gcs],
+        "max_gap_outside_full_gc_ms": round(float(gaps_ms[~in_gc].max()), 1),
+    }
     if adding.any():
-        extra = {
+        extra |= {
             "stall_adding_result_layer_ms": round(float(gaps_ms[adding].max()), 1),
             "max_gap_while_model_runs_ms": round(float(computing.max()), 1),
+            "max_gap_while_model_runs_outside_full_gc_ms": round(float(
+                gaps_ms[~adding & ~in_gc].max()), 1),
             "p99_gap_while_model_runs_ms": round(float(np.percentile(computing, 99)), 1),
         }
     return {
@@ -120,7 +156,7 @@ def main() -> None:
         widget._image.value = image
     for _ in range(50):
         QApplication.instance().processEvents()
-    idle = measure(viewer, seconds=5.0)
+    idle = measure(viewer, seconds=15.0)
     running = measure(viewer, seconds=None, widget=widget)
     ok = isinstance(viewer.layers[-1], napari.layers.Labels)
     steps = None
@@ -139,12 +175,16 @@ def main() -> None:
             sys.argv[sys.argv.index("--threads") + 1]),
         "idle_reference": idle,
         ("while_retraining" if retrain else "while_segmenting"): running,
-        "stall_ratio_vs_idle": round(running["max_gap_ms"] / max(idle["max_gap_ms"], 1e-3), 2),
+        "stall_ratio_vs_idle": round(running["max_gap_outside_full_gc_ms"]
+                                     / max(idle["max_gap_outside_full_gc_ms"], 1e-3), 2),
         "goal_max_gap_le_100ms": running["max_gap_ms"] <= 100.0,
         # without a result layer added (retrain writes into the user's layer) every gap
         # is a gap while the model runs
         "goal_met_while_model_runs": running.get("max_gap_while_model_runs_ms",
                                                  running["max_gap_ms"]) <= 100.0,
+        "goal_met_outside_full_gc": running.get(
+            "max_gap_while_model_runs_outside_full_gc_ms",
+            running["max_gap_outside_full_gc_ms"]) <= 100.0,
     }
     viewer.close()
     print(json.dumps(result))

@@ -409,7 +409,7 @@ def finetune_segmenter(
     # torch.use_deterministic_algorithms imports torch._dynamo (1.4 s holding the GIL:
     # the GUI froze for 2 s at the start of every first round)
     torch_rng = PrivateRNG(seed)
-    with ThreadGovernor(threads):
+    with ThreadGovernor(threads) as governor:
         yield Progress(0, 1, "preparing the annotated slices")
         grid_slices = ModelGridSlices(volume, card)
         h, w = grid_slices.grid
@@ -527,7 +527,8 @@ def finetune_segmenter(
                 continue
             stats = yield from torch_rng.run(_train_loop(
                 work, make_batch(train_zs), loss_fn, s, t, phase_lr, "retrain",
-                report_every=1, freeze_batchnorm=True, plain_optimizer=True))
+                report_every=1, freeze_batchnorm=True, plain_optimizer=True,
+                refresh=governor.update, refresh_every=1))
             curve += stats["loss_curve"]
             total_steps += stats["steps"]
             if i == 0 and held is not None:
@@ -675,7 +676,7 @@ def finetune_detector(
     rng = np.random.default_rng([int(seed), int(version), 7])
     context = model.in_slices // 2
     torch_rng = PrivateRNG(seed)  # as in finetune_segmenter
-    with ThreadGovernor(threads):
+    with ThreadGovernor(threads) as governor:
         yield Progress(0, 1, "preparing the reviewed slices")
         grid_slices = ModelGridSlices(volume, card, context)
         h, w = grid_slices.grid
@@ -744,7 +745,7 @@ def finetune_detector(
         t0 = time.perf_counter()
         stats = yield from torch_rng.run(_train_loop(
             work, batch, loss_fn, steps, seconds, lr, "retrain detector", report_every=1,
-            freeze_batchnorm=True, plain_optimizer=True))
+            freeze_batchnorm=True, plain_optimizer=True, refresh=governor.update, refresh_every=1))
         work.eval()
         elapsed = time.perf_counter() - t0
     report = FinetuneReport(
