@@ -9,6 +9,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import subprocess
@@ -210,23 +211,27 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 def emit(result: dict[str, Any], out: str | None = None) -> None:
     """Print ``result`` as one JSON line (floats to 4 decimals); with ``out``, also
-    write it there in full, indented."""
-    def clean(v: Any) -> Any:
+    write it there in full, indented. NaN and infinities become null (bare NaN is not
+    JSON; a mean over no structure is NaN)."""
+    def clean(v: Any, digits: int | None) -> Any:
         if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
+            return {k: clean(x, digits) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
+            return [clean(x, digits) for x in v]
         if isinstance(v, (float, np.floating)):
-            return round(float(v), 4)
+            f = float(v)
+            if not math.isfinite(f):
+                return None
+            return f if digits is None else round(f, digits)
         if isinstance(v, np.integer):
             return int(v)
         return v
 
-    print(json.dumps(clean(result)))
+    print(json.dumps(clean(result, 4)))
     sys.stdout.flush()
     if out:
         with open(out, "w") as fh:
-            json.dump(result, fh, indent=1, default=float)
+            json.dump(clean(result, None), fh, indent=1, default=float)
 
 
 def bench_parser(doc: str, naive_slices: int) -> argparse.ArgumentParser:

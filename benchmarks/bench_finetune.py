@@ -259,13 +259,15 @@ def detector_same_scanner(args) -> dict:
     for seed in SEEDS[: args.volumes]:
         a = generate_phantom(seed=seed, n_lesions=6, lesion_radius_mm=(3.0, 12.0), **shift)
         b = generate_phantom(seed=seed + 100, n_lesions=6, lesion_radius_mm=(3.0, 12.0), **shift)
-        tested = [{"center": les.center_zyx, "radius_mm": les.radius_mm} for les in b.lesions
-                  if 2 * les.radius_mm >= 5.0]
+        lesions = [{"center": les.center_zyx, "radius_mm": les.radius_mm} for les in b.lesions]
+        tested = {j for j, les in enumerate(b.lesions) if 2 * les.radius_mm >= 5.0}
 
         def score(result) -> dict:
+            # matched against every lesion, as evaluation does: a hit on one under 5 mm
+            # is neither found nor a false positive (and takes no larger lesion's hit)
             dets = [{"z": d.z, "y": d.y, "x": d.x, "score": d.score} for d in result.detections]
-            hits = match_detections(dets, tested, b.volume.spacing)
-            return {"found": len({h for h in hits if h >= 0}), "of": len(tested),
+            hits = match_detections(dets, lesions, b.volume.spacing)
+            return {"found": len({h for h in hits if h in tested}), "of": len(tested),
                     "false_positives": sum(h < 0 for h in hits)}
 
         before = run_to_completion(detect_lesions(b.volume, model, card))

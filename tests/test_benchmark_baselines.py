@@ -41,3 +41,17 @@ def test_the_naive_run_times_the_slices_it_says(common):
     assert out["naive"]["slices_timed"] == 12
     assert out["gflops_achieved"] == pytest.approx(2.0) and out["ratio"] == pytest.approx(0.02)
     assert np.isfinite(out["naive"]["seconds_per_slice"])
+
+
+def test_emitted_json_is_json_even_with_nan(common, tmp_path, capsys):
+    """A mean over no structure is NaN: it is written as null (bare NaN is not JSON)."""
+    import json
+
+    out = tmp_path / "r.json"
+    common.emit({"mean": float("nan"), "d": [np.float32(0.123456), np.inf], "n": np.int64(3)},
+                str(out))
+    printed = capsys.readouterr().out.strip()
+    for text in (printed, out.read_text()):
+        assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))["mean"] is None
+    assert json.loads(printed)["d"] == [0.1235, None]
+    assert json.loads(out.read_text())["d"][0] == pytest.approx(0.123456, abs=1e-7)

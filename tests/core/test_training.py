@@ -437,6 +437,19 @@ def test_froc_point_says_what_its_sensitivity_needs_and_tuning_compares_by_that(
     assert at["sensitivity_ge_5mm"] == 1.0
 
 
+def test_froc_point_of_a_detector_that_finds_nothing_spends_no_false_positive():
+    """No lesion found within the limit: no threshold and 0 FP/volume (it reported the
+    top score's threshold and what its false positive cost)."""
+    point = froc_point([{"scores": [0.9], "matched": [-1], "diameters": [10.0]},
+                        {"scores": [], "matched": [], "diameters": []}], 1.0)
+    assert point["sensitivity"] == 0.0 and point["threshold"] is None
+    assert point["fp_per_volume"] == 0.0 and point["fp_per_volume_needed"] == 0.0
+    # found only past the limit: the same
+    late = {"scores": [0.9, 0.8, 0.7], "matched": [-1, -1, 0], "diameters": [10.0]}
+    assert froc_point([late], 1.0)["threshold"] is None
+    assert froc_point([late], 2.0)["threshold"] == pytest.approx(0.7)
+
+
 def test_segmenter_scores_per_volume_only_where_the_structure_is_and_never_calls_nan_met(
         monkeypatch):
     from types import SimpleNamespace

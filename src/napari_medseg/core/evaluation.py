@@ -212,7 +212,8 @@ def froc_point(per_volume: Sequence[Mapping[str, Any]], max_fp_per_volume: float
     LOWEST within the limit (it spends the false-positive budget: a threshold fitted on a
     few dozen validation lesions sits right at the last one's score otherwise, and finds
     fewer on new volumes), with its "fp_per_volume"; "fp_per_volume_needed" is what the
-    highest of them costs, the fair figure to compare two detectors' points by.
+    highest of them costs, the fair figure to compare two detectors' points by. When no
+    threshold within the limit finds a lesion, "threshold" is None with 0 false positives.
     """
     n_vol = len(per_volume)
     events = []  # (score, is_tp_large, is_fp)
@@ -238,9 +239,11 @@ def froc_point(per_volume: Sequence[Mapping[str, Any]], max_fp_per_volume: float
             i += 1
         if fp / max(n_vol, 1) <= max_fp_per_volume:
             sens = tp / max(n_large, 1)
-            if best["threshold"] is None or sens > best["sensitivity"]:
+            if sens > best["sensitivity"]:
                 best["fp_per_volume_needed"] = fp / max(n_vol, 1)
-            if best["threshold"] is None or sens >= best["sensitivity"]:
+            # a threshold that finds nothing is no operating point: while sensitivity is
+            # 0 the point stays "above every score" (None, no false positives)
+            if sens > 0 and sens >= best["sensitivity"]:
                 best.update(threshold=float(s), sensitivity=sens, fp_per_volume=fp / max(n_vol, 1))
     return best
 
