@@ -10,8 +10,9 @@ from pydicom.data import get_testdata_file
 
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.classify import ClassifyWidget
-from napari_medseg._widgets.detect import DetectWidget
+from napari_medseg._widgets.detect import DetectWidget, _camera
 from napari_medseg._widgets.segment import SegmentWidget
+from napari_medseg.core.models.registry import BUNDLED_DIR
 
 
 WIDGETS = [SegmentWidget, DetectWidget, ClassifyWidget]
@@ -145,6 +146,62 @@ def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_mode
     assert points.shown[-1] and points.shown.sum() == (scores >= 1.0).sum() + 1
     assert "1 added or moved by you" in widget._status.value
     assert all(i != len(scores) for _, i in widget._goto_items)
+
+
+def test_go_to_lesion_follows_the_axes_the_user_shows(make_napari_viewer, qtbot, random_models,
+                                                     small_phantom):
+    """With the axes reordered (a sagittal-type view showing z and y), the jump moved the
+    z slider and centred the camera on (y, x): the lesion was not brought into view."""
+    viewer, image, widget, points = _detect(make_napari_viewer, qtbot, random_models, small_phantom)
+    points.add([3.0, 20.0, 30.0])  # a point of the user's: the jump works on any row
+    index = len(points.data) - 1
+    world = points.data_to_world(points.data[index])
+    for order, ndisplay in (((2, 0, 1), 2), ((0, 1, 2), 2), ((1, 2, 0), 3)):
+        viewer.dims.order = order
+        viewer.dims.ndisplay = ndisplay
+        viewer.dims.set_point(range(3), [0.0, 0.0, 0.0])
+        widget._go_to_lesion(index)
+        for axis in viewer.dims.not_displayed:
+            assert viewer.dims.point[axis] == pytest.approx(world[axis], abs=image.scale[axis])
+        center = np.asarray(_camera(viewer).center)[-ndisplay:]
+        np.testing.assert_allclose(center, [world[a] for a in viewer.dims.displayed], atol=1e-6)
+
+
+def test_detect_keeps_the_missing_slices_said_and_lets_go_of_a_deleted_layer(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """The missing-slices line vanished when the threshold moved; a deleted detections
+    layer left its slider and lesion list looking live."""
+    viewer = make_napari_viewer()
+    data = small_phantom.volume.array.copy()
+    data[2] = np.nan
+    image = viewer.add_image(data, scale=small_phantom.volume.spacing, name="gapped")
+    widget = DetectWidget(viewer)
+    _select(widget, image, random_models["LesionDetector"])
+    _run_and_wait(widget, qtbot)
+    points = viewer.layers[-1]
+    assert widget._status.value.count("Missing slices 2") == 1
+    widget._threshold.value = 0.3
+    assert "detections at score ≥ 0.30" in widget._status.value
+    assert widget._status.value.count("Missing slices 2") == 1
+    viewer.layers.remove(points)
+    assert not widget._threshold.enabled and not widget._goto.enabled
+    assert widget._goto_items == [] and "removed" in widget._status.value
+
+
+def test_segment_on_a_2d_image_reports_areas_not_volumes(make_napari_viewer, qtbot, small_phantom):
+    """A 2D slice has no thickness: its structures were given in ml (× a made-up 1 mm)."""
+    viewer = make_napari_viewer()
+    z = small_phantom.volume.shape[0] // 2
+    image = viewer.add_image(small_phantom.volume.array[z], scale=small_phantom.volume.spacing[1:],
+                             name="one slice")
+    widget = SegmentWidget(viewer)
+    _select(widget, image, str(BUNDLED_DIR / "segmenter.json"))
+    _run_and_wait(widget, qtbot)
+    assert "cm²" in widget._status.value and " ml" not in widget._status.value
+    labels = viewer.layers[-1].data
+    sy, sx = small_phantom.volume.spacing[1:]
+    body = float((labels == 1).sum()) * sy * sx / 100.0
+    assert f"body {body:.0f} cm²" in widget._status.value
 
 
 def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_models, small_phantom):

@@ -100,6 +100,7 @@ class ModelRunWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
         self._worker = None
+        self._result_note = ""  # the latest result's missing-slices line
         self._image = ComboBox(label="Image", choices=self._image_choices, nullable=False)
         self._model = ComboBox(label="Model", choices=lambda _w=None: model_choices(self.architecture))
         self._run = PushButton(text=self.task or "Run")
@@ -214,9 +215,10 @@ class ModelRunWidget(Container):
                          "shape or position); the result was discarded: run it again")
             self._status.value = "Input layer changed; result discarded"
             return
+        # kept: a widget that rewrites its status later (Detect's threshold) shows it again
+        self._result_note = note = self.missing_note(volume, result, options)
         self.show_result(result, card, layer, volume, options)
-        note = self.missing_note(volume, result, options)
-        if note:
+        if note and not self._status.value.endswith(note):
             self._status.value = f"{self._status.value}\n{note}"
 
     def _on_cancel(self) -> None:

@@ -37,7 +37,21 @@ class DetectWidget(ModelRunWidget):
         # picking the entry that is already current changes nothing, but the user still
         # expects to be taken there
         self._goto.native.activated.connect(lambda _i: self._go_to_lesion(self._goto.value))
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
         return [self._threshold, self._goto]
+
+    def _on_layer_removed(self, event) -> None:
+        """The latest detections layer deleted: its slider and list no longer look live."""
+        if self._points is None or event.value is not self._points:
+            return
+        self._points.events.data.disconnect(self._on_points_data)
+        self._points = None
+        self._threshold.enabled = False
+        with self._goto.changed.blocked():
+            self._goto_items = []
+            self._goto.reset_choices()
+        self._goto.enabled = False
+        self._status.value = "The detections layer was removed"
 
     def options(self) -> dict:
         return {"heatmap": bool(self._with_heatmap.value)}  # as it was when Run was clicked
@@ -100,18 +114,24 @@ class DetectWidget(ModelRunWidget):
         mine = f"; {int(added.sum())} added or moved by you" if added.any() else ""
         self._status.value = (f"{int(found.sum())} of {int((~added).sum())} detections at score ≥ "
                               f"{self._threshold.value:.2f}{mine}")
+        if self._result_note:  # the missing slices stay said
+            self._status.value += f"\n{self._result_note}"
 
     def _go_to_lesion(self, index) -> None:
         points = self._points
         if index is None or points is None or points not in self._viewer.layers or index >= len(points.data):
             return
         world = points.data_to_world(points.data[index])
-        if points.ndim == 3:  # z is the third axis from the end (a 4D layer may be open)
-            self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world[0])
-        # a 3D view needs z too: napari puts 0 before a two-value centre
-        shown = 3 if self._viewer.dims.ndisplay == 3 and points.ndim == 3 else 2
-        camera = _camera(self._viewer)
-        camera.center = tuple(world[-shown:])
+        dims = self._viewer.dims
+        # the layer's axes are the viewer's last ones (a 4D layer may be open); the user
+        # may have reordered them (e.g. a sagittal view): the sliders take the axes not
+        # shown, the camera the shown ones, in the order they are shown
+        offset = dims.ndim - points.ndim
+        hidden = [a for a in dims.not_displayed if a >= offset]
+        if hidden:
+            dims.set_point(hidden, [world[a - offset] for a in hidden])
+        _camera(self._viewer).center = tuple(
+            world[a - offset] if a >= offset else dims.point[a] for a in dims.displayed)
 
 
 def _camera(viewer):

@@ -17,6 +17,9 @@ class SegmentWidget(ModelRunWidget):
     def show_result(self, result, card, image_layer, volume, options) -> None:
         data, kwargs, _ = segmentation_layer_data(result, image_layer, provenance(card, image_layer.name))
         self._viewer.add_labels(data, **kwargs)
-        ml = result.volume_ml()
-        found = [f"{name} {ml[name]:.0f} ml" for name in result.class_names[1:] if ml[name] > 0]
+        # a 2D image has no slice thickness: its structures are areas
+        amount, unit = ((result.area_cm2(), "cm²") if image_layer.ndim == 2
+                        else (result.volume_ml(), "ml"))
+        found = [f"{name} {amount[name]:.0f} {unit}" for name in result.class_names[1:]
+                 if amount[name] > 0]
         self._status.value = " · ".join(found) or "No structure found"

@@ -142,6 +142,13 @@ class SegmentationResult:
         totals = self.voxels_per_class.sum(axis=0)
         return {name: float(n) * voxel_ml for name, n in zip(self.class_names, totals)}
 
+    def area_cm2(self) -> dict[str, float]:
+        """Area per class in cm², summed over the slices: a 2D image's measure (its
+        volume would need a slice thickness it does not have)."""
+        pixel_cm2 = float(self.spacing[1]) * float(self.spacing[2]) / 100.0
+        totals = self.voxels_per_class.sum(axis=0)
+        return {name: float(n) * pixel_cm2 for name, n in zip(self.class_names, totals)}
+
 
 @dataclass(frozen=True)
 class ClassificationResult:
