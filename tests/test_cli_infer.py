@@ -218,6 +218,12 @@ def test_explain_commands_write_maps_on_the_input_grid(tmp_path, capsys):
     # a class index works as in the core (it was looked up as a name and refused)
     assert main(["gradcam", str(src), str(tmp_path / "cam2.nii.gz"), "--class", "2", "-q"]) == 0
     np.testing.assert_array_equal(read_volume(tmp_path / "cam2.nii.gz").array, cam)
+    assert "Grad-CAM of lesion per slice" in capsys.readouterr().out  # named, not "of 2"
+    # the explanations run fp32 only: --precision is not offered (it was taken and ignored)
+    for command in ("gradcam", "uncertainty"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, str(src), str(tmp_path / "p.nii.gz"), "--precision", "bf16"])
+        assert stop.value.code == 2 and not (tmp_path / "p.nii.gz").exists()
     capsys.readouterr()
     assert main(["gradcam", str(src), str(tmp_path / "x.nii.gz"), "--class", "tumour"]) == 2
     assert "unknown class" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()

@@ -216,17 +216,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _common(p: argparse.ArgumentParser, command: str) -> None:
+def _common(p: argparse.ArgumentParser, command: str, precision: bool = True) -> None:
+    """The arguments every model command takes; ``precision`` only where the core has a
+    reduced-precision path (the explanations run fp32: gradients, dropout samples)."""
     p.add_argument("input", help="DICOM file or folder, NIfTI (.nii/.nii.gz) or .npy")
     p.add_argument(
         "--model", default=None,
         help=f"model name or card path (.json); default: the bundled {DEFAULT_MODELS[command]!r}",
     )
-    p.add_argument(
-        "--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-        help="fp32 (default); bf16 only on CPUs with native bfloat16; auto: bf16 where it is"
-             " measured faster with the same predictions",
-    )
+    if precision:
+        p.add_argument(
+            "--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+            help="fp32 (default); bf16 only on CPUs with native bfloat16; auto: bf16 where it is"
+                 " measured faster with the same predictions",
+        )
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the CPUs other processes leave free, re-checked"
                         " as it runs; 0: leave torch's own setting)")
@@ -245,7 +248,8 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
     result = _run(gradcam_volume(volume, model, card, target=target, threads=args.threads),
                   "gradcam", args.quiet)
     write_nifti(out, result.maps, *_grid(volume))
-    print(f"wrote {out.name}: Grad-CAM of {args.target or 'the predicted class'} per slice, 0–1")
+    explained = card["classes"][target] if isinstance(target, int) else target
+    print(f"wrote {out.name}: Grad-CAM of {explained or 'the predicted class'} per slice, 0–1")
     return 0
 
 
@@ -336,7 +340,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_classify)
 
     p = subparsers.add_parser("gradcam", help="explain the slice classifier: Grad-CAM maps (NIfTI)")
-    _common(p, "gradcam")
+    _common(p, "gradcam", precision=False)
     p.add_argument("output", metavar="OUT.nii.gz", help="one 0–1 map per slice on the input grid")
     p.add_argument("--class", dest="target", default=None,
                    help="class to explain, by name or index (default: each slice's predicted class)")
@@ -344,7 +348,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("uncertainty", help="segmenter uncertainty (MC dropout) as NIfTI; --slices-csv adds"
                                    " each slice's mean")
-    _common(p, "uncertainty")
+    _common(p, "uncertainty", precision=False)
     p.add_argument("output", metavar="OUT.nii.gz", help="entropy / log(classes) per voxel, 0–1")
     p.add_argument("--samples", type=_positive_int, default=8, help="dropout samples (≥ 2)")
     p.add_argument("--slices-csv", default=None, help="also write the per-slice mean entropy")

@@ -71,3 +71,16 @@ def test_detect_can_add_its_heatmap_under_the_points(make_napari_viewer, qtbot, 
     assert isinstance(heat, Image) and isinstance(points, Points)
     assert heat.data.shape == image.data.shape and heat.blending == "additive"
     np.testing.assert_allclose(heat.scale, image.scale)
+
+
+def test_gradcam_on_one_slice_says_slice_not_slices(make_napari_viewer, qtbot, random_models,
+                                                    small_phantom):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array[3], scale=small_phantom.volume.spacing[1:])
+    widget = GradCamWidget(viewer)
+    widget._image.value = image
+    widget._model.value = random_models["SliceClassifier"]
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert widget._status.value.startswith("Explained: ")
+    assert widget._status.value.endswith(" on 1 slice"), widget._status.value

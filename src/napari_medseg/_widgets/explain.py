@@ -65,7 +65,8 @@ class GradCamWidget(ModelRunWidget):
         explained = result.target[result.target >= 0]
         counts = np.bincount(explained, minlength=len(result.class_names))
         self._status.value = "Explained: " + ", ".join(
-            f"{n} on {c} slices" for n, c in zip(result.class_names, counts) if c)
+            f"{n} on {c} slice{'s' if c != 1 else ''}"
+            for n, c in zip(result.class_names, counts) if c)
 
 
 class UncertaintyWidget(ModelRunWidget):
