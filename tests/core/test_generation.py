@@ -223,6 +223,22 @@ def test_a_coronal_or_sagittal_scans_slices_are_upsampled_along_their_own_axis(a
     assert slice_axis(Volume(array, (1.25, 1.3, 1.3))) == 0
 
 
+def test_a_coronal_scans_nan_padding_does_not_turn_generation_back_to_z():
+    """One all-NaN z plane (padding) made every scan count as axial: a coronal scan's
+    6 mm y slices stayed thick and its 1.5 mm z was halved. The planes stay NaN."""
+    from napari_medseg.core.generation import interpolate_slices, slice_axis
+
+    array = np.random.default_rng(1).normal(size=(12, 7, 16)).astype(np.float32)
+    array[[0, 5]] = np.nan
+    volume = Volume(array, (1.5, 6.0, 1.5))
+    assert volume.missing_slices() == [0, 5] and slice_axis(volume) == 1
+    result = interpolate_slices(volume, 2)
+    out = result.volume.array
+    assert result.axis == 1 and out.shape == (12, 13, 16) and result.volume.spacing[1] == 3.0
+    assert np.isnan(out[[0, 5]]).all() and np.isfinite(np.delete(out, [0, 5], axis=0)).all()
+    np.testing.assert_array_equal(out[:, ::2], array)
+
+
 @pytest.mark.parametrize("case", ["thin axial CT", "single slice", "z gaps"])
 def test_scans_whose_slices_lie_along_z_stay_along_z(case):
     """A review found: 0.625 mm slices of 0.98 mm pixels were upsampled along y (square

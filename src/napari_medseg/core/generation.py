@@ -200,11 +200,13 @@ def slice_axis(volume: Volume) -> int:
     (S, P, L), so a sagittal scan's thick slices lie along x and a coronal one's along y;
     upsampling z there would halve an already fine spacing and leave the gaps.
 
-    Always z for a single slice (a 2D image: nothing lies between slices), for a volume
-    with missing z slices (a series' gaps are along z) and for square pixels coarser than
-    thin slices (0.625 mm slices of 0.98 mm pixels are an axial CT, not a coronal one)."""
+    Always z for a single slice (a 2D image: nothing lies between slices) and for square
+    pixels coarser than thin slices (0.625 mm slices of 0.98 mm pixels are an axial CT,
+    not a coronal one). Missing (all-NaN) z planes do not decide it: a coronal scan's NaN
+    padding stays NaN in every generated slice (a series' own gaps are along z anyway: its
+    pixels are square)."""
     spacing = np.asarray(volume.spacing, dtype=float)
-    if volume.shape[0] == 1 or volume.missing.any():
+    if volume.shape[0] == 1:
         return 0
     for axis in (1, 2):
         others = np.delete(spacing, axis)
