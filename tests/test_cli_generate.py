@@ -66,11 +66,13 @@ def test_generate_writes_the_finer_grid(tmp_path, zero_model, image, method, cap
     (["--factor", "0"], "factor"),  # argparse's own refusal printed its usage block
     (["--factor", "-2"], "factor"),
     (["--factor", "1"], "nothing to generate"),
+    (["--method", "linear"], "--model applies to --method model"),  # it was ignored
 ])
 def test_bad_requests_exit_2_and_write_nothing(tmp_path, zero_model, image, extra, message,
                                                capsys):
     out = tmp_path / "fine.nii.gz"
-    assert main(["generate", str(image), str(out), "--model", str(zero_model), *extra]) == 2
+    assert main(["generate", str(image), str(out), "--method", "model", "--model", str(zero_model),
+                 *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -80,7 +82,7 @@ def test_a_single_slice_cannot_be_upsampled(tmp_path, zero_model, capsys):
     one = tmp_path / "one.npy"
     np.save(one, np.zeros((1, 16, 16), np.float32))
     out = tmp_path / "fine.nii.gz"
-    assert main(["generate", str(one), str(out), "--model", str(zero_model),
+    assert main(["generate", str(one), str(out), "--method", "model", "--model", str(zero_model),
                  "--factor", "2"]) == 2
     assert "two acquired slices" in capsys.readouterr().err
     assert not out.exists()

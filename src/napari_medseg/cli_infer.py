@@ -278,6 +278,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .core.io import write_nifti
     from .core.models import load_model
 
+    if args.model is not None and args.method != "model":  # it was silently ignored
+        raise MedsegInputError(f"--model applies to --method model, not {args.method}")
     out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
     csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",), args.input)
     volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
