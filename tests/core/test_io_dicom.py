@@ -411,7 +411,9 @@ def test_positions_absent_sorted_by_instance_number(tmp_path):
     assert "slice positions missing; sorted by InstanceNumber" in vol.metadata["warnings"]
 
 
-def test_sagittal_series_sorted_along_the_normal(tmp_path):
+def test_sagittal_series_sorted_along_the_normal_and_turned_to_spl(tmp_path):
+    """Sorted along the normal, then turned like a NIfTI file: z up (+S), y to the back
+    (+P), x to the left (+L); the slices lie along x."""
     # row_dir +P, col_dir -S (head at the top); normal = row × col = (-1, 0, 0), towards R
     iop = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
     xs = [10.0, 20.0, 30.0]
@@ -423,12 +425,12 @@ def test_sagittal_series_sorted_along_the_normal(tmp_path):
 
     vol = read_dicom(tmp_path)
 
-    # ascending position along the normal = descending LPS x
-    np.testing.assert_array_equal(vol.array[:, 0, 0], [600.0, 400.0, 200.0])
-    assert vol.spacing[0] == pytest.approx(10.0)
-    # origin along (normal, col_dir, row_dir) = (-x, -z, y) of the first slice
-    assert vol.origin == pytest.approx((-30.0, -80.0, -50.0))
-    assert vol.metadata["orientation"] == "PIR"
+    assert vol.shape == (6, 5, 3) and vol.spacing == pytest.approx((0.5, 0.75, 10.0))
+    for i, x in enumerate(xs):  # x grows to the left; z grows up (the rows ran down)
+        np.testing.assert_array_equal(vol.array[:, :, i], expected_hu(x)[::-1])
+    # voxel (0, 0, 0): the slice at x = 10, its bottom row (80 − 5 × 0.5), first column
+    assert vol.origin == pytest.approx((77.5, -50.0, 10.0))
+    assert vol.metadata["orientation"] == "LPS" and not vol.missing.any()
 
 
 _C, _S = np.cos(np.radians(10.0)), np.sin(np.radians(10.0))
@@ -438,7 +440,7 @@ _C, _S = np.cos(np.radians(10.0)), np.sin(np.radians(10.0))
     ("iop", "orientation", "oblique"),
     [
         (AXIAL, "LPS", False),
-        ((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0), "RAS", False),  # image rotated 180° in plane
+        ((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0), "LPS", False),  # rotated 180° in plane: turned back
         ((_C, _S, 0.0, -_S, _C, 0.0), "LPS", True),  # rotated 10° about the z axis
     ],
 )
@@ -453,7 +455,11 @@ def test_origin_is_first_position_along_the_image_axes(tmp_path, iop, orientatio
 
     vol = read_dicom(tmp_path)
 
-    assert vol.origin == pytest.approx((first @ normal, first @ col, first @ row))
+    axes = np.asarray(vol.metadata["axes_lps"])
+    # the first voxel: the first slice's own, or (turned) its last row's last column
+    flipped = orientation == "LPS" and iop[0] < 0
+    corner = first + (5 * 0.5 * col + 4 * 0.75 * row if flipped else 0.0)
+    assert vol.origin == pytest.approx(tuple(axes @ corner))
     assert vol.spacing[0] == pytest.approx(2.0)
     assert vol.metadata["orientation"] == orientation
     assert any(w.startswith("oblique slices") for w in vol.metadata["warnings"]) is oblique
@@ -608,7 +614,8 @@ def test_a_truncated_image_file_is_named_alone_and_counted_in_a_folder(tmp_path)
 def test_a_result_written_as_nifti_lies_where_its_dicom_voxels_lie(tmp_path, iop):
     """Every voxel of a NIfTI written from a DICOM series (what segment, detect --heatmap,
     gradcam, uncertainty and generate write) maps to the patient position of the same
-    DICOM voxel: coronal, sagittal, flipped and oblique outputs landed elsewhere."""
+    DICOM voxel (found by its value): coronal, sagittal, flipped and oblique outputs
+    landed elsewhere. Every series is turned to (S, P, L), as NIfTI files are."""
     import nibabel as nib
 
     from napari_medseg.core.io import write_nifti
@@ -619,8 +626,11 @@ def test_a_result_written_as_nifti_lies_where_its_dicom_voxels_lie(tmp_path, iop
     uid = generate_uid()
     ipps = [first + 2.0 * k * normal for k in range(3)]
     for k, ipp in enumerate(ipps):
-        write_ct_slice(tmp_path / f"{k}.dcm", k, series_uid=uid, instance=k + 1, iop=iop, ipp=ipp)
+        # values 2000 apart per slice: every voxel's value is its own
+        write_ct_slice(tmp_path / f"{k}.dcm", 100 * k, series_uid=uid, instance=k + 1, iop=iop,
+                       ipp=ipp)
     vol = read_dicom(tmp_path)
+    assert vol.metadata["orientation"] == "LPS"
     out = write_nifti(tmp_path / "out.nii.gz", vol.array, vol.spacing, vol.origin,
                       vol.metadata["axes_lps"])
     affine = nib.load(out).affine
@@ -628,8 +638,9 @@ def test_a_result_written_as_nifti_lies_where_its_dicom_voxels_lie(tmp_path, iop
     dy, dx = 0.5, 0.75  # PixelSpacing: between rows, between columns
     for k, j, i in [(0, 0, 0), (2, 0, 0), (0, 5, 0), (0, 0, 4), (2, 5, 4)]:
         want = ipps[k] + j * dy * col + i * dx * row  # the DICOM voxel's LPS position
-        got = lps @ (affine @ np.array([i, j, k, 1.0]))[:3]
-        np.testing.assert_allclose(got, want, atol=1e-3, err_msg=f"voxel (z, y, x) = {(k, j, i)}")
+        z, y, x = (int(v[0]) for v in np.nonzero(vol.array == expected_hu(100 * k)[j, i]))
+        got = lps @ (affine @ np.array([x, y, z, 1.0]))[:3]
+        np.testing.assert_allclose(got, want, atol=1e-3, err_msg=f"DICOM voxel {(k, j, i)}")
 
 
 def test_a_file_cut_to_its_first_bytes_is_counted_as_truncated(tmp_path):
@@ -887,3 +898,30 @@ def test_a_dot_inside_a_linked_folder_is_named_as_the_user_sees_it(tmp_path, mon
     monkeypatch.setenv("PWD", str(link))
     assert named_path(".").name == "patient_042"
     assert named_path("..") == tmp_path
+
+
+@pytest.mark.parametrize("iop", [(1.0, 0.0, 0.0, 0.0, 0.0, -1.0), (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)])
+def test_labels_drawn_on_a_coronal_series_reopen_where_they_were_drawn(tmp_path, iop):
+    """The DICOM reader kept a coronal series' slices along z while the NIfTI reader turns
+    every file to (S, P, L): saved labels reopened transposed, off the image."""
+    from napari_medseg._reader import read_layers
+    from napari_medseg._writer import write_labels_nifti
+
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    uid = generate_uid()
+    for k in range(4):
+        write_ct_slice(tmp_path / f"{k}.dcm", k, series_uid=uid, instance=k + 1, iop=iop,
+                       ipp=np.array([-100.0, -120.0, 40.0]) + 3.0 * k * normal)
+    (data, kwargs, kind), = read_layers(str(tmp_path))
+    assert kind == "image"
+    labels = np.zeros(data.shape, np.uint8)
+    labels[1, 2, 3] = labels[4, 0, 1] = 7
+    meta = {"scale": kwargs["scale"], "translate": kwargs["translate"],
+            "metadata": {"medseg": {"source": kwargs["metadata"]["medseg"]["source"]}}}
+    (path,) = write_labels_nifti(str(tmp_path / "labels.nii.gz"), labels, meta)
+    (back, back_kwargs, back_kind), = read_layers(path)
+    assert back_kind == "labels"
+    np.testing.assert_array_equal(back, labels)
+    np.testing.assert_allclose(back_kwargs["scale"], kwargs["scale"])
+    np.testing.assert_allclose(back_kwargs["translate"], kwargs["translate"], atol=1e-4)

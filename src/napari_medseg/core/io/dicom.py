@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover - pydicom 2.x
 
 from ..errors import MedsegInputError
 from ..volume import Volume
-from ._common import axis_code, obliquity_deg, origin_along, short_reason, source_name
+from ._common import (axis_code, obliquity_deg, origin_along, short_reason, source_name,
+                      turned_to_spl)
 
 __all__ = ["read_dicom"]
 
@@ -542,13 +543,27 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         "slice_spacings_mm": [round(float(s), 4) for s in steps],
         "warnings": warns,
     }
+    spacing = (z_spacing, dy, dx)
+    origin = origin_along(first.position, axes) if axes is not None else (0.0, 0.0, 0.0)
+    # a single image stays the 2D image it is, whatever its plane
+    if axes is not None and array.shape[0] > 1:
+        normal = np.asarray(axes[0], dtype=float)
+        array, spacing, origin, axes, turned_missing = turned_to_spl(
+            array, spacing, origin, axes, missing)
+        if turned_missing is None:  # a coronal or sagittal series: its slices lie along y / x
+            if missing.any():
+                along = "zyx"[int(np.argmax(np.abs(np.asarray(axes) @ normal)))]
+                warns.append(f"the series' slices lie along {along} in the volume (turned to"
+                             " S, P, L like every scan): its missing slices are NaN planes")
+            missing = np.zeros(array.shape[0], dtype=bool)
+        else:
+            missing = turned_missing
     if axes is not None:
         metadata["orientation"] = axis_code(axes[2]) + axis_code(axes[1]) + axis_code(axes[0])
         metadata["axes_lps"] = np.round(np.asarray(axes, dtype=float), 6).tolist()
-    origin = origin_along(first.position, axes) if axes is not None else (0.0, 0.0, 0.0)
     return Volume(
         array=array,
-        spacing=(z_spacing, dy, dx),
+        spacing=spacing,
         origin=origin,
         modality=modality,
         missing=missing,
