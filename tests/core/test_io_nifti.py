@@ -419,6 +419,27 @@ def test_a_label_map_comes_back_exact_with_its_names(tmp_path):
         write_nifti(tmp_path / "f.nii.gz", np.zeros((2, 3, 4), np.float32), (1, 1, 1), labels=True)
 
 
+def test_another_tools_segmentation_without_the_label_intent_opens_as_labels(tmp_path):
+    """nnU-Net, TotalSegmentator and ITK-SNAP write no label intent: a uint8 file of 0, 1, 2
+    opened as a grey image (label 2 saturated, nothing editable). Scans stay images."""
+    from napari_medseg.core.io import read_label_map
+
+    seg = np.zeros((4, 6, 5), np.uint8)
+    seg[1, 2:4, 1:3], seg[2, 0, 0] = 1, 2
+    # (i, j, k) run to the left, back and up: the reader's (z, y, x) is (k, j, i)
+    nib.save(nib.Nifti1Image(seg.transpose(2, 1, 0), np.diag([-1.0, -1.0, 2.0, 1.0])),
+             tmp_path / "seg.nii.gz")
+    back = read_label_map(tmp_path / "seg.nii.gz")
+    assert back is not None and np.array_equal(back.labels, seg)
+    assert any("opened as a label map" in w for w in back.volume.metadata["warnings"])
+    rng = np.random.default_rng(0)
+    for name, image in [("mr8", rng.integers(0, 256, (4, 6, 5)).astype(np.uint8)),  # grey levels
+                        ("ct", rng.integers(-1000, 400, (4, 6, 5)).astype(np.int16)),
+                        ("dark", np.zeros((4, 6, 5), np.uint8) + 3)]:  # no background 0
+        nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / f"{name}.nii.gz")
+        assert read_label_map(tmp_path / f"{name}.nii.gz") is None, name
+
+
 def test_a_malformed_names_extension_still_opens_the_label_map(tmp_path):
     path = write_nifti(tmp_path / "l.nii", np.ones((2, 3, 4), np.uint8), (1, 1, 1), labels=True)
     img = nib.load(path)

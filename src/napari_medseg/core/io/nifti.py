@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import nibabel as nib
@@ -70,7 +70,7 @@ class LabelMap:
 
 def read_nifti(path: str | Path) -> Volume:
     """Read a 3D NIfTI file as a (z, y, x) Volume in the LPS convention described above."""
-    return _read(path)[0]
+    return _read(path, want_labels=False)[0]
 
 
 def read_nifti_or_label_map(path: str | Path) -> Volume | LabelMap:
@@ -102,7 +102,8 @@ def _label_names(header: Any) -> dict[int, str]:
     return {}
 
 
-def _read(path: str | Path) -> tuple[Volume, np.ndarray | None, dict[int, str]]:
+def _read(path: str | Path, want_labels: bool = True
+          ) -> tuple[Volume, np.ndarray | None, dict[int, str]]:
     path = Path(path).expanduser()
     if not path.exists():
         raise MedsegInputError("no such file or folder", path)
@@ -176,8 +177,9 @@ def _read(path: str | Path) -> tuple[Volume, np.ndarray | None, dict[int, str]]:
     origin = origin_along(_RAS_TO_LPS @ affine[:3, 3], axes_zyx)
 
     array = data.transpose(2, 1, 0)
-    is_label_map = (img.header.get_intent()[0] == "label"
-                    and np.issubdtype(array.dtype, np.integer))
+    marked = img.header.get_intent()[0] == "label"
+    is_label_map = want_labels and np.issubdtype(array.dtype, np.integer) and (
+        marked or _looks_like_label_map(array))
     # The affine is stored as float32: round off its noise (0.8 → 0.800000011920929) so
     # written spacings come back as written. 1e-6 / 1e-4 mm is far below any voxel size.
     spacing = tuple(round(float(zooms[i]), 6) for i in (2, 1, 0))
@@ -202,7 +204,28 @@ def _read(path: str | Path) -> tuple[Volume, np.ndarray | None, dict[int, str]]:
         raise MedsegInputError(exc.reason, path) from exc
     if not is_label_map:
         return volume, None, {}
+    if not marked:  # said where it opens as labels (read as a scan, it needs no word)
+        values = np.unique(array[array > 0]) if array.size else []
+        volume = replace(volume, metadata={**volume.metadata, "warnings": [
+            *warns, f"integer values 0–{int(max(values))} ({len(values)} besides 0) and no"
+                    " label intent: opened as a label map"]})
     return volume, np.ascontiguousarray(array), _label_names(img.header)
+
+
+#: at most this many structures (label values 1..255) make an integer file without the
+#: label intent a label map: nnU-Net, TotalSegmentator and ITK-SNAP write none
+MAX_UNMARKED_LABELS = 32
+
+
+def _looks_like_label_map(array: np.ndarray) -> bool:
+    """An integer image of background 0 and a few values 1..255 (a segmentation from
+    another tool), which would show as a saturated grey image. A scan (HU, or an 8-bit
+    image's ~256 grey levels) holds far more values."""
+    if array.size == 0 or int(array.min()) < 0 or int(array.max()) > 255:
+        return False
+    counts = np.bincount(np.asarray(array, dtype=np.uint8).ravel(), minlength=256)
+    values = np.flatnonzero(counts[1:]) + 1
+    return bool(counts[0]) and 0 < len(values) <= MAX_UNMARKED_LABELS
 
 
 def _storage_dtype(array: np.ndarray, path: Path) -> np.ndarray:
