@@ -202,7 +202,7 @@ def test_info_widget_and_dock(make_napari_viewer):
 
     viewer = make_napari_viewer()
     info = VolumeInfoWidget(viewer)
-    assert "No image layer" in info._text.value
+    assert "No image or labels layer" in info._text.value
     viewer.open_sample("napari-medseg", "synthetic_ct")
     assert "Spacing (mm): (2.5, 1.0, 1.0)" in info._text.value
     assert "Missing slices: none" in info._text.value
@@ -322,3 +322,30 @@ def test_labels_saved_from_an_oblique_scan_lie_on_it_and_never_replace_it(make_n
         message = " ".join(str(n.message) for n in notification_manager.records[start:])
     assert written == [] and scan.read_bytes() == before
     assert "opened from this file" in message, message
+
+
+def test_info_says_how_a_result_was_made_and_lists_labels_layers(make_napari_viewer):
+    """A synthetic layer looked like an acquired scan (its provenance was not shown),
+    Labels layers could not be picked, and a micrometre layer was said to be in mm."""
+    from napari_medseg._layers import _result_metadata
+    from napari_medseg._widgets.info import VolumeInfoWidget, describe_layer
+
+    viewer = make_napari_viewer()
+    prov = {"model": None, "input_layer": "ct", "created": "2026-12-03T15:00:00+0000"}
+    synthetic = viewer.add_image(np.zeros((5, 8, 8)), name="ct ×2 synthetic", metadata=(
+        _result_metadata(prov, synthetic=True, method="linear", slice_axis="z",
+                         generated_slices=[1, 3], note="generated slices are synthetic")))
+    text = describe_layer(synthetic)
+    assert "SYNTHETIC: 2 generated slices (not acquired) along z: 1, 3" in text
+    assert "Made by: linear from layer 'ct' at 2026-12-03T15:00:00+0000" in text
+    assert "Note: generated slices are synthetic" in text
+    seg = viewer.add_labels(np.zeros((5, 8, 8), np.uint8), name="seg", metadata=_result_metadata(
+        {"model": "segmenter", "model_version": 3, "input_layer": "ct"}))
+    info = VolumeInfoWidget(viewer)
+    info._layer.value = seg
+    assert "Made by: model segmenter v3 from layer 'ct'" in info._text.value
+    assert "Contrast window" not in info._text.value
+    cells = viewer.add_image(np.zeros((3, 8, 8)), scale=(0.5, 0.2, 0.2), units="um")
+    assert "Spacing (micrometer; the models read the numbers as mm): (0.5, 0.2, 0.2)" in \
+        describe_layer(cells)
+    assert "Spacing (mm)" in describe_layer(viewer.add_image(np.zeros((3, 8, 8))))

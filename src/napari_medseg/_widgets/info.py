@@ -1,4 +1,5 @@
-"""Dock widget: what the plugin knows about an image layer (geometry, gaps, source)."""
+"""Dock widget: what the plugin knows about an image or labels layer (geometry, gaps,
+source, how a result was made)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,62 @@ from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import follow_layer_names
 
 
+def _unit(layer) -> str:
+    """The spacing's unit as the text says it: mm (the models' reading), unless the layer
+    says another physical unit (napari's default, "pixel", is no statement)."""
+    units = {str(u) for u in getattr(layer, "units", ())} - {"millimeter", "pixel"}
+    if not units:
+        return "mm"
+    return f"{', '.join(sorted(units))}; the models read the numbers as mm"
+
+
+def _provenance(medseg: dict) -> list[str]:
+    """How a result layer was made (model, input, time), and what in it is synthetic."""
+    lines = []
+    if medseg.get("synthetic"):
+        generated = medseg.get("generated_slices", [])
+        lines.append(f"SYNTHETIC: {len(generated)} generated slices (not acquired) along "
+                     f"{medseg.get('slice_axis', 'z')}: {', '.join(map(str, generated)) or 'none'}")
+    if "input_layer" in medseg:
+        model = medseg.get("model")
+        made = (f"model {model}" + (f" v{medseg['model_version']}" if medseg.get("model_version")
+                                    else "")
+                if model else f"{medseg.get('method', 'interpolation')}")
+        lines.append(f"Made by: {made} from layer '{medseg['input_layer']}'"
+                     + (f" at {medseg['created']}" if medseg.get("created") else ""))
+    for key in ("method", "explains", "threshold"):
+        if medseg.get(key) is not None and (key != "method" or medseg.get("model")):
+            lines.append(f"{key.capitalize()}: {medseg[key]}")
+    if medseg.get("note"):
+        lines.append(f"Note: {medseg['note']}")
+    return lines
+
+
 def describe_layer(layer) -> str:
-    """Plain-text summary of an image layer: shape, spacing, window, gaps, warnings."""
+    """Plain-text summary of an image or labels layer: shape, spacing, window, gaps,
+    how a result was made, warnings."""
     if layer is None:
-        return "No image layer open."
+        return "No image or labels layer open."
     medseg = layer.metadata.get("medseg", {})
-    ndim = len(layer.data.shape) - (1 if layer.rgb else 0)
+    rgb = bool(getattr(layer, "rgb", False))
+    ndim = len(layer.data.shape) - (1 if rgb else 0)
     axes = {2: "y, x", 3: "z, y, x"}.get(ndim, f"{ndim} axes; the models take 2D or 3D")
-    if layer.rgb:
+    if rgb:
         axes += ", colour"
     world = world_matrix(layer)
     spacing = voxel_spacing(layer)  # what the models use
+    unit = _unit(layer)
     lines = [
         f"Layer: {layer.name}",
         f"Shape ({axes}): {tuple(layer.data.shape)}",
-        f"Spacing (mm): {tuple(round(float(s), 4) for s in spacing)}",
-        f"Origin (mm): {tuple(round(float(t), 2) for t in world[:ndim, ndim])}",
-        f"Modality: {medseg.get('modality', 'unknown (not opened by napari-medseg)')}",
-        f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}",
+        f"Spacing ({unit}): {tuple(round(float(s), 4) for s in spacing)}",
+        f"Origin ({unit}): {tuple(round(float(t), 2) for t in world[:ndim, ndim])}",
     ]
+    lines += _provenance(medseg)
+    if medseg.get("modality") or hasattr(layer, "contrast_limits"):
+        lines.append(f"Modality: {medseg.get('modality', 'unknown (not opened by napari-medseg)')}")
+    if hasattr(layer, "contrast_limits"):
+        lines.append(f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}")
     missing = sorted({int(z) for z in medseg.get("missing_slices", [])} | _empty_slices(layer))
     lines.append(f"Missing slices: {', '.join(map(str, missing)) if missing else 'none'}")
     if not isinstance(layer.data, np.ndarray):
@@ -48,7 +86,7 @@ def _empty_slices(layer) -> set[int]:
     """Slices with no finite voxel, which the models treat as missing (in-memory 3D
     grayscale data only: reading a lazy store here would freeze the GUI)."""
     data = layer.data
-    if layer.rgb or not isinstance(data, np.ndarray) or data.ndim != 3:
+    if getattr(layer, "rgb", False) or not isinstance(data, np.ndarray) or data.ndim != 3:
         return set()
     if not np.issubdtype(data.dtype, np.floating):
         return set()  # integers are always finite
@@ -56,15 +94,17 @@ def _empty_slices(layer) -> set[int]:
 
 
 #: the picked layer's events that change what this widget shows
-WATCHED_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "contrast_limits")
+WATCHED_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units",
+                  "contrast_limits")
 
 
 class VolumeInfoWidget(Container):
-    """Pick an image layer; read its spacing, window, missing slices and source."""
+    """Pick an image or labels layer; read its spacing, window, missing slices, source
+    and, for a result, how it was made."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer
-        self._layer = ComboBox(label="Image", choices=self._image_layers)
+        self._layer = ComboBox(label="Layer", choices=self._image_layers)
         self._text = TextEdit(value="", enabled=True)
         self._text.native.setReadOnly(True)
         self._text.min_height = 260  # room for geometry, gaps and warnings without scrolling
@@ -77,9 +117,10 @@ class VolumeInfoWidget(Container):
         self._refresh()
 
     def _image_layers(self, _widget=None):
-        from napari.layers import Image
+        from napari.layers import Image, Labels
 
-        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+        return [(layer.name, layer) for layer in self._viewer.layers
+                if isinstance(layer, (Image, Labels))]
 
     def _on_layers_changed(self, _event=None) -> None:
         self._layer.reset_choices()
