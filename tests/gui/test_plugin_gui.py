@@ -337,7 +337,7 @@ def test_info_says_how_a_result_was_made_and_lists_labels_layers(make_napari_vie
                          generated_slices=[1, 3], note="generated slices are synthetic")))
     text = describe_layer(synthetic)
     assert "SYNTHETIC: 2 generated slices (not acquired) along z: 1, 3" in text
-    assert "Made by: linear from layer 'ct' at 2026-12-03T15:00:00+0000" in text
+    assert "Made by: linear interpolation from layer 'ct' at 2026-12-03T15:00:00+0000" in text
     assert "Note: generated slices are synthetic" in text
     seg = viewer.add_labels(np.zeros((5, 8, 8), np.uint8), name="seg", metadata=_result_metadata(
         {"model": "segmenter", "model_version": 3, "input_layer": "ct"}))

@@ -9,7 +9,7 @@ from magicgui.widgets import ComboBox, Container, TextEdit
 
 from .._layers import voxel_spacing, world_matrix
 from ..core.volume import SAFE_METADATA_KEYS
-from ._model_widget import follow_layer_names
+from ._model_widget import follow_layer_names, slice_ranges
 
 
 def _unit(layer) -> str:
@@ -27,12 +27,12 @@ def _provenance(medseg: dict) -> list[str]:
     if medseg.get("synthetic"):
         generated = medseg.get("generated_slices", [])
         lines.append(f"SYNTHETIC: {len(generated)} generated slices (not acquired) along "
-                     f"{medseg.get('slice_axis', 'z')}: {', '.join(map(str, generated)) or 'none'}")
+                     f"{medseg.get('slice_axis', 'z')}: {slice_ranges(generated) or 'none'}")
     if "input_layer" in medseg:
         model = medseg.get("model")
         made = (f"model {model}" + (f" v{medseg['model_version']}" if medseg.get("model_version")
                                     else "")
-                if model else f"{medseg.get('method', 'interpolation')}")
+                if model else f"{medseg.get('method', 'linear')} interpolation")
         lines.append(f"Made by: {made} from layer '{medseg['input_layer']}'"
                      + (f" at {medseg['created']}" if medseg.get("created") else ""))
     for key in ("method", "explains", "threshold"):
