@@ -523,6 +523,30 @@ def test_thread_governor_counts_the_busy_main_thread_as_another_process(monkeypa
     assert counts == [2, 1, 2]
 
 
+def test_nan_voxels_are_left_unlabelled_and_undetected(seg, det):
+    """A turned coronal series' gap planes (NaN along y) were labelled, lesion included:
+    only all-NaN z slices were treated as missing."""
+    import copy
+
+    model, card = seg
+    everywhere = copy.deepcopy(model)
+    with torch.no_grad():  # class 1 wins everywhere, so every label is a decision
+        everywhere.head.bias[:] = -50.0
+        everywhere.head.bias[1] = 50.0
+    volume = _volume((6, 32, 32), (2.5, 1.5, 1.5))
+    array = volume.array.copy()
+    array[:, 10:12, :] = np.nan  # two planes along y
+    array[2, 20:24, 5:9] = np.nan  # a masked patch
+    gapped = Volume(array, volume.spacing)
+    labels = run_to_completion(segment_volume(gapped, everywhere, card)).labels
+    assert (labels[np.isnan(array)] == 0).all() and (labels[~np.isnan(array)] == 1).all()
+    dmodel, dcard = det
+    found = run_to_completion(detect_lesions(gapped, dmodel, dcard)).detections
+    for d in found:
+        at = tuple(int(np.clip(round(v), 0, n - 1)) for v, n in zip((d.z, d.y, d.x), array.shape))
+        assert not np.isnan(array[at])
+
+
 def test_all_nan_slices_are_missing_whichever_reader_made_the_volume(seg, cls, det):
     """A .npy or NIfTI volume with NaN gap slices gives the same results as the same
     volume with those slices flagged missing (they were read as air and labelled)."""

@@ -925,3 +925,27 @@ def test_labels_drawn_on_a_coronal_series_reopen_where_they_were_drawn(tmp_path,
     np.testing.assert_array_equal(back, labels)
     np.testing.assert_allclose(back_kwargs["scale"], kwargs["scale"])
     np.testing.assert_allclose(back_kwargs["translate"], kwargs["translate"], atol=1e-4)
+
+
+@pytest.mark.parametrize("iop, axis", [((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), "z"),  # normal −S
+                                       ((1.0, 0.0, 0.0, 0.0, 0.0, -1.0), "y")])  # coronal
+def test_a_turned_series_says_its_gaps_where_they_now_lie(tmp_path, iop, axis):
+    """The gap warning and the slice spacings kept the layout before turning: a z-flipped
+    series' gaps were named at z=3–4 while they lay at 1–2; a coronal one's along 'z'."""
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    uid = generate_uid()
+    for k, step in enumerate([0, 1, 2, 5]):  # slices 3 and 4 (along the normal) were lost
+        write_ct_slice(tmp_path / f"{k}.dcm", 100 * step, series_uid=uid, instance=k + 1,
+                       iop=iop, ipp=np.array([-100.0, -120.0, 40.0]) + 3.0 * step * normal)
+    vol = read_dicom(tmp_path)
+    gaps = [w for w in vol.metadata["warnings"] if "missing slice" in w]
+    assert vol.metadata["slice_spacings_mm"] == ([9.0, 3.0, 3.0] if axis == "z" else [3.0, 3.0, 9.0])
+    if axis == "z":  # flipped: the lost slices are 1 and 2 counted from the top
+        assert vol.missing_slices() == [1, 2] and gaps == ["2 missing slices (gaps at z=1–2)"]
+        assert np.isnan(vol.array[[1, 2]]).all()
+        return
+    assert not vol.missing.any() and vol.metadata["missing_planes"] == {"axis": "y",
+                                                                        "indices": [3, 4]}
+    assert len(gaps) == 1 and "NaN planes at y=3–4" in gaps[0]
+    assert np.isnan(vol.array[:, [3, 4]]).all() and not np.isnan(vol.array[:, [0, 1, 2, 5]]).any()

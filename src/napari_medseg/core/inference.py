@@ -844,8 +844,13 @@ def segment_volume(
                     if item is None:
                         break
                     if item.logits is not None:
-                        part = labels_from_logits(item.logits, (ny, nx))
-                        labels[item.start : item.stop] = part.numpy()
+                        part = labels_from_logits(item.logits, (ny, nx)).numpy()
+                        # NaN voxels were never measured (a coronal series' gap planes,
+                        # a masked region): left unlabelled, as missing slices are
+                        unmeasured = np.isnan(volume.array[item.start : item.stop])
+                        if unmeasured.any():
+                            part[unmeasured] = 0
+                        labels[item.start : item.stop] = part
                 governor.update()
                 done = "encoding (backward pass)" if item.logits is None else "labelling"
                 yield Progress(item.step, item.total,
@@ -967,7 +972,8 @@ def detect_lesions(
     card's "peak_threshold" (default 0.3), "min_distance_mm" (default 6, measured in mm
     on that grid) and "nms_radius_fraction" (default 0: suppression also within that
     fraction of a kept peak's predicted radius; see ``extract_peaks``), and mapped back
-    exactly to the input grid. Missing slices get a zero heatmap and so no detections.
+    exactly to the input grid. Missing slices get a zero heatmap and so no detections; no
+    detection is kept whose centre voxel is NaN (never measured).
     """
     check_model_args(volume, model, card, LesionDetector, "detection")
     context = model.in_slices // 2
@@ -1016,6 +1022,10 @@ def detect_lesions(
                               radius_fraction=radius_fraction)
         for p in peaks:
             y, x = map_index([p.y, p.x], (h, w), (ny, nx))
+            at = tuple(int(np.clip(round(float(v)), 0, n - 1))
+                       for v, n in zip((p.z, y, x), volume.shape))
+            if np.isnan(volume.array[at]):  # never measured there (a gap plane, a mask)
+                continue
             detections.append(Detection(float(p.z), float(y), float(x), p.score, p.diameter_mm))
         yield Progress(total, total, f"{len(detections)} detections")
     return DetectionResult(

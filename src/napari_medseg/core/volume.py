@@ -31,6 +31,7 @@ SAFE_METADATA_KEYS = frozenset(
         "rescale_type",
         "photometric",
         "orientation",  # e.g. "LPS" axis codes of (x, y, z)
+        "missing_planes",  # a coronal / sagittal series' gaps: {"axis": "y", "indices": […]}
         "axes_lps",  # the (z, y, x) voxel axes as LPS unit vectors: where results belong
         "slice_spacings_mm",
         "warnings",

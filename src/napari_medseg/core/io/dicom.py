@@ -506,11 +506,7 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     nz = int(out_z[-1]) + 1
     missing = np.ones(nz, dtype=bool)
     missing[out_z] = False
-    if missing.any():
-        gaps = [int(i) for i in np.flatnonzero(missing)]
-        warns.append(
-            f"{len(gaps)} missing slice{'s' if len(gaps) > 1 else ''} (gaps at z={_ranges(gaps)})"
-        )
+    gaps = missing.copy()  # said once the volume has its final layout (below)
     if axes is not None and obliquity_deg(axes) > 1.0:
         warns.append(
             f"oblique slices ({obliquity_deg(axes):.1f}° off the patient axes); "
@@ -545,19 +541,31 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     }
     spacing = (z_spacing, dy, dx)
     origin = origin_along(first.position, axes) if axes is not None else (0.0, 0.0, 0.0)
+    slice_axis, reversed_ = 0, False  # where the series' slices lie in the volume
     # a single image stays the 2D image it is, whatever its plane
     if axes is not None and array.shape[0] > 1:
         normal = np.asarray(axes[0], dtype=float)
         array, spacing, origin, axes, turned_missing = turned_to_spl(
             array, spacing, origin, axes, missing)
-        if turned_missing is None:  # a coronal or sagittal series: its slices lie along y / x
-            if missing.any():
-                along = "zyx"[int(np.argmax(np.abs(np.asarray(axes) @ normal)))]
-                warns.append(f"the series' slices lie along {along} in the volume (turned to"
-                             " S, P, L like every scan): its missing slices are NaN planes")
-            missing = np.zeros(array.shape[0], dtype=bool)
-        else:
-            missing = turned_missing
+        along = np.asarray(axes) @ normal
+        slice_axis = int(np.argmax(np.abs(along)))
+        reversed_ = bool(along[slice_axis] < 0)
+        missing = (np.zeros(array.shape[0], dtype=bool) if turned_missing is None
+                   else turned_missing)
+    if reversed_:
+        gaps = gaps[::-1]
+        metadata["slice_spacings_mm"] = metadata["slice_spacings_mm"][::-1]
+    if gaps.any():
+        at = _ranges([int(i) for i in np.flatnonzero(gaps)])
+        n = int(gaps.sum())
+        if slice_axis == 0:
+            warns.append(f"{n} missing slice{'s' if n > 1 else ''} (gaps at z={at})")
+        else:  # a coronal or sagittal series: its gaps are planes along y / x, not z slices
+            name = "zyx"[slice_axis]
+            warns.append(f"{n} missing slice{'s' if n > 1 else ''} of the series (NaN planes at"
+                         f" {name}={at}: nothing is labelled or detected there)")
+            metadata["missing_planes"] = {"axis": name,
+                                          "indices": [int(i) for i in np.flatnonzero(gaps)]}
     if axes is not None:
         metadata["orientation"] = axis_code(axes[2]) + axis_code(axes[1]) + axis_code(axes[0])
         metadata["axes_lps"] = np.round(np.asarray(axes, dtype=float), 6).tolist()
