@@ -834,6 +834,42 @@ def test_a_card_naming_another_architecture_than_its_file_is_refused(tmp_path):
         load_model(card_path)
 
 
+@pytest.mark.parametrize("field, value", [("architecture", ["SliceClassifier"]),
+                                          ("architecture", {"a": 1}),
+                                          ("weights_file", "classifier\u0000.safetensors"),
+                                          ("weights_file", 3)])
+def test_a_card_field_of_the_wrong_kind_is_a_one_line_refusal(tmp_path, field, value):
+    """A list as architecture raised TypeError (and broke list_models, so every model
+    picker); a NUL in weights_file a bare ValueError."""
+    _, card_path, _ = _save(tmp_path)
+    card = json.loads(card_path.read_text())
+    card[field] = value
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(MedsegInputError):
+        load_model(card_path)
+    if field == "architecture":  # skipped (logged), not a crash of every model list
+        assert registry.list_models([tmp_path]) == []
+
+
+def test_saving_a_version_deletes_only_its_own_old_weights(tmp_path):
+    """unique_weights deleted whatever file the old card named: a damaged card naming
+    another model's weights (or the card itself) got them deleted."""
+    model, other_card, _ = _save(tmp_path, "classifier")
+    card = {**CARD, "classes": MODELS["classifier"][2]}
+    mine = save_model(model, tmp_path, "mine", card, unique_weights=True)
+    for named in ("classifier.safetensors", "mine.json"):
+        spoilt = json.loads(mine.read_text())
+        spoilt["weights_file"] = named
+        mine.write_text(json.dumps(spoilt))
+        save_model(model, tmp_path, "mine", card, unique_weights=True)
+        assert mine.is_file() and load_model(other_card)[0] is not None
+    first = json.loads(mine.read_text())["weights_file"]
+    with torch.no_grad():
+        next(iter(model.parameters())).add_(1.0)
+    save_model(model, tmp_path, "mine", card, unique_weights=True)
+    assert not (tmp_path / first).exists()  # its own superseded weights still go
+
+
 @pytest.mark.parametrize("spoil", ["nan", "int"])
 def test_weights_that_are_not_finite_floats_are_refused(tmp_path, spoil):
     import safetensors.torch

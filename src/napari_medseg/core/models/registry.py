@@ -272,9 +272,13 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
     previous = None
     if unique_weights and card_path.is_file():
         try:
-            previous = directory / str(json.loads(card_path.read_text("utf-8"))["weights_file"])
+            named = str(json.loads(card_path.read_text("utf-8"))["weights_file"])
         except (OSError, ValueError, KeyError, TypeError):
-            previous = None
+            named = ""
+        # only a weights file this save would have named itself: a damaged card naming
+        # another model's weights (or the card) must not get them deleted
+        if re.fullmatch(rf"{re.escape(name)}(\.[0-9a-f]{{12}})?\.safetensors", named):
+            previous = directory / named
     backup = None
     if not unique_weights and weights_path.is_file() and card_path.is_file():
         # the weights are replaced first: a failure (or Ctrl-C) before the card follows
@@ -320,7 +324,7 @@ def read_card(card_path: str | Path) -> dict[str, Any]:
     missing = [k for k in needed if k not in card]
     if missing:
         raise MedsegInputError(f"model card lacks {', '.join(missing)}", card_path)
-    if card["architecture"] not in ARCHITECTURES:
+    if not isinstance(card["architecture"], str) or card["architecture"] not in ARCHITECTURES:
         raise MedsegInputError(
             f"unknown architecture {card['architecture']!r}; known: {', '.join(ARCHITECTURES)}",
             card_path,
@@ -488,7 +492,10 @@ def load_model(
     """
     card_path = resolve_card(card_path_or_name, search_dirs)
     card = read_card(card_path)
-    weights_path = card_path.parent / str(card.get("weights_file", f"{card_path.stem}.safetensors"))
+    weights_file = card.get("weights_file", f"{card_path.stem}.safetensors")
+    if not isinstance(weights_file, str) or "\0" in weights_file:
+        raise MedsegInputError("weights_file must be a file name beside the card", card_path)
+    weights_path = card_path.parent / weights_file
     if weights_path.parent.resolve() != card_path.parent.resolve():
         raise MedsegInputError("weights_file must be a file beside the card", card_path)
     try:
