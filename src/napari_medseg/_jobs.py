@@ -54,7 +54,9 @@ def start_job(
     state = {"cancelled": False}
 
     def _on_yield(report: Any) -> None:
-        if isinstance(report, Progress):
+        # a job runs on to its next report after Cancel: that one no longer counts (it
+        # overwrote the widget's "Cancelled" and grew the loss curve)
+        if isinstance(report, Progress) and not state["cancelled"]:
             if bar.total != report.total:
                 bar.total = report.total
             bar.n = report.step

@@ -182,6 +182,18 @@ def test_phantom_widget_cancel_adds_nothing(make_napari_viewer, qtbot):
     assert not _errors_since(start)
 
 
+def test_closing_the_viewer_while_a_phantom_is_drawn_raises_nothing(make_napari_viewer, qtbot):
+    """The finished handler read the deleted status label: RuntimeError through Qt."""
+    viewer, widget = _phantom_widget(make_napari_viewer, (40, 256, 256), lesions=2)
+    viewer.window.add_dock_widget(widget)  # docked: closing the window deletes its labels
+    widget._run.clicked.emit()
+    worker = widget._worker
+    qtbot.wait(200)
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=60_000)
+    qtbot.wait(200)  # the finished signal is delivered (pytest-qt fails on its exceptions)
+
+
 def test_phantom_widget_bad_request_notifies(make_napari_viewer, qtbot):
     from napari_medseg._widgets.phantom import PhantomWidget
 

@@ -18,7 +18,7 @@ from .. import _jobs
 from .._sample_data import phantom_layer_data
 from ..core.errors import MedsegInputError
 from ..core.phantom import generate_phantom
-from ._model_widget import set_status
+from ._model_widget import set_status, widget_closed
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,8 @@ class PhantomWidget(Container):
 
     def _on_finished(self) -> None:
         self._set_running(False)
+        if widget_closed(self._status):  # the viewer was closed mid-run: its labels are gone
+            return
         if self._status.value.startswith("Cancelling"):
             set_status(self._status, "Cancelled")
 
