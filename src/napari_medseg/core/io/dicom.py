@@ -1,15 +1,17 @@
 """DICOM reader: one file, a multi-frame file, or a folder of series → :class:`Volume`.
 
 Geometry (see ``_common``): slices are sorted by their position along the slice normal
-``n = row_dir × col_dir`` (from ImageOrientationPatient), so z runs in the direction of
-``n`` (inferior → superior for axial images); rows run along ``col_dir`` and columns along
-``row_dir``: the pixel grid is kept as stored (for the usual axial orientation, anterior
-at the top and the patient's right on the left). ``origin`` is the first voxel's ImagePositionPatient measured
-along (n, col_dir, row_dir), which is its LPS (z, y, x) for the usual axial orientation.
+``n = row_dir × col_dir`` (from ImageOrientationPatient) and stacked as (n, col_dir,
+row_dir); the stack is then turned (:func:`._common.turned_to_spl`: axes swapped and
+flipped, no resampling) so that (z, y, x) run nearest to +S, +P, +L, as the NIfTI reader
+turns every file. An axial series stays as stored; a coronal one's slices lie along y, a
+sagittal one's along x; a single image stays 2D. ``origin`` is the first voxel's
+position measured along the final axes.
 
 Pixel values go through the modality LUT (Rescale Slope/Intercept, or a LUT sequence), so
 CT comes out in Hounsfield units, as float32. Gaps in a series become NaN slices flagged in
-``Volume.missing``. Anything the reader had to guess or drop is listed, without patient
+``Volume.missing`` (NaN planes listed in ``metadata["missing_planes"]`` when the series was
+turned so that its slices lie along y or x). Anything the reader had to guess or drop is listed, without patient
 data, in ``metadata["warnings"]``.
 """
 
