@@ -469,6 +469,29 @@ def test_restore_is_not_offered_for_another_image_of_the_same_name_and_shape(
     assert widget3._pending_restore is not None
 
 
+def test_restore_offers_the_newest_autosave_made_after_a_rename(
+        make_napari_viewer, random_models, small_phantom):
+    """Autosaves follow the layer name: after a rename they went to another folder, and a
+    restart under the old name offered the older autosave as the newest."""
+    import time
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    _paint_slice(labels, 2, small_phantom.labels)
+    widget.autosave_now(wait=True)
+    time.sleep(1.1)  # saved_at has one-second resolution
+    image.name = "ct liver phase"
+    _paint_slice(labels, 5, small_phantom.labels)
+    widget.autosave_now(wait=True)
+
+    viewer2 = make_napari_viewer()
+    widget2 = RetrainWidget(viewer2)
+    widget2._image.value = _open(viewer2, small_phantom)  # opened under its first name
+    assert "(2 slices)" in widget2._restore_label.value, widget2._restore_label.value
+
+
 def test_a_failing_autosave_is_said_until_one_succeeds(scene, qtbot, monkeypatch, tmp_path):
     viewer, image, labels, widget, phantom = scene
     start = len(notification_manager.records)

@@ -769,19 +769,27 @@ class _RetrainBase(Container):
         self._pending_restore = None
         folder = self._key_folder()
         candidates = []
-        if folder is not None and folder.is_dir():
+        if folder is not None:
             fingerprint = self._fingerprint(self._image.value)
-            for p in folder.iterdir():
-                if p.name.startswith(self._session_id):  # this widget's own autosaves
-                    continue
-                try:
-                    meta = read_meta(p)
-                except MedsegInputError:
-                    continue
-                # another scan of the same name and shape (another patient's "ct") is not this one
-                if meta.get("kind") == self.layer_kind.lower() and \
-                        meta.get("image_fingerprint", fingerprint) == fingerprint:
-                    candidates.append((saved_epoch(p, meta), p, meta))
+            # the image's folder follows its layer name: autosaves made before a rename
+            # lie in another folder of the same shape, and count when their voxels match
+            shape = folder.name.rsplit("-", 1)[-1]
+            folders = [folder, *(f for f in sorted(folder.parent.glob(f"*-{shape}"))
+                                 if f != folder)] if fingerprint else [folder]
+            for key_folder in (f for f in folders if f.is_dir()):
+                for p in key_folder.iterdir():
+                    if p.name.startswith(self._session_id):  # this widget's own autosaves
+                        continue
+                    try:
+                        meta = read_meta(p)
+                    except MedsegInputError:
+                        continue
+                    # another scan of the same name and shape (another patient's "ct") is
+                    # not this one; under another name only the same voxels count
+                    seen = meta.get("image_fingerprint",
+                                    fingerprint if key_folder == folder else None)
+                    if meta.get("kind") == self.layer_kind.lower() and seen == fingerprint:
+                        candidates.append((saved_epoch(p, meta), p, meta))
         if not candidates:
             self._restore_box.visible = False
             return
@@ -794,7 +802,7 @@ class _RetrainBase(Container):
             f"Autosaved {self.layer_kind.lower()} from {meta.get('saved_at', newest.name)} "
             f"({n} slices). Restore them?"
             + (f" ({others} older autosave{'s' if others > 1 else ''} of this image kept in "
-               f"{folder})" if others else ""))
+               f"{newest.parent.parent})" if others else ""))
         self._restore_box.visible = True
 
     def _on_restore(self) -> None:
