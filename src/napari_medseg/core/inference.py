@@ -607,6 +607,25 @@ def _fill_index(missing: np.ndarray) -> np.ndarray:
     return np.where(np.abs(z - lo) <= np.abs(hi - z), lo, hi)
 
 
+def _nearest_filled(src: np.ndarray, holes: np.ndarray) -> np.ndarray:
+    """``src`` (slices, y, x) with each slice's NaN voxels (``holes``) given the value of
+    the nearest finite voxel of that slice (slices with none, i.e. missing ones, stay). A coronal
+    series' gap planes or a masked patch then read as the tissue beside them, not as a
+    strip of air: the air changed labels and detections 20 mm away. The outputs there
+    are masked anyway (:func:`segment_volume`, :func:`detect_lesions`)."""
+    from scipy.ndimage import distance_transform_edt
+
+    out = np.array(src, copy=True)
+    for k in range(len(src)):
+        hole = holes[k]
+        unusable = ~np.isfinite(src[k])  # ±inf stand in for nothing (they are clipped)
+        if hole.any() and not unusable.all():
+            nearest = distance_transform_edt(unusable, return_distances=False,
+                                             return_indices=True)
+            out[k][hole] = src[k][tuple(nearest)][hole]
+    return out
+
+
 def _normalised_on_grid(array: np.ndarray, z: np.ndarray, spec: Mapping[str, Any],
                         grid: Sequence[int]) -> torch.Tensor:
     """(len(z), *grid) float32: slices ``z`` of ``array`` normalised as the card says
@@ -627,6 +646,9 @@ def _normalised_on_grid(array: np.ndarray, z: np.ndarray, spec: Mapping[str, Any
         src, owned = array[z], True  # fancy indexing copies
     if src.dtype != np.float32 or not (src.flags.writeable and src.flags.c_contiguous):
         src, owned = np.array(src, dtype=np.float32), True  # torch wants both for a view
+    holes = np.isnan(src)
+    if holes.any():  # NaN voxels in a measured slice: the nearest measured voxel stands in
+        src, owned = _nearest_filled(src, holes), True
     t = torch.from_numpy(src)
     if spec["type"] == "window":
         low, high = float(spec["low"]), float(spec["high"])
