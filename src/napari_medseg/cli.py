@@ -117,7 +117,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"spacing:  {summary['spacing_mm_zyx']} mm (z, y, x)")
     print(f"modality: {summary['modality']}")
     print(f"values:   {vmin:g} .. {vmax:g}" + (" HU" if summary["modality"] == "CT" else ""))
-    print(f"gaps:     {len(missing)} missing slices {missing}" if missing else "gaps:     none")
+    planes = volume.metadata.get("missing_planes")  # a turned coronal / sagittal series'
+    if planes:
+        print(f"gaps:     {len(planes['indices'])} missing planes along {planes['axis']}"
+              f" {planes['indices']}")
+    if missing or not planes:
+        print(f"gaps:     {len(missing)} missing slices {missing}" if missing else "gaps:     none")
     for warning in summary["warnings"]:
         print(f"warning:  {warning}")
     return 0

@@ -929,7 +929,7 @@ def test_labels_drawn_on_a_coronal_series_reopen_where_they_were_drawn(tmp_path,
 
 @pytest.mark.parametrize("iop, axis", [((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), "z"),  # normal −S
                                        ((1.0, 0.0, 0.0, 0.0, 0.0, -1.0), "y")])  # coronal
-def test_a_turned_series_says_its_gaps_where_they_now_lie(tmp_path, iop, axis):
+def test_a_turned_series_says_its_gaps_where_they_now_lie(tmp_path, iop, axis, capsys):
     """The gap warning and the slice spacings kept the layout before turning: a z-flipped
     series' gaps were named at z=3–4 while they lay at 1–2; a coronal one's along 'z'."""
     row, col = np.array(iop[:3]), np.array(iop[3:])
@@ -947,5 +947,33 @@ def test_a_turned_series_says_its_gaps_where_they_now_lie(tmp_path, iop, axis):
         return
     assert not vol.missing.any() and vol.metadata["missing_planes"] == {"axis": "y",
                                                                         "indices": [3, 4]}
+    assert vol.metadata["slice_axis"] == "y"
+    # generation makes slices between the series' own, filling its gap planes
+    from napari_medseg.core.generation import interpolate_slices
+
+    made = interpolate_slices(vol, 1)
+    assert made.axis == 1 and np.isfinite(made.volume.array).all()
+    from napari_medseg.cli import main
+
+    capsys.readouterr()
+    assert main(["info", str(tmp_path)]) == 0  # it said "gaps: none"
+    assert "gaps:     2 missing planes along y [3, 4]" in capsys.readouterr().out
     assert len(gaps) == 1 and "NaN planes at y=3–4" in gaps[0]
     assert np.isnan(vol.array[:, [3, 4]]).all() and not np.isnan(vol.array[:, [0, 1, 2, 5]]).any()
+
+
+def test_a_coronal_series_of_thin_slices_is_generated_along_its_own_slices(tmp_path):
+    """1 mm coronal slices of 2 mm pixels: the spacing rule picked z (the pixels' rows),
+    left the series' gap planes NaN and said 'nothing to generate'."""
+    from napari_medseg.core.generation import interpolate_slices, slice_axis
+
+    iop = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    uid = generate_uid()
+    for k, step in enumerate([0, 1, 3, 4]):
+        write_ct_slice(tmp_path / f"{k}.dcm", 100 * step, series_uid=uid, instance=k + 1, iop=iop,
+                       ipp=(-100.0, -120.0 + 1.0 * step, 40.0), pixel_spacing=(2.0, 2.0))
+    vol = read_dicom(tmp_path)
+    assert vol.spacing == pytest.approx((2.0, 1.0, 2.0)) and slice_axis(vol) == 1
+    made = interpolate_slices(vol, 1)  # fill the gap plane only
+    assert made.axis == 1 and made.generated.tolist() == [False, False, True, False, False]
+    assert np.isfinite(made.volume.array).all()

@@ -70,6 +70,10 @@ def describe_layer(layer) -> str:
         lines.append(f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}")
     missing = sorted({int(z) for z in medseg.get("missing_slices", [])} | _empty_slices(layer))
     lines.append(f"Missing slices: {', '.join(map(str, missing)) if missing else 'none'}")
+    planes = medseg.get("source", {}).get("missing_planes")  # a turned coronal series' gaps
+    if planes:
+        lines.append(f"Missing planes along {planes['axis']}: {slice_ranges(planes['indices'])}"
+                     " (the series' own slices; never labelled)")
     if not isinstance(layer.data, np.ndarray):
         lines.append("(a lazy image: slices with no finite voxel show up when a model reads it)")
     source = medseg.get("source", {})

@@ -200,6 +200,8 @@ def slice_axis(volume: Volume) -> int:
     (S, P, L), so a sagittal scan's thick slices lie along x and a coronal one's along y;
     upsampling z there would halve an already fine spacing and leave the gaps.
 
+    A coronal or sagittal DICOM series, turned by the reader, says its axis
+    (``metadata["slice_axis"]``): its thin slices may be finer than its pixels.
     Always z for a single slice (a 2D image: nothing lies between slices) and for square
     pixels coarser than thin slices (0.625 mm slices of 0.98 mm pixels are an axial CT,
     not a coronal one). Missing (all-NaN) z planes do not decide it: a coronal scan's NaN
@@ -208,6 +210,9 @@ def slice_axis(volume: Volume) -> int:
     spacing = np.asarray(volume.spacing, dtype=float)
     if volume.shape[0] == 1:
         return 0
+    named = volume.metadata.get("slice_axis")  # a DICOM series says where its slices lie
+    if named in ("y", "x"):
+        return "zyx".index(named)
     for axis in (1, 2):
         others = np.delete(spacing, axis)
         if (spacing[axis] > THICK_AXIS_RATIO * others).all():

@@ -554,6 +554,8 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         reversed_ = bool(along[slice_axis] < 0)
         missing = (np.zeros(array.shape[0], dtype=bool) if turned_missing is None
                    else turned_missing)
+    if slice_axis:  # where generation makes slices between this series' own
+        metadata["slice_axis"] = "zyx"[slice_axis]
     if reversed_:
         gaps = gaps[::-1]
         metadata["slice_spacings_mm"] = metadata["slice_spacings_mm"][::-1]
