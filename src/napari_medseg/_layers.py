@@ -369,6 +369,11 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
         from .core.volume import guess_modality
 
         modality = guess_modality(data)
+    source = medseg.get("source") if isinstance(medseg.get("source"), dict) else {}
+    # where a turned coronal / sagittal series' slices lie, so generation makes slices
+    # between its own (the spacing alone picks z for 1 mm slices of 2 mm pixels)
+    kept = {k: source[k] for k in ("slice_axis", "missing_planes")
+            if k in source and data.ndim == 3}
     return Volume.from_array(
-        data, spacing=scale, origin=translate, modality=modality, missing=mask
+        data, spacing=scale, origin=translate, modality=modality, missing=mask, metadata=kept
     )

@@ -210,3 +210,19 @@ def test_a_sagittal_scan_gets_slices_between_its_own(make_napari_viewer, qtbot, 
     np.testing.assert_allclose(new.scale, [*image.scale[:2], image.scale[2] / 2])
     np.testing.assert_array_equal(new.data[:, :, ::2], image.data)
     assert new.metadata["medseg"]["slice_axis"] == "x" and "along x" in widget._status.value
+
+
+def test_a_turned_coronal_series_layer_keeps_its_slice_axis(make_napari_viewer):
+    """The reader records where a turned series' slices lie; the layer's copy for a job
+    dropped it, so the widget generated 1 mm coronal slices of 2 mm pixels along z."""
+    from napari_medseg._layers import volume_from_layer
+    from napari_medseg.core.generation import slice_axis
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((6, 5, 6), np.float32), scale=(2.0, 1.0, 2.0),
+                             metadata={"medseg": {"source": {"slice_axis": "y"}}})
+    volume = volume_from_layer(layer)
+    assert volume.metadata["slice_axis"] == "y" and slice_axis(volume) == 1
+    plain = volume_from_layer(viewer.add_image(np.zeros((6, 5, 6), np.float32),
+                                               scale=(2.0, 1.0, 2.0)))
+    assert slice_axis(plain) == 0

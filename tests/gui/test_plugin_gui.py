@@ -360,6 +360,7 @@ def test_info_says_how_a_result_was_made_and_lists_labels_layers(make_napari_vie
     coronal = viewer.add_image(np.zeros((3, 8, 8)), metadata={"medseg": {"source": {
         "missing_planes": {"axis": "y", "indices": [3, 4]}}}})
     assert "Missing planes along y: 3–4" in describe_layer(coronal)  # it said none
+    assert "missing_planes:" not in describe_layer(coronal)  # once, not again as raw metadata
     cells = viewer.add_image(np.zeros((3, 8, 8)), scale=(0.5, 0.2, 0.2), units="um")
     assert "Spacing (micrometer; the models read the numbers as mm): (0.5, 0.2, 0.2)" in \
         describe_layer(cells)

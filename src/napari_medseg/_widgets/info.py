@@ -79,7 +79,8 @@ def describe_layer(layer) -> str:
     source = medseg.get("source", {})
     for warning in source.get("warnings", []):
         lines.append(f"Warning: {warning}")
-    for key in sorted(k for k in source if k in SAFE_METADATA_KEYS and k != "warnings"):
+    for key in sorted(k for k in source if k in SAFE_METADATA_KEYS
+                      and k not in ("warnings", "missing_planes")):  # said above
         lines.append(f"{key}: {source[key]}")
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
