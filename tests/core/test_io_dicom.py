@@ -431,6 +431,7 @@ def test_sagittal_series_sorted_along_the_normal_and_turned_to_spl(tmp_path):
     # voxel (0, 0, 0): the slice at x = 10, its bottom row (80 − 5 × 0.5), first column
     assert vol.origin == pytest.approx((77.5, -50.0, 10.0))
     assert vol.metadata["orientation"] == "LPS" and not vol.missing.any()
+    assert "-0.0" not in str(vol.metadata["axes_lps"])  # flipped zeros shown as -0.0
 
 
 _C, _S = np.cos(np.radians(10.0)), np.sin(np.radians(10.0))

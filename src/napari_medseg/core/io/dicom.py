@@ -572,7 +572,8 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
                                           "indices": [int(i) for i in np.flatnonzero(gaps)]}
     if axes is not None:
         metadata["orientation"] = axis_code(axes[2]) + axis_code(axes[1]) + axis_code(axes[0])
-        metadata["axes_lps"] = np.round(np.asarray(axes, dtype=float), 6).tolist()
+        # + 0.0: a flipped axis's zeros are -0.0, shown as such in Info and the CLI
+        metadata["axes_lps"] = (np.round(np.asarray(axes, dtype=float), 6) + 0.0).tolist()
     return Volume(
         array=array,
         spacing=spacing,
