@@ -61,6 +61,16 @@ def test_add_move_delete_points_list_their_slices(scene):
     assert widget.annotated_slices() == [2, 4, 6, 7]
 
 
+def test_a_script_setting_the_whole_data_lists_only_the_moved_points_slices(scene):
+    """napari reports every row when the whole data is set: the untouched point's slice
+    was listed too, and its slice then taken as fully reviewed."""
+    viewer, image, points, widget = scene
+    nudged = np.array(points.data, copy=True)
+    nudged[1, 1] += 3.0  # the point on slice 6 moved in-plane; slice 2's point untouched
+    points.data = nudged
+    assert widget.annotated_slices() == [6]
+
+
 def test_retrain_adds_a_new_points_layer_and_keeps_the_users(scene, qtbot):
     viewer, image, points, widget = scene
     points.add([4.0, 30.0, 30.0])

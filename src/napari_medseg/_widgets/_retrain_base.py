@@ -124,6 +124,7 @@ class _RetrainBase(Container):
         self._layer_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _connect
         self._left_atoms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # _disconnect
         self._left_points: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (detector)
+        self._before_change = None  # (detector) the rows of a move, between its two events
         self._away_slices: set[int] = set()
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         self._session_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> name
