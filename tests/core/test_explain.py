@@ -146,6 +146,8 @@ def test_explanations_run_on_incomplete_volumes_and_leave_gaps_empty(case):
     for maps in (cam.maps, unc.entropy):
         assert maps.shape == volume.shape and np.isfinite(maps).all()
         assert (maps[missing] == 0).all()
+        assert (maps[np.isnan(array)] == 0).all()  # the masked block too: nothing measured
+    assert (unc.labels[np.isnan(array)] == 0).all()
     assert (cam.target[missing] == -1).all() and np.isnan(unc.per_slice[missing]).all()
     assert all(not missing[z] for z in unc.most_uncertain(8))
 

@@ -130,6 +130,7 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                 yield Progress(step, len(runs), f"Grad-CAM: slices {a}–{b - 1}")
     finally:
         _restore_modes(modes)
+    maps[np.isnan(volume.array)] = 0.0  # never measured (a gap plane, a mask): no evidence
     return GradCamResult(maps, targets, tuple(classes), probs)
 
 
@@ -242,6 +243,9 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
     labels = labels_from_logits(mean.clamp_min(1e-12).log(), (ny, nx)).numpy()
     entropy[volume.missing] = 0.0
     labels[volume.missing] = 0
+    unmeasured = np.isnan(volume.array)  # a turned series' gap planes, a masked patch
+    entropy[unmeasured] = 0.0
+    labels[unmeasured] = 0
     per_slice = np.full(nz, np.nan, dtype=np.float32)
     for z in np.flatnonzero(~volume.missing):
         fg = labels[z] > 0
