@@ -614,3 +614,18 @@ def test_a_slice_left_as_the_model_labelled_it_holds_no_corrections(pixel_mm):
                                                   steps=1, holdout=False, threads=1))
     model_px = 36 * (pixel_mm / 1.5) ** 2
     assert 0.5 * model_px <= result.report.corrections <= 2 * model_px + 5
+
+
+def test_voxels_never_measured_are_no_training_target():
+    """A turned coronal series' gap planes (NaN rows of each axial slice) read as the
+    plane beside them: the 0 or the stroke left there taught that tissue a class."""
+    from napari_medseg.core.finetune import IGNORE_INDEX, _annotation_targets
+    from napari_medseg.core.volume import Volume
+
+    array = np.zeros((3, 8, 10), np.float32)
+    array[:, 3:5, :] = np.nan
+    labels = np.full((3, 8, 10), 2, np.int64)
+    card = {"input_spacing_mm": [1.0, 1.0, 1.0], "resample_axes": "yx"}
+    target = _annotation_targets(Volume(array, (1.0, 1.0, 1.0)), labels, [1], card, (8, 10))
+    assert (target[1, 3:5] == IGNORE_INDEX).all() and (target[1, :3] == 2).all()
+    assert (target[[0, 2]] == IGNORE_INDEX).all()

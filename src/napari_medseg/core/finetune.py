@@ -61,6 +61,7 @@ from .inference import (
 from .models.registry import build_for_weights, build_model, save_model, user_models_dir
 from .models.segmenter import RecurrentSegmenter
 from .rng import PrivateRNG
+from .volume import Volume
 from .progress import Job, Progress
 from .resample import resample_yx
 from .models.classifier import check_choice
@@ -340,6 +341,25 @@ def _class_names(old: Sequence[str], n_classes: int, present: set[int],
     return out
 
 
+def _annotation_targets(volume: Volume, arr: np.ndarray, zs: Sequence[int],
+                        card: Mapping[str, Any], grid: tuple[int, int]) -> np.ndarray:
+    """(z, h, w) uint8 training targets on the model grid: the annotated slices' labels,
+    IGNORE_INDEX elsewhere and on voxels never measured (NaN: a turned series' gap
+    planes, which the model reads as the plane beside them; a user's stroke across
+    them, or the 0 left there, must not teach that tissue a class)."""
+    nz = volume.shape[0]
+    spacing_from, spacing_to = volume.spacing[1:], card_spacing_yx(card)
+    target = np.full((nz, *grid), IGNORE_INDEX, dtype=np.uint8)
+    target[zs] = resample_yx(arr[zs].astype(np.uint8), spacing_from, spacing_to, order=0,
+                             out_shape_yx=grid)
+    unmeasured = np.isnan(np.asarray(volume.array)[zs])
+    if unmeasured.any():
+        gone = resample_yx(unmeasured.astype(np.uint8), spacing_from, spacing_to, order=0,
+                           out_shape_yx=grid).astype(bool)
+        target[zs] = np.where(gone, IGNORE_INDEX, target[zs])
+    return target
+
+
 def finetune_segmenter(
     volume: Any,
     model: RecurrentSegmenter,
@@ -414,9 +434,7 @@ def finetune_segmenter(
         grid_slices = ModelGridSlices(volume, card)
         h, w = grid_slices.grid
         x_all = grid_slices[0:nz]  # (z, 1, h, w): exactly what inference feeds the model
-        target = np.full((nz, h, w), IGNORE_INDEX, dtype=np.uint8)
-        target[zs] = resample_yx(arr[zs].astype(np.uint8), (sy, sx), card_spacing_yx(card),
-                                 order=0, out_shape_yx=(h, w))
+        target = _annotation_targets(volume, arr, zs, card, (h, w))
         work = copy.deepcopy(model)
         if n_classes > model.n_classes:
             with torch_rng.active():
