@@ -629,3 +629,19 @@ def test_voxels_never_measured_are_no_training_target():
     target = _annotation_targets(Volume(array, (1.0, 1.0, 1.0)), labels, [1], card, (8, 10))
     assert (target[1, 3:5] == IGNORE_INDEX).all() and (target[1, :3] == 2).all()
     assert (target[[0, 2]] == IGNORE_INDEX).all()
+
+
+def test_fine_tuning_runs_on_annotated_slices_with_unmeasured_planes():
+    """IGNORE on an annotated slice's NaN voxels indexed the class weights out of range:
+    every round on a turned coronal series with a gap crashed (IndexError)."""
+    from napari_medseg.core.volume import Volume
+
+    p = generate_phantom((6, 64, 64), (2.5, 1.5, 1.5), seed=3, n_lesions=1)
+    array = p.volume.array.copy()
+    array[:, 30:32, :] = np.nan
+    labels = p.labels.astype(np.int64)
+    labels[2, 30:32, 10:40] = 3  # a stroke across the gap plane
+    model, card = load_model("segmenter")
+    res = run_to_completion(finetune_segmenter(Volume(array, p.volume.spacing), model, card,
+                                               labels, [2, 4], steps=2))
+    assert res.report.steps == 2 and res.report.holdout_dice_before is not None

@@ -448,6 +448,10 @@ def finetune_segmenter(
         yield Progress(0, 1, "the model's prediction on the annotated slices")
         before = _window_logits(work, x_all, zs, context)
         yield Progress(0, 1, "weighting the corrections")
+
+        def unmeasured_at(z: int) -> np.ndarray:  # NaN voxels: no correction, no score
+            return np.isnan(np.asarray(volume.array[z]))
+
         corrected = np.zeros((nz, h, w), dtype=bool)
         for z in zs:
             # compared where the user saw the prediction, on the input grid, then brought
@@ -455,7 +459,7 @@ def finetune_segmenter(
             # called every structure edge a correction (310 "corrections" on a slice left
             # as the model labelled it, at 1.6 mm pixels)
             shown = labels_from_logits(before[z][None], (ny, nx))[0].numpy()
-            changed = (shown != arr[z]).astype(np.uint8)[None]
+            changed = ((shown != arr[z]) & ~unmeasured_at(z)).astype(np.uint8)[None]
             corrected[z] = resample_yx(changed, (sy, sx), card_spacing_yx(card), order=0,
                                        out_shape_yx=(h, w))[0].astype(bool)
 
@@ -466,14 +470,19 @@ def finetune_segmenter(
             cw = class_weights(counts) if class_balance else torch.ones(n_classes)
             cw_np = cw.numpy().astype(np.float32)
             weight = np.zeros((nz, h, w), dtype=np.float32)
-            weight[train_zs] = cw_np[target[train_zs].astype(np.int64)] * (
-                1.0 + correction_weight * corrected[train_zs])
+            t = target[train_zs].astype(np.int64)
+            known = t != IGNORE_INDEX  # never-measured voxels of an annotated slice: 0
+            part = np.zeros(t.shape, dtype=np.float32)
+            part[known] = cw_np[t[known]] * (1.0 + correction_weight * corrected[train_zs][known])
+            weight[train_zs] = part
             return weight
 
         held = zs[(int(version) - 1) % len(zs)] if holdout and len(zs) >= 2 else None
         dice_before = dice_after = None
         if held is not None:
             pred = labels_from_logits(before[held][None], (ny, nx))[0].numpy()
+            gone = unmeasured_at(held)  # never measured: not scored either way
+            pred[gone] = arr[held][gone]
             dice_before = slice_dice(pred, arr[held])
 
         x_np = x_all[:, 0].contiguous().numpy()
@@ -552,6 +561,7 @@ def finetune_segmenter(
             if i == 0 and held is not None:
                 after = _window_logits(work, x_all, [held], context)[held]
                 pred = labels_from_logits(after[None], (ny, nx))[0].numpy()
+                pred[gone] = arr[held][gone]
                 dice_after = slice_dice(pred, arr[held])
                 yield Progress(total_steps, total_steps,
                                f"held-out slice {held}: Dice {dice_before:.2f} → {dice_after:.2f}")
