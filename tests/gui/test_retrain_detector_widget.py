@@ -69,6 +69,11 @@ def test_a_script_setting_the_whole_data_lists_only_the_moved_points_slices(scen
     nudged[1, 1] += 3.0  # the point on slice 6 moved in-plane; slice 2's point untouched
     points.data = nudged
     assert widget.annotated_slices() == [6]
+    # rows deleted or added by a script: the slices of the points that went or came
+    points.data = np.array(points.data)[1:]  # the point on slice 2 deleted
+    assert widget.annotated_slices() == [2, 6]
+    points.data = np.vstack([points.data, [[5.0, 30.0, 30.0]]])
+    assert widget.annotated_slices() == [2, 5, 6]
 
 
 def test_retrain_adds_a_new_points_layer_and_keeps_the_users(scene, qtbot):

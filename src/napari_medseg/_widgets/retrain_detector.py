@@ -71,18 +71,18 @@ class RetrainDetectorWidget(_RetrainBase):
             return
         if action == "added" and "score" not in layer.features:
             self._unknown_diameter(layer, indices)  # (a detection layer marks its own)
-        if action == "changing":  # the slices are known at "changed", from what moved
-            self._before_change = (layer, indices, value[indices].copy())
+        if action == "changing":  # the slices are known at "changed", from what changed
+            self._before_change = (layer, np.array(value, copy=True))
             return
         points = value[indices]
         if action == "changed":
             before, self._before_change = self._before_change, None
-            if before is not None and before[0] is layer and before[1] == indices \
-                    and before[2].shape == points.shape:
+            if before is not None and before[0] is layer:
                 # napari reports every row when a script sets the whole data: only the
-                # rows that moved (their old and new slices) were edited
-                moved = np.any(before[2] != points, axis=1)
-                points = np.concatenate([before[2][moved], points[moved]])
+                # points that moved, appeared or went (old and new slices) were edited
+                old = {tuple(map(float, p)) for p in before[1].reshape(-1, layer.ndim)}
+                new = {tuple(map(float, p)) for p in value.reshape(-1, layer.ndim)}
+                points = np.array(sorted(old ^ new), dtype=float).reshape(-1, layer.ndim)
         zs = {z for p in points if (z := self._point_slice(layer, p)) is not None}
         self._add_edited(zs)
 
