@@ -148,6 +148,8 @@ def test_explanations_run_on_incomplete_volumes_and_leave_gaps_empty(case):
         assert (maps[missing] == 0).all()
         assert (maps[np.isnan(array)] == 0).all()  # the masked block too: nothing measured
     assert (unc.labels[np.isnan(array)] == 0).all()
+    peaks = cam.maps.reshape(len(cam.maps), -1).max(1)  # still 1 per explained slice
+    assert np.allclose(peaks[cam.target >= 0], 1.0)
     assert (cam.target[missing] == -1).all() and np.isnan(unc.per_slice[missing]).all()
     assert all(not missing[z] for z in unc.most_uncertain(8))
 
@@ -331,3 +333,19 @@ def test_a_model_loaded_in_another_thread_does_not_draw_from_a_seeded_job():
         stop.set()
         other.join(60)
     np.testing.assert_array_equal(busy, alone)
+
+
+def test_gradcam_masks_unmeasured_voxels_before_scaling_each_slice_to_one():
+    """Masked after the per-slice scaling, a NaN patch over a slice's peak left that
+    slice's map below 1 (the docs and the layer say per-slice max = 1)."""
+    from napari_medseg.core.volume import Volume
+
+    p = generate_phantom((6, 64, 64), (3.0, 2.0, 2.0), seed=906011, n_lesions=1)
+    cls, card = load_model("classifier")
+    clean = run_to_completion(gradcam_volume(p.volume, cls, card)).maps
+    z = 3
+    y, x = np.unravel_index(np.argmax(clean[z]), clean[z].shape)
+    array = p.volume.array.copy()
+    array[z, max(0, y - 4): y + 5, max(0, x - 4): x + 5] = np.nan  # over the peak
+    cam = run_to_completion(gradcam_volume(Volume(array, p.volume.spacing), cls, card))
+    assert (cam.maps[np.isnan(array)] == 0).all() and cam.maps[z].max() == pytest.approx(1.0)

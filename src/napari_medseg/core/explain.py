@@ -122,6 +122,8 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                     cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
                     cam = resize_yx(_on_model_grid(cam, slices.grid, getattr(model, "min_size", None)),
                                     (ny, nx))[:, 0]
+                    # never measured (a gap plane, a mask): no evidence, and not the peak
+                    cam[torch.from_numpy(np.isnan(np.asarray(volume.array[zs])))] = 0.0
                     peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
                     maps[zs] = (cam / peak).numpy()
                     targets[zs] = chosen.numpy()
@@ -130,7 +132,6 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                 yield Progress(step, len(runs), f"Grad-CAM: slices {a}–{b - 1}")
     finally:
         _restore_modes(modes)
-    maps[np.isnan(volume.array)] = 0.0  # never measured (a gap plane, a mask): no evidence
     return GradCamResult(maps, targets, tuple(classes), probs)
 
 
