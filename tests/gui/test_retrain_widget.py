@@ -440,18 +440,25 @@ def test_two_labels_layers_autosave_to_two_folders(scene):
     assert edited == [(2,), (5,)]
 
 
-def test_restore_is_not_offered_for_another_image_of_the_same_name_and_shape(
-        make_napari_viewer, random_models, small_phantom):
-    """Two patients' files are both named "ct" and have the same shape: one's autosave
-    must not be offered (and put) onto the other."""
-    from napari_medseg.core.phantom import generate_phantom
-
+def _autosaved_slice_2(make_napari_viewer, random_models, small_phantom):
+    """A Retrain widget on the phantom with slice 2 painted and autosaved."""
     viewer = make_napari_viewer()
     image = _open(viewer, small_phantom)
     labels = _prediction_layer(viewer, image, small_phantom.labels)
     widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
     _paint_slice(labels, 2, small_phantom.labels)
     widget.autosave_now(wait=True)
+    return viewer, image, labels, widget
+
+
+def test_restore_is_not_offered_for_another_image_of_the_same_name_and_shape(
+        make_napari_viewer, random_models, small_phantom):
+    """Two patients' files are both named "ct" and have the same shape: one's autosave
+    must not be offered (and put) onto the other."""
+    from napari_medseg.core.phantom import generate_phantom
+
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
 
     other = generate_phantom(small_phantom.volume.shape, small_phantom.volume.spacing, seed=6,
                              n_lesions=1)
@@ -475,12 +482,8 @@ def test_restore_offers_the_newest_autosave_made_after_a_rename(
     restart under the old name offered the older autosave as the newest."""
     import time
 
-    viewer = make_napari_viewer()
-    image = _open(viewer, small_phantom)
-    labels = _prediction_layer(viewer, image, small_phantom.labels)
-    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
-    _paint_slice(labels, 2, small_phantom.labels)
-    widget.autosave_now(wait=True)
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
     time.sleep(1.1)  # saved_at has one-second resolution
     image.name = "ct liver phase"
     _paint_slice(labels, 5, small_phantom.labels)
