@@ -16,7 +16,7 @@ from napari_medseg.core.finetune import (
     unannotated_updates,
 )
 from napari_medseg.core.inference import segment_volume
-from napari_medseg.core.models import RecurrentSegmenter, load_model, save_model
+from napari_medseg.core.models import RecurrentSegmenter, load_model
 from napari_medseg.core.models import registry
 from napari_medseg.core.phantom import LABEL_NAMES, generate_phantom
 from napari_medseg.core.progress import run_to_completion

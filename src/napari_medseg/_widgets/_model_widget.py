@@ -20,7 +20,6 @@ from napari.utils.notifications import show_warning
 from .. import _jobs
 from .._layers import read_deferred, volume_from_layer, world_matrix
 from ..core.errors import MedsegInputError
-from ..core.progress import Progress
 from ..core.models.registry import BUNDLED_DIR, list_models, load_model
 
 

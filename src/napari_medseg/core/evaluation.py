@@ -27,7 +27,6 @@ import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from .errors import MedsegInputError
 from .models.detector import extract_peaks
@@ -100,7 +99,7 @@ def predict_detector(model, card, volume, threshold: float | None = None,
     out = {md_card: [{"z": d.z, "y": d.y, "x": d.x, "score": d.score,
                       "diameter_mm": d.diameter_mm} for d in res.detections]}
     thr = res.threshold
-    (nz, ny, nx), (h, w) = volume.shape, res.heatmap.shape[1:]
+    (_, ny, nx), (h, w) = volume.shape, res.heatmap.shape[1:]
     sz, sy, sx = volume.spacing
     grid_spacing = (sz, sy * ny / h, sx * nx / w)
     for md in min_distances or ():

@@ -58,7 +58,7 @@ from .inference import (
     labels_from_logits,
     positive_int,
 )
-from .models.registry import build_for_weights, build_model, save_model, user_models_dir
+from .models.registry import build_for_weights, save_model, user_models_dir
 from .models.segmenter import RecurrentSegmenter
 from .rng import PrivateRNG
 from .volume import Volume
