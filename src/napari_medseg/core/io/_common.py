@@ -44,24 +44,23 @@ def origin_along(position: np.ndarray, axes_zyx: np.ndarray) -> tuple[float, flo
     return z, y, x
 
 
-def turned_to_spl(array: np.ndarray, spacing, origin, axes_zyx, missing: np.ndarray
-                  ) -> tuple[np.ndarray, tuple, tuple, np.ndarray, np.ndarray | None]:
+def turned_to_spl(array: np.ndarray, spacing, origin, axes_zyx
+                  ) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """The volume turned so that its axes (z, y, x) run nearest to +S, +P, +L, as the NIfTI
     reader turns every file: one layout for every reader, so labels saved on a coronal
     DICOM series and opened again lie where they were drawn, and the models see axial
     slices. Axes only swap and flip (no resampling); an oblique rest stays in the axes.
 
-    Returns (array, spacing, origin, axes, missing); ``missing`` (per output z) is None
-    when the input's missing slices now lie along y or x (they stay NaN planes there).
-    Axes with no clear nearest patient axis (45°) are left as they are."""
+    Returns (array, spacing, origin, axes). Axes with no clear nearest patient axis (45°)
+    are left as they are."""
     axes = np.asarray(axes_zyx, dtype=float)
     nearest = np.argmax(np.abs(axes), axis=1)  # LPS component (0 L, 1 P, 2 S) per axis
     if sorted(nearest.tolist()) != [0, 1, 2]:
-        return array, tuple(spacing), tuple(origin), axes, missing
+        return array, tuple(spacing), tuple(origin), axes
     order = np.argsort(2 - nearest)  # new axis t is old axis order[t]: S, P, L
     signs = np.sign(axes[np.arange(3), nearest])
     if order.tolist() == [0, 1, 2] and (signs > 0).all():
-        return array, tuple(spacing), tuple(origin), axes, missing
+        return array, tuple(spacing), tuple(origin), axes
     first = axes.T @ np.asarray(origin, dtype=float)  # LPS of voxel (0, 0, 0)
     for a in np.flatnonzero(signs < 0):  # a flipped axis starts at its other end
         first = first + (array.shape[a] - 1) * float(spacing[a]) * axes[a]
@@ -70,11 +69,8 @@ def turned_to_spl(array: np.ndarray, spacing, origin, axes_zyx, missing: np.ndar
     if flips:
         turned = np.flip(turned, axis=flips)
     new_axes = axes[order] * signs[order][:, None]
-    new_missing = None
-    if order[0] == 0:
-        new_missing = missing[::-1] if signs[0] < 0 else missing
     return (np.ascontiguousarray(turned), tuple(float(spacing[a]) for a in order),
-            origin_along(first, new_axes), new_axes, new_missing)
+            origin_along(first, new_axes), new_axes)
 
 
 def triplet(values, name: str, *, positive: bool) -> tuple[float, float, float]:

@@ -547,13 +547,14 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     # a single image stays the 2D image it is, whatever its plane
     if axes is not None and array.shape[0] > 1:
         normal = np.asarray(axes[0], dtype=float)
-        array, spacing, origin, axes, turned_missing = turned_to_spl(
-            array, spacing, origin, axes, missing)
+        array, spacing, origin, axes = turned_to_spl(array, spacing, origin, axes)
         along = np.asarray(axes) @ normal
         slice_axis = int(np.argmax(np.abs(along)))
         reversed_ = bool(along[slice_axis] < 0)
-        missing = (np.zeros(array.shape[0], dtype=bool) if turned_missing is None
-                   else turned_missing)
+        if slice_axis:  # the series' missing slices are planes along y / x now, not z
+            missing = np.zeros(array.shape[0], dtype=bool)
+        elif reversed_:
+            missing = missing[::-1]
     if slice_axis:  # where generation makes slices between this series' own
         metadata["slice_axis"] = "zyx"[slice_axis]
     if reversed_:
