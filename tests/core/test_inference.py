@@ -547,6 +547,29 @@ def test_nan_voxels_are_left_unlabelled_and_undetected(seg, det):
         assert not np.isnan(array[at])
 
 
+def test_detector_heatmap_is_zero_where_nothing_was_measured(det):
+    """A masked patch and a coronal series' gap planes showed the model's heat, which on
+    the filled-in values could glow like a lesion and suppress a real peak beside it."""
+    import copy
+
+    model, card = det
+    hot = copy.deepcopy(model)
+    with torch.no_grad():  # heat ≈ 1 everywhere measured
+        hot.head.bias[0] = 50.0
+    volume = _volume((5, 40, 40), (2.5, 1.0, 1.0))  # the model grid (1.5 mm) is coarser
+    array = volume.array.copy()
+    array[:, 12:15, :] = np.nan  # gap planes along y
+    array[2, 24:34, 4:14] = np.nan  # a masked patch
+    result = run_to_completion(detect_lesions(Volume(array, volume.spacing), hot, card))
+    on_input = result.heatmap_on_input_grid()
+    inner = np.zeros(array.shape, bool)
+    inner[:, 13, :] = True  # NaN voxels whose whole neighbourhood is NaN too
+    inner[2, 26:32, 6:12] = True
+    assert (on_input[inner] == 0).all()
+    assert on_input[~np.isnan(array)].mean() > 0.9
+    assert (result.heatmap == 0).sum() > 0 and result.heatmap.max() > 0.99
+
+
 @pytest.mark.parametrize("axis", [1, 2])
 def test_nan_planes_read_as_the_tissue_beside_them_not_as_air(axis):
     """A coronal series' gap planes (NaN rows in every axial slice) were fed to the

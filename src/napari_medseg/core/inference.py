@@ -983,6 +983,18 @@ def card_peak_threshold(card: dict) -> float:
     return float(card.get("peak_threshold", DEFAULT_PEAK_THRESHOLD))
 
 
+def _nan_on_grid(planes: np.ndarray, grid: tuple[int, int]) -> np.ndarray | None:
+    """Model-grid voxels (k, h, w) whose nearest input voxel in ``planes`` (k, ny, nx) is
+    NaN, or None when the planes hold no NaN (the common case costs one pass)."""
+    nan = np.isnan(planes)
+    if not nan.any():
+        return None
+    ny, nx = planes.shape[1:]
+    iy = np.clip(np.rint(map_index(np.arange(grid[0]), grid[0], ny)), 0, ny - 1).astype(np.intp)
+    ix = np.clip(np.rint(map_index(np.arange(grid[1]), grid[1], nx)), 0, nx - 1).astype(np.intp)
+    return nan[:, iy[:, None], ix[None, :]]
+
+
 def detect_lesions(
     volume: Volume,
     model: LesionDetector,
@@ -1038,6 +1050,11 @@ def detect_lesions(
                     out = entry.model(slices[a:b])
                     heat[a:b] = torch.sigmoid(out.heatmap.float())[:, 0].numpy()
                     size[a:b] = torch.exp(out.log_diameter.float())[:, 0].numpy()
+                # No score where nothing was measured: a masked block's heat would show as
+                # a lesion-like glow, and its peak could suppress a real one nearby in NMS.
+                unmeasured = _nan_on_grid(volume.array[a:b], (h, w))
+                if unmeasured is not None:
+                    heat[a:b][unmeasured] = 0.0
                 governor.update()
                 yield Progress(step, total, f"detecting: slices {a}–{b - 1}")
         sz, sy, sx = volume.spacing
