@@ -680,3 +680,75 @@ def test_a_restored_layer_keeps_the_name_of_a_new_structure(make_napari_viewer, 
     widget2._restore.clicked.emit()
     restored = widget2._labels_pick.value
     assert widget2._layer_class_names(restored)[9] == "stomach"
+
+
+def test_an_image_removed_and_opened_again_keeps_its_slices_protected(scene, qtbot):
+    """The lists were kept under the removed image layer: opened again (a new layer
+    object) it had none, so a re-prediction overwrote the painted slices."""
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    _paint_slice(labels, 5, phantom.labels)
+    data, kwargs = image.data, dict(name=image.name, scale=image.scale, translate=image.translate)
+    viewer.layers.remove(image)
+    again = viewer.add_image(data, **kwargs)
+    widget._image.value = again
+    assert widget.annotated_slices() == [2, 5]
+    painted = np.array(labels.data[[2, 5]])
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    np.testing.assert_array_equal(labels.data[[2, 5]], painted)
+    other = viewer.add_image(data + 1.0, name="another scan", scale=image.scale)
+    widget._image.value = other  # other voxels: not the lists of that image
+    assert widget.annotated_slices() == []
+
+
+def test_replacing_the_layers_data_is_autosaved(scene):
+    """napari's ``layer.data = new`` adds no undo step and emits what scrolling emits:
+    it was saved only with the next stroke (a crash before it lost the new data)."""
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    widget.autosave_now(wait=True)
+    widget._autosave_timer.stop()
+    viewer.dims.set_current_step(0, 3)  # scrolling alone schedules nothing
+    assert not widget._autosave_timer.isActive()
+    new = np.array(labels.data)
+    new[4] = 7
+    labels.data = new
+    assert widget._autosave_timer.isActive()
+
+
+def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(
+        make_napari_viewer, random_models, small_phantom):
+    """A damaged record was skipped in silence, and a damaged newest autosave left
+    "cannot restore" with the older intact one unreachable."""
+    viewer, image, labels, old_widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                           small_phantom)
+    older = old_widget._key_folder() / old_widget._session_id
+    viewer_b, image_b, labels_b, widget_b = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                               small_phantom)
+    _paint_slice(labels_b, 5, small_phantom.labels)
+    widget_b.autosave_now(wait=True)
+    newer = widget_b._key_folder() / widget_b._session_id
+    data = next(newer.glob("annotations*.npz"))
+    data.write_bytes(data.read_bytes()[:-100])  # the newest one's data damaged
+
+    viewer2 = make_napari_viewer()
+    widget2 = RetrainWidget(viewer2)
+    widget2._image.value = _open(viewer2, small_phantom)
+    assert widget2._pending_restore == newer
+    start = len(notification_manager.records)
+    widget2._restore.clicked.emit()
+    assert any("next older autosave is offered" in m for m in _errors_since(start))
+    assert widget2._pending_restore == older and "(1 slice)" in widget2._restore_label.value
+    widget2._restore.clicked.emit()
+    assert widget2.annotated_slices() == [2]
+
+    record = older / "session.json"  # now its record is damaged: said, not skipped silently
+    record.write_text(record.read_text()[:-40])
+    viewer3 = make_napari_viewer()
+    start = len(notification_manager.records)
+    widget3 = RetrainWidget(viewer3)
+    widget3._image.value = _open(viewer3, small_phantom)
+    warned = [str(n.message) for n in notification_manager.records[start:]
+              if "cannot be read" in str(n.message)]
+    assert len(warned) == 1 and str(older) in warned[0]

@@ -135,7 +135,8 @@ class _RetrainBase(Container):
         self._excluded: set[int] = set()
         # the (image, annotation layer) the three lists above belong to (slice numbers are
         # the image's), and the lists of pairs picked earlier, so switching away and back
-        # loses nothing: image -> {layer -> (edited, checked, excluded)}
+        # loses nothing: annotation layer -> {image key (_image_key): (edited, checked,
+        # excluded)}
         self._pair: tuple[Any, Any] = (None, None)
         self._kept_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # sortable by time, unique across widgets and processes
@@ -145,6 +146,8 @@ class _RetrainBase(Container):
         self._autosave_error: str | None = None
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image -> (data, fp)
         self._pending_restore: Path | None = None
+        self._older_autosaves: list[Path] = []  # offered in turn when a newer one fails
+        self._said_unreadable: set[Path] = set()
         self._result_shown = False
 
         self._image = ComboBox(label="Image", choices=self._layers_of("Image"), nullable=True)
@@ -300,13 +303,19 @@ class _RetrainBase(Container):
                 self._autosave_timer.stop()
                 self.autosave_now(image=old_image, layer=old_layer)
             if self._edited or self._checked or self._excluded:
-                self._kept_lists.setdefault(old_image, weakref.WeakKeyDictionary())[old_layer] = (
+                self._kept_lists.setdefault(old_layer, {})[self._image_key(old_image)] = (
                     self._edited, self._checked, self._excluded)
-        kept = (self._kept_lists.get(image, {}).pop(layer, None)
+        kept = (self._kept_lists.get(layer, {}).pop(self._image_key(image), None)
                 if image is not None and layer is not None else None)
         self._edited, self._checked, self._excluded = kept or (set(), set(), set())
         self._pair = (image, layer)
         self._rebuild_list()
+
+    def _image_key(self, image: Any) -> str:
+        """Lists are kept per annotation layer and per image *content*: an image layer
+        removed and opened again is a new object, and its slices must stay protected
+        (a re-prediction would otherwise overwrite them)."""
+        return self._fingerprint(image) or f"layer-{id(image)}"
 
     def _add_empty_layer(self) -> None:
         image = self._image.value
@@ -340,7 +349,7 @@ class _RetrainBase(Container):
         """The listed slices of that (image, layer) pair, picked now or earlier."""
         if image is self._pair[0] and layer is self._pair[1]:
             return self.annotated_slices()
-        kept = (self._kept_lists.get(image, {}).get(layer)
+        kept = (self._kept_lists.get(layer, {}).get(self._image_key(image))
                 if image is not None and layer is not None else None)
         return sorted(kept[0] | kept[1]) if kept else []
 
@@ -783,7 +792,16 @@ class _RetrainBase(Container):
                         continue
                     try:
                         meta = read_meta(p)
-                    except MedsegInputError:
+                    except MedsegInputError as exc:
+                        # a damaged record beside intact data of this image's name and
+                        # shape must not vanish in silence: the labels may be in there
+                        if (key_folder == folder and (p / "session.json").exists()
+                                and p not in self._said_unreadable):
+                            self._said_unreadable.add(p)
+                            show_warning(f"Retrain: an autosave of '{self._image.value.name}'"
+                                         f" cannot be read ({exc.reason}), so it is not "
+                                         f"offered; its annotations file in {p} may still "
+                                         "hold your work")
                         continue
                     # another scan of the same name and shape (another patient's "ct") is
                     # not this one; under another name only the same voxels count
@@ -791,17 +809,23 @@ class _RetrainBase(Container):
                                     fingerprint if key_folder == folder else None)
                     if meta.get("kind") == self.layer_kind.lower() and seen == fingerprint:
                         candidates.append((saved_epoch(p, meta), p, meta))
-        if not candidates:
+        candidates.sort(key=lambda c: c[0])  # the last written, not the last started
+        self._older_autosaves = [p for _, p, _ in candidates[:-1]]
+        self._offer(candidates[-1][1] if candidates else None,
+                    candidates[-1][2] if candidates else {})
+
+    def _offer(self, newest: Path | None, meta: dict) -> None:
+        """Show the restore box for autosave ``newest`` (None: hide it)."""
+        if newest is None:
+            self._pending_restore = None
             self._restore_box.visible = False
             return
-        candidates.sort(key=lambda c: c[0])  # the last written, not the last started
-        _, newest, meta = candidates[-1]
         n = len(set(meta.get("edited", [])) | set(meta.get("checked", [])))
         self._pending_restore = newest
-        others = len(candidates) - 1
+        others = len(self._older_autosaves)
         self._restore_label.value = (
             f"Autosaved {self.layer_kind.lower()} from {meta.get('saved_at', newest.name)} "
-            f"({n} slices). Restore them?"
+            f"({n} slice{'' if n == 1 else 's'}). Restore them?"
             + (f" ({others} older autosave{'s' if others > 1 else ''} of this image kept in "
                f"{newest.parent.parent})" if others else ""))
         self._restore_box.visible = True
@@ -813,7 +837,18 @@ class _RetrainBase(Container):
         try:
             session = load_session(folder)
         except MedsegInputError as exc:
-            show_error(f"Retrain: cannot restore: {exc}")
+            # the damaged one stays on disk (the user may recover it by hand); the next
+            # older autosave of this image is offered instead of nothing
+            older = None
+            while self._older_autosaves and older is None:
+                candidate = self._older_autosaves.pop()
+                try:
+                    older = (candidate, read_meta(candidate))
+                except MedsegInputError:
+                    continue
+            show_error(f"Retrain: cannot restore: {exc}"
+                       + ("; the next older autosave is offered" if older else ""))
+            self._offer(*(older or (None, {})))
             return
         if tuple(session.shape) != tuple(image.data.shape):
             show_error(f"Retrain: the autosave is {session.shape}, the image {tuple(image.data.shape)}")

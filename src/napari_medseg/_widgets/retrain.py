@@ -16,6 +16,9 @@ Shared with the detector widget (versions, autosave, restore): ``_retrain_base.p
 
 from __future__ import annotations
 
+import weakref
+from typing import Any, Callable
+
 import numpy as np
 from magicgui.widgets import ComboBox, PushButton
 from napari.utils.notifications import show_error
@@ -27,6 +30,14 @@ from ..core.inference import segment_volume
 from ..core.session import AnnotationSession
 # painted_slices and history_depths are re-exported: scripts and tests import them from here
 from ._retrain_base import _RetrainBase, _on_scan, history_depths, painted_slices  # noqa: F401
+
+
+def _ref(data) -> Callable[[], Any]:
+    """A reference to a layer's data array that does not keep a replaced one alive."""
+    try:
+        return weakref.ref(data)
+    except TypeError:  # an array type without weak references: hold it
+        return lambda: data
 
 
 class RetrainWidget(_RetrainBase):
@@ -92,6 +103,7 @@ class RetrainWidget(_RetrainBase):
         # user's strokes that fell off napari's bounded undo history (their paint stays
         # for good: no undo can take it away)
         self._depths = history_depths(layer)
+        self._data_ref = _ref(layer.data)
         self._oldest = self._oldest_item(layer)
         away = self._left_atoms.pop(layer, None)
         if away is not None:  # strokes made on it while another layer was picked
@@ -183,6 +195,11 @@ class RetrainWidget(_RetrainBase):
             self._schedule_autosave()
             return
         before, self._depths = self._depths, depths
+        replaced = self._data_ref() is not layer.data
+        if replaced:  # layer.data = new array: no undo step, and nothing else saves it
+            self._data_ref = _ref(layer.data)
+            if not self._writing:
+                self._schedule_autosave()
         if depths == before or self._writing:
             return  # scrolling or a style change; or our own write
         undo, redo = layer._undo_history, layer._redo_history
