@@ -893,3 +893,40 @@ def test_weights_that_are_not_finite_floats_are_refused(tmp_path, spoil):
     card_path.write_text(json.dumps(card))
     with pytest.raises(MedsegInputError, match="NaN or infinite" if spoil == "nan" else "not floating"):
         load_model(card_path)
+
+
+@pytest.mark.parametrize("killed_after", [1, 2, 3])
+def test_a_save_killed_between_its_writes_leaves_a_loadable_model(tmp_path, monkeypatch,
+                                                                   killed_after):
+    """`train --overwrite` killed after the weights were replaced and before the card
+    followed left the old card beside new weights: refused by every load (checksum)."""
+    import shutil
+
+    folder = tmp_path / "models"
+    model, card_path, x = _save(folder)
+    new_model = _seeded(SliceClassifier(**SMALL_CLS), seed=5)
+    real_write = registry._atomic_write
+    writes = []
+    at_kill = tmp_path / "at_kill"  # the folder as a kill at that instant leaves it
+
+    def write(path, data):
+        if len(writes) == killed_after:
+            shutil.copytree(folder, at_kill)
+        writes.append(path.name)
+        real_write(path, data)
+
+    monkeypatch.setattr(registry, "_atomic_write", write)
+    save_model(new_model, folder, "classifier", CARD)
+    assert len(writes) == 4 and at_kill.is_dir()
+    loaded, _ = load_model(at_kill / "classifier.json")  # the old model or the new, whole
+    with torch.no_grad():
+        out = loaded.eval()(x)
+        assert (torch.allclose(out, model.eval()(x))
+                or torch.allclose(out, new_model.eval()(x)))
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+    assert json.loads(card_path.read_text())["weights_file"] == "classifier.safetensors"
+    # a save after a kill sweeps the staged file that kill left
+    stale = [p for p in at_kill.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(registry, "_atomic_write", real_write)
+    save_model(new_model, at_kill, "classifier", CARD)
+    assert not [p for p in at_kill.iterdir() if p.name.startswith(".")], stale

@@ -171,19 +171,19 @@ def _jsonable(value: Any) -> Any:
 
 def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping[str, Any],
                unique_weights: bool = False) -> Path:
-    """Write ``<name>.safetensors`` then ``<name>.json`` into ``directory``; returns the card path.
+    """Write ``<name>.safetensors`` and ``<name>.json`` into ``directory``; returns the card path.
 
-    ``unique_weights``: name the weights ``<name>.<sha256[:12]>.safetensors`` instead, and
-    delete the weights the previous ``<name>.json`` pointed to only after the new card is
-    in place. Replacing a model is then crash-safe at every instant: the card on disk
-    always names a complete file with its checksum (with a fixed file name, a crash
-    between the two writes would leave the old card beside new weights).
+    Replacing a model is crash-safe at every instant, a kill included: the card on disk
+    always names a complete file with its checksum (the old model or the new one). With a
+    fixed file name the new weights are staged under a hidden name first (see
+    :func:`_replace_fixed_name`); ``unique_weights`` names them
+    ``<name>.<sha256[:12]>.safetensors`` instead, and deletes the weights the previous
+    ``<name>.json`` pointed to only after the new card is in place.
 
     ``card`` must give "classes", "input_spacing_mm" and "normalisation"; anything else in
     it (training command, seed, metrics, …) is kept. The registry fills in "format",
     "name", "architecture", "arch_params" (from ``model.arch_params``), "version" (default
-    "1.0"), "weights_file", "sha256" and "n_parameters". Each file is written atomically,
-    weights first, so a crash never leaves a card pointing at a partial file.
+    "1.0"), "weights_file", "sha256" and "n_parameters". Each file is written atomically.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise MedsegInputError(
@@ -269,8 +269,11 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
         text = json.dumps(_jsonable({**ours, **extra}), indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as exc:
         raise MedsegInputError(f"model card for {name!r} is not plain JSON ({exc})") from exc
+    if not unique_weights:
+        _replace_fixed_name(directory, name, card_path, weights_path, data, digest, ours, extra)
+        return card_path
     previous = None
-    if unique_weights and card_path.is_file():
+    if card_path.is_file():
         try:
             named = str(json.loads(card_path.read_text("utf-8"))["weights_file"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -279,32 +282,60 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
         # another model's weights (or the card) must not get them deleted
         if re.fullmatch(rf"{re.escape(name)}(\.[0-9a-f]{{12}})?\.safetensors", named):
             previous = directory / named
-    backup = None
-    if not unique_weights and weights_path.is_file() and card_path.is_file():
-        # the weights are replaced first: a failure (or Ctrl-C) before the card follows
-        # would leave the old card naming new weights; the old ones are put back then
-        backup = weights_path.with_name(f".{weights_path.name[:40]}.{os.getpid()}.previous")
-        backup.unlink(missing_ok=True)
-        try:
-            os.link(weights_path, backup)
-        except OSError:
-            backup = None  # no hard links here: the old behaviour
     try:
         _atomic_write(weights_path, data)
         _atomic_write(card_path, text.encode("utf-8"))
     except BaseException:
-        if unique_weights and weights_path != previous:
+        if weights_path != previous:
             weights_path.unlink(missing_ok=True)  # nothing points at it
-        elif backup is not None:
-            os.replace(backup, weights_path)
-            backup = None
         raise
-    finally:
-        if backup is not None:
-            backup.unlink(missing_ok=True)
     if previous is not None and previous != weights_path and previous.parent == directory:
         previous.unlink(missing_ok=True)
     return card_path
+
+
+def _replace_fixed_name(directory: Path, name: str, card_path: Path, weights_path: Path,
+                        data: bytes, digest: str, ours: dict, extra: dict) -> None:
+    """Write ``<name>.safetensors`` and ``<name>.json`` so that the card on disk names a
+    complete file with its checksum at every instant, a kill included: the new weights
+    go first under a hidden staged name, then a card naming them, then the fixed name,
+    then the final card. (Replacing the weights first and the card after left, when
+    killed between the two, an old card beside new weights: a model no load accepts.)"""
+    def card_text(weights_file: str) -> bytes:
+        card = {**ours, "weights_file": weights_file, **extra}
+        return (json.dumps(_jsonable(card), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+    staged = directory / f".{name}.{digest[:12]}.safetensors"
+    stale = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.safetensors")
+    try:
+        old_card = card_path.read_bytes() if card_path.is_file() else None
+    except OSError:
+        old_card = None
+    for left in directory.iterdir():  # what a killed save left, unless the card names it
+        if stale.fullmatch(left.name) and left != staged and (
+                old_card is None or left.name.encode() not in old_card):
+            left.unlink(missing_ok=True)
+    card_names_staged = weights_replaced = False
+    try:
+        _atomic_write(staged, data)
+        _atomic_write(card_path, card_text(staged.name))
+        card_names_staged = True
+        _atomic_write(weights_path, data)
+        weights_replaced = True
+        _atomic_write(card_path, card_text(weights_path.name))
+        card_names_staged = False
+    except BaseException:
+        if card_names_staged and not weights_replaced:  # the old model is still whole
+            with contextlib.suppress(OSError):
+                if old_card is None:
+                    card_path.unlink()
+                else:
+                    _atomic_write(card_path, old_card)
+                card_names_staged = False
+        if not card_names_staged:  # else the card names it: the new model, whole
+            staged.unlink(missing_ok=True)
+        raise
+    staged.unlink(missing_ok=True)
 
 
 # -- reading ----------------------------------------------------------------------------
