@@ -50,6 +50,10 @@ def test_explanation_layer_sits_on_the_image(make_napari_viewer, qtbot, random_m
         widget._goto.native.activated.emit(0)
         expected = image.data_to_world([first, 0, 0])[0]
         assert viewer.dims.point[0] == pytest.approx(expected, abs=image.scale[0] / 2)
+        # the ranked image deleted: the list went nowhere but still looked live
+        viewer.layers.remove(image)
+        assert not widget._goto.enabled and not widget._goto.choices
+        assert "removed" in widget._status.value
 
 
 def test_detect_can_add_its_heatmap_under_the_points(make_napari_viewer, qtbot, random_models,

@@ -219,6 +219,16 @@ def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_mode
         widget._go_to_slice(z)
         assert widget._current.value.startswith(f"Slice {z}:")
         assert widget._strip._current == z
+    # z put on screen (a coronal-type view): the label named the slider's leftover slice,
+    # and a jump only moved a point on a displayed axis (nothing visible happened)
+    viewer.dims.order = (1, 0, 2)
+    assert "no current slice" in widget._current.value and widget._strip._current == -1
+    widget._go_to_slice(5)
+    z_on_screen = list(viewer.dims.displayed).index(0)
+    world_z = image.data_to_world([5, 0, 0])[0]
+    assert np.asarray(_camera(viewer).center)[-2:][z_on_screen] == pytest.approx(world_z)
+    viewer.dims.order = (0, 1, 2)
+    assert widget._current.value.startswith("Slice ")
     # the classified layer removed: its strip and lesion list no longer look live
     viewer.layers.remove(image)
     widget._follow_slice()

@@ -283,6 +283,15 @@ def test_suggests_the_most_uncertain_unannotated_slices(scene, qtbot):
     assert suggested and 2 not in suggested and len(suggested) <= 8
     assert widget._history is not None and len(widget._history.versions) == 1
     np.testing.assert_array_equal(labels.data[2], phantom.labels[2])
+    # another scan picked: its slices were never scored, the list must not lead there
+    other = viewer.add_image(image.data[:4], name="another scan", scale=image.scale)
+    widget._image.value = other
+    assert not widget._suggestions.enabled and not list(widget._suggestions.choices)
+    widget._image.value = image
+    widget._suggest.clicked.emit()
+    widget._image.value = other  # while it runs (set by a script: the picker is locked)
+    _wait(widget, qtbot)
+    assert not list(widget._suggestions.choices) and "discarded" in widget._status.value
 
 
 def test_undo_and_redo_are_autosaved_and_keep_the_list_true(scene, qtbot):

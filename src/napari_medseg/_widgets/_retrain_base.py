@@ -54,6 +54,7 @@ from ..core.session import (
     sessions_dir,
 )
 from ._loss_curve import LossCurve
+from ._navigate import go_to_slice
 from ._model_widget import (
     _geometry,
     _same_geometry,
@@ -310,6 +311,10 @@ class _RetrainBase(Container):
         self._edited, self._checked, self._excluded = kept or (set(), set(), set())
         self._pair = (image, layer)
         self._rebuild_list()
+        self._pair_changed()
+
+    def _pair_changed(self) -> None:
+        """Hook: the (image, layer) pair changed; per-pair results shown must go."""
 
     def _image_key(self, image: Any) -> str:
         """Lists are kept per annotation layer and per image *content*: an image layer
@@ -405,10 +410,7 @@ class _RetrainBase(Container):
         self._schedule_autosave()
 
     def _go_to(self, z: int) -> None:
-        image = self._image.value
-        if image is None or image.ndim == 2:
-            return
-        self._viewer.dims.set_point(self._viewer.dims.ndim - 3, image.data_to_world([int(z), 0, 0])[0])
+        go_to_slice(self._viewer, self._image.value, z)
 
     # -- model versions ----------------------------------------------------------------
     def _switch_history(self, path: str | None) -> None:

@@ -7,6 +7,7 @@ from magicgui.widgets import ComboBox, Label
 
 from ..core.inference import classify_volume
 from ._model_widget import ModelRunWidget, provenance
+from ._navigate import go_to_slice, slice_axis_shown
 from ._strip import ProbabilityStrip
 
 FLAG_CLASS = "lesion"
@@ -32,6 +33,7 @@ class ClassifyWidget(ModelRunWidget):
             lambda _i: self._goto.value is not None and self._go_to_slice(self._goto.value)
         )
         self._viewer.dims.events.current_step.connect(self._follow_slice)
+        self._viewer.dims.events.order.connect(self._follow_slice)  # axes reordered
         # the strip is plain Qt; wrap it so it sits in the magicgui layout
         from magicgui.widgets import Container
 
@@ -78,6 +80,11 @@ class ClassifyWidget(ModelRunWidget):
             self._strip.set_values([])
             self._goto.enabled = False
             return
+        if self._layer is not None and slice_axis_shown(self._viewer, self._layer):
+            self._strip.set_current(-1)  # every slice is on screen, none is "current"
+            self._current.value = ("Slices run across the view (axes reordered): no current "
+                                   "slice; a click on the strip centres the view on one")
+            return
         z = self._slice_index()
         self._strip.set_current(z)
         if not 0 <= z < len(result.predicted):
@@ -90,8 +97,4 @@ class ClassifyWidget(ModelRunWidget):
         self._current.value = f"Slice {z}: {result.class_names[result.predicted[z]]}\n{probs}"
 
     def _go_to_slice(self, z: int) -> None:
-        layer = self._layer
-        if layer is None or layer not in self._viewer.layers or layer.ndim == 2:
-            return
-        world = layer.data_to_world([z, 0, 0])[0]
-        self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world)  # z, even with a 4D layer open
+        go_to_slice(self._viewer, self._layer, z)

@@ -8,6 +8,7 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 from .._layers import detection_layer_data, mark_added_points
 from ..core.inference import card_peak_threshold, detect_lesions
 from ._model_widget import ModelRunWidget, provenance
+from ._navigate import camera, go_to_world
 
 # Detections are kept down to this score so the threshold slider can reveal weaker ones
 # without running the model again.
@@ -121,21 +122,7 @@ class DetectWidget(ModelRunWidget):
         points = self._points
         if index is None or points is None or points not in self._viewer.layers or index >= len(points.data):
             return
-        world = points.data_to_world(points.data[index])
-        dims = self._viewer.dims
-        # the layer's axes are the viewer's last ones (a 4D layer may be open); the user
-        # may have reordered them (e.g. a sagittal view): the sliders take the axes not
-        # shown, the camera the shown ones, in the order they are shown
-        offset = dims.ndim - points.ndim
-        hidden = [a for a in dims.not_displayed if a >= offset]
-        if hidden:
-            dims.set_point(hidden, [world[a - offset] for a in hidden])
-        _camera(self._viewer).center = tuple(
-            world[a - offset] if a >= offset else dims.point[a] for a in dims.displayed)
+        go_to_world(self._viewer, points, points.data_to_world(points.data[index]))
 
 
-def _camera(viewer):
-    """The viewer's camera: ``viewer.scene.camera`` since napari 0.9 (``viewer.camera``,
-    deprecated there, before it)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+_camera = camera  # the old name, for scripts and tests

@@ -13,6 +13,7 @@ from .._layers import _like_layer, _result_metadata
 from ..core.explain import gradcam_volume, segmentation_uncertainty
 from ..core.models.registry import read_card
 from ._model_widget import ModelRunWidget, provenance
+from ._navigate import go_to_slice
 
 PREDICTED = "predicted class"
 
@@ -87,7 +88,19 @@ class UncertaintyWidget(ModelRunWidget):
         # nothing, but the user still expects to be taken there
         self._goto.native.activated.connect(
             lambda _i: self._goto.value is not None and self._go_to(self._goto.value))
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
         return [self._goto]
+
+    def _on_layer_removed(self, event) -> None:
+        """The image the ranking was made on deleted: its list no longer looks live."""
+        if self._layer is None or event.value is not self._layer:
+            return
+        self._layer = None
+        with self._goto.changed.blocked():
+            self._goto_items = []
+            self._goto.reset_choices()
+        self._goto.enabled = False
+        self._status.value = "The image layer of the uncertainty ranking was removed"
 
     def options(self) -> dict:
         return {"samples": int(self._samples.value)}
@@ -112,7 +125,4 @@ class UncertaintyWidget(ModelRunWidget):
                               + ", ".join(map(str, ranked[:5])) if ranked else "No structure found")
 
     def _go_to(self, z: int) -> None:
-        layer = self._layer
-        if layer is None or layer not in self._viewer.layers or layer.ndim == 2:
-            return
-        self._viewer.dims.set_point(self._viewer.dims.ndim - 3, layer.data_to_world([int(z), 0, 0])[0])
+        go_to_slice(self._viewer, self._layer, z)

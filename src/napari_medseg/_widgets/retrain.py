@@ -65,9 +65,9 @@ class RetrainWidget(_RetrainBase):
         inputs = self._inputs_for_a_button(False)
         if inputs is None:
             return
-        volume, source = inputs[2], inputs[4]
+        volume, source, pair = inputs[2], inputs[4], self._pair
         self._start(self._suggest_job, volume, source, description="Uncertainty for suggestions",
-                    on_result=lambda out: self._on_suggested(out, source))
+                    on_result=lambda out: self._on_suggested(out, source, pair))
 
     def _suggest_job(self, volume, source):
         from ..core.explain import segmentation_uncertainty
@@ -77,9 +77,13 @@ class RetrainWidget(_RetrainBase):
         result = yield from segmentation_uncertainty(volume, model, card, samples=6)
         return result, (model, card)
 
-    def _on_suggested(self, out, source) -> None:
+    def _on_suggested(self, out, source, pair=None) -> None:
         result, base = out
         if not self._adopt(source, base):
+            return
+        if pair is not None and (pair[0] is not self._pair[0] or pair[1] is not self._pair[1]):
+            # slice numbers of the scan it ran on: not to be offered on another one
+            self._status.value = "Suggestions discarded: another image or layer was picked meanwhile"
             return
         ranked = result.most_uncertain(8, exclude=self.annotated_slices())
         with self._suggestions.changed.blocked():
@@ -90,6 +94,13 @@ class RetrainWidget(_RetrainBase):
         self._result_shown = True
         self._status.value = ("Most uncertain unannotated slices: " + ", ".join(map(str, ranked))
                               if ranked else "No unannotated slice with a structure to suggest")
+
+    def _pair_changed(self) -> None:
+        if getattr(self, "_suggest_items", None):  # slice numbers of the previous pair
+            with self._suggestions.changed.blocked():
+                self._suggest_items = []
+                self._suggestions.reset_choices()
+            self._suggestions.enabled = False
 
     def _connect(self, layer) -> None:
         # per layer, kept while another layer is picked (a redo of our write after

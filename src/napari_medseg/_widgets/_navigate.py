@@ -1,0 +1,47 @@
+"""Taking the viewer to a place in a layer, whatever order the user gave the axes."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def camera(viewer: Any) -> Any:
+    """The viewer's camera: ``viewer.scene.camera`` since napari 0.9 (``viewer.camera``,
+    deprecated there, before it)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def go_to_world(viewer: Any, layer: Any, world: Sequence[float],
+                axes: Sequence[int] | None = None) -> None:
+    """Show the point ``world`` (the layer's world coordinates, one per layer axis) of
+    ``layer``: the sliders take the axes not shown, the camera the shown ones. The layer's
+    axes are the viewer's last ones (a 4D layer may be open), and the user may have
+    reordered them (e.g. a sagittal view). ``axes``: only these layer axes move (the
+    others stay where they are)."""
+    dims = viewer.dims
+    offset = dims.ndim - layer.ndim
+    moving = range(layer.ndim) if axes is None else axes
+    wanted = {offset + a: float(world[a]) for a in moving}
+    hidden = [a for a in dims.not_displayed if a in wanted]
+    if hidden:
+        dims.set_point(hidden, [wanted[a] for a in hidden])
+    shown = list(dims.displayed)
+    if any(a in wanted for a in shown):
+        cam = camera(viewer)
+        now = list(cam.center)[-len(shown):]
+        cam.center = tuple(wanted.get(a, now[i]) for i, a in enumerate(shown))
+
+
+def go_to_slice(viewer: Any, layer: Any, z: int) -> None:
+    """Slice ``z`` of a 3D ``layer``: the z slider moves there, or, when the user put z on
+    screen (axes reordered), the view centres on it."""
+    if layer is None or layer not in viewer.layers or layer.ndim < 3:
+        return
+    go_to_world(viewer, layer, layer.data_to_world([int(z), 0, 0]), axes=[layer.ndim - 3])
+
+
+def slice_axis_shown(viewer: Any, layer: Any) -> bool:
+    """Whether the layer's slice (z) axis is on screen rather than on a slider."""
+    # the layer's axes are the viewer's last ones: its z is the viewer's third from last
+    return layer.ndim >= 3 and viewer.dims.ndim - 3 in viewer.dims.displayed
