@@ -374,6 +374,8 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
     # between its own (the spacing alone picks z for 1 mm slices of 2 mm pixels)
     kept = {k: source[k] for k in ("slice_axis", "missing_planes")
             if k in source and data.ndim == 3}
+    if "axes_lps" in source:  # the models refuse a single coronal or sagittal image
+        kept["axes_lps"] = source["axes_lps"]
     return Volume.from_array(
         data, spacing=scale, origin=translate, modality=modality, missing=mask, metadata=kept
     )

@@ -978,3 +978,31 @@ def test_a_coronal_series_of_thin_slices_is_generated_along_its_own_slices(tmp_p
     made = interpolate_slices(vol, 1)  # fill the gap plane only
     assert made.axis == 1 and made.generated.tolist() == [False, False, True, False, False]
     assert np.isfinite(made.volume.array).all()
+
+
+@pytest.mark.parametrize("iop, plane", [((1.0, 0.0, 0.0, 0.0, 0.0, -1.0), "coronal"),
+                                        ((0.0, 1.0, 0.0, 0.0, 0.0, -1.0), "sagittal")])
+def test_one_coronal_or_sagittal_image_is_refused_by_the_models_a_series_is_not(
+        tmp_path, iop, plane):
+    """A single coronal image stays as acquired (it cannot be turned to axial slices) and
+    was classified as if it were an axial slice, with no word said."""
+    from napari_medseg.core.inference import classify_volume
+    from napari_medseg.core.models import SliceClassifier
+    from napari_medseg.core.progress import run_to_completion
+
+    model = SliceClassifier(n_classes=3, filters=(8, 16, 16), hidden=16).eval()
+    card = {"classes": ["no_body", "normal", "lesion"], "input_spacing_mm": [5.0, 2.0, 2.0],
+            "normalisation": {"type": "window", "low": -200.0, "high": 300.0}}
+    normal = np.cross(iop[:3], iop[3:])
+    (tmp_path / "one").mkdir()
+    write_ct_slice(tmp_path / "one" / "0.dcm", 0, series_uid=generate_uid(), instance=1,
+                   iop=iop, ipp=[-100.0, -120.0, 40.0])
+    with pytest.raises(MedsegInputError, match=f"axial slices.*{plane} planes"):
+        run_to_completion(classify_volume(read_dicom(tmp_path / "one"), model, card))
+    uid = generate_uid()
+    (tmp_path / "series").mkdir()
+    for k in range(3):
+        write_ct_slice(tmp_path / "series" / f"{k}.dcm", k, series_uid=uid, instance=k + 1,
+                       iop=iop, ipp=np.array([-100.0, -120.0, 40.0]) + 3.0 * k * normal)
+    turned = read_dicom(tmp_path / "series")
+    assert run_to_completion(classify_volume(turned, model, card)).predicted.shape == (turned.shape[0],)

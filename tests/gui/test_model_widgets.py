@@ -611,3 +611,26 @@ def test_lesion_markers_are_drawn_at_their_diameter(placement):
                                         Volume(np.zeros((4, 5, 6)), (2.5, 0.5, 1.0)), "p")
     points = Points(data, **kwargs)
     assert float(points.size[0]) * abs(float(points.scale[-1])) == pytest.approx(20.0)
+
+
+def test_one_coronal_dicom_image_is_refused_with_a_message(make_napari_viewer, qtbot,
+                                                            random_models, tmp_path):
+    """The layer did not carry the scan's axes to the models: a coronal image was
+    classified as an axial slice ("lesion 0.54") with no warning."""
+    import pydicom
+
+    from napari_medseg._reader import read_layers
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # a coronal plane
+    ds.save_as(tmp_path / "coronal.dcm")
+    (data, kwargs, _), = read_layers(str(tmp_path / "coronal.dcm"))
+    viewer = make_napari_viewer()
+    image = viewer.add_image(data, **kwargs)
+    widget = ClassifyWidget(viewer)
+    _select(widget, image, random_models["SliceClassifier"])
+    start = len(notification_manager.records)
+    _run_and_wait(widget, qtbot)
+    errors = [str(n.message) for n in notification_manager.records[start:] if n.severity == "error"]
+    assert any("coronal planes" in m for m in errors), errors
+    assert widget._result is None

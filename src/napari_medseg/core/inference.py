@@ -78,7 +78,7 @@ from .models.registry import apply_normalisation, check_normalisation, percentil
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
 from .resample import map_index, resampled_shape_yx
-from .volume import Volume
+from .volume import Volume, non_axial_plane
 
 __all__ = [
     "ClassificationResult",
@@ -810,6 +810,11 @@ def check_model_args(volume: Any, model: Any, card: Any, expected: type, what: s
         raise MedsegInputError("model card lacks classes / normalisation")
     card_spacing_yx(card)
     check_normalisation(card["normalisation"])
+    plane = non_axial_plane(volume)
+    if plane is not None:
+        raise MedsegInputError(
+            f"{what} reads axial slices, and this image's slices are {plane} planes (one "
+            f"{plane} image cannot be turned to axial ones; open the whole series, which is)")
     return [str(c) for c in card["classes"]]
 
 

@@ -214,3 +214,18 @@ def guess_modality(array: np.ndarray) -> str:
     if flat.size == 0:
         return "OT"
     return "CT" if float(np.percentile(flat, 0.5)) <= _CT_AIR_THRESHOLD else "OT"
+
+
+def non_axial_plane(volume: Volume) -> str | None:
+    """"coronal" or "sagittal" when the volume's slices are such planes (its z axis, per
+    ``metadata["axes_lps"]``, runs nearest to P or L rather than S), else None. A series
+    is turned to axial slices when read; a single coronal or sagittal image cannot be, and
+    the models, trained on axial slices, would invent a result on it."""
+    axes = volume.metadata.get("axes_lps")
+    try:
+        z_axis = np.abs(np.asarray(axes, dtype=float)[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    if z_axis.shape != (3,) or not np.isfinite(z_axis).all():
+        return None
+    return {0: "sagittal", 1: "coronal"}.get(int(np.argmax(z_axis)))
