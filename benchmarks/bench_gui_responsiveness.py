@@ -144,6 +144,10 @@ def main() -> None:
 
         pinned = int(sys.argv[sys.argv.index("--threads") + 1])
         inference.default_threads = lambda: pinned
+    switch = None
+    if "--switch-interval" in sys.argv[1:]:  # Python's GIL hand-over interval (default 5 ms)
+        switch = float(sys.argv[sys.argv.index("--switch-interval") + 1])
+        sys.setswitchinterval(switch)
     phantom = generate_phantom((64, 256, 256), (2.5, 0.8, 0.8), seed=21, n_lesions=2)
     viewer = napari.Viewer(title="responsiveness benchmark")
     viewer.window.resize(1400, 900)
@@ -173,6 +177,7 @@ def main() -> None:
         "retrain_steps": steps,
         "threads": "auto" if "--threads" not in sys.argv[1:] else int(
             sys.argv[sys.argv.index("--threads") + 1]),
+        "switch_interval_s": sys.getswitchinterval(),
         "idle_reference": idle,
         ("while_retraining" if retrain else "while_segmenting"): running,
         "stall_ratio_vs_idle": round(running["max_gap_outside_full_gc_ms"]

@@ -70,3 +70,20 @@ def test_display_window_ct_and_other():
     rng = np.random.default_rng(0)
     lo, hi = Volume(rng.normal(100, 10, (2, 50, 50)), modality="MR").display_window()
     assert 60 < lo < 90 and 110 < hi < 140
+
+
+def test_non_axial_plane_names_only_a_clearly_coronal_or_sagittal_slice_axis():
+    from napari_medseg.core.volume import non_axial_plane
+
+    def plane(z_axis):
+        v = Volume.from_array(np.zeros((1, 4, 4), np.float32), spacing=(1.0, 1.0, 1.0),
+                              metadata={"axes_lps": [z_axis, [0, 1, 0], [1, 0, 0]]})
+        return non_axial_plane(v)
+
+    r = np.sqrt(0.5)
+    assert plane([0, 0, 1]) is None and plane([0, 0, -1]) is None
+    assert plane([0, r, r]) is None  # a 45° tilt: the readers keep such slices as axial
+    assert plane([0, 1, 0]) == "coronal" and plane([-1, 0, 0]) == "sagittal"
+    assert plane([0, np.cos(0.7), np.sin(0.7)]) == "coronal"  # 50° from axial
+    assert non_axial_plane(Volume.from_array(np.zeros((1, 4, 4), np.float32),
+                                             spacing=(1.0, 1.0, 1.0))) is None

@@ -228,4 +228,8 @@ def non_axial_plane(volume: Volume) -> str | None:
         return None
     if z_axis.shape != (3,) or not np.isfinite(z_axis).all():
         return None
-    return {0: "sagittal", 1: "coronal"}.get(int(np.argmax(z_axis)))
+    # only a plane clearly nearer coronal or sagittal: a 45° tilt is a tie, which the
+    # readers leave as axial slices (a whole series tilted so was refused)
+    if z_axis[2] >= z_axis[:2].max() - 1e-3:
+        return None
+    return "sagittal" if z_axis[0] > z_axis[1] else "coronal"
