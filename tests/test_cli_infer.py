@@ -106,6 +106,20 @@ def test_detect_leaves_no_heatmap_when_the_csv_cannot_be_written(tmp_path, model
     capsys.readouterr()
 
 
+def test_a_csv_that_cannot_be_created_is_named_not_its_temp_file(tmp_path, monkeypatch):
+    import tempfile
+
+    import napari_medseg.cli as cli
+    from napari_medseg.core.errors import MedsegInputError
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".x.csv.abc.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", unwritable)
+    with pytest.raises(MedsegInputError, match=r"^x\.csv: could not write the file \(Permission"):
+        cli._write_csv_atomic(tmp_path / "x.csv", ["a"], [[1]])
+
+
 def test_classify_writes_one_row_per_slice(tmp_path, models, image):
     out = tmp_path / "classes.csv"
     assert main(["classify", str(image), str(out), "--model", str(models["classifier"])]) == 0

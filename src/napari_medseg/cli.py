@@ -27,7 +27,10 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     # the name cut short: a long one must still leave room for the temp suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # an unwritable folder: name the output, not the temp file
+        raise MedsegInputError(f"could not write the file ({exc.strerror or exc})", path) from exc
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             writer = csv.writer(handle)

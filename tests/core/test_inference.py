@@ -127,6 +127,12 @@ def test_outputs_come_back_on_the_input_grid(seg, cls, det, shape, spacing):
 def test_model_grid_follows_the_card_spacing(seg):
     volume = _volume((2, 100, 50), (2.5, 0.75, 1.5))
     assert model_grid(volume, seg[1]) == (50, 50)
+    # a damaged card is named as such, not the image (it said "more than any body")
+    with pytest.raises(MedsegInputError, match=r"model card 'seg' asks for 0\.0001 × 0\.0001"):
+        model_grid(volume, {**seg[1], "input_spacing_mm": [1.0, 1e-4, 1e-4]})
+    huge = Volume(np.zeros((1, 64, 64), np.float32), (1.0, 100.0, 100.0))  # cm read as mm
+    with pytest.raises(MedsegInputError, match="more than any body"):
+        model_grid(huge, seg[1])
 
 
 def test_resize_uses_the_shared_resample_grid():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 
 import nibabel as nib
 import numpy as np
@@ -451,3 +452,20 @@ def test_a_malformed_names_extension_still_opens_the_label_map(tmp_path):
 
     back = read_label_map(path)
     assert back.names == {} and back.labels.sum() == 24
+
+
+def test_what_nibabel_repairs_in_a_header_is_a_warning_not_a_stray_line(tmp_path, capfd):
+    """Zero voxel sizes with no qform / sform: nibabel printed its own line to stderr,
+    outside the readers' warnings (the CLI's "COMMAND: warning:", napari's notices)."""
+    img = nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), None)
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    img.header["pixdim"][1:4] = 0
+    path = tmp_path / "noaff.nii.gz"
+    nib.save(img, path)
+    capfd.readouterr()
+    volume = read_volume(path)
+    assert capfd.readouterr().err == ""
+    assert any("pixdim[1,2,3] should be non-zero" in w for w in volume.metadata["warnings"])
+    assert volume.spacing == (1.0, 1.0, 1.0)
+    assert logging.getLogger("nibabel.global").handlers  # nibabel's own handler is back

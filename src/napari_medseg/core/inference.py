@@ -507,6 +507,12 @@ def model_grid(volume: Volume, card: Mapping[str, Any]) -> tuple[int, int]:
     h, w = resampled_shape_yx(volume.shape[1:], volume.spacing[1:], card_spacing_yx(card))
     if max(h, w) > MAX_GRID_SIDE:  # a spacing in cm read as mm would ask for gigabytes
         fov = [round(n * s) for n, s in zip(volume.shape[1:], volume.spacing[1:])]
+        if max(fov) <= MAX_GRID_SIDE:  # a field a body fits in: the card's pixels are absurd
+            sy, sx = card_spacing_yx(card)
+            raise MedsegInputError(
+                f"model card '{card.get('name', '?')}' asks for {sy:g} × {sx:g} mm pixels "
+                f"(input_spacing_mm): {h} × {w} pixels for this {fov[0]} × {fov[1]} mm "
+                "image; the card is damaged or not meant for scans")
         raise MedsegInputError(
             f"the image covers {fov[0]} × {fov[1]} mm in-plane (pixel size "
             f"{volume.spacing[1]:g} × {volume.spacing[2]:g} mm), more than any body; "

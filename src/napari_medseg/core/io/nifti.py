@@ -15,7 +15,10 @@ back ``a``, ``s`` and ``o``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import threading
 import uuid
 from pathlib import Path
 from dataclasses import dataclass, replace
@@ -102,13 +105,40 @@ def _label_names(header: Any) -> dict[int, str]:
     return {}
 
 
+@contextlib.contextmanager
+def _nibabel_messages():
+    """Collect what nibabel logs while reading a header (it prints to stderr through its
+    own handler otherwise, past the CLI's "COMMAND: warning:" lines and napari's
+    notifications); yields the list of messages."""
+    logger = logging.getLogger("nibabel.global")
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    with _NIBABEL_LOG_LOCK:  # two reads at once must not each restore the other's handler
+        handlers, propagate = logger.handlers[:], logger.propagate
+        logger.handlers[:] = [Collect(level=logging.WARNING)]
+        logger.propagate = False
+        try:
+            yield messages
+        finally:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+
+
+_NIBABEL_LOG_LOCK = threading.Lock()
+
+
 def _read(path: str | Path, want_labels: bool = True
           ) -> tuple[Volume, np.ndarray | None, dict[int, str]]:
     path = Path(path).expanduser()
     if not path.exists():
         raise MedsegInputError("no such file or folder", path)
     try:
-        img = nib.load(path)
+        with _nibabel_messages() as fixed:
+            img = nib.load(path)
     except Exception as exc:
         raise MedsegInputError(f"not a readable NIfTI file ({short_reason(exc, path=path)})",
                                path) from exc
@@ -139,7 +169,8 @@ def _read(path: str | Path, want_labels: bool = True
         ) from exc
     data = np.asarray(data).reshape(shape if len(shape) == 3 else shape + (1,))
 
-    warns: list[str] = []
+    # what nibabel fixed in the header (e.g. zero voxel sizes set to 1), said as ours
+    warns: list[str] = [f"the header was repaired on reading ({m})" for m in fixed]
     affine = np.asarray(affine, dtype=float)
     if not np.isfinite(affine[:3, :4]).all():  # NaN/inf in the header: no geometry to trust
         zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
