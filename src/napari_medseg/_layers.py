@@ -48,7 +48,9 @@ def _medseg_metadata(volume: Volume, **extra: Any) -> dict[str, Any]:
             "origin_mm_zyx": volume.origin,
             "modality": volume.modality,
             "missing_slices": volume.missing_slices(),
-            "source": dict(volume.metadata),
+            # the scan's shape beside its axes: metadata copied onto a layer of another
+            # shape must not place that layer by this scan's axes
+            "source": {**volume.metadata, "shape_zyx": list(volume.shape)},
             "disclaimer": DISCLAIMER,
             **extra,
         }
@@ -166,7 +168,22 @@ def scan_axes(layer: Any) -> dict[str, Any]:
     (a coronal or oblique scan's labels were saved as axial)."""
     source = (getattr(layer, "metadata", None) or {}).get("medseg", {}).get("source", {})
     axes = source.get("axes_lps") if isinstance(source, dict) else None
-    return {} if axes is None else {"axes_lps": axes}
+    if axes is None:
+        return {}
+    shape = source.get("shape_zyx")
+    return {"axes_lps": axes, **({"shape_zyx": shape} if shape is not None else {})}
+
+
+def axes_for(source: Any, shape: tuple) -> Any:
+    """``source["axes_lps"]`` (a layer's medseg source metadata) if it was recorded for
+    data of ``shape`` (z, y, x), else None: metadata copied from another scan, of another
+    shape, would place the data in that scan's orientation."""
+    if not isinstance(source, dict) or source.get("axes_lps") is None:
+        return None
+    recorded = source.get("shape_zyx")
+    if recorded is not None and tuple(int(n) for n in recorded) != tuple(int(n) for n in shape):
+        return None
+    return source["axes_lps"]
 
 
 def segmentation_layer_data(result: Any, image_layer: Any, provenance: dict[str, Any]) -> tuple:
@@ -374,8 +391,9 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
     # between its own (the spacing alone picks z for 1 mm slices of 2 mm pixels)
     kept = {k: source[k] for k in ("slice_axis", "missing_planes")
             if k in source and data.ndim == 3}
-    if "axes_lps" in source:  # the models refuse a single coronal or sagittal image
-        kept["axes_lps"] = source["axes_lps"]
+    axes = axes_for(source, data.shape if data.ndim == 3 else (1, *data.shape))
+    if axes is not None:  # the models refuse a single coronal or sagittal image
+        kept["axes_lps"] = axes
     return Volume.from_array(
         data, spacing=scale, origin=translate, modality=modality, missing=mask, metadata=kept
     )

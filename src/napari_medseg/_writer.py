@@ -11,8 +11,26 @@ from .core.errors import MedsegInputError
 from .core.io import write_nifti
 
 
+class LabelsNotSaved(RuntimeError):
+    """Why a save failed. Not a ValueError (MedsegInputError is one): napari reads a
+    ValueError from a writer as "this writer does not apply" and drops its message, so a
+    failed save said only "not a valid writer" or nothing."""
+
+
 def write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
+    try:
+        return _write_labels_nifti(path, data, meta)
+    except MedsegInputError as exc:
+        raise LabelsNotSaved(str(exc)) from exc
+
+
+def _write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
     labels = np.asarray(data)
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        if not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.round(labels)):
+            # a cast below would truncate 4.6 to 4 and 0.6 to background
+            raise MedsegInputError("labels must be whole numbers; this layer holds fractions",
+                                   path)
     if labels.max(initial=0) <= np.iinfo(np.uint8).max and labels.min(initial=0) >= 0:
         labels = labels.astype(np.uint8)
     elif labels.min(initial=0) >= 0 and labels.max(initial=0) <= np.iinfo(np.uint16).max:
@@ -60,11 +78,9 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
     """The scan's axes: from the layer's own metadata (results of this plugin), else from
     an image this plugin opened that the layer lies on (a layer from napari's New Labels
     button carries none); None: axial."""
-    from ._layers import scan_axes, world_matrix
+    from ._layers import axes_for, scan_axes, world_matrix
 
-    from types import SimpleNamespace
-
-    own = scan_axes(SimpleNamespace(metadata=meta.get("metadata"))).get("axes_lps")
+    own = axes_for(((meta.get("metadata") or {}).get("medseg") or {}).get("source"), shape)
     if own is not None:
         return own
     for layer in _open_layers():

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
-from .core.io._common import regular_file_mode, short_reason
+from .core.io._common import mode_for, short_reason
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -36,7 +36,7 @@ def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence
             writer = csv.writer(handle)
             writer.writerow(header)
             writer.writerows(rows)
-        os.chmod(tmp, regular_file_mode())
+        os.chmod(tmp, mode_for(path))
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

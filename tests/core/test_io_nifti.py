@@ -322,6 +322,24 @@ def test_the_labels_writer_keeps_a_scans_axes(tmp_path):
     (plain,) = write_labels_nifti(str(tmp_path / "p.nii.gz"), np.zeros((2, 3, 4), np.uint8),
                                   {"scale": (2.0, 1.0, 1.0)})
     np.testing.assert_allclose(nib.load(plain).affine[:3, :3], np.diag([-1.0, -1.0, 2.0]))
+    # the same metadata copied onto a layer of another shape (another scan's): the axes
+    # were applied to it, saving its labels turned away from the scan they were drawn on
+    meta["metadata"]["medseg"]["source"]["shape_zyx"] = [2, 3, 4]
+    (other,) = write_labels_nifti(str(tmp_path / "o.nii.gz"), np.zeros((5, 3, 4), np.uint8), meta)
+    np.testing.assert_allclose(nib.load(other).affine[:3, :3], np.diag([-1.0, -1.0, 2.0]))
+
+
+def test_overwriting_a_file_keeps_its_permissions(tmp_path):
+    import os
+    import stat
+
+    from napari_medseg._writer import write_labels_nifti
+
+    path = tmp_path / "private.nii.gz"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o600)
+    write_labels_nifti(str(path), np.zeros((2, 3, 4), np.uint8), {"scale": (1.0, 1.0, 1.0)})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize("where", ["srow", "pixdim"])
@@ -363,8 +381,12 @@ def test_the_labels_writer_refuses_values_nifti_cannot_hold(tmp_path):
 
     labels = np.zeros((2, 3, 4), np.int64)
     labels[0, 0, 0] = 2**32 + 1  # was cast to int32: label 1
-    with pytest.raises(MedsegInputError, match="int32"):
+    # not a ValueError: napari drops a writer's ValueError as "not a valid writer"
+    with pytest.raises(RuntimeError, match="int32"):
         write_labels_nifti(str(tmp_path / "l.nii.gz"), labels, {"scale": (1.0, 1.0, 1.0)})
+    with pytest.raises(RuntimeError, match="whole numbers"):
+        write_labels_nifti(str(tmp_path / "l.nii.gz"), np.full((2, 3, 4), 4.6),
+                           {"scale": (1.0, 1.0, 1.0)})
     assert not list(tmp_path.iterdir())
     labels[0, 0, 0] = 70000  # fits int32: kept
     (path,) = write_labels_nifti(str(tmp_path / "l.nii.gz"), labels, {"scale": (1.0, 1.0, 1.0)})

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,6 +123,17 @@ def regular_file_mode() -> int:
     """The permissions a plain ``open(path, "w")`` would give (0o666 less the umask):
     ``tempfile.mkstemp``, used for atomic writes, makes 0o600 files instead."""
     return 0o666 & ~_umask()
+
+
+def mode_for(path: Any) -> int:
+    """The permissions an atomic write onto ``path`` should give its file: those of the
+    file it replaces (a private 0o600 file must not come back world-readable), else what
+    a plain ``open(path, "w")`` would give."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return regular_file_mode()
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else regular_file_mode()
 
 
 def _umask() -> int:

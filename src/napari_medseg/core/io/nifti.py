@@ -38,6 +38,7 @@ from ..errors import MedsegInputError
 from ..volume import Volume
 from ._common import (
     guess_modality,
+    mode_for,
     obliquity_deg,
     origin_along,
     short_reason,
@@ -383,6 +384,7 @@ def write_nifti(
     tmp = path.with_name(f".{path.name[:40]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
         nib.save(img, tmp)
+        os.chmod(tmp, mode_for(path))  # an overwritten private file stays private
         os.replace(tmp, path)
     except BaseException as exc:
         try:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import MedsegInputError
-from ..io._common import regular_file_mode
+from ..io._common import mode_for
 from .classifier import SliceClassifier
 from .detector import LesionDetector
 from .generator import SliceGenerator
@@ -146,7 +146,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, regular_file_mode())
+        os.chmod(tmp, mode_for(path))
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
