@@ -9,6 +9,7 @@ result sits exactly on the image it came from.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import numpy as np
@@ -233,6 +234,9 @@ ADDED_LABEL = "added"
 MOVED_LABEL = "moved"
 
 
+_BEFORE_CHANGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> rows
+
+
 def mark_added_points(layer: Any, event: Any) -> bool:
     """After napari adds or moves points of a detection layer: they are the user's now.
     An added point gets no score, no diameter and the "added" label: napari fills new rows
@@ -242,10 +246,19 @@ def mark_added_points(layer: Any, event: Any) -> bool:
     it, so no threshold may hide it from the view or from retraining. Returns whether any
     point was marked."""
     action = str(getattr(event, "action", ""))
+    if action == "changing":  # the rows before a change: a script setting the whole data
+        _BEFORE_CHANGE[layer] = np.array(layer.data, dtype=float, copy=True)
+        return False
+    before = _BEFORE_CHANGE.pop(layer, None) if action == "changed" else None
     if action not in ("added", "changed") or "score" not in layer.features:
         return False
     n = len(layer.data)
     rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
+    if before is not None and before.shape == np.shape(layer.data):
+        # napari names every row when the whole data is set: only the rows that moved are
+        # the user's (marking all unhid every weak detection, then trained on as a lesion)
+        now = np.asarray(layer.data, dtype=float)
+        rows = [r for r in rows if not np.array_equal(now[r], before[r], equal_nan=True)]
     if not rows:
         return False
     features = layer.features

@@ -205,3 +205,84 @@ def test_a_points_layer_of_another_ndim_is_said_when_picked(scene):
     assert any("'p4' is 4D" in str(n.message) for n in notification_manager.records[start:])
     four.add([0.0, 5.0, 30.0, 30.0])
     assert widget.annotated_slices() == [5]  # its slice, not slice 0
+
+
+def _weak_detections_layer(viewer, image):
+    """A Detect-widget-style layer: one detection shown, three weak ones hidden."""
+    from napari_medseg._layers import mark_added_points
+
+    data = np.array([[2.0, 40.0, 40.0], [2.0, 60.0, 60.0], [5.0, 30.0, 30.0], [6.0, 20.0, 20.0]])
+    layer = viewer.add_points(data, scale=image.scale, name="detections",
+                              shown=np.array([True, False, False, False]),
+                              features={"score": [0.9, 0.2, 0.1, 0.3],
+                                        "diameter_mm": [10.0, 6.0, 6.0, 6.0],
+                                        "label": ["0.90", "0.20", "0.10", "0.30"]})
+    layer.events.data.connect(lambda event: mark_added_points(layer, event))
+    return layer
+
+
+def test_setting_a_detection_layers_data_marks_only_the_moved_point(scene):
+    """napari names every row when a script sets the whole data: every weak detection was
+    marked "moved" and shown, then trained on as a lesion of the reviewed slice."""
+    viewer, image, _, widget = scene
+    layer = _weak_detections_layer(viewer, image)
+    widget._layer_pick.value = layer
+    moved = np.array(layer.data, copy=True)
+    moved[0, 2] += 2.0
+    layer.data = moved
+    assert list(layer.shown) == [True, False, False, False]
+    scores = layer.features["score"].to_numpy()
+    assert np.isnan(scores[0]) and list(scores[1:]) == [0.2, 0.1, 0.3]
+    assert widget.annotated_slices() == [2]
+    voxels, _ = widget._points_on_image(layer, image)
+    assert len(voxels) == 1  # the weak detection on slice 2 is no lesion
+
+
+def test_only_real_edits_made_away_are_listed(scene):
+    """Showing weak detections (the Detect threshold) while another layer was picked
+    listed their slices; a deleted twin of an identical point went unseen; a point with a
+    NaN coordinate raised in the event handler."""
+    viewer, image, points, widget = scene
+    layer = _weak_detections_layer(viewer, image)
+    widget._layer_pick.value = layer
+    widget._layer_pick.value = points
+    layer.shown = np.ones(4, bool)
+    widget._layer_pick.value = layer
+    assert widget.annotated_slices() == []
+    twins = viewer.add_points(np.array([[3.0, 10.0, 10.0], [3.0, 10.0, 10.0], [4.0, 11.0, 11.0]]),
+                              scale=image.scale, name="twins")
+    widget._layer_pick.value = twins
+    twins.data = np.array(twins.data[1:])  # one of two identical points deleted
+    assert widget.annotated_slices() == [3]
+    twins.add([np.nan, 30.0, 30.0])
+    assert widget.annotated_slices() == [3]
+
+
+def test_edits_made_while_the_image_is_removed_are_listed_when_it_is_back(scene):
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    assert widget.annotated_slices() == [4]
+    data, kwargs = image.data, dict(name=image.name, scale=image.scale)
+    viewer.layers.remove(image)
+    points.selected_data = {0}
+    points.remove_selected()  # the false positive on slice 2, deleted meanwhile
+    again = viewer.add_image(data, **kwargs)
+    widget._image.value = again
+    assert widget.annotated_slices() == [2, 4]
+
+
+def test_a_point_off_the_image_is_left_out_with_a_warning_not_a_refusal(scene):
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    points.add([20.0, 30.0, 30.0])  # beyond the last slice
+    start = len(notification_manager.records)
+    annotation = widget._snapshot(points, image, _volume_of(image), need_annotations=True)
+    assert len(annotation[0]) == 3
+    warned = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("outside the image and were left out" in m and "z, y, x = 20" in m for m in warned)
+
+
+def _volume_of(image):
+    from napari_medseg._layers import volume_from_layer
+
+    return volume_from_layer(image)

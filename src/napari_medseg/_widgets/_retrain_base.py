@@ -125,6 +125,8 @@ class _RetrainBase(Container):
         self._layer_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _connect
         self._left_atoms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # _disconnect
         self._left_points: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (detector)
+        # (detector) world z of points edited while no image was picked, per points layer
+        self._imageless_edits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._before_change = None  # (detector) the rows of a move, between its two events
         self._away_slices: set[int] = set()
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
@@ -310,6 +312,11 @@ class _RetrainBase(Container):
                 if image is not None and layer is not None else None)
         self._edited, self._checked, self._excluded = kept or (set(), set(), set())
         self._pair = (image, layer)
+        pending = (self._imageless_edits.pop(layer, None)
+                   if image is not None and layer is not None else None)
+        if pending:  # edits made while no image was picked: their slices on this image
+            self._edited |= {z for w in pending if (z := self._image_slice(w)) is not None}
+            self._schedule_autosave()
         self._rebuild_list()
         self._pair_changed()
 
@@ -388,7 +395,10 @@ class _RetrainBase(Container):
             return None
         if image.ndim == 2:
             return 0
-        z = int(round(image.world_to_data([world_z, 0, 0])[0]))
+        z = image.world_to_data([world_z, 0, 0])[0]
+        if not np.isfinite(z):  # a point with a NaN coordinate lies on no slice
+            return None
+        z = int(round(z))
         return z if 0 <= z < image.data.shape[0] else None
 
     def _mark_current(self) -> None:

@@ -86,10 +86,10 @@ class DetectWidget(ModelRunWidget):
         self._apply_threshold()
 
     def _on_points_data(self, event) -> None:
-        """Points added, moved or deleted by the user: mark added ones as the user's, and
-        rebuild the list and the count (the list holds row numbers, which a deletion shifts)."""
+        """Points added, moved or deleted by the user (marked as the user's by the handler
+        connected before this one): rebuild the list and the count (the list holds row
+        numbers, which a deletion shifts)."""
         if str(getattr(event, "action", "")) in ("added", "removed", "changed"):
-            mark_added_points(self._points, event)
             self._apply_threshold()
 
     def _apply_threshold(self, _value=None) -> None:

@@ -42,23 +42,27 @@ class RetrainDetectorWidget(_RetrainBase):
                          "points layer on this image")
         left = self._left_points.pop(layer, None)
         if left is not None:  # edits made on it while another layer was picked
-            now = self._point_rows(layer)
-            self._away_slices = {z for row in now.symmetric_difference(left)
-                                 if (z := self._point_slice(layer, row[:-1])) is not None}
+            self._away_slices = {z for row in _changed_rows(left, self._point_rows(layer))
+                                 if (z := self._point_slice(layer, row)) is not None}
 
     def _disconnect(self, layer) -> None:
         layer.events.data.disconnect(self._on_points)
         self._left_points[layer] = self._point_rows(layer)
 
     @staticmethod
-    def _point_rows(layer) -> set[tuple]:
-        """Each point's coordinates and shown flag, to tell what changed meanwhile."""
-        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)
-        shown = np.asarray(layer.shown, dtype=bool).reshape(-1)
-        return {(*map(float, p), bool(v)) for p, v in zip(data, shown)}
+    def _point_rows(layer) -> np.ndarray:
+        """Each point's coordinates, to tell what changed meanwhile. Not the shown flags:
+        the Detect widget's threshold slider hides and shows weak detections, which edits
+        no slice."""
+        return np.array(layer.data, dtype=float, copy=True).reshape(-1, layer.ndim)
 
     def _point_slice(self, layer, point) -> int | None:
-        return self._image_slice(layer.data_to_world(point)[-3] if layer.ndim >= 3 else 0.0)
+        world_z = layer.data_to_world(point)[-3] if layer.ndim >= 3 else 0.0
+        if self._image.value is None and np.isfinite(world_z):
+            # edited while no image is picked (its layer removed to be opened again): the
+            # slice is known once an image is back (_switch_pair)
+            self._imageless_edits.setdefault(layer, []).append(float(world_z))
+        return self._image_slice(world_z)
 
     def _on_points(self, event) -> None:
         """Slices of added, changed (before and after a move) and removed points."""
@@ -80,9 +84,8 @@ class RetrainDetectorWidget(_RetrainBase):
             if before is not None and before[0] is layer:
                 # napari reports every row when a script sets the whole data: only the
                 # points that moved, appeared or went (old and new slices) were edited
-                old = {tuple(map(float, p)) for p in before[1].reshape(-1, layer.ndim)}
-                new = {tuple(map(float, p)) for p in value.reshape(-1, layer.ndim)}
-                points = np.array(sorted(old ^ new), dtype=float).reshape(-1, layer.ndim)
+                points = _changed_rows(before[1].reshape(-1, layer.ndim),
+                                       value.reshape(-1, layer.ndim))
         zs = {z for p in points if (z := self._point_slice(layer, p)) is not None}
         self._add_edited(zs)
 
@@ -128,6 +131,14 @@ class RetrainDetectorWidget(_RetrainBase):
         if layer.ndim != image.ndim:
             raise MedsegInputError(f"'{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D")
         points, diam = self._points_on_image(layer, image)
+        upper = np.asarray(volume.shape) - 0.5
+        inside = np.all(np.isfinite(points) & (points >= -0.5) & (points <= upper), axis=1)
+        if not inside.all():  # a stray point off the scan must not block every round
+            first = points[~inside][0]
+            show_warning(f"Retrain: {int((~inside).sum())} point(s) of '{layer.name}' lie "
+                         f"outside the image and were left out (the first at z, y, x = "
+                         f"{', '.join(f'{v:.0f}' for v in first)})")
+            points, diam = points[inside], diam[inside]
         if need_annotations:
             points, diam, _ = check_points(volume, points, diam, self.training_slices())
         return points, diam
@@ -176,3 +187,15 @@ class RetrainDetectorWidget(_RetrainBase):
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number}: {shown} detections at score ≥ {kwargs['metadata']['medseg']['threshold']:.2f}"
             f" ({len(data)} kept down to {KEEP_SCORE}) in a new layer; your points layer is unchanged")
+
+
+def _changed_rows(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """The rows (points) in one array and not the other, counted as a multiset: two
+    identical points, one of them deleted, are one change (a set saw none)."""
+    from collections import Counter
+
+    old = Counter(tuple(map(float, p)) for p in before)
+    new = Counter(tuple(map(float, p)) for p in after)
+    changed = sorted(((old - new) + (new - old)).elements())
+    return np.array(changed, dtype=float).reshape(-1, before.shape[1] if before.ndim == 2
+                                                  else after.shape[1])
