@@ -331,3 +331,10 @@ def test_no_model_means_the_bundled_one_even_if_a_user_model_shares_its_name(
     monkeypatch.setattr(core_models, "load_model", lambda p, *a, **k: asked.append(p) or real(p, *a, **k))
     assert main(["segment", str(image), str(tmp_path / "l.nii.gz"), "-q"]) == 0
     assert asked == [str(BUNDLED_DIR / "segmenter.json")]
+
+
+def test_an_empty_model_argument_is_refused_not_read_as_the_bundled_model(tmp_path, image,
+                                                                         capsys):
+    out = tmp_path / "x.nii.gz"
+    assert main(["segment", str(image), str(out), "--model", ""]) == 2
+    assert "--model is empty" in capsys.readouterr().err and not out.exists()

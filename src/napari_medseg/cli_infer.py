@@ -106,8 +106,16 @@ def _load(args: argparse.Namespace, command: str) -> tuple[Any, Any, dict]:
     from .core.models import load_model
 
     volume = _read_and_warn(args.input, command)
-    model, card = load_model(args.model or _bundled(command))
+    model, card = load_model(_model_arg(args, command))
     return volume, model, card
+
+
+def _model_arg(args: argparse.Namespace, command: str) -> str:
+    """--model, or the bundled model when it is not given (an empty one is a mistake,
+    e.g. an unset shell variable, not a request for the bundled model)."""
+    if args.model is not None and not str(args.model).strip():
+        raise MedsegInputError("--model is empty; give a model card (.json) or a model name")
+    return args.model if args.model is not None else _bundled(command)
 
 
 def _read_and_warn(path: str, command: str) -> Any:
@@ -285,7 +293,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
     fill = not args.keep_missing
     if args.method == "model":
-        model, card = load_model(args.model or _bundled("generate"))
+        model, card = load_model(_model_arg(args, "generate"))
         result = _run(generate_slices(volume, model, card, factor=args.factor, fill_missing=fill,
                                       threads=args.threads), "generate", args.quiet)
     else:
