@@ -48,3 +48,30 @@ def test_no_report_reaches_the_widget_after_cancel(qtbot):
     seen = len(reports)
     qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
     assert len(reports) == seen
+
+
+def test_jobs_hand_the_gil_over_sooner_while_they_run_and_restore_it(qtbot):
+    """While a job runs, its thread waits for the GIL between torch ops as long as
+    Python's switch interval (5 ms) whenever napari's thread draws."""
+    import sys
+
+    from napari_medseg import _jobs
+
+    before = sys.getswitchinterval()
+    seen, finished = [], []
+
+    def job():
+        for step in range(200):
+            time.sleep(0.005)
+            seen.append(sys.getswitchinterval())
+            yield Progress(step, 200, "working")
+
+    workers = [start_job(job, description="test job", on_result=lambda _: None,
+                         on_finished=lambda: finished.append(True)) for _ in range(2)]
+    qtbot.waitUntil(lambda: len(seen) >= 4, timeout=10_000)
+    workers[0].cancel()  # one of two ends: the other still runs with the short interval
+    qtbot.waitUntil(lambda: len(finished) == 1, timeout=10_000)
+    assert sys.getswitchinterval() == _jobs.JOB_SWITCH_INTERVAL_S
+    qtbot.waitUntil(lambda: len(finished) == 2, timeout=20_000)
+    assert seen and max(seen) <= _jobs.JOB_SWITCH_INTERVAL_S
+    assert sys.getswitchinterval() == before
