@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -163,7 +164,7 @@ def _result_metadata(provenance: dict[str, Any], **extra: Any) -> dict[str, Any]
     return {"medseg": {**provenance, **extra, "disclaimer": DISCLAIMER}}
 
 
-def scan_axes(layer: Any) -> dict[str, Any]:
+def scan_axes(layer: Any, shape: Any = None) -> dict[str, Any]:
     """The scan's axes a reader recorded on ``layer`` (``{"axes_lps": …}``, or empty): a
     labels layer made on it carries them, so that saving it writes where the scan lies
     (a coronal or oblique scan's labels were saved as axial)."""
@@ -171,7 +172,9 @@ def scan_axes(layer: Any) -> dict[str, Any]:
     axes = source.get("axes_lps") if isinstance(source, dict) else None
     if axes is None:
         return {}
-    shape = source.get("shape_zyx")
+    # ``shape``: the data the axes are now recorded for, when a result layer has another
+    # shape than ``layer`` (a Generate result's extra slices)
+    shape = source.get("shape_zyx") if shape is None else [int(n) for n in shape][-3:]
     return {"axes_lps": axes, **({"shape_zyx": shape} if shape is not None else {})}
 
 
@@ -234,6 +237,12 @@ ADDED_LABEL = "added"
 MOVED_LABEL = "moved"
 
 
+def row_keys(points: Any) -> list[tuple]:
+    """One hashable key per point (row), equal for equal coordinates, NaN included (two
+    NaN floats are different keys as they are)."""
+    return [tuple("nan" if v != v else float(v) for v in row) for row in np.asarray(points, float)]
+
+
 _BEFORE_CHANGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> rows
 
 
@@ -254,11 +263,22 @@ def mark_added_points(layer: Any, event: Any) -> bool:
         return False
     n = len(layer.data)
     rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
-    if before is not None and before.shape == np.shape(layer.data):
-        # napari names every row when the whole data is set: only the rows that moved are
-        # the user's (marking all unhid every weak detection, then trained on as a lesion)
-        now = np.asarray(layer.data, dtype=float)
-        rows = [r for r in rows if not np.array_equal(now[r], before[r], equal_nan=True)]
+    if before is not None:
+        # napari names every row when a script sets the whole data: only the rows that
+        # moved or are new are the user's (marking all unhid every weak detection, then
+        # trained on as a lesion)
+        now = np.asarray(layer.data, dtype=float).reshape(n, -1)
+        if before.shape == now.shape:
+            rows = [r for r in rows if not np.array_equal(now[r], before[r], equal_nan=True)]
+        else:  # points appended or deleted: the rows not found among the old ones
+            left = Counter(row_keys(before.reshape(len(before), -1)))
+            new_rows = set()
+            for r, key in enumerate(row_keys(now)):
+                if left[key] > 0:
+                    left[key] -= 1
+                else:
+                    new_rows.add(r)
+            rows = [r for r in rows if r in new_rows]
     if not rows:
         return False
     features = layer.features

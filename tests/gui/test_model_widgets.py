@@ -229,6 +229,10 @@ def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_mode
     assert np.asarray(_camera(viewer).center)[-2:][z_on_screen] == pytest.approx(world_z)
     viewer.dims.order = (0, 1, 2)
     assert widget._current.value.startswith("Slice ")
+    viewer.dims.ndisplay = 3  # every axis shown, none reordered: the slider's slice stays named
+    widget._follow_slice()
+    assert widget._current.value.startswith("Slice ")
+    viewer.dims.ndisplay = 2
     # the classified layer removed: its strip and lesion list no longer look live
     viewer.layers.remove(image)
     widget._follow_slice()

@@ -236,6 +236,11 @@ def test_setting_a_detection_layers_data_marks_only_the_moved_point(scene):
     assert widget.annotated_slices() == [2]
     voxels, _ = widget._points_on_image(layer, image)
     assert len(voxels) == 1  # the weak detection on slice 2 is no lesion
+    layer.data = np.vstack([layer.data, [[4.0, 30.0, 30.0]]])  # a point appended by a script
+    assert list(layer.shown) == [True, False, False, False, True]
+    assert list(layer.features["label"])[1:4] == ["0.20", "0.10", "0.30"]
+    layer.data = np.array(layer.data[:4])  # and deleted again: no row marked
+    assert list(layer.shown) == [True, False, False, False]
 
 
 def test_only_real_edits_made_away_are_listed(scene):
@@ -249,12 +254,15 @@ def test_only_real_edits_made_away_are_listed(scene):
     layer.shown = np.ones(4, bool)
     widget._layer_pick.value = layer
     assert widget.annotated_slices() == []
-    twins = viewer.add_points(np.array([[3.0, 10.0, 10.0], [3.0, 10.0, 10.0], [4.0, 11.0, 11.0]]),
-                              scale=image.scale, name="twins")
+    twins = viewer.add_points(np.array([[3.0, 10.0, 10.0], [3.0, 10.0, 10.0], [4.0, 11.0, 11.0],
+                                        [5.0, 12.0, np.nan]]), scale=image.scale, name="twins")
     widget._layer_pick.value = twins
     twins.data = np.array(twins.data[1:])  # one of two identical points deleted
-    assert widget.annotated_slices() == [3]
+    assert widget.annotated_slices() == [3]  # (a NaN x is no change of slice 5's point)
     twins.add([np.nan, 30.0, 30.0])
+    assert widget.annotated_slices() == [3]
+    widget._layer_pick.value = points  # away and back with nothing edited: nothing new
+    widget._layer_pick.value = twins
     assert widget.annotated_slices() == [3]
 
 
@@ -286,3 +294,12 @@ def _volume_of(image):
     from napari_medseg._layers import volume_from_layer
 
     return volume_from_layer(image)
+
+
+def test_changed_rows_counts_points_as_a_multiset_nan_included():
+    from napari_medseg._widgets.retrain_detector import _changed_rows
+
+    a = np.array([[2.0, 10.0, np.nan], [3.0, 5.0, 5.0], [3.0, 5.0, 5.0]])
+    assert len(_changed_rows(a, a.copy())) == 0  # NaN rows compared equal to themselves
+    gone = _changed_rows(a, a[:2])
+    np.testing.assert_array_equal(gone, [[3.0, 5.0, 5.0]])

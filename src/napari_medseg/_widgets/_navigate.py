@@ -42,6 +42,8 @@ def go_to_slice(viewer: Any, layer: Any, z: int) -> None:
 
 
 def slice_axis_shown(viewer: Any, layer: Any) -> bool:
-    """Whether the layer's slice (z) axis is on screen rather than on a slider."""
+    """Whether the layer's slice (z) axis runs across a 2D view rather than on a slider
+    (axes reordered). A 3D view shows every axis: its slider position still names a slice."""
     # the layer's axes are the viewer's last ones: its z is the viewer's third from last
-    return layer.ndim >= 3 and viewer.dims.ndim - 3 in viewer.dims.displayed
+    return (layer.ndim >= 3 and viewer.dims.ndisplay == 2
+            and viewer.dims.ndim - 3 in viewer.dims.displayed)

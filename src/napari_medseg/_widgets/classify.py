@@ -34,6 +34,7 @@ class ClassifyWidget(ModelRunWidget):
         )
         self._viewer.dims.events.current_step.connect(self._follow_slice)
         self._viewer.dims.events.order.connect(self._follow_slice)  # axes reordered
+        self._viewer.dims.events.ndisplay.connect(self._follow_slice)  # 2D ↔ 3D
         # the strip is plain Qt; wrap it so it sits in the magicgui layout
         from magicgui.widgets import Container
 

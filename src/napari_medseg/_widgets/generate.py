@@ -92,7 +92,8 @@ class GenerateWidget(ModelRunWidget):
                 modality=out.modality,
                 # the scan's axes: labels drawn on this layer, or segmented from it, are
                 # saved where the scan lies (an oblique scan's were saved as axial)
-                source=scan_axes(image_layer),
+                # (recorded for this layer's shape: more slices than the input's)
+                source=scan_axes(image_layer, shape=data.shape),
                 note="generated slices are synthetic: not acquired, not for diagnosis"),
         )
         self._status.value = (f"{result.summary()}; new layer '{name}'. Generated slices are"

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from napari.utils.notifications import show_warning
 
-from .._layers import _like_layer, detection_layer_data, mark_added_points, marker_sizes
+from .._layers import (_like_layer, detection_layer_data, mark_added_points, marker_sizes,
+                       row_keys)
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
@@ -194,8 +195,8 @@ def _changed_rows(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     identical points, one of them deleted, are one change (a set saw none)."""
     from collections import Counter
 
-    old = Counter(tuple(map(float, p)) for p in before)
-    new = Counter(tuple(map(float, p)) for p in after)
-    changed = sorted(((old - new) + (new - old)).elements())
+    old, new = Counter(row_keys(before)), Counter(row_keys(after))
+    changed = [[np.nan if v == "nan" else v for v in key]
+               for key in ((old - new) + (new - old)).elements()]
     return np.array(changed, dtype=float).reshape(-1, before.shape[1] if before.ndim == 2
                                                   else after.shape[1])
