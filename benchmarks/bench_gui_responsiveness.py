@@ -1,12 +1,13 @@
 """How long does napari's event loop stall while a model runs in the background?
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py [--retrain] [--threads N] [--switch-interval S]
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py [--retrain] [--threads N] [--switch-interval S] [--no-scroll]
 
 ``--retrain``: the same measurement while the Retrain widget fine-tunes the segmenter
 (10 s budget) on three corrected slices and re-predicts the rest into the Labels layer;
 the JSON gives the training steps done in the round. ``--threads N`` pins the jobs'
 torch threads instead of the engine's choice. ``--switch-interval S``: Python's GIL
 hand-over interval while jobs run, instead of the plugin's 0.5 ms (Python's default: 0.005).
+``--no-scroll``: no scrolling, the user only waits (how many steps a round does then).
 
 Opens a 64×256×256 phantom CT in a real viewer (under Xvfb), docks the Segment widget with
 the bundled segmenter, and while it runs a 10 ms QTimer records event-loop ticks and the
@@ -32,6 +33,9 @@ from qtpy.QtWidgets import QApplication
 from napari_medseg.core.phantom import generate_phantom
 
 
+NO_SCROLL = False  # --no-scroll: the user only waits (the round's steps, the idle loop's gaps)
+
+
 def measure(viewer, seconds: float | None, widget=None) -> dict:
     ticks: list[float] = []
     full_gcs: list[tuple[float, float]] = []  # (start, end) of each full (gen 2) collection
@@ -54,7 +58,8 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
         lambda: viewer.dims.set_current_step(0, (viewer.dims.current_step[0] + 1) % nz)
     )
     tick.start(10)
-    scroll.start(50)
+    if not NO_SCROLL:
+        scroll.start(50)
     start = time.perf_counter()
     done_at = None
     # Qt's own event loop, as in napari: between events the GUI thread sleeps in C++ with
@@ -137,7 +142,9 @@ def retrain_widget(viewer, image, phantom):
 def main() -> None:
     import sys
 
+    global NO_SCROLL
     retrain = "--retrain" in sys.argv[1:]
+    NO_SCROLL = "--no-scroll" in sys.argv[1:]
     if "--threads" in sys.argv[1:]:
         # pin the jobs' torch threads (the engine otherwise takes every core other
         # processes leave free): e.g. 1 on 2 cores leaves one to the event loop
@@ -181,6 +188,7 @@ def main() -> None:
         "threads": "auto" if "--threads" not in sys.argv[1:] else int(
             sys.argv[sys.argv.index("--threads") + 1]),
         "job_switch_interval_s": jobs.JOB_SWITCH_INTERVAL_S,
+        "scrolling": not NO_SCROLL,
         "idle_reference": idle,
         ("while_retraining" if retrain else "while_segmenting"): running,
         "stall_ratio_vs_idle": round(running["max_gap_outside_full_gc_ms"]

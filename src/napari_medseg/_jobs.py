@@ -38,6 +38,7 @@ def start_job(
     on_finished: Callable[[], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_error: Callable[[str], None] | None = None,
+    activity: bool = True,
     **kwargs: Any,
 ) -> GeneratorWorker | FunctionWorker:
     """Start ``job(*args, **kwargs)`` in a worker with a napari progress bar.
@@ -47,11 +48,17 @@ def start_job(
     cancel), so widgets can re-enable their buttons. ``on_progress`` gets every
     ``Progress`` in the GUI thread (e.g. to plot a live loss curve). ``on_error`` gets
     the one-line message of a failure (e.g. for the widget's status line).
+    ``activity=False``: no napari progress bar, for a job whose widget shows its own
+    progress. While any napari progress bar exists, the status bar plays an animated
+    "in progress" image; under Xvfb (software OpenGL, as on many remote desktops) each of
+    its frames re-composites the canvas, and a 10 s Retrain round did 42–55 training steps
+    with it against 83–95 without (benchmarks/README.md).
     """
     is_generator = inspect.isgeneratorfunction(job)
     # errors are ours to report (below); otherwise napari re-raises them in the GUI thread
     worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True, **kwargs)
-    bar = progress(total=0, desc=description)  # indeterminate until the first report
+    # indeterminate until the first report
+    bar = progress(total=0, desc=description) if activity else _NoBar()
     state = {"cancelled": False}
 
     def _on_yield(report: Any) -> None:
@@ -134,6 +141,21 @@ def _hand_over_gil_as_before() -> None:
     _jobs_running = max(0, _jobs_running - 1)
     if _jobs_running == 0:
         sys.setswitchinterval(_switch_interval_before)
+
+
+class _NoBar:
+    """Stands in for napari's progress bar when the widget shows progress itself."""
+
+    total = n = 0
+
+    def set_description(self, _text: str) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _close_generator(worker: Any) -> None:

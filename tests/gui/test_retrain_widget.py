@@ -761,3 +761,26 @@ def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(
     warned = [str(n.message) for n in notification_manager.records[start:]
               if "cannot be read" in str(n.message)]
     assert len(warned) == 1 and str(older) in warned[0]
+
+
+def test_a_round_shows_its_progress_in_the_widget_not_in_naparis_activity_dock(scene, qtbot,
+                                                                            monkeypatch):
+    """While a napari progress bar exists napari animates an "in progress" image; under
+    software OpenGL it cost a time-budgeted round half its steps."""
+    from napari_medseg import _jobs
+
+    made = []
+    real = _jobs.progress
+    monkeypatch.setattr(_jobs, "progress", lambda *a, **k: made.append(k) or real(*a, **k))
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    bar = widget._round_progress
+    widget._run.clicked.emit()
+    assert not bar.native.isHidden()
+    qtbot.waitUntil(lambda: bar.value > 0 or widget._worker is None, timeout=60_000)
+    _wait(widget, qtbot)
+    assert bar.native.isHidden() and len(widget._history.versions) == 2
+    assert made == []  # no napari progress bar for the round
+    widget._predict.clicked.emit()  # a prediction (fixed work) keeps napari's bar
+    _wait(widget, qtbot)
+    assert len(made) == 1

@@ -21,10 +21,12 @@ class LossCurve(QWidget):
         self._losses = []
         self.update()
 
-    def add(self, loss: float) -> None:
+    def add(self, loss: float, redraw: bool = True) -> None:
+        """Append one step's loss; ``redraw=False`` leaves the repaint to a later call."""
         if math.isfinite(loss) and loss > 0:
             self._losses.append(float(loss))
-            self.update()
+            if redraw:
+                self.update()
 
     @property
     def losses(self) -> list[float]:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import napari
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton
+from magicgui.widgets import (ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar,
+                              PushButton)
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem
@@ -66,6 +67,10 @@ from ._model_widget import (
 
 log = logging.getLogger(__name__)
 AUTOSAVE_DELAY_MS = 1500
+
+
+#: the least time between two redraws of a job's progress in the widget
+REDRAW_S = 0.25
 
 
 def history_depths(layer) -> tuple[int, int] | None:
@@ -149,6 +154,7 @@ class _RetrainBase(Container):
         self._autosave_error: str | None = None
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image -> (data, fp)
         self._pending_restore: Path | None = None
+        self._drawn_at = -1e9  # when a job's progress was last drawn
         self._older_autosaves: list[Path] = []  # offered in turn when a newer one fails
         self._said_unreadable: set[Path] = set()
         self._result_shown = False
@@ -179,6 +185,9 @@ class _RetrainBase(Container):
         self._curve = LossCurve()
         curve_box = Container(labels=False)
         curve_box.native.layout().addWidget(self._curve)
+        # a round's progress, here rather than in napari's activity dock (see _on_retrain)
+        self._round_progress = ProgressBar(value=0, min=0, max=100, visible=False)
+        curve_box.native.layout().addWidget(self._round_progress.native)
         self._status = Label(value=f"Correct the {self.layer_kind} layer, then Retrain.")
         self._status.native.setWordWrap(True)
         # callable choices: napari's reset_choices (on every layer added) re-reads them
@@ -516,11 +525,16 @@ class _RetrainBase(Container):
         names = self._layer_class_names(layer)
         version = 1 if self._history is None else self._history.next_number
         self._curve.clear()
+        self._round_progress.value = 0
+        self._round_progress.visible = True
+        # no napari progress bar for a round: while one exists napari animates an "in
+        # progress" image, which cost a time-budgeted round half its training steps under
+        # software OpenGL (_jobs.start_job); the bar above and the loss curve show it
         self._start(
             self._retrain_job, volume, annotation, slices, source, float(self._seconds.value),
             version, names, description=f"Retrain v{version} on {len(slices)} slices",
             on_result=lambda out, seen=self._placement(image, layer): self._on_retrained(
-                out, image, layer, source, seen),
+                out, image, layer, source, seen), activity=False,
         )
 
     def _on_predict(self) -> None:
@@ -573,7 +587,7 @@ class _RetrainBase(Container):
         self._history_model = source
         return True
 
-    def _start(self, job, *args, description: str, on_result) -> None:
+    def _start(self, job, *args, description: str, on_result, activity: bool = True) -> None:
         self._result_shown = False
         self._set_running(True)
         self._status.value = f"{description}…"
@@ -581,7 +595,8 @@ class _RetrainBase(Container):
             job, *args, description=description, on_result=self._unless_closed(on_result),
             on_finished=lambda: self._set_running(False),
             on_progress=self._unless_closed(self._on_progress),
-            on_error=lambda message: set_status(self._status, f"{description} failed: {message}"))
+            on_error=lambda message: set_status(self._status, f"{description} failed: {message}"),
+            activity=activity)
 
     def _unless_closed(self, callback):
         """``callback``, skipped once the viewer holding this widget is closed (its Qt
@@ -591,10 +606,18 @@ class _RetrainBase(Container):
         return guarded
 
     def _on_progress(self, report) -> None:
+        # bar, curve and status line redrawn at most every REDRAW_S: each redraw of a dock
+        # widget re-composites napari's canvas (costly under software OpenGL)
+        now = time.monotonic()
+        redraw = now - self._drawn_at >= REDRAW_S or report.step >= report.total
+        if redraw:
+            self._drawn_at = now
+        if redraw and not self._round_progress.native.isHidden() and report.total:
+            self._round_progress.value = int(round(100 * min(report.step / report.total, 1.0)))
         partial = report.partial
         if isinstance(partial, dict) and "loss" in partial:
-            self._curve.add(float(partial["loss"]))
-        if report.message and self._worker is not None and not self._result_shown:
+            self._curve.add(float(partial["loss"]), redraw=redraw)
+        if redraw and report.message and self._worker is not None and not self._result_shown:
             self._status.value = report.message  # a late report must not hide the result
 
     def _on_retrained(self, out, image, layer, source, seen=None) -> None:
@@ -693,6 +716,10 @@ class _RetrainBase(Container):
             self._cancel.enabled = running
         if not running:
             self._worker = None
+            try:
+                self._round_progress.visible = False
+            except RuntimeError:  # the viewer was closed mid-run
+                pass
 
     # -- autosave ----------------------------------------------------------------------
     def _key_folder(self, image: Any = None) -> Path | None:
