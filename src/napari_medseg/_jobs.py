@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import threading
 from typing import Any, Callable
 
 from napari.qt.threading import GeneratorWorker, FunctionWorker, create_worker
@@ -54,6 +55,10 @@ def start_job(
     its frames re-composites the canvas, and a 10 s Retrain round did 42–55 training steps
     with it against 83–95 without (benchmarks/README.md).
     """
+    if threading.current_thread() is not threading.main_thread():
+        # napari's GUI thread: from another, the worker's signals (result, finished) would
+        # live in a thread that ends, and never arrive
+        raise RuntimeError("start_job must be called from the GUI thread")
     is_generator = inspect.isgeneratorfunction(job)
     # errors are ours to report (below); otherwise napari re-raises them in the GUI thread
     worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True, **kwargs)

@@ -263,6 +263,7 @@ def mark_added_points(layer: Any, event: Any) -> bool:
         return False
     n = len(layer.data)
     rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
+    added = action == "added"
     if before is not None:
         # napari names every row when a script sets the whole data: only the rows that
         # moved or are new are the user's (marking all unhid every weak detection, then
@@ -279,16 +280,19 @@ def mark_added_points(layer: Any, event: Any) -> bool:
                 else:
                     new_rows.add(r)
             rows = [r for r in rows if r in new_rows]
+            # rows a script appended are added points (napari filled them from the
+            # features of the point selected last), not moved detections
+            added = len(now) > len(before)
     if not rows:
         return False
     features = layer.features
     features.loc[rows, "score"] = np.nan
-    if "diameter_mm" in features and action == "added":
+    if "diameter_mm" in features and added:
         features.loc[rows, "diameter_mm"] = np.nan
     if "label" in features:
         if isinstance(features["label"].dtype, pd.CategoricalDtype):
             features["label"] = features["label"].astype(object)
-        features.loc[rows, "label"] = ADDED_LABEL if action == "added" else MOVED_LABEL
+        features.loc[rows, "label"] = ADDED_LABEL if added else MOVED_LABEL
     layer.features = features
     shown = np.asarray(layer.shown, dtype=bool).copy()
     shown[rows] = True

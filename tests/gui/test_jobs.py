@@ -75,3 +75,20 @@ def test_jobs_hand_the_gil_over_sooner_while_they_run_and_restore_it(qtbot):
     qtbot.waitUntil(lambda: len(finished) == 2, timeout=20_000)
     assert seen and max(seen) <= _jobs.JOB_SWITCH_INTERVAL_S
     assert sys.getswitchinterval() == before
+
+
+def test_a_job_started_off_the_gui_thread_is_refused():
+    """Its worker's signals would live in a thread that ends: no result, and the GIL
+    interval lowered for good."""
+    errors = []
+
+    def start():
+        try:
+            start_job(lambda: 1, description="x", on_result=lambda _: None)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    assert errors and "GUI thread" in errors[0]

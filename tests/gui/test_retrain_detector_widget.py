@@ -236,9 +236,11 @@ def test_setting_a_detection_layers_data_marks_only_the_moved_point(scene):
     assert widget.annotated_slices() == [2]
     voxels, _ = widget._points_on_image(layer, image)
     assert len(voxels) == 1  # the weak detection on slice 2 is no lesion
+    layer.selected_data = {1}  # napari fills a new row from the point selected last
     layer.data = np.vstack([layer.data, [[4.0, 30.0, 30.0]]])  # a point appended by a script
     assert list(layer.shown) == [True, False, False, False, True]
-    assert list(layer.features["label"])[1:4] == ["0.20", "0.10", "0.30"]
+    assert list(layer.features["label"])[1:] == ["0.20", "0.10", "0.30", "added"]
+    assert np.isnan(layer.features["diameter_mm"].iloc[4])  # not the selected one's 6 mm
     layer.data = np.array(layer.data[:4])  # and deleted again: no row marked
     assert list(layer.shown) == [True, False, False, False]
 

@@ -775,11 +775,15 @@ def test_a_round_shows_its_progress_in_the_widget_not_in_naparis_activity_dock(s
     viewer, image, labels, widget, phantom = scene
     _paint_slice(labels, 2, phantom.labels)
     bar = widget._round_progress
+    seen = []
+    bar.changed.connect(seen.append)
     widget._run.clicked.emit()
     assert not bar.native.isHidden()
     qtbot.waitUntil(lambda: bar.value > 0 or widget._worker is None, timeout=60_000)
     _wait(widget, qtbot)
     assert bar.native.isHidden() and len(widget._history.versions) == 2
+    # one bar over the round (it followed each phase's own steps: 0–100, then again)
+    assert seen[1:] == sorted(seen[1:]) and max(seen) > 0
     assert made == []  # no napari progress bar for the round
     widget._predict.clicked.emit()  # a prediction (fixed work) keeps napari's bar
     _wait(widget, qtbot)

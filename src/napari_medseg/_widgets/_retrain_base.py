@@ -155,6 +155,7 @@ class _RetrainBase(Container):
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image -> (data, fp)
         self._pending_restore: Path | None = None
         self._drawn_at = -1e9  # when a job's progress was last drawn
+        self._round_started, self._round_budget = 0.0, 1.0  # a round's clock, for its bar
         self._older_autosaves: list[Path] = []  # offered in turn when a newer one fails
         self._said_unreadable: set[Path] = set()
         self._result_shown = False
@@ -527,6 +528,8 @@ class _RetrainBase(Container):
         self._curve.clear()
         self._round_progress.value = 0
         self._round_progress.visible = True
+        self._round_started = time.monotonic()
+        self._round_budget = max(float(self._seconds.value), 1e-3)
         # no napari progress bar for a round: while one exists napari animates an "in
         # progress" image, which cost a time-budgeted round half its training steps under
         # software OpenGL (_jobs.start_job); the bar above and the loss curve show it
@@ -612,8 +615,11 @@ class _RetrainBase(Container):
         redraw = now - self._drawn_at >= REDRAW_S or report.step >= report.total
         if redraw:
             self._drawn_at = now
-        if redraw and not self._round_progress.native.isHidden() and report.total:
-            self._round_progress.value = int(round(100 * min(report.step / report.total, 1.0)))
+        if redraw and not self._round_progress.native.isHidden():
+            # the round's time against its budget: one bar from 0 to the end, whatever
+            # phase reports (each counts its own steps); 99 % while it re-predicts
+            elapsed = now - self._round_started
+            self._round_progress.value = int(min(99.0, 100.0 * elapsed / self._round_budget))
         partial = report.partial
         if isinstance(partial, dict) and "loss" in partial:
             self._curve.add(float(partial["loss"]), redraw=redraw)
