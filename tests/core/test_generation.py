@@ -265,3 +265,13 @@ def test_scans_whose_slices_lie_along_z_stay_along_z(case):
     assert result.axis == 0
     if case == "z gaps":
         assert result.generated[5] and np.isfinite(result.volume.array[5]).all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_an_overflow_of_the_interpolation_is_said_as_such_not_blamed_on_the_input():
+    from napari_medseg.core.generation import interpolate_slices
+
+    array = np.where(np.arange(6)[:, None, None] % 2 == 0, 3e38, -3e38) * np.ones((6, 4, 4))
+    volume = Volume(array.astype(np.float32), (2.0, 1.0, 1.0))
+    with pytest.raises(MedsegInputError, match=r"generated voxels overflow float32.*3\.0e\+38"):
+        interpolate_slices(volume, 2, method="cubic")

@@ -387,8 +387,7 @@ def generate_slices(
                            f"{done}: slices {item.start}–{item.stop - 1} of {n_out}")
     missing = ~(known | targets)
     out[missing] = np.nan
-    result_volume = Volume(out, (sz / factor, sy, sx), volume.origin, volume.modality,
-                           missing=missing, metadata=dict(volume.metadata))
+    result_volume = _generated(out, (sz / factor, sy, sx), volume, missing)
     # a slice made of NaN only (its neighbours' holes cover it) was not made: missing
     return GenerationResult(result_volume, targets & ~result_volume.missing, known.copy(), factor,
                             str(card.get("name", "")))
@@ -425,9 +424,21 @@ def interpolation_job(volume: Volume, factor: int = 1, fill_missing: bool = True
     missing = ~(known | targets)
     filled[missing] = np.nan
     sz, sy, sx = volume.spacing
-    out = Volume(filled, (sz / factor, sy, sx), volume.origin, volume.modality,
-                 missing=missing, metadata=dict(volume.metadata))
+    out = _generated(filled, (sz / factor, sy, sx), volume, missing)
     return GenerationResult(out, targets & ~out.missing, known.copy(), int(factor), method)
+
+
+def _generated(array: np.ndarray, spacing: tuple, volume: Volume, missing: np.ndarray) -> Volume:
+    """The generated volume; values beyond float32 are the interpolation's overshoot on an
+    image near float32's limit, said as such (the Volume check blamed the input)."""
+    overflow = np.isinf(array)
+    if overflow.any():
+        peak = float(np.nanmax(np.abs(volume.array)))
+        raise MedsegInputError(
+            f"{int(overflow.sum())} generated voxels overflow float32: the image's values "
+            f"reach ±{peak:.1e}, too near float32's limit (±3.4e38) to interpolate")
+    return Volume(array, spacing, volume.origin, volume.modality, missing=missing,
+                  metadata=dict(volume.metadata))
 
 
 # ======================================================================================
