@@ -718,3 +718,30 @@ def test_init_by_name_records_the_card_it_resolved_to(tmp_path, monkeypatch):
     _, card = run_to_completion(train_segmenter(4, steps=1, init="segmenter", **TINY_SEG))
     assert card["training"]["command"].endswith(f"--init {path}")
     assert card["training"]["init_from"]["card"] == str(path)
+
+
+def test_training_neither_moves_the_callers_torch_state_nor_shares_it_with_another_run():
+    """The trainers seeded torch's global generator and held it across every yield: a
+    caller's draws changed, and two runs stepped in turn gave other weights than alone."""
+    from napari_medseg.core.progress import run_to_completion
+    from napari_medseg.core.training import train
+
+    def weights(model):
+        return torch.cat([v.flatten().float() for v in model.state_dict().values()])
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    alone, _ = run_to_completion(train("classifier", 3, 3, None, pool_size=2))
+    assert torch.equal(torch.rand(3), expected)
+    jobs = [train("classifier", 3, 3, None, pool_size=2), train("classifier", 4, 3, None, pool_size=2)]
+    results = [None, None]
+    while any(r is None for r in results):
+        for i, job in enumerate(jobs):
+            if results[i] is None:
+                try:
+                    next(job)
+                except StopIteration as stop:
+                    results[i] = stop.value
+    assert torch.equal(weights(results[0][0]), weights(alone))
+    assert not torch.equal(weights(results[1][0]), weights(alone))

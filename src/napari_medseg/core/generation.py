@@ -38,6 +38,7 @@ from .training import (
     deterministic,
     eval_settings,
     make_phantom,
+    private_rng,
 )
 from .volume import Volume
 
@@ -656,6 +657,7 @@ def _other_modalities(rng: np.random.Generator, seq: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+@private_rng
 def train_generator(
     seed: int = 0,
     steps: int | None = None,

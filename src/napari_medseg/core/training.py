@@ -32,7 +32,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from .models.registry import BUNDLED_DIR, apply_normalisation, load_model
 from .models.segmenter import RecurrentSegmenter
 from .phantom import LABEL_NAMES, LESION_LABEL, SLICE_CLASSES, generate_phantom
 from .progress import Job, Progress
+from .rng import PrivateRNG
 from .resample import map_index, resample_yx
 
 MODEL_NAMES = ("classifier", "segmenter", "detector", "generator")
@@ -428,9 +429,25 @@ class PhantomPool:
 # ======================================================================================
 
 
+T = TypeVar("T")
+
+
+def private_rng(trainer: Callable[..., Job[T]]) -> Callable[..., Job[T]]:
+    """Run a trainer (a generator) on its own state of torch's global generator, swapped
+    in only while its steps run (:class:`~.rng.PrivateRNG`): its ``deterministic(seed)``
+    seeded the global generator and held it across every yield, so a caller's own draws
+    changed and two runs stepped in turn were not reproducible."""
+    @functools.wraps(trainer)
+    def job(*args: Any, **kwargs: Any) -> Job[T]:
+        # the trainer seeds this state itself (deterministic): the 0 is never drawn from
+        return (yield from PrivateRNG(0).run(trainer(*args, **kwargs)))
+    return job
+
+
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
-    """Seed torch; switch on deterministic algorithms for the block (restored after)."""
+    """Seed torch; switch on deterministic algorithms for the block (restored after).
+    A trainer using it runs under :func:`private_rng`."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(int(seed))
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -786,6 +803,7 @@ class _WithLesionMap(torch.nn.Module):
         return self.model.classify_features(feats), self.model.lesion_logits(feats)
 
 
+@private_rng
 def train_classifier(
     seed: int = 0,
     steps: int | None = None,
@@ -941,6 +959,7 @@ def train_classifier(
 # ======================================================================================
 
 
+@private_rng
 def train_segmenter(
     seed: int = 0,
     steps: int | None = None,
@@ -1216,6 +1235,7 @@ def detector_sample(rng: np.random.Generator, item: Any, context: int, crop: int
     return out
 
 
+@private_rng
 def train_detector_network(
     seed: int = 0,
     steps: int | None = None,
