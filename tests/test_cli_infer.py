@@ -338,3 +338,14 @@ def test_an_empty_model_argument_is_refused_not_read_as_the_bundled_model(tmp_pa
     out = tmp_path / "x.nii.gz"
     assert main(["segment", str(image), str(out), "--model", ""]) == 2
     assert "--model is empty" in capsys.readouterr().err and not out.exists()
+
+
+def test_raw_stored_ct_values_run_with_a_warning(tmp_path, models, capsys):
+    """Raw uint16 values (no rescale to HU) gave organ volumes with no word said."""
+    phantom = generate_phantom((4, 48, 48), (2.5, 1.5, 1.5), seed=3, n_lesions=0)
+    src = tmp_path / "raw.npy"
+    np.save(src, np.clip(phantom.volume.array + 1024, 0, None).astype(np.uint16))
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(src), str(out), "--model", str(models["segmenter"]), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "segment: warning: the image does not look like CT in Hounsfield units" in err

@@ -105,9 +105,17 @@ def _load(args: argparse.Namespace, command: str) -> tuple[Any, Any, dict]:
     happens here, before any computing or writing."""
     from .core.models import load_model
 
+    from .core.inference import input_warnings
+
     volume = _read_and_warn(args.input, command)
     model, card = load_model(_model_arg(args, command))
+    _PENDING_WARNINGS[command] = input_warnings(volume, card)  # said by _run (see there)
     return volume, model, card
+
+
+#: warnings on the input for a model (core.inference.input_warnings), said once the job's
+#: own checks passed: a refused input (a wrong model) gets its one error line alone
+_PENDING_WARNINGS: dict[str, list[str]] = {}
 
 
 def _model_arg(args: argparse.Namespace, command: str) -> str:
@@ -147,7 +155,14 @@ def _progress_printer(command: str, quiet: bool):
 def _run(job, command: str, quiet: bool):
     from .core.progress import run_to_completion
 
-    return run_to_completion(job, _progress_printer(command, quiet))
+    printer, pending = _progress_printer(command, quiet), _PENDING_WARNINGS.pop(command, [])
+
+    def report(p) -> None:
+        while pending:  # the job's first report: its checks passed
+            print(f"{command}: warning: {pending.pop(0)}", file=sys.stderr)
+        printer(p)
+
+    return run_to_completion(job, report)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:

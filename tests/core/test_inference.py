@@ -774,3 +774,24 @@ def _on_threads(*jobs) -> None:
         t.start()
     for t in threads:
         t.join(20)
+
+
+def test_input_warnings_say_when_a_result_is_doubtful(seg):
+    """Raw uint16 CT or MR gave organ volumes, a pixel size in cm "0 detections", both
+    in silence."""
+    from napari_medseg.core.inference import input_warnings
+    from napari_medseg.core.volume import guess_modality
+
+    _, card = seg
+    array = np.full((2, 64, 64), -1000.0, np.float32)  # air around a body
+    array[:, 16:48, 16:48] = 40.0
+    ct = Volume.from_array(array, spacing=(2.5, 1.5, 1.5), modality=guess_modality(array))
+    assert ct.modality == "CT" and input_warnings(ct, card) == []
+    stored = array + 1024  # raw stored values, no rescale
+    raw = Volume.from_array(stored, spacing=ct.spacing, modality=guess_modality(stored))
+    assert raw.modality != "CT" and "Hounsfield" in input_warnings(raw, card)[0]
+    in_cm = Volume.from_array(array, spacing=(0.25, 0.15, 0.15), modality="CT")
+    assert any("in cm" in w for w in input_warnings(in_cm, card))
+    percentile = {**card, "normalisation": {"type": "percentile", "low_percentile": 0.5,
+                                            "high_percentile": 99.5}}
+    assert input_warnings(raw, percentile) == []

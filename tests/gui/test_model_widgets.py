@@ -638,3 +638,19 @@ def test_one_coronal_dicom_image_is_refused_with_a_message(make_napari_viewer, q
     errors = [str(n.message) for n in notification_manager.records[start:] if n.severity == "error"]
     assert any("coronal planes" in m for m in errors), errors
     assert widget._result is None
+
+
+def test_raw_stored_values_and_a_scale_in_cm_are_said(make_napari_viewer, qtbot, small_phantom):
+    """Raw uint16 CT gave organ volumes, a scale in cm "body 1 ml", both in silence."""
+    viewer = make_napari_viewer()
+    raw = np.clip(small_phantom.volume.array + 1024, 0, None).astype(np.uint16)
+    layers = [viewer.add_image(raw, scale=small_phantom.volume.spacing, name="raw"),
+              viewer.add_image(small_phantom.volume.array,
+                               scale=np.asarray(small_phantom.volume.spacing) / 10, name="cm")]
+    widget = SegmentWidget(viewer)
+    for layer, said in zip(layers, ("Hounsfield", "in cm")):
+        _select(widget, layer, str(BUNDLED_DIR / "segmenter.json"))
+        start = len(notification_manager.records)
+        _run_and_wait(widget, qtbot)
+        assert any(said in str(n.message) for n in notification_manager.records[start:])
+        assert "Warning:" in widget._status.value and said in widget._status.value

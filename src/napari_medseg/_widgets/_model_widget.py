@@ -20,6 +20,7 @@ from napari.utils.notifications import show_warning
 from .. import _jobs
 from .._layers import read_deferred, volume_from_layer, world_matrix
 from ..core.errors import MedsegInputError
+from ..core.inference import input_warnings
 from ..core.models.registry import BUNDLED_DIR, list_models, load_model
 
 
@@ -215,10 +216,21 @@ class ModelRunWidget(Container):
             self._status.value = "Input layer changed; result discarded"
             return
         # kept: a widget that rewrites its status later (Detect's threshold) shows it again
-        self._result_note = note = self.missing_note(volume, result, options)
+        self._result_note = note = "\n".join(filter(None, [
+            self.missing_note(volume, result, options),
+            *(f"Warning: {w}" for w in self._input_warnings(volume, card))]))
         self.show_result(result, card, layer, volume, options)
         if note and not self._status.value.endswith(note):
             self._status.value = f"{self._status.value}\n{note}"
+
+    def _input_warnings(self, volume, card) -> list[str]:
+        """Said in a notification and kept on the status line (see core input_warnings)."""
+        if not card:  # a method without a model (interpolation)
+            return []
+        warnings = input_warnings(volume, card)
+        for warning in warnings:
+            show_warning(f"{self.task}: {warning}")
+        return warnings
 
     def _on_cancel(self) -> None:
         if self._worker is not None:

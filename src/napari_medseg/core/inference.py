@@ -824,6 +824,33 @@ def check_model_args(volume: Any, model: Any, card: Any, expected: type, what: s
     return [str(c) for c in card["classes"]]
 
 
+#: an in-plane field of view below this (mm) holds no body: likely a spacing in cm
+MIN_BODY_FOV_MM = 40.0
+
+
+def input_warnings(volume: Volume, card: Mapping[str, Any]) -> list[str]:
+    """What makes a model's result on ``volume`` doubtful without making it impossible
+    (said, not refused): data that does not look like the Hounsfield units a CT-window
+    model expects (raw DICOM values, MR), and a field of view too small for a body (a
+    pixel size in cm read as mm). Both gave organ volumes and "0 detections" in silence."""
+    warnings: list[str] = []
+    norm = card.get("normalisation")
+    if not (isinstance(norm, Mapping) and norm.get("type") == "window"):
+        return warnings  # a model for any modality (the slice generator): neither applies
+    if volume.modality != "CT":
+        warnings.append(
+            f"the image does not look like CT in Hounsfield units (no air at -500 HU or "
+            f"below; modality {volume.modality}), which this model expects: its result may "
+            "be meaningless (raw DICOM values need their rescale slope and intercept)")
+    sy, sx = volume.spacing[1:]
+    fov = (volume.shape[1] * sy, volume.shape[2] * sx)
+    if max(fov) < MIN_BODY_FOV_MM:
+        warnings.append(
+            f"the image covers only {fov[0]:.0f} × {fov[1]:.0f} mm in-plane (pixel size "
+            f"{sy:g} × {sx:g} mm): if its pixel size is in cm, give it in mm")
+    return warnings
+
+
 def positive_int(value: Any, what: str) -> int:
     try:
         n = int(value)
