@@ -646,6 +646,12 @@ def test_explicit_seeds_are_never_training_seeds_and_tuning_never_uses_held_out_
         seed_list([EVAL_SEEDS[0]], VALIDATION_SEEDS)
     assert seed_list([VALIDATION_SEEDS[0] + 3]) == [VALIDATION_SEEDS[0] + 3]  # scoring on validation
     assert seed_list([EVAL_SEEDS[0] + 1]) == [EVAL_SEEDS[0] + 1]
+    # … and a result says which it was: on validation seeds (tuned there) it is optimistic
+    from napari_medseg.core.evaluation import _settings_summary
+
+    assert _settings_summary([EVAL_SEEDS[0], EVAL_SEEDS[0] + 1])["seed_set"] == "evaluation"
+    assert _settings_summary([VALIDATION_SEEDS[0]])["seed_set"] == "validation"
+    assert _settings_summary([VALIDATION_SEEDS[0], EVAL_SEEDS[0]])["seed_set"] == "mixed"
 
 
 def test_detections_are_collected_down_to_a_card_threshold_below_the_sweep_floor(monkeypatch):
