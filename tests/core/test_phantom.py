@@ -228,6 +228,17 @@ def test_lesions_that_cannot_fit_raise():
                          lesion_radius_mm=(14.0, 15.0))
 
 
+def test_a_slab_too_thin_for_a_lesion_says_so():
+    """The advice was "a larger field of view": more rows or columns never help a slab
+    thinner than the smallest lesion."""
+    with pytest.raises(MedsegInputError, match=r"2\.5 mm thick \(slices x slice spacing\)"):
+        generate_phantom((1, 128, 128), (2.5, 2.0, 2.0), seed=0, n_lesions=1,
+                         lesion_radius_mm=(2.0, 3.0))
+    thick = generate_phantom((1, 128, 128), (20.0, 2.0, 2.0), seed=0, n_lesions=1,
+                             lesion_radius_mm=(2.0, 3.0))
+    assert len(thick.lesions) == 1
+
+
 def test_tiny_field_of_view_is_best_effort():
     # a 25 mm crop through the middle of the abdomen: lesions only where an organ is
     for seed in range(4):

@@ -1145,6 +1145,13 @@ def _place_lesions(
         if done is None:
             if n_lesions is None:
                 break
+            thickness = float(n_c[0] * sp[0])
+            if thickness < 2 * lo_r:  # more rows or columns can never help a thin slab
+                raise MedsegInputError(
+                    f"could not fit {count} lesions (placed {len(placed)}): the volume is "
+                    f"{thickness:g} mm thick (slices x slice spacing), less than the smallest "
+                    f"lesion's {2 * lo_r:g} mm; give more or thicker slices, a smaller "
+                    "lesion_radius_mm or fewer lesions")
             raise MedsegInputError(
                 f"could not fit {count} lesions into the organs inside this field of view "
                 f"(placed {len(placed)}); use a larger field of view (shape x spacing), "
