@@ -52,8 +52,9 @@ def start_job(
     ``activity=False``: no napari progress bar, for a job whose widget shows its own
     progress. While any napari progress bar exists, the status bar plays an animated
     "in progress" image; under Xvfb (software OpenGL, as on many remote desktops) each of
-    its frames re-composites the canvas, and a 10 s Retrain round did 42–55 training steps
-    with it against 83–95 without (benchmarks/README.md).
+    its frames re-composites the canvas: a 10 s Retrain round did 42 training steps with
+    it and 98 with its progress in the widget (bench_gui_responsiveness.py --retrain
+    --no-scroll, benchmarks/README.md).
     """
     if threading.current_thread() is not threading.main_thread():
         # napari's GUI thread: from another, the worker's signals (result, finished) would
