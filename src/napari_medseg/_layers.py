@@ -243,6 +243,20 @@ def row_keys(points: Any) -> list[tuple]:
     return [tuple("nan" if v != v else float(v) for v in row) for row in np.asarray(points, float)]
 
 
+def unmatched_rows(reference: Any, points: Any) -> list[int]:
+    """Indices of the rows of ``points`` with no equal row left in ``reference``, each
+    reference row matching once (a multiset: of two identical points, one deleted is one
+    change; NaN equals NaN)."""
+    left = Counter(row_keys(reference))
+    out = []
+    for r, key in enumerate(row_keys(points)):
+        if left[key] > 0:
+            left[key] -= 1
+        else:
+            out.append(r)
+    return out
+
+
 _BEFORE_CHANGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> rows
 
 
@@ -272,13 +286,7 @@ def mark_added_points(layer: Any, event: Any) -> bool:
         if before.shape == now.shape:
             rows = [r for r in rows if not np.array_equal(now[r], before[r], equal_nan=True)]
         else:  # points appended or deleted: the rows not found among the old ones
-            left = Counter(row_keys(before.reshape(len(before), -1)))
-            new_rows = set()
-            for r, key in enumerate(row_keys(now)):
-                if left[key] > 0:
-                    left[key] -= 1
-                else:
-                    new_rows.add(r)
+            new_rows = set(unmatched_rows(before.reshape(len(before), -1), now))
             rows = [r for r in rows if r in new_rows]
             # rows a script appended are added points (napari filled them from the
             # features of the point selected last), not moved detections

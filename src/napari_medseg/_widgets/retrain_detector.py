@@ -13,7 +13,7 @@ import numpy as np
 from napari.utils.notifications import show_warning
 
 from .._layers import (_like_layer, detection_layer_data, mark_added_points, marker_sizes,
-                       row_keys)
+                       unmatched_rows)
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
@@ -191,12 +191,6 @@ class RetrainDetectorWidget(_RetrainBase):
 
 
 def _changed_rows(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """The rows (points) in one array and not the other, counted as a multiset: two
-    identical points, one of them deleted, are one change (a set saw none)."""
-    from collections import Counter
-
-    old, new = Counter(row_keys(before)), Counter(row_keys(after))
-    changed = [[np.nan if v == "nan" else v for v in key]
-               for key in ((old - new) + (new - old)).elements()]
-    return np.array(changed, dtype=float).reshape(-1, before.shape[1] if before.ndim == 2
-                                                  else after.shape[1])
+    """The rows (points) in one array and not the other, counted as a multiset."""
+    return np.concatenate([before[unmatched_rows(after, before)],
+                           after[unmatched_rows(before, after)]]).reshape(-1, after.shape[1])
