@@ -18,7 +18,7 @@ _NOTHING_OPENED = [(None,)]
 def get_reader(path: str | list[str]) -> Callable | None:
     if isinstance(path, list):
         if len(path) != 1:
-            # several files picked at once: hand them over only if they are one DICOM folder's
+            # several files picked at once: not taken (a DICOM series opens from its folder)
             return None
         path = path[0]
     return read_layers if is_supported_path(path) else None

@@ -251,6 +251,8 @@ def test_info_lists_the_slices_the_models_call_missing_and_follows_the_layer(mak
     image.scale = (2.0, 1.0, 1.0)  # no longer followed
     other.translate = (0.0, 10.0, 0.0)
     assert "Origin (mm): (0.0, 10.0, 0.0)" in info._text.value and "'ct'" not in info._text.value
+    other.metadata = {"medseg": {"modality": "MR"}}  # it kept saying "unknown"
+    assert "Modality: MR" in info._text.value
 
 
 def test_a_refused_input_is_a_notification_not_a_logged_traceback(make_napari_viewer, qtbot, caplog):
@@ -356,6 +358,12 @@ def test_info_says_how_a_result_was_made_and_lists_labels_layers(make_napari_vie
     info = VolumeInfoWidget(viewer)
     info._layer.value = seg
     assert "Made by: model segmenter v3 from layer 'ct'" in info._text.value
+    assert "Unlabelled slices" not in info._text.value
+    gap = viewer.add_labels(np.zeros((5, 8, 8), np.uint8), name="seg with gap", metadata=(
+        _result_metadata({"model": "segmenter", "input_layer": "ct"},
+                         unlabelled_slices=[1, 2, 4])))
+    # it said "Missing slices: none": the gap read as segmented, with nothing found
+    assert "Unlabelled slices (no input there, not segmented): 1–2, 4" in describe_layer(gap)
     assert "Contrast window" not in info._text.value
     coronal = viewer.add_image(np.zeros((3, 8, 8)), metadata={"medseg": {"source": {
         "missing_planes": {"axis": "y", "indices": [3, 4]}}}})

@@ -70,6 +70,10 @@ def describe_layer(layer) -> str:
         lines.append(f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}")
     missing = sorted({int(z) for z in medseg.get("missing_slices", [])} | _empty_slices(layer))
     lines.append(f"Missing slices: {', '.join(map(str, missing)) if missing else 'none'}")
+    unlabelled = medseg.get("unlabelled_slices")  # a result's slices a model did not label
+    if unlabelled:
+        lines.append(f"Unlabelled slices (no input there, not segmented): "
+                     f"{slice_ranges(unlabelled)}")
     planes = medseg.get("source", {}).get("missing_planes")  # a turned coronal series' gaps
     if planes:
         lines.append(f"Missing planes along {planes['axis']}: {slice_ranges(planes['indices'])}"
@@ -100,7 +104,7 @@ def _empty_slices(layer) -> set[int]:
 
 #: the picked layer's events that change what this widget shows
 WATCHED_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units",
-                  "contrast_limits")
+                  "contrast_limits", "metadata")
 
 
 class VolumeInfoWidget(Container):
