@@ -232,3 +232,37 @@ def test_a_turned_coronal_series_layer_keeps_its_slice_axis(make_napari_viewer):
     plain = volume_from_layer(viewer.add_image(np.zeros((6, 5, 6), np.float32),
                                                scale=(2.0, 1.0, 2.0)))
     assert slice_axis(plain) == 0
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_a_turned_sagittal_series_gap_is_named_and_recorded_along_its_axis(
+        make_napari_viewer, qtbot, fill):
+    """A sagittal series' gap plane (x = 3) was never mentioned on the status line, and
+    planes left missing were recorded nowhere (``missing_slices`` []: they index z)."""
+    from napari_medseg._layers import volume_from_layer
+
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(3).normal(size=(6, 5, 7)).astype(np.float32)
+    data[:, :, 3] = np.nan  # what the reader leaves in a gap of a series turned to (S, P, L)
+    image = viewer.add_image(data, scale=(0.5, 0.5, 4.0), metadata={"medseg": {"source": {
+        "slice_axis": "x", "missing_planes": {"axis": "x", "indices": [3]}}}})
+    widget = GenerateWidget(viewer)
+    widget._image.value = image
+    widget._factor.value = 2
+    widget._fill.value = fill
+    widget._method.value = "linear"
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    new = viewer.layers[-1]
+    assert new.data.shape == (6, 5, 13)
+    medseg = new.metadata["medseg"]
+    if fill:
+        assert "Missing input slices (along x) 3: filled (synthetic)" in widget._status.value
+        assert np.isfinite(new.data).all() and "missing_planes" not in medseg["source"]
+    else:
+        assert "Missing input slices (along x) 3: left missing" in widget._status.value
+        assert np.isnan(new.data[:, :, 5:8]).all()
+        assert medseg["source"]["missing_planes"] == {"axis": "x", "indices": [5, 6, 7]}
+    assert medseg["missing_slices"] == [] and medseg["source"]["slice_axis"] == "x"
+    # generating again from the new layer still runs along x
+    assert volume_from_layer(new).metadata["slice_axis"] == "x"

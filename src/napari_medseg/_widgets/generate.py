@@ -75,6 +75,15 @@ class GenerateWidget(ModelRunWidget):
         else:  # a 2D image has nothing between slices; the core refused it already
             data = data[0]
         generated = [int(z) for z in np.flatnonzero(result.generated)]
+        # output slices neither acquired nor made (gaps not filled, or beyond the last
+        # known slice), along the slice axis; a turned coronal / sagittal scan's are
+        # recorded as the reader records its gap planes (missing_slices index z)
+        left = [int(i) for i in np.flatnonzero(~(result.acquired | result.generated))]
+        source = scan_axes(image_layer, shape=data.shape)
+        if result.axis:
+            source["slice_axis"] = result.axis_name
+            if left:
+                source["missing_planes"] = {"axis": result.axis_name, "indices": left}
         name = (f"{image_layer.name} ×{result.factor} synthetic ({made_by})" if result.factor > 1
                 else f"{image_layer.name} gaps filled, synthetic ({made_by})")
         self._viewer.add_image(
@@ -88,25 +97,33 @@ class GenerateWidget(ModelRunWidget):
                 slice_axis=result.axis_name,
                 generated_slices=generated,
                 acquired_slices=[int(z) for z in np.flatnonzero(result.acquired)],
-                missing_slices=[int(z) for z in np.flatnonzero(out.missing)],
+                missing_slices=[int(z) for z in np.flatnonzero(out.missing)]
+                if result.axis else left,
                 modality=out.modality,
                 # the scan's axes: labels drawn on this layer, or segmented from it, are
                 # saved where the scan lies (an oblique scan's were saved as axial)
                 # (recorded for this layer's shape: more slices than the input's)
-                source=scan_axes(image_layer, shape=data.shape),
+                source=source,
                 note="generated slices are synthetic: not acquired, not for diagnosis"),
         )
         self._status.value = (f"{result.summary()}; new layer '{name}'. Generated slices are"
                               " synthetic (see the layer's metadata).")
 
     def missing_note(self, volume, result, options: dict) -> str:
-        if not volume.missing.any():
+        planes = volume.metadata.get("missing_planes") or {}
+        if result.axis and planes.get("axis") == result.axis_name:
+            # a turned coronal / sagittal series: its gaps are planes along its slice axis
+            gaps = np.asarray(planes.get("indices", []), dtype=int)
+            gaps = gaps[(gaps >= 0) & (gaps < volume.shape[result.axis])]
+            along = f" (along {result.axis_name})"
+        else:
+            gaps, along = np.flatnonzero(volume.missing), ""
+            if gaps.size and result.axis:  # slices made along y or x fill no z gap
+                return (f"Missing input slices {slice_ranges(gaps)}: left missing (this"
+                        f" scan's slices lie along {result.axis_name})")
+        if not gaps.size:
             return ""
-        gaps = np.flatnonzero(volume.missing)
-        if result.axis:  # slices made along y or x do not fill gaps between z planes
-            return (f"Missing input slices {slice_ranges(gaps)}: left missing (this scan's"
-                    f" slices lie along {result.axis_name})")
         filled = result.generated[gaps * result.factor]
         parts = [f"{slice_ranges(gaps[filled])}: filled (synthetic)" if filled.any() else "",
                  f"{slice_ranges(gaps[~filled])}: left missing" if (~filled).any() else ""]
-        return "Missing input slices " + "; ".join(p for p in parts if p)
+        return f"Missing input slices{along} " + "; ".join(p for p in parts if p)
