@@ -199,7 +199,8 @@ def test_phantom_errors_speak_of_the_commands_options(tmp_path, capsys):
     assert main(["phantom", str(tmp_path / "p"), "--shape", "1", "64", "64", "--spacing", "2.5",
                  "1", "1", "--lesions", "4"]) == 2
     err = capsys.readouterr().err
-    assert "fewer --lesions" in err and "lesion_radius_mm" not in err
+    # it read "give more or thicker slices, a fewer --lesions"
+    assert "give more or thicker slices or --lesions 0" in err and "lesion_radius_mm" not in err
     assert not (tmp_path / "p").exists()
 
 

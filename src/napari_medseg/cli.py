@@ -63,6 +63,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         )
     except MedsegInputError as exc:  # say it in this command's options, not the API's
         reason = (exc.reason.replace("smaller lesion_radius_mm or fewer lesions", "fewer --lesions")
+                  .replace(", a smaller lesion_radius_mm minimum, or no lesions (n_lesions 0)",
+                           " or --lesions 0")
                   .replace("n_lesions must be None or an integer", "--lesions must be an integer")
                   .replace("n_lesions", "--lesions"))
         raise MedsegInputError(reason, exc.path) from exc

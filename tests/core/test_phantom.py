@@ -237,6 +237,17 @@ def test_a_slab_too_thin_for_a_lesion_says_so():
     thick = generate_phantom((1, 128, 128), (20.0, 2.0, 2.0), seed=0, n_lesions=1,
                              lesion_radius_mm=(2.0, 3.0))
     assert len(thick.lesions) == 1
+    # 5 mm holds a 4 mm lesion only exactly centred and round: it said "a larger field
+    # of view", which never helps
+    with pytest.raises(MedsegInputError, match="5 mm thick .* more or thicker slices"):
+        generate_phantom((2, 192, 192), (2.5, 1.0, 1.0), seed=0, n_lesions=1,
+                         lesion_radius_mm=(2.0, 15.0))
+
+
+def test_a_field_of_view_of_metres_is_refused_before_allocating():
+    """8 x 256 x 256 voxels of 100 mm: "internal error: MemoryError … 27.9 GiB"."""
+    with pytest.raises(MedsegInputError, match=r"field of view, \(800, 25600, 25600\) mm"):
+        generate_phantom((8, 256, 256), (100.0, 100.0, 100.0), seed=0, n_lesions=0)
 
 
 def test_tiny_field_of_view_is_best_effort():

@@ -157,6 +157,19 @@ def test_phantom_widget_errors_name_its_own_controls(make_napari_viewer, qtbot):
     assert len(viewer.layers) == 0
 
 
+def test_phantom_widget_thin_slab_advice_names_the_minimum_radius(make_napari_viewer, qtbot):
+    """A slab too thin for the smallest lesion advised "a smaller Lesion radius max",
+    which never helps there (the minimum decides)."""
+    viewer, widget = _phantom_widget(make_napari_viewer, (1, 64, 64), lesions=2)
+    widget._rmin.value, widget._rmax.value = 3.0, 3.0
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    (error,) = _errors_since(start)
+    assert "more or thicker slices, a smaller Lesion radius min, or no lesions" in error
+    assert "Lesion radius max" not in error and len(viewer.layers) == 0
+
+
 def test_phantom_widget_generates_layers(make_napari_viewer, qtbot):
     viewer, widget = _phantom_widget(make_napari_viewer, (6, 64, 64), lesions=2)
     widget._run.clicked.emit()

@@ -45,6 +45,7 @@ def _make_phantom(request: PhantomRequest):
         raise MedsegInputError(
             exc.reason.replace("field of view (shape x spacing)",
                                "field of view (more rows / columns, or a larger spacing)")
+            .replace("lesion_radius_mm minimum", "Lesion radius min")
             .replace("lesion_radius_mm", "Lesion radius max").replace("n_lesions", "Lesions"),
             exc.path) from exc
 

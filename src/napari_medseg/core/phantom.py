@@ -72,6 +72,10 @@ HU_RANGE = (-1024.0, 3071.0)
 MAX_AXIS = 1024
 MAX_VOXELS = 2**28  # 1024 x 512 x 512: about 1 GiB of float32
 MAX_LESIONS = 50
+#: the 5 mm tissue-texture lattice spans the whole field of view (uint64 hashes, then
+#: float32): a few voxels at 100 mm spacing asked for 28 GiB
+MAX_TEXTURE_BYTES = 2**30
+TEXTURE_CELL_MM = 5.0
 LESION_HOSTS = ("liver", "spleen", "kidney_left", "kidney_right")
 
 
@@ -1146,12 +1150,15 @@ def _place_lesions(
             if n_lesions is None:
                 break
             thickness = float(n_c[0] * sp[0])
-            if thickness < 2 * lo_r:  # more rows or columns can never help a thin slab
+            # the body ends at the first and last slice, so a lesion must lie inside the
+            # slab: its diameter, up to exp(0.2) longer along one axis, centred on a slice
+            needed = 2 * lo_r * math.exp(0.2) + float(sp[0])
+            if thickness < needed:  # more rows or columns can never help a thin slab
                 raise MedsegInputError(
                     f"could not fit {count} lesions (placed {len(placed)}): the volume is "
                     f"{thickness:g} mm thick (slices x slice spacing), less than the smallest "
-                    f"lesion's {2 * lo_r:g} mm; give more or thicker slices, a smaller "
-                    "lesion_radius_mm or fewer lesions")
+                    f"lesion needs (about {needed:.1f} mm); give more or thicker slices, a "
+                    "smaller lesion_radius_mm minimum, or no lesions (n_lesions 0)")
             raise MedsegInputError(
                 f"could not fit {count} lesions into the organs inside this field of view "
                 f"(placed {len(placed)}); use a larger field of view (shape x spacing), "
@@ -1255,6 +1262,14 @@ def _validate(shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_
         raise MedsegInputError(f"spacing {spc} is absurd: at most 100 mm per axis")
     if min(spc) < 0.01:  # the blur kernels grow as 1 / spacing: 1e-9 mm took 24 GB
         raise MedsegInputError(f"spacing {spc} is too fine: at least 0.01 mm per axis")
+    fov = tuple(n * d for n, d in zip(shp, spc))
+    texture_bytes = 12 * math.prod(math.ceil(f / TEXTURE_CELL_MM) + 4 for f in fov)
+    if texture_bytes > MAX_TEXTURE_BYTES:
+        raise MedsegInputError(
+            f"the field of view, {tuple(round(f) for f in fov)} mm (z, y, x), is too large: "
+            f"its {TEXTURE_CELL_MM:g} mm tissue texture would take about "
+            f"{texture_bytes / 2**30:.0f} GiB; use fewer voxels or a finer spacing (an "
+            "abdomen is about 400 mm across)")
     if not _is_int(seed) or seed < 0:
         raise MedsegInputError(f"seed must be a non-negative integer, got {seed!r}")
     if n_lesions is not None and (not _is_int(n_lesions) or not 0 <= n_lesions <= MAX_LESIONS):
@@ -1388,7 +1403,7 @@ def generate_phantom(
     labels = np.empty(shape, dtype=np.uint8)
     masks = {name: np.zeros(shape, dtype=bool) for name in dict.fromkeys(extra_structures)}
     cache: dict = {}
-    tex_field = _ValueNoise(anat.tex_key, 5.0, zc, yc, xc)
+    tex_field = _ValueNoise(anat.tex_key, TEXTURE_CELL_MM, zc, yc, xc)
     bowel_field = _ValueNoise(anat.bowel_key, anat.bowel_cell, zc, yc, xc)
     bias_field = _ValueNoise(anat.bias_key, 70.0, zc, yc, xc) if nonu > 0 else None
     mean_lut = anat.mean_hu.astype(np.float32)
