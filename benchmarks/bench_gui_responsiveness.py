@@ -1,6 +1,6 @@
 """How long does napari's event loop stall while a model runs in the background?
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py [--retrain] [--threads N] [--switch-interval S] [--no-scroll]
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py [--retrain] [--threads N] [--switch-interval S] [--no-scroll] [--napari-activity]
 
 ``--retrain``: the same measurement while the Retrain widget fine-tunes the segmenter
 (10 s budget) on three corrected slices and re-predicts the rest into the Labels layer;
@@ -8,6 +8,14 @@ the JSON gives the training steps done in the round. ``--threads N`` pins the jo
 torch threads instead of the engine's choice. ``--switch-interval S``: Python's GIL
 hand-over interval while jobs run, instead of the plugin's 0.5 ms (Python's default: 0.005).
 ``--no-scroll``: no scrolling, the user only waits (how many steps a round does then).
+``--napari-activity``: a napari progress bar exists while the job runs, as the model
+widgets had one before they showed their progress themselves: napari then plays an "in
+progress" animation in its status bar, and under Xvfb's software OpenGL each frame
+re-composites the canvas (compare runs with and without the flag).
+
+Segment (not ``--retrain``) also runs the same job headless in the same process before the
+viewer opens (load the model, segment the volume): ``headless_seconds``, and
+``gui_over_headless`` = the GUI job's seconds from Run to its result over that.
 
 Opens a 64×256×256 phantom CT in a real viewer (under Xvfb), docks the Segment widget with
 the bundled segmenter, and while it runs a 10 ms QTimer records event-loop ticks and the
@@ -62,6 +70,7 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
         scroll.start(50)
     start = time.perf_counter()
     done_at = None
+    result_at: list[float] = []
     # Qt's own event loop, as in napari: between events the GUI thread sleeps in C++ with
     # the GIL released (a Python loop polling processEvents would hold it ~all the time
     # and starve the job's thread)
@@ -77,6 +86,14 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
             loop.quit()
 
     if widget is not None:
+        if hasattr(widget, "_on_result"):  # when the job's result reached the GUI thread
+            shown = widget._on_result
+
+            def on_result(*args, **kwargs):
+                result_at.append(time.perf_counter())
+                return shown(*args, **kwargs)
+
+            widget._on_result = on_result
         widget._run.clicked.emit()
     # started after the click: starting a job runs nested event loops (napari's progress
     # bar), where the check would find no worker yet
@@ -113,6 +130,8 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
                 gaps_ms[~adding & ~in_gc].max()), 1),
             "p99_gap_while_model_runs_ms": round(float(np.percentile(computing, 99)), 1),
         }
+    if result_at:
+        extra["seconds_to_result"] = round(result_at[0] - start, 2)
     return {
         "seconds": round((done_at or time.perf_counter()) - start, 2),
         "ticks": len(ticks),
@@ -139,6 +158,22 @@ def retrain_widget(viewer, image, phantom):
     return widget
 
 
+def headless_segment_seconds(volume) -> float:
+    """The Segment widget's job (load the bundled model, segment) without a viewer."""
+    from napari_medseg.core.inference import segment_volume
+    from napari_medseg.core.models.registry import BUNDLED_DIR, load_model
+
+    start = time.perf_counter()
+    model, card = load_model(BUNDLED_DIR / "segmenter.json")
+    gen = segment_volume(volume, model, card)
+    try:
+        while True:
+            next(gen)
+    except StopIteration:
+        pass
+    return time.perf_counter() - start
+
+
 def main() -> None:
     import sys
 
@@ -159,6 +194,8 @@ def main() -> None:
         # default is 5 ms), to compare the two in one session
         jobs.JOB_SWITCH_INTERVAL_S = float(sys.argv[sys.argv.index("--switch-interval") + 1])
     phantom = generate_phantom((64, 256, 256), (2.5, 0.8, 0.8), seed=21, n_lesions=2)
+    napari_activity = "--napari-activity" in sys.argv[1:]
+    headless = None if retrain else headless_segment_seconds(phantom.volume)
     viewer = napari.Viewer(title="responsiveness benchmark")
     viewer.window.resize(1400, 900)
     image = viewer.add_image(phantom.volume.array, scale=phantom.volume.spacing,
@@ -171,7 +208,13 @@ def main() -> None:
     for _ in range(50):
         QApplication.instance().processEvents()
     idle = measure(viewer, seconds=15.0)
+    if napari_activity:
+        from napari.utils import progress
+
+        bar = progress(total=0, desc="napari activity (benchmark)")
     running = measure(viewer, seconds=None, widget=widget)
+    if napari_activity:
+        bar.close()
     ok = isinstance(viewer.layers[-1], napari.layers.Labels)
     steps = None
     if retrain:
@@ -189,6 +232,10 @@ def main() -> None:
             sys.argv[sys.argv.index("--threads") + 1]),
         "job_switch_interval_s": jobs.JOB_SWITCH_INTERVAL_S,
         "scrolling": not NO_SCROLL,
+        "napari_activity": napari_activity,
+        "headless_seconds": None if headless is None else round(headless, 2),
+        "gui_over_headless": None if headless is None or "seconds_to_result" not in running
+        else round(running["seconds_to_result"] / headless, 2),
         "idle_reference": idle,
         ("while_retraining" if retrain else "while_segmenting"): running,
         "stall_ratio_vs_idle": round(running["max_gap_outside_full_gc_ms"]

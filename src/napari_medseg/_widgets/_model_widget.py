@@ -14,7 +14,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, PushButton
+from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from napari.utils.notifications import show_warning
 
 from .. import _jobs
@@ -22,6 +22,11 @@ from .._layers import read_deferred, volume_from_layer, world_matrix
 from ..core.errors import MedsegInputError
 from ..core.inference import input_warnings
 from ..core.models.registry import BUNDLED_DIR, list_models, load_model
+
+
+#: the least time between two redraws of a job's progress in a widget: each redraw of a
+#: dock widget re-composites napari's canvas (costly under software OpenGL)
+REDRAW_S = 0.25
 
 
 def model_choices(architecture: str) -> list[tuple[str, str]]:
@@ -107,6 +112,9 @@ class ModelRunWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")
         self._status.native.setWordWrap(True)  # long results must not widen the dock
+        # the job's progress, here and not in napari's activity dock (see _on_run)
+        self._progress = ProgressBar(value=0, min=0, max=100, visible=False)
+        self._drawn_at = 0.0
         self._run.changed.connect(self._on_run)
         self._cancel.changed.connect(self._on_cancel)
         super().__init__(
@@ -115,6 +123,7 @@ class ModelRunWidget(Container):
                 self._model,
                 *self.extra_widgets(),
                 Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
+                self._progress,
                 self._status,
                 *self.result_widgets(),
             ]
@@ -184,6 +193,11 @@ class ModelRunWidget(Container):
             return
         self._set_running(True)
         self._status.value = f"{self.task}: running on '{layer.name}'…"
+        self._progress.value, self._drawn_at = 0, 0.0
+        self._progress.visible = True
+        # no napari progress bar: while one exists napari animates an "in progress" image,
+        # and under software OpenGL a 0.45 s (headless) Segment took 0.9–1.6 s with it and
+        # 0.7–0.9 s without (bench_gui_responsiveness.py --no-scroll [--stop-animation])
         self._worker = _jobs.start_job(
             self._job,
             volume,
@@ -193,7 +207,21 @@ class ModelRunWidget(Container):
             on_result=lambda out, seen=_geometry(layer): self._on_result(out, layer, seen),
             on_finished=lambda: self._set_running(False),
             on_error=lambda message: set_status(self._status, f"{self.task} failed: {message}"),
+            on_progress=self._on_progress,
+            activity=False,
         )
+
+    def _on_progress(self, report) -> None:
+        """The job's progress on the bar and the status line, redrawn at most every
+        :data:`REDRAW_S` (a report after Cancel or a closed viewer changes nothing)."""
+        now = time.monotonic()
+        if self._worker is None or now - self._drawn_at < REDRAW_S or widget_closed(self._status):
+            return
+        self._drawn_at = now
+        if report.total:
+            self._progress.value = int(min(100.0, 100.0 * report.step / report.total))
+        if report.message:
+            self._status.value = f"{self.task}: {report.message}"
 
     def _job(self, volume, card_path, options):
         volume = yield from read_deferred(volume)  # a lazy layer is read here
@@ -243,5 +271,7 @@ class ModelRunWidget(Container):
         try:
             self._run.enabled = not running
             self._cancel.enabled = running
+            if not running:
+                self._progress.visible = False
         except RuntimeError:  # the viewer was closed mid-run: its Qt widgets are gone
             pass

@@ -57,6 +57,7 @@ from ..core.session import (
 from ._loss_curve import LossCurve
 from ._navigate import go_to_slice
 from ._model_widget import (
+    REDRAW_S,
     _geometry,
     _same_geometry,
     follow_layer_names,
@@ -68,9 +69,6 @@ from ._model_widget import (
 log = logging.getLogger(__name__)
 AUTOSAVE_DELAY_MS = 1500
 
-
-#: the least time between two redraws of a job's progress in the widget
-REDRAW_S = 0.25
 
 
 def history_depths(layer) -> tuple[int, int] | None:
