@@ -112,6 +112,20 @@ def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, labels_from
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_values_on_slices_not_given_are_ignored_not_refused(case, tmp_path, capsys):
+    """A fractional or NaN value on a slice not trained on refused the whole run
+    ("labels must be whole numbers"), though other slices are ignored."""
+    d, p = case
+    labels = p.labels.astype(np.float32)
+    labels[10, 0, 0], labels[11, 0, 0] = 0.5, np.nan
+    write_nifti(tmp_path / "l.nii.gz", labels, p.volume.spacing, p.volume.origin)
+    args = ["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
+            str(tmp_path / "l.nii.gz"), "--epochs", "1", "--quiet", "--threads", "1", "--out"]
+    assert main([*args, str(tmp_path / "ok"), "--slices", "3"]) == 0
+    assert main([*args, str(tmp_path / "no"), "--slices", "3,10"]) == 2
+    assert "whole numbers on the slices given" in capsys.readouterr().err
+
+
 def test_finetune_detector_from_a_points_csv(case, tmp_path, capsys):
     d, p = case
     les = p.lesions[0]

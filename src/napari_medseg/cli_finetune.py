@@ -57,9 +57,11 @@ def parse_slices(text: str) -> list[int]:
     return sorted(out)
 
 
-def read_label_volume(path: str, image: Any) -> np.ndarray:
+def read_label_volume(path: str, image: Any, slices: Any = None) -> np.ndarray:
     """A label volume as integers, on ``image``'s grid: the same shape after reorientation
-    and, when the file has geometry (not an .npy), the same spacing, origin and axes."""
+    and, when the file has geometry (not an .npy), the same spacing, origin and axes.
+    Only ``slices`` (all when None) must hold whole numbers: the others are ignored, and
+    what is not a label there reads as 0."""
     from .core.io import read_volume
 
     volume = read_volume(path)
@@ -80,10 +82,13 @@ def read_label_volume(path: str, image: Any) -> np.ndarray:
         if None not in axes and not np.allclose(axes[0], axes[1], atol=1e-3):
             raise MedsegInputError("labels lie along other axes than the image (flipped or "
                                    "turned): not drawn on this image", path)
-    finite = np.isfinite(labels)
-    if not finite.all() or not np.array_equal(labels, np.round(labels)):
-        raise MedsegInputError("labels must be whole numbers (a label map, not an image)", path)
-    return labels.astype(np.int64)
+    whole = np.isfinite(labels) & (labels == np.round(labels))
+    used = (np.ones(len(labels), dtype=bool) if slices is None
+            else np.isin(np.arange(len(labels)), list(slices)))
+    if not whole[used].all():
+        raise MedsegInputError("labels must be whole numbers on the slices given (a label "
+                               "map, not an image)", path)
+    return np.where(whole, labels, 0).astype(np.int64)
 
 
 def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +168,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.labels is not None:
         if not isinstance(model, RecurrentSegmenter):
             raise MedsegInputError(f"--labels fine-tunes a segmenter; {args.model} is a {type(model).__name__}")
-        labels = read_label_volume(args.labels, volume)
+        labels = read_label_volume(args.labels, volume, slices)
         job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,
                                  seconds=args.seconds, seed=args.seed, threads=threads)
         source = f"--labels {args.labels}"

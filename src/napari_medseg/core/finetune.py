@@ -258,27 +258,23 @@ def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 # ======================================================================================
 # Fine-tuning
 # ======================================================================================
-def _window_logits(model: RecurrentSegmenter, x: torch.Tensor, zs: Sequence[int],
-                   context: int) -> dict[int, torch.Tensor]:
-    """Logits (C, h, w) of slices ``zs``, each predicted from the slices within
-    ``context`` of it (runs of nearby slices share one forward pass)."""
+def _volume_logits(model: RecurrentSegmenter, x: torch.Tensor, zs: Sequence[int]
+                   ) -> dict[int, torch.Tensor]:
+    """Logits (C, h, w) of slices ``zs`` from the pass over the whole volume that
+    inference makes (both GRU directions carry every slice). A window of ±3 slices
+    around each disagreed with the model's own output on tens of voxels per slice: a
+    layer left as segmented counted 35 "corrections" and a held-out Dice of 0.94."""
     out: dict[int, torch.Tensor] = {}
-    n = x.shape[0]
-    runs: list[list[int]] = []
-    for z in sorted(zs):
-        if runs and z - runs[-1][-1] <= 2 * context:
-            runs[-1].append(z)
-        else:
-            runs.append([z])
+    wanted = set(int(z) for z in zs)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for run in runs:
-                a, b = max(0, run[0] - context), min(n, run[-1] + context + 1)
-                logits = model(x[a:b])
-                for z in run:
-                    out[z] = logits[z - a].clone()
+            for part in model.iter_chunks(x):
+                if part.logits is None:
+                    continue
+                for z in wanted.intersection(range(part.start, part.stop)):
+                    out[z] = part.logits[z - part.start].clone()
     finally:
         model.train(was_training)
     return out
@@ -420,7 +416,9 @@ def finetune_segmenter(
     steps, seconds = _budget(steps, seconds, NEW_STRUCTURE_SECONDS if new_structure
                              else DEFAULT_SECONDS)
     names = _class_names(classes, n_classes, present, class_names)
-    new_names = tuple(names[v] for v in sorted(revived)) + tuple(names[len(classes):])
+    # the structures learnt anew; a slot below a new value stays an unused placeholder
+    new_names = tuple(names[v] for v in sorted(revived)) + tuple(
+        names[v] for v in range(len(classes), n_classes) if names[v] != f"unused_{v}")
     sy, sx = volume.spacing[1:]
     rng = np.random.default_rng([int(seed), int(version), 6])
 
@@ -442,11 +440,9 @@ def finetune_segmenter(
         work.eval()
         teacher = copy.deepcopy(work).eval() if keep_weight > 0 else None
         _freeze_except(work, trainable, grows=n_classes > model.n_classes)
-        context = max(1, seq_len // 2)
-
-        # the model's own view of the annotated slices: corrections = disagreements
+        # what the model shows on the annotated slices: corrections = disagreements
         yield Progress(0, 1, "the model's prediction on the annotated slices")
-        before = _window_logits(work, x_all, zs, context)
+        before = _volume_logits(work, x_all, zs)
         yield Progress(0, 1, "weighting the corrections")
 
         def unmeasured_at(z: int) -> np.ndarray:  # NaN voxels: no correction, no score
@@ -559,7 +555,7 @@ def finetune_segmenter(
             curve += stats["loss_curve"]
             total_steps += stats["steps"]
             if i == 0 and held is not None:
-                after = _window_logits(work, x_all, [held], context)[held]
+                after = _volume_logits(work, x_all, [held])[held]
                 pred = labels_from_logits(after[None], (ny, nx))[0].numpy()
                 pred[gone] = arr[held][gone]
                 dice_after = slice_dice(pred, arr[held])
