@@ -659,3 +659,20 @@ def test_a_layer_left_as_segmented_holds_no_corrections():
                                                steps=1, threads=1))
     assert res.report.corrections == 0
     assert res.report.holdout_dice_before == 1.0
+
+
+def test_the_whole_volume_pass_reports_per_chunk_and_stops_after_the_slices_it_needs(tiny):
+    """The pass over every slice ran without a yield (no progress, no Cancel for 8 s on a
+    300-slice series) and decoded every chunk, where the annotated slices were at the top."""
+    phantom = generate_phantom((40, 48, 48), (2.5, 2.0, 2.0), seed=11, n_lesions=0)
+    job = finetune_segmenter(phantom.volume, tiny, CARD, phantom.labels, [2, 5], steps=1,
+                             holdout=False, threads=1)
+    messages = []
+    try:
+        while True:
+            messages.append(next(job).message)
+    except StopIteration:
+        pass
+    passes = [m for m in messages if m == "the model's prediction on the annotated slices"]
+    # chunks of 8: the backward pass takes all 5, the forward one stops after the first
+    assert len(passes) == 5 + 1, messages

@@ -99,12 +99,21 @@ def test_a_run_shows_its_progress_in_the_widget_not_in_naparis_activity_dock(
     _select(widget, image, random_models["RecurrentSegmenter"])
     seen = []  # (widget bar shown, napari progress bars) at each report
     shown = widget._on_progress
-    widget._on_progress = lambda report: (
-        seen.append((not widget._progress.native.isHidden(), len(progress._all_instances))),
-        shown(report))
+    statuses = []
+
+    def watch(report):
+        seen.append((not widget._progress.native.isHidden(), len(progress._all_instances)))
+        shown(report)
+        statuses.append(widget._status.value)
+
+    widget._on_progress = watch
     _run_and_wait(widget, qtbot)
     assert seen and all(visible and bars == 0 for visible, bars in seen), seen
     assert widget._progress.native.isHidden() and isinstance(viewer.layers[-1], Labels)
+    # the progress message goes on the bar, not the status line, which holds what the
+    # user reads meanwhile (Detect's threshold count was replaced by "Detect: step 20")
+    assert set(statuses) == {f"Segment: running on '{image.name}'…"}, statuses
+    assert widget._progress.native.format().endswith("%p%")
 
 
 @pytest.mark.parametrize("widget_cls", WIDGETS)

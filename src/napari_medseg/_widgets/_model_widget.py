@@ -16,6 +16,7 @@ import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from napari.utils.notifications import show_warning
+from qtpy.QtWidgets import QSizePolicy
 
 from .. import _jobs
 from .._layers import read_deferred, volume_from_layer, world_matrix
@@ -112,6 +113,9 @@ class ModelRunWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")
         self._status.native.setWordWrap(True)  # long results must not widen the dock
+        # a short line ("Segment: segmenting") was wrapped into a narrow centred column
+        self._status.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                          QSizePolicy.Policy.Preferred)
         # the job's progress, here and not in napari's activity dock (see _on_run)
         self._progress = ProgressBar(value=0, min=0, max=100, visible=False)
         self._drawn_at = 0.0
@@ -194,6 +198,7 @@ class ModelRunWidget(Container):
         self._set_running(True)
         self._status.value = f"{self.task}: running on '{layer.name}'…"
         self._progress.value, self._drawn_at = 0, 0.0
+        self._progress.native.setFormat("%p%")
         self._progress.visible = True
         # no napari progress bar: while one exists napari animates an "in progress" image,
         # and under software OpenGL a 0.45 s (headless) Segment took 0.9–1.6 s with it and
@@ -212,16 +217,18 @@ class ModelRunWidget(Container):
         )
 
     def _on_progress(self, report) -> None:
-        """The job's progress on the bar and the status line, redrawn at most every
-        :data:`REDRAW_S` (a report after Cancel or a closed viewer changes nothing)."""
+        """The job's progress and message on the bar (the status line may hold what the
+        user reads meanwhile, e.g. Detect's threshold count), redrawn at most every
+        :data:`REDRAW_S`; a report after Cancel or a closed viewer changes nothing."""
         now = time.monotonic()
         if self._worker is None or now - self._drawn_at < REDRAW_S or widget_closed(self._status):
             return
         self._drawn_at = now
         if report.total:
             self._progress.value = int(min(100.0, 100.0 * report.step / report.total))
-        if report.message:
-            self._status.value = f"{self.task}: {report.message}"
+        # Qt's format: %p is the percentage; a literal % is %%
+        message = str(report.message or "").replace("%", "%%")
+        self._progress.native.setFormat(f"{message}  %p%" if message else "%p%")
 
     def _job(self, volume, card_path, options):
         volume = yield from read_deferred(volume)  # a lazy layer is read here

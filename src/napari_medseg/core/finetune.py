@@ -101,6 +101,9 @@ NEW_STRUCTURE_SECONDS = 30.0
 NEW_STRUCTURE_STEPS = 300
 #: share of the budget trained without the held-out slice
 HOLDOUT_PHASE = 0.75
+#: a round's ``seconds`` include its whole-volume passes (the model's prediction on the
+#: annotated slices, the held-out slice's score); training keeps at least this share
+MIN_TRAINING_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -258,24 +261,32 @@ def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 # ======================================================================================
 # Fine-tuning
 # ======================================================================================
-def _volume_logits(model: RecurrentSegmenter, x: torch.Tensor, zs: Sequence[int]
-                   ) -> dict[int, torch.Tensor]:
+def _volume_logits(model: RecurrentSegmenter, x: torch.Tensor, zs: Sequence[int],
+                   message: str) -> Job[dict[int, torch.Tensor]]:
     """Logits (C, h, w) of slices ``zs`` from the pass over the whole volume that
-    inference makes (both GRU directions carry every slice). A window of ±3 slices
-    around each disagreed with the model's own output on tens of voxels per slice: a
-    layer left as segmented counted 35 "corrections" and a held-out Dice of 0.94."""
+    inference makes (both GRU directions carry every slice); a generator yielding
+    Progress per chunk (a cancel point), which stops after the last chunk it needs.
+    A window of ±3 slices around each disagreed with the model's own output on tens of
+    voxels per slice (±24 still on 69 voxels: the GRU's memory is long): a layer left as
+    segmented counted 78 "corrections" and a held-out Dice of 0.94."""
     out: dict[int, torch.Tensor] = {}
     wanted = set(int(z) for z in zs)
+    last = max(wanted)
     was_training = model.training
     model.eval()
+    chunks = model.iter_chunks(x)
     try:
         with torch.inference_mode():
-            for part in model.iter_chunks(x):
+            for part in chunks:
+                yield Progress(part.step, part.total, message)
                 if part.logits is None:
                     continue
                 for z in wanted.intersection(range(part.start, part.stop)):
                     out[z] = part.logits[z - part.start].clone()
+                if part.stop > last:
+                    break
     finally:
+        chunks.close()
         model.train(was_training)
     return out
 
@@ -427,6 +438,7 @@ def finetune_segmenter(
     # torch.use_deterministic_algorithms imports torch._dynamo (1.4 s holding the GIL:
     # the GUI froze for 2 s at the start of every first round)
     torch_rng = PrivateRNG(seed)
+    round_start = time.perf_counter()
     with ThreadGovernor(threads) as governor:
         yield Progress(0, 1, "preparing the annotated slices")
         grid_slices = ModelGridSlices(volume, card)
@@ -441,8 +453,8 @@ def finetune_segmenter(
         teacher = copy.deepcopy(work).eval() if keep_weight > 0 else None
         _freeze_except(work, trainable, grows=n_classes > model.n_classes)
         # what the model shows on the annotated slices: corrections = disagreements
-        yield Progress(0, 1, "the model's prediction on the annotated slices")
-        before = _volume_logits(work, x_all, zs)
+        before = yield from _volume_logits(work, x_all, zs,
+                                           "the model's prediction on the annotated slices")
         yield Progress(0, 1, "weighting the corrections")
 
         def unmeasured_at(z: int) -> np.ndarray:  # NaN voxels: no correction, no score
@@ -536,14 +548,21 @@ def finetune_segmenter(
             else:
                 first_steps = max(1, int(int(steps) * HOLDOUT_PHASE))
                 s = first_steps if first else int(steps) - first_steps
-            t = None if seconds is None else float(seconds) * share
+            t = None if train_seconds is None else train_seconds * share
+            if not first and t is not None:  # the held-out slice's pass counts too
+                t = max(MIN_TRAINING_SHARE * t, t - heldout_seconds)
             return s, t
 
         phases = [(zs, 1.0, lr)]
         if held is not None:
             phases = [([z for z in zs if z != held], HOLDOUT_PHASE, lr), (zs, 1 - HOLDOUT_PHASE, lr * 0.5)]
         curve: list[float] = []
-        total_steps, t0 = 0, time.perf_counter()
+        total_steps, heldout_seconds = 0, 0.0
+        # the round's time counts its whole-volume passes (a few seconds on a long
+        # series), but training keeps at least MIN_TRAINING_SHARE of ``seconds``
+        train_seconds = None if seconds is None else max(
+            MIN_TRAINING_SHARE * float(seconds),
+            float(seconds) - (time.perf_counter() - round_start))
         for i, (train_zs, share, phase_lr) in enumerate(phases):
             s, t = budget(share, i == 0)
             if s == 0:  # a one-step budget: the held-out phase takes it
@@ -555,7 +574,10 @@ def finetune_segmenter(
             curve += stats["loss_curve"]
             total_steps += stats["steps"]
             if i == 0 and held is not None:
-                after = _volume_logits(work, x_all, [held])[held]
+                t_held = time.perf_counter()
+                after = (yield from _volume_logits(
+                    work, x_all, [held], f"scoring the held-out slice {held}"))[held]
+                heldout_seconds = time.perf_counter() - t_held
                 pred = labels_from_logits(after[None], (ny, nx))[0].numpy()
                 pred[gone] = arr[held][gone]
                 dice_after = slice_dice(pred, arr[held])
@@ -563,7 +585,7 @@ def finetune_segmenter(
                                f"held-out slice {held}: Dice {dice_before:.2f} → {dice_after:.2f}")
         work.eval()
         _freeze_except(work, "all", grows=False)  # the result trains fully in a next round
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - round_start
 
     report = FinetuneReport(
         slices=tuple(zs), steps=total_steps, seconds=elapsed, loss_curve=tuple(curve),
