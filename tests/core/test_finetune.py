@@ -667,12 +667,15 @@ def test_the_whole_volume_pass_reports_per_chunk_and_stops_after_the_slices_it_n
     phantom = generate_phantom((40, 48, 48), (2.5, 2.0, 2.0), seed=11, n_lesions=0)
     job = finetune_segmenter(phantom.volume, tiny, CARD, phantom.labels, [2, 5], steps=1,
                              holdout=False, threads=1)
-    messages = []
+    messages, inference_mode_at_reports = [], set()
     try:
         while True:
             messages.append(next(job).message)
+            # the caller's code between reports keeps its own grad mode
+            inference_mode_at_reports.add(torch.is_inference_mode_enabled())
     except StopIteration:
         pass
+    assert inference_mode_at_reports == {False}
     passes = [m for m in messages if m == "the model's prediction on the annotated slices"]
     # chunks of 8: the backward pass takes all 5, the forward one stops after the first
     assert len(passes) == 5 + 1, messages

@@ -114,6 +114,13 @@ def test_a_run_shows_its_progress_in_the_widget_not_in_naparis_activity_dock(
     # user reads meanwhile (Detect's threshold count was replaced by "Detect: step 20")
     assert set(statuses) == {f"Segment: running on '{image.name}'…"}, statuses
     assert widget._progress.native.format().endswith("%p%")
+    # Qt's format has no escape for a message's own %: "50%% of slices" was shown
+    from napari_medseg.core.progress import Progress
+
+    widget._worker, widget._drawn_at = object(), 0.0  # as while a job runs
+    shown(Progress(1, 4, "50% of slices"))
+    assert widget._progress.native.text() == "50\uff05 of slices  25%"
+    widget._worker = None
 
 
 @pytest.mark.parametrize("widget_cls", WIDGETS)

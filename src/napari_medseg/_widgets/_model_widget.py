@@ -226,8 +226,9 @@ class ModelRunWidget(Container):
         self._drawn_at = now
         if report.total:
             self._progress.value = int(min(100.0, 100.0 * report.step / report.total))
-        # Qt's format: %p is the percentage; a literal % is %%
-        message = str(report.message or "").replace("%", "%%")
+        # Qt's format reads %p, %v and %m as codes and has no escape: a message's own %
+        # is shown as the full-width sign
+        message = str(report.message or "").replace("%", "\uff05")
         self._progress.native.setFormat(f"{message}  %p%" if message else "%p%")
 
     def _job(self, volume, card_path, options):

@@ -276,15 +276,19 @@ def _volume_logits(model: RecurrentSegmenter, x: torch.Tensor, zs: Sequence[int]
     model.eval()
     chunks = model.iter_chunks(x)
     try:
-        with torch.inference_mode():
-            for part in chunks:
-                yield Progress(part.step, part.total, message)
-                if part.logits is None:
-                    continue
-                for z in wanted.intersection(range(part.start, part.stop)):
-                    out[z] = part.logits[z - part.start].clone()
-                if part.stop > last:
-                    break
+        while True:
+            # inference mode only around the model's work, never across a yield: the
+            # caller's code between two reports runs in its own grad mode
+            with torch.inference_mode():
+                part = next(chunks, None)
+                if part is not None and part.logits is not None:
+                    for z in wanted.intersection(range(part.start, part.stop)):
+                        out[z] = part.logits[z - part.start].clone()
+            if part is None:
+                break
+            yield Progress(part.step, part.total, message)
+            if part.logits is not None and part.stop > last:
+                break
     finally:
         chunks.close()
         model.train(was_training)
