@@ -88,3 +88,40 @@ def test_gradcam_on_one_slice_says_slice_not_slices(make_napari_viewer, qtbot, r
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
     assert widget._status.value.startswith("Explained: ")
     assert widget._status.value.endswith(" on 1 slice"), widget._status.value
+
+
+def _run(widget, qtbot):
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+
+
+def test_the_uncertainty_ranking_is_dropped_when_the_image_changes(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """New data on the image kept the old ranking live: picking an entry went to z 15 mm
+    on a layer 5 mm deep."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing)
+    widget = UncertaintyWidget(viewer)
+    widget._image.value, widget._model.value = image, random_models["RecurrentSegmenter"]
+    _run(widget, qtbot)
+    assert widget._goto.enabled and widget._goto.choices
+    point = viewer.dims.point
+    image.data = small_phantom.volume.array[:3].copy()
+    widget._go_to(widget._goto.choices[0])
+    assert viewer.dims.point == point and not widget._goto.enabled
+    assert "changed since the uncertainty ranking" in widget._status.value
+
+
+@pytest.mark.parametrize("widget_cls, arch", [(GradCamWidget, "SliceClassifier"),
+                                               (UncertaintyWidget, "RecurrentSegmenter")])
+def test_no_acquired_slice_says_so(make_napari_viewer, qtbot, random_models, small_phantom,
+                                   widget_cls, arch):
+    """Every slice missing: "Explained: " (nothing after it) and "No structure found"
+    (no model ran)."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, metadata={"medseg": {
+        "missing_slices": list(range(len(small_phantom.volume.array)))}})
+    widget = widget_cls(viewer)
+    widget._image.value, widget._model.value = image, random_models[arch]
+    _run(widget, qtbot)
+    assert widget._status.value.startswith("No acquired slice: nothing to"), widget._status.value

@@ -12,7 +12,7 @@ from magicgui.widgets import ComboBox, SpinBox
 from .._layers import _like_layer, _result_metadata
 from ..core.explain import gradcam_volume, segmentation_uncertainty
 from ..core.models.registry import read_card
-from ._model_widget import ModelRunWidget, provenance
+from ._model_widget import ModelRunWidget, _geometry, _same_geometry, provenance
 from ._navigate import go_to_slice
 
 PREDICTED = "predicted class"
@@ -64,6 +64,9 @@ class GradCamWidget(ModelRunWidget):
             image_layer, f"{image_layer.name} Grad-CAM {what} ({card.get('name')})", "inferno",
             prov, explains=what, method="Grad-CAM, last conv block, per-slice max = 1"))
         explained = result.target[result.target >= 0]
+        if not explained.size:  # every slice missing: no model saw anything
+            self._status.value = "No acquired slice: nothing to explain"
+            return
         counts = np.bincount(explained, minlength=len(result.class_names))
         self._status.value = "Explained: " + ", ".join(
             f"{n} on {c} slice{'s' if c != 1 else ''}"
@@ -95,12 +98,15 @@ class UncertaintyWidget(ModelRunWidget):
         """The image the ranking was made on deleted: its list no longer looks live."""
         if self._layer is None or event.value is not self._layer:
             return
+        self._drop_ranking("The image layer of the uncertainty ranking was removed")
+
+    def _drop_ranking(self, message: str) -> None:
         self._layer = None
         with self._goto.changed.blocked():
             self._goto_items = []
             self._goto.reset_choices()
         self._goto.enabled = False
-        self._status.value = "The image layer of the uncertainty ranking was removed"
+        self._status.value = message
 
     def options(self) -> dict:
         return {"samples": int(self._samples.value)}
@@ -116,13 +122,24 @@ class UncertaintyWidget(ModelRunWidget):
             image_layer, f"{image_layer.name} uncertainty ({card.get('name')})", "magma", prov,
             method=f"MC dropout, {result.samples} samples, entropy / log(classes)",
             most_uncertain_slices=ranked))
-        self._layer = image_layer
+        self._layer, self._ranked_on = image_layer, _geometry(image_layer)
         with self._goto.changed.blocked():
             self._goto_items = [(f"slice {z} · {result.per_slice[z]:.3f}", z) for z in ranked]
             self._goto.reset_choices()
-        self._goto.enabled = bool(ranked)
-        self._status.value = ("Most uncertain slices (correct these first): "
-                              + ", ".join(map(str, ranked[:5])) if ranked else "No structure found")
+        self._goto.enabled = bool(ranked) and image_layer.ndim == 3  # a 2D image: one slice
+        if volume.missing.all():  # no model saw anything
+            self._status.value = "No acquired slice: nothing to rank"
+        else:
+            self._status.value = ("Most uncertain slices (correct these first): "
+                                  + ", ".join(map(str, ranked[:5])) if ranked
+                                  else "No structure found")
 
     def _go_to(self, z: int) -> None:
+        if self._layer is None:
+            return
+        if not _same_geometry(self._ranked_on, _geometry(self._layer)):
+            # new data or placement: the ranked slices may not exist, or show other tissue
+            self._drop_ranking("The image changed since the uncertainty ranking was made:"
+                               " run Uncertainty again")
+            return
         go_to_slice(self._viewer, self._layer, z)
