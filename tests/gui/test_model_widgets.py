@@ -156,6 +156,31 @@ def _detect(make_napari_viewer, qtbot, random_models, phantom):
     return viewer, image, widget, viewer.layers[-1]
 
 
+def test_a_detector_card_with_a_threshold_below_the_sliders_minimum_runs(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """peak_threshold 0.02 (the registry accepts 0–1): setting the slider below its
+    minimum raised in show_result, leaving a stuck status and an empty go-to list."""
+    import json
+    from pathlib import Path
+
+    from napari_medseg.core.models import load_model, save_model
+
+    model, card = load_model(random_models["LesionDetector"])
+    keep = {k: card[k] for k in ("input_spacing_mm", "resample_axes", "normalisation",
+                                 "classes", "min_distance_mm", "context_slices")}
+    low = save_model(model, Path(random_models["LesionDetector"]).parent, "low-threshold",
+                     {**keep, "peak_threshold": 0.02})
+    assert json.loads(Path(low).read_text())["peak_threshold"] == 0.02
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = DetectWidget(viewer)
+    _select(widget, image, str(low))
+    _run_and_wait(widget, qtbot)
+    assert isinstance(viewer.layers[-1], Points)
+    assert widget._threshold.value == pytest.approx(0.02) and widget._threshold.enabled
+    assert "detections at score ≥ 0.02" in widget._status.value, widget._status.value
+
+
 def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_models, small_phantom):
     viewer, image, widget, points = _detect(make_napari_viewer, qtbot, random_models, small_phantom)
     assert isinstance(points, Points) and points is not viewer.layers[2]

@@ -81,6 +81,9 @@ class DetectWidget(ModelRunWidget):
                                          mark_added_points(layer, event))
         self._points.events.data.connect(self._on_points_data)
         with self._threshold.changed.blocked():
+            # a card may set its threshold below KEEP_SCORE (the job ran down to it):
+            # the slider must reach it (setting a value below its minimum raised)
+            self._threshold.min = min(KEEP_SCORE, threshold)
             self._threshold.value = threshold
         self._threshold.enabled = True
         self._apply_threshold()
