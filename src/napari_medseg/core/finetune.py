@@ -267,8 +267,9 @@ def _volume_logits(model: RecurrentSegmenter, x: torch.Tensor, zs: Sequence[int]
     inference makes (both GRU directions carry every slice); a generator yielding
     Progress per chunk (a cancel point), which stops after the last chunk it needs.
     A window of ±3 slices around each disagreed with the model's own output on tens of
-    voxels per slice (±24 still on 69 voxels: the GRU's memory is long): a layer left as
-    segmented counted 78 "corrections" and a held-out Dice of 0.94."""
+    voxels per slice (±24 still on 69 voxels, benchmarks/segmenter_context_window.py: the
+    GRU's memory is long): a layer left as segmented counted 78 "corrections" and a
+    held-out Dice of 0.94."""
     out: dict[int, torch.Tensor] = {}
     wanted = set(int(z) for z in zs)
     last = max(wanted)
