@@ -201,8 +201,9 @@ class ModelRunWidget(Container):
         self._progress.native.setFormat("%p%")
         self._progress.visible = True
         # no napari progress bar: while one exists napari animates an "in progress" image,
-        # and under software OpenGL a 0.45 s (headless) Segment took 0.9–1.6 s with it and
-        # 0.7–0.9 s without (bench_gui_responsiveness.py --no-scroll [--stop-animation])
+        # and under software OpenGL a Segment the user waited for took 2.5–3.4x its
+        # headless time with it, 1.4–1.9x without (bench_gui_responsiveness.py --no-scroll
+        # [--napari-activity])
         self._worker = _jobs.start_job(
             self._job,
             volume,
