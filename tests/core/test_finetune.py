@@ -679,3 +679,36 @@ def test_the_whole_volume_pass_reports_per_chunk_and_stops_after_the_slices_it_n
     passes = [m for m in messages if m == "the model's prediction on the annotated slices"]
     # chunks of 8: the backward pass takes all 5, the forward one stops after the first
     assert len(passes) == 5 + 1, messages
+
+
+def test_given_model_labels_replace_the_first_pass_and_give_the_same_round(tiny):
+    """A widget knows what the version it starts from predicted (it wrote it): the round
+    starts from that instead of a second pass over the whole volume, with the same
+    corrections and held-out Dice as when it finds them itself."""
+    phantom = generate_phantom((20, 48, 48), (2.5, 2.0, 2.0), seed=11, n_lesions=0)
+    shown = run_to_completion(segment_volume(phantom.volume, tiny, CARD, threads=1)).labels
+    painted = shown.copy()
+    painted[[3, 9, 15]] = phantom.labels[[3, 9, 15]]
+
+    def run(**kwargs):
+        job = finetune_segmenter(phantom.volume, tiny, CARD, painted, [3, 9, 15], steps=2,
+                                 threads=1, **kwargs)
+        messages = []
+        try:
+            while True:
+                messages.append(next(job).message)
+        except StopIteration as stop:
+            return stop.value, messages
+
+    found, found_messages = run()
+    given, given_messages = run(model_labels=shown)
+    first_pass = "the model's prediction on the annotated slices"
+    assert first_pass in found_messages and first_pass not in given_messages
+    assert found.report.corrections > 0
+    assert given.report.corrections == found.report.corrections
+    assert given.report.holdout_dice_before == found.report.holdout_dice_before
+    # and they are what it measures: labels said to be the model's count as its output
+    other, _ = run(model_labels=painted)
+    assert other.report.corrections == 0 and other.report.holdout_dice_before == 1.0
+    with pytest.raises(MedsegInputError, match="model_labels have shape"):
+        run(model_labels=shown[:-1])

@@ -788,3 +788,42 @@ def test_a_round_shows_its_progress_in_the_widget_not_in_naparis_activity_dock(s
     widget._predict.clicked.emit()  # a prediction (fixed work) keeps napari's bar
     _wait(widget, qtbot)
     assert len(made) == 1
+
+
+def test_a_round_starts_from_what_its_version_last_predicted(scene, qtbot, monkeypatch):
+    """A round passed over the whole volume to find what its model predicts, which the
+    widget had just computed when it re-predicted with that version: on a long series,
+    seconds of each round. The next round now gets it, and only while it is still true."""
+    from napari_medseg._layers import volume_from_layer
+    from napari_medseg.core.inference import segment_volume
+    from napari_medseg.core.progress import run_to_completion
+
+    viewer, image, labels, widget, phantom = scene
+    given = []
+    original = RetrainWidget._finetune
+
+    def recording(*args):
+        given.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(RetrainWidget, "_finetune", staticmethod(recording))
+    _paint_slice(labels, 2, phantom.labels)
+    _paint_slice(labels, 5, phantom.labels)
+    widget._run.clicked.emit()  # v1: nothing known yet
+    _wait(widget, qtbot)
+    widget._run.clicked.emit()  # v2 starts from v1's re-prediction
+    _wait(widget, qtbot)
+    assert given[0] is None and given[1] is not None
+    model1, card1 = widget._history.model(1)
+    v1_output = run_to_completion(segment_volume(volume_from_layer(image), model1, card1)).labels
+    np.testing.assert_array_equal(given[1], v1_output)
+    history = widget._history
+    assert widget._output_for(image, (history, 2)) is not None
+    assert widget._output_for(image, (history, 1)) is None  # another version
+    image.data = np.array(image.data, copy=True)  # the same values, a new reading
+    assert widget._output_for(image, (history, 2)) is None
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert widget._output_for(image, (history, 2)) is not None
+    image.scale = (image.scale[0] * 2, *image.scale[1:])  # another placement
+    assert widget._output_for(image, (history, 2)) is None

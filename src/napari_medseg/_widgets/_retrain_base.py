@@ -38,6 +38,7 @@ from .._layers import (
     scan_axes,
     volume_from_layer,
     volume_outline,
+    world_matrix,
 )
 from ..core.errors import MedsegInputError
 from ..core.finetune import DEFAULT_SECONDS, VersionHistory, new_structure_advice
@@ -123,6 +124,9 @@ class _RetrainBase(Container):
         self._history_model: str | None = None
         #: the versions of models picked earlier (model card path → history)
         self._kept_histories: dict[str | None, VersionHistory] = {}
+        # the last whole-volume output of a version on an image, kept so the next round
+        # need not compute it again (see _remember_output)
+        self._model_output: tuple | None = None
         self._tracked = None  # the annotation layer whose edit events we follow
         # keyed by the layers themselves (they hash by identity), dropped with them
         self._layer_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _connect
@@ -259,8 +263,15 @@ class _RetrainBase(Container):
         raise NotImplementedError
 
     @staticmethod
-    def _finetune(volume, model, card, annotation, slices, seconds, version, names):  # pragma: no cover
+    def _finetune(volume, model, card, annotation, slices, seconds, version, names,
+                  model_output=None):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @staticmethod
+    def _reusable_output(prediction):
+        """What of a version's prediction a next round can start from
+        (``_finetune``'s ``model_output``); None: nothing."""
+        return None
 
     @staticmethod
     def _predict_volume(volume, model, card):  # pragma: no cover - abstract
@@ -533,7 +544,7 @@ class _RetrainBase(Container):
         # software OpenGL (_jobs.start_job); the bar above and the loss curve show it
         self._start(
             self._retrain_job, volume, annotation, slices, source, float(self._seconds.value),
-            version, names, description=f"Retrain v{version} on {len(slices)} slices",
+            version, names, self._output_for(image, source), description=f"Retrain v{version} on {len(slices)} slices",
             on_result=lambda out, seen=self._placement(image, layer): self._on_retrained(
                 out, image, layer, source, seen), activity=False,
         )
@@ -564,11 +575,16 @@ class _RetrainBase(Container):
             return history.model(number)
         return load_model(source)
 
-    def _retrain_job(self, volume, annotation, slices, source, seconds, version, names):
+    def _retrain_job(self, volume, annotation, slices, source, seconds, version, names,
+                     output=None):
         volume = yield from read_deferred(volume)
         model, card = self._model_from(source)
+        if output is not None and not (np.array_equal(output[0], volume.missing)
+                                       and output[1] == tuple(volume.spacing)):
+            output = None  # made on another reading of the image (gaps, spacing)
         result = yield from self._finetune(volume, model, card, annotation, slices, seconds,
-                                           version, names)
+                                           version, names,
+                                           None if output is None else output[2])
         prediction = yield from self._predict_volume(volume, result.model, result.card)
         return result, prediction, (model, card), volume
 
@@ -634,6 +650,7 @@ class _RetrainBase(Container):
                             if kept is not None else "result discarded"))
             return
         v = self._history.add(result)
+        self._remember_output(image, volume, v.number, prediction)
         self._refresh_versions()
         r = result.report
         msg = f"v{v.number}: {r.steps} steps in {r.seconds:.1f} s on slices {list(r.slices)}"
@@ -664,8 +681,37 @@ class _RetrainBase(Container):
             show_warning("Retrain: the model was changed meanwhile; prediction discarded")
             return
         number = self._history.current
+        self._remember_output(image, volume, number, prediction)
         self._apply_checked(prediction, image, layer, volume, number,
                             self._history.versions[number].card, seen=seen)
+
+    def _remember_output(self, image, volume, number: int, prediction) -> None:
+        """Keep what version ``number`` predicted on ``image``: a next round from that
+        version on that image starts from it instead of a pass over the whole volume
+        (the longest wait of a round on a long series, after training)."""
+        self._model_output = None
+        output = self._reusable_output(prediction)
+        try:
+            data = weakref.ref(image.data)  # not the data itself: a replaced image is freed
+        except TypeError:
+            return
+        if output is not None:
+            self._model_output = (self._history, number, data, tuple(image.data.shape),
+                                  world_matrix(image), np.array(volume.missing, copy=True),
+                                  tuple(volume.spacing), output)
+
+    def _output_for(self, image, source):
+        """(missing, spacing, output) kept by :meth:`_remember_output` for the version
+        ``source`` names on ``image`` as it is now; None when there is none (the worker
+        checks the missing slices and spacing of the image it reads)."""
+        kept = self._model_output
+        if kept is None or not isinstance(source, tuple):
+            return None
+        history, number, data, shape, matrix, missing, spacing, output = kept
+        same = (history is source[0] and number == source[1] and data() is image.data
+                and shape == tuple(image.data.shape)
+                and np.allclose(matrix, world_matrix(image)))
+        return (missing, spacing, output) if same else None
 
     def _placement(self, image, layer) -> tuple:
         """What a prediction's place depends on: the image's data object, shape and world

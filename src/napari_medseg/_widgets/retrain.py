@@ -274,9 +274,14 @@ class RetrainWidget(_RetrainBase):
         return self._viewer.add_labels(session.labels, **kwargs)
 
     @staticmethod
-    def _finetune(volume, model, card, labels, slices, seconds, version, names):
+    def _finetune(volume, model, card, labels, slices, seconds, version, names,
+                  model_output=None):
         return finetune_segmenter(volume, model, card, labels, slices, seconds=seconds,
-                                  version=version, class_names=names)
+                                  version=version, class_names=names, model_labels=model_output)
+
+    @staticmethod
+    def _reusable_output(prediction):
+        return prediction.labels
 
     @staticmethod
     def _predict_volume(volume, model, card):

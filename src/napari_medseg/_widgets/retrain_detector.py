@@ -167,7 +167,8 @@ class RetrainDetectorWidget(_RetrainBase):
             shown=shown, features={"diameter_mm": diam}, **_like_layer(image))
 
     @staticmethod
-    def _finetune(volume, model, card, annotation, slices, seconds, version, names):
+    def _finetune(volume, model, card, annotation, slices, seconds, version, names,
+                  model_output=None):
         points, diam = annotation
         return finetune_detector(volume, model, card, points, diam, slices, seconds=seconds,
                                  version=version)

@@ -395,6 +395,7 @@ def finetune_segmenter(
     crop: int = 128,
     seed: int = 0,
     threads: int | None = None,
+    model_labels: Any = None,
 ) -> Job[FinetuneResult]:
     """Fine-tune a copy of ``model`` on ``labels`` at ``slices`` (a generator).
 
@@ -405,7 +406,11 @@ def finetune_segmenter(
     ``seconds`` (default :data:`DEFAULT_SECONDS`, or :data:`NEW_STRUCTURE_SECONDS` when
     the annotation holds a new structure). Yields Progress every step with the
     step's loss in ``partial``; returns a :class:`FinetuneResult`. ``version`` picks the
-    held-out slice (rotating) and goes into the card.
+    held-out slice (rotating) and goes into the card. ``model_labels`` (z, y, x): the
+    labels ``model`` gives this volume (``segment_volume``'s, e.g. what a widget last
+    predicted with it); it spares the round its first pass over the volume, which
+    otherwise finds them (corrections and the held-out Dice before are measured
+    against them).
 
     Loss: class-weighted cross-entropy with the corrected voxels weighted
     ``1 + correction_weight``, soft Dice (over the classes a crop's annotated voxels hold
@@ -417,6 +422,9 @@ def finetune_segmenter(
     """
     classes = check_model_args(volume, model, card, RecurrentSegmenter, "fine-tuning")
     arr, zs = check_annotations(volume, labels, slices)
+    if model_labels is not None and np.shape(model_labels) != tuple(volume.shape):
+        raise MedsegInputError(f"model_labels have shape {np.shape(model_labels)}, the volume "
+                               f"{tuple(volume.shape)}")
     _check_number(correction_weight, "correction_weight")
     _check_number(keep_weight, "keep_weight")
     _check_number(lr, "lr", positive=True)
@@ -458,8 +466,15 @@ def finetune_segmenter(
         teacher = copy.deepcopy(work).eval() if keep_weight > 0 else None
         _freeze_except(work, trainable, grows=n_classes > model.n_classes)
         # what the model shows on the annotated slices: corrections = disagreements
-        before = yield from _volume_logits(work, x_all, zs,
-                                           "the model's prediction on the annotated slices")
+        if model_labels is None:
+            before = yield from _volume_logits(work, x_all, zs,
+                                               "the model's prediction on the annotated slices")
+
+            def shown_at(z: int) -> np.ndarray:
+                return labels_from_logits(before[z][None], (ny, nx))[0].numpy()
+        else:
+            def shown_at(z: int) -> np.ndarray:
+                return np.array(model_labels[z], dtype=np.int64)
         yield Progress(0, 1, "weighting the corrections")
 
         def unmeasured_at(z: int) -> np.ndarray:  # NaN voxels: no correction, no score
@@ -471,7 +486,7 @@ def finetune_segmenter(
             # to the model grid: comparing on the model grid with the resampled labels
             # called every structure edge a correction (310 "corrections" on a slice left
             # as the model labelled it, at 1.6 mm pixels)
-            shown = labels_from_logits(before[z][None], (ny, nx))[0].numpy()
+            shown = shown_at(z)
             changed = ((shown != arr[z]) & ~unmeasured_at(z)).astype(np.uint8)[None]
             corrected[z] = resample_yx(changed, (sy, sx), card_spacing_yx(card), order=0,
                                        out_shape_yx=(h, w))[0].astype(bool)
@@ -493,7 +508,7 @@ def finetune_segmenter(
         held = zs[(int(version) - 1) % len(zs)] if holdout and len(zs) >= 2 else None
         dice_before = dice_after = None
         if held is not None:
-            pred = labels_from_logits(before[held][None], (ny, nx))[0].numpy()
+            pred = shown_at(held)
             gone = unmeasured_at(held)  # never measured: not scored either way
             pred[gone] = arr[held][gone]
             dice_before = slice_dice(pred, arr[held])
