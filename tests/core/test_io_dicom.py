@@ -1006,3 +1006,13 @@ def test_one_coronal_or_sagittal_image_is_refused_by_the_models_a_series_is_not(
                        iop=iop, ipp=np.array([-100.0, -120.0, 40.0]) + 3.0 * k * normal)
     turned = read_dicom(tmp_path / "series")
     assert run_to_completion(classify_volume(turned, model, card)).predicted.shape == (turned.shape[0],)
+
+
+@pytest.mark.parametrize("iop", [(1, 0, 0, 1, 0, 0), (0, 1, 0, 0, -1, 0)])
+@pytest.mark.parametrize("n_slices", [1, 3])
+def test_parallel_row_and_column_directions_are_named_as_such(tmp_path, iop, n_slices):
+    """Parallel row and column directions were refused as "a zero vector", naming
+    neither of the two (non-zero) vectors the header holds."""
+    write_series(tmp_path, [2.0 * k for k in range(n_slices)], iop=iop)
+    with pytest.raises(MedsegInputError, match="row and column directions are parallel"):
+        read_dicom(tmp_path)

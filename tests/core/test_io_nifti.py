@@ -491,3 +491,42 @@ def test_what_nibabel_repairs_in_a_header_is_a_warning_not_a_stray_line(tmp_path
     assert any("pixdim[1,2,3] should be non-zero" in w for w in volume.metadata["warnings"])
     assert volume.spacing == (1.0, 1.0, 1.0)
     assert logging.getLogger("nibabel.global").handlers  # nibabel's own handler is back
+
+
+@pytest.mark.parametrize(("unit", "factor"), [("meter", 1e-3), ("micron", 1e3), ("mm", 1.0),
+                                              ("unknown", 1.0)])
+def test_lengths_in_the_headers_unit_are_read_in_mm(tmp_path, unit, factor):
+    """xyzt_units was ignored: a header in metres gave 0.0007 mm voxels (and a result that
+    could not be written), one in microns 500 mm voxels, without a word."""
+    affine = np.diag([0.7 * factor, 0.7 * factor, 2.0 * factor, 1.0])
+    affine[:3, 3] = np.array([10.0, 20.0, 30.0]) * factor
+    img = nib.Nifti1Image(ramp((6, 5, 4)), affine)
+    img.header.set_xyzt_units(unit)
+    nib.save(img, tmp_path / "scan.nii")
+    volume = read_nifti(tmp_path / "scan.nii")
+    np.testing.assert_allclose(volume.spacing, (2.0, 0.7, 0.7))
+    # LPS: the flipped x and y axes start at the far voxel (10 + 5 · 0.7, 20 + 4 · 0.7)
+    np.testing.assert_allclose(volume.origin, (30.0, -22.8, -13.5))
+    converted = [w for w in volume.metadata["warnings"] if "converted to mm" in w]
+    assert converted == ([f"the header gives lengths in {unit}s; converted to mm"]
+                         if factor != 1.0 else [])
+
+
+def test_small_voxels_are_read_and_written_not_rounded_to_zero(tmp_path):
+    """The spacing was rounded to 6 decimals (a 1e-9 mm voxel read as 0: "spacing must be
+    positive" for a header that says 1e-9), and the writer refused any matrix whose
+    determinant was below 1e-9 mm³ whatever its scale."""
+    img = nib.Nifti1Image(ramp((4, 5, 6)), np.diag([2e-3, 2e-3, 5e-3, 1.0]))
+    nib.save(img, tmp_path / "tiny.nii")
+    volume = read_nifti(tmp_path / "tiny.nii")
+    np.testing.assert_allclose(volume.spacing, (5e-3, 2e-3, 2e-3))
+    write_nifti(tmp_path / "out.nii", volume.array, volume.spacing, volume.origin)
+    np.testing.assert_allclose(read_nifti(tmp_path / "out.nii").spacing, (5e-3, 2e-3, 2e-3))
+    np.testing.assert_allclose(read_nifti(tmp_path / "tiny.nii").spacing, volume.spacing)
+    nib.save(nib.Nifti1Image(ramp((4, 5, 6)), np.diag([1e-9, 1.0, 1.0, 1.0])),
+             tmp_path / "nano.nii")
+    assert read_nifti(tmp_path / "nano.nii").spacing[2] == pytest.approx(1e-9)
+    with pytest.raises(MedsegInputError, match="invertible"):
+        flat = np.diag([1.0, 1.0, 1.0, 1.0])
+        flat[:3, 2] = flat[:3, 1]  # two axes the same direction: no volume
+        write_nifti(tmp_path / "flat.nii", ramp((4, 5, 6)), None, matrix=flat)

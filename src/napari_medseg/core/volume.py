@@ -80,7 +80,9 @@ class Volume:
             )
         if array.size == 0:
             raise MedsegInputError(f"the volume is empty (shape {array.shape})")
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        # timedelta64 is an integer type to NumPy, but no image's values
+        if array.dtype.kind == "m" or not (np.issubdtype(array.dtype, np.number)
+                                          or array.dtype == bool):
             raise MedsegInputError(f"expected numbers, got dtype {array.dtype}")
         if np.iscomplexobj(array):
             raise MedsegInputError("complex-valued images are not supported")

@@ -451,7 +451,17 @@ def _frames_of(source: _Source) -> list[_Frame]:
 
 def _normal(orientation: np.ndarray) -> np.ndarray:
     row, col = _unit(orientation[:3]), _unit(orientation[3:])
-    return _unit(np.cross(row, col))
+    return _cross_unit(row, col)
+
+
+def _cross_unit(row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """The slice normal of unit row and column directions, refused when they are
+    parallel (no plane: "a zero vector" named neither of the two real vectors)."""
+    normal = np.cross(row, col)
+    if float(np.linalg.norm(normal)) < 1e-6:
+        raise MedsegInputError("ImageOrientationPatient's row and column directions are "
+                               "parallel; the slice plane is undefined")
+    return normal / float(np.linalg.norm(normal))
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -644,7 +654,7 @@ def _sort(
             "slices in one series have different orientations; cannot stack them", path
         )
     row_dir, col_dir = _unit(iops[0][:3]), _unit(iops[0][3:])
-    normal = _unit(np.cross(row_dir, col_dir))
+    normal = _cross_unit(row_dir, col_dir)
     keys = np.array([float(np.dot(f.position, normal)) for f in frames])
     ordering = np.lexsort((orders, keys))
     frames, keys = [frames[i] for i in ordering], keys[ordering]

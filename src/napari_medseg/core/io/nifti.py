@@ -172,7 +172,14 @@ def _read(path: str | Path, want_labels: bool = True
 
     # what nibabel fixed in the header (e.g. zero voxel sizes set to 1), said as ours
     warns: list[str] = [f"the header was repaired on reading ({m})" for m in fixed]
-    affine = np.asarray(affine, dtype=float)
+    affine = np.array(affine, dtype=float)
+    # lengths in the file's own unit (NIfTI's xyzt_units): a header in metres read as mm
+    # gave 0.0007 mm voxels; "unknown" is taken as mm, as every tool does
+    unit = img.header.get_xyzt_units()[0] if hasattr(img.header, "get_xyzt_units") else None
+    to_mm = {"meter": 1000.0, "micron": 0.001}.get(unit)
+    if to_mm is not None:
+        affine[:3, :4] *= to_mm
+        warns.append(f"the header gives lengths in {unit}s; converted to mm")
     if not np.isfinite(affine[:3, :4]).all():  # NaN/inf in the header: no geometry to trust
         zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
         zooms = np.pad(zooms, (0, 3 - len(zooms)), constant_values=1.0)
@@ -213,8 +220,9 @@ def _read(path: str | Path, want_labels: bool = True
     is_label_map = want_labels and np.issubdtype(array.dtype, np.integer) and (
         marked or _looks_like_label_map(array))
     # The affine is stored as float32: round off its noise (0.8 → 0.800000011920929) so
-    # written spacings come back as written. 1e-6 / 1e-4 mm is far below any voxel size.
-    spacing = tuple(round(float(zooms[i]), 6) for i in (2, 1, 0))
+    # written spacings come back as written: 6 significant digits (float32 holds about
+    # 7); decimals rounded a 1e-9 voxel to 0. 1e-4 mm is far below any origin's precision.
+    spacing = tuple(float(f"{float(zooms[i]):.6g}") for i in (2, 1, 0))
     origin = tuple(round(o, 4) for o in origin)
     try:
         volume = Volume(
@@ -346,8 +354,11 @@ def write_nifti(
         matrix = np.diag([dz, dy, dx, 1.0])
         matrix[:3, 3] = (oz, oy, ox)
     matrix = np.asarray(matrix, dtype=float)
-    if (matrix.shape != (4, 4) or not np.all(np.isfinite(matrix))
-            or abs(np.linalg.det(matrix[:3, :3])) < 1e-9):
+    # invertible relative to its own scale: a fixed cut-off refused small voxels
+    # (0.7 × 0.7 × 2 µm has a determinant of 1e-15 mm³)
+    columns = np.linalg.norm(matrix[:3, :3], axis=0) if matrix.shape == (4, 4) else None
+    if (matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)) or not np.all(columns > 0)
+            or abs(np.linalg.det(matrix[:3, :3])) < 1e-6 * float(np.prod(columns))):
         raise MedsegInputError("the voxel-to-world matrix must be a finite, invertible 4 × 4", path)
 
     axes_zyx = _unit_axes(axes, path)

@@ -48,7 +48,8 @@ def read_npy(path: str | Path) -> Volume:
     except Exception as exc:
         raise MedsegInputError(f"not a readable .npy file ({short_reason(exc, path=path)})", path) from exc
 
-    if data.dtype.names is not None or not (
+    # timedelta64 counts as an integer type to NumPy, yet holds no number to show
+    if data.dtype.names is not None or data.dtype.kind == "m" or not (
         np.issubdtype(data.dtype, np.number) or data.dtype == bool
     ):
         raise MedsegInputError(f"expected a numeric array, got dtype {data.dtype}", path)
