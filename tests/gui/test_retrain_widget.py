@@ -827,3 +827,61 @@ def test_a_round_starts_from_what_its_version_last_predicted(scene, qtbot, monke
     assert widget._output_for(image, (history, 2)) is not None
     image.scale = (image.scale[0] * 2, *image.scale[1:])  # another placement
     assert widget._output_for(image, (history, 2)) is None
+
+
+def test_another_scan_loaded_into_the_image_layer_gets_its_own_lists_and_autosave(
+        make_napari_viewer, random_models, small_phantom, qtbot):
+    """Replacing the image layer's data (another scan of the same name and shape) kept
+    the first scan's slice list, and its autosave went into the same folder under the
+    second scan's fingerprint: the first scan's restore offer was lost and the second
+    was offered the first's slices."""
+    from napari_medseg.core.phantom import generate_phantom
+
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
+    scan_a = image.data
+    scan_b = generate_phantom(small_phantom.volume.shape, small_phantom.volume.spacing,
+                              seed=6, n_lesions=1).volume.array
+    _paint_slice(labels, 4, small_phantom.labels)  # pending autosave: scan A's
+    assert widget.annotated_slices() == [2, 4]
+    image.data = scan_b
+    assert widget.annotated_slices() == []
+    _paint_slice(labels, 5, small_phantom.labels)
+    assert widget.annotated_slices() == [5]
+    widget.autosave_now(wait=True)
+    # a restart: scan A is offered its own slices 2 and 4, scan B its slice 5
+    for data, expected in ((scan_a, "(2 slices)"), (scan_b, "(1 slice)")):
+        fresh = make_napari_viewer()
+        opened = _open(fresh, small_phantom)
+        opened.data = data
+        restarted = RetrainWidget(fresh)
+        restarted._image.value = opened
+        assert restarted._pending_restore is not None, expected
+        assert expected in restarted._restore_label.value
+    # switching the data back brings scan A's list back
+    image.data = scan_a
+    assert widget.annotated_slices() == [2, 4]
+    image.data = scan_b
+    assert widget.annotated_slices() == [5]
+
+
+@pytest.mark.parametrize("damage", [5, [[1]], "2", [True]])
+def test_an_autosave_whose_slice_lists_are_not_lists_of_slices_is_said_not_offered(
+        make_napari_viewer, random_models, small_phantom, damage):
+    """Picking the image raised (EmitLoopError: 'int' object is not iterable) when an
+    autosave record's slice list had another type; nothing was offered or said."""
+    import json
+
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
+    record = next(widget._key_folder(image).glob("*/session.json"))
+    meta = json.loads(record.read_text())
+    meta["edited"] = damage
+    record.write_text(json.dumps(meta))
+    start = len(notification_manager.records)
+    fresh = make_napari_viewer()
+    restarted = RetrainWidget(fresh)
+    restarted._image.value = _open(fresh, small_phantom)
+    assert restarted._pending_restore is None
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("cannot be read" in m and "damaged" in m for m in said), said

@@ -137,7 +137,8 @@ class _RetrainBase(Container):
         self._before_change = None  # (detector) the rows of a move, between its two events
         self._away_slices: set[int] = set()
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
-        self._session_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> name
+        # layer -> {image key (_image_key): name}
+        self._session_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._session_folder_count = 0
         self._writing = False  # our own writes are not user annotations
         self._edited: set[int] = set()
@@ -148,6 +149,9 @@ class _RetrainBase(Container):
         # loses nothing: annotation layer -> {image key (_image_key): (edited, checked,
         # excluded)}
         self._pair: tuple[Any, Any] = (None, None)
+        self._pair_key: str | None = None  # the pair's image content (_image_key) then
+        self._pair_shape: tuple = ()
+        self._watched_image: Any = None  # whose data replacement starts another pair
         self._kept_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # sortable by time, unique across widgets and processes
         self._session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -295,8 +299,22 @@ class _RetrainBase(Container):
                 combo.value = combo.choices[-1]
 
     def _on_image_changed(self, _value=None) -> None:
+        image = self._image.value
+        if image is not self._watched_image:
+            if self._watched_image is not None:
+                self._watched_image.events.data.disconnect(self._on_image_data)
+            self._watched_image = image
+            if image is not None:
+                image.events.data.connect(self._on_image_data)
         self._switch_pair()
         self._check_for_autosave()
+
+    def _on_image_data(self, _event=None) -> None:
+        """The picked image layer got new data (another scan in the same layer): its
+        slice numbers are another image's, so the lists and autosave are another pair's."""
+        if not widget_closed(self._status) and self._image.value is self._watched_image:
+            self._switch_pair()
+            self._check_for_autosave()
 
     def _track(self, _value=None) -> None:
         layer = self._layer_pick.value
@@ -318,19 +336,22 @@ class _RetrainBase(Container):
         image or layer, nor be lost when they come back."""
         old_image, old_layer = self._pair
         image, layer = self._image.value, self._layer_pick.value
-        if image is old_image and layer is old_layer:
+        # the same layers holding another image (its data replaced) are another pair
+        key = self._image_key(image) if image is not None else None
+        if image is old_image and layer is old_layer and key == self._pair_key:
             return
         if old_image is not None and old_layer is not None:
             if self._autosave_timer.isActive():  # its edits belong to the old pair's session
                 self._autosave_timer.stop()
-                self.autosave_now(image=old_image, layer=old_layer)
+                self.autosave_now(image=old_image, layer=old_layer, image_key=self._pair_key)
             if self._edited or self._checked or self._excluded:
-                self._kept_lists.setdefault(old_layer, {})[self._image_key(old_image)] = (
+                self._kept_lists.setdefault(old_layer, {})[self._pair_key] = (
                     self._edited, self._checked, self._excluded)
-        kept = (self._kept_lists.get(layer, {}).pop(self._image_key(image), None)
+        kept = (self._kept_lists.get(layer, {}).pop(key, None)
                 if image is not None and layer is not None else None)
         self._edited, self._checked, self._excluded = kept or (set(), set(), set())
-        self._pair = (image, layer)
+        self._pair, self._pair_key = (image, layer), key
+        self._pair_shape = () if image is None else tuple(image.data.shape)
         pending = (self._imageless_edits.pop(layer, None)
                    if image is not None and layer is not None else None)
         if pending:  # edits made while no image was picked: their slices on this image
@@ -784,21 +805,33 @@ class _RetrainBase(Container):
         if not self._autosave_timer.isActive():
             self._autosave_timer.start(AUTOSAVE_DELAY_MS)
 
-    def autosave_now(self, wait: bool = False, image: Any = None, layer: Any = None) -> None:
+    def autosave_now(self, wait: bool = False, image: Any = None, layer: Any = None,
+                     image_key: str | None = None) -> None:
         """Copy the annotations and lists now (GUI thread), write them in the background.
         ``image`` and ``layer``: the pair the current lists belong to (default: the picked
-        ones; :meth:`_switch_pair` passes the pair being left)."""
+        ones; :meth:`_switch_pair` passes the pair being left, and ``image_key`` when the
+        image's data were replaced: the lists belong to the content it held)."""
         image = self._image.value if image is None else image
         layer = self._layer_pick.value if layer is None else layer
         folder = self._key_folder(image)
         if folder is None or layer is None:
             return
+        if (image_key is not None and image_key != self._image_key(image)
+                and (image_key.startswith("layer-")
+                     or self._pair_shape != tuple(image.data.shape))):
+            # edits of the last moments on content now gone that no record could place
+            # (never fingerprinted, or its shape unknown now): they stay in the layer
+            return
         session = self._session(layer, image)
         if session is None:
             return
+        if image_key is not None:
+            session.image_fingerprint = "" if image_key.startswith("layer-") else image_key
+        else:
+            image_key = self._image_key(image)
         session.edited, session.checked = sorted(self._edited), sorted(self._checked)
         session.excluded = sorted(self._excluded)
-        target = folder / self._session_folder_name(layer)
+        target = folder / self._session_folder_name(layer, image_key)
 
         def write() -> None:
             with self._save_lock:
@@ -853,15 +886,17 @@ class _RetrainBase(Container):
         except RuntimeError:
             pass
 
-    def _session_folder_name(self, layer: Any) -> str:
-        """One autosave folder per annotation layer: two layers on one image must not
-        overwrite each other's autosave (the first keeps the plain session id)."""
-        name = self._session_folders.get(layer)
+    def _session_folder_name(self, layer: Any, image_key: str) -> str:
+        """One autosave folder per annotation layer and image content: two layers on one
+        image must not overwrite each other's autosave, nor one layer's lists on another
+        scan loaded into the same image layer (the first keeps the plain session id)."""
+        names = self._session_folders.setdefault(layer, {})
+        name = names.get(image_key)
         if name is None:
             self._session_folder_count += 1
             n = self._session_folder_count
-            name = self._session_folders[layer] = (self._session_id if n == 1
-                                                   else f"{self._session_id}-{n}")
+            name = names[image_key] = (self._session_id if n == 1
+                                       else f"{self._session_id}-{n}")
         return name
 
     def _check_for_autosave(self) -> None:

@@ -156,6 +156,15 @@ def read_meta(folder: str | Path) -> dict:
         raise MedsegInputError(f"autosave unreadable ({exc})", folder) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise MedsegInputError("not a napari-medseg autosave", folder)
+    for key in ("edited", "checked", "excluded"):  # what an offer counts, before loading
+        value = meta.get(key, [])
+        try:
+            if not isinstance(value, list):
+                raise ValueError(f"{key} is not a list of slices")
+            for z in value:
+                _slice_index(z)
+        except ValueError as exc:
+            raise MedsegInputError(f"autosave record is damaged ({exc})", folder) from exc
     return meta
 
 
