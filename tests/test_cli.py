@@ -114,6 +114,8 @@ def test_outputs_get_the_permissions_of_a_plain_write(tmp_path):
     (["--out", "{dir}", "--eval-seeds", "-1"], "--eval-seeds must be ≥ 0"),
     # a model there (maybe the --init one) was replaced silently
     (["--out", "{models}"], "classifier.json and classifier.safetensors exist in --out; pass --overwrite"),
+    # --overwrite cannot replace a folder: it failed after the training, naming a temp file
+    (["--out", "{folders}", "--overwrite"], "classifier.json in --out is a folder"),
 ])
 def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch, extra, match):
     """These failed only after minutes of training and evaluation."""
@@ -127,8 +129,9 @@ def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypat
     (tmp_path / "models").mkdir()
     for ext in (".json", ".safetensors"):
         (tmp_path / "models" / f"classifier{ext}").write_text("mine")
+    (tmp_path / "folders" / "classifier.json").mkdir(parents=True)
     fill = {"file": str(tmp_path / "afile"), "dir": str(tmp_path / "out"),
-            "models": str(tmp_path / "models")}
+            "models": str(tmp_path / "models"), "folders": str(tmp_path / "folders")}
     argv = ["train", "classifier", "--steps", "1"] + [a.format(**fill) for a in extra]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -219,3 +219,35 @@ def test_phantom_lesion_csv_gives_its_sizes(tmp_path):
     (tmp_path / "both.csv").write_text("z,y,x,radius_mm,diameter_mm\n5,36,27,4.5,9\n")
     with pytest.raises(MedsegInputError, match="both"):
         read_points_csv(str(tmp_path / "both.csv"))
+
+
+def test_a_chain_of_rounds_counts_its_versions_and_rotates_the_held_out_slice(case, tmp_path,
+                                                                                capsys):
+    """Every link of a command-line chain was "+ft1", recorded as version 1, and held out
+    the same slice."""
+    d, _ = case
+    out = tmp_path / "models"
+    common = ["--image", str(d / "image.nii.gz"), "--labels", str(d / "labels.nii.gz"),
+              "--slices", "3,6", "--out", str(out), "--epochs", "1", "--quiet", "--threads", "1"]
+    assert main(["finetune", "segmenter", *common, "--name", "first"]) == 0
+    assert main(["finetune", str(out / "first.json"), *common, "--name", "second"]) == 0
+    second = load_model(out / "second.json")[1]
+    assert second["version"].endswith("+ft2")
+    history = second["finetune_history"]
+    assert [h["version"] for h in history] == [1, 2]
+    assert [h["holdout_slice"] for h in history] == [3, 6]
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_training(case, tmp_path, capsys):
+    """--overwrite passed the check, then the finished round failed naming a temp file
+    ('.mine.json.x1y2.tmp: Is a directory')."""
+    d, _ = case
+    out = tmp_path / "models"
+    (out / "mine.json").mkdir(parents=True)
+    rc = main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
+               str(d / "labels.nii.gz"), "--slices", "3", "--out", str(out), "--name", "mine",
+               "--epochs", "1", "--overwrite"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "mine.json in --out is a folder" in err and ".tmp" not in err
+    assert [p.name for p in out.iterdir()] == ["mine.json"]

@@ -145,6 +145,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not _NAME_RE.match(name):  # said now, not after the training
         raise MedsegInputError(f"model name must be letters, digits, '_', '-' or '.', got "
                                f"{name!r}; pass --name")
+    if (out / f"{name}.json").is_dir():  # --overwrite cannot replace it: said before training
+        raise MedsegInputError(f"{name}.json in --out is a folder; remove it or pass another "
+                               "--name", out)
     if (out / f"{name}.json").exists() and not args.overwrite:
         raise MedsegInputError(f"{name}.json exists; pass --overwrite or another --name", out)
     if not 0 <= args.seed <= MAX_SEED:
@@ -165,19 +168,24 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         from .core.inference import free_threads
 
         threads = free_threads()
+    # this round's number in the model's lineage: it picks the held-out slice (rotating
+    # along a chain of rounds, as in the widget) and is recorded in the card
+    version = len(card.get("finetune_history", [])) + 1
     if args.labels is not None:
         if not isinstance(model, RecurrentSegmenter):
             raise MedsegInputError(f"--labels fine-tunes a segmenter; {args.model} is a {type(model).__name__}")
         labels = read_label_volume(args.labels, volume, slices)
         job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,
-                                 seconds=args.seconds, seed=args.seed, threads=threads)
+                                 seconds=args.seconds, seed=args.seed, threads=threads,
+                                 version=version)
         source = f"--labels {args.labels}"
     else:
         if not isinstance(model, LesionDetector):
             raise MedsegInputError(f"--points fine-tunes a detector; {args.model} is a {type(model).__name__}")
         points, diam = read_points_csv(args.points)
         job = finetune_detector(volume, model, card, points, diam, slices, steps=steps,
-                                seconds=args.seconds, seed=args.seed, threads=threads)
+                                seconds=args.seconds, seed=args.seed, threads=threads,
+                                version=version)
         source = f"--points {args.points}"
     result = _run(job, "finetune", args.quiet)
     card_out = dict(result.card)

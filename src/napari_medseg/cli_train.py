@@ -145,6 +145,11 @@ def _check_before_training(args: argparse.Namespace) -> None:
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise MedsegInputError("--out cannot be created or written here", out)
+    folders = [f"{args.model}{ext}" for ext in (".json", ".safetensors")
+               if (out / f"{args.model}{ext}").is_dir()]
+    if folders:  # --overwrite cannot replace a folder: said now, not after the training
+        raise MedsegInputError(f"{' and '.join(folders)} in --out is a folder; remove it or "
+                               "pass another --out", out)
     existing = [f"{args.model}{ext}" for ext in (".json", ".safetensors")
                 if (out / f"{args.model}{ext}").exists()]
     if existing and not args.overwrite:  # a model (maybe the --init one) silently replaced

@@ -679,6 +679,10 @@ def test_registry_refuses_weights_that_do_not_fit(tmp_path):
         (lambda c: c["arch_params"].update(bogus=1), "bad arch_params.*bogus"),
         (lambda c: c.pop("sha256"), "lacks sha256"),
         (lambda c: c.update(weights_file="../elsewhere.safetensors"), "beside the card"),
+        # refused before building: a damaged count took minutes and 10 GB to build
+        (lambda c: c["arch_params"].update(convs_per_block=100000),
+         r"arch_params \(convs_per_block = 100000\) cannot describe these weights"),
+        (lambda c: c["arch_params"].update(filters=[8] * 100000), "filters lists 100000 values"),
     ],
 )
 def test_registry_refuses_bad_cards(tmp_path, edit, match):
@@ -930,3 +934,14 @@ def test_a_save_killed_between_its_writes_leaves_a_loadable_model(tmp_path, monk
     monkeypatch.setattr(registry, "_atomic_write", real_write)
     save_model(new_model, at_kill, "classifier", CARD)
     assert not [p for p in at_kill.iterdir() if p.name.startswith(".")], stale
+
+
+def test_a_failed_replace_names_the_target_not_the_temp_file(tmp_path):
+    """os.replace onto a folder said '.classifier.json.x1y2.tmp: Is a directory'."""
+    from napari_medseg.core.models.registry import _atomic_write
+
+    (tmp_path / "classifier.json").mkdir()
+    with pytest.raises(OSError) as err:
+        _atomic_write(tmp_path / "classifier.json", b"{}")
+    assert err.value.filename == str(tmp_path / "classifier.json") and ".tmp" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["classifier.json"]

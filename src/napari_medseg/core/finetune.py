@@ -902,7 +902,9 @@ def finetuned_card(card: Mapping[str, Any], model: nn.Module, classes: Sequence[
         "architecture": type(model).__name__,
         "arch_params": dict(model.arch_params),
         "classes": list(classes),
-        "version": f"{str(card.get('version', '1.0')).split('+')[0]}+ft{int(version)}",
+        # rounds in its lineage, whatever a widget numbers its versions: a chain made
+        # from the command line said "+ft1" at every link
+        "version": f"{str(card.get('version', '1.0')).split('+')[0]}+ft{len(history)}",
         "finetuned_from": {"name": base_name, "version": card.get("version"),
                            "sha256": card.get("sha256")} if "finetuned_from" not in card
         else card["finetuned_from"],

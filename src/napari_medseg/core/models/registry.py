@@ -150,8 +150,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)  # "No space left on device" then says on which file
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):
+            # "No space left on device", or os.replace's "Is a directory" (which names the
+            # temp file), then says which file
+            exc.filename, exc.filename2 = str(path), None
         raise
 
 
@@ -492,6 +494,32 @@ def _stored_metadata(data: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _implausible_arch(arch_params: Mapping[str, Any], tensors: Mapping[str, Any]) -> str | None:
+    """Why the card's arch_params cannot describe these weights, seen before the model is
+    built (the card is outside the checksum: a damaged ``convs_per_block: 100000`` took
+    minutes and 10 GB to build, then failed): every whole number (a layer count, a width)
+    is at most the file's tensor count or its largest tensor dimension, every list at most
+    that long."""
+    largest = max((max(v.shape) for v in tensors.values() if v.dim()), default=0)
+    limit = max(len(tensors), largest)
+
+    def problem(key: str, value: Any) -> str | None:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int) and value > limit:
+            return f"{key} = {value}"
+        if isinstance(value, (list, tuple)):
+            if len(value) > limit:
+                return f"{key} lists {len(value)} values"
+            return next((p for v in value if (p := problem(key, v))), None)
+        return None
+
+    found = next((p for k, v in arch_params.items() if (p := problem(str(k), v))), None)
+    return None if found is None else (
+        f"the card's arch_params ({found}) cannot describe these weights ({len(tensors)} "
+        f"tensors, largest dimension {largest})")
+
+
 def _weights_problem(tensors: Mapping[str, Any]) -> str | None:
     """Why these weights cannot be a model's (None if they can): a model's tensors are
     floating point and finite; BatchNorm's counter is the one integer tensor."""
@@ -557,7 +585,7 @@ def load_model(
         raise MedsegInputError(
             f"the card says {card.get('architecture')!r}, the weights file was saved from a "
             f"{stored['architecture']!r}", card_path)
-    problem = _weights_problem(tensors)
+    problem = _weights_problem(tensors) or _implausible_arch(card["arch_params"], tensors)
     if problem:
         raise MedsegInputError(problem, weights_path)
     model = build_for_weights(card)
