@@ -1,7 +1,7 @@
 """What a Retrain round on a long series spends outside training, and what starting it
 from the version's last prediction saves.
 
-    .venv/bin/python benchmarks/finetune_round_passes.py > benchmarks/results/finetune_round_passes.json
+    .venv/bin/python benchmarks/finetune_round_passes.py --repeats 3 > benchmarks/results/finetune_round_passes.json
 
 A round passes over the whole volume to find what its model predicts on the annotated
 slices (corrections, the held-out Dice before), passes again after its first phase for
