@@ -1016,3 +1016,43 @@ def test_parallel_row_and_column_directions_are_named_as_such(tmp_path, iop, n_s
     write_series(tmp_path, [2.0 * k for k in range(n_slices)], iop=iop)
     with pytest.raises(MedsegInputError, match="row and column directions are parallel"):
         read_dicom(tmp_path)
+
+
+def _bare(ds: Dataset, path: Path, implicit: bool) -> None:
+    """``ds`` written as a bare dataset: no preamble, no 'DICM', no file meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_dataset(fp, ds)
+    path.write_bytes(fp.getvalue())
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_a_dataset_without_file_header_is_read_with_a_warning(tmp_path, implicit):
+    """ACR-NEMA-era files and some PACS exports hold the bare dataset (no preamble,
+    'DICM' or file meta): refused as "not a DICOM file"."""
+    source = bundled("CT_small.dcm")
+    reference = read_dicom(source)
+    _bare(pydicom.dcmread(source), tmp_path / "1.2.840.113619.2.1", implicit)  # no suffix
+    volume = read_volume(tmp_path / "1.2.840.113619.2.1")
+    np.testing.assert_array_equal(volume.array, reference.array)
+    assert volume.spacing == reference.spacing and volume.origin == reference.origin
+    assert any("no DICOM file header" in w for w in volume.metadata["warnings"])
+    # a series of them in a folder
+    folder = tmp_path / "series"
+    write_series(folder, [0.0, 2.0, 4.0])
+    for f in sorted(folder.iterdir()):
+        _bare(pydicom.dcmread(f), f, implicit)
+    series = read_dicom(folder)
+    assert series.shape[0] == 3
+    assert any("3 files without a DICOM file header" in w for w in series.metadata["warnings"])
+
+
+def test_a_file_that_only_starts_like_a_dataset_gets_a_clear_message(tmp_path):
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"\x08\x00\x05\x00" + bytes(range(256)) * 4)
+    with pytest.raises(MedsegInputError) as err:
+        read_dicom(path)
+    assert str(err.value).startswith("x.dcm: ") and "\n" not in str(err.value)

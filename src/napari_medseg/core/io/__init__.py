@@ -43,15 +43,19 @@ def _suffix(path: Path) -> str:
 
 def _maybe_dicom(path: Path) -> bool:
     """DICOM files are often named without a suffix, or by UID ("1.2.840.….37"): sniff
-    the "DICM" marker after the 128-byte preamble (a file without it is not read anyway)."""
+    the "DICM" marker after the 128-byte preamble, or a bare dataset's first element."""
+    from .dicom import is_bare_dataset
+
     try:
         if not path.is_file():  # a named pipe would block open() forever
             return False
         with open(path, "rb") as f:
             f.seek(128)
-            return f.read(4) == b"DICM"
+            if f.read(4) == b"DICM":
+                return True
     except OSError:
         return False
+    return is_bare_dataset(path)
 
 
 # how many files to sniff before saying a folder holds no DICOM (a zarr store or a folder

@@ -158,9 +158,52 @@ def read_dicom(path: str | Path) -> Volume:
 # --------------------------------------------------------------------------- reading
 
 
+#: said for a file read without its file header (a bare dataset)
+BARE_WARNING = "no DICOM file header (preamble and 'DICM'): read as a bare dataset"
+
+
+def is_bare_dataset(path: Path) -> bool:
+    """A DICOM dataset written without the 128-byte preamble, 'DICM' and file meta
+    (ACR-NEMA-era files, some PACS exports): it starts with an element of group 0x0002
+    or 0x0008 (little endian), as such files do."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    if len(head) < 8:
+        return False
+    group, element = int.from_bytes(head[:2], "little"), int.from_bytes(head[2:4], "little")
+    return group in (0x0002, 0x0008) and element < 0x0100
+
+
+def _read_dataset(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    """pydicom's read; a bare dataset (no file header) is read too, given the transfer
+    syntax its encoding shows (pydicom decodes no pixels without one) and marked
+    ``medseg_bare``. Raises what pydicom raises."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        if not is_bare_dataset(path):
+            raise
+    ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        meta = meta if meta is not None else FileMetaDataset()
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        ds.file_meta = meta
+    ds.medseg_bare = True
+    return ds
+
+
 def _dcmread(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path)
+        return _read_dataset(path)
     except OSError as exc:  # no permission, a disk error: not a malformed file
         raise MedsegInputError(f"could not read the file ({exc.strerror or short_reason(exc)})",
                                path) from exc
@@ -182,7 +225,9 @@ def _read_file(path: Path) -> Volume:
         raise MedsegInputError("malformed DICOM image (no Rows/Columns tags)", path)
     _check_image_header(ds, path)
     source = _Source(path, ds, has_pixels=True)
-    return _assemble(_frames_of(source), path, warns=[], n_files=1)
+    return _assemble(_frames_of(source), path,
+                     warns=[BARE_WARNING] if getattr(ds, "medseg_bare", False) else [],
+                     n_files=1)
 
 
 def _read_folder(folder: Path) -> Volume:
@@ -190,11 +235,11 @@ def _read_folder(folder: Path) -> Volume:
     if not files:
         raise MedsegInputError("folder holds no files", folder)
     images: list[tuple[Path, Dataset]] = []
-    skipped = broken = 0
+    skipped = broken = bare = 0
     unreadable: list[str] = []
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            ds = _read_dataset(f, stop_before_pixels=True)
         except OSError:  # no permission, a disk error: say which, it may be a slice
             unreadable.append(f.name)
             continue
@@ -208,6 +253,7 @@ def _read_folder(folder: Path) -> Volume:
                 broken += 1
                 continue
             images.append((f, ds))
+            bare += bool(getattr(ds, "medseg_bare", False))
         elif _is_image_storage(ds):  # an image file cut short before its image header
             broken += 1
         # else: DICOMDIR, structured report, RT plan ... DICOM but no image
@@ -225,6 +271,9 @@ def _read_folder(folder: Path) -> Volume:
     # sizes or orientations, a localizer sharing its UID, colour), try the next, and say so
     order = sorted(groups, key=lambda k: -sizes[k])
     notes: list[str] = []
+    if bare:
+        notes.append(f"{bare} file{'s' if bare > 1 else ''} without a DICOM file header "
+                     "(preamble and 'DICM'): read as bare datasets")
     if skipped:
         notes.append(f"skipped {skipped} non-DICOM file{'s' if skipped > 1 else ''}")
     if broken:
