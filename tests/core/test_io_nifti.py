@@ -510,6 +510,13 @@ def test_lengths_in_the_headers_unit_are_read_in_mm(tmp_path, unit, factor):
     converted = [w for w in volume.metadata["warnings"] if "converted to mm" in w]
     assert converted == ([f"the header gives lengths in {unit}s; converted to mm"]
                          if factor != 1.0 else [])
+    # a NaN in the affine: the voxel size comes from pixdim, in the same unit
+    affine[0, 3] = np.nan
+    img = nib.Nifti1Image(ramp((6, 5, 4)), affine)
+    img.header.set_xyzt_units(unit)
+    nib.save(img, tmp_path / "nan.nii")
+    np.testing.assert_allclose(read_nifti(tmp_path / "nan.nii").spacing, (2.0, 0.7, 0.7),
+                               rtol=1e-5)
 
 
 def test_small_voxels_are_read_and_written_not_rounded_to_zero(tmp_path):

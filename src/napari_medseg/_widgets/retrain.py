@@ -279,6 +279,8 @@ class RetrainWidget(_RetrainBase):
         return finetune_segmenter(volume, model, card, labels, slices, seconds=seconds,
                                   version=version, class_names=names, model_labels=model_output)
 
+    reuses_output = True
+
     @staticmethod
     def _reusable_output(prediction):
         return prediction.labels

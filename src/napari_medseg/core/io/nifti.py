@@ -181,7 +181,7 @@ def _read(path: str | Path, want_labels: bool = True
         affine[:3, :4] *= to_mm
         warns.append(f"the header gives lengths in {unit}s; converted to mm")
     if not np.isfinite(affine[:3, :4]).all():  # NaN/inf in the header: no geometry to trust
-        zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+        zooms = np.asarray(img.header.get_zooms()[:3], dtype=float) * (to_mm or 1.0)
         zooms = np.pad(zooms, (0, 3 - len(zooms)), constant_values=1.0)
         affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # stored axes as L, P, S (in RAS terms)
         usable = bool(np.all(np.isfinite(zooms) & (zooms > 0)))
