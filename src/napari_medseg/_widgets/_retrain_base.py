@@ -29,7 +29,7 @@ from magicgui.widgets import (ComboBox, Container, FloatSpinBox, Label, LineEdit
                               PushButton)
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import QListWidget, QListWidgetItem
+from qtpy.QtWidgets import QListWidget, QListWidgetItem, QSizePolicy
 from superqt.utils import ensure_main_thread
 
 from .. import _jobs
@@ -184,6 +184,10 @@ class _RetrainBase(Container):
         self._model = ComboBox(label="Model", choices=lambda _w=None: model_choices(self.architecture))
         self._restore_label = Label(value="")
         self._restore_label.native.setWordWrap(True)
+        # full width, and never shorter than its text: squeezed under another dock widget
+        # it was cut off at its first and last line
+        self._restore_label.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                                 QSizePolicy.Policy.Minimum)
         self._restore = PushButton(text="Restore")
         self._discard = PushButton(text="Discard")
         self._restore_box = Container(widgets=[self._restore_label, Container(
@@ -208,6 +212,8 @@ class _RetrainBase(Container):
         curve_box.native.layout().addWidget(self._round_progress.native)
         self._status = Label(value=f"Correct the {self.layer_kind} layer, then Retrain.")
         self._status.native.setWordWrap(True)
+        self._status.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                          QSizePolicy.Policy.Minimum)
         # callable choices: napari's reset_choices (on every layer added) re-reads them
         self._versions = ComboBox(label="Version", choices=self._version_choices)
         self._revert = PushButton(text="Use this version")
