@@ -716,31 +716,3 @@ def test_raw_stored_values_and_a_scale_in_cm_are_said(make_napari_viewer, qtbot,
         _run_and_wait(widget, qtbot)
         assert any(said in str(n.message) for n in notification_manager.records[start:])
         assert "Warning:" in widget._status.value and said in widget._status.value
-
-
-@pytest.mark.parametrize("transform", [
-    {"affine": [[5, 0.5, 0, 10], [0, 1.5, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]]},
-    {"scale": (5, 1.5, 1.5), "shear": (0.3, 0, 0)},
-])
-def test_slices_are_named_and_reached_on_a_sheared_layer(make_napari_viewer, qtbot,
-                                                         random_models, small_phantom, transform):
-    """With a shear or an affine, a layer's z depends on y and x too: the widget named
-    "Slice 5" where napari showed slice 2, and a jump to slice 7 showed slice 4."""
-    viewer = make_napari_viewer()
-    array = np.concatenate([small_phantom.volume.array] * 2)[:10, :64, :64]
-    image = viewer.add_image(array, name="sheared", **transform)
-    widget = ClassifyWidget(viewer)
-    _select(widget, image, random_models["SliceClassifier"])
-    _run_and_wait(widget, qtbot)
-
-    def shown():  # the slice napari shows: its data z at the viewer's whole point
-        return int(round(image.world_to_data(np.asarray(viewer.dims.point)[-3:])[0]))
-
-    for z in (2, 7):
-        viewer.dims.set_point(range(3), image.data_to_world([z, 32, 32]))
-        assert shown() == z
-        assert widget._current.value.startswith(f"Slice {z}:"), widget._current.value
-        assert widget._strip._current == z
-    for z in (7, 1):
-        widget._go_to_slice(z)
-        assert shown() == z and widget._current.value.startswith(f"Slice {z}:")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
-
 
 def camera(viewer: Any) -> Any:
     """The viewer's camera: ``viewer.scene.camera`` since napari 0.9 (``viewer.camera``,
@@ -35,32 +33,12 @@ def go_to_world(viewer: Any, layer: Any, world: Sequence[float],
         cam.center = tuple(wanted.get(a, now[i]) for i, a in enumerate(shown))
 
 
-def data_z(layer: Any, world: Sequence[float]) -> float:
-    """The data z (the first of a 3D layer's last three axes) of ``layer`` at the world
-    point ``world`` (the viewer's whole point, or the layer's world coordinates: its
-    last ``layer.ndim`` values count). Not from the world z alone: with a shear or an
-    affine, z depends on y and x too (a sheared layer's "slice 5" was napari's slice 2)."""
-    point = np.asarray(world, dtype=float)[-layer.ndim:]
-    return float(layer.world_to_data(point)[layer.ndim - 3])
-
-
 def go_to_slice(viewer: Any, layer: Any, z: int) -> None:
     """Slice ``z`` of a 3D ``layer``: the z slider moves there, or, when the user put z on
-    screen (axes reordered), the view centres on it. The world z is solved for at the
-    viewer's other coordinates, where napari picks the slice it shows."""
+    screen (axes reordered), the view centres on it."""
     if layer is None or layer not in viewer.layers or layer.ndim < 3:
         return
-    k = layer.ndim - 3
-    point = np.asarray(viewer.dims.point, dtype=float)[-layer.ndim:].copy()
-    at0, at1 = point.copy(), point.copy()
-    at0[k], at1[k] = 0.0, 1.0
-    z0 = data_z(layer, at0)
-    slope = data_z(layer, at1) - z0  # data z per world z, at the other coordinates
-    if abs(slope) < 1e-9:  # the world z does not move the data z here: nothing to solve
-        point = layer.data_to_world([0.0] * k + [float(z), 0.0, 0.0])
-    else:
-        point[k] = (float(z) - z0) / slope
-    go_to_world(viewer, layer, point, axes=[k])
+    go_to_world(viewer, layer, layer.data_to_world([int(z), 0, 0]), axes=[layer.ndim - 3])
 
 
 def slice_axis_shown(viewer: Any, layer: Any) -> bool:

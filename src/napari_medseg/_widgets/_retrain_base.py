@@ -56,7 +56,7 @@ from ..core.session import (
     sessions_dir,
 )
 from ._loss_curve import LossCurve
-from ._navigate import data_z, go_to_slice
+from ._navigate import go_to_slice
 from ._model_widget import (
     REDRAW_S,
     _geometry,
@@ -453,25 +453,20 @@ class _RetrainBase(Container):
             self._excluded.add(z)
         self._schedule_autosave()
 
-    def _image_slice(self, world: Any) -> int | None:
-        """The picked image's slice at the world point ``world`` (its whole point: with a
-        shear or an affine, the slice depends on y and x too)."""
+    def _image_slice(self, world_z: float) -> int | None:
         image = self._image.value
         if image is None:
             return None
         if image.ndim == 2:
             return 0
-        world = np.asarray(world, dtype=float).reshape(-1)
-        if len(world) < image.ndim:
-            return None
-        z = data_z(image, world)
+        z = image.world_to_data([world_z, 0, 0])[0]
         if not np.isfinite(z):  # a point with a NaN coordinate lies on no slice
             return None
         z = int(round(z))
         return z if 0 <= z < image.data.shape[0] else None
 
     def _mark_current(self) -> None:
-        z = self._image_slice(self._viewer.dims.point)
+        z = self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3 else 0.0)
         if z is None:
             show_error(f"{self.task.capitalize()}: the current slice is outside the image")
             return

@@ -58,12 +58,12 @@ class RetrainDetectorWidget(_RetrainBase):
         return np.array(layer.data, dtype=float, copy=True).reshape(-1, layer.ndim)
 
     def _point_slice(self, layer, point) -> int | None:
-        world = np.asarray(layer.data_to_world(point), dtype=float)
-        if self._image.value is None and np.isfinite(world).all():
+        world_z = layer.data_to_world(point)[-3] if layer.ndim >= 3 else 0.0
+        if self._image.value is None and np.isfinite(world_z):
             # edited while no image is picked (its layer removed to be opened again): the
             # slice is known once an image is back (_switch_pair)
-            self._imageless_edits.setdefault(layer, []).append(world)
-        return self._image_slice(world)
+            self._imageless_edits.setdefault(layer, []).append(float(world_z))
+        return self._image_slice(world_z)
 
     def _on_points(self, event) -> None:
         """Slices of added, changed (before and after a move) and removed points."""
