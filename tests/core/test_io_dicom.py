@@ -1018,24 +1018,27 @@ def test_parallel_row_and_column_directions_are_named_as_such(tmp_path, iop, n_s
         read_dicom(tmp_path)
 
 
-def _bare(ds: Dataset, path: Path, implicit: bool) -> None:
+def _bare(ds: Dataset, path: Path, implicit: bool, little: bool = True) -> None:
     """``ds`` written as a bare dataset: no preamble, no 'DICM', no file meta."""
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
     fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    fp.is_little_endian, fp.is_implicit_VR = little, implicit
+    if not little:  # pixel data are written as stored: store them big endian too
+        ds = Dataset(ds)
+        ds.PixelData = np.frombuffer(ds.PixelData, "<i2").astype(">i2").tobytes()
     write_dataset(fp, ds)
     path.write_bytes(fp.getvalue())
 
 
-@pytest.mark.parametrize("implicit", [True, False])
-def test_a_dataset_without_file_header_is_read_with_a_warning(tmp_path, implicit):
+@pytest.mark.parametrize("implicit, little", [(True, True), (False, True), (False, False)])
+def test_a_dataset_without_file_header_is_read_with_a_warning(tmp_path, implicit, little):
     """ACR-NEMA-era files and some PACS exports hold the bare dataset (no preamble,
     'DICM' or file meta): refused as "not a DICOM file"."""
     source = bundled("CT_small.dcm")
     reference = read_dicom(source)
-    _bare(pydicom.dcmread(source), tmp_path / "1.2.840.113619.2.1", implicit)  # no suffix
+    _bare(pydicom.dcmread(source), tmp_path / "1.2.840.113619.2.1", implicit, little)  # no suffix
     volume = read_volume(tmp_path / "1.2.840.113619.2.1")
     np.testing.assert_array_equal(volume.array, reference.array)
     assert volume.spacing == reference.spacing and volume.origin == reference.origin
@@ -1044,7 +1047,7 @@ def test_a_dataset_without_file_header_is_read_with_a_warning(tmp_path, implicit
     folder = tmp_path / "series"
     write_series(folder, [0.0, 2.0, 4.0])
     for f in sorted(folder.iterdir()):
-        _bare(pydicom.dcmread(f), f, implicit)
+        _bare(pydicom.dcmread(f), f, implicit, little)
     series = read_dicom(folder)
     assert series.shape[0] == 3
     assert any("3 files without a DICOM file header" in w for w in series.metadata["warnings"])
@@ -1056,3 +1059,20 @@ def test_a_file_that_only_starts_like_a_dataset_gets_a_clear_message(tmp_path):
     with pytest.raises(MedsegInputError) as err:
         read_dicom(path)
     assert str(err.value).startswith("x.dcm: ") and "\n" not in str(err.value)
+
+
+def test_binary_files_that_start_like_a_dataset_are_not_taken_for_one(tmp_path):
+    """An int32 array of 8, 0, 1, 2 starts with the bytes of a group-0008 element: it was
+    claimed as DICOM ("holds no image (unknown type)"), and counted in a series folder as
+    a DICOM object rather than skipped."""
+    from napari_medseg.core.io import is_supported_path
+
+    blob = tmp_path / "labels.bin"
+    blob.write_bytes(np.array([8, 0, 1, 2] * 64, "<i4").tobytes())
+    assert not is_supported_path(blob)
+    folder = tmp_path / "series"
+    write_series(folder, [0.0, 2.0])
+    (folder / "notes.bin").write_bytes(blob.read_bytes())
+    (folder / "readme.txt").write_text("scan notes")
+    warns = read_dicom(folder).metadata["warnings"]
+    assert "skipped 2 non-DICOM files" in warns, warns

@@ -165,7 +165,9 @@ BARE_WARNING = "no DICOM file header (preamble and 'DICM'): read as a bare datas
 def is_bare_dataset(path: Path) -> bool:
     """A DICOM dataset written without the 128-byte preamble, 'DICM' and file meta
     (ACR-NEMA-era files, some PACS exports): it starts with an element of group 0x0002
-    or 0x0008 (little endian), as such files do."""
+    or 0x0008 (either byte order), and read as a dataset it names its SOP class or holds
+    an image (Rows, Columns). Any binary file may start with those four bytes (an int32
+    array of 8, 0, …): the second test keeps such files out."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -173,8 +175,17 @@ def is_bare_dataset(path: Path) -> bool:
         return False
     if len(head) < 8:
         return False
-    group, element = int.from_bytes(head[:2], "little"), int.from_bytes(head[2:4], "little")
-    return group in (0x0002, 0x0008) and element < 0x0100
+    starts = any(int.from_bytes(head[:2], order) in (0x0002, 0x0008)
+                 and int.from_bytes(head[2:4], order) < 0x0100 for order in ("little", "big"))
+    if not starts:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's remarks on a file that may be none
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:
+        return False
+    return "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)
 
 
 def _read_dataset(path: Path, stop_before_pixels: bool = False) -> Dataset:
