@@ -25,6 +25,10 @@ def write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
 
 
 def _write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
+    if meta.get("multiscale") or type(data).__name__ == "MultiScaleData":
+        # the full resolution, which the layer's scale describes (np.asarray gave the
+        # coarsest level, written at the full-resolution voxel size)
+        data = data[0]
     labels = np.asarray(data)
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
         if not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.round(labels)):
@@ -65,6 +69,9 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
 
     world = world_matrix_of(meta.get("scale", (1.0,) * ndim), meta.get("translate", (0.0,) * ndim),
                             meta.get("rotate"), meta.get("shear"), meta.get("affine"))
+    # world lengths in the layer's units, the file's in mm: a layer in cm was saved at a
+    # tenth of its size
+    world[:ndim, :] *= _mm_per_unit(meta.get("units"), ndim)[:, None]
     if ndim == 3:
         return world
     if ndim != 2:
@@ -72,6 +79,25 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
     matrix = np.eye(4)
     matrix[1:3, 1:3], matrix[1:3, 3] = world[:2, :2], world[:2, 2]
     return matrix
+
+
+def _mm_per_unit(units: Any, ndim: int) -> np.ndarray:
+    """Millimetres per world unit on each axis; 1 for pixels or no unit (this plugin
+    reads a layer's numbers as mm)."""
+    factors = np.ones(ndim)
+    if units is None:
+        return factors
+    units = [units] * ndim if isinstance(units, str) else list(units)
+    for i, unit in enumerate(units[-ndim:]):
+        try:
+            import pint
+
+            quantity = pint.get_application_registry().Quantity(1.0, str(unit))
+            if quantity.dimensionality == {"[length]": 1}:
+                factors[len(factors) - len(units[-ndim:]) + i] = float(quantity.to("mm").magnitude)
+        except Exception:  # an unknown or dimensionless unit ("pixel"): the numbers as mm
+            continue
+    return factors
 
 
 def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:

@@ -92,6 +92,29 @@ def test_writer_saves_labels_with_image_spacing(make_napari_viewer, tmp_path):
     np.testing.assert_allclose(back.origin, layer.translate, atol=1e-4)
 
 
+def test_labels_in_cm_are_saved_in_mm_and_multiscale_at_full_resolution(make_napari_viewer,
+                                                                          tmp_path):
+    """A layer whose units were cm was saved with its numbers as mm (a tenth of its
+    size); a multiscale one at its coarsest level with the full-resolution voxel size."""
+    viewer = make_napari_viewer()
+    labels = np.zeros((4, 16, 12), dtype=np.uint8)
+    labels[1:3, 4:8, 2:6] = 2
+    viewer.add_labels(labels, scale=(0.25, 0.06, 0.06), translate=(1.0, -0.5, 0.4),
+                      units="cm", name="cm")
+    assert viewer.layers.save(str(tmp_path / "cm.nii.gz"), selected=False,
+                              plugin="napari-medseg") == [str(tmp_path / "cm.nii.gz")]
+    back = read_nifti(tmp_path / "cm.nii.gz")
+    np.testing.assert_array_equal(back.array, labels)
+    np.testing.assert_allclose(back.spacing, (2.5, 0.6, 0.6), rtol=1e-5)
+    np.testing.assert_allclose(back.origin, (10.0, -5.0, 4.0), atol=1e-4)
+    viewer.layers.clear()
+    viewer.add_labels([labels, labels[:, ::2, ::2]], multiscale=True, scale=(2.0, 0.6, 0.6))
+    viewer.layers.save(str(tmp_path / "ms.nii.gz"), selected=False, plugin="napari-medseg")
+    back = read_nifti(tmp_path / "ms.nii.gz")
+    np.testing.assert_array_equal(back.array, labels)
+    np.testing.assert_allclose(back.spacing, (2.0, 0.6, 0.6), rtol=1e-5)
+
+
 def test_saved_labels_open_again_as_the_same_labels_layer(make_napari_viewer, tmp_path):
     """Save a segmentation, open the file: a Labels layer with the same values (above
     float32's 2**24 too), placement and structure names, usable as an annotation layer."""
