@@ -220,7 +220,8 @@ def detection_layer_data(
     labels = np.asarray([f"{s:.2f} · {d:.0f} mm" for s, d in zip(scores, diameters)], dtype=object)
     kwargs = {
         **_points_kwargs(
-            f"{image_layer.name} lesions ({provenance['model']})", diameters, image_layer.scale,
+            f"{image_layer.name} lesions ({provenance['model']})", diameters,
+            scale_mm(image_layer),
             {"score": scores, "label": labels}, "{label}",
         ),
         # a point the user adds has no score (not a detection's, as napari would copy) and
@@ -329,10 +330,47 @@ def world_matrix_of(scale: Any, translate: Any, rotate: Any = None, shear: Any =
     return np.asarray(outer.compose(parts).affine_matrix, dtype=float)
 
 
-def voxel_spacing(layer: Any) -> tuple[float, ...]:
-    """Each data axis's step in the world (mm), from the layer's whole transform: what the
-    models take as the voxel size (a reader may put the spacing into ``affine``)."""
+def mm_per_unit(units: Any, ndim: int) -> np.ndarray:
+    """Millimetres per world unit on each of the last ``ndim`` axes; 1 for pixels, no
+    unit or one that is no length (the numbers are then taken as mm)."""
+    factors = np.ones(ndim)
+    if units is None:
+        return factors
+    units = ([units] * ndim if isinstance(units, str) else list(units))[-ndim:]
+    offset = ndim - len(units)
+    for i, unit in enumerate(units):
+        try:
+            import pint
+
+            quantity = pint.get_application_registry().Quantity(1.0, str(unit))
+            if quantity.dimensionality == {"[length]": 1}:
+                factors[offset + i] = float(quantity.to("mm").magnitude)
+        except Exception:  # an unknown or dimensionless unit ("pixel")
+            continue
+    return factors
+
+
+def scale_mm(layer: Any) -> np.ndarray:
+    """``layer.scale`` in mm per voxel (its units converted): what a diameter in mm is
+    divided by to give napari's point size on it."""
+    scale = np.asarray(layer.scale, dtype=float)
+    return scale * mm_per_unit(getattr(layer, "units", None), len(scale))
+
+
+def world_matrix_mm(layer: Any) -> np.ndarray:
+    """:func:`world_matrix` in mm: a layer whose units are cm or µm is converted (napari
+    keeps the numbers in the layer's own units; the models and files count in mm)."""
     world = world_matrix(layer)
+    ndim = world.shape[0] - 1
+    world[:ndim, :] *= mm_per_unit(getattr(layer, "units", None), ndim)[:, None]
+    return world
+
+
+def voxel_spacing(layer: Any) -> tuple[float, ...]:
+    """Each data axis's step in the world (mm), from the layer's whole transform and
+    units: what the models take as the voxel size (a reader may put the spacing into
+    ``affine``)."""
+    world = world_matrix_mm(layer)
     ndim = world.shape[0] - 1
     return tuple(float(v) for v in np.linalg.norm(world[:ndim, :ndim], axis=0))
 
@@ -378,7 +416,7 @@ def volume_from_layer(layer: Any, defer_lazy: bool = False) -> Any:
     than ``scale``).
     """
     check_image_layer(layer)
-    world = world_matrix(layer)
+    world = world_matrix_mm(layer)
     ndim = world.shape[0] - 1
     spacing = voxel_spacing(layer)
     origin = tuple(float(v) for v in world[:ndim, ndim])

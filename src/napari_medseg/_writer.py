@@ -65,13 +65,13 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
     """The layer's whole data-to-world transform (scale, translate, rotate, shear and
     affine: the last three were dropped, so a rotated layer was saved unrotated), as a
     (z, y, x) 4 × 4; a 2D layer is one slice of 1 mm."""
-    from ._layers import world_matrix_of
+    from ._layers import mm_per_unit, world_matrix_of
 
     world = world_matrix_of(meta.get("scale", (1.0,) * ndim), meta.get("translate", (0.0,) * ndim),
                             meta.get("rotate"), meta.get("shear"), meta.get("affine"))
     # world lengths in the layer's units, the file's in mm: a layer in cm was saved at a
     # tenth of its size
-    world[:ndim, :] *= _mm_per_unit(meta.get("units"), ndim)[:, None]
+    world[:ndim, :] *= mm_per_unit(meta.get("units"), ndim)[:, None]
     if ndim == 3:
         return world
     if ndim != 2:
@@ -79,25 +79,6 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
     matrix = np.eye(4)
     matrix[1:3, 1:3], matrix[1:3, 3] = world[:2, :2], world[:2, 2]
     return matrix
-
-
-def _mm_per_unit(units: Any, ndim: int) -> np.ndarray:
-    """Millimetres per world unit on each axis; 1 for pixels or no unit (this plugin
-    reads a layer's numbers as mm)."""
-    factors = np.ones(ndim)
-    if units is None:
-        return factors
-    units = [units] * ndim if isinstance(units, str) else list(units)
-    for i, unit in enumerate(units[-ndim:]):
-        try:
-            import pint
-
-            quantity = pint.get_application_registry().Quantity(1.0, str(unit))
-            if quantity.dimensionality == {"[length]": 1}:
-                factors[len(factors) - len(units[-ndim:]) + i] = float(quantity.to("mm").magnitude)
-        except Exception:  # an unknown or dimensionless unit ("pixel"): the numbers as mm
-            continue
-    return factors
 
 
 def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:

@@ -406,6 +406,27 @@ def test_info_says_how_a_result_was_made_and_lists_labels_layers(make_napari_vie
     assert "Missing planes along y: 3–4" in describe_layer(coronal)  # it said none
     assert "missing_planes:" not in describe_layer(coronal)  # once, not again as raw metadata
     cells = viewer.add_image(np.zeros((3, 8, 8)), scale=(0.5, 0.2, 0.2), units="um")
-    assert "Spacing (micrometer; the models read the numbers as mm): (0.5, 0.2, 0.2)" in \
+    # the numbers were read as mm, 1000 times too large
+    assert "Spacing (mm, converted from micrometer): (0.0005, 0.0002, 0.0002)" in \
         describe_layer(cells)
     assert "Spacing (mm)" in describe_layer(viewer.add_image(np.zeros((3, 8, 8))))
+
+
+def test_a_layer_in_cm_is_read_by_the_models_in_mm():
+    """The models read a layer's numbers as mm whatever its units: a CT whose scale was
+    given in cm (0.25 × 0.1 × 0.1) went to them as 0.25 mm slices of 0.1 mm pixels."""
+    from napari.layers import Image
+
+    from napari_medseg._layers import marker_sizes, scale_mm, volume_from_layer
+
+    data = np.zeros((4, 16, 16), np.float32)
+    in_cm = Image(data, scale=(0.25, 0.1, 0.1), translate=(1.0, 2.0, 3.0), units="cm")
+    in_mm = Image(data, scale=(2.5, 1.0, 1.0), translate=(10.0, 20.0, 30.0))
+    for layer in (in_cm, in_mm):
+        volume = volume_from_layer(layer)
+        np.testing.assert_allclose(volume.spacing, (2.5, 1.0, 1.0))
+        np.testing.assert_allclose(volume.origin, (10.0, 20.0, 30.0))
+    # a 10 mm lesion is drawn 10 mm wide on both: 1 cm on the first, 10 mm on the other
+    for layer in (in_cm, in_mm):
+        assert marker_sizes([10.0], scale_mm(layer))[0] * abs(layer.scale[-1]) == \
+            pytest.approx(10.0 / (10.0 if layer is in_cm else 1.0))

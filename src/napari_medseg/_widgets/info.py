@@ -7,18 +7,20 @@ import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, TextEdit
 
-from .._layers import voxel_spacing, world_matrix
+from .._layers import mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import follow_layer_names, slice_ranges
 
 
 def _unit(layer) -> str:
-    """The spacing's unit as the text says it: mm (the models' reading), unless the layer
-    says another physical unit (napari's default, "pixel", is no statement)."""
-    units = {str(u) for u in getattr(layer, "units", ())} - {"millimeter", "pixel"}
+    """The spacing's unit as the text says it: mm, converted from the layer's own
+    physical unit when it has another (napari's default, "pixel", is no statement)."""
+    ndim = len(getattr(layer, "units", ()))
+    units = {str(u) for u, f in zip(getattr(layer, "units", ()), mm_per_unit(
+        getattr(layer, "units", None), ndim)) if f != 1.0}
     if not units:
         return "mm"
-    return f"{', '.join(sorted(units))}; the models read the numbers as mm"
+    return f"mm, converted from {', '.join(sorted(units))}"
 
 
 def _provenance(medseg: dict) -> list[str]:
@@ -54,7 +56,7 @@ def describe_layer(layer) -> str:
     axes = {2: "y, x", 3: "z, y, x"}.get(ndim, f"{ndim} axes; the models take 2D or 3D")
     if rgb:
         axes += ", colour"
-    world = world_matrix(layer)
+    world = world_matrix_mm(layer)
     spacing = voxel_spacing(layer)  # what the models use
     unit = _unit(layer)
     lines = [

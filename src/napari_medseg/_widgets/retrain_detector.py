@@ -13,7 +13,7 @@ import numpy as np
 from napari.utils.notifications import show_warning
 
 from .._layers import (_like_layer, detection_layer_data, mark_added_points, marker_sizes,
-                       unmatched_rows)
+                       scale_mm, unmatched_rows)
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
@@ -163,7 +163,7 @@ class RetrainDetectorWidget(_RetrainBase):
         return self._viewer.add_points(
             points, name=f"{image.name} lesion points (restored {session.saved_at})",
             border_color="lime", face_color="transparent",
-            size=marker_sizes(diam, image.scale) if len(points) else 8,
+            size=marker_sizes(diam, scale_mm(image)) if len(points) else 8,
             shown=shown, features={"diameter_mm": diam}, **_like_layer(image))
 
     @staticmethod
