@@ -1076,3 +1076,23 @@ def test_binary_files_that_start_like_a_dataset_are_not_taken_for_one(tmp_path):
     (folder / "readme.txt").write_text("scan notes")
     warns = read_dicom(folder).metadata["warnings"]
     assert "skipped 2 non-DICOM files" in warns, warns
+
+
+def test_sniffing_a_bare_dataset_reads_element_headers_only(tmp_path, monkeypatch):
+    """The sniff parsed the whole file with pydicom (force=True): a mostly-zero 100 MB
+    file, which starts like a group-0008 element, took 40 s, and napari sniffs every file
+    dropped on it. It now walks element headers and never calls pydicom."""
+    from napari_medseg.core.io import dicom as dicom_module
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the sniff parsed the file")
+
+    zeros = tmp_path / "volume.raw"
+    array = np.zeros(1_000_000, "<i4")
+    array[0] = 8
+    zeros.write_bytes(array.tobytes())
+    bare = tmp_path / "bare"
+    _bare(pydicom.dcmread(bundled("CT_small.dcm")), bare, implicit=True)
+    monkeypatch.setattr(dicom_module.pydicom, "dcmread", no_parse)
+    assert not dicom_module.is_bare_dataset(zeros)
+    assert dicom_module.is_bare_dataset(bare)
