@@ -751,3 +751,14 @@ def test_training_neither_moves_the_callers_torch_state_nor_shares_it_with_anoth
                     results[i] = stop.value
     assert torch.equal(weights(results[0][0]), weights(alone))
     assert not torch.equal(weights(results[1][0]), weights(alone))
+
+
+def test_class_weights_stay_under_their_cap_with_many_classes():
+    """Capping then renormalising lifted the capped weights over the cap again (24.3 for
+    a cap of 20 with 25 classes, one rare)."""
+    from napari_medseg.core.training import class_weights
+
+    for counts in ([1e6] * 24 + [1], [1e6] * 30 + [1, 2], [5, 1, 1e4]):
+        w = class_weights(counts).numpy()
+        assert w.max() <= 20.0 + 1e-4 and abs(w.mean() - 1.0) < 1e-5, w
+        assert np.all(np.diff(w[np.argsort(counts)]) <= 1e-6)  # rarer: never lighter
