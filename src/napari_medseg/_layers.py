@@ -330,6 +330,20 @@ def world_matrix_of(scale: Any, translate: Any, rotate: Any = None, shear: Any =
     return np.asarray(outer.compose(parts).affine_matrix, dtype=float)
 
 
+def length_mm(unit: Any) -> float | None:
+    """Millimetres in one ``unit`` (a pint unit or its name); None when it is no length
+    (napari's "pixel", an unknown name)."""
+    try:
+        import pint
+
+        quantity = pint.get_application_registry().Quantity(1.0, str(unit))
+        if quantity.dimensionality == {"[length]": 1}:
+            return float(quantity.to("mm").magnitude)
+    except Exception:  # an unknown or dimensionless unit ("pixel")
+        pass
+    return None
+
+
 def mm_per_unit(units: Any, ndim: int) -> np.ndarray:
     """Millimetres per world unit on each of the last ``ndim`` axes; 1 for pixels, no
     unit or one that is no length (the numbers are then taken as mm)."""
@@ -339,14 +353,9 @@ def mm_per_unit(units: Any, ndim: int) -> np.ndarray:
     units = ([units] * ndim if isinstance(units, str) else list(units))[-ndim:]
     offset = ndim - len(units)
     for i, unit in enumerate(units):
-        try:
-            import pint
-
-            quantity = pint.get_application_registry().Quantity(1.0, str(unit))
-            if quantity.dimensionality == {"[length]": 1}:
-                factors[offset + i] = float(quantity.to("mm").magnitude)
-        except Exception:  # an unknown or dimensionless unit ("pixel")
-            continue
+        mm = length_mm(unit)
+        if mm is not None:
+            factors[offset + i] = mm
     return factors
 
 

@@ -85,7 +85,7 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
     """The scan's axes: from the layer's own metadata (results of this plugin), else from
     an image this plugin opened that the layer lies on (a layer from napari's New Labels
     button carries none); None: axial."""
-    from ._layers import axes_for, scan_axes, world_matrix
+    from ._layers import axes_for, scan_axes, world_matrix_mm
 
     own = axes_for(((meta.get("metadata") or {}).get("medseg") or {}).get("source"), shape)
     if own is not None:
@@ -94,7 +94,7 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
         axes = scan_axes(layer).get("axes_lps")
         if (axes is not None and getattr(layer, "ndim", 0) == 3
                 and tuple(getattr(layer.data, "shape", ()))[-3:] == tuple(shape)
-                and np.allclose(world_matrix(layer), matrix)):
+                and np.allclose(world_matrix_mm(layer), matrix)):
             return axes
     return None
 

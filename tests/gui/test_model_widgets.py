@@ -743,3 +743,43 @@ def test_on_a_sheared_layer_the_widget_names_the_slice_napari_draws(
     for z in (7, 1):
         widget._go_to_slice(z)
         assert drawn() == z and widget._current.value.startswith(f"Slice {z}:")
+
+
+def test_a_layer_in_cm_beside_one_in_mm_is_navigated_and_retrained_where_napari_draws_it(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """napari converts a layer in cm beside one in mm (its numbers × 10 on screen): a jump
+    to slice 4 (2.0 cm) went to 2 mm, a points layer in mm over the cm image was read 19
+    slices away, and labels saved in mm from it were refused as "not on the image"."""
+    from napari_medseg._widgets.retrain import RetrainWidget
+    from napari_medseg._widgets.retrain_detector import RetrainDetectorWidget
+
+    viewer = make_napari_viewer()
+    array = np.concatenate([small_phantom.volume.array] * 2)[:10, :64, :64]
+    viewer.add_image(array, scale=(2.5, 1.0, 1.0), units="mm", name="ct mm")
+    ct_cm = viewer.add_image(array, scale=(0.25, 0.1, 0.1), translate=(1.0, 0.0, 0.0),
+                             units="cm", name="ct cm")
+    widget = ClassifyWidget(viewer)
+    _select(widget, ct_cm, random_models["SliceClassifier"])
+    _run_and_wait(widget, qtbot)
+    for z in (4, 7):
+        widget._go_to_slice(z)
+        ct_cm.refresh()
+        assert int(round(float(ct_cm._data_slice.point[0]))) == z
+        assert widget._current.value.startswith(f"Slice {z}:"), widget._current.value
+    # a points layer in mm, drawn at voxel (4, 8, 8) of the cm image
+    points = viewer.add_points([[20.0, 8.0, 8.0]], units="mm", name="marks")
+    detector = RetrainDetectorWidget(viewer)
+    detector._image.value = ct_cm
+    voxels, _ = detector._points_on_image(points, ct_cm)
+    np.testing.assert_allclose(voxels, [[4.0, 8.0, 8.0]], atol=1e-6)
+    # labels in mm lying exactly on the cm image are taken; a layer 10x off is refused
+    on_it = viewer.add_labels(np.zeros(array.shape, np.uint8), scale=(2.5, 1.0, 1.0),
+                              translate=(10.0, 0.0, 0.0), units="mm", name="on it")
+    retrain = RetrainWidget(viewer)
+    retrain._image.value = ct_cm
+    volume = retrain._snapshot(on_it, ct_cm, None, False)
+    assert volume.shape == array.shape
+    off = viewer.add_labels(np.zeros(array.shape, np.uint8), scale=(0.25, 0.1, 0.1),
+                            translate=(1.0, 0.0, 0.0), units="mm", name="off")
+    with pytest.raises(Exception, match="does not lie on"):
+        retrain._snapshot(off, ct_cm, None, False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 
 def camera(viewer: Any) -> Any:
     """The viewer's camera: ``viewer.scene.camera`` since napari 0.9 (``viewer.camera``,
@@ -22,7 +24,8 @@ def go_to_world(viewer: Any, layer: Any, world: Sequence[float],
     dims = viewer.dims
     offset = dims.ndim - layer.ndim
     moving = range(layer.ndim) if axes is None else axes
-    wanted = {offset + a: float(world[a]) for a in moving}
+    ratio = to_viewer_units(viewer, layer)
+    wanted = {offset + a: float(world[a]) * ratio[a] for a in moving}
     hidden = [a for a in dims.not_displayed if a in wanted]
     if hidden:
         dims.set_point(hidden, [wanted[a] for a in hidden])
@@ -31,6 +34,33 @@ def go_to_world(viewer: Any, layer: Any, world: Sequence[float],
         cam = camera(viewer)
         now = list(cam.center)[-len(shown):]
         cam.center = tuple(wanted.get(a, now[i]) for i, a in enumerate(shown))
+
+
+def to_viewer_units(viewer: Any, layer: Any) -> np.ndarray:
+    """Viewer world units per ``layer`` world unit, on each layer axis. napari draws
+    layers whose units are all lengths in one unit (``dims.units``), converting: a layer
+    in cm beside one in mm has its numbers multiplied by 10 on screen (a jump to its slice
+    4, at 2.0 cm, went to 2 mm). With any other unit (pixels) it converts nothing."""
+    from .._layers import length_mm
+
+    ndim = layer.ndim
+    # None when the layers' units disagree in kind (mm beside pixels): nothing converted
+    viewer_units = list(getattr(viewer.dims, "units", None) or ())[-ndim:]
+    layer_units = list(getattr(layer, "units", None) or ())
+    if len(viewer_units) != ndim or len(layer_units) != ndim:
+        return np.ones(ndim)
+    v = [length_mm(u) for u in viewer_units]
+    lay = [length_mm(u) for u in layer_units]
+    if any(x is None for x in v + lay):
+        return np.ones(ndim)
+    return np.asarray(lay) / np.asarray(v)
+
+
+def slice_at(viewer: Any, layer: Any) -> float:
+    """The data z of a 3D ``layer`` at the viewer's current point (from the z slider:
+    napari slices by the world z alone, even for a sheared layer)."""
+    world_z = viewer.dims.point[-3] / to_viewer_units(viewer, layer)[-3]
+    return float(layer.world_to_data([world_z, 0, 0])[0])
 
 
 def go_to_slice(viewer: Any, layer: Any, z: int) -> None:

@@ -56,7 +56,7 @@ from ..core.session import (
     sessions_dir,
 )
 from ._loss_curve import LossCurve
-from ._navigate import go_to_slice
+from ._navigate import go_to_slice, to_viewer_units
 from ._model_widget import (
     REDRAW_S,
     _geometry,
@@ -454,11 +454,13 @@ class _RetrainBase(Container):
         self._schedule_autosave()
 
     def _image_slice(self, world_z: float) -> int | None:
+        """The picked image's slice at ``world_z``, in the viewer's units."""
         image = self._image.value
         if image is None:
             return None
         if image.ndim == 2:
             return 0
+        world_z = world_z / to_viewer_units(self._viewer, image)[-3]
         z = image.world_to_data([world_z, 0, 0])[0]
         if not np.isfinite(z):  # a point with a NaN coordinate lies on no slice
             return None

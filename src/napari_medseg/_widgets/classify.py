@@ -7,7 +7,7 @@ from magicgui.widgets import ComboBox, Label
 
 from ..core.inference import classify_volume
 from ._model_widget import ModelRunWidget, provenance
-from ._navigate import go_to_slice, slice_axis_shown
+from ._navigate import go_to_slice, slice_at, slice_axis_shown
 from ._strip import ProbabilityStrip
 
 FLAG_CLASS = "lesion"
@@ -68,8 +68,7 @@ class ClassifyWidget(ModelRunWidget):
         if layer is None or layer.ndim == 2 or layer not in self._viewer.layers \
                 or self._viewer.dims.ndim < 3:  # deleted, and the viewer went 2D
             return 0
-        world = self._viewer.dims.point[-3]
-        return int(round(layer.world_to_data([world, 0, 0])[0]))
+        return int(round(slice_at(self._viewer, layer)))
 
     def _follow_slice(self, _event=None) -> None:
         result = self._result

@@ -23,7 +23,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, PushButton
 from napari.utils.notifications import show_error
 
-from .._layers import _labels_kwargs, _like_layer, read_deferred, world_matrix
+from .._layers import _labels_kwargs, _like_layer, read_deferred, world_matrix_mm
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_annotations, finetune_segmenter, unannotated_updates
 from ..core.inference import segment_volume
@@ -249,7 +249,8 @@ class RetrainWidget(_RetrainBase):
             raise MedsegInputError(
                 f"'{layer.name}' has shape {labels.shape}, '{image.name}' {tuple(image.data.shape)}; "
                 "pick the Labels layer drawn on this image")
-        if not np.allclose(world_matrix(layer), world_matrix(image)):
+        # in mm: a layer saved in mm from a cm image lies on it, as napari draws it
+        if not np.allclose(world_matrix_mm(layer), world_matrix_mm(image)):
             raise MedsegInputError(
                 f"'{layer.name}' does not lie on '{image.name}' (another scale, translate, "
                 "rotation, shear or affine): its slice numbers would not be the image's; pick the "

@@ -13,8 +13,9 @@ import numpy as np
 from napari.utils.notifications import show_warning
 
 from .._layers import (_like_layer, detection_layer_data, mark_added_points, marker_sizes,
-                       scale_mm, unmatched_rows)
+                       scale_mm, unmatched_rows, world_matrix_mm)
 from ..core.errors import MedsegInputError
+from ._navigate import to_viewer_units
 from ..core.finetune import check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.session import AnnotationSession
@@ -58,7 +59,9 @@ class RetrainDetectorWidget(_RetrainBase):
         return np.array(layer.data, dtype=float, copy=True).reshape(-1, layer.ndim)
 
     def _point_slice(self, layer, point) -> int | None:
-        world_z = layer.data_to_world(point)[-3] if layer.ndim >= 3 else 0.0
+        # in the viewer's units (napari converts a layer in cm beside one in mm)
+        world_z = (layer.data_to_world(point)[-3] * to_viewer_units(self._viewer, layer)[-3]
+                   if layer.ndim >= 3 else 0.0)
         if self._image.value is None and np.isfinite(world_z):
             # edited while no image is picked (its layer removed to be opened again): the
             # slice is known once an image is back (_switch_pair)
@@ -116,8 +119,14 @@ class RetrainDetectorWidget(_RetrainBase):
         if every:
             shown = np.ones_like(shown)
         data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)[shown]
-        world = np.array([layer.data_to_world(p) for p in data]).reshape(-1, layer.ndim)
-        voxels = np.array([image.world_to_data(p) for p in world]).reshape(-1, image.ndim)
+        if layer.ndim == image.ndim:
+            # through mm: napari draws a points layer in mm over an image in cm where it
+            # belongs, and the raw world numbers of the two differ tenfold
+            to_image = np.linalg.inv(world_matrix_mm(image)) @ world_matrix_mm(layer)
+            voxels = (data @ to_image[:-1, :-1].T + to_image[:-1, -1]).reshape(-1, image.ndim)
+        else:
+            world = np.array([layer.data_to_world(p) for p in data]).reshape(-1, layer.ndim)
+            voxels = np.array([image.world_to_data(p) for p in world]).reshape(-1, image.ndim)
         if image.ndim == 2:
             voxels = np.column_stack([np.zeros(len(voxels)), voxels])
         try:
