@@ -1096,3 +1096,23 @@ def test_sniffing_a_bare_dataset_reads_element_headers_only(tmp_path, monkeypatc
     monkeypatch.setattr(dicom_module.pydicom, "dcmread", no_parse)
     assert not dicom_module.is_bare_dataset(zeros)
     assert dicom_module.is_bare_dataset(bare)
+
+
+def test_a_bare_dataset_led_by_its_file_meta_is_recognised(tmp_path):
+    """File meta (group 0002) is explicit VR little endian whatever the dataset after it:
+    the header walk kept one encoding for the whole file and missed an implicit-VR
+    dataset that kept its meta but lost its preamble and 'DICM'."""
+    import io
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buffer = io.BytesIO()
+    try:
+        ds.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    except TypeError:  # pragma: no cover - pydicom 2.x
+        pytest.skip("pydicom 3 writes this")
+    (tmp_path / "IM0001").write_bytes(buffer.getvalue()[132:])
+    volume = read_volume(tmp_path / "IM0001")
+    np.testing.assert_array_equal(volume.array, read_dicom(bundled("CT_small.dcm")).array)

@@ -783,3 +783,19 @@ def test_a_layer_in_cm_beside_one_in_mm_is_navigated_and_retrained_where_napari_
                             translate=(1.0, 0.0, 0.0), units="mm", name="off")
     with pytest.raises(Exception, match="does not lie on"):
         retrain._snapshot(off, ct_cm, None, False)
+    # a pixel-unit layer open: napari converts nothing (dims.units None) and draws every
+    # layer at its raw numbers; the checks follow it (the mm reading refused a labels
+    # layer with the image's numbers, and put its points 7 slices off)
+    viewer.layers.remove(on_it)
+    viewer.layers.remove(off)
+    viewer.layers.remove(points)
+    raw = viewer.add_labels(np.zeros(array.shape, np.uint8), scale=ct_cm.scale,
+                            translate=ct_cm.translate, name="raw")
+    assert viewer.dims.units is None
+    retrain._snapshot(raw, ct_cm, None, False)
+    pixel_points = viewer.add_points([[2.0, 0.8, 0.8]], name="pixel marks")
+    voxels, _ = detector._points_on_image(pixel_points, ct_cm)
+    np.testing.assert_allclose(voxels, [[4.0, 8.0, 8.0]], atol=1e-6)
+    widget._go_to_slice(6)
+    ct_cm.refresh()
+    assert int(round(float(ct_cm._data_slice.point[0]))) == 6

@@ -56,6 +56,18 @@ def to_viewer_units(viewer: Any, layer: Any) -> np.ndarray:
     return np.asarray(lay) / np.asarray(v)
 
 
+def drawn_matrix(viewer: Any, layer: Any) -> np.ndarray:
+    """``layer``'s data-to-world matrix in the viewer's units, i.e. where napari draws
+    it: converted when napari converts (every unit a length), raw otherwise (a pixel-unit
+    layer open: napari then draws every layer at its raw numbers)."""
+    from .._layers import world_matrix
+
+    matrix = world_matrix(layer)
+    ndim = matrix.shape[0] - 1
+    matrix[:ndim, :] *= to_viewer_units(viewer, layer)[:, None]
+    return matrix
+
+
 def slice_at(viewer: Any, layer: Any) -> float:
     """The data z of a 3D ``layer`` at the viewer's current point (from the z slider:
     napari slices by the world z alone, even for a sheared layer)."""

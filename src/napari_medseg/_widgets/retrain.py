@@ -23,13 +23,14 @@ import numpy as np
 from magicgui.widgets import ComboBox, PushButton
 from napari.utils.notifications import show_error
 
-from .._layers import _labels_kwargs, _like_layer, read_deferred, world_matrix_mm
+from .._layers import _labels_kwargs, _like_layer, read_deferred
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_annotations, finetune_segmenter, unannotated_updates
 from ..core.inference import segment_volume
 from ..core.session import AnnotationSession
 # painted_slices and history_depths are re-exported: scripts and tests import them from here
 from ._retrain_base import _RetrainBase, _on_scan, history_depths, painted_slices  # noqa: F401
+from ._navigate import drawn_matrix
 
 
 def _ref(data) -> Callable[[], Any]:
@@ -249,8 +250,9 @@ class RetrainWidget(_RetrainBase):
             raise MedsegInputError(
                 f"'{layer.name}' has shape {labels.shape}, '{image.name}' {tuple(image.data.shape)}; "
                 "pick the Labels layer drawn on this image")
-        # in mm: a layer saved in mm from a cm image lies on it, as napari draws it
-        if not np.allclose(world_matrix_mm(layer), world_matrix_mm(image)):
+        # where napari draws them: a layer saved in mm from a cm image lies on it beside
+        # it (napari converts), a pixel-unit layer with the image's numbers too (it does not)
+        if not np.allclose(drawn_matrix(self._viewer, layer), drawn_matrix(self._viewer, image)):
             raise MedsegInputError(
                 f"'{layer.name}' does not lie on '{image.name}' (another scale, translate, "
                 "rotation, shear or affine): its slice numbers would not be the image's; pick the "

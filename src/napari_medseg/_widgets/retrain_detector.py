@@ -13,9 +13,9 @@ import numpy as np
 from napari.utils.notifications import show_warning
 
 from .._layers import (_like_layer, detection_layer_data, mark_added_points, marker_sizes,
-                       scale_mm, unmatched_rows, world_matrix_mm)
+                       scale_mm, unmatched_rows)
 from ..core.errors import MedsegInputError
-from ._navigate import to_viewer_units
+from ._navigate import drawn_matrix, to_viewer_units
 from ..core.finetune import check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.session import AnnotationSession
@@ -120,9 +120,11 @@ class RetrainDetectorWidget(_RetrainBase):
             shown = np.ones_like(shown)
         data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)[shown]
         if layer.ndim == image.ndim:
-            # through mm: napari draws a points layer in mm over an image in cm where it
-            # belongs, and the raw world numbers of the two differ tenfold
-            to_image = np.linalg.inv(world_matrix_mm(image)) @ world_matrix_mm(layer)
+            # where napari draws them: a points layer in mm over an image in cm lies where
+            # it belongs (napari converts; the raw numbers differ tenfold), unless a
+            # pixel-unit layer is open (napari then draws raw numbers)
+            to_image = (np.linalg.inv(drawn_matrix(self._viewer, image))
+                        @ drawn_matrix(self._viewer, layer))
             voxels = (data @ to_image[:-1, :-1].T + to_image[:-1, -1]).reshape(-1, image.ndim)
         else:
             world = np.array([layer.data_to_world(p) for p in data]).reshape(-1, layer.ndim)

@@ -190,13 +190,16 @@ def is_bare_dataset(path: Path) -> bool:
 
 def _walks_to_a_marker(f: Any, size: int, little: bool, explicit: bool,
                        most: int = 512) -> bool:
-    order = "little" if little else "big"
     pos, previous = 0, -1
     for _ in range(most):
         f.seek(pos)
         head = f.read(12)
         if len(head) < 8:
             return False
+        # file meta (group 0002) is explicit VR little endian whatever the dataset after it
+        meta = int.from_bytes(head[:2], "little") == 0x0002
+        order = "little" if (little or meta) else "big"
+        explicit_here = explicit or meta
         tag = (int.from_bytes(head[:2], order) << 16) | int.from_bytes(head[2:4], order)
         if tag <= previous or (previous < 0 and tag >> 16 not in (0x0002, 0x0008)):
             return False
@@ -204,7 +207,7 @@ def _walks_to_a_marker(f: Any, size: int, little: bool, explicit: bool,
             return True
         if tag > _BARE_MARKERS[-1]:
             return False
-        if explicit:
+        if explicit_here:
             vr = head[4:6]
             if not (vr.isalpha() and vr.isupper()):
                 return False
