@@ -795,3 +795,31 @@ def test_input_warnings_say_when_a_result_is_doubtful(seg):
     percentile = {**card, "normalisation": {"type": "percentile", "low_percentile": 0.5,
                                             "high_percentile": 99.5}}
     assert input_warnings(raw, percentile) == []
+
+
+def test_a_job_closed_from_another_thread_leaves_the_thread_counts_restorable():
+    """A job entered on a worker and closed from the main thread counted the main
+    thread's jobs down to -1: no later job there restored its thread count again."""
+    import threading
+
+    from napari_medseg.core.inference import segment_volume
+    from napari_medseg.core.models import load_model
+    from napari_medseg.core.phantom import generate_phantom
+
+    model, card = load_model("segmenter")
+    volume = generate_phantom((6, 32, 32), (2.5, 2.0, 2.0), seed=3, n_lesions=0).volume
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_to_completion(segment_volume(volume, model, card, threads=1))  # one as usual
+        assert torch.get_num_threads() == 2
+        job = segment_volume(volume, model, card, threads=1)
+        worker = threading.Thread(target=lambda: [next(job), next(job)])
+        worker.start()
+        worker.join()
+        job.close()  # from the main thread
+        for _ in range(2):
+            run_to_completion(segment_volume(volume, model, card, threads=1))
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -338,7 +338,10 @@ class ThreadGovernor:
     _lock = threading.Lock()
     _active = 0
     _original = 1
-    _on_this_thread = threading.local()
+    # jobs running on each thread (by thread id): a job closed from another thread must
+    # count down the thread it entered on (a thread-local counter went to -1 there and
+    # the entering thread's count was never restored again)
+    _depth: dict[int, int] = {}
 
     def __init__(self, threads: int | None):
         self.auto = threads is None
@@ -377,8 +380,10 @@ class ThreadGovernor:
                     torch.get_num_threads() if threading.current_thread() is threading.main_thread()
                     else _new_thread_count())
             ThreadGovernor._active += 1
-        local = ThreadGovernor._on_this_thread
-        local.depth = getattr(local, "depth", 0) + 1
+        self._entered_on = threading.get_ident()
+        with ThreadGovernor._lock:
+            depth = ThreadGovernor._depth
+            depth[self._entered_on] = depth.get(self._entered_on, 0) + 1
         if self.auto:
             self._set(free_threads())
             self._mark()
@@ -409,9 +414,16 @@ class ThreadGovernor:
         with ThreadGovernor._lock:
             ThreadGovernor._active -= 1
             original = ThreadGovernor._original
-        local = ThreadGovernor._on_this_thread
-        local.depth = getattr(local, "depth", 1) - 1
-        if local.depth == 0 and torch.get_num_threads() != original:
+            depth = ThreadGovernor._depth
+            left = depth.get(self._entered_on, 1) - 1
+            if left > 0:
+                depth[self._entered_on] = left
+            else:
+                depth.pop(self._entered_on, None)
+        # only the entering thread's count was pinned; closed from another thread, the
+        # job leaves that thread's count alone
+        on_entering_thread = threading.get_ident() == self._entered_on
+        if on_entering_thread and left <= 0 and torch.get_num_threads() != original:
             torch.set_num_threads(original)
 
 
