@@ -484,7 +484,10 @@ def regenerate(array: np.ndarray, known: np.ndarray, model: SliceGenerator,
     known = np.asarray(known, dtype=bool)
     holes = np.where(known[:, None, None], array, np.nan).astype(np.float32)
     vol = Volume(holes, spacing, (0.0, 0.0, 0.0), "CT", missing=~known)
-    return run_to_completion(generate_slices(vol, model, card, threads=threads)).volume.array
+    # The removed slices are z planes: generate along z (the unwrapped job), not along the
+    # axis slice_axis would pick for a whole scan (y or x where the pixels are coarser).
+    job = generate_slices.__wrapped__(vol, model, card, threads=threads)
+    return run_to_completion(job).volume.array
 
 
 def compare_on(array: np.ndarray, known: np.ndarray, model: SliceGenerator,
