@@ -55,6 +55,21 @@ def test_from_array_2d_is_one_slice_and_rgb_is_refused():
         Volume.from_array(np.zeros((32, 32, 3)))
 
 
+@pytest.mark.parametrize("array, kwargs, match", [
+    (np.zeros((2, 2, 2)), {"spacing": "abc"}, "three numbers"),
+    (np.zeros((2, 2)), {"spacing": 1.0}, "three numbers"),
+    (np.zeros((2, 2)), {"origin": 5}, "three numbers"),
+    ([[1, 2], [3]], {}, "not an image array"),
+])
+def test_from_array_refuses_bad_geometry_with_one_clear_message(array, kwargs, match):
+    with pytest.raises(MedsegInputError, match=match):
+        Volume.from_array(array, **kwargs)
+
+
+def test_metadata_none_is_no_metadata():
+    assert dict(Volume(np.zeros((1, 2, 2)), metadata=None).metadata) == {}
+
+
 def test_value_range_ignores_missing_and_nan():
     array = np.arange(3 * 2 * 2, dtype=float).reshape(3, 2, 2)
     array[1] = np.nan

@@ -47,7 +47,7 @@ CT_WINDOW = (-160.0, 240.0)
 def _as_triplet(values: Any, name: str) -> tuple[float, float, float]:
     try:
         out = tuple(float(v) for v in values)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a scalar, None, or text such as "abc"
         raise MedsegInputError(f"{name} must be three numbers (z, y, x), got {values!r}") from exc
     if len(out) != 3:
         raise MedsegInputError(f"{name} must be three numbers (z, y, x), got {len(out)}")
@@ -116,7 +116,8 @@ class Volume:
         if not missing.all() and no_finite[~missing].all():
             raise MedsegInputError("the volume holds no finite voxel (all NaN)")
         missing |= no_finite
-        metadata = {k: v for k, v in dict(self.metadata).items() if k in SAFE_METADATA_KEYS}
+        metadata = {k: v for k, v in dict(self.metadata or {}).items()
+                    if k in SAFE_METADATA_KEYS}
         # frozen dataclass: normalise fields in place once, then the object is immutable
         object.__setattr__(self, "array", array)
         object.__setattr__(self, "spacing", spacing)
@@ -128,13 +129,19 @@ class Volume:
     @classmethod
     def from_array(cls, array: Any, spacing: Any = None, **kwargs: Any) -> "Volume":
         """Build a Volume from a 2D (y, x) or 3D (z, y, x) array; 2D becomes one slice."""
-        array = np.asarray(array)
+        try:
+            array = np.asarray(array)
+        except ValueError as exc:  # ragged nested lists
+            raise MedsegInputError(f"not an image array: {exc}") from exc
         if array.ndim == 2:
             array = array[np.newaxis]
-            if spacing is not None and len(tuple(spacing)) == 2:
+            # a 2D image's (y, x) spacing / origin gain z = 1 mm / 0; anything else is
+            # left for _as_triplet to judge (and refuse clearly)
+            if isinstance(spacing, (tuple, list, np.ndarray)) and len(spacing) == 2:
                 spacing = (1.0, *tuple(spacing))
-            if len(tuple(kwargs.get("origin", ()))) == 2:
-                kwargs["origin"] = (0.0, *tuple(kwargs["origin"]))
+            origin = kwargs.get("origin")
+            if isinstance(origin, (tuple, list, np.ndarray)) and len(origin) == 2:
+                kwargs["origin"] = (0.0, *tuple(origin))
         elif array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
             raise MedsegInputError(
                 f"this looks like an RGB(A) image (shape {array.shape}); "
