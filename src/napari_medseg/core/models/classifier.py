@@ -135,11 +135,13 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 class SliceClassifier(nn.Module):
     """Per-slice classifier: (N, C, H, W) → logits (N, n_classes), any H, W ≥ 1.
 
-    Three blocks conv(k, same) → BN → activation → MaxPool2d(2) with ``filters`` channels
-    (``convs_per_block`` > 1: that many conv → BN → activation before each pooling),
-    adaptive pooling to 4×4 (``pool``: "avg" or "max"), then FC(16·filters[-1] → hidden)
-    → activation → dropout → FC(hidden → n_classes). Inputs smaller than 8 pixels on a
-    side are edge-padded to 8 so the three poolings never reach zero size.
+    One block per entry of ``filters`` (default three: 32, 64, 128 channels), each
+    conv(k, same) → BN → activation → MaxPool2d(2) (``convs_per_block`` > 1: that many
+    conv → BN → activation before each pooling), adaptive pooling to
+    ``pool_size`` × ``pool_size`` (default 4; ``pool``: "avg" or "max"), then
+    FC(pool_size²·filters[-1] → hidden) → activation → dropout → FC(hidden → n_classes).
+    Inputs smaller than ``min_size`` = 2 ** len(filters) pixels on a side (8 by default)
+    are edge-padded, centred, to it so the poolings never reach zero size.
 
     Grad-CAM: :attr:`last_conv` is the last conv block (conv → BN → activation, before
     its pooling); hook its output, or call :meth:`features` for the activation map.
@@ -150,7 +152,7 @@ class SliceClassifier(nn.Module):
     anatomy level where lesions sit; the forward pass does not use it.
     """
 
-    MIN_SIZE = 8  # 2 ** number of poolings
+    MIN_SIZE = 8  # 2 ** number of poolings of the default three blocks (see min_size)
 
     def __init__(
         self,
