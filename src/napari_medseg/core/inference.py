@@ -201,6 +201,8 @@ class DetectionResult:
     precision: str = "fp32"
     diameter_map: np.ndarray | None = None
     nms_radius_fraction: float = 0.0
+    #: input-grid voxels that hold no measurement (NaN), None when every voxel does
+    unmeasured: np.ndarray | None = None
 
     @property
     def heatmap_shape_yx(self) -> tuple[int, int]:
@@ -220,11 +222,15 @@ class DetectionResult:
                 self.origin[2] + x0 * self.spacing[2])
 
     def heatmap_on_input_grid(self) -> np.ndarray:
-        """The heatmap resampled (bilinear) onto the input grid: (z, y, x) float32."""
+        """The heatmap resampled (bilinear) onto the input grid: (z, y, x) float32; 0 on
+        every unmeasured (NaN) voxel, which the resampling would otherwise give heat
+        from measured cells beside it where the input is finer than the model grid."""
         out = np.empty(self.input_shape, dtype=np.float32)
         for z0 in range(0, self.input_shape[0], DEFAULT_BATCH):
             part = torch.from_numpy(self.heatmap[z0 : z0 + DEFAULT_BATCH])[:, None]
             out[z0 : z0 + DEFAULT_BATCH] = resize_yx(part, self.input_shape[1:])[:, 0].numpy()
+        if self.unmeasured is not None:
+            out[self.unmeasured] = 0.0
         return out
 
     def as_rows(self) -> list[tuple[float, float, float, float, float]]:
@@ -1136,4 +1142,11 @@ def detect_lesions(
         precision="bf16" if use_bf16 else "fp32",
         diameter_map=size,
         nms_radius_fraction=radius_fraction,
+        unmeasured=_unmeasured_voxels(volume),
     )
+
+
+def _unmeasured_voxels(volume: Volume) -> np.ndarray | None:
+    """The volume's NaN voxels (bool, input grid), or None when it has none."""
+    nan = np.isnan(volume.array)
+    return nan if nan.any() else None
