@@ -90,6 +90,21 @@ def test_gradcam_on_one_slice_says_slice_not_slices(make_napari_viewer, qtbot, r
     assert widget._status.value.endswith(" on 1 slice"), widget._status.value
 
 
+def test_uncertainty_on_one_slice_gives_its_mean_not_a_ranking(make_napari_viewer, qtbot,
+                                                                random_models, small_phantom):
+    """A 2D image said "Most uncertain slices (correct these first): 0"."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array[3], scale=small_phantom.volume.spacing[1:])
+    widget = UncertaintyWidget(viewer)
+    widget._image.value = image
+    widget._model.value = random_models["RecurrentSegmenter"]
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert widget._status.value.startswith(("Mean uncertainty ", "No structure found")), \
+        widget._status.value
+    assert not widget._goto.enabled
+
+
 def _run(widget, qtbot):
     widget._run.clicked.emit()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)

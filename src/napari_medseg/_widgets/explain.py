@@ -129,6 +129,9 @@ class UncertaintyWidget(ModelRunWidget):
         self._goto.enabled = bool(ranked) and image_layer.ndim == 3  # a 2D image: one slice
         if volume.missing.all():  # no model saw anything
             self._status.value = "No acquired slice: nothing to rank"
+        elif image_layer.ndim == 2:  # one slice: no ranking to offer
+            self._status.value = (f"Mean uncertainty {result.per_slice[0]:.3f}" if ranked
+                                  else "No structure found")
         else:
             self._status.value = ("Most uncertain slices (correct these first): "
                                   + ", ".join(map(str, ranked[:5])) if ranked
