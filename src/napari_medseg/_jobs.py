@@ -7,6 +7,7 @@ caller *before* calling this, so a user who keeps painting cannot race the job.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
@@ -24,8 +25,28 @@ from .core.progress import Progress
 log = logging.getLogger(__name__)
 
 
+class JobRuntimeError(Exception):
+    """A RuntimeError raised by a generator job (torch's "not enough memory" among them),
+    carried as its ``__cause__``. superqt's GeneratorWorker returns a RuntimeError instead
+    of raising it, takes it for a deleted Qt object and emits neither ``errored`` nor
+    ``finished``: no message, and the widget stayed "running" for good."""
+
+
+def _runtime_errors_raised(job: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(job)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return (yield from job(*args, **kwargs))
+        except RuntimeError as exc:
+            raise JobRuntimeError(str(exc)) from exc
+
+    return wrapper
+
+
 def error_message(exc: BaseException) -> str:
     """A one-line message for the user; bad input reads as itself, bugs name their type."""
+    if isinstance(exc, JobRuntimeError) and exc.__cause__ is not None:
+        exc = exc.__cause__
     if isinstance(exc, MedsegInputError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
@@ -61,6 +82,8 @@ def start_job(
         # live in a thread that ends, and never arrive
         raise RuntimeError("start_job must be called from the GUI thread")
     is_generator = inspect.isgeneratorfunction(job)
+    if is_generator:
+        job = _runtime_errors_raised(job)
     # errors are ours to report (below); otherwise napari re-raises them in the GUI thread
     worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True, **kwargs)
     # indeterminate until the first report

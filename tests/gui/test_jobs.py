@@ -92,3 +92,28 @@ def test_a_job_started_off_the_gui_thread_is_refused():
     thread.start()
     thread.join()
     assert errors and "GUI thread" in errors[0]
+
+
+def test_a_runtime_error_in_a_generator_job_is_reported_and_the_job_finishes(qtbot,
+                                                                             monkeypatch):
+    """superqt's GeneratorWorker returns a RuntimeError (torch's "not enough memory" is
+    one) instead of raising it, and then emitted neither `errored` nor `finished`: no
+    message, the widget stayed "running", the GIL interval stayed lowered."""
+    import sys
+
+    from napari_medseg import _jobs
+
+    shown, errors, finished = [], [], []
+    monkeypatch.setattr(_jobs, "show_error", shown.append)
+    before = sys.getswitchinterval()
+
+    def job():
+        yield Progress(0, 2, "working")
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    start_job(job, description="test job", on_result=lambda _: None,
+              on_error=errors.append, on_finished=lambda: finished.append(True))
+    qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
+    assert errors == ["RuntimeError: DefaultCPUAllocator: not enough memory"]
+    assert shown == ["test job failed: RuntimeError: DefaultCPUAllocator: not enough memory"]
+    assert sys.getswitchinterval() == before
