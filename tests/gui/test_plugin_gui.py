@@ -245,6 +245,18 @@ def test_phantom_widget_bad_request_notifies(make_napari_viewer, qtbot):
     assert len(errors) == 1 and "radius" in errors[0]
 
 
+def test_phantom_widget_takes_ct_spacings_as_typed(make_napari_viewer):
+    """Qt's 2 decimals made 0.625 mm slices 0.63 and radii of 8.125 mm 8.13."""
+    from napari_medseg._widgets.phantom import PhantomWidget
+
+    widget = PhantomWidget(make_napari_viewer())
+    widget._dz.value, widget._dxy.value = 0.625, 0.875
+    widget._rmin.value, widget._rmax.value = 3.333, 8.125
+    request = widget.request()
+    assert request.spacing == (0.625, 0.875, 0.875), request
+    assert request.lesion_radius_mm == (3.333, 8.125)
+
+
 def test_info_widget_and_dock(make_napari_viewer):
     from napari_medseg._widgets.info import VolumeInfoWidget
 

@@ -50,6 +50,16 @@ def _make_phantom(request: PhantomRequest):
             exc.path) from exc
 
 
+def _precise(box: FloatSpinBox, decimals: int = 3) -> FloatSpinBox:
+    """``box`` taking values to ``decimals`` places: Qt's default of 2 turned a CT's
+    0.625 mm slices into 0.62 (0.63 when set from code), and the layers opened at that.
+    Not more: Qt shows every decimal place ("2.500000")."""
+    value = box.value
+    box.native.setDecimals(decimals)
+    box.value = value
+    return box
+
+
 class PhantomWidget(Container):
     """Shape, spacing, seed, lesions, noise → image, labels and lesion points layers."""
 
@@ -59,13 +69,17 @@ class PhantomWidget(Container):
         self._z = SpinBox(label="Slices (z)", value=48, min=1, max=1024)
         self._y = SpinBox(label="Rows (y)", value=192, min=16, max=1024)
         self._x = SpinBox(label="Columns (x)", value=192, min=16, max=1024)
-        self._dz = FloatSpinBox(label="Slice spacing (mm)", value=2.5, min=0.1, max=20, step=0.1)
-        self._dxy = FloatSpinBox(label="Pixel spacing (mm)", value=1.0, min=0.1, max=5, step=0.05)
+        self._dz = _precise(FloatSpinBox(label="Slice spacing (mm)", value=2.5, min=0.1,
+                                         max=20, step=0.1))
+        self._dxy = _precise(FloatSpinBox(label="Pixel spacing (mm)", value=1.0, min=0.1,
+                                          max=5, step=0.05))
         self._seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
         self._random_lesions = CheckBox(text="Random number of lesions", value=False)
         self._n_lesions = SpinBox(label="Lesions", value=4, min=0, max=30)
-        self._rmin = FloatSpinBox(label="Lesion radius min (mm)", value=2.0, min=0.5, max=50)
-        self._rmax = FloatSpinBox(label="Lesion radius max (mm)", value=15.0, min=0.5, max=50)
+        self._rmin = _precise(FloatSpinBox(label="Lesion radius min (mm)", value=2.0, min=0.5,
+                                           max=50))
+        self._rmax = _precise(FloatSpinBox(label="Lesion radius max (mm)", value=15.0, min=0.5,
+                                           max=50))
         self._noise = FloatSpinBox(label="Noise (HU, σ)", value=15.0, min=0.0, max=200)
         self._run = PushButton(text="Generate")
         self._cancel = PushButton(text="Cancel", enabled=False)
