@@ -35,6 +35,16 @@ RECIPES = {
 }
 
 
+def _seeds_text(metrics: dict) -> str:
+    """The evaluation's seeds for a reader: its JSON's [lo, hi) range (what the command
+    always evaluates: consecutive seeds) as "lo–(hi − 1)"; it printed "[900000, 900001]"
+    for the one phantom 900000."""
+    seeds, n = metrics.get("eval_seeds"), metrics.get("n_volumes")
+    if isinstance(seeds, list) and len(seeds) == 2 and seeds[1] - seeds[0] == n:
+        return str(seeds[0]) if n == 1 else f"{seeds[0]}–{seeds[1] - 1}"
+    return str(seeds)
+
+
 def _recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """The recipe options given on the command line (refused for a model they are not for)."""
     for owner, keys in RECIPES.items():
@@ -279,7 +289,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(metrics))
         return 0
     print(f"model:   {card.get('name')} ({card.get('architecture')}) from {card.get('card_path')}")
-    print(f"held-out phantoms: {metrics['n_volumes']} (seeds {metrics['eval_seeds']})")
+    print(f"held-out phantoms: {metrics['n_volumes']} (seeds {_seeds_text(metrics)})")
     for key, value in metrics.items():
         if key in ("model", "card", "eval_seeds", "n_volumes", "distribution", "path"):
             continue

@@ -652,6 +652,16 @@ def test_explicit_seeds_are_never_training_seeds_and_tuning_never_uses_held_out_
     assert _settings_summary([EVAL_SEEDS[0], EVAL_SEEDS[0] + 1])["seed_set"] == "evaluation"
     assert _settings_summary([VALIDATION_SEEDS[0]])["seed_set"] == "validation"
     assert _settings_summary([VALIDATION_SEEDS[0], EVAL_SEEDS[0]])["seed_set"] == "mixed"
+    assert _settings_summary([5])["seed_set"] == "other"  # was called "validation"
+
+
+def test_evaluate_cli_prints_the_seeds_it_used():
+    """It printed the JSON's half-open range: "(seeds [900000, 900001])" for one phantom."""
+    from napari_medseg.cli_train import _seeds_text
+
+    assert _seeds_text({"eval_seeds": [900000, 900001], "n_volumes": 1}) == "900000"
+    assert _seeds_text({"eval_seeds": [900000, 900012], "n_volumes": 12}) == "900000–900011"
+    assert _seeds_text({"eval_seeds": [900000, 900005], "n_volumes": 2}) == "[900000, 900005]"
 
 
 def test_detections_are_collected_down_to_a_card_threshold_below_the_sweep_floor(monkeypatch):

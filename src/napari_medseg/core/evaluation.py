@@ -286,9 +286,14 @@ def _phantoms(seeds: list[int], on_progress: Callable | None, what: str):
 
 
 def _seed_set(seeds: list[int]) -> str:
-    """"evaluation" (held out from tuning), "validation" (tuned on), or "mixed"."""
-    held = [EVAL_SEEDS[0] <= s < EVAL_SEEDS[1] for s in seeds]
-    return "evaluation" if all(held) else "validation" if not any(held) else "mixed"
+    """"evaluation" (held out from tuning), "validation" (tuned on), "other" (seeds of
+    neither range, given through the Python API), or "mixed"."""
+    def kind(s: int) -> str:
+        return ("evaluation" if EVAL_SEEDS[0] <= s < EVAL_SEEDS[1] else
+                "validation" if VALIDATION_SEEDS[0] <= s < VALIDATION_SEEDS[1] else "other")
+
+    kinds = {kind(s) for s in seeds}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def _settings_summary(seeds: list[int]) -> dict[str, Any]:
