@@ -386,6 +386,23 @@ def test_cancel_and_removed_layer_leave_no_result(
     assert not _messages_since(start, "error")
 
 
+def test_closing_the_widget_stops_its_job(make_napari_viewer, qtbot, random_models,
+                                          small_phantom):
+    """napari's close button takes the widget out of its dock: its job ran on and added
+    its layers to a viewer with no widget left to cancel it."""
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    n_layers = len(viewer.layers)
+    widget = SegmentWidget(viewer)
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    dock = viewer.window.add_dock_widget(widget, name="Segment (test)")
+    widget._run.clicked.emit()
+    viewer.window.remove_dock_widget(dock)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.wait(50)
+    assert len(viewer.layers) == n_layers
+
+
 def test_gui_stays_responsive_while_segmenting(make_napari_viewer, qtbot, random_models):
     """Longest gap between event-loop ticks while a 64×256×256 segmentation runs.
 

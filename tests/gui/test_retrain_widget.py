@@ -893,3 +893,47 @@ def test_an_autosave_whose_slice_lists_are_not_lists_of_slices_is_said_not_offer
     assert restarted._pending_restore is None
     said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("cannot be read" in m and "damaged" in m for m in said), said
+
+
+def test_a_closed_widget_autosaves_its_last_strokes_and_follows_the_layer_no_more(scene, qtbot):
+    """napari's close button takes a dock widget out of its dock and opens a new instance
+    next time: the old one kept tracking and autosaving, and its last strokes (autosave
+    pending) were missing from the new widget's restore offer."""
+    viewer, image, labels, widget, ph = scene
+    dock = viewer.window.add_dock_widget(widget, name="Retrain (test)")
+    _paint_slice(labels, 2, ph.labels)
+    assert widget._autosave_timer.isActive()  # the stroke's autosave is still pending
+    viewer.window.remove_dock_widget(dock)
+    assert not widget._autosave_timer.isActive() and widget._shut
+    again = _widget(viewer, image, labels, widget._model.value)
+    assert again._pending_restore is not None, "the closed widget's strokes were not saved"
+    _paint_slice(labels, 5, ph.labels)
+    assert widget._edited == {2} and again._edited == {5}
+
+
+def test_closing_the_window_writes_a_pending_autosave(make_napari_viewer, random_models,
+                                                      small_phantom):
+    """The viewer removes its layers as it closes, which ends the pair and saves."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    viewer.window.add_dock_widget(widget, name="Retrain (test)")
+    _paint_slice(labels, 2, small_phantom.labels)
+    folder = widget._key_folder()
+    viewer.close()  # within the autosave delay of the stroke
+    sessions = [p for p in folder.iterdir() if (p / "session.json").exists()]
+    from napari_medseg.core.session import read_meta
+
+    assert len(sessions) == 1 and read_meta(sessions[0])["edited"] == [2]
+
+
+def test_a_closed_widget_docked_again_follows_its_layer_again(scene):
+    viewer, image, labels, widget, ph = scene
+    dock = viewer.window.add_dock_widget(widget, name="Retrain (test)")
+    viewer.window.remove_dock_widget(dock)
+    _paint_slice(labels, 2, ph.labels)
+    assert widget._edited == set()
+    viewer.window.add_dock_widget(widget, name="Retrain (test)")
+    _paint_slice(labels, 5, ph.labels)
+    assert not widget._shut and 5 in widget._edited

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from napari.utils.notifications import show_warning
+from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QSizePolicy
 
 from .. import _jobs
@@ -89,6 +90,39 @@ def set_status(label, text: str) -> None:
         label.value = text
 
 
+class DockWatch(QObject):
+    """Tells a dock widget when it is closed.
+
+    napari's close button on a dock (``remove_dock_widget``) only takes the widget out of
+    it: the widget lives on, its job ran to the end and added its layers, and a Retrain
+    widget kept tracking and autosaving beside the new instance napari opens next time.
+    ``on_removed`` runs then; ``on_docked`` if it is docked again."""
+
+    _native = None  # set before the filter is installed; Qt may call it while tearing down
+    docked = False
+
+    def __init__(self, widget: Container, on_removed: Callable[[], None],
+                 on_docked: Callable[[], None] | None = None):
+        super().__init__(widget.native)
+        self._native = widget.native
+        self._on_removed, self._on_docked = on_removed, on_docked
+        self._was_removed = False
+        widget.native.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
+        if obj is self._native and event.type() == QEvent.Type.ParentChange:
+            if self._native.parent() is None:
+                if self.docked:
+                    self.docked, self._was_removed = False, True
+                    self._on_removed()
+            elif not self.docked:
+                self.docked = True
+                if self._was_removed and self._on_docked is not None:
+                    self._was_removed = False
+                    self._on_docked()
+        return False
+
+
 def widget_closed(widget) -> bool:
     """Whether the viewer holding ``widget`` (a magicgui widget) was closed: its Qt object
     is deleted, and a late result or progress report has nowhere to go."""
@@ -136,6 +170,7 @@ class ModelRunWidget(Container):
                       viewer.layers.events.moved):
             event.connect(self._refresh_layers)
         follow_layer_names(viewer, self._refresh_layers)
+        self._dock_watch = DockWatch(self, self._on_cancel)  # closed: its job stops
 
     # -- for subclasses ------------------------------------------------------------------
     def extra_widgets(self) -> list:

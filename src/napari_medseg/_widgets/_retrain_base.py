@@ -59,6 +59,7 @@ from ._loss_curve import LossCurve
 from ._navigate import go_to_slice, to_viewer_units
 from ._model_widget import (
     REDRAW_S,
+    DockWatch,
     _geometry,
     _same_geometry,
     follow_layer_names,
@@ -139,6 +140,7 @@ class _RetrainBase(Container):
         # need not compute it again (see _remember_output)
         self._model_output: tuple | None = None
         self._tracked = None  # the annotation layer whose edit events we follow
+        self._shut = False  # closed (taken out of its dock): it follows no layer
         # keyed by the layers themselves (they hash by identity), dropped with them
         self._layer_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _connect
         self._left_atoms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # _disconnect
@@ -259,6 +261,31 @@ class _RetrainBase(Container):
         self._refresh_layers()
         self._on_image_changed()
         self._track()
+        self._dock_watch = DockWatch(self, self._close_down, self._reopen)
+
+    # -- closed and docked again --------------------------------------------------------
+    def _close_down(self) -> None:
+        """Taken out of its dock (napari opens a new instance next time): stop the round,
+        autosave what is pending, and follow no layer. It kept tracking and autosaving
+        beside the new instance, whose restore offer missed its last strokes. (Closing
+        the viewer needs none of this: its layers are removed first, which saves.)"""
+        self._on_cancel()
+        if self._autosave_timer.isActive():
+            self._autosave_timer.stop()
+            self.autosave_now(wait=True)
+        if self._tracked is not None:
+            self._disconnect(self._tracked)
+            self._tracked = None
+        if self._watched_image is not None:
+            self._watched_image.events.data.disconnect(self._on_image_data)
+            self._watched_image = None
+        self._shut = True
+
+    def _reopen(self) -> None:
+        self._shut = False
+        self._refresh_layers()
+        self._on_image_changed()
+        self._track()
 
     # -- for subclasses ------------------------------------------------------------------
     def extra_widgets(self) -> list:
@@ -314,6 +341,8 @@ class _RetrainBase(Container):
         return choices
 
     def _refresh_layers(self, _event=None) -> None:
+        if self._shut:
+            return
         kept = self._model_output
         if kept is not None and kept[2]() not in self._viewer.layers:
             self._model_output = None  # its image is gone: free its prediction
@@ -323,6 +352,8 @@ class _RetrainBase(Container):
                 combo.value = combo.choices[-1]
 
     def _on_image_changed(self, _value=None) -> None:
+        if self._shut:
+            return
         image = self._image.value
         if image is not self._watched_image:
             if self._watched_image is not None:
@@ -341,6 +372,8 @@ class _RetrainBase(Container):
             self._check_for_autosave()
 
     def _track(self, _value=None) -> None:
+        if self._shut:
+            return
         layer = self._layer_pick.value
         if layer is not self._tracked:
             if self._tracked is not None:

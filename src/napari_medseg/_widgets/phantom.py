@@ -18,7 +18,7 @@ from .. import _jobs
 from .._sample_data import phantom_layer_data
 from ..core.errors import MedsegInputError
 from ..core.phantom import generate_phantom
-from ._model_widget import set_status, widget_closed
+from ._model_widget import DockWatch, set_status, widget_closed
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class PhantomWidget(Container):
                 self._status,
             ]
         )
+        self._dock_watch = DockWatch(self, self._on_cancel)  # closed: its phantom is dropped
 
     def request(self) -> PhantomRequest:
         return PhantomRequest(
