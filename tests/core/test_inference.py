@@ -575,6 +575,19 @@ def test_detector_heatmap_is_zero_where_nothing_was_measured(det):
     assert (result.heatmap == 0).sum() > 0 and result.heatmap.max() > 0.99
 
 
+def test_the_unmeasured_mask_holds_only_the_slices_with_nan():
+    """A whole-volume mask added a byte per input voxel to a detection's peak memory
+    (bench_detect: 338 MB growth for 293 MB more output, over its bound)."""
+    from napari_medseg.core.inference import _unmeasured_voxels
+
+    array = np.zeros((40, 6, 7), np.float32)
+    assert _unmeasured_voxels(Volume(array, (1, 1, 1))) is None
+    array[3, 1, 2] = array[33, 0, 0] = np.nan
+    zs, nan = _unmeasured_voxels(Volume(array, (1, 1, 1)))
+    assert zs.tolist() == [3, 33] and nan.shape == (2, 6, 7) and nan.sum() == 2
+    assert nan[0, 1, 2] and nan[1, 0, 0]
+
+
 @pytest.mark.parametrize("axis", [1, 2])
 def test_nan_planes_read_as_the_tissue_beside_them_not_as_air(axis):
     """A coronal series' gap planes (NaN rows in every axial slice) were fed to the
