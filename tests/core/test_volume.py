@@ -59,6 +59,8 @@ def test_from_array_2d_is_one_slice_and_rgb_is_refused():
     (np.zeros((2, 2, 2)), {"spacing": "abc"}, "three numbers"),
     (np.zeros((2, 2)), {"spacing": 1.0}, "three numbers"),
     (np.zeros((2, 2)), {"origin": 5}, "three numbers"),
+    (np.zeros((2, 2)), {"spacing": np.array(1.0)}, "three numbers"),
+    (np.zeros((2, 2)), {"origin": np.array(0.0)}, "three numbers"),
     ([[1, 2], [3]], {}, "not an image array"),
 ])
 def test_from_array_refuses_bad_geometry_with_one_clear_message(array, kwargs, match):

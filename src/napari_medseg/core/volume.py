@@ -56,6 +56,16 @@ def _as_triplet(values: Any, name: str) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
+def _is_pair(values: Any) -> bool:
+    """Whether ``values`` is a sequence of two (a 2D image's (y, x) spacing or origin)."""
+    if not isinstance(values, (tuple, list, np.ndarray)):
+        return False
+    try:
+        return np.shape(values) == (2,)
+    except ValueError:  # ragged: left for _as_triplet to refuse
+        return False
+
+
 @dataclass(frozen=True)
 class Volume:
     """A (z, y, x) float32 image with spacing/origin in mm and a per-slice missing mask.
@@ -137,10 +147,10 @@ class Volume:
             array = array[np.newaxis]
             # a 2D image's (y, x) spacing / origin gain z = 1 mm / 0; anything else is
             # left for _as_triplet to judge (and refuse clearly)
-            if isinstance(spacing, (tuple, list, np.ndarray)) and len(spacing) == 2:
+            if _is_pair(spacing):
                 spacing = (1.0, *tuple(spacing))
             origin = kwargs.get("origin")
-            if isinstance(origin, (tuple, list, np.ndarray)) and len(origin) == 2:
+            if _is_pair(origin):
                 kwargs["origin"] = (0.0, *tuple(origin))
         elif array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
             raise MedsegInputError(
