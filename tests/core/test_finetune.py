@@ -552,6 +552,53 @@ def test_a_damaged_session_record_is_an_input_error(tmp_path, edit):
         load_session(tmp_path)
 
 
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _zip_with_a_text_member() -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("labels", b"not an array")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, record", [
+    (b"PK\x03\x04 truncated", {}),  # not a zip
+    (lambda good: good[:30] + bytes(len(good) - 30), {}),  # its stream damaged
+    (_zip_with_a_text_member(), {}),  # np.load gives bytes for a non-.npy member
+    (None, {"shape": [float("inf"), 8, 8]}),
+    (_npz_bytes(other=np.zeros(3)), {}),  # neither labels nor points
+    (_npz_bytes(labels=np.zeros((4, 8, 8), np.float64)), {}),
+])
+def test_damaged_data_under_a_matching_checksum_is_an_input_error(tmp_path, data, record):
+    """A data file whose checksum the record carries may still be damaged or foreign:
+    BadZipFile, zlib.error, AttributeError and OverflowError reached the widget, which
+    catches input errors only (a traceback, no "cannot restore" message)."""
+    import hashlib
+
+    labels = np.zeros((4, 8, 8), np.uint8)
+    save_session(tmp_path, AnnotationSession("ct", labels.shape, labels, [1]))
+    meta = json.loads((tmp_path / "session.json").read_text())
+    data_path = tmp_path / meta["annotations_file"]
+    if callable(data):
+        data = data(data_path.read_bytes())
+    if data is not None:
+        data_path.write_bytes(data)
+    meta.update(record, annotations_sha256=hashlib.sha256(data_path.read_bytes()).hexdigest())
+    (tmp_path / "session.json").write_text(json.dumps(meta))
+    with pytest.raises(MedsegInputError):
+        load_session(tmp_path)
+    assert data_path.exists()  # never deleted
+
+
 def test_a_session_whose_points_and_diameters_disagree_is_refused(tmp_path):
     save_session(tmp_path, AnnotationSession("ct", (4, 8, 8), points=np.zeros((2, 3)),
                                              diameters=np.full(2, 8.0)))

@@ -17,6 +17,8 @@ import io
 import json
 import re
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -190,10 +192,19 @@ def load_session(folder: str | Path) -> AnnotationSession:
         lists = {key: [_slice_index(z) for z in meta.get(key, [])]
                  for key in ("edited", "checked", "excluded")}
         label_names = {int(k): str(v) for k, v in meta.get("label_names", {}).items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    # (a data file with a matching checksum may still not be a zip, or hold a damaged
+    # stream: BadZipFile, zlib.error, EOFError; an "Infinity" in the shape: OverflowError)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, EOFError,
+            OSError, zipfile.BadZipFile, zlib.error) as exc:
         raise MedsegInputError(f"autosave record is damaged ({type(exc).__name__}: {exc})",
                                folder) from exc
+    if any(not isinstance(a, np.ndarray) for a in arrays.values()):  # a non-.npy member
+        raise MedsegInputError("autosave data hold something other than arrays", folder)
+    if "labels" not in arrays and "points" not in arrays:
+        raise MedsegInputError("autosave data hold neither labels nor points", folder)
     labels = arrays.get("labels")
+    if labels is not None and not (labels.dtype.kind in "iu" or labels.dtype == np.bool_):
+        raise MedsegInputError(f"autosave labels are not whole numbers ({labels.dtype})", folder)
     if labels is not None and labels.shape != shape:
         raise MedsegInputError(f"autosave labels have shape {labels.shape}, expected {shape}", folder)
     if shape and any(not 0 <= z < shape[0] for zs in lists.values() for z in zs):
