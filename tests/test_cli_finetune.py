@@ -87,6 +87,7 @@ def test_a_card_records_the_threads_and_each_rounds_starting_model(case, tmp_pat
     ("spacing", "3", "not drawn on this image"),  # same shape, another grid
     ("shifted", "3", "not drawn on this image"),
     ("flipped", "3", "not drawn on this image"),  # read as LPS: it starts elsewhere
+    ("huge", "3", "found 0–1e+20"),  # cast to int64 it read -9.2e18, with numpy's warning
 ])
 def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, labels_from, slices, message):
     d, p = case
@@ -103,12 +104,27 @@ def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, labels_from
             origin = (origin[0] + 100.0, origin[1], origin[2])
         if labels_from == "flipped":  # x runs the other way: a mirrored label map
             axes = [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]
+        if labels_from == "huge":
+            data = p.labels.astype(np.float32)
+            data[3, 0, 0] = 1e20
         write_nifti(labels, data, spacing, origin, axes=axes)
     out = tmp_path / "out"
     rc = main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels", str(labels),
                "--slices", slices, "--out", str(out), "--epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_budget_too_short_for_one_step_writes_no_model(case, tmp_path, capsys):
+    """It wrote the untrained copy as a fine-tuned model ("0 steps") and exited 0."""
+    d, _ = case
+    out = tmp_path / "out"
+    rc = main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
+               str(d / "labels.nii.gz"), "--slices", "3", "--out", str(out),
+               "--seconds", "0.000001"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "before one training step" in err[-1], err
     assert not out.exists() or not any(out.iterdir())
 
 

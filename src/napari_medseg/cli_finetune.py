@@ -62,6 +62,7 @@ def read_label_volume(path: str, image: Any, slices: Any = None) -> np.ndarray:
     and, when the file has geometry (not an .npy), the same spacing, origin and axes.
     Only ``slices`` (all when None) must hold whole numbers: the others are ignored, and
     what is not a label there reads as 0."""
+    from .core.finetune import MAX_LABEL
     from .core.io import read_volume
 
     volume = read_volume(path)
@@ -88,6 +89,12 @@ def read_label_volume(path: str, image: Any, slices: Any = None) -> np.ndarray:
     if not whole[used].all():
         raise MedsegInputError("labels must be whole numbers on the slices given (a label "
                                "map, not an image)", path)
+    # past int64 the cast wraps (1e20 read as -9.2e18, with numpy's warning): say the
+    # value the file holds, as the fine-tuning's own range check words it
+    given = labels[used]
+    if given.size and (given.min() < 0 or given.max() > MAX_LABEL):
+        raise MedsegInputError(f"label values must be 0–{MAX_LABEL}, found "
+                               f"{given.min():g}–{given.max():g}", path)
     return np.where(whole, labels, 0).astype(np.int64)
 
 
@@ -188,6 +195,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 version=version)
         source = f"--points {args.points}"
     result = _run(job, "finetune", args.quiet)
+    if result.report.steps == 0:  # an untrained copy must not pass for a fine-tuned model
+        raise MedsegInputError(f"--seconds {args.seconds:g} ended before one training step; "
+                               "give it a few seconds")
     card_out = dict(result.card)
     budget = (f" --epochs {args.epochs}" if args.epochs is not None else "") + (
         f" --seconds {args.seconds:g}" if args.seconds is not None else "")
