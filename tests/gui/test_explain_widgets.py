@@ -102,7 +102,7 @@ def test_uncertainty_on_one_slice_gives_its_mean_not_a_ranking(make_napari_viewe
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
     assert widget._status.value.startswith(("Mean uncertainty ", "No structure found")), \
         widget._status.value
-    assert not widget._goto.enabled
+    assert not widget._goto.enabled and not widget._goto.choices
 
 
 def _run(widget, qtbot):

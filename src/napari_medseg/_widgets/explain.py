@@ -124,7 +124,8 @@ class UncertaintyWidget(ModelRunWidget):
             most_uncertain_slices=ranked))
         self._layer, self._ranked_on = image_layer, _geometry(image_layer)
         with self._goto.changed.blocked():
-            self._goto_items = [(f"slice {z} · {result.per_slice[z]:.3f}", z) for z in ranked]
+            self._goto_items = ([(f"slice {z} · {result.per_slice[z]:.3f}", z) for z in ranked]
+                                if image_layer.ndim == 3 else [])  # 2D: nothing to go to
             self._goto.reset_choices()
         self._goto.enabled = bool(ranked) and image_layer.ndim == 3  # a 2D image: one slice
         if volume.missing.all():  # no model saw anything
