@@ -255,7 +255,11 @@ def _ablation(name: str, args: argparse.Namespace, card: dict[str, Any]) -> dict
         "without_fix": NO_IMBALANCE_FIX[name],
     }
     out: dict[str, Any] = {"steps": args.ablation_steps, "eval_volumes": args.ablation_eval_seeds}
-    recipe = _recipe(name, args)  # both arms train the same recipe; only the fix differs
+    # both arms train the main run's recipe and phantom pool; only the fix differs (the
+    # arms built the default 40-phantom pool whatever --pool-size said)
+    recipe = _recipe(name, args)
+    if args.pool_size is not None:
+        recipe["pool_size"] = out["pool_size"] = args.pool_size
     for arm, opts in arms.items():
         model, arm_card = _train_once(name, args.seed, args.ablation_steps, None, args.quiet,
                                       **opts, **recipe)

@@ -580,6 +580,32 @@ def test_evaluate_cli_json_reports_held_out_metrics(capsys):
     assert set(out["recall"]) == {"no_body", "normal", "lesion"}
 
 
+def test_the_ablation_arms_train_on_the_runs_phantom_pool(tmp_path, monkeypatch):
+    """The arms built the default 40-phantom pool whatever --pool-size said (minutes of
+    phantoms for a two-step check, and not the recipe the card says)."""
+    from napari_medseg import cli_train
+
+    calls, real = [], cli_train._train_once
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) > 1:  # the first arm: enough seen
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_train, "_train_once", recording)
+    main(["train", "classifier", "--out", str(tmp_path / "m"), "--steps", "1", "--eval-seeds",
+          "0", "--pool-size", "1", "--threads", "1", "--quiet", "--ablation-steps", "1"])
+    assert [c.get("pool_size") for c in calls] == [1, 1]
+
+
+def test_a_seconds_budget_is_recorded_as_given():
+    from napari_medseg.core.training import _command
+
+    assert "--seconds 1234567.0 " in _command("classifier", 0, None, 1234567, "ce", "uniform")
+    assert "--seconds 0.01234567 " in _command("classifier", 0, None, 0.01234567, "ce", "uniform")
+
+
 def test_evaluate_cli_rejects_an_unknown_model(capsys):
     assert main(["evaluate", "no_such_model"]) == 2
     assert "no_such_model" in capsys.readouterr().err

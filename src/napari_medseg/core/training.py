@@ -669,7 +669,8 @@ def _cpu_name() -> str:
 
 def _command(name: str, seed: int, steps: int | None, seconds: float | None, loss: str,
              sampling: str) -> str:
-    budget = f"--steps {steps}" if steps is not None else f"--seconds {seconds:g}"
+    # repr: the budget given, not rounded to 6 digits (":g" wrote 1234567 as 1.23457e+06)
+    budget = f"--steps {steps}" if steps is not None else f"--seconds {float(seconds)!r}"
     return (f"napari-medseg train {name} --seed {seed} {budget} --loss {loss}"
             f" --sampling {sampling}")
 
