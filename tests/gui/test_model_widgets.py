@@ -386,6 +386,32 @@ def test_cancel_and_removed_layer_leave_no_result(
     assert not _messages_since(start, "error")
 
 
+@pytest.mark.parametrize("transform", [
+    {"affine": [[5, 0.5, 0, 10], [0, 1.5, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]]},
+    {"scale": (5, 1.5, 1.5), "shear": (0.3, 0.2, 0.1)},
+    {"scale": (5, 1.5, 1.5), "rotate": [[1, 0, 0], [0, 0.866025, -0.5], [0, 0.5, 0.866025]]},
+])
+def test_go_to_lesion_shows_its_slice_and_centres_it_on_a_sheared_image(make_napari_viewer,
+                                                                        transform):
+    """napari slices by the world z alone; a sheared layer's lesion has a world z that
+    depends on its y and x, and the jump drew slice 10 for a lesion on slice 6."""
+    from napari_medseg._layers import _like_layer
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.random.rand(10, 64, 64).astype(np.float32), **transform)
+    points = viewer.add_points(np.array([[6.0, 40.0, 20.0], [2.0, 5.0, 50.0]]),
+                               **_like_layer(image))
+    widget = DetectWidget(viewer)
+    widget._points = points
+    widget._go_to_lesion(0)
+    image.refresh()
+    points.refresh()
+    assert float(image._data_slice.point[0]) == 6.0  # what napari draws
+    (drawn,) = points._view_data  # the lesion is on the slice shown …
+    at = points._data_to_world.set_slice([1, 2])(drawn)  # … at the centre of the view
+    np.testing.assert_allclose(_camera(viewer).center[-2:], at, atol=1e-6)
+
+
 def test_closing_the_widget_stops_its_job(make_napari_viewer, qtbot, random_models,
                                           small_phantom):
     """napari's close button takes the widget out of its dock: its job ran on and added

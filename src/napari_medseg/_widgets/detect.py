@@ -8,7 +8,7 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 from .._layers import detection_layer_data, mark_added_points
 from ..core.inference import card_peak_threshold, detect_lesions
 from ._model_widget import ModelRunWidget, provenance
-from ._navigate import camera, go_to_world
+from ._navigate import camera, go_to_slice, go_to_world
 
 # Detections are kept down to this score so the threshold slider can reveal weaker ones
 # without running the model again.
@@ -125,7 +125,16 @@ class DetectWidget(ModelRunWidget):
         points = self._points
         if index is None or points is None or points not in self._viewer.layers or index >= len(points.data):
             return
-        go_to_world(self._viewer, points, points.data_to_world(points.data[index]))
+        point = points.data[index]
+        if points.ndim != 3:  # a 2D image's lesions: no slice to find
+            go_to_world(self._viewer, points, points.data_to_world(point))
+            return
+        z, y, x = (float(v) for v in point)
+        # the slice as go_to_slice finds it: napari slices by the world z alone, and a
+        # sheared layer's lesion has a world z that depends on its y and x too (the jump
+        # landed 4 slices off); y and x as drawn on that slice (without z's share)
+        go_to_slice(self._viewer, points, round(z))
+        go_to_world(self._viewer, points, points.data_to_world([0.0, y, x]), axes=[1, 2])
 
 
 _camera = camera  # the old name, for scripts and tests
