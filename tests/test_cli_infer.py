@@ -150,12 +150,15 @@ def test_a_real_dicom_file_as_input(tmp_path, models, command, suffix):
         assert all(float(r["z"]) == 0 for r in _rows(out))
 
 
-def test_npy_input(tmp_path, models):
+def test_npy_input(tmp_path, models, capsys):
     src = tmp_path / "slice.npy"
     np.save(src, np.random.default_rng(0).normal(0, 100, size=(30, 26)).astype(np.float32))
     out = tmp_path / "labels.nii.gz"
     assert main(["segment", str(src), str(out), "--model", str(models["segmenter"]), "-q"]) == 0
     assert read_nifti(out).shape == (1, 30, 26)
+    # one slice: areas, as the widget says (ml needed a slice thickness it made up)
+    said = capsys.readouterr().out
+    assert " ml" not in said and ("cm²" in said or "no structures found" in said), said
 
 
 def test_reader_warnings_reach_stderr(tmp_path, models, capsys, monkeypatch):

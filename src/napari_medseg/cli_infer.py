@@ -179,8 +179,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
                   "segment", args.quiet)
     write_nifti(out, result.labels, *_grid(volume), labels=True,
                 label_names=dict(enumerate(result.class_names)))
-    found = [f"{name} {ml:.1f} ml" for name, ml in result.volume_ml().items()
-             if ml > 0 and name != result.class_names[0]]
+    # one slice (a 2D image): areas, as the widget gives; a volume would need a slice
+    # thickness the image does not have (the 1 mm a 2D file is read with is made up)
+    one_slice = result.labels.shape[0] == 1
+    measures, unit = (result.area_cm2(), "cm²") if one_slice else (result.volume_ml(), "ml")
+    found = [f"{name} {value:.1f} {unit}" for name, value in measures.items()
+             if round(value, 1) > 0 and name != result.class_names[0]]
     print(f"wrote {out.name}: labels {list(result.labels.shape)} ({result.precision});"
           f" {', '.join(found) or 'no structures found'}")
     return 0
