@@ -77,15 +77,20 @@ def test_detect_can_add_its_heatmap_under_the_points(make_napari_viewer, qtbot, 
     np.testing.assert_allclose(heat.scale, image.scale)
 
 
+def _run_on_one_slice(make_napari_viewer, qtbot, phantom, widget_cls, model):
+    """``widget_cls`` run with ``model`` on slice 3 of ``phantom`` as a 2D image."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(phantom.volume.array[3], scale=phantom.volume.spacing[1:])
+    widget = widget_cls(viewer)
+    widget._image.value, widget._model.value = image, model
+    _run(widget, qtbot)
+    return widget
+
+
 def test_gradcam_on_one_slice_says_slice_not_slices(make_napari_viewer, qtbot, random_models,
                                                     small_phantom):
-    viewer = make_napari_viewer()
-    image = viewer.add_image(small_phantom.volume.array[3], scale=small_phantom.volume.spacing[1:])
-    widget = GradCamWidget(viewer)
-    widget._image.value = image
-    widget._model.value = random_models["SliceClassifier"]
-    widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    widget = _run_on_one_slice(make_napari_viewer, qtbot, small_phantom, GradCamWidget,
+                               random_models["SliceClassifier"])
     assert widget._status.value.startswith("Explained: ")
     assert widget._status.value.endswith(" on 1 slice"), widget._status.value
 
@@ -93,13 +98,8 @@ def test_gradcam_on_one_slice_says_slice_not_slices(make_napari_viewer, qtbot, r
 def test_uncertainty_on_one_slice_gives_its_mean_not_a_ranking(make_napari_viewer, qtbot,
                                                                 random_models, small_phantom):
     """A 2D image said "Most uncertain slices (correct these first): 0"."""
-    viewer = make_napari_viewer()
-    image = viewer.add_image(small_phantom.volume.array[3], scale=small_phantom.volume.spacing[1:])
-    widget = UncertaintyWidget(viewer)
-    widget._image.value = image
-    widget._model.value = random_models["RecurrentSegmenter"]
-    widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    widget = _run_on_one_slice(make_napari_viewer, qtbot, small_phantom, UncertaintyWidget,
+                               random_models["RecurrentSegmenter"])
     assert widget._status.value.startswith(("Mean uncertainty ", "No structure found")), \
         widget._status.value
     assert not widget._goto.enabled and not widget._goto.choices
