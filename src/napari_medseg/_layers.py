@@ -261,6 +261,20 @@ def unmatched_rows(reference: Any, points: Any) -> list[int]:
 _BEFORE_CHANGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> rows
 
 
+_MARKED_LAYERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def watch_detection_edits(layer: Any) -> None:
+    """Connect :func:`mark_added_points` to a detection layer's data events, once per
+    layer: on the layers Detect and Retrain make, and on one the Retrain widget is given
+    that has a score column but was made elsewhere (a detection CSV opened again), where
+    an added point took the diameter and score of the point selected last."""
+    if layer in _MARKED_LAYERS:
+        return
+    _MARKED_LAYERS.add(layer)
+    layer.events.data.connect(lambda event, layer=layer: mark_added_points(layer, event))
+
+
 def mark_added_points(layer: Any, event: Any) -> bool:
     """After napari adds or moves points of a detection layer: they are the user's now.
     An added point gets no score, no diameter and the "added" label: napari fills new rows

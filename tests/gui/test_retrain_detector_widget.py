@@ -209,7 +209,7 @@ def test_a_points_layer_of_another_ndim_is_said_when_picked(scene):
 
 def _weak_detections_layer(viewer, image):
     """A Detect-widget-style layer: one detection shown, three weak ones hidden."""
-    from napari_medseg._layers import mark_added_points
+    from napari_medseg._layers import watch_detection_edits
 
     data = np.array([[2.0, 40.0, 40.0], [2.0, 60.0, 60.0], [5.0, 30.0, 30.0], [6.0, 20.0, 20.0]])
     layer = viewer.add_points(data, scale=image.scale, name="detections",
@@ -217,7 +217,7 @@ def _weak_detections_layer(viewer, image):
                               features={"score": [0.9, 0.2, 0.1, 0.3],
                                         "diameter_mm": [10.0, 6.0, 6.0, 6.0],
                                         "label": ["0.90", "0.20", "0.10", "0.30"]})
-    layer.events.data.connect(lambda event: mark_added_points(layer, event))
+    watch_detection_edits(layer)  # as the Detect widget does
     return layer
 
 
@@ -307,3 +307,29 @@ def test_changed_rows_counts_points_as_a_multiset_nan_included():
     assert len(_changed_rows(a, a.copy())) == 0  # NaN rows compared equal to themselves
     gone = _changed_rows(a, a[:2])
     np.testing.assert_array_equal(gone, [[3.0, 5.0, 5.0]])
+
+
+def test_a_point_added_to_a_detection_layer_opened_from_a_file_has_no_size_of_its_own(
+        make_napari_viewer, random_models, small_phantom, tmp_path):
+    """A detection layer saved and opened again has no Detect widget marking its added
+    points: napari filled the new row from the point selected last, and the point
+    trained as a 30 mm lesion."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    found = viewer.add_points(np.array([[3.0, 40.0, 40.0], [5.0, 20.0, 20.0]]), name="det",
+                              scale=image.scale, features={
+                                  "score": [0.9, 0.3], "label": ["a", "b"],
+                                  "diameter_mm": [30.0, 8.0]})
+    path = str(tmp_path / "det.csv")
+    found.save(path)
+    viewer.layers.remove(found)
+    (points,) = viewer.open(path, layer_type="points")
+    points.scale = image.scale
+    widget = RetrainDetectorWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._image.value, widget._layer_pick.value = image, points
+    points.selected_data = {0}
+    points.add([6.0, 70.0, 70.0])
+    added = points.features.iloc[-1]
+    assert np.isnan(added["diameter_mm"]) and np.isnan(added["score"]), added.to_dict()
+    assert widget.annotated_slices() == [6]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 
-from .._layers import detection_layer_data, mark_added_points
+from .._layers import detection_layer_data, watch_detection_edits
 from ..core.inference import card_peak_threshold, detect_lesions
 from ._model_widget import ModelRunWidget, provenance
 from ._navigate import camera, go_to_slice, go_to_world
@@ -77,8 +77,7 @@ class DetectWidget(ModelRunWidget):
         self._points = self._viewer.add_points(data, **kwargs)
         # for good, not only while it is the latest run's layer: a point added to or moved
         # on an earlier layer is the user's too
-        self._points.events.data.connect(lambda event, layer=self._points:
-                                         mark_added_points(layer, event))
+        watch_detection_edits(self._points)
         self._points.events.data.connect(self._on_points_data)
         with self._threshold.changed.blocked():
             # a card may set its threshold below KEEP_SCORE (the job ran down to it):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from napari.utils.notifications import show_warning
 
-from .._layers import (_like_layer, detection_layer_data, mark_added_points, marker_sizes,
-                       scale_mm, unmatched_rows)
+from .._layers import (_like_layer, detection_layer_data, marker_sizes, scale_mm,
+                       unmatched_rows, watch_detection_edits)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix, to_viewer_units
 from ..core.finetune import check_points, finetune_detector
@@ -36,6 +36,8 @@ class RetrainDetectorWidget(_RetrainBase):
     writes_into_layer = False
 
     def _connect(self, layer) -> None:
+        if "score" in layer.features:  # a detection layer, maybe opened again from a file
+            watch_detection_edits(layer)
         layer.events.data.connect(self._on_points)
         image = self._image.value
         if image is not None and layer.ndim != image.ndim:
@@ -195,7 +197,7 @@ class RetrainDetectorWidget(_RetrainBase):
         prov = {**provenance(card, image.name), "model": f"{card.get('name')} v{number}"}
         data, kwargs, _ = detection_layer_data(result, image, prov, card_peak_threshold(card))
         found = self._viewer.add_points(data, **kwargs)
-        found.events.data.connect(lambda event, layer=found: mark_added_points(layer, event))
+        watch_detection_edits(found)
         shown = int(np.sum(kwargs["shown"])) if len(data) else 0
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number}: {shown} detections at score ≥ {kwargs['metadata']['medseg']['threshold']:.2f}"
