@@ -333,3 +333,18 @@ def test_a_point_added_to_a_detection_layer_opened_from_a_file_has_no_size_of_it
     added = points.features.iloc[-1]
     assert np.isnan(added["diameter_mm"]) and np.isnan(added["score"]), added.to_dict()
     assert widget.annotated_slices() == [6]
+
+
+def test_edits_made_while_the_image_is_removed_go_to_that_scan_not_the_next_one(scene):
+    """They were given to whichever image was picked next: another patient's slice 5 was
+    listed (its points there read as reviewed), and the scan opened again listed none."""
+    viewer, image, points, widget = scene
+    data, kwargs = image.data, dict(name=image.name, scale=image.scale)
+    viewer.layers.remove(image)
+    points.add([5.0, 30.0, 30.0])
+    other = viewer.add_image(np.random.default_rng(1).random(data.shape).astype(np.float32),
+                             name="other patient", scale=image.scale)
+    widget._image.value = other
+    assert widget.annotated_slices() == []
+    widget._image.value = viewer.add_image(data, **kwargs)
+    assert widget.annotated_slices() == [5]

@@ -146,7 +146,9 @@ class _RetrainBase(Container):
         self._left_atoms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # _disconnect
         self._left_points: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (detector)
         # (detector) world z of points edited while no image was picked, per points layer
+        # and per image key (_image_key) of the image last picked with it
         self._imageless_edits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._image_left_key: str | None = None  # (detector) the image those edits are on
         self._before_change = None  # (detector) the rows of a move, between its two events
         self._away_slices: set[int] = set()
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
@@ -404,13 +406,20 @@ class _RetrainBase(Container):
             if self._edited or self._checked or self._excluded:
                 self._kept_lists.setdefault(old_layer, {})[self._pair_key] = (
                     self._edited, self._checked, self._excluded)
+        if image is None and old_image is not None:
+            # the scan whose slices the edits made while no image is picked belong to
+            self._image_left_key = self._pair_key
         kept = (self._kept_lists.get(layer, {}).pop(key, None)
                 if image is not None and layer is not None else None)
         self._edited, self._checked, self._excluded = kept or (set(), set(), set())
         self._pair, self._pair_key = (image, layer), key
         self._pair_shape = () if image is None else tuple(image.data.shape)
-        pending = (self._imageless_edits.pop(layer, None)
-                   if image is not None and layer is not None else None)
+        # only the same scan opened again gets them: another image picked meanwhile
+        # (another patient's) would list their slice numbers as its own; edits made before
+        # any image was picked go to the first one
+        away = (self._imageless_edits.get(layer, {})
+                if image is not None and layer is not None else {})
+        pending = [*away.pop(key, []), *away.pop(None, [])]
         if pending:  # edits made while no image was picked: their slices on this image
             self._edited |= {z for w in pending if (z := self._image_slice(w)) is not None}
             self._schedule_autosave()

@@ -67,7 +67,8 @@ class RetrainDetectorWidget(_RetrainBase):
         if self._image.value is None and np.isfinite(world_z):
             # edited while no image is picked (its layer removed to be opened again): the
             # slice is known once an image is back (_switch_pair)
-            self._imageless_edits.setdefault(layer, []).append(float(world_z))
+            self._imageless_edits.setdefault(layer, {}).setdefault(
+                self._image_left_key, []).append(float(world_z))
         return self._image_slice(world_z)
 
     def _on_points(self, event) -> None:
