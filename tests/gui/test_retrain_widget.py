@@ -95,11 +95,12 @@ def test_paint_retrain_repredict_undo_versions(scene, qtbot):
     # redoing the model's write does not make its output the user's annotation (it did:
     # every re-predicted slice was listed, so the re-predict below changed nothing)
     assert widget.annotated_slices() == [2, 5]
-    # revert to v0 and re-predict: the starting model's output, still sparing slices 2 and 5
+    # pick v0 and re-predict (without "Use this version" first: it predicted with the
+    # version in use, v1, whatever the list showed): the starting model's output, still
+    # sparing slices 2 and 5
     widget._versions.value = 0
-    widget._revert.clicked.emit()
-    assert widget._history.current == 0
     widget._predict.clicked.emit()
+    assert widget._history.current == 0
     _wait(widget, qtbot)
     from napari_medseg._layers import volume_from_layer
     from napari_medseg.core.inference import segment_volume
@@ -150,6 +151,9 @@ def test_a_round_finishing_after_a_model_switch_keeps_its_version(scene, qtbot):
 
 def test_save_version_then_load_it_anywhere(scene, qtbot):
     viewer, image, labels, widget, phantom = scene
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    segment = SegmentWidget(viewer)  # open before the save
     _paint_slice(labels, 4, phantom.labels)
     widget._run.clicked.emit()
     _wait(widget, qtbot)
@@ -166,12 +170,12 @@ def test_save_version_then_load_it_anywhere(scene, qtbot):
     for k, v in v1_model.state_dict().items():
         assert np.array_equal(model.state_dict()[k].numpy(), v.numpy()), k
     assert card["finetune_history"][-1]["slices"] == [4]
-    from napari_medseg._widgets.segment import SegmentWidget
-
     assert str(path) in SegmentWidget(viewer)._model.choices
+    # listed at once in the pickers already open, this widget's own included (napari
+    # re-reads them only when a layer is added or removed)
+    assert str(path) in segment._model.choices and str(path) in widget._model.choices
     # another model picked, then this one again: its versions were kept, not dropped
     first = widget._model.value
-    widget._model.reset_choices()
     widget._model.value = str(path)
     assert widget._history is None and widget._versions.choices == ()
     widget._model.value = first

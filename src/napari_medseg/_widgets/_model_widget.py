@@ -9,6 +9,7 @@ removed input layer — lives here once.
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,6 +64,25 @@ def provenance(card: dict, image_name: str) -> dict[str, Any]:
         "input_layer": image_name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+#: every open Model picker: a model saved from one widget is listed in all of them at
+#: once (napari re-reads a picker's choices only when the layer list changes)
+_MODEL_PICKERS: "weakref.WeakSet[ComboBox]" = weakref.WeakSet()
+
+
+def model_picker(architecture: str) -> ComboBox:
+    """A "Model" picker listing the bundled and user models of ``architecture``."""
+    picker = ComboBox(label="Model", choices=lambda _w=None: model_choices(architecture))
+    _MODEL_PICKERS.add(picker)
+    return picker
+
+
+def refresh_model_pickers() -> None:
+    """List a newly saved model in every open Model picker (a picker keeps its value)."""
+    for picker in list(_MODEL_PICKERS):
+        if not widget_closed(picker):
+            picker.reset_choices()
 
 
 def follow_layer_names(viewer, callback) -> None:
@@ -142,7 +162,7 @@ class ModelRunWidget(Container):
         self._worker = None
         self._result_note = ""  # the latest result's missing-slices line
         self._image = ComboBox(label="Image", choices=self._image_choices, nullable=False)
-        self._model = ComboBox(label="Model", choices=lambda _w=None: model_choices(self.architecture))
+        self._model = model_picker(self.architecture)
         self._run = PushButton(text=self.task or "Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")

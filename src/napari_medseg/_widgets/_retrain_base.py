@@ -63,7 +63,8 @@ from ._model_widget import (
     _geometry,
     _same_geometry,
     follow_layer_names,
-    model_choices,
+    model_picker,
+    refresh_model_pickers,
     set_status,
     widget_closed,
 )
@@ -185,7 +186,7 @@ class _RetrainBase(Container):
         self._layer_pick = ComboBox(label=self.layer_kind, choices=self._layers_of(self.layer_kind),
                                     nullable=True)
         self._new_layer = PushButton(text=f"New empty {self.layer_kind.lower()} layer on the image")
-        self._model = ComboBox(label="Model", choices=lambda _w=None: model_choices(self.architecture))
+        self._model = model_picker(self.architecture)
         self._restore_label = Label(value="")
         self._restore_label.native.setWordWrap(True)
         # full width, and never shorter than its text: squeezed under another dock widget
@@ -581,6 +582,7 @@ class _RetrainBase(Container):
             show_error(f"Retrain: saving failed: {exc}")
             return
         self._status.value = f"Saved v{number} as '{name}' ({path})"
+        refresh_model_pickers()
         show_info(f"Saved model '{name}'; it is listed in every model widget")
 
     # -- running -----------------------------------------------------------------------
@@ -639,6 +641,11 @@ class _RetrainBase(Container):
         )
 
     def _on_predict(self) -> None:
+        # the version picked in the list, as Save takes it (it predicted with the version
+        # in use, whatever the list showed): picking and predicting makes it the one in use
+        if (self._history is not None and self._versions.value is not None
+                and int(self._versions.value) != self._history.current):
+            self._on_revert()
         inputs = self._inputs_for_a_button(False)
         if inputs is None:
             return
