@@ -497,6 +497,19 @@ def test_a_slot_made_as_a_gap_becomes_a_new_structure_when_painted(tiny, phantom
     assert second.card["classes"][9] == "pancreas" and second.report.new_classes == ("pancreas",)
 
 
+def test_a_names_table_from_a_card_neither_names_gaps_nor_keeps_placeholders():
+    """A layer's names table copied from a card holds 'unused_9': the painted slot kept
+    that name and was "new" in every round. A name given for a gap never painted named a
+    structure the model never learnt (and painting it later was no longer new)."""
+    from napari_medseg.core.finetune import _class_names
+
+    old = [f"c{i}" for i in range(9)] + ["unused_9", "unused_10", "gallbladder"]
+    names = _class_names(old, 12, {9}, dict(enumerate(old)))
+    assert names[9:] == ["structure_9", "unused_10", "gallbladder"]
+    grown = _class_names([f"c{i}" for i in range(9)], 12, {11}, {10: "spleen2", 11: "gb"})
+    assert grown[9:] == ["unused_9", "unused_10", "gb"]
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"slices": [2.7]}, "whole numbers"),
     ({"slices": [True]}, "whole numbers"),

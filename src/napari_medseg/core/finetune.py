@@ -343,13 +343,21 @@ def _revived(old: Sequence[str], present: set[int]) -> set[int]:
 
 def _class_names(old: Sequence[str], n_classes: int, present: set[int],
                  names: Mapping[int, str] | None) -> list[str]:
+    """The grown model's class names: a painted new value takes the layer's name for it
+    (``names``) or ``structure_<v>``; a value in between never painted stays the
+    placeholder ``unused_<v>`` whatever name the layer gives it (it was named after a
+    structure the model never learnt, and was then no longer found as new when painted).
+    A given name that is itself a placeholder (a layer's names table copied from a card)
+    is no name (the slot stayed ``unused_<v>`` and was "new" in every round)."""
+    def named(v: int) -> str:
+        given = (names or {}).get(v)
+        return str(given) if given and str(given) != f"unused_{v}" else f"structure_{v}"
+
     out = list(old)
     for v in sorted(_revived(old, present)):
-        given = (names or {}).get(v)
-        out[v] = str(given) if given else f"structure_{v}"
+        out[v] = named(v)
     for v in range(len(old), n_classes):
-        given = (names or {}).get(v)
-        out.append(str(given) if given else (f"structure_{v}" if v in present else f"unused_{v}"))
+        out.append(named(v) if v in present else f"unused_{v}")
     return out
 
 
