@@ -99,10 +99,32 @@ def test_detect_leaves_no_heatmap_when_the_csv_cannot_be_written(tmp_path, model
                  "--heatmap", str(heat)]) != 0
     assert not heat.exists() and not out.exists()
     assert main(["detect", str(image), str(out), "--model", str(models["detector"]), "-q",
-                 "--heatmap", str(old)]) != 0
+                 "--heatmap", str(old), "--overwrite"]) != 0
     # a file that was there before is back as it was, and nothing else is left
     assert old.read_bytes() == b"the user's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.nii.gz"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("command,outputs", [
+    ("segment", ["labels.nii.gz"]), ("classify", ["classes.csv"]),
+    ("detect", ["lesions.csv", "--heatmap", "heat.nii.gz"]),
+    ("generate", ["fine.nii.gz", "--factor", "2", "--slices-csv", "slices.csv"])])
+def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path, models, image, capsys,
+                                                              command, outputs):
+    model = {"segment": "segmenter", "classify": "classifier", "detect": "detector"}.get(command)
+    paths = [tmp_path / name if "." in name else name for name in outputs]
+    args = [command, str(image), *map(str, paths), "-q",
+            *(["--model", str(models[model])] if model else [])]
+    corrected = paths[-1]  # e.g. a label map corrected by hand since the last run
+    corrected.write_bytes(b"corrected by hand")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"napari-medseg: error: {corrected.name}: the output exists; pass --overwrite to replace it"
+    assert corrected.read_bytes() == b"corrected by hand"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [corrected.name]  # nothing else written
+    assert main([*args, "--overwrite"]) == 0
+    assert corrected.read_bytes() != b"corrected by hand"
     capsys.readouterr()
 
 

@@ -35,7 +35,11 @@ def _bundled(command: str) -> str:
     return str(BUNDLED_DIR / f"{DEFAULT_MODELS[command]}.json")
 
 
-def _check_output(path: str, suffixes: tuple[str, ...], source: str | None = None) -> Path:
+def _check_output(path: str, suffixes: tuple[str, ...], source: str | None = None,
+                  overwrite: bool = False) -> Path:
+    """The output refused now, before minutes of computing, if it cannot or must not be
+    written; an existing file is replaced only with ``--overwrite`` (it may be a label
+    map a radiologist corrected by hand since the last run)."""
     out = Path(path).expanduser()
     if source is not None and _same_file(out, Path(source).expanduser()):
         raise MedsegInputError("the output would overwrite the input; choose another name", out)
@@ -45,6 +49,8 @@ def _check_output(path: str, suffixes: tuple[str, ...], source: str | None = Non
         raise MedsegInputError("the folder to write into does not exist", out)
     if out.is_dir():
         raise MedsegInputError("output is a folder, expected a file name", out)
+    if out.exists() and not overwrite:
+        raise MedsegInputError("the output exists; pass --overwrite to replace it", out)
     return out
 
 
@@ -173,7 +179,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .core.inference import segment_volume
     from .core.io import write_nifti
 
-    out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
+    out = _check_output(args.output, (".nii.gz", ".nii"), args.input, args.overwrite)
     volume, model, card = _load(args, "segment")
     result = _run(segment_volume(volume, model, card, chunk=args.chunk, **_engine_kwargs(args)),
                   "segment", args.quiet)
@@ -194,7 +200,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .cli import _write_csv_atomic
     from .core.inference import classify_volume
 
-    out = _check_output(args.output, (".csv",), args.input)
+    out = _check_output(args.output, (".csv",), args.input, args.overwrite)
     volume, model, card = _load(args, "classify")
     result = _run(classify_volume(volume, model, card, batch=args.batch, **_engine_kwargs(args)),
                   "classify", args.quiet)
@@ -212,8 +218,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .cli import _write_csv_atomic
     from .core.inference import detect_lesions
 
-    out = _check_output(args.output, (".csv",), args.input)
-    heat_out = None if args.heatmap is None else _check_output(args.heatmap, (".nii.gz", ".nii"), args.input)
+    out = _check_output(args.output, (".csv",), args.input, args.overwrite)
+    heat_out = None if args.heatmap is None else _check_output(
+        args.heatmap, (".nii.gz", ".nii"), args.input, args.overwrite)
     volume, model, card = _load(args, "detect")
     result = _run(
         detect_lesions(volume, model, card, threshold=args.threshold,
@@ -261,13 +268,14 @@ def _common(p: argparse.ArgumentParser, command: str, precision: bool = True) ->
                    help="torch threads (default: the CPUs other processes leave free, re-checked"
                         " as it runs; 0: leave torch's own setting)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
 def cmd_gradcam(args: argparse.Namespace) -> int:
     from .core.explain import gradcam_volume
     from .core.io import write_nifti
 
-    out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
+    out = _check_output(args.output, (".nii.gz", ".nii"), args.input, args.overwrite)
     volume, model, card = _load(args, "gradcam")
     target = args.target
     if target is not None and target not in card["classes"] and target.isdigit():
@@ -285,8 +293,9 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     from .core.explain import segmentation_uncertainty
     from .core.io import write_nifti
 
-    out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
-    csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",), args.input)
+    out = _check_output(args.output, (".nii.gz", ".nii"), args.input, args.overwrite)
+    csv_out = None if args.slices_csv is None else _check_output(
+        args.slices_csv, (".csv",), args.input, args.overwrite)
     volume, model, card = _load(args, "uncertainty")
     result = _run(segmentation_uncertainty(volume, model, card, samples=args.samples,
                                            threads=args.threads), "uncertainty", args.quiet)
@@ -307,8 +316,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.model is not None and args.method != "model":  # it was silently ignored
         raise MedsegInputError(f"--model applies to --method model, not {args.method}")
-    out = _check_output(args.output, (".nii.gz", ".nii"), args.input)
-    csv_out = None if args.slices_csv is None else _check_output(args.slices_csv, (".csv",), args.input)
+    out = _check_output(args.output, (".nii.gz", ".nii"), args.input, args.overwrite)
+    csv_out = None if args.slices_csv is None else _check_output(
+        args.slices_csv, (".csv",), args.input, args.overwrite)
     volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
     fill = not args.keep_missing
     if args.method == "model":
@@ -403,4 +413,5 @@ def register(subparsers: Any) -> None:
                    help="also write each output slice's status: acquired, generated or missing")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_generate)
