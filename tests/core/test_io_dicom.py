@@ -928,6 +928,35 @@ def test_labels_drawn_on_a_coronal_series_reopen_where_they_were_drawn(tmp_path,
     np.testing.assert_allclose(back_kwargs["translate"], kwargs["translate"], atol=1e-4)
 
 
+@pytest.mark.parametrize("iop, axis, at", [((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), 0, 4),  # normal −S
+                                           ((0.0, 1.0, 0.0, 0.0, 0.0, -1.0), 2, 4)])  # sagittal
+def test_an_undecodable_slice_is_named_where_it_lies_after_turning(tmp_path, iop, axis, at):
+    """The warning kept the file's place in the series (z=1) while its NaN slice lay at
+    z=4 of a flipped series; a sagittal series' lost plane was not in missing_planes."""
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    uid = generate_uid()
+    for k in range(6):
+        write_ct_slice(tmp_path / f"s{k:03d}.dcm", 100 * k, series_uid=uid, instance=k + 1,
+                       iop=iop, ipp=np.array([10.0, -20.0, 30.0]) + 2.0 * k * normal)
+    victim = tmp_path / "s001.dcm"  # the second slice along the normal
+    victim.write_bytes(victim.read_bytes()[:-10])
+
+    vol = read_dicom(tmp_path)
+
+    lost = np.isnan(vol.array).all(axis=tuple(a for a in range(3) if a != axis))
+    assert np.flatnonzero(lost).tolist() == [at]
+    said = [w for w in vol.metadata["warnings"] if "could not be decoded" in w]
+    if axis == 0:
+        assert vol.missing_slices() == [at] and said == [
+            f"1 slice whose pixel data could not be decoded left missing (z={at})"]
+    else:
+        assert not vol.missing.any()
+        assert vol.metadata["missing_planes"] == {"axis": "x", "indices": [at]}
+        assert said == [f"1 slice whose pixel data could not be decoded left missing"
+                        f" (NaN planes at x={at})"]
+
+
 @pytest.mark.parametrize("iop, axis", [((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), "z"),  # normal −S
                                        ((1.0, 0.0, 0.0, 0.0, 0.0, -1.0), "y")])  # coronal
 def test_a_turned_series_says_its_gaps_where_they_now_lie(tmp_path, iop, axis, capsys):

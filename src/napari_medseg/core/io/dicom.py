@@ -626,9 +626,11 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     if "MOSAIC" in image_type:
         warns.append("Siemens mosaic: its slices are tiled in one image and are not unpacked;"
                      " the geometry is not that of the tiles")
-    array = _load_pixels(frames, out_z, nz, warns)
+    array = _load_pixels(frames, out_z, nz)
+    # slices of a file that could not be decoded: said, like the gaps, once the volume
+    # has its final layout (a flipped series' z=1 is its z=nz-2)
     undecoded = ~np.isfinite(array).reshape(nz, -1).any(axis=1) & ~missing
-    missing |= undecoded  # slices of a file that could not be decoded
+    missing |= undecoded
     header = first.source.header
     modality = _text(header, "Modality") or "OT"
     rescale_type = _text(header, "RescaleType") or _text_in_groups(header, "RescaleType")
@@ -665,8 +667,16 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     if slice_axis:  # where generation makes slices between this series' own
         metadata["slice_axis"] = "zyx"[slice_axis]
     if reversed_:
-        gaps = gaps[::-1]
+        gaps, undecoded = gaps[::-1], undecoded[::-1]
         metadata["slice_spacings_mm"] = metadata["slice_spacings_mm"][::-1]
+    if undecoded.any():
+        n, at = int(undecoded.sum()), _ranges([int(i) for i in np.flatnonzero(undecoded)])
+        where = f"z={at}" if slice_axis == 0 else f"NaN planes at {'zyx'[slice_axis]}={at}"
+        warns.append(f"{n} slice{'s' if n > 1 else ''} whose pixel data could not be decoded "
+                     f"left missing ({where})")
+    if slice_axis and (gaps | undecoded).any():  # both are NaN planes along y / x
+        planes = [int(i) for i in np.flatnonzero(gaps | undecoded)]
+        metadata["missing_planes"] = {"axis": "zyx"[slice_axis], "indices": planes}
     if gaps.any():
         at = _ranges([int(i) for i in np.flatnonzero(gaps)])
         n = int(gaps.sum())
@@ -676,8 +686,6 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
             name = "zyx"[slice_axis]
             warns.append(f"{n} missing slice{'s' if n > 1 else ''} of the series (NaN planes at"
                          f" {name}={at}: nothing is labelled or detected there)")
-            metadata["missing_planes"] = {"axis": name,
-                                          "indices": [int(i) for i in np.flatnonzero(gaps)]}
     if axes is not None:
         metadata["orientation"] = axis_code(axes[2]) + axis_code(axes[1]) + axis_code(axes[0])
         # + 0.0: a flipped axis's zeros are -0.0, shown as such in Info and the CLI
@@ -818,10 +826,10 @@ def _text_in_groups(ds: Dataset, keyword: str) -> str | None:
     return (str(value).strip() or None) if value is not None else None
 
 
-def _load_pixels(frames: list[_Frame], out_z: np.ndarray, nz: int,
-                 warns: list[str]) -> np.ndarray:
+def _load_pixels(frames: list[_Frame], out_z: np.ndarray, nz: int) -> np.ndarray:
     """Decode each file once and copy its frames into place; absent slices, and those of
-    a file (one of several) whose pixels cannot be decoded, stay NaN."""
+    a file (one of several) whose pixels cannot be decoded, stay NaN (the caller says
+    where, in the volume's final layout)."""
     rows, cols = frames[0].rows, frames[0].cols
     array = np.full((nz, rows, cols), np.nan, dtype=np.float32)
     by_source: dict[int, list[tuple[_Frame, int]]] = {}
@@ -849,8 +857,4 @@ def _load_pixels(frames: list[_Frame], out_z: np.ndarray, nz: int,
             array[z] = values[frame.index]
     if failed and len(failed) == len(frames):
         raise first_error
-    if failed:
-        n = len(failed)
-        warns.append(f"{n} slice{'s' if n > 1 else ''} whose pixel data could not be decoded "
-                     f"left missing (z={_ranges(sorted(failed))})")
     return array
