@@ -554,6 +554,32 @@ def _enhanced_ct(path: Path, zs, slopes) -> None:
     _save(ds, path)
 
 
+@pytest.mark.parametrize("step_tags", [{"SpacingBetweenSlices": 4.0, "SliceThickness": 3.0},
+                                       {"SliceThickness": 4.0}])
+def test_a_classic_multiframe_without_frame_offsets_keeps_its_position(tmp_path, step_tags):
+    """An NM-style file (one ImagePositionPatient, no GridFrameOffsetVector): its position
+    and orientation were thrown away (origin 0, "slice positions missing")."""
+    ds = _base("1.2.840.10008.5.1.4.1.1.20", generate_uid())  # NM Image Storage
+    ds.Modality = "NM"
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [10.0, -20.0, 30.0], list(AXIAL)
+    ds.PixelSpacing = [2.0, 2.0]
+    for tag, value in step_tags.items():
+        setattr(ds, tag, value)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 4, 5, 3
+    ds.PixelData = np.stack([np.full((4, 5), k) for k in range(3)]).astype("<u2").tobytes()
+    path = tmp_path / "nm.dcm"
+    _save(ds, path)
+
+    vol = read_dicom(path)
+
+    assert vol.shape == (3, 4, 5) and vol.spacing == (4.0, 2.0, 2.0)
+    assert vol.origin == pytest.approx((30.0, -20.0, 10.0))  # (z, y, x) of the first frame
+    assert vol.metadata["orientation"] == "LPS"
+    np.testing.assert_array_equal(vol.array[:, 0, 0], [0, 1, 2])  # frame k at z = 30 + 4k
+    assert vol.metadata["warnings"] == ["frames placed 4 mm apart along the slice normal from"
+                                        " the file's one position (it has no GridFrameOffsetVector)"]
+
+
 def test_enhanced_multiframe_sorted_with_per_frame_rescale(tmp_path):
     path = tmp_path / "enhanced.dcm"
     _enhanced_ct(path, zs=[6.0, 0.0, 4.0, 2.0], slopes=[1.0, 2.0, 1.0, 2.0])

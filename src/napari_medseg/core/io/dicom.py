@@ -78,6 +78,8 @@ class _Source:
         self._full = dataset if has_pixels else None
         # Enhanced multi-frame: per-frame (slope, intercept); None → the file's modality LUT
         self.frame_rescale: list[tuple[float, float]] | None = None
+        # how its frames were placed when the file does not say (a reader warning)
+        self.frame_note: str | None = None
 
     def values(self) -> np.ndarray:
         """All frames as real-world values (HU for CT), shape (frames, rows, cols)."""
@@ -539,6 +541,16 @@ def _frames_of(source: _Source) -> list[_Frame]:
     # Classic multi-frame (RT dose, NM): one position plus, at best, offsets along the normal.
     positions: list[np.ndarray | None] = [None] * n
     offsets = _vector(ds.get("GridFrameOffsetVector"), n) if "GridFrameOffsetVector" in ds else None
+    if offsets is None and position is not None and orientation is not None:
+        # no offsets (NM, legacy MR): frames one SpacingBetweenSlices (else SliceThickness)
+        # apart along the normal, from the first frame's position, rather than the
+        # position and orientation thrown away (origin 0, axes unknown)
+        step = next((v for v in (shared["between"], shared["thickness"])
+                     if v is not None and v > 0), None)
+        if step is not None:
+            offsets = step * np.arange(n, dtype=float)
+            source.frame_note = (f"frames placed {step:g} mm apart along the slice normal from"
+                                 " the file's one position (it has no GridFrameOffsetVector)")
     if position is not None and orientation is not None and offsets is not None:
         normal = _normal(orientation)
         # Offsets are relative to the first frame whether the vector starts at 0 or not.
@@ -586,6 +598,7 @@ def _ranges(indices: list[int]) -> str:
 def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) -> Volume:
     """Sort, de-duplicate and stack frames; work out spacing, gaps and origin."""
     _check_stackable(frames, path)
+    warns.extend(dict.fromkeys(f.source.frame_note for f in frames if f.source.frame_note))
     frames, keys, axes = _sort(frames, path, warns)
     first = frames[0]
     steps = np.diff(keys) if keys is not None else np.array([])
