@@ -537,3 +537,31 @@ def test_small_voxels_are_read_and_written_not_rounded_to_zero(tmp_path):
         flat = np.diag([1.0, 1.0, 1.0, 1.0])
         flat[:3, 2] = flat[:3, 1]  # two axes the same direction: no volume
         write_nifti(tmp_path / "flat.nii", ramp((4, 5, 6)), None, matrix=flat)
+
+
+def test_one_flat_affine_axis_keeps_the_other_axes_and_sizes(tmp_path):
+    """A zero k column (a 2D image written with no slice step): the whole orientation was
+    dropped, so 0.8 × 0.6 mm RAS pixels read as 1 × 1 mm, mirrored left–right."""
+    import struct
+
+    data = np.arange(12, dtype=np.float32).reshape(3, 4, 1)  # (i, j, k)
+    affine = np.diag([0.8, 0.6, 2.5, 1.0])  # i → R, j → A
+    affine[:3, 3] = [5.0, 6.0, 7.0]
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(None, code=0)
+    img.set_sform(affine, code=1)
+    path = tmp_path / "flat.nii"
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())  # nibabel refuses to write a singular sform
+    raw[312:328] = struct.pack("<4f", 0.0, 0.0, 0.0, 7.0)  # srow_z: k has no direction
+    path.write_bytes(bytes(raw))
+
+    vol = read_nifti(path)
+
+    assert vol.spacing == (2.5, 0.6, 0.8) and vol.metadata["orientation"] == "LPS"
+    # LPS: x runs to the left (−i), y to the back (−j); origin in (z, y, x) LPS mm
+    assert vol.origin == pytest.approx((7.0, -(6 + 0.6 * 3), -(5 + 0.8 * 2)))
+    np.testing.assert_array_equal(vol.array[0], data[::-1, ::-1, 0].T)
+    assert vol.metadata["warnings"] == [
+        "the header's affine gives axis k no direction; taken perpendicular to the other two,"
+        " 2.5 mm"]

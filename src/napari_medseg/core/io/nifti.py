@@ -189,6 +189,7 @@ def _read(path: str | Path, want_labels: bool = True
             affine[:3, :3] *= zooms
         warns.append("the header's affine holds NaN or infinite values; axes taken as stored"
                      + ("" if usable else ", voxel size 1.0 mm"))
+    affine = _repair_one_flat_axis(affine, img.header, to_mm or 1.0, warns)
     try:
         ornt = io_orientation(affine)
     except (np.linalg.LinAlgError, ValueError):
@@ -250,6 +251,36 @@ def _read(path: str | Path, want_labels: bool = True
             *warns, f"integer values 0–{int(max(values))} ({len(values)} besides 0) and no"
                     " label intent: opened as a label map"]})
     return volume, np.ascontiguousarray(array), _label_names(img.header)
+
+
+def _repair_one_flat_axis(affine: np.ndarray, header, to_mm: float,
+                          warns: list[str]) -> np.ndarray:
+    """One zero column (a 2D image written with a zero slice step, a header zeroed by a
+    tool): that axis is taken perpendicular to the other two, pointing along a positive
+    patient axis, its size from pixdim (else 1 mm). Without this the whole orientation and
+    every voxel size were dropped (0.8 × 0.6 mm pixels read as 1 × 1 mm, left–right
+    flipped)."""
+    columns = affine[:3, :3]
+    norms = np.sqrt((columns ** 2).sum(axis=0))
+    flat = norms <= 1e-6 * max(float(norms.max()), 1e-12)
+    if int(flat.sum()) != 1:
+        return affine
+    k = int(np.flatnonzero(flat)[0])
+    a, b = (columns[:, i] / norms[i] for i in range(3) if i != k)
+    direction = np.cross(a, b)
+    if float(np.linalg.norm(direction)) < 1e-6:  # the other two parallel: nothing to go by
+        return affine
+    direction /= np.linalg.norm(direction)
+    direction *= np.sign(direction[int(np.argmax(np.abs(direction)))])
+    zooms = header.get_zooms()
+    size = float(zooms[k]) * to_mm if len(zooms) > k else 0.0
+    usable = np.isfinite(size) and size > 0
+    repaired = affine.copy()
+    repaired[:3, k] = direction * (size if usable else 1.0)
+    warns.append(f"the header's affine gives axis {'ijk'[k]} no direction; taken perpendicular"
+                 f" to the other two, {size if usable else 1.0:g} mm"
+                 + ("" if usable else " (voxel size unknown)"))
+    return repaired
 
 
 #: at most this many structures (label values 1..255) make an integer file without the
