@@ -128,6 +128,31 @@ def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path, models, 
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("name", ["classes.csv", "labels.nii.gz"])
+def test_a_write_protected_output_is_refused_before_computing(tmp_path, models, image, capsys,
+                                                               name, monkeypatch):
+    import os
+
+    import napari_medseg.cli_infer as cli_infer
+
+    out = tmp_path / name
+    out.write_bytes(b"protected")
+    os.chmod(out, 0o444)
+    monkeypatch.setattr(cli_infer, "_load", lambda *a: pytest.fail("computed first"))
+    command = "classify" if name.endswith(".csv") else "segment"
+    assert main([command, str(image), str(out), "--overwrite", "-q"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"napari-medseg: error: {name}: the file is read-only; not replaced")
+    assert out.read_bytes() == b"protected"
+    # the CSV writer itself refuses too (a rename ignores the file's permissions)
+    from napari_medseg.cli import _write_csv_atomic
+    from napari_medseg.core.errors import MedsegInputError
+
+    with pytest.raises(MedsegInputError, match="read-only"):
+        _write_csv_atomic(out, ["a"], [[1]])
+    assert out.read_bytes() == b"protected"
+
+
 def test_a_csv_that_cannot_be_created_is_named_not_its_temp_file(tmp_path, monkeypatch):
     import tempfile
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
-from .core.io._common import mode_for, short_reason
+from .core.io._common import mode_for, refuse_read_only, short_reason
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -28,6 +28,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     # the name cut short: a long one must still leave room for the temp suffix
     try:
+        refuse_read_only(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:  # an unwritable folder: name the output, not the temp file
         raise MedsegInputError(f"could not write the file ({exc.strerror or exc})", path) from exc

@@ -565,3 +565,20 @@ def test_one_flat_affine_axis_keeps_the_other_axes_and_sizes(tmp_path):
     assert vol.metadata["warnings"] == [
         "the header's affine gives axis k no direction; taken perpendicular to the other two,"
         " 2.5 mm"]
+
+
+def test_a_write_protected_file_is_not_replaced(tmp_path):
+    """The atomic write renamed a new file over a read-only one (a rename ignores the
+    file's own permissions), defeating the user's protection."""
+    import os
+
+    path = tmp_path / "kept.nii.gz"
+    write_nifti(path, np.zeros((2, 3, 4), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    os.chmod(path, 0o444)
+    before = path.read_bytes()
+
+    with pytest.raises(MedsegInputError, match=r"^kept\.nii\.gz: could not write the file "
+                                               r"\(the file is read-only\)$"):
+        write_nifti(path, np.ones((2, 3, 4), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["kept.nii.gz"]

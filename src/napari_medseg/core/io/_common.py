@@ -11,6 +11,7 @@ of the first voxel.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -134,6 +135,18 @@ def mode_for(path: Any) -> int:
     except OSError:
         return regular_file_mode()
     return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else regular_file_mode()
+
+
+def refuse_read_only(path: Any) -> None:
+    """An atomic write renames a new file over ``path``, which the file's own permissions
+    do not stop: a write-protected file (no write bit, or not writable by this user) is
+    refused as a plain ``open(path, "w")`` would refuse it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode) and (not st.st_mode & 0o222 or not os.access(path, os.W_OK)):
+        raise PermissionError(errno.EACCES, "the file is read-only", str(path))
 
 
 def _umask() -> int:

@@ -41,6 +41,7 @@ from ._common import (
     mode_for,
     obliquity_deg,
     origin_along,
+    refuse_read_only,
     short_reason,
     source_name,
     triplet,
@@ -425,6 +426,7 @@ def write_nifti(
     # short: a name near the file system's 255-byte limit must still get its temp file
     tmp = path.with_name(f".{path.name[:40]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
+        refuse_read_only(path)
         nib.save(img, tmp)
         os.chmod(tmp, mode_for(path))  # an overwritten private file stays private
         os.replace(tmp, path)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import MedsegInputError
-from ..io._common import mode_for
+from ..io._common import mode_for, refuse_read_only
 from .classifier import SliceClassifier
 from .detector import LesionDetector
 from .generator import SliceGenerator
@@ -139,6 +139,7 @@ def percentile_range(array: Any, spec: Mapping[str, Any], max_samples: int = 2_0
 # -- writing ----------------------------------------------------------------------------
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, os.replace onto ``path``."""
+    refuse_read_only(path)
     # the name cut short: a long one must still leave room for the temp suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
