@@ -286,3 +286,27 @@ def test_an_overflow_of_the_interpolation_is_said_as_such_not_blamed_on_the_inpu
     volume = Volume(array.astype(np.float32), (2.0, 1.0, 1.0))
     with pytest.raises(MedsegInputError, match=r"generated voxels overflow float32.*3\.0e\+38"):
         interpolate_slices(volume, 2, method="cubic")
+
+
+def test_the_generator_does_not_depend_on_the_images_units():
+    """An image in small units (ADC in mm²/s: values near 1e-6) was squeezed into a sliver
+    of [0, 1] by an absolute floor on its range; the generator's residual, scaled back,
+    was then 12 times the image's whole range. Scaling the image scales the result."""
+    torch.manual_seed(0)
+    model = SliceGenerator(widths=(8, 16, 16)).eval()  # a random residual: not linear
+    unit = _ramp()
+    unit = (unit - unit.min()) / (unit.max() - unit.min())
+
+    def generated(scale):
+        vol = Volume((unit * scale).astype(np.float32), (4.0, 1.0, 1.0))
+        result = run_to_completion(generate_slices(vol, model, CARD, factor=2))
+        return result.volume.array[result.generated] / scale
+
+    reference = generated(1.0)
+    assert np.abs(reference - linear_fill_between(unit)).max() > 1e-3  # the residual shows
+    for scale in (1e-6, 1e4):
+        np.testing.assert_allclose(generated(scale), reference, atol=1e-4)
+
+
+def linear_fill_between(array):
+    return 0.5 * (array[:-1] + array[1:])

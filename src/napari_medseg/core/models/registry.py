@@ -133,7 +133,20 @@ def percentile_range(array: Any, spec: Mapping[str, Any], max_samples: int = 2_0
         raise MedsegInputError("the volume has no finite voxels (all NaN or missing)")
     low, high = (float(v) for v in np.percentile(
         x, [float(spec["low_percentile"]), float(spec["high_percentile"])]))
-    return low, max(high, low + 1e-3 * max(1.0, abs(low)))
+    # Only a range too flat for float32 is widened, relative to the values: an absolute
+    # floor (1e-3) squeezed an image in small units (ADC in mm²/s, 0–1e-6) into a sliver
+    # of [0, 1], and the generator's residual, scaled back, swamped it.
+    if high - low > _flat(low, high):
+        return low, high
+    low_all, high_all = float(x.min()), float(x.max())  # e.g. 99.9 % of voxels one value
+    if high_all - low_all > _flat(low_all, high_all):
+        return low_all, high_all
+    return low, low + max(abs(low), 1.0)  # a constant image: any span maps it to 0
+
+
+def _flat(low: float, high: float) -> float:
+    """A span below this holds too few float32 steps (about 100) to scale to [0, 1]."""
+    return max(1e-5 * max(abs(low), abs(high)), float(np.finfo(np.float32).tiny))
 
 
 # -- writing ----------------------------------------------------------------------------
