@@ -1,6 +1,7 @@
 """The CLI end to end: outputs written, bad input reported on stderr with exit 2."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -40,6 +41,25 @@ def test_phantom_then_info(tmp_path, capsys):
     assert main(["info", str(out / "image.nii.gz")]) == 0
     text = capsys.readouterr().out
     assert "(z, y, x)" in text and "CT" in text and "gaps:     none" in text
+
+
+def test_info_says_what_the_widget_says(capsys):
+    """The CLI printed shape, spacing, modality and gaps; the Volume info widget also the
+    origin, the window it opens in and the acquisition facts kept from the source."""
+    import pydicom.data
+
+    path = pydicom.data.get_testdata_file("CT_small.dcm")
+    assert main(["info", path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "origin:   [-75.7, -179.036, -158.136] mm (z, y, x)" in lines
+    assert "window:   -160 .. 240 HU (what napari-medseg opens it in)" in lines
+    assert {"kvp: 120.0", "manufacturer: GE MEDICAL SYSTEMS", "slice_thickness_mm: 5.0",
+            "rescale_type: HU"} <= set(lines)
+    assert not any(line.startswith("slice_spacings_mm") for line in lines)  # empty: not said
+    assert main(["info", path, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["window"] == [-160.0, 240.0] and summary["source"]["kvp"] == 120.0
+    assert "warnings" not in summary["source"] and summary["warnings"] == []
 
 
 def test_phantom_overwrite_is_all_or_nothing(tmp_path, capsys):

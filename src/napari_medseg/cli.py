@@ -121,8 +121,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"input:    {Path(args.input).name}")
     print(f"shape:    {summary['shape_zyx']} (z, y, x)")
     print(f"spacing:  {summary['spacing_mm_zyx']} mm (z, y, x)")
+    print(f"origin:   {summary['origin_mm_zyx']} mm (z, y, x)")
     print(f"modality: {summary['modality']}")
-    print(f"values:   {vmin:g} .. {vmax:g}" + (" HU" if summary["modality"] == "CT" else ""))
+    hu = " HU" if summary["modality"] == "CT" else ""
+    print(f"values:   {vmin:g} .. {vmax:g}{hu}")
+    low, high = summary["window"]
+    print(f"window:   {low:g} .. {high:g}{hu} (what napari-medseg opens it in)")
     planes = volume.metadata.get("missing_planes")  # a turned coronal / sagittal series'
     if planes:
         print(f"gaps:     {len(planes['indices'])} missing planes along {planes['axis']}"
@@ -131,6 +135,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"gaps:     {len(missing)} missing slices {missing}" if missing else "gaps:     none")
     for warning in summary["warnings"]:
         print(f"warning:  {warning}")
+    for key, value in sorted(summary["source"].items()):  # as the Volume info widget lists
+        if value not in (None, [], ""):
+            print(f"{key}: {value}")
     return 0
 
 

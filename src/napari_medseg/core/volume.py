@@ -207,6 +207,11 @@ class Volume:
             "modality": self.modality,
             "value_range": [vmin, vmax],
             "missing_slices": self.missing_slices(),
+            "window": [round(float(v), 4) for v in self.display_window()],
+            # what the source says of the acquisition (series, scanner, slice thickness …),
+            # as the Volume info widget lists it; only SAFE_METADATA_KEYS are ever kept
+            "source": {k: v for k, v in self.metadata.items()
+                       if k not in ("warnings", "missing_planes", "axes_lps")},
             "warnings": list(self.metadata.get("warnings", [])),
         }
 
