@@ -398,6 +398,14 @@ def voxel_spacing(layer: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in np.linalg.norm(world[:ndim, :ndim], axis=0))
 
 
+def voxel_size_mm(layer: Any) -> float:
+    """A voxel's true volume (mm³; a 2D layer's pixel area, mm²): |det| of the layer's
+    transform, which a shear makes smaller than the product of :func:`voxel_spacing`."""
+    world = world_matrix_mm(layer)
+    ndim = world.shape[0] - 1
+    return float(abs(np.linalg.det(world[:ndim, :ndim])))
+
+
 def check_image_layer(layer: Any) -> None:
     """MedsegInputError unless ``layer`` is a single-scale grayscale 2D or 3D Image layer
     (checks only what is known without reading the data)."""
@@ -476,6 +484,20 @@ def volume_outline(layer: Any) -> Any:
     return SimpleNamespace(shape=shape, missing=missing)
 
 
+def _planes_still_missing(data: np.ndarray, planes: Any) -> dict | None:
+    """``{"axis", "indices"}`` kept to the recorded planes that still hold no finite
+    voxel; None when none does (or the record is not one)."""
+    try:
+        axis = "zyx".index(planes["axis"])
+        indices = [int(i) for i in planes["indices"]]
+    except (TypeError, KeyError, ValueError):
+        return None
+    others = tuple(a for a in range(3) if a != axis)
+    empty = ~np.isfinite(data).any(axis=others)
+    kept = [i for i in indices if 0 <= i < data.shape[axis] and empty[i]]
+    return {"axis": planes["axis"], "indices": kept} if kept else None
+
+
 def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
                       medseg: dict) -> Volume:
     from .core.errors import MedsegInputError
@@ -483,10 +505,10 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
     data = np.array(source, copy=True)  # a private copy (a lazy array is read here)
     if not np.isfinite(data).any():
         raise MedsegInputError(f"'{name}' has no finite values (all NaN)")
-    missing = medseg.get("missing_slices", [])
+    # the reader's missing slices are NaN in the data, which Volume marks missing itself;
+    # its recorded list is not trusted: after a flip or crop of the layer's data it names
+    # measured slices (left unlabelled, said "not acquired")
     mask = np.zeros(1 if data.ndim == 2 else data.shape[0], dtype=bool)
-    if data.ndim == 3 and missing and max(missing) < data.shape[0]:
-        mask[list(missing)] = True
     modality = medseg.get("modality")
     if modality is None:
         from .core.volume import guess_modality
@@ -497,6 +519,10 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
     # between its own (the spacing alone picks z for 1 mm slices of 2 mm pixels)
     kept = {k: source[k] for k in ("slice_axis", "missing_planes")
             if k in source and data.ndim == 3}
+    if "missing_planes" in kept:  # the same: only planes that hold no measurement
+        kept["missing_planes"] = _planes_still_missing(data, kept["missing_planes"])
+        if kept["missing_planes"] is None:
+            del kept["missing_planes"]
     axes = axes_for(source, data.shape if data.ndim == 3 else (1, *data.shape))
     if axes is not None:  # the models refuse a single coronal or sagittal image
         kept["axes_lps"] = axes

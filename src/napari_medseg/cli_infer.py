@@ -181,7 +181,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .core.inference import segment_volume
+    from .core.inference import format_measure, segment_volume
     from .core.io import write_nifti
 
     out = _check_output(args.output, (".nii.gz", ".nii"), args.input, args.overwrite)
@@ -194,8 +194,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     # thickness the image does not have (the 1 mm a 2D file is read with is made up)
     one_slice = result.labels.shape[0] == 1
     measures, unit = (result.area_cm2(), "cm²") if one_slice else (result.volume_ml(), "ml")
-    found = [f"{name} {value:.1f} {unit}" for name, value in measures.items()
-             if round(value, 1) > 0 and name != result.class_names[0]]
+    found = [f"{name} {format_measure(value)} {unit}" for name, value in measures.items()
+             if value > 0 and name != result.class_names[0]]
     print(f"wrote {out.name}: labels {list(result.labels.shape)} ({result.precision});"
           f" {', '.join(found) or 'no structures found'}")
     return 0

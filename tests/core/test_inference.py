@@ -835,3 +835,11 @@ def test_a_job_closed_from_another_thread_leaves_the_thread_counts_restorable():
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_small_structure_is_not_said_to_be_zero():
+    """A found lesion of 0.04 ml read "lesion 0 ml" (one fixed precision)."""
+    from napari_medseg.core.inference import format_measure
+
+    assert [format_measure(v) for v in (0.0441, 0.004, 3.14159, 327.7)] == [
+        "0.04", "< 0.01", "3.1", "328"]

@@ -532,6 +532,41 @@ def test_a_failed_job_says_so_in_the_status_line(make_napari_viewer, qtbot, rand
     assert widget._run.enabled
 
 
+def test_a_flipped_layer_s_recorded_missing_slices_are_not_trusted(make_napari_viewer):
+    """The reader's missing_slices were applied to the layer's data as it is now: after a
+    flip in z, a measured slice was left unlabelled and said "not acquired"."""
+    from napari_medseg._layers import volume_from_layer, volume_layer_data
+    from napari_medseg.core.volume import Volume
+
+    viewer = make_napari_viewer()
+    array = np.arange(10 * 8 * 8, dtype=np.float32).reshape(10, 8, 8)
+    array[3] = np.nan
+    data, kwargs, _ = volume_layer_data(Volume(array, (2.0, 1.0, 1.0), modality="CT"), "ct")
+    image = viewer.add_image(data, **kwargs)
+    assert image.metadata["medseg"]["missing_slices"] == [3]
+    image.data = np.ascontiguousarray(image.data[::-1])  # the gap is slice 6 now
+    assert volume_from_layer(image).missing_slices() == [6]
+
+
+def test_a_sheared_layer_s_volumes_are_its_true_voxel_volume(make_napari_viewer, qtbot,
+                                                             small_phantom):
+    """The ml figure multiplied each axis's step length; a shear makes a voxel smaller
+    than that product (+7 % on a phantom): |det| of the transform is its volume."""
+    from napari_medseg.core.inference import format_measure
+
+    viewer = make_napari_viewer()
+    spacing = small_phantom.volume.spacing
+    image = viewer.add_image(small_phantom.volume.array, scale=spacing, shear=(0.3, 0.2, 0.1))
+    widget = SegmentWidget(viewer)
+    _select(widget, image, str(BUNDLED_DIR / "segmenter.json"))
+    _run_and_wait(widget, qtbot)
+    matrix = image._data_to_world.linear_matrix  # napari's scale · shear, as it draws
+    voxel = abs(np.linalg.det(matrix))
+    assert voxel < 0.97 * np.prod(np.linalg.norm(matrix, axis=0))
+    body = float((viewer.layers[-1].data == 1).sum()) * voxel / 1000.0
+    assert f"body {format_measure(body)} ml" in widget._status.value, widget._status.value
+
+
 def test_slices_without_a_finite_voxel_are_missing_slices(make_napari_viewer):
     from napari_medseg._layers import volume_from_layer
 
@@ -544,15 +579,19 @@ def test_slices_without_a_finite_voxel_are_missing_slices(make_napari_viewer):
 
 
 
+@pytest.mark.parametrize("change", ["crop", "units"])
 def test_an_image_changed_while_the_model_ran_gets_no_stale_result(
-        make_napari_viewer, qtbot, random_models, small_phantom):
+        make_napari_viewer, qtbot, random_models, small_phantom, change):
     viewer, image, widget = _ready(make_napari_viewer, small_phantom, SegmentWidget,
                                    random_models["RecurrentSegmenter"])
     n_layers = len(viewer.layers)
     start = len(notification_manager.records)
     widget._run.clicked.emit()
     widget._run.clicked.emit()  # a second (scripted) click while it runs starts nothing
-    image.data = np.array(image.data[:, ::2, ::2])  # the user crops the image meanwhile
+    if change == "crop":  # the user crops the image meanwhile
+        image.data = np.array(image.data[:, ::2, ::2])
+    else:  # mm → cm: the same numbers, ten times the size (the result was kept)
+        image.units = ("cm",) * 3
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert len(viewer.layers) == n_layers
     assert any("changed while the model ran" in m for m in _messages_since(start, "warning"))

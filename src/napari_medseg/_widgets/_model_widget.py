@@ -21,7 +21,7 @@ from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QSizePolicy
 
 from .. import _jobs
-from .._layers import read_deferred, volume_from_layer, world_matrix
+from .._layers import read_deferred, volume_from_layer, world_matrix_mm
 from ..core.errors import MedsegInputError
 from ..core.inference import input_warnings
 from ..core.models.registry import BUNDLED_DIR, list_models, load_model
@@ -95,8 +95,9 @@ def follow_layer_names(viewer, callback) -> None:
 
 def _geometry(layer) -> tuple:
     """What a result computed from ``layer`` depends on: its data object, shape and
-    placement in the world (a result made from other data must not land on it)."""
-    return (layer.data, tuple(layer.data.shape), world_matrix(layer))
+    placement in the world, in mm (a result made from other data must not land on it;
+    nor one made before the layer's units changed from mm to cm, ten times its size)."""
+    return (layer.data, tuple(layer.data.shape), world_matrix_mm(layer))
 
 
 def _same_geometry(a: tuple, b: tuple) -> bool:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .._layers import segmentation_layer_data
-from ..core.inference import segment_volume
+from .._layers import segmentation_layer_data, voxel_size_mm
+from ..core.inference import format_measure, segment_volume
 from ._model_widget import ModelRunWidget, provenance
 
 
@@ -18,8 +18,9 @@ class SegmentWidget(ModelRunWidget):
         data, kwargs, _ = segmentation_layer_data(result, image_layer, provenance(card, image_layer.name))
         self._viewer.add_labels(data, **kwargs)
         # a 2D image has no slice thickness: its structures are areas
-        amount, unit = ((result.area_cm2(), "cm²") if image_layer.ndim == 2
-                        else (result.volume_ml(), "ml"))
-        found = [f"{name} {amount[name]:.0f} {unit}" for name in result.class_names[1:]
+        voxel = voxel_size_mm(image_layer)  # a sheared layer's voxels are smaller
+        amount, unit = ((result.area_cm2(voxel), "cm²") if image_layer.ndim == 2
+                        else (result.volume_ml(voxel), "ml"))
+        found = [f"{name} {format_measure(amount[name])} {unit}" for name in result.class_names[1:]
                  if amount[name] > 0]
         self._status.value = " · ".join(found) or "No structure found"

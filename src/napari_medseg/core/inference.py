@@ -136,18 +136,32 @@ class SegmentationResult:
     precision: str = "fp32"
     model_grid_yx: tuple[int, int] = (0, 0)
 
-    def volume_ml(self) -> dict[str, float]:
-        """Volume per class in millilitres (background included)."""
-        voxel_ml = float(np.prod(self.spacing)) / 1000.0
+    def volume_ml(self, voxel_mm3: float | None = None) -> dict[str, float]:
+        """Volume per class in millilitres (background included). ``voxel_mm3``: the
+        voxel's true volume where the grid is sheared (|det| of its transform; the
+        product of the spacings, each an axis's step length, is larger then)."""
+        voxel_ml = float(np.prod(self.spacing) if voxel_mm3 is None else voxel_mm3) / 1000.0
         totals = self.voxels_per_class.sum(axis=0)
         return {name: float(n) * voxel_ml for name, n in zip(self.class_names, totals)}
 
-    def area_cm2(self) -> dict[str, float]:
+    def area_cm2(self, pixel_mm2: float | None = None) -> dict[str, float]:
         """Area per class in cm², summed over the slices: a 2D image's measure (its
-        volume would need a slice thickness it does not have)."""
-        pixel_cm2 = float(self.spacing[1]) * float(self.spacing[2]) / 100.0
+        volume would need a slice thickness it does not have). ``pixel_mm2``: as
+        ``voxel_mm3`` of :meth:`volume_ml`."""
+        pixel = float(self.spacing[1]) * float(self.spacing[2]) if pixel_mm2 is None else pixel_mm2
+        pixel_cm2 = float(pixel) / 100.0
         totals = self.voxels_per_class.sum(axis=0)
         return {name: float(n) * pixel_cm2 for name, n in zip(self.class_names, totals)}
+
+
+def format_measure(value: float) -> str:
+    """A volume (ml) or area (cm²) with the digits it needs: a found lesion of 0.04 ml
+    read "0 ml" with a fixed precision, as if nothing had been found."""
+    if value >= 10:
+        return f"{value:.0f}"
+    if value >= 1:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 0.005 else "< 0.01"
 
 
 @dataclass(frozen=True)
