@@ -316,6 +316,30 @@ def _rgb(image, x, y):
     return color.red(), color.green(), color.blue()
 
 
+@pytest.mark.parametrize("change", ["data", "scale"])
+def test_classify_drops_its_result_when_the_image_changes_after_the_run(
+        make_napari_viewer, qtbot, random_models, small_phantom, change):
+    """The classes, the strip and the lesion list stayed those of the image as it was:
+    after its data was replaced by 3 slices of air, slice 1 still showed the old slice 1."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing)
+    widget = ClassifyWidget(viewer)
+    _select(widget, image, random_models["SliceClassifier"])
+    _run_and_wait(widget, qtbot)
+    assert widget._current.value.startswith("Slice ")
+    if change == "data":
+        image.data = np.full((3, *image.data.shape[1:]), -1000, np.float32)
+    else:
+        image.scale = (1.0, 1.0, 1.0)
+    assert widget._current.value == "The classified image changed since; run Classify again"
+    assert widget._status.value.startswith("Result out of date")
+    assert not widget._goto.enabled and widget._strip._values.size == 0
+    viewer.dims.set_point(0, 0.0)  # moving on shows no stale slice either
+    assert widget._current.value == "The classified image changed since; run Classify again"
+    _run_and_wait(widget, qtbot)  # a new run on the image as it is
+    assert widget._current.value.startswith("Slice ")
+
+
 def test_the_strip_shows_missing_slices_and_a_single_slice(qtbot):
     """NaN became probability 0 (a confident "no lesion"); one slice drew no curve."""
     background = (38, 41, 48)

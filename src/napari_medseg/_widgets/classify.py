@@ -6,7 +6,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, Label
 
 from ..core.inference import classify_volume
-from ._model_widget import ModelRunWidget, provenance
+from ._model_widget import ModelRunWidget, _geometry, _same_geometry, provenance
 from ._navigate import go_to_slice, slice_at, slice_axis_shown
 from ._strip import ProbabilityStrip
 
@@ -45,8 +45,20 @@ class ClassifyWidget(ModelRunWidget):
     def core_job(self, volume, model, card, options):
         return classify_volume(volume, model, card)
 
+    #: the classified layer's events after which its result may no longer fit it
+    _GEOMETRY_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units")
+
+    def _watch_layer(self, layer) -> None:
+        for old_new, connect in ((self._layer, False), (layer, True)):
+            for name in self._GEOMETRY_EVENTS if old_new is not None else ():
+                emitter = getattr(old_new.events, name, None)
+                if emitter is not None:
+                    (emitter.connect if connect else emitter.disconnect)(self._follow_slice)
+
     def show_result(self, result, card, image_layer, volume, options) -> None:
+        self._watch_layer(image_layer)
         self._result, self._layer = result, image_layer
+        self._classified = _geometry(image_layer)
         self._provenance = provenance(card, image_layer.name)
         names = list(result.class_names)
         flag = names.index(FLAG_CLASS) if FLAG_CLASS in names else len(names) - 1
@@ -79,6 +91,15 @@ class ClassifyWidget(ModelRunWidget):
             # its strip and lesion list would look live but go nowhere
             self._strip.set_values([])
             self._goto.enabled = False
+            return
+        if self._layer is not None and not _same_geometry(self._classified,
+                                                          _geometry(self._layer)):
+            # its data or placement changed: the classes are another image's
+            self._current.value = "The classified image changed since; run Classify again"
+            self._status.value = "Result out of date: the image changed after the run"
+            self._strip.set_values([])
+            self._goto.enabled = False
+            self._result = None
             return
         if self._layer is not None and slice_axis_shown(self._viewer, self._layer):
             self._strip.set_current(-1)  # every slice is on screen, none is "current"
