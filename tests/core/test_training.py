@@ -672,6 +672,13 @@ def test_explicit_seeds_are_never_training_seeds_and_tuning_never_uses_held_out_
         seed_list([EVAL_SEEDS[0]], VALIDATION_SEEDS)
     assert seed_list([VALIDATION_SEEDS[0] + 3]) == [VALIDATION_SEEDS[0] + 3]  # scoring on validation
     assert seed_list([EVAL_SEEDS[0] + 1]) == [EVAL_SEEDS[0] + 1]
+    # not quietly something else: a string read digit by digit (seed 0 five times), a
+    # fraction rounded past the negative check, one phantom counted twice
+    for bad, said in [(str(EVAL_SEEDS[0]), "a count or a list"), ([-0.5], "integers"),
+                      ([True], "integers"), (3.0, "a count or a list"),
+                      ([EVAL_SEEDS[0]] * 2, "more than once")]:
+        with pytest.raises(MedsegInputError, match=said):
+            seed_list(bad)
     # … and a result says which it was: on validation seeds (tuned there) it is optimistic
     from napari_medseg.core.evaluation import _settings_summary
 

@@ -47,7 +47,17 @@ def seed_list(seeds: int | Iterable[int] | None, seed_range: tuple[int, int] = E
             raise MedsegInputError(
                 f"number of phantoms must be 1..{seed_range[1] - seed_range[0]}, got {n}")
         return list(range(seed_range[0], seed_range[0] + n))
-    out = [int(s) for s in seeds]
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        # a string iterated digit by digit: '900000' evaluated seed 0 five times
+        raise MedsegInputError(f"seeds must be a count or a list of integers, got {seeds!r}")
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):  # -0.5 became 0
+            raise MedsegInputError(f"seeds must be integers, got {s!r}")
+        out.append(int(s))
+    repeated = sorted({s for s in out if out.count(s) > 1})
+    if repeated:  # one phantom counted twice in the figures
+        raise MedsegInputError(f"seeds {repeated[:3]} are given more than once")
     if not out:
         raise MedsegInputError("no evaluation seeds given")
     # a metric on a phantom the model trained on, or a threshold tuned on held-out ones,

@@ -1333,7 +1333,9 @@ def generate_phantom(
         placed on the voxel grid and usually differ (another grid or slice count draws
         other candidate centres from the same stream).
     seed
-        Non-negative integer; the same arguments and seed give bit-identical output.
+        Non-negative integer; the same arguments and seed give the same labels and
+        lesions, and the same image bit for bit at the same thread count (float32 sums
+        split across threads round differently: under 0.001 HU).
     n_lesions
         None: 1 to 6, drawn from the seed (fewer if the field of view holds too little
         organ). An int: exactly that many (0 allowed); raises MedsegInputError if they do
