@@ -484,6 +484,26 @@ def volume_outline(layer: Any) -> Any:
     return SimpleNamespace(shape=shape, missing=missing)
 
 
+def _recorded_gaps_fit(data: np.ndarray, recorded: Any, medseg: dict) -> bool:
+    """Whether the missing slices recorded with a layer still describe its data (a volume
+    may mark slices missing whatever they hold, e.g. zero-filled gaps). Not after the data
+    was flipped or cropped: a slice with no finite voxel that the list leaves out, or a
+    shape other than the recorded one, says the list names measured slices now (they
+    were left unlabelled and said "not acquired")."""
+    try:
+        indices = [int(z) for z in recorded]
+    except (TypeError, ValueError):
+        return False
+    if not indices or min(indices) < 0 or max(indices) >= data.shape[0]:
+        return False
+    source = medseg.get("source") if isinstance(medseg.get("source"), dict) else {}
+    shape = source.get("shape_zyx")
+    if shape is not None and list(shape) != list(data.shape):
+        return False
+    empty = np.flatnonzero(~np.isfinite(data).reshape(data.shape[0], -1).any(axis=1))
+    return set(empty.tolist()) <= set(indices)
+
+
 def _planes_still_missing(data: np.ndarray, planes: Any) -> dict | None:
     """``{"axis", "indices"}`` kept to the recorded planes that still hold no finite
     voxel; None when none does (or the record is not one)."""
@@ -505,10 +525,10 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
     data = np.array(source, copy=True)  # a private copy (a lazy array is read here)
     if not np.isfinite(data).any():
         raise MedsegInputError(f"'{name}' has no finite values (all NaN)")
-    # the reader's missing slices are NaN in the data, which Volume marks missing itself;
-    # its recorded list is not trusted: after a flip or crop of the layer's data it names
-    # measured slices (left unlabelled, said "not acquired")
     mask = np.zeros(1 if data.ndim == 2 else data.shape[0], dtype=bool)
+    recorded = medseg.get("missing_slices", [])
+    if data.ndim == 3 and _recorded_gaps_fit(data, recorded, medseg):
+        mask[list(recorded)] = True
     modality = medseg.get("modality")
     if modality is None:
         from .core.volume import guess_modality
