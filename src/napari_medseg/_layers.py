@@ -211,6 +211,8 @@ def detection_layer_data(
 ) -> tuple:
     """A new Points layer for a DetectionResult: score and diameter as features, points
     below ``threshold`` hidden (not deleted) so a slider can bring them back."""
+    from .core.models.detector import at_or_above
+
     rows = np.asarray(result.as_rows(), dtype=float).reshape(-1, 5)
     centers, scores, diameters = rows[:, :3], rows[:, 3], rows[:, 4]
     if image_layer.ndim == 2:
@@ -228,7 +230,7 @@ def detection_layer_data(
         # no diameter (retraining takes 10 mm)
         "feature_defaults": {"diameter_mm": np.nan, "score": np.nan, "label": ADDED_LABEL},
         **_like_layer(image_layer),
-        "shown": scores >= threshold,
+        "shown": at_or_above(scores, threshold),
         "metadata": _result_metadata(provenance, threshold=threshold),
     }
     return (centers, kwargs, "points")

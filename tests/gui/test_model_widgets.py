@@ -905,3 +905,22 @@ def test_a_layer_in_cm_beside_one_in_mm_is_navigated_and_retrained_where_napari_
     widget._go_to_slice(6)
     ct_cm.refresh()
     assert int(round(float(ct_cm._data_slice.point[0]))) == 6
+
+
+def test_a_score_at_the_threshold_is_shown_as_the_core_keeps_it(make_napari_viewer):
+    """The core compares the float32 heatmap (0.7 is 0.69999999 there) and kept a peak of
+    exactly that score, which the CLI listed; the layer, comparing in float64, hid it."""
+    from types import SimpleNamespace
+
+    from napari_medseg._layers import detection_layer_data
+    from napari_medseg.core.models.detector import extract_peaks
+
+    heat = np.zeros((3, 9, 9), np.float32)
+    heat[1, 4, 4] = 0.7
+    peaks = extract_peaks(heat, None, (1.0, 1.0, 1.0), threshold=0.7)
+    assert len(peaks) == 1
+    viewer = make_napari_viewer()
+    image = viewer.add_image(heat)
+    result = SimpleNamespace(as_rows=lambda: [(p.z, p.y, p.x, p.score, 10.0) for p in peaks])
+    _, kwargs, _ = detection_layer_data(result, image, {"model": "m"}, threshold=0.7)
+    assert kwargs["shown"].tolist() == [True]

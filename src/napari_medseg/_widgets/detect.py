@@ -7,6 +7,7 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 
 from .._layers import detection_layer_data, watch_detection_edits
 from ..core.inference import card_peak_threshold, detect_lesions
+from ..core.models.detector import at_or_above
 from ._model_widget import ModelRunWidget, provenance
 from ._navigate import camera, go_to_slice, go_to_world
 
@@ -100,7 +101,7 @@ class DetectWidget(ModelRunWidget):
             return
         scores = np.asarray(points.features["score"], dtype=float)
         added = np.isnan(scores)  # points the user added have no score: always shown
-        shown = added | (scores >= self._threshold.value)
+        shown = added | at_or_above(scores, self._threshold.value)
         points.shown = shown
         # numbered, so that equal-looking lesions stay separate entries
         choices = [

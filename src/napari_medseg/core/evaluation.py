@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import MedsegInputError
-from .models.detector import extract_peaks
+from .models.detector import at_or_above, extract_peaks
 from .resample import map_index
 from .training import EVAL_SEEDS, TRAIN_SEED_BASE, VALIDATION_SEEDS, eval_settings, make_phantom
 
@@ -263,8 +263,9 @@ def _at_threshold(per_volume, threshold: float, min_diameter_mm: float) -> dict[
         diam = np.asarray(v["diameters"], dtype=np.float64)
         n_l += int((diam >= min_diameter_mm).sum())
         n_all += len(diam)
-        for s, m in zip(v["scores"], v["matched"]):
-            if s < threshold:
+        kept = at_or_above(v["scores"], threshold)  # as detect_lesions keeps them
+        for m, keep in zip(v["matched"], kept):
+            if not keep:
                 continue
             if m < 0:
                 fp += 1

@@ -270,6 +270,13 @@ _NEIGHBOURS = np.array([(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) f
 _DENSE_SHARE = 0.02
 
 
+def at_or_above(scores: Any, threshold: float) -> np.ndarray:
+    """``scores ≥ threshold`` as the float32 heatmap compares them (NumPy casts the
+    threshold to float32 there: 0.7 → 0.69999999): a detection the core kept at 0.7, and
+    the CLI listed, was hidden at 0.7 by the layer, which compared in float64."""
+    return np.asarray(scores, dtype=np.float64) >= float(np.float32(threshold))
+
+
 def _voxels_above(heat: np.ndarray, threshold: Any, slab: int = 16) -> np.ndarray:
     """(k, 3) finite voxels ≥ ``threshold``, lexicographic, found ``slab`` slices at a
     time: a whole-volume mask would add two bytes per heatmap voxel to a detection's
