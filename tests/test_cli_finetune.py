@@ -1,6 +1,7 @@
 """`napari-medseg finetune`: fine-tune on chosen slices of a label volume, write a loadable model."""
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -58,9 +59,9 @@ def test_a_card_records_the_threads_and_each_rounds_starting_model(case, tmp_pat
     """Cards named neither the thread count (a fixed number of steps gives other weights
     on another count) nor, in a chain, the model a round started from."""
     d, _ = case
-    out = tmp_path / "models"
+    out = tmp_path / "my models"  # a space: the command was recorded unquoted
     common = ["--image", str(d / "image.nii.gz"), "--labels", str(d / "labels.nii.gz"),
-              "--slices", "3,6", "--out", str(out), "--epochs", "1", "--quiet"]
+              "--slices", "3, 6", "--out", str(out), "--epochs", "1", "--quiet"]
     assert main(["finetune", "segmenter", *common, "--name", "first"]) == 0
     first = load_model(out / "first.json")[1]
     command = first["finetune_history"][-1]["command"]
@@ -70,11 +71,14 @@ def test_a_card_records_the_threads_and_each_rounds_starting_model(case, tmp_pat
     assert second["finetune_history"][-1]["from"]["sha256"] == first["sha256"]
     assert second["finetuned_from"]["name"] == "segmenter"
     # the recorded command gives the same weights again
-    again = command.split()[1:]  # drop "napari-medseg"
+    again = shlex.split(command)[1:]  # drop "napari-medseg"
     again[again.index("--name") + 1] = "again"
     assert main(again) == 0
     a, b = load_model(out / "again.json")[0].state_dict(), load_model(out / "first.json")[0].state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    # 0 ("torch's own count") cannot be recorded, so a fixed-steps run could not be redone
+    assert main(["finetune", "segmenter", *common, "--name", "zero", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("labels_from, slices, message", [

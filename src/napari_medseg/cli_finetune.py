@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise MedsegInputError(f"{name}.json exists; pass --overwrite or another --name", out)
     if not 0 <= args.seed <= MAX_SEED:
         raise MedsegInputError(f"--seed must be 0..{MAX_SEED}, got {args.seed}")
+    if args.threads is not None and args.threads < 1:  # 0 ("torch's own") is not recordable
+        raise MedsegInputError(f"--threads must be at least 1, got {args.threads}")
     if args.epochs is not None and args.epochs < 1:
         raise MedsegInputError(f"--epochs must be at least 1, got {args.epochs}")
     if (args.labels is None) == (args.points is None):
@@ -185,7 +188,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,
                                  seconds=args.seconds, seed=args.seed, threads=threads,
                                  version=version)
-        source = f"--labels {args.labels}"
+        source = f"--labels {shlex.quote(str(args.labels))}"
     else:
         if not isinstance(model, LesionDetector):
             raise MedsegInputError(f"--points fine-tunes a detector; {args.model} is a {type(model).__name__}")
@@ -193,18 +196,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         job = finetune_detector(volume, model, card, points, diam, slices, steps=steps,
                                 seconds=args.seconds, seed=args.seed, threads=threads,
                                 version=version)
-        source = f"--points {args.points}"
+        source = f"--points {shlex.quote(str(args.points))}"
     result = _run(job, "finetune", args.quiet)
     if result.report.steps == 0:  # an untrained copy must not pass for a fine-tuned model
         raise MedsegInputError(f"--seconds {args.seconds:g} ended before one training step; "
                                "give it a few seconds")
     card_out = dict(result.card)
+    # exact (repr, not :g's 6 digits) and quoted: a path with a space must rerun as given
     budget = (f" --epochs {args.epochs}" if args.epochs is not None else "") + (
-        f" --seconds {args.seconds:g}" if args.seconds is not None else "")
+        f" --seconds {args.seconds!r}" if args.seconds is not None else "")
+    q = lambda value: shlex.quote(str(value))  # noqa: E731
     card_out["finetune_history"][-1]["command"] = (
-        f"napari-medseg finetune {args.model} --image {args.image} {source}"
-        f" --slices {args.slices} --out {args.out} --name {name}{budget} --seed {args.seed}"
-        + (f" --threads {threads}" if threads is not None else ""))
+        f"napari-medseg finetune {q(args.model)} --image {q(args.image)} {source}"
+        f" --slices {q(args.slices)} --out {q(args.out)} --name {q(name)}{budget}"
+        f" --seed {args.seed}" + (f" --threads {threads}" if threads is not None else ""))
     path = save_model(result.model, out, name, {**card_out, "name": name}, unique_weights=True)
     print(f"wrote {path} ({result.report.steps} steps, {result.report.seconds:.1f} s)")
     print(json.dumps(result.report.as_dict()))

@@ -236,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.ablation_steps:
         card["ablation"] = _ablation(name, args, card)
     card["training"]["wall_seconds_total"] = round(time.perf_counter() - t0, 1)
-    path = save_model(model, args.out, name, card)
+    # the folder checked before training: "--out=~/x" reaches us with its "~" unexpanded
+    path = save_model(model, Path(args.out).expanduser(), name, card)
     print(f"wrote {path} and {path.with_suffix('.safetensors').name}"
           f" ({training['steps']} steps, {training['seconds']} s training)")
     if "metrics" in card:

@@ -525,6 +525,21 @@ def test_train_cli_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
     assert f"--threads {card['training']['threads']}" in card["training"]["command"]
 
 
+def test_train_cli_saves_into_the_folder_it_checked_for_an_earlier_model(tmp_path, monkeypatch):
+    """"--out=~/m" (bash leaves that "~" alone): the check looked in $HOME/m, the save
+    wrote ./~/m, replacing a model there without --overwrite."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    argv = ["train", "classifier", "--out=~/m", "--steps", "1", "--eval-seeds", "0",
+            "--pool-size", "1", "--quiet"]
+    assert main(argv) == 0
+    assert (home / "m" / "classifier.json").is_file() and not (cwd / "~").exists()
+    assert main(argv) == 2  # the model is found, and kept, the second time
+
+
 def test_train_cli_passes_the_classifier_recipe_and_writes_it_into_the_command(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     rc = main(["train", "classifier", "--out", str(tmp_path), "--steps", "2", "--eval-seeds", "0",
