@@ -334,6 +334,7 @@ def test_classify_drops_its_result_when_the_image_changes_after_the_run(
     assert widget._current.value == "The classified image changed since; run Classify again"
     assert widget._status.value.startswith("Result out of date")
     assert not widget._goto.enabled and widget._strip._values.size == 0
+    assert not widget._goto.choices  # no entries naming the old image's slices
     viewer.dims.set_point(0, 0.0)  # moving on shows no stale slice either
     assert widget._current.value == "The classified image changed since; run Classify again"
     _run_and_wait(widget, qtbot)  # a new run on the image as it is

@@ -98,6 +98,9 @@ class ClassifyWidget(ModelRunWidget):
             self._current.value = "The classified image changed since; run Classify again"
             self._status.value = "Result out of date: the image changed after the run"
             self._strip.set_values([])
+            with self._goto.changed.blocked():  # its entries would name the old slices
+                self._goto_items = []
+                self._goto.reset_choices()
             self._goto.enabled = False
             self._result = None
             return
