@@ -932,6 +932,35 @@ def test_closing_the_window_writes_a_pending_autosave(make_napari_viewer, random
     assert len(sessions) == 1 and read_meta(sessions[0])["edited"] == [2]
 
 
+def test_closing_the_window_by_its_button_writes_a_pending_autosave(scene):
+    """The close button (or Ctrl+W, Ctrl+Q) closes the main window without removing the
+    layers, and deletes the widget's timer before the application quits: the strokes of
+    the last 1.5 s were in no autosave."""
+    from napari_medseg.core.session import read_meta
+
+    viewer, image, labels, widget, ph = scene
+    viewer.window.add_dock_widget(widget, name="Retrain (test)")
+    _paint_slice(labels, 2, ph.labels)
+    assert widget._autosave_timer.isActive()  # the stroke's autosave is still pending
+    folder = widget._key_folder()
+    window = widget.native.window()
+    assert window is not widget.native and window.parent() is None  # the main window
+    window.close()  # what the close button does; the layers stay
+    assert labels in viewer.layers
+    sessions = [p for p in folder.iterdir() if (p / "session.json").exists()]
+    assert len(sessions) == 1 and read_meta(sessions[0])["edited"] == [2]
+
+
+def test_an_autosave_is_written_by_a_thread_the_interpreter_waits_for(scene):
+    """A daemon thread was stopped halfway when the interpreter exited right after the
+    window closed (napari's own exit): nothing was written for a large scan."""
+    viewer, image, labels, widget, ph = scene
+    _paint_slice(labels, 2, ph.labels)
+    widget.autosave_now()
+    assert widget._save_thread is not None and not widget._save_thread.daemon
+    widget._save_thread.join()
+
+
 def test_a_closed_widget_docked_again_follows_its_layer_again(scene):
     viewer, image, labels, widget, ph = scene
     dock = viewer.window.add_dock_widget(widget, name="Retrain (test)")

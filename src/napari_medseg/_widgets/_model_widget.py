@@ -117,20 +117,44 @@ class DockWatch(QObject):
     napari's close button on a dock (``remove_dock_widget``) only takes the widget out of
     it: the widget lives on, its job ran to the end and added its layers, and a Retrain
     widget kept tracking and autosaving beside the new instance napari opens next time.
-    ``on_removed`` runs then; ``on_docked`` if it is docked again."""
+    ``on_removed`` runs then; ``on_docked`` if it is docked again. ``on_window_close``
+    runs when the window it is docked in starts closing (its close button, Ctrl+W, Ctrl+Q),
+    while the widget's Qt objects still exist: they are deleted before the application's
+    ``aboutToQuit``, and the layers are not removed on the way."""
 
     _native = None  # set before the filter is installed; Qt may call it while tearing down
+    _window = None
     docked = False
 
     def __init__(self, widget: Container, on_removed: Callable[[], None],
-                 on_docked: Callable[[], None] | None = None):
+                 on_docked: Callable[[], None] | None = None,
+                 on_window_close: Callable[[], None] | None = None):
         super().__init__(widget.native)
         self._native = widget.native
         self._on_removed, self._on_docked = on_removed, on_docked
+        self._on_window_close = on_window_close
         self._was_removed = False
         widget.native.installEventFilter(self)
 
+    def watch_window(self) -> None:
+        """Follow the window the widget sits in now (when it is docked, its dock may not
+        be in the main window yet: call this again when it matters)."""
+        window = self._native.window()
+        known = self._window() if self._window is not None else None
+        if self._on_window_close is None or window is self._native or window is known:
+            return
+        if known is not None:
+            known.removeEventFilter(self)
+        # weakly: a reference kept the closed viewer's window (and viewer) alive
+        self._window = weakref.ref(window)
+        window.installEventFilter(self)
+
     def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
+        if (self._window is not None and obj is self._window()
+                and event.type() == QEvent.Type.Close):
+            if self.docked:
+                self._on_window_close()
+            return False
         if obj is self._native and event.type() == QEvent.Type.ParentChange:
             if self._native.parent() is None:
                 if self.docked:
@@ -138,6 +162,7 @@ class DockWatch(QObject):
                     self._on_removed()
             elif not self.docked:
                 self.docked = True
+                self.watch_window()
                 if self._was_removed and self._on_docked is not None:
                     self._was_removed = False
                     self._on_docked()

@@ -264,7 +264,10 @@ class _RetrainBase(Container):
         self._refresh_layers()
         self._on_image_changed()
         self._track()
-        self._dock_watch = DockWatch(self, self._close_down, self._reopen)
+        # the window's close button (or Ctrl+W) quits without removing the layers, and
+        # the pending autosave (its timer never fires again) lost the last strokes
+        self._dock_watch = DockWatch(self, self._close_down, self._reopen,
+                                     on_window_close=self._flush_on_quit)
 
     # -- closed and docked again --------------------------------------------------------
     def _close_down(self) -> None:
@@ -283,6 +286,14 @@ class _RetrainBase(Container):
             self._watched_image.events.data.disconnect(self._on_image_data)
             self._watched_image = None
         self._shut = True
+
+    def _flush_on_quit(self) -> None:
+        """The window is closing: write a pending autosave now, and wait for it (the
+        window deletes this widget's timer next; a closed window may also be the last,
+        and the interpreter's exit would stop a write halfway)."""
+        if not self._shut and self._autosave_timer.isActive():
+            self._autosave_timer.stop()
+            self.autosave_now(wait=True)
 
     def _reopen(self) -> None:
         self._shut = False
@@ -872,6 +883,9 @@ class _RetrainBase(Container):
         # nothing for as long as the user kept painting (a crash then lost it all)
         if not self._autosave_timer.isActive():
             self._autosave_timer.start(AUTOSAVE_DELAY_MS)
+            watch = getattr(self, "_dock_watch", None)  # None while __init__ runs
+            if watch is not None:
+                watch.watch_window()  # its close must write what is pending
 
     def autosave_now(self, wait: bool = False, image: Any = None, layer: Any = None,
                      image_key: str | None = None) -> None:
@@ -913,7 +927,8 @@ class _RetrainBase(Container):
                 else:
                     self._autosave_ok()
 
-        self._save_thread = threading.Thread(target=write, name="medseg-autosave", daemon=True)
+        # not a daemon: the interpreter waits for a write under way rather than cut it off
+        self._save_thread = threading.Thread(target=write, name="medseg-autosave")
         self._save_thread.start()
         if wait:
             self._save_thread.join()
