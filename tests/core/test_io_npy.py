@@ -200,3 +200,14 @@ def test_a_dicom_subfolder_beside_many_other_files_is_found(files, tmp_path):
         (study / f"preview{i:03d}.jpg").write_bytes(b"\xff\xd8" + bytes(200))
     (study / "DICOM" / "IM1").write_bytes((files / "IM0001").read_bytes())
     assert is_supported_path(study)
+
+
+def test_a_pipe_with_a_supported_name_is_refused_not_read(tmp_path):
+    """Reading a named pipe blocks until something writes to it: napari froze."""
+    import os
+
+    fifo = tmp_path / "scan.npy"
+    os.mkfifo(fifo)
+    assert not is_supported_path(fifo)
+    with pytest.raises(MedsegInputError, match="not a regular file or folder"):
+        read_volume(fifo)

@@ -91,7 +91,7 @@ def is_supported_path(path: str | Path) -> bool:
     if path.is_dir():
         return folder_has_dicom(path)
     if _suffix(path) in SUPPORTED_SUFFIXES:
-        return True
+        return path.is_file() or not path.exists()  # a pipe named x.npy would block napari
     return path.is_file() and _maybe_dicom(path)
 
 
@@ -116,6 +116,8 @@ def read_volume(path: str | Path) -> Volume:
     path = named_path(path)
     if not path.exists():
         raise MedsegInputError("no such file or folder", path)
+    if not (path.is_dir() or path.is_file()):  # opening a pipe blocks until a writer comes
+        raise MedsegInputError("not a regular file or folder (a pipe or device)", path)
     suffix = _suffix(path)
     if path.is_dir() or suffix in DICOM_SUFFIXES:
         return read_dicom(path)
