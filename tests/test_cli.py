@@ -41,6 +41,14 @@ def test_phantom_then_info(tmp_path, capsys):
     assert main(["info", str(out / "image.nii.gz")]) == 0
     text = capsys.readouterr().out
     assert "(z, y, x)" in text and "CT" in text and "gaps:     none" in text
+    # the label map opens as Labels: its structures, not a contrast window
+    assert main(["info", str(out / "labels.nii.gz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("window:") for line in lines)
+    said = next(line for line in lines if line.startswith("labels:"))
+    present = sorted(int(v) for v in np.unique(labels.array) if v)
+    assert said == (f"labels:   {len(present)} structures: "
+                    + ", ".join(f"{v} {LABEL_NAMES[v]}" for v in present))
 
 
 def test_info_says_what_the_widget_says(capsys):

@@ -1,6 +1,7 @@
 """`napari-medseg finetune`: fine-tune on chosen slices of a label volume, write a loadable model."""
 
 import json
+import os
 import shlex
 
 import numpy as np
@@ -76,6 +77,10 @@ def test_a_card_records_the_threads_and_each_rounds_starting_model(case, tmp_pat
     assert main(again) == 0
     a, b = load_model(out / "again.json")[0].state_dict(), load_model(out / "first.json")[0].state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    # a write-protected model is refused before the training, not after it
+    os.chmod(out / "first.json", 0o444)
+    assert main(["finetune", "segmenter", *common, "--name", "first", "--overwrite"]) == 2
+    assert "first.json: the file is read-only; --overwrite cannot replace it" in capsys.readouterr().err
     # 0 ("torch's own count") cannot be recorded, so a fixed-steps run could not be redone
     assert main(["finetune", "segmenter", *common, "--name", "zero", "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err

@@ -109,10 +109,18 @@ def _write_phantom(out: Path, phantom) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .core.io import read_volume
+    import numpy as np
 
-    volume = read_volume(args.input)
+    from .core.io import LabelMap, read_scan_or_labels
+
+    read = read_scan_or_labels(args.input)  # as napari opens it: a label map has no window
+    labels = read if isinstance(read, LabelMap) else None
+    volume = read.volume if labels is not None else read
     summary = volume.summary()
+    if labels is not None:
+        values = [int(v) for v in np.unique(labels.labels) if v != 0]
+        summary.pop("window")
+        summary["label_map"] = {str(v): labels.names.get(v, "") for v in values}
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -125,8 +133,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"modality: {summary['modality']}")
     hu = " HU" if summary["modality"] == "CT" else ""
     print(f"values:   {vmin:g} .. {vmax:g}{hu}")
-    low, high = summary["window"]
-    print(f"window:   {low:g} .. {high:g}{hu} (what napari-medseg opens it in)")
+    if "label_map" in summary:  # opened as a Labels layer: structures, not a window
+        named = [f"{v} {n}".strip() for v, n in summary["label_map"].items()]
+        print(f"labels:   {len(named)} structures: {', '.join(named) or 'none'}")
+    else:
+        low, high = summary["window"]
+        print(f"window:   {low:g} .. {high:g}{hu} (what napari-medseg opens it in)")
     planes = volume.metadata.get("missing_planes")  # a turned coronal / sagittal series'
     if planes:
         print(f"gaps:     {len(planes['indices'])} missing planes along {planes['axis']}"

@@ -158,6 +158,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                "--name", out)
     if (out / f"{name}.json").exists() and not args.overwrite:
         raise MedsegInputError(f"{name}.json exists; pass --overwrite or another --name", out)
+    from .cli_train import _refuse_write_protected
+
+    _refuse_write_protected(out, [f"{name}.json"])  # said now, not after the training
     if not 0 <= args.seed <= MAX_SEED:
         raise MedsegInputError(f"--seed must be 0..{MAX_SEED}, got {args.seed}")
     if args.threads is not None and args.threads < 1:  # 0 ("torch's own") is not recordable

@@ -165,6 +165,20 @@ def _check_before_training(args: argparse.Namespace) -> None:
     if existing and not args.overwrite:  # a model (maybe the --init one) silently replaced
         raise MedsegInputError(f"{' and '.join(existing)} exist in --out; pass --overwrite "
                                "to replace them, or another --out", out)
+    _refuse_write_protected(out, existing)
+
+
+def _refuse_write_protected(out: Path, names: list[str]) -> None:
+    """A write-protected model file is refused at the save: said now, not after the
+    minutes of training."""
+    from .core.io._common import refuse_read_only
+
+    for name in names:
+        try:
+            refuse_read_only(out / name)
+        except PermissionError as exc:
+            raise MedsegInputError(f"{exc.strerror}; --overwrite cannot replace it",
+                                   out / name) from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -843,3 +843,6 @@ def test_a_small_structure_is_not_said_to_be_zero():
 
     assert [format_measure(v) for v in (0.0441, 0.004, 3.14159, 327.7)] == [
         "0.04", "< 0.01", "3.1", "328"]
+    # the digits follow the value as shown: 9.96 → "10" as 10.0 is, not "10.0"
+    assert [format_measure(v) for v in (9.96, 10.0, 0.996, 1.0, 0.9949)] == [
+        "10", "10", "1.0", "1.0", "0.99"]

@@ -540,6 +540,23 @@ def test_train_cli_saves_into_the_folder_it_checked_for_an_earlier_model(tmp_pat
     assert main(argv) == 2  # the model is found, and kept, the second time
 
 
+def test_train_cli_refuses_a_write_protected_model_before_training(tmp_path, capsys,
+                                                                   monkeypatch):
+    """--overwrite onto a read-only card trained to the end, then failed at the save."""
+    import os
+
+    import napari_medseg.core.training as training
+
+    (tmp_path / "classifier.json").write_text("{}")
+    os.chmod(tmp_path / "classifier.json", 0o444)
+    monkeypatch.setattr(training, "train_classifier",
+                        lambda *a, **k: pytest.fail("trained first"), raising=False)
+    assert main(["train", "classifier", "--out", str(tmp_path), "--overwrite", "--steps", "1",
+                 "--eval-seeds", "0", "--pool-size", "1", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == ("napari-medseg: error: classifier.json: the file"
+                                               " is read-only; --overwrite cannot replace it")
+
+
 def test_train_cli_passes_the_classifier_recipe_and_writes_it_into_the_command(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     rc = main(["train", "classifier", "--out", str(tmp_path), "--steps", "2", "--eval-seeds", "0",

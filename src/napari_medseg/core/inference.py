@@ -157,9 +157,10 @@ class SegmentationResult:
 def format_measure(value: float) -> str:
     """A volume (ml) or area (cm²) with the digits it needs: a found lesion of 0.04 ml
     read "0 ml" with a fixed precision, as if nothing had been found."""
-    if value >= 10:
+    # thresholds on the value as it will be shown: 9.96 is "10", not "10.0"
+    if round(value, 1) >= 10:
         return f"{value:.0f}"
-    if value >= 1:
+    if round(value, 2) >= 1:
         return f"{value:.1f}"
     return f"{value:.2f}" if value >= 0.005 else "< 0.01"
 
