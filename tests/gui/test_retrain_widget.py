@@ -961,6 +961,27 @@ def test_an_autosave_is_written_by_a_thread_the_interpreter_waits_for(scene):
     widget._save_thread.join()
 
 
+def test_a_re_predict_that_changes_nothing_leaves_the_last_stroke_the_users(scene, qtbot):
+    """With no voxel changed napari adds no undo step, and the widget took the user's
+    last stroke for its own write: an undo of a later stroke unlisted the slice, and the
+    next re-predict overwrote the painting."""
+    viewer, image, labels, widget, ph = scene
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    ys, xs = np.nonzero(ph.labels[2] == 2)
+    labels.data_setitem((np.full(len(ys), 2), ys, xs), 2)  # the user's stroke on slice 2
+    mine = np.array(labels.data[2], copy=True)
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert "(0 voxels changed" in widget._status.value
+    labels.data_setitem((np.array([2]), np.array([0]), np.array([0])), 5)  # another stroke
+    labels.undo()  # … undone: the first stays
+    assert widget.annotated_slices() == [2]
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    np.testing.assert_array_equal(labels.data[2], mine)
+
+
 def test_a_closed_widget_docked_again_follows_its_layer_again(scene):
     viewer, image, labels, widget, ph = scene
     dock = viewer.window.add_dock_widget(widget, name="Retrain (test)")

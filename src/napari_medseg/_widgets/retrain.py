@@ -305,14 +305,19 @@ class RetrainWidget(_RetrainBase):
         idx, values = unannotated_updates(data, seg.labels.astype(data.dtype, copy=False), protected)
         if labels_layer.ndim == 2:
             idx = idx[1:]
+        undo = getattr(labels_layer, "_undo_history", None)
+        last = undo[-1] if undo else None  # (a bounded deque: its length may not grow)
         self._writing = True
         try:
             labels_layer.data_setitem(idx, values)
         finally:
             self._writing = False
-        # a redo of this write is the model's output again, not the user's annotation
+        # a redo of this write is the model's output again, not the user's annotation;
+        # only when it made an undo step: with no voxel changed, napari adds none, and the
+        # last step is the user's stroke (taken for ours, its slice was unlisted and the
+        # next re-predict overwrote it)
         undo = getattr(labels_layer, "_undo_history", None)
-        if undo:  # (written after the pickers unlocked, the layer may not be tracked now)
+        if undo and undo[-1] is not last:  # (the layer may not be tracked now: see below)
             state = self._layer_state.get(labels_layer)
             if state is not None:
                 state[2].update(id(atom) for atom in undo[-1])
