@@ -982,6 +982,22 @@ def test_a_re_predict_that_changes_nothing_leaves_the_last_stroke_the_users(scen
     np.testing.assert_array_equal(labels.data[2], mine)
 
 
+def test_painting_while_the_image_is_away_is_listed_when_it_is_back(scene, qtbot):
+    """The image layer removed (to be opened again), a stroke on the labels went into the
+    lists of (no image, layer), which were dropped when the image came back: the slice
+    was unprotected and the next round overwrote it."""
+    viewer, image, labels, widget, ph = scene
+    _paint_slice(labels, 2, ph.labels)
+    viewer.layers.remove(image)
+    labels.data_setitem((np.full(10, 4), np.arange(10), np.arange(10)), 3)
+    viewer.layers.insert(0, image)
+    assert widget._image.value is image and widget.annotated_slices() == [2, 4]
+    before = np.array(labels.data[4], copy=True)
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    np.testing.assert_array_equal(labels.data[4], before)
+
+
 def test_a_closed_widget_docked_again_follows_its_layer_again(scene):
     viewer, image, labels, widget, ph = scene
     dock = viewer.window.add_dock_widget(widget, name="Retrain (test)")

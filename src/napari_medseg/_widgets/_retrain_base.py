@@ -418,11 +418,23 @@ class _RetrainBase(Container):
             if self._edited or self._checked or self._excluded:
                 self._kept_lists.setdefault(old_layer, {})[self._pair_key] = (
                     self._edited, self._checked, self._excluded)
+        elif old_layer is not None and (self._edited or self._checked or self._excluded):
+            # painted while no image was picked (its layer removed to be opened again):
+            # the slices of the image left, listed again when it is back (they were
+            # dropped, and the next round overwrote the painting)
+            lists = self._kept_lists.setdefault(old_layer, {})
+            before = lists.get(self._image_left_key, (set(), set(), set()))
+            lists[self._image_left_key] = tuple(
+                a | b for a, b in zip(before, (self._edited, self._checked, self._excluded)))
         if image is None and old_image is not None:
             # the scan whose slices the edits made while no image is picked belong to
             self._image_left_key = self._pair_key
-        kept = (self._kept_lists.get(layer, {}).pop(key, None)
-                if image is not None and layer is not None else None)
+        kept = None
+        if image is not None and layer is not None:
+            mine = self._kept_lists.get(layer, {})
+            # and those made before any image was picked: the first one's
+            found = [k for k in (mine.pop(key, None), mine.pop(None, None)) if k is not None]
+            kept = tuple(set().union(*parts) for parts in zip(*found)) if found else None
         self._edited, self._checked, self._excluded = kept or (set(), set(), set())
         self._pair, self._pair_key = (image, layer), key
         self._pair_shape = () if image is None else tuple(image.data.shape)
