@@ -133,13 +133,21 @@ def test_cancel_leaves_versions_and_layer_unchanged(scene, qtbot):
         assert torch.equal(model.state_dict()[k], v), k
 
 
-def test_a_round_finishing_after_a_model_switch_keeps_its_version(scene, qtbot):
+@pytest.mark.parametrize("predicted_first", [False, True])
+def test_a_round_finishing_after_a_model_switch_keeps_its_version(scene, qtbot,
+                                                                  predicted_first):
+    """predicted_first: after a re-predict the history held v0 alone, which the switch
+    dropped, and the round's result was discarded."""
     viewer, image, labels, widget, phantom = scene
+    if predicted_first:
+        widget._predict.clicked.emit()
+        _wait(widget, qtbot)
+        assert len(widget._history.versions) == 1
     _paint_slice(labels, 3, phantom.labels)
     first = widget._model.value
     widget._seconds.value = 3.0
     before = np.array(labels.data, copy=True)
-    widget._run.clicked.emit()  # the first round: no history yet
+    widget._run.clicked.emit()  # the first round
     qtbot.waitUntil(lambda: len(widget._curve.losses) >= 1, timeout=60_000)
     widget._model.value = next(c for c in widget._model.choices if c != first)
     _wait(widget, qtbot)

@@ -558,11 +558,14 @@ class _RetrainBase(Container):
     def _switch_history(self, path: str | None) -> None:
         """Another model picked: its own versions (kept from an earlier visit) or none yet.
         The versions trained so far are kept, never dropped, for when it is picked again."""
-        if self._history is not None and len(self._history.versions) > 1:
+        if self._history is not None:
+            # v0 alone too: a round started from it may still be running, and its version
+            # joins this history when it ends (dropped, the round's result was discarded)
             self._kept_histories[self._history_model] = self._history
             last = len(self._history.versions) - 1
-            show_info(f"Retrain: model changed; versions v1–v{last} of the previous model"
-                      " are kept: pick it again to see them")
+            if last:
+                show_info(f"Retrain: model changed; versions v1–v{last} of the previous model"
+                          " are kept: pick it again to see them")
         self._history = self._kept_histories.pop(path, None)
         self._history_model = None if self._history is None else path
         self._refresh_versions()
