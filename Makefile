@@ -21,6 +21,8 @@ XVFB_DEBS := xvfb xauth libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-
 help:
 	@echo "make demo   open napari with the synthetic CT sample and the napari-medseg widgets"
 	@echo "make test   install test dependencies (Xvfb, .venv) and run pytest under Xvfb"
+	@echo "make benchmark  run the four benchmarks, JSON into benchmarks/results/"
+	@echo "make clean  remove .venv and build leftovers"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

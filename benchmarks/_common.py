@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: same-run GEMM reference, models, FLOP counting, memory.
 
-Every figure is reported next to a reference measured in the same run (DESIGN.md §5).
+Every figure is reported next to a reference measured in the same run (a bare time on a shared machine means little).
 """
 
 from __future__ import annotations

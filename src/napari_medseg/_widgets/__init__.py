@@ -1,4 +1,4 @@
-"""Dock widgets: thin magicgui containers over the core (DESIGN.md §1)."""
+"""Dock widgets: thin magicgui containers over the core (docs/architecture.md)."""
 
 import torch
 

@@ -1,6 +1,6 @@
 """Why did the model say that? Grad-CAM for the classifier, uncertainty for the segmenter.
 
-Both are generators (DESIGN.md §3) returning maps on the INPUT grid (same shape as the
+Both are generators (docs/architecture.md, Long jobs) returning maps on the INPUT grid (same shape as the
 volume), so they sit on the image as layers:
 
 - :func:`gradcam_volume`: Grad-CAM (Selvaraju et al. 2017) of the slice classifier, per

@@ -1,4 +1,4 @@
-"""Inference engine: segment, classify and detect on any volume (DESIGN.md §3, §4).
+"""Inference engine: segment, classify and detect on any volume (docs/architecture.md).
 
 Each entry point is a generator (a :data:`~napari_medseg.core.progress.Job`) that yields
 :class:`~napari_medseg.core.progress.Progress` and returns a frozen result dataclass::

@@ -1,4 +1,4 @@
-"""Progress reports for long core operations (DESIGN.md §3).
+"""Progress reports for long core operations (docs/architecture.md, Long jobs).
 
 A long operation is a generator that yields :class:`Progress` and returns its result.
 The GUI runs it in a thread worker (and cancels it between yields); the CLI and tests

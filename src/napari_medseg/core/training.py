@@ -1,6 +1,6 @@
 """Train the three models from scratch on phantoms; losses for class imbalance.
 
-Every trainer is a generator (DESIGN.md §3): it yields :class:`~.progress.Progress`
+Every trainer is a generator (docs/architecture.md, Long jobs): it yields :class:`~.progress.Progress`
 (step, total, message with the running loss) and returns ``(model, card)``, where
 ``card`` holds everything :func:`~.models.registry.save_model` needs plus how the model
 was made (command, seed, steps, seconds, loss, training seeds).

@@ -1,4 +1,4 @@
-"""Model architectures and the weights registry (DESIGN.md §4). Imports neither napari nor Qt.
+"""Model architectures and the weights registry (docs/models.md). Imports neither napari nor Qt.
 
 - :class:`SliceClassifier`: per-slice classes (no_body / normal / lesion), Grad-CAM ready.
 - :class:`RecurrentSegmenter`: organ labels per voxel; 2D encoder, bidirectional ConvGRU

@@ -1,7 +1,7 @@
 """Slice classifier (no_body / normal / lesion, or any class list) and shared conv blocks.
 
-Seed architecture from DESIGN.md §4: Conv32-Pool-Conv64-Pool-Conv128-Pool-FC-FC, made
-size-agnostic with adaptive average pooling before the fully connected layers.
+Seed architecture from the project's design notes: Conv32-Pool-Conv64-Pool-Conv128-Pool-FC-FC,
+made size-agnostic with adaptive average pooling before the fully connected layers.
 
 The small building blocks the other models reuse (:class:`ConvBNAct`,
 :func:`make_activation`, :func:`fold_batchnorm`) live here too, so every model is built
