@@ -348,3 +348,15 @@ def test_edits_made_while_the_image_is_removed_go_to_that_scan_not_the_next_one(
     assert widget.annotated_slices() == []
     widget._image.value = viewer.add_image(data, **kwargs)
     assert widget.annotated_slices() == [5]
+
+
+def test_re_detect_needs_only_the_image(scene, qtbot):
+    """Re-detect writes a new layer from the image alone; with no Points layer picked it
+    was refused ("no Points layer picked")."""
+    viewer, image, points, widget = scene
+    viewer.layers.remove(points)
+    start = len(notification_manager.records)
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert not [n for n in notification_manager.records[start:] if n.severity == "error"]
+    assert viewer.layers[-1].name.endswith(")") and len(viewer.layers) == 2

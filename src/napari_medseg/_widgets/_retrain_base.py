@@ -620,10 +620,15 @@ class _RetrainBase(Container):
         # a lazy (dask, zarr) image is read in the worker (its store's latency would freeze
         # the GUI); the checks here then see its outline, and the core checks again on the data
         volume = volume_from_layer(image, defer_lazy=True)
-        if layer is None:
+        if not need_annotations and not self.writes_into_layer:
+            # a prediction into a new layer needs only the image: the picked layer (none,
+            # or one of another dimension) refused "Re-detect" for nothing
+            annotation = None
+        elif layer is None:
             raise MedsegInputError(f"no {self.layer_kind} layer picked")
-        annotation = self._snapshot(layer, image, volume_outline(image) if callable(volume)
-                                    else volume, need_annotations)
+        else:
+            annotation = self._snapshot(layer, image, volume_outline(image) if callable(volume)
+                                        else volume, need_annotations)
         path = self._model.value
         if path is None:
             raise MedsegInputError(f"no {self.architecture} model found; reinstall the bundled weights")
