@@ -26,10 +26,17 @@ log = logging.getLogger(__name__)
 
 
 class JobRuntimeError(Exception):
-    """A RuntimeError raised by a generator job (torch's "not enough memory" among them),
-    carried as its ``__cause__``. superqt's GeneratorWorker returns a RuntimeError instead
-    of raising it, takes it for a deleted Qt object and emits neither ``errored`` nor
-    ``finished``: no message, and the widget stayed "running" for good."""
+    """An error superqt's workers would not report, carried as its ``__cause__``: a
+    RuntimeError from a generator job (torch's "not enough memory" among them; the
+    GeneratorWorker takes it for a deleted Qt object), or a BaseException that is no
+    Exception (KeyboardInterrupt, a Rust panic in safetensors: the workers catch only
+    Exception). Either way neither ``errored`` nor ``finished`` came: no message, and the
+    widget stayed "running" for good."""
+
+
+def _reportable(exc: BaseException) -> bool:
+    """Whether the worker would lose ``exc`` (GeneratorExit is how a cancel closes a job)."""
+    return not isinstance(exc, (Exception, GeneratorExit))
 
 
 def _runtime_errors_raised(job: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,6 +46,23 @@ def _runtime_errors_raised(job: Callable[..., Any]) -> Callable[..., Any]:
             return (yield from job(*args, **kwargs))
         except RuntimeError as exc:
             raise JobRuntimeError(str(exc)) from exc
+        except BaseException as exc:
+            if _reportable(exc):
+                raise JobRuntimeError(str(exc)) from exc
+            raise
+
+    return wrapper
+
+
+def _base_exceptions_raised(job: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(job)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return job(*args, **kwargs)
+        except BaseException as exc:
+            if _reportable(exc):
+                raise JobRuntimeError(str(exc)) from exc
+            raise
 
     return wrapper
 
@@ -82,8 +106,7 @@ def start_job(
         # live in a thread that ends, and never arrive
         raise RuntimeError("start_job must be called from the GUI thread")
     is_generator = inspect.isgeneratorfunction(job)
-    if is_generator:
-        job = _runtime_errors_raised(job)
+    job = _runtime_errors_raised(job) if is_generator else _base_exceptions_raised(job)
     # errors are ours to report (below); otherwise napari re-raises them in the GUI thread
     worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True, **kwargs)
     # indeterminate until the first report

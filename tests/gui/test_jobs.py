@@ -3,6 +3,8 @@
 import threading
 import time
 
+import pytest
+
 from napari_medseg._jobs import start_job
 from napari_medseg.core.progress import Progress
 
@@ -116,4 +118,38 @@ def test_a_runtime_error_in_a_generator_job_is_reported_and_the_job_finishes(qtb
     qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
     assert errors == ["RuntimeError: DefaultCPUAllocator: not enough memory"]
     assert shown == ["test job failed: RuntimeError: DefaultCPUAllocator: not enough memory"]
+    assert sys.getswitchinterval() == before
+
+
+class _Panic(BaseException):
+    """What pyo3 raises for a panic in Rust code (safetensors): no Exception."""
+
+
+@pytest.mark.parametrize("generator", [True, False])
+@pytest.mark.parametrize("raised", [KeyboardInterrupt("stop"), _Panic("null pointer")])
+def test_a_base_exception_in_a_job_is_reported_and_the_job_finishes(qtbot, monkeypatch,
+                                                                    generator, raised):
+    """superqt's workers catch only Exception: a KeyboardInterrupt or a Rust panic in a
+    job emitted neither `errored` nor `finished`, and its widget's Run stayed disabled."""
+    import sys
+
+    from napari_medseg import _jobs
+
+    shown, errors, finished = [], [], []
+    monkeypatch.setattr(_jobs, "show_error", shown.append)
+    before = sys.getswitchinterval()
+
+    def job_gen():
+        yield Progress(0, 2, "working")
+        raise raised
+
+    def job_fn():
+        raise raised
+
+    start_job(job_gen if generator else job_fn, description="test job",
+              on_result=lambda _: None, on_error=errors.append,
+              on_finished=lambda: finished.append(True))
+    qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
+    said = f"{type(raised).__name__}: {raised}"
+    assert errors == [said] and shown == [f"test job failed: {said}"]
     assert sys.getswitchinterval() == before
