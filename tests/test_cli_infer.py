@@ -359,6 +359,32 @@ def test_an_unforeseen_error_is_one_line(monkeypatch, capsys, image, tmp_path):
     monkeypatch.setenv("NAPARI_MEDSEG_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["segment", str(image), str(tmp_path / "o.nii.gz")])
+    monkeypatch.setenv("NAPARI_MEDSEG_DEBUG", "0")  # "0" turned the tracebacks on
+    assert main(["segment", str(image), str(tmp_path / "o.nii.gz")]) == 1
+    capsys.readouterr()
+
+
+class _Panic(BaseException):
+    """As pyo3's PanicException (a panic in safetensors' Rust code): no Exception."""
+
+
+@pytest.mark.parametrize("raised, rc, said", [
+    (_Panic("PyObject pointer is null"), 1,
+     "napari-medseg: internal error: _Panic: PyObject pointer is null"),
+    (BrokenPipeError(32, "Broken pipe"), 141, ""),  # `| head`: quiet, as cat is
+])
+def test_a_panic_is_one_line_and_a_closed_pipe_is_quiet(monkeypatch, capsys, image, tmp_path,
+                                                         raised, rc, said):
+    from napari_medseg import cli_infer
+
+    def broken(*a, **k):
+        raise raised
+
+    monkeypatch.setattr(cli_infer, "_load", broken)
+    monkeypatch.delenv("NAPARI_MEDSEG_DEBUG", raising=False)
+    assert main(["segment", str(image), str(tmp_path / "o.nii.gz")]) == rc
+    err = capsys.readouterr().err
+    assert err.split(" (set")[0].strip() == said
 
 
 def test_no_model_means_the_bundled_one_even_if_a_user_model_shares_its_name(

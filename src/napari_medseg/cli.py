@@ -23,6 +23,7 @@ from .core.io._common import mode_for, refuse_read_only, short_reason
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `cat big | head`
 
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
@@ -236,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedsegInputError as exc:
         print(f"napari-medseg: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader went away (`| head`): nothing to say, as cat
+        with contextlib.suppress(OSError):  # … and no second error when Python flushes
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:  # unwritable output folder, disk full, ...
         where = f"{Path(exc.filename).name}: " if exc.filename else ""
         print(f"napari-medseg: error: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -243,8 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the outputs were put back as they were
         print("napari-medseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug or an input no check foresaw: one line, not a traceback
-        if os.environ.get("NAPARI_MEDSEG_DEBUG"):
+    except SystemExit:
+        raise
+    # a bug or an input no check foresaw: one line. BaseException: a panic in Rust code
+    # (safetensors) is pyo3's PanicException, no Exception, and escaped as a traceback
+    except BaseException as exc:
+        if os.environ.get("NAPARI_MEDSEG_DEBUG", "").strip().lower() not in ("", "0", "no",
+                                                                            "false", "off"):
             raise
         print(f"napari-medseg: internal error: {type(exc).__name__}: {short_reason(exc)}"
               " (set NAPARI_MEDSEG_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -86,7 +86,15 @@ def _set_threads(n: int | None) -> None:
 
         if n < 1:
             raise MedsegInputError(f"--threads must be at least 1, got {n}")
+        # not capped at this machine's CPUs: a card's recorded count must rerun as it was
+        # (float sums depend on it), but 100000 threads crashed the process
+        if n > MAX_THREADS:
+            raise MedsegInputError(f"--threads must be at most {MAX_THREADS}, got {n}")
         torch.set_num_threads(n)
+
+
+#: more torch threads than any machine this runs on has cores
+MAX_THREADS = 256
 
 
 def _eval_progress(quiet: bool):

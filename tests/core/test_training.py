@@ -540,6 +540,12 @@ def test_train_cli_saves_into_the_folder_it_checked_for_an_earlier_model(tmp_pat
     assert main(argv) == 2  # the model is found, and kept, the second time
 
 
+def test_a_thread_count_beyond_any_machine_is_refused(capsys):
+    """--threads 100000 went to torch as it was: 32 000 threads, then a crash."""
+    assert main(["evaluate", "segmenter", "--seeds", "1", "--threads", "100000"]) == 2
+    assert "--threads must be at most 256" in capsys.readouterr().err
+
+
 def test_train_cli_refuses_a_write_protected_model_before_training(tmp_path, capsys,
                                                                    monkeypatch):
     """--overwrite onto a read-only card trained to the end, then failed at the save."""
