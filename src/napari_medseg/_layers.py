@@ -260,7 +260,21 @@ def unmatched_rows(reference: Any, points: Any) -> list[int]:
     return out
 
 
-_BEFORE_CHANGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> rows
+def _matched_rows(reference: Any, points: Any) -> np.ndarray:
+    """For each row of ``points``, the index of an equal row of ``reference`` (each used
+    once, in order; NaN equals NaN), or -1."""
+    free: dict[Any, list[int]] = {}
+    for i, key in enumerate(row_keys(reference)):
+        free.setdefault(key, []).append(i)
+    out = np.full(len(points), -1, dtype=int)
+    for r, key in enumerate(row_keys(points)):
+        if free.get(key):
+            out[r] = free[key].pop(0)
+    return out
+
+
+#: layer -> (rows, features, shown) before a "changing" event
+_BEFORE_CHANGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _MARKED_LAYERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -287,7 +301,9 @@ def mark_added_points(layer: Any, event: Any) -> bool:
     point was marked."""
     action = str(getattr(event, "action", ""))
     if action == "changing":  # the rows before a change: a script setting the whole data
-        _BEFORE_CHANGE[layer] = np.array(layer.data, dtype=float, copy=True)
+        _BEFORE_CHANGE[layer] = (np.array(layer.data, dtype=float, copy=True),
+                                 layer.features.copy(),
+                                 np.asarray(layer.shown, dtype=bool).copy())
         return False
     before = _BEFORE_CHANGE.pop(layer, None) if action == "changed" else None
     if action not in ("added", "changed") or "score" not in layer.features:
@@ -295,22 +311,46 @@ def mark_added_points(layer: Any, event: Any) -> bool:
     n = len(layer.data)
     rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
     added = action == "added"
+    moved: list[int] = []
     if before is not None:
-        # napari names every row when a script sets the whole data: only the rows that
-        # moved or are new are the user's (marking all unhid every weak detection, then
-        # trained on as a lesion)
+        # napari names every row when a script sets the whole data, and keeps features
+        # and shown flags by row position: a row deleted shifted a weak detection under
+        # the deleted one's score and flag. Each point keeps its own (rows matched by
+        # coordinates); only the rows that moved or are new are the user's (marking all
+        # unhid every weak detection, then trained on as a lesion)
+        old, old_features, old_shown = before
         now = np.asarray(layer.data, dtype=float).reshape(n, -1)
-        if before.shape == now.shape:
-            rows = [r for r in rows if not np.array_equal(now[r], before[r], equal_nan=True)]
-        else:  # points appended or deleted: the rows not found among the old ones
-            new_rows = set(unmatched_rows(before.reshape(len(before), -1), now))
-            rows = [r for r in rows if r in new_rows]
-            # rows a script appended are added points (napari filled them from the
-            # features of the point selected last), not moved detections
-            added = len(now) > len(before)
+        source = _matched_rows(old.reshape(len(old), -1), now)
+        unmatched_old = set(range(len(old))) - {int(i) for i in source if i >= 0}
+        # a row whose old point is gone from its place: moved (it keeps its diameter)
+        moved = [r for r in range(n) if source[r] < 0 and r in unmatched_old]
+        rows = [r for r in range(n) if source[r] < 0]
+        kept = [int(source[r]) if source[r] >= 0 else (r if r in moved else -1)
+                for r in range(n)]
+        if any(k >= 0 for k in kept) and len(old_features) == len(old):
+            features = old_features.iloc[[max(k, 0) for k in kept]].reset_index(drop=True)
+            shown = np.array([old_shown[k] if k >= 0 else True for k in kept], dtype=bool)
+            layer.features = features
+            layer.shown = shown
+        added = False
     if not rows:
         return False
     features = layer.features
+    if before is not None:  # each row added or moved, as found above
+        fresh = [r for r in rows if r not in moved]
+        features.loc[rows, "score"] = np.nan
+        if "diameter_mm" in features:
+            features.loc[fresh, "diameter_mm"] = np.nan
+        if "label" in features:
+            if isinstance(features["label"].dtype, pd.CategoricalDtype):
+                features["label"] = features["label"].astype(object)
+            features.loc[fresh, "label"] = ADDED_LABEL
+            features.loc[moved, "label"] = MOVED_LABEL
+        layer.features = features
+        shown = np.asarray(layer.shown, dtype=bool).copy()
+        shown[rows] = True
+        layer.shown = shown
+        return True
     features.loc[rows, "score"] = np.nan
     if "diameter_mm" in features and added:
         features.loc[rows, "diameter_mm"] = np.nan

@@ -360,3 +360,21 @@ def test_re_detect_needs_only_the_image(scene, qtbot):
     _wait(widget, qtbot)
     assert not [n for n in notification_manager.records[start:] if n.severity == "error"]
     assert viewer.layers[-1].name.endswith(")") and len(viewer.layers) == 2
+
+
+def test_a_script_setting_the_data_keeps_each_point_s_features(scene):
+    """napari keeps features and shown flags by row position: a script deleting the
+    first row gave a hidden weak detection the deleted one's score and flag; one deleting
+    a row and appending one marked every shifted row "moved", shown and trained on."""
+    viewer, image, _, widget = scene
+    layer = _weak_detections_layer(viewer, image)
+    widget._layer_pick.value = layer
+    layer.data = np.vstack([layer.data[1:], [[4.0, 30.0, 30.0]]])  # one out, one in
+    assert list(layer.shown) == [False, False, False, True]
+    assert layer.features["score"].tolist()[:3] == [0.2, 0.1, 0.3]
+    assert layer.features["label"].tolist()[3] == "added"
+    assert np.isnan(layer.features["diameter_mm"].tolist()[3])
+    assert widget._points_on_image(layer, image)[0].tolist() == [[4.0, 30.0, 30.0]]
+    layer.data = np.array(layer.data[:3])  # the added one deleted again
+    assert list(layer.shown) == [False, False, False]
+    assert layer.features["score"].tolist() == [0.2, 0.1, 0.3]
