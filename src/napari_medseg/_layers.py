@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -250,14 +249,7 @@ def unmatched_rows(reference: Any, points: Any) -> list[int]:
     """Indices of the rows of ``points`` with no equal row left in ``reference``, each
     reference row matching once (a multiset: of two identical points, one deleted is one
     change; NaN equals NaN)."""
-    left = Counter(row_keys(reference))
-    out = []
-    for r, key in enumerate(row_keys(points)):
-        if left[key] > 0:
-            left[key] -= 1
-        else:
-            out.append(r)
-    return out
+    return [int(r) for r in np.flatnonzero(_matched_rows(reference, points) < 0)]
 
 
 def _matched_rows(reference: Any, points: Any) -> np.ndarray:
