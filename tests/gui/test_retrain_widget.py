@@ -143,6 +143,7 @@ def test_a_round_finishing_after_a_model_switch_keeps_its_version(scene, qtbot,
         widget._predict.clicked.emit()
         _wait(widget, qtbot)
         assert len(widget._history.versions) == 1
+        assert widget._versions.choices == (0,)  # v0 listed at once
     _paint_slice(labels, 3, phantom.labels)
     first = widget._model.value
     widget._seconds.value = 3.0
@@ -981,7 +982,7 @@ def test_a_re_predict_that_changes_nothing_leaves_the_last_stroke_the_users(scen
     mine = np.array(labels.data[2], copy=True)
     widget._predict.clicked.emit()
     _wait(widget, qtbot)
-    assert "(0 voxels changed" in widget._status.value
+    assert "(0 voxels changed)" in widget._status.value  # and no Ctrl+Z to offer
     labels.data_setitem((np.array([2]), np.array([0]), np.array([0])), 5)  # another stroke
     labels.undo()  # … undone: the first stays
     assert widget.annotated_slices() == [2]

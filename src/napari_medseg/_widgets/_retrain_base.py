@@ -729,6 +729,7 @@ class _RetrainBase(Container):
             return False
         self._history = VersionHistory.start(*base)
         self._history_model = source
+        self._refresh_versions()  # v0 listed at once (after a first re-predict it was not)
         return True
 
     def _start(self, job, *args, description: str, on_result, activity: bool = True) -> None:

@@ -324,5 +324,5 @@ class RetrainWidget(_RetrainBase):
             if labels_layer in self._left_atoms:
                 self._left_atoms[labels_layer].append(list(undo[-1]))
         self._status.value = (f"{prefix}\n" if prefix else "") + (
-            f"v{number} re-predicted {int((~protected).sum())} slices ({len(values)} voxels changed; "
-            "Ctrl+Z on the layer undoes it)")
+            f"v{number} re-predicted {int((~protected).sum())} slices ({len(values)} voxels changed"
+            + ("; Ctrl+Z on the layer undoes it)" if len(values) else ")"))  # no step: no undo
