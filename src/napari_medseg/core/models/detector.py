@@ -303,17 +303,30 @@ def _sparse_maxima(heat: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return coords[is_max]
 
 
-def _touching_groups(coords: np.ndarray) -> list[np.ndarray]:
-    """Indices of ``coords`` grouped by 26-connectivity (touching voxels: a plateau),
-    each group in ``coords`` order."""
+def _touching_groups(coords: np.ndarray) -> np.ndarray:
+    """Group index of each of ``coords`` by 26-connectivity (touching voxels: a plateau)."""
     n = len(coords)
     pairs = cKDTree(coords).query_pairs(r=1.0, p=np.inf, output_type="ndarray")
     if not len(pairs):
-        return [np.array([i]) for i in range(n)]
+        return np.arange(n)
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    order = np.argsort(component, kind="stable")
-    return np.split(order, np.flatnonzero(np.diff(component[order])) + 1)
+    return connected_components(graph, directed=False)[1]
+
+
+def _group_representatives(coords: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """One row of ``coords`` (lexicographic) per ``group`` index: the member nearest the
+    group's centroid, the first on a tie. Vectorised: a flat heatmap from a barely
+    trained detector has 10⁵ single-voxel maxima, and a loop over them took 17 s."""
+    _, group = np.unique(group, return_inverse=True)
+    size = np.bincount(group)
+    # integer coordinates sum exactly in float64: the centroid a per-group mean gives
+    centroid = np.stack([np.bincount(group, weights=coords[:, d]) for d in range(3)], axis=1)
+    centroid /= size[:, None]
+    distance = ((coords - centroid[group]) ** 2).sum(axis=1)
+    order = np.lexsort((np.arange(len(coords)), distance, group))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    return coords[order[first]]
 
 
 def _peak_voxels(heat: np.ndarray, threshold: Any) -> np.ndarray:
@@ -337,17 +350,12 @@ def _peak_voxels(heat: np.ndarray, threshold: Any) -> np.ndarray:
         local_max = ndimage.maximum_filter(clean, size=3, mode="constant", cval=-np.inf)
         labels, _ = ndimage.label(above & (clean == local_max),
                                   structure=np.ones((3, 3, 3), dtype=bool))
-        groups = [np.argwhere(labels[region] == index) + [s.start for s in region]
-                  for index, region in enumerate(ndimage.find_objects(labels), start=1)]
+        maxima = np.argwhere(labels)
+        group = labels[tuple(maxima.T)]
     else:
         maxima = _sparse_maxima(heat, coords)
-        groups = [maxima[g] for g in _touching_groups(maxima)]
-    points = []
-    for coords in groups:
-        if len(coords) > 1:  # plateau: the member voxel nearest the centroid
-            coords = coords[[np.argmin(((coords - coords.mean(axis=0)) ** 2).sum(axis=1))]]
-        points.append(coords[0])
-    return np.asarray(points)
+        group = _touching_groups(maxima)
+    return _group_representatives(maxima, group)
 
 
 def extract_peaks(
