@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .core.errors import MedsegInputError
-from .core.io._common import refuse_read_only
+from .core.io._common import refuse_write_protected
 
 DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier",
                   "gradcam": "classifier", "uncertainty": "segmenter",
@@ -52,10 +52,7 @@ def _check_output(path: str, suffixes: tuple[str, ...], source: str | None = Non
         raise MedsegInputError("output is a folder, expected a file name", out)
     if out.exists() and not overwrite:
         raise MedsegInputError("the output exists; pass --overwrite to replace it", out)
-    try:
-        refuse_read_only(out)  # said now, not after the computing
-    except PermissionError as exc:
-        raise MedsegInputError(f"{exc.strerror}; not replaced", out) from None
+    refuse_write_protected(out, "not replaced")  # said now, not after the computing
     return out
 
 

@@ -179,14 +179,10 @@ def _check_before_training(args: argparse.Namespace) -> None:
 def _refuse_write_protected(out: Path, names: list[str]) -> None:
     """A write-protected model file is refused at the save: said now, not after the
     minutes of training."""
-    from .core.io._common import refuse_read_only
+    from .core.io._common import refuse_write_protected
 
     for name in names:
-        try:
-            refuse_read_only(out / name)
-        except PermissionError as exc:
-            raise MedsegInputError(f"{exc.strerror}; --overwrite cannot replace it",
-                                   out / name) from None
+        refuse_write_protected(out / name, "--overwrite cannot replace it")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

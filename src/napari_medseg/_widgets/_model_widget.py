@@ -93,6 +93,15 @@ def follow_layer_names(viewer, callback) -> None:
         layer.events.name.connect(callback)
 
 
+def connect_layer_events(layer, names, callback, connect: bool = True) -> None:
+    """(Dis)connect ``callback`` to those of the events ``names`` that ``layer`` has (an
+    older napari has no ``units``, a Labels layer no ``contrast_limits``); None: nothing."""
+    for name in names if layer is not None else ():
+        emitter = getattr(layer.events, name, None)
+        if emitter is not None:
+            (emitter.connect if connect else emitter.disconnect)(callback)
+
+
 def _geometry(layer) -> tuple:
     """What a result computed from ``layer`` depends on: its data object, shape and
     placement in the world, in mm (a result made from other data must not land on it;

@@ -6,7 +6,13 @@ import numpy as np
 from magicgui.widgets import ComboBox, Label
 
 from ..core.inference import classify_volume
-from ._model_widget import ModelRunWidget, _geometry, _same_geometry, provenance
+from ._model_widget import (
+    ModelRunWidget,
+    _geometry,
+    _same_geometry,
+    connect_layer_events,
+    provenance,
+)
 from ._navigate import go_to_slice, slice_at, slice_axis_shown
 from ._strip import ProbabilityStrip
 
@@ -49,11 +55,8 @@ class ClassifyWidget(ModelRunWidget):
     _GEOMETRY_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units")
 
     def _watch_layer(self, layer) -> None:
-        for old_new, connect in ((self._layer, False), (layer, True)):
-            for name in self._GEOMETRY_EVENTS if old_new is not None else ():
-                emitter = getattr(old_new.events, name, None)
-                if emitter is not None:
-                    (emitter.connect if connect else emitter.disconnect)(self._follow_slice)
+        connect_layer_events(self._layer, self._GEOMETRY_EVENTS, self._follow_slice, False)
+        connect_layer_events(layer, self._GEOMETRY_EVENTS, self._follow_slice)
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
         self._watch_layer(image_layer)

@@ -9,7 +9,7 @@ from magicgui.widgets import ComboBox, Container, TextEdit
 
 from .._layers import mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
-from ._model_widget import follow_layer_names, slice_ranges
+from ._model_widget import connect_layer_events, follow_layer_names, slice_ranges
 
 
 def _unit(layer) -> str:
@@ -140,16 +140,10 @@ class VolumeInfoWidget(Container):
     def _refresh(self, _value=None) -> None:
         layer = self._layer.value
         if layer is not self._watched:
-            self._follow(self._watched, False)
-            self._follow(layer, True)
+            connect_layer_events(self._watched, WATCHED_EVENTS, self._on_layer_event, False)
+            connect_layer_events(layer, WATCHED_EVENTS, self._on_layer_event)
             self._watched = layer
         self._text.value = describe_layer(layer)
-
-    def _follow(self, layer, connect: bool) -> None:
-        for name in WATCHED_EVENTS if layer is not None else ():
-            emitter = getattr(layer.events, name, None)
-            if emitter is not None:
-                (emitter.connect if connect else emitter.disconnect)(self._on_layer_event)
 
     def _on_layer_event(self, _event=None) -> None:
         try:

@@ -149,6 +149,15 @@ def refuse_read_only(path: Any) -> None:
         raise PermissionError(errno.EACCES, "the file is read-only", str(path))
 
 
+def refuse_write_protected(path: Any, consequence: str) -> None:
+    """``refuse_read_only`` for a command about to compute what it then writes to ``path``:
+    said up front, as an input error ending with ``consequence``."""
+    try:
+        refuse_read_only(path)
+    except PermissionError as exc:
+        raise MedsegInputError(f"{exc.strerror}; {consequence}", Path(path)) from None
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where the system allows: setting it
     to 0 and back (the only portable way) would, for that instant, make files another
