@@ -259,6 +259,32 @@ def test_explanations_restore_each_modules_mode():
     assert {name: m.training for name, m in seg.named_modules()} == before
 
 
+def test_gradcam_never_switches_the_callers_model_even_between_its_steps():
+    """Grad-CAM put the caller's model in eval for the whole job: a second job started
+    meanwhile recorded eval as the mode to restore, and the model, being fine-tuned by
+    its user, stayed in eval (no dropout, frozen BatchNorm statistics) for good."""
+    clf, card = load_model("classifier")
+    vol = generate_phantom((8, 48, 48), (5.0, 2.0, 2.0), seed=1).volume
+    clf.train()
+    first, second = gradcam_volume(vol, clf, card, batch=2), gradcam_volume(vol, clf, card, batch=2)
+    next(first), next(second), next(first)
+    assert clf.training
+    run_to_completion(first), run_to_completion(second)
+    assert all(m.training for m in clf.modules())
+
+
+def test_gradcam_runs_inside_a_callers_inference_mode():
+    """torch.enable_grad does not lift inference mode: a notebook's
+    ``with torch.inference_mode():`` got a raw "does not require grad" error."""
+    clf, card = load_model("classifier")
+    vol = generate_phantom((3, 48, 48), (5.0, 2.0, 2.0), seed=1).volume
+    expected = run_to_completion(gradcam_volume(vol, clf, card))
+    with torch.inference_mode():
+        found = run_to_completion(gradcam_volume(vol, clf, card))
+    np.testing.assert_allclose(found.maps, expected.maps, atol=1e-6)
+    np.testing.assert_array_equal(found.target, expected.target)
+
+
 def test_more_bad_requests_are_refused():
     clf, clf_card = load_model("classifier")
     seg, seg_card = load_model("segmenter")

@@ -102,36 +102,40 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
     probs = np.full((nz, len(classes)), np.nan, dtype=np.float32)
     acquired = ~volume.missing
     runs = [(a, min(a + batch, nz)) for a in range(0, nz, batch)]
-    modes = _modes(model)
-    model.eval()
-    try:
-        with ThreadGovernor(threads) as governor:
-            yield Progress(0, len(runs), "Grad-CAM")
-            for step, (a, b) in enumerate(runs, start=1):
-                zs = [z for z in range(a, b) if acquired[z]]
-                if zs:
-                    x = slices[zs[0]: zs[-1] + 1][[z - zs[0] for z in zs]]
-                    with torch.enable_grad():
-                        feats = model.features(x).detach().requires_grad_(True)
-                        logits = model.classify_features(feats)
-                        chosen = logits.argmax(1) if target is None else torch.full(
-                            (len(zs),), int(target), dtype=torch.long)
-                        score = logits.gather(1, chosen[:, None]).sum()
-                        (grad,) = torch.autograd.grad(score, feats)
-                    weights = grad.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grad
-                    cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
-                    cam = resize_yx(_on_model_grid(cam, slices.grid, getattr(model, "min_size", None)),
-                                    (ny, nx))[:, 0]
-                    # never measured (a gap plane, a mask): no evidence, and not the peak
-                    cam[torch.from_numpy(np.isnan(np.asarray(volume.array[zs])))] = 0.0
-                    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-                    maps[zs] = (cam / peak).numpy()
-                    targets[zs] = chosen.numpy()
-                    probs[zs] = torch.softmax(logits.detach(), 1).numpy()
-                governor.update()
-                yield Progress(step, len(runs), f"Grad-CAM: slices {a}–{b - 1}")
-    finally:
-        _restore_modes(modes)
+    # a private copy in eval mode: the caller's model (maybe being trained, or explained
+    # by another job) is never switched, even between this job's steps; made outside any
+    # inference mode of the caller's, whose tensors autograd cannot save
+    with torch.inference_mode(False):
+        explainer = copy.deepcopy(model).eval()
+    with ThreadGovernor(threads) as governor:
+        yield Progress(0, len(runs), "Grad-CAM")
+        for step, (a, b) in enumerate(runs, start=1):
+            zs = [z for z in range(a, b) if acquired[z]]
+            if zs:
+                x = slices[zs[0]: zs[-1] + 1][[z - zs[0] for z in zs]]
+                with torch.no_grad():  # gradients are taken at the features only
+                    feats = explainer.features(x)
+                # inference_mode(False): a caller's torch.inference_mode() would otherwise
+                # leave no graph to take the gradient on (enable_grad does not lift it)
+                with torch.inference_mode(False), torch.enable_grad():
+                    feats = feats.clone().requires_grad_(True)
+                    logits = explainer.classify_features(feats)
+                    chosen = logits.argmax(1) if target is None else torch.full(
+                        (len(zs),), int(target), dtype=torch.long)
+                    score = logits.gather(1, chosen[:, None]).sum()
+                    (grad,) = torch.autograd.grad(score, feats)
+                weights = grad.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grad
+                cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
+                cam = resize_yx(_on_model_grid(cam, slices.grid, getattr(model, "min_size", None)),
+                                (ny, nx))[:, 0]
+                # never measured (a gap plane, a mask): no evidence, and not the peak
+                cam[torch.from_numpy(np.isnan(np.asarray(volume.array[zs])))] = 0.0
+                peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+                maps[zs] = (cam / peak).numpy()
+                targets[zs] = chosen.numpy()
+                probs[zs] = torch.softmax(logits.detach(), 1).numpy()
+            governor.update()
+            yield Progress(step, len(runs), f"Grad-CAM: slices {a}–{b - 1}")
     return GradCamResult(maps, targets, tuple(classes), probs)
 
 
@@ -159,17 +163,6 @@ def _check_class_count(model: torch.nn.Module, classes: list[str]) -> None:
     n = getattr(model, "n_classes", len(classes))
     if n != len(classes):
         raise MedsegInputError(f"the model has {n} outputs but its card names {len(classes)} classes")
-
-
-def _modes(model: torch.nn.Module) -> dict[torch.nn.Module, bool]:
-    """Each module's train/eval state: a user may have frozen some (BatchNorm in eval)
-    or switched others on (dropout); restoring only the top module's would undo that."""
-    return {m: m.training for m in model.modules()}
-
-
-def _restore_modes(modes: dict[torch.nn.Module, bool]) -> None:
-    for module, training in modes.items():
-        module.training = training
 
 
 def randomised_copy(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
