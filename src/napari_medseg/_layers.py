@@ -577,6 +577,9 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
         kept["missing_planes"] = _planes_still_missing(data, kept["missing_planes"])
         if kept["missing_planes"] is None:
             del kept["missing_planes"]
+    generated = medseg.get("generated_slices")
+    if medseg.get("synthetic") is True and isinstance(generated, list) and generated:
+        kept["synthetic_slices"] = len(generated)  # generation refuses to take them as acquired
     axes = axes_for(source, data.shape if data.ndim == 3 else (1, *data.shape))
     if axes is not None:  # the models refuse a single coronal or sagittal image
         kept["axes_lps"] = axes

@@ -91,6 +91,32 @@ def test_bad_input_gets_one_message_and_changes_nothing(make_napari_viewer, qtbo
     assert widget._run.enabled
 
 
+def test_a_synthetic_layer_is_not_generated_from_again(make_napari_viewer, qtbot):
+    """×2 of a ×2 layer listed the first run's synthetic slices as acquired."""
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).normal(size=(5, 8, 8)).astype(np.float32),
+                     scale=(4, 1, 1), name="ct")
+    widget = GenerateWidget(viewer)
+    widget._method.value = "linear"
+    widget._factor.value = 2
+    widget._image.value = viewer.layers["ct"]
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == 2
+    before = _snapshot(viewer)
+    widget._image.value = viewer.layers[-1]
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    errors = [str(n.message) for n in notification_manager.records[start:]
+              if n.severity == "error"]
+    assert len(errors) == 1 and "already holds 4 generated (synthetic) slices" in errors[0]
+    assert len(viewer.layers) == 2
+    _unchanged(viewer, before)
+
+
 def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, small_phantom):
     from napari_medseg._widgets.segment import SegmentWidget
 

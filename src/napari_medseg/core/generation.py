@@ -285,6 +285,11 @@ def plan_generation(volume: Volume, factor: int = 1, fill_missing: bool = True
     known slice is made (that would be extrapolation).
     """
     factor = _check_factor(factor)
+    synthetic = volume.metadata.get("synthetic_slices")
+    if synthetic:  # they would be listed (and fed to the model) as acquired slices
+        raise MedsegInputError(
+            f"this image already holds {synthetic} generated (synthetic) slices; generate"
+            " from the acquired series instead")
     n = volume.shape[0]
     n_out = (n - 1) * factor + 1
     acquired = np.zeros(n_out, dtype=bool)
