@@ -137,6 +137,17 @@ def test_refuses_other_models():
         run_to_completion(generate_slices(vol, RecurrentSegmenter(), CARD, factor=2))
 
 
+@pytest.mark.parametrize("value", [-1000, 0])
+def test_the_generator_makes_nothing_up_on_a_constant_image(value):
+    """A flat −1000 HU volume (air, padding) got ±13 HU of made-up structure: the
+    residual times the fallback span of a spread-free image (|value|, at least 1)."""
+    model, card = load_model("generator")
+    vol = Volume(np.full((4, 24, 24), value, np.int16), (3.0, 0.8, 0.8), (0, 0, 0), "CT")
+    result = run_to_completion(generate_slices(vol, model, card, factor=2, threads=1))
+    assert result.generated.sum() == 3
+    np.testing.assert_array_equal(result.volume.array, np.float32(value))
+
+
 def test_bundled_generator_on_a_held_out_phantom():
     """Held-out seed and settings (never trained on). What the bundled model reaches
     (docs/generation-and-explainability.md): about linear interpolation, better than

@@ -355,9 +355,14 @@ def generate_slices(
     src = np.flatnonzero(acquired)
     n_out = acquired.size
     _, ny, nx = volume.shape
-    low, high = percentile_range(volume.array[~volume.missing], spec)
+    measured = volume.array[~volume.missing]
+    low, high = percentile_range(measured, spec)
     scale = high - low
     alpha = residual_scale(card)
+    if np.nanmin(measured) == np.nanmax(measured):
+        # a constant image (air, padding): nothing between its slices to model, and the
+        # residual times the fallback span (≥ 1, |value|) made ±13 HU up on −1000 HU
+        alpha = 0.0
 
     # the output grid: acquired slices (normalised) in place, the rest filled below
     out = np.full((n_out, ny, nx), np.nan, dtype=np.float32)
