@@ -231,7 +231,7 @@ def test_lesions_that_cannot_fit_raise():
 def test_a_slab_too_thin_for_a_lesion_says_so():
     """The advice was "a larger field of view": more rows or columns never help a slab
     thinner than the smallest lesion."""
-    with pytest.raises(MedsegInputError, match=r"2\.5 mm thick \(slices x slice spacing\)"):
+    with pytest.raises(MedsegInputError, match=r"2\.5 mm thick \(its slices x slice spacing\)"):
         generate_phantom((1, 128, 128), (2.5, 2.0, 2.0), seed=0, n_lesions=1,
                          lesion_radius_mm=(2.0, 3.0))
     thick = generate_phantom((1, 128, 128), (20.0, 2.0, 2.0), seed=0, n_lesions=1,
@@ -242,6 +242,30 @@ def test_a_slab_too_thin_for_a_lesion_says_so():
     with pytest.raises(MedsegInputError, match="5 mm thick .* more or thicker slices"):
         generate_phantom((2, 192, 192), (2.5, 1.0, 1.0), seed=0, n_lesions=1,
                          lesion_radius_mm=(2.0, 15.0))
+
+
+def test_a_slab_that_held_some_lesions_is_not_called_too_thin():
+    """One 20 mm slice with 30 lesions asked: 24 placed, then "the volume is 20 mm thick,
+    less than the smallest lesion needs (about 24.9 mm); give thicker slices" (a thicker
+    slice raises that need by as much). The organs were full, not the slab too thin."""
+    with pytest.raises(MedsegInputError, match=r"\(placed \d+\); use a larger field of view"):
+        generate_phantom((1, 128, 128), (20.0, 1.5, 1.5), seed=0, n_lesions=30)
+
+
+def test_a_body_too_thin_for_a_lesion_names_body_z_fraction():
+    """The body on one slice of ten (body_z_fraction=0.1): the advice was a larger
+    in-plane field of view; without the option, the same volume holds two lesions."""
+    with pytest.raises(MedsegInputError, match=r"body is 2\.5 mm thick.*larger body_z_fraction"):
+        generate_phantom((10, 128, 128), (2.5, 1.5, 1.5), seed=0, n_lesions=2,
+                         body_z_fraction=0.1)
+    assert len(generate_phantom((10, 128, 128), (2.5, 1.5, 1.5), seed=0, n_lesions=2).lesions) == 2
+
+
+def test_extra_structures_may_be_any_iterable():
+    """A generator was used up by the check, and no mask came back, silently."""
+    made = generate_phantom((4, 64, 64), (5.0, 3.0, 3.0), seed=1, n_lesions=0,
+                            extra_structures=(n for n in ["stomach"]))
+    assert set(made.structure_masks) == {"stomach"}
 
 
 def test_a_field_of_view_of_metres_is_refused_before_allocating():

@@ -1105,8 +1105,10 @@ def _place_lesions(
     n_lesions: int | None,
     radius_range: tuple[float, float],
     contrast_scale: float,
+    body_z_fraction: float | None = None,
 ) -> list[dict]:
-    """Choose lesion ellipsoids (mm, patient frame) that fit inside their host organ."""
+    """Choose lesion ellipsoids (mm, patient frame) that fit inside their host organ
+    (``body_z_fraction``: only to name it when the body's slab is too thin)."""
     count = int(rng.integers(1, 7)) if n_lesions is None else int(n_lesions)
     lo_r, hi_r = radius_range
     sp = np.asarray(spacing, dtype=float)
@@ -1149,15 +1151,19 @@ def _place_lesions(
         if done is None:
             if n_lesions is None:
                 break
-            thickness = float(n_c[0] * sp[0])
-            # the body ends at the first and last slice, so a lesion must lie inside the
-            # slab: its diameter, up to exp(0.2) longer along one axis, centred on a slice
+            # the body's slab (all slices, or body_z_fraction of them): a lesion must lie
+            # inside it, its diameter (up to exp(0.2) longer along one axis) centred on a slice
+            thickness = float(anat.zb1 - anat.zb0)
             needed = 2 * lo_r * math.exp(0.2) + float(sp[0])
-            if thickness < needed:  # more rows or columns can never help a thin slab
+            # only when none fits: once one did, the slab was thick enough and the organs
+            # were full (a one-slice volume's "needed" always exceeds its thickness)
+            if not placed and thickness < needed:  # more rows or columns never help
+                cure = ("a larger body_z_fraction, more or thicker slices"
+                        if body_z_fraction is not None else "more or thicker slices")
                 raise MedsegInputError(
-                    f"could not fit {count} lesions (placed {len(placed)}): the volume is "
-                    f"{thickness:g} mm thick (slices x slice spacing), less than the smallest "
-                    f"lesion needs (about {needed:.1f} mm); give more or thicker slices, a "
+                    f"could not fit {count} lesions (placed {len(placed)}): the body is "
+                    f"{thickness:g} mm thick (its slices x slice spacing), less than the smallest "
+                    f"lesion needs (about {needed:.1f} mm); give {cure}, a "
                     "smaller lesion_radius_mm minimum, or no lesions (n_lesions 0)")
             raise MedsegInputError(
                 f"could not fit {count} lesions into the organs inside this field of view "
@@ -1364,6 +1370,8 @@ def generate_phantom(
         "body"). The image does not depend on this argument.
     """
     try:
+        if not isinstance(extra_structures, str):  # an iterator is used up by one pass
+            extra_structures = tuple(extra_structures)
         unknown = sorted(set(extra_structures) - set(EXTRA_STRUCTURES))
     except TypeError:  # None, a number, a list of lists
         unknown = [extra_structures]
@@ -1398,7 +1406,7 @@ def generate_phantom(
     nonu = nonu_draw if nonuniformity_hu is None else nonuniformity_hu
 
     lesions = _place_lesions(rng_les, anat, (zc, yc, xc), spacing, n_lesions, lesion_radius_mm,
-                             contrast_scale)
+                             contrast_scale, body_z_fraction)
 
     # ---- render block by block
     hu = np.empty(shape, dtype=np.float32)
