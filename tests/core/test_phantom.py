@@ -268,6 +268,16 @@ def test_extra_structures_may_be_any_iterable():
     assert set(made.structure_masks) == {"stomach"}
 
 
+def test_thick_slices_of_a_large_matrix_are_refused_before_allocating():
+    """Each noise field keeps a table of its z lattice planes by every (y, x) voxel: 256
+    slices of 1024² at 100 mm passed the check, then needed about 20 GiB for it (a
+    1 GiB image); the widget's 1024 slices of 512² at 20 mm, about 7 GiB."""
+    with pytest.raises(MedsegInputError, match=r"tissue texture would take about \d+ GiB"):
+        generate_phantom((256, 1024, 1024), (100.0, 0.5, 0.5), seed=0, n_lesions=0)
+    with pytest.raises(MedsegInputError, match="too large"):
+        generate_phantom((1024, 512, 512), (20.0, 0.8, 0.8), seed=0, n_lesions=0)
+
+
 def test_a_field_of_view_of_metres_is_refused_before_allocating():
     """8 x 256 x 256 voxels of 100 mm: "internal error: MemoryError … 27.9 GiB"."""
     with pytest.raises(MedsegInputError, match=r"field of view, \(800, 25600, 25600\) mm"):

@@ -76,6 +76,7 @@ MAX_LESIONS = 50
 #: float32): a few voxels at 100 mm spacing asked for 28 GiB
 MAX_TEXTURE_BYTES = 2**30
 TEXTURE_CELL_MM = 5.0
+_BOWEL_CELL_MM = (8.0, 13.0)  # the bowel pattern's lattice cell, drawn per phantom
 LESION_HOSTS = ("liver", "spleen", "kidney_left", "kidney_right")
 
 
@@ -834,7 +835,7 @@ class _Anatomy:
         ph = u()
         self.phase = "arterial" if ph < 0.2 else "portal" if ph < 0.75 else "unenhanced"
         self._build_hu(rng, contrast_scale)
-        self.bowel_cell = u(8.0, 13.0)
+        self.bowel_cell = u(*_BOWEL_CELL_MM)
         self.bowel_thr = u(-0.7, 0.5)
         self.gas_thr = u(0.9, 1.8)
         self.bias_key = int(rng.integers(0, 2**62))
@@ -1270,6 +1271,11 @@ def _validate(shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_
         raise MedsegInputError(f"spacing {spc} is too fine: at least 0.01 mm per axis")
     fov = tuple(n * d for n, d in zip(shp, spc))
     texture_bytes = 12 * math.prod(math.ceil(f / TEXTURE_CELL_MM) + 4 for f in fov)
+    # each noise field (texture, bowel, bias) keeps a float32 table of its z lattice
+    # planes by every (y, x) voxel: 64 slices of 256² at 100 mm took 742 MiB for a 16 MiB
+    # image, and the check above passed 20 GiB of them
+    texture_bytes += 4 * shp[1] * shp[2] * sum(
+        math.ceil(fov[0] / cell) + 4 for cell in (TEXTURE_CELL_MM, _BOWEL_CELL_MM[0], 70.0))
     if texture_bytes > MAX_TEXTURE_BYTES:
         raise MedsegInputError(
             f"the field of view, {tuple(round(f) for f in fov)} mm (z, y, x), is too large: "
