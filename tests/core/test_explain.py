@@ -285,6 +285,22 @@ def test_gradcam_runs_inside_a_callers_inference_mode():
     np.testing.assert_array_equal(found.target, expected.target)
 
 
+def test_uncertainty_turned_into_entropy_slab_by_slab_is_the_whole_volume_s(monkeypatch):
+    """Entropy and labels are made a few slices at a time (whole-volume temporaries took
+    several times the memory of segmentation); a slab boundary changes nothing."""
+    from napari_medseg.core import explain
+
+    seg, card = load_model("segmenter")
+    vol = generate_phantom((11, 48, 48), (5.0, 2.0, 2.0), seed=1).volume
+    whole = run_to_completion(segmentation_uncertainty(vol, seg, card, samples=2))
+    monkeypatch.setattr(explain, "_POSTPROCESS_SLAB", 3)
+    slabs = run_to_completion(segmentation_uncertainty(vol, seg, card, samples=2))
+    np.testing.assert_array_equal(slabs.entropy, whole.entropy)
+    np.testing.assert_array_equal(slabs.labels, whole.labels)
+    np.testing.assert_array_equal(slabs.per_slice, whole.per_slice)
+    assert whole.entropy.dtype == np.float32 and whole.labels.dtype == np.uint8
+
+
 def test_more_bad_requests_are_refused():
     clf, clf_card = load_model("classifier")
     seg, seg_card = load_model("segmenter")

@@ -184,6 +184,10 @@ def _dropout_on(model: torch.nn.Module) -> list[torch.nn.Module]:
     return drops
 
 
+#: slices turned from mean probabilities into entropy and labels at a time
+_POSTPROCESS_SLAB = 8
+
+
 def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mapping[str, Any], *,
                              samples: int = 8, chunk: int = 8, seed: int = 0,
                              threads: int | None = None) -> Job[UncertaintyResult]:
@@ -232,9 +236,17 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
                 step += 1
                 governor.update()
                 yield Progress(step, total, f"sample {s + 1}/{samples}")
-    ent = -(mean * mean.clamp_min(1e-12).log()).sum(1, keepdim=True) / math.log(n_classes)
-    entropy = resize_yx(ent, (ny, nx))[:, 0].clamp(0, 1).numpy().astype(np.float32)
-    labels = labels_from_logits(mean.clamp_min(1e-12).log(), (ny, nx)).numpy()
+    # slab by slab: whole-volume log, product, channels_last and resize temporaries were
+    # each the size of ``mean`` or the image (+138 MiB for 48 slices of 256², against
+    # segmentation's +26); every step is per slice, so the result is the same
+    entropy = np.empty((nz, ny, nx), dtype=np.float32)
+    labels = np.empty((nz, ny, nx), dtype=np.uint8)
+    for a in range(0, nz, _POSTPROCESS_SLAB):
+        part = mean[a:a + _POSTPROCESS_SLAB]
+        log_part = part.clamp_min(1e-12).log()
+        ent = -(part * log_part).sum(1, keepdim=True) / math.log(n_classes)
+        entropy[a:a + len(part)] = resize_yx(ent, (ny, nx))[:, 0].clamp(0, 1).numpy()
+        labels[a:a + len(part)] = labels_from_logits(log_part, (ny, nx)).numpy()
     entropy[volume.missing] = 0.0
     labels[volume.missing] = 0
     unmeasured = np.isnan(volume.array)  # a turned series' gap planes, a masked patch
