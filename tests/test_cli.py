@@ -93,6 +93,27 @@ def test_phantom_refuses_to_overwrite(tmp_path, capsys):
     assert (out / "image.nii.gz").read_bytes() == before
 
 
+def test_phantom_refuses_a_file_or_a_write_protected_output_before_drawing(
+        tmp_path, capsys, monkeypatch):
+    """Both were found only at the write, after the whole phantom was drawn (minutes for
+    a large one): a file as the folder ("File exists"), a read-only image."""
+    import napari_medseg.core.phantom as phantom
+
+    out = tmp_path / "ph"
+    assert main(["phantom", str(out), "--shape", "2", "32", "32"]) == 0
+    (out / "image.nii.gz").chmod(0o444)
+    monkeypatch.setattr(phantom, "generate_phantom", lambda *a, **k: pytest.fail("drawn"))
+    capsys.readouterr()
+    assert main(["phantom", str(out), "--shape", "2", "32", "32", "--overwrite"]) == 2
+    assert "image.nii.gz: the file is read-only; --overwrite cannot replace it" in \
+        capsys.readouterr().err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(["phantom", str(a_file), "--shape", "2", "32", "32"]) == 2
+    assert "is a file, expected a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "content, name, match",
     [

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
-from .core.io._common import mode_for, refuse_read_only, short_reason
+from .core.io._common import mode_for, refuse_read_only, refuse_write_protected, short_reason
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -53,12 +53,16 @@ PHANTOM_OUTPUTS = ("image.nii.gz", "labels.nii.gz", "lesions.csv", "slice_classe
 def cmd_phantom(args: argparse.Namespace) -> int:
     from .core.phantom import generate_phantom
 
-    out = Path(args.out_dir)
+    out = Path(args.out_dir).expanduser()  # a quoted "~/x" reaches us unexpanded
+    if out.exists() and not out.is_dir():  # said now, not after drawing the phantom
+        raise MedsegInputError("is a file, expected a folder to write into", out)
     existing = [name for name in PHANTOM_OUTPUTS if (out / name).exists()]
     if existing and not args.overwrite:
         raise MedsegInputError(
             f"already holds {', '.join(existing)}; pass --overwrite to replace them", out
         )
+    for name in existing:
+        refuse_write_protected(out / name, "--overwrite cannot replace it")
     try:
         phantom = generate_phantom(
             tuple(args.shape), tuple(args.spacing), args.seed, n_lesions=args.lesions
