@@ -173,6 +173,43 @@ def test_float64_acquired_slices_stay_bit_identical(make_napari_viewer, qtbot, s
     np.testing.assert_array_equal(new.data[::3], image.data)  # they were float32-rounded
 
 
+def test_float64_acquired_slices_are_those_of_the_run_and_read_in_the_worker(
+        make_napari_viewer, qtbot, small_phantom):
+    """They were copied from the layer when the result came: an edit in place meanwhile
+    (same array, so no "changed" check fires) mixed into slices generated from the old
+    data, and a lazy float64 layer was read whole in the GUI thread then."""
+    import threading
+
+    import dask.array as da
+
+    viewer = make_napari_viewer()
+    data = small_phantom.volume.array.astype(np.float64) + 1e-4 / 3
+    at_run = data.copy()
+    image = viewer.add_image(data, name="ct64", scale=small_phantom.volume.spacing)
+    widget = GenerateWidget(viewer)
+    widget._image.value = image
+    widget._factor.value = 2
+    widget._method.value = "linear"
+    widget._run.clicked.emit()
+    image.data[0] += 1000.0  # painted in place while it runs
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    np.testing.assert_array_equal(viewer.layers[-1].data[::2], at_run)
+
+    reads: list[bool] = []
+
+    def read(block):
+        reads.append(threading.current_thread() is threading.main_thread())
+        return block
+
+    lazy = da.from_array(at_run, chunks=(2, -1, -1)).map_blocks(read)
+    widget._image.value = viewer.add_image(lazy, name="lazy64", scale=small_phantom.volume.spacing)
+    reads.clear()  # napari's own read of the slice it draws
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    np.testing.assert_array_equal(viewer.layers[-1].data[::2], at_run)
+    assert reads and not any(reads)  # every chunk read in the worker
+
+
 def _linear_x2_of_file(viewer, qtbot, path):
     """Open ``path`` with the plugin's reader, run ×2 linear on it; (image, widget)."""
     (image,) = viewer.open(str(path), plugin="napari-medseg")

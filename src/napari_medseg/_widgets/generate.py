@@ -37,14 +37,25 @@ class GenerateWidget(ModelRunWidget):
         return [self._factor, self._fill, self._method]
 
     def options(self) -> dict:
-        return {"factor": int(self._factor.value), "fill": bool(self._fill.value),
-                "method": self._method.value}
+        options = {"factor": int(self._factor.value), "fill": bool(self._fill.value),
+                   "method": self._method.value, "exact": None}
+        layer = self._image.value
+        if layer is not None and layer.ndim == 3 and not np.can_cast(
+                np.dtype(layer.data.dtype), np.float32, casting="safe"):
+            # float64 or wide integers lose digits in the float32 volume: the acquired
+            # slices are copied into the result from the data as it was at Run (a copy
+            # now; a lazy array is read in the worker, core_job), not as it is at the end
+            data = layer.data
+            options["exact"] = np.array(data, copy=True) if isinstance(data, np.ndarray) else data
+        return options
 
     def needs_model(self, options: dict) -> bool:
         return options["method"] == "model"
 
     def core_job(self, volume, model, card, options):
         factor, fill, method = options["factor"], options["fill"], options["method"]
+        if options["exact"] is not None:  # in the worker: a lazy layer's read
+            options["exact"] = np.asarray(options["exact"], dtype=np.float64)
         if method != "model":
             return interpolation_job(volume, factor, fill, method)
         return generate_slices(volume, model, card, factor=factor, fill_missing=fill)
@@ -58,16 +69,13 @@ class GenerateWidget(ModelRunWidget):
             "created": provenance(card, image_layer.name)["created"]}
         geometry = _like_layer(image_layer)
         data = out.array
-        given = np.dtype(image_layer.data.dtype)
-        if image_layer.ndim == 3 and not np.can_cast(given, np.float32, casting="safe"):
-            # float64 or wide integers lose digits in the float32 volume: the acquired
-            # slices are copied from the layer itself, so they stay exactly as acquired
+        if options["exact"] is not None:  # the acquired slices exactly as they were
             data = data.astype(np.float64)
             acquired = np.flatnonzero(result.acquired)
             at = [slice(None)] * 3
             at[result.axis] = acquired
-            data[tuple(at)] = np.take(np.asarray(image_layer.data, dtype=np.float64),
-                                      acquired // result.factor, axis=result.axis)
+            data[tuple(at)] = np.take(options["exact"], acquired // result.factor,
+                                      axis=result.axis)
         if image_layer.ndim == 3:
             scale = list(geometry["scale"])
             scale[result.axis] = scale[result.axis] / result.factor
