@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from napari_medseg.core.errors import MedsegInputError
 from napari_medseg.core.explain import gradcam_volume, randomised_copy, segmentation_uncertainty
-from napari_medseg.core.models import load_model
+from napari_medseg.core.models import SliceClassifier, load_model
 from napari_medseg.core.phantom import generate_phantom
 from napari_medseg.core.progress import run_to_completion
 
@@ -316,6 +316,9 @@ def test_more_bad_requests_are_refused():
     with pytest.raises(MedsegInputError, match="k must be"):
         result.most_uncertain(-1)
     assert result.most_uncertain(0) == []
+    even = SliceClassifier(n_classes=3, filters=(8, 8, 8), hidden=16, in_channels=2)
+    with pytest.raises(MedsegInputError, match="in_channels must be odd"):  # a shape error
+        run_to_completion(gradcam_volume(vol, even, clf_card))
 
 
 def test_uncertainty_never_leaves_the_callers_model_sampling_nor_rewinds_others_random_draws():

@@ -35,6 +35,7 @@ from .inference import (
     labels_from_logits,
     positive_int,
     resize_yx,
+    slice_context,
 )
 from .models.classifier import SliceClassifier
 from .models.segmenter import RecurrentSegmenter
@@ -94,8 +95,7 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
         elif not 0 <= int(target) < len(classes):
             raise MedsegInputError(f"class index {target} outside 0–{len(classes) - 1}")
     batch = positive_int(batch, "batch")
-    context = (model.in_channels - 1) // 2
-    slices = ModelGridSlices(volume, card, context)
+    slices = ModelGridSlices(volume, card, slice_context(model))
     nz, ny, nx = volume.shape
     maps = np.zeros(volume.shape, dtype=np.float32)
     targets = np.full(nz, -1, dtype=np.int64)

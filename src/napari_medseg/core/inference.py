@@ -840,6 +840,15 @@ def _slice_batches(entry: _Prepared, precision: str, slices: ModelGridSlices,
 # ======================================================================================
 # Argument checks shared by the three jobs
 # ======================================================================================
+def slice_context(model: Any) -> int:
+    """k, the neighbours on each side a classifier with ``in_channels`` = 2k + 1 sees."""
+    context = (model.in_channels - 1) // 2
+    if model.in_channels != 2 * context + 1:
+        raise MedsegInputError(
+            f"in_channels must be odd (slice ± neighbours), got {model.in_channels}")
+    return context
+
+
 def check_model_args(volume: Any, model: Any, card: Any, expected: type, what: str) -> list[str]:
     if not isinstance(volume, Volume):
         raise MedsegInputError(f"expected a Volume, got {type(volume).__name__}")
@@ -1000,10 +1009,7 @@ def classify_volume(
             f"card lists {len(classes)} classes, the model has {model.n_classes}")
     batch = DEFAULT_BATCH if batch is None else positive_int(batch, "batch")
     precision = _check_precision(precision)
-    context = (model.in_channels - 1) // 2
-    if model.in_channels != 2 * context + 1:
-        raise MedsegInputError(
-            f"in_channels must be odd (slice ± neighbours), got {model.in_channels}")
+    context = slice_context(model)
     slices = ModelGridSlices(volume, card, context)
     nz = volume.shape[0]
     probs = np.full((nz, len(classes)), np.nan, dtype=np.float32)
