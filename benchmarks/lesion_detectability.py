@@ -210,7 +210,10 @@ def main() -> None:
                 ev.predict_detector(det, dcard, ph.volume, threshold=0.05)[float(dcard["min_distance_mm"])], ph)
             det_score = {j: d["score"] for d, j in zip(dets, matched) if j >= 0}
         for j, (les, found) in enumerate(zip(ph.lesions, found_all)):
+            # the >= 5 mm test on the exact diameter, as the evaluation makes it (a 4.96 mm
+            # lesion rounded to 5.0 was counted here and not there)
             row = {"seed": s, "diameter_mm": round(2 * les.radius_mm, 1), "organ": les.organ,
+                   "ge_5mm": 2 * les.radius_mm >= MIN_DIAMETER_MM,
                    "contrast_hu": round(les.contrast_hu, 1), "noise_hu": round(ph.noise_hu, 1),
                    "slice_mm": spacing[0]}
             if args.detector:
@@ -220,8 +223,8 @@ def main() -> None:
                 continue
             rows.append({**row, **lesion_oracle(image, labels, host_voxels, footprint, les, found, rng)})
         slices += slice_rows(image, labels, spacing, ph.lesions, found_all, rng)
-    big = [r for r in rows if r["diameter_mm"] >= MIN_DIAMETER_MM and r["p_detect"] is not None]
-    skipped = sum(r["diameter_mm"] >= MIN_DIAMETER_MM and r["p_detect"] is None for r in rows)
+    big = [r for r in rows if r["ge_5mm"] and r["p_detect"] is not None]
+    skipped = sum(r["ge_5mm"] and r["p_detect"] is None for r in rows)
     by_d = {}
     for lo, hi in ((-math.inf, 2), (2, 4), (4, 6), (6, math.inf)):
         sel = [r for r in big if lo <= r["d"] < hi]

@@ -390,6 +390,11 @@ def test_balanced_accuracy_and_confusion():
     c = confusion_matrix(truth, pred, 3)
     assert c.tolist() == [[1, 1, 0], [0, 4, 0], [1, 0, 1]]
     assert balanced_accuracy(c) == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+    # a missing slice (−1, as classify_volume gives it) fell into the row above's last
+    # column: a "normal" slice counted as "no_body" called "lesion"
+    assert confusion_matrix([1, 2, 1], [-1, -1, 1], 3).tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    with pytest.raises(ValueError, match="classes must lie in"):
+        confusion_matrix([0, 3], [0, 0], 3)
 
 
 def test_detection_matching_and_froc():

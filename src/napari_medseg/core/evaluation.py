@@ -155,10 +155,18 @@ def dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def confusion_matrix(truth: Sequence[int], pred: Sequence[int], n_classes: int) -> np.ndarray:
-    """Rows: true class, columns: predicted class."""
+    """Rows: true class, columns: predicted class. A prediction of −1 (a missing slice,
+    as ``classify_volume`` gives it) is left out: it fell into the previous row's last
+    column, counting a "normal" slice as a "no_body" slice called "lesion"."""
     t = np.asarray(truth, dtype=np.int64).ravel()
     p = np.asarray(pred, dtype=np.int64).ravel()
-    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    if t.shape != p.shape:
+        raise ValueError(f"{t.size} true classes for {p.size} predictions")
+    if np.any((t < 0) | (t >= n_classes)) or np.any(p >= n_classes) or np.any(p < -1):
+        raise ValueError(f"classes must lie in 0..{n_classes - 1} (−1: no prediction)")
+    made = p >= 0
+    return np.bincount(t[made] * n_classes + p[made],
+                       minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
 def balanced_accuracy(confusion: np.ndarray) -> float:
