@@ -1235,6 +1235,8 @@ def _is_int(v: Any) -> bool:
 
 def _check_float(v: Any, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
     try:
+        if isinstance(v, (bool, np.bool_, str, bytes)):  # True is not 1.0 HU, nor "15"
+            raise TypeError(v)
         fv = float(v)
     except (TypeError, ValueError) as exc:
         raise MedsegInputError(f"{name} must be a number, got {v!r}") from exc
