@@ -418,8 +418,8 @@ def test_variety_across_seeds():
         dict(extra_structures=None),  # these three were TypeErrors
         dict(extra_structures=5),
         dict(extra_structures=[["x"]]),
-        dict(noise_hu=True),  # these two were read as 1.0 and 15.0
-        dict(contrast_scale="15"),
+        dict(noise_hu=True),  # these two were read as 1.0 and 1.5
+        dict(contrast_scale="1.5"),
     ],
 )
 def test_bad_arguments_raise(kwargs):
