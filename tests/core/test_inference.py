@@ -135,6 +135,32 @@ def test_model_grid_follows_the_card_spacing(seg):
         model_grid(huge, seg[1])
 
 
+def test_a_percentile_card_samples_the_volume_without_copying_it(monkeypatch):
+    """The range was taken from ``array[~missing]``: a copy of every acquired slice at
+    the start of a job whose memory otherwise follows its batch."""
+    import tracemalloc
+
+    from napari_medseg.core.models import registry
+    from napari_medseg.core.models.registry import percentile_range
+
+    monkeypatch.setattr(registry, "PERCENTILE_SAMPLES", 50_000)  # a large volume's share
+
+    rng = np.random.default_rng(2)
+    volume = Volume(rng.normal(size=(40, 128, 128)).astype(np.float32), (2.0, 1.0, 1.0),
+                    missing=np.arange(40) % 7 == 3)
+    spec = {"type": "percentile", "low_percentile": 1.0, "high_percentile": 99.0}
+    card = {"input_spacing_mm": [2.0, 1.0, 1.0], "normalisation": spec}
+    tracemalloc.start()
+    try:
+        slices = inference.ModelGridSlices(volume, card)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < volume.array.nbytes / 4, f"{peak / volume.array.nbytes:.2f} of the volume"
+    low, high = percentile_range(volume.array[~volume.missing], spec)  # the same range
+    assert (slices.norm["mean"], slices.norm["std"]) == (low, high - low)
+
+
 def test_resize_uses_the_shared_resample_grid():
     """The engine's tensor resize and core.resample.resample_yx are the same grid."""
     x = np.random.default_rng(1).normal(size=(3, 37, 29)).astype(np.float32)

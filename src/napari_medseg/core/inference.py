@@ -74,7 +74,12 @@ from .models.classifier import SliceClassifier, fold_batchnorm
 from .models.detector import LesionDetector, extract_peaks
 from .models.generator import SliceGenerator
 # apply_normalisation is re-exported: the engine's in-place variant is tested against it
-from .models.registry import apply_normalisation, check_normalisation, percentile_range  # noqa: F401
+from .models.registry import (  # noqa: F401
+    acquired_sample,
+    apply_normalisation,
+    check_normalisation,
+    percentile_range,
+)
 from .models.segmenter import RecurrentSegmenter
 from .progress import Job, Progress
 from .resample import map_index, resampled_shape_yx
@@ -732,7 +737,8 @@ class ModelGridSlices:
             if volume.missing.all():
                 low, high = 0.0, 1.0
             else:
-                low, high = percentile_range(volume.array[~volume.missing], self.norm)
+                low, high = percentile_range(acquired_sample(volume.array, volume.missing),
+                                             self.norm)
             self.norm = {"type": "zscore", "mean": low, "std": high - low}
         self.grid = model_grid(volume, card)
         self.context = int(context)

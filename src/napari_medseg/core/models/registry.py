@@ -122,10 +122,31 @@ def apply_normalisation(array: Any, spec: Mapping[str, Any]) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
 
 
-def percentile_range(array: Any, spec: Mapping[str, Any], max_samples: int = 2_000_000
-                     ) -> tuple[float, float]:
+#: voxels ``percentile_range`` looks at, at most (a regular subsample)
+PERCENTILE_SAMPLES = 2_000_000
+
+
+def acquired_sample(array: np.ndarray, missing: np.ndarray,
+                    max_samples: int | None = None) -> np.ndarray:
+    """The voxels ``percentile_range(array[~missing])`` looks at, gathered slice by slice
+    without that copy of every acquired slice (a whole volume's worth, at the start of a
+    job whose memory otherwise follows its batch)."""
+    max_samples = PERCENTILE_SAMPLES if max_samples is None else int(max_samples)
+    acquired = np.flatnonzero(~np.asarray(missing, dtype=bool))
+    per_slice = int(np.prod(array.shape[1:], dtype=np.int64))
+    step = max(1, acquired.size * per_slice // max_samples)
+    # every step-th voxel of the acquired slices laid end to end: slice j's first is
+    # the one at a multiple of step in that run
+    parts = [np.asarray(array[z]).ravel()[(-j * per_slice) % step::step]
+             for j, z in enumerate(acquired)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def percentile_range(array: Any, spec: Mapping[str, Any],
+                     max_samples: int | None = None) -> tuple[float, float]:
     """(low, high) intensities at the spec's percentiles of the finite voxels of
     ``array`` (a regular subsample of at most ``max_samples``); high > low always."""
+    max_samples = PERCENTILE_SAMPLES if max_samples is None else int(max_samples)
     x = np.asarray(array, dtype=np.float32).ravel()
     x = x[:: max(1, x.size // max_samples)]
     x = x[np.isfinite(x)]
