@@ -424,6 +424,8 @@ def test_bad_arguments_are_refused(seg, cls):
         next(segment_volume(volume, seg[0], dict(seg[1], classes=["a", "b"])))
     with pytest.raises(MedsegInputError, match="chunk"):
         next(segment_volume(volume, *seg, chunk=0))
+    with pytest.raises(MedsegInputError, match="batch must be a positive integer"):
+        next(classify_volume(volume, *cls, batch=True))  # was taken as 1
     with pytest.raises(MedsegInputError, match="precision"):
         next(segment_volume(volume, *seg, precision="fp16"))
     with pytest.raises(MedsegInputError, match="Volume"):

@@ -908,7 +908,7 @@ def positive_int(value: Any, what: str) -> int:
         n = int(value)
     except (TypeError, ValueError) as exc:
         raise MedsegInputError(f"{what} must be a positive integer, got {value!r}") from exc
-    if n < 1 or n != value:
+    if n < 1 or n != value or isinstance(value, (bool, np.bool_)):  # True is not 1 slice
         raise MedsegInputError(f"{what} must be a positive integer, got {value!r}")
     return n
 
