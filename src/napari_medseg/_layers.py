@@ -538,6 +538,23 @@ def _recorded_gaps_fit(data: np.ndarray, recorded: Any, medseg: dict) -> bool:
     return set(empty.tolist()) <= set(indices)
 
 
+def _synthetic_slices(data: np.ndarray, medseg: dict, source: dict) -> int:
+    """How many generated slices a layer holds, by its record: the Generate widget's
+    (``generated_slices``) or the reader's of a generated NIfTI file
+    (``source.synthetic_slices``); 0 once the data no longer has the recorded shape
+    (e.g. the acquired slices kept, ``data[::2]``)."""
+    generated = medseg.get("generated_slices")
+    if medseg.get("synthetic") is True and isinstance(generated, list):
+        count = len(generated)
+    else:
+        count = source.get("synthetic_slices")
+        count = count if isinstance(count, int) and not isinstance(count, bool) else 0
+    shape = source.get("shape_zyx")
+    if count <= 0 or data.ndim != 3 or (shape is not None and list(shape) != list(data.shape)):
+        return 0
+    return count
+
+
 def _planes_still_missing(data: np.ndarray, planes: Any) -> dict | None:
     """``{"axis", "indices"}`` kept to the recorded planes that still hold no finite
     voxel; None when none does (or the record is not one)."""
@@ -577,9 +594,9 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
         kept["missing_planes"] = _planes_still_missing(data, kept["missing_planes"])
         if kept["missing_planes"] is None:
             del kept["missing_planes"]
-    generated = medseg.get("generated_slices")
-    if medseg.get("synthetic") is True and isinstance(generated, list) and generated:
-        kept["synthetic_slices"] = len(generated)  # generation refuses to take them as acquired
+    synthetic = _synthetic_slices(data, medseg, source)
+    if synthetic:
+        kept["synthetic_slices"] = synthetic  # generation refuses to take them as acquired
     axes = axes_for(source, data.shape if data.ndim == 3 else (1, *data.shape))
     if axes is not None:  # the models refuse a single coronal or sagittal image
         kept["axes_lps"] = axes

@@ -259,6 +259,9 @@ def test_a_body_too_thin_for_a_lesion_names_body_z_fraction():
         generate_phantom((10, 128, 128), (2.5, 1.5, 1.5), seed=0, n_lesions=2,
                          body_z_fraction=0.1)
     assert len(generate_phantom((10, 128, 128), (2.5, 1.5, 1.5), seed=0, n_lesions=2).lesions) == 2
+    with pytest.raises(MedsegInputError, match="thick") as refused:  # at its maximum already
+        generate_phantom((1, 128, 128), (2.0, 1.5, 1.5), seed=0, n_lesions=1, body_z_fraction=1.0)
+    assert "body_z_fraction" not in str(refused.value)
 
 
 def test_extra_structures_may_be_any_iterable():

@@ -117,6 +117,36 @@ def test_a_synthetic_layer_is_not_generated_from_again(make_napari_viewer, qtbot
     _unchanged(viewer, before)
 
 
+def test_a_generated_nifti_opened_in_napari_is_not_generated_from_again(
+        make_napari_viewer, qtbot, tmp_path):
+    """The reader's record of a generated file reached the layer's source facts only,
+    and the widget made a ×2 of it; its acquired slices kept alone are generated from."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_medseg.core.io import write_nifti
+
+    path = tmp_path / "x2.nii.gz"
+    data = np.random.default_rng(0).normal(size=(9, 8, 8)).astype(np.float32)
+    write_nifti(path, data, (2, 1, 1), info={"synthetic": True, "generated_slices": [1, 3, 5, 7]})
+    viewer = make_napari_viewer()
+    (opened,) = viewer.open(str(path), plugin="napari-medseg")
+    widget = GenerateWidget(viewer)
+    widget._method.value = "linear"
+    widget._factor.value = 2
+    widget._image.value = opened
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    errors = [str(n.message) for n in notification_manager.records[start:]
+              if n.severity == "error"]
+    assert len(errors) == 1 and "already holds 4 generated (synthetic) slices" in errors[0]
+    assert len(viewer.layers) == 1
+    opened.data = opened.data[::2]  # the acquired slices only: nothing synthetic left
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == 2
+
+
 def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, small_phantom):
     from napari_medseg._widgets.segment import SegmentWidget
 

@@ -1160,7 +1160,8 @@ def _place_lesions(
             # were full (a one-slice volume's "needed" always exceeds its thickness)
             if not placed and thickness < needed:  # more rows or columns never help
                 cure = ("a larger body_z_fraction, more or thicker slices"
-                        if body_z_fraction is not None else "more or thicker slices")
+                        if body_z_fraction is not None and body_z_fraction < 1
+                        else "more or thicker slices")
                 raise MedsegInputError(
                     f"could not fit {count} lesions (placed {len(placed)}): the body is "
                     f"{thickness:g} mm thick (its slices x slice spacing), less than the smallest "
