@@ -91,27 +91,30 @@ def test_bad_input_gets_one_message_and_changes_nothing(make_napari_viewer, qtbo
     assert widget._run.enabled
 
 
-def test_a_synthetic_layer_is_not_generated_from_again(make_napari_viewer, qtbot):
-    """×2 of a ×2 layer listed the first run's synthetic slices as acquired."""
+def _linear_x2_errors(widget, qtbot, layer) -> list[str]:
+    """Run ×2 linear on ``layer``; the error notifications it gave."""
     from napari.utils.notifications import notification_manager
 
+    widget._method.value = "linear"
+    widget._factor.value = 2
+    widget._image.value = layer
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    return [str(n.message) for n in notification_manager.records[start:]
+            if n.severity == "error"]
+
+
+def test_a_synthetic_layer_is_not_generated_from_again(make_napari_viewer, qtbot):
+    """×2 of a ×2 layer listed the first run's synthetic slices as acquired."""
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).normal(size=(5, 8, 8)).astype(np.float32),
                      scale=(4, 1, 1), name="ct")
     widget = GenerateWidget(viewer)
-    widget._method.value = "linear"
-    widget._factor.value = 2
-    widget._image.value = viewer.layers["ct"]
-    widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert _linear_x2_errors(widget, qtbot, viewer.layers["ct"]) == []
     assert len(viewer.layers) == 2
     before = _snapshot(viewer)
-    widget._image.value = viewer.layers[-1]
-    start = len(notification_manager.records)
-    widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
-    errors = [str(n.message) for n in notification_manager.records[start:]
-              if n.severity == "error"]
+    errors = _linear_x2_errors(widget, qtbot, viewer.layers[-1])
     assert len(errors) == 1 and "already holds 4 generated (synthetic) slices" in errors[0]
     assert len(viewer.layers) == 2
     _unchanged(viewer, before)
@@ -121,8 +124,6 @@ def test_a_generated_nifti_opened_in_napari_is_not_generated_from_again(
         make_napari_viewer, qtbot, tmp_path):
     """The reader's record of a generated file reached the layer's source facts only,
     and the widget made a ×2 of it; its acquired slices kept alone are generated from."""
-    from napari.utils.notifications import notification_manager
-
     from napari_medseg.core.io import write_nifti
 
     path = tmp_path / "x2.nii.gz"
@@ -131,19 +132,11 @@ def test_a_generated_nifti_opened_in_napari_is_not_generated_from_again(
     viewer = make_napari_viewer()
     (opened,) = viewer.open(str(path), plugin="napari-medseg")
     widget = GenerateWidget(viewer)
-    widget._method.value = "linear"
-    widget._factor.value = 2
-    widget._image.value = opened
-    start = len(notification_manager.records)
-    widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
-    errors = [str(n.message) for n in notification_manager.records[start:]
-              if n.severity == "error"]
+    errors = _linear_x2_errors(widget, qtbot, opened)
     assert len(errors) == 1 and "already holds 4 generated (synthetic) slices" in errors[0]
     assert len(viewer.layers) == 1
     opened.data = opened.data[::2]  # the acquired slices only: nothing synthetic left
-    widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert _linear_x2_errors(widget, qtbot, opened) == []
     assert len(viewer.layers) == 2
 
 
@@ -189,41 +182,28 @@ def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, sma
                 assert not any(2 <= z < 4 for z in np.asarray(result.data)[:, 0]), kind
 
 
-def test_float64_acquired_slices_stay_bit_identical(make_napari_viewer, qtbot, small_phantom):
+def test_float64_acquired_slices_stay_bit_identical_as_they_were_at_run(
+        make_napari_viewer, qtbot, small_phantom):
+    """float32 rounded them; then they were copied from the layer when the result came:
+    an edit in place meanwhile (same array, so no "changed" check fires) was mixed into
+    slices generated from the old data, and a lazy float64 layer was read whole in the
+    GUI thread."""
+    import threading
+
+    import dask.array as da
+
     viewer = make_napari_viewer()
     data = small_phantom.volume.array.astype(np.float64) + 1e-4 / 3  # digits float32 drops
+    at_run = data.copy()
     image = viewer.add_image(data, name="ct64", scale=small_phantom.volume.spacing)
     widget = GenerateWidget(viewer)
     widget._image.value = image
     widget._factor.value = 3
     widget._method.value = "linear"
     widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
-    new = viewer.layers[-1]
-    np.testing.assert_array_equal(new.data[::3], image.data)  # they were float32-rounded
-
-
-def test_float64_acquired_slices_are_those_of_the_run_and_read_in_the_worker(
-        make_napari_viewer, qtbot, small_phantom):
-    """They were copied from the layer when the result came: an edit in place meanwhile
-    (same array, so no "changed" check fires) mixed into slices generated from the old
-    data, and a lazy float64 layer was read whole in the GUI thread then."""
-    import threading
-
-    import dask.array as da
-
-    viewer = make_napari_viewer()
-    data = small_phantom.volume.array.astype(np.float64) + 1e-4 / 3
-    at_run = data.copy()
-    image = viewer.add_image(data, name="ct64", scale=small_phantom.volume.spacing)
-    widget = GenerateWidget(viewer)
-    widget._image.value = image
-    widget._factor.value = 2
-    widget._method.value = "linear"
-    widget._run.clicked.emit()
     image.data[0] += 1000.0  # painted in place while it runs
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
-    np.testing.assert_array_equal(viewer.layers[-1].data[::2], at_run)
+    np.testing.assert_array_equal(viewer.layers[-1].data[::3], at_run)
 
     reads: list[bool] = []
 
@@ -236,7 +216,7 @@ def test_float64_acquired_slices_are_those_of_the_run_and_read_in_the_worker(
     reads.clear()  # napari's own read of the slice it draws
     widget._run.clicked.emit()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
-    np.testing.assert_array_equal(viewer.layers[-1].data[::2], at_run)
+    np.testing.assert_array_equal(viewer.layers[-1].data[::3], at_run)
     assert reads and not any(reads)  # every chunk read in the worker
 
 
