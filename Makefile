@@ -55,7 +55,8 @@ demo: install
 	$(BIN)/napari-medseg demo
 
 # Two pytest workers (pytest-xdist), each with its own Xvfb: on this project's two-core CI
-# machine the suite takes 6.5–8 minutes instead of 11.5 in one process.
+# machine the suite takes 6.5–9.5 minutes (with the load on the machine) instead of
+# 11.5 in one process.
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: xvfb-deps install-test
