@@ -538,7 +538,7 @@ def _recorded_gaps_fit(data: np.ndarray, recorded: Any, medseg: dict) -> bool:
     return set(empty.tolist()) <= set(indices)
 
 
-def _synthetic_slices(data: np.ndarray, medseg: dict, source: dict) -> int:
+def _generated_slice_count(data: np.ndarray, medseg: dict, source: dict) -> int:
     """How many generated slices a layer holds, by its record: the Generate widget's
     (``generated_slices``) or the reader's of a generated NIfTI file
     (``source.synthetic_slices``); 0 once the data no longer has the recorded shape
@@ -594,7 +594,7 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
         kept["missing_planes"] = _planes_still_missing(data, kept["missing_planes"])
         if kept["missing_planes"] is None:
             del kept["missing_planes"]
-    synthetic = _synthetic_slices(data, medseg, source)
+    synthetic = _generated_slice_count(data, medseg, source)
     if synthetic:
         kept["synthetic_slices"] = synthetic  # generation refuses to take them as acquired
     axes = axes_for(source, data.shape if data.ndim == 3 else (1, *data.shape))
