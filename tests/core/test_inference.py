@@ -499,6 +499,42 @@ def test_thread_governor_stays_within_the_cpus_and_restores(monkeypatch):
         inference.ThreadGovernor(-1)
 
 
+def _cgroup_tree(tmp_path, proc_lines, files):
+    for rel, text in files.items():
+        (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / rel).write_text(text)
+    (tmp_path / "cgroup").write_text("".join(line + "\n" for line in proc_lines))
+    return str(tmp_path / "fs"), str(tmp_path / "cgroup")
+
+
+@pytest.mark.parametrize("proc_lines,files,expected", [
+    # cgroup v2 in a container (docker --cpus=1.5): rounded up
+    (["0::/"], {"cpu.max": "150000 100000"}, 2),
+    (["0::/"], {"cpu.max": "max 100000"}, None),
+    # v2 on a host: the tightest of the process's cgroup and its ancestors
+    (["0::/user.slice/job"], {"user.slice/cpu.max": "300000 100000",
+                              "user.slice/job/cpu.max": "max 100000"}, 3),
+    # v1, hybrid layout like this machine's: no quota (-1), then a quota of 4 CPUs
+    (["4:memory:/x", "1:cpu:/", "0::/"], {"cpu/cpu.cfs_quota_us": "-1",
+                                          "cpu/cpu.cfs_period_us": "100000"}, None),
+    (["3:cpu,cpuacct:/docker/abc"], {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "400000",
+                                     "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, 4),
+    # a quota under one CPU still leaves one thread; unreadable values are no limit
+    (["0::/"], {"cpu.max": "20000 100000"}, 1),
+    (["0::/"], {"cpu.max": "garbage"}, None),
+])
+def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path, monkeypatch, proc_lines, files,
+                                             expected):
+    """The affinity mask does not show a quota: a container limited to 2 CPUs on a
+    64-core host started 64 threads, run 2 at a time."""
+    root, proc = _cgroup_tree(tmp_path, proc_lines, files)
+    assert inference._cgroup_cpu_limit(root, proc) == expected
+    monkeypatch.setattr(inference, "_cgroup_cpu_limit", lambda: expected)
+    monkeypatch.setattr(inference.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert inference.default_threads() == (64 if expected is None else expected)
+    assert inference.ThreadGovernor(None).cpus == inference.default_threads()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
 def test_main_thread_cpu_is_seen_from_a_worker_thread():
     """A GUI job runs in a worker thread: the main thread's (event loop's) CPU time is

@@ -29,7 +29,8 @@ Speed (measured on 2 cores; see benchmarks/ and the module notes below):
   1.6× slower than 4 on this 2-core CPU (activations fall out of cache).
 - ``torch.inference_mode`` around every model call (never across a ``yield``: the
   caller's code between two progress reports runs in its own grad mode).
-- Threads: by default every CPU this process may use (``os.sched_getaffinity``) that
+- Threads: by default every CPU this process may use (``os.sched_getaffinity``, capped
+  by a cgroup CPU quota such as ``docker --cpus``) that
   other processes leave free, re-measured between chunks (:class:`ThreadGovernor`: on
   2 cores shared with a training job, 2 threads ran the segmenter ~100× slower than 1);
   ``threads=n`` pins n, ``threads=0`` leaves torch's setting alone; the previous value
@@ -281,11 +282,69 @@ def cpu_supports_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
-def default_threads() -> int:
+def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup",
+                      proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """CPUs a CFS quota lets this process use (``docker --cpus``, a Kubernetes CPU
+    limit), rounded up, or None when there is none. The affinity mask does not show a
+    quota: a container limited to 2 CPUs on a 64-core host would start 64 threads that
+    the kernel runs 2 at a time. The tightest quota on the process's cgroup or any
+    ancestor applies (cgroup v2 ``cpu.max``; v1 ``cpu.cfs_quota_us`` / ``_period_us``)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        with open(proc_cgroup, encoding="ascii", errors="replace") as fh:
+            entries = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
+        entries = []
+
+    def ancestors(path: str) -> list[str]:
+        parts = [p for p in path.split("/") if p]
+        return ["/".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+    def read(path: str) -> str | None:
+        try:
+            with open(path, encoding="ascii") as fh:
+                return fh.read().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    limits: list[float] = []
+    for entry in entries or [["0", "", "/"]]:
+        if len(entry) != 3:
+            continue
+        hierarchy, controllers, path = entry
+        if hierarchy == "0" and controllers == "":  # v2 (unified)
+            for rel in ancestors(path):
+                text = read(os.path.join(root, rel, "cpu.max"))
+                fields = text.split() if text else []
+                if len(fields) == 2 and fields[0] != "max":
+                    try:
+                        limits.append(float(fields[0]) / float(fields[1]))
+                    except (ValueError, ZeroDivisionError):
+                        pass
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's mount
+            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                for rel in ancestors(path):
+                    base = os.path.join(root, mount, rel)
+                    quota = read(os.path.join(base, "cpu.cfs_quota_us"))
+                    period = read(os.path.join(base, "cpu.cfs_period_us"))
+                    try:
+                        q, p = float(quota), float(period)  # type: ignore[arg-type]
+                    except (TypeError, ValueError):
+                        continue
+                    if q > 0 and p > 0:
+                        limits.append(q / p)
+    positive = [v for v in limits if v > 0]
+    return max(1, math.ceil(min(positive) - 1e-9)) if positive else None
+
+
+def default_threads() -> int:
+    """CPUs this process may use: its affinity mask (``os.sched_getaffinity``), capped by
+    a cgroup CPU quota where there is one (:func:`_cgroup_cpu_limit`)."""
+    try:
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+    quota = _cgroup_cpu_limit()
+    return cpus if quota is None else max(1, min(cpus, quota))
 
 
 def _cpu_jiffies() -> tuple[float, float] | None:
