@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def suite_threads() -> int:
+    """Torch threads per test process: the CPUs shared out among pytest-xdist's workers.
+
+    Each worker otherwise starts torch on every CPU, so two workers on two cores run
+    four OpenMP threads, and every op's barrier waits for a descheduled thread.
+    """
+    from napari_medseg.core.inference import default_threads
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return max(1, default_threads() // max(1, workers))
+
+
+def pytest_configure(config):
+    import torch
+
+    # set on the main thread before any test: OpenMP threads started later (napari's
+    # workers) begin from this count too
+    torch.set_num_threads(suite_threads())
+
+
+@pytest.fixture(autouse=True)
+def _suite_threads():
+    """Every test starts from the suite's thread count, whatever the test before it left."""
+    import torch
+
+    n = suite_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -40,14 +40,6 @@ from napari_medseg.core.training import (
 TINY_SEG = dict(pool_size=1, max_slices=12, seq_len=4, crop=48, refresh_every=0)
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- losses -----------------------------------------------------------------------------
 def test_dice_loss_of_perfect_prediction_is_about_zero():
     target = torch.randint(0, 4, (2, 16, 16))
