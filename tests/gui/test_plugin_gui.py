@@ -209,13 +209,36 @@ def test_phantom_widget_cancel_adds_nothing(make_napari_viewer, qtbot):
     start = len(notification_manager.records)
     widget._run.clicked.emit()
     widget._cancel.clicked.emit()
-    # drawing cannot stop midway: until it ends, the widget says it is cancelling (it
-    # said "Cancelled" while Run stayed disabled for seconds)
+    # until the job stops the widget says it is cancelling (it said "Cancelled" while
+    # Run stayed disabled for seconds)
     assert widget._status.value.startswith("Cancelling") and not widget._cancel.enabled
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert len(viewer.layers) == 0
     assert widget._status.value == "Cancelled" and widget._run.enabled
     assert not _errors_since(start)
+
+
+def test_cancel_stops_a_large_phantom_between_slabs(make_napari_viewer, qtbot, monkeypatch):
+    """Drawing was one call: Cancel left a 1024-slice phantom running for minutes."""
+    from napari_medseg._widgets import phantom as phantom_widget
+
+    reports = []
+
+    def recorded(*args, **kwargs):
+        for report in phantom_widget_job(*args, **kwargs):
+            reports.append(report)
+            yield report
+
+    phantom_widget_job = phantom_widget.phantom_job
+    monkeypatch.setattr(phantom_widget, "phantom_job", recorded)
+    viewer, widget = _phantom_widget(make_napari_viewer, (60, 512, 512), lesions=0)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: len(reports) > 0, timeout=60_000)
+    assert widget._status.value.startswith("Generating: drawing slices")
+    widget._cancel.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert reports[-1].step < 60 and len(viewer.layers) == 0  # slabs of 7 slices: 9 of them
+    assert widget._status.value == "Cancelled" and widget._run.enabled
 
 
 def test_closing_the_viewer_while_a_phantom_is_drawn_raises_nothing(make_napari_viewer, qtbot):

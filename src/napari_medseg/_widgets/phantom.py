@@ -17,7 +17,7 @@ from magicgui.widgets import (
 from .. import _jobs
 from .._sample_data import phantom_layer_data
 from ..core.errors import MedsegInputError
-from ..core.phantom import generate_phantom
+from ..core.phantom import phantom_job
 from ._model_widget import DockWatch, set_status, widget_closed
 
 
@@ -32,15 +32,16 @@ class PhantomRequest:
 
 
 def _make_phantom(request: PhantomRequest):
+    """The phantom as a job: progress per slab, and Cancel stops it between slabs."""
     try:
-        return generate_phantom(
+        return (yield from phantom_job(
             request.shape,
             request.spacing,
             request.seed,
             n_lesions=request.n_lesions,
             lesion_radius_mm=request.lesion_radius_mm,
             noise_hu=request.noise_hu,
-        )
+        ))
     except MedsegInputError as exc:  # said in the widget's words, not the core's names
         raise MedsegInputError(
             exc.reason.replace("field of view (shape x spacing)",
@@ -132,15 +133,20 @@ class PhantomWidget(Container):
             description="Synthetic phantom",
             on_result=self._add_layers,
             on_finished=self._on_finished,
+            on_progress=self._on_progress,
             on_error=self._on_failed,
         )
+
+    def _on_progress(self, report) -> None:
+        if report.message and not widget_closed(self._status):
+            self._status.value = f"Generating: {report.message}…"
 
     def _on_cancel(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            # drawing a phantom is one call that cannot stop midway: say so until it ends
+            # it stops at the end of the slab it is drawing
             self._cancel.enabled = False
-            self._status.value = "Cancelling: the phantom is discarded once drawn…"
+            self._status.value = "Cancelling…"
 
     def _on_finished(self) -> None:
         self._set_running(False)
