@@ -364,6 +364,51 @@ def test_largest_series_is_opened_with_a_warning(tmp_path):
     )
 
 
+def test_the_scan_is_opened_not_a_larger_dose_grid_beside_it(tmp_path):
+    """An RT dose grid (15 frames) beside a 4-slice CT was opened instead of the CT."""
+    import shutil
+
+    write_series(tmp_path, [0.0, 2.0, 4.0, 6.0], name="ct", description="ABDOMEN")
+    shutil.copy(bundled("rtdose.dcm"), tmp_path / "dose.dcm")
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape == (4, 6, 5) and vol.modality == "CT"
+    assert ("folder holds 2 series; opened the largest CT series, not the RTDOSE beside it"
+            " (4 slices, 'ABDOMEN')") in vol.metadata["warnings"]
+    shutil.copy(bundled("rtdose.dcm"), tmp_path / "dose2.dcm")  # alone, a dose grid opens
+    for f in tmp_path.glob("ct*.dcm"):
+        f.unlink()
+    assert read_dicom(tmp_path).modality == "RTDOSE"
+
+
+def test_a_segmentation_is_ranked_below_the_scan():
+    from napari_medseg.core.io.dicom import _series_rank
+
+    seg, ct, capture = Dataset(), Dataset(), Dataset()
+    seg.SOPClassUID, seg.Modality = "1.2.840.10008.5.1.4.1.1.66.4", "SEG"
+    ct.SOPClassUID, ct.Modality = CTImageStorage, "CT"
+    capture.SOPClassUID, capture.Modality = "1.2.840.10008.5.1.4.1.1.7", "OT"
+    assert _series_rank(ct) < _series_rank(capture) < _series_rank(seg)
+
+
+def test_a_stray_file_with_an_empty_rows_tag_is_skipped_not_fatal(tmp_path):
+    """int(None) in the series grouping failed the whole folder over one odd file."""
+    write_series(tmp_path, [0.0, 2.0, 4.0], name="ct")
+    stray = pydicom.dcmread(next(tmp_path.glob("ct*.dcm")))
+    stray.Rows = None
+    del stray.SeriesInstanceUID
+    _save(stray, tmp_path / "stray.dcm")
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape == (3, 6, 5)
+    assert "skipped 1 truncated or malformed image file" in vol.metadata["warnings"]
+    with pytest.raises(MedsegInputError, match="invalid Rows/Columns") as info:
+        read_dicom(tmp_path / "stray.dcm")
+    assert_clean_error(info.value, tmp_path / "stray.dcm")
+
+
 def test_series_without_uid_grouped_by_geometry(tmp_path):
     write_series(tmp_path, [0.0, 2.0, 4.0], name="a", series_uid="1.2.3")
     write_series(tmp_path, [0.0, 2.0], name="b", shape=(4, 4), series_uid="1.2.3")

@@ -299,6 +299,7 @@ def _read_folder(folder: Path) -> Volume:
         if "Rows" in ds and "Columns" in ds:
             try:
                 _n_frames(ds, f)  # a stray file's bad tag must not fail the whole folder
+                _image_size(ds, f)
             except MedsegInputError:
                 broken += 1
                 continue
@@ -317,9 +318,12 @@ def _read_folder(folder: Path) -> Volume:
     for f, ds in images:
         groups.setdefault(_series_key(ds), []).append((f, ds))
     sizes = {key: sum(_n_frames(ds, f) for f, ds in members) for key, members in groups.items()}
-    # largest first (ties: the first series in file order); if it cannot be opened (mixed
+    # scans before what is derived from them (a SEG's masks, an RT dose grid often hold
+    # more frames than the CT they lie on, and were opened instead of it), then the
+    # largest (ties: the first series in file order); if one cannot be opened (mixed
     # sizes or orientations, a localizer sharing its UID, colour), try the next, and say so
-    order = sorted(groups, key=lambda k: -sizes[k])
+    ranks = {key: _series_rank(members[0][1]) for key, members in groups.items()}
+    order = sorted(groups, key=lambda k: (ranks[k], -sizes[k]))
     notes: list[str] = []
     if bare:
         notes.append(f"{bare} file{'s' if bare > 1 else ''} without a DICOM file header "
@@ -336,9 +340,16 @@ def _read_folder(folder: Path) -> Volume:
     for rank, chosen in enumerate(order):
         warns: list[str] = []
         if len(groups) > 1:
-            desc = _text(groups[chosen][0][1], "SeriesDescription")
+            header = groups[chosen][0][1]
+            desc = _text(header, "SeriesDescription")
             label = f"{sizes[chosen]} slices" + (f", {desc!r}" if desc else "")
             which = "the largest" if rank == 0 else "the largest that could be opened"
+            if any(ranks[k] > ranks[chosen] and sizes[k] > sizes[chosen] for k in groups):
+                kinds = sorted({_text(groups[k][0][1], "Modality") or "derived"
+                                for k in groups if ranks[k] > ranks[chosen]})
+                which = (f"the largest {_text(header, 'Modality') or 'image'} series"
+                         + ("" if rank == 0 else " that could be opened")
+                         + f", not the {'/'.join(kinds)} beside it")
             warns.append(f"folder holds {len(groups)} series; opened {which} ({label})")
         warns.extend(failures)
         warns.extend(notes)
@@ -368,9 +379,34 @@ def _series_key(ds: Dataset) -> tuple:
     uid = ds.get("SeriesInstanceUID")
     if uid:
         return ("uid", str(uid))
-    iop = ds.get("ImageOrientationPatient")
-    iop_key = tuple(round(float(v), 3) for v in iop) if iop else None
+    iop = _vector(ds.get("ImageOrientationPatient"), 6)
+    iop_key = tuple(round(float(v), 3) for v in iop) if iop is not None else None
     return ("geometry", int(ds.Rows), int(ds.Columns), iop_key)
+
+
+#: modalities of series derived from a scan rather than the scan itself: a folder's
+#: scan is opened before them, whatever their frame count
+_DERIVED_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTIMAGE", "REG", "PR", "KO", "SR"})
+
+
+def _series_rank(ds: Dataset) -> int:
+    """0: a scan (CT, MR ... image storage); 1: another image (secondary capture);
+    2: a segmentation, dose grid or other derived object."""
+    modality = (_text(ds, "Modality") or "").upper()
+    kind = _kind(ds)
+    if modality in _DERIVED_MODALITIES or "Segmentation" in kind or "Dose" in kind:
+        return 2
+    if "Secondary Capture" in kind or modality == "OT":
+        return 1
+    return 0
+
+
+def _image_size(ds: Dataset, path: Path) -> tuple[int, int]:
+    """(rows, columns) of a header, or a clear error for an empty or invalid tag."""
+    rows, cols = _as_float(ds.get("Rows")), _as_float(ds.get("Columns"))
+    if rows is None or cols is None or rows < 1 or cols < 1 or rows % 1 or cols % 1:
+        raise MedsegInputError("malformed DICOM image (invalid Rows/Columns tags)", path)
+    return int(rows), int(cols)
 
 
 # --------------------------------------------------------------------------- checks
@@ -392,6 +428,7 @@ def _is_image_storage(ds: Dataset) -> bool:
 
 def _check_image_header(ds: Dataset, path: Path) -> None:
     """Refuse colour images and pixel data we cannot decode, before decoding anything."""
+    _image_size(ds, path)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples > 1 or photometric.startswith("PALETTE"):
