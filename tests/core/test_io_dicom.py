@@ -409,6 +409,49 @@ def test_a_stray_file_with_an_empty_rows_tag_is_skipped_not_fatal(tmp_path):
     assert_clean_error(info.value, tmp_path / "stray.dcm")
 
 
+def _tag_files(folder: Path, prefix: str, **tags) -> None:
+    for f in folder.glob(f"{prefix}*.dcm"):
+        ds = pydicom.dcmread(f)
+        for key, value in tags.items():
+            setattr(ds, key, value(ds) if callable(value) else value)
+        _save(ds, f)
+
+
+def test_two_phases_at_the_same_positions_are_not_mixed_slice_by_slice(tmp_path):
+    """One slice per position was kept by InstanceNumber: with the venous phase numbered
+    backwards the volume held arterial slices at one end and venous at the other."""
+    zs = [0.0, 2.0, 4.0, 6.0, 8.0]
+    uid = write_series(tmp_path, zs, name="art", intercept=-1024.0)
+    write_series(tmp_path, zs, name="ven", series_uid=uid, intercept=-1124.0)  # 100 HU more
+    _tag_files(tmp_path, "art", AcquisitionNumber=1)
+    _tag_files(tmp_path, "ven", AcquisitionNumber=2,
+               InstanceNumber=lambda ds: 6 - int(ds.InstanceNumber))  # 5, 4 … 1
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape == (5, 6, 5)
+    offsets = [float(vol.array[k, 0, 0]) - expected_hu(z)[0, 0] for k, z in enumerate(zs)]
+    assert offsets in ([0.0] * 5, [100.0] * 5), offsets  # one phase, whichever
+    assert any("series holds 2 acquisitions at the same positions (they differ in "
+               "AcquisitionNumber); opened one (AcquisitionNumber" in w
+               for w in vol.metadata["warnings"])
+
+
+def test_overlapping_slabs_of_a_step_and_shoot_scan_stay_one_volume(tmp_path):
+    """Acquisitions that each cover part of the range are not one of several phases:
+    all their positions are kept, one slice per position."""
+    uid = write_series(tmp_path, [0.0, 2.0, 4.0, 6.0], name="a")
+    write_series(tmp_path, [6.0, 8.0, 10.0, 12.0], name="b", series_uid=uid)
+    _tag_files(tmp_path, "a", AcquisitionNumber=1)
+    _tag_files(tmp_path, "b", AcquisitionNumber=2)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape == (7, 6, 5)
+    assert any("1 slice repeat" in w for w in vol.metadata["warnings"])
+    assert not any("acquisitions" in w for w in vol.metadata["warnings"])
+
+
 def test_series_without_uid_grouped_by_geometry(tmp_path):
     write_series(tmp_path, [0.0, 2.0, 4.0], name="a", series_uid="1.2.3")
     write_series(tmp_path, [0.0, 2.0], name="b", shape=(4, 4), series_uid="1.2.3")

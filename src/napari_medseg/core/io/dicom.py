@@ -67,6 +67,9 @@ class _Frame:
     pixel_spacing: tuple[float, float] | None  # (between rows, between columns) mm
     thickness: float | None
     between: float | None  # SpacingBetweenSlices
+    # (tag, value) pairs that tell apart acquisitions sharing positions in one series:
+    # echoes, phases, time points (a multi-echo MR, a multi-phase CT under one UID)
+    acquisition: tuple = ()
 
 
 class _Source:
@@ -530,6 +533,19 @@ def _spacing_pair(value: Any) -> tuple[float, float] | None:
     return (float(pair[0]), float(pair[1])) if pair is not None and np.all(pair > 0) else None
 
 
+#: tags whose values differ between acquisitions at the same positions in one series
+_ACQUISITION_TAGS = ("AcquisitionNumber", "EchoNumbers", "TemporalPositionIdentifier",
+                     "TriggerTime")
+#: the same for an enhanced multi-frame file's frames (functional group, keyword)
+_ENHANCED_ACQUISITION_TAGS = (
+    ("FrameContentSequence", "StackID"),
+    ("FrameContentSequence", "TemporalPositionIndex"),
+    ("MREchoSequence", "EffectiveEchoTime"),
+    ("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
+    ("SegmentIdentificationSequence", "ReferencedSegmentNumber"),
+)
+
+
 def _frames_of(source: _Source) -> list[_Frame]:
     """The 2D frames a file holds, with their geometry (pixels are not read here)."""
     ds, path = source.header, source.path
@@ -556,6 +572,9 @@ def _frames_of(source: _Source) -> list[_Frame]:
                     pixel_spacing=_spacing_pair(g("PixelMeasuresSequence", "PixelSpacing")),
                     thickness=_as_float(g("PixelMeasuresSequence", "SliceThickness")),
                     between=_as_float(g("PixelMeasuresSequence", "SpacingBetweenSlices")),
+                    acquisition=tuple(
+                        (kw, str(v)) for seq, kw in _ENHANCED_ACQUISITION_TAGS
+                        if (v := g(seq, kw)) not in (None, "")),
                 )
             )
         source.frame_rescale = rescale
@@ -565,6 +584,8 @@ def _frames_of(source: _Source) -> list[_Frame]:
     orientation = _vector(ds.get("ImageOrientationPatient"), 6)
     shared = dict(
         **common,
+        acquisition=tuple((kw, str(ds.get(kw))) for kw in _ACQUISITION_TAGS
+                          if ds.get(kw) not in (None, "")),
         orientation=orientation,
         pixel_spacing=_spacing_pair(ds.get("PixelSpacing")),
         thickness=_float(ds, "SliceThickness"),
@@ -811,6 +832,8 @@ def _sort(
     row_dir, col_dir = _unit(iops[0][:3]), _unit(iops[0][3:])
     normal = _cross_unit(row_dir, col_dir)
     keys = np.array([float(np.dot(f.position, normal)) for f in frames])
+    if _repeats(keys):
+        frames, keys, orders = _one_acquisition(frames, keys, orders, warns)
     ordering = np.lexsort((orders, keys))
     frames, keys = [frames[i] for i in ordering], keys[ordering]
     keep = np.concatenate([[True], np.diff(keys) > _SAME_POSITION_MM])
@@ -822,6 +845,42 @@ def _sort(
         )
         frames, keys = [f for f, k in zip(frames, keep) if k], keys[keep]
     return frames, keys, np.array([normal, col_dir, row_dir])
+
+
+def _repeats(keys: np.ndarray) -> bool:
+    return bool(np.any(np.diff(np.sort(keys)) <= _SAME_POSITION_MM))
+
+
+def _one_acquisition(frames: list[_Frame], keys: np.ndarray, orders: np.ndarray,
+                     warns: list[str]) -> tuple[list[_Frame], np.ndarray, np.ndarray]:
+    """Where slices repeat positions and their tags (echo, phase, acquisition number)
+    split them into acquisitions that each cover (nearly) every position, the frames of
+    one acquisition: keeping one slice per position otherwise mixed two phases slice by
+    slice. Acquisitions that each cover only part of the range (a step-and-shoot scan's
+    overlapping slabs) are kept together, one slice per position."""
+    groups: dict[tuple, list[int]] = {}
+    for i, f in enumerate(frames):
+        groups.setdefault(f.acquisition, []).append(i)
+    if len(groups) < 2:
+        return frames, keys, orders
+
+    def distinct(idx: list[int]) -> int:
+        k = np.sort(keys[idx])
+        return int(1 + np.sum(np.diff(k) > _SAME_POSITION_MM))
+
+    everywhere = distinct(list(range(len(frames))))
+    coverage = {key: distinct(idx) for key, idx in groups.items()}
+    best = min(groups, key=lambda key: (-coverage[key], float(orders[groups[key]].min())))
+    if coverage[best] < 0.8 * everywhere:
+        return frames, keys, orders
+    differ = [tag for tag, _ in best if len({dict(key).get(tag) for key in groups}) > 1]
+    named = ", ".join(f"{tag} {value}" for tag, value in best if tag in differ) or "no tag"
+    idx = groups[best]
+    warns.append(
+        f"series holds {len(groups)} acquisitions at the same positions (they differ in "
+        f"{', '.join(differ) or 'their tags'}); opened one ({named}: {len(idx)} slices), "
+        "not a mix of them")
+    return [frames[i] for i in idx], keys[idx], orders[idx]
 
 
 def _layout(steps: np.ndarray, path: Path, warns: list[str]) -> tuple[np.ndarray, float]:
