@@ -58,13 +58,19 @@ def _medseg_metadata(volume: Volume, **extra: Any) -> dict[str, Any]:
     }
 
 
+def _monochrome1(volume: Volume) -> bool:
+    return str(volume.metadata.get("photometric") or "").strip().upper() == "MONOCHROME1"
+
+
 def volume_layer_data(volume: Volume, name: str) -> tuple:
     """An Image layer for a volume: physical scale, origin, CT/MR window, metadata."""
     kwargs = {
         "name": name,
         **_geometry(volume),
         "contrast_limits": volume.display_window(),
-        "colormap": "gray",
+        # MONOCHROME1 (radiographs, some CR/DX/MG): the lowest value is white; the values
+        # stay as stored, only the display is reversed
+        "colormap": "gray_r" if _monochrome1(volume) else "gray",
         "metadata": _medseg_metadata(volume),
     }
     return (volume.array, kwargs, "image")

@@ -452,6 +452,19 @@ def test_overlapping_slabs_of_a_step_and_shoot_scan_stay_one_volume(tmp_path):
     assert not any("acquisitions" in w for w in vol.metadata["warnings"])
 
 
+def test_a_monochrome1_image_is_shown_with_white_for_its_lowest_values(tmp_path):
+    """MONOCHROME1 (low = white) opened in a plain gray colormap: shown inverted."""
+    from napari_medseg._reader import read_layers
+
+    write_series(tmp_path, [0.0], name="cr")
+    _tag_files(tmp_path, "cr", PhotometricInterpretation="MONOCHROME1")
+    (data, kwargs, _), = read_layers(str(next(tmp_path.glob("cr*.dcm"))))
+    assert kwargs["colormap"] == "gray_r"
+    np.testing.assert_array_equal(data[0], expected_hu(0.0))  # the values as stored
+    write_series(tmp_path / "ct", [0.0])
+    assert read_layers(str(tmp_path / "ct"))[0][1]["colormap"] == "gray"
+
+
 def test_series_without_uid_grouped_by_geometry(tmp_path):
     write_series(tmp_path, [0.0, 2.0, 4.0], name="a", series_uid="1.2.3")
     write_series(tmp_path, [0.0, 2.0], name="b", shape=(4, 4), series_uid="1.2.3")
