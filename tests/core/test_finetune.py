@@ -295,6 +295,36 @@ def test_an_autosave_keeps_structure_names_is_compressed_and_sweeps_killed_saves
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_long_name_in_any_script_still_gets_an_autosave_folder(tmp_path):
+    """82 CJK characters made a 261-byte folder name: every autosave of that image failed
+    (File name too long)."""
+    for name in ("肝" * 82, "é" * 300, "x" * 300):
+        key = session_key(name, (4, 16, 16))
+        assert len(key.encode("utf-8")) <= 120, key
+        labels = np.zeros((4, 16, 16), np.uint8)
+        save_session(tmp_path / key / "s", AnnotationSession(name, labels.shape, labels, [1]))
+        assert load_session(tmp_path / key / "s").image_name == name
+    assert session_key("肝" * 82, (1, 2, 3)) != session_key("肝" * 83, (1, 2, 3))
+
+
+def test_a_live_autosave_is_locked_against_discard_until_its_writer_lets_go(tmp_path):
+    from napari_medseg.core.session import SessionLock, session_in_use
+
+    labels = np.zeros((2, 8, 8), np.uint8)
+    folder = save_session(tmp_path / "s", AnnotationSession("ct", labels.shape, labels, [1]))
+    assert not session_in_use(folder)
+    lock = SessionLock(folder)
+    assert lock.acquire() and lock.held and session_in_use(folder)
+    assert not SessionLock(folder).acquire()  # one writer per folder, even in one process
+    with pytest.raises(MedsegInputError, match="window that is still open"):
+        discard_session(folder)
+    assert load_session(folder).annotated == [1]
+    lock.release()
+    assert not session_in_use(folder)
+    discard_session(folder)
+    assert not folder.exists()
+
+
 def test_a_save_killed_between_its_two_files_keeps_the_previous_autosave(tmp_path, monkeypatch):
     """The new data file lands, then the process dies before the record naming it is
     written (a quit kills the daemon autosave thread): the previous autosave must still

@@ -31,8 +31,10 @@ def scene(make_napari_viewer, random_models, small_phantom):
 
 
 def _restored_elsewhere(make_napari_viewer, image, widget):
-    """Autosave ``widget`` now, open the same image in a new viewer and restore there."""
+    """Autosave ``widget`` now, end its process (the system drops its folder locks), open
+    the same image in a new viewer and restore there."""
     widget.autosave_now(wait=True)
+    widget._release_folders()
     viewer = make_napari_viewer()
     other = RetrainDetectorWidget(viewer)
     other._image.value = viewer.add_image(image.data, scale=image.scale, name="ct")

@@ -251,6 +251,7 @@ def test_autosave_restores_after_a_restart(make_napari_viewer, qtbot, random_mod
     checked = set(widget._checked)
     widget.autosave_now(wait=True)
     painted = np.array(labels.data, copy=True)
+    _process_ended(widget)
 
     # "crash": a new viewer and widget; the same image is opened again
     viewer2 = make_napari_viewer()
@@ -462,6 +463,12 @@ def test_two_labels_layers_autosave_to_two_folders(scene):
     assert edited == [(2,), (5,)]
 
 
+def _process_ended(widget):
+    """What the system does for a widget when napari's process ends (quit or crash): its
+    autosave folders' locks go, and the next run may offer them."""
+    widget._release_folders()
+
+
 def _autosaved_slice_2(make_napari_viewer, random_models, small_phantom):
     """A Retrain widget on the phantom with slice 2 painted and autosaved."""
     viewer = make_napari_viewer()
@@ -481,6 +488,7 @@ def test_restore_is_not_offered_for_another_image_of_the_same_name_and_shape(
 
     viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
                                                        small_phantom)
+    _process_ended(widget)
 
     other = generate_phantom(small_phantom.volume.shape, small_phantom.volume.spacing, seed=6,
                              n_lesions=1)
@@ -510,6 +518,7 @@ def test_restore_offers_the_newest_autosave_made_after_a_rename(
     image.name = "ct liver phase"
     _paint_slice(labels, 5, small_phantom.labels)
     widget.autosave_now(wait=True)
+    _process_ended(widget)
 
     viewer2 = make_napari_viewer()
     widget2 = RetrainWidget(viewer2)
@@ -693,6 +702,7 @@ def test_a_restored_layer_keeps_the_name_of_a_new_structure(make_napari_viewer, 
                                 ignore_index=True)
     labels.data_setitem((np.array([3, 3]), np.array([5, 6]), np.array([5, 5])), 9)
     widget.autosave_now(wait=True)
+    _process_ended(widget)
 
     viewer2 = make_napari_viewer()
     image2 = _open(viewer2, small_phantom)
@@ -739,6 +749,68 @@ def test_replacing_the_layers_data_is_autosaved(scene):
     assert widget._autosave_timer.isActive()
 
 
+def test_a_newer_autosave_without_annotations_does_not_hide_older_work(
+        make_napari_viewer, random_models, small_phantom):
+    """A session that only ran Predict then quit autosaved "(0 slices)", and the restore
+    offer showed that one; the 5 slices of the session before were reachable by Discard."""
+    import time
+
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
+    _process_ended(widget)
+    time.sleep(1.1)  # saved_at has one-second resolution
+    viewer_b = make_napari_viewer()
+    image_b = _open(viewer_b, small_phantom)
+    labels_b = _prediction_layer(viewer_b, image_b, small_phantom.labels)
+    widget_b = _widget(viewer_b, image_b, labels_b, random_models["RecurrentSegmenter"])
+    widget_b.autosave_now(wait=True)  # nothing annotated in this session
+    _process_ended(widget_b)
+
+    viewer3 = make_napari_viewer()
+    widget3 = RetrainWidget(viewer3)
+    widget3._image.value = _open(viewer3, small_phantom)
+    assert "(1 slice)" in widget3._restore_label.value, widget3._restore_label.value
+    assert "1 other autosave of this image" in widget3._restore_label.value
+    widget3._restore.clicked.emit()
+    assert widget3.annotated_slices() == [2]
+
+
+def test_a_second_viewer_neither_offers_nor_discards_an_open_widgets_autosave(
+        make_napari_viewer, random_models, small_phantom):
+    """Discard in a second viewer deleted the first viewer's live autosave: a crash
+    there then lost its slices."""
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
+    live = widget._key_folder() / widget._session_id
+    viewer2 = make_napari_viewer()
+    widget2 = RetrainWidget(viewer2)
+    widget2._image.value = _open(viewer2, small_phantom)
+    assert widget2._pending_restore is None and widget2._restore_box.native.isHidden()
+    widget2._pending_restore = live  # as if offered the moment before the first one wrote
+    widget2._discard.clicked.emit()
+    assert (live / "session.json").is_file()
+    _process_ended(widget)  # the first window's process ends: its autosave is offered
+    widget3 = RetrainWidget(viewer2)
+    widget3._image.value = widget2._image.value
+    assert widget3._pending_restore == live
+
+
+def test_strokes_on_a_labels_layer_off_the_image_grid_are_said_not_autosaved(
+        make_napari_viewer, random_models, small_phantom, qtbot):
+    """The slice was listed and the timer ran, but nothing was written and nothing said."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    other = viewer.add_labels(np.zeros((4, 96, 96), np.uint8), name="small", scale=image.scale)
+    widget = _widget(viewer, image, other, random_models["RecurrentSegmenter"])
+    start = len(notification_manager.records)
+    other.data_setitem((np.array([1, 1]), np.array([5, 6]), np.array([5, 5])), 2)
+    assert widget.annotated_slices() == [1]
+    widget.autosave_now(wait=True)
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("autosave FAILED" in m and "(4, 96, 96)" in m for m in said), said
+    assert widget._status.value.startswith("Autosave failed")
+
+
 def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(
         make_napari_viewer, random_models, small_phantom):
     """A damaged record was skipped in silence, and a damaged newest autosave left
@@ -746,10 +818,12 @@ def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(
     viewer, image, labels, old_widget = _autosaved_slice_2(make_napari_viewer, random_models,
                                                            small_phantom)
     older = old_widget._key_folder() / old_widget._session_id
+    _process_ended(old_widget)
     viewer_b, image_b, labels_b, widget_b = _autosaved_slice_2(make_napari_viewer, random_models,
                                                                small_phantom)
     _paint_slice(labels_b, 5, small_phantom.labels)
     widget_b.autosave_now(wait=True)
+    _process_ended(widget_b)
     newer = widget_b._key_folder() / widget_b._session_id
     data = next(newer.glob("annotations*.npz"))
     data.write_bytes(data.read_bytes()[:-100])  # the newest one's data damaged
@@ -870,6 +944,7 @@ def test_another_scan_loaded_into_the_image_layer_gets_its_own_lists_and_autosav
     _paint_slice(labels, 5, small_phantom.labels)
     assert widget.annotated_slices() == [5]
     widget.autosave_now(wait=True)
+    _process_ended(widget)
     # a restart: scan A is offered its own slices 2 and 4, scan B its slice 5
     for data, expected in ((scan_a, "(2 slices)"), (scan_b, "(1 slice)")):
         fresh = make_napari_viewer()
@@ -895,6 +970,7 @@ def test_an_autosave_whose_slice_lists_are_not_lists_of_slices_is_said_not_offer
 
     viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
                                                        small_phantom)
+    _process_ended(widget)
     record = next(widget._key_folder(image).glob("*/session.json"))
     meta = json.loads(record.read_text())
     meta["edited"] = damage

@@ -46,12 +46,14 @@ from ..core.models.registry import BUNDLED_DIR, load_model, read_card, user_mode
 from ..core.io._common import short_reason
 from ..core.session import (
     AnnotationSession,
+    SessionLock,
     discard_session,
     image_fingerprint,
     load_session,
     read_meta,
     save_session,
     saved_epoch,
+    session_in_use,
     session_key,
     sessions_dir,
 )
@@ -116,6 +118,11 @@ def _on_scan(image) -> dict:
     return {"medseg": {"source": scan_axes(image)}}
 
 
+def _annotated_count(meta: dict) -> int:
+    """Slices an autosave record lists as edited or checked."""
+    return len(set(meta.get("edited", [])) | set(meta.get("checked", [])))
+
+
 class _RetrainBase(Container):
     """Everything the two retrain widgets share; subclasses say what the annotation
     layer is, how edits are tracked, and how a model learns from and writes to it."""
@@ -172,6 +179,8 @@ class _RetrainBase(Container):
         # sortable by time, unique across widgets and processes
         self._session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._save_lock = threading.Lock()
+        # the autosave folders this widget writes, locked while it is open (core.session)
+        self._folder_locks: dict[Path, SessionLock] = {}
         self._save_thread: threading.Thread | None = None
         self._autosave_error: str | None = None
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image -> (data, fp)
@@ -286,6 +295,14 @@ class _RetrainBase(Container):
             self._watched_image.events.data.disconnect(self._on_image_data)
             self._watched_image = None
         self._shut = True
+        self._release_folders()
+
+    def _release_folders(self) -> None:
+        """This widget writes its autosaves no more: the next one may offer them."""
+        with self._save_lock:
+            for lock in self._folder_locks.values():
+                lock.release()
+            self._folder_locks.clear()
 
     def _flush_on_quit(self) -> None:
         """The window is closing: write a pending autosave now, and wait for it (the
@@ -294,6 +311,7 @@ class _RetrainBase(Container):
         if not self._shut and self._autosave_timer.isActive():
             self._autosave_timer.stop()
             self.autosave_now(wait=True)
+        self._release_folders()
 
     def _reopen(self) -> None:
         self._shut = False
@@ -925,8 +943,10 @@ class _RetrainBase(Container):
             # edits of the last moments on content now gone that no record could place
             # (never fingerprinted, or its shape unknown now): they stay in the layer
             return
-        session = self._session(layer, image)
-        if session is None:
+        try:
+            session = self._session(layer, image)
+        except MedsegInputError as exc:  # listed strokes with no autosave must be said
+            self._autosave_failed(exc.reason, str(folder))
             return
         if image_key is not None:
             session.image_fingerprint = "" if image_key.startswith("layer-") else image_key
@@ -940,6 +960,7 @@ class _RetrainBase(Container):
             with self._save_lock:
                 try:
                     save_session(target, session)
+                    self._folder_locks.setdefault(target, SessionLock(target)).acquire()
                 except (OSError, MedsegInputError) as exc:  # a full disk must not take the GUI down
                     log.warning("autosave failed: %s", exc)
                     reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
@@ -1018,6 +1039,8 @@ class _RetrainBase(Container):
                 for p in key_folder.iterdir():
                     if p.name.startswith(self._session_id):  # this widget's own autosaves
                         continue
+                    if session_in_use(p):  # another open window's live autosave
+                        continue
                     try:
                         meta = read_meta(p)
                     except MedsegInputError as exc:
@@ -1038,9 +1061,12 @@ class _RetrainBase(Container):
                     if meta.get("kind") == self.layer_kind.lower() and seen == fingerprint:
                         candidates.append((saved_epoch(p, meta), p, meta))
         candidates.sort(key=lambda c: c[0])  # the last written, not the last started
-        self._older_autosaves = [p for _, p, _ in candidates[:-1]]
-        self._offer(candidates[-1][1] if candidates else None,
-                    candidates[-1][2] if candidates else {})
+        # the newest that holds annotated slices: a later one without any (a Predict, then
+        # quit) was offered instead, and the work behind it reachable only by Discard
+        offered = next((c for c in reversed(candidates) if _annotated_count(c[2])),
+                       candidates[-1] if candidates else None)
+        self._older_autosaves = [c[1] for c in candidates if c is not offered]
+        self._offer(offered[1] if offered else None, offered[2] if offered else {})
 
     def _offer(self, newest: Path | None, meta: dict) -> None:
         """Show the restore box for autosave ``newest`` (None: hide it)."""
@@ -1048,13 +1074,13 @@ class _RetrainBase(Container):
             self._pending_restore = None
             self._restore_box.visible = False
             return
-        n = len(set(meta.get("edited", [])) | set(meta.get("checked", [])))
+        n = _annotated_count(meta)
         self._pending_restore = newest
         others = len(self._older_autosaves)
         self._restore_label.value = (
             f"Autosaved {self.layer_kind.lower()} from {meta.get('saved_at', newest.name)} "
             f"({n} slice{'' if n == 1 else 's'}). Restore them?"
-            + (f" ({others} older autosave{'s' if others > 1 else ''} of this image kept in "
+            + (f" ({others} other autosave{'s' if others > 1 else ''} of this image kept in "
                f"{newest.parent.parent})" if others else ""))
         self._restore_box.visible = True
 
@@ -1095,5 +1121,8 @@ class _RetrainBase(Container):
 
     def _on_discard(self) -> None:
         if self._pending_restore is not None:
-            discard_session(self._pending_restore)
+            try:
+                discard_session(self._pending_restore)
+            except MedsegInputError as exc:  # opened meanwhile in another window: kept
+                show_warning(f"Retrain: not discarded: {exc}")
         self._check_for_autosave()

@@ -261,9 +261,10 @@ class RetrainWidget(_RetrainBase):
             check_annotations(volume, labels, self.training_slices())
         return labels
 
-    def _session(self, layer, image) -> AnnotationSession | None:
+    def _session(self, layer, image) -> AnnotationSession:
         if tuple(layer.data.shape) != tuple(image.data.shape):
-            return None
+            raise MedsegInputError(f"the Labels layer's shape {tuple(layer.data.shape)} is not "
+                                   f"the image's {tuple(image.data.shape)}")
         return AnnotationSession(image_name=image.name, shape=tuple(layer.data.shape),
                                  labels=np.array(layer.data, copy=True),
                                  image_fingerprint=self._fingerprint(image),

@@ -158,9 +158,9 @@ class RetrainDetectorWidget(_RetrainBase):
             points, diam, _ = check_points(volume, points, diam, self.training_slices())
         return points, diam
 
-    def _session(self, layer, image) -> AnnotationSession | None:
+    def _session(self, layer, image) -> AnnotationSession:
         if layer.ndim != image.ndim:
-            return None
+            raise MedsegInputError(f"the Points layer is {layer.ndim}D, the image {image.ndim}D")
         # every point, hidden ones too (a weak detection hidden by the threshold now may
         # be shown later): the autosave must give back the layer as it was
         points, diam = self._points_on_image(layer, image, every=True)

@@ -30,6 +30,7 @@ from .models.registry import _atomic_write as _write_atomic  # temp file + fsync
 from .models.registry import user_models_dir
 
 FORMAT = "napari-medseg-session/1"
+_NAME_BYTES = 80  # of a session folder's name taken from the image's name
 
 
 def sessions_dir() -> Path:
@@ -42,7 +43,11 @@ def session_key(image_name: str, shape: Sequence[int]) -> str:
     short hash of the whole name (so names that differ only in what was replaced or cut
     do not share a folder) and its shape."""
     name = str(image_name)
-    safe = re.sub(r"[^\w.-]+", "_", name).strip("._")[:80] or "image"
+    safe = re.sub(r"[^\w.-]+", "_", name).strip("._")
+    # cut by UTF-8 bytes, not characters: file names hold 255 bytes, and 80 CJK characters
+    # took 240 of them (with the hash and shape: 261, and every autosave failed)
+    safe = (safe.encode("utf-8", "surrogatepass")[:_NAME_BYTES]
+            .decode("utf-8", "ignore").strip("._") or "image")
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{safe}-{digest}-{'x'.join(str(int(s)) for s in shape)}"
 
@@ -235,10 +240,78 @@ def _slice_index(z: Any) -> int:
     return z
 
 
+#: the file a widget holds an advisory lock on while its autosave folder is live
+LOCK_NAME = ".in-use.lock"
+
+
+class SessionLock:
+    """An advisory lock (``flock``) that a widget holds on the autosave folder it writes,
+    while it is open: another window, in this process or another, neither offers that
+    autosave for restore nor discards it (Discard in a second viewer deleted the first's
+    live autosave). The system drops the lock when the process ends, so after a crash
+    the autosave is offered again. Where ``fcntl`` is missing (Windows) it does nothing."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._fh: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free (again on a later call if not); True if held."""
+        if self._fh is not None:
+            return True
+        try:
+            import fcntl
+        except ImportError:
+            return False
+        try:
+            fh = open(self.folder / LOCK_NAME, "a+b")
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()  # closing the file drops its flock
+
+
+def session_in_use(folder: str | Path) -> bool:
+    """Whether an open widget (of any process on this machine) holds ``folder``'s lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fh = open(Path(folder) / LOCK_NAME, "rb")
+    except OSError:  # no lock file: never held
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
 def discard_session(folder: str | Path) -> None:
-    """Delete an autosave: its record, its data and any temp file a killed save left."""
+    """Delete an autosave: its record, its data and any temp file a killed save left.
+    An autosave an open widget is writing (:func:`session_in_use`) is refused."""
     folder = Path(folder)
-    for path in [folder / "session.json", *folder.glob("annotations*.npz"), *folder.glob(".*.tmp")]:
+    if session_in_use(folder):
+        raise MedsegInputError("this autosave belongs to a window that is still open", folder)
+    for path in [folder / "session.json", *folder.glob("annotations*.npz"), *folder.glob(".*.tmp"),
+                 folder / LOCK_NAME]:
         path.unlink(missing_ok=True)
     try:
         folder.rmdir()
