@@ -850,6 +850,9 @@ def test_a_slice_whose_pixels_are_cut_short_becomes_missing_not_fatal(tmp_path):
 @pytest.mark.parametrize("zs, shape, dz", [
     ([5.0 * k for k in range(40)] + [197.5], 41, 5.0),  # a range ending off the grid
     ([2.5 * k for k in range(40)] + [50.05], 41, 2.5),  # one near-duplicate slice
+    # a short series ending off the grid: a 2.5 mm volume with every other slice missing
+    ([0.0, 5.0, 10.0, 15.0, 17.5], 5, 5.0),
+    ([0.0, 2.5, 7.5, 12.5, 17.5], 5, 5.0),  # ... or starting off it
 ])
 def test_one_odd_step_does_not_turn_a_series_into_gaps(tmp_path, zs, shape, dz):
     write_series(tmp_path, zs)

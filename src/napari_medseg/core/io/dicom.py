@@ -894,7 +894,11 @@ def _layout(steps: np.ndarray, path: Path, warns: list[str]) -> tuple[np.ndarray
         # (a range ending off the grid, a near-duplicate slice), that is the spacing
         multiple = steps / smallest
         whole = np.rint(multiple)
-        common = np.sum(whole == 1) >= len(steps) / 3 or len(steps) <= 4
+        # in a short series one step of the smallest size is enough, unless it is only
+        # the first or the last step (a range ending off the grid: 5, 5, 5, 2.5 mm made
+        # a 2.5 mm volume with every other slice missing)
+        inside = len(steps) < 3 or bool(np.any(whole[1:-1] == 1))
+        common = np.sum(whole == 1) >= len(steps) / 3 or (len(steps) <= 4 and inside)
         if common and whole.max() <= 10 and np.all(np.abs(multiple - whole) <= 0.05):
             step = float(np.mean(steps[whole == 1]))
     ratio = steps / step
