@@ -34,6 +34,7 @@ common iliac arteries below the bifurcation), 8 lesion (overrides its host organ
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -1326,21 +1327,9 @@ def _validate(shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_
 # --------------------------------------------------------------------------------------
 
 
-def generate_phantom(
-    shape: Sequence[int] = (64, 256, 256),
-    spacing: Sequence[float] = (2.5, 0.8, 0.8),
-    seed: int = 0,
-    *,
-    n_lesions: int | None = None,
-    lesion_radius_mm: Sequence[float] = (2.0, 15.0),
-    noise_hu: float | None = None,
-    blur_sigma_mm: float | Sequence[float] | None = None,
-    contrast_scale: float = 1.0,
-    body_z_fraction: float | None = None,
-    nonuniformity_hu: float | None = None,
-    extra_structures: Sequence[str] = (),
-) -> Phantom:
-    """Generate a synthetic abdominal CT phantom with exact labels.
+def generate_phantom(*args: Any, **kwargs: Any) -> Phantom:
+    """Generate a synthetic abdominal CT phantom with exact labels (the arguments are
+    :func:`phantom_job`'s, which this runs to the end).
 
     Parameters
     ----------
@@ -1380,11 +1369,7 @@ def generate_phantom(
         to return in ``Phantom.structure_masks``; ``labels`` is unchanged (they stay
         "body"). The image does not depend on this argument.
     """
-    return run_to_completion(phantom_job(
-        shape, spacing, seed, n_lesions=n_lesions, lesion_radius_mm=lesion_radius_mm,
-        noise_hu=noise_hu, blur_sigma_mm=blur_sigma_mm, contrast_scale=contrast_scale,
-        body_z_fraction=body_z_fraction, nonuniformity_hu=nonuniformity_hu,
-        extra_structures=extra_structures))
+    return run_to_completion(phantom_job(*args, **kwargs))
 
 
 def phantom_job(
@@ -1404,7 +1389,8 @@ def phantom_job(
     """:func:`generate_phantom` as a long job (core.progress): yields a :class:`Progress`
     after each slab of slices it draws and before the blur and the noise, so a widget can
     show progress and cancel between them (a 200×512×512 phantom takes ~15 s here).
-    Returns the same :class:`Phantom` as :func:`generate_phantom` with the same arguments."""
+    Returns the same :class:`Phantom` as :func:`generate_phantom` with the same arguments
+    (described there)."""
     try:
         if not isinstance(extra_structures, str):  # an iterator is used up by one pass
             extra_structures = tuple(extra_structures)
@@ -1594,3 +1580,8 @@ def phantom_job(
         seed=seed,
         structure_masks=masks,
     )
+
+
+# help() and IDEs show generate_phantom's real arguments (they are phantom_job's)
+generate_phantom.__signature__ = inspect.signature(phantom_job).replace(  # type: ignore[attr-defined]
+    return_annotation="Phantom")
