@@ -795,6 +795,23 @@ def test_atomic_write_cleans_up_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 
 
+def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """The file was fsynced, its new directory entry not: a power cut after the rename
+    could bring back the old weights or autosave."""
+    import stat
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), (tmp_path / "x.bin").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    registry._atomic_write(tmp_path / "x.bin", b"new")
+    assert synced == [(False, False), (True, True)]  # the data, then the folder renamed into
+
+
 def test_list_models_skips_bad_cards(tmp_path):
     _save(tmp_path, "classifier")
     _save(tmp_path, "detector")

@@ -171,6 +171,22 @@ def _flat(low: float, high: float) -> float:
 
 
 # -- writing ----------------------------------------------------------------------------
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: the file's own fsync does not cover its new
+    directory entry, and a power cut could bring back the old file (POSIX; elsewhere,
+    or on a file system that refuses it, nothing to do)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, os.replace onto ``path``."""
     refuse_read_only(path)
@@ -183,6 +199,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode_for(path))
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename in (None, tmp):
