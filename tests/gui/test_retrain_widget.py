@@ -795,6 +795,32 @@ def test_a_second_viewer_neither_offers_nor_discards_an_open_widgets_autosave(
     assert widget3._pending_restore == live
 
 
+def test_an_unreadable_sessions_folder_is_said_when_looking_for_autosaves(
+        make_napari_viewer, random_models, small_phantom, monkeypatch):
+    """Listing the sessions folder raised through the image picker's callback."""
+    from pathlib import Path
+
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
+    _process_ended(widget)
+
+    real_iterdir = Path.iterdir
+
+    def refused(self):
+        if "sessions" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    start = len(notification_manager.records)
+    viewer2 = make_napari_viewer()
+    widget2 = RetrainWidget(viewer2)
+    widget2._image.value = _open(viewer2, small_phantom)
+    assert widget2._pending_restore is None
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("cannot look for autosaves" in m and "Permission denied" in m for m in said)
+
+
 def test_strokes_on_a_labels_layer_off_the_image_grid_are_said_not_autosaved(
         make_napari_viewer, random_models, small_phantom, qtbot):
     """The slice was listed and the timer ran, but nothing was written and nothing said."""

@@ -1033,10 +1033,16 @@ class _RetrainBase(Container):
             # the image's folder follows its layer name: autosaves made before a rename
             # lie in another folder of the same shape, and count when their voxels match
             shape = folder.name.rsplit("-", 1)[-1]
-            folders = [folder, *(f for f in sorted(folder.parent.glob(f"*-{shape}"))
-                                 if f != folder)] if fingerprint else [folder]
-            for key_folder in (f for f in folders if f.is_dir()):
-                for p in key_folder.iterdir():
+            try:
+                folders = [folder, *(f for f in sorted(folder.parent.glob(f"*-{shape}"))
+                                     if f != folder)] if fingerprint else [folder]
+                listed = [(f, sorted(f.iterdir())) for f in folders if f.is_dir()]
+            except OSError as exc:  # an unreadable sessions folder: said, not a traceback
+                show_warning(f"Retrain: cannot look for autosaves in {folder.parent} "
+                             f"({exc.strerror or exc}); none is offered")
+                listed = []
+            for key_folder, entries in listed:
+                for p in entries:
                     if p.name.startswith(self._session_id):  # this widget's own autosaves
                         continue
                     if session_in_use(p):  # another open window's live autosave
