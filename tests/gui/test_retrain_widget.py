@@ -821,6 +821,35 @@ def test_an_unreadable_sessions_folder_is_said_when_looking_for_autosaves(
     assert any("cannot look for autosaves" in m and "Permission denied" in m for m in said)
 
 
+def test_an_older_autosave_snapshot_served_last_does_not_overwrite_a_newer_one(
+        scene, monkeypatch):
+    """Each autosave is a thread waiting on one lock, which serves waiters in no set
+    order: an older snapshot written last replaced the newer autosave."""
+    from napari_medseg._widgets import _retrain_base
+    from napari_medseg.core.session import load_session
+
+    viewer, image, labels, widget, phantom = scene
+    started = []
+
+    class Held:  # a thread that runs only when the test says
+        def __init__(self, target, name):
+            self.run = target
+            started.append(self)
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(_retrain_base.threading, "Thread", Held)
+    _paint_slice(labels, 2, phantom.labels)
+    widget.autosave_now()  # the older snapshot: slice 2
+    _paint_slice(labels, 5, phantom.labels)
+    widget.autosave_now()  # the newer one: slices 2 and 5
+    started[1].run()
+    started[0].run()  # the older one is served last
+    (folder,) = widget._key_folder().iterdir()
+    assert load_session(folder).edited == [2, 5]
+
+
 def test_strokes_on_a_labels_layer_off_the_image_grid_are_said_not_autosaved(
         make_napari_viewer, random_models, small_phantom, qtbot):
     """The slice was listed and the timer ran, but nothing was written and nothing said."""

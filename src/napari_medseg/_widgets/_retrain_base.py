@@ -181,6 +181,9 @@ class _RetrainBase(Container):
         self._save_lock = threading.Lock()
         # the autosave folders this widget writes, locked while it is open (core.session)
         self._folder_locks: dict[Path, SessionLock] = {}
+        # autosave snapshots numbered as taken (GUI thread), and the last written per folder
+        self._snapshots_taken = 0
+        self._snapshot_written: dict[Path, int] = {}
         self._save_thread: threading.Thread | None = None
         self._autosave_error: str | None = None
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image -> (data, fp)
@@ -955,11 +958,18 @@ class _RetrainBase(Container):
         session.edited, session.checked = sorted(self._edited), sorted(self._checked)
         session.excluded = sorted(self._excluded)
         target = folder / self._session_folder_name(layer, image_key)
+        self._snapshots_taken += 1
+        taken = self._snapshots_taken
 
         def write() -> None:
             with self._save_lock:
+                # threads queued on the lock are not served in order: a snapshot older
+                # than the one this folder last got is stale and is not written over it
+                if taken < self._snapshot_written.get(target, 0):
+                    return
                 try:
                     save_session(target, session)
+                    self._snapshot_written[target] = taken
                     self._folder_locks.setdefault(target, SessionLock(target)).acquire()
                 except (OSError, MedsegInputError) as exc:  # a full disk must not take the GUI down
                     log.warning("autosave failed: %s", exc)
