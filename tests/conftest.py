@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -12,6 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@functools.lru_cache(maxsize=None)
 def suite_threads() -> int:
     """Torch threads per test process: the CPUs shared out among pytest-xdist's workers.
 

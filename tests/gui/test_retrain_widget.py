@@ -469,6 +469,16 @@ def _process_ended(widget):
     widget._release_folders()
 
 
+def _restarted(make_napari_viewer, phantom):
+    """A new viewer and Retrain widget with ``phantom`` picked, as after a restart, and
+    the notifications said meanwhile."""
+    start = len(notification_manager.records)
+    viewer = make_napari_viewer()
+    widget = RetrainWidget(viewer)
+    widget._image.value = _open(viewer, phantom)
+    return widget, [str(n.message) for n in notification_manager.records[start:]]
+
+
 def _autosaved_slice_2(make_napari_viewer, random_models, small_phantom):
     """A Retrain widget on the phantom with slice 2 painted and autosaved."""
     viewer = make_napari_viewer()
@@ -812,12 +822,8 @@ def test_an_unreadable_sessions_folder_is_said_when_looking_for_autosaves(
         return real_iterdir(self)
 
     monkeypatch.setattr(Path, "iterdir", refused)
-    start = len(notification_manager.records)
-    viewer2 = make_napari_viewer()
-    widget2 = RetrainWidget(viewer2)
-    widget2._image.value = _open(viewer2, small_phantom)
+    widget2, said = _restarted(make_napari_viewer, small_phantom)
     assert widget2._pending_restore is None
-    said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("cannot look for autosaves" in m and "Permission denied" in m for m in said)
 
 
@@ -1030,12 +1036,8 @@ def test_an_autosave_whose_slice_lists_are_not_lists_of_slices_is_said_not_offer
     meta = json.loads(record.read_text())
     meta["edited"] = damage
     record.write_text(json.dumps(meta))
-    start = len(notification_manager.records)
-    fresh = make_napari_viewer()
-    restarted = RetrainWidget(fresh)
-    restarted._image.value = _open(fresh, small_phantom)
+    restarted, said = _restarted(make_napari_viewer, small_phantom)
     assert restarted._pending_restore is None
-    said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("cannot be read" in m and "damaged" in m for m in said), said
 
 
