@@ -269,6 +269,29 @@ def test_autosave_restores_after_a_restart(make_napari_viewer, qtbot, random_mod
     assert widget2._pending_restore is None and widget2._restore_box.native.isHidden()
 
 
+def test_a_restored_autosave_is_moved_into_the_new_session_not_kept_twice(
+        make_napari_viewer, random_models, small_phantom):
+    """Each restore left its source behind beside the new session's copy: the sessions
+    folder only grew, and every later start counted the copies as other autosaves."""
+    from napari_medseg.core.session import load_session
+
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
+    painted = np.array(labels.data, copy=True)
+    (source,) = widget._folder_locks
+    _process_ended(widget)
+    widget2, _ = _restarted(make_napari_viewer, small_phantom)
+    assert widget2._pending_restore == source
+    widget2._restore.clicked.emit()
+    widget2._save_thread.join()
+    assert not source.exists()
+    (target,) = widget2._folder_locks
+    np.testing.assert_array_equal(load_session(target).labels, painted)
+    _process_ended(widget2)
+    widget3, _ = _restarted(make_napari_viewer, small_phantom)
+    assert widget3._pending_restore == target and widget3._older_autosaves == []
+
+
 def test_unticked_slice_is_not_trained_on_but_still_protected(scene, qtbot):
     from qtpy.QtCore import Qt
 

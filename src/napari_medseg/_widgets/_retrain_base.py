@@ -184,6 +184,9 @@ class _RetrainBase(Container):
         # autosave snapshots numbered as taken (GUI thread), and the last written per folder
         self._snapshots_taken = 0
         self._snapshot_written: dict[Path, int] = {}
+        # a restored autosave, deleted once its content is written into this widget's
+        # folder (kept, each restore left a copy behind: the folders only grew)
+        self._superseded: dict[Path, Path] = {}
         self._save_thread: threading.Thread | None = None
         self._autosave_error: str | None = None
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image -> (data, fp)
@@ -930,11 +933,13 @@ class _RetrainBase(Container):
                 watch.watch_window()  # its close must write what is pending
 
     def autosave_now(self, wait: bool = False, image: Any = None, layer: Any = None,
-                     image_key: str | None = None) -> None:
+                     image_key: str | None = None, supersedes: Path | None = None) -> None:
         """Copy the annotations and lists now (GUI thread), write them in the background.
         ``image`` and ``layer``: the pair the current lists belong to (default: the picked
         ones; :meth:`_switch_pair` passes the pair being left, and ``image_key`` when the
-        image's data were replaced: the lists belong to the content it held)."""
+        image's data were replaced: the lists belong to the content it held).
+        ``supersedes``: the autosave folder just restored into this pair, deleted once a
+        save of this pair succeeds (its content is then in this widget's own folder)."""
         image = self._image.value if image is None else image
         layer = self._layer_pick.value if layer is None else layer
         folder = self._key_folder(image)
@@ -958,6 +963,9 @@ class _RetrainBase(Container):
         session.edited, session.checked = sorted(self._edited), sorted(self._checked)
         session.excluded = sorted(self._excluded)
         target = folder / self._session_folder_name(layer, image_key)
+        if supersedes is not None and supersedes != target:
+            with self._save_lock:
+                self._superseded[target] = supersedes
         self._snapshots_taken += 1
         taken = self._snapshots_taken
 
@@ -971,6 +979,7 @@ class _RetrainBase(Container):
                     save_session(target, session)
                     self._snapshot_written[target] = taken
                     self._folder_locks.setdefault(target, SessionLock(target)).acquire()
+                    self._drop_superseded(target)
                 except (OSError, MedsegInputError) as exc:  # a full disk must not take the GUI down
                     log.warning("autosave failed: %s", exc)
                     reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
@@ -984,6 +993,17 @@ class _RetrainBase(Container):
         self._save_thread.start()
         if wait:
             self._save_thread.join()
+
+    def _drop_superseded(self, target: Path) -> None:
+        """Delete the autosave restored into ``target``'s pair, now that ``target`` holds
+        it (called under the save lock). One reopened meanwhile in another window is kept."""
+        source = self._superseded.pop(target, None)
+        if source is None:
+            return
+        try:
+            discard_session(source)
+        except (OSError, MedsegInputError) as exc:  # kept: it is merely a second copy
+            log.info("restored autosave %s kept: %s", source, exc)
 
     def _fingerprint(self, image: Any) -> str:
         """The image's fingerprint (core.session.image_fingerprint), computed once per
@@ -1133,7 +1153,7 @@ class _RetrainBase(Container):
         self._restore_box.visible = False
         self._pending_restore = None
         self._status.value = f"Restored {len(session.annotated)} annotated slices from {session.saved_at}"
-        self.autosave_now()
+        self.autosave_now(supersedes=folder)
 
     def _on_discard(self) -> None:
         if self._pending_restore is not None:
