@@ -922,8 +922,11 @@ def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(
     assert widget2._pending_restore == older and "(1 slice)" in widget2._restore_label.value
     widget2._restore.clicked.emit()
     assert widget2.annotated_slices() == [2]
+    widget2._save_thread.join()  # the restored autosave now lies in widget2's folder
+    (kept,) = widget2._folder_locks
+    _process_ended(widget2)
 
-    record = older / "session.json"  # now its record is damaged: said, not skipped silently
+    record = kept / "session.json"  # now its record is damaged: said, not skipped silently
     record.write_text(record.read_text()[:-40])
     viewer3 = make_napari_viewer()
     start = len(notification_manager.records)
@@ -931,7 +934,7 @@ def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(
     widget3._image.value = _open(viewer3, small_phantom)
     warned = [str(n.message) for n in notification_manager.records[start:]
               if "cannot be read" in str(n.message)]
-    assert len(warned) == 1 and str(older) in warned[0]
+    assert len(warned) == 1 and str(kept) in warned[0]
 
 
 def test_a_round_shows_its_progress_in_the_widget_not_in_naparis_activity_dock(scene, qtbot,
