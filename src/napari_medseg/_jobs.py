@@ -112,6 +112,11 @@ def start_job(
     # indeterminate until the first report
     bar = progress(total=0, desc=description) if activity else _NoBar()
     state = {"cancelled": False}
+    # the widget's callbacks, looked up at each call and dropped when the job ends: napari
+    # keeps every worker for the whole session (its task-status list holds worker.quit),
+    # the worker its signals' connections, and these the input layer (its whole volume)
+    callbacks = {"result": on_result, "finished": on_finished, "progress": on_progress,
+                 "error": on_error}
 
     def _on_yield(report: Any) -> None:
         # a job runs on to its next report after Cancel: that one no longer counts (it
@@ -122,12 +127,12 @@ def start_job(
             bar.n = report.step
             bar.set_description(f"{description}: {report.message}" if report.message else description)
             bar.refresh()
-            if on_progress is not None:
-                on_progress(report)
+            if callbacks.get("progress") is not None:
+                callbacks["progress"](report)
 
     def _on_returned(value: Any) -> None:
-        if not state["cancelled"]:
-            on_result(value)
+        if not state["cancelled"] and "result" in callbacks:
+            callbacks["result"](value)
 
     def _on_error(exc: BaseException) -> None:
         if state["cancelled"]:  # the user no longer waits for this result
@@ -137,8 +142,8 @@ def start_job(
         else:  # a bug: the traceback goes to the log
             log.exception("napari-medseg job %r failed", description, exc_info=exc)
         show_error(f"{description} failed: {error_message(exc)}")
-        if on_error is not None:
-            on_error(error_message(exc))
+        if callbacks.get("error") is not None:
+            callbacks["error"](error_message(exc))
 
     def _on_aborted() -> None:
         state["cancelled"] = True
@@ -146,8 +151,11 @@ def start_job(
 
     def _on_finished() -> None:
         bar.close()
-        if on_finished is not None:
-            on_finished()
+        finished = callbacks.get("finished")
+        callbacks.clear()
+        _drop_inputs(worker)
+        if finished is not None:
+            finished()
 
     _hand_over_gil_sooner()
     worker.finished.connect(_hand_over_gil_as_before)
@@ -208,6 +216,15 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+def _drop_inputs(worker: Any) -> None:
+    """Let go of what a finished worker was started with (a function job and its
+    arguments, the input volume among them; a generator job's generator): napari keeps
+    the worker."""
+    for name, empty in (("_func", None), ("_args", ()), ("_kwargs", {}), ("_gen", None)):
+        if hasattr(worker, name):
+            setattr(worker, name, empty)
 
 
 def _close_generator(worker: Any) -> None:

@@ -925,3 +925,54 @@ def test_a_score_at_the_threshold_is_shown_as_the_core_keeps_it(make_napari_view
     result = SimpleNamespace(as_rows=lambda: [(p.z, p.y, p.x, p.score, 10.0) for p in peaks])
     _, kwargs, _ = detection_layer_data(result, image, {"model": "m"}, threshold=0.7)
     assert kwargs["shown"].tolist() == [True]
+
+
+@pytest.mark.parametrize("widget_cls", [SegmentWidget, ClassifyWidget, "uncertainty"])
+def test_a_deleted_image_is_not_kept_in_memory_by_a_widget_that_ran_on_it(
+        make_napari_viewer, qtbot, random_models, small_phantom, widget_cls):
+    """napari keeps every worker for the session (its task-status list), the worker kept
+    the job's callbacks, and the callbacks and widgets kept the input layer's volume: a
+    radiologist going through series held each one in memory until napari closed."""
+    import gc
+    import weakref
+
+    from napari_medseg._widgets.explain import UncertaintyWidget
+
+    widget_cls = UncertaintyWidget if widget_cls == "uncertainty" else widget_cls
+    arch = "SliceClassifier" if widget_cls is ClassifyWidget else "RecurrentSegmenter"
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing,
+                             name="ct")
+    data = weakref.ref(image.data)
+    widget = widget_cls(viewer)
+    viewer.window.add_dock_widget(widget)
+    _select(widget, image, random_models[arch])
+    _run_and_wait(widget, qtbot)
+    assert "running" not in widget._status.value
+    viewer.layers.clear()  # the series is closed
+    del image
+    for _ in range(3):
+        qtbot.wait(20)
+        gc.collect()
+    assert data() is None
+
+
+def test_classify_lets_go_of_a_removed_layer_at_once(make_napari_viewer, qtbot, random_models,
+                                                     small_phantom):
+    """Removing the classified image beside another of the same extent moves no slider:
+    the widget showed the removed image's classes as live until the slider moved."""
+    viewer = make_napari_viewer()
+    for name in ("other", "ct"):
+        image = viewer.add_image(small_phantom.volume.array.copy(),
+                                 scale=small_phantom.volume.spacing, name=name)
+    widget = ClassifyWidget(viewer)
+    _select(widget, image, random_models["SliceClassifier"])
+    _run_and_wait(widget, qtbot)
+    assert widget._current.value.startswith("Slice")
+    step = viewer.dims.current_step
+    viewer.layers.remove(image)
+    assert viewer.dims.current_step == step
+    assert widget._current.value == "The classified layer was removed"
+    assert widget._layer is None and not widget._goto.enabled and widget._goto_items == []
+    widget._go_to_slice(3)  # a click on the emptied strip: nothing, no traceback
+    assert viewer.dims.current_step == step

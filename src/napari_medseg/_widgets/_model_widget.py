@@ -105,12 +105,23 @@ def connect_layer_events(layer, names, callback, connect: bool = True) -> None:
 def _geometry(layer) -> tuple:
     """What a result computed from ``layer`` depends on: its data object, shape and
     placement in the world, in mm (a result made from other data must not land on it;
-    nor one made before the layer's units changed from mm to cm, ten times its size)."""
-    return (layer.data, tuple(layer.data.shape), world_matrix_mm(layer))
+    nor one made before the layer's units changed from mm to cm, ten times its size).
+    The data are referred to weakly: a widget keeping this must not keep a deleted
+    layer's volume in memory."""
+    return (_weak(layer.data), tuple(layer.data.shape), world_matrix_mm(layer))
+
+
+def _weak(obj) -> Callable[[], Any]:
+    """A weak reference to ``obj``, or a strong one where it takes no weak references."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def _same_geometry(a: tuple, b: tuple) -> bool:
-    same_data = a[0] is b[0] and a[1] == b[1]
+    data = a[0]()
+    same_data = data is not None and data is b[0]() and a[1] == b[1]
     return same_data and all(x.shape == y.shape and np.allclose(x, y) for x, y in zip(a[2:], b[2:]))
 
 

@@ -41,6 +41,8 @@ class ClassifyWidget(ModelRunWidget):
         self._viewer.dims.events.current_step.connect(self._follow_slice)
         self._viewer.dims.events.order.connect(self._follow_slice)  # axes reordered
         self._viewer.dims.events.ndisplay.connect(self._follow_slice)  # 2D ↔ 3D
+        # a removal moves no slider when another image of that extent stays open
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
         # the strip is plain Qt; wrap it so it sits in the magicgui layout
         from magicgui.widgets import Container
 
@@ -85,15 +87,22 @@ class ClassifyWidget(ModelRunWidget):
             return 0
         return int(round(slice_at(self._viewer, layer)))
 
+    def _on_layer_removed(self, event) -> None:
+        if self._layer is not None and event.value is self._layer:
+            self._follow_slice()
+
     def _follow_slice(self, _event=None) -> None:
         result = self._result
         if result is None:
             return
         if self._layer is not None and self._layer not in self._viewer.layers:
             self._current.value = "The classified layer was removed"
-            # its strip and lesion list would look live but go nowhere
+            # its strip and lesion list would look live but go nowhere; the layer is
+            # let go (its volume with it)
             self._strip.set_values([])
-            self._goto.enabled = False
+            self._clear_goto()
+            self._watch_layer(None)
+            self._result = self._layer = None
             return
         if self._layer is not None and not _same_geometry(self._classified,
                                                           _geometry(self._layer)):
@@ -101,10 +110,7 @@ class ClassifyWidget(ModelRunWidget):
             self._current.value = "The classified image changed since; run Classify again"
             self._status.value = "Result out of date: the image changed after the run"
             self._strip.set_values([])
-            with self._goto.changed.blocked():  # its entries would name the old slices
-                self._goto_items = []
-                self._goto.reset_choices()
-            self._goto.enabled = False
+            self._clear_goto()
             self._result = None
             return
         if self._layer is not None and slice_axis_shown(self._viewer, self._layer):
@@ -122,6 +128,12 @@ class ClassifyWidget(ModelRunWidget):
             return
         probs = ", ".join(f"{n} {p:.2f}" for n, p in zip(result.class_names, result.probabilities[z]))
         self._current.value = f"Slice {z}: {result.class_names[result.predicted[z]]}\n{probs}"
+
+    def _clear_goto(self) -> None:
+        with self._goto.changed.blocked():  # its entries would name the old slices
+            self._goto_items = []
+            self._goto.reset_choices()
+        self._goto.enabled = False
 
     def _go_to_slice(self, z: int) -> None:
         go_to_slice(self._viewer, self._layer, z)

@@ -101,7 +101,7 @@ class UncertaintyWidget(ModelRunWidget):
         self._drop_ranking("The image layer of the uncertainty ranking was removed")
 
     def _drop_ranking(self, message: str) -> None:
-        self._layer = None
+        self._layer = self._ranked_on = None
         with self._goto.changed.blocked():
             self._goto_items = []
             self._goto.reset_choices()
