@@ -273,11 +273,15 @@ def test_file_mode_is_read_without_touching_the_umask(monkeypatch):
     assert _common.regular_file_mode() == 0o666 & ~mask
 
 
+@pytest.mark.parametrize("shear", [0.0, np.tan(np.radians(15.0))])
 @pytest.mark.parametrize("turn", [0.0, 20.0])
 @pytest.mark.parametrize("codes", [("R", "A", "S"), ("L", "I", "P"), ("A", "S", "R")])
-def test_a_result_written_from_a_nifti_lies_where_the_input_does(tmp_path, codes, turn):
-    """Whatever the input's orientation (permuted, flipped, oblique), each voxel of what
-    is written from it sits at the world position of the same input voxel."""
+def test_a_result_written_from_a_nifti_lies_where_the_input_does(tmp_path, codes, turn, shear):
+    """Whatever the input's orientation (permuted, flipped, oblique, sheared as a gantry
+    tilt kept in the affine), each voxel sits where docs/data.md says (origin + index ×
+    spacing along axes_lps), and each voxel of what is written from it at the world
+    position of the same input voxel. A sheared file's origin was the corner's position
+    projected on the skew axes: 100s of mm off, and so were the labels written back."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
     rng = np.random.default_rng(0)
@@ -286,13 +290,23 @@ def test_a_result_written_from_a_nifti_lies_where_the_input_does(tmp_path, codes
     rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
     base = np.diag([0.8, 1.1, 2.5, 1.0])
     base[:3, 3] = (10.0, -20.0, 30.0)
-    base[:3, :3] = rot @ base[:3, :3]
+    tilt = np.array([[1.0, 0, 0], [0, 1.0, shear], [0, 0, 1.0]])  # y moves with k
+    base[:3, :3] = rot @ tilt @ base[:3, :3]
     # the same world grid stored with its axes in the order and signs ``codes``
     ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(codes))
     affine = base @ inv_ornt_aff(ornt, data.shape)
     stored = apply_orientation(data, ornt)
     nib.save(nib.Nifti1Image(stored, affine), tmp_path / "in.nii.gz")
     vol = read_volume(tmp_path / "in.nii.gz")
+    assert any("sheared image (its axes 15.0° off" in w
+               for w in vol.metadata["warnings"]) == bool(shear)
+    axes = np.asarray(vol.metadata["axes_lps"])
+    for idx in [(0, 0, 0), tuple(n - 1 for n in vol.shape), (1, 2, 3)]:
+        lps = axes.T @ (np.asarray(vol.origin) + np.asarray(idx) * np.asarray(vol.spacing))
+        back = np.linalg.solve(base, [*(lps * [-1.0, -1.0, 1.0]), 1.0])[:3]
+        k = np.round(back).astype(int)
+        np.testing.assert_allclose(back, k, atol=1e-3, err_msg=f"volume voxel {idx}")
+        assert vol.array[idx] == pytest.approx(data[tuple(k)])
     out = write_nifti(tmp_path / "out.nii.gz", vol.array, vol.spacing, vol.origin,
                       vol.metadata.get("axes_lps"))
     written = nib.load(out)

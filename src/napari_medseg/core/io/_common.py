@@ -41,9 +41,17 @@ def obliquity_deg(axes: np.ndarray) -> float:
 
 
 def origin_along(position: np.ndarray, axes_zyx: np.ndarray) -> tuple[float, float, float]:
-    """Position (LPS, mm) of voxel (0,0,0) measured along the volume's (z, y, x) unit axes."""
+    """Position (LPS, mm) of voxel (0,0,0) measured along the volume's (z, y, x) unit axes:
+    the ``o`` with ``axes.T @ o == position``, which the writers invert. For skew axes (a
+    NIfTI affine holding a gantry tilt as shear) that is not the projection on each axis:
+    the projection put the origin 100s of mm off."""
     p = np.asarray(position, dtype=float)
-    z, y, x = (float(np.dot(p, a)) for a in np.asarray(axes_zyx, dtype=float))
+    axes = np.asarray(axes_zyx, dtype=float)
+    if (not np.allclose(axes @ axes.T, np.eye(3), atol=1e-9)
+            and abs(np.linalg.det(axes)) > 1e-3):
+        z, y, x = (float(c) for c in np.linalg.solve(axes.T, p))
+    else:  # orthonormal: the projection is the same (a singular set: the best there is)
+        z, y, x = (float(np.dot(p, a)) for a in axes)
     return z, y, x
 
 

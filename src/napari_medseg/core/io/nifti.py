@@ -231,7 +231,12 @@ def _read(path: str | Path, want_labels: bool = True
     else:
         axes_ijk = (_RAS_TO_LPS @ (affine[:3, :3] / zooms)).T  # rows: i, j, k unit axes in LPS
     axes_zyx = axes_ijk[::-1]
-    if obliquity_deg(axes_zyx) > 1.0:
+    skew = float(np.degrees(np.arcsin(np.clip(np.abs(axes_zyx @ axes_zyx.T - np.eye(3)).max(),
+                                              0.0, 1.0))))
+    if skew > 0.1:  # a gantry tilt kept as shear in the affine: not a rotation
+        warns.append(f"sheared image (its axes {skew:.1f}° off perpendicular, a gantry "
+                     "tilt?); shown unsheared, coordinates are measured along the image axes")
+    elif obliquity_deg(axes_zyx) > 1.0:
         warns.append(
             f"oblique image ({obliquity_deg(axes_zyx):.1f}° off the patient axes); "
             "shown unrotated, coordinates are measured along the image axes"
