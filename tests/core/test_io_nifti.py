@@ -596,3 +596,33 @@ def test_a_write_protected_file_is_not_replaced(tmp_path):
         write_nifti(path, np.ones((2, 3, 4), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
 
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["kept.nii.gz"]
+
+
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_one_coronal_or_sagittal_plane_stays_one_plane_and_the_models_refuse_it(tmp_path, plane):
+    """A single coronal plane was turned like a volume into 30 one-row "axial slices",
+    which segment and classify then ran on: a 2D file, or one slice along P or L, now
+    opens as the one plane it is (superior at the top), at its true position."""
+    from napari_medseg.core.volume import non_axial_plane
+
+    data = ramp((40, 30))  # (i, j)
+    affine = {  # RAS: i → R; j → S; the plane's normal (k) along A or, sagittal, R
+        "coronal": np.array([[0.8, 0, 0, -10], [0, 0, 3.0, 20], [0, 0.9, 0, -30], [0, 0, 0, 1]]),
+        "sagittal": np.array([[0, 0, 3.0, -10], [0.8, 0, 0, 20], [0, 0.9, 0, -30], [0, 0, 0, 1]]),
+    }[plane]
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "plane.nii.gz")
+    vol = read_volume(tmp_path / "plane.nii.gz")
+    assert vol.shape == (1, 30, 40) and non_axial_plane(vol) == plane
+    axes = np.asarray(vol.metadata["axes_lps"])
+    assert axes[1, 2] == pytest.approx(-1.0)  # rows run inferior: the head at the top
+    for idx in [(0, 0, 0), (0, 29, 39), (0, 7, 3)]:
+        lps = axes.T @ (np.asarray(vol.origin) + np.asarray(idx) * np.asarray(vol.spacing))
+        ijk = np.linalg.solve(affine, [*(lps * [-1.0, -1.0, 1.0]), 1.0])[:3]
+        i, j, k = np.round(ijk).astype(int)
+        np.testing.assert_allclose(ijk, (i, j, k), atol=1e-3)
+        assert k == 0 and vol.array[idx] == pytest.approx(data[i, j])
+    out = write_nifti(tmp_path / "out.nii.gz", vol.array, vol.spacing, vol.origin, axes)
+    again = read_volume(out)  # what is written from it opens as the same plane
+    np.testing.assert_array_equal(again.array, vol.array)
+    np.testing.assert_allclose(again.origin, vol.origin, atol=1e-3)
+    np.testing.assert_allclose(again.metadata["axes_lps"], axes, atol=1e-6)

@@ -231,6 +231,11 @@ def _read(path: str | Path, want_labels: bool = True
     else:
         axes_ijk = (_RAS_TO_LPS @ (affine[:3, :3] / zooms)).T  # rows: i, j, k unit axes in LPS
     axes_zyx = axes_ijk[::-1]
+    array = data.transpose(2, 1, 0)
+    spacing_zyx = zooms[::-1].astype(float)
+    first = _RAS_TO_LPS @ affine[:3, 3]  # LPS of voxel (0, 0, 0)
+    array, spacing_zyx, axes_zyx, first = _one_plane_as_acquired(
+        array, spacing_zyx, axes_zyx, first)
     skew = float(np.degrees(np.arcsin(np.clip(np.abs(axes_zyx @ axes_zyx.T - np.eye(3)).max(),
                                               0.0, 1.0))))
     if skew > 0.1:  # a gantry tilt kept as shear in the affine: not a rotation
@@ -241,16 +246,15 @@ def _read(path: str | Path, want_labels: bool = True
             f"oblique image ({obliquity_deg(axes_zyx):.1f}° off the patient axes); "
             "shown unrotated, coordinates are measured along the image axes"
         )
-    origin = origin_along(_RAS_TO_LPS @ affine[:3, 3], axes_zyx)
+    origin = origin_along(first, axes_zyx)
 
-    array = data.transpose(2, 1, 0)
     marked = img.header.get_intent()[0] == "label"
     is_label_map = want_labels and np.issubdtype(array.dtype, np.integer) and (
         marked or _looks_like_label_map(array))
     # The affine is stored as float32: round off its noise (0.8 → 0.800000011920929) so
     # written spacings come back as written: 6 significant digits (float32 holds about
     # 7); decimals rounded a 1e-9 voxel to 0. 1e-4 mm is far below any origin's precision.
-    spacing = tuple(float(f"{float(zooms[i]):.6g}") for i in (2, 1, 0))
+    spacing = tuple(float(f"{float(z):.6g}") for z in spacing_zyx)
     origin = tuple(round(o, 4) for o in origin)
     synthetic = _synthetic_slices(img.header)
     if synthetic:  # said on opening, and generation refuses to count them as acquired
@@ -283,6 +287,25 @@ def _read(path: str | Path, want_labels: bool = True
             *warns, f"integer values 0–{int(max(values))} ({len(values)} besides 0) and no"
                     " label intent: opened as a label map"]})
     return volume, np.ascontiguousarray(array), _label_names(img.header)
+
+
+def _one_plane_as_acquired(array: np.ndarray, spacing: np.ndarray, axes: np.ndarray,
+                           first: np.ndarray) -> tuple:
+    """A single coronal or sagittal plane (one voxel along P or L) stays one plane:
+    (1, rows, columns) with its normal as z, superior at the top, as a single DICOM image
+    does. Turned to (S, P, L) like a volume it became a stack of one-row "axial slices"
+    that the models segmented and classified. Anything else is returned as it is."""
+    flat = [a for a in range(3) if array.shape[a] == 1]
+    if len(flat) != 1 or flat[0] == 0 or array.size == 1:
+        return array, spacing, axes, first
+    order = [flat[0]] + [a for a in range(3) if a != flat[0]]
+    array, spacing, axes = np.transpose(array, order), spacing[order], axes[order]
+    for a in (1, 2):  # an in-plane axis running superior is shown running down
+        if axes[a, 2] > 0 and abs(axes[a, 2]) >= np.abs(axes[a]).max():
+            first = first + (array.shape[a] - 1) * float(spacing[a]) * axes[a]
+            array, axes = np.flip(array, axis=a), axes.copy()
+            axes[a] = -axes[a]
+    return np.ascontiguousarray(array), spacing, axes, first
 
 
 def _repair_one_flat_axis(affine: np.ndarray, header, to_mm: float,
