@@ -626,3 +626,20 @@ def test_one_coronal_or_sagittal_plane_stays_one_plane_and_the_models_refuse_it(
     np.testing.assert_array_equal(again.array, vol.array)
     np.testing.assert_allclose(again.origin, vol.origin, atol=1e-3)
     np.testing.assert_allclose(again.metadata["axes_lps"], axes, atol=1e-6)
+
+
+def test_a_compressed_file_whose_data_fail_their_checksum_is_refused(tmp_path):
+    """nibabel stops reading after the data and never reaches the gzip trailer: a .nii.gz
+    damaged in storage or transfer opened with wrong voxels and no word said."""
+    data = ramp((6, 5, 4))
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "a.nii.gz")
+    changed = data.copy()
+    changed[3, 2, 1] += 4.0
+    nib.save(nib.Nifti1Image(changed, np.eye(4)), tmp_path / "b.nii.gz")
+    a, b = (tmp_path / "a.nii.gz").read_bytes(), (tmp_path / "b.nii.gz").read_bytes()
+    damaged = tmp_path / "damaged.nii.gz"  # b's valid stream, a's CRC and length
+    damaged.write_bytes(b[:-8] + a[-8:])
+    with pytest.raises(MedsegInputError, match="CRC check failed"):
+        read_volume(damaged)
+    np.testing.assert_array_equal(read_volume(tmp_path / "b.nii.gz").array,
+                                  changed.transpose(2, 1, 0)[:, ::-1, ::-1])
