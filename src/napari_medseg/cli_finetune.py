@@ -230,12 +230,15 @@ def register(sub: Any) -> None:
     p.add_argument("--labels", help="segmenter: label volume on the image's grid (NIfTI/.npy)")
     p.add_argument("--points", help="detector: CSV with z, y, x[, diameter_mm] (voxel indices): "
                    "all the lesions on the given slices")
-    p.add_argument("--slices", required=True, help="annotated (reviewed) slices, e.g. 10,20,30 or 10-14")
+    p.add_argument("--slices", required=True, help="annotated (reviewed) slices, numbered from 0 along the "
+                   "image's z as napari's slider shows them (and detect's CSV), e.g. 10,20,30 or 10-14")
     p.add_argument("--out", required=True, help="folder for the fine-tuned model")
     p.add_argument("--name", help="model name (default MODEL-finetuned)")
     p.add_argument("--epochs", type=int, help="training passes over the annotated slices")
     p.add_argument("--seconds", type=float, help="time budget (default without --epochs: 15 s, or 30 s"
-                   " when the labels hold a new structure)")
+                   " when the labels hold a new structure); it includes the passes over the "
+                   "volume, but training keeps at least half of it, so on a long series the "
+                   "round may run longer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: free cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")

@@ -802,3 +802,34 @@ def test_given_model_labels_replace_the_first_pass_and_give_the_same_round(tiny)
     assert other.report.corrections == 0 and other.report.holdout_dice_before == 1.0
     with pytest.raises(MedsegInputError, match="model_labels have shape"):
         run(model_labels=shown[:-1])
+
+
+def test_a_value_painted_only_on_unmeasured_voxels_is_no_new_structure(tiny, phantom):
+    """A stroke on a slice's NaN voxels (a gap plane) is ignored by the loss, yet its new
+    value grew the head and was reported as a structure learnt, with no voxel to learn
+    from; painted alone, it passed the "only background" check."""
+    from napari_medseg.core.volume import Volume
+
+    array = phantom.volume.array.copy()
+    array[5, 30:32, :] = np.nan
+    volume = Volume(array, phantom.volume.spacing)
+    labels = phantom.labels.copy()
+    labels[5, 30:32, 10:40] = 11  # a value the model does not know, only on the gap
+    res = run_to_completion(finetune_segmenter(volume, tiny, CARD, labels, [5], steps=1,
+                                               holdout=False, threads=1))
+    assert res.report.new_classes == () and res.model.n_classes == tiny.n_classes
+    alone = np.zeros_like(labels)
+    alone[5, 30:32, 10:40] = 11
+    with pytest.raises(MedsegInputError, match="only background .* where the image has values"):
+        check_annotations(volume, alone, [5])
+
+
+def test_a_version_s_card_is_its_own_not_shared_with_callers(tiny):
+    """The versions kept shallow copies of cards: a caller appending to the card's class
+    list (given, or returned by model()) changed the version kept."""
+    card = {**CARD, "classes": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]}
+    history = VersionHistory.start(tiny, card)
+    card["classes"].append("given")
+    _, returned = history.model(0)
+    returned["classes"].append("returned")
+    assert history.model(0)[1]["classes"] == [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]

@@ -171,10 +171,20 @@ def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi > MAX_LABEL:
         raise MedsegInputError(f"label values must be 0–{MAX_LABEL}, found {lo}–{hi}")
-    if hi == 0:
+    if not measured_values(volume, arr, zs).any():
         raise MedsegInputError(
-            "the annotated slices hold only background (0); paint at least one structure")
+            "the annotated slices hold only background (0) on measured voxels; paint at "
+            "least one structure" + (" where the image has values" if hi else ""))
     return arr, zs
+
+
+def measured_values(volume: Any, arr: np.ndarray, zs: Sequence[int]) -> np.ndarray:
+    """The label values on the annotated slices' measured voxels: a stroke on a slice's
+    NaN voxels teaches nothing (they are ignored by the loss), so its value must not make
+    a structure the model "learnt"."""
+    values = arr[zs]
+    unmeasured = np.isnan(np.asarray(volume.array)[zs])
+    return values[~unmeasured] if unmeasured.any() else values.ravel()
 
 
 def _whole(z: Any) -> int:
@@ -441,7 +451,7 @@ def finetune_segmenter(
     check_choice(trainable, tuple(TRAINABLE_PARTS), "trainable")
 
     nz, ny, nx = volume.shape
-    present = {int(v) for v in np.unique(arr[zs])}
+    present = {int(v) for v in np.unique(measured_values(volume, arr, zs))}
     n_classes = max(model.n_classes, max(present) + 1)
     revived = _revived(classes, present)
     new_structure = n_classes > model.n_classes or bool(revived)
@@ -978,7 +988,10 @@ class VersionHistory:
 
     def _append(self, model: nn.Module, card: dict, report: FinetuneReport | None) -> ModelVersion:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        card = {**card, "architecture": type(model).__name__, "arch_params": dict(model.arch_params)}
+        # a deep copy: a caller changing a nested list of its card (classes, history)
+        # must not change the version kept
+        card = {**copy.deepcopy(dict(card)), "architecture": type(model).__name__,
+                "arch_params": dict(model.arch_params)}
         v = ModelVersion(len(self.versions), state, card,
                          time.strftime("%Y-%m-%dT%H:%M:%S%z"), report)
         self.versions.append(v)
@@ -1006,7 +1019,7 @@ class VersionHistory:
         v = self.versions[number]
         model = build_for_weights(v.card)
         model.load_state_dict(v.state, strict=True)
-        return model.eval(), dict(v.card)
+        return model.eval(), copy.deepcopy(dict(v.card))
 
     def save(self, number: int, name: str, directory: Any = None) -> Any:
         """Write version ``number`` as ``name`` (safetensors + card) into ``directory``
