@@ -399,8 +399,12 @@ def test_cancel_and_removed_layer_leave_no_result(
     _select(widget, image, random_models["RecurrentSegmenter"])
     widget._run.clicked.emit()
     widget._cancel.clicked.emit()
+    # until the job has stopped the widget says it is cancelling (it said "Cancelled"
+    # while the model was still loading, Run still off)
+    assert widget._status.value == "Cancelling…" and not widget._cancel.enabled
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert len(viewer.layers) == n_layers and widget._run.enabled
+    assert widget._status.value == "Cancelled"
 
     start = len(notification_manager.records)
     widget._run.clicked.emit()

@@ -373,7 +373,13 @@ class ModelRunWidget(Container):
     def _on_cancel(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            self._status.value = "Cancelled"
+            # "Cancelled" once it has stopped: a job stops at its next progress report
+            # (loading a model or reading a file does not report), and Run stays off till then
+            set_status(self._status, "Cancelling…")
+            try:
+                self._cancel.enabled = False
+            except RuntimeError:  # the viewer was closed: its Qt widgets are gone
+                pass
 
     def _set_running(self, running: bool) -> None:
         if not running:
@@ -383,5 +389,7 @@ class ModelRunWidget(Container):
             self._cancel.enabled = running
             if not running:
                 self._progress.visible = False
+                if self._status.value.startswith("Cancelling"):
+                    self._status.value = "Cancelled"
         except RuntimeError:  # the viewer was closed mid-run: its Qt widgets are gone
             pass
