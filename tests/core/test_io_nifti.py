@@ -643,3 +643,19 @@ def test_a_compressed_file_whose_data_fail_their_checksum_is_refused(tmp_path):
         read_volume(damaged)
     np.testing.assert_array_equal(read_volume(tmp_path / "b.nii.gz").array,
                                   changed.transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def test_an_sform_and_qform_that_disagree_are_said(tmp_path):
+    """The sform won in silence; a viewer that takes the qform (ITK's readers) showed the
+    same file 10 mm away."""
+    img = nib.Nifti1Image(ramp((4, 5, 6)), np.eye(4))
+    moved = np.eye(4)
+    moved[:3, 3] = (0.0, 0.0, 10.0)
+    img.set_qform(moved, code=1)
+    img.set_sform(np.eye(4), code=1)
+    nib.save(img, tmp_path / "forms.nii.gz")
+    warns = read_volume(tmp_path / "forms.nii.gz").metadata["warnings"]
+    assert any("sform and qform place the image up to 10.0 mm apart" in w for w in warns)
+    img.set_qform(np.eye(4), code=1)  # the same place: nothing said
+    nib.save(img, tmp_path / "same.nii.gz")
+    assert not any("qform" in w for w in read_volume(tmp_path / "same.nii.gz").metadata["warnings"])

@@ -206,6 +206,7 @@ def _read(path: str | Path, want_labels: bool = True
 
     # what nibabel fixed in the header (e.g. zero voxel sizes set to 1), said as ours
     warns: list[str] = [f"the header was repaired on reading ({m})" for m in fixed]
+    warns += _forms_disagree(img.header, shape)
     affine = np.array(affine, dtype=float)
     # lengths in the file's own unit (NIfTI's xyzt_units): a header in metres read as mm
     # gave 0.0007 mm voxels; "unknown" is taken as mm, as every tool does
@@ -318,6 +319,27 @@ def _one_plane_as_acquired(array: np.ndarray, spacing: np.ndarray, axes: np.ndar
             array, axes = np.flip(array, axis=a), axes.copy()
             axes[a] = -axes[a]
     return np.ascontiguousarray(array), spacing, axes, first
+
+
+def _forms_disagree(header: Any, shape: tuple[int, ...]) -> list[str]:
+    """A warning when the header's sform and qform both hold a position and place the
+    image's corners more than 1 mm apart: the sform is used (as nibabel and FSL do), but
+    another tool (ITK's readers among them) may take the qform and show it elsewhere."""
+    try:
+        sform, s_code = header.get_sform(coded=True)
+        qform, q_code = header.get_qform(coded=True)
+    except Exception:  # not a NIfTI header, or a broken quaternion: nothing to compare
+        return []
+    if not (s_code and q_code) or sform is None or qform is None:
+        return []
+    extent = [n - 1 for n in (tuple(shape) + (1, 1, 1))[:3]]
+    corners = np.array([[i, j, k, 1.0] for i in (0, extent[0]) for j in (0, extent[1])
+                        for k in (0, extent[2])]).T
+    apart = float(np.max(np.linalg.norm((sform - qform)[:3] @ corners, axis=0)))
+    if not np.isfinite(apart) or apart <= 1.0:
+        return []
+    return [f"the header's sform and qform place the image up to {apart:.1f} mm apart; the "
+            "sform is used (as nibabel and FSL do), another viewer may use the qform"]
 
 
 def _load(path: Path) -> Any:
