@@ -977,6 +977,7 @@ def test_classify_lets_go_of_a_removed_layer_at_once(make_napari_viewer, qtbot, 
     viewer.layers.remove(image)
     assert viewer.dims.current_step == step
     assert widget._current.value == "The classified layer was removed"
+    assert widget._status.value == "Result dropped: the classified layer was removed"
     assert widget._layer is None and not widget._goto.enabled and widget._goto_items == []
     widget._go_to_slice(3)  # a click on the emptied strip: nothing, no traceback
     assert viewer.dims.current_step == step

@@ -97,6 +97,7 @@ class ClassifyWidget(ModelRunWidget):
             return
         if self._layer is not None and self._layer not in self._viewer.layers:
             self._current.value = "The classified layer was removed"
+            self._status.value = "Result dropped: the classified layer was removed"
             # its strip and lesion list would look live but go nowhere; the layer is
             # let go (its volume with it)
             self._strip.set_values([])
