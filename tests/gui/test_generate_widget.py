@@ -118,6 +118,11 @@ def test_a_synthetic_layer_is_not_generated_from_again(make_napari_viewer, qtbot
     assert len(errors) == 1 and "already holds 4 generated (synthetic) slices" in errors[0]
     assert len(viewer.layers) == 2
     _unchanged(viewer, before)
+    # cut back to its acquired slices it is a scan again (a layer of a plain array, no
+    # reader's axes: its shape was not recorded and the record held for any data)
+    made = viewer.layers[-1]
+    made.data, made.scale = np.ascontiguousarray(made.data[::2]), (4, 1, 1)
+    assert _linear_x2_errors(widget, qtbot, made) == [] and len(viewer.layers) == 3
 
 
 def test_a_generated_nifti_opened_in_napari_is_not_generated_from_again(

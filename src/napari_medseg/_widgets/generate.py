@@ -88,6 +88,9 @@ class GenerateWidget(ModelRunWidget):
         # recorded as the reader records its gap planes (missing_slices index z)
         left = [int(i) for i in np.flatnonzero(~(result.acquired | result.generated))]
         source = scan_axes(image_layer, shape=data.shape)
+        if data.ndim == 3:  # the shape the slice records are for, with or without axes:
+            # cut back to its acquired slices (data[::2]) the layer is no longer synthetic
+            source["shape_zyx"] = [int(n) for n in data.shape]
         if result.axis:
             source["slice_axis"] = result.axis_name
             if left:
