@@ -171,10 +171,9 @@ def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi > MAX_LABEL:
         raise MedsegInputError(f"label values must be 0–{MAX_LABEL}, found {lo}–{hi}")
-    if not measured_values(volume, arr, zs).any():
+    if hi == 0:
         raise MedsegInputError(
-            "the annotated slices hold only background (0) on measured voxels; paint at "
-            "least one structure" + (" where the image has values" if hi else ""))
+            "the annotated slices hold only background (0); paint at least one structure")
     return arr, zs
 
 
@@ -451,7 +450,13 @@ def finetune_segmenter(
     check_choice(trainable, tuple(TRAINABLE_PARTS), "trainable")
 
     nz, ny, nx = volume.shape
+    # (here, not in check_annotations: the widget checks a lazy image's labels before
+    # any voxel of it is read)
     present = {int(v) for v in np.unique(measured_values(volume, arr, zs))}
+    if present <= {0}:
+        raise MedsegInputError(
+            "the annotated slices hold only background (0) where the image has values; "
+            "paint at least one structure there")
     n_classes = max(model.n_classes, max(present) + 1)
     revived = _revived(classes, present)
     new_structure = n_classes > model.n_classes or bool(revived)
