@@ -380,3 +380,28 @@ def test_a_script_setting_the_data_keeps_each_point_s_features(scene):
     layer.data = np.array(layer.data[:3])  # the added one deleted again
     assert list(layer.shown) == [False, False, False]
     assert layer.features["score"].tolist() == [0.2, 0.1, 0.3]
+
+
+@pytest.mark.parametrize("transform", ["plain", "shear", "rotate"])
+def test_a_point_on_a_sheared_or_rotated_image_lists_the_slice_it_is_trained_on(
+        make_napari_viewer, random_models, small_phantom, transform):
+    """The slice was taken from the point's world z alone: on a sheared image a lesion
+    put on slice 4 listed slice 10 as reviewed (trained as "no lesion here"), and on a
+    rotated one no slice at all, while training placed the lesion on slice 4."""
+    viewer = make_napari_viewer()
+    vol = small_phantom.volume
+    extra = {"plain": {}, "shear": {"shear": (0.1, 0.0, 0.0)},
+             "rotate": {"rotate": [[np.cos(0.26), -np.sin(0.26), 0],
+                                   [np.sin(0.26), np.cos(0.26), 0], [0, 0, 1]]}}[transform]
+    image = viewer.add_image(vol.array, name="ct", scale=vol.spacing, **extra)
+    widget = RetrainDetectorWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._image.value = image
+    widget._model.value = random_models["LesionDetector"]
+    widget._add_empty_layer()
+    points = widget._layer_pick.value
+    points.add([4.0, 80.0, 80.0])  # a lesion on slice 4 (the layer lies as the image does)
+    voxels, _ = widget._points_on_image(points, image)
+    assert int(round(voxels[0, 0])) == 4 and widget.annotated_slices() == [4]
+    points.data = np.array([[6.0, 70.0, 20.0]])  # moved to slice 6: both slices edited
+    assert widget.annotated_slices() == [4, 6]

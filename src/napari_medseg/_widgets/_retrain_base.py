@@ -58,7 +58,7 @@ from ..core.session import (
     sessions_dir,
 )
 from ._loss_curve import LossCurve
-from ._navigate import go_to_slice, to_viewer_units
+from ._navigate import drawn_matrix, go_to_slice, to_viewer_units
 from ._model_widget import (
     REDRAW_S,
     DockWatch,
@@ -469,7 +469,7 @@ class _RetrainBase(Container):
                 if image is not None and layer is not None else {})
         pending = [*away.pop(key, []), *away.pop(None, [])]
         if pending:  # edits made while no image was picked: their slices on this image
-            self._edited |= {z for w in pending if (z := self._image_slice(w)) is not None}
+            self._edited |= {z for w in pending if (z := self._drawn_point_slice(w)) is not None}
             self._schedule_autosave()
         self._rebuild_list()
         self._pair_changed()
@@ -556,6 +556,24 @@ class _RetrainBase(Container):
             return None
         z = int(round(z))
         return z if 0 <= z < image.data.shape[0] else None
+
+    def _drawn_point_slice(self, world: Any) -> int | None:
+        """The picked image's slice holding the point napari draws at ``world`` (viewer
+        units, its trailing axes the image's): the point's whole position mapped into the
+        image's voxels, as training reads it. On a sheared or rotated image its world z
+        alone named another slice than the one its lesion is trained on, or none."""
+        image = self._image.value
+        world = np.asarray(world, dtype=float).reshape(-1)
+        if image is None or not np.isfinite(world).all():
+            return None
+        if image.ndim == 2:
+            return 0
+        if len(world) < image.ndim:  # a 2D points layer over a 3D image: its world z is 0
+            return self._image_slice(0.0)
+        voxel = np.linalg.solve(drawn_matrix(self._viewer, image),
+                                [*world[-image.ndim:], 1.0])
+        z = int(round(float(voxel[image.ndim - 3])))
+        return z if 0 <= z < image.data.shape[image.ndim - 3] else None
 
     def _mark_current(self) -> None:
         z = self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3 else 0.0)

@@ -15,7 +15,7 @@ from napari.utils.notifications import show_warning
 from .._layers import (_like_layer, detection_layer_data, marker_sizes, scale_mm,
                        unmatched_rows, watch_detection_edits)
 from ..core.errors import MedsegInputError
-from ._navigate import drawn_matrix, to_viewer_units
+from ._navigate import drawn_matrix
 from ..core.finetune import check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.session import AnnotationSession
@@ -61,15 +61,15 @@ class RetrainDetectorWidget(_RetrainBase):
         return np.array(layer.data, dtype=float, copy=True).reshape(-1, layer.ndim)
 
     def _point_slice(self, layer, point) -> int | None:
-        # in the viewer's units (napari converts a layer in cm beside one in mm)
-        world_z = (layer.data_to_world(point)[-3] * to_viewer_units(self._viewer, layer)[-3]
-                   if layer.ndim >= 3 else 0.0)
-        if self._image.value is None and np.isfinite(world_z):
+        # where napari draws it, in the viewer's units (napari converts a layer in cm
+        # beside one in mm)
+        world = (drawn_matrix(self._viewer, layer) @ [*np.asarray(point, dtype=float), 1.0])[:-1]
+        if self._image.value is None and np.isfinite(world).all():
             # edited while no image is picked (its layer removed to be opened again): the
             # slice is known once an image is back (_switch_pair)
             self._imageless_edits.setdefault(layer, {}).setdefault(
-                self._image_left_key, []).append(float(world_z))
-        return self._image_slice(world_z)
+                self._image_left_key, []).append(world)
+        return self._drawn_point_slice(world)
 
     def _on_points(self, event) -> None:
         """Slices of added, changed (before and after a move) and removed points."""
