@@ -76,8 +76,23 @@ def volume_layer_data(volume: Volume, name: str) -> tuple:
     return (volume.array, kwargs, "image")
 
 
+#: label values given napari's own distinct colours when no structure colour names them
+_PALETTE_VALUES = np.arange(1, 256)
+
+
+@functools.lru_cache(maxsize=1)
+def _palette() -> dict[int, tuple]:
+    """napari's default label colours (its Labels layer's cyclic colormap) for 1–255."""
+    from napari.utils.colormaps import label_colormap
+
+    rgba = label_colormap(num_colors=49, seed=0.5).map(_PALETTE_VALUES)
+    return {int(v): tuple(float(c) for c in color) for v, color in zip(_PALETTE_VALUES, rgba)}
+
+
 def _labels_kwargs(name: str, label_names: dict[int, str]) -> dict[str, Any]:
-    colormap: dict[Any, Any] = {0: "transparent", None: (1.0, 0.0, 1.0, 1.0)}
+    # values without a structure colour (another tool's label map, a structure the user
+    # adds) get napari's own distinct colours: a single default drew them all in magenta
+    colormap: dict[Any, Any] = {**_palette(), 0: "transparent", None: (1.0, 0.0, 1.0, 1.0)}
     for value, label_name in label_names.items():
         if value and label_name in STRUCTURE_COLORS:
             colormap[value] = STRUCTURE_COLORS[label_name]

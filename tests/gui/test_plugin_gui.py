@@ -465,3 +465,24 @@ def test_a_layer_in_cm_is_read_by_the_models_in_mm():
     for layer in (in_cm, in_mm):
         assert marker_sizes([10.0], scale_mm(layer))[0] * abs(layer.scale[-1]) == \
             pytest.approx(10.0 / (10.0 if layer is in_cm else 1.0))
+
+
+def test_another_tools_label_map_opens_with_a_colour_per_structure(tmp_path):
+    """Every value without a known structure name was drawn in the same magenta: a
+    nnU-Net or TotalSegmentator map opened as one colour, as did a structure the user
+    added by painting a new value."""
+    import nibabel as nib
+    from napari.layers import Labels
+
+    from napari_medseg._reader import read_layers
+
+    data = np.zeros((4, 10, 10), np.uint8)
+    for value in range(1, 6):
+        data[:, 2 * (value - 1):2 * value, :5] = value
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "other_tool.nii.gz")
+    ((array, kwargs, kind),) = read_layers(str(tmp_path / "other_tool.nii.gz"))
+    assert kind == "labels"
+    layer = Labels(array, **kwargs)
+    colours = layer.colormap.map(np.arange(1, 7))  # 6: a value painted later
+    assert len({tuple(np.round(c, 3)) for c in colours}) == 6
+    assert layer.colormap.map(np.array([0]))[0][3] == 0  # background stays transparent
