@@ -1,8 +1,10 @@
-"""npe2 writer: a Labels layer to NIfTI where its scan lies (spacing, origin, axes)."""
+"""npe2 writers: a Labels layer to NIfTI where its scan lies (spacing, origin, axes); a
+Points layer to napari's CSV in world millimetres, its shown points only."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +51,66 @@ def _write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
                           axes=_scan_axes(meta, labels.shape, matrix),
                           labels=True, label_names=_label_names(meta))
     return [str(written)]
+
+
+class PointsNotSaved(RuntimeError):
+    """Why a points save failed (not a ValueError, as :class:`LabelsNotSaved`)."""
+
+
+def write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
+    """The layer's SHOWN points in napari's CSV layout (index, axis-0 …, then the
+    features: score, diameter_mm …) with world coordinates in mm: napari's own reader
+    opens the file as points where they were drawn. napari's fallback writer stored
+    data coordinates without the layer's scale (a detection layer reopened as voxel
+    indices read as mm, off the scan) and every hidden point: the weak detections the
+    Detect widget keeps below its threshold came back shown, and retraining took them
+    for lesions."""
+    try:
+        return _write_points_csv(path, data, meta)
+    except MedsegInputError as exc:
+        raise PointsNotSaved(str(exc)) from exc
+
+
+def _write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
+    import pandas as pd
+
+    from ._layers import mm_per_unit, world_matrix_of
+    from .cli import _write_csv_atomic
+
+    target = Path(path).expanduser()
+    if target.suffix.lower() != ".csv":
+        raise MedsegInputError("points are saved as .csv", target)
+    points = np.asarray(data, dtype=float)
+    ndim = points.shape[-1] if points.ndim == 2 else len(meta.get("scale") or ()) or 3
+    points = points.reshape(-1, ndim)
+    shown = np.broadcast_to(np.asarray(meta.get("shown", True), dtype=bool), (len(points),))
+    world = world_matrix_of(meta.get("scale", (1.0,) * ndim), meta.get("translate", (0.0,) * ndim),
+                            meta.get("rotate"), meta.get("shear"), meta.get("affine"))
+    world[:ndim, :] *= mm_per_unit(meta.get("units"), ndim)[:, None]
+    mm = points @ world[:ndim, :ndim].T + world[:ndim, ndim]
+    try:
+        features = pd.DataFrame(meta.get("features") if meta.get("features") is not None else {})
+    except (TypeError, ValueError):
+        features = pd.DataFrame()
+    if len(features) != len(points):
+        features = pd.DataFrame(index=range(len(points)))
+    keep = np.flatnonzero(shown)
+    header = ["index", *(f"axis-{i}" for i in range(ndim)), *map(str, features.columns)]
+    rows = [[n, *(f"{v:.6g}" for v in mm[i]), *features.iloc[i].tolist()]
+            for n, i in enumerate(keep)]
+    _write_csv_atomic(target, header, rows)
+    if len(keep) < len(points):
+        _say(f"{target.name}: {len(points) - len(keep)} hidden points (detections below the "
+             "score threshold) were not saved")
+    return [str(target)]
+
+
+def _say(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_info
+    except ImportError:  # a script without napari's GUI parts
+        return
+    show_info(message)
 
 
 def _label_names(meta: dict) -> dict[int, str]:

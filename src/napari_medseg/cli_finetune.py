@@ -99,10 +99,12 @@ def read_label_volume(path: str, image: Any, slices: Any = None) -> np.ndarray:
     return np.where(whole, labels, 0).astype(np.int64)
 
 
-def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
+def read_points_csv(path: str, volume: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Points (z, y, x voxel indices) and diameters from a CSV with a header naming at
     least z, y, x (and optionally diameter_mm, or radius_mm as ``phantom`` writes it),
-    e.g. the output of ``detect``."""
+    e.g. the output of ``detect``; or, with ``volume``, napari's axis-0, axis-1, axis-2 in
+    world mm as napari-medseg's points writer saves a layer (voxel = (mm − origin) /
+    spacing, where napari draws the volume)."""
     import csv
 
     try:
@@ -116,6 +118,17 @@ def read_points_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise MedsegInputError("no such file", path) from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise MedsegInputError(f"not a readable CSV ({exc})", path) from exc
+    world = ["axis-0", "axis-1", "axis-2"]
+    if not {"z", "y", "x"} <= columns and volume is not None and set(world) <= columns \
+            and "axis-3" not in columns:  # saved from napari (File › Save, world mm)
+        columns |= {"z", "y", "x"}
+        origin, spacing = np.asarray(volume.origin, float), np.asarray(volume.spacing, float)
+        for r in rows:
+            try:
+                r["z"], r["y"], r["x"] = ((float(r[a]) - o) / d
+                                          for a, o, d in zip(world, origin, spacing))
+            except (KeyError, TypeError, ValueError):
+                r["z"] = "not a number"  # said below, as any other non-numeric cell
     if not {"z", "y", "x"} <= columns:  # a header of z,y,x alone is a list of no lesions
         raise MedsegInputError("the CSV needs a header naming columns z, y, x (and optionally"
                                " diameter_mm)", path)
@@ -195,7 +208,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     else:
         if not isinstance(model, LesionDetector):
             raise MedsegInputError(f"--points fine-tunes a detector; {args.model} is a {type(model).__name__}")
-        points, diam = read_points_csv(args.points)
+        points, diam = read_points_csv(args.points, volume)
         job = finetune_detector(volume, model, card, points, diam, slices, steps=steps,
                                 seconds=args.seconds, seed=args.seed, threads=threads,
                                 version=version)

@@ -486,3 +486,38 @@ def test_another_tools_label_map_opens_with_a_colour_per_structure(tmp_path):
     colours = layer.colormap.map(np.arange(1, 7))  # 6: a value painted later
     assert len({tuple(np.round(c, 3)) for c in colours}) == 6
     assert layer.colormap.map(np.array([0]))[0][3] == 0  # background stays transparent
+
+
+def test_saved_detections_reopen_where_they_were_drawn_without_the_hidden_ones(
+        make_napari_viewer, tmp_path):
+    """napari's fallback CSV writer stored a detection layer's data coordinates without
+    its scale (reopened, voxel indices read as mm: off the scan) and its hidden weak
+    detections, which came back shown and were retrained on as lesions."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((10, 40, 40), np.float32), scale=(2.5, 0.8, 0.8),
+                             translate=(-40.0, 5.0, -7.0), units="mm", name="ct")
+    points = viewer.add_points(np.array([[3.0, 10.0, 12.0], [6.0, 30.0, 20.0], [8.0, 5.0, 5.0]]),
+                               scale=image.scale, translate=image.translate, units="mm",
+                               features={"score": [0.9, 0.2, 0.7], "diameter_mm": [12.0, 6.0, 9.0]},
+                               name="ct lesions")
+    points.shown = [True, False, True]  # the second: below Detect's threshold
+    world = np.array([points.data_to_world(p) for p in points.data[[0, 2]]])
+    path = tmp_path / "lesions.csv"
+    viewer.layers.selection = {points}
+    # as File › Save Selected Layers with the file type "CSV points (world mm)"
+    viewer.layers.save(str(path), selected=True, plugin="napari-medseg")
+    reopened = viewer.open(str(path), plugin="napari")[0]
+    assert isinstance(reopened, Points) and len(reopened.data) == 2
+    np.testing.assert_allclose([reopened.data_to_world(p) for p in reopened.data], world,
+                               atol=1e-4)
+    np.testing.assert_allclose(reopened.features["score"], [0.9, 0.7])
+    np.testing.assert_allclose(reopened.features["diameter_mm"], [12.0, 9.0])
+    # and `napari-medseg finetune detector --points` reads it on the image's voxels
+    from napari_medseg.cli_finetune import read_points_csv
+    from napari_medseg.core.volume import Volume
+
+    volume = Volume(np.zeros((10, 40, 40), np.float32), spacing=(2.5, 0.8, 0.8),
+                    origin=(-40.0, 5.0, -7.0))
+    voxels, diameters = read_points_csv(str(path), volume)
+    np.testing.assert_allclose(voxels, points.data[[0, 2]], atol=1e-4)
+    assert diameters.tolist() == [12.0, 9.0]
