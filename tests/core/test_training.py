@@ -813,11 +813,18 @@ def test_training_neither_moves_the_callers_torch_state_nor_shares_it_with_anoth
     def weights(model):
         return torch.cat([v.flatten().float() for v in model.state_dict().values()])
 
+    def flags():
+        return (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
     alone, _ = run_to_completion(train("classifier", 3, 3, None, pool_size=2))
     assert torch.equal(torch.rand(3), expected)
+    # deterministic algorithms: on while a run's steps run, the caller's setting between
+    # them (it stayed on between steps, and two runs in turn left it on for good)
+    before = flags()
     jobs = [train("classifier", 3, 3, None, pool_size=2), train("classifier", 4, 3, None, pool_size=2)]
     results = [None, None]
     while any(r is None for r in results):
@@ -827,8 +834,15 @@ def test_training_neither_moves_the_callers_torch_state_nor_shares_it_with_anoth
                     next(job)
                 except StopIteration as stop:
                     results[i] = stop.value
+                assert flags() == before
     assert torch.equal(weights(results[0][0]), weights(alone))
     assert not torch.equal(weights(results[1][0]), weights(alone))
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a user's own setting
+    try:
+        run_to_completion(train("classifier", 3, 1, None, pool_size=2))
+        assert flags() == (True, True)
+    finally:
+        torch.use_deterministic_algorithms(*before[:1], warn_only=before[1])
 
 
 def test_class_weights_stay_under_their_cap_with_many_classes():

@@ -24,9 +24,14 @@ _LOCK = threading.RLock()
 
 class PrivateRNG:
     """A seeded state of torch's global generator, active only inside :meth:`active`
-    (one block) or :meth:`run` (each step of a generator)."""
+    (one block) or :meth:`run` (each step of a generator). ``deterministic``: torch's
+    deterministic algorithms (warn only) are switched on there too, and the caller's
+    setting put back after each step; switched on for a trainer's whole life, the
+    process-wide flag stayed on between its steps, and two trainers stepped in turn left
+    it on for good."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, deterministic: bool = False) -> None:
+        self.deterministic = deterministic
         with _LOCK:
             saved = torch.get_rng_state()
             try:
@@ -39,12 +44,18 @@ class PrivateRNG:
     def active(self) -> Iterator[None]:
         with _LOCK:
             saved = torch.get_rng_state()
+            flags = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
             torch.set_rng_state(self._state)
+            if self.deterministic:
+                torch.use_deterministic_algorithms(True, warn_only=True)
             try:
                 yield
             finally:
                 self._state = torch.get_rng_state()
                 torch.set_rng_state(saved)
+                if self.deterministic:
+                    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
 
     def run(self, job: Generator[Any, Any, T]) -> Generator[Any, Any, T]:
         """``job`` with this state active during each of its steps (not between them);

@@ -455,22 +455,18 @@ def private_rng(trainer: Callable[..., Job[T]]) -> Callable[..., Job[T]]:
     changed and two runs stepped in turn were not reproducible."""
     @functools.wraps(trainer)
     def job(*args: Any, **kwargs: Any) -> Job[T]:
-        # the trainer seeds this state itself (deterministic): the 0 is never drawn from
-        return (yield from PrivateRNG(0).run(trainer(*args, **kwargs)))
+        # the trainer seeds this state itself (deterministic): the 0 is never drawn from;
+        # deterministic algorithms are on while its steps run, as its state is
+        return (yield from PrivateRNG(0, deterministic=True).run(trainer(*args, **kwargs)))
     return job
 
 
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
-    """Seed torch; switch on deterministic algorithms for the block (restored after).
-    A trainer using it runs under :func:`private_rng`."""
-    previous = torch.are_deterministic_algorithms_enabled()
+    """Seed torch for the block. A trainer using it runs under :func:`private_rng`, which
+    swaps in its generator state and deterministic algorithms only while its steps run."""
     torch.manual_seed(int(seed))
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    yield
 
 
 def _budget(steps: int | None, seconds: float | None, default_steps: int) -> tuple[int | None, float | None]:
