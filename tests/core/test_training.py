@@ -854,3 +854,18 @@ def test_class_weights_stay_under_their_cap_with_many_classes():
         w = class_weights(counts).numpy()
         assert w.max() <= 20.0 + 1e-4 and abs(w.mean() - 1.0) < 1e-5, w
         assert np.all(np.diff(w[np.argsort(counts)]) <= 1e-6)  # rarer: never lighter
+
+
+def test_a_shared_pool_s_seeds_are_the_ones_the_card_names():
+    """With a pool shared between runs (benchmarks) the card named this seed's phantoms
+    and a command that would train on them, not the pool's it trained on."""
+    from napari_medseg.core.progress import run_to_completion
+    from napari_medseg.core.training import (DEFAULTS, PhantomPool, train_classifier,
+                                             training_seeds)
+
+    pool = PhantomPool(training_seeds(0), 1, 1.5, 12, DEFAULTS["classifier"]["normalisation"])
+    _, card = run_to_completion(train_classifier(5, steps=2, pool=pool, crop=48, batch_size=2,
+                                                 refresh_every=1))
+    first, end = card["training"]["train_seeds"]
+    assert first == training_seeds(0).start and all(first <= it.seed < end for it in pool.items)
+    assert card["training"]["command_reproduces"] is False

@@ -755,8 +755,15 @@ def _fit(run: _Run, model, pool: PhantomPool, batch_fn, loss_fn, refresh_every: 
                                    run.name, refresh=pool.refresh_one,
                                    refresh_every=refresh_every)
     stats["phantoms"] = pool.next_index
-    return _base_card(run.name, classes, run.spacing_yx, run.norm, run.seed, run.steps,
-                      run.seconds, run.loss, run.sampling, stats, run.seeds, pool_size, extra)
+    # the seeds the pool drew: a pool shared between runs (benchmarks) is another seed's,
+    # and the card claimed this seed's phantoms and a command that would train on them
+    card = _base_card(run.name, classes, run.spacing_yx, run.norm, run.seed, run.steps,
+                      run.seconds, run.loss, run.sampling, stats, pool.seeds, pool_size, extra)
+    if pool.seeds != run.seeds:
+        card["training"]["command_reproduces"] = False
+        card["training"]["note"] = ("trained on a pool shared with another run (its seeds "
+                                    "are train_seeds); the command draws other phantoms")
+    return card
 
 
 # ======================================================================================
