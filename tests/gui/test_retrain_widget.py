@@ -1175,3 +1175,59 @@ def test_a_closed_widget_docked_again_follows_its_layer_again(scene):
     viewer.window.add_dock_widget(widget, name="Retrain (test)")
     _paint_slice(labels, 5, ph.labels)
     assert not widget._shut and 5 in widget._edited
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_a_slice_holding_a_live_stroke_stays_listed_through_undo_redo_and_repredictions(
+        scene, seed):
+    """The cache of a history step's slices was keyed by the id() of a list napari frees
+    on every undo and redo: a new stroke's list took over a re-prediction's cached slices,
+    and an undo unlisted a slice that still held the user's paint (the next re-predict
+    overwrote it), or left undone slices listed. A seeded walk of strokes, undos, redos
+    and re-predictions against a mirror of napari's history."""
+    import random
+
+    from napari_medseg._layers import volume_from_layer
+
+    viewer, image, labels, widget, phantom = scene
+    rng, volume = random.Random(seed), volume_from_layer(image)
+    undo, redo = [], []  # z of each user stroke in napari's history; None: a re-prediction
+    for step in range(60):
+        op = rng.choice(["stroke", "stroke", "undo", "undo", "redo", "predict"])
+        depth = len(labels._undo_history)
+        if op == "stroke":
+            z, y, x, v = (rng.randrange(labels.data.shape[0]), rng.randrange(40),
+                          rng.randrange(40), rng.randrange(1, 7))
+            labels.data_setitem((np.array([z] * 3), np.array([y, y + 1, y + 2]),
+                                 np.array([x] * 3)), v)
+            if len(labels._undo_history) != depth:
+                undo.append(z)
+                redo.clear()
+        elif op == "undo" and undo:
+            labels.undo()
+            redo.append(undo.pop())
+        elif op == "redo" and redo:
+            labels.redo()
+            undo.append(redo.pop())
+        elif op == "predict":
+            made = np.random.default_rng(step).integers(0, 7, labels.data.shape).astype(np.uint8)
+            widget._apply(_Prediction(made), image, labels, volume, 1, {})
+            if len(labels._undo_history) != depth:
+                undo.append(None)
+                redo.clear()
+        assert set(widget.annotated_slices()) == {z for z in undo if z is not None}, (step, op)
+
+
+def test_mark_current_is_refused_while_the_slices_run_across_the_view(scene):
+    """With the axes reordered (a coronal plane shown, y on the slider) it marked the
+    last axial slice looked at as checked: training truth nobody had reviewed."""
+    viewer, image, labels, widget, phantom = scene
+    viewer.dims.set_current_step(0, 3)
+    viewer.dims.order = (1, 0, 2)
+    start = len(notification_manager.records)
+    widget._mark_current()
+    assert widget.annotated_slices() == []
+    assert any("axes reordered" in m for m in _errors_since(start))
+    viewer.dims.order = (0, 1, 2)
+    widget._mark_current()
+    assert widget.annotated_slices() == [3]

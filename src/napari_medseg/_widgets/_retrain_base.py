@@ -58,7 +58,7 @@ from ..core.session import (
     sessions_dir,
 )
 from ._loss_curve import LossCurve
-from ._navigate import drawn_matrix, go_to_slice, to_viewer_units
+from ._navigate import drawn_matrix, go_to_slice, slice_axis_shown, to_viewer_units
 from ._model_widget import (
     REDRAW_S,
     DockWatch,
@@ -576,6 +576,13 @@ class _RetrainBase(Container):
         return z if 0 <= z < image.data.shape[image.ndim - 3] else None
 
     def _mark_current(self) -> None:
+        image = self._image.value
+        if image is not None and slice_axis_shown(self._viewer, image):
+            # the slider then moves along y or x: its position names no slice on screen
+            # (it marked the last axial slice shown, never reviewed)
+            show_error(f"{self.task.capitalize()}: the image's slices run across the view "
+                       "(axes reordered); show axial planes to mark one")
+            return
         z = self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3 else 0.0)
         if z is None:
             show_error(f"{self.task.capitalize()}: the current slice is outside the image")

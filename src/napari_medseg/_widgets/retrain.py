@@ -106,14 +106,17 @@ class RetrainWidget(_RetrainBase):
     def _connect(self, layer) -> None:
         # per layer, kept while another layer is picked (a redo of our write after
         # switching back must still be known as ours)
-        state = self._layer_state.setdefault(layer, (set(), {}, set(), set()))
+        state = self._layer_state.setdefault(layer, (set(), {}, {}, set()))
         self._stroke_slices, self._slices_of_item, self._own_atoms, self._settled = state
-        # _stroke_slices: listed because of a stroke seen here; _slices_of_item:
-        # id(history item) → its slices; _own_atoms: id() of the history atoms of the
-        # widget's own re-predictions (napari moves an item's atoms into a new list on
-        # every undo and redo, so atoms keep their identity); _settled: slices of the
-        # user's strokes that fell off napari's bounded undo history (their paint stays
-        # for good: no undo can take it away)
+        # _stroke_slices: listed because of a stroke seen here; _slices_of_item: the ids
+        # of a history step's atoms → (those atoms, its slices); _own_atoms: id → atom of
+        # the widget's own re-predictions (napari moves an item's atoms into a new list on
+        # every undo and redo, so atoms keep their identity). Both hold the atoms
+        # themselves until pruned: keyed by the id of an object napari had freed, a new
+        # stroke took over a re-prediction's cached slices, and an undo unlisted a slice
+        # that still held the user's paint (the next re-predict overwrote it).
+        # _settled: slices of the user's strokes that fell off napari's bounded undo
+        # history (their paint stays for good: no undo can take it away)
         self._depths = history_depths(layer)
         self._data_ref = _ref(layer.data)
         self._oldest = self._oldest_item(layer)
@@ -168,12 +171,14 @@ class RetrainWidget(_RetrainBase):
             self._prune(layer)  # their ids may be reused by new atoms from now on
 
     def _prune(self, layer) -> None:
-        """Forget the history items and atoms napari no longer holds."""
+        """Forget the history steps and atoms napari no longer holds."""
         undo, redo = layer._undo_history, layer._redo_history
-        live = {id(item) for item in (*undo, *redo)}
+        live = {tuple(map(id, item)) for item in (*undo, *redo)}
         for key in [k for k in self._slices_of_item if k not in live]:
             del self._slices_of_item[key]
-        self._own_atoms &= {id(atom) for item in (*undo, *redo) for atom in item}
+        atoms = {id(atom) for item in (*undo, *redo) for atom in item}
+        for key in [k for k in self._own_atoms if k not in atoms]:
+            del self._own_atoms[key]
 
     def _on_paint(self, event) -> None:
         layer = self._tracked
@@ -187,11 +192,13 @@ class RetrainWidget(_RetrainBase):
         self._add_edited(zs)
 
     def _item_slices(self, layer, item) -> frozenset[int]:
-        slices = self._slices_of_item.get(id(item))
-        if slices is None:
-            slices = frozenset({0} if layer.ndim == 2 else painted_slices(item))
-            self._slices_of_item[id(item)] = slices
-        return slices
+        atoms = tuple(item)
+        key = tuple(map(id, atoms))  # unique while the entry holds the atoms
+        kept = self._slices_of_item.get(key)
+        if kept is None:
+            kept = self._slices_of_item[key] = (
+                atoms, frozenset({0} if layer.ndim == 2 else painted_slices(atoms)))
+        return kept[1]
 
     def _on_set_data(self, _event=None) -> None:
         """An undo or redo on the tracked layer: autosave it and keep the list true.
@@ -321,7 +328,7 @@ class RetrainWidget(_RetrainBase):
         if undo and undo[-1] is not last:  # (the layer may not be tracked now: see below)
             state = self._layer_state.get(labels_layer)
             if state is not None:
-                state[2].update(id(atom) for atom in undo[-1])
+                state[2].update({id(atom): atom for atom in undo[-1]})
             if labels_layer in self._left_atoms:
                 self._left_atoms[labels_layer].append(list(undo[-1]))
         self._status.value = (f"{prefix}\n" if prefix else "") + (
