@@ -370,3 +370,84 @@ def test_demo_without_napari_says_which_extra_to_install(monkeypatch, capsys):
     assert main(["demo"]) == 2
     err = capsys.readouterr().err
     assert 'napari-medseg[gui]' in err and "internal error" not in err
+
+
+def _console_script() -> list[str]:
+    """The installed `napari-medseg` command, as its console script runs it."""
+    return [sys.executable, "-c", "import sys; from napari_medseg._entry import main; "
+            "sys.exit(main())"]
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(tmp_path):
+    """The CLI's modules load for most of a second before main() runs: a Ctrl-C then
+    printed a 40-line traceback and the process died of the signal."""
+    import signal
+    import time
+
+    run = subprocess.Popen([*_console_script(), "phantom", str(tmp_path / "p"), "--shape",
+                            "64", "256", "256"], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # after Python's own start-up, during (or soon after) the imports
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and err == "napari-medseg: interrupted\n"
+    assert not (tmp_path / "p").exists()
+
+
+def test_sigterm_puts_the_outputs_back_and_exits_143(tmp_path):
+    """`kill` or `timeout` ended the process with no clean-up: a temporary file and half
+    a phantom were left behind."""
+    import signal
+    import time
+
+    out = tmp_path / "a" / "b"
+    run = subprocess.Popen([*_console_script(), "phantom", str(out), "--shape",
+                            "128", "384", "384"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not out.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the writing has begun
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 143 and err == "napari-medseg: terminated\n"
+    assert not (tmp_path / "a").exists()  # the folders it made went too
+
+
+def test_phantom_output_problems_are_said_before_the_drawing(tmp_path, capsys, monkeypatch):
+    """An empty output (an unset $OUT) wrote into the current folder; an output named
+    like a folder there, or an unwritable folder, failed only after the drawing."""
+    import os
+
+    from napari_medseg import cli
+    from napari_medseg.core import phantom
+
+    monkeypatch.setattr(phantom, "generate_phantom",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("drawn")))
+    monkeypatch.chdir(tmp_path)
+    assert main(["phantom", ""]) == 2 and "output folder is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "out" / "lesions.csv").mkdir(parents=True)
+    assert main(["phantom", str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "holds a folder named lesions.csv" in capsys.readouterr().err
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if str(p) == str(tmp_path)
+                        else real_access(p, mode))
+    assert main(["phantom", str(tmp_path / "new" / "deep")]) == 2
+    assert "cannot be created or written here" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_folder_is_said_before_the_computing(tmp_path, monkeypatch):
+    from napari_medseg import cli_infer
+    from napari_medseg.core.errors import MedsegInputError
+
+    monkeypatch.setattr(cli_infer.os, "access", lambda p, mode: False)
+    with pytest.raises(MedsegInputError, match="not writable"):
+        cli_infer._check_output(str(tmp_path / "seg.nii.gz"), (".nii.gz",))
+
+
+def test_a_closed_stderr_keeps_messages_out_of_the_piped_output(tmp_path):
+    """With fd 2 closed sys.stderr is None, and print(file=None) wrote the error (and
+    progress) into stdout, the data a pipe reads."""
+    import os
+
+    run = subprocess.run([*_console_script(), "info", str(tmp_path / "nope.npy")],
+                         stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(2))
+    assert run.returncode == 2 and run.stdout == ""

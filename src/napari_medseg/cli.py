@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ from .core.io._common import mode_for, refuse_read_only, refuse_write_protected,
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `cat big | head`
 
 
@@ -53,9 +55,19 @@ PHANTOM_OUTPUTS = ("image.nii.gz", "labels.nii.gz", "lesions.csv", "slice_classe
 def cmd_phantom(args: argparse.Namespace) -> int:
     from .core.phantom import generate_phantom
 
+    if not str(args.out_dir).strip():  # an unset $OUT: not the current folder in silence
+        raise MedsegInputError("the output folder is empty; give a folder to write into")
     out = Path(args.out_dir).expanduser()  # a quoted "~/x" reaches us unexpanded
     if out.exists() and not out.is_dir():  # said now, not after drawing the phantom
         raise MedsegInputError("is a file, expected a folder to write into", out)
+    # the first folder that exists must take new entries: said before the drawing
+    there = next((p for p in [out, *out.parents] if p.exists()), None)
+    if there is None or not os.access(there, os.W_OK | os.X_OK):
+        raise MedsegInputError("cannot be created or written here", out)
+    folders = [name for name in PHANTOM_OUTPUTS if (out / name).is_dir()]
+    if folders:
+        raise MedsegInputError(f"holds a folder named {folders[0]}, where that output goes",
+                               out)
     existing = [name for name in PHANTOM_OUTPUTS if (out / name).exists()]
     if existing and not args.overwrite:
         raise MedsegInputError(
@@ -74,14 +86,14 @@ def cmd_phantom(args: argparse.Namespace) -> int:
                   .replace("n_lesions must be None or an integer", "--lesions must be an integer")
                   .replace("n_lesions", "--lesions"))
         raise MedsegInputError(reason, exc.path) from exc
-    created = not out.exists()
+    created = [p for p in [out, *out.parents] if not p.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     try:
         _write_phantom(out, phantom)
     except BaseException:
-        if created:  # nor an empty folder
+        for folder in created:  # nor empty folders, each one this run made
             with contextlib.suppress(OSError):
-                out.rmdir()
+                folder.rmdir()
         raise
     volume = phantom.volume
     print(
@@ -233,9 +245,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler), raised where the job is so that
+    the outputs are put back as for Ctrl-C: it ended the process with a temporary file
+    and half a phantom left behind."""
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # a closed stderr (or stdout) is None: print(file=None) wrote progress and errors
+    # into the piped output
+    for name in ("stderr", "stdout"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     parser = build_parser()
     args = parser.parse_args(argv)
+    import signal
+
+    on_term = (signal.signal(signal.SIGTERM, _terminate)
+               if threading.current_thread() is threading.main_thread() else None)
+    try:
+        return _run_command(args)
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except MedsegInputError as exc:
@@ -249,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{Path(exc.filename).name}: " if exc.filename else ""
         print(f"napari-medseg: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Terminated:  # the outputs were put back as they were
+        print("napari-medseg: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:  # Ctrl-C: the outputs were put back as they were
         print("napari-medseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -50,6 +50,8 @@ def _check_output(path: str, suffixes: tuple[str, ...], source: str | None = Non
         raise MedsegInputError("the folder to write into does not exist", out)
     if out.is_dir():
         raise MedsegInputError("output is a folder, expected a file name", out)
+    if not os.access(out.parent, os.W_OK | os.X_OK):  # said now, not after the computing
+        raise MedsegInputError("the folder to write into is not writable", out)
     if out.exists() and not overwrite:
         raise MedsegInputError("the output exists; pass --overwrite to replace it", out)
     refuse_write_protected(out, "not replaced")  # said now, not after the computing
