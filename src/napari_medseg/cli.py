@@ -265,8 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import signal
 
+    # not for the demo: raised inside Qt's event loop, napari would take it for an error
+    # in a callback instead of ending
     on_term = (signal.signal(signal.SIGTERM, _terminate)
-               if threading.current_thread() is threading.main_thread() else None)
+               if threading.current_thread() is threading.main_thread()
+               and getattr(args, "func", None) is not cmd_demo else None)
     try:
         return _run_command(args)
     finally:
