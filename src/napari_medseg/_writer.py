@@ -74,7 +74,6 @@ def write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
 def _write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
     import pandas as pd
 
-    from ._layers import mm_per_unit, world_matrix_of
     from .cli import _write_csv_atomic
 
     target = Path(path).expanduser()
@@ -84,9 +83,7 @@ def _write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
     ndim = points.shape[-1] if points.ndim == 2 else len(meta.get("scale") or ()) or 3
     points = points.reshape(-1, ndim)
     shown = np.broadcast_to(np.asarray(meta.get("shown", True), dtype=bool), (len(points),))
-    world = world_matrix_of(meta.get("scale", (1.0,) * ndim), meta.get("translate", (0.0,) * ndim),
-                            meta.get("rotate"), meta.get("shear"), meta.get("affine"))
-    world[:ndim, :] *= mm_per_unit(meta.get("units"), ndim)[:, None]
+    world = _world_mm(meta, ndim)
     mm = points @ world[:ndim, :ndim].T + world[:ndim, ndim]
     try:
         features = pd.DataFrame(meta.get("features") if meta.get("features") is not None else {})
@@ -127,13 +124,7 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
     """The layer's whole data-to-world transform (scale, translate, rotate, shear and
     affine: the last three were dropped, so a rotated layer was saved unrotated), as a
     (z, y, x) 4 × 4; a 2D layer is one slice of 1 mm."""
-    from ._layers import mm_per_unit, world_matrix_of
-
-    world = world_matrix_of(meta.get("scale", (1.0,) * ndim), meta.get("translate", (0.0,) * ndim),
-                            meta.get("rotate"), meta.get("shear"), meta.get("affine"))
-    # world lengths in the layer's units, the file's in mm: a layer in cm was saved at a
-    # tenth of its size
-    world[:ndim, :] *= mm_per_unit(meta.get("units"), ndim)[:, None]
+    world = _world_mm(meta, ndim)
     if ndim == 3:
         return world
     if ndim != 2:
@@ -141,6 +132,18 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
     matrix = np.eye(4)
     matrix[1:3, 1:3], matrix[1:3, 3] = world[:2, :2], world[:2, 2]
     return matrix
+
+
+def _world_mm(meta: dict, ndim: int) -> np.ndarray:
+    """A layer's whole data-to-world matrix ((ndim + 1) × (ndim + 1)) from its writer
+    ``meta``, in mm: world lengths are in the layer's units, the files' in mm (a layer in
+    cm was saved at a tenth of its size)."""
+    from ._layers import mm_per_unit, world_matrix_of
+
+    world = world_matrix_of(meta.get("scale", (1.0,) * ndim), meta.get("translate", (0.0,) * ndim),
+                            meta.get("rotate"), meta.get("shear"), meta.get("affine"))
+    world[:ndim, :] *= mm_per_unit(meta.get("units"), ndim)[:, None]
+    return world
 
 
 def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
