@@ -141,7 +141,9 @@ def _points_kwargs(
         "border_width": 0.12,
         "features": {"diameter_mm": diameters_mm, **features},
     }
-    if len(diameters_mm):
+    # a layer with a text for added points has it when empty too (a point the user adds
+    # to an empty Detect result went unlabelled); a size label with no sizes has no text
+    if len(diameters_mm) or "label" in features:
         kwargs["text"] = {"string": label, "color": "yellow", "size": 10, "anchor": "upper_left"}
     return kwargs
 

@@ -520,6 +520,8 @@ def test_detect_with_no_detection_adds_an_empty_points_layer(make_napari_viewer,
     assert widget._status.value.startswith("0 of 0 detections")
     points.add([2.0, 10.0, 10.0])  # the user's own lesion on an empty result
     assert points.features["label"].iloc[-1] == "added" and points.shown[-1]
+    # and it says so on screen (an empty layer was made without its text labels)
+    assert np.atleast_1d(points.text.values).tolist() == ["added"]
 
 
 def test_detect_list_follows_deletions_and_added_points_are_never_a_detection(
