@@ -580,12 +580,12 @@ class _RetrainBase(Container):
         if image is not None and slice_axis_shown(self._viewer, image):
             # the slider then moves along y or x: its position names no slice on screen
             # (it marked the last axial slice shown, never reviewed)
-            show_error(f"{self.task.capitalize()}: the image's slices run across the view "
+            show_error("Retrain: the image's slices run across the view "
                        "(axes reordered); show axial planes to mark one")
             return
         z = self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3 else 0.0)
         if z is None:
-            show_error(f"{self.task.capitalize()}: the current slice is outside the image")
+            show_error("Retrain: the current slice is outside the image")
             return
         self._checked.add(z)
         self._rebuild_list()
