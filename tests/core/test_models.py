@@ -10,6 +10,7 @@ import json
 import os
 
 import numpy as np
+import safetensors.torch
 import pytest
 import torch
 
@@ -622,6 +623,20 @@ def _save(tmp_path, kind="classifier", seed=0):
     return model, path, torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _as_saved_before_the_card_was_stored(card_path):
+    """Rewrite a saved model as save_model wrote it before it stored the card's meaning
+    (arch_params, classes, …) in the weights file: such files (the bundled ones) load
+    with only the architecture checked against the file."""
+    card = json.loads(card_path.read_text())
+    weights = card_path.parent / card["weights_file"]
+    tensors = safetensors.torch.load(weights.read_bytes())
+    meta = {"napari_medseg": json.dumps({"format": card["format"], "name": card["name"],
+                                         "architecture": card["architecture"]}, sort_keys=True)}
+    data = safetensors.torch.save(tensors, metadata=meta)
+    weights.write_bytes(data)
+    card_path.write_text(json.dumps({**card, "sha256": hashlib.sha256(data).hexdigest()}))
+
+
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_registry_round_trip(tmp_path, kind):
     model, card_path, x = _save(tmp_path, kind)
@@ -686,6 +701,7 @@ def test_registry_refuses_missing_weights(tmp_path):
 
 def test_registry_refuses_weights_that_do_not_fit(tmp_path):
     _, card_path, _ = _save(tmp_path)
+    _as_saved_before_the_card_was_stored(card_path)
     card = json.loads(card_path.read_text())
     card["arch_params"]["n_classes"] = 4  # checksum still fine, shapes are not
     card_path.write_text(json.dumps(card))
@@ -708,15 +724,90 @@ def test_registry_refuses_weights_that_do_not_fit(tmp_path):
         (lambda c: c["arch_params"].update(convs_per_block=100000),
          r"arch_params \(convs_per_block = 100000\) cannot describe these weights"),
         (lambda c: c["arch_params"].update(filters=[8] * 100000), "filters lists 100000 values"),
+        # a float: the constructors take 3000.0 as 3000 (11 s and 450 MB to build)
+        (lambda c: c["arch_params"].update(convs_per_block=100000.0),
+         r"arch_params \(convs_per_block = 100000.0\) cannot describe"),
+        (lambda c: c["arch_params"].update(hidden=float("inf")), r"\(hidden = inf\) cannot"),
+        # a number past float's range, a nesting past json's depth: one line, no traceback
+        (lambda c: c.update(peak_threshold=10 ** 400), "number too large"),
+        (lambda c: c["normalisation"].update(low=-(10 ** 400)), "needs numbers"),
     ],
 )
 def test_registry_refuses_bad_cards(tmp_path, edit, match):
     _, card_path, _ = _save(tmp_path)
+    _as_saved_before_the_card_was_stored(card_path)  # checks that do not need the stored card
     card = json.loads(card_path.read_text())
     edit(card)
     card_path.write_text(json.dumps(card))
     with pytest.raises(MedsegInputError, match=match):
         load_model(card_path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["arch_params"].update(activation="gelu"),   # same shapes, other predictions
+    lambda c: c.update(classes=c["classes"][::-1]),          # every slice named wrong
+    lambda c: c.update(input_spacing_mm=[2.5, 1.5, 1.5]),
+    lambda c: c["normalisation"].update(high=400),
+])
+def test_a_card_edited_after_saving_is_refused(tmp_path, edit):
+    """The checksum covers the weights file only; what the card says the tensors mean is
+    stored in that file too, and an edited card no longer loads as if nothing changed."""
+    _, card_path, _ = _save(tmp_path)
+    load_model(card_path)
+    card = json.loads(card_path.read_text())
+    edit(card)
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(MedsegInputError, match=r"^classifier\.json: the card's \w+ differ from "
+                                               r"what the weights were saved with"):
+        load_model(card_path)
+
+
+def test_the_weights_file_or_a_name_ending_in_a_suffix_is_handled(tmp_path):
+    """A unique-named save's weights file names its card (the docstring promised the
+    .safetensors beside the card works); a name ending .json could never be found."""
+    model = _seeded(SliceClassifier(**SMALL_CLS))
+    card_path = save_model(model, tmp_path, "mine", CARD, unique_weights=True)
+    weights = tmp_path / json.loads(card_path.read_text())["weights_file"]
+    assert weights.name != "mine.safetensors"
+    assert load_model(weights)[1]["card_path"] == str(card_path)
+    with pytest.raises(MedsegInputError, match="file suffix"):
+        save_model(model, tmp_path, "other.json", CARD)
+
+
+def test_a_width_torch_cannot_allocate_is_one_line():
+    """torch's message carries a C++ stack of 40 lines; the CLI printed it all."""
+    with pytest.raises(MedsegInputError, match=r"^bad arch_params for RecurrentSegmenter: "
+                                               r"[^\n]*Overflow[^\n]*$"):
+        registry.build_model({"architecture": "RecurrentSegmenter",
+                              "arch_params": {"hidden": 10 ** 30}})
+
+
+def test_a_card_too_deep_to_parse_is_one_line(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(MedsegInputError, match=r"^deep\.json: not a readable model card"):
+        load_model(tmp_path / "deep.json")
+    assert registry.list_models([tmp_path]) == []
+
+
+def test_a_load_during_a_save_reads_the_new_card(tmp_path, monkeypatch):
+    """A load that read the card just before a save replaced the model found its weights
+    deleted; it reads the card again."""
+    model = _seeded(SliceClassifier(**SMALL_CLS))
+    card_path = save_model(model, tmp_path, "m", CARD, unique_weights=True)
+    old = json.loads(card_path.read_text())
+    real_read_card, calls = registry.read_card, []
+
+    def read_card_then_resave(path):
+        card = real_read_card(path)
+        if not calls:  # the save lands between this load's card and weights reads
+            save_model(_seeded(SliceClassifier(**SMALL_CLS), 1), tmp_path, "m", CARD,
+                       unique_weights=True)
+        calls.append(path)
+        return card
+
+    monkeypatch.setattr(registry, "read_card", read_card_then_resave)
+    _, card = load_model(card_path)
+    assert len(calls) == 2 and card["sha256"] != old["sha256"]
 
 
 def test_registry_refuses_unreadable_card_and_unknown_name(tmp_path):

@@ -86,7 +86,7 @@ def check_normalisation(spec: Any) -> dict[str, Any]:
             "percentile": ("low_percentile", "high_percentile")}[spec["type"]]
     try:
         a, b = (float(spec[k]) for k in keys)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MedsegInputError(
             f"normalisation {spec['type']!r} needs numbers {keys}, got {spec!r}"
         ) from exc
@@ -243,6 +243,8 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
         raise MedsegInputError(
             f"model name must be letters, digits, '_', '-' or '.', got {name!r}"
         )
+    if name.lower().endswith((".json", ".safetensors")):  # saved as x.json.json: no name finds it
+        raise MedsegInputError(f"model name must not end in a file suffix, got {name!r}")
     arch = type(model).__name__
     if ARCHITECTURES.get(arch) is not type(model):
         raise MedsegInputError(
@@ -299,8 +301,13 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
     # ONE metadata key: safetensors writes the metadata map in hash order, which changes
     # from process to process, so several keys would make the same weights hash
     # differently on every save (and `train --seed S` could not reproduce a file's sha256)
+    # the card's entries that say what the tensors mean ride in the hashed bytes too: the
+    # card is outside the checksum, and an edited class order or activation loaded and
+    # predicted differently with no complaint
+    meaning = {"arch_params": _jsonable(arch_params), "classes": [str(c) for c in classes],
+               "input_spacing_mm": spacing, "normalisation": _jsonable(normalisation)}
     metadata = {"napari_medseg": json.dumps(
-        {"format": CARD_FORMAT, "name": name, "architecture": arch}, sort_keys=True)}
+        {"format": CARD_FORMAT, "name": name, "architecture": arch, **meaning}, sort_keys=True)}
     data = safetensors.torch.save(tensors, metadata=metadata)
     digest = hashlib.sha256(data).hexdigest()
     weights_path = directory / (f"{name}.{digest[:12]}.safetensors" if unique_weights
@@ -400,7 +407,7 @@ def read_card(card_path: str | Path) -> dict[str, Any]:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise MedsegInputError("model card not found", card_path) from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         reason = f"not a readable model card ({type(exc).__name__}: {exc})".splitlines()[0]
         raise MedsegInputError(reason, card_path) from exc
     if not isinstance(card, dict):
@@ -416,7 +423,11 @@ def read_card(card_path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(card["arch_params"], dict):
         raise MedsegInputError("arch_params must be a JSON object", card_path)
-    _check_card_values(card, card_path)
+    try:
+        _check_card_values(card, card_path)
+    except OverflowError as exc:  # a number past float's range (damage): one line, not a traceback
+        raise MedsegInputError("the card holds a number too large to be a setting",
+                               card_path) from exc
     return card
 
 
@@ -462,7 +473,9 @@ def resolve_card(
     looks_like_path = os.sep in text or bool(os.altsep and os.altsep in text)
     if path.suffix in (".json", ".safetensors") or looks_like_path:
         if path.suffix == ".safetensors":
-            path = path.with_suffix(".json")
+            # <name>.<sha256[:12]>.safetensors (a unique-named save) sits beside <name>.json
+            stem = re.sub(r"\.[0-9a-f]{12}$", "", path.stem)
+            path = path.with_name(f"{stem}.json")
         if not path.is_file():
             raise MedsegInputError("model card not found", path)
         return path
@@ -507,13 +520,17 @@ def build_model(card: Mapping[str, Any]) -> nn.Module:
         )
     try:
         return cls(**card["arch_params"])
-    except MedsegInputError as exc:
-        raise MedsegInputError(f"bad arch_params for {cls.__name__}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise MedsegInputError(f"bad arch_params for {cls.__name__}: {exc}") from exc
+    except (MedsegInputError, TypeError, ValueError, OverflowError) as exc:
+        # first line only: torch's own errors carry a C++ stack of 40 lines
+        raise MedsegInputError(f"bad arch_params for {cls.__name__}: {_first_line(exc)}") from exc
     except (RuntimeError, MemoryError) as exc:  # e.g. absurd layer sizes in an edited card
         raise MedsegInputError(f"arch_params for {cls.__name__} cannot be built"
-                               f" ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:80]})") from exc
+                               f" ({type(exc).__name__}: {_first_line(exc)[:80]})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _state_dict_mismatch(model: nn.Module, tensors: Mapping[str, Any]) -> str | None:
@@ -558,7 +575,8 @@ def _implausible_arch(arch_params: Mapping[str, Any], tensors: Mapping[str, Any]
     def problem(key: str, value: Any) -> str | None:
         if isinstance(value, bool):
             return None
-        if isinstance(value, int) and value > limit:
+        # a float too: the constructors take 3000.0 as 3000 (and fail on inf only deep inside)
+        if isinstance(value, (int, float)) and not (value <= limit):
             return f"{key} = {value}"
         if isinstance(value, (list, tuple)):
             if len(value) > limit:
@@ -602,23 +620,12 @@ def load_model(
     folder, then the bundled weights). The weights file's sha256 must match the card's.
     """
     card_path = resolve_card(card_path_or_name, search_dirs)
-    card = read_card(card_path)
-    weights_file = card.get("weights_file", f"{card_path.stem}.safetensors")
-    if not isinstance(weights_file, str) or "\0" in weights_file:
-        raise MedsegInputError("weights_file must be a file name beside the card", card_path)
-    weights_path = card_path.parent / weights_file
-    if weights_path.parent.resolve() != card_path.parent.resolve():
-        raise MedsegInputError("weights_file must be a file beside the card", card_path)
-    try:
-        data = weights_path.read_bytes()  # hash and parse the same bytes
-    except FileNotFoundError as exc:
+    card, weights_path, data = _card_and_weights(card_path)
+    if data is None:  # a save replacing the model between our two reads: read its new card
+        card, weights_path, data = _card_and_weights(card_path)
+    if data is None:
         raise MedsegInputError(
-            f"weights file missing (card {card_path.name} needs it)", weights_path
-        ) from exc
-    except OSError as exc:
-        raise MedsegInputError(
-            f"cannot read weights ({exc.strerror or exc})", weights_path
-        ) from exc
+            f"weights file missing (card {card_path.name} needs it)", weights_path)
     digest = hashlib.sha256(data).hexdigest()
     expected = str(card["sha256"]).lower()
     if digest != expected:
@@ -632,11 +639,18 @@ def load_model(
     except Exception as exc:  # safetensors raises its own SafetensorError
         reason = f"not a valid safetensors file ({exc})".splitlines()[0]
         raise MedsegInputError(reason, weights_path) from exc
-    # the card is not under the checksum: it must at least name the file's architecture
+    # the card is not under the checksum: it must at least name the file's architecture,
+    # and say what the file was saved with (weights saved before that was stored: unchecked)
     if stored.get("architecture") not in (None, card.get("architecture")):
         raise MedsegInputError(
             f"the card says {card.get('architecture')!r}, the weights file was saved from a "
             f"{stored['architecture']!r}", card_path)
+    edited = [k for k in _MEANING_KEYS if k in stored and _jsonable(card[k]) != stored[k]]
+    if edited:
+        raise MedsegInputError(
+            f"the card's {' and '.join(edited)} differ from what the weights were saved with "
+            f"(the card was edited or damaged); saved: "
+            f"{json.dumps({k: stored[k] for k in edited}, sort_keys=True)[:200]}", card_path)
     problem = _weights_problem(tensors) or _implausible_arch(card["arch_params"], tensors)
     if problem:
         raise MedsegInputError(problem, weights_path)
@@ -656,6 +670,29 @@ def load_model(
     model.eval()
     card["card_path"] = str(card_path)
     return model, card
+
+
+#: card entries save_model also stores inside the hashed weights file
+_MEANING_KEYS = ("arch_params", "classes", "input_spacing_mm", "normalisation")
+
+
+def _card_and_weights(card_path: Path) -> tuple[dict[str, Any], Path, bytes | None]:
+    """The card, its weights file's path and bytes (None: the file is missing)."""
+    card = read_card(card_path)
+    weights_file = card.get("weights_file", f"{card_path.stem}.safetensors")
+    if not isinstance(weights_file, str) or "\0" in weights_file:
+        raise MedsegInputError("weights_file must be a file name beside the card", card_path)
+    weights_path = card_path.parent / weights_file
+    if weights_path.parent.resolve() != card_path.parent.resolve():
+        raise MedsegInputError("weights_file must be a file beside the card", card_path)
+    try:
+        return card, weights_path, weights_path.read_bytes()  # hash and parse the same bytes
+    except FileNotFoundError:
+        return card, weights_path, None
+    except OSError as exc:
+        raise MedsegInputError(
+            f"cannot read weights ({exc.strerror or exc})", weights_path
+        ) from exc
 
 
 def list_models(dirs: Iterable[str | Path] | None = None) -> list[dict[str, Any]]:
