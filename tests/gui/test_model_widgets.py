@@ -1,6 +1,7 @@
 """Segment / Detect / Classify dock widgets in a real viewer, with small random models."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,6 +378,36 @@ def test_bad_input_notifies_and_changes_nothing(
     assert len(errors) == 1 and reason in errors[0] and "\n" not in errors[0]
     assert [(n, k) for n, k, _ in layer_snapshot(viewer)] == [(n, k) for n, k, _ in before]
     assert widget._worker is None and widget._run.enabled
+
+
+def test_a_picked_model_that_goes_away_stays_picked_and_a_run_says_why(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """The picker moved on its own to the bundled model when the picked card was deleted
+    or damaged, and the next run used it unannounced."""
+    viewer, image, widget = _ready(make_napari_viewer, small_phantom, SegmentWidget,
+                                   random_models["RecurrentSegmenter"])
+    card = Path(random_models["RecurrentSegmenter"])
+    card.write_text(card.read_text()[:-20])  # damaged
+    widget._model.reset_choices()  # what a layer added or a model saved elsewhere does
+    assert widget._model.value == str(card)
+    assert "test-segmenter.json (unavailable)" in _picker_names(widget._model)
+    before = layer_snapshot(viewer)
+    start = len(notification_manager.records)
+    _run_and_wait(widget, qtbot)
+    errors = _messages_since(start, "error")
+    assert len(errors) == 1 and "not a readable model card" in errors[0], errors
+    assert [(n, k) for n, k, _ in layer_snapshot(viewer)] == [(n, k) for n, k, _ in before]
+
+
+def test_two_user_models_of_one_name_can_both_be_picked(make_napari_viewer, random_models):
+    card = Path(random_models["RecurrentSegmenter"])
+    copy = card.with_name("zz-copy.json")
+    copy.write_text(card.read_text())  # same name and version: magicgui listed one of them
+    widget = SegmentWidget(make_napari_viewer())
+    values = [widget._model.native.itemData(i) for i in range(widget._model.native.count())]
+    assert str(card) in values and str(copy) in values
+    names = _picker_names(widget._model)
+    assert len(set(names)) == len(names) and any("zz-copy.json" in n for n in names)
 
 
 def test_labels_layer_is_refused_as_image(make_napari_viewer):

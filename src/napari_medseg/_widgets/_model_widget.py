@@ -32,8 +32,12 @@ from ..core.models.registry import BUNDLED_DIR, list_models, load_model
 REDRAW_S = 0.25
 
 
-def model_choices(architecture: str) -> list[tuple[str, str]]:
-    """(display name, card path) for every bundled and user model of ``architecture``."""
+def model_choices(architecture: str, keep: Any = None) -> list[tuple[str, str]]:
+    """(display name, card path) for every bundled and user model of ``architecture``.
+
+    ``keep``: the card path a picker shows now. Gone or unreadable since it was picked, it
+    stays listed as unavailable (Run then says why), rather than the picker moving on its
+    own to another model that the next run would use unannounced."""
     choices = []
     for card in list_models():
         if card.get("architecture") != architecture:
@@ -41,6 +45,12 @@ def model_choices(architecture: str) -> list[tuple[str, str]]:
         where = "bundled" if Path(card["card_path"]).parent == BUNDLED_DIR else "user"
         version = card.get("version", "?")
         choices.append((f"{card['name']} v{version} ({where})", card["card_path"]))
+    # two cards of one name and version (a copied file): magicgui lists one label once
+    taken = [label for label, _ in choices]
+    choices = [(f"{label} – {Path(path).name}" if taken.count(label) > 1 else label, path)
+               for label, path in choices]
+    if isinstance(keep, str) and keep and keep not in {path for _, path in choices}:
+        choices.append((f"{Path(keep).name} (unavailable)", keep))
     return choices
 
 
@@ -71,9 +81,25 @@ def provenance(card: dict, image_name: str) -> dict[str, Any]:
 _MODEL_PICKERS: "weakref.WeakSet[ComboBox]" = weakref.WeakSet()
 
 
+class _ModelPicker(ComboBox):
+    """A ComboBox that keeps its model over a re-listing. magicgui keeps an entry by its
+    label: a label that changed (the model unavailable, a copy of the same name listed
+    beside it) selected the first model, and the widget ran with it unannounced."""
+
+    def reset_choices(self, *_: Any) -> None:
+        keep = self.value
+        with self.changed.blocked():
+            super().reset_choices()
+            if keep is not None and keep in self.choices and self.value != keep:
+                self.value = keep
+        if self.value != keep:
+            self.changed.emit(self.value)
+
+
 def model_picker(architecture: str) -> ComboBox:
     """A "Model" picker listing the bundled and user models of ``architecture``."""
-    picker = ComboBox(label="Model", choices=lambda _w=None: model_choices(architecture))
+    picker = _ModelPicker(label="Model", choices=lambda w=None: model_choices(
+        architecture, keep=None if w is None else w.value))
     _MODEL_PICKERS.add(picker)
     return picker
 
