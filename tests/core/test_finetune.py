@@ -52,9 +52,9 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _finetune(model, phantom, labels, slices, **kw):
+def _finetune(model, phantom, labels, slices, card=CARD, **kw):
     kw = {"steps": 3, "holdout": False, "threads": 1, **kw}
-    return run_to_completion(finetune_segmenter(phantom.volume, model, CARD, labels, slices, **kw))
+    return run_to_completion(finetune_segmenter(phantom.volume, model, card, labels, slices, **kw))
 
 
 def test_only_annotated_slices_are_learned_from_and_the_input_model_is_untouched(tiny, phantom):
@@ -505,6 +505,23 @@ def test_the_held_out_slice_does_not_shape_the_phase_it_is_held_out_of(tiny, pha
     assert a.report.holdout_slice == 3 and a.report.steps == 1
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
+
+
+def test_a_later_round_never_holds_out_a_slice_an_earlier_round_trained_on(tiny, phantom):
+    """Round 2 starts from round 1's model, which trained on slices 3 and 6 (3 held out
+    for part of it): its "held-out" Dice on 6 scored a slice it had learnt."""
+    labels = phantom.labels.copy()
+    first = _finetune(tiny, phantom, labels, [3, 6], holdout=True, version=1)
+    assert first.report.holdout_slice == 3
+    same = _finetune(first.model, phantom, labels, [3, 6], holdout=True, version=2,
+                     card=first.card)
+    assert same.report.holdout_slice is None and same.report.holdout_dice_after is None
+    more = _finetune(first.model, phantom, labels, [3, 6, 8], holdout=True, version=2,
+                     card=first.card)
+    assert more.report.holdout_slice == 8
+    third = _finetune(more.model, phantom, labels, [1, 3, 6, 8], holdout=True, version=3,
+                      card=more.card)  # the lineage: rounds 1 and 2
+    assert third.report.holdout_slice == 1
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 10])

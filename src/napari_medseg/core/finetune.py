@@ -36,6 +36,7 @@ phantom stream.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -184,6 +185,19 @@ def measured_values(volume: Any, arr: np.ndarray, zs: Sequence[int]) -> np.ndarr
     values = arr[zs]
     unmeasured = np.isnan(np.asarray(volume.array)[zs])
     return values[~unmeasured] if unmeasured.any() else values.ravel()
+
+
+def trained_before(card: Mapping[str, Any]) -> set[int]:
+    """The slices the card's model was fine-tuned on, in every round of its lineage (its
+    card's ``finetune_history``); slice numbers of whatever image each round used."""
+    seen: set[int] = set()
+    history = card.get("finetune_history")
+    for record in history if isinstance(history, list) else ():
+        slices = record.get("slices") if isinstance(record, Mapping) else None
+        for z in slices if isinstance(slices, list) else ():
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                seen.add(_whole(z))
+    return seen
 
 
 def _whole(z: Any) -> int:
@@ -423,7 +437,8 @@ def finetune_segmenter(
     ``seconds`` (default :data:`DEFAULT_SECONDS`, or :data:`NEW_STRUCTURE_SECONDS` when
     the annotation holds a new structure). Yields Progress every step with the
     step's loss in ``partial``; returns a :class:`FinetuneResult`. ``version`` picks the
-    held-out slice (rotating) and goes into the card. ``model_labels`` (z, y, x): the
+    held-out slice (rotating over the annotated slices no earlier round in the card's
+    ``finetune_history`` trained on; none left: no held-out score) and goes into the card. ``model_labels`` (z, y, x): the
     labels ``model`` gives this volume (``segment_volume``'s, e.g. what a widget last
     predicted with it); it spares the round its first pass over the volume, which
     otherwise finds them (corrections and the held-out Dice before are measured
@@ -528,7 +543,11 @@ def finetune_segmenter(
             weight[train_zs] = part
             return weight
 
-        held = zs[(int(version) - 1) % len(zs)] if holdout and len(zs) >= 2 else None
+        # never a slice an earlier round of this model's lineage trained on: its score
+        # there is no held-out score (round 2 held out a slice round 1 had learnt)
+        fresh = [z for z in zs if z not in trained_before(card)]
+        held = (fresh[(int(version) - 1) % len(fresh)]
+                if holdout and len(zs) >= 2 and fresh else None)
         dice_before = dice_after = None
         if held is not None:
             pred = shown_at(held)
