@@ -469,6 +469,31 @@ def test_a_new_empty_layer_on_an_rgb_image_is_refused_with_a_message(scene):
     assert any("RGB" in m for m in _errors_since(start))
 
 
+def test_a_new_empty_layer_opens_when_the_picked_models_card_is_gone(scene):
+    """It read the card for the structure names and raised a traceback instead."""
+    viewer, image, labels, widget, phantom = scene
+    from pathlib import Path
+
+    Path(widget._model.value).unlink()
+    n_layers = len(viewer.layers)
+    start = len(notification_manager.records)
+    widget._new_layer.clicked.emit()
+    assert len(viewer.layers) == n_layers + 1 and not viewer.layers[-1].data.any()
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("model card not found" in m and "unnamed" in m for m in said), said
+
+
+def test_saving_under_a_name_too_long_for_the_file_system_says_so(scene, qtbot):
+    viewer, image, labels, widget, phantom = scene
+    widget._predict.clicked.emit()  # v0 listed
+    _wait(widget, qtbot)
+    start = len(notification_manager.records)
+    widget._save_name.value = "a" * 300
+    widget._save.clicked.emit()  # Path.exists raised ENAMETOOLONG out of the slot
+    assert any("saving failed" in m for m in _errors_since(start))
+    assert list(user_models_dir().glob("a*")) == []
+
+
 def test_two_labels_layers_autosave_to_two_folders(scene):
     from napari_medseg.core.session import load_session
 

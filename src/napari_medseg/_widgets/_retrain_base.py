@@ -496,7 +496,13 @@ class _RetrainBase(Container):
         if self._history is not None:
             return dict(enumerate(self._history.versions[self._history.current].card["classes"]))
         path = self._model.value
-        return {0: "background"} if path is None else dict(enumerate(read_card(path)["classes"]))
+        if path is None:
+            return {0: "background"}
+        try:
+            return dict(enumerate(read_card(path)["classes"]))
+        except MedsegInputError as exc:  # a new or restored layer still opens, unnamed
+            show_warning(f"{self.task.capitalize()}: {exc}; the layer's structures are unnamed")
+            return {0: "background"}
 
     # -- annotated slices --------------------------------------------------------------
     def _add_edited(self, zs: set[int]) -> None:
@@ -646,14 +652,14 @@ class _RetrainBase(Container):
         if not name:
             base = str(self._history.versions[0].card.get("name", "model"))
             name = f"{base}-ft-{time.strftime('%Y%m%d-%H%M%S')}-v{number}"
-        if (user_models_dir() / f"{name}.json").exists() or (BUNDLED_DIR / f"{name}.json").exists():
-            # a bundled name too: found first by name, it would stand in for the bundled
-            # model in every script and list that names it
-            show_error(f"Retrain: a model named '{name}' exists; choose another name")
-            return
         try:
+            if (user_models_dir() / f"{name}.json").exists() or (BUNDLED_DIR / f"{name}.json").exists():
+                # a bundled name too: found first by name, it would stand in for the bundled
+                # model in every script and list that names it
+                show_error(f"Retrain: a model named '{name}' exists; choose another name")
+                return
             path = self._history.save(number, name)
-        except (MedsegInputError, OSError) as exc:
+        except (MedsegInputError, OSError) as exc:  # e.g. a name too long for the file system
             show_error(f"Retrain: saving failed: {exc}")
             return
         self._status.value = f"Saved v{number} as '{name}' ({path})"
