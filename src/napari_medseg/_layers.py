@@ -111,12 +111,19 @@ def labels_layer_data(
     """A Labels layer aligned with ``volume``, its structures named and coloured."""
     if labels.shape != volume.shape:
         raise ValueError(f"labels shape {labels.shape} does not match image {volume.shape}")
-    kwargs = {
-        **_labels_kwargs(name, label_names),
-        **_geometry(volume),
-        "metadata": _medseg_metadata(volume, label_names=dict(label_names), **extra),
-    }
+    metadata = _medseg_metadata(volume, label_names=dict(label_names), **extra)
+    # a label map, not the scan it was drawn on: no modality, no intensity unit (Info
+    # called the phantom's ground truth "CT" in "HU")
+    medseg = metadata["medseg"]
+    del medseg["modality"]
+    medseg["source"] = {k: v for k, v in medseg["source"].items()
+                        if k not in _INTENSITY_KEYS}
+    kwargs = {**_labels_kwargs(name, label_names), **_geometry(volume), "metadata": metadata}
     return (labels, kwargs, "labels")
+
+
+#: source metadata that describe an image's intensities, not its geometry
+_INTENSITY_KEYS = ("rescale_type", "photometric", "kvp")
 
 
 def marker_sizes(diameters_mm: Any, layer_scale: Any) -> np.ndarray:
@@ -156,11 +163,19 @@ def points_layer_data(
     features: dict[str, Any] | None = None,
     **extra: Any,
 ) -> tuple:
-    """A Points layer of lesions in voxel coordinates, sized by diameter, on the image grid."""
+    """A Points layer of lesions in voxel coordinates, sized by diameter, on the image grid.
+    A point the user adds is none of these lesions: no diameter, "added", numbers NaN and
+    text empty (napari would copy the last lesion's features into it, and save them)."""
     centers = np.asarray(centers_zyx, dtype=float).reshape(-1, 3)
     diameters = np.asarray(diameters_mm, dtype=float).reshape(-1)
+    features = dict(features or {})
+    defaults = {k: "" if np.asarray(v).dtype.kind in "OUS" else np.nan
+                for k, v in features.items()}
+    # object dtype: an empty list would make a float column that cannot take "added"
+    features["label"] = np.asarray([f"{d:.0f} mm" for d in diameters], dtype=object)
     kwargs = {
-        **_points_kwargs(name, diameters, volume.spacing, features or {}, "{diameter_mm:.0f} mm"),
+        **_points_kwargs(name, diameters, volume.spacing, features, "{label}"),
+        "feature_defaults": {**defaults, "diameter_mm": np.nan, "label": ADDED_LABEL},
         **_geometry(volume),
         "metadata": _medseg_metadata(volume, **extra),
     }

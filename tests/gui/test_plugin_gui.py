@@ -169,15 +169,60 @@ def _phantom_widget(make_napari_viewer, shape, lesions):
 
 def test_phantom_widget_errors_name_its_own_controls(make_napari_viewer, qtbot):
     """The core's "smaller lesion_radius_mm" reached the user, whose control says
-    "Lesion radius max (mm)"."""
+    "Lesion radius min (mm)"; and it is the minimum that decides (a lesion is shrunk to
+    fit down to it), so the advice named the maximum, which never helps."""
     viewer, widget = _phantom_widget(make_napari_viewer, (8, 64, 64), lesions=30)
     start = len(notification_manager.records)
     widget._run.clicked.emit()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     (error,) = _errors_since(start)
-    assert "could not fit 30 lesions" in error and "Lesion radius max" in error
+    assert "could not fit 30 lesions" in error and "smaller Lesion radius min" in error
+    assert "Lesion radius max" not in error
     assert "lesion_radius_mm" not in error and "lesion_radius_mm" not in widget._status.value
     assert len(viewer.layers) == 0
+
+
+def test_phantom_widget_says_when_random_lesions_did_not_fit(make_napari_viewer, qtbot):
+    """A random number of lesions too large for the organs gave 0 lesions and no word."""
+    viewer, widget = _phantom_widget(make_napari_viewer, (16, 96, 96), lesions=0)
+    widget._random_lesions.value = True
+    widget._rmin.value, widget._rmax.value = 30.0, 50.0
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    settings = viewer.layers[0].metadata["medseg"]["source"]["phantom_settings"]
+    assert settings["n_lesions"] == "random" and settings["lesions_drawn"] >= 1
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any(f"0 of the {settings['lesions_drawn']} lesions drawn fit" in m for m in said), said
+    assert "Lesion radius min" in widget._status.value
+
+
+def test_the_phantoms_layers_say_what_they_are(make_napari_viewer):
+    """A point the user adds to the lesions took the last lesion's diameter, organ and
+    contrast (and was saved so); Info called the ground truth a CT in HU; the layers
+    did not record the settings beyond the seed (the widget's seed 0 differs from the
+    sample's in noise)."""
+    from napari_medseg._widgets.info import describe_layer
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "synthetic_ct")
+    image, truth, points = viewer.layers
+    points.add([[10, 100, 100]])
+    added = points.features.iloc[-1]
+    assert np.isnan(added["diameter_mm"]) and np.isnan(added["contrast_hu"])
+    assert added["organ"] == "" and added["label"] == "added"
+    assert list(points.text.values)[-1] == "added"
+    text = describe_layer(truth)
+    assert "Modality" not in text and "HU" not in text and "phantom_seed: 0" in text
+    assert "Modality: CT" in describe_layer(image)
+    settings = image.metadata["medseg"]["source"]["phantom_settings"]
+    from napari_medseg._sample_data import SAMPLE_SHAPE, SAMPLE_SPACING
+    from napari_medseg.core.phantom import generate_phantom
+
+    again = generate_phantom(SAMPLE_SHAPE, SAMPLE_SPACING, seed=0,
+                             noise_hu=settings["noise_hu"],
+                             lesion_radius_mm=settings["lesion_radius_mm"])
+    np.testing.assert_allclose(again.volume.array, image.data, atol=1e-3)
 
 
 def test_phantom_widget_thin_slab_advice_names_the_minimum_radius(make_napari_viewer, qtbot):
@@ -233,8 +278,10 @@ def test_cancel_stops_a_large_phantom_between_slabs(make_napari_viewer, qtbot, m
     monkeypatch.setattr(phantom_widget, "phantom_job", recorded)
     viewer, widget = _phantom_widget(make_napari_viewer, (60, 512, 512), lesions=0)
     widget._run.clicked.emit()
-    qtbot.waitUntil(lambda: len(reports) > 0, timeout=60_000)
-    assert widget._status.value.startswith("Generating: drawing slices")
+    # (the report reaches the status line through the event loop, after the worker yields)
+    qtbot.waitUntil(lambda: widget._status.value.startswith("Generating: drawing slices"),
+                    timeout=60_000)
+    assert reports
     widget._cancel.clicked.emit()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert reports[-1].step < 60 and len(viewer.layers) == 0  # slabs of 7 slices: 9 of them

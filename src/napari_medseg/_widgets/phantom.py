@@ -162,6 +162,14 @@ class PhantomWidget(Container):
             f"seed {phantom.volume.metadata.get('phantom_seed')}: "
             f"{len(phantom.lesions)} lesions, {int((phantom.slice_classes == 2).sum())} lesion slices"
         )
+        drawn = phantom.volume.metadata.get("phantom_settings", {}).get("lesions_drawn", 0)
+        if len(phantom.lesions) < drawn:  # a random number: those that did not fit are left out
+            from napari.utils.notifications import show_warning
+
+            message = (f"{len(phantom.lesions)} of the {drawn} lesions drawn fit into the organs; "
+                       "a smaller Lesion radius min or a larger field of view fits more")
+            show_warning(f"Synthetic phantom: {message}")
+            self._status.value += f" ({message})"
 
     def _on_failed(self, message: str) -> None:
         set_status(self._status, f"Failed: {message}")

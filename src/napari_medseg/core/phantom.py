@@ -1110,9 +1110,12 @@ def _place_lesions(
     radius_range: tuple[float, float],
     contrast_scale: float,
     body_z_fraction: float | None = None,
+    drawn_count: list[int] | None = None,
 ) -> list[dict]:
     """Choose lesion ellipsoids (mm, patient frame) that fit inside their host organ
-    (``body_z_fraction``: only to name it when the body's slab is too thin)."""
+    (``body_z_fraction``: only to name it when the body's slab is too thin).
+    ``drawn_count`` receives how many were drawn (a random number may not all fit)."""
+    drawn_count = [] if drawn_count is None else drawn_count
     count = int(rng.integers(1, 7)) if n_lesions is None else int(n_lesions)
     lo_r, hi_r = radius_range
     sp = np.asarray(spacing, dtype=float)
@@ -1127,6 +1130,7 @@ def _place_lesions(
         "kidney_right": anat.kidneys["kidney_right"].bbox[..., None],
     }
     placed: list[dict] = []
+    drawn_count[:] = [count]
     for _ in range(count):
         r = float(np.exp(rng.uniform(math.log(lo_r), math.log(hi_r))))
         host = str(rng.choice(LESION_HOSTS, p=[0.68, 0.14, 0.09, 0.09]))
@@ -1173,7 +1177,8 @@ def _place_lesions(
             raise MedsegInputError(
                 f"could not fit {count} lesions into the organs inside this field of view "
                 f"(placed {len(placed)}); use a larger field of view (shape x spacing), "
-                "smaller lesion_radius_mm or fewer lesions"
+                # a lesion is shrunk to fit down to the minimum, so the maximum never helps
+                "a smaller lesion_radius_mm minimum or fewer lesions"
             )
         center_mm, h = done
         placed.append(
@@ -1427,8 +1432,9 @@ def phantom_job(
         blur = blur_sigma_mm
     nonu = nonu_draw if nonuniformity_hu is None else nonuniformity_hu
 
+    drawn: list[int] = []
     lesions = _place_lesions(rng_les, anat, (zc, yc, xc), spacing, n_lesions, lesion_radius_mm,
-                             contrast_scale, body_z_fraction)
+                             contrast_scale, body_z_fraction, drawn)
 
     # ---- render block by block
     hu = np.empty(shape, dtype=np.float32)
@@ -1562,6 +1568,17 @@ def phantom_job(
         metadata={
             "source_format": "phantom",
             "phantom_seed": seed,
+            # with the seed, what reproduces it (the widget and the sample differ in noise)
+            "phantom_settings": {
+                "n_lesions": "random" if n_lesions is None else int(n_lesions),
+                "lesions_drawn": int(drawn[0]) if drawn else 0,
+                "lesion_radius_mm": [float(v) for v in lesion_radius_mm],
+                "noise_hu": float(noise),
+                "blur_sigma_mm": [float(b) for b in blur],
+                "nonuniformity_hu": float(nonu),
+                "contrast_scale": float(contrast_scale),
+                "body_z_fraction": None if body_z_fraction is None else float(body_z_fraction),
+            },
             "series_description": f"synthetic abdominal CT phantom ({anat.phase} phase)",
             "body_part": "ABDOMEN",
             "slice_thickness_mm": float(sz),

@@ -37,6 +37,7 @@ SAFE_METADATA_KEYS = frozenset(
         "slice_spacings_mm",
         "warnings",
         "phantom_seed",
+        "phantom_settings",  # the rest of what made a phantom (noise, lesion radii, …)
         "synthetic_slices",  # how many slices napari-medseg generated (not acquired)
     }
 )
