@@ -488,7 +488,7 @@ class _RetrainBase(Container):
         try:
             check_image_layer(image)
         except MedsegInputError as exc:
-            show_error(f"{self.task.capitalize()}: {exc}")
+            show_error(f"Retrain: {exc}")
             return
         self._layer_pick.value = self._empty_layer(image)
 
@@ -501,7 +501,7 @@ class _RetrainBase(Container):
         try:
             return dict(enumerate(read_card(path)["classes"]))
         except MedsegInputError as exc:  # a new or restored layer still opens, unnamed
-            show_warning(f"{self.task.capitalize()}: {exc}; the layer's structures are unnamed")
+            show_warning(f"Retrain: {exc}; the layer's structures are unnamed")
             return {0: "background"}
 
     # -- annotated slices --------------------------------------------------------------
