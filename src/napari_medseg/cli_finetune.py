@@ -241,8 +241,9 @@ def register(sub: Any) -> None:
     p.add_argument("model", help="model name (e.g. segmenter) or card path")
     p.add_argument("--image", required=True, help="DICOM file/folder, NIfTI or .npy")
     p.add_argument("--labels", help="segmenter: label volume on the image's grid (NIfTI/.npy)")
-    p.add_argument("--points", help="detector: CSV with z, y, x[, diameter_mm] (voxel indices): "
-                   "all the lesions on the given slices")
+    p.add_argument("--points", help="detector: CSV with z, y, x[, diameter_mm] (voxel indices), "
+                   "or napari's axis-0, axis-1, axis-2 (world mm, as napari and the Detect "
+                   "widget save points): all the lesions on the given slices")
     p.add_argument("--slices", required=True, help="annotated (reviewed) slices, numbered from 0 along the "
                    "image's z as napari's slider shows them (and detect's CSV), e.g. 10,20,30 or 10-14")
     p.add_argument("--out", required=True, help="folder for the fine-tuned model")
@@ -255,5 +256,5 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: free cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_finetune)

@@ -351,7 +351,7 @@ def register(sub: Any) -> None:
                    help="detector: train this many networks (seeds SEED, SEED+1, ...) and "
                         "average them (the ablation trains one)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     recipe = p.add_argument_group("classifier recipe (docs/models.md)")
     recipe.add_argument("--convs-per-block", type=int, help="conv layers before each pooling (1)")
     recipe.add_argument("--pooling", choices=("avg", "max"), help="adaptive pooling before the FC layers (avg)")

@@ -251,12 +251,19 @@ def test_detect_keeps_the_missing_slices_said_and_lets_go_of_a_deleted_layer(
     assert widget._goto_items == [] and "removed" in widget._status.value
 
 
-def test_segment_on_a_2d_image_reports_areas_not_volumes(make_napari_viewer, qtbot, small_phantom):
-    """A 2D slice has no thickness: its structures were given in ml (× a made-up 1 mm)."""
+@pytest.mark.parametrize("one_slice_volume", [False, True])
+def test_segment_on_a_2d_image_reports_areas_not_volumes(make_napari_viewer, qtbot, small_phantom,
+                                                         one_slice_volume):
+    """A 2D slice has no thickness: its structures were given in ml (× a made-up 1 mm).
+    napari-medseg's reader opens a 2D file as a one-slice volume: the widget still said
+    ml there, while the CLI gave cm² for the same file."""
     viewer = make_napari_viewer()
     z = small_phantom.volume.shape[0] // 2
-    image = viewer.add_image(small_phantom.volume.array[z], scale=small_phantom.volume.spacing[1:],
-                             name="one slice")
+    data = small_phantom.volume.array[z]
+    scale = small_phantom.volume.spacing[1:]
+    if one_slice_volume:
+        data, scale = data[None], (1.0, *scale)
+    image = viewer.add_image(data, scale=scale, name="one slice")
     widget = SegmentWidget(viewer)
     _select(widget, image, str(BUNDLED_DIR / "segmenter.json"))
     _run_and_wait(widget, qtbot)

@@ -17,9 +17,10 @@ class SegmentWidget(ModelRunWidget):
     def show_result(self, result, card, image_layer, volume, options) -> None:
         data, kwargs, _ = segmentation_layer_data(result, image_layer, provenance(card, image_layer.name))
         self._viewer.add_labels(data, **kwargs)
-        # a 2D image has no slice thickness: its structures are areas
+        # one slice (a 2D image, or one opened as a one-slice volume): areas, as the CLI
+        # gives; a volume would need a thickness the image may not have (.npy: made up)
         voxel = voxel_size_mm(image_layer)  # a sheared layer's voxels are smaller
-        amount, unit = ((result.area_cm2(voxel), "cm²") if image_layer.ndim == 2
+        amount, unit = ((result.area_cm2(voxel), "cm²") if volume.shape[0] == 1
                         else (result.volume_ml(voxel), "ml"))
         found = [f"{name} {format_measure(amount[name])} {unit}" for name in result.class_names[1:]
                  if amount[name] > 0]
