@@ -659,3 +659,33 @@ def test_an_sform_and_qform_that_disagree_are_said(tmp_path):
     img.set_qform(np.eye(4), code=1)  # the same place: nothing said
     nib.save(img, tmp_path / "same.nii.gz")
     assert not any("qform" in w for w in read_volume(tmp_path / "same.nii.gz").metadata["warnings"])
+
+
+def test_other_tools_label_maps_open_as_labels(tmp_path):
+    """A float32 file marked as a label map (MONAI's SaveImage), 40 structures
+    (TotalSegmentator) and values above 255 (FreeSurfer's aparc+aseg) opened as grey
+    float images: nothing to correct or retrain on."""
+    from napari_medseg.core.io import read_label_map
+
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    seg = np.zeros((20, 20, 10), np.uint8)
+    seg[2:8, 2:8, 2:6], seg[10:15, 10:15, 3:7] = 1, 2
+    marked = nib.Nifti1Image(seg.astype(np.float32), affine)
+    marked.header.set_intent("label")
+    nib.save(marked, tmp_path / "marked_float.nii.gz")
+    many = np.zeros((40, 40, 10), np.uint8)
+    for k in range(40):
+        many[(k % 8) * 5:(k % 8) * 5 + 4, (k // 8) * 5:(k // 8) * 5 + 4, 2:6] = k + 1
+    nib.save(nib.Nifti1Image(many, affine), tmp_path / "totalseg.nii.gz")
+    aseg = np.zeros((20, 20, 10), np.int32)
+    aseg[2:5, 2:5, 2:5], aseg[8:12, 8:12, 2:5], aseg[14:18, 14:18, 2:5] = 17, 1035, 2035
+    nib.save(nib.Nifti1Image(aseg, affine), tmp_path / "aseg.nii.gz")
+    for name, values in [("marked_float", {0, 1, 2}), ("totalseg", set(range(41))),
+                         ("aseg", {0, 17, 1035, 2035})]:
+        back = read_label_map(tmp_path / f"{name}.nii.gz")
+        assert back is not None, name
+        assert np.issubdtype(back.labels.dtype, np.integer) and set(np.unique(back.labels)) == values
+    half = nib.Nifti1Image(seg.astype(np.float32) + 0.5, affine)  # not whole numbers
+    half.header.set_intent("label")
+    nib.save(half, tmp_path / "half.nii.gz")
+    assert read_label_map(tmp_path / "half.nii.gz") is None

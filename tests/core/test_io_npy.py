@@ -211,3 +211,25 @@ def test_a_pipe_with_a_supported_name_is_refused_not_read(tmp_path):
     assert not is_supported_path(fifo)
     with pytest.raises(MedsegInputError, match="not a regular file or folder"):
         read_volume(fifo)
+
+
+def test_a_saved_mask_or_label_map_opens_as_labels_in_napari(tmp_path):
+    """np.save of a segmentation opened as a grey float image, while the same array in a
+    .nii.gz opened as Labels."""
+    from napari_medseg.core.io import LabelMap, read_scan_or_labels
+
+    seg = np.zeros((6, 16, 16), np.uint8)
+    seg[2:4, 4:9, 4:9], seg[3:5, 10:14, 10:14] = 1, 2
+    np.save(tmp_path / "seg.npy", seg)
+    np.save(tmp_path / "mask.npy", seg > 0)
+    np.save(tmp_path / "ct.npy", np.random.default_rng(0).integers(-1000, 400, (4, 8, 8))
+            .astype(np.int16))
+    np.save(tmp_path / "float.npy", seg.astype(np.float32))
+    opened = read_scan_or_labels(tmp_path / "seg.npy")
+    assert isinstance(opened, LabelMap) and np.array_equal(opened.labels, seg)
+    assert any("opened as a label map" in w for w in opened.volume.metadata["warnings"])
+    mask = read_scan_or_labels(tmp_path / "mask.npy")
+    assert isinstance(mask, LabelMap) and np.array_equal(mask.labels, seg > 0)
+    for name in ("ct", "float"):
+        assert not isinstance(read_scan_or_labels(tmp_path / f"{name}.npy"), LabelMap), name
+    assert read_npy(tmp_path / "seg.npy").array.dtype == np.float32  # the models: an image

@@ -89,6 +89,13 @@ def test_display_window_ct_and_other():
     assert 60 < lo < 90 and 110 < hi < 140
 
 
+@pytest.mark.parametrize("value", [0.0, -5.0, 1e12, 3e30])
+def test_a_constant_images_window_is_never_empty(value):
+    """+ 1e-6 vanished at 1e12: napari refused the window (low == high) with a traceback."""
+    lo, hi = Volume(np.full((2, 4, 4), value, np.float32), modality="MR").display_window()
+    assert hi > lo and lo <= np.float32(value) <= hi
+
+
 def test_non_axial_plane_names_only_a_clearly_coronal_or_sagittal_slice_axis():
     from napari_medseg.core.volume import non_axial_plane
 

@@ -190,7 +190,9 @@ class Volume:
             return (0.0, 1.0)
         lo, hi = np.percentile(finite, [1.0, 99.0])
         if hi <= lo:
-            lo, hi = float(finite.min()), float(finite.max()) + 1e-6
+            lo, hi = float(finite.min()), float(finite.max())
+        if hi <= lo:  # constant: + 1e-6 vanished at 1e12, and napari refused the window
+            hi = lo + max(1e-6, abs(lo) * 1e-6)
         return float(lo), float(hi)
 
     def missing_slices(self) -> list[int]:

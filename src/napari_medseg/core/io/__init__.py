@@ -15,7 +15,7 @@ from ..volume import Volume
 from ._common import guess_modality
 from .dicom import read_dicom
 from .nifti import LabelMap, read_label_map, read_nifti, read_nifti_or_label_map, write_nifti
-from .npy import read_npy
+from .npy import read_npy, read_npy_or_label_map
 
 __all__ = [
     "LabelMap",
@@ -136,8 +136,11 @@ def read_volume(path: str | Path) -> Volume:
 
 def read_scan_or_labels(path: str | Path) -> Volume | LabelMap:
     """What napari should open: a :class:`LabelMap` for a NIfTI label map (one this
-    plugin saved, or any tool's file marked with the label intent), else the Volume."""
+    plugin saved, or any tool's file marked with the label intent or looking like one) or
+    a .npy mask or label map, else the Volume."""
     path = named_path(path)
     if path.is_file() and _suffix(path) in NIFTI_SUFFIXES:
         return read_nifti_or_label_map(path)
+    if path.is_file() and _suffix(path) == ".npy":
+        return read_npy_or_label_map(path)
     return read_volume(path)

@@ -181,3 +181,62 @@ def _umask() -> int:
         mask = os.umask(0o077)  # the brief window errs on the private side
         os.umask(mask)
     return mask
+
+
+#: an integer file without NIfTI's label intent (or a .npy) of background 0 and at most
+#: this many values in 1..255 is a label map: nnU-Net, TotalSegmentator and ITK-SNAP write
+#: no intent. A scan holds far more values (HU; an 8-bit image's ~256 grey levels).
+FEW_UNMARKED_LABELS = 32
+#: more values (TotalSegmentator: 117 classes; FreeSurfer's aparc+aseg: values to 2035)
+#: make a label map only in regions: most labelled voxels share their row neighbour's
+#: value, where a noisy 8-bit image's tissue voxels seldom do
+MAX_UNMARKED_LABELS = 128
+MAX_UNMARKED_LABEL_VALUE = 65535
+MIN_REGION_SHARE = 0.5
+
+
+def looks_like_label_map(array: np.ndarray) -> bool:
+    """An integer image of background 0 and a few non-negative values (a segmentation
+    from another tool), which would show as a saturated grey image."""
+    if array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        return False
+    top = int(array.max())
+    if int(array.min()) < 0 or top > MAX_UNMARKED_LABEL_VALUE:
+        return False
+    # slab by slab: np.bincount copies its input to 8-byte integers
+    flat = np.asarray(array).reshape(-1)
+    step = 1 << 20
+    counts = np.zeros(top + 1, dtype=np.int64)
+    for start in range(0, flat.size, step):
+        counts += np.bincount(flat[start:start + step], minlength=counts.size)
+        if np.count_nonzero(counts[1:]) > MAX_UNMARKED_LABELS:
+            return False
+    n_values = int(np.count_nonzero(counts[1:]))
+    if not counts[0] or n_values == 0:
+        return False
+    if n_values <= FEW_UNMARKED_LABELS and top <= 255:
+        return True
+    return _region_share(np.asarray(array)) >= MIN_REGION_SHARE
+
+
+def _region_share(array: np.ndarray, most_slices: int = 16) -> float:
+    """The share of non-zero voxels whose next voxel along the row holds the same value
+    (on up to ``most_slices`` slices spread through the volume)."""
+    planes = array.reshape(-1, *array.shape[-2:]) if array.ndim >= 2 else array[None, None]
+    picked = planes[np.unique(np.linspace(0, len(planes) - 1, most_slices).astype(int))]
+    left, right = picked[..., :-1], picked[..., 1:]
+    labelled = left != 0
+    return float((left == right)[labelled].mean()) if labelled.any() else 0.0
+
+
+def whole_number_labels(array: np.ndarray) -> np.ndarray:
+    """A float array marked as a label map, as int32 when every value is a finite whole
+    number int32 holds; else unchanged (it then opens as an image)."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        return array
+    if array.size and (float(array.min()) < -2**31 or float(array.max()) >= 2**31):
+        return array
+    if not np.array_equal(array, np.round(array)):
+        return array
+    return array.astype(np.int32)

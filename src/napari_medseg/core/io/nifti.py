@@ -36,6 +36,7 @@ from nibabel.orientations import (
 )
 
 from ..errors import MedsegInputError
+from ._common import looks_like_label_map, whole_number_labels
 from ..volume import Volume
 from ._common import (
     guess_modality,
@@ -262,8 +263,10 @@ def _read(path: str | Path, want_labels: bool = True
     origin = origin_along(first, axes_zyx)
 
     marked = img.header.get_intent()[0] == "label"
+    if want_labels and marked and np.issubdtype(array.dtype, np.floating):
+        array = whole_number_labels(array)  # MONAI's SaveImage writes float32 label maps
     is_label_map = want_labels and np.issubdtype(array.dtype, np.integer) and (
-        marked or _looks_like_label_map(array))
+        marked or looks_like_label_map(array))
     # The affine is stored as float32: round off its noise (0.8 → 0.800000011920929) so
     # written spacings come back as written: 6 significant digits (float32 holds about
     # 7); decimals rounded a 1e-9 voxel to 0. 1e-4 mm is far below any origin's precision.
@@ -413,22 +416,6 @@ def _repair_one_flat_axis(affine: np.ndarray, header, to_mm: float,
                  f" to the other two, {size if usable else 1.0:g} mm"
                  + ("" if usable else " (voxel size unknown)"))
     return repaired
-
-
-#: at most this many structures (label values 1..255) make an integer file without the
-#: label intent a label map: nnU-Net, TotalSegmentator and ITK-SNAP write none
-MAX_UNMARKED_LABELS = 32
-
-
-def _looks_like_label_map(array: np.ndarray) -> bool:
-    """An integer image of background 0 and a few values 1..255 (a segmentation from
-    another tool), which would show as a saturated grey image. A scan (HU, or an 8-bit
-    image's ~256 grey levels) holds far more values."""
-    if array.size == 0 or int(array.min()) < 0 or int(array.max()) > 255:
-        return False
-    counts = np.bincount(np.asarray(array, dtype=np.uint8).ravel(), minlength=256)
-    values = np.flatnonzero(counts[1:]) + 1
-    return bool(counts[0]) and 0 < len(values) <= MAX_UNMARKED_LABELS
 
 
 def _storage_dtype(array: np.ndarray, path: Path) -> np.ndarray:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import MedsegInputError
 from ..volume import Volume
-from ._common import guess_modality, short_reason, source_name
+from ._common import guess_modality, looks_like_label_map, short_reason, source_name
 
 __all__ = ["read_npy"]
 
@@ -24,6 +26,31 @@ def read_npy(path: str | Path) -> Volume:
     Pickled (object) arrays are refused rather than executed.
     """
     path = Path(path).expanduser()
+    return _volume(_load(path), path)
+
+
+def read_npy_or_label_map(path: str | Path) -> Any:
+    """The file as a :class:`~.nifti.LabelMap` when it holds a mask or a label map (a
+    bool array, or integers as :func:`looks_like_label_map` says; ``np.save`` of a
+    segmentation opened as a grey float image), else as a Volume; read once."""
+    from .nifti import LabelMap
+
+    path = Path(path).expanduser()
+    data = _load(path)
+    volume = _volume(data, path)
+    if not (data.dtype == bool or looks_like_label_map(data)):
+        return volume
+    labels = data.astype(np.uint8) if data.dtype == bool else data
+    values = int(np.count_nonzero(np.bincount(labels.ravel().astype(np.int64))[1:]))
+    said = (f"{'a mask (bool)' if data.dtype == bool else f'integer values 0–{int(labels.max())} ({values} besides 0)'}:"
+            " opened as a label map")
+    volume = replace(volume, metadata={**volume.metadata,
+                                       "warnings": [*volume.metadata["warnings"], said]})
+    return LabelMap(np.ascontiguousarray(labels), volume, {})
+
+
+def _load(path: Path) -> np.ndarray:
+    """The checked (z, y, x) array as stored (a 2D array as one slice)."""
     if not path.exists():
         raise MedsegInputError("no such file or folder", path)
     try:
@@ -68,6 +95,10 @@ def read_npy(path: str | Path) -> Volume:
         raise MedsegInputError(
             f"expected a 2D (y, x) or 3D (z, y, x) array, got shape {data.shape}", path
         )
+    return data
+
+
+def _volume(data: np.ndarray, path: Path) -> Volume:
     try:
         return Volume(
             array=data,
