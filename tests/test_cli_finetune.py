@@ -249,18 +249,23 @@ def test_phantom_lesion_csv_gives_its_sizes(tmp_path):
 def test_a_chain_of_rounds_counts_its_versions_and_rotates_the_held_out_slice(case, tmp_path,
                                                                                 capsys):
     """Every link of a command-line chain was "+ft1", recorded as version 1, and held out
-    the same slice."""
+    the same slice. A later link holds out none of the slices an earlier one trained on
+    (its score there is no held-out score): with the same slices, none."""
     d, _ = case
     out = tmp_path / "models"
     common = ["--image", str(d / "image.nii.gz"), "--labels", str(d / "labels.nii.gz"),
-              "--slices", "3,6", "--out", str(out), "--epochs", "1", "--quiet", "--threads", "1"]
-    assert main(["finetune", "segmenter", *common, "--name", "first"]) == 0
-    assert main(["finetune", str(out / "first.json"), *common, "--name", "second"]) == 0
+              "--out", str(out), "--epochs", "1", "--quiet", "--threads", "1"]
+    assert main(["finetune", "segmenter", *common, "--slices", "3,6", "--name", "first"]) == 0
+    assert main(["finetune", str(out / "first.json"), *common, "--slices", "3,6",
+                 "--name", "again"]) == 0
+    assert main(["finetune", str(out / "first.json"), *common, "--slices", "3,6,8",
+                 "--name", "second"]) == 0
     second = load_model(out / "second.json")[1]
     assert second["version"].endswith("+ft2")
     history = second["finetune_history"]
     assert [h["version"] for h in history] == [1, 2]
-    assert [h["holdout_slice"] for h in history] == [3, 6]
+    assert [h["holdout_slice"] for h in history] == [3, 8]
+    assert load_model(out / "again.json")[1]["finetune_history"][-1]["holdout_slice"] is None
 
 
 def test_an_output_name_taken_by_a_folder_is_refused_before_training(case, tmp_path, capsys):
