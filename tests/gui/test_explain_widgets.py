@@ -6,6 +6,7 @@ from napari.layers import Image
 
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.explain import GradCamWidget, UncertaintyWidget
+from napari_medseg.core.models.registry import read_card
 
 
 def _open(viewer, phantom):
@@ -77,10 +78,13 @@ def test_detect_can_add_its_heatmap_under_the_points(make_napari_viewer, qtbot, 
     np.testing.assert_allclose(heat.scale, image.scale)
 
 
-def _run_on_one_slice(make_napari_viewer, qtbot, phantom, widget_cls, model):
-    """``widget_cls`` run with ``model`` on slice 3 of ``phantom`` as a 2D image."""
+def _run_on_one_slice(make_napari_viewer, qtbot, phantom, widget_cls, model, volume=False):
+    """``widget_cls`` run with ``model`` on slice 3 of ``phantom`` as a 2D image (or as a
+    one-slice volume, as napari-medseg's reader opens a 2D file)."""
     viewer = make_napari_viewer()
-    image = viewer.add_image(phantom.volume.array[3], scale=phantom.volume.spacing[1:])
+    image = (viewer.add_image(phantom.volume.array[3:4], scale=phantom.volume.spacing)
+             if volume else
+             viewer.add_image(phantom.volume.array[3], scale=phantom.volume.spacing[1:]))
     widget = widget_cls(viewer)
     widget._image.value, widget._model.value = image, model
     _run(widget, qtbot)
@@ -95,14 +99,33 @@ def test_gradcam_on_one_slice_says_slice_not_slices(make_napari_viewer, qtbot, r
     assert widget._status.value.endswith(" on 1 slice"), widget._status.value
 
 
+@pytest.mark.parametrize("volume", [False, True])
 def test_uncertainty_on_one_slice_gives_its_mean_not_a_ranking(make_napari_viewer, qtbot,
-                                                                random_models, small_phantom):
-    """A 2D image said "Most uncertain slices (correct these first): 0"."""
+                                                                random_models, small_phantom,
+                                                                volume):
+    """A 2D image said "Most uncertain slices (correct these first): 0"; a one-slice
+    volume still did."""
     widget = _run_on_one_slice(make_napari_viewer, qtbot, small_phantom, UncertaintyWidget,
-                               random_models["RecurrentSegmenter"])
+                               random_models["RecurrentSegmenter"], volume=volume)
     assert widget._status.value.startswith(("Mean uncertainty ", "No structure found")), \
         widget._status.value
     assert not widget._goto.enabled and not widget._goto.choices
+
+
+def test_a_predicted_class_map_says_which_class_each_slice_explains(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """"Predicted class" explains another class on each slice; the layer said none."""
+    viewer = make_napari_viewer()
+    array = small_phantom.volume.array.copy()
+    array[2] = np.nan  # a missing slice: nothing explained there
+    image = viewer.add_image(array, scale=small_phantom.volume.spacing)
+    widget = GradCamWidget(viewer)
+    widget._image.value, widget._model.value = image, random_models["SliceClassifier"]
+    _run(widget, qtbot)
+    per_slice = viewer.layers[-1].metadata["medseg"]["explained_class_per_slice"]
+    classes = read_card(random_models["SliceClassifier"])["classes"]
+    assert len(per_slice) == len(array) and per_slice[2] is None
+    assert all(c in classes for i, c in enumerate(per_slice) if i != 2)
 
 
 def _run(widget, qtbot):

@@ -60,9 +60,13 @@ class GradCamWidget(ModelRunWidget):
         what = options["target"]
         prov = provenance(card, image_layer.name)
         maps = result.maps if image_layer.ndim == 3 else result.maps[0]
+        # "predicted class" explains another class on each slice: the layer says which
+        # (None: a missing slice, nothing explained)
+        per_slice = [result.class_names[int(t)] if t >= 0 else None for t in result.target]
         self._viewer.add_image(maps, **_map_layer_kwargs(
             image_layer, f"{image_layer.name} Grad-CAM {what} ({card.get('name')})", "inferno",
-            prov, explains=what, method="Grad-CAM, last conv block, per-slice max = 1"))
+            prov, explains=what, explained_class_per_slice=per_slice,
+            method="Grad-CAM, last conv block, per-slice max = 1"))
         explained = result.target[result.target >= 0]
         if not explained.size:  # every slice missing: no model saw anything
             self._status.value = "No acquired slice: nothing to explain"
@@ -123,14 +127,16 @@ class UncertaintyWidget(ModelRunWidget):
             method=f"MC dropout, {result.samples} samples, entropy / log(classes)",
             most_uncertain_slices=ranked))
         self._layer, self._ranked_on = image_layer, _geometry(image_layer)
+        # one slice (a 2D image, or a one-slice volume): nothing to rank or go to
+        one_slice = volume.shape[0] == 1
         with self._goto.changed.blocked():
-            self._goto_items = ([(f"slice {z} · {result.per_slice[z]:.3f}", z) for z in ranked]
-                                if image_layer.ndim == 3 else [])  # 2D: nothing to go to
+            self._goto_items = ([] if one_slice else
+                                [(f"slice {z} · {result.per_slice[z]:.3f}", z) for z in ranked])
             self._goto.reset_choices()
-        self._goto.enabled = bool(ranked) and image_layer.ndim == 3  # a 2D image: one slice
+        self._goto.enabled = bool(ranked) and not one_slice
         if volume.missing.all():  # no model saw anything
             self._status.value = "No acquired slice: nothing to rank"
-        elif image_layer.ndim == 2:  # one slice: no ranking to offer
+        elif one_slice:
             self._status.value = (f"Mean uncertainty {result.per_slice[0]:.3f}" if ranked
                                   else "No structure found")
         else:
