@@ -189,6 +189,12 @@ def main() -> None:
         if "seconds_per_slice" in mon:
             mon["seconds_scaled"] = mon["seconds_per_slice"] * args.slices
             out["speedup_vs_monai"] = mon["seconds_scaled"] / seconds
+            # most of that speed-up is less work (another network, at the native grid,
+            # not the model's): say how much, and each side's rate per FLOP
+            mon["flop_ratio_to_segmenter"] = (mon["gflop_per_slice"]
+                                              / out["gflop_per_slice_one_forward"])
+            mon["gflops_achieved"] = mon["gflop_per_slice"] / mon["seconds_per_slice"]
+            mon["ratio_to_gemm"] = mon["gflops_achieved"] / out["gemm_gflops_same_run"]
         out["monai"] = mon
     out["goals"] = speed_goals(out)
     if "memory" not in args.skip:
