@@ -28,12 +28,43 @@ def go_to_world(viewer: Any, layer: Any, world: Sequence[float],
     wanted = {offset + a: float(world[a]) * ratio[a] for a in moving}
     hidden = [a for a in dims.not_displayed if a in wanted]
     if hidden:
-        dims.set_point(hidden, [wanted[a] for a in hidden])
+        sliders = _sliders_showing(viewer, layer, world, [a - offset for a in hidden])
+        dims.set_point(hidden, list(sliders * ratio[[a - offset for a in hidden]]))
     shown = list(dims.displayed)
     if any(a in wanted for a in shown):
         cam = camera(viewer)
         now = list(cam.center)[-len(shown):]
         cam.center = tuple(wanted.get(a, now[i]) for i, a in enumerate(shown))
+
+
+def _sliders_showing(viewer: Any, layer: Any, world: Sequence[float],
+                     moving: Sequence[int]) -> np.ndarray:
+    """World positions (the layer's units) for the sliders of the hidden layer axes
+    ``moving`` at which napari draws the data slice holding ``world``. napari picks a
+    layer's slice from the rows of its world-to-data transform for the hidden axes, with
+    the shown axes left out: on a rotated layer (an oblique scan whose z mixes in y) the
+    slider at the point's world z showed another slice (slice 7 showed 5 at 30°). For
+    scale and translate alone this is the point's world position itself."""
+    from .._layers import world_matrix
+
+    ndim = layer.ndim
+    offset = viewer.dims.ndim - ndim
+    inverse = np.linalg.inv(world_matrix(layer))
+    linear, shift = inverse[:ndim, :ndim], inverse[:ndim, ndim]
+    data = linear @ np.asarray(world, dtype=float) + shift
+    moving = list(moving)
+    # the hidden axes that stay put keep their sliders' positions
+    ratio = to_viewer_units(viewer, layer)
+    staying = [a for a in range(ndim)
+               if offset + a in viewer.dims.not_displayed and a not in moving]
+    kept = np.array([viewer.dims.point[offset + a] / ratio[a] for a in staying])
+    rhs = data[moving] - shift[moving]
+    if staying:
+        rhs = rhs - linear[np.ix_(moving, staying)] @ kept
+    try:
+        return np.linalg.solve(linear[np.ix_(moving, moving)], rhs)
+    except np.linalg.LinAlgError:  # no slider position shows it: the nearest in world
+        return np.asarray(world, dtype=float)[moving]
 
 
 def to_viewer_units(viewer: Any, layer: Any) -> np.ndarray:
@@ -81,6 +112,13 @@ def go_to_slice(viewer: Any, layer: Any, z: int) -> None:
     if layer is None or layer not in viewer.layers or layer.ndim < 3:
         return
     go_to_world(viewer, layer, layer.data_to_world([int(z), 0, 0]), axes=[layer.ndim - 3])
+    if not slice_axis_shown(viewer, layer) and viewer.dims.ndisplay == 2:
+        shown = round(slice_at(viewer, layer))
+        if shown != int(z):  # napari's slider does not reach it (a rotated layer)
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"slice {int(z)} of '{layer.name}' cannot be shown: napari's slider "
+                         f"does not reach it on this rotated layer (showing slice {shown})")
 
 
 def slice_axis_shown(viewer: Any, layer: Any) -> bool:
