@@ -36,10 +36,10 @@ from nibabel.orientations import (
 )
 
 from ..errors import MedsegInputError
-from ._common import looks_like_label_map, whole_number_labels
 from ..volume import Volume
 from ._common import (
     guess_modality,
+    looks_like_label_map,
     mode_for,
     obliquity_deg,
     origin_along,
@@ -47,6 +47,7 @@ from ._common import (
     short_reason,
     source_name,
     triplet,
+    whole_number_labels,
 )
 
 __all__ = ["LabelMap", "guess_modality", "read_label_map", "read_nifti",

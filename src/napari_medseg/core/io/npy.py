@@ -40,12 +40,13 @@ def read_npy_or_label_map(path: str | Path) -> Any:
     volume = _volume(data, path)
     if not (data.dtype == bool or looks_like_label_map(data)):
         return volume
-    labels = data.astype(np.uint8) if data.dtype == bool else data
-    values = int(np.count_nonzero(np.bincount(labels.ravel().astype(np.int64))[1:]))
-    said = (f"{'a mask (bool)' if data.dtype == bool else f'integer values 0–{int(labels.max())} ({values} besides 0)'}:"
-            " opened as a label map")
-    volume = replace(volume, metadata={**volume.metadata,
-                                       "warnings": [*volume.metadata["warnings"], said]})
+    if data.dtype == bool:
+        labels, what = data.astype(np.uint8), "a mask (bool)"
+    else:
+        values = np.unique(data[data > 0])
+        labels, what = data, f"integer values 0–{int(values[-1])} ({len(values)} besides 0)"
+    volume = replace(volume, metadata={**volume.metadata, "warnings": [
+        *volume.metadata["warnings"], f"{what}: opened as a label map"]})
     return LabelMap(np.ascontiguousarray(labels), volume, {})
 
 
