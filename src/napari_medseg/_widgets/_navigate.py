@@ -49,17 +49,16 @@ def _sliders_showing(viewer: Any, layer: Any, world: Sequence[float],
 
     ndim = layer.ndim
     offset = viewer.dims.ndim - ndim
-    inverse = np.linalg.inv(world_matrix(layer))
-    linear, shift = inverse[:ndim, :ndim], inverse[:ndim, ndim]
-    data = linear @ np.asarray(world, dtype=float) + shift
+    linear = np.linalg.inv(world_matrix(layer))[:ndim, :ndim]
     moving = list(moving)
-    # the hidden axes that stay put keep their sliders' positions
+    # the point's data coordinates on those axes, from the hidden axes' world positions
+    # alone: the moving ones (unknown) and those that stay where their sliders are
+    rhs = linear[moving] @ np.asarray(world, dtype=float)
     ratio = to_viewer_units(viewer, layer)
     staying = [a for a in range(ndim)
                if offset + a in viewer.dims.not_displayed and a not in moving]
-    kept = np.array([viewer.dims.point[offset + a] / ratio[a] for a in staying])
-    rhs = data[moving] - shift[moving]
     if staying:
+        kept = np.array([viewer.dims.point[offset + a] / ratio[a] for a in staying])
         rhs = rhs - linear[np.ix_(moving, staying)] @ kept
     try:
         return np.linalg.solve(linear[np.ix_(moving, moving)], rhs)
