@@ -849,10 +849,8 @@ def test_a_slice_whose_pixels_are_cut_short_becomes_missing_not_fatal(tmp_path):
 
 @pytest.mark.parametrize("zs, shape, dz", [
     ([5.0 * k for k in range(40)] + [197.5], 41, 5.0),  # a range ending off the grid
-    ([2.5 * k for k in range(40)] + [50.05], 41, 2.5),  # one near-duplicate slice
     # a short series ending off the grid: a 2.5 mm volume with every other slice missing
     ([0.0, 5.0, 10.0, 15.0, 17.5], 5, 5.0),
-    ([0.0, 2.5, 7.5, 12.5, 17.5], 5, 5.0),  # ... or starting off it
 ])
 def test_one_odd_step_does_not_turn_a_series_into_gaps(tmp_path, zs, shape, dz):
     write_series(tmp_path, zs)
@@ -862,6 +860,31 @@ def test_one_odd_step_does_not_turn_a_series_into_gaps(tmp_path, zs, shape, dz):
     assert vol.shape[0] == shape and vol.spacing[0] == pytest.approx(dz)
     assert not vol.has_gaps
     assert any(w.startswith("uneven slice spacing") for w in vol.metadata["warnings"])
+
+
+@pytest.mark.parametrize("zs, dz, missing, left_out", [
+    # 2.5 mm steps among 5 mm ones: counted as whole 5 mm steps, every later slice sat
+    # 5 mm off (no gap said); a 2.5 mm grid holds each slice where it was acquired
+    ([0.0, 2.5, 5.0] + [10.0 + 5 * k for k in range(7)], 2.5, [3, 5, 7, 9, 11, 13, 15], []),
+    ([0.0, 2.5, 7.5, 12.5, 17.5], 2.5, [2, 4, 6], []),  # a short series starting off it
+    # a near-duplicate (0.05 mm) beside a real gap: the gap went onto an acquired slice
+    ([0.0, 2.5, 5.0, 5.05, 7.5, 12.5, 15.0, 17.5], 2.5, [4], [5.05]),
+    ([2.5 * k for k in range(40)] + [50.05], 2.5, [], [50.05]),
+])
+def test_every_slice_lies_where_it_was_acquired(tmp_path, zs, dz, missing, left_out):
+    write_series(tmp_path, zs)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.spacing[0] == pytest.approx(dz) and vol.missing_slices() == missing
+    kept = sorted(set(zs) - set(left_out))
+    acquired = [k for k in range(vol.shape[0]) if not vol.missing[k]]
+    assert len(acquired) == len(kept)
+    for k, z in zip(acquired, kept):  # at its own position, holding its own pixels
+        assert vol.origin[0] + k * dz == pytest.approx(z, abs=0.06)
+        np.testing.assert_array_equal(vol.array[k], expected_hu(z))
+    said = " ".join(vol.metadata["warnings"])
+    assert ("left out" in said) == bool(left_out)
 
 
 def test_many_slices_without_a_position_are_sorted_by_instance_number(tmp_path):

@@ -662,6 +662,8 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     steps = np.diff(keys) if keys is not None else np.array([])
     if steps.size:
         out_z, z_spacing = _layout(steps, path, warns)
+        frames = [f for f, z in zip(frames, out_z) if z >= 0]
+        out_z = out_z[out_z >= 0]
         _warn_if_sheared(frames, axes, warns)
     else:
         out_z = np.arange(len(frames))
@@ -909,13 +911,42 @@ def _layout(steps: np.ndarray, path: Path, warns: list[str]) -> tuple[np.ndarray
             f"{step:.3g} mm; the series looks like several separate stacks",
             path,
         )
-    effective = steps / (1 + n_missing)  # a gap of 3 steps is still even spacing
+    # each slice at the grid position nearest its own: counting steps instead (a short
+    # step as one whole one) moved every later slice, 5 mm at 2.5 mm steps among 5 mm
+    # ones, and put a gap where a slice was acquired
+    position = np.concatenate([[0.0], np.cumsum(steps)])
+    index = np.rint(position / step).astype(int)
+    if np.any(np.diff(index) == 0) and smallest > 0:  # slices closer than the grid's step
+        multiple = steps / smallest
+        whole = np.rint(multiple)
+        if whole.max() <= 10 and np.all(np.abs(multiple - whole) <= 0.05):
+            step = float(np.mean(steps[whole == 1]))  # a grid every slice has its place on
+            index = np.rint(position / step).astype(int)
+    effective = steps / np.maximum(np.diff(index), 1)  # a gap of 3 steps is still even
     if np.abs(effective - step).max() / step > _UNEVEN_TOLERANCE:
+        off = float(np.abs(position - index * step).max())
         warns.append(
             f"uneven slice spacing ({effective.min():.4g}–{effective.max():.4g} mm); "
-            f"the volume uses the median, {step:.4g} mm"
+            f"the volume uses a {step:.4g} mm grid"
+            + (f", slices up to {off:.2g} mm from their recorded positions" if off > 0.01 else "")
         )
-    return np.concatenate([[0], np.cumsum(1 + n_missing)]), step
+    return _one_per_position(index, position, step, warns), step
+
+
+def _one_per_position(index: np.ndarray, position: np.ndarray, step: float,
+                      warns: list[str]) -> np.ndarray:
+    """``index`` with -1 for slices sharing a grid position with one nearer to it (a
+    near-duplicate slice, 0.05 mm from another): left out, and said."""
+    out = index.copy()
+    for z in np.unique(index[np.r_[False, np.diff(index) == 0]]):
+        at = np.flatnonzero(index == z)
+        nearest = at[np.argmin(np.abs(position[at] - z * step))]
+        out[at[at != nearest]] = -1
+    dropped = int(np.sum(out < 0))
+    if dropped:
+        warns.append(f"{dropped} slice{'s' if dropped > 1 else ''} closer to another than the "
+                     f"{step:.4g} mm step left out (one slice per position)")
+    return out
 
 
 def _warn_if_sheared(frames: list[_Frame], axes: np.ndarray | None, warns: list[str]) -> None:
