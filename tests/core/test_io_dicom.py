@@ -887,6 +887,27 @@ def test_every_slice_lies_where_it_was_acquired(tmp_path, zs, dz, missing, left_
     assert ("left out" in said) == bool(left_out)
 
 
+def test_a_scout_filed_in_the_series_is_left_out(tmp_path):
+    """A coronal localizer (another size too) with the axial slices' SeriesInstanceUID
+    made the series unreadable ("different orientations"); beside a second series the
+    folder opened that one instead."""
+    uid = write_series(tmp_path, [2.5 * k for k in range(6)])
+    scout = tmp_path / "scout.dcm"
+    write_ct_slice(scout, 0.0, series_uid=uid, instance=99, shape=(8, 7),
+                   iop=(1, 0, 0, 0, 0, -1), ipp=(-100.0, 0.0, 200.0))
+    ds = pydicom.dcmread(scout)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    _save(ds, scout)
+    write_series(tmp_path, [300.0 + 5 * k for k in range(3)], name="other")
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape == (6, 6, 5) and vol.origin[0] == pytest.approx(0.0)
+    assert any("1 localizer (scout) image in the series left out" in w
+               for w in vol.metadata["warnings"])
+    np.testing.assert_array_equal(vol.array[2], expected_hu(5.0))
+
+
 def test_many_slices_without_a_position_are_sorted_by_instance_number(tmp_path):
     write_series(tmp_path, [float(z) for z in range(20)], shuffle=False)
     for path in sorted(tmp_path.iterdir())[2:]:  # only two keep their position

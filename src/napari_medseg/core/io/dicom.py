@@ -655,6 +655,7 @@ def _ranges(indices: list[int]) -> str:
 
 def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) -> Volume:
     """Sort, de-duplicate and stack frames; work out spacing, gaps and origin."""
+    frames = _without_localizers(frames, warns)
     _check_stackable(frames, path)
     warns.extend(dict.fromkeys(f.source.frame_note for f in frames if f.source.frame_note))
     frames, keys, axes = _sort(frames, path, warns)
@@ -771,6 +772,23 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         missing=missing,
         metadata=metadata,
     )
+
+
+def _without_localizers(frames: list[_Frame], warns: list[str]) -> list[_Frame]:
+    """The frames less scout (localizer) images filed in the series they planned: a
+    coronal scout among 40 axial slices made the whole series unreadable ("different
+    orientations"), and a folder then opened another series instead."""
+    def localizer(frame: _Frame) -> bool:
+        kinds = frame.source.header.get("ImageType") or []
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        return any(str(v).strip().upper() == "LOCALIZER" for v in kinds)
+
+    scouts = [f for f in frames if localizer(f)]
+    if not scouts or len(scouts) == len(frames):  # a series of scouts opens as it is
+        return frames
+    warns.append(f"{len(scouts)} localizer (scout) image{'s' if len(scouts) > 1 else ''} "
+                 "in the series left out")
+    return [f for f in frames if not localizer(f)]
 
 
 def _check_stackable(frames: list[_Frame], path: Path) -> None:
