@@ -875,15 +875,16 @@ def test_an_unreadable_sessions_folder_is_said_when_looking_for_autosaves(
     assert any("cannot look for autosaves" in m and "Permission denied" in m for m in said)
 
 
-def test_an_older_autosave_snapshot_served_last_does_not_overwrite_a_newer_one(
+def test_snapshots_taken_while_a_write_runs_are_written_once_newest_first(
         scene, monkeypatch):
-    """Each autosave is a thread waiting on one lock, which serves waiters in no set
-    order: an older snapshot written last replaced the newer autosave."""
+    """Each autosave was a thread waiting on one lock, served in no set order: an older
+    snapshot written last replaced the newer autosave, and behind slow writes of a large
+    layer the threads (each holding a copy of the layer) piled up without bound."""
     from napari_medseg._widgets import _retrain_base
     from napari_medseg.core.session import load_session
 
     viewer, image, labels, widget, phantom = scene
-    started = []
+    started, written = [], []
 
     class Held:  # a thread that runs only when the test says
         def __init__(self, target, name):
@@ -893,15 +894,41 @@ def test_an_older_autosave_snapshot_served_last_does_not_overwrite_a_newer_one(
         def start(self):
             pass
 
+        def join(self):
+            pass
+
+    real_save = _retrain_base.save_session
+    monkeypatch.setattr(_retrain_base, "save_session",
+                        lambda target, session: (written.append(list(session.edited)),
+                                                 real_save(target, session)))
     monkeypatch.setattr(_retrain_base.threading, "Thread", Held)
-    _paint_slice(labels, 2, phantom.labels)
-    widget.autosave_now()  # the older snapshot: slice 2
-    _paint_slice(labels, 5, phantom.labels)
-    widget.autosave_now()  # the newer one: slices 2 and 5
-    started[1].run()
-    started[0].run()  # the older one is served last
+    for z in (2, 3, 5):  # three snapshots while the writer has not run
+        _paint_slice(labels, z, phantom.labels)
+        widget.autosave_now()
+    assert len(started) == 1  # one writer, holding one pending snapshot
+    started[0].run()
+    assert written == [[2, 3, 5]]
     (folder,) = widget._key_folder().iterdir()
-    assert load_session(folder).edited == [2, 5]
+    assert load_session(folder).edited == [2, 3, 5]
+    _paint_slice(labels, 4, phantom.labels)
+    widget.autosave_now()  # the writer finished: the next snapshot starts another
+    assert len(started) == 2
+
+
+def test_an_autosave_failing_in_any_way_is_said(scene, monkeypatch, qtbot):
+    """A MemoryError in the writer thread went to stderr only: the user kept painting
+    believing the work was saved."""
+    from napari_medseg._widgets import _retrain_base
+
+    viewer, image, labels, widget, phantom = scene
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(_retrain_base, "save_session", no_memory)
+    _paint_slice(labels, 2, phantom.labels)
+    widget.autosave_now(wait=True)
+    qtbot.waitUntil(lambda: widget._autosave_error == "MemoryError", timeout=5_000)
 
 
 def test_strokes_on_a_labels_layer_off_the_image_grid_are_said_not_autosaved(
