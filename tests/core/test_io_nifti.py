@@ -685,6 +685,7 @@ def test_other_tools_label_maps_open_as_labels(tmp_path):
         back = read_label_map(tmp_path / f"{name}.nii.gz")
         assert back is not None, name
         assert np.issubdtype(back.labels.dtype, np.integer) and set(np.unique(back.labels)) == values
+    assert read_label_map(tmp_path / "marked_float.nii.gz").labels.dtype == np.uint8
     half = nib.Nifti1Image(seg.astype(np.float32) + 0.5, affine)  # not whole numbers
     half.header.set_intent("label")
     nib.save(half, tmp_path / "half.nii.gz")

@@ -230,13 +230,14 @@ def _region_share(array: np.ndarray, most_slices: int = 16) -> float:
 
 
 def whole_number_labels(array: np.ndarray) -> np.ndarray:
-    """A float array marked as a label map, as int32 when every value is a finite whole
-    number int32 holds; else unchanged (it then opens as an image)."""
-    finite = np.isfinite(array)
-    if not finite.all():
+    """A float array marked as a label map, as integers when every value is a finite whole
+    number int32 holds (the smallest type that holds them: a layer's every copy, such as
+    an autosave's, costs its bytes); else unchanged (it then opens as an image)."""
+    if not np.isfinite(array).all():
         return array
-    if array.size and (float(array.min()) < -2**31 or float(array.max()) >= 2**31):
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if low < -2**31 or high >= 2**31 or not np.array_equal(array, np.round(array)):
         return array
-    if not np.array_equal(array, np.round(array)):
-        return array
-    return array.astype(np.int32)
+    kind = (np.uint8 if low >= 0 and high <= 255 else
+            np.uint16 if low >= 0 and high <= 65535 else np.int32)
+    return array.astype(kind)
