@@ -1319,3 +1319,22 @@ def test_a_bare_dataset_led_by_its_file_meta_is_recognised(tmp_path):
     (tmp_path / "IM0001").write_bytes(buffer.getvalue()[132:])
     volume = read_volume(tmp_path / "IM0001")
     np.testing.assert_array_equal(volume.array, read_dicom(bundled("CT_small.dcm")).array)
+
+
+def test_files_without_positions_are_placed_by_slice_location(tmp_path):
+    """Sorted by InstanceNumber and stacked back to back, a missing file went unnoticed:
+    the 10 mm slice sat where 7.5 mm belongs, and every later one a slice off."""
+    zs = [0.0, 2.5, 5.0, 10.0, 12.5, 15.0]  # the file at 7.5 mm is missing
+    write_series(tmp_path, zs)
+    for path in tmp_path.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SliceLocation = float(ds.ImagePositionPatient[2])
+        del ds.ImagePositionPatient
+        _save(ds, path)
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.spacing[0] == pytest.approx(2.5) and vol.missing_slices() == [3]
+    for k, z in zip([0, 1, 2, 4, 5, 6], zs):
+        np.testing.assert_array_equal(vol.array[k], expected_hu(z))
+    assert any("placed along their normal by SliceLocation" in w for w in vol.metadata["warnings"])

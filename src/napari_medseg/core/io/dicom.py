@@ -810,6 +810,37 @@ def _spread_along_z(frames: list[_Frame]) -> bool:
     return bool(spread[2] > 0 and spread[2] >= 2 * max(spread[0], spread[1]))
 
 
+def _placed_by_slice_location(frames: list[_Frame], warns: list[str]) -> list[_Frame]:
+    """Files without ImagePositionPatient placed along their normal by SliceLocation,
+    when every file has a distinct one: sorted by InstanceNumber and stacked back to
+    back instead, a missing file went unnoticed and every later slice sat a slice off.
+    (Frames of one multi-frame file, or any file without it: returned as they are.)"""
+    if len({id(f.source) for f in frames}) != len(frames):
+        return frames
+    locations = []
+    for f in frames:
+        try:
+            location = float(f.source.header.get("SliceLocation"))
+        except (TypeError, ValueError):
+            return frames
+        if not np.isfinite(location):
+            return frames
+        locations.append(location)
+    if len(set(np.round(locations, 2))) < len(locations):  # repeats: not one stack's places
+        return frames
+    axial = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    out = []
+    for f, location in zip(frames, locations):
+        iop = axial if f.orientation is None else np.asarray(f.orientation, dtype=float)
+        normal = _cross_unit(_unit(iop[:3]), _unit(iop[3:]))
+        out.append(replace(f, position=location * normal, orientation=iop))
+    warns.append("ImagePositionPatient missing; slices placed along their normal by "
+                 "SliceLocation (where the stack lies in the patient is unknown)"
+                 + ("" if all(f.orientation is not None for f in frames)
+                    else "; ImageOrientationPatient missing too, taken as axial"))
+    return out
+
+
 def _sort(
     frames: list[_Frame], path: Path, warns: list[str]
 ) -> tuple[list[_Frame], np.ndarray | None, np.ndarray | None]:
@@ -826,6 +857,8 @@ def _sort(
         warns.append("ImageOrientationPatient missing; slices taken as axial and sorted by "
                      "their positions")
         frames = [replace(f, orientation=np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])) for f in frames]
+    if len(frames) > 1 and all(f.position is None for f in frames):
+        frames = _placed_by_slice_location(frames, warns)
     placed = [f.position is not None and f.orientation is not None for f in frames]
     unplaced = len(frames) - sum(placed)
     if sum(placed) >= 2 and 0 < unplaced <= max(2, len(frames) // 5):
