@@ -962,17 +962,15 @@ def _layout(steps: np.ndarray, path: Path, warns: list[str]) -> tuple[np.ndarray
             f"{step:.3g} mm; the series looks like several separate stacks",
             path,
         )
-    # each slice at the grid position nearest its own: counting steps instead (a short
-    # step as one whole one) moved every later slice, 5 mm at 2.5 mm steps among 5 mm
-    # ones, and put a gap where a slice was acquired
     position = np.concatenate([[0.0], np.cumsum(steps)])
-    index = np.rint(position / step).astype(int)
-    if np.any(np.diff(index) == 0) and smallest > 0:  # slices closer than the grid's step
-        multiple = steps / smallest
-        whole = np.rint(multiple)
-        if whole.max() <= 10 and np.all(np.abs(multiple - whole) <= 0.05):
-            step = float(np.mean(steps[whole == 1]))  # a grid every slice has its place on
-            index = np.rint(position / step).astype(int)
+    index = np.concatenate([[0], np.cumsum(1 + n_missing)])  # counting steps: robust to jitter
+    # counting took a short step as a whole one and moved every later slice (5 mm at
+    # two 2.5 mm steps among 5 mm ones; a gap landed on an acquired slice): when some
+    # slice lies more than half a step off the grid fitted through the counted indices,
+    # the slices are placed by their positions instead
+    fitted = position[-1] / index[-1] if index[-1] else step
+    if np.abs(position - index * fitted).max() > 0.5 * fitted + 1e-6:
+        step, index = _placed_by_position(steps, position, step, smallest)
     effective = steps / np.maximum(np.diff(index), 1)  # a gap of 3 steps is still even
     if np.abs(effective - step).max() / step > _UNEVEN_TOLERANCE:
         off = float(np.abs(position - index * step).max())
@@ -982,6 +980,23 @@ def _layout(steps: np.ndarray, path: Path, warns: list[str]) -> tuple[np.ndarray
             + (f", slices up to {off:.2g} mm from their recorded positions" if off > 0.01 else "")
         )
     return _one_per_position(index, position, step, warns), step
+
+
+def _placed_by_position(steps: np.ndarray, position: np.ndarray, step: float,
+                        smallest: float) -> tuple[float, np.ndarray]:
+    """(spacing, index) for a series whose steps do not count: on the grid of the
+    smallest step when every step is a whole number of it (2.5 / 5 mm: the 5 mm part has
+    every other slice missing), or when the smallest is no near-duplicate (at least half
+    the step: no two slices share a place); else the nearest places on the step's grid,
+    where a near-duplicate shares one (:func:`_one_per_position` leaves it out)."""
+    multiple = steps / smallest
+    whole = np.rint(multiple)
+    if whole.max() <= 10 and np.all(np.abs(multiple - whole) <= 0.05):
+        grid = float(np.mean(steps[whole == 1]))
+        return grid, np.concatenate([[0], np.cumsum(np.maximum(np.rint(steps / grid), 1))]).astype(int)
+    if smallest >= 0.5 * step:
+        return smallest, np.rint(position / smallest).astype(int)
+    return step, np.rint(position / step).astype(int)
 
 
 def _one_per_position(index: np.ndarray, position: np.ndarray, step: float,
