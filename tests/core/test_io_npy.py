@@ -230,6 +230,16 @@ def test_a_saved_mask_or_label_map_opens_as_labels_in_napari(tmp_path):
     assert any("opened as a label map" in w for w in opened.volume.metadata["warnings"])
     mask = read_scan_or_labels(tmp_path / "mask.npy")
     assert isinstance(mask, LabelMap) and np.array_equal(mask.labels, seg > 0)
-    for name in ("ct", "float"):
+    # a smooth 8-bit image of fewer than 128 grey levels, its background masked to 0
+    # (an upsampled MR slice quantised to 7 bits): grey levels, not 119 structures
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from scipy.ndimage import zoom
+
+    mr = zoom(dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(float), 4, order=1)
+    grey = np.round(mr / mr.max() * 127).astype(np.uint8)
+    grey[grey < 10] = 0
+    np.save(tmp_path / "grey.npy", grey)
+    for name in ("ct", "float", "grey"):
         assert not isinstance(read_scan_or_labels(tmp_path / f"{name}.npy"), LabelMap), name
     assert read_npy(tmp_path / "seg.npy").array.dtype == np.float32  # the models: an image
