@@ -321,6 +321,34 @@ def watch_detection_edits(layer: Any) -> None:
     layer.events.data.connect(lambda event, layer=layer: mark_added_points(layer, event))
 
 
+def watch_added_lesions(layer: Any) -> None:
+    """A ground-truth lesions layer (the phantom's): a point the user adds gets the
+    "added" label and no diameter, organ or contrast. ``feature_defaults`` alone do not
+    hold: napari sets them to the features of the last point selected, and the next point
+    added posed as that lesion (and was saved so)."""
+    def on_data(event: Any) -> None:
+        if str(getattr(event, "action", "")) != "added" or "label" not in layer.features:
+            return
+        n = len(layer.data)
+        rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n})
+        if not rows:
+            return
+        features = layer.features
+        for name in features.columns:
+            if name == "label":
+                features[name] = features[name].astype(object)
+                features.loc[rows, name] = ADDED_LABEL
+            elif features[name].dtype.kind in "fiu":
+                features[name] = features[name].astype(float)
+                features.loc[rows, name] = np.nan
+            else:
+                features[name] = features[name].astype(object)
+                features.loc[rows, name] = ""
+        layer.features = features
+
+    layer.events.data.connect(on_data)
+
+
 def mark_added_points(layer: Any, event: Any) -> bool:
     """After napari adds or moves points of a detection layer: they are the user's now.
     An added point gets no score, no diameter and the "added" label: napari fills new rows

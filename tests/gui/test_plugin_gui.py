@@ -182,6 +182,21 @@ def test_phantom_widget_errors_name_its_own_controls(make_napari_viewer, qtbot):
     assert len(viewer.layers) == 0
 
 
+def test_a_point_added_after_a_lesion_was_selected_is_no_lesion(make_napari_viewer, qtbot):
+    """napari sets a layer's feature defaults to the last selected point's: the next
+    point added took that lesion's diameter, organ and contrast (and was saved so)."""
+    viewer, widget = _phantom_widget(make_napari_viewer, (16, 96, 96), lesions=2)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    points = viewer.layers[-1]
+    points.selected_data = {0}
+    points.add([[8, 40, 40]])
+    added = points.features.iloc[-1]
+    assert added["label"] == "added" and added["organ"] == ""
+    assert np.isnan(added["diameter_mm"]) and np.isnan(added["contrast_hu"])
+    assert points.features.iloc[0]["label"] != "added"  # the lesion keeps its own
+
+
 def test_phantom_widget_says_when_random_lesions_did_not_fit(make_napari_viewer, qtbot):
     """A random number of lesions too large for the organs gave 0 lesions and no word."""
     viewer, widget = _phantom_widget(make_napari_viewer, (16, 96, 96), lesions=0)

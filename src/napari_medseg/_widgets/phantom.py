@@ -15,6 +15,7 @@ from magicgui.widgets import (
 )
 
 from .. import _jobs
+from .._layers import watch_added_lesions
 from .._sample_data import phantom_layer_data
 from ..core.errors import MedsegInputError
 from ..core.phantom import phantom_job
@@ -157,7 +158,9 @@ class PhantomWidget(Container):
 
     def _add_layers(self, phantom) -> None:
         for data, kwargs, layer_type in phantom_layer_data(phantom):
-            getattr(self._viewer, f"add_{layer_type}")(data, **kwargs)
+            layer = getattr(self._viewer, f"add_{layer_type}")(data, **kwargs)
+            if layer_type == "points":
+                watch_added_lesions(layer)
         self._status.value = (
             f"seed {phantom.volume.metadata.get('phantom_seed')}: "
             f"{len(phantom.lesions)} lesions, {int((phantom.slice_classes == 2).sum())} lesion slices"
