@@ -903,6 +903,10 @@ def test_positions_rounded_in_the_file_make_no_gaps_and_lose_no_slice(tmp_path, 
     vol = read_dicom(tmp_path)
 
     assert vol.shape[0] == len(zs) and not vol.has_gaps
+    # the spacing fitted through the positions, not the median step (1.3 mm for 1.25:
+    # the last slice 15 mm from its place)
+    last = vol.origin[0] + (len(zs) - 1) * vol.spacing[0]
+    assert abs(last - zs[-1]) < 0.1
 
 
 def test_a_scout_filed_in_the_series_is_left_out(tmp_path):
