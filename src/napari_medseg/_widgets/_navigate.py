@@ -28,7 +28,7 @@ def go_to_world(viewer: Any, layer: Any, world: Sequence[float],
     wanted = {offset + a: float(world[a]) * ratio[a] for a in moving}
     hidden = [a for a in dims.not_displayed if a in wanted]
     if hidden:
-        sliders = _sliders_showing(viewer, layer, world, [a - offset for a in hidden])
+        sliders = _sliders_showing(viewer, layer, world, [a - offset for a in hidden], ratio)
         dims.set_point(hidden, list(sliders * ratio[[a - offset for a in hidden]]))
     shown = list(dims.displayed)
     if any(a in wanted for a in shown):
@@ -38,13 +38,14 @@ def go_to_world(viewer: Any, layer: Any, world: Sequence[float],
 
 
 def _sliders_showing(viewer: Any, layer: Any, world: Sequence[float],
-                     moving: Sequence[int]) -> np.ndarray:
+                     moving: Sequence[int], ratio: np.ndarray) -> np.ndarray:
     """World positions (the layer's units) for the sliders of the hidden layer axes
     ``moving`` at which napari draws the data slice holding ``world``. napari picks a
     layer's slice from the rows of its world-to-data transform for the hidden axes, with
     the shown axes left out: on a rotated layer (an oblique scan whose z mixes in y) the
     slider at the point's world z showed another slice (slice 7 showed 5 at 30°). For
-    scale and translate alone this is the point's world position itself."""
+    scale and translate alone this is the point's world position itself. ``ratio``:
+    :func:`to_viewer_units` of the layer."""
     from .._layers import world_matrix
 
     ndim = layer.ndim
@@ -54,7 +55,6 @@ def _sliders_showing(viewer: Any, layer: Any, world: Sequence[float],
     # the point's data coordinates on those axes, from the hidden axes' world positions
     # alone: the moving ones (unknown) and those that stay where their sliders are
     rhs = linear[moving] @ np.asarray(world, dtype=float)
-    ratio = to_viewer_units(viewer, layer)
     staying = [a for a in range(ndim)
                if offset + a in viewer.dims.not_displayed and a not in moving]
     if staying:

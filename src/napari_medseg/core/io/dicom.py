@@ -832,8 +832,7 @@ def _placed_by_slice_location(frames: list[_Frame], warns: list[str]) -> list[_F
     out = []
     for f, location in zip(frames, locations):
         iop = axial if f.orientation is None else np.asarray(f.orientation, dtype=float)
-        normal = _cross_unit(_unit(iop[:3]), _unit(iop[3:]))
-        out.append(replace(f, position=location * normal, orientation=iop))
+        out.append(replace(f, position=location * _normal(iop), orientation=iop))
     warns.append("ImagePositionPatient missing; slices placed along their normal by "
                  "SliceLocation (where the stack lies in the patient is unknown)"
                  + ("" if all(f.orientation is not None for f in frames)
