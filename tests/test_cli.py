@@ -381,15 +381,34 @@ def _console_script() -> list[str]:
 def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(tmp_path):
     """The CLI's modules load for most of a second before main() runs: a Ctrl-C then
     printed a 40-line traceback and the process died of the signal."""
-    import signal
-    import time
+    # the Ctrl-C is sent from inside the import of the readers (a sleep before it could
+    # land after the command had finished on a loaded machine)
+    hook = ("import os, signal, sys\n"
+            "class CtrlC:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'napari_medseg.core.io.dicom':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, CtrlC())\n")
+    script = _console_script()
+    run = subprocess.run([*script[:-1], hook + script[-1], "phantom", str(tmp_path / "p"),
+                          "--shape", "4", "32", "32"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 130 and run.stderr == "napari-medseg: interrupted\n"
+    assert not (tmp_path / "p").exists()
 
-    run = subprocess.Popen([*_console_script(), "phantom", str(tmp_path / "p"), "--shape",
-                            "64", "256", "256"], stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # after Python's own start-up, during (or soon after) the imports
-    run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=120)
-    assert run.returncode == 130 and err == "napari-medseg: interrupted\n"
+
+def test_ctrl_c_while_the_arguments_are_read_is_one_line_and_exit_130(tmp_path, capsys,
+                                                                       monkeypatch):
+    """argparse loads gettext's catalogues while it parses: a Ctrl-C there escaped as a
+    traceback and the process died of the signal."""
+    from napari_medseg import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["phantom", str(tmp_path / "p")]) == 130
+    assert capsys.readouterr().err == "napari-medseg: interrupted\n"
     assert not (tmp_path / "p").exists()
 
 

@@ -261,8 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("stderr", "stdout"):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # argparse's messages load gettext: a Ctrl-C lands there too
+        print("napari-medseg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     import signal
 
     # not for the demo: raised inside Qt's event loop, napari would take it for an error
