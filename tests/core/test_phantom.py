@@ -430,3 +430,61 @@ def test_bad_arguments_raise(kwargs):
     args.update(kwargs)
     with pytest.raises(MedsegInputError):
         generate_phantom(**args)
+
+
+def _try_place_one_batch_at_a_time(rng, anat, host, boxes, semi, rot, placed, fov_lo, fov_hi,
+                                   lo_c, sp, n_c):
+    """The lesion placement as it was before its candidate batches were classified at
+    once: the phantoms a seed gave then (the bundled models were trained on them)."""
+    from napari_medseg.core.phantom import _HOST_TISSUES, _SPHERE, _Points
+
+    extent = float(np.max(semi))
+    lo = np.max(np.stack([boxes[:, 0, :].min(axis=1), fov_lo + extent]), axis=0)
+    hi = np.min(np.stack([boxes[:, 1, :].max(axis=1), fov_hi - extent]), axis=0)
+    bad = hi < lo
+    if bad.any():
+        lo = np.where(bad, np.maximum(boxes[:, 0, :].min(axis=1), fov_lo), lo)
+        hi = np.where(bad, np.minimum(boxes[:, 1, :].max(axis=1), fov_hi), hi)
+        if np.any(hi < lo):
+            return None
+    host_t = np.array(_HOST_TISSUES[host])
+    offsets = (_SPHERE * semi) @ rot
+    for _batch in range(8):
+        cand = rng.uniform(lo, hi, size=(128, 3))
+        idx = np.clip(np.round((cand - lo_c) / sp), 0, n_c - 1)
+        cand = lo_c + idx * sp
+        if placed:
+            ok = np.ones(len(cand), dtype=bool)
+            for p in placed:
+                d = np.linalg.norm(cand - p["center_mm"], axis=1)
+                ok &= d > extent + float(np.max(p["semi"])) + 1.5
+            cand = cand[ok]
+        tis = anat.classify(_Points(cand[:, 0], cand[:, 1], cand[:, 2]))
+        cand = cand[np.isin(tis, host_t)][:24]
+        if not len(cand):
+            continue
+        pts = cand[:, None, :] + offsets[None, :, :]
+        tis = anat.classify(_Points(pts[..., 0], pts[..., 1], pts[..., 2])).reshape(pts.shape[:2])
+        good = np.isin(tis, host_t).all(axis=1)
+        if good.any():
+            return cand[int(np.argmax(good))], host
+    return None
+
+
+@pytest.mark.parametrize("shape,spacing,seed,n_lesions", [
+    ((8, 64, 64), (2.5, 2.0, 2.0), 0, 12),  # crowded: many batches fail, organs fill up
+    ((16, 96, 96), (2.5, 2.0, 2.0), 7, None),
+    ((6, 80, 80), (5.0, 1.5, 1.5), 3, 3),
+])
+def test_batched_lesion_placement_gives_each_seed_its_phantom(monkeypatch, shape, spacing, seed,
+                                                              n_lesions):
+    """The candidates' centres are classified in one pass (a crowded organ took seconds
+    per lesion); a seed must still give the same phantom, lesion for lesion."""
+    import napari_medseg.core.phantom as phantom_module
+
+    now = generate_phantom(shape, spacing, seed, n_lesions=n_lesions)
+    monkeypatch.setattr(phantom_module, "_try_place", _try_place_one_batch_at_a_time)
+    before = generate_phantom(shape, spacing, seed, n_lesions=n_lesions)
+    assert len(now.lesions) == len(before.lesions) > 0
+    np.testing.assert_array_equal(now.labels, before.labels)
+    np.testing.assert_array_equal(now.volume.array, before.volume.array)

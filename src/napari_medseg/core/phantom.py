@@ -1209,28 +1209,41 @@ def _try_place(rng, anat, host, boxes, semi, rot, placed, fov_lo, fov_hi, lo_c, 
             return None
     host_t = np.array(_HOST_TISSUES[host])
     offsets = (_SPHERE * semi) @ rot  # (k, 3) in (z, y, x)
-    for _batch in range(8):
-        cand = rng.uniform(lo, hi, size=(128, 3))
-        # snap to voxel centres so the centre voxel carries the lesion label
-        idx = np.clip(np.round((cand - lo_c) / sp), 0, n_c - 1)
-        cand = lo_c + idx * sp
+    # the eight batches of candidates are drawn and their centres classified at once (one
+    # pass over the anatomy, not eight: a crowded organ took seconds per lesion); the
+    # generator is then wound back to where the batches drawn one by one left it, so a
+    # seed gives the phantom it always gave
+    state = rng.bit_generator.state
+    batches = rng.uniform(lo, hi, size=(_BATCHES, 128, 3))
+    # snap to voxel centres so the centre voxel carries the lesion label
+    idx = np.clip(np.round((batches - lo_c) / sp), 0, n_c - 1)
+    batches = lo_c + idx * sp
+    flat = batches.reshape(-1, 3)
+    # cheap test first: is the centre in the host organ?
+    centre_in_host = np.isin(anat.classify(_Points(flat[:, 0], flat[:, 1], flat[:, 2])),
+                             host_t).reshape(_BATCHES, 128)
+    for batch in range(_BATCHES):
+        cand, in_host = batches[batch], centre_in_host[batch]
         if placed:
             ok = np.ones(len(cand), dtype=bool)
             for p in placed:
                 d = np.linalg.norm(cand - p["center_mm"], axis=1)
                 ok &= d > extent + float(np.max(p["semi"])) + 1.5
-            cand = cand[ok]
-        # cheap test first: is the centre in the host organ?
-        tis = anat.classify(_Points(cand[:, 0], cand[:, 1], cand[:, 2]))
-        cand = cand[np.isin(tis, host_t)][:24]
+            cand, in_host = cand[ok], in_host[ok]
+        cand = cand[in_host][:24]
         if not len(cand):
             continue
         pts = cand[:, None, :] + offsets[None, :, :]
         tis = anat.classify(_Points(pts[..., 0], pts[..., 1], pts[..., 2])).reshape(pts.shape[:2])
         good = np.isin(tis, host_t).all(axis=1)
         if good.any():
+            rng.bit_generator.state = state
+            rng.uniform(lo, hi, size=((batch + 1) * 128, 3))  # the batches drawn until here
             return cand[int(np.argmax(good))], host
     return None
+
+
+_BATCHES = 8  # candidate batches per lesion, host organ and size
 
 
 # --------------------------------------------------------------------------------------
