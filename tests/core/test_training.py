@@ -38,6 +38,7 @@ from napari_medseg.core.training import (
 )
 
 TINY_SEG = dict(pool_size=1, max_slices=12, seq_len=4, crop=48, refresh_every=0)
+TINY_CLS = dict(pool_size=1, filters=(8, 8, 8), batch_size=8, crop=64, max_slices=8)
 
 
 # -- losses -----------------------------------------------------------------------------
@@ -820,12 +821,12 @@ def test_training_neither_moves_the_callers_torch_state_nor_shares_it_with_anoth
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    alone, _ = run_to_completion(train("classifier", 3, 3, None, pool_size=2))
+    alone, _ = run_to_completion(train("classifier", 3, 3, None, **TINY_CLS))
     assert torch.equal(torch.rand(3), expected)
     # deterministic algorithms: on while a run's steps run, the caller's setting between
     # them (it stayed on between steps, and two runs in turn left it on for good)
     before = flags()
-    jobs = [train("classifier", 3, 3, None, pool_size=2), train("classifier", 4, 3, None, pool_size=2)]
+    jobs = [train("classifier", 3, 3, None, **TINY_CLS), train("classifier", 4, 3, None, **TINY_CLS)]
     results = [None, None]
     while any(r is None for r in results):
         for i, job in enumerate(jobs):
@@ -839,7 +840,7 @@ def test_training_neither_moves_the_callers_torch_state_nor_shares_it_with_anoth
     assert not torch.equal(weights(results[1][0]), weights(alone))
     torch.use_deterministic_algorithms(True, warn_only=True)  # a user's own setting
     try:
-        run_to_completion(train("classifier", 3, 1, None, pool_size=2))
+        run_to_completion(train("classifier", 3, 1, None, **TINY_CLS))
         assert flags() == (True, True)
     finally:
         torch.use_deterministic_algorithms(*before[:1], warn_only=before[1])

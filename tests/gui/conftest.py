@@ -15,6 +15,29 @@ from napari_medseg.core.phantom import LABEL_NAMES, SLICE_CLASSES
 WINDOW = {"type": "window", "low": -200.0, "high": 300.0}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _manifests_parsed_once():
+    """napari's viewer fixture drops the plugin registry before each test, and npe2
+    parsed every plugin's YAML manifest again with pure-Python yaml: a quarter of a
+    second of each viewer. The same text gives the same manifest, so it is parsed once."""
+    import copy
+
+    from npe2.manifest import _bases
+
+    parse = _bases._load_yaml_no_duplicates
+    parsed: dict[bytes, object] = {}
+
+    def load(stream):
+        text = stream.read()
+        if text not in parsed:
+            parsed[text] = parse(text)
+        return copy.deepcopy(parsed[text])
+
+    _bases._load_yaml_no_duplicates = load
+    yield
+    _bases._load_yaml_no_duplicates = parse
+
+
 @pytest.fixture
 def random_models(tmp_path, monkeypatch):
     """Small random-init models in a private user folder: {architecture: card path}.
