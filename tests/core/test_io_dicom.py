@@ -572,7 +572,6 @@ def test_origin_is_first_position_along_the_image_axes(tmp_path, iop, orientatio
     [
         (dict(shape=(4, 4)), "slices in one series differ in size (4×4 and 6×5)"),
         (dict(pixel_spacing=(0.9, 0.9)), "different pixel spacings"),
-        (dict(iop=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0)), "different orientations"),
     ],
 )
 def test_inconsistent_series_is_refused(tmp_path, second, reason):
@@ -930,6 +929,34 @@ def test_a_scout_filed_in_the_series_is_left_out(tmp_path):
     np.testing.assert_array_equal(vol.array[2], expected_hu(5.0))
 
 
+def test_a_slice_in_another_orientation_not_marked_a_scout_is_left_out(tmp_path):
+    """A coronal scout (another size too) filed under the axial series' UID without
+    LOCALIZER in its ImageType made the series unreadable ("different orientations"), and
+    the folder opened a smaller series beside it instead."""
+    uid = write_series(tmp_path, [2.5 * k for k in range(6)])
+    write_ct_slice(tmp_path / "scout.dcm", 0.0, series_uid=uid, instance=99, shape=(8, 7),
+                   iop=(1, 0, 0, 0, 0, -1), ipp=(-100.0, 0.0, 200.0))
+    write_series(tmp_path, [300.0 + 5 * k for k in range(3)], name="other")
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape == (6, 6, 5) and vol.origin[0] == pytest.approx(0.0)
+    assert any("1 slice in another orientation than the series' other 6 (a scout or a "
+               "reformat filed with it) left out" in w for w in vol.metadata["warnings"])
+    np.testing.assert_array_equal(vol.array[2], expected_hu(5.0))
+
+
+def test_a_series_split_evenly_between_two_orientations_is_refused(tmp_path):
+    uid = write_series(tmp_path, [0.0, 2.0], name="a")
+    write_series(tmp_path, [4.0, 6.0], name="b", series_uid=uid, iop=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+
+    with pytest.raises(MedsegInputError) as info:
+        read_dicom(tmp_path)
+
+    assert_clean_error(info.value, tmp_path)
+    assert "different orientations (2 and 2 slices) and none holds most of them" in str(info.value)
+
+
 def test_many_slices_without_a_position_are_sorted_by_instance_number(tmp_path):
     write_series(tmp_path, [float(z) for z in range(20)], shuffle=False)
     for path in sorted(tmp_path.iterdir())[2:]:  # only two keep their position
@@ -945,8 +972,7 @@ def test_many_slices_without_a_position_are_sorted_by_instance_number(tmp_path):
 
 def test_when_the_largest_series_cannot_be_stacked_the_next_opens_with_a_warning(tmp_path):
     uid = write_series(tmp_path, [0.0, 2.0, 4.0], name="main", description="ABDOMEN")
-    write_series(tmp_path, [3.0], name="loc", series_uid=uid,  # a localizer sharing the UID
-                 iop=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+    write_series(tmp_path, [3.0], name="odd", series_uid=uid, shape=(4, 4))
     write_series(tmp_path, [10.0, 12.0], name="other", description="DELAYED")
 
     vol = read_dicom(tmp_path)
@@ -956,7 +982,7 @@ def test_when_the_largest_series_cannot_be_stacked_the_next_opens_with_a_warning
     assert any("opened the largest that could be opened (2 slices, 'DELAYED')" in w
                for w in warnings)
     assert any(w.startswith("a series of 4 slices could not be opened (slices in one series "
-                            "have different orientations") for w in warnings)
+                            "differ in size") for w in warnings)
 
 
 def test_a_12_bit_jpeg_pillow_cannot_read_names_the_decoder_to_install():

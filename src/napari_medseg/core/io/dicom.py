@@ -656,6 +656,7 @@ def _ranges(indices: list[int]) -> str:
 def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) -> Volume:
     """Sort, de-duplicate and stack frames; work out spacing, gaps and origin."""
     frames = _without_localizers(frames, warns)
+    frames = _without_other_orientations(frames, path, warns)
     _check_stackable(frames, path)
     warns.extend(dict.fromkeys(f.source.frame_note for f in frames if f.source.frame_note))
     frames, keys, axes = _sort(frames, path, warns)
@@ -789,6 +790,45 @@ def _without_localizers(frames: list[_Frame], warns: list[str]) -> list[_Frame]:
     warns.append(f"{len(scouts)} localizer (scout) image{'s' if len(scouts) > 1 else ''} "
                  "in the series left out")
     return [f for f in frames if not localizer(f)]
+
+
+def _orientation_groups(iops: np.ndarray) -> list[list[int]]:
+    """Indices of the frames per orientation (direction cosines within
+    ``_SAME_ORIENTATION`` of the group's first), groups in order of first appearance."""
+    groups: list[list[int]] = []
+    for i, iop in enumerate(iops):
+        for group in groups:
+            if np.abs(iop - iops[group[0]]).max() <= _SAME_ORIENTATION:
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def _without_other_orientations(frames: list[_Frame], path: Path,
+                                 warns: list[str]) -> list[_Frame]:
+    """The frames less those in another orientation than most of the series: a scout or
+    a reformat filed under its UID without being marked LOCALIZER made the whole series
+    unreadable. With no majority there is nothing to tell which is the series."""
+    oriented = [i for i, f in enumerate(frames) if f.orientation is not None]
+    if len(oriented) < 2:
+        return frames
+    groups = _orientation_groups(np.array([frames[i].orientation for i in oriented]))
+    if len(groups) == 1:
+        return frames
+    sizes = sorted((len(g) for g in groups), reverse=True)
+    if sizes[0] == sizes[1]:
+        raise MedsegInputError(
+            "slices in one series have different orientations ("
+            + " and ".join(str(n) for n in sizes[:3]) + (" …" if len(sizes) > 3 else "")
+            + " slices) and none holds most of them; cannot stack them", path)
+    keep = max(groups, key=len)
+    others = {oriented[i] for g in groups if g is not keep for i in g}
+    warns.append(f"{len(others)} slice{'s' if len(others) > 1 else ''} in another orientation "
+                 f"than the series' other {len(frames) - len(others)} (a scout or a reformat "
+                 "filed with it) left out")
+    return [f for i, f in enumerate(frames) if i not in others]
 
 
 def _check_stackable(frames: list[_Frame], path: Path) -> None:
