@@ -202,11 +202,18 @@ MAX_SMALL_STEP_SHARE = 0.5
 def looks_like_label_map(array: np.ndarray) -> bool:
     """An integer image of background 0 and a few non-negative values (a segmentation
     from another tool), which would show as a saturated grey image."""
+    return label_map_values(array) is not None
+
+
+def label_map_values(array: np.ndarray) -> np.ndarray | None:
+    """The values besides 0 of an array that :func:`looks_like_label_map`, else None:
+    counted once (the readers sorted every labelled voxel again to name them, 0.7 s of
+    a 1.1 s check on 300 × 512²)."""
     if array.size == 0 or not np.issubdtype(array.dtype, np.integer):
-        return False
+        return None
     top = int(array.max())
     if int(array.min()) < 0 or top > MAX_UNMARKED_LABEL_VALUE:
-        return False
+        return None
     # slab by slab: np.bincount copies its input to 8-byte integers
     flat = np.asarray(array).reshape(-1)
     step = 1 << 20
@@ -214,14 +221,14 @@ def looks_like_label_map(array: np.ndarray) -> bool:
     for start in range(0, flat.size, step):
         counts += np.bincount(flat[start:start + step], minlength=counts.size)
         if np.count_nonzero(counts[1:]) > MAX_UNMARKED_LABELS:
-            return False
-    n_values = int(np.count_nonzero(counts[1:]))
-    if not counts[0] or n_values == 0:
-        return False
-    if n_values <= FEW_UNMARKED_LABELS and top <= 255:
-        return True
+            return None
+    values = np.flatnonzero(counts[1:]) + 1
+    if not counts[0] or values.size == 0:
+        return None
+    if values.size <= FEW_UNMARKED_LABELS and top <= 255:
+        return values
     same, small = _neighbours(np.asarray(array))
-    return same >= MIN_REGION_SHARE and small < MAX_SMALL_STEP_SHARE
+    return values if same >= MIN_REGION_SHARE and small < MAX_SMALL_STEP_SHARE else None
 
 
 def _neighbours(array: np.ndarray, most_slices: int = 16) -> tuple[float, float]:

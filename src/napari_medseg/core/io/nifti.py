@@ -39,7 +39,7 @@ from ..errors import MedsegInputError
 from ..volume import Volume
 from ._common import (
     guess_modality,
-    looks_like_label_map,
+    label_map_values,
     mode_for,
     obliquity_deg,
     origin_along,
@@ -266,8 +266,9 @@ def _read(path: str | Path, want_labels: bool = True
     marked = img.header.get_intent()[0] == "label"
     if want_labels and marked and np.issubdtype(array.dtype, np.floating):
         array = whole_number_labels(array)  # MONAI's SaveImage writes float32 label maps
+    unmarked_values = (None if marked or not want_labels else label_map_values(array))
     is_label_map = want_labels and np.issubdtype(array.dtype, np.integer) and (
-        marked or looks_like_label_map(array))
+        marked or unmarked_values is not None)
     # The affine is stored as float32: round off its noise (0.8 → 0.800000011920929) so
     # written spacings come back as written: 6 significant digits (float32 holds about
     # 7); decimals rounded a 1e-9 voxel to 0. 1e-4 mm is far below any origin's precision.
@@ -299,9 +300,9 @@ def _read(path: str | Path, want_labels: bool = True
     if not is_label_map:
         return volume, None, {}
     if not marked:  # said where it opens as labels (read as a scan, it needs no word)
-        values = np.unique(array[array > 0]) if array.size else []
+        values = unmarked_values
         volume = replace(volume, metadata={**volume.metadata, "warnings": [
-            *warns, f"integer values 0–{int(max(values))} ({len(values)} besides 0) and no"
+            *warns, f"integer values 0–{int(values[-1])} ({len(values)} besides 0) and no"
                     " label intent: opened as a label map"]})
     return volume, np.ascontiguousarray(array), _label_names(img.header)
 

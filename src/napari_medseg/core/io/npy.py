@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import MedsegInputError
 from ..volume import Volume
-from ._common import guess_modality, looks_like_label_map, short_reason, source_name
+from ._common import guess_modality, label_map_values, short_reason, source_name
 
 __all__ = ["read_npy"]
 
@@ -31,19 +31,19 @@ def read_npy(path: str | Path) -> Volume:
 
 def read_npy_or_label_map(path: str | Path) -> Any:
     """The file as a :class:`~.nifti.LabelMap` when it holds a mask or a label map (a
-    bool array, or integers as :func:`looks_like_label_map` says; ``np.save`` of a
+    bool array, or integers as :func:`~._common.looks_like_label_map` says; ``np.save`` of a
     segmentation opened as a grey float image), else as a Volume; read once."""
     from .nifti import LabelMap
 
     path = Path(path).expanduser()
     data = _load(path)
     volume = _volume(data, path)
-    if not (data.dtype == bool or looks_like_label_map(data)):
+    values = None if data.dtype == bool else label_map_values(data)
+    if not (data.dtype == bool or values is not None):
         return volume
     if data.dtype == bool:
         labels, what = data.astype(np.uint8), "a mask (bool)"
     else:
-        values = np.unique(data[data > 0])
         labels, what = data, f"integer values 0–{int(values[-1])} ({len(values)} besides 0)"
     volume = replace(volume, metadata={**volume.metadata, "warnings": [
         *volume.metadata["warnings"], f"{what}: opened as a label map"]})
