@@ -851,3 +851,21 @@ def test_a_version_s_card_is_its_own_not_shared_with_callers(tiny):
     _, returned = history.model(0)
     returned["classes"].append("returned")
     assert history.model(0)[1]["classes"] == [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.uint16])
+def test_a_label_volume_saved_as_its_slices_loads_as_the_volume(tmp_path, dtype):
+    from napari_medseg.core.session import (AnnotationSession, SliceStack, load_session,
+                                            save_session)
+
+    labels = np.random.default_rng(3).integers(0, 9, (5, 17, 11)).astype(dtype)
+    before = SliceStack.updated(labels, None)
+    labels[3, 4, 5] += 1
+    stack = SliceStack.updated(labels, before)
+    assert [a is b for a, b in zip(before.slices, stack.slices)] == [True] * 3 + [False, True]
+    save_session(tmp_path / "s", AnnotationSession("ct", labels.shape, labels=stack, edited=[3]))
+    restored = load_session(tmp_path / "s").labels
+    assert restored.dtype == dtype
+    np.testing.assert_array_equal(restored, labels)
+    # another shape (the layer's data replaced): copied whole, nothing shared
+    assert SliceStack.updated(labels[:4], stack).slices[0] is not stack.slices[0]

@@ -1283,3 +1283,24 @@ def test_mark_current_is_refused_while_the_slices_run_across_the_view(scene):
     viewer.dims.order = (0, 1, 2)
     widget._mark_current()
     assert widget.annotated_slices() == [3]
+
+
+def test_an_autosave_copies_only_the_slices_changed_since_the_last(scene):
+    """Each autosave copied the whole layer on napari's thread (0.1-1.3 s of a 300 x
+    512 x 512 int32 layer, every 1.5 s while the user painted); it now shares the slices
+    that did not change with the autosave before and still saves every voxel."""
+    from napari_medseg.core.session import SliceStack, load_session
+
+    viewer, image, labels, widget, phantom = scene
+    labels.data_setitem((np.array([2, 2]), np.array([10, 11]), np.array([10, 10])), 7)
+    first = widget._session(labels, image).labels
+    labels.data_setitem((np.array([5]), np.array([20]), np.array([30])), 7)
+    second = widget._session(labels, image).labels
+    assert isinstance(second, SliceStack)
+    assert [z for z in range(labels.data.shape[0])
+            if second.slices[z] is not first.slices[z]] == [5]
+    assert np.asarray(first)[5, 20, 30] != 7 and np.asarray(second)[5, 20, 30] == 7
+    labels.data_setitem((np.array([5]), np.array([21]), np.array([30])), 7)
+    widget.autosave_now(wait=True)
+    saved = load_session(widget._key_folder() / widget._session_id)
+    np.testing.assert_array_equal(saved.labels, labels.data)

@@ -27,7 +27,7 @@ from .._layers import _labels_kwargs, _like_layer, read_deferred
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_annotations, finetune_segmenter, unannotated_updates
 from ..core.inference import segment_volume
-from ..core.session import AnnotationSession
+from ..core.session import AnnotationSession, SliceStack
 # painted_slices and history_depths are re-exported: scripts and tests import them from here
 from ._retrain_base import _RetrainBase, _on_scan, history_depths, painted_slices  # noqa: F401
 from ._navigate import drawn_matrix
@@ -53,6 +53,9 @@ class RetrainWidget(_RetrainBase):
         return self._layer_pick
 
     def extra_widgets(self) -> list:
+        # per Labels layer, its labels as last autosaved (each autosave copies only the
+        # slices changed since); dropped with the layer
+        self._autosaved_labels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._suggest = PushButton(text="Suggest slices to correct (most uncertain)")
         self._suggest.changed.connect(self._on_suggest)
         self._suggest_items: list = []
@@ -273,9 +276,20 @@ class RetrainWidget(_RetrainBase):
             raise MedsegInputError(f"the Labels layer's shape {tuple(layer.data.shape)} is not "
                                    f"the image's {tuple(image.data.shape)}")
         return AnnotationSession(image_name=image.name, shape=tuple(layer.data.shape),
-                                 labels=np.array(layer.data, copy=True),
+                                 labels=self._labels_copy(layer),
                                  image_fingerprint=self._fingerprint(image),
                                  label_names=self._layer_class_names(layer))
+
+    def _labels_copy(self, layer) -> np.ndarray | SliceStack:
+        """The layer's labels as they are now, for an autosave: the slices that changed
+        since its last autosave are copied, the others shared with it (napari's thread
+        compares, which costs a fraction of copying the whole volume)."""
+        data = layer.data
+        if not isinstance(data, np.ndarray) or data.ndim < 2:  # lazy or odd data: copied
+            return np.array(data, copy=True)
+        stack = SliceStack.updated(data, self._autosaved_labels.get(layer))
+        self._autosaved_labels[layer] = stack
+        return stack
 
     def _restored_layer(self, session, image):
         names = {**self._current_class_names(), **(session.label_names or {})}

@@ -66,6 +66,37 @@ def image_fingerprint(data: Any) -> str:
     return h.hexdigest()[:16]
 
 
+class SliceStack:
+    """A label volume held as its slices (2D arrays nobody writes to again): an autosave
+    copies only the slices that changed since the last one and shares the others, and is
+    written slice by slice. A whole-volume copy on napari's thread took 0.1-1.3 s of a
+    300 x 512 x 512 int32 layer every 1.5 s while the user painted."""
+
+    def __init__(self, slices: Sequence[np.ndarray]) -> None:
+        self.slices = tuple(slices)
+        if not self.slices:
+            raise MedsegInputError("nothing to save: a label volume without slices")
+        first = self.slices[0]
+        if any(sl.shape != first.shape or sl.dtype != first.dtype for sl in self.slices):
+            raise ValueError("the slices of a SliceStack must share shape and dtype")
+        self.shape = (len(self.slices), *first.shape)
+        self.dtype = first.dtype
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        stacked = np.stack(self.slices)
+        return stacked if dtype is None else stacked.astype(dtype, copy=False)
+
+    @classmethod
+    def updated(cls, data: np.ndarray, previous: SliceStack | None) -> SliceStack:
+        """``data`` (z, ...) as a stack, taking from ``previous`` every slice still equal
+        to it (no copy); comparing costs a fraction of copying (no new memory)."""
+        if (previous is None or previous.shape != tuple(data.shape)
+                or previous.dtype != data.dtype):
+            return cls(list(np.array(data, copy=True)))  # one block: one allocation
+        return cls([old if np.array_equal(data[z], old) else np.array(data[z])
+                    for z, old in enumerate(previous.slices)])
+
+
 @dataclass
 class AnnotationSession:
     """One widget's work on one image: a label volume (segmenter) or points with their
@@ -73,7 +104,7 @@ class AnnotationSession:
 
     image_name: str
     shape: tuple[int, ...]
-    labels: np.ndarray | None = None
+    labels: np.ndarray | SliceStack | None = None
     edited: list[int] = field(default_factory=list)
     checked: list[int] = field(default_factory=list)
     excluded: list[int] = field(default_factory=list)
@@ -95,9 +126,10 @@ class AnnotationSession:
     def kind(self) -> str:
         return "labels" if self.labels is not None else "points"
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray | SliceStack]:
         names = ("labels",) if self.labels is not None else ("points", "diameters", "shown")
-        out = {n: np.ascontiguousarray(getattr(self, n)) for n in names if getattr(self, n) is not None}
+        out = {n: (v if isinstance(v, SliceStack) else np.ascontiguousarray(v))
+               for n in names if (v := getattr(self, n)) is not None}
         if not out:
             raise MedsegInputError("nothing to save: no labels and no points")
         return out
@@ -111,7 +143,7 @@ def save_session(folder: str | Path, session: AnnotationSession) -> Path:
     # compressed: a label volume is mostly runs of a few values (a 200 × 512 × 512 int32
     # layer with one stroke: 200 MiB plain, 0.2 MiB compressed), and every image gets
     # its own session folder
-    np.savez_compressed(buf, **session.arrays())
+    _savez_compressed(buf, session.arrays())
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     data_name = f"annotations-{sha[:16]}.npz"
@@ -139,6 +171,23 @@ def save_session(folder: str | Path, session: AnnotationSession) -> Path:
     for left in folder.glob(".*.tmp"):  # a killed save's temp file (one writer per folder)
         left.unlink(missing_ok=True)
     return folder
+
+
+def _savez_compressed(buf: io.BytesIO, arrays: dict[str, np.ndarray | SliceStack]) -> None:
+    """``np.savez_compressed``, with a SliceStack written slice by slice as the .npy it
+    stacks to: stacked first, its copy held the GIL (and napari's thread) as long as the
+    copy on napari's thread it replaces."""
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                if isinstance(array, SliceStack):
+                    np.lib.format.write_array_header_1_0(member, {
+                        "descr": np.lib.format.dtype_to_descr(array.dtype),
+                        "fortran_order": False, "shape": array.shape})
+                    for sl in array.slices:
+                        member.write(np.ascontiguousarray(sl).tobytes())
+                else:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def saved_epoch(folder: Path, meta: dict) -> float:
