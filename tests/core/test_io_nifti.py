@@ -690,3 +690,58 @@ def test_other_tools_label_maps_open_as_labels(tmp_path):
     half.header.set_intent("label")
     nib.save(half, tmp_path / "half.nii.gz")
     assert read_label_map(tmp_path / "half.nii.gz") is None
+
+
+def test_an_uncompressed_file_rewritten_by_another_tool_leaves_the_read_volume_alone(tmp_path):
+    """nibabel memory-maps a .nii: a volume read from a file stored as LPS (every file
+    this plugin writes) was a view of it, changed when another tool rewrote the file, and
+    napari died of SIGBUS when the file was cut short."""
+    path = tmp_path / "ct.nii"
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    write_nifti(path, array, (2.0, 1.0, 1.0))
+    volume = read_nifti(path)
+    with open(path, "r+b") as f:  # another tool rewrites the voxels in place
+        f.seek(352)
+        f.write(bytes(array.nbytes))
+    np.testing.assert_array_equal(volume.array, array)
+
+
+def test_a_header_without_orientation_is_said(tmp_path):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), None), tmp_path / "bare.nii")
+    warnings = read_nifti(tmp_path / "bare.nii").metadata["warnings"]
+    assert any("gives no orientation (qform and sform codes 0)" in w for w in warnings)
+    write_nifti(tmp_path / "ours.nii", np.zeros((4, 5, 6), np.float32), (1.0, 1.0, 1.0))
+    assert not any("orientation" in w for w in read_nifti(tmp_path / "ours.nii").metadata["warnings"])
+
+
+def test_a_big_endian_label_map_opens_in_native_byte_order(tmp_path):
+    """napari drew a big-endian label 1 as 256, a colour no label has."""
+    import nibabel as nib
+
+    from napari_medseg.core.io import read_scan_or_labels
+
+    labels = np.zeros((6, 5, 4), dtype=">u2")
+    labels[2:4, 1:3, 1:3] = 2
+    img = nib.Nifti1Image(labels, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    img.header.set_intent("label")
+    nib.save(img, tmp_path / "seg.nii")
+    opened = read_scan_or_labels(tmp_path / "seg.nii")
+    assert opened.labels.dtype.isnative and opened.labels.max() == 2
+    np.save(tmp_path / "seg.npy", labels.transpose(2, 1, 0).copy())
+    opened = read_scan_or_labels(tmp_path / "seg.npy")
+    assert opened.labels.dtype.isnative and opened.labels.max() == 2
+
+
+def test_writing_through_a_link_replaces_the_file_it_names(tmp_path):
+    """The temporary file was renamed over the link itself: the dataset the link points
+    into kept its old labels."""
+    real = tmp_path / "data" / "case1.nii.gz"
+    real.parent.mkdir()
+    write_nifti(real, np.zeros((2, 3, 4), np.uint8), (1.0, 1.0, 1.0), labels=True)
+    link = tmp_path / "case1.nii.gz"
+    link.symlink_to(real)
+    write_nifti(link, np.ones((2, 3, 4), np.uint8), (1.0, 1.0, 1.0), labels=True)
+    assert link.is_symlink()
+    assert read_nifti(real).array.max() == 1

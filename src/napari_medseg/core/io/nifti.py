@@ -209,6 +209,9 @@ def _read(path: str | Path, want_labels: bool = True
     # what nibabel fixed in the header (e.g. zero voxel sizes set to 1), said as ours
     warns: list[str] = [f"the header was repaired on reading ({m})" for m in fixed]
     warns += _forms_disagree(img.header, shape)
+    if _no_orientation(img.header):
+        warns.append("the header gives no orientation (qform and sform codes 0): left-right "
+                     "and position unknown; axes taken as stored, origin at the centre")
     affine = np.array(affine, dtype=float)
     # lengths in the file's own unit (NIfTI's xyzt_units): a header in metres read as mm
     # gave 0.0007 mm voxels; "unknown" is taken as mm, as every tool does
@@ -304,7 +307,9 @@ def _read(path: str | Path, want_labels: bool = True
         volume = replace(volume, metadata={**volume.metadata, "warnings": [
             *warns, f"integer values 0–{int(values[-1])} ({len(values)} besides 0) and no"
                     " label intent: opened as a label map"]})
-    return volume, np.ascontiguousarray(array), _label_names(img.header)
+    # native byte order: napari drew a big-endian label 1 as 256 (a colour no label has)
+    native = array.astype(array.dtype.newbyteorder("="), copy=False)
+    return volume, np.ascontiguousarray(native), _label_names(img.header)
 
 
 def _one_plane_as_acquired(array: np.ndarray, spacing: np.ndarray, axes: np.ndarray,
@@ -347,13 +352,24 @@ def _forms_disagree(header: Any, shape: tuple[int, ...]) -> list[str]:
             "sform is used (as nibabel and FSL do), another viewer may use the qform"]
 
 
+def _no_orientation(header: Any) -> bool:
+    """Neither the qform nor the sform is set (NIfTI's "method 1"): nibabel makes up an
+    affine, whose left-right and origin the file never said."""
+    try:
+        return int(header["qform_code"]) <= 0 and int(header["sform_code"]) <= 0
+    except (KeyError, TypeError, ValueError):  # not a NIfTI header
+        return False
+
+
 def _load(path: Path) -> Any:
     """``nib.load``, but a ``.gz`` file is read through a gzip stream of ours that
     :func:`_read_to_the_end` finishes: nibabel stops after the data and never reaches the
     gzip trailer, so a file damaged in storage or transfer opened with wrong voxels
     (1 bit flipped: 50 of 58 such files opened, none said so)."""
     if not path.name.lower().endswith(".gz"):
-        return nib.load(path)
+        # read, not memory-mapped: a layer that was a view of the file changed when
+        # another tool rewrote it, and napari died (SIGBUS) when the file was cut short
+        return nib.load(path, mmap=False)
     from nibabel.fileholders import FileHolder
 
     stream = gzip.open(path, "rb")
@@ -543,13 +559,15 @@ def write_nifti(
         img.header["descrip"] = description.encode("ascii", "replace")[:79]
 
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+    # through a link to the file it names: replacing the link left its target old
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     # short: a name near the file system's 255-byte limit must still get its temp file
-    tmp = path.with_name(f".{path.name[:40]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    tmp = target.with_name(f".{target.name[:40]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        refuse_read_only(path)
+        refuse_read_only(target)
         nib.save(img, tmp)
-        os.chmod(tmp, mode_for(path))  # an overwritten private file stays private
-        os.replace(tmp, path)
+        os.chmod(tmp, mode_for(target))  # an overwritten private file stays private
+        os.replace(tmp, target)
     except BaseException as exc:
         try:
             tmp.unlink(missing_ok=True)

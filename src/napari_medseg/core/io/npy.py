@@ -47,7 +47,9 @@ def read_npy_or_label_map(path: str | Path) -> Any:
         labels, what = data, f"integer values 0–{int(values[-1])} ({len(values)} besides 0)"
     volume = replace(volume, metadata={**volume.metadata, "warnings": [
         *volume.metadata["warnings"], f"{what}: opened as a label map"]})
-    return LabelMap(np.ascontiguousarray(labels), volume, {})
+    # native byte order: napari drew a big-endian label 1 as 256 (a colour no label has)
+    native = labels.astype(labels.dtype.newbyteorder("="), copy=False)
+    return LabelMap(np.ascontiguousarray(native), volume, {})
 
 
 def _load(path: Path) -> np.ndarray:
