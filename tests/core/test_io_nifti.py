@@ -745,3 +745,21 @@ def test_writing_through_a_link_replaces_the_file_it_names(tmp_path):
     write_nifti(link, np.ones((2, 3, 4), np.uint8), (1.0, 1.0, 1.0), labels=True)
     assert link.is_symlink()
     assert read_nifti(real).array.max() == 1
+
+
+def test_a_zeroed_sform_beside_a_valid_qform_takes_the_qform(tmp_path):
+    """nibabel takes the sform whenever its code is set: a zeroed one lost the spacing
+    (1 mm) and the origin, with warnings that named neither form."""
+    affine = np.diag([-1.5, -1.5, 3.0, 1.0])
+    affine[:3, 3] = (100.0, 120.0, -50.0)
+    img = nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(np.zeros((4, 4)), code=1)
+    nib.save(img, tmp_path / "z.nii")
+    volume = read_nifti(tmp_path / "z.nii")
+    assert volume.spacing == pytest.approx((3.0, 1.5, 1.5))
+    assert any("sform is degenerate" in w and "its qform is used" in w
+               for w in volume.metadata["warnings"])
+    img.set_qform(affine, code=0)  # nothing better to take
+    nib.save(img, tmp_path / "none.nii")
+    assert not any("qform is used" in w for w in read_nifti(tmp_path / "none.nii").metadata["warnings"])

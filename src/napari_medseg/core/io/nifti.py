@@ -208,7 +208,13 @@ def _read(path: str | Path, want_labels: bool = True
 
     # what nibabel fixed in the header (e.g. zero voxel sizes set to 1), said as ours
     warns: list[str] = [f"the header was repaired on reading ({m})" for m in fixed]
-    warns += _forms_disagree(img.header, shape)
+    qform = _qform_for_degenerate_sform(img.header)
+    if qform is not None:
+        affine = qform
+        warns.append("the header's sform is degenerate (no volume: all zero, or a flat or "
+                     "non-finite matrix); its qform is used")
+    else:
+        warns += _forms_disagree(img.header, shape)
     if _no_orientation(img.header):
         warns.append("the header gives no orientation (qform and sform codes 0): left-right "
                      "and position unknown; axes taken as stored, origin at the centre")
@@ -329,6 +335,26 @@ def _one_plane_as_acquired(array: np.ndarray, spacing: np.ndarray, axes: np.ndar
             array, axes = np.flip(array, axis=a), axes.copy()
             axes[a] = -axes[a]
     return np.ascontiguousarray(array), spacing, axes, first
+
+
+def _qform_for_degenerate_sform(header: Any) -> np.ndarray | None:
+    """The qform, when the sform nibabel would use (its code set) spans no volume and the
+    qform is set and does: a zeroed sform lost every spacing and the origin."""
+    try:
+        sform, s_code = header.get_sform(coded=True)
+        qform, q_code = header.get_qform(coded=True)
+    except Exception:  # not a NIfTI header, or a broken quaternion
+        return None
+    if not (s_code and q_code) or sform is None or qform is None:
+        return None
+
+    def spans(matrix: np.ndarray) -> bool:
+        m = np.asarray(matrix, dtype=float)[:3, :3]
+        columns = np.linalg.norm(m, axis=0)
+        return bool(np.isfinite(m).all() and np.all(columns > 0)
+                    and abs(np.linalg.det(m)) > 1e-6 * float(np.prod(columns)))
+
+    return np.array(qform, dtype=float) if not spans(sform) and spans(qform) else None
 
 
 def _forms_disagree(header: Any, shape: tuple[int, ...]) -> list[str]:
