@@ -99,11 +99,15 @@ class Volume:
         if np.iscomplexobj(array):
             raise MedsegInputError("complex-valued images are not supported")
         if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+            # slice by slice: a boolean mask and two float64 copies of the whole volume
+            # took 4 times the float32 volume kept
+            limit = np.finfo(np.float32).max
             with np.errstate(invalid="ignore"):
-                too_large = np.abs(array[np.isfinite(array)]) > np.finfo(np.float32).max
-            if too_large.any():
+                too_large = sum(int(np.count_nonzero(np.isfinite(sl) & (np.abs(sl) > limit)))
+                                for sl in array)
+            if too_large:
                 raise MedsegInputError(
-                    f"{int(too_large.sum())} voxels exceed the float32 range (about ±3.4e38)")
+                    f"{too_large} voxels exceed the float32 range (about ±3.4e38)")
         array = np.ascontiguousarray(array, dtype=np.float32)
         # NaN marks missing voxels; infinity is not a measurement, and a volume with no
         # finite voxel at all would only yield invented output
@@ -233,7 +237,13 @@ def guess_modality(array: np.ndarray) -> str:
     Hounsfield units, which no MR or PET intensity reaches), else "OT" (other). MR is not
     guessed: its intensities have no fixed scale to recognise.
     """
-    flat = np.asarray(array).reshape(-1)
+    array = np.asarray(array)
+    if array.size > _MAX_SAMPLES and array.ndim > 1 and not array.flags.c_contiguous:
+        # a regular grid of samples, taken before flattening: a transposed or flipped
+        # view (NIfTI reoriented) was copied whole by the reshape
+        step = math.ceil((array.size / _MAX_SAMPLES) ** (1.0 / array.ndim))
+        array = array[(slice(None, None, step),) * array.ndim]
+    flat = array.reshape(-1)
     if flat.size == 0 or not np.issubdtype(flat.dtype, np.number) or np.iscomplexobj(flat):
         return "OT"  # booleans (masks), complex and non-numeric arrays carry no HU
     if flat.size > _MAX_SAMPLES:

@@ -180,7 +180,7 @@ def _data_and_shape(img: Any, path: Path) -> tuple[np.ndarray, Any, tuple[int, .
     if len(shape) < 2:
         raise MedsegInputError(f"expected a 3D image, got shape {shape}", path)
     try:
-        data = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter when set
+        data = _scaled_data(img.dataobj)
         _read_to_the_end(img)
     except Exception as exc:
         raise MedsegInputError(
@@ -376,6 +376,25 @@ def _forms_disagree(header: Any, shape: tuple[int, ...]) -> list[str]:
         return []
     return [f"the header's sform and qform place the image up to {apart:.1f} mm apart; the "
             "sform is used (as nibabel and FSL do), another viewer may use the qform"]
+
+
+def _scaled_data(proxy: Any) -> np.ndarray:
+    """The voxels with scl_slope/scl_inter applied. nibabel scales integers in float64:
+    an int16 CT with a slope (dcm2niix writes one) took 4 bytes per stored byte before
+    the float32 the volume keeps; scaled here in float32, in place."""
+    slope = getattr(proxy, "slope", 1.0)
+    inter = getattr(proxy, "inter", 0.0)
+    raw_dtype = getattr(proxy, "dtype", None)
+    if (not hasattr(proxy, "get_unscaled") or raw_dtype is None
+            or not np.issubdtype(raw_dtype, np.integer) or (slope == 1.0 and inter == 0.0)
+            or not (np.isfinite(slope) and np.isfinite(inter))):
+        return np.asanyarray(proxy)  # nibabel's own rules (and its messages) for the rest
+    data = np.asarray(proxy.get_unscaled()).astype(np.float32)
+    if slope != 1.0:
+        data *= np.float32(slope)
+    if inter != 0.0:
+        data += np.float32(inter)
+    return data
 
 
 def _no_orientation(header: Any) -> bool:
