@@ -243,3 +243,18 @@ def test_a_saved_mask_or_label_map_opens_as_labels_in_napari(tmp_path):
     for name in ("ct", "float", "grey"):
         assert not isinstance(read_scan_or_labels(tmp_path / f"{name}.npy"), LabelMap), name
     assert read_npy(tmp_path / "seg.npy").array.dtype == np.float32  # the models: an image
+
+
+def test_a_low_count_image_with_few_values_is_no_label_map():
+    """A low-count SPECT-like frame (integers 0-27, each voxel independent) was opened
+    as a Labels layer by the few-values rule; a label map with a vessel two voxels wide
+    still is one."""
+    from napari_medseg.core.io._common import looks_like_label_map
+
+    counts = np.random.default_rng(0).poisson(3.0, (8, 64, 64)).astype(np.int16)
+    counts[:, :4] = 0
+    assert 0 < counts.max() <= 27 and not looks_like_label_map(counts)
+    vessel = np.zeros((8, 64, 64), np.uint8)
+    vessel[:, 10:54, 30:32] = 1  # two voxels wide, running across the rows
+    vessel[:, 40:42, 5:60] = 2
+    assert looks_like_label_map(vessel)

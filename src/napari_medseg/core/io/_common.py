@@ -197,6 +197,11 @@ MAX_UNMARKED_LABELS = 128
 MAX_UNMARKED_LABEL_VALUE = 65535
 MIN_REGION_SHARE = 0.5
 MAX_SMALL_STEP_SHARE = 0.5
+#: a few values make a label map only if they form regions at all: a low-count SPECT or
+#: PET frame (28 values, 0.11 of its voxels beside an equal one) or a noisy 5-bit image
+#: (0.05) opened as labels; a label map's structures, a vessel two voxels wide included,
+#: are well above this
+MIN_FEW_LABELS_REGION_SHARE = 0.2
 
 
 def looks_like_label_map(array: np.ndarray) -> bool:
@@ -225,9 +230,9 @@ def label_map_values(array: np.ndarray) -> np.ndarray | None:
     values = np.flatnonzero(counts[1:]) + 1
     if not counts[0] or values.size == 0:
         return None
-    if values.size <= FEW_UNMARKED_LABELS and top <= 255:
-        return values
     same, small = _neighbours(np.asarray(array))
+    if values.size <= FEW_UNMARKED_LABELS and top <= 255:
+        return values if same >= MIN_FEW_LABELS_REGION_SHARE else None
     return values if same >= MIN_REGION_SHARE and small < MAX_SMALL_STEP_SHARE else None
 
 
