@@ -910,3 +910,13 @@ def test_a_small_structure_is_not_said_to_be_zero():
     # the digits follow the value as shown: 9.96 → "10" as 10.0 is, not "10.0"
     assert [format_measure(v) for v in (9.96, 10.0, 0.996, 1.0, 0.9949)] == [
         "10", "10", "1.0", "1.0", "0.99"]
+
+
+@pytest.mark.parametrize("threads", [1.7, True, "2", -1])
+def test_a_thread_count_that_is_no_whole_number_is_refused(threads):
+    """1.7, True and "2" were taken as 1, 1 and 2 threads."""
+    from napari_medseg.core.inference import ThreadGovernor
+
+    with pytest.raises(MedsegInputError, match="threads must be ≥ 1"):
+        ThreadGovernor(threads)
+    assert ThreadGovernor(np.int64(2)).fixed == 2 and ThreadGovernor(0).leave

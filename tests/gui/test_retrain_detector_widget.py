@@ -296,6 +296,21 @@ def test_a_point_off_the_image_is_left_out_with_a_warning_not_a_refusal(scene):
     assert any("outside the image and were left out" in m and "z, y, x = 20" in m for m in warned)
 
 
+def test_a_point_with_a_coordinate_that_is_no_number_is_said_where_it_is(scene):
+    """It was "outside the image (the first at z, y, x = nan, nan, nan)": no slice to find."""
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    data = np.array(points.data, copy=True)
+    data[-1, 1] = np.nan
+    points.data = data
+    start = len(notification_manager.records)
+    annotation = widget._snapshot(points, image, _volume_of(image), need_annotations=False)
+    assert not np.isnan(annotation[0]).any()
+    warned = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("1 point(s)" in m and "not a number" in m and "the first at 4, nan, 30" in m
+               for m in warned), warned
+
+
 def _volume_of(image):
     from napari_medseg._layers import volume_from_layer
 

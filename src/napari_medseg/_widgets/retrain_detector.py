@@ -146,8 +146,18 @@ class RetrainDetectorWidget(_RetrainBase):
         if layer.ndim != image.ndim:
             raise MedsegInputError(f"'{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D")
         points, diam = self._points_on_image(layer, image)
+        finite = np.all(np.isfinite(points), axis=1)
+        if not finite.all():  # said apart: "outside the image at nan, nan, nan" found none
+            shown = np.flatnonzero(np.asarray(layer.shown, dtype=bool).reshape(-1))
+            first = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)[
+                shown[np.flatnonzero(~finite)[0]]]
+            show_warning(f"Retrain: {int((~finite).sum())} point(s) of '{layer.name}' have a "
+                         "coordinate that is not a number and were left out (the first at "
+                         f"{', '.join(f'{v:.0f}' for v in first)} in the layer's own "
+                         "coordinates)")
+            points, diam = points[finite], diam[finite]
         upper = np.asarray(volume.shape) - 0.5
-        inside = np.all(np.isfinite(points) & (points >= -0.5) & (points <= upper), axis=1)
+        inside = np.all((points >= -0.5) & (points <= upper), axis=1)
         if not inside.all():  # a stray point off the scan must not block every round
             first = points[~inside][0]
             show_warning(f"Retrain: {int((~inside).sum())} point(s) of '{layer.name}' lie "

@@ -433,13 +433,16 @@ class ThreadGovernor:
     _depth: dict[int, int] = {}
 
     def __init__(self, threads: int | None):
+        # a whole number only: 1.7, True and "2" were taken as 1, 1 and 2 threads
+        if threads is not None and (isinstance(threads, (bool, np.bool_))
+                                    or not isinstance(threads, (int, np.integer))
+                                    or threads < 0):
+            raise MedsegInputError(
+                f"threads must be ≥ 1 (or 0 to leave torch's setting), got {threads!r}")
         self.auto = threads is None
         self.leave = threads == 0
         self.cpus = default_threads()
         if threads is not None and not self.leave:
-            if int(threads) < 1:
-                raise MedsegInputError(
-                    f"threads must be ≥ 1 (or 0 to leave torch's setting), got {threads}")
             self.fixed = int(threads)
         self._last: tuple[float, float, float] | None = None
 
