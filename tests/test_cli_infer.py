@@ -425,3 +425,23 @@ def test_raw_stored_ct_values_run_with_a_warning(tmp_path, models, capsys):
     assert main(["segment", str(src), str(out), "--model", str(models["segmenter"]), "-q"]) == 0
     err = capsys.readouterr().err
     assert "segment: warning: the image does not look like CT in Hounsfield units" in err
+
+
+@pytest.mark.parametrize("command,suffix", [("segment", ".nii.gz"), ("classify", ".csv")])
+def test_an_output_that_is_a_link_writes_the_file_it_names(tmp_path, models, image, command,
+                                                          suffix):
+    """The temporary file was renamed over the link: the dataset it points into kept its
+    old file, and the link became a plain file."""
+    kind = {"segment": "segmenter", "classify": "classifier"}[command]
+    real = tmp_path / "dataset" / f"case1{suffix}"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / f"out{suffix}"
+    link.symlink_to(real)
+    assert main([command, str(image), str(link), "--model", str(models[kind]), "-q",
+                 "--overwrite"]) == 0
+    assert link.is_symlink() and real.read_bytes() != b"old"
+    if command == "classify":
+        assert len(_rows(real)) == 6
+    else:
+        assert read_nifti(real).shape[0] == 6

@@ -29,6 +29,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `cat big | hea
 
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    # through a link to the file it names: replacing the link left its target old
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
     # the name cut short: a long one must still leave room for the temp suffix
     try:
         refuse_read_only(path)

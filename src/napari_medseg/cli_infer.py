@@ -84,6 +84,8 @@ def _write_all(*writes: tuple[Path | None, Any]) -> None:
         for index, (path, write) in enumerate(writes):
             if path is None:
                 continue
+            # a link's target is what the write replaces, and what to put back
+            path = Path(os.path.realpath(path)) if path.is_symlink() else path
             keep = None
             if path.exists():
                 # (the name cut as the atomic writers cut theirs: a long one overflows; the
