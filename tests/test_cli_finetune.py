@@ -281,3 +281,25 @@ def test_an_output_name_taken_by_a_folder_is_refused_before_training(case, tmp_p
     err = capsys.readouterr().err
     assert "mine.json in --out is a folder" in err and ".tmp" not in err
     assert [p.name for p in out.iterdir()] == ["mine.json"]
+
+
+def test_a_bad_line_of_the_points_csv_is_named(tmp_path):
+    """A hand-corrected list of dozens of points said only "needs numeric columns" or
+    "2 points lie outside the image": no line to look at."""
+    from types import SimpleNamespace
+
+    from napari_medseg.cli_finetune import read_points_csv
+    from napari_medseg.core.errors import MedsegInputError
+
+    volume = SimpleNamespace(shape=(8, 64, 64), origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    cases = {"z,y,x\n1,2,3\n4,,6\n": "line 3: the CSV needs numeric columns",
+             "z,y,x,diameter_mm\n1,2,3,5\n2,3,4,6\n1,nan,3,5\n": "line 4: coordinates must be finite",
+             "z,y,x\n1,2,3\n20,2,3\n": "line 3: the point lies outside the image (8, 64, 64)"}
+    for text, said in cases.items():
+        path = tmp_path / "p.csv"
+        path.write_text(text)
+        with pytest.raises(MedsegInputError, match=said.replace("(", r"\(").replace(")", r"\)")):
+            read_points_csv(str(path), volume)
+    path.write_text("z,y,x,radius_mm\n1,2,3,4\n")
+    pts, diam = read_points_csv(str(path), volume)
+    assert pts.tolist() == [[1.0, 2.0, 3.0]] and diam.tolist() == [8.0]

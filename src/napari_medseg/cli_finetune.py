@@ -139,13 +139,30 @@ def read_points_csv(path: str, volume: Any = None) -> tuple[np.ndarray, np.ndarr
         raise MedsegInputError("the CSV gives both diameter_mm and radius_mm; keep one", path)
     # phantom's lesions.csv gives radius_mm: its sizes were silently dropped (10 mm each)
     size, factor = ("radius_mm", 2.0) if "radius_mm" in columns else ("diameter_mm", 1.0)
-    try:
-        pts = np.array([[float(r["z"]), float(r["y"]), float(r["x"])] for r in rows]).reshape(-1, 3)
-        diam = np.array([factor * float(r.get(size) or "nan") for r in rows])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MedsegInputError("the CSV needs numeric columns z, y, x (and optionally diameter_mm"
-                               " or radius_mm)", path) from exc
+    pts, diam = np.zeros((len(rows), 3)), np.zeros(len(rows))
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            pts[line - 2] = [float(r["z"]), float(r["y"]), float(r["x"])]
+            diam[line - 2] = factor * float(r.get(size) or "nan")
+        except (KeyError, TypeError, ValueError) as exc:
+            # the line named: a hand-corrected list of dozens had no clue where to look
+            raise MedsegInputError(
+                f"line {line}: the CSV needs numeric columns z, y, x (and optionally "
+                f"diameter_mm or radius_mm), got {_cells(r, size)}", path) from exc
+        if not np.all(np.isfinite(pts[line - 2])):
+            raise MedsegInputError(f"line {line}: coordinates must be finite numbers, got "
+                                   f"{_cells(r, size)}", path)
+        if volume is not None and np.any((pts[line - 2] < -0.5)
+                                         | (pts[line - 2] > np.asarray(volume.shape) - 0.5)):
+            raise MedsegInputError(
+                f"line {line}: the point lies outside the image {tuple(volume.shape)} (z, y, x "
+                f"= {', '.join(f'{v:g}' for v in pts[line - 2])})", path)
     return pts, diam
+
+
+def _cells(row: dict, size: str) -> str:
+    return ", ".join(f"{c}={str(row.get(c) or '')!r}" for c in ("z", "y", "x", size)
+                     if c in row)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
