@@ -321,3 +321,15 @@ def test_the_generator_does_not_depend_on_the_images_units():
 
 def linear_fill_between(array):
     return 0.5 * (array[:-1] + array[1:])
+
+
+def test_missing_slices_only_at_the_ends_are_named_when_there_is_nothing_to_fill():
+    """It said "the volume has no missing slices between acquired ones" of a volume
+    with missing slices (its first and last): the user looked for gaps it had."""
+    vol = Volume(np.zeros((6, 4, 4), np.float32), (2.0, 1.0, 1.0),
+                 missing=np.array([1, 0, 0, 0, 0, 1], dtype=bool))
+    with pytest.raises(MedsegInputError, match="missing slices 0, 5 lie beyond the first or "
+                                               "last acquired slice"):
+        plan_generation(vol, 1, fill_missing=True)
+    acquired, _, targets = plan_generation(vol, 2, fill_missing=True)
+    assert targets.sum() == 3 and not targets[:2].any() and not targets[-2:].any()

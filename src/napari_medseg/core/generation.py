@@ -314,6 +314,14 @@ def plan_generation(volume: Volume, factor: int = 1, fill_missing: bool = True
             raise MedsegInputError(
                 "nothing to generate: filling missing slices is off and every slice to make"
                 " lies across a gap in the series")
+        outer = np.flatnonzero(volume.missing)
+        if outer.size:  # "no missing slices" when the volume has some, only at its ends
+            listed = ", ".join(str(int(z)) for z in outer[:6]) + (" …" if outer.size > 6 else "")
+            raise MedsegInputError(
+                f"nothing to generate: the missing slice{'s' if outer.size > 1 else ''} "
+                f"{listed} lie{'' if outer.size > 1 else 's'} beyond the first or last acquired "
+                "slice, and slices are not extrapolated (choose an upsampling factor of 2 or "
+                "more to make slices between acquired ones)")
         raise MedsegInputError(
             "nothing to generate: the volume has no missing slices between acquired ones"
             " (choose an upsampling factor of 2 or more)")
