@@ -869,3 +869,15 @@ def test_a_label_volume_saved_as_its_slices_loads_as_the_volume(tmp_path, dtype)
     np.testing.assert_array_equal(restored, labels)
     # another shape (the layer's data replaced): copied whole, nothing shared
     assert SliceStack.updated(labels[:4], stack).slices[0] is not stack.slices[0]
+
+
+def test_a_new_structure_named_like_another_class_gets_a_name_of_its_own():
+    """A painted value named "liver" (the layer's table) made a second "liver" class: the
+    volume summary, keyed by name, then left the real liver out."""
+    from napari_medseg.core.finetune import _class_names
+
+    old = ["background", "liver", "unused_2"]
+    names = {2: "liver", 3: " ", 4: "new\nline", 5: "spleen"}
+    assert _class_names(old, 6, {2, 3, 4, 5}, names) == [
+        "background", "liver", "structure_2", "structure_3", "new line", "spleen"]
+

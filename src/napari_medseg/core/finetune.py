@@ -372,11 +372,16 @@ def _class_names(old: Sequence[str], n_classes: int, present: set[int],
     structure the model never learnt, and was then no longer found as new when painted).
     A given name that is itself a placeholder (a layer's names table copied from a card)
     is no name (the slot stayed ``unused_<v>`` and was "new" in every round)."""
-    def named(v: int) -> str:
-        given = (names or {}).get(v)
-        return str(given) if given and str(given) != f"unused_{v}" else f"structure_{v}"
-
     out = list(old)
+
+    def named(v: int) -> str:
+        # one line, and not another class's name: two "liver" classes merged into one
+        # entry of the volume summary, which then left the real liver out
+        given = " ".join(str((names or {}).get(v) or "").split())
+        taken = {name for i, name in enumerate(out) if i != v}
+        return (given if given and given != f"unused_{v}" and given not in taken
+                else f"structure_{v}")
+
     for v in sorted(_revived(old, present)):
         out[v] = named(v)
     for v in range(len(old), n_classes):
