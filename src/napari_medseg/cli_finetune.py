@@ -265,7 +265,8 @@ def register(sub: Any) -> None:
                    "image's z as napari's slider shows them (and detect's CSV), e.g. 10,20,30 or 10-14")
     p.add_argument("--out", required=True, help="folder for the fine-tuned model")
     p.add_argument("--name", help="model name (default MODEL-finetuned)")
-    p.add_argument("--epochs", type=int, help="training passes over the annotated slices")
+    p.add_argument("--epochs", type=int, help="training passes over the annotated slices (with "
+                   "--seconds: whichever comes first)")
     p.add_argument("--seconds", type=float, help="time budget (default without --epochs: 15 s, or 30 s"
                    " when the labels hold a new structure); it includes the passes over the "
                    "volume, but training keeps at least half of it, so on a long series the "
