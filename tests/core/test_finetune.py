@@ -96,21 +96,21 @@ def test_trainable_part_is_the_only_one_updated(tiny, phantom):
 
 def test_training_moves_the_prediction_towards_the_annotation():
     """The bundled segmenter on a domain-shifted phantom (flat contrast, heavy noise):
-    30 steps on three corrected slices raise its Dice on those slices."""
+    15 steps on three corrected slices raise its Dice on those slices (by 0.08 here)."""
     model, card = load_model("segmenter")
     shifted = generate_phantom((16, 128, 128), (4.0, 1.6, 1.6), seed=77, contrast_scale=0.6,
                                noise_hu=45.0)
     before = run_to_completion(segment_volume(shifted.volume, model, card)).labels
     zs = [4, 8, 12]
     res = run_to_completion(finetune_segmenter(shifted.volume, model, card, shifted.labels, zs,
-                                               steps=30, threads=1))
+                                               steps=15, threads=1))
     after = run_to_completion(segment_volume(shifted.volume, res.model, res.card)).labels
     gain = [slice_dice(after[z], shifted.labels[z]) - slice_dice(before[z], shifted.labels[z])
             for z in zs]
     assert np.mean(gain) > 0.02, gain
     r = res.report
     assert r.holdout_slice == 4 and r.holdout_dice_before is not None
-    assert len(r.loss_curve) == r.steps == 30
+    assert len(r.loss_curve) == r.steps == 15
     assert res.card["finetune_history"][-1]["slices"] == zs
     assert "metrics" not in res.card  # the base model's held-out metrics do not describe it
 
