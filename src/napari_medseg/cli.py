@@ -19,7 +19,8 @@ from typing import Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
-from .core.io._common import mode_for, refuse_read_only, refuse_write_protected, short_reason
+from .core.io._common import (link_target, mode_for, refuse_read_only, refuse_write_protected,
+                              short_reason)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -30,7 +31,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `cat big | hea
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     # through a link to the file it names: replacing the link left its target old
-    path = Path(os.path.realpath(path)) if path.is_symlink() else path
+    path = link_target(path)
     # the name cut short: a long one must still leave room for the temp suffix
     try:
         refuse_read_only(path)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .core.errors import MedsegInputError
-from .core.io._common import refuse_write_protected
+from .core.io._common import link_target, refuse_write_protected
 
 DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier",
                   "gradcam": "classifier", "uncertainty": "segmenter",
@@ -85,7 +85,7 @@ def _write_all(*writes: tuple[Path | None, Any]) -> None:
             if path is None:
                 continue
             # a link's target is what the write replaces, and what to put back
-            path = Path(os.path.realpath(path)) if path.is_symlink() else path
+            path = link_target(path)
             keep = None
             if path.exists():
                 # (the name cut as the atomic writers cut theirs: a long one overflows; the

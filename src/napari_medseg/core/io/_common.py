@@ -145,6 +145,12 @@ def mode_for(path: Any) -> int:
     return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else regular_file_mode()
 
 
+def link_target(path: Path) -> Path:
+    """The file a write to ``path`` must replace: a symbolic link's target (renaming a
+    temporary file over the link replaced the link and left its target old)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def refuse_read_only(path: Any) -> None:
     """An atomic write renames a new file over ``path``, which the file's own permissions
     do not stop: a write-protected file (no write bit, or not writable by this user) is

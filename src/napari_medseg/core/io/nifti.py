@@ -40,6 +40,7 @@ from ..volume import Volume
 from ._common import (
     guess_modality,
     label_map_values,
+    link_target,
     mode_for,
     obliquity_deg,
     origin_along,
@@ -605,7 +606,7 @@ def write_nifti(
 
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
     # through a link to the file it names: replacing the link left its target old
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    target = link_target(path)
     # short: a name near the file system's 255-byte limit must still get its temp file
     tmp = target.with_name(f".{target.name[:40]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
