@@ -19,6 +19,7 @@ from typing import Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
+from .core.text import counted
 from .core.io._common import (link_target, mode_for, refuse_read_only, refuse_write_protected,
                               short_reason)
 
@@ -101,7 +102,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     volume = phantom.volume
     print(
         f"wrote {', '.join(PHANTOM_OUTPUTS)} to {out} "
-        f"(shape {volume.shape}, spacing {volume.spacing} mm, {len(phantom.lesions)} lesions)"
+        f"(shape {volume.shape}, spacing {volume.spacing} mm, {counted(len(phantom.lesions), 'lesion')})"
     )
     return 0
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .core.errors import MedsegInputError
+from .core.text import counted
 
 
 #: more slices than any volume holds (a range longer than this is a typo)
@@ -244,7 +245,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f" --slices {q(args.slices)} --out {q(args.out)} --name {q(name)}{budget}"
         f" --seed {args.seed}" + (f" --threads {threads}" if threads is not None else ""))
     path = save_model(result.model, out, name, {**card_out, "name": name}, unique_weights=True)
-    print(f"wrote {path} ({result.report.steps} steps, {result.report.seconds:.1f} s)")
+    print(f"wrote {path} ({counted(result.report.steps, 'step')}, {result.report.seconds:.1f} s)")
     print(json.dumps(result.report.as_dict()))
     advice = new_structure_advice(result.report)
     if advice:

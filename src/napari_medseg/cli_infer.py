@@ -22,6 +22,7 @@ import numpy as np
 
 from .core.errors import MedsegInputError
 from .core.io._common import link_target, refuse_write_protected
+from .core.text import counted
 
 DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier",
                   "gradcam": "classifier", "uncertainty": "segmenter",
@@ -216,7 +217,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         name = "missing" if cls < 0 else result.class_names[cls]
         rows.append((z, name, *("" if p != p else f"{p:.5f}" for p in probs)))
     _write_csv_atomic(out, header, rows)
-    print(f"wrote {out.name}: {len(rows)} slices ({result.precision})")
+    print(f"wrote {out.name}: {counted(len(rows), 'slice')} ({result.precision})")
     return 0
 
 
@@ -349,7 +350,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   "acquired_slices": np.flatnonzero(result.acquired).tolist()})),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
                                             list(enumerate(status.tolist())))))
-    print(f"wrote {out.name}: {v.shape[result.axis]} slices at {v.spacing[result.axis]:g} mm"
+    print(f"wrote {out.name}: {counted(v.shape[result.axis], 'slice')} at {v.spacing[result.axis]:g} mm"
           f"{'' if result.axis == 0 else ' along ' + result.axis_name} ({args.method});"
           f" {result.summary()}. Generated slices are synthetic, not acquired.")
     return 0

@@ -448,7 +448,7 @@ def test_overlapping_slabs_of_a_step_and_shoot_scan_stay_one_volume(tmp_path):
     vol = read_dicom(tmp_path)
 
     assert vol.shape == (7, 6, 5)
-    assert any("1 slice repeat" in w for w in vol.metadata["warnings"])
+    assert any("1 slice at an earlier slice's position" in w for w in vol.metadata["warnings"])
     assert not any("acquisitions" in w for w in vol.metadata["warnings"])
 
 
@@ -497,7 +497,7 @@ def test_duplicate_positions_keep_one_slice(tmp_path):
     vol = read_dicom(tmp_path)
 
     assert vol.shape[0] == 3
-    assert any("repeat an earlier position" in w for w in vol.metadata["warnings"])
+    assert any("at an earlier slice's position" in w for w in vol.metadata["warnings"])
 
 
 def test_positions_absent_sorted_by_instance_number(tmp_path):

@@ -34,8 +34,8 @@ def test_metadata_drops_identifiers():
         (np.zeros((2, 4, 4)), (1, float("nan"), 1), "finite"),
         (np.array([[["a"]]]), (1, 1, 1), "numbers"),
         (np.full((2, 4, 4), np.nan), (1, 1, 1), "no finite voxel"),
-        (np.where(np.eye(4)[None] > 0, np.inf, 0.0), (1, 1, 1), "4 voxels are infinite"),
-        (np.full((1, 2, 2), 1e300), (1, 1, 1), "exceed the float32 range"),
+        (np.where(np.eye(4)[None] > 0, np.inf, 0.0), (1, 1, 1), "infinite values in 4 voxels"),
+        (np.full((1, 2, 2), 1e300), (1, 1, 1), "outside the float32 range"),
     ],
 )
 def test_bad_volumes_raise_clear_errors(array, spacing, match):
@@ -111,3 +111,11 @@ def test_non_axial_plane_names_only_a_clearly_coronal_or_sagittal_slice_axis():
     assert plane([0, np.cos(0.7), np.sin(0.7)]) == "coronal"  # 50° from axial
     assert non_axial_plane(Volume.from_array(np.zeros((1, 4, 4), np.float32),
                                              spacing=(1.0, 1.0, 1.0))) is None
+
+
+def test_counts_in_messages_agree_with_their_noun():
+    from napari_medseg.core.text import counted
+
+    assert [counted(n, "slice") for n in (0, 1, 2)] == ["0 slices", "1 slice", "2 slices"]
+    assert counted(1, "lesion slice") == "1 lesion slice"
+    assert counted(3, "series", "series") == "3 series"

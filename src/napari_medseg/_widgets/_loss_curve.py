@@ -8,6 +8,8 @@ from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
+from ..core.text import counted
+
 
 class LossCurve(QWidget):
     def __init__(self, parent=None):
@@ -45,7 +47,7 @@ class LossCurve(QWidget):
             painter.setPen(QPen(QColor(240, 180, 60), 1.5))
             painter.drawPolyline(QPolygonF(points))
         painter.setPen(QColor(200, 200, 200))
-        text = (f"loss {self._losses[0]:.3f} → {self._losses[-1]:.3f} · {len(self._losses)} steps"
+        text = (f"loss {self._losses[0]:.3f} → {self._losses[-1]:.3f} · {counted(len(self._losses), 'step')}"
                 if self._losses else "loss: no retrain yet")
         painter.drawText(4, 11, text)
         painter.end()

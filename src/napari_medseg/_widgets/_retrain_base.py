@@ -41,6 +41,7 @@ from .._layers import (
     volume_outline,
 )
 from ..core.errors import MedsegInputError
+from ..core.text import counted
 from ..core.finetune import DEFAULT_SECONDS, VersionHistory, new_structure_advice
 from ..core.models.registry import BUNDLED_DIR, load_model, read_card, user_models_dir
 from ..core.io._common import short_reason
@@ -727,7 +728,7 @@ class _RetrainBase(Container):
         # software OpenGL (_jobs.start_job); the bar above and the loss curve show it
         self._start(
             self._retrain_job, volume, annotation, slices, source, float(self._seconds.value),
-            version, names, self._output_for(image, source), description=f"Retrain v{version} on {len(slices)} slices",
+            version, names, self._output_for(image, source), description=f"Retrain v{version} on {counted(len(slices), 'slice')}",
             on_result=lambda out, seen=self._placement(image, layer): self._on_retrained(
                 out, image, layer, source, seen), activity=False,
         )
@@ -842,7 +843,7 @@ class _RetrainBase(Container):
         self._remember_output(image, v.number, prediction, digest)
         self._refresh_versions()
         r = result.report
-        msg = f"v{v.number}: {r.steps} steps in {r.seconds:.1f} s on slices {list(r.slices)}"
+        msg = f"v{v.number}: {counted(r.steps, 'step')} in {r.seconds:.1f} s on slices {list(r.slices)}"
         if r.holdout_dice_after is not None:
             msg += (f"; held-out slice {r.holdout_slice}: Dice {r.holdout_dice_before:.2f} → "
                     f"{r.holdout_dice_after:.2f}")

@@ -17,6 +17,7 @@ from magicgui.widgets import (
 from .. import _jobs
 from .._layers import watch_added_lesions
 from .._sample_data import phantom_layer_data
+from ..core.text import counted
 from ..core.errors import MedsegInputError
 from ..core.phantom import phantom_job
 from ._model_widget import DockWatch, set_status, widget_closed
@@ -163,7 +164,7 @@ class PhantomWidget(Container):
                 watch_added_lesions(layer)
         self._status.value = (
             f"seed {phantom.volume.metadata.get('phantom_seed')}: "
-            f"{len(phantom.lesions)} lesions, {int((phantom.slice_classes == 2).sum())} lesion slices"
+            f"{counted(len(phantom.lesions), 'lesion')}, {counted(int((phantom.slice_classes == 2).sum()), 'lesion slice')}"
         )
         drawn = phantom.volume.metadata.get("phantom_settings", {}).get("lesions_drawn", 0)
         if len(phantom.lesions) < drawn:  # a random number: those that did not fit are left out

@@ -26,6 +26,7 @@ from napari.utils.notifications import show_error
 from .._layers import _labels_kwargs, _like_layer, read_deferred
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_annotations, finetune_segmenter, unannotated_updates
+from ..core.text import counted
 from ..core.inference import segment_volume
 from ..core.session import AnnotationSession, SliceStack
 # painted_slices and history_depths are re-exported: scripts and tests import them from here
@@ -346,5 +347,5 @@ class RetrainWidget(_RetrainBase):
             if labels_layer in self._left_atoms:
                 self._left_atoms[labels_layer].append(list(undo[-1]))
         self._status.value = (f"{prefix}\n" if prefix else "") + (
-            f"v{number} re-predicted {int((~protected).sum())} slices ({len(values)} voxels changed"
+            f"v{number} re-predicted {counted(int((~protected).sum()), 'slice')} ({counted(len(values), 'voxel')} changed"
             + ("; Ctrl+Z on the layer undoes it)" if len(values) else ")"))  # no step: no undo

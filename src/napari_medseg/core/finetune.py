@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MedsegInputError
+from .text import counted
 from .inference import (
     ModelGridSlices,
     ThreadGovernor,
@@ -685,11 +686,11 @@ def check_points(volume: Any, points: Any, diameters: Any, slices: Sequence[int]
     upper = np.asarray(volume.shape) - 0.5
     outside = np.any((pts < -0.5) | (pts > upper), axis=1)
     if outside.any():
-        raise MedsegInputError(f"{int(outside.sum())} points lie outside the image {tuple(volume.shape)}")
+        raise MedsegInputError(f"{counted(int(outside.sum()), 'point')} outside the image {tuple(volume.shape)}")
     d = np.full(len(pts), DEFAULT_DIAMETER_MM) if diameters is None else np.asarray(
         diameters, dtype=np.float64).reshape(-1)
     if len(d) != len(pts):
-        raise MedsegInputError(f"{len(pts)} points but {len(d)} diameters")
+        raise MedsegInputError(f"{counted(len(pts), 'point')} but {counted(len(d), 'diameter')}")
     if np.any(np.isinf(d) | (d < 0)):
         raise MedsegInputError("lesion diameters must be positive millimetres (or unknown: NaN)")
     d = np.where(np.isfinite(d) & (d > 0), d, DEFAULT_DIAMETER_MM)
@@ -994,8 +995,8 @@ class ModelVersion:
         r = self.report
         held = "" if r.holdout_dice_after is None else (
             f" · held-out slice {r.holdout_slice}: Dice {r.holdout_dice_before:.2f}→{r.holdout_dice_after:.2f}")
-        return (f"v{self.number} · {self.created[11:16]} · {len(r.slices)} slices"
-                f" · {r.steps} steps{held}")
+        return (f"v{self.number} · {self.created[11:16]} · {counted(len(r.slices), 'slice')}"
+                f" · {counted(r.steps, 'step')}{held}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from .errors import MedsegInputError
 from .inference import ThreadGovernor, prepare_model
 from .models.generator import GENERATOR_INPUTS, SliceGenerator
+from .text import counted
 from .models.registry import check_normalisation, percentile_range
 from .progress import Job, Progress
 from .training import (
@@ -186,7 +187,7 @@ class GenerationResult:
     def summary(self) -> str:
         n_gen, n_acq = int(self.generated.sum()), int(self.acquired.sum())
         left = len(self.generated) - n_gen - n_acq
-        text = f"{n_gen} slices generated, {n_acq} acquired kept unchanged"
+        text = f"{counted(n_gen, 'slice')} generated, {n_acq} acquired kept unchanged"
         text += f" (slices along {self.axis_name})" if self.axis else ""
         return text + (f", {left} left missing" if left else "")
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import MedsegInputError
+from .text import counted
 
 #: Metadata keys a Volume may carry. Everything else (names, IDs, birth dates, UIDs,
 #: institution, free-text comments) is dropped on the way in, so nothing downstream can
@@ -107,12 +108,12 @@ class Volume:
                                 for sl in array)
             if too_large:
                 raise MedsegInputError(
-                    f"{too_large} voxels exceed the float32 range (about ±3.4e38)")
+                    f"values outside the float32 range (about ±3.4e38) in {counted(too_large, 'voxel')}")
         array = np.ascontiguousarray(array, dtype=np.float32)
         # NaN marks missing voxels; infinity is not a measurement, and a volume with no
         # finite voxel at all would only yield invented output
         if np.isinf(array).any():
-            raise MedsegInputError(f"{int(np.isinf(array).sum())} voxels are infinite")
+            raise MedsegInputError(f"infinite values in {counted(int(np.isinf(array).sum()), 'voxel')}")
         spacing = _as_triplet(self.spacing, "spacing")
         if min(spacing) <= 0:
             raise MedsegInputError(f"spacing must be positive, got {spacing}")

@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - pydicom 2.x
     from pydicom.pixel_data_handlers.util import apply_modality_lut
 
 from ..errors import MedsegInputError
+from ..text import counted
 from ..volume import Volume
 from ._common import (axis_code, obliquity_deg, origin_along, short_reason, source_name,
                       turned_to_spl)
@@ -314,7 +315,7 @@ def _read_folder(folder: Path) -> Volume:
     if not images:
         n = len(files)
         why = f" ({len(unreadable)} could not be read, e.g. {unreadable[0]})" if unreadable else ""
-        raise MedsegInputError(f"no DICOM images among {n} file{'s' if n > 1 else ''}{why}",
+        raise MedsegInputError(f"no DICOM images among {counted(n, 'file')}{why}",
                                folder)
 
     groups: dict[tuple, list[tuple[Path, Dataset]]] = {}
@@ -329,14 +330,14 @@ def _read_folder(folder: Path) -> Volume:
     order = sorted(groups, key=lambda k: (ranks[k], -sizes[k]))
     notes: list[str] = []
     if bare:
-        notes.append(f"{bare} file{'s' if bare > 1 else ''} without a DICOM file header "
+        notes.append(f"{counted(bare, 'file')} without a DICOM file header "
                      "(preamble and 'DICM'): read as bare datasets")
     if skipped:
-        notes.append(f"skipped {skipped} non-DICOM file{'s' if skipped > 1 else ''}")
+        notes.append(f"skipped {counted(skipped, 'non-DICOM file')}")
     if broken:
-        notes.append(f"skipped {broken} truncated or malformed image file{'s' if broken > 1 else ''}")
+        notes.append(f"skipped {counted(broken, 'truncated or malformed image file')}")
     if unreadable:
-        notes.append(f"could not read {len(unreadable)} file{'s' if len(unreadable) > 1 else ''}"
+        notes.append(f"could not read {counted(len(unreadable), 'file')}"
                      f" (no permission or a disk error): {', '.join(unreadable[:3])}"
                      + (" …" if len(unreadable) > 3 else ""))
     failures: list[str] = []
@@ -747,7 +748,7 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     if undecoded.any():
         n, at = int(undecoded.sum()), _ranges([int(i) for i in np.flatnonzero(undecoded)])
         where = f"z={at}" if slice_axis == 0 else f"NaN planes at {'zyx'[slice_axis]}={at}"
-        warns.append(f"{n} slice{'s' if n > 1 else ''} whose pixel data could not be decoded "
+        warns.append(f"{counted(n, 'slice')} whose pixel data could not be decoded "
                      f"left missing ({where})")
     if slice_axis and (gaps | undecoded).any():  # both are NaN planes along y / x
         planes = [int(i) for i in np.flatnonzero(gaps | undecoded)]
@@ -756,10 +757,10 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         at = _ranges([int(i) for i in np.flatnonzero(gaps)])
         n = int(gaps.sum())
         if slice_axis == 0:
-            warns.append(f"{n} missing slice{'s' if n > 1 else ''} (gaps at z={at})")
+            warns.append(f"{counted(n, 'missing slice')} (gaps at z={at})")
         else:  # a coronal or sagittal series: its gaps are planes along y / x, not z slices
             name = "zyx"[slice_axis]
-            warns.append(f"{n} missing slice{'s' if n > 1 else ''} of the series (NaN planes at"
+            warns.append(f"{counted(n, 'missing slice')} of the series (NaN planes at"
                          f" {name}={at}: nothing is labelled or detected there)")
     if axes is not None:
         metadata["orientation"] = axis_code(axes[2]) + axis_code(axes[1]) + axis_code(axes[0])
@@ -787,7 +788,7 @@ def _without_localizers(frames: list[_Frame], warns: list[str]) -> list[_Frame]:
     scouts = [f for f in frames if localizer(f)]
     if not scouts or len(scouts) == len(frames):  # a series of scouts opens as it is
         return frames
-    warns.append(f"{len(scouts)} localizer (scout) image{'s' if len(scouts) > 1 else ''} "
+    warns.append(f"{counted(len(scouts), 'localizer (scout) image')} "
                  "in the series left out")
     return [f for f in frames if not localizer(f)]
 
@@ -825,7 +826,7 @@ def _without_other_orientations(frames: list[_Frame], path: Path,
             + " slices) and none holds most of them; cannot stack them", path)
     keep = max(groups, key=len)
     others = {oriented[i] for g in groups if g is not keep for i in g}
-    warns.append(f"{len(others)} slice{'s' if len(others) > 1 else ''} in another orientation "
+    warns.append(f"{counted(len(others), 'slice')} in another orientation "
                  f"than the series' other {len(frames) - len(others)} (a scout or a reformat "
                  "filed with it) left out")
     return [f for i, f in enumerate(frames) if i not in others]
@@ -904,7 +905,7 @@ def _sort(
         # a few slices without a position: sort the others by theirs (a dropped slice then
         # shows as a gap) rather than give up every slice's position
         dropped = unplaced
-        warns.append(f"{dropped} slice{'s' if dropped > 1 else ''} without a position "
+        warns.append(f"{counted(dropped, 'slice')} without a position "
                      f"(ImagePositionPatient) left out")
         frames = [f for f, ok in zip(frames, placed) if ok]
     orders = np.array([f.order for f in frames])
@@ -932,7 +933,7 @@ def _sort(
     if not keep.all():
         dropped = int((~keep).sum())
         warns.append(
-            f"{dropped} slice{'s' if dropped > 1 else ''} repeat an earlier position "
+            f"{counted(dropped, 'slice')} at an earlier slice's position "
             "(several echoes or phases?); kept one slice per position"
         )
         frames, keys = [f for f, k in zip(frames, keep) if k], keys[keep]
@@ -1055,7 +1056,7 @@ def _one_per_position(index: np.ndarray, position: np.ndarray, step: float,
         out[at[at != nearest]] = -1
     dropped = int(np.sum(out < 0))
     if dropped:
-        warns.append(f"{dropped} slice{'s' if dropped > 1 else ''} closer to another than the "
+        warns.append(f"{counted(dropped, 'slice')} closer to another than the "
                      f"{step:.4g} mm step left out (one slice per position)")
     return out
 
