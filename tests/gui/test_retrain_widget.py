@@ -805,6 +805,13 @@ def test_replacing_the_layers_data_is_autosaved(scene):
     new[4] = 7
     labels.data = new
     assert widget._autosave_timer.isActive()
+    widget.autosave_now(wait=True)
+    widget._autosave_timer.stop()
+    # the console idiom: the same array edited in place, then given back to the layer
+    same = labels.data
+    same[5] = 7
+    labels.data = same
+    assert widget._autosave_timer.isActive()
 
 
 def test_a_newer_autosave_without_annotations_does_not_hide_older_work(

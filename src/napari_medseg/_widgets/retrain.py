@@ -17,7 +17,6 @@ Shared with the detector widget (versions, autosave, restore): ``_retrain_base.p
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
 
 import numpy as np
 from magicgui.widgets import ComboBox, PushButton
@@ -32,14 +31,6 @@ from ..core.session import AnnotationSession, SliceStack
 # painted_slices and history_depths are re-exported: scripts and tests import them from here
 from ._retrain_base import _RetrainBase, _on_scan, history_depths, painted_slices  # noqa: F401
 from ._navigate import drawn_matrix
-
-
-def _ref(data) -> Callable[[], Any]:
-    """A reference to a layer's data array that does not keep a replaced one alive."""
-    try:
-        return weakref.ref(data)
-    except TypeError:  # an array type without weak references: hold it
-        return lambda: data
 
 
 class RetrainWidget(_RetrainBase):
@@ -122,7 +113,6 @@ class RetrainWidget(_RetrainBase):
         # _settled: slices of the user's strokes that fell off napari's bounded undo
         # history (their paint stays for good: no undo can take it away)
         self._depths = history_depths(layer)
-        self._data_ref = _ref(layer.data)
         self._oldest = self._oldest_item(layer)
         away = self._left_atoms.pop(layer, None)
         if away is not None:  # strokes made on it while another layer was picked
@@ -132,10 +122,13 @@ class RetrainWidget(_RetrainBase):
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
         layer.events.set_data.connect(self._on_set_data)
+        # ``layer.data = …`` alone emits ``data`` (a stroke, an undo and scrolling do not)
+        layer.events.data.connect(self._on_data_assigned)
 
     def _disconnect(self, layer) -> None:
         layer.events.paint.disconnect(self._on_paint)
         layer.events.set_data.disconnect(self._on_set_data)
+        layer.events.data.disconnect(self._on_data_assigned)
         # its steps now, as lists of their atoms (references: ids must not be reused)
         undo = getattr(layer, "_undo_history", None)
         if undo is not None:
@@ -218,11 +211,6 @@ class RetrainWidget(_RetrainBase):
             self._schedule_autosave()
             return
         before, self._depths = self._depths, depths
-        replaced = self._data_ref() is not layer.data
-        if replaced:  # layer.data = new array: no undo step, and nothing else saves it
-            self._data_ref = _ref(layer.data)
-            if not self._writing:
-                self._schedule_autosave()
         if depths == before or self._writing:
             return  # scrolling or a style change; or our own write
         undo, redo = layer._undo_history, layer._redo_history
@@ -246,6 +234,12 @@ class RetrainWidget(_RetrainBase):
             self._add_edited(zs)
             return
         self._schedule_autosave()
+
+    def _on_data_assigned(self, _event=None) -> None:
+        """``layer.data = …``, a new array or the same one edited in place: no undo step
+        and no paint event, so nothing else would save it before the next stroke."""
+        if not self._writing:
+            self._schedule_autosave()
 
     def _empty_layer(self, image):
         kwargs = {**_labels_kwargs(f"{image.name} annotations", self._current_class_names()),
