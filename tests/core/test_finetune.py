@@ -881,3 +881,26 @@ def test_a_new_structure_named_like_another_class_gets_a_name_of_its_own():
     assert _class_names(old, 6, {2, 3, 4, 5}, names) == [
         "background", "liver", "structure_2", "structure_3", "new line", "spleen"]
 
+
+
+def test_slices_kept_by_an_autosave_do_not_keep_the_whole_first_copy_alive():
+    """The first autosave copied the layer as one block and shared its slices: after a
+    re-predict rewrote every slice but the annotated one, that one slice kept the whole
+    block alive, and the widget held two volumes instead of one."""
+    import gc
+    import tracemalloc
+
+    from napari_medseg.core.session import SliceStack
+
+    labels = np.zeros((40, 64, 64), np.int32)
+    tracemalloc.start()
+    try:
+        stack = SliceStack.updated(labels, None)
+        labels[1:] = 1  # a re-predict: every slice but the annotated slice 0
+        stack = SliceStack.updated(labels, stack)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 1.2 * labels.nbytes, held / labels.nbytes
+    np.testing.assert_array_equal(np.asarray(stack), labels)
