@@ -904,3 +904,18 @@ def test_slices_kept_by_an_autosave_do_not_keep_the_whole_first_copy_alive():
         tracemalloc.stop()
     assert held < 1.2 * labels.nbytes, held / labels.nbytes
     np.testing.assert_array_equal(np.asarray(stack), labels)
+
+
+def test_a_damaged_autosave_record_is_an_input_error_not_a_crash(tmp_path):
+    """An epoch too large for a float and a record nested past Python's recursion limit
+    raised OverflowError and RecursionError from the image picker."""
+    from napari_medseg.core.errors import MedsegInputError
+    from napari_medseg.core.session import read_meta, saved_epoch
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    record = folder / "session.json"
+    record.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MedsegInputError, match="unreadable"):
+        read_meta(folder)
+    assert saved_epoch(folder, {"saved_epoch": 10 ** 400}) == record.stat().st_mtime

@@ -202,7 +202,7 @@ def saved_epoch(folder: Path, meta: dict) -> float:
     """When an autosave was last written (its record's time, else the file's mtime)."""
     try:
         return float(meta["saved_epoch"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         try:
             return (Path(folder) / "session.json").stat().st_mtime
         except OSError:
@@ -216,7 +216,7 @@ def read_meta(folder: str | Path) -> dict:
         meta = json.loads((folder / "session.json").read_text("utf-8"))
     except FileNotFoundError as exc:
         raise MedsegInputError("no autosave here", folder) from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise MedsegInputError(f"autosave unreadable ({exc})", folder) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise MedsegInputError("not a napari-medseg autosave", folder)

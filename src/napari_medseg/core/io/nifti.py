@@ -108,7 +108,8 @@ def _ours(header: Any) -> dict:
             ours = json.loads(ext.get_content().decode("utf-8"))[_NAMES_KEY]
             if isinstance(ours, dict):
                 return ours
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,
+                RecursionError):
             continue
     return {}
 

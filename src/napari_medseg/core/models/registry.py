@@ -337,7 +337,7 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
     if card_path.is_file():
         try:
             named = str(json.loads(card_path.read_text("utf-8"))["weights_file"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             named = ""
         # only a weights file this save would have named itself: a damaged card naming
         # another model's weights (or the card) must not get them deleted
