@@ -1311,3 +1311,33 @@ def test_an_autosave_copies_only_the_slices_changed_since_the_last(scene):
     widget.autosave_now(wait=True)
     saved = load_session(widget._key_folder() / widget._session_id)
     np.testing.assert_array_equal(saved.labels, labels.data)
+
+
+def test_two_layers_autosaved_on_one_image_are_both_offered_after_a_crash(
+        make_napari_viewer, random_models, small_phantom):
+    """Each Labels layer has its own autosave, but only the newest was offered: once it
+    was restored (and saved again, newer), the other layer's work was never offered."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    first = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, first, random_models["RecurrentSegmenter"])
+    _paint_slice(first, 2, np.full_like(small_phantom.labels, 3))
+    widget.autosave_now(wait=True)
+    second = viewer.add_labels(np.zeros_like(first.data), name="second", scale=image.scale)
+    widget._labels_pick.value = second
+    _paint_slice(second, 5, np.full_like(small_phantom.labels, 4))
+    widget.autosave_now(wait=True)
+    first_data, second_data = np.array(first.data), np.array(second.data)
+    _process_ended(widget)
+
+    restarted, _ = _restarted(make_napari_viewer, small_phantom)
+    restored = []
+    for _ in range(2):
+        assert not restarted._restore_box.native.isHidden()
+        restarted._restore.clicked.emit()
+        restarted._save_thread.join()
+        restored.append(np.array(restarted._labels_pick.value.data))
+    # both restored: nothing left to offer
+    assert restarted._pending_restore is None and restarted._restore_box.native.isHidden()
+    assert np.array_equal(restored[0], second_data)  # the newest first
+    assert np.array_equal(restored[1], first_data)

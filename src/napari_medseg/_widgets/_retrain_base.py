@@ -188,6 +188,7 @@ class _RetrainBase(Container):
         # a restored autosave, deleted once its content is written into this widget's
         # folder (kept, each restore left a copy behind: the folders only grew)
         self._superseded: dict[Path, Path] = {}
+        self._restored: set[Path] = set()  # autosave folders restored into a layer here
         self._save_thread: threading.Thread | None = None
         # snapshots not yet written, the newest per folder, for ONE writer thread: a
         # thread per snapshot queued every 1.5 s behind 3 s writes of a large layer (11
@@ -1107,7 +1108,9 @@ class _RetrainBase(Container):
                                        else f"{self._session_id}-{n}")
         return name
 
-    def _check_for_autosave(self) -> None:
+    def _check_for_autosave(self, annotated_only: bool = False) -> None:
+        """Offer the newest autosave of the picked image (``annotated_only``: only one
+        that holds annotated slices, else none)."""
         self._pending_restore = None
         folder = self._key_folder()
         candidates = []
@@ -1126,7 +1129,9 @@ class _RetrainBase(Container):
                 listed = []
             for key_folder, entries in listed:
                 for p in entries:
-                    if p.name.startswith(self._session_id):  # this widget's own autosaves
+                    # this widget's own autosaves, and those it restored (deleted once
+                    # their content is saved again in its own)
+                    if p.name.startswith(self._session_id) or p in self._restored:
                         continue
                     if session_in_use(p):  # another open window's live autosave
                         continue
@@ -1153,7 +1158,7 @@ class _RetrainBase(Container):
         # the newest that holds annotated slices: a later one without any (a Predict, then
         # quit) was offered instead, and the work behind it reachable only by Discard
         offered = next((c for c in reversed(candidates) if _annotated_count(c[2])),
-                       candidates[-1] if candidates else None)
+                       candidates[-1] if candidates and not annotated_only else None)
         self._older_autosaves = [c[1] for c in candidates if c is not offered]
         self._offer(offered[1] if offered else None, offered[2] if offered else {})
 
@@ -1205,8 +1210,13 @@ class _RetrainBase(Container):
         self._rebuild_list()
         self._restore_box.visible = False
         self._pending_restore = None
-        self._status.value = f"Restored {len(session.annotated)} annotated slices from {session.saved_at}"
+        self._status.value = (f"Restored {counted(len(session.annotated), 'annotated slice')} "
+                              f"from {session.saved_at}")
+        self._restored.add(folder)
         self.autosave_now(supersedes=folder)
+        # another layer's autosave of this image (each layer has its own): offered next,
+        # or the restored one, saved again newer, would hide it on every later start
+        self._check_for_autosave(annotated_only=True)
 
     def _on_discard(self) -> None:
         if self._pending_restore is not None:
