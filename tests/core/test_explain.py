@@ -394,3 +394,31 @@ def test_gradcam_masks_unmeasured_voxels_before_scaling_each_slice_to_one():
     array[z, max(0, y - 4): y + 5, max(0, x - 4): x + 5] = np.nan  # over the peak
     cam = run_to_completion(gradcam_volume(Volume(array, p.volume.spacing), cls, card))
     assert (cam.maps[np.isnan(array)] == 0).all() and cam.maps[z].max() == pytest.approx(1.0)
+
+
+def test_a_slice_without_evidence_gets_an_empty_map_not_stretched_rounding_noise():
+    """A raw map of float rounding (about 1e-8) divided by its own peak spanned 0.14–1.0:
+    noise drawn as a full-strength finding."""
+    from napari_medseg.core.volume import Volume
+
+    _, card = load_model("classifier")
+    card = dict(card, classes=["a", "b"], input_spacing_mm=[1.0, 1.0, 1.0])
+    model = SliceClassifier(n_classes=2, filters=(1, 1, 1), batch_norm=False, hidden=1,
+                            dropout=0.0, pool_size=1)
+    with torch.no_grad():  # the features are the windowed image itself
+        for conv in model.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.zero_()
+                conv.weight[0, 0, 1, 1] = 1
+                conv.bias.zero_()
+        model.head[1].weight.fill_(1)
+        model.head[1].bias.zero_()
+        model.head[4].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        model.head[4].bias.zero_()
+    flat = np.full((1, 5, 40), -150.0)  # at the window's low end: features 0 (up to rounding)
+    bright = flat.copy()
+    bright[0, 2, 20] = 200.0
+    cam = run_to_completion(gradcam_volume(Volume(np.concatenate([flat, bright]), (1, 0.7, 1.3)),
+                                           model.eval(), card, target=0)).maps
+    assert cam[0].max() == 0.0
+    assert cam[1].max() == pytest.approx(1.0)

@@ -44,6 +44,9 @@ from .rng import PrivateRNG
 
 #: class-activation map methods of :func:`gradcam_volume`
 CAM_METHODS = ("gradcam", "hirescam")
+#: a slice's map adding up to less than this (in logits, on the feature grid) shows no
+#: evidence: all 0, not scaled to 1
+NO_EVIDENCE_LOGIT = 1e-5
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,11 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                     (grad,) = torch.autograd.grad(score, feats)
                 weights = grad.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grad
                 cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
+                # Grad-CAM's map sums to (about) the logit it explains: a map adding up to
+                # less than NO_EVIDENCE_LOGIT is float rounding, not a finding (scaled to
+                # its own peak, 1e-8 of noise was drawn as full-strength evidence)
+                no_evidence = cam.flatten(1).sum(1) < NO_EVIDENCE_LOGIT
+                cam[no_evidence] = 0.0
                 cam = resize_yx(_on_model_grid(cam, slices.grid, getattr(model, "min_size", None)),
                                 (ny, nx))[:, 0]
                 # never measured (a gap plane, a mask): no evidence, and not the peak
