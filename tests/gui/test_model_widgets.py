@@ -693,8 +693,8 @@ def test_an_image_changed_while_the_model_ran_gets_no_stale_result(
     widget._run.clicked.emit()  # a second (scripted) click while it runs starts nothing
     if change == "crop":  # the user crops the image meanwhile
         image.data = np.array(image.data[:, ::2, ::2])
-    else:  # mm → cm: the same numbers, ten times the size (the result was kept)
-        image.units = ("cm",) * 3
+    else:  # mm → µm: the same numbers, a thousandth of the size (the result was kept)
+        image.units = ("µm",) * 3
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert len(viewer.layers) == n_layers
     assert any("changed while the model ran" in m for m in _messages_since(start, "warning"))
