@@ -506,6 +506,18 @@ def voxel_size_mm(layer: Any) -> float:
     return float(abs(np.linalg.det(world[:ndim, :ndim])))
 
 
+def pixel_area_mm2(layer: Any) -> float:
+    """The area (mm²) of a pixel in the layer's y-x plane: the parallelogram its y and x
+    axes span in the world (a shear makes it smaller than the product of the spacings);
+    a 3D layer's slice thickness is no part of it."""
+    world = world_matrix_mm(layer)
+    ndim = world.shape[0] - 1
+    if ndim == 2:
+        return voxel_size_mm(layer)
+    y_axis, x_axis = world[:ndim, ndim - 2], world[:ndim, ndim - 1]
+    return float(np.linalg.norm(np.cross(y_axis, x_axis)))
+
+
 def check_image_layer(layer: Any) -> None:
     """MedsegInputError unless ``layer`` is a single-scale grayscale 2D or 3D Image layer
     (checks only what is known without reading the data)."""

@@ -261,8 +261,8 @@ def test_segment_on_a_2d_image_reports_areas_not_volumes(make_napari_viewer, qtb
     z = small_phantom.volume.shape[0] // 2
     data = small_phantom.volume.array[z]
     scale = small_phantom.volume.spacing[1:]
-    if one_slice_volume:
-        data, scale = data[None], (1.0, *scale)
+    if one_slice_volume:  # 5 mm thick: the area is not the voxel volume (× 5) in disguise
+        data, scale = data[None], (5.0, *scale)
     image = viewer.add_image(data, scale=scale, name="one slice")
     widget = SegmentWidget(viewer)
     _select(widget, image, str(BUNDLED_DIR / "segmenter.json"))

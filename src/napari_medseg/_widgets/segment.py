@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._layers import segmentation_layer_data, voxel_size_mm
+from .._layers import pixel_area_mm2, segmentation_layer_data, voxel_size_mm
 from ..core.inference import format_measure, segment_volume
 from ._model_widget import ModelRunWidget, provenance
 
@@ -19,9 +19,10 @@ class SegmentWidget(ModelRunWidget):
         self._viewer.add_labels(data, **kwargs)
         # one slice (a 2D image, or one opened as a one-slice volume): areas, as the CLI
         # gives; a volume would need a thickness the image may not have (.npy: made up)
-        voxel = voxel_size_mm(image_layer)  # a sheared layer's voxels are smaller
-        amount, unit = ((result.area_cm2(voxel), "cm²") if volume.shape[0] == 1
-                        else (result.volume_ml(voxel), "ml"))
+        # a sheared layer's voxels and pixels are smaller than their spacings say
+        amount, unit = ((result.area_cm2(pixel_area_mm2(image_layer)), "cm²")
+                        if volume.shape[0] == 1
+                        else (result.volume_ml(voxel_size_mm(image_layer)), "ml"))
         found = [f"{name} {format_measure(amount[name])} {unit}" for name in result.class_names[1:]
                  if amount[name] > 0]
         self._status.value = " · ".join(found) or "No structure found"
