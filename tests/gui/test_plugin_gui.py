@@ -369,14 +369,22 @@ def test_info_says_the_spacing_the_models_use_and_names_other_axes(make_napari_v
 
 
 def test_info_lists_the_slices_the_models_call_missing_and_follows_the_layer(make_napari_viewer):
+    from napari_medseg._layers import volume_from_layer
     from napari_medseg._widgets.info import VolumeInfoWidget
 
     viewer = make_napari_viewer()
     data = np.zeros((6, 16, 16), np.float32)
     data[2] = np.nan  # the models treat it as missing; the widget said "none"
-    image = viewer.add_image(data, name="ct", metadata={"medseg": {"missing_slices": [4]}})
+    # a reader's record of slices 2 and 4 as missing (4 zero-filled): the models agree
+    image = viewer.add_image(data, name="ct", metadata={"medseg": {"missing_slices": [2, 4]}})
     info = VolumeInfoWidget(viewer)
+    assert volume_from_layer(image).missing_slices() == [2, 4]
     assert "Missing slices: 2, 4" in info._text.value
+    # flipped: the record no longer fits the data (the models ignore it; Info named the
+    # measured slices 2 and 4 "missing")
+    image.data = np.ascontiguousarray(data[::-1])
+    assert volume_from_layer(image).missing_slices() == [3]
+    assert "Missing slices: 3" in info._text.value.splitlines()
     image.scale = (5.0, 0.7, 0.7)  # it kept saying (1.0, 1.0, 1.0)
     assert "Spacing (mm): (5.0, 0.7, 0.7)" in info._text.value
     other = viewer.add_image(np.zeros((3, 8, 8), np.int16), name="other")

@@ -7,7 +7,7 @@ import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, TextEdit
 
-from .._layers import mm_per_unit, voxel_spacing, world_matrix_mm
+from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import connect_layer_events, follow_layer_names, slice_ranges
 
@@ -70,7 +70,7 @@ def describe_layer(layer) -> str:
         lines.append(f"Modality: {medseg.get('modality', 'unknown (not opened by napari-medseg)')}")
     if hasattr(layer, "contrast_limits"):
         lines.append(f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}")
-    missing = sorted({int(z) for z in medseg.get("missing_slices", [])} | _empty_slices(layer))
+    missing = sorted({int(z) for z in _recorded_missing(layer, medseg)} | _empty_slices(layer))
     lines.append(f"Missing slices: {', '.join(map(str, missing)) if missing else 'none'}")
     unlabelled = medseg.get("unlabelled_slices")  # a result's slices a model did not label
     if unlabelled:
@@ -91,6 +91,17 @@ def describe_layer(layer) -> str:
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
     return "\n".join(lines)
+
+
+def _recorded_missing(layer, medseg: dict) -> list:
+    """The slices recorded as missing, as the models take them: in-memory 3D data only
+    while the record still fits it (not after a flip or a crop); a lazy image's as
+    recorded (checking would read it on napari's thread)."""
+    recorded = medseg.get("missing_slices", [])
+    data = layer.data
+    if getattr(layer, "rgb", False) or not isinstance(data, np.ndarray) or data.ndim != 3:
+        return recorded if not isinstance(data, np.ndarray) else []
+    return recorded if _recorded_gaps_fit(data, recorded, medseg) else []
 
 
 def _empty_slices(layer) -> set[int]:
