@@ -488,3 +488,13 @@ def test_batched_lesion_placement_gives_each_seed_its_phantom(monkeypatch, shape
     assert len(now.lesions) == len(before.lesions) > 0
     np.testing.assert_array_equal(now.labels, before.labels)
     np.testing.assert_array_equal(now.volume.array, before.volume.array)
+
+
+def test_a_long_field_of_view_keeps_the_body_from_end_to_end():
+    """The body's size trend along z was unbounded: over 2.56 m the body filled the image
+    at one end and shrank to a sliver (and then to nothing) at the other."""
+    ph = generate_phantom((256, 32, 32), (10.0, 8.0, 8.0), 1, n_lesions=0,
+                          body_z_fraction=1.0, noise_hu=0)
+    widths = (ph.labels.max(axis=1) > 0).sum(axis=1)
+    assert (ph.slice_classes != 0).all()
+    assert widths.max() <= 1.5 * widths.min(), (widths.min(), widths.max())

@@ -79,6 +79,10 @@ MAX_LESIONS = 50
 #: float32): a few voxels at 100 mm spacing asked for 28 GiB
 MAX_TEXTURE_BYTES = 2**30
 TEXTURE_CELL_MM = 5.0
+#: mm from the body's middle beyond which the body's and the aorta's linear trends along z
+#: level off (an abdomen, not a whole body; every training and evaluation phantom lies
+#: within it: at most 130 mm from the middle)
+TREND_REACH_MM = 150.0
 _BOWEL_CELL_MM = (8.0, 13.0)  # the bowel pattern's lattice cell, drawn per phantom
 LESION_HOSTS = ("liver", "spleen", "kidney_left", "kidney_right")
 
@@ -364,6 +368,11 @@ def _ellipsoid(
     rxy = math.hypot(umax, vmax)
     bbox = np.array([[cz - hz, cz + hz], [cy - rxy, cy + rxy], [cx - rxy, cx + rxy]])
     return _Sep((cz, cy, cx), bbox, f, g, zmask)
+
+
+def _trend_z(dz: Any) -> Any:
+    """``dz`` (mm from the body's middle) limited to ±TREND_REACH_MM."""
+    return np.clip(dz, -TREND_REACH_MM, TREND_REACH_MM)
 
 
 def _tube(
@@ -733,8 +742,8 @@ class _Anatomy:
             return y_vb(z) - vby - ao_r - 1.5
 
         self.aorta = [
-            _tube(ao_cx, ao_cy, lambda z: ao_r * (1 - 0.0008 * (z - zr)),
-                  lambda z: ao_r * (1 - 0.0008 * (z - zr)), (zfull[0], z_bif + 2.0))
+            _tube(ao_cx, ao_cy, lambda z: ao_r * (1 - 0.0008 * _trend_z(z - zr)),
+                  lambda z: ao_r * (1 - 0.0008 * _trend_z(z - zr)), (zfull[0], z_bif + 2.0))
         ]
         il_r = 0.68 * ao_r
         for s in (-1.0, 1.0):
@@ -943,7 +952,9 @@ class _Anatomy:
     def body_scale(self, z: np.ndarray) -> np.ndarray:
         """Cross-section scale along z; 0 outside the body."""
         s = 1.0 + self.s_amp * np.sin(2 * np.pi * (z - self.z_ref) / self.s_lam + self.s_phi)
-        s = s + self.s_trend * (z - self.z_ref)
+        # the trend levels off beyond TREND_REACH_MM: unbounded, a 2.5 m field of view
+        # grew the body past the image at one end and shrank it to nothing at the other
+        s = s + self.s_trend * _trend_z(z - self.z_ref)
         d_top, d_bottom = z - self.zb0, self.zb1 - z
         if self.cap_len > 0 and (self.cap_top or self.cap_bottom):
             d = np.minimum(d_top if self.cap_top else np.inf, d_bottom if self.cap_bottom else np.inf)
