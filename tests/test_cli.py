@@ -253,6 +253,12 @@ def test_phantom_errors_speak_of_the_commands_options(tmp_path, capsys):
     err = capsys.readouterr().err
     # it read "give more or thicker slices, a fewer --lesions"
     assert "give more or thicker slices or --lesions 0" in err and "lesion_radius_mm" not in err
+    # a field of view too small for the lesions: no option the command does not have
+    assert main(["phantom", str(tmp_path / "p"), "--shape", "8", "32", "32", "--spacing", "2.5",
+                 "0.5", "0.5", "--lesions", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "use a larger field of view (--shape x --spacing) or fewer --lesions" in err
+    assert "lesion_radius_mm" not in err
     assert not (tmp_path / "p").exists()
 
 

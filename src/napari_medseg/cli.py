@@ -84,7 +84,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
             tuple(args.shape), tuple(args.spacing), args.seed, n_lesions=args.lesions
         )
     except MedsegInputError as exc:  # say it in this command's options, not the API's
-        reason = (exc.reason.replace("smaller lesion_radius_mm or fewer lesions", "fewer --lesions")
+        reason = (exc.reason.replace("(shape x spacing), a smaller lesion_radius_mm minimum or "
+                                     "fewer lesions", "(--shape x --spacing) or fewer --lesions")
                   .replace(", a smaller lesion_radius_mm minimum, or no lesions (n_lesions 0)",
                            " or --lesions 0")
                   .replace("n_lesions must be None or an integer", "--lesions must be an integer")

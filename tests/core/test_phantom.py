@@ -159,6 +159,8 @@ def test_contrast_scale_flattens_organs_and_lesions():
     for name in ("liver", "spleen", "kidney_cortex", "aorta"):
         assert flat.hu_means[name] == pytest.approx(40.0)
     assert all(les.contrast_hu == 0 for les in flat.lesions)
+    # the kind of each lesion as drawn (a hypodense one's -0.0 was called "hyperdense")
+    assert [les.kind for les in flat.lesions] == [les.kind for les in full.lesions]
     half = _clean(7, n_lesions=3, contrast_scale=0.5)
     for lf, lh in zip(full.lesions, half.lesions):
         assert lh.contrast_hu == pytest.approx(0.5 * lf.contrast_hu)
@@ -414,6 +416,7 @@ def test_variety_across_seeds():
         dict(blur_sigma_mm=-0.5),
         dict(blur_sigma_mm=(1.0, 1.0)),
         dict(contrast_scale=-0.1),
+        dict(blur_sigma_mm=20.0, spacing=(0.01, 0.01, 0.01)),  # 2000 voxels: minutes to hours
         dict(body_z_fraction=0.0),
         dict(body_z_fraction=1.5),
         dict(spacing="123"),  # was read as (1, 2, 3)

@@ -79,6 +79,8 @@ MAX_LESIONS = 50
 #: float32): a few voxels at 100 mm spacing asked for 28 GiB
 MAX_TEXTURE_BYTES = 2**30
 TEXTURE_CELL_MM = 5.0
+#: the widest blur (standard deviation, voxels along an axis) a phantom may ask for
+MAX_BLUR_VOXELS = 50
 #: mm from the body's middle beyond which the body's and the aorta's linear trends along z
 #: level off (an abdomen, not a whole body; every training and evaluation phantom lies
 #: within it: at most 130 mm from the middle)
@@ -113,7 +115,7 @@ class Lesion:
 
     @property
     def kind(self) -> str:
-        return "hypodense" if self.contrast_hu < 0 else "hyperdense"
+        return "hypodense" if math.copysign(1.0, self.contrast_hu) < 0 else "hyperdense"
 
 
 @dataclass(frozen=True, eq=False)
@@ -1345,6 +1347,11 @@ def _validate(shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_
             if len(vals) != 3:
                 raise MedsegInputError(f"blur_sigma_mm must be a number or (z, y, x), got {blur_sigma_mm!r}")
         bs = tuple(_check_float(v, "blur_sigma_mm", 0.0, 20.0) for v in vals)
+    too_wide = [f"{b:g} mm is {b / d:.0f} voxels along {ax}"
+                for b, d, ax in zip(bs or (), spc, "zyx") if b / d > MAX_BLUR_VOXELS]
+    if too_wide:  # the blur's cost grows with its width in voxels
+        raise MedsegInputError(f"blur_sigma_mm {', '.join(too_wide)}; at most "
+                               f"{MAX_BLUR_VOXELS} voxels")
     cs = _check_float(contrast_scale, "contrast_scale", 0.0, 10.0)
     bz = None if body_z_fraction is None else _check_float(body_z_fraction, "body_z_fraction", 0.0, 1.0, lo_open=True)
     nu = None if nonuniformity_hu is None else _check_float(nonuniformity_hu, "nonuniformity_hu", 0.0, 200.0)
@@ -1369,8 +1376,9 @@ def generate_phantom(*args: Any, **kwargs: Any) -> Phantom:
         other candidate centres from the same stream).
     seed
         Non-negative integer; the same arguments and seed give the same labels and
-        lesions, and the same image bit for bit at the same thread count (float32 sums
-        split across threads round differently: under 0.001 HU).
+        lesions, and the same image bit for bit at the same thread count on the same
+        kind of CPU (float32 sums split across threads, or done by another CPU's code
+        path of the maths library, round differently: under 0.001 HU).
     n_lesions
         None: 1 to 6, drawn from the seed (fewer if the field of view holds too little
         organ). An int: exactly that many (0 allowed); raises MedsegInputError if they do
