@@ -19,9 +19,9 @@ from typing import Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
-from .core.text import counted
 from .core.io._common import (link_target, mode_for, refuse_read_only, refuse_write_protected,
                               short_reason)
+from .core.text import counted
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1

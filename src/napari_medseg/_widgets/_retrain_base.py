@@ -41,7 +41,6 @@ from .._layers import (
     volume_outline,
 )
 from ..core.errors import MedsegInputError
-from ..core.text import counted
 from ..core.finetune import DEFAULT_SECONDS, VersionHistory, new_structure_advice
 from ..core.models.registry import BUNDLED_DIR, load_model, read_card, user_models_dir
 from ..core.io._common import short_reason
@@ -58,6 +57,7 @@ from ..core.session import (
     session_key,
     sessions_dir,
 )
+from ..core.text import counted
 from ._loss_curve import LossCurve
 from ._navigate import drawn_matrix, go_to_slice, slice_axis_shown, to_viewer_units
 from ._model_widget import (

@@ -17,9 +17,9 @@ from magicgui.widgets import (
 from .. import _jobs
 from .._layers import watch_added_lesions
 from .._sample_data import phantom_layer_data
-from ..core.text import counted
 from ..core.errors import MedsegInputError
 from ..core.phantom import phantom_job
+from ..core.text import counted
 from ._model_widget import DockWatch, set_status, widget_closed
 
 

@@ -25,9 +25,9 @@ from napari.utils.notifications import show_error
 from .._layers import _labels_kwargs, _like_layer, read_deferred
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_annotations, finetune_segmenter, unannotated_updates
-from ..core.text import counted
 from ..core.inference import segment_volume
 from ..core.session import AnnotationSession, SliceStack
+from ..core.text import counted
 # painted_slices and history_depths are re-exported: scripts and tests import them from here
 from ._retrain_base import _RetrainBase, _on_scan, history_depths, painted_slices  # noqa: F401
 from ._navigate import drawn_matrix

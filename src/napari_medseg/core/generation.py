@@ -27,9 +27,9 @@ import torch
 from .errors import MedsegInputError
 from .inference import ThreadGovernor, prepare_model
 from .models.generator import GENERATOR_INPUTS, SliceGenerator
-from .text import counted
 from .models.registry import check_normalisation, percentile_range
 from .progress import Job, Progress
+from .text import counted
 from .training import (
     PhantomPool,
     PhantomSettings,
