@@ -96,18 +96,23 @@ def _write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
     rows = [[n, *(f"{v:.6g}" for v in mm[i]), *features.iloc[i].tolist()]
             for n, i in enumerate(keep)]
     _write_csv_atomic(target, header, rows)
+    if not np.allclose(_mm_per_unit(meta, ndim), 1.0):  # a CSV carries no units
+        units = ", ".join(sorted({str(u) for u in meta.get("units") or ()}))
+        _say(f"{target.name}: positions written in mm, but this layer's world is in {units}: "
+             "napari opens the file as points at those numbers in mm, off a scan drawn in "
+             f"{units} (set the layers' units to mm to reopen it in place)", warning=True)
     if len(keep) < len(points):
         _say(f"{target.name}: {len(points) - len(keep)} hidden points (detections below the "
              "score threshold) were not saved")
     return [str(target)]
 
 
-def _say(message: str) -> None:
+def _say(message: str, warning: bool = False) -> None:
     try:
-        from napari.utils.notifications import show_info
+        from napari.utils.notifications import show_info, show_warning
     except ImportError:  # a script without napari's GUI parts
         return
-    show_info(message)
+    (show_warning if warning else show_info)(message)
 
 
 def _label_names(meta: dict) -> dict[int, str]:
@@ -134,15 +139,21 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
     return matrix
 
 
+def _mm_per_unit(meta: dict, ndim: int) -> np.ndarray:
+    from ._layers import mm_per_unit
+
+    return mm_per_unit(meta.get("units"), ndim)
+
+
 def _world_mm(meta: dict, ndim: int) -> np.ndarray:
     """A layer's whole data-to-world matrix ((ndim + 1) × (ndim + 1)) from its writer
     ``meta``, in mm: world lengths are in the layer's units, the files' in mm (a layer in
     cm was saved at a tenth of its size)."""
-    from ._layers import mm_per_unit, world_matrix_of
+    from ._layers import world_matrix_of
 
     world = world_matrix_of(meta.get("scale", (1.0,) * ndim), meta.get("translate", (0.0,) * ndim),
                             meta.get("rotate"), meta.get("shear"), meta.get("affine"))
-    world[:ndim, :] *= mm_per_unit(meta.get("units"), ndim)[:, None]
+    world[:ndim, :] *= _mm_per_unit(meta, ndim)[:, None]
     return world
 
 

@@ -591,3 +591,21 @@ def test_saved_detections_reopen_where_they_were_drawn_without_the_hidden_ones(
     voxels, diameters = read_points_csv(str(path), volume)
     np.testing.assert_allclose(voxels, points.data[[0, 2]], atol=1e-4)
     assert diameters.tolist() == [12.0, 9.0]
+
+
+def test_points_saved_from_a_layer_in_cm_say_the_file_is_in_mm(make_napari_viewer, tmp_path):
+    """A CSV carries no units: saved in mm from a layer in cm, napari reopened the points
+    at ten times their place, in silence."""
+    viewer = make_napari_viewer()
+    points = viewer.add_points(np.array([[2.0, 40.0, 40.0]]), scale=(0.25, 0.1, 0.1),
+                               units=("cm",) * 3, name="ct lesions")
+    viewer.layers.selection = {points}
+    start = len(notification_manager.records)
+    viewer.layers.save(str(tmp_path / "p.csv"), selected=True, plugin="napari-medseg")
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("positions written in mm" in m and "centimeter" in m for m in said), said
+    points.units = ("mm",) * 3
+    start = len(notification_manager.records)
+    viewer.layers.save(str(tmp_path / "q.csv"), selected=True, plugin="napari-medseg")
+    assert not any("positions written in mm" in str(n.message)
+                   for n in notification_manager.records[start:])
