@@ -71,6 +71,9 @@ def volume_layer_data(volume: Volume, name: str) -> tuple:
         # MONOCHROME1 (radiographs, some CR/DX/MG): the lowest value is white; the values
         # stay as stored, only the display is reversed
         "colormap": "gray_r" if _monochrome1(volume) else "gray",
+        # never a colour picture: napari takes a last axis of 3 or 4 for RGB(A), and a
+        # 3- or 4-slice sagittal series (slices along x) failed to open
+        "rgb": False,
         "metadata": _medseg_metadata(volume),
     }
     return (volume.array, kwargs, "image")

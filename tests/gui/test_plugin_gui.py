@@ -609,3 +609,17 @@ def test_points_saved_from_a_layer_in_cm_say_the_file_is_in_mm(make_napari_viewe
     viewer.layers.save(str(tmp_path / "q.csv"), selected=True, plugin="napari-medseg")
     assert not any("positions written in mm" in str(n.message)
                    for n in notification_manager.records[start:])
+
+
+def test_a_volume_three_voxels_wide_opens_as_a_volume_not_a_colour_picture(
+        make_napari_viewer, tmp_path):
+    """napari takes a last axis of 3 or 4 for RGB(A): a 3-slice sagittal series (its
+    slices along x) failed to open with a broadcasting traceback."""
+    import nibabel as nib
+
+    path = tmp_path / "sag3.nii.gz"
+    array = np.random.default_rng(0).random((3, 64, 48)).astype(np.float32)
+    nib.save(nib.Nifti1Image(array, np.diag([4.0, 1.0, 1.0, 1.0])), str(path))
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(path), plugin="napari-medseg")
+    assert not layer.rgb and layer.ndim == 3 and layer.data.shape[-1] == 3

@@ -27,6 +27,7 @@ def _map_layer_kwargs(image_layer, name: str, colormap: str, prov: dict, **extra
         "blending": "additive",
         "opacity": 0.7,
         "contrast_limits": (0.0, 1.0),
+        "rgb": False,  # a last axis of 3 or 4 is slices here, not colour channels
         **_like_layer(image_layer),
         "metadata": _result_metadata(prov, **extra),
     }

@@ -102,6 +102,7 @@ class GenerateWidget(ModelRunWidget):
             name=name,
             colormap=image_layer.colormap.name,
             contrast_limits=tuple(image_layer.contrast_limits),
+            rgb=False,  # slices generated along x may number 3 or 4: not colour channels
             **geometry,
             metadata=_result_metadata(
                 prov, synthetic=True, method=method, factor=result.factor,
