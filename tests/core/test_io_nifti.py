@@ -783,3 +783,16 @@ def test_a_scaled_integer_image_is_read_without_float64_copies(tmp_path):
     assert peak < 3.5 * volume.array.nbytes, peak / volume.array.nbytes
     expected = nib.load(tmp_path / "ct.nii.gz").get_fdata().astype(np.float32)
     np.testing.assert_array_equal(np.sort(volume.array.ravel()), np.sort(expected.ravel()))
+
+
+@pytest.mark.parametrize("name", ["mixed.Nii", "UPPER.NII", "mixed.Nii.Gz"])
+def test_a_nifti_name_in_mixed_case_opens(tmp_path, name):
+    """nibabel knows only all-lower and all-upper names: "scan.Nii" was refused as "no
+    such file: scan.nii"."""
+    array = ramp((4, 5, 6))
+    plain = tmp_path / ("p.nii.gz" if name.lower().endswith(".gz") else "p.nii")
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(plain))
+    plain.rename(tmp_path / name)
+    vol = read_volume(str(tmp_path / name))
+    assert vol.shape == (6, 5, 4)
+    np.testing.assert_array_equal(np.sort(vol.array.ravel()), np.sort(array.ravel()))

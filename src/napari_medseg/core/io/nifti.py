@@ -408,23 +408,36 @@ def _no_orientation(header: Any) -> bool:
         return False
 
 
+def _nifti_class(head: bytes) -> Any:
+    """NIfTI-2 or NIfTI-1, by the header's first four bytes (sizeof_hdr, in either byte
+    order)."""
+    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
+    return nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+
+
 def _load(path: Path) -> Any:
     """``nib.load``, but a ``.gz`` file is read through a gzip stream of ours that
     :func:`_read_to_the_end` finishes: nibabel stops after the data and never reaches the
     gzip trailer, so a file damaged in storage or transfer opened with wrong voxels
     (1 bit flipped: 50 of 58 such files opened, none said so)."""
-    if not path.name.lower().endswith(".gz"):
-        # read, not memory-mapped: a layer that was a view of the file changed when
-        # another tool rewrote it, and napari died (SIGBUS) when the file was cut short
-        return nib.load(path, mmap=False)
     from nibabel.fileholders import FileHolder
+
+    if not path.name.lower().endswith(".gz"):
+        if path.suffix in (".nii", ".NII") or path.suffix.lower() != ".nii":
+            # read, not memory-mapped: a layer that was a view of the file changed when
+            # another tool rewrote it, and napari died (SIGBUS) when the file was cut short
+            return nib.load(path, mmap=False)
+        # "scan.Nii": nibabel knows only all-lower and all-upper names (it looked for
+        # "scan.nii", which does not exist); read as the file it is
+        with open(path, "rb") as f:
+            klass = _nifti_class(f.read(4))
+        holder = FileHolder(filename=str(path))
+        return klass.from_file_map({"header": holder, "image": holder}, mmap=False)
 
     stream = gzip.open(path, "rb")
     try:
-        head = stream.read(4)  # sizeof_hdr, in either byte order: NIfTI-1 or -2
+        klass = _nifti_class(stream.read(4))
         stream.seek(0)
-        sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
-        klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
         holder = FileHolder(filename=str(path), fileobj=stream)
         return klass.from_file_map({"header": holder, "image": holder})
     except BaseException:
