@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from .core.errors import MedsegInputError
 from .core.io import LabelMap, is_supported_path, read_scan_or_labels
@@ -21,6 +22,10 @@ def get_reader(path: str | list[str]) -> Callable | None:
             # several files picked at once: not taken (a DICOM series opens from its folder)
             return None
         path = path[0]
+    if len(urlsplit(str(path)).scheme) > 1:
+        # an address (https://, s3://; one letter is a Windows drive): left to a reader
+        # that fetches; claimed, it was said to be a missing file and no other was tried
+        return None
     return read_layers if is_supported_path(path) else None
 
 

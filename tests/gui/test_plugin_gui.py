@@ -623,3 +623,12 @@ def test_a_volume_three_voxels_wide_opens_as_a_volume_not_a_colour_picture(
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(path), plugin="napari-medseg")
     assert not layer.rgb and layer.ndim == 3 and layer.data.shape[-1] == 3
+
+
+@pytest.mark.parametrize("address", ["https://example.org/a.nii.gz", "s3://bucket/a.npy"])
+def test_web_and_cloud_addresses_are_left_to_other_readers(address):
+    """Claimed, they were reported as missing files and napari tried no other reader."""
+    from napari_medseg._reader import get_reader
+
+    assert get_reader(address) is None
+    assert get_reader([address]) is None
