@@ -316,8 +316,9 @@ _MARKED_LAYERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 def watch_detection_edits(layer: Any) -> None:
     """Connect :func:`mark_added_points` to a detection layer's data events, once per
     layer: on the layers Detect and Retrain make, and on one the Retrain widget is given
-    that has a score column but was made elsewhere (a detection CSV opened again), where
-    an added point took the diameter and score of the point selected last."""
+    that has a score or a diameter column but was made elsewhere (a detection CSV opened
+    again, Retrain's empty or restored points layer), where an added point took the
+    diameter and score of the point selected last."""
     if layer in _MARKED_LAYERS:
         return
     _MARKED_LAYERS.add(layer)
@@ -353,7 +354,8 @@ def watch_added_lesions(layer: Any) -> None:
 
 
 def mark_added_points(layer: Any, event: Any) -> bool:
-    """After napari adds or moves points of a detection layer: they are the user's now.
+    """After napari adds or moves points of a detection layer (or of a lesion layer with
+    diameters, such as Retrain's own): they are the user's now.
     An added point gets no score, no diameter and the "added" label: napari fills new rows
     from ``feature_defaults``, which it sets to the features of the last point selected,
     so without this it would pose as that detection (and hide below the score threshold).
@@ -367,7 +369,8 @@ def mark_added_points(layer: Any, event: Any) -> bool:
                                  np.asarray(layer.shown, dtype=bool).copy())
         return False
     before = _BEFORE_CHANGE.pop(layer, None) if action == "changed" else None
-    if action not in ("added", "changed") or "score" not in layer.features:
+    if action not in ("added", "changed") or not (
+            {"score", "diameter_mm"} & set(layer.features.columns)):
         return False
     n = len(layer.data)
     rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
@@ -399,7 +402,8 @@ def mark_added_points(layer: Any, event: Any) -> bool:
     features = layer.features
     if before is not None:  # each row added or moved, as found above
         fresh = [r for r in rows if r not in moved]
-        features.loc[rows, "score"] = np.nan
+        if "score" in features:
+            features.loc[rows, "score"] = np.nan
         if "diameter_mm" in features:
             features.loc[fresh, "diameter_mm"] = np.nan
         if "label" in features:
@@ -412,7 +416,8 @@ def mark_added_points(layer: Any, event: Any) -> bool:
         shown[rows] = True
         layer.shown = shown
         return True
-    features.loc[rows, "score"] = np.nan
+    if "score" in features:
+        features.loc[rows, "score"] = np.nan
     if "diameter_mm" in features and added:
         features.loc[rows, "diameter_mm"] = np.nan
     if "label" in features:

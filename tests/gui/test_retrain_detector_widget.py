@@ -420,3 +420,31 @@ def test_a_point_on_a_sheared_or_rotated_image_lists_the_slice_it_is_trained_on(
     assert int(round(voxels[0, 0])) == 4 and widget.annotated_slices() == [4]
     points.data = np.array([[6.0, 70.0, 20.0]])  # moved to slice 6: both slices edited
     assert widget.annotated_slices() == [4, 6]
+
+
+def test_a_script_editing_a_lesion_layer_keeps_each_points_diameter(
+        make_napari_viewer, random_models, small_phantom):
+    """On Retrain's own points layer (diameters, no scores) a row appended by a script took
+    the selected point's diameter, and a row deleted by one shifted the others'."""
+    from napari_medseg._widgets.retrain_detector import RetrainDetectorWidget
+
+    viewer = make_napari_viewer()
+    vol = small_phantom.volume
+    image = viewer.add_image(vol.array, scale=vol.spacing, name="ct")
+    widget = RetrainDetectorWidget(viewer)
+    widget._image.value = image
+    widget._model.value = random_models["LesionDetector"]
+    widget._add_empty_layer()
+    points = widget._layer_pick.value
+    points.add([[2.0, 40.0, 40.0], [3.0, 20.0, 30.0]])
+    features = points.features
+    features["diameter_mm"] = [30.0, 12.0]
+    points.features = features
+    points.selected_data = {0}
+    points.data = np.vstack([points.data, [[4.0, 20.0, 20.0]]])  # a script appends a lesion
+    assert widget.annotated_slices() == [2, 3, 4]
+    diameters = points.features["diameter_mm"].to_numpy()
+    assert diameters[:2].tolist() == [30.0, 12.0] and np.isnan(diameters[2])
+    points.data = points.data[1:]  # … and deletes the first
+    diameters = points.features["diameter_mm"].to_numpy()
+    assert diameters[0] == 12.0 and np.isnan(diameters[1])

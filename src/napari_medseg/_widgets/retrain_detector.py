@@ -36,7 +36,10 @@ class RetrainDetectorWidget(_RetrainBase):
     writes_into_layer = False
 
     def _connect(self, layer) -> None:
-        if "score" in layer.features:  # a detection layer, maybe opened again from a file
+        # a detection layer (maybe opened again from a file), or one with diameters: an
+        # added point must not take the selected one's diameter and score as its own, nor
+        # a row deleted by a script shift the others' diameters
+        if {"score", "diameter_mm"} & set(layer.features.columns):
             watch_detection_edits(layer)
         layer.events.data.connect(self._on_points)
         image = self._image.value
@@ -80,8 +83,6 @@ class RetrainDetectorWidget(_RetrainBase):
         indices = [i for i in getattr(event, "data_indices", ()) if -len(value) <= i < len(value)]
         if layer is None or not len(value) or not indices:
             return
-        if action == "added" and "score" not in layer.features:
-            self._unknown_diameter(layer, indices)  # (a detection layer marks its own)
         if action == "changing":  # the slices are known at "changed", from what changed
             self._before_change = (layer, np.array(value, copy=True))
             return
@@ -95,18 +96,6 @@ class RetrainDetectorWidget(_RetrainBase):
                                        value.reshape(-1, layer.ndim))
         zs = {z for p in points if (z := self._point_slice(layer, p)) is not None}
         self._add_edited(zs)
-
-    @staticmethod
-    def _unknown_diameter(layer, indices) -> None:
-        """napari fills an added point's features from the last point selected: it would
-        take that lesion's diameter as its own training target. Unknown (NaN) instead."""
-        features = layer.features
-        if "diameter_mm" not in features or not len(features):
-            return
-        n = len(features)
-        rows = sorted({int(i) % n for i in indices})
-        features.loc[rows, "diameter_mm"] = np.nan
-        layer.features = features
 
     def _empty_layer(self, image):
         return self._viewer.add_points(
