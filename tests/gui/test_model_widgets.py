@@ -1055,3 +1055,27 @@ def test_classify_lets_go_of_a_removed_layer_at_once(make_napari_viewer, qtbot, 
     assert widget._layer is None and not widget._goto.enabled and widget._goto_items == []
     widget._go_to_slice(3)  # a click on the emptied strip: nothing, no traceback
     assert viewer.dims.current_step == step
+
+
+def test_detect_resamples_its_heatmap_in_the_worker_not_on_naparis_thread(
+        make_napari_viewer, qtbot, random_models, small_phantom, monkeypatch):
+    """Resampled on napari's thread, a long series' heatmap froze the viewer."""
+    import threading
+
+    from napari_medseg.core.inference import DetectionResult
+
+    viewer, image, widget = _ready(make_napari_viewer, small_phantom, DetectWidget,
+                                   random_models["LesionDetector"])
+    threads = []
+    original = DetectionResult.heatmap_on_input_grid
+
+    def recording(self):
+        threads.append(threading.current_thread())
+        return original(self)
+
+    monkeypatch.setattr(DetectionResult, "heatmap_on_input_grid", recording)
+    widget._with_heatmap.value = True
+    _run_and_wait(widget, qtbot)
+    heat = [layer for layer in viewer.layers if "heatmap" in layer.name]
+    assert len(heat) == 1 and heat[0].data.shape == image.data.shape
+    assert threads and threading.main_thread() not in threads

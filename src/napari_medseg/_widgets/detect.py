@@ -8,6 +8,7 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 from .._layers import detection_layer_data, watch_detection_edits
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.models.detector import at_or_above
+from ..core.progress import Progress
 from ._model_widget import ModelRunWidget, provenance
 from ._navigate import camera, go_to_slice, go_to_world
 
@@ -59,8 +60,14 @@ class DetectWidget(ModelRunWidget):
         return {"heatmap": bool(self._with_heatmap.value)}  # as it was when Run was clicked
 
     def core_job(self, volume, model, card, options):
-        return detect_lesions(volume, model, card,
-                              threshold=min(KEEP_SCORE, card_peak_threshold(card)))
+        result = yield from detect_lesions(volume, model, card,
+                                           threshold=min(KEEP_SCORE, card_peak_threshold(card)))
+        if options.get("heatmap"):
+            # here, in the worker: resampling a long series' heatmap onto the image's grid
+            # on napari's thread froze it
+            yield Progress(1, 1, "the heatmap onto the image's grid")
+            options["heatmap_on_input"] = result.heatmap_on_input_grid()
+        return result
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
         threshold = card_peak_threshold(card)
@@ -69,7 +76,7 @@ class DetectWidget(ModelRunWidget):
         if options.get("heatmap"):  # under the points, so they stay clickable
             from .explain import _map_layer_kwargs
 
-            heat = result.heatmap_on_input_grid()
+            heat = options["heatmap_on_input"]
             self._viewer.add_image(heat if image_layer.ndim == 3 else heat[0], **_map_layer_kwargs(
                 image_layer, f"{image_layer.name} lesion heatmap ({card.get('name')})", "cyan",
                 provenance(card, image_layer.name), method="detector centre heatmap (sigmoid)"))
