@@ -870,3 +870,33 @@ def test_a_shared_pool_s_seeds_are_the_ones_the_card_names():
     first, end = card["training"]["train_seeds"]
     assert first == training_seeds(0).start and all(first <= it.seed < end for it in pool.items)
     assert card["training"]["command_reproduces"] is False
+
+
+def test_a_class_a_fine_tuned_segmenter_gained_is_not_scored_on_the_phantoms():
+    """A painted "stomach" has no truth in the phantoms: predicted anywhere, it was scored
+    Dice 0 and became the headline minimum, in silence."""
+    import torch
+
+    from napari_medseg.core.evaluation import evaluate_classifier, evaluate_segmenter
+    from napari_medseg.core.models import load_model
+
+    model, card = load_model("segmenter")
+    grown = model.with_classes(len(card["classes"]) + 1).eval()
+    with torch.no_grad():  # the new class wins a little of the spleen's voxels
+        grown.head.weight[:, -1] = grown.head.weight[:, 3]  # (in, out, k, k): transposed conv
+        grown.head.bias[-1] = grown.head.bias[3] + 0.01
+    grown_card = dict(card, classes=[*card["classes"], "stomach"])
+    out = evaluate_segmenter(grown, grown_card, seeds=[EVAL_SEEDS[0]])
+    assert "stomach" not in out["dice"] and out["not_scored"]["classes"] == ["stomach"]
+    assert out["not_scored"]["voxels_predicted"]["stomach"] > 0
+    # the voxels it took are misses of the spleen, whose Dice says so
+    assert out["dice"]["spleen"] == out["min_dice_foreground"]
+    # classes in another order cannot be scored by position: said, not scored
+    swapped = list(card["classes"])
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    with pytest.raises(MedsegInputError, match="in that order"):
+        evaluate_segmenter(model, dict(card, classes=swapped), seeds=[EVAL_SEEDS[0]])
+    classifier, cls_card = load_model("classifier")
+    with pytest.raises(MedsegInputError, match="slice classes"):
+        evaluate_classifier(classifier, dict(cls_card, classes=["normal", "no_body", "lesion"]),
+                            seeds=[EVAL_SEEDS[0]])

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import MedsegInputError
+from .phantom import LABEL_NAMES, SLICE_CLASSES
 from .models.detector import at_or_above, extract_peaks
 from .resample import map_index
 from .training import EVAL_SEEDS, TRAIN_SEED_BASE, VALIDATION_SEEDS, eval_settings, make_phantom
@@ -333,6 +334,10 @@ def evaluate_segmenter(model, card, seeds: int | Iterable[int] | None = None,
                        on_progress: Callable | None = None) -> dict[str, Any]:
     seeds = seed_list(seeds)
     n = len(card["classes"])
+    # scored by name: the phantoms' structures, in their label order; classes a fine-tuned
+    # model gained (a painted "stomach") have no truth there (scored, one predicted
+    # anywhere showed as Dice 0 and became the headline minimum)
+    truth = _phantom_classes(card, LABEL_NAMES, "structures")
     total = np.zeros((n, 3), dtype=np.int64)
     per_volume: list[np.ndarray] = []
     for _s, _settings, ph in _phantoms(seeds, on_progress, "segmenter"):
@@ -347,11 +352,13 @@ def evaluate_segmenter(model, card, seeds: int | Iterable[int] | None = None,
     names = list(card["classes"])
     # a structure neither in any truth nor predicted anywhere has no Dice (None, not NaN:
     # strict JSON has no NaN, and min() would skip it and call the target met)
-    structures = {names[i]: round(float(d[i]), 4) if np.isfinite(d[i]) else None for i in range(n)}
-    mean_pv = {names[i]: round(float(np.nanmean(pv[:, i])), 4) for i in range(n)
+    structures = {names[i]: round(float(d[i]), 4) if np.isfinite(d[i]) else None
+                  for i in range(truth)}
+    mean_pv = {names[i]: round(float(np.nanmean(pv[:, i])), 4) for i in range(truth)
                if np.isfinite(pv[:, i]).any()}
-    fg = [structures[names[i]] for i in range(1, n)]
+    fg = [structures[names[i]] for i in range(1, truth)]
     scored = [v for v in fg if v is not None]
+    extra = [name for name in names[truth:] if not name.startswith("unused_")]
     return {
         "model": "segmenter",
         "dice": structures,
@@ -359,14 +366,37 @@ def evaluate_segmenter(model, card, seeds: int | Iterable[int] | None = None,
         "min_dice_foreground": min(scored) if scored else None,
         "target": "Dice >= 0.90 on every structure",
         "meets_target": bool(scored and len(scored) == len(fg) and min(scored) >= 0.90),
+        **({"not_scored": {
+            "classes": extra,
+            "why": "the phantoms hold no ground truth for them; voxels predicted as them "
+                   "count as misses of the phantom's structure there",
+            "voxels_predicted": {names[i]: int(total[i, 1]) for i in range(truth, n)
+                                 if not names[i].startswith("unused_")},
+        }} if extra else {}),
         **_settings_summary(seeds),
     }
+
+
+def _phantom_classes(card: Mapping[str, Any], truth: Mapping[int, str], what: str) -> int:
+    """How many of the card's classes the phantoms score: their own ``truth`` names, in
+    label order, must come first (MedsegInputError otherwise: scored by position, another
+    order would compare one structure with another)."""
+    names = [str(c) for c in card["classes"]]
+    expected = [truth[i] for i in sorted(truth)]
+    if names[:len(expected)] != expected:
+        raise MedsegInputError(
+            f"the model's classes {names} do not begin with the phantoms' {what} "
+            f"{expected} in that order: it cannot be scored on them")
+    return len(expected)
 
 
 def evaluate_classifier(model, card, seeds: int | Iterable[int] | None = None,
                         on_progress: Callable | None = None) -> dict[str, Any]:
     seeds = seed_list(seeds)
     n = len(card["classes"])
+    if _phantom_classes(card, dict(enumerate(SLICE_CLASSES)), "slice classes") != n:
+        raise MedsegInputError(f"the model's classes {list(card['classes'])} are not the "
+                               f"phantoms' slice classes {list(SLICE_CLASSES)}")
     conf = np.zeros((n, n), dtype=np.int64)
     for _s, _settings, ph in _phantoms(seeds, on_progress, "classifier"):
         pred, _ = predict_classifier(model, card, ph.volume)
