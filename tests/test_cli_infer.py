@@ -445,3 +445,34 @@ def test_an_output_that_is_a_link_writes_the_file_it_names(tmp_path, models, ima
         assert len(_rows(real)) == 6
     else:
         assert read_nifti(real).shape[0] == 6
+
+
+def test_links_that_lead_outputs_astray_are_refused_before_any_computing(tmp_path, models,
+                                                                       image, capsys):
+    """A link named like an output to a slice of the DICOM input replaced that slice; two
+    outputs linked to one file left only the second; a link into a missing folder was
+    refused only after the computing."""
+    series = tmp_path / "series"
+    series.mkdir()
+    slice_file = series / "s0.dcm"
+    slice_file.write_bytes(b"DICM slice")
+    (tmp_path / "evil.nii.gz").symlink_to(slice_file)
+    (tmp_path / "y.csv").symlink_to(tmp_path / "x.nii.gz")  # dangling: x.nii.gz is to come
+    (tmp_path / "lost.nii.gz").symlink_to(tmp_path / "missing" / "seg.nii.gz")
+    seg = str(models["segmenter"])
+    cases = [
+        (["segment", str(image), str(tmp_path / "evil.nii.gz"), "--model", seg, "--overwrite"],
+         "not a .nii.gz or .nii file"),
+        (["uncertainty", str(image), str(tmp_path / "x.nii.gz"), "--slices-csv",
+          str(tmp_path / "y.csv"), "--samples", "2", "--model", seg], "the same file as"),
+        (["segment", str(image), str(tmp_path / "lost.nii.gz"), "--model", seg],
+         "the folder to write into does not exist"),
+    ]
+    for argv, said in cases:
+        capsys.readouterr()
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert said in captured.err and captured.err.count("\n") == 1, captured.err
+        assert "%" not in captured.err + captured.out  # refused before any progress
+    assert slice_file.read_bytes() == b"DICM slice"
+    assert not (tmp_path / "x.nii.gz").exists()

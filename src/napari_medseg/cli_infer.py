@@ -38,24 +38,36 @@ def _bundled(command: str) -> str:
 
 
 def _check_output(path: str, suffixes: tuple[str, ...], source: str | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, others: tuple[Path | None, ...] = ()) -> Path:
     """The output refused now, before minutes of computing, if it cannot or must not be
     written; an existing file is replaced only with ``--overwrite`` (it may be a label
-    map a radiologist corrected by hand since the last run)."""
+    map a radiologist corrected by hand since the last run). ``others``: the command's
+    outputs checked before this one (two outputs must not be one file)."""
     out = Path(path).expanduser()
-    if source is not None and _same_file(out, Path(source).expanduser()):
+    # a symbolic link's target is what the write replaces: every check is on it
+    target = link_target(out)
+    if source is not None and (_same_file(out, Path(source).expanduser())
+                               or _same_file(target, Path(source).expanduser())):
         raise MedsegInputError("the output would overwrite the input; choose another name", out)
     if not out.name.lower().endswith(suffixes):
         raise MedsegInputError(f"output must end in {' or '.join(suffixes)}", out)
-    if not out.parent.is_dir():
+    for other in others:
+        if other is not None and _same_file(target, link_target(other)):
+            raise MedsegInputError(f"the same file as the output {other.name}; give each "
+                                   "output its own file", out)
+    if target != out and not target.name.lower().endswith(suffixes):
+        # a link named seg.nii.gz to a slice of the DICOM input replaced that slice
+        raise MedsegInputError(f"a link to {target}, which is not a {' or '.join(suffixes)} "
+                               "file; not written through", out)
+    if not target.parent.is_dir():
         raise MedsegInputError("the folder to write into does not exist", out)
-    if out.is_dir():
+    if target.is_dir():
         raise MedsegInputError("output is a folder, expected a file name", out)
-    if not os.access(out.parent, os.W_OK | os.X_OK):  # said now, not after the computing
+    if not os.access(target.parent, os.W_OK | os.X_OK):  # said now, not after the computing
         raise MedsegInputError("the folder to write into is not writable", out)
-    if out.exists() and not overwrite:
+    if target.exists() and not overwrite:
         raise MedsegInputError("the output exists; pass --overwrite to replace it", out)
-    refuse_write_protected(out, "not replaced")  # said now, not after the computing
+    refuse_write_protected(target, "not replaced")  # said now, not after the computing
     return out
 
 
@@ -227,7 +239,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     out = _check_output(args.output, (".csv",), args.input, args.overwrite)
     heat_out = None if args.heatmap is None else _check_output(
-        args.heatmap, (".nii.gz", ".nii"), args.input, args.overwrite)
+        args.heatmap, (".nii.gz", ".nii"), args.input, args.overwrite, others=(out,))
     volume, model, card = _load(args, "detect")
     result = _run(
         detect_lesions(volume, model, card, threshold=args.threshold,
@@ -302,7 +314,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
 
     out = _check_output(args.output, (".nii.gz", ".nii"), args.input, args.overwrite)
     csv_out = None if args.slices_csv is None else _check_output(
-        args.slices_csv, (".csv",), args.input, args.overwrite)
+        args.slices_csv, (".csv",), args.input, args.overwrite, others=(out,))
     volume, model, card = _load(args, "uncertainty")
     result = _run(segmentation_uncertainty(volume, model, card, samples=args.samples,
                                            threads=args.threads), "uncertainty", args.quiet)
@@ -325,7 +337,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise MedsegInputError(f"--model applies to --method model, not {args.method}")
     out = _check_output(args.output, (".nii.gz", ".nii"), args.input, args.overwrite)
     csv_out = None if args.slices_csv is None else _check_output(
-        args.slices_csv, (".csv",), args.input, args.overwrite)
+        args.slices_csv, (".csv",), args.input, args.overwrite, others=(out,))
     volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
     fill = not args.keep_missing
     if args.method == "model":
