@@ -384,23 +384,43 @@ def _console_script() -> list[str]:
             "sys.exit(main())"]
 
 
-def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(tmp_path):
+@pytest.mark.parametrize("sig,status,said", [("SIGINT", 130, "interrupted"),
+                                             ("SIGTERM", 143, "terminated")])
+def test_a_signal_while_the_command_starts_is_one_line_and_its_status(tmp_path, sig, status,
+                                                                       said):
     """The CLI's modules load for most of a second before main() runs: a Ctrl-C then
-    printed a 40-line traceback and the process died of the signal."""
-    # the Ctrl-C is sent from inside the import of the readers (a sleep before it could
+    printed a 40-line traceback and the process died of the signal (a SIGTERM: no line)."""
+    # the signal is sent from inside the import of the readers (a sleep before it could
     # land after the command had finished on a loaded machine)
     hook = ("import os, signal, sys\n"
-            "class CtrlC:\n"
+            "class Signal:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name == 'napari_medseg.core.io.dicom':\n"
-            "            os.kill(os.getpid(), signal.SIGINT)\n"
-            "sys.meta_path.insert(0, CtrlC())\n")
+            f"            os.kill(os.getpid(), signal.{sig})\n"
+            "sys.meta_path.insert(0, Signal())\n")
     script = _console_script()
     run = subprocess.run([*script[:-1], hook + script[-1], "phantom", str(tmp_path / "p"),
                           "--shape", "4", "32", "32"], capture_output=True, text=True,
                          timeout=120)
-    assert run.returncode == 130 and run.stderr == "napari-medseg: interrupted\n"
+    assert run.returncode == status and run.stderr == f"napari-medseg: {said}\n"
     assert not (tmp_path / "p").exists()
+
+
+def test_a_signal_after_the_command_is_done_leaves_its_status(tmp_path):
+    """A Ctrl-C or SIGTERM while Python shut down, after the outputs were written, killed
+    the process: the shell saw 130 or 143 ("outputs put back") over new outputs."""
+    script = ("import os, signal, sys\n"
+              "from napari_medseg import cli\n"
+              "cli.main = lambda argv=None: 0  # a command that has written its outputs\n"
+              "from napari_medseg._entry import main\n"
+              "status = main()\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "print('still here')\n"
+              "sys.exit(status)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout == "still here\n"
 
 
 def test_ctrl_c_while_the_arguments_are_read_is_one_line_and_exit_130(tmp_path, capsys,
