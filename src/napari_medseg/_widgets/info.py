@@ -99,8 +99,10 @@ def _recorded_missing(layer, medseg: dict) -> list:
     recorded (checking would read it on napari's thread)."""
     recorded = medseg.get("missing_slices", [])
     data = layer.data
-    if getattr(layer, "rgb", False) or not isinstance(data, np.ndarray) or data.ndim != 3:
-        return recorded if not isinstance(data, np.ndarray) else []
+    if not isinstance(data, np.ndarray):
+        return recorded
+    if getattr(layer, "rgb", False) or data.ndim != 3:
+        return []
     return recorded if _recorded_gaps_fit(data, recorded, medseg) else []
 
 
