@@ -454,21 +454,21 @@ def test_segmenter_scores_per_volume_only_where_the_structure_is_and_never_calls
 
     from napari_medseg.core import evaluation as ev
 
-    kidney = np.zeros((1, 4, 4), np.int64)
-    kidney[0, :2] = 1
+    body = np.zeros((1, 4, 4), np.int64)
+    body[0, :2] = 1
     stray = np.zeros((1, 4, 4), np.int64)
     stray[0, 0, 0] = 1  # one voxel predicted where the truth has none
-    volumes = [SimpleNamespace(volume=None, labels=kidney, pred=kidney),
-               SimpleNamespace(volume=None, labels=np.zeros_like(kidney), pred=stray)]
+    volumes = [SimpleNamespace(volume=None, labels=body, pred=body),
+               SimpleNamespace(volume=None, labels=np.zeros_like(body), pred=stray)]
     monkeypatch.setattr(ev, "_phantoms", lambda seeds, *a: ((s, None, v) for s, v in zip(seeds, volumes)))
     preds = iter(v.pred for v in volumes)
     monkeypatch.setattr(ev, "predict_segmenter", lambda *a: next(preds))
-    out = ev.evaluate_segmenter(None, {"classes": ["background", "kidney", "spleen"]},
+    out = ev.evaluate_segmenter(None, {"classes": ["background", "body", "liver"]},
                                 seeds=[900000, 900001])
-    assert out["dice_mean_per_volume"]["kidney"] == 1.0  # volume 2 has no kidney to score
-    assert out["dice"]["kidney"] == pytest.approx(2 * 8 / 17, abs=1e-4)  # pooled: its stray voxel counts
-    # the spleen is in no volume and predicted nowhere: no Dice, and the target not met
-    assert out["dice"]["spleen"] is None and out["meets_target"] is False
+    assert out["dice_mean_per_volume"]["body"] == 1.0  # volume 2 has no body to score
+    assert out["dice"]["body"] == pytest.approx(2 * 8 / 17, abs=1e-4)  # pooled: its stray voxel counts
+    # the liver is in no volume and predicted nowhere: no Dice, and the target not met
+    assert out["dice"]["liver"] is None and out["meets_target"] is False
     import json
     json.loads(json.dumps(out), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
 

@@ -378,16 +378,17 @@ def evaluate_segmenter(model, card, seeds: int | Iterable[int] | None = None,
 
 
 def _phantom_classes(card: Mapping[str, Any], truth: Mapping[int, str], what: str) -> int:
-    """How many of the card's classes the phantoms score: their own ``truth`` names, in
-    label order, must come first (MedsegInputError otherwise: scored by position, another
-    order would compare one structure with another)."""
+    """How many of the card's classes the phantoms score: the classes both have, which
+    must be the phantoms' ``truth`` names in label order (MedsegInputError otherwise:
+    scored by position, another order would compare one structure with another)."""
     names = [str(c) for c in card["classes"]]
     expected = [truth[i] for i in sorted(truth)]
-    if names[:len(expected)] != expected:
+    shared = min(len(names), len(expected))
+    if names[:shared] != expected[:shared]:
         raise MedsegInputError(
-            f"the model's classes {names} do not begin with the phantoms' {what} "
-            f"{expected} in that order: it cannot be scored on them")
-    return len(expected)
+            f"the model's classes {names} are not the phantoms' {what} {expected} in that "
+            "order: it cannot be scored on them")
+    return shared
 
 
 def evaluate_classifier(model, card, seeds: int | Iterable[int] | None = None,
