@@ -1349,3 +1349,58 @@ def test_two_layers_autosaved_on_one_image_are_both_offered_after_a_crash(
     assert restarted._pending_restore is None and restarted._restore_box.native.isHidden()
     assert np.array_equal(restored[0], second_data)  # the newest first
     assert np.array_equal(restored[1], first_data)
+
+
+def _repredict(widget, image, labels, value):
+    """The widget's own re-predict write (every unlisted slice set to ``value``)."""
+    from napari_medseg._layers import volume_from_layer
+
+    widget._apply(_Prediction(np.full(labels.data.shape, value, np.uint8)), image, labels,
+                  volume_from_layer(image), 1, {})
+
+
+def _another_labels_layer(viewer, image, labels):
+    return viewer.add_labels(np.zeros_like(labels.data), name="other", scale=image.scale,
+                             translate=image.translate)
+
+
+def test_a_repredict_redone_while_another_layer_is_picked_lists_no_slice(scene):
+    """Taken for a user's stroke made while away, it listed every slice it wrote: the next
+    round trained on the model's own output everywhere."""
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    _repredict(widget, image, labels, 3)
+    labels.undo()
+    widget._labels_pick.value = _another_labels_layer(viewer, image, labels)
+    labels.redo()  # redone while away
+    widget._labels_pick.value = labels
+    assert widget.annotated_slices() == [2]
+
+
+def test_a_repredict_redone_after_a_slice_was_marked_correct_leaves_that_slice(scene):
+    """Marking a slice correct changes no data, so napari kept the undone re-predict in its
+    redo history: redone, it wrote the model's output over the slice marked correct."""
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    _repredict(widget, image, labels, 3)
+    labels.undo()
+    viewer.dims.set_current_step(0, 6)
+    widget._mark_current()
+    assert widget.annotated_slices() == [2, 6]
+    kept = labels.data[6].copy()
+    labels.redo()
+    np.testing.assert_array_equal(labels.data[6], kept)
+
+
+def test_a_stroke_undone_while_another_layer_is_picked_is_unlisted(scene):
+    """Its slice stayed listed: the round trained on the uncorrected labels as if they
+    were a correction, and re-predicts never updated that slice again."""
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    labels.brush_size = 4
+    labels.paint((5, 40, 40), 7)
+    assert widget.annotated_slices() == [2, 5]
+    widget._labels_pick.value = _another_labels_layer(viewer, image, labels)
+    labels.undo()  # undone while away
+    widget._labels_pick.value = labels
+    assert widget.annotated_slices() == [2]

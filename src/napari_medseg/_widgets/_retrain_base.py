@@ -160,6 +160,7 @@ class _RetrainBase(Container):
         self._image_left_key: str | None = None  # (detector) the image those edits are on
         self._before_change = None  # (detector) the rows of a move, between its two events
         self._away_slices: set[int] = set()
+        self._away_undone: set[int] = set()  # slices whose strokes were undone meanwhile
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         # layer -> {image key (_image_key): name}
         self._session_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -432,6 +433,10 @@ class _RetrainBase(Container):
             zs, self._away_slices = self._away_slices, set()
             self._stroke_slices |= zs - self._edited
             self._add_edited(zs)
+        if self._away_undone:  # … or undone there
+            zs, self._away_undone = self._away_undone, set()
+            self._unlist(zs)
+            self._schedule_autosave()
 
     def _switch_pair(self) -> None:
         """Keep the slice lists with the (image, layer) pair they were made on: a slice
@@ -602,8 +607,15 @@ class _RetrainBase(Container):
             show_error("Retrain: the current slice is outside the image")
             return
         self._checked.add(z)
+        self._on_checked(z)
         self._rebuild_list()
         self._schedule_autosave()
+
+    def _on_checked(self, z: int) -> None:
+        """Hook: slice ``z`` was just marked correct."""
+
+    def _unlist(self, zs: set[int]) -> None:
+        """Hook: take ``zs`` off the lists (slices whose only strokes were undone)."""
 
     def _remove_selected(self) -> None:
         for item in self._slice_list.selectedItems():

@@ -118,6 +118,7 @@ class RetrainWidget(_RetrainBase):
         if away is not None:  # strokes made on it while another layer was picked
             self._away_slices = self._strokes_since(
                 layer, {id(atom) for step in away for atom in step})
+            self._away_undone = self._undone_since(layer, away)  # … or undone
             self._settle_gone(layer, away)  # … pushed steps out of its undo history
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
@@ -138,8 +139,49 @@ class RetrainWidget(_RetrainBase):
         """Slices of the undo steps on ``layer`` holding an atom not in ``seen``: the
         user's strokes (or redos) made while the widget was not tracking it."""
         undo = getattr(layer, "_undo_history", None) or ()
+        # not the widget's own re-predict redone meanwhile: it listed every slice it wrote
         return {z for item in undo if any(id(atom) not in seen for atom in item)
-                for z in self._item_slices(layer, item)}
+                and not self._is_own(item) for z in self._item_slices(layer, item)}
+
+    def _undone_since(self, layer, steps: list[list]) -> set[int]:
+        """Slices to unlist for the user's ``steps`` undone while the widget was not
+        tracking ``layer`` (in its redo history now): what an undo seen here unlists."""
+        redo = {id(atom) for item in layer._redo_history for atom in item}
+        undone = [step for step in steps if step and not self._is_own(step)
+                  and all(id(atom) in redo for atom in step)]
+        zs = {z for step in undone for z in self._item_slices(layer, step)}
+        zs = (zs & self._stroke_slices) - self._settled
+        for item in layer._undo_history if zs else ():  # still painted by a user's step
+            if not self._is_own(item):
+                zs -= self._item_slices(layer, item)
+        return zs
+
+    def _is_own(self, item) -> bool:
+        """Whether a history step is one of the widget's re-predictions."""
+        return any(id(atom) in self._own_atoms for atom in item)
+
+    def _unlist(self, zs: set[int]) -> None:
+        """Take slices only the user's undone strokes had listed off the lists."""
+        if zs:
+            self._edited -= zs
+            self._stroke_slices -= zs
+            self._excluded -= zs - self._checked
+            self._rebuild_list()
+
+    def _on_checked(self, z: int) -> None:
+        """A slice marked correct changes no data, so napari keeps its redo history: a
+        re-predict undone before, redone, wrote over the slice. The widget's undone
+        re-predicts that touch it leave the redo history (the user's strokes stay)."""
+        layer = self._tracked
+        redo = getattr(layer, "_redo_history", None)
+        if not redo:
+            return
+        kept = [item for item in redo
+                if not (self._is_own(item) and z in self._item_slices(layer, item))]
+        if len(kept) != len(redo):
+            redo.clear()
+            redo.extend(kept)
+            self._prune(layer)
 
     @staticmethod
     def _oldest_item(layer) -> list | None:
@@ -162,7 +204,7 @@ class RetrainWidget(_RetrainBase):
         live = {id(atom) for item in (*undo, *redo) for atom in item}
         gone = [step for step in steps if step and not any(id(atom) in live for atom in step)]
         for step in gone:
-            if not any(id(atom) in self._own_atoms for atom in step):
+            if not self._is_own(step):
                 self._settled |= self._item_slices(layer, step)
         if gone:
             self._prune(layer)  # their ids may be reused by new atoms from now on
@@ -220,15 +262,11 @@ class RetrainWidget(_RetrainBase):
             undone = self._item_slices(layer, redo[-1]) & self._stroke_slices
             dropped = undone - self._settled
             for item in undo if dropped else ():  # the user's remaining strokes, not our writes
-                if not any(id(atom) in self._own_atoms for atom in item):
+                if not self._is_own(item):
                     dropped -= self._item_slices(layer, item)
-            if dropped:
-                self._edited -= dropped
-                self._stroke_slices -= dropped
-                self._excluded -= dropped - self._checked
-                self._rebuild_list()
+            self._unlist(dropped)
         elif (before is not None and depths[0] > before[0] and undo
-              and not any(id(atom) in self._own_atoms for atom in undo[-1])):  # a user's redo
+              and not self._is_own(undo[-1])):  # a user's redo
             zs = set(self._item_slices(layer, undo[-1]))
             self._stroke_slices |= zs - self._edited
             self._add_edited(zs)
