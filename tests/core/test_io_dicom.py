@@ -576,7 +576,8 @@ def test_origin_is_first_position_along_the_image_axes(tmp_path, iop, orientatio
 )
 def test_inconsistent_series_is_refused(tmp_path, second, reason):
     uid = write_series(tmp_path, [0.0, 2.0], name="a")
-    write_series(tmp_path, [4.0], name="b", series_uid=uid, **second)
+    # as many of each: no majority tells which is the series
+    write_series(tmp_path, [4.0, 6.0], name="b", series_uid=uid, **second)
 
     with pytest.raises(MedsegInputError) as info:
         read_dicom(tmp_path)
@@ -972,7 +973,7 @@ def test_many_slices_without_a_position_are_sorted_by_instance_number(tmp_path):
 
 def test_when_the_largest_series_cannot_be_stacked_the_next_opens_with_a_warning(tmp_path):
     uid = write_series(tmp_path, [0.0, 2.0, 4.0], name="main", description="ABDOMEN")
-    write_series(tmp_path, [3.0], name="odd", series_uid=uid, shape=(4, 4))
+    write_series(tmp_path, [3.0], name="odd", series_uid=uid, pixel_spacing=(0.9, 0.9))
     write_series(tmp_path, [10.0, 12.0], name="other", description="DELAYED")
 
     vol = read_dicom(tmp_path)
@@ -982,7 +983,20 @@ def test_when_the_largest_series_cannot_be_stacked_the_next_opens_with_a_warning
     assert any("opened the largest that could be opened (2 slices, 'DELAYED')" in w
                for w in warnings)
     assert any(w.startswith("a series of 4 slices could not be opened (slices in one series "
-                            "differ in size") for w in warnings)
+                            "have different pixel spacings") for w in warnings)
+
+
+def test_a_slice_of_another_size_is_left_out_of_its_series(tmp_path):
+    """One key image or reformat of another size filed under the series' UID made the
+    whole series unreadable ("differ in size"), as one in another orientation did."""
+    uid = write_series(tmp_path, [2.5 * k for k in range(5)])
+    write_series(tmp_path, [12.5], name="key", series_uid=uid, shape=(4, 4))
+
+    vol = read_dicom(tmp_path)
+
+    assert vol.shape == (5, 6, 5)
+    assert any("1 slice of another size (4×4) than the series' other 5 (6×5; a key image or "
+               "a reformat filed with it) left out" in w for w in vol.metadata["warnings"])
 
 
 def test_a_12_bit_jpeg_pillow_cannot_read_names_the_decoder_to_install():

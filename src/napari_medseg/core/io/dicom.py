@@ -658,6 +658,7 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     """Sort, de-duplicate and stack frames; work out spacing, gaps and origin."""
     frames = _without_localizers(frames, warns)
     frames = _without_other_orientations(frames, path, warns)
+    frames = _without_other_sizes(frames, path, warns)
     _check_stackable(frames, path)
     warns.extend(dict.fromkeys(f.source.frame_note for f in frames if f.source.frame_note))
     frames, keys, axes = _sort(frames, path, warns)
@@ -830,6 +831,28 @@ def _without_other_orientations(frames: list[_Frame], path: Path,
                  f"than the series' other {len(frames) - len(others)} (a scout or a reformat "
                  "filed with it) left out")
     return [f for i, f in enumerate(frames) if i not in others]
+
+
+def _without_other_sizes(frames: list[_Frame], path: Path, warns: list[str]) -> list[_Frame]:
+    """The frames less those of another size (rows × columns) than most of the series: as
+    for an orientation, one key image or reformat filed under the series' UID made the
+    whole series unreadable. With no majority there is nothing to tell which is the
+    series (refused by :func:`_check_stackable`)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, f in enumerate(frames):
+        groups.setdefault((f.rows, f.cols), []).append(i)
+    if len(groups) == 1:
+        return frames
+    counts = sorted((len(g) for g in groups.values()), reverse=True)
+    if counts[0] == counts[1]:
+        return frames
+    keep = max(groups, key=lambda k: len(groups[k]))
+    others = [f for f in frames if (f.rows, f.cols) != keep]
+    sizes = ", ".join(sorted({f"{f.rows}×{f.cols}" for f in others}))
+    warns.append(f"{counted(len(others), 'slice')} of another size ({sizes}) than the "
+                 f"series' other {len(frames) - len(others)} ({keep[0]}×{keep[1]}; a key image "
+                 "or a reformat filed with it) left out")
+    return [f for f in frames if (f.rows, f.cols) == keep]
 
 
 def _check_stackable(frames: list[_Frame], path: Path) -> None:
