@@ -1400,3 +1400,48 @@ def test_files_without_positions_are_placed_by_slice_location(tmp_path):
     for k, z in zip([0, 1, 2, 4, 5, 6], zs):
         np.testing.assert_array_equal(vol.array[k], expected_hu(z))
     assert any("placed along their normal by SliceLocation" in w for w in vol.metadata["warnings"])
+
+
+def _nm_frames(tmp_path, n, pointers, **vectors):
+    """A classic multi-frame NM file of ``n`` 4 × 5 frames, frame k filled with k, whose
+    FrameIncrementPointer names ``pointers``."""
+    from pydicom.tag import Tag
+
+    ds = _base("1.2.840.10008.5.1.4.1.1.20", generate_uid())  # NM Image Storage
+    ds.Modality = "NM"
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [10.0, -20.0, 30.0], list(AXIAL)
+    ds.PixelSpacing, ds.SpacingBetweenSlices = [2.0, 2.0], 4.0
+    ds.FrameIncrementPointer = [Tag(p) for p in pointers]
+    for name, values in vectors.items():
+        setattr(ds, name, values)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 4, 5, n
+    ds.PixelData = np.stack([np.full((4, 5), k) for k in range(n)]).astype("<u2").tobytes()
+    path = tmp_path / "nm.dcm"
+    _save(ds, path)
+    return path
+
+
+def test_frames_that_step_through_time_are_not_stacked_as_slices(tmp_path):
+    """A cine file's time points were placed one slice step apart: a made-up volume."""
+    path = _nm_frames(tmp_path, 6, ["FrameTime"], FrameTime=40.0)
+
+    vol = read_dicom(path)
+
+    assert vol.shape == (1, 4, 5)
+    np.testing.assert_array_equal(vol.array[0], 0)
+    assert any("frames are time points (they step through FrameTime), not slices: only the "
+               "first is opened" in w for w in vol.metadata["warnings"])
+
+
+def test_gated_frames_keep_the_first_gate_placed_by_their_slice_numbers(tmp_path):
+    """A gated NM tomogram (4 slices × 2 time slots) was stacked as 8 slices, the second
+    gate on top of the first."""
+    path = _nm_frames(tmp_path, 8, ["SliceVector", "TimeSlotVector"],
+                      SliceVector=[1, 2, 3, 4] * 2, TimeSlotVector=[1] * 4 + [2] * 4)
+
+    vol = read_dicom(path)
+
+    assert vol.shape == (4, 4, 5) and vol.spacing[0] == 4.0
+    np.testing.assert_array_equal(vol.array[:, 0, 0], [0, 1, 2, 3])
+    assert any("4 frames of later TimeSlotVector left out" in w
+               for w in vol.metadata["warnings"])

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 try:  # pydicom >= 3
     from pydicom.pixels import apply_modality_lut
@@ -600,6 +602,28 @@ def _frames_of(source: _Source) -> list[_Frame]:
     # Classic multi-frame (RT dose, NM): one position plus, at best, offsets along the normal.
     positions: list[np.ndarray | None] = [None] * n
     offsets = _vector(ds.get("GridFrameOffsetVector"), n) if "GridFrameOffsetVector" in ds else None
+    steps_through = _frame_increments(ds)
+    kept = list(range(n))
+    if offsets is None and steps_through and "SliceVector" not in steps_through:
+        # frames that step through time only (a cine loop): stacked one slice step apart,
+        # ten time points opened as ten slices of a made-up volume
+        source.frame_note = (f"the file's {n} frames are time points (they step through "
+                             f"{', '.join(steps_through)}), not slices: only the first is "
+                             "opened")
+        return [_Frame(**shared, index=0, order=0.0, position=position)]
+    if offsets is None and "SliceVector" in steps_through:
+        # NM tomography: frames step through slices and, gated or dynamic, also through
+        # time slots, phases …: the first of each of those, placed by their slice number
+        kept, slice_numbers = _first_of_each_other_vector(ds, steps_through, n)
+        if len(kept) < n:
+            others = [k for k in steps_through if k != "SliceVector"]
+            source.frame_note = (f"{counted(n - len(kept), 'frame')} of later "
+                                 f"{', '.join(others)} left out (the first of each opened)")
+        step = next((v for v in (shared["between"], shared["thickness"])
+                     if v is not None and v > 0), None)
+        if slice_numbers is not None and step is not None:
+            offsets = np.zeros(n)
+            offsets[kept] = step * (slice_numbers - slice_numbers.min())
     if offsets is None and position is not None and orientation is not None:
         # no offsets (NM, legacy MR): frames one SpacingBetweenSlices (else SliceThickness)
         # apart along the normal, from the first frame's position, rather than the
@@ -614,7 +638,39 @@ def _frames_of(source: _Source) -> list[_Frame]:
         normal = _normal(orientation)
         # Offsets are relative to the first frame whether the vector starts at 0 or not.
         positions = [position + (o - offsets[0]) * normal for o in offsets]
-    return [_Frame(**shared, index=i, order=float(i), position=positions[i]) for i in range(n)]
+    return [_Frame(**shared, index=i, order=float(i), position=positions[i]) for i in kept]
+
+
+def _frame_increments(ds: Dataset) -> list[str]:
+    """The keywords FrameIncrementPointer names: what a classic multi-frame file's frames
+    step through (SliceVector, TimeSlotVector, FrameTime …); [] when it names none."""
+    value = ds.get("FrameIncrementPointer")
+    if value is None:
+        return []
+    tags = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    names = []
+    for tag in tags:
+        try:
+            names.append(keyword_for_tag(tag) or str(tag))
+        except (TypeError, ValueError):
+            continue
+    return names
+
+
+def _first_of_each_other_vector(ds: Dataset, vectors: list[str], n: int
+                                ) -> tuple[list[int], np.ndarray | None]:
+    """The frames at the first value of every vector other than SliceVector (the first
+    gate, time slot, phase …), and their slice numbers (None: no usable SliceVector)."""
+    keep = np.ones(n, dtype=bool)
+    for name in vectors:
+        if name == "SliceVector":
+            continue
+        values = _vector(ds.get(name), n)
+        if values is not None:
+            keep &= values == values[0]
+    kept = [int(i) for i in np.flatnonzero(keep)]
+    slice_numbers = _vector(ds.get("SliceVector"), n)
+    return kept, None if slice_numbers is None else slice_numbers[kept]
 
 
 def _normal(orientation: np.ndarray) -> np.ndarray:
