@@ -1445,3 +1445,30 @@ def test_gated_frames_keep_the_first_gate_placed_by_their_slice_numbers(tmp_path
     np.testing.assert_array_equal(vol.array[:, 0, 0], [0, 1, 2, 3])
     assert any("4 frames of later TimeSlotVector left out" in w
                for w in vol.metadata["warnings"])
+
+
+def test_a_multiframe_file_is_rescaled_frame_by_frame_not_copied_whole(tmp_path):
+    """The whole file was rescaled in float64, then copied to float32, then into the
+    volume: a multi-frame file peaked at 5 times the volume it made."""
+    import tracemalloc
+
+    n, rows, cols = 40, 128, 128
+    ds = _base("1.2.840.10008.5.1.4.1.1.20", generate_uid())
+    ds.Modality = "NM"
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 0.0], list(AXIAL)
+    ds.PixelSpacing, ds.GridFrameOffsetVector = [1.0, 1.0], [2.0 * k for k in range(n)]
+    ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1024.0
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, n
+    raw = np.random.default_rng(0).integers(0, 4000, (n, rows, cols)).astype("<u2")
+    ds.PixelData = raw.tobytes()
+    path = tmp_path / "frames.dcm"
+    _save(ds, path)
+
+    tracemalloc.start()
+    try:
+        vol = read_dicom(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(vol.array[:, 0, 0], raw[:, 0, 0] * 0.5 - 1024.0)
+    assert peak < 3.0 * vol.array.nbytes, peak / vol.array.nbytes

@@ -87,8 +87,20 @@ class _Source:
         # how its frames were placed when the file does not say (a reader warning)
         self.frame_note: str | None = None
 
-    def values(self) -> np.ndarray:
-        """All frames as real-world values (HU for CT), shape (frames, rows, cols)."""
+    def copy_frames(self, out: np.ndarray, frames: list[tuple[int, int]]) -> None:
+        """Frame ``index`` as real-world values (HU for CT) into ``out[z]``, for each
+        ``(index, z)``: rescaled frame by frame in float64, as a whole file was (the same
+        float32 values), without a float64 and a float32 copy of the whole file (a
+        multi-frame file peaked at 5 times its volume)."""
+        raw, rescale = self._decoded()
+        for index, z in frames:
+            if index >= len(raw):
+                raise MedsegInputError(
+                    f"holds {len(raw)} frames but its header declares more", self.path)
+            out[z] = rescale(raw[index], index)
+
+    def _decoded(self) -> tuple[np.ndarray, Any]:
+        """The raw frames (frames, rows, cols) and ``rescale(raw_frame, index)``."""
         ds = self._full
         if ds is None:
             ds = _dcmread(self.path)
@@ -112,11 +124,18 @@ class _Source:
                 f"pixel data does not match its size tags ({rows}×{cols})", self.path
             )
         raw = raw.reshape(-1, rows, cols)
+        # RT dose grids store integers; DoseGridScaling turns them into Gy.
+        scaling = _float(ds, "DoseGridScaling")
+        if scaling is None or str(ds.get("Modality", "")) != "RTDOSE":
+            scaling = None
         if self.frame_rescale is not None:
-            slope = np.array([s for s, _ in self.frame_rescale], dtype=np.float64)[:, None, None]
-            icpt = np.array([i for _, i in self.frame_rescale], dtype=np.float64)[:, None, None]
-            values = raw * slope[: len(raw)] + icpt[: len(raw)]
-        elif "ModalityLUTSequence" not in ds and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
+            per_frame = self.frame_rescale
+
+            def rescale(frame: np.ndarray, index: int) -> np.ndarray:
+                slope, icpt = per_frame[index]
+                return _scaled(frame * np.float64(slope) + np.float64(icpt), scaling)
+            return raw, rescale
+        if "ModalityLUTSequence" not in ds and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
             # read here, not by apply_modality_lut: it applies neither when one of the two
             # is absent (a slope alone was silently dropped) and fails on an empty one
             slope, icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
@@ -127,14 +146,18 @@ class _Source:
                 raise MedsegInputError(
                     f"invalid RescaleSlope / RescaleIntercept ({ds.get('RescaleSlope')!r}, "
                     f"{ds.get('RescaleIntercept')!r})", self.path) from exc
-            values = raw * np.float64(slope) + np.float64(icpt)
-        else:
-            values = apply_modality_lut(raw, ds)
-        # RT dose grids store integers; DoseGridScaling turns them into Gy.
-        scaling = _float(ds, "DoseGridScaling")
-        if scaling is not None and str(ds.get("Modality", "")) == "RTDOSE":
-            values = values * scaling
-        return np.asarray(values, dtype=np.float32)
+
+            def rescale(frame: np.ndarray, index: int) -> np.ndarray:
+                return _scaled(frame * np.float64(slope) + np.float64(icpt), scaling)
+            return raw, rescale
+
+        def lut(frame: np.ndarray, index: int) -> np.ndarray:  # a LUT, or nothing to apply
+            return _scaled(apply_modality_lut(frame, ds), scaling)
+        return raw, lut
+
+
+def _scaled(values: np.ndarray, scaling: float | None) -> np.ndarray:
+    return values if scaling is None else values * scaling
 
 
 def read_dicom(path: str | Path) -> Volume:
@@ -1175,21 +1198,17 @@ def _load_pixels(frames: list[_Frame], out_z: np.ndarray, nz: int) -> np.ndarray
     for members in by_source.values():
         source = members[0][0].source
         try:
-            values = source.values()
+            source.copy_frames(array, [(frame.index, z) for frame, z in members])
         except MedsegInputError as exc:
-            if len(by_source) == 1:
+            if len(by_source) == 1 or "header declares more" in exc.reason:
                 raise
             # one file of a series whose pixels cannot be decoded (cut short, damaged):
             # its slices become missing, as a gap would, rather than the series failing
             first_error = first_error or exc
+            for _, z in members:  # … whole: no frame of it half copied
+                array[z] = np.nan
             failed.extend(z for _, z in members)
             continue
-        for frame, z in members:
-            if frame.index >= len(values):
-                raise MedsegInputError(
-                    f"holds {len(values)} frames but its header declares more", source.path
-                )
-            array[z] = values[frame.index]
     if failed and len(failed) == len(frames):
         raise first_error
     return array
