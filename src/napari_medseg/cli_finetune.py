@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .cli_infer import threads_arg
 from .core.errors import MedsegInputError
 from .core.text import counted
 
@@ -273,7 +274,7 @@ def register(sub: Any) -> None:
                    "volume, but training keeps at least half of it, so on a long series the "
                    "round may run longer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: free cores)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: free cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_finetune)

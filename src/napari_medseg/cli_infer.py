@@ -29,6 +29,18 @@ DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "cla
                   "generate": "generator"}
 
 
+def threads_arg(text: str) -> int:
+    """``--threads``: a whole number, 0 or more (0: leave torch's own setting); refused as
+    the arguments are read, for every command (one that ran no model took -3 in silence)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (0: torch's own setting), got {n}")
+    return n
+
+
 def _bundled(command: str) -> str:
     """The bundled model's card, as the help promises for no --model: a user model saved
     under the same bare name (found first by name) must not replace the default."""
@@ -283,7 +295,7 @@ def _common(p: argparse.ArgumentParser, command: str, precision: bool = True) ->
             help="fp32 (default); bf16 only on CPUs with native bfloat16; auto: bf16 where it is"
                  " measured faster with the same predictions",
         )
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=threads_arg, default=None,
                    help="torch threads (default: the CPUs other processes leave free, re-checked"
                         " as it runs; 0: leave torch's own setting)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
@@ -430,7 +442,7 @@ def register(subparsers: Any) -> None:
                    help="generator name or card path (.json); default: the bundled 'generator'")
     p.add_argument("--slices-csv", default=None,
                    help="also write each output slice's status: acquired, generated or missing")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=threads_arg, default=None, help="torch threads")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_generate)

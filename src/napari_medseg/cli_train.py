@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli_infer import threads_arg
 from .core.errors import MedsegInputError
 
 #: the run without the imbalance fix, per model (the ablation's "without" arm)
@@ -350,7 +351,7 @@ def register(sub: Any) -> None:
     p.add_argument("--members", type=int, default=1,
                    help="detector: train this many networks (seeds SEED, SEED+1, ...) and "
                         "average them (the ablation trains one)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=threads_arg, default=None, help="torch threads")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     recipe = p.add_argument_group("classifier recipe (docs/models.md)")
     recipe.add_argument("--convs-per-block", type=int, help="conv layers before each pooling (1)")
@@ -370,5 +371,5 @@ def register(sub: Any) -> None:
                                  " or a card path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--seeds", type=int, default=None, help="number of held-out phantoms (default 12)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=threads_arg, default=None, help="torch threads")
     p.set_defaults(func=cmd_evaluate)
