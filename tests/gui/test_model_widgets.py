@@ -1079,3 +1079,19 @@ def test_detect_resamples_its_heatmap_in_the_worker_not_on_naparis_thread(
     heat = [layer for layer in viewer.layers if "heatmap" in layer.name]
     assert len(heat) == 1 and heat[0].data.shape == image.data.shape
     assert threads and threading.main_thread() not in threads
+
+
+def test_a_slice_the_slider_grid_cannot_reach_is_said_for_what_it_is(make_napari_viewer):
+    """Beside a series of finer slices the slider's grid missed the last slice of the CT:
+    the warning blamed a rotation the layer does not have."""
+    from napari_medseg._widgets._navigate import go_to_slice
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    ct = viewer.add_image(rng.random((12, 8, 8), dtype=np.float32), name="CT", scale=(2.5, 1, 1))
+    viewer.add_image(rng.random((7, 8, 8), dtype=np.float32), name="other", scale=(2.0, 1, 1))
+    start = len(notification_manager.records)
+    go_to_slice(viewer, ct, 11)
+    said = _messages_since(start, "warning")
+    assert len(said) == 1 and "slice 11 of 'CT' cannot be shown" in said[0]
+    assert "rotated" not in said[0] and "steps by 2 from 0" in said[0]

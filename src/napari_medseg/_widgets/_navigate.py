@@ -113,11 +113,27 @@ def go_to_slice(viewer: Any, layer: Any, z: int) -> None:
     go_to_world(viewer, layer, layer.data_to_world([int(z), 0, 0]), axes=[layer.ndim - 3])
     if not slice_axis_shown(viewer, layer) and viewer.dims.ndisplay == 2:
         shown = round(slice_at(viewer, layer))
-        if shown != int(z):  # napari's slider does not reach it (a rotated layer)
+        if shown != int(z):  # napari's slider does not reach it
             from napari.utils.notifications import show_warning
 
             show_warning(f"slice {int(z)} of '{layer.name}' cannot be shown: napari's slider "
-                         f"does not reach it on this rotated layer (showing slice {shown})")
+                         f"does not reach it {_why_unreachable(viewer, layer)} (showing "
+                         f"slice {shown})")
+
+
+def _why_unreachable(viewer: Any, layer: Any) -> str:
+    """Why the z slider cannot land on a slice of ``layer``: the layer is rotated or
+    sheared, or the slider steps on a grid the open layers set (another layer's finer or
+    shifted slices: a series half a slice off, or the last slice beyond the grid)."""
+    from .._layers import world_matrix
+
+    linear = world_matrix(layer)[:-1, :-1]
+    if not np.allclose(linear, np.diag(np.diag(linear))):
+        return "on this rotated or sheared layer"
+    axis = viewer.dims.ndim - 3
+    start, _stop, step = viewer.dims.range[axis]
+    return (f"on this layer: it steps by {step:g} from {start:g} "
+            f"({viewer.dims.axis_labels[axis]}, set by all the open layers' slices)")
 
 
 def slice_axis_shown(viewer: Any, layer: Any) -> bool:
