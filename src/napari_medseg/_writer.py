@@ -120,7 +120,10 @@ def _label_names(meta: dict) -> dict[int, str]:
     plugin's layers carry them), so the file opens again with them; {} if it has none."""
     features = meta.get("features")
     try:
-        return {int(i): str(n) for i, n in zip(features["index"], features["name"])}
+        names = features["name"]
+        # without an index column napari reads the table by row: row i names label i
+        index = features["index"] if "index" in features else range(len(names))
+        return {int(i): str(n) for i, n in zip(index, names)}
     except (KeyError, TypeError, ValueError, IndexError):
         return {}
 
@@ -193,10 +196,23 @@ def _refuse_an_open_layers_file(path: str, saving: str | None) -> None:
 
 
 def _open_layers() -> list:
+    """The layers of every open viewer: the scan may lie in another window than the
+    current one (it was written over, and labels on an oblique scan were saved axial)."""
     try:
         import napari
 
-        viewer = napari.current_viewer()
+        viewers = [napari.current_viewer()]
     except Exception:  # no Qt application: a script saving without a viewer
         return []
-    return list(viewer.layers) if viewer is not None else []
+    try:  # napari keeps no public list of its windows
+        from napari._qt.qt_main_window import _QtMainWindow
+
+        viewers += [window._qt_viewer.viewer for window in _QtMainWindow._instances]
+    except Exception:  # another napari: the current viewer only
+        pass
+    seen: dict[int, Any] = {}
+    for viewer in viewers:
+        if viewer is not None:
+            for layer in viewer.layers:
+                seen.setdefault(id(layer), layer)
+    return list(seen.values())

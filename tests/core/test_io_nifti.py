@@ -207,7 +207,7 @@ def test_failed_write_leaves_existing_file_and_no_temp(tmp_path, monkeypatch):
         ("x.nii", np.zeros((2, 2, 2, 2)), (1, 1, 1), "expected a non-empty (z, y, x) array"),
         ("x.nii", np.zeros((2, 2, 2)), (1, 0, 1), "spacing must be positive"),
         ("x.nii", np.zeros((2, 2, 2), np.complex64), (1, 1, 1), "cannot write dtype complex64"),
-        ("x.nii", np.full((2, 2, 2), 2**40), (1, 1, 1), "do not fit NIfTI's int32"),
+        ("x.nii", np.full((2, 2, 2), 2**40), (1, 1, 1), "do not fit NIfTI's int32 or uint32"),
     ],
 )
 def test_write_rejects_bad_requests(tmp_path, name, array, spacing, reason):
@@ -796,3 +796,11 @@ def test_a_nifti_name_in_mixed_case_opens(tmp_path, name):
     vol = read_volume(str(tmp_path / name))
     assert vol.shape == (6, 5, 4)
     np.testing.assert_array_equal(np.sort(vol.array.ravel()), np.sort(array.ravel()))
+
+
+def test_a_uint64_label_map_of_uint32_values_is_written(tmp_path):
+    """Refused as "do not fit int32", though a uint32 map of the same values is written."""
+    labels = np.zeros((2, 3, 4), np.uint64)
+    labels[0, 0, 0] = 2**31 + 5
+    path = write_nifti(tmp_path / "l.nii.gz", labels, (1.0, 1.0, 1.0), labels=True)
+    assert int(np.asarray(nib.load(str(path)).dataobj).max()) == 2**31 + 5

@@ -632,3 +632,62 @@ def test_web_and_cloud_addresses_are_left_to_other_readers(address):
 
     assert get_reader(address) is None
     assert get_reader([address]) is None
+
+
+def _oblique_scan(tmp_path):
+    import nibabel as nib
+
+    angle = np.radians(20)
+    rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = (-20.0, 15.0, 30.0)
+    scan = tmp_path / "scan.nii.gz"
+    data = (np.arange(5 * 7 * 6, dtype=np.int16).reshape(5, 7, 6) * 7 + 1000)
+    nib.save(nib.Nifti1Image(data, affine), str(scan))
+    return scan, affine
+
+
+def test_labels_saved_from_one_window_see_the_scan_open_in_another(make_napari_viewer,
+                                                                    tmp_path):
+    """The writer looked only at the current viewer: with a second window current, a
+    Labels layer was written over the scan open in the first, and labels drawn on an
+    oblique scan were saved axial."""
+    import nibabel as nib
+
+    scan, affine = _oblique_scan(tmp_path)
+    first = make_napari_viewer()
+    (image,) = first.open(str(scan), plugin="napari-medseg")
+    labels = first.add_labels(np.zeros(image.data.shape, np.uint8), name="drawn",
+                              scale=image.scale, translate=image.translate,
+                              metadata={})
+    labels.data[2, 3, 4] = 1
+    make_napari_viewer()  # napari.current_viewer() is this one now
+    first.layers.selection = {labels}
+    before = scan.read_bytes()
+    with pytest.raises(Exception, match="was opened from this file"):
+        first.layers.save(str(scan), selected=True, plugin="napari-medseg")
+    assert scan.read_bytes() == before
+    out = tmp_path / "drawn.nii.gz"
+    first.layers.save(str(out), selected=True, plugin="napari-medseg")
+    saved = nib.load(str(out))
+    (ijk,) = np.argwhere(np.asarray(saved.dataobj) == 1)
+    (expected,) = np.argwhere(np.asarray(nib.load(str(scan)).dataobj) == image.data[2, 3, 4])
+    np.testing.assert_allclose((np.linalg.inv(affine) @ saved.affine @ [*ijk, 1])[:3], expected,
+                               atol=1e-3)
+
+
+def test_structure_names_by_row_and_long_names_survive_a_save(make_napari_viewer, tmp_path):
+    """A features table without an index column names labels by row (napari reads it so):
+    the names were dropped; a name over 64 characters came back cut."""
+    viewer = make_napari_viewer()
+    data = np.zeros((3, 4, 5), np.uint8)
+    data[1, 1, 1] = 2
+    long_name = "x" * 100
+    layer = viewer.add_labels(data, name="L", features={"name": ["background", "liver", long_name]})
+    viewer.layers.selection = {layer}
+    viewer.layers.save(str(tmp_path / "n.nii.gz"), selected=True, plugin="napari-medseg")
+    viewer.layers.clear()
+    (back,) = viewer.open(str(tmp_path / "n.nii.gz"), plugin="napari-medseg")
+    names = dict(zip(back.features["index"], back.features["name"]))
+    assert names[2] == long_name and names[1] == "liver"

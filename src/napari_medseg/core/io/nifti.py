@@ -63,7 +63,7 @@ _KEPT_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "int32
 # plugin wrote opens again as a Labels layer with its names, not as a float32 image.
 _NAMES_KEY = "napari-medseg"
 _COMMENT_CODE = 6
-_MAX_NAME_CHARS = 64
+_MAX_NAME_CHARS = 256  # a structure name, as written and as read back
 
 
 @dataclass(frozen=True)
@@ -503,10 +503,12 @@ def _storage_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     if array.dtype in _KEPT_DTYPES or array.dtype == np.float32:
         return array
     if np.issubdtype(array.dtype, np.integer):
-        info = np.iinfo(np.int32)
-        if array.size and (array.min() < info.min or array.max() > info.max):
-            raise MedsegInputError(f"{array.dtype} values do not fit NIfTI's int32", path)
-        return array.astype(np.int32)
+        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if np.iinfo(np.int32).min <= lo and hi <= np.iinfo(np.int32).max:
+            return array.astype(np.int32)
+        if lo >= 0 and hi <= np.iinfo(np.uint32).max:  # a uint64 layer of uint32 values
+            return array.astype(np.uint32)
+        raise MedsegInputError(f"{array.dtype} values do not fit NIfTI's int32 or uint32", path)
     if np.issubdtype(array.dtype, np.floating):
         return array.astype(np.float32)
     raise MedsegInputError(f"cannot write dtype {array.dtype} to NIfTI", path)
@@ -608,7 +610,8 @@ def write_nifti(
     if labels:
         img.header.set_intent("label")
         if label_names:
-            ours["label_names"] = {str(int(k)): str(v) for k, v in sorted(label_names.items())}
+            ours["label_names"] = {str(int(k)): str(v)[:_MAX_NAME_CHARS]
+                                   for k, v in sorted(label_names.items())}
     if ours:
         import json
 
