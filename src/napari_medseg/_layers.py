@@ -86,16 +86,32 @@ _PALETTE_VALUES = np.arange(1, 256)
 @functools.lru_cache(maxsize=1)
 def _palette() -> dict[int, tuple]:
     """napari's default label colours (its Labels layer's cyclic colormap) for 1–255."""
+    return _colours_of(_PALETTE_VALUES)
+
+
+def _colours_of(values: Any) -> dict[int, tuple]:
+    """napari's default label colours for ``values``."""
     from napari.utils.colormaps import label_colormap
 
-    rgba = label_colormap(num_colors=49, seed=0.5).map(_PALETTE_VALUES)
-    return {int(v): tuple(float(c) for c in color) for v, color in zip(_PALETTE_VALUES, rgba)}
+    values = np.asarray(values, dtype=np.int64)
+    rgba = label_colormap(num_colors=49, seed=0.5).map(values)
+    return {int(v): tuple(float(c) for c in color) for v, color in zip(values, rgba)}
 
 
-def _labels_kwargs(name: str, label_names: dict[int, str]) -> dict[str, Any]:
+def _values_above_palette(labels: np.ndarray) -> np.ndarray:
+    """The label values above 255 in ``labels`` (none for 8-bit data)."""
+    if np.dtype(labels.dtype).itemsize == 1 or not labels.size:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(labels[labels > _PALETTE_VALUES[-1]])
+
+
+def _labels_kwargs(name: str, label_names: dict[int, str],
+                   more_values: Any = ()) -> dict[str, Any]:
     # values without a structure colour (another tool's label map, a structure the user
     # adds) get napari's own distinct colours: a single default drew them all in magenta
-    colormap: dict[Any, Any] = {**_palette(), 0: "transparent", None: (1.0, 0.0, 1.0, 1.0)}
+    # (``more_values``: those above 1–255, e.g. FreeSurfer's 1000s and 2000s)
+    colormap: dict[Any, Any] = {**_palette(), **_colours_of(more_values), 0: "transparent",
+                                None: (1.0, 0.0, 1.0, 1.0)}
     for value, label_name in label_names.items():
         if value and label_name in STRUCTURE_COLORS:
             colormap[value] = STRUCTURE_COLORS[label_name]
@@ -121,7 +137,9 @@ def labels_layer_data(
     del medseg["modality"]
     medseg["source"] = {k: v for k, v in medseg["source"].items()
                         if k not in _INTENSITY_KEYS}
-    kwargs = {**_labels_kwargs(name, label_names), **_geometry(volume), "metadata": metadata}
+    more = set(_values_above_palette(labels).tolist()) | {v for v in label_names if v > 255}
+    kwargs = {**_labels_kwargs(name, label_names, sorted(more)), **_geometry(volume),
+              "metadata": metadata}
     return (labels, kwargs, "labels")
 
 

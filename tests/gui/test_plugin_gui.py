@@ -691,3 +691,17 @@ def test_structure_names_by_row_and_long_names_survive_a_save(make_napari_viewer
     (back,) = viewer.open(str(tmp_path / "n.nii.gz"), plugin="napari-medseg")
     names = dict(zip(back.features["index"], back.features["name"]))
     assert names[2] == long_name and names[1] == "liver"
+
+
+def test_label_values_above_255_reopen_in_colours_of_their_own(make_napari_viewer, tmp_path):
+    """The colour table covered 1–255: labels 300 and 301 reopened in one magenta."""
+    viewer = make_napari_viewer()
+    data = np.zeros((2, 3, 4), np.uint16)
+    data[0, 0, :3] = [300, 301, 5]
+    layer = viewer.add_labels(data, name="L")
+    viewer.layers.selection = {layer}
+    viewer.layers.save(str(tmp_path / "c.nii.gz"), selected=True, plugin="napari-medseg")
+    viewer.layers.clear()
+    (back,) = viewer.open(str(tmp_path / "c.nii.gz"), plugin="napari-medseg")
+    colours = back.colormap.map(np.array([300, 301]))
+    assert not np.allclose(colours[0], colours[1])
