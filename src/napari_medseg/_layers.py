@@ -98,11 +98,17 @@ def _colours_of(values: Any) -> dict[int, tuple]:
     return {int(v): tuple(float(c) for c in color) for v, color in zip(values, rgba)}
 
 
+#: the largest label value a colour is listed for: napari maps a direct colormap with
+#: larger keys only with numba installed (it raised without; larger values keep the
+#: default colour)
+_MAX_COLOURED_VALUE = 2**16
+
+
 def _values_above_palette(labels: np.ndarray) -> np.ndarray:
-    """The label values above 255 in ``labels`` (none for 8-bit data)."""
+    """The label values in 256–65536 in ``labels`` (none for 8-bit data)."""
     if np.dtype(labels.dtype).itemsize == 1 or not labels.size:
         return np.zeros(0, dtype=np.int64)
-    return np.unique(labels[labels > _PALETTE_VALUES[-1]])
+    return np.unique(labels[(labels > _PALETTE_VALUES[-1]) & (labels <= _MAX_COLOURED_VALUE)])
 
 
 def _labels_kwargs(name: str, label_names: dict[int, str],
@@ -137,7 +143,8 @@ def labels_layer_data(
     del medseg["modality"]
     medseg["source"] = {k: v for k, v in medseg["source"].items()
                         if k not in _INTENSITY_KEYS}
-    more = set(_values_above_palette(labels).tolist()) | {v for v in label_names if v > 255}
+    more = set(_values_above_palette(labels).tolist()) | {
+        v for v in label_names if 255 < v <= _MAX_COLOURED_VALUE}
     kwargs = {**_labels_kwargs(name, label_names, sorted(more)), **_geometry(volume),
               "metadata": metadata}
     return (labels, kwargs, "labels")
