@@ -1472,3 +1472,20 @@ def test_a_multiframe_file_is_rescaled_frame_by_frame_not_copied_whole(tmp_path)
         tracemalloc.stop()
     np.testing.assert_array_equal(vol.array[:, 0, 0], raw[:, 0, 0] * 0.5 - 1024.0)
     assert peak < 3.0 * vol.array.nbytes, peak / vol.array.nbytes
+
+
+def test_a_radiograph_without_pixel_spacing_takes_its_imager_pixel_spacing(tmp_path):
+    """CR/DX give ImagerPixelSpacing (at the detector) and often no PixelSpacing: the
+    image opened at 1 mm with "pixel spacing unknown"."""
+    path = tmp_path / "dx.dcm"
+    write_ct_slice(path, 0.0, series_uid=generate_uid(), instance=1)
+    ds = pydicom.dcmread(path)
+    del ds.PixelSpacing
+    ds.ImagerPixelSpacing = [0.15, 0.2]
+    _save(ds, path)
+
+    vol = read_dicom(path)
+
+    assert vol.spacing[1:] == pytest.approx((0.15, 0.2))
+    assert any("ImagerPixelSpacing" in w for w in vol.metadata["warnings"])
+    assert not any("pixel spacing unknown" in w for w in vol.metadata["warnings"])

@@ -86,6 +86,8 @@ class _Source:
         self.frame_rescale: list[tuple[float, float]] | None = None
         # how its frames were placed when the file does not say (a reader warning)
         self.frame_note: str | None = None
+        # where its pixel spacing came from when PixelSpacing is absent (a reader warning)
+        self.spacing_note: str | None = None
 
     def copy_frames(self, out: np.ndarray, frames: list[tuple[int, int]]) -> None:
         """Frame ``index`` as real-world values (HU for CT) into ``out[z]``, for each
@@ -613,7 +615,7 @@ def _frames_of(source: _Source) -> list[_Frame]:
         acquisition=tuple((kw, str(ds.get(kw))) for kw in _ACQUISITION_TAGS
                           if ds.get(kw) not in (None, "")),
         orientation=orientation,
-        pixel_spacing=_spacing_pair(ds.get("PixelSpacing")),
+        pixel_spacing=_spacing_pair(ds.get("PixelSpacing")) or _imager_spacing(ds, source),
         thickness=_float(ds, "SliceThickness"),
         between=_float(ds, "SpacingBetweenSlices"),
     )
@@ -696,6 +698,16 @@ def _first_of_each_other_vector(ds: Dataset, vectors: list[str], n: int
     return kept, None if slice_numbers is None else slice_numbers[kept]
 
 
+def _imager_spacing(ds: Dataset, source: "_Source") -> tuple[float, float] | None:
+    """A radiograph's ImagerPixelSpacing when it has no PixelSpacing (CR, DX): measured at
+    the detector, so a little larger than in the patient (the beam diverges); said."""
+    spacing = _spacing_pair(ds.get("ImagerPixelSpacing"))
+    if spacing is not None:
+        source.spacing_note = ("pixel spacing taken from ImagerPixelSpacing (at the detector:"
+                               " sizes in the patient are a little smaller)")
+    return spacing
+
+
 def _normal(orientation: np.ndarray) -> np.ndarray:
     row, col = _unit(orientation[:3]), _unit(orientation[3:])
     return _cross_unit(row, col)
@@ -740,6 +752,7 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     frames = _without_other_sizes(frames, path, warns)
     _check_stackable(frames, path)
     warns.extend(dict.fromkeys(f.source.frame_note for f in frames if f.source.frame_note))
+    warns.extend(dict.fromkeys(f.source.spacing_note for f in frames if f.source.spacing_note))
     frames, keys, axes = _sort(frames, path, warns)
     first = frames[0]
     steps = np.diff(keys) if keys is not None else np.array([])
