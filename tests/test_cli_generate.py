@@ -145,5 +145,5 @@ def test_a_negative_thread_count_is_refused_as_the_arguments_are_read(tmp_path, 
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--threads", "-3"])
     assert exit_.value.code == 2
-    assert "argument --threads: must be 0 or more" in capsys.readouterr().err
+    assert "argument --threads: expected a whole number, 0 or more" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]

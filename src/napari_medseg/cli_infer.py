@@ -32,13 +32,17 @@ DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "cla
 def threads_arg(text: str) -> int:
     """``--threads``: a whole number, 0 or more (0: leave torch's own setting); refused as
     the arguments are read, for every command (one that ran no model took -3 in silence)."""
+    return _int_at_least(text, 0, "a whole number, 0 or more (0: torch's own setting)")
+
+
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
-        n = int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (0: torch's own setting), got {n}")
-    return n
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
 
 
 def _bundled(command: str) -> str:
@@ -272,13 +276,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def _common(p: argparse.ArgumentParser, command: str, precision: bool = True) -> None:
