@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' reference placement
+
+from _common import emit  # noqa: E402
 
 
 def timed(fn):
@@ -68,10 +69,7 @@ def main() -> None:
                                         "speed_up": round((count_s + unique_s) / count_s, 2),
                                         "values": values.tolist()},
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
