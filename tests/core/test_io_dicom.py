@@ -1429,8 +1429,8 @@ def test_frames_that_step_through_time_are_not_stacked_as_slices(tmp_path):
 
     assert vol.shape == (1, 4, 5)
     np.testing.assert_array_equal(vol.array[0], 0)
-    assert any("frames are time points (they step through FrameTime), not slices: only the "
-               "first is opened" in w for w in vol.metadata["warnings"])
+    assert any("frames are not slices (they step through FrameTime): only the first is "
+               "opened" in w for w in vol.metadata["warnings"])
 
 
 def test_gated_frames_keep_the_first_gate_placed_by_their_slice_numbers(tmp_path):
@@ -1489,3 +1489,12 @@ def test_a_radiograph_without_pixel_spacing_takes_its_imager_pixel_spacing(tmp_p
     assert vol.spacing[1:] == pytest.approx((0.15, 0.2))
     assert any("ImagerPixelSpacing" in w for w in vol.metadata["warnings"])
     assert not any("pixel spacing unknown" in w for w in vol.metadata["warnings"])
+
+
+def test_frames_whose_pointer_names_their_offsets_are_still_stacked_by_step(tmp_path):
+    """A pointer naming a spatial vector the file lacks is no time series."""
+    path = _nm_frames(tmp_path, 3, ["GridFrameOffsetVector"])
+
+    vol = read_dicom(path)
+
+    assert vol.shape == (3, 4, 5) and vol.spacing[0] == 4.0

@@ -629,12 +629,12 @@ def _frames_of(source: _Source) -> list[_Frame]:
     offsets = _vector(ds.get("GridFrameOffsetVector"), n) if "GridFrameOffsetVector" in ds else None
     steps_through = _frame_increments(ds)
     kept = list(range(n))
-    if offsets is None and steps_through and "SliceVector" not in steps_through:
-        # frames that step through time only (a cine loop): stacked one slice step apart,
-        # ten time points opened as ten slices of a made-up volume
-        source.frame_note = (f"the file's {n} frames are time points (they step through "
-                             f"{', '.join(steps_through)}), not slices: only the first is "
-                             "opened")
+    if offsets is None and steps_through and set(steps_through) <= _NOT_SLICE_STEPS:
+        # frames that step through time (a cine loop) or projection angles, not space:
+        # stacked one slice step apart, ten time points opened as ten slices of a
+        # made-up volume
+        source.frame_note = (f"the file's {n} frames are not slices (they step through "
+                             f"{', '.join(steps_through)}): only the first is opened")
         return [_Frame(**shared, index=0, order=0.0, position=position)]
     if offsets is None and "SliceVector" in steps_through:
         # NM tomography: frames step through slices and, gated or dynamic, also through
@@ -664,6 +664,14 @@ def _frames_of(source: _Source) -> list[_Frame]:
         # Offsets are relative to the first frame whether the vector starts at 0 or not.
         positions = [position + (o - offsets[0]) * normal for o in offsets]
     return [_Frame(**shared, index=i, order=float(i), position=positions[i]) for i in kept]
+
+
+#: what FrameIncrementPointer may name that does not step through space: time, the
+#: cardiac cycle, a SPECT camera's angles (their frames are no slices of a volume)
+_NOT_SLICE_STEPS = frozenset({
+    "FrameTime", "FrameTimeVector", "TimeSlotVector", "TimeSliceVector", "RRIntervalVector",
+    "PhaseVector", "RotationVector", "AngularViewVector", "EnergyWindowVector",
+    "DetectorVector", "ActualFrameDuration"})
 
 
 def _frame_increments(ds: Dataset) -> list[str]:
