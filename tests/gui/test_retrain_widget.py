@@ -117,6 +117,22 @@ def test_paint_retrain_repredict_undo_versions(scene, qtbot):
     np.testing.assert_array_equal(labels.data[[2, 5]], before[[2, 5]])
 
 
+def test_a_refused_repredict_leaves_the_version_in_use(scene, qtbot):
+    """'Re-predict with it' made the picked version the one in use before it checked
+    its input: a refused click (no image) still switched versions, so the next round
+    trained from a version the user never predicted with."""
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 3, phantom.labels)
+    widget._run.clicked.emit()  # v1, in use
+    _wait(widget, qtbot)
+    assert widget._history.current == 1
+    widget._versions.value = 0
+    widget._image.value = None
+    widget._predict.clicked.emit()
+    assert widget._worker is None
+    assert widget._history.current == 1
+
+
 def test_cancel_leaves_versions_and_layer_unchanged(scene, qtbot):
     viewer, image, labels, widget, phantom = scene
     _paint_slice(labels, 3, phantom.labels)

@@ -747,15 +747,16 @@ class _RetrainBase(Container):
         )
 
     def _on_predict(self) -> None:
+        inputs = self._inputs_for_a_button(False)
+        if inputs is None:  # refused: the version in use stays the one in use
+            return
+        image, layer, volume, _annotation, source = inputs
         # the version picked in the list, as Save takes it (it predicted with the version
         # in use, whatever the list showed): picking and predicting makes it the one in use
         if (self._history is not None and self._versions.value is not None
                 and int(self._versions.value) != self._history.current):
             self._on_revert()
-        inputs = self._inputs_for_a_button(False)
-        if inputs is None:
-            return
-        image, layer, volume, _annotation, source = inputs
+            source = (self._history, self._history.current)
         number = 0 if self._history is None else self._history.current
         self._start(self._predict_job, volume, source, description=f"{self.task.capitalize()} with v{number}",
                     on_result=lambda out, seen=self._placement(image, layer): self._on_predicted(
