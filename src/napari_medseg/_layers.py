@@ -271,6 +271,16 @@ def segmentation_layer_data(result: Any, image_layer: Any, provenance: dict[str,
     return (labels, kwargs, "labels")
 
 
+def detection_labels(scores: np.ndarray, diameters: np.ndarray) -> np.ndarray:
+    """The text shown by each point of a detection layer: its score and size, or what
+    :func:`mark_added_points` calls a point the user placed (no score)."""
+    # object dtype: with no detections an empty list would make a float column, which
+    # then cannot take the "added" default
+    return np.asarray([f"{s:.2f} · {d:.0f} mm" if s == s else
+                       (ADDED_LABEL if d != d else MOVED_LABEL)
+                       for s, d in zip(scores, diameters)], dtype=object)
+
+
 def detection_layer_data(
     result: Any, image_layer: Any, provenance: dict[str, Any], threshold: float
 ) -> tuple:
@@ -282,18 +292,14 @@ def detection_layer_data(
     centers, scores, diameters = rows[:, :3], rows[:, 3], rows[:, 4]
     if image_layer.ndim == 2:
         centers = centers[:, 1:]
-    # object dtype: with no detections an empty list would make a float column, which
-    # then cannot take the "added" default below
-    labels = np.asarray([f"{s:.2f} · {d:.0f} mm" for s, d in zip(scores, diameters)], dtype=object)
+    labels = detection_labels(scores, diameters)
     kwargs = {
         **_points_kwargs(
             f"{image_layer.name} lesions ({provenance['model']})", diameters,
             scale_mm(image_layer),
             {"score": scores, "label": labels}, "{label}",
         ),
-        # a point the user adds has no score (not a detection's, as napari would copy) and
-        # no diameter (retraining takes 10 mm)
-        "feature_defaults": {"diameter_mm": np.nan, "score": np.nan, "label": ADDED_LABEL},
+        "feature_defaults": dict(ADDED_POINT_FEATURES),
         **_like_layer(image_layer),
         "shown": at_or_above(scores, threshold),
         "metadata": _result_metadata(provenance, threshold=threshold),
@@ -303,6 +309,9 @@ def detection_layer_data(
 
 ADDED_LABEL = "added"
 MOVED_LABEL = "moved"
+# a point the user adds to a detection layer has no score (not a detection's, as napari
+# would copy) and no diameter (retraining takes 10 mm)
+ADDED_POINT_FEATURES = {"diameter_mm": np.nan, "score": np.nan, "label": ADDED_LABEL}
 
 
 def row_keys(points: Any) -> list[tuple]:

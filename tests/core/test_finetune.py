@@ -678,6 +678,15 @@ def test_a_session_whose_points_and_diameters_disagree_is_refused(tmp_path):
                                         diameters=np.full(2, 8.0), shown=np.ones(3, bool)))
     with pytest.raises(MedsegInputError, match="shown flags do not fit"):
         load_session(bad)
+    assert load_session(flags).scores is None  # no score column: none saved
+    save_session(flags, AnnotationSession("ct", (4, 8, 8), points=np.zeros((2, 3)),
+                                          diameters=np.full(2, 8.0), scores=np.array([0.5, np.nan])))
+    np.testing.assert_array_equal(load_session(flags).scores, [0.5, np.nan])
+    for scores in (np.ones(3), np.array(["0.5", "x"])):
+        save_session(bad, AnnotationSession("ct", (4, 8, 8), points=np.zeros((2, 3)),
+                                            diameters=np.full(2, 8.0), scores=scores))
+        with pytest.raises(MedsegInputError, match="scores do not fit"):
+            load_session(bad)
 
 
 def test_a_round_draws_from_its_own_seeded_state_whatever_runs_between_its_steps(phantom):

@@ -223,6 +223,29 @@ def _weak_detections_layer(viewer, image):
     return layer
 
 
+def test_a_restored_detection_layer_keeps_scores_and_labels(make_napari_viewer, scene):
+    """A restored detection layer kept only the diameters: every point lost its score
+    and its text, and the weak (hidden) detections could no longer be told apart."""
+    viewer, image, _, widget = scene
+    layer = _weak_detections_layer(viewer, image)
+    widget._layer_pick.value = layer
+    layer.selected_data = {0}
+    layer._move(layer.selected_data, [2.0, 42.0, 40.0])  # the user's now: no score
+    layer.add([4.0, 30.0, 30.0])
+    widget2 = _restored_elsewhere(make_napari_viewer, image, widget)
+    restored = widget2._layer_pick.value
+    np.testing.assert_allclose(restored.data, layer.data)
+    np.testing.assert_array_equal(restored.features["score"].to_numpy(),
+                                  [np.nan, 0.2, 0.1, 0.3, np.nan])
+    assert list(restored.features["label"]) == ["moved", "0.20 · 6 mm", "0.10 · 6 mm",
+                                                "0.30 · 6 mm", "added"]
+    assert list(restored.shown) == list(layer.shown)
+    restored.selected_data = {1}
+    restored.add([5.0, 50.0, 50.0])  # not the selected weak detection's score
+    assert np.isnan(restored.features["score"].iloc[-1])
+    assert restored.features["label"].iloc[-1] == "added"
+
+
 def test_setting_a_detection_layers_data_marks_only_the_moved_point(scene):
     """napari names every row when a script sets the whole data: every weak detection was
     marked "moved" and shown, then trained on as a lesion of the reviewed slice."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from napari.utils.notifications import show_warning
 
-from .._layers import (_like_layer, detection_layer_data, marker_sizes, scale_mm,
-                       unmatched_rows, watch_detection_edits)
+from .._layers import (ADDED_POINT_FEATURES, _like_layer, _points_kwargs, detection_labels,
+                       detection_layer_data, marker_sizes, scale_mm, unmatched_rows,
+                       watch_detection_edits)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix
 from ..core.finetune import check_points, finetune_detector
@@ -163,8 +164,11 @@ class RetrainDetectorWidget(_RetrainBase):
         # every point, hidden ones too (a weak detection hidden by the threshold now may
         # be shown later): the autosave must give back the layer as it was
         points, diam = self._points_on_image(layer, image, every=True)
+        scores = None
+        if "score" in layer.features.columns and len(layer.features) == len(points):
+            scores = np.asarray(layer.features["score"], dtype=float)
         return AnnotationSession(image_name=image.name, shape=tuple(image.data.shape),
-                                 points=points, diameters=diam,
+                                 points=points, diameters=diam, scores=scores,
                                  shown=np.asarray(layer.shown, dtype=bool).reshape(-1).copy(),
                                  image_fingerprint=self._fingerprint(image))
 
@@ -173,11 +177,19 @@ class RetrainDetectorWidget(_RetrainBase):
         diam = np.asarray(session.diameters, dtype=float)  # NaN: unknown, stays unknown
         shown = (np.ones(len(points), dtype=bool) if session.shown is None
                  else np.asarray(session.shown, dtype=bool))
+        name = f"{image.name} lesion points (restored {session.saved_at})"
+        if session.scores is None:
+            return self._viewer.add_points(
+                points, name=name, border_color="lime", face_color="transparent",
+                size=marker_sizes(diam, scale_mm(image)) if len(points) else 8,
+                shown=shown, features={"diameter_mm": diam}, **_like_layer(image))
+        # a detection layer: as Detect made it, each point with its score and text
+        scores = np.asarray(session.scores, dtype=float)
+        kwargs = _points_kwargs(name, diam, scale_mm(image), {
+            "score": scores, "label": detection_labels(scores, diam)}, "{label}")
         return self._viewer.add_points(
-            points, name=f"{image.name} lesion points (restored {session.saved_at})",
-            border_color="lime", face_color="transparent",
-            size=marker_sizes(diam, scale_mm(image)) if len(points) else 8,
-            shown=shown, features={"diameter_mm": diam}, **_like_layer(image))
+            points, shown=shown, **kwargs, **_like_layer(image),
+            feature_defaults=dict(ADDED_POINT_FEATURES))
 
     @staticmethod
     def _finetune(volume, model, card, annotation, slices, seconds, version, names,

@@ -122,6 +122,9 @@ class AnnotationSession:
     image_fingerprint: str = ""
     saved_epoch: float = 0.0
     shown: np.ndarray | None = None  # points: False for a detection hidden below the threshold
+    # points: a detection's score, NaN for a point the user placed (absent: no scores);
+    # without it a restored detection layer lost its labels and its weak points
+    scores: np.ndarray | None = None
     # labels: value → structure name as the layer showed them (a structure the user named
     # that the model does not know would otherwise come back unnamed)
     label_names: dict[int, str] | None = None
@@ -135,7 +138,8 @@ class AnnotationSession:
         return "labels" if self.labels is not None else "points"
 
     def arrays(self) -> dict[str, np.ndarray | SliceStack]:
-        names = ("labels",) if self.labels is not None else ("points", "diameters", "shown")
+        names = (("labels",) if self.labels is not None
+                 else ("points", "diameters", "shown", "scores"))
         out = {n: (v if isinstance(v, SliceStack) else np.ascontiguousarray(v))
                for n in names if (v := getattr(self, n)) is not None}
         if not out:
@@ -279,11 +283,15 @@ def load_session(folder: str | Path) -> AnnotationSession:
     if shown is not None and (points is None or shown.shape != (len(points),)
                               or shown.dtype != np.bool_):
         raise MedsegInputError("autosave points and their shown flags do not fit together", folder)
+    scores = arrays.get("scores")  # absent from autosaves before 2026-12-05
+    if scores is not None and (points is None or scores.shape != (len(points),)
+                               or scores.dtype.kind != "f"):
+        raise MedsegInputError("autosave points and their scores do not fit together", folder)
     return AnnotationSession(
         image_name=str(meta.get("image_name", "")), shape=shape, labels=labels,
         edited=lists["edited"], checked=lists["checked"], excluded=lists["excluded"],
         saved_at=str(meta.get("saved_at", "")),
-        points=points, diameters=diameters, shown=shown,
+        points=points, diameters=diameters, shown=shown, scores=scores,
         image_fingerprint=str(meta.get("image_fingerprint", "")),
         saved_epoch=saved_epoch(folder, meta),
         label_names=label_names or None,
