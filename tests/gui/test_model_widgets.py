@@ -1095,3 +1095,29 @@ def test_a_slice_the_slider_grid_cannot_reach_is_said_for_what_it_is(make_napari
     said = _messages_since(start, "warning")
     assert len(said) == 1 and "slice 11 of 'CT' cannot be shown" in said[0]
     assert "rotated" not in said[0] and "steps by 2 from 0" in said[0]
+
+
+def test_classify_result_says_which_image_it_belongs_to(make_napari_viewer, qtbot, random_models,
+                                                         small_phantom):
+    """Classify adds no layer: after another image was picked (and its run cancelled),
+    the widget went on showing the first image's classes with nothing naming it."""
+    viewer = make_napari_viewer()
+    spacing = small_phantom.volume.spacing
+    first = viewer.add_image(small_phantom.volume.array.copy(), scale=spacing, name="patient A")
+    second = viewer.add_image(small_phantom.volume.array[::-1].copy(), scale=spacing,
+                              name="patient B")
+    widget = ClassifyWidget(viewer)
+    _select(widget, first, random_models["SliceClassifier"])
+    _run_and_wait(widget, qtbot)
+    model = random_models["SliceClassifier"]
+    import json
+    name = json.loads(open(model).read())["name"]
+    assert widget._current.value.endswith(f"(of 'patient A' by {name})")
+    assert "'patient A'" in widget._strip.toolTip()
+    widget._image.value = second
+    widget._run.clicked.emit()
+    widget._cancel.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    viewer.dims.set_point(0, second.data_to_world([2, 0, 0])[0])
+    assert widget._current.value.startswith("Slice 2:")
+    assert widget._current.value.endswith("(of 'patient A' by " + name + ")")

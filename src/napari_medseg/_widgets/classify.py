@@ -69,6 +69,12 @@ class ClassifyWidget(ModelRunWidget):
         flag = names.index(FLAG_CLASS) if FLAG_CLASS in names else len(names) - 1
         flagged = result.predicted == flag
         self._strip.set_values(result.probabilities[:, flag], flagged)
+        self._strip.setToolTip(f"Probability of '{names[flag]}' per slice of "
+                               f"'{image_layer.name}' (click to go to a slice)")
+        self._goto.label = f"{names[flag].capitalize()} slices"
+        # said under every slice's classes: no layer holds them, and the image picker
+        # (another image, picked for the next run) does not name what they belong to
+        self._source_line = f"of '{image_layer.name}' by {card.get('name', 'the model')}"
         with self._goto.changed.blocked():
             self._goto_items = [
                 (f"slice {z} · p={result.probabilities[z, flag]:.2f}", int(z))
@@ -122,13 +128,14 @@ class ClassifyWidget(ModelRunWidget):
         z = self._slice_index()
         self._strip.set_current(z)
         if not 0 <= z < len(result.predicted):
-            self._current.value = "Current slice: outside the classified image"
-            return
-        if result.predicted[z] < 0:
-            self._current.value = f"Slice {z}: missing (not classified)"
-            return
-        probs = ", ".join(f"{n} {p:.2f}" for n, p in zip(result.class_names, result.probabilities[z]))
-        self._current.value = f"Slice {z}: {result.class_names[result.predicted[z]]}\n{probs}"
+            text = "Current slice: outside the classified image"
+        elif result.predicted[z] < 0:
+            text = f"Slice {z}: missing (not classified)"
+        else:
+            probs = ", ".join(f"{n} {p:.2f}"
+                              for n, p in zip(result.class_names, result.probabilities[z]))
+            text = f"Slice {z}: {result.class_names[result.predicted[z]]}\n{probs}"
+        self._current.value = f"{text}\n({self._source_line})"
 
     def _clear_goto(self) -> None:
         with self._goto.changed.blocked():  # its entries would name the old slices
