@@ -133,6 +133,38 @@ def test_info_bad_input_is_one_line_on_stderr(tmp_path, capsys, content, name, m
     assert "\n" not in err and "Traceback" not in err
 
 
+def test_info_of_an_empty_path_is_refused_and_of_dot_names_the_folder(tmp_path, capsys,
+                                                                      monkeypatch):
+    """An empty input (an unset $SCAN) read the working folder in silence and reported
+    whatever series lay there; "." was reported as an input with no name."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.float32))
+    monkeypatch.chdir(tmp_path)
+    for command in (["info", ""], ["segment", " ", str(tmp_path / "out.nii.gz")]):
+        assert main(command) == 2
+        assert "the input path is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out.nii.gz").exists()
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "1.dcm")
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("PWD", str(folder))
+    assert main(["info", "."]) == 0
+    assert "input:    series\n" in capsys.readouterr().out
+
+
+def test_info_json_of_a_volume_with_no_voxel_measured_is_json():
+    from napari_medseg.core.volume import Volume
+
+    missing = np.ones(2, bool)
+    summary = Volume(np.full((2, 4, 4), np.nan, np.float32), missing=missing).summary()
+    assert summary["value_range"] == [None, None]
+    json.loads(json.dumps(summary, allow_nan=False))
+
+
 def test_info_4d_npy_is_refused(tmp_path, capsys):
     np.save(tmp_path / "t.npy", np.zeros((2, 3, 4, 5)))
     assert main(["info", str(tmp_path / "t.npy")]) == 2

@@ -133,7 +133,7 @@ def _write_phantom(out: Path, phantom) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .core.io import LabelMap, read_scan_or_labels
+    from .core.io import LabelMap, named_path, read_scan_or_labels
 
     read = read_scan_or_labels(args.input)  # as napari opens it: a label map has no window
     labels = read if isinstance(read, LabelMap) else None
@@ -148,20 +148,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     vmin, vmax = summary["value_range"]
     missing = summary["missing_slices"]
-    print(f"input:    {Path(args.input).name}")
+    print(f"input:    {named_path(args.input).name}")  # "." named as the folder it is
     print(f"shape:    {summary['shape_zyx']} (z, y, x)")
     print(f"spacing:  {summary['spacing_mm_zyx']} mm (z, y, x)")
     print(f"origin:   {summary['origin_mm_zyx']} mm (z, y, x)")
     print(f"modality: {summary['modality']}")
     hu = " HU" if summary["modality"] == "CT" else ""
-    print(f"values:   {vmin:g} .. {vmax:g}{hu}")
+    print(f"values:   {vmin:g} .. {vmax:g}{hu}" if vmin is not None
+          else "values:   none (no voxel measured)")
     if "label_map" in summary:  # opened as a Labels layer: structures, not a window
         named = [f"{v} {n}".strip() for v, n in summary["label_map"].items()]
         print(f"labels:   {len(named)} structures: {', '.join(named) or 'none'}")
     else:
         low, high = summary["window"]
         print(f"window:   {low:g} .. {high:g}{hu} (what napari-medseg opens it in)")
-    planes = volume.metadata.get("missing_planes")  # a turned coronal / sagittal series'
+    planes = summary.get("missing_planes")  # a turned coronal / sagittal series'
     if planes:
         print(f"gaps:     {len(planes['indices'])} missing planes along {planes['axis']}"
               f" {planes['indices']}")

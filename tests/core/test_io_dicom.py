@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -1224,6 +1225,10 @@ def test_a_turned_series_says_its_gaps_where_they_now_lie(tmp_path, iop, axis, c
     capsys.readouterr()
     assert main(["info", str(tmp_path)]) == 0  # it said "gaps: none"
     assert "gaps:     2 missing planes along y [3, 4]" in capsys.readouterr().out
+    assert main(["info", "--json", str(tmp_path)]) == 0  # it said no gap at all
+    said = json.loads(capsys.readouterr().out)
+    assert said["missing_slices"] == [] and said["missing_planes"] == {"axis": "y",
+                                                                     "indices": [3, 4]}
     assert len(gaps) == 1 and "NaN planes at y=3–4" in gaps[0]
     assert np.isnan(vol.array[:, [3, 4]]).all() and not np.isnan(vol.array[:, [0, 1, 2, 5]]).any()
 

@@ -207,8 +207,9 @@ class Volume:
         """What ``napari-medseg info`` prints: geometry and ranges, never identifiers."""
         try:
             vmin, vmax = self.value_range()
-        except MedsegInputError:
-            vmin = vmax = float("nan")
+        except MedsegInputError:  # no voxel measured: null in JSON (NaN is not JSON)
+            vmin = vmax = None
+        planes = self.metadata.get("missing_planes")
         return {
             "shape_zyx": list(self.shape),
             "spacing_mm_zyx": [round(s, 4) for s in self.spacing],
@@ -216,6 +217,8 @@ class Volume:
             "modality": self.modality,
             "value_range": [vmin, vmax],
             "missing_slices": self.missing_slices(),
+            # a coronal / sagittal series' gaps lie along y or x: no slice is missing
+            **({"missing_planes": planes} if planes else {}),
             "window": [round(float(v), 4) for v in self.display_window()],
             # what the source says of the acquisition (series, scanner, slice thickness …),
             # as the Volume info widget lists it; only SAFE_METADATA_KEYS are ever kept

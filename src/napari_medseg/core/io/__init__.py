@@ -98,7 +98,11 @@ def is_supported_path(path: str | Path) -> bool:
 def named_path(path: str | Path) -> Path:
     """``path`` with a name to show: "." or ".." (a folder opened from inside it) have none.
     They are taken from the shell's working folder ($PWD) when that is where we are, so a
-    folder reached through a link keeps the name the user sees, not its target's."""
+    folder reached through a link keeps the name the user sees, not its target's. An
+    empty path (an unset $SCAN) is refused: Path("") is the working folder, which was
+    searched for a series in silence."""
+    if not str(path).strip():
+        raise MedsegInputError("the input path is empty; give a file or folder to read")
     path = Path(path).expanduser()
     if path.name not in ("", ".", ".."):
         return path
