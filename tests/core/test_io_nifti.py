@@ -502,6 +502,7 @@ def test_what_nibabel_repairs_in_a_header_is_a_warning_not_a_stray_line(tmp_path
     capfd.readouterr()
     volume = read_volume(path)
     assert capfd.readouterr().err == ""
+    assert "orientation" not in volume.metadata  # the header gives none: none is said
     assert any("pixdim[1,2,3] should be non-zero" in w for w in volume.metadata["warnings"])
     assert volume.spacing == (1.0, 1.0, 1.0)
     assert logging.getLogger("nibabel.global").handlers  # nibabel's own handler is back
@@ -615,6 +616,9 @@ def test_one_coronal_or_sagittal_plane_stays_one_plane_and_the_models_refuse_it(
     assert vol.shape == (1, 30, 40) and non_axial_plane(vol) == plane
     axes = np.asarray(vol.metadata["axes_lps"])
     assert axes[1, 2] == pytest.approx(-1.0)  # rows run inferior: the head at the top
+    # as the DICOM reader names such a plane (it was "LPS", the turned volumes' layout)
+    assert vol.metadata["orientation"] == {"coronal": "LIP", "sagittal": "PIL"}[plane]
+    assert "-0.0" not in str(vol.metadata["axes_lps"])
     for idx in [(0, 0, 0), (0, 29, 39), (0, 7, 3)]:
         lps = axes.T @ (np.asarray(vol.origin) + np.asarray(idx) * np.asarray(vol.spacing))
         ijk = np.linalg.solve(affine, [*(lps * [-1.0, -1.0, 1.0]), 1.0])[:3]

@@ -38,6 +38,7 @@ from nibabel.orientations import (
 from ..errors import MedsegInputError
 from ..volume import Volume
 from ._common import (
+    axis_code,
     guess_modality,
     label_map_values,
     link_target,
@@ -217,7 +218,9 @@ def _read(path: str | Path, want_labels: bool = True
                      "non-finite matrix); its qform is used")
     else:
         warns += _forms_disagree(img.header, shape)
-    if _no_orientation(img.header):
+    # the axes' patient directions are what the header says, unless it says none
+    oriented = not _no_orientation(img.header)
+    if not oriented:
         warns.append("the header gives no orientation (qform and sform codes 0): left-right "
                      "and position unknown; axes taken as stored, origin at the centre")
     affine = np.array(affine, dtype=float)
@@ -232,6 +235,7 @@ def _read(path: str | Path, want_labels: bool = True
         zooms = np.asarray(img.header.get_zooms()[:3], dtype=float) * (to_mm or 1.0)
         zooms = np.pad(zooms, (0, 3 - len(zooms)), constant_values=1.0)
         affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # stored axes as L, P, S (in RAS terms)
+        oriented = False
         usable = bool(np.all(np.isfinite(zooms) & (zooms > 0)))
         if usable:
             affine[:3, :3] *= zooms
@@ -245,6 +249,7 @@ def _read(path: str | Path, want_labels: bool = True
     if np.isnan(ornt).any():  # degenerate affine: no direction to reorient by
         warns.append("the header's orientation is invalid; axes taken as stored")
         ornt = _LPS
+        oriented = False
     transform = ornt_transform(ornt, _LPS)
     data = apply_orientation(data, transform)
     affine = affine @ inv_ornt_aff(transform, shape if len(shape) == 3 else shape + (1,))
@@ -299,8 +304,11 @@ def _read(path: str | Path, want_labels: bool = True
                 "source_format": "nifti",
                 "source_name": source_name(path),
                 "n_files": 1,
-                "orientation": "LPS",
-                **({"axes_lps": np.round(axes_zyx, 6).tolist()}
+                # turned to L, P, S, except one plane kept as acquired (a coronal one)
+                **({"orientation": "".join(axis_code(a) for a in axes_zyx[::-1])}
+                   if oriented else {}),
+                # + 0.0: a flipped axis's zeros are -0.0, shown as such in Info and the CLI
+                **({"axes_lps": (np.round(axes_zyx, 6) + 0.0).tolist()}
                    if abs(np.linalg.det(axes_zyx)) > 1e-3 else {}),
                 "warnings": warns,
                 **({"synthetic_slices": synthetic} if synthetic else {}),
