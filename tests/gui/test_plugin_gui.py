@@ -396,6 +396,27 @@ def test_info_lists_the_slices_the_models_call_missing_and_follows_the_layer(mak
     assert "Modality: MR" in info._text.value
 
 
+def test_info_reads_the_volume_again_only_when_its_data_change(make_napari_viewer, monkeypatch):
+    """Every contrast step of a slider drag re-read the whole volume for empty slices
+    (24 ms a step on a 512² × 200 CT)."""
+    from napari_medseg._widgets import info as info_module
+
+    viewer = make_napari_viewer()
+    data = np.zeros((4, 8, 8), np.float32)
+    image = viewer.add_image(data, name="ct")
+    widget = info_module.VolumeInfoWidget(viewer)
+    reads = []
+    real = info_module._empty_slices
+    monkeypatch.setattr(info_module, "_empty_slices", lambda layer: reads.append(1) or real(layer))
+    for high in (0.5, 0.6, 0.7):
+        image.contrast_limits = (0.0, high)
+    assert "Contrast window: (0.0, 0.7)" in widget._text.value and reads == []
+    emptied = data.copy()
+    emptied[1] = np.nan
+    image.data = emptied
+    assert reads and "Missing slices: 1" in widget._text.value.splitlines()
+
+
 def test_a_refused_input_is_a_notification_not_a_logged_traceback(make_napari_viewer, qtbot, caplog):
     import logging
 

@@ -45,9 +45,10 @@ def _provenance(medseg: dict) -> list[str]:
     return lines
 
 
-def describe_layer(layer) -> str:
+def describe_layer(layer, missing: list[int] | None = None) -> str:
     """Plain-text summary of an image or labels layer: shape, spacing, window, gaps,
-    how a result was made, warnings."""
+    how a result was made, warnings. ``missing``: :func:`missing_slices` of the layer
+    when the caller kept it (finding it reads the whole volume)."""
     if layer is None:
         return "No image or labels layer open."
     medseg = layer.metadata.get("medseg", {})
@@ -70,7 +71,8 @@ def describe_layer(layer) -> str:
         lines.append(f"Modality: {medseg.get('modality', 'unknown (not opened by napari-medseg)')}")
     if hasattr(layer, "contrast_limits"):
         lines.append(f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}")
-    missing = sorted({int(z) for z in _recorded_missing(layer, medseg)} | _empty_slices(layer))
+    if missing is None:
+        missing = missing_slices(layer)
     lines.append(f"Missing slices: {', '.join(map(str, missing)) if missing else 'none'}")
     unlabelled = medseg.get("unlabelled_slices")  # a result's slices a model did not label
     if unlabelled:
@@ -91,6 +93,13 @@ def describe_layer(layer) -> str:
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
     return "\n".join(lines)
+
+
+def missing_slices(layer) -> list[int]:
+    """The slices the models take as missing: recorded gaps that still fit the data,
+    and slices with no finite voxel."""
+    medseg = layer.metadata.get("medseg", {})
+    return sorted({int(z) for z in _recorded_missing(layer, medseg)} | _empty_slices(layer))
 
 
 def _recorded_missing(layer, medseg: dict) -> list:
@@ -120,6 +129,9 @@ def _empty_slices(layer) -> set[int]:
 #: the picked layer's events that change what this widget shows
 WATCHED_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units",
                   "contrast_limits", "metadata")
+#: those after which the missing slices may differ (the others only re-render: a
+#: contrast slider drag re-read a whole CT volume at every step, 24 ms each at 512² × 200)
+CONTENT_EVENTS = ("data", "metadata")
 
 
 class VolumeInfoWidget(Container):
@@ -134,6 +146,7 @@ class VolumeInfoWidget(Container):
         self._text.min_height = 260  # room for geometry, gaps and warnings without scrolling
         super().__init__(widgets=[self._layer, self._text])
         self._watched = None  # the layer whose events refresh the text
+        self._missing: list[int] | None = None  # its missing slices, while its data stay
         self._layer.changed.connect(self._refresh)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
@@ -156,10 +169,19 @@ class VolumeInfoWidget(Container):
             connect_layer_events(self._watched, WATCHED_EVENTS, self._on_layer_event, False)
             connect_layer_events(layer, WATCHED_EVENTS, self._on_layer_event)
             self._watched = layer
-        self._text.value = describe_layer(layer)
+        self._missing = None
+        self._describe()
 
-    def _on_layer_event(self, _event=None) -> None:
+    def _describe(self) -> None:
+        layer = self._watched
+        if self._missing is None and layer is not None:
+            self._missing = missing_slices(layer)
+        self._text.value = describe_layer(layer, self._missing)
+
+    def _on_layer_event(self, event=None) -> None:
+        if event is None or getattr(event, "type", None) in CONTENT_EVENTS:
+            self._missing = None
         try:
-            self._text.value = describe_layer(self._watched)
+            self._describe()
         except RuntimeError:  # the viewer was closed: its Qt widgets are gone
             pass
