@@ -1064,6 +1064,21 @@ def test_rescale_tags_odd_or_alone(tmp_path, tags, expect):
     assert_clean_error(info.value, path)
 
 
+def test_a_ct_without_rescale_tags_is_said_to_be_taken_as_stored(tmp_path):
+    """Both tags dropped (an anonymiser, a converter): stored values, often HU + 1024,
+    were called HU, and the models read them so with no word said."""
+    path = tmp_path / "one.dcm"
+    write_ct_slice(path, 3.0, series_uid="1.2.8", instance=1)
+    said = "CT without a rescale slope or intercept: values taken as stored"
+    assert not any(said in w for w in read_dicom(path).metadata["warnings"])
+    ds = pydicom.dcmread(path)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    _save(ds, path)
+    volume = read_dicom(path)
+    assert any(w.startswith(said) for w in volume.metadata["warnings"])
+    np.testing.assert_allclose(volume.array[0], (expected_hu(3.0) + 1024.0) / 2.0)
+
+
 def test_a_named_pipe_in_a_folder_does_not_hang_the_reader(tmp_path):
     import os
     import subprocess

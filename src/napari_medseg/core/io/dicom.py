@@ -813,6 +813,12 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     rescale_type = _text(header, "RescaleType") or _text_in_groups(header, "RescaleType")
     if rescale_type is None and modality == "CT":
         rescale_type = "HU"  # the CT modality LUT outputs Hounsfield units by definition
+    if modality == "CT" and first.source.frame_rescale is None and not any(
+            k in header for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence")):
+        # required in a CT image; an anonymiser or converter that drops them leaves the
+        # stored values, often HU + 1024, which the models would read as HU in silence
+        warns.append("CT without a rescale slope or intercept: values taken as stored, "
+                     "Hounsfield units only if the scanner stored them so")
     metadata = {
         "source_format": "dicom",
         "source_name": source_name(path),
