@@ -70,6 +70,7 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
         scroll.start(50)
     start = time.perf_counter()
     done_at = None
+    clicked_at = 0
     result_at: list[float] = []
     # Qt's own event loop, as in napari: between events the GUI thread sleeps in C++ with
     # the GIL released (a Python loop polling processEvents would hold it ~all the time
@@ -94,6 +95,10 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
                 return shown(*args, **kwargs)
 
             widget._on_result = on_result
+        # a tick at the click: the click's own handler (copying the layers, checking the
+        # input, starting the job) stalls the loop too, until the first tick after it
+        ticks.append(time.perf_counter())
+        clicked_at = len(ticks) - 1
         widget._run.clicked.emit()
     # started after the click: starting a job runs nested event loops (napari's progress
     # bar), where the check would find no worker yet
@@ -132,6 +137,8 @@ def measure(viewer, seconds: float | None, widget=None) -> dict:
         }
     if result_at:
         extra["seconds_to_result"] = round(result_at[0] - start, 2)
+    if widget is not None and clicked_at < len(gaps_ms):
+        extra["stall_at_click_ms"] = round(float(gaps_ms[clicked_at]), 1)
     return {
         "seconds": round((done_at or time.perf_counter()) - start, 2),
         "ticks": len(ticks),

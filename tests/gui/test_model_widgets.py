@@ -371,7 +371,7 @@ def test_the_strip_shows_missing_slices_and_a_single_slice(qtbot):
     ],
 )
 def test_bad_input_notifies_and_changes_nothing(
-    make_napari_viewer, random_models, widget_cls, make_layer, reason
+    make_napari_viewer, qtbot, random_models, widget_cls, make_layer, reason
 ):
     viewer = make_napari_viewer()
     layer = make_layer(viewer)
@@ -381,6 +381,8 @@ def test_bad_input_notifies_and_changes_nothing(
     before = layer_snapshot(viewer)
     start = len(notification_manager.records)
     widget._run.clicked.emit()
+    # what needs a pass over every voxel (NaN) is found in the worker, off napari's thread
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     errors = _messages_since(start, "error")
     assert len(errors) == 1 and reason in errors[0] and "\n" not in errors[0]
     assert [(n, k) for n, k, _ in layer_snapshot(viewer)] == [(n, k) for n, k, _ in before]

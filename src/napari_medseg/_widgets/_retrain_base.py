@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 import napari
-from magicgui.widgets import (ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar,
-                              PushButton)
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem, QSizePolicy
@@ -67,6 +66,7 @@ from ._model_widget import (
     _same_geometry,
     follow_layer_names,
     model_picker,
+    progress_bar,
     refresh_model_pickers,
     set_status,
     widget_closed,
@@ -237,7 +237,7 @@ class _RetrainBase(Container):
         curve_box = Container(labels=False)
         curve_box.native.layout().addWidget(self._curve)
         # a round's progress, here rather than in napari's activity dock (see _on_retrain)
-        self._round_progress = ProgressBar(value=0, min=0, max=100, visible=False)
+        self._round_progress = progress_bar()
         curve_box.native.layout().addWidget(self._round_progress.native)
         self._status = Label(value=f"Correct the {self.layer_kind} layer, then Retrain.")
         self._status.native.setWordWrap(True)
@@ -689,12 +689,13 @@ class _RetrainBase(Container):
     # -- running -----------------------------------------------------------------------
     def _inputs(self, need_annotations: bool):
         """Copies of the image and annotations and the training slices, checked in the
-        GUI thread so bad input gets its message before any worker starts; the model is
-        loaded in the worker (reading and hashing weights would stall the GUI)."""
+        GUI thread so bad input gets its message before any worker starts, as far as
+        that needs no pass over every voxel; the model is loaded in the worker (reading
+        and hashing weights would stall the GUI)."""
         image, layer = self._image.value, self._layer_pick.value
-        # a lazy (dask, zarr) image is read in the worker (its store's latency would freeze
-        # the GUI); the checks here then see its outline, and the core checks again on the data
-        volume = volume_from_layer(image, defer_lazy=True)
+        # the image's Volume is made in the worker (:func:`volume_from_layer`); the checks
+        # here see its outline, and the core checks again on the data
+        volume = volume_from_layer(image, defer=True)
         if not need_annotations and not self.writes_into_layer:
             # a prediction into a new layer needs only the image: the picked layer (none,
             # or one of another dimension) refused "Re-detect" for nothing
@@ -702,8 +703,7 @@ class _RetrainBase(Container):
         elif layer is None:
             raise MedsegInputError(f"no {self.layer_kind} layer picked")
         else:
-            annotation = self._snapshot(layer, image, volume_outline(image) if callable(volume)
-                                        else volume, need_annotations)
+            annotation = self._snapshot(layer, image, volume_outline(image), need_annotations)
         path = self._model.value
         if path is None:
             raise MedsegInputError(f"no {self.architecture} model found; reinstall the bundled weights")
