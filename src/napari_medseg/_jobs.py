@@ -39,11 +39,24 @@ def _reportable(exc: BaseException) -> bool:
     return not isinstance(exc, (Exception, GeneratorExit))
 
 
+def _releasable(job: Callable[..., Any], wrapper: Callable[..., Any],
+                held: list) -> Callable[..., Any]:
+    """``wrapper`` named as ``job``, holding it only in ``held``: ``wrapper.release()``
+    lets go of it. superqt's worker signals keep the function a worker was made with, and
+    napari keeps every worker for the session: a widget's method as a job kept the widget
+    (and, a Retrain widget, its model versions) after its dock was closed."""
+    functools.update_wrapper(wrapper, job)
+    del wrapper.__wrapped__
+    wrapper.release = held.clear  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _runtime_errors_raised(job: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(job)
+    held = [job]
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return (yield from job(*args, **kwargs))
+            return (yield from held[0](*args, **kwargs))
         except RuntimeError as exc:
             raise JobRuntimeError(str(exc)) from exc
         except BaseException as exc:
@@ -51,20 +64,21 @@ def _runtime_errors_raised(job: Callable[..., Any]) -> Callable[..., Any]:
                 raise JobRuntimeError(str(exc)) from exc
             raise
 
-    return wrapper
+    return _releasable(job, wrapper, held)
 
 
 def _base_exceptions_raised(job: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(job)
+    held = [job]
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return job(*args, **kwargs)
+            return held[0](*args, **kwargs)
         except BaseException as exc:
             if _reportable(exc):
                 raise JobRuntimeError(str(exc)) from exc
             raise
 
-    return wrapper
+    return _releasable(job, wrapper, held)
 
 
 def error_message(exc: BaseException) -> str:
@@ -154,6 +168,7 @@ def start_job(
         finished = callbacks.get("finished")
         callbacks.clear()
         _drop_inputs(worker)
+        job.release()
         if finished is not None:
             finished()
 

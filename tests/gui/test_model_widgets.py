@@ -1123,3 +1123,32 @@ def test_classify_result_says_which_image_it_belongs_to(make_napari_viewer, qtbo
     viewer.dims.set_point(0, second.data_to_world([2, 0, 0])[0])
     assert widget._current.value.startswith("Slice 2:")
     assert widget._current.value.endswith("(of 'patient A' by " + name + ")")
+
+
+def test_a_closed_widget_follows_the_viewer_no_more(make_napari_viewer, qtbot,
+                                                                  random_models, small_phantom):
+    """Closed with its dock's ×, a widget lived on for the viewer's life (a closure on the
+    layer list): Detect went on hiding the points the user had shown, Classify on
+    following the slider; docked again, it follows again."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing,
+                             name="ct")
+    classify, detect = ClassifyWidget(viewer), DetectWidget(viewer)
+    docks = []
+    for widget, kind in ((classify, "SliceClassifier"), (detect, "LesionDetector")):
+        docks.append(viewer.window.add_dock_widget(widget))
+        _select(widget, image, random_models[kind])
+        _run_and_wait(widget, qtbot)
+    points = detect._points
+    for dock in docks:
+        viewer.window.remove_dock_widget(dock)
+    shown = classify._current.value
+    viewer.dims.set_current_step(0, 5)
+    assert classify._current.value == shown
+    points.shown = np.ones(len(points.data), bool)  # the user shows every detection
+    points.add([3.0, 40.0, 40.0])
+    assert points.shown.all()
+    viewer.window.add_dock_widget(classify)  # docked again: it follows the viewer again
+    _run_and_wait(classify, qtbot)
+    viewer.dims.set_current_step(0, 2)
+    assert classify._current.value.startswith("Slice 2:")

@@ -726,3 +726,21 @@ def test_label_values_above_255_reopen_in_colours_of_their_own(make_napari_viewe
     (back,) = viewer.open(str(tmp_path / "c.nii.gz"), plugin="napari-medseg")
     colours = back.colormap.map(np.array([300, 301]))
     assert not np.allclose(colours[0], colours[1])
+
+
+def test_closed_info_widgets_read_no_volume(make_napari_viewer, qtbot, monkeypatch):
+    """Each Volume info widget closed with its dock's × went on re-reading the picked
+    volume at every layer added or renamed (napari opens a new one each time)."""
+    from napari_medseg._widgets import info as info_module
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 16, 16), np.float32), name="ct")
+    for _ in range(3):
+        dock, _widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Volume info")
+        viewer.window.remove_dock_widget(dock)
+    viewer.window.add_plugin_dock_widget("napari-medseg", "Volume info")
+    reads = []
+    real = info_module._empty_slices
+    monkeypatch.setattr(info_module, "_empty_slices", lambda layer: reads.append(1) or real(layer))
+    viewer.add_labels(np.zeros((4, 16, 16), np.uint8), name="labels")
+    assert len(reads) == 1

@@ -1420,3 +1420,30 @@ def test_a_stroke_undone_while_another_layer_is_picked_is_unlisted(scene):
     labels.undo()  # undone while away
     widget._labels_pick.value = labels
     assert widget.annotated_slices() == [2]
+
+
+def test_a_closed_retrain_widget_is_let_go_with_its_versions(make_napari_viewer, qtbot,
+                                                            random_models, small_phantom):
+    """Its job (napari keeps every worker, and superqt the function each ran) and a
+    closure on the layer list kept a closed widget for the viewer's life, with its model
+    versions and a whole volume's prediction (80 MB on a 300 × 512² CT)."""
+    import gc
+    import weakref
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    dock = viewer.window.add_dock_widget(widget)
+    _paint_slice(labels, 2, small_phantom.labels)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    kept, history = weakref.ref(widget._model_output[4]), weakref.ref(widget._history)
+    gone = weakref.ref(widget)
+    viewer.window.remove_dock_widget(dock)
+    assert kept() is None  # let go of at the close
+    del widget, dock
+    for _ in range(3):
+        qtbot.wait(10)
+        gc.collect()
+    assert gone() is None and history() is None

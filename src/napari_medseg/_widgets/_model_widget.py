@@ -111,12 +111,39 @@ def refresh_model_pickers() -> None:
             picker.reset_choices()
 
 
-def follow_layer_names(viewer, callback) -> None:
-    """Call ``callback`` when any layer, present or added later, is renamed: a rename
-    fires nothing on the layer list, and pickers would keep showing the old name."""
-    viewer.layers.events.inserted.connect(lambda e: e.value.events.name.connect(callback))
-    for layer in viewer.layers:
-        layer.events.name.connect(callback)
+class LayerNameFollower:
+    """Calls ``callback`` (a widget's method) when any layer, present or added later, is
+    renamed: a rename fires nothing on the layer list, and pickers would keep showing the
+    old name. The widget keeps this object; napari holds both methods weakly (a closure
+    connected to the layer list kept every widget, closed or not, for the viewer's life).
+    """
+
+    def __init__(self, viewer, callback: Callable[..., Any]):
+        self._viewer = viewer
+        self._callback = weakref.WeakMethod(callback)
+
+    def _on_inserted(self, event) -> None:
+        callback = self._callback()
+        if callback is not None:
+            event.value.events.name.connect(callback)
+
+    def connect(self, connect: bool = True) -> None:
+        """Follow the names (again); ``connect=False``: no longer."""
+        callback = self._callback()
+        if callback is None:
+            return
+        inserted = self._viewer.layers.events.inserted
+        (inserted.connect if connect else inserted.disconnect)(self._on_inserted)
+        for layer in self._viewer.layers:
+            (layer.events.name.connect if connect else layer.events.name.disconnect)(callback)
+
+
+def follow_layer_names(viewer, callback) -> LayerNameFollower:
+    """A :class:`LayerNameFollower` of ``callback``, following: keep it as long as it
+    should call."""
+    follower = LayerNameFollower(viewer, callback)
+    follower.connect()
+    return follower
 
 
 def connect_layer_events(layer, names, callback, connect: bool = True) -> None:
@@ -269,11 +296,35 @@ class ModelRunWidget(Container):
                 *self.result_widgets(),
             ]
         )
-        for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
-                      viewer.layers.events.moved):
-            event.connect(self._refresh_layers)
-        follow_layer_names(viewer, self._refresh_layers)
-        self._dock_watch = DockWatch(self, self._on_cancel)  # closed: its job stops
+        self._names = LayerNameFollower(viewer, self._refresh_layers)
+        self._connect_viewer()
+        # closed: its job stops, and it follows the viewer no more (it went on rewriting
+        # its detections layer's shown points, and re-reading volumes, until the viewer
+        # closed); docked again: it follows again
+        self._dock_watch = DockWatch(self, self._close_down, self._reopen)
+
+    def viewer_events(self) -> list[tuple[Any, Callable[..., Any]]]:
+        """(event, method) pairs of the viewer this widget follows while it is docked."""
+        layers = self._viewer.layers.events
+        return [(layers.inserted, self._refresh_layers), (layers.removed, self._refresh_layers),
+                (layers.moved, self._refresh_layers)]
+
+    def _connect_viewer(self, connect: bool = True) -> None:
+        for event, method in self.viewer_events():
+            (event.connect if connect else event.disconnect)(method)
+        self._names.connect(connect)
+
+    def _close_down(self) -> None:
+        self._on_cancel()
+        self._connect_viewer(False)
+        self.drop_result()
+
+    def _reopen(self) -> None:
+        self._connect_viewer()
+        self._refresh_layers()
+
+    def drop_result(self) -> None:
+        """Let go of the last result and the layers it follows (the dock was closed)."""
 
     # -- for subclasses ------------------------------------------------------------------
     def extra_widgets(self) -> list:

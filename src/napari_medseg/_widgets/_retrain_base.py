@@ -284,7 +284,7 @@ class _RetrainBase(Container):
         self._save.changed.connect(self._on_save)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._refresh_layers)
-        follow_layer_names(viewer, self._refresh_layers)
+        self._names = follow_layer_names(viewer, self._refresh_layers)
         self._refresh_layers()
         self._on_image_changed()
         self._track()
@@ -310,6 +310,10 @@ class _RetrainBase(Container):
             self._watched_image.events.data.disconnect(self._on_image_data)
             self._watched_image = None
         self._shut = True
+        self._model_output = None  # a whole volume's prediction, kept to speed up a round
+        for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
+            event.disconnect(self._refresh_layers)
+        self._names.connect(False)
         self._release_folders()
 
     def _release_folders(self) -> None:
@@ -330,6 +334,9 @@ class _RetrainBase(Container):
 
     def _reopen(self) -> None:
         self._shut = False
+        for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self._names.connect()
         self._refresh_layers()
         self._on_image_changed()
         self._track()

@@ -38,17 +38,26 @@ class ClassifyWidget(ModelRunWidget):
         self._goto.native.activated.connect(
             lambda _i: self._goto.value is not None and self._go_to_slice(self._goto.value)
         )
-        self._viewer.dims.events.current_step.connect(self._follow_slice)
-        self._viewer.dims.events.order.connect(self._follow_slice)  # axes reordered
-        self._viewer.dims.events.ndisplay.connect(self._follow_slice)  # 2D ↔ 3D
-        # a removal moves no slider when another image of that extent stays open
-        self._viewer.layers.events.removed.connect(self._on_layer_removed)
         # the strip is plain Qt; wrap it so it sits in the magicgui layout
         from magicgui.widgets import Container
 
         holder = Container(labels=False)
         holder.native.layout().addWidget(self._strip)
         return [self._current, holder, self._goto]
+
+    def viewer_events(self) -> list:
+        dims = self._viewer.dims.events
+        return [*super().viewer_events(),
+                (dims.current_step, self._follow_slice), (dims.order, self._follow_slice),
+                (dims.ndisplay, self._follow_slice),  # axes reordered, 2D ↔ 3D
+                # a removal moves no slider when another image of that extent stays open
+                (self._viewer.layers.events.removed, self._on_layer_removed)]
+
+    def drop_result(self) -> None:
+        self._watch_layer(None)
+        self._result = self._layer = None
+        self._strip.set_values([])
+        self._clear_goto()
 
     def core_job(self, volume, model, card, options):
         return classify_volume(volume, model, card)

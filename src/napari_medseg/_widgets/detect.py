@@ -40,8 +40,20 @@ class DetectWidget(ModelRunWidget):
         # picking the entry that is already current changes nothing, but the user still
         # expects to be taken there
         self._goto.native.activated.connect(lambda _i: self._go_to_lesion(self._goto.value))
-        self._viewer.layers.events.removed.connect(self._on_layer_removed)
         return [self._threshold, self._goto]
+
+    def viewer_events(self) -> list:
+        return [*super().viewer_events(), (self._viewer.layers.events.removed,
+                                           self._on_layer_removed)]
+
+    def drop_result(self) -> None:
+        """The latest detections layer is left as it is: no slider rewrites its points."""
+        if self._points is not None:
+            self._points.events.data.disconnect(self._on_points_data)
+        self._points = None
+        self._threshold.enabled = False
+        self._goto_items = []
+        self._goto.enabled = False
 
     def _on_layer_removed(self, event) -> None:
         """The latest detections layer deleted: its slider and list no longer look live."""

@@ -96,8 +96,15 @@ class UncertaintyWidget(ModelRunWidget):
         # nothing, but the user still expects to be taken there
         self._goto.native.activated.connect(
             lambda _i: self._goto.value is not None and self._go_to(self._goto.value))
-        self._viewer.layers.events.removed.connect(self._on_layer_removed)
         return [self._goto]
+
+    def viewer_events(self) -> list:
+        return [*super().viewer_events(), (self._viewer.layers.events.removed,
+                                           self._on_layer_removed)]
+
+    def drop_result(self) -> None:
+        if self._layer is not None:
+            self._drop_ranking("Closed")
 
     def _on_layer_removed(self, event) -> None:
         """The image the ranking was made on deleted: its list no longer looks live."""

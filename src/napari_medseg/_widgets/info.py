@@ -9,7 +9,7 @@ from magicgui.widgets import ComboBox, Container, TextEdit
 
 from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
-from ._model_widget import connect_layer_events, follow_layer_names, slice_ranges
+from ._model_widget import DockWatch, LayerNameFollower, connect_layer_events, slice_ranges
 
 
 def _unit(layer) -> str:
@@ -148,10 +148,25 @@ class VolumeInfoWidget(Container):
         self._watched = None  # the layer whose events refresh the text
         self._missing: list[int] | None = None  # its missing slices, while its data stay
         self._layer.changed.connect(self._refresh)
-        viewer.layers.events.inserted.connect(self._on_layers_changed)
-        viewer.layers.events.removed.connect(self._on_layers_changed)
-        follow_layer_names(viewer, self._on_layers_changed)
+        self._names = LayerNameFollower(viewer, self._on_layers_changed)
+        self._follow_viewer()
         self._refresh()
+        # closed: it follows nothing (each closed instance went on re-reading the picked
+        # volume at every layer change); docked again: it follows again
+        self._dock_watch = DockWatch(self, lambda: self._follow_viewer(False),
+                                     self._on_reopened)
+
+    def _follow_viewer(self, follow: bool = True) -> None:
+        for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
+            (event.connect if follow else event.disconnect)(self._on_layers_changed)
+        self._names.connect(follow)
+        if not follow:
+            connect_layer_events(self._watched, WATCHED_EVENTS, self._on_layer_event, False)
+            self._watched, self._missing = None, None
+
+    def _on_reopened(self) -> None:
+        self._follow_viewer()
+        self._on_layers_changed()
 
     def _image_layers(self, _widget=None):
         from napari.layers import Image, Labels
