@@ -1069,6 +1069,42 @@ def test_a_save_killed_between_its_writes_leaves_a_loadable_model(tmp_path, monk
     assert not [p for p in at_kill.iterdir() if p.name.startswith(".")], stale
 
 
+@pytest.mark.parametrize("unique", [False, True])
+def test_an_interrupt_after_any_rename_of_a_save_leaves_a_loadable_model(tmp_path, monkeypatch,
+                                                                          unique):
+    """Ctrl-C just after a rename (while the folder was synced) reached the save's clean-up
+    as if that write had failed: the new card's weights were deleted ("weights file
+    missing"), or the old card went back beside the new weights (checksum mismatch)."""
+    folder = tmp_path / "models"
+    model, _card_path, x = _save(folder)
+    if unique:
+        save_model(model, folder, "classifier", CARD, unique_weights=True)
+    new_model = _seeded(SliceClassifier(**SMALL_CLS), seed=5)
+    real_sync = registry._fsync_folder
+    for interrupted_at in range(1, 5 if not unique else 3):
+        syncs = []
+
+        def sync_then_ctrl_c(path):
+            real_sync(path)
+            syncs.append(path)
+            if len(syncs) == interrupted_at:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(registry, "_fsync_folder", sync_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            save_model(new_model, folder, "classifier", CARD, unique_weights=unique)
+        monkeypatch.setattr(registry, "_fsync_folder", real_sync)
+        loaded, card = load_model(folder / "classifier.json")  # the old model or the new
+        with torch.no_grad():
+            out = loaded.eval()(x)
+            assert (torch.allclose(out, model.eval()(x))
+                    or torch.allclose(out, new_model.eval()(x))), interrupted_at
+        named = {card["weights_file"], "classifier.json"}
+        left = {p.name for p in folder.iterdir()} - named
+        assert not left, (interrupted_at, left)  # nothing orphaned beside it
+        save_model(model, folder, "classifier", CARD, unique_weights=unique)  # the old again
+
+
 def test_a_failed_replace_names_the_target_not_the_temp_file(tmp_path):
     """os.replace onto a folder said '.classifier.json.x1y2.tmp: Is a directory'."""
     from napari_medseg.core.models.registry import _atomic_write

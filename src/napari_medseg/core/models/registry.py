@@ -347,12 +347,29 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
         _atomic_write(weights_path, data)
         _atomic_write(card_path, text.encode("utf-8"))
     except BaseException:
-        if weights_path != previous:
+        # what the card on disk names decides, not how far the writes got: an interrupt
+        # can land after a rename, inside _atomic_write (the new card was in place and
+        # the weights it names were deleted: a model no load accepted)
+        if _card_names(card_path, weights_path.name):
+            _drop_previous(previous, weights_path, directory)  # the new model is whole
+        elif weights_path != previous:
             weights_path.unlink(missing_ok=True)  # nothing points at it
         raise
+    _drop_previous(previous, weights_path, directory)
+    return card_path
+
+
+def _card_names(card_path: Path, weights_file: str) -> bool:
+    """Whether the card on disk now names ``weights_file``."""
+    try:
+        return json.loads(card_path.read_text("utf-8")).get("weights_file") == weights_file
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def _drop_previous(previous: Path | None, weights_path: Path, directory: Path) -> None:
     if previous is not None and previous != weights_path and previous.parent == directory:
         previous.unlink(missing_ok=True)
-    return card_path
 
 
 def _replace_fixed_name(directory: Path, name: str, card_path: Path, weights_path: Path,
@@ -376,24 +393,30 @@ def _replace_fixed_name(directory: Path, name: str, card_path: Path, weights_pat
         if stale.fullmatch(left.name) and left != staged and (
                 old_card is None or left.name.encode() not in old_card):
             left.unlink(missing_ok=True)
-    card_names_staged = weights_replaced = False
     try:
         _atomic_write(staged, data)
         _atomic_write(card_path, card_text(staged.name))
-        card_names_staged = True
         _atomic_write(weights_path, data)
-        weights_replaced = True
         _atomic_write(card_path, card_text(weights_path.name))
-        card_names_staged = False
     except BaseException:
-        if card_names_staged and not weights_replaced:  # the old model is still whole
-            with contextlib.suppress(OSError):
-                if old_card is None:
-                    card_path.unlink()
-                else:
-                    _atomic_write(card_path, old_card)
-                card_names_staged = False
-        if not card_names_staged:  # else the card names it: the new model, whole
+        # decided by what is on disk, not by how far the writes got: an interrupt can land
+        # after a rename, inside _atomic_write (the old card was put back beside the new
+        # weights: a checksum mismatch; or the staged file the card named was deleted)
+        if _card_names(card_path, staged.name):
+            try:
+                new_weights_in_place = weights_path.read_bytes() == data
+            except OSError:
+                new_weights_in_place = False
+            if new_weights_in_place:  # the new model, whole either way: finish it
+                with contextlib.suppress(OSError):
+                    _atomic_write(card_path, card_text(weights_path.name))
+            else:  # the old model's weights are still in place: the old card again
+                with contextlib.suppress(OSError):
+                    if old_card is None:
+                        card_path.unlink()
+                    else:
+                        _atomic_write(card_path, old_card)
+        if not _card_names(card_path, staged.name):
             staged.unlink(missing_ok=True)
         raise
     staged.unlink(missing_ok=True)
