@@ -203,6 +203,10 @@ def test_a_short_round_on_a_new_structure_advises_a_longer_one(case, tmp_path, c
     (["--name", "bad?name"], "model name must be"),
     (["--out", "{image}/sub"], "--out cannot be created"),
     (["--seed", "-1"], "--seed must be"),
+    # refused by the save only after the round ran (a suffix, a file name too long)
+    (["--name", "mine.json"], "must not end in a file suffix"),
+    (["--name", "a" * 235], "at most 200 characters"),
+    (["--epochs", "99999999999999999999"], "--epochs must be 1..10000"),  # ran for days
 ])
 def test_names_folders_and_seeds_are_checked_before_training(case, tmp_path, capsys, monkeypatch,
                                                             extra, message):

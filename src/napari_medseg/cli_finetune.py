@@ -29,6 +29,9 @@ from .core.text import counted
 
 #: more slices than any volume holds (a range longer than this is a typo)
 MAX_SLICES = 100_000
+#: passes over the annotated slices: a 15 s round makes about 150 steps, so 10 000 passes
+#: over 5 slices are hours; more is a typo
+MAX_EPOCHS = 10_000
 
 
 def parse_slices(text: str) -> list[int]:
@@ -172,7 +175,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .core.finetune import finetune_detector, finetune_segmenter, new_structure_advice
     from .core.io import read_volume
     from .core.models import LesionDetector, RecurrentSegmenter, load_model, save_model
-    from .core.models.registry import _NAME_RE
+    from .core.models.registry import check_model_name
     from .core.training import MAX_SEED
 
     out = Path(args.out).expanduser()
@@ -182,9 +185,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise MedsegInputError("--out cannot be created or written here", out)
     name = args.name or f"{Path(str(args.model)).stem}-finetuned"
-    if not _NAME_RE.match(name):  # said now, not after the training
-        raise MedsegInputError(f"model name must be letters, digits, '_', '-' or '.', got "
-                               f"{name!r}; pass --name")
+    try:
+        check_model_name(name)  # said now, not after the training
+    except MedsegInputError as exc:
+        raise MedsegInputError(f"{exc}; pass --name" if args.name is None else str(exc)) from exc
     if (out / f"{name}.json").is_dir():  # --overwrite cannot replace it: said before training
         raise MedsegInputError(f"{name}.json in --out is a folder; remove it or pass another "
                                "--name", out)
@@ -197,8 +201,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise MedsegInputError(f"--seed must be 0..{MAX_SEED}, got {args.seed}")
     if args.threads is not None and args.threads < 1:  # 0 ("torch's own") is not recordable
         raise MedsegInputError(f"--threads must be at least 1, got {args.threads}")
-    if args.epochs is not None and args.epochs < 1:
-        raise MedsegInputError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.epochs is not None and not 1 <= args.epochs <= MAX_EPOCHS:
+        # a typo of many digits trained for days, its progress stuck at 0 %
+        raise MedsegInputError(f"--epochs must be 1..{MAX_EPOCHS}, got {args.epochs}")
     if (args.labels is None) == (args.points is None):
         raise MedsegInputError("give --labels (segmenter) or --points (detector), one of them")
     slices = parse_slices(args.slices)

@@ -223,6 +223,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+#: the longest model name: ``<name>.<sha256[:12]>.safetensors`` must fit a file name (255)
+MAX_NAME_LENGTH = 200
+
+
+def check_model_name(name: Any) -> None:
+    """MedsegInputError unless ``name`` can name a saved model (before any work that
+    ends in a save: a round or a training that then failed to save was time lost)."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise MedsegInputError(
+            f"model name must be letters, digits, '_', '-' or '.', got {name!r}"
+        )
+    if name.lower().endswith((".json", ".safetensors")):  # saved as x.json.json: no name finds it
+        raise MedsegInputError(f"model name must not end in a file suffix, got {name!r}")
+    if len(name.encode()) > MAX_NAME_LENGTH:
+        raise MedsegInputError(f"model name must be at most {MAX_NAME_LENGTH} characters, "
+                               f"got {len(name)}")
+
+
 def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping[str, Any],
                unique_weights: bool = False) -> Path:
     """Write ``<name>.safetensors`` and ``<name>.json`` into ``directory``; returns the card path.
@@ -239,12 +257,7 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
     "name", "architecture", "arch_params" (from ``model.arch_params``), "version" (default
     "1.0"), "weights_file", "sha256" and "n_parameters". Each file is written atomically.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise MedsegInputError(
-            f"model name must be letters, digits, '_', '-' or '.', got {name!r}"
-        )
-    if name.lower().endswith((".json", ".safetensors")):  # saved as x.json.json: no name finds it
-        raise MedsegInputError(f"model name must not end in a file suffix, got {name!r}")
+    check_model_name(name)
     arch = type(model).__name__
     if ARCHITECTURES.get(arch) is not type(model):
         raise MedsegInputError(
