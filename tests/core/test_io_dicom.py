@@ -1265,6 +1265,28 @@ def test_a_coronal_series_of_thin_slices_is_generated_along_its_own_slices(tmp_p
     assert np.isfinite(made.volume.array).all()
 
 
+def test_an_axial_series_of_thin_slices_and_oblong_pixels_is_generated_along_z(tmp_path):
+    """0.5 mm axial slices of 0.6 × 1.0 mm pixels: the spacing rule took x for the slice
+    axis, refused to fill the series' gap ("no missing slices") and, upsampled, halved x."""
+    from napari_medseg.core.generation import interpolate_slices, slice_axis
+    from napari_medseg.core.volume import Volume
+
+    uid = generate_uid()
+    for k, z in enumerate([0.0, 0.5, 1.0, 2.0, 2.5, 3.0]):  # 1.5 lost
+        write_ct_slice(tmp_path / f"{k}.dcm", z, series_uid=uid, instance=k + 1,
+                       pixel_spacing=(0.6, 1.0))
+    vol = read_dicom(tmp_path)
+    assert vol.missing_slices() == [3] and vol.metadata["slice_axis"] == "z"
+    assert slice_axis(vol) == 0
+    made = interpolate_slices(vol, 1)
+    assert made.axis == 0 and made.generated.tolist() == [False] * 3 + [True] + [False] * 3
+    # the same volume with nothing to say where its slices lie (a NIfTI, a .npy): the rule
+    # takes x, and the refusal now says so instead of "no missing slices" alone
+    bare = Volume(vol.array, spacing=vol.spacing, missing=vol.missing)
+    with pytest.raises(MedsegInputError, match=r"taken to lie along x .* missing z slices 3"):
+        interpolate_slices(bare, 1)
+
+
 @pytest.mark.parametrize("iop, plane", [((1.0, 0.0, 0.0, 0.0, 0.0, -1.0), "coronal"),
                                         ((0.0, 1.0, 0.0, 0.0, 0.0, -1.0), "sagittal")])
 def test_one_coronal_or_sagittal_image_is_refused_by_the_models_a_series_is_not(

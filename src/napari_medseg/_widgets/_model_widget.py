@@ -25,6 +25,7 @@ from .._layers import read_deferred, volume_from_layer, world_matrix_mm
 from ..core.errors import MedsegInputError
 from ..core.inference import input_warnings
 from ..core.models.registry import BUNDLED_DIR, list_models, load_model
+from ..core.text import slice_ranges  # noqa: F401 (the widgets' name for it)
 
 
 #: the least time between two redraws of a job's progress in a widget: each redraw of a
@@ -52,17 +53,6 @@ def model_choices(architecture: str, keep: Any = None) -> list[tuple[str, str]]:
     if isinstance(keep, str) and keep and keep not in {path for _, path in choices}:
         choices.append((f"{Path(keep).name} (unavailable)", keep))
     return choices
-
-
-def slice_ranges(indices) -> str:
-    """[3, 4, 5, 9] → "3–5, 9": slice lists as a radiologist reads them."""
-    runs: list[list[int]] = []
-    for z in sorted(int(i) for i in indices):
-        if runs and z == runs[-1][1] + 1:
-            runs[-1][1] = z
-        else:
-            runs.append([z, z])
-    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in runs)
 
 
 def provenance(card: dict, image_name: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from .inference import ThreadGovernor, prepare_model
 from .models.generator import GENERATOR_INPUTS, SliceGenerator
 from .models.registry import check_normalisation, percentile_range
 from .progress import Job, Progress
+from .text import slice_ranges
 from .text import counted
 from .training import (
     PhantomPool,
@@ -202,18 +203,17 @@ def slice_axis(volume: Volume) -> int:
     (S, P, L), so a sagittal scan's thick slices lie along x and a coronal one's along y;
     upsampling z there would halve an already fine spacing and leave the gaps.
 
-    A coronal or sagittal DICOM series, turned by the reader, says its axis
-    (``metadata["slice_axis"]``): its thin slices may be finer than its pixels.
+    A DICOM series says its axis (``metadata["slice_axis"]``): a coronal or sagittal
+    one's thin slices may be finer than its pixels, an axial one's pixels not square.
     Always z for a single slice (a 2D image: nothing lies between slices) and for square
     pixels coarser than thin slices (0.625 mm slices of 0.98 mm pixels are an axial CT,
     not a coronal one). Missing (all-NaN) z planes do not decide it: a coronal scan's NaN
-    padding stays NaN in every generated slice (a series' own gaps are along z anyway: its
-    pixels are square)."""
+    padding stays NaN in every generated slice."""
     spacing = np.asarray(volume.spacing, dtype=float)
     if volume.shape[0] == 1:
         return 0
     named = volume.metadata.get("slice_axis")  # a DICOM series says where its slices lie
-    if named in ("y", "x"):
+    if named in ("z", "y", "x"):  # (an axial one too: its pixels need not be square)
         return "zyx".index(named)
     for axis in (1, 2):
         others = np.delete(spacing, axis)
@@ -249,7 +249,20 @@ def _along_slice_axis(job_fn):
         axis = slice_axis(volume) if isinstance(volume, Volume) else 0
         if axis == 0:
             return (yield from job_fn(volume, *args, **kwargs))
-        result = yield from job_fn(_slices_first(volume, axis), *args, **kwargs)
+        try:
+            result = yield from job_fn(_slices_first(volume, axis), *args, **kwargs)
+        except MedsegInputError as exc:
+            gaps = volume.missing_slices()
+            if not gaps:
+                raise
+            # "no missing slices" while info lists some: say which axis was taken, and why
+            name = "zyx"[axis]
+            spacing = ", ".join(f"{s:g}" for s in volume.spacing)
+            raise MedsegInputError(
+                f"{exc.reason}: the slices were taken to lie along {name} (spacing z, y, x"
+                f" {spacing} mm: {name} over {THICK_AXIS_RATIO:g}× the others), so the "
+                f"missing z slices {slice_ranges(gaps)} lie across them, not between "
+                "them", exc.path) from exc
         return _axis_put_back(result, axis)
 
     return wrapper

@@ -33,7 +33,7 @@ SAFE_METADATA_KEYS = frozenset(
         "photometric",
         "orientation",  # e.g. "LPS" axis codes of (x, y, z)
         "missing_planes",  # a coronal / sagittal series' gaps: {"axis": "y", "indices": […]}
-        "slice_axis",  # the axis a turned DICOM series' slices lie along ("y" or "x")
+        "slice_axis",  # the axis a DICOM series' slices lie along ("z", "y" or "x")
         "axes_lps",  # the (z, y, x) voxel axes as LPS unit vectors: where results belong
         "slice_spacings_mm",
         "warnings",

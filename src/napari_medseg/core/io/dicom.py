@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - pydicom 2.x
     from pydicom.pixel_data_handlers.util import apply_modality_lut
 
 from ..errors import MedsegInputError
-from ..text import counted
+from ..text import counted, slice_ranges
 from ..volume import Volume
 from ._common import (axis_code, obliquity_deg, origin_along, short_reason, source_name,
                       turned_to_spl)
@@ -741,18 +741,6 @@ def _unit(v: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- assembly
 
 
-def _ranges(indices: list[int]) -> str:
-    """[3, 4, 5, 9] → "3–5, 9"."""
-    parts, start = [], None
-    for i, v in enumerate(indices):
-        if start is None:
-            start = v
-        if i + 1 == len(indices) or indices[i + 1] != v + 1:
-            parts.append(f"{start}" if start == v else f"{start}–{v}")
-            start = None
-    return ", ".join(parts)
-
-
 def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) -> Volume:
     """Sort, de-duplicate and stack frames; work out spacing, gaps and origin."""
     frames = _without_localizers(frames, warns)
@@ -847,13 +835,16 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
             missing = np.zeros(array.shape[0], dtype=bool)
         elif reversed_:
             missing = missing[::-1]
-    if slice_axis:  # where generation makes slices between this series' own
+    if axes is not None and array.shape[0] > 1:
+        # where generation makes slices between this series' own: known here, where the
+        # pixel spacing alone would guess (an axial series of 0.5 mm slices of
+        # 0.6 × 1.0 mm pixels was taken for slices along x, and its gaps left unfilled)
         metadata["slice_axis"] = "zyx"[slice_axis]
     if reversed_:
         gaps, undecoded = gaps[::-1], undecoded[::-1]
         metadata["slice_spacings_mm"] = metadata["slice_spacings_mm"][::-1]
     if undecoded.any():
-        n, at = int(undecoded.sum()), _ranges([int(i) for i in np.flatnonzero(undecoded)])
+        n, at = int(undecoded.sum()), slice_ranges(np.flatnonzero(undecoded))
         where = f"z={at}" if slice_axis == 0 else f"NaN planes at {'zyx'[slice_axis]}={at}"
         warns.append(f"{counted(n, 'slice')} whose pixel data could not be decoded "
                      f"left missing ({where})")
@@ -861,7 +852,7 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         planes = [int(i) for i in np.flatnonzero(gaps | undecoded)]
         metadata["missing_planes"] = {"axis": "zyx"[slice_axis], "indices": planes}
     if gaps.any():
-        at = _ranges([int(i) for i in np.flatnonzero(gaps)])
+        at = slice_ranges(np.flatnonzero(gaps))
         n = int(gaps.sum())
         if slice_axis == 0:
             warns.append(f"{counted(n, 'missing slice')} (gaps at z={at})")
