@@ -147,3 +147,24 @@ def test_a_negative_thread_count_is_refused_as_the_arguments_are_read(tmp_path, 
     assert exit_.value.code == 2
     assert "argument --threads: expected a whole number, 0 or more" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+def test_a_label_map_is_said_to_get_values_that_are_no_structure(tmp_path, capsys):
+    """A mask upsampled beside its scan: structure 1 beside 3 became a "2" (cubic: also
+    negatives), with no word said."""
+    import nibabel as nib
+
+    labels = np.zeros((8, 8, 5), np.uint8)
+    labels[2:6, 2:6, 1:4] = 1
+    labels[3:5, 3:5, 2] = 3
+    img = nib.Nifti1Image(labels, np.diag([1.0, 1.0, 3.0, 1.0]))
+    img.header.set_intent("label")
+    nib.save(img, tmp_path / "mask.nii.gz")
+    assert main(["generate", str(tmp_path / "mask.nii.gz"), str(tmp_path / "up.nii.gz"),
+                 "--factor", "2", "--quiet"]) == 0
+    assert "holds a label map" in capsys.readouterr().err
+    write_nifti(tmp_path / "scan.nii.gz", np.random.default_rng(0).normal(size=(5, 8, 8)),
+                (3.0, 1.0, 1.0))
+    assert main(["generate", str(tmp_path / "scan.nii.gz"), str(tmp_path / "up2.nii.gz"),
+                 "--factor", "2", "--quiet"]) == 0
+    assert "label map" not in capsys.readouterr().err

@@ -349,6 +349,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     csv_out = None if args.slices_csv is None else _check_output(
         args.slices_csv, (".csv",), args.input, args.overwrite, others=(out,))
     volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
+    from .core.io import LabelMap, read_scan_or_labels
+
+    if volume.modality != "CT" and isinstance(read_scan_or_labels(args.input), LabelMap):
+        # interpolated, structure 1 beside 3 became a "2" and cubic made negatives
+        print("generate: warning: this file holds a label map (structure numbers, not "
+              "intensities): the slices made between its own hold values that are no "
+              "structure", file=sys.stderr)
     fill = not args.keep_missing
     if args.method == "model":
         model, card = load_model(_model_arg(args, "generate"))
