@@ -86,12 +86,24 @@ class LoadMonitor:
         return max(0.0, (jiff[0] - jiff0[0]) - (self._ours() - ours0)) / wall
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 torch.mm rate on n×n (the machine's reference rate now)."""
-    a, b = torch.rand(n, n), torch.rand(n, n)
+def gemm_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-``repeats`` torch.mm rate on n×n (the machine's reference rate now); fp32
+    unless ``dtype`` says otherwise."""
+    a, b = torch.rand(n, n, dtype=dtype), torch.rand(n, n, dtype=dtype)
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
+
+
+def bf16_references(out: dict[str, Any], seconds_bf16: float) -> dict[str, Any]:
+    """The bf16 run's rate next to a bf16 GEMM measured now, and the ceiling over the
+    naive fp32 run at that rate: on a CPU with native bf16 (AMX: 6x the fp32 GEMM) the
+    fp32 ceiling says nothing of what bf16 could reach."""
+    gemm16 = gemm_gflops(dtype=torch.bfloat16)
+    useful = out["gflops_achieved"] * out["seconds"] / seconds_bf16
+    return {"gemm_gflops_same_run": gemm16, "gflops_achieved": useful,
+            "ratio": useful / gemm16,
+            "speedup_ceiling_at_gemm_rate": gemm16 / out["naive"]["gflops_achieved"]}
 
 
 def _timed(fn: Callable[[], Any]) -> float:

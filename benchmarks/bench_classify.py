@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    bf16_references,
     add_memory_options,
     add_memory_section,
     speed_goals,
@@ -87,6 +88,7 @@ def main() -> None:
                 abs(r16.probabilities - result.probabilities).max()),
             "class_agreement": float((r16.predicted == result.predicted).mean()),
         }
+        out["bf16"].update(bf16_references(out, s16))
     out["goals"] = speed_goals(out)
     if "memory" not in args.skip:
         add_memory_section(out, __file__, "classify", args, run.threads["threads"])

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    bf16_references,
     add_memory_options,
     add_memory_section,
     speed_goals,
@@ -89,6 +90,7 @@ def main() -> None:
             "max_heatmap_difference": float(abs(r16.heatmap - result.heatmap).max()),
             "detections": len(r16.detections),
         }
+        out["bf16"].update(bf16_references(out, s16))
     out["goals"] = speed_goals(out)
     if "memory" not in args.skip:
         add_memory_section(out, __file__, "detect", args, run.threads["threads"])

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     bench_parser,
+    bf16_references,
     count_flops,
     finish,
     gemm_gflops,
@@ -184,6 +185,7 @@ def main() -> None:
                        "label_agreement_vs_fp32": float((r16.labels == result.labels).mean()),
                        "speedup_vs_naive": naive_total / s16,
                        "auto_chose": rauto.precision, "auto_seconds": sauto}
+        out["bf16"].update(bf16_references(out, s16))
     if "monai" not in args.skip:
         mon = monai_seconds_per_slice(volume, args.monai_slices, len(card["classes"]))
         if "seconds_per_slice" in mon:
