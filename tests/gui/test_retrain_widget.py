@@ -103,8 +103,8 @@ def test_paint_retrain_repredict_undo_versions(scene, qtbot):
     # sparing slices 2 and 5
     widget._versions.value = 0
     widget._predict.clicked.emit()
-    assert widget._history.current == 0
     _wait(widget, qtbot)
+    assert widget._history.current == 0  # in use once it predicted
     from napari_medseg._layers import volume_from_layer
     from napari_medseg.core.inference import segment_volume
     from napari_medseg.core.progress import run_to_completion
@@ -131,6 +131,19 @@ def test_a_refused_repredict_leaves_the_version_in_use(scene, qtbot):
     widget._predict.clicked.emit()
     assert widget._worker is None
     assert widget._history.current == 1
+    # refused in the worker (its checks read every voxel there): the same
+    empty = viewer.add_image(np.full(image.data.shape, np.nan, np.float32), scale=image.scale,
+                             name="empty")
+    widget._image.value = empty
+    widget._versions.value = 0
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert widget._history.current == 1 and "no finite values" in widget._status.value
+    widget._image.value = image  # accepted: v0 predicted, and in use from then on
+    widget._versions.value = 0
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert widget._history.current == 0
 
 
 def test_cancel_leaves_versions_and_layer_unchanged(scene, qtbot):

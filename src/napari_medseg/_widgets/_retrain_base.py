@@ -759,12 +759,11 @@ class _RetrainBase(Container):
             return
         image, layer, volume, _annotation, source = inputs
         # the version picked in the list, as Save takes it (it predicted with the version
-        # in use, whatever the list showed): picking and predicting makes it the one in use
-        if (self._history is not None and self._versions.value is not None
-                and int(self._versions.value) != self._history.current):
-            self._on_revert()
-            source = (self._history, self._history.current)
-        number = 0 if self._history is None else self._history.current
+        # in use, whatever the list showed): picking and predicting makes it the one in
+        # use, once its prediction came (an input the worker refuses changes nothing)
+        if self._history is not None and self._versions.value is not None:
+            source = (self._history, int(self._versions.value))
+        number = source[1] if isinstance(source, tuple) else 0
         self._start(self._predict_job, volume, source, description=f"{self.task.capitalize()} with v{number}",
                     on_result=lambda out, seen=self._placement(image, layer): self._on_predicted(
                         out, image, layer, source, seen))
@@ -891,7 +890,10 @@ class _RetrainBase(Container):
         if not self._adopt(source, base):
             show_warning("Retrain: the model was changed meanwhile; prediction discarded")
             return
-        number = self._history.current
+        number = source[1] if isinstance(source, tuple) else self._history.current
+        if number != self._history.current:
+            self._history.revert(number)
+            self._refresh_versions()
         self._remember_output(image, number, prediction, digest)
         self._apply_checked(prediction, image, layer, volume, number,
                             self._history.versions[number].card, seen=seen)
