@@ -641,9 +641,11 @@ def volume_outline(layer: Any) -> Any:
     missing = np.zeros(shape[0], dtype=bool)
     medseg = layer.metadata.get("medseg", {})
     recorded = [z for z in medseg.get("missing_slices", []) if 0 <= z < shape[0]]
-    if isinstance(layer.data, np.ndarray) and layer.data.ndim == 3 and recorded and not \
-            _recorded_gaps_fit(layer.data, recorded, medseg):
-        recorded = []  # a stale record (the data flipped or cropped), as the Volume takes it
+    if len(layer.data.shape) != 3 or (isinstance(layer.data, np.ndarray) and recorded and not
+                                      _recorded_gaps_fit(layer.data, recorded, medseg)):
+        # as the Volume takes them: a record of a 2D image's, or a stale one (the data
+        # flipped or cropped), names no missing slice
+        recorded = []
     missing[recorded] = True
     return SimpleNamespace(shape=shape, missing=missing)
 

@@ -1285,6 +1285,9 @@ def test_an_axial_series_of_thin_slices_and_oblong_pixels_is_generated_along_z(t
     bare = Volume(vol.array, spacing=vol.spacing, missing=vol.missing)
     with pytest.raises(MedsegInputError, match=r"taken to lie along x .* missing z slices 3"):
         interpolate_slices(bare, 1)
+    with pytest.raises(MedsegInputError) as other:  # another refusal: said as it is
+        interpolate_slices(bare, 0)
+    assert "taken to lie" not in str(other.value)
 
 
 @pytest.mark.parametrize("iop, plane", [((1.0, 0.0, 0.0, 0.0, 0.0, -1.0), "coronal"),

@@ -1149,6 +1149,7 @@ def test_a_closed_widget_follows_the_viewer_no_more(make_napari_viewer, qtbot,
     points.add([3.0, 40.0, 40.0])
     assert points.shown.all()
     viewer.window.add_dock_widget(classify)  # docked again: it follows the viewer again
+    assert classify._current.value == ""  # not slice 3's classes under the slider at 5
     _run_and_wait(classify, qtbot)
     viewer.dims.set_current_step(0, 2)
     assert classify._current.value.startswith("Slice 2:")

@@ -58,6 +58,9 @@ class ClassifyWidget(ModelRunWidget):
         self._result = self._layer = None
         self._strip.set_values([])
         self._clear_goto()
+        # docked again, it must not show a slice's classes the slider no longer follows
+        self._current.value = ""
+        self._status.value = "The result was dropped when the widget was closed; run it again"
 
     def core_job(self, volume, model, card, options):
         return classify_volume(volume, model, card)

@@ -253,14 +253,15 @@ def _along_slice_axis(job_fn):
             result = yield from job_fn(_slices_first(volume, axis), *args, **kwargs)
         except MedsegInputError as exc:
             gaps = volume.missing_slices()
-            if not gaps:
+            if not gaps or not exc.reason.startswith("nothing to generate"):
                 raise
             # "no missing slices" while info lists some: say which axis was taken, and why
             name = "zyx"[axis]
             spacing = ", ".join(f"{s:g}" for s in volume.spacing)
+            why = ("as the series records" if volume.metadata.get("slice_axis") == name else
+                   f"spacing z, y, x {spacing} mm: {name} over {THICK_AXIS_RATIO:g}× the others")
             raise MedsegInputError(
-                f"{exc.reason}: the slices were taken to lie along {name} (spacing z, y, x"
-                f" {spacing} mm: {name} over {THICK_AXIS_RATIO:g}× the others), so the "
+                f"{exc.reason}: the slices were taken to lie along {name} ({why}), so the "
                 f"missing z slices {slice_ranges(gaps)} lie across them, not between "
                 "them", exc.path) from exc
         return _axis_put_back(result, axis)
