@@ -81,6 +81,13 @@ def _base_exceptions_raised(job: Callable[..., Any]) -> Callable[..., Any]:
     return _releasable(job, wrapper, held)
 
 
+def said_of(what: str, message: str, refused: bool) -> str:
+    """One line on a job that ended in an error: a refused input says why (a job that
+    checks its input in the worker, as every model job now does, refused it, it did not
+    fail); anything else "failed"."""
+    return f"{what}: {message}" if refused else f"{what} failed: {message}"
+
+
 def error_message(exc: BaseException) -> str:
     """A one-line message for the user; bad input reads as itself, bugs name their type."""
     if isinstance(exc, JobRuntimeError) and exc.__cause__ is not None:
@@ -97,7 +104,7 @@ def start_job(
     on_result: Callable[[Any], None],
     on_finished: Callable[[], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
-    on_error: Callable[[str], None] | None = None,
+    on_error: Callable[[str, bool], None] | None = None,
     activity: bool = True,
     **kwargs: Any,
 ) -> GeneratorWorker | FunctionWorker:
@@ -107,7 +114,8 @@ def start_job(
     cancel. Errors become a notification. ``on_finished`` always runs (success, error or
     cancel), so widgets can re-enable their buttons. ``on_progress`` gets every
     ``Progress`` in the GUI thread (e.g. to plot a live loss curve). ``on_error`` gets
-    the one-line message of a failure (e.g. for the widget's status line).
+    the one-line message of a failure (e.g. for the widget's status line) and whether
+    it was the input refused (said as a refusal, not as "failed").
     ``activity=False``: no napari progress bar, for a job whose widget shows its own
     progress. While any napari progress bar exists, the status bar plays an animated
     "in progress" image; under Xvfb (software OpenGL, as on many remote desktops) each of
@@ -151,13 +159,14 @@ def start_job(
     def _on_error(exc: BaseException) -> None:
         if state["cancelled"]:  # the user no longer waits for this result
             return
-        if isinstance(exc, MedsegInputError):  # bad input, said in the notification below
+        refused = isinstance(exc, MedsegInputError)
+        if refused:  # bad input, said in the notification below
             log.info("napari-medseg job %r refused its input: %s", description, exc)
         else:  # a bug: the traceback goes to the log
             log.exception("napari-medseg job %r failed", description, exc_info=exc)
-        show_error(f"{description} failed: {error_message(exc)}")
+        show_error(said_of(description, error_message(exc), refused))
         if callbacks.get("error") is not None:
-            callbacks["error"](error_message(exc))
+            callbacks["error"](error_message(exc), refused)
 
     def _on_aborted() -> None:
         state["cancelled"] = True

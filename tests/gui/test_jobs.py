@@ -114,11 +114,33 @@ def test_a_runtime_error_in_a_generator_job_is_reported_and_the_job_finishes(qtb
         raise RuntimeError("DefaultCPUAllocator: not enough memory")
 
     start_job(job, description="test job", on_result=lambda _: None,
-              on_error=errors.append, on_finished=lambda: finished.append(True))
+              on_error=lambda message, _refused: errors.append(message),
+              on_finished=lambda: finished.append(True))
     qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
     assert errors == ["RuntimeError: DefaultCPUAllocator: not enough memory"]
     assert shown == ["test job failed: RuntimeError: DefaultCPUAllocator: not enough memory"]
     assert sys.getswitchinterval() == before
+
+
+def test_an_input_the_worker_refuses_is_said_as_refused_not_failed(qtbot, monkeypatch):
+    """The model jobs check their input in the worker: "Segment failed: 'ct' has no
+    finite values" read as a crash; a deliberate refusal says why and no more."""
+    from napari_medseg import _jobs
+    from napari_medseg.core.errors import MedsegInputError
+
+    shown, errors, finished = [], [], []
+    monkeypatch.setattr(_jobs, "show_error", shown.append)
+
+    def job():
+        yield Progress(0, 1, "reading the image")
+        raise MedsegInputError("'ct' has no finite values (all NaN)")
+
+    start_job(job, description="Segment 'ct'", on_result=lambda _: None,
+              on_error=lambda message, refused: errors.append((message, refused)),
+              on_finished=lambda: finished.append(True))
+    qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
+    assert shown == ["Segment 'ct': 'ct' has no finite values (all NaN)"]
+    assert errors == [("'ct' has no finite values (all NaN)", True)]
 
 
 class _Panic(BaseException):
@@ -147,7 +169,7 @@ def test_a_base_exception_in_a_job_is_reported_and_the_job_finishes(qtbot, monke
         raise raised
 
     start_job(job_gen if generator else job_fn, description="test job",
-              on_result=lambda _: None, on_error=errors.append,
+              on_result=lambda _: None, on_error=lambda message, _refused: errors.append(message),
               on_finished=lambda: finished.append(True))
     qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
     said = f"{type(raised).__name__}: {raised}"

@@ -633,7 +633,7 @@ def test_a_failed_job_says_so_in_the_status_line(make_napari_viewer, qtbot, rand
     widget = SegmentWidget(viewer)
     _select(widget, image, random_models["RecurrentSegmenter"])
     _run_and_wait(widget, qtbot)
-    assert widget._status.value == "Segment failed: the model refused this volume"
+    assert widget._status.value == "Segment: the model refused this volume"  # refused, not failed
     assert widget._run.enabled
 
 

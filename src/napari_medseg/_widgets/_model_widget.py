@@ -391,7 +391,8 @@ class ModelRunWidget(Container):
             description=f"{self.task} '{layer.name}'",
             on_result=lambda out, seen=_geometry(layer): self._on_result(out, layer, seen),
             on_finished=lambda: self._set_running(False),
-            on_error=lambda message: set_status(self._status, f"{self.task} failed: {message}"),
+            on_error=lambda message, refused: set_status(
+                self._status, _jobs.said_of(self.task, message, refused)),
             on_progress=self._on_progress,
             activity=False,
         )

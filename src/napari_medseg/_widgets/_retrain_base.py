@@ -822,7 +822,8 @@ class _RetrainBase(Container):
             job, *args, description=description, on_result=self._unless_closed(on_result),
             on_finished=lambda: self._set_running(False),
             on_progress=self._unless_closed(self._on_progress),
-            on_error=lambda message: set_status(self._status, f"{description} failed: {message}"),
+            on_error=lambda message, refused: set_status(
+                self._status, _jobs.said_of(description, message, refused)),
             activity=activity)
 
     def _unless_closed(self, callback):

@@ -175,8 +175,8 @@ class PhantomWidget(Container):
             show_warning(f"Synthetic phantom: {message}")
             self._status.value += f" ({message})"
 
-    def _on_failed(self, message: str) -> None:
-        set_status(self._status, f"Failed: {message}")
+    def _on_failed(self, message: str, refused: bool) -> None:
+        set_status(self._status, message if refused else f"Failed: {message}")
 
     def _set_running(self, running: bool) -> None:
         if not running:
