@@ -744,3 +744,15 @@ def test_closed_info_widgets_read_no_volume(make_napari_viewer, qtbot, monkeypat
     monkeypatch.setattr(info_module, "_empty_slices", lambda layer: reads.append(1) or real(layer))
     viewer.add_labels(np.zeros((4, 16, 16), np.uint8), name="labels")
     assert len(reads) == 1
+
+
+def test_info_leaves_out_fields_the_file_leaves_empty(make_napari_viewer):
+    """"body_part: None" and "series_description: None" were listed for a series that
+    gives neither (the CLI left them out)."""
+    from napari_medseg._widgets.info import describe_layer
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((2, 8, 8), np.float32), metadata={"medseg": {"source": {
+        "body_part": None, "series_description": "", "kvp": 120.0}}})
+    text = describe_layer(layer)
+    assert "kvp: 120.0" in text and "None" not in text and "series_description" not in text

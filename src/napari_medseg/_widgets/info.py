@@ -89,7 +89,8 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
         lines.append(f"Warning: {warning}")
     for key in sorted(k for k in source if k in SAFE_METADATA_KEYS
                       and k not in ("warnings", "missing_planes")):  # said above
-        lines.append(f"{key}: {source[key]}")
+        if source[key] not in (None, [], ""):  # a field the file leaves empty: not "None"
+            lines.append(f"{key}: {source[key]}")
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
     return "\n".join(lines)
