@@ -1460,3 +1460,35 @@ def test_a_closed_retrain_widget_is_let_go_with_its_versions(make_napari_viewer,
         qtbot.wait(10)
         gc.collect()
     assert gone() is None and history() is None
+
+
+def test_a_round_that_does_worse_on_its_held_out_slice_is_listed_not_applied(scene, qtbot,
+                                                                             monkeypatch):
+    """A 2-3 s round could leave the segmenter far worse (held-out Dice 0.94 → 0.70, the
+    liver nearly gone), and the widget wrote its prediction into the layer all the same."""
+    import dataclasses
+
+    from napari_medseg._widgets import retrain as retrain_module
+
+    viewer, image, labels, widget, phantom = scene
+    real = retrain_module.finetune_segmenter
+
+    def worse(*args, **kwargs):
+        result = yield from real(*args, **kwargs)
+        report = dataclasses.replace(result.report, holdout_slice=2, holdout_dice_before=0.94,
+                                     holdout_dice_after=0.70)
+        return dataclasses.replace(result, report=report)
+
+    monkeypatch.setattr(retrain_module, "finetune_segmenter", worse)
+    _paint_slice(labels, 2, phantom.labels)
+    _paint_slice(labels, 5, phantom.labels)
+    before = np.array(labels.data, copy=True)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    np.testing.assert_array_equal(labels.data, before)  # nothing written
+    assert len(widget._history.versions) == 2 and widget._history.current == 0
+    assert "did worse on the held-out slice" in widget._status.value
+    widget._versions.value = 1  # applied when asked for
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert widget._history.current == 1 and not np.array_equal(labels.data, before)

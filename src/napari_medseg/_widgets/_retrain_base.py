@@ -85,6 +85,10 @@ def _content_digest(volume) -> str:
     h.update(np.packbits(np.asarray(volume.missing, dtype=bool)).tobytes())
     return h.hexdigest()
 AUTOSAVE_DELAY_MS = 1500
+#: a round whose held-out slice's Dice falls by more than this is listed, not applied: a
+#: 2-3 s round (about 25 steps) could leave the segmenter far worse (0.94 -> 0.70 on its
+#: held-out slice, the liver nearly gone) and was written into the layer all the same
+HOLDOUT_DROP_NOT_APPLIED = 0.05
 
 
 
@@ -860,6 +864,7 @@ class _RetrainBase(Container):
                             " model again to use it); the layer was not changed"
                             if kept is not None else "result discarded"))
             return
+        started_from = self._history.current
         v = self._history.add(result)
         self._remember_output(image, v.number, prediction, digest)
         self._refresh_versions()
@@ -868,6 +873,18 @@ class _RetrainBase(Container):
         if r.holdout_dice_after is not None:
             msg += (f"; held-out slice {r.holdout_slice}: Dice {r.holdout_dice_before:.2f} → "
                     f"{r.holdout_dice_after:.2f}")
+            if r.holdout_dice_after < r.holdout_dice_before - HOLDOUT_DROP_NOT_APPLIED:
+                self._history.revert(started_from)
+                self._refresh_versions()
+                said = (f"v{v.number} did worse on the held-out slice than v{started_from}: "
+                        f"listed, not applied; the layer is unchanged and v{started_from} stays "
+                        f"in use (a longer round usually helps; pick v{v.number} and "
+                        f"'{self._predict.text}' to apply it anyway)")
+                show_warning(f"Retrain: {said}")
+                set_status(self._status, f"{msg}\n{said}")
+                self._result_shown = True
+                self._schedule_autosave()
+                return
         if r.new_classes:
             msg += f"; learned new: {', '.join(r.new_classes)}"
             advice = new_structure_advice(r)
