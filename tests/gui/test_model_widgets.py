@@ -1153,3 +1153,20 @@ def test_a_closed_widget_follows_the_viewer_no_more(make_napari_viewer, qtbot,
     _run_and_wait(classify, qtbot)
     viewer.dims.set_current_step(0, 2)
     assert classify._current.value.startswith("Slice 2:")
+
+
+def test_a_new_picker_starts_on_the_bundled_model(make_napari_viewer, random_models):
+    """User models were listed first: a model saved from a round (maybe a poor one)
+    became the default of every later session, where the CLI without --model takes the
+    bundled one."""
+    from napari_medseg.core.models.registry import BUNDLED_DIR
+
+    widget = SegmentWidget(make_napari_viewer())
+    assert str(random_models["RecurrentSegmenter"]) in [p for _, p in _picker_choices(widget)]
+    assert widget._model.value == str(BUNDLED_DIR / "segmenter.json")
+
+
+def _picker_choices(widget):
+    from napari_medseg._widgets._model_widget import model_choices
+
+    return model_choices(widget.architecture)

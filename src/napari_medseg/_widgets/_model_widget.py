@@ -46,6 +46,10 @@ def model_choices(architecture: str, keep: Any = None) -> list[tuple[str, str]]:
         where = "bundled" if Path(card["card_path"]).parent == BUNDLED_DIR else "user"
         version = card.get("version", "?")
         choices.append((f"{card['name']} v{version} ({where})", card["card_path"]))
+    # the bundled model first, so a new picker starts on it, as the CLI does without
+    # --model: a model saved from a (maybe poor) round became every later session's
+    # default in silence, and the GUI and the CLI gave the same scan different answers
+    choices.sort(key=lambda choice: not choice[0].endswith("(bundled)"))
     # two cards of one name and version (a copied file): magicgui lists one label once
     taken = [label for label, _ in choices]
     choices = [(f"{label} – {Path(path).name}" if taken.count(label) > 1 else label, path)
