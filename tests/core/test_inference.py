@@ -868,6 +868,11 @@ def test_input_warnings_say_when_a_result_is_doubtful(seg):
     assert raw.modality != "CT" and "Hounsfield" in input_warnings(raw, card)[0]
     in_cm = Volume.from_array(array, spacing=(0.25, 0.15, 0.15), modality="CT")
     assert any("in cm" in w for w in input_warnings(in_cm, card))
+    # an MR series says so: the model does not apply (not "raw DICOM values need a rescale")
+    mr = Volume.from_array(stored, spacing=ct.spacing, modality="MR")
+    said = input_warnings(mr, card)
+    assert said == ["the image is MR, not CT: this model was trained on CT in Hounsfield "
+                    "units, so its result on it is meaningless"]
     percentile = {**card, "normalisation": {"type": "percentile", "low_percentile": 0.5,
                                             "high_percentile": 99.5}}
     assert input_warnings(raw, percentile) == []

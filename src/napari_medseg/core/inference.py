@@ -951,17 +951,22 @@ def input_warnings(volume: Volume, card: Mapping[str, Any]) -> list[str]:
     norm = card.get("normalisation")
     if not (isinstance(norm, Mapping) and norm.get("type") == "window"):
         return warnings  # a model for any modality (the slice generator): neither applies
-    if volume.modality != "CT":
+    if volume.modality in ("OT", "", None):  # guessed: no air in it
         warnings.append(
-            f"the image does not look like CT in Hounsfield units (no air at -500 HU or "
-            f"below; modality {volume.modality}), which this model expects: its result may "
-            "be meaningless (raw DICOM values need their rescale slope and intercept)")
+            "the image does not look like CT in Hounsfield units (no air at -500 HU or "
+            "below), which this model expects: its result may be meaningless (raw DICOM "
+            "values need their rescale slope and intercept)")
+    elif volume.modality != "CT":  # said by its source: the model does not apply
+        warnings.append(
+            f"the image is {volume.modality}, not CT: this model was trained on CT in "
+            "Hounsfield units, so its result on it is meaningless")
     sy, sx = volume.spacing[1:]
     fov = (volume.shape[1] * sy, volume.shape[2] * sx)
     if max(fov) < MIN_BODY_FOV_MM:
         warnings.append(
             f"the image covers only {fov[0]:.0f} × {fov[1]:.0f} mm in-plane (pixel size "
-            f"{sy:g} × {sx:g} mm): if its pixel size is in cm, give it in mm")
+            f"{sy:g} × {sx:g} mm), less than a body, which this model was trained on (if "
+            "its pixel size was given in cm, give it in mm)")
     return warnings
 
 
