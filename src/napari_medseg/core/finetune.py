@@ -152,6 +152,15 @@ def _round(x: float | None, nd: int = 4) -> float | None:
 # ======================================================================================
 # Checks
 # ======================================================================================
+#: steps over which a round's learning rate ramps up (each phase's); 0: the schedule's own
+#: 3 % of the round. Tried against short rounds that left the segmenter worse
+#: (`benchmarks/finetune_warmup.py`): a ramp of 10-40 steps only moved the dip to other
+#: step counts (on one phantom the liver fell to 8-37 ml of 259 at 25, 40 or 60 steps,
+#: depending on the ramp), so none is used; the widget keeps such a round from the layer
+#: by its held-out Dice instead
+FINETUNE_WARMUP_STEPS = 0
+
+
 def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
     """``labels`` as a (z, y, x) integer array matching ``volume``, and the annotated
     slices (sorted, unique, acquired); MedsegInputError says what is wrong."""
@@ -638,7 +647,7 @@ def finetune_segmenter(
             stats = yield from torch_rng.run(_train_loop(
                 work, make_batch(train_zs), loss_fn, s, t, phase_lr, "retrain",
                 report_every=1, freeze_batchnorm=True, plain_optimizer=True,
-                refresh=governor.update, refresh_every=1))
+                refresh=governor.update, refresh_every=1, warmup_steps=FINETUNE_WARMUP_STEPS))
             curve += stats["loss_curve"]
             total_steps += stats["steps"]
             if i == 0 and held is not None:

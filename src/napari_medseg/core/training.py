@@ -527,7 +527,8 @@ class PlainAdamW:
 
 def _train_loop(model, batch_fn, loss_fn, steps, seconds, lr, name, refresh=None,
                 refresh_every=0, weight_decay=1e-4, report_every=10,
-                freeze_batchnorm=False, plain_optimizer=False) -> Job[dict[str, Any]]:
+                freeze_batchnorm=False, plain_optimizer=False,
+                warmup_steps: int = 0) -> Job[dict[str, Any]]:
     """Run AdamW until ``steps`` or ``seconds``; yields Progress (``partial`` = the
     step's loss) every ``report_every`` steps, returns stats.
 
@@ -557,8 +558,9 @@ def _train_loop(model, batch_fn, loss_fn, steps, seconds, lr, name, refresh=None
             frac = max(frac, elapsed / seconds)
             if elapsed >= seconds:
                 break
+        ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(frac)
+            group["lr"] = lr * _lr_factor(frac) * ramp
         inputs, targets = batch_fn(step)
         loss = loss_fn(model(inputs), targets)
         opt.zero_grad(set_to_none=True)
