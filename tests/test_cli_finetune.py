@@ -259,10 +259,10 @@ def test_a_chain_of_rounds_counts_its_versions_and_rotates_the_held_out_slice(ca
     out = tmp_path / "models"
     common = ["--image", str(d / "image.nii.gz"), "--labels", str(d / "labels.nii.gz"),
               "--out", str(out), "--epochs", "1", "--quiet", "--threads", "1"]
-    assert main(["finetune", "segmenter", *common, "--slices", "3,6", "--name", "first"]) == 0
-    assert main(["finetune", str(out / "first.json"), *common, "--slices", "3,6",
+    assert main(["finetune", "segmenter", *common, "--slices", "3,6,7", "--name", "first"]) == 0
+    assert main(["finetune", str(out / "first.json"), *common, "--slices", "3,6,7",
                  "--name", "again"]) == 0
-    assert main(["finetune", str(out / "first.json"), *common, "--slices", "3,6,8",
+    assert main(["finetune", str(out / "first.json"), *common, "--slices", "3,6,7,8",
                  "--name", "second"]) == 0
     second = load_model(out / "second.json")[1]
     assert second["version"].endswith("+ft2")

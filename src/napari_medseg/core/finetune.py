@@ -103,6 +103,11 @@ NEW_STRUCTURE_SECONDS = 30.0
 NEW_STRUCTURE_STEPS = 300
 #: share of the budget trained without the held-out slice
 HOLDOUT_PHASE = 0.75
+#: annotated slices a round needs to hold one out: with two, the first phase trained on
+#: ONE slice, and a round of 25-40 steps ended with the liver nearly gone on one phantom
+#: (13-141 ml of 259; the same rounds without a held-out slice 270-283 ml; with three
+#: annotated slices, one held out, 264-271 ml; `benchmarks/finetune_warmup.py`)
+MIN_SLICES_FOR_HOLDOUT = 3
 #: a round's ``seconds`` include its whole-volume passes (the model's prediction on the
 #: annotated slices, the held-out slice's score); training keeps at least this share
 MIN_TRAINING_SHARE = 0.5
@@ -562,7 +567,7 @@ def finetune_segmenter(
         # there is no held-out score (round 2 held out a slice round 1 had learnt)
         fresh = [z for z in zs if z not in trained_before(card)]
         held = (fresh[(int(version) - 1) % len(fresh)]
-                if holdout and len(zs) >= 2 and fresh else None)
+                if holdout and len(zs) >= MIN_SLICES_FOR_HOLDOUT and fresh else None)
         dice_before = dice_after = None
         if held is not None:
             pred = shown_at(held)
