@@ -424,7 +424,7 @@ def test_raw_stored_ct_values_run_with_a_warning(tmp_path, models, capsys):
     out = tmp_path / "seg.nii.gz"
     assert main(["segment", str(src), str(out), "--model", str(models["segmenter"]), "-q"]) == 0
     err = capsys.readouterr().err
-    assert "segment: warning: the image does not look like CT in Hounsfield units" in err
+    assert "segment: warning: the image is not known to be CT in Hounsfield units (modality OT" in err
 
 
 @pytest.mark.parametrize("command,suffix", [("segment", ".nii.gz"), ("classify", ".csv")])

@@ -753,6 +753,8 @@ def test_info_leaves_out_fields_the_file_leaves_empty(make_napari_viewer):
 
     viewer = make_napari_viewer()
     layer = viewer.add_image(np.zeros((2, 8, 8), np.float32), metadata={"medseg": {"source": {
-        "body_part": None, "series_description": "", "kvp": 120.0}}})
+        "body_part": None, "series_description": "", "kvp": 120.0, "manufacturer": (),
+        "slice_spacings_mm": np.array([2.5, 2.5])}}})  # a script's array: no ValueError
     text = describe_layer(layer)
     assert "kvp: 120.0" in text and "None" not in text and "series_description" not in text
+    assert "manufacturer" not in text and "slice_spacings_mm: [2.5 2.5]" in text

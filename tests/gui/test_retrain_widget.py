@@ -1476,19 +1476,34 @@ def test_a_round_that_does_worse_on_its_held_out_slice_is_listed_not_applied(sce
     def worse(*args, **kwargs):
         result = yield from real(*args, **kwargs)
         report = dataclasses.replace(result.report, holdout_slice=2, holdout_dice_before=0.94,
-                                     holdout_dice_after=0.70)
+                                     holdout_dice_after=0.70, new_classes=("structure_9",))
         return dataclasses.replace(result, report=report)
 
-    monkeypatch.setattr(retrain_module, "finetune_segmenter", worse)
     _paint_slice(labels, 2, phantom.labels)
     _paint_slice(labels, 5, phantom.labels)
+    widget._run.clicked.emit()  # v1, applied
+    _wait(widget, qtbot)
+    history = widget._history
+    assert widget._output_for(image, (history, 1)) is not None
+    monkeypatch.setattr(retrain_module, "finetune_segmenter", worse)
     before = np.array(labels.data, copy=True)
     widget._run.clicked.emit()
     _wait(widget, qtbot)
     np.testing.assert_array_equal(labels.data, before)  # nothing written
-    assert len(widget._history.versions) == 2 and widget._history.current == 0
+    assert len(history.versions) == 3 and history.current == 1
     assert "did worse on the held-out slice" in widget._status.value
-    widget._versions.value = 1  # applied when asked for
+    assert "learned new: structure_9" in widget._status.value
+    # v1's kept prediction stays for its next round (one whole-volume pass fewer)
+    assert widget._output_for(image, (history, 1)) is not None
+    # a worse round that finished after another model was picked is not put in use either
+    first = widget._model.value
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: len(widget._curve.losses) >= 1, timeout=60_000)
+    widget._model.value = next(c for c in widget._model.choices if c != first)
+    _wait(widget, qtbot)
+    widget._model.value = first
+    assert len(history.versions) == 4 and history.current == 1
+    widget._versions.value = 2  # applied when asked for
     widget._predict.clicked.emit()
     _wait(widget, qtbot)
-    assert widget._history.current == 1 and not np.array_equal(labels.data, before)
+    assert history.current == 2 and "re-predicted" in widget._status.value

@@ -75,6 +75,21 @@ from ._model_widget import (
 log = logging.getLogger(__name__)
 
 
+def _added(history: VersionHistory, result) -> tuple[Any, bool]:
+    """``result`` added to ``history`` as its newest version, and whether it is in use:
+    not when its held-out slice's Dice fell by more than :data:`HOLDOUT_DROP_NOT_APPLIED`
+    (the version the round started from stays in use; a 2-3 s round could leave the
+    segmenter far worse)."""
+    started_from = history.current
+    version = history.add(result)
+    r = result.report
+    worse = (r.holdout_dice_after is not None and r.holdout_dice_before is not None
+             and r.holdout_dice_after < r.holdout_dice_before - HOLDOUT_DROP_NOT_APPLIED)
+    if worse:
+        history.revert(started_from)
+    return version, not worse
+
+
 def _content_digest(volume) -> str:
     """What a model's output on ``volume`` depends on: its voxels (NaN included), spacing
     and missing slices, hashed (about 1 GB/s: 0.2 s for 200 × 512 × 512, in a worker)."""
@@ -865,43 +880,41 @@ class _RetrainBase(Container):
                             if kept is not None else "result discarded"))
             return
         started_from = self._history.current
-        v = self._history.add(result)
-        self._remember_output(image, v.number, prediction, digest)
+        v, applied = _added(self._history, result)
         self._refresh_versions()
         r = result.report
         msg = f"v{v.number}: {counted(r.steps, 'step')} in {r.seconds:.1f} s on slices {list(r.slices)}"
         if r.holdout_dice_after is not None:
             msg += (f"; held-out slice {r.holdout_slice}: Dice {r.holdout_dice_before:.2f} → "
                     f"{r.holdout_dice_after:.2f}")
-            if r.holdout_dice_after < r.holdout_dice_before - HOLDOUT_DROP_NOT_APPLIED:
-                self._history.revert(started_from)
-                self._refresh_versions()
-                said = (f"v{v.number} did worse on the held-out slice than v{started_from}: "
-                        f"listed, not applied; the layer is unchanged and v{started_from} stays "
-                        f"in use (a longer round usually helps; pick v{v.number} and "
-                        f"'{self._predict.text}' to apply it anyway)")
-                show_warning(f"Retrain: {said}")
-                set_status(self._status, f"{msg}\n{said}")
-                self._result_shown = True
-                self._schedule_autosave()
-                return
         if r.new_classes:
             msg += f"; learned new: {', '.join(r.new_classes)}"
             advice = new_structure_advice(r)
             if advice:
                 msg += f" ({advice})"
+        if not applied:  # the kept output of the version in use stays for its next round
+            said = (f"v{v.number} did worse on the held-out slice than v{started_from}: "
+                    f"listed, not applied; the layer is unchanged and v{started_from} stays "
+                    f"in use (a longer round usually helps; pick v{v.number} and "
+                    f"'{self._predict.text}' to apply it anyway)")
+            show_warning(f"Retrain: {said}")
+            set_status(self._status, f"{msg}\n{said}")
+            self._result_shown = True
+            return
+        self._remember_output(image, v.number, prediction, digest)
         self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg, seen)
 
     def _keep_for_its_model(self, source, base, result):
         """A round that finished after another model was picked: its version joins the
-        kept versions of the model it started from (a new history on a first round)."""
+        kept versions of the model it started from (a new history on a first round), in
+        use there only if a round that finished in place would have been applied."""
         if isinstance(source, tuple):
             history = source[0]
             if not any(h is history for h in self._kept_histories.values()):
                 return None
         else:
             history = self._kept_histories.setdefault(source, VersionHistory.start(*base))
-        return history.add(result)
+        return _added(history, result)[0]
 
     def _on_predicted(self, out, image, layer, source, seen=None) -> None:
         prediction, base, volume, digest = out

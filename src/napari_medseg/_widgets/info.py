@@ -89,8 +89,10 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
         lines.append(f"Warning: {warning}")
     for key in sorted(k for k in source if k in SAFE_METADATA_KEYS
                       and k not in ("warnings", "missing_planes")):  # said above
-        if source[key] not in (None, [], ""):  # a field the file leaves empty: not "None"
-            lines.append(f"{key}: {source[key]}")
+        value = source[key]
+        empty = value is None or (isinstance(value, (str, list, tuple, dict)) and not value)
+        if not empty:  # a field the file leaves empty: not "None"
+            lines.append(f"{key}: {value}")
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
     return "\n".join(lines)

@@ -951,11 +951,12 @@ def input_warnings(volume: Volume, card: Mapping[str, Any]) -> list[str]:
     norm = card.get("normalisation")
     if not (isinstance(norm, Mapping) and norm.get("type") == "window"):
         return warnings  # a model for any modality (the slice generator): neither applies
-    if volume.modality in ("OT", "", None):  # guessed: no air in it
+    if volume.modality in ("OT", "", None):  # guessed (no air in it), or a source's "OT"
         warnings.append(
-            "the image does not look like CT in Hounsfield units (no air at -500 HU or "
-            "below), which this model expects: its result may be meaningless (raw DICOM "
-            "values need their rescale slope and intercept)")
+            "the image is not known to be CT in Hounsfield units (modality OT: no air at "
+            "-500 HU or below was found, or its source says OT), which this model expects: "
+            "its result may be meaningless (raw DICOM values need their rescale slope and "
+            "intercept)")
     elif volume.modality != "CT":  # said by its source: the model does not apply
         warnings.append(
             f"the image is {volume.modality}, not CT: this model was trained on CT in "
