@@ -238,7 +238,9 @@ def test_versions_revert_and_save_crash_safely(tiny, phantom, tmp_path, monkeypa
             history.model(bad)
         with pytest.raises(MedsegInputError, match="no version"):
             history.save(bad, "other", tmp_path)
+    assert history.unsaved == [1]  # the widget says so when it is closed
     path = history.save(1, "mine", tmp_path)
+    assert history.unsaved == []
     loaded, card = load_model(path)
     assert card["version"].endswith("+ft1")
     for k, v in res.model.state_dict().items():

@@ -1453,8 +1453,12 @@ def test_a_closed_retrain_widget_is_let_go_with_its_versions(make_napari_viewer,
     _wait(widget, qtbot)
     kept, history = weakref.ref(widget._model_output[4]), weakref.ref(widget._history)
     gone = weakref.ref(widget)
+    start = len(notification_manager.records)
     viewer.window.remove_dock_widget(dock)
     assert kept() is None  # let go of at the close
+    # the unsaved version goes with it: said (the annotations are autosaved, not it)
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("model version v1 was never saved" in m for m in said), said
     del widget, dock
     for _ in range(3):
         qtbot.wait(10)

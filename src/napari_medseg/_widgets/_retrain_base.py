@@ -319,6 +319,14 @@ class _RetrainBase(Container):
         beside the new instance, whose restore offer missed its last strokes. (Closing
         the viewer needs none of this: its layers are removed first, which saves.)"""
         self._on_cancel()
+        histories = {id(h): h for h in (self._history, *self._kept_histories.values())
+                     if h is not None}
+        unsaved = [f"v{n}" for h in histories.values() for n in h.unsaved]
+        if unsaved:  # the annotations are autosaved; a model version lives in memory only
+            show_warning(f"Retrain closed: model {'versions' if len(unsaved) > 1 else 'version'}"
+                         f" {', '.join(unsaved)} {'were' if len(unsaved) > 1 else 'was'} never "
+                         "saved and closing the widget lets them go (your annotations are "
+                         "autosaved); save a version before closing to keep it")
         if self._autosave_timer.isActive():
             self._autosave_timer.stop()
             self.autosave_now(wait=True)

@@ -1023,6 +1023,12 @@ class VersionHistory:
 
     versions: list[ModelVersion] = field(default_factory=list)
     current: int = 0
+    saved: set[int] = field(default_factory=set)  # versions written to a model folder
+
+    @property
+    def unsaved(self) -> list[int]:
+        """The versions a round made that were never saved (v0 is a model on disk)."""
+        return [v.number for v in self.versions[1:] if v.number not in self.saved]
 
     @classmethod
     def start(cls, model: nn.Module, card: Mapping[str, Any]) -> "VersionHistory":
@@ -1071,4 +1077,6 @@ class VersionHistory:
         model, card = self.model(number)
         card.pop("card_path", None)
         folder = user_models_dir(create=True) if directory is None else directory
-        return save_model(model, folder, name, {**card, "name": name}, unique_weights=True)
+        path = save_model(model, folder, name, {**card, "name": name}, unique_weights=True)
+        self.saved.add(int(number))
+        return path
