@@ -93,8 +93,10 @@ def test_paint_retrain_repredict_undo_versions(scene, qtbot):
     # one undo step restores every re-predicted voxel
     labels.undo()
     np.testing.assert_array_equal(labels.data, before)
+    assert "undone with Ctrl+Z" in widget._status.value  # it kept saying "re-predicted"
     labels.redo()
     np.testing.assert_array_equal(labels.data, after)
+    assert "undone" not in widget._status.value
     # redoing the model's write does not make its output the user's annotation (it did:
     # every re-predicted slice was listed, so the re-predict below changed nothing)
     assert widget.annotated_slices() == [2, 5]

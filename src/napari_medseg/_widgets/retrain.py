@@ -33,6 +33,10 @@ from ._retrain_base import _RetrainBase, _on_scan, history_depths, painted_slice
 from ._navigate import drawn_matrix
 
 
+#: added to the status line while the widget's last write is undone
+UNDONE_NOTE = "\n(undone with Ctrl+Z: the layer shows what it held before this write)"
+
+
 class RetrainWidget(_RetrainBase):
     """Retrain the segmenter on corrected slices of a Labels layer."""
 
@@ -258,7 +262,12 @@ class RetrainWidget(_RetrainBase):
         undo, redo = layer._undo_history, layer._redo_history
         self._note_fallen(layer)
         self._prune(layer)
+        if before is not None and depths[0] > before[0] and undo and self._is_own(undo[-1]):
+            self._status.value = self._status.value.replace(UNDONE_NOTE, "")  # redone
         if before is not None and depths[0] < before[0] and redo:  # an undo
+            if self._is_own(redo[-1]) and UNDONE_NOTE not in self._status.value:
+                # the line above said "re-predicted …": no longer what the layer shows
+                self._status.value += UNDONE_NOTE
             undone = self._item_slices(layer, redo[-1]) & self._stroke_slices
             dropped = undone - self._settled
             for item in undo if dropped else ():  # the user's remaining strokes, not our writes
