@@ -168,3 +168,31 @@ def test_a_label_map_is_said_to_get_values_that_are_no_structure(tmp_path, capsy
     assert main(["generate", str(tmp_path / "scan.nii.gz"), str(tmp_path / "up2.nii.gz"),
                  "--factor", "2", "--quiet"]) == 0
     assert "label map" not in capsys.readouterr().err
+
+
+def test_a_generated_file_opens_saying_which_slices_are_synthetic(tmp_path, capsys):
+    """Reopened, a generated file said how many slices were synthetic, not which (the
+    Generate widget's own layer says which)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    write_nifti(tmp_path / "scan.nii.gz", rng.normal(size=(5, 8, 8)).astype(np.float32),
+                (3.0, 1.0, 1.0))
+    out, status = tmp_path / "up.nii.gz", tmp_path / "status.csv"
+    assert main(["generate", str(tmp_path / "scan.nii.gz"), str(out), "--factor", "2",
+                 "--slices-csv", str(status), "-q"]) == 0
+    rows = list(csv.reader(status.open()))[1:]
+    made = [int(z) for z, kind in rows if kind == "generated"]
+    volume = read_nifti(out)
+    assert volume.metadata["synthetic_planes"] == {"axis": "z", "indices": made}
+    # the same file stored the other way up by another tool, which kept our extension:
+    # its indices, in the order the file was written in, would name other slices
+    img = nib.load(out)
+    flipped = nib.Nifti1Image(np.asarray(img.dataobj)[:, :, ::-1],
+                              img.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0],
+                                                     [0, 0, -1, 8], [0, 0, 0, 1.0]]),
+                              img.header)
+    nib.save(flipped, tmp_path / "flipped.nii.gz")
+    again = read_nifti(tmp_path / "flipped.nii.gz")
+    np.testing.assert_array_equal(again.array, volume.array)  # turned back as read
+    assert "synthetic_planes" not in again.metadata and again.metadata["synthetic_slices"] == 4

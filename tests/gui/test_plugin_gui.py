@@ -758,3 +758,22 @@ def test_info_leaves_out_fields_the_file_leaves_empty(make_napari_viewer):
     text = describe_layer(layer)
     assert "kvp: 120.0" in text and "None" not in text and "series_description" not in text
     assert "manufacturer" not in text and "slice_spacings_mm: [2.5 2.5]" in text
+
+
+def test_info_names_the_synthetic_slices_of_a_generated_file(make_napari_viewer, tmp_path):
+    """A generated file opened again said "synthetic_slices: 4", not which slices."""
+    from napari_medseg.cli import main
+    from napari_medseg.core.io import write_nifti
+    from napari_medseg._widgets.info import describe_layer
+
+    write_nifti(tmp_path / "scan.nii.gz",
+                np.random.default_rng(0).normal(size=(5, 8, 8)).astype(np.float32), (3.0, 1.0, 1.0))
+    assert main(["generate", str(tmp_path / "scan.nii.gz"), str(tmp_path / "up.nii.gz"),
+                 "--factor", "2", "-q"]) == 0
+    viewer = make_napari_viewer()
+    layer = viewer.open(tmp_path / "up.nii.gz", plugin="napari-medseg")[0]
+    text = describe_layer(layer)
+    assert "SYNTHETIC: 4 generated slices (not acquired) along z: 1, 3, 5, 7" in text
+    assert "synthetic_planes" not in text
+    layer.data = np.ascontiguousarray(layer.data[::2])  # the acquired slices kept: none said
+    assert "SYNTHETIC" not in describe_layer(layer)

@@ -85,10 +85,16 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
     if not isinstance(layer.data, np.ndarray):
         lines.append("(a lazy image: slices with no finite voxel show up when a model reads it)")
     source = medseg.get("source", {})
+    made = source.get("synthetic_planes")  # a generated file's, while it has its shape
+    if isinstance(made, dict) and list(source.get("shape_zyx", layer.data.shape)) == list(
+            layer.data.shape):
+        lines.append(f"SYNTHETIC: {len(made.get('indices', []))} generated slices (not "
+                     f"acquired) along {made.get('axis')}: "
+                     f"{slice_ranges(made.get('indices', [])) or 'none'}")
     for warning in source.get("warnings", []):
         lines.append(f"Warning: {warning}")
     for key in sorted(k for k in source if k in SAFE_METADATA_KEYS
-                      and k not in ("warnings", "missing_planes")):  # said above
+                      and k not in ("warnings", "missing_planes", "synthetic_planes")):
         value = source[key]
         empty = value is None or (isinstance(value, (str, list, tuple, dict)) and not value)
         if not empty:  # a field the file leaves empty: not "None"
