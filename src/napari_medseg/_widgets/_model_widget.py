@@ -132,14 +132,6 @@ class LayerNameFollower:
             (layer.events.name.connect if connect else layer.events.name.disconnect)(callback)
 
 
-def follow_layer_names(viewer, callback) -> LayerNameFollower:
-    """A :class:`LayerNameFollower` of ``callback``, following: keep it as long as it
-    should call."""
-    follower = LayerNameFollower(viewer, callback)
-    follower.connect()
-    return follower
-
-
 def connect_layer_events(layer, names, callback, connect: bool = True) -> None:
     """(Dis)connect ``callback`` to those of the events ``names`` that ``layer`` has (an
     older napari has no ``units``, a Labels layer no ``contrast_limits``); None: nothing."""

@@ -64,7 +64,7 @@ from ._model_widget import (
     DockWatch,
     _geometry,
     _same_geometry,
-    follow_layer_names,
+    LayerNameFollower,
     model_picker,
     progress_bar,
     refresh_model_pickers,
@@ -301,9 +301,8 @@ class _RetrainBase(Container):
         self._revert.changed.connect(self._on_revert)
         self._predict.changed.connect(self._on_predict)
         self._save.changed.connect(self._on_save)
-        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
-            event.connect(self._refresh_layers)
-        self._names = follow_layer_names(viewer, self._refresh_layers)
+        self._names = LayerNameFollower(viewer, self._refresh_layers)
+        self._follow_layer_list()
         self._refresh_layers()
         self._on_image_changed()
         self._track()
@@ -338,10 +337,14 @@ class _RetrainBase(Container):
             self._watched_image = None
         self._shut = True
         self._model_output = None  # a whole volume's prediction, kept to speed up a round
-        for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
-            event.disconnect(self._refresh_layers)
-        self._names.connect(False)
+        self._follow_layer_list(False)
         self._release_folders()
+
+    def _follow_layer_list(self, follow: bool = True) -> None:
+        """(Stop) refreshing the pickers as layers are added, removed or renamed."""
+        for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
+            (event.connect if follow else event.disconnect)(self._refresh_layers)
+        self._names.connect(follow)
 
     def _release_folders(self) -> None:
         """This widget writes its autosaves no more: the next one may offer them."""
@@ -361,9 +364,7 @@ class _RetrainBase(Container):
 
     def _reopen(self) -> None:
         self._shut = False
-        for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
-            event.connect(self._refresh_layers)
-        self._names.connect()
+        self._follow_layer_list()
         self._refresh_layers()
         self._on_image_changed()
         self._track()
