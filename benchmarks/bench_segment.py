@@ -175,7 +175,6 @@ def main() -> None:
         "breakdown": breakdown,
     }
     out["ratio_executed"] = out["gflops_executed"] / out["gemm_gflops_same_run"]
-    naive_total = out["naive"]["seconds_scaled"]
     if "bf16" not in args.skip and cpu_supports_bf16():
         s16, r16 = timed(lambda: run_to_completion(
             segment_volume(volume, model, card, precision="bf16", threads=0)))
@@ -183,7 +182,6 @@ def main() -> None:
             segment_volume(volume, model, card, precision="auto", threads=0)))
         out["bf16"] = {"seconds": s16, "speedup_vs_fp32": seconds / s16,
                        "label_agreement_vs_fp32": float((r16.labels == result.labels).mean()),
-                       "speedup_vs_naive": naive_total / s16,
                        "auto_chose": rauto.precision, "auto_seconds": sauto}
         out["bf16"].update(bf16_references(out, s16))
     if "monai" not in args.skip:

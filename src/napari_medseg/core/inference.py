@@ -44,6 +44,7 @@ Speed (measured on 2 cores; see benchmarks/ and the module notes below):
   /proc/cpuinfo; elsewhere it is emulated and ~100× slower). ``precision="auto"`` uses
   bf16 only where the CPU has it AND a one-time check on the first slices of the actual
   input (cached per model and grid) finds it faster by ≥ 1.2× with the same predictions.
+  bf16 runs a fused copy (``_Prepared.model_for``, ``models.fusion``).
 - Labels back on the input grid: bilinear interpolation of the logits then argmax, which
   was measured more accurate than nearest-neighbour on the model-grid argmax (phantom
   0.7 → 1.4 mm → 0.7 mm, ideal probabilities: voxel accuracy 0.99981 vs 0.99703, lesion
@@ -73,6 +74,7 @@ from torch import nn
 from .errors import MedsegInputError
 from .models.classifier import SliceClassifier, fold_batchnorm
 from .models.detector import LesionDetector, extract_peaks
+from .models.fusion import fuse_for_inference, to_bfloat16_weights
 from .models.generator import SliceGenerator
 # apply_normalisation is re-exported: the engine's in-place variant is tested against it
 from .models.registry import (  # noqa: F401
@@ -543,6 +545,20 @@ class _Prepared:
     key: tuple
     model: nn.Module
     bf16_ok: dict = field(default_factory=dict)  # (grid, n_slices) → bool (auto precision)
+    _bf16_model: nn.Module | None = None
+
+    def model_for(self, bf16: bool) -> nn.Module:
+        """The prepared model, or for bf16 (run under autocast) a copy made on first use
+        with each conv and its activation fused into one call and the conv and linear
+        weights bfloat16 already (``models.fusion``: 1.08× on classify and detect with
+        AMX, the same outputs)."""
+        if not bf16:
+            return self.model
+        with _PREPARED_LOCK:  # jobs in two worker threads make one copy
+            if self._bf16_model is None:
+                self._bf16_model = to_bfloat16_weights(
+                    fuse_for_inference(copy.deepcopy(self.model)))
+            return self._bf16_model
 
 
 _PREPARED: "weakref.WeakKeyDictionary[nn.Module, _Prepared]" = weakref.WeakKeyDictionary()
@@ -879,11 +895,9 @@ def _use_bf16(entry: _Prepared, precision: str, sample: torch.Tensor) -> bool:
         return False
     key = tuple(sample.shape)
     if key not in entry.bf16_ok:
-        model = entry.model
-
         def run(bf16: bool) -> torch.Tensor:
             with torch.inference_mode(), _autocast(bf16):
-                return _main_output(model(sample))
+                return _main_output(entry.model_for(bf16)(sample))
 
         t32, ref = _time_call(lambda: run(False))
         t16, low = _time_call(lambda: run(True))
@@ -1022,7 +1036,7 @@ def segment_volume(
             entry = _prepared(model)
             if precision != "fp32":
                 use_bf16 = _use_bf16(entry, precision, slices[0 : min(nz, 4)])
-            chunks = entry.model.iter_chunks(slices, chunk)
+            chunks = entry.model_for(use_bf16).iter_chunks(slices, chunk)
             total = RecurrentSegmenter.n_steps(nz, chunk)
             yield Progress(0, total, "segmenting")
             while True:
@@ -1096,7 +1110,7 @@ def classify_volume(
             yield Progress(0, len(batches), "classifying")
             for step, (a, b) in enumerate(batches, start=1):
                 with torch.inference_mode(), _autocast(use_bf16):
-                    logits = entry.model(slices[a:b]).float()
+                    logits = entry.model_for(use_bf16)(slices[a:b]).float()
                     probs[a:b] = torch.softmax(logits, dim=1).numpy()
                 governor.update()
                 yield Progress(step, len(batches), f"classifying: slices {a}–{b - 1}")
@@ -1202,7 +1216,7 @@ def detect_lesions(
             yield Progress(0, total, "detecting")
             for step, (a, b) in enumerate(batches, start=1):
                 with torch.inference_mode(), _autocast(use_bf16):
-                    out = entry.model(slices[a:b])
+                    out = entry.model_for(use_bf16)(slices[a:b])
                     heat[a:b] = torch.sigmoid(out.heatmap.float())[:, 0].numpy()
                     size[a:b] = torch.exp(out.log_diameter.float())[:, 0].numpy()
                 # No score where nothing was measured: a masked block's heat would show as

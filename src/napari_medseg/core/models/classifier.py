@@ -271,9 +271,11 @@ class SliceClassifier(nn.Module):
         """Whether the forward may pool before the activation: max-pooling commutes with a
         non-decreasing activation applied after it (relu(max) == max(relu)), so the
         activation then runs on a quarter of the voxels. Only ReLU / LeakyReLU, whose
-        float results are exactly monotone; not GELU (not monotone) nor tanh / sigmoid."""
+        float results are exactly monotone; not GELU (not monotone) nor tanh / sigmoid.
+        An ``Identity`` activation is one fused into the conv (``models.fusion``): it
+        already ran before the pooling, so any activation may take this path."""
         return getattr(self, "fast_inference", False) and not self.training and all(
-            isinstance(b.act, (nn.ReLU, nn.LeakyReLU)) for b in self.blocks)
+            isinstance(b.act, (nn.ReLU, nn.LeakyReLU, nn.Identity)) for b in self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._pool_first():
