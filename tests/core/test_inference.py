@@ -441,6 +441,37 @@ def test_bf16_is_refused_without_native_support(seg, monkeypatch):
     assert result.precision == "fp32"
 
 
+def test_bf16_where_onednn_refuses_it_is_refused_not_a_crash(tmp_path):
+    """The CPU flags offer bf16 but oneDNN is capped below it: "auto" runs fp32 and "bf16"
+    says why it is refused (the fused bf16 copy raised a RuntimeError mid-job)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "capped.py"
+    script.write_text(
+        "from napari_medseg.core.inference import classify_volume\n"
+        "from napari_medseg.core.errors import MedsegInputError\n"
+        "from napari_medseg.core.models import load_model\n"
+        "from napari_medseg.core.phantom import generate_phantom\n"
+        "from napari_medseg.core.progress import run_to_completion\n"
+        "volume = generate_phantom((3, 48, 48), (2.5, 1.5, 1.5), seed=1).volume\n"
+        "model, card = load_model('classifier')\n"
+        "print(run_to_completion(classify_volume(volume, model, card, precision='auto')).precision)\n"
+        "try:\n"
+        "    run_to_completion(classify_volume(volume, model, card, precision='bf16'))\n"
+        "    print('bf16 ran')\n"
+        "except MedsegInputError as exc:\n"
+        "    print('refused:', exc)\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "fp32"
+    assert lines[1].startswith("refused:") and "bf16" in lines[1]
+
+
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
 def test_bf16_agrees_with_fp32(seg, cls):
     volume = Volume(generate_phantom((6, 64, 64), (2.5, 1.2, 1.2), seed=2).volume.array,

@@ -280,8 +280,15 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16)."""
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16) and PyTorch's oneDNN
+    will use it (not where ``ONEDNN_MAX_CPU_ISA`` caps it below, or a VM's flags promise
+    more than it runs: the convs would fall back to PyTorch's own, emulated bf16)."""
+    if not {"amx_bf16", "avx512_bf16"} & cpu_flags():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without it: the flags decide
+        return True
 
 
 def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup",
@@ -527,8 +534,9 @@ def _check_precision(precision: str) -> str:
             f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bf16" and not cpu_supports_bf16():
         raise MedsegInputError(
-            "bf16 needs a CPU with native bfloat16 (amx_bf16 or avx512_bf16); this one would"
-            " emulate it ~100× slower than fp32: use precision 'fp32' or 'auto'"
+            "bf16 needs a CPU with native bfloat16 (amx_bf16 or avx512_bf16) that PyTorch's"
+            " oneDNN uses; here it would be emulated, ~100× slower than fp32: use precision"
+            " 'fp32' or 'auto'"
         )
     return precision
 
