@@ -237,6 +237,52 @@ def test_points_csv_headers_as_spreadsheets_write_them(tmp_path):
         read_points_csv(str(tmp_path / "p.csv"))
 
 
+def test_a_saved_detection_layer_reads_back_whatever_the_locale(tmp_path, monkeypatch):
+    """The writer used the locale's encoding and `finetune --points` reads UTF-8: on
+    Windows (cp1252) a detection's label "0.90 · 12 mm" was written as byte 0xb7 and the
+    file could not be read back; on an ASCII locale the save failed."""
+    from napari_medseg import cli
+    from napari_medseg._writer import write_points_csv
+    from napari_medseg.cli_finetune import read_points_csv
+
+    fdopen = os.fdopen
+
+    def locale_cp1252(fd, mode="r", *args, **kwargs):  # open()'s default on Windows
+        kwargs.setdefault("encoding", "cp1252")
+        return fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(cli.os, "fdopen", locale_cp1252)
+    path = tmp_path / "lesions.csv"
+    meta = {"scale": (2.0, 1.0, 1.0), "translate": (0.0, 0.0, 0.0),
+            "features": {"score": [0.9], "diameter_mm": [12.0], "label": ["0.90 · 12 mm"],
+                         "organ": ["肝臓"]}}
+    assert write_points_csv(str(path), np.array([[3.0, 10.0, 12.0]]), meta) == [str(path)]
+    assert "0.90 · 12 mm" in path.read_text(encoding="utf-8")
+    from napari_medseg.core.volume import Volume
+
+    volume = Volume(np.zeros((10, 40, 40), np.float32), spacing=(2.0, 1.0, 1.0))
+    voxels, diameters = read_points_csv(str(path), volume)
+    assert voxels.tolist() == [[3.0, 10.0, 12.0]] and diameters.tolist() == [12.0]
+
+
+def test_features_named_like_coordinates_do_not_become_coordinates(tmp_path):
+    """A feature "index" or "axis-0" repeated the coordinate columns' names: napari's
+    reader reopened 3D points as 4D."""
+    import csv
+
+    from napari_medseg._writer import write_points_csv
+
+    path = tmp_path / "p.csv"
+    meta = {"scale": (1.0, 1.0, 1.0), "features": {"index": [7, 8], "axis-0": [1, 2],
+                                                   "feature_index": ["a", "b"]}}
+    write_points_csv(str(path), np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]), meta)
+    with open(path, newline="", encoding="utf-8") as fh:
+        header, *rows = list(csv.reader(fh))
+    assert header == ["index", "axis-0", "axis-1", "axis-2", "feature_index",
+                      "feature_axis-0", "feature_feature_index"]
+    assert rows[1] == ["1", "3", "4", "5", "8", "2", "b"]
+
+
 def test_phantom_lesion_csv_gives_its_sizes(tmp_path):
     """phantom's lesions.csv says radius_mm: its sizes were dropped (every lesion 10 mm)."""
     from napari_medseg.cli_finetune import read_points_csv

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -92,7 +92,8 @@ def _write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
     if len(features) != len(points):
         features = pd.DataFrame(index=range(len(points)))
     keep = np.flatnonzero(shown)
-    header = ["index", *(f"axis-{i}" for i in range(ndim)), *map(str, features.columns)]
+    coords = ["index", *(f"axis-{i}" for i in range(ndim))]
+    header = [*coords, *_feature_columns(features.columns, coords)]
     rows = [[n, *(f"{v:.6g}" for v in mm[i]), *features.iloc[i].tolist()]
             for n, i in enumerate(keep)]
     _write_csv_atomic(target, header, rows)
@@ -105,6 +106,19 @@ def _write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
         _say(f"{target.name}: {len(points) - len(keep)} hidden points (detections below the "
              "score threshold) were not saved")
     return [str(target)]
+
+
+def _feature_columns(names: Any, taken: Sequence[str]) -> list[str]:
+    """Feature names as CSV columns, a name napari's reader takes for a coordinate
+    ("index", "axis-0" …) prefixed with "feature_": a feature "index" made the file
+    reopen as 4D points."""
+    out, used = [], set(taken)
+    for name in map(str, names):
+        while name in used:
+            name = f"feature_{name}"
+        used.add(name)
+        out.append(name)
+    return out
 
 
 def _say(message: str, warning: bool = False) -> None:

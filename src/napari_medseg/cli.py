@@ -40,7 +40,9 @@ def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence
     except OSError as exc:  # an unwritable folder: name the output, not the temp file
         raise MedsegInputError(f"could not write the file ({exc.strerror or exc})", path) from exc
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
+        # UTF-8 whatever the locale: the readers (finetune --points) read UTF-8, and a
+        # detection's label ("0.90 · 12 mm") is not ASCII
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
             writer.writerows(rows)
@@ -50,6 +52,9 @@ def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):  # name the output, not the temp file
             raise MedsegInputError(f"could not write the file ({exc.strerror or exc})", path) from exc
+        if isinstance(exc, UnicodeError):  # a lone surrogate from a mangled file name
+            raise MedsegInputError(f"could not write the file: text UTF-8 cannot hold ({exc})",
+                                   path) from exc
         raise
 
 

@@ -171,6 +171,14 @@ def _corrupt(tmp_path, kind):
     return path
 
 
+@pytest.mark.parametrize("name", ["empty.nii.gz", "empty.nii"])
+def test_an_empty_file_is_said_to_be_empty(tmp_path, name):
+    """It read "not a readable NIfTI file (Binary block is wrong size)"."""
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(MedsegInputError, match=f"^{name}: the file is empty$"):
+        read_volume(tmp_path / name)
+
+
 @pytest.mark.parametrize("kind", ["noise", "not gzip", "truncated"])
 def test_broken_files_raise_one_clear_line(tmp_path, kind):
     path = _corrupt(tmp_path, kind)

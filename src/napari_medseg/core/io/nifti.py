@@ -216,6 +216,8 @@ def _read(path: str | Path, want_labels: bool = True
     path = Path(path).expanduser()
     if not path.exists():
         raise MedsegInputError("no such file or folder", path)
+    if path.is_file() and path.stat().st_size == 0:  # nibabel: "Binary block is wrong size"
+        raise MedsegInputError("the file is empty", path)
     try:
         with _nibabel_messages() as fixed:
             img = _load(path)
