@@ -16,7 +16,8 @@ EXPECTED = {
                 "Explain slice classes (Grad-CAM)", "Segmentation uncertainty",
                 "Generate slices (upsample, fill gaps)"},
     "readers": {"napari-medseg.get_reader"},
-    "writers": {"napari-medseg.write_labels_nifti", "napari-medseg.write_points_csv"},
+    "writers": {"napari-medseg.write_labels_nifti", "napari-medseg.write_image_nifti",
+                "napari-medseg.write_points_csv"},
     "sample_data": {"synthetic_ct"},
 }
 

@@ -1,5 +1,6 @@
-"""npe2 writers: a Labels layer to NIfTI where its scan lies (spacing, origin, axes); a
-Points layer to napari's CSV in world millimetres, its shown points only."""
+"""npe2 writers: a Labels or (greyscale) Image layer to NIfTI where its scan lies (spacing,
+origin, axes), a generated image marked synthetic in the file; a Points layer to napari's
+CSV in world millimetres, its shown points only."""
 
 from __future__ import annotations
 
@@ -50,6 +51,57 @@ def _write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
     written = write_nifti(path, labels, spacing=None, matrix=matrix,
                           axes=_scan_axes(meta, labels.shape, matrix),
                           labels=True, label_names=_label_names(meta))
+    return [str(written)]
+
+
+class ImageNotSaved(RuntimeError):
+    """Why an image save failed (not a ValueError, as :class:`LabelsNotSaved`)."""
+
+
+#: a generated layer's record the file keeps (``napari-medseg generate`` writes the same)
+_SYNTHETIC_KEYS = ("synthetic", "method", "factor", "slice_axis", "generated_slices",
+                   "acquired_slices")
+
+
+def write_image_nifti(path: str, data: Any, meta: dict) -> list[str]:
+    """A greyscale Image layer as a NIfTI scan, placed as the layer is (scale, translate,
+    rotate …, and the scan's axes). A layer the Generate widget made keeps its record: the
+    header's description says SYNTHETIC (what other viewers show) and the extension which
+    slices were generated, so the file opens again with the warning and the slices named,
+    as the ``generate`` command's output does. Without this writer napari offered only
+    picture formats for such a layer, without spacing or the synthetic mark."""
+    try:
+        return _write_image_nifti(path, data, meta)
+    except MedsegInputError as exc:
+        raise ImageNotSaved(str(exc)) from exc
+
+
+def _write_image_nifti(path: str, data: Any, meta: dict) -> list[str]:
+    if meta.get("rgb"):
+        raise MedsegInputError("a colour (RGB) picture is not saved as a NIfTI scan; "
+                               "save greyscale image layers", path)
+    if meta.get("multiscale") or type(data).__name__ == "MultiScaleData":
+        data = data[0]  # the full resolution, as for labels
+    image = np.asarray(data)
+    if image.ndim not in (2, 3):
+        raise MedsegInputError(f"images are saved as 2D or 3D scans; this layer is "
+                               f"{image.ndim}D", path)
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == np.bool_) \
+            or np.iscomplexobj(image):
+        raise MedsegInputError(f"a {image.dtype} image is not saved as a NIfTI scan", path)
+    matrix = _voxel_to_world(meta, image.ndim)
+    if image.ndim == 2:
+        image = image[np.newaxis]
+    _refuse_an_open_layers_file(path, meta.get("name"))
+    ours = (meta.get("metadata") or {}).get("medseg") or {}
+    description, info = "", None
+    if ours.get("synthetic") is True:
+        description = (f"napari-medseg: SYNTHETIC slices ({ours.get('method', '?')}), "
+                       "not for diagnosis")
+        info = {k: ours[k] for k in _SYNTHETIC_KEYS if k in ours}
+    written = write_nifti(path, image, spacing=None, matrix=matrix,
+                          axes=_scan_axes(meta, image.shape, matrix),
+                          description=description, info=info)
     return [str(written)]
 
 
@@ -150,7 +202,7 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
     if ndim == 3:
         return world
     if ndim != 2:
-        raise MedsegInputError(f"labels must be 2D or 3D, got {ndim}D")
+        raise MedsegInputError(f"layers are saved as 2D or 3D, got {ndim}D")
     matrix = np.eye(4)
     matrix[1:3, 1:3], matrix[1:3, 3] = world[:2, :2], world[:2, 2]
     return matrix
@@ -206,7 +258,7 @@ def _refuse_an_open_layers_file(path: str, saving: str | None) -> None:
         if same:
             # not a ValueError: napari reads those from a writer as "not a valid writer"
             raise PermissionError(f"{os.path.basename(path)}: '{layer.name}' was opened from "
-                                  "this file; save the labels under another name")
+                                  "this file; save the layer under another name")
 
 
 def _open_layers() -> list:

@@ -344,3 +344,54 @@ def test_a_turned_sagittal_series_gap_is_named_and_recorded_along_its_axis(
     assert medseg["missing_slices"] == [] and medseg["source"]["slice_axis"] == "x"
     # generating again from the new layer still runs along x
     assert volume_from_layer(new).metadata["slice_axis"] == "x"
+
+
+def test_a_generated_layer_saves_as_a_nifti_scan_still_marked_synthetic(make_napari_viewer,
+                                                                       qtbot, tmp_path):
+    """napari had no NIfTI writer for images: a generated volume could leave the GUI only
+    as pictures or .npy, without its spacing and without the synthetic mark."""
+    import nibabel as nib
+
+    from napari_medseg.core.io import read_volume
+
+    scan = tmp_path / "ct.nii.gz"
+    data = np.random.default_rng(3).normal(size=(12, 10, 5)).astype(np.float32)  # (x, y, z)
+    nib.save(nib.Nifti1Image(data, np.diag([-0.8, -0.9, 3.0, 1.0])), scan)
+    viewer = make_napari_viewer()
+    image, widget = _linear_x2_of_file(viewer, qtbot, scan)
+    synthetic = viewer.layers[-1]
+    assert synthetic is not image
+    made = synthetic.metadata["medseg"]
+    out = tmp_path / "ct_x2.nii.gz"
+    viewer.layers.selection = {synthetic}
+    viewer.layers.save(str(out), selected=True, plugin="napari-medseg")
+    reopened = read_volume(out)
+    np.testing.assert_array_equal(reopened.array, synthetic.data)
+    np.testing.assert_allclose(reopened.spacing, synthetic.scale)
+    np.testing.assert_allclose(reopened.origin, synthetic.translate, atol=1e-5)
+    assert reopened.metadata["synthetic_slices"] == len(made["generated_slices"]) > 0
+    assert "SYNTHETIC" in str(nib.load(out).header["descrip"])
+    # opened again in napari it is still refused as a source of generation
+    (opened,) = viewer.open(str(out), plugin="napari-medseg")
+    errors = _linear_x2_errors(widget, qtbot, opened)
+    assert len(errors) == 1 and "generated (synthetic) slices" in errors[0]
+    # the acquired scan saves too, plainly, but never onto the file it was opened from
+    viewer.layers.selection = {image}
+    viewer.layers.save(str(tmp_path / "copy.nii"), selected=True, plugin="napari-medseg")
+    assert "synthetic_slices" not in read_volume(tmp_path / "copy.nii").metadata
+    before = scan.read_bytes()
+    with pytest.raises(PermissionError, match="was opened from this file"):
+        viewer.layers.save(str(scan), selected=True, plugin="napari-medseg")
+    assert scan.read_bytes() == before
+
+
+def test_a_colour_picture_is_not_saved_as_a_scan(make_napari_viewer, tmp_path):
+    from napari_medseg._writer import ImageNotSaved, write_image_nifti
+
+    viewer = make_napari_viewer()
+    rgb = viewer.add_image(np.zeros((8, 9, 3), np.uint8), rgb=True)
+    with pytest.raises(ImageNotSaved, match="RGB"):
+        write_image_nifti(str(tmp_path / "rgb.nii.gz"), rgb.data, rgb._get_state())
+    with pytest.raises(ImageNotSaved, match="4D"):
+        write_image_nifti(str(tmp_path / "t.nii.gz"), np.zeros((2, 3, 4, 5)), {"scale": (1,) * 4})
+    assert not list(tmp_path.iterdir())
