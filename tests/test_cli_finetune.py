@@ -283,6 +283,28 @@ def test_features_named_like_coordinates_do_not_become_coordinates(tmp_path):
     assert rows[1] == ["1", "3", "4", "5", "8", "2", "b"]
 
 
+def test_saving_points_with_none_shown_warns_that_napari_cannot_reopen_it(tmp_path,
+                                                                        monkeypatch):
+    """A header-only CSV (no findings, or every detection below the threshold) was
+    written in silence; napari's reader fails on it with an IndexError."""
+    from napari_medseg import _writer
+    from napari_medseg.cli_finetune import read_points_csv
+    from napari_medseg.core.volume import Volume
+
+    said = []
+    monkeypatch.setattr(_writer, "_say", lambda m, warning=False: said.append((m, warning)))
+    path = tmp_path / "none.csv"
+    meta = {"scale": (1.0, 1.0, 1.0), "shown": [False], "features": {"score": [0.1]}}
+    _writer.write_points_csv(str(path), np.array([[1.0, 2.0, 3.0]]), meta)
+    assert path.read_text(encoding="utf-8").strip() == "index,axis-0,axis-1,axis-2,score"
+    assert any("only its header" in m and warning for m, warning in said), said
+    volume = Volume(np.zeros((4, 8, 8), np.float32), spacing=(1.0, 1.0, 1.0))
+    assert read_points_csv(str(path), volume)[0].shape == (0, 3)
+    said.clear()
+    _writer.write_points_csv(str(path), np.array([[1.0, 2.0, 3.0]]), {**meta, "shown": [True]})
+    assert not any("only its header" in m for m, _ in said)
+
+
 def test_phantom_lesion_csv_gives_its_sizes(tmp_path):
     """phantom's lesions.csv says radius_mm: its sizes were dropped (every lesion 10 mm)."""
     from napari_medseg.cli_finetune import read_points_csv

@@ -157,6 +157,10 @@ def _write_points_csv(path: str, data: Any, meta: dict) -> list[str]:
     if len(keep) < len(points):
         _say(f"{target.name}: {len(points) - len(keep)} hidden points (detections below the "
              "score threshold) were not saved")
+    if not len(keep):  # a record of "no findings", which napari's CSV reader fails on
+        _say(f"{target.name}: no points shown, so the file holds only its header; napari "
+             "cannot open a points CSV without rows (`finetune detector --points` reads it "
+             "as a volume without lesions)", warning=True)
     return [str(target)]
 
 
