@@ -223,6 +223,40 @@ def test_names_folders_and_seeds_are_checked_before_training(case, tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+def test_a_bundled_name_is_refused_in_the_user_models_folder(case, tmp_path, capsys,
+                                                             monkeypatch):
+    """Saved there as "segmenter", the fine-tuned copy was loaded for every command and
+    widget that names the bundled segmenter (the Retrain widget refused the name)."""
+    from napari_medseg.core import finetune
+
+    monkeypatch.setattr(finetune, "finetune_segmenter", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("trained before checking its arguments")))
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    d, p = case
+    argv = ["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
+            str(d / "labels.nii.gz"), "--slices", "3", "--epochs", "1"]
+    assert main([*argv, "--out", str(tmp_path / "home" / "models"), "--name", "segmenter"]) == 2
+    assert "bundled model's name" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
+
+
+def test_finetune_says_what_the_reader_warns_and_names_synthetic_slices(case, tmp_path,
+                                                                       capsys):
+    """finetune read the image without a word: a file `generate` made trained on its
+    synthetic slices as if acquired, where every other command warns."""
+    d, p = case
+    image = tmp_path / "x2.nii.gz"
+    write_nifti(image, p.volume.array, p.volume.spacing, p.volume.origin,
+                description="napari-medseg: SYNTHETIC slices (linear), not for diagnosis",
+                info={"synthetic": True, "slice_axis": "z", "generated_slices": [1, 3, 5]})
+    assert main(["finetune", "segmenter", "--image", str(image), "--labels",
+                 str(d / "labels.nii.gz"), "--slices", "2,3,4,5", "--out", str(tmp_path / "m"),
+                 "--epochs", "1", "--quiet", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "finetune: warning: 3 slices of this file were generated" in err
+    assert "finetune: warning: 2 annotated slices (3, 5) were generated (synthetic)" in err
+
+
 def test_points_csv_headers_as_spreadsheets_write_them(tmp_path):
     from napari_medseg.cli_finetune import read_points_csv
     from napari_medseg.core.errors import MedsegInputError

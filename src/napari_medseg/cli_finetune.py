@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli_infer import threads_arg
+from .cli_infer import _read_and_warn, threads_arg
 from .core.errors import MedsegInputError
 from .core.text import counted
 
@@ -173,7 +173,6 @@ def _cells(row: dict, size: str) -> str:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .cli_infer import _run
     from .core.finetune import finetune_detector, finetune_segmenter, new_structure_advice
-    from .core.io import read_volume
     from .core.models import LesionDetector, RecurrentSegmenter, load_model, save_model
     from .core.models.registry import check_model_name
     from .core.training import MAX_SEED
@@ -194,6 +193,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                "--name", out)
     if (out / f"{name}.json").exists() and not args.overwrite:
         raise MedsegInputError(f"{name}.json exists; pass --overwrite or another --name", out)
+    from .core.models.registry import BUNDLED_DIR, user_models_dir
+
+    if (BUNDLED_DIR / f"{name}.json").exists() and _same_folder(out, user_models_dir()):
+        # found first by name, it would stand in for the bundled model in every command
+        # and widget that names it (the Retrain widget refuses the same)
+        raise MedsegInputError(f"'{name}' is a bundled model's name; in the user models "
+                               "folder this model would replace it everywhere: pass another "
+                               "--name", out)
     from .cli_train import _refuse_write_protected
 
     _refuse_write_protected(out, [f"{name}.json"])  # said now, not after the training
@@ -208,7 +215,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise MedsegInputError("give --labels (segmenter) or --points (detector), one of them")
     slices = parse_slices(args.slices)
     model, card = load_model(args.model)
-    volume = read_volume(args.image)
+    volume = _read_and_warn(args.image, "finetune")  # a synthetic file, gaps, 1 mm guessed …
+    _warn_synthetic_slices(volume, slices)
     # an epoch: each annotated slice is the centre of one training sequence, on average
     steps = None if args.epochs is None else args.epochs * len(slices)
     threads = args.threads
@@ -259,6 +267,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    """Whether two folders are one, links followed (either may not exist yet)."""
+    return os.path.realpath(a.expanduser()) == os.path.realpath(b.expanduser())
+
+
+def _warn_synthetic_slices(volume: Any, slices: Any) -> None:
+    """Annotated slices the file says ``generate`` made: the round would teach the model
+    the generator's image as if acquired (said, not refused: the user may mean it)."""
+    planes = volume.metadata.get("synthetic_planes") or {}
+    if planes.get("axis") != "z":
+        return
+    made = sorted(set(int(z) for z in slices) & set(planes.get("indices", ())))
+    if made:
+        from .core.text import slice_ranges
+
+        print(f"finetune: warning: {counted(len(made), 'annotated slice')} "
+              f"({slice_ranges(np.array(made))}) were generated (synthetic), not acquired: "
+              "the model learns from the generator's image there", file=sys.stderr)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("finetune", help="fine-tune the segmenter (--labels) or the detector "
                        "(--points) on annotated slices of one volume")
@@ -275,9 +303,10 @@ def register(sub: Any) -> None:
     p.add_argument("--epochs", type=int, help="training passes over the annotated slices (with "
                    "--seconds: whichever comes first)")
     p.add_argument("--seconds", type=float, help="time budget (default without --epochs: 15 s, or 30 s"
-                   " when the labels hold a new structure); it includes the passes over the "
-                   "volume, but training keeps at least half of it, so on a long series the "
-                   "round may run longer")
+                   " when the labels hold a new structure); for the segmenter it includes the "
+                   "passes over the volume, but training keeps at least half of it, so on a "
+                   "long series the round may run longer; for the detector, preparing the "
+                   "volume and the rehearsal phantoms comes before it (a few seconds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: free cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
