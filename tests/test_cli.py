@@ -227,6 +227,18 @@ def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypat
     # the generator draws no lesions to balance: "balanced" was ignored, yet in its card
     (["generator", "--sampling", "balanced"], "sampling"),
     (["classifier", "--out", "{file}/sub"], "cannot be created"),  # below a (755) file
+    # an unset $OUT wrote into the current folder; an unset $PREV trained from scratch
+    (["classifier", "--out", ""], "--out is empty"),
+    (["segmenter", "--init", " "], "--init is empty"),
+    # then the card's command named a file this run replaced
+    (["segmenter", "--init", "{tmp}/out/segmenter.json", "--overwrite"],
+     "--init is the model this run would replace"),
+    # typos of many digits built phantoms or layers until memory ran out
+    (["classifier", "--pool-size", "1000000000"], "--pool-size must be at most"),
+    (["classifier", "--convs-per-block", "100000"], "--convs-per-block must be at most"),
+    (["detector", "--members", "500"], "--members must be at most"),
+    # 1e308 s overflowed in the progress estimate after the phantom pool was built
+    (["classifier", "--seconds", "1e308"], "seconds must be at most"),
 ])
 def test_train_refuses_more_bad_arguments_before_training(tmp_path, capsys, monkeypatch, argv,
                                                           match):
@@ -239,15 +251,46 @@ def test_train_refuses_more_bad_arguments_before_training(tmp_path, capsys, monk
 
     monkeypatch.setattr(cli_train, "_train_once", no_training)
     monkeypatch.setattr(cli_train, "_train_members", no_training, raising=False)
+    monkeypatch.chdir(tmp_path)
     afile = tmp_path / "afile"
     afile.write_text("")
     os.chmod(afile, 0o755)
-    argv = [a.format(file=afile) for a in argv]
+    argv = [a.format(file=afile, tmp=tmp_path) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
-    assert main(["train", *argv, "--steps", "1"]) == 2
+    budget = [] if "--seconds" in argv else ["--steps", "1"]
+    assert main(["train", *argv, *budget]) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_train_threads_0_leaves_torchs_setting(tmp_path, monkeypatch):
+    """The parser offered 0 ("torch's own setting") and the command then refused it."""
+    import torch
+
+    from napari_medseg import cli_train
+
+    before = torch.get_num_threads()
+    cli_train._set_threads(0)
+    assert torch.get_num_threads() == before
+
+
+def test_a_budget_shorter_than_one_step_still_trains_one(tmp_path):
+    """`--seconds 1e-9` saved a model of random weights with "0 steps" in its card."""
+    import torch
+
+    from napari_medseg.core.training import _train_loop
+
+    model = torch.nn.Linear(2, 1)
+    before = model.weight.detach().clone()
+    job = _train_loop(model, lambda step: (torch.ones(4, 2), torch.zeros(4, 1)),
+                      torch.nn.functional.mse_loss, steps=None, seconds=1e-9, lr=0.1,
+                      name="t")
+    from napari_medseg.core.progress import run_to_completion
+
+    report = run_to_completion(job)
+    assert report["steps"] == 1 and not torch.equal(model.weight, before)
 
 
 def test_an_interrupted_overwrite_keeps_the_old_model_loadable(tmp_path, monkeypatch):

@@ -85,6 +85,8 @@ def _set_threads(n: int | None) -> None:
     if n is not None:
         import torch
 
+        if n == 0:  # torch's own setting, as the parser's help says (and cli_infer does)
+            return
         if n < 1:
             raise MedsegInputError(f"--threads must be at least 1, got {n}")
         # not capped at this machine's CPUs: a card's recorded count must rerun as it was
@@ -96,6 +98,12 @@ def _set_threads(n: int | None) -> None:
 
 #: more torch threads than any machine this runs on has cores
 MAX_THREADS = 256
+#: 25× the default pool of 40 phantoms (each held in memory while training)
+MAX_POOL_SIZE = 1000
+#: a VGG-style block of 8 convs is already deeper than any recipe here
+MAX_CONVS_PER_BLOCK = 8
+#: detector ensemble members, each trained in full
+MAX_MEMBERS = 16
 
 
 def _eval_progress(quiet: bool):
@@ -158,7 +166,29 @@ def _check_before_training(args: argparse.Namespace) -> None:
         if used and not 1 <= value <= MAX_PHANTOMS:
             raise MedsegInputError(
                 f"--{flag.replace('_', '-')} must be 1..{MAX_PHANTOMS}, got {value}")
+    for flag, value, most in (("pool_size", getattr(args, "pool_size", None), MAX_POOL_SIZE),
+                              ("convs_per_block", getattr(args, "convs_per_block", None),
+                               MAX_CONVS_PER_BLOCK),
+                              ("members", getattr(args, "members", None), MAX_MEMBERS)):
+        # a typo of many digits built phantoms or layers until memory ran out
+        if value is not None and value > most:
+            raise MedsegInputError(f"--{flag.replace('_', '-')} must be at most {most}, got {value}")
+    from .core.training import _budget
+
+    _budget(getattr(args, "steps", None), getattr(args, "seconds", None), 1)  # said now, not
+    # after the phantom pool is built
+    if not str(args.out).strip():  # an unset $OUT: not the current folder in silence
+        raise MedsegInputError("--out is empty; give a folder to write into")
+    init = getattr(args, "init", None)
+    if init is not None and not str(init).strip():  # an unset $PREV
+        raise MedsegInputError("--init is empty (an unset shell variable?); give a segmenter "
+                               "card or name")
     out = Path(args.out).expanduser()
+    if init is not None and os.path.realpath(Path(str(init)).expanduser()) == os.path.realpath(
+            out / f"{args.model}.json"):
+        # replaced by this run, the card's recorded command would start from the new model
+        raise MedsegInputError("--init is the model this run would replace in --out; copy it "
+                               "elsewhere first or pass another --out", out)
     if out.exists() and not out.is_dir():
         raise MedsegInputError("--out must be a folder; a file of that name exists", out)
     parent = next((p for p in [out, *out.parents] if p.exists()), None)

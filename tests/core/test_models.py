@@ -1114,3 +1114,20 @@ def test_a_failed_replace_names_the_target_not_the_temp_file(tmp_path):
         _atomic_write(tmp_path / "classifier.json", b"{}")
     assert err.value.filename == str(tmp_path / "classifier.json") and ".tmp" not in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == ["classifier.json"]
+
+
+def test_a_save_that_fails_on_a_full_disk_leaves_no_folders_and_names_the_model_file(
+        tmp_path, monkeypatch):
+    """Only the deepest folder the save made was removed ("out/n1" stayed from
+    "out/n1/n2"), and the error named the hidden staged file."""
+    import errno
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(registry, "_atomic_write", full)
+    model = _seeded(SliceClassifier(**SMALL_CLS), seed=5)
+    with pytest.raises(OSError) as info:
+        save_model(model, tmp_path / "n1" / "n2", "classifier", CARD)
+    assert info.value.filename == str(tmp_path / "n1" / "n2" / "classifier.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -469,11 +469,18 @@ def deterministic(seed: int) -> Iterator[None]:
     yield
 
 
+#: the longest time budget a training run takes
+MAX_TRAINING_SECONDS = 30 * 24 * 3600.0
+
+
 def _budget(steps: int | None, seconds: float | None, default_steps: int) -> tuple[int | None, float | None]:
     if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
         raise MedsegInputError(f"steps must be a positive integer, got {steps!r}")
     if seconds is not None and not (float(seconds) > 0 and math.isfinite(float(seconds))):
         raise MedsegInputError(f"seconds must be a positive number, got {seconds!r}")
+    if seconds is not None and float(seconds) > MAX_TRAINING_SECONDS:  # 1e308 overflowed
+        raise MedsegInputError(f"seconds must be at most {MAX_TRAINING_SECONDS:g} (30 days), "
+                               f"got {seconds!r}")
     if steps is None and seconds is None:
         steps = default_steps
     return (None if steps is None else int(steps)), (None if seconds is None else float(seconds))
@@ -551,12 +558,15 @@ def _train_loop(model, batch_fn, loss_fn, steps, seconds, lr, name, refresh=None
         elapsed = time.perf_counter() - start
         if steps is not None and step >= steps:
             break
-        if steps is None and elapsed >= seconds:
+        # at least one step, whatever the budget: a run that ended before its first step
+        # saved a model of random weights as if trained
+        out_of_time = seconds is not None and elapsed >= seconds and step > 0
+        if steps is None and out_of_time:
             break
-        frac = step / steps if steps is not None else elapsed / seconds
+        frac = step / steps if steps is not None else min(1.0, elapsed / seconds)
         if steps is not None and seconds is not None:
-            frac = max(frac, elapsed / seconds)
-            if elapsed >= seconds:
+            frac = min(1.0, max(frac, elapsed / seconds))
+            if out_of_time:
                 break
         ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
         for group in opt.param_groups:

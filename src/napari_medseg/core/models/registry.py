@@ -292,15 +292,17 @@ def save_model(model: nn.Module, directory: str | Path, name: str, card: Mapping
     normalisation = check_normalisation(card["normalisation"])
 
     directory = Path(directory)
-    created = not directory.exists()
+    # every level this save makes, deepest first: a failed save removes them all (only
+    # the deepest was, and a full disk left "out/n1" behind from "out/n1/n2")
+    created = [d for d in [directory, *directory.parents] if not d.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     try:
         return _save(model, directory, name, arch, arch_params, classes, spacing,
                      normalisation, card, unique_weights)
     except BaseException:
-        if created:  # a failed save leaves no empty folder behind
+        for folder in created:  # a failed save leaves no empty folder behind
             with contextlib.suppress(OSError):
-                directory.rmdir()
+                folder.rmdir()
         raise
 
 
@@ -411,7 +413,9 @@ def _replace_fixed_name(directory: Path, name: str, card_path: Path, weights_pat
         _atomic_write(card_path, card_text(staged.name))
         _atomic_write(weights_path, data)
         _atomic_write(card_path, card_text(weights_path.name))
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.filename == str(staged):
+            exc.filename = str(weights_path)  # "No space left" names the file the user asked for
         # decided by what is on disk, not by how far the writes got: an interrupt can land
         # after a rename, inside _atomic_write (the old card was put back beside the new
         # weights: a checksum mismatch; or the staged file the card named was deleted)
