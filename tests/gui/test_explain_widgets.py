@@ -15,6 +15,30 @@ def _open(viewer, phantom):
     return viewer.layers[0]
 
 
+@pytest.mark.parametrize("change", ["data", "scale", "translate"])
+def test_the_uncertainty_list_empties_as_soon_as_the_image_changes(
+        make_napari_viewer, qtbot, random_models, small_phantom, change):
+    """The docs say the list is emptied when the image gets new data or another placement:
+    it stayed live (slices a cut volume no longer had) until an entry was picked."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing)
+    widget = UncertaintyWidget(viewer)
+    widget._image.value, widget._model.value = image, random_models["RecurrentSegmenter"]
+    _run(widget, qtbot)
+    assert widget._goto.enabled and widget._goto.choices
+    if change == "data":
+        image.data = small_phantom.volume.array[:3].copy()
+    elif change == "scale":
+        image.scale = (5.0, *image.scale[1:])
+    else:
+        image.translate = (100.0, 0.0, 0.0)
+    assert not widget._goto.enabled and not widget._goto.choices
+    assert "changed since the uncertainty ranking" in widget._status.value
+    image.translate = (0.0, 5.0, 5.0)  # no longer watched: nothing said again
+    widget._status.value = "other"
+    assert widget._status.value == "other"
+
+
 @pytest.mark.parametrize("widget_cls, arch", [(GradCamWidget, "SliceClassifier"),
                                                (UncertaintyWidget, "RecurrentSegmenter")])
 def test_explanation_layer_sits_on_the_image(make_napari_viewer, qtbot, random_models,
@@ -143,9 +167,9 @@ def test_the_uncertainty_ranking_is_dropped_when_the_image_changes(
     widget._image.value, widget._model.value = image, random_models["RecurrentSegmenter"]
     _run(widget, qtbot)
     assert widget._goto.enabled and widget._goto.choices
-    point = viewer.dims.point
+    point, first = viewer.dims.point, widget._goto.choices[0]
     image.data = small_phantom.volume.array[:3].copy()
-    widget._go_to(widget._goto.choices[0])
+    widget._go_to(first)
     assert viewer.dims.point == point and not widget._goto.enabled
     assert "changed since the uncertainty ranking" in widget._status.value
 

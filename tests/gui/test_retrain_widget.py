@@ -365,6 +365,25 @@ def test_suggests_the_most_uncertain_unannotated_slices(scene, qtbot):
     assert not list(widget._suggestions.choices) and "discarded" in widget._status.value
 
 
+def test_a_suggested_slice_leaves_the_list_once_annotated_and_the_shown_one_is_reachable(
+        scene, qtbot):
+    """The top suggestion stayed first after the user corrected it (sending them back to
+    a slice already done), and picking the entry already shown did not go there."""
+    viewer, image, labels, widget, phantom = scene
+    widget._suggest.clicked.emit()
+    _wait(widget, qtbot)
+    first, *rest = list(widget._suggestions.choices)
+    viewer.dims.set_point(0, image.data_to_world([0, 0, 0])[0])
+    widget._suggestions.native.activated.emit(0)  # Qt's signal when the shown entry is picked
+    assert viewer.dims.point[0] == pytest.approx(image.data_to_world([first, 0, 0])[0])
+    labels.brush_size = 3
+    labels.paint((first, 30, 30), int(labels.data[first, 30, 30]) % 7 + 1)  # a correction
+    assert first in widget.annotated_slices()
+    assert list(widget._suggestions.choices)[: len(rest)] == rest
+    assert first not in widget._suggestions.choices
+    assert f"slice {first}" not in widget._status.value
+
+
 def test_undo_and_redo_are_autosaved_and_keep_the_list_true(scene, qtbot):
     """napari's undo / redo emit no paint event: the widget must still save and relist."""
     from napari_medseg.core.session import load_session

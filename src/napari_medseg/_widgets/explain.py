@@ -12,7 +12,13 @@ from magicgui.widgets import ComboBox, SpinBox
 from .._layers import _like_layer, _result_metadata
 from ..core.explain import gradcam_volume, segmentation_uncertainty
 from ..core.models.registry import read_card
-from ._model_widget import ModelRunWidget, _geometry, _same_geometry, provenance
+from ._model_widget import (
+    ModelRunWidget,
+    _geometry,
+    _same_geometry,
+    connect_layer_events,
+    provenance,
+)
 from ._navigate import go_to_slice
 
 PREDICTED = "predicted class"
@@ -112,7 +118,23 @@ class UncertaintyWidget(ModelRunWidget):
             return
         self._drop_ranking("The image layer of the uncertainty ranking was removed")
 
+    #: the ranked layer's events after which its slices may not be the ranked ones
+    _GEOMETRY_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units")
+
+    def _on_layer_changed(self, _event=None) -> None:
+        """New data or placement: the list must not look live (it offered slices a cut
+        volume no longer has until one was picked)."""
+        if self._layer is not None and not _same_geometry(self._ranked_on,
+                                                          _geometry(self._layer)):
+            self._drop_ranking("The image changed since the uncertainty ranking was made:"
+                               " run Uncertainty again")
+
+    def _watch(self, layer) -> None:
+        connect_layer_events(self._layer, self._GEOMETRY_EVENTS, self._on_layer_changed, False)
+        connect_layer_events(layer, self._GEOMETRY_EVENTS, self._on_layer_changed)
+
     def _drop_ranking(self, message: str) -> None:
+        self._watch(None)
         self._layer = self._ranked_on = None
         with self._goto.changed.blocked():
             self._goto_items = []
@@ -134,6 +156,7 @@ class UncertaintyWidget(ModelRunWidget):
             image_layer, f"{image_layer.name} uncertainty ({card.get('name')})", "magma", prov,
             method=f"MC dropout, {result.samples} samples, entropy / log(classes)",
             most_uncertain_slices=ranked))
+        self._watch(image_layer)
         self._layer, self._ranked_on = image_layer, _geometry(image_layer)
         # one slice (a 2D image, or a one-slice volume): nothing to rank or go to
         one_slice = volume.shape[0] == 1

@@ -58,6 +58,12 @@ class RetrainWidget(_RetrainBase):
         self._suggestions = ComboBox(label="Correct next", enabled=False,
                                      choices=lambda _w=None: self._suggest_items)
         self._suggestions.changed.connect(lambda z: z is not None and self._go_to(z))
+        # picking the entry already shown (the top suggestion) emits no `changed`, and the
+        # user still expects to be taken there (as in the Uncertainty widget)
+        self._suggestions.native.activated.connect(
+            lambda _i: self._suggestions.value is not None
+            and self._go_to(self._suggestions.value))
+        self._suggest_ranking: list[tuple[int, float]] = []  # (slice, uncertainty), all ranked
         return [self._suggest, self._suggestions]
 
     def _on_suggest(self) -> None:
@@ -85,18 +91,40 @@ class RetrainWidget(_RetrainBase):
             # slice numbers of the scan it ran on: not to be offered on another one
             self._status.value = "Suggestions discarded: another image or layer was picked meanwhile"
             return
-        ranked = result.most_uncertain(8, exclude=self.annotated_slices())
-        with self._suggestions.changed.blocked():
-            self._suggest_items = [(f"slice {z} · uncertainty {result.per_slice[z]:.3f}", z)
-                                   for z in ranked]
-            self._suggestions.reset_choices()
-        self._suggestions.enabled = bool(ranked)
+        self._suggest_ranking = [(z, float(result.per_slice[z]))
+                                 for z in result.most_uncertain(len(result.per_slice))]
         self._result_shown = True
-        self._status.value = ("Most uncertain unannotated slices: " + ", ".join(map(str, ranked))
-                              if ranked else "No unannotated slice with a structure to suggest")
+        self._show_suggestions(say=True)
+
+    #: how many suggestions the list offers
+    SUGGESTIONS = 8
+
+    def _show_suggestions(self, say: bool = False) -> None:
+        """The ranking less the slices annotated now: a slice the user corrects leaves the
+        list (it stayed first, sending them back to a slice already done)."""
+        annotated = set(self.annotated_slices())
+        ranked = [(z, u) for z, u in self._suggest_ranking if z not in annotated]
+        ranked = ranked[: self.SUGGESTIONS]
+        items = [(f"slice {z} · uncertainty {u:.3f}", z) for z, u in ranked]
+        changed = items != self._suggest_items
+        if changed:
+            with self._suggestions.changed.blocked():
+                self._suggest_items = items
+                self._suggestions.reset_choices()
+            self._suggestions.enabled = bool(items)
+        if say or (changed and not items):
+            self._status.value = (
+                "Most uncertain unannotated slices: " + ", ".join(str(z) for z, _ in ranked)
+                if ranked else "No unannotated slice with a structure to suggest")
+
+    def _rebuild_list(self) -> None:
+        super()._rebuild_list()
+        if getattr(self, "_suggest_ranking", None):
+            self._show_suggestions()
 
     def _pair_changed(self) -> None:
-        if getattr(self, "_suggest_items", None):  # slice numbers of the previous pair
+        self._suggest_ranking = []  # slice numbers of the previous pair
+        if getattr(self, "_suggest_items", None):
             with self._suggestions.changed.blocked():
                 self._suggest_items = []
                 self._suggestions.reset_choices()
