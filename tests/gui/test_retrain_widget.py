@@ -381,7 +381,8 @@ def test_a_suggested_slice_leaves_the_list_once_annotated_and_the_shown_one_is_r
     assert first in widget.annotated_slices()
     assert list(widget._suggestions.choices)[: len(rest)] == rest
     assert first not in widget._suggestions.choices
-    assert f"slice {first}" not in widget._status.value
+    assert widget._status.value == ("Most uncertain unannotated slices: "
+                                    + ", ".join(map(str, widget._suggestions.choices)))
 
 
 def test_undo_and_redo_are_autosaved_and_keep_the_list_true(scene, qtbot):

@@ -112,10 +112,12 @@ class RetrainWidget(_RetrainBase):
                 self._suggest_items = items
                 self._suggestions.reset_choices()
             self._suggestions.enabled = bool(items)
-        if say or (changed and not items):
-            self._status.value = (
-                "Most uncertain unannotated slices: " + ", ".join(str(z) for z, _ in ranked)
-                if ranked else "No unannotated slice with a structure to suggest")
+        # said on a run, and kept true while the status line still shows it (another
+        # message there, e.g. a round's, is left alone)
+        prefix = "Most uncertain unannotated slices: "
+        if say or (changed and (not items or str(self._status.value).startswith(prefix))):
+            self._status.value = (prefix + ", ".join(str(z) for z, _ in ranked) if ranked
+                                  else "No unannotated slice with a structure to suggest")
 
     def _rebuild_list(self) -> None:
         super()._rebuild_list()
