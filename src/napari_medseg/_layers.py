@@ -307,6 +307,33 @@ def detection_layer_data(
     return (centers, kwargs, "points")
 
 
+def hide_unshown(layer: Any) -> None:
+    """Draw the points ``layer.shown`` hides as nothing, in every view: napari honours
+    ``shown`` only while an axis of the layer is off screen, so in the 3D view, and on a
+    2D layer, it drew every weak detection with its text while the Detect widget counted
+    them hidden. Hidden rows get a transparent ring and no text; shown rows an opaque
+    ring and their text (score and size, "added", "moved") back. ``shown`` itself stays
+    what slicing, the count and the writer go by."""
+    n = len(layer.data)
+    shown = np.asarray(layer.shown, dtype=bool)
+    if not n or len(shown) != n:
+        return
+    colors = np.array(layer.border_color, dtype=float, copy=True)
+    alpha = np.where(shown, 1.0, 0.0)
+    if colors.shape == (n, 4) and not np.array_equal(colors[:, 3], alpha):
+        colors[:, 3] = alpha
+        layer.border_color = colors
+    features = layer.features
+    if {"score", "diameter_mm", "label"} <= set(features.columns):
+        labels = detection_labels(np.asarray(features["score"], dtype=float),
+                                  np.asarray(features["diameter_mm"], dtype=float))
+        labels[~shown] = ""
+        if list(features["label"]) != list(labels):
+            features = features.copy()
+            features["label"] = labels
+            layer.features = features
+
+
 ADDED_LABEL = "added"
 MOVED_LABEL = "moved"
 # a point the user adds to a detection layer has no score (not a detection's, as napari
@@ -449,6 +476,7 @@ def mark_added_points(layer: Any, event: Any) -> bool:
         shown = np.asarray(layer.shown, dtype=bool).copy()
         shown[rows] = True
         layer.shown = shown
+        hide_unshown(layer)  # a hidden detection moved is the user's: drawn again
         return True
     if "score" in features:
         features.loc[rows, "score"] = np.nan
@@ -462,6 +490,7 @@ def mark_added_points(layer: Any, event: Any) -> bool:
     shown = np.asarray(layer.shown, dtype=bool).copy()
     shown[rows] = True
     layer.shown = shown
+    hide_unshown(layer)
     return True
 
 

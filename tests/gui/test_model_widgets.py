@@ -211,6 +211,50 @@ def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_mode
     assert all(i != len(scores) for _, i in widget._goto_items)
 
 
+def _drawn_as_hidden(points) -> np.ndarray:
+    """Rows napari draws (in view) that look like nothing: no ring, no text."""
+    ring = np.asarray(points.border_color)[:, 3]
+    text = np.asarray(points.text.values, dtype=object)
+    return (ring == 0) & (text == "")
+
+
+@pytest.mark.parametrize("view", ["3D view", "2D image"])
+def test_the_threshold_hides_weak_detections_in_the_3d_view_and_on_a_2d_image(
+        make_napari_viewer, qtbot, random_models, small_phantom, view):
+    """napari honours `shown` only while an axis is off screen: in the 3D view, and on a
+    2D layer, every detection down to 0.05 was drawn with its text, while the widget said
+    "0 of 65 detections" and the CSV held none of them."""
+    viewer = make_napari_viewer()
+    if view == "2D image":
+        image = viewer.add_image(small_phantom.volume.array[4], scale=small_phantom.volume.spacing[1:])
+    else:
+        image = _open_phantom(viewer, small_phantom)
+    widget = DetectWidget(viewer)
+    _select(widget, image, random_models["LesionDetector"])
+    _run_and_wait(widget, qtbot)
+    points = viewer.layers[-1]
+    if view == "3D view":
+        viewer.dims.ndisplay = 3
+    assert len(points._view_data) == len(points.data)  # napari draws every row here
+    scores = points.features["score"].to_numpy()
+    assert len(scores) >= 2, "the random detector found too little to test"
+    widget._threshold.value = float(np.median(scores))
+    hidden = ~points.shown
+    assert hidden.any() and points.shown.any()
+    np.testing.assert_array_equal(_drawn_as_hidden(points), hidden)
+    assert all(t for t in np.asarray(points.text.values)[points.shown])
+    widget._threshold.value = widget._threshold.min  # back: every ring and text again
+    assert points.shown.all() and not _drawn_as_hidden(points).any()
+    widget._threshold.value = 1.0
+    # a hidden detection the user moves is theirs: drawn and labelled "moved"
+    data = np.array(points.data, copy=True)
+    data[0] = data[0] + 1.0
+    points.data = data
+    assert points.shown[0] and not _drawn_as_hidden(points)[0]
+    assert points.features["label"][0] == "moved" and points.text.values[0] == "moved"
+    np.testing.assert_array_equal(_drawn_as_hidden(points), ~points.shown)
+
+
 def test_go_to_lesion_follows_the_axes_the_user_shows(make_napari_viewer, qtbot, random_models,
                                                      small_phantom):
     """With the axes reordered (a sagittal-type view showing z and y), the jump moved the

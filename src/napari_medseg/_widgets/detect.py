@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 
-from .._layers import detection_layer_data, watch_detection_edits
+from .._layers import detection_layer_data, hide_unshown, watch_detection_edits
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.models.detector import at_or_above
 from ..core.progress import Progress
@@ -122,6 +122,7 @@ class DetectWidget(ModelRunWidget):
         added = np.isnan(scores)  # points the user added have no score: always shown
         shown = added | at_or_above(scores, self._threshold.value)
         points.shown = shown
+        hide_unshown(points)  # the 3D view and a 2D layer draw every point otherwise
         # numbered, so that equal-looking lesions stay separate entries
         choices = [
             (f"#{rank + 1} z={int(round(points.data[i][0])) if points.ndim == 3 else 0} · score "

@@ -13,7 +13,7 @@ import numpy as np
 from napari.utils.notifications import show_warning
 
 from .._layers import (ADDED_POINT_FEATURES, _like_layer, _points_kwargs, detection_labels,
-                       detection_layer_data, marker_sizes, scale_mm, unmatched_rows,
+                       detection_layer_data, hide_unshown, marker_sizes, scale_mm, unmatched_rows,
                        watch_detection_edits)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix
@@ -209,6 +209,7 @@ class RetrainDetectorWidget(_RetrainBase):
         prov = {**provenance(card, image.name), "model": f"{card.get('name')} v{number}"}
         data, kwargs, _ = detection_layer_data(result, image, prov, card_peak_threshold(card))
         found = self._viewer.add_points(data, **kwargs)
+        hide_unshown(found)  # weak detections hidden in the 3D view too
         watch_detection_edits(found)
         shown = int(np.sum(kwargs["shown"])) if len(data) else 0
         self._status.value = (f"{prefix}\n" if prefix else "") + (
