@@ -211,6 +211,24 @@ def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_mode
     assert all(i != len(scores) for _, i in widget._goto_items)
 
 
+@pytest.mark.parametrize("widget_cls, arch", [(SegmentWidget, "RecurrentSegmenter"),
+                                               (DetectWidget, "LesionDetector")])
+def test_a_turned_series_missing_planes_are_named(make_napari_viewer, qtbot, random_models,
+                                                 small_phantom, widget_cls, arch):
+    """A coronal series' lost planes (the reader records them along y) were left empty
+    without a word, where an axial series' gaps are named."""
+    viewer = make_napari_viewer()
+    data = np.array(small_phantom.volume.array, copy=True)
+    data[:, 3:5] = np.nan  # the planes the series lacks, as the reader leaves them
+    image = viewer.add_image(data, scale=small_phantom.volume.spacing, metadata={"medseg": {
+        "source": {"missing_planes": {"axis": "y", "indices": [3, 4]}}}})
+    widget = widget_cls(viewer)
+    _select(widget, image, random_models[arch])
+    _run_and_wait(widget, qtbot)
+    assert ("Missing planes along y (coronal): 3–4 (not acquired): left without a result"
+            in widget._status.value), widget._status.value
+
+
 def _drawn_as_hidden(points) -> np.ndarray:
     """Rows napari draws (in view) that look like nothing: no ring, no text."""
     ring = np.asarray(points.border_color)[:, 3]

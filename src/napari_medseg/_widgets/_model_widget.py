@@ -335,11 +335,24 @@ class ModelRunWidget(Container):
         raise NotImplementedError
 
     def missing_note(self, volume, result, options: dict) -> str:
-        """A line naming the slices missing from the input (shown under the result)."""
-        if not volume.missing.any():
+        """A line naming the slices missing from the input (shown under the result): axial
+        slices, and the planes a turned coronal or sagittal series lacks (the reader
+        records those along y or x; they were left empty without a word)."""
+        parts = []
+        if volume.missing.any():
+            parts.append(f"Missing slices {slice_ranges(volume.missing_slices())}")
+        planes = volume.metadata.get("missing_planes") or {}
+        axis = planes.get("axis") if isinstance(planes, dict) else None
+        if axis in ("y", "x"):
+            n = volume.shape["zyx".index(axis)]
+            gaps = sorted({int(i) for i in planes.get("indices") or () if 0 <= int(i) < n})
+            if gaps:
+                kind = "coronal" if axis == "y" else "sagittal"
+                parts.append(f"{'m' if parts else 'M'}issing planes along {axis} ({kind}): "
+                             f"{slice_ranges(gaps)}")
+        if not parts:
             return ""
-        return (f"Missing slices {slice_ranges(volume.missing_slices())} (not acquired):"
-                " left without a result")
+        return "; ".join(parts) + " (not acquired): left without a result"
 
     # -- plumbing ---------------------------------------------------------------------
     def _image_choices(self, _widget=None):
