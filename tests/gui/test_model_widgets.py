@@ -229,6 +229,40 @@ def test_a_turned_series_missing_planes_are_named(make_napari_viewer, qtbot, ran
             in widget._status.value), widget._status.value
 
 
+def test_a_damaged_user_card_is_listed_as_unreadable_and_run_says_why(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """A card cut short, or hand-edited with a bad value, vanished from every Model picker
+    with only a log line: the user never learnt why their model was not offered."""
+    import json
+    from pathlib import Path
+
+    from napari.utils.notifications import notification_manager
+
+    from napari_medseg.core.models import user_models_dir
+
+    folder = user_models_dir()
+    (folder / "cut.json").write_text('{"name": "cut", "architecture": "LesionDetector",')
+    card = json.loads(Path(random_models["LesionDetector"]).read_text())
+    (folder / "tuned.json").write_text(json.dumps({**card, "name": "tuned",
+                                                   "peak_threshold": "0.4"}))
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    detect, segment = DetectWidget(viewer), SegmentWidget(viewer)
+    labels = lambda w: [w._model.native.itemText(i) for i in range(w._model.native.count())]  # noqa: E731
+    assert {"cut.json (unreadable)", "tuned.json (unreadable)"} <= set(labels(detect))
+    assert labels(detect)[0].endswith("(bundled)")  # still starts on the bundled model
+    # one that names another architecture is not offered to a segmenter's picker
+    assert "cut.json (unreadable)" in labels(segment)
+    assert "tuned.json (unreadable)" not in labels(segment)
+    n_layers, start = len(viewer.layers), len(notification_manager.records)
+    _select(detect, image, str(folder / "tuned.json"))
+    _run_and_wait(detect, qtbot)
+    errors = [str(n.message) for n in notification_manager.records[start:]
+              if n.severity == "error"]
+    assert len(errors) == 1 and "tuned.json" in errors[0] and "peak_threshold" in errors[0]
+    assert len(viewer.layers) == n_layers
+
+
 def _drawn_as_hidden(points) -> np.ndarray:
     """Rows napari draws (in view) that look like nothing: no ring, no text."""
     ring = np.asarray(points.border_color)[:, 3]

@@ -39,8 +39,8 @@ def model_choices(architecture: str, keep: Any = None) -> list[tuple[str, str]]:
     ``keep``: the card path a picker shows now. Gone or unreadable since it was picked, it
     stays listed as unavailable (Run then says why), rather than the picker moving on its
     own to another model that the next run would use unannounced."""
-    choices = []
-    for card in list_models():
+    choices, skipped = [], []
+    for card in list_models(skipped=skipped):
         if card.get("architecture") != architecture:
             continue
         where = "bundled" if Path(card["card_path"]).parent == BUNDLED_DIR else "user"
@@ -54,6 +54,11 @@ def model_choices(architecture: str, keep: Any = None) -> list[tuple[str, str]]:
     taken = [label for label, _ in choices]
     choices = [(f"{label} – {Path(path).name}" if taken.count(label) > 1 else label, path)
                for label, path in choices]
+    # a damaged card of this kind (or of no kind one can read) stays in the list: it
+    # vanished in silence, and picked, Run says what is wrong with it
+    for path, _why, named in skipped:
+        if named in (None, architecture) and path != keep:
+            choices.append((f"{Path(path).name} (unreadable)", path))
     if isinstance(keep, str) and keep and keep not in {path for _, path in choices}:
         choices.append((f"{Path(keep).name} (unavailable)", keep))
     return choices

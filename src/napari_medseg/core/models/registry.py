@@ -735,10 +735,21 @@ def _card_and_weights(card_path: Path) -> tuple[dict[str, Any], Path, bytes | No
         ) from exc
 
 
-def list_models(dirs: Iterable[str | Path] | None = None) -> list[dict[str, Any]]:
+def _named_architecture(path: Path) -> str | None:
+    """The "architecture" an unreadable card still names, if its JSON parses that far."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("architecture")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def list_models(dirs: Iterable[str | Path] | None = None,
+                skipped: list[tuple[str, str, str | None]] | None = None) -> list[dict[str, Any]]:
     """The valid cards in ``dirs`` (default: user folder, then bundled), each with its
-    "card_path"; unreadable cards are skipped with a logged warning. Weights are not
-    read or verified here (:func:`load_model` does that)."""
+    "card_path"; unreadable cards are skipped with a logged warning, and added to
+    ``skipped`` (when given) as (path, why, the architecture the file names or None).
+    Weights are not read or verified here (:func:`load_model` does that)."""
     cards: list[dict[str, Any]] = []
     for d in [Path(p) for p in (default_search_dirs() if dirs is None else dirs)]:
         if not d.is_dir():
@@ -748,6 +759,8 @@ def list_models(dirs: Iterable[str | Path] | None = None) -> list[dict[str, Any]
                 card = read_card(path)
             except MedsegInputError as exc:
                 log.warning("skipping %s", exc)
+                if skipped is not None:
+                    skipped.append((str(path), str(exc), _named_architecture(path)))
                 continue
             card["card_path"] = str(path)
             cards.append(card)
