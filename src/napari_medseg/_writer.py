@@ -93,16 +93,39 @@ def _write_image_nifti(path: str, data: Any, meta: dict) -> list[str]:
     if image.ndim == 2:
         image = image[np.newaxis]
     _refuse_an_open_layers_file(path, meta.get("name"))
-    ours = (meta.get("metadata") or {}).get("medseg") or {}
-    description, info = "", None
-    if ours.get("synthetic") is True:
-        description = (f"napari-medseg: SYNTHETIC slices ({ours.get('method', '?')}), "
-                       "not for diagnosis")
-        info = {k: ours[k] for k in _SYNTHETIC_KEYS if k in ours}
+    description, info = _synthetic_record(meta, image)
+    # float64 only where float32 would change a value: the Generate widget keeps a
+    # float64 or wide-integer scan's acquired slices exact, and the save rounded them
+    exact = image.dtype == np.float64 and not np.array_equal(
+        image.astype(np.float32).astype(np.float64), image, equal_nan=True)
     written = write_nifti(path, image, spacing=None, matrix=matrix,
                           axes=_scan_axes(meta, image.shape, matrix),
-                          description=description, info=info)
+                          description=description, info=info, keep_float64=exact)
     return [str(written)]
+
+
+def _synthetic_record(meta: dict, image: np.ndarray) -> tuple[str, dict | None]:
+    """(header description, extension info) saying which slices of ``image`` were
+    generated: from the Generate widget's record, or from the reader's of a generated file
+    opened again; nothing once the layer no longer has the shape the record is for (its
+    acquired slices kept, a projection: a mark there named slices it does not hold)."""
+    from ._layers import _generated_slice_count
+
+    ours = (meta.get("metadata") or {}).get("medseg") or {}
+    source = ours.get("source") if isinstance(ours.get("source"), dict) else {}
+    if _generated_slice_count(image, ours, source) <= 0:
+        return "", None
+    if ours.get("synthetic") is True:
+        info = {k: ours[k] for k in _SYNTHETIC_KEYS if k in ours}
+    else:  # a generated file opened with this plugin's reader
+        planes = source.get("synthetic_planes") or {}
+        if not isinstance(planes, dict) or "indices" not in planes:
+            # which ones is not known (the file had been reoriented): the header says so
+            return "napari-medseg: SYNTHETIC slices, not for diagnosis", None
+        info = {"synthetic": True, "slice_axis": planes.get("axis", "z"),
+                "generated_slices": [int(i) for i in planes["indices"]]}
+    method = info.get("method", "?")
+    return f"napari-medseg: SYNTHETIC slices ({method}), not for diagnosis", info
 
 
 class PointsNotSaved(RuntimeError):

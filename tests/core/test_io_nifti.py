@@ -171,6 +171,17 @@ def _corrupt(tmp_path, kind):
     return path
 
 
+def test_a_synthetic_record_counts_only_the_slices_the_file_has(tmp_path):
+    """A record copied onto a cut-back volume named slices beyond its end: "4 slices of
+    this file were generated" on a file of 5 acquired ones."""
+    path = tmp_path / "cut.nii.gz"
+    write_nifti(path, ramp((5, 4, 4)), (4.0, 1.0, 1.0),
+                info={"synthetic": True, "slice_axis": "z", "generated_slices": [1, 3, 5, 7]})
+    volume = read_volume(path)
+    assert volume.metadata["synthetic_slices"] == 2
+    assert any("2 slices of this file were generated" in w for w in volume.metadata["warnings"])
+
+
 @pytest.mark.parametrize("name", ["empty.nii.gz", "empty.nii"])
 def test_an_empty_file_is_said_to_be_empty(tmp_path, name):
     """It read "not a readable NIfTI file (Binary block is wrong size)"."""

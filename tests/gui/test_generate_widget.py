@@ -395,3 +395,58 @@ def test_a_colour_picture_is_not_saved_as_a_scan(make_napari_viewer, tmp_path):
     with pytest.raises(ImageNotSaved, match="4D"):
         write_image_nifti(str(tmp_path / "t.nii.gz"), np.zeros((2, 3, 4, 5)), {"scale": (1,) * 4})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_layer_no_longer_holding_its_generated_slices_is_saved_unmarked(
+        make_napari_viewer, qtbot, tmp_path):
+    """Cut back to its acquired slices, or projected by napari (which copies the
+    metadata), a generated layer was saved marked SYNTHETIC with slices it does not hold:
+    reopened, it warned "4 slices were generated" on a scan of acquired data only."""
+    import nibabel as nib
+
+    from napari_medseg._writer import write_image_nifti
+    from napari_medseg.core.io import read_volume
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).normal(size=(5, 8, 8)).astype(np.float32),
+                     scale=(4, 1, 1), name="ct")
+    widget = GenerateWidget(viewer)
+    assert _linear_x2_errors(widget, qtbot, viewer.layers["ct"]) == []
+    made = viewer.layers[-1]
+    state = made._get_state()
+    cut = np.ascontiguousarray(made.data[::2])
+    (path,) = write_image_nifti(str(tmp_path / "cut.nii.gz"), cut, {**state, "scale": (4, 1, 1)})
+    assert "SYNTHETIC" not in str(nib.load(path).header["descrip"])
+    assert "synthetic_slices" not in read_volume(path).metadata
+    (path,) = write_image_nifti(str(tmp_path / "mip.nii.gz"), made.data.max(axis=0),
+                                {**state, "scale": (1, 1)})
+    assert "synthetic_slices" not in read_volume(path).metadata
+    # the whole layer keeps its mark; opened again and saved again, still marked
+    (path,) = write_image_nifti(str(tmp_path / "x2.nii.gz"), made.data, state)
+    assert read_volume(path).metadata["synthetic_slices"] == 4
+    (opened,) = viewer.open(path, plugin="napari-medseg")
+    (again,) = write_image_nifti(str(tmp_path / "again.nii.gz"), opened.data,
+                                 opened._get_state())
+    reread = read_volume(again)
+    assert reread.metadata["synthetic_slices"] == 4
+    assert reread.metadata["synthetic_planes"] == read_volume(path).metadata["synthetic_planes"]
+
+
+def test_a_float64_layer_is_saved_exact(tmp_path):
+    """The Generate widget keeps a float64 or wide-integer scan's acquired slices exact;
+    the save made them float32 in silence (2**24 + 1 came back as 2**24)."""
+    import nibabel as nib
+
+    from napari_medseg._writer import write_image_nifti
+
+    exact = (np.arange(24) + 2**24 + 1).reshape(2, 3, 4).astype(np.float64)
+    (path,) = write_image_nifti(str(tmp_path / "wide.nii.gz"), exact, {"scale": (1, 1, 1)})
+    img = nib.load(path)
+    assert img.get_data_dtype() == np.float64
+    # every value exact (the file's voxel order is its own: compared as sets of values)
+    np.testing.assert_array_equal(np.sort(np.asarray(img.dataobj).ravel()),
+                                  np.sort(exact.ravel()))
+    # values float32 holds exactly stay a float32 file (half the size)
+    plain = exact.astype(np.float32).astype(np.float64) - 2**24
+    (path,) = write_image_nifti(str(tmp_path / "plain.nii.gz"), plain, {"scale": (1, 1, 1)})
+    assert nib.load(path).get_data_dtype() == np.float32
