@@ -333,3 +333,27 @@ def test_missing_slices_only_at_the_ends_are_named_when_there_is_nothing_to_fill
         plan_generation(vol, 1, fill_missing=True)
     acquired, _, targets = plan_generation(vol, 2, fill_missing=True)
     assert targets.sum() == 3 and not targets[:2].any() and not targets[-2:].any()
+
+
+@pytest.mark.parametrize("method", ["linear", "cubic", "model"])
+def test_a_run_that_would_not_fit_in_memory_is_refused_before_allocating(monkeypatch, method):
+    """×3 of the largest phantom needs about 10 GB: it started allocating with no word."""
+    from napari_medseg.core import generation
+
+    vol = Volume(_ramp(), (1, 1, 1), (0, 0, 0), "CT")
+    monkeypatch.setattr(generation, "available_memory_bytes", lambda: 1000)
+    job = (generate_slices(vol, _zero_generator(), CARD, factor=3) if method == "model"
+           else generation.interpolation_job(vol, 3, True, method))
+    with pytest.raises(MedsegInputError, match=r"needs about .* GB of memory"):
+        next(job)  # before the first progress report: nothing allocated yet
+    monkeypatch.setattr(generation, "available_memory_bytes", lambda: None)  # not known
+    job = (generate_slices(vol, _zero_generator(), CARD, factor=3) if method == "model"
+           else generation.interpolation_job(vol, 3, True, method))
+    assert run_to_completion(job).volume.shape[0] == 3 * (len(vol.array) - 1) + 1
+
+
+def test_free_memory_is_read_on_linux():
+    from napari_medseg.core.generation import available_memory_bytes
+
+    free = available_memory_bytes()
+    assert free is None or free > 0
