@@ -125,16 +125,18 @@ def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, labels_from
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_a_budget_too_short_for_one_step_writes_no_model(case, tmp_path, capsys):
-    """It wrote the untrained copy as a fine-tuned model ("0 steps") and exited 0."""
+def test_a_budget_too_short_for_one_step_still_trains_one(case, tmp_path, capsys):
+    """It wrote the untrained copy as a fine-tuned model ("0 steps") and exited 0; then it
+    was refused; now every training run makes at least one step (as `train` does)."""
     d, _ = case
     out = tmp_path / "out"
     rc = main(["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
                str(d / "labels.nii.gz"), "--slices", "3", "--out", str(out),
-               "--seconds", "0.000001"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "before one training step" in err[-1], err
-    assert not out.exists() or not any(out.iterdir())
+               "--seconds", "0.000001", "--quiet", "--threads", "1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and report["steps"] == 1
+    model, card = load_model(out / "segmenter-finetuned.json")
+    assert card["finetune_history"][-1]["steps"] == 1
 
 
 def test_values_on_slices_not_given_are_ignored_not_refused(case, tmp_path, capsys):
