@@ -385,6 +385,44 @@ def test_a_suggested_slice_leaves_the_list_once_annotated_and_the_shown_one_is_r
                                     + ", ".join(map(str, widget._suggestions.choices)))
 
 
+def test_a_dock_closed_and_opened_again_keeps_the_painted_slices_protected(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """napari opens a NEW widget when the dock is opened again: it started with empty
+    lists on the same layer, and its first round re-predicted over the slices painted
+    before the close (9000 painted voxels changed); its restore offer made a copy layer."""
+    from napari_medseg.core.session import sessions_dir
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg",
+                                                        "Retrain on my annotations")
+    widget._image.value, widget._labels_pick.value = image, labels
+    for z in (2, 5):
+        _paint_slice(labels, z, small_phantom.labels)
+    viewer.dims.set_point(0, image.data_to_world([7, 0, 0])[0])
+    widget._mark_current()  # slice 7: checked, correct as is
+    painted = {z: np.array(labels.data[z]) for z in (2, 5, 7)}
+    viewer.window.remove_dock_widget(dock)
+    dock2, again = viewer.window.add_plugin_dock_widget("napari-medseg",
+                                                        "Retrain on my annotations")
+    assert again is not widget
+    again._image.value, again._labels_pick.value = image, labels
+    assert again.annotated_slices() == [2, 5, 7]
+    assert not again._restore_box.visible  # the lists are live here: nothing to restore
+    again._model.value = random_models["RecurrentSegmenter"]
+    again._seconds.value = 2
+    again._run.clicked.emit()
+    _wait(again, qtbot)
+    assert again._history is not None and len(again._history.versions) == 2
+    for z, before in painted.items():
+        np.testing.assert_array_equal(labels.data[z], before)
+    # the closed widget's autosave is superseded by the new one's (not left to offer)
+    again.autosave_now(wait=True)
+    qtbot.waitUntil(lambda: len([p for p in sessions_dir().rglob("session.json")]) == 1,
+                    timeout=10_000)
+
+
 def test_undo_and_redo_are_autosaved_and_keep_the_list_true(scene, qtbot):
     """napari's undo / redo emit no paint event: the widget must still save and relist."""
     from napari_medseg.core.session import load_session
@@ -1188,17 +1226,25 @@ def test_an_autosave_whose_slice_lists_are_not_lists_of_slices_is_said_not_offer
 def test_a_closed_widget_autosaves_its_last_strokes_and_follows_the_layer_no_more(scene, qtbot):
     """napari's close button takes a dock widget out of its dock and opens a new instance
     next time: the old one kept tracking and autosaving, and its last strokes (autosave
-    pending) were missing from the new widget's restore offer."""
+    pending) were missing from the new widget's restore offer. The new one now takes its
+    lists over (and that autosave with them)."""
+    from napari_medseg.core.session import read_meta
+
     viewer, image, labels, widget, ph = scene
     dock = viewer.window.add_dock_widget(widget, name="Retrain (test)")
     _paint_slice(labels, 2, ph.labels)
     assert widget._autosave_timer.isActive()  # the stroke's autosave is still pending
     viewer.window.remove_dock_widget(dock)
     assert not widget._autosave_timer.isActive() and widget._shut
+    saved = [p for p in widget._key_folder().iterdir() if (p / "session.json").exists()]
+    assert [read_meta(p)["edited"] for p in saved] == [[2]], "the last strokes were not saved"
     again = _widget(viewer, image, labels, widget._model.value)
-    assert again._pending_restore is not None, "the closed widget's strokes were not saved"
+    assert again._pending_restore is None and again._edited == {2}
     _paint_slice(labels, 5, ph.labels)
-    assert widget._edited == {2} and again._edited == {5}
+    assert widget._edited == {2} and again._edited == {2, 5}
+    again.autosave_now(wait=True)
+    saved = [p for p in again._key_folder().iterdir() if (p / "session.json").exists()]
+    assert [read_meta(p)["edited"] for p in saved] == [[2, 5]]  # one autosave, both slices
 
 
 def test_closing_the_window_writes_a_pending_autosave(make_napari_viewer, random_models,

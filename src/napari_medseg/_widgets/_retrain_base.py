@@ -143,6 +143,26 @@ def _annotated_count(meta: dict) -> int:
     return len(set(meta.get("edited", [])) | set(meta.get("checked", [])))
 
 
+#: the slice lists a closed widget left, per annotation layer and image (_image_key):
+#: napari opens a NEW widget when the dock is opened again, and it started with empty
+#: lists on the same layer, so its next round re-predicted over every slice painted
+#: before the close (9000 painted voxels changed)
+_LISTS_LEFT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+#: and the autosave folder it wrote them in, per layer and image: the next widget takes
+#: the lists over, so that autosave is its own work, not one to offer for restoring (a
+#: Restore made a duplicate layer beside the one being worked on)
+_FOLDERS_LEFT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _merge_lists(into: dict, key: Any, lists: tuple) -> None:
+    """Add (edited, checked, excluded) ``lists`` to ``into[key]`` (a union: nothing a
+    widget listed is dropped by another's)."""
+    before = into.get(key, (set(), set(), set()))
+    into[key] = tuple(set(a) | set(b) for a, b in zip(before, lists))
+
+
 class _RetrainBase(Container):
     """Everything the two retrain widgets share; subclasses say what the annotation
     layer is, how edits are tracked, and how a model learns from and writes to it."""
@@ -329,6 +349,20 @@ class _RetrainBase(Container):
         if self._autosave_timer.isActive():
             self._autosave_timer.stop()
             self.autosave_now(wait=True)
+        # the lists stay with their layers for the widget napari opens next (and for this
+        # one, docked again: its own lists are kept too)
+        image, layer = self._pair
+        if layer is not None and (self._edited or self._checked or self._excluded):
+            key = self._pair_key if image is not None else self._image_left_key
+            _merge_lists(_LISTS_LEFT.setdefault(layer, {}), key,
+                         (self._edited, self._checked, self._excluded))
+            folder = self._key_folder(image) if image is not None else None
+            if folder is not None and key is not None:
+                _FOLDERS_LEFT.setdefault(layer, {})[key] = (
+                    folder / self._session_folder_name(layer, key))
+        for kept_layer, per_image in list(self._kept_lists.items()):
+            for key, lists in per_image.items():
+                _merge_lists(_LISTS_LEFT.setdefault(kept_layer, {}), key, lists)
         if self._tracked is not None:
             self._disconnect(self._tracked)
             self._tracked = None
@@ -363,6 +397,10 @@ class _RetrainBase(Container):
         self._release_folders()
 
     def _reopen(self) -> None:
+        image, layer = self._pair  # docked again: it holds its lists itself
+        if layer is not None:
+            _LISTS_LEFT.get(layer, {}).pop(self._pair_key, None)
+            _FOLDERS_LEFT.get(layer, {}).pop(self._pair_key, None)
         self._shut = False
         self._follow_layer_list()
         self._refresh_layers()
@@ -501,12 +539,15 @@ class _RetrainBase(Container):
         if image is None and old_image is not None:
             # the scan whose slices the edits made while no image is picked belong to
             self._image_left_key = self._pair_key
-        kept = None
+        kept, taken_over = None, None
         if image is not None and layer is not None:
             mine = self._kept_lists.get(layer, {})
+            left = _LISTS_LEFT.get(layer, {})  # a closed widget's, on this layer
             # and those made before any image was picked: the first one's
-            found = [k for k in (mine.pop(key, None), mine.pop(None, None)) if k is not None]
+            found = [k for k in (mine.pop(key, None), mine.pop(None, None),
+                                 left.pop(key, None), left.pop(None, None)) if k is not None]
             kept = tuple(set().union(*parts) for parts in zip(*found)) if found else None
+            taken_over = _FOLDERS_LEFT.get(layer, {}).pop(key, None)
         self._edited, self._checked, self._excluded = kept or (set(), set(), set())
         self._pair, self._pair_key = (image, layer), key
         self._pair_shape = () if image is None else tuple(image.data.shape)
@@ -521,6 +562,9 @@ class _RetrainBase(Container):
             self._schedule_autosave()
         self._rebuild_list()
         self._pair_changed()
+        if taken_over is not None:  # the closed widget's autosave of these lists
+            self._restored.add(taken_over)  # not offered: its lists are live here
+            self.autosave_now(supersedes=taken_over)  # and deleted once saved here
 
     def _pair_changed(self) -> None:
         """Hook: the (image, layer) pair changed; per-pair results shown must go."""
