@@ -246,7 +246,8 @@ def test_new_structure_grows_the_model(scene, qtbot):
     assert f"Seconds ≥ {need}" in widget._status.value
 
 
-@pytest.mark.parametrize("problem", ["no annotations", "shape mismatch", "only background"])
+@pytest.mark.parametrize("problem", ["no annotations", "shape mismatch", "only background",
+                                     "all unticked"])
 def test_bad_input_message_and_nothing_changes(make_napari_viewer, qtbot, random_models,
                                                small_phantom, problem):
     viewer = make_napari_viewer()
@@ -260,6 +261,10 @@ def test_bad_input_message_and_nothing_changes(make_napari_viewer, qtbot, random
         labels.data_setitem(tuple(a.ravel() for a in np.indices((1, 96, 96))), 0)
     elif problem == "shape mismatch":
         widget._checked.add(1)
+    elif problem == "all unticked":  # it said "no annotated slices" beside a full list
+        for z in (2, 5):
+            _paint_slice(labels, z, small_phantom.labels)
+        widget._excluded |= {2, 5}
     before = [np.array(layer.data, copy=True) for layer in viewer.layers]
     start = len(notification_manager.records)
     widget._run.clicked.emit()
@@ -267,7 +272,8 @@ def test_bad_input_message_and_nothing_changes(make_napari_viewer, qtbot, random
     errors = _errors_since(start)
     assert len(errors) == 1
     expected = {"no annotations": "no annotated slices", "shape mismatch": "has shape",
-                "only background": "only background"}[problem]
+                "only background": "only background",
+                "all unticked": "every listed slice is unticked"}[problem]
     assert expected in errors[0]
     for layer, data in zip(viewer.layers, before):
         np.testing.assert_array_equal(layer.data, data)

@@ -796,6 +796,11 @@ class _RetrainBase(Container):
         double click) or the input is refused (said in a notification)."""
         if self._worker is not None:
             return None
+        if need_annotations and self.annotated_slices() and not self.training_slices():
+            # "no annotated slices: correct or mark one" read wrong beside a full list
+            show_error("Retrain: every listed slice is unticked; tick at least one to "
+                       "train on")
+            return None
         try:
             return self._inputs(need_annotations)
         except MedsegInputError as exc:

@@ -286,14 +286,17 @@ def new_structure_advice(report: FinetuneReport) -> str | None:
 
 
 def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean Dice over the foreground values present in ``truth`` or ``pred`` (NaN if none)."""
+    """Mean Dice over the foreground values present in ``truth`` or ``pred``; 1.0 when
+    neither has any (a slice marked correct outside the body, predicted empty: full
+    agreement; it was NaN, shown "Dice nan → nan", and a round that then painted false
+    positives there was not caught by the held-out check, NaN comparing False)."""
     values = np.union1d(np.unique(pred), np.unique(truth))
     scores = []
     for v in values[values > 0]:
         p, t = pred == v, truth == v
         denom = p.sum() + t.sum()
         scores.append(2.0 * np.logical_and(p, t).sum() / denom)
-    return float(np.mean(scores)) if scores else math.nan
+    return float(np.mean(scores)) if scores else 1.0
 
 
 # ======================================================================================
