@@ -105,3 +105,27 @@ def test_wheel_install_lists_contributions(tmp_path):
     listing = json.loads(out.stdout)
     assert Path(listing["package_file"]).is_relative_to(venv_site), listing["package_file"]
     _check(listing)
+
+
+def test_the_wheel_ships_the_manifest_where_links_were_not_kept(tmp_path):
+    """src/napari_medseg/napari.yaml links to the top-level manifest: a checkout or sdist
+    unpacked without links (Windows) holds a 17-byte text file there, which the wheel
+    shipped as the plugin's manifest."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "napari.yaml"):
+        shutil.copy(REPO / name, tree / name)
+    shutil.copytree(REPO / "src", tree / "src", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    link = tree / "src" / "napari_medseg" / "napari.yaml"
+    assert link.is_symlink()
+    target = os.readlink(link)
+    link.unlink()
+    link.write_text(target)  # what a checkout without links leaves
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+                    str(dist), str(tree)], check=True, capture_output=True)
+    with zipfile.ZipFile(next(dist.glob("napari_medseg-*.whl"))) as zf:
+        assert zf.read("napari_medseg/napari.yaml") == (REPO / "napari.yaml").read_bytes()

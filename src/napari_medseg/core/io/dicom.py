@@ -30,10 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-try:  # pydicom >= 3
-    from pydicom.pixels import apply_modality_lut
-except ImportError:  # pragma: no cover - pydicom 2.x
-    from pydicom.pixel_data_handlers.util import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, get_decoder  # pydicom >= 3
 
 from ..errors import MedsegInputError
 from ..text import counted, slice_ranges
@@ -484,11 +481,6 @@ def _check_pixels(ds: Dataset, path: Path) -> None:
 
 
 def _decoder_available(syntax: Any) -> bool:
-    try:
-        from pydicom.pixels import get_decoder
-    except ImportError:  # pragma: no cover - pydicom 2.x
-        handlers = pydicom.config.pixel_data_handlers
-        return any(h.supports_transfer_syntax(syntax) and h.is_available() for h in handlers)
     try:
         return bool(get_decoder(syntax).is_available)
     except NotImplementedError:  # no decoder exists for this syntax at all
