@@ -311,27 +311,47 @@ def hide_unshown(layer: Any) -> None:
     """Draw the points ``layer.shown`` hides as nothing, in every view: napari honours
     ``shown`` only while an axis of the layer is off screen, so in the 3D view, and on a
     2D layer, it drew every weak detection with its text while the Detect widget counted
-    them hidden. Hidden rows get a transparent ring and no text; shown rows an opaque
-    ring and their text (score and size, "added", "moved") back. ``shown`` itself stays
-    what slicing, the count and the writer go by."""
+    them hidden. Hidden rows get a transparent ring and no text; a row shown again gets
+    an opaque ring and its text (score and size, "added", "moved") back. Rows shown all
+    along keep what the user set (a ring's colour, a label edited in the features
+    table). ``shown`` itself stays what slicing, the count and the writer go by; hidden
+    rows are also kept out of a selection (see :func:`watch_detection_edits`)."""
     n = len(layer.data)
     shown = np.asarray(layer.shown, dtype=bool)
     if not n or len(shown) != n:
         return
     colors = np.array(layer.border_color, dtype=float, copy=True)
-    alpha = np.where(shown, 1.0, 0.0)
-    if colors.shape == (n, 4) and not np.array_equal(colors[:, 3], alpha):
-        colors[:, 3] = alpha
-        layer.border_color = colors
+    if colors.shape == (n, 4):
+        alpha = np.where(shown, np.where(colors[:, 3] == 0, 1.0, colors[:, 3]), 0.0)
+        if not np.array_equal(colors[:, 3], alpha):
+            colors[:, 3] = alpha
+            layer.border_color = colors
     features = layer.features
     if {"score", "diameter_mm", "label"} <= set(features.columns):
-        labels = detection_labels(np.asarray(features["score"], dtype=float),
-                                  np.asarray(features["diameter_mm"], dtype=float))
+        labels = np.asarray(features["label"], dtype=object).copy()
+        blank = np.array([not isinstance(t, str) or t == "" for t in labels], dtype=bool)
+        back = shown & blank  # shown again: its text, as the layer first had it
+        if back.any():
+            labels[back] = detection_labels(
+                np.asarray(features["score"], dtype=float)[back],
+                np.asarray(features["diameter_mm"], dtype=float)[back])
         labels[~shown] = ""
         if list(features["label"]) != list(labels):
             features = features.copy()
             features["label"] = labels
             layer.features = features
+
+
+def _unselect_hidden(layer: Any) -> None:
+    """Hidden rows are drawn as nothing but napari still selects them (select all, a
+    drag box in the 3D view), and Delete then removed weak detections the user never
+    saw (a deletion tells the detector's retraining "no lesion here")."""
+    selected = set(layer.selected_data)
+    shown = np.asarray(layer.shown, dtype=bool)
+    if selected and len(shown) == len(layer.data):
+        visible = {i for i in selected if 0 <= i < len(shown) and shown[i]}
+        if visible != selected:
+            layer.selected_data = visible
 
 
 ADDED_LABEL = "added"
@@ -384,6 +404,7 @@ def watch_detection_edits(layer: Any) -> None:
         return
     _MARKED_LAYERS.add(layer)
     layer.events.data.connect(lambda event, layer=layer: mark_added_points(layer, event))
+    layer.events.highlight.connect(lambda event, layer=layer: _unselect_hidden(layer))
 
 
 def watch_added_lesions(layer: Any) -> None:

@@ -295,8 +295,23 @@ def test_the_threshold_hides_weak_detections_in_the_3d_view_and_on_a_2d_image(
     assert hidden.any() and points.shown.any()
     np.testing.assert_array_equal(_drawn_as_hidden(points), hidden)
     assert all(t for t in np.asarray(points.text.values)[points.shown])
+    # napari selects what it draws, invisible rows included: Delete removed weak
+    # detections the user never saw
+    points.selected_data = set(range(len(points.data)))
+    assert set(points.selected_data) == set(np.flatnonzero(points.shown))
+    points.selected_data = set()
+    # what the user set on a shown row (ring colour, label) survives the slider
+    keep = int(np.flatnonzero(points.shown)[0])
+    colors = np.array(points.border_color)
+    colors[keep] = (1.0, 0.0, 0.0, 0.4)
+    points.border_color = colors
+    features = points.features.copy()
+    features.loc[keep, "label"] = "nodule A"
+    points.features = features
     widget._threshold.value = widget._threshold.min  # back: every ring and text again
     assert points.shown.all() and not _drawn_as_hidden(points).any()
+    np.testing.assert_allclose(points.border_color[keep], (1.0, 0.0, 0.0, 0.4))
+    assert points.features["label"][keep] == "nodule A"
     widget._threshold.value = 1.0
     # a hidden detection the user moves is theirs: drawn and labelled "moved"
     data = np.array(points.data, copy=True)

@@ -237,8 +237,13 @@ def test_a_restored_detection_layer_keeps_scores_and_labels(make_napari_viewer, 
     np.testing.assert_allclose(restored.data, layer.data)
     np.testing.assert_array_equal(restored.features["score"].to_numpy(),
                                   [np.nan, 0.2, 0.1, 0.3, np.nan])
-    assert list(restored.features["label"]) == ["moved", "0.20 · 6 mm", "0.10 · 6 mm",
-                                                "0.30 · 6 mm", "added"]
+    # hidden rows restored hidden in every view: no ring, no text (hide_unshown)
+    hidden = ~np.asarray(restored.shown)
+    assert [t for t, h in zip(restored.features["label"], hidden) if not h] == [
+        t for t, h in zip(["moved", "0.20 · 6 mm", "0.10 · 6 mm", "0.30 · 6 mm", "added"],
+                          hidden) if not h]
+    assert all(t == "" for t, h in zip(restored.features["label"], hidden) if h)
+    assert (np.asarray(restored.border_color)[hidden, 3] == 0).all()
     assert list(restored.shown) == list(layer.shown)
     restored.selected_data = {1}
     restored.add([5.0, 50.0, 50.0])  # not the selected weak detection's score

@@ -187,9 +187,11 @@ class RetrainDetectorWidget(_RetrainBase):
         scores = np.asarray(session.scores, dtype=float)
         kwargs = _points_kwargs(name, diam, scale_mm(image), {
             "score": scores, "label": detection_labels(scores, diam)}, "{label}")
-        return self._viewer.add_points(
+        layer = self._viewer.add_points(
             points, shown=shown, **kwargs, **_like_layer(image),
             feature_defaults=dict(ADDED_POINT_FEATURES))
+        hide_unshown(layer)  # its weak detections hidden in the 3D view too
+        return layer
 
     @staticmethod
     def _finetune(volume, model, card, annotation, slices, seconds, version, names,
