@@ -415,7 +415,7 @@ def test_a_dock_closed_and_opened_again_keeps_the_painted_slices_protected(
     assert again is not widget
     again._image.value, again._labels_pick.value = image, labels
     assert again.annotated_slices() == [2, 5, 7]
-    assert not again._restore_box.visible  # the lists are live here: nothing to restore
+    assert again._pending_restore is None  # the lists are live here: nothing to restore
     again._model.value = random_models["RecurrentSegmenter"]
     again._seconds.value = 2
     again._run.clicked.emit()
@@ -427,6 +427,33 @@ def test_a_dock_closed_and_opened_again_keeps_the_painted_slices_protected(
     again.autosave_now(wait=True)
     qtbot.waitUntil(lambda: len([p for p in sessions_dir().rglob("session.json")]) == 1,
                     timeout=10_000)
+
+
+def test_a_reopened_dock_takes_over_every_layer_the_closed_one_listed(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """Only the pair in use at the close was taken over: another layer's lists came back
+    but its autosave was still offered, and Restore made a copy layer."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    first = _prediction_layer(viewer, image, small_phantom.labels)
+    second = viewer.add_labels(np.zeros_like(first.data), name="second", scale=image.scale,
+                               translate=image.translate)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg",
+                                                        "Retrain on my annotations")
+    widget._image.value, widget._labels_pick.value = image, first
+    _paint_slice(first, 2, small_phantom.labels)
+    widget._labels_pick.value = second  # the first pair's autosave is written as it is left
+    _paint_slice(second, 5, small_phantom.labels)
+    viewer.window.remove_dock_widget(dock)
+    dock2, again = viewer.window.add_plugin_dock_widget("napari-medseg",
+                                                        "Retrain on my annotations")
+    n_layers = len(viewer.layers)
+    for layer, listed in ((second, [5]), (first, [2])):
+        again._image.value, again._labels_pick.value = image, layer
+        assert again.annotated_slices() == listed
+        assert again._pending_restore is None, again._restore_label.value
+    again._on_restore()  # nothing offered: nothing restored
+    assert len(viewer.layers) == n_layers
 
 
 def test_undo_and_redo_are_autosaved_and_keep_the_list_true(scene, qtbot):

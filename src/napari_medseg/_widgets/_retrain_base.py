@@ -217,6 +217,8 @@ class _RetrainBase(Container):
         self._pair_shape: tuple = ()
         self._watched_image: Any = None  # whose data replacement starts another pair
         self._kept_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # layer -> {image key: the autosave folder of that pair}, as last written
+        self._autosave_targets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # sortable by time, unique across widgets and processes
         self._session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._save_lock = threading.Lock()
@@ -356,13 +358,15 @@ class _RetrainBase(Container):
             key = self._pair_key if image is not None else self._image_left_key
             _merge_lists(_LISTS_LEFT.setdefault(layer, {}), key,
                          (self._edited, self._checked, self._excluded))
-            folder = self._key_folder(image) if image is not None else None
-            if folder is not None and key is not None:
-                _FOLDERS_LEFT.setdefault(layer, {})[key] = (
-                    folder / self._session_folder_name(layer, key))
         for kept_layer, per_image in list(self._kept_lists.items()):
             for key, lists in per_image.items():
                 _merge_lists(_LISTS_LEFT.setdefault(kept_layer, {}), key, lists)
+        # and the autosave of every pair whose lists are left: the next widget takes it
+        # over with them (a pair left earlier here had its autosave offered for restoring)
+        for kept_layer, per_image in list(self._autosave_targets.items()):
+            for key, target in per_image.items():
+                if key in _LISTS_LEFT.get(kept_layer, {}):
+                    _FOLDERS_LEFT.setdefault(kept_layer, {})[key] = target
         if self._tracked is not None:
             self._disconnect(self._tracked)
             self._tracked = None
@@ -1113,6 +1117,7 @@ class _RetrainBase(Container):
         session.edited, session.checked = sorted(self._edited), sorted(self._checked)
         session.excluded = sorted(self._excluded)
         target = folder / self._session_folder_name(layer, image_key)
+        self._autosave_targets.setdefault(layer, {})[image_key] = target
         if supersedes is not None and supersedes != target:
             with self._save_lock:
                 self._superseded[target] = supersedes
@@ -1238,11 +1243,17 @@ class _RetrainBase(Container):
                 show_warning(f"Retrain: cannot look for autosaves in {folder.parent} "
                              f"({exc.strerror or exc}); none is offered")
                 listed = []
+            # a closed widget's autosaves whose lists stay with a layer still open: taken
+            # over when that layer is picked, not offered for restoring into a copy
+            left_by_closed = {f for layer, per in list(_FOLDERS_LEFT.items())
+                              if layer in self._viewer.layers for f in per.values()}
             for key_folder, entries in listed:
                 for p in entries:
                     # this widget's own autosaves, and those it restored (deleted once
                     # their content is saved again in its own)
                     if p.name.startswith(self._session_id) or p in self._restored:
+                        continue
+                    if p in left_by_closed:  # a layer's lists wait for this widget
                         continue
                     if session_in_use(p):  # another open window's live autosave
                         continue
