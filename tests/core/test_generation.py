@@ -357,3 +357,27 @@ def test_free_memory_is_read_on_linux():
 
     free = available_memory_bytes()
     assert free is None or free > 0
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_free_memory_counts_a_cgroup_limit_less_its_reclaimable_cache(tmp_path, monkeypatch,
+                                                                     version):
+    """Page cache charged to a container (a DICOM series just read) read as used: 0.5 GB
+    "free" of 16 GB with 14.5 GB of it cache; a cgroup v1 limit was not read at all."""
+    from napari_medseg.core import generation
+
+    gb = 1024 ** 3
+    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gb // 1024} kB\nMemAvailable: "
+                                      f"{24 * gb // 1024} kB\n")
+    (tmp_path / "limit").write_text(str(16 * gb))
+    (tmp_path / "used").write_text(str(int(15.5 * gb)))
+    key = "inactive_file" if version == "v2" else "total_inactive_file"
+    (tmp_path / "stat").write_text(f"anon 1\n{key} {int(14.5 * gb)}\n")
+    files = (str(tmp_path / "limit"), str(tmp_path / "used"), str(tmp_path / "stat"), key)
+    monkeypatch.setattr(generation, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(generation, "CGROUP_MEMORY",
+                        (("/nonexistent/a", "/nonexistent/b", "/nonexistent/c", "x"), files)
+                        if version == "v1" else (files,))
+    assert generation.available_memory_bytes() == 15 * gb
+    (tmp_path / "limit").write_text("max" if version == "v2" else str(1 << 63))  # no limit
+    assert generation.available_memory_bytes() == 24 * gb

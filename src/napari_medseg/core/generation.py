@@ -428,33 +428,67 @@ def generate_slices(
                             str(card.get("name", "")))
 
 
-#: peak memory of a generation run over its float32 output, measured on the largest
-#: phantom (linear ×3: 3.1×, cubic ×3: 3.9×; the model streams its chunks, about 2×
-#: plus the input)
+#: peak memory of a generation run over its float32 output (the input, in memory
+#: already, not counted), rounded up from what the largest phantom took (×3: about 2–3×
+#: for linear, 3–4× for cubic; the model streams its chunks, about 2×)
 PEAK_OVER_OUTPUT = {"linear": 3.2, "cubic": 4.0, "model": 3.0}
 
 
+def _read_number(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _reclaimable(stat_path: str, key: str) -> int:
+    """Page cache the kernel frees on demand (inactive file pages), from a cgroup's
+    memory.stat: a container that has just read a DICOM series is charged for it."""
+    try:
+        with open(stat_path, encoding="ascii") as fh:
+            for line in fh:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+#: where the kernel says how much memory is free, and a cgroup's limit, use and
+#: reclaimable page cache (v2, then v1)
+MEMINFO = "/proc/meminfo"
+CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current",
+     "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)
+
+
 def available_memory_bytes() -> int | None:
-    """What the kernel says a process may still allocate (MemAvailable, capped by a cgroup
-    memory limit); None where neither is known (not Linux)."""
+    """What the kernel says a process may still allocate (MemAvailable), capped by a
+    cgroup memory limit (v2, or v1) less what the group uses beyond reclaimable page
+    cache; None where nothing is known (not Linux)."""
     available = None
     try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
+        with open(MEMINFO, encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
                     available = int(line.split()[1]) * 1024
                     break
     except (OSError, ValueError, IndexError):
         return None
-    try:  # a container's limit (cgroup v2) may be far below the machine's memory
-        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
-            limit = fh.read().strip()
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
-            used = int(fh.read().strip())
-        if limit != "max" and available is not None:
-            available = min(available, max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
+    for limit_path, used_path, stat_path, key in CGROUP_MEMORY:
+        limit, used = _read_number(limit_path), _read_number(used_path)
+        # v1 reports "no limit" as a page-rounded 2**63: anything beyond RAM is none
+        if limit is None or used is None or available is None or limit >= 1 << 60:
+            continue
+        used = max(0, used - _reclaimable(stat_path, key))
+        available = min(available, max(0, limit - used))
+        break
     return available
 
 
@@ -463,7 +497,7 @@ def check_generation_memory(volume: Volume, n_out: int, method: str) -> None:
     a 1024 × 512 × 512 volume needs about 10 GB: it ran out of memory, or swapped the
     machine to a halt, with no word first)."""
     output = 4 * n_out * int(np.prod(volume.shape[1:]))
-    need = PEAK_OVER_OUTPUT[method] * output + volume.array.nbytes
+    need = PEAK_OVER_OUTPUT[method] * output  # the input is in memory already
     free = available_memory_bytes()
     if free is not None and need > free:
         gb = 1024 ** 3
