@@ -233,6 +233,9 @@ def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypat
     # then the card's command named a file this run replaced
     (["segmenter", "--init", "{tmp}/out/segmenter.json", "--overwrite"],
      "--init is the model this run would replace"),
+    # by name, found in the user models folder the run writes into
+    (["segmenter", "--init", "segmenter", "--overwrite", "--out", "{tmp}/home/models"],
+     "--init is the model this run would replace"),
     # typos of many digits built phantoms or layers until memory ran out
     (["classifier", "--pool-size", "1000000000"], "--pool-size must be at most"),
     (["classifier", "--convs-per-block", "100000"], "--convs-per-block must be at most"),
@@ -252,6 +255,13 @@ def test_train_refuses_more_bad_arguments_before_training(tmp_path, capsys, monk
     monkeypatch.setattr(cli_train, "_train_once", no_training)
     monkeypatch.setattr(cli_train, "_train_members", no_training, raising=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    if "{tmp}/out/segmenter.json" in argv or "{tmp}/home/models" in argv:
+        from napari_medseg.core.models import load_model, save_model
+
+        model, card = load_model("segmenter")  # the bundled one, copied there
+        for folder in (tmp_path / "out", tmp_path / "home" / "models"):
+            save_model(model, folder, "segmenter", card)
     afile = tmp_path / "afile"
     afile.write_text("")
     os.chmod(afile, 0o755)
@@ -262,7 +272,8 @@ def test_train_refuses_more_bad_arguments_before_training(tmp_path, capsys, monk
     assert main(["train", *argv, *budget]) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if p.name not in ("out", "home") or "--init" not in argv) == ["afile"]
 
 
 def test_train_threads_0_leaves_torchs_setting(tmp_path, monkeypatch):

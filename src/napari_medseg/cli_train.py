@@ -184,8 +184,7 @@ def _check_before_training(args: argparse.Namespace) -> None:
         raise MedsegInputError("--init is empty (an unset shell variable?); give a segmenter "
                                "card or name")
     out = Path(args.out).expanduser()
-    if init is not None and os.path.realpath(Path(str(init)).expanduser()) == os.path.realpath(
-            out / f"{args.model}.json"):
+    if init is not None and _init_card(init) == os.path.realpath(out / f"{args.model}.json"):
         # replaced by this run, the card's recorded command would start from the new model
         raise MedsegInputError("--init is the model this run would replace in --out; copy it "
                                "elsewhere first or pass another --out", out)
@@ -205,6 +204,17 @@ def _check_before_training(args: argparse.Namespace) -> None:
         raise MedsegInputError(f"{' and '.join(existing)} exist in --out; pass --overwrite "
                                "to replace them, or another --out", out)
     _refuse_write_protected(out, existing)
+
+
+def _init_card(init: str) -> str | None:
+    """The card ``--init`` names (a path, or a name looked up as the run will look it up,
+    the user folder first), links followed; None if there is none (said later)."""
+    from .core.models.registry import resolve_card
+
+    try:
+        return os.path.realpath(resolve_card(str(init)))
+    except MedsegInputError:
+        return None
 
 
 def _refuse_write_protected(out: Path, names: list[str]) -> None:
