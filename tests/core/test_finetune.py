@@ -939,10 +939,11 @@ def test_a_damaged_autosave_record_is_an_input_error_not_a_crash(tmp_path):
 def test_an_empty_slice_predicted_empty_scores_full_agreement():
     """Outside the body, annotation and prediction both empty gave NaN ("Dice nan → nan"),
     and a round that painted false positives there (nan → 0) passed the held-out check."""
-    empty = np.zeros((6, 6), np.uint8)
-    spot = empty.copy()
-    spot[2, 2] = 3
+    empty = np.zeros((100, 100), np.uint8)
+    stray, blob = empty.copy(), empty.copy()
+    stray[2, 2] = 3
+    blob[:20] = 3  # a fifth of the slice painted as a structure
     assert slice_dice(empty, empty) == 1.0
-    assert slice_dice(spot, empty) == 0.0
-    assert 1.0 - slice_dice(spot, empty) > 0.05  # a drop the Retrain widget rejects
-    assert slice_dice(spot, spot) == 1.0
+    assert slice_dice(stray, empty) == pytest.approx(0.9999)  # a stray voxel: no rejection
+    assert 1.0 - slice_dice(blob, empty) > 0.05  # a drop the Retrain widget rejects
+    assert slice_dice(stray, stray) == 1.0 and slice_dice(empty, stray) == 0.0

@@ -286,10 +286,14 @@ def new_structure_advice(report: FinetuneReport) -> str | None:
 
 
 def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean Dice over the foreground values present in ``truth`` or ``pred``; 1.0 when
-    neither has any (a slice marked correct outside the body, predicted empty: full
-    agreement; it was NaN, shown "Dice nan → nan", and a round that then painted false
-    positives there was not caught by the held-out check, NaN comparing False)."""
+    """Mean Dice over the foreground values present in ``truth`` or ``pred``. A slice
+    with no foreground in ``truth`` (marked correct outside the body) scores 1 − the
+    fraction of its pixels ``pred`` gives a structure: 1.0 when predicted empty too (it
+    was NaN, shown "Dice nan → nan", and a round that painted false positives there
+    passed the held-out check, NaN comparing False), while a stray voxel costs next to
+    nothing (a Dice over no truth would be 0 for one voxel, and reject the round)."""
+    if not (np.asarray(truth) > 0).any():
+        return float(1.0 - (np.asarray(pred) > 0).mean()) if np.size(pred) else 1.0
     values = np.union1d(np.unique(pred), np.unique(truth))
     scores = []
     for v in values[values > 0]:
