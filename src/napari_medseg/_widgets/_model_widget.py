@@ -137,6 +137,17 @@ class LayerNameFollower:
             (layer.events.name.connect if connect else layer.events.name.disconnect)(callback)
 
 
+#: a layer's events after which a result made from it may no longer fit it
+GEOMETRY_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units")
+
+
+def rewatch_geometry(old_layer, new_layer, callback) -> None:
+    """Move ``callback`` from ``old_layer``'s :data:`GEOMETRY_EVENTS` to ``new_layer``'s
+    (either may be None)."""
+    connect_layer_events(old_layer, GEOMETRY_EVENTS, callback, False)
+    connect_layer_events(new_layer, GEOMETRY_EVENTS, callback)
+
+
 def connect_layer_events(layer, names, callback, connect: bool = True) -> None:
     """(Dis)connect ``callback`` to those of the events ``names`` that ``layer`` has (an
     older napari has no ``units``, a Labels layer no ``contrast_limits``); None: nothing."""

@@ -10,8 +10,8 @@ from ._model_widget import (
     ModelRunWidget,
     _geometry,
     _same_geometry,
-    connect_layer_events,
     provenance,
+    rewatch_geometry,
 )
 from ._navigate import go_to_slice, slice_at, slice_axis_shown
 from ._strip import ProbabilityStrip
@@ -65,12 +65,8 @@ class ClassifyWidget(ModelRunWidget):
     def core_job(self, volume, model, card, options):
         return classify_volume(volume, model, card)
 
-    #: the classified layer's events after which its result may no longer fit it
-    _GEOMETRY_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units")
-
     def _watch_layer(self, layer) -> None:
-        connect_layer_events(self._layer, self._GEOMETRY_EVENTS, self._follow_slice, False)
-        connect_layer_events(layer, self._GEOMETRY_EVENTS, self._follow_slice)
+        rewatch_geometry(self._layer, layer, self._follow_slice)
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
         self._watch_layer(image_layer)

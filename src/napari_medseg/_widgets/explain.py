@@ -16,8 +16,8 @@ from ._model_widget import (
     ModelRunWidget,
     _geometry,
     _same_geometry,
-    connect_layer_events,
     provenance,
+    rewatch_geometry,
 )
 from ._navigate import go_to_slice
 
@@ -118,9 +118,6 @@ class UncertaintyWidget(ModelRunWidget):
             return
         self._drop_ranking("The image layer of the uncertainty ranking was removed")
 
-    #: the ranked layer's events after which its slices may not be the ranked ones
-    _GEOMETRY_EVENTS = ("data", "scale", "translate", "rotate", "shear", "affine", "units")
-
     def _on_layer_changed(self, _event=None) -> None:
         """New data or placement: the list must not look live (it offered slices a cut
         volume no longer has until one was picked)."""
@@ -130,8 +127,7 @@ class UncertaintyWidget(ModelRunWidget):
                                " run Uncertainty again")
 
     def _watch(self, layer) -> None:
-        connect_layer_events(self._layer, self._GEOMETRY_EVENTS, self._on_layer_changed, False)
-        connect_layer_events(layer, self._GEOMETRY_EVENTS, self._on_layer_changed)
+        rewatch_geometry(self._layer, layer, self._on_layer_changed)
 
     def _drop_ranking(self, message: str) -> None:
         self._watch(None)
