@@ -24,7 +24,7 @@ import numpy as np
 
 from .cli_infer import _read_and_warn, threads_arg
 from .core.errors import MedsegInputError
-from .core.text import counted
+from .core.text import counted, slice_ranges
 
 
 #: more slices than any volume holds (a range longer than this is a typo)
@@ -195,14 +195,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise MedsegInputError(f"{name}.json exists; pass --overwrite or another --name", out)
     from .core.models.registry import BUNDLED_DIR, user_models_dir
 
-    if (BUNDLED_DIR / f"{name}.json").exists() and _same_folder(out, user_models_dir()):
+    from .cli_train import _refuse_write_protected, same_path
+
+    if (BUNDLED_DIR / f"{name}.json").exists() and same_path(out, user_models_dir()):
         # found first by name, it would stand in for the bundled model in every command
         # and widget that names it (the Retrain widget refuses the same)
         raise MedsegInputError(f"'{name}' is a bundled model's name; in the user models "
                                "folder this model would replace it everywhere: pass another "
                                "--name", out)
-    from .cli_train import _refuse_write_protected
-
     _refuse_write_protected(out, [f"{name}.json"])  # said now, not after the training
     if not 0 <= args.seed <= MAX_SEED:
         raise MedsegInputError(f"--seed must be 0..{MAX_SEED}, got {args.seed}")
@@ -267,11 +267,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_folder(a: Path, b: Path) -> bool:
-    """Whether two folders are one, links followed (either may not exist yet)."""
-    return os.path.realpath(a.expanduser()) == os.path.realpath(b.expanduser())
-
-
 def _warn_synthetic_slices(volume: Any, slices: Any) -> None:
     """Annotated slices the file says ``generate`` made: the round would teach the model
     the generator's image as if acquired (said, not refused: the user may mean it)."""
@@ -280,8 +275,6 @@ def _warn_synthetic_slices(volume: Any, slices: Any) -> None:
         return
     made = sorted(set(int(z) for z in slices) & set(planes.get("indices", ())))
     if made:
-        from .core.text import slice_ranges
-
         print(f"finetune: warning: {counted(len(made), 'annotated slice')} "
               f"({slice_ranges(np.array(made))}) were generated (synthetic), not acquired: "
               "the model learns from the generator's image there", file=sys.stderr)

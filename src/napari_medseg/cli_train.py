@@ -184,7 +184,8 @@ def _check_before_training(args: argparse.Namespace) -> None:
         raise MedsegInputError("--init is empty (an unset shell variable?); give a segmenter "
                                "card or name")
     out = Path(args.out).expanduser()
-    if init is not None and _init_card(init) == os.path.realpath(out / f"{args.model}.json"):
+    card = _init_card(init) if init is not None else None
+    if card is not None and same_path(card, out / f"{args.model}.json"):
         # replaced by this run, the card's recorded command would start from the new model
         raise MedsegInputError("--init is the model this run would replace in --out; copy it "
                                "elsewhere first or pass another --out", out)
@@ -206,13 +207,18 @@ def _check_before_training(args: argparse.Namespace) -> None:
     _refuse_write_protected(out, existing)
 
 
-def _init_card(init: str) -> str | None:
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file or folder, links followed (either may not exist)."""
+    return os.path.realpath(Path(a).expanduser()) == os.path.realpath(Path(b).expanduser())
+
+
+def _init_card(init: str) -> Path | None:
     """The card ``--init`` names (a path, or a name looked up as the run will look it up,
-    the user folder first), links followed; None if there is none (said later)."""
+    the user folder first); None if there is none (said later)."""
     from .core.models.registry import resolve_card
 
     try:
-        return os.path.realpath(resolve_card(str(init)))
+        return resolve_card(str(init))
     except MedsegInputError:
         return None
 
