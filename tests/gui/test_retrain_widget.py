@@ -985,6 +985,33 @@ def test_a_second_viewer_neither_offers_nor_discards_an_open_widgets_autosave(
     assert widget3._pending_restore == live
 
 
+def test_discard_that_cannot_delete_the_autosave_is_said_and_stops_offering_it(
+        make_napari_viewer, random_models, small_phantom, monkeypatch):
+    """A sessions folder the user cannot write to (left by a run as another user, a
+    read-only mount) raised OSError through the button's callback and kept the offer."""
+    import napari_medseg._widgets._retrain_base as base
+
+    viewer, image, labels, widget = _autosaved_slice_2(make_napari_viewer, random_models,
+                                                       small_phantom)
+    _process_ended(widget)
+    viewer2 = make_napari_viewer()
+    widget2 = RetrainWidget(viewer2)
+    widget2._image.value = _open(viewer2, small_phantom)
+    offered = widget2._pending_restore
+    assert offered is not None
+
+    def refused(folder):
+        raise PermissionError(13, "Permission denied", str(folder / "session.json"))
+
+    monkeypatch.setattr(base, "discard_session", refused)
+    start = len(notification_manager.records)
+    widget2._discard.clicked.emit()
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("could not be deleted (Permission denied)" in m for m in said), said
+    assert (offered / "session.json").is_file()  # nothing lost
+    assert widget2._pending_restore is None and widget2._restore_box.native.isHidden()
+
+
 def test_an_unreadable_sessions_folder_is_said_when_looking_for_autosaves(
         make_napari_viewer, random_models, small_phantom, monkeypatch):
     """Listing the sessions folder raised through the image picker's callback."""

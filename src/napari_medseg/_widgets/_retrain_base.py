@@ -231,6 +231,7 @@ class _RetrainBase(Container):
         # folder (kept, each restore left a copy behind: the folders only grew)
         self._superseded: dict[Path, Path] = {}
         self._restored: set[Path] = set()  # autosave folders restored into a layer here
+        self._undeletable: set[Path] = set()  # discarded here, but the folder refused deletion
         self._save_thread: threading.Thread | None = None
         # snapshots not yet written, the newest per folder, for ONE writer thread: a
         # thread per snapshot queued every 1.5 s behind 3 s writes of a large layer (11
@@ -1251,7 +1252,8 @@ class _RetrainBase(Container):
                 for p in entries:
                     # this widget's own autosaves, and those it restored (deleted once
                     # their content is saved again in its own)
-                    if p.name.startswith(self._session_id) or p in self._restored:
+                    if (p.name.startswith(self._session_id) or p in self._restored
+                            or p in self._undeletable):
                         continue
                     if p in left_by_closed:  # a layer's lists wait for this widget
                         continue
@@ -1346,4 +1348,9 @@ class _RetrainBase(Container):
                 discard_session(self._pending_restore)
             except MedsegInputError as exc:  # opened meanwhile in another window: kept
                 show_warning(f"Retrain: not discarded: {exc}")
+            except OSError as exc:  # e.g. a sessions folder left by another user: read-only
+                self._undeletable.add(self._pending_restore)
+                show_warning(f"Retrain: the autosave in {self._pending_restore} could not be "
+                             f"deleted ({exc.strerror or exc}); it is no longer offered in "
+                             "this window")
         self._check_for_autosave()
