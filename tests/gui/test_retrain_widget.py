@@ -720,7 +720,9 @@ def test_a_failing_autosave_is_said_until_one_succeeds(scene, qtbot, monkeypatch
     qtbot.waitUntil(lambda: widget._autosave_error is not None, timeout=5000)
     warnings = [str(n.message) for n in notification_manager.records[start:]
                 if "autosave FAILED" in str(n.message)]
-    assert len(warnings) == 1 and "Autosave failed (Not a directory)" in widget._status.value
+    alert = widget._autosave_alert
+    assert len(warnings) == 1 and "Autosave failed (Not a directory)" in alert.value
+    assert not alert.native.isHidden()
     widget.autosave_now(wait=True)  # the same failure again: said once
     qtbot.wait(50)
     assert len([n for n in notification_manager.records[start:]
@@ -728,7 +730,32 @@ def test_a_failing_autosave_is_said_until_one_succeeds(scene, qtbot, monkeypatch
     monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home-ok"))
     widget.autosave_now(wait=True)
     qtbot.waitUntil(lambda: widget._autosave_error is None, timeout=5000)
-    assert widget._status.value == "Autosave works again"
+    assert alert.native.isHidden()
+    assert any("autosave works again" in str(n.message)
+               for n in notification_manager.records[start:])
+
+
+def test_a_failing_autosave_neither_hides_nor_is_hidden_by_a_rounds_result(
+        scene, qtbot, monkeypatch, tmp_path):
+    """Both used the status line: the round's progress hid the failure, and the next
+    failed autosave, 1.5 s after the round, replaced its result (steps, held-out Dice)."""
+    viewer, image, labels, widget, phantom = scene
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(blocker))
+    _paint_slice(labels, 2, phantom.labels)
+    _paint_slice(labels, 5, phantom.labels)
+    widget.autosave_now(wait=True)
+    qtbot.waitUntil(lambda: widget._autosave_error is not None, timeout=5000)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    result = widget._status.value
+    assert result.startswith("v1:"), result
+    widget.autosave_now(wait=True)  # fails again after the round
+    qtbot.wait(50)
+    assert widget._status.value == result
+    assert "Autosave failed" in widget._autosave_alert.value
+    assert not widget._autosave_alert.native.isHidden()
 
 
 def test_closing_the_viewer_during_a_round_raises_nothing(scene, qtbot):
@@ -1103,7 +1130,7 @@ def test_strokes_on_a_labels_layer_off_the_image_grid_are_said_not_autosaved(
     widget.autosave_now(wait=True)
     said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("autosave FAILED" in m and "(4, 96, 96)" in m for m in said), said
-    assert widget._status.value.startswith("Autosave failed")
+    assert widget._autosave_alert.value.startswith("Autosave failed")
 
 
 def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(

@@ -285,6 +285,11 @@ class _RetrainBase(Container):
         self._status.native.setWordWrap(True)
         self._status.native.setSizePolicy(QSizePolicy.Policy.Expanding,
                                           QSizePolicy.Policy.Minimum)
+        # its own line: the status line belongs to rounds and re-predictions, whose
+        # messages a failing autosave would otherwise overwrite (or be overwritten by)
+        self._autosave_alert = Label(value="", visible=False)
+        self._autosave_alert.native.setWordWrap(True)
+        self._autosave_alert.native.setStyleSheet("color: #ff6b6b; font-weight: bold")
         # callable choices: napari's reset_choices (on every layer added) re-reads them
         self._versions = ComboBox(label="Version", choices=self._version_choices)
         self._revert = PushButton(text="Use this version")
@@ -298,7 +303,7 @@ class _RetrainBase(Container):
             *self.extra_widgets(),
             self._seconds,
             Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
-            curve_box, self._status, self._versions,
+            curve_box, self._status, self._autosave_alert, self._versions,
             Container(widgets=[self._revert, self._predict], layout="horizontal", labels=False),
             self._save_name, self._save,
         ])
@@ -1190,15 +1195,16 @@ class _RetrainBase(Container):
 
     @ensure_main_thread
     def _autosave_failed(self, reason: str, folder: str) -> None:
-        """A failed autosave is said, on the GUI thread, once per new reason, and the
-        status line keeps saying it until a save succeeds: the user must not believe
+        """A failed autosave is said, on the GUI thread, once per new reason, and a line
+        under the status keeps saying it until a save succeeds: the user must not believe
         their work is kept when it is not."""
         try:
             if reason != self._autosave_error:
                 show_warning(f"Retrain: autosave FAILED ({reason}) in {folder}; your "
                              "annotations are not being saved")
             self._autosave_error = reason
-            self._status.value = f"Autosave failed ({reason}): annotations not saved"
+            self._autosave_alert.value = f"Autosave failed ({reason}): annotations not saved"
+            self._autosave_alert.visible = True
         except RuntimeError:  # the widget was closed meanwhile
             pass
 
@@ -1207,7 +1213,8 @@ class _RetrainBase(Container):
         try:
             if self._autosave_error is not None:
                 self._autosave_error = None
-                self._status.value = "Autosave works again"
+                self._autosave_alert.value = ""
+                self._autosave_alert.visible = False
                 show_info("Retrain: autosave works again")
         except RuntimeError:
             pass
