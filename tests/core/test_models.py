@@ -1116,6 +1116,57 @@ def test_a_failed_replace_names_the_target_not_the_temp_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["classifier.json"]
 
 
+def test_a_save_error_names_the_file_once_not_a_second_none(tmp_path, monkeypatch):
+    """"No space left on device: '.../x.safetensors' -> None": filename2 was set to None."""
+    import errno
+    import os
+
+    from napari_medseg.core.models.registry import _atomic_write
+
+    def full(fd):  # where a full disk is found on a network or delayed-allocation one
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        _atomic_write(tmp_path / "m.safetensors", b"x" * 10)
+    assert str(err.value) == f"[Errno 28] No space left on device: '{tmp_path / 'm.safetensors'}'"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_without_write_access_names_the_file_not_a_temp_file(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from napari_medseg.core.models.registry import _atomic_write
+
+    def refused(prefix, suffix, dir):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x1y2{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as err:
+        _atomic_write(tmp_path / "m.json", b"{}")
+    assert err.value.filename == str(tmp_path / "m.json") and ".tmp" not in str(err.value)
+
+
+def test_weights_a_killed_unique_save_left_are_deleted_by_the_next_save(tmp_path):
+    """A save killed between its weights and its card left <name>.<sha>.safetensors that
+    no card named, and every later save kept it."""
+    model = _seeded(SliceClassifier(**SMALL_CLS), seed=5)
+    save_model(model, tmp_path, "mine", CARD, unique_weights=True)
+    orphan = tmp_path / "mine.0123456789ab.safetensors"  # as a kill leaves it
+    orphan.write_bytes(b"weights of a save that never wrote its card")
+    copied = tmp_path / "mine.abcdefabcdef.safetensors"  # named by another card: kept
+    copied.write_bytes(b"x")
+    (tmp_path / "copy.json").write_text('{"weights_file": "mine.abcdefabcdef.safetensors"}')
+    other = tmp_path / "mine2.0123456789ab.safetensors"  # another model's name: kept
+    other.write_bytes(b"x")
+    save_model(_seeded(SliceClassifier(**SMALL_CLS), seed=6), tmp_path, "mine", CARD,
+               unique_weights=True)
+    assert not orphan.exists() and copied.exists() and other.exists()
+    assert len(list(tmp_path.glob("mine.*.safetensors"))) == 2  # the new one and the copy's
+    load_model(tmp_path / "mine.json")
+
+
 def test_a_save_that_fails_on_a_full_disk_leaves_no_folders_and_names_the_model_file(
         tmp_path, monkeypatch):
     """Only the deepest folder the save made was removed ("out/n1" stayed from

@@ -190,8 +190,10 @@ def _fsync_folder(folder: Path) -> None:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, os.replace onto ``path``."""
     refuse_read_only(path)
-    # the name cut short: a long one must still leave room for the temp suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    try:  # the name cut short: a long one must still leave room for the temp suffix
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # no write access: said of the file asked for, not a temp name
+        raise _naming(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -205,8 +207,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
         if isinstance(exc, OSError) and exc.filename in (None, tmp):
             # "No space left on device", or os.replace's "Is a directory" (which names the
             # temp file), then says which file
-            exc.filename, exc.filename2 = str(path), None
+            raise _naming(exc, path) from exc
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` alone. (Setting ``filename2 = None`` on it printed
+    "... -> None": OSError keeps None as a second name.)"""
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, str(path))
 
 
 def _jsonable(value: Any) -> Any:
@@ -371,7 +381,30 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
             weights_path.unlink(missing_ok=True)  # nothing points at it
         raise
     _drop_previous(previous, weights_path, directory)
+    _drop_orphans(directory, name, weights_path)
     return card_path
+
+
+def _drop_orphans(directory: Path, name: str, weights_path: Path) -> None:
+    """Delete ``<name>.<sha12>.safetensors`` files no card in ``directory`` names: what a
+    save killed between its weights and its card left (each later save of that name
+    left it there for good)."""
+    pattern = re.compile(rf"{re.escape(name)}\.[0-9a-f]{{12}}\.safetensors")
+    try:
+        orphans = [p for p in directory.iterdir()
+                   if pattern.fullmatch(p.name) and p != weights_path]
+        if not orphans:
+            return
+        named = b"".join(card.read_bytes() for card in directory.glob("*.json")
+                         if card.is_file())
+    except OSError:
+        return  # tidying only: the save itself succeeded
+    for orphan in orphans:
+        if orphan.name.encode() not in named:
+            try:
+                orphan.unlink()
+            except OSError:
+                pass
 
 
 def _card_names(card_path: Path, weights_file: str) -> bool:
