@@ -133,6 +133,27 @@ def test_model_grid_follows_the_card_spacing(seg):
     huge = Volume(np.zeros((1, 64, 64), np.float32), (1.0, 100.0, 100.0))  # cm read as mm
     with pytest.raises(MedsegInputError, match="more than any body"):
         model_grid(huge, seg[1])
+    # a 200-digit field of view was printed; 1e308 mm pixels raised OverflowError
+    absurd = Volume(np.zeros((1, 10, 10), np.float32), (2.5, 1e200, 1e200))
+    with pytest.raises(MedsegInputError, match=r"covers 1e\+201 × 1e\+201 mm"):
+        model_grid(absurd, seg[1])
+    infinite = Volume(np.zeros((1, 10, 10), np.float32), (2.5, 1e308, 1e308))
+    with pytest.raises(MedsegInputError, match="no finite field of view"):
+        model_grid(infinite, seg[1])
+
+
+def test_values_that_overflow_the_cards_normalisation_are_refused_not_classified(cls):
+    """float32-max fill voxels under a z-score card with a small scale became inf, the
+    network gave NaN and argmax called the slice class 0 with no probabilities."""
+    model, card = cls
+    zscore = {**card, "normalisation": {"type": "zscore", "mean": 0.0, "std": 1e-3}}
+    array = np.zeros((2, 32, 32), np.float32)
+    array[1] = np.finfo(np.float32).max
+    with pytest.raises(MedsegInputError, match="overflow once normalised"):
+        run_to_completion(classify_volume(Volume(array, (1.0, 1.0, 1.0)), model, zscore))
+    array[1] = 1e3  # large but finite once normalised: runs
+    result = run_to_completion(classify_volume(Volume(array, (1.0, 1.0, 1.0)), model, zscore))
+    assert np.isfinite(result.probabilities).all()
 
 
 def test_a_percentile_card_samples_the_volume_without_copying_it(monkeypatch):

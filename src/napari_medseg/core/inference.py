@@ -632,9 +632,14 @@ MAX_GRID_SIDE = 4096
 
 def model_grid(volume: Volume, card: Mapping[str, Any]) -> tuple[int, int]:
     """In-plane size (h, w) of the model grid for ``volume`` (same field of view)."""
+    fov = [n * s for n, s in zip(volume.shape[1:], volume.spacing[1:])]
+    if not all(math.isfinite(f) for f in fov):  # a pixel spacing of 1e308: round(inf) raised
+        raise MedsegInputError(
+            f"the pixel size {volume.spacing[1]:.3g} × {volume.spacing[2]:.3g} mm gives no "
+            "finite field of view; check the pixel spacing")
     h, w = resampled_shape_yx(volume.shape[1:], volume.spacing[1:], card_spacing_yx(card))
     if max(h, w) > MAX_GRID_SIDE:  # a spacing in cm read as mm would ask for gigabytes
-        fov = [round(n * s) for n, s in zip(volume.shape[1:], volume.spacing[1:])]
+        fov = [round(f) for f in fov]
         if max(fov) <= MAX_GRID_SIDE:  # a field a body fits in: the card's pixels are absurd
             sy, sx = card_spacing_yx(card)
             raise MedsegInputError(
@@ -642,7 +647,7 @@ def model_grid(volume: Volume, card: Mapping[str, Any]) -> tuple[int, int]:
                 f"(input_spacing_mm): {h} × {w} pixels for this {fov[0]} × {fov[1]} mm "
                 "image; the card is damaged or not meant for scans")
         raise MedsegInputError(
-            f"the image covers {fov[0]} × {fov[1]} mm in-plane (pixel size "
+            f"the image covers {fov[0]:.4g} × {fov[1]:.4g} mm in-plane (pixel size "
             f"{volume.spacing[1]:g} × {volume.spacing[2]:g} mm), more than any body; "
             "check the pixel spacing")
     return h, w
@@ -801,7 +806,17 @@ def _normalised_on_grid(array: np.ndarray, z: np.ndarray, spec: Mapping[str, Any
         fix = torch.nan_to_num_ if owned else torch.nan_to_num
         t = fix(t, nan=shift, posinf=shift, neginf=shift)
     out = resize_yx(t[:, None], grid, antialias=True)[:, 0]  # as resample_yx
-    return out.sub_(shift).div_(scale)
+    out = out.sub_(shift).div_(scale)
+    if not torch.isfinite(out).all():
+        # values near float32's limit under a z-score or percentile card fitted to small
+        # units overflow here; the network then gave NaN, which argmax read as class 0
+        finite = src[np.isfinite(src)]
+        span = f"{finite.min():.3g} to {finite.max():.3g}" if finite.size else "none finite"
+        raise MedsegInputError(
+            f"the image's values ({span}) overflow once normalised as the model's card "
+            f"says (subtract {shift:.3g}, divide by {scale:.3g}); voxels near float32's "
+            "limit are probably a fill value: replace them or use the scan's usual units")
+    return out
 
 
 class ModelGridSlices:
