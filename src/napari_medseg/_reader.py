@@ -14,12 +14,15 @@ from ._layers import labels_layer_data, volume_layer_data
 # napari's "opened, but nothing to add" sentinel: it stops napari trying other readers
 # and adding a half-made layer after we have already told the user why.
 _NOTHING_OPENED = [(None,)]
+#: folders whose "one slice of a series" warning was shown
+_SAID_SERIES: set[str] = set()
 
 
 def get_reader(path: str | list[str]) -> Callable | None:
     if isinstance(path, list):
         if len(path) != 1:
-            # several files picked at once: not taken (a DICOM series opens from its folder)
+            # a stack asked for (napari's "Open Files as Stack"): not taken (a DICOM
+            # series opens from its folder; plain Open Files hands one file at a time)
             return None
         path = path[0]
     if len(urlsplit(str(path)).scheme) > 1:
@@ -40,9 +43,14 @@ def read_layers(path: str | list[str]) -> list:
         show_error(f"napari-medseg could not open {exc}")
         return _NOTHING_OPENED
     volume = opened.volume if isinstance(opened, LabelMap) else opened
+    series = volume.metadata.get("series_files_beside")
     for warning in volume.metadata.get("warnings", []):
         from napari.utils.notifications import show_warning
 
+        if series and warning.startswith("one slice of a series of"):
+            if series["folder"] in _SAID_SERIES:
+                continue  # every slice of a series picked at once: said for the first only
+            _SAID_SERIES.add(series["folder"])
         show_warning(f"{Path(path).name}: {warning}")
     if isinstance(opened, LabelMap):
         return [labels_layer_data(opened.labels, volume, _layer_name(path), opened.names)]

@@ -1543,3 +1543,19 @@ def test_frames_whose_pointer_names_their_offsets_are_still_stacked_by_step(tmp_
     vol = read_dicom(path)
 
     assert vol.shape == (3, 4, 5) and vol.spacing[0] == 4.0
+
+
+def test_one_slice_of_a_series_says_where_the_volume_is(tmp_path):
+    """Every slice picked in a file dialog opened as its own 2D image, with no hint that
+    its folder holds the volume (napari hands the reader one file at a time)."""
+    write_series(tmp_path / "series", [0.0, 2.5, 5.0, 7.5], shuffle=False)
+    # another series: not counted
+    write_ct_slice(tmp_path / "series" / "other.dcm", 0.0, series_uid=generate_uid(), instance=1)
+    (tmp_path / "series" / "notes.txt").write_text("not DICOM")
+    one = read_dicom(tmp_path / "series" / "s000.dcm")
+    assert one.shape[0] == 1
+    assert any("one slice of a series of 4 files in its folder" in w
+               for w in one.metadata["warnings"]), one.metadata["warnings"]
+    alone = read_dicom(tmp_path / "series" / "other.dcm")
+    assert not any("series of" in w for w in alone.metadata["warnings"])
+    assert "series_files_beside" not in alone.metadata

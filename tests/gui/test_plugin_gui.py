@@ -777,3 +777,24 @@ def test_info_names_the_synthetic_slices_of_a_generated_file(make_napari_viewer,
     assert "synthetic_planes" not in text
     layer.data = np.ascontiguousarray(layer.data[::2])  # the acquired slices kept: none said
     assert "SYNTHETIC" not in describe_layer(layer)
+
+
+def test_slices_of_a_series_picked_together_say_once_to_open_their_folder(
+        make_napari_viewer, tmp_path):
+    """File › Open File(s) with every slice selected gave one 2D layer per file, silently."""
+    from napari.utils.notifications import notification_manager
+
+    import napari_medseg._reader as reader
+    from tests.core.test_io_dicom import write_series
+
+    write_series(tmp_path, [0.0, 2.5, 5.0], shuffle=False)
+    viewer = make_napari_viewer()
+    reader._SAID_SERIES.discard(str(tmp_path))
+    start = len(notification_manager.records)
+    # as napari's Open File(s) dialog opens a selection: one reader call per file
+    viewer.open(sorted(str(p) for p in tmp_path.glob("*.dcm")), stack=False,
+                plugin="napari-medseg")
+    said = [str(n.message) for n in notification_manager.records[start:]
+            if "one slice of a series of 3 files" in str(n.message)]
+    assert len(viewer.layers) == 3 and len(said) == 1, said
+    assert "open the folder" in said[0]

@@ -17,6 +17,7 @@ data, in ``metadata["warnings"]``.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -303,9 +304,57 @@ def _read_file(path: Path) -> Volume:
         raise MedsegInputError("malformed DICOM image (no Rows/Columns tags)", path)
     _check_image_header(ds, path)
     source = _Source(path, ds, has_pixels=True)
-    return _assemble(_frames_of(source), path,
-                     warns=[BARE_WARNING] if getattr(ds, "medseg_bare", False) else [],
-                     n_files=1)
+    warns = [BARE_WARNING] if getattr(ds, "medseg_bare", False) else []
+    series = ds.get("SeriesInstanceUID")
+    files = _series_files_beside(path, str(series)) if series and _n_frames(ds, path) == 1 else 0
+    if files > 1:
+        # picking every slice in a file dialog opens each as its own 2D image: say where
+        # the volume is (napari hands its reader one file at a time)
+        warns.append(f"one slice of a series of {files} files in its folder: open the folder "
+                     "to read them as one volume, with its slice spacing")
+    volume = _assemble(_frames_of(source), path, warns=warns, n_files=1)
+    if files > 1:
+        volume.metadata["series_files_beside"] = {"folder": str(path.parent), "files": files}
+    return volume
+
+
+#: a folder with more files than this is not searched for the rest of a file's series
+_SERIES_SEARCH_MAX_FILES = 5000
+
+
+def _series_files_beside(path: Path, series_uid: str) -> int:
+    """How many files directly in ``path``'s folder belong to series ``series_uid``
+    (``path`` counted), or 0 where the folder cannot be searched."""
+    folder = path.parent
+    try:
+        stamp = folder.stat().st_mtime_ns
+    except OSError:
+        return 0
+    return _series_counts(str(folder), stamp).get(series_uid, 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _series_counts(folder: str, stamp: int) -> dict[str, int]:
+    """Files per SeriesInstanceUID in ``folder`` (not its subfolders), read once per
+    folder state: N files of one series opened one by one read the folder once."""
+    counts: dict[str, int] = {}
+    try:
+        files = [p for p in Path(folder).iterdir() if p.is_file()]
+    except OSError:
+        return counts
+    if len(files) > _SERIES_SEARCH_MAX_FILES:
+        return counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for f in files:
+            try:
+                uid = pydicom.dcmread(f, stop_before_pixels=True,
+                                      specific_tags=["SeriesInstanceUID"]).get("SeriesInstanceUID")
+            except Exception:  # not DICOM (or no file header): not counted
+                continue
+            if uid:
+                counts[str(uid)] = counts.get(str(uid), 0) + 1
+    return counts
 
 
 def _read_folder(folder: Path) -> Volume:
