@@ -1559,3 +1559,18 @@ def test_one_slice_of_a_series_says_where_the_volume_is(tmp_path):
     alone = read_dicom(tmp_path / "series" / "other.dcm")
     assert not any("series of" in w for w in alone.metadata["warnings"])
     assert "series_files_beside" not in alone.metadata
+
+
+def test_a_study_folder_of_linked_series_folders_is_read(tmp_path):
+    """rglob and os.walk do not follow linked folders: 'folder holds no files', and the
+    napari reader did not claim it."""
+    from napari_medseg.core.io import is_supported_path
+
+    write_series(tmp_path / "store" / "ct", [0.0, 2.5, 5.0])
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "series1").symlink_to(tmp_path / "store" / "ct")
+    (study / "series1" / "up").symlink_to(study)  # a link back up: no loop
+    volume = read_dicom(study)
+    assert volume.shape[0] == 3
+    assert is_supported_path(study)

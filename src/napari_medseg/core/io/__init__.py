@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import MedsegInputError
 from ..volume import Volume
-from ._common import guess_modality
+from ._common import guess_modality, walk_folder
 from .dicom import read_dicom
 from .nifti import LabelMap, read_label_map, read_nifti, read_nifti_or_label_map, write_nifti
 from .npy import read_npy, read_npy_or_label_map
@@ -70,7 +70,7 @@ def folder_has_dicom(folder: Path, per_dir: int = FOLDER_SNIFF_PER_DIR,
     """Whether a DICOM file is among the first ``per_dir`` files of ``folder`` or of any
     folder under it (at most ``limit`` files sniffed in all)."""
     seen = 0
-    for root, dirs, names in os.walk(folder):
+    for root, dirs, names in walk_folder(folder):
         dirs.sort()
         candidates = [n for n in sorted(names)
                       if _suffix(Path(n)) not in NIFTI_SUFFIXES + (".npy",)]

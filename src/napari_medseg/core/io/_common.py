@@ -97,6 +97,24 @@ def triplet(values, name: str, *, positive: bool) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
+def walk_folder(folder: Path):
+    """``os.walk(folder)``, into linked subfolders too (a study folder of linked series is
+    common in research setups; neither ``rglob`` nor ``os.walk`` follows them), each real
+    folder once: a link back up the tree is not a loop."""
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield root, dirs, names
+
+
 def short_reason(exc: BaseException, limit: int = 120, path: Path | str | None = None) -> str:
     """An exception message on one line (its lines joined by "; "), truncated: error
     messages must stay one line, and a decoder's reason is often on a later line."""

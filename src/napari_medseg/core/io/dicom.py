@@ -37,7 +37,7 @@ from ..errors import MedsegInputError
 from ..text import counted, slice_ranges
 from ..volume import Volume
 from ._common import (axis_code, obliquity_deg, origin_along, short_reason, source_name,
-                      turned_to_spl)
+                      turned_to_spl, walk_folder)
 
 __all__ = ["read_dicom"]
 
@@ -358,7 +358,8 @@ def _series_counts(folder: str, stamp: int) -> dict[str, int]:
 
 
 def _read_folder(folder: Path) -> Volume:
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sorted(Path(root) / name for root, _, names in walk_folder(folder)
+                   for name in names if (Path(root) / name).is_file())
     if not files:
         raise MedsegInputError("folder holds no files", folder)
     images: list[tuple[Path, Dataset]] = []
