@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from .core.errors import MedsegInputError
 from .core.io import LabelMap, is_supported_path, read_scan_or_labels
+from .core.io.dicom import SERIES_BESIDE_WARNING
 from ._layers import labels_layer_data, volume_layer_data
 
 # napari's "opened, but nothing to add" sentinel: it stops napari trying other readers
@@ -43,14 +44,14 @@ def read_layers(path: str | list[str]) -> list:
         show_error(f"napari-medseg could not open {exc}")
         return _NOTHING_OPENED
     volume = opened.volume if isinstance(opened, LabelMap) else opened
-    series = volume.metadata.get("series_files_beside")
     for warning in volume.metadata.get("warnings", []):
         from napari.utils.notifications import show_warning
 
-        if series and warning.startswith("one slice of a series of"):
-            if series["folder"] in _SAID_SERIES:
+        if warning.startswith(SERIES_BESIDE_WARNING):
+            folder = str(Path(path).expanduser().resolve().parent)
+            if folder in _SAID_SERIES:
                 continue  # every slice of a series picked at once: said for the first only
-            _SAID_SERIES.add(series["folder"])
+            _SAID_SERIES.add(folder)
         show_warning(f"{Path(path).name}: {warning}")
     if isinstance(opened, LabelMap):
         return [labels_layer_data(opened.labels, volume, _layer_name(path), opened.names)]

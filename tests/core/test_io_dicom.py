@@ -1558,7 +1558,6 @@ def test_one_slice_of_a_series_says_where_the_volume_is(tmp_path):
                for w in one.metadata["warnings"]), one.metadata["warnings"]
     alone = read_dicom(tmp_path / "series" / "other.dcm")
     assert not any("series of" in w for w in alone.metadata["warnings"])
-    assert "series_files_beside" not in alone.metadata
 
 
 def test_a_study_folder_of_linked_series_folders_is_read(tmp_path):

@@ -789,7 +789,7 @@ def test_slices_of_a_series_picked_together_say_once_to_open_their_folder(
 
     write_series(tmp_path, [0.0, 2.5, 5.0], shuffle=False)
     viewer = make_napari_viewer()
-    reader._SAID_SERIES.discard(str(tmp_path))
+    reader._SAID_SERIES.discard(str(tmp_path.resolve()))
     start = len(notification_manager.records)
     # as napari's Open File(s) dialog opens a selection: one reader call per file
     viewer.open(sorted(str(p) for p in tmp_path.glob("*.dcm")), stack=False,

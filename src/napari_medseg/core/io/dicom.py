@@ -310,14 +310,13 @@ def _read_file(path: Path) -> Volume:
     if files > 1:
         # picking every slice in a file dialog opens each as its own 2D image: say where
         # the volume is (napari hands its reader one file at a time)
-        warns.append(f"one slice of a series of {files} files in its folder: open the folder "
+        warns.append(f"{SERIES_BESIDE_WARNING} {files} files in its folder: open the folder "
                      "to read them as one volume, with its slice spacing")
-    volume = _assemble(_frames_of(source), path, warns=warns, n_files=1)
-    if files > 1:
-        volume.metadata["series_files_beside"] = {"folder": str(path.parent), "files": files}
-    return volume
+    return _assemble(_frames_of(source), path, warns=warns, n_files=1)
 
 
+#: begins the warning for one file of a series that lies in its folder
+SERIES_BESIDE_WARNING = "one slice of a series of"
 #: a folder with more files than this is not searched for the rest of a file's series
 _SERIES_SEARCH_MAX_FILES = 5000
 
