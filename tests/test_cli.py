@@ -165,6 +165,27 @@ def test_info_json_of_a_volume_with_no_voxel_measured_is_json():
     json.loads(json.dumps(summary, allow_nan=False))
 
 
+def test_info_json_is_strict_json_when_a_header_holds_nan_or_inf(tmp_path, capsys):
+    """KVP "NaN" and SliceThickness "inf" were printed as NaN / Infinity (jq refuses it)."""
+    import pydicom
+
+    from tests.core.test_io_dicom import write_series
+
+    write_series(tmp_path / "s", [0.0, 2.5, 5.0])
+    for path in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.KVP, ds.SliceThickness = "NaN", "inf"
+        ds.save_as(path)
+    assert main(["info", str(tmp_path / "s"), "--json"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    summary = json.loads(out, parse_constant=refuse)
+    assert summary["source"]["kvp"] is None and summary["source"]["slice_thickness_mm"] is None
+
+
 def test_info_4d_npy_is_refused(tmp_path, capsys):
     np.save(tmp_path / "t.npy", np.zeros((2, 3, 4, 5)))
     assert main(["info", str(tmp_path / "t.npy")]) == 2

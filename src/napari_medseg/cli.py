@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import sys
 import tempfile
@@ -135,6 +136,17 @@ def _write_phantom(out: Path, phantom) -> None:
     )
 
 
+def _finite_or_none(value):
+    """``value`` with every non-finite float in it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -149,7 +161,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         summary.pop("window")
         summary["label_map"] = {str(v): labels.names.get(v, "") for v in values}
     if args.json:
-        print(json.dumps(summary))
+        # strict JSON: a header's "NaN" or "inf" (KVP, SliceThickness) printed NaN /
+        # Infinity, which jq and JSON.parse reject
+        print(json.dumps(_finite_or_none(summary), allow_nan=False))
         return 0
     vmin, vmax = summary["value_range"]
     missing = summary["missing_slices"]
