@@ -434,6 +434,10 @@ def test_quoted_and_windows_paths_in_messages_keep_only_the_file_name():
     for text in (posix, windows):
         assert text.endswith("'IM1'") and "Doe" not in text and "Roe" not in text
     assert short_reason(ValueError("ratio 1/2 and 'a/b' stay")) == "ratio 1/2 and 'a/b' stay"
+    # a bytes value's escapes are no path: "Not a gzipped file (b'x02')" was printed
+    assert short_reason(OSError("Not a gzipped file (b'\\x01\\x02')")) == \
+        "Not a gzipped file (b'\\x01\\x02')"
+    assert short_reason(OSError("bad \\\\srv\\Roe\\IM1 here")) == "bad IM1 here"
 
 
 def test_write_nifti_takes_a_whole_voxel_to_world_matrix(tmp_path):

@@ -130,12 +130,17 @@ def short_reason(exc: BaseException, limit: int = 120, path: Path | str | None =
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# where a path starts: a drive or ~ and a separator, "/", or a doubled backslash (a repr's
+# "\\server" or "\\a"); a lone backslash starts an escape in a repr, as in a bytes
+# value's b'\x01\x02', which was taken for a path and cut to "x02"
+_PATH_START = r"(?:(?:[A-Za-z]:|~)(?:\\\\|[\\/])|/|\\\\)"
+
 # 'C:\\a b\\name' or "/a b/name" in quotes (an OSError's repr doubles backslashes)
-_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:|~)?(?:\\\\|[\\/])[^'"]*(?:\\\\|[\\/])([^'"\\/]+)\1""")
+_QUOTED_PATH = re.compile(rf"""(['"]){_PATH_START}[^'"]*(?:\\\\|[\\/])([^'"\\/]+)\1""")
 
 # "/a/b/name", "C:\\a\\name", "~/a/name": one or more folders, then a name
 _FOLDERS_IN_PATH = re.compile(
-    r"(?<![^\s\"'(=])(?:[A-Za-z]:|~)?[\\/](?:[^\s\"'\\/]+[\\/])*([^\s\"'\\/]+)")
+    rf"(?<![^\s\"'(=]){_PATH_START}(?:[^\s\"'\\/]+[\\/])*([^\s\"'\\/]+)")
 
 
 def source_name(path: Path) -> str:
