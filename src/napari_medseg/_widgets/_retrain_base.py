@@ -290,6 +290,8 @@ class _RetrainBase(Container):
         self._autosave_alert = Label(value="", visible=False)
         self._autosave_alert.native.setWordWrap(True)
         self._autosave_alert.native.setStyleSheet("color: #ff6b6b; font-weight: bold")
+        self._autosave_alert.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                                  QSizePolicy.Policy.Minimum)
         # callable choices: napari's reset_choices (on every layer added) re-reads them
         self._versions = ComboBox(label="Version", choices=self._version_choices)
         self._revert = PushButton(text="Use this version")
