@@ -642,16 +642,18 @@ def check_image_layer(layer: Any) -> None:
 def volume_from_layer(layer: Any, defer: bool = False) -> Any:
     """A private copy of an Image layer as a Volume, or MedsegInputError saying why not.
 
-    The copy is taken here, in the GUI thread, so a user who keeps painting or a layer
-    removed mid-run cannot race the model. With ``defer``, only what is known without
-    reading the voxels is checked now (:func:`check_image_layer`) and a function is
-    returned that makes the Volume (call it in the worker, :func:`read_deferred`): the
-    checks that read every voxel (finite values, missing slices, the modality guess)
-    held napari's thread 0.2-0.5 s on a 200 × 512² CT, four times the copy; a lazy
-    array (dask, zarr: anything but a numpy array) is not even copied here, but read
-    there (its store's latency would freeze the GUI). The voxel spacing is the length
-    of each data axis's step in the world, from the layer's whole transform (a reader
-    may put it in ``affine`` rather than ``scale``).
+    The model runs on a copy, so a layer whose data is replaced or removed mid-run
+    cannot race it. With ``defer``, only what is known without reading the voxels is
+    checked now (:func:`check_image_layer`) and a function is returned that copies the
+    data and makes the Volume (call it in the worker, :func:`read_deferred`): the copy
+    held napari's thread 0.12-1.1 s on a 400 × 512² float32 CT, the checks that read
+    every voxel (finite values, missing slices, the modality guess) 0.2-0.5 s on a
+    200 × 512² one, and a lazy array's (dask, zarr) store may be slow. The worker holds
+    the layer's array itself until it has copied it: napari never writes into an Image
+    layer's data (only a script could, in those moments). Without ``defer`` the copy is
+    taken here. The voxel spacing is the length of each data axis's step in the world,
+    from the layer's whole transform (a reader may put it in ``affine`` rather than
+    ``scale``).
     """
     check_image_layer(layer)
     world = world_matrix_mm(layer)
@@ -660,12 +662,8 @@ def volume_from_layer(layer: Any, defer: bool = False) -> Any:
     origin = tuple(float(v) for v in world[:ndim, ndim])
     if ndim == 2:
         spacing, origin = (1.0, *spacing), (0.0, *origin)
-    data = layer.data
-    in_memory = isinstance(data, np.ndarray)
-    if in_memory:
-        data = np.array(data, copy=True)
-    read = functools.partial(_volume_from_data, data, layer.name, spacing, origin,
-                             dict(layer.metadata.get("medseg", {})), private=in_memory)
+    read = functools.partial(_volume_from_data, layer.data, layer.name, spacing, origin,
+                             dict(layer.metadata.get("medseg", {})))
     return read if defer else read()
 
 
@@ -752,12 +750,11 @@ def _planes_still_missing(data: np.ndarray, planes: Any) -> dict | None:
 
 
 def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
-                      medseg: dict, private: bool = False) -> Volume:
-    """``private``: ``source`` is a copy already, the Volume's own (else it is copied,
-    and a lazy array read, here)."""
+                      medseg: dict) -> Volume:
+    """The Volume of a copy of ``source`` (a lazy array read here)."""
     from .core.errors import MedsegInputError
 
-    data = source if private else np.array(source, copy=True)
+    data = np.array(source, copy=True)
     if not np.isfinite(data).any():
         raise MedsegInputError(f"'{name}' has no finite values (all NaN)")
     mask = np.zeros(1 if data.ndim == 2 else data.shape[0], dtype=bool)

@@ -798,3 +798,26 @@ def test_slices_of_a_series_picked_together_say_once_to_open_their_folder(
             if "one slice of a series of 3 files" in str(n.message)]
     assert len(viewer.layers) == 3 and len(said) == 1, said
     assert "open the folder" in said[0]
+
+
+def test_run_leaves_the_copy_of_the_image_to_the_worker(make_napari_viewer):
+    """Run copied the whole image on napari's thread: 0.12-1.1 s on a 400 x 512² float32
+    CT, on every click. The worker's copy is of the array the layer had at the click."""
+    import tracemalloc
+
+    from napari_medseg._layers import volume_from_layer
+
+    viewer = make_napari_viewer()
+    array = np.random.default_rng(0).normal(40, 100, (20, 128, 128)).astype(np.float32)
+    layer = viewer.add_image(array, scale=(2.5, 1.0, 1.0))
+    tracemalloc.start()
+    try:
+        deferred = volume_from_layer(layer, defer=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < array.nbytes / 10, peak
+    layer.data = np.zeros_like(array)  # replaced after the click: the model keeps the first
+    volume = deferred()
+    np.testing.assert_array_equal(volume.array, array)
+    assert not np.shares_memory(volume.array, array)

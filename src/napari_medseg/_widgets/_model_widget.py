@@ -384,8 +384,8 @@ class ModelRunWidget(Container):
             return
         layer = self._image.value
         try:
-            # copies the data now, in the GUI thread; the checks that read every voxel, and
-            # a lazy (dask, zarr) array's reading, run in the worker
+            # checks what the layer says of itself now; the copy, the checks that read
+            # every voxel, and a lazy (dask, zarr) array's reading run in the worker
             volume = volume_from_layer(layer, defer=True)
             card_path = self._model.value
             options = self.options()
