@@ -415,6 +415,17 @@ def test_info_reads_the_volume_again_only_when_its_data_change(make_napari_viewe
     emptied[1] = np.nan
     image.data = emptied
     assert reads and "Missing slices: 1" in widget._text.value.splitlines()
+    # other layers added, renamed, removed: nothing of the picked one changed (each
+    # rescanned it, inside every Segment and Detect result added)
+    reads.clear()
+    points = viewer.add_points(np.zeros((1, 3)), name="marks")
+    image.name = "ct renamed"
+    viewer.layers.remove(points)
+    assert reads == [] and "Layer: ct renamed" in widget._text.value
+    assert "Missing slices: 1" in widget._text.value.splitlines()
+    viewer.add_image(np.zeros((2, 4, 4), np.float32), name="other")
+    widget._layer.value = viewer.layers["other"]  # another layer picked: read
+    assert reads
 
 
 def test_a_refused_input_is_a_notification_not_a_logged_traceback(make_napari_viewer, qtbot, caplog):
@@ -743,7 +754,18 @@ def test_closed_info_widgets_read_no_volume(make_napari_viewer, qtbot, monkeypat
     real = info_module._empty_slices
     monkeypatch.setattr(info_module, "_empty_slices", lambda layer: reads.append(1) or real(layer))
     viewer.add_labels(np.zeros((4, 16, 16), np.uint8), name="labels")
+    assert reads == []  # the picked layer is unchanged: its missing slices are known
+    viewer.layers["ct"].data = np.ones((4, 16, 16), np.float32)  # read by the open one only
     assert len(reads) == 1
+
+
+def test_info_calls_no_multiscale_image_lazy(make_napari_viewer):
+    from napari_medseg._widgets.info import describe_layer
+
+    viewer = make_napari_viewer()
+    base = np.zeros((8, 32, 32), np.float32)
+    layer = viewer.add_image([base, base[:, ::2, ::2]], multiscale=True, name="ms")
+    assert "lazy" not in describe_layer(layer)
 
 
 def test_info_leaves_out_fields_the_file_leaves_empty(make_napari_viewer):

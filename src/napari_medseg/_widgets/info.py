@@ -82,7 +82,7 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
     if planes:
         lines.append(f"Missing planes along {planes['axis']}: {slice_ranges(planes['indices'])}"
                      " (the series' own slices; never labelled)")
-    if not isinstance(layer.data, np.ndarray):
+    if not isinstance(layer.data, np.ndarray) and not getattr(layer, "multiscale", False):
         lines.append("(a lazy image: slices with no finite voxel show up when a model reads it)")
     source = medseg.get("source", {})
     made = source.get("synthetic_planes")  # a generated file's, while it has its shape
@@ -193,7 +193,10 @@ class VolumeInfoWidget(Container):
             connect_layer_events(self._watched, WATCHED_EVENTS, self._on_layer_event, False)
             connect_layer_events(layer, WATCHED_EVENTS, self._on_layer_event)
             self._watched = layer
-        self._missing = None
+            self._missing = None
+        # the same layer (another one added, removed or renamed): its missing slices are
+        # known; its own content events reset them (each rescan of a float CT held
+        # napari's thread 0.1-0.2 s, inside every Segment and Detect result added)
         self._describe()
 
     def _describe(self) -> None:
