@@ -1234,6 +1234,9 @@ def test_classify_result_says_which_image_it_belongs_to(make_napari_viewer, qtbo
     viewer.dims.set_point(0, second.data_to_world([2, 0, 0])[0])
     assert widget._current.value.startswith("Slice 2:")
     assert widget._current.value.endswith("(of 'patient A' by " + name + ")")
+    first.name = "patient A (arterial)"  # renamed: the line and tooltip name it as it is now
+    assert widget._current.value.endswith("(of 'patient A (arterial)' by " + name + ")")
+    assert "'patient A (arterial)'" in widget._strip.toolTip()
 
 
 def test_a_closed_widget_follows_the_viewer_no_more(make_napari_viewer, qtbot,

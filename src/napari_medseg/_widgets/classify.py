@@ -10,6 +10,7 @@ from ._model_widget import (
     ModelRunWidget,
     _geometry,
     _same_geometry,
+    connect_layer_events,
     provenance,
     rewatch_geometry,
 )
@@ -67,6 +68,16 @@ class ClassifyWidget(ModelRunWidget):
 
     def _watch_layer(self, layer) -> None:
         rewatch_geometry(self._layer, layer, self._follow_slice)
+        # the classes are said to be of the layer by its name: a renamed layer's new one
+        connect_layer_events(self._layer, ("name",), self._on_renamed, False)
+        connect_layer_events(layer, ("name",), self._on_renamed)
+
+    def _on_renamed(self, _event=None) -> None:
+        if self._result is None or self._layer is None:
+            return
+        self._strip.setToolTip(f"Probability of '{self._flag_name}' per slice of "
+                               f"'{self._layer.name}' (click to go to a slice)")
+        self._follow_slice()
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
         self._watch_layer(image_layer)
@@ -77,12 +88,11 @@ class ClassifyWidget(ModelRunWidget):
         flag = names.index(FLAG_CLASS) if FLAG_CLASS in names else len(names) - 1
         flagged = result.predicted == flag
         self._strip.set_values(result.probabilities[:, flag], flagged)
-        self._strip.setToolTip(f"Probability of '{names[flag]}' per slice of "
-                               f"'{image_layer.name}' (click to go to a slice)")
+        self._flag_name = names[flag]
         self._goto.label = f"{names[flag].capitalize()} slices"
         # said under every slice's classes: no layer holds them, and the image picker
         # (another image, picked for the next run) does not name what they belong to
-        self._source_line = f"of '{image_layer.name}' by {card.get('name', 'the model')}"
+        self._model_name = card.get("name", "the model")
         with self._goto.changed.blocked():
             self._goto_items = [
                 (f"slice {z} · p={result.probabilities[z, flag]:.2f}", int(z))
@@ -91,7 +101,7 @@ class ClassifyWidget(ModelRunWidget):
             self._goto.reset_choices()
         self._goto.enabled = bool(flagged.any())
         self._status.value = f"{int(flagged.sum())} of {len(flagged)} slices flagged '{names[flag]}'"
-        self._follow_slice()
+        self._on_renamed()  # the tooltip, and the current slice's classes
 
     def _slice_index(self) -> int:
         """Current slice of the classified layer (0 for a 2D image)."""
@@ -143,7 +153,8 @@ class ClassifyWidget(ModelRunWidget):
             probs = ", ".join(f"{n} {p:.2f}"
                               for n, p in zip(result.class_names, result.probabilities[z]))
             text = f"Slice {z}: {result.class_names[result.predicted[z]]}\n{probs}"
-        self._current.value = f"{text}\n({self._source_line})"
+        name = self._layer.name if self._layer is not None else "?"
+        self._current.value = f"{text}\n(of '{name}' by {self._model_name})"
 
     def _clear_goto(self) -> None:
         with self._goto.changed.blocked():  # its entries would name the old slices
