@@ -102,3 +102,12 @@ def lazy_image():
         return viewer.add_image(lazy, name="lazy", scale=phantom.volume.spacing), reads
 
     return make
+
+
+def plugin_view(viewer):
+    """The viewer as napari hands it to a plugin's dock widget: a PublicOnlyProxy (see
+    Window.add_plugin_dock_widget). Widgets built on the plain viewer in tests missed
+    what the proxy changes (a new wrapper object per attribute read)."""
+    from napari.utils._proxies import PublicOnlyProxy
+
+    return PublicOnlyProxy(viewer)

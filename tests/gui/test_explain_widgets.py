@@ -7,6 +7,7 @@ from napari.layers import Image
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.explain import GradCamWidget, UncertaintyWidget
 from napari_medseg.core.models.registry import read_card
+from tests.gui.conftest import plugin_view
 
 
 def _open(viewer, phantom):
@@ -22,7 +23,7 @@ def test_the_uncertainty_list_empties_as_soon_as_the_image_changes(
     it stayed live (slices a cut volume no longer had) until an entry was picked."""
     viewer = make_napari_viewer()
     image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing)
-    widget = UncertaintyWidget(viewer)
+    widget = UncertaintyWidget(plugin_view(viewer))
     widget._image.value, widget._model.value = image, random_models["RecurrentSegmenter"]
     _run(widget, qtbot)
     assert widget._goto.enabled and widget._goto.choices
@@ -51,7 +52,7 @@ def test_explanation_layer_sits_on_the_image(make_napari_viewer, qtbot, random_m
     viewer = make_napari_viewer()
     image = _open(viewer, small_phantom)
     before = [(layer.name, np.array(layer.data, copy=True)) for layer in viewer.layers]
-    widget = widget_cls(viewer)
+    widget = widget_cls(plugin_view(viewer))
     viewer.window.add_dock_widget(widget)
     widget._image.value = image
     widget._model.value = random_models[arch]
@@ -95,7 +96,7 @@ def test_detect_can_add_its_heatmap_under_the_points(make_napari_viewer, qtbot, 
     viewer = make_napari_viewer()
     image = _open(viewer, small_phantom)
     n = len(viewer.layers)
-    widget = DetectWidget(viewer)
+    widget = DetectWidget(plugin_view(viewer))
     widget._image.value = image
     widget._model.value = random_models["LesionDetector"]
     widget._with_heatmap.value = True
@@ -114,7 +115,7 @@ def _run_on_one_slice(make_napari_viewer, qtbot, phantom, widget_cls, model, vol
     image = (viewer.add_image(phantom.volume.array[3:4], scale=phantom.volume.spacing)
              if volume else
              viewer.add_image(phantom.volume.array[3], scale=phantom.volume.spacing[1:]))
-    widget = widget_cls(viewer)
+    widget = widget_cls(plugin_view(viewer))
     widget._image.value, widget._model.value = image, model
     _run(widget, qtbot)
     return widget
@@ -148,7 +149,7 @@ def test_a_predicted_class_map_says_which_class_each_slice_explains(
     array = small_phantom.volume.array.copy()
     array[2] = np.nan  # a missing slice: nothing explained there
     image = viewer.add_image(array, scale=small_phantom.volume.spacing)
-    widget = GradCamWidget(viewer)
+    widget = GradCamWidget(plugin_view(viewer))
     widget._image.value, widget._model.value = image, random_models["SliceClassifier"]
     _run(widget, qtbot)
     per_slice = viewer.layers[-1].metadata["medseg"]["explained_class_per_slice"]
@@ -171,7 +172,7 @@ def test_no_acquired_slice_says_so(make_napari_viewer, qtbot, random_models, sma
     viewer = make_napari_viewer()
     image = viewer.add_image(small_phantom.volume.array, metadata={"medseg": {
         "missing_slices": list(range(len(small_phantom.volume.array)))}})
-    widget = widget_cls(viewer)
+    widget = widget_cls(plugin_view(viewer))
     widget._image.value, widget._model.value = image, random_models[arch]
     _run(widget, qtbot)
     assert widget._status.value.startswith("No acquired slice: nothing to"), widget._status.value

@@ -7,6 +7,7 @@ from napari.layers import Image
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.generate import GenerateWidget
 from napari_medseg.core.generation import linear_fill
+from tests.gui.conftest import plugin_view
 
 
 def _open(viewer, phantom):
@@ -38,7 +39,7 @@ def test_upsampled_layer_is_new_aligned_and_marked_synthetic(make_napari_viewer,
     viewer = make_napari_viewer()
     image = _open(viewer, small_phantom)
     before = _snapshot(viewer)
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     viewer.window.add_dock_widget(widget)
     widget._image.value = image
     widget._model.value = random_models["SliceGenerator"]
@@ -76,7 +77,7 @@ def test_bad_input_gets_one_message_and_changes_nothing(make_napari_viewer, qtbo
     viewer.add_image(np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32),
                      name="one slice")
     before = _snapshot(viewer)
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     widget._image.value = viewer.layers[0]
     widget._model.value = random_models["SliceGenerator"]
     widget._factor.value = 2
@@ -110,7 +111,7 @@ def test_a_synthetic_layer_is_not_generated_from_again(make_napari_viewer, qtbot
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).normal(size=(5, 8, 8)).astype(np.float32),
                      scale=(4, 1, 1), name="ct")
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     assert _linear_x2_errors(widget, qtbot, viewer.layers["ct"]) == []
     assert len(viewer.layers) == 2
     before = _snapshot(viewer)
@@ -136,7 +137,7 @@ def test_a_generated_nifti_opened_in_napari_is_not_generated_from_again(
     write_nifti(path, data, (2, 1, 1), info={"synthetic": True, "generated_slices": [1, 3, 5, 7]})
     viewer = make_napari_viewer()
     (opened,) = viewer.open(str(path), plugin="napari-medseg")
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     errors = _linear_x2_errors(widget, qtbot, opened)
     assert len(errors) == 1 and "already holds 4 generated (synthetic) slices" in errors[0]
     assert len(viewer.layers) == 1
@@ -153,7 +154,7 @@ def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, sma
     image.data[[2, 3]] = np.nan  # a gap the reader found: NaN slices + metadata
     image.metadata.setdefault("medseg", {})["missing_slices"] = [2, 3]
     before = _snapshot(viewer)
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     widget._image.value = image
     widget._model.value = random_models["SliceGenerator"]
     widget._factor.value = 1
@@ -201,7 +202,7 @@ def test_float64_acquired_slices_stay_bit_identical_as_they_were_at_run(
     data = small_phantom.volume.array.astype(np.float64) + 1e-4 / 3  # digits float32 drops
     at_run = data.copy()
     image = viewer.add_image(data, name="ct64", scale=small_phantom.volume.spacing)
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     widget._image.value = image
     widget._factor.value = 3
     widget._method.value = "linear"
@@ -228,7 +229,7 @@ def test_float64_acquired_slices_stay_bit_identical_as_they_were_at_run(
 def _linear_x2_of_file(viewer, qtbot, path):
     """Open ``path`` with the plugin's reader, run ×2 linear on it; (image, widget)."""
     (image,) = viewer.open(str(path), plugin="napari-medseg")
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     widget._image.value = image
     widget._factor.value = 2
     widget._method.value = "linear"
@@ -324,7 +325,7 @@ def test_a_turned_sagittal_series_gap_is_named_and_recorded_along_its_axis(
     data[:, :, 3] = np.nan  # what the reader leaves in a gap of a series turned to (S, P, L)
     image = viewer.add_image(data, scale=(0.5, 0.5, 4.0), metadata={"medseg": {"source": {
         "slice_axis": "x", "missing_planes": {"axis": "x", "indices": [3]}}}})
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     widget._image.value = image
     widget._factor.value = 2
     widget._fill.value = fill
@@ -410,7 +411,7 @@ def test_a_layer_no_longer_holding_its_generated_slices_is_saved_unmarked(
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).normal(size=(5, 8, 8)).astype(np.float32),
                      scale=(4, 1, 1), name="ct")
-    widget = GenerateWidget(viewer)
+    widget = GenerateWidget(plugin_view(viewer))
     assert _linear_x2_errors(widget, qtbot, viewer.layers["ct"]) == []
     made = viewer.layers[-1]
     state = made._get_state()

@@ -14,6 +14,7 @@ from napari_medseg._widgets.classify import ClassifyWidget
 from napari_medseg._widgets.detect import DetectWidget, _camera
 from napari_medseg._widgets.segment import SegmentWidget
 from napari_medseg.core.models.registry import BUNDLED_DIR
+from tests.gui.conftest import plugin_view
 
 
 WIDGETS = [SegmentWidget, DetectWidget, ClassifyWidget]
@@ -38,7 +39,7 @@ def _ready(make_napari_viewer, phantom, widget_cls, card_path):
     """(viewer, image, widget): a phantom opened and a widget with image and model picked."""
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, phantom)
-    widget = widget_cls(viewer)
+    widget = widget_cls(plugin_view(viewer))
     _select(widget, image, card_path)
     return viewer, image, widget
 
@@ -70,7 +71,7 @@ def test_segment_adds_aligned_labels_and_leaves_layers_alone(
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
     before = layer_snapshot(viewer)
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, random_models["RecurrentSegmenter"])
     _run_and_wait(widget, qtbot)
     _run_and_wait(widget, qtbot)  # running again adds a second layer, never overwrites
@@ -96,7 +97,7 @@ def test_a_run_shows_its_progress_in_the_widget_not_in_naparis_activity_dock(
 
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, random_models["RecurrentSegmenter"])
     seen = []  # (widget bar shown, napari progress bars) at each report
     shown = widget._on_progress
@@ -130,7 +131,7 @@ def test_widgets_run_on_real_ct_opened_by_reader(make_napari_viewer, qtbot, rand
     viewer = make_napari_viewer()
     viewer.open(get_testdata_file("CT_small.dcm"), plugin="napari-medseg")
     image = viewer.layers[0]
-    widget = widget_cls(viewer)
+    widget = widget_cls(plugin_view(viewer))
     _select(widget, image, random_models[widget_cls.architecture])
     start = len(notification_manager.records)
     _run_and_wait(widget, qtbot)
@@ -151,7 +152,7 @@ def _detect(make_napari_viewer, qtbot, random_models, phantom):
     """The Detect widget run on a phantom: (viewer, image, widget, its Points layer)."""
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, phantom)
-    widget = DetectWidget(viewer)
+    widget = DetectWidget(plugin_view(viewer))
     _select(widget, image, random_models["LesionDetector"])
     _run_and_wait(widget, qtbot)
     return viewer, image, widget, viewer.layers[-1]
@@ -174,7 +175,7 @@ def test_a_detector_card_with_a_threshold_below_the_sliders_minimum_runs(
     assert json.loads(Path(low).read_text())["peak_threshold"] == 0.02
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
-    widget = DetectWidget(viewer)
+    widget = DetectWidget(plugin_view(viewer))
     _select(widget, image, str(low))
     _run_and_wait(widget, qtbot)
     assert isinstance(viewer.layers[-1], Points)
@@ -222,7 +223,7 @@ def test_a_turned_series_missing_planes_are_named(make_napari_viewer, qtbot, ran
     data[:, 3:5] = np.nan  # the planes the series lacks, as the reader leaves them
     image = viewer.add_image(data, scale=small_phantom.volume.spacing, metadata={"medseg": {
         "source": {"missing_planes": {"axis": "y", "indices": [3, 4]}}}})
-    widget = widget_cls(viewer)
+    widget = widget_cls(plugin_view(viewer))
     _select(widget, image, random_models[arch])
     _run_and_wait(widget, qtbot)
     assert ("Missing planes along y (coronal): 3–4 (not acquired): left without a result"
@@ -247,7 +248,7 @@ def test_a_damaged_user_card_is_listed_as_unreadable_and_run_says_why(
                                                    "peak_threshold": "0.4"}))
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
-    detect, segment = DetectWidget(viewer), SegmentWidget(viewer)
+    detect, segment = DetectWidget(plugin_view(viewer)), SegmentWidget(plugin_view(viewer))
     labels = lambda w: [w._model.native.itemText(i) for i in range(w._model.native.count())]  # noqa: E731
     assert {"cut.json (unreadable)", "tuned.json (unreadable)"} <= set(labels(detect))
     assert labels(detect)[0].endswith("(bundled)")  # still starts on the bundled model
@@ -281,7 +282,7 @@ def test_the_threshold_hides_weak_detections_in_the_3d_view_and_on_a_2d_image(
         image = viewer.add_image(small_phantom.volume.array[4], scale=small_phantom.volume.spacing[1:])
     else:
         image = _open_phantom(viewer, small_phantom)
-    widget = DetectWidget(viewer)
+    widget = DetectWidget(plugin_view(viewer))
     _select(widget, image, random_models["LesionDetector"])
     _run_and_wait(widget, qtbot)
     points = viewer.layers[-1]
@@ -349,7 +350,7 @@ def test_detect_keeps_the_missing_slices_said_and_lets_go_of_a_deleted_layer(
     data = small_phantom.volume.array.copy()
     data[2] = np.nan
     image = viewer.add_image(data, scale=small_phantom.volume.spacing, name="gapped")
-    widget = DetectWidget(viewer)
+    widget = DetectWidget(plugin_view(viewer))
     _select(widget, image, random_models["LesionDetector"])
     _run_and_wait(widget, qtbot)
     points = viewer.layers[-1]
@@ -375,7 +376,7 @@ def test_segment_on_a_2d_image_reports_areas_not_volumes(make_napari_viewer, qtb
     if one_slice_volume:  # 5 mm thick: the area is not the voxel volume (× 5) in disguise
         data, scale = data[None], (5.0, *scale)
     image = viewer.add_image(data, scale=scale, name="one slice")
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, str(BUNDLED_DIR / "segmenter.json"))
     _run_and_wait(widget, qtbot)
     assert "cm²" in widget._status.value and " ml" not in widget._status.value
@@ -389,7 +390,7 @@ def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_mode
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
     n_layers = len(viewer.layers)
-    widget = ClassifyWidget(viewer)
+    widget = ClassifyWidget(plugin_view(viewer))
     _select(widget, image, random_models["SliceClassifier"])
     _run_and_wait(widget, qtbot)
     assert len(viewer.layers) == n_layers  # classification adds no layer
@@ -442,7 +443,7 @@ def test_classify_drops_its_result_when_the_image_changes_after_the_run(
     after its data was replaced by 3 slices of air, slice 1 still showed the old slice 1."""
     viewer = make_napari_viewer()
     image = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing)
-    widget = ClassifyWidget(viewer)
+    widget = ClassifyWidget(plugin_view(viewer))
     _select(widget, image, random_models["SliceClassifier"])
     _run_and_wait(widget, qtbot)
     assert widget._current.value.startswith("Slice ")
@@ -486,7 +487,7 @@ def test_bad_input_notifies_and_changes_nothing(
 ):
     viewer = make_napari_viewer()
     layer = make_layer(viewer)
-    widget = widget_cls(viewer)
+    widget = widget_cls(plugin_view(viewer))
     if layer is not None:
         widget._image.value = layer
     before = layer_snapshot(viewer)
@@ -546,7 +547,7 @@ def test_cancel_and_removed_layer_leave_no_result(
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
     n_layers = len(viewer.layers)
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, random_models["RecurrentSegmenter"])
     widget._run.clicked.emit()
     widget._cancel.clicked.emit()
@@ -581,7 +582,7 @@ def test_go_to_lesion_shows_its_slice_and_centres_it_on_a_sheared_image(make_nap
     image = viewer.add_image(np.random.rand(10, 64, 64).astype(np.float32), **transform)
     points = viewer.add_points(np.array([[6.0, 40.0, 20.0], [2.0, 5.0, 50.0]]),
                                **_like_layer(image))
-    widget = DetectWidget(viewer)
+    widget = DetectWidget(plugin_view(viewer))
     widget._points = points
     widget._go_to_lesion(0)
     image.refresh()
@@ -633,7 +634,7 @@ def test_closing_the_widget_stops_its_job(make_napari_viewer, qtbot, random_mode
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
     n_layers = len(viewer.layers)
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, random_models["RecurrentSegmenter"])
     dock = viewer.window.add_dock_widget(widget, name="Segment (test)")
     widget._run.clicked.emit()
@@ -656,7 +657,7 @@ def test_gui_stays_responsive_while_segmenting(make_napari_viewer, qtbot, random
     viewer = make_napari_viewer()
     phantom = generate_phantom((64, 256, 256), (2.5, 0.8, 0.8), seed=11, n_lesions=0)
     image = viewer.add_image(phantom.volume.array, scale=phantom.volume.spacing)
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, random_models["RecurrentSegmenter"])
     ticks = []
     timer = QTimer()
@@ -676,7 +677,7 @@ def test_go_to_lists_survive_a_new_layer_when_docked(make_napari_viewer, qtbot, 
     filled after a run must come back from it unchanged."""
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
-    widget = DetectWidget(viewer)
+    widget = DetectWidget(plugin_view(viewer))
     viewer.window.add_dock_widget(widget)
     _select(widget, image, random_models["LesionDetector"])
     _run_and_wait(widget, qtbot)
@@ -696,7 +697,7 @@ def test_detect_with_no_detection_adds_an_empty_points_layer(make_napari_viewer,
                         lambda volume, model, card, threshold: real(volume, model, card, threshold=1.0))
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
-    widget = DetectWidget(viewer)
+    widget = DetectWidget(plugin_view(viewer))
     _select(widget, image, random_models["LesionDetector"])
     n_layers = len(viewer.layers)
     _run_and_wait(widget, qtbot)
@@ -741,7 +742,7 @@ def test_a_failed_job_says_so_in_the_status_line(make_napari_viewer, qtbot, rand
     monkeypatch.setattr(SegmentWidget, "core_job", failing_job)
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, random_models["RecurrentSegmenter"])
     _run_and_wait(widget, qtbot)
     assert widget._status.value == "Segment: the model refused this volume"  # refused, not failed
@@ -773,7 +774,7 @@ def test_a_sheared_layer_s_volumes_are_its_true_voxel_volume(make_napari_viewer,
     viewer = make_napari_viewer()
     spacing = small_phantom.volume.spacing
     image = viewer.add_image(small_phantom.volume.array, scale=spacing, shear=(0.3, 0.2, 0.1))
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, str(BUNDLED_DIR / "segmenter.json"))
     _run_and_wait(widget, qtbot)
     matrix = image._data_to_world.linear_matrix  # napari's scale · shear, as it draws
@@ -835,7 +836,7 @@ def test_go_to_moves_z_with_a_4d_layer_open_and_a_deleted_layer_raises_nothing(
 def test_the_image_picker_follows_a_rename(make_napari_viewer, small_phantom):
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     image.name = "patient A"
     assert "patient A" in _picker_names(widget._image)
 
@@ -857,7 +858,7 @@ def test_info_and_retrain_pickers_follow_a_rename(make_napari_viewer, small_phan
 
     viewer = make_napari_viewer()
     image = _open_phantom(viewer, small_phantom)
-    widgets = [VolumeInfoWidget(viewer), RetrainWidget(viewer)]
+    widgets = [VolumeInfoWidget(plugin_view(viewer)), RetrainWidget(plugin_view(viewer))]
     image.name = "patient B"
     for combo in (widgets[0]._layer, widgets[1]._image):
         assert "patient B" in _picker_names(combo)
@@ -869,7 +870,7 @@ def test_results_keep_a_rotated_and_sheared_image_s_place_in_the_world(
     image = viewer.add_image(small_phantom.volume.array, name="ct", scale=(2.5, 2.0, 2.0),
                              translate=(5.0, -3.0, 7.0), rotate=30, shear=[0.2, 0.0, 0.0])
     for widget_cls, arch in ((SegmentWidget, "RecurrentSegmenter"), (DetectWidget, "LesionDetector")):
-        widget = widget_cls(viewer)
+        widget = widget_cls(plugin_view(viewer))
         _select(widget, image, random_models[arch])
         _run_and_wait(widget, qtbot)
         result = viewer.layers[-1]
@@ -897,7 +898,7 @@ def test_a_lazy_image_is_read_in_the_worker_not_the_gui_thread(
     viewer = make_napari_viewer()
     image, readers = lazy_image(viewer, small_phantom)
     readers.clear()  # napari may read a slice to draw it
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     _select(widget, image, random_models["RecurrentSegmenter"])
     _run_and_wait(widget, qtbot)
     assert readers and not any(readers)  # every chunk was read by the worker
@@ -991,7 +992,7 @@ def test_one_coronal_dicom_image_is_refused_with_a_message(make_napari_viewer, q
     (data, kwargs, _), = read_layers(str(tmp_path / "coronal.dcm"))
     viewer = make_napari_viewer()
     image = viewer.add_image(data, **kwargs)
-    widget = ClassifyWidget(viewer)
+    widget = ClassifyWidget(plugin_view(viewer))
     _select(widget, image, random_models["SliceClassifier"])
     start = len(notification_manager.records)
     _run_and_wait(widget, qtbot)
@@ -1007,7 +1008,7 @@ def test_raw_stored_values_and_a_scale_in_cm_are_said(make_napari_viewer, qtbot,
     layers = [viewer.add_image(raw, scale=small_phantom.volume.spacing, name="raw"),
               viewer.add_image(small_phantom.volume.array,
                                scale=np.asarray(small_phantom.volume.spacing) / 10, name="cm")]
-    widget = SegmentWidget(viewer)
+    widget = SegmentWidget(plugin_view(viewer))
     for layer, said in zip(layers, ("Hounsfield", "in cm")):
         _select(widget, layer, str(BUNDLED_DIR / "segmenter.json"))
         start = len(notification_manager.records)
@@ -1028,7 +1029,7 @@ def test_on_a_sheared_layer_the_widget_names_the_slice_napari_draws(
     viewer = make_napari_viewer()
     array = np.concatenate([small_phantom.volume.array] * 2)[:10, :64, :64]
     image = viewer.add_image(array, name="sheared", **transform)
-    widget = ClassifyWidget(viewer)
+    widget = ClassifyWidget(plugin_view(viewer))
     _select(widget, image, random_models["SliceClassifier"])
     _run_and_wait(widget, qtbot)
 
@@ -1056,7 +1057,7 @@ def test_a_layer_in_cm_beside_one_in_mm_is_navigated_and_retrained_where_napari_
     viewer.add_image(array, scale=(2.5, 1.0, 1.0), units="mm", name="ct mm")
     ct_cm = viewer.add_image(array, scale=(0.25, 0.1, 0.1), translate=(1.0, 0.0, 0.0),
                              units="cm", name="ct cm")
-    widget = ClassifyWidget(viewer)
+    widget = ClassifyWidget(plugin_view(viewer))
     _select(widget, ct_cm, random_models["SliceClassifier"])
     _run_and_wait(widget, qtbot)
     for z in (4, 7):
@@ -1066,14 +1067,14 @@ def test_a_layer_in_cm_beside_one_in_mm_is_navigated_and_retrained_where_napari_
         assert widget._current.value.startswith(f"Slice {z}:"), widget._current.value
     # a points layer in mm, drawn at voxel (4, 8, 8) of the cm image
     points = viewer.add_points([[20.0, 8.0, 8.0]], units="mm", name="marks")
-    detector = RetrainDetectorWidget(viewer)
+    detector = RetrainDetectorWidget(plugin_view(viewer))
     detector._image.value = ct_cm
     voxels, _ = detector._points_on_image(points, ct_cm)
     np.testing.assert_allclose(voxels, [[4.0, 8.0, 8.0]], atol=1e-6)
     # labels in mm lying exactly on the cm image are taken; a layer 10x off is refused
     on_it = viewer.add_labels(np.zeros(array.shape, np.uint8), scale=(2.5, 1.0, 1.0),
                               translate=(10.0, 0.0, 0.0), units="mm", name="on it")
-    retrain = RetrainWidget(viewer)
+    retrain = RetrainWidget(plugin_view(viewer))
     retrain._image.value = ct_cm
     volume = retrain._snapshot(on_it, ct_cm, None, False)
     assert volume.shape == array.shape
@@ -1135,7 +1136,7 @@ def test_a_deleted_image_is_not_kept_in_memory_by_a_widget_that_ran_on_it(
     image = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing,
                              name="ct")
     data = weakref.ref(image.data)
-    widget = widget_cls(viewer)
+    widget = widget_cls(plugin_view(viewer))
     viewer.window.add_dock_widget(widget)
     _select(widget, image, random_models[arch])
     _run_and_wait(widget, qtbot)
@@ -1156,7 +1157,7 @@ def test_classify_lets_go_of_a_removed_layer_at_once(make_napari_viewer, qtbot, 
     for name in ("other", "ct"):
         image = viewer.add_image(small_phantom.volume.array.copy(),
                                  scale=small_phantom.volume.spacing, name=name)
-    widget = ClassifyWidget(viewer)
+    widget = ClassifyWidget(plugin_view(viewer))
     _select(widget, image, random_models["SliceClassifier"])
     _run_and_wait(widget, qtbot)
     assert widget._current.value.startswith("Slice")
@@ -1219,7 +1220,7 @@ def test_classify_result_says_which_image_it_belongs_to(make_napari_viewer, qtbo
     first = viewer.add_image(small_phantom.volume.array.copy(), scale=spacing, name="patient A")
     second = viewer.add_image(small_phantom.volume.array[::-1].copy(), scale=spacing,
                               name="patient B")
-    widget = ClassifyWidget(viewer)
+    widget = ClassifyWidget(plugin_view(viewer))
     _select(widget, first, random_models["SliceClassifier"])
     _run_and_wait(widget, qtbot)
     model = random_models["SliceClassifier"]
@@ -1247,7 +1248,7 @@ def test_a_closed_widget_follows_the_viewer_no_more(make_napari_viewer, qtbot,
     viewer = make_napari_viewer()
     image = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing,
                              name="ct")
-    classify, detect = ClassifyWidget(viewer), DetectWidget(viewer)
+    classify, detect = ClassifyWidget(plugin_view(viewer)), DetectWidget(plugin_view(viewer))
     docks = []
     for widget, kind in ((classify, "SliceClassifier"), (detect, "LesionDetector")):
         docks.append(viewer.window.add_dock_widget(widget))

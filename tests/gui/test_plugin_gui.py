@@ -9,6 +9,7 @@ from napari.utils.notifications import notification_manager
 
 from napari_medseg.core.io import read_nifti, write_nifti
 from napari_medseg.core.volume import CT_WINDOW
+from tests.gui.conftest import plugin_view
 
 
 def _errors_since(start: int) -> list[str]:
@@ -146,7 +147,7 @@ def test_phantom_widget_says_min_above_max_in_its_own_words(make_napari_viewer):
     from napari_medseg._widgets.phantom import PhantomWidget
 
     viewer = make_napari_viewer()
-    widget = PhantomWidget(viewer)
+    widget = PhantomWidget(plugin_view(viewer))
     widget._rmin.value, widget._rmax.value = 20.0, 3.0
     start = len(notification_manager.records)
     widget._run.clicked.emit()
@@ -161,7 +162,7 @@ def _phantom_widget(make_napari_viewer, shape, lesions):
     from napari_medseg._widgets.phantom import PhantomWidget
 
     viewer = make_napari_viewer()
-    widget = PhantomWidget(viewer)
+    widget = PhantomWidget(plugin_view(viewer))
     widget._z.value, widget._y.value, widget._x.value = shape
     widget._n_lesions.value = lesions
     return viewer, widget
@@ -319,7 +320,7 @@ def test_phantom_widget_bad_request_notifies(make_napari_viewer, qtbot):
     from napari_medseg._widgets.phantom import PhantomWidget
 
     viewer = make_napari_viewer()
-    widget = PhantomWidget(viewer)
+    widget = PhantomWidget(plugin_view(viewer))
     widget._z.value, widget._y.value, widget._x.value = 4, 48, 48
     widget._rmin.value, widget._rmax.value = 20.0, 5.0  # min above max
     start = len(notification_manager.records)
@@ -346,7 +347,7 @@ def test_info_widget_and_dock(make_napari_viewer):
     from napari_medseg._widgets.info import VolumeInfoWidget
 
     viewer = make_napari_viewer()
-    info = VolumeInfoWidget(viewer)
+    info = VolumeInfoWidget(plugin_view(viewer))
     assert "No image or labels layer" in info._text.value
     viewer.open_sample("napari-medseg", "synthetic_ct")
     assert "Spacing (mm): (2.5, 1.0, 1.0)" in info._text.value
@@ -377,7 +378,7 @@ def test_info_lists_the_slices_the_models_call_missing_and_follows_the_layer(mak
     data[2] = np.nan  # the models treat it as missing; the widget said "none"
     # a reader's record of slices 2 and 4 as missing (4 zero-filled): the models agree
     image = viewer.add_image(data, name="ct", metadata={"medseg": {"missing_slices": [2, 4]}})
-    info = VolumeInfoWidget(viewer)
+    info = VolumeInfoWidget(plugin_view(viewer))
     assert volume_from_layer(image).missing_slices() == [2, 4]
     assert "Missing slices: 2, 4" in info._text.value
     # flipped: the record no longer fits the data (the models ignore it; Info named the
@@ -404,7 +405,7 @@ def test_info_reads_the_volume_again_only_when_its_data_change(make_napari_viewe
     viewer = make_napari_viewer()
     data = np.zeros((4, 8, 8), np.float32)
     image = viewer.add_image(data, name="ct")
-    widget = info_module.VolumeInfoWidget(viewer)
+    widget = info_module.VolumeInfoWidget(plugin_view(viewer))
     reads = []
     real = info_module._empty_slices
     monkeypatch.setattr(info_module, "_empty_slices", lambda layer: reads.append(1) or real(layer))
@@ -528,7 +529,7 @@ def test_info_says_how_a_result_was_made_and_lists_labels_layers(make_napari_vie
     assert "Note: generated slices are synthetic" in text
     seg = viewer.add_labels(np.zeros((5, 8, 8), np.uint8), name="seg", metadata=_result_metadata(
         {"model": "segmenter", "model_version": 3, "input_layer": "ct"}))
-    info = VolumeInfoWidget(viewer)
+    info = VolumeInfoWidget(plugin_view(viewer))
     info._layer.value = seg
     assert "Made by: model segmenter v3 from layer 'ct'" in info._text.value
     assert "Unlabelled slices" not in info._text.value

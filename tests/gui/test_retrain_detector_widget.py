@@ -7,6 +7,7 @@ from napari.layers import Points
 from napari.utils.notifications import notification_manager
 
 from napari_medseg._widgets.retrain_detector import RetrainDetectorWidget
+from tests.gui.conftest import plugin_view
 
 
 def _open(viewer, phantom):
@@ -20,7 +21,7 @@ def scene(make_napari_viewer, random_models, small_phantom):
     image = _open(viewer, small_phantom)
     points = viewer.add_points(np.array([[2.0, 40.0, 40.0], [6.0, 20.0, 60.0]]), scale=image.scale,
                                name="detections", features={"diameter_mm": [12.0, 8.0]})
-    widget = RetrainDetectorWidget(viewer)
+    widget = RetrainDetectorWidget(plugin_view(viewer))
     # docked, as napari does it: adding a layer then re-evaluates every picker
     viewer.window.add_dock_widget(widget)
     widget._image.value = image
@@ -36,7 +37,7 @@ def _restored_elsewhere(make_napari_viewer, image, widget):
     widget.autosave_now(wait=True)
     widget._release_folders()
     viewer = make_napari_viewer()
-    other = RetrainDetectorWidget(viewer)
+    other = RetrainDetectorWidget(plugin_view(viewer))
     other._image.value = viewer.add_image(image.data, scale=image.scale, name="ct")
     assert other._pending_restore is not None
     other._restore.clicked.emit()
@@ -372,7 +373,7 @@ def test_a_point_added_to_a_detection_layer_opened_from_a_file_has_no_size_of_it
     viewer.layers.remove(found)
     (points,) = viewer.open(path, layer_type="points")
     points.scale = image.scale
-    widget = RetrainDetectorWidget(viewer)
+    widget = RetrainDetectorWidget(plugin_view(viewer))
     viewer.window.add_dock_widget(widget)
     widget._image.value, widget._layer_pick.value = image, points
     points.selected_data = {0}
@@ -439,7 +440,7 @@ def test_a_point_on_a_sheared_or_rotated_image_lists_the_slice_it_is_trained_on(
              "rotate": {"rotate": [[np.cos(0.26), -np.sin(0.26), 0],
                                    [np.sin(0.26), np.cos(0.26), 0], [0, 0, 1]]}}[transform]
     image = viewer.add_image(vol.array, name="ct", scale=vol.spacing, **extra)
-    widget = RetrainDetectorWidget(viewer)
+    widget = RetrainDetectorWidget(plugin_view(viewer))
     viewer.window.add_dock_widget(widget)
     widget._image.value = image
     widget._model.value = random_models["LesionDetector"]
@@ -461,7 +462,7 @@ def test_a_script_editing_a_lesion_layer_keeps_each_points_diameter(
     viewer = make_napari_viewer()
     vol = small_phantom.volume
     image = viewer.add_image(vol.array, scale=vol.spacing, name="ct")
-    widget = RetrainDetectorWidget(viewer)
+    widget = RetrainDetectorWidget(plugin_view(viewer))
     widget._image.value = image
     widget._model.value = random_models["LesionDetector"]
     widget._add_empty_layer()

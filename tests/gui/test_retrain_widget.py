@@ -9,6 +9,7 @@ from napari.utils.notifications import notification_manager
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.retrain import RetrainWidget, painted_slices
 from napari_medseg.core.models import load_model, user_models_dir
+from tests.gui.conftest import plugin_view
 
 # a short budget, below the widget's own minimum: these tests check plumbing, the
 # benchmark checks learning
@@ -39,7 +40,7 @@ def _paint_slice(layer, z, truth):
 
 
 def _widget(viewer, image, labels, card_path):
-    widget = RetrainWidget(viewer)
+    widget = RetrainWidget(plugin_view(viewer))
     widget._image.value = image
     widget._labels_pick.value = labels
     widget._model.value = card_path
@@ -196,7 +197,7 @@ def test_save_version_then_load_it_anywhere(scene, qtbot):
     viewer, image, labels, widget, phantom = scene
     from napari_medseg._widgets.segment import SegmentWidget
 
-    segment = SegmentWidget(viewer)  # open before the save
+    segment = SegmentWidget(plugin_view(viewer))  # open before the save
     _paint_slice(labels, 4, phantom.labels)
     widget._run.clicked.emit()
     _wait(widget, qtbot)
@@ -213,7 +214,7 @@ def test_save_version_then_load_it_anywhere(scene, qtbot):
     for k, v in v1_model.state_dict().items():
         assert np.array_equal(model.state_dict()[k].numpy(), v.numpy()), k
     assert card["finetune_history"][-1]["slices"] == [4]
-    assert str(path) in SegmentWidget(viewer)._model.choices
+    assert str(path) in SegmentWidget(plugin_view(viewer))._model.choices
     # listed at once in the pickers already open, this widget's own included (napari
     # re-reads them only when a layer is added or removed)
     assert str(path) in segment._model.choices and str(path) in widget._model.choices
@@ -296,7 +297,7 @@ def test_autosave_restores_after_a_restart(make_napari_viewer, qtbot, random_mod
     # "crash": a new viewer and widget; the same image is opened again
     viewer2 = make_napari_viewer()
     image2 = _open(viewer2, small_phantom)
-    widget2 = RetrainWidget(viewer2)
+    widget2 = RetrainWidget(plugin_view(viewer2))
     widget2._image.value = image2
     assert widget2._pending_restore is not None and not widget2._restore_box.native.isHidden()
     assert "3 slices" in widget2._restore_label.value or "2 slices" in widget2._restore_label.value
@@ -647,7 +648,7 @@ def _restarted(make_napari_viewer, phantom):
     the notifications said meanwhile."""
     start = len(notification_manager.records)
     viewer = make_napari_viewer()
-    widget = RetrainWidget(viewer)
+    widget = RetrainWidget(plugin_view(viewer))
     widget._image.value = _open(viewer, phantom)
     return widget, [str(n.message) for n in notification_manager.records[start:]]
 
@@ -679,12 +680,12 @@ def test_restore_is_not_offered_for_another_image_of_the_same_name_and_shape(
     image2 = _open(viewer2, other)
     image2.name = image.name  # two files both called "ct"
     assert image2.name == image.name and image2.data.shape == image.data.shape
-    widget2 = RetrainWidget(viewer2)
+    widget2 = RetrainWidget(plugin_view(viewer2))
     widget2._image.value = image2
     assert widget2._pending_restore is None and widget2._restore_box.native.isHidden()
     # the same scan opened again is still offered its autosave
     viewer3 = make_napari_viewer()
-    widget3 = RetrainWidget(viewer3)
+    widget3 = RetrainWidget(plugin_view(viewer3))
     widget3._image.value = _open(viewer3, small_phantom)
     assert widget3._pending_restore is not None
 
@@ -704,7 +705,7 @@ def test_restore_offers_the_newest_autosave_made_after_a_rename(
     _process_ended(widget)
 
     viewer2 = make_napari_viewer()
-    widget2 = RetrainWidget(viewer2)
+    widget2 = RetrainWidget(plugin_view(viewer2))
     widget2._image.value = _open(viewer2, small_phantom)  # opened under its first name
     assert "(2 slices)" in widget2._restore_label.value, widget2._restore_label.value
 
@@ -916,7 +917,7 @@ def test_a_restored_layer_keeps_the_name_of_a_new_structure(make_napari_viewer, 
 
     viewer2 = make_napari_viewer()
     image2 = _open(viewer2, small_phantom)
-    widget2 = RetrainWidget(viewer2)
+    widget2 = RetrainWidget(plugin_view(viewer2))
     widget2._image.value = image2
     widget2._model.value = random_models["RecurrentSegmenter"]
     widget2._restore.clicked.emit()
@@ -984,7 +985,7 @@ def test_a_newer_autosave_without_annotations_does_not_hide_older_work(
     _process_ended(widget_b)
 
     viewer3 = make_napari_viewer()
-    widget3 = RetrainWidget(viewer3)
+    widget3 = RetrainWidget(plugin_view(viewer3))
     widget3._image.value = _open(viewer3, small_phantom)
     assert "(1 slice)" in widget3._restore_label.value, widget3._restore_label.value
     assert "1 other autosave of this image" in widget3._restore_label.value
@@ -1000,14 +1001,14 @@ def test_a_second_viewer_neither_offers_nor_discards_an_open_widgets_autosave(
                                                        small_phantom)
     live = widget._key_folder() / widget._session_id
     viewer2 = make_napari_viewer()
-    widget2 = RetrainWidget(viewer2)
+    widget2 = RetrainWidget(plugin_view(viewer2))
     widget2._image.value = _open(viewer2, small_phantom)
     assert widget2._pending_restore is None and widget2._restore_box.native.isHidden()
     widget2._pending_restore = live  # as if offered the moment before the first one wrote
     widget2._discard.clicked.emit()
     assert (live / "session.json").is_file()
     _process_ended(widget)  # the first window's process ends: its autosave is offered
-    widget3 = RetrainWidget(viewer2)
+    widget3 = RetrainWidget(plugin_view(viewer2))
     widget3._image.value = widget2._image.value
     assert widget3._pending_restore == live
 
@@ -1022,7 +1023,7 @@ def test_discard_that_cannot_delete_the_autosave_is_said_and_stops_offering_it(
                                                        small_phantom)
     _process_ended(widget)
     viewer2 = make_napari_viewer()
-    widget2 = RetrainWidget(viewer2)
+    widget2 = RetrainWidget(plugin_view(viewer2))
     widget2._image.value = _open(viewer2, small_phantom)
     offered = widget2._pending_restore
     assert offered is not None
@@ -1151,7 +1152,7 @@ def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(
     data.write_bytes(data.read_bytes()[:-100])  # the newest one's data damaged
 
     viewer2 = make_napari_viewer()
-    widget2 = RetrainWidget(viewer2)
+    widget2 = RetrainWidget(plugin_view(viewer2))
     widget2._image.value = _open(viewer2, small_phantom)
     assert widget2._pending_restore == newer
     start = len(notification_manager.records)
@@ -1168,7 +1169,7 @@ def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(
     record.write_text(record.read_text()[:-40])
     viewer3 = make_napari_viewer()
     start = len(notification_manager.records)
-    widget3 = RetrainWidget(viewer3)
+    widget3 = RetrainWidget(plugin_view(viewer3))
     widget3._image.value = _open(viewer3, small_phantom)
     warned = [str(n.message) for n in notification_manager.records[start:]
               if "cannot be read" in str(n.message)]
@@ -1280,7 +1281,7 @@ def test_another_scan_loaded_into_the_image_layer_gets_its_own_lists_and_autosav
         fresh = make_napari_viewer()
         opened = _open(fresh, small_phantom)
         opened.data = data
-        restarted = RetrainWidget(fresh)
+        restarted = RetrainWidget(plugin_view(fresh))
         restarted._image.value = opened
         assert restarted._pending_restore is not None, expected
         assert expected in restarted._restore_label.value

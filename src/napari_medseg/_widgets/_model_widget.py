@@ -110,6 +110,17 @@ def refresh_model_pickers() -> None:
             picker.reset_choices()
 
 
+def plain_viewer(viewer):
+    """The viewer itself where napari hands a plugin's widget a ``PublicOnlyProxy`` of it
+    (every widget whose ``__init__`` takes a ``napari.viewer.Viewer``). Through the proxy
+    each attribute read makes a new wrapper object: the layer a widget added was never
+    ``is`` the layer napari's events carry (a deleted detections layer left Detect's
+    slider and list live), weak references to wrappers died at once, and every read
+    inspected the caller's frame. The widgets use public API only; they need the real
+    objects to follow them."""
+    return getattr(viewer, "__wrapped__", viewer)
+
+
 class LayerNameFollower:
     """Calls ``callback`` (a widget's method) when any layer, present or added later, is
     renamed: a rename fires nothing on the layer list, and pickers would keep showing the
@@ -270,7 +281,7 @@ class ModelRunWidget(Container):
     task: str = ""  # "Segment", "Detect", ...
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        self._viewer = viewer
+        self._viewer = viewer = plain_viewer(viewer)
         self._worker = None
         self._result_note = ""  # the latest result's missing-slices line
         self._image = ComboBox(label="Image", choices=self._image_choices, nullable=False)

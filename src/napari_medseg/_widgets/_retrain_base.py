@@ -66,6 +66,7 @@ from ._model_widget import (
     _same_geometry,
     LayerNameFollower,
     model_picker,
+    plain_viewer,
     progress_bar,
     refresh_model_pickers,
     set_status,
@@ -178,7 +179,7 @@ class _RetrainBase(Container):
     writes_into_layer = True
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        self._viewer = viewer
+        self._viewer = viewer = plain_viewer(viewer)
         self._worker = None
         self._history: VersionHistory | None = None
         self._history_model: str | None = None

@@ -9,7 +9,8 @@ from magicgui.widgets import ComboBox, Container, TextEdit
 
 from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
-from ._model_widget import DockWatch, LayerNameFollower, connect_layer_events, slice_ranges
+from ._model_widget import (DockWatch, LayerNameFollower, connect_layer_events, plain_viewer,
+                            slice_ranges)
 
 
 def _unit(layer) -> str:
@@ -148,7 +149,7 @@ class VolumeInfoWidget(Container):
     and, for a result, how it was made."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        self._viewer = viewer
+        self._viewer = viewer = plain_viewer(viewer)
         self._layer = ComboBox(label="Layer", choices=self._image_layers)
         self._text = TextEdit(value="", enabled=True)
         self._text.native.setReadOnly(True)

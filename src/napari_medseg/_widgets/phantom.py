@@ -20,7 +20,7 @@ from .._sample_data import phantom_layer_data
 from ..core.errors import MedsegInputError
 from ..core.phantom import phantom_job
 from ..core.text import counted
-from ._model_widget import DockWatch, set_status, widget_closed
+from ._model_widget import DockWatch, plain_viewer, set_status, widget_closed
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class PhantomWidget(Container):
     """Shape, spacing, seed, lesions, noise → image, labels and lesion points layers."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        self._viewer = viewer
+        self._viewer = viewer = plain_viewer(viewer)
         self._worker = None
         self._z = SpinBox(label="Slices (z)", value=48, min=1, max=1024)
         self._y = SpinBox(label="Rows (y)", value=192, min=16, max=1024)
