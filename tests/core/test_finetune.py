@@ -530,6 +530,17 @@ def test_a_later_round_never_holds_out_a_slice_an_earlier_round_trained_on(tiny,
     assert two.report.holdout_slice is None and two.report.holdout_dice_after is None
 
 
+def test_the_only_slice_showing_a_new_structure_is_not_held_out(tiny, phantom):
+    """Held out, it grew the head for a structure 75 % of the round never saw."""
+    labels = phantom.labels.copy()
+    labels[3, 10:20, 10:20] = 11  # only on slice 3, the slice round 1 would hold out
+    r = _finetune(tiny, phantom, labels, [3, 6, 8], steps=2, holdout=True, version=1)
+    assert r.report.holdout_slice == 6
+    labels[6, 10:20, 10:20] = 11  # shown on two slices: either may be held out
+    r = _finetune(tiny, phantom, labels, [3, 6, 8], steps=2, holdout=True, version=1)
+    assert r.report.holdout_slice == 3
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 10])
 def test_a_step_budget_is_the_number_of_steps_run(tiny, phantom, steps):
     r = _finetune(tiny, phantom, phantom.labels, [3, 6], steps=steps, holdout=True)

@@ -571,8 +571,16 @@ def finetune_segmenter(
             return weight
 
         # never a slice an earlier round of this model's lineage trained on: its score
-        # there is no held-out score (round 2 held out a slice round 1 had learnt)
-        fresh = [z for z in zs if z not in trained_before(card)]
+        # there is no held-out score (round 2 held out a slice round 1 had learnt); nor
+        # the only slice holding a structure, which 75 % of the round would train without
+        # while growing the head for it
+        shown_on = {z: {int(v) for v in np.unique(measured_values(volume, arr, [z]))}
+                    for z in zs}
+
+        def sole_holder(z: int) -> bool:
+            return bool(shown_on[z] - set().union(*(shown_on[o] for o in zs if o != z)))
+
+        fresh = [z for z in zs if z not in trained_before(card) and not sole_holder(z)]
         held = (fresh[(int(version) - 1) % len(fresh)]
                 if holdout and len(zs) >= MIN_SLICES_FOR_HOLDOUT and fresh else None)
         dice_before = dice_after = None
