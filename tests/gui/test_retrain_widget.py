@@ -1667,3 +1667,16 @@ def test_a_round_that_does_worse_on_its_held_out_slice_is_listed_not_applied(sce
     widget._predict.clicked.emit()
     _wait(widget, qtbot)
     assert history.current == 2 and "re-predicted" in widget._status.value
+
+
+def test_use_and_save_are_off_until_a_version_is_listed(scene, qtbot):
+    """Before any round the list was empty and both buttons were live, only to say
+    "no versions yet"."""
+    viewer, image, labels, widget, phantom = scene
+    assert not widget._revert.enabled and not widget._save.enabled
+    assert widget._predict.enabled and "v0" in widget._predict.tooltip
+    _paint_slice(labels, 2, phantom.labels)
+    widget._run.clicked.emit()
+    assert not widget._revert.enabled  # running
+    _wait(widget, qtbot)
+    assert widget._revert.enabled and widget._save.enabled and widget._save_name.enabled

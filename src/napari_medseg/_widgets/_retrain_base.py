@@ -313,6 +313,7 @@ class _RetrainBase(Container):
         self._autosave_timer = QTimer(self.native)  # dies with the widget, never fires after
         self._autosave_timer.setSingleShot(True)
         self._autosave_timer.timeout.connect(self.autosave_now)
+        self._enable_version_buttons()
 
         self._image.changed.connect(self._on_image_changed)
         self._layer_pick.changed.connect(self._track)
@@ -746,6 +747,17 @@ class _RetrainBase(Container):
             self._versions.reset_choices()
             if self._history is not None:
                 self._versions.value = self._history.current
+        self._enable_version_buttons()
+
+    def _enable_version_buttons(self) -> None:
+        """Use and Save act on a listed version: off while the list is empty (they only
+        said "no versions yet"); re-predicting takes the picked model then (v0)."""
+        listed = self._history is not None and bool(self._history.versions)
+        running = self._worker is not None
+        for widget in (self._revert, self._save, self._save_name):
+            widget.enabled = listed and not running
+        self._predict.tooltip = (None if listed else
+                                 "No round yet: predicts with the picked model (v0)")
 
     def _on_revert(self) -> None:
         if self._history is None or self._versions.value is None:
@@ -1074,6 +1086,10 @@ class _RetrainBase(Container):
             self._cancel.enabled = running
         if not running:
             self._worker = None
+            try:
+                self._enable_version_buttons()
+            except RuntimeError:  # the viewer was closed mid-run
+                pass
             try:
                 self._round_progress.visible = False
             except RuntimeError:  # the viewer was closed mid-run
