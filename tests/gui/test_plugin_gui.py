@@ -844,3 +844,13 @@ def test_run_leaves_the_copy_of_the_image_to_the_worker(make_napari_viewer):
     volume = deferred()
     np.testing.assert_array_equal(volume.array, array)
     assert not np.shares_memory(volume.array, array)
+
+
+@pytest.mark.parametrize("name", ["Retrain on my annotations", "Retrain detector on my points"])
+def test_the_retrain_docks_scroll_instead_of_growing_the_window(make_napari_viewer, name):
+    """napari docks a magicgui widget's .native: the controls' 920 px were the dock's
+    minimum, and the window grew past a laptop's screen to hold them."""
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", name)
+    assert dock.minimumSizeHint().height() < 300
+    assert widget._run.native.isVisibleTo(dock.widget())  # the controls are inside it

@@ -309,7 +309,9 @@ class _RetrainBase(Container):
             curve_box, self._status, self._autosave_alert, self._versions,
             Container(widgets=[self._revert, self._predict], layout="horizontal", labels=False),
             self._save_name, self._save,
-        ])
+            # scrollable: its controls need about 920 px, more than a laptop's window
+            # (napari grew the window past the screen to fit them)
+        ], scrollable=True)
         self._autosave_timer = QTimer(self.native)  # dies with the widget, never fires after
         self._autosave_timer.setSingleShot(True)
         self._autosave_timer.timeout.connect(self.autosave_now)
@@ -741,6 +743,14 @@ class _RetrainBase(Container):
     def _version_choices(self, _widget=None) -> list:
         history = self._history
         return [] if history is None else [(v.describe(), v.number) for v in history.versions]
+
+    @property
+    def native(self):
+        """The scroll area around the controls. napari docks a magicgui widget's
+        ``native``, which for a scrollable Container is the widget inside the scroll
+        area: the dock needed the controls' full 920 px and grew the window past a
+        laptop's screen."""
+        return self._widget._mgui_get_root_native_widget()
 
     def _refresh_versions(self) -> None:
         with self._versions.changed.blocked():
