@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from napari.layers import Image
+from napari.layers import Image, Points
 
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.generate import GenerateWidget
@@ -22,9 +22,8 @@ def _snapshot(viewer):
 
 def _unchanged(viewer, before):
     assert len(viewer.layers) >= len(before)
-    for (name, data), layer in zip(before, viewer.layers):
-        assert layer.name == name
-        np.testing.assert_array_equal(layer.data, data)
+    for name, data in before:  # by name: a generated layer sits among them
+        np.testing.assert_array_equal(viewer.layers[name].data, data)
 
 
 @pytest.mark.parametrize("method", ["model", "cubic"])
@@ -49,10 +48,12 @@ def test_upsampled_layer_is_new_aligned_and_marked_synthetic(make_napari_viewer,
     widget._factor.value = 3  # changed while it runs: the run keeps what was clicked
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
     assert len(viewer.layers) == len(before) + 1
-    new = viewer.layers[-1]
+    # just above its scan: the labels and points stay drawn over it (it went on top)
+    new = viewer.layers[viewer.layers.index(image) + 1]
+    assert isinstance(viewer.layers[-1], Points)
     nz = image.data.shape[0]
     assert isinstance(new, Image) and new.data.shape == (2 * nz - 1, *image.data.shape[1:])
-    assert "synthetic" in new.name
+    assert new.name.startswith("synthetic ×2 · ")  # seen in the list, which cuts names short
     np.testing.assert_allclose(new.scale, [image.scale[0] / 2, *image.scale[1:]])
     np.testing.assert_allclose(new.translate, image.translate)
     # acquired slices sit at the same world z as in the input, bit-identical
@@ -160,7 +161,8 @@ def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, sma
     widget._factor.value = 1
     widget._run.clicked.emit()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
-    new = viewer.layers[-1]
+    new = viewer.layers[viewer.layers.index(image) + 1]
+    assert new.name.startswith("synthetic, gaps filled · ")
     assert new.data.shape == image.data.shape and np.isfinite(new.data).all()
     assert new.metadata["medseg"]["generated_slices"] == [2, 3]
     assert new.metadata["medseg"]["missing_slices"] == []
@@ -451,3 +453,13 @@ def test_a_float64_layer_is_saved_exact(tmp_path):
     plain = exact.astype(np.float32).astype(np.float64) - 2**24
     (path,) = write_image_nifti(str(tmp_path / "plain.nii.gz"), plain, {"scale": (1, 1, 1)})
     assert nib.load(path).get_data_dtype() == np.float32
+
+
+def test_the_model_picker_is_live_only_for_the_model_method(make_napari_viewer):
+    """Beside linear or cubic interpolation the generator model looked as if it took part."""
+    widget = GenerateWidget(plugin_view(make_napari_viewer()))
+    assert widget._method.value == "linear" and not widget._model.enabled
+    widget._method.value = "model"
+    assert widget._model.enabled
+    widget._method.value = "cubic"
+    assert not widget._model.enabled

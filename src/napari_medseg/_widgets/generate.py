@@ -34,7 +34,14 @@ class GenerateWidget(ModelRunWidget):
         self._factor = ComboBox(label="Upsample", choices=FACTORS, value=2)
         self._fill = CheckBox(text="Fill slices missing from the series", value=True)
         self._method = ComboBox(label="Method", choices=METHODS, value="linear")
+        # the model picker only matters for the model method: live beside interpolation,
+        # it read as if the model took part
+        self._method.changed.connect(self._enable_model)
+        self._enable_model()
         return [self._factor, self._fill, self._method]
+
+    def _enable_model(self, _value=None) -> None:
+        self._model.enabled = self._method.value == "model"
 
     def options(self) -> dict:
         options = {"factor": int(self._factor.value), "fill": bool(self._fill.value),
@@ -95,9 +102,10 @@ class GenerateWidget(ModelRunWidget):
             source["slice_axis"] = result.axis_name
             if left:
                 source["missing_planes"] = {"axis": result.axis_name, "indices": left}
-        name = (f"{image_layer.name} ×{result.factor} synthetic ({made_by})" if result.factor > 1
-                else f"{image_layer.name} gaps filled, synthetic ({made_by})")
-        self._viewer.add_image(
+        # "synthetic" first: napari's layer list cuts a long name in the middle
+        name = (f"synthetic ×{result.factor} · {image_layer.name} ({made_by})"
+                if result.factor > 1 else f"synthetic, gaps filled · {image_layer.name} ({made_by})")
+        layer = self._viewer.add_image(
             data,
             name=name,
             colormap=image_layer.colormap.name,
@@ -118,6 +126,11 @@ class GenerateWidget(ModelRunWidget):
                 source=source,
                 note="generated slices are synthetic: not acquired, not for diagnosis"),
         )
+        # just above its scan, not on top: labels and points drawn on the scan stay
+        # visible over it
+        if image_layer in self._viewer.layers:
+            self._viewer.layers.move(self._viewer.layers.index(layer),
+                                     self._viewer.layers.index(image_layer) + 1)
         self._status.value = (f"{result.summary()}; new layer '{name}'. Generated slices are"
                               " synthetic (see the layer's metadata).")
 
