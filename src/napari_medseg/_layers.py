@@ -189,11 +189,13 @@ def points_layer_data(
     volume: Volume,
     name: str,
     features: dict[str, Any] | None = None,
+    colour: str | None = None,
     **extra: Any,
 ) -> tuple:
     """A Points layer of lesions in voxel coordinates, sized by diameter, on the image grid.
     A point the user adds is none of these lesions: no diameter, "added", numbers NaN and
-    text empty (napari would copy the last lesion's features into it, and save them)."""
+    text empty (napari would copy the last lesion's features into it, and save them).
+    ``colour``: ring and text (ground truth is drawn apart from detections)."""
     centers = np.asarray(centers_zyx, dtype=float).reshape(-1, 3)
     diameters = np.asarray(diameters_mm, dtype=float).reshape(-1)
     features = dict(features or {})
@@ -201,8 +203,13 @@ def points_layer_data(
                 for k, v in features.items()}
     # object dtype: an empty list would make a float column that cannot take "added"
     features["label"] = np.asarray([f"{d:.0f} mm" for d in diameters], dtype=object)
+    kwargs = _points_kwargs(name, diameters, volume.spacing, features, "{label}")
+    if colour is not None:
+        kwargs["border_color"] = colour
+        if "text" in kwargs:
+            kwargs["text"] = {**kwargs["text"], "color": colour}
     kwargs = {
-        **_points_kwargs(name, diameters, volume.spacing, features, "{label}"),
+        **kwargs,
         "feature_defaults": {**defaults, "diameter_mm": np.nan, "label": ADDED_LABEL},
         **_geometry(volume),
         "metadata": _medseg_metadata(volume, **extra),

@@ -22,7 +22,10 @@ def phantom_layer_data(phantom: Phantom, prefix: str = "phantom") -> list[tuple]
             centers,
             diameters,
             volume,
-            f"{name} lesions",
+            f"{name} lesions (ground truth)",
+            # cyan: detections are lime rings with yellow text, and on the same lesion
+            # the two rings and texts could not be told apart
+            colour="cyan",
             features={
                 "organ": [lesion.organ for lesion in phantom.lesions],
                 "contrast_hu": [lesion.contrast_hu for lesion in phantom.lesions],

@@ -854,3 +854,20 @@ def test_the_retrain_docks_scroll_instead_of_growing_the_window(make_napari_view
     dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", name)
     assert dock.minimumSizeHint().height() < 300
     assert widget._run.native.isVisibleTo(dock.widget())  # the controls are inside it
+
+
+def test_ground_truth_lesions_are_drawn_apart_from_detections():
+    """The sample's lesions were lime rings with yellow text, as detections are: on the
+    same lesion the rings and texts could not be told apart."""
+    from napari.layers import Points
+
+    from napari_medseg._sample_data import phantom_layer_data
+    from napari_medseg.core.phantom import generate_phantom
+
+    (_, _, (centres, kwargs, kind)) = phantom_layer_data(
+        generate_phantom((8, 48, 48), (4.0, 2.0, 2.0), seed=2, n_lesions=1))
+    layer = Points(centres, **kwargs)
+    assert kind == "points" and kwargs["name"].endswith("lesions (ground truth)")
+    cyan = np.array([0.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(layer.border_color[0], cyan)
+    np.testing.assert_allclose(layer.text.color.constant, cyan)
