@@ -501,6 +501,8 @@ def mark_added_points(layer: Any, event: Any) -> bool:
             features.loc[fresh, "label"] = ADDED_LABEL
             features.loc[moved, "label"] = MOVED_LABEL
         layer.features = features
+        if "diameter_mm" in features:
+            _draw_at_training_size(layer, fresh)
         shown = np.asarray(layer.shown, dtype=bool).copy()
         shown[rows] = True
         layer.shown = shown
@@ -515,11 +517,26 @@ def mark_added_points(layer: Any, event: Any) -> bool:
             features["label"] = features["label"].astype(object)
         features.loc[rows, "label"] = ADDED_LABEL if added else MOVED_LABEL
     layer.features = features
+    if "diameter_mm" in features and added:
+        _draw_at_training_size(layer, rows)
     shown = np.asarray(layer.shown, dtype=bool).copy()
     shown[rows] = True
     layer.shown = shown
     hide_unshown(layer)
     return True
+
+
+def _draw_at_training_size(layer: Any, rows: list[int]) -> None:
+    """Added points (no diameter) drawn at the diameter retraining gives them: napari
+    drew them at the size of the point selected last (a 21 mm ring for a point trained
+    as 10 mm)."""
+    from .core.finetune import DEFAULT_DIAMETER_MM
+
+    if not rows:
+        return
+    sizes = np.array(layer.size, dtype=float, copy=True)
+    sizes[rows] = marker_sizes([DEFAULT_DIAMETER_MM], layer.scale)[0]
+    layer.size = sizes
 
 
 def world_matrix(layer: Any) -> np.ndarray:

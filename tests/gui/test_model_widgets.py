@@ -1285,3 +1285,23 @@ def _picker_choices(widget):
     from napari_medseg._widgets._model_widget import model_choices
 
     return model_choices(widget.architecture)
+
+
+def test_a_point_added_after_selecting_a_detection_is_drawn_at_its_training_size(
+        make_napari_viewer):
+    """napari drew it at the size of the point selected last (a 21.5 mm ring), while
+    retraining takes a point without a diameter as 10 mm."""
+    from napari_medseg._layers import marker_sizes, points_layer_data, watch_detection_edits
+    from napari_medseg.core.finetune import DEFAULT_DIAMETER_MM
+    from napari_medseg.core.volume import Volume
+
+    viewer = make_napari_viewer()
+    volume = Volume(np.zeros((6, 40, 40), np.float32), (2.5, 0.8, 0.8))
+    data, kwargs, _ = points_layer_data([[2.0, 20.0, 20.0]], [21.5], volume, "det",
+                                        features={"score": [0.9]})
+    points = viewer.add_points(data, **kwargs)
+    watch_detection_edits(points)
+    points.selected_data = {0}  # napari takes the selected point's size for the next one
+    points.add([4.0, 10.0, 10.0])
+    assert points.size[0] == pytest.approx(marker_sizes([21.5], volume.spacing)[0])
+    assert points.size[1] == pytest.approx(marker_sizes([DEFAULT_DIAMETER_MM], volume.spacing)[0])
