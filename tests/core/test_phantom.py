@@ -233,7 +233,7 @@ def test_lesions_that_cannot_fit_raise():
 def test_a_slab_too_thin_for_a_lesion_says_so():
     """The advice was "a larger field of view": more rows or columns never help a slab
     thinner than the smallest lesion."""
-    with pytest.raises(MedsegInputError, match=r"2\.5 mm thick \(its slices x slice spacing\)"):
+    with pytest.raises(MedsegInputError, match=r"spans 2\.5 mm along z \(its slices x slice spacing\)"):
         generate_phantom((1, 128, 128), (2.5, 2.0, 2.0), seed=0, n_lesions=1,
                          lesion_radius_mm=(2.0, 3.0))
     thick = generate_phantom((1, 128, 128), (20.0, 2.0, 2.0), seed=0, n_lesions=1,
@@ -241,7 +241,7 @@ def test_a_slab_too_thin_for_a_lesion_says_so():
     assert len(thick.lesions) == 1
     # 5 mm holds a 4 mm lesion only exactly centred and round: it said "a larger field
     # of view", which never helps
-    with pytest.raises(MedsegInputError, match="5 mm thick .* more or thicker slices"):
+    with pytest.raises(MedsegInputError, match="spans 5 mm along z .* more or thicker slices"):
         generate_phantom((2, 192, 192), (2.5, 1.0, 1.0), seed=0, n_lesions=1,
                          lesion_radius_mm=(2.0, 15.0))
 
@@ -257,7 +257,7 @@ def test_a_slab_that_held_some_lesions_is_not_called_too_thin():
 def test_a_body_too_thin_for_a_lesion_names_body_z_fraction():
     """The body on one slice of ten (body_z_fraction=0.1): the advice was a larger
     in-plane field of view; without the option, the same volume holds two lesions."""
-    with pytest.raises(MedsegInputError, match=r"body is 2\.5 mm thick.*larger body_z_fraction"):
+    with pytest.raises(MedsegInputError, match=r"body spans 2\.5 mm along z.*larger body_z_fraction"):
         generate_phantom((10, 128, 128), (2.5, 1.5, 1.5), seed=0, n_lesions=2,
                          body_z_fraction=0.1)
     assert len(generate_phantom((10, 128, 128), (2.5, 1.5, 1.5), seed=0, n_lesions=2).lesions) == 2

@@ -13,6 +13,7 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
+from qtpy.QtWidgets import QSizePolicy
 
 from .. import _jobs
 from .._layers import watch_added_lesions
@@ -89,6 +90,10 @@ class PhantomWidget(Container):
         self._status = Label(value="")
         # wrapped: an unwrapped error line widened the dock until the canvas was a sliver
         self._status.native.setWordWrap(True)
+        # the dock's width, as the model widgets' status lines: in the value column it
+        # wrapped into a narrow indented strip
+        self._status.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                          QSizePolicy.Policy.Minimum)
         self._random_lesions.changed.connect(
             lambda on: setattr(self._n_lesions, "enabled", not on)
         )

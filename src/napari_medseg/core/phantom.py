@@ -1183,8 +1183,8 @@ def _place_lesions(
                         if body_z_fraction is not None and body_z_fraction < 1
                         else "more or thicker slices")
                 raise MedsegInputError(
-                    f"could not fit {count} lesions (placed {len(placed)}): the body is "
-                    f"{thickness:g} mm thick (its slices x slice spacing), less than the smallest "
+                    f"could not fit {count} lesions (placed {len(placed)}): the body spans "
+                    f"{thickness:g} mm along z (its slices x slice spacing), less than the smallest "
                     f"lesion needs (about {needed:.1f} mm); give {cure}, a "
                     "smaller lesion_radius_mm minimum, or no lesions (n_lesions 0)")
             raise MedsegInputError(
