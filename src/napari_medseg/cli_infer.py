@@ -270,7 +270,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(),
                                        *_grid(volume))),
         (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)))
-    print(f"wrote {out.name}: {len(rows)} detections (threshold {result.threshold:g},"
+    print(f"wrote {out.name}: {counted(len(rows), 'detection')} (threshold {result.threshold:g},"
           f" {result.precision})")
     return 0
 

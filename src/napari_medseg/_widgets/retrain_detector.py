@@ -20,6 +20,7 @@ from ._navigate import drawn_matrix
 from ..core.finetune import check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.session import AnnotationSession
+from ..core.text import counted
 from ._model_widget import provenance
 from ._retrain_base import _RetrainBase
 from .detect import KEEP_SCORE
@@ -215,7 +216,7 @@ class RetrainDetectorWidget(_RetrainBase):
         watch_detection_edits(found)
         shown = int(np.sum(kwargs["shown"])) if len(data) else 0
         self._status.value = (f"{prefix}\n" if prefix else "") + (
-            f"v{number}: {shown} detections at score ≥ {kwargs['metadata']['medseg']['threshold']:.2f}"
+            f"v{number}: {counted(shown, 'detection')} at score ≥ {kwargs['metadata']['medseg']['threshold']:.2f}"
             f" ({len(data)} kept down to {KEEP_SCORE}) in a new layer; your points layer is unchanged")
 
 
