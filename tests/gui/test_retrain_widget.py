@@ -1680,3 +1680,18 @@ def test_use_and_save_are_off_until_a_version_is_listed(scene, qtbot):
     assert not widget._revert.enabled  # running
     _wait(widget, qtbot)
     assert widget._revert.enabled and widget._save.enabled and widget._save_name.enabled
+    # the whole entry, which a narrow dock cuts short, as the picker's tooltip
+    assert widget._versions.tooltip == widget._versions.native.currentText()
+    assert widget._versions.tooltip.startswith("v1 · ")
+
+
+def test_the_loss_caption_compares_the_first_and_last_fifth_not_two_steps(qtbot):
+    """'loss 0.281 → 0.432' compared one noisy step at each end of a falling curve."""
+    from napari_medseg._widgets._loss_curve import LossCurve
+
+    curve = LossCurve()
+    qtbot.addWidget(curve)
+    assert curve.caption() == "loss: no retrain yet"
+    for loss in [0.281, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2, 0.25, 0.432]:
+        curve.add(loss)
+    assert curve.caption().startswith("loss 0.591 → 0.341 (first / last fifth) · 10 steps")

@@ -322,6 +322,7 @@ class _RetrainBase(Container):
         # napari re-evaluates every picker when a layer is added (reset_choices): only a
         # different model may drop the versions
         self._model.changed.connect(lambda v: v != self._history_model and self._switch_history(v))
+        self._versions.changed.connect(self._show_version_tooltip)
         self._new_layer.changed.connect(self._add_empty_layer)
         self._restore.changed.connect(self._on_restore)
         self._discard.changed.connect(self._on_discard)
@@ -758,6 +759,11 @@ class _RetrainBase(Container):
             if self._history is not None:
                 self._versions.value = self._history.current
         self._enable_version_buttons()
+        self._show_version_tooltip()
+
+    def _show_version_tooltip(self, _value=None) -> None:
+        """The picked version's whole entry: a narrow dock cuts it short."""
+        self._versions.tooltip = self._versions.native.currentText() or None
 
     def _enable_version_buttons(self) -> None:
         """Use and Save act on a listed version: off while the list is empty (they only

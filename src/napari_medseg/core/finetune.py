@@ -572,10 +572,11 @@ def finetune_segmenter(
 
         # never a slice an earlier round of this model's lineage trained on: its score
         # there is no held-out score (round 2 held out a slice round 1 had learnt); nor
-        # the only slice holding a structure, which 75 % of the round would train without
-        # while growing the head for it
-        shown_on = {z: {int(v) for v in np.unique(measured_values(volume, arr, [z]))}
-                    for z in zs}
+        # the only slice showing a new structure, which 75 % of the round would train
+        # without while growing the head for it
+        unknown = {v for v in present if v >= model.n_classes} | revived
+        shown_on = {z: {int(v) for v in np.unique(measured_values(volume, arr, [z]))} & unknown
+                    for z in zs} if unknown else {z: set() for z in zs}
 
         def sole_holder(z: int) -> bool:
             return bool(shown_on[z] - set().union(*(shown_on[o] for o in zs if o != z)))
@@ -1022,10 +1023,12 @@ class ModelVersion:
         if self.report is None:
             return f"v{self.number} · {self.card.get('name', 'model')} {self.card.get('version', '')} (start)"
         r = self.report
+        # the held-out Dice before the counts: the version picker cuts a long entry short
         held = "" if r.holdout_dice_after is None else (
-            f" · held-out slice {r.holdout_slice}: Dice {r.holdout_dice_before:.2f}→{r.holdout_dice_after:.2f}")
-        return (f"v{self.number} · {self.created[11:16]} · {counted(len(r.slices), 'slice')}"
-                f" · {counted(r.steps, 'step')}{held}")
+            f" · Dice {r.holdout_dice_before:.2f}→{r.holdout_dice_after:.2f} on held-out "
+            f"slice {r.holdout_slice}")
+        return (f"v{self.number} · {self.created[11:16]}{held} · "
+                f"{counted(len(r.slices), 'slice')} · {counted(r.steps, 'step')}")
 
 
 @dataclass
