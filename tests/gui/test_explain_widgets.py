@@ -176,3 +176,29 @@ def test_no_acquired_slice_says_so(make_napari_viewer, qtbot, random_models, sma
     widget._image.value, widget._model.value = image, random_models[arch]
     _run(widget, qtbot)
     assert widget._status.value.startswith("No acquired slice: nothing to"), widget._status.value
+
+
+def test_a_new_map_hides_the_earlier_maps_of_its_image(make_napari_viewer, qtbot,
+                                                       random_models, small_phantom):
+    """Each run added another visible additive map: their colours summed, and no hot
+    spot could be told to one map."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing,
+                             name="ct")
+    other = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing,
+                             name="other ct")
+    gradcam = GradCamWidget(plugin_view(viewer))
+    gradcam._model.value = random_models["SliceClassifier"]
+    gradcam._image.value = other
+    _run(gradcam, qtbot)
+    on_other = viewer.layers[-1]
+    gradcam._image.value = image
+    _run(gradcam, qtbot)
+    first = viewer.layers[-1]
+    uncertainty = UncertaintyWidget(plugin_view(viewer))
+    uncertainty._image.value, uncertainty._model.value = image, random_models["RecurrentSegmenter"]
+    _run(uncertainty, qtbot)
+    assert not first.visible and viewer.layers[-1].visible
+    assert on_other.visible  # another image's map: left as it was
+    assert image.visible
+    assert "1 earlier map of this image hidden" in uncertainty._status.value

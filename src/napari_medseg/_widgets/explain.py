@@ -12,6 +12,7 @@ from magicgui.widgets import ComboBox, SpinBox
 from .._layers import _like_layer, _result_metadata
 from ..core.explain import gradcam_volume, segmentation_uncertainty
 from ..core.models.registry import read_card
+from ..core.text import counted
 from ._model_widget import (
     ModelRunWidget,
     _geometry,
@@ -37,6 +38,27 @@ def _map_layer_kwargs(image_layer, name: str, colormap: str, prov: dict, **extra
         **_like_layer(image_layer),
         "metadata": _result_metadata(prov, **extra),
     }
+
+
+def _add_map(viewer, data, kwargs: dict, image_layer) -> int:
+    """Add an explanation map over ``image_layer``, hiding the maps added over it before
+    (not removing them): additive maps summed their colours, and a hot spot could not be
+    told to one of them. Returns how many were hidden."""
+    hidden = 0
+    for layer in viewer.layers:
+        medseg = layer.metadata.get("medseg", {}) if isinstance(layer.metadata, dict) else {}
+        if (medseg.get("explanation_map") and medseg.get("input_layer") == image_layer.name
+                and layer.visible):
+            layer.visible = False
+            hidden += 1
+    kwargs["metadata"]["medseg"]["explanation_map"] = True
+    viewer.add_image(data, **kwargs)
+    return hidden
+
+
+def _hidden_note(hidden: int) -> str:
+    return (f" ({counted(hidden, 'earlier map')} of this image hidden: tick its eye to "
+            "compare)" if hidden else "")
 
 
 class GradCamWidget(ModelRunWidget):
@@ -70,10 +92,10 @@ class GradCamWidget(ModelRunWidget):
         # "predicted class" explains another class on each slice: the layer says which
         # (None: a missing slice, nothing explained)
         per_slice = [result.class_names[int(t)] if t >= 0 else None for t in result.target]
-        self._viewer.add_image(maps, **_map_layer_kwargs(
+        hidden = _add_map(self._viewer, maps, _map_layer_kwargs(
             image_layer, f"{image_layer.name} Grad-CAM {what} ({card.get('name')})", "inferno",
             prov, explains=what, explained_class_per_slice=per_slice,
-            method="Grad-CAM, last conv block, per-slice max = 1"))
+            method="Grad-CAM, last conv block, per-slice max = 1"), image_layer)
         explained = result.target[result.target >= 0]
         if not explained.size:  # every slice missing: no model saw anything
             self._status.value = "No acquired slice: nothing to explain"
@@ -81,7 +103,7 @@ class GradCamWidget(ModelRunWidget):
         counts = np.bincount(explained, minlength=len(result.class_names))
         self._status.value = "Explained: " + ", ".join(
             f"{n} on {c} slice{'s' if c != 1 else ''}"
-            for n, c in zip(result.class_names, counts) if c)
+            for n, c in zip(result.class_names, counts) if c) + _hidden_note(hidden)
 
 
 class UncertaintyWidget(ModelRunWidget):
@@ -148,17 +170,18 @@ class UncertaintyWidget(ModelRunWidget):
         prov = provenance(card, image_layer.name)
         ranked = result.most_uncertain(10)
         ent = result.entropy if image_layer.ndim == 3 else result.entropy[0]
-        self._viewer.add_image(ent, **_map_layer_kwargs(
+        hidden = _add_map(self._viewer, ent, _map_layer_kwargs(
             image_layer, f"{image_layer.name} uncertainty ({card.get('name')})", "magma", prov,
             method=f"MC dropout, {result.samples} samples, entropy / log(classes)",
-            most_uncertain_slices=ranked))
+            most_uncertain_slices=ranked), image_layer)
         self._watch(image_layer)
         self._layer, self._ranked_on = image_layer, _geometry(image_layer)
         # one slice (a 2D image, or a one-slice volume): nothing to rank or go to
         one_slice = volume.shape[0] == 1
         with self._goto.changed.blocked():
             self._goto_items = ([] if one_slice else
-                                [(f"slice {z} · {result.per_slice[z]:.3f}", z) for z in ranked])
+                                [(f"slice {z} · uncertainty {result.per_slice[z]:.3f}", z)
+                                 for z in ranked])
             self._goto.reset_choices()
         self._goto.enabled = bool(ranked) and not one_slice
         if volume.missing.all():  # no model saw anything
@@ -170,6 +193,7 @@ class UncertaintyWidget(ModelRunWidget):
             self._status.value = ("Most uncertain slices (correct these first): "
                                   + ", ".join(map(str, ranked[:5])) if ranked
                                   else "No structure found")
+        self._status.value += _hidden_note(hidden)
 
     def _go_to(self, z: int) -> None:
         if self._layer is None:
