@@ -22,7 +22,7 @@ def phantom_layer_data(phantom: Phantom, prefix: str = "phantom") -> list[tuple]
             centers,
             diameters,
             volume,
-            f"{name} lesions (ground truth)",
+            f"{name} ground-truth lesions",
             # cyan: detections are lime rings with yellow text, and on the same lesion
             # the two rings and texts could not be told apart
             colour="cyan",

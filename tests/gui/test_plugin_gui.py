@@ -1,5 +1,7 @@
 """The plugin inside a real napari viewer (pytest-qt + make_napari_viewer, under Xvfb)."""
 
+import re
+
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
@@ -411,7 +413,7 @@ def test_info_reads_the_volume_again_only_when_its_data_change(make_napari_viewe
     monkeypatch.setattr(info_module, "_empty_slices", lambda layer: reads.append(1) or real(layer))
     for high in (0.5, 0.6, 0.7):
         image.contrast_limits = (0.0, high)
-    assert "Contrast window: (0.0, 0.7)" in widget._text.value and reads == []
+    assert "Contrast window: W 0.7 / L 0.35 (0.0, 0.7)" in widget._text.value and reads == []
     emptied = data.copy()
     emptied[1] = np.nan
     image.data = emptied
@@ -854,6 +856,8 @@ def test_the_retrain_docks_scroll_instead_of_growing_the_window(make_napari_view
     dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", name)
     assert dock.minimumSizeHint().height() < 300
     assert widget._run.native.isVisibleTo(dock.widget())  # the controls are inside it
+    # opened again from the menu: napari hands back the docked widget, not its scroll area
+    assert viewer.window.add_plugin_dock_widget("napari-medseg", name)[1] is widget
 
 
 def test_ground_truth_lesions_are_drawn_apart_from_detections():
@@ -867,7 +871,28 @@ def test_ground_truth_lesions_are_drawn_apart_from_detections():
     (_, _, (centres, kwargs, kind)) = phantom_layer_data(
         generate_phantom((8, 48, 48), (4.0, 2.0, 2.0), seed=2, n_lesions=1))
     layer = Points(centres, **kwargs)
-    assert kind == "points" and kwargs["name"].endswith("lesions (ground truth)")
+    assert kind == "points" and kwargs["name"].endswith("ground-truth lesions")
     cyan = np.array([0.0, 1.0, 1.0, 1.0])
     np.testing.assert_allclose(layer.border_color[0], cyan)
     np.testing.assert_allclose(layer.text.color.constant, cyan)
+
+
+def test_info_gives_the_window_as_width_and_level_and_settings_in_short(make_napari_viewer):
+    """The window read '(-160.0, 240.0)', not W 400 / L 40; a phantom's settings printed
+    15-digit noise levels; the text box stayed 330 px tall under an empty half dock."""
+    from napari_medseg._sample_data import phantom_layer_data
+    from napari_medseg._widgets.info import VolumeInfoWidget
+    from napari_medseg.core.phantom import generate_phantom
+
+    viewer = make_napari_viewer()
+    data, kwargs, _ = phantom_layer_data(generate_phantom((4, 32, 32), (2.5, 4.0, 4.0), seed=1))[0]
+    image = viewer.add_image(data, **kwargs)
+    image.contrast_limits = (-160.0, 240.0)
+    info = VolumeInfoWidget(plugin_view(viewer))
+    text = info._text.value
+    assert "Contrast window: W 400 / L 40 (-160.0, 240.0)" in text
+    settings = next(line for line in text.splitlines() if line.startswith("phantom_settings"))
+    assert not re.search(r"\d\.\d{5}", settings), settings
+    from qtpy.QtWidgets import QSizePolicy
+
+    assert info.native.sizePolicy().verticalPolicy() == QSizePolicy.Policy.Expanding

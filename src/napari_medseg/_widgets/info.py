@@ -6,6 +6,7 @@ from __future__ import annotations
 import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, TextEdit
+from qtpy.QtWidgets import QSizePolicy
 
 from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
@@ -71,7 +72,10 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
     if medseg.get("modality") or hasattr(layer, "contrast_limits"):
         lines.append(f"Modality: {medseg.get('modality', 'unknown (not opened by napari-medseg)')}")
     if hasattr(layer, "contrast_limits"):
-        lines.append(f"Contrast window: {tuple(round(float(c), 1) for c in layer.contrast_limits)}")
+        low, high = (float(c) for c in layer.contrast_limits)
+        # as radiologists say it (W 400 / L 40), with the limits napari's slider shows
+        lines.append(f"Contrast window: W {high - low:.4g} / L {(low + high) / 2:.4g} "
+                     f"({round(low, 1)}, {round(high, 1)})")
     if missing is None:
         missing = missing_slices(layer)
     lines.append(f"Missing slices: {', '.join(map(str, missing)) if missing else 'none'}")
@@ -99,10 +103,22 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
         value = source[key]
         empty = value is None or (isinstance(value, (str, list, tuple, dict)) and not value)
         if not empty:  # a field the file leaves empty: not "None"
-            lines.append(f"{key}: {value}")
+            lines.append(f"{key}: {_short(value)}")
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
     return "\n".join(lines)
+
+
+def _short(value):
+    """``value`` with its floats in 4 significant digits (a phantom's settings printed
+    15-digit noise levels)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_short(v) for v in value)
+    return value
 
 
 def missing_slices(layer) -> list[int]:
@@ -154,7 +170,14 @@ class VolumeInfoWidget(Container):
         self._text = TextEdit(value="", enabled=True)
         self._text.native.setReadOnly(True)
         self._text.min_height = 260  # room for geometry, gaps and warnings without scrolling
+        # and the dock's whole height when there is more (the disclaimer was scrolled out
+        # of a 330 px box under an empty half dock)
+        self._text.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                        QSizePolicy.Policy.Expanding)
         super().__init__(widgets=[self._layer, self._text])
+        # wanting height itself: napari's dock otherwise adds a stretch under it (the
+        # text box is inside magicgui's labelled row, where napari does not look)
+        self.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
         self._watched = None  # the layer whose events refresh the text
         self._missing: list[int] | None = None  # its missing slices, while its data stay
         self._layer.changed.connect(self._refresh)
