@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import safetensors.torch
@@ -1160,10 +1161,15 @@ def test_weights_a_killed_unique_save_left_are_deleted_by_the_next_save(tmp_path
     (tmp_path / "copy.json").write_text('{"weights_file": "mine.abcdefabcdef.safetensors"}')
     other = tmp_path / "mine2.0123456789ab.safetensors"  # another model's name: kept
     other.write_bytes(b"x")
+    in_flight = tmp_path / "mine.fedcba987654.safetensors"  # another process's save, its
+    in_flight.write_bytes(b"y")  # card about to follow: too new to be an orphan
+    old = time.time() - 2 * registry.ORPHAN_AGE_S
+    for path in (orphan, copied, other):
+        os.utime(path, (old, old))
     save_model(_seeded(SliceClassifier(**SMALL_CLS), seed=6), tmp_path, "mine", CARD,
                unique_weights=True)
-    assert not orphan.exists() and copied.exists() and other.exists()
-    assert len(list(tmp_path.glob("mine.*.safetensors"))) == 2  # the new one and the copy's
+    assert not orphan.exists() and copied.exists() and other.exists() and in_flight.exists()
+    assert len(list(tmp_path.glob("mine.*.safetensors"))) == 3  # new, the copy's, in flight
     load_model(tmp_path / "mine.json")
 
 

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -385,14 +386,21 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
     return card_path
 
 
+#: a weights file no card names is deleted by a later save once it is this old
+ORPHAN_AGE_S = 600.0
+
+
 def _drop_orphans(directory: Path, name: str, weights_path: Path) -> None:
     """Delete ``<name>.<sha12>.safetensors`` files no card in ``directory`` names: what a
     save killed between its weights and its card left (each later save of that name
-    left it there for good)."""
+    left it there for good). Only files older than :data:`ORPHAN_AGE_S`: a save of the
+    same name in another process may have written its weights and not yet its card."""
     pattern = re.compile(rf"{re.escape(name)}\.[0-9a-f]{{12}}\.safetensors")
+    now = time.time()
     try:
         orphans = [p for p in directory.iterdir()
-                   if pattern.fullmatch(p.name) and p != weights_path]
+                   if pattern.fullmatch(p.name) and p != weights_path
+                   and now - p.stat().st_mtime > ORPHAN_AGE_S]
         if not orphans:
             return
         named = b"".join(card.read_bytes() for card in directory.glob("*.json")
