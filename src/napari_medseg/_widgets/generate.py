@@ -50,10 +50,10 @@ class GenerateWidget(ModelRunWidget):
         if layer is not None and layer.ndim == 3 and not np.can_cast(
                 np.dtype(layer.data.dtype), np.float32, casting="safe"):
             # float64 or wide integers lose digits in the float32 volume: the acquired
-            # slices are copied into the result from the data as it was at Run (a copy
-            # now; a lazy array is read in the worker, core_job), not as it is at the end
-            data = layer.data
-            options["exact"] = np.array(data, copy=True) if isinstance(data, np.ndarray) else data
+            # slices are copied into the result from the data the layer held at Run,
+            # copied in the worker (core_job) as the image is (0.55 s of napari's thread
+            # for a 100 x 512² float64 scan here)
+            options["exact"] = layer.data
         return options
 
     def needs_model(self, options: dict) -> bool:
@@ -61,8 +61,8 @@ class GenerateWidget(ModelRunWidget):
 
     def core_job(self, volume, model, card, options):
         factor, fill, method = options["factor"], options["fill"], options["method"]
-        if options["exact"] is not None:  # in the worker: a lazy layer's read
-            options["exact"] = np.asarray(options["exact"], dtype=np.float64)
+        if options["exact"] is not None:  # in the worker: the copy (a lazy layer's read)
+            options["exact"] = np.array(options["exact"], dtype=np.float64, copy=True)
         if method != "model":
             return interpolation_job(volume, factor, fill, method)
         return generate_slices(volume, model, card, factor=factor, fill_missing=fill)
