@@ -202,3 +202,17 @@ def test_a_new_map_hides_the_earlier_maps_of_its_image(make_napari_viewer, qtbot
     assert on_other.visible  # another image's map: left as it was
     assert image.visible
     assert "1 earlier map of this image hidden" in uncertainty._status.value
+    # by the layer, not its name: renamed, its maps are still its maps; a new layer
+    # under the old name is not the one they were made over
+    latest = viewer.layers[-1]
+    image.name = "ct (renamed)"
+    viewer.layers.remove(other)
+    newcomer = viewer.add_image(small_phantom.volume.array.copy(),
+                                scale=small_phantom.volume.spacing, name="other ct")
+    on_other.visible = True
+    gradcam._image.value = newcomer
+    _run(gradcam, qtbot)
+    assert on_other.visible and latest.visible
+    gradcam._image.value = image
+    _run(gradcam, qtbot)
+    assert not latest.visible and "1 earlier map" in gradcam._status.value

@@ -6,6 +6,8 @@ with a colormap and additive blending over the CT, with provenance metadata.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 from magicgui.widgets import ComboBox, SpinBox
 
@@ -40,19 +42,22 @@ def _map_layer_kwargs(image_layer, name: str, colormap: str, prov: dict, **extra
     }
 
 
+#: explanation map layer -> the image layer it was made over (both weakly: by identity,
+#: as a name changes with a rename and passes to another layer)
+_MAPS_OVER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _add_map(viewer, data, kwargs: dict, image_layer) -> int:
     """Add an explanation map over ``image_layer``, hiding the maps added over it before
     (not removing them): additive maps summed their colours, and a hot spot could not be
     told to one of them. Returns how many were hidden."""
     hidden = 0
     for layer in viewer.layers:
-        medseg = layer.metadata.get("medseg", {}) if isinstance(layer.metadata, dict) else {}
-        if (medseg.get("explanation_map") and medseg.get("input_layer") == image_layer.name
-                and layer.visible):
+        over = _MAPS_OVER.get(layer)
+        if over is not None and over() is image_layer and layer.visible:
             layer.visible = False
             hidden += 1
-    kwargs["metadata"]["medseg"]["explanation_map"] = True
-    viewer.add_image(data, **kwargs)
+    _MAPS_OVER[viewer.add_image(data, **kwargs)] = weakref.ref(image_layer)
     return hidden
 
 
