@@ -438,6 +438,8 @@ def watch_added_lesions(layer: Any) -> None:
                 features[name] = features[name].astype(object)
                 features.loc[rows, name] = ""
         layer.features = features
+        if "diameter_mm" in features:  # not the ring of the lesion selected before
+            _draw_at_training_size(layer, rows)
 
     layer.events.data.connect(on_data)
 

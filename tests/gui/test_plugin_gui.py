@@ -198,6 +198,11 @@ def test_a_point_added_after_a_lesion_was_selected_is_no_lesion(make_napari_view
     assert added["label"] == "added" and added["organ"] == ""
     assert np.isnan(added["diameter_mm"]) and np.isnan(added["contrast_hu"])
     assert points.features.iloc[0]["label"] != "added"  # the lesion keeps its own
+    # drawn at the 10 mm retraining gives it, not as the ring of the lesion selected
+    from napari_medseg._layers import marker_sizes
+    from napari_medseg.core.finetune import DEFAULT_DIAMETER_MM
+
+    assert points.size[-1] == pytest.approx(marker_sizes([DEFAULT_DIAMETER_MM], points.scale)[0])
 
 
 def test_phantom_widget_says_when_random_lesions_did_not_fit(make_napari_viewer, qtbot):
