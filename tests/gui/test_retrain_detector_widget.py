@@ -479,3 +479,16 @@ def test_a_script_editing_a_lesion_layer_keeps_each_points_diameter(
     points.data = points.data[1:]  # … and deletes the first
     diameters = points.features["diameter_mm"].to_numpy()
     assert diameters[0] == 12.0 and np.isnan(diameters[1])
+
+
+def test_a_new_detection_layer_on_the_image_is_picked_while_nothing_is_listed(scene):
+    viewer, image, points, widget = scene
+    assert widget.annotated_slices() == []
+    detected = viewer.add_points(np.array([[3.0, 30.0, 30.0]]), scale=image.scale,
+                                 name="ct lesions (detector)", features={"diameter_mm": [9.0]})
+    assert widget._layer_pick.value is detected
+    points.add([4.0, 50.0, 50.0])  # not picked now: listed only when picked again
+    widget._layer_pick.value = points
+    assert widget.annotated_slices() == [4]
+    viewer.add_points(np.array([[1.0, 10.0, 10.0]]), scale=image.scale, name="later")
+    assert widget._layer_pick.value is points  # a slice is listed: the pick stays

@@ -1695,3 +1695,48 @@ def test_the_loss_caption_compares_the_first_and_last_fifth_not_two_steps(qtbot)
     for loss in [0.281, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2, 0.25, 0.432]:
         curve.add(loss)
     assert curve.caption().startswith("loss 0.591 → 0.341 (first / last fifth) · 10 steps")
+
+
+def test_a_new_result_on_the_image_is_picked_while_nothing_is_listed(
+        make_napari_viewer, random_models, small_phantom):
+    """Docked before Segment ran, the picker stayed on the sample's ground truth: the
+    user corrected the new segmentation and nothing was listed."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)  # image and ground truth
+    truth = viewer.layers[1]
+    widget = _widget(viewer, image, truth, random_models["RecurrentSegmenter"])
+    result = _prediction_layer(viewer, image, small_phantom.labels)  # as Segment adds it
+    assert widget._labels_pick.value is result
+    assert "now 'prediction'" in widget._status.value
+    viewer.add_labels(np.zeros((2, 8, 8), np.uint8), name="elsewhere")  # not on the image
+    assert widget._labels_pick.value is result
+    _paint_slice(result, 2, small_phantom.labels)
+    second = _prediction_layer(viewer, image, small_phantom.labels)  # something is listed
+    assert widget._labels_pick.value is result and second is not result
+
+
+def test_strokes_made_before_a_layer_was_first_picked_are_listed(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """Only strokes on a layer picked before were caught up: corrections painted before
+    picking it stayed unlisted, and the next round's re-prediction wrote over them."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    truth = viewer.layers[1]
+    widget = _widget(viewer, image, truth, random_models["RecurrentSegmenter"])
+    _paint_slice(truth, 1, small_phantom.labels)  # listed on the truth layer: it stays
+    labels = viewer.add_labels(np.zeros(small_phantom.labels.shape, np.uint8), name="mine",
+                               scale=image.scale, translate=image.translate)
+    _paint_slice(labels, 4, small_phantom.labels)  # painted while the truth was picked
+    widget._labels_pick.value = labels
+    assert widget.annotated_slices() == [4]
+    steps = len(labels._undo_history)
+    widget._on_predict()  # the widget's own write: not listed by a widget picking it later
+    _wait(widget, qtbot)
+    assert len(labels._undo_history) == steps + 1  # it wrote
+    written = {int(z) for z in range(labels.data.shape[0])} - {4}
+    other = RetrainWidget(plugin_view(viewer))
+    other._image.value = image
+    other._labels_pick.value = truth
+    other._labels_pick.value = labels
+    assert not set(other.annotated_slices()) & written
+    assert 4 in other.annotated_slices()

@@ -477,7 +477,7 @@ class _RetrainBase(Container):
                     if type(layer).__name__ == kind]
         return choices
 
-    def _refresh_layers(self, _event=None) -> None:
+    def _refresh_layers(self, event=None) -> None:
         if self._shut:
             return
         kept = self._model_output
@@ -487,6 +487,31 @@ class _RetrainBase(Container):
             combo.reset_choices()
             if combo.value is None and combo.choices:
                 combo.value = combo.choices[-1]
+        if getattr(event, "type", None) == "inserted":
+            self._follow_new_layer(event.value)
+
+    def _follow_new_layer(self, layer) -> None:
+        """Pick a new layer of the kind this widget corrects, made on the picked image
+        (Segment's or Detect's result), while nothing is listed on the layer picked now:
+        the user corrects the result they just got, and the picker stayed on the
+        sample's ground truth, so their strokes were not listed."""
+        old, image = self._layer_pick.value, self._image.value
+        if (type(layer).__name__ != self.layer_kind or layer is old or image is None
+                or self._worker is not None or self.annotated_slices()
+                or not self._fits(layer, image)):
+            return
+        self._layer_pick.value = layer
+        if old is not None:
+            self._status.value = (f"{self.layer_kind}: now '{layer.name}', made on this image "
+                                  f"(nothing was listed on '{old.name}')")
+
+    @staticmethod
+    def _fits(layer, image) -> bool:
+        """Whether ``layer`` lies on ``image``'s grid: labels of its shape, points of its
+        dimensions."""
+        if type(layer).__name__ == "Labels":
+            return tuple(layer.data.shape) == tuple(image.data.shape)
+        return layer.ndim == image.ndim
 
     def _on_image_changed(self, _value=None) -> None:
         if self._shut:

@@ -37,6 +37,12 @@ from ._navigate import drawn_matrix
 UNDONE_NOTE = "\n(undone with Ctrl+Z: the layer shows what it held before this write)"
 
 
+#: layer -> {id: atom} of every undo-history atom a Retrain widget wrote into it (any
+#: widget, closed ones too): a widget picking the layer for the first time does not take
+#: another's re-prediction for the user's strokes. The atoms are held, so ids stay theirs.
+_WRITTEN: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
 class RetrainWidget(_RetrainBase):
     """Retrain the segmenter on corrected slices of a Labels layer."""
 
@@ -135,6 +141,7 @@ class RetrainWidget(_RetrainBase):
     def _connect(self, layer) -> None:
         # per layer, kept while another layer is picked (a redo of our write after
         # switching back must still be known as ours)
+        first = layer not in self._layer_state
         state = self._layer_state.setdefault(layer, (set(), {}, {}, set()))
         self._stroke_slices, self._slices_of_item, self._own_atoms, self._settled = state
         # _stroke_slices: listed because of a stroke seen here; _slices_of_item: the ids
@@ -154,6 +161,16 @@ class RetrainWidget(_RetrainBase):
                 layer, {id(atom) for step in away for atom in step})
             self._away_undone = self._undone_since(layer, away)  # … or undone
             self._settle_gone(layer, away)  # … pushed steps out of its undo history
+        elif first:
+            # strokes made before this widget ever tracked the layer (painted before it
+            # was picked, or before the widget opened): the user's corrections all the
+            # same (unlisted, the next round's re-prediction wrote over them); not what a
+            # Retrain widget wrote into it
+            written = _WRITTEN.get(layer, {})
+            self._away_slices = {
+                z for item in (getattr(layer, "_undo_history", None) or ())
+                if not any(id(atom) in written for atom in item)
+                for z in self._item_slices(layer, item)}
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
         layer.events.set_data.connect(self._on_set_data)
@@ -415,6 +432,11 @@ class RetrainWidget(_RetrainBase):
             state = self._layer_state.get(labels_layer)
             if state is not None:
                 state[2].update({id(atom): atom for atom in undo[-1]})
+            written = _WRITTEN.setdefault(labels_layer, {})
+            written.update({id(atom): atom for atom in undo[-1]})
+            live = {id(atom) for item in (*undo, *labels_layer._redo_history) for atom in item}
+            for key in [k for k in written if k not in live]:  # fallen off napari's history
+                del written[key]
             if labels_layer in self._left_atoms:
                 self._left_atoms[labels_layer].append(list(undo[-1]))
         self._status.value = (f"{prefix}\n" if prefix else "") + (
