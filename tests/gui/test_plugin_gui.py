@@ -901,3 +901,17 @@ def test_info_gives_the_window_as_width_and_level_and_settings_in_short(make_nap
     from qtpy.QtWidgets import QSizePolicy
 
     assert info.native.sizePolicy().verticalPolicy() == QSizePolicy.Policy.Expanding
+
+
+def test_retrain_docked_under_segment_takes_the_height_its_controls_want(
+        make_napari_viewer, qtbot):
+    """Qt gives a dock added below another its minimum: three rows of the Retrain form
+    showed in 90 px while Segment's dock above stood mostly empty."""
+    viewer = make_napari_viewer(show=True)
+    segment_dock, _ = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment organs")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg",
+                                                        "Retrain on my annotations")
+    viewer.window.resize(1280, 800)
+    qtbot.wait(200)
+    assert dock.height() > 300, (dock.height(), segment_dock.height())
+    assert segment_dock.height() >= segment_dock.minimumSizeHint().height()

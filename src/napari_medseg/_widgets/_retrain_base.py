@@ -21,13 +21,13 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import napari
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem, QSizePolicy
 from superqt.utils import ensure_main_thread
 
@@ -162,6 +162,23 @@ def _merge_lists(into: dict, key: Any, lists: tuple) -> None:
     widget listed is dropped by another's)."""
     before = into.get(key, (set(), set(), set()))
     into[key] = tuple(set(a) | set(b) for a, b in zip(before, lists))
+
+
+class _OnLayout(QObject):
+    """Calls ``callback`` when ``widget`` is shown or its layout is redone."""
+
+    def __init__(self, widget, callback: Callable[[], None]):
+        super().__init__(widget)
+        self._callback = callback
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() in (QEvent.Type.Show, QEvent.Type.LayoutRequest):
+            try:
+                self._callback()
+            except RuntimeError:  # torn down
+                pass
+        return False
 
 
 class _RetrainBase(Container):
@@ -312,6 +329,10 @@ class _RetrainBase(Container):
             # scrollable: its controls need about 920 px, more than a laptop's window
             # (napari grew the window past the screen to fit them)
         ], scrollable=True)
+        # refitted when shown and laid out again: napari's style sheet widens the
+        # controls only once they are shown
+        self._fit_width = _OnLayout(self.native.widget(), self._fit_scroll_width)
+        self._height_claimed = False
         self._autosave_timer = QTimer(self.native)  # dies with the widget, never fires after
         self._autosave_timer.setSingleShot(True)
         self._autosave_timer.timeout.connect(self.autosave_now)
@@ -769,6 +790,47 @@ class _RetrainBase(Container):
     def _version_choices(self, _widget=None) -> list:
         history = self._history
         return [] if history is None else [(v.describe(), v.number) for v in history.versions]
+
+    def _fit_scroll_width(self) -> None:
+        """The scroll area as wide as its controls need beside its vertical scroll bar:
+        magicgui sized it as its rows were added, narrower than the finished controls (the
+        right 11 px, with the pickers' arrows and the status line's last words, were cut
+        off); a sideways scroll bar stays for what grows later (a long version entry)."""
+        area = self.native
+        inner = area.widget()
+        need = (inner.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width()
+                + 2 * area.frameWidth())
+        if area.minimumWidth() < need:
+            area.setMinimumWidth(need)
+        area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        if not self._height_claimed:
+            self._claim_height()
+
+    def _claim_height(self) -> None:
+        """Once docked, take the height the controls want from the docks beside it: Qt
+        gives a dock added below another its minimum, and docked under Segment the
+        widget showed three rows of a 920 px form in a 90 px window."""
+        from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+        dock = self.native.parent()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parent()
+        window = dock.parent() if dock is not None else None
+        if not isinstance(window, QMainWindow) or dock.isFloating() or not dock.isVisible():
+            return
+        self._height_claimed = True
+        want = min(self.native.widget().sizeHint().height() + 40, int(0.75 * window.height()))
+        if dock.height() >= want:
+            return
+        # the docks stacked with it keep what their own controls ask for (Qt shares a
+        # resize out in proportion, leaving Segment's empty space and this one short)
+        area = window.dockWidgetArea(dock)
+        column = [d for d in window.findChildren(QDockWidget)
+                  if d is not dock and d.isVisible() and not d.isFloating()
+                  and window.dockWidgetArea(d) == area and abs(d.x() - dock.x()) < 5]
+        sizes = [max(d.minimumSizeHint().height(),
+                     d.widget().sizeHint().height() + 40 if d.widget() else 0) for d in column]
+        window.resizeDocks([*column, dock], [*sizes, want], Qt.Orientation.Vertical)
 
     @property
     def native(self):
