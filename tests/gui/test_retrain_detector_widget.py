@@ -492,3 +492,22 @@ def test_a_new_detection_layer_on_the_image_is_picked_while_nothing_is_listed(sc
     assert widget.annotated_slices() == [4]
     viewer.add_points(np.array([[1.0, 10.0, 10.0]]), scale=image.scale, name="later")
     assert widget._layer_pick.value is points  # a slice is listed: the pick stays
+
+
+def test_a_round_says_how_it_agrees_with_the_points_it_trained_on(scene):
+    """A round brought back a false positive the user deleted and missed the lesion they
+    added, and its status gave only a count of detections."""
+    from types import SimpleNamespace
+
+    from napari_medseg._layers import volume_from_layer
+
+    viewer, image, points, widget = scene
+    widget._add_edited({2, 6})  # both points' slices reviewed
+    det = [SimpleNamespace(z=2.0, y=41.0, x=41.0, score=0.9),  # on the point at slice 2
+           SimpleNamespace(z=6.0, y=80.0, x=80.0, score=0.8),  # not one of the user's
+           SimpleNamespace(z=6.0, y=20.0, x=60.0, score=0.1),  # on a point, below threshold
+           SimpleNamespace(z=4.0, y=10.0, x=10.0, score=0.9)]  # a slice not reviewed
+    note = widget._agreement(SimpleNamespace(detections=det), image, points,
+                             volume_from_layer(image), threshold=0.5)
+    assert "On the 2 slices it trained on: it finds 1 of your 2 points" in note
+    assert "1 detection you did not keep" in note and "not a held-out score" in note

@@ -17,7 +17,8 @@ from .._layers import (ADDED_POINT_FEATURES, _like_layer, _points_kwargs, detect
                        watch_detection_edits)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix
-from ..core.finetune import check_points, finetune_detector
+from ..core.evaluation import match_detections
+from ..core.finetune import DEFAULT_DIAMETER_MM, check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.session import AnnotationSession
 from ..core.text import counted
@@ -215,9 +216,35 @@ class RetrainDetectorWidget(_RetrainBase):
         hide_unshown(found)  # weak detections hidden in the 3D view too
         watch_detection_edits(found)
         shown = int(np.sum(kwargs["shown"])) if len(data) else 0
+        threshold = kwargs["metadata"]["medseg"]["threshold"]
         self._status.value = (f"{prefix}\n" if prefix else "") + (
-            f"v{number}: {counted(shown, 'detection')} at score ≥ {kwargs['metadata']['medseg']['threshold']:.2f}"
-            f" ({len(data)} kept down to {KEEP_SCORE}) in a new layer; your points layer is unchanged")
+            f"v{number}: {counted(shown, 'detection')} at score ≥ {threshold:.2f} in a new "
+            f"layer ({len(data) - shown} weaker ones kept there, hidden); your points layer "
+            "is unchanged") + self._agreement(
+                result, image, layer, volume, threshold)
+
+    def _agreement(self, result, image, layer, volume, threshold: float) -> str:
+        """How the version's detections agree with the user's points on the slices the
+        round trained on: a round could bring back a false positive the user deleted, or
+        miss the lesion they added, and nothing said so. Not a held-out measure."""
+        reviewed = set(self.training_slices())
+        if not reviewed or image.ndim != 3:
+            return ""
+        try:
+            points, diam = self._points_on_image(layer, image)
+        except MedsegInputError:
+            return ""
+        on = [i for i, p in enumerate(points) if int(round(p[0])) in reviewed]
+        lesions = [{"center": points[i], "radius_mm": 0.5 * (
+            diam[i] if np.isfinite(diam[i]) and diam[i] > 0 else DEFAULT_DIAMETER_MM)} for i in on]
+        found = [{"z": d.z, "y": d.y, "x": d.x, "score": d.score} for d in result.detections
+                 if d.score >= threshold and int(round(d.z)) in reviewed]
+        hits = match_detections(found, lesions, volume.spacing)
+        matched = len({h for h in hits if h >= 0})
+        others = sum(h < 0 for h in hits)
+        return (f"\nOn the {counted(len(reviewed), 'slice')} it trained on: it finds {matched} of "
+                f"your {counted(len(lesions), 'point')}, and "
+                f"{counted(others, 'detection')} you did not keep (not a held-out score)")
 
 
 def _changed_rows(before: np.ndarray, after: np.ndarray) -> np.ndarray:
