@@ -1740,3 +1740,21 @@ def test_strokes_made_before_a_layer_was_first_picked_are_listed(
     other._labels_pick.value = labels
     assert not set(other.annotated_slices()) & written
     assert 4 in other.annotated_slices()
+
+
+def test_an_undo_after_a_write_that_changed_nothing_says_it_undid_an_earlier_one(
+        scene, qtbot):
+    """Re-predicting with the version in use changed 0 voxels (no undo step); Ctrl+Z then
+    undid the round's earlier write while the status said 'this write' was undone."""
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    widget._on_predict()  # the same version again: nothing changes
+    _wait(widget, qtbot)
+    assert "(0 voxels changed)" in widget._status.value
+    labels.undo()
+    assert "Ctrl+Z undid an earlier re-prediction" in widget._status.value
+    assert "undone with Ctrl+Z: the layer shows" not in widget._status.value
+    labels.redo()
+    assert "earlier re-prediction" not in widget._status.value

@@ -35,6 +35,10 @@ from ._navigate import drawn_matrix
 
 #: added to the status line while the widget's last write is undone
 UNDONE_NOTE = "\n(undone with Ctrl+Z: the layer shows what it held before this write)"
+#: said instead when the write on the status line changed no voxel (no undo step): the
+#: Ctrl+Z undid an earlier re-prediction
+EARLIER_UNDONE_NOTE = ("\n(Ctrl+Z undid an earlier re-prediction: the one above changed "
+                       "nothing)")
 
 
 #: layer -> {id: atom} of every undo-history atom a Retrain widget wrote into it (any
@@ -49,6 +53,7 @@ class RetrainWidget(_RetrainBase):
     architecture = "RecurrentSegmenter"
     layer_kind = "Labels"
     task = "re-predict"
+    _status_write_stepped = True  # whether the write the status line reports made an undo step
 
     @property
     def _labels_pick(self):  # the Labels picker (name kept for scripts and tests)
@@ -310,11 +315,13 @@ class RetrainWidget(_RetrainBase):
         self._note_fallen(layer)
         self._prune(layer)
         if before is not None and depths[0] > before[0] and undo and self._is_own(undo[-1]):
-            self._status.value = self._status.value.replace(UNDONE_NOTE, "")  # redone
+            self._status.value = (self._status.value.replace(UNDONE_NOTE, "")  # redone
+                                  .replace(EARLIER_UNDONE_NOTE, ""))
         if before is not None and depths[0] < before[0] and redo:  # an undo
-            if self._is_own(redo[-1]) and UNDONE_NOTE not in self._status.value:
+            note = UNDONE_NOTE if self._status_write_stepped else EARLIER_UNDONE_NOTE
+            if self._is_own(redo[-1]) and note not in self._status.value:
                 # the line above said "re-predicted …": no longer what the layer shows
-                self._status.value += UNDONE_NOTE
+                self._status.value += note
             undone = self._item_slices(layer, redo[-1]) & self._stroke_slices
             dropped = undone - self._settled
             for item in undo if dropped else ():  # the user's remaining strokes, not our writes
@@ -439,6 +446,7 @@ class RetrainWidget(_RetrainBase):
                 del written[key]
             if labels_layer in self._left_atoms:
                 self._left_atoms[labels_layer].append(list(undo[-1]))
+        self._status_write_stepped = bool(undo and undo[-1] is not last)
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number} re-predicted {counted(int((~protected).sum()), 'slice')} ({counted(len(values), 'voxel')} changed"
             + ("; Ctrl+Z on the layer undoes it)" if len(values) else ")"))  # no step: no undo
