@@ -91,6 +91,12 @@ def test_retrain_adds_a_new_points_layer_and_keeps_the_users(scene, qtbot):
     new = viewer.layers[-1]
     np.testing.assert_allclose(new.scale, image.scale)
     assert "v1" in new.metadata["medseg"]["model"]
+    # orange, apart from the lime detections it is drawn over (hidden rows transparent)
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    assert len(new.data)
+    np.testing.assert_allclose(new.border_color[:, :3],
+                               np.broadcast_to(transform_color("orange")[0][:3], (len(new.data), 3)))
     np.testing.assert_array_equal(points.data, user)
     assert len(widget._history.versions) == 2 and len(widget._curve.losses) > 0
     assert widget._versions.choices == (0, 1) and widget._versions.value == 1

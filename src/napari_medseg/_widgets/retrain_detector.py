@@ -212,6 +212,10 @@ class RetrainDetectorWidget(_RetrainBase):
         """A NEW Points layer with the version's detections (the edited layer stays)."""
         prov = {**provenance(card, image.name), "model": f"{card.get('name')} v{number}"}
         data, kwargs, _ = detection_layer_data(result, image, prov, card_peak_threshold(card))
+        # orange: drawn over the lime detections the user edited, the two looked alike
+        kwargs["border_color"] = VERSION_COLOUR
+        if "text" in kwargs:
+            kwargs["text"] = {**kwargs["text"], "color": VERSION_COLOUR}
         found = self._viewer.add_points(data, **kwargs)
         hide_unshown(found)  # weak detections hidden in the 3D view too
         watch_detection_edits(found)
@@ -245,6 +249,10 @@ class RetrainDetectorWidget(_RetrainBase):
         return (f"\nOn the {counted(len(reviewed), 'slice')} it trained on: it finds {matched} of "
                 f"your {counted(len(lesions), 'point')}, and "
                 f"{counted(others, 'detection')} you did not keep (not a held-out score)")
+
+
+#: ring and text of a retrained version's detections
+VERSION_COLOUR = "orange"
 
 
 def _changed_rows(before: np.ndarray, after: np.ndarray) -> np.ndarray:
