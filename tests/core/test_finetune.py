@@ -958,3 +958,21 @@ def test_an_empty_slice_predicted_empty_scores_full_agreement():
     assert slice_dice(stray, empty) == pytest.approx(0.9999)  # a stray voxel: no rejection
     assert 1.0 - slice_dice(blob, empty) > 0.05  # a drop the Retrain widget rejects
     assert slice_dice(stray, stray) == 1.0 and slice_dice(empty, stray) == 0.0
+
+
+def test_the_held_out_dice_leaves_never_measured_voxels_out(tiny, phantom):
+    """The annotation was copied into the prediction on NaN voxels, so strokes over a gap
+    scored as agreement: a model predicting nothing had 'Dice 0.44' before the round."""
+    from napari_medseg.core.volume import Volume
+
+    array = phantom.volume.array.copy()
+    zs = [3, 6, 8]
+    for z in zs:
+        array[z, :, :32] = np.nan  # the left half of each annotated slice never measured
+    volume = Volume(array, phantom.volume.spacing, (0.0, 0.0, 0.0), "CT")
+    r = run_to_completion(finetune_segmenter(
+        volume, tiny, CARD, phantom.labels, zs, steps=2, holdout=True, threads=1,
+        model_labels=np.zeros(phantom.labels.shape, np.uint8))).report
+    truth = phantom.labels[r.holdout_slice]
+    assert (truth[:, :32] > 0).any() and (truth[:, 32:] > 0).any()
+    assert r.holdout_dice_before == 0.0  # nothing predicted on what was measured

@@ -587,9 +587,12 @@ def finetune_segmenter(
         dice_before = dice_after = None
         if held is not None:
             pred = shown_at(held)
-            gone = unmeasured_at(held)  # never measured: not scored either way
-            pred[gone] = arr[held][gone]
-            dice_before = slice_dice(pred, arr[held])
+            # never measured: not scored either way (background in both; copying the
+            # annotation into the prediction there counted strokes over a gap as agreement)
+            gone = unmeasured_at(held)
+            held_truth = np.where(gone, 0, arr[held])
+            pred[gone] = 0
+            dice_before = slice_dice(pred, held_truth)
 
         x_np = x_all[:, 0].contiguous().numpy()
         size = min(int(crop), max(h, w))
@@ -677,8 +680,8 @@ def finetune_segmenter(
                     work, x_all, [held], f"scoring the held-out slice {held}"))[held]
                 heldout_seconds = time.perf_counter() - t_held
                 pred = labels_from_logits(after[None], (ny, nx))[0].numpy()
-                pred[gone] = arr[held][gone]
-                dice_after = slice_dice(pred, arr[held])
+                pred[gone] = 0
+                dice_after = slice_dice(pred, held_truth)
                 yield Progress(total_steps, total_steps,
                                f"held-out slice {held}: Dice {dice_before:.2f} → {dice_after:.2f}")
         work.eval()
