@@ -473,6 +473,23 @@ def test_segmenter_scores_per_volume_only_where_the_structure_is_and_never_calls
     json.loads(json.dumps(out), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
 
 
+def test_a_segmenter_without_some_phantom_structures_does_not_meet_the_target(monkeypatch):
+    """A card of fewer classes was scored "as far as both go": without a lesion output it
+    met "Dice >= 0.90 on every structure", the lesion never mentioned."""
+    from types import SimpleNamespace
+
+    from napari_medseg.core import evaluation as ev
+
+    truth = np.zeros((1, 4, 4), np.int64)
+    truth[0, :2] = 1
+    monkeypatch.setattr(ev, "_phantoms", lambda seeds, *a: ((s, None, SimpleNamespace(
+        volume=None, labels=truth)) for s in seeds))
+    monkeypatch.setattr(ev, "predict_segmenter", lambda *a: truth)
+    out = ev.evaluate_segmenter(None, {"classes": ["background", "body"]}, seeds=[900000])
+    assert out["dice"]["body"] == 1.0 and out["meets_target"] is False
+    assert out["not_predicted"]["classes"][0] == "liver" and "lesion" in out["not_predicted"]["classes"]
+
+
 # -- resampling -------------------------------------------------------------------------
 def test_resample_round_trip_and_labels():
     img = np.random.default_rng(0).random((2, 50, 40)).astype(np.float32)
