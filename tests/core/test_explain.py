@@ -422,3 +422,39 @@ def test_a_slice_without_evidence_gets_an_empty_map_not_stretched_rounding_noise
                                            model.eval(), card, target=0)).maps
     assert cam[0].max() == 0.0
     assert cam[1].max() == pytest.approx(1.0)
+
+
+def test_uncertainty_runs_no_model_on_a_volume_with_nothing_acquired_and_checks_memory(
+        monkeypatch):
+    """Every slice missing: the segmenter ran samples x every chunk for an empty result.
+    The whole volume's class probabilities are kept: a run that cannot fit is refused
+    before it starts, not when the machine runs out of memory."""
+    from napari_medseg.core import generation
+    from napari_medseg.core.volume import Volume
+
+    seg, card = load_model("segmenter")
+    calls = []
+    hook = seg.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        empty = Volume(np.full((6, 40, 40), np.nan, np.float32), (5.0, 2.0, 2.0),
+                       missing=np.ones(6, bool))
+        result = run_to_completion(segmentation_uncertainty(empty, seg, card, samples=2))
+    finally:
+        hook.remove()
+    assert calls == [] and not result.entropy.any() and np.isnan(result.per_slice).all()
+    vol = generate_phantom((6, 40, 40), (5.0, 2.0, 2.0), seed=1).volume
+    monkeypatch.setattr(generation, "available_memory_bytes", lambda: 10_000)
+    with pytest.raises(MedsegInputError, match="needs about .* GB of memory"):
+        run_to_completion(segmentation_uncertainty(vol, seg, card, samples=2))
+
+
+def test_most_uncertain_takes_a_per_slice_mask_to_exclude():
+    """volume.missing passed as it is was read as the indices 0 and 1."""
+    from napari_medseg.core.explain import UncertaintyResult
+
+    per_slice = np.array([0.1, 0.5, 0.9, 0.3, 0.7], np.float32)
+    result = UncertaintyResult(np.zeros((5, 2, 2), np.float32), per_slice,
+                               np.zeros((5, 2, 2), np.uint8), 2)
+    mask = np.array([False, False, True, False, True])
+    assert result.most_uncertain(5, exclude=mask) == [1, 3, 0]
+    assert result.most_uncertain(2, exclude=[1]) == [2, 4]

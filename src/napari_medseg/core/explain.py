@@ -68,7 +68,10 @@ class UncertaintyResult:
         """The ``k`` slices with the highest per-slice uncertainty, most uncertain first."""
         if isinstance(k, bool) or int(k) != k or k < 0:
             raise MedsegInputError(f"k must be a whole number ≥ 0, got {k!r}")
-        excluded = {int(z) for z in exclude}  # once: an iterator is used up by one pass
+        exclude = np.asarray(list(exclude) if not isinstance(exclude, np.ndarray) else exclude)
+        if exclude.dtype == bool:  # a per-slice mask (volume.missing): its True slices,
+            exclude = np.flatnonzero(exclude)  # not the indices 0 and 1
+        excluded = {int(z) for z in exclude}
         order = [int(z) for z in np.argsort(-np.nan_to_num(self.per_slice, nan=-1.0))
                  if np.isfinite(self.per_slice[z]) and int(z) not in excluded]
         return order[: int(k)]
@@ -196,6 +199,24 @@ def _dropout_on(model: torch.nn.Module) -> list[torch.nn.Module]:
 _POSTPROCESS_SLAB = 8
 
 
+def _check_uncertainty_memory(nz: int, n_classes: int, grid: tuple[int, int],
+                              shape_yx: tuple[int, int]) -> None:
+    """Refuse before allocating a run that would not fit: the mean class probabilities
+    are kept for the whole volume on the model grid (36 bytes a voxel for the 9-class
+    segmenter, about 1.5 GB for 600 slices of a 512² CT), beside the entropy and labels
+    on the input grid; nothing said so before the machine ran out of memory."""
+    from .generation import available_memory_bytes
+
+    need = 4 * nz * n_classes * grid[0] * grid[1] + 5 * nz * shape_yx[0] * shape_yx[1]
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        gb = 1024 ** 3
+        raise MedsegInputError(
+            f"the uncertainty of {nz} slices needs about {need / gb:.1f} GB of memory and "
+            f"{free / gb:.1f} GB are free: run it on fewer slices (crop the volume) or close "
+            "other programs")
+
+
 def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mapping[str, Any], *,
                              samples: int = 8, chunk: int = 8, seed: int = 0,
                              threads: int | None = None) -> Job[UncertaintyResult]:
@@ -218,8 +239,14 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
         raise MedsegInputError("uncertainty needs a segmenter with at least 2 classes")
     chunk = positive_int(chunk, "chunk")
     nz, ny, nx = volume.shape
+    if volume.missing.all():  # nothing acquired: no model runs (as segment_volume), the
+        yield Progress(1, 1, "no acquired slice")  # result empty
+        return UncertaintyResult(np.zeros((nz, ny, nx), np.float32),
+                                 np.full(nz, np.nan, np.float32),
+                                 np.zeros((nz, ny, nx), np.uint8), samples)
     slices = ModelGridSlices(volume, card)
     h, w = slices.grid
+    _check_uncertainty_memory(nz, n_classes, (h, w), (ny, nx))
     mean = torch.zeros((nz, n_classes, h, w))
     # a private copy with dropout on: the caller's model (maybe in use by another job)
     # is never switched to sampling, even if this job fails or is abandoned
