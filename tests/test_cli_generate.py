@@ -196,3 +196,24 @@ def test_a_generated_file_opens_saying_which_slices_are_synthetic(tmp_path, caps
     again = read_nifti(tmp_path / "flipped.nii.gz")
     np.testing.assert_array_equal(again.array, volume.array)  # turned back as read
     assert "synthetic_planes" not in again.metadata and again.metadata["synthetic_slices"] == 4
+
+
+def test_a_dicom_series_is_read_once(tmp_path, monkeypatch):
+    """The label-map check read every non-CT input a second time, DICOM series included
+    (which can hold no label map): twice the reading time and memory."""
+    import pydicom
+
+    import napari_medseg.core.io as io
+    from tests.core.test_io_dicom import write_series
+
+    write_series(tmp_path / "mr", [0.0, 2.5, 5.0])
+    for path in (tmp_path / "mr").iterdir():  # an MR series: not CT
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    reads = []
+    real = io.read_scan_or_labels
+    monkeypatch.setattr(io, "read_scan_or_labels", lambda p: reads.append(p) or real(p))
+    assert main(["generate", str(tmp_path / "mr"), str(tmp_path / "out.nii.gz"),
+                 "--factor", "2", "--method", "linear", "--quiet"]) == 0
+    assert reads == []

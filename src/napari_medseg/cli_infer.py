@@ -351,7 +351,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
     from .core.io import LabelMap, read_scan_or_labels
 
-    if volume.modality != "CT" and isinstance(read_scan_or_labels(args.input), LabelMap):
+    # only a NIfTI or .npy file can hold a label map: a DICOM series was read twice
+    if (volume.modality != "CT" and volume.metadata.get("source_format") in ("nifti", "npy")
+            and isinstance(read_scan_or_labels(args.input), LabelMap)):
         # interpolated, structure 1 beside 3 became a "2" and cubic made negatives
         print("generate: warning: this file holds a label map (structure numbers, not "
               "intensities): the slices made between its own hold values that are no "

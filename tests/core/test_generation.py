@@ -381,3 +381,39 @@ def test_free_memory_counts_a_cgroup_limit_less_its_reclaimable_cache(tmp_path, 
     assert generation.available_memory_bytes() == 15 * gb
     (tmp_path / "limit").write_text("max" if version == "v2" else str(1 << 63))  # no limit
     assert generation.available_memory_bytes() == 24 * gb
+
+
+def test_cubic_memory_linear_cancel_points_and_the_result_s_own_records():
+    """Cubic fitted 64 rows at a time: on an image of few rows that block took 10x the
+    output, where the memory check budgets 4x. Linear made every slice in one call (no
+    cancel point for seconds). The result kept the input's gap planes and steps."""
+    import tracemalloc
+
+    from napari_medseg.core.generation import PEAK_OVER_OUTPUT, interpolation_job
+    from napari_medseg.core.progress import run_to_completion
+    from napari_medseg.core.volume import Volume
+
+    import scipy.interpolate  # noqa: F401  (its first import's objects are not the job's)
+
+    array = np.random.default_rng(0).normal(size=(300, 16, 32)).astype(np.float32)
+    volume = Volume(array, (3.0, 1.0, 1.0), metadata={"slice_spacings_mm": [3.0] * 299,
+                                                       "warnings": ["uneven steps"]})
+    tracemalloc.start()
+    try:
+        result = run_to_completion(interpolation_job(volume, 3, True, "cubic"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < PEAK_OVER_OUTPUT["cubic"] * result.volume.array.nbytes
+    assert "slice_spacings_mm" not in result.volume.metadata
+    assert "warnings" not in result.volume.metadata
+    reports = list(_progress(interpolation_job(volume, 3, True, "linear")))
+    assert len(reports) > 10  # a cancel point every few slices made
+
+
+def _progress(job):
+    while True:
+        try:
+            yield next(job)
+        except StopIteration:
+            return

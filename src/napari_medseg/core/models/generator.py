@@ -1,6 +1,6 @@
 """Recurrent slice generator: the segmenter's ConvGRU network, trained to regress slices.
 
-:class:`SliceGenerator` is :class:`~.segmenter.RecurrentSegmenter` with 4 input channels
+:class:`SliceGenerator` is :class:`~.segmenter.RecurrentSegmenter` with 6 input channels
 and 1 output channel, at the volume's own in-plane resolution. For every slice z of a
 volume where some slices are known and others are to be made, its inputs are
 
