@@ -205,16 +205,11 @@ def _check_uncertainty_memory(nz: int, n_classes: int, grid: tuple[int, int],
     are kept for the whole volume on the model grid (36 bytes a voxel for the 9-class
     segmenter, about 1.5 GB for 600 slices of a 512² CT), beside the entropy and labels
     on the input grid; nothing said so before the machine ran out of memory."""
-    from .generation import available_memory_bytes
+    from .generation import require_memory
 
-    need = 4 * nz * n_classes * grid[0] * grid[1] + 5 * nz * shape_yx[0] * shape_yx[1]
-    free = available_memory_bytes()
-    if free is not None and need > free:
-        gb = 1024 ** 3
-        raise MedsegInputError(
-            f"the uncertainty of {nz} slices needs about {need / gb:.1f} GB of memory and "
-            f"{free / gb:.1f} GB are free: run it on fewer slices (crop the volume) or close "
-            "other programs")
+    require_memory(4 * nz * n_classes * grid[0] * grid[1] + 5 * nz * shape_yx[0] * shape_yx[1],
+                   f"the uncertainty of {nz} slices",
+                   "run it on fewer slices (crop the volume) or close other programs")
 
 
 def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mapping[str, Any], *,

@@ -512,14 +512,19 @@ def check_generation_memory(volume: Volume, n_out: int, method: str) -> None:
     a 1024 × 512 × 512 volume needs about 10 GB: it ran out of memory, or swapped the
     machine to a halt, with no word first)."""
     output = 4 * n_out * int(np.prod(volume.shape[1:]))
-    need = PEAK_OVER_OUTPUT[method] * output  # the input is in memory already
+    require_memory(PEAK_OVER_OUTPUT[method] * output,  # the input is in memory already
+                   f"generating {n_out} slices of {volume.shape[1]} × {volume.shape[2]} "
+                   f"({method})", "use a smaller factor, crop the volume, or close other programs")
+
+
+def require_memory(need: float, what: str, advice: str) -> None:
+    """MedsegInputError when ``need`` bytes exceed what :func:`available_memory_bytes`
+    says is free (nothing when that is unknown)."""
     free = available_memory_bytes()
     if free is not None and need > free:
         gb = 1024 ** 3
-        raise MedsegInputError(
-            f"generating {n_out} slices of {volume.shape[1]} × {volume.shape[2]} ({method}) "
-            f"needs about {need / gb:.1f} GB of memory and {free / gb:.1f} GB are free: "
-            "use a smaller factor, crop the volume, or close other programs")
+        raise MedsegInputError(f"{what} needs about {need / gb:.1f} GB of memory and "
+                               f"{free / gb:.1f} GB are free: {advice}")
 
 
 METHODS = ("model", "linear", "cubic")
