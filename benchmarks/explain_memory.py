@@ -4,9 +4,10 @@
 
 Each run is a fresh subprocess (the bundled segmenter, 256² slices of noise at 2 mm,
 2 samples, chunk 8, one thread); it reports the growth of its peak RSS over what it had
-before the job. Segmentation streams (its growth should not follow the slice count);
-uncertainty keeps the mean probabilities of every slice on the model grid (it should,
-by about that array's size and no more).
+before the job. Both stream: segmentation chunk by chunk, and uncertainty too since it
+samples each chunk's decoder (before, it kept the mean probabilities of every slice on
+the model grid and grew by about that array's size). Neither growth should follow the
+slice count.
 """
 
 from __future__ import annotations

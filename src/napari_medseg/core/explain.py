@@ -199,28 +199,15 @@ def _dropout_on(model: torch.nn.Module) -> list[torch.nn.Module]:
 _POSTPROCESS_SLAB = 8
 
 
-def _check_uncertainty_memory(nz: int, n_classes: int, grid: tuple[int, int],
-                              shape_yx: tuple[int, int]) -> None:
-    """Refuse before allocating a run that would not fit: the mean class probabilities
-    are kept for the whole volume on the model grid (36 bytes a voxel for the 9-class
-    segmenter, about 1.5 GB for 600 slices of a 512² CT), beside the entropy and labels
-    on the input grid; nothing said so before the machine ran out of memory."""
-    from .generation import require_memory
-
-    require_memory(4 * nz * n_classes * grid[0] * grid[1] + 5 * nz * shape_yx[0] * shape_yx[1],
-                   f"the uncertainty of {nz} slices",
-                   "run it on fewer slices (crop the volume) or close other programs")
-
-
 def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mapping[str, Any], *,
                              samples: int = 8, chunk: int = 8, seed: int = 0,
                              threads: int | None = None) -> Job[UncertaintyResult]:
     """MC-dropout predictive entropy per voxel and per slice (a generator).
 
-    Needs a model with dropout (the bundled segmenter has 0.1 in its decoder); each of
-    ``samples`` passes streams the volume in chunks like inference. The same ``seed`` and
-    ``chunk`` give the same result (dropout masks are drawn per chunk, so another chunk
-    size draws other masks).
+    Needs a model with dropout (the bundled segmenter has 0.1 in its decoder): the volume
+    streams in chunks like inference, and each chunk's encoded features are decoded
+    ``samples`` times. The same ``seed`` and ``chunk`` give the same result (dropout
+    masks are drawn per chunk, so another chunk size draws other masks).
     """
     classes = check_model_args(volume, model, card, RecurrentSegmenter, "uncertainty")
     samples = positive_int(samples, "samples")
@@ -240,43 +227,49 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
                                  np.full(nz, np.nan, np.float32),
                                  np.zeros((nz, ny, nx), np.uint8), samples)
     slices = ModelGridSlices(volume, card)
-    h, w = slices.grid
-    _check_uncertainty_memory(nz, n_classes, (h, w), (ny, nx))
-    mean = torch.zeros((nz, n_classes, h, w))
     # a private copy with dropout on: the caller's model (maybe in use by another job)
     # is never switched to sampling, even if this job fails or is abandoned
     sampler = copy.deepcopy(model).eval()
     _dropout_on(sampler)
+
+    def mean_probabilities(*features) -> torch.Tensor:
+        # dropout is in the decoder only: the encoder and both GRUs ran once per chunk,
+        # and the decoder samples their features (every sample ran the whole network
+        # over the whole volume, and the volume's class probabilities were all kept:
+        # 36 bytes a model-grid voxel)
+        total = None
+        for _ in range(samples):
+            p = torch.softmax(sampler.decode(*features), 1)
+            total = p if total is None else total.add_(p)
+        return total.div_(samples)
+
     # dropout draws from torch's global generator: this job's seeded state is swapped in
     # around each chunk only (core.rng)
     torch_rng = PrivateRNG(seed)
-    total = samples * RecurrentSegmenter.n_steps(nz, chunk)
+    total = RecurrentSegmenter.n_steps(nz, chunk)
+    entropy = np.empty((nz, ny, nx), dtype=np.float32)
+    labels = np.empty((nz, ny, nx), dtype=np.uint8)
     step = 0
     with ThreadGovernor(threads) as governor:
         yield Progress(0, total, "uncertainty")
-        for s in range(samples):
-            chunks = torch_rng.run(sampler.iter_chunks(slices, chunk))
-            while True:
-                with torch.no_grad():
-                    item = next(chunks, None)
-                if item is None:
-                    break
-                if item.logits is not None:
-                    mean[item.start:item.stop] += torch.softmax(item.logits, 1) / samples
-                step += 1
-                governor.update()
-                yield Progress(step, total, f"sample {s + 1}/{samples}")
-    # slab by slab: whole-volume log, product, channels_last and resize temporaries were
-    # each the size of ``mean`` or the image (+138 MiB for 48 slices of 256², against
-    # segmentation's +26); every step is per slice, so the result is the same
-    entropy = np.empty((nz, ny, nx), dtype=np.float32)
-    labels = np.empty((nz, ny, nx), dtype=np.uint8)
-    for a in range(0, nz, _POSTPROCESS_SLAB):
-        part = mean[a:a + _POSTPROCESS_SLAB]
-        log_part = part.clamp_min(1e-12).log()
-        ent = -(part * log_part).sum(1, keepdim=True) / math.log(n_classes)
-        entropy[a:a + len(part)] = resize_yx(ent, (ny, nx))[:, 0].clamp(0, 1).numpy()
-        labels[a:a + len(part)] = labels_from_logits(log_part, (ny, nx)).numpy()
+        chunks = torch_rng.run(sampler.iter_chunks(slices, chunk, decode=mean_probabilities))
+        while True:
+            with torch.no_grad():
+                item = next(chunks, None)
+            if item is None:
+                break
+            if item.logits is not None:
+                # slab by slab: log, product and resize temporaries of a whole chunk
+                for a in range(0, item.stop - item.start, _POSTPROCESS_SLAB):
+                    part = item.logits[a:a + _POSTPROCESS_SLAB]
+                    z0 = item.start + a
+                    log_part = part.clamp_min(1e-12).log()
+                    ent = -(part * log_part).sum(1, keepdim=True) / math.log(n_classes)
+                    entropy[z0:z0 + len(part)] = resize_yx(ent, (ny, nx))[:, 0].clamp(0, 1).numpy()
+                    labels[z0:z0 + len(part)] = labels_from_logits(log_part, (ny, nx)).numpy()
+            step += 1
+            governor.update()
+            yield Progress(step, total, f"uncertainty ({samples} samples)")
     entropy[volume.missing] = 0.0
     labels[volume.missing] = 0
     unmeasured = np.isnan(volume.array)  # a turned series' gap planes, a masked patch

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -235,8 +235,12 @@ class RecurrentSegmenter(nn.Module):
         """How many items :meth:`iter_chunks` yields (for a progress total)."""
         return 2 * math.ceil(n_slices / chunk)
 
-    def iter_chunks(self, slices: Any, chunk: int = 8) -> Iterator[SliceChunk]:
+    def iter_chunks(self, slices: Any, chunk: int = 8,
+                    decode: Callable[..., torch.Tensor] | None = None) -> Iterator[SliceChunk]:
         """Stream a volume through the model, ``chunk`` slices at a time.
+
+        ``decode``: called as :meth:`decode` is, in its place (MC dropout decodes each
+        chunk's features several times: the encoder and GRUs hold no dropout).
 
         ``slices``: (Z, C, H, W) or (Z, H, W) tensor or array, indexed lazily per chunk
         (a numpy memmap stays on disk). Two passes:
@@ -285,7 +289,7 @@ class RecurrentSegmenter(nn.Module):
             hs_f, h_f = self.gru_fwd.run(self.gru_fwd.project(e3), h_f)
             hs_b, _ = self.gru_bwd.run(self.gru_bwd.project(e3), entering_bwd.pop(start),
                                        reverse=True)
-            logits = self.decode(s1, s2, e3, hs_f, hs_b, size)
+            logits = (decode or self.decode)(s1, s2, e3, hs_f, hs_b, size)
             step += 1
             yield SliceChunk(start, stop, logits, step, total)
 
