@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .core.phantom import LABEL_NAMES, Phantom, generate_phantom
-from ._layers import labels_layer_data, points_layer_data, volume_layer_data
+from ._layers import labels_layer_data, points_layer_data, volume_layer_data, watch_added_lesions
 
 SAMPLE_SHAPE = (48, 192, 192)
 SAMPLE_SPACING = (2.5, 1.0, 1.0)
@@ -36,4 +36,32 @@ def phantom_layer_data(phantom: Phantom, prefix: str = "phantom") -> list[tuple]
 
 def synthetic_ct() -> list[tuple]:
     """Synthetic abdominal CT (with ground truth): image, organ labels and lesion points."""
-    return phantom_layer_data(generate_phantom(SAMPLE_SHAPE, SAMPLE_SPACING, seed=0))
+    data = phantom_layer_data(generate_phantom(SAMPLE_SHAPE, SAMPLE_SPACING, seed=0))
+    _mark_added_lesions_once_opened(data)
+    return data
+
+
+def _mark_added_lesions_once_opened(layer_data: list[tuple]) -> None:
+    """Give the lesion layer napari is about to add the "added" handling the Phantom
+    widget gives its own (:func:`watch_added_lesions`): a point added after selecting a
+    lesion took that lesion's diameter, organ and contrast. napari hands sample data no
+    hook, so the viewer opening it (the current one) is watched until the layer comes."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no napari or no viewer (a script calling this): nothing to watch
+        return
+    names = [kwargs["name"] for _data, kwargs, kind in layer_data if kind == "points"]
+    if viewer is None or not names:
+        return
+    inserted = viewer.layers.events.inserted
+
+    def on_inserted(event) -> None:
+        layer = event.value
+        # napari appends " [1]" to a name already taken
+        if type(layer).__name__ == "Points" and layer.name.split(" [")[0] in names:
+            inserted.disconnect(on_inserted)
+            watch_added_lesions(layer)
+
+    inserted.connect(on_inserted)

@@ -915,3 +915,16 @@ def test_retrain_docked_under_segment_takes_the_height_its_controls_want(
     qtbot.wait(200)
     assert dock.height() > 300, (dock.height(), segment_dock.height())
     assert segment_dock.height() >= segment_dock.minimumSizeHint().height()
+
+
+def test_a_point_added_to_the_sample_s_lesions_is_no_lesion(make_napari_viewer):
+    """Open Sample gave the lesion layer none of the Phantom widget's handling: a point
+    added after selecting a lesion took its diameter, organ and '13 mm' label."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "synthetic_ct")
+    points = next(layer for layer in viewer.layers if isinstance(layer, Points))
+    points.selected_data = {0}
+    points.add([[8, 40, 40]])
+    added = points.features.iloc[-1]
+    assert added["label"] == "added" and added["organ"] == "" and np.isnan(added["diameter_mm"])
+    assert points.features.iloc[0]["label"] != "added"
