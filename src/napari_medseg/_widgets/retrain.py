@@ -17,6 +17,7 @@ Shared with the detector widget (versions, autosave, restore): ``_retrain_base.p
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, PushButton
