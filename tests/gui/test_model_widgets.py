@@ -1305,3 +1305,25 @@ def test_a_point_added_after_selecting_a_detection_is_drawn_at_its_training_size
     points.add([4.0, 10.0, 10.0])
     assert points.size[0] == pytest.approx(marker_sizes([21.5], volume.spacing)[0])
     assert points.size[1] == pytest.approx(marker_sizes([DEFAULT_DIAMETER_MM], volume.spacing)[0])
+
+
+def test_segment_volumes_name_their_image_and_a_refusal_replaces_them(make_napari_viewer, qtbot,
+                                                                      small_phantom):
+    """The ml line stayed word for word after another image was picked and refused before
+    the run: one scan's liver volume was shown under the next scan's name."""
+    viewer = make_napari_viewer()
+    first = viewer.add_image(small_phantom.volume.array.copy(), scale=small_phantom.volume.spacing,
+                             name="patient A")
+    second = viewer.add_image(np.zeros((2, 4, 32, 32), np.float32), name="patient B")
+    widget = SegmentWidget(plugin_view(viewer))
+    _select(widget, first, str(BUNDLED_DIR / "segmenter.json"))
+    _run_and_wait(widget, qtbot)
+    assert widget._status.value.startswith("'patient A' (segmenter): body "), widget._status.value
+    widget._image.value = second
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()  # refused before any job starts (4 dimensions)
+    assert widget._worker is None
+    refusal = _messages_since(start, "error")
+    assert refusal and "4 dimensions" in refusal[-1]
+    assert widget._status.value == refusal[-1], widget._status.value
+    assert " ml" not in widget._status.value

@@ -409,6 +409,9 @@ class ModelRunWidget(Container):
             from napari.utils.notifications import show_error
 
             show_error(f"{self.task}: {exc}")
+            # as a refusal in the worker is: the line must not go on showing the result
+            # of an earlier run as if it were this image's
+            self._status.value = _jobs.said_of(self.task, str(exc), True)
             return
         self._set_running(True)
         self._status.value = f"{self.task}: running on '{layer.name}'…"

@@ -25,4 +25,8 @@ class SegmentWidget(ModelRunWidget):
                         else (result.volume_ml(voxel_size_mm(image_layer)), "ml"))
         found = [f"{name} {format_measure(amount[name])} {unit}" for name in result.class_names[1:]
                  if amount[name] > 0]
-        self._status.value = " · ".join(found) or "No structure found"
+        # named: the line outlives the pick (another image, a refused run, an edited or
+        # removed result), and one scan's volumes were read as the next one's
+        source = f"'{image_layer.name}' ({card.get('name')})"
+        self._status.value = (f"{source}: " + " · ".join(found) if found
+                              else f"No structure found in {source}")
