@@ -236,6 +236,14 @@ def _result_metadata(provenance: dict[str, Any], **extra: Any) -> dict[str, Any]
     return {"medseg": {**provenance, **extra, "disclaimer": DISCLAIMER}}
 
 
+def is_explanation_map(layer: Any) -> bool:
+    """Whether ``layer`` is a Grad-CAM, uncertainty or heatmap layer this plugin made (a
+    0-1 map, not a scan: no model runs on one)."""
+    meta = getattr(layer, "metadata", None) or {}
+    medseg = meta.get("medseg") if isinstance(meta, dict) else None
+    return isinstance(medseg, dict) and medseg.get("explanation_map") is True
+
+
 def scan_axes(layer: Any, shape: Any = None) -> dict[str, Any]:
     """The scan's axes a reader recorded on ``layer`` (``{"axes_lps": …}``, or empty): a
     labels layer made on it carries them, so that saving it writes where the scan lies

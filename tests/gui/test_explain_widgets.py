@@ -216,3 +216,73 @@ def test_a_new_map_hides_the_earlier_maps_of_its_image(make_napari_viewer, qtbot
     gradcam._image.value = image
     _run(gradcam, qtbot)
     assert not latest.visible and "1 earlier map" in gradcam._status.value
+
+
+def test_gradcam_says_which_class_the_current_slice_shows_and_how_likely(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """Every slice's map peaks at 1: a class the model ruled out on a slice glowed as
+    brightly as a likely one, and in "predicted class" mode nothing on screen said which
+    class a slice's map showed (the whole frame past the body lit up for 'no_body')."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    widget = GradCamWidget(plugin_view(viewer))
+    widget._image.value = image
+    widget._model.value = random_models["SliceClassifier"]
+    widget._target.value = "lesion"
+    assert "own peak" in widget._target.tooltip
+    _run(widget, qtbot)
+    new = viewer.layers[-1]
+    assert new.name.startswith("Grad-CAM lesion · ")  # the kind survives a narrow list
+    meta = new.metadata["medseg"]
+    from napari_medseg.core.explain import gradcam_volume
+    from napari_medseg.core.models.registry import load_model
+    from napari_medseg.core.progress import run_to_completion
+    from napari_medseg._layers import volume_from_layer
+
+    model, card = load_model(random_models["SliceClassifier"])
+    result = run_to_completion(gradcam_volume(volume_from_layer(image), model, card, target="lesion"))
+    lesion = list(result.class_names).index("lesion")
+    for z in (1, 4):
+        viewer.dims.set_point(0, image.data_to_world([z, 0, 0])[0])
+        p = float(result.probabilities[z, lesion])
+        assert meta["explained_class_probability_per_slice"][z] == pytest.approx(p, abs=1e-4)
+        line = widget._current.value
+        assert line.startswith(f"Slice {z}: the map shows 'lesion', P {p:.2f}"), line
+        top = int(np.argmax(result.probabilities[z]))
+        if top != lesion:  # the class the model does give the slice is named beside it
+            assert (f"the model's class here: {result.class_names[top]} "
+                    f"{result.probabilities[z, top]:.2f}") in line
+        assert f"(map '{new.name}')" in line
+    viewer.layers.remove(new)
+    assert widget._current.value == ""
+
+
+def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, random_models,
+                                                    small_phantom):
+    """With the CT deleted, Grad-CAM's picker fell on its own map, and Run explained the
+    map (a 0-1 image, warned about only as 'not known to be CT')."""
+    from napari_medseg._widgets.detect import DetectWidget
+    from napari_medseg._widgets.retrain import RetrainWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing,
+                             name="ct")
+    widget = GradCamWidget(plugin_view(viewer))
+    widget._image.value = image
+    widget._model.value = random_models["SliceClassifier"]
+    _run(widget, qtbot)
+    cam = viewer.layers[-1]
+    assert cam.metadata["medseg"]["explanation_map"] is True
+    detect = DetectWidget(plugin_view(viewer))
+    detect._image.value, detect._model.value = image, random_models["LesionDetector"]
+    detect._with_heatmap.value = True
+    detect._run.clicked.emit()
+    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    heat = next(layer for layer in viewer.layers if "heatmap" in layer.name)
+    retrain = RetrainWidget(plugin_view(viewer))
+    for picker in (widget._image, detect._image, retrain._image):
+        offered = [value for value in picker.choices if value is not None]
+        assert offered == [image], [getattr(v, "name", v) for v in offered]
+    viewer.layers.remove(image)
+    assert [v for v in widget._image.choices if v is not None] == []
+    assert widget._image.value is None

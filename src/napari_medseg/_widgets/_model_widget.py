@@ -385,7 +385,12 @@ class ModelRunWidget(Container):
     def _image_choices(self, _widget=None):
         from napari.layers import Image
 
-        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+        from .._layers import is_explanation_map
+
+        # a map is no scan: with the CT deleted, the picker fell on a Grad-CAM map and Run
+        # explained the map
+        return [(layer.name, layer) for layer in self._viewer.layers
+                if isinstance(layer, Image) and not is_explanation_map(layer)]
 
     def _refresh_layers(self, _event=None) -> None:
         self._image.reset_choices()

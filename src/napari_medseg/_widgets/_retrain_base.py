@@ -34,6 +34,7 @@ from superqt.utils import ensure_main_thread
 from .. import _jobs
 from .._layers import (
     check_image_layer,
+    is_explanation_map,
     read_deferred,
     scan_axes,
     volume_from_layer,
@@ -495,7 +496,7 @@ class _RetrainBase(Container):
     def _layers_of(self, kind: str):
         def choices(_widget=None):
             return [(layer.name, layer) for layer in self._viewer.layers
-                    if type(layer).__name__ == kind]
+                    if type(layer).__name__ == kind and not is_explanation_map(layer)]
         return choices
 
     def _refresh_layers(self, event=None) -> None:

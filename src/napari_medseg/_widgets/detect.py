@@ -90,7 +90,7 @@ class DetectWidget(ModelRunWidget):
 
             heat = options["heatmap_on_input"]
             self._viewer.add_image(heat if image_layer.ndim == 3 else heat[0], **_map_layer_kwargs(
-                image_layer, f"{image_layer.name} lesion heatmap ({card.get('name')})", "cyan",
+                image_layer, f"lesion heatmap · {image_layer.name} ({card.get('name')})", "cyan",
                 provenance(card, image_layer.name), method="detector centre heatmap (sigmoid)"))
         if self._points is not None:
             self._points.events.data.disconnect(self._on_points_data)

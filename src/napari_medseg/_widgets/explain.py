@@ -7,9 +7,10 @@ with a colormap and additive blending over the CT, with provenance metadata.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, SpinBox
+from magicgui.widgets import ComboBox, Label, SpinBox
 
 from .._layers import _like_layer, _result_metadata
 from ..core.explain import gradcam_volume, segmentation_uncertainty
@@ -22,7 +23,7 @@ from ._model_widget import (
     provenance,
     rewatch_geometry,
 )
-from ._navigate import go_to_slice
+from ._navigate import go_to_slice, slice_at, slice_axis_shown
 
 PREDICTED = "predicted class"
 
@@ -38,7 +39,7 @@ def _map_layer_kwargs(image_layer, name: str, colormap: str, prov: dict, **extra
         "contrast_limits": (0.0, 1.0),
         "rgb": False,  # a last axis of 3 or 4 is slices here, not colour channels
         **_like_layer(image_layer),
-        "metadata": _result_metadata(prov, **extra),
+        "metadata": _result_metadata(prov, explanation_map=True, **extra),
     }
 
 
@@ -47,18 +48,19 @@ def _map_layer_kwargs(image_layer, name: str, colormap: str, prov: dict, **extra
 _MAPS_OVER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _add_map(viewer, data, kwargs: dict, image_layer) -> int:
+def _add_map(viewer, data, kwargs: dict, image_layer) -> tuple[Any, int]:
     """Add an explanation map over ``image_layer``, hiding the maps added over it before
     (not removing them): additive maps summed their colours, and a hot spot could not be
-    told to one of them. Returns how many were hidden."""
+    told to one of them. Returns the new layer and how many were hidden."""
     hidden = 0
     for layer in viewer.layers:
         over = _MAPS_OVER.get(layer)
         if over is not None and over() is image_layer and layer.visible:
             layer.visible = False
             hidden += 1
-    _MAPS_OVER[viewer.add_image(data, **kwargs)] = weakref.ref(image_layer)
-    return hidden
+    layer = viewer.add_image(data, **kwargs)
+    _MAPS_OVER[layer] = weakref.ref(image_layer)
+    return layer, hidden
 
 
 def _hidden_note(hidden: int) -> str:
@@ -72,8 +74,64 @@ class GradCamWidget(ModelRunWidget):
 
     def extra_widgets(self) -> list:
         self._target = ComboBox(label="Explain", choices=self._target_choices)
+        self._target.tooltip = (
+            "The class whose evidence the map shows: each slice's own predicted class, or one "
+            "class on every slice. Each slice's map is scaled to its own peak: it shows where "
+            "the evidence is, not how strong; the line under the result gives the slice's "
+            "probability of the class shown")
         self._model.changed.connect(lambda _v: self._target.reset_choices())
         return [self._target]
+
+    def result_widgets(self) -> list:
+        # the last map this widget added (weakly: a deleted map is let go) and, per slice,
+        # the class it shows and that class's probability
+        self._map: weakref.ref | None = None
+        self._explained: tuple[list, list, list, list] | None = None
+        self._current = Label(value="")
+        self._current.native.setWordWrap(True)
+        return [self._current]
+
+    def viewer_events(self) -> list:
+        dims = self._viewer.dims.events
+        return [*super().viewer_events(),
+                (dims.current_step, self._follow_slice), (dims.order, self._follow_slice),
+                (dims.ndisplay, self._follow_slice),
+                (self._viewer.layers.events.removed, self._follow_slice)]
+
+    def drop_result(self) -> None:
+        self._map = self._explained = None
+        self._current.value = ""
+
+    def _follow_slice(self, _event=None) -> None:
+        """Which class the map shows on the current slice, and how likely the model
+        finds it there: every slice's map peaks at 1, so a class the model rules out on
+        a slice (P 0.05) glowed as brightly as a likely one, and in "predicted class"
+        mode nothing said that the bright frame of a slice past the body was the
+        evidence for 'no_body'."""
+        layer = self._map() if self._map is not None else None
+        if layer is None or layer not in self._viewer.layers:
+            if self._map is not None:
+                self._map = self._explained = None
+                self._current.value = ""
+            return
+        if layer.ndim == 2 or self._viewer.dims.ndim < 3:
+            z = 0
+        elif slice_axis_shown(self._viewer, layer):
+            self._current.value = ("Slices run across the view (axes reordered): no current "
+                                   "slice")
+            return
+        else:
+            z = int(round(slice_at(self._viewer, layer)))
+        shown, p_shown, predicted, p_predicted = self._explained
+        if not 0 <= z < len(shown):
+            text = "Current slice: outside the explained image"
+        elif shown[z] is None:
+            text = f"Slice {z}: missing (nothing explained)"
+        else:
+            text = f"Slice {z}: the map shows '{shown[z]}', P {p_shown[z]:.2f}"
+            if predicted[z] != shown[z]:
+                text += f"; the model's class here: {predicted[z]} {p_predicted[z]:.2f}"
+        self._current.value = f"{text}\n(map '{layer.name}')"
 
     def _target_choices(self, _widget=None) -> list:
         path = getattr(self, "_model", None) and self._model.value
@@ -97,10 +155,25 @@ class GradCamWidget(ModelRunWidget):
         # "predicted class" explains another class on each slice: the layer says which
         # (None: a missing slice, nothing explained)
         per_slice = [result.class_names[int(t)] if t >= 0 else None for t in result.target]
-        hidden = _add_map(self._viewer, maps, _map_layer_kwargs(
-            image_layer, f"{image_layer.name} Grad-CAM {what} ({card.get('name')})", "inferno",
+        probs = np.nan_to_num(np.asarray(result.probabilities, dtype=float))
+        p_shown = [round(float(probs[z, t]), 4) if t >= 0 else None
+                   for z, t in enumerate(result.target)]
+        top = probs.argmax(axis=1) if probs.size else np.zeros(0, int)
+        predicted = [result.class_names[int(top[z])] if t >= 0 else None
+                     for z, t in enumerate(result.target)]
+        p_predicted = [float(probs[z, top[z]]) if t >= 0 else None
+                       for z, t in enumerate(result.target)]
+        # the kind first: a narrow layer list elides a name's middle, and two maps of one
+        # image read "phantom CT (se…n (classifier)" and "phantom CT (se…s (classifier)"
+        name = f"Grad-CAM {what} · {image_layer.name} ({card.get('name')})"
+        layer, hidden = _add_map(self._viewer, maps, _map_layer_kwargs(
+            image_layer, name, "inferno",
             prov, explains=what, explained_class_per_slice=per_slice,
+            explained_class_probability_per_slice=p_shown,
             method="Grad-CAM, last conv block, per-slice max = 1"), image_layer)
+        self._map = weakref.ref(layer)
+        self._explained = (per_slice, p_shown, predicted, p_predicted)
+        self._follow_slice()
         explained = result.target[result.target >= 0]
         if not explained.size:  # every slice missing: no model saw anything
             self._status.value = "No acquired slice: nothing to explain"
@@ -175,8 +248,8 @@ class UncertaintyWidget(ModelRunWidget):
         prov = provenance(card, image_layer.name)
         ranked = result.most_uncertain(10)
         ent = result.entropy if image_layer.ndim == 3 else result.entropy[0]
-        hidden = _add_map(self._viewer, ent, _map_layer_kwargs(
-            image_layer, f"{image_layer.name} uncertainty ({card.get('name')})", "magma", prov,
+        _, hidden = _add_map(self._viewer, ent, _map_layer_kwargs(
+            image_layer, f"uncertainty · {image_layer.name} ({card.get('name')})", "magma", prov,
             method=f"MC dropout, {result.samples} samples, entropy / log(classes)",
             most_uncertain_slices=ranked), image_layer)
         self._watch(image_layer)
