@@ -663,9 +663,18 @@ def check_image_layer(layer: Any) -> None:
         raise MedsegInputError(f"'{layer.name}' is multiscale; open it as a single-scale image")
     shape, dtype = tuple(layer.data.shape), np.dtype(layer.data.dtype)
     if len(shape) not in (2, 3):
+        # a 4D file of one time point (a NIfTI with t = 1) is a volume: the way on is said
+        extra = len(shape) - 3
+        ones = extra > 0 and all(n == 1 for n in shape[:extra])
+        index = ", ".join(["0"] * extra)
+        hint = ((": its first axis has length 1" if extra == 1 else
+                 f": its first {extra} axes have length 1") +
+                f"; in napari's console, viewer.add_image(layer.data[{index}], "
+                f"scale=layer.scale[{extra}:], translate=layer.translate[{extra}:]) adds it "
+                "as a volume to pick" if ones else "")
         raise MedsegInputError(
             f"'{layer.name}' has {len(shape)} dimensions {shape}; expected a 2D slice or a "
-            "3D (z, y, x) volume"
+            f"3D (z, y, x) volume{hint}"
         )
     if 0 in shape:
         raise MedsegInputError(f"'{layer.name}' is empty")

@@ -1327,3 +1327,48 @@ def test_segment_volumes_name_their_image_and_a_refusal_replaces_them(make_napar
     assert refusal and "4 dimensions" in refusal[-1]
     assert widget._status.value == refusal[-1], widget._status.value
     assert " ml" not in widget._status.value
+
+
+@pytest.mark.parametrize("shape, hint", [((1, 4, 32, 32), "its first axis has length 1"),
+                                         ((1, 1, 4, 32, 32), "its first 2 axes have length 1"),
+                                         ((2, 4, 32, 32), None)])
+def test_a_volume_with_extra_axes_of_length_one_is_refused_with_the_way_on(
+        make_napari_viewer, shape, hint):
+    """A 4D NIfTI of one time point was refused with no way forward."""
+    from napari_medseg._layers import check_image_layer
+    from napari_medseg.core.errors import MedsegInputError
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros(shape, np.float32), scale=(2.0,) * len(shape), name="t1")
+    with pytest.raises(MedsegInputError) as refused:
+        check_image_layer(layer)
+    message = str(refused.value)
+    assert f"has {len(shape)} dimensions" in message
+    if hint is None:
+        assert "length 1" not in message
+        return
+    assert hint in message
+    # the console line given works: it adds a volume the check accepts
+    extra = len(shape) - 3
+    command = message[message.index("viewer.add_image("):message.index(") adds it") + 1]
+    volume = eval(command, {"viewer": viewer, "layer": layer})
+    check_image_layer(volume)
+    assert volume.data.shape == shape[extra:] and tuple(volume.scale) == (2.0,) * 3
+
+
+def test_segment_says_that_nan_voxels_on_acquired_slices_were_left_out(make_napari_viewer,
+                                                                         qtbot, small_phantom):
+    """A masked region (NaN on slices that were acquired) was left at label 0 and the
+    volumes covered only the rest, without a word (whole NaN slices were named)."""
+    viewer = make_napari_viewer()
+    data = small_phantom.volume.array.copy()
+    data[2:4, :, : data.shape[2] // 2] = np.nan
+    image = viewer.add_image(data, scale=small_phantom.volume.spacing, name="masked")
+    widget = SegmentWidget(plugin_view(viewer))
+    _select(widget, image, str(BUNDLED_DIR / "segmenter.json"))
+    _run_and_wait(widget, qtbot)
+    n = int(np.isnan(data).sum())
+    assert f"{n} voxels without a value (NaN) on slices 2–3: left unlabelled" in \
+        widget._status.value, widget._status.value
+    assert "Missing slices" not in widget._status.value
+    assert not viewer.layers[-1].data[np.isnan(data)].any()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._layers import pixel_area_mm2, segmentation_layer_data, voxel_size_mm
 from ..core.inference import format_measure, segment_volume
-from ._model_widget import ModelRunWidget, provenance
+from ..core.text import counted
+from ._model_widget import ModelRunWidget, provenance, slice_ranges
 
 
 class SegmentWidget(ModelRunWidget):
@@ -13,6 +16,19 @@ class SegmentWidget(ModelRunWidget):
 
     def core_job(self, volume, model, card, options):
         return segment_volume(volume, model, card)
+
+    def missing_note(self, volume, result, options) -> str:
+        note = super().missing_note(volume, result, options)
+        unmeasured = result.unmeasured_voxels
+        planes = volume.metadata.get("missing_planes")
+        if unmeasured is None or not unmeasured.any() or planes:  # planes: said above
+            return note
+        # a masked region (NaN voxels on acquired slices) was left unlabelled, and the
+        # volumes silently covered only the rest
+        where = slice_ranges(np.flatnonzero(unmeasured))
+        line = (f"{counted(int(unmeasured.sum()), 'voxel')} without a value (NaN) on slices "
+                f"{where}: left unlabelled, in no volume")
+        return f"{note}\n{line}" if note else line
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
         data, kwargs, _ = segmentation_layer_data(result, image_layer, provenance(card, image_layer.name))

@@ -143,6 +143,9 @@ class SegmentationResult:
     model_name: str = ""
     precision: str = "fp32"
     model_grid_yx: tuple[int, int] = (0, 0)
+    #: (z,) voxels without a value (NaN) on slices that were labelled: left unlabelled
+    #: and so in no volume (None: not counted)
+    unmeasured_voxels: np.ndarray | None = None
 
     def volume_ml(self, voxel_mm3: float | None = None) -> dict[str, float]:
         """Volume per class in millilitres (background included). ``voxel_mm3``: the
@@ -1053,6 +1056,7 @@ def segment_volume(
     nz, ny, nx = volume.shape
     labels = np.zeros(volume.shape, dtype=np.uint8)
     labelled = ~volume.missing
+    unmeasured_voxels = np.zeros(nz, dtype=np.int64)
     use_bf16 = False
     if labelled.any():
         with ThreadGovernor(threads) as governor:
@@ -1074,6 +1078,7 @@ def segment_volume(
                         unmeasured = np.isnan(volume.array[item.start : item.stop])
                         if unmeasured.any():
                             part[unmeasured] = 0
+                            unmeasured_voxels[item.start : item.stop] = unmeasured.sum(axis=(1, 2))
                         labels[item.start : item.stop] = part
                 governor.update()
                 done = "encoding (backward pass)" if item.logits is None else "labelling"
@@ -1084,6 +1089,7 @@ def segment_volume(
         [np.bincount(s.ravel(), minlength=len(classes))[: len(classes)] for s in labels]
     ).astype(np.int64)
     counts[~labelled] = 0
+    unmeasured_voxels[~labelled] = 0
     return SegmentationResult(
         labels=labels,
         class_names=tuple(classes),
@@ -1094,6 +1100,7 @@ def segment_volume(
         model_name=_model_name(card),
         precision="bf16" if use_bf16 else "fp32",
         model_grid_yx=slices.grid,
+        unmeasured_voxels=unmeasured_voxels,
     )
 
 
