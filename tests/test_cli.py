@@ -257,6 +257,8 @@ def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypat
     # by name, found in the user models folder the run writes into
     (["segmenter", "--init", "segmenter", "--overwrite", "--out", "{tmp}/home/models"],
      "--init is the model this run would replace"),
+    # found first by name, it stood in for the bundled model (`evaluate classifier`)
+    (["classifier", "--out", "{tmp}/home/models/"], "is a bundled model's name"),
     # typos of many digits built phantoms or layers until memory ran out
     (["classifier", "--pool-size", "1000000000"], "--pool-size must be at most"),
     (["classifier", "--convs-per-block", "100000"], "--convs-per-block must be at most"),

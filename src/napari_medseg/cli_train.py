@@ -191,6 +191,14 @@ def _check_before_training(args: argparse.Namespace) -> None:
                                "elsewhere first or pass another --out", out)
     if out.exists() and not out.is_dir():
         raise MedsegInputError("--out must be a folder; a file of that name exists", out)
+    from .core.models.registry import BUNDLED_DIR, user_models_dir
+
+    if (BUNDLED_DIR / f"{args.model}.json").exists() and same_path(out, user_models_dir()):
+        # found first by name, it would stand in for the bundled model in every command
+        # that names it (`evaluate segmenter`, `--model`, `--init`), as finetune refuses
+        raise MedsegInputError(f"'{args.model}' is a bundled model's name; in the user models "
+                               "folder this model would replace it everywhere: pass another "
+                               "--out (and load it by its path)", out)
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise MedsegInputError("--out cannot be created or written here", out)

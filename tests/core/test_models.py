@@ -1173,6 +1173,49 @@ def test_weights_a_killed_unique_save_left_are_deleted_by_the_next_save(tmp_path
     load_model(tmp_path / "mine.json")
 
 
+@pytest.mark.parametrize("unique", [False, True])
+def test_temp_files_a_killed_save_left_are_deleted_by_the_next_save(tmp_path, unique):
+    """A save killed inside _atomic_write left its hidden mkstemp file (up to a whole
+    weights file), and no later save removed it."""
+    long = "m" * 45  # a target name cut to 40 characters in the temp name
+    left = [".mine.json.ab12cd_3.tmp", ".mine.safetensors.zz99yy00.tmp",
+            ".mine.0123456789ab.safetensors.q1w2e3r4.tmp",
+            "..mine.0123456789ab.safetensors.a1b2c3d4.tmp"]
+    kept = [".mine2.json.ab12cd_3.tmp",  # another model's
+            ".mine.json.ab12cd_3.tmp.bak", ".notes.txt.ab12cd_3.tmp",
+            f".{('other' + long)[:40]}.ab12cd_3.tmp"]
+    for name in left + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    fresh = tmp_path / ".mine.json.newnew00.tmp"  # another process writing now: kept
+    fresh.write_bytes(b"partial")
+    old = time.time() - 2 * registry.ORPHAN_AGE_S
+    for name in left + kept:
+        os.utime(tmp_path / name, (old, old))
+    save_model(_seeded(SliceClassifier(**SMALL_CLS), seed=5), tmp_path, "mine", CARD,
+               unique_weights=unique)
+    assert [n for n in left if (tmp_path / n).exists()] == []
+    assert all((tmp_path / n).exists() for n in kept) and fresh.exists()
+    load_model(tmp_path / "mine.json")
+    assert registry._our_temp(f".{(long + '.json')[:40]}.ab12cd_3.tmp", long)
+    assert not registry._our_temp(f".{(long + '.json')[:40]}.ab12cd_3.tmp", "mm")
+
+
+def test_a_weights_file_without_tensors_is_said_to_be_one(tmp_path):
+    """A valid safetensors file holding no tensor (checksum matching) was refused as a
+    card that 'cannot describe these weights'."""
+    import safetensors.torch
+
+    card_path = save_model(_seeded(SliceClassifier(**SMALL_CLS), seed=5), tmp_path, "mine",
+                           CARD)
+    card = json.loads(card_path.read_text())
+    empty = safetensors.torch.save({})
+    (tmp_path / card["weights_file"]).write_bytes(empty)
+    card["sha256"] = hashlib.sha256(empty).hexdigest()
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(MedsegInputError, match="the weights file holds no tensors"):
+        load_model(card_path)
+
+
 def test_a_save_that_fails_on_a_full_disk_leaves_no_folders_and_names_the_model_file(
         tmp_path, monkeypatch):
     """Only the deepest folder the save made was removed ("out/n1" stayed from

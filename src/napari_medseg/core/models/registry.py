@@ -358,6 +358,7 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
         raise MedsegInputError(f"model card for {name!r} is not plain JSON ({exc})") from exc
     if not unique_weights:
         _replace_fixed_name(directory, name, card_path, weights_path, data, digest, ours, extra)
+        _drop_orphans(directory, name, weights_path)  # its killed writes' temp files
         return card_path
     previous = None
     if card_path.is_file():
@@ -390,17 +391,37 @@ def _save(model, directory: Path, name: str, arch: str, arch_params, classes, sp
 ORPHAN_AGE_S = 600.0
 
 
+_TEMP_RE = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")  # _atomic_write's mkstemp names
+
+
+def _our_temp(file_name: str, name: str) -> bool:
+    """Whether ``file_name`` is a temp file :func:`_atomic_write` made for model ``name``
+    (its card, its weights, or their staged copies; the target cut to 40 characters)."""
+    found = _TEMP_RE.fullmatch(file_name)
+    if found is None:
+        return False
+    target = found.group(1)
+    if len(target) < 40:
+        return re.fullmatch(rf"\.?{re.escape(name)}(\.[0-9a-f]{{12}})?\.(safetensors|json)",
+                            target) is not None
+    return target.startswith((f"{name}."[:40], f".{name}."[:40]))
+
+
 def _drop_orphans(directory: Path, name: str, weights_path: Path) -> None:
     """Delete ``<name>.<sha12>.safetensors`` files no card in ``directory`` names: what a
     save killed between its weights and its card left (each later save of that name
-    left it there for good). Only files older than :data:`ORPHAN_AGE_S`: a save of the
-    same name in another process may have written its weights and not yet its card."""
+    left it there for good), and the hidden temp files of this model's writes a kill
+    left (up to a whole weights file each). Only files older than :data:`ORPHAN_AGE_S`:
+    a save of the same name in another process may have written its weights and not yet
+    its card, or be writing a temp file."""
     pattern = re.compile(rf"{re.escape(name)}\.[0-9a-f]{{12}}\.safetensors")
     now = time.time()
     try:
-        orphans = [p for p in directory.iterdir()
-                   if pattern.fullmatch(p.name) and p != weights_path
-                   and now - p.stat().st_mtime > ORPHAN_AGE_S]
+        old = [p for p in directory.iterdir() if now - p.stat().st_mtime > ORPHAN_AGE_S]
+        for temp in [p for p in old if _our_temp(p.name, name) and p.is_file()]:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+        orphans = [p for p in old if pattern.fullmatch(p.name) and p != weights_path]
         if not orphans:
             return
         named = b"".join(card.read_bytes() for card in directory.glob("*.json")
@@ -674,6 +695,8 @@ def _implausible_arch(arch_params: Mapping[str, Any], tensors: Mapping[str, Any]
 def _weights_problem(tensors: Mapping[str, Any]) -> str | None:
     """Why these weights cannot be a model's (None if they can): a model's tensors are
     floating point and finite; BatchNorm's counter is the one integer tensor."""
+    if not tensors:  # said of the file: the card was blamed ("cannot describe these weights")
+        return "the weights file holds no tensors"
     for key, value in tensors.items():
         if key.endswith("num_batches_tracked"):
             continue
