@@ -7,9 +7,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch first and pinned: this machine carries a CPU build of 2.13.0 on disk, while an
-# unpinned torch (or one pulled in by a dependency) downloads a multi-GB CUDA build.
+# torch first and pinned: an unpinned torch (or one pulled in by a dependency) downloads a
+# multi-GB CUDA build. The pin alone does not stop that (PyPI's Linux wheels of 2.13.0 are
+# the CUDA builds): torch comes from its CPU index when that index answers, else from
+# pip's own configuration (this project's machines serve a CPU wheel from local disk and
+# reach no other index). TORCH_INDEX=URL picks an index; TORCH_INDEX= (empty) uses pip's.
 TORCH_PIN := torch==2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= auto
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # What napari's Qt needs under a virtual X server (Debian names).
 XVFB_DEBS := xvfb xauth libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-randr0 \
@@ -29,13 +34,26 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --upgrade pip
 
 # Stamps re-run the install when pyproject.toml changes.
+define install_torch
+	@index="$(TORCH_INDEX)"; \
+	if [ "$$index" = auto ]; then \
+	  index=; \
+	  if timeout 15 $(BIN)/python -c "import urllib.request as u; \
+	u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1; then \
+	    index=$(TORCH_CPU_INDEX); \
+	  fi; \
+	fi; \
+	echo "$(BIN)/pip install $(TORCH_PIN)$${index:+ --index-url $$index}"; \
+	$(BIN)/pip install $(TORCH_PIN) $${index:+--index-url $$index}
+endef
+
 $(VENV)/.installed-gui: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install $(TORCH_PIN)
+	$(install_torch)
 	$(BIN)/pip install -e ".[gui]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install $(TORCH_PIN)
+	$(install_torch)
 	$(BIN)/pip install -e ".[testing]"
 	touch $@ $(VENV)/.installed-gui
 
@@ -43,7 +61,9 @@ install: $(VENV)/.installed-gui
 install-test: $(VENV)/.installed-test
 
 xvfb-deps:
-	@if command -v Xvfb >/dev/null && ldconfig -p | grep -q libxcb-cursor.so.0 \
+	@# ldconfig lives in /sbin, outside a normal user's PATH on Debian: every run asked sudo
+	@export PATH="$$PATH:/usr/sbin:/sbin"; \
+	if command -v Xvfb >/dev/null && ldconfig -p | grep -q libxcb-cursor.so.0 \
 	    && ldconfig -p | grep -q libxkbcommon-x11; then \
 	  echo "Xvfb and Qt's X libraries are present"; \
 	else \
