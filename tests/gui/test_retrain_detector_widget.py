@@ -517,3 +517,23 @@ def test_a_round_says_how_it_agrees_with_the_points_it_trained_on(scene):
                              volume_from_layer(image), threshold=0.5)
     assert "On the 2 slices it trained on: it finds 1 of your 2 points" in note
     assert "1 detection you did not keep" in note and "not a held-out score" in note
+
+
+def test_detect_run_on_another_image_is_not_picked(scene, qtbot, random_models):
+    """Detect on another open scan switched the points picker to that scan's detections
+    ('made on this image', it said), and the round trained on this image's voxels with
+    the other scan's points."""
+    from napari_medseg._widgets.detect import DetectWidget
+
+    viewer, image, points, widget = scene
+    other = viewer.add_image(image.data[::-1].copy(), scale=image.scale, name="prior scan")
+    assert widget._image.value is image and widget.annotated_slices() == []
+    for source, picked in ((other, False), (image, True)):
+        detect = DetectWidget(plugin_view(viewer))
+        detect._image.value, detect._model.value = source, random_models["LesionDetector"]
+        detect._run.clicked.emit()
+        qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+        result = viewer.layers[-1]
+        assert isinstance(result, Points) and result.metadata["medseg"]["input_layer"] == source.name
+        assert (widget._layer_pick.value is result) is picked
+    assert "made on this image" in widget._status.value

@@ -75,6 +75,23 @@ def provenance(card: dict, image_name: str) -> dict[str, Any]:
     }
 
 
+#: result layer -> the image layer (weakly) a model widget made it on: by identity, as a
+#: name changes with a rename and passes to another layer
+_MADE_ON: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: the image layers whose results are being added now (napari's "inserted" event for a
+#: result comes before the widget adding it can record it)
+_ADDING_ON: list = []
+
+
+def made_on(layer: Any) -> Any:
+    """The image layer a model widget made ``layer`` on (Segment's labels, Detect's
+    points), or None: not a result, or its image is gone."""
+    ref = _MADE_ON.get(layer)
+    if ref is not None:
+        return ref()
+    return _ADDING_ON[-1] if _ADDING_ON else None
+
+
 #: every open Model picker: a model saved from one widget is listed in all of them at
 #: once (napari re-reads a picker's choices only when the layer list changes)
 _MODEL_PICKERS: "weakref.WeakSet[ComboBox]" = weakref.WeakSet()
@@ -480,7 +497,15 @@ class ModelRunWidget(Container):
         self._result_note = note = "\n".join(filter(None, [
             self.missing_note(volume, result, options),
             *(f"Warning: {w}" for w in self._input_warnings(volume, card))]))
-        self.show_result(result, card, layer, volume, options)
+        before = {id(kept) for kept in self._viewer.layers}
+        _ADDING_ON.append(layer)
+        try:
+            self.show_result(result, card, layer, volume, options)
+        finally:
+            _ADDING_ON.pop()
+        for added in self._viewer.layers:
+            if id(added) not in before:
+                _MADE_ON[added] = weakref.ref(layer)
         if note and not self._status.value.endswith(note):
             self._status.value = f"{self._status.value}\n{note}"
 

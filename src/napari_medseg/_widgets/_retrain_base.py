@@ -66,6 +66,7 @@ from ._model_widget import (
     _geometry,
     _same_geometry,
     LayerNameFollower,
+    made_on,
     model_picker,
     plain_viewer,
     progress_bar,
@@ -522,9 +523,15 @@ class _RetrainBase(Container):
                 or self._worker is not None or self.annotated_slices()
                 or not self._fits(layer, image)):
             return
+        source = made_on(layer)
+        if source is not None and source is not image:
+            # Detect or Segment run on another open scan: its points or labels fit this
+            # image's dimensions, and were trained on with this image's voxels
+            return
         self._layer_pick.value = layer
         if old is not None:
-            self._status.value = (f"{self.layer_kind}: now '{layer.name}', made on this image "
+            made = "made on this image" if source is image else "new, of this image's size"
+            self._status.value = (f"{self.layer_kind}: now '{layer.name}', {made} "
                                   f"(nothing was listed on '{old.name}')")
 
     @staticmethod
