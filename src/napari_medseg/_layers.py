@@ -407,6 +407,7 @@ _BEFORE_CHANGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _MARKED_LAYERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_ROWS_WHEN_WATCHED: "weakref.WeakKeyDictionary[Any, np.ndarray]" = weakref.WeakKeyDictionary()
 
 
 def watch_detection_edits(layer: Any) -> None:
@@ -418,8 +419,18 @@ def watch_detection_edits(layer: Any) -> None:
     if layer in _MARKED_LAYERS:
         return
     _MARKED_LAYERS.add(layer)
+    # its points as they were: a Retrain widget opened after the user corrected them
+    # lists the slices of what was added, moved or deleted since (rows_when_watched)
+    _ROWS_WHEN_WATCHED[layer] = np.array(layer.data, dtype=float, copy=True).reshape(
+        -1, layer.ndim)
     layer.events.data.connect(lambda event, layer=layer: mark_added_points(layer, event))
     layer.events.highlight.connect(lambda event, layer=layer: _unselect_hidden(layer))
+
+
+def rows_when_watched(layer: Any) -> np.ndarray | None:
+    """A detection layer's points when :func:`watch_detection_edits` first saw it (for
+    Detect's layers: as detected); None if it never did."""
+    return _ROWS_WHEN_WATCHED.get(layer)
 
 
 def watch_added_lesions(layer: Any) -> None:

@@ -537,3 +537,32 @@ def test_detect_run_on_another_image_is_not_picked(scene, qtbot, random_models):
         assert isinstance(result, Points) and result.metadata["medseg"]["input_layer"] == source.name
         assert (widget._layer_pick.value is result) is picked
     assert "made on this image" in widget._status.value
+
+
+def test_corrections_made_before_the_widget_was_opened_are_listed(make_napari_viewer, qtbot,
+                                                                  random_models, small_phantom):
+    """Detect, correct the points, then open Retrain (the natural order): nothing was
+    listed, and Retrain asked for the edits the user had already made; a deleted false
+    positive was lost as a negative."""
+    from napari_medseg._widgets.detect import DetectWidget
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    detect = DetectWidget(plugin_view(viewer))
+    detect._image.value, detect._model.value = image, random_models["LesionDetector"]
+    detect._run.clicked.emit()
+    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    detections = viewer.layers[-1]
+    detect._threshold.value = detect._threshold.min  # a random model's weak detections shown
+    shown = np.flatnonzero(detections.shown)
+    assert len(shown) >= 1
+    first_z = int(round(detections.data[shown[0]][0]))
+    n = len(detections.data)
+    detections.selected_data = {int(shown[0])}
+    detections.remove_selected()  # a false positive deleted
+    assert len(detections.data) == n - 1
+    detections.add([5.0, 30.0, 30.0])  # a lesion it missed
+    widget = RetrainDetectorWidget(plugin_view(viewer))
+    widget._image.value = image
+    widget._layer_pick.value = detections
+    assert widget.annotated_slices() == sorted({first_z, 5})

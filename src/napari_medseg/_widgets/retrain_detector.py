@@ -13,8 +13,8 @@ import numpy as np
 from napari.utils.notifications import show_warning
 
 from .._layers import (ADDED_POINT_FEATURES, _like_layer, _points_kwargs, detection_labels,
-                       detection_layer_data, hide_unshown, marker_sizes, scale_mm, unmatched_rows,
-                       watch_detection_edits)
+                       detection_layer_data, hide_unshown, marker_sizes, rows_when_watched,
+                       scale_mm, unmatched_rows, watch_detection_edits)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix
 from ..core.evaluation import match_detections
@@ -42,6 +42,9 @@ class RetrainDetectorWidget(_RetrainBase):
         # a detection layer (maybe opened again from a file), or one with diameters: an
         # added point must not take the selected one's diameter and score as its own, nor
         # a row deleted by a script shift the others' diameters
+        # edits made before this widget saw the layer (Detect run, points corrected, then
+        # Retrain opened): listed, as those made while another layer was picked are below
+        made = rows_when_watched(layer)
         if {"score", "diameter_mm"} & set(layer.features.columns):
             watch_detection_edits(layer)
         layer.events.data.connect(self._on_points)
@@ -50,8 +53,8 @@ class RetrainDetectorWidget(_RetrainBase):
             show_warning(f"Retrain: '{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D: "
                          "its points can be neither trained on nor autosaved; pick or make a "
                          "points layer on this image")
-        left = self._left_points.pop(layer, None)
-        if left is not None:  # edits made on it while another layer was picked
+        left = self._left_points.pop(layer, made)
+        if left is not None:  # edits made on it while another layer was picked (or before)
             self._away_slices = {z for row in _changed_rows(left, self._point_rows(layer))
                                  if (z := self._point_slice(layer, row)) is not None}
 
