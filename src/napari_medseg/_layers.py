@@ -160,9 +160,13 @@ def marker_sizes(diameters_mm: Any, layer_scale: Any) -> np.ndarray:
     napari draws a point ``size × |scale[-1]|`` wide in world units, whatever the other
     axes' scale or an affine say, so that is the one factor to divide by (a mean of the
     y and x spacing, or the spacing held in an affine, drew non-square or affine-placed
-    images' lesions too large). Unknown (NaN) diameters get the minimum."""
+    images' lesions too large). Unknown (NaN) diameters are drawn at the one retraining
+    gives such a point (a restored added point came back at the 3-pixel minimum)."""
+    from .core.volume import DEFAULT_DIAMETER_MM
+
     step = abs(float(np.asarray(layer_scale, dtype=float)[-1])) or 1.0
-    return np.maximum(np.nan_to_num(np.asarray(diameters_mm, dtype=float), nan=0.0) / step, 3.0)
+    diameters = np.asarray(diameters_mm, dtype=float)
+    return np.maximum(np.where(np.isnan(diameters), DEFAULT_DIAMETER_MM, diameters) / step, 3.0)
 
 
 def _points_kwargs(

@@ -189,6 +189,15 @@ def test_autosave_keeps_hidden_points_and_a_restored_layer_adds_unknown_sizes(
     restored = widget2._layer_pick.value
     np.testing.assert_allclose(restored.data, points.data)
     assert list(restored.shown) == list(points.shown)
+    # the added point (no diameter) comes back at the size retraining gives it, not at
+    # the 3-pixel minimum
+    from napari_medseg._layers import marker_sizes
+    from napari_medseg.core.finetune import DEFAULT_DIAMETER_MM
+
+    assert np.isnan(points.features["diameter_mm"].iloc[-1])
+    assert restored.size[-1] == pytest.approx(
+        marker_sizes([DEFAULT_DIAMETER_MM], restored.scale)[0])
+    assert restored.size[-1] > 3
     restored.selected_data = {0}  # the 12 mm lesion
     restored.add([5.0, 50.0, 50.0])
     assert np.isnan(restored.features["diameter_mm"].iloc[-1])

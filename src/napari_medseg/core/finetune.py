@@ -63,7 +63,7 @@ from .inference import (
 from .models.registry import build_for_weights, save_model, user_models_dir
 from .models.segmenter import RecurrentSegmenter
 from .rng import PrivateRNG
-from .volume import Volume
+from .volume import DEFAULT_DIAMETER_MM, Volume
 from .progress import Job, Progress
 from .resample import resample_yx
 from .models.classifier import check_choice
@@ -699,8 +699,6 @@ def finetune_segmenter(
 # ======================================================================================
 # Detector: learn from added, moved and deleted points
 # ======================================================================================
-#: diameter assumed for a point that does not carry one
-DEFAULT_DIAMETER_MM = 10.0
 
 
 def check_points(volume: Any, points: Any, diameters: Any, slices: Sequence[int]

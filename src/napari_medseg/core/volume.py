@@ -70,6 +70,10 @@ def _is_pair(values: Any) -> bool:
         return False
 
 
+#: diameter assumed for a lesion point that does not carry one: retraining gives it this
+#: size, and the widgets draw it so (here, not in finetune: drawing must not import torch)
+DEFAULT_DIAMETER_MM = 10.0
+
 @dataclass(frozen=True)
 class Volume:
     """A (z, y, x) float32 image with spacing/origin in mm and a per-slice missing mask.
