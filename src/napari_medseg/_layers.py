@@ -428,6 +428,7 @@ def watch_detection_edits(layer: Any) -> None:
     _ROWS_WHEN_WATCHED[layer] = np.array(layer.data, dtype=float, copy=True).reshape(
         -1, layer.ndim)
     layer.events.data.connect(lambda event, layer=layer: mark_added_points(layer, event))
+    layer.events.size.connect(lambda _event, layer=layer: mark_resized_points(layer))
     layer.events.highlight.connect(lambda event, layer=layer: _unselect_hidden(layer))
 
 
@@ -465,6 +466,30 @@ def watch_added_lesions(layer: Any) -> None:
             _draw_at_training_size(layer, rows)
 
     layer.events.data.connect(on_data)
+
+
+def mark_resized_points(layer: Any) -> list[int]:
+    """After the user set the size of the selected points (napari's point size slider,
+    the one way it emits ``events.size``): each one's ``diameter_mm`` is the ring it now
+    draws, and it is the user's (no score, so no threshold hides it; its text gives the
+    size). Retraining read the old diameter and the text kept it. Returns the rows."""
+    n = len(layer.data)
+    rows = sorted(int(i) for i in layer.selected_data if 0 <= int(i) < n)
+    if not rows or "diameter_mm" not in layer.features.columns:
+        return []
+    step = abs(float(scale_mm(layer)[-1])) or 1.0
+    diameters = np.asarray(layer.size, dtype=float)[rows] * step
+    features = layer.features.copy()
+    features["diameter_mm"] = features["diameter_mm"].astype(float)
+    features.loc[rows, "diameter_mm"] = diameters
+    if "score" in features:
+        features["score"] = features["score"].astype(float)
+        features.loc[rows, "score"] = np.nan
+    if "label" in features:
+        features["label"] = features["label"].astype(object)
+        features.loc[rows, "label"] = [f"{d:.0f} mm" for d in diameters]
+    layer.features = features
+    return rows
 
 
 def mark_added_points(layer: Any, event: Any) -> bool:

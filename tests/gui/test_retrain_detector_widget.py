@@ -575,3 +575,37 @@ def test_corrections_made_before_the_widget_was_opened_are_listed(make_napari_vi
     widget._image.value = image
     widget._layer_pick.value = detections
     assert widget.annotated_slices() == sorted({first_z, 5})
+
+
+def test_a_resized_ring_is_the_diameter_trained_on_and_lists_its_slice(scene):
+    """Setting a point's size (napari's point size slider) listed no slice, and the round
+    trained on the old diameter; the detection's text kept the old size."""
+    viewer, image, points, widget = scene
+    assert widget.annotated_slices() == []
+    points.selected_data = {0}  # the 12 mm lesion on slice 2
+    points.current_size = 20.0  # what the layer controls' slider does
+    step = abs(float(image.scale[-1]))
+    assert points.features["diameter_mm"].iloc[0] == pytest.approx(20.0 * step)
+    assert points.features["diameter_mm"].iloc[1] == pytest.approx(8.0)  # not selected
+    assert widget.annotated_slices() == [2]
+    _, diameters = widget._points_on_image(points, image)
+    assert diameters[0] == pytest.approx(20.0 * step)
+
+
+def test_a_resized_detection_is_the_users_with_its_new_size_shown(make_napari_viewer):
+    from napari_medseg._layers import watch_detection_edits
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_points(np.array([[1.0, 5.0, 5.0], [2.0, 9.0, 9.0]]), scale=(2.0, 0.5, 0.5),
+                              features={"diameter_mm": [6.0, 7.0], "score": [0.4, 0.9],
+                                        "label": ["0.40 · 6 mm", "0.90 · 7 mm"]},
+                              text="{label}")
+    watch_detection_edits(layer)
+    layer.selected_data = {0}
+    layer.current_size = 30.0
+    row = layer.features.iloc[0]
+    assert row["diameter_mm"] == pytest.approx(15.0) and np.isnan(row["score"])
+    assert row["label"] == "15 mm" and layer.features.iloc[1]["label"] == "0.90 · 7 mm"
+    layer.selected_data = set()
+    layer.current_size = 4.0  # nothing selected: no point changes
+    assert layer.features["diameter_mm"].tolist() == pytest.approx([15.0, 7.0])

@@ -48,6 +48,7 @@ class RetrainDetectorWidget(_RetrainBase):
         if {"score", "diameter_mm"} & set(layer.features.columns):
             watch_detection_edits(layer)
         layer.events.data.connect(self._on_points)
+        layer.events.size.connect(self._on_sizes)
         image = self._image.value
         if image is not None and layer.ndim != image.ndim:
             show_warning(f"Retrain: '{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D: "
@@ -60,6 +61,7 @@ class RetrainDetectorWidget(_RetrainBase):
 
     def _disconnect(self, layer) -> None:
         layer.events.data.disconnect(self._on_points)
+        layer.events.size.disconnect(self._on_sizes)
         self._left_points[layer] = self._point_rows(layer)
 
     @staticmethod
@@ -102,6 +104,16 @@ class RetrainDetectorWidget(_RetrainBase):
                                        value.reshape(-1, layer.ndim))
         zs = {z for p in points if (z := self._point_slice(layer, p)) is not None}
         self._add_edited(zs)
+
+    def _on_sizes(self, _event=None) -> None:
+        """A ring resized (the selected points' size set): its diameter is what a round
+        trains on (``mark_resized_points``), so its slice is edited."""
+        layer = self._tracked
+        if layer is None or "diameter_mm" not in layer.features.columns:
+            return
+        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)
+        rows = [int(i) for i in layer.selected_data if 0 <= int(i) < len(data)]
+        self._add_edited({z for r in rows if (z := self._point_slice(layer, data[r])) is not None})
 
     def _empty_layer(self, image):
         return self._viewer.add_points(
