@@ -609,3 +609,31 @@ def test_a_resized_detection_is_the_users_with_its_new_size_shown(make_napari_vi
     layer.selected_data = set()
     layer.current_size = 4.0  # nothing selected: no point changes
     assert layer.features["diameter_mm"].tolist() == pytest.approx([15.0, 7.0])
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_a_listed_missing_slice_is_left_out_of_the_round_not_blocking_it(
+        make_napari_viewer, qtbot, random_models, small_phantom, recorded):
+    """A point added on a missing (all-NaN) slice listed it, and every round was refused
+    ('slices 4 were not acquired') until the user found and unticked it."""
+    viewer = make_napari_viewer()
+    data = small_phantom.volume.array.copy()
+    data[4] = np.nan
+    image = viewer.add_image(data, scale=small_phantom.volume.spacing, name="ct",
+                             metadata={"medseg": {"missing_slices": [4]}} if recorded else {})
+    points = viewer.add_points(np.zeros((0, 3)), scale=image.scale, name="mine",
+                               features={"diameter_mm": np.zeros(0)})
+    widget = RetrainDetectorWidget(plugin_view(viewer))
+    widget._image.value, widget._layer_pick.value = image, points
+    widget._model.value = random_models["LesionDetector"]
+    widget._seconds.value = 2.0
+    points.add([4.0, 30.0, 30.0])
+    points.add([2.0, 40.0, 40.0])
+    assert widget.annotated_slices() == [2, 4]
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("slice 4 is missing from the image" in m for m in said), said
+    assert widget._history is not None and widget._history.current == 1, widget._status.value
+    assert list(widget._history.versions[-1].report.slices) == [2]

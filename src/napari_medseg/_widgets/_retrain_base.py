@@ -57,7 +57,7 @@ from ..core.session import (
     session_key,
     sessions_dir,
 )
-from ..core.text import counted
+from ..core.text import counted, slice_ranges
 from ._loss_curve import LossCurve
 from ._navigate import drawn_matrix, go_to_slice, slice_axis_shown, to_viewer_units
 from ._model_widget import (
@@ -676,6 +676,14 @@ class _RetrainBase(Container):
             self._rebuild_list()
         self._schedule_autosave()
 
+    def slices_to_check(self, volume) -> list[int]:
+        """The ticked slices the round will train on: those of ``volume`` found missing
+        are left out (the round says so), unless every one is (the check then says why)."""
+        slices = self.training_slices()
+        missing = np.asarray(getattr(volume, "missing", ()), dtype=bool)
+        kept = [z for z in slices if not (0 <= z < len(missing) and missing[z])]
+        return kept or slices
+
     def annotated_slices(self) -> list[int]:
         """Every listed slice (edited or checked): never overwritten by a re-prediction."""
         return sorted(self._edited | self._checked)
@@ -1000,6 +1008,14 @@ class _RetrainBase(Container):
     def _retrain_job(self, volume, annotation, slices, source, seconds, version, names,
                      output=None):
         volume = yield from read_deferred(volume)
+        # a listed slice found missing (no finite voxel) is left out, as a point off the
+        # image is: it blocked every round until the user found it and unticked it. All
+        # of them missing: the core says so.
+        left_out = [z for z in slices if 0 <= z < volume.shape[0] and volume.missing[z]]
+        if left_out and len(left_out) < len(slices):
+            slices = [z for z in slices if z not in left_out]
+        else:
+            left_out = []
         model, card = self._model_from(source)
         digest = _content_digest(volume) if self.reuses_output else None
         if output is not None and output[0] != digest:
@@ -1007,7 +1023,7 @@ class _RetrainBase(Container):
         result = yield from self._finetune(volume, model, card, annotation, slices, seconds,
                                            version, names, None if output is None else output[1])
         prediction = yield from self._predict_volume(volume, result.model, result.card)
-        return result, prediction, (model, card), volume, digest
+        return result, prediction, (model, card), volume, digest, left_out
 
     def _predict_job(self, volume, source):
         volume = yield from read_deferred(volume)
@@ -1065,7 +1081,12 @@ class _RetrainBase(Container):
             self._status.value = report.message  # a late report must not hide the result
 
     def _on_retrained(self, out, image, layer, source, seen=None) -> None:
-        result, prediction, base, volume, digest = out
+        result, prediction, base, volume, digest, left_out = out
+        if left_out:
+            show_warning(f"Retrain: listed slice{'s' if len(left_out) > 1 else ''} "
+                         f"{slice_ranges(left_out)} {'are' if len(left_out) > 1 else 'is'} "
+                         "missing from the image (not acquired): left out of the round "
+                         "(untick or remove it from the list)")
         if not self._adopt(source, base):  # the model was switched meanwhile
             kept = self._keep_for_its_model(source, base, result)
             show_warning("Retrain: the model was changed during the round; "

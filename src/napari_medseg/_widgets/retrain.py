@@ -365,7 +365,7 @@ class RetrainWidget(_RetrainBase):
                 "rotation, shear or affine): its slice numbers would not be the image's; pick the "
                 "Labels layer drawn on this image")
         if need_annotations:
-            check_annotations(volume, labels, self.training_slices())
+            check_annotations(volume, labels, self.slices_to_check(volume))
         return labels
 
     def _session(self, layer, image) -> AnnotationSession:

@@ -172,7 +172,7 @@ class RetrainDetectorWidget(_RetrainBase):
                          f"{', '.join(f'{v:.0f}' for v in first)})")
             points, diam = points[inside], diam[inside]
         if need_annotations:
-            points, diam, _ = check_points(volume, points, diam, self.training_slices())
+            points, diam, _ = check_points(volume, points, diam, self.slices_to_check(volume))
         return points, diam
 
     def _session(self, layer, image) -> AnnotationSession:
