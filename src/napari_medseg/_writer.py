@@ -232,6 +232,11 @@ def _voxel_to_world(meta: dict, ndim: int) -> np.ndarray:
         raise MedsegInputError(f"layers are saved as 2D or 3D, got {ndim}D")
     matrix = np.eye(4)
     matrix[1:3, 1:3], matrix[1:3, 3] = world[:2, :2], world[:2, 2]
+    if any(getattr(layer, "ndim", 0) == 3 for layer in _open_layers()):
+        # a slice split off a volume (napari's Split Stack) does not know where it was
+        _say("a 2D layer holds no slice position: it is saved as one 1 mm slice at z = 0, "
+             "apart from the 3D scan in other viewers; to keep its place, save a 3D layer",
+             warning=True)
     return matrix
 
 
@@ -262,12 +267,24 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
     own = axes_for(((meta.get("metadata") or {}).get("medseg") or {}).get("source"), shape)
     if own is not None:
         return own
-    for layer in _open_layers():
-        axes = scan_axes(layer).get("axes_lps")
-        if (axes is not None and getattr(layer, "ndim", 0) == 3
-                and tuple(getattr(layer.data, "shape", ()))[-3:] == tuple(shape)
+    scans = [(layer, axes) for layer in _open_layers()
+             if getattr(layer, "ndim", 0) == 3
+             and (axes := scan_axes(layer).get("axes_lps")) is not None]
+    for layer, axes in scans:
+        if (tuple(getattr(layer.data, "shape", ()))[-3:] == tuple(shape)
                 and np.allclose(world_matrix_mm(layer), matrix)):
             return axes
+    # a layer on the scan's grid with another extent (napari's New Labels sized to other
+    # layers, a crop): the plugin measures the world along the scan's own axes, so every
+    # layer drawn in it lies in that frame (it was saved axial: 70 mm off an oblique
+    # scan in other viewers). Two open scans with other axes: which one is not known.
+    distinct = {tuple(np.round(np.asarray(axes, dtype=float), 4).ravel()) for _, axes in scans}
+    if len(distinct) == 1:
+        return scans[0][1]
+    if len(distinct) > 1:
+        _say("the open scans lie along different axes and this layer is on none of their "
+             "grids, so it is saved in axial axes, which other viewers may place apart "
+             "from the scan; save it with only its scan open", warning=True)
     return None
 
 

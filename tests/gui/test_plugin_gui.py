@@ -503,7 +503,10 @@ def test_labels_saved_from_an_oblique_scan_lie_on_it_and_never_replace_it(make_n
     saved = nib.load(out)
     (ijk,) = np.argwhere(np.asarray(saved.dataobj) == 1)
     ras = saved.affine @ [*ijk, 1]
-    world_zyx = np.array([ras[2], -ras[1], -ras[0]])  # axial: z = S, y = P, x = L
+    # drawn in the world of the one scan open, which is measured along that scan's axes:
+    # it lies where it is drawn relative to the scan (it was saved axial, apart from it)
+    axes = np.asarray(image.metadata["medseg"]["source"]["axes_lps"])
+    world_zyx = axes @ (ras[:3] * [-1.0, -1.0, 1.0])
     np.testing.assert_allclose(world_zyx, turned.data_to_world((1, 2, 3)), atol=1e-4)
 
     before = scan.read_bytes()
@@ -928,3 +931,44 @@ def test_a_point_added_to_the_sample_s_lesions_is_no_lesion(make_napari_viewer):
     added = points.features.iloc[-1]
     assert added["label"] == "added" and added["organ"] == "" and np.isnan(added["diameter_mm"])
     assert points.features.iloc[0]["label"] != "added"
+
+
+def test_labels_of_another_extent_on_an_oblique_scan_are_saved_on_it(make_napari_viewer,
+                                                                       tmp_path):
+    """napari's New Labels sized to other layers (or a cropped layer) on the scan's grid
+    was saved axial: 70 mm off an oblique scan in other viewers; two open scans with other
+    axes are said, not guessed; a 2D slice layer is said to lose its place."""
+    import nibabel as nib
+
+    scan, affine = _oblique_scan(tmp_path)
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(scan), plugin="napari-medseg")
+    scale = np.asarray(image.scale)
+    crop = viewer.add_labels(np.zeros((3, 4, 4), np.uint8), scale=scale,
+                             translate=np.asarray(image.translate) + scale * (1, 2, 1), name="crop")
+    crop.data[1, 1, 2] = 1  # the scan's voxel (2, 3, 3)
+    viewer.layers.selection = {crop}
+    out = tmp_path / "crop.nii.gz"
+    assert viewer.layers.save(str(out), selected=True, plugin="napari-medseg") == [str(out)]
+    saved = nib.load(str(out))
+    (ijk,) = np.argwhere(np.asarray(saved.dataobj) == 1)
+    (expected,) = np.argwhere(np.asarray(nib.load(str(scan)).dataobj) == image.data[2, 3, 3])
+    np.testing.assert_allclose((np.linalg.inv(affine) @ saved.affine @ [*ijk, 1])[:3], expected,
+                               atol=1e-3)
+
+    other = tmp_path / "axial.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.diag([1.0, 1.0, 1.0, 1.0])),
+             str(other))
+    viewer.open(str(other), plugin="napari-medseg")
+    start = len(notification_manager.records)
+    viewer.layers.selection = {crop}
+    viewer.layers.save(str(tmp_path / "crop2.nii.gz"), selected=True, plugin="napari-medseg")
+    said = " ".join(str(n.message) for n in notification_manager.records[start:])
+    assert "lie along different axes" in said, said
+
+    flat = viewer.add_labels(np.zeros((7, 6), np.uint8), scale=scale[1:], name="slice")
+    start = len(notification_manager.records)
+    viewer.layers.selection = {flat}
+    viewer.layers.save(str(tmp_path / "slice.nii.gz"), selected=True, plugin="napari-medseg")
+    said = " ".join(str(n.message) for n in notification_manager.records[start:])
+    assert "holds no slice position" in said, said

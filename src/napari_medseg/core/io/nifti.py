@@ -647,7 +647,13 @@ def write_nifti(
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm")
     # Code 1 (scanner) in both: ITK-based tools read the qform, nibabel prefers the sform.
-    img.set_qform(affine, code=1)
+    # A sheared grid (a gantry tilt) the qform cannot hold: its nearest rotation placed
+    # voxels up to 27 mm off, so it is marked unknown (code 0) and every tool takes the
+    # exact sform.
+    gram = affine[:3, :3].T @ affine[:3, :3]
+    norms = np.sqrt(np.diag(gram))
+    sheared = np.abs(gram / np.outer(norms, norms) - np.eye(3)).max() > 1e-6
+    img.set_qform(affine, code=0 if sheared else 1)
     img.set_sform(affine, code=1)
     ours: dict[str, Any] = dict(info or {})
     if labels:
