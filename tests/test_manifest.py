@@ -129,3 +129,11 @@ def test_the_wheel_ships_the_manifest_where_links_were_not_kept(tmp_path):
                     str(dist), str(tree)], check=True, capture_output=True)
     with zipfile.ZipFile(next(dist.glob("napari_medseg-*.whl"))) as zf:
         assert zf.read("napari_medseg/napari.yaml") == (REPO / "napari.yaml").read_bytes()
+        metadata = next(zf.read(n) for n in zf.namelist() if n.endswith("/METADATA")).decode()
+    # PyPI and the napari hub show the README without the repository: no relative link
+    import re
+
+    links = re.findall(r"\]\(([^)\s]+)\)", metadata)
+    assert any("docs/images/demo.png" in link for link in links)
+    relative = [link for link in links if not link.startswith(("https://", "http://", "#"))]
+    assert not relative, relative
