@@ -647,14 +647,17 @@ def write_nifti(
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm")
     # Code 1 (scanner) in both: ITK-based tools read the qform, nibabel prefers the sform.
-    # A sheared grid (a gantry tilt) the qform cannot hold: its nearest rotation placed
-    # voxels up to 27 mm off, so it is marked unknown (code 0) and every tool takes the
-    # exact sform.
-    gram = affine[:3, :3].T @ affine[:3, :3]
-    norms = np.sqrt(np.diag(gram))
-    sheared = np.abs(gram / np.outer(norms, norms) - np.eye(3)).max() > 1e-6
-    img.set_qform(affine, code=0 if sheared else 1)
+    img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    qform = img.get_qform()
+    if not np.allclose(qform[:3, :3], affine[:3, :3], atol=1e-4):
+        # A sheared grid (a gantry tilt): the qform holds only its nearest rotation, which
+        # nibabel anchors at voxel 0, so the far corner lay up to 27 mm off. Anchored at
+        # the centre, no voxel is more than half that off. (Marked unknown instead, ITK
+        # refused the file: it reads no sheared sform.)
+        centre = (np.asarray(img.shape[:3], dtype=float) - 1.0) / 2.0
+        qform[:3, 3] = affine[:3, :3] @ centre + affine[:3, 3] - qform[:3, :3] @ centre
+        img.set_qform(qform, code=1)
     ours: dict[str, Any] = dict(info or {})
     if labels:
         img.header.set_intent("label")
