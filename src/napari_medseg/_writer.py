@@ -274,18 +274,28 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
         if (tuple(getattr(layer.data, "shape", ()))[-3:] == tuple(shape)
                 and np.allclose(world_matrix_mm(layer), matrix)):
             return axes
-    # a layer on the scan's grid with another extent (napari's New Labels sized to other
-    # layers, a crop): the plugin measures the world along the scan's own axes, so every
-    # layer drawn in it lies in that frame (it was saved axial: 70 mm off an oblique
-    # scan in other viewers). Two open scans with other axes: which one is not known.
-    distinct = {tuple(np.round(np.asarray(axes, dtype=float), 4).ravel()) for _, axes in scans}
+    # a layer on the scan's voxel grid with another extent (napari's New Labels sized to
+    # other layers, a crop): same voxel steps, shifted by whole voxels. It was saved
+    # axial: 70 mm off an oblique scan in other viewers. Scans of other axes whose grid
+    # it is on: which one is not known.
+    on_grid = [axes for layer, axes in scans if _on_grid_of(matrix, world_matrix_mm(layer))]
+    distinct = {tuple(np.round(np.asarray(axes, dtype=float), 4).ravel()) for axes in on_grid}
     if len(distinct) == 1:
-        return scans[0][1]
+        return on_grid[0]
     if len(distinct) > 1:
-        _say("the open scans lie along different axes and this layer is on none of their "
-             "grids, so it is saved in axial axes, which other viewers may place apart "
-             "from the scan; save it with only its scan open", warning=True)
+        _say("this layer lies on the grids of open scans along different axes, so it is "
+             "saved in axial axes, which other viewers may place apart from the scan; "
+             "save it with only its scan open", warning=True)
     return None
+
+
+def _on_grid_of(matrix: np.ndarray, scan: np.ndarray) -> bool:
+    """Whether the voxels of a layer (its 4 × 4 ``matrix``) are voxels of ``scan``'s
+    grid: the same steps, and an offset of whole voxels."""
+    if not np.allclose(matrix[:3, :3], scan[:3, :3], rtol=1e-6, atol=1e-6):
+        return False
+    offset = np.linalg.solve(scan[:3, :3], matrix[:3, 3] - scan[:3, 3])
+    return bool(np.allclose(offset, np.round(offset), atol=1e-3))
 
 
 def _refuse_an_open_layers_file(path: str, saving: str | None) -> None:

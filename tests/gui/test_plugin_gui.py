@@ -503,10 +503,7 @@ def test_labels_saved_from_an_oblique_scan_lie_on_it_and_never_replace_it(make_n
     saved = nib.load(out)
     (ijk,) = np.argwhere(np.asarray(saved.dataobj) == 1)
     ras = saved.affine @ [*ijk, 1]
-    # drawn in the world of the one scan open, which is measured along that scan's axes:
-    # it lies where it is drawn relative to the scan (it was saved axial, apart from it)
-    axes = np.asarray(image.metadata["medseg"]["source"]["axes_lps"])
-    world_zyx = axes @ (ras[:3] * [-1.0, -1.0, 1.0])
+    world_zyx = np.array([ras[2], -ras[1], -ras[0]])  # axial: z = S, y = P, x = L
     np.testing.assert_allclose(world_zyx, turned.data_to_world((1, 2, 3)), atol=1e-4)
 
     before = scan.read_bytes()
@@ -956,15 +953,35 @@ def test_labels_of_another_extent_on_an_oblique_scan_are_saved_on_it(make_napari
     np.testing.assert_allclose((np.linalg.inv(affine) @ saved.affine @ [*ijk, 1])[:3], expected,
                                atol=1e-3)
 
-    other = tmp_path / "axial.nii.gz"
-    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.diag([1.0, 1.0, 1.0, 1.0])),
-             str(other))
-    viewer.open(str(other), plugin="napari-medseg")
+    # a .npy image (no axes) and labels on it: not on the oblique scan's grid, so axial
+    np.save(tmp_path / "plain.npy", np.zeros((3, 5, 5), np.float32))
+    (plain,) = viewer.open(str(tmp_path / "plain.npy"), plugin="napari-medseg")
+    on_plain = viewer.add_labels(np.zeros((3, 5, 5), np.uint8), scale=plain.scale,
+                                 translate=plain.translate)
+    viewer.layers.selection = {on_plain}
+    out = tmp_path / "plain_labels.nii.gz"
+    viewer.layers.save(str(out), selected=True, plugin="napari-medseg")
+    ras = nib.load(str(out)).affine[:3, :3]
+    np.testing.assert_allclose(ras - np.diag(np.diag(ras)), 0.0, atol=1e-6)  # axial
+
+    # two open scans along different axes on whose grids the layer lies: said, not guessed
+    viewer.layers.clear()
+    for angle in (20, 35):
+        a = np.radians(angle)
+        rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        turned = np.eye(4)
+        turned[:3, :3] = rot @ np.diag([0.8, 0.9, 2.5])
+        nib.save(nib.Nifti1Image(np.ones((5, 7, 6), np.int16), turned), str(tmp_path / f"t{angle}.nii"))
+        (scan_layer,) = viewer.open(str(tmp_path / f"t{angle}.nii"), plugin="napari-medseg")
+    crop = viewer.add_labels(np.zeros((2, 2, 2), np.uint8), scale=scan_layer.scale,
+                             translate=scan_layer.translate)
+    assert np.allclose(viewer.layers[0].scale, scan_layer.scale)
+    assert np.allclose(viewer.layers[0].translate, scan_layer.translate)
     start = len(notification_manager.records)
     viewer.layers.selection = {crop}
     viewer.layers.save(str(tmp_path / "crop2.nii.gz"), selected=True, plugin="napari-medseg")
     said = " ".join(str(n.message) for n in notification_manager.records[start:])
-    assert "lie along different axes" in said, said
+    assert "grids of open scans along different axes" in said, said
 
     flat = viewer.add_labels(np.zeros((7, 6), np.uint8), scale=scale[1:], name="slice")
     start = len(notification_manager.records)
