@@ -496,16 +496,28 @@ def test_a_script_editing_a_lesion_layer_keeps_each_points_diameter(
     assert diameters[0] == 12.0 and np.isnan(diameters[1])
 
 
-def test_a_new_detection_layer_on_the_image_is_picked_while_nothing_is_listed(scene):
+def test_a_new_detection_layer_on_the_image_is_picked_while_nothing_is_listed(
+        scene, qtbot, random_models):
+    from napari_medseg._widgets.detect import DetectWidget
+
     viewer, image, points, widget = scene
     assert widget.annotated_slices() == []
-    detected = viewer.add_points(np.array([[3.0, 30.0, 30.0]]), scale=image.scale,
-                                 name="ct lesions (detector)", features={"diameter_mm": [9.0]})
+    # a points layer no model widget made on this image (another patient's lesions
+    # opened from a file, a script's): not picked, its points would train this image
+    viewer.add_points(np.array([[3.0, 30.0, 30.0]]), scale=image.scale, name="from a file",
+                      features={"diameter_mm": [9.0]})
+    assert widget._layer_pick.value is points
+    detect = DetectWidget(plugin_view(viewer))
+    detect._image.value, detect._model.value = image, random_models["LesionDetector"]
+    detect._run.clicked.emit()
+    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    detected = viewer.layers[-1]
     assert widget._layer_pick.value is detected
     points.add([4.0, 50.0, 50.0])  # not picked now: listed only when picked again
     widget._layer_pick.value = points
     assert widget.annotated_slices() == [4]
-    viewer.add_points(np.array([[1.0, 10.0, 10.0]]), scale=image.scale, name="later")
+    detect._run.clicked.emit()
+    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
     assert widget._layer_pick.value is points  # a slice is listed: the pick stays
 
 

@@ -1698,21 +1698,32 @@ def test_the_loss_caption_compares_the_first_and_last_fifth_not_two_steps(qtbot)
 
 
 def test_a_new_result_on_the_image_is_picked_while_nothing_is_listed(
-        make_napari_viewer, random_models, small_phantom):
+        make_napari_viewer, qtbot, random_models, small_phantom):
     """Docked before Segment ran, the picker stayed on the sample's ground truth: the
     user corrected the new segmentation and nothing was listed."""
+    from napari_medseg._widgets.segment import SegmentWidget
+
     viewer = make_napari_viewer()
     image = _open(viewer, small_phantom)  # image and ground truth
     truth = viewer.layers[1]
     widget = _widget(viewer, image, truth, random_models["RecurrentSegmenter"])
-    result = _prediction_layer(viewer, image, small_phantom.labels)  # as Segment adds it
-    assert widget._labels_pick.value is result
-    assert "now 'prediction'" in widget._status.value
+    # a layer of the image's shape that no model made on it (another scan's labels of
+    # the same size, a script's): not picked
+    other = _prediction_layer(viewer, image, small_phantom.labels)
+    assert widget._labels_pick.value is truth
+    segment = SegmentWidget(plugin_view(viewer))
+    segment._image.value, segment._model.value = image, random_models["RecurrentSegmenter"]
+    segment._run.clicked.emit()
+    qtbot.waitUntil(lambda: segment._worker is None, timeout=120_000)
+    result = viewer.layers[-1]
+    assert result is not other and widget._labels_pick.value is result
+    assert f"now '{result.name}'" in widget._status.value
     viewer.add_labels(np.zeros((2, 8, 8), np.uint8), name="elsewhere")  # not on the image
     assert widget._labels_pick.value is result
     _paint_slice(result, 2, small_phantom.labels)
-    second = _prediction_layer(viewer, image, small_phantom.labels)  # something is listed
-    assert widget._labels_pick.value is result and second is not result
+    segment._run.clicked.emit()  # something is listed: the pick stays
+    qtbot.waitUntil(lambda: segment._worker is None, timeout=120_000)
+    assert widget._labels_pick.value is result and viewer.layers[-1] is not result
 
 
 def test_strokes_made_before_a_layer_was_first_picked_are_listed(

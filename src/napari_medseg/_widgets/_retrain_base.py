@@ -523,15 +523,14 @@ class _RetrainBase(Container):
                 or self._worker is not None or self.annotated_slices()
                 or not self._fits(layer, image)):
             return
-        source = made_on(layer)
-        if source is not None and source is not image:
-            # Detect or Segment run on another open scan: its points or labels fit this
-            # image's dimensions, and were trained on with this image's voxels
+        if made_on(layer) is not image:
+            # only a model widget's result on this image: Detect or Segment run on another
+            # open scan, another patient's lesions opened from a file, a script's layer
+            # fit this image's dimensions as well, and were trained on with its voxels
             return
         self._layer_pick.value = layer
         if old is not None:
-            made = "made on this image" if source is image else "new, of this image's size"
-            self._status.value = (f"{self.layer_kind}: now '{layer.name}', {made} "
+            self._status.value = (f"{self.layer_kind}: now '{layer.name}', made on this image "
                                   f"(nothing was listed on '{old.name}')")
 
     @staticmethod
