@@ -649,3 +649,6 @@ def test_a_listed_missing_slice_is_left_out_of_the_round_not_blocking_it(
     assert any("slice 4 is missing from the image" in m for m in said), said
     assert widget._history is not None and widget._history.current == 1, widget._status.value
     assert list(widget._history.versions[-1].report.slices) == [2]
+    # the point on the missing slice is no lesion the version failed to find
+    assert "On the 1 slice it trained on" in widget._status.value, widget._status.value
+    assert "of your 1 point," in widget._status.value

@@ -246,7 +246,10 @@ class RetrainDetectorWidget(_RetrainBase):
         """How the version's detections agree with the user's points on the slices the
         round trained on: a round could bring back a false positive the user deleted, or
         miss the lesion they added, and nothing said so. Not a held-out measure."""
-        reviewed = set(self.training_slices())
+        # a listed slice missing from the image was left out of the round: its points
+        # are no lesion the version could find
+        missing = np.asarray(volume.missing, dtype=bool)
+        reviewed = {z for z in self.training_slices() if not (0 <= z < len(missing) and missing[z])}
         if not reviewed or image.ndim != 3:
             return ""
         try:
