@@ -424,18 +424,40 @@ def watch_detection_edits(layer: Any) -> None:
         return
     _MARKED_LAYERS.add(layer)
     # its points as they were: a Retrain widget opened after the user corrected them
-    # lists the slices of what was added, moved or deleted since (rows_when_watched)
-    _ROWS_WHEN_WATCHED[layer] = np.array(layer.data, dtype=float, copy=True).reshape(
-        -1, layer.ndim)
+    # lists the slices of what was added, moved, resized or deleted since
+    _ROWS_WHEN_WATCHED[layer] = point_rows(layer)
     layer.events.data.connect(lambda event, layer=layer: mark_added_points(layer, event))
     layer.events.size.connect(lambda _event, layer=layer: mark_resized_points(layer))
     layer.events.highlight.connect(lambda event, layer=layer: _unselect_hidden(layer))
 
 
+def point_rows(layer: Any) -> np.ndarray:
+    """Each point's coordinates and ``diameter_mm`` (NaN without one), a row per point:
+    what a Retrain widget compares to tell which points were edited meanwhile (not the
+    shown flags: Detect's threshold slider hides and shows weak detections, which edits
+    nothing)."""
+    coords = np.array(layer.data, dtype=float, copy=True).reshape(-1, layer.ndim)
+    try:
+        diameters = np.asarray(layer.features["diameter_mm"], dtype=float).reshape(-1)
+    except (KeyError, TypeError, ValueError):
+        diameters = np.full(len(coords), np.nan)
+    if len(diameters) != len(coords):
+        diameters = np.full(len(coords), np.nan)
+    return np.column_stack([coords, diameters])
+
+
 def rows_when_watched(layer: Any) -> np.ndarray | None:
-    """A detection layer's points when :func:`watch_detection_edits` first saw it (for
-    Detect's layers: as detected); None if it never did."""
+    """A detection layer's :func:`point_rows` when they were last accounted for: when
+    :func:`watch_detection_edits` first saw it (Detect's layers: as detected), or when a
+    Retrain widget let it go (its lists went with it); None if never."""
     return _ROWS_WHEN_WATCHED.get(layer)
+
+
+def account_rows(layer: Any) -> None:
+    """The layer's points as they are now are accounted for (a Retrain widget let it go
+    with its lists): a later widget lists only the edits made after (a slice the user
+    removed from the list came back in the next widget)."""
+    _ROWS_WHEN_WATCHED[layer] = point_rows(layer)
 
 
 def watch_added_lesions(layer: Any) -> None:

@@ -652,3 +652,31 @@ def test_a_listed_missing_slice_is_left_out_of_the_round_not_blocking_it(
     # the point on the missing slice is no lesion the version failed to find
     assert "On the 1 slice it trained on" in widget._status.value, widget._status.value
     assert "of your 1 point," in widget._status.value
+
+
+def test_a_resize_made_away_is_listed_and_a_removed_slice_stays_removed(
+        make_napari_viewer, scene):
+    """A ring resized while another layer was picked (or before the widget opened) was
+    not listed, so its new diameter was not trained on; a slice removed from the list
+    came back in the next widget (it compared with the points as first seen)."""
+    from napari_medseg._layers import watch_detection_edits
+
+    viewer, image, points, widget = scene
+    watch_detection_edits(points)  # as Detect's layers are
+    other = viewer.add_points(np.zeros((0, 3)), scale=image.scale, name="other")
+    widget._layer_pick.value = other
+    points.selected_data = {1}  # the 8 mm lesion on slice 6
+    points.current_size = 25.0
+    widget._layer_pick.value = points
+    assert widget.annotated_slices() == [6]
+    # removed from the list by the user, then the widget closed: the next one does not
+    # list it again
+    widget._edited.discard(6)
+    widget._rebuild_list()
+    assert widget.annotated_slices() == []
+    widget._layer_pick.value = other  # let go, as closing does
+    fresh = RetrainDetectorWidget(plugin_view(viewer))
+    fresh._image.value, fresh._layer_pick.value = image, points
+    assert fresh.annotated_slices() == []
+    points.add([3.0, 20.0, 20.0])
+    assert fresh.annotated_slices() == [3]

@@ -13,8 +13,9 @@ import numpy as np
 from napari.utils.notifications import show_warning
 
 from .._layers import (ADDED_POINT_FEATURES, _like_layer, _points_kwargs, detection_labels,
-                       detection_layer_data, hide_unshown, marker_sizes, rows_when_watched,
-                       scale_mm, unmatched_rows, watch_detection_edits)
+                       account_rows, detection_layer_data, hide_unshown, marker_sizes,
+                       point_rows, rows_when_watched, scale_mm, unmatched_rows,
+                       watch_detection_edits)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix
 from ..core.evaluation import match_detections
@@ -57,19 +58,20 @@ class RetrainDetectorWidget(_RetrainBase):
         left = self._left_points.pop(layer, made)
         if left is not None:  # edits made on it while another layer was picked (or before)
             self._away_slices = {z for row in _changed_rows(left, self._point_rows(layer))
-                                 if (z := self._point_slice(layer, row)) is not None}
+                                 if (z := self._point_slice(layer, row[:layer.ndim]))
+                                 is not None}
 
     def _disconnect(self, layer) -> None:
         layer.events.data.disconnect(self._on_points)
         layer.events.size.disconnect(self._on_sizes)
         self._left_points[layer] = self._point_rows(layer)
+        account_rows(layer)  # another widget must not list again what this one had
 
     @staticmethod
     def _point_rows(layer) -> np.ndarray:
-        """Each point's coordinates, to tell what changed meanwhile. Not the shown flags:
-        the Detect widget's threshold slider hides and shows weak detections, which edits
-        no slice."""
-        return np.array(layer.data, dtype=float, copy=True).reshape(-1, layer.ndim)
+        """Each point's coordinates and diameter, to tell what changed meanwhile (a ring
+        resized meanwhile was not listed)."""
+        return point_rows(layer)
 
     def _point_slice(self, layer, point) -> int | None:
         # where napari draws it, in the viewer's units (napari converts a layer in cm
