@@ -602,12 +602,13 @@ def _draw_at_training_size(layer: Any, rows: list[int]) -> None:
     """Added points (no diameter) drawn at the diameter retraining gives them: napari
     drew them at the size of the point selected last (a 21 mm ring for a point trained
     as 10 mm)."""
-    from .core.finetune import DEFAULT_DIAMETER_MM
+    from .core.volume import DEFAULT_DIAMETER_MM
 
     if not rows:
         return
     sizes = np.array(layer.size, dtype=float, copy=True)
-    sizes[rows] = marker_sizes([DEFAULT_DIAMETER_MM], layer.scale)[0]
+    # in mm: on a layer in cm, its scale drew a point 100 mm wide
+    sizes[rows] = marker_sizes([DEFAULT_DIAMETER_MM], scale_mm(layer))[0]
     layer.size = sizes
 
 

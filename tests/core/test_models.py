@@ -1188,6 +1188,7 @@ def test_temp_files_a_killed_save_left_are_deleted_by_the_next_save(tmp_path, un
         (tmp_path / name).write_bytes(b"partial")
     fresh = tmp_path / ".mine.json.newnew00.tmp"  # another process writing now: kept
     fresh.write_bytes(b"partial")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # spoiled the whole sweep
     old = time.time() - 2 * registry.ORPHAN_AGE_S
     for name in left + kept:
         os.utime(tmp_path / name, (old, old))

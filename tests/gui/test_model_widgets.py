@@ -1372,3 +1372,32 @@ def test_segment_says_that_nan_voxels_on_acquired_slices_were_left_out(make_napa
         widget._status.value, widget._status.value
     assert "Missing slices" not in widget._status.value
     assert not viewer.layers[-1].data[np.isnan(data)].any()
+
+
+def test_a_resized_detection_leaves_detects_list_and_count(make_napari_viewer, qtbot,
+                                                            random_models, small_phantom):
+    """After a ring was resized (the detection is the user's now), Detect's go-to list and
+    count still showed it as a scored detection until the slider moved."""
+    viewer, image, widget = _ready(make_napari_viewer, small_phantom, DetectWidget,
+                                   random_models["LesionDetector"])
+    _run_and_wait(widget, qtbot)
+    widget._threshold.value = widget._threshold.min
+    points = widget._points
+    listed = [index for _, index in widget._goto_items]
+    assert listed
+    points.selected_data = {listed[0]}
+    points.current_size = 30.0
+    assert listed[0] not in [index for _, index in widget._goto_items]
+    assert "1 added or moved by you" in widget._status.value
+
+
+def test_a_point_added_on_a_layer_in_cm_is_drawn_10_mm_wide(make_napari_viewer):
+    from napari_medseg._layers import watch_added_lesions
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_points(np.array([[1.0, 5.0, 5.0]]), scale=(0.25, 0.05, 0.05),
+                              units=("cm", "cm", "cm"), size=[20.0],
+                              features={"diameter_mm": [10.0], "label": ["l1"]})
+    watch_added_lesions(layer)
+    layer.add([2.0, 6.0, 6.0])
+    assert layer.size[-1] * 0.05 * 10 == pytest.approx(10.0)  # 10 mm, not 100

@@ -50,6 +50,7 @@ class DetectWidget(ModelRunWidget):
         """The latest detections layer is left as it is: no slider rewrites its points."""
         if self._points is not None:
             self._points.events.data.disconnect(self._on_points_data)
+            self._points.events.size.disconnect(self._apply_threshold)
         self._points = None
         self._threshold.enabled = False
         self._goto_items = []
@@ -60,6 +61,7 @@ class DetectWidget(ModelRunWidget):
         if self._points is None or event.value is not self._points:
             return
         self._points.events.data.disconnect(self._on_points_data)
+        self._points.events.size.disconnect(self._apply_threshold)
         self._points = None
         self._threshold.enabled = False
         with self._goto.changed.blocked():
@@ -94,11 +96,14 @@ class DetectWidget(ModelRunWidget):
                 provenance(card, image_layer.name), method="detector centre heatmap (sigmoid)"))
         if self._points is not None:
             self._points.events.data.disconnect(self._on_points_data)
+            self._points.events.size.disconnect(self._apply_threshold)
         self._points = self._viewer.add_points(data, **kwargs)
         # for good, not only while it is the latest run's layer: a point added to or moved
         # on an earlier layer is the user's too
         watch_detection_edits(self._points)
         self._points.events.data.connect(self._on_points_data)
+        # a resized detection is the user's (mark_resized_points): list and count again
+        self._points.events.size.connect(self._apply_threshold)
         with self._threshold.changed.blocked():
             # a card may set its threshold below KEEP_SCORE (the job ran down to it):
             # the slider must reach it (setting a value below its minimum raised)

@@ -396,7 +396,9 @@ _TEMP_RE = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")  # _atomic_write's mkstem
 
 def _our_temp(file_name: str, name: str) -> bool:
     """Whether ``file_name`` is a temp file :func:`_atomic_write` made for model ``name``
-    (its card, its weights, or their staged copies; the target cut to 40 characters)."""
+    (its card, its weights, or their staged copies). mkstemp's name keeps 40 characters
+    of the target: of two names alike in their first 40, each takes the other's temp
+    files too (only leftovers: the caller deletes none younger than ORPHAN_AGE_S)."""
     found = _TEMP_RE.fullmatch(file_name)
     if found is None:
         return False
@@ -416,14 +418,24 @@ def _drop_orphans(directory: Path, name: str, weights_path: Path) -> None:
     its card, or be writing a temp file."""
     pattern = re.compile(rf"{re.escape(name)}\.[0-9a-f]{{12}}\.safetensors")
     now = time.time()
+
+    def old(path: Path) -> bool:  # one unreadable entry (a dangling link) spoils no other
+        try:
+            return path.is_file() and now - path.stat().st_mtime > ORPHAN_AGE_S
+        except OSError:
+            return False
+
     try:
-        old = [p for p in directory.iterdir() if now - p.stat().st_mtime > ORPHAN_AGE_S]
-        for temp in [p for p in old if _our_temp(p.name, name) and p.is_file()]:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-        orphans = [p for p in old if pattern.fullmatch(p.name) and p != weights_path]
-        if not orphans:
-            return
+        entries = list(directory.iterdir())
+    except OSError:
+        return  # tidying only: the save itself succeeded
+    for temp in [p for p in entries if _our_temp(p.name, name) and old(p)]:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+    orphans = [p for p in entries if pattern.fullmatch(p.name) and p != weights_path and old(p)]
+    if not orphans:
+        return
+    try:
         named = b"".join(card.read_bytes() for card in directory.glob("*.json")
                          if card.is_file())
     except OSError:
