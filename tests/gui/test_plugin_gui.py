@@ -989,3 +989,40 @@ def test_labels_of_another_extent_on_an_oblique_scan_are_saved_on_it(make_napari
     viewer.layers.save(str(tmp_path / "slice.nii.gz"), selected=True, plugin="napari-medseg")
     said = " ".join(str(n.message) for n in notification_manager.records[start:])
     assert "holds no slice position" in said, said
+
+
+def test_renaming_a_picked_layer_that_is_not_the_first_keeps_it_picked(make_napari_viewer,
+                                                                          random_models):
+    """magicgui keeps an entry by its label: a picked layer renamed made every picker jump
+    to the first layer, and Uncertainty (Segment …) ran on another scan."""
+    from napari_medseg._widgets.detect import DetectWidget
+    from napari_medseg._widgets.explain import UncertaintyWidget
+    from napari_medseg._widgets.info import VolumeInfoWidget
+    from napari_medseg._widgets.retrain import RetrainWidget
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((3, 8, 8), np.float32), name="first scan")
+    chosen = viewer.add_image(np.ones((3, 8, 8), np.float32), name="test")
+    labels = viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="mine")
+    viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="other labels")
+    widgets = [cls(plugin_view(viewer)) for cls in (SegmentWidget, DetectWidget,
+                                                     UncertaintyWidget, RetrainWidget)]
+    info = VolumeInfoWidget(plugin_view(viewer))
+    pickers = [w._image for w in widgets] + [info._layer]
+    for picker in pickers:
+        picker.value = chosen
+    retrain = widgets[-1]
+    retrain._layer_pick.value = labels
+    changes = []
+    for picker in pickers:
+        picker.changed.connect(changes.append)
+    chosen.name = "patient A"
+    labels.name = "my corrections"
+    assert all(picker.value is chosen for picker in pickers)
+    assert retrain._layer_pick.value is labels
+    assert changes == []  # nothing re-picked, nothing said to have changed
+    assert "patient A" in info._text.value
+    viewer.layers.remove(chosen)  # gone: the pickers move on, and say so
+    assert all(picker.value is not chosen for picker in pickers)
+    assert changes

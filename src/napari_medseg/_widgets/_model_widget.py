@@ -97,10 +97,13 @@ def made_on(layer: Any) -> Any:
 _MODEL_PICKERS: "weakref.WeakSet[ComboBox]" = weakref.WeakSet()
 
 
-class _ModelPicker(ComboBox):
-    """A ComboBox that keeps its model over a re-listing. magicgui keeps an entry by its
-    label: a label that changed (the model unavailable, a copy of the same name listed
-    beside it) selected the first model, and the widget ran with it unannounced."""
+class KeepingComboBox(ComboBox):
+    """A ComboBox that keeps its value (the same object) over a re-listing. magicgui
+    keeps an entry by its label: a label that changed selected the first entry, and the
+    widget ran with it unannounced (a picked layer renamed: the picker jumped to the
+    first layer and Segment ran on another scan; a model listed beside a copy of the
+    same name, or found unavailable, picked another model). ``changed`` is emitted only
+    when the value did change (its layer removed)."""
 
     def reset_choices(self, *_: Any) -> None:
         keep = self.value
@@ -114,7 +117,7 @@ class _ModelPicker(ComboBox):
 
 def model_picker(architecture: str) -> ComboBox:
     """A "Model" picker listing the bundled and user models of ``architecture``."""
-    picker = _ModelPicker(label="Model", choices=lambda w=None: model_choices(
+    picker = KeepingComboBox(label="Model", choices=lambda w=None: model_choices(
         architecture, keep=None if w is None else w.value))
     _MODEL_PICKERS.add(picker)
     return picker
@@ -301,7 +304,8 @@ class ModelRunWidget(Container):
         self._viewer = viewer = plain_viewer(viewer)
         self._worker = None
         self._result_note = ""  # the latest result's missing-slices line
-        self._image = ComboBox(label="Image", choices=self._image_choices, nullable=False)
+        self._image = KeepingComboBox(label="Image", choices=self._image_choices,
+                                      nullable=False)
         self._model = model_picker(self.architecture)
         self._run = PushButton(text=self.task or "Run")
         self._cancel = PushButton(text="Cancel", enabled=False)

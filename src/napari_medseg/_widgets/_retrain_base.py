@@ -63,6 +63,7 @@ from ._navigate import drawn_matrix, go_to_slice, slice_axis_shown, to_viewer_un
 from ._model_widget import (
     REDRAW_S,
     DockWatch,
+    KeepingComboBox,
     _geometry,
     _same_geometry,
     LayerNameFollower,
@@ -268,9 +269,10 @@ class _RetrainBase(Container):
         self._said_unreadable: set[Path] = set()
         self._result_shown = False
 
-        self._image = ComboBox(label="Image", choices=self._layers_of("Image"), nullable=True)
-        self._layer_pick = ComboBox(label=self.layer_kind, choices=self._layers_of(self.layer_kind),
-                                    nullable=True)
+        self._image = KeepingComboBox(label="Image", choices=self._layers_of("Image"),
+                                      nullable=True)
+        self._layer_pick = KeepingComboBox(label=self.layer_kind,
+                                           choices=self._layers_of(self.layer_kind), nullable=True)
         self._new_layer = PushButton(text=f"New empty {self.layer_kind.lower()} layer on the image")
         self._model = model_picker(self.architecture)
         self._restore_label = Label(value="")

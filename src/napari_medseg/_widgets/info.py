@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, TextEdit
+from magicgui.widgets import Container, TextEdit
 from qtpy.QtWidgets import QSizePolicy
 
 from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
-from ._model_widget import (DockWatch, LayerNameFollower, connect_layer_events, plain_viewer,
-                            slice_ranges)
+from ._model_widget import (DockWatch, KeepingComboBox, LayerNameFollower, connect_layer_events,
+                            plain_viewer, slice_ranges)
 
 
 def _unit(layer) -> str:
@@ -166,7 +166,7 @@ class VolumeInfoWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer = plain_viewer(viewer)
-        self._layer = ComboBox(label="Layer", choices=self._image_layers)
+        self._layer = KeepingComboBox(label="Layer", choices=self._image_layers)
         self._text = TextEdit(value="", enabled=True)
         self._text.native.setReadOnly(True)
         self._text.min_height = 260  # room for geometry, gaps and warnings without scrolling
