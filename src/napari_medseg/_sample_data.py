@@ -17,12 +17,14 @@ def phantom_layer_data(phantom: Phantom, prefix: str = "phantom") -> list[tuple]
     diameters = [2.0 * lesion.radius_mm for lesion in phantom.lesions]
     return [
         volume_layer_data(volume, name=name),
-        labels_layer_data(phantom.labels, volume, f"{name} ground truth", LABEL_NAMES),
+        # the kind first: a narrow layer list cuts a name's middle, where the seed was,
+        # and two phantoms' ground truths read alike ("phantom CT (s… ground truth")
+        labels_layer_data(phantom.labels, volume, f"ground truth · {name}", LABEL_NAMES),
         points_layer_data(
             centers,
             diameters,
             volume,
-            f"{name} ground-truth lesions",
+            f"ground-truth lesions · {name}",
             # cyan: detections are lime rings with yellow text, and on the same lesion
             # the two rings and texts could not be told apart
             colour="cyan",

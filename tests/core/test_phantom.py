@@ -233,9 +233,13 @@ def test_lesions_that_cannot_fit_raise():
 def test_a_slab_too_thin_for_a_lesion_says_so():
     """The advice was "a larger field of view": more rows or columns never help a slab
     thinner than the smallest lesion."""
-    with pytest.raises(MedsegInputError, match=r"spans 2\.5 mm along z \(its slices x slice spacing\)"):
+    with pytest.raises(MedsegInputError, match=r"spans 2\.5 mm along z \(1 of the 1 slices × 2\.5 mm"):
         generate_phantom((1, 128, 128), (2.5, 2.0, 2.0), seed=0, n_lesions=1,
                          lesion_radius_mm=(2.0, 3.0))
+    # the body holds only some slices: said, as 48 × 2.5 mm read as 120 mm against 107.5
+    with pytest.raises(MedsegInputError, match=r"spans 107\.5 mm along z \(43 of the 48 slices"):
+        generate_phantom((48, 128, 128), (2.5, 1.0, 1.0), seed=0, n_lesions=1,
+                         lesion_radius_mm=(50.0, 50.0))
     thick = generate_phantom((1, 128, 128), (20.0, 2.0, 2.0), seed=0, n_lesions=1,
                              lesion_radius_mm=(2.0, 3.0))
     assert len(thick.lesions) == 1

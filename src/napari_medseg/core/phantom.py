@@ -1182,9 +1182,13 @@ def _place_lesions(
                 cure = ("a larger body_z_fraction, more or thicker slices"
                         if body_z_fraction is not None and body_z_fraction < 1
                         else "more or thicker slices")
+                # the body's slices, not all of them: 48 × 2.5 mm read as 120 mm, and the
+                # 107.5 said looked wrong
+                body_slices = int(round(thickness / float(sp[0])))
                 raise MedsegInputError(
                     f"could not fit {count} lesions (placed {len(placed)}): the body spans "
-                    f"{thickness:g} mm along z (its slices x slice spacing), less than the smallest "
+                    f"{thickness:g} mm along z ({body_slices} of the {int(n_c[0])} slices × "
+                    f"{float(sp[0]):g} mm hold it), less than the smallest "
                     f"lesion needs (about {needed:.1f} mm); give {cure}, a "
                     "smaller lesion_radius_mm minimum, or no lesions (n_lesions 0)")
             raise MedsegInputError(
