@@ -286,3 +286,24 @@ def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, ra
     viewer.layers.remove(image)
     assert [v for v in widget._image.choices if v is not None] == []
     assert widget._image.value is None
+
+
+def test_the_uncertainty_map_says_what_its_values_mean(make_napari_viewer, qtbot, random_models,
+                                                       small_phantom):
+    """Nothing said what 0 and 1 meant, nor how the slices were ranked, and Volume info
+    called the map a scan of unknown modality."""
+    from napari_medseg._widgets.info import VolumeInfoWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing)
+    widget = UncertaintyWidget(plugin_view(viewer))
+    widget._image.value, widget._model.value = image, random_models["RecurrentSegmenter"]
+    assert "dropout" in widget._samples.tooltip and "wrong voxels" in widget._goto.tooltip
+    _run(widget, qtbot)
+    assert widget._goto.choices  # slices ranked: the legend is there
+    assert "0 where every sample agrees, 1 where all classes are equally likely" in \
+        widget._status.value
+    info = VolumeInfoWidget(plugin_view(viewer))
+    info._layer.value = viewer.layers[-1]
+    assert "Kind: explanation map (0–1), not a scan" in info._text.value
+    assert "Modality" not in info._text.value

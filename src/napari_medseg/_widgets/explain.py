@@ -190,6 +190,8 @@ class UncertaintyWidget(ModelRunWidget):
 
     def extra_widgets(self) -> list:
         self._samples = SpinBox(label="Samples", value=8, min=2, max=64)
+        self._samples.tooltip = ("How many times the segmenter's decoder runs with dropout on: "
+                                 "more samples give a steadier map and take longer")
         return [self._samples]
 
     def result_widgets(self) -> list:
@@ -197,6 +199,12 @@ class UncertaintyWidget(ModelRunWidget):
         self._goto_items: list = []
         self._goto = ComboBox(label="Correct first", choices=lambda _w=None: self._goto_items,
                               enabled=False)
+        self._goto.tooltip = (
+            "The slices with the highest mean uncertainty over the voxels predicted as a "
+            "structure, most uncertain first: where the segmenter most likely erred (on "
+            "held-out phantoms the ranking follows each slice's number of wrong voxels: "
+            "benchmarks/uncertainty_ranking.py). Pick one to go there, then correct it "
+            "in 'Retrain on my annotations'")
         self._goto.changed.connect(lambda z: z is not None and self._go_to(z))
         # picking the entry already shown (the most uncertain slice, after a run) changes
         # nothing, but the user still expects to be taken there
@@ -271,6 +279,9 @@ class UncertaintyWidget(ModelRunWidget):
             self._status.value = ("Most uncertain slices (correct these first): "
                                   + ", ".join(map(str, ranked[:5])) if ranked
                                   else "No structure found")
+        if ranked:  # what the numbers mean: nothing on screen said it
+            self._status.value += ("\nThe map: 0 where every sample agrees, 1 where all "
+                                   "classes are equally likely")
         self._status.value += _hidden_note(hidden)
 
     def _go_to(self, z: int) -> None:

@@ -69,7 +69,9 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
         f"Origin ({unit}): {tuple(round(float(t), 2) for t in world[:ndim, ndim])}",
     ]
     lines += _provenance(medseg)
-    if medseg.get("modality") or hasattr(layer, "contrast_limits"):
+    if medseg.get("explanation_map") is True:  # made by this plugin, of no modality
+        lines.append("Kind: explanation map (0–1), not a scan")
+    elif medseg.get("modality") or hasattr(layer, "contrast_limits"):
         lines.append(f"Modality: {medseg.get('modality', 'unknown (not opened by napari-medseg)')}")
     if hasattr(layer, "contrast_limits"):
         low, high = (float(c) for c in layer.contrast_limits)
