@@ -1769,3 +1769,30 @@ def test_an_undo_after_a_write_that_changed_nothing_says_it_undid_an_earlier_one
     assert "undone with Ctrl+Z: the layer shows" not in widget._status.value
     labels.redo()
     assert "earlier re-prediction" not in widget._status.value
+
+
+def test_an_empty_labels_picker_is_not_filled_with_another_scans_result(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """With nothing in the Labels picker, any new Labels layer filled it: Segment run on
+    another scan of the same shape, and a stroke there trained this image on its labels."""
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    spacing = small_phantom.volume.spacing
+    mine = viewer.add_image(small_phantom.volume.array, scale=spacing, name="patient A")
+    other = viewer.add_image(small_phantom.volume.array[::-1].copy(), scale=spacing,
+                             name="patient B")
+    widget = RetrainWidget(plugin_view(viewer))
+    widget._image.value = mine
+    assert widget._labels_pick.value is None
+    segment = SegmentWidget(plugin_view(viewer))
+    segment._model.value = random_models["RecurrentSegmenter"]
+    for source, taken in ((other, False), (mine, True)):
+        segment._image.value = source
+        segment._run.clicked.emit()
+        qtbot.waitUntil(lambda: segment._worker is None, timeout=120_000)
+        assert (widget._labels_pick.value is viewer.layers[-1]) is taken
+    flat = viewer.add_labels(np.zeros((8, 8), np.uint8), name="2D")  # not on the image's grid
+    widget._labels_pick.value = None
+    viewer.layers.remove(flat)
+    assert widget._labels_pick.value is viewer.layers[-1]  # A's result, not B's

@@ -511,7 +511,10 @@ class _RetrainBase(Container):
         for combo in (self._image, self._layer_pick):
             combo.reset_choices()
             if combo.value is None and combo.choices:
-                combo.value = combo.choices[-1]
+                usable = [c for c in combo.choices if c is not None
+                          and (combo is self._image or self._may_fill_with(c))]
+                if usable:
+                    combo.value = usable[-1]
         if getattr(event, "type", None) == "inserted":
             self._follow_new_layer(event.value)
 
@@ -534,6 +537,17 @@ class _RetrainBase(Container):
         if old is not None:
             self._status.value = (f"{self.layer_kind}: now '{layer.name}', made on this image "
                                   f"(nothing was listed on '{old.name}')")
+
+    def _may_fill_with(self, layer) -> bool:
+        """Whether an empty Labels/Points picker may take ``layer`` by itself: one on the
+        picked image's grid that no model widget made on another image. It took the
+        newest layer of the kind, whatever it was: Segment run on another scan of the
+        same shape filled it, and the round trained this image on that scan's labels."""
+        image = self._image.value
+        if image is None:
+            return True
+        source = made_on(layer)
+        return self._fits(layer, image) and (source is None or source is image)
 
     @staticmethod
     def _fits(layer, image) -> bool:
