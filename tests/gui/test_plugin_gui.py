@@ -1009,6 +1009,9 @@ def test_renaming_a_picked_layer_that_is_not_the_first_keeps_it_picked(make_napa
     widgets = [cls(plugin_view(viewer)) for cls in (SegmentWidget, DetectWidget,
                                                      UncertaintyWidget, RetrainWidget)]
     info = VolumeInfoWidget(plugin_view(viewer))
+    for widget in (*widgets, info):  # docked: napari re-lists their pickers too
+        viewer.window.add_dock_widget(widget)
+    later = viewer.add_image(np.ones((3, 8, 8), np.float32), name="later scan")
     pickers = [w._image for w in widgets] + [info._layer]
     for picker in pickers:
         picker.value = chosen
@@ -1023,6 +1026,13 @@ def test_renaming_a_picked_layer_that_is_not_the_first_keeps_it_picked(make_napa
     assert retrain._layer_pick.value is labels
     assert changes == []  # nothing re-picked, nothing said to have changed
     assert "patient A" in info._text.value
+    # another layer renamed to the picked one's name: napari tells the pickers "patient A"
+    # before it makes it "patient A [1]", and magicgui merged the two entries by label
+    later.name = "patient A"  # after the picked layer in the list
+    viewer.layers["other labels"].name = "my corrections"
+    assert all(picker.value is chosen for picker in pickers)
+    assert retrain._layer_pick.value is labels
+    assert changes == []
     viewer.layers.remove(chosen)  # gone: the pickers move on, and say so
     assert all(picker.value is not chosen for picker in pickers)
     assert changes

@@ -97,6 +97,19 @@ def made_on(layer: Any) -> Any:
 _MODEL_PICKERS: "weakref.WeakSet[ComboBox]" = weakref.WeakSet()
 
 
+def layer_choices(layers) -> list[tuple[str, Any]]:
+    """(label, layer) for a picker, each label once: magicgui finds an entry by its label,
+    and a layer renamed to a picked one's name (napari makes it "CT [1]" only after
+    telling the pickers "CT") was merged into the picked entry, which then held it."""
+    seen: dict[str, int] = {}
+    out = []
+    for layer in layers:
+        name = str(layer.name)
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name} ({seen[name]})", layer))
+    return out
+
+
 class KeepingComboBox(ComboBox):
     """A ComboBox that keeps its value (the same object) over a re-listing. magicgui
     keeps an entry by its label: a label that changed selected the first entry, and the
@@ -410,8 +423,8 @@ class ModelRunWidget(Container):
 
         # a map is no scan: with the CT deleted, the picker fell on a Grad-CAM map and Run
         # explained the map
-        return [(layer.name, layer) for layer in self._viewer.layers
-                if isinstance(layer, Image) and not is_explanation_map(layer)]
+        return layer_choices(layer for layer in self._viewer.layers
+                             if isinstance(layer, Image) and not is_explanation_map(layer))
 
     def _refresh_layers(self, _event=None) -> None:
         self._image.reset_choices()

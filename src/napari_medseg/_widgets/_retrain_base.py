@@ -67,6 +67,7 @@ from ._model_widget import (
     _geometry,
     _same_geometry,
     LayerNameFollower,
+    layer_choices,
     made_on,
     model_picker,
     plain_viewer,
@@ -498,8 +499,9 @@ class _RetrainBase(Container):
     # -- layers --------------------------------------------------------------------------
     def _layers_of(self, kind: str):
         def choices(_widget=None):
-            return [(layer.name, layer) for layer in self._viewer.layers
-                    if type(layer).__name__ == kind and not is_explanation_map(layer)]
+            return layer_choices(layer for layer in self._viewer.layers
+                                 if type(layer).__name__ == kind
+                                 and not is_explanation_map(layer))
         return choices
 
     def _refresh_layers(self, event=None) -> None:

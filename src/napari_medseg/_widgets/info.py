@@ -11,7 +11,7 @@ from qtpy.QtWidgets import QSizePolicy
 from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import (DockWatch, KeepingComboBox, LayerNameFollower, connect_layer_events,
-                            plain_viewer, slice_ranges)
+                            layer_choices, plain_viewer, slice_ranges)
 
 
 def _unit(layer) -> str:
@@ -206,8 +206,8 @@ class VolumeInfoWidget(Container):
     def _image_layers(self, _widget=None):
         from napari.layers import Image, Labels
 
-        return [(layer.name, layer) for layer in self._viewer.layers
-                if isinstance(layer, (Image, Labels))]
+        return layer_choices(layer for layer in self._viewer.layers
+                             if isinstance(layer, (Image, Labels)))
 
     def _on_layers_changed(self, _event=None) -> None:
         self._layer.reset_choices()
