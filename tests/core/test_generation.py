@@ -428,3 +428,30 @@ def _progress(job):
             yield next(job)
         except StopIteration:
             return
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_the_memory_check_counts_a_turned_scans_copy_back(monkeypatch, axis):
+    """A sagittal or coronal scan is turned slices-first and its result turned back: one
+    more output-sized copy. The check asked for 1.6x the output where 2.25x was taken."""
+    import tracemalloc
+
+    from napari_medseg.core import generation
+    from napari_medseg.core.progress import run_to_completion
+    from napari_medseg.core.volume import Volume
+
+    asked = []
+    monkeypatch.setattr(generation, "require_memory", lambda need, *a: asked.append(need))
+    shape, spacing = [(40, 24, 24)] * 1, [1.0, 1.0, 1.0]
+    spacing[axis] = 4.0  # the thick axis: the slices lie along it
+    volume = Volume(np.random.default_rng(0).normal(size=shape[0]).astype(np.float32),
+                    tuple(spacing))
+    assert generation.slice_axis(volume) == axis
+    tracemalloc.start()
+    try:
+        result = run_to_completion(generation.interpolation_job(volume, 2, True, "linear"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= asked[0]  # what was asked for covers what was taken
+    assert result.volume.shape[axis] == 2 * volume.shape[axis] - 1
