@@ -1796,3 +1796,41 @@ def test_an_empty_labels_picker_is_not_filled_with_another_scans_result(
     widget._labels_pick.value = None
     viewer.layers.remove(flat)
     assert widget._labels_pick.value is viewer.layers[-1]  # A's result, not B's
+
+
+def test_switching_the_image_never_writes_another_scans_prediction_over_corrections(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """Image picker moved to another scan of the same shape, Labels picker left on the
+    first one's layer: 'Re-predict' wrote the second scan's prediction over the first
+    one's painted slices (its list, kept with the first pair, protected nothing)."""
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    spacing = small_phantom.volume.spacing
+    scan_a = viewer.add_image(small_phantom.volume.array, scale=spacing, name="A")
+    scan_b = viewer.add_image(small_phantom.volume.array[::-1].copy(), scale=spacing, name="B")
+    mine = viewer.add_labels(np.zeros(small_phantom.labels.shape, np.uint8), scale=spacing,
+                             name="drawn on A")
+    widget = _widget(viewer, scan_a, mine, random_models["RecurrentSegmenter"])
+    _paint_slice(mine, 2, small_phantom.labels)
+    _paint_slice(mine, 5, small_phantom.labels)
+    assert widget.annotated_slices() == [2, 5]
+    painted = np.array(mine.data[[2, 5]], copy=True)
+    widget._image.value = scan_b
+    assert widget.annotated_slices() == []
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    np.testing.assert_array_equal(mine.data[[2, 5]], painted)  # A's corrections kept
+    # a layer a model made on A is refused for B, with a word
+    segment = SegmentWidget(plugin_view(viewer))
+    segment._image.value, segment._model.value = scan_a, random_models["RecurrentSegmenter"]
+    segment._run.clicked.emit()
+    qtbot.waitUntil(lambda: segment._worker is None, timeout=120_000)
+    result = viewer.layers[-1]
+    widget._image.value, widget._labels_pick.value = scan_b, result
+    before = np.array(result.data, copy=True)
+    start = len(notification_manager.records)
+    widget._predict.clicked.emit()
+    assert widget._worker is None
+    assert any("was made on 'A', not on 'B'" in m for m in _errors_since(start))
+    np.testing.assert_array_equal(result.data, before)

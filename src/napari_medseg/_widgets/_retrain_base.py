@@ -713,6 +713,16 @@ class _RetrainBase(Container):
                 if image is not None and layer is not None else None)
         return sorted(kept[0] | kept[1]) if kept else []
 
+    def listed_on_layer(self, layer: Any) -> set[int]:
+        """Every slice listed for ``layer`` with any image, the pair picked now included:
+        no re-prediction into the layer may write them (a scan picked after another of
+        the same shape had no list, and its prediction went over the first one's
+        corrections)."""
+        listed = set(self.annotated_slices()) if layer is self._pair[1] else set()
+        for edited, checked, *_ in self._kept_lists.get(layer, {}).values():
+            listed |= set(edited) | set(checked)
+        return listed
+
     def training_slices(self) -> list[int]:
         return [z for z in self.annotated_slices() if z not in self._excluded]
 
@@ -943,6 +953,14 @@ class _RetrainBase(Container):
         elif layer is None:
             raise MedsegInputError(f"no {self.layer_kind} layer picked")
         else:
+            source = made_on(layer)
+            if source is not None and source is not image:
+                # the Image picker moved to another scan of the same shape, the layer
+                # stayed: that scan's prediction was written over this one's corrections
+                raise MedsegInputError(
+                    f"'{layer.name}' was made on '{source.name}', not on '{image.name}': "
+                    f"pick a {self.layer_kind} layer of this image (or the image it was "
+                    "made on)")
             annotation = self._snapshot(layer, image, volume_outline(image), need_annotations)
         path = self._model.value
         if path is None:

@@ -416,6 +416,9 @@ class RetrainWidget(_RetrainBase):
         protected = np.zeros(volume.shape[0], dtype=bool)
         # including slices painted during the run; the lists of the pair the round ran on
         protected[self.annotated_slices_of(image, labels_layer)] = True
+        # and what is listed on this layer with another image (the pickers moved apart)
+        protected[[z for z in self.listed_on_layer(labels_layer)
+                   if 0 <= z < len(protected)]] = True
         protected |= volume.missing
         data = labels_layer.data if labels_layer.ndim == 3 else labels_layer.data[None]
         if int(seg.labels.max(initial=0)) > np.iinfo(data.dtype).max:
