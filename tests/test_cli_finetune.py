@@ -411,3 +411,53 @@ def test_a_bad_line_of_the_points_csv_is_named(tmp_path):
     path.write_text("z,y,x,radius_mm\n1,2,3,4\n")
     pts, diam = read_points_csv(str(path), volume)
     assert pts.tolist() == [[1.0, 2.0, 3.0]] and diam.tolist() == [8.0]
+
+
+def test_a_label_map_numbered_otherwise_is_refused_and_a_new_structures_name_kept(
+        case, tmp_path, capsys):
+    """The names a label map carries were dropped: liver and spleen swapped (another
+    tool's numbering) trained the model to call the liver spleen, and a new structure
+    named 'stomach' in the file became 'structure_12' in the card."""
+    from napari_medseg.core.phantom import LABEL_NAMES
+
+    d, p = case
+    names = dict(LABEL_NAMES)
+    swapped = p.labels.copy()
+    swapped[p.labels == 2], swapped[p.labels == 3] = 3, 2
+    path = tmp_path / "swapped.nii.gz"
+    write_nifti(path, swapped, p.volume.spacing, p.volume.origin, labels=True,
+                label_names={**names, 2: names[3], 3: names[2]})
+    args = ["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--epochs", "1",
+            "--quiet", "--threads", "1"]
+    assert main([*args, "--labels", str(path), "--slices", "3,6", "--out",
+                 str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert ("2 is 'spleen' in the file, 'liver' in the model" in err
+            or "3 is 'liver' in the file, 'spleen' in the model" in err), err
+    assert err.count("\n") == 1 and not (tmp_path / "no").exists()
+    labels = p.labels.copy()
+    labels[6][p.labels[6] == 6] = 12
+    path = tmp_path / "named.nii.gz"
+    write_nifti(path, labels, p.volume.spacing, p.volume.origin, labels=True,
+                label_names={**names, 12: "stomach"})
+    assert main([*args, "--labels", str(path), "--slices", "6", "--out",
+                 str(tmp_path / "m")]) == 0
+    _, card = load_model(tmp_path / "m" / "segmenter-finetuned.json")
+    assert card["classes"][12] == "stomach"
+
+
+def test_a_points_csv_with_a_negative_size_names_its_line_and_counts_only_reviewed_points(
+        case, tmp_path, capsys):
+    d, p = case
+    bad = tmp_path / "neg.csv"
+    bad.write_text("z,y,x,diameter_mm\n5,40,40,8\n6,41,22,-3\n")
+    args = ["finetune", "detector", "--image", str(d / "image.nii.gz"), "--epochs", "1",
+            "--quiet", "--threads", "1"]
+    assert main([*args, "--points", str(bad), "--slices", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "line 3: diameter_mm must be positive" in capsys.readouterr().err
+    good = tmp_path / "ok.csv"
+    good.write_text("z,y,x,diameter_mm\n5,40,40,8\n9,41,22,6\n")
+    assert main([*args, "--points", str(good), "--slices", "4-6", "--out",
+                 str(tmp_path / "m")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["corrections"] == 1  # the point on slice 9 was not reviewed

@@ -101,7 +101,38 @@ def read_label_volume(path: str, image: Any, slices: Any = None) -> np.ndarray:
     if given.size and (given.min() < 0 or given.max() > MAX_LABEL):
         raise MedsegInputError(f"label values must be 0–{MAX_LABEL}, found "
                                f"{given.min():g}–{given.max():g}", path)
-    return np.where(whole, labels, 0).astype(np.int64)
+    # only the slices given: a huge value elsewhere, ignored, printed numpy's cast warning
+    return np.where(whole & used[:, None, None], labels, 0).astype(np.int64)
+
+
+def label_names_in(path: str) -> dict[int, str]:
+    """The structure names a NIfTI label map carries (this plugin's writer stores them);
+    {} for any other file."""
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return {}
+    from .core.io.nifti import read_label_map
+
+    found = read_label_map(path)
+    return dict(found.names) if found is not None else {}
+
+
+def check_label_names(names: dict[int, str], classes: Any, labels: np.ndarray,
+                      slices: Any, path: str) -> None:
+    """Refuse a label map whose names say its values are other structures than the
+    model's classes of those numbers (another tool's or model's numbering): it was
+    trained in silently, liver as spleen."""
+    inside = [z for z in slices if 0 <= z < len(labels)]  # others: the core says so
+    present = {int(v) for v in np.unique(labels[inside])} if inside else set()
+    wrong = [(v, names[v], str(classes[v])) for v in sorted(present)
+             if 0 < v < len(classes) and v in names
+             and names[v].strip().lower() != str(classes[v]).strip().lower()]
+    if wrong:
+        said = "; ".join(f"{v} is '{mine}' in the file, '{theirs}' in the model"
+                         for v, mine, theirs in wrong[:4])
+        raise MedsegInputError(
+            f"the labels number their structures otherwise than the model ({said}): "
+            "renumber them to the model's classes (" + ", ".join(
+                f"{i} {c}" for i, c in enumerate(classes)) + ")", path)
 
 
 def read_points_csv(path: str, volume: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +188,9 @@ def read_points_csv(path: str, volume: Any = None) -> tuple[np.ndarray, np.ndarr
         if not np.all(np.isfinite(pts[line - 2])):
             raise MedsegInputError(f"line {line}: coordinates must be finite numbers, got "
                                    f"{_cells(r, size)}", path)
+        if np.isinf(diam[line - 2]) or diam[line - 2] < 0:  # the core's refusal named no line
+            raise MedsegInputError(f"line {line}: {size} must be positive millimetres (or "
+                                   f"empty: unknown), got {_cells(r, size)}", path)
         if volume is not None and np.any((pts[line - 2] < -0.5)
                                          | (pts[line - 2] > np.asarray(volume.shape) - 0.5)):
             raise MedsegInputError(
@@ -233,9 +267,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not isinstance(model, RecurrentSegmenter):
             raise MedsegInputError(f"--labels fine-tunes a segmenter; {args.model} is a {type(model).__name__}")
         labels = read_label_volume(args.labels, volume, slices)
+        names = label_names_in(args.labels)
+        check_label_names(names, card.get("classes", []), labels, slices, args.labels)
+        # a new structure's name from the file (it was called "structure_9")
         job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,
                                  seconds=args.seconds, seed=args.seed, threads=threads,
-                                 version=version)
+                                 version=version, class_names=names or None)
         source = f"--labels {shlex.quote(str(args.labels))}"
     else:
         if not isinstance(model, LesionDetector):
