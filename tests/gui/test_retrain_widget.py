@@ -245,6 +245,16 @@ def test_new_structure_grows_the_model(scene, qtbot):
     need = 5 * int(np.ceil(report.seconds * 300 / report.steps / 5))
     assert f"round made {report.steps}: " in widget._status.value
     assert f"Seconds ≥ {need}" in widget._status.value
+    # the layer names the new structure (it showed unnamed on hover, in the autosave and
+    # the saved file), and a name the user gives it reaches the next version's card
+    table = labels.features
+    assert list(table.loc[table["index"] == n_old, "name"]) == [f"structure_{n_old}"]
+    table.loc[table["index"] == n_old, "name"] = "gallbladder"
+    labels.features = table
+    _paint_slice(labels, 6, truth)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    assert widget._history.model()[1]["classes"][n_old] == "gallbladder"
 
 
 @pytest.mark.parametrize("problem", ["no annotations", "shape mismatch", "only background",

@@ -451,6 +451,27 @@ class RetrainWidget(_RetrainBase):
             if labels_layer in self._left_atoms:
                 self._left_atoms[labels_layer].append(list(undo[-1]))
         self._status_write_stepped = bool(undo and undo[-1] is not last)
+        _name_new_structures(labels_layer, card.get("classes", ()))
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number} re-predicted {counted(int((~protected).sum()), 'slice')} ({counted(len(values), 'voxel')} changed"
             + ("; Ctrl+Z on the layer undoes it)" if len(values) else ")"))  # no step: no undo
+
+
+def _name_new_structures(layer, classes) -> None:
+    """Give the layer's features table a row for each class of the version that it
+    does not name yet (a structure the model learnt from the user's painting): the value
+    showed unnamed on hover, in the autosave and in the saved file."""
+    import pandas as pd
+
+    try:
+        table = layer.features
+        named = {int(i) for i in table["index"]} if "index" in table else set()
+    except (TypeError, ValueError):
+        return
+    rows = [(i, str(c)) for i, c in enumerate(classes)
+            if i not in named and not str(c).startswith("unused_")]
+    if not rows or ("index" not in table and len(table)):
+        return  # nothing to add, or a table this plugin did not make (not ours to extend)
+    added = pd.DataFrame({"index": [i for i, _ in rows], "name": [n for _, n in rows]})
+    layer.features = pd.concat([table, added], ignore_index=True)
+

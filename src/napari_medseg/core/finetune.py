@@ -406,6 +406,11 @@ def _class_names(old: Sequence[str], n_classes: int, present: set[int],
 
     for v in sorted(_revived(old, present)):
         out[v] = named(v)
+    # a structure learnt unnamed, named in the layer since: the name reaches the model
+    # (the layer said "gallbladder", the saved model and its Segment results structure_9)
+    for v, name in enumerate(old):
+        if name == f"structure_{v}":
+            out[v] = named(v)
     for v in range(len(old), n_classes):
         out.append(named(v) if v in present else f"unused_{v}")
     return out
