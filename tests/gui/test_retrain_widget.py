@@ -1624,7 +1624,8 @@ def test_a_closed_retrain_widget_is_let_go_with_its_versions(make_napari_viewer,
     assert kept() is None  # let go of at the close
     # the unsaved version goes with it: said (the annotations are autosaved, not it)
     said = [str(n.message) for n in notification_manager.records[start:]]
-    assert any("model version v1 was never saved" in m for m in said), said
+    # named with its model: "v1" read wrong beside another model's v1 just saved
+    assert any("model version test-segmenter v1 was never saved" in m for m in said), said
     del widget, dock
     for _ in range(3):
         qtbot.wait(10)
