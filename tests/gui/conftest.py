@@ -111,3 +111,14 @@ def plugin_view(viewer):
     from napari.utils._proxies import PublicOnlyProxy
 
     return PublicOnlyProxy(viewer)
+
+
+def run_widget(qtbot, widget, image=None, model=None, timeout=120_000):
+    """Pick ``image`` and ``model`` (when given) on a model widget, press its Run button
+    and wait for the job to end."""
+    if image is not None:
+        widget._image.value = image
+    if model is not None:
+        widget._model.value = model
+    widget._run.clicked.emit()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)

@@ -7,7 +7,7 @@ from napari.layers import Image
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.explain import GradCamWidget, UncertaintyWidget
 from napari_medseg.core.models.registry import read_card
-from tests.gui.conftest import plugin_view
+from tests.gui.conftest import plugin_view, run_widget
 
 
 def _open(viewer, phantom):
@@ -276,8 +276,7 @@ def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, ra
     detect = DetectWidget(plugin_view(viewer))
     detect._image.value, detect._model.value = image, random_models["LesionDetector"]
     detect._with_heatmap.value = True
-    detect._run.clicked.emit()
-    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    run_widget(qtbot, detect)
     heat = next(layer for layer in viewer.layers if "heatmap" in layer.name)
     retrain = RetrainWidget(plugin_view(viewer))
     for picker in (widget._image, detect._image, retrain._image):

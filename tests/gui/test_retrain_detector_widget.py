@@ -7,7 +7,7 @@ from napari.layers import Points
 from napari.utils.notifications import notification_manager
 
 from napari_medseg._widgets.retrain_detector import RetrainDetectorWidget
-from tests.gui.conftest import plugin_view
+from tests.gui.conftest import plugin_view, run_widget
 
 
 def _open(viewer, phantom):
@@ -508,16 +508,13 @@ def test_a_new_detection_layer_on_the_image_is_picked_while_nothing_is_listed(
                       features={"diameter_mm": [9.0]})
     assert widget._layer_pick.value is points
     detect = DetectWidget(plugin_view(viewer))
-    detect._image.value, detect._model.value = image, random_models["LesionDetector"]
-    detect._run.clicked.emit()
-    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    run_widget(qtbot, detect, image, random_models["LesionDetector"])
     detected = viewer.layers[-1]
     assert widget._layer_pick.value is detected
     points.add([4.0, 50.0, 50.0])  # not picked now: listed only when picked again
     widget._layer_pick.value = points
     assert widget.annotated_slices() == [4]
-    detect._run.clicked.emit()
-    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    run_widget(qtbot, detect)
     assert widget._layer_pick.value is points  # a slice is listed: the pick stays
 
 
@@ -551,9 +548,7 @@ def test_detect_run_on_another_image_is_not_picked(scene, qtbot, random_models):
     assert widget._image.value is image and widget.annotated_slices() == []
     for source, picked in ((other, False), (image, True)):
         detect = DetectWidget(plugin_view(viewer))
-        detect._image.value, detect._model.value = source, random_models["LesionDetector"]
-        detect._run.clicked.emit()
-        qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+        run_widget(qtbot, detect, source, random_models["LesionDetector"])
         result = viewer.layers[-1]
         assert isinstance(result, Points) and result.metadata["medseg"]["input_layer"] == source.name
         assert (widget._layer_pick.value is result) is picked
@@ -570,9 +565,7 @@ def test_corrections_made_before_the_widget_was_opened_are_listed(make_napari_vi
     viewer = make_napari_viewer()
     image = _open(viewer, small_phantom)
     detect = DetectWidget(plugin_view(viewer))
-    detect._image.value, detect._model.value = image, random_models["LesionDetector"]
-    detect._run.clicked.emit()
-    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    run_widget(qtbot, detect, image, random_models["LesionDetector"])
     detections = viewer.layers[-1]
     detect._threshold.value = detect._threshold.min  # a random model's weak detections shown
     shown = np.flatnonzero(detections.shown)

@@ -9,7 +9,7 @@ from napari.utils.notifications import notification_manager
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.retrain import RetrainWidget, painted_slices
 from napari_medseg.core.models import load_model, user_models_dir
-from tests.gui.conftest import plugin_view
+from tests.gui.conftest import plugin_view, run_widget
 
 # a short budget, below the widget's own minimum: these tests check plumbing, the
 # benchmark checks learning
@@ -1723,17 +1723,14 @@ def test_a_new_result_on_the_image_is_picked_while_nothing_is_listed(
     other = _prediction_layer(viewer, image, small_phantom.labels)
     assert widget._labels_pick.value is truth
     segment = SegmentWidget(plugin_view(viewer))
-    segment._image.value, segment._model.value = image, random_models["RecurrentSegmenter"]
-    segment._run.clicked.emit()
-    qtbot.waitUntil(lambda: segment._worker is None, timeout=120_000)
+    run_widget(qtbot, segment, image, random_models["RecurrentSegmenter"])
     result = viewer.layers[-1]
     assert result is not other and widget._labels_pick.value is result
     assert f"now '{result.name}'" in widget._status.value
     viewer.add_labels(np.zeros((2, 8, 8), np.uint8), name="elsewhere")  # not on the image
     assert widget._labels_pick.value is result
     _paint_slice(result, 2, small_phantom.labels)
-    segment._run.clicked.emit()  # something is listed: the pick stays
-    qtbot.waitUntil(lambda: segment._worker is None, timeout=120_000)
+    run_widget(qtbot, segment)  # something is listed: the pick stays
     assert widget._labels_pick.value is result and viewer.layers[-1] is not result
 
 
@@ -1800,8 +1797,7 @@ def test_an_empty_labels_picker_is_not_filled_with_another_scans_result(
     segment._model.value = random_models["RecurrentSegmenter"]
     for source, taken in ((other, False), (mine, True)):
         segment._image.value = source
-        segment._run.clicked.emit()
-        qtbot.waitUntil(lambda: segment._worker is None, timeout=120_000)
+        run_widget(qtbot, segment)
         assert (widget._labels_pick.value is viewer.layers[-1]) is taken
     flat = viewer.add_labels(np.zeros((8, 8), np.uint8), name="2D")  # not on the image's grid
     widget._labels_pick.value = None
@@ -1834,9 +1830,7 @@ def test_switching_the_image_never_writes_another_scans_prediction_over_correcti
     np.testing.assert_array_equal(mine.data[[2, 5]], painted)  # A's corrections kept
     # a layer a model made on A is refused for B, with a word
     segment = SegmentWidget(plugin_view(viewer))
-    segment._image.value, segment._model.value = scan_a, random_models["RecurrentSegmenter"]
-    segment._run.clicked.emit()
-    qtbot.waitUntil(lambda: segment._worker is None, timeout=120_000)
+    run_widget(qtbot, segment, scan_a, random_models["RecurrentSegmenter"])
     result = viewer.layers[-1]
     widget._image.value, widget._labels_pick.value = scan_b, result
     before = np.array(result.data, copy=True)
