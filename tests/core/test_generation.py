@@ -387,10 +387,7 @@ def test_cubic_memory_linear_cancel_points_and_the_result_s_own_records():
     """Cubic fitted 64 rows at a time: on an image of few rows that block took 10x the
     output, where the memory check budgets 4x. Linear made every slice in one call (no
     cancel point for seconds). The result kept the input's gap planes and steps."""
-    import tracemalloc
-
     from napari_medseg.core.generation import PEAK_OVER_OUTPUT, interpolation_job
-    from napari_medseg.core.progress import run_to_completion
     from napari_medseg.core.volume import Volume
 
     import scipy.interpolate  # noqa: F401  (its first import's objects are not the job's)
@@ -398,12 +395,7 @@ def test_cubic_memory_linear_cancel_points_and_the_result_s_own_records():
     array = np.random.default_rng(0).normal(size=(300, 16, 32)).astype(np.float32)
     volume = Volume(array, (3.0, 1.0, 1.0), metadata={"slice_spacings_mm": [3.0] * 299,
                                                        "warnings": ["uneven steps"]})
-    tracemalloc.start()
-    try:
-        result = run_to_completion(interpolation_job(volume, 3, True, "cubic"))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = _traced_peak(interpolation_job(volume, 3, True, "cubic"))
     assert peak < PEAK_OVER_OUTPUT["cubic"] * result.volume.array.nbytes
     assert "slice_spacings_mm" not in result.volume.metadata
     assert "warnings" not in result.volume.metadata
@@ -412,14 +404,23 @@ def test_cubic_memory_linear_cancel_points_and_the_result_s_own_records():
     # linear fills its own grid: a copy, and a whole-volume overflow mask, held 2.5x the
     # output where 1.26x is needed; the copy of the acquired slices reports as it goes
     assert any(r.message == "copying the acquired slices" for r in reports)
-    tracemalloc.start()
-    try:
-        result = run_to_completion(interpolation_job(volume, 3, True, "linear"))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = _traced_peak(interpolation_job(volume, 3, True, "linear"))
     assert peak < PEAK_OVER_OUTPUT["linear"] * result.volume.array.nbytes
     assert peak < 1.6 * result.volume.array.nbytes
+
+
+def _traced_peak(job):
+    """(result, peak bytes tracemalloc saw) of running ``job`` to the end."""
+    import tracemalloc
+
+    from napari_medseg.core.progress import run_to_completion
+
+    tracemalloc.start()
+    try:
+        result = run_to_completion(job)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def _progress(job):
@@ -434,10 +435,7 @@ def _progress(job):
 def test_the_memory_check_counts_a_turned_scans_copy_back(monkeypatch, axis):
     """A sagittal or coronal scan is turned slices-first and its result turned back: one
     more output-sized copy. The check asked for 1.6x the output where 2.25x was taken."""
-    import tracemalloc
-
     from napari_medseg.core import generation
-    from napari_medseg.core.progress import run_to_completion
     from napari_medseg.core.volume import Volume
 
     asked = []
@@ -447,11 +445,6 @@ def test_the_memory_check_counts_a_turned_scans_copy_back(monkeypatch, axis):
     volume = Volume(np.random.default_rng(0).normal(size=shape[0]).astype(np.float32),
                     tuple(spacing))
     assert generation.slice_axis(volume) == axis
-    tracemalloc.start()
-    try:
-        result = run_to_completion(generation.interpolation_job(volume, 2, True, "linear"))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = _traced_peak(generation.interpolation_job(volume, 2, True, "linear"))
     assert peak <= asked[0]  # what was asked for covers what was taken
     assert result.volume.shape[axis] == 2 * volume.shape[axis] - 1

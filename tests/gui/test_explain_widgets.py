@@ -278,6 +278,7 @@ def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, ra
     detect._with_heatmap.value = True
     run_widget(qtbot, detect)
     heat = next(layer for layer in viewer.layers if "heatmap" in layer.name)
+    assert heat.metadata["medseg"]["explanation_map"] is True
     retrain = RetrainWidget(plugin_view(viewer))
     for picker in (widget._image, detect._image, retrain._image):
         offered = [value for value in picker.choices if value is not None]
