@@ -461,3 +461,19 @@ def test_a_points_csv_with_a_negative_size_names_its_line_and_counts_only_review
                  str(tmp_path / "m")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["corrections"] == 1  # the point on slice 9 was not reviewed
+
+
+def test_names_for_placeholder_classes_and_other_spellings_are_accepted(case, tmp_path,
+                                                                        capsys):
+    """A file naming the model's structure_N / unused_N placeholders, or 'Kidney left' for
+    kidney_left, was refused as numbered otherwise ("renumber them")."""
+    from napari_medseg.cli_finetune import check_label_names
+
+    d, p = case
+    classes = ["background", "body", "liver", "kidney_left", "unused_4", "structure_5"]
+    labels = np.zeros((2, 4, 8), np.int64)
+    labels[0, 0, :6] = [0, 1, 2, 3, 4, 5]
+    check_label_names({2: " Liver", 3: "Kidney left", 4: "duodenum", 5: "stomach"},
+                      classes, labels, [0], "x.nii.gz")
+    with pytest.raises(Exception, match="2 is 'spleen' in the file, 'liver' in the model"):
+        check_label_names({2: "spleen"}, classes, labels, [0], "x.nii.gz")

@@ -121,11 +121,17 @@ def check_label_names(names: dict[int, str], classes: Any, labels: np.ndarray,
     """Refuse a label map whose names say its values are other structures than the
     model's classes of those numbers (another tool's or model's numbering): it was
     trained in silently, liver as spleen."""
+    def same(a: str, b: str) -> bool:  # "Kidney left" is kidney_left
+        return " ".join(a.replace("_", " ").lower().split()) == \
+            " ".join(b.replace("_", " ").lower().split())
+
     inside = [z for z in slices if 0 <= z < len(labels)]  # others: the core says so
     present = {int(v) for v in np.unique(labels[inside])} if inside else set()
+    # a placeholder class (unused_N, structure_N) takes the file's name: no mismatch
     wrong = [(v, names[v], str(classes[v])) for v in sorted(present)
              if 0 < v < len(classes) and v in names
-             and names[v].strip().lower() != str(classes[v]).strip().lower()]
+             and str(classes[v]) not in (f"unused_{v}", f"structure_{v}")
+             and not same(names[v], str(classes[v]))]
     if wrong:
         said = "; ".join(f"{v} is '{mine}' in the file, '{theirs}' in the model"
                          for v, mine, theirs in wrong[:4])

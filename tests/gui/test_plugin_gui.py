@@ -1036,3 +1036,13 @@ def test_renaming_a_picked_layer_that_is_not_the_first_keeps_it_picked(make_napa
     viewer.layers.remove(chosen)  # gone: the pickers move on, and say so
     assert all(picker.value is not chosen for picker in pickers)
     assert changes
+
+
+def test_picker_labels_stay_unique_when_a_layer_is_named_like_a_suffix():
+    from types import SimpleNamespace
+
+    from napari_medseg._widgets._model_widget import layer_choices
+
+    layers = [SimpleNamespace(name=n) for n in ("CT", "CT (2)", "CT", "CT")]
+    labels = [label for label, _ in layer_choices(layers)]
+    assert len(set(labels)) == 4 and labels[:2] == ["CT", "CT (2)"], labels

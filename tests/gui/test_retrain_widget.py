@@ -1839,3 +1839,26 @@ def test_switching_the_image_never_writes_another_scans_prediction_over_correcti
     assert widget._worker is None
     assert any("was made on 'A', not on 'B'" in m for m in _errors_since(start))
     np.testing.assert_array_equal(result.data, before)
+
+
+def test_a_scan_opened_again_keeps_its_segmentation_usable(make_napari_viewer, qtbot,
+                                                            random_models, small_phantom):
+    """Segment on A, A closed and opened again: the layer was refused as "made on 'A',
+    not on 'A'" while the closed layer object lived on (until a full collection)."""
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    spacing = small_phantom.volume.spacing
+    scan = viewer.add_image(small_phantom.volume.array.copy(), scale=spacing, name="A")
+    segment = SegmentWidget(plugin_view(viewer))
+    run_widget(qtbot, segment, scan, random_models["RecurrentSegmenter"])
+    result = viewer.layers[-1]
+    keep_alive = scan  # as napari's reference cycles keep a removed layer for a while
+    viewer.layers.remove(scan)
+    again = viewer.add_image(small_phantom.volume.array.copy(), scale=spacing, name="A")
+    widget = _widget(viewer, again, result, random_models["RecurrentSegmenter"])
+    start = len(notification_manager.records)
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    assert not _errors_since(start) and widget._history is not None
+    assert keep_alive is not again

@@ -101,12 +101,18 @@ def layer_choices(layers) -> list[tuple[str, Any]]:
     """(label, layer) for a picker, each label once: magicgui finds an entry by its label,
     and a layer renamed to a picked one's name (napari makes it "CT [1]" only after
     telling the pickers "CT") was merged into the picked entry, which then held it."""
-    seen: dict[str, int] = {}
+    layers = list(layers)
+    taken = {str(layer.name) for layer in layers}  # a layer may be called "CT (2)" itself
+    used: set[str] = set()
     out = []
     for layer in layers:
         name = str(layer.name)
-        seen[name] = seen.get(name, 0) + 1
-        out.append((name if seen[name] == 1 else f"{name} ({seen[name]})", layer))
+        label, n = name, 1
+        while label in used or (label != name and label in taken):
+            n += 1
+            label = f"{name} ({n})"
+        used.add(label)
+        out.append((label, layer))
     return out
 
 

@@ -532,7 +532,7 @@ class _RetrainBase(Container):
                 or self._worker is not None or self.annotated_slices()
                 or not self._fits(layer, image)):
             return
-        if made_on(layer) is not image:
+        if made_on(layer) is None or self._made_on_another(layer, image) is not None:
             # only a model widget's result on this image: Detect or Segment run on another
             # open scan, another patient's lesions opened from a file, a script's layer
             # fit this image's dimensions as well, and were trained on with its voxels
@@ -542,6 +542,17 @@ class _RetrainBase(Container):
             self._status.value = (f"{self.layer_kind}: now '{layer.name}', made on this image "
                                   f"(nothing was listed on '{old.name}')")
 
+    def _made_on_another(self, layer, image) -> Any:
+        """The other scan a model widget made ``layer`` on, or None: made on ``image``, on
+        nothing known, or on a scan now closed or of the same content (the same file
+        opened again is a new layer object; it was refused as "made on 'A', not on 'A'")."""
+        source = made_on(layer)
+        if source is None or source is image or image is None:
+            return None
+        if source not in self._viewer.layers or self._image_key(source) == self._image_key(image):
+            return None
+        return source
+
     def _may_fill_with(self, layer) -> bool:
         """Whether an empty Labels/Points picker may take ``layer`` by itself: one on the
         picked image's grid that no model widget made on another image. It took the
@@ -550,8 +561,7 @@ class _RetrainBase(Container):
         image = self._image.value
         if image is None:
             return True
-        source = made_on(layer)
-        return self._fits(layer, image) and (source is None or source is image)
+        return self._fits(layer, image) and self._made_on_another(layer, image) is None
 
     @staticmethod
     def _fits(layer, image) -> bool:
@@ -955,8 +965,8 @@ class _RetrainBase(Container):
         elif layer is None:
             raise MedsegInputError(f"no {self.layer_kind} layer picked")
         else:
-            source = made_on(layer)
-            if source is not None and source is not image:
+            source = self._made_on_another(layer, image)
+            if source is not None:
                 # the Image picker moved to another scan of the same shape, the layer
                 # stayed: that scan's prediction was written over this one's corrections
                 raise MedsegInputError(

@@ -903,7 +903,8 @@ def finetune_detector(
         loss_curve=tuple(stats["loss_curve"]), holdout_slice=None, holdout_dice_before=None,
         holdout_dice_after=None, new_classes=(),
         # the points on the reviewed slices: those on others teach nothing
-        corrections=int(np.isin(np.rint(pts[:, 0]).astype(int), zs).sum()) if len(pts) else 0,
+        corrections=int(np.isin(np.clip(np.rint(pts[:, 0]), 0, volume.shape[0] - 1).astype(int),
+                                zs).sum()) if len(pts) else 0,
     )
     return FinetuneResult(work, finetuned_card(card, work, list(card["classes"]), report, version),
                           report)
