@@ -250,11 +250,17 @@ def test_gradcam_says_which_class_the_current_slice_shows_and_how_likely(
         assert line.startswith(f"Slice {z}: the map shows 'lesion', P {p:.2f}"), line
         top = int(np.argmax(result.probabilities[z]))
         if top != lesion:  # the class the model does give the slice is named beside it
-            assert (f"the model's class here: {result.class_names[top]} "
-                    f"{result.probabilities[z, top]:.2f}") in line
+            assert (f"the model's class here: {result.class_names[top]}, "
+                    f"P {result.probabilities[z, top]:.2f}") in line
         assert f"(map '{new.name}')" in line
+    # a forced class is said as evidence, not as a finding on every slice
+    calls = int((np.argmax(result.probabilities, axis=1) == lesion).sum())
+    assert widget._status.value.startswith(
+        f"Map of the evidence for 'lesion' on {len(result.target)} slices (the model gives "
+        f"'lesion' to {calls} slice"), widget._status.value
     viewer.layers.remove(new)
     assert widget._current.value == ""
+    assert widget._status.value == "The Grad-CAM map was removed"
 
 
 def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, random_models,
@@ -307,3 +313,23 @@ def test_the_uncertainty_map_says_what_its_values_mean(make_napari_viewer, qtbot
     info._layer.value = viewer.layers[-1]
     assert "Kind: explanation map (0–1), not a scan" in info._text.value
     assert "Modality" not in info._text.value
+
+
+def test_detects_heatmap_hides_an_earlier_map_of_the_image(make_napari_viewer, qtbot,
+                                                          random_models, small_phantom):
+    """Detect's heatmap was added over a visible uncertainty map of the same image, in
+    additive colours: hot spots of the two summed (Grad-CAM and Uncertainty hide)."""
+    from napari_medseg._widgets.detect import DetectWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing,
+                             name="ct")
+    run_widget(qtbot, UncertaintyWidget(plugin_view(viewer)), image,
+               random_models["RecurrentSegmenter"])
+    earlier = viewer.layers[-1]
+    detect = DetectWidget(plugin_view(viewer))
+    detect._with_heatmap.value = True
+    run_widget(qtbot, detect, image, random_models["LesionDetector"])
+    assert not earlier.visible
+    assert "1 earlier map of this image hidden" in detect._status.value
+    assert detect._status.value.startswith("'ct' (test-detector): ")

@@ -703,7 +703,7 @@ def test_detect_with_no_detection_adds_an_empty_points_layer(make_napari_viewer,
     _run_and_wait(widget, qtbot)
     points = viewer.layers[-1]
     assert len(viewer.layers) == n_layers + 1 and isinstance(points, Points) and len(points.data) == 0
-    assert widget._status.value.startswith("0 of 0 detections")
+    assert widget._status.value.startswith("'phantom CT (seed 5)' (test-detector): 0 of 0 detections")
     points.add([2.0, 10.0, 10.0])  # the user's own lesion on an empty result
     assert points.features["label"].iloc[-1] == "added" and points.shown[-1]
     # and it says so on screen (an empty layer was made without its text labels)
@@ -720,7 +720,7 @@ def test_detect_list_follows_deletions_and_added_points_are_never_a_detection(
     points.selected_data = set(range(2, n))
     points.remove_selected()
     assert len(widget._goto_items) == 2 and all(i < 2 for _, i in widget._goto_items)
-    assert widget._status.value.startswith("2 of 2 detections")
+    assert widget._status.value.startswith("'phantom CT (seed 5)' (test-detector): 2 of 2 detections")
     # selecting a detection makes napari copy its features into the defaults for new points
     points.selected_data = {0}
     points.mode = "add"

@@ -1838,6 +1838,8 @@ def test_switching_the_image_never_writes_another_scans_prediction_over_correcti
     widget._predict.clicked.emit()
     assert widget._worker is None
     assert any("was made on 'A', not on 'B'" in m for m in _errors_since(start))
+    # said on the status line too: the toast was cut off and went
+    assert widget._status.value.startswith("Retrain refused: '"), widget._status.value
     np.testing.assert_array_equal(result.data, before)
 
 

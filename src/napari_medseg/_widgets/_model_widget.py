@@ -331,8 +331,10 @@ class ModelRunWidget(Container):
         self._status = Label(value="")
         self._status.native.setWordWrap(True)  # long results must not widen the dock
         # a short line ("Segment: segmenting") was wrapped into a narrow centred column
+        # Minimum: stacked under other docks, Preferred let Qt cut the line in half (the
+        # lesion volume hidden), as Retrain's status already learnt
         self._status.native.setSizePolicy(QSizePolicy.Policy.Expanding,
-                                          QSizePolicy.Policy.Preferred)
+                                          QSizePolicy.Policy.Minimum)
         # the job's progress, here and not in napari's activity dock (see _on_run)
         self._progress = progress_bar()
         self._drawn_at = 0.0

@@ -996,6 +996,9 @@ class _RetrainBase(Container):
             return self._inputs(need_annotations)
         except MedsegInputError as exc:
             show_error(f"Retrain: {exc}")
+            # and on the status line: the toast was cut off and went, the line kept
+            # saying "Correct the Labels layer, then Retrain"
+            set_status(self._status, f"Retrain refused: {exc}")
             return None
 
     def _on_retrain(self) -> None:
@@ -1145,7 +1148,8 @@ class _RetrainBase(Container):
         v, applied = _added(self._history, result)
         self._refresh_versions()
         r = result.report
-        msg = f"v{v.number}: {counted(r.steps, 'step')} in {r.seconds:.1f} s on slices {list(r.slices)}"
+        msg = (f"v{v.number}: {counted(r.steps, 'step')} in {r.seconds:.1f} s on slices "
+               f"{slice_ranges(r.slices)}")
         if r.holdout_dice_after is not None:
             msg += (f"; held-out slice {r.holdout_slice}: Dice {r.holdout_dice_before:.2f} → "
                     f"{r.holdout_dice_after:.2f}")

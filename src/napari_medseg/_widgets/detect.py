@@ -29,6 +29,7 @@ class DetectWidget(ModelRunWidget):
 
     def result_widgets(self) -> list:
         self._points = None
+        self._source, self._maps_hidden = "", 0  # what the count line names
         self._threshold = FloatSlider(label="Score threshold", value=0.5, min=KEEP_SCORE, max=1.0,
                                       step=0.01, enabled=False)
         self._threshold.changed.connect(self._apply_threshold)
@@ -87,13 +88,21 @@ class DetectWidget(ModelRunWidget):
         threshold = card_peak_threshold(card)
         data, kwargs, _ = detection_layer_data(result, image_layer,
                                                provenance(card, image_layer.name), threshold)
+        hidden = 0
         if options.get("heatmap"):  # under the points, so they stay clickable
-            from .explain import _map_layer_kwargs
+            from .explain import _add_map, _map_layer_kwargs
 
             heat = options["heatmap_on_input"]
-            self._viewer.add_image(heat if image_layer.ndim == 3 else heat[0], **_map_layer_kwargs(
+            # as Grad-CAM and Uncertainty do: an earlier map of this image (an uncertainty
+            # map) is hidden, not summed with it in additive colours
+            _, hidden = _add_map(self._viewer, heat if image_layer.ndim == 3 else heat[0],
+                                 _map_layer_kwargs(
                 image_layer, f"lesion heatmap · {image_layer.name} ({card.get('name')})", "cyan",
-                provenance(card, image_layer.name), method="detector centre heatmap (sigmoid)"))
+                provenance(card, image_layer.name), method="detector centre heatmap (sigmoid)"),
+                image_layer)
+        # which scan and model the count is of (the picker may already name the next scan)
+        self._source = f"'{image_layer.name}' ({card.get('name')})"
+        self._maps_hidden = hidden
         if self._points is not None:
             self._points.events.data.disconnect(self._on_points_data)
             self._points.events.size.disconnect(self._apply_threshold)
@@ -143,8 +152,12 @@ class DetectWidget(ModelRunWidget):
         self._goto.enabled = bool(choices)
         found = shown & ~added
         mine = f"; {int(added.sum())} added or moved by you" if added.any() else ""
-        self._status.value = (f"{int(found.sum())} of {int((~added).sum())} detections at score ≥ "
-                              f"{self._threshold.value:.2f}{mine}")
+        self._status.value = (f"{self._source}: {int(found.sum())} of {int((~added).sum())} "
+                              f"detections at score ≥ {self._threshold.value:.2f}{mine}")
+        if self._maps_hidden:
+            from .explain import _hidden_note
+
+            self._status.value += _hidden_note(self._maps_hidden).rstrip()
         if self._result_note:  # the missing slices stay said
             self._status.value += f"\n{self._result_note}"
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Label, SpinBox
+from qtpy.QtWidgets import QSizePolicy
 
 from .._layers import _like_layer, _result_metadata
 from ..core.explain import gradcam_volume, segmentation_uncertainty
@@ -89,6 +90,9 @@ class GradCamWidget(ModelRunWidget):
         self._explained: tuple[list, list, list, list] | None = None
         self._current = Label(value="")
         self._current.native.setWordWrap(True)
+        # as the status line above it: it sat 10 px further in, in a column of its own
+        self._current.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                           QSizePolicy.Policy.Minimum)
         return [self._current]
 
     def viewer_events(self) -> list:
@@ -113,6 +117,8 @@ class GradCamWidget(ModelRunWidget):
             if self._map is not None:
                 self._map = self._explained = None
                 self._current.value = ""
+                # the counts were of that map: they stayed, as if still on screen
+                self._status.value = "The Grad-CAM map was removed"
             return
         if layer.ndim == 2 or self._viewer.dims.ndim < 3:
             z = 0
@@ -130,7 +136,7 @@ class GradCamWidget(ModelRunWidget):
         else:
             text = f"Slice {z}: the map shows '{shown[z]}', P {p_shown[z]:.2f}"
             if predicted[z] != shown[z]:
-                text += f"; the model's class here: {predicted[z]} {p_predicted[z]:.2f}"
+                text += f"; the model's class here: {predicted[z]}, P {p_predicted[z]:.2f}"
         self._current.value = f"{text}\n(map '{layer.name}')"
 
     def _target_choices(self, _widget=None) -> list:
@@ -178,6 +184,14 @@ class GradCamWidget(ModelRunWidget):
         if not explained.size:  # every slice missing: no model saw anything
             self._status.value = "No acquired slice: nothing to explain"
             return
+        if what != PREDICTED:
+            # "Explained: lesion on 48 slices" read as a finding on every slice
+            calls = sum(1 for c in predicted if c == what)
+            self._status.value = (
+                f"Map of the evidence for '{what}' on {counted(int(explained.size), 'slice')} "
+                f"(the model gives '{what}' to {counted(calls, 'slice')})"
+                + _hidden_note(hidden))
+            return
         counts = np.bincount(explained, minlength=len(result.class_names))
         self._status.value = "Explained: " + ", ".join(
             f"{n} on {c} slice{'s' if c != 1 else ''}"
@@ -202,9 +216,8 @@ class UncertaintyWidget(ModelRunWidget):
         self._goto.tooltip = (
             "The slices with the highest mean uncertainty over the voxels predicted as a "
             "structure, most uncertain first: where the segmenter most likely erred (on "
-            "held-out phantoms the ranking follows each slice's number of wrong voxels: "
-            "benchmarks/uncertainty_ranking.py). Pick one to go there, then correct it "
-            "in 'Retrain on my annotations'")
+            "held-out phantoms the ranking follows each slice's number of wrong voxels). "
+            "Pick one to go there, then correct it in 'Retrain on my annotations'")
         self._goto.changed.connect(lambda z: z is not None and self._go_to(z))
         # picking the entry already shown (the most uncertain slice, after a run) changes
         # nothing, but the user still expects to be taken there
@@ -266,7 +279,7 @@ class UncertaintyWidget(ModelRunWidget):
         one_slice = volume.shape[0] == 1
         with self._goto.changed.blocked():
             self._goto_items = ([] if one_slice else
-                                [(f"slice {z} · uncertainty {result.per_slice[z]:.3f}", z)
+                                [(f"slice {z} · uncertainty {result.per_slice[z]:.3g}", z)
                                  for z in ranked])
             self._goto.reset_choices()
         self._goto.enabled = bool(ranked) and not one_slice

@@ -27,7 +27,7 @@ class SegmentWidget(ModelRunWidget):
         # volumes silently covered only the rest
         where = slice_ranges(np.flatnonzero(unmeasured))
         line = (f"{counted(int(unmeasured.sum()), 'voxel')} without a value (NaN) on slices "
-                f"{where}: left unlabelled, in no volume")
+                f"{where}: left unlabelled, not counted in any volume")
         return f"{note}\n{line}" if note else line
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
