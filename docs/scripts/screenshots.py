@@ -37,7 +37,7 @@ def shoot(name: str) -> Path:
     viewer.window.resize(1500, 950)
     viewer.scale_bar.visible = True
     viewer.open_sample("napari-medseg", "synthetic_ct")
-    truth = [layer for layer in viewer.layers if layer.name.startswith("ground truth")]
+    truth = [layer for layer in viewer.layers if layer.name.startswith("labels, ground truth")]
     for layer in truth:
         layer.visible = False  # show the model's output, not the answer
     _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", WIDGETS[name])
@@ -45,7 +45,7 @@ def shoot(name: str) -> Path:
     widget._run.clicked.emit()
     wait_for(widget)
     points = viewer.layers[-2] if name != "detect" else viewer.layers[-1]
-    lesions = [layer for layer in viewer.layers if layer.name.startswith("ground-truth lesions")]
+    lesions = [layer for layer in viewer.layers if layer.name.startswith("lesions, ground truth")]
     if name == "detect" and widget._goto.choices:
         widget._go_to_lesion(widget._goto.value)  # as if the user picked the first entry
         for layer in lesions:
@@ -93,7 +93,7 @@ def shoot_retrain() -> Path:
 
     viewer = _sample_viewer()
     image = viewer.layers[0]
-    truth = next(layer for layer in viewer.layers if layer.name.startswith("ground truth")
+    truth = next(layer for layer in viewer.layers if layer.name.startswith("labels, ground truth")
                  and type(layer).__name__ == "Labels")
     seg = _run_docked(viewer, WIDGETS["segment"], image)
     seg._run.clicked.emit()
@@ -223,7 +223,7 @@ def shoot_phantom() -> Path:
     widget._seed.value = 3
     widget._run.clicked.emit()
     wait_for(widget)
-    lesions = [layer for layer in viewer.layers if layer.name.startswith("ground-truth lesions")]
+    lesions = [layer for layer in viewer.layers if layer.name.startswith("lesions, ground truth")]
     if lesions and len(lesions[0].data):
         largest = int(lesions[0].features["diameter_mm"].argmax())
         viewer.dims.set_point(0, lesions[0].data_to_world(lesions[0].data[largest])[0])

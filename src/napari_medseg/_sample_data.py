@@ -17,14 +17,15 @@ def phantom_layer_data(phantom: Phantom, prefix: str = "phantom") -> list[tuple]
     diameters = [2.0 * lesion.radius_mm for lesion in phantom.lesions]
     return [
         volume_layer_data(volume, name=name),
-        # the kind first: a narrow layer list cuts a name's middle, where the seed was,
-        # and two phantoms' ground truths read alike ("phantom CT (s… ground truth")
-        labels_layer_data(phantom.labels, volume, f"ground truth · {name}", LABEL_NAMES),
+        # the kind first, in its first word: a narrow layer list cuts a name's middle,
+        # where the seed was ("phantom CT (s… ground truth"), and "ground truth · …" and
+        # "ground-truth lesions · …" both read "ground truth…"
+        labels_layer_data(phantom.labels, volume, f"labels, ground truth · {name}", LABEL_NAMES),
         points_layer_data(
             centers,
             diameters,
             volume,
-            f"ground-truth lesions · {name}",
+            f"lesions, ground truth · {name}",
             # cyan: detections are lime rings with yellow text, and on the same lesion
             # the two rings and texts could not be told apart
             colour="cyan",

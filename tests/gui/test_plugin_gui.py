@@ -876,7 +876,7 @@ def test_ground_truth_lesions_are_drawn_apart_from_detections():
     (_, _, (centres, kwargs, kind)) = phantom_layer_data(
         generate_phantom((8, 48, 48), (4.0, 2.0, 2.0), seed=2, n_lesions=1))
     layer = Points(centres, **kwargs)
-    assert kind == "points" and kwargs["name"].startswith("ground-truth lesions · ")
+    assert kind == "points" and kwargs["name"].startswith("lesions, ground truth · ")
     cyan = np.array([0.0, 1.0, 1.0, 1.0])
     np.testing.assert_allclose(layer.border_color[0], cyan)
     np.testing.assert_allclose(layer.text.color.constant, cyan)
