@@ -673,3 +673,34 @@ def test_a_resize_made_away_is_listed_and_a_removed_slice_stays_removed(
     assert fresh.annotated_slices() == []
     points.add([3.0, 20.0, 20.0])
     assert fresh.annotated_slices() == [3]
+
+
+def test_the_pickers_start_on_the_shown_scan_and_its_newest_result(make_napari_viewer, qtbot,
+                                                                    random_models,
+                                                                    small_phantom):
+    """Docked after Detect, Retrain took the newest image (a hidden one) and, as Detect's
+    result was made on another, the sample's ground-truth lesions; picking the scan in
+    view left the points picker on the ground truth."""
+    from napari_medseg._sample_data import phantom_layer_data
+    from napari_medseg._widgets.detect import DetectWidget
+
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in phantom_layer_data(small_phantom):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    scan = viewer.layers[0]
+    detect = DetectWidget(plugin_view(viewer))
+    run_widget(qtbot, detect, scan, random_models["LesionDetector"])
+    detected = viewer.layers[-1]
+    viewer.add_image(np.zeros(scan.data.shape, np.float32), scale=scan.scale,
+                     name="hidden scratch", visible=False)
+    widget = RetrainDetectorWidget(plugin_view(viewer))
+    assert widget._image.value is scan  # the newest shown, not the hidden one
+    assert widget._layer_pick.value is detected  # its result, not the ground truth
+    # on another scan picked and back, the result made on the scan is picked again
+    other = viewer.add_image(scan.data[::-1].copy(), scale=scan.scale, name="B")
+    run_widget(qtbot, detect, other, random_models["LesionDetector"])
+    other_result = viewer.layers[-1]
+    widget._image.value = other
+    assert widget._layer_pick.value is other_result
+    widget._image.value = scan
+    assert widget._layer_pick.value is detected

@@ -515,10 +515,9 @@ class _RetrainBase(Container):
         for combo in (self._image, self._layer_pick):
             combo.reset_choices()
             if combo.value is None and combo.choices:
-                usable = [c for c in combo.choices if c is not None
-                          and (combo is self._image or self._may_fill_with(c))]
-                if usable:
-                    combo.value = usable[-1]
+                combo_value = self._first_choice(combo)
+                if combo_value is not None:
+                    combo.value = combo_value
         if getattr(event, "type", None) == "inserted":
             self._follow_new_layer(event.value)
 
@@ -553,6 +552,21 @@ class _RetrainBase(Container):
             return None
         return source
 
+    def _first_choice(self, combo) -> Any:
+        """What an empty picker takes by itself: for the image, the newest one shown (a
+        hidden scan was taken, and the result layers made on the one in view skipped);
+        for the layer, the newest that may fill it (:meth:`_may_fill_with`), a result a
+        model made on the picked image first (the sample's ground truth was taken over
+        Detect's result)."""
+        choices = [c for c in combo.choices if c is not None]
+        if combo is self._image:
+            shown = [c for c in choices if getattr(c, "visible", True)]
+            return (shown or choices or [None])[-1]
+        usable = [c for c in choices if self._may_fill_with(c)]
+        image = self._image.value
+        results = [c for c in usable if image is not None and made_on(c) is image]
+        return (results or usable or [None])[-1]
+
     def _may_fill_with(self, layer) -> bool:
         """Whether an empty Labels/Points picker may take ``layer`` by itself: one on the
         picked image's grid that no model widget made on another image. It took the
@@ -581,6 +595,14 @@ class _RetrainBase(Container):
             self._watched_image = image
             if image is not None:
                 image.events.data.connect(self._on_image_data)
+        layer = self._layer_pick.value
+        if (image is not None and (layer is None or self._made_on_another(layer, image))
+                and not self.listed_on_layer(layer)):
+            # the layer picked was another scan's result (or none): this scan's newest
+            # result, when there is one, instead (the round would be refused)
+            with self._layer_pick.changed.blocked():
+                self._layer_pick.value = None
+                self._layer_pick.value = self._first_choice(self._layer_pick) or layer
         self._switch_pair()
         self._check_for_autosave()
 
@@ -730,6 +752,8 @@ class _RetrainBase(Container):
         no re-prediction into the layer may write them (a scan picked after another of
         the same shape had no list, and its prediction went over the first one's
         corrections)."""
+        if layer is None:
+            return set()
         listed = set(self.annotated_slices()) if layer is self._pair[1] else set()
         for edited, checked, *_ in self._kept_lists.get(layer, {}).values():
             listed |= set(edited) | set(checked)
