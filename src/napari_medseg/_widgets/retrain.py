@@ -117,7 +117,7 @@ class RetrainWidget(_RetrainBase):
         annotated = set(self.annotated_slices())
         ranked = [(z, u) for z, u in self._suggest_ranking if z not in annotated]
         ranked = ranked[: self.SUGGESTIONS]
-        items = [(f"slice {z} · uncertainty {u:.3f}", z) for z, u in ranked]
+        items = [(f"slice {z} · uncertainty {u:.3g}", z) for z, u in ranked]
         changed = items != self._suggest_items
         if changed:
             with self._suggestions.changed.blocked():
