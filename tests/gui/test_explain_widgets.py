@@ -309,6 +309,14 @@ def test_the_uncertainty_map_says_what_its_values_mean(make_napari_viewer, qtbot
     assert widget._goto.choices  # slices ranked: the legend is there
     assert "0 where every sample agrees, 1 where all classes are equally likely" in \
         widget._status.value
+    # its colours span what the map holds (its values, mostly hundredths, were near black
+    # under a fixed 0-1 window), and the line says so
+    new = viewer.layers[-1]
+    top = new.contrast_limits[1]
+    positive = new.data[new.data > 0]
+    assert 0.01 <= top <= 1.0 and top <= float(positive.max()) + 1e-6
+    assert np.mean(positive <= top) > 0.98
+    assert f"its colours span 0–{top:.2g}" in widget._status.value
     info = VolumeInfoWidget(plugin_view(viewer))
     info._layer.value = viewer.layers[-1]
     assert "Kind: explanation map (0–1), not a scan" in info._text.value

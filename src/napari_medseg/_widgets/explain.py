@@ -263,16 +263,25 @@ class UncertaintyWidget(ModelRunWidget):
         return {"samples": int(self._samples.value)}
 
     def core_job(self, volume, model, card, options):
-        return segmentation_uncertainty(volume, model, card, samples=options["samples"])
+        result = yield from segmentation_uncertainty(volume, model, card,
+                                                     samples=options["samples"])
+        # the colours' top (here, not on napari's thread): the map's values are mostly a
+        # few hundredths, near black under a 0-1 window; a sample of its voxels suffices
+        sample = result.entropy[:, ::4, ::4]
+        positive = sample[sample > 0]
+        top = float(np.percentile(positive, 99.5)) if positive.size else 1.0
+        options["display_max"] = float(min(1.0, max(top, 0.01)))
+        return result
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
         prov = provenance(card, image_layer.name)
         ranked = result.most_uncertain(10)
         ent = result.entropy if image_layer.ndim == 3 else result.entropy[0]
-        _, hidden = _add_map(self._viewer, ent, _map_layer_kwargs(
+        top = float(options.get("display_max", 1.0))
+        _, hidden = _add_map(self._viewer, ent, {**_map_layer_kwargs(
             image_layer, f"uncertainty · {image_layer.name} ({card.get('name')})", "magma", prov,
             method=f"MC dropout, {result.samples} samples, entropy / log(classes)",
-            most_uncertain_slices=ranked), image_layer)
+            most_uncertain_slices=ranked), "contrast_limits": (0.0, top)}, image_layer)
         self._watch(image_layer)
         self._layer, self._ranked_on = image_layer, _geometry(image_layer)
         # one slice (a 2D image, or a one-slice volume): nothing to rank or go to
@@ -294,7 +303,7 @@ class UncertaintyWidget(ModelRunWidget):
                                   else "No structure found")
         if ranked:  # what the numbers mean: nothing on screen said it
             self._status.value += ("\nThe map: 0 where every sample agrees, 1 where all "
-                                   "classes are equally likely")
+                                   f"classes are equally likely; its colours span 0–{top:.2g}")
         self._status.value += _hidden_note(hidden)
 
     def _go_to(self, z: int) -> None:
