@@ -110,10 +110,10 @@ def label_names_in(path: str) -> dict[int, str]:
     {} for any other file."""
     if not str(path).lower().endswith((".nii", ".nii.gz")):
         return {}
-    from .core.io.nifti import read_label_map
+    from .core.io.nifti import label_names_in_header
 
-    found = read_label_map(path)
-    return dict(found.names) if found is not None else {}
+    # the header alone: read_label_volume has read (and checked) the voxels already
+    return label_names_in_header(path)
 
 
 def check_label_names(names: dict[int, str], classes: Any, labels: np.ndarray,

@@ -515,9 +515,9 @@ class _RetrainBase(Container):
         for combo in (self._image, self._layer_pick):
             combo.reset_choices()
             if combo.value is None and combo.choices:
-                combo_value = self._first_choice(combo)
-                if combo_value is not None:
-                    combo.value = combo_value
+                first = self._first_choice(combo)
+                if first is not None:
+                    combo.value = first
         if getattr(event, "type", None) == "inserted":
             self._follow_new_layer(event.value)
 

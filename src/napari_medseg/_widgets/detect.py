@@ -10,6 +10,7 @@ from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.models.detector import at_or_above
 from ..core.progress import Progress
 from ._model_widget import ModelRunWidget, provenance
+from .explain import _add_map, _hidden_note, _map_layer_kwargs
 from ._navigate import camera, go_to_slice, go_to_world
 
 # Detections are kept down to this score so the threshold slider can reveal weaker ones
@@ -90,8 +91,6 @@ class DetectWidget(ModelRunWidget):
                                                provenance(card, image_layer.name), threshold)
         hidden = 0
         if options.get("heatmap"):  # under the points, so they stay clickable
-            from .explain import _add_map, _map_layer_kwargs
-
             heat = options["heatmap_on_input"]
             # as Grad-CAM and Uncertainty do: an earlier map of this image (an uncertainty
             # map) is hidden, not summed with it in additive colours
@@ -155,8 +154,6 @@ class DetectWidget(ModelRunWidget):
         self._status.value = (f"{self._source}: {int(found.sum())} of {int((~added).sum())} "
                               f"detections at score ≥ {self._threshold.value:.2f}{mine}")
         if self._maps_hidden:
-            from .explain import _hidden_note
-
             self._status.value += _hidden_note(self._maps_hidden).rstrip()
         if self._result_note:  # the missing slices stay said
             self._status.value += f"\n{self._result_note}"

@@ -115,6 +115,15 @@ def _ours(header: Any) -> dict:
     return {}
 
 
+def label_names_in_header(path: str | Path) -> dict[int, str]:
+    """The structure names a NIfTI file's header carries ({} when none), read from the
+    header alone: no voxel is loaded (a caller reading the voxels already read them)."""
+    try:
+        return _label_names(nib.load(str(Path(path).expanduser())).header)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
+        return {}
+
+
 def _label_names(header: Any) -> dict[int, str]:
     """Structure names from this plugin's JSON comment extension; {} when absent or
     malformed."""
