@@ -279,7 +279,7 @@ def segmentation_layer_data(result: Any, image_layer: Any, provenance: dict[str,
     labels = result.labels if image_layer.ndim == 3 else result.labels[0]
     names = dict(enumerate(result.class_names))
     kwargs = {
-        **_labels_kwargs(f"{image_layer.name} segmentation ({provenance['model']})", names),
+        **_labels_kwargs(f"segmentation · {image_layer.name} ({provenance['model']})", names),
         **_like_layer(image_layer),
         "metadata": _result_metadata(
             provenance, label_names=names,
@@ -314,7 +314,7 @@ def detection_layer_data(
     labels = detection_labels(scores, diameters)
     kwargs = {
         **_points_kwargs(
-            f"{image_layer.name} lesions ({provenance['model']})", diameters,
+            f"lesions · {image_layer.name} ({provenance['model']})", diameters,
             scale_mm(image_layer),
             {"score": scores, "label": labels}, "{label}",
         ),

@@ -83,6 +83,8 @@ def test_segment_adds_aligned_labels_and_leaves_layers_alone(
     assert meta["model"] == "test-segmenter" and meta["input_layer"] == image.name
     assert len(meta["model_sha256"]) == 64 and "not for diagnostic use" in meta["disclaimer"]
     assert "liver" in list(new[0].features["name"])
+    # kind first: napari's layer list cuts a long name at its end, where the kind was
+    assert new[0].name.startswith(f"segmentation · {image.name} (test-segmenter)")
     for (name, kind, data), layer in zip(before, viewer.layers):
         assert layer.name == name and type(layer).__name__ == kind
         np.testing.assert_array_equal(layer.data, data)
@@ -188,6 +190,7 @@ def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_mode
     assert isinstance(points, Points) and points is not viewer.layers[2]
     _assert_on_image(points, image)
     assert {"score", "diameter_mm"} <= set(points.features.columns)
+    assert points.name.startswith(f"lesions · {image.name} (")
     scores = points.features["score"].to_numpy()
     n_layers = len(viewer.layers)
     widget._threshold.value = widget._threshold.min
@@ -874,7 +877,7 @@ def test_results_keep_a_rotated_and_sheared_image_s_place_in_the_world(
         _select(widget, image, random_models[arch])
         _run_and_wait(widget, qtbot)
         result = viewer.layers[-1]
-        assert result.name.startswith("ct ")
+        assert " · ct (" in result.name
         # napari keeps rotate and shear apart from affine: both must come along
         _assert_on_image(result, image)
         np.testing.assert_allclose(result.data_to_world((4, 50, 50)), image.data_to_world((4, 50, 50)))

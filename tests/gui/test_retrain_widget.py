@@ -313,7 +313,7 @@ def test_autosave_restores_after_a_restart(make_napari_viewer, qtbot, random_mod
     assert "3 slices" in widget2._restore_label.value or "2 slices" in widget2._restore_label.value
     widget2._restore.clicked.emit()
     restored = widget2._labels_pick.value
-    assert isinstance(restored, Labels) and restored.name.startswith(image2.name)
+    assert isinstance(restored, Labels) and restored.name.startswith(f"annotations · {image2.name} (restored ")
     np.testing.assert_array_equal(restored.data, painted)
     np.testing.assert_allclose(restored.scale, image2.scale)
     assert set(widget2._edited) == {2, 5} and set(widget2._checked) == checked
@@ -615,6 +615,7 @@ def test_a_new_empty_layer_opens_when_the_picked_models_card_is_gone(scene):
     start = len(notification_manager.records)
     widget._new_layer.clicked.emit()
     assert len(viewer.layers) == n_layers + 1 and not viewer.layers[-1].data.any()
+    assert viewer.layers[-1].name == f"annotations · {image.name}"
     said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("model card not found" in m and "unnamed" in m for m in said), said
 

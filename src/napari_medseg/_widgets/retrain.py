@@ -344,7 +344,7 @@ class RetrainWidget(_RetrainBase):
             self._schedule_autosave()
 
     def _empty_layer(self, image):
-        kwargs = {**_labels_kwargs(f"{image.name} annotations", self._current_class_names()),
+        kwargs = {**_labels_kwargs(f"annotations · {image.name}", self._current_class_names()),
                   **_like_layer(image), "metadata": _on_scan(image)}
         return self._viewer.add_labels(np.zeros(image.data.shape, dtype=np.uint8), **kwargs)
 
@@ -390,7 +390,7 @@ class RetrainWidget(_RetrainBase):
 
     def _restored_layer(self, session, image):
         names = {**self._current_class_names(), **(session.label_names or {})}
-        kwargs = {**_labels_kwargs(f"{image.name} annotations (restored {session.saved_at})",
+        kwargs = {**_labels_kwargs(f"annotations · {image.name} (restored {session.saved_at})",
                                    names), **_like_layer(image),
                   "metadata": _on_scan(image)}
         return self._viewer.add_labels(session.labels, **kwargs)

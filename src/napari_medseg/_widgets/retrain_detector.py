@@ -119,7 +119,7 @@ class RetrainDetectorWidget(_RetrainBase):
 
     def _empty_layer(self, image):
         return self._viewer.add_points(
-            np.zeros((0, image.ndim)), name=f"{image.name} lesion points", border_color="lime",
+            np.zeros((0, image.ndim)), name=f"lesion points · {image.name}", border_color="lime",
             face_color="transparent", size=8, features={"diameter_mm": np.zeros(0)},
             **_like_layer(image))
 
@@ -196,7 +196,7 @@ class RetrainDetectorWidget(_RetrainBase):
         diam = np.asarray(session.diameters, dtype=float)  # NaN: unknown, stays unknown
         shown = (np.ones(len(points), dtype=bool) if session.shown is None
                  else np.asarray(session.shown, dtype=bool))
-        name = f"{image.name} lesion points (restored {session.saved_at})"
+        name = f"lesion points · {image.name} (restored {session.saved_at})"
         if session.scores is None:
             return self._viewer.add_points(
                 points, name=name, border_color="lime", face_color="transparent",
