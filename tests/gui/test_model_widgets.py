@@ -417,6 +417,9 @@ def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_mode
     viewer.dims.ndisplay = 3  # every axis shown, none reordered: the slider's slice stays named
     widget._follow_slice()
     assert widget._current.value.startswith("Slice ")
+    # a jump there moved only the camera: the widget kept naming the slice before it
+    widget._go_to_slice(6)
+    assert widget._current.value.startswith("Slice 6:") and widget._strip._current == 6
     viewer.dims.ndisplay = 2
     # the classified layer removed: its strip and lesion list no longer look live
     viewer.layers.remove(image)

@@ -1492,6 +1492,11 @@ def test_mark_current_is_refused_while_the_slices_run_across_the_view(scene):
     assert widget.annotated_slices() == []
     assert any("axes reordered" in m for m in _errors_since(start))
     viewer.dims.order = (0, 1, 2)
+    viewer.dims.ndisplay = 3  # no slider shows the slice then: it marked one never seen
+    widget._mark_current()
+    assert widget.annotated_slices() == []
+    assert any("3D view" in m for m in _errors_since(start))
+    viewer.dims.ndisplay = 2
     widget._mark_current()
     assert widget.annotated_slices() == [3]
 
@@ -1865,3 +1870,28 @@ def test_a_scan_opened_again_keeps_its_segmentation_usable(make_napari_viewer, q
     _wait(widget, qtbot)
     assert not _errors_since(start) and widget._history is not None
     assert keep_alive is not again
+
+
+@pytest.mark.parametrize("view", ["sagittal", "3d brush"])
+def test_a_stroke_across_slices_lists_them_unticked_until_reviewed(scene, view):
+    """A ticked slice trains as correct in every voxel: one stroke in a sagittal view
+    touched a few voxels of each of 8 axial slices (hundreds wrong on each, never looked
+    at) and listed them all ticked, silently."""
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 1, phantom.labels)  # an axial correction: ticked as ever
+    if view == "sagittal":
+        viewer.dims.order = (2, 0, 1)
+    else:
+        labels.n_edit_dimensions = 3
+    labels.brush_size = 10
+    start = len(notification_manager.records)
+    labels.paint((4, 48, 48), 2)
+    touched = set(widget.annotated_slices()) - {1}
+    assert len(touched) > 1
+    assert widget.training_slices() == [1]
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("stroke across slices" in m and "unticked" in m for m in said), said
+    labels.undo()  # its slices leave the list, the axial one stays
+    assert widget.annotated_slices() == [1]
+    labels.redo()  # and come back unticked
+    assert set(widget.annotated_slices()) == touched | {1} and widget.training_slices() == [1]

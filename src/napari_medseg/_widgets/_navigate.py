@@ -31,6 +31,10 @@ def go_to_world(viewer: Any, layer: Any, world: Sequence[float],
         sliders = _sliders_showing(viewer, layer, world, [a - offset for a in hidden], ratio)
         dims.set_point(hidden, list(sliders * ratio[[a - offset for a in hidden]]))
     shown = list(dims.displayed)
+    if dims.ndisplay == 3 and any(a in wanted for a in shown):
+        # no slider shows then, yet the widgets name (and Retrain marks) the slice at the
+        # dims point: it stayed on the slice shown before the jump
+        dims.set_point([a for a in shown if a in wanted], [wanted[a] for a in shown if a in wanted])
     if any(a in wanted for a in shown):
         cam = camera(viewer)
         now = list(cam.center)[-len(shown):]

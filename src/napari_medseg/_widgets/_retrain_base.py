@@ -823,6 +823,11 @@ class _RetrainBase(Container):
             show_error("Retrain: the image's slices run across the view "
                        "(axes reordered); show axial planes to mark one")
             return
+        if image is not None and image.ndim >= 3 and self._viewer.dims.ndisplay == 3:
+            # no slider shows which slice the dims point names: one never looked at
+            show_error("Retrain: a 3D view shows no single slice; switch to the 2D view "
+                       "to mark the slice you reviewed")
+            return
         z = self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3 else 0.0)
         if z is None:
             show_error("Retrain: the current slice is outside the image")

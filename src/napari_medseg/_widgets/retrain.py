@@ -21,17 +21,17 @@ from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, PushButton
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 
 from .._layers import _labels_kwargs, _like_layer, read_deferred
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_annotations, finetune_segmenter, unannotated_updates
 from ..core.inference import segment_volume
 from ..core.session import AnnotationSession, SliceStack
-from ..core.text import counted
+from ..core.text import counted, slice_ranges
 # painted_slices and history_depths are re-exported: scripts and tests import them from here
 from ._retrain_base import _RetrainBase, _on_scan, history_depths, painted_slices  # noqa: F401
-from ._navigate import drawn_matrix
+from ._navigate import drawn_matrix, slice_axis_shown
 
 
 #: added to the status line while the widget's last write is undone
@@ -284,6 +284,21 @@ class RetrainWidget(_RetrainBase):
         if self._writing:
             return
         zs = {0} if layer is not None and layer.ndim == 2 else painted_slices(event.value)
+        self._list_stroke(zs, across=layer is not None and slice_axis_shown(self._viewer, layer))
+
+    def _list_stroke(self, zs: set[int], across: bool = False) -> None:
+        """List a user stroke's slices. A ticked slice trains as correct in every voxel;
+        a stroke across slices (painted in a sagittal or coronal view, or with a 3D
+        brush or fill) touches a few voxels of each, the rest never looked at: those
+        slices are listed unticked until the user reviews them (one sagittal stroke
+        listed 8 axial slices, hundreds of wrong voxels each, as reviewed)."""
+        fresh = zs - self._edited - self._checked
+        if fresh and (across or len(zs) > 1) and not self._writing:
+            self._excluded |= fresh
+            show_warning(
+                f"Retrain: a stroke across slices touched {counted(len(fresh), 'slice')} "
+                f"({slice_ranges(fresh)}); listed unticked, as a round trains on every voxel "
+                "of a ticked slice: tick each once you have reviewed it in an axial view")
         self._stroke_slices |= zs - self._edited
         self._add_edited(zs)
 
@@ -331,9 +346,7 @@ class RetrainWidget(_RetrainBase):
             self._unlist(dropped)
         elif (before is not None and depths[0] > before[0] and undo
               and not self._is_own(undo[-1])):  # a user's redo
-            zs = set(self._item_slices(layer, undo[-1]))
-            self._stroke_slices |= zs - self._edited
-            self._add_edited(zs)
+            self._list_stroke(set(self._item_slices(layer, undo[-1])))
             return
         self._schedule_autosave()
 
