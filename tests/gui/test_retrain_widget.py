@@ -380,6 +380,13 @@ def test_suggests_the_most_uncertain_unannotated_slices(scene, qtbot):
     widget._image.value = other  # while it runs (set by a script: the picker is locked)
     _wait(widget, qtbot)
     assert not list(widget._suggestions.choices) and "discarded" in widget._status.value
+    # another scan loaded into the same layer while it runs: the same layer objects, and
+    # the ranking of the scan before was offered for it
+    widget._image.value = image
+    widget._suggest.clicked.emit()
+    image.data = np.array(image.data[::-1])
+    _wait(widget, qtbot)
+    assert not list(widget._suggestions.choices) and "changed meanwhile" in widget._status.value
 
 
 def test_a_suggested_slice_leaves_the_list_once_annotated_and_the_shown_one_is_reachable(
@@ -546,6 +553,26 @@ def test_a_round_ending_mid_stroke_writes_after_the_stroke(scene, qtbot):
         labels.paint((3, 30, 40), 7)
     qtbot.waitUntil(lambda: bool((labels.data[6] == 3).all()), timeout=5000)
     assert widget.annotated_slices() == [2, 3] and labels.data[3, 30, 30] == 7
+
+
+def test_a_write_waiting_for_a_stroke_is_dropped_when_the_widget_is_closed(scene, qtbot):
+    """Closing said the unsaved version was let go; 50 ms after the user let go of the
+    stroke, the closed widget wrote that version's prediction into the layer anyway."""
+    from napari_medseg._layers import volume_from_layer
+
+    viewer, image, labels, widget, phantom = scene
+    dock = viewer.window.add_dock_widget(widget, name="Retrain (test)")
+    with labels.block_history():
+        labels.paint((3, 30, 30), 7)
+        widget._apply_checked(_Prediction(np.full(labels.data.shape, 3, np.uint8)), image,
+                              labels, volume_from_layer(image), 1, {})
+        viewer.window.remove_dock_widget(dock)
+    before = np.array(labels.data, copy=True)
+    start = len(notification_manager.records)
+    qtbot.wait(300)
+    np.testing.assert_array_equal(labels.data, before)
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("was closed" in m and "not written" in m for m in said), said
 
 
 def test_undo_and_redo_after_switching_layers_keep_the_list_true(scene, qtbot):
@@ -1895,3 +1922,29 @@ def test_a_stroke_across_slices_lists_them_unticked_until_reviewed(scene, view):
     assert widget.annotated_slices() == [1]
     labels.redo()  # and come back unticked
     assert set(widget.annotated_slices()) == touched | {1} and widget.training_slices() == [1]
+
+
+@pytest.mark.parametrize("kind", ["read-only", "dask"])
+def test_a_labels_layer_that_cannot_be_written_is_refused_before_the_round(
+        make_napari_viewer, random_models, small_phantom, kind):
+    """Marked slices on a read-only (or lazy, e.g. OME-Zarr) Labels layer: the round
+    trained to its end, then writing its prediction raised a traceback in napari."""
+    import dask.array as da
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    data = small_phantom.labels.astype(np.uint8)
+    if kind == "read-only":
+        data.flags.writeable = False
+    else:
+        data = da.from_array(data, chunks=(2, -1, -1))
+    labels = viewer.add_labels(data, scale=image.scale, translate=image.translate)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    widget._checked |= {2, 5}
+    start = len(notification_manager.records)
+    for button in (widget._run, widget._predict):
+        button.clicked.emit()
+        assert widget._worker is None
+    errors = _errors_since(start)
+    assert len(errors) == 2 and all("cannot be written into" in m for m in errors), errors
+    np.testing.assert_array_equal(np.asarray(labels.data), small_phantom.labels)

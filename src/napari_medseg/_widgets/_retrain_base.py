@@ -1253,6 +1253,10 @@ class _RetrainBase(Container):
 
     def _apply_checked(self, prediction, image, layer, volume, number, card, prefix="",
                        seen=None) -> None:
+        if self._shut:  # closed while the write waited for a stroke to end: closing said
+            # its unsaved versions were let go, and then one wrote into the layer
+            show_warning("Retrain was closed; its prediction was not written")
+            return
         gone = image not in self._viewer.layers or (self.writes_into_layer
                                                     and layer not in self._viewer.layers)
         if gone:

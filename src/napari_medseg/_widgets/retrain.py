@@ -30,7 +30,8 @@ from ..core.inference import segment_volume
 from ..core.session import AnnotationSession, SliceStack
 from ..core.text import counted, slice_ranges
 # painted_slices and history_depths are re-exported: scripts and tests import them from here
-from ._retrain_base import _RetrainBase, _on_scan, history_depths, painted_slices  # noqa: F401
+from ._retrain_base import (  # noqa: F401
+    _RetrainBase, _on_scan, _same_geometry, history_depths, painted_slices)
 from ._navigate import drawn_matrix, slice_axis_shown
 
 
@@ -84,8 +85,9 @@ class RetrainWidget(_RetrainBase):
         if inputs is None:
             return
         volume, source, pair = inputs[2], inputs[4], self._pair
+        seen = self._placement(*pair) if pair[0] is not None else None
         self._start(self._suggest_job, volume, source, description="Uncertainty for suggestions",
-                    on_result=lambda out: self._on_suggested(out, source, pair))
+                    on_result=lambda out: self._on_suggested(out, source, pair, seen))
 
     def _suggest_job(self, volume, source):
         from ..core.explain import segmentation_uncertainty
@@ -95,13 +97,20 @@ class RetrainWidget(_RetrainBase):
         result = yield from segmentation_uncertainty(volume, model, card, samples=6)
         return result, (model, card)
 
-    def _on_suggested(self, out, source, pair=None) -> None:
+    def _on_suggested(self, out, source, pair=None, seen=None) -> None:
         result, base = out
         if not self._adopt(source, base):
             return
         if pair is not None and (pair[0] is not self._pair[0] or pair[1] is not self._pair[1]):
             # slice numbers of the scan it ran on: not to be offered on another one
             self._status.value = "Suggestions discarded: another image or layer was picked meanwhile"
+            return
+        if seen is not None and not all(
+                _same_geometry(a, b) for a, b in zip(seen, self._placement(*pair))):
+            # another scan loaded into the same layer (or it was moved): the same objects,
+            # and the ranking of the scan before was offered for it
+            self._status.value = ("Suggestions discarded: the image or labels layer changed "
+                                  "meanwhile (new data, shape or position)")
             return
         self._suggest_ranking = [(z, float(result.per_slice[z]))
                                  for z in result.most_uncertain(len(result.per_slice))]
@@ -365,6 +374,13 @@ class RetrainWidget(_RetrainBase):
         if getattr(layer, "multiscale", False):
             raise MedsegInputError(f"'{layer.name}' is multiscale; pick a single-scale "
                                    f"{self.layer_kind} layer drawn on '{image.name}'")
+        if not (isinstance(layer.data, np.ndarray) and layer.data.flags.writeable):
+            # a re-prediction writes into it: it failed after the whole round, a traceback
+            raise MedsegInputError(
+                f"'{layer.name}' cannot be written into (its data is "
+                f"{'read-only' if isinstance(layer.data, np.ndarray) else 'a lazy ' + type(layer.data).__name__ + ' array'}"
+                "; napari cannot paint into it either); click New labels layer, or save it "
+                "and open it again, for a layer in memory")
         labels = np.array(layer.data, copy=True)
         if labels.shape != tuple(image.data.shape):
             raise MedsegInputError(
