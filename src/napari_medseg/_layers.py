@@ -860,8 +860,15 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
     """The Volume of a copy of ``source`` (a lazy array read here)."""
     from .core.errors import MedsegInputError
 
-    data = np.array(source, copy=True)
-    if not np.isfinite(data).any():
+    data = np.asarray(source)
+    # a private copy (the user may paint the layer while a model reads it): the Volume's
+    # float32 conversion makes one of any other dtype or order, and a copy first as well
+    # took 3 times a float32 volume's memory for a float64 layer
+    if (data.dtype == np.float32 and data.dtype.isnative and data.flags.c_contiguous
+            and np.may_share_memory(data, source)):
+        data = data.copy()
+    if data.dtype.kind == "f" and not any(np.isfinite(plane).any()
+                                          for plane in data.reshape(-1, *data.shape[-2:])):
         raise MedsegInputError(f"'{name}' has no finite values (all NaN)")
     mask = np.zeros(1 if data.ndim == 2 else data.shape[0], dtype=bool)
     recorded = medseg.get("missing_slices", [])

@@ -853,6 +853,31 @@ def test_run_leaves_the_copy_of_the_image_to_the_worker(make_napari_viewer):
     assert not np.shares_memory(volume.array, array)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int16", "float64", ">f4"])
+def test_the_worker_s_copy_of_an_image_is_made_once(dtype):
+    """A layer of another dtype was copied as it was, then again into float32: a float64
+    CT took 3 times the float32 volume's memory on top of the layer. The Volume is still
+    the model's own copy, whatever the layer's dtype."""
+    import tracemalloc
+
+    from napari.layers import Image
+
+    from napari_medseg._layers import volume_from_layer
+
+    array = np.random.default_rng(0).normal(40, 100, (48, 384, 384)).astype(dtype)
+    layer = Image(array, scale=(2.5, 1.0, 1.0))
+    tracemalloc.start()
+    try:
+        volume = volume_from_layer(layer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the copy, and the modality guess's sample (at most a million voxels: about 9 MB)
+    assert peak < volume.array.nbytes + 10e6, peak / volume.array.nbytes  # was 1.75-3.25
+    np.testing.assert_array_equal(volume.array, array.astype(np.float32))
+    assert not np.shares_memory(volume.array, array)
+
+
 @pytest.mark.parametrize("name", ["Retrain on my annotations", "Retrain detector on my points"])
 def test_the_retrain_docks_scroll_instead_of_growing_the_window(make_napari_viewer, name):
     """napari docks a magicgui widget's .native: the controls' 920 px were the dock's

@@ -117,7 +117,7 @@ class Volume:
         array = np.ascontiguousarray(array, dtype=np.float32)
         # NaN marks missing voxels; infinity is not a measurement, and a volume with no
         # finite voxel at all would only yield invented output
-        if np.isinf(array).any():
+        if any(np.isinf(plane).any() for plane in array):  # a plane at a time: no mask of it all
             raise MedsegInputError(f"infinite values in {counted(int(np.isinf(array).sum()), 'voxel')}")
         spacing = _as_triplet(self.spacing, "spacing")
         if min(spacing) <= 0:
@@ -133,7 +133,7 @@ class Volume:
                 )
         # a slice with no finite voxel holds nothing: missing, like a gap, whichever reader
         # made the volume (models must neither label it nor read it as air for context)
-        no_finite = ~np.isfinite(array).reshape(array.shape[0], -1).any(axis=1)
+        no_finite = np.array([not np.isfinite(plane).any() for plane in array], dtype=bool)
         # (every slice missing is allowed: nothing runs on it, and it says so)
         if not missing.all() and no_finite[~missing].all():
             raise MedsegInputError("the volume holds no finite voxel (all NaN)")
