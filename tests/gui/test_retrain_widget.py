@@ -1838,6 +1838,41 @@ def test_an_empty_labels_picker_is_not_filled_with_another_scans_result(
     assert widget._labels_pick.value is viewer.layers[-1]  # A's result, not B's
 
 
+@pytest.mark.parametrize("action", ["_duplicate_layer", "_convert_to_image"])
+def test_napari_s_copy_of_another_scan_s_result_is_refused_like_the_result(
+        make_napari_viewer, qtbot, random_models, small_phantom, action):
+    """napari's Duplicate Layer (and Convert to …) make a new layer object keeping the
+    metadata: a copy of scan B's segmentation was taken as made on nothing known, filled
+    the picker of scan A, and a round trained A on B's labels and wrote into the copy."""
+    from napari.layers import _layer_actions
+
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    spacing = small_phantom.volume.spacing
+    mine = viewer.add_image(small_phantom.volume.array, scale=spacing, name="patient A")
+    other = viewer.add_image(small_phantom.volume.array[::-1].copy(), scale=spacing,
+                             name="patient B")
+    segment = SegmentWidget(plugin_view(viewer))
+    run_widget(qtbot, segment, other, random_models["RecurrentSegmenter"])
+    viewer.layers.selection = {viewer.layers[-1]}
+    getattr(_layer_actions, action)(viewer.layers)
+    if action == "_convert_to_image":  # and back: a Labels layer again
+        _layer_actions._convert(viewer.layers, "labels")
+    copy = viewer.layers[-1]
+    assert type(copy).__name__ == "Labels" and copy.metadata["medseg"]["input_layer"] == "patient B"
+    widget = RetrainWidget(plugin_view(viewer))
+    widget._model.value = random_models["RecurrentSegmenter"]
+    widget._image.value = mine
+    assert not widget._may_fill_with(copy)  # an empty picker does not take it by itself
+    widget._labels_pick.value = copy
+    copy.data_setitem((np.full(10, 3), np.arange(10), np.arange(10)), 2)
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    assert widget._worker is None
+    assert any("was made on 'patient B'" in m for m in _errors_since(start))
+
+
 def test_switching_the_image_never_writes_another_scans_prediction_over_corrections(
         make_napari_viewer, qtbot, random_models, small_phantom):
     """Image picker moved to another scan of the same shape, Labels picker left on the

@@ -9,6 +9,7 @@ removed input layer — lives here once.
 from __future__ import annotations
 
 import time
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -83,13 +84,38 @@ _MADE_ON: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _ADDING_ON: list = []
 
 
+#: image layer -> the token its results' metadata name it by, and back: napari's copies
+#: of a result (Duplicate Layer, Convert to …) are new objects that keep the metadata, and
+#: a copy of scan A's segmentation was taken as made on nothing known (and picked for
+#: scan B, trained on and written into)
+_IMAGE_TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOKEN_IMAGES: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_TOKEN_KEY = "made_on_layer"
+
+
 def made_on(layer: Any) -> Any:
-    """The image layer a model widget made ``layer`` on (Segment's labels, Detect's
-    points), or None: not a result, or its image is gone."""
+    """The image layer a model widget made ``layer`` (or the layer napari copied it from)
+    on: Segment's labels, Detect's points; or None: not a result, or its image is gone."""
     ref = _MADE_ON.get(layer)
     if ref is not None:
         return ref()
-    return _ADDING_ON[-1] if _ADDING_ON else None
+    if _ADDING_ON:
+        return _ADDING_ON[-1]
+    medseg = (getattr(layer, "metadata", None) or {}).get("medseg")
+    token = medseg.get(_TOKEN_KEY) if isinstance(medseg, dict) else None
+    return _TOKEN_IMAGES.get(token) if isinstance(token, str) else None
+
+
+def _mark_made_on(result: Any, image: Any) -> None:
+    """Record that a model widget made ``result`` on ``image`` (for copies too)."""
+    _MADE_ON[result] = weakref.ref(image)
+    token = _IMAGE_TOKENS.get(image)
+    if token is None:
+        token = _IMAGE_TOKENS[image] = uuid.uuid4().hex
+        _TOKEN_IMAGES[token] = image
+    medseg = result.metadata.get("medseg")
+    if isinstance(medseg, dict):
+        medseg[_TOKEN_KEY] = token
 
 
 #: every open Model picker: a model saved from one widget is listed in all of them at
@@ -530,7 +556,7 @@ class ModelRunWidget(Container):
             _ADDING_ON.pop()
         for added in self._viewer.layers:
             if id(added) not in before:
-                _MADE_ON[added] = weakref.ref(layer)
+                _mark_made_on(added, layer)
         if note and not self._status.value.endswith(note):
             self._status.value = f"{self._status.value}\n{note}"
 
