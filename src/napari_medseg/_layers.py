@@ -841,6 +841,27 @@ def _generated_slice_count(data: np.ndarray, medseg: dict, source: dict) -> int:
     return count
 
 
+def generated_planes(layer: Any) -> dict | None:
+    """``{"axis", "indices"}`` of the slices a layer's record says napari-medseg generated
+    (the Generate widget's, or the reader's of a generated file), while its data has the
+    recorded shape; None when it holds none."""
+    medseg = (getattr(layer, "metadata", None) or {}).get("medseg")
+    medseg = medseg if isinstance(medseg, dict) else {}
+    source = medseg.get("source") if isinstance(medseg.get("source"), dict) else {}
+    shape = tuple(getattr(layer.data, "shape", ()))
+    if len(shape) != 3 or _generated_slice_count(layer.data, medseg, source) <= 0:
+        return None
+    generated = medseg.get("generated_slices")
+    if medseg.get("synthetic") is True and isinstance(generated, list):
+        planes = {"axis": medseg.get("slice_axis") or "z", "indices": generated}
+    else:
+        planes = source.get("synthetic_planes")
+    try:
+        return {"axis": str(planes["axis"]), "indices": [int(i) for i in planes["indices"]]}
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def _planes_still_missing(data: np.ndarray, planes: Any) -> dict | None:
     """``{"axis", "indices"}`` kept to the recorded planes that still hold no finite
     voxel; None when none does (or the record is not one)."""

@@ -142,9 +142,50 @@ def test_a_generated_nifti_opened_in_napari_is_not_generated_from_again(
     errors = _linear_x2_errors(widget, qtbot, opened)
     assert len(errors) == 1 and "already holds 4 generated (synthetic) slices" in errors[0]
     assert len(viewer.layers) == 1
+    from napari_medseg._layers import generated_planes
+
+    assert generated_planes(opened) == {"axis": "z", "indices": [1, 3, 5, 7]}
     opened.data = opened.data[::2]  # the acquired slices only: nothing synthetic left
     assert _linear_x2_errors(widget, qtbot, opened) == []
     assert len(viewer.layers) == 2
+
+
+def test_segment_and_retrain_on_a_synthetic_layer_say_which_slices_were_generated(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """Segment ran on a Generate result and Retrain trained on its generated slices with
+    no word (the CLI warns of both)."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_medseg._layers import generated_planes
+    from napari_medseg._widgets.retrain import RetrainWidget
+    from napari_medseg._widgets.segment import SegmentWidget
+    from tests.gui.conftest import run_widget
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    assert _linear_x2_errors(GenerateWidget(plugin_view(viewer)), qtbot, image) == []
+    made = viewer.layers[1]
+    generated = made.metadata["medseg"]["generated_slices"]
+    assert generated_planes(made) == {"axis": "z", "indices": generated}
+    assert generated_planes(image) is None
+    start = len(notification_manager.records)
+    segment = SegmentWidget(plugin_view(viewer))
+    run_widget(qtbot, segment, made, random_models["RecurrentSegmenter"])
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any(f"{len(generated)} slices of the image were generated (synthetic)" in m
+               for m in said), said
+    assert "generated (synthetic)" in segment._status.value
+    retrain = RetrainWidget(plugin_view(viewer))
+    retrain._model.value = random_models["RecurrentSegmenter"]
+    retrain._seconds.min = retrain._seconds.value = 0.5
+    retrain._image.value, retrain._labels_pick.value = made, viewer.layers[-1]
+    z = generated[1]
+    viewer.layers[-1].data_setitem((np.full(5, z), np.arange(5) + 30, np.arange(5) + 30), 2)
+    start = len(notification_manager.records)
+    retrain._run.clicked.emit()
+    qtbot.waitUntil(lambda: retrain._worker is None, timeout=60_000)
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any(f"1 ticked slice ({z}) was generated (synthetic)" in m for m in said), said
 
 
 def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, small_phantom):

@@ -26,7 +26,7 @@ from .._layers import read_deferred, volume_from_layer, world_matrix_mm
 from ..core.errors import MedsegInputError
 from ..core.inference import input_warnings
 from ..core.models.registry import BUNDLED_DIR, list_models, load_model
-from ..core.text import slice_ranges  # noqa: F401 (the widgets' name for it)
+from ..core.text import counted, slice_ranges  # noqa: F401 (slice_ranges: the widgets' name for it)
 
 
 #: the least time between two redraws of a job's progress in a widget: each redraw of a
@@ -565,6 +565,12 @@ class ModelRunWidget(Container):
         if not card:  # a method without a model (interpolation)
             return []
         warnings = input_warnings(volume, card)
+        synthetic = volume.metadata.get("synthetic_slices")
+        if synthetic:  # a Generate result (the reader says so of a file, on opening)
+            warnings.append(f"{counted(synthetic, 'slice')} of the image "
+                            f"{'was' if synthetic == 1 else 'were'} generated "
+                            "(synthetic), not acquired: the result there is the model's "
+                            "reading of the generator's image, not for diagnosis")
         for warning in warnings:
             show_warning(f"{self.task}: {warning}")
         return warnings

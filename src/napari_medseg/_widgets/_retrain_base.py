@@ -34,6 +34,7 @@ from superqt.utils import ensure_main_thread
 from .. import _jobs
 from .._layers import (
     check_image_layer,
+    generated_planes,
     is_explanation_map,
     read_deferred,
     scan_axes,
@@ -1036,6 +1037,12 @@ class _RetrainBase(Container):
             return
         image, layer, volume, annotation, source = inputs
         slices = self.training_slices()
+        planes = generated_planes(image)
+        made = sorted(set(slices) & set(planes["indices"])) if planes and planes["axis"] == "z" else []
+        if made:  # said, not refused (as by the CLI): the user may mean it
+            show_warning(f"Retrain: {counted(len(made), 'ticked slice')} ({slice_ranges(made)}) "
+                         f"{'was' if len(made) == 1 else 'were'} generated (synthetic), not "
+                         "acquired: the model learns from the generator's image there")
         names = self._layer_class_names(layer)
         version = 1 if self._history is None else self._history.next_number
         self._curve.clear()
