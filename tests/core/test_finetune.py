@@ -327,6 +327,31 @@ def test_a_live_autosave_is_locked_against_discard_until_its_writer_lets_go(tmp_
     assert not folder.exists()
 
 
+@pytest.mark.parametrize("errno_name", ["ENOLCK", "ENOSYS"])
+def test_an_autosave_on_a_filesystem_without_locks_is_not_taken_for_in_use(
+        tmp_path, monkeypatch, errno_name):
+    """NFS without its lock service, Lustre without -o flock: flock fails with ENOLCK or
+    ENOSYS, and every autosave read as held by an open window: after a crash none was
+    offered, and Discard refused it."""
+    import errno
+    import fcntl
+
+    from napari_medseg.core.session import SessionLock, session_in_use
+
+    labels = np.zeros((2, 8, 8), np.uint8)
+    folder = save_session(tmp_path / "s", AnnotationSession("ct", labels.shape, labels, [1]))
+
+    def no_locks(*_args):
+        raise OSError(getattr(errno, errno_name), "no locks here")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert not SessionLock(folder).acquire()  # what a crashed window left: its lock file
+    assert (folder / ".in-use.lock").exists()
+    assert not session_in_use(folder)
+    discard_session(folder)
+    assert not folder.exists()
+
+
 def test_a_save_killed_between_its_two_files_keeps_the_previous_autosave(tmp_path, monkeypatch):
     """The new data file lands, then the process dies before the record naming it is
     written (a quit kills the daemon autosave thread): the previous autosave must still

@@ -338,7 +338,7 @@ class SessionLock:
             return False
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError:  # held by another window, or no locks on this filesystem
             fh.close()
             return False
         self._fh = fh
@@ -363,8 +363,13 @@ def session_in_use(folder: str | Path) -> bool:
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             return True
+        except OSError:
+            # no locks on this filesystem (NFS without its lock service, Lustre without
+            # -o flock: ENOLCK, ENOSYS): nothing can hold one, and taking that for "in
+            # use" hid every autosave after a crash, without a word
+            return False
         fcntl.flock(fh, fcntl.LOCK_UN)
     return False
 
