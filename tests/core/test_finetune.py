@@ -352,6 +352,36 @@ def test_an_autosave_on_a_filesystem_without_locks_is_not_taken_for_in_use(
     assert not folder.exists()
 
 
+def test_an_autosave_of_the_first_format_restores_and_discards(tmp_path):
+    """labels.npy with its checksum in the record (before 2026-11-26), under the same
+    format name: it was offered, then "cannot restore: … annotations.npz"."""
+    import hashlib
+    import io
+    import json
+
+    from napari_medseg.core.session import FORMAT
+
+    labels = np.zeros((4, 8, 8), np.int32)
+    labels[2, 1:3, 1:3] = 5
+    buf = io.BytesIO()
+    np.save(buf, labels, allow_pickle=False)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "labels.npy").write_bytes(buf.getvalue())
+    (folder / "session.json").write_text(json.dumps({
+        "format": FORMAT, "image_name": "ct", "shape": [4, 8, 8], "edited": [2],
+        "checked": [3], "excluded": [], "saved_at": "2026-11-25 12:00:00",
+        "labels_sha256": hashlib.sha256(buf.getvalue()).hexdigest()}))
+    session = load_session(folder)
+    np.testing.assert_array_equal(session.labels, labels)
+    assert session.annotated == [2, 3]
+    (folder / "labels.npy").write_bytes(buf.getvalue()[:-4])  # still checked
+    with pytest.raises(MedsegInputError, match="do not match their record"):
+        load_session(folder)
+    discard_session(folder)
+    assert not folder.exists()
+
+
 def test_a_save_killed_between_its_two_files_keeps_the_previous_autosave(tmp_path, monkeypatch):
     """The new data file lands, then the process dies before the record naming it is
     written (a quit kills the daemon autosave thread): the previous autosave must still

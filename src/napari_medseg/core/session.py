@@ -240,6 +240,10 @@ def load_session(folder: str | Path) -> AnnotationSession:
     """Read an autosave; MedsegInputError if it is missing, damaged or inconsistent."""
     folder = Path(folder)
     meta = read_meta(folder)
+    if "annotations_file" not in meta and "labels_sha256" in meta:
+        # the first format (before 2026-11-26): the labels alone, in labels.npy; it was
+        # offered, then "cannot restore: … annotations.npz" hid intact labels
+        meta = {**meta, "annotations_file": "labels.npy", "annotations_sha256": meta["labels_sha256"]}
     data_name = str(meta.get("annotations_file", "annotations.npz"))
     if Path(data_name).name != data_name:  # a record names a file in its own folder only
         raise MedsegInputError("autosave record names a file elsewhere", folder)
@@ -252,8 +256,11 @@ def load_session(folder: str | Path) -> AnnotationSession:
     # a record with the right checksum may still be damaged or hand-edited: every way it
     # can be wrong is an input error (the widget then says "cannot restore"), not a crash
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        if data_name == "labels.npy":
+            arrays = {"labels": np.load(io.BytesIO(data), allow_pickle=False)}
+        else:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
         shape = tuple(int(s) for s in meta["shape"])
         lists = {key: [_slice_index(z) for z in meta.get(key, [])]
                  for key in ("edited", "checked", "excluded")}
@@ -381,7 +388,7 @@ def discard_session(folder: str | Path) -> None:
     if session_in_use(folder):
         raise MedsegInputError("this autosave belongs to a window that is still open", folder)
     for path in [folder / "session.json", *folder.glob("annotations*.npz"), *folder.glob(".*.tmp"),
-                 folder / LOCK_NAME]:
+                 folder / "labels.npy", folder / LOCK_NAME]:
         path.unlink(missing_ok=True)
     try:
         folder.rmdir()
