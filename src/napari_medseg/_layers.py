@@ -53,6 +53,9 @@ def _medseg_metadata(volume: Volume, **extra: Any) -> dict[str, Any]:
             # shape must not place that layer by this scan's axes
             "source": {**volume.metadata, "shape_zyx": list(volume.shape)},
             "disclaimer": DISCLAIMER,
+            # a saved Grad-CAM / uncertainty / heatmap opened again is a map still: no
+            # picker offers it as a scan to run a model on
+            **({"explanation_map": True} if volume.metadata.get("explanation_map") else {}),
             **extra,
         }
     }

@@ -94,6 +94,12 @@ def _write_image_nifti(path: str, data: Any, meta: dict) -> list[str]:
         image = image[np.newaxis]
     _refuse_an_open_layers_file(path, meta.get("name"))
     description, info = _synthetic_record(meta, image)
+    ours = (meta.get("metadata") or {}).get("medseg") or {}
+    if isinstance(ours, dict) and ours.get("explanation_map") is True:
+        # opened again it is a map, not a scan to run a model on (it came back as one)
+        kind = str(meta.get("name") or "map").split(" · ")[0][:200]
+        description, info = (f"napari-medseg: explanation map ({kind}), not a scan",
+                             {"explanation_map": kind})
     # float64 only where float32 would change a value: the Generate widget keeps a
     # float64 or wide-integer scan's acquired slices exact, and the save rounded them
     exact = image.dtype == np.float64 and not np.array_equal(

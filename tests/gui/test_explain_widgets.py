@@ -294,6 +294,34 @@ def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, ra
     assert widget._image.value is None
 
 
+def test_a_map_saved_and_opened_again_is_still_a_map(make_napari_viewer, qtbot, random_models,
+                                                     small_phantom, tmp_path):
+    """Saved with the plugin's NIfTI writer, a Grad-CAM map came back as a scan: offered
+    in every image picker, segmented and explained again as if acquired."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_medseg._layers import is_explanation_map
+    from napari_medseg.core.io import read_volume
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing,
+                             name="ct")
+    widget = GradCamWidget(plugin_view(viewer))
+    widget._image.value = image
+    widget._model.value = random_models["SliceClassifier"]
+    _run(widget, qtbot)
+    viewer.layers.selection = {viewer.layers[-1]}
+    path = str(tmp_path / "cam.nii.gz")
+    viewer.layers.save(path, selected=True, plugin="napari-medseg")
+    start = len(notification_manager.records)
+    (opened,) = viewer.open(path, plugin="napari-medseg")
+    assert is_explanation_map(opened)
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("explanation map (Grad-CAM" in m and "not a scan" in m for m in said), said
+    assert [v for v in widget._image.choices if v is not None] == [image]
+    assert read_volume(path).metadata["explanation_map"].startswith("Grad-CAM")
+
+
 def test_the_uncertainty_map_says_what_its_values_mean(make_napari_viewer, qtbot, random_models,
                                                        small_phantom):
     """Nothing said what 0 and 1 meant, nor how the slices were ranked, and Volume info

@@ -41,6 +41,7 @@ SAFE_METADATA_KEYS = frozenset(
         "phantom_settings",  # the rest of what made a phantom (noise, lesion radii, …)
         "synthetic_slices",  # how many slices napari-medseg generated (not acquired)
         "synthetic_planes",  # which: {"axis", "indices"} in the volume as read
+        "explanation_map",  # a map this plugin made (Grad-CAM …), saved and opened again
     }
 )
 
