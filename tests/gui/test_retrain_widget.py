@@ -1983,3 +1983,42 @@ def test_a_labels_layer_that_cannot_be_written_is_refused_before_the_round(
     errors = _errors_since(start)
     assert len(errors) == 2 and all("cannot be written into" in m for m in errors), errors
     np.testing.assert_array_equal(np.asarray(labels.data), small_phantom.labels)
+
+
+def test_napari_s_copies_of_an_annotated_layer_keep_its_listed_slices(scene, qtbot):
+    """Convert to Image and back (or Duplicate Layer) made a new layer object, and the
+    lists, kept by layer object, stayed behind: Predict then overwrote the painted slice
+    (9216 voxels). The layer's metadata carries them; the picker follows a converted
+    layer back."""
+    from napari.layers import _layer_actions
+
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 3, phantom.labels)
+    widget._mark_current()  # slice 0, checked
+    listed = widget.annotated_slices()
+    viewer.layers.selection = {labels}
+    _layer_actions._duplicate_layer(viewer.layers)
+    copy = viewer.layers[-1]
+    assert copy is not labels
+    viewer.layers.selection = {copy}
+    _layer_actions._convert_to_image(viewer.layers)
+    _layer_actions._convert(viewer.layers, "labels")
+    converted = viewer.layers[-1]
+    assert type(converted).__name__ == "Labels" and converted is not copy
+    _paint_slice(labels, 5, phantom.labels)  # the original's list grows, not the copies'
+    widget._labels_pick.value = converted
+    assert widget.annotated_slices() == listed
+    painted = np.array(converted.data, copy=True)
+    widget._predict.clicked.emit()
+    _wait(widget, qtbot)
+    np.testing.assert_array_equal(converted.data[listed], painted[listed])
+    assert not np.array_equal(converted.data, painted)  # the other slices were predicted
+    widget._labels_pick.value = labels
+    assert widget.annotated_slices() == sorted([*listed, 5])
+    # the picked layer converted (removed, a new one put in its place): followed back
+    viewer.layers.selection = {labels}
+    index = viewer.layers.index(labels)
+    _layer_actions._convert_to_image(viewer.layers)
+    _layer_actions._convert(viewer.layers, "labels")
+    assert widget._labels_pick.value is viewer.layers[index]
+    assert widget.annotated_slices() == sorted([*listed, 5])

@@ -155,6 +155,45 @@ def _annotated_count(meta: dict) -> int:
 #: before the close (9000 painted voxels changed)
 _LISTS_LEFT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
+#: the key of a layer's ``metadata["medseg"]`` that holds its listed slices per image
+#: (image key → edited, checked, excluded): napari's Duplicate Layer and Convert to …
+#: make a new layer object keeping the metadata; the lists, kept by layer object, were
+#: left behind and a re-predict wrote over the painted slices of the copy
+LISTED_KEY = "listed_slices"
+
+
+def recorded_lists(layer: Any, key: Any) -> tuple[set, set, set] | None:
+    """The (edited, checked, excluded) slices ``layer``'s metadata records for the image
+    of key ``key``; None when it records none."""
+    medseg = (getattr(layer, "metadata", None) or {}).get("medseg")
+    listed = medseg.get(LISTED_KEY) if isinstance(medseg, dict) else None
+    entry = listed.get(key) if isinstance(listed, dict) and isinstance(key, str) else None
+    try:
+        lists = tuple({int(z) for z in entry[name]} for name in ("edited", "checked", "excluded"))
+    except (TypeError, KeyError, ValueError):
+        return None
+    return lists if lists[0] | lists[1] else None
+
+
+def record_lists(layer: Any, key: Any, lists: tuple) -> None:
+    """Write ``lists`` for the image of key ``key`` into ``layer``'s metadata, in a new
+    ``medseg`` dict: a copy napari made shares the old one (its metadata is copied one
+    level deep), and keeps what it had when it was made."""
+    meta = getattr(layer, "metadata", None)
+    if not isinstance(meta, dict) or not isinstance(key, str):
+        return
+    medseg = meta.get("medseg") if isinstance(meta.get("medseg"), dict) else {}
+    listed = dict(medseg.get(LISTED_KEY)) if isinstance(medseg.get(LISTED_KEY), dict) else {}
+    entry = {name: sorted(int(z) for z in zs)
+             for name, zs in zip(("edited", "checked", "excluded"), lists)}
+    if entry["edited"] or entry["checked"]:
+        if listed.get(key) == entry:
+            return
+        listed[key] = entry
+    elif listed.pop(key, None) is None:
+        return
+    meta["medseg"] = {**medseg, LISTED_KEY: listed}
+
 
 #: and the autosave folder it wrote them in, per layer and image: the next widget takes
 #: the lists over, so that autosave is its own work, not one to offer for restoring (a
@@ -240,6 +279,7 @@ class _RetrainBase(Container):
         self._pair_shape: tuple = ()
         self._watched_image: Any = None  # whose data replacement starts another pair
         self._kept_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._left_pick_name: str | None = None  # the picked layer removed last: its name
         # layer -> {image key: the autosave folder of that pair}, as last written
         self._autosave_targets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # sortable by time, unique across widgets and processes
@@ -513,6 +553,8 @@ class _RetrainBase(Container):
         kept = self._model_output
         if kept is not None and kept[2]() not in self._viewer.layers:
             self._model_output = None  # its image is gone: free its prediction
+        if getattr(event, "type", None) == "removed" and event.value is self._layer_pick.value:
+            self._left_pick_name = event.value.name
         for combo in (self._image, self._layer_pick):
             combo.reset_choices()
             if combo.value is None and combo.choices:
@@ -529,17 +571,27 @@ class _RetrainBase(Container):
         sample's ground truth, so their strokes were not listed."""
         old, image = self._layer_pick.value, self._image.value
         if (type(layer).__name__ != self.layer_kind or layer is old or image is None
-                or self._worker is not None or self.annotated_slices()
-                or not self._fits(layer, image)):
+                or self._worker is not None or not self._fits(layer, image)):
             return
-        if made_on(layer) is None or self._made_on_another(layer, image) is not None:
-            # only a model widget's result on this image: Detect or Segment run on another
-            # open scan, another patient's lesions opened from a file, a script's layer
-            # fit this image's dimensions as well, and were trained on with its voxels
+        recorded = recorded_lists(layer, self._image_key(image))
+        # the picked layer converted by napari (Convert to …: removed, and a new layer of
+        # its name and lists put in its place): followed back, though the picker fell on
+        # another layer with lists meanwhile
+        back = recorded is not None and layer.name == self._left_pick_name
+        if self.annotated_slices() and not back:
+            return
+        if recorded is None and (made_on(layer) is None
+                                 or self._made_on_another(layer, image) is not None):
+            # only a model widget's result on this image (or a copy of a layer with slices
+            # listed on it): Detect or Segment run on another open scan, another patient's
+            # lesions opened from a file, a script's layer fit this image's dimensions as
+            # well, and were trained on with its voxels
             return
         self._layer_pick.value = layer
         if old is not None:
-            self._status.value = (f"{self.layer_kind}: now '{layer.name}', made on this image "
+            what = ("made on this image" if recorded is None else
+                    f"listing {counted(len(recorded[0] | recorded[1]), 'slice')} of this image")
+            self._status.value = (f"{self.layer_kind}: now '{layer.name}', {what} "
                                   f"(nothing was listed on '{old.name}')")
 
     def _made_on_another(self, layer, image) -> Any:
@@ -670,6 +722,8 @@ class _RetrainBase(Container):
             found = [k for k in (mine.pop(key, None), mine.pop(None, None),
                                  left.pop(key, None), left.pop(None, None)) if k is not None]
             kept = tuple(set().union(*parts) for parts in zip(*found)) if found else None
+            if kept is None:  # a copy napari made of a layer with lists (see LISTED_KEY)
+                kept = recorded_lists(layer, key)
             taken_over = _FOLDERS_LEFT.get(layer, {}).pop(key, None)
         self._edited, self._checked, self._excluded = kept or (set(), set(), set())
         self._pair, self._pair_key = (image, layer), key
@@ -764,6 +818,7 @@ class _RetrainBase(Container):
         return [z for z in self.annotated_slices() if z not in self._excluded]
 
     def _rebuild_list(self) -> None:
+        self._record_lists()
         self._slice_list.blockSignals(True)
         self._slice_list.clear()
         for z in self.annotated_slices():
@@ -1325,7 +1380,14 @@ class _RetrainBase(Container):
             return None
         return sessions_dir() / session_key(image.name, image.data.shape)
 
+    def _record_lists(self) -> None:
+        """The pair's lists into its layer's metadata too (see LISTED_KEY)."""
+        image, layer = self._pair
+        if image is not None and layer is not None and not self._shut:
+            record_lists(layer, self._pair_key, (self._edited, self._checked, self._excluded))
+
     def _schedule_autosave(self) -> None:
+        self._record_lists()
         # a pending save is not pushed back: restarting the timer on every change saved
         # nothing for as long as the user kept painting (a crash then lost it all)
         if not self._autosave_timer.isActive():
