@@ -928,6 +928,14 @@ def test_input_warnings_say_when_a_result_is_doubtful(seg):
     percentile = {**card, "normalisation": {"type": "percentile", "low_percentile": 0.5,
                                             "high_percentile": 99.5}}
     assert input_warnings(raw, percentile) == []
+    # air below -500 passed for CT at any scale: HU × 1e27 got organ volumes in silence;
+    # padding (-3024) and metal (to 30 000 on extended scales) are no reason to warn
+    scaled = Volume.from_array(array * 1e27, spacing=ct.spacing, modality="CT")
+    assert any("far outside the Hounsfield units" in w for w in input_warnings(scaled, card))
+    padded = array.copy()
+    padded[:, :4] = -3024.0
+    padded[:, 20:24, 20:24] = 30_000.0
+    assert input_warnings(Volume.from_array(padded, spacing=ct.spacing, modality="CT"), card) == []
 
 
 def test_a_job_closed_from_another_thread_leaves_the_thread_counts_restorable():

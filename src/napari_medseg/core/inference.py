@@ -982,6 +982,10 @@ def check_model_args(volume: Any, model: Any, card: Any, expected: type, what: s
 MIN_BODY_FOV_MM = 40.0
 
 
+#: a 0.5th or 99.5th percentile beyond ± this is no CT in Hounsfield units
+HU_PLAUSIBLE = 30_000.0
+
+
 def input_warnings(volume: Volume, card: Mapping[str, Any]) -> list[str]:
     """What makes a model's result on ``volume`` doubtful without making it impossible
     (said, not refused): data that does not look like the Hounsfield units a CT-window
@@ -1001,6 +1005,23 @@ def input_warnings(volume: Volume, card: Mapping[str, Any]) -> list[str]:
         warnings.append(
             f"the image is {volume.modality}, not CT: this model was trained on CT in "
             "Hounsfield units, so its result on it is meaningless")
+    else:
+        from .models.registry import percentile_range
+
+        # air below -500 passes for CT however large the scale: the phantom in HU × 1e27
+        # was segmented into organ volumes without a word. Padding outside the field of
+        # view (-3024) and metal (extended scales, to about 30 000) stay well inside.
+        try:
+            low, high = percentile_range(volume.array, {"low_percentile": 0.5,
+                                                        "high_percentile": 99.5})
+        except MedsegInputError:
+            low, high = -1000.0, 0.0  # no finite voxel: said elsewhere
+        if low < -HU_PLAUSIBLE or high > HU_PLAUSIBLE:
+            warnings.append(
+                f"the image's values run from {low:.3g} to {high:.3g}, far outside the "
+                "Hounsfield units this model expects (air -1000, bone up to about 3000): "
+                "a rescale applied twice or a wrong scale factor? Its result may be "
+                "meaningless")
     sy, sx = volume.spacing[1:]
     fov = (volume.shape[1] * sy, volume.shape[2] * sx)
     if max(fov) < MIN_BODY_FOV_MM:
