@@ -147,11 +147,15 @@ def _empty_slices(layer) -> set[int]:
     """Slices with no finite voxel, which the models treat as missing (in-memory 3D
     grayscale data only: reading a lazy store here would freeze the GUI)."""
     data = layer.data
-    if getattr(layer, "rgb", False) or not isinstance(data, np.ndarray) or data.ndim != 3:
-        return set()
+    if (getattr(layer, "rgb", False) or not isinstance(data, np.ndarray)
+            or isinstance(data, np.memmap) or data.ndim != 3):
+        return set()  # a memmap reads its file: 0.23 s of a 300 × 512² one, on napari's thread
     if not np.issubdtype(data.dtype, np.floating):
         return set()  # integers are always finite
-    return {int(z) for z in np.flatnonzero(~np.isfinite(data).reshape(len(data), -1).any(1))}
+    # a slice with a finite voxel in a coarse sample holds one: most are read no further
+    # (a mask of the whole volume held napari 0.1-0.2 s at 300 × 512², at every edit)
+    return {z for z, plane in enumerate(data)
+            if not np.isfinite(plane[::8, ::8]).any() and not np.isfinite(plane).any()}
 
 
 #: the picked layer's events that change what this widget shows
