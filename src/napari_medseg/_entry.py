@@ -25,11 +25,13 @@ def main() -> int:
         return _said("interrupted", 130)
     except _TerminatedWhileStarting:
         return _said("terminated", 143)
-    # the command sets its own (none for the demo: raised inside Qt's event loop, napari
-    # would take it for an error in a callback)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # kept until the command sets its own (the default for the demo: raised inside Qt's
+    # event loop, napari would take it for an error in a callback); reset to the default
+    # here, a SIGTERM before that killed the process without a word
     try:
         return run()
+    except _TerminatedWhileStarting:  # before the command's own handler: nothing written
+        return _said("terminated", 143)
     finally:
         # done: the outputs are written and said. A Ctrl-C or SIGTERM while Python shuts
         # down (torch's teardown: a few tenths of a second) killed the process with 130 /
