@@ -265,6 +265,8 @@ def test_train_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypat
     (["detector", "--members", "500"], "--members must be at most"),
     # 1e308 s overflowed in the progress estimate after the phantom pool was built
     (["classifier", "--seconds", "1e308"], "seconds must be at most"),
+    # os.access says yes to root there: it trained its whole budget, then the save failed
+    (["classifier", "--out", "/proc/medseg-out"], "cannot be created or written here"),
 ])
 def test_train_refuses_more_bad_arguments_before_training(tmp_path, capsys, monkeypatch, argv,
                                                           match):

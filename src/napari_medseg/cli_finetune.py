@@ -217,11 +217,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .core.models.registry import check_model_name
     from .core.training import MAX_SEED
 
+    from .cli_train import can_write_into
+
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise MedsegInputError("--out must be a folder", out)
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) \
+            or not can_write_into(parent):
         raise MedsegInputError("--out cannot be created or written here", out)
     name = args.name or f"{Path(str(args.model)).stem}-finetuned"
     try:

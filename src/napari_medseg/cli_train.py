@@ -200,7 +200,8 @@ def _check_before_training(args: argparse.Namespace) -> None:
                                "folder this model would replace it everywhere: pass another "
                                "--out (and load it by its path)", out)
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) \
+            or not can_write_into(parent):
         raise MedsegInputError("--out cannot be created or written here", out)
     folders = [f"{args.model}{ext}" for ext in (".json", ".safetensors")
                if (out / f"{args.model}{ext}").is_dir()]
@@ -213,6 +214,19 @@ def _check_before_training(args: argparse.Namespace) -> None:
         raise MedsegInputError(f"{' and '.join(existing)} exist in --out; pass --overwrite "
                                "to replace them, or another --out", out)
     _refuse_write_protected(out, existing)
+
+
+def can_write_into(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``, tried (a nameless one, gone at once):
+    ``os.access`` says yes to root everywhere but on a read-only mount (under /proc too),
+    and a run then trained its whole budget before the save failed."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:
