@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                        " voxel indices, radius_mm in mm) and slice_classes.csv. The phantom's"
                        " slices run head to feet; see docs/data.md.")
     p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
+    p.add_argument("--seed", type=int, default=0, help="which synthetic patient (default: 0)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"),
+                   help="voxels along z, y, x (default: 64 256 256)")
     p.add_argument(
         "--spacing", type=float, nargs=3, default=(2.5, 0.8, 0.8), metavar=("Z", "Y", "X"),
         help="voxel size in mm",

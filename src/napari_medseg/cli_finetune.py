@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli_infer import _read_and_warn, threads_arg
+from .cli_infer import _read_and_warn, recorded_threads_arg
 from .core.errors import MedsegInputError
 from .core.text import counted, slice_ranges
 
@@ -347,7 +347,8 @@ def register(sub: Any) -> None:
                    "long series the round may run longer; for the detector, preparing the "
                    "volume and the rehearsal phantoms comes before it (a few seconds)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=threads_arg, default=None, help="torch threads (default: free cores)")
+    p.add_argument("--threads", type=recorded_threads_arg, default=None,
+                   help="torch threads, 1 or more (default: free cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_finetune)

@@ -35,6 +35,13 @@ def threads_arg(text: str) -> int:
     return _int_at_least(text, 0, "a whole number, 0 or more (0: torch's own setting)")
 
 
+def recorded_threads_arg(text: str) -> int:
+    """``--threads`` of finetune: 1 or more (its count is recorded in the card so that the
+    round can be rerun; torch's own setting cannot be). The shared text offered 0, which
+    finetune then refused."""
+    return _int_at_least(text, 1, "a whole number, 1 or more (recorded in the card)")
+
+
 def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
