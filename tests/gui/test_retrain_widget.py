@@ -2022,3 +2022,25 @@ def test_napari_s_copies_of_an_annotated_layer_keep_its_listed_slices(scene, qtb
     _layer_actions._convert(viewer.layers, "labels")
     assert widget._labels_pick.value is viewer.layers[index]
     assert widget.annotated_slices() == sorted([*listed, 5])
+
+
+def test_a_deleted_annotation_layer_s_autosave_is_let_go_and_offered_again(scene):
+    """The widget kept a lock and an open file on the autosave of every layer it ever
+    saved, removed or not (one per scan all day long); and a deleted annotation layer's
+    autosave was offered by no window until this one was closed."""
+    from napari_medseg.core.session import session_in_use
+
+    viewer, image, labels, widget, phantom = scene
+    _paint_slice(labels, 2, phantom.labels)
+    widget.autosave_now(wait=True)
+    painted = np.array(labels.data, copy=True)
+    (folder,) = widget._autosave_targets[labels].values()
+    assert session_in_use(folder)
+    viewer.layers.remove(labels)  # by mistake: napari has no undo for it
+    widget._save_thread.join()
+    assert not session_in_use(folder) and folder not in widget._folder_locks
+    assert widget._pending_restore == folder  # offered at once
+    widget._restore.clicked.emit()
+    restored = widget._labels_pick.value
+    np.testing.assert_array_equal(restored.data, painted)
+    assert widget.annotated_slices() == [2]

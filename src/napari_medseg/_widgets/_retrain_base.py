@@ -290,6 +290,10 @@ class _RetrainBase(Container):
         # autosave snapshots numbered as taken (GUI thread), and the last written per folder
         self._snapshots_taken = 0
         self._snapshot_written: dict[Path, int] = {}
+        # the folders of removed layers: written once more if a save is pending, then
+        # left unlocked (a lock and an open file per scan annotated all day; and another
+        # window could not offer a deleted layer's autosave until this one closed)
+        self._let_go: set[Path] = set()
         # a restored autosave, deleted once its content is written into this widget's
         # folder (kept, each restore left a copy behind: the folders only grew)
         self._superseded: dict[Path, Path] = {}
@@ -563,6 +567,22 @@ class _RetrainBase(Container):
                     combo.value = first
         if getattr(event, "type", None) == "inserted":
             self._follow_new_layer(event.value)
+        elif getattr(event, "type", None) == "removed":
+            self._let_go_of_autosaves(event.value)  # after the switch that saves its edits
+
+    def _let_go_of_autosaves(self, layer) -> None:
+        """A removed layer's autosave folders: no longer locked by this widget."""
+        targets = set(self._autosave_targets.get(layer, {}).values())
+        if not targets:
+            return
+        with self._save_lock:
+            for target in targets:
+                self._let_go.add(target)
+                lock = self._folder_locks.pop(target, None)
+                if lock is not None:
+                    lock.release()
+        if self._image.value is not None and not self._shut:
+            self._check_for_autosave()  # a layer deleted by mistake: its autosave offered
 
     def _follow_new_layer(self, layer) -> None:
         """Pick a new layer of the kind this widget corrects, made on the picked image
@@ -1428,6 +1448,9 @@ class _RetrainBase(Container):
         session.excluded = sorted(self._excluded)
         target = folder / self._session_folder_name(layer, image_key)
         self._autosave_targets.setdefault(layer, {})[image_key] = target
+        if target in self._let_go and layer in self._viewer.layers:
+            with self._save_lock:  # its layer is back: locked again once written
+                self._let_go.discard(target)
         if supersedes is not None and supersedes != target:
             with self._save_lock:
                 self._superseded[target] = supersedes
@@ -1463,7 +1486,8 @@ class _RetrainBase(Container):
             try:
                 save_session(target, session)
                 self._snapshot_written[target] = taken
-                self._folder_locks.setdefault(target, SessionLock(target)).acquire()
+                if target not in self._let_go:
+                    self._folder_locks.setdefault(target, SessionLock(target)).acquire()
                 self._drop_superseded(target)
             except Exception as exc:  # a full disk, no memory: said, never silent
                 log.warning("autosave failed: %s", exc)
@@ -1561,10 +1585,11 @@ class _RetrainBase(Container):
                               if layer in self._viewer.layers for f in per.values()}
             for key_folder, entries in listed:
                 for p in entries:
-                    # this widget's own autosaves, and those it restored (deleted once
-                    # their content is saved again in its own)
-                    if (p.name.startswith(self._session_id) or p in self._restored
-                            or p in self._undeletable):
+                    # this widget's own autosaves (but those of a layer removed since: a
+                    # deleted annotation layer came back only in another window), and those
+                    # it restored (deleted once their content is saved again in its own)
+                    if ((p.name.startswith(self._session_id) and p not in self._let_go)
+                            or p in self._restored or p in self._undeletable):
                         continue
                     if p in left_by_closed:  # a layer's lists wait for this widget
                         continue
