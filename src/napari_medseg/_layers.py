@@ -86,10 +86,29 @@ def volume_layer_data(volume: Volume, name: str) -> tuple:
 _PALETTE_VALUES = np.arange(1, 256)
 
 
+#: how near (RGB distance) another value's colour may come to a structure's: napari's
+#: colour for 9, the value its "new label" button gives after the 8 structures, was the
+#: left kidney's yellow (0.16 away), and 10 the liver's red: a new structure painted in
+#: them read as those organs
+_MIN_COLOUR_DISTANCE = 0.3
+
+
 @functools.lru_cache(maxsize=1)
 def _palette() -> dict[int, tuple]:
-    """napari's default label colours (its Labels layer's cyclic colormap) for 1–255."""
-    return _colours_of(_PALETTE_VALUES)
+    """napari's default label colours (its Labels layer's cyclic colormap) for 1–255,
+    those too near a structure's colour drawn from napari's colormap of another seed."""
+    from napari.utils.colormaps import label_colormap
+
+    named = np.array([c[:3] for n, c in STRUCTURE_COLORS.items() if n != "body"])
+    seeds = [label_colormap(num_colors=49, seed=s).map(_PALETTE_VALUES)
+             for s in (0.5, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875)]
+    colours = {}
+    for i, value in enumerate(_PALETTE_VALUES):
+        for rgba in seeds:  # napari's own first; the first far enough from every structure
+            if np.linalg.norm(named - rgba[i, :3], axis=1).min() >= _MIN_COLOUR_DISTANCE:
+                break
+        colours[int(value)] = tuple(float(c) for c in rgba[i])
+    return colours
 
 
 def _colours_of(values: Any) -> dict[int, tuple]:

@@ -615,6 +615,22 @@ def test_another_tools_label_map_opens_with_a_colour_per_structure(tmp_path):
     assert layer.colormap.map(np.array([0]))[0][3] == 0  # background stays transparent
 
 
+def test_a_new_structure_is_not_drawn_in_an_organ_s_colour():
+    """napari's colour for 9 (its "new label" value after the 8 structures) was the left
+    kidney's yellow, 0.16 away; 10 the liver's red: a new structure read as those."""
+    from napari.layers import Labels
+
+    from napari_medseg._layers import STRUCTURE_COLORS, _labels_kwargs
+    from napari_medseg.core.phantom import LABEL_NAMES
+
+    layer = Labels(np.zeros((2, 4, 4), np.uint8), **_labels_kwargs("seg", dict(LABEL_NAMES)))
+    organs = np.array([c[:3] for n, c in STRUCTURE_COLORS.items() if n != "body"])
+    new = layer.colormap.map(np.arange(len(LABEL_NAMES), 40))[:, :3]
+    nearest = np.linalg.norm(new[:, None] - organs[None], axis=2).min(axis=1)
+    assert nearest.min() >= 0.3, nearest.round(2)
+    assert len({tuple(np.round(c, 3)) for c in new[:8]}) == 8  # and still apart
+
+
 def test_saved_detections_reopen_where_they_were_drawn_without_the_hidden_ones(
         make_napari_viewer, tmp_path):
     """napari's fallback CSV writer stored a detection layer's data coordinates without
