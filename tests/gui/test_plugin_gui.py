@@ -956,6 +956,8 @@ def test_info_gives_the_window_as_width_and_level_and_settings_in_short(make_nap
     assert "Contrast window: W 400 / L 40 (-160.0, 240.0)" in text
     settings = next(line for line in text.splitlines() if line.startswith("phantom_settings"))
     assert not re.search(r"\d\.\d{5}", settings), settings
+    # read as text, not a Python dict's braces and quotes
+    assert "{" not in settings and "'" not in settings and "noise_hu " in settings, settings
     from qtpy.QtWidgets import QSizePolicy
 
     assert info.native.sizePolicy().verticalPolicy() == QSizePolicy.Policy.Expanding

@@ -105,10 +105,22 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
         value = source[key]
         empty = value is None or (isinstance(value, (str, list, tuple, dict)) and not value)
         if not empty:  # a field the file leaves empty: not "None"
-            lines.append(f"{key}: {_short(value)}")
+            lines.append(f"{key}: {_readable(_short(value))}")
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
     return "\n".join(lines)
+
+
+def _readable(value) -> str:
+    """A metadata value as text to read: a dict as "key value · key value" and a list as
+    "a, b" (a phantom's settings showed as a Python dict, braces and quotes)."""
+    if isinstance(value, dict):
+        return " · ".join(f"{k} {_readable(v)}" for k, v in value.items()
+                          if v is not None and v != [] and v != {})
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"({_readable(v)})" if isinstance(v, (list, tuple)) else _readable(v)
+                         for v in value)
+    return str(value)
 
 
 def _short(value):
