@@ -90,7 +90,9 @@ def test_retrain_adds_a_new_points_layer_and_keeps_the_users(scene, qtbot):
     assert len(viewer.layers) == n_layers + 1 and isinstance(viewer.layers[-1], Points)
     new = viewer.layers[-1]
     np.testing.assert_allclose(new.scale, image.scale)
-    assert "v1" in new.metadata["medseg"]["model"]
+    # "detector v1" read as the bundled detector v1.0
+    assert new.metadata["medseg"]["model"].endswith(", Retrain v1")
+    assert new.name.startswith("lesions · ") and new.name.endswith(", Retrain v1)")
     # orange, apart from the lime detections it is drawn over (hidden rows transparent)
     from napari.utils.colormaps.standardize_color import transform_color
 

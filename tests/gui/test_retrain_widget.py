@@ -1658,7 +1658,7 @@ def test_a_closed_retrain_widget_is_let_go_with_its_versions(make_napari_viewer,
     # the unsaved version goes with it: said (the annotations are autosaved, not it)
     said = [str(n.message) for n in notification_manager.records[start:]]
     # named with its model: "v1" read wrong beside another model's v1 just saved
-    assert any("model version test-segmenter v1 was never saved" in m for m in said), said
+    assert any("model version test-segmenter Retrain v1 was never saved" in m for m in said), said
     del widget, dock
     for _ in range(3):
         qtbot.wait(10)

@@ -427,7 +427,8 @@ class _RetrainBase(Container):
         histories = {id(h): h for h in (self._history, *self._kept_histories.values())
                      if h is not None}
         # each with its model: "v1, v2" read wrong beside a v1 of another model just saved
-        unsaved = [f"{h.versions[0].card.get('name', 'model')} v{n}"
+        # "Retrain v1": "detector v1" read as the bundled detector v1.0
+        unsaved = [f"{h.versions[0].card.get('name', 'model')} Retrain v{n}"
                    for h in histories.values() for n in h.unsaved]
         if unsaved:  # the annotations are autosaved; a model version lives in memory only
             show_warning(f"Retrain closed: model {'versions' if len(unsaved) > 1 else 'version'}"

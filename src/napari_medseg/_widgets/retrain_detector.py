@@ -227,7 +227,7 @@ class RetrainDetectorWidget(_RetrainBase):
 
     def _apply(self, result, image, layer, volume, number, card, prefix="") -> None:
         """A NEW Points layer with the version's detections (the edited layer stays)."""
-        prov = {**provenance(card, image.name), "model": f"{card.get('name')} v{number}"}
+        prov = {**provenance(card, image.name), "model": f"{card.get('name')}, Retrain v{number}"}
         data, kwargs, _ = detection_layer_data(result, image, prov, card_peak_threshold(card))
         # orange: drawn over the lime detections the user edited, the two looked alike
         kwargs["border_color"] = VERSION_COLOUR
