@@ -227,6 +227,28 @@ def test_reader_warnings_reach_stderr(tmp_path, models, capsys, monkeypatch):
     assert "classify: warning: folder holds 2 series" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, effect", [
+    ("segment", "left without a result"),
+    ("classify", "each slice's class is read from its measured voxels only"),
+])
+def test_nan_slices_and_masked_patches_are_said(tmp_path, models, capsys, command, effect):
+    """A NIfTI or .npy volume's NaN slices and masked patches went unsaid by every
+    command (the widgets named them): organ volumes with part of the scan never seen."""
+    data = np.full((6, 32, 32), 40.0, np.float32)
+    data[:, :4] = -1000.0
+    data[4] = np.nan
+    data[1, :10, :10] = np.nan
+    src = tmp_path / "ct.npy"
+    np.save(src, data)
+    out = tmp_path / ("out.nii.gz" if command == "segment" else "out.csv")
+    model = models["segmenter" if command == "segment" else "classifier"]
+    assert main([command, str(src), str(out), "--model", str(model), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert (f"{command}: warning: 1 slice without any value (NaN), at z=4: taken as missing, "
+            "left without a result") in err, err
+    assert f"{command}: warning: 100 voxels without a value (NaN) on slice 1: {effect}" in err
+
+
 def _corrupt_weights(tmp_path, models):
     bad = tmp_path / "bad"
     bad.mkdir()

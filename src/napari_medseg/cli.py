@@ -186,7 +186,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"gaps:     {len(planes['indices'])} missing planes along {planes['axis']}"
               f" {planes['indices']}")
     if missing or not planes:
-        print(f"gaps:     {len(missing)} missing slices {missing}" if missing else "gaps:     none")
+        print(f"gaps:     {counted(len(missing), 'missing slice')} {missing}" if missing
+              else "gaps:     none")
     for warning in summary["warnings"]:
         print(f"warning:  {warning}")
     for key, value in sorted(summary["source"].items()):  # as the Volume info widget lists

@@ -22,7 +22,7 @@ import numpy as np
 
 from .core.errors import MedsegInputError
 from .core.io._common import link_target, refuse_write_protected
-from .core.text import counted
+from .core.text import counted, slice_ranges
 
 DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier",
                   "gradcam": "classifier", "uncertainty": "segmenter",
@@ -178,7 +178,21 @@ def _read_and_warn(path: str, command: str) -> Any:
     from .core.io import read_volume
 
     volume = read_volume(path)
-    for warning in volume.metadata.get("warnings", ()):  # what `info` would say: mixed series, gaps …
+    warnings = list(volume.metadata.get("warnings", ()))  # what `info` would say: mixed series, gaps …
+    # a NIfTI or .npy volume's NaN slices and masked patches: the widgets said so, the
+    # commands did not (organ volumes with a quarter of the scan never looked at)
+    if volume.missing.any() and not any("missing slice" in w for w in warnings):
+        missing = volume.missing_slices()
+        warnings.append(f"{counted(len(missing), 'slice')} without any value (NaN), at z="
+                        f"{slice_ranges(missing)}: taken as missing, left without a result")
+    unmeasured = volume.unmeasured_voxels()
+    if unmeasured.any() and not volume.metadata.get("missing_planes"):
+        effect = ("each slice's class is read from its measured voxels only"
+                  if command in ("classify", "gradcam") else "left without a result")
+        zs = np.flatnonzero(unmeasured)
+        warnings.append(f"{counted(int(unmeasured.sum()), 'voxel')} without a value (NaN) on "
+                        f"{'slice' if len(zs) == 1 else 'slices'} {slice_ranges(zs)}: {effect}")
+    for warning in warnings:
         print(f"{command}: warning: {warning}", file=sys.stderr)
     return volume
 

@@ -799,6 +799,25 @@ def test_slices_without_a_finite_voxel_are_missing_slices(make_napari_viewer):
     data[1, 2:4, 2:4] = np.nan  # NaN voxels in an acquired slice: still acquired
     volume = volume_from_layer(viewer.add_image(data, name="ct"))
     assert volume.missing_slices() == [3]
+    assert volume.unmeasured_voxels().tolist() == [0, 4, 0, 0, 0]  # slice 3 said as a whole
+
+
+@pytest.mark.parametrize("widget_cls, arch, effect", [
+    (ClassifyWidget, "SliceClassifier", "each slice's class is read from its measured voxels only"),
+    (DetectWidget, "LesionDetector", "left without a result"),
+])
+def test_a_masked_patch_is_said_under_the_result(make_napari_viewer, qtbot, random_models,
+                                                 small_phantom, widget_cls, arch, effect):
+    """Classify gave a confident class for a slice one voxel of which was measured, and
+    neither it nor Detect said that part of the scan had no value (Segment did)."""
+    viewer = make_napari_viewer()
+    data = np.array(small_phantom.volume.array, copy=True)
+    data[2:4, 10:60, 10:60] = np.nan
+    image = viewer.add_image(data, scale=small_phantom.volume.spacing, name="ct")
+    widget = widget_cls(plugin_view(viewer))
+    _select(widget, image, random_models[arch])
+    _run_and_wait(widget, qtbot)
+    assert f"5000 voxels without a value (NaN) on slices 2–3: {effect}" in widget._status.value
 
 
 

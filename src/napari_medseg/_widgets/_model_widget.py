@@ -344,6 +344,9 @@ def widget_closed(widget) -> bool:
 class ModelRunWidget(Container):
     architecture: str = ""
     task: str = ""  # "Segment", "Detect", ...
+    #: what the result does where the image has voxels without a value (NaN) on an
+    #: acquired slice, said under the result (None: the widget says it its own way)
+    unmeasured_effect: str | None = "left without a result"
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer = plain_viewer(viewer)
@@ -445,9 +448,16 @@ class ModelRunWidget(Container):
                 kind = "coronal" if axis == "y" else "sagittal"
                 parts.append(f"{'m' if parts else 'M'}issing planes along {axis} ({kind}): "
                              f"{slice_ranges(gaps)}")
-        if not parts:
-            return ""
-        return "; ".join(parts) + " (not acquired): left without a result"
+        lines = ["; ".join(parts) + " (not acquired): left without a result"] if parts else []
+        unmeasured = volume.unmeasured_voxels()
+        if self.unmeasured_effect and unmeasured.any() and axis not in ("y", "x"):
+            # a masked patch: Classify gave a confident class from a slice 1 voxel of
+            # which was measured, without a word
+            zs = np.flatnonzero(unmeasured)
+            lines.append(f"{counted(int(unmeasured.sum()), 'voxel')} without a value (NaN) on "
+                         f"{'slice' if len(zs) == 1 else 'slices'} {slice_ranges(zs)}: "
+                         f"{self.unmeasured_effect}")
+        return "\n".join(lines)
 
     # -- plumbing ---------------------------------------------------------------------
     def _image_choices(self, _widget=None):

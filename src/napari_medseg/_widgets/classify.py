@@ -23,6 +23,7 @@ FLAG_CLASS = "lesion"
 class ClassifyWidget(ModelRunWidget):
     architecture = "SliceClassifier"
     task = "Classify"
+    unmeasured_effect = "each slice's class is read from its measured voxels only"
 
     def result_widgets(self) -> list:
         self._result = None

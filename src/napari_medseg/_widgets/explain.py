@@ -72,6 +72,8 @@ def _hidden_note(hidden: int) -> str:
 class GradCamWidget(ModelRunWidget):
     architecture = "SliceClassifier"
     task = "Grad-CAM"
+    unmeasured_effect = ("no heat there, and each slice's class is read from its measured "
+                         "voxels only")
 
     def extra_widgets(self) -> list:
         self._target = ComboBox(label="Explain", choices=self._target_choices)

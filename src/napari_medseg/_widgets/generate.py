@@ -29,6 +29,7 @@ METHODS = [("linear interpolation", "linear"), ("cubic interpolation", "cubic"),
 class GenerateWidget(ModelRunWidget):
     architecture = "SliceGenerator"
     task = "Generate"
+    unmeasured_effect = None
 
     def extra_widgets(self) -> list:
         self._factor = ComboBox(label="Upsample", choices=FACTORS, value=2)

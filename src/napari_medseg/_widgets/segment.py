@@ -13,6 +13,7 @@ from ._model_widget import ModelRunWidget, provenance, slice_ranges
 class SegmentWidget(ModelRunWidget):
     architecture = "RecurrentSegmenter"
     task = "Segment"
+    unmeasured_effect = None  # said with the volumes it leaves out (missing_note)
 
     def core_job(self, volume, model, card, options):
         return segment_volume(volume, model, card)

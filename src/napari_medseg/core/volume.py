@@ -134,7 +134,8 @@ class Volume:
                 )
         # a slice with no finite voxel holds nothing: missing, like a gap, whichever reader
         # made the volume (models must neither label it nor read it as air for context)
-        no_finite = np.array([not np.isfinite(plane).any() for plane in array], dtype=bool)
+        finite = np.array([np.count_nonzero(np.isfinite(plane)) for plane in array], dtype=np.int64)
+        no_finite = finite == 0
         # (every slice missing is allowed: nothing runs on it, and it says so)
         if not missing.all() and no_finite[~missing].all():
             raise MedsegInputError("the volume holds no finite voxel (all NaN)")
@@ -148,6 +149,11 @@ class Volume:
         object.__setattr__(self, "modality", str(self.modality or "OT").upper())
         object.__setattr__(self, "missing", missing)
         object.__setattr__(self, "metadata", metadata)
+        # NaN voxels (a masked patch) on each acquired slice: counted here, in the worker
+        # that reads the image, for the notes that say where no result is made
+        unmeasured = array[0].size - finite
+        unmeasured[missing] = 0
+        object.__setattr__(self, "_unmeasured", unmeasured)
 
     @classmethod
     def from_array(cls, array: Any, spacing: Any = None, **kwargs: Any) -> "Volume":
@@ -208,6 +214,11 @@ class Volume:
 
     def missing_slices(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(self.missing)]
+
+    def unmeasured_voxels(self) -> np.ndarray:
+        """Per slice, its voxels without a value (NaN) on an acquired slice (0 on a
+        missing one, which is said as a whole)."""
+        return self._unmeasured.copy()
 
     def summary(self) -> dict[str, Any]:
         """What ``napari-medseg info`` prints: geometry and ranges, never identifiers."""
