@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -227,6 +229,21 @@ def test_reader_warnings_reach_stderr(tmp_path, models, capsys, monkeypatch):
     assert "classify: warning: folder holds 2 series" in capsys.readouterr().err
 
 
+def test_outputs_name_the_input_s_missing_slices(tmp_path, models):
+    """0 on a missing slice read as background (or no evidence) in another viewer."""
+    import nibabel as nib
+
+    data = np.full((6, 32, 32), 40.0, np.float32)
+    data[:, :4] = -1000.0
+    data[4] = np.nan
+    src = tmp_path / "ct.npy"
+    np.save(src, data)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(src), str(out), "--model", str(models["segmenter"]), "-q"]) == 0
+    (extension,) = nib.load(out).header.extensions
+    assert json.loads(extension.get_content())["napari-medseg"]["missing_slices"] == [4]
+
+
 @pytest.mark.parametrize("command, effect", [
     ("segment", "left without a result"),
     ("classify", "each slice's class is read from its measured voxels only"),
@@ -300,6 +317,9 @@ def test_explain_commands_write_maps_on_the_input_grid(tmp_path, capsys):
                  "--slices-csv", str(tmp_path / "u.csv"), "-q"]) == 0
     assert read_volume(tmp_path / "u.nii.gz").array.shape == p.volume.shape
     assert len((tmp_path / "u.csv").read_text().splitlines()) == 7
+    # marked as maps, not scans (the plugin opens them as maps, offered by no image picker)
+    assert read_volume(tmp_path / "cam.nii.gz").metadata["explanation_map"] == "Grad-CAM lesion"
+    assert read_volume(tmp_path / "u.nii.gz").metadata["explanation_map"] == "uncertainty"
     capsys.readouterr()
     # a class index works as in the core (it was looked up as a name and refused)
     assert main(["gradcam", str(src), str(tmp_path / "cam2.nii.gz"), "--class", "2", "-q"]) == 0

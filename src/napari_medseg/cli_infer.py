@@ -174,6 +174,24 @@ def _model_arg(args: argparse.Namespace, command: str) -> str:
     return args.model if args.model is not None else _bundled(command)
 
 
+def _missing_info(volume: Any, explanation: str | None = None) -> dict | None:
+    """What an output file's napari-medseg extension says beyond its voxels: the input's
+    missing slices (0 there read as background, or as no evidence, in another viewer) and,
+    for a map, that it is an explanation, not a scan (the plugin then opens it as one)."""
+    info: dict[str, Any] = {}
+    if volume.missing.any():
+        info["missing_slices"] = volume.missing_slices()
+    if explanation:
+        info["explanation_map"] = explanation
+    return info or None
+
+
+def _map_kwargs(volume: Any, kind: str) -> dict:
+    """write_nifti's marks of an explanation map, as the plugin's writer gives them."""
+    return {"info": _missing_info(volume, kind),
+            "description": f"napari-medseg: explanation map ({kind}), not a scan"}
+
+
 def _read_and_warn(path: str, command: str) -> Any:
     from .core.io import read_volume
 
@@ -240,7 +258,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     result = _run(segment_volume(volume, model, card, chunk=args.chunk, **_engine_kwargs(args)),
                   "segment", args.quiet)
     write_nifti(out, result.labels, *_grid(volume), labels=True,
-                label_names=dict(enumerate(result.class_names)))
+                label_names=dict(enumerate(result.class_names)), info=_missing_info(volume))
     # one slice (a 2D image): areas, as the widget gives; a volume would need a slice
     # thickness the image does not have (the 1 mm a 2D file is read with is made up)
     one_slice = result.labels.shape[0] == 1
@@ -289,7 +307,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     _write_all(  # the heatmap: the explanation behind each detection, on the input grid
         (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(),
-                                       *_grid(volume))),
+                                       *_grid(volume), **_map_kwargs(volume, "lesion heatmap"))),
         (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)))
     print(f"wrote {out.name}: {counted(len(rows), 'detection')} (threshold {result.threshold:g},"
           f" {result.precision})")
@@ -332,8 +350,9 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
         target = int(target)  # a class index, as the core takes it
     result = _run(gradcam_volume(volume, model, card, target=target, threads=args.threads),
                   "gradcam", args.quiet)
-    write_nifti(out, result.maps, *_grid(volume))
     explained = card["classes"][target] if isinstance(target, int) else target
+    write_nifti(out, result.maps, *_grid(volume),
+                **_map_kwargs(volume, f"Grad-CAM {explained or 'predicted class'}"))
     print(f"wrote {out.name}: Grad-CAM of {explained or 'the predicted class'} per slice, 0–1")
     return 0
 
@@ -350,7 +369,8 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     result = _run(segmentation_uncertainty(volume, model, card, samples=args.samples,
                                            threads=args.threads), "uncertainty", args.quiet)
     _write_all(
-        (out, lambda: write_nifti(out, result.entropy, *_grid(volume))),
+        (out, lambda: write_nifti(out, result.entropy, *_grid(volume),
+                                  **_map_kwargs(volume, "uncertainty"))),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
             (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])))
     print(f"wrote {out.name}: MC-dropout entropy ({result.samples} samples); most uncertain"
