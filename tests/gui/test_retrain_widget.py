@@ -1959,6 +1959,24 @@ def test_a_stroke_across_slices_lists_them_unticked_until_reviewed(scene, view):
     assert set(widget.annotated_slices()) == touched | {1} and widget.training_slices() == [1]
 
 
+def test_a_stroke_across_a_gap_says_the_slices_were_not_acquired(make_napari_viewer,
+                                                                 random_models, small_phantom):
+    viewer = make_napari_viewer()
+    data = np.array(small_phantom.volume.array, copy=True)
+    data[4] = np.nan  # a gap the reader recorded
+    image = viewer.add_image(data, scale=small_phantom.volume.spacing, name="ct",
+                             metadata={"medseg": {"missing_slices": [4]}})
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    labels.n_edit_dimensions = 3
+    labels.brush_size = 10
+    start = len(notification_manager.records)
+    labels.paint((4, 48, 48), 2)
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("stroke across slices" in m and "(slice 4 was not acquired: a round leaves it out)"
+               in m for m in said), said
+
+
 @pytest.mark.parametrize("kind", ["read-only", "dask"])
 def test_a_labels_layer_that_cannot_be_written_is_refused_before_the_round(
         make_napari_viewer, random_models, small_phantom, kind):

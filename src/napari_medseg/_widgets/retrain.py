@@ -23,7 +23,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, PushButton
 from napari.utils.notifications import show_error, show_warning
 
-from .._layers import _labels_kwargs, _like_layer, read_deferred
+from .._layers import _labels_kwargs, _like_layer, read_deferred, volume_outline
 from ..core.errors import MedsegInputError
 from ..core.finetune import check_annotations, finetune_segmenter, unannotated_updates
 from ..core.inference import segment_volume
@@ -304,10 +304,16 @@ class RetrainWidget(_RetrainBase):
         fresh = zs - self._edited - self._checked
         if fresh and (across or len(zs) > 1) and not self._writing:
             self._excluded |= fresh
+            image = self._image.value
+            gaps = (fresh & {int(z) for z in np.flatnonzero(volume_outline(image).missing)}
+                    if image is not None and image.ndim >= 3 else set())
             show_warning(
                 f"Retrain: a stroke across slices touched {counted(len(fresh), 'slice')} "
                 f"({slice_ranges(fresh)}); listed unticked, as a round trains on every voxel "
-                "of a ticked slice: tick each once you have reviewed it in an axial view")
+                "of a ticked slice: tick each once you have reviewed it in an axial view"
+                + (f" ({'slice' if len(gaps) == 1 else 'slices'} {slice_ranges(gaps)} "
+                   f"{'was' if len(gaps) == 1 else 'were'} not acquired: a round leaves "
+                   f"{'it' if len(gaps) == 1 else 'them'} out)" if gaps else ""))
         self._stroke_slices |= zs - self._edited
         self._add_edited(zs)
 
