@@ -249,11 +249,14 @@ def _check_slices(volume: Any, slices: Sequence[int], empty_message: str) -> lis
     bad = [z for z in zs if not 0 <= z < volume.shape[0]]
     if bad:
         raise MedsegInputError(
-            f"slices {_ranges(bad)} are outside the volume (0–{volume.shape[0] - 1})")
+            f"{'slice' if len(bad) == 1 else 'slices'} {_ranges(bad)} "
+            f"{'is' if len(bad) == 1 else 'are'} outside the volume (0–{volume.shape[0] - 1})")
     missing = [z for z in zs if volume.missing[z]]
     if missing:
-        raise MedsegInputError(f"slices {_ranges(missing)} were not acquired (missing); they "
-                               "cannot be training data")
+        one = len(missing) == 1
+        raise MedsegInputError(f"{'slice' if one else 'slices'} {_ranges(missing)} "
+                               f"{'was' if one else 'were'} not acquired (missing); "
+                               f"{'it' if one else 'they'} cannot be training data")
     return zs
 
 
