@@ -309,32 +309,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, on_term)
 
 
-#: the commands that load torch (generate only with --method model)
+#: the commands that load torch (generate too, whatever its method: core.generation
+#: imports it)
 _LOADS_TORCH = frozenset({"segment", "detect", "classify", "gradcam", "uncertainty",
-                          "train", "evaluate", "finetune"})
+                          "generate", "train", "evaluate", "finetune"})
 
 
 def _import_torch_uninterrupted() -> None:
-    """Load torch with SIGINT and SIGTERM held until it is done: the exception a signal's
-    handler raised inside torch's C++ start-up aborted the process (pybind11's terminate:
-    status 134, a core dump, 96 lines) in about 1 run in 20 interrupted then. A held
-    signal is delivered as soon as the load ends, where it is caught as ever."""
+    """Load torch with SIGINT and SIGTERM only noted until it is done: the exception a
+    signal's handler raised inside torch's C++ start-up aborted the process (pybind11's
+    terminate: status 134, a core dump, 96 lines) in about 1 run in 20 interrupted then.
+    A noted signal is handled as soon as the load ends, where it is caught as ever. (Not
+    by blocking the signal: the kernel hands a process's signal to any thread that does
+    not block it, such as OpenBLAS's, and Python's handler then ran all the same.)"""
     import signal
 
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         import torch  # noqa: F401
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, _frame: noted.append(signum)) for s in kinds}
     try:
         import torch  # noqa: F401
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if noted:
+        handler = before[noted[0]]
+        if callable(handler):
+            handler(noted[0], None)  # raises KeyboardInterrupt or Terminated here
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), noted[0])
 
 
 def _run_command(args: argparse.Namespace) -> int:
     try:
-        if getattr(args, "command", None) in _LOADS_TORCH or (
-                getattr(args, "command", None) == "generate" and getattr(args, "method", None) == "model"):
+        if getattr(args, "command", None) in _LOADS_TORCH:
             _import_torch_uninterrupted()
         return args.func(args)
     except MedsegInputError as exc:

@@ -1959,6 +1959,42 @@ def test_a_stroke_across_slices_lists_them_unticked_until_reviewed(scene, view):
     assert set(widget.annotated_slices()) == touched | {1} and widget.training_slices() == [1]
 
 
+@pytest.mark.parametrize("view", ["sagittal", "3d view"])
+def test_a_one_slice_stroke_off_the_axial_view_is_unticked_also_after_redo(scene, view):
+    """A dab in the 3D view (no single slice on screen) or a 1-voxel stroke in a sagittal
+    view touches one axial slice, never looked at: it was listed ticked (and a sagittal
+    stroke's redo came back ticked)."""
+    viewer, image, labels, widget, phantom = scene
+    if view == "sagittal":
+        viewer.dims.order = (2, 0, 1)
+    else:
+        viewer.dims.ndisplay = 3
+    labels.brush_size = 1
+    with labels.block_history():  # a drag: one step of several atoms, which napari keeps
+        for y in range(40, 52, 2):  # in reverse order over an undo and redo
+            labels.paint((4, y, 48), 2)
+    assert widget.annotated_slices() == [4] and widget.training_slices() == []
+    labels.undo()
+    assert widget.annotated_slices() == []
+    labels.redo()
+    assert widget.annotated_slices() == [4] and widget.training_slices() == []
+
+
+def test_a_3d_stroke_painted_before_the_layer_was_picked_is_listed_unticked(
+        make_napari_viewer, random_models, small_phantom):
+    """Corrected first (a 3D brush), Retrain opened next: its slices were listed ticked."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    _paint_slice(labels, 1, small_phantom.labels)  # one slice: ticked as ever
+    labels.n_edit_dimensions = 3
+    labels.brush_size = 10
+    labels.paint((4, 48, 48), 2)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    assert len(widget.annotated_slices()) > 2
+    assert widget.training_slices() == [1]
+
+
 def test_a_stroke_across_a_gap_says_the_slices_were_not_acquired(make_napari_viewer,
                                                                  random_models, small_phantom):
     viewer = make_napari_viewer()
@@ -2001,6 +2037,9 @@ def test_a_labels_layer_that_cannot_be_written_is_refused_before_the_round(
     errors = _errors_since(start)
     assert len(errors) == 2 and all("cannot be written into" in m for m in errors), errors
     np.testing.assert_array_equal(np.asarray(labels.data), small_phantom.labels)
+    widget._suggest.clicked.emit()  # writes no layer: not refused
+    assert len(_errors_since(start)) == 2 and widget._worker is not None
+    widget._on_cancel()
 
 
 def test_napari_s_copies_of_an_annotated_layer_keep_its_listed_slices(scene, qtbot):
@@ -2036,10 +2075,16 @@ def test_napari_s_copies_of_an_annotated_layer_keep_its_listed_slices(scene, qtb
     # the picked layer converted (removed, a new one put in its place): followed back
     viewer.layers.selection = {labels}
     index = viewer.layers.index(labels)
+    widget.autosave_now(wait=True)
     _layer_actions._convert_to_image(viewer.layers)
     _layer_actions._convert(viewer.layers, "labels")
     assert widget._labels_pick.value is viewer.layers[index]
     assert widget.annotated_slices() == sorted([*listed, 5])
+    # its autosave is the live layer's, not one to restore (a duplicate, and the picker
+    # moved onto it)
+    widget._save_thread.join()
+    assert widget._pending_restore is None, widget._restore_label.value
+    assert "back on" in widget._status.value
 
 
 def test_a_deleted_annotation_layer_s_autosave_is_let_go_and_offered_again(scene):

@@ -162,6 +162,18 @@ _LISTS_LEFT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary(
 LISTED_KEY = "listed_slices"
 
 
+def check_writable(layer: Any) -> None:
+    """MedsegInputError unless a prediction can be written into ``layer``'s data: a
+    read-only or lazy (dask, zarr) Labels layer failed after the whole round."""
+    data = layer.data
+    if not (isinstance(data, np.ndarray) and data.flags.writeable):
+        kind = "read-only" if isinstance(data, np.ndarray) else f"a lazy {type(data).__name__} array"
+        raise MedsegInputError(
+            f"'{layer.name}' cannot be written into (its data is {kind}; napari cannot "
+            "paint into it either); click New labels layer, or save it and open it again, "
+            "for a layer in memory")
+
+
 def recorded_lists(layer: Any, key: Any) -> tuple[set, set, set] | None:
     """The (edited, checked, excluded) slices ``layer``'s metadata records for the image
     of key ``key``; None when it records none."""
@@ -261,6 +273,7 @@ class _RetrainBase(Container):
         self._image_left_key: str | None = None  # (detector) the image those edits are on
         self._before_change = None  # (detector) the rows of a move, between its two events
         self._away_slices: set[int] = set()
+        self._away_across: set[int] = set()  # of those, from strokes across slices
         self._away_undone: set[int] = set()  # slices whose strokes were undone meanwhile
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         # layer -> {image key (_image_key): name}
@@ -279,7 +292,10 @@ class _RetrainBase(Container):
         self._pair_shape: tuple = ()
         self._watched_image: Any = None  # whose data replacement starts another pair
         self._kept_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._left_pick_name: str | None = None  # the picked layer removed last: its name
+        # the picked layer removed last: its name and autosave folders (image key →
+        # folder), and the layer the picker fell back on then
+        self._left_pick: tuple[str | None, dict] = (None, {})
+        self._fallback_pick: Any = None
         # layer -> {image key: the autosave folder of that pair}, as last written
         self._autosave_targets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # sortable by time, unique across widgets and processes
@@ -558,14 +574,18 @@ class _RetrainBase(Container):
         kept = self._model_output
         if kept is not None and kept[2]() not in self._viewer.layers:
             self._model_output = None  # its image is gone: free its prediction
-        if getattr(event, "type", None) == "removed" and event.value is self._layer_pick.value:
-            self._left_pick_name = event.value.name
+        left = (event.value if getattr(event, "type", None) == "removed"
+                and event.value is self._layer_pick.value else None)
+        if left is not None:  # followed back if napari puts a converted copy in its place
+            self._left_pick = (left.name, dict(self._autosave_targets.get(left, {})))
         for combo in (self._image, self._layer_pick):
             combo.reset_choices()
             if combo.value is None and combo.choices:
                 first = self._first_choice(combo)
                 if first is not None:
                     combo.value = first
+        if left is not None:  # the fallback the picker took: not the user's pick
+            self._fallback_pick = self._layer_pick.value
         if getattr(event, "type", None) == "inserted":
             self._follow_new_layer(event.value)
         elif getattr(event, "type", None) == "removed":
@@ -594,11 +614,13 @@ class _RetrainBase(Container):
         if (type(layer).__name__ != self.layer_kind or layer is old or image is None
                 or self._worker is not None or not self._fits(layer, image)):
             return
-        recorded = recorded_lists(layer, self._image_key(image))
+        key = self._image_key(image)
+        recorded = recorded_lists(layer, key)
         # the picked layer converted by napari (Convert to …: removed, and a new layer of
         # its name and lists put in its place): followed back, though the picker fell on
-        # another layer with lists meanwhile
-        back = recorded is not None and layer.name == self._left_pick_name
+        # another layer with lists meanwhile (not when the user picked one since)
+        name, folders = self._left_pick
+        back = recorded is not None and layer.name == name and old is self._fallback_pick
         if self.annotated_slices() and not back:
             return
         if recorded is None and (made_on(layer) is None
@@ -608,8 +630,23 @@ class _RetrainBase(Container):
             # lesions opened from a file, a script's layer fit this image's dimensions as
             # well, and were trained on with its voxels
             return
+        left_listed = len(self.annotated_slices())
         self._layer_pick.value = layer
-        if old is not None:
+        if back:
+            self._left_pick, self._fallback_pick = (None, {}), None
+            folder = folders.get(key)
+            if folder is not None:
+                # the removed layer's autosave is this layer's: not offered for restore
+                # (a duplicate of the live layer, and the picker moved onto it), and
+                # deleted once this layer's own autosave holds it
+                self._restored.add(folder)
+                self.autosave_now(supersedes=folder)
+                self._check_for_autosave()
+            self._status.value = (f"{self.layer_kind}: back on '{layer.name}' (napari made it "
+                                  "anew), with its listed slices" + (
+                                      f"; '{old.name}' keeps its {counted(left_listed, 'slice')}"
+                                      if old is not None and left_listed else ""))
+        elif old is not None:
             what = ("made on this image" if recorded is None else
                     f"listing {counted(len(recorded[0] | recorded[1]), 'slice')} of this image")
             self._status.value = (f"{self.layer_kind}: now '{layer.name}', {what} "
@@ -700,8 +737,8 @@ class _RetrainBase(Container):
         self._switch_pair()
         if self._away_slices:  # painted while another layer was picked: the pair's now
             zs, self._away_slices = self._away_slices, set()
-            self._stroke_slices |= zs - self._edited
-            self._add_edited(zs)
+            across, self._away_across = self._away_across, set()
+            self._list_away(zs, across)
         if self._away_undone:  # … or undone there
             zs, self._away_undone = self._away_undone, set()
             self._unlist(zs)
@@ -920,6 +957,11 @@ class _RetrainBase(Container):
     def _unlist(self, zs: set[int]) -> None:
         """Hook: take ``zs`` off the lists (slices whose only strokes were undone)."""
 
+    def _list_away(self, zs: set[int], across: set[int]) -> None:
+        """Hook: list the slices of strokes made while the layer was not tracked."""
+        self._stroke_slices |= zs - self._edited
+        self._add_edited(zs)
+
     def _remove_selected(self) -> None:
         for item in self._slice_list.selectedItems():
             z = int(item.data(Qt.ItemDataRole.UserRole))
@@ -1055,7 +1097,7 @@ class _RetrainBase(Container):
         show_info(f"Saved model '{name}'; it is listed in every model widget")
 
     # -- running -----------------------------------------------------------------------
-    def _inputs(self, need_annotations: bool):
+    def _inputs(self, need_annotations: bool, writes: bool = True):
         """Copies of the image and annotations and the training slices, checked in the
         GUI thread so bad input gets its message before any worker starts, as far as
         that needs no pass over every voxel; the model is loaded in the worker (reading
@@ -1079,6 +1121,8 @@ class _RetrainBase(Container):
                     f"'{layer.name}' was made on '{source.name}', not on '{image.name}': "
                     f"pick a {self.layer_kind} layer of this image (or the image it was "
                     "made on)")
+            if writes and self.writes_into_layer and not getattr(layer, "multiscale", False):
+                check_writable(layer)  # said before the round, not by a traceback after it
             annotation = self._snapshot(layer, image, volume_outline(image), need_annotations)
         path = self._model.value
         if path is None:
@@ -1088,7 +1132,7 @@ class _RetrainBase(Container):
         source = (self._history, self._history.current) if self._history is not None else path
         return image, layer, volume, annotation, source
 
-    def _inputs_for_a_button(self, need_annotations: bool):
+    def _inputs_for_a_button(self, need_annotations: bool, writes: bool = True):
         """:meth:`_inputs` for a button's job: None when a job runs already (a scripted
         double click) or the input is refused (said in a notification)."""
         if self._worker is not None:
@@ -1099,7 +1143,7 @@ class _RetrainBase(Container):
                        "train on")
             return None
         try:
-            return self._inputs(need_annotations)
+            return self._inputs(need_annotations, writes)
         except MedsegInputError as exc:
             show_error(f"Retrain: {exc}")
             # and on the status line: the toast was cut off and went, the line kept

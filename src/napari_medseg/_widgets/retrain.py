@@ -49,6 +49,13 @@ EARLIER_UNDONE_NOTE = ("\n(Ctrl+Z undid an earlier re-prediction: the one above 
 _WRITTEN: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
+def _across_only(items: list) -> set[int]:
+    """The slices of steps across slices (``items``: each step's slices) that no step of
+    one slice touched (an axial stroke there is a slice looked at)."""
+    single = {z for zs in items if len(zs) == 1 for z in zs}
+    return {z for zs in items if len(zs) > 1 for z in zs} - single
+
+
 class RetrainWidget(_RetrainBase):
     """Retrain the segmenter on corrected slices of a Labels layer."""
 
@@ -81,7 +88,7 @@ class RetrainWidget(_RetrainBase):
 
     def _on_suggest(self) -> None:
         """MC-dropout uncertainty of the current version; unlisted slices, most uncertain first."""
-        inputs = self._inputs_for_a_button(False)
+        inputs = self._inputs_for_a_button(False, writes=False)  # it writes no layer
         if inputs is None:
             return
         volume, source, pair = inputs[2], inputs[4], self._pair
@@ -157,8 +164,9 @@ class RetrainWidget(_RetrainBase):
         # per layer, kept while another layer is picked (a redo of our write after
         # switching back must still be known as ours)
         first = layer not in self._layer_state
-        state = self._layer_state.setdefault(layer, (set(), {}, {}, set()))
-        self._stroke_slices, self._slices_of_item, self._own_atoms, self._settled = state
+        state = self._layer_state.setdefault(layer, (set(), {}, {}, set(), {}))
+        (self._stroke_slices, self._slices_of_item, self._own_atoms, self._settled,
+         self._across_atoms) = state
         # _stroke_slices: listed because of a stroke seen here; _slices_of_item: the ids
         # of a history step's atoms → (those atoms, its slices); _own_atoms: id → atom of
         # the widget's own re-predictions (napari moves an item's atoms into a new list on
@@ -172,7 +180,7 @@ class RetrainWidget(_RetrainBase):
         self._oldest = self._oldest_item(layer)
         away = self._left_atoms.pop(layer, None)
         if away is not None:  # strokes made on it while another layer was picked
-            self._away_slices = self._strokes_since(
+            self._away_slices, self._away_across = self._strokes_since(
                 layer, {id(atom) for step in away for atom in step})
             self._away_undone = self._undone_since(layer, away)  # … or undone
             self._settle_gone(layer, away)  # … pushed steps out of its undo history
@@ -182,10 +190,12 @@ class RetrainWidget(_RetrainBase):
             # same (unlisted, the next round's re-prediction wrote over them); not what a
             # Retrain widget wrote into it
             written = _WRITTEN.get(layer, {})
-            self._away_slices = {
-                z for item in (getattr(layer, "_undo_history", None) or ())
-                if not any(id(atom) in written for atom in item)
-                for z in self._item_slices(layer, item)}
+            items = [self._item_slices(layer, item)
+                     for item in (getattr(layer, "_undo_history", None) or ())
+                     if not any(id(atom) in written for atom in item)]
+            self._away_slices = {z for zs in items for z in zs}
+            # a 3D fill made before the layer was picked came out ticked
+            self._away_across = _across_only(items)
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
         layer.events.set_data.connect(self._on_set_data)
@@ -201,13 +211,15 @@ class RetrainWidget(_RetrainBase):
         if undo is not None:
             self._left_atoms[layer] = [list(item) for item in undo]
 
-    def _strokes_since(self, layer, seen: set[int]) -> set[int]:
+    def _strokes_since(self, layer, seen: set[int]) -> tuple[set[int], set[int]]:
         """Slices of the undo steps on ``layer`` holding an atom not in ``seen``: the
-        user's strokes (or redos) made while the widget was not tracking it."""
+        user's strokes (or redos) made while the widget was not tracking it; and those of
+        them from steps across slices."""
         undo = getattr(layer, "_undo_history", None) or ()
         # not the widget's own re-predict redone meanwhile: it listed every slice it wrote
-        return {z for item in undo if any(id(atom) not in seen for atom in item)
-                and not self._is_own(item) for z in self._item_slices(layer, item)}
+        items = [self._item_slices(layer, item) for item in undo
+                 if any(id(atom) not in seen for atom in item) and not self._is_own(item)]
+        return {z for zs in items for z in zs}, _across_only(items)
 
     def _undone_since(self, layer, steps: list[list]) -> set[int]:
         """Slices to unlist for the user's ``steps`` undone while the widget was not
@@ -282,8 +294,9 @@ class RetrainWidget(_RetrainBase):
         for key in [k for k in self._slices_of_item if k not in live]:
             del self._slices_of_item[key]
         atoms = {id(atom) for item in (*undo, *redo) for atom in item}
-        for key in [k for k in self._own_atoms if k not in atoms]:
-            del self._own_atoms[key]
+        for kept in (self._own_atoms, self._across_atoms):
+            for key in [k for k in kept if k not in atoms]:
+                del kept[key]
 
     def _on_paint(self, event) -> None:
         layer = self._tracked
@@ -293,7 +306,22 @@ class RetrainWidget(_RetrainBase):
         if self._writing:
             return
         zs = {0} if layer is not None and layer.ndim == 2 else painted_slices(event.value)
-        self._list_stroke(zs, across=layer is not None and slice_axis_shown(self._viewer, layer))
+        # in the 3D view no single slice is on screen either (a dab there lands on a slice
+        # never looked at); remembered with the step, for its redo
+        across = layer is not None and layer.ndim >= 3 and (
+            slice_axis_shown(self._viewer, layer) or self._viewer.dims.ndisplay == 3)
+        if across:  # by atom: napari keeps a step's atoms, in reverse order, on undo/redo
+            self._across_atoms.update((id(atom), atom) for atom in event.value or ())
+        self._list_stroke(zs, across=across)
+
+    def _list_away(self, zs: set[int], across: set[int]) -> None:
+        """Strokes made while the layer was not tracked: those across slices as a stroke
+        across slices is listed (unticked), the rest as any stroke."""
+        if across:
+            self._list_stroke(set(across), across=True)
+        rest = zs - across
+        self._stroke_slices |= rest - self._edited
+        self._add_edited(rest)
 
     def _list_stroke(self, zs: set[int], across: bool = False) -> None:
         """List a user stroke's slices. A ticked slice trains as correct in every voxel;
@@ -305,8 +333,12 @@ class RetrainWidget(_RetrainBase):
         if fresh and (across or len(zs) > 1) and not self._writing:
             self._excluded |= fresh
             image = self._image.value
+            recorded = ((getattr(image, "metadata", None) or {}).get("medseg") or {}).get(
+                "missing_slices") if image is not None and image.ndim >= 3 else None
+            # checked against the data (a whole-volume scan: 33 ms a stroke at 300 × 512²)
+            # only when the stroke touches a recorded gap
             gaps = (fresh & {int(z) for z in np.flatnonzero(volume_outline(image).missing)}
-                    if image is not None and image.ndim >= 3 else set())
+                    if isinstance(recorded, list) and fresh & set(recorded) else set())
             show_warning(
                 f"Retrain: a stroke across slices touched {counted(len(fresh), 'slice')} "
                 f"({slice_ranges(fresh)}); listed unticked, as a round trains on every voxel "
@@ -316,6 +348,10 @@ class RetrainWidget(_RetrainBase):
                    f"{'it' if len(gaps) == 1 else 'them'} out)" if gaps else ""))
         self._stroke_slices |= zs - self._edited
         self._add_edited(zs)
+
+    def _item_across(self, item) -> bool:
+        """Whether a history step was painted across slices (see :meth:`_on_paint`)."""
+        return any(id(atom) in self._across_atoms for atom in item)
 
     def _item_slices(self, layer, item) -> frozenset[int]:
         atoms = tuple(item)
@@ -361,7 +397,8 @@ class RetrainWidget(_RetrainBase):
             self._unlist(dropped)
         elif (before is not None and depths[0] > before[0] and undo
               and not self._is_own(undo[-1])):  # a user's redo
-            self._list_stroke(set(self._item_slices(layer, undo[-1])))
+            self._list_stroke(set(self._item_slices(layer, undo[-1])),
+                              across=self._item_across(undo[-1]))
             return
         self._schedule_autosave()
 
@@ -380,13 +417,6 @@ class RetrainWidget(_RetrainBase):
         if getattr(layer, "multiscale", False):
             raise MedsegInputError(f"'{layer.name}' is multiscale; pick a single-scale "
                                    f"{self.layer_kind} layer drawn on '{image.name}'")
-        if not (isinstance(layer.data, np.ndarray) and layer.data.flags.writeable):
-            # a re-prediction writes into it: it failed after the whole round, a traceback
-            raise MedsegInputError(
-                f"'{layer.name}' cannot be written into (its data is "
-                f"{'read-only' if isinstance(layer.data, np.ndarray) else 'a lazy ' + type(layer.data).__name__ + ' array'}"
-                "; napari cannot paint into it either); click New labels layer, or save it "
-                "and open it again, for a layer in memory")
         labels = np.array(layer.data, copy=True)
         if labels.shape != tuple(image.data.shape):
             raise MedsegInputError(
