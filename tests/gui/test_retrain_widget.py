@@ -5,6 +5,7 @@ import pytest
 import torch
 from napari.layers import Labels
 from napari.utils.notifications import notification_manager
+from qtpy.QtCore import Qt
 
 from napari_medseg._sample_data import phantom_layer_data
 from napari_medseg._widgets.retrain import RetrainWidget, painted_slices
@@ -1951,6 +1952,13 @@ def test_a_stroke_across_slices_lists_them_unticked_until_reviewed(scene, view):
     touched = set(widget.annotated_slices()) - {1}
     assert len(touched) > 1
     assert widget.training_slices() == [1]
+    z = min(touched)  # the list says why (the warning goes)
+    items = [widget._slice_list.item(i) for i in range(widget._slice_list.count())]
+    item = next(i for i in items if i.text().startswith(f"slice {z} "))
+    assert item.text().endswith("touched across slices: review, then tick")
+    item.setCheckState(Qt.CheckState.Checked)
+    assert z in widget.training_slices() and "review" not in item.text()
+    item.setCheckState(Qt.CheckState.Unchecked)
     said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("stroke across slices" in m and "unticked" in m for m in said), said
     labels.undo()  # its slices leave the list, the axial one stays

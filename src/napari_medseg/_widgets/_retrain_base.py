@@ -274,6 +274,7 @@ class _RetrainBase(Container):
         self._before_change = None  # (detector) the rows of a move, between its two events
         self._away_slices: set[int] = set()
         self._away_across: set[int] = set()  # of those, from strokes across slices
+        self._across_listed: set[int] = set()  # (Labels) listed unticked by that rule
         self._away_undone: set[int] = set()  # slices whose strokes were undone meanwhile
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         # layer -> {image key (_image_key): name}
@@ -880,14 +881,22 @@ class _RetrainBase(Container):
         self._slice_list.blockSignals(True)
         self._slice_list.clear()
         for z in self.annotated_slices():
-            kind = " + ".join(k for k, s in ((self.edited_word, self._edited),
-                                             (self.checked_word, self._checked)) if z in s)
-            item = QListWidgetItem(f"slice {z} · {kind}")
+            item = QListWidgetItem(self._item_text(z))
             item.setData(Qt.ItemDataRole.UserRole, z)
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(Qt.CheckState.Unchecked if z in self._excluded else Qt.CheckState.Checked)
             self._slice_list.addItem(item)
         self._slice_list.blockSignals(False)
+
+    def _item_text(self, z: int) -> str:
+        kind = " + ".join(k for k, s in ((self.edited_word, self._edited),
+                                         (self.checked_word, self._checked)) if z in s)
+        note = self._slice_note(z)
+        return f"slice {z} · {kind}" + (f" · {note}" if note else "")
+
+    def _slice_note(self, z: int) -> str:
+        """Hook: why a listed slice is as it is (e.g. unticked by the widget)."""
+        return ""
 
     def _on_item_changed(self, item: QListWidgetItem) -> None:
         z = int(item.data(Qt.ItemDataRole.UserRole))
@@ -895,6 +904,11 @@ class _RetrainBase(Container):
             self._excluded.discard(z)
         else:
             self._excluded.add(z)
+        text = self._item_text(z)
+        if item.text() != text:  # its note may no longer hold
+            self._slice_list.blockSignals(True)
+            item.setText(text)
+            self._slice_list.blockSignals(False)
         self._schedule_autosave()
 
     def _image_slice(self, world_z: float) -> int | None:

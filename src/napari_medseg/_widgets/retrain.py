@@ -147,12 +147,18 @@ class RetrainWidget(_RetrainBase):
             self._status.value = (prefix + ", ".join(str(z) for z, _ in ranked) if ranked
                                   else "No unannotated slice with a structure to suggest")
 
+    def _slice_note(self, z: int) -> str:
+        if z in self._excluded and z in self._across_listed:
+            return "touched across slices: review, then tick"
+        return ""
+
     def _rebuild_list(self) -> None:
         super()._rebuild_list()
         if getattr(self, "_suggest_ranking", None):
             self._show_suggestions()
 
     def _pair_changed(self) -> None:
+        self._across_listed = set()  # (the note only: the lists keep the slices unticked)
         self._suggest_ranking = []  # slice numbers of the previous pair
         if getattr(self, "_suggest_items", None):
             with self._suggestions.changed.blocked():
@@ -332,6 +338,7 @@ class RetrainWidget(_RetrainBase):
         fresh = zs - self._edited - self._checked
         if fresh and (across or len(zs) > 1) and not self._writing:
             self._excluded |= fresh
+            self._across_listed |= fresh  # said in the list too: the toast goes
             image = self._image.value
             recorded = ((getattr(image, "metadata", None) or {}).get("medseg") or {}).get(
                 "missing_slices") if image is not None and image.ndim >= 3 else None
