@@ -1955,7 +1955,7 @@ def test_a_stroke_across_slices_lists_them_unticked_until_reviewed(scene, view):
     z = min(touched)  # the list says why (the warning goes)
     items = [widget._slice_list.item(i) for i in range(widget._slice_list.count())]
     item = next(i for i in items if i.text().startswith(f"slice {z} "))
-    assert item.text().endswith("touched across slices: review, then tick")
+    assert item.text().endswith("across slices: review, tick")
     item.setCheckState(Qt.CheckState.Checked)
     assert z in widget.training_slices() and "review" not in item.text()
     item.setCheckState(Qt.CheckState.Unchecked)

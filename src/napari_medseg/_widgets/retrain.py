@@ -149,7 +149,7 @@ class RetrainWidget(_RetrainBase):
 
     def _slice_note(self, z: int) -> str:
         if z in self._excluded and z in self._across_listed:
-            return "touched across slices: review, then tick"
+            return "across slices: review, tick"
         return ""
 
     def _rebuild_list(self) -> None:
