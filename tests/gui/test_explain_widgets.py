@@ -263,13 +263,8 @@ def test_gradcam_says_which_class_the_current_slice_shows_and_how_likely(
     assert widget._status.value == "The Grad-CAM map was removed"
 
 
-def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, random_models,
-                                                    small_phantom):
-    """With the CT deleted, Grad-CAM's picker fell on its own map, and Run explained the
-    map (a 0-1 image, warned about only as 'not known to be CT')."""
-    from napari_medseg._widgets.detect import DetectWidget
-    from napari_medseg._widgets.retrain import RetrainWidget
-
+def _gradcam_on_ct(make_napari_viewer, qtbot, random_models, small_phantom):
+    """(viewer, image "ct", Grad-CAM widget) after a run: its map is the last layer."""
     viewer = make_napari_viewer()
     image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing,
                              name="ct")
@@ -277,6 +272,18 @@ def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, ra
     widget._image.value = image
     widget._model.value = random_models["SliceClassifier"]
     _run(widget, qtbot)
+    return viewer, image, widget
+
+
+def test_no_image_picker_offers_an_explanation_map(make_napari_viewer, qtbot, random_models,
+                                                    small_phantom):
+    """With the CT deleted, Grad-CAM's picker fell on its own map, and Run explained the
+    map (a 0-1 image, warned about only as 'not known to be CT')."""
+    from napari_medseg._widgets.detect import DetectWidget
+    from napari_medseg._widgets.retrain import RetrainWidget
+
+    viewer, image, widget = _gradcam_on_ct(make_napari_viewer, qtbot, random_models,
+                                           small_phantom)
     cam = viewer.layers[-1]
     assert cam.metadata["medseg"]["explanation_map"] is True
     detect = DetectWidget(plugin_view(viewer))
@@ -303,13 +310,8 @@ def test_a_map_saved_and_opened_again_is_still_a_map(make_napari_viewer, qtbot, 
     from napari_medseg._layers import is_explanation_map
     from napari_medseg.core.io import read_volume
 
-    viewer = make_napari_viewer()
-    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing,
-                             name="ct")
-    widget = GradCamWidget(plugin_view(viewer))
-    widget._image.value = image
-    widget._model.value = random_models["SliceClassifier"]
-    _run(widget, qtbot)
+    viewer, image, widget = _gradcam_on_ct(make_napari_viewer, qtbot, random_models,
+                                           small_phantom)
     viewer.layers.selection = {viewer.layers[-1]}
     path = str(tmp_path / "cam.nii.gz")
     viewer.layers.save(path, selected=True, plugin="napari-medseg")

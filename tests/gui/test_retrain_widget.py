@@ -1813,6 +1813,15 @@ def test_an_undo_after_a_write_that_changed_nothing_says_it_undid_an_earlier_one
     assert "earlier re-prediction" not in widget._status.value
 
 
+def _two_scans(viewer, phantom):
+    """Two scans of one shape and grid, other content: "patient A" and "patient B"."""
+    spacing = phantom.volume.spacing
+    mine = viewer.add_image(phantom.volume.array, scale=spacing, name="patient A")
+    other = viewer.add_image(phantom.volume.array[::-1].copy(), scale=spacing,
+                             name="patient B")
+    return mine, other
+
+
 def test_an_empty_labels_picker_is_not_filled_with_another_scans_result(
         make_napari_viewer, qtbot, random_models, small_phantom):
     """With nothing in the Labels picker, any new Labels layer filled it: Segment run on
@@ -1820,10 +1829,7 @@ def test_an_empty_labels_picker_is_not_filled_with_another_scans_result(
     from napari_medseg._widgets.segment import SegmentWidget
 
     viewer = make_napari_viewer()
-    spacing = small_phantom.volume.spacing
-    mine = viewer.add_image(small_phantom.volume.array, scale=spacing, name="patient A")
-    other = viewer.add_image(small_phantom.volume.array[::-1].copy(), scale=spacing,
-                             name="patient B")
+    mine, other = _two_scans(viewer, small_phantom)
     widget = RetrainWidget(plugin_view(viewer))
     widget._image.value = mine
     assert widget._labels_pick.value is None
@@ -1850,10 +1856,7 @@ def test_napari_s_copy_of_another_scan_s_result_is_refused_like_the_result(
     from napari_medseg._widgets.segment import SegmentWidget
 
     viewer = make_napari_viewer()
-    spacing = small_phantom.volume.spacing
-    mine = viewer.add_image(small_phantom.volume.array, scale=spacing, name="patient A")
-    other = viewer.add_image(small_phantom.volume.array[::-1].copy(), scale=spacing,
-                             name="patient B")
+    mine, other = _two_scans(viewer, small_phantom)
     segment = SegmentWidget(plugin_view(viewer))
     run_widget(qtbot, segment, other, random_models["RecurrentSegmenter"])
     viewer.layers.selection = {viewer.layers[-1]}
@@ -2019,6 +2022,7 @@ def test_a_stroke_across_a_gap_says_the_slices_were_not_acquired(make_napari_vie
     said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("stroke across slices" in m and "(slice 4 was not acquired: a round leaves it out)"
                in m for m in said), said
+    assert 4 in widget.annotated_slices() and 4 not in widget.training_slices()
 
 
 @pytest.mark.parametrize("kind", ["read-only", "dask"])
