@@ -176,6 +176,8 @@ def test_segment_and_retrain_on_a_synthetic_layer_say_which_slices_were_generate
                for m in said), said
     assert "generated (synthetic)" in segment._status.value
     retrain = RetrainWidget(plugin_view(viewer))
+    # the scan, not the newest image (the synthetic one, put just above it)
+    assert retrain._image.value is image
     retrain._model.value = random_models["RecurrentSegmenter"]
     retrain._seconds.min = retrain._seconds.value = 0.5
     retrain._image.value, retrain._labels_pick.value = made, viewer.layers[-1]

@@ -308,9 +308,13 @@ def test_autosave_restores_after_a_restart(make_napari_viewer, qtbot, random_mod
     # "crash": a new viewer and widget; the same image is opened again
     viewer2 = make_napari_viewer()
     image2 = _open(viewer2, small_phantom)
+    start = len(notification_manager.records)
     widget2 = RetrainWidget(plugin_view(viewer2))
     widget2._image.value = image2
     assert widget2._pending_restore is not None and not widget2._restore_box.native.isHidden()
+    # said in a toast too: in a short dock the box was scrolled out of sight
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert sum("can be restored: Restore in the Retrain dock" in m for m in said) == 1, said
     assert "3 slices" in widget2._restore_label.value or "2 slices" in widget2._restore_label.value
     widget2._restore.clicked.emit()
     restored = widget2._labels_pick.value

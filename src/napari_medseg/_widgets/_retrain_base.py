@@ -315,6 +315,7 @@ class _RetrainBase(Container):
         # folder (kept, each restore left a copy behind: the folders only grew)
         self._superseded: dict[Path, Path] = {}
         self._restored: set[Path] = set()  # autosave folders restored into a layer here
+        self._said_offers: set[Path] = set()  # autosaves whose offer was said in a toast
         self._undeletable: set[Path] = set()  # discarded here, but the folder refused deletion
         self._save_thread: threading.Thread | None = None
         # snapshots not yet written, the newest per folder, for ONE writer thread: a
@@ -672,8 +673,11 @@ class _RetrainBase(Container):
         Detect's result)."""
         choices = [c for c in combo.choices if c is not None]
         if combo is self._image:
-            shown = [c for c in choices if getattr(c, "visible", True)]
-            return (shown or choices or [None])[-1]
+            # not a Generate result: it is put just above its scan, the newest, and a
+            # dock reopened after a Generate took it, its scan's lists and layer unpicked
+            acquired = [c for c in choices if generated_planes(c) is None] or choices
+            shown = [c for c in acquired if getattr(c, "visible", True)]
+            return (shown or acquired or [None])[-1]
         usable = [c for c in choices if self._may_fill_with(c)]
         image = self._image.value
         results = [c for c in usable if image is not None and made_on(c) is image]
@@ -1696,6 +1700,12 @@ class _RetrainBase(Container):
             + (f" ({others} other autosave{'s' if others > 1 else ''} of this image kept in "
                f"{newest.parent.parent})" if others else ""))
         self._restore_box.visible = True
+        if newest not in self._said_offers:  # the box may be scrolled out of a short dock
+            self._said_offers.add(newest)
+            image = self._image.value
+            show_info(f"Retrain: annotations of '{getattr(image, 'name', 'this image')}' "
+                      f"autosaved {meta.get('saved_at', '')} ({n} slice{'' if n == 1 else 's'})"
+                      " can be restored: Restore in the Retrain dock")
 
     def _on_restore(self) -> None:
         folder, image = self._pending_restore, self._image.value
