@@ -71,6 +71,12 @@ def test_a_card_records_the_threads_and_each_rounds_starting_model(case, tmp_pat
     second = load_model(out / "second.json")[1]
     assert second["finetune_history"][-1]["from"]["sha256"] == first["sha256"]
     assert second["finetuned_from"]["name"] == "segmenter"
+    # --model, as segment and detect take it (it was refused: "unrecognized arguments")
+    assert main(["finetune", "--model", str(out / "first.json"), *common, "--name", "third"]) == 0
+    assert load_model(out / "third.json")[1]["finetuned_from"]["name"] == "segmenter"
+    capsys.readouterr()
+    assert main(["finetune", "detector", "--model", "segmenter", *common, "--name", "x"]) == 2
+    assert "two models given" in capsys.readouterr().err
     # the recorded command gives the same weights again
     again = shlex.split(command)[1:]  # drop "napari-medseg"
     again[again.index("--name") + 1] = "again"

@@ -432,6 +432,19 @@ def _matched_rows(reference: Any, points: Any) -> np.ndarray:
 _BEFORE_CHANGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: layer -> its number of rows at an "adding" event: napari < 0.6's Points.add names only
+#: the last new row (data_indices=(-1,)) however many it appended
+_ROWS_BEFORE_ADD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _added_rows(layer: Any, event: Any, n: int) -> list[int]:
+    """The rows an "added" event of ``layer`` (``n`` rows now) appended: those it names,
+    and every row past the count at its "adding" event."""
+    rows = {int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n}
+    rows |= set(range(min(_ROWS_BEFORE_ADD.get(layer, n), n), n))  # appended at the end
+    return sorted(rows)
+
+
 _MARKED_LAYERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _ROWS_WHEN_WATCHED: "weakref.WeakKeyDictionary[Any, np.ndarray]" = weakref.WeakKeyDictionary()
 
@@ -488,10 +501,12 @@ def watch_added_lesions(layer: Any) -> None:
     hold: napari sets them to the features of the last point selected, and the next point
     added posed as that lesion (and was saved so)."""
     def on_data(event: Any) -> None:
+        if str(getattr(event, "action", "")) == "adding":
+            _ROWS_BEFORE_ADD[layer] = len(layer.data)
         if str(getattr(event, "action", "")) != "added" or "label" not in layer.features:
             return
         n = len(layer.data)
-        rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n})
+        rows = _added_rows(layer, event, n)
         if not rows:
             return
         features = layer.features
@@ -546,6 +561,8 @@ def mark_added_points(layer: Any, event: Any) -> bool:
     it, so no threshold may hide it from the view or from retraining. Returns whether any
     point was marked."""
     action = str(getattr(event, "action", ""))
+    if action == "adding":
+        _ROWS_BEFORE_ADD[layer] = len(layer.data)
     if action == "changing":  # the rows before a change: a script setting the whole data
         _BEFORE_CHANGE[layer] = (np.array(layer.data, dtype=float, copy=True),
                                  layer.features.copy(),
@@ -556,7 +573,8 @@ def mark_added_points(layer: Any, event: Any) -> bool:
             {"score", "diameter_mm"} & set(layer.features.columns)):
         return False
     n = len(layer.data)
-    rows = sorted({int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
+    rows = _added_rows(layer, event, n) if action == "added" else sorted(
+        {int(i) % n for i in getattr(event, "data_indices", ()) if n and -n <= int(i) < n})
     added = action == "added"
     moved: list[int] = []
     if before is not None:

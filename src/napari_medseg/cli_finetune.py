@@ -219,6 +219,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from .cli_train import can_write_into
 
+    option = getattr(args, "model_option", None)
+    if option is not None and args.model is not None and option != args.model:
+        raise MedsegInputError(f"two models given ({args.model} and --model {option}); give one")
+    args.model = args.model if args.model is not None else option
+    if args.model is None:
+        raise MedsegInputError("no model given: segmenter, detector or a saved model's card "
+                               "(.json), as MODEL or --model")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise MedsegInputError("--out must be a folder", out)
@@ -329,7 +336,11 @@ def _warn_synthetic_slices(volume: Any, slices: Any) -> None:
 def register(sub: Any) -> None:
     p = sub.add_parser("finetune", help="fine-tune the segmenter (--labels) or the detector "
                        "(--points) on annotated slices of one volume")
-    p.add_argument("model", help="model name (e.g. segmenter) or card path")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model name (segmenter, detector) or a saved model's card (.json)")
+    # as segment and detect take it: `finetune --model CARD.json` was refused
+    p.add_argument("--model", dest="model_option", default=None,
+                   help="the same as MODEL (give one of the two)")
     p.add_argument("--image", required=True, help="DICOM file/folder, NIfTI or .npy")
     p.add_argument("--labels", help="segmenter: label volume on the image's grid (NIfTI/.npy)")
     p.add_argument("--points", help="detector: CSV with z, y, x[, diameter_mm] (voxel indices), "

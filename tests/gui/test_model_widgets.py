@@ -291,7 +291,8 @@ def test_the_threshold_hides_weak_detections_in_the_3d_view_and_on_a_2d_image(
     points = viewer.layers[-1]
     if view == "3D view":
         viewer.dims.ndisplay = 3
-    assert len(points._view_data) == len(points.data)  # napari draws every row here
+    # napari 0.9 draws every row here (hidden ones too: the plugin's hide_unshown then
+    # makes them transparent); napari 0.5 leaves the hidden ones out itself
     scores = points.features["score"].to_numpy()
     assert len(scores) >= 2, "the random detector found too little to test"
     widget._threshold.value = float(np.median(scores))
@@ -1078,6 +1079,8 @@ def test_a_layer_in_cm_beside_one_in_mm_is_navigated_and_retrained_where_napari_
     from napari_medseg._widgets.retrain_detector import RetrainDetectorWidget
 
     viewer = make_napari_viewer()
+    if not hasattr(viewer.dims, "units"):
+        pytest.skip("this napari (< 0.6) draws cm beside mm unconverted: nothing to follow")
     array = np.concatenate([small_phantom.volume.array] * 2)[:10, :64, :64]
     viewer.add_image(array, scale=(2.5, 1.0, 1.0), units="mm", name="ct mm")
     ct_cm = viewer.add_image(array, scale=(0.25, 0.1, 0.1), translate=(1.0, 0.0, 0.0),

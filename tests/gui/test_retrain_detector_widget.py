@@ -706,3 +706,16 @@ def test_the_pickers_start_on_the_shown_scan_and_its_newest_result(make_napari_v
     assert widget._layer_pick.value is other_result
     widget._image.value = scan
     assert widget._layer_pick.value is detected
+
+
+def test_an_added_event_naming_only_the_last_row_counts_every_appended_row():
+    """napari < 0.6 sends data_indices=(-1,) for Points.add of several points: only the
+    last was marked added and listed (its slice trained on, the others' not)."""
+    from types import SimpleNamespace
+
+    from napari_medseg._layers import _ROWS_BEFORE_ADD, _added_rows
+
+    layer = Points(np.zeros((5, 3)))
+    _ROWS_BEFORE_ADD[layer] = 3  # at its "adding" event
+    assert _added_rows(layer, SimpleNamespace(data_indices=(-1,)), 5) == [3, 4]
+    assert _added_rows(layer, SimpleNamespace(data_indices=(-2, -1)), 5) == [3, 4]

@@ -68,7 +68,8 @@ def scene(make_napari_viewer, random_models, small_phantom):
 
 
 def test_painted_slices_reads_both_history_atom_kinds():
-    from napari.layers.labels.labels import _MaskedPaintAtom
+    _MaskedPaintAtom = pytest.importorskip(  # napari >= 0.6's; older ones keep tuples only
+        "napari.layers.labels.labels")._MaskedPaintAtom
 
     mask = np.zeros((3, 4, 4), bool)
     mask[2, 1, 1] = True
@@ -1702,6 +1703,16 @@ def test_a_round_that_does_worse_on_its_held_out_slice_is_listed_not_applied(sce
     assert len(history.versions) == 3 and history.current == 1
     assert "did worse on the held-out slice" in widget._status.value
     assert "learned new: structure_9" in widget._status.value
+    # the list says so first (it cut the Dice off), and Save takes it with a word
+    labels_of = [widget._versions.native.itemText(i) for i in range(widget._versions.native.count())]
+    assert labels_of[2].startswith("v2 (worse) · ") and "(worse)" not in labels_of[1]
+    widget._versions.value = 2
+    widget._save_name.value = "worse-one"
+    start = len(notification_manager.records)
+    widget._save.clicked.emit()
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("saved v2 as 'worse-one'; it did worse on its held-out slice 2" in m for m in said), said
+    widget._versions.value = 1
     # v1's kept prediction stays for its next round (one whole-volume pass fewer)
     assert widget._output_for(image, (history, 1)) is not None
     # a worse round that finished after another model was picked is not put in use either

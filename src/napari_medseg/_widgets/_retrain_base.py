@@ -81,6 +81,23 @@ from ._model_widget import (
 log = logging.getLogger(__name__)
 
 
+def _did_worse(report: Any) -> bool:
+    """Whether a round's held-out slice lost more than :data:`HOLDOUT_DROP_NOT_APPLIED`
+    of Dice (its version is listed, not applied)."""
+    return (report is not None and report.holdout_dice_after is not None
+            and report.holdout_dice_before is not None
+            and report.holdout_dice_after < report.holdout_dice_before - HOLDOUT_DROP_NOT_APPLIED)
+
+
+def _version_label(version: Any) -> str:
+    """A version's entry in the list; one that did worse says so first (the list cuts a
+    long entry at its end, and Save took it without a word)."""
+    text = version.describe()
+    if _did_worse(version.report):
+        text = text.replace(f"v{version.number} · ", f"v{version.number} (worse) · ", 1)
+    return text
+
+
 def _added(history: VersionHistory, result) -> tuple[Any, bool]:
     """``result`` added to ``history`` as its newest version, and whether it is in use:
     not when its held-out slice's Dice fell by more than :data:`HOLDOUT_DROP_NOT_APPLIED`
@@ -88,9 +105,7 @@ def _added(history: VersionHistory, result) -> tuple[Any, bool]:
     segmenter far worse)."""
     started_from = history.current
     version = history.add(result)
-    r = result.report
-    worse = (r.holdout_dice_after is not None and r.holdout_dice_before is not None
-             and r.holdout_dice_after < r.holdout_dice_before - HOLDOUT_DROP_NOT_APPLIED)
+    worse = _did_worse(result.report)
     if worse:
         history.revert(started_from)
     return version, not worse
@@ -449,10 +464,12 @@ class _RetrainBase(Container):
         unsaved = [f"{h.versions[0].card.get('name', 'model')} Retrain v{n}"
                    for h in histories.values() for n in h.unsaved]
         if unsaved:  # the annotations are autosaved; a model version lives in memory only
-            show_warning(f"Retrain closed: model {'versions' if len(unsaved) > 1 else 'version'}"
-                         f" {', '.join(unsaved)} {'were' if len(unsaved) > 1 else 'was'} never "
-                         "saved and closing the widget lets them go (your annotations are "
-                         "autosaved); save a version before closing to keep it")
+            many = len(unsaved) > 1
+            show_warning(f"Retrain closed: model {'versions' if many else 'version'}"
+                         f" {', '.join(unsaved)} {'were' if many else 'was'} never "
+                         f"saved and closing the widget lets {'them' if many else 'it'} go "
+                         "(your annotations are autosaved); save a version before closing "
+                         "to keep it")
         if self._autosave_timer.isActive():
             self._autosave_timer.stop()
             self.autosave_now(wait=True)
@@ -1010,7 +1027,7 @@ class _RetrainBase(Container):
 
     def _version_choices(self, _widget=None) -> list:
         history = self._history
-        return [] if history is None else [(v.describe(), v.number) for v in history.versions]
+        return [] if history is None else [(_version_label(v), v.number) for v in history.versions]
 
     def _fit_scroll_width(self) -> None:
         """The scroll area as wide as its controls need beside its vertical scroll bar:
@@ -1112,7 +1129,13 @@ class _RetrainBase(Container):
             return
         self._status.value = f"Saved v{number} as '{name}' ({path})"
         refresh_model_pickers()
-        show_info(f"Saved model '{name}'; it is listed in every model widget")
+        r = self._history.versions[number].report
+        if _did_worse(r):
+            show_warning(f"Retrain: saved v{number} as '{name}'; it did worse on its held-out "
+                         f"slice {r.holdout_slice} (Dice {r.holdout_dice_before:.2f} → "
+                         f"{r.holdout_dice_after:.2f}) than the version it started from")
+        else:
+            show_info(f"Saved model '{name}'; it is listed in every model widget")
 
     # -- running -----------------------------------------------------------------------
     def _inputs(self, need_annotations: bool, writes: bool = True):

@@ -163,6 +163,8 @@ class PhantomWidget(Container):
             set_status(self._status, "Cancelled")
 
     def _add_layers(self, phantom) -> None:
+        if widget_closed(self._status):  # the viewer was closed mid-run: nowhere to add
+            return
         for data, kwargs, layer_type in phantom_layer_data(phantom):
             layer = getattr(self._viewer, f"add_{layer_type}")(data, **kwargs)
             if layer_type == "points":

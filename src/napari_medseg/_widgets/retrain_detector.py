@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from napari.utils.notifications import show_warning
 
-from .._layers import (ADDED_POINT_FEATURES, _like_layer, _points_kwargs, detection_labels,
+from .._layers import (_ROWS_BEFORE_ADD, ADDED_POINT_FEATURES, _added_rows, _like_layer,
+                       _points_kwargs, detection_labels,
                        account_rows, detection_layer_data, hide_unshown, marker_sizes,
                        point_rows, rows_when_watched, scale_mm, unmatched_rows,
                        watch_detection_edits)
@@ -87,10 +88,14 @@ class RetrainDetectorWidget(_RetrainBase):
     def _on_points(self, event) -> None:
         """Slices of added, changed (before and after a move) and removed points."""
         action = str(getattr(event, "action", ""))
+        if action == "adding" and self._tracked is not None:
+            _ROWS_BEFORE_ADD[self._tracked] = len(self._tracked.data)
         if action not in ("added", "changed", "changing", "removing"):
             return
         layer, value = self._tracked, np.asarray(event.value)
         indices = [i for i in getattr(event, "data_indices", ()) if -len(value) <= i < len(value)]
+        if action == "added" and layer is not None:  # napari < 0.6 names only the last row
+            indices = _added_rows(layer, event, len(value))
         if layer is None or not len(value) or not indices:
             return
         if action == "changing":  # the slices are known at "changed", from what changed

@@ -588,7 +588,7 @@ def _generated(array: np.ndarray, spacing: tuple, volume: Volume, missing: np.nd
     """The generated volume; values beyond float32 are the interpolation's overshoot on an
     image near float32's limit, said as such (the Volume check blamed the input)."""
     # slab by slab: a whole-volume mask was one more output-sized array at the peak
-    overflow = sum(int(np.isinf(array[z:z + 16]).sum()) for z in range(0, len(array), 16))
+    overflow = sum(int(np.count_nonzero(np.isinf(array[z:z + 16]))) for z in range(0, len(array), 16))
     if overflow:
         peak = float(np.nanmax(np.abs(volume.array)))
         raise MedsegInputError(
