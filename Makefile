@@ -21,11 +21,12 @@ XVFB_DEBS := xvfb xauth libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-
 	libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 libxcb-shape0 libxcb-xfixes0 \
 	libxcb-cursor0 libgl1 libegl1 libfontconfig1 libdbus-1-3
 
-.PHONY: help demo test install install-test xvfb-deps benchmark clean
+.PHONY: help demo test test-oldest install install-test xvfb-deps benchmark clean
 
 help:
 	@echo "make demo   open napari with the synthetic CT sample and the napari-medseg widgets"
 	@echo "make test   install test dependencies (Xvfb, .venv) and run pytest under Xvfb"
+	@echo "make test-oldest  the suite against the oldest dependency versions allowed"
 	@echo "make benchmark  run the four benchmarks, JSON into benchmarks/results/"
 	@echo "make clean  remove .venv and build leftovers"
 
@@ -81,6 +82,20 @@ demo: install
 TEST_WORKERS ?= 2
 test: xvfb-deps install-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+
+# The same suite against the oldest versions pyproject.toml allows (napari 0.5, numpy
+# 1.25 …, .ci/oldest-constraints.txt), in its own venv from a non-editable install: the
+# range the package declares, tested. Not part of `make test` (it doubles the time).
+OLD := .venv-oldest
+test-oldest: xvfb-deps
+	test -x $(OLD)/bin/python || $(PYTHON) -m venv $(OLD)
+	$(OLD)/bin/pip install -q --upgrade pip
+	$(MAKE) --no-print-directory install_torch_into BIN=$(OLD)/bin
+	$(OLD)/bin/pip install -c .ci/oldest-constraints.txt ".[testing]"
+	$(OLD)/bin/python -m pytest -n $(TEST_WORKERS)
+
+install_torch_into:
+	$(install_torch)
 
 # Figures for the README: one JSON object per script (see benchmarks/README.md).
 benchmark: install

@@ -923,6 +923,28 @@ def test_the_retrain_docks_scroll_instead_of_growing_the_window(make_napari_view
     assert viewer.window.add_plugin_dock_widget("napari-medseg", name)[1] is widget
 
 
+def test_every_dock_can_shrink_so_five_fit_a_window_without_growing_it(make_napari_viewer,
+                                                                       qtbot):
+    """Only Retrain scrolled: docked with Segment, Uncertainty, Detect and Retrain
+    detector it was squeezed to 94 px (its pickers alone); all ten widgets grew the window
+    to 2445 px, past the screen and napari's own status bar."""
+    from napari_medseg._widgets._model_widget import ScrollableDock
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    names = ["Segment organs", "Retrain on my annotations", "Segmentation uncertainty",
+             "Detect lesions", "Retrain detector on my points", "Synthetic phantom",
+             "Classify slices", "Generate slices (upsample, fill gaps)",
+             "Explain slice classes (Grad-CAM)"]
+    for name in names:
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", name)
+        assert type(widget).native is ScrollableDock.native, name
+        assert dock.minimumSizeHint().height() < 100, name
+    qtbot.wait(50)
+    assert window.height() <= 1000
+
+
 def test_ground_truth_lesions_are_drawn_apart_from_detections():
     """The sample's lesions were lime rings with yellow text, as detections are: on the
     same lesion the rings and texts could not be told apart."""

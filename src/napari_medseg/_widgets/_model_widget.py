@@ -18,7 +18,7 @@ import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from napari.utils.notifications import show_warning
-from qtpy.QtCore import QEvent, QObject
+from qtpy.QtCore import QEvent, QObject, Qt
 from qtpy.QtWidgets import QSizePolicy
 
 from .. import _jobs
@@ -341,6 +341,26 @@ def widget_closed(widget) -> bool:
     return False
 
 
+class ScrollableDock:
+    """For a Container made with ``scrollable=True``: napari docks ``native``, which for
+    a scrollable Container is the widget inside the scroll area, and the dock could not
+    shrink below its controls. Docked in one column, a dock that cannot shrink takes its
+    height from the others (with five docks Retrain kept 94 px, its pickers alone; with
+    all ten the window grew past the screen)."""
+
+    @property
+    def native(self):
+        """The scroll area around the controls."""
+        return self._widget._mgui_get_root_native_widget()
+
+    @staticmethod
+    def fit_width(widget) -> None:
+        """As wide as the controls, scrolling up and down only."""
+        area = widget.native
+        area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        area.setMinimumWidth(area.widget().minimumSizeHint().width())
+
+
 class ModelRunWidget(Container):
     architecture: str = ""
     task: str = ""  # "Segment", "Detect", ...
@@ -378,14 +398,21 @@ class ModelRunWidget(Container):
                 self._progress,
                 self._status,
                 *self.result_widgets(),
-            ]
+            ],
+            # scrollable, as Retrain is: docked in one column, a dock that cannot shrink
+            # takes its height from the others (with five docks Retrain kept 94 px, its
+            # pickers alone; with all ten the window grew past the screen)
+            scrollable=True,
         )
+        ScrollableDock.fit_width(self)
         self._names = LayerNameFollower(viewer, self._refresh_layers)
         self._connect_viewer()
         # closed: its job stops, and it follows the viewer no more (it went on rewriting
         # its detections layer's shown points, and re-reading volumes, until the viewer
         # closed); docked again: it follows again
         self._dock_watch = DockWatch(self, self._close_down, self._reopen)
+
+    native = ScrollableDock.native
 
     def viewer_events(self) -> list[tuple[Any, Callable[..., Any]]]:
         """(event, method) pairs of the viewer this widget follows while it is docked."""

@@ -64,6 +64,7 @@ from ._navigate import drawn_matrix, go_to_slice, slice_axis_shown, to_viewer_un
 from ._model_widget import (
     REDRAW_S,
     DockWatch,
+    ScrollableDock,
     KeepingComboBox,
     _geometry,
     _same_geometry,
@@ -1070,13 +1071,7 @@ class _RetrainBase(Container):
                      d.widget().sizeHint().height() + 40 if d.widget() else 0) for d in column]
         window.resizeDocks([*column, dock], [*sizes, want], Qt.Orientation.Vertical)
 
-    @property
-    def native(self):
-        """The scroll area around the controls. napari docks a magicgui widget's
-        ``native``, which for a scrollable Container is the widget inside the scroll
-        area: the dock needed the controls' full 920 px and grew the window past a
-        laptop's screen."""
-        return self._widget._mgui_get_root_native_widget()
+    native = ScrollableDock.native  # the dock needed the controls' 920 px otherwise
 
     def _refresh_versions(self) -> None:
         with self._versions.changed.blocked():

@@ -187,7 +187,9 @@ class VolumeInfoWidget(Container):
         self._layer = KeepingComboBox(label="Layer", choices=self._image_layers)
         self._text = TextEdit(value="", enabled=True)
         self._text.native.setReadOnly(True)
-        self._text.min_height = 260  # room for geometry, gaps and warnings without scrolling
+        # room for the geometry; more scrolls (260 px held the window taller than the
+        # screen with the other docks; see ScrollableDock)
+        self._text.min_height = 120
         # and the dock's whole height when there is more (the disclaimer was scrolled out
         # of a 330 px box under an empty half dock)
         self._text.native.setSizePolicy(QSizePolicy.Policy.Expanding,

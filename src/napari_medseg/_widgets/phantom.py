@@ -21,7 +21,7 @@ from .._sample_data import phantom_layer_data
 from ..core.errors import MedsegInputError
 from ..core.phantom import phantom_job
 from ..core.text import counted
-from ._model_widget import DockWatch, plain_viewer, set_status, widget_closed
+from ._model_widget import DockWatch, ScrollableDock, plain_viewer, set_status, widget_closed
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ def _precise(box: FloatSpinBox, decimals: int = 3) -> FloatSpinBox:
 class PhantomWidget(Container):
     """Shape, spacing, seed, lesions, noise → image, labels and lesion points layers."""
 
+    native = ScrollableDock.native
+
     def __init__(self, viewer: napari.viewer.Viewer):
         self._viewer = viewer = plain_viewer(viewer)
         self._worker = None
@@ -105,8 +107,10 @@ class PhantomWidget(Container):
                 self._random_lesions, self._n_lesions, self._rmin, self._rmax, self._noise,
                 Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
                 self._status,
-            ]
+            ],
+            scrollable=True,  # see ScrollableDock
         )
+        ScrollableDock.fit_width(self)
         self._dock_watch = DockWatch(self, self._on_cancel)  # closed: its phantom is dropped
 
     def request(self) -> PhantomRequest:
