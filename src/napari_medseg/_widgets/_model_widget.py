@@ -341,6 +341,23 @@ def widget_closed(widget) -> bool:
     return False
 
 
+class _OnLayout(QObject):
+    """Calls ``callback`` when ``widget`` is shown or its layout is redone."""
+
+    def __init__(self, widget, callback: Callable[[], None]):
+        super().__init__(widget)
+        self._callback = callback
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() in (QEvent.Type.Show, QEvent.Type.LayoutRequest):
+            try:
+                self._callback()
+            except RuntimeError:  # torn down
+                pass
+        return False
+
+
 class ScrollableDock:
     """For a Container made with ``scrollable=True``: napari docks ``native``, which for
     a scrollable Container is the widget inside the scroll area, and the dock could not
@@ -355,10 +372,23 @@ class ScrollableDock:
 
     @staticmethod
     def fit_width(widget) -> None:
-        """As wide as the controls, scrolling up and down only."""
+        """As wide as the controls beside the vertical scroll bar, scrolling up and down
+        only, refitted when shown (napari's style sheet widens the controls then), and
+        the rows packed at the top (a dock taller than them spread them apart)."""
+        def fit() -> None:
+            area = widget.native
+            need = (area.widget().minimumSizeHint().width()
+                    + area.verticalScrollBar().sizeHint().width() + 2 * area.frameWidth())
+            if area.minimumWidth() < need:
+                area.setMinimumWidth(need)
+
         area = widget.native
         area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        area.setMinimumWidth(area.widget().minimumSizeHint().width())
+        layout = area.widget().layout()
+        if hasattr(layout, "addStretch"):
+            layout.addStretch(1)
+        widget._fit_width = _OnLayout(area.widget(), fit)
+        fit()
 
 
 class ModelRunWidget(Container):

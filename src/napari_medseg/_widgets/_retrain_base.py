@@ -65,6 +65,7 @@ from ._model_widget import (
     REDRAW_S,
     DockWatch,
     ScrollableDock,
+    _OnLayout,
     KeepingComboBox,
     _geometry,
     _same_geometry,
@@ -234,23 +235,6 @@ def _merge_lists(into: dict, key: Any, lists: tuple) -> None:
     widget listed is dropped by another's)."""
     before = into.get(key, (set(), set(), set()))
     into[key] = tuple(set(a) | set(b) for a, b in zip(before, lists))
-
-
-class _OnLayout(QObject):
-    """Calls ``callback`` when ``widget`` is shown or its layout is redone."""
-
-    def __init__(self, widget, callback: Callable[[], None]):
-        super().__init__(widget)
-        self._callback = callback
-        widget.installEventFilter(self)
-
-    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
-        if event.type() in (QEvent.Type.Show, QEvent.Type.LayoutRequest):
-            try:
-                self._callback()
-            except RuntimeError:  # torn down
-                pass
-        return False
 
 
 class _RetrainBase(Container):
