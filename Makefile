@@ -21,7 +21,7 @@ XVFB_DEBS := xvfb xauth libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-
 	libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 libxcb-shape0 libxcb-xfixes0 \
 	libxcb-cursor0 libgl1 libegl1 libfontconfig1 libdbus-1-3
 
-.PHONY: help demo test test-oldest install install-test xvfb-deps benchmark clean
+.PHONY: help demo test test-oldest install_torch_into install install-test xvfb-deps benchmark clean
 
 help:
 	@echo "make demo   open napari with the synthetic CT sample and the napari-medseg widgets"
@@ -106,4 +106,4 @@ benchmark: install
 	  tail -c 400 benchmarks/results/$$b.json; echo; done
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache
+	rm -rf $(VENV) $(OLD) build dist .pytest_cache

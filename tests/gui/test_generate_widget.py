@@ -190,6 +190,18 @@ def test_segment_and_retrain_on_a_synthetic_layer_say_which_slices_were_generate
     assert any(f"1 ticked slice ({z}) was generated (synthetic)" in m for m in said), said
 
 
+def test_a_shown_generated_volume_is_picked_over_a_hidden_scan(make_napari_viewer):
+    """Generate results are passed over by an image picker filling itself, but not for a
+    hidden scan (maybe another patient's) when the generated volume is the one shown."""
+    from napari_medseg._widgets.retrain import RetrainWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((6, 32, 32), np.float32), name="other patient", visible=False)
+    made = viewer.add_image(np.zeros((6, 32, 32), np.float32), name="generated",
+                            metadata={"medseg": {"synthetic": True, "generated_slices": [1, 3]}})
+    assert RetrainWidget(plugin_view(viewer))._image.value is made
+
+
 def test_gaps_are_filled_and_named(make_napari_viewer, qtbot, random_models, small_phantom):
     from napari_medseg._widgets.segment import SegmentWidget
 

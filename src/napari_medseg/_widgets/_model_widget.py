@@ -382,6 +382,8 @@ class ScrollableDock:
             if area.minimumWidth() < need:
                 area.setMinimumWidth(need)
 
+        if widget.__dict__.get("_fit_width") is not None:  # once: a second stretch else
+            return
         area = widget.native
         area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         layout = area.widget().layout()

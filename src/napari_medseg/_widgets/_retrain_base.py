@@ -677,9 +677,12 @@ class _RetrainBase(Container):
         if combo is self._image:
             # not a Generate result: it is put just above its scan, the newest, and a
             # dock reopened after a Generate took it, its scan's lists and layer unpicked
-            acquired = [c for c in choices if generated_planes(c) is None] or choices
-            shown = [c for c in acquired if getattr(c, "visible", True)]
-            return (shown or acquired or [None])[-1]
+            # (the one shown first: a hidden scan, maybe another patient's, is not taken
+            # over the volume on screen)
+            shown = [c for c in choices if getattr(c, "visible", True)]
+            pool = ([c for c in shown if generated_planes(c) is None] or shown
+                    or [c for c in choices if generated_planes(c) is None] or choices)
+            return (pool or [None])[-1]
         usable = [c for c in choices if self._may_fill_with(c)]
         image = self._image.value
         results = [c for c in usable if image is not None and made_on(c) is image]
