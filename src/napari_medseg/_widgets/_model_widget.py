@@ -431,10 +431,7 @@ class ModelRunWidget(Container):
                 self._status,
                 *self.result_widgets(),
             ],
-            # scrollable, as Retrain is: docked in one column, a dock that cannot shrink
-            # takes its height from the others (with five docks Retrain kept 94 px, its
-            # pickers alone; with all ten the window grew past the screen)
-            scrollable=True,
+            scrollable=True,  # see ScrollableDock
         )
         ScrollableDock.fit_width(self)
         self._names = LayerNameFollower(viewer, self._refresh_layers)
