@@ -398,6 +398,28 @@ def test_suggests_the_most_uncertain_unannotated_slices(scene, qtbot):
     assert not list(widget._suggestions.choices) and "changed meanwhile" in widget._status.value
 
 
+def test_the_uncertainty_widget_leaves_out_slices_already_in_a_retrain_list(scene, qtbot):
+    """Uncertainty's *Correct first* offered slices the user had corrected in Retrain
+    already (Retrain's own Suggest left them out), sending them back to work done."""
+    from napari_medseg._widgets.explain import UncertaintyWidget
+
+    viewer, image, labels, widget, phantom = scene
+    uncertainty = UncertaintyWidget(plugin_view(viewer))
+    run_widget(qtbot, uncertainty, image, widget._model.value)
+    first, second, *_ = list(uncertainty._goto.choices)
+    labels.brush_size = 3
+    labels.paint((first, 30, 30), int(labels.data[first, 30, 30]) % 7 + 1)  # a correction
+    assert first in widget.annotated_slices()
+    run_widget(qtbot, uncertainty)
+    offered = list(uncertainty._goto.choices)
+    assert first not in offered and second in offered
+    assert "1 slice already in a Retrain list left out" in uncertainty._status.value
+    # another scan's lists do not count
+    other = viewer.add_image(image.data.copy()[::-1], name="another scan", scale=image.scale)
+    run_widget(qtbot, uncertainty, other)
+    assert "Retrain list" not in uncertainty._status.value
+
+
 def test_a_suggested_slice_leaves_the_list_once_annotated_and_the_shown_one_is_reachable(
         scene, qtbot):
     """The top suggestion stayed first after the user corrected it (sending them back to

@@ -204,6 +204,28 @@ def recorded_lists(layer: Any, key: Any) -> tuple[set, set, set] | None:
     return lists if lists[0] | lists[1] else None
 
 
+def image_list_key(image: Any) -> str:
+    """The key an image's lists are recorded under (see ``_image_key``)."""
+    try:
+        fingerprint = image_fingerprint(image.data)
+    except (TypeError, ValueError, IndexError, AttributeError):
+        fingerprint = ""
+    return fingerprint or f"layer-{id(image)}"
+
+
+def annotated_in_viewer(viewer: Any, image: Any) -> set[int]:
+    """The slices of ``image`` that some Labels layer's Retrain lists record as edited or
+    checked: corrected already, so not worth suggesting again."""
+    key = image_list_key(image)
+    annotated: set[int] = set()
+    for layer in list(viewer.layers):
+        if isinstance(layer, napari.layers.Labels):
+            lists = recorded_lists(layer, key)
+            if lists is not None:
+                annotated |= lists[0] | lists[1]
+    return annotated
+
+
 def record_lists(layer: Any, key: Any, lists: tuple) -> None:
     """Write ``lists`` for the image of key ``key`` into ``layer``'s metadata, in a new
     ``medseg`` dict: a copy napari made shares the old one (its metadata is copied one

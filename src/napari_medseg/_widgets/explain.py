@@ -25,6 +25,7 @@ from ._model_widget import (
     rewatch_geometry,
 )
 from ._navigate import go_to_slice, slice_at, slice_axis_shown
+from ._retrain_base import annotated_in_viewer
 
 PREDICTED = "predicted class"
 
@@ -277,13 +278,17 @@ class UncertaintyWidget(ModelRunWidget):
 
     def show_result(self, result, card, image_layer, volume, options) -> None:
         prov = provenance(card, image_layer.name)
-        ranked = result.most_uncertain(10)
+        # slices a Retrain list already holds were corrected (or checked): offering them
+        # sent the user back to work done, as Retrain's own Suggest does not
+        annotated = annotated_in_viewer(self._viewer, image_layer)
+        ranked = result.most_uncertain(10, exclude=annotated)
         ent = result.entropy if image_layer.ndim == 3 else result.entropy[0]
         top = float(options.get("display_max", 1.0))
         _, hidden = _add_map(self._viewer, ent, {**_map_layer_kwargs(
             image_layer, f"uncertainty · {image_layer.name} ({card.get('name')})", "magma", prov,
             method=f"MC dropout, {result.samples} samples, entropy / log(classes)",
-            most_uncertain_slices=ranked), "contrast_limits": (0.0, top)}, image_layer)
+            most_uncertain_slices=result.most_uncertain(10)), "contrast_limits": (0.0, top)},
+            image_layer)
         self._watch(image_layer)
         self._layer, self._ranked_on = image_layer, _geometry(image_layer)
         # one slice (a 2D image, or a one-slice volume): nothing to rank or go to
@@ -302,7 +307,11 @@ class UncertaintyWidget(ModelRunWidget):
         else:
             self._status.value = ("Most uncertain slices (correct these first): "
                                   + ", ".join(map(str, ranked[:5])) if ranked
-                                  else "No structure found")
+                                  else "No structure found outside the Retrain lists"
+                                  if annotated else "No structure found")
+            if annotated and ranked:
+                self._status.value += (f"\n{counted(len(annotated), 'slice')} already in a "
+                                       "Retrain list left out")
         if ranked:  # what the numbers mean: nothing on screen said it
             self._status.value += ("\nThe map: 0 where every sample agrees, 1 where all "
                                    f"classes are equally likely; its colours span 0–{top:.2g}")
