@@ -2159,3 +2159,31 @@ def test_a_deleted_annotation_layer_s_autosave_is_let_go_and_offered_again(scene
     restored = widget._labels_pick.value
     np.testing.assert_array_equal(restored.data, painted)
     assert widget.annotated_slices() == [2]
+
+
+def test_new_data_put_into_the_layer_unticks_the_listed_slices_it_changed(scene, qtbot):
+    """``labels.data = other array`` (a script, another plugin) kept the listed slices
+    ticked: the next round trained on the new array's voxels there as the user's
+    corrections. Those it changed are unticked, with a note; the others stay ticked."""
+    viewer, image, labels, widget, phantom = scene
+    for z in (1, 4):
+        labels.brush_size = 3
+        labels.paint((z, 30, 30), int(labels.data[z, 30, 30]) % 7 + 1)
+    widget.autosave_now(wait=True)
+    assert widget.training_slices() == [1, 4]
+    start = len(notification_manager.records)
+    new = np.array(labels.data, copy=True)
+    new[4] = 0
+    new[6] = 3  # a slice no list holds: nothing to review
+    labels.data = new
+    assert widget.training_slices() == [1] and widget.annotated_slices() == [1, 4]
+    items = [widget._slice_list.item(i) for i in range(widget._slice_list.count())]
+    item = next(i for i in items if i.text().startswith("slice 4 "))
+    assert item.text().endswith("new data: review, tick")
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("got new data" in m and "(4)" in m for m in said), said
+    item.setCheckState(Qt.CheckState.Checked)  # reviewed: trains again
+    assert widget.training_slices() == [1, 4] and "review" not in item.text()
+    # the same array again (the refresh idiom after an edit in place): nothing changed
+    labels.data = labels.data
+    assert widget.training_slices() == [1, 4]

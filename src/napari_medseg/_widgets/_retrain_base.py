@@ -297,6 +297,7 @@ class _RetrainBase(Container):
         self._away_slices: set[int] = set()
         self._away_across: set[int] = set()  # of those, from strokes across slices
         self._across_listed: set[int] = set()  # (Labels) listed unticked by that rule
+        self._replaced_listed: set[int] = set()  # (Labels) unticked: new data put in
         self._away_undone: set[int] = set()  # slices whose strokes were undone meanwhile
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         # layer -> {image key (_image_key): name}

@@ -148,6 +148,8 @@ class RetrainWidget(_RetrainBase):
                                   else "No unannotated slice with a structure to suggest")
 
     def _slice_note(self, z: int) -> str:
+        if z in self._excluded and z in self._replaced_listed:
+            return "new data: review, tick"
         if z in self._excluded and z in self._across_listed:
             return "across slices: review, tick"
         return ""
@@ -159,6 +161,7 @@ class RetrainWidget(_RetrainBase):
 
     def _pair_changed(self) -> None:
         self._across_listed = set()  # (the note only: the lists keep the slices unticked)
+        self._replaced_listed = set()
         self._suggest_ranking = []  # slice numbers of the previous pair
         if getattr(self, "_suggest_items", None):
             with self._suggestions.changed.blocked():
@@ -413,7 +416,36 @@ class RetrainWidget(_RetrainBase):
         """``layer.data = …``, a new array or the same one edited in place: no undo step
         and no paint event, so nothing else would save it before the next stroke."""
         if not self._writing:
+            if self._tracked is not None:
+                self._review_replaced(self._tracked)
             self._schedule_autosave()
+
+    def _review_replaced(self, layer) -> None:
+        """Ticked slices whose voxels the new data changed are unticked: a round trains on
+        every voxel of a ticked slice, and they may no longer hold the user's corrections
+        (a script or plugin putting another array into the layer kept them ticked). Each
+        is compared with the last autosave (one painted since then is unticked too: the
+        safe side); without one, or with another shape, every ticked slice is."""
+        ticked = (self._edited | self._checked) - self._excluded
+        if not ticked:
+            return
+        data, before = layer.data, self._autosaved_labels.get(layer)
+        comparable = (before is not None and isinstance(data, np.ndarray)
+                      and tuple(data.shape) == before.shape)
+        changed = {z for z in ticked if not comparable or z >= data.shape[0]
+                   or not np.array_equal(data[z], before.slices[z])}
+        if isinstance(data, np.ndarray) and data.ndim >= 2:
+            self._labels_copy(layer)  # compared with this data next time (a re-tick stays)
+        if not changed:
+            return
+        self._excluded |= changed
+        self._replaced_listed |= changed
+        self._rebuild_list()
+        show_warning(
+            f"Retrain: '{layer.name}' got new data; {counted(len(changed), 'listed slice')} "
+            f"({slice_ranges(changed)}) unticked, as their voxels may no longer be your "
+            "corrections and a round trains on every voxel of a ticked slice: review each "
+            "and tick it again")
 
     def _empty_layer(self, image):
         kwargs = {**_labels_kwargs(f"annotations · {image.name}", self._current_class_names()),
