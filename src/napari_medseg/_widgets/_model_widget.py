@@ -371,23 +371,30 @@ class ScrollableDock:
         return self._widget._mgui_get_root_native_widget()
 
     @staticmethod
-    def fit_width(widget) -> None:
-        """As wide as the controls beside the vertical scroll bar, scrolling up and down
-        only, refitted when shown (napari's style sheet widens the controls then), and
-        the rows packed at the top (a dock taller than them spread them apart)."""
+    def fit_width(widget, sideways: bool = False, pack: bool = True,
+                  then: Callable[[], None] | None = None) -> None:
+        """As wide as the controls beside the vertical scroll bar, refitted when shown
+        and laid out again (napari's style sheet widens the controls only once shown;
+        magicgui sized the area as its rows were added, and the right 11 px were cut).
+        ``sideways``: a sideways scroll bar for what grows later (else up and down only);
+        ``pack``: the rows packed at the top (a dock taller than them spread them apart);
+        ``then``: called after each fit."""
         def fit() -> None:
             area = widget.native
             need = (area.widget().minimumSizeHint().width()
                     + area.verticalScrollBar().sizeHint().width() + 2 * area.frameWidth())
             if area.minimumWidth() < need:
                 area.setMinimumWidth(need)
+            if then is not None:
+                then()
 
         if widget.__dict__.get("_fit_width") is not None:  # once: a second stretch else
             return
         area = widget.native
-        area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded if sideways
+                                          else Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         layout = area.widget().layout()
-        if hasattr(layout, "addStretch"):
+        if pack and hasattr(layout, "addStretch"):
             layout.addStretch(1)
         widget._fit_width = _OnLayout(area.widget(), fit)
         fit()

@@ -420,10 +420,10 @@ class _RetrainBase(Container):
             # scrollable: its controls need about 920 px, more than a laptop's window
             # (napari grew the window past the screen to fit them)
         ], scrollable=True)
-        # refitted when shown and laid out again: napari's style sheet widens the
-        # controls only once they are shown
-        self._fit_width = _OnLayout(self.native.widget(), self._fit_scroll_width)
         self._height_claimed = False
+        # a sideways scroll bar stays for what grows later (a long version entry); the
+        # list, not a stretch, takes the height left
+        ScrollableDock.fit_width(self, sideways=True, pack=False, then=self._claim_height_once)
         self._autosave_timer = QTimer(self.native)  # dies with the widget, never fires after
         self._autosave_timer.setSingleShot(True)
         self._autosave_timer.timeout.connect(self.autosave_now)
@@ -1040,18 +1040,7 @@ class _RetrainBase(Container):
         history = self._history
         return [] if history is None else [(_version_label(v), v.number) for v in history.versions]
 
-    def _fit_scroll_width(self) -> None:
-        """The scroll area as wide as its controls need beside its vertical scroll bar:
-        magicgui sized it as its rows were added, narrower than the finished controls (the
-        right 11 px, with the pickers' arrows and the status line's last words, were cut
-        off); a sideways scroll bar stays for what grows later (a long version entry)."""
-        area = self.native
-        inner = area.widget()
-        need = (inner.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width()
-                + 2 * area.frameWidth())
-        if area.minimumWidth() < need:
-            area.setMinimumWidth(need)
-        area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+    def _claim_height_once(self) -> None:
         if not self._height_claimed:
             self._claim_height()
 
