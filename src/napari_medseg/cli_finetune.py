@@ -119,19 +119,10 @@ def label_names_in(path: str) -> dict[int, str]:
 def check_label_names(names: dict[int, str], classes: Any, labels: np.ndarray,
                       slices: Any, path: str) -> None:
     """Refuse a label map whose names say its values are other structures than the
-    model's classes of those numbers (another tool's or model's numbering): it was
-    trained in silently, liver as spleen."""
-    def same(a: str, b: str) -> bool:  # "Kidney left" is kidney_left
-        return " ".join(a.replace("_", " ").lower().split()) == \
-            " ".join(b.replace("_", " ").lower().split())
+    model's classes of those numbers (core.finetune.label_name_conflicts)."""
+    from .core.finetune import label_name_conflicts
 
-    inside = [z for z in slices if 0 <= z < len(labels)]  # others: the core says so
-    present = {int(v) for v in np.unique(labels[inside])} if inside else set()
-    # a placeholder class (unused_N, structure_N) takes the file's name: no mismatch
-    wrong = [(v, names[v], str(classes[v])) for v in sorted(present)
-             if 0 < v < len(classes) and v in names
-             and str(classes[v]) not in (f"unused_{v}", f"structure_{v}")
-             and not same(names[v], str(classes[v]))]
+    wrong = label_name_conflicts(names, classes, labels, slices)
     if wrong:
         said = "; ".join(f"{v} is '{mine}' in the file, '{theirs}' in the model"
                          for v, mine, theirs in wrong[:4])

@@ -2187,3 +2187,38 @@ def test_new_data_put_into_the_layer_unticks_the_listed_slices_it_changed(scene,
     # the same array again (the refresh idiom after an edit in place): nothing changed
     labels.data = labels.data
     assert widget.training_slices() == [1, 4]
+
+
+def test_a_layer_numbering_its_structures_otherwise_than_the_model_is_refused(scene, qtbot):
+    """A layer whose names say 2 is spleen and 3 liver (another tool's or model's
+    numbering) was trained in silently, the model's liver learning the spleen; the
+    CLI refused the same labels."""
+    import pandas as pd
+
+    from napari_medseg.core.models.registry import read_card
+
+    viewer, image, labels, widget, phantom = scene
+    classes = read_card(widget._model.value)["classes"]
+    names = list(classes)
+    names[2], names[3] = names[3], names[2]
+    labels.features = pd.DataFrame({"index": range(len(names)), "name": names})
+    z = next(z for z in range(len(phantom.labels))  # both painted on the ticked slice
+             if {2, 3} <= set(np.unique(phantom.labels[z])))
+    _paint_slice(labels, z, phantom.labels)
+    before = np.array(labels.data, copy=True)
+    start = len(notification_manager.records)
+    widget._run.clicked.emit()
+    assert widget._worker is None
+    assert widget._history is None or len(widget._history.versions) == 1
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("numbers its structures otherwise than the model" in m
+               and f"'{classes[3]}' in the layer, '{classes[2]}' in the model" in m
+               for m in said), said
+    assert "Retrain refused" in widget._status.value
+    np.testing.assert_array_equal(labels.data, before)
+    # the model's own names (any case or spacing): trained as ever
+    labels.features = pd.DataFrame({"index": range(len(classes)),
+                                    "name": [c.replace("_", " ").title() for c in classes]})
+    widget._run.clicked.emit()
+    assert widget._worker is not None
+    _wait(widget, qtbot)

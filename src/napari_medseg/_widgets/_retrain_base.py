@@ -42,7 +42,12 @@ from .._layers import (
     volume_outline,
 )
 from ..core.errors import MedsegInputError
-from ..core.finetune import DEFAULT_SECONDS, VersionHistory, new_structure_advice
+from ..core.finetune import (
+    DEFAULT_SECONDS,
+    VersionHistory,
+    label_name_conflicts,
+    new_structure_advice,
+)
 from ..core.models.registry import BUNDLED_DIR, load_model, read_card, user_models_dir
 from ..core.io._common import short_reason
 from ..core.session import (
@@ -1192,6 +1197,20 @@ class _RetrainBase(Container):
             return
         image, layer, volume, annotation, source = inputs
         slices = self.training_slices()
+        names = self._layer_class_names(layer)
+        if names and isinstance(annotation, np.ndarray):
+            classes = self._current_class_names()
+            wrong = label_name_conflicts(names, [classes[i] for i in range(len(classes))],
+                                         annotation, slices)
+            if wrong:  # the CLI refused this; a round trained it silently (liver as spleen)
+                said = "; ".join(f"{v} is '{mine}' in the layer, '{theirs}' in the model"
+                                 for v, mine, theirs in wrong[:4])
+                message = (f"'{layer.name}' numbers its structures otherwise than the model "
+                           f"({said}): pick the model the layer was made with, or paint "
+                           "with the model's numbers")
+                show_error(f"Retrain: {message}")
+                set_status(self._status, f"Retrain refused: {message}")
+                return
         planes = generated_planes(image)
         made = sorted(set(slices) & set(planes["indices"])) if planes and planes["axis"] == "z" else []
         if made:  # said, not refused (as by the CLI): the user may mean it

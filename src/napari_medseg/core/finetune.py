@@ -193,6 +193,24 @@ def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[
     return arr, zs
 
 
+def label_name_conflicts(names: Mapping[int, str], classes: Sequence[str], labels: Any,
+                         slices: Sequence[int]) -> list[tuple[int, str, str]]:
+    """(value, name in the labels, name in the model) for each value painted on
+    ``slices`` whose name says it is another structure than the model's class of that
+    number (another tool's or model's numbering: trained in silently, liver as spleen).
+    A placeholder class (unused_N, structure_N) takes the labels' name: no conflict."""
+    def same(a: str, b: str) -> bool:  # "Kidney left" is kidney_left
+        return " ".join(a.replace("_", " ").lower().split()) == \
+            " ".join(b.replace("_", " ").lower().split())
+
+    inside = [z for z in slices if 0 <= z < len(labels)]  # others: the caller says so
+    present = {int(v) for v in np.unique(np.asarray(labels)[inside])} if inside else set()
+    return [(v, str(names[v]), str(classes[v])) for v in sorted(present)
+            if 0 < v < len(classes) and v in names
+            and str(classes[v]) not in (f"unused_{v}", f"structure_{v}")
+            and not same(str(names[v]), str(classes[v]))]
+
+
 def measured_values(volume: Any, arr: np.ndarray, zs: Sequence[int]) -> np.ndarray:
     """The label values on the annotated slices' measured voxels: a stroke on a slice's
     NaN voxels teaches nothing (they are ignored by the loss), so its value must not make
