@@ -488,3 +488,18 @@ def test_names_for_placeholder_classes_and_other_spellings_are_accepted(case, tm
                       classes, labels, [0], "x.nii.gz")
     with pytest.raises(Exception, match="2 is 'spleen' in the file, 'liver' in the model"):
         check_label_names({2: "spleen"}, classes, labels, [0], "x.nii.gz")
+
+
+def test_finetune_says_its_nan_slices_are_left_out_of_training(case, tmp_path, capsys):
+    """It said a NaN slice was "left without a result", the inference commands' words."""
+    d, p = case
+    image = p.volume.array.copy()
+    image[5] = np.nan
+    image[3, :10, :10] = np.nan
+    write_nifti(tmp_path / "i.nii.gz", image, p.volume.spacing, p.volume.origin)
+    assert main(["finetune", "segmenter", "--image", str(tmp_path / "i.nii.gz"), "--labels",
+                 str(d / "labels.nii.gz"), "--slices", "3", "--epochs", "1", "--quiet",
+                 "--threads", "1", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "at z=5: taken as missing, left out of training" in err, err
+    assert "100 voxels without a value (NaN) on slice 3: ignored by the loss" in err, err

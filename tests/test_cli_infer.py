@@ -266,6 +266,26 @@ def test_nan_slices_and_masked_patches_are_said(tmp_path, models, capsys, comman
     assert f"{command}: warning: 100 voxels without a value (NaN) on slice 1: {effect}" in err
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_generate_says_what_it_does_with_nan_slices_and_voxels(tmp_path, capsys, keep):
+    """generate said a NaN slice was "left without a result", then filled it."""
+    data = np.full((6, 32, 32), 40.0, np.float32)
+    data[4] = np.nan
+    data[1, :10, :10] = np.nan
+    src, out = tmp_path / "ct.npy", tmp_path / "g.nii.gz"
+    np.save(src, data)
+    assert main(["generate", str(src), str(out), "-q", "--factor", "2",
+                 *(["--keep-missing"] if keep else [])]) == 0
+    err = capsys.readouterr().err
+    effect = "kept missing (NaN) in the output" if keep else "filled in the output"
+    assert ("generate: warning: 1 slice without any value (NaN), at z=4: taken as missing, "
+            f"{effect}") in err, err
+    assert ("100 voxels without a value (NaN) on slice 1: kept without a value, as on the "
+            "generated slices beside them") in err, err
+    result = read_nifti(out).array
+    assert len(result) == 11 and np.isnan(result[8]).all() == keep  # slice 4 is now 8
+
+
 def _corrupt_weights(tmp_path, models):
     bad = tmp_path / "bad"
     bad.mkdir()

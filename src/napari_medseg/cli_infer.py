@@ -192,21 +192,35 @@ def _map_kwargs(volume: Any, kind: str) -> dict:
             "description": f"napari-medseg: explanation map ({kind}), not a scan"}
 
 
-def _read_and_warn(path: str, command: str) -> Any:
+#: what a command does with a slice, and with voxels, that hold no value (NaN)
+_MISSING_EFFECT = {"finetune": ("left out of training", "ignored by the loss"),
+                   "generate": ("filled in the output",
+                                "kept without a value, as on the generated slices beside them"),
+                   "generate --keep-missing": ("kept missing (NaN) in the output",
+                                               "kept without a value, as on the generated "
+                                               "slices beside them")}
+
+
+def _read_and_warn(path: str, command: str, effects: str | None = None) -> Any:
+    """The volume at ``path``, its reader's warnings and its NaN slices and voxels said on
+    stderr with what ``command`` (or ``effects``: a key of _MISSING_EFFECT) does with them."""
     from .core.io import read_volume
 
     volume = read_volume(path)
     warnings = list(volume.metadata.get("warnings", ()))  # what `info` would say: mixed series, gaps …
     # a NIfTI or .npy volume's NaN slices and masked patches: the widgets said so, the
     # commands did not (organ volumes with a quarter of the scan never looked at)
+    slice_effect, voxel_effect = _MISSING_EFFECT.get(
+        effects or command, ("left without a result",
+                             "each slice's class is read from its measured voxels only"
+                             if command in ("classify", "gradcam") else "left without a result"))
     if volume.missing.any() and not any("missing slice" in w for w in warnings):
         missing = volume.missing_slices()
         warnings.append(f"{counted(len(missing), 'slice')} without any value (NaN), at z="
-                        f"{slice_ranges(missing)}: taken as missing, left without a result")
+                        f"{slice_ranges(missing)}: taken as missing, {slice_effect}")
     unmeasured = volume.unmeasured_voxels()
     if unmeasured.any() and not volume.metadata.get("missing_planes"):
-        effect = ("each slice's class is read from its measured voxels only"
-                  if command in ("classify", "gradcam") else "left without a result")
+        effect = voxel_effect
         zs = np.flatnonzero(unmeasured)
         warnings.append(f"{counted(int(unmeasured.sum()), 'voxel')} without a value (NaN) on "
                         f"{'slice' if len(zs) == 1 else 'slices'} {slice_ranges(zs)}: {effect}")
@@ -389,7 +403,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = _check_output(args.output, (".nii.gz", ".nii"), args.input, args.overwrite)
     csv_out = None if args.slices_csv is None else _check_output(
         args.slices_csv, (".csv",), args.input, args.overwrite, others=(out,))
-    volume = _read_and_warn(args.input, "generate")  # e.g. ".npy has no geometry": 1 mm
+    volume = _read_and_warn(  # e.g. ".npy has no geometry": 1 mm
+        args.input, "generate", "generate --keep-missing" if args.keep_missing else None)
     from .core.io import LabelMap, read_scan_or_labels
 
     # only a NIfTI or .npy file can hold a label map: a DICOM series was read twice
@@ -480,7 +495,7 @@ def register(subparsers: Any) -> None:
     # a plain int: the core's check says what is allowed in one line (argparse's own
     # refusal printed its whole usage block)
     p.add_argument("--factor", type=int, default=1,
-                   help="slices per acquired slice interval (1: only fill gaps; 2 or 3: upsample)")
+                   help="slices per acquired slice interval (default 1: only fill gaps; 2 or 3: upsample)")
     p.add_argument("--keep-missing", action="store_true",
                    help="leave slices missing from the series missing (NaN) instead of filling them")
     p.add_argument("--method", choices=("linear", "cubic", "model"), default="linear",
