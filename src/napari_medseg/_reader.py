@@ -3,6 +3,8 @@ NIfTI label map (label intent, as this plugin's writer saves one) into a Labels 
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -15,15 +17,36 @@ from ._layers import labels_layer_data, volume_layer_data
 # napari's "opened, but nothing to add" sentinel: it stops napari trying other readers
 # and adding a half-made layer after we have already told the user why.
 _NOTHING_OPENED = [(None,)]
-#: folders whose "one slice of a series" warning was shown
-_SAID_SERIES: set[str] = set()
+#: folder → when a file of it last came with the "one slice of a series" warning
+_SAID_SERIES: dict[str, float] = {}
+#: seconds between two files of one folder that make them one pick (napari opens the
+#: files picked together one after the other)
+SAME_PICK_S = 3.0
+
+
+def _say_warnings(volume, name: str, folder: Path | None = None) -> None:
+    """The reader's warnings as notifications; "one slice of a series" once for the files
+    of a folder picked together (it was said once per folder for the whole session:
+    a file of it opened later was not warned)."""
+    from napari.utils.notifications import show_warning
+
+    for warning in volume.metadata.get("warnings", []):
+        if warning.startswith(SERIES_BESIDE_WARNING) and folder is not None:
+            now, key = time.monotonic(), str(folder)
+            last = _SAID_SERIES.get(key)
+            _SAID_SERIES[key] = now
+            if last is not None and now - last < SAME_PICK_S:
+                continue
+        show_warning(f"{name}: {warning}")
 
 
 def get_reader(path: str | list[str]) -> Callable | None:
     if isinstance(path, list):
-        if len(path) != 1:
-            # a stack asked for (napari's "Open Files as Stack"): not taken (a DICOM
-            # series opens from its folder; plain Open Files hands one file at a time)
+        if len(path) > 1:
+            # a stack asked for (napari's "Open Files as Stack"): DICOM files are read as
+            # their folder is, as one series; a stack of other files is left to napari
+            return read_dicom_stack if all(map(_is_dicom_file, path)) else None
+        if not path:
             return None
         path = path[0]
     if len(urlsplit(str(path)).scheme) > 1:
@@ -44,18 +67,32 @@ def read_layers(path: str | list[str]) -> list:
         show_error(f"napari-medseg could not open {exc}")
         return _NOTHING_OPENED
     volume = opened.volume if isinstance(opened, LabelMap) else opened
-    for warning in volume.metadata.get("warnings", []):
-        from napari.utils.notifications import show_warning
-
-        if warning.startswith(SERIES_BESIDE_WARNING):
-            folder = str(Path(path).expanduser().resolve().parent)
-            if folder in _SAID_SERIES:
-                continue  # every slice of a series picked at once: said for the first only
-            _SAID_SERIES.add(folder)
-        show_warning(f"{Path(path).name}: {warning}")
+    _say_warnings(volume, Path(path).name, Path(path).expanduser().resolve().parent)
     if isinstance(opened, LabelMap):
         return [labels_layer_data(opened.labels, volume, _layer_name(path), opened.names)]
     return [volume_layer_data(volume, name=_layer_name(path))]
+
+
+def _is_dicom_file(path: str) -> bool:
+    suffix = "".join(Path(path).suffixes[-2:]).lower()
+    return (not suffix.endswith((".nii", ".nii.gz", ".npy")) and Path(path).is_file()
+            and is_supported_path(path))
+
+
+def read_dicom_stack(paths: list[str]) -> list:
+    """DICOM files picked together as a stack: one volume, as their folder gives."""
+    from .core.io.dicom import read_dicom_files
+
+    try:
+        volume = read_dicom_files(paths)
+    except MedsegInputError as exc:
+        from napari.utils.notifications import show_error
+
+        show_error(f"napari-medseg could not open {exc}")
+        return _NOTHING_OPENED
+    name = Path(os.path.commonpath([str(Path(p).parent) for p in paths])).name
+    _say_warnings(volume, name)
+    return [volume_layer_data(volume, name=name or "DICOM series")]
 
 
 def _layer_name(path: str) -> str:

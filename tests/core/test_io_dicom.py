@@ -1573,3 +1573,28 @@ def test_a_study_folder_of_linked_series_folders_is_read(tmp_path):
     volume = read_dicom(study)
     assert volume.shape[0] == 3
     assert is_supported_path(study)
+
+
+def test_a_dicomdir_says_to_open_its_folder():
+    """A CD's DICOMDIR was refused as holding "no image", with no word on what to open."""
+    path = Path(pydicom.data.get_testdata_file("DICOMDIR"))
+    with pytest.raises(MedsegInputError) as info:
+        read_dicom(path)
+    assert_clean_error(info.value, path)
+    assert "DICOMDIR" in str(info.value) and "open the folder it lies in" in str(info.value)
+
+
+def test_files_picked_together_read_as_their_folder(tmp_path):
+    """read_dicom_files: the given files as one series (napari's Open Files as Stack)."""
+    from napari_medseg.core.io.dicom import read_dicom_files
+
+    write_series(tmp_path / "a", [0.0, 2.5, 5.0, 7.5])
+    files = sorted((tmp_path / "a").glob("*.dcm"))
+    whole = read_dicom(tmp_path / "a")
+    picked = read_dicom_files([str(f) for f in files[::-1]])
+    np.testing.assert_array_equal(picked.array, whole.array)
+    assert picked.spacing == whole.spacing
+    three = read_dicom_files(files[:3])  # the files given, not the folder's others
+    assert three.shape[0] == 3
+    with pytest.raises(MedsegInputError, match="no such file"):
+        read_dicom_files([*files, tmp_path / "gone.dcm"])

@@ -852,15 +852,51 @@ def test_slices_of_a_series_picked_together_say_once_to_open_their_folder(
 
     write_series(tmp_path, [0.0, 2.5, 5.0], shuffle=False)
     viewer = make_napari_viewer()
-    reader._SAID_SERIES.discard(str(tmp_path.resolve()))
+    reader._SAID_SERIES.pop(str(tmp_path.resolve()), None)
+    files = sorted(str(p) for p in tmp_path.glob("*.dcm"))
+
+    def said_since(start):
+        return [str(n.message) for n in notification_manager.records[start:]
+                if "one slice of a series of 3 files" in str(n.message)]
+
     start = len(notification_manager.records)
     # as napari's Open File(s) dialog opens a selection: one reader call per file
-    viewer.open(sorted(str(p) for p in tmp_path.glob("*.dcm")), stack=False,
-                plugin="napari-medseg")
-    said = [str(n.message) for n in notification_manager.records[start:]
-            if "one slice of a series of 3 files" in str(n.message)]
+    viewer.open(files, stack=False, plugin="napari-medseg")
+    said = said_since(start)
     assert len(viewer.layers) == 3 and len(said) == 1, said
-    assert "open the folder" in said[0]
+    assert "open the folder" in said[0] and "as Stack" in said[0]
+    # one file of it opened later, on its own: said again (it was said once per folder
+    # for the whole session)
+    reader._SAID_SERIES[str(tmp_path.resolve())] -= reader.SAME_PICK_S
+    start = len(notification_manager.records)
+    viewer.open(files[1], plugin="napari-medseg")
+    assert len(said_since(start)) == 1
+    # Open Files as Stack: one volume, as the folder gives (napari refused the stack)
+    viewer.layers.clear()
+    (layer,) = viewer.open(files, stack=True, plugin="napari-medseg")
+    assert layer.data.shape == (3, *viewer.open(files[0], plugin="napari-medseg")[0].data.shape[1:])
+    assert layer.scale[0] == pytest.approx(2.5)
+    assert layer.name == tmp_path.name
+
+
+def test_dicom_files_named_by_number_or_uid_open_in_napari(make_napari_viewer, tmp_path):
+    """A PACS or CD export names its files IM000001 or by UID, without a suffix: napari
+    offered no reader for them, even with the plugin chosen (the CLI read them)."""
+    import shutil
+
+    import pydicom.data
+
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    viewer = make_napari_viewer()
+    for name in ("IM000001", "1.2.840.113619.2.1.1"):
+        shutil.copy(ct, tmp_path / name)
+        (layer,) = viewer.open(str(tmp_path / name), plugin=None)  # as File › Open does
+        assert layer.data.shape == (1, 128, 128), name
+    # a file of that name that is not DICOM: declined, for another reader to take
+    (tmp_path / "00000002").write_text("not an image")
+    from napari_medseg._reader import get_reader
+
+    assert get_reader(str(tmp_path / "00000002")) is None
 
 
 def test_run_leaves_the_copy_of_the_image_to_the_worker(make_napari_viewer):

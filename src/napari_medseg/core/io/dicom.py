@@ -22,7 +22,7 @@ import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -170,11 +170,29 @@ def read_dicom(path: str | Path) -> Volume:
     path = Path(path).expanduser()
     if not path.exists():
         raise MedsegInputError("no such file or folder", path)
+    return _reading(path, lambda: _read_folder(path) if path.is_dir() else _read_file(path))
+
+
+def read_dicom_files(paths: Sequence[str | Path]) -> Volume:
+    """Read the given DICOM files as a folder of them is read (the largest series among
+    them): every slice of a series picked at once in a file dialog."""
+    files = sorted(Path(p).expanduser() for p in paths)
+    if not files:
+        raise MedsegInputError("no files given")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise MedsegInputError("no such file", missing[0])
+    where = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return _reading(where, lambda: _read_files(files, where))
+
+
+def _reading(path: Path, read: Callable[[], Volume]) -> Volume:
+    """``read()``, its failures turned into one-line MedsegInputErrors naming ``path``."""
     try:
         # pydicom warns about every odd value it meets; our own warnings list what matters.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _read_folder(path) if path.is_dir() else _read_file(path)
+            return read()
     except MedsegInputError as exc:
         if exc.path is None:  # e.g. raised by Volume: attach the file the user opened
             raise MedsegInputError(exc.reason, path) from exc
@@ -299,6 +317,11 @@ def _read_file(path: Path) -> Volume:
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         if _is_image_storage(ds):  # an image whose file was cut short
             raise MedsegInputError(f"truncated or malformed image: no pixel data ({_kind(ds)})", path)
+        meta = getattr(ds, "file_meta", None)
+        if _DICOMDIR_UID in (str(ds.get("SOPClassUID", "")),
+                             str(getattr(meta, "MediaStorageSOPClassUID", ""))):
+            raise MedsegInputError("is a DICOMDIR, an index of the files beside it, not an "
+                                   "image: open the folder it lies in", path)
         raise MedsegInputError(f"holds no image ({_kind(ds)})", path)
     if "Rows" not in ds or "Columns" not in ds:
         raise MedsegInputError("malformed DICOM image (no Rows/Columns tags)", path)
@@ -311,10 +334,13 @@ def _read_file(path: Path) -> Volume:
         # picking every slice in a file dialog opens each as its own 2D image: say where
         # the volume is (napari hands its reader one file at a time)
         warns.append(f"{SERIES_BESIDE_WARNING} {files} files in its folder: open the folder "
-                     "to read them as one volume, with its slice spacing")
+                     "(or pick its files with File › Open Files as Stack) to read them as "
+                     "one volume, with its slice spacing")
     return _assemble(_frames_of(source), path, warns=warns, n_files=1)
 
 
+#: Media Storage Directory Storage: a DICOMDIR
+_DICOMDIR_UID = "1.2.840.10008.1.3.10"
 #: begins the warning for one file of a series that lies in its folder
 SERIES_BESIDE_WARNING = "one slice of a series of"
 #: a folder with more files than this is not searched for the rest of a file's series
@@ -361,6 +387,11 @@ def _read_folder(folder: Path) -> Volume:
                    for name in names if (Path(root) / name).is_file())
     if not files:
         raise MedsegInputError("folder holds no files", folder)
+    return _read_files(files, folder)
+
+
+def _read_files(files: list[Path], folder: Path) -> Volume:
+    """The largest series among ``files`` (of ``folder``, named in messages)."""
     images: list[tuple[Path, Dataset]] = []
     skipped = broken = bare = 0
     unreadable: list[str] = []
