@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .core.volume import Volume
+from .core.volume import Volume, planes_still_missing
 
 DISCLAIMER = "Research use only: not for diagnostic use."
 
@@ -902,20 +902,6 @@ def generated_planes(layer: Any) -> dict | None:
         return None
 
 
-def _planes_still_missing(data: np.ndarray, planes: Any) -> dict | None:
-    """``{"axis", "indices"}`` kept to the recorded planes that still hold no finite
-    voxel; None when none does (or the record is not one)."""
-    try:
-        axis = "zyx".index(planes["axis"])
-        indices = [int(i) for i in planes["indices"]]
-    except (TypeError, KeyError, ValueError):
-        return None
-    others = tuple(a for a in range(3) if a != axis)
-    empty = ~np.isfinite(data).any(axis=others)
-    kept = [i for i in indices if 0 <= i < data.shape[axis] and empty[i]]
-    return {"axis": planes["axis"], "indices": kept} if kept else None
-
-
 def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
                       medseg: dict) -> Volume:
     """The Volume of a copy of ``source`` (a lazy array read here)."""
@@ -946,7 +932,7 @@ def _volume_from_data(source: Any, name: str, scale: tuple, translate: tuple,
     kept = {k: source[k] for k in ("slice_axis", "missing_planes")
             if k in source and data.ndim == 3}
     if "missing_planes" in kept:  # the same: only planes that hold no measurement
-        kept["missing_planes"] = _planes_still_missing(data, kept["missing_planes"])
+        kept["missing_planes"] = planes_still_missing(data, kept["missing_planes"])
         if kept["missing_planes"] is None:
             del kept["missing_planes"]
     synthetic = _generated_slice_count(data, medseg, source)

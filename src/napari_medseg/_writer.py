@@ -100,6 +100,9 @@ def _write_image_nifti(path: str, data: Any, meta: dict) -> list[str]:
         kind = str(meta.get("name") or "map").split(" · ")[0][:200]
         description, info = (f"napari-medseg: explanation map ({kind}), not a scan",
                              {"explanation_map": kind})
+    gaps = _gap_record(meta, image)
+    if gaps:  # a coronal / sagittal series' gaps: lost on the way back, and their warning
+        info = {**(info or {}), **gaps}
     # float64 only where float32 would change a value: the Generate widget keeps a
     # float64 or wide-integer scan's acquired slices exact, and the save rounded them
     exact = image.dtype == np.float64 and not np.array_equal(
@@ -108,6 +111,25 @@ def _write_image_nifti(path: str, data: Any, meta: dict) -> list[str]:
                           axes=_scan_axes(meta, image.shape, matrix),
                           description=description, info=info, keep_float64=exact)
     return [str(written)]
+
+
+def _gap_record(meta: dict, image: np.ndarray) -> dict:
+    """A turned coronal / sagittal series' slice axis and missing planes (NaN planes along
+    y or x), as the reader recorded them, for the file's extension: only planes that still
+    hold no value. An axial series' gaps need no record (NaN slices are found again)."""
+    from .core.volume import planes_still_missing
+
+    ours = (meta.get("metadata") or {}).get("medseg") or {}
+    source = ours.get("source") if isinstance(ours, dict) else None
+    if not isinstance(source, dict) or image.ndim != 3:
+        return {}
+    record: dict = {}
+    if source.get("slice_axis") in ("y", "x"):
+        record["series_slice_axis"] = source["slice_axis"]
+    planes = planes_still_missing(image, source.get("missing_planes"))
+    if planes and planes["axis"] in ("y", "x"):
+        record["missing_planes"] = planes
+    return record
 
 
 def _synthetic_record(meta: dict, image: np.ndarray) -> tuple[str, dict | None]:
@@ -129,9 +151,12 @@ def _synthetic_record(meta: dict, image: np.ndarray) -> tuple[str, dict | None]:
             # which ones is not known (the file had been reoriented): the header says so
             return "napari-medseg: SYNTHETIC slices, not for diagnosis", None
         info = {"synthetic": True, "slice_axis": planes.get("axis", "z"),
-                "generated_slices": [int(i) for i in planes["indices"]]}
-    method = info.get("method", "?")
-    return f"napari-medseg: SYNTHETIC slices ({method}), not for diagnosis", info
+                "generated_slices": [int(i) for i in planes["indices"]],
+                **({"method": planes["method"]} if isinstance(planes.get("method"), str) else {})}
+    method = info.get("method")
+    # an unknown method is left out ("(?)" in a second save of a generated file)
+    return (f"napari-medseg: SYNTHETIC slices{f' ({method})' if method else ''}, "
+            "not for diagnosis"), info
 
 
 class PointsNotSaved(RuntimeError):

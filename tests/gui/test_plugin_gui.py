@@ -1164,3 +1164,62 @@ def test_picker_labels_stay_unique_when_a_layer_is_named_like_a_suffix():
     layers = [SimpleNamespace(name=n) for n in ("CT", "CT (2)", "CT", "CT")]
     labels = [label for label, _ in layer_choices(layers)]
     assert len(set(labels)) == 4 and labels[:2] == ["CT", "CT (2)"], labels
+
+
+def test_a_coronal_series_gaps_survive_a_save_and_reopen(make_napari_viewer, tmp_path):
+    """A coronal series' lost planes (NaN planes along y) were forgotten once saved to
+    NIfTI and opened again: no warning, 'gaps: none', its slice axis taken as z."""
+    import napari
+    from napari.utils.notifications import notification_manager
+    from pydicom.uid import generate_uid
+
+    from tests.core.test_io_dicom import write_ct_slice
+
+    iop = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    normal = np.cross(iop[:3], iop[3:])
+    uid, series = generate_uid(), tmp_path / "series"
+    series.mkdir()
+    for k, step in enumerate([0, 1, 2, 5]):  # planes 3 and 4 lost
+        write_ct_slice(series / f"{k}.dcm", 100 * step, series_uid=uid, instance=k + 1,
+                       iop=iop, ipp=np.array([-100.0, -120.0, 40.0]) + 3.0 * step * normal)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(series), plugin="napari-medseg")
+    napari.save_layers(str(tmp_path / "c.nii.gz"), [layer], plugin="napari-medseg")
+    start = len(notification_manager.records)
+    (again,) = viewer.open(str(tmp_path / "c.nii.gz"), plugin="napari-medseg")
+    source = again.metadata["medseg"]["source"]
+    assert source["missing_planes"] == {"axis": "y", "indices": [3, 4]}
+    assert source["slice_axis"] == "y"
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("2 missing slices of the series (NaN planes at y=3–4" in m for m in said), said
+    # filled by another tool (the record kept): no longer missing, not said
+    import nibabel as nib
+
+    from napari_medseg.core.io import read_nifti
+
+    img = nib.load(tmp_path / "c.nii.gz")
+    filled = nib.Nifti1Image(np.nan_to_num(img.get_fdata(), nan=5.0).astype("f4"),
+                             img.affine, img.header)
+    assert len(filled.header.extensions) == 1
+    filled.to_filename(tmp_path / "filled.nii.gz")
+    volume = read_nifti(tmp_path / "filled.nii.gz")
+    assert "missing_planes" not in volume.metadata and volume.metadata["slice_axis"] == "y"
+    assert not any("missing slice" in w for w in volume.metadata["warnings"])
+
+
+def test_a_generated_file_saved_again_keeps_its_method(make_napari_viewer, tmp_path):
+    """Saved a second time, a generated file's header said 'SYNTHETIC slices (?)'."""
+    import napari
+    import nibabel as nib
+
+    from napari_medseg.cli import main
+
+    np.save(tmp_path / "ct.npy", np.random.default_rng(0).normal(40, 5, (4, 16, 16)).astype("f4"))
+    assert main(["generate", str(tmp_path / "ct.npy"), str(tmp_path / "up.nii.gz"),
+                 "--factor", "2", "-q"]) == 0
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "up.nii.gz"), plugin="napari-medseg")
+    napari.save_layers(str(tmp_path / "again.nii.gz"), [layer], plugin="napari-medseg")
+    first = nib.load(tmp_path / "up.nii.gz").header["descrip"].tobytes().rstrip(b"\0")
+    second = nib.load(tmp_path / "again.nii.gz").header["descrip"].tobytes().rstrip(b"\0")
+    assert b"(linear" in first and second == first

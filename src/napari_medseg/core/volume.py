@@ -251,6 +251,20 @@ _CT_AIR_THRESHOLD = -500.0
 _MAX_SAMPLES = 1_000_000
 
 
+def planes_still_missing(data: np.ndarray, planes: Any) -> dict | None:
+    """``{"axis", "indices"}`` kept to the recorded planes that still hold no finite
+    voxel; None when none does (or the record is not one)."""
+    try:
+        axis = "zyx".index(planes["axis"])
+        indices = [int(i) for i in planes["indices"]]
+    except (TypeError, KeyError, ValueError):
+        return None
+    others = tuple(a for a in range(3) if a != axis)
+    empty = ~np.isfinite(data).any(axis=others)
+    kept = [i for i in indices if 0 <= i < data.shape[axis] and empty[i]]
+    return {"axis": planes["axis"], "indices": kept} if kept else None
+
+
 def guess_modality(array: np.ndarray) -> str:
     """Guess the modality of an image that carries none (NIfTI, .npy).
 
