@@ -348,6 +348,38 @@ def detection_layer_data(
     return (centers, kwargs, "points")
 
 
+#: who is told when a points layer's shown rows change through :func:`set_shown` (napari
+#: has no event for it): layer → weak methods called with the rows whose state changed
+_SHOWN_WATCHERS: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
+
+
+def watch_shown(layer: Any, method: Any) -> None:
+    """Call ``method(rows)`` when :func:`set_shown` shows or hides rows of ``layer``."""
+    watchers = _SHOWN_WATCHERS.setdefault(layer, [])
+    watchers[:] = [w for w in watchers if w() is not None and w() != method]
+    watchers.append(weakref.WeakMethod(method))
+
+
+def unwatch_shown(layer: Any, method: Any) -> None:
+    watchers = _SHOWN_WATCHERS.get(layer)
+    if watchers is not None:
+        watchers[:] = [w for w in watchers if w() is not None and w() != method]
+
+
+def set_shown(layer: Any, shown: np.ndarray) -> None:
+    """``layer.shown = shown``, telling the watchers which rows changed (a score
+    threshold moved after a slice was reviewed changed what a round trains on there)."""
+    before = np.asarray(layer.shown, dtype=bool).copy()
+    layer.shown = shown
+    after = np.asarray(layer.shown, dtype=bool)
+    changed = np.flatnonzero(before != after) if before.shape == after.shape else np.arange(len(after))
+    if changed.size:
+        for watcher in list(_SHOWN_WATCHERS.get(layer, ())):
+            method = watcher()
+            if method is not None:
+                method(changed)
+
+
 def hide_unshown(layer: Any) -> None:
     """Draw the points ``layer.shown`` hides as nothing, in every view: napari honours
     ``shown`` only while an axis of the layer is off screen, so in the 3D view, and on a

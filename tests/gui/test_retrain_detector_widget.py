@@ -719,3 +719,53 @@ def test_an_added_event_naming_only_the_last_row_counts_every_appended_row():
     _ROWS_BEFORE_ADD[layer] = 3  # at its "adding" event
     assert _added_rows(layer, SimpleNamespace(data_indices=(-1,)), 5) == [3, 4]
     assert _added_rows(layer, SimpleNamespace(data_indices=(-2, -1)), 5) == [3, 4]
+
+
+
+def test_moving_detects_threshold_unticks_the_reviewed_slices_it_changes(scene):
+    """Moving Detect's score threshold after a slice was reviewed changed what a round
+    trained on there, silently: a kept detection hidden was taught as no lesion, a weak
+    one never seen, shown, as a lesion."""
+    from qtpy.QtCore import Qt
+
+    from napari_medseg._widgets.detect import DetectWidget
+
+    viewer, image, _points, widget = scene
+    found = viewer.add_points([[2.0, 40.0, 40.0], [6.0, 20.0, 60.0], [6.0, 50.0, 50.0]],
+                              scale=image.scale, name="lesions",
+                              features={"score": [0.9, 0.3, 0.7], "diameter_mm": [12.0, 8, 8]})
+    widget._layer_pick.value = found
+    detect = DetectWidget(plugin_view(viewer))
+    detect._points = found
+    detect._threshold.value = 0.5
+    detect._apply_threshold()
+    assert list(found.shown) == [True, False, True]
+    widget._add_edited({2, 6})  # both reviewed as shown at 0.5
+    assert widget.training_slices() == [2, 6]
+    start = len(notification_manager.records)
+    detect._threshold.value = 0.2  # the 0.3 detection on slice 6, never seen, now shown
+    detect._apply_threshold()
+    assert widget.training_slices() == [2] and widget.annotated_slices() == [2, 6]
+    items = [widget._slice_list.item(i) for i in range(widget._slice_list.count())]
+    item = next(i for i in items if i.text().startswith("slice 6 "))
+    assert item.text().endswith("threshold changed: review, tick")
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("score threshold" in m and "(6)" in m for m in said), said
+    item.setCheckState(Qt.CheckState.Checked)  # reviewed again: trains
+    assert widget.training_slices() == [2, 6] and "review" not in item.text()
+    detect._threshold.value = 0.25  # nothing shown or hidden: nothing unticked
+    detect._apply_threshold()
+    assert widget.training_slices() == [2, 6]
+
+
+def test_a_rounds_report_describes_the_round_not_points_added_during_it(scene, qtbot):
+    """Points added during a round were counted in its report ("on the 2 slices it
+    trained on: it finds 0 of your 3 points" of a round on 1 slice and 1 point)."""
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    widget._run.clicked.emit()
+    assert widget._worker is not None
+    points.add([[7.0, 30.0, 30.0], [7.0, 60.0, 60.0]])
+    _wait(widget, qtbot)
+    assert "On the 1 slice it trained on" in widget._status.value, widget._status.value
+    assert "of your 1 point" in widget._status.value

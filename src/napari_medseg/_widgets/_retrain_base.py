@@ -303,6 +303,7 @@ class _RetrainBase(Container):
         self._away_across: set[int] = set()  # of those, from strokes across slices
         self._across_listed: set[int] = set()  # (Labels) listed unticked by that rule
         self._replaced_listed: set[int] = set()  # (Labels) unticked: new data put in
+        self._shown_changed: set[int] = set()  # (Points) unticked: the threshold moved
         self._away_undone: set[int] = set()  # slices whose strokes were undone meanwhile
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         # layer -> {image key (_image_key): name}
@@ -1219,6 +1220,8 @@ class _RetrainBase(Container):
                          "acquired: the model learns from the generator's image there")
         names = self._layer_class_names(layer)
         version = 1 if self._history is None else self._history.next_number
+        # what the round trains on, for its report (points; a label volume is not kept)
+        self._round_annotation = None if self.writes_into_layer else annotation
         self._curve.clear()
         self._round_progress.value = 0
         self._round_progress.visible = True
@@ -1378,7 +1381,14 @@ class _RetrainBase(Container):
             self._result_shown = True
             return
         self._remember_output(image, v.number, prediction, digest)
-        self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg, seen)
+        # the round's slices and annotations, not the lists and layer as they are now
+        # (edited meanwhile): its report must describe what it trained on
+        self._round_basis = (list(r.slices), getattr(self, "_round_annotation", None))
+        try:
+            self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg,
+                                seen)
+        finally:
+            self._round_basis = None
 
     def _keep_for_its_model(self, source, base, result):
         """A round that finished after another model was picked: its version joins the

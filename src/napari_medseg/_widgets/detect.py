@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 
-from .._layers import detection_layer_data, hide_unshown, watch_detection_edits
+from .._layers import detection_layer_data, hide_unshown, set_shown, watch_detection_edits
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.models.detector import at_or_above
 from ..core.progress import Progress
@@ -134,7 +134,7 @@ class DetectWidget(ModelRunWidget):
         scores = np.asarray(points.features["score"], dtype=float)
         added = np.isnan(scores)  # points the user added have no score: always shown
         shown = added | at_or_above(scores, self._threshold.value)
-        points.shown = shown
+        set_shown(points, shown)  # a Retrain widget unticks the reviewed slices it changes
         hide_unshown(points)  # the 3D view and a 2D layer draw every point otherwise
         # numbered, so that equal-looking lesions stay separate entries; only the rows
         # listed are formatted (all 2000 of a noisy scan's, read one pandas value at a

@@ -16,14 +16,14 @@ from .._layers import (_ROWS_BEFORE_ADD, ADDED_POINT_FEATURES, _added_rows, _lik
                        _points_kwargs, detection_labels,
                        account_rows, detection_layer_data, hide_unshown, marker_sizes,
                        point_rows, rows_when_watched, scale_mm, unmatched_rows,
-                       watch_detection_edits)
+                       unwatch_shown, watch_detection_edits, watch_shown)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix
 from ..core.evaluation import match_detections
 from ..core.finetune import DEFAULT_DIAMETER_MM, check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.session import AnnotationSession
-from ..core.text import counted
+from ..core.text import counted, slice_ranges
 from ._model_widget import provenance
 from ._retrain_base import _RetrainBase
 from .detect import KEEP_SCORE
@@ -51,6 +51,7 @@ class RetrainDetectorWidget(_RetrainBase):
             watch_detection_edits(layer)
         layer.events.data.connect(self._on_points)
         layer.events.size.connect(self._on_sizes)
+        watch_shown(layer, self._on_shown_changed)
         image = self._image.value
         if image is not None and layer.ndim != image.ndim:
             show_warning(f"Retrain: '{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D: "
@@ -65,6 +66,7 @@ class RetrainDetectorWidget(_RetrainBase):
     def _disconnect(self, layer) -> None:
         layer.events.data.disconnect(self._on_points)
         layer.events.size.disconnect(self._on_sizes)
+        unwatch_shown(layer, self._on_shown_changed)
         self._left_points[layer] = self._point_rows(layer)
         account_rows(layer)  # another widget must not list again what this one had
 
@@ -111,6 +113,37 @@ class RetrainDetectorWidget(_RetrainBase):
                                        value.reshape(-1, layer.ndim))
         zs = {z for p in points if (z := self._point_slice(layer, p)) is not None}
         self._add_edited(zs)
+
+    def _on_shown_changed(self, rows: np.ndarray) -> None:
+        """Detect's score threshold showed or hid points: on a ticked slice that changes
+        what a round trains on (a detection the user reviewed and kept, hidden, was taught
+        as "no lesion here"; one never seen, shown, as a lesion), silently. Those slices
+        are unticked, noted in the list, until the user reviews them again."""
+        layer = self._tracked
+        if layer is None:
+            return
+        data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)
+        zs = {z for r in rows if 0 <= r < len(data)
+              and (z := self._point_slice(layer, data[r])) is not None}
+        changed = zs & ((self._edited | self._checked) - self._excluded)
+        if not changed:
+            return
+        self._excluded |= changed
+        self._shown_changed |= changed
+        self._rebuild_list()
+        self._schedule_autosave()
+        show_warning(
+            f"Retrain: the score threshold showed or hid points on "
+            f"{counted(len(changed), 'reviewed slice')} ({slice_ranges(changed)}); unticked, "
+            "as a round takes the shown points there as every lesion: review each and tick it")
+
+    def _slice_note(self, z: int) -> str:
+        if z in self._excluded and z in self._shown_changed:
+            return "threshold changed: review, tick"
+        return ""
+
+    def _pair_changed(self) -> None:
+        self._shown_changed = set()
 
     def _on_sizes(self, _event=None) -> None:
         """A ring resized (the selected points' size set): its diameter is what a round
@@ -256,13 +289,20 @@ class RetrainDetectorWidget(_RetrainBase):
         # a listed slice missing from the image was left out of the round: its points
         # are no lesion the version could find
         missing = np.asarray(volume.missing, dtype=bool)
-        reviewed = {z for z in self.training_slices() if not (0 <= z < len(missing) and missing[z])}
+        # after a round: its slices and points (they were edited meanwhile: the line said
+        # "on the 2 slices it trained on … 3 points" of a round on 1 slice and 1 point)
+        basis = getattr(self, "_round_basis", None)
+        trained = basis[0] if basis is not None else self.training_slices()
+        reviewed = {z for z in trained if not (0 <= z < len(missing) and missing[z])}
         if not reviewed or image.ndim != 3:
             return ""
-        try:
-            points, diam = self._points_on_image(layer, image)
-        except MedsegInputError:
-            return ""
+        if basis is not None and basis[1] is not None:
+            points, diam = basis[1]
+        else:
+            try:
+                points, diam = self._points_on_image(layer, image)
+            except MedsegInputError:
+                return ""
         on = [i for i, p in enumerate(points) if int(round(p[0])) in reviewed]
         lesions = [{"center": points[i], "radius_mm": 0.5 * (
             diam[i] if np.isfinite(diam[i]) and diam[i] > 0 else DEFAULT_DIAMETER_MM)} for i in on]
