@@ -371,3 +371,26 @@ def test_detects_heatmap_hides_an_earlier_map_of_the_image(make_napari_viewer, q
     assert not earlier.visible
     assert "1 earlier map of this image hidden" in detect._status.value
     assert detect._status.value.startswith("'ct' (test-detector): ")
+
+
+@pytest.mark.parametrize("change", ["data", "translate"])
+def test_the_gradcam_line_goes_when_the_explained_image_changes(
+        make_napari_viewer, qtbot, random_models, small_phantom, change):
+    """Moved or given new data, the image left the map behind, and the line kept naming
+    the class of a slice no longer shown there ("Slice 10: … lesion" over slice 6)."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing)
+    widget = GradCamWidget(plugin_view(viewer))
+    widget._image.value, widget._model.value = image, random_models["SliceClassifier"]
+    _run(widget, qtbot)
+    assert widget._current.value.startswith("Slice ")
+    if change == "data":
+        image.data = small_phantom.volume.array[::-1].copy()
+    else:
+        image.translate = (10.0, 30.0, 40.0)
+    assert widget._current.value == ""
+    assert "changed (new data or placement) since the map was made" in widget._status.value
+    viewer.dims.set_current_step(0, 2)  # and it does not come back
+    assert widget._current.value == ""
+    viewer.layers.remove(image)  # let go
+    assert widget._explained_image is None

@@ -91,6 +91,7 @@ class GradCamWidget(ModelRunWidget):
         # the class it shows and that class's probability
         self._map: weakref.ref | None = None
         self._explained: tuple[list, list, list, list] | None = None
+        self._explained_image = self._explained_on = None  # the image and its geometry
         self._current = Label(value="")
         self._current.native.setWordWrap(True)
         # as the status line above it: it sat 10 px further in, in a column of its own
@@ -107,7 +108,26 @@ class GradCamWidget(ModelRunWidget):
 
     def drop_result(self) -> None:
         self._map = self._explained = None
+        self._watch_image(None)
         self._current.value = ""
+
+    def _watch_image(self, image) -> None:
+        rewatch_geometry(self._explained_image, image, self._on_image_changed)
+        self._explained_image = image
+        self._explained_on = _geometry(image) if image is not None else None
+
+    def _on_image_changed(self, _event=None) -> None:
+        """The explained image got new data or another placement: the map stays where it
+        was made, off the image, and its line named classes of slices no longer shown
+        there; the line goes and the status says so, as Classify's does."""
+        image = self._explained_image
+        if image is None or _same_geometry(self._explained_on, _geometry(image)):
+            return
+        self._watch_image(None)
+        self._explained = None
+        self._current.value = ""
+        self._status.value = (f"'{image.name}' changed (new data or placement) since the map "
+                              "was made: the map no longer lies on it; run Grad-CAM again")
 
     def _follow_slice(self, _event=None) -> None:
         """Which class the map shows on the current slice, and how likely the model
@@ -115,10 +135,16 @@ class GradCamWidget(ModelRunWidget):
         a slice (P 0.05) glowed as brightly as a likely one, and in "predicted class"
         mode nothing said that the bright frame of a slice past the body was the
         evidence for 'no_body'."""
+        if (self._explained_image is not None
+                and self._explained_image not in self._viewer.layers):
+            self._watch_image(None)  # removed: not kept in memory by this widget
         layer = self._map() if self._map is not None else None
+        if self._explained is None:
+            return  # dropped: the image changed since
         if layer is None or layer not in self._viewer.layers:
             if self._map is not None:
                 self._map = self._explained = None
+                self._watch_image(None)
                 self._current.value = ""
                 # the counts were of that map: they stayed, as if still on screen
                 self._status.value = "The Grad-CAM map was removed"
@@ -182,6 +208,7 @@ class GradCamWidget(ModelRunWidget):
             method="Grad-CAM, last conv block, per-slice max = 1"), image_layer)
         self._map = weakref.ref(layer)
         self._explained = (per_slice, p_shown, predicted, p_predicted)
+        self._watch_image(image_layer)
         self._follow_slice()
         explained = result.target[result.target >= 0]
         if not explained.size:  # every slice missing: no model saw anything
