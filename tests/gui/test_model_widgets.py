@@ -1237,6 +1237,24 @@ def test_a_slice_the_slider_grid_cannot_reach_is_said_for_what_it_is(make_napari
     said = _messages_since(start, "warning")
     assert len(said) == 1 and "slice 11 of 'CT' cannot be shown" in said[0]
     assert "rotated" not in said[0] and "steps by 2 from 0" in said[0]
+    assert "(showing slice 10)" in said[0]
+
+
+def test_a_layer_the_slider_does_not_reach_is_not_said_to_show_slice_minus_one(
+        make_napari_viewer, monkeypatch):
+    """Where the slider lands beside a layer (an MR slice off the CT's slider grid), the
+    warning said "(showing slice -1)", a slice that does not exist."""
+    from napari_medseg._widgets import _navigate
+
+    viewer = make_napari_viewer()
+    mr = viewer.add_image(np.zeros((2, 8, 8), np.float32), name="MR")
+    monkeypatch.setattr(_navigate, "slice_at", lambda _viewer, _layer: -1.2)
+    start = len(notification_manager.records)
+    _navigate.go_to_slice(viewer, mr, 1)
+    (said,) = _messages_since(start, "warning")
+    assert "slice 1 of 'MR' cannot be shown" in said and "slice -1" not in said
+    assert "no slice of it is shown there" in said
+    assert "from 0 (z, set by" in said  # napari's default axis label ("-3" or "0") is no name
 
 
 def test_classify_result_says_which_image_it_belongs_to(make_napari_viewer, qtbot, random_models,

@@ -120,9 +120,12 @@ def go_to_slice(viewer: Any, layer: Any, z: int) -> None:
         if shown != int(z):  # napari's slider does not reach it
             from napari.utils.notifications import show_warning
 
+            # the slider may not reach the layer at all (it lies beside the other
+            # layers along z): "showing slice -1" named a slice that does not exist
+            at = (f"showing slice {shown}" if 0 <= shown < layer.data.shape[-3]
+                  else "no slice of it is shown there")
             show_warning(f"slice {int(z)} of '{layer.name}' cannot be shown: napari's slider "
-                         f"does not reach it {_why_unreachable(viewer, layer)} (showing "
-                         f"slice {shown})")
+                         f"does not reach it {_why_unreachable(viewer, layer)} ({at})")
 
 
 def _why_unreachable(viewer: Any, layer: Any) -> str:
@@ -136,8 +139,11 @@ def _why_unreachable(viewer: Any, layer: Any) -> str:
         return "on this rotated or sheared layer"
     axis = viewer.dims.ndim - 3
     start, _stop, step = viewer.dims.range[axis]
+    label = str(viewer.dims.axis_labels[axis])
+    if label.lstrip("-").isdigit():  # napari's default label ("-3" or "0"): not a name
+        label = "z"
     return (f"on this layer: it steps by {step:g} from {start:g} "
-            f"({viewer.dims.axis_labels[axis]}, set by all the open layers' slices)")
+            f"({label}, set by all the open layers' slices)")
 
 
 def slice_axis_shown(viewer: Any, layer: Any) -> bool:
