@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from napari.layers import Labels, Points
 from napari.utils.notifications import notification_manager
 from pydicom.data import get_testdata_file
@@ -426,6 +427,38 @@ def test_classify_follows_slice_and_jumps(make_napari_viewer, qtbot, random_mode
     viewer.layers.remove(image)
     widget._follow_slice()
     assert len(widget._strip._values) == 0 and not widget._goto.enabled
+
+
+def test_classify_marks_generated_slices_and_preselects_none(make_napari_viewer, qtbot,
+                                                             random_models, small_phantom):
+    """On a Generate result the lesion list and the slice line gave an interpolated
+    slice's class as any other's; and the list showed its first slice as if picked."""
+    from napari_medseg.core.models import load_model, save_model
+
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    image.metadata["medseg"] = {**image.metadata.get("medseg", {}), "synthetic": True,
+                                "slice_axis": "z", "generated_slices": [1, 3, 5]}
+    # a classifier that calls every slice lesion: each slice is listed
+    model, card = load_model(random_models["SliceClassifier"])
+    with torch.no_grad():
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.bias[:] = torch.tensor([-50.0, -50.0, 50.0])
+    path = save_model(model, Path(random_models["SliceClassifier"]).parent, "all-lesion",
+                      {k: card[k] for k in card if k not in ("name", "sha256", "weights_file",
+                                                              "version", "format")})
+    widget = ClassifyWidget(plugin_view(viewer))
+    _select(widget, image, str(path))
+    _run_and_wait(widget, qtbot)
+    items = widget._goto_items
+    assert items[0][1] is None and "pick one to go there" in items[0][0]
+    assert widget._goto.value is None  # nothing looks picked
+    marked = {z for text, z in items[1:] if text.endswith(" · generated")}
+    assert marked == {1, 3, 5}
+    widget._go_to_slice(3)
+    assert widget._current.value.startswith("Slice 3 (generated, not acquired): lesion")
+    widget._go_to_slice(2)
+    assert widget._current.value.startswith("Slice 2: lesion")
 
 
 def _strip_image(qtbot, values):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from magicgui.widgets import ComboBox, Label
+from qtpy.QtWidgets import QSizePolicy
 
+from .._layers import generated_planes
 from ..core.inference import classify_volume
+from ..core.text import counted
 from ._model_widget import (
     ModelRunWidget,
     _geometry,
@@ -30,6 +33,10 @@ class ClassifyWidget(ModelRunWidget):
         self._layer = None
         self._current = Label(value="")
         self._current.native.setWordWrap(True)
+        # as the status line above it: it sat 85-100 px further in, in a column of its own
+        self._current.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                           QSizePolicy.Policy.Minimum)
+        self._generated: set[int] = set()
         self._strip = ProbabilityStrip()
         self._strip.slice_clicked.connect(self._go_to_slice)
         # callable choices: napari's reset_choices (on every layer added) re-reads them
@@ -94,10 +101,19 @@ class ClassifyWidget(ModelRunWidget):
         # said under every slice's classes: no layer holds them, and the image picker
         # (another image, picked for the next run) does not name what they belong to
         self._model_name = card.get("name", "the model")
+        # slices the Generate widget made: a class read from an interpolated image is
+        # the generator's, and nothing in the list or under the slice said so
+        planes = generated_planes(image_layer)
+        self._generated = ({int(z) for z in planes["indices"]}
+                           if planes and planes["axis"] == "z" else set())
+        zs = np.flatnonzero(flagged)
         with self._goto.changed.blocked():
-            self._goto_items = [
-                (f"slice {z} · p={result.probabilities[z, flag]:.2f}", int(z))
-                for z in np.flatnonzero(flagged)
+            # a first entry that goes nowhere: the first slice read as the one shown
+            self._goto_items = ([(f"{counted(len(zs), 'slice')}: pick one to go there", None)]
+                                if len(zs) else []) + [
+                (f"slice {z} · p={result.probabilities[z, flag]:.2f}"
+                 + (" · generated" if int(z) in self._generated else ""), int(z))
+                for z in zs
             ]
             self._goto.reset_choices()
         self._goto.enabled = bool(flagged.any())
@@ -153,7 +169,8 @@ class ClassifyWidget(ModelRunWidget):
         else:
             probs = ", ".join(f"{n} {p:.2f}"
                               for n, p in zip(result.class_names, result.probabilities[z]))
-            text = f"Slice {z}: {result.class_names[result.predicted[z]]}\n{probs}"
+            made = " (generated, not acquired)" if z in self._generated else ""
+            text = f"Slice {z}{made}: {result.class_names[result.predicted[z]]}\n{probs}"
         name = self._layer.name if self._layer is not None else "?"
         self._current.value = f"{text}\n(of '{name}' by {self._model_name})"
 

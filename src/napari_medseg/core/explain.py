@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .errors import MedsegInputError
 from .inference import (
     ModelGridSlices,
+    body_view,
     ThreadGovernor,
     check_model_args,
     labels_from_logits,
@@ -101,8 +102,12 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
         elif not 0 <= int(target) < len(classes):
             raise MedsegInputError(f"class index {target} outside 0–{len(classes) - 1}")
     batch = positive_int(batch, "batch")
-    slices = ModelGridSlices(volume, card, slice_context(model))
-    nz, ny, nx = volume.shape
+    # the window Classify shows the model (a wide field's air cut away): the same classes
+    # and probabilities as Classify's; the maps are placed back on the whole slice
+    seen, window = body_view(volume, card)
+    ys, xs = window if window is not None else (slice(None), slice(None))
+    slices = ModelGridSlices(seen, card, slice_context(model))
+    nz, ny, nx = seen.shape
     maps = np.zeros(volume.shape, dtype=np.float32)
     targets = np.full(nz, -1, dtype=np.int64)
     probs = np.full((nz, len(classes)), np.nan, dtype=np.float32)
@@ -140,9 +145,9 @@ def gradcam_volume(volume: Any, model: SliceClassifier, card: Mapping[str, Any],
                 cam = resize_yx(_on_model_grid(cam, slices.grid, getattr(model, "min_size", None)),
                                 (ny, nx))[:, 0]
                 # never measured (a gap plane, a mask): no evidence, and not the peak
-                cam[torch.from_numpy(np.isnan(np.asarray(volume.array[zs])))] = 0.0
+                cam[torch.from_numpy(np.isnan(np.asarray(seen.array[zs])))] = 0.0
                 peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-                maps[zs] = (cam / peak).numpy()
+                maps[zs, ys, xs] = (cam / peak).numpy()
                 targets[zs] = chosen.numpy()
                 probs[zs] = torch.softmax(logits.detach(), 1).numpy()
             governor.update()

@@ -1128,6 +1128,67 @@ def segment_volume(
 # ======================================================================================
 # Classification
 # ======================================================================================
+#: the in-plane field of view (mm) a CT slice classifier is shown: the body's extent (HU
+#: above BODY_HU, over all slices) plus a margin, centred and widened to at least this,
+#: the middle of the training phantoms' 185–245 mm. Its global pooling averages over the
+#: whole slice, and the air of a wide field (a 384 mm abdominal FOV) diluted what the
+#: body shows: lesion-slice recall 0.53 → 0.73 and balanced accuracy 0.83 → 0.87 with
+#: the window, unchanged at training fields (benchmarks/results/classifier_field_of_view.json)
+CLASSIFIER_VIEW_MM = 215.0
+#: above this (HU) a voxel is body (or table), not air
+BODY_HU = -500.0
+#: mm kept around the body's extent
+BODY_MARGIN_MM = 10.0
+
+
+def body_window(volume: Volume, card: Mapping[str, Any],
+                view_mm: float = CLASSIFIER_VIEW_MM) -> tuple[slice, slice] | None:
+    """The (y, x) window of ``volume`` a slice classifier is shown (see
+    :data:`CLASSIFIER_VIEW_MM`); None when the whole slice is: a card not for CT in HU, no
+    voxel above :data:`BODY_HU`, a field no wider than the view, or a window that would
+    leave an acquired slice without a measured voxel."""
+    norm = card.get("normalisation")
+    if not (isinstance(norm, Mapping) and norm.get("type") == "window") or volume.missing.all():
+        return None
+    array = volume.array
+    projection = np.full(array.shape[1:], -np.inf, dtype=np.float32)
+    for z in np.flatnonzero(~volume.missing):  # one slice at a time: no volume-sized mask
+        np.fmax(projection, array[z], out=projection)
+    body = projection > BODY_HU
+    if not body.any():
+        return None
+    window = []
+    for axis, spacing in ((0, volume.spacing[1]), (1, volume.spacing[2])):
+        hits = np.flatnonzero(body.any(axis=1 - axis))
+        n = array.shape[1 + axis]
+        centre = (hits[0] + hits[-1]) / 2.0
+        half = max((hits[-1] - hits[0] + 1) / 2.0 + BODY_MARGIN_MM / spacing,
+                   view_mm / 2.0 / spacing)
+        low, high = max(0, int(np.floor(centre - half))), min(n, int(np.ceil(centre + half)) + 1)
+        # the window's full size inside the image where it can be (a body near an edge)
+        size = min(n, high - low)
+        low = min(max(0, low), n - size)
+        window.append(slice(low, low + size))
+    if all(w.start == 0 and w.stop == n for w, n in zip(window, array.shape[1:])):
+        return None
+    inside = array[:, window[0], window[1]]
+    if any(not np.isfinite(inside[z]).any() for z in np.flatnonzero(~volume.missing)):
+        return None
+    return window[0], window[1]
+
+
+def body_view(volume: Volume, card: Mapping[str, Any]) -> tuple[Volume, tuple[slice, slice] | None]:
+    """``volume`` cut to its :func:`body_window` (the same volume when there is none)."""
+    window = body_window(volume, card)
+    if window is None:
+        return volume, None
+    ys, xs = window
+    origin = (volume.origin[0], volume.origin[1] + ys.start * volume.spacing[1],
+              volume.origin[2] + xs.start * volume.spacing[2])
+    return volume.replace(array=np.ascontiguousarray(volume.array[:, ys, xs]),
+                          origin=origin), window
+
+
 def classify_volume(
     volume: Volume,
     model: SliceClassifier,
@@ -1149,7 +1210,8 @@ def classify_volume(
     batch = DEFAULT_BATCH if batch is None else positive_int(batch, "batch")
     precision = _check_precision(precision)
     context = slice_context(model)
-    slices = ModelGridSlices(volume, card, context)
+    # the body's window of each slice, not a wide field's air (see CLASSIFIER_VIEW_MM)
+    slices = ModelGridSlices(body_view(volume, card)[0], card, context)
     nz = volume.shape[0]
     probs = np.full((nz, len(classes)), np.nan, dtype=np.float32)
     todo = np.flatnonzero(~volume.missing)
