@@ -7,7 +7,7 @@ The phantom's body is the same size (about 133 × 165 mm) on any grid; the train
 phantoms lie in fields of 185–245 mm. A real abdominal CT is reconstructed over
 350–500 mm. Each phantom is drawn on grids of several fields of view (same seeds) and
 classified twice: on the whole slice, and on the window :func:`core.inference.body_window`
-cuts (the body's extent plus 10 mm, widened to 215 mm), which ``classify_volume`` uses.
+cuts (the body's extent plus 10 mm, widened to 260 mm), which ``classify_volume`` uses.
 Balanced accuracy and lesion-slice recall per field. Validation seeds (800000+) by
 default, where the window was chosen; ``--heldout`` uses the evaluation seeds (900000+).
 """

@@ -985,3 +985,56 @@ def test_a_thread_count_that_is_no_whole_number_is_refused(threads):
     with pytest.raises(MedsegInputError, match="threads must be ≥ 1"):
         ThreadGovernor(threads)
     assert ThreadGovernor(np.int64(2)).fixed == 2 and ThreadGovernor(0).leave
+
+
+def _wide_field(nz=3, n=200, spacing=2.0, body=(slice(80, 130), slice(60, 110))):
+    """A 400 mm field of air with a 100 mm 'body' off centre."""
+    array = np.full((nz, n, n), -1000.0, np.float32)
+    array[:, body[0], body[1]] = 40.0
+    return Volume(array, (5.0, spacing, spacing))
+
+
+def test_the_classifier_sees_a_window_around_the_body_of_a_wide_field(cls):
+    """On a 384 mm field (an abdominal CT's) the whole slice's air cut the bundled
+    classifier's lesion-slice recall from 0.77 to 0.57: it is shown the body, widened to
+    the widest field it was evaluated on."""
+    model, card = cls
+    volume = _wide_field()
+    ys, xs = inference.body_window(volume, card)
+    for window, (lo, hi) in zip((ys, xs), ((80, 130), (60, 110))):
+        assert window.start <= lo and window.stop >= hi  # the body inside
+        assert (window.stop - window.start) * 2.0 == pytest.approx(
+            inference.CLASSIFIER_VIEW_MM, abs=4.0)
+    # classify and Grad-CAM read the window: the same as the cut volume's classes
+    cut = volume.replace(array=np.ascontiguousarray(volume.array[:, ys, xs]))
+    whole = run_to_completion(classify_volume(volume, model, card))
+    alone = run_to_completion(classify_volume(cut, model, card))
+    np.testing.assert_allclose(whole.probabilities, alone.probabilities, atol=1e-5)
+    from napari_medseg.core.explain import gradcam_volume
+
+    cam = run_to_completion(gradcam_volume(volume, model, card))
+    np.testing.assert_array_equal(cam.target, whole.predicted)
+    outside = np.ones(volume.shape[1:], bool)
+    outside[ys, xs] = False
+    assert cam.maps.shape == volume.shape and not cam.maps[:, outside].any()
+
+
+@pytest.mark.parametrize("case", ["evaluated field", "not HU", "all air", "a cut slice",
+                                  "barely wider"])
+def test_no_window_where_it_does_not_apply(cls, case):
+    model, card = cls
+    volume = _wide_field()
+    if case == "evaluated field":  # 240 mm: shown whole, as evaluated
+        volume = _wide_field(n=120, body=(slice(40, 90), slice(30, 80)))
+    elif case == "not HU":
+        card = {**card, "normalisation": {"type": "zscore", "mean": 0.0, "std": 1.0}}
+    elif case == "all air":
+        volume = Volume(np.full((2, 200, 200), -1000.0, np.float32), (5.0, 2.0, 2.0))
+    elif case == "a cut slice":  # measured only in a corner the window leaves out
+        array = volume.array.copy()
+        array[1] = np.nan
+        array[1, :5, :5] = -1000.0
+        volume = Volume(array, volume.spacing)
+    else:  # 270 mm: a cut of a few mm changed classes for nothing
+        volume = _wide_field(n=135, body=(slice(40, 90), slice(30, 80)))
+    assert inference.body_window(volume, card) is None
