@@ -1223,3 +1223,21 @@ def test_a_generated_file_saved_again_keeps_its_method(make_napari_viewer, tmp_p
     first = nib.load(tmp_path / "up.nii.gz").header["descrip"].tobytes().rstrip(b"\0")
     second = nib.load(tmp_path / "again.nii.gz").header["descrip"].tobytes().rstrip(b"\0")
     assert b"(linear" in first and second == first
+
+
+def test_a_long_layer_name_does_not_widen_the_docks(make_napari_viewer):
+    """A Generate result's name widened the Image picker to its length: the Classify
+    dock grew to 468 px and the canvas lost a third of its width."""
+    from napari_medseg._widgets.classify import ClassifyWidget
+
+    viewer = make_napari_viewer(show=True)
+    long = "synthetic ×2 · " + "a long series description " * 4 + "(linear) [1]"
+    viewer.add_image(np.zeros((4, 8, 8), np.float32), name=long)
+    widget = ClassifyWidget(plugin_view(viewer))
+    viewer.window.add_dock_widget(widget)
+    box = widget._image.native
+    assert box.currentText() == long
+    assert box.sizeHint().width() < box.fontMetrics().horizontalAdvance(long) / 2
+    # the list that drops down still shows the whole name
+    view = widget._image.native.view()
+    assert view.minimumWidth() >= view.sizeHintForColumn(0)

@@ -148,7 +148,29 @@ class KeepingComboBox(ComboBox):
     widget ran with it unannounced (a picked layer renamed: the picker jumped to the
     first layer and Segment ran on another scan; a model listed beside a copy of the
     same name, or found unavailable, picked another model). ``changed`` is emitted only
-    when the value did change (its layer removed)."""
+    when the value did change (its layer removed).
+
+    Its width does not follow its longest entry: one Generate result's name
+    ("synthetic ×2 · … (linear interpolation) [1]") widened a dock to 468 px and the
+    canvas lost a third of its width; the entries are elided in the box (the list that
+    drops down shows them whole)."""
+
+    #: characters the closed box is sized for
+    MIN_CHARS = 22
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        box = self.native
+        box.setSizeAdjustPolicy(
+            type(box).SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        box.setMinimumContentsLength(self.MIN_CHARS)
+        # the list that drops down as wide as its longest entry
+        box.view().setMinimumWidth(box.view().sizeHintForColumn(0))
+        self.changed.connect(lambda _v: self._fit_list())
+
+    def _fit_list(self) -> None:
+        view = self.native.view()
+        view.setMinimumWidth(view.sizeHintForColumn(0) + 24)
 
     def reset_choices(self, *_: Any) -> None:
         keep = self.value
@@ -156,6 +178,7 @@ class KeepingComboBox(ComboBox):
             super().reset_choices()
             if keep is not None and keep in self.choices and self.value != keep:
                 self.value = keep
+        self._fit_list()
         if self.value != keep:
             self.changed.emit(self.value)
 
