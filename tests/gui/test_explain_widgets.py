@@ -394,3 +394,30 @@ def test_the_gradcam_line_goes_when_the_explained_image_changes(
     assert widget._current.value == ""
     viewer.layers.remove(image)  # let go
     assert widget._explained_image is None
+
+
+def test_the_class_to_explain_is_kept_over_a_model_without_it(make_napari_viewer, random_models):
+    """Picking a model without the class picked under Explain set it to "predicted
+    class" without a word, and it stayed there when the first model was picked again."""
+    from pathlib import Path
+
+    from napari_medseg.core.models import load_model, save_model
+
+    model, card = load_model(random_models["SliceClassifier"])
+    other = save_model(model, Path(random_models["SliceClassifier"]).parent, "tumour-cls",
+                       {**{k: card[k] for k in ("input_spacing_mm", "normalisation")},
+                        "classes": ["no_body", "normal", "tumour"]})
+    try:
+        viewer = make_napari_viewer()
+        viewer.add_image(np.zeros((3, 16, 16), np.float32))
+        widget = GradCamWidget(plugin_view(viewer))
+        first = widget._model.value = random_models["SliceClassifier"]
+        widget._target.value = "lesion"
+        widget._model.value = str(other)
+        assert widget._target.value == "predicted class"
+        assert "'lesion' is not a class of this model" in widget._status.value
+        widget._model.value = first
+        assert widget._target.value == "lesion"
+    finally:  # the other tests' pickers list that folder
+        for path in Path(other).parent.glob("tumour-cls*"):
+            path.unlink()

@@ -83,8 +83,28 @@ class GradCamWidget(ModelRunWidget):
             "class on every slice. Each slice's map is scaled to its own peak: it shows where "
             "the evidence is, not how strong; the line under the result gives the slice's "
             "probability of the class shown")
-        self._model.changed.connect(lambda _v: self._target.reset_choices())
+        # the class the user picked, kept over a model without it (the pick went to
+        # "predicted class" without a word, and stayed there when the model came back)
+        self._wanted_target = PREDICTED
+        self._target.changed.connect(self._on_target_picked)
+        self._model.changed.connect(lambda _v: self._refresh_targets())
         return [self._target]
+
+    def _on_target_picked(self, value) -> None:
+        if value is not None:
+            self._wanted_target = value
+
+    def _refresh_targets(self) -> None:
+        wanted = self._wanted_target
+        with self._target.changed.blocked():
+            self._target.reset_choices()
+            if wanted in self._target.choices:
+                self._target.value = wanted
+            else:
+                self._target.value = PREDICTED
+        if wanted not in self._target.choices:
+            self._status.value = (f"'{wanted}' is not a class of this model: Explain shows "
+                                  f"each slice's {PREDICTED}")
 
     def result_widgets(self) -> list:
         # the last map this widget added (weakly: a deleted map is let go) and, per slice,
