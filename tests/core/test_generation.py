@@ -340,20 +340,22 @@ def test_a_run_that_would_not_fit_in_memory_is_refused_before_allocating(monkeyp
     """×3 of the largest phantom needs about 10 GB: it started allocating with no word."""
     from napari_medseg.core import generation
 
+    from napari_medseg.core import memory
+
     vol = Volume(_ramp(), (1, 1, 1), (0, 0, 0), "CT")
-    monkeypatch.setattr(generation, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1000)
     job = (generate_slices(vol, _zero_generator(), CARD, factor=3) if method == "model"
            else generation.interpolation_job(vol, 3, True, method))
     with pytest.raises(MedsegInputError, match=r"needs about .* GB of memory"):
         next(job)  # before the first progress report: nothing allocated yet
-    monkeypatch.setattr(generation, "available_memory_bytes", lambda: None)  # not known
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: None)  # not known
     job = (generate_slices(vol, _zero_generator(), CARD, factor=3) if method == "model"
            else generation.interpolation_job(vol, 3, True, method))
     assert run_to_completion(job).volume.shape[0] == 3 * (len(vol.array) - 1) + 1
 
 
 def test_free_memory_is_read_on_linux():
-    from napari_medseg.core.generation import available_memory_bytes
+    from napari_medseg.core.memory import available_memory_bytes
 
     free = available_memory_bytes()
     assert free is None or free > 0
@@ -364,7 +366,7 @@ def test_free_memory_counts_a_cgroup_limit_less_its_reclaimable_cache(tmp_path, 
                                                                      version):
     """Page cache charged to a container (a DICOM series just read) read as used: 0.5 GB
     "free" of 16 GB with 14.5 GB of it cache; a cgroup v1 limit was not read at all."""
-    from napari_medseg.core import generation
+    from napari_medseg.core import memory as generation
 
     gb = 1024 ** 3
     (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gb // 1024} kB\nMemAvailable: "

@@ -505,3 +505,18 @@ def test_a_long_field_of_view_keeps_the_body_from_end_to_end():
     widths = (ph.labels.max(axis=1) > 0).sum(axis=1)
     assert (ph.slice_classes != 0).all()
     assert widths.max() <= 1.5 * widths.min(), (widths.min(), widths.max())
+
+
+def test_a_phantom_too_large_for_the_memory_left_is_refused_before_it_starts(monkeypatch):
+    """The largest phantom (1024 × 512 × 512) took 4.4 GB with no word first; beyond the
+    size limit the message gave a bare voxel count."""
+    from napari_medseg.core import memory
+    from napari_medseg.core.errors import MedsegInputError
+    from napari_medseg.core.phantom import phantom_job
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 10_000_000)
+    job = phantom_job((64, 128, 128), (2.5, 1.0, 1.0), 0)
+    with pytest.raises(MedsegInputError, match=r"a 64 × 128 × 128 phantom needs about .* GB"):
+        next(job)
+    with pytest.raises(MedsegInputError, match=r"1074 million voxels, at most 268 million"):
+        next(phantom_job((1024, 1024, 1024), (1.0, 1.0, 1.0), 0))

@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import MedsegInputError
+from .memory import require_memory
 from .progress import Job, Progress, run_to_completion
 from .volume import Volume
 
@@ -74,6 +75,8 @@ LESION_LABEL = 8
 HU_RANGE = (-1024.0, 3071.0)
 MAX_AXIS = 1024
 MAX_VOXELS = 2**28  # 1024 x 512 x 512: about 1 GiB of float32
+#: peak memory of generating a phantom per voxel (24.3 bytes measured at 64 × 512 × 512)
+PEAK_BYTES_PER_VOXEL = 25
 MAX_LESIONS = 50
 #: the 5 mm tissue-texture lattice spans the whole field of view (uint64 hashes, then
 #: float32): a few voxels at 100 mm spacing asked for 28 GiB
@@ -1297,7 +1300,11 @@ def _validate(shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_
     if max(shp) > MAX_AXIS:
         raise MedsegInputError(f"shape {shp} is too large: at most {MAX_AXIS} voxels per axis")
     if math.prod(shp) > MAX_VOXELS:
-        raise MedsegInputError(f"shape {shp} is too large: at most {MAX_VOXELS} voxels in all")
+        # in words a user can act on ("at most 268435456 voxels" was hard to read)
+        raise MedsegInputError(
+            f"shape {shp} is too large: {math.prod(shp) / 1e6:.0f} million voxels, at most "
+            f"{MAX_VOXELS / 1e6:.0f} million in all (1024 × 512 × 512); take fewer slices or "
+            "a smaller grid")
     try:
         if isinstance(spacing, (str, bytes)):  # "123" is not (1, 2, 3)
             raise TypeError(spacing)
@@ -1446,6 +1453,10 @@ def phantom_job(
         shape, spacing, seed, n_lesions, lesion_radius_mm, noise_hu, blur_sigma_mm,
         contrast_scale, body_z_fraction, nonuniformity_hu)
     nz, ny, nx = shape
+    # refused before allocating: the largest phantom took 4.4 GB, and a machine swapping
+    # to a halt takes the user's open work with it
+    require_memory(PEAK_BYTES_PER_VOXEL * nz * ny * nx, f"a {nz} × {ny} × {nx} phantom",
+                   "take fewer slices or a smaller grid, or close other programs")
     sz, sy, sx = spacing
     zc = (np.arange(nz) - (nz - 1) / 2.0) * sz
     yc = (np.arange(ny) - (ny - 1) / 2.0) * sy
