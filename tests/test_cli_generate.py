@@ -184,7 +184,8 @@ def test_a_generated_file_opens_saying_which_slices_are_synthetic(tmp_path, caps
     rows = list(csv.reader(status.open()))[1:]
     made = [int(z) for z, kind in rows if kind == "generated"]
     volume = read_nifti(out)
-    assert volume.metadata["synthetic_planes"] == {"axis": "z", "indices": made}
+    assert volume.metadata["synthetic_planes"] == {"axis": "z", "indices": made,
+                                                  "method": "linear"}
     # the same file stored the other way up by another tool, which kept our extension:
     # its indices, in the order the file was written in, would name other slices
     img = nib.load(out)

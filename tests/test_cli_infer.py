@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -538,3 +538,27 @@ def test_links_that_lead_outputs_astray_are_refused_before_any_computing(tmp_pat
         assert "%" not in captured.err + captured.out  # refused before any progress
     assert slice_file.read_bytes() == b"DICM slice"
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_outputs_name_the_model_that_made_them(tmp_path, models, image, capsys):
+    """A segmentation, a heatmap or a map named no model, in the file or in the line
+    printed: which of two models made it could not be told."""
+    from napari_medseg.core.models import read_card
+
+    card = read_card(models["segmenter"])
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(image), str(out), "--model", str(models["segmenter"]), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote seg.nii.gz ({card['name']} {card['version']}):" in printed
+    (extension,) = nib.load(out).header.extensions
+    ours = json.loads(extension.get_content())["napari-medseg"]
+    assert ours["model"] == card["name"] and ours["model_sha256"] == card["sha256"]
+    assert ours["model_version"] == card["version"]
+    heat, csv_out = tmp_path / "heat.nii.gz", tmp_path / "d.csv"
+    assert main(["detect", str(image), str(csv_out), "--model", str(models["detector"]),
+                 "--heatmap", str(heat), "-q"]) == 0
+    det = read_card(models["detector"])
+    assert f"({det['name']} {det['version']})" in capsys.readouterr().out
+    (extension,) = nib.load(heat).header.extensions
+    ours = json.loads(extension.get_content())["napari-medseg"]
+    assert ours["model_sha256"] == det["sha256"] and ours["explanation_map"] == "lesion heatmap"

@@ -50,8 +50,21 @@ def _write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
     _refuse_an_open_layers_file(path, meta.get("name"))
     written = write_nifti(path, labels, spacing=None, matrix=matrix,
                           axes=_scan_axes(meta, labels.shape, matrix),
-                          labels=True, label_names=_label_names(meta))
+                          labels=True, label_names=_label_names(meta),
+                          info=_model_info(meta) or None)
     return [str(written)]
+
+
+#: what a result layer's metadata says of the model that made it, kept in the file (a
+#: saved segmentation named no model at all)
+_MODEL_KEYS = ("model", "model_version", "model_sha256", "repredicted_with")
+
+
+def _model_info(meta: dict) -> dict:
+    ours = (meta.get("metadata") or {}).get("medseg") or {}
+    if not isinstance(ours, dict):
+        return {}
+    return {k: ours[k] for k in _MODEL_KEYS if ours.get(k) not in (None, "", [])}
 
 
 class ImageNotSaved(RuntimeError):
@@ -103,6 +116,9 @@ def _write_image_nifti(path: str, data: Any, meta: dict) -> list[str]:
     gaps = _gap_record(meta, image)
     if gaps:  # a coronal / sagittal series' gaps: lost on the way back, and their warning
         info = {**(info or {}), **gaps}
+    made_by = _model_info(meta)
+    if made_by and info:  # a map's or a generated volume's model (not a scan's metadata)
+        info = {**info, **made_by}
     # float64 only where float32 would change a value: the Generate widget keeps a
     # float64 or wide-integer scan's acquired slices exact, and the save rounded them
     exact = image.dtype == np.float64 and not np.array_equal(

@@ -186,9 +186,23 @@ def _missing_info(volume: Any, explanation: str | None = None) -> dict | None:
     return info or None
 
 
-def _map_kwargs(volume: Any, kind: str) -> dict:
+def _model_record(card: Any) -> dict:
+    """The model an output was made by, for its file's extension (the files named none:
+    which of two models made a segmentation could not be told from it)."""
+    return {k: card.get(c) for k, c in (("model", "name"), ("model_version", "version"),
+                                         ("model_sha256", "sha256")) if card.get(c)}
+
+
+def _made_by(card: Any) -> str:
+    """The model as the summary line names it."""
+    version = card.get("version")
+    return f"{card.get('name')}{f' {version}' if version else ''}"
+
+
+def _map_kwargs(volume: Any, kind: str, card: Any = None) -> dict:
     """write_nifti's marks of an explanation map, as the plugin's writer gives them."""
-    return {"info": _missing_info(volume, kind),
+    return {"info": {**(_missing_info(volume, kind) or {}),
+                     **(_model_record(card) if card else {})},
             "description": f"napari-medseg: explanation map ({kind}), not a scan"}
 
 
@@ -272,14 +286,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     result = _run(segment_volume(volume, model, card, chunk=args.chunk, **_engine_kwargs(args)),
                   "segment", args.quiet)
     write_nifti(out, result.labels, *_grid(volume), labels=True,
-                label_names=dict(enumerate(result.class_names)), info=_missing_info(volume))
+                label_names=dict(enumerate(result.class_names)),
+                info={**(_missing_info(volume) or {}), **_model_record(card)})
     # one slice (a 2D image): areas, as the widget gives; a volume would need a slice
     # thickness the image does not have (the 1 mm a 2D file is read with is made up)
     one_slice = result.labels.shape[0] == 1
     measures, unit = (result.area_cm2(), "cm²") if one_slice else (result.volume_ml(), "ml")
     found = [f"{name} {format_measure(value)} {unit}" for name, value in measures.items()
              if value > 0 and name != result.class_names[0]]
-    print(f"wrote {out.name}: labels {list(result.labels.shape)} ({result.precision});"
+    print(f"wrote {out.name} ({_made_by(card)}): labels {list(result.labels.shape)} "
+          f"({result.precision});"
           f" {', '.join(found) or 'no structures found'}")
     return 0
 
@@ -298,7 +314,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         name = "missing" if cls < 0 else result.class_names[cls]
         rows.append((z, name, *("" if p != p else f"{p:.5f}" for p in probs)))
     _write_csv_atomic(out, header, rows)
-    print(f"wrote {out.name}: {counted(len(rows), 'slice')} ({result.precision})")
+    print(f"wrote {out.name} ({_made_by(card)}): {counted(len(rows), 'slice')} "
+          f"({result.precision})")
     return 0
 
 
@@ -321,9 +338,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     _write_all(  # the heatmap: the explanation behind each detection, on the input grid
         (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(),
-                                       *_grid(volume), **_map_kwargs(volume, "lesion heatmap"))),
+                                       *_grid(volume),
+                                       **_map_kwargs(volume, "lesion heatmap", card))),
         (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)))
-    print(f"wrote {out.name}: {counted(len(rows), 'detection')} (threshold {result.threshold:g},"
+    print(f"wrote {out.name} ({_made_by(card)}): {counted(len(rows), 'detection')} "
+          f"(threshold {result.threshold:g},"
           f" {result.precision})")
     return 0
 
@@ -366,8 +385,8 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
                   "gradcam", args.quiet)
     explained = card["classes"][target] if isinstance(target, int) else target
     write_nifti(out, result.maps, *_grid(volume),
-                **_map_kwargs(volume, f"Grad-CAM {explained or 'predicted class'}"))
-    print(f"wrote {out.name}: Grad-CAM of {explained or 'the predicted class'} per slice, 0–1")
+                **_map_kwargs(volume, f"Grad-CAM {explained or 'predicted class'}", card))
+    print(f"wrote {out.name} ({_made_by(card)}): Grad-CAM of {explained or 'the predicted class'} per slice, 0–1")
     return 0
 
 
@@ -384,10 +403,10 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
                                            threads=args.threads), "uncertainty", args.quiet)
     _write_all(
         (out, lambda: write_nifti(out, result.entropy, *_grid(volume),
-                                  **_map_kwargs(volume, "uncertainty"))),
+                                  **_map_kwargs(volume, "uncertainty", card))),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
             (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])))
-    print(f"wrote {out.name}: MC-dropout entropy ({result.samples} samples); most uncertain"
+    print(f"wrote {out.name} ({_made_by(card)}): MC-dropout entropy ({result.samples} samples); most uncertain"
           f" slices: {', '.join(map(str, result.most_uncertain(5))) or 'none'}")
     return 0
 
@@ -415,6 +434,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "intensities): the slices made between its own hold values that are no "
               "structure", file=sys.stderr)
     fill = not args.keep_missing
+    card = {}
     if args.method == "model":
         model, card = load_model(_model_arg(args, "generate"))
         result = _run(generate_slices(volume, model, card, factor=args.factor, fill_missing=fill,
@@ -434,7 +454,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             info={"synthetic": True, "method": args.method, "factor": result.factor,
                   "slice_axis": result.axis_name,
                   "generated_slices": np.flatnonzero(result.generated).tolist(),
-                  "acquired_slices": np.flatnonzero(result.acquired).tolist()})),
+                  "acquired_slices": np.flatnonzero(result.acquired).tolist(),
+                  **_model_record(card)})),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
                                             list(enumerate(status.tolist())))))
     print(f"wrote {out.name}: {counted(v.shape[result.axis], 'slice')} at {v.spacing[result.axis]:g} mm"

@@ -2222,3 +2222,28 @@ def test_a_layer_numbering_its_structures_otherwise_than_the_model_is_refused(sc
     widget._run.clicked.emit()
     assert widget._worker is not None
     _wait(widget, qtbot)
+
+
+def test_a_layer_records_each_version_that_wrote_into_it_and_its_file_too(scene, qtbot,
+                                                                        tmp_path):
+    """A Segment result re-predicted by Retrain still named only the model that made it,
+    in its metadata and in the file saved from it (which named no model at all)."""
+    import json
+
+    import napari
+    import nibabel as nib
+
+    viewer, image, labels, widget, phantom = scene
+    labels.metadata["medseg"] = {**labels.metadata.get("medseg", {}), "model": "segmenter",
+                                 "model_version": "1.0", "model_sha256": "abc"}
+    _paint_slice(labels, 2, phantom.labels)
+    widget._run.clicked.emit()
+    _wait(widget, qtbot)
+    (entry,) = labels.metadata["medseg"]["repredicted_with"]
+    assert entry["retrain_version"] == 1 and entry["model"] == widget._history.model()[1]["name"]
+    assert entry["slices"] > 0
+    napari.save_layers(str(tmp_path / "seg.nii.gz"), [labels], plugin="napari-medseg")
+    (extension,) = nib.load(tmp_path / "seg.nii.gz").header.extensions
+    ours = json.loads(extension.get_content())["napari-medseg"]
+    assert ours["model"] == "segmenter" and ours["model_sha256"] == "abc"
+    assert ours["repredicted_with"][0]["retrain_version"] == 1

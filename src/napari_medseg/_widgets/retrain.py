@@ -16,6 +16,7 @@ Shared with the detector widget (versions, autosave, restore): ``_retrain_base.p
 
 from __future__ import annotations
 
+import time
 import weakref
 from typing import Any
 
@@ -555,10 +556,29 @@ class RetrainWidget(_RetrainBase):
             if labels_layer in self._left_atoms:
                 self._left_atoms[labels_layer].append(list(undo[-1]))
         self._status_write_stepped = bool(undo and undo[-1] is not last)
+        if len(values):
+            _log_write(labels_layer, card, number, int((~protected).sum()))
         _name_new_structures(labels_layer, card.get("classes", ()))
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number} re-predicted {counted(int((~protected).sum()), 'slice')} ({counted(len(values), 'voxel')} changed"
             + ("; Ctrl+Z on the layer undoes it)" if len(values) else ")"))  # no step: no undo
+
+
+#: how many of a layer's re-predictions its metadata keeps
+WRITES_KEPT = 20
+
+
+def _log_write(layer, card, number: int, slices: int) -> None:
+    """Record in the layer's metadata which version wrote into it: a Segment result
+    re-predicted by Retrain v2 still named only the model that made it, in the layer
+    and in the file saved from it (the writer carries this log)."""
+    meta = layer.metadata
+    medseg = dict(meta.get("medseg") or {}) if isinstance(meta.get("medseg"), dict) else {}
+    log = [w for w in medseg.get("repredicted_with", []) if isinstance(w, dict)]
+    log.append({"model": card.get("name"), "retrain_version": int(number),
+                "model_sha256": card.get("sha256"), "slices": slices,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    meta["medseg"] = {**medseg, "repredicted_with": log[-WRITES_KEPT:]}
 
 
 def _name_new_structures(layer, classes) -> None:
