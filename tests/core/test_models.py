@@ -732,6 +732,10 @@ def test_registry_refuses_weights_that_do_not_fit(tmp_path):
         # a number past float's range, a nesting past json's depth: one line, no traceback
         (lambda c: c.update(peak_threshold=10 ** 400), "number too large"),
         (lambda c: c["normalisation"].update(low=-(10 ** 400)), "needs numbers"),
+        # a newer napari-medseg's card loaded without a word, what it adds ignored
+        (lambda c: c.update(format="napari-medseg-model/2"),
+         r"saved by a newer napari-medseg \(card format napari-medseg-model/2"),
+        (lambda c: c.update(format="monai-bundle/1"), "not a napari-medseg model card"),
     ],
 )
 def test_registry_refuses_bad_cards(tmp_path, edit, match):

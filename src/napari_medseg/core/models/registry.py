@@ -526,6 +526,7 @@ def read_card(card_path: str | Path) -> dict[str, Any]:
         raise MedsegInputError(reason, card_path) from exc
     if not isinstance(card, dict):
         raise MedsegInputError("not a model card (expected a JSON object)", card_path)
+    _check_format(card.get("format"), card_path)
     needed = ("name", "architecture", "arch_params", "sha256", *REQUIRED_CARD_KEYS)
     missing = [k for k in needed if k not in card]
     if missing:
@@ -543,6 +544,23 @@ def read_card(card_path: str | Path) -> dict[str, Any]:
         raise MedsegInputError("the card holds a number too large to be a setting",
                                card_path) from exc
     return card
+
+
+def _check_format(fmt: Any, card_path: Path) -> None:
+    """A card of a later format (a newer napari-medseg saved it) is refused: it loaded
+    without a word, what it adds ignored. No format (a card written by hand) is read as
+    this one."""
+    if fmt is None:
+        return
+    family, _, major = str(fmt).partition("/")
+    ours, _, our_major = CARD_FORMAT.partition("/")
+    if family != ours or not major.isdigit():
+        raise MedsegInputError(f"not a napari-medseg model card (format {str(fmt)[:60]!r})",
+                               card_path)
+    if int(major) > int(our_major):
+        raise MedsegInputError(f"saved by a newer napari-medseg (card format {fmt}, this one "
+                               f"reads {CARD_FORMAT}): update napari-medseg to load it",
+                               card_path)
 
 
 # optional numeric card entries the engine reads: (low, high, integer?)
