@@ -258,3 +258,17 @@ def test_a_low_count_image_with_few_values_is_no_label_map():
     vessel[:, 10:54, 30:32] = 1  # two voxels wide, running across the rows
     vessel[:, 40:42, 5:60] = 2
     assert looks_like_label_map(vessel)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 5, 6), (4, 5, 6, 1), (1, 4, 5, 6, 1)])
+def test_a_volume_saved_with_a_batch_or_channel_axis_of_one_reads_as_the_volume(tmp_path,
+                                                                                 shape):
+    """(1, z, y, x) from PyTorch was refused as 4D, while a NIfTI's trailing 1 is dropped."""
+    data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) - 500.0
+    np.save(tmp_path / "v.npy", data)
+    volume = read_npy(tmp_path / "v.npy")
+    assert volume.shape == (4, 5, 6)
+    np.testing.assert_array_equal(volume.array, data.reshape(4, 5, 6))
+    np.save(tmp_path / "t.npy", np.zeros((2, 4, 5, 6), np.float32))  # a real 4D: refused
+    with pytest.raises(MedsegInputError, match="expected a 2D"):
+        read_npy(tmp_path / "t.npy")
