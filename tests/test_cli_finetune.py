@@ -486,6 +486,11 @@ def test_names_for_placeholder_classes_and_other_spellings_are_accepted(case, tm
     labels[0, 0, :6] = [0, 1, 2, 3, 4, 5]
     check_label_names({2: " Liver", 3: "Kidney left", 4: "duodenum", 5: "stomach"},
                       classes, labels, [0], "x.nii.gz")
+    # another tool's spelling of the same structure (3D Slicer's word order, "(L)")
+    for spelling in ("Left kidney", "Kidney (L)", "kidney-left"):
+        check_label_names({3: spelling}, classes, labels, [0], "x.nii.gz")
+    with pytest.raises(Exception, match="3 is 'Right kidney' in the file"):
+        check_label_names({3: "Right kidney"}, classes, labels, [0], "x.nii.gz")
     with pytest.raises(Exception, match="2 is 'spleen' in the file, 'liver' in the model"):
         check_label_names({2: "spleen"}, classes, labels, [0], "x.nii.gz")
 

@@ -39,7 +39,16 @@ def phantom_layer_data(phantom: Phantom, prefix: str = "phantom") -> list[tuple]
 
 def synthetic_ct() -> list[tuple]:
     """Synthetic abdominal CT (with ground truth): image, organ labels and lesion points."""
-    data = phantom_layer_data(generate_phantom(SAMPLE_SHAPE, SAMPLE_SPACING, seed=0))
+    from .core.errors import MedsegInputError
+
+    try:
+        phantom = generate_phantom(SAMPLE_SHAPE, SAMPLE_SPACING, seed=0)
+    except MedsegInputError as exc:  # e.g. too little memory left: said, not a traceback
+        from napari.utils.notifications import show_error
+
+        show_error(f"napari-medseg sample: {exc}")
+        return []
+    data = phantom_layer_data(phantom)
     _mark_added_lesions_once_opened(data)
     return data
 

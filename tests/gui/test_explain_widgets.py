@@ -421,3 +421,19 @@ def test_the_class_to_explain_is_kept_over_a_model_without_it(make_napari_viewer
     finally:  # the other tests' pickers list that folder
         for path in Path(other).parent.glob("tumour-cls*"):
             path.unlink()
+
+
+def test_uncertainty_on_one_listed_slice_still_gives_its_mean(make_napari_viewer, qtbot,
+                                                               random_models, small_phantom):
+    """A 2D image whose slice was in a Retrain list read "No structure found": the one
+    slice there is was left out of a ranking of one."""
+    from napari_medseg._widgets._retrain_base import image_list_key, record_lists
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(small_phantom.volume.array[3], scale=small_phantom.volume.spacing[1:])
+    labels = viewer.add_labels(np.zeros(image.data.shape, np.uint8))
+    record_lists(labels, image_list_key(image), ({0}, set(), set()))
+    widget = UncertaintyWidget(plugin_view(viewer))
+    widget._image.value, widget._model.value = image, random_models["RecurrentSegmenter"]
+    _run(widget, qtbot)
+    assert widget._status.value.startswith("Mean uncertainty"), widget._status.value

@@ -1241,3 +1241,18 @@ def test_a_long_layer_name_does_not_widen_the_docks(make_napari_viewer):
     # the list that drops down still shows the whole name
     view = widget._image.native.view()
     assert view.minimumWidth() >= view.sizeHintForColumn(0)
+
+
+def test_the_sample_says_why_it_cannot_be_made(make_napari_viewer, monkeypatch):
+    """The phantom's memory check raised through napari's sample menu as a traceback."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_medseg import _sample_data
+    from napari_medseg.core import memory
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1000)
+    make_napari_viewer()
+    start = len(notification_manager.records)
+    assert _sample_data.synthetic_ct() == []
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("napari-medseg sample:" in m and "GB of memory" in m for m in said), said

@@ -413,7 +413,7 @@ def test_the_uncertainty_widget_leaves_out_slices_already_in_a_retrain_list(scen
     run_widget(qtbot, uncertainty)
     offered = list(uncertainty._goto.choices)
     assert first not in offered and second in offered
-    assert "1 slice already in a Retrain list left out" in uncertainty._status.value
+    assert f"1 slice already in a Retrain list left out ({first})" in uncertainty._status.value
     # another scan's lists do not count
     other = viewer.add_image(image.data.copy()[::-1], name="another scan", scale=image.scale)
     run_widget(qtbot, uncertainty, other)
@@ -2184,9 +2184,16 @@ def test_new_data_put_into_the_layer_unticks_the_listed_slices_it_changed(scene,
     assert any("got new data" in m and "(4)" in m for m in said), said
     item.setCheckState(Qt.CheckState.Checked)  # reviewed: trains again
     assert widget.training_slices() == [1, 4] and "review" not in item.text()
-    # the same array again (the refresh idiom after an edit in place): nothing changed
+    # the same array again (the refresh idiom after an edit in place): nothing changed,
+    # also for a stroke not yet autosaved (it was unticked)
+    labels.paint((6, 30, 30), int(labels.data[6, 30, 30]) % 7 + 1)
     labels.data = labels.data
-    assert widget.training_slices() == [1, 4]
+    assert widget.training_slices() == [1, 4, 6]
+    # unticked by hand later: the old note does not come back
+    item = next(widget._slice_list.item(i) for i in range(widget._slice_list.count())
+                if widget._slice_list.item(i).text().startswith("slice 4 "))
+    item.setCheckState(Qt.CheckState.Unchecked)
+    assert "review" not in item.text()
 
 
 def test_a_layer_numbering_its_structures_otherwise_than_the_model_is_refused(scene, qtbot):

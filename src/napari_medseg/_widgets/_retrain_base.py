@@ -209,12 +209,14 @@ def recorded_lists(layer: Any, key: Any) -> tuple[set, set, set] | None:
     return lists if lists[0] | lists[1] else None
 
 
-def image_list_key(image: Any) -> str:
-    """The key an image's lists are recorded under (see ``_image_key``)."""
-    try:
-        fingerprint = image_fingerprint(image.data)
-    except (TypeError, ValueError, IndexError, AttributeError):
-        fingerprint = ""
+def image_list_key(image: Any, fingerprint: str | None = None) -> str:
+    """The key an image's lists are recorded under: its content's fingerprint
+    (core.session.image_fingerprint; ``fingerprint`` when known), else the layer's id."""
+    if fingerprint is None:
+        try:
+            fingerprint = image_fingerprint(image.data)
+        except (TypeError, ValueError, IndexError, AttributeError):
+            fingerprint = ""
     return fingerprint or f"layer-{id(image)}"
 
 
@@ -847,7 +849,7 @@ class _RetrainBase(Container):
         """Lists are kept per annotation layer and per image *content*: an image layer
         removed and opened again is a new object, and its slices must stay protected
         (a re-prediction would otherwise overwrite them)."""
-        return self._fingerprint(image) or f"layer-{id(image)}"
+        return image_list_key(image, self._fingerprint(image))
 
     def _add_empty_layer(self) -> None:
         image = self._image.value
@@ -940,6 +942,10 @@ class _RetrainBase(Container):
         z = int(item.data(Qt.ItemDataRole.UserRole))
         if item.checkState() == Qt.CheckState.Checked:
             self._excluded.discard(z)
+            # reviewed: why the widget unticked it no longer holds (unticked again by the
+            # user, the note came back)
+            for noted in (self._across_listed, self._replaced_listed, self._shown_changed):
+                noted.discard(z)
         else:
             self._excluded.add(z)
         text = self._item_text(z)
@@ -1388,7 +1394,7 @@ class _RetrainBase(Container):
             self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg,
                                 seen)
         finally:
-            self._round_basis = None
+            self._round_basis = self._round_annotation = None
 
     def _keep_for_its_model(self, source, base, result):
         """A round that finished after another model was picked: its version joins the

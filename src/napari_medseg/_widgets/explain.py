@@ -16,7 +16,7 @@ from qtpy.QtWidgets import QSizePolicy
 from .._layers import _like_layer, _result_metadata
 from ..core.explain import gradcam_volume, segmentation_uncertainty
 from ..core.models.registry import read_card
-from ..core.text import counted
+from ..core.text import counted, slice_ranges
 from ._model_widget import (
     ModelRunWidget,
     _geometry,
@@ -327,8 +327,13 @@ class UncertaintyWidget(ModelRunWidget):
         prov = provenance(card, image_layer.name)
         # slices a Retrain list already holds were corrected (or checked): offering them
         # sent the user back to work done, as Retrain's own Suggest does not
-        annotated = annotated_in_viewer(self._viewer, image_layer)
+        one_slice = volume.shape[0] == 1  # nothing to rank or to leave out
+        annotated = set() if one_slice else annotated_in_viewer(self._viewer, image_layer)
         ranked = result.most_uncertain(10, exclude=annotated)
+        # those the list would have shown: the listed slices ranked above its last entry
+        everything = result.most_uncertain(len(result.per_slice))
+        cut = everything.index(ranked[-1]) if ranked else len(everything)
+        left_out = [z for z in everything[:cut] if z in annotated]
         ent = result.entropy if image_layer.ndim == 3 else result.entropy[0]
         top = float(options.get("display_max", 1.0))
         _, hidden = _add_map(self._viewer, ent, {**_map_layer_kwargs(
@@ -339,7 +344,6 @@ class UncertaintyWidget(ModelRunWidget):
         self._watch(image_layer)
         self._layer, self._ranked_on = image_layer, _geometry(image_layer)
         # one slice (a 2D image, or a one-slice volume): nothing to rank or go to
-        one_slice = volume.shape[0] == 1
         with self._goto.changed.blocked():
             self._goto_items = ([] if one_slice else
                                 [(f"slice {z} · uncertainty {result.per_slice[z]:.3g}", z)
@@ -356,9 +360,9 @@ class UncertaintyWidget(ModelRunWidget):
                                   + ", ".join(map(str, ranked[:5])) if ranked
                                   else "No structure found outside the Retrain lists"
                                   if annotated else "No structure found")
-            if annotated and ranked:
-                self._status.value += (f"\n{counted(len(annotated), 'slice')} already in a "
-                                       "Retrain list left out")
+            if left_out and ranked:
+                self._status.value += (f"\n{counted(len(left_out), 'slice')} already in a "
+                                       f"Retrain list left out ({slice_ranges(left_out)})")
         if ranked:  # what the numbers mean: nothing on screen said it
             self._status.value += ("\nThe map: 0 where every sample agrees, 1 where all "
                                    f"classes are equally likely; its colours span 0–{top:.2g}")

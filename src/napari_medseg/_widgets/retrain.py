@@ -73,6 +73,8 @@ class RetrainWidget(_RetrainBase):
         # per Labels layer, its labels as last autosaved (each autosave copies only the
         # slices changed since); dropped with the layer
         self._autosaved_labels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # layer → its data array when last seen (weakly): a new one put in is reviewed
+        self._data_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._suggest = PushButton(text="Suggest slices to correct (most uncertain)")
         self._suggest.changed.connect(self._on_suggest)
         self._suggest_items: list = []
@@ -206,6 +208,7 @@ class RetrainWidget(_RetrainBase):
             self._away_slices = {z for zs in items for z in zs}
             # a 3D fill made before the layer was picked came out ticked
             self._away_across = _across_only(items)
+        self._data_seen[layer] = _weak_or_none(layer.data)
         layer.events.paint.connect(self._on_paint)
         # napari's undo and redo emit no paint event, only set_data (as scrolling does)
         layer.events.set_data.connect(self._on_set_data)
@@ -427,10 +430,16 @@ class RetrainWidget(_RetrainBase):
         (a script or plugin putting another array into the layer kept them ticked). Each
         is compared with the last autosave (one painted since then is unticked too: the
         safe side); without one, or with another shape, every ticked slice is."""
+        data = layer.data
+        previous, self._data_seen[layer] = self._data_seen.get(layer), _weak_or_none(data)
+        if previous is not None and previous() is data:
+            # the same array put back (napari's refresh idiom): nothing was replaced; its
+            # strokes since the last autosave were unticked for nothing
+            return
         ticked = (self._edited | self._checked) - self._excluded
         if not ticked:
             return
-        data, before = layer.data, self._autosaved_labels.get(layer)
+        before = self._autosaved_labels.get(layer)
         comparable = (before is not None and isinstance(data, np.ndarray)
                       and tuple(data.shape) == before.shape)
         changed = {z for z in ticked if not comparable or z >= data.shape[0]
@@ -562,6 +571,13 @@ class RetrainWidget(_RetrainBase):
         self._status.value = (f"{prefix}\n" if prefix else "") + (
             f"v{number} re-predicted {counted(int((~protected).sum()), 'slice')} ({counted(len(values), 'voxel')} changed"
             + ("; Ctrl+Z on the layer undoes it)" if len(values) else ")"))  # no step: no undo
+
+
+def _weak_or_none(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # an array type without weak references
+        return None
 
 
 #: how many of a layer's re-predictions its metadata keeps

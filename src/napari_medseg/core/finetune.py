@@ -41,6 +41,7 @@ import copy
 import functools
 import math
 import operator
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -193,15 +194,22 @@ def check_annotations(volume: Any, labels: Any, slices: Sequence[int]) -> tuple[
     return arr, zs
 
 
+#: abbreviations of a side in structure names (3D Slicer's "Kidney (L)")
+_SIDE_WORDS = {"l": "left", "lt": "left", "r": "right", "rt": "right"}
+
+
 def label_name_conflicts(names: Mapping[int, str], classes: Sequence[str], labels: Any,
                          slices: Sequence[int]) -> list[tuple[int, str, str]]:
     """(value, name in the labels, name in the model) for each value painted on
     ``slices`` whose name says it is another structure than the model's class of that
     number (another tool's or model's numbering: trained in silently, liver as spleen).
     A placeholder class (unused_N, structure_N) takes the labels' name: no conflict."""
-    def same(a: str, b: str) -> bool:  # "Kidney left" is kidney_left
-        return " ".join(a.replace("_", " ").lower().split()) == \
-            " ".join(b.replace("_", " ").lower().split())
+    def words(name: str) -> list[str]:  # "Left kidney", "Kidney (L)" and kidney_left alike
+        return sorted(_SIDE_WORDS.get(w, w) for w in re.sub(r"[^a-z0-9]+", " ",
+                                                            name.lower()).split())
+
+    def same(a: str, b: str) -> bool:
+        return words(a) == words(b)
 
     inside = [z for z in slices if 0 <= z < len(labels)]  # others: the caller says so
     present = {int(v) for v in np.unique(np.asarray(labels)[inside])} if inside else set()

@@ -75,8 +75,11 @@ LESION_LABEL = 8
 HU_RANGE = (-1024.0, 3071.0)
 MAX_AXIS = 1024
 MAX_VOXELS = 2**28  # 1024 x 512 x 512: about 1 GiB of float32
-#: peak memory of generating a phantom per voxel (24.3 bytes measured at 64 × 512 × 512)
-PEAK_BYTES_PER_VOXEL = 25
+#: peak memory of generating a phantom: a fixed part and a part per voxel (measured: 0.41 GB
+#: at 64 × 512 × 512, 4.4 GB at 1024 × 512 × 512; 25 bytes a voxel from the small one
+#: alone refused the largest with 5 GB free)
+PEAK_FIXED_BYTES = 150e6
+PEAK_BYTES_PER_VOXEL = 16.5
 MAX_LESIONS = 50
 #: the 5 mm tissue-texture lattice spans the whole field of view (uint64 hashes, then
 #: float32): a few voxels at 100 mm spacing asked for 28 GiB
@@ -1455,7 +1458,8 @@ def phantom_job(
     nz, ny, nx = shape
     # refused before allocating: the largest phantom took 4.4 GB, and a machine swapping
     # to a halt takes the user's open work with it
-    require_memory(PEAK_BYTES_PER_VOXEL * nz * ny * nx, f"a {nz} × {ny} × {nx} phantom",
+    require_memory(PEAK_FIXED_BYTES + PEAK_BYTES_PER_VOXEL * nz * ny * nx,
+                   f"a {nz} × {ny} × {nx} phantom",
                    "take fewer slices or a smaller grid, or close other programs")
     sz, sy, sx = spacing
     zc = (np.arange(nz) - (nz - 1) / 2.0) * sz
