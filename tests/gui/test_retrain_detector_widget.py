@@ -769,3 +769,18 @@ def test_a_rounds_report_describes_the_round_not_points_added_during_it(scene, q
     _wait(widget, qtbot)
     assert "On the 1 slice it trained on" in widget._status.value, widget._status.value
     assert "of your 1 point" in widget._status.value
+
+
+def test_resizing_rings_on_a_layer_without_sizes_says_they_are_not_trained_on(scene):
+    """On napari's own New points layer a ring drawn 30 mm wide trained as a 10 mm
+    lesion, silently."""
+    viewer, image, _points, widget = scene
+    plain = viewer.add_points(np.array([[4.0, 30.0, 30.0]]), scale=image.scale, name="mine")
+    widget._layer_pick.value = plain
+    start = len(notification_manager.records)
+    plain.selected_data = {0}
+    plain.current_size = 15  # the layer controls' point size slider
+    plain.current_size = 20  # said once
+    said = [str(n.message) for n in notification_manager.records[start:]
+            if "holds no lesion sizes" in str(n.message)]
+    assert len(said) == 1 and "10 mm lesions whatever their rings" in said[0]

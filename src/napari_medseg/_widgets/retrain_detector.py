@@ -9,6 +9,8 @@ Shared with the segmenter's widget (versions, autosave, restore): ``_retrain_bas
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 from napari.utils.notifications import show_warning
 
@@ -149,7 +151,17 @@ class RetrainDetectorWidget(_RetrainBase):
         """A ring resized (the selected points' size set): its diameter is what a round
         trains on (``mark_resized_points``), so its slice is edited."""
         layer = self._tracked
-        if layer is None or "diameter_mm" not in layer.features.columns:
+        if layer is None:
+            return
+        if "diameter_mm" not in layer.features.columns:
+            # napari's own New points layer: its rings are drawn, not lesion sizes (a
+            # ring drawn 30 mm wide trained as 10 mm, silently)
+            said = self.__dict__.setdefault("_said_no_sizes", weakref.WeakSet())
+            if layer not in said:
+                said.add(layer)
+                show_warning(f"Retrain: '{layer.name}' holds no lesion sizes: its points "
+                             f"train as {DEFAULT_DIAMETER_MM:g} mm lesions whatever their rings; "
+                             "for sizes, use New empty points layer on the image")
             return
         data = np.asarray(layer.data, dtype=float).reshape(-1, layer.ndim)
         rows = [int(i) for i in layer.selected_data if 0 <= int(i) < len(data)]
