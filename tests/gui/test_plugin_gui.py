@@ -1035,6 +1035,24 @@ def test_retrain_docked_under_segment_takes_the_height_its_controls_want(
     assert segment_dock.height() >= segment_dock.minimumSizeHint().height()
 
 
+@pytest.mark.parametrize("first, second", [("Classify slices", "Generate slices (upsample, fill gaps)"),
+                                           ("Synthetic phantom", "Classify slices")])
+def test_every_dock_docked_under_another_shows_its_run_button(make_napari_viewer, qtbot,
+                                                              first, second):
+    """Docked under Classify, Generate showed its two pickers in 69 px with its Run
+    button out of sight, beside Classify's empty space (only Retrain took its height)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1600, 1000)
+    upper, _ = viewer.window.add_plugin_dock_widget("napari-medseg", first)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", second)
+    qtbot.wait(200)
+    inner = widget.native.widget()
+    assert dock.height() >= inner.sizeHint().height(), (dock.height(), upper.height())
+    run = widget._run.native
+    assert run.isVisible() and not widget.native.visibleRegion().isEmpty()
+    assert widget.native.verticalScrollBar().maximum() == 0  # nothing hidden below
+
+
 def test_a_point_added_to_the_sample_s_lesions_is_no_lesion(make_napari_viewer):
     """Open Sample gave the lesion layer none of the Phantom widget's handling: a point
     added after selecting a lesion took its diameter, organ and '13 mm' label."""

@@ -394,22 +394,21 @@ class ScrollableDock:
         return self._widget._mgui_get_root_native_widget()
 
     @staticmethod
-    def fit_width(widget, sideways: bool = False, pack: bool = True,
-                  then: Callable[[], None] | None = None) -> None:
+    def fit_width(widget, sideways: bool = False, pack: bool = True) -> None:
         """As wide as the controls beside the vertical scroll bar, refitted when shown
         and laid out again (napari's style sheet widens the controls only once shown;
         magicgui sized the area as its rows were added, and the right 11 px were cut).
         ``sideways``: a sideways scroll bar for what grows later (else up and down only);
-        ``pack``: the rows packed at the top (a dock taller than them spread them apart);
-        ``then``: called after each fit."""
+        ``pack``: the rows packed at the top (a dock taller than them spread them apart).
+        Once docked, it takes the height its controls want (:meth:`claim_height`)."""
         def fit() -> None:
             area = widget.native
             need = (area.widget().minimumSizeHint().width()
                     + area.verticalScrollBar().sizeHint().width() + 2 * area.frameWidth())
             if area.minimumWidth() < need:
                 area.setMinimumWidth(need)
-            if then is not None:
-                then()
+            if not widget.__dict__.get("_height_claimed"):
+                widget._height_claimed = ScrollableDock.claim_height(widget)
 
         if widget.__dict__.get("_fit_width") is not None:  # once: a second stretch else
             return
@@ -421,6 +420,47 @@ class ScrollableDock:
             layout.addStretch(1)
         widget._fit_width = _OnLayout(area.widget(), fit)
         fit()
+
+
+    @staticmethod
+    def claim_height(widget) -> bool:
+        """Once docked, take the height the controls want from the docks beside it: Qt
+        gives a dock added below another its minimum (docked under Classify, Generate
+        showed its two pickers in 69 px, its Run button out of sight, beside 500 px of
+        Classify's empty space; Retrain three rows of a 920 px form). False while it is
+        not docked yet (asked again at the next layout)."""
+        from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+        dock = widget.native.parent()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parent()
+        window = dock.parent() if dock is not None else None
+        if not isinstance(window, QMainWindow) or dock.isFloating() or not dock.isVisible():
+            return False
+        want = min(_wanted_height(dock), int(0.75 * window.height()))
+        if dock.height() >= want:
+            return True
+        # the docks stacked with it keep what their own controls ask for (Qt shares a
+        # resize out in proportion, leaving one's empty space and this one short)
+        area = window.dockWidgetArea(dock)
+        column = [d for d in window.findChildren(QDockWidget)
+                  if d is not dock and d.isVisible() and not d.isFloating()
+                  and window.dockWidgetArea(d) == area and abs(d.x() - dock.x()) < 5]
+        window.resizeDocks([*column, dock], [*map(_wanted_height, column), want],
+                           Qt.Orientation.Vertical)
+        return True
+
+
+def _wanted_height(dock) -> int:
+    """What a dock's controls ask for, with its title bar: for a scrollable one, its
+    inner controls (the scroll area asks for little)."""
+    inner = dock.widget()
+    from qtpy.QtWidgets import QScrollArea
+
+    if isinstance(inner, QScrollArea) and inner.widget() is not None:
+        inner = inner.widget()
+    hint = inner.sizeHint().height() if inner is not None else 0
+    return max(dock.minimumSizeHint().height(), hint + 40)
 
 
 class ModelRunWidget(Container):

@@ -428,10 +428,9 @@ class _RetrainBase(Container):
             # scrollable: its controls need about 920 px, more than a laptop's window
             # (napari grew the window past the screen to fit them)
         ], scrollable=True)
-        self._height_claimed = False
         # a sideways scroll bar stays for what grows later (a long version entry); the
         # list, not a stretch, takes the height left
-        ScrollableDock.fit_width(self, sideways=True, pack=False, then=self._claim_height_once)
+        ScrollableDock.fit_width(self, sideways=True, pack=False)
         self._autosave_timer = QTimer(self.native)  # dies with the widget, never fires after
         self._autosave_timer.setSingleShot(True)
         self._autosave_timer.timeout.connect(self.autosave_now)
@@ -1051,36 +1050,6 @@ class _RetrainBase(Container):
     def _version_choices(self, _widget=None) -> list:
         history = self._history
         return [] if history is None else [(_version_label(v), v.number) for v in history.versions]
-
-    def _claim_height_once(self) -> None:
-        if not self._height_claimed:
-            self._claim_height()
-
-    def _claim_height(self) -> None:
-        """Once docked, take the height the controls want from the docks beside it: Qt
-        gives a dock added below another its minimum, and docked under Segment the
-        widget showed three rows of a 920 px form in a 90 px window."""
-        from qtpy.QtWidgets import QDockWidget, QMainWindow
-
-        dock = self.native.parent()
-        while dock is not None and not isinstance(dock, QDockWidget):
-            dock = dock.parent()
-        window = dock.parent() if dock is not None else None
-        if not isinstance(window, QMainWindow) or dock.isFloating() or not dock.isVisible():
-            return
-        self._height_claimed = True
-        want = min(self.native.widget().sizeHint().height() + 40, int(0.75 * window.height()))
-        if dock.height() >= want:
-            return
-        # the docks stacked with it keep what their own controls ask for (Qt shares a
-        # resize out in proportion, leaving Segment's empty space and this one short)
-        area = window.dockWidgetArea(dock)
-        column = [d for d in window.findChildren(QDockWidget)
-                  if d is not dock and d.isVisible() and not d.isFloating()
-                  and window.dockWidgetArea(d) == area and abs(d.x() - dock.x()) < 5]
-        sizes = [max(d.minimumSizeHint().height(),
-                     d.widget().sizeHint().height() + 40 if d.widget() else 0) for d in column]
-        window.resizeDocks([*column, dock], [*sizes, want], Qt.Orientation.Vertical)
 
     native = ScrollableDock.native  # the dock needed the controls' 920 px otherwise
 
