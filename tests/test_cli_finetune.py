@@ -508,3 +508,27 @@ def test_finetune_says_its_nan_slices_are_left_out_of_training(case, tmp_path, c
     err = capsys.readouterr().err
     assert "at z=5: taken as missing, left out of training" in err, err
     assert "100 voxels without a value (NaN) on slice 3: ignored by the loss" in err, err
+
+
+def test_class_names_name_a_new_structure_from_the_command_line(case, tmp_path, capsys):
+    """From a .npy or another tool's NIfTI a new structure could only be called
+    structure_12: the card refused a rename ("edited or damaged")."""
+    from napari_medseg.core.models import load_model
+
+    d, p = case
+    labels = p.labels.copy()
+    labels[6][p.labels[6] == 6] = 12
+    np.save(tmp_path / "new.npy", labels)
+    args = ["finetune", "segmenter", "--image", str(d / "image.nii.gz"), "--labels",
+            str(tmp_path / "new.npy"), "--slices", "6", "--epochs", "1", "--quiet",
+            "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "m"), "--class-names", "12=gallbladder"]) == 0
+    _model, card = load_model(tmp_path / "m" / "segmenter-finetuned.json")
+    assert card["classes"][12] == "gallbladder"
+    assert "--class-names 12=gallbladder" in card["finetune_history"][-1]["command"]
+    capsys.readouterr()
+    for bad, said in (("12", "VALUE=NAME pairs"), ("0=air", "0 is the background"),
+                      ("2=spleen", "2 is 'spleen' in the file, 'liver' in the model")):
+        assert main([*args, "--out", str(tmp_path / "x"), "--class-names", bad]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

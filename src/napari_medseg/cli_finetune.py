@@ -105,6 +105,23 @@ def read_label_volume(path: str, image: Any, slices: Any = None) -> np.ndarray:
     return np.where(whole & used[:, None, None], labels, 0).astype(np.int64)
 
 
+def parse_class_names(text: str | None) -> dict[int, str]:
+    """``--class-names "10=gallbladder,11=stent"`` → {10: "gallbladder", 11: "stent"}."""
+    if not text:
+        return {}
+    names: dict[int, str] = {}
+    for part in str(text).split(","):
+        value, sep, name = part.partition("=")
+        name = " ".join(name.split())
+        if not sep or not value.strip().isdigit() or not name:
+            raise MedsegInputError(f"--class-names takes VALUE=NAME pairs separated by commas "
+                                   f"(e.g. 10=gallbladder), got {part.strip()!r}")
+        if int(value) == 0:
+            raise MedsegInputError("--class-names: 0 is the background, not a structure")
+        names[int(value)] = name[:256]
+    return names
+
+
 def label_names_in(path: str) -> dict[int, str]:
     """The structure names a NIfTI label map carries (this plugin's writer stores them);
     {} for any other file."""
@@ -252,6 +269,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.epochs is not None and not 1 <= args.epochs <= MAX_EPOCHS:
         # a typo of many digits trained for days, its progress stuck at 0 %
         raise MedsegInputError(f"--epochs must be 1..{MAX_EPOCHS}, got {args.epochs}")
+    if args.class_names and args.labels is None:
+        raise MedsegInputError("--class-names names the structures of --labels (a segmenter)")
+    parse_class_names(args.class_names)  # a malformed one said before any reading
     if (args.labels is None) == (args.points is None):
         raise MedsegInputError("give --labels (segmenter) or --points (detector), one of them")
     slices = parse_slices(args.slices)
@@ -274,7 +294,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not isinstance(model, RecurrentSegmenter):
             raise MedsegInputError(f"--labels fine-tunes a segmenter; {args.model} is a {type(model).__name__}")
         labels = read_label_volume(args.labels, volume, slices)
-        names = label_names_in(args.labels)
+        # the names given win over the file's (a .npy or another tool's NIfTI has none:
+        # a new structure was called structure_10 with no way to name it here)
+        names = {**label_names_in(args.labels), **parse_class_names(args.class_names)}
         check_label_names(names, card.get("classes", []), labels, slices, args.labels)
         # a new structure's name from the file (it was called "structure_9")
         job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,
@@ -301,6 +323,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     card_out["finetune_history"][-1]["command"] = (
         f"napari-medseg finetune {q(args.model)} --image {q(args.image)} {source}"
         f" --slices {q(args.slices)} --out {q(args.out)} --name {q(name)}{budget}"
+        + (f" --class-names {q(args.class_names)}" if args.class_names else "") +
         f" --seed {args.seed}" + (f" --threads {threads}" if threads is not None else ""))
     path = save_model(result.model, out, name, {**card_out, "name": name}, unique_weights=True)
     print(f"wrote {path} ({counted(result.report.steps, 'step')}, {result.report.seconds:.1f} s)")
@@ -348,6 +371,10 @@ def register(sub: Any) -> None:
                    "passes over the volume, but training keeps at least half of it, so on a "
                    "long series the round may run longer; for the detector, preparing the "
                    "volume and the rehearsal phantoms comes before it (a few seconds)")
+    p.add_argument("--class-names", default=None, metavar="VALUE=NAME,…",
+                   help="names of the structures the labels paint, e.g. 10=gallbladder: a new "
+                        "structure takes it (else structure_10, or the name a label map "
+                        "written by napari-medseg carries); a known one must match the model's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=recorded_threads_arg, default=None,
                    help="torch threads, 1 or more (default: free cores)")

@@ -783,7 +783,8 @@ def load_model(
     if edited:
         raise MedsegInputError(
             f"the card's {' and '.join(edited)} differ from what the weights were saved with "
-            f"(the card was edited or damaged); saved: "
+            f"(the card was edited or damaged; to rename a structure, fine-tune with "
+            f"--class-names VALUE=NAME or rename it in the Retrain widget's layer); saved: "
             f"{json.dumps({k: stored[k] for k in edited}, sort_keys=True)[:200]}", card_path)
     problem = _weights_problem(tensors) or _implausible_arch(card["arch_params"], tensors)
     if problem:
