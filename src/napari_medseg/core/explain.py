@@ -224,6 +224,10 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
     n_classes = len(classes)
     if n_classes < 2:
         raise MedsegInputError("uncertainty needs a segmenter with at least 2 classes")
+    # scaled by the classes the model learnt: a grown model's unused_N slots (never
+    # trained, probability near 0) lowered every value by log 9 / log 11 (8 %), and v1's
+    # map read as less uncertain than v0's with the same predictions
+    learnt = max(2, sum(1 for i, c in enumerate(classes) if str(c) != f"unused_{i}"))
     chunk = positive_int(chunk, "chunk")
     nz, ny, nx = volume.shape
     if volume.missing.all():  # nothing acquired: no model runs (as segment_volume), the
@@ -269,7 +273,7 @@ def segmentation_uncertainty(volume: Any, model: RecurrentSegmenter, card: Mappi
                     part = item.logits[a:a + _POSTPROCESS_SLAB]
                     z0 = item.start + a
                     log_part = part.clamp_min(1e-12).log()
-                    ent = -(part * log_part).sum(1, keepdim=True) / math.log(n_classes)
+                    ent = -(part * log_part).sum(1, keepdim=True) / math.log(learnt)
                     entropy[z0:z0 + len(part)] = resize_yx(ent, (ny, nx))[:, 0].clamp(0, 1).numpy()
                     labels[z0:z0 + len(part)] = labels_from_logits(log_part, (ny, nx)).numpy()
             step += 1
