@@ -784,3 +784,21 @@ def test_resizing_rings_on_a_layer_without_sizes_says_they_are_not_trained_on(sc
     said = [str(n.message) for n in notification_manager.records[start:]
             if "holds no lesion sizes" in str(n.message)]
     assert len(said) == 1 and "10 mm lesions whatever their rings" in said[0]
+
+
+def test_moving_the_points_layer_unticks_its_listed_slices(scene):
+    """Translated by one slice, the layer's points trained on the next slice and the
+    listed one was taught as "no lesion here", silently."""
+    viewer, image, points, widget = scene
+    points.add([4.0, 30.0, 30.0])
+    assert widget.training_slices() == [4]
+    start = len(notification_manager.records)
+    points.translate = (image.scale[0], 0.0, 0.0)
+    assert widget.training_slices() == [] and widget.annotated_slices() == [4]
+    item = widget._slice_list.item(0)
+    assert item.text().endswith("layer moved: review, tick")
+    said = [str(n.message) for n in notification_manager.records[start:]]
+    assert any("was moved or rescaled" in m and "(4)" in m for m in said), said
+    points.translate = points.translate  # the same place: nothing said again
+    assert len([m for m in (str(n.message) for n in notification_manager.records[start:])
+                if "was moved" in m]) == 1

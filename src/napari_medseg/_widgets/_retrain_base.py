@@ -306,6 +306,7 @@ class _RetrainBase(Container):
         self._across_listed: set[int] = set()  # (Labels) listed unticked by that rule
         self._replaced_listed: set[int] = set()  # (Labels) unticked: new data put in
         self._shown_changed: set[int] = set()  # (Points) unticked: the threshold moved
+        self._moved_listed: set[int] = set()  # (Points) unticked: the layer was moved
         self._away_undone: set[int] = set()  # slices whose strokes were undone meanwhile
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         # layer -> {image key (_image_key): name}
@@ -943,7 +944,8 @@ class _RetrainBase(Container):
             self._excluded.discard(z)
             # reviewed: why the widget unticked it no longer holds (unticked again by the
             # user, the note came back)
-            for noted in (self._across_listed, self._replaced_listed, self._shown_changed):
+            for noted in (self._across_listed, self._replaced_listed, self._shown_changed,
+                          self._moved_listed):
                 noted.discard(z)
         else:
             self._excluded.add(z)

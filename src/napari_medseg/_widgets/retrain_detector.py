@@ -18,7 +18,7 @@ from .._layers import (_ROWS_BEFORE_ADD, ADDED_POINT_FEATURES, _added_rows, _lik
                        _points_kwargs, detection_labels,
                        account_rows, detection_layer_data, hide_unshown, marker_sizes,
                        point_rows, rows_when_watched, scale_mm, unmatched_rows,
-                       unwatch_shown, watch_detection_edits, watch_shown)
+                       unwatch_shown, watch_detection_edits, watch_shown, world_matrix_mm)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix
 from ..core.evaluation import match_detections
@@ -26,7 +26,10 @@ from ..core.finetune import DEFAULT_DIAMETER_MM, check_points, finetune_detector
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.session import AnnotationSession
 from ..core.text import counted, slice_ranges
-from ._model_widget import provenance
+from ._model_widget import connect_layer_events, provenance
+
+#: a points layer's placement in the world
+PLACEMENT_EVENTS = ("scale", "translate", "rotate", "shear", "affine", "units")
 from ._retrain_base import _RetrainBase
 from .detect import KEEP_SCORE
 
@@ -54,6 +57,9 @@ class RetrainDetectorWidget(_RetrainBase):
         layer.events.data.connect(self._on_points)
         layer.events.size.connect(self._on_sizes)
         watch_shown(layer, self._on_shown_changed)
+        # moved or rescaled, every point lies on another slice of the image
+        self._placed_at = world_matrix_mm(layer)
+        connect_layer_events(layer, PLACEMENT_EVENTS, self._on_moved)
         image = self._image.value
         if image is not None and layer.ndim != image.ndim:
             show_warning(f"Retrain: '{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D: "
@@ -69,6 +75,7 @@ class RetrainDetectorWidget(_RetrainBase):
         layer.events.data.disconnect(self._on_points)
         layer.events.size.disconnect(self._on_sizes)
         unwatch_shown(layer, self._on_shown_changed)
+        connect_layer_events(layer, PLACEMENT_EVENTS, self._on_moved, False)
         self._left_points[layer] = self._point_rows(layer)
         account_rows(layer)  # another widget must not list again what this one had
 
@@ -139,13 +146,38 @@ class RetrainDetectorWidget(_RetrainBase):
             f"{counted(len(changed), 'reviewed slice')} ({slice_ranges(changed)}); unticked, "
             "as a round takes the shown points there as every lesion: review each and tick it")
 
+    def _on_moved(self, _event=None) -> None:
+        """The points layer moved, rescaled or turned: its points now lie on other slices
+        of the image, and a round trained them there (the listed slices said "no lesion
+        here"). The ticked slices are unticked, noted, until the user reviews them."""
+        layer = self._tracked
+        if layer is None:
+            return
+        now = world_matrix_mm(layer)
+        if np.allclose(now, getattr(self, "_placed_at", now)):
+            return
+        self._placed_at = now
+        ticked = (self._edited | self._checked) - self._excluded
+        if not ticked:
+            return
+        self._excluded |= ticked
+        self._moved_listed |= ticked
+        self._rebuild_list()
+        self._schedule_autosave()
+        show_warning(f"Retrain: '{layer.name}' was moved or rescaled: its points now lie on "
+                     f"other slices of the image; {counted(len(ticked), 'listed slice')} "
+                     f"({slice_ranges(ticked)}) unticked: review each and tick it")
+
     def _slice_note(self, z: int) -> str:
         if z in self._excluded and z in self._shown_changed:
             return "threshold changed: review, tick"
+        if z in self._excluded and z in self._moved_listed:
+            return "layer moved: review, tick"
         return ""
 
     def _pair_changed(self) -> None:
         self._shown_changed = set()
+        self._moved_listed = set()
 
     def _on_sizes(self, _event=None) -> None:
         """A ring resized (the selected points' size set): its diameter is what a round
