@@ -19,14 +19,17 @@ from .core.volume import Volume, planes_still_missing
 
 DISCLAIMER = "Research use only: not for diagnostic use."
 
-# Colours a radiologist can tell apart on a grey CT; index = label value.
+# Colours a radiologist can tell apart on a grey CT, and from one another (at least
+# _MIN_COLOUR_DISTANCE apart, none grey); index = label value. The spine was near-white
+# (0.95 grey) over bone that is white in the window: 7 RGB levels between labels on and
+# off; the two kidneys 0.17 apart, both yellow.
 STRUCTURE_COLORS = {
     "body": (0.55, 0.55, 0.45, 0.25),
     "liver": (0.80, 0.40, 0.20, 1.0),
     "spleen": (0.60, 0.30, 0.80, 1.0),
     "kidney_left": (0.95, 0.85, 0.20, 1.0),
-    "kidney_right": (0.85, 0.95, 0.30, 1.0),
-    "spine": (0.95, 0.95, 0.95, 1.0),
+    "kidney_right": (0.15, 0.80, 0.85, 1.0),
+    "spine": (0.25, 0.45, 1.00, 1.0),
     "aorta": (0.90, 0.10, 0.10, 1.0),
     "lesion": (0.10, 0.95, 0.30, 1.0),
 }

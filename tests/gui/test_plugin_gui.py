@@ -1274,3 +1274,17 @@ def test_the_sample_says_why_it_cannot_be_made(make_napari_viewer, monkeypatch):
     assert _sample_data.synthetic_ct() == []
     said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("napari-medseg sample:" in m and "GB of memory" in m for m in said), said
+
+
+def test_the_structure_colours_stand_apart_from_each_other_and_from_grey():
+    """The spine was near-white over bone white in the CT window (labels on or off
+    differed by 7 RGB levels); the two kidneys were 0.17 apart, both yellow."""
+    import itertools
+
+    from napari_medseg._layers import _MIN_COLOUR_DISTANCE, STRUCTURE_COLORS
+
+    organs = {n: np.array(c[:3]) for n, c in STRUCTURE_COLORS.items() if n != "body"}
+    for (a, ca), (b, cb) in itertools.combinations(organs.items(), 2):
+        assert np.linalg.norm(ca - cb) >= _MIN_COLOUR_DISTANCE, (a, b)
+    for name, colour in organs.items():
+        assert colour.max() - colour.min() >= 0.3, name  # a colour, not a grey
