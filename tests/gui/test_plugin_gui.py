@@ -1288,3 +1288,35 @@ def test_the_structure_colours_stand_apart_from_each_other_and_from_grey():
         assert np.linalg.norm(ca - cb) >= _MIN_COLOUR_DISTANCE, (a, b)
     for name, colour in organs.items():
         assert colour.max() - colour.min() >= 0.3, name  # a colour, not a grey
+
+
+def test_a_click_in_a_dock_leaves_napari_its_keys(make_napari_viewer, qtbot):
+    """A click left keyboard focus on the control: L then switched Retrain's Labels
+    picker by type-ahead, Ctrl+Z and P did nothing, and after Mark current slice the Right
+    arrow walked the buttons instead of stepping slices."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QAbstractSpinBox, QApplication, QComboBox
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((6, 16, 16), np.float32), name="ct")
+    labels = viewer.add_labels(np.zeros((6, 16, 16), np.uint8), name="prediction")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg",
+                                                         "Retrain on my annotations")
+    viewer.window._qt_window.activateWindow()
+    qtbot.wait(50)
+    for control in (widget._mark, widget._run, widget._layer_pick, widget._image):
+        assert control.native.focusPolicy() == Qt.FocusPolicy.TabFocus, control
+        qtbot.mouseClick(control.native, Qt.MouseButton.LeftButton) if not isinstance(
+            control.native, QComboBox) else None
+        assert QApplication.focusWidget() is not control.native
+    # a number typed into a box: focus goes back to the viewer once it is entered
+    box = widget._seconds.native
+    spin = box if isinstance(box, QAbstractSpinBox) else box.findChild(QAbstractSpinBox)
+    spin.setFocus()
+    qtbot.keyClicks(spin, "9")
+    qtbot.keyClick(spin, Qt.Key.Key_Return)
+    qtbot.wait(20)
+    assert not spin.hasFocus()
+    labels.mode = "pan_zoom"
+    qtbot.keyClick(QApplication.focusWidget(), Qt.Key.Key_P)  # napari's paint key
+    assert labels.mode == "paint"

@@ -2254,3 +2254,38 @@ def test_a_layer_records_each_version_that_wrote_into_it_and_its_file_too(scene,
     ours = json.loads(extension.get_content())["napari-medseg"]
     assert ours["model"] == "segmenter" and ours["model_sha256"] == "abc"
     assert ours["repredicted_with"][0]["retrain_version"] == 1
+
+
+def test_keyboard_shortcuts_mark_step_through_the_list_and_retrain(scene, qtbot):
+    """No key marked a slice reviewed, went to the next listed slice or retrained: the
+    annotating hand left the keyboard for every slice."""
+    from napari_medseg._widgets import _keys
+
+    viewer, image, labels, widget, phantom = scene
+    viewer.layers.selection.active = labels
+    def press(key):
+        from napari.utils.key_bindings import coerce_keybinding
+
+        viewer.keymap[coerce_keybinding(key)](viewer)
+
+    viewer.dims.set_point(0, image.data_to_world([3, 0, 0])[0])
+    press("K")
+    assert 3 in widget.annotated_slices() and 3 in widget._checked
+    labels.brush_size = 3
+    for z in (6, 1):
+        labels.paint((z, 30, 30), int(labels.data[z, 30, 30]) % 7 + 1)
+    assert widget.annotated_slices() == [1, 3, 6]
+    press("Shift-Right")
+    assert widget._current_image_slice() == 6
+    press("Shift-Left")
+    press("Shift-Left")
+    assert widget._current_image_slice() == 1
+    press("Control-Shift-R")
+    assert widget._worker is not None
+    _wait(widget, qtbot)
+    assert widget._history is not None and len(widget._history.versions) == 2
+    # with the annotation layer not active and two Retrain widgets open: none is guessed
+    other = RetrainWidget(plugin_view(viewer))
+    viewer.layers.selection.active = image
+    assert _keys._widget_for(viewer) is None
+    other.close()

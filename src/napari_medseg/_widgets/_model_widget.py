@@ -381,6 +381,32 @@ class _OnLayout(QObject):
         return False
 
 
+def hand_keys_to_napari(root) -> None:
+    """napari's shortcuts (P to paint, Ctrl+Z, the arrows that step slices) reach a dock's
+    control that has keyboard focus first, and a click left focus there: a click on the
+    Labels picker then L switched Retrain's layer by type-ahead, and after Mark current
+    slice the Right arrow walked the buttons instead of the slices. Pickers, buttons,
+    sliders and lists take focus from Tab only (the keyboard still reaches them); a number
+    or text typed into a box hands focus back to the viewer once entered."""
+    from qtpy.QtWidgets import (QAbstractButton, QAbstractSlider, QAbstractSpinBox,
+                                QComboBox, QLineEdit, QListWidget, QWidget)
+
+    def back(box) -> None:
+        if box.hasFocus() or (box.focusWidget() is not None and box.focusWidget().hasFocus()):
+            window = box.window()
+            central = getattr(window, "centralWidget", lambda: None)()
+            if central is not None:
+                central.setFocus()
+
+    for child in [root, *root.findChildren(QWidget)]:
+        if isinstance(child, (QComboBox, QAbstractButton, QAbstractSlider, QListWidget)):
+            child.setFocusPolicy(Qt.FocusPolicy.TabFocus)
+        elif isinstance(child, QAbstractSpinBox) or (
+                isinstance(child, QLineEdit)
+                and not isinstance(child.parent(), (QAbstractSpinBox, QComboBox))):
+            child.editingFinished.connect(lambda box=child: back(box))
+
+
 class ScrollableDock:
     """For a Container made with ``scrollable=True``: napari docks ``native``, which for
     a scrollable Container is the widget inside the scroll area, and the dock could not
@@ -420,6 +446,7 @@ class ScrollableDock:
             layout.addStretch(1)
         widget._fit_width = _OnLayout(area.widget(), fit)
         fit()
+        hand_keys_to_napari(area.widget())
 
 
     @staticmethod

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import QListWidget, QListWidgetItem, QSizePolicy
 from superqt.utils import ensure_main_thread
 
 from .. import _jobs
+from . import _keys
 from .._layers import (
     check_image_layer,
     generated_planes,
@@ -451,6 +452,9 @@ class _RetrainBase(Container):
         self._slice_list.itemChanged.connect(self._on_item_changed)
         self._slice_list.itemDoubleClicked.connect(
             lambda item: self._go_to(item.data(Qt.ItemDataRole.UserRole)))
+        # Return on a listed slice goes there too (only a double click did)
+        self._slice_list.itemActivated.connect(
+            lambda item: self._go_to(item.data(Qt.ItemDataRole.UserRole)))
         self._run.changed.connect(self._on_retrain)
         self._cancel.changed.connect(self._on_cancel)
         self._revert.changed.connect(self._on_revert)
@@ -461,6 +465,11 @@ class _RetrainBase(Container):
         self._refresh_layers()
         self._on_image_changed()
         self._track()
+        _keys.register(self, viewer)
+        self._mark.tooltip = ("The slice on screen checked and right as it is (key K). "
+                              + _keys.help_text())
+        self._run.tooltip = ("Fine-tune on the ticked slices, then write the new version's "
+                             "prediction (key Ctrl+Shift+R)")
         # the window's close button (or Ctrl+W) quits without removing the layers, and
         # the pending autosave (its timer never fires again) lost the last strokes
         self._dock_watch = DockWatch(self, self._close_down, self._reopen,
@@ -1009,6 +1018,44 @@ class _RetrainBase(Container):
         self._on_checked(z)
         self._rebuild_list()
         self._schedule_autosave()
+
+    # -- keyboard (_keys.SHORTCUTS) -------------------------------------------------------
+    def answers_keys_of(self, viewer) -> bool:
+        """Whether the shortcuts on ``viewer`` may reach this widget (open, on it)."""
+        return not self._shut and self._viewer is viewer
+
+    def _current_image_slice(self) -> int | None:
+        return self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3
+                                 else 0.0)
+
+    def _go_to_listed(self, step: int) -> None:
+        listed = self.annotated_slices()
+        if not listed:
+            show_info("Retrain: no slice is listed yet")
+            return
+        here = self._current_image_slice()
+        if here is None:
+            target = listed[0] if step > 0 else listed[-1]
+        else:
+            after = [z for z in listed if (z > here if step > 0 else z < here)]
+            if not after:
+                show_info(f"Retrain: no listed slice {'after' if step > 0 else 'before'} "
+                          f"slice {here}")
+                return
+            target = after[0] if step > 0 else after[-1]
+        self._go_to(target)
+
+    def _go_to_next_listed(self) -> None:
+        self._go_to_listed(+1)
+
+    def _go_to_previous_listed(self) -> None:
+        self._go_to_listed(-1)
+
+    def _retrain_by_key(self) -> None:
+        if self._worker is not None:
+            show_info("Retrain: a round is running already")
+            return
+        self._run.changed.emit(True)
 
     def _on_checked(self, z: int) -> None:
         """Hook: slice ``z`` was just marked correct."""

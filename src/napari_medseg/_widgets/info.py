@@ -11,7 +11,7 @@ from qtpy.QtWidgets import QSizePolicy
 from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import (DockWatch, KeepingComboBox, LayerNameFollower, connect_layer_events,
-                            layer_choices, plain_viewer, slice_ranges)
+                            hand_keys_to_napari, layer_choices, plain_viewer, slice_ranges)
 
 
 def _unit(layer) -> str:
@@ -198,6 +198,7 @@ class VolumeInfoWidget(Container):
         # wanting height itself: napari's dock otherwise adds a stretch under it (the
         # text box is inside magicgui's labelled row, where napari does not look)
         self.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
+        hand_keys_to_napari(self.native)
         self._watched = None  # the layer whose events refresh the text
         self._missing: list[int] | None = None  # its missing slices, while its data stay
         self._layer.changed.connect(self._refresh)
