@@ -299,6 +299,9 @@ def test_the_threshold_hides_weak_detections_in_the_3d_view_and_on_a_2d_image(
     widget._threshold.value = float(np.median(scores))
     hidden = ~points.shown
     assert hidden.any() and points.shown.any()
+    # a 2D image has no slices to name ("z=0" on every entry)
+    entries = [text for text, _ in widget._goto_items]
+    assert entries and all((" z=" in t) == (view != "2D image") for t in entries), entries
     np.testing.assert_array_equal(_drawn_as_hidden(points), hidden)
     assert all(t for t in np.asarray(points.text.values)[points.shown])
     # napari selects what it draws, invisible rows included: Delete removed weak
@@ -603,7 +606,8 @@ def test_cancel_and_removed_layer_leave_no_result(
     viewer.layers.remove(image)  # the user deletes the input while the model runs
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert len(viewer.layers) == n_layers - 1
-    assert any("removed" in m for m in _messages_since(start, "warning"))
+    # cancelled at once and said (see test_removing_the_image_during_a_run_cancels_it)
+    assert "was removed" in widget._status.value
     assert not _messages_since(start, "error")
 
 
@@ -1480,3 +1484,56 @@ def test_a_point_added_on_a_layer_in_cm_is_drawn_10_mm_wide(make_napari_viewer):
     watch_added_lesions(layer)
     layer.add([2.0, 6.0, 6.0])
     assert layer.size[-1] * 0.05 * 10 == pytest.approx(10.0)  # 10 mm, not 100
+
+
+def test_removing_the_image_during_a_run_cancels_it(make_napari_viewer, qtbot, random_models,
+                                                    small_phantom):
+    """The job ran to its end with "running on 'CT'" over an empty picker, and only then
+    said the result was discarded."""
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = SegmentWidget(plugin_view(viewer))
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    n_layers = len(viewer.layers)
+    widget._run.clicked.emit()
+    assert widget._worker is not None
+    viewer.layers.remove(image)
+    assert widget._status.value == f"'{image.name}' was removed: Segment cancelled"
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(viewer.layers) == n_layers - 1 and widget._run.enabled
+    assert "cancelled" in widget._status.value
+
+
+@pytest.mark.parametrize("widget_cls, arch", [("segment", "RecurrentSegmenter"),
+                                               ("detect", "LesionDetector")])
+def test_a_rerun_hides_the_earlier_result_and_a_moved_image_is_said(
+        make_napari_viewer, qtbot, random_models, small_phantom, widget_cls, arch):
+    """A re-run left the first result on screen (a ring drawn at a threshold said to hide
+    every detection; two label layers' colours stacked); a spacing corrected after the run
+    kept the volumes and the go-to list of the image before, silently."""
+    from napari_medseg._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    widget = (SegmentWidget if widget_cls == "segment" else DetectWidget)(plugin_view(viewer))
+    _select(widget, image, random_models[arch])
+    _run_and_wait(widget, qtbot)
+    first = viewer.layers[-1]
+    _run_and_wait(widget, qtbot)
+    second = viewer.layers[-1]
+    assert second is not first and second.visible and not first.visible
+    assert "1 earlier result of this image hidden" in widget._status.value
+    # a result the user edited stays shown
+    first.visible = True
+    if widget_cls == "segment":
+        first.metadata["medseg"] = {**first.metadata["medseg"], "repredicted_with": [{}]}
+    else:
+        first.add([3.0, 20.0, 20.0])  # marked "added"
+    _run_and_wait(widget, qtbot)
+    assert first.visible and not second.visible
+    image.scale = (5.0, *image.scale[1:])
+    assert "changed (new data, scale or position) after" in widget._status.value
+    if widget_cls == "detect":
+        assert not widget._goto.enabled and not widget._goto_items

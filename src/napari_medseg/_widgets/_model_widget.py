@@ -625,6 +625,13 @@ class ModelRunWidget(Container):
 
     def _refresh_layers(self, _event=None) -> None:
         self._image.reset_choices()
+        running_on = getattr(self, "_running_on", None)
+        if self._worker is not None and running_on is not None \
+                and running_on not in self._viewer.layers:
+            # nothing can show its result: it ran to the end, the status saying "running
+            # on 'CT'" over an empty picker, and only then "result discarded"
+            self._on_cancel()
+            set_status(self._status, f"'{running_on.name}' was removed: {self.task} cancelled")
 
     def _on_run(self) -> None:
         if self._worker is not None:  # one run at a time (a scripted double click)
@@ -650,6 +657,7 @@ class ModelRunWidget(Container):
             self._status.value = _jobs.said_of(self.task, str(exc), True)
             return
         self._set_running(True)
+        self._running_on = layer
         self._status.value = f"{self.task}: running on '{layer.name}'…"
         self._progress.value, self._drawn_at = 0, 0.0
         self._progress.native.setFormat("%p%")
@@ -665,12 +673,16 @@ class ModelRunWidget(Container):
             options,
             description=f"{self.task} '{layer.name}'",
             on_result=lambda out, seen=_geometry(layer): self._on_result(out, layer, seen),
-            on_finished=lambda: self._set_running(False),
+            on_finished=self._on_job_finished,
             on_error=lambda message, refused: set_status(
                 self._status, _jobs.said_of(self.task, message, refused)),
             on_progress=self._on_progress,
             activity=False,
         )
+
+    def _on_job_finished(self) -> None:
+        self._running_on = None
+        self._set_running(False)
 
     def _on_progress(self, report) -> None:
         """The job's progress and message on the bar (the status line may hold what the
@@ -712,6 +724,7 @@ class ModelRunWidget(Container):
             self.missing_note(volume, result, options),
             *(f"Warning: {w}" for w in self._input_warnings(volume, card))]))
         before = {id(kept) for kept in self._viewer.layers}
+        earlier = self._earlier_results(layer)
         _ADDING_ON.append(layer)
         try:
             self.show_result(result, card, layer, volume, options)
@@ -720,8 +733,69 @@ class ModelRunWidget(Container):
         for added in self._viewer.layers:
             if id(added) not in before:
                 _mark_made_on(added, layer)
+        for old in earlier:  # one result on screen: two drew over each other (see there)
+            old.visible = False
+        if earlier:
+            self._result_note = note = "\n".join(filter(None, [
+                f"{counted(len(earlier), 'earlier result')} of this image hidden (tick its "
+                "eye to compare)", note]))
+        if self.result_layer_type is not None:
+            self._watch_result_image(layer)
         if note and not self._status.value.endswith(note):
             self._status.value = f"{self._status.value}\n{note}"
+
+    #: the layer type a run adds (Segment: Labels, Detect: Points): an earlier unedited
+    #: result of this kind on the same image is hidden, and a change of the image's data
+    #: or placement after the run is said (None: the widget handles both itself)
+    result_layer_type: str | None = None
+
+    def _earlier_results(self, image) -> list:
+        """The visible results of this widget's kind made on ``image`` that nobody edited:
+        a re-run left the first on screen (Detect: a ring of the first run drawn at a
+        threshold the status said hid every detection; Segment: two label layers' colours
+        stacked). Layers the user corrected (Retrain lists, points added or moved, a
+        re-prediction written in) are theirs and stay."""
+        kind = self.result_layer_type
+        if kind is None:
+            return []
+        found = []
+        for old in list(self._viewer.layers):
+            medseg = (getattr(old, "metadata", None) or {}).get("medseg")
+            if (type(old).__name__ != kind or not old.visible or made_on(old) is not image
+                    or not isinstance(medseg, dict) or not medseg.get("model")
+                    or medseg.get("listed_slices") or medseg.get("repredicted_with")):
+                continue
+            labels = getattr(old, "features", {}).get("label") if kind == "Points" else None
+            if labels is not None and any(str(t) in ("added", "moved") for t in labels):
+                continue
+            found.append(old)
+        return found
+
+    def _watch_result_image(self, image) -> None:
+        """Follow ``image``'s data and placement, referred to weakly: a widget must not
+        keep a deleted scan in memory."""
+        old = getattr(self, "_result_image", None)
+        rewatch_geometry(old() if old is not None else None, image,
+                         self._on_result_image_changed)
+        self._result_image = weakref.ref(image) if image is not None else None
+        self._result_geometry = _geometry(image) if image is not None else None
+
+    def _on_result_image_changed(self, _event=None) -> None:
+        """The image got new data or another placement after the run: its result stays
+        where it was made and its measures (volumes, sizes, go-to entries) are of the
+        image before (a spacing corrected after Segment kept the volumes computed at the
+        old one, and Go to lesion went to another slice), said once."""
+        image = self._result_image() if self._result_image is not None else None
+        if image is None or _same_geometry(self._result_geometry, _geometry(image)):
+            return
+        self._watch_result_image(None)
+        self.result_went_stale(image)
+
+    def result_went_stale(self, image) -> None:
+        """Hook: the image of the last result changed (see _on_result_image_changed)."""
+        set_status(self._status, f"'{image.name}' changed (new data, scale or position) "
+                   f"after {self.task}: the result no longer lies on it and its measures "
+                   "are of the image before; run it again")
 
     def _input_warnings(self, volume, card) -> list[str]:
         """Said in a notification and kept on the status line (see core input_warnings)."""

@@ -22,6 +22,7 @@ MAX_LISTED = 200  # the "go to" list; the layer itself keeps every detection
 class DetectWidget(ModelRunWidget):
     architecture = "LesionDetector"
     task = "Detect"
+    result_layer_type = "Points"
 
     def extra_widgets(self) -> list:
         self._with_heatmap = CheckBox(text="Also add the heatmap (why each point is there)",
@@ -57,6 +58,15 @@ class DetectWidget(ModelRunWidget):
         self._threshold.enabled = False
         self._goto_items = []
         self._goto.enabled = False
+
+    def result_went_stale(self, image) -> None:
+        """The list's slices and the count are of the image before: the list goes (it
+        went to another slice), the layer stays as the user left it."""
+        self.drop_result()
+        with self._goto.changed.blocked():
+            self._goto.reset_choices()
+        self._result_note = ""
+        super().result_went_stale(image)
 
     def _on_layer_removed(self, event) -> None:
         """The latest detections layer deleted: its slider and list no longer look live."""
@@ -142,8 +152,12 @@ class DetectWidget(ModelRunWidget):
         order = np.argsort(-scores, kind="stable")
         listed = order[(shown & ~added)[order]][:MAX_LISTED]
         diameters = np.asarray(points.features["diameter_mm"], dtype=float)[listed]
-        zs = np.rint(points.data[listed, 0]).astype(int) if points.ndim == 3 else [0] * len(listed)
-        choices = [(f"#{rank + 1} z={z} · score {scores[i]:.2f} · {d:.0f} mm", int(i))
+        # a 2D image has no slices: "z=0" on every entry said nothing (and misled beside
+        # a 3D series)
+        zs = (np.rint(points.data[listed, 0]).astype(int) if points.ndim == 3
+              else [None] * len(listed))
+        choices = [(f"#{rank + 1}{'' if z is None else f' z={z}'} · score {scores[i]:.2f} · "
+                    f"{d:.0f} mm", int(i))
                    for rank, (i, z, d) in enumerate(zip(listed, zs, diameters))]
         with self._goto.changed.blocked():
             self._goto_items = choices

@@ -14,6 +14,7 @@ class SegmentWidget(ModelRunWidget):
     architecture = "RecurrentSegmenter"
     task = "Segment"
     unmeasured_effect = None  # said with the volumes it leaves out (missing_note)
+    result_layer_type = "Labels"
 
     def core_job(self, volume, model, card, options):
         return segment_volume(volume, model, card)
