@@ -186,6 +186,16 @@ def test_a_detector_card_with_a_threshold_below_the_sliders_minimum_runs(
     assert "detections at score ≥ 0.02" in widget._status.value, widget._status.value
 
 
+def test_the_threshold_box_is_off_with_its_slider_before_a_run(make_napari_viewer):
+    """The slider looked disabled while its number box took a typed threshold."""
+    from qtpy.QtWidgets import QAbstractSpinBox
+
+    viewer = make_napari_viewer()
+    widget = DetectWidget(plugin_view(viewer))
+    box = widget._threshold.native.findChild(QAbstractSpinBox)
+    assert not widget._threshold.enabled and not box.isEnabled()
+
+
 def test_detect_points_threshold_and_jump(make_napari_viewer, qtbot, random_models, small_phantom):
     viewer, image, widget, points = _detect(make_napari_viewer, qtbot, random_models, small_phantom)
     assert isinstance(points, Points) and points is not viewer.layers[2]

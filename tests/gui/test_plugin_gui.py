@@ -1320,3 +1320,22 @@ def test_a_click_in_a_dock_leaves_napari_its_keys(make_napari_viewer, qtbot):
     labels.mode = "pan_zoom"
     qtbot.keyClick(QApplication.focusWidget(), Qt.Key.Key_P)  # napari's paint key
     assert labels.mode == "paint"
+
+
+def test_the_loss_curve_caption_follows_the_font_size(qtbot):
+    """At a fixed 60 px with the caption drawn at y 11, a 14 pt caption was cut off."""
+    from qtpy.QtGui import QFont
+
+    from napari_medseg._widgets._loss_curve import LossCurve
+
+    curve = LossCurve()
+    qtbot.addWidget(curve)
+    assert curve.minimumHeight() >= 60
+    font = QFont(curve.font())
+    font.setPointSize(24)
+    curve.setFont(font)
+    assert curve.minimumHeight() >= 3 * curve.fontMetrics().height()
+    curve.resize(300, curve.minimumHeight())
+    for loss in (1.0, 0.5, 0.25):
+        curve.add(loss)
+    curve.grab()  # paints without error at that size

@@ -2289,3 +2289,14 @@ def test_keyboard_shortcuts_mark_step_through_the_list_and_retrain(scene, qtbot)
     viewer.layers.selection.active = image
     assert _keys._widget_for(viewer) is None
     other.close()
+
+
+def test_the_autosave_alert_is_readable_in_the_light_theme(scene):
+    """One red (#ff6b6b) for both themes read 2.26:1 on the light background, on the one
+    message about losing work."""
+    viewer, image, labels, widget, phantom = scene
+    assert "#ff6b6b" in widget._autosave_alert.native.styleSheet()
+    viewer.theme = "light"
+    assert "#b00020" in widget._autosave_alert.native.styleSheet()
+    viewer.theme = "dark"
+    assert "#ff6b6b" in widget._autosave_alert.native.styleSheet()

@@ -408,7 +408,7 @@ class _RetrainBase(Container):
         # messages a failing autosave would otherwise overwrite (or be overwritten by)
         self._autosave_alert = Label(value="", visible=False)
         self._autosave_alert.native.setWordWrap(True)
-        self._autosave_alert.native.setStyleSheet("color: #ff6b6b; font-weight: bold")
+        self._style_alert()
         self._autosave_alert.native.setSizePolicy(QSizePolicy.Policy.Expanding,
                                                   QSizePolicy.Policy.Minimum)
         # callable choices: napari's reset_choices (on every layer added) re-reads them
@@ -530,6 +530,23 @@ class _RetrainBase(Container):
         for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
             (event.connect if follow else event.disconnect)(self._refresh_layers)
         self._names.connect(follow)
+        theme = getattr(self._viewer.events, "theme", None)
+        if theme is not None:
+            (theme.connect if follow else theme.disconnect)(self._style_alert)
+
+    #: the autosave alert's red per napari theme: 4.5:1 or more against its background
+    #: (one red for both read 2.26:1 in the light theme, on the one message about losing
+    #: work)
+    ALERT_COLOURS = {"light": "#b00020"}
+    ALERT_COLOUR_DARK = "#ff6b6b"
+
+    def _style_alert(self, _event=None) -> None:
+        theme = str(getattr(self._viewer, "theme", "dark"))
+        colour = self.ALERT_COLOURS.get(theme, self.ALERT_COLOUR_DARK)
+        try:
+            self._autosave_alert.native.setStyleSheet(f"color: {colour}; font-weight: bold")
+        except RuntimeError:  # closed
+            pass
 
     def _release_folders(self) -> None:
         """This widget writes its autosaves no more: the next one may offer them."""
@@ -1664,7 +1681,7 @@ class _RetrainBase(Container):
                 show_warning(f"Retrain: autosave FAILED ({reason}) in {folder}; your "
                              "annotations are not being saved")
             self._autosave_error = reason
-            self._autosave_alert.value = f"Autosave failed ({reason}): annotations not saved"
+            self._autosave_alert.value = f"⚠ Autosave failed ({reason}): annotations not saved"
             self._autosave_alert.visible = True
         except RuntimeError:  # the widget was closed meanwhile
             pass

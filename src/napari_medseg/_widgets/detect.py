@@ -33,8 +33,9 @@ class DetectWidget(ModelRunWidget):
         self._points = None
         self._source, self._maps_hidden = "", 0  # what the count line names
         self._threshold = FloatSlider(label="Score threshold", value=0.5, min=KEEP_SCORE, max=1.0,
-                                      step=0.01, enabled=False)
+                                      step=0.01)
         self._threshold.changed.connect(self._apply_threshold)
+        self._enable_threshold(False)
         # callable choices: napari's reset_choices (on every layer added) re-reads them
         self._goto_items: list = []
         self._goto = ComboBox(label="Go to lesion", choices=lambda _w=None: self._goto_items,
@@ -44,6 +45,12 @@ class DetectWidget(ModelRunWidget):
         # expects to be taken there
         self._goto.native.activated.connect(lambda _i: self._go_to_lesion(self._goto.value))
         return [self._threshold, self._goto]
+
+    def _enable_threshold(self, on: bool) -> None:
+        """The slider and its number box together: magicgui switches the slider alone, and
+        a threshold typed into the box before any detection moved the greyed slider."""
+        self._threshold.enabled = on
+        self._threshold.native.setEnabled(on)
 
     def viewer_events(self) -> list:
         return [*super().viewer_events(), (self._viewer.layers.events.removed,
@@ -55,7 +62,7 @@ class DetectWidget(ModelRunWidget):
             self._points.events.data.disconnect(self._on_points_data)
             self._points.events.size.disconnect(self._apply_threshold)
         self._points = None
-        self._threshold.enabled = False
+        self._enable_threshold(False)
         self._goto_items = []
         self._goto.enabled = False
 
@@ -75,7 +82,7 @@ class DetectWidget(ModelRunWidget):
         self._points.events.data.disconnect(self._on_points_data)
         self._points.events.size.disconnect(self._apply_threshold)
         self._points = None
-        self._threshold.enabled = False
+        self._enable_threshold(False)
         with self._goto.changed.blocked():
             self._goto_items = []
             self._goto.reset_choices()
@@ -127,7 +134,7 @@ class DetectWidget(ModelRunWidget):
             # the slider must reach it (setting a value below its minimum raised)
             self._threshold.min = min(KEEP_SCORE, threshold)
             self._threshold.value = threshold
-        self._threshold.enabled = True
+        self._enable_threshold(True)
         self._apply_threshold()
 
     def _on_points_data(self, event) -> None:
