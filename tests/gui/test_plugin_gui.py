@@ -1339,3 +1339,34 @@ def test_the_loss_curve_caption_follows_the_font_size(qtbot):
     for loss in (1.0, 0.5, 0.25):
         curve.add(loss)
     curve.grab()  # paints without error at that size
+
+
+@pytest.mark.parametrize("title", ["Segment organs", "Detect lesions", "Classify slices",
+                                   "Generate slices (upsample, fill gaps)", "Synthetic phantom",
+                                   "Retrain on my annotations"])
+def test_every_control_says_what_it_does_and_has_a_name(make_napari_viewer, title):
+    """About 7 of 80 controls had a tooltip (none in Segment, Detect, Classify, Generate
+    or Phantom), and none an accessible name: a screen reader read "combo box"."""
+    from magicgui.widgets import ComboBox, PushButton
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 16, 16), np.float32))
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", title)
+    controls = []
+
+    def walk(container):
+        for child in container:
+            if hasattr(child, "_list"):
+                walk(child)
+            elif isinstance(child, (ComboBox, PushButton)) or (
+                    hasattr(child, "step") and type(child).__name__ != "ProgressBar"):
+                controls.append(child)
+
+    walk(widget)
+    assert controls
+    for control in controls:
+        name = str(getattr(control, "label", "") or getattr(control, "text", ""))
+        if title != "Retrain on my annotations" or control in (widget._run, widget._mark,
+                                                              widget._image):
+            assert control.tooltip, name
+        assert control.native.accessibleName(), name

@@ -1200,7 +1200,7 @@ def test_strokes_on_a_labels_layer_off_the_image_grid_are_said_not_autosaved(
     widget.autosave_now(wait=True)
     said = [str(n.message) for n in notification_manager.records[start:]]
     assert any("autosave FAILED" in m and "(4, 96, 96)" in m for m in said), said
-    assert widget._autosave_alert.value.startswith("Autosave failed")
+    assert widget._autosave_alert.value.startswith("⚠ Autosave failed")
 
 
 def test_a_damaged_autosave_is_said_and_the_next_older_one_is_offered(

@@ -381,6 +381,19 @@ class _OnLayout(QObject):
         return False
 
 
+def name_controls(container) -> None:
+    """Give each control its label as its accessible name (a screen reader read "combo
+    box" without "Image")."""
+    for widget in getattr(container, "_list", ()):
+        if hasattr(widget, "_list"):  # a row of buttons, a nested container
+            name_controls(widget)
+            continue
+        name = str(getattr(widget, "label", "") or getattr(widget, "text", "") or "").strip()
+        native = getattr(widget, "native", None)
+        if name and native is not None and not native.accessibleName():
+            native.setAccessibleName(name)
+
+
 def hand_keys_to_napari(root) -> None:
     """napari's shortcuts (P to paint, Ctrl+Z, the arrows that step slices) reach a dock's
     control that has keyboard focus first, and a click left focus there: a click on the
@@ -447,6 +460,7 @@ class ScrollableDock:
         widget._fit_width = _OnLayout(area.widget(), fit)
         fit()
         hand_keys_to_napari(area.widget())
+        name_controls(widget)
 
 
     @staticmethod
@@ -504,6 +518,12 @@ class ModelRunWidget(Container):
         self._image = KeepingComboBox(label="Image", choices=self._image_choices,
                                       nullable=False)
         self._model = model_picker(self.architecture)
+        self._image.tooltip = (
+            "The image layer to run on: shown scans first, generated volumes after acquired "
+            "ones; explanation maps are not offered")
+        self._model.tooltip = (
+            f"The {self.architecture} to run: the bundled one, or one you saved (Retrain's "
+            "Save version, or napari-medseg train / finetune)")
         self._run = PushButton(text=self.task or "Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")
@@ -517,6 +537,9 @@ class ModelRunWidget(Container):
         self._progress = progress_bar()
         self._drawn_at = 0.0
         self._run.changed.connect(self._on_run)
+        self._run.tooltip = (f"Run {self.task} on the picked image in the background; the "
+                             "viewer stays usable, Cancel stops it")
+        self._cancel.tooltip = "Stop the run; nothing is added"
         self._cancel.changed.connect(self._on_cancel)
         super().__init__(
             widgets=[

@@ -470,6 +470,22 @@ class _RetrainBase(Container):
                               + _keys.help_text())
         self._run.tooltip = ("Fine-tune on the ticked slices, then write the new version's "
                              "prediction (key Ctrl+Shift+R)")
+        kind = self.layer_kind.lower()
+        tips = {
+            self._image: "The scan the annotations are drawn on",
+            self._layer_pick: (f"The {kind} layer you correct: its listed slices are "
+                               "trained on and never overwritten"),
+            self._new_layer: f"An empty {kind} layer on the picked image, to annotate from scratch",
+            self._model: (f"The {self.architecture} to fine-tune: the bundled one or one you "
+                          "saved; its versions are kept while you pick another"),
+            self._remove: "Take the selected slice off the list (and off its protection)",
+            self._seconds: "The round's time budget (a new structure wants about 300 steps)",
+            self._cancel: "Stop the round; the model stays as it was",
+            self._restore: "Open the autosaved annotations and lists as a new layer",
+            self._discard: "Delete that autosave",
+        }
+        for control, tip in tips.items():
+            control.tooltip = tip
         # the window's close button (or Ctrl+W) quits without removing the layers, and
         # the pending autosave (its timer never fires again) lost the last strokes
         self._dock_watch = DockWatch(self, self._close_down, self._reopen,
@@ -1138,7 +1154,17 @@ class _RetrainBase(Container):
         running = self._worker is not None
         for widget in (self._revert, self._save, self._save_name):
             widget.enabled = listed and not running
-        self._predict.tooltip = (None if listed else
+        # why they are off, or what they do (disabled buttons explained nothing)
+        why = ("off until a round or a re-prediction lists v0" if not listed else
+               "off while a round runs" if running else "")
+        self._revert.tooltip = ("The picked version becomes the one the next round starts "
+                                "from" + (f" ({why})" if why else ""))
+        self._save.tooltip = ("Write the picked version as safetensors + card into your "
+                              "model folder" + (f" ({why})" if why else ""))
+        self._save_name.tooltip = ("The saved model's name (empty: <model>-ft-<date>-<time>-vN)"
+                                   + (f" ({why})" if why else ""))
+        self._predict.tooltip = ("Write the picked version's prediction into the unlisted "
+                                 "slices (one undo step)" if listed else
                                  "No round yet: predicts with the picked model (v0)")
 
     def _on_revert(self) -> None:

@@ -44,6 +44,8 @@ class ClassifyWidget(ModelRunWidget):
         self._goto = ComboBox(label="Lesion slices", choices=lambda _w=None: self._goto_items,
                               enabled=False)
         self._goto.changed.connect(lambda z: z is not None and self._go_to_slice(z))
+        self._goto.tooltip = ("The slices the model calls lesion, with its probability: "
+                              "pick one to go there (off until a run finds one)")
         self._goto.native.activated.connect(
             lambda _i: self._goto.value is not None and self._go_to_slice(self._goto.value)
         )

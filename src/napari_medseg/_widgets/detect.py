@@ -36,6 +36,10 @@ class DetectWidget(ModelRunWidget):
                                       step=0.01)
         self._threshold.changed.connect(self._apply_threshold)
         self._enable_threshold(False)
+        self._threshold.tooltip = (
+            "Detections below this centre score are hidden (kept in the layer down to "
+            f"{KEEP_SCORE:g}); off until a run. Moving it after a slice was reviewed in "
+            "Retrain unticks that slice")
         # callable choices: napari's reset_choices (on every layer added) re-reads them
         self._goto_items: list = []
         self._goto = ComboBox(label="Go to lesion", choices=lambda _w=None: self._goto_items,

@@ -35,6 +35,11 @@ class GenerateWidget(ModelRunWidget):
         self._factor = ComboBox(label="Upsample", choices=FACTORS, value=2)
         self._fill = CheckBox(text="Fill slices missing from the series", value=True)
         self._method = ComboBox(label="Method", choices=METHODS, value="linear")
+        self._factor.tooltip = ("Slices made per acquired interval: ×2 puts one between "
+                                "each pair (×1: only fill gaps)")
+        self._fill.tooltip = "Fill the slices the series lacks (its gaps), marked synthetic"
+        self._method.tooltip = ("linear (measured as good as the generator on held-out "
+                                "phantoms), cubic, or the recurrent generator (model)")
         # the model picker only matters for the model method: live beside interpolation,
         # it read as if the model took part
         self._method.changed.connect(self._enable_model)
@@ -43,6 +48,10 @@ class GenerateWidget(ModelRunWidget):
 
     def _enable_model(self, _value=None) -> None:
         self._model.enabled = self._method.value == "model"
+        # why it is off: the picker greyed out beside interpolation said nothing
+        self._model.tooltip = ("The slice generator the 'model' method runs" if
+                               self._model.enabled else "Used by the 'model' method only: "
+                               "linear and cubic interpolation need no model")
 
     def options(self) -> dict:
         options = {"factor": int(self._factor.value), "fill": bool(self._fill.value),

@@ -11,7 +11,8 @@ from qtpy.QtWidgets import QSizePolicy
 from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
 from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import (DockWatch, KeepingComboBox, LayerNameFollower, connect_layer_events,
-                            hand_keys_to_napari, layer_choices, plain_viewer, slice_ranges)
+                            hand_keys_to_napari, layer_choices, name_controls, plain_viewer,
+                            slice_ranges)
 
 
 def _unit(layer) -> str:
@@ -199,6 +200,7 @@ class VolumeInfoWidget(Container):
         # text box is inside magicgui's labelled row, where napari does not look)
         self.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
         hand_keys_to_napari(self.native)
+        name_controls(self)
         self._watched = None  # the layer whose events refresh the text
         self._missing: list[int] | None = None  # its missing slices, while its data stay
         self._layer.changed.connect(self._refresh)

@@ -96,6 +96,25 @@ class PhantomWidget(Container):
         # wrapped into a narrow indented strip
         self._status.native.setSizePolicy(QSizePolicy.Policy.Expanding,
                                           QSizePolicy.Policy.Minimum)
+        tips = {
+            self._z: "Slices along z (the body fills a fixed share of them)",
+            self._y: "Rows per slice: the field is rows × pixel spacing (the body is about "
+                     "133 × 165 mm whatever the field)",
+            self._x: "Columns per slice",
+            self._dz: "Distance between slices, mm",
+            self._dxy: "Pixel size in-plane, mm",
+            self._seed: "The same seed and settings give the same phantom",
+            self._random_lesions: "Let the seed pick how many lesions (the CLI's default)",
+            self._n_lesions: "Lesions to place; those that do not fit in an organ are left "
+                             "out and said",
+            self._rmin: "Smallest lesion radius, mm (at most the max)",
+            self._rmax: "Largest lesion radius, mm",
+            self._noise: "Standard deviation of the image noise, HU",
+            self._run: "Make the phantom: a CT image, its labels and the lesion points",
+            self._cancel: "Stop making it; nothing is added",
+        }
+        for control, tip in tips.items():
+            control.tooltip = tip
         self._random_lesions.changed.connect(
             lambda on: setattr(self._n_lesions, "enabled", not on)
         )
