@@ -304,10 +304,9 @@ class _RetrainBase(Container):
         self._before_change = None  # (detector) the rows of a move, between its two events
         self._away_slices: set[int] = set()
         self._away_across: set[int] = set()  # of those, from strokes across slices
-        self._across_listed: set[int] = set()  # (Labels) listed unticked by that rule
-        self._replaced_listed: set[int] = set()  # (Labels) unticked: new data put in
-        self._shown_changed: set[int] = set()  # (Points) unticked: the threshold moved
-        self._moved_listed: set[int] = set()  # (Points) unticked: the layer was moved
+        # listed slice → why the widget unticked it (a stroke across slices, new data, the
+        # threshold or the layer moved), said in the list until the user ticks it
+        self._review_notes: dict[int, str] = {}
         self._away_undone: set[int] = set()  # slices whose strokes were undone meanwhile
         self._stroke_slices: set[int] = set()  # (Labels) listed by a stroke; see _connect
         # layer -> {image key (_image_key): name}
@@ -878,6 +877,7 @@ class _RetrainBase(Container):
         if pending:  # edits made while no image was picked: their slices on this image
             self._edited |= {z for w in pending if (z := self._drawn_point_slice(w)) is not None}
             self._schedule_autosave()
+        self._review_notes = {}  # (the previous pair's slice numbers)
         self._rebuild_list()
         self._pair_changed()
         if taken_over is not None:  # the closed widget's autosave of these lists
@@ -977,8 +977,14 @@ class _RetrainBase(Container):
         return f"slice {z} · {kind}" + (f" · {note}" if note else "")
 
     def _slice_note(self, z: int) -> str:
-        """Hook: why a listed slice is as it is (e.g. unticked by the widget)."""
-        return ""
+        """Why a listed slice is as it is: unticked by the widget, for review."""
+        return self._review_notes.get(z, "") if z in self._excluded else ""
+
+    def _untick_for_review(self, zs: set[int], note: str) -> None:
+        """Untick ``zs`` (a round would take every voxel, or every point, there as the
+        user's) with ``note`` in the list until the user ticks each again."""
+        self._excluded |= zs
+        self._review_notes.update(dict.fromkeys(zs, note))
 
     def _on_item_changed(self, item: QListWidgetItem) -> None:
         z = int(item.data(Qt.ItemDataRole.UserRole))
@@ -986,9 +992,7 @@ class _RetrainBase(Container):
             self._excluded.discard(z)
             # reviewed: why the widget unticked it no longer holds (unticked again by the
             # user, the note came back)
-            for noted in (self._across_listed, self._replaced_listed, self._shown_changed,
-                          self._moved_listed):
-                noted.discard(z)
+            self._review_notes.pop(z, None)
         else:
             self._excluded.add(z)
         text = self._item_text(z)

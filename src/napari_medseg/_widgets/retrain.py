@@ -150,21 +150,12 @@ class RetrainWidget(_RetrainBase):
             self._status.value = (prefix + ", ".join(str(z) for z, _ in ranked) if ranked
                                   else "No unannotated slice with a structure to suggest")
 
-    def _slice_note(self, z: int) -> str:
-        if z in self._excluded and z in self._replaced_listed:
-            return "new data: review, tick"
-        if z in self._excluded and z in self._across_listed:
-            return "across slices: review, tick"
-        return ""
-
     def _rebuild_list(self) -> None:
         super()._rebuild_list()
         if getattr(self, "_suggest_ranking", None):
             self._show_suggestions()
 
     def _pair_changed(self) -> None:
-        self._across_listed = set()  # (the note only: the lists keep the slices unticked)
-        self._replaced_listed = set()
         self._suggest_ranking = []  # slice numbers of the previous pair
         if getattr(self, "_suggest_items", None):
             with self._suggestions.changed.blocked():
@@ -344,8 +335,7 @@ class RetrainWidget(_RetrainBase):
         listed 8 axial slices, hundreds of wrong voxels each, as reviewed)."""
         fresh = zs - self._edited - self._checked
         if fresh and (across or len(zs) > 1) and not self._writing:
-            self._excluded |= fresh
-            self._across_listed |= fresh  # said in the list too: the toast goes
+            self._untick_for_review(fresh, ACROSS_NOTE)  # in the list too: the toast goes
             image = self._image.value
             recorded = ((getattr(image, "metadata", None) or {}).get("medseg") or {}).get(
                 "missing_slices") if image is not None and image.ndim >= 3 else None
@@ -448,8 +438,7 @@ class RetrainWidget(_RetrainBase):
             self._labels_copy(layer)  # compared with this data next time (a re-tick stays)
         if not changed:
             return
-        self._excluded |= changed
-        self._replaced_listed |= changed
+        self._untick_for_review(changed, "new data: review, tick")
         self._rebuild_list()
         show_warning(
             f"Retrain: '{layer.name}' got new data; {counted(len(changed), 'listed slice')} "
@@ -579,6 +568,9 @@ def _weak_or_none(obj):
     except TypeError:  # an array type without weak references
         return None
 
+
+#: the list's note on a slice a stroke across slices listed unticked
+ACROSS_NOTE = "across slices: review, tick"
 
 #: how many of a layer's re-predictions its metadata keeps
 WRITES_KEPT = 20

@@ -137,8 +137,7 @@ class RetrainDetectorWidget(_RetrainBase):
         changed = zs & ((self._edited | self._checked) - self._excluded)
         if not changed:
             return
-        self._excluded |= changed
-        self._shown_changed |= changed
+        self._untick_for_review(changed, "threshold changed: review, tick")
         self._rebuild_list()
         self._schedule_autosave()
         show_warning(
@@ -160,24 +159,13 @@ class RetrainDetectorWidget(_RetrainBase):
         ticked = (self._edited | self._checked) - self._excluded
         if not ticked:
             return
-        self._excluded |= ticked
-        self._moved_listed |= ticked
+        self._untick_for_review(ticked, "layer moved: review, tick")
         self._rebuild_list()
         self._schedule_autosave()
         show_warning(f"Retrain: '{layer.name}' was moved or rescaled: its points now lie on "
                      f"other slices of the image; {counted(len(ticked), 'listed slice')} "
                      f"({slice_ranges(ticked)}) unticked: review each and tick it")
 
-    def _slice_note(self, z: int) -> str:
-        if z in self._excluded and z in self._shown_changed:
-            return "threshold changed: review, tick"
-        if z in self._excluded and z in self._moved_listed:
-            return "layer moved: review, tick"
-        return ""
-
-    def _pair_changed(self) -> None:
-        self._shown_changed = set()
-        self._moved_listed = set()
 
     def _on_sizes(self, _event=None) -> None:
         """A ring resized (the selected points' size set): its diameter is what a round
