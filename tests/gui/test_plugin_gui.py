@@ -1320,6 +1320,16 @@ def test_a_click_in_a_dock_leaves_napari_its_keys(make_napari_viewer, qtbot):
     labels.mode = "pan_zoom"
     qtbot.keyClick(QApplication.focusWidget(), Qt.Key.Key_P)  # napari's paint key
     assert labels.mode == "paint"
+    # a click on a button or the slice list, then the arrow that steps slices (the dock's
+    # scroll area took the focus and ate the arrows)
+    for control in (widget._mark.native, widget._slice_list):
+        viewer.dims.set_current_step(0, 2)
+        qtbot.mouseClick(control, Qt.MouseButton.LeftButton)
+        qtbot.wait(20)
+        target = QApplication.focusWidget() or viewer.window._qt_window
+        qtbot.keyClick(target, Qt.Key.Key_Right)
+        qtbot.wait(20)
+        assert viewer.dims.current_step[0] == 3, (control, type(target).__name__)
 
 
 def test_the_loss_curve_caption_follows_the_font_size(qtbot):

@@ -402,7 +402,7 @@ def hand_keys_to_napari(root) -> None:
     sliders and lists take focus from Tab only (the keyboard still reaches them); a number
     or text typed into a box hands focus back to the viewer once entered."""
     from qtpy.QtWidgets import (QAbstractButton, QAbstractSlider, QAbstractSpinBox,
-                                QComboBox, QLineEdit, QListWidget, QWidget)
+                                QComboBox, QLineEdit, QListWidget, QScrollArea, QWidget)
 
     def back(box) -> None:
         if box.hasFocus() or (box.focusWidget() is not None and box.focusWidget().hasFocus()):
@@ -414,6 +414,8 @@ def hand_keys_to_napari(root) -> None:
     for child in [root, *root.findChildren(QWidget)]:
         if isinstance(child, (QComboBox, QAbstractButton, QAbstractSlider, QListWidget)):
             child.setFocusPolicy(Qt.FocusPolicy.TabFocus)
+        elif isinstance(child, QScrollArea):  # a click on a dock's blank space took the arrows
+            child.setFocusPolicy(Qt.FocusPolicy.NoFocus)
         elif isinstance(child, QAbstractSpinBox) or (
                 isinstance(child, QLineEdit)
                 and not isinstance(child.parent(), (QAbstractSpinBox, QComboBox))):
@@ -459,7 +461,7 @@ class ScrollableDock:
             layout.addStretch(1)
         widget._fit_width = _OnLayout(area.widget(), fit)
         fit()
-        hand_keys_to_napari(area.widget())
+        hand_keys_to_napari(area)
         name_controls(widget)
 
 
