@@ -528,7 +528,8 @@ def test_class_names_name_a_new_structure_from_the_command_line(case, tmp_path, 
     assert "--class-names 12=gallbladder" in card["finetune_history"][-1]["command"]
     capsys.readouterr()
     for bad, said in (("12", "VALUE=NAME pairs"), ("0=air", "0 is the background"),
-                      ("2=spleen", "2 is 'spleen' in the file, 'liver' in the model")):
+                      ("2=spleen", "--class-names names new structures; 2 is 'liver' in "
+                                   "the model, not 'spleen'")):
         assert main([*args, "--out", str(tmp_path / "x"), "--class-names", bad]) == 2
         assert said in capsys.readouterr().err
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

@@ -122,6 +122,20 @@ def parse_class_names(text: str | None) -> dict[int, str]:
     return names
 
 
+def check_given_names(given: dict[int, str], classes: Any) -> None:
+    """--class-names names new structures: one naming a structure the model knows as
+    another was refused as the labels file's numbering (a name typed on the command line)."""
+    from .core.finetune import label_name_conflicts
+
+    known = np.array(sorted(given), dtype=np.int64)[None, None] if given else np.zeros((1, 1, 0))
+    wrong = label_name_conflicts(given, classes, known, [0])
+    if wrong:
+        said = "; ".join(f"{v} is '{theirs}' in the model, not '{mine}'"
+                         for v, mine, theirs in wrong[:4])
+        raise MedsegInputError(f"--class-names names new structures; {said}: a structure "
+                               "the model knows keeps its name")
+
+
 def label_names_in(path: str) -> dict[int, str]:
     """The structure names a NIfTI label map carries (this plugin's writer stores them);
     {} for any other file."""
@@ -296,7 +310,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         labels = read_label_volume(args.labels, volume, slices)
         # the names given win over the file's (a .npy or another tool's NIfTI has none:
         # a new structure was called structure_10 with no way to name it here)
-        names = {**label_names_in(args.labels), **parse_class_names(args.class_names)}
+        given = parse_class_names(args.class_names)
+        check_given_names(given, card.get("classes", []))
+        names = {**label_names_in(args.labels), **given}
         check_label_names(names, card.get("classes", []), labels, slices, args.labels)
         # a new structure's name from the file (it was called "structure_9")
         job = finetune_segmenter(volume, model, card, labels, slices, steps=steps,

@@ -713,6 +713,16 @@ def test_registry_refuses_weights_that_do_not_fit(tmp_path):
     assert "2 with wrong shape" in msg and "head.4." in msg and "\n" not in msg
 
 
+def test_a_later_minor_card_format_loads(tmp_path):
+    """napari-medseg-model/1.1 is format 1 with additions: it was refused as "not a
+    napari-medseg model card"."""
+    _, card_path, _ = _save(tmp_path)
+    _as_saved_before_the_card_was_stored(card_path)
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "format": "napari-medseg-model/1.1"}))
+    load_model(card_path)
+
+
 @pytest.mark.parametrize(
     "edit, match",
     [

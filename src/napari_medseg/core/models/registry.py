@@ -552,7 +552,8 @@ def _check_format(fmt: Any, card_path: Path) -> None:
     this one."""
     if fmt is None:
         return
-    family, _, major = str(fmt).partition("/")
+    family, _, version = str(fmt).partition("/")
+    major = version.split(".")[0]  # "1.1": a later minor version of the same major
     ours, _, our_major = CARD_FORMAT.partition("/")
     if family != ours or not major.isdigit():
         raise MedsegInputError(f"not a napari-medseg model card (format {str(fmt)[:60]!r})",
@@ -783,8 +784,9 @@ def load_model(
     if edited:
         raise MedsegInputError(
             f"the card's {' and '.join(edited)} differ from what the weights were saved with "
-            f"(the card was edited or damaged; to rename a structure, fine-tune with "
-            f"--class-names VALUE=NAME or rename it in the Retrain widget's layer); saved: "
+            f"(the card was edited or damaged; a structure the model learnt new is named "
+            f"by fine-tuning with --class-names VALUE=NAME or in the Retrain widget's "
+            f"layer, a known one keeps its name); saved: "
             f"{json.dumps({k: stored[k] for k in edited}, sort_keys=True)[:200]}", card_path)
     problem = _weights_problem(tensors) or _implausible_arch(card["arch_params"], tensors)
     if problem:
