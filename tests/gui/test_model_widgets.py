@@ -1535,12 +1535,18 @@ def test_a_rerun_hides_the_earlier_result_and_a_moved_image_is_said(
     second = viewer.layers[-1]
     assert second is not first and second.visible and not first.visible
     assert "1 earlier result of this image hidden" in widget._status.value
-    # a result the user edited stays shown
+    # a result the user edited stays shown: painted by hand, a false positive deleted
     first.visible = True
     if widget_cls == "segment":
-        first.metadata["medseg"] = {**first.metadata["medseg"], "repredicted_with": [{}]}
+        first.brush_size = 3
+        first.paint((3, 20, 20), 2)
     else:
-        first.add([3.0, 20.0, 20.0])  # marked "added"
+        shown = np.flatnonzero(first.shown)
+        if len(shown):
+            first.selected_data = {int(shown[0])}
+            first.remove_selected()
+        else:
+            first.add([3.0, 20.0, 20.0])
     _run_and_wait(widget, qtbot)
     assert first.visible and not second.visible
     image.scale = (5.0, *image.scale[1:])

@@ -118,6 +118,27 @@ def _mark_made_on(result: Any, image: Any) -> None:
         medseg[_TOKEN_KEY] = token
 
 
+#: results the user changed since a model widget added them: painted, erased, filled,
+#: points added, moved, deleted or resized (a re-run hid a result corrected by hand)
+_EDITED_RESULTS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _mark_edited(event) -> None:
+    source = getattr(event, "source", None)
+    if source is not None:
+        _EDITED_RESULTS.add(source)
+
+
+def _watch_edits(layer) -> None:
+    """Note in :data:`_EDITED_RESULTS` when ``layer`` is edited (by its events: a Labels
+    stroke, new data, any Points data change or resize; not set_data, which scrolling
+    emits)."""
+    for name in ("paint", "data", "size"):
+        emitter = getattr(layer.events, name, None)
+        if emitter is not None:
+            emitter.connect(_mark_edited)
+
+
 #: every open Model picker: a model saved from one widget is listed in all of them at
 #: once (napari re-reads a picker's choices only when the layer list changes)
 _MODEL_PICKERS: "weakref.WeakSet[ComboBox]" = weakref.WeakSet()
@@ -579,6 +600,7 @@ class ModelRunWidget(Container):
     def _close_down(self) -> None:
         self._on_cancel()
         self._connect_viewer(False)
+        self._watch_result_image(None)  # closed: it says nothing of the image any more
         self.drop_result()
 
     def _reopen(self) -> None:
@@ -758,6 +780,7 @@ class ModelRunWidget(Container):
         for added in self._viewer.layers:
             if id(added) not in before:
                 _mark_made_on(added, layer)
+                _watch_edits(added)
         for old in earlier:  # one result on screen: two drew over each other (see there)
             old.visible = False
         if earlier:
@@ -790,8 +813,7 @@ class ModelRunWidget(Container):
                     or not isinstance(medseg, dict) or not medseg.get("model")
                     or medseg.get("listed_slices") or medseg.get("repredicted_with")):
                 continue
-            labels = getattr(old, "features", {}).get("label") if kind == "Points" else None
-            if labels is not None and any(str(t) in ("added", "moved") for t in labels):
+            if old in _EDITED_RESULTS:
                 continue
             found.append(old)
         return found
