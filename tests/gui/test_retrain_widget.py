@@ -2300,3 +2300,22 @@ def test_the_autosave_alert_is_readable_in_the_light_theme(scene):
     assert "#b00020" in widget._autosave_alert.native.styleSheet()
     viewer.theme = "dark"
     assert "#ff6b6b" in widget._autosave_alert.native.styleSheet()
+
+
+def test_a_key_the_user_bound_on_the_viewer_class_is_left_to_them(make_napari_viewer,
+                                                                   random_models, small_phantom):
+    """K bound the usual way (napari.Viewer.bind_key) was shadowed by Retrain's."""
+    import napari
+    from napari.utils.key_bindings import coerce_keybinding
+
+    called = []
+    napari.Viewer.bind_key("K", lambda v: called.append(v), overwrite=True)
+    try:
+        viewer = make_napari_viewer()
+        image = _open(viewer, small_phantom)
+        labels = _prediction_layer(viewer, image, small_phantom.labels)
+        _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+        assert coerce_keybinding("K") not in viewer.keymap
+        assert coerce_keybinding("Shift-Right") in viewer.keymap  # the others are bound
+    finally:
+        napari.Viewer.class_keymap.pop(coerce_keybinding("K"), None)

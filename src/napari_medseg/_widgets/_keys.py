@@ -35,19 +35,34 @@ def register(widget: Any, viewer: Any) -> None:
     if viewer in _BOUND:
         return
     for key, (_what, method) in SHORTCUTS.items():
-        try:
-            viewer.bind_key(key, _handler(method), overwrite=False)
-        except ValueError:  # bound by the user or another plugin: theirs stays
+        if _taken(viewer, key):  # bound by the user or another plugin: theirs stays
             continue
+        viewer.bind_key(key, _handler(method))
     _BOUND.add(viewer)
+
+
+def _taken(viewer: Any, key: str) -> bool:
+    """Whether ``key`` is bound on the viewer or on its class: ``bind_key(overwrite=
+    False)`` looks at the viewer's own table only, and a binding made the usual way
+    (``napari.Viewer.bind_key``) was shadowed."""
+    try:
+        from napari.utils.key_bindings import coerce_keybinding
+
+        combo = coerce_keybinding(key)
+    except Exception:  # an older napari: compare by name
+        combo = key
+    tables = (getattr(viewer, "keymap", {}), getattr(type(viewer), "class_keymap", {}))
+    return any(combo in table or key in table for table in tables)
 
 
 def _handler(method: str) -> Callable[[Any], None]:
     def handle(viewer: Any) -> None:
         widget = _widget_for(viewer)
         if widget is None:
-            show_info("napari-medseg: pick the annotation layer of a Retrain widget "
-                      "(select it in the layer list) to use its shortcuts")
+            open_ = any(w.answers_keys_of(viewer) for w in list(_WIDGETS))
+            show_info("napari-medseg: pick the annotation layer of a Retrain widget (select "
+                      "it in the layer list) to use its shortcuts" if open_ else
+                      "napari-medseg: no Retrain widget is open for this key")
             return
         getattr(widget, method)()
 
