@@ -788,7 +788,9 @@ def test_resizing_rings_on_a_layer_without_sizes_says_they_are_not_trained_on(sc
 
 def test_moving_the_points_layer_unticks_its_listed_slices(scene):
     """Translated by one slice, the layer's points trained on the next slice and the
-    listed one was taught as "no lesion here", silently."""
+    listed one was taught as "no lesion here", silently (the image moved: the same)."""
+    from qtpy.QtCore import Qt
+
     viewer, image, points, widget = scene
     points.add([4.0, 30.0, 30.0])
     assert widget.training_slices() == [4]
@@ -802,3 +804,8 @@ def test_moving_the_points_layer_unticks_its_listed_slices(scene):
     points.translate = points.translate  # the same place: nothing said again
     assert len([m for m in (str(n.message) for n in notification_manager.records[start:])
                 if "was moved" in m]) == 1
+    item.setCheckState(Qt.CheckState.Checked)
+    points.translate = (image.scale[0], 5.0, 5.0)  # in-plane: the same slices
+    assert widget.training_slices() == [4]
+    image.translate = (image.scale[0], 0.0, 0.0)  # the image moved instead
+    assert widget.training_slices() == []

@@ -534,6 +534,7 @@ class _RetrainBase(Container):
             self._tracked = None
         if self._watched_image is not None:
             self._watched_image.events.data.disconnect(self._on_image_data)
+            self._image_watch(self._watched_image, False)
             self._watched_image = None
         self._shut = True
         self._model_output = None  # a whole volume's prediction, kept to speed up a round
@@ -778,6 +779,9 @@ class _RetrainBase(Container):
             return tuple(layer.data.shape) == tuple(image.data.shape)
         return layer.ndim == image.ndim
 
+    def _image_watch(self, image, connect: bool) -> None:
+        """Hook: (stop) following the picked image beyond its data."""
+
     def _on_image_changed(self, _value=None) -> None:
         if self._shut:
             return
@@ -785,9 +789,11 @@ class _RetrainBase(Container):
         if image is not self._watched_image:
             if self._watched_image is not None:
                 self._watched_image.events.data.disconnect(self._on_image_data)
+                self._image_watch(self._watched_image, False)
             self._watched_image = image
             if image is not None:
                 image.events.data.connect(self._on_image_data)
+                self._image_watch(image, True)
         layer = self._layer_pick.value
         if (image is not None and (layer is None or self._made_on_another(layer, image))
                 and not self.listed_on_layer(layer)):

@@ -18,7 +18,7 @@ from .._layers import (_ROWS_BEFORE_ADD, ADDED_POINT_FEATURES, _added_rows, _lik
                        _points_kwargs, detection_labels,
                        account_rows, detection_layer_data, hide_unshown, marker_sizes,
                        point_rows, rows_when_watched, scale_mm, unmatched_rows,
-                       unwatch_shown, watch_detection_edits, watch_shown, world_matrix_mm)
+                       unwatch_shown, watch_detection_edits, watch_shown)
 from ..core.errors import MedsegInputError
 from ._navigate import drawn_matrix
 from ..core.evaluation import match_detections
@@ -58,7 +58,7 @@ class RetrainDetectorWidget(_RetrainBase):
         layer.events.size.connect(self._on_sizes)
         watch_shown(layer, self._on_shown_changed)
         # moved or rescaled, every point lies on another slice of the image
-        self._placed_at = world_matrix_mm(layer)
+        self._placed_at = self._z_map(layer)
         connect_layer_events(layer, PLACEMENT_EVENTS, self._on_moved)
         image = self._image.value
         if image is not None and layer.ndim != image.ndim:
@@ -145,25 +145,44 @@ class RetrainDetectorWidget(_RetrainBase):
             f"{counted(len(changed), 'reviewed slice')} ({slice_ranges(changed)}); unticked, "
             "as a round takes the shown points there as every lesion: review each and tick it")
 
+    def _z_map(self, layer=None) -> np.ndarray | None:
+        """How the points layer's coordinates map to the image's slice number (the z row
+        of layer → image), or None (no image, or 2D: no slices)."""
+        layer = self._tracked if layer is None else layer
+        image = self._image.value
+        if layer is None or image is None or image.ndim < 3 or layer.ndim != image.ndim:
+            return None
+        to_image = np.linalg.inv(drawn_matrix(self._viewer, image)) @ drawn_matrix(
+            self._viewer, layer)
+        return to_image[-4]  # the image's z (its third axis from the end)
+
+    def _image_watch(self, image, connect: bool) -> None:
+        # the image moved instead of the points: the same change of slices
+        connect_layer_events(image, PLACEMENT_EVENTS, self._on_moved, connect)
+        self._placed_at = self._z_map()
+
+    def _pair_changed(self) -> None:
+        self._placed_at = self._z_map()
+
     def _on_moved(self, _event=None) -> None:
-        """The points layer moved, rescaled or turned: its points now lie on other slices
-        of the image, and a round trained them there (the listed slices said "no lesion
-        here"). The ticked slices are unticked, noted, until the user reviews them."""
+        """The points layer or the image moved, rescaled or turned so that the points lie
+        on other slices of the image: a round trained them there (the listed slices said
+        "no lesion here"). The ticked slices are unticked, noted, until the user reviews
+        them. A move within the slices (in-plane; a 2D image) changes no slice."""
         layer = self._tracked
-        if layer is None:
-            return
-        now = world_matrix_mm(layer)
-        if np.allclose(now, getattr(self, "_placed_at", now)):
-            return
+        now = self._z_map()
+        before = getattr(self, "_placed_at", None)
         self._placed_at = now
+        if layer is None or now is None or before is None or np.allclose(now, before):
+            return
         ticked = (self._edited | self._checked) - self._excluded
         if not ticked:
             return
         self._untick_for_review(ticked, "layer moved: review, tick")
         self._rebuild_list()
         self._schedule_autosave()
-        show_warning(f"Retrain: '{layer.name}' was moved or rescaled: its points now lie on "
-                     f"other slices of the image; {counted(len(ticked), 'listed slice')} "
+        show_warning(f"Retrain: '{layer.name}' or its image was moved or rescaled: its points "
+                     f"now lie on other slices of the image; {counted(len(ticked), 'listed slice')} "
                      f"({slice_ranges(ticked)}) unticked: review each and tick it")
 
 
