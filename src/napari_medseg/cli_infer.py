@@ -459,7 +459,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
                                             list(enumerate(status.tolist())))))
     print(f"wrote {out.name}: {counted(v.shape[result.axis], 'slice')} at {v.spacing[result.axis]:g} mm"
-          f"{'' if result.axis == 0 else ' along ' + result.axis_name} ({args.method});"
+          f"{'' if result.axis == 0 else ' along ' + result.axis_name} ({args.method}"
+          f"{', ' + _made_by(card) if card else ''});"
           f" {result.summary()}. Generated slices are synthetic, not acquired.")
     return 0
 

@@ -269,6 +269,8 @@ def test_a_volume_saved_with_a_batch_or_channel_axis_of_one_reads_as_the_volume(
     volume = read_npy(tmp_path / "v.npy")
     assert volume.shape == (4, 5, 6)
     np.testing.assert_array_equal(volume.array, data.reshape(4, 5, 6))
+    np.save(tmp_path / "one.npy", np.zeros((1, 5, 6, 1), np.float32))  # one 2D image
+    assert read_npy(tmp_path / "one.npy").shape == (1, 5, 6)
     np.save(tmp_path / "t.npy", np.zeros((2, 4, 5, 6), np.float32))  # a real 4D: refused
     with pytest.raises(MedsegInputError, match="expected a 2D"):
         read_npy(tmp_path / "t.npy")

@@ -415,6 +415,13 @@ def test_the_uncertainty_widget_leaves_out_slices_already_in_a_retrain_list(scen
     assert first not in offered and second in offered
     assert f"1 slice already in a Retrain list left out ({first})" in uncertainty._status.value
     # another scan's lists do not count
+    # the least uncertain slice listed too, with room in the list (fewer than 10
+    # ranked): it was left out without being counted
+    last = list(uncertainty._goto.choices)[-1]
+    labels.paint((last, 30, 30), int(labels.data[last, 30, 30]) % 7 + 1)
+    run_widget(qtbot, uncertainty)
+    if len(list(uncertainty._goto.choices)) < 10:
+        assert "2 slices already in a Retrain list left out" in uncertainty._status.value
     other = viewer.add_image(image.data.copy()[::-1], name="another scan", scale=image.scale)
     run_widget(qtbot, uncertainty, other)
     assert "Retrain list" not in uncertainty._status.value
@@ -2189,6 +2196,11 @@ def test_new_data_put_into_the_layer_unticks_the_listed_slices_it_changed(scene,
     labels.paint((6, 30, 30), int(labels.data[6, 30, 30]) % 7 + 1)
     labels.data = labels.data
     assert widget.training_slices() == [1, 4, 6]
+    # a script's edit in place, then the refresh idiom: the slice it wiped is unticked
+    widget.autosave_now(wait=True)
+    labels.data[1] = 0
+    labels.data = labels.data
+    assert 1 not in widget.training_slices() and 6 in widget.training_slices()
     # unticked by hand later: the old note does not come back
     item = next(widget._slice_list.item(i) for i in range(widget._slice_list.count())
                 if widget._slice_list.item(i).text().startswith("slice 4 "))

@@ -449,9 +449,8 @@ class _RetrainBase(Container):
         self._mark.changed.connect(self._mark_current)
         self._remove.changed.connect(self._remove_selected)
         self._slice_list.itemChanged.connect(self._on_item_changed)
-        self._slice_list.itemDoubleClicked.connect(
-            lambda item: self._go_to(item.data(Qt.ItemDataRole.UserRole)))
-        # Return on a listed slice goes there too (only a double click did)
+        # a double click, and Return on a listed slice (only a double click went there;
+        # both connected, a double click went there twice)
         self._slice_list.itemActivated.connect(
             lambda item: self._go_to(item.data(Qt.ItemDataRole.UserRole)))
         self._run.changed.connect(self._on_retrain)
@@ -550,15 +549,20 @@ class _RetrainBase(Container):
         if theme is not None:
             (theme.connect if follow else theme.disconnect)(self._style_alert)
 
-    #: the autosave alert's red per napari theme: 4.5:1 or more against its background
-    #: (one red for both read 2.26:1 in the light theme, on the one message about losing
-    #: work)
-    ALERT_COLOURS = {"light": "#b00020"}
+    #: the autosave alert's red on a light and on a dark background: 4.5:1 or more (one
+    #: red for both read 2.26:1 in the light theme, on the one message about losing work)
+    ALERT_COLOUR_LIGHT = "#b00020"
     ALERT_COLOUR_DARK = "#ff6b6b"
 
     def _style_alert(self, _event=None) -> None:
         theme = str(getattr(self._viewer, "theme", "dark"))
-        colour = self.ALERT_COLOURS.get(theme, self.ALERT_COLOUR_DARK)
+        try:  # by the theme's background ("system" resolves to light or dark)
+            from napari.utils.theme import get_theme
+
+            light = sum(get_theme(theme).background.as_rgb_tuple()[:3]) / 3 > 128
+        except Exception:  # an unknown theme: by its name
+            light = theme == "light"
+        colour = self.ALERT_COLOUR_LIGHT if light else self.ALERT_COLOUR_DARK
         try:
             self._autosave_alert.native.setStyleSheet(f"color: {colour}; font-weight: bold")
         except RuntimeError:  # closed
@@ -1053,7 +1057,7 @@ class _RetrainBase(Container):
             show_error("Retrain: a 3D view shows no single slice; switch to the 2D view "
                        "to mark the slice you reviewed")
             return
-        z = self._image_slice(self._viewer.dims.point[-3] if self._viewer.dims.ndim >= 3 else 0.0)
+        z = self._current_image_slice()
         if z is None:
             show_error("Retrain: the current slice is outside the image")
             return

@@ -332,7 +332,9 @@ class UncertaintyWidget(ModelRunWidget):
         ranked = result.most_uncertain(10, exclude=annotated)
         # those the list would have shown: the listed slices ranked above its last entry
         everything = result.most_uncertain(len(result.per_slice))
-        cut = everything.index(ranked[-1]) if ranked else len(everything)
+        # with room left in the list (fewer than 10 shown) every listed slice was left out
+        cut = (everything.index(ranked[-1]) if ranked and len(ranked) == 10
+               else len(everything))
         left_out = [z for z in everything[:cut] if z in annotated]
         ent = result.entropy if image_layer.ndim == 3 else result.entropy[0]
         top = float(options.get("display_max", 1.0))

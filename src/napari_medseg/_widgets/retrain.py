@@ -75,6 +75,8 @@ class RetrainWidget(_RetrainBase):
         self._autosaved_labels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # layer → its data array when last seen (weakly): a new one put in is reviewed
         self._data_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # layer → slices painted since _autosaved_labels' copy of it
+        self._painted_since_copy: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._suggest = PushButton(text="Suggest slices to correct (most uncertain)")
         self._suggest.changed.connect(self._on_suggest)
         self._suggest_items: list = []
@@ -310,6 +312,8 @@ class RetrainWidget(_RetrainBase):
         if self._writing:
             return
         zs = {0} if layer is not None and layer.ndim == 2 else painted_slices(event.value)
+        if layer is not None:
+            self._painted_since_copy.setdefault(layer, set()).update(zs)
         # in the 3D view no single slice is on screen either (a dab there lands on a slice
         # never looked at); remembered with the step, for its redo
         across = layer is not None and layer.ndim >= 3 and (
@@ -422,16 +426,20 @@ class RetrainWidget(_RetrainBase):
         safe side); without one, or with another shape, every ticked slice is."""
         data = layer.data
         previous, self._data_seen[layer] = self._data_seen.get(layer), _weak_or_none(data)
-        if previous is not None and previous() is data:
-            # the same array put back (napari's refresh idiom): nothing was replaced; its
-            # strokes since the last autosave were unticked for nothing
-            return
+        same = previous is not None and previous() is data
         ticked = (self._edited | self._checked) - self._excluded
+        if same:
+            # the same array put back (napari's refresh idiom, maybe after a script's edit
+            # in place): only the slices not painted since the last copy can tell (a
+            # stroke not yet autosaved was unticked for nothing)
+            ticked -= self._painted_since_copy.get(layer, set())
         if not ticked:
             return
         before = self._autosaved_labels.get(layer)
         comparable = (before is not None and isinstance(data, np.ndarray)
                       and tuple(data.shape) == before.shape)
+        if same and not comparable:
+            return  # nothing to compare with: the refresh idiom is not new data
         changed = {z for z in ticked if not comparable or z >= data.shape[0]
                    or not np.array_equal(data[z], before.slices[z])}
         if isinstance(data, np.ndarray) and data.ndim >= 2:
@@ -489,6 +497,7 @@ class RetrainWidget(_RetrainBase):
             return np.array(data, copy=True)
         stack = SliceStack.updated(data, self._autosaved_labels.get(layer))
         self._autosaved_labels[layer] = stack
+        self._painted_since_copy.pop(layer, None)
         return stack
 
     def _restored_layer(self, session, image):

@@ -85,10 +85,13 @@ def _load(path: Path) -> np.ndarray:
         raise MedsegInputError(f"expected a numeric array, got dtype {data.dtype}", path)
     # a volume saved with a batch or channel axis of length 1 ((1, z, y, x) from PyTorch,
     # (z, y, x, 1)): read as the volume, as a NIfTI's trailing 1 is
-    while data.ndim > 3 and data.shape[0] == 1:
-        data = data[0]
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    if data.ndim > 3:
+        while data.ndim > 3 and data.shape[0] == 1:
+            data = data[0]
+        while data.ndim > 3 and data.shape[-1] == 1:
+            data = data[..., 0]
+        if data.ndim == 3 and data.shape[-1] == 1:  # (1, y, x, 1): one 2D image, not y
+            data = data[..., 0]                      # slices one column wide
     looks_rgb = data.shape[-1:] in ((3,), (4,))
     if (data.ndim == 3 and looks_rgb and min(data.shape[:2]) > 4) or (
         data.ndim == 4 and looks_rgb
