@@ -809,3 +809,21 @@ def test_moving_the_points_layer_unticks_its_listed_slices(scene):
     assert widget.training_slices() == [4]
     image.translate = (image.scale[0], 0.0, 0.0)  # the image moved instead
     assert widget.training_slices() == []
+
+
+def test_a_diameter_typed_into_the_features_table_lists_its_slice_and_redraws_its_ring(scene,
+                                                                                      qtbot):
+    """napari's features table writes in place and emits no event: the point's slice
+    was not listed (the round ignored the edit) and its ring kept the old size."""
+    from napari_medseg._layers import marker_sizes, scale_mm
+
+    viewer, image, points, widget = scene
+    assert widget.annotated_slices() == []
+    points.features.loc[1, "diameter_mm"] = 25.0  # as the table's cell edit does
+    widget.autosave_now(wait=True)
+    assert widget.annotated_slices() == [6]
+    assert points.size[1] == pytest.approx(marker_sizes([25.0], scale_mm(points))[0])
+    points.features.loc[0, "diameter_mm"] = 15.0
+    widget._run.clicked.emit()  # a round notices it too, before it reads the points
+    _wait(widget, qtbot)
+    assert 2 in widget.annotated_slices()

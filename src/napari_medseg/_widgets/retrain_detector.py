@@ -57,6 +57,7 @@ class RetrainDetectorWidget(_RetrainBase):
         layer.events.data.connect(self._on_points)
         layer.events.size.connect(self._on_sizes)
         watch_shown(layer, self._on_shown_changed)
+        self._catch_table_edits(layer)  # the rows a features-table edit is compared with
         # moved or rescaled, every point lies on another slice of the image
         self._placed_at = self._z_map(layer)
         connect_layer_events(layer, PLACEMENT_EVENTS, self._on_moved)
@@ -96,8 +97,40 @@ class RetrainDetectorWidget(_RetrainBase):
                 self._image_left_key, []).append(world)
         return self._drawn_point_slice(world)
 
+    def _catch_table_edits(self, layer) -> None:
+        """A diameter typed into napari's features table: the table writes in place and
+        emits no event, so the point's slice was not listed (the round ignored the
+        edit) and its ring kept the old size. Compared with the rows seen last (when an
+        event came, a round started or an autosave was taken): same place, another
+        diameter."""
+        if layer is None:
+            return
+        seen = self.__dict__.setdefault("_rows_seen", weakref.WeakKeyDictionary())
+        now, before = point_rows(layer), seen.get(layer)
+        seen[layer] = now
+        if before is None or before.shape != now.shape or not len(now):
+            return
+        same_place = np.all(np.isclose(before[:, :-1], now[:, :-1], equal_nan=True), axis=1)
+        rows = np.flatnonzero(same_place & ~np.isclose(before[:, -1], now[:, -1],
+                                                       equal_nan=True))
+        if not len(rows):
+            return
+        sizes = np.array(layer.size, dtype=float, copy=True)
+        sizes[rows] = marker_sizes(now[rows, -1], scale_mm(layer))
+        selected = set(layer.selected_data)
+        self._redrawing = True
+        try:  # nothing selected: napari's size event then resizes no selected point
+            layer.selected_data = set()
+            layer.size = sizes
+        finally:
+            layer.selected_data = selected
+            self._redrawing = False
+        self._add_edited({z for r in rows
+                          if (z := self._point_slice(layer, now[r, :-1])) is not None})
+
     def _on_points(self, event) -> None:
         """Slices of added, changed (before and after a move) and removed points."""
+        self._catch_table_edits(self._tracked)  # (before this change shifts the rows)
         action = str(getattr(event, "action", ""))
         if action == "adding" and self._tracked is not None:
             _ROWS_BEFORE_ADD[self._tracked] = len(self._tracked.data)
@@ -190,7 +223,7 @@ class RetrainDetectorWidget(_RetrainBase):
         """A ring resized (the selected points' size set): its diameter is what a round
         trains on (``mark_resized_points``), so its slice is edited."""
         layer = self._tracked
-        if layer is None:
+        if layer is None or getattr(self, "_redrawing", False):
             return
         if "diameter_mm" not in layer.features.columns:
             # napari's own New points layer: its rings are drawn, not lesion sizes (a
@@ -241,6 +274,7 @@ class RetrainDetectorWidget(_RetrainBase):
         return voxels, diam
 
     def _snapshot(self, layer, image, volume, need_annotations: bool):
+        self._catch_table_edits(layer)
         if layer.ndim != image.ndim:
             raise MedsegInputError(f"'{layer.name}' is {layer.ndim}D, '{image.name}' {image.ndim}D")
         points, diam = self._points_on_image(layer, image)
@@ -267,6 +301,7 @@ class RetrainDetectorWidget(_RetrainBase):
         return points, diam
 
     def _session(self, layer, image) -> AnnotationSession:
+        self._catch_table_edits(layer)
         if layer.ndim != image.ndim:
             raise MedsegInputError(f"the Points layer is {layer.ndim}D, the image {image.ndim}D")
         # every point, hidden ones too (a weak detection hidden by the threshold now may
