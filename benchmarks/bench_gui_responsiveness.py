@@ -1,6 +1,6 @@
 """How long does napari's event loop stall while a model runs in the background?
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py [--retrain] [--threads N] [--switch-interval S] [--no-scroll] [--napari-activity]
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_responsiveness.py [--retrain] [--threads N] [--switch-interval S] [--no-scroll] [--napari-activity] [--shape Z Y X]
 
 ``--retrain``: the same measurement while the Retrain widget fine-tunes the segmenter
 (10 s budget) on three corrected slices and re-predicts the rest into the Labels layer;
@@ -16,6 +16,9 @@ re-composites the canvas (compare runs with and without the flag).
 Segment (not ``--retrain``) also runs the same job headless in the same process before the
 viewer opens (load the model, segment the volume): ``headless_seconds``, and
 ``gui_over_headless`` = the GUI job's seconds from Run to its result over that.
+
+``--shape Z Y X``: the phantom's grid instead of 64×256×256 (e.g. ``200 512 512``, a real
+scan's size; the spacing stays 2.5 × 0.8 × 0.8 mm, so a 512² slice spans 410 mm).
 
 Opens a 64×256×256 phantom CT in a real viewer (under Xvfb), docks the Segment widget with
 the bundled segmenter, and while it runs a 10 ms QTimer records event-loop ticks and the
@@ -159,7 +162,8 @@ def retrain_widget(viewer, image, phantom):
     widget._image.value = image
     widget._labels_pick.value = layer
     widget._seconds.value = 10.0
-    for z in (16, 32, 48):
+    nz = labels.shape[0]
+    for z in (nz // 4, nz // 2, 3 * nz // 4):
         ys, xs = np.nonzero(phantom.labels[z] == 2)
         layer.data_setitem((np.full(len(ys), z), ys, xs), 2)
     return widget
@@ -200,7 +204,11 @@ def main() -> None:
         # the GIL hand-over interval while jobs run (napari_medseg._jobs sets 0.5 ms; Python's
         # default is 5 ms), to compare the two in one session
         jobs.JOB_SWITCH_INTERVAL_S = float(sys.argv[sys.argv.index("--switch-interval") + 1])
-    phantom = generate_phantom((64, 256, 256), (2.5, 0.8, 0.8), seed=21, n_lesions=2)
+    shape = (64, 256, 256)
+    if "--shape" in sys.argv[1:]:
+        at = sys.argv.index("--shape")
+        shape = tuple(int(n) for n in sys.argv[at + 1:at + 4])
+    phantom = generate_phantom(shape, (2.5, 0.8, 0.8), seed=21, n_lesions=2)
     napari_activity = "--napari-activity" in sys.argv[1:]
     headless = None if retrain else headless_segment_seconds(phantom.volume)
     viewer = napari.Viewer(title="responsiveness benchmark")
@@ -231,7 +239,7 @@ def main() -> None:
     result = {
         "benchmark": "gui_responsiveness" + ("_retrain" if retrain else ""),
         "job": "retrain 10 s + re-predict" if retrain else "segment",
-        "volume_zyx": [64, 256, 256],
+        "volume_zyx": list(shape),
         "model": widget._model.value,
         ("retrain_version_added" if retrain else "segmentation_added"): ok,
         "retrain_steps": steps,
