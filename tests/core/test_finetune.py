@@ -12,6 +12,8 @@ from napari_medseg.core.finetune import (
     VersionHistory,
     check_annotations,
     finetune_segmenter,
+    plan_updates,
+    planned_updates,
     slice_dice,
     unannotated_updates,
 )
@@ -220,6 +222,54 @@ def test_unannotated_updates_never_touch_protected_slices():
     out[idx] = values
     np.testing.assert_array_equal(out[protected], current[protected])
     np.testing.assert_array_equal(out[~protected], predicted[~protected])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_plan_made_earlier_gives_the_same_updates_as_comparing_now(seed):
+    """The worker plans the write on the layer as it was; napari's thread compares again
+    only the slices changed since (touched) and those the plan left out that are free now."""
+    rng = np.random.default_rng(seed)
+    nz = 12
+    before = rng.integers(0, 4, (nz, 9, 7)).astype(np.uint8)
+    predicted = before.copy()
+    predicted[rng.random(before.shape) < 0.3] = 2
+    planned_protected = rng.random(nz) < 0.3
+    plan = plan_updates(before, predicted, planned_protected)
+    assert plan.max_label == int(predicted.max())
+    # the user paints, undoes and redoes meanwhile, on some slices only
+    now = before.copy()
+    touched = rng.random(nz) < 0.3
+    for z in np.flatnonzero(touched):
+        now[z][rng.random(now[z].shape) < 0.5] = rng.integers(0, 4)
+    protected = rng.random(nz) < 0.3  # listed or unlisted meanwhile too
+    idx, values = planned_updates(now, predicted, protected, plan, touched)
+    want_idx, want_values = unannotated_updates(now, predicted, protected)
+    order = np.lexsort(idx[::-1])
+    want_order = np.lexsort(want_idx[::-1])
+    for axis, want_axis in zip(idx, want_idx):
+        np.testing.assert_array_equal(axis[order], want_axis[want_order])
+    np.testing.assert_array_equal(values[order], want_values[want_order])
+    out = now.copy()
+    out[idx] = values
+    np.testing.assert_array_equal(out[protected], now[protected])
+    np.testing.assert_array_equal(out[~protected], predicted[~protected])
+
+
+def test_a_plan_with_a_changed_slice_not_marked_touched_is_stale_there():
+    """The touched flags are what makes a plan exact: a slice changed without them keeps
+    the plan's updates (so the widget must flag every slice a history step moved)."""
+    before = np.zeros((3, 4, 4), np.uint8)
+    predicted = np.ones_like(before)
+    plan = plan_updates(before, predicted, np.zeros(3, bool))
+    now = before.copy()
+    now[1] = 1  # painted to the prediction's value, then not flagged
+    none = np.zeros(3, bool)
+    idx, _ = planned_updates(now, predicted, none, plan, none)
+    assert (idx[0] == 1).sum() == 16  # a no-op write of 16 voxels: the plan's view
+    idx, _ = planned_updates(now, predicted, none, plan, np.array([False, True, False]))
+    assert (idx[0] == 1).sum() == 0
+    with pytest.raises(MedsegInputError, match="one protected and one touched flag"):
+        planned_updates(now, predicted, np.zeros(2, bool), plan, none)
 
 
 def test_versions_revert_and_save_crash_safely(tiny, phantom, tmp_path, monkeypatch):

@@ -638,8 +638,23 @@ class _RetrainBase(Container):
         raise NotImplementedError
 
     def _apply(self, prediction, image, layer, volume, number: int, card: dict,
-               prefix: str = "") -> None:  # pragma: no cover - abstract
+               prefix: str = "", plan=None, mark=None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # what a widget writing into the layer works out in the job instead of on napari's
+    # thread (see the segmenter's): here, nothing
+    def _write_target(self, image, layer):
+        """What the job needs to plan the write into ``layer`` (taken at the click)."""
+        return None
+
+    @staticmethod
+    def _write_plan(prediction, volume, target):
+        """In the job: the write planned on ``target`` (None: planned at the write)."""
+        return None
+
+    def _round_mark(self, layer):
+        """Taken at the click: what tells at the write which slices changed since."""
+        return None
 
     # -- layers --------------------------------------------------------------------------
     def _layers_of(self, kind: str):
@@ -1313,9 +1328,11 @@ class _RetrainBase(Container):
         # software OpenGL (_jobs.start_job); the bar above and the loss curve show it
         self._start(
             self._retrain_job, volume, annotation, slices, source, float(self._seconds.value),
-            version, names, self._output_for(image, source), description=f"Retrain v{version} on {counted(len(slices), 'slice')}",
-            on_result=lambda out, seen=self._placement(image, layer): self._on_retrained(
-                out, image, layer, source, seen), activity=False,
+            version, names, self._output_for(image, source), self._write_target(image, layer),
+            description=f"Retrain v{version} on {counted(len(slices), 'slice')}",
+            on_result=lambda out, seen=self._placement(image, layer), mark=self._round_mark(
+                layer): self._on_retrained(out, image, layer, source, seen, mark),
+            activity=False,
         )
 
     def _on_predict(self) -> None:
@@ -1329,9 +1346,10 @@ class _RetrainBase(Container):
         if self._history is not None and self._versions.value is not None:
             source = (self._history, int(self._versions.value))
         number = source[1] if isinstance(source, tuple) else 0
-        self._start(self._predict_job, volume, source, description=f"{self.task.capitalize()} with v{number}",
-                    on_result=lambda out, seen=self._placement(image, layer): self._on_predicted(
-                        out, image, layer, source, seen))
+        self._start(self._predict_job, volume, source, self._write_target(image, layer),
+                    description=f"{self.task.capitalize()} with v{number}",
+                    on_result=lambda out, seen=self._placement(image, layer), mark=self._round_mark(
+                        layer): self._on_predicted(out, image, layer, source, seen, mark))
 
     @staticmethod
     def _layer_class_names(layer) -> dict[int, str]:
@@ -1350,7 +1368,7 @@ class _RetrainBase(Container):
         return load_model(source)
 
     def _retrain_job(self, volume, annotation, slices, source, seconds, version, names,
-                     output=None):
+                     output=None, into=None):
         volume = yield from read_deferred(volume)
         # a listed slice found missing (no finite voxel) is left out, as a point off the
         # image is: it blocked every round until the user found it and unticked it. All
@@ -1367,14 +1385,15 @@ class _RetrainBase(Container):
         result = yield from self._finetune(volume, model, card, annotation, slices, seconds,
                                            version, names, None if output is None else output[1])
         prediction = yield from self._predict_volume(volume, result.model, result.card)
-        return result, prediction, (model, card), volume, digest, left_out
+        plan = self._write_plan(prediction, volume, into)
+        return result, prediction, (model, card), volume, digest, left_out, plan
 
-    def _predict_job(self, volume, source):
+    def _predict_job(self, volume, source, into=None):
         volume = yield from read_deferred(volume)
         model, card = self._model_from(source)
         prediction = yield from self._predict_volume(volume, model, card)
         digest = _content_digest(volume) if self.reuses_output else None
-        return prediction, (model, card), volume, digest
+        return prediction, (model, card), volume, digest, self._write_plan(prediction, volume, into)
 
     def _adopt(self, source, base) -> bool:
         """Start the history from the model a first round loaded; False if stale."""
@@ -1424,8 +1443,8 @@ class _RetrainBase(Container):
         if redraw and report.message and self._worker is not None and not self._result_shown:
             self._status.value = report.message  # a late report must not hide the result
 
-    def _on_retrained(self, out, image, layer, source, seen=None) -> None:
-        result, prediction, base, volume, digest, left_out = out
+    def _on_retrained(self, out, image, layer, source, seen=None, mark=None) -> None:
+        result, prediction, base, volume, digest, left_out, plan = out
         if left_out:
             show_warning(f"Retrain: listed slice{'s' if len(left_out) > 1 else ''} "
                          f"{slice_ranges(left_out)} {'are' if len(left_out) > 1 else 'is'} "
@@ -1467,7 +1486,7 @@ class _RetrainBase(Container):
         self._round_basis = (list(r.slices), getattr(self, "_round_annotation", None))
         try:
             self._apply_checked(prediction, image, layer, volume, v.number, result.card, msg,
-                                seen)
+                                seen, plan, mark)
         finally:
             self._round_basis = self._round_annotation = None
 
@@ -1483,8 +1502,8 @@ class _RetrainBase(Container):
             history = self._kept_histories.setdefault(source, VersionHistory.start(*base))
         return _added(history, result)[0]
 
-    def _on_predicted(self, out, image, layer, source, seen=None) -> None:
-        prediction, base, volume, digest = out
+    def _on_predicted(self, out, image, layer, source, seen=None, mark=None) -> None:
+        prediction, base, volume, digest, plan = out
         if not self._adopt(source, base):
             show_warning("Retrain: the model was changed meanwhile; prediction discarded")
             return
@@ -1494,7 +1513,7 @@ class _RetrainBase(Container):
             self._refresh_versions()
         self._remember_output(image, number, prediction, digest)
         self._apply_checked(prediction, image, layer, volume, number,
-                            self._history.versions[number].card, seen=seen)
+                            self._history.versions[number].card, seen=seen, plan=plan, mark=mark)
 
     def _remember_output(self, image, number: int, prediction, digest: str | None) -> None:
         """Keep what version ``number`` predicted on ``image`` (the volume of content
@@ -1524,7 +1543,7 @@ class _RetrainBase(Container):
         return tuple(_geometry(x) for x in [image] + ([layer] if self.writes_into_layer else []))
 
     def _apply_checked(self, prediction, image, layer, volume, number, card, prefix="",
-                       seen=None) -> None:
+                       seen=None, plan=None, mark=None) -> None:
         if self._shut:  # closed while the write waited for a stroke to end: closing said
             # its unsaved versions were let go, and then one wrote into the layer
             show_warning("Retrain was closed; its prediction was not written")
@@ -1549,9 +1568,10 @@ class _RetrainBase(Container):
             # the user is mid-stroke (napari stages a drag as one undo step): writing now
             # would land inside their stroke; write once they let go
             QTimer.singleShot(50, lambda: self._apply_checked(prediction, image, layer, volume,
-                                                             number, card, prefix, seen))
+                                                             number, card, prefix, seen, plan,
+                                                             mark))
             return
-        self._apply(prediction, image, layer, volume, number, card, prefix)
+        self._apply(prediction, image, layer, volume, number, card, prefix, plan, mark)
         self._result_shown = True
         self._schedule_autosave()
 

@@ -349,7 +349,8 @@ class RetrainDetectorWidget(_RetrainBase):
         return detect_lesions(volume, model, card,
                               threshold=min(KEEP_SCORE, card_peak_threshold(card)))
 
-    def _apply(self, result, image, layer, volume, number, card, prefix="") -> None:
+    def _apply(self, result, image, layer, volume, number, card, prefix="", plan=None,
+               mark=None) -> None:
         """A NEW Points layer with the version's detections (the edited layer stays)."""
         prov = {**provenance(card, image.name), "model": f"{card.get('name')}, Retrain v{number}"}
         data, kwargs, _ = detection_layer_data(result, image, prov, card_peak_threshold(card))

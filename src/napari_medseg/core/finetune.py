@@ -1055,6 +1055,53 @@ def unannotated_updates(current: np.ndarray, predicted: np.ndarray, protected: n
     return idx, predicted.reshape(-1)[flat] if predicted.flags.c_contiguous else predicted[idx]
 
 
+@dataclass(frozen=True)
+class WritePlan:
+    """:func:`unannotated_updates` computed ahead, off napari's thread, on the layer's
+    array as it was then: ``protected`` (z,) the slices it left out, ``max_label`` the
+    prediction's largest value (whether the layer's dtype holds it)."""
+
+    protected: np.ndarray
+    indices: tuple[np.ndarray, ...]
+    values: np.ndarray
+    max_label: int
+
+
+def plan_updates(current: np.ndarray, predicted: np.ndarray, protected: np.ndarray) -> WritePlan:
+    """A :class:`WritePlan` of ``predicted`` into ``current`` (a worker reads the layer's
+    array while the user may paint: the slices changed meanwhile are compared again by
+    :func:`planned_updates`)."""
+    idx, values = unannotated_updates(current, predicted, protected)
+    return WritePlan(np.array(protected, dtype=bool), idx, values,
+                     int(np.asarray(predicted).max(initial=0)))
+
+
+def planned_updates(current: np.ndarray, predicted: np.ndarray, protected: np.ndarray,
+                    plan: WritePlan, touched: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """``unannotated_updates(current, predicted, protected)``, from ``plan`` made on an
+    earlier state of ``current`` that differs from now only on the ``touched`` (z,) slices.
+
+    Those slices, and the ones the plan left out that are not protected now, are compared
+    anew; every other slice's updates come from the plan (on napari's thread the whole
+    comparison held it about 50-90 ms on a 200 × 512 × 512 scan).
+    """
+    current = np.asarray(current)
+    protected = np.asarray(protected, dtype=bool)
+    touched = np.asarray(touched, dtype=bool)
+    if plan.protected.shape != protected.shape or touched.shape != protected.shape:
+        raise MedsegInputError("need one protected and one touched flag per slice")
+    fresh = (touched | plan.protected) & ~protected
+    stale = protected | fresh  # the plan's updates there are dropped
+    keep = ~stale[plan.indices[0]]
+    idx = tuple(axis[keep] for axis in plan.indices)
+    values = plan.values[keep]
+    if fresh.any():
+        more_idx, more_values = unannotated_updates(current, predicted, ~fresh)
+        idx = tuple(np.concatenate([a, b]) for a, b in zip(idx, more_idx))
+        values = np.concatenate([values, more_values])
+    return idx, values
+
+
 def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
     """[3, 4, 5, 9] → [(3, 6), (9, 10)]: sorted indices as half-open runs."""
     if not len(indices):
