@@ -159,6 +159,100 @@ def test_a_write_worked_out_in_the_job_takes_in_an_undo_made_before_it_lands(
     np.testing.assert_array_equal(labels.data[3], written[3])  # the stroke stays
 
 
+@pytest.fixture
+def whole_compare(monkeypatch):
+    """What each write would be with the whole layer compared when it lands (as before
+    the write was planned in the job): the layer after it, and whether it was planned."""
+    from napari_medseg.core.finetune import unannotated_updates
+
+    expected = []
+    apply = RetrainWidget._apply
+
+    def checked(self, seg, image, layer, volume, number, card, prefix="", plan=None, mark=None):
+        data = np.array(layer.data, copy=True)
+        protected = self._protected(image, layer, volume.shape[0]) | volume.missing
+        idx, values = unannotated_updates(data, seg.labels, protected)
+        data[idx] = values
+        expected.append((data, plan is not None and mark is not None))
+        return apply(self, seg, image, layer, volume, number, card, prefix, plan, mark)
+
+    monkeypatch.setattr(RetrainWidget, "_apply", checked)
+    return expected
+
+
+def _paused_plan(monkeypatch):
+    """Events: the job is about to plan (it waits for ``plan``), has planned (it waits
+    for ``write``)."""
+    import threading
+
+    planning, plan, planned, write = (threading.Event() for _ in range(4))
+    plan_of = RetrainWidget._write_plan
+
+    def paused(prediction, volume, target):
+        planning.set()
+        plan.wait(60)
+        out = plan_of(prediction, volume, target)
+        planned.set()
+        write.wait(60)
+        return out
+
+    monkeypatch.setattr(RetrainWidget, "_write_plan", staticmethod(paused))
+    return planning, plan, planned, write
+
+
+@pytest.mark.parametrize("then", ["stroke", "mark correct", "undo before, redo after"])
+def test_a_planned_write_follows_every_undo_and_redo_of_the_round(
+        scene, qtbot, monkeypatch, whole_compare, then):
+    """Compared only at the click and at the write, the histories missed an undone
+    re-prediction that then left the redo history (a new stroke, or Mark correct,
+    clears it) and an undo before the job read the layer redone after it: those slices
+    kept a mix of the old labels and the new prediction, said to be re-predicted."""
+    import dataclasses
+
+    viewer, image, labels, widget, phantom = scene
+    first = np.array(labels.data, copy=True)
+    _paint_slice(labels, 3, phantom.labels)
+    widget._predict.clicked.emit()  # v0's output written: one undo step
+    _wait(widget, qtbot)
+    if then == "undo before, redo after":  # a later version: unlike what is written now
+        predict = RetrainWidget._predict_volume
+
+        def other(volume, model, card):
+            out = yield from predict(volume, model, card)
+            mine = first.astype(out.labels.dtype)
+            mine[:, :48] = 0
+            return dataclasses.replace(out, labels=mine)
+
+        monkeypatch.setattr(RetrainWidget, "_predict_volume", staticmethod(other))
+    planning, plan, planned, write = _paused_plan(monkeypatch)
+    widget._predict.clicked.emit()
+    if then == "undo before, redo after":
+        qtbot.waitUntil(planning.is_set, timeout=60_000)
+        labels.undo()
+        plan.set()
+        qtbot.waitUntil(planned.is_set, timeout=60_000)
+        labels.redo()
+    else:
+        plan.set()
+        qtbot.waitUntil(planned.is_set, timeout=60_000)
+        labels.undo()  # the first write undone after the job planned …
+        if then == "stroke":  # … and dropped from the redo history by a new stroke
+            labels.brush_size = 5
+            labels._begin_stroke()
+            labels.paint((6, 40, 40), 1)
+            labels._commit_stroke()
+        else:  # … by marking a slice correct
+            viewer.dims.set_point(0, image.data_to_world((5, 0, 0))[0])
+            widget._mark_current()
+        assert not labels._redo_history
+    write.set()
+    _wait(widget, qtbot)
+    want, was_planned = whole_compare[-1]
+    assert was_planned
+    wrong = np.argwhere(labels.data != want)
+    assert not len(wrong), f"{len(wrong)} voxels differ on slices {sorted(set(wrong[:, 0]))}"
+
+
 def test_a_refused_repredict_leaves_the_version_in_use(scene, qtbot):
     """'Re-predict with it' made the picked version the one in use before it checked
     its input: a refused click (no image) still switched versions, so the next round

@@ -84,28 +84,71 @@ def _history_places(layer) -> dict[int, tuple[str, Any]] | None:
 class _RoundMark:
     """Taken when a job that writes into a Labels layer starts: at the write, the slices
     whose voxels may have changed since (strokes, undo, redo), or None when any may have
-    (the same array assigned again after a script's edit in place, or no histories)."""
+    (the same array assigned again after a script's edit in place, or no histories).
+
+    The histories are followed at every paint and set_data event (napari's undo and redo
+    emit set_data at once): compared only at the click and at the write, a step undone
+    and then dropped from the redo history (a new stroke clears it), or undone and redone
+    around the moment the job read the layer, looked untouched. An edit in place with no
+    history step and no data event (a script's ``layer.data[...] = v``) is not seen."""
 
     def __init__(self, layer) -> None:
         self._places = _history_places(layer)
+        self._ends = self._history_ends(layer)
         self._assigned = False
-        layer.events.data.connect(self._on_assigned)  # held weakly by napari
+        self._touched: set[int] = set()
+        self._flat = layer.ndim == 2
+        # held weakly by napari: gone with the job's result callback
+        layer.events.data.connect(self._on_assigned)
+        layer.events.paint.connect(self._on_change)
+        layer.events.set_data.connect(self._on_change)
+
+    @staticmethod
+    def _history_ends(layer) -> tuple:
+        """The histories' lengths and newest atoms: unchanged, no step moved (scrolling
+        emits set_data too, so the full comparison is skipped then)."""
+        undo, redo = getattr(layer, "_undo_history", None), getattr(layer, "_redo_history", None)
+        if undo is None or redo is None:
+            return ()
+        return (len(undo), len(redo), undo[-1][0] if undo and undo[-1] else None,
+                redo[-1][0] if redo and redo[-1] else None)
 
     def _on_assigned(self, _event=None) -> None:
         self._assigned = True
 
-    def touched(self, layer) -> set[int] | None:
-        layer.events.data.disconnect(self._on_assigned)
+    def _on_change(self, event=None) -> None:
+        layer = getattr(event, "source", None)
+        if layer is not None:
+            self._follow(layer)
+
+    def _follow(self, layer) -> None:
+        if self._places is None:
+            return
+        ends = self._history_ends(layer)
+        if (ends and self._ends and ends[:2] == self._ends[:2]
+                and ends[2] is self._ends[2] and ends[3] is self._ends[3]):
+            return
         now = _history_places(layer)
-        if self._assigned or self._places is None or now is None:
-            return None
+        if now is None:
+            self._places = None
+            return
         # a step undone is in the redo history now, a stroke or a redo in the undo one;
         # a step that only left a history (pushed out, redo cleared) changed no voxel
+        # since the last event (an undo before it was counted then)
         moved = [atom for key, (place, atom) in now.items()
                  if self._places.get(key, (None,))[0] != place]
-        if not moved:
-            return set()
-        return {0} if layer.ndim == 2 else painted_slices(moved)
+        if moved:
+            self._touched |= {0} if self._flat else painted_slices(moved)
+        self._places, self._ends = now, ends
+
+    def touched(self, layer) -> set[int] | None:
+        layer.events.data.disconnect(self._on_assigned)
+        layer.events.paint.disconnect(self._on_change)
+        layer.events.set_data.disconnect(self._on_change)
+        self._follow(layer)
+        if self._assigned or self._places is None:
+            return None
+        return set(self._touched)
 
 
 class RetrainWidget(_RetrainBase):
