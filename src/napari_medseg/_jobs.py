@@ -12,12 +12,15 @@ import inspect
 import logging
 import sys
 import threading
+import warnings
+import weakref
 from typing import Any, Callable
 
-from napari.qt.threading import GeneratorWorker, FunctionWorker, create_worker
+from napari.qt.threading import GeneratorWorker, FunctionWorker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QThreadPool, Qt
+from superqt.utils import create_worker
 
 from .core.errors import MedsegInputError
 from .core.progress import Progress
@@ -42,8 +45,9 @@ def _reportable(exc: BaseException) -> bool:
 def _releasable(job: Callable[..., Any], wrapper: Callable[..., Any],
                 held: list) -> Callable[..., Any]:
     """``wrapper`` named as ``job``, holding it only in ``held``: ``wrapper.release()``
-    lets go of it. superqt's worker signals keep the function a worker was made with, and
-    napari keeps every worker for the session: a widget's method as a job kept the widget
+    lets go of it. superqt's worker signals keep the function a worker was made with, and a
+    worker can outlive its job (napari's ``create_worker`` kept every one for the session,
+    in its task list): a widget's method as a job kept the widget
     (and, a Retrain widget, its model versions) after its dock was closed."""
     functools.update_wrapper(wrapper, job)
     del wrapper.__wrapped__
@@ -81,6 +85,74 @@ def _base_exceptions_raised(job: Callable[..., Any]) -> Callable[..., Any]:
     return _releasable(job, wrapper, held)
 
 
+class _JobRun:
+    """superqt's ``WorkerBase.run`` without its ``warnings.catch_warnings()``, which set
+    the process-wide ``warnings.showwarning`` to this worker's signal for the whole job
+    and put back, at its end, whatever it found: while any job ran, a warning raised on
+    napari's thread went to a signal nobody heard, and two overlapping jobs ending in the
+    order they started left the first job's dead hook (and an "always" filter) for the
+    rest of the session. A job's warnings now go where any thread's go (napari's
+    notifications, which show them on its thread)."""
+
+    def run(self) -> None:
+        self.started.emit()
+        self._running = True
+        try:
+            result = self.work()
+            if isinstance(result, Exception):
+                if isinstance(result, RuntimeError):  # as superqt: a deleted worker
+                    warnings.warn(f"RuntimeError in aborted thread: {result}",
+                                  RuntimeWarning, stacklevel=2)
+                    return
+                raise result
+            if not self.abort_requested:
+                self.returned.emit(result)
+        except Exception as exc:
+            self.errored.emit(exc)
+        self._running = False
+        self.finished.emit()
+        self._finished.emit(self)
+
+
+class _GeneratorJob(_JobRun, GeneratorWorker):
+    pass
+
+
+class _FunctionJob(_JobRun, FunctionWorker):
+    pass
+
+
+def _room_in_the_pool() -> None:
+    """Workers run on Qt's global thread pool, one thread per core: on 2 cores a third
+    job (Classify while two Retrain rounds ran) waited unseen, its widget saying
+    "running", and its Cancel did nothing until another ended. A job starts at once
+    (ThreadGovernor shares the cores between the jobs that run)."""
+    pool = QThreadPool.globalInstance()
+    # the threads busy now and every job of ours not ended (counted as it starts; superqt
+    # hands a worker to the pool one event-loop turn later): more than enough, never short
+    need = pool.activeThreadCount() + _jobs_running
+    if need > pool.maxThreadCount():
+        pool.setMaxThreadCount(need)
+
+
+def _listed_in_tasks(viewer: Any, worker: Any, description: str) -> None:
+    """The job in napari's list of running tasks of the widget's own viewer (its window
+    asks before closing over them, and cancels them). napari's ``create_worker`` put it
+    in the list of whichever viewer was current: closing a second viewer cancelled a
+    Segment running in the first, and the first's close did not ask."""
+    window = getattr(viewer, "window", None)
+    register = getattr(window, "_register_task_status", None)
+    update = getattr(window, "_update_task_status", None)
+    if register is None or update is None:  # napari < 0.6 keeps no such list
+        return
+    from napari.utils.task_status import Status
+
+    ref = weakref.ref(worker)  # napari keeps its task list (and this) for the session
+    task = register("napari-medseg", Status.BUSY, description,
+                    cancel_callback=lambda: ref() is not None and ref().cancel())
+    worker.finished.connect(lambda: update(task, Status.COMPLETED, description))
+
+
 def said_of(what: str, message: str, refused: bool) -> str:
     """One line on a job that ended in an error: a refused input says why (a job that
     checks its input in the worker, as every model job now does, refused it, it did not
@@ -106,6 +178,7 @@ def start_job(
     on_progress: Callable[[Progress], None] | None = None,
     on_error: Callable[[str, bool], None] | None = None,
     activity: bool = True,
+    viewer: Any = None,
     **kwargs: Any,
 ) -> GeneratorWorker | FunctionWorker:
     """Start ``job(*args, **kwargs)`` in a worker with a napari progress bar.
@@ -121,7 +194,8 @@ def start_job(
     "in progress" image; under Xvfb (software OpenGL, as on many remote desktops) each of
     its frames re-composites the canvas: a 10 s Retrain round did 42 training steps with
     it and 98 with its progress in the widget (bench_gui_responsiveness.py --retrain
-    --no-scroll, benchmarks/README.md).
+    --no-scroll, benchmarks/README.md). ``viewer``: the widget's viewer, whose window
+    lists the job among its running tasks.
     """
     if threading.current_thread() is not threading.main_thread():
         # napari's GUI thread: from another, the worker's signals (result, finished) would
@@ -130,13 +204,15 @@ def start_job(
     is_generator = inspect.isgeneratorfunction(job)
     job = _runtime_errors_raised(job) if is_generator else _base_exceptions_raised(job)
     # errors are ours to report (below); otherwise napari re-raises them in the GUI thread
-    worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+    worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True,
+                           _worker_class=_GeneratorJob if is_generator else _FunctionJob,
+                           **kwargs)
     # indeterminate until the first report
     bar = progress(total=0, desc=description) if activity else _NoBar()
     state = {"cancelled": False}
-    # the widget's callbacks, looked up at each call and dropped when the job ends: napari
-    # keeps every worker for the whole session (its task-status list holds worker.quit),
-    # the worker its signals' connections, and these the input layer (its whole volume)
+    # the widget's callbacks, looked up at each call and dropped when the job ends: a
+    # worker can outlive its job (see _releasable), the worker keeps its signals'
+    # connections, and these the input layer (its whole volume)
     callbacks = {"result": on_result, "finished": on_finished, "progress": on_progress,
                  "error": on_error}
 
@@ -195,6 +271,8 @@ def start_job(
     worker.errored.connect(_on_error)
     worker.finished.connect(_on_finished)
     worker.cancel = lambda: _cancel(worker, state)  # type: ignore[attr-defined]
+    _listed_in_tasks(viewer, worker, description)
+    _room_in_the_pool()
     worker.start()
     return worker
 

@@ -175,3 +175,73 @@ def test_a_base_exception_in_a_job_is_reported_and_the_job_finishes(qtbot, monke
     said = f"{type(raised).__name__}: {raised}"
     assert errors == [said] and shown == [f"test job failed: {said}"]
     assert sys.getswitchinterval() == before
+
+
+def _gated(gate, name):
+    def job():
+        gate.wait(30)
+        return name
+
+    job.__name__ = name
+    return job
+
+
+def test_overlapping_jobs_leave_pythons_warning_hooks_as_they_were(qtbot):
+    """superqt's worker swapped the process-wide warnings.showwarning for its own signal
+    while it ran: a warning on napari's thread meanwhile was lost, and two jobs ending
+    in the order they started left the first one's dead hook for the session."""
+    import warnings
+
+    shown = []
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        shown.append(str(message))
+
+    before_hook, before_filters = warnings.showwarning, list(warnings.filters)
+    warnings.showwarning = hook
+    try:
+        first_gate, second_gate = threading.Event(), threading.Event()
+        done = []
+        first = start_job(_gated(first_gate, "first"), description="A", on_result=done.append)
+        qtbot.waitUntil(lambda: first.is_running, timeout=5000)
+        second = start_job(_gated(second_gate, "second"), description="B",
+                           on_result=done.append)
+        qtbot.waitUntil(lambda: second.is_running, timeout=5000)
+        with warnings.catch_warnings():  # (pytest's -W filters aside)
+            warnings.simplefilter("always")
+            warnings.warn("said on napari's thread while jobs run")
+        first_gate.set()
+        qtbot.waitUntil(lambda: done == ["first"], timeout=5000)
+        second_gate.set()
+        qtbot.waitUntil(lambda: done == ["first", "second"], timeout=5000)
+        assert warnings.showwarning is hook
+        assert shown == ["said on napari's thread while jobs run"]
+    finally:
+        warnings.showwarning = before_hook
+        warnings.filters[:] = before_filters
+
+
+def test_a_job_starts_at_once_whatever_else_runs(qtbot):
+    """Qt's global pool has one thread per core: on 2 cores a third job waited unseen
+    behind two long ones, its widget saying "running" and its Cancel doing nothing."""
+    from qtpy.QtCore import QThreadPool
+
+    pool = QThreadPool.globalInstance()
+    before = pool.maxThreadCount()
+    pool.setMaxThreadCount(2)
+    gates = [threading.Event() for _ in range(3)]
+    started, done = [], []
+    try:
+        workers = []
+        for i, gate in enumerate(gates):
+            def job(i=i, gate=gate):
+                started.append(i)
+                gate.wait(30)
+                return i
+            workers.append(start_job(job, description=f"job {i}", on_result=done.append))
+        qtbot.waitUntil(lambda: len(started) == 3, timeout=5000)
+    finally:
+        for gate in gates:
+            gate.set()
+        qtbot.waitUntil(lambda: len(done) == len(started), timeout=10_000)
+        pool.setMaxThreadCount(max(before, pool.maxThreadCount()))

@@ -1100,6 +1100,39 @@ def test_the_input_checks_after_a_run_are_worked_out_off_napari_thread(
     assert "Hounsfield" in widget._status.value  # still said
 
 
+def test_closing_another_viewer_leaves_a_job_of_this_one_running(
+        make_napari_viewer, qtbot, random_models, small_phantom):
+    """napari's create_worker listed each job among the tasks of whichever viewer was
+    current: closing a second viewer cancelled a Segment running in the first (no
+    result, "cancelled"), and the first viewer's close did not ask about it."""
+    import threading
+
+    first = make_napari_viewer()
+    image = _open_phantom(first, small_phantom)
+    widget = SegmentWidget(plugin_view(first))
+    _select(widget, image, random_models["RecurrentSegmenter"])
+    second = make_napari_viewer()  # napari's current viewer now
+    go, entered = threading.Event(), threading.Event()
+    real = SegmentWidget.core_job
+
+    def held(volume, model, card, options):
+        entered.set()
+        go.wait(60)
+        return (yield from real(widget, volume, model, card, options))
+
+    widget.core_job = held
+    layers = len(first.layers)
+    widget._run.clicked.emit()
+    qtbot.waitUntil(entered.is_set, timeout=20_000)
+    if hasattr(first.window, "_task_status_manager"):  # napari >= 0.6 lists tasks
+        assert first.window._task_status_manager.is_busy()
+        assert not second.window._task_status_manager.is_busy()
+    second.close()
+    go.set()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert len(first.layers) == layers + 1 and isinstance(first.layers[-1], Labels)
+
+
 def test_raw_stored_values_and_a_scale_in_cm_are_said(make_napari_viewer, qtbot, small_phantom):
     """Raw uint16 CT gave organ volumes, a scale in cm "body 1 ml", both in silence."""
     viewer = make_napari_viewer()

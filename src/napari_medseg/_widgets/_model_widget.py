@@ -725,6 +725,7 @@ class ModelRunWidget(Container):
                 self._status, _jobs.said_of(self.task, message, refused)),
             on_progress=self._on_progress,
             activity=False,
+            viewer=self._viewer,
         )
 
     def _on_job_finished(self) -> None:

@@ -1416,7 +1416,7 @@ class _RetrainBase(Container):
             on_progress=self._unless_closed(self._on_progress),
             on_error=lambda message, refused: set_status(
                 self._status, _jobs.said_of(description, message, refused)),
-            activity=activity)
+            activity=activity, viewer=self._viewer)
 
     def _unless_closed(self, callback):
         """``callback``, skipped once the viewer holding this widget is closed (its Qt

@@ -165,6 +165,7 @@ class PhantomWidget(Container):
             on_finished=self._on_finished,
             on_progress=self._on_progress,
             on_error=self._on_failed,
+            viewer=self._viewer,
         )
 
     def _on_progress(self, report) -> None:
