@@ -1246,3 +1246,37 @@ def test_a_save_that_fails_on_a_full_disk_leaves_no_folders_and_names_the_model_
         save_model(model, tmp_path / "n1" / "n2", "classifier", CARD)
     assert info.value.filename == str(tmp_path / "n1" / "n2" / "classifier.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_for_weights_is_built_without_waiting_for_a_seeded_job():
+    """Building drew its random initialisation from torch's global generator, which a
+    seeded job holds (core.rng) while each step runs: Retrain's Save waited ~0.4 s on
+    napari's thread for an Uncertainty step. Built on the meta device it draws nothing."""
+    import threading
+
+    from napari_medseg.core import rng
+    from napari_medseg.core.models.registry import BUNDLED_DIR, build_for_weights, load_model
+
+    _, card = load_model(BUNDLED_DIR / "segmenter.json")
+    held, release = threading.Event(), threading.Event()
+
+    def a_seeded_step():
+        with rng._LOCK:
+            held.set()
+            release.wait(30)
+
+    step = threading.Thread(target=a_seeded_step)
+    step.start()
+    held.wait(10)
+    built = []
+    state = torch.get_rng_state()
+    builder = threading.Thread(target=lambda: built.append(build_for_weights(card)))
+    builder.start()
+    builder.join(10)
+    waited = builder.is_alive()
+    release.set()
+    step.join()
+    builder.join()
+    assert not waited and len(built) == 1
+    assert torch.equal(torch.get_rng_state(), state)  # no draw from the global generator
+    assert all(p.device.type == "cpu" for p in built[0].parameters())

@@ -71,13 +71,3 @@ class PrivateRNG:
                 sent = yield item
         finally:
             job.close()  # cancelled or failed: the job's own clean-up runs now
-
-
-@contextlib.contextmanager
-def isolated() -> Iterator[None]:
-    """Draws in the block (a model's random initialisation, soon overwritten by loaded
-    weights) neither come from a seeded job's state nor move torch's global state:
-    building a model in one thread while another job's state was swapped in took that
-    job's draws, and its seeded result changed."""
-    with _LOCK, torch.random.fork_rng(devices=[]):
-        yield
