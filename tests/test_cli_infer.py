@@ -130,6 +130,35 @@ def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path, models, 
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("command,suffix", [("classify", ".csv"), ("segment", ".nii.gz"),
+                                            ("detect", ".csv")])
+def test_an_output_made_by_something_else_while_the_command_ran_is_kept(
+        tmp_path, models, image, capsys, monkeypatch, command, suffix):
+    """--overwrite was checked only at the start: a file saved under the output's name
+    while the model ran (a second run into the same name, a file the user saved) was
+    replaced, and the command said "wrote"."""
+    import napari_medseg.cli_infer as cli_infer
+
+    model = {"segment": "segmenter", "classify": "classifier", "detect": "detector"}[command]
+    out = tmp_path / f"result{suffix}"
+    run = cli_infer._run
+
+    def meanwhile(job, *args, **kwargs):
+        result = run(job, *args, **kwargs)
+        out.write_bytes(b"saved meanwhile")
+        return result
+
+    monkeypatch.setattr(cli_infer, "_run", meanwhile)
+    assert main([command, str(image), str(out), "-q", "--model", str(models[model])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("not replaced (pass --overwrite to replace it)"), err
+    assert out.read_bytes() == b"saved meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert main([command, str(image), str(out), "-q", "--overwrite",
+                 "--model", str(models[model])]) == 0
+    assert out.read_bytes() != b"saved meanwhile"
+
+
 @pytest.mark.parametrize("name", ["classes.csv", "labels.nii.gz"])
 def test_a_write_protected_output_is_refused_before_computing(tmp_path, models, image, capsys,
                                                                name, monkeypatch):

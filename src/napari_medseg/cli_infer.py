@@ -109,12 +109,14 @@ def _grid(volume) -> tuple:
     return volume.spacing, volume.origin, volume.metadata.get("axes_lps")
 
 
-def _write_all(*writes: tuple[Path | None, Any]) -> None:
+def _write_all(*writes: tuple[Path | None, Any], overwrite: bool = True) -> None:
     """Run each ``(path, write)`` in turn (``path`` None: skipped); each write replaces its
     file atomically. All or nothing: if a later write fails, every file an earlier one
     wrote is put back as it was (removed, or its previous content restored from a hard
     link kept until the end), so a command with two outputs never leaves a new one next
-    to an old one."""
+    to an old one. Without ``overwrite``, a file that appeared under an output's name
+    while the command computed (another run, a file the user saved) is refused then, not
+    replaced: checked only at the start, it was silently replaced."""
     done: list[tuple[Path, Path | None]] = []
     try:
         for index, (path, write) in enumerate(writes):
@@ -122,6 +124,10 @@ def _write_all(*writes: tuple[Path | None, Any]) -> None:
                 continue
             # a link's target is what the write replaces, and what to put back
             path = link_target(path)
+            if not overwrite and (path.exists() or path.is_symlink()):
+                raise MedsegInputError(
+                    "the output was created by something else while this command ran; "
+                    "not replaced (pass --overwrite to replace it)", path)
             keep = None
             if path.exists():
                 # (the name cut as the atomic writers cut theirs: a long one overflows; the
@@ -285,9 +291,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     volume, model, card = _load(args, "segment")
     result = _run(segment_volume(volume, model, card, chunk=args.chunk, **_engine_kwargs(args)),
                   "segment", args.quiet)
-    write_nifti(out, result.labels, *_grid(volume), labels=True,
-                label_names=dict(enumerate(result.class_names)),
-                info={**(_missing_info(volume) or {}), **_model_record(card)})
+    _write_all((out, lambda: write_nifti(
+        out, result.labels, *_grid(volume), labels=True,
+        label_names=dict(enumerate(result.class_names)),
+        info={**(_missing_info(volume) or {}), **_model_record(card)})),
+        overwrite=args.overwrite)
     # one slice (a 2D image): areas, as the widget gives; a volume would need a slice
     # thickness the image does not have (the 1 mm a 2D file is read with is made up)
     one_slice = result.labels.shape[0] == 1
@@ -313,7 +321,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for z, (cls, probs) in enumerate(zip(result.predicted, result.probabilities)):
         name = "missing" if cls < 0 else result.class_names[cls]
         rows.append((z, name, *("" if p != p else f"{p:.5f}" for p in probs)))
-    _write_csv_atomic(out, header, rows)
+    _write_all((out, lambda: _write_csv_atomic(out, header, rows)), overwrite=args.overwrite)
     print(f"wrote {out.name} ({_made_by(card)}): {counted(len(rows), 'slice')} "
           f"({result.precision})")
     return 0
@@ -340,7 +348,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(),
                                        *_grid(volume),
                                        **_map_kwargs(volume, "lesion heatmap", card))),
-        (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)))
+        (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)),
+        overwrite=args.overwrite)
     print(f"wrote {out.name} ({_made_by(card)}): {counted(len(rows), 'detection')} "
           f"(threshold {result.threshold:g},"
           f" {result.precision})")
@@ -384,8 +393,10 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
     result = _run(gradcam_volume(volume, model, card, target=target, threads=args.threads),
                   "gradcam", args.quiet)
     explained = card["classes"][target] if isinstance(target, int) else target
-    write_nifti(out, result.maps, *_grid(volume),
-                **_map_kwargs(volume, f"Grad-CAM {explained or 'predicted class'}", card))
+    _write_all((out, lambda: write_nifti(
+        out, result.maps, *_grid(volume),
+        **_map_kwargs(volume, f"Grad-CAM {explained or 'predicted class'}", card))),
+        overwrite=args.overwrite)
     print(f"wrote {out.name} ({_made_by(card)}): Grad-CAM of {explained or 'the predicted class'} per slice, 0–1")
     return 0
 
@@ -405,7 +416,8 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
         (out, lambda: write_nifti(out, result.entropy, *_grid(volume),
                                   **_map_kwargs(volume, "uncertainty", card))),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
-            (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])))
+            (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])),
+        overwrite=args.overwrite)
     print(f"wrote {out.name} ({_made_by(card)}): MC-dropout entropy ({result.samples} samples); most uncertain"
           f" slices: {', '.join(map(str, result.most_uncertain(5))) or 'none'}")
     return 0
@@ -457,7 +469,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   "acquired_slices": np.flatnonzero(result.acquired).tolist(),
                   **_model_record(card)})),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
-                                            list(enumerate(status.tolist())))))
+                                            list(enumerate(status.tolist())))),
+        overwrite=args.overwrite)
     print(f"wrote {out.name}: {counted(v.shape[result.axis], 'slice')} at {v.spacing[result.axis]:g} mm"
           f"{'' if result.axis == 0 else ' along ' + result.axis_name} ({args.method}"
           f"{', ' + _made_by(card) if card else ''});"
