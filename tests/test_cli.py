@@ -70,6 +70,19 @@ def test_info_says_what_the_widget_says(capsys):
     assert "warnings" not in summary["source"] and summary["warnings"] == []
 
 
+def test_info_sums_up_a_long_list_of_slice_spacings(tmp_path, capsys):
+    """A 200-slice series printed its 199 slice spacings on one line of 1,014 characters."""
+    from tests.core.test_io_dicom import write_series
+
+    write_series(tmp_path / "ct", [2.5 * z for z in range(12)], shuffle=False)
+    assert main(["info", str(tmp_path / "ct")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "slice_spacings_mm: 2.5 (× 11)" in lines, lines
+    assert max(map(len, lines)) < 200
+    assert main(["info", str(tmp_path / "ct"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source"]["slice_spacings_mm"] == [2.5] * 11
+
+
 def test_phantom_overwrite_is_all_or_nothing(tmp_path, capsys):
     out = tmp_path / "ph"
     assert main(["phantom", str(out), "--shape", "2", "32", "32"]) == 0

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
@@ -192,8 +192,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"warning:  {warning}")
     for key, value in sorted(summary["source"].items()):  # as the Volume info widget lists
         if value not in (None, [], ""):
-            print(f"{key}: {value}")
+            print(f"{key}: {_brief(value)}")
     return 0
+
+
+def _brief(value: Any) -> Any:
+    """A long list of numbers (a series' slice spacings: one per gap) summed up for the
+    text report: 199 values made one line of 1,014 characters; --json keeps them all."""
+    if not isinstance(value, list) or len(value) <= 8 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return value
+    low, high = min(value), max(value)
+    if low == high:
+        return f"{low:g} (× {len(value)})"
+    return f"{low:g} .. {high:g} ({len(value)} values; --json lists them)"
 
 
 # the last widget tabified into a group is the one shown: Segment, then Volume info
