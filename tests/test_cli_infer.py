@@ -591,3 +591,51 @@ def test_outputs_name_the_model_that_made_them(tmp_path, models, image, capsys):
     (extension,) = nib.load(heat).header.extensions
     ours = json.loads(extension.get_content())["napari-medseg"]
     assert ours["model_sha256"] == det["sha256"] and ours["explanation_map"] == "lesion heatmap"
+
+
+@pytest.mark.parametrize("codes", [("R", "A", "S"), ("A", "S", "R")])
+def test_nifti_results_are_stored_in_the_inputs_own_voxel_order(tmp_path, models, codes):
+    """A result of a NIfTI input has the input's shape and affine, so the raw arrays line
+    up voxel for voxel in any tool: a RAS input's labels came out with i and j reversed
+    (``input[labels == 2]`` on nibabel's arrays read fat and air as liver), a sagittal
+    one's with its shape permuted. Read through the plugin, they are what it shows."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    from napari_medseg.core.io import read_volume
+
+    ph = generate_phantom((6, 40, 36), (2.5, 1.0, 1.2), seed=3, n_lesions=1)
+    written = write_nifti(tmp_path / "lps.nii.gz", ph.volume.array, ph.volume.spacing,
+                          ph.volume.origin)
+    lps = nib.load(written)  # the plugin's own order: (x, y, z) = L, P, S
+    turn = ornt_transform(axcodes2ornt(("L", "P", "S")), axcodes2ornt(codes))
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(apply_orientation(np.asarray(lps.dataobj), turn),
+                             lps.affine @ inv_ornt_aff(turn, lps.shape)), src)
+    stored = nib.load(src)
+    for argv, out in [
+        (["segment", str(src), str(tmp_path / "seg.nii.gz"), "--model",
+          str(models["segmenter"])], tmp_path / "seg.nii.gz"),
+        (["detect", str(src), str(tmp_path / "d.csv"), "--heatmap", str(tmp_path / "h.nii.gz"),
+          "--model", str(models["detector"])], tmp_path / "h.nii.gz"),
+    ]:
+        assert main([*argv, "-q"]) == 0
+        result = nib.load(out)
+        assert result.shape == stored.shape, argv[0]
+        np.testing.assert_allclose(result.affine, stored.affine, atol=1e-4)
+        # the same voxels as the plugin's own reading of both files
+        raw = np.asarray(result.dataobj)
+        turned_back = apply_orientation(raw, ornt_transform(axcodes2ornt(codes),
+                                                            axcodes2ornt(("L", "P", "S"))))
+        np.testing.assert_array_equal(turned_back.transpose(2, 1, 0), read_volume(out).array)
+    # generated slices: the input's i and j, twice the slices along the slice axis
+    assert main(["generate", str(src), str(tmp_path / "up.nii.gz"), "--factor", "2", "-q"]) == 0
+    up = nib.load(tmp_path / "up.nii.gz")
+    slice_axis = "".join(codes).index("S")
+    assert [n for a, n in enumerate(up.shape) if a != slice_axis] == \
+        [n for a, n in enumerate(stored.shape) if a != slice_axis]
+    assert up.shape[slice_axis] == 2 * stored.shape[slice_axis] - 1
+    np.testing.assert_array_equal(
+        np.take(np.asarray(up.dataobj), [0], axis=slice_axis),
+        np.take(np.asarray(stored.dataobj), [0], axis=slice_axis).astype(np.float32))
+    assert read_volume(tmp_path / "up.nii.gz").metadata["synthetic_planes"]["indices"] == \
+        list(range(1, 2 * 6 - 1, 2))

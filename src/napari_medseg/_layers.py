@@ -274,9 +274,10 @@ def is_explanation_map(layer: Any) -> bool:
 
 
 def scan_axes(layer: Any, shape: Any = None) -> dict[str, Any]:
-    """The scan's axes a reader recorded on ``layer`` (``{"axes_lps": …}``, or empty): a
-    labels layer made on it carries them, so that saving it writes where the scan lies
-    (a coronal or oblique scan's labels were saved as axial)."""
+    """The scan's axes a reader recorded on ``layer`` (``{"axes_lps": …}``, with a NIfTI
+    file's ``stored_orientation``, or empty): a labels layer made on it carries them, so
+    that saving it writes where the scan lies (a coronal or oblique scan's labels were
+    saved as axial), in the scan file's own voxel order."""
     source = (getattr(layer, "metadata", None) or {}).get("medseg", {}).get("source", {})
     axes = source.get("axes_lps") if isinstance(source, dict) else None
     if axes is None:
@@ -284,7 +285,10 @@ def scan_axes(layer: Any, shape: Any = None) -> dict[str, Any]:
     # ``shape``: the data the axes are now recorded for, when a result layer has another
     # shape than ``layer`` (a Generate result's extra slices)
     shape = source.get("shape_zyx") if shape is None else [int(n) for n in shape][-3:]
-    return {"axes_lps": axes, **({"shape_zyx": shape} if shape is not None else {})}
+    # a NIfTI scan's own voxel order: a result saved from the layer is stored in it
+    stored = source.get("stored_orientation")
+    return {"axes_lps": axes, **({"shape_zyx": shape} if shape is not None else {}),
+            **({"stored_orientation": stored} if isinstance(stored, str) else {})}
 
 
 def axes_for(source: Any, shape: tuple) -> Any:

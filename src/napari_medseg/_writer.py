@@ -49,7 +49,7 @@ def _write_labels_nifti(path: str, data: Any, meta: dict) -> list[str]:
         labels = labels[np.newaxis]
     _refuse_an_open_layers_file(path, meta.get("name"))
     written = write_nifti(path, labels, spacing=None, matrix=matrix,
-                          axes=_scan_axes(meta, labels.shape, matrix),
+                          **_scan_axes(meta, labels.shape, matrix),
                           labels=True, label_names=_label_names(meta),
                           info=_model_info(meta) or None)
     return [str(written)]
@@ -124,7 +124,7 @@ def _write_image_nifti(path: str, data: Any, meta: dict) -> list[str]:
     exact = image.dtype == np.float64 and not np.array_equal(
         image.astype(np.float32).astype(np.float64), image, equal_nan=True)
     written = write_nifti(path, image, spacing=None, matrix=matrix,
-                          axes=_scan_axes(meta, image.shape, matrix),
+                          **_scan_axes(meta, image.shape, matrix),
                           description=description, info=info, keep_float64=exact)
     return [str(written)]
 
@@ -305,30 +305,48 @@ def _world_mm(meta: dict, ndim: int) -> np.ndarray:
     return world
 
 
-def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> Any:
-    """The scan's axes: from the layer's own metadata (results of this plugin), else from
-    an image this plugin opened that the layer lies on (a layer from napari's New Labels
-    button carries none); None: axial."""
-    from ._layers import axes_for, scan_axes, world_matrix_mm
+def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> dict:
+    """write_nifti's ``axes`` and ``stored_orientation``: the scan's axes, and a NIfTI
+    scan's own voxel order, from the layer's own metadata (results of this plugin), else
+    from an image this plugin opened that the layer lies on (a layer from napari's New
+    Labels button carries none); none: axial, stored as (x, y, z)."""
+    from ._layers import axes_for
+    from .core.io.nifti import voxel_order
 
-    own = axes_for(((meta.get("metadata") or {}).get("medseg") or {}).get("source"), shape)
-    if own is not None:
-        return own
-    scans = [(layer, axes) for layer in _open_layers()
+    source = ((meta.get("metadata") or {}).get("medseg") or {}).get("source")
+    own = axes_for(source, shape)
+    found = {**source, "axes_lps": own} if own is not None else _open_scan_axes(shape, matrix)
+    if found is None:
+        return {"axes": None, "stored_orientation": None}
+    stored = found.get("stored_orientation")  # metadata: anything may be in it
+    return {"axes": found["axes_lps"],
+            "stored_orientation": stored if voxel_order(stored) is not None else None}
+
+
+def _open_scan_axes(shape: tuple, matrix: np.ndarray) -> dict | None:
+    """:func:`scan_axes` of the open image this plugin read that a layer of ``shape``
+    and voxel-to-world ``matrix`` lies on; None if none, or scans of other axes."""
+    from ._layers import scan_axes, world_matrix_mm
+
+    scans = [(layer, found) for layer in _open_layers()
              if getattr(layer, "ndim", 0) == 3
-             and (axes := scan_axes(layer).get("axes_lps")) is not None]
-    for layer, axes in scans:
+             and (found := scan_axes(layer)).get("axes_lps") is not None]
+    for layer, found in scans:
         if (tuple(getattr(layer.data, "shape", ()))[-3:] == tuple(shape)
                 and np.allclose(world_matrix_mm(layer), matrix)):
-            return axes
+            return found
     # a layer on the scan's voxel grid with another extent (napari's New Labels sized to
     # other layers, a crop): same voxel steps, shifted by whole voxels. It was saved
     # axial: 70 mm off an oblique scan in other viewers. Scans of other axes whose grid
     # it is on: which one is not known.
-    on_grid = [axes for layer, axes in scans if _on_grid_of(matrix, world_matrix_mm(layer))]
-    distinct = {tuple(np.round(np.asarray(axes, dtype=float), 4).ravel()) for axes in on_grid}
+    on_grid = [found for layer, found in scans
+               if _on_grid_of(matrix, world_matrix_mm(layer))]
+    distinct = {tuple(np.round(np.asarray(found["axes_lps"], dtype=float), 4).ravel())
+                for found in on_grid}
     if len(distinct) == 1:
-        return on_grid[0]
+        orders = {found.get("stored_orientation") for found in on_grid}
+        # scans on one grid stored in different orders: the plugin's (x, y, z)
+        return on_grid[0] if len(orders) == 1 else {"axes_lps": on_grid[0]["axes_lps"]}
     if len(distinct) > 1:
         _say("this layer lies on the grids of open scans along different axes, so it is "
              "saved in axial axes, which other viewers may place apart from the scan; "

@@ -103,10 +103,18 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _grid(volume) -> tuple:
-    """(spacing, origin, axes) for write_nifti: a result lands where its input lies in the
-    patient, whatever the input's orientation (coronal, flipped, oblique)."""
-    return volume.spacing, volume.origin, volume.metadata.get("axes_lps")
+def _grid(volume) -> dict:
+    """write_nifti's spacing, origin and placing (:func:`_placing`) for a result on the
+    input's grid."""
+    return {"spacing": volume.spacing, "origin": volume.origin, **_placing(volume)}
+
+
+def _placing(volume) -> dict:
+    """write_nifti's axes and voxel order for a result of ``volume``: it lands where its
+    input lies in the patient, whatever the input's orientation (coronal, flipped,
+    oblique), and a NIfTI input's result is stored in that file's own voxel order."""
+    return {"axes": volume.metadata.get("axes_lps"),
+            "stored_orientation": volume.metadata.get("stored_orientation")}
 
 
 def _write_all(*writes: tuple[Path | None, Any], overwrite: bool = True) -> None:
@@ -292,7 +300,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     result = _run(segment_volume(volume, model, card, chunk=args.chunk, **_engine_kwargs(args)),
                   "segment", args.quiet)
     _write_all((out, lambda: write_nifti(
-        out, result.labels, *_grid(volume), labels=True,
+        out, result.labels, **_grid(volume), labels=True,
         label_names=dict(enumerate(result.class_names)),
         info={**(_missing_info(volume) or {}), **_model_record(card)})),
         overwrite=args.overwrite)
@@ -346,7 +354,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     _write_all(  # the heatmap: the explanation behind each detection, on the input grid
         (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(),
-                                       *_grid(volume),
+                                       **_grid(volume),
                                        **_map_kwargs(volume, "lesion heatmap", card))),
         (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)),
         overwrite=args.overwrite)
@@ -394,7 +402,7 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
                   "gradcam", args.quiet)
     explained = card["classes"][target] if isinstance(target, int) else target
     _write_all((out, lambda: write_nifti(
-        out, result.maps, *_grid(volume),
+        out, result.maps, **_grid(volume),
         **_map_kwargs(volume, f"Grad-CAM {explained or 'predicted class'}", card))),
         overwrite=args.overwrite)
     print(f"wrote {out.name} ({_made_by(card)}): Grad-CAM of {explained or 'the predicted class'} per slice, 0–1")
@@ -413,7 +421,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     result = _run(segmentation_uncertainty(volume, model, card, samples=args.samples,
                                            threads=args.threads), "uncertainty", args.quiet)
     _write_all(
-        (out, lambda: write_nifti(out, result.entropy, *_grid(volume),
+        (out, lambda: write_nifti(out, result.entropy, **_grid(volume),
                                   **_map_kwargs(volume, "uncertainty", card))),
         (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
             (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])),
@@ -460,7 +468,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       np.where(result.acquired, "acquired", "missing"))
     _write_all(
         (out, lambda: write_nifti(
-            out, v.array, v.spacing, v.origin, _grid(volume)[2],
+            out, v.array, v.spacing, v.origin, **_placing(volume),
             # other viewers show descrip; the extension says which slices are synthetic
             description=f"napari-medseg: SYNTHETIC slices ({args.method}), not for diagnosis",
             info={"synthetic": True, "method": args.method, "factor": result.factor,

@@ -348,6 +348,79 @@ def test_a_result_written_from_a_nifti_lies_where_the_input_does(tmp_path, codes
         np.testing.assert_allclose(qform, w_aff, atol=1e-4)
 
 
+@pytest.mark.parametrize("shear", [0.0, np.tan(np.radians(15.0))])
+@pytest.mark.parametrize("turn", [0.0, 20.0])
+@pytest.mark.parametrize("codes", [("R", "A", "S"), ("L", "I", "P"), ("A", "S", "R"),
+                                   ("L", "P", "S")])
+def test_a_result_is_stored_in_its_inputs_own_voxel_order(tmp_path, codes, turn, shear):
+    """The reader records a NIfTI file's voxel order; written with it, a result has the
+    input's shape and affine, so the two raw arrays line up voxel for voxel (a RAS input's
+    labels came out with i and j reversed, a sagittal one's with the shape permuted:
+    ``input[labels == 2]`` on nibabel's arrays picked other voxels)."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    c, s = np.cos(np.radians(turn)), np.sin(np.radians(turn))
+    base = np.diag([0.8, 1.1, 2.5, 1.0])
+    base[:3, 3] = (10.0, -20.0, 30.0)
+    base[:3, :3] = (np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+                    @ np.array([[1.0, 0, 0], [0, 1.0, shear], [0, 0, 1.0]]) @ base[:3, :3])
+    ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(codes))
+    affine = base @ inv_ornt_aff(ornt, data.shape)
+    stored = apply_orientation(data, ornt)
+    nib.save(nib.Nifti1Image(stored, affine), tmp_path / "in.nii.gz")
+    vol = read_volume(tmp_path / "in.nii.gz")
+    assert vol.metadata["stored_orientation"] == "".join(codes)
+
+    out = write_nifti(tmp_path / "out.nii.gz", vol.array, vol.spacing, vol.origin,
+                      vol.metadata["axes_lps"],
+                      stored_orientation=vol.metadata["stored_orientation"])
+    written = nib.load(out)
+    assert written.shape == stored.shape
+    np.testing.assert_array_equal(np.asarray(written.dataobj), stored)
+    np.testing.assert_allclose(written.affine, affine, atol=1e-3)
+    # and it reads back as the same volume
+    again = read_volume(out)
+    np.testing.assert_array_equal(again.array, vol.array)
+    np.testing.assert_allclose(again.origin, vol.origin, atol=1e-3)
+
+
+def test_a_voxel_order_that_is_none_is_refused(tmp_path):
+    for codes in ("RAR", "XYZ", "RA"):
+        with pytest.raises(MedsegInputError, match="not a voxel order"):
+            write_nifti(tmp_path / "x.nii", np.zeros((2, 3, 4)), (1, 1, 1),
+                        stored_orientation=codes)
+    assert not list(tmp_path.iterdir())
+
+
+def test_slices_named_in_a_file_stored_in_another_voxel_order_are_kept(tmp_path):
+    """Generated slices and a series' gaps are recorded by index in the volume as read;
+    a file stored in its input's voxel order says so, so the indices still name the same
+    slices when it is read again. Stored in another order by another tool since (which
+    may have done more to it), the record is not trusted, as for a file written as read."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    array = ramp((6, 4, 5))
+    info = {"synthetic": True, "generated_slices": [1, 3], "slice_axis": "z"}
+    path = write_nifti(tmp_path / "g.nii.gz", array, (2.0, 1.0, 1.0), info=info,
+                       stored_orientation="RAS")
+    img = nib.load(path)
+    assert "".join(nib.aff2axcodes(img.affine)) == "RAS"
+    vol = read_volume(path)
+    np.testing.assert_array_equal(vol.array, array)
+    assert vol.metadata["synthetic_planes"]["indices"] == [1, 3]
+
+    # another tool stores it the other way up along z
+    flip = ornt_transform(io_orientation(img.affine), axcodes2ornt(("R", "A", "I")))
+    moved = img.as_reoriented(flip)
+    nib.save(moved, tmp_path / "moved.nii.gz")
+    again = read_volume(tmp_path / "moved.nii.gz")
+    np.testing.assert_array_equal(again.array, array)  # the reader turns it back
+    assert "synthetic_planes" not in again.metadata  # ... but the record is not trusted
+    assert again.metadata["synthetic_slices"] == 2
+
+
 def test_the_labels_writer_keeps_a_scans_axes(tmp_path):
     """A Labels layer made from a coronal scan carries the scan's axes in its metadata;
     napari's save writes them into the file (it wrote every layer as axial)."""

@@ -1380,3 +1380,52 @@ def test_every_control_says_what_it_does_and_has_a_name(make_napari_viewer, titl
                                                               widget._image):
             assert control.tooltip, name
         assert control.native.accessibleName(), name
+
+
+def test_labels_saved_on_a_nifti_scan_are_stored_in_its_voxel_order(make_napari_viewer,
+                                                                     tmp_path):
+    """Labels drawn on a RAS-stored NIfTI scan (napari's New Labels, or a layer made with
+    the scan's record) were saved in the plugin's own (L, P, S) order: in place in the
+    patient, but their raw array had i and j reversed against the scan's, so scripts
+    indexing one with the other read other voxels. Now they have the scan's shape and
+    affine; a crop on its grid keeps its order."""
+    import nibabel as nib
+
+    from napari_medseg._layers import scan_axes
+
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    affine[:3, 3] = (-20.0, 15.0, 30.0)
+    raw = np.arange(6 * 7 * 5, dtype=np.int16).reshape(6, 7, 5)  # (i, j, k): R, A, S
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(raw, affine), scan)
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(scan), plugin="napari-medseg")
+    drawn = viewer.add_labels(np.zeros(image.data.shape, np.uint8), scale=image.scale,
+                              translate=image.translate, name="drawn")
+    recorded = viewer.add_labels(np.zeros(image.data.shape, np.uint8), scale=image.scale,
+                                 translate=image.translate, name="recorded",
+                                 metadata={"medseg": {"source": scan_axes(image)}})
+    for layer in (drawn, recorded):
+        layer.data[2, 3, 4] = 1
+        viewer.layers.selection = {layer}
+        out = tmp_path / f"{layer.name}.nii.gz"
+        assert viewer.layers.save(str(out), selected=True, plugin="napari-medseg") == [str(out)]
+        saved = nib.load(out)
+        assert saved.shape == raw.shape
+        np.testing.assert_allclose(saved.affine, affine, atol=1e-4)
+        (ijk,) = np.argwhere(np.asarray(saved.dataobj) == 1)
+        assert raw[tuple(ijk)] == image.data[2, 3, 4]  # the voxel painted, raw on raw
+
+    scale = np.asarray(image.scale)
+    crop = viewer.add_labels(np.zeros((2, 3, 4), np.uint8), scale=scale,
+                             translate=np.asarray(image.translate) + scale * (1, 2, 1))
+    crop.data[1, 1, 2] = 1  # the scan's voxel (2, 3, 3)
+    viewer.layers.selection = {crop}
+    out = tmp_path / "crop.nii.gz"
+    viewer.layers.save(str(out), selected=True, plugin="napari-medseg")
+    saved = nib.load(out)
+    assert nib.aff2axcodes(saved.affine) == ("R", "A", "S") and saved.shape == (4, 3, 2)
+    (ijk,) = np.argwhere(np.asarray(saved.dataobj) == 1)
+    (expected,) = np.argwhere(raw == image.data[2, 3, 3])
+    np.testing.assert_allclose((np.linalg.inv(affine) @ saved.affine @ [*ijk, 1])[:3],
+                               expected, atol=1e-3)

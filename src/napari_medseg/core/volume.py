@@ -32,6 +32,7 @@ SAFE_METADATA_KEYS = frozenset(
         "rescale_type",
         "photometric",
         "orientation",  # e.g. "LPS" axis codes of (x, y, z)
+        "stored_orientation",  # a NIfTI file's own voxel order, axis codes of i, j, k
         "missing_planes",  # a coronal / sagittal series' gaps: {"axis": "y", "indices": […]}
         "slice_axis",  # the axis a DICOM series' slices lie along ("z", "y" or "x")
         "axes_lps",  # the (z, y, x) voxel axes as LPS unit vectors: where results belong

@@ -32,6 +32,7 @@ from nibabel.orientations import (
     axcodes2ornt,
     inv_ornt_aff,
     io_orientation,
+    ornt2axcodes,
     ornt_transform,
 )
 
@@ -143,7 +144,7 @@ def _synthetic_planes(header: Any, transform: np.ndarray,
     voxel order it was written in, would name other slices)."""
     ours = _ours(header)
     generated, name = ours.get("generated_slices"), ours.get("slice_axis", "z")
-    as_written = _as_written(transform)
+    as_written = _as_written(transform, header)
     if ours.get("synthetic") is not True or not isinstance(generated, list) \
             or name not in ("z", "y", "x") or len(shape_zyx) != 3 or not as_written:
         return None
@@ -155,8 +156,18 @@ def _synthetic_planes(header: Any, transform: np.ndarray,
             **({"method": method[:40]} if isinstance(method, str) and method else {})}
 
 
-def _as_written(transform: np.ndarray) -> bool:
-    """Whether the file is read in the voxel order it was written in (not turned)."""
+def _as_written(transform: np.ndarray, header: Any = None) -> bool:
+    """Whether slice indices in the file's extension, which name slices of the volume as
+    read, still do: the file lies as this plugin wrote it. A file written in its input's
+    own voxel order records that order (``written_orientation``), which must still be the
+    file's; an older file, or one written as read, must be read unturned. Another tool
+    that reoriented the file since moved the slices the indices name."""
+    written = _ours(header).get("written_orientation") if header is not None else None
+    if isinstance(written, str):
+        try:
+            return "".join(ornt2axcodes(io_orientation(header.get_best_affine()))) == written
+        except (np.linalg.LinAlgError, ValueError, TypeError):
+            return False
     return bool((np.asarray(transform)[:, 0] == np.arange(3)).all()
                 and (np.asarray(transform)[:, 1] > 0).all())
 
@@ -168,7 +179,7 @@ def _series_gaps(header: Any, transform: np.ndarray, array: np.ndarray) -> dict:
     from ..volume import planes_still_missing
 
     ours = _ours(header)
-    if array.ndim != 3 or not _as_written(transform):
+    if array.ndim != 3 or not _as_written(transform, header):
         return {}
     out: dict = {}
     if ours.get("series_slice_axis") in ("y", "x"):
@@ -315,6 +326,9 @@ def _read(path: str | Path, want_labels: bool = True
         warns.append("the header's orientation is invalid; axes taken as stored")
         ornt = _LPS
         oriented = False
+    # the file's own voxel order (e.g. "RAS": i runs to the right), so results written
+    # for it can be stored in that order (write_nifti's ``stored_orientation``)
+    stored = "".join(ornt2axcodes(ornt)) if oriented else None
     transform = ornt_transform(ornt, _LPS)
     data = apply_orientation(data, transform)
     affine = affine @ inv_ornt_aff(transform, shape if len(shape) == 3 else shape + (1,))
@@ -384,6 +398,7 @@ def _read(path: str | Path, want_labels: bool = True
                 # turned to L, P, S, except one plane kept as acquired (a coronal one)
                 **({"orientation": "".join(axis_code(a) for a in axes_zyx[::-1])}
                    if oriented else {}),
+                **({"stored_orientation": stored} if stored else {}),
                 # + 0.0: a flipped axis's zeros are -0.0, shown as such in Info and the CLI
                 **({"axes_lps": (np.round(axes_zyx, 6) + 0.0).tolist()}
                    if abs(np.linalg.det(axes_zyx)) > 1e-3 else {}),
@@ -584,6 +599,37 @@ def _repair_one_flat_axis(affine: np.ndarray, header, to_mm: float,
     return repaired
 
 
+def voxel_order(codes: Any) -> np.ndarray | None:
+    """nibabel's orientation for axis ``codes`` of i, j, k (e.g. "RAS": i runs to the
+    patient's right, j anterior, k superior), or None if they name no three axes."""
+    letters = tuple(codes.upper()) if isinstance(codes, str) else ()
+    try:
+        want = axcodes2ornt(letters) if len(letters) == 3 else None
+    except ValueError:
+        return None
+    if want is None or np.isnan(want).any() or sorted(want[:, 0].tolist()) != [0, 1, 2]:
+        return None
+    return want
+
+
+def _turn_to(affine: np.ndarray, codes: str | None, path: Path) -> np.ndarray | None:
+    """The orientation transform (nibabel's) from the voxel order of ``affine`` to the
+    axis ``codes`` (e.g. "RAS"); None when there is nothing to turn."""
+    if codes is None:
+        return None
+    want = voxel_order(codes)
+    if want is None:
+        raise MedsegInputError(f"not a voxel order: {codes!r} (axis codes such as 'RAS')",
+                               path)
+    try:
+        turn = ornt_transform(io_orientation(affine), want)
+    except (np.linalg.LinAlgError, ValueError):
+        return None  # no clear axis directions: stored as given
+    if (turn[:, 0] == np.arange(3)).all() and (turn[:, 1] > 0).all():
+        return None
+    return turn
+
+
 def _storage_dtype(array: np.ndarray, path: Path, keep_float64: bool = False) -> np.ndarray:
     """Integers stay integers (label maps), everything else becomes float32 (float64
     stays, with ``keep_float64``)."""
@@ -632,6 +678,7 @@ def write_nifti(
     description: str = "",
     info: Mapping[str, Any] | None = None,
     keep_float64: bool = False,
+    stored_orientation: str | None = None,
 ) -> Path:
     """Write a (z, y, x) array to ``path`` (.nii or .nii.gz) atomically; return the path.
 
@@ -649,6 +696,11 @@ def write_nifti(
     :func:`read_label_map` gives back the exact values and their names.
     ``description`` goes into the header's 80-character ``descrip`` (what other viewers
     show); ``info`` (JSON-able) into the same extension, e.g. which slices are synthetic.
+    ``stored_orientation``: the voxel order to store the array in, as axis codes of the
+    file's i, j, k (a NIfTI input's ``metadata["stored_orientation"]``, e.g. "RAS"): a
+    result for a NIfTI file then has that file's own voxel order and shape, so
+    ``input[result == 2]`` on the two raw arrays picks the same voxels. None: (z, y, x)
+    as given, stored as x, y, z. Either way every voxel lies where it lay in the patient.
     The file is written beside the target and renamed over it, so a failure never leaves a
     half-written file or damages an existing one.
     """
@@ -693,7 +745,15 @@ def write_nifti(
     affine[:3, 1] = _RAS_TO_LPS @ steps[:, 1]
     affine[:3, 2] = _RAS_TO_LPS @ steps[:, 0]
     affine[:3, 3] = _RAS_TO_LPS @ (axes_zyx.T @ matrix[:3, 3])
-    img = nib.Nifti1Image(data.transpose(2, 1, 0), affine)  # a view: no copy
+    stored = data.transpose(2, 1, 0)  # a view: no copy
+    ours: dict[str, Any] = dict(info or {})
+    turn = _turn_to(affine, stored_orientation, path)
+    if turn is not None:  # swaps and flips only: each voxel keeps its position
+        affine = affine @ inv_ornt_aff(turn, stored.shape)
+        stored = apply_orientation(stored, turn)
+        if ours:  # slice indices in the extension name slices as read
+            ours["written_orientation"] = "".join(ornt2axcodes(io_orientation(affine)))
+    img = nib.Nifti1Image(stored, affine)
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm")
     # Code 1 (scanner) in both: ITK-based tools read the qform, nibabel prefers the sform.
@@ -708,7 +768,6 @@ def write_nifti(
         centre = (np.asarray(img.shape[:3], dtype=float) - 1.0) / 2.0
         qform[:3, 3] = affine[:3, :3] @ centre + affine[:3, 3] - qform[:3, :3] @ centre
         img.set_qform(qform, code=1)
-    ours: dict[str, Any] = dict(info or {})
     if labels:
         img.header.set_intent("label")
         if label_names:
