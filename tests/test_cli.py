@@ -81,6 +81,11 @@ def test_info_sums_up_a_long_list_of_slice_spacings(tmp_path, capsys):
     assert max(map(len, lines)) < 200
     assert main(["info", str(tmp_path / "ct"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["source"]["slice_spacings_mm"] == [2.5] * 11
+    # each slice's InstanceNumber, a gap among them: summed up too, the gap counted
+    write_series(tmp_path / "gap", [2.5 * z for z in range(12) if z != 4], shuffle=False)
+    assert main(["info", str(tmp_path / "gap")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "instance_numbers: 1 .. 11 (12 values, 1 none; --json lists them)" in lines, lines
 
 
 def test_phantom_overwrite_is_all_or_nothing(tmp_path, capsys):

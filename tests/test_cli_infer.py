@@ -80,7 +80,8 @@ def test_detect_writes_a_csv(tmp_path, models, image):
     assert heatmap.shape == src.shape and heatmap.spacing == pytest.approx(src.spacing)
     assert 0.0 <= heatmap.array.min() and heatmap.array.max() <= 1.0
     with open(out) as handle:
-        assert handle.readline().strip() == "z,y,x,score,diameter_mm"
+        assert handle.readline().strip() == ("z,y,x,score,diameter_mm,patient_x_mm,"
+                                             "patient_y_mm,patient_z_mm,instance_number")
     for row in _rows(out):
         assert 0 <= float(row["z"]) < 6 and 0 <= float(row["score"]) <= 1
         assert float(row["diameter_mm"]) > 0
@@ -639,3 +640,33 @@ def test_nifti_results_are_stored_in_the_inputs_own_voxel_order(tmp_path, models
         np.take(np.asarray(stored.dataobj), [0], axis=slice_axis).astype(np.float32))
     assert read_volume(tmp_path / "up.nii.gz").metadata["synthetic_planes"]["indices"] == \
         list(range(1, 2 * 6 - 1, 2))
+
+
+def test_csv_rows_say_where_they_lie_in_the_patient(tmp_path, models):
+    """detect's and classify's rows gave only indices on the reoriented grid: a series the
+    scanner numbers from the head put "slice 111" 55 mm from image 111. They now give the
+    DICOM patient position (LPS mm) and the slice's InstanceNumber too."""
+    from tests.core.test_io_dicom import write_series
+
+    zs = [30.0, 27.5, 25.0, 22.5, 20.0, 15.0, 12.5, 10.0]  # instance 1 at the head; a gap
+    write_series(tmp_path / "ct", zs, shape=(40, 36), pixel_spacing=(1.0, 1.2))
+    out = tmp_path / "classes.csv"
+    assert main(["classify", str(tmp_path / "ct"), str(out), "--model",
+                 str(models["classifier"]), "-q"]) == 0
+    rows = _rows(out)
+    assert [r["patient_z_mm"] for r in rows] == [f"{10.0 + 2.5 * z:.2f}" for z in range(9)]
+    assert [r["instance_number"] for r in rows] == ["8", "7", "6", "", "5", "4", "3", "2", "1"]
+    assert rows[3]["class_name"] == "missing"
+
+    out = tmp_path / "lesions.csv"
+    assert main(["detect", str(tmp_path / "ct"), str(out), "--model", str(models["detector"]),
+                 "--threshold", "0.0", "-q"]) == 0
+    rows = _rows(out)
+    assert rows, "a threshold of 0 keeps the detector's peaks"
+    for r in rows:
+        z, y, x = float(r["z"]), float(r["y"]), float(r["x"])
+        assert float(r["patient_x_mm"]) == pytest.approx(-100.0 + 1.2 * x, abs=0.01)
+        assert float(r["patient_y_mm"]) == pytest.approx(-120.0 + 1.0 * y, abs=0.01)
+        assert float(r["patient_z_mm"]) == pytest.approx(10.0 + 2.5 * z, abs=0.01)
+        numbers = {0: "8", 1: "7", 2: "6", 3: "", 4: "5", 5: "4", 6: "3", 7: "2", 8: "1"}
+        assert r["instance_number"] == numbers[round(z)]

@@ -197,15 +197,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _brief(value: Any) -> Any:
-    """A long list of numbers (a series' slice spacings: one per gap) summed up for the
-    text report: 199 values made one line of 1,014 characters; --json keeps them all."""
-    if not isinstance(value, list) or len(value) <= 8 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return value
-    low, high = min(value), max(value)
-    if low == high:
-        return f"{low:g} (× {len(value)})"
-    return f"{low:g} .. {high:g} ({len(value)} values; --json lists them)"
+    """A long list of numbers summed up for the text report; --json keeps them all."""
+    from .core.text import brief_numbers
+
+    return brief_numbers(value, hint="; --json lists them")
 
 
 # the last widget tabified into a group is the one shown: Segment, then Volume info

@@ -117,6 +117,25 @@ def _placing(volume) -> dict:
             "stored_orientation": volume.metadata.get("stored_orientation")}
 
 
+#: the CSV columns that say where a row lies in the patient, after the indices on the
+#: reoriented grid: DICOM patient coordinates (LPS) and, for a DICOM series, the slice's
+#: InstanceNumber (a scanner numbering from the head made "slice 111" 55 mm off)
+_WHERE = ("patient_x_mm", "patient_y_mm", "patient_z_mm", "instance_number")
+_WHERE_SLICE = ("patient_z_mm", "instance_number")
+
+
+def _where(volume, z: float, y: float, x: float) -> tuple[str, ...]:
+    px, py, pz = volume.patient_mm([[z, y, x]])[0]
+    number = volume.instance_number(z)
+    return f"{px:.2f}", f"{py:.2f}", f"{pz:.2f}", "" if number is None else str(number)
+
+
+def _where_slice(volume, z: int) -> tuple[str, ...]:
+    """A slice's patient z at its centre (an oblique slice's varies across it)."""
+    _, ny, nx = volume.shape
+    return _where(volume, z, (ny - 1) / 2, (nx - 1) / 2)[2:]
+
+
 def _write_all(*writes: tuple[Path | None, Any], overwrite: bool = True) -> None:
     """Run each ``(path, write)`` in turn (``path`` None: skipped); each write replaces its
     file atomically. All or nothing: if a later write fails, every file an earlier one
@@ -324,11 +343,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     volume, model, card = _load(args, "classify")
     result = _run(classify_volume(volume, model, card, batch=args.batch, **_engine_kwargs(args)),
                   "classify", args.quiet)
-    header = ("slice", "class_name", *(f"p_{name}" for name in result.class_names))
+    header = ("slice", "class_name", *(f"p_{name}" for name in result.class_names),
+              *_WHERE_SLICE)
     rows = []
     for z, (cls, probs) in enumerate(zip(result.predicted, result.probabilities)):
         name = "missing" if cls < 0 else result.class_names[cls]
-        rows.append((z, name, *("" if p != p else f"{p:.5f}" for p in probs)))
+        rows.append((z, name, *("" if p != p else f"{p:.5f}" for p in probs),
+                     *_where_slice(volume, z)))
     _write_all((out, lambda: _write_csv_atomic(out, header, rows)), overwrite=args.overwrite)
     print(f"wrote {out.name} ({_made_by(card)}): {counted(len(rows), 'slice')} "
           f"({result.precision})")
@@ -348,15 +369,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
                        min_distance_mm=args.min_distance_mm, batch=args.batch,
                        **_engine_kwargs(args)),
         "detect", args.quiet)
-    rows = [(f"{d.z:.2f}", f"{d.y:.2f}", f"{d.x:.2f}", f"{d.score:.4f}", f"{d.diameter_mm:.2f}")
-            for d in result.detections]
+    rows = [(f"{d.z:.2f}", f"{d.y:.2f}", f"{d.x:.2f}", f"{d.score:.4f}", f"{d.diameter_mm:.2f}",
+             *_where(volume, d.z, d.y, d.x)) for d in result.detections]
     from .core.io import write_nifti
 
     _write_all(  # the heatmap: the explanation behind each detection, on the input grid
         (heat_out, lambda: write_nifti(heat_out, result.heatmap_on_input_grid(),
                                        **_grid(volume),
                                        **_map_kwargs(volume, "lesion heatmap", card))),
-        (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm"), rows)),
+        (out, lambda: _write_csv_atomic(out, ("z", "y", "x", "score", "diameter_mm", *_WHERE),
+                                        rows)),
         overwrite=args.overwrite)
     print(f"wrote {out.name} ({_made_by(card)}): {counted(len(rows), 'detection')} "
           f"(threshold {result.threshold:g},"

@@ -1598,3 +1598,27 @@ def test_files_picked_together_read_as_their_folder(tmp_path):
     assert three.shape[0] == 3
     with pytest.raises(MedsegInputError, match="no such file"):
         read_dicom_files([*files, tmp_path / "gone.dcm"])
+
+
+def test_each_slice_keeps_its_instance_number(tmp_path):
+    """A PACS shows a slice by its InstanceNumber; a series numbered from the head, with a
+    gap, keeps each slice's number by z (None at the gap): results can name the image a
+    radiologist goes to, not an index on the reoriented grid."""
+    write_series(tmp_path / "s", [20.0, 17.5, 15.0, 12.5, 7.5, 5.0])  # 1 at the head
+    vol = read_dicom(tmp_path / "s")
+    assert vol.missing_slices() == [2]
+    assert vol.metadata["instance_numbers"] == [6, 5, None, 4, 3, 2, 1]
+    assert vol.instance_number(0) == 6 and vol.instance_number(2) is None
+    assert vol.instance_number(5.6) == 1
+    # patient coordinates: each slice at its ImagePositionPatient
+    np.testing.assert_allclose(vol.patient_mm([[0, 0, 0], [6, 1, 2]]),
+                               [[-100.0, -120.0, 5.0], [-100.0 + 2 * 0.75, -120.0 + 0.5, 20.0]])
+    # a multi-frame file numbers frames, not instances: no list
+    assert "instance_numbers" not in read_dicom(bundled("rtdose.dcm")).metadata
+    # numbers shared by two slices name no one slice
+    write_series(tmp_path / "t", [0.0, 2.5, 5.0])
+    for path in (tmp_path / "t").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = 1
+        ds.save_as(path)
+    assert "instance_numbers" not in read_dicom(tmp_path / "t").metadata

@@ -821,6 +821,12 @@ def test_info_leaves_out_fields_the_file_leaves_empty(make_napari_viewer):
     text = describe_layer(layer)
     assert "kvp: 120.0" in text and "None" not in text and "series_description" not in text
     assert "manufacturer" not in text and "slice_spacings_mm: [2.5 2.5]" in text
+    # one value per slice of a 200-slice series: summed up, not 200 numbers in the box
+    layer.metadata = {"medseg": {"source": {"slice_spacings_mm": [2.5] * 199,
+                                            "instance_numbers": [*range(200, 100, -1), None]}}}
+    text = describe_layer(layer)
+    assert "slice_spacings_mm: 2.5 (× 199)" in text
+    assert "instance_numbers: 101 .. 200 (101 values, 1 none)" in text
 
 
 def test_info_names_the_synthetic_slices_of_a_generated_file(make_napari_viewer, tmp_path):

@@ -9,6 +9,7 @@ from magicgui.widgets import Container, TextEdit
 from qtpy.QtWidgets import QSizePolicy
 
 from .._layers import _recorded_gaps_fit, mm_per_unit, voxel_spacing, world_matrix_mm
+from ..core.text import brief_numbers
 from ..core.volume import SAFE_METADATA_KEYS
 from ._model_widget import (DockWatch, KeepingComboBox, LayerNameFollower, connect_layer_events,
                             hand_keys_to_napari, layer_choices, name_controls, plain_viewer,
@@ -106,7 +107,7 @@ def describe_layer(layer, missing: list[int] | None = None) -> str:
         value = source[key]
         empty = value is None or (isinstance(value, (str, list, tuple, dict)) and not value)
         if not empty:  # a field the file leaves empty: not "None"
-            lines.append(f"{key}: {_readable(_short(value))}")
+            lines.append(f"{key}: {_readable(_short(brief_numbers(value)))}")
     if medseg.get("disclaimer"):
         lines.append(medseg["disclaimer"])
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     """``n`` and ``noun`` in agreement: '1 slice', '0 slices', '3 slices'."""
@@ -17,3 +19,22 @@ def slice_ranges(indices) -> str:
         else:
             runs.append([z, z])
     return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in runs)
+
+
+def brief_numbers(value: Any, longest: int = 8, hint: str = "") -> Any:
+    """A long list of numbers (a series' slice spacings or instance numbers: one per
+    slice) summed up for a text report, ``value`` itself otherwise: 199 spacings made
+    one line of 1,014 characters. Empty entries (None: a gap) are counted apart.
+    ``hint``: where the whole list is, e.g. "; --json lists them"."""
+    if not isinstance(value, (list, tuple)) or len(value) <= longest:
+        return value
+    numbers = [v for v in value if v is not None]
+    if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                              for v in numbers):
+        return value
+    gaps = len(value) - len(numbers)
+    none = f", {gaps} none" if gaps else ""
+    low, high = min(numbers), max(numbers)
+    if low == high:
+        return f"{low:g} (× {len(numbers)}{none})"
+    return f"{low:g} .. {high:g} ({len(value)} values{none}{hint})"

@@ -37,6 +37,7 @@ SAFE_METADATA_KEYS = frozenset(
         "slice_axis",  # the axis a DICOM series' slices lie along ("z", "y" or "x")
         "axes_lps",  # the (z, y, x) voxel axes as LPS unit vectors: where results belong
         "slice_spacings_mm",
+        "instance_numbers",  # a DICOM series' InstanceNumber per z slice (None: a gap)
         "warnings",
         "phantom_seed",
         "phantom_settings",  # the rest of what made a phantom (noise, lesion radii, …)
@@ -212,6 +213,34 @@ class Volume:
         if hi <= lo:  # constant: + 1e-6 vanished at 1e12, and napari refused the window
             hi = lo + max(1e-6, abs(lo) * 1e-6)
         return float(lo), float(hi)
+
+    def patient_mm(self, zyx: Any) -> np.ndarray:
+        """Patient coordinates (DICOM's LPS: x to the patient's left, y posterior, z to the
+        head; mm) of voxel indices ``zyx`` ((n, 3) z, y, x, fractions allowed) as
+        (n, 3) x, y, z: ``origin + index × spacing`` along ``metadata["axes_lps"]`` (S,
+        P, L when the reader recorded none). What a PACS shows beside its cursor; an index
+        on the reoriented grid is not what it numbers."""
+        index = np.asarray(zyx, dtype=float).reshape(-1, 3)
+        along = np.asarray(self.origin) + index * np.asarray(self.spacing)
+        axes = self.metadata.get("axes_lps")
+        try:
+            axes = np.asarray(axes, dtype=float) if axes is not None else None
+        except (TypeError, ValueError):
+            axes = None
+        if axes is None or axes.shape != (3, 3) or not np.isfinite(axes).all():
+            axes = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+        return along @ axes  # each row: Σ along[a] · axes[a], an LPS (x, y, z)
+
+    def instance_number(self, z: float) -> int | None:
+        """The DICOM InstanceNumber of the slice nearest ``z`` (what a PACS numbers an
+        image by), where the reader recorded one per slice; None otherwise (a NIfTI or
+        .npy file, a multi-frame file, a gap)."""
+        numbers = self.metadata.get("instance_numbers")
+        if not isinstance(numbers, (list, tuple)) or len(numbers) != self.shape[0]:
+            return None
+        k = int(np.clip(np.rint(z), 0, self.shape[0] - 1))
+        value = numbers[k]
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def missing_slices(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(self.missing)]

@@ -18,6 +18,7 @@ data, in ``metadata["warnings"]``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -912,9 +913,13 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         # pixel spacing alone would guess (an axial series of 0.5 mm slices of
         # 0.6 × 1.0 mm pixels was taken for slices along x, and its gaps left unfilled)
         metadata["slice_axis"] = "zyx"[slice_axis]
+    numbers = _instance_numbers(frames, out_z, nz) if slice_axis == 0 else None
     if reversed_:
         gaps, undecoded = gaps[::-1], undecoded[::-1]
         metadata["slice_spacings_mm"] = metadata["slice_spacings_mm"][::-1]
+        numbers = numbers[::-1] if numbers is not None else None
+    if numbers is not None and array.shape[0] > 1:
+        metadata["instance_numbers"] = numbers
     if undecoded.any():
         n, at = int(undecoded.sum()), slice_ranges(np.flatnonzero(undecoded))
         where = f"z={at}" if slice_axis == 0 else f"NaN planes at {'zyx'[slice_axis]}={at}"
@@ -944,6 +949,22 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         missing=missing,
         metadata=metadata,
     )
+
+
+def _instance_numbers(frames: list[_Frame], out_z: np.ndarray, nz: int) -> list | None:
+    """Each slice's InstanceNumber (None at a gap), for a series of single-frame files
+    that all give a distinct one: the number a PACS shows a slice by (a detection at
+    z = 111 was read as image 111 of a series numbered from the head, 55 mm off)."""
+    if any(f.source.header.get("NumberOfFrames") not in (None, "", 1, "1") for f in frames):
+        return None
+    values = [_as_float(f.source.header.get("InstanceNumber")) for f in frames]
+    if any(v is None or not math.isfinite(v) or v != int(v) for v in values) \
+            or len(set(values)) != len(values):
+        return None
+    numbers: list = [None] * nz
+    for v, z in zip(values, out_z):
+        numbers[int(z)] = int(v)
+    return numbers
 
 
 def _without_localizers(frames: list[_Frame], warns: list[str]) -> list[_Frame]:
