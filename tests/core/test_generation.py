@@ -396,10 +396,12 @@ def test_cubic_memory_linear_cancel_points_and_the_result_s_own_records():
 
     array = np.random.default_rng(0).normal(size=(300, 16, 32)).astype(np.float32)
     volume = Volume(array, (3.0, 1.0, 1.0), metadata={"slice_spacings_mm": [3.0] * 299,
+                                                       "instance_numbers": list(range(300)),
                                                        "warnings": ["uneven steps"]})
     result, peak = _traced_peak(interpolation_job(volume, 3, True, "cubic"))
     assert peak < PEAK_OVER_OUTPUT["cubic"] * result.volume.array.nbytes
     assert "slice_spacings_mm" not in result.volume.metadata
+    assert "instance_numbers" not in result.volume.metadata  # the input's slices, not these
     assert "warnings" not in result.volume.metadata
     reports = list(_progress(interpolation_job(volume, 3, True, "linear")))
     assert len(reports) > 10  # a cancel point every few slices made

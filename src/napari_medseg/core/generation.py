@@ -530,7 +530,8 @@ def _generated(array: np.ndarray, spacing: tuple, volume: Volume, missing: np.nd
     # the input's records of its own slices (gap planes, steps between slices, the
     # reader's warnings about them) describe the input grid, not this one
     kept = {k: v for k, v in volume.metadata.items()
-            if k not in ("missing_planes", "slice_spacings_mm", "warnings")}
+            if k not in ("missing_planes", "slice_spacings_mm", "instance_numbers",
+                         "warnings")}
     return Volume(array, spacing, volume.origin, volume.modality, missing=missing,
                   metadata=kept)
 
