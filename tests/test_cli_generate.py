@@ -187,7 +187,7 @@ def test_a_generated_file_opens_saying_which_slices_are_synthetic(tmp_path, caps
     assert volume.metadata["synthetic_planes"] == {"axis": "z", "indices": made,
                                                   "method": "linear"}
     # the same file stored the other way up by another tool, which kept our extension:
-    # its indices, in the order the file was written in, would name other slices
+    # read, it is the same volume, so the indices still name its generated slices
     img = nib.load(out)
     flipped = nib.Nifti1Image(np.asarray(img.dataobj)[:, :, ::-1],
                               img.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0],
@@ -196,6 +196,14 @@ def test_a_generated_file_opens_saying_which_slices_are_synthetic(tmp_path, caps
     nib.save(flipped, tmp_path / "flipped.nii.gz")
     again = read_nifti(tmp_path / "flipped.nii.gz")
     np.testing.assert_array_equal(again.array, volume.array)  # turned back as read
+    assert again.metadata["synthetic_planes"]["indices"] == made
+    # cropped by another tool (the first slice gone): the indices would name other slices
+    cropped = nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 1:],
+                              img.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0],
+                                                     [0, 0, 1, 1], [0, 0, 0, 1.0]]),
+                              img.header)
+    nib.save(cropped, tmp_path / "cropped.nii.gz")
+    again = read_nifti(tmp_path / "cropped.nii.gz")
     assert "synthetic_planes" not in again.metadata and again.metadata["synthetic_slices"] == 4
 
 

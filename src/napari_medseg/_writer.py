@@ -331,10 +331,12 @@ def _open_scan_axes(shape: tuple, matrix: np.ndarray) -> dict | None:
     scans = [(layer, found) for layer in _open_layers()
              if getattr(layer, "ndim", 0) == 3
              and (found := scan_axes(layer)).get("axes_lps") is not None]
-    for layer, found in scans:
-        if (tuple(getattr(layer.data, "shape", ()))[-3:] == tuple(shape)
-                and np.allclose(world_matrix_mm(layer), matrix)):
-            return found
+    exact = [found for layer, found in scans
+             if tuple(getattr(layer.data, "shape", ()))[-3:] == tuple(shape)
+             and np.allclose(world_matrix_mm(layer), matrix)]
+    if exact:  # scans on this very grid stored in different orders: the plugin's order
+        orders = {found.get("stored_orientation") for found in exact}
+        return exact[0] if len(orders) == 1 else {"axes_lps": exact[0]["axes_lps"]}
     # a layer on the scan's voxel grid with another extent (napari's New Labels sized to
     # other layers, a crop): same voxel steps, shifted by whole voxels. It was saved
     # axial: 70 mm off an oblique scan in other viewers. Scans of other axes whose grid

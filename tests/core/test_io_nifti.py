@@ -395,10 +395,11 @@ def test_a_voxel_order_that_is_none_is_refused(tmp_path):
 
 
 def test_slices_named_in_a_file_stored_in_another_voxel_order_are_kept(tmp_path):
-    """Generated slices and a series' gaps are recorded by index in the volume as read;
-    a file stored in its input's voxel order says so, so the indices still name the same
-    slices when it is read again. Stored in another order by another tool since (which
-    may have done more to it), the record is not trusted, as for a file written as read."""
+    """Generated slices and a series' gaps are recorded by index in the (z, y, x) volume
+    the writer was given, with that volume's frame (axes, shape): trusted when the file
+    reads back in that frame, whatever voxel order it is stored in, by this writer or
+    another tool; not when the frame read differs (a grid turned by a napari rotation
+    before saving, a 45° tie read the other way, a crop): there they named other slices."""
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
     array = ramp((6, 4, 5))
@@ -411,14 +412,23 @@ def test_slices_named_in_a_file_stored_in_another_voxel_order_are_kept(tmp_path)
     np.testing.assert_array_equal(vol.array, array)
     assert vol.metadata["synthetic_planes"]["indices"] == [1, 3]
 
-    # another tool stores it the other way up along z
+    # another tool stores it the other way up along z: read, the same volume
     flip = ornt_transform(io_orientation(img.affine), axcodes2ornt(("R", "A", "I")))
-    moved = img.as_reoriented(flip)
-    nib.save(moved, tmp_path / "moved.nii.gz")
+    nib.save(img.as_reoriented(flip), tmp_path / "moved.nii.gz")
     again = read_volume(tmp_path / "moved.nii.gz")
-    np.testing.assert_array_equal(again.array, array)  # the reader turns it back
-    assert "synthetic_planes" not in again.metadata  # ... but the record is not trusted
-    assert again.metadata["synthetic_slices"] == 2
+    np.testing.assert_array_equal(again.array, array)
+    assert again.metadata["synthetic_planes"]["indices"] == [1, 3]
+
+    # given a volume whose z runs to the feet (a layer rotated 180° before saving): read,
+    # z runs to the head, so slices 1 and 3 of what was given are 4 and 2 of what is read
+    feet = [[0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]
+    for order in ("RAS", None):
+        path = write_nifti(tmp_path / "feet.nii.gz", array, (2.0, 1.0, 1.0), axes=feet,
+                           info=info, stored_orientation=order)
+        turned = read_volume(path)
+        np.testing.assert_array_equal(turned.array, array[::-1, ::-1])
+        assert "synthetic_planes" not in turned.metadata, order
+        assert turned.metadata["synthetic_slices"] == 2
 
 
 def test_the_labels_writer_keeps_a_scans_axes(tmp_path):
@@ -824,6 +834,15 @@ def test_a_header_without_orientation_is_said(tmp_path):
     assert any("gives no orientation (qform and sform codes 0)" in w for w in warnings)
     write_nifti(tmp_path / "ours.nii", np.zeros((4, 5, 6), np.float32), (1.0, 1.0, 1.0))
     assert not any("orientation" in w for w in read_nifti(tmp_path / "ours.nii").metadata["warnings"])
+    # a result for it is stored in its voxel order too (nibabel's made-up affine is LAS:
+    # its j came back reversed)
+    raw = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    nib.save(nib.Nifti1Image(raw, None), tmp_path / "bare2.nii")
+    vol = read_nifti(tmp_path / "bare2.nii")
+    out = write_nifti(tmp_path / "result.nii", vol.array, vol.spacing, vol.origin,
+                      vol.metadata.get("axes_lps"),
+                      stored_orientation=vol.metadata["stored_orientation"])
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), raw)
 
 
 def test_a_big_endian_label_map_opens_in_native_byte_order(tmp_path):

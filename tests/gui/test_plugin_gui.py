@@ -1435,3 +1435,15 @@ def test_labels_saved_on_a_nifti_scan_are_stored_in_its_voxel_order(make_napari_
     (expected,) = np.argwhere(raw == image.data[2, 3, 3])
     np.testing.assert_allclose((np.linalg.inv(affine) @ saved.affine @ [*ijk, 1])[:3],
                                expected, atol=1e-3)
+    # the same grid opened twice, stored in two orders: which to follow is not known, so
+    # the plugin's own (L, P, S), whichever was opened first
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    turn = ornt_transform(axcodes2ornt(tuple("RAS")), axcodes2ornt(tuple("LPS")))
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(scan).dataobj)[::-1, ::-1],
+                             affine @ inv_ornt_aff(turn, raw.shape)), tmp_path / "lps.nii.gz")
+    viewer.open(str(tmp_path / "lps.nii.gz"), plugin="napari-medseg")
+    viewer.layers.selection = {drawn}
+    out = tmp_path / "two.nii.gz"
+    viewer.layers.save(str(out), selected=True, plugin="napari-medseg")
+    assert nib.aff2axcodes(nib.load(out).affine) == ("L", "P", "S")

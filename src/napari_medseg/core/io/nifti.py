@@ -136,7 +136,7 @@ def _label_names(header: Any) -> dict[int, str]:
         return {}
 
 
-def _synthetic_planes(header: Any, transform: np.ndarray,
+def _synthetic_planes(header: Any, transform: np.ndarray, axes_zyx: np.ndarray,
                       shape_zyx: tuple[int, ...]) -> dict | None:
     """Which slices of the file ``napari-medseg generate`` made, as ``{"axis", "indices"}``
     in the volume as read; None when the file says none, or when it no longer lies as it
@@ -144,7 +144,7 @@ def _synthetic_planes(header: Any, transform: np.ndarray,
     voxel order it was written in, would name other slices)."""
     ours = _ours(header)
     generated, name = ours.get("generated_slices"), ours.get("slice_axis", "z")
-    as_written = _as_written(transform, header)
+    as_written = len(shape_zyx) == 3 and _as_written(transform, header, axes_zyx, shape_zyx)
     if ours.get("synthetic") is not True or not isinstance(generated, list) \
             or name not in ("z", "y", "x") or len(shape_zyx) != 3 or not as_written:
         return None
@@ -156,30 +156,36 @@ def _synthetic_planes(header: Any, transform: np.ndarray,
             **({"method": method[:40]} if isinstance(method, str) and method else {})}
 
 
-def _as_written(transform: np.ndarray, header: Any = None) -> bool:
-    """Whether slice indices in the file's extension, which name slices of the volume as
-    read, still do: the file lies as this plugin wrote it. A file written in its input's
-    own voxel order records that order (``written_orientation``), which must still be the
-    file's; an older file, or one written as read, must be read unturned. Another tool
-    that reoriented the file since moved the slices the indices name."""
-    written = _ours(header).get("written_orientation") if header is not None else None
-    if isinstance(written, str):
+def _as_written(transform: np.ndarray, header: Any, axes_zyx: np.ndarray,
+                shape_zyx: tuple[int, ...]) -> bool:
+    """Whether slice indices in the file's extension, which name slices of the (z, y, x)
+    volume the writer was given, name the same slices of the volume as read now. The
+    writer records that volume's frame (``read_frame``: its axes in LPS and its shape);
+    it must be the frame read now (another tool that only stored the file in another
+    voxel order changes nothing; one that cropped or turned the grid does). A file
+    without the record (an older one) must be read unturned, as it was written."""
+    frame = _ours(header).get("read_frame")
+    if isinstance(frame, dict):
         try:
-            return "".join(ornt2axcodes(io_orientation(header.get_best_affine()))) == written
-        except (np.linalg.LinAlgError, ValueError, TypeError):
+            axes = np.asarray(frame["axes_lps"], dtype=float)
+            shape = tuple(int(n) for n in frame["shape_zyx"])
+        except (KeyError, TypeError, ValueError):
             return False
+        return (axes.shape == (3, 3) and shape == tuple(shape_zyx)
+                and bool(np.allclose(axes, axes_zyx, atol=1e-3)))
     return bool((np.asarray(transform)[:, 0] == np.arange(3)).all()
                 and (np.asarray(transform)[:, 1] > 0).all())
 
 
-def _series_gaps(header: Any, transform: np.ndarray, array: np.ndarray) -> dict:
+def _series_gaps(header: Any, transform: np.ndarray, axes_zyx: np.ndarray,
+                 array: np.ndarray) -> dict:
     """A coronal / sagittal series' slice axis and its missing planes, as the file's
     extension records them (this plugin's writer keeps what the DICOM reader found):
     planes that hold no value, while the file lies as written; {} otherwise."""
     from ..volume import planes_still_missing
 
     ours = _ours(header)
-    if array.ndim != 3 or not _as_written(transform, header):
+    if array.ndim != 3 or not _as_written(transform, header, axes_zyx, array.shape):
         return {}
     out: dict = {}
     if ours.get("series_slice_axis") in ("y", "x"):
@@ -328,7 +334,9 @@ def _read(path: str | Path, want_labels: bool = True
         oriented = False
     # the file's own voxel order (e.g. "RAS": i runs to the right), so results written
     # for it can be stored in that order (write_nifti's ``stored_orientation``)
-    stored = "".join(ornt2axcodes(ornt)) if oriented else None
+    # (a file without orientation too: the order nibabel's made-up affine turned, so the
+    # result is turned back to the file's own)
+    stored = "".join(ornt2axcodes(ornt))
     transform = ornt_transform(ornt, _LPS)
     data = apply_orientation(data, transform)
     affine = affine @ inv_ornt_aff(transform, shape if len(shape) == 3 else shape + (1,))
@@ -370,12 +378,13 @@ def _read(path: str | Path, want_labels: bool = True
     spacing = tuple(float(f"{float(z):.6g}") for z in spacing_zyx)
     origin = tuple(round(o, 4) for o in origin)
     synthetic = _synthetic_slices(img.header, array.shape)
-    synthetic_planes = _synthetic_planes(img.header, transform, array.shape) if synthetic else None
+    synthetic_planes = (_synthetic_planes(img.header, transform, axes_zyx, array.shape)
+                        if synthetic else None)
     explained = _ours(img.header).get("explanation_map")
     explained = explained[:200] if isinstance(explained, str) and explained else None
     if explained:  # saved from a Grad-CAM, uncertainty or heatmap layer: no model runs on it
         warns.append(f"this file is a napari-medseg explanation map ({explained}), not a scan")
-    gaps = _series_gaps(img.header, transform, array)
+    gaps = _series_gaps(img.header, transform, axes_zyx, array)
     if "missing_planes" in gaps:  # as the DICOM reader said it of the series
         planes = gaps["missing_planes"]
         warns.append(f"{counted(len(planes['indices']), 'missing slice')} of the series (NaN "
@@ -398,7 +407,7 @@ def _read(path: str | Path, want_labels: bool = True
                 # turned to L, P, S, except one plane kept as acquired (a coronal one)
                 **({"orientation": "".join(axis_code(a) for a in axes_zyx[::-1])}
                    if oriented else {}),
-                **({"stored_orientation": stored} if stored else {}),
+                "stored_orientation": stored,
                 # + 0.0: a flipped axis's zeros are -0.0, shown as such in Info and the CLI
                 **({"axes_lps": (np.round(axes_zyx, 6) + 0.0).tolist()}
                    if abs(np.linalg.det(axes_zyx)) > 1e-3 else {}),
@@ -747,12 +756,15 @@ def write_nifti(
     affine[:3, 3] = _RAS_TO_LPS @ (axes_zyx.T @ matrix[:3, 3])
     stored = data.transpose(2, 1, 0)  # a view: no copy
     ours: dict[str, Any] = dict(info or {})
+    if ours:  # slice indices in it name slices of ``data``: the frame they count in
+        ours["read_frame"] = {
+            "axes_lps": (np.round(steps.T / np.linalg.norm(steps, axis=0)[:, None], 6)
+                         + 0.0).tolist(),
+            "shape_zyx": [int(n) for n in data.shape]}
     turn = _turn_to(affine, stored_orientation, path)
     if turn is not None:  # swaps and flips only: each voxel keeps its position
         affine = affine @ inv_ornt_aff(turn, stored.shape)
         stored = apply_orientation(stored, turn)
-        if ours:  # slice indices in the extension name slices as read
-            ours["written_orientation"] = "".join(ornt2axcodes(io_orientation(affine)))
     img = nib.Nifti1Image(stored, affine)
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm")
