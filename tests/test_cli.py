@@ -651,3 +651,46 @@ def test_a_closed_stderr_keeps_messages_out_of_the_piped_output(tmp_path):
     run = subprocess.run([*_console_script(), "info", str(tmp_path / "nope.npy")],
                          stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(2))
     assert run.returncode == 2 and run.stdout == ""
+
+
+@pytest.mark.parametrize("first,second", [("SIGINT", "SIGINT"), ("SIGTERM", "SIGINT"),
+                                          ("SIGINT", "SIGTERM")])
+@pytest.mark.parametrize("when", ["starting", "running"])
+@pytest.mark.parametrize("second_at", ["message", "exit"])
+def test_a_second_signal_soon_after_the_first_is_the_same_request(tmp_path, first, second,
+                                                                  when, second_at):
+    """Two signals 2–8 ms apart (Ctrl-C pressed twice, a scheduler's SIGTERM then SIGINT)
+    printed a traceback in about 1 run in 6 (the second raised while the first was being
+    handled), or killed the process with the signal while Python shut down after an
+    interrupted start (its handlers reset to the default). The first is sent here from
+    inside the start or the run, the second while the first's message is printed or
+    while Python exits."""
+    status, said = {"SIGINT": (130, "interrupted"), "SIGTERM": (143, "terminated")}[first]
+    # the first from inside the import of the readers, or of the phantom's drawing (its
+    # output folder made)
+    where = ("name == 'napari_medseg.core.io.dicom'" if when == "starting"
+             else "name == 'napari_medseg.core.phantom' and 'napari_medseg.cli' in sys.modules")
+    later = {"message": ("class Err:\n"
+                         "    def __init__(self, real): self.real = real\n"
+                         "    def write(self, text):\n"
+                         "        out = self.real.write(text)\n"
+                         f"        os.kill(os.getpid(), signal.{second})\n"
+                         "        return out\n"
+                         "    def __getattr__(self, name): return getattr(self.real, name)\n"
+                         "sys.stderr = Err(sys.stderr)\n"),
+             "exit": ("import atexit\n"
+                      f"atexit.register(os.kill, os.getpid(), signal.{second})\n")}[second_at]
+    hook = ("import os, signal, sys\n"
+            "class Signal:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if {where}:\n"
+            "            sys.meta_path.remove(self)\n"
+            f"            os.kill(os.getpid(), signal.{first})\n"
+            "sys.meta_path.insert(0, Signal())\n"
+            + later)
+    script = _console_script()
+    run = subprocess.run([*script[:-1], hook + script[-1], "phantom", str(tmp_path / "p"),
+                          "--shape", "4", "32", "32"], capture_output=True, text=True,
+                         timeout=120)
+    assert (run.returncode, run.stderr) == (status, f"napari-medseg: {said}\n")
+    assert list(tmp_path.iterdir()) == []

@@ -286,7 +286,10 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(_signum, _frame) -> None:
-    raise Terminated()
+    from ._entry import first_of_a_burst
+
+    if first_of_a_burst():  # a second signal soon after is the same request
+        raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
