@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -670,3 +671,33 @@ def test_csv_rows_say_where_they_lie_in_the_patient(tmp_path, models):
         assert float(r["patient_z_mm"]) == pytest.approx(10.0 + 2.5 * z, abs=0.01)
         numbers = {0: "8", 1: "7", 2: "6", 3: "", 4: "5", 5: "4", 6: "3", 7: "2", 8: "1"}
         assert r["instance_number"] == numbers[round(z)]
+
+
+def test_a_killed_runs_hidden_files_go_at_the_next_write(tmp_path, models, image):
+    """SIGKILL (the kernel's out-of-memory killer, for one) cleans up nothing: each killed
+    run left a hidden temporary file as large as its output, or the kept previous
+    content, beside the output for good. The next write to that output deletes those of
+    processes no longer running; a running process's, and other names', stay."""
+    import subprocess
+    import sys
+
+    from napari_medseg.core.io._common import temp_prefix
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id no process has now
+    dead, alive = gone.pid, os.getppid()
+    out, csv_out = tmp_path / "seg.nii.gz", tmp_path / "lesions.csv"
+    left = [f".seg.nii.gz.{dead}-a1b2c3d4.tmp.nii.gz", f".seg.nii.gz.{dead}-0.previous",
+            f".lesions.csv.{dead}-x_y1z2w3.tmp"]
+    kept = [f".seg.nii.gz.{alive}-a1b2c3d4.tmp.nii.gz", f".lesions.csv.{alive}-0.previous",
+            f".seg.nii.gz.{dead}-a1b2c3d4.tmp.nii.gz.bak", f".other.nii.gz.{dead}-0.previous",
+            "notes.txt"]
+    for name in left + kept:
+        (tmp_path / name).write_bytes(b"half")
+    assert main(["segment", str(image), str(out), "--model", str(models["segmenter"]),
+                 "-q"]) == 0
+    assert main(["detect", str(image), str(csv_out), "--model", str(models["detector"]),
+                 "-q"]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"seg.nii.gz", "lesions.csv", *kept}, names
+    assert temp_prefix(out) == f".seg.nii.gz.{os.getpid()}-"

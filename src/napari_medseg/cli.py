@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 from . import cli_finetune, cli_infer, cli_train
 from .core.errors import MedsegInputError
-from .core.io._common import (link_target, mode_for, refuse_read_only, refuse_write_protected,
-                              short_reason)
+from .core.io._common import (drop_dead_writers_files, link_target, mode_for, refuse_read_only,
+                              refuse_write_protected, short_reason, temp_prefix)
 from .core.text import counted
 
 EXIT_BAD_INPUT = 2
@@ -37,7 +37,8 @@ def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence
     # the name cut short: a long one must still leave room for the temp suffix
     try:
         refuse_read_only(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+        drop_dead_writers_files(path)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as exc:  # an unwritable folder: name the output, not the temp file
         raise MedsegInputError(f"could not write the file ({exc.strerror or exc})", path) from exc
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .core.errors import MedsegInputError
-from .core.io._common import link_target, refuse_write_protected
+from .core.io._common import link_target, refuse_write_protected, temp_prefix
 from .core.text import counted, slice_ranges
 
 DEFAULT_MODELS = {"segment": "segmenter", "detect": "detector", "classify": "classifier",
@@ -159,7 +159,7 @@ def _write_all(*writes: tuple[Path | None, Any], overwrite: bool = True) -> None
             if path.exists():
                 # (the name cut as the atomic writers cut theirs: a long one overflows; the
                 # index keeps two outputs of one long stem apart)
-                keep = path.with_name(f".{path.name[:40]}.{os.getpid()}.{index}.previous")
+                keep = path.with_name(f"{temp_prefix(path)}{index}.previous")
                 try:
                     os.link(path, keep)  # the old content survives the atomic replace
                 except OSError:

@@ -174,6 +174,54 @@ def link_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def temp_prefix(target: Path) -> str:
+    """The start of the name of a hidden file a write to ``target`` makes beside it (its
+    temporary file, or the previous content a multi-file write keeps): the target's name,
+    cut as a long one must be (255 bytes), and this process's id, so that a later write
+    can tell what a killed one left (:func:`drop_dead_writers_files`)."""
+    return f".{target.name[:40]}.{os.getpid()}-"
+
+
+_LEFTOVER_TAIL = re.compile(r"(\d+)-[^/]*\.(tmp(\.nii|\.nii\.gz)?|previous)")
+
+
+def drop_dead_writers_files(target: Path) -> list[str]:
+    """Delete the hidden files beside ``target`` that writes to it by processes no longer
+    running left (:func:`temp_prefix`: a temporary file, a kept previous content): a run
+    killed with SIGKILL, by the kernel's out-of-memory killer for one, cleans up nothing,
+    and each left a hidden copy as large as the output. A file of a running process (this
+    one, or another run writing the same output) is left alone. Returns the names
+    deleted; a failure to delete is not an error (the write itself is what matters)."""
+    head = f".{target.name[:40]}."
+    gone: list[str] = []
+    try:
+        entries = [e.name for e in os.scandir(target.parent) if e.name.startswith(head)]
+    except OSError:
+        return gone
+    for name in entries:
+        found = _LEFTOVER_TAIL.fullmatch(name[len(head):])
+        if found is None or _running(int(found.group(1))):
+            continue
+        try:
+            (target.parent / name).unlink()
+            gone.append(name)
+        except OSError:
+            pass
+    return gone
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, OSError):
+        return True  # another user's, or not a pid: not ours to judge
+    return True
+
+
 def refuse_read_only(path: Any) -> None:
     """An atomic write renames a new file over ``path``, which the file's own permissions
     do not stop: a write-protected file (no write bit, or not writable by this user) is

@@ -41,6 +41,7 @@ from ..volume import Volume
 from ..text import counted, slice_ranges
 from ._common import (
     axis_code,
+    drop_dead_writers_files,
     guess_modality,
     label_map_values,
     link_target,
@@ -50,6 +51,7 @@ from ._common import (
     refuse_read_only,
     short_reason,
     source_name,
+    temp_prefix,
     triplet,
     whole_number_labels,
 )
@@ -798,9 +800,10 @@ def write_nifti(
     # through a link to the file it names: replacing the link left its target old
     target = link_target(path)
     # short: a name near the file system's 255-byte limit must still get its temp file
-    tmp = target.with_name(f".{target.name[:40]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    tmp = target.with_name(f"{temp_prefix(target)}{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
         refuse_read_only(target)
+        drop_dead_writers_files(target)
         nib.save(img, tmp)
         os.chmod(tmp, mode_for(target))  # an overwritten private file stays private
         os.replace(tmp, target)
