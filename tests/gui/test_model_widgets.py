@@ -1,5 +1,6 @@
 """Segment / Detect / Classify dock widgets in a real viewer, with small random models."""
 
+import re
 import time
 from pathlib import Path
 
@@ -1612,3 +1613,31 @@ def test_a_rerun_hides_the_earlier_result_and_a_moved_image_is_said(
     assert "changed (new data, scale or position) after" in widget._status.value
     if widget_cls == "detect":
         assert not widget._goto.enabled and not widget._goto_items
+
+
+def test_the_lesion_list_names_each_slices_image_number(make_napari_viewer, qtbot, random_models,
+                                                        small_phantom):
+    """A PACS shows a slice by its InstanceNumber: a lesion listed at "z=5" of a series
+    numbered from the head is image 3 of 8 there. The list says both, while the layer
+    still has one slice per number."""
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, small_phantom)
+    numbers = [8, 7, 6, None, 4, 3, 2, 1]  # from the head; slice 3 a gap
+    image.metadata = {**image.metadata, "medseg": {
+        **image.metadata.get("medseg", {}),
+        "source": {**image.metadata.get("medseg", {}).get("source", {}),
+                   "instance_numbers": numbers}}}
+    widget = DetectWidget(plugin_view(viewer))
+    _select(widget, image, random_models["LesionDetector"])
+    _run_and_wait(widget, qtbot)
+    widget._threshold.value = widget._threshold.min
+    assert widget._goto_items, "the random detector's peaks above the lowest threshold"
+    for text, _ in widget._goto_items:
+        z = int(re.search(r" z=(\d+)", text).group(1))
+        assert (f"(image {numbers[z]})" in text) == (numbers[z] is not None), text
+    assert widget._where(3) == " z=3" and widget._where(0) == " z=0 (image 8)"
+    # a crop: the numbers no longer fit, none said
+    image.data = image.data[:5].copy()
+    _run_and_wait(widget, qtbot)
+    assert widget._numbers is None
+    assert not any("(image" in text for text, _ in widget._goto_items)

@@ -32,6 +32,7 @@ class DetectWidget(ModelRunWidget):
     def result_widgets(self) -> list:
         self._points = None
         self._source, self._maps_hidden = "", 0  # what the count line names
+        self._numbers: list | None = None  # the scan's InstanceNumber per slice, if known
         self._threshold = FloatSlider(label="Score threshold", value=0.5, min=KEEP_SCORE, max=1.0,
                                       step=0.01)
         self._threshold.changed.connect(self._apply_threshold)
@@ -127,6 +128,7 @@ class DetectWidget(ModelRunWidget):
         # which scan and model the count is of (the picker may already name the next scan)
         self._source = f"'{image_layer.name}' ({card.get('name')})"
         self._maps_hidden = hidden
+        self._numbers = _instance_numbers(image_layer)
         if self._points is not None:
             self._points.events.data.disconnect(self._on_points_data)
             self._points.events.size.disconnect(self._apply_threshold)
@@ -171,8 +173,7 @@ class DetectWidget(ModelRunWidget):
         # a 3D series)
         zs = (np.rint(points.data[listed, 0]).astype(int) if points.ndim == 3
               else [None] * len(listed))
-        choices = [(f"#{rank + 1}{'' if z is None else f' z={z}'} · score {scores[i]:.2f} · "
-                    f"{d:.0f} mm", int(i))
+        choices = [(f"#{rank + 1}{self._where(z)} · score {scores[i]:.2f} · {d:.0f} mm", int(i))
                    for rank, (i, z, d) in enumerate(zip(listed, zs, diameters))]
         with self._goto.changed.blocked():
             self._goto_items = choices
@@ -186,6 +187,15 @@ class DetectWidget(ModelRunWidget):
             self._status.value += _hidden_note(self._maps_hidden).rstrip()
         if self._result_note:  # the missing slices stay said
             self._status.value += f"\n{self._result_note}"
+
+    def _where(self, z) -> str:
+        """" z=12" and, for a DICOM series, the image a PACS shows that slice as:
+        " z=12 (image 49)" (a series numbered from the head counts the other way)."""
+        if z is None:
+            return ""
+        numbers = self._numbers
+        number = numbers[z] if numbers is not None and 0 <= z < len(numbers) else None
+        return f" z={z}" + ("" if number is None else f" (image {number})")
 
     def _go_to_lesion(self, index) -> None:
         points = self._points
@@ -201,6 +211,17 @@ class DetectWidget(ModelRunWidget):
         # landed 4 slices off); y and x as drawn on that slice (without z's share)
         go_to_slice(self._viewer, points, round(z))
         go_to_world(self._viewer, points, points.data_to_world([0.0, y, x]), axes=[1, 2])
+
+
+def _instance_numbers(image_layer) -> list | None:
+    """The InstanceNumber per slice the DICOM reader recorded on ``image_layer``, while
+    the layer still has one slice per number (not after a crop or a new array)."""
+    source = ((getattr(image_layer, "metadata", None) or {}).get("medseg") or {}).get("source")
+    numbers = source.get("instance_numbers") if isinstance(source, dict) else None
+    if (not isinstance(numbers, list) or getattr(image_layer, "ndim", 0) != 3
+            or len(numbers) != image_layer.data.shape[0]):
+        return None
+    return [n if isinstance(n, int) and not isinstance(n, bool) else None for n in numbers]
 
 
 _camera = camera  # the old name, for scripts and tests
