@@ -1634,10 +1634,10 @@ def test_the_lesion_list_names_each_slices_image_number(make_napari_viewer, qtbo
     assert widget._goto_items, "the random detector's peaks above the lowest threshold"
     for text, _ in widget._goto_items:
         z = int(re.search(r" z=(\d+)", text).group(1))
-        assert (f"(image {numbers[z]})" in text) == (numbers[z] is not None), text
-    assert widget._where(3) == " z=3" and widget._where(0) == " z=0 (image 8)"
+        assert text.endswith(f" mm · image {numbers[z]}") == (numbers[z] is not None), text
+    assert widget._image_number(3) == "" and widget._image_number(0) == " · image 8"
     # a crop: the numbers no longer fit, none said
     image.data = image.data[:5].copy()
     _run_and_wait(widget, qtbot)
     assert widget._numbers is None
-    assert not any("(image" in text for text, _ in widget._goto_items)
+    assert not any("image" in text for text, _ in widget._goto_items)

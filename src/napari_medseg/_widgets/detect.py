@@ -173,7 +173,9 @@ class DetectWidget(ModelRunWidget):
         # a 3D series)
         zs = (np.rint(points.data[listed, 0]).astype(int) if points.ndim == 3
               else [None] * len(listed))
-        choices = [(f"#{rank + 1}{self._where(z)} · score {scores[i]:.2f} · {d:.0f} mm", int(i))
+        # the image number last: a narrow dock cuts the end of an entry
+        choices = [(f"#{rank + 1}{'' if z is None else f' z={z}'} · score {scores[i]:.2f} · "
+                    f"{d:.0f} mm{self._image_number(z)}", int(i))
                    for rank, (i, z, d) in enumerate(zip(listed, zs, diameters))]
         with self._goto.changed.blocked():
             self._goto_items = choices
@@ -188,14 +190,13 @@ class DetectWidget(ModelRunWidget):
         if self._result_note:  # the missing slices stay said
             self._status.value += f"\n{self._result_note}"
 
-    def _where(self, z) -> str:
-        """" z=12" and, for a DICOM series, the image a PACS shows that slice as:
-        " z=12 (image 49)" (a series numbered from the head counts the other way)."""
-        if z is None:
-            return ""
+    def _image_number(self, z) -> str:
+        """For a DICOM series, the image a PACS shows slice ``z`` as: " · image 49" (a
+        series numbered from the head counts the other way); "" otherwise."""
         numbers = self._numbers
-        number = numbers[z] if numbers is not None and 0 <= z < len(numbers) else None
-        return f" z={z}" + ("" if number is None else f" (image {number})")
+        number = (numbers[z] if z is not None and numbers is not None and 0 <= z < len(numbers)
+                  else None)
+        return "" if number is None else f" · image {number}"
 
     def _go_to_lesion(self, index) -> None:
         points = self._points
