@@ -291,6 +291,26 @@ def scan_axes(layer: Any, shape: Any = None) -> dict[str, Any]:
             **({"stored_orientation": stored} if isinstance(stored, str) else {})}
 
 
+def instance_numbers(image_layer: Any) -> list | None:
+    """The InstanceNumber per slice the DICOM reader recorded on ``image_layer``, while
+    the layer still has one slice per number (not after a crop or a new array)."""
+    source = ((getattr(image_layer, "metadata", None) or {}).get("medseg") or {}).get("source")
+    numbers = source.get("instance_numbers") if isinstance(source, dict) else None
+    if (not isinstance(numbers, list) or getattr(image_layer, "ndim", 0) != 3
+            or len(numbers) != image_layer.data.shape[0]):
+        return None
+    return [n if isinstance(n, int) and not isinstance(n, bool) else None for n in numbers]
+
+
+def image_number_note(numbers: list | None, z: Any) -> str:
+    """For a DICOM series, the image a PACS shows slice ``z`` as, for a list entry:
+    " · image 49" (a series numbered from the head counts the other way); "" otherwise.
+    Last in an entry: a narrow dock cuts an entry's end."""
+    number = (numbers[z] if z is not None and numbers is not None and 0 <= z < len(numbers)
+              else None)
+    return "" if number is None else f" · image {number}"
+
+
 def axes_for(source: Any, shape: tuple) -> Any:
     """``source["axes_lps"]`` (a layer's medseg source metadata) if it was recorded for
     data of ``shape`` (z, y, x), else None: metadata copied from another scan, of another

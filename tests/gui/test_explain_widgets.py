@@ -437,3 +437,20 @@ def test_uncertainty_on_one_listed_slice_still_gives_its_mean(make_napari_viewer
     widget._image.value, widget._model.value = image, random_models["RecurrentSegmenter"]
     _run(widget, qtbot)
     assert widget._status.value.startswith("Mean uncertainty"), widget._status.value
+
+
+def test_the_slices_to_correct_first_name_their_image_numbers(make_napari_viewer, qtbot,
+                                                              random_models, small_phantom):
+    """As Detect's lesion list: on a DICOM series each slice is also named by the image
+    number a PACS shows it as (its InstanceNumber; a series numbered from the head counts
+    the other way)."""
+    viewer = make_napari_viewer()
+    numbers = list(range(18, 10, -1))  # 8 slices, numbered from the head
+    image = viewer.add_image(small_phantom.volume.array, scale=small_phantom.volume.spacing,
+                             metadata={"medseg": {"source": {"instance_numbers": numbers}}})
+    widget = UncertaintyWidget(plugin_view(viewer))
+    widget._image.value, widget._model.value = image, random_models["RecurrentSegmenter"]
+    _run(widget, qtbot)
+    assert widget._goto_items
+    for text, z in widget._goto_items:
+        assert text.endswith(f" · image {numbers[z]}"), text

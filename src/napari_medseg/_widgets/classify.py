@@ -6,7 +6,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, Label
 from qtpy.QtWidgets import QSizePolicy
 
-from .._layers import generated_planes
+from .._layers import generated_planes, image_number_note, instance_numbers
 from ..core.inference import classify_volume
 from ..core.text import counted
 from ._model_widget import (
@@ -109,12 +109,14 @@ class ClassifyWidget(ModelRunWidget):
         self._generated = ({int(z) for z in planes["indices"]}
                            if planes and planes["axis"] == "z" else set())
         zs = np.flatnonzero(flagged)
+        numbers = instance_numbers(image_layer)
         with self._goto.changed.blocked():
             # a first entry that goes nowhere: the first slice read as the one shown
             self._goto_items = ([(f"{counted(len(zs), 'slice')}: pick one to go there", None)]
                                 if len(zs) else []) + [
                 (f"slice {z} · p={result.probabilities[z, flag]:.2f}"
-                 + (" · generated" if int(z) in self._generated else ""), int(z))
+                 + (" · generated" if int(z) in self._generated else "")
+                 + image_number_note(numbers, int(z)), int(z))
                 for z in zs
             ]
             self._goto.reset_choices()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSlider
 
-from .._layers import detection_layer_data, hide_unshown, set_shown, watch_detection_edits
+from .._layers import (detection_layer_data, hide_unshown, image_number_note, instance_numbers,
+                       set_shown, watch_detection_edits)
 from ..core.inference import card_peak_threshold, detect_lesions
 from ..core.models.detector import at_or_above
 from ..core.progress import Progress
@@ -128,7 +129,7 @@ class DetectWidget(ModelRunWidget):
         # which scan and model the count is of (the picker may already name the next scan)
         self._source = f"'{image_layer.name}' ({card.get('name')})"
         self._maps_hidden = hidden
-        self._numbers = _instance_numbers(image_layer)
+        self._numbers = instance_numbers(image_layer)
         if self._points is not None:
             self._points.events.data.disconnect(self._on_points_data)
             self._points.events.size.disconnect(self._apply_threshold)
@@ -191,12 +192,7 @@ class DetectWidget(ModelRunWidget):
             self._status.value += f"\n{self._result_note}"
 
     def _image_number(self, z) -> str:
-        """For a DICOM series, the image a PACS shows slice ``z`` as: " · image 49" (a
-        series numbered from the head counts the other way); "" otherwise."""
-        numbers = self._numbers
-        number = (numbers[z] if z is not None and numbers is not None and 0 <= z < len(numbers)
-                  else None)
-        return "" if number is None else f" · image {number}"
+        return image_number_note(self._numbers, z)
 
     def _go_to_lesion(self, index) -> None:
         points = self._points
@@ -212,17 +208,6 @@ class DetectWidget(ModelRunWidget):
         # landed 4 slices off); y and x as drawn on that slice (without z's share)
         go_to_slice(self._viewer, points, round(z))
         go_to_world(self._viewer, points, points.data_to_world([0.0, y, x]), axes=[1, 2])
-
-
-def _instance_numbers(image_layer) -> list | None:
-    """The InstanceNumber per slice the DICOM reader recorded on ``image_layer``, while
-    the layer still has one slice per number (not after a crop or a new array)."""
-    source = ((getattr(image_layer, "metadata", None) or {}).get("medseg") or {}).get("source")
-    numbers = source.get("instance_numbers") if isinstance(source, dict) else None
-    if (not isinstance(numbers, list) or getattr(image_layer, "ndim", 0) != 3
-            or len(numbers) != image_layer.data.shape[0]):
-        return None
-    return [n if isinstance(n, int) and not isinstance(n, bool) else None for n in numbers]
 
 
 _camera = camera  # the old name, for scripts and tests

@@ -13,7 +13,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, Label, SpinBox
 from qtpy.QtWidgets import QSizePolicy
 
-from .._layers import _like_layer, _result_metadata
+from .._layers import _like_layer, _result_metadata, image_number_note, instance_numbers
 from ..core.explain import gradcam_volume, segmentation_uncertainty
 from ..core.models.registry import read_card
 from ..core.text import counted, slice_ranges
@@ -347,8 +347,10 @@ class UncertaintyWidget(ModelRunWidget):
         self._layer, self._ranked_on = image_layer, _geometry(image_layer)
         # one slice (a 2D image, or a one-slice volume): nothing to rank or go to
         with self._goto.changed.blocked():
+            numbers = instance_numbers(image_layer)
             self._goto_items = ([] if one_slice else
-                                [(f"slice {z} · uncertainty {result.per_slice[z]:.3g}", z)
+                                [(f"slice {z} · uncertainty {result.per_slice[z]:.3g}"
+                                  + image_number_note(numbers, z), z)
                                  for z in ranked])
             self._goto.reset_choices()
         self._goto.enabled = bool(ranked) and not one_slice
