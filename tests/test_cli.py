@@ -85,7 +85,7 @@ def test_info_sums_up_a_long_list_of_slice_spacings(tmp_path, capsys):
     write_series(tmp_path / "gap", [2.5 * z for z in range(12) if z != 4], shuffle=False)
     assert main(["info", str(tmp_path / "gap")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "instance_numbers: 1 .. 11 (12 values, 1 none; --json lists them)" in lines, lines
+    assert "instance_numbers: 1 → 11 (12 values, 1 none; --json lists them)" in lines, lines
 
 
 def test_phantom_overwrite_is_all_or_nothing(tmp_path, capsys):
@@ -693,4 +693,27 @@ def test_a_second_signal_soon_after_the_first_is_the_same_request(tmp_path, firs
                           "--shape", "4", "32", "32"], capture_output=True, text=True,
                          timeout=120)
     assert (run.returncode, run.stderr) == (status, f"napari-medseg: {said}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sigterm_while_starting_is_not_taken_for_a_missing_package(tmp_path):
+    """nibabel imports scipy inside ``try … except Exception`` (an optional package): a
+    SIGTERM raised there as an Exception was taken for a missing scipy, the run went on
+    to write its outputs with status 0, and a second signal within 2 s was ignored."""
+    hook = ("import os, signal, sys\n"
+            "class Signal:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'napari_medseg.core.io.dicom':\n"
+            "            sys.meta_path.remove(self)\n"
+            "            try:  # as an optional import guards itself\n"
+            "                os.kill(os.getpid(), signal.SIGTERM)\n"
+            "                for _ in range(1000): pass\n"
+            "            except Exception:\n"
+            "                pass\n"
+            "sys.meta_path.insert(0, Signal())\n")
+    script = _console_script()
+    run = subprocess.run([*script[:-1], hook + script[-1], "phantom", str(tmp_path / "p"),
+                          "--shape", "4", "32", "32"], capture_output=True, text=True,
+                         timeout=120)
+    assert (run.returncode, run.stderr) == (143, "napari-medseg: terminated\n")
     assert list(tmp_path.iterdir()) == []

@@ -671,6 +671,12 @@ def test_csv_rows_say_where_they_lie_in_the_patient(tmp_path, models):
         assert float(r["patient_z_mm"]) == pytest.approx(10.0 + 2.5 * z, abs=0.01)
         numbers = {0: "8", 1: "7", 2: "6", 3: "", 4: "5", 5: "4", 6: "3", 7: "2", 8: "1"}
         assert r["instance_number"] == numbers[round(z)]
+    # no patient geometry in a .npy file: empty cells, not voxel indices called mm
+    np.save(tmp_path / "plain.npy", np.zeros((4, 40, 36), np.float32) - 1000)
+    assert main(["classify", str(tmp_path / "plain.npy"), str(out.with_name("n.csv")),
+                 "--model", str(models["classifier"]), "-q"]) == 0
+    assert {(r["patient_z_mm"], r["instance_number"])
+            for r in _rows(out.with_name("n.csv"))} == {("", "")}
 
 
 def test_a_killed_runs_hidden_files_go_at_the_next_write(tmp_path, models, image):
@@ -681,17 +687,20 @@ def test_a_killed_runs_hidden_files_go_at_the_next_write(tmp_path, models, image
     import subprocess
     import sys
 
-    from napari_medseg.core.io._common import temp_prefix
+    from napari_medseg.core.io._common import machine_token, temp_prefix
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a process id no process has now
-    dead, alive = gone.pid, os.getppid()
+    dead, alive, me = gone.pid, os.getppid(), machine_token()
+    other = "0f0f0f" if me != "0f0f0f" else "1e1e1e"  # another host's or container's
     out, csv_out = tmp_path / "seg.nii.gz", tmp_path / "lesions.csv"
-    left = [f".seg.nii.gz.{dead}-a1b2c3d4.tmp.nii.gz", f".seg.nii.gz.{dead}-0.previous",
-            f".lesions.csv.{dead}-x_y1z2w3.tmp"]
-    kept = [f".seg.nii.gz.{alive}-a1b2c3d4.tmp.nii.gz", f".lesions.csv.{alive}-0.previous",
-            f".seg.nii.gz.{dead}-a1b2c3d4.tmp.nii.gz.bak", f".other.nii.gz.{dead}-0.previous",
-            "notes.txt"]
+    left = [f".seg.nii.gz.{me}.{dead}-a1b2c3d4.tmp.nii.gz", f".seg.nii.gz.{me}.{dead}-0.previous",
+            f".lesions.csv.{me}.{dead}-x_y1z2w3.tmp"]
+    kept = [f".seg.nii.gz.{me}.{alive}-a1b2c3d4.tmp.nii.gz",
+            f".lesions.csv.{me}.{alive}-0.previous",
+            f".seg.nii.gz.{other}.{dead}-a1b2c3d4.tmp.nii.gz",  # its ids are not ours
+            f".seg.nii.gz.{me}.{dead}-a1b2c3d4.tmp.nii.gz.bak",
+            f".other.nii.gz.{me}.{dead}-0.previous", "notes.txt"]
     for name in left + kept:
         (tmp_path / name).write_bytes(b"half")
     assert main(["segment", str(image), str(out), "--model", str(models["segmenter"]),
@@ -700,4 +709,4 @@ def test_a_killed_runs_hidden_files_go_at_the_next_write(tmp_path, models, image
                  "-q"]) == 0
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"seg.nii.gz", "lesions.csv", *kept}, names
-    assert temp_prefix(out) == f".seg.nii.gz.{os.getpid()}-"
+    assert temp_prefix(out) == f".seg.nii.gz.{me}.{os.getpid()}-"

@@ -37,8 +37,10 @@ def interrupt(_signum, _frame) -> None:
         raise KeyboardInterrupt
 
 
-class _TerminatedWhileStarting(Exception):
-    pass
+class _TerminatedWhileStarting(BaseException):
+    """Not an Exception: a module's ``except Exception`` around an optional import
+    (nibabel's for scipy) took it for a missing package and the run went on, the signal
+    used up and a second one, within the window, ignored with it."""
 
 
 def _terminate_start(_signum, _frame) -> None:

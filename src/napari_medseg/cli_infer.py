@@ -125,9 +125,11 @@ _WHERE_SLICE = ("patient_z_mm", "instance_number")
 
 
 def _where(volume, z: float, y: float, x: float) -> tuple[str, ...]:
-    px, py, pz = volume.patient_mm([[z, y, x]])[0]
+    """Empty cells where the input gives no patient position or InstanceNumber."""
+    position = volume.patient_mm([[z, y, x]])[0]
     number = volume.instance_number(z)
-    return f"{px:.2f}", f"{py:.2f}", f"{pz:.2f}", "" if number is None else str(number)
+    return (*("" if v != v else f"{v:.2f}" for v in position),
+            "" if number is None else str(number))
 
 
 def _where_slice(volume, z: int) -> tuple[str, ...]:

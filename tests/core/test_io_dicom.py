@@ -1613,8 +1613,11 @@ def test_each_slice_keeps_its_instance_number(tmp_path):
     # patient coordinates: each slice at its ImagePositionPatient
     np.testing.assert_allclose(vol.patient_mm([[0, 0, 0], [6, 1, 2]]),
                                [[-100.0, -120.0, 5.0], [-100.0 + 2 * 0.75, -120.0 + 0.5, 20.0]])
-    # a multi-frame file numbers frames, not instances: no list
+    # a multi-frame file numbers frames, not instances: no list; one image has its own
     assert "instance_numbers" not in read_dicom(bundled("rtdose.dcm")).metadata
+    single = pydicom.dcmread(bundled("CT_small.dcm"))
+    assert read_dicom(bundled("CT_small.dcm")).metadata["instance_numbers"] == [
+        int(single.InstanceNumber)]
     # numbers shared by two slices name no one slice
     write_series(tmp_path / "t", [0.0, 2.5, 5.0])
     for path in (tmp_path / "t").iterdir():
@@ -1622,3 +1625,23 @@ def test_each_slice_keeps_its_instance_number(tmp_path):
         ds.InstanceNumber = 1
         ds.save_as(path)
     assert "instance_numbers" not in read_dicom(tmp_path / "t").metadata
+
+
+def test_a_tilted_series_gives_no_patient_position(tmp_path):
+    """A gantry-tilted series is shown unsheared: its voxels' patient positions were
+    given on that grid, up to the tilt's whole drift off (35 mm over 40 slices at 20°).
+    The reader records the drift, and no position is given."""
+    zs = [2.5 * k for k in range(12)]
+    shift = np.tan(np.radians(20.0))
+    folder = tmp_path / "tilt"
+    folder.mkdir()
+    from pydicom.uid import generate_uid
+
+    uid = generate_uid()
+    for k, z in enumerate(zs):
+        write_ct_slice(folder / f"t{k:03d}.dcm", z, series_uid=uid, instance=k + 1,
+                       ipp=[-100.0, -120.0 + shift * z, z])
+    vol = read_dicom(folder)
+    assert vol.metadata["sideways_shift_mm"] == pytest.approx(shift * zs[-1], abs=0.1)
+    assert np.isnan(vol.patient_mm([[5, 1, 1]])).all()
+    assert vol.instance_number(5) == 6  # the image is still the image

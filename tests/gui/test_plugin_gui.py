@@ -826,7 +826,7 @@ def test_info_leaves_out_fields_the_file_leaves_empty(make_napari_viewer):
                                             "instance_numbers": [*range(200, 100, -1), None]}}}
     text = describe_layer(layer)
     assert "slice_spacings_mm: 2.5 (× 199)" in text
-    assert "instance_numbers: 101 .. 200 (101 values, 1 none)" in text
+    assert "instance_numbers: 200 → 101 (101 values, 1 none)" in text  # numbered from the head
 
 
 def test_info_names_the_synthetic_slices_of_a_generated_file(make_napari_viewer, tmp_path):

@@ -37,4 +37,8 @@ def brief_numbers(value: Any, longest: int = 8, hint: str = "") -> Any:
     low, high = min(numbers), max(numbers)
     if low == high:
         return f"{low:g} (× {len(numbers)}{none})"
+    steps = [b - a for a, b in zip(numbers, numbers[1:])]
+    if all(d > 0 for d in steps) or all(d < 0 for d in steps):
+        # in order, first to last: which way a series' images are numbered shows
+        return f"{numbers[0]:g} → {numbers[-1]:g} ({len(value)} values{none}{hint})"
     return f"{low:g} .. {high:g} ({len(value)} values{none}{hint})"

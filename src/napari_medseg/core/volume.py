@@ -38,6 +38,7 @@ SAFE_METADATA_KEYS = frozenset(
         "axes_lps",  # the (z, y, x) voxel axes as LPS unit vectors: where results belong
         "slice_spacings_mm",
         "instance_numbers",  # a DICOM series' InstanceNumber per z slice (None: a gap)
+        "sideways_shift_mm",  # a gantry-tilted series' positions off the unsheared grid
         "warnings",
         "phantom_seed",
         "phantom_settings",  # the rest of what made a phantom (noise, lesion radii, …)
@@ -217,9 +218,11 @@ class Volume:
     def patient_mm(self, zyx: Any) -> np.ndarray:
         """Patient coordinates (DICOM's LPS: x to the patient's left, y posterior, z to the
         head; mm) of voxel indices ``zyx`` ((n, 3) z, y, x, fractions allowed) as
-        (n, 3) x, y, z: ``origin + index × spacing`` along ``metadata["axes_lps"]`` (S,
-        P, L when the reader recorded none). What a PACS shows beside its cursor; an index
-        on the reoriented grid is not what it numbers."""
+        (n, 3) x, y, z: ``origin + index × spacing`` along ``metadata["axes_lps"]``. What
+        a PACS shows beside its cursor; an index on the reoriented grid is not what it
+        numbers. NaN where the source gives no patient geometry (a .npy file, a NIfTI
+        header or DICOM files without orientation) or its positions are off this grid
+        (a gantry-tilted series, shown unsheared: up to the tilt's drift, 35 mm)."""
         index = np.asarray(zyx, dtype=float).reshape(-1, 3)
         along = np.asarray(self.origin) + index * np.asarray(self.spacing)
         axes = self.metadata.get("axes_lps")
@@ -227,8 +230,10 @@ class Volume:
             axes = np.asarray(axes, dtype=float) if axes is not None else None
         except (TypeError, ValueError):
             axes = None
-        if axes is None or axes.shape != (3, 3) or not np.isfinite(axes).all():
-            axes = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+        if (axes is None or axes.shape != (3, 3) or not np.isfinite(axes).all()
+                or not self.metadata.get("orientation")
+                or self.metadata.get("sideways_shift_mm")):
+            return np.full_like(along, np.nan)
         return along @ axes  # each row: Σ along[a] · axes[a], an LPS (x, y, z)
 
     def instance_number(self, z: float) -> int | None:

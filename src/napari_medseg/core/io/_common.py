@@ -12,9 +12,12 @@ of the first voxel.
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import math
 import os
 import re
+import socket
 import stat
 import threading
 from pathlib import Path
@@ -177,12 +180,29 @@ def link_target(path: Path) -> Path:
 def temp_prefix(target: Path) -> str:
     """The start of the name of a hidden file a write to ``target`` makes beside it (its
     temporary file, or the previous content a multi-file write keeps): the target's name,
-    cut as a long one must be (255 bytes), and this process's id, so that a later write
-    can tell what a killed one left (:func:`drop_dead_writers_files`)."""
-    return f".{target.name[:40]}.{os.getpid()}-"
+    cut as a long one must be (255 bytes), this machine's token and this process's id, so
+    that a later write on this machine can tell what a killed one left
+    (:func:`drop_dead_writers_files`)."""
+    return f".{target.name[:40]}.{machine_token()}.{os.getpid()}-"
 
 
-_LEFTOVER_TAIL = re.compile(r"(\d+)-[^/]*\.(tmp(\.nii|\.nii\.gz)?|previous)")
+@functools.lru_cache(maxsize=1)
+def machine_token() -> str:
+    """Six hex digits naming this host, boot and process-id namespace: a process id says
+    whether a writer still runs only where it was taken. A folder shared by containers
+    or cluster nodes (NFS) holds other machines' temp files, whose ids mean nothing here:
+    one was deleted under a live writer, which then failed."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/self/ns/pid", "/proc/sys/kernel/random/boot_id"):
+        try:
+            parts.append(str(os.stat(path).st_ino) if path.endswith("pid")
+                         else Path(path).read_text().strip())
+        except OSError:
+            pass
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:6]
+
+
+_LEFTOVER_TAIL = re.compile(r"([0-9a-f]{6})\.(\d+)-[^/]*\.(tmp(\.nii|\.nii\.gz)?|previous)")
 
 
 def drop_dead_writers_files(target: Path) -> list[str]:
@@ -191,8 +211,9 @@ def drop_dead_writers_files(target: Path) -> list[str]:
     killed with SIGKILL, by the kernel's out-of-memory killer for one, cleans up nothing,
     and each left a hidden copy as large as the output. A file of a running process (this
     one, or another run writing the same output) is left alone. Returns the names
-    deleted; a failure to delete is not an error (the write itself is what matters)."""
-    head = f".{target.name[:40]}."
+    deleted; a failure to delete is not an error (the write itself is what matters).
+    Only this machine's (:func:`machine_token`): another's may be a live writer's."""
+    head, token = f".{target.name[:40]}.", machine_token()
     gone: list[str] = []
     try:
         entries = [e.name for e in os.scandir(target.parent) if e.name.startswith(head)]
@@ -200,8 +221,8 @@ def drop_dead_writers_files(target: Path) -> list[str]:
         return gone
     for name in entries:
         found = _LEFTOVER_TAIL.fullmatch(name[len(head):])
-        if found is None or _running(int(found.group(1))):
-            continue
+        if found is None or found.group(1) != token or _running(int(found.group(2))):
+            continue  # another machine's (its process ids are not ours), or still running
         try:
             (target.parent / name).unlink()
             gone.append(name)

@@ -824,12 +824,15 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     warns.extend(dict.fromkeys(f.source.spacing_note for f in frames if f.source.spacing_note))
     frames, keys, axes = _sort(frames, path, warns)
     first = frames[0]
+    metadata_extra: dict = {}
     steps = np.diff(keys) if keys is not None else np.array([])
     if steps.size:
         out_z, z_spacing = _layout(steps, path, warns)
         frames = [f for f, z in zip(frames, out_z) if z >= 0]
         out_z = out_z[out_z >= 0]
-        _warn_if_sheared(frames, axes, warns)
+        shift = _warn_if_sheared(frames, axes, warns)
+        if shift:  # positions off the grid by up to this: no patient position is given
+            metadata_extra["sideways_shift_mm"] = round(shift, 1)
     else:
         out_z = np.arange(len(frames))
         single = len(frames) == 1
@@ -893,6 +896,7 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         "photometric": _text(header, "PhotometricInterpretation"),
         "slice_spacings_mm": [round(float(s), 4) for s in steps],
         "warnings": warns,
+        **metadata_extra,
     }
     spacing = (z_spacing, dy, dx)
     origin = origin_along(first.position, axes) if axes is not None else (0.0, 0.0, 0.0)
@@ -918,7 +922,7 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         gaps, undecoded = gaps[::-1], undecoded[::-1]
         metadata["slice_spacings_mm"] = metadata["slice_spacings_mm"][::-1]
         numbers = numbers[::-1] if numbers is not None else None
-    if numbers is not None and array.shape[0] > 1:
+    if numbers is not None:
         metadata["instance_numbers"] = numbers
     if undecoded.any():
         n, at = int(undecoded.sum()), slice_ranges(np.flatnonzero(undecoded))
@@ -1274,10 +1278,12 @@ def _one_per_position(index: np.ndarray, position: np.ndarray, step: float,
     return out
 
 
-def _warn_if_sheared(frames: list[_Frame], axes: np.ndarray | None, warns: list[str]) -> None:
-    """Positions that drift within the slice plane mean a tilted gantry: say so."""
+def _warn_if_sheared(frames: list[_Frame], axes: np.ndarray | None,
+                     warns: list[str]) -> float:
+    """Positions that drift within the slice plane mean a tilted gantry: say so, and
+    return the drift across the stack in mm (0: none)."""
     if axes is None:
-        return
+        return 0.0
     drift = frames[-1].position - frames[0].position
     along = float(np.dot(drift, axes[0]))
     sideways = float(np.linalg.norm(drift - along * axes[0]))
@@ -1286,6 +1292,8 @@ def _warn_if_sheared(frames: list[_Frame], axes: np.ndarray | None, warns: list[
             f"slice positions shift sideways by {sideways:.1f} mm across the stack "
             "(gantry tilt?); the volume is not corrected for this shear"
         )
+        return sideways
+    return 0.0
 
 
 def _text_in_groups(ds: Dataset, keyword: str) -> str | None:
