@@ -710,3 +710,20 @@ def test_a_killed_runs_hidden_files_go_at_the_next_write(tmp_path, models, image
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"seg.nii.gz", "lesions.csv", *kept}, names
     assert temp_prefix(out) == f".seg.nii.gz.{me}.{os.getpid()}-"
+
+
+def test_a_2d_nifti_inputs_result_is_2d_too(tmp_path, models):
+    """One plane stored as a 2D NIfTI array came back as (x, y, 1): `input[labels == k]`
+    on the raw arrays raised IndexError. Stored as its input is now, in napari's Save too."""
+    ph = generate_phantom((1, 48, 40), (2.5, 1.0, 1.2), seed=2, n_lesions=0)
+    raw = ph.volume.array[0].T[::-1, ::-1].copy()  # (i, j) = R, A
+    nib.save(nib.Nifti1Image(raw, np.diag([1.2, 1.0, 2.5, 1.0])), tmp_path / "plane.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(tmp_path / "plane.nii.gz"), str(out), "--model",
+                 str(models["segmenter"]), "-q"]) == 0
+    result = nib.load(out)
+    assert result.shape == raw.shape
+    np.testing.assert_allclose(result.affine, nib.load(tmp_path / "plane.nii.gz").affine,
+                               atol=1e-4)
+    assert np.asarray(result.dataobj)[raw > -500].size == (raw > -500).sum()
+    assert read_nifti(out).shape == (1, 48, 40)  # and it reads back as it was

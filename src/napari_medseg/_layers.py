@@ -288,7 +288,8 @@ def scan_axes(layer: Any, shape: Any = None) -> dict[str, Any]:
     # a NIfTI scan's own voxel order: a result saved from the layer is stored in it
     stored = source.get("stored_orientation")
     return {"axes_lps": axes, **({"shape_zyx": shape} if shape is not None else {}),
-            **({"stored_orientation": stored} if isinstance(stored, str) else {})}
+            **({"stored_orientation": stored} if isinstance(stored, str) else {}),
+            **({"stored_ndim": 2} if source.get("stored_ndim") == 2 else {})}
 
 
 def instance_numbers(image_layer: Any) -> list | None:

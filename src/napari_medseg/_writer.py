@@ -306,8 +306,8 @@ def _world_mm(meta: dict, ndim: int) -> np.ndarray:
 
 
 def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> dict:
-    """write_nifti's ``axes`` and ``stored_orientation``: the scan's axes, and a NIfTI
-    scan's own voxel order, from the layer's own metadata (results of this plugin), else
+    """write_nifti's ``axes``, ``stored_orientation`` and ``stored_ndim``: the scan's
+    axes, and a NIfTI scan's own voxel order and rank, from the layer's own metadata (results of this plugin), else
     from an image this plugin opened that the layer lies on (a layer from napari's New
     Labels button carries none); none: axial, stored as (x, y, z)."""
     from ._layers import axes_for
@@ -320,7 +320,8 @@ def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> dict:
         return {"axes": None, "stored_orientation": None}
     stored = found.get("stored_orientation")  # metadata: anything may be in it
     return {"axes": found["axes_lps"],
-            "stored_orientation": stored if voxel_order(stored) is not None else None}
+            "stored_orientation": stored if voxel_order(stored) is not None else None,
+            "stored_ndim": 2 if found.get("stored_ndim") == 2 else None}
 
 
 def _open_scan_axes(shape: tuple, matrix: np.ndarray) -> dict | None:

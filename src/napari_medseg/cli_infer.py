@@ -114,7 +114,8 @@ def _placing(volume) -> dict:
     input lies in the patient, whatever the input's orientation (coronal, flipped,
     oblique), and a NIfTI input's result is stored in that file's own voxel order."""
     return {"axes": volume.metadata.get("axes_lps"),
-            "stored_orientation": volume.metadata.get("stored_orientation")}
+            "stored_orientation": volume.metadata.get("stored_orientation"),
+            "stored_ndim": volume.metadata.get("stored_ndim")}
 
 
 #: the CSV columns that say where a row lies in the patient, after the indices on the

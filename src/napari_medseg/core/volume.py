@@ -33,6 +33,7 @@ SAFE_METADATA_KEYS = frozenset(
         "photometric",
         "orientation",  # e.g. "LPS" axis codes of (x, y, z)
         "stored_orientation",  # a NIfTI file's own voxel order, axis codes of i, j, k
+        "stored_ndim",  # 2: a NIfTI file holding one plane as a 2D array
         "missing_planes",  # a coronal / sagittal series' gaps: {"axis": "y", "indices": […]}
         "slice_axis",  # the axis a DICOM series' slices lie along ("z", "y" or "x")
         "axes_lps",  # the (z, y, x) voxel axes as LPS unit vectors: where results belong

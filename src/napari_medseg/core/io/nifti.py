@@ -410,6 +410,7 @@ def _read(path: str | Path, want_labels: bool = True
                 **({"orientation": "".join(axis_code(a) for a in axes_zyx[::-1])}
                    if oriented else {}),
                 "stored_orientation": stored,
+                **({"stored_ndim": 2} if len(shape) == 2 else {}),
                 # + 0.0: a flipped axis's zeros are -0.0, shown as such in Info and the CLI
                 **({"axes_lps": (np.round(axes_zyx, 6) + 0.0).tolist()}
                    if abs(np.linalg.det(axes_zyx)) > 1e-3 else {}),
@@ -690,6 +691,7 @@ def write_nifti(
     info: Mapping[str, Any] | None = None,
     keep_float64: bool = False,
     stored_orientation: str | None = None,
+    stored_ndim: int | None = None,
 ) -> Path:
     """Write a (z, y, x) array to ``path`` (.nii or .nii.gz) atomically; return the path.
 
@@ -712,6 +714,8 @@ def write_nifti(
     result for a NIfTI file then has that file's own voxel order and shape, so
     ``input[result == 2]`` on the two raw arrays picks the same voxels. None: (z, y, x)
     as given, stored as x, y, z. Either way every voxel lies where it lay in the patient.
+    ``stored_ndim`` 2 (a 2D input's ``metadata["stored_ndim"]``): one plane is stored
+    as a 2D array, as its input was (a (x, y, 1) result did not index it).
     The file is written beside the target and renamed over it, so a failure never leaves a
     half-written file or damages an existing one.
     """
@@ -767,6 +771,8 @@ def write_nifti(
     if turn is not None:  # swaps and flips only: each voxel keeps its position
         affine = affine @ inv_ornt_aff(turn, stored.shape)
         stored = apply_orientation(stored, turn)
+    if stored_ndim == 2 and stored.shape[2] == 1:
+        stored = stored[:, :, 0]
     img = nib.Nifti1Image(stored, affine)
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm")
