@@ -307,9 +307,10 @@ def _world_mm(meta: dict, ndim: int) -> np.ndarray:
 
 def _scan_axes(meta: dict, shape: tuple, matrix: np.ndarray) -> dict:
     """write_nifti's ``axes``, ``stored_orientation`` and ``stored_ndim``: the scan's
-    axes, and a NIfTI scan's own voxel order and rank, from the layer's own metadata (results of this plugin), else
-    from an image this plugin opened that the layer lies on (a layer from napari's New
-    Labels button carries none); none: axial, stored as (x, y, z)."""
+    axes, and a NIfTI scan's own voxel order and rank, from the layer's own metadata
+    (results of this plugin), else from an image this plugin opened that the layer lies
+    on (a layer from napari's New Labels button carries none); none: axial, stored as
+    (x, y, z)."""
     from ._layers import axes_for
     from .core.io.nifti import voxel_order
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import cli_finetune, cli_infer, cli_train
+from ._entry import first_of_a_burst
 from .core.errors import MedsegInputError
 from .core.io._common import (drop_dead_writers_files, link_target, mode_for, refuse_read_only,
                               refuse_write_protected, short_reason, temp_prefix)
@@ -287,8 +288,6 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(_signum, _frame) -> None:
-    from ._entry import first_of_a_burst
-
     if first_of_a_burst():  # a second signal soon after is the same request
         raise Terminated()
 

@@ -238,8 +238,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, ValueError, OSError):
-        return True  # another user's, or not a pid: not ours to judge
+    except (OSError, OverflowError, ValueError):
+        return True  # another user's (PermissionError), or not a pid: not ours to judge
     return True
 
 

@@ -824,15 +824,13 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
     warns.extend(dict.fromkeys(f.source.spacing_note for f in frames if f.source.spacing_note))
     frames, keys, axes = _sort(frames, path, warns)
     first = frames[0]
-    metadata_extra: dict = {}
+    shift = 0.0  # a gantry tilt's sideways drift across the stack
     steps = np.diff(keys) if keys is not None else np.array([])
     if steps.size:
         out_z, z_spacing = _layout(steps, path, warns)
         frames = [f for f, z in zip(frames, out_z) if z >= 0]
         out_z = out_z[out_z >= 0]
         shift = _warn_if_sheared(frames, axes, warns)
-        if shift:  # positions off the grid by up to this: no patient position is given
-            metadata_extra["sideways_shift_mm"] = round(shift, 1)
     else:
         out_z = np.arange(len(frames))
         single = len(frames) == 1
@@ -896,7 +894,8 @@ def _assemble(frames: list[_Frame], path: Path, warns: list[str], n_files: int) 
         "photometric": _text(header, "PhotometricInterpretation"),
         "slice_spacings_mm": [round(float(s), 4) for s in steps],
         "warnings": warns,
-        **metadata_extra,
+        # positions off the grid by up to this: no patient position is given
+        **({"sideways_shift_mm": round(shift, 1)} if shift else {}),
     }
     spacing = (z_spacing, dy, dx)
     origin = origin_along(first.position, axes) if axes is not None else (0.0, 0.0, 0.0)
