@@ -141,9 +141,9 @@ def _label_names(header: Any) -> dict[int, str]:
 def _synthetic_planes(header: Any, transform: np.ndarray, axes_zyx: np.ndarray,
                       shape_zyx: tuple[int, ...]) -> dict | None:
     """Which slices of the file ``napari-medseg generate`` made, as ``{"axis", "indices"}``
-    in the volume as read; None when the file says none, or when it no longer lies as it
-    was written (turned on reading: another tool reoriented it, and the indices, in the
-    voxel order it was written in, would name other slices)."""
+    in the volume as read; None when the file says none, or when it no longer reads in the
+    frame the indices were counted in (:func:`_as_written`: cropped or turned since, they
+    would name other slices)."""
     ours = _ours(header)
     generated, name = ours.get("generated_slices"), ours.get("slice_axis", "z")
     as_written = len(shape_zyx) == 3 and _as_written(transform, header, axes_zyx, shape_zyx)
@@ -335,9 +335,8 @@ def _read(path: str | Path, want_labels: bool = True
         ornt = _LPS
         oriented = False
     # the file's own voxel order (e.g. "RAS": i runs to the right), so results written
-    # for it can be stored in that order (write_nifti's ``stored_orientation``)
-    # (a file without orientation too: the order nibabel's made-up affine turned, so the
-    # result is turned back to the file's own)
+    # for it can be stored in that order (write_nifti's ``stored_orientation``); a file
+    # without orientation too: nibabel's made-up affine turned it, the result turns back
     stored = "".join(ornt2axcodes(ornt))
     transform = ornt_transform(ornt, _LPS)
     data = apply_orientation(data, transform)
