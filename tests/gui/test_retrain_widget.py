@@ -2457,3 +2457,23 @@ def test_a_key_the_user_bound_on_the_viewer_class_is_left_to_them(make_napari_vi
         assert coerce_keybinding("Shift-Right") in viewer.keymap  # the others are bound
     finally:
         napari.Viewer.class_keymap.pop(coerce_keybinding("K"), None)
+
+
+def test_listed_slices_name_their_image_numbers(make_napari_viewer, random_models,
+                                                small_phantom):
+    """As Detect's, Classify's and Uncertainty's lists: on a DICOM series each listed
+    slice is also named by the image number a PACS shows it as."""
+    viewer = make_napari_viewer()
+    image = _open(viewer, small_phantom)
+    numbers = list(range(8, 0, -1))  # numbered from the head
+    image.metadata = {**image.metadata, "medseg": {
+        **image.metadata.get("medseg", {}),
+        "source": {**image.metadata.get("medseg", {}).get("source", {}),
+                   "instance_numbers": numbers}}}
+    labels = _prediction_layer(viewer, image, small_phantom.labels)
+    widget = _widget(viewer, image, labels, random_models["RecurrentSegmenter"])
+    _paint_slice(labels, 2, small_phantom.labels)
+    _paint_slice(labels, 5, small_phantom.labels)
+    texts = [widget._slice_list.item(i).text() for i in range(widget._slice_list.count())]
+    assert [t.split(" · ")[0] for t in texts] == ["slice 2", "slice 5"]
+    assert texts[0].endswith("· image 6") and texts[1].endswith("· image 3"), texts

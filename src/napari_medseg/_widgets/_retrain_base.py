@@ -36,6 +36,8 @@ from . import _keys
 from .._layers import (
     check_image_layer,
     generated_planes,
+    image_number_note,
+    instance_numbers,
     is_explanation_map,
     read_deferred,
     scan_axes,
@@ -987,19 +989,25 @@ class _RetrainBase(Container):
         self._record_lists()
         self._slice_list.blockSignals(True)
         self._slice_list.clear()
+        numbers = instance_numbers(self._image.value)
         for z in self.annotated_slices():
-            item = QListWidgetItem(self._item_text(z))
+            item = QListWidgetItem(self._item_text(z, numbers))
             item.setData(Qt.ItemDataRole.UserRole, z)
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(Qt.CheckState.Unchecked if z in self._excluded else Qt.CheckState.Checked)
             self._slice_list.addItem(item)
         self._slice_list.blockSignals(False)
 
-    def _item_text(self, z: int) -> str:
+    def _item_text(self, z: int, numbers: list | None = None) -> str:
+        """``numbers``: the picked image's InstanceNumbers (:func:`instance_numbers`),
+        when known already."""
         kind = " + ".join(k for k, s in ((self.edited_word, self._edited),
                                          (self.checked_word, self._checked)) if z in s)
+        if numbers is None:
+            numbers = instance_numbers(self._image.value)
         note = self._slice_note(z)
-        return f"slice {z} · {kind}" + (f" · {note}" if note else "")
+        return (f"slice {z} · {kind}{image_number_note(numbers, z)}"
+                + (f" · {note}" if note else ""))
 
     def _slice_note(self, z: int) -> str:
         """Why a listed slice is as it is: unticked by the widget, for review."""
