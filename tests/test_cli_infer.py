@@ -643,7 +643,7 @@ def test_nifti_results_are_stored_in_the_inputs_own_voxel_order(tmp_path, models
         list(range(1, 2 * 6 - 1, 2))
 
 
-def test_csv_rows_say_where_they_lie_in_the_patient(tmp_path, models):
+def test_csv_rows_say_where_they_lie_in_the_patient(tmp_path, models, capsys):
     """detect's and classify's rows gave only indices on the reoriented grid: a series the
     scanner numbers from the head put "slice 111" 55 mm from image 111. They now give the
     DICOM patient position (LPS mm) and the slice's InstanceNumber too."""
@@ -671,6 +671,14 @@ def test_csv_rows_say_where_they_lie_in_the_patient(tmp_path, models):
         assert float(r["patient_z_mm"]) == pytest.approx(10.0 + 2.5 * z, abs=0.01)
         numbers = {0: "8", 1: "7", 2: "6", 3: "", 4: "5", 5: "4", 6: "3", 7: "2", 8: "1"}
         assert r["instance_number"] == numbers[round(z)]
+    # uncertainty's slice list too, and its printed slices name their images
+    u = tmp_path / "u.csv"
+    assert main(["uncertainty", str(tmp_path / "ct"), str(tmp_path / "u.nii.gz"), "--model",
+                 str(models["segmenter"]), "--samples", "2", "--slices-csv", str(u),
+                 "-q"]) == 0
+    assert [r["instance_number"] for r in _rows(u)] == ["8", "7", "6", "", "5", "4", "3", "2", "1"]
+    assert [r["patient_z_mm"] for r in _rows(u)] == [f"{10.0 + 2.5 * z:.2f}" for z in range(9)]
+    assert "(image " in capsys.readouterr().out
     # no patient geometry in a .npy file: empty cells, not voxel indices called mm
     np.save(tmp_path / "plain.npy", np.zeros((4, 40, 36), np.float32) - 1000)
     assert main(["classify", str(tmp_path / "plain.npy"), str(out.with_name("n.csv")),

@@ -332,8 +332,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     measures, unit = (result.area_cm2(), "cm²") if one_slice else (result.volume_ml(), "ml")
     found = [f"{name} {format_measure(value)} {unit}" for name, value in measures.items()
              if value > 0 and name != result.class_names[0]]
+    # (z, y, x) named: a NIfTI input's file keeps its own order, e.g. (x, y, z) for RAS
     print(f"wrote {out.name} ({_made_by(card)}): labels {list(result.labels.shape)} "
-          f"({result.precision});"
+          f"(z, y, x; {result.precision});"
           f" {', '.join(found) or 'no structures found'}")
     return 0
 
@@ -448,11 +449,15 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     _write_all(
         (out, lambda: write_nifti(out, result.entropy, **_grid(volume),
                                   **_map_kwargs(volume, "uncertainty", card))),
-        (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "mean_entropy"), [
-            (z, "" if v != v else f"{v:.5f}") for z, v in enumerate(result.per_slice)])),
+        (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "mean_entropy", *_WHERE_SLICE), [
+            (z, "" if v != v else f"{v:.5f}", *_where_slice(volume, z))
+            for z, v in enumerate(result.per_slice)])),
         overwrite=args.overwrite)
+    # a DICOM series' image numbers beside the slices: what a PACS goes to
+    worst = [f"{z} (image {n})" if (n := volume.instance_number(z)) is not None else str(z)
+             for z in result.most_uncertain(5)]
     print(f"wrote {out.name} ({_made_by(card)}): MC-dropout entropy ({result.samples} samples); most uncertain"
-          f" slices: {', '.join(map(str, result.most_uncertain(5))) or 'none'}")
+          f" slices: {', '.join(worst) or 'none'}")
     return 0
 
 
@@ -520,10 +525,15 @@ def register(subparsers: Any) -> None:
                    help="slices per chunk (memory vs speed; default 4)")
     p.set_defaults(func=cmd_segment)
 
-    p = subparsers.add_parser("detect", help="find lesions; writes z, y, x, score, diameter_mm")
+    p = subparsers.add_parser("detect", help="find lesions; writes z, y, x, score, diameter_mm and "
+                                              "where each lies in the patient")
     _common(p, "detect")
-    p.add_argument("output", metavar="OUT.csv", help="one row per lesion: z, y, x voxel indices on the grid napari-medseg reads the"
-                        " input as (NIfTI turned to LPS axes, see docs/data.md), score, diameter_mm")
+    p.add_argument("output", metavar="OUT.csv",
+                   help="one row per lesion: z, y, x voxel indices on the grid napari-medseg "
+                        "reads the input as (NIfTI turned to LPS axes, see docs/data.md), "
+                        "score, diameter_mm, patient_x_mm, patient_y_mm, patient_z_mm (DICOM "
+                        "LPS, mm; empty without patient geometry), instance_number (a DICOM "
+                        "series' image number)")
     p.add_argument("--threshold", type=float, default=None,
                    help="minimum centre score, 0-1 (default: the model card's)")
     p.add_argument("--min-distance-mm", type=float, default=None,
@@ -536,7 +546,10 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("classify", help="classify every slice; writes a CSV")
     _common(p, "classify")
-    p.add_argument("output", metavar="OUT.csv", help="slice, class_name, p_<class> per class")
+    p.add_argument("output", metavar="OUT.csv",
+                   help="one row per slice: slice, class_name ('missing' for a slice not "
+                        "acquired), p_<class> per class, patient_z_mm (DICOM LPS, mm), "
+                        "instance_number (a DICOM series' image number)")
     p.add_argument("--batch", type=_positive_int, default=None, help="slices per batch")
     p.set_defaults(func=cmd_classify)
 
@@ -552,7 +565,9 @@ def register(subparsers: Any) -> None:
     _common(p, "uncertainty", precision=False)
     p.add_argument("output", metavar="OUT.nii.gz", help="entropy / log(classes) per voxel, 0–1")
     p.add_argument("--samples", type=_positive_int, default=8, help="dropout samples (≥ 2)")
-    p.add_argument("--slices-csv", default=None, help="also write the per-slice mean entropy")
+    p.add_argument("--slices-csv", default=None,
+                   help="also write the per-slice mean entropy (slice, mean_entropy, "
+                        "patient_z_mm, instance_number)")
     p.set_defaults(func=cmd_uncertainty)
 
     p = subparsers.add_parser(
