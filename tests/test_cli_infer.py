@@ -679,6 +679,15 @@ def test_csv_rows_say_where_they_lie_in_the_patient(tmp_path, models, capsys):
     assert [r["instance_number"] for r in _rows(u)] == ["8", "7", "6", "", "5", "4", "3", "2", "1"]
     assert [r["patient_z_mm"] for r in _rows(u)] == [f"{10.0 + 2.5 * z:.2f}" for z in range(9)]
     assert "(image " in capsys.readouterr().out
+    # generate's slice list: an acquired slice is the image it was; a made one is none
+    g = tmp_path / "g.csv"
+    assert main(["generate", str(tmp_path / "ct"), str(tmp_path / "g.nii.gz"), "--factor", "2",
+                 "--slices-csv", str(g), "-q"]) == 0
+    rows = _rows(g)
+    assert [(r["status"], r["instance_number"]) for r in rows[:8]] == [
+        ("acquired", "8"), ("generated", ""), ("acquired", "7"), ("generated", ""),
+        ("acquired", "6"), ("generated", ""), ("generated", ""), ("generated", "")]
+    assert rows[-1] == {"slice": "16", "status": "acquired", "instance_number": "1"}
     # no patient geometry in a .npy file: empty cells, not voxel indices called mm
     np.save(tmp_path / "plain.npy", np.zeros((4, 40, 36), np.float32) - 1000)
     assert main(["classify", str(tmp_path / "plain.npy"), str(out.with_name("n.csv")),

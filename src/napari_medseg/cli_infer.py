@@ -461,6 +461,15 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_image_number(volume, result, k: int) -> str:
+    """The InstanceNumber of output slice ``k`` when it is an acquired slice of a DICOM
+    series (input slice k / factor: acquired slices keep every factor-th place), else ""."""
+    if result.axis != 0 or not result.acquired[k] or k % result.factor:
+        return ""
+    number = volume.instance_number(k // result.factor)
+    return "" if number is None else str(number)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .cli import _write_csv_atomic
     from .core.generation import generate_slices, interpolation_job
@@ -506,8 +515,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   "generated_slices": np.flatnonzero(result.generated).tolist(),
                   "acquired_slices": np.flatnonzero(result.acquired).tolist(),
                   **_model_record(card)})),
-        (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status"),
-                                            list(enumerate(status.tolist())))),
+        (csv_out, lambda: _write_csv_atomic(csv_out, ("slice", "status", "instance_number"), [
+            (k, kind, _input_image_number(volume, result, k))
+            for k, kind in enumerate(status.tolist())])),
         overwrite=args.overwrite)
     print(f"wrote {out.name}: {counted(v.shape[result.axis], 'slice')} at {v.spacing[result.axis]:g} mm"
           f"{'' if result.axis == 0 else ' along ' + result.axis_name} ({args.method}"
@@ -587,7 +597,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default=None,
                    help="generator name or card path (.json); default: the bundled 'generator'")
     p.add_argument("--slices-csv", default=None,
-                   help="also write each output slice's status: acquired, generated or missing")
+                   help="also write each output slice's status: acquired, generated or "
+                        "missing, and an acquired slice's instance_number (a DICOM series' "
+                        "image number)")
     p.add_argument("--threads", type=threads_arg, default=None, help="torch threads")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
