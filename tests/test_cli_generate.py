@@ -182,7 +182,7 @@ def test_a_generated_file_opens_saying_which_slices_are_synthetic(tmp_path, caps
     assert main(["generate", str(tmp_path / "scan.nii.gz"), str(out), "--factor", "2",
                  "--slices-csv", str(status), "-q"]) == 0
     rows = list(csv.reader(status.open()))[1:]
-    made = [int(z) for z, kind in rows if kind == "generated"]
+    made = [int(z) for z, kind, *_ in rows if kind == "generated"]
     volume = read_nifti(out)
     assert volume.metadata["synthetic_planes"] == {"axis": "z", "indices": made,
                                                   "method": "linear"}
