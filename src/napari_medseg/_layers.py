@@ -295,12 +295,12 @@ def scan_axes(layer: Any, shape: Any = None) -> dict[str, Any]:
 def instance_numbers(image_layer: Any) -> list | None:
     """The InstanceNumber per slice the DICOM reader recorded on ``image_layer``, while
     the layer still has one slice per number (not after a crop or a new array)."""
-    source = ((getattr(image_layer, "metadata", None) or {}).get("medseg") or {}).get("source")
-    numbers = source.get("instance_numbers") if isinstance(source, dict) else None
-    if (not isinstance(numbers, list) or getattr(image_layer, "ndim", 0) != 3
-            or len(numbers) != image_layer.data.shape[0]):
+    from .core.volume import instance_numbers_of
+
+    if getattr(image_layer, "ndim", 0) != 3:
         return None
-    return [n if isinstance(n, int) and not isinstance(n, bool) else None for n in numbers]
+    source = ((getattr(image_layer, "metadata", None) or {}).get("medseg") or {}).get("source")
+    return instance_numbers_of(source, image_layer.data.shape[0])
 
 
 def image_number_note(numbers: list | None, z: Any) -> str:

@@ -241,12 +241,10 @@ class Volume:
         """The DICOM InstanceNumber of the slice nearest ``z`` (what a PACS numbers an
         image by), where the reader recorded one per slice; None otherwise (a NIfTI or
         .npy file, a multi-frame file, a gap)."""
-        numbers = self.metadata.get("instance_numbers")
-        if not isinstance(numbers, (list, tuple)) or len(numbers) != self.shape[0]:
+        numbers = instance_numbers_of(self.metadata, self.shape[0])
+        if numbers is None:
             return None
-        k = int(np.clip(np.rint(z), 0, self.shape[0] - 1))
-        value = numbers[k]
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return numbers[int(np.clip(np.rint(z), 0, self.shape[0] - 1))]
 
     def missing_slices(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(self.missing)]
@@ -299,6 +297,16 @@ def planes_still_missing(data: np.ndarray, planes: Any) -> dict | None:
     empty = ~np.isfinite(data).any(axis=others)
     kept = [i for i in indices if 0 <= i < data.shape[axis] and empty[i]]
     return {"axis": planes["axis"], "indices": kept} if kept else None
+
+
+def instance_numbers_of(metadata: Any, n_slices: int) -> list | None:
+    """``metadata["instance_numbers"]`` (the DICOM reader's InstanceNumber per slice)
+    while it still has one entry per slice of ``n_slices``, each an int or None; None
+    otherwise (another reader, a crop, a new array)."""
+    numbers = metadata.get("instance_numbers") if isinstance(metadata, Mapping) else None
+    if not isinstance(numbers, (list, tuple)) or len(numbers) != n_slices:
+        return None
+    return [n if isinstance(n, int) and not isinstance(n, bool) else None for n in numbers]
 
 
 def guess_modality(array: np.ndarray) -> str:
